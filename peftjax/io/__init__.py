@@ -1,0 +1,10 @@
+"""File formats shared by models and adapters."""
+
+from peftjax.io._safetensors import (
+    SafetensorsError,
+    read_safetensors,
+    read_safetensors_header,
+    write_safetensors,
+)
+
+__all__ = ["SafetensorsError", "read_safetensors", "read_safetensors_header", "write_safetensors"]

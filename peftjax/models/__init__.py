@@ -1,0 +1,33 @@
+"""Flax NNX implementations of the architectures people fine-tune, loading HF checkpoints."""
+
+from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
+from peftjax.models._llama import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralForSequenceClassification,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
+from peftjax.models._modeling import CheckpointError, PreTrainedModel, hf_state_dict, read_checkpoint
+from peftjax.models._outputs import ModelOutput
+
+__all__ = [
+    "MODEL_CLASSES",
+    "CheckpointError",
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "MistralForCausalLM",
+    "MistralForSequenceClassification",
+    "ModelOutput",
+    "PreTrainedModel",
+    "Qwen2ForCausalLM",
+    "Qwen2ForSequenceClassification",
+    "from_pretrained",
+    "hf_state_dict",
+    "load_config",
+    "model_class_for",
+    "read_checkpoint",
+]

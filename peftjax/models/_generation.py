@@ -1,0 +1,141 @@
+"""Jitted generation with a KV cache for the causal models (greedy, temperature, top-k, top-p)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Temperature, then top-k, then top-p, in the order transformers applies them."""
+    neg = jnp.finfo(logits.dtype).min
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    return logits
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad"),
+)
+def _generate(
+    graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad
+):
+    model = nnx.merge(graphdef, state)
+    b, s = input_ids.shape
+    total = s + max_new_tokens
+    cache = model.init_cache(b, total)
+    key_mask = jnp.zeros((b, total), jnp.int32).at[:, :s].set(attention_mask)
+    # left padding: positions count real tokens, as transformers' generate does
+    positions = jnp.cumsum(attention_mask, axis=-1) - 1
+    positions = jnp.where(attention_mask == 0, 1, positions)
+    out = model(input_ids=input_ids, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0)
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def pick(logits, key):
+        logits = logits.astype(jnp.float32)
+        if not do_sample:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+    def step(carry, i):
+        logits, cache, key_mask, pos, done, rng = carry
+        rng, key = jax.random.split(rng)
+        token = jnp.where(done, pad, pick(logits, key))
+        done = done | jnp.isin(token, eos_ids)
+        key_mask = key_mask.at[:, s + i].set(1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=key_mask,
+            position_ids=pos[:, None],
+            cache=cache,
+            cache_index=s + i,
+        )
+        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng), (token, done)
+
+    carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng)
+    _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    return tokens.T, done.T
+
+
+class GenerationMixin:
+    """``generate`` for models that implement ``init_cache`` and the cache arguments."""
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Generates continuations of (left-padded) prompts.
+
+        Args:
+          input_ids: ``[batch, seq]`` prompt ids, left-padded when lengths differ.
+          attention_mask: ``[batch, seq]``, 0 on padding.
+          max_new_tokens: tokens to add.
+          do_sample: sample instead of greedy decoding.
+          temperature, top_k, top_p: sampling filters (ignored when greedy).
+          eos_token_id: stop token(s); a finished row is filled with ``pad_token_id``.
+          pad_token_id: filler after EOS (defaults to the config's, else the first EOS id).
+          seed: the sampling key.
+
+        Returns:
+          ``[batch, seq + n]`` token ids, ``n <= max_new_tokens``; like transformers, generation
+          ends early once every row has produced EOS.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+        mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+        eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+        if pad_token_id is None:
+            pad_token_id = getattr(self.config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        graphdef, state = nnx.split(self)
+        tokens, done = _generate(
+            graphdef,
+            state,
+            input_ids,
+            mask,
+            jax.random.key(seed),
+            max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample),
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=top_p,
+            eos=eos,
+            pad=int(pad_token_id),
+        )
+        tokens, done = np.asarray(tokens), np.asarray(done)
+        all_done = np.nonzero(done.all(axis=0))[0]
+        n = int(all_done[0]) + 1 if len(all_done) else max_new_tokens
+        return np.concatenate([np.asarray(input_ids), tokens[:, :n]], axis=1)

@@ -1,0 +1,252 @@
+"""The Llama family (Llama 1-3, Mistral, Qwen2) in Flax NNX, with transformers' module names.
+
+Grouped-query attention, RoPE (default, linear, llama3 scaling), RMSNorm, SwiGLU, optional
+q/k/v biases (Qwen2), tied embeddings, and sliding-window layers where the config sets them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._generation import GenerationMixin
+from peftjax.models._losses import causal_lm_loss, sequence_classification_loss
+from peftjax.models._modeling import ConfigRef, PreTrainedModel
+from peftjax.models._outputs import ModelOutput
+from peftjax.models._rope import apply_rotary, inv_frequencies, rotary_cos_sin
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _biases(config) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, MLP bias) for the config's model type."""
+    if config.model_type == "qwen2":
+        return True, False, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias, bool(getattr(config, "mlp_bias", False))
+
+
+def sliding_windows(config) -> list[int | None]:
+    """The attention window of each layer (``None``: full causal attention)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if config.model_type == "mistral" and window is not None:
+        return [window] * n
+    return [None] * n
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.window = sliding_windows(config)[layer_idx]
+        qkv_bias, o_bias, _ = _biases(config)
+        h, d = config.hidden_size, self.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(h, self.num_heads * d, use_bias=qkv_bias, **kw)
+        self.k_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
+        self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
+        self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            cache = attn.update_kv_cache(cache, k, v, cache_index)
+            k, v = cache["k"], cache["v"]
+        mask = masks[self.window]
+        out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(b, s, -1)), cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        _, _, bias = _biases(config)
+        kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nnx.Linear(h, i, **kw)
+        self.up_proj = nnx.Linear(h, i, **kw)
+        self.down_proj = nnx.Linear(i, h, **kw)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(config, layer_idx, **kw)
+        self.mlp = LlamaMLP(config, **kw)
+        eps = config.rms_norm_eps
+        self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = ConfigRef(config)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([LlamaDecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        # a static tuple, not state: it never trains and is rebuilt from the config
+        self.inv_freq = tuple(inv_frequencies(config, head_dim_of(config)).tolist())
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+    ) -> ModelOutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        slots = start + jnp.arange(s)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(slots, (b, s))
+        key_len = s if cache is None else cache[0]["k"].shape[1]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, key_len), bool)
+        attention_mask = jnp.asarray(attention_mask)
+        masks = {
+            w: attn.attention_mask_4d(slots, attention_mask, causal=True, window=w)
+            for w in set(sliding_windows(self.config))
+        }
+        cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), jnp.asarray(position_ids), x.dtype)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, masks, None if cache is None else cache[i], start)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
+
+
+class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
+    """Causal LM: ``model`` (the decoder) and ``lm_head`` (absent when embeddings are tied)."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nnx.data(None)
+        if not self.tied:
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+
+    def _tied(self, key: str) -> bool:
+        return self.tied and key == "lm_head.weight"
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+    ) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index)
+        h = out.last_hidden_state
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        c = self.config
+        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return attn.init_kv_cache(c.num_hidden_layers, batch, max_len, kvh, head_dim_of(c), dtype or self.dtype)
+
+
+class LlamaForSequenceClassification(PreTrainedModel):
+    """Sequence classification: the decoder plus a ``score`` head read at the last real token."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = nnx.Linear(
+            config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None
+    ) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        logits = self.score(out.last_hidden_state)
+        b, s = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise ValueError("config.pad_token_id must be set to classify batches of more than one sequence")
+        if pad is None or input_ids is None:
+            last = jnp.full((b,), s - 1)
+        else:
+            not_pad = jnp.asarray(input_ids) != pad
+            last = jnp.argmax(jnp.arange(s)[None, :] * not_pad, axis=-1)
+        pooled = logits[jnp.arange(b), last]
+        loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
+        return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with a sliding attention window."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: Llama with q/k/v biases and per-layer sliding windows."""
+
+
+class MistralForSequenceClassification(LlamaForSequenceClassification):
+    pass
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
+    pass
+
+
+for _cls, _type in (
+    (LlamaForCausalLM, "llama"),
+    (MistralForCausalLM, "mistral"),
+    (Qwen2ForCausalLM, "qwen2"),
+):
+    register(_cls, model_types=(_type,), default=True)
+for _cls in (LlamaForSequenceClassification, MistralForSequenceClassification, Qwen2ForSequenceClassification):
+    register(_cls)

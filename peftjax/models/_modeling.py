@@ -1,0 +1,305 @@
+"""The base class of the bundled models: HF checkpoint names, loading and saving.
+
+A model's parameter paths mirror the PyTorch module names of transformers
+(``model/layers/0/self_attn/q_proj/kernel`` <-> ``model.layers.0.self_attn.q_proj.weight``).
+The mapping is derived from the module types, so it needs no per-model tables:
+``nnx.Linear`` kernels are stored ``(in, out)`` and transposed to torch's ``(out, in)``;
+a module can override the rule with a ``hf_param_map`` class attribute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.io import read_safetensors, write_safetensors
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# flax attribute -> (torch parameter name, transpose a 2-D array on the way)
+_LINEAR = {"kernel": ("weight", True), "bias": ("bias", False)}
+_EMBED = {"embedding": ("weight", False)}
+_NORM = {"scale": ("weight", False), "bias": ("bias", False)}
+
+
+class ConfigRef:
+    """A transformers config, hashed by identity.
+
+    NNX keeps non-array attributes in the graph definition, which keys jit caches and so must
+    be hashable; ``PretrainedConfig`` defines ``__eq__`` and is therefore unhashable. Attribute
+    reads pass through to the wrapped config.
+    """
+
+    __slots__ = ("hf_config",)
+
+    def __init__(self, config):
+        object.__setattr__(self, "hf_config", config.hf_config if isinstance(config, ConfigRef) else config)
+
+    def __getattr__(self, name: str):
+        return getattr(self.hf_config, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError("a model's config is read-only; build a new model from an edited config")
+
+    def __hash__(self) -> int:
+        return id(self.hf_config)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ConfigRef) and other.hf_config is self.hf_config
+
+    def __repr__(self) -> str:
+        return repr(self.hf_config)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's weights do not fit the model: missing keys or wrong shapes."""
+
+
+def hf_param_map(module: nnx.Module) -> Mapping[str, tuple[str, bool]]:
+    """The ``{flax attribute: (torch name, transpose)}`` rule for one module."""
+    own = getattr(type(module), "hf_param_map", None)
+    if own is not None:
+        return own
+    if isinstance(module, nnx.Linear):
+        return _LINEAR
+    if isinstance(module, nnx.Embed):
+        return _EMBED
+    if isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)):
+        return _NORM
+    return {}
+
+
+def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]]:
+    """Yields ``(torch key, variable, transpose)`` for every base weight of ``model``."""
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module):
+            continue
+        prefix = ".".join(str(p) for p in path)
+        for attr, (name, transpose) in hf_param_map(node).items():
+            var = getattr(node, attr, None)
+            if isinstance(var, nnx.Param):
+                yield (f"{prefix}.{name}" if prefix else name), var, transpose
+
+
+def _to_torch_layout(value: np.ndarray, transpose: bool) -> np.ndarray:
+    return value.T if transpose and value.ndim == 2 else value
+
+
+def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's weights as a transformers state dict (NumPy, torch layouts)."""
+    return {k: _to_torch_layout(np.asarray(v.value), t) for k, v, t in iter_hf_params(model)}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Accepts ``jnp.float32``, ``"bfloat16"``, ``"float16"`` and the like."""
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype {dtype!r} is not a dtype; use e.g. jnp.float32 or 'bfloat16'") from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` in ``path``.
+
+    Tensors come back memory-mapped; nothing is copied until it is placed on a device.
+    """
+    path = Path(path)
+    single, index = path / SAFE_WEIGHTS_NAME, path / SAFE_WEIGHTS_INDEX_NAME
+    if single.is_file():
+        return read_safetensors(single)[0]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(path / shard)[0])
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index}: keys listed but absent from their shards: {missing[:10]}")
+        return tensors
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    hint = ""
+    if any(n.endswith(".bin") for n in found):
+        hint = " (pickled PyTorch .bin weights are not read: convert them to safetensors)"
+    raise FileNotFoundError(
+        f"no weights in {path}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}; found {found}"
+    )
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PreTrainedModel(nnx.Module):
+    """Base of the bundled models: construction from an HF config, loading and saving.
+
+    Subclasses set:
+      base_model_prefix: the attribute holding the backbone (``"model"``, ``"bert"``, ...);
+        checkpoints of the bare backbone load into a model with a head and vice versa.
+      optional_keys: regexes of torch keys that may be absent from a checkpoint (task heads);
+        they are initialised as transformers would and a warning lists them.
+      ignored_keys: regexes of checkpoint keys that are not weights (buffers) and are skipped.
+    """
+
+    base_model_prefix: ClassVar[str] = ""
+    optional_keys: ClassVar[tuple[str, ...]] = ()
+    ignored_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        del rngs
+        self.config = ConfigRef(config)
+        self.dtype = resolve_dtype(dtype)
+        self.param_dtype = resolve_dtype(param_dtype)
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_config(cls, config, *, dtype=jnp.float32, param_dtype=None, seed: int = 0):
+        """A randomly initialised model (for tests and training from scratch)."""
+        return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype=None, **kwargs):
+        """Loads an HF checkpoint directory into this class.
+
+        Args:
+          path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+          dtype: parameter and compute dtype; ``None`` means float32.
+          **kwargs: overrides applied to the config (e.g. ``num_labels=3``).
+        """
+        from peftjax.models._auto import load_config
+
+        config = load_config(path, **kwargs)
+        return cls.from_state_dict(config, read_checkpoint(path), dtype=dtype, source=str(path))
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict"):
+        """Builds the model and fills it from a transformers state dict, without a random init."""
+        dtype = resolve_dtype(dtype or jnp.float32)
+        model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        model.load_hf_state_dict(state_dict, source=source)
+        return model
+
+    def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
+        """Maps checkpoint keys to model keys, adding or stripping ``base_model_prefix``."""
+        p = self.base_model_prefix
+        if not p:
+            return {k: k for k in keys}
+        model_has = any(k.startswith(p + ".") for k in expected)
+        ckpt_has = any(k.startswith(p + ".") for k in keys)
+        if model_has and not ckpt_has:
+            return {k: f"{p}.{k}" for k in keys}
+        if ckpt_has and not model_has:
+            return {k: k[len(p) + 1 :] if k.startswith(p + ".") else k for k in keys}
+        return {k: k for k in keys}
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
+        """Sets every base weight from a transformers state dict (torch layouts).
+
+        Raises:
+          CheckpointError: a required key is missing or a shape differs (names key and shapes).
+        """
+        params = {k: (v, t) for k, v, t in iter_hf_params(self)}
+        rename = self._align_prefix(set(state_dict), set(params))
+        by_model_key = {rename[k]: k for k in state_dict}
+        missing, bad, initialised = [], [], []
+        for key, (var, transpose) in params.items():
+            if key not in by_model_key:
+                if self._tied(key):
+                    continue
+                if any(re.fullmatch(p, key) for p in self.optional_keys):
+                    var.value = self._init_missing(key, var)
+                    initialised.append(key)
+                    continue
+                missing.append(key)
+                continue
+            value = np.asarray(state_dict[by_model_key[key]])
+            expected = tuple(var.value.shape)
+            value = _to_torch_layout(value, transpose)  # the transpose of a transpose: flax layout
+            if tuple(value.shape) != expected:
+                shown = tuple(reversed(expected)) if transpose and len(expected) == 2 else expected
+                found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else tuple(value.shape)
+                bad.append(f"{by_model_key[key]}: expected shape {shown}, found {found}")
+                continue
+            if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+                bad.append(f"{by_model_key[key]}: expected a float tensor, found dtype {value.dtype}")
+                continue
+            var.value = jnp.asarray(value, dtype=var.value.dtype)
+        if missing or bad:
+            lines = [f"cannot load {source} into {type(self).__name__}:"]
+            if missing:
+                lines.append(f"  missing keys ({len(missing)}): {missing[:20]}")
+            lines += [f"  {b}" for b in bad[:20]]
+            raise CheckpointError("\n".join(lines))
+        unexpected = [
+            k
+            for k in state_dict
+            if rename[k] not in params
+            and not any(re.fullmatch(p, k) for p in self.ignored_keys)
+            and not self._tied(rename[k])
+        ]
+        if unexpected:
+            warnings.warn(f"{source}: ignored {len(unexpected)} unexpected keys: {sorted(unexpected)[:10]}", stacklevel=3)
+        if initialised:
+            warnings.warn(
+                f"{type(self).__name__}: {initialised} not in {source}; newly initialised (train them)",
+                stacklevel=3,
+            )
+
+    def _tied(self, key: str) -> bool:
+        """Whether ``key`` is an output embedding tied to the input embedding."""
+        return False
+
+    def _init_missing(self, key: str, var: nnx.Variable) -> jax.Array:
+        # transformers' _init_weights: normal(0, initializer_range) for weights, zeros for biases
+        shape, dtype = var.value.shape, var.value.dtype
+        if key.endswith(".bias") or len(shape) == 1:
+            return jnp.zeros(shape, dtype)
+        std = getattr(self.config, "initializer_range", 0.02)
+        seed = sum(key.encode()) % (2**31)
+        return (std * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+
+    # ---------------------------------------------------------------- saving
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
+
+        Each file is written to a temporary name and renamed, so a failed save leaves any
+        checkpoint already in ``path`` intact.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hf = self.config.hf_config
+        config = hf.__class__.from_dict(hf.to_dict())
+        config.architectures = [type(self).__name__]
+        state = hf_state_dict(self)
+        _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
+
+    # ---------------------------------------------------------------- helpers
+
+    def num_parameters(self) -> int:
+        """The number of base weights (elements)."""
+        return sum(int(np.prod(v.value.shape)) for _, v, _ in iter_hf_params(self))

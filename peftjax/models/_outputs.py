@@ -1,0 +1,29 @@
+"""Model outputs: pytrees with the attribute names transformers uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What a peftjax model returns; fields a model does not produce stay ``None``.
+
+    Attributes:
+      logits: prediction scores, ``[batch, seq, vocab]`` or ``[batch, num_labels]``.
+      loss: the scalar loss when ``labels`` were given.
+      last_hidden_state: the final hidden states ``[batch, seq, hidden]``.
+      pooler_output: BERT's pooled ``[CLS]`` representation.
+      past_key_values: the updated KV cache when one was passed in.
+    """
+
+    logits: Any = None
+    loss: Any = None
+    last_hidden_state: Any = None
+    pooler_output: Any = None
+    past_key_values: Any = None
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
