@@ -100,7 +100,7 @@ def _to_torch_layout(value: np.ndarray, transpose: bool) -> np.ndarray:
 
 def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's weights as a transformers state dict (NumPy, torch layouts)."""
-    return {k: _to_torch_layout(np.asarray(v.value), t) for k, v, t in iter_hf_params(model)}
+    return {k: _to_torch_layout(np.asarray(v.get_value()), t) for k, v, t in iter_hf_params(model)}
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
@@ -230,13 +230,13 @@ class PreTrainedModel(nnx.Module):
                 if self._tied(key):
                     continue
                 if any(re.fullmatch(p, key) for p in self.optional_keys):
-                    var.value = self._init_missing(key, var)
+                    var.set_value(self._init_missing(key, var))
                     initialised.append(key)
                     continue
                 missing.append(key)
                 continue
             value = np.asarray(state_dict[by_model_key[key]])
-            expected = tuple(var.value.shape)
+            expected = tuple(var.get_value().shape)
             value = _to_torch_layout(value, transpose)  # the transpose of a transpose: flax layout
             if tuple(value.shape) != expected:
                 shown = tuple(reversed(expected)) if transpose and len(expected) == 2 else expected
@@ -246,7 +246,7 @@ class PreTrainedModel(nnx.Module):
             if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
                 bad.append(f"{by_model_key[key]}: expected a float tensor, found dtype {value.dtype}")
                 continue
-            var.value = jnp.asarray(value, dtype=var.value.dtype)
+            var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
         if missing or bad:
             lines = [f"cannot load {source} into {type(self).__name__}:"]
             if missing:
@@ -274,7 +274,7 @@ class PreTrainedModel(nnx.Module):
 
     def _init_missing(self, key: str, var: nnx.Variable) -> jax.Array:
         # transformers' _init_weights: normal(0, initializer_range) for weights, zeros for biases
-        shape, dtype = var.value.shape, var.value.dtype
+        shape, dtype = var.get_value().shape, var.get_value().dtype
         if key.endswith(".bias") or len(shape) == 1:
             return jnp.zeros(shape, dtype)
         std = getattr(self.config, "initializer_range", 0.02)
@@ -302,4 +302,4 @@ class PreTrainedModel(nnx.Module):
 
     def num_parameters(self) -> int:
         """The number of base weights (elements)."""
-        return sum(int(np.prod(v.value.shape)) for _, v, _ in iter_hf_params(self))
+        return sum(int(np.prod(v.get_value().shape)) for _, v, _ in iter_hf_params(self))

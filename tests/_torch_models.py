@@ -1,0 +1,38 @@
+"""Tiny random transformers models, built in PyTorch and saved, for the oracle tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def save_tiny(model_cls, config, directory, seed: int = 0, **save_kwargs):
+    """Builds ``model_cls(config)`` with a fixed seed in eval mode and saves it to ``directory``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+def torch_logits(model, **inputs) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+    return out.logits.float().numpy()
+
+
+def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0, left: bool = True):
+    """Random ids with a few padded positions on the left (or right) of some rows."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(1, batch):
+        n = 2 * row
+        if left:
+            mask[row, :n] = 0
+        else:
+            mask[row, seq - n :] = 0
+    ids[mask == 0] = 0
+    return ids, mask
