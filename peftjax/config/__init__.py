@@ -1,0 +1,69 @@
+"""Adapter configs (HF PEFT 0.21.2 field for field) and module targeting.
+
+Pure Python: nothing here needs JAX. ``adapter_config.json`` files written here load in HF PEFT,
+and files PEFT writes load here.
+"""
+
+from peftjax.config._base import (
+    CONFIG_NAME,
+    PeftConfig,
+    PeftType,
+    TaskType,
+    config_from_dict,
+    load_config,
+)
+from peftjax.config._lora import LoraConfig
+from peftjax.config._other import (
+    BottleneckConfig,
+    IA3Config,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    prepare_prompt_learning_config,
+)
+from peftjax.config._targeting import (
+    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    add_task_modules_to_save,
+    check_target_module_exists,
+    expand_all_linear,
+    get_pattern_key,
+    is_all_linear,
+    is_feedforward_module,
+    match_modules,
+    resolve_target_modules,
+)
+
+__all__ = [
+    "CONFIG_NAME",
+    "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "BottleneckConfig",
+    "IA3Config",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
+    "TaskType",
+    "add_task_modules_to_save",
+    "check_target_module_exists",
+    "config_from_dict",
+    "expand_all_linear",
+    "get_pattern_key",
+    "is_all_linear",
+    "is_feedforward_module",
+    "load_config",
+    "match_modules",
+    "prepare_prompt_learning_config",
+    "resolve_target_modules",
+]

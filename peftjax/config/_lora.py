@@ -1,0 +1,258 @@
+"""``LoraConfig``: HF PEFT 0.21.2's LoRA config, field for field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any, ClassVar
+
+from peftjax.config._base import (
+    PeftConfig,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_optional_dict,
+    check_probability,
+    reject_unsupported,
+    to_str_tuple,
+)
+from peftjax.config._targeting import get_pattern_key
+
+_BIAS_CHOICES = ("none", "all", "lora_only")
+# Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
+_PEFT_ONLY_INITS = ("eva", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+_SUPPORTED_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'"
+
+# PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
+# PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(PeftConfig):
+    """Low-rank adaptation: ``y = W x + (lora_alpha / r) * B A dropout(x)`` on targeted modules.
+
+    Field names and defaults are PEFT 0.21.2's, so ``save_pretrained`` writes an
+    ``adapter_config.json`` that ``peft.PeftConfig.from_pretrained`` reads back unchanged.
+
+    Example:
+        >>> cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj"],
+        ...                  rank_pattern={"o_proj": 2})
+        >>> cfg.target_modules
+        ('q_proj', 'v_proj')
+        >>> cfg.scaling_for("model.layers.0.self_attn.q_proj")
+        (4, 8, 2.0)
+        >>> cfg.scaling_for("model.layers.0.self_attn.o_proj")
+        (2, 8, 4.0)
+
+    Attributes:
+        r: The LoRA rank (``A`` is ``[r, in]``, ``B`` is ``[out, r]``).
+        target_modules: Which modules get LoRA. A list of names, each matching a module whose
+            full dotted name equals it or ends with ``"." + name`` (``"mlp.c_proj"`` is fine,
+            ``"proj"`` does not match ``q_proj``); or a ``str`` regex that must match the full
+            name (``re.fullmatch``); or ``"all-linear"`` (see ``expand_all_linear``); or ``None``
+            for the architecture's default (see ``resolve_target_modules``). A list is stored as
+            a sorted, deduplicated tuple (PEFT stores a set).
+        exclude_modules: Modules never targeted, with the same syntax; checked first.
+        lora_alpha: The scaling numerator: ``scaling = lora_alpha / r``.
+        lora_dropout: Dropout on the LoRA branch input (not on embeddings).
+        fan_in_fan_out: Whether the base weight is stored ``[in, out]`` (GPT-2 ``Conv1D``). PEFT
+            forces it for ``Conv1D`` and writes the forced value.
+        bias: Which base-layer biases are trained and saved: ``"none"``, ``"all"`` (every bias
+            in the model) or ``"lora_only"`` (those of targeted modules).
+        use_rslora: Rank-stabilized scaling ``lora_alpha / sqrt(r)``.
+        modules_to_save: See :class:`PeftConfig`.
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero: a no-op adapter), ``False``
+            (random A and B, for tests), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"`` /
+            ``"pissa_niter_<N>"`` or ``"olora"`` (both rewrite the base weight). PEFT's ``"eva"``,
+            ``"corda"``, ``"loftq"``, ``"orthogonal"``, ``"mica"`` and ``"lora_ga"`` raise
+            ``NotImplementedError``.
+        layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
+            index is the first numbered segment of the name (or the one after
+            ``layers_pattern``); a module with no index is then not adapted. Ignored for a module
+            named exactly in ``target_modules``.
+        layers_pattern: The name(s) of the layer list (e.g. ``"layers"``, ``"h"``) whose index
+            ``layers_to_transform`` selects; needs ``layers_to_transform``.
+        rank_pattern: ``{name_or_regex: r}`` overriding ``r`` per module; the first key matching
+            the end of the module name wins (``get_pattern_key``).
+        alpha_pattern: ``{name_or_regex: alpha}`` overriding ``lora_alpha`` per module.
+        megatron_config: PEFT's Megatron parallel-layer config. Unsupported: must be ``None``.
+        megatron_core: The Megatron module name; inert without ``megatron_config``.
+        trainable_token_indices: PEFT's trainable-tokens embedding option. Unsupported.
+        loftq_config: LoftQ settings; the ``"loftq"`` init is unsupported, so a non-empty value
+            is reset to ``{}`` with PEFT's warning.
+        eva_config: EVA settings; only read by the unsupported ``"eva"`` init (PEFT warns and
+            ignores it otherwise, and so does peftjax).
+        corda_config: CorDA settings; likewise only for the unsupported ``"corda"`` init.
+        lora_ga_config: LoRA-GA settings; only for the unsupported ``"lora_ga"`` init.
+        use_dora: Weight-decomposed LoRA (DoRA): adds a magnitude vector per module.
+        velora_config: PEFT's VeLoRA variant. Unsupported: must be ``None``.
+        alora_invocation_tokens: PEFT's activated LoRA. Unsupported: must be ``None``.
+        use_qalora: PEFT's QA-LoRA. Unsupported: must be ``False``.
+        qalora_group_size: The QA-LoRA group size; inert without ``use_qalora``.
+        monteclora_config: PEFT's MonteCLoRA variant. Unsupported: must be ``None``.
+        layer_replication: PEFT's layer stacking. Unsupported: must be ``None``.
+        lora_bias: Adds a trainable bias to ``B`` (``lora_B.bias``); not with DoRA, and only with
+            ``init_lora_weights`` ``True``/``False``.
+        target_parameters: PEFT's LoRA on bare parameters (MoE experts). Unsupported.
+        use_bdlora: PEFT's block-diagonal LoRA. Unsupported: must be ``None``.
+        arrow_config: PEFT's Arrow routing. Unsupported: must be ``None``.
+        kasa_config: PEFT's KaSA variant. Unsupported: must be ``None``.
+        ensure_weight_tying: PEFT's tied embedding/lm_head adapters. Unsupported: must be
+            ``False``.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8
+    target_modules: tuple[str, ...] | str | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = dataclasses.field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict = dataclasses.field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
+    use_dora: bool = False
+    velora_config: dict | None = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: dict | None = None
+    layer_replication: Any = None
+    lora_bias: bool = False
+    target_parameters: Any = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("r", self.r, minimum=1)
+        self._set("target_modules", to_str_tuple("target_modules", self.target_modules, sort=True))
+        self._set("exclude_modules", to_str_tuple("exclude_modules", self.exclude_modules, sort=True))
+        check_number("lora_alpha", self.lora_alpha)
+        check_probability("lora_dropout", self.lora_dropout)
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "use_qalora", "ensure_weight_tying"):
+            check_bool(name, getattr(self, name))
+        check_choice("bias", self.bias, _BIAS_CHOICES)
+        self._check_init()
+        self._set("layers_to_transform", _layer_indices(self.layers_to_transform))
+        self._set("layers_pattern", to_str_tuple("layers_pattern", self.layers_pattern, sort=False))
+        self._set("rank_pattern", _pattern_dict("rank_pattern", self.rank_pattern, integer=True))
+        self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
+        for name in (
+            "megatron_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+            "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
+        ):  # fmt: skip
+            self._set(name, check_optional_dict(name, getattr(self, name)))
+        self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
+        reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
+
+        # PEFT's own checks, in PEFT's order and with PEFT's conditions.
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        if self.loftq_config:
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+            self._set("loftq_config", {})
+        elif self.eva_config is not None:
+            warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
+        elif self.corda_config is not None:
+            warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+        if self.lora_bias:
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(
+                    "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                    f"init_lora_weights={self.init_lora_weights!r} instead."
+                )
+            if self.use_dora:
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        if isinstance(init, bool):
+            return
+        if not isinstance(init, str):
+            raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
+        # PEFT compares "gaussian" and "olora" case-insensitively, the others exactly.
+        if init.lower() in ("gaussian", "olora") or init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init):
+            return
+        if init in _PEFT_ONLY_INITS or init.startswith("corda"):
+            raise NotImplementedError(
+                f"init_lora_weights={init!r} is a PEFT initialization peftjax does not implement; "
+                f"supported: {_SUPPORTED_INITS}."
+            )
+        raise ValueError(f"`init_lora_weights` must be one of {_SUPPORTED_INITS}, got {init!r}.")
+
+    def scaling_for(self, module_name: str) -> tuple[int, int | float, float]:
+        """Returns ``(r, lora_alpha, scaling)`` for one module, after the rank/alpha patterns.
+
+        Args:
+            module_name: The module's full dotted name, e.g. ``"model.layers.0.self_attn.q_proj"``.
+
+        Returns:
+            The rank, the alpha and the scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        """
+        r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), module_name), self.r)
+        alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module_name), self.lora_alpha)
+        scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return r, alpha, scaling
+
+
+def _layer_indices(value: Any) -> int | tuple[int, ...] | None:
+    """Validates ``layers_to_transform``: an int stays an int; a list becomes a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        for i in value:
+            check_int("layers_to_transform", i, minimum=0)
+        return tuple(value)
+    check_int("layers_to_transform", value, minimum=0)
+    return value
+
+
+def _pattern_dict(name: str, value: Any, *, integer: bool) -> dict:
+    """Validates ``rank_pattern`` / ``alpha_pattern`` and copies it (so callers cannot alias it)."""
+    d = check_optional_dict(name, value)
+    if d is None:  # PEFT has {} as the default; a JSON null means the same
+        return {}
+    for key, v in d.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` keys must be module names or regexes (str), got {key!r}.")
+        if integer:
+            check_int(f"{name}[{key!r}]", v, minimum=1)
+        else:
+            check_number(f"{name}[{key!r}]", v)
+    return d

@@ -1,0 +1,365 @@
+"""The configs besides LoRA: IA3, the prompt-learning methods, and peftjax's bottleneck adapters.
+
+Field names and defaults are HF PEFT 0.21.2's (``BottleneckConfig`` is peftjax-only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from peftjax.config._base import (
+    PeftConfig,
+    TaskType,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_optional_dict,
+    check_optional_str,
+    check_probability,
+    to_str_tuple,
+)
+
+
+class PromptTuningInit(enum.StrEnum):
+    """How prompt tuning initializes its virtual tokens (PEFT's values)."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+class PromptEncoderReparameterizationType(enum.StrEnum):
+    """The P-tuning prompt encoder head (PEFT's values)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+def _enum_value(name: str, value: Any, enum_cls: type[enum.StrEnum]) -> str:
+    """Validates a str-or-enum option and returns the plain string (what JSON holds)."""
+    check_choice(name, value, [e.value for e in enum_cls])
+    return enum_cls(value).value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Config(PeftConfig):
+    """(IA)³: learned vectors that rescale activations of the targeted modules.
+
+    Attention-type modules have their output scaled (``y = W x * l``), feedforward modules their
+    input (``y = W (x * l)``).
+
+    Attributes:
+        target_modules: Which modules get a vector; the same syntax and matching as
+            ``LoraConfig.target_modules`` (a list is stored as a sorted tuple). ``None`` means
+            the architecture default (``resolve_target_modules``).
+        exclude_modules: Modules never targeted, same syntax; checked first.
+        feedforward_modules: Which targeted modules are feedforward (input-scaled). A str is a
+            ``re.fullmatch`` regex; a list entry matches when the name ends with it, with no dot
+            boundary (PEFT's rule). When both this and ``target_modules`` are lists, this must be
+            a subset of ``target_modules``. ``None`` means the architecture default.
+        fan_in_fan_out: Whether the base weight is stored ``[in, out]`` (GPT-2 ``Conv1D``).
+        modules_to_save: See :class:`PeftConfig`.
+        init_ia3_weights: ``True`` initializes the vectors to ones (a no-op adapter); ``False``
+            to random values (discouraged; for tests).
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: tuple[str, ...] | str | None = None
+    exclude_modules: tuple[str, ...] | str | None = None
+    feedforward_modules: tuple[str, ...] | str | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            self._set(name, to_str_tuple(name, getattr(self, name), sort=True))
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool("init_ia3_weights", self.init_ia3_weights)
+        if isinstance(self.feedforward_modules, tuple) and isinstance(self.target_modules, tuple):
+            missing = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if missing:
+                raise ValueError(
+                    "`feedforward_modules` should be a subset of `target_modules`; "
+                    f"{missing} are not in target_modules={list(self.target_modules)}."
+                )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptLearningConfig(PeftConfig):
+    """The fields shared by prefix tuning, prompt tuning and P-tuning.
+
+    The model-shape fields may be left ``None`` and filled from the transformers model config
+    with :func:`prepare_prompt_learning_config`, as PEFT's ``get_peft_model`` does.
+
+    Attributes:
+        num_virtual_tokens: The number of virtual tokens ``V``. Required.
+        token_dim: The hidden size of the base model (for prefix tuning on a GQA model,
+            ``head_dim * num_key_value_heads``).
+        num_transformer_submodules: 1, or 2 for encoder-decoder (``SEQ_2_SEQ_LM``) models.
+        num_attention_heads: The attention heads (for prefix tuning on a GQA model, the KV heads).
+        num_layers: The number of transformer layers.
+        modules_to_save: See :class:`PeftConfig`.
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_virtual_tokens is None:
+            raise ValueError(f"{type(self).__name__} needs `num_virtual_tokens` (an int >= 1); it is None.")
+        check_int("num_virtual_tokens", self.num_virtual_tokens, minimum=1)
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            check_int(name, getattr(self, name), minimum=1, optional=True)
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Always ``True`` for prompt-learning configs."""
+        return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning: learned per-layer key/value prefixes, saved as ``[V, num_layers * 2 * token_dim]``.
+
+    Attributes:
+        init_weights: ``None`` for random initialization, or ``"zero"`` to make the prefix a
+            no-op at start.
+        encoder_hidden_size: The hidden size of the projection MLP; ``None`` means ``token_dim``.
+        prefix_projection: Whether to reparameterize the prefix through an MLP while training
+            (only the MLP output is saved).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    init_weights: str | None = None
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights is not None:
+            check_choice("init_weights", self.init_weights, ["zero"])
+        check_int("encoder_hidden_size", self.encoder_hidden_size, minimum=1, optional=True)
+        check_bool("prefix_projection", self.prefix_projection)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt tuning: ``V`` learned input embeddings prepended to the token embeddings.
+
+    Attributes:
+        prompt_tuning_init: ``"RANDOM"``, ``"SAMPLE_VOCAB"`` (rows of the vocabulary embedding)
+            or ``"TEXT"`` (the embeddings of ``prompt_tuning_init_text``). Stored as the string.
+        prompt_tuning_init_text: The text for ``"TEXT"`` init (required with it).
+        tokenizer_name_or_path: The tokenizer for ``"TEXT"`` init (required with it).
+        tokenizer_kwargs: Extra ``AutoTokenizer.from_pretrained`` arguments; only with ``"TEXT"``.
+    """
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    prompt_tuning_init: str = PromptTuningInit.RANDOM.value
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("prompt_tuning_init", _enum_value("prompt_tuning_init", self.prompt_tuning_init, PromptTuningInit))
+        check_optional_str("prompt_tuning_init_text", self.prompt_tuning_init_text)
+        check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
+        self._set("tokenizer_kwargs", check_optional_dict("tokenizer_kwargs", self.tokenizer_kwargs))
+        text = self.prompt_tuning_init == PromptTuningInit.TEXT
+        if text and not self.tokenizer_name_or_path:
+            raise ValueError(
+                f"When prompt_tuning_init='TEXT', tokenizer_name_or_path can't be {self.tokenizer_name_or_path!r}."
+            )
+        if text and self.prompt_tuning_init_text is None:
+            raise ValueError("When prompt_tuning_init='TEXT', prompt_tuning_init_text can't be None.")
+        if self.tokenizer_kwargs and not text:
+            raise ValueError(
+                f"tokenizer_kwargs only valid when using prompt_tuning_init='TEXT', got {self.prompt_tuning_init!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptEncoderConfig(PromptLearningConfig):
+    """P-tuning: virtual-token embeddings passed through an MLP or LSTM head while training.
+
+    Attributes:
+        encoder_reparameterization_type: ``"MLP"`` or ``"LSTM"``. Stored as the string.
+        encoder_hidden_size: The head's hidden size; ``None`` means ``token_dim``.
+        encoder_num_layers: LSTM layers (ignored by the MLP head).
+        encoder_dropout: Dropout in the head.
+    """
+
+    peft_type: ClassVar[str] = "P_TUNING"
+
+    encoder_reparameterization_type: str = PromptEncoderReparameterizationType.MLP.value
+    encoder_hidden_size: int | None = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set(
+            "encoder_reparameterization_type",
+            _enum_value(
+                "encoder_reparameterization_type",
+                self.encoder_reparameterization_type,
+                PromptEncoderReparameterizationType,
+            ),
+        )
+        check_int("encoder_hidden_size", self.encoder_hidden_size, minimum=1, optional=True)
+        check_int("encoder_num_layers", self.encoder_num_layers, minimum=1)
+        check_probability("encoder_dropout", self.encoder_dropout)
+
+
+_NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "tanh")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BottleneckConfig(PeftConfig):
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2020). peftjax-only.
+
+    Each adapter is ``x + up(act(down(x)))`` with ``down: d -> d / reduction_factor``. HF PEFT has
+    no such method, so these files load only in peftjax.
+
+    Attributes:
+        adapter_type: ``"houlsby"`` (adapters after attention and after the feedforward block)
+            or ``"pfeiffer"`` (after the feedforward block only).
+        reduction_factor: ``hidden_size / bottleneck_size``.
+        non_linearity: The activation: ``"relu"``, ``"gelu"``, ``"gelu_new"``, ``"silu"`` or
+            ``"tanh"``.
+        residual: Whether the adapter adds its input back (``x + f(x)``).
+        target_modules: Which transformer blocks get adapters, with ``LoraConfig`` name matching
+            against the blocks' names; ``None`` means every transformer block.
+        modules_to_save: See :class:`PeftConfig`.
+        init_weights: ``"bert"``: weights ~ N(0, 0.02) and zero biases, so the up-projection is
+            near zero and the adapter starts near the identity.
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK"
+
+    adapter_type: str = "houlsby"
+    reduction_factor: int | float = 16
+    non_linearity: str = "relu"
+    residual: bool = True
+    target_modules: tuple[str, ...] | str | None = None
+    init_weights: str = "bert"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("adapter_type", self.adapter_type, ("houlsby", "pfeiffer"))
+        check_number("reduction_factor", self.reduction_factor)
+        if self.reduction_factor <= 0:
+            raise ValueError(f"`reduction_factor` must be > 0, got {self.reduction_factor}.")
+        check_choice("non_linearity", self.non_linearity, _NON_LINEARITIES)
+        check_bool("residual", self.residual)
+        self._set("target_modules", to_str_tuple("target_modules", self.target_modules, sort=True))
+        check_choice("init_weights", self.init_weights, ("bert",))
+
+
+def prepare_prompt_learning_config(config: PromptLearningConfig, model_config: Any) -> PromptLearningConfig:
+    """Fills a prompt-learning config's model-shape fields from a transformers model config.
+
+    PEFT's ``_prepare_prompt_learning_config`` plus the ``num_transformer_submodules`` default
+    of ``PeftModel``, rule for rule: fields already set are kept, except that prefix tuning on a
+    model config with ``num_key_value_heads`` (GQA) always gets ``token_dim = head_dim *
+    num_key_value_heads`` and ``num_attention_heads = num_key_value_heads``, with ``head_dim`` from
+    the config or ``token_dim // num_attention_heads``. ``encoder_hidden_size`` defaults to
+    ``token_dim``.
+
+    Args:
+        config: The prompt-learning config.
+        model_config: A transformers ``PretrainedConfig`` or its ``to_dict()``; for a
+            vision-language config, its ``text_config`` is used.
+
+    Returns:
+        A new config with the fields filled.
+
+    Raises:
+        ValueError: A field is unset and the model config does not give it.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> mc = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+        >>> cfg = prepare_prompt_learning_config(PrefixTuningConfig(num_virtual_tokens=10), mc)
+        >>> cfg.token_dim, cfg.num_attention_heads, cfg.num_layers, cfg.encoder_hidden_size
+        (32, 2, 2, 32)
+    """
+    if not isinstance(config, PromptLearningConfig):
+        raise TypeError(
+            f"prepare_prompt_learning_config expects a prompt-learning config, got {type(config).__name__}."
+        )
+    orig = model_config
+    if hasattr(model_config, "to_dict"):
+        mc = model_config.to_dict()
+    elif isinstance(model_config, Mapping):
+        mc = dict(model_config)
+    else:
+        raise TypeError(
+            f"`model_config` must be a transformers PretrainedConfig or a dict, got {type(model_config).__name__}."
+        )
+    if "text_config" in mc:  # a vision-language model: the language model's shape
+        mc = mc["text_config"]
+
+    num_layers = config.num_layers
+    if num_layers is None:
+        # transformers >= 5 keeps num_hidden_layers as an attribute only, not in to_dict().
+        if hasattr(orig, "num_hidden_layers"):
+            num_layers = orig.num_hidden_layers
+        else:
+            num_layers = _first_key(mc, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
+    token_dim = config.token_dim
+    if token_dim is None:
+        token_dim = _first_key(mc, ("hidden_size", "n_embd", "d_model"), "token_dim")
+    num_heads = config.num_attention_heads
+    if num_heads is None:
+        num_heads = _first_key(
+            mc, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"), "num_attention_heads"
+        )
+
+    # Prefix tuning writes keys/values, which have the KV heads' shape under GQA (PEFT #1901).
+    if isinstance(config, PrefixTuningConfig) and "num_key_value_heads" in mc:
+        if mc.get("global_head_dim") is not None:
+            head_dim = mc["global_head_dim"]
+            num_kv = mc.get("num_global_key_value_heads") or mc["num_key_value_heads"]
+        elif mc.get("per_layer_config") is not None:
+            # Heterogeneous layers: provision for the largest KV footprint, as PEFT does.
+            head_dim = mc.get("head_dim", token_dim // num_heads)
+            num_kv = base_kv = mc["num_key_value_heads"]
+            base_head_dim = head_dim
+            for layer_cfg in mc["per_layer_config"].values():
+                layer_head_dim = layer_cfg.get("head_dim", base_head_dim)
+                if layer_head_dim > head_dim:
+                    head_dim = layer_head_dim
+                    num_kv = layer_cfg.get("num_key_value_heads", base_kv)
+        elif mc.get("head_dim") is not None:
+            head_dim, num_kv = mc["head_dim"], mc["num_key_value_heads"]
+        else:
+            head_dim, num_kv = token_dim // num_heads, mc["num_key_value_heads"]
+        token_dim, num_heads = head_dim * num_kv, num_kv
+
+    changes: dict[str, Any] = {"num_layers": num_layers, "token_dim": token_dim, "num_attention_heads": num_heads}
+    if config.num_transformer_submodules is None:
+        changes["num_transformer_submodules"] = 2 if config.task_type == TaskType.SEQ_2_SEQ_LM else 1
+    if hasattr(config, "encoder_hidden_size") and config.encoder_hidden_size is None:
+        changes["encoder_hidden_size"] = token_dim
+    return dataclasses.replace(config, **changes)
+
+
+def _first_key(mc: Mapping[str, Any], keys: tuple[str, ...], field: str) -> Any:
+    for key in keys:
+        if key in mc:
+            return mc[key]
+    raise ValueError(f"Please specify `{field}` in the config: the model config has none of {list(keys)}.")

@@ -1,0 +1,467 @@
+"""Which modules an adapter targets: HF PEFT 0.21.2's name matching, as pure functions on names.
+
+Module names are the dotted names of the **torch transformers** model (``named_modules()``), e.g.
+``model.layers.0.self_attn.q_proj``, with no ``base_model.model.`` prefix; they are what PEFT
+matches and what its adapter files are keyed by. The rules are in
+``shared/reference/peft-format.md`` section 3.1; the tests check them against PEFT itself.
+
+The default target mappings are copied, as data, from ``peft/utils/constants.py`` (0.21.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peftjax.config._base import PeftConfig
+
+INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # PEFT's order: "score" is looked up first
+
+# fmt: off
+TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
+
+TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+
+TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
+}
+# fmt: on
+
+# task_type -> the head modules PEFT's task wrappers add to modules_to_save, in PEFT's order.
+_TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+_EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
+
+
+def is_all_linear(target_modules: Any) -> bool:
+    """Whether ``target_modules`` is PEFT's ``"all-linear"`` shorthand (case-insensitive, as in PEFT)."""
+    return isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def get_pattern_key(pattern_keys: Iterable[str], key: str) -> str:
+    """Returns the first of ``pattern_keys`` that matches the end of module name ``key``.
+
+    A pattern (a name or regex) matches when ``re.match(rf"(.*\\.)?({pattern})$", key)`` does, so
+    ``"o_proj"`` matches ``model.layers.0.self_attn.o_proj`` but not ``...self_attn.no_proj``. As in
+    PEFT, ``key`` itself is returned when nothing matches, so ``pattern.get(result, default)``
+    gives the default.
+
+    Example:
+        >>> get_pattern_key(["o_proj", r"layers\\.0\\..*"], "model.layers.0.self_attn.o_proj")
+        'o_proj'
+    """
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def _target_modules_of(config: PeftConfig) -> Any:
+    if not hasattr(config, "target_modules"):
+        raise TypeError(f"{type(config).__name__} has no `target_modules`; it does not target modules by name.")
+    target = config.target_modules
+    if target is None:
+        raise ValueError(
+            f"{type(config).__name__}.target_modules is None (the architecture default); call "
+            "resolve_target_modules(config, model_type) first."
+        )
+    if is_all_linear(target):
+        raise ValueError(
+            f"target_modules={target!r} must be expanded to module names first: "
+            "expand_all_linear(linear_module_names, ...) lists them."
+        )
+    return target
+
+
+def _target_status(config: PeftConfig, key: str) -> str:
+    """PEFT's ``check_target_module_exists``, keeping "excluded" apart from "unmatched"."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return _EXCLUDED
+        elif key in exclude or any(key.endswith(f".{x}") for x in exclude):
+            return _EXCLUDED
+
+    # An adapter inside a fully trained (modules_to_save) module would conflict with it.
+    modules_to_save = getattr(config, "modules_to_save", None)
+    if modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save):
+        return _EXCLUDED
+
+    target = _target_modules_of(config)
+    if isinstance(target, str):
+        return _MATCHED if re.fullmatch(target, key) else _UNMATCHED
+    if key in target:  # a full name listed exactly bypasses the layer filter, as in PEFT
+        return _MATCHED
+    if not any(key.endswith(f".{t}") for t in target):
+        return _UNMATCHED
+
+    layer_indexes = getattr(config, "layers_to_transform", None)
+    if layer_indexes is None or (isinstance(layer_indexes, list | tuple) and len(layer_indexes) == 0):
+        return _MATCHED
+    layers_pattern = getattr(config, "layers_pattern", None)
+    match = None
+    if layers_pattern is None or len(layers_pattern) == 0:
+        # Lazy .*? takes the first numbered segment (the layer), not a nested one (a MoE expert).
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:  # no layer index in the name: not targeted
+        return _UNMATCHED
+    index = int(match.group("idx"))
+    wanted = index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+    return _MATCHED if wanted else _UNMATCHED
+
+
+def check_target_module_exists(config: PeftConfig, key: str) -> bool:
+    """Whether the module named ``key`` gets an adapter: HF PEFT 0.21.2's rule, exactly.
+
+    In order: ``exclude_modules`` (a str is ``re.fullmatch``-ed; a list matches a full name or a
+    dotted suffix) and ``modules_to_save`` exclude first; a str ``target_modules`` must
+    ``re.fullmatch`` the whole name; a list matches a full name exactly, or a dotted suffix
+    (``"proj"`` does not match ``q_proj``). Only for a suffix match, ``layers_to_transform`` then
+    filters on the layer index in the name; a name with no index is not targeted.
+
+    Args:
+        config: A config with ``target_modules`` (``LoraConfig``, ``IA3Config``, ...), already
+            resolved (not ``None`` nor ``"all-linear"``).
+        key: The module's full dotted name, e.g. ``"model.layers.0.self_attn.q_proj"``.
+
+    Returns:
+        Whether the module is targeted.
+
+    Raises:
+        TypeError: The config has no ``target_modules`` (a prompt-learning config).
+        ValueError: ``target_modules`` is ``None`` or ``"all-linear"``.
+
+    Example:
+        >>> from peftjax.config import LoraConfig
+        >>> cfg = LoraConfig(target_modules=["q_proj", "mlp.c_proj"], layers_to_transform=[0])
+        >>> [check_target_module_exists(cfg, k) for k in
+        ...  ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "transformer.h.0.mlp.c_proj"]]
+        [True, False, True]
+    """
+    return _target_status(config, key) == _MATCHED
+
+
+def is_feedforward_module(config: PeftConfig, key: str) -> bool:
+    """Whether IA3 treats module ``key`` as feedforward (scales its input, not its output).
+
+    PEFT's rule, which differs from ``target_modules`` matching: a str ``feedforward_modules`` is
+    ``re.fullmatch``-ed; a list entry matches when ``key.endswith(entry)``, **with no dot
+    boundary** (so ``"proj"`` would match ``down_proj``).
+    """
+    feedforward = getattr(config, "feedforward_modules", None)
+    if feedforward is None:
+        raise ValueError(
+            f"{type(config).__name__}.feedforward_modules is None; call resolve_target_modules(config, model_type) "
+            "first or set it."
+        )
+    if isinstance(feedforward, str):
+        return bool(re.fullmatch(feedforward, key))
+    return any(key.endswith(t) for t in feedforward)
+
+
+def _default(mapping: dict[str, Any], model_type: str, field: str, kind: str) -> Any:
+    if model_type not in mapping:
+        raise ValueError(
+            f"no default {field} for model_type {model_type!r} ({kind}); set `{field}` explicitly. "
+            f"Model types with a default: {sorted(mapping)}."
+        )
+    value = mapping[model_type]
+    return value if isinstance(value, str) else tuple(sorted(set(value)))
+
+
+def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
+    """Fills ``target_modules`` that is ``None`` with the architecture default, as PEFT does.
+
+    LoRA uses ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; IA3 its target and
+    feedforward mappings, each filled independently when ``None``. A config whose modules are
+    already set is returned unchanged, as is a ``BottleneckConfig`` (whose ``None`` means "the
+    transformer blocks", resolved by its tuner).
+
+    Args:
+        config: The adapter config.
+        model_type: The transformers ``config.model_type``, e.g. ``"llama"``.
+
+    Returns:
+        The config, with defaults filled in (a new instance if anything changed).
+
+    Raises:
+        ValueError: A default is needed but ``model_type`` has none; the message lists those
+            that do.
+        TypeError: The config does not target modules by name (prompt learning).
+    """
+    peft_type = getattr(config, "peft_type", None)
+    changes: dict[str, Any] = {}
+    if peft_type == "LORA":
+        if config.target_modules is None:
+            changes["target_modules"] = _default(
+                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules", "LoRA"
+            )
+    elif peft_type == "IA3":
+        if config.target_modules is None:
+            changes["target_modules"] = _default(
+                TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, model_type, "target_modules", "IA3"
+            )
+        if config.feedforward_modules is None:
+            changes["feedforward_modules"] = _default(
+                TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, model_type, "feedforward_modules", "IA3"
+            )
+    elif not hasattr(config, "target_modules"):
+        raise TypeError(f"{type(config).__name__} has no `target_modules` to resolve.")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def expand_all_linear(
+    linear_module_names: Iterable[str],
+    output_embedding_name: str | None = None,
+    task_type: str | None = None,
+) -> list[str]:
+    """Expands ``target_modules="all-linear"`` into module names, as PEFT does before saving.
+
+    PEFT takes every ``nn.Linear`` / ``Conv1D`` except the output embedding (``lm_head``); for a
+    ``SEQ_CLS`` model without one, it drops the top-level ``score`` (or else ``classifier``) head
+    instead. PEFT writes the expanded full names into ``adapter_config.json``.
+
+    Args:
+        linear_module_names: Full dotted names of the model's linear layers.
+        output_embedding_name: The name of the output embedding (``get_output_embeddings()``),
+            or ``None`` when the model has none.
+        task_type: The config's ``task_type``.
+
+    Returns:
+        The sorted module names to target.
+
+    Example:
+        >>> expand_all_linear(["model.layers.0.mlp.up_proj", "lm_head"], output_embedding_name="lm_head")
+        ['model.layers.0.mlp.up_proj']
+    """
+    names = set(linear_module_names)
+    if output_embedding_name is not None:
+        names.discard(output_embedding_name)
+    elif task_type == "SEQ_CLS":
+        for head in SEQ_CLS_HEAD_NAMES:
+            if head in names:
+                names.discard(head)
+                break
+    return sorted(names)
+
+
+def add_task_modules_to_save(config: PeftConfig) -> PeftConfig:
+    """Adds the task head to ``modules_to_save``, as PEFT's task model wrappers do.
+
+    ``SEQ_CLS`` and ``TOKEN_CLS`` add ``["classifier", "score"]``, ``QUESTION_ANS`` adds
+    ``["qa_outputs"]``, appended after any modules already listed (PEFT's order). Unlike PEFT,
+    which appends again on every load, a name already present is not repeated.
+
+    Returns:
+        The config, or a new one with the heads added.
+    """
+    heads = _TASK_MODULES_TO_SAVE.get(config.task_type or "")
+    if not heads:
+        return config
+    current = tuple(config.modules_to_save or ())
+    updated = current + tuple(h for h in heads if h not in current)
+    return config if updated == config.modules_to_save else dataclasses.replace(config, modules_to_save=updated)
+
+
+def _closest(query: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(query, candidates, n=n, cutoff=0.5)
+
+
+def _no_match_message(config: PeftConfig, names: Sequence[str], excluded: Sequence[str], head: str) -> str:
+    target = config.target_modules
+    last_segments = sorted({n.rsplit(".", 1)[-1] for n in names})
+    lines = [head]
+    for t in [target] if isinstance(target, str) else target:
+        close = _closest(t.rsplit(".", 1)[-1], last_segments) + _closest(t, names)
+        if close:
+            lines.append(f"  closest to {t!r}: {', '.join(dict.fromkeys(close))}")
+        else:
+            lines.append(f"  nothing close to {t!r}")
+    # Names of modules without children (the layers one can target), e.g. q_proj, lm_head.
+    parents = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n not in parents})
+    shown = leaves[:10]
+    more = f" (and {len(leaves) - len(shown)} more)" if len(leaves) > len(shown) else ""
+    lines.append(f"  leaf module names in the model: {', '.join(shown)}{more}")
+    if excluded:
+        lines.append(f"  excluded by exclude_modules/modules_to_save: {', '.join(excluded[:10])}")
+    for field in ("layers_to_transform", "layers_pattern"):
+        value = getattr(config, field, None)
+        if value is not None:
+            lines.append(f"  note: {field}={_show(value)}")
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    """Shows a normalized option as the user wrote it: tuples as lists."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type: str | None = None) -> list[str]:
+    """Returns the module names ``config`` targets, in the given order, failing loudly on none.
+
+    Args:
+        config: A config with ``target_modules``. ``None`` is resolved from ``model_type``.
+        module_names: The model's full dotted module names (the root's empty name is skipped).
+        model_type: The transformers ``model_type``, needed only when ``target_modules`` is
+            ``None``.
+
+    Returns:
+        The targeted names.
+
+    Raises:
+        ValueError: Nothing is targeted. The message says whether everything was excluded or
+            nothing matched, and lists, per target entry, the closest module names and up to 10
+            leaf names present in the model.
+
+    Warns:
+        UserWarning: ``exclude_modules`` was given but excluded nothing (PEFT warns the same).
+
+    Example:
+        >>> from peftjax.config import LoraConfig
+        >>> names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+        >>> match_modules(LoraConfig(target_modules=["q_proj"]), names)
+        ['model.layers.0.self_attn.q_proj']
+    """
+    if getattr(config, "target_modules", None) is None and model_type is not None:
+        config = resolve_target_modules(config, model_type)
+    _target_modules_of(config)  # fail on None / "all-linear" before looking at any name
+    names = [n for n in module_names if n]
+    targeted, excluded, unmatched = [], [], []
+    for name in names:
+        status = _target_status(config, name)
+        {_MATCHED: targeted, _EXCLUDED: excluded, _UNMATCHED: unmatched}[status].append(name)
+
+    target = config.target_modules
+    if not targeted:
+        if excluded and not unmatched:
+            head = (
+                f"All modules were excluded by exclude_modules={_show(getattr(config, 'exclude_modules', None))} / "
+                f"modules_to_save={_show(config.modules_to_save)}; check these and target_modules={_show(target)}."
+            )
+        elif not excluded:
+            head = f"target_modules {_show(target)} matched none of the {len(names)} module names."
+        else:
+            head = (
+                f"No modules were targeted by target_modules {_show(target)}: {len(excluded)} matched names were "
+                f"excluded and the other {len(unmatched)} did not match."
+            )
+        raise ValueError(_no_match_message(config, names, excluded, head))
+    if getattr(config, "exclude_modules", None) and not excluded:
+        warnings.warn(
+            f"You have passed exclude_modules={_show(config.exclude_modules)} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.",
+            stacklevel=2,
+        )
+    return targeted

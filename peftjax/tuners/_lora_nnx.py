@@ -1,0 +1,290 @@
+"""LoRA and DoRA layers for Flax NNX, by swapping a layer's class in place.
+
+A targeted ``nnx.Linear`` keeps its ``kernel`` and ``bias`` at the same paths and gains sibling
+adapter weights, one entry per adapter name (``q_proj/lora_A/default``). Its forward adds
+``s * (dropout(x) @ A) @ B`` to the frozen ``x @ W``; the merged ``W + s * A @ B`` is only ever
+built by :func:`merge`, for inference and export.
+
+Layouts are Flax's: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]`` (PEFT stores the transposes).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.tuners._dropout import apply_dropout
+from peftjax.tuners._variables import LoraParam
+
+
+class LoraCache(nnx.Variable):
+    """Non-trainable state kept by a merge (DoRA's weight norm), needed to unmerge."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Static settings of one adapter on one layer.
+
+    Attributes:
+      r: the rank after ``rank_pattern``.
+      alpha: ``lora_alpha`` after ``alpha_pattern``.
+      scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+      dropout: dropout rate on the adapter input (not applied to embeddings, as in PEFT).
+      use_dora: weight-decomposed LoRA: a trainable magnitude per output unit.
+      lora_bias: ``lora_B`` has a bias.
+    """
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float = 0.0
+    use_dora: bool = False
+    lora_bias: bool = False
+
+
+def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
+    """Initial ``(A, B)`` in Flax layout, following PEFT's ``reset_lora_parameters``."""
+    ka, kb = jax.random.split(key)
+    if kind == "embed":  # A: [num, r], B: [r, dim]
+        if init is False:
+            return jax.random.normal(ka, (in_features, r)), jax.random.normal(kb, (r, out_features))
+        return jnp.zeros((in_features, r)), jax.random.normal(kb, (r, out_features))
+    if init is False:  # nn.Linear's own init for both factors: not a no-op adapter
+        return kaiming_uniform(ka, (in_features, r), in_features), kaiming_uniform(kb, (r, out_features), r)
+    if init == "gaussian":
+        return jax.random.normal(ka, (in_features, r)) / r, jnp.zeros((r, out_features))
+    return kaiming_uniform(ka, (in_features, r), in_features), jnp.zeros((r, out_features))
+
+
+def _column_norm(w: jax.Array) -> jax.Array:
+    """The norm of each output unit's weights: PEFT's row norm of ``W[out, in]``."""
+    return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
+
+
+class LoraLayer(abc.ABC):
+    """Mixin with the adapter bookkeeping shared by every LoRA layer kind.
+
+    Mixins are not real bases of the swapped class (see :func:`mixin_subclass`), so their
+    methods reach the original layer through ``self._peftjax_base``, never ``super()``.
+    """
+
+    lora_kind: str = "linear"
+
+    def _lora_setup(self, path: str) -> None:
+        if not hasattr(self, "lora_specs"):
+            self.lora_path = path
+            self.lora_specs = ()
+            self.lora_active = ()
+            self.lora_merged = ()
+            self.lora_disabled = False
+            self.lora_A = nnx.Dict()
+            self.lora_B = nnx.Dict()
+            self.lora_B_bias = nnx.Dict()
+            self.lora_magnitude_vector = nnx.Dict()
+            self.lora_cache = nnx.Dict()
+
+    @property
+    def lora_spec(self) -> dict[str, LoraSpec]:
+        return dict(self.lora_specs)
+
+    def _live_adapters(self) -> list[tuple[str, LoraSpec]]:
+        if self.lora_disabled:
+            return []
+        specs = self.lora_spec
+        return [(n, specs[n]) for n in self.lora_active if n in specs and n not in self.lora_merged]
+
+    def delete_lora(self, name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_B_bias, self.lora_magnitude_vector, self.lora_cache):
+            if name in d:
+                del d[name]
+        self.lora_specs = tuple((n, s) for n, s in self.lora_specs if n != name)
+        self.lora_active = tuple(n for n in self.lora_active if n != name)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included)."""
+
+    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
+        w = self.kernel.get_value()
+        a, b = init_factors(key, "linear", init, w.shape[0], w.shape[1], spec.r)
+        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+            a, b, w_res = _decompose(init, w, spec)
+            self.kernel.set_value(w_res.astype(w.dtype))
+        self.lora_A[name] = LoraParam(a.astype(jnp.float32))
+        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
+        if spec.lora_bias:
+            self.lora_B_bias[name] = LoraParam(jnp.zeros((w.shape[1],), jnp.float32))
+        if spec.use_dora:
+            self.lora_magnitude_vector[name] = LoraParam(_column_norm(w + self.delta_weight(name, spec)))
+        self.lora_specs = self.lora_specs + ((name, spec),)
+
+    def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
+        """``s * A @ B`` in the kernel's ``[in, out]`` layout."""
+        spec = spec or self.lora_spec[name]
+        return spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value())
+
+    def __call__(self, x, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
+        for name, spec in self._live_adapters():
+            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+            h = apply_dropout(x, spec.dropout, f"{self.lora_path}/{name}").astype(a.dtype)
+            lora = (h @ a) @ b
+            if spec.lora_bias:
+                lora = lora + self.lora_B_bias[name].get_value()
+            if spec.use_dora:
+                y = y + self._dora_extra(name, spec, x, h, y, lora).astype(y.dtype)
+            else:
+                y = y + (spec.scaling * lora).astype(y.dtype)
+        return y
+
+    def _dora_extra(self, name, spec, x, h, y, lora):
+        w = self.kernel.get_value()
+        norm = jax.lax.stop_gradient(_column_norm(w + self.delta_weight(name, spec)))
+        factor = self.lora_magnitude_vector[name].get_value() / norm
+        if spec.dropout > 0 and h is not x:
+            base = h.astype(w.dtype) @ w  # PEFT recomputes x @ W on the dropped-out input
+        else:
+            bias = self.bias.get_value() if self.bias is not None else 0.0
+            base = y.astype(jnp.float32) - bias
+        return (factor - 1) * base + factor * spec.scaling * lora
+
+    def merge_lora(self, name: str) -> None:
+        spec = self.lora_spec[name]
+        w = self.kernel.get_value()
+        merged = w.astype(jnp.float32) + self.delta_weight(name, spec)
+        if spec.use_dora:
+            norm = _column_norm(merged)
+            self.lora_cache[name] = LoraCache(norm)
+            merged = merged * (self.lora_magnitude_vector[name].get_value() / norm)[None, :]
+        self.kernel.set_value(merged.astype(w.dtype))
+        if spec.lora_bias:
+            bias = self.bias.get_value()
+            self.bias.set_value((bias + spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
+        self.lora_merged = self.lora_merged + (name,)
+
+    def unmerge_lora(self, name: str) -> None:
+        spec = self.lora_spec[name]
+        w = self.kernel.get_value().astype(jnp.float32)
+        if spec.use_dora:
+            w = w * (self.lora_cache[name].get_value() / self.lora_magnitude_vector[name].get_value())[None, :]
+            del self.lora_cache[name]
+        self.kernel.set_value((w - self.delta_weight(name, spec)).astype(self.kernel.get_value().dtype))
+        if spec.lora_bias:
+            bias = self.bias.get_value()
+            self.bias.set_value((bias - spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
+        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+
+
+class LoraEmbed(LoraLayer):
+    """LoRA on ``nnx.Embed``: ``A`` is ``[num_embeddings, r]``, looked up by id; no dropout."""
+
+    lora_kind = "embed"
+
+    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
+        if spec.use_dora or spec.lora_bias:
+            raise NotImplementedError(f"{self.lora_path}: DoRA and lora_bias on embeddings are not supported")
+        if isinstance(init, str) and init != "gaussian":
+            raise NotImplementedError(f"{self.lora_path}: init_lora_weights={init!r} is not supported on embeddings")
+        e = self.embedding.get_value()
+        a, b = init_factors(key, "embed", init, e.shape[0], e.shape[1], spec.r)
+        self.lora_A[name] = LoraParam(a.astype(jnp.float32))
+        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
+        self.lora_specs = self.lora_specs + ((name, spec),)
+
+    def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
+        spec = spec or self.lora_spec[name]
+        return spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value())
+
+    def __call__(self, inputs, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
+        for name, spec in self._live_adapters():
+            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+            rows = jnp.take(a, jnp.asarray(inputs), axis=0)
+            y = y + (spec.scaling * (rows @ b)).astype(y.dtype)
+        return y
+
+    def merge_lora(self, name: str) -> None:
+        e = self.embedding.get_value()
+        self.embedding.set_value((e.astype(jnp.float32) + self.delta_weight(name)).astype(e.dtype))
+        self.lora_merged = self.lora_merged + (name,)
+
+    def unmerge_lora(self, name: str) -> None:
+        e = self.embedding.get_value()
+        self.embedding.set_value((e.astype(jnp.float32) - self.delta_weight(name)).astype(e.dtype))
+        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+
+
+def _decompose(init: str, w: jax.Array, spec: LoraSpec):
+    """PiSSA (SVD) or OLoRA (QR) factors of ``W`` and the residual base ``W - s * A @ B``.
+
+    Computed in PEFT's ``[out, in]`` orientation, then returned in Flax layout.
+    """
+    wt = w.astype(jnp.float32).T  # [out, in]
+    r, s = spec.r, spec.scaling
+    if init.startswith("pissa"):
+        if init != "pissa":
+            raise NotImplementedError(f"init_lora_weights={init!r}: only exact-SVD 'pissa' is supported")
+        v, sv, uh = jnp.linalg.svd(wt, full_matrices=False)
+        sr = sv[:r] / s
+        a = jnp.sqrt(sr)[:, None] * uh[:r]  # [r, in]
+        b = v[:, :r] * jnp.sqrt(sr)[None, :]  # [out, r]
+    else:
+        q, rr = jnp.linalg.qr(wt)
+        a, b = rr[:r], q[:, :r]
+    residual = wt - s * b @ a
+    return a.T, b.T, residual.T
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def mixin_subclass(base: type, mixin: type[abc.ABC], prefix: str) -> type:
+    """A subclass of ``base`` carrying ``mixin``'s methods, with ``base``'s exact memory layout.
+
+    CPython only allows ``obj.__class__ = cls`` between layout-identical classes, and a mixin
+    among the bases changes the layout; so the methods are copied in and the class is
+    registered as a virtual subclass of ``mixin`` to keep ``isinstance`` working.
+    """
+    key = (mixin, base)
+    if key not in _SWAPPED:
+        ns: dict = {"__slots__": (), "__module__": mixin.__module__, "_peftjax_base": base}
+        for klass in reversed(mixin.__mro__):
+            if klass in (object, abc.ABC):
+                continue
+            for k, v in vars(klass).items():
+                if not k.startswith(("__", "_abc")) or k == "__call__":
+                    ns[k] = v
+        cls = type(f"{prefix}{base.__name__}", (base,), ns)
+        mixin.register(cls)
+        _SWAPPED[key] = cls
+    return _SWAPPED[key]
+
+
+def original_class(module: nnx.Module) -> type:
+    """The layer's class before any peftjax swap."""
+    return getattr(type(module), "_peftjax_base", type(module))
+
+
+def lora_class_for(module: nnx.Module) -> type | None:
+    """The LoRA subclass of ``type(module)``, or ``None`` when the layer type is not supported."""
+    if isinstance(module, LoraLayer):
+        return type(module)
+    if isinstance(module, nnx.Linear):
+        return mixin_subclass(type(module), LoraLinear, "Lora")
+    if isinstance(module, nnx.Embed):
+        return mixin_subclass(type(module), LoraEmbed, "Lora")
+    return None
+
+
+SUPPORTED_LAYERS = ("nnx.Linear (and subclasses such as GPT-2's Conv1D)", "nnx.Embed")
