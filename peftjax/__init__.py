@@ -1,1 +1,52 @@
-"""peftjax."""
+"""peftjax: parameter-efficient fine-tuning for JAX and Flax, file-compatible with Hugging Face PEFT.
+
+The public surface. HF PEFT's names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) sit beside
+the functional core for JAX users (``split``, ``combine``, ``make_train_step``, ``optax_labels``,
+``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``).
+"""
+
+from peftjax.config import (
+    BottleneckConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftType,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+)
+from peftjax.peft_model import PeftModel, get_peft_model
+from peftjax.training import combine, make_train_step, optax_labels, split
+from peftjax.tuners._dropout import dropout_key
+from peftjax.tuners._lora import inject_lora, merge, unload, unmerge
+from peftjax.tuners._variables import FROZEN, TRAINABLE, LoraParam, TrainableParam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FROZEN",
+    "TRAINABLE",
+    "BottleneckConfig",
+    "IA3Config",
+    "LoraConfig",
+    "LoraParam",
+    "PeftConfig",
+    "PeftModel",
+    "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "TaskType",
+    "TrainableParam",
+    "combine",
+    "dropout_key",
+    "get_peft_model",
+    "inject_lora",
+    "make_train_step",
+    "merge",
+    "optax_labels",
+    "split",
+    "unload",
+    "unmerge",
+]

@@ -67,6 +67,10 @@ def init_factors(key, kind: str, init, in_features: int, out_features: int, r: i
     return kaiming_uniform(ka, (in_features, r), in_features), jnp.zeros((r, out_features))
 
 
+def _same(x):
+    return x
+
+
 def _column_norm(w: jax.Array) -> jax.Array:
     """The norm of each output unit's weights: PEFT's row norm of ``W[out, in]``."""
     return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
@@ -104,6 +108,46 @@ class LoraLayer(abc.ABC):
         specs = self.lora_spec
         return [(n, specs[n]) for n in self.lora_active if n in specs and n not in self.lora_merged]
 
+    # PEFT file protocol: each layer kind maps its adapter to PEFT's key suffixes and torch
+    # layouts (reference §1.4). ``peft_layout`` gives {suffix: (variable dict, to_torch, from_torch)}.
+
+    def peft_tensors(self, name: str) -> dict[str, jax.Array]:
+        """The adapter's weights as PEFT stores them: ``{"lora_A.weight": [r, in], ...}``."""
+        return {
+            suffix: to_torch(store[name].get_value())
+            for suffix, (store, to_torch, _) in self.peft_layout().items()
+            if name in store
+        }
+
+    def load_peft_tensors(self, name: str, tensors: dict, source: str) -> list[str]:
+        """Sets the adapter's weights from PEFT tensors, checking shapes and dtypes.
+
+        Returns:
+          The suffixes that were absent from ``tensors`` (left at their init values).
+
+        Raises:
+          ValueError: a tensor has the wrong shape (names key, expected and found) or is not float.
+        """
+        missing = []
+        for suffix, (store, to_torch, from_torch) in self.peft_layout().items():
+            if name not in store:
+                continue
+            key = f"{source}.{suffix}"
+            if suffix not in tensors:
+                missing.append(key)
+                continue
+            value = tensors[suffix]
+            if not (jnp.issubdtype(value.dtype, jnp.floating)):
+                raise ValueError(f"{key}: expected a float tensor, found dtype {value.dtype}")
+            current = store[name].get_value()
+            expected = tuple(to_torch(current).shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"{key}: expected shape {list(expected)} (r={self.lora_spec[name].r}), found {list(value.shape)}"
+                )
+            store[name].set_value(jnp.asarray(from_torch(value), current.dtype).reshape(current.shape))
+        return missing
+
     def delete_lora(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.lora_B_bias, self.lora_magnitude_vector, self.lora_cache):
             if name in d:
@@ -128,6 +172,15 @@ class LoraLinear(LoraLayer):
         if spec.use_dora:
             self.lora_magnitude_vector[name] = LoraParam(_column_norm(w + self.delta_weight(name, spec)))
         self.lora_specs = self.lora_specs + ((name, spec),)
+
+    def peft_layout(self):
+        t = jnp.transpose
+        return {
+            "lora_A.weight": (self.lora_A, t, t),
+            "lora_B.weight": (self.lora_B, t, t),
+            "lora_B.bias": (self.lora_B_bias, _same, _same),
+            "lora_magnitude_vector": (self.lora_magnitude_vector, _same, _same),
+        }
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         """``s * A @ B`` in the kernel's ``[in, out]`` layout."""
@@ -201,6 +254,10 @@ class LoraEmbed(LoraLayer):
         self.lora_A[name] = LoraParam(a.astype(jnp.float32))
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
         self.lora_specs = self.lora_specs + ((name, spec),)
+
+    def peft_layout(self):
+        t = jnp.transpose
+        return {"lora_embedding_A": (self.lora_A, t, t), "lora_embedding_B": (self.lora_B, t, t)}
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         spec = spec or self.lora_spec[name]

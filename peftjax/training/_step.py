@@ -1,0 +1,91 @@
+"""The functional core of training: split a model into adapters and base, and step the adapters.
+
+    graphdef, adapters, base = split(model)
+    opt_state = optimizer.init(adapters)             # moments exist only for adapter weights
+    step = make_train_step(graphdef, optimizer)
+    adapters, opt_state, loss = step(adapters, opt_state, base, batch, key)
+
+The step differentiates only ``adapters``, donates their buffers and the optimizer state, and
+never returns ``base``, which therefore stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+
+from peftjax.tuners._dropout import dropout_key
+from peftjax.tuners._variables import TRAINABLE
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, trainable, rest)``: adapter (and other trainable) weights, then everything else."""
+    return nnx.split(model, TRAINABLE, ...)
+
+
+def combine(graphdef: nnx.GraphDef, trainable: nnx.State, rest: nnx.State) -> nnx.Module:
+    """The inverse of :func:`split`."""
+    return nnx.merge(graphdef, trainable, rest)
+
+
+def optax_labels(state: nnx.State) -> Any:
+    """``"trainable"`` / ``"frozen"`` labels for a model's full param state.
+
+    For ``optax.multi_transform`` (alias ``optax.partition``) over the whole model:
+
+    >>> tx = optax.multi_transform(  # doctest: +SKIP
+    ...     {"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, optax_labels(state))
+    """
+    return jax.tree.map(
+        lambda v: "trainable" if _is_trainable(v) else "frozen",
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def _is_trainable(variable) -> bool:
+    from peftjax.tuners._variables import LoraParam, TrainableParam
+
+    return isinstance(variable, (LoraParam, TrainableParam))
+
+
+def default_loss(model: nnx.Module, batch: dict) -> jax.Array:
+    """The model's own loss: ``model(**batch).loss`` (the batch carries ``labels``)."""
+    return model(**batch).loss
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    loss_fn: Callable[[nnx.Module, Any], jax.Array] = default_loss,
+    *,
+    donate: bool = True,
+) -> Callable:
+    """A jitted ``step(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, loss)``.
+
+    Args:
+      graphdef: from :func:`split`.
+      optimizer: any optax transformation; initialise it on ``trainable`` only.
+      loss_fn: ``loss_fn(model, batch) -> scalar``; by default the model's own loss.
+      donate: donate the adapter and optimizer buffers (the base is never donated).
+
+    The ``key`` drives adapter dropout (``None`` disables it).
+    """
+
+    def loss_of(trainable, rest, batch, key):
+        model = nnx.merge(graphdef, trainable, rest)
+        with dropout_key(key):
+            return loss_fn(model, batch)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
+    def step(trainable, opt_state, rest, batch, key):
+        loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
