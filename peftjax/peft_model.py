@@ -120,7 +120,7 @@ class PeftModel:
 
     def __getattr__(self, name: str):
         # attributes of the wrapped model (config, ...), as PEFT forwards them
-        if name == "base_model":
+        if name == "base_model" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.base_model, name)
 

@@ -1,0 +1,427 @@
+"""LoRA against HF PEFT + PyTorch on every bundled architecture, in both directions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+tr = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from _torch_models import save_tiny  # noqa: E402
+
+import peftjax  # noqa: E402
+from peftjax import models  # noqa: E402
+
+ARCHS = {
+    "llama": (
+        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        tr.LlamaForCausalLM, "CAUSAL_LM",
+    ),
+    "qwen2": (
+        lambda: tr.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        tr.Qwen2ForCausalLM, "CAUSAL_LM",
+    ),
+    "bert": (
+        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=37, num_labels=3),
+        tr.BertForSequenceClassification, "SEQ_CLS",
+    ),
+    "gpt2": (
+        lambda: tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+        tr.GPT2LMHeadModel, "CAUSAL_LM",
+    ),
+}
+IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request, tmp_path_factory):
+    make_config, cls, task = ARCHS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    save_tiny(cls, make_config(), path)
+    return request.param, path, cls, task
+
+
+def torch_base(arch):
+    _, path, cls, _ = arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(path).eval()
+
+
+def run_torch(model, ids=IDS, mask=MASK):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def run_jax(model, ids=IDS, mask=MASK, jit=False):
+    model = getattr(model, "base_model", model)  # jit the NNX model inside a PeftModel
+    if jit:
+        return np.asarray(nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model, ids, mask))
+    return np.asarray(model(input_ids=ids, attention_mask=MASK if mask is MASK else mask).logits)
+
+
+def valid(x):
+    return x[MASK.astype(bool)] if x.ndim == 3 else x
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(valid(np.asarray(a)), valid(np.asarray(b)), atol=atol, rtol=0)
+
+
+def perturb_saved_modules(model):
+    """PEFT's modules_to_save copies start equal to the original: change them, as training would."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+# ---------------------------------------------------------------- (a) PEFT -> peftjax
+
+
+@pytest.mark.parametrize("variant", ["default", "rslora-patterns", "dora", "bias-all"])
+def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
+    name, path, cls, task = arch
+    kw = dict(r=4, lora_alpha=8, task_type=task, init_lora_weights=False)
+    if variant == "rslora-patterns":
+        kw.update(use_rslora=True, target_modules="all-linear", rank_pattern={"0\\..*": 2}, alpha_pattern={"1\\..*": 16})
+        kw["rank_pattern"] = {_first_linear(name): 2}
+    if variant == "dora":
+        kw.update(use_dora=True)
+    if variant == "bias-all":
+        kw.update(bias="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(torch_base(arch), peft.LoraConfig(**kw))
+    perturb_saved_modules(torch_model)
+    if variant == "bias-all":
+        with torch.no_grad():
+            for n, p in torch_model.named_parameters():
+                if n.endswith("bias") and p.requires_grad:
+                    p.add_(0.1)
+    torch_model.save_pretrained(tmp_path)
+    ref = run_torch(torch_model)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), ref)
+    base = run_torch(torch_base(arch))
+    assert np.abs(valid(ref) - valid(base)).max() > 1e-3  # the adapter really changes the output
+
+
+def _first_linear(name):
+    return {"llama": "q_proj", "qwen2": "q_proj", "bert": "query", "gpt2": "c_attn"}[name]
+
+
+def test_trainable_parameter_counts_match_peft(arch, capsys):
+    name, path, cls, task = arch
+    cfg = dict(r=4, lora_alpha=8, task_type=task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(torch_base(arch), peft.LoraConfig(**cfg))
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**cfg))
+    assert model.get_nb_trainable_parameters() == torch_model.get_nb_trainable_parameters()
+    torch_model.print_trainable_parameters()
+    model.print_trainable_parameters()
+    theirs, ours = capsys.readouterr().out.strip().splitlines()
+    assert ours == theirs
+
+
+# ---------------------------------------------------------------- (b) peftjax trains -> PEFT
+
+
+def _batch(task):
+    labels = np.array([0, 2]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS, -100)
+    return {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(labels)}
+
+
+def test_trained_adapter_loads_in_peft_with_same_logits(arch, tmp_path):
+    name, path, cls, task = arch
+    model = peftjax.get_peft_model(
+        models.from_pretrained(path),
+        peftjax.LoraConfig(r=4, lora_alpha=8, task_type=task, lora_dropout=0.1, target_modules="all-linear"),
+    )
+    base_before = jax.tree.map(np.array, nnx.state(model.base_model, peftjax.FROZEN))
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(trainable)
+    step = peftjax.make_train_step(graphdef, optimizer)
+    losses = []
+    for i in range(5):
+        trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    # (f) the optimizer holds state for adapter leaves only, and the base is bit-identical
+    n_trainable = len(jax.tree.leaves(trainable))
+    adam_state = opt_state[0]
+    assert len(jax.tree.leaves(adam_state.mu)) == n_trainable
+    assert jax.tree.structure(adam_state.mu) == jax.tree.structure(trainable)
+    nnx.update(model.base_model, trainable)
+    after = jax.tree.map(np.array, nnx.state(model.base_model, peftjax.FROZEN))
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), base_before, after))
+
+    model.save_pretrained(tmp_path)
+    ours = run_jax(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.PeftModel.from_pretrained(torch_base(arch), tmp_path).eval()
+    assert_close(ours, run_torch(torch_model))
+    assert np.abs(valid(ours) - valid(run_torch(torch_base(arch)))).max() > 1e-3
+
+    # (c) merged and exported, transformers alone reproduces the logits
+    merged = model.merge_and_unload()
+    assert not jax.tree.leaves(nnx.state(merged, peftjax.TRAINABLE))
+    merged.save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = cls.from_pretrained(tmp_path / "merged").eval()
+    assert_close(run_torch(exported), ours)
+
+
+# ---------------------------------------------------------------- files and config
+
+
+def test_saved_files_are_what_peft_writes(arch, tmp_path):
+    from peftjax.io import read_safetensors
+
+    name, path, cls, task = arch
+    cfg = dict(r=4, lora_alpha=8, task_type=task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(torch_base(arch), peft.LoraConfig(**cfg))
+    torch_model.save_pretrained(tmp_path / "theirs")
+    peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
+    theirs, theirs_meta = read_safetensors(tmp_path / "theirs" / "adapter_model.safetensors")
+    ours, ours_meta = read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")
+    assert ours_meta == theirs_meta == {"format": "pt"}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert set(our_cfg) == set(their_cfg)
+    for key in ("r", "lora_alpha", "bias", "fan_in_fan_out", "task_type", "inference_mode", "peft_type"):
+        assert our_cfg[key] == their_cfg[key], key
+    assert sorted(our_cfg["target_modules"]) == sorted(their_cfg["target_modules"])
+    assert our_cfg["modules_to_save"] == their_cfg["modules_to_save"]
+
+
+# ---------------------------------------------------------------- (d) x@A@B == merged == dense
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_xab_path_equals_merged_path_equals_dense_reference(jit):
+    from peftjax.models import LlamaForCausalLM
+
+    cfg = ARCHS["llama"][0]()
+    model = LlamaForCausalLM.from_config(cfg)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                   target_modules=["q_proj", "down_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = jax.random.normal(jax.random.key(1), (3, 32))
+    w, a, b = layer.kernel.get_value(), layer.lora_A["default"].get_value(), layer.lora_B["default"].get_value()
+    dense = x @ (w + 2.0 * a @ b)
+    call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+    np.testing.assert_allclose(call(layer, x), dense, atol=1e-5)
+    unmerged = run_jax(peft_model, jit=jit)
+    peft_model.merge_adapter()
+    np.testing.assert_allclose(call(layer, x), dense, atol=1e-5)
+    assert_close(run_jax(peft_model, jit=jit), unmerged)
+    peft_model.unmerge_adapter()
+    np.testing.assert_allclose(layer.kernel.get_value(), w, atol=1e-6)
+
+
+def test_train_step_never_builds_the_merged_weight():
+    """The jaxpr of a LoRA forward has no [in, out]-shaped A@B product."""
+    from peftjax.models import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    graphdef, trainable, rest = peftjax.split(layer)
+    jaxpr = jax.make_jaxpr(
+        jax.grad(lambda t, x: peftjax.combine(graphdef, t, rest)(x).sum())
+    )(trainable, jnp.ones((2, 32)))
+    shapes = {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars}
+    assert (32, 32) not in shapes  # a merged (in, out) weight or its gradient would appear here
+
+
+# ---------------------------------------------------------------- adapters API
+
+
+def test_multiple_adapters_switch_disable_delete(tmp_path):
+    path = tmp_path / "llama"
+    make_config, cls, task = ARCHS["llama"]
+    save_tiny(cls, make_config(), path)
+    base_logits = run_jax(models.from_pretrained(path))
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=task))
+    model.add_adapter("other", peftjax.LoraConfig(r=2, init_lora_weights=False, target_modules=["o_proj"]))
+    first = run_jax(model)
+    model.set_adapter("other")
+    second = run_jax(model)
+    assert np.abs(first - second).max() > 1e-3
+    with model.disable_adapter():
+        assert_close(run_jax(model), base_logits)
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    assert (tmp_path / "saved" / "other" / "adapter_model.safetensors").is_file()
+    reloaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "saved")
+    reloaded.load_adapter(tmp_path / "saved" / "other", adapter_name="other")
+    assert_close(run_jax(reloaded), first)
+    reloaded.set_adapter("other")
+    assert_close(run_jax(reloaded), second)
+    reloaded.delete_adapter("other")
+    assert list(reloaded.peft_config) == ["default"]
+    assert_close(reloaded.unload()(input_ids=IDS, attention_mask=MASK).logits, base_logits)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        dict(target_modules=r".*\.layers\.0\.self_attn\.(q|k)_proj"),
+        dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+        dict(target_modules=["embed_tokens", "lm_head", "q_proj"]),
+        dict(target_modules=["q_proj", "v_proj"], bias="lora_only"),
+        dict(target_modules="all-linear", use_dora=True, use_rslora=True, alpha_pattern={"down_proj": 16}),
+    ],
+    ids=["regex", "layers_to_transform", "embed-lm_head", "bias-lora_only", "all-linear-dora"],
+)
+def test_variants_round_trip_through_peft(targets, tmp_path):
+    path = tmp_path / "llama"
+    make_config, cls, task = ARCHS["llama"]
+    save_tiny(cls, make_config(), path)
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **targets))
+    if targets.get("bias") == "lora_only":
+        q = model.base_model.model.layers[0].self_attn.q_proj
+        assert isinstance(q.bias, peftjax.TrainableParam) or q.bias is None
+    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.PeftModel.from_pretrained(cls.from_pretrained(path).eval(), tmp_path / "adapter")
+    theirs_targets = set(torch_model.targeted_module_names)
+    ours_targets = {n for n, m in peftjax.tuners._lora.lora_layers(model.base_model).items()}
+    assert ours_targets == theirs_targets
+    assert_close(run_jax(model), run_torch(torch_model))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama_base")
+    make_config, cls, _ = ARCHS["llama"]
+    save_tiny(cls, make_config(), path)
+    return path
+
+
+def test_targets_matching_nothing_list_close_names(llama_path):
+    with pytest.raises(ValueError, match="q_proj"):
+        peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(target_modules=["q_prj"]))
+
+
+def test_unsupported_layer_type_names_path_and_class(llama_path):
+    with pytest.raises(TypeError, match=r"model\.norm \(RMSNorm\)"):
+        peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(target_modules=["norm"]))
+
+
+def test_bad_adapter_files(llama_path, tmp_path):
+    model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    cfg = json.loads((good / "adapter_config.json").read_text())
+
+    wrong_r = tmp_path / "wrong_r"
+    wrong_r.mkdir()
+    (wrong_r / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    (wrong_r / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
+    with pytest.raises(ValueError, match=r"lora_A\.weight: expected shape \[2, 32\].*found \[4, 32\]"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), wrong_r)
+
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path / "nowhere")
+
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad_json"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), bad_json)
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "adapter_config.json").write_text(json.dumps(cfg))
+    data = (good / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), truncated)
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), no_weights)
+    (no_weights / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), no_weights)
+
+
+def test_non_float_weights_rejected(llama_path, tmp_path):
+    from peftjax.io import read_safetensors, write_safetensors
+
+    model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4))
+    model.save_pretrained(tmp_path)
+    tensors, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    tensors[key] = tensors[key].astype(np.int32)
+    write_safetensors(tmp_path / "adapter_model.safetensors", tensors, {"format": "pt"})
+    with pytest.raises(ValueError, match=f"{key}.*int32"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "x\\y", ""])
+def test_adapter_name_with_path_separator_is_refused(llama_path, bad):
+    with pytest.raises(ValueError, match="adapter name"):
+        peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4), adapter_name=bad)
+
+
+def test_failed_save_keeps_previous_adapter(llama_path, tmp_path, monkeypatch):
+    import peftjax.io._adapter as adapter_io
+
+    model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4))
+    model.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def exploding(path, tensors, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_io, "write_safetensors", exploding)
+    new = peftjax.get_peft_model(models.from_pretrained(llama_path),
+                                 peftjax.LoraConfig(r=4, init_lora_weights=False))
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_unknown_config_field_warns_and_loads(llama_path, tmp_path):
+    model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4, init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "some_future_field": 1}))
+    with pytest.warns(UserWarning, match="some_future_field"):
+        loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path)
+    assert_close(run_jax(loaded), run_jax(model))
