@@ -108,6 +108,8 @@ def inject_lora(
             lora_bias=bool(config.lora_bias),
         )
         module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), config.init_lora_weights)
+        if not module.lora_active:  # the first adapter on a layer is active, as in PEFT
+            module.lora_active = (adapter_name,)
     _mark_biases(modules, targets, config.bias)
     for name in _match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
@@ -163,6 +165,8 @@ def add_saved_copy(module: nnx.Module, adapter_name: str) -> None:
         if isinstance(var, nnx.Param):
             setattr(copy, attr, TrainableParam(var.get_value()))
     module.modules_to_save[adapter_name] = copy
+    if not module.saved_active:
+        module.saved_active = (adapter_name,)
 
 
 def set_active_adapters(model: nnx.Module, names: tuple[str, ...]) -> None:
