@@ -1,0 +1,181 @@
+"""The functional LoRA core on NNX models: dropout, optax freezing, key mapping, PiSSA/OLoRA init."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import peftjax
+from peftjax.tuners import _lora
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+class UserMLP(nnx.Module):
+    """A user's own NNX model whose names differ from its PyTorch twin's."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.emb = nnx.Embed(20, 8, rngs=rngs)
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.fc2(jax.nn.relu(self.fc1(self.emb(ids))))
+
+
+class TorchTwin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.dense1 = torch.nn.Linear(8, 16)
+        self.dense2 = torch.nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.dense2(torch.relu(self.dense1(self.embed(ids))))
+
+
+IDS = np.array([[1, 5, 7], [3, 3, 19]])
+
+
+def twin_from(model: UserMLP) -> TorchTwin:
+    twin = TorchTwin()
+    with torch.no_grad():
+        twin.embed.weight.copy_(torch.tensor(np.asarray(model.emb.embedding.get_value())))
+        for src, dst in ((model.fc1, twin.dense1), (model.fc2, twin.dense2)):
+            dst.weight.copy_(torch.tensor(np.asarray(src.kernel.get_value()).T))
+            dst.bias.copy_(torch.tensor(np.asarray(src.bias.get_value())))
+    return twin.eval()
+
+
+def test_user_model_round_trips_through_peft_with_key_mapping(tmp_path):
+    model = UserMLP(nnx.Rngs(0))
+    twin = twin_from(model)
+    mapping = {r"^fc(\d)$": r"dense\1", r"^emb$": "embed"}
+    config = peftjax.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2", "emb"], init_lora_weights=False)
+    peft_model = peftjax.get_peft_model(model, config, key_mapping=mapping)
+    peft_model.save_pretrained(tmp_path)
+    # PEFT sees the twin's names in the file
+    import json
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["target_modules"] = ["dense1", "dense2", "embed"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    with torch.no_grad():
+        ref = theirs(torch.tensor(IDS)).numpy()
+    ours = np.asarray(peft_model(IDS))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert np.abs(ours - np.asarray(UserMLP(nnx.Rngs(0))(IDS))).max() > 1e-3
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_dropout_needs_an_explicit_key(jit):
+    model = UserMLP(nnx.Rngs(0))
+    _lora.inject_lora(model, peftjax.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False,
+                                                target_modules=["fc1"]))
+
+    def run(m, key):
+        with peftjax.dropout_key(key):
+            return m(IDS)
+
+    call = nnx.jit(run) if jit else run
+    a, b = call(model, jax.random.key(1)), call(model, jax.random.key(2))
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+    np.testing.assert_array_equal(np.asarray(call(model, jax.random.key(1))), np.asarray(a))
+    plain = np.asarray(model(IDS))
+    np.testing.assert_array_equal(np.asarray(model(IDS)), plain)  # no key: dropout is the identity
+
+
+def test_multi_transform_labels_freeze_the_base():
+    model = UserMLP(nnx.Rngs(0))
+    _lora.inject_lora(model, peftjax.LoraConfig(r=4, target_modules=["fc1", "fc2"], bias="lora_only"))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    labels = peftjax.optax_labels(params)
+    leaves = jax.tree.leaves(labels)
+    assert leaves.count("trainable") == 2 * 2 + 2  # A and B on two layers, plus their two biases
+    tx = optax.multi_transform({"trainable": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
+    opt_state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(opt_state) if hasattr(x, "shape") and x.ndim > 0]
+    n_trainable = sum(int(np.prod(x.shape)) for x, l in zip(jax.tree.leaves(params), leaves) if l == "trainable")
+    assert sum(int(np.prod(x.shape)) for x in moments) == 2 * n_trainable  # mu and nu, nothing for the base
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p, rest)(IDS) ** 2)
+
+    before = jax.tree.map(np.array, params)
+    for _ in range(3):
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    for old, new, label in zip(jax.tree.leaves(before), jax.tree.leaves(params), leaves):
+        assert np.array_equal(old, np.asarray(new)) == (label == "frozen")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_match_peft(init):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 10)
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("proj", linear)
+    original = linear.weight.detach().numpy().copy()
+    theirs = peft.get_peft_model(wrapper, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["proj"],
+                                                          init_lora_weights=init))
+    layer = theirs.base_model.model.proj
+    their_delta = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().numpy() * 2.0
+    their_residual = layer.base_layer.weight.detach().numpy()
+
+    model = nnx.Module()
+    model.proj = nnx.Linear(12, 10, rngs=nnx.Rngs(0))
+    model.proj.kernel.set_value(jnp.asarray(original.T))
+    _lora.inject_lora(model, peftjax.LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], init_lora_weights=init))
+    ours_delta = np.asarray(model.proj.delta_weight("default")).T
+    np.testing.assert_allclose(np.asarray(model.proj.kernel.get_value()).T, their_residual, atol=1e-5)
+    np.testing.assert_allclose(ours_delta, their_delta, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.proj.kernel.get_value()).T + ours_delta, original, atol=1e-5)
+
+
+def test_gaussian_init_statistics():
+    model = nnx.Module()
+    model.proj = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
+    _lora.inject_lora(model, peftjax.LoraConfig(r=8, target_modules=["proj"], init_lora_weights="gaussian"))
+    a = np.asarray(model.proj.lora_A["default"].get_value())
+    assert abs(a.std() - 1 / 8) < 0.01
+    assert not np.asarray(model.proj.lora_B["default"].get_value()).any()
+
+
+def test_generate_with_an_adapter_differs_from_base():
+    import transformers as tr
+
+    from peftjax.models import LlamaForCausalLM
+
+    cfg = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM.from_config(cfg)
+    prompt = np.array([[3, 4, 5, 6]])
+    base = model.generate(prompt, max_new_tokens=6)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
+                                                                   target_modules="all-linear"))
+    adapted = peft_model.generate(prompt, max_new_tokens=6)
+    merged = peft_model.merge_and_unload().generate(prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(adapted, merged)
+    assert not np.array_equal(adapted, base)
+
+
+def test_inference_adapter_is_frozen(tmp_path):
+    model = UserMLP(nnx.Rngs(0))
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=["fc1"]))
+    assert peft_model.get_nb_trainable_parameters()[0] == 2 * 8 + 2 * 16
+    peft_model.save_pretrained(tmp_path)
+    frozen = peftjax.PeftModel.from_pretrained(UserMLP(nnx.Rngs(0)), tmp_path)
+    assert frozen.get_nb_trainable_parameters()[0] == 0
+    trainable = peftjax.PeftModel.from_pretrained(UserMLP(nnx.Rngs(0)), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == 2 * 8 + 2 * 16
