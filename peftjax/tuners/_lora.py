@@ -7,6 +7,7 @@ they are exactly transformers' module names, so PEFT's targeting rules apply unc
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 from flax import nnx
@@ -92,6 +93,14 @@ def inject_lora(
     if unsupported:
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")
+    conv1d = [n for n in targets if _stores_in_out(modules[n])]
+    if conv1d and not config.fan_in_fan_out:
+        warnings.warn(
+            f"{conv1d[0]} stores its weight as (fan_in, fan_out) like HF's Conv1D; setting fan_in_fan_out=True "
+            "as PEFT does",
+            stacklevel=2,
+        )
+        config = dataclasses.replace(config, fan_in_fan_out=True)
     for i, name in enumerate(targets):
         module = modules[name]
         if adapter_name in getattr(module, "lora_specs", ()) and adapter_name in module.lora_spec:
@@ -114,6 +123,12 @@ def inject_lora(
     for name in _match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
+
+
+def _stores_in_out(module: nnx.Module) -> bool:
+    """Whether the layer's torch twin keeps its weight (in, out), as transformers' ``Conv1D`` does."""
+    rule = getattr(type(module), "hf_param_map", None) or {}
+    return "kernel" in rule and not rule["kernel"][1]
 
 
 def validate_adapter_name(name: str) -> None:
