@@ -1,0 +1,291 @@
+"""GPT-2 in Flax NNX, with transformers' module names.
+
+Learned absolute positions, pre-LayerNorm blocks, fused ``c_attn`` projections stored the way
+HF's ``Conv1D`` stores them, and an LM head tied to ``wte``. Dropout runs only when the call is
+given a ``dropout_rng`` key, so the model's state is nothing but its parameters.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._generation import GenerationMixin
+from peftjax.models._losses import causal_lm_loss, sequence_classification_loss
+from peftjax.models._modeling import ConfigRef, PreTrainedModel
+from peftjax.models._outputs import ModelOutput
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+# buffers of old checkpoints (the causal mask and its fill value), never weights; ``attn.c_attn.bias``
+# is a weight, so only the exact ``h.N.attn.bias`` / ``h.N.attn.masked_bias`` names match
+_BUFFERS = (r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",)
+
+
+def _check_supported(config) -> None:
+    act = getattr(config, "activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"activation_function {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError("add_cross_attention=True (GPT-2 as an encoder-decoder's decoder) is not supported")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"n_embd {config.hidden_size} is not a multiple of n_head {config.num_attention_heads}")
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout as torch applies it; the identity without a key (inference)."""
+    if key is None or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class Conv1D(nnx.Linear):
+    """transformers' ``Conv1D``: a linear layer whose torch weight is stored ``(in, out)``.
+
+    The flax kernel is ``(in, out)`` too, so the checkpoint weight is taken as is (no transpose).
+    It is an ``nnx.Linear``, so LoRA treats it as one, with PEFT's ``fan_in_fan_out=True``.
+    """
+
+    hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"kernel": ("weight", False), "bias": ("bias", False)}
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = e // self.num_heads
+        scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+        # mixed precision: the scores in float32 (torch's baddbmm path); a no-op in float32
+        self.upcast = bool(getattr(config, "reorder_and_upcast_attn", False))
+        self.attn_pdrop = float(config.attn_pdrop)
+        self.resid_pdrop = float(config.resid_pdrop)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_attn = Conv1D(e, 3 * e, **kw)
+        self.c_proj = Conv1D(e, e, **kw)
+
+    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None):
+        b, s, e = x.shape
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = (t.reshape(b, s, self.num_heads, self.head_dim) for t in (q, k, v))
+        if cache is not None:
+            cache = attn.update_kv_cache(cache, k, v, cache_index)
+            k, v = cache["k"], cache["v"]
+        probs_key, resid_key = _split(dropout_rng, 2)
+        if self.upcast:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = _dropout(probs, self.attn_pdrop, probs_key)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, e)
+        return _dropout(self.c_proj(out), self.resid_pdrop, resid_key), cache
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e = config.hidden_size
+        inner = getattr(config, "n_inner", None) or 4 * e
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.c_fc = Conv1D(e, inner, **kw)
+        self.c_proj = Conv1D(inner, e, **kw)
+        self.activation_function = getattr(config, "activation_function", "gelu_new")
+        self.resid_pdrop = float(config.resid_pdrop)
+
+    def __call__(self, x, dropout_rng=None):
+        h = _ACTIVATIONS[self.activation_function](self.c_fc(x))
+        return _dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        e, eps = config.hidden_size, config.layer_norm_epsilon
+        self.ln_1 = nnx.LayerNorm(e, epsilon=eps, **kw)
+        self.attn = GPT2Attention(config, layer_idx, **kw)
+        self.ln_2 = nnx.LayerNorm(e, epsilon=eps, **kw)
+        self.mlp = GPT2MLP(config, **kw)
+
+    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None):
+        attn_key, mlp_key = _split(dropout_rng, 2)
+        a, cache = self.attn(self.ln_1(x), mask, cache, cache_index, attn_key)
+        x = a + x
+        return x + self.mlp(self.ln_2(x), mlp_key), cache
+
+
+class GPT2Model(PreTrainedModel):
+    """The bare transformer: ``wte``, ``wpe``, the blocks ``h`` and ``ln_f``."""
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        _check_supported(config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        e = config.hidden_size
+        self.wte = nnx.Embed(config.vocab_size, e, **kw)
+        self.wpe = nnx.Embed(config.max_position_embeddings, e, **kw)
+        self.h = nnx.List([GPT2Block(config, i, **kw) for i in range(config.num_hidden_layers)])
+        self.ln_f = nnx.LayerNorm(e, epsilon=config.layer_norm_epsilon, **kw)
+        self.embd_pdrop = float(config.embd_pdrop)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """Runs the blocks; dropout is applied only when ``dropout_rng`` (a JAX key) is given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+        slots = start + jnp.arange(s)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(slots, (b, s))
+        x = x + self.wpe(jnp.asarray(position_ids))
+        if token_type_ids is not None:
+            x = x + self.wte(jnp.asarray(token_type_ids))
+        key_len = s if cache is None else cache[0]["k"].shape[1]
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, key_len), bool)
+        mask = attn.attention_mask_4d(slots, jnp.asarray(attention_mask), causal=True)
+        embd_key, *layer_keys = _split(dropout_rng, 1 + len(self.h))
+        x = _dropout(x, self.embd_pdrop, embd_key)
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.h):
+            x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_keys[i])
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return ModelOutput(last_hidden_state=self.ln_f(x), past_key_values=new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        c = self.config
+        h = c.num_attention_heads
+        return attn.init_kv_cache(c.num_hidden_layers, batch, max_len, h, c.hidden_size // h, dtype or self.dtype)
+
+
+class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):
+    """Causal LM: ``transformer`` and an ``lm_head`` that is always ``transformer.wte``.
+
+    >>> from transformers import GPT2Config
+    >>> model = GPT2LMHeadModel.from_config(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4))
+    >>> model(input_ids=[[5, 6, 7]]).logits.shape
+    (1, 3, 128)
+    """
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    ignored_keys: ClassVar[tuple[str, ...]] = _BUFFERS
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if not getattr(self.config, "tie_word_embeddings", True):
+            # an untied head would be a separate weight that this model silently drops
+            raise ValueError("GPT2LMHeadModel ties lm_head to wte; tie_word_embeddings=False is not supported")
+        self.transformer = GPT2Model(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def _tied(self, key: str) -> bool:
+        return key == "lm_head.weight"
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        out = self.transformer(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache, cache_index, dropout_rng
+        )
+        h = out.last_hidden_state
+        logits = self.transformer.wte.attend(h)
+        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        return self.transformer.init_cache(batch, max_len, dtype)
+
+
+class GPT2ForSequenceClassification(PreTrainedModel):
+    """Sequence classification: the transformer plus a ``score`` head read at the last real token."""
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"score\.weight",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.transformer = GPT2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.score = nnx.Linear(
+            config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        out = self.transformer(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng=dropout_rng
+        )
+        logits = self.score(out.last_hidden_state)
+        b, s = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise ValueError("config.pad_token_id must be set to classify batches of more than one sequence")
+        if pad is None or input_ids is None:
+            last = jnp.full((b,), s - 1)
+        else:
+            not_pad = jnp.asarray(input_ids) != pad
+            last = jnp.argmax(jnp.arange(s)[None, :] * not_pad, axis=-1)
+        pooled = logits[jnp.arange(b), last]
+        loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
+        return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
+
+
+register(GPT2LMHeadModel, model_types=("gpt2",), default=True)
+register(GPT2Model)
+register(GPT2ForSequenceClassification)
