@@ -1,6 +1,8 @@
 """Flax NNX implementations of the architectures people fine-tune, loading HF checkpoints."""
 
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
+from peftjax.models._bert import BertForSequenceClassification, BertModel
+from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -15,7 +17,13 @@ from peftjax.models._outputs import ModelOutput
 
 __all__ = [
     "MODEL_CLASSES",
+    "BertForSequenceClassification",
+    "BertModel",
     "CheckpointError",
+    "Conv1D",
+    "GPT2ForSequenceClassification",
+    "GPT2LMHeadModel",
+    "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "LlamaModel",

