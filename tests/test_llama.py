@@ -263,3 +263,8 @@ def test_numpy_and_list_inputs(llama_dir):
     assert a.shape == (1, 3, TINY["vocab_size"])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.leaves(nnx.state(model, nnx.Param))  # the model is a plain NNX module with params
+
+
+def test_unknown_config_override_is_an_error(llama_dir):
+    with pytest.raises(TypeError, match="num_label"):
+        models.from_pretrained(llama_dir, num_label=2)

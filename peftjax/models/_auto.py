@@ -41,7 +41,12 @@ def load_config(path: str | os.PathLike, **overrides):
     supported = sorted({c for c in DEFAULT_CLASSES})
     if model_type not in DEFAULT_CLASSES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: {supported}")
-    return AutoConfig.from_pretrained(str(path), local_files_only=True, **overrides)
+    config, unused = AutoConfig.from_pretrained(
+        str(path), local_files_only=True, return_unused_kwargs=True, **overrides
+    )
+    if unused:
+        raise TypeError(f"{file}: {sorted(unused)} are not fields of {type(config).__name__}")
+    return config
 
 
 def model_class_for(config) -> type[PreTrainedModel]:
