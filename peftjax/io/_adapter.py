@@ -33,6 +33,12 @@ class AdapterFileError(ValueError):
     """An adapter directory or file is missing, unreadable or does not fit the model."""
 
 
+def _version() -> str:
+    from peftjax import __version__
+
+    return __version__
+
+
 def map_name(name: str, key_mapping: KeyMapping) -> str:
     """Applies ``key_mapping`` to a module path: a callable, or ``{regex: replacement}`` applied in order."""
     if key_mapping is None:
@@ -86,7 +92,8 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Map
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
+        # PEFT reads only "format"; the second entry lets `peftjax inspect` tell who wrote the file
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "peftjax": _version()})
         config.save_pretrained(tmp)
         if not directory.exists():
             os.replace(tmp, directory)

@@ -1,0 +1,131 @@
+"""``TrainingArguments``: the fields of the HF PEFT tutorial's trainer, plus what JAX training needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+
+import optax
+
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+STRATEGIES = ("no", "steps", "epoch")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainingArguments:
+    """How to train; field names and defaults follow ``transformers.TrainingArguments``.
+
+    Attributes:
+      output_dir: where checkpoints, metrics, the plot and the final adapter go.
+      per_device_train_batch_size: rows per micro-batch.
+      per_device_eval_batch_size: rows per evaluation batch.
+      num_train_epochs: epochs to run when ``max_steps`` is not set.
+      max_steps: optimizer steps to run; overrides ``num_train_epochs`` when > 0.
+      learning_rate: the peak learning rate of AdamW.
+      weight_decay: AdamW's decoupled weight decay.
+      adam_beta1, adam_beta2, adam_epsilon: AdamW's moments.
+      max_grad_norm: global-norm gradient clipping (0 disables it).
+      lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
+      warmup_steps: linear warmup steps (takes precedence over ``warmup_ratio``).
+      warmup_ratio: warmup as a fraction of the total steps.
+      gradient_accumulation_steps: micro-batches per optimizer step.
+      logging_steps: log every this many optimizer steps (the loop waits on the device only here).
+      eval_strategy: ``no``, ``steps`` (every ``eval_steps``) or ``epoch``.
+      eval_steps: evaluation interval for ``eval_strategy="steps"`` (defaults to ``logging_steps``).
+      save_steps: checkpoint every this many optimizer steps (0 disables intermediate checkpoints).
+      save_total_limit: keep at most this many checkpoints (oldest deleted first).
+      seed: seeds data order, adapter dropout and nothing else.
+      bf16: compute in bfloat16 (load the model with ``dtype="bfloat16"``); adapters and optimizer
+        state stay float32.
+      report_to: ``"auto"`` (TensorBoard when tensorboardX is installed), ``"tensorboard"`` or ``"none"``.
+      disable_tqdm: no progress bar.
+      plot: write ``training_curves.png`` at the end.
+      resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
+    """
+
+    output_dir: str
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 500
+    eval_strategy: str = "no"
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    seed: int = 42
+    bf16: bool = False
+    report_to: str = "auto"
+    disable_tqdm: bool = False
+    plot: bool = True
+    resume_from_checkpoint: str | bool | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainingArguments.{name} must be a positive integer, got {value!r}")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
+        if self.eval_strategy not in STRATEGIES:
+            raise ValueError(f"eval_strategy must be one of {STRATEGIES}, got {self.eval_strategy!r}")
+        if self.report_to not in ("auto", "tensorboard", "none"):
+            raise ValueError(f"report_to must be 'auto', 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("report_to='tensorboard' needs the tensorboardX package (pip install tensorboardX)")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    @property
+    def tensorboard(self) -> bool:
+        if self.report_to == "none":
+            return False
+        return importlib.util.find_spec("tensorboardX") is not None
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the run."""
+        if self.max_steps > 0:
+            return self.max_steps
+        micro = math.ceil(self.num_train_epochs * batches_per_epoch)
+        return max(1, micro // self.gradient_accumulation_steps)
+
+    def schedule(self, total_steps: int) -> optax.Schedule:
+        warmup = self.warmup_steps or int(math.ceil(self.warmup_ratio * total_steps))
+        peak = self.learning_rate
+        decay_steps = max(1, total_steps - warmup)
+        if self.lr_scheduler_type == "linear":
+            after = optax.linear_schedule(peak, 0.0, decay_steps)
+        elif self.lr_scheduler_type == "cosine":
+            after = optax.cosine_decay_schedule(peak, decay_steps)
+        else:
+            after = optax.constant_schedule(peak)
+        if warmup == 0 or self.lr_scheduler_type == "constant":
+            return after
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """AdamW with clipping and the schedule, accumulating over ``gradient_accumulation_steps``."""
+        parts = [optax.clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm > 0 else []
+        parts.append(
+            optax.adamw(self.schedule(total_steps), b1=self.adam_beta1, b2=self.adam_beta2, eps=self.adam_epsilon,
+                        weight_decay=self.weight_decay)
+        )
+        tx = optax.chain(*parts)
+        if self.gradient_accumulation_steps > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.gradient_accumulation_steps)
+        return tx

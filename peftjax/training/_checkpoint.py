@@ -1,0 +1,70 @@
+"""Training checkpoints with orbax: adapters, optimizer state, data position and RNG.
+
+A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding ``state/`` (orbax: the trainable
+weights and the optimizer state) and ``trainer_state.json`` (step, epoch, batch position, seed,
+RNG key data). A checkpoint counts only once ``trainer_state.json`` exists, which is written last,
+so a run killed mid-save never resumes from a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE_FILE = "trainer_state.json"
+_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Writes ``state`` (a pytree of arrays) and ``info`` (JSON) to ``directory``."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((directory / "state").absolute(), state)
+    checkpointer.wait_until_finished()
+    (directory / STATE_FILE).write_text(json.dumps(info, indent=2))
+    return directory
+
+
+def load_checkpoint(directory: Path, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restores a checkpoint into the structure (and shardings) of ``like``.
+
+    Raises:
+      FileNotFoundError: ``directory`` is not a complete checkpoint.
+    """
+    directory = Path(directory)
+    info_file = directory / STATE_FILE
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a complete peftjax checkpoint (no {STATE_FILE})")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    state = ocp.StandardCheckpointer().restore((directory / "state").absolute(), abstract)
+    return state, json.loads(info_file.read_text())
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _PATTERN.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Deletes the oldest checkpoints beyond ``keep``."""
+    if not keep:
+        return
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

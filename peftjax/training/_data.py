@@ -1,0 +1,638 @@
+"""The data side of training: load text, tokenize it for a task, and batch it in a bounded set of shapes.
+
+    ds = load_text_dataset("peftjax/data/sentiment_train.jsonl", split="train")
+    ds = tokenize_classification(ds, tokenizer, max_length=128)
+    batcher = Batcher(ds, 32, pad_token_id=tokenizer.pad_token_id, seed=0)
+    for batch in batcher.batches(epoch=0):           # dict of NumPy arrays, shapes [32, bucket]
+        ...
+
+Everything here is host-side NumPy. Tokenization truncates but never pads; the :class:`Batcher` pads
+each batch to the smallest of a few bucket lengths and fills the last batch up to ``batch_size``
+with weight-0 rows, so a jitted step sees at most ``len(buckets)`` shapes and never recompiles per
+batch. Batch order depends only on ``(seed, epoch)``, so training resumes at ``(epoch, start)``
+onto exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+# Extension -> `datasets` packaged builder.
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+# Padding value of each per-token column; any other per-token column pads with 0.
+_TOKEN_PAD = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_text_dataset(source: str | os.PathLike, *, split: str | None = None, data_files=None):
+    """Loads a local text dataset, or a named one from the Hugging Face Hub.
+
+    A local file goes through the ``datasets`` builder its extension names (``.json``/``.jsonl`` →
+    json, ``.csv`` → csv, ``.parquet`` → parquet, ``.txt`` → text, one ``text`` row per line). A
+    local directory loads its files of one such type, with splits inferred from the file names as
+    ``datasets`` infers them (``train.jsonl``, ``test.jsonl``, ``*_eval.jsonl``...; otherwise all
+    of it is ``train``). Anything else is a Hub name (or a builder name such as ``"json"`` used
+    with ``data_files``) and goes to ``datasets.load_dataset(source, split=split, data_files=...)``.
+
+    >>> ds = load_text_dataset("peftjax/data/sentiment_train.jsonl", split="train")  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['text', 'label']
+
+    Args:
+      source: a file, a directory, or a Hub dataset name.
+      split: the split to return (``"train"`` for a single local file); ``None`` returns every
+        split as a ``DatasetDict``.
+      data_files: for a local directory, the files to use inside it (``str``, list, or
+        ``{split: files}``, relative to the directory); otherwise passed to ``load_dataset``.
+
+    Returns:
+      A ``datasets.Dataset`` when ``split`` is given, else a ``datasets.DatasetDict``.
+
+    Raises:
+      FileNotFoundError: ``source`` looks like a local path (it has a supported extension, starts
+        with ``/``, ``.`` or ``~``, or has more than one ``/``) but does not exist.
+      ValueError: an unsupported file type; a directory without (or with mixed) supported files;
+        a Hub name that cannot be reached (offline, or no network).
+    """
+    import datasets
+
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_file():
+        builder = _builder_for(path)
+        files = data_files if data_files is not None else {"train": str(path)}
+        return datasets.load_dataset(builder, data_files=files, split=split)
+    if path.is_dir():
+        builder, files = _directory_files(path, data_files)
+        return datasets.load_dataset(builder, data_files=files, split=split)
+    if _looks_local(text):
+        raise FileNotFoundError(f"dataset file or directory {text!r} does not exist")
+    try:
+        return datasets.load_dataset(text, split=split, data_files=data_files)
+    except ConnectionError as e:  # datasets' own, raised for offline mode and for no network alike
+        reason = "offline mode is on (HF_HUB_OFFLINE=1)" if _hub_offline() else "no network"
+        raise ValueError(
+            f"cannot load dataset {text!r}: it is not a local file or directory, and the Hugging Face "
+            f"Hub is unreachable ({reason}); pass a local {'/'.join(BUILDERS)} file or directory"
+        ) from e
+
+
+def _builder_for(path: Path) -> str:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"cannot load {str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
+            f"supported: {', '.join(BUILDERS)}"
+        )
+    return builder
+
+
+def _directory_files(directory: Path, data_files) -> tuple[str, dict[str, list[str]]]:
+    """The builder and ``{split: files}`` of a local directory's supported files."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    if data_files is None:
+        patterns = get_data_patterns(str(directory))
+    elif isinstance(data_files, Mapping):
+        patterns = {k: [v] if isinstance(v, str) else list(v) for k, v in data_files.items()}
+    else:
+        patterns = {"train": [data_files] if isinstance(data_files, str) else list(data_files)}
+    resolved = DataFilesDict.from_patterns(patterns, base_path=str(directory))
+    files = {
+        str(k): [f for f in v if Path(f).suffix.lower() in BUILDERS]
+        for k, v in resolved.items()
+    }
+    files = {k: v for k, v in files.items() if v}
+    builders = {BUILDERS[Path(f).suffix.lower()] for v in files.values() for f in v}
+    if not builders:
+        raise ValueError(
+            f"directory {str(directory)!r} holds no dataset files; supported: {', '.join(BUILDERS)}"
+        )
+    if len(builders) > 1:
+        found = sorted({Path(f).suffix.lower() for v in files.values() for f in v})
+        raise ValueError(
+            f"directory {str(directory)!r} mixes file types {found}; pass data_files= to pick one type"
+        )
+    return builders.pop(), files
+
+
+def _looks_local(text: str) -> bool:
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        return True
+    return Path(text).suffix.lower() in BUILDERS
+
+
+def _hub_offline() -> bool:
+    try:
+        import datasets
+
+        return bool(datasets.config.HF_HUB_OFFLINE)
+    except AttributeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ tokenizing
+
+
+def tokenize_classification(
+    dataset,
+    tokenizer,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str | None = "label",
+    max_length: int = 128,
+):
+    """Tokenizes text (or text pairs) for sequence classification; truncates, never pads.
+
+    >>> ds = tokenize_classification(ds, tokenizer, max_length=64)  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['input_ids', 'token_type_ids', 'attention_mask', 'labels']
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer.
+      text_column: the text.
+      text_pair_column: the second text of a pair task (NLI, paraphrase), or ``None``.
+      label_column: integer (or ``ClassLabel``) labels, floats for regression; ``None`` for
+        unlabelled data.
+      max_length: rows are truncated to this many tokens, special tokens included.
+
+    Returns:
+      The dataset with only ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
+      tokenizer makes them) and ``labels``.
+
+    Raises:
+      ValueError: a named column is missing (the message lists the available ones), or the labels
+        are not numbers.
+    """
+    _check_positive("max_length", max_length)
+
+    def one(ds):
+        columns = [text_column, text_pair_column, label_column]
+        _require_columns(ds, [c for c in columns if c is not None])
+        if label_column is not None:
+            _check_numeric_labels(ds, label_column)
+
+        def encode(batch):
+            pairs = batch[text_pair_column] if text_pair_column is not None else None
+            enc = tokenizer(batch[text_column], pairs, truncation=True, max_length=max_length)
+            out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            if label_column is not None:
+                out["labels"] = batch[label_column]
+            return out
+
+        return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+    return _per_split(dataset, one)
+
+
+def tokenize_causal_lm(
+    dataset,
+    tokenizer,
+    *,
+    text_column: str = "text",
+    max_length: int = 512,
+    packing: bool = True,
+):
+    """Tokenizes documents for next-token prediction; ``labels`` equal ``input_ids``.
+
+    Every document is tokenized as the tokenizer does by default (a Llama tokenizer adds BOS) and
+    followed by ``tokenizer.eos_token_id`` when the tokenizer has one. With ``packing`` this token
+    stream is concatenated across documents and cut into rows of exactly ``max_length`` tokens,
+    dropping the remainder, so no batch carries padding. Without it, each document is one row,
+    truncated to ``max_length``. The labels are not shifted: the loss shifts them.
+
+    >>> packed = tokenize_causal_lm(ds, tokenizer, max_length=256)  # doctest: +SKIP
+    >>> {len(ids) for ids in packed["input_ids"]}  # doctest: +SKIP
+    {256}
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer.
+      text_column: the documents.
+      max_length: the block length with packing, the truncation length without.
+      packing: concatenate and cut into full blocks, or keep one row per document.
+
+    Returns:
+      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Raises:
+      ValueError: ``text_column`` is missing, or packing leaves no full block.
+    """
+    import datasets
+
+    _check_positive("max_length", max_length)
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch[text_column], verbose=False)["input_ids"]
+        if eos is not None:
+            ids = [row if row and row[-1] == eos else [*row, eos] for row in ids]
+        if not packing:
+            ids = [row[:max_length] for row in ids]
+        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "labels": ids}
+
+    def one(ds):
+        _require_columns(ds, [text_column])
+        if not packing:
+            return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        tokens = ds.map(
+            lambda batch: {"input_ids": encode(batch)["input_ids"]},
+            batched=True,
+            remove_columns=ds.column_names,
+            desc="tokenizing",
+        )
+        stream = _flat_values(tokens.with_format("arrow")[:].column("input_ids")).astype(np.int32)
+        blocks = len(stream) // max_length
+        if blocks == 0:
+            raise ValueError(
+                f"packing {len(stream)} tokens into blocks of max_length={max_length} leaves no full "
+                "block; lower max_length or pass packing=False"
+            )
+        ids = stream[: blocks * max_length].reshape(blocks, max_length)
+        return datasets.Dataset.from_dict(
+            {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+        )
+
+    return _per_split(dataset, one)
+
+
+def tokenize_instructions(
+    dataset,
+    tokenizer,
+    *,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    max_length: int = 512,
+    template: str = "{prompt}\n",
+):
+    """Tokenizes prompt/response pairs so that only the response is learned.
+
+    A row is ``[leading special tokens] + template(prompt) + response + [eos]``; its ``labels`` are
+    ``-100`` over the special tokens and the prompt, and the token ids over the response and the
+    eos. Tokenizers without an eos token end the row with their trailing special tokens instead
+    (BERT's ``[SEP]``). Truncation cuts the end, keeping the start of the prompt; a row whose
+    response is cut away entirely is dropped, with one warning that counts them.
+
+    >>> ds = tokenize_instructions(ds, tokenizer, template="### Question: {prompt}\\n### Answer: ")  # doctest: +SKIP
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer.
+      prompt_column: the instruction.
+      response_column: the answer to learn.
+      max_length: rows are truncated to this many tokens.
+      template: a ``str.format`` template with a ``{prompt}`` field.
+
+    Returns:
+      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Raises:
+      ValueError: a named column is missing, or ``template`` has no ``{prompt}`` field.
+    """
+    _check_positive("max_length", max_length)
+    if "{prompt}" not in template:
+        raise ValueError(f"template {template!r} has no {{prompt}} field")
+    prefix, suffix = _special_affixes(tokenizer)
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else suffix
+
+    def encode(batch):
+        prompts = [template.format(prompt=p) for p in batch[prompt_column]]
+        prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
+        response_ids = tokenizer(batch[response_column], add_special_tokens=False, verbose=False)["input_ids"]
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for p, r in zip(prompt_ids, response_ids):
+            head = [*prefix, *p]
+            ids = [*head, *r, *end][:max_length]
+            labels = ([IGNORE_INDEX] * len(head) + [*r, *end])[:max_length]
+            if len(ids) <= len(head):  # nothing left to learn
+                continue
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+        return out
+
+    def one(ds):
+        _require_columns(ds, [prompt_column, response_column])
+        result = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        dropped = len(ds) - len(result)
+        if dropped:
+            warnings.warn(
+                f"tokenize_instructions dropped {dropped} of {len(ds)} rows whose prompt fills "
+                f"max_length={max_length}, leaving no response tokens",
+                stacklevel=3,
+            )
+        return result
+
+    return _per_split(dataset, one)
+
+
+def _per_split(dataset, fn):
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        return datasets.DatasetDict({name: fn(split) for name, split in dataset.items()})
+    return fn(dataset)
+
+
+def _require_columns(ds, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(
+            f"dataset has no column {', '.join(map(repr, missing))}; available: {ds.column_names}"
+        )
+
+
+def _check_numeric_labels(ds, column: str) -> None:
+    import datasets
+
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return
+    dtype = getattr(feature, "dtype", None)
+    if dtype is None or not (dtype == "bool" or dtype.startswith(("int", "uint", "float"))):
+        raise ValueError(
+            f"label column {column!r} holds {feature}, not numbers; encode it first, e.g. with "
+            f"dataset.class_encode_column({column!r})"
+        )
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text by default."""
+    bare = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("hello")["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return list(full[:i]), list(full[i + len(bare) :])
+    return [], []
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _flat_values(column) -> np.ndarray:
+    """The concatenated values of an Arrow list column."""
+    import pyarrow.compute as pc
+
+    return np.asarray(pc.list_flatten(column).to_numpy(zero_copy_only=False))
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+
+class Batcher:
+    """Deterministic, resumable batches padded to a bounded set of shapes.
+
+    Each epoch visits the rows in the order of ``np.random.default_rng([seed, epoch]).permutation``
+    (or in order without ``shuffle``). A batch is padded to the smallest bucket length that holds
+    its longest row: ``input_ids`` with ``pad_token_id``, ``attention_mask`` and ``token_type_ids``
+    with 0, per-token ``labels`` with -100. Unless ``drop_last``, the last batch is filled up to
+    ``batch_size`` with all-padding rows, so every batch is ``[batch_size, bucket]`` and a jitted
+    step compiles at most ``len(buckets)`` times. Every batch carries ``sample_weight`` (float32,
+    ``[batch_size]``): 1 for real rows, 0 for filler rows, which carry label 0 (per-row labels) or
+    -100 (per-token labels).
+
+    Columns whose rows have ``input_ids``' length are per-token and padded; other columns are per
+    row (classification labels, regression targets, fixed-length multi-label vectors) and are
+    stacked untouched. Without an ``attention_mask`` column one is made (1 on every real token).
+
+    >>> b = Batcher({"input_ids": [[5, 6, 7], [8]], "labels": [1, 0]}, 4, buckets=(4, 8))
+    >>> b.num_batches
+    1
+    >>> batch = next(b.batches(0))
+    >>> {k: v.shape for k, v in batch.items()}
+    {'input_ids': (4, 4), 'attention_mask': (4, 4), 'labels': (4,), 'sample_weight': (4,)}
+
+    Args:
+      dataset_or_columns: a ``datasets.Dataset``, or a mapping of column name to per-row values
+        (lists, or NumPy arrays), holding numeric columns only, ``input_ids`` among them.
+      batch_size: rows per batch.
+      buckets: the allowed padded lengths; ``None`` pads each batch to its longest row (rounded
+        up to ``pad_to_multiple_of``), so shapes vary.
+      pad_token_id: the ``input_ids`` padding (the tokenizer's ``pad_token_id``).
+      shuffle: permute the rows each epoch.
+      seed: with the epoch, determines the order.
+      drop_last: drop the last partial batch instead of filling it.
+      pad_to_multiple_of: rounds every bucket (or, without buckets, every length) up to a multiple
+        of this.
+      padding_side: ``"right"``, or ``"left"`` for generation prompts.
+
+    Raises:
+      ValueError: a row longer than the largest bucket (named by index and length), per-token
+        columns of unequal lengths, missing ``input_ids``, columns of unequal row counts, or a bad
+        argument.
+      TypeError: a non-numeric column (such as leftover ``text``).
+    """
+
+    def __init__(
+        self,
+        dataset_or_columns,
+        batch_size: int,
+        *,
+        buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+        pad_token_id: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str = "right",
+    ):
+        _check_positive("batch_size", batch_size)
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None:
+            _check_positive("pad_to_multiple_of", pad_to_multiple_of)
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if buckets is not None:
+            if not buckets or any(not isinstance(b, (int, np.integer)) or b <= 0 for b in buckets):
+                raise ValueError(f"buckets must be positive ints, got {buckets!r}")
+            buckets = tuple(sorted({_round_up(int(b), pad_to_multiple_of) for b in buckets}))
+        self.batch_size = batch_size
+        self.buckets = buckets
+        self.pad_token_id = int(pad_token_id)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_side = padding_side
+
+        self._tokens, self._rows, self.num_rows = _split_columns(_raw_columns(dataset_or_columns))
+        self._lengths = np.diff(self._tokens["input_ids"][1])
+        if buckets is not None and self.num_rows:
+            too_long = np.flatnonzero(self._lengths > buckets[-1])
+            if too_long.size:
+                shown = ", ".join(f"row {i} has {self._lengths[i]} tokens" for i in too_long[:5])
+                more = f" (and {too_long.size - 5} more)" if too_long.size > 5 else ""
+                raise ValueError(
+                    f"{too_long.size} rows are longer than the largest bucket {buckets[-1]}: "
+                    f"{shown}{more}; truncate when tokenizing (max_length) or add a larger bucket"
+                )
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.num_rows // self.batch_size
+        return math.ceil(self.num_rows / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The row indices of ``epoch`` in visiting order."""
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The batches of ``epoch`` from batch index ``start`` on (``start`` resumes mid-epoch)."""
+        order = self.order(epoch)
+        if not isinstance(start, (int, np.integer)) or not 0 <= start <= self.num_batches:
+            raise ValueError(f"start must be in [0, {self.num_batches}], got {start!r}")
+        return self._iterate(order, int(start))
+
+    def _iterate(self, order: np.ndarray, start: int) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(start, self.num_batches):
+            yield self._batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+
+    def _length_for(self, longest: int) -> int:
+        if self.buckets is None:
+            return _round_up(max(longest, 1), self.pad_to_multiple_of)
+        return self.buckets[int(np.searchsorted(self.buckets, longest))]
+
+    def _batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        n, size = len(index), self.batch_size
+        length = self._length_for(int(self._lengths[index].max(initial=0)))
+        left = self.padding_side == "left"
+        batch = {}
+        for name, (values, offsets) in self._tokens.items():
+            pad = self.pad_token_id if name == "input_ids" else _TOKEN_PAD.get(name, 0)
+            out = np.full((size, length), pad, dtype=values.dtype)
+            for i, row in enumerate(index):
+                tokens = values[offsets[row] : offsets[row + 1]]
+                if left:
+                    out[i, length - len(tokens) :] = tokens
+                else:
+                    out[i, : len(tokens)] = tokens
+            batch[name] = out
+        for name, values in self._rows.items():
+            out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
+            out[:n] = values[index]
+            batch[name] = out
+        weight = np.zeros((size,), np.float32)
+        weight[:n] = 1.0
+        batch["sample_weight"] = weight
+        return batch
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if multiple is None else -(-n // multiple) * multiple
+
+
+def _raw_columns(data) -> dict[str, Any]:
+    """``{name: per-row values}``, each either a NumPy array or ``(flat values, offsets)``."""
+    import datasets
+
+    if isinstance(data, datasets.DatasetDict):
+        raise TypeError(f"Batcher takes one split, got a DatasetDict with splits {list(data)}")
+    if isinstance(data, datasets.Dataset):
+        table = data.with_format("arrow")[:]
+        return {name: _arrow_column(name, table.column(name)) for name in table.column_names}
+    if not isinstance(data, Mapping):
+        raise TypeError(f"Batcher takes a datasets.Dataset or a mapping of columns, got {type(data).__name__}")
+    return {name: _python_column(name, values) for name, values in data.items()}
+
+
+def _arrow_column(name: str, column):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = column.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        inner = kind.value_type
+        if not (pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner)):
+            raise TypeError(f"column {name!r} holds {kind}, not numbers; remove it before batching")
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        return _numeric(name, _flat_values(column)), offsets
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        raise TypeError(f"column {name!r} holds {kind}, not numbers; remove it before batching")
+    return _numeric(name, column.to_numpy())
+
+
+def _python_column(name: str, values):
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        if values.ndim == 1:
+            return _numeric(name, values)
+        if values.ndim == 2:
+            offsets = np.arange(values.shape[0] + 1, dtype=np.int64) * values.shape[1]
+            return _numeric(name, values.reshape(-1)), offsets
+        raise ValueError(f"column {name!r} has {values.ndim} dimensions; expected 1 or 2")
+    values = list(values)
+    if values and isinstance(values[0], (list, tuple, np.ndarray)):
+        rows = [np.asarray(v) for v in values]
+        if any(r.ndim != 1 for r in rows):
+            raise ValueError(f"column {name!r} must hold flat rows of numbers")
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)])
+        flat = np.concatenate(rows) if rows else np.zeros((0,), np.int32)
+        return _numeric(name, flat), offsets
+    return _numeric(name, np.asarray(values))
+
+
+def _numeric(name: str, array: np.ndarray) -> np.ndarray:
+    """int32 for integers and booleans, float32 for floats (JAX's defaults)."""
+    if array.dtype.kind in "iub":
+        return array.astype(np.int32)
+    if array.dtype.kind == "f":
+        return array.astype(np.float32)
+    if array.size == 0:
+        return array.astype(np.int32)
+    raise TypeError(f"column {name!r} holds {array.dtype}, not numbers; remove it before batching")
+
+
+def _split_columns(columns: dict[str, Any]):
+    """Per-token columns as ``(values, offsets)``, per-row columns as arrays, and the row count."""
+    if "input_ids" not in columns or not isinstance(columns["input_ids"], tuple):
+        raise ValueError(f"Batcher needs an input_ids column of token lists; columns: {list(columns)}")
+    counts = {k: len(v[1]) - 1 if isinstance(v, tuple) else len(v) for k, v in columns.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"columns have different numbers of rows: {counts}")
+    num_rows = counts["input_ids"]
+    lengths = np.diff(columns["input_ids"][1])
+    tokens, rows = {}, {}
+    for name, value in columns.items():
+        if not isinstance(value, tuple):
+            rows[name] = value
+            continue
+        values, offsets = value
+        row_lengths = np.diff(offsets)
+        if np.array_equal(row_lengths, lengths):
+            tokens[name] = value
+        elif name in ("attention_mask", "token_type_ids") or len(set(row_lengths.tolist())) > 1:
+            bad = np.flatnonzero(row_lengths != lengths)[:5]
+            shown = ", ".join(f"row {i}: {row_lengths[i]} vs {lengths[i]}" for i in bad)
+            raise ValueError(f"column {name!r} is not as long as input_ids in every row ({shown})")
+        else:  # a fixed-length vector per row, such as multi-label targets
+            rows[name] = values.reshape(num_rows, -1)
+    if "attention_mask" not in tokens:
+        tokens["attention_mask"] = (np.ones(len(columns["input_ids"][0]), np.int32), columns["input_ids"][1])
+    return tokens, rows, num_rows

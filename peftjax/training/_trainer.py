@@ -1,0 +1,402 @@
+"""``Trainer``: the HF tutorial's training loop, jitted, resumable, and honest about its numbers.
+
+The step is one jitted function over (adapters, optimizer state, frozen base, batch, key); the
+loop keeps the per-step losses on the device and waits for them only when it logs, evaluates or
+saves. Batches come in a few bucketed shapes, so the step compiles a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.training._args import TrainingArguments
+from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from peftjax.training._data import Batcher
+from peftjax.training._step import split
+from peftjax.tuners._dropout import dropout_key
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a NaN loss, or data that cannot be trained on."""
+
+
+@dataclasses.dataclass
+class TrainOutput:
+    """What ``Trainer.train`` returns."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+def _columns(dataset, name: str) -> dict[str, list]:
+    """The trainer's columns of a tokenized dataset (HF ``Dataset`` or a dict of lists)."""
+    names = list(dataset.column_names if hasattr(dataset, "column_names") else dataset.keys())
+    if "input_ids" not in names:
+        raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
+    cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
+    label = "labels" if "labels" in names else "label" if "label" in names else None
+    if label is None:
+        raise TrainingError(f"{name} has no labels or label column (columns: {names})")
+    cols["labels"] = list(dataset[label])
+    return cols
+
+
+def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, num_labels: int):
+    """Summed loss, the count it is averaged over, and correct predictions (classification)."""
+    logits = logits.astype(jnp.float32)
+    if logits.ndim == 3:  # next-token prediction; padding and filler rows carry label -100
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        valid = labels != -100
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * valid), jnp.sum(valid).astype(jnp.float32), jnp.zeros(())
+    if num_labels == 1:
+        err = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
+        return jnp.sum(err * weight), jnp.sum(weight), jnp.zeros(())
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
+    return jnp.sum(nll * weight), jnp.sum(weight), correct
+
+
+class Trainer:
+    """Trains a ``PeftModel``'s adapters, like ``transformers.Trainer`` in the PEFT tutorial.
+
+    Args:
+      model: a ``peftjax.PeftModel`` (its adapters train; the base stays frozen).
+      args: a :class:`TrainingArguments`.
+      train_dataset: tokenized rows with ``input_ids`` (and ``attention_mask``,
+        ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset`` or a dict of lists.
+      eval_dataset: the same, for evaluation.
+      pad_token_id: the padding id (default: the model config's, else 0).
+      compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
+    """
+
+    def __init__(
+        self,
+        model,
+        args: TrainingArguments,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        pad_token_id: int | None = None,
+        compute_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]] | None = None,
+    ):
+        if not hasattr(model, "base_model") or not hasattr(model, "peft_config"):
+            raise TypeError(f"Trainer needs a peftjax.PeftModel (from get_peft_model), got {type(model).__name__}")
+        self.model = model
+        self.args = args
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.compute_metrics = compute_metrics
+        config = getattr(model.base_model, "config", None)
+        self.num_labels = int(getattr(config, "num_labels", 2) or 2)
+        if pad_token_id is None:
+            pad_token_id = getattr(config, "pad_token_id", None)
+        self.pad_token_id = int(pad_token_id or 0)
+        accepted = inspect.signature(type(model.base_model).__call__).parameters
+        self.model_inputs = tuple(k for k in MODEL_INPUTS if k in accepted)
+        self.output_dir = Path(args.output_dir)
+        self.log_history: list[dict[str, Any]] = []
+        if args.bf16:
+            dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model.base_model, nnx.Param))}
+            if not any(d == jnp.bfloat16 for d in dtypes):
+                raise ValueError("bf16=True needs the base model loaded with dtype='bfloat16'")
+
+    # ------------------------------------------------------------ jitted pieces
+
+    def _forward_terms(self, model, batch):
+        inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+        logits = model(**inputs).logits
+        return logits, _loss_terms(logits, batch["labels"], batch["sample_weight"], self.num_labels)
+
+    def _make_step(self, graphdef, tx):
+        def loss_fn(trainable, rest, batch, key):
+            model = nnx.merge(graphdef, trainable, rest)
+            with dropout_key(key):
+                _, (total, count, _) = self._forward_terms(model, batch)
+            return total / jnp.maximum(count, 1.0)
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def step(trainable, opt_state, rest, batch, key):
+            loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            trainable = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), trainable, updates)
+            return trainable, opt_state, loss
+
+        return step
+
+    @functools.cached_property
+    def _eval_step(self):
+        @functools.partial(jax.jit, static_argnums=0)
+        def step(graphdef, state, batch):
+            logits, terms = self._forward_terms(nnx.merge(graphdef, *state), batch)
+            return logits, terms
+
+        return step
+
+    # ------------------------------------------------------------ public API
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Runs training; returns the step count, mean training loss and final metrics."""
+        args = self.args
+        if self.train_dataset is None:
+            raise TrainingError("Trainer.train needs a train_dataset")
+        batcher = Batcher(_columns(self.train_dataset, "train_dataset"), args.per_device_train_batch_size,
+                          pad_token_id=self.pad_token_id, shuffle=True, seed=args.seed)
+        total = args.total_steps(batcher.num_batches)
+        accum = args.gradient_accumulation_steps
+        tx = args.optimizer(total)
+        graphdef, trainable, rest = split(self.model.base_model)
+        self._graphdef = graphdef
+        # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
+        trainable = jax.tree.map(jnp.copy, trainable)
+        opt_state = tx.init(trainable)
+        micro = 0
+        resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+        if resume:
+            path = self._resolve_checkpoint(resume)
+            state, info = load_checkpoint(path, {"trainable": trainable, "opt_state": opt_state})
+            trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
+            self.log_history = info.get("log_history", [])
+            print(f"resumed from {path} at step {micro // accum}", file=sys.stderr)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        step_fn = self._make_step(graphdef, tx)
+        base_key = jax.random.key(args.seed)
+        schedule = args.schedule(total)
+        writer = self._tensorboard()
+        bar = self._progress(total, micro // accum)
+        pending: list[jax.Array] = []
+        tokens, t_log, losses_seen = 0, time.perf_counter(), []
+        last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
+        epoch, position = divmod(micro, batcher.num_batches)
+        try:
+            while micro < total * accum:
+                for batch in batcher.batches(epoch, start=position):
+                    key = jax.random.fold_in(base_key, micro)
+                    trainable, opt_state, loss = step_fn(trainable, opt_state, rest, batch, key)
+                    pending.append(loss)
+                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
+                    micro += 1
+                    position += 1
+                    if micro % accum == 0:
+                        step = micro // accum
+                        if bar is not None:
+                            bar.update(1)
+                        if step % args.logging_steps == 0 or step == total:
+                            mean = self._drain(pending, step, last_ckpt)
+                            losses_seen.append(mean)
+                            now = time.perf_counter()
+                            record = {"step": step, "epoch": round(micro / batcher.num_batches, 4), "loss": mean,
+                                      "learning_rate": float(schedule(step - 1)),
+                                      "tokens_per_second": tokens / max(now - t_log, 1e-9)}
+                            tokens, t_log = 0, now
+                            self._log(record, writer, bar)
+                        if self._should_eval(step, epoch_end=False):
+                            self._log({"step": step, **self._evaluate_state(trainable, rest)}, writer, bar)
+                        if args.save_steps and step % args.save_steps == 0 and step < total:
+                            self._drain(pending, step, last_ckpt, keep=True)
+                            last_ckpt = self._save(step, micro, epoch, position, trainable, opt_state)
+                    if micro >= total * accum:
+                        break
+                else:
+                    epoch, position = epoch + 1, 0
+                    if args.eval_strategy == "epoch" and self.eval_dataset is not None:
+                        self._log({"step": micro // accum, **self._evaluate_state(trainable, rest)}, writer, bar)
+                    continue
+                break
+        finally:
+            if bar is not None:
+                bar.close()
+        if pending:
+            losses_seen.append(self._drain(pending, micro // accum, last_ckpt))
+        nnx.update(self.model.base_model, trainable)
+        metrics: dict[str, float] = {}
+        if self.eval_dataset is not None and args.eval_strategy != "no":
+            last = next((r for r in reversed(self.log_history) if "eval_loss" in r), None)
+            if last is not None and last["step"] == micro // accum:  # the loop just evaluated this state
+                metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+            else:
+                metrics = self._evaluate_state(trainable, rest)
+                self._log({"step": micro // accum, **metrics}, writer, None)
+        self.save_model()
+        if writer is not None:
+            writer.close()
+        if args.plot:
+            self.plot()
+        return TrainOutput(micro // accum, float(np.mean(losses_seen)) if losses_seen else float("nan"), metrics)
+
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """Loss (and accuracy, or perplexity for language modelling) on ``eval_dataset``."""
+        graphdef, trainable, rest = split(self.model.base_model)
+        self._graphdef = graphdef
+        return self._evaluate_state(trainable, rest, eval_dataset)
+
+    def predict(self, dataset) -> np.ndarray:
+        """Logits for every row of a tokenized dataset, in order."""
+        graphdef, trainable, rest = split(self.model.base_model)
+        self._graphdef = graphdef
+        cols = _columns(dataset, "dataset") if "labels" in _names(dataset) or "label" in _names(dataset) else None
+        if cols is None:
+            cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in _names(dataset)}
+            n = len(cols["input_ids"])
+            cols["labels"] = [0] * n
+        batcher = Batcher(cols, self.args.per_device_eval_batch_size, pad_token_id=self.pad_token_id, shuffle=False)
+        out = []
+        for batch in batcher.batches(0):
+            logits, _ = self._eval_step(graphdef, (trainable, rest), batch)
+            logits = np.asarray(logits)[batch["sample_weight"] > 0]
+            out.append(logits)
+        return np.concatenate(out)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Saves the adapters in HF PEFT format (``output_dir`` by default)."""
+        self.model.save_pretrained(output_dir or self.output_dir)
+
+    def plot(self) -> Path | None:
+        """Writes ``training_curves.png``: training loss and evaluation curves against the step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [r for r in self.log_history if "loss" in r]
+        evals = [r for r in self.log_history if "eval_loss" in r]
+        if not train and not evals:
+            return None
+        extra = [k for k in ("eval_accuracy", "eval_perplexity") if any(k in r for r in evals)]
+        fig, axes = plt.subplots(1, 1 + len(extra), figsize=(6 + 4 * len(extra), 4), squeeze=False)
+        ax = axes[0, 0]
+        if train:
+            ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        for i, key in enumerate(extra, start=1):
+            axes[0, i].plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], "o-")
+            axes[0, i].set_xlabel("step")
+            axes[0, i].set_ylabel(key)
+        fig.tight_layout()
+        path = self.output_dir / "training_curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    # ------------------------------------------------------------ internals
+
+    def _evaluate_state(self, trainable, rest, dataset=None) -> dict[str, float]:
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise TrainingError("no eval_dataset to evaluate on")
+        batcher = Batcher(_columns(dataset, "eval_dataset"), self.args.per_device_eval_batch_size,
+                          pad_token_id=self.pad_token_id, shuffle=False)
+        sums = np.zeros(3)
+        all_logits, all_labels = [], []
+        token_level = False
+        for batch in batcher.batches(0):
+            logits, terms = self._eval_step(self._graphdef, (trainable, rest), batch)
+            sums += np.array([float(t) for t in terms])
+            token_level = np.asarray(batch["labels"]).ndim == 2
+            if self.compute_metrics is not None:
+                keep = batch["sample_weight"] > 0
+                all_logits.append(np.asarray(logits)[keep])
+                all_labels.append(batch["labels"][keep])
+        loss = sums[0] / max(sums[1], 1.0)
+        metrics = {"eval_loss": float(loss)}
+        if token_level:
+            metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
+        elif self.num_labels > 1:
+            metrics["eval_accuracy"] = float(sums[2] / max(sums[1], 1.0))
+        if self.compute_metrics is not None:
+            metrics.update({f"eval_{k}": float(v) for k, v in
+                            self.compute_metrics(np.concatenate(all_logits), np.concatenate(all_labels)).items()})
+        return metrics
+
+    def _should_eval(self, step: int, epoch_end: bool) -> bool:
+        if self.eval_dataset is None or self.args.eval_strategy != "steps":
+            return False
+        every = self.args.eval_steps or self.args.logging_steps
+        return step % every == 0
+
+    def _drain(self, pending: list, step: int, last_ckpt, keep: bool = False) -> float:
+        """Waits for the queued losses; stops the run on a NaN."""
+        values = np.asarray(jax.device_get(pending), dtype=np.float64)
+        if not keep:
+            pending.clear()
+        if not np.all(np.isfinite(values)):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            raise TrainingError(
+                f"loss became {values[~np.isfinite(values)][0]} by step {step}; training stopped and nothing "
+                f"after the last checkpoint was saved ({where}; resume with resume_from_checkpoint=True "
+                "after lowering the learning rate)"
+            )
+        return float(values.mean()) if len(values) else float("nan")
+
+    def _save(self, step, micro, epoch, position, trainable, opt_state) -> Path:
+        path = self.output_dir / f"checkpoint-{step}"
+        info = {"global_step": step, "micro_step": micro, "epoch": epoch, "batch_in_epoch": position,
+                "seed": self.args.seed, "rng": f"fold_in(key({self.args.seed}), micro_step)",
+                "log_history": self.log_history}
+        save_checkpoint(path, {"trainable": trainable, "opt_state": opt_state}, info)
+        nnx.update(self.model.base_model, jax.tree.map(jnp.copy, trainable))
+        self.model.save_pretrained(path / "adapter")  # the adapter alone, loadable by HF PEFT
+        prune_checkpoints(self.output_dir, self.args.save_total_limit)
+        return path
+
+    def _resolve_checkpoint(self, resume) -> Path:
+        if resume is True:
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.output_dir} has no checkpoint")
+            return found[-1]
+        return Path(resume)
+
+    def _log(self, record: dict[str, Any], writer, bar) -> None:
+        self.log_history.append(record)
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k if k.startswith("eval") else f"train/{k}", v, record["step"])
+        if bar is not None and "loss" in record:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        elif bar is not None:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _tensorboard(self):
+        if not self.args.tensorboard:
+            return None
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(str(self.output_dir / "runs"))
+
+    def _progress(self, total: int, initial: int):
+        if self.args.disable_tqdm:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _names(dataset) -> list[str]:
+    return list(dataset.column_names if hasattr(dataset, "column_names") else dataset.keys())

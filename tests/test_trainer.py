@@ -1,0 +1,192 @@
+"""The Trainer: learning, metrics files, NaN handling, bf16, and a real kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tr
+from flax import nnx
+
+import peftjax
+from peftjax.io import read_safetensors
+from peftjax.models import BertForSequenceClassification, LlamaForCausalLM
+from peftjax.training._args import TrainingArguments
+from peftjax.training._data import Batcher
+from peftjax.training._checkpoint import list_checkpoints, load_checkpoint
+from peftjax.training._trainer import Trainer, TrainingError
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+
+
+def classification_data(n=96, seed=0):
+    """Rows whose label is whether token 7 occurs: learnable by a tiny BERT with LoRA."""
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(rng.integers(4, 12))
+        row = rng.integers(10, 60, length)
+        label = int(rng.integers(0, 2))
+        if label:
+            row[rng.integers(1, length)] = 7
+        ids.append([1, *row.tolist()])
+        labels.append(label)
+    return {"input_ids": ids, "label": labels}
+
+
+@pytest.fixture
+def tiny_bert():
+    config = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=48, num_labels=2)
+    model = BertForSequenceClassification.from_config(config, seed=0)
+    return peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=16, task_type="SEQ_CLS",
+                                                            target_modules="all-linear"))
+
+
+def test_classification_learns_and_writes_its_files(tiny_bert, tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=6,
+                             learning_rate=1e-2, logging_steps=5, eval_strategy="epoch", save_steps=10,
+                             save_total_limit=2, disable_tqdm=True, report_to="tensorboard")
+    trainer = Trainer(tiny_bert, args, classification_data(), classification_data(48, seed=1))
+    before = trainer.evaluate()
+    result = trainer.train()
+    assert result.global_step == 36
+    assert result.metrics["eval_accuracy"] > before["eval_accuracy"] + 0.2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 36, 5)) + [36]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(r["tokens_per_second"] > 0 for r in train)
+    assert len([r for r in records if "eval_accuracy" in r]) == 6  # one per epoch, no duplicate at the end
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert list((tmp_path / "runs").iterdir())  # TensorBoard event file
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]  # limit 2
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    # the trained adapter is what the model now holds, and what the file holds
+    reloaded = peftjax.PeftModel.from_pretrained(
+        BertForSequenceClassification.from_config(tiny_bert.base_model.config.hf_config, seed=0), tmp_path)
+    batch = {"input_ids": np.array([[1, 7, 12, 13]])}
+    np.testing.assert_allclose(reloaded(**batch).logits, tiny_bert(**batch).logits, atol=1e-6)
+
+
+def test_predict_returns_rows_in_order(tiny_bert, tmp_path):
+    data = classification_data(21)
+    trainer = Trainer(tiny_bert, TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8))
+    logits = trainer.predict(data)
+    assert logits.shape == (21, 2)
+    direct = np.asarray(tiny_bert(input_ids=np.array([data["input_ids"][5]])).logits)[0]
+    np.testing.assert_allclose(logits[5], direct, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=48, num_labels=1)
+    model = peftjax.get_peft_model(BertForSequenceClassification.from_config(config),
+                                   peftjax.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query"]))
+    data = classification_data()
+    data["label"] = [float(x) for x in data["label"]]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=40,
+                             logging_steps=1, save_steps=1, disable_tqdm=True, plot=False, report_to="none")
+    last_row_of_epoch = Batcher(data, 16, seed=args.seed).order(0)[-1]
+    data["label"][last_row_of_epoch] = 1e30  # its squared error overflows float32 at step 6
+    with pytest.raises(TrainingError, match=r"loss became (inf|nan) by step (\d+).*last good checkpoint is"):
+        Trainer(model, args, data).train()
+    saved = list_checkpoints(tmp_path)
+    assert [p.name for p in saved] == [f"checkpoint-{i}" for i in range(1, 6)]
+    for path in saved:
+        tensors, _ = read_safetensors(path / "adapter" / "adapter_model.safetensors")
+        assert all(np.isfinite(v).all() for v in tensors.values()), path
+    # the model itself still holds usable weights
+    assert np.isfinite(np.asarray(model(input_ids=np.array([[1, 2, 3]])).logits)).all()
+
+
+def test_bf16_compute_keeps_float32_adapters_and_optimizer_state(tmp_path):
+    config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM.from_config(config, dtype=jnp.bfloat16)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = np.random.default_rng(0).integers(1, 64, (16, 12)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6, bf16=True,
+                             learning_rate=1e-2, logging_steps=1, save_steps=3, disable_tqdm=True,
+                             plot=False, report_to="none")
+    result = Trainer(peft_model, args, {"input_ids": ids, "labels": ids}).train()
+    assert np.isfinite(result.training_loss)
+    _, trainable, _ = peftjax.split(peft_model.base_model)
+    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
+    state, _ = load_checkpoint(tmp_path / "checkpoint-3", {"trainable": trainable,
+                                                            "opt_state": _opt_like(args, trainable)})
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, peftjax.FROZEN))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _opt_like(args, trainable):
+    return args.optimizer(args.max_steps).init(trainable)
+
+
+def test_bf16_needs_a_bf16_model(tiny_bert, tmp_path):
+    with pytest.raises(ValueError, match="bfloat16"):
+        Trainer(tiny_bert, TrainingArguments(output_dir=str(tmp_path), bf16=True), classification_data())
+
+
+def _run_script(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path):
+    straight = _run_script(tmp_path / "straight")
+    killed = _run_script(tmp_path / "killed", "--slow", "0.25")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [p.name for p in list_checkpoints(tmp_path / "killed")]
+        if "checkpoint-8" in done:
+            break
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.05)
+    else:
+        pytest.fail("the run never reached checkpoint-8")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()  # it really died mid-run
+    resumed = _run_script(tmp_path / "killed", "--resume")
+    for proc in (straight, resumed):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert "resumed from" in err
+    a, _ = read_safetensors(tmp_path / "straight" / "adapter_model.safetensors")
+    b, _ = read_safetensors(tmp_path / "killed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    first = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in first][-4:] == [r["loss"] for r in again][-4:]
+
+
+def test_arguments_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="exotic")
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=0)
+    with pytest.raises(TypeError, match="PeftModel"):
+        Trainer(object(), TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_schedules_warm_up_and_decay(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1.0, warmup_steps=10, lr_scheduler_type="cosine")
+    schedule = args.schedule(110)
+    assert float(schedule(0)) == 0.0
+    assert abs(float(schedule(10)) - 1.0) < 1e-6
+    assert float(schedule(110)) < 1e-6
+    warnings.simplefilter("ignore")
