@@ -77,8 +77,21 @@ def _merge(args) -> int:
 def _load_with_adapter(args):
     import peftjax
     from peftjax import models
+    from peftjax.config import load_config
 
-    model = models.from_pretrained(args.base, dtype=getattr(args, "dtype", None))
+    config = load_config(args.adapter) if args.adapter else None
+    if config is not None and config.task_type == "SEQ_CLS":
+        # the adapter carries the classifier head: build the classification model it was trained on
+        from peftjax.io import read_safetensors_header
+        from peftjax.training._run import _classifier_class
+
+        header, _ = read_safetensors_header(Path(args.adapter) / "adapter_model.safetensors")
+        heads = [e["shape"][0] for k, e in header.items() if k.endswith(("classifier.weight", "score.weight"))]
+        base_config = models.load_config(args.base)
+        cls = _classifier_class(base_config)
+        model = cls.from_pretrained(args.base, dtype=args.dtype, **({"num_labels": heads[0]} if heads else {}))
+    else:
+        model = models.from_pretrained(args.base, dtype=args.dtype)
     if args.adapter:
         return peftjax.PeftModel.from_pretrained(model, args.adapter)
     return model

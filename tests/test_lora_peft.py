@@ -425,3 +425,17 @@ def test_unknown_config_field_warns_and_loads(llama_path, tmp_path):
     with pytest.warns(UserWarning, match="some_future_field"):
         loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path)
     assert_close(run_jax(loaded), run_jax(model))
+
+
+def test_missing_adapter_keys_warn_with_their_file_names(llama_path, tmp_path):
+    from peftjax.io import read_safetensors, write_safetensors
+
+    model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4))
+    model.save_pretrained(tmp_path)
+    tensors, meta = read_safetensors(tmp_path / "adapter_model.safetensors")
+    gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    write_safetensors(tmp_path / "adapter_model.safetensors",
+                      {k: np.array(v) for k, v in tensors.items() if k != gone}, meta)
+    with pytest.warns(UserWarning, match="missing adapter keys") as caught:
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path)
+    assert [gone] == [k for w in caught for k in [gone] if f"['{gone}']" in str(w.message)]

@@ -94,7 +94,7 @@ def load_lora_state_dict(
         own = {k[len(path) + 1:]: v for k, v in by_prefix.items() if k.startswith(path + ".")}
         if isinstance(module, LoraLayer) and adapter_name in module.lora_spec:
             try:
-                missing += [PREFIX + m for m in module.load_peft_tensors(adapter_name, own, PREFIX + path)]
+                missing += module.load_peft_tensors(adapter_name, own, PREFIX + path)
             except ValueError as e:
                 raise AdapterFileError(f"{source}: {e}") from None
             used.update(f"{path}.{s}" for s in module.peft_layout() if s in own)
