@@ -481,7 +481,7 @@ class Batcher:
                 shown = ", ".join(f"row {i} has {self._lengths[i]} tokens" for i in too_long[:5])
                 more = f" (and {too_long.size - 5} more)" if too_long.size > 5 else ""
                 raise ValueError(
-                    f"{too_long.size} rows are longer than the largest bucket {buckets[-1]}: "
+                    f"{too_long.size} row(s) longer than the largest bucket {buckets[-1]}: "
                     f"{shown}{more}; truncate when tokenizing (max_length) or add a larger bucket"
                 )
 

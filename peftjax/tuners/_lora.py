@@ -10,12 +10,14 @@ import dataclasses
 import warnings
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import LoraConfig, add_task_modules_to_save, expand_all_linear, is_all_linear, match_modules
 from peftjax.config._targeting import check_target_module_exists  # noqa: F401  (re-exported for users)
 import abc
 
+from peftjax.tuners._base_layer import AdapterLayer
 from peftjax.tuners._lora_nnx import (
     SUPPORTED_LAYERS,
     LoraLayer,
@@ -178,24 +180,30 @@ def add_saved_copy(module: nnx.Module, adapter_name: str) -> None:
             delattr(copy, attr)
     for attr, var in list(vars(copy).items()):
         if isinstance(var, nnx.Param):
-            setattr(copy, attr, TrainableParam(var.get_value()))
+            # a real copy: the train step donates trainable buffers, which must not be the frozen original's
+            setattr(copy, attr, TrainableParam(jnp.array(var.get_value(), copy=True)))
     module.modules_to_save[adapter_name] = copy
     if not module.saved_active:
         module.saved_active = (adapter_name,)
 
 
+def adapter_layers(model: nnx.Module) -> dict[str, AdapterLayer]:
+    """Every adapter-carrying layer (any method) by dotted path."""
+    return {n: m for n, m in named_modules(model).items() if isinstance(m, AdapterLayer)}
+
+
 def set_active_adapters(model: nnx.Module, names: tuple[str, ...]) -> None:
     for m in named_modules(model).values():
-        if isinstance(m, LoraLayer):
-            m.lora_active = tuple(n for n in names if n in m.lora_spec)
+        if isinstance(m, AdapterLayer):
+            m.set_active_adapters(names)
         if isinstance(m, SavedModule):
             m.saved_active = tuple(n for n in names if n in m.modules_to_save)
 
 
 def set_adapters_disabled(model: nnx.Module, disabled: bool) -> None:
     for m in named_modules(model).values():
-        if isinstance(m, LoraLayer):
-            m.lora_disabled = disabled
+        if isinstance(m, AdapterLayer):
+            m.set_adapters_disabled(disabled)
         if isinstance(m, SavedModule):
             m.saved_disabled = disabled
 
@@ -204,12 +212,10 @@ def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool)
     """Switches an adapter's weights between ``LoraParam`` (trains) and ``FrozenAdapterParam``."""
     new_type = LoraParam if trainable else FrozenAdapterParam
     for m in named_modules(model).values():
-        dicts = []
-        if isinstance(m, LoraLayer):
-            dicts = [m.lora_A, m.lora_B, m.lora_B_bias, m.lora_magnitude_vector]
-        for d in dicts:
-            if adapter_name in d:
-                d[adapter_name] = new_type(d[adapter_name].get_value())
+        if isinstance(m, AdapterLayer):
+            for d in m.adapter_variable_dicts():
+                if adapter_name in d:
+                    d[adapter_name] = new_type(d[adapter_name].get_value())
         if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
             copy = m.modules_to_save[adapter_name]
             for attr, var in list(vars(copy).items()):
@@ -218,20 +224,21 @@ def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool)
 
 
 def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None) -> None:
-    """Adds the adapters' deltas into the base weights (for inference and export)."""
+    """Folds the active (or the named) adapters into the base weights (for inference and export)."""
     for m in named_modules(model).values():
-        if isinstance(m, LoraLayer):
-            for name in adapter_names if adapter_names is not None else m.lora_active:
-                if name in m.lora_spec and name not in m.lora_merged:
-                    m.merge_lora(name)
+        if isinstance(m, AdapterLayer):
+            names = adapter_names if adapter_names is not None else m.active_adapter_names()
+            for name in names:
+                if name in m.adapter_names() and name not in m.merged_adapter_names():
+                    m.merge_adapter(name)
 
 
 def unmerge(model: nnx.Module) -> None:
     """Undoes :func:`merge` on every layer."""
     for m in named_modules(model).values():
-        if isinstance(m, LoraLayer):
-            for name in reversed(m.lora_merged):
-                m.unmerge_lora(name)
+        if isinstance(m, AdapterLayer):
+            for name in reversed(m.merged_adapter_names()):
+                m.unmerge_adapter(name)
 
 
 def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ...] | None = None) -> nnx.Module:
@@ -253,13 +260,9 @@ def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ..
             m.__class__ = original_class(m)
             for attr in ("modules_to_save", "saved_active", "saved_disabled"):
                 delattr(m, attr)
-        if isinstance(m, LoraLayer):
+        if isinstance(m, AdapterLayer):
+            m.remove_adapter_state()
             m.__class__ = original_class(m)
-            for attr in (
-                "lora_path", "lora_specs", "lora_active", "lora_merged", "lora_disabled",
-                "lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_cache",
-            ):
-                delattr(m, attr)
         for attr, var in list(vars(m).items()):
             if isinstance(var, TrainableParam):
                 setattr(m, attr, nnx.Param(var.get_value()))
@@ -268,8 +271,8 @@ def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ..
 
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     for m in named_modules(model).values():
-        if isinstance(m, LoraLayer):
-            m.delete_lora(adapter_name)
+        if isinstance(m, AdapterLayer):
+            m.delete_adapter(adapter_name)
         if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
             del m.modules_to_save[adapter_name]
             m.saved_active = tuple(n for n in m.saved_active if n != adapter_name)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.tuners._base_layer import AdapterLayer
 from peftjax.tuners._dropout import apply_dropout
 from peftjax.tuners._variables import LoraParam
 
@@ -76,12 +77,45 @@ def _column_norm(w: jax.Array) -> jax.Array:
     return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
 
 
-class LoraLayer(abc.ABC):
+class LoraLayer(AdapterLayer):
     """Mixin with the adapter bookkeeping shared by every LoRA layer kind.
 
     Mixins are not real bases of the swapped class (see :func:`mixin_subclass`), so their
     methods reach the original layer through ``self._peftjax_base``, never ``super()``.
     """
+
+    adapter_state_attrs = (
+        "lora_path", "lora_specs", "lora_active", "lora_merged", "lora_disabled",
+        "lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_cache",
+    )
+
+    # AdapterLayer, in LoRA's terms
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.lora_specs)
+
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        self.lora_active = tuple(n for n in names if n in self.lora_spec)
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.lora_disabled = disabled
+
+    def active_adapter_names(self) -> tuple[str, ...]:
+        return self.lora_active
+
+    def merged_adapter_names(self) -> tuple[str, ...]:
+        return self.lora_merged
+
+    def merge_adapter(self, name: str) -> None:
+        self.merge_lora(name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        self.unmerge_lora(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self.delete_lora(name)
+
+    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
+        return (self.lora_A, self.lora_B, self.lora_B_bias, self.lora_magnitude_vector)
 
     lora_kind: str = "linear"
 
@@ -341,7 +375,18 @@ def lora_class_for(module: nnx.Module) -> type | None:
         return mixin_subclass(type(module), LoraLinear, "Lora")
     if isinstance(module, nnx.Embed):
         return mixin_subclass(type(module), LoraEmbed, "Lora")
+    from peftjax.tuners._lora_nnx_general import LoraConv, LoraEinsum, LoraLinearGeneral  # imports this module
+
+    for layer, mixin in ((nnx.LinearGeneral, LoraLinearGeneral), (nnx.Einsum, LoraEinsum), (nnx.Conv, LoraConv)):
+        if isinstance(module, layer):  # nnx.ConvTranspose is not an nnx.Conv: it stays unsupported
+            return mixin_subclass(type(module), mixin, "Lora")
     return None
 
 
-SUPPORTED_LAYERS = ("nnx.Linear (and subclasses such as GPT-2's Conv1D)", "nnx.Embed")
+SUPPORTED_LAYERS = (
+    "nnx.Linear (and subclasses such as GPT-2's Conv1D)",
+    "nnx.Embed",
+    "nnx.LinearGeneral",
+    "nnx.Einsum",
+    "nnx.Conv",
+)

