@@ -16,19 +16,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peftjax.config import LoraConfig, PeftConfig, load_config
+from peftjax.config import PeftConfig, load_config
 from peftjax.io._adapter import KeyMapping, adapter_dir, read_adapter_weights, write_adapter
-from peftjax.io._lora_format import load_lora_state_dict, lora_state_dict
 from peftjax.tuners import _lora
+from peftjax.tuners._registry import tuner_for
 from peftjax.tuners._variables import TRAINABLE
-
-
-def _require_lora(config: PeftConfig) -> LoraConfig:
-    if not isinstance(config, LoraConfig):
-        raise NotImplementedError(
-            f"{type(config).__name__} is not supported by PeftModel yet; supported: LoraConfig"
-        )
-    return config
 
 
 def _count(state) -> int:
@@ -54,7 +46,8 @@ class PeftModel:
         key_mapping: KeyMapping = None,
     ):
         self.base_model = model
-        self.peft_config: dict[str, LoraConfig] = {}
+        self._disabled = False
+        self.peft_config: dict[str, PeftConfig] = {}
         self.key_mapping = key_mapping
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, peft_config, key=key)
@@ -67,12 +60,11 @@ class PeftModel:
         _lora.validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first")
-        config = _require_lora(peft_config)
+        config = peft_config
+        tuner = tuner_for(config)
         if key is None:  # deterministic default, distinct per adapter name
             key = jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))
-        self.peft_config[adapter_name] = _lora.inject_lora(
-            self.base_model, config, adapter_name=adapter_name, key=key
-        )
+        self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
         _lora.set_active_adapters(self.base_model, (self.active_adapter,))
         if config.inference_mode:
             _lora.set_adapter_trainable(self.base_model, adapter_name, False)
@@ -103,19 +95,31 @@ class PeftModel:
         """Runs the plain base model inside the block (merged adapters are unmerged first)."""
         _lora.unmerge(self.base_model)
         _lora.set_adapters_disabled(self.base_model, True)
+        self._disabled = True
         try:
             yield
         finally:
+            self._disabled = False
             _lora.set_adapters_disabled(self.base_model, False)
 
     # ------------------------------------------------------------ forward
 
+    def _active_tuner(self):
+        config = self.peft_config.get(self.active_adapter)
+        return None if config is None or self._disabled else tuner_for(config)
+
     def __call__(self, *args, **kwargs):
+        tuner = self._active_tuner()
+        if tuner is not None and tuner.forward is not None:
+            return tuner.forward(self, self.active_adapter, args, kwargs)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} has no generate method")
+        tuner = self._active_tuner()
+        if tuner is not None and tuner.generate is not None:
+            return tuner.generate(self, self.active_adapter, args, kwargs)
         return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -170,13 +174,13 @@ class PeftModel:
             raise ValueError(f"no adapters {unknown}; adapters: {sorted(self.peft_config)}")
         for name in names:
             config = self._config_for_saving(self.peft_config[name])
-            tensors = lora_state_dict(
+            tensors = tuner_for(config).state_dict(
                 self.base_model, name, config, key_mapping=self.key_mapping,
                 save_embedding_layers=save_embedding_layers,
             )
             write_adapter(adapter_dir(save_directory, name), config, tensors)
 
-    def _config_for_saving(self, config: LoraConfig) -> LoraConfig:
+    def _config_for_saving(self, config: PeftConfig) -> PeftConfig:
         hf = getattr(getattr(self.base_model, "config", None), "hf_config", None)
         updates = {"inference_mode": True}
         if hf is not None:
@@ -217,6 +221,7 @@ class PeftModel:
         config = config or load_config(model_id)
         peft = cls.__new__(cls)
         peft.base_model, peft.peft_config, peft.key_mapping, peft.active_adapter = model, {}, key_mapping, adapter_name
+        peft._disabled = False
         peft._load(model_id, adapter_name, config, is_trainable=is_trainable, allow_pickle=allow_pickle, warn=True)
         peft.set_adapter(adapter_name)
         return peft
@@ -234,13 +239,13 @@ class PeftModel:
                           allow_pickle=allow_pickle, warn=False)
 
     def _load(self, model_id, adapter_name, config, *, is_trainable, allow_pickle, warn):
-        config = _require_lora(config)
+        tuner = tuner_for(config)
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
         try:
-            missing, unexpected = load_lora_state_dict(
+            missing, unexpected = tuner.load_state_dict(
                 self.base_model, tensors, adapter_name, key_mapping=self.key_mapping, source=str(Path(model_id))
             )
         except Exception:
