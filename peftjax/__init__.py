@@ -17,7 +17,7 @@ from peftjax.config import (
     TaskType,
 )
 from peftjax.peft_model import PeftModel, get_peft_model
-from peftjax.training import combine, make_train_step, optax_labels, split
+from peftjax.training import Trainer, TrainingArguments, combine, make_train_step, optax_labels, split
 from peftjax.tuners._dropout import dropout_key
 from peftjax.tuners._lora import inject_lora, merge, unload, unmerge
 from peftjax.tuners._variables import FROZEN, TRAINABLE, LoraParam, TrainableParam
@@ -38,7 +38,9 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TaskType",
+    "Trainer",
     "TrainableParam",
+    "TrainingArguments",
     "combine",
     "dropout_key",
     "get_peft_model",

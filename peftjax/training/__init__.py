@@ -1,5 +1,28 @@
-"""Training: jitted train steps that update only the adapters."""
+"""Training: the functional step, the Trainer, and the data pipeline."""
 
+from peftjax.training._args import TrainingArguments
+from peftjax.training._data import (
+    Batcher,
+    load_text_dataset,
+    tokenize_causal_lm,
+    tokenize_classification,
+    tokenize_instructions,
+)
 from peftjax.training._step import combine, make_train_step, optax_labels, split
+from peftjax.training._trainer import Trainer, TrainingError, TrainOutput
 
-__all__ = ["combine", "make_train_step", "optax_labels", "split"]
+__all__ = [
+    "Batcher",
+    "TrainOutput",
+    "Trainer",
+    "TrainingArguments",
+    "TrainingError",
+    "combine",
+    "load_text_dataset",
+    "make_train_step",
+    "optax_labels",
+    "split",
+    "tokenize_causal_lm",
+    "tokenize_classification",
+    "tokenize_instructions",
+]

@@ -1,0 +1,68 @@
+"""Causal-LM instruction tuning with LoRA: prompt tokens are masked out of the loss (-100).
+
+    python examples/instruction_tuning_llama.py            # offline: a small random Llama, built here
+    python examples/instruction_tuning_llama.py --smoke    # a few steps (the test suite runs this)
+    python examples/instruction_tuning_llama.py --model path/to/llama --tokenizer path/to/llama
+
+Offline there is no pretrained causal LM to download, so by default this builds a small random
+Llama whose vocabulary is the packaged MiniLM tokenizer's and trains LoRA on a toy instruction set
+(arithmetic answers). That shows the mechanics (masked prompts, packing-free batches, generation);
+the loss falls, but a random base learns little. With ``--model`` it fine-tunes your checkpoint.
+"""
+
+import argparse
+import tempfile
+
+import datasets
+import numpy as np
+import transformers
+from transformers import AutoTokenizer
+
+import peftjax
+from peftjax import models
+from peftjax.training import Trainer, TrainingArguments, tokenize_instructions
+from peftjax.training._run import packaged_minilm
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--model", default=None)
+parser.add_argument("--tokenizer", default=None)
+parser.add_argument("--smoke", action="store_true")
+args = parser.parse_args()
+
+tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model or packaged_minilm()))
+if args.model:
+    model = models.from_pretrained(args.model)
+else:
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=tokenizer.pad_token_id)
+    model = models.LlamaForCausalLM.from_config(config)
+
+rng = np.random.default_rng(0)
+pairs = [(int(a), int(b)) for a, b in rng.integers(0, 10, (200, 2))]
+data = datasets.Dataset.from_dict({
+    "prompt": [f"what is {a} plus {b}?" for a, b in pairs],
+    "response": [str(a + b) for a, b in pairs],
+})
+train = tokenize_instructions(data, tokenizer, max_length=32, template="question: {prompt} answer:")
+print("first row, labels (prompt masked):", train[0]["labels"])
+
+peft_model = peftjax.get_peft_model(
+    model, peftjax.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+)
+peft_model.print_trainable_parameters()
+trainer = Trainer(
+    peft_model,
+    TrainingArguments(output_dir=tempfile.mkdtemp(prefix="instruct-"), per_device_train_batch_size=16,
+                      max_steps=4 if args.smoke else 300, learning_rate=3e-3, logging_steps=2 if args.smoke else 50,
+                      save_steps=0, disable_tqdm=args.smoke, plot=not args.smoke),
+    train,
+    pad_token_id=tokenizer.pad_token_id,
+)
+result = trainer.train()
+print(f"trained {result.global_step} steps, mean loss {result.training_loss:.3f}")
+
+prompt = tokenizer(["question: what is 3 plus 4? answer:"], return_tensors="np", add_special_tokens=True)
+ids = prompt["input_ids"][:, :-1]  # drop the trailing [SEP], as in training
+out = peft_model.generate(ids, max_new_tokens=3, pad_token_id=tokenizer.pad_token_id)
+print("generated:", tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
