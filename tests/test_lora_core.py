@@ -179,3 +179,13 @@ def test_inference_adapter_is_frozen(tmp_path):
     assert frozen.get_nb_trainable_parameters()[0] == 0
     trainable = peftjax.PeftModel.from_pretrained(UserMLP(nnx.Rngs(0)), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == 2 * 8 + 2 * 16
+
+
+def test_a_refused_layer_leaves_the_model_untouched():
+    model = UserMLP(nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    with pytest.raises(NotImplementedError, match="emb"):
+        _lora.inject_lora(model, peftjax.LoraConfig(r=2, target_modules=["fc1", "emb"], use_dora=True))
+    assert type(model.fc1) is nnx.Linear and not hasattr(model.fc1, "lora_A")
+    after = jax.tree.map(np.asarray, nnx.state(model))
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after))

@@ -103,6 +103,11 @@ def inject_lora(
             stacklevel=2,
         )
         config = dataclasses.replace(config, fan_in_fan_out=True)
+    for name in targets:  # every refusal comes before the first change to the model
+        lora_class_for(modules[name]).check_lora(
+            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
+            init=config.init_lora_weights,
+        )
     for i, name in enumerate(targets):
         module = modules[name]
         if adapter_name in getattr(module, "lora_specs", ()) and adapter_name in module.lora_spec:

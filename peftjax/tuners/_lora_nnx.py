@@ -89,6 +89,9 @@ class LoraLayer(AdapterLayer):
         "lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_cache",
     )
 
+    def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
+        """Raises for settings this layer kind cannot take; called before anything is changed."""
+
     # AdapterLayer, in LoRA's terms
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.lora_specs)
@@ -278,11 +281,14 @@ class LoraEmbed(LoraLayer):
 
     lora_kind = "embed"
 
-    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
-        if spec.use_dora or spec.lora_bias:
-            raise NotImplementedError(f"{self.lora_path}: DoRA and lora_bias on embeddings are not supported")
+    def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
+        if use_dora or lora_bias:
+            raise NotImplementedError(f"{path}: DoRA and lora_bias on embeddings are not supported")
         if isinstance(init, str) and init != "gaussian":
-            raise NotImplementedError(f"{self.lora_path}: init_lora_weights={init!r} is not supported on embeddings")
+            raise NotImplementedError(f"{path}: init_lora_weights={init!r} is not supported on embeddings")
+
+    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
+        self.check_lora(self.lora_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
         e = self.embedding.get_value()
         a, b = init_factors(key, "embed", init, e.shape[0], e.shape[1], spec.r)
         self.lora_A[name] = LoraParam(a.astype(jnp.float32))
