@@ -33,6 +33,11 @@ ARCHS = {
                                num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
         tr.Qwen2ForCausalLM, "CAUSAL_LM",
     ),
+    "mistral": (
+        lambda: tr.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, sliding_window=4),
+        tr.MistralForCausalLM, "CAUSAL_LM",
+    ),
     "bert": (
         lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=37, num_labels=3),
@@ -123,7 +128,7 @@ def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
 
 
 def _first_linear(name):
-    return {"llama": "q_proj", "qwen2": "q_proj", "bert": "query", "gpt2": "c_attn"}[name]
+    return {"llama": "q_proj", "qwen2": "q_proj", "mistral": "q_proj", "bert": "query", "gpt2": "c_attn"}[name]
 
 
 def test_trainable_parameter_counts_match_peft(arch, capsys):
