@@ -241,11 +241,14 @@ class BottleneckConfig(PeftConfig):
         non_linearity: The activation: ``"relu"``, ``"gelu"``, ``"gelu_new"``, ``"silu"`` or
             ``"tanh"``.
         residual: Whether the adapter adds its input back (``x + f(x)``).
-        target_modules: Which transformer blocks get adapters, with ``LoraConfig`` name matching
-            against the blocks' names; ``None`` means every transformer block.
+        target_modules: The sublayer output layers (``nnx.Linear``) whose outputs get an adapter,
+            with ``LoraConfig`` name matching; when given, it overrides ``adapter_type``'s
+            placement. ``None`` means the placement of ``adapter_type`` for the model type
+            (e.g. Llama ``self_attn.o_proj`` and ``mlp.down_proj``; see
+            ``peftjax/tuners/_bottleneck.py``), written into the saved config as a regex.
         modules_to_save: See :class:`PeftConfig`.
-        init_weights: ``"bert"``: weights ~ N(0, 0.02) and zero biases, so the up-projection is
-            near zero and the adapter starts near the identity.
+        init_weights: ``"bert"``: the down-projection ~ N(0, 0.02), zero biases and a zero
+            up-projection, so each adapter starts as the identity.
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"

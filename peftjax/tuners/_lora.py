@@ -91,7 +91,12 @@ def inject_lora(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=_model_type(model))
-    unsupported = [(n, type(modules[n]).__name__) for n in targets if lora_class_for(modules[n]) is None]
+    unsupported = [
+        (n, f"{original_class(modules[n]).__name__} with a {type(modules[n]).__name__} adapter"
+         if isinstance(modules[n], AdapterLayer) else type(modules[n]).__name__)
+        for n in targets
+        if lora_class_for(modules[n]) is None
+    ]
     if unsupported:
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")

@@ -377,6 +377,8 @@ def lora_class_for(module: nnx.Module) -> type | None:
     """The LoRA subclass of ``type(module)``, or ``None`` when the layer type is not supported."""
     if isinstance(module, LoraLayer):
         return type(module)
+    if isinstance(module, AdapterLayer):  # carries another method's adapter (IA³, bottleneck, ...)
+        return None
     if isinstance(module, nnx.Linear):
         return mixin_subclass(type(module), LoraLinear, "Lora")
     if isinstance(module, nnx.Embed):

@@ -1,0 +1,192 @@
+"""Bottleneck adapters (Houlsby / Pfeiffer) on Llama and BERT: placement, identity init, training, files."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+tr = pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+from _torch_models import save_tiny  # noqa: E402
+
+import peftjax  # noqa: E402
+from peftjax import models  # noqa: E402
+from peftjax.io import read_safetensors  # noqa: E402
+from peftjax.tuners._bottleneck import BottleneckLayer  # noqa: E402
+from peftjax.tuners._lora import adapter_layers  # noqa: E402
+
+ARCHS = {
+    "llama": (
+        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+        tr.LlamaForCausalLM, "CAUSAL_LM",
+    ),
+    "bert": (
+        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=37, num_labels=3),
+        tr.BertForSequenceClassification, "SEQ_CLS",
+    ),
+}
+# the sublayer output layers of block i, after attention and after the feedforward block
+PLACES = {
+    "llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
+    "bert": ("bert.encoder.layer.{i}.attention.output.dense", "bert.encoder.layer.{i}.output.dense"),
+}
+IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request, tmp_path_factory):
+    make_config, cls, task = ARCHS[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    save_tiny(cls, make_config(), path)
+    base = run(models.from_pretrained(path))
+    return request.param, path, task, base
+
+
+def run(model, jit=False):
+    model = getattr(model, "base_model", model)
+    if jit:
+        return np.asarray(nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model, IDS, MASK))
+    return np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+
+
+def valid(x):
+    return x[MASK.astype(bool)] if x.ndim == 3 else x
+
+
+def assert_same(a, b, jit=False):
+    """Bit-identical eagerly; under jit XLA may fuse the same float32 math differently."""
+    if jit:
+        np.testing.assert_allclose(valid(a), valid(b), atol=1e-6, rtol=0)
+    else:
+        np.testing.assert_array_equal(valid(a), valid(b))
+
+
+def changed(a, b) -> float:
+    return float(np.abs(valid(a) - valid(b)).max())
+
+
+def _batch(task):
+    labels = np.array([0, 2]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS, -100)
+    return {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(labels)}
+
+
+@pytest.mark.parametrize("adapter_type", ["houlsby", "pfeiffer"])
+def test_train_save_load_unload(arch, adapter_type, tmp_path):
+    name, path, task, base = arch
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.BottleneckConfig(adapter_type=adapter_type, task_type=task))
+
+    # placement: Houlsby after attention and feedforward outputs, Pfeiffer after feedforward only
+    attention, feedforward = PLACES[name]
+    wanted = {feedforward.format(i=i) for i in range(2)}
+    if adapter_type == "houlsby":
+        wanted |= {attention.format(i=i) for i in range(2)}
+    layers = {n: m for n, m in adapter_layers(model.base_model).items() if isinstance(m, BottleneckLayer)}
+    assert set(layers) == wanted
+
+    # identity at init (up = 0)
+    for jit in (False, True):
+        assert_same(run(model, jit=jit), base, jit)
+
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(trainable)
+    step = peftjax.make_train_step(graphdef, optimizer)
+    losses = []
+    for i in range(5):
+        trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    nnx.update(model.base_model, trainable)
+    trained = run(model)
+    assert changed(trained, base) > 1e-4
+    some = next(iter(layers.values()))
+    assert np.abs(some.adapter_up["default"].get_value()).max() > 0  # the adapter itself trained
+
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "BOTTLENECK" and cfg["adapter_type"] == adapter_type
+    tensors, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
+    d, m = 32, 2  # hidden 32 // reduction_factor 16
+    expected = {}
+    for layer in wanted:
+        p = f"base_model.model.{layer}"
+        expected.update({f"{p}.adapter_down.weight": (m, d), f"{p}.adapter_down.bias": (m,),
+                         f"{p}.adapter_up.weight": (d, m), f"{p}.adapter_up.bias": (d,)})
+    if task == "SEQ_CLS":
+        expected.update({"base_model.model.classifier.weight": (3, 32), "base_model.model.classifier.bias": (3,)})
+    assert {k: v.shape for k, v in tensors.items()} == expected
+
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    for jit in (False, True):
+        assert_same(run(loaded, jit=jit), trained, jit)
+
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        loaded.merge_adapter()
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        loaded.merge_and_unload()
+    with loaded.disable_adapter():
+        assert_same(run(loaded), base)
+    bare = loaded.unload()
+    assert not adapter_layers(bare)
+    assert_same(run(bare), base)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_layer_equals_dense_reference(jit, residual):
+    from peftjax.models import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    peftjax.get_peft_model(model, peftjax.BottleneckConfig(target_modules=["o_proj"], non_linearity="gelu",
+                                                           reduction_factor=4, residual=residual))
+    layer = model.model.layers[0].self_attn.o_proj
+    keys = jax.random.split(jax.random.key(3), 3)
+    layer.adapter_up["default"].set_value(jax.random.normal(keys[0], (8, 32)))
+    layer.adapter_up_bias["default"].set_value(jax.random.normal(keys[1], (32,)))
+    x = jax.random.normal(keys[2], (3, 32))
+    h = x @ layer.kernel.get_value()
+    wd, bd = layer.adapter_down["default"].get_value(), layer.adapter_down_bias["default"].get_value()
+    wu, bu = layer.adapter_up["default"].get_value(), layer.adapter_up_bias["default"].get_value()
+    f = jax.nn.gelu(h @ wd + bd, approximate=False) @ wu + bu
+    call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+    np.testing.assert_allclose(call(layer, x), h + f if residual else f, atol=1e-5)
+
+
+def test_explicit_targets_and_errors(tmp_path):
+    from peftjax.models import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    peft_model = peftjax.get_peft_model(model, peftjax.BottleneckConfig(target_modules=["up_proj"],
+                                                                        adapter_type="pfeiffer"))
+    assert set(adapter_layers(model)) == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
+    assert model.model.layers[0].mlp.up_proj.adapter_down["default"].shape == (48, 3)  # 48 // 16
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["up_proj"]
+
+    with pytest.raises(TypeError, match=r"model\.norm \(RMSNorm\)"):
+        peftjax.get_peft_model(LlamaForCausalLM.from_config(ARCHS["llama"][0]()),
+                               peftjax.BottleneckConfig(target_modules=["norm"]))
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.fc = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match="no default bottleneck placement"):
+        peftjax.get_peft_model(Tiny(), peftjax.BottleneckConfig())
+
+    peft_model.save_pretrained(tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "reduction_factor": 8}))
+    with pytest.raises(ValueError, match=r"up_proj\.adapter_down\.weight: expected shape \[6, 48\].*found \[3, 48\]"):
+        peftjax.PeftModel.from_pretrained(LlamaForCausalLM.from_config(ARCHS["llama"][0]()), tmp_path / "bad")
