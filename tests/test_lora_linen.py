@@ -392,3 +392,72 @@ def test_pissa_and_olora_rewrite_the_base_and_keep_the_output(jit):
         assert lora_params["layers"]["q_proj"]["lora_B"]["default"].any()
         np.testing.assert_allclose(forward(model, spec, jit)(lora_params, x), base_out, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(model.apply({"params": merge(lora_params, spec)}, x), base_out, rtol=1e-4, atol=1e-4)
+
+
+class Head(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="proj")(x)  # inside a clone of the head its path is ("proj",)
+
+
+class Tower(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Head(name="head")(nn.relu(nn.Dense(6, name="proj")(x)))
+
+
+@JIT
+def test_modules_to_save_runs_its_copy_and_merge_keeps_it(jit):
+    model, x = Tower(), jax.random.normal(jax.random.key(2), (3, 5))
+    params = model.init(jax.random.key(0), x)["params"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], modules_to_save=["head"], init_lora_weights=False)
+    lora_params, spec = inject(model, params, config, sample_args=(x,), key=jax.random.key(1))
+    assert [layer.name for layer in spec.layers] == ["proj"]  # head.proj is inside a saved module
+    assert [(s.name, s.adapters) for s in spec.saved] == [("head", ("default",))]
+    adapters = split(lora_params, spec).adapters
+    copy_shapes = {"proj": {"bias": (2,), "kernel": (6, 2)}}
+    assert jax.tree.map(jnp.shape, adapters["head"]) == {"modules_to_save": {"default": copy_shapes}}
+    assert trainable_labels(lora_params, spec)["head"]["proj"]["kernel"] == "frozen"
+    lora_params = jax.tree_util.tree_map_with_path(  # a trained copy
+        lambda path, v: v + 0.5 if "modules_to_save" in jax.tree_util.keystr(path) else v, lora_params
+    )
+    out = forward(model, spec, jit)(lora_params, x)
+    p, copy = lora_params["proj"], lora_params["head"]["modules_to_save"]["default"]["proj"]
+    h = jax.nn.relu(x @ p["kernel"] + p["bias"] + 2.0 * (x @ p["lora_A"]["default"]) @ p["lora_B"]["default"])
+    np.testing.assert_allclose(out, h @ copy["kernel"] + copy["bias"], **TOL)
+    merged = merge(lora_params, spec)
+    assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(model.apply({"params": merged}, x), out, **TOL)
+    no_adapter = forward(model, spec.with_active(), jit)(lora_params, x)
+    np.testing.assert_allclose(no_adapter, model.apply({"params": params}, x), **TOL)  # originals untouched
+
+    p2, spec2 = inject(model, lora_params, config, sample_args=(x,), key=jax.random.key(3), adapter_name="b",
+                       spec=spec)  # fmt: skip
+    with pytest.raises(ValueError, match="each have a modules_to_save copy of head"):
+        forward(model, spec2.with_active("default", "b"), False)(p2, x)
+    with pytest.raises(ValueError, match="each have a modules_to_save copy of head"):
+        merge(p2, spec2, ["default", "b"])
+
+
+def test_bias_modes_make_biases_trainable():
+    model = Stack()
+    x = jax.random.normal(jax.random.key(2), (2, 5, 4))
+    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+    kwargs = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    only, spec = inject(model, params, LoraConfig(bias="lora_only", **kwargs), sample_args=(x,), key=jax.random.key(1))
+    labels = trainable_labels(only, spec)
+    assert labels["layers"]["q_proj"]["bias"] == "trainable" and labels["layers"]["q_proj"]["kernel"] == "frozen"
+    assert labels["layers"]["ln"]["bias"] == "frozen" and labels["inp"]["bias"] == "frozen"
+    assert trainable_labels(only)["layers"]["q_proj"]["bias"] == "frozen"  # without the spec: structure only
+
+    every, spec = inject(model, params, LoraConfig(bias="all", **kwargs), sample_args=(x,), key=jax.random.key(1))
+    base, trainable = split(every, spec)
+    assert "bias" not in base["layers"]["ln"] and "bias" not in base["head"]
+    assert jax.tree.map(jnp.shape, trainable["layers"]["ln"]) == {"bias": (3, 16)}
+    assert jax.tree.structure(combine(base, trainable)) == jax.tree.structure(every)
+    labels = trainable_labels(every, spec)  # the same leaves split puts on the trainable side
+    pairs = zip(jax.tree.leaves(every), jax.tree.leaves(labels), strict=True)
+    assert sorted(a.shape for a in jax.tree.leaves(trainable)) == sorted(v.shape for v, t in pairs if t == "trainable")
+    with pytest.raises(ValueError, match="only one adapter may train them"):
+        inject(model, every, LoraConfig(bias="all", **kwargs), sample_args=(x,), key=jax.random.key(1),
+               adapter_name="other", spec=spec)  # fmt: skip

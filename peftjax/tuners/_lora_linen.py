@@ -3,11 +3,12 @@
     params = model.init(key, x)["params"]
     params, spec = inject(model, params, LoraConfig(r=8, target_modules=["query", "value"]),
                           sample_args=(x,), key=key)
-    base, adapters = split(params)              # train ``adapters``; ``base`` stays frozen
+    base, adapters = split(params, spec)        # train ``adapters``; ``base`` stays frozen
     def forward(adapters, base, x):             # jit this: the interceptor acts while tracing
         with intercept(spec):
             return model.apply({"params": combine(base, adapters)}, x)
     served = merge(params, spec)                # W + s * dW folded in, adapters removed
+    save_adapter("out", params, spec, config)   # HF PEFT files; load_adapter reads them back
 
 A targeted layer's params dict gains siblings of its ``kernel``, one entry per adapter name:
 ``lora_A/<name>``, ``lora_B/<name>``, plus ``lora_magnitude_vector/<name>`` for DoRA and
@@ -30,6 +31,16 @@ Module names are ``".".join(module.path)`` (``encoder.layers_0.attn.query``); a 
 ``nn.scan`` body has one name for all its scanned copies (``encoder.layers.attn.query``). PEFT's
 ``layers_to_transform`` reads a numbered segment (``layers.0.``), which Linen's ``layers_0`` names
 and scanned layers do not have; name the modules in ``target_modules`` instead.
+
+PEFT's ``modules_to_save`` puts a trainable copy of a module's params under it at
+``modules_to_save/<name>``; the interceptor runs the module on the active adapter's copy.
+PEFT's ``bias="all"``/``"lora_only"`` keeps the base biases where they are and has :func:`split`
+and :func:`trainable_labels` (given the spec) treat them as trainable.
+
+:func:`save_adapter` / :func:`load_adapter` write and read HF PEFT's two files in torch layouts
+and names: the dotted params path with each scanned layer's index put after the scan's own name
+(``layers/q_proj`` stacked ``[L, ...]`` -> ``layers.0.q_proj`` ... ``layers.{L-1}.q_proj``), then
+``key_mapping`` (default :data:`LINEN_KEY_MAPPING`: ``dense_0`` -> ``dense.0``).
 """
 
 from __future__ import annotations
@@ -37,10 +48,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
+import os
 import string
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -51,13 +66,35 @@ import opt_einsum
 from flax.core import FrozenDict
 from flax.core import meta as flax_meta
 
-from peftjax.config import LoraConfig, expand_all_linear, is_all_linear, match_modules
+from peftjax.config import (
+    CONFIG_NAME,
+    LoraConfig,
+    add_task_modules_to_save,
+    expand_all_linear,
+    is_all_linear,
+    match_modules,
+)
+from peftjax.io._adapter import (
+    PREFIX,
+    AdapterFileError,
+    KeyMapping,
+    adapter_dir,
+    map_name,
+    read_adapter_weights,
+    write_adapter,
+)
 from peftjax.tuners._dropout import apply_dropout
 from peftjax.tuners._lora import validate_adapter_name
 from peftjax.tuners._lora_nnx import LoraSpec, _decompose, init_factors
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
-"""The params keys that hold adapter weights; everything else is the frozen base."""
+"""The params keys that hold adapter weights (``{adapter name: array}`` each)."""
+
+SAVED_KEY = "modules_to_save"
+"""The params key under a ``modules_to_save`` module that holds ``{adapter name: params copy}``."""
+
+TRAINABLE_KEYS = ADAPTER_KEYS + (SAVED_KEY,)
+"""Every key :func:`split` moves to the adapter side; with ``bias="none"`` the rest is the frozen base."""
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -134,7 +171,18 @@ def discover_layers(module: nn.Module, *args, **kwargs) -> dict[str, LayerInfo]:
     Returns:
       ``{dotted name: LayerInfo}`` in call order (the root module is left out).
     """
+    return _trace(module, *args, **kwargs)[0]
+
+
+def _trace(module: nn.Module, *args, **kwargs) -> tuple[dict[str, LayerInfo], dict[tuple[str, ...], int]]:
+    """:func:`discover_layers`, plus where ``nn.scan``/``nn.vmap`` stack params: ``{scope path: axes}``.
+
+    A lifted module's body sees its params without the stacked axes; comparing the fewest dims a
+    module ever sees with ``init``'s output gives the axes stacked at or above it, and the
+    difference from its parent's the axes its own transform adds (``-1``: not leading).
+    """
     seen: dict[str, dict] = {}
+    views: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
     def recorder(next_fun, call_args, call_kwargs, ctx):
         out = next_fun(*call_args, **call_kwargs)
@@ -142,6 +190,11 @@ def discover_layers(module: nn.Module, *args, **kwargs) -> dict[str, LayerInfo]:
         name = ".".join(str(p) for p in m.path)
         if not name or ctx.method_name == "setup":
             return out
+        if m.scope is not None:
+            view = _first_leaf(m.variables.get("params"))
+            scope = tuple(str(p) for p in m.scope.path)
+            if view is not None and (scope not in views or len(view[1]) < len(views[scope][1])):
+                views[scope] = view
         if ctx.method_name == "__call__":
             if seen.get(name, {}).get("method") != "__call__":
                 seen[name] = _describe(m, call_args, call_kwargs)
@@ -152,7 +205,35 @@ def discover_layers(module: nn.Module, *args, **kwargs) -> dict[str, LayerInfo]:
     with nn.intercept_methods(recorder):
         variables = jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)
     params = flax_meta.unbox(variables.get("params", {}))
-    return {name: _locate(name, record, params) for name, record in seen.items()}
+    layers = {name: _locate(name, record, params) for name, record in seen.items()}
+    return layers, _scan_axes(views, params)
+
+
+def _first_leaf(tree: Any) -> tuple[tuple[str, ...], tuple[int, ...]] | None:
+    leaves = jax.tree_util.tree_flatten_with_path(flax_meta.unbox(tree) if tree is not None else {})[0]
+    if not leaves:
+        return None
+    path, leaf = leaves[0]
+    return tuple(str(getattr(k, "key", k)) for k in path), tuple(jnp.shape(leaf))
+
+
+def _scan_axes(views: Mapping, params: Mapping) -> dict[tuple[str, ...], int]:
+    inside: dict[tuple[str, ...], int] = {(): 0}
+    for scope, (rel, shape) in views.items():
+        leaf = _get(params, scope + rel)
+        if leaf is None:  # its params live elsewhere (a shared scope): says nothing about stacking
+            continue
+        full = tuple(jnp.shape(leaf))
+        n = len(full) - len(shape)
+        inside[scope] = n if n >= 0 and full[n:] == shape else -1
+    axes = {}
+    for scope in sorted(inside, key=len)[1:]:
+        parent = next(scope[:j] for j in range(len(scope) - 1, -1, -1) if scope[:j] in inside)
+        if inside[scope] < 0 or inside[parent] < 0:
+            axes[scope] = -1
+        elif inside[scope] != inside[parent]:
+            axes[scope] = inside[scope] - inside[parent]
+    return axes
 
 
 def _kind_of(module: nn.Module) -> str:
@@ -309,6 +390,24 @@ class LinenLayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinenSavedSpec:
+    """A ``modules_to_save`` module: each listed adapter keeps a full copy of its params.
+
+    Attributes:
+      name: the dotted module name.
+      path: where its params sit (the copies are at ``path + ("modules_to_save", adapter)``).
+      adapters: the adapters with a copy.
+      kinds: ``(path inside the module, kind)`` of its sub-modules (``()`` for itself), which
+        picks the torch layout of each kernel in the PEFT file.
+    """
+
+    name: str
+    path: tuple[str, ...]
+    adapters: tuple[str, ...]
+    kinds: tuple[tuple[tuple[str, ...], str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class LinenLoraSpec:
     """Which Linen layers carry which adapters, with their settings: static config for
     :func:`intercept` and :func:`merge`. Frozen and hashable, so it can be a ``jit`` static arg.
@@ -317,10 +416,19 @@ class LinenLoraSpec:
       layers: one entry per adapted layer, in discovery order.
       active: the adapters the forward applies (the first one injected, until changed with
         :meth:`with_active`).
+      saved: the ``modules_to_save`` modules.
+      bias: PEFT's ``bias`` option (``"none"``, ``"all"``, ``"lora_only"``): which base biases
+        :func:`split` and :func:`trainable_labels` put on the trainable side.
+      scan_axes: ``(scope path, n)`` for each module whose ``nn.scan``/``nn.vmap`` stacks ``n``
+        leading axes onto the params under it (``-1``: a non-leading axis); it places the layer
+        indices in PEFT file keys.
     """
 
     layers: tuple[LinenLayerSpec, ...]
     active: tuple[str, ...]
+    saved: tuple[LinenSavedSpec, ...] = ()
+    bias: str = "none"
+    scan_axes: tuple[tuple[tuple[str, ...], int], ...] = ()
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -364,7 +472,13 @@ def inject(
       params: its ``params`` collection (``variables["params"]``).
       config: the LoRA settings; ``target_modules`` names the dotted module paths (a list entry
         also matches a suffix after a dot, as in PEFT). ``"all-linear"`` means every Dense,
-        DenseGeneral and Einsum layer except one named ``lm_head``.
+        DenseGeneral and Einsum layer except one named ``lm_head``. ``modules_to_save`` (plus
+        the head PEFT adds for ``task_type="SEQ_CLS"`` etc.) gives each matched module (any
+        module with params, equal to an entry or ending in ``"." + entry``) a trainable copy of
+        its params at ``<module>/modules_to_save/<adapter_name>``, which :func:`intercept` runs
+        instead of the originals. ``bias`` only decides which base biases :func:`split` and
+        :func:`trainable_labels` treat as trainable (``"all"``: every ``bias`` leaf;
+        ``"lora_only"``: those of the targeted layers) and :func:`save_adapter` writes.
       sample_args: positional inputs for one ``module.init`` trace (only shapes matter).
       sample_kwargs: keyword inputs for that trace.
       key: the initialisation key; layer ``i`` of the targets uses ``fold_in(key, i)``.
@@ -377,10 +491,10 @@ def inject(
 
     Raises:
       ValueError: nothing matches ``target_modules`` (the closest module names are listed), the
-        adapter already exists, or ``params`` does not fit the model.
+        adapter already exists, ``params`` does not fit the model, or a second adapter asks for
+        ``bias`` other than ``"none"`` (PEFT's rule).
       TypeError: a matched module is a layer LoRA cannot adapt (names the path and class).
-      NotImplementedError: an option the Linen path does not implement (``modules_to_save``,
-        ``bias`` other than ``"none"``; DoRA, ``lora_bias`` or PiSSA/OLoRA where unsupported).
+      NotImplementedError: DoRA, ``lora_bias`` or PiSSA/OLoRA on a layer kind that lacks them.
 
     Example:
       >>> class Mlp(nn.Module):
@@ -399,16 +513,33 @@ def inject(
       (2, 3)
     """
     validate_adapter_name(adapter_name)
-    if config.modules_to_save:
-        raise NotImplementedError(f"modules_to_save={list(config.modules_to_save)} is not supported for Linen params")
-    if config.bias != "none":
-        raise NotImplementedError(f"bias={config.bias!r} is not supported for Linen params; use bias='none'")
-    layers = discover_layers(module, *sample_args, **(sample_kwargs or {}))
+    config = add_task_modules_to_save(config)
+    layers, scan_axes = _trace(module, *sample_args, **(sample_kwargs or {}))
     if is_all_linear(config.target_modules):
         linear = [n for n, i in layers.items() if i.kind in _LINEAR_KINDS]
         output = "lm_head" if "lm_head" in layers else None
         config = dataclasses.replace(config, target_modules=tuple(expand_all_linear(linear, output, config.task_type)))
-    targets = match_modules(config, list(layers))
+    targets = {name: config.scaling_for(name) for name in match_modules(config, list(layers))}
+    wanted = config.modules_to_save or ()
+    # as PEFT: a module is saved when its name equals an entry or ends with "." + entry
+    saved = [n for n in layers if any(n == m or n.endswith("." + m) for m in wanted)]
+    return _inject(params, config, layers, scan_axes, targets, saved, key=key, adapter_name=adapter_name, spec=spec)
+
+
+def _inject(
+    params: Mapping,
+    config: LoraConfig,
+    layers: Mapping[str, LayerInfo],
+    scan_axes: Mapping[tuple[str, ...], int],
+    targets: Mapping[str, tuple[int, int | float, float]],
+    saved: Sequence[str],
+    *,
+    key: jax.Array,
+    adapter_name: str,
+    spec: LinenLoraSpec | None,
+) -> tuple[dict, LinenLoraSpec]:
+    """:func:`inject` once the targets (with their ``(r, alpha, scaling)``) and the
+    ``modules_to_save`` names are resolved; every check runs before the first change."""
     bad = [layers[n] for n in targets if layers[n].reason is not None]
     if bad:
         listed = "; ".join(f"{i.name} ({i.cls}): {i.reason}" for i in bad[:10])
@@ -417,14 +548,19 @@ def inject(
     previous = {layer.name: layer for layer in spec.layers} if spec is not None else {}
     if spec is not None and adapter_name in spec.adapter_names:
         raise ValueError(f"adapter {adapter_name!r} already exists; existing: {list(spec.adapter_names)}")
+    if spec is not None and config.bias != "none":
+        raise ValueError(
+            f"bias={config.bias!r} on a second adapter: the base biases are shared, so (as in PEFT) only "
+            "one adapter may train them; use bias='none' for every adapter but the first"
+        )
+    _check_saved(saved, layers, params, adapter_name)
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower() in ("gaussian", "olora"):  # PEFT ignores their case
         init = init.lower()
     new_params = params
     new_layers = dict(previous)
-    for i, name in enumerate(targets):
+    for i, (name, (r, alpha, scaling)) in enumerate(targets.items()):
         info = layers[name]
-        r, alpha, scaling = config.scaling_for(name)
         lora = LoraSpec(
             r=r,
             alpha=alpha,
@@ -452,8 +588,42 @@ def inject(
             out_perm=info.out_perm,
         )
         new_layers[name] = dataclasses.replace(layer, adapters=layer.adapters + ((adapter_name, lora),))
+
+    new_saved = {s.name: s for s in spec.saved} if spec is not None else {}
+    for name in saved:
+        info = layers[name]
+        node = _get(new_params, info.path)
+        # a real copy: a train step that donates the trainable buffers must not free the frozen original
+        copy = jax.tree.map(lambda v: jnp.array(v, copy=True), dict(split(node).base))  # no adapter leaves
+        updated = dict(node)
+        updated[SAVED_KEY] = {**updated.get(SAVED_KEY, {}), adapter_name: copy}
+        new_params = _set(new_params, info.path, _like(node, updated))
+        kinds = tuple(
+            (i.path[len(info.path) :], i.kind) for i in layers.values() if i.path[: len(info.path)] == info.path
+        )
+        entry = new_saved.get(name) or LinenSavedSpec(name=name, path=info.path, adapters=(), kinds=kinds)
+        new_saved[name] = dataclasses.replace(entry, adapters=entry.adapters + (adapter_name,))
+
     active = spec.active if spec is not None else (adapter_name,)
-    return new_params, LinenLoraSpec(layers=tuple(new_layers.values()), active=active)
+    return new_params, LinenLoraSpec(
+        layers=tuple(new_layers.values()),
+        active=active,
+        saved=tuple(new_saved.values()),
+        bias=spec.bias if spec is not None else config.bias,
+        scan_axes=tuple(sorted(scan_axes.items())),
+    )
+
+
+def _check_saved(saved: Sequence[str], layers: Mapping[str, LayerInfo], params: Mapping, adapter_name: str) -> None:
+    for name in saved:
+        node = _get(params, layers[name].path)
+        if not isinstance(node, Mapping) or not any(k != SAVED_KEY for k in node):
+            raise ValueError(f"modules_to_save: {name} has no params to copy (params/{'/'.join(layers[name].path)})")
+        if adapter_name in (node.get(SAVED_KEY) or {}):
+            raise ValueError(f"adapter {adapter_name!r} already has a modules_to_save copy of {name}")
+        inner = [o for o in saved if o != name and o.startswith(name + ".")]
+        if inner:
+            raise ValueError(f"modules_to_save matches both {name} and modules inside it ({', '.join(inner)})")
 
 
 def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name: str) -> None:
@@ -552,14 +722,35 @@ def intercept(spec: LinenLoraSpec):
       >>> bool(jnp.allclose(jax.jit(forward)(params, x), merged, atol=1e-5))
       True
 
+    A ``modules_to_save`` module's ``__call__`` runs a parentless clone of the module on the
+    active adapter's params copy, with its other collections (read-only) and fresh keys for its
+    rng streams; its other methods (``Embed.attend``) keep the original params, as PEFT's
+    wrapper forwards only ``forward``.
+
     Args:
       spec: from :func:`inject`.
+
+    Raises:
+      ValueError: two active adapters each have a ``modules_to_save`` copy of one module (PEFT
+        refuses that too).
     """
     layers = {layer.name: layer for layer in spec.layers}
     active = spec.active
+    copies = {}
+    for saved in spec.saved:
+        live = [n for n in active if n in saved.adapters]
+        if len(live) > 1:
+            raise ValueError(f"active adapters {live} each have a modules_to_save copy of {saved.name}; activate one")
+        if live:
+            copies[saved.name] = live[0]
 
     def interceptor(next_fun, args, kwargs, ctx):
-        layer = layers.get(".".join(str(p) for p in ctx.module.path)) if ctx.method_name == "__call__" else None
+        if ctx.method_name != "__call__" or _busy.__dict__.get("suspended", 0):
+            return next_fun(*args, **kwargs)
+        name = ".".join(str(p) for p in ctx.module.path)
+        if name in copies:
+            return _run_saved_copy(ctx.module, name, copies[name], args, kwargs)
+        layer = layers.get(name)
         busy = _busy.__dict__.setdefault("modules", set())
         if layer is None or id(ctx.module) in busy:  # a subclass calling super().__call__ adds once
             return next_fun(*args, **kwargs)
@@ -573,6 +764,25 @@ def intercept(spec: LinenLoraSpec):
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def _run_saved_copy(module: nn.Module, name: str, adapter: str, args, kwargs):
+    store = module.get_variable("params", SAVED_KEY)
+    if store is None or adapter not in store:
+        raise ValueError(
+            f"{name}: params have no {SAVED_KEY}/{adapter}; apply the model with the params that "
+            "inject returned (or combine(base, adapters))"
+        )
+    others = {c: v for c, v in module.variables.items() if c != "params"}
+    rngs = {k: module.make_rng(k) for k in module.scope.rngs}
+    # The clone's sub-modules have paths relative to it, which could collide with targeted
+    # names; nothing inside a saved module is targeted, so interception pauses while it runs.
+    _busy.suspended = _busy.__dict__.get("suspended", 0) + 1
+    try:
+        clone = module.clone(parent=None)
+        return clone.apply({"params": store[adapter], **others}, *args, rngs=rngs or None, **kwargs)
+    finally:
+        _busy.suspended -= 1
 
 
 class _Call(NamedTuple):
@@ -723,8 +933,9 @@ def merge(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | N
 
     ``W' = W + s * dW`` per adapter, in order; DoRA rescales each output unit to its magnitude,
     and ``lora_bias`` adds ``s * b`` to the base bias. Stacked scan axes are handled per layer.
-    ``model.apply({"params": merge(params, spec)}, x)`` without :func:`intercept` then equals
-    the intercepted forward with these adapters active.
+    A ``modules_to_save`` module takes the chosen adapter's copy of its params. ``model.apply(
+    {"params": merge(params, spec)}, x)`` without :func:`intercept` then equals the intercepted
+    forward with these adapters active.
 
     Args:
       params: params holding the adapters (from :func:`inject` or :func:`combine`).
@@ -735,7 +946,7 @@ def merge(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | N
       New base params (the input is not modified).
 
     Raises:
-      ValueError: an unknown adapter name.
+      ValueError: an unknown adapter name, or two chosen adapters with copies of one module.
     """
     names = spec.active if adapter_names is None else tuple(adapter_names)
     unknown = [n for n in names if n not in spec.adapter_names]
@@ -756,6 +967,12 @@ def merge(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | N
         if with_bias:
             updated["bias"] = _rebox(bias, new_bias)
         out = _set(out, layer.path, _like(node, updated))
+    for saved in spec.saved:
+        chosen = [n for n in names if n in saved.adapters]
+        if len(chosen) > 1:
+            raise ValueError(f"adapters {chosen} each have a modules_to_save copy of {saved.name}; merge one")
+        if chosen:  # the trained copy replaces the module's params, as PEFT's merge_and_unload does
+            out = _set(out, saved.path, _like(_get(out, saved.path), dict(_get(out, saved.path)[SAVED_KEY][chosen[0]])))
     return split(out).base
 
 
@@ -806,14 +1023,19 @@ def _over_stack(fn, n: int):
 
 
 class SplitParams(NamedTuple):
-    """``params`` split in two: the frozen base and the adapter leaves, both with the same nesting."""
+    """``params`` split in two: the frozen base and the trainable leaves, both with the same nesting."""
 
     base: Any
     adapters: Any
 
 
-def split(params: Mapping) -> SplitParams:
-    """Splits params into ``(base, adapters)``: ``adapters`` holds exactly the ``lora_*`` subtrees.
+def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
+    """Splits params into ``(base, adapters)``: the frozen base and what trains.
+
+    ``adapters`` holds the ``lora_*`` and ``modules_to_save`` subtrees and, when ``spec`` has
+    PEFT's ``bias="all"`` / ``"lora_only"``, those base ``bias`` leaves (moved, not copied: they
+    are missing from ``base``, and :func:`combine` puts them back). Without ``spec`` every bias
+    stays in ``base``.
 
     Example:
       >>> base, adapters = split({"q": {"kernel": 1, "lora_A": {"default": 2}}, "o": {"kernel": 3}})
@@ -822,22 +1044,25 @@ def split(params: Mapping) -> SplitParams:
       >>> adapters
       {'q': {'lora_A': {'default': 2}}}
     """
+    trains_bias = _bias_rule(spec)
 
-    def go(node):
+    def go(node, path):
         base, adapters = {}, {}
         for k, v in node.items():
-            if k in ADAPTER_KEYS:
+            if k in TRAINABLE_KEYS:
                 adapters[k] = v
             elif isinstance(v, Mapping):
-                b, a = go(v)
+                b, a = go(v, path + (k,))
                 base[k] = b
                 if a:
                     adapters[k] = _like(v, a)
+            elif k == "bias" and trains_bias(path):
+                adapters[k] = v
             else:
                 base[k] = v
         return _like(node, base), adapters
 
-    base, adapters = go(params)
+    base, adapters = go(params, ())
     return SplitParams(base, _like(params, adapters))
 
 
@@ -853,7 +1078,7 @@ def combine(base: Mapping, adapters: Mapping) -> dict:
         for k, v in a.items():
             if k not in out:
                 out[k] = v
-            elif isinstance(out[k], Mapping) and isinstance(v, Mapping) and k not in ADAPTER_KEYS:
+            elif isinstance(out[k], Mapping) and isinstance(v, Mapping) and k not in TRAINABLE_KEYS:
                 out[k] = go(out[k], v, path + (k,))
             else:
                 raise ValueError(f"both trees hold params/{'/'.join(path + (k,))}")
@@ -862,23 +1087,555 @@ def combine(base: Mapping, adapters: Mapping) -> dict:
     return go(base, adapters, ())
 
 
-def trainable_labels(params: Mapping) -> Any:
-    """``"trainable"`` for adapter leaves, ``"frozen"`` for the rest, in ``params``' structure.
+def trainable_labels(params: Mapping, spec: LinenLoraSpec | None = None) -> Any:
+    """``"trainable"`` for what :func:`split` puts in ``adapters``, ``"frozen"`` for the rest.
 
-    For ``optax.multi_transform`` (alias ``optax.partition``): with ``set_to_zero`` on the frozen
-    label the optimizer keeps no state for the base.
+    In ``params``' structure, for ``optax.multi_transform`` (alias ``optax.partition``): with
+    ``set_to_zero`` on the frozen label the optimizer keeps no state for the base. Pass ``spec``
+    so that PEFT's ``bias="all"`` / ``"lora_only"`` biases are labelled trainable.
 
     Example:
       >>> trainable_labels({"q": {"kernel": 1, "lora_A": {"default": 2}}})
       {'q': {'kernel': 'frozen', 'lora_A': {'default': 'trainable'}}}
     """
+    trains_bias = _bias_rule(spec)
 
-    def go(node, label):
+    def go(node, label, path):
         if isinstance(node, Mapping):
-            return _like(node, {k: go(v, TRAINABLE if k in ADAPTER_KEYS else label) for k, v in node.items()})
+            out = {}
+            for k, v in node.items():
+                trains = k in TRAINABLE_KEYS or (k == "bias" and not isinstance(v, Mapping) and trains_bias(path))
+                out[k] = go(v, TRAINABLE if trains else label, path + (k,))
+            return _like(node, out)
         return jax.tree.map(lambda _: label, node)
 
-    return go(params, FROZEN)
+    return go(params, FROZEN, ())
+
+
+def _bias_rule(spec: LinenLoraSpec | None):
+    """``module path -> bool``: whether that module's base ``bias`` trains under ``spec.bias``."""
+    if spec is None or spec.bias == "none":
+        return lambda path: False
+    saved = [entry.path for entry in spec.saved]  # their copies train instead
+
+    def outside_saved(path):
+        return not any(path[: len(p)] == p for p in saved)
+
+    if spec.bias == "all":
+        return outside_saved
+    targeted = {layer.path for layer in spec.layers}
+    return lambda path: path in targeted and outside_saved(path)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT files
+
+
+LINEN_KEY_MAPPING: dict[str, str] = {r"_(\d+)(?=\.|$)": r".\1"}
+r"""The default ``key_mapping``: Linen's auto-names (``layers_0``, ``Dense_1``) become torch's
+numbered children (``layers.0``, ``Dense.1``); ``re.sub(r"_(\d+)(?=\.|$)", r".\1", name)``."""
+
+
+class _Slot(NamedTuple):
+    """One params leaf and the PEFT file keys of its stacked copies (C order)."""
+
+    path: tuple[str, ...]  # in params
+    keys: tuple[str, ...]  # full file keys, one per stacked copy
+    n_stacked: int
+    to_torch: Any  # one copy, Linen layout -> torch layout (NumPy)
+    from_torch: Any
+    required: bool  # reported missing when the file lacks it
+    note: str = ""  # added to shape errors
+
+
+def save_adapter(
+    directory: str | os.PathLike,
+    params: Mapping,
+    spec: LinenLoraSpec,
+    config: LoraConfig,
+    *,
+    adapter_name: str = "default",
+    key_mapping: KeyMapping = None,
+) -> Path:
+    """Writes adapter ``adapter_name`` as HF PEFT files that ``PeftModel.from_pretrained`` loads.
+
+    ``adapter_config.json`` (every LoraConfig field) and ``adapter_model.safetensors`` (float32
+    adapter weights, ``{"format": "pt"}`` metadata) are written atomically; ``default`` goes into
+    ``directory``, any other name into ``directory/<adapter_name>``, as PEFT lays them out.
+
+    Keys are ``base_model.model.<torch module name>.<suffix>`` in torch layouts: Dense,
+    DenseGeneral and Einsum (flattened) ``lora_A.weight [r, in]`` / ``lora_B.weight [out, r]``;
+    Embed ``lora_embedding_A [r, num]`` / ``lora_embedding_B [dim, r]``; Conv ``lora_A.weight
+    [r, in, *k]`` / ``lora_B.weight [out, r, 1, ...]``; ``lora_B.bias [out]`` (``lora_bias``);
+    ``lora_magnitude_vector`` (DoRA; ``[1, out, 1, ...]`` for Conv). ``bias="lora_only"``
+    adds ``<layer>.base_layer.bias``; ``"all"`` also ``<module>.bias`` for every other bias.
+    A ``modules_to_save`` copy is written as the module's own torch params (``<module>.weight``
+    from a ``kernel`` (transposed), ``embedding`` or ``scale``; ``<module>.bias``).
+
+    The torch module name is ``key_mapping`` applied to the dotted params path, after a stacked
+    layer's indices are put right after the name of the module that scans it: adapter
+    ``[L, ...]`` at ``layers/q_proj`` (an ``nn.scan`` named ``layers``) gives the keys of
+    ``layers.0.q_proj`` ... ``layers.{L-1}.q_proj``; nested scans give one index each. The
+    default ``key_mapping`` is :data:`LINEN_KEY_MAPPING` (``dense_0`` -> ``dense.0``); pass a
+    callable or ``{regex: replacement}`` (applied in order; ``{}`` for none) otherwise.
+
+    The config is written with the torch names: ``target_modules`` lists every adapted module
+    in full (as PEFT writes ``"all-linear"``), ``rank_pattern``/``alpha_pattern`` list the
+    modules whose rank/alpha differ from ``r``/``lora_alpha``, and ``modules_to_save`` names
+    the saved modules; ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` are
+    cleared, since the list is already resolved.
+
+    Args:
+      directory: where to write (created if missing).
+      params: params holding the adapter (from :func:`inject`, :func:`combine`).
+      spec: from :func:`inject`.
+      config: the config given to :func:`inject` for this adapter.
+      adapter_name: the adapter to write.
+      key_mapping: Linen params path (dotted, indices inserted) -> torch module name.
+
+    Returns:
+      The directory the files went to.
+
+    Raises:
+      ValueError: an unknown adapter, params that lack its weights, a ``config`` whose
+        ``use_rslora``/``use_dora``/``lora_bias`` disagree with the spec, or a ``key_mapping``
+        that sends two params to one key.
+      NotImplementedError: a ``modules_to_save`` kernel with no torch layout (DenseGeneral,
+        Einsum), or a module scanned on a non-leading axis.
+    """
+    validate_adapter_name(adapter_name)
+    if adapter_name not in spec.adapter_names:
+        raise ValueError(f"unknown adapter {adapter_name!r}; known: {list(spec.adapter_names)}")
+    file_config = _config_for_file(config, spec, params, adapter_name, key_mapping)
+    tensors = {}
+    for slot in _file_slots(params, spec, adapter_name, key_mapping, bias=config.bias, loading=False):
+        value = np.asarray(jax.device_get(flax_meta.unbox(_get(params, slot.path))))
+        copies = value.reshape((-1,) + value.shape[slot.n_stacked :])
+        for key, one in zip(slot.keys, copies, strict=True):
+            tensors[key] = np.ascontiguousarray(slot.to_torch(one))
+    out = adapter_dir(directory, adapter_name)
+    write_adapter(out, file_config, tensors)
+    return out
+
+
+def load_adapter(
+    directory: str | os.PathLike,
+    module: nn.Module | None,
+    params: Mapping,
+    *,
+    sample_args: Sequence[Any] = (),
+    sample_kwargs: Mapping[str, Any] | None = None,
+    spec: LinenLoraSpec | None = None,
+    adapter_name: str = "default",
+    key_mapping: KeyMapping = None,
+    config: LoraConfig | None = None,
+    key: jax.Array | None = None,
+    allow_pickle: bool = False,
+) -> tuple[dict, LinenLoraSpec]:
+    """Reads HF PEFT files (PEFT's or :func:`save_adapter`'s) into Linen params; pure.
+
+    When ``spec`` does not hold ``adapter_name`` yet, the adapter is first injected as the
+    file's ``adapter_config.json`` says: its ``target_modules``, ``modules_to_save``,
+    ``rank_pattern`` ... are matched against the torch names of ``module``'s layers (see
+    :func:`save_adapter` for the naming); the weights then replace the init values. Keys the
+    file lacks keep them (warned, as PEFT's "Found missing adapter keys"), and keys nothing
+    uses are warned about. Saved base biases (``base_layer.bias``, ``bias``) and base weights
+    (``base_layer.weight``) are loaded into the base params, whatever the ``bias`` option.
+
+    Args:
+      directory: the adapter directory itself (PEFT reads a non-``default`` adapter from its
+        subfolder only when you name it, and so does this).
+      module: the Linen model; only needed to inject (``None`` if ``spec`` has the adapter).
+      params: the model's params (with or without adapters).
+      sample_args: positional inputs for the tracing ``init`` (only shapes matter).
+      sample_kwargs: keyword inputs for it.
+      spec: the spec of adapters already injected (from :func:`inject` or a previous load); a
+        new adapter joins it without becoming active, as PEFT's ``load_adapter``.
+      adapter_name: the name to store the adapter under.
+      key_mapping: as in :func:`save_adapter`.
+      config: use this config instead of the file's.
+      key: the init key for the injection (weights the file lacks keep these values).
+      allow_pickle: accept ``adapter_model.bin`` (a pickle) when no safetensors file exists.
+
+    Returns:
+      ``(params, spec)``.
+
+    Raises:
+      FileNotFoundError: no ``adapter_config.json`` or weights file (names the path).
+      AdapterFileError: (a ValueError) a tensor whose shape disagrees (names the key, the
+        expected and the found shape) or that is not a float tensor.
+      ValueError: the config targets none of the model's layers (the closest torch names are
+        listed).
+      NotImplementedError: the file treats the stacked copies of a scanned layer differently
+        (``layers_to_transform``, per-layer ranks), which one Linen layer cannot hold.
+    """
+    directory = Path(directory)
+    validate_adapter_name(adapter_name)
+    if config is None:
+        config = _read_config(directory, adapter_name)
+    tensors = read_adapter_weights(directory, allow_pickle=allow_pickle)
+    mapping = LINEN_KEY_MAPPING if key_mapping is None else key_mapping
+    if spec is None or adapter_name not in spec.adapter_names:
+        if module is None:
+            raise ValueError(f"adapter {adapter_name!r} is not in the spec yet; pass the Linen module to inject it")
+        layers, scan_axes = _trace(module, *sample_args, **(sample_kwargs or {}))
+        linen_config, targets, saved = _targets_from_file(config, layers, scan_axes, params, mapping, directory)
+        key = jax.random.key(0) if key is None else key
+        params, spec = _inject(
+            params, linen_config, layers, scan_axes, targets, saved, key=key, adapter_name=adapter_name, spec=spec
+        )
+    slots = _file_slots(params, spec, adapter_name, mapping, bias="all", loading=True)
+    params, missing, unexpected = _fill(params, slots, tensors, str(directory))
+    if missing:
+        warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}", stacklevel=2)
+    if unexpected:
+        warnings.warn(
+            f"{directory}: ignored {len(unexpected)} keys that match nothing in the model: {unexpected[:10]}",
+            stacklevel=2,
+        )
+    return params, spec
+
+
+def _read_config(directory: Path, adapter_name: str) -> LoraConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        hint = ""
+        if (directory / adapter_name / CONFIG_NAME).is_file():
+            hint = f"; adapter {adapter_name!r} is in {directory / adapter_name} (PEFT's folder for it)"
+        raise FileNotFoundError(f"adapter config not found: {path}{hint}")
+    return LoraConfig.from_pretrained(directory)
+
+
+def _config_for_file(
+    config: LoraConfig, spec: LinenLoraSpec, params: Mapping, adapter_name: str, key_mapping: KeyMapping
+) -> LoraConfig:
+    mapping = LINEN_KEY_MAPPING if key_mapping is None else key_mapping
+    scan = dict(spec.scan_axes)
+    layers = [(layer, layer.adapter[adapter_name]) for layer in spec.layers if adapter_name in layer.adapter]
+    bad = []
+    for layer, s in layers:
+        expected = s.alpha / math.sqrt(s.r) if config.use_rslora else s.alpha / s.r
+        same = math.isclose(s.scaling, expected, rel_tol=1e-6)
+        if not same or s.use_dora != bool(config.use_dora) or s.lora_bias != bool(config.lora_bias):
+            bad.append(layer.name)
+    if bad:
+        raise ValueError(
+            f"config does not describe adapter {adapter_name!r}: its use_rslora/use_dora/lora_bias disagree "
+            f"with how {bad[:5]} were injected; pass the config given to inject"
+        )
+    names = {layer.name: _file_names(layer.path, layer.stacked, scan, mapping) for layer, _ in layers}
+    rank = {n: s.r for layer, s in layers for n in names[layer.name] if s.r != config.r}
+    alpha = {n: s.alpha for layer, s in layers for n in names[layer.name] if s.alpha != config.lora_alpha}
+    saved = []
+    for entry in spec.saved:
+        copy = _get(params, entry.path + (SAVED_KEY, adapter_name)) if adapter_name in entry.adapters else None
+        first = _first_leaf(copy) if copy is not None else None
+        if first is not None:
+            stacked = first[1][: sum(_index_slots(entry.path, scan).values())]
+            saved += _file_names(entry.path, stacked, scan, mapping)
+    return dataclasses.replace(
+        config,
+        target_modules=tuple(n for layer, _ in layers for n in names[layer.name]),
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        rank_pattern=rank,
+        alpha_pattern=alpha,
+        modules_to_save=tuple(saved) or None,
+    )
+
+
+def _index_slots(path: tuple[str, ...], scan: Mapping[tuple[str, ...], int]) -> dict[int, int]:
+    """``{j: n}``: ``n`` layer indices go after ``path[j - 1]``, the module whose scan adds them."""
+    out = {}
+    for j in range(1, len(path) + 1):
+        n = scan.get(path[:j], 0)
+        if n < 0:
+            raise NotImplementedError(
+                f"{'.'.join(path[:j])} stacks its params on a non-leading axis; PEFT file keys need the layer "
+                "axis first (nn.scan/nn.vmap with variable_axes={'params': 0})"
+            )
+        if n:
+            out[j] = n
+    return out
+
+
+def _stacked_of(path, scan, leaf) -> tuple[int, ...]:
+    """The stacked sizes of ``leaf``, a param of the module at ``path``."""
+    return tuple(np.shape(leaf)[: sum(_index_slots(path, scan).values())])
+
+
+def _file_names(path: tuple[str, ...], stacked: tuple[int, ...], scan, mapping: KeyMapping) -> list[str]:
+    """The torch module name of each stacked copy of the module at ``path`` (C order)."""
+    slots = _index_slots(path, scan)
+    if sum(slots.values()) != len(stacked):
+        raise ValueError(
+            f"params/{'/'.join(path)} has {len(stacked)} stacked axes, but the traced model stacks "
+            f"{sum(slots.values())} there; use the spec that inject returned for this model"
+        )
+    names = []
+    for index in itertools.product(*(range(n) for n in stacked)):
+        it, parts = iter(index), []
+        for j, segment in enumerate(path, 1):
+            parts.append(segment)
+            parts.extend(str(next(it)) for _ in range(slots.get(j, 0)))
+        names.append(map_name(".".join(parts), mapping))
+    return names
+
+
+def _same(a):
+    return a
+
+
+def _t(a):
+    return a.T
+
+
+def _kernel_to_torch(a):  # conv [*k, in, out] -> [out, in, *k]
+    nd = a.ndim - 2
+    return np.transpose(a, (nd + 1, nd, *range(nd)))
+
+
+def _kernel_from_torch(t):
+    nd = t.ndim - 2
+    return np.transpose(t, (*range(2, nd + 2), 1, 0))
+
+
+def _layer_layout(layer: LinenLayerSpec) -> dict[str, tuple[str, Any, Any]]:
+    """``{params key: (file suffix, to_torch, from_torch)}`` of one layer's adapter weights."""
+    if layer.kind == "embed":
+        return {"lora_A": ("lora_embedding_A", _t, _t), "lora_B": ("lora_embedding_B", _t, _t)}
+    if layer.kind == "conv":
+        ones = (1,) * (len(layer.in_shape) - 1)
+        return {
+            "lora_A": ("lora_A.weight", _kernel_to_torch, _kernel_from_torch),
+            "lora_B": ("lora_B.weight", lambda b: b.T.reshape(b.T.shape + ones), lambda t: t.reshape(t.shape[:2]).T),
+            "lora_B_bias": ("lora_B.bias", _same, _same),
+            "lora_magnitude_vector": ("lora_magnitude_vector", lambda m: m.reshape((1, -1) + ones), np.ravel),
+        }
+    return {  # dense, and dense_general / einsum flattened to [prod(in), prod(out)]
+        "lora_A": ("lora_A.weight", _t, _t),
+        "lora_B": ("lora_B.weight", _t, _t),
+        "lora_B_bias": ("lora_B.bias", _same, _same),
+        "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same),
+    }
+
+
+def _base_layout(layer: LinenLayerSpec, leaf: str) -> tuple[Any, Any] | None:
+    """A targeted layer's own ``bias`` / kernel in the torch layout its adapter implies."""
+    if leaf == "bias":  # flat, in B's output order (an einsum's bias is in output order)
+        perm = layer.out_perm
+        shown = tuple(layer.out_shape[p] for p in perm)
+        return (
+            lambda b: np.transpose(b.reshape(shown), np.argsort(perm)).reshape(-1),
+            lambda t: np.transpose(t.reshape(layer.out_shape), perm),
+        )
+    return {"dense": (_t, _t), "embed": (_same, _same), "conv": (_kernel_to_torch, _kernel_from_torch)}.get(layer.kind)
+
+
+def _saved_layout(saved: LinenSavedSpec, rel: tuple[str, ...], ndim: int) -> tuple[str, Any, Any]:
+    """``(torch name, to_torch, from_torch)`` of one leaf of a ``modules_to_save`` copy."""
+    leaf = rel[-1]
+    if leaf == "kernel":
+        kind = dict(saved.kinds).get(rel[:-1])
+        if kind == "conv":
+            return "weight", _kernel_to_torch, _kernel_from_torch
+        if ndim == 2:
+            return "weight", _t, _t
+        where = ".".join((*saved.path, *rel))
+        raise NotImplementedError(
+            f"modules_to_save: {where} is a {ndim}-d {kind or 'unknown'} kernel with no torch layout"
+        )
+    if leaf in ("embedding", "scale"):
+        return "weight", _same, _same
+    return leaf, _same, _same
+
+
+def _file_slots(
+    params: Mapping, spec: LinenLoraSpec, adapter_name: str, key_mapping: KeyMapping, *, bias: str, loading: bool
+) -> list[_Slot]:
+    """Every params leaf that adapter ``adapter_name``'s PEFT file holds (or, loading, may hold)."""
+    mapping = LINEN_KEY_MAPPING if key_mapping is None else key_mapping
+    scan = dict(spec.scan_axes)
+    slots: list[_Slot] = []
+
+    def add(where, module_path, suffix, leaf, to_torch, from_torch, required, note=""):
+        stacked = _stacked_of(module_path, scan, flax_meta.unbox(leaf))
+        keys = tuple(f"{PREFIX}{n}.{suffix}" for n in _file_names(module_path, stacked, scan, mapping))
+        slots.append(_Slot(where, keys, len(stacked), to_torch, from_torch, required, note))
+
+    wrapped = {layer.path: layer for layer in spec.layers}  # PEFT wraps them whichever adapter they hold
+    for layer in spec.layers:
+        if adapter_name not in layer.adapter:
+            continue
+        node = _get(params, layer.path)
+        if not isinstance(node, Mapping) or adapter_name not in (node.get("lora_A") or {}):
+            raise ValueError(
+                f"{layer.name}: params/{'/'.join(layer.path)} has no lora_A/{adapter_name}; pass the params "
+                "that inject returned (or combine(base, adapters))"
+            )
+        note = f" (r={layer.adapter[adapter_name].r})"
+        for k, (suffix, to_torch, from_torch) in _layer_layout(layer).items():
+            if adapter_name in (node.get(k) or {}):
+                leaf = node[k][adapter_name]
+                add(layer.path + (k, adapter_name), layer.path, suffix, leaf, to_torch, from_torch, True, note)
+        if loading and layer.kernel_name in node and _base_layout(layer, "kernel"):
+            add(layer.path + (layer.kernel_name,), layer.path, "base_layer.weight", node[layer.kernel_name],
+                *_base_layout(layer, "kernel"), False)  # fmt: skip
+
+    saved_paths = [entry.path for entry in spec.saved]
+    if bias != "none" or loading:
+        for path in _bias_owners(params):
+            if any(path[: len(p)] == p for p in saved_paths):  # its copy's bias is saved instead
+                continue
+            leaf = _get(params, path + ("bias",))
+            if path in wrapped:
+                add(path + ("bias",), path, "base_layer.bias", leaf, *_base_layout(wrapped[path], "bias"), False)
+            elif bias == "all":
+                add(path + ("bias",), path, "bias", leaf, _same, _same, False)
+
+    for entry in spec.saved:
+        if adapter_name not in entry.adapters:
+            continue
+        where = entry.path + (SAVED_KEY, adapter_name)
+        copy = _get(params, where)
+        if not isinstance(copy, Mapping):
+            raise ValueError(
+                f"modules_to_save: params/{'/'.join(where)} is missing; pass the params that inject returned"
+            )
+        for rel, leaf in _leaves(copy):
+            module_path = entry.path + rel[:-1]
+            n = len(_stacked_of(module_path, scan, flax_meta.unbox(leaf)))
+            name, to_torch, from_torch = _saved_layout(entry, rel, np.ndim(flax_meta.unbox(leaf)) - n)
+            add(where + rel, module_path, name, leaf, to_torch, from_torch, True)
+
+    seen: dict[str, tuple[str, ...]] = {}
+    clashes = []
+    for slot in slots:
+        for k in slot.keys:
+            if k in seen and seen[k] != slot.path:
+                clashes.append(f"{k} <- params/{'/'.join(seen[k])} and params/{'/'.join(slot.path)}")
+            seen[k] = slot.path
+    if clashes:
+        raise ValueError(f"key_mapping gives several params one PEFT key: {clashes[:5]}")
+    return slots
+
+
+def _bias_owners(params: Mapping) -> list[tuple[str, ...]]:
+    """The module paths holding a base ``bias`` leaf (outside adapter subtrees)."""
+    out = []
+
+    def go(node, path):
+        for k, v in node.items():
+            if k in TRAINABLE_KEYS:
+                continue
+            if isinstance(v, Mapping):
+                go(v, path + (k,))
+            elif k == "bias":
+                out.append(path)
+
+    go(params, ())
+    return out
+
+
+def _leaves(tree: Mapping, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out += _leaves(v, path + (k,))
+        else:
+            out.append((path + (k,), v))
+    return out
+
+
+def _fill(params: Mapping, slots: list[_Slot], tensors: Mapping[str, np.ndarray], source: str):
+    """Sets each slot's leaf from the file; returns ``(params, missing keys, unexpected keys)``."""
+    # keys without the prefix are accepted too, as PEFT accepts them from inject_adapter_in_model
+    by_key = {k if k.startswith(PREFIX) else PREFIX + k: v for k, v in tensors.items()}
+    used, missing = set(), []
+    out = params
+    for slot in slots:
+        boxed = _get(out, slot.path)
+        current = flax_meta.unbox(boxed)
+        shape = tuple(np.shape(current))
+        one = shape[slot.n_stacked :]
+        expected = tuple(slot.to_torch(np.broadcast_to(np.zeros((), np.float32), one)).shape)
+        present = [k for k in slot.keys if k in by_key]
+        if slot.required:
+            missing += [k for k in slot.keys if k not in by_key]
+        if not present:
+            continue
+        copies = np.array(jax.device_get(current)).reshape((-1,) + one)
+        for i, k in enumerate(slot.keys):
+            if k not in by_key:
+                continue
+            value = by_key[k]
+            if not jnp.issubdtype(value.dtype, jnp.floating):
+                raise AdapterFileError(f"{source}: {k}: expected a float tensor, found dtype {value.dtype}")
+            if tuple(value.shape) != expected:
+                raise AdapterFileError(
+                    f"{source}: {k}: expected shape {list(expected)}{slot.note}, found {list(value.shape)}"
+                )
+            copies[i] = np.asarray(slot.from_torch(np.asarray(value))).reshape(one)
+            used.add(k)
+        new = jnp.asarray(copies.reshape(shape), current.dtype)
+        if isinstance(current, jax.Array):
+            new = jax.device_put(new, current.sharding)
+        out = _set(out, slot.path, _rebox(boxed, new))
+    return out, missing, sorted(k for k in by_key if k not in used)
+
+
+def _targets_from_file(config: LoraConfig, layers, scan_axes, params, mapping, source):
+    """A file's config (torch names) -> ``(config, {linen target: (r, alpha, scaling)}, saved)``."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{source}: a {type(config).__name__} is not a LoRA adapter config")
+    config = add_task_modules_to_save(config)
+    names: dict[str, list[str]] = {}  # linen module name -> the torch name of each stacked copy
+    for name, info in layers.items():
+        node = _get(params, info.path)
+        first = _first_leaf(split(node).base) if isinstance(node, Mapping) else None
+        if first is None:
+            continue
+        try:
+            stacked = first[1][: sum(_index_slots(info.path, scan_axes).values())]
+            names[name] = _file_names(info.path, stacked, scan_axes, mapping)
+        except NotImplementedError:
+            continue
+    torch_names = {n: name for name, ns in names.items() for n in ns}
+    if config.target_modules is None:
+        raise ValueError(
+            f"{source}: target_modules is null (PEFT's default for the architecture), which a Linen model "
+            "has none of; pass config= with target_modules"
+        )
+    if is_all_linear(config.target_modules):
+        linear = [n for n, name in torch_names.items() if layers[name].kind in _LINEAR_KINDS]
+        output = "lm_head" if "lm_head" in torch_names else None
+        config = dataclasses.replace(config, target_modules=tuple(expand_all_linear(linear, output, config.task_type)))
+    hit = set(match_modules(config, list(torch_names)))
+    wanted = config.modules_to_save or ()
+    targets, saved, uneven = {}, [], []
+    for name, ns in names.items():
+        got = [n in hit for n in ns]
+        scalings = {config.scaling_for(n) for n in ns}
+        if all(got) and len(scalings) == 1:
+            targets[name] = scalings.pop()
+        elif any(got):
+            uneven.append(name)
+        keep = [any(n == m or n.endswith("." + m) for m in wanted) for n in ns]
+        if all(keep):
+            saved.append(name)
+        elif any(keep):
+            uneven.append(name)
+    if uneven:
+        raise NotImplementedError(
+            f"{source}: the adapter treats the stacked copies of {uneven[:5]} differently (layers_to_transform, "
+            "per-layer rank_pattern/alpha_pattern or modules_to_save); a scanned Linen layer holds one adapter "
+            "of one shape for all its copies"
+        )
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora")):
+        config = dataclasses.replace(config, init_lora_weights=True)  # the file holds the result; keep the base
+    return config, targets, saved
 
 
 # --------------------------------------------------------------------------------------------

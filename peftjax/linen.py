@@ -1,0 +1,74 @@
+"""LoRA for your own Flax Linen model, as pure functions on its ``params``, with HF PEFT files.
+
+The workflow (``model`` any ``nn.Module``, ``x`` a sample input):
+
+    params, spec = inject(model, params, LoraConfig(r=8, target_modules=["query", "value"]),
+                          sample_args=(x,), key=key)     # adapters added next to the kernels
+    base, adapters = split(params, spec)                 # train ``adapters``; ``base`` stays frozen
+    def forward(adapters, base, x):                      # jit this: interception acts while tracing
+        with intercept(spec):
+            return model.apply({"params": combine(base, adapters)}, x)
+    save_adapter("out", combine(base, adapters), spec, config)  # peft.PeftModel.from_pretrained reads it
+
+``load_adapter("out", model, params, sample_args=(x,))`` reads PEFT's files (or ours) back and
+returns ``(params, spec)``; ``merge(params, spec)`` folds the adapters in for serving;
+``trainable_labels(params, spec)`` labels the same leaves ``split`` puts on the trainable side, for
+``optax.multi_transform``. PEFT file keys use torch module names: the Linen params path, with the
+indices of scanned layers put after the scan's name, through ``key_mapping`` (by default
+:data:`LINEN_KEY_MAPPING`, ``dense_0`` -> ``dense.0``); see :func:`save_adapter`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from peftjax.config import LoraConfig
+    >>> from peftjax.linen import inject, intercept, split
+    >>> class Mlp(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="hidden")(x)))
+    >>> model, x = Mlp(), jnp.ones((2, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> params, spec = inject(model, params, LoraConfig(r=2, target_modules=["hidden"]),
+    ...                       sample_args=(x,), key=jax.random.key(1))
+    >>> jax.tree.map(jnp.shape, split(params, spec).adapters)
+    {'hidden': {'lora_A': {'default': (4, 2)}, 'lora_B': {'default': (2, 8)}}}
+    >>> with intercept(spec):
+    ...     model.apply({"params": params}, x).shape
+    (2, 3)
+"""
+
+from peftjax.tuners._lora_linen import (
+    LINEN_KEY_MAPPING,
+    LayerInfo,
+    LinenLayerSpec,
+    LinenLoraSpec,
+    LinenSavedSpec,
+    SplitParams,
+    combine,
+    discover_layers,
+    inject,
+    intercept,
+    load_adapter,
+    merge,
+    save_adapter,
+    split,
+    trainable_labels,
+)
+
+__all__ = [
+    "LINEN_KEY_MAPPING",
+    "LayerInfo",
+    "LinenLayerSpec",
+    "LinenLoraSpec",
+    "LinenSavedSpec",
+    "SplitParams",
+    "combine",
+    "discover_layers",
+    "inject",
+    "intercept",
+    "load_adapter",
+    "merge",
+    "save_adapter",
+    "split",
+    "trainable_labels",
+]
