@@ -2,7 +2,8 @@
 
 The public surface. HF PEFT's names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) sit beside
 the functional core for JAX users (``split``, ``combine``, ``make_train_step``, ``optax_labels``,
-``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``).
+``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``). Sharded training over device meshes
+lives in the ``peftjax.sharding`` subpackage (``make_mesh``, ``shard_model``, ``load_sharded``).
 """
 
 from peftjax.config import (
@@ -16,6 +17,7 @@ from peftjax.config import (
     PromptTuningConfig,
     TaskType,
 )
+from peftjax import sharding
 from peftjax.peft_model import PeftModel, get_peft_model
 from peftjax.training import Trainer, TrainingArguments, combine, make_train_step, optax_labels, split
 from peftjax.tuners._dropout import dropout_key
@@ -48,6 +50,7 @@ __all__ = [
     "make_train_step",
     "merge",
     "optax_labels",
+    "sharding",
     "split",
     "unload",
     "unmerge",

@@ -23,6 +23,15 @@ from peftjax.tuners._registry import tuner_for
 from peftjax.tuners._variables import TRAINABLE
 
 
+def _to_host(x):
+    """A NumPy copy of ``x``; an array split across processes is all-gathered (a collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def _count(state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
@@ -167,7 +176,11 @@ class PeftModel:
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
     ) -> None:
-        """Writes each adapter as HF PEFT does (``default`` at the top, others in subfolders)."""
+        """Writes each adapter as HF PEFT does (``default`` at the top, others in subfolders).
+
+        Sharded adapters are gathered first. On several hosts every process must call this (the
+        gather is collective) and only process 0 writes the files.
+        """
         names = selected_adapters or list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -178,7 +191,9 @@ class PeftModel:
                 self.base_model, name, config, key_mapping=self.key_mapping,
                 save_embedding_layers=save_embedding_layers,
             )
-            write_adapter(adapter_dir(save_directory, name), config, tensors)
+            tensors = {k: _to_host(v) for k, v in tensors.items()}
+            if jax.process_index() == 0:
+                write_adapter(adapter_dir(save_directory, name), config, tensors)
 
     def _config_for_saving(self, config: PeftConfig) -> PeftConfig:
         hf = getattr(getattr(self.base_model, "config", None), "hf_config", None)

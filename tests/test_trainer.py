@@ -146,7 +146,7 @@ def _run_script(out: Path, *extra: str) -> subprocess.Popen:
 
 def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path):
     straight = _run_script(tmp_path / "straight")
-    killed = _run_script(tmp_path / "killed", "--slow", "0.25")
+    killed = _run_script(tmp_path / "killed", "--slow", "0.5")
     deadline = time.time() + 240
     while time.time() < deadline:
         done = [p.name for p in list_checkpoints(tmp_path / "killed")]

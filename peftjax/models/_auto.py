@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
+from peftjax.models._scan import MODEL_OPTIONS
 
 # architecture name -> class; filled by register()
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {}
@@ -41,11 +42,14 @@ def load_config(path: str | os.PathLike, **overrides):
     supported = sorted({c for c in DEFAULT_CLASSES})
     if model_type not in DEFAULT_CLASSES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: {supported}")
+    options = {k: overrides.pop(k) for k in MODEL_OPTIONS if k in overrides}
     config, unused = AutoConfig.from_pretrained(
         str(path), local_files_only=True, return_unused_kwargs=True, **overrides
     )
     if unused:
         raise TypeError(f"{file}: {sorted(unused)} are not fields of {type(config).__name__}")
+    for k, v in options.items():  # peftjax's own options ride on the config; save_pretrained drops them
+        setattr(config, k, v)
     return config
 
 
@@ -69,7 +73,10 @@ def from_pretrained(path: str | os.PathLike, dtype=None, **config_overrides) -> 
       path: a directory with ``config.json`` and ``model.safetensors`` or
         ``model.safetensors.index.json`` plus its shards.
       dtype: parameter and compute dtype (``None``: float32).
-      **config_overrides: config fields to override, e.g. ``num_labels=2``.
+      **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
+        options: ``scan_layers=True`` (stack the decoder layers and run them with ``jax.lax.scan``;
+        Llama family) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint`` policy of
+        each layer).
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.

@@ -99,12 +99,14 @@ class BertSelfAttention(nnx.Module):
         self.value = nnx.Linear(h, h, **kw)
         self.dropout_rate = float(config.attention_probs_dropout_prob)
 
-    def __call__(self, x, mask, rng=None):
+    def __call__(self, x, mask, rng=None, prefix=None):
         # not attn.dot_product_attention: BERT drops attention probabilities, which that one never sees
         b, s, _ = x.shape
         q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.key(x).reshape(b, s, self.num_heads, self.head_dim)
         v = self.value(x).reshape(b, s, self.num_heads, self.head_dim)
+        if prefix is not None:
+            k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
@@ -128,9 +130,9 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, **kw)
         self.output = BertSelfOutput(config, **kw)
 
-    def __call__(self, x, mask, rng=None):
+    def __call__(self, x, mask, rng=None, prefix=None):
         attn_rng, out_rng = _split(rng, 2)
-        return self.output(self.self(x, mask, attn_rng), x, out_rng)
+        return self.output(self.self(x, mask, attn_rng, prefix), x, out_rng)
 
 
 class BertIntermediate(nnx.Module):
@@ -161,9 +163,9 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, **kw)
         self.output = BertOutput(config, **kw)
 
-    def __call__(self, x, mask, rng=None):
+    def __call__(self, x, mask, rng=None, prefix=None):
         attn_rng, out_rng = _split(rng, 2)
-        a = self.attention(x, mask, attn_rng)
+        a = self.attention(x, mask, attn_rng, prefix)
         return self.output(self.intermediate(a), a, out_rng)
 
 
@@ -172,9 +174,9 @@ class BertEncoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer = nnx.List([BertLayer(config, **kw) for _ in range(config.num_hidden_layers)])
 
-    def __call__(self, x, mask, rng=None):
-        for layer, layer_rng in zip(self.layer, _split(rng, len(self.layer))):
-            x = layer(x, mask, layer_rng)
+    def __call__(self, x, mask, rng=None, prefix_kv=None):
+        for i, (layer, layer_rng) in enumerate(zip(self.layer, _split(rng, len(self.layer)))):
+            x = layer(x, mask, layer_rng, None if prefix_kv is None else prefix_kv[i])
         return x
 
 
@@ -253,6 +255,7 @@ class BertModel(PreTrainedModel):
         position_ids=None,
         inputs_embeds=None,
         dropout_rng=None,
+        prefix_kv=None,
     ) -> ModelOutput:
         """Encodes a batch.
 
@@ -260,9 +263,11 @@ class BertModel(PreTrainedModel):
           input_ids: ``[batch, seq]`` token ids (or pass ``inputs_embeds``).
           attention_mask: ``[batch, seq]``, 1 for real tokens and 0 for padding (default: all 1).
           token_type_ids: ``[batch, seq]`` segment ids (default: all 0).
-          position_ids: ``[batch, seq]`` (default: ``0 .. seq-1``).
+          position_ids: ``[batch, seq]`` (default: ``0 .. seq-1``, or ``V .. V+seq-1`` after a prefix).
           inputs_embeds: ``[batch, seq, hidden]`` word embeddings in place of ``input_ids``.
           dropout_rng: a ``jax.random`` key to apply dropout (training); ``None``: no dropout.
+          prefix_kv: per-layer ``(key, value)`` prefixes ``[batch, V, heads, head_dim]``, seen by
+            every token (the prefix attention protocol of ``peftjax.models._attention``).
 
         Returns:
           ``ModelOutput`` with ``last_hidden_state`` and ``pooler_output`` (``None`` without a pooler).
@@ -273,20 +278,29 @@ class BertModel(PreTrainedModel):
             inputs_embeds = self.embeddings.word_embeddings(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
-        if position_ids is None:
-            if s > self.config.max_position_embeddings:
+        n_prefix = 0
+        if prefix_kv is not None:
+            a = self.encoder.layer[0].attention.self
+            n_prefix = attn.check_prefix_kv(
+                prefix_kv, num_layers=len(self.encoder.layer), kv_heads=a.num_heads, head_dim=a.head_dim, batch=b,
+                owner=type(self).__name__,
+            )
+        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
+            if n_prefix + s > self.config.max_position_embeddings:
+                after = f" after a prefix of {n_prefix}" if n_prefix else ""
                 raise ValueError(
-                    f"sequence length {s} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+                    f"sequence length {s}{after} exceeds max_position_embeddings {self.config.max_position_embeddings}"
                 )
-            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+            position_ids = jnp.broadcast_to(n_prefix + jnp.arange(s), (b, s))
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
-        mask = attn.attention_mask_4d(jnp.arange(s), jnp.asarray(attention_mask), causal=False)
+        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
+        mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
         emb_rng, enc_rng = _split(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
-        h = self.encoder(x, mask, enc_rng)
+        h = self.encoder(x, mask, enc_rng, prefix_kv)
         pooled = None if self.pooler is None else self.pooler(h)
         return ModelOutput(last_hidden_state=h, pooler_output=pooled)
 
@@ -316,10 +330,14 @@ class BertForSequenceClassification(PreTrainedModel):
         inputs_embeds=None,
         labels=None,
         dropout_rng=None,
+        prefix_kv=None,
     ) -> ModelOutput:
-        """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss."""
+        """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss.
+
+        ``prefix_kv``: as for :class:`BertModel`.
+        """
         bert_rng, head_rng = _split(dropout_rng, 2)
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv)
         logits = self.classifier(_dropout(out.pooler_output, self.dropout_rate, head_rng))
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(

@@ -33,17 +33,35 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad"),
 )
 def _generate(
-    graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad
+    graphdef,
+    state,
+    input_ids,
+    attention_mask,
+    rng,
+    inputs_embeds,
+    position_ids,
+    *,
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    eos,
+    pad,
 ):
     model = nnx.merge(graphdef, state)
-    b, s = input_ids.shape
+    b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
     total = s + max_new_tokens
     cache = model.init_cache(b, total)
     key_mask = jnp.zeros((b, total), jnp.int32).at[:, :s].set(attention_mask)
-    # left padding: positions count real tokens, as transformers' generate does
-    positions = jnp.cumsum(attention_mask, axis=-1) - 1
-    positions = jnp.where(attention_mask == 0, 1, positions)
-    out = model(input_ids=input_ids, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0)
+    if position_ids is None:
+        # left padding: positions count real tokens, as transformers' generate does
+        positions = jnp.cumsum(attention_mask, axis=-1) - 1
+        positions = jnp.where(attention_mask == 0, 1, positions)
+    else:
+        positions = position_ids
+    prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     def pick(logits, key):
@@ -88,18 +106,25 @@ class GenerationMixin:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         seed: int = 0,
+        inputs_embeds=None,
+        position_ids=None,
     ) -> np.ndarray:
         """Generates continuations of (left-padded) prompts.
 
         Args:
           input_ids: ``[batch, seq]`` prompt ids, left-padded when lengths differ.
-          attention_mask: ``[batch, seq]``, 0 on padding.
+          attention_mask: ``[batch, seq]``, 0 on padding (``[batch, n]`` with ``inputs_embeds``).
           max_new_tokens: tokens to add.
           do_sample: sample instead of greedy decoding.
           temperature, top_k, top_p: sampling filters (ignored when greedy).
           eos_token_id: stop token(s); a finished row is filled with ``pad_token_id``.
           pad_token_id: filler after EOS (defaults to the config's, else the first EOS id).
           seed: the sampling key.
+          inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
+            ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
+            still start the returned rows.
+          position_ids: ``[batch, n]`` prefill positions; decoding continues from the last one.
+            Default: counting the real tokens of ``attention_mask``, as transformers does.
 
         Returns:
           ``[batch, seq + n]`` token ids, ``n <= max_new_tokens``; like transformers, generation
@@ -108,7 +133,20 @@ class GenerationMixin:
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        prefill = input_ids.shape
+        if inputs_embeds is not None:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"inputs_embeds must be [batch ({input_ids.shape[0]}), n, hidden], got {inputs_embeds.shape}"
+                )
+            prefill = inputs_embeds.shape[:2]
+        mask = jnp.ones(prefill, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        for name, value in (("attention_mask", mask), ("position_ids", position_ids)):
+            if value is not None and tuple(jnp.shape(value)) != tuple(prefill):
+                raise ValueError(f"{name} must have the prefill's shape {tuple(prefill)}, got {jnp.shape(value)}")
+        if position_ids is not None:
+            position_ids = jnp.asarray(position_ids, jnp.int32)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature <= 0:
@@ -127,6 +165,8 @@ class GenerationMixin:
             input_ids,
             mask,
             jax.random.key(seed),
+            inputs_embeds,
+            position_ids,
             max_new_tokens=int(max_new_tokens),
             do_sample=bool(do_sample),
             temperature=float(temperature),

@@ -86,13 +86,15 @@ class GPT2Attention(nnx.Module):
         self.c_attn = Conv1D(e, 3 * e, **kw)
         self.c_proj = Conv1D(e, e, **kw)
 
-    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None):
+    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None, prefix=None):
         b, s, e = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (t.reshape(b, s, self.num_heads, self.head_dim) for t in (q, k, v))
         if cache is not None:
             cache = attn.update_kv_cache(cache, k, v, cache_index)
             k, v = cache["k"], cache["v"]
+        if prefix is not None:
+            k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         probs_key, resid_key = _split(dropout_rng, 2)
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
@@ -128,9 +130,9 @@ class GPT2Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(e, epsilon=eps, **kw)
         self.mlp = GPT2MLP(config, **kw)
 
-    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None):
+    def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None, prefix=None):
         attn_key, mlp_key = _split(dropout_rng, 2)
-        a, cache = self.attn(self.ln_1(x), mask, cache, cache_index, attn_key)
+        a, cache = self.attn(self.ln_1(x), mask, cache, cache_index, attn_key, prefix)
         x = a + x
         return x + self.mlp(self.ln_2(x), mlp_key), cache
 
@@ -163,30 +165,43 @@ class GPT2Model(PreTrainedModel):
         cache=None,
         cache_index=None,
         dropout_rng=None,
+        prefix_kv=None,
     ) -> ModelOutput:
-        """Runs the blocks; dropout is applied only when ``dropout_rng`` (a JAX key) is given."""
+        """Runs the blocks; dropout is applied only when ``dropout_rng`` (a JAX key) is given.
+
+        ``prefix_kv`` follows the prefix attention protocol (``peftjax.models._attention``).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.wte(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
+        n_prefix = 0
+        if prefix_kv is not None:
+            a = self.h[0].attn
+            n_prefix = attn.check_prefix_kv(
+                prefix_kv, num_layers=len(self.h), kv_heads=a.num_heads, head_dim=a.head_dim, batch=b,
+                owner=type(self).__name__,
+            )
         start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         slots = start + jnp.arange(s)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(slots, (b, s))
+        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
+            position_ids = jnp.broadcast_to(slots + n_prefix, (b, s))
         x = x + self.wpe(jnp.asarray(position_ids))
         if token_type_ids is not None:
             x = x + self.wte(jnp.asarray(token_type_ids))
         key_len = s if cache is None else cache[0]["k"].shape[1]
         if attention_mask is None:
             attention_mask = jnp.ones((b, key_len), bool)
-        mask = attn.attention_mask_4d(slots, jnp.asarray(attention_mask), causal=True)
+        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
+        mask = attn.attention_mask_4d(slots + n_prefix, key_mask, causal=True)
         embd_key, *layer_keys = _split(dropout_rng, 1 + len(self.h))
         x = _dropout(x, self.embd_pdrop, embd_key)
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.h):
-            x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_keys[i])
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_keys[i], prefix)
             if cache is not None:
                 new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.ln_f(x), past_key_values=new_cache)
@@ -230,9 +245,11 @@ class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):
         cache=None,
         cache_index=None,
         dropout_rng=None,
+        prefix_kv=None,
     ) -> ModelOutput:
         out = self.transformer(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache, cache_index, dropout_rng
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache, cache_index, dropout_rng,
+            prefix_kv,
         )
         h = out.last_hidden_state
         logits = self.transformer.wte.attend(h)
@@ -267,9 +284,11 @@ class GPT2ForSequenceClassification(PreTrainedModel):
         labels=None,
         inputs_embeds=None,
         dropout_rng=None,
+        prefix_kv=None,
     ) -> ModelOutput:
         out = self.transformer(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng=dropout_rng
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng=dropout_rng,
+            prefix_kv=prefix_kv,
         )
         logits = self.score(out.last_hidden_state)
         b, s = logits.shape[:2]

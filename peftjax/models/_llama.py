@@ -16,10 +16,11 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._generation import GenerationMixin
-from peftjax.models._losses import causal_lm_loss, sequence_classification_loss
+from peftjax.models._losses import causal_lm_head_loss, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from peftjax.models._scan import StackedLayers, check_remat, run_layers
 
 
 def head_dim_of(config) -> int:
@@ -60,7 +61,7 @@ class LlamaAttention(nnx.Module):
         self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
         self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -69,6 +70,8 @@ class LlamaAttention(nnx.Module):
         if cache is not None:
             cache = attn.update_kv_cache(cache, k, v, cache_index)
             k, v = cache["k"], cache["v"]
+        if prefix is not None:  # prefix keys are cached keys: no RoPE
+            k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         mask = masks[self.window]
         out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, s, -1)), cache
@@ -98,8 +101,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index)
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -111,7 +114,18 @@ class LlamaModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List([LlamaDecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
+        n = config.num_hidden_layers
+        # peftjax options set on the config (see _scan): layers stacked and scanned; remat policy
+        self.remat = check_remat(getattr(config, "remat", "none"))
+        if getattr(config, "scan_layers", False):
+            if len(set(sliding_windows(config))) > 1:
+                raise ValueError(f"scan_layers=True needs one attention window for all layers; "
+                                 f"found {sliding_windows(config)}")
+            self.layers = StackedLayers(
+                lambda r: LlamaDecoderLayer(config, 0, dtype=dtype, param_dtype=param_dtype, rngs=r), n, rngs=rngs
+            )
+        else:
+            self.layers = nnx.List([LlamaDecoderLayer(config, i, **kw) for i in range(n)])
         self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         # a static tuple, not state: it never trains and is rebuilt from the config
         self.inv_freq = tuple(inv_frequencies(config, head_dim_of(config)).tolist())
@@ -124,27 +138,39 @@ class LlamaModel(nnx.Module):
         inputs_embeds=None,
         cache=None,
         cache_index=None,
+        prefix_kv=None,
     ) -> ModelOutput:
+        """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
+        n_prefix = 0
+        if prefix_kv is not None:
+            a = self.layers[0].self_attn
+            n_prefix = attn.check_prefix_kv(
+                prefix_kv, num_layers=len(self.layers), kv_heads=a.num_kv_heads, head_dim=a.head_dim, batch=b,
+                owner=type(self).__name__,
+            )
         start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         slots = start + jnp.arange(s)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(slots, (b, s))
+        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
+            position_ids = jnp.broadcast_to(slots + n_prefix, (b, s))
         key_len = s if cache is None else cache[0]["k"].shape[1]
         if attention_mask is None:
             attention_mask = jnp.ones((b, key_len), bool)
-        attention_mask = jnp.asarray(attention_mask)
+        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
         masks = {
-            w: attn.attention_mask_4d(slots, attention_mask, causal=True, window=w)
+            w: attn.attention_mask_4d(slots + n_prefix, key_mask, causal=True, window=w)
             for w in set(sliding_windows(self.config))
         }
         cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), jnp.asarray(position_ids), x.dtype)
         new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, masks, None if cache is None else cache[i], start)
+        if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
+            x = run_layers(self.layers, lambda layer, h: layer(h, cos, sin, masks)[0], x, self.remat)
+        for i, layer in enumerate(self.layers if cache is not None or prefix_kv is not None else ()):
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            x, layer_cache = layer(x, cos, sin, masks, None if cache is None else cache[i], start, prefix)
             if cache is not None:
                 new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
@@ -179,11 +205,14 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         inputs_embeds=None,
         cache=None,
         cache_index=None,
+        prefix_kv=None,
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv)
         h = out.last_hidden_state
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        loss = None
+        if labels is not None:  # fused with lm_head when traced: the full logits are never held
+            loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
@@ -208,9 +237,9 @@ class LlamaForSequenceClassification(PreTrainedModel):
         )
 
     def __call__(
-        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None
+        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None, prefix_kv=None
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv)
         logits = self.score(out.last_hidden_state)
         b, s = logits.shape[:2]
         pad = self.config.pad_token_id

@@ -41,3 +41,129 @@ def sequence_classification_loss(logits: jax.Array, labels: jax.Array, config) -
     if problem == "single_label_classification":
         return masked_cross_entropy(logits, labels.reshape(-1))
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)))
+
+
+# Tokens per chunk of the fused loss: a chunk's logits are at most this many elements (32 MiB in
+# float32), whatever the vocabulary.
+FUSED_CHUNK_ELEMENTS = 1 << 23
+
+
+def causal_lm_loss_from_hidden(
+    hidden: jax.Array, kernel: jax.Array, labels: jax.Array, *, chunk_tokens: int | None = None
+) -> jax.Array:
+    """:func:`causal_lm_loss` of ``hidden @ kernel``, without ever holding the whole logits.
+
+    The output projection and the cross entropy run chunk by chunk over the tokens; the forward
+    pass also computes the loss's gradient with respect to ``hidden`` (and ``kernel``, only when
+    it is differentiated), so the backward pass needs neither the logits nor a recomputation.
+    A causal LM's ``[tokens, vocab]`` logits, their softmax and their gradient are the largest
+    buffers of a LoRA training step; this keeps one chunk of them alive at a time, for the
+    same FLOPs.
+
+    Args:
+      hidden: ``[batch, seq, hidden]`` final hidden states.
+      kernel: ``[hidden, vocab]`` output projection (an ``nnx.Linear`` kernel, or an embedding
+        matrix transposed), in the compute dtype.
+      labels: ``[batch, seq]`` token ids, not pre-shifted; ``-100`` is ignored.
+      chunk_tokens: tokens per chunk (default: ``FUSED_CHUNK_ELEMENTS // vocab``).
+
+    >>> h, w = jnp.ones((2, 5, 8)), jnp.ones((8, 11))
+    >>> labels = jnp.zeros((2, 5), jnp.int32)
+    >>> bool(jnp.allclose(causal_lm_loss_from_hidden(h, w, labels), causal_lm_loss(h @ w, labels)))
+    True
+    """
+    b, s, d = hidden.shape
+    shifted = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels.dtype)], axis=1)
+    flat_h, flat_y = hidden.reshape(b * s, d), shifted.reshape(b * s).astype(jnp.int32)
+    n = b * s
+    chunk = min(chunk_tokens or max(1, FUSED_CHUNK_ELEMENTS // kernel.shape[-1]), n)
+    chunk = -(-n // -(-n // chunk))  # as many chunks, as even as possible: little padding
+    pad = -n % chunk
+    if pad:
+        flat_h = jnp.pad(flat_h, ((0, pad), (0, 0)))
+        flat_y = jnp.pad(flat_y, (0, pad), constant_values=IGNORE_INDEX)
+    count = jnp.sum(flat_y != IGNORE_INDEX)
+    total = _nll_sum(flat_h.reshape(-1, chunk, d), kernel, flat_y.reshape(-1, chunk))
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def _chunked_nll(h, w, y, want_dh: bool, want_dw: bool):
+    """``(sum of NLL, d sum / d h, d sum / d w)`` over chunks ``h [c, t, d]``, ``y [c, t]``."""
+    t = h.shape[1]
+
+    def body(dw, xs):
+        hc, yc = xs
+        logits = jnp.dot(hc, w, preferred_element_type=jnp.float32)
+        valid = yc != IGNORE_INDEX
+        safe = jnp.where(valid, yc, 0)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, safe[:, None], axis=-1)[:, 0]
+        nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
+        if not (want_dh or want_dw):
+            return dw, (nll, None)
+        # d nll / d logits = softmax - onehot, on valid rows; in the kernel's dtype as autodiff would
+        g = jnp.exp(logits - lse[:, None]).at[jnp.arange(t), safe].add(-1.0)
+        g = jnp.where(valid[:, None], g, 0.0).astype(w.dtype)
+        dh = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(h.dtype) if want_dh else None
+        if want_dw:
+            dw = dw + jnp.dot(hc.T, g, preferred_element_type=jnp.float32)
+        return dw, (nll, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else None
+    # a rolled loop: unrolled, XLA's scheduler keeps every chunk's logits alive at once. (XLA's
+    # cost analysis counts a loop body once: count FLOPs with a single chunk.)
+    dw, (nll, dh) = jax.lax.scan(body, dw0, (h, y))
+    return jnp.sum(nll), dh, (None if dw is None else dw.astype(w.dtype))
+
+
+@jax.custom_vjp
+def _nll_sum(h, w, y):
+    return _chunked_nll(h, w, y, False, False)[0]
+
+
+def _nll_sum_fwd(h, w, y):
+    # symbolic zeros: ``perturbed`` says whether an input is differentiated (a frozen lm_head is not)
+    total, dh, dw = _chunked_nll(h.value, w.value, y.value, h.perturbed, w.perturbed)
+    return total, (dh, dw)
+
+
+def _nll_sum_bwd(residuals, g):
+    dh, dw = residuals
+    scale = lambda d: None if d is None else (g * d.astype(jnp.float32)).astype(d.dtype)  # noqa: E731
+    return scale(dh), scale(dw), None
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd, symbolic_zeros=True)
+
+
+def output_kernel(lm_head, embed_tokens) -> jax.Array | None:
+    """The ``[hidden, vocab]`` kernel (compute dtype) of a plain output projection, else ``None``.
+
+    ``lm_head`` is an ``nnx.Linear`` without bias, or ``None`` when the embeddings are tied
+    (``embed_tokens.attend``). A layer that carries adapters or other extras is not plain:
+    its loss must go through its own ``__call__``.
+    """
+    from flax import nnx
+
+    if lm_head is None:
+        if type(embed_tokens) is not nnx.Embed:
+            return None
+        w = embed_tokens.embedding.get_value().T
+        return w.astype(embed_tokens.dtype or w.dtype)
+    if type(lm_head) is not nnx.Linear or lm_head.bias is not None or lm_head.precision is not None:
+        return None
+    w = lm_head.kernel.get_value()
+    return w.astype(lm_head.dtype or w.dtype)
+
+
+def causal_lm_head_loss(hidden: jax.Array, logits: jax.Array, labels: jax.Array, lm_head, embed_tokens) -> jax.Array:
+    """A causal LM's loss, fused with a plain output projection when traced.
+
+    Under ``jit`` or ``grad`` it is :func:`causal_lm_loss_from_hidden`: the logits the model
+    returns beside the loss are then dead code unless the caller uses them too (which costs one
+    more forward projection, not memory). Called eagerly, the logits already exist and are used.
+    """
+    kernel = output_kernel(lm_head, embed_tokens)
+    if kernel is None or not isinstance(hidden, jax.core.Tracer):
+        return causal_lm_loss(logits, labels)
+    return causal_lm_loss_from_hidden(hidden.astype(kernel.dtype), kernel, labels)

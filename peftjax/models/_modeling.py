@@ -9,12 +9,14 @@ a module can override the rule with a ``hf_param_map`` class attribute.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.io import read_safetensors, write_safetensors
+from peftjax.models._scan import MODEL_OPTIONS
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -64,6 +67,27 @@ class ConfigRef:
         return repr(self.hf_config)
 
 
+# How a loaded weight reaches the device: ``place(model, variable, numpy value) -> jax.Array``.
+# ``peftjax.sharding.load_sharded`` sets it so each weight goes straight onto its shards.
+Placement = Callable[[nnx.Module, nnx.Variable, np.ndarray], jax.Array]
+_PLACE: contextvars.ContextVar[Placement | None] = contextvars.ContextVar("peftjax_weight_placement", default=None)
+
+
+@contextlib.contextmanager
+def weight_placement(place: Placement):
+    """Inside the block, checkpoint loading puts each weight on the device with ``place``.
+
+    ``place(model, variable, value)`` gets the model being filled, the (abstract) variable and
+    the checkpoint's array in Flax layout (usually a memory-mapped view), and returns the
+    array to store. Without it a weight is copied whole to the default device.
+    """
+    token = _PLACE.set(place)
+    try:
+        yield
+    finally:
+        _PLACE.reset(token)
+
+
 class CheckpointError(ValueError):
     """A checkpoint's weights do not fit the model: missing keys or wrong shapes."""
 
@@ -83,15 +107,48 @@ def hf_param_map(module: nnx.Module) -> Mapping[str, tuple[str, bool]]:
 
 
 def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]]:
-    """Yields ``(torch key, variable, transpose)`` for every base weight of ``model``."""
+    """Yields ``(torch key, variable, transpose)`` for every base weight of ``model``.
+
+    A weight of stacked layers (``scan_layers=True``) is yielded once per layer, under that
+    layer's key, as a :class:`LayerSlice` of the stacked variable.
+    """
+    from peftjax.models._scan import StackedLayers
+
+    stacks = {tuple(p): n.num_layers for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers)}
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
             continue
-        prefix = ".".join(str(p) for p in path)
+        path = tuple(path)
+        stack = next((s for s in stacks if path[: len(s) + 1] == (*s, "layer")), None)
         for attr, (name, transpose) in hf_param_map(node).items():
             var = getattr(node, attr, None)
-            if isinstance(var, nnx.Param):
+            if not isinstance(var, nnx.Param):
+                continue
+            if stack is None:
+                prefix = ".".join(str(p) for p in path)
                 yield (f"{prefix}.{name}" if prefix else name), var, transpose
+                continue
+            for i in range(stacks[stack]):
+                prefix = ".".join(str(p) for p in (*stack, i, *path[len(stack) + 1 :]))
+                yield f"{prefix}.{name}", LayerSlice(var, i), transpose
+
+
+class LayerSlice:
+    """Layer ``index`` of a stacked weight: what checkpoint I/O sees in place of a per-layer variable."""
+
+    __slots__ = ("stacked", "index")
+
+    def __init__(self, stacked: nnx.Variable, index: int):
+        self.stacked, self.index = stacked, index
+
+    def get_value(self):
+        value = self.stacked.get_value()
+        if isinstance(value, jax.ShapeDtypeStruct):  # a model built under nnx.eval_shape
+            return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+        return value[self.index]
+
+    def set_value(self, value) -> None:
+        self.stacked.set_value(self.stacked.get_value().at[self.index].set(value))
 
 
 def _to_torch_layout(value: np.ndarray, transpose: bool) -> np.ndarray:
@@ -225,6 +282,7 @@ class PreTrainedModel(nnx.Module):
         rename = self._align_prefix(set(state_dict), set(params))
         by_model_key = {rename[k]: k for k in state_dict}
         missing, bad, initialised = [], [], []
+        stacked: dict[int, tuple[nnx.Variable, dict[int, np.ndarray]]] = {}
         for key, (var, transpose) in params.items():
             if key not in by_model_key:
                 if self._tied(key):
@@ -246,7 +304,16 @@ class PreTrainedModel(nnx.Module):
             if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
                 bad.append(f"{by_model_key[key]}: expected a float tensor, found dtype {value.dtype}")
                 continue
-            var.set_value(jnp.asarray(value, dtype=var.get_value().dtype))
+            if isinstance(var, LayerSlice):  # stacked layers: placed whole once every layer is read
+                stacked.setdefault(id(var.stacked), (var.stacked, {}))[1][var.index] = value
+                continue
+            place = _PLACE.get()
+            var.set_value(place(self, var, value) if place else jnp.asarray(value, dtype=var.get_value().dtype))
+        for var, layers in stacked.values():
+            if len(layers) == var.get_value().shape[0]:
+                value = np.stack([layers[i] for i in range(len(layers))])
+                place = _PLACE.get()
+                var.set_value(place(self, var, value) if place else jnp.asarray(value, dtype=var.get_value().dtype))
         if missing or bad:
             lines = [f"cannot load {source} into {type(self).__name__}:"]
             if missing:
@@ -294,6 +361,8 @@ class PreTrainedModel(nnx.Module):
         hf = self.config.hf_config
         config = hf.__class__.from_dict(hf.to_dict())
         config.architectures = [type(self).__name__]
+        for option in MODEL_OPTIONS:  # peftjax's model options (scan_layers, ...) are not transformers'
+            config.__dict__.pop(option, None)
         state = hf_state_dict(self)
         _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
         _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))

@@ -4,6 +4,10 @@ A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding ``state/`` (orbax: t
 weights and the optimizer state) and ``trainer_state.json`` (step, epoch, batch position, seed,
 RNG key data). A checkpoint counts only once ``trainer_state.json`` exists, which is written last,
 so a run killed mid-save never resumes from a half-written one.
+
+Sharded arrays are saved as they lie (each process writes its own shards) and restored onto the
+shardings of the ``like`` tree. On several hosts every process calls both functions with the same
+path on shared storage; only process 0 clears the directory and writes ``trainer_state.json``.
 """
 
 from __future__ import annotations
@@ -24,18 +28,33 @@ _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 def save_checkpoint(directory: Path, state: dict[str, Any], info: dict[str, Any]) -> Path:
     """Writes ``state`` (a pytree of arrays) and ``info`` (JSON) to ``directory``."""
     directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    if jax.process_index() == 0:
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    _sync("peftjax:checkpoint-dir")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((directory / "state").absolute(), state)
     checkpointer.wait_until_finished()
-    (directory / STATE_FILE).write_text(json.dumps(info, indent=2))
+    if jax.process_index() == 0:
+        (directory / STATE_FILE).write_text(json.dumps(info, indent=2))
+    _sync("peftjax:checkpoint-done")
     return directory
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing to wait for on one host)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_checkpoint(directory: Path, like: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores a checkpoint into the structure (and shardings) of ``like``.
+
+    Each array comes back with the sharding of its counterpart in ``like`` (arrays, or
+    ``jax.ShapeDtypeStruct``s with a ``sharding``), whatever mesh it was saved from.
 
     Raises:
       FileNotFoundError: ``directory`` is not a complete checkpoint.
@@ -63,8 +82,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Deletes the oldest checkpoints beyond ``keep``."""
-    if not keep:
+    """Deletes the oldest checkpoints beyond ``keep`` (process 0 only, on several hosts)."""
+    if not keep or jax.process_index() != 0:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -6,12 +6,12 @@
     adapters, opt_state, loss = step(adapters, opt_state, base, batch, key)
 
 The step differentiates only ``adapters``, donates their buffers and the optimizer state, and
-never returns ``base``, which therefore stays bit-identical.
+never returns ``base``, which therefore stays bit-identical. With ``mesh=`` (and ``rules=``) it is
+jitted with explicit shardings for all five arguments instead (``peftjax.sharding``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +65,8 @@ def make_train_step(
     loss_fn: Callable[[nnx.Module, Any], jax.Array] = default_loss,
     *,
     donate: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> Callable:
     """A jitted ``step(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, loss)``.
 
@@ -73,6 +75,11 @@ def make_train_step(
       optimizer: any optax transformation; initialise it on ``trainable`` only.
       loss_fn: ``loss_fn(model, batch) -> scalar``; by default the model's own loss.
       donate: donate the adapter and optimizer buffers (the base is never donated).
+      mesh: a device mesh (``peftjax.sharding.make_mesh``): the step is jitted with explicit
+        ``in_shardings``/``out_shardings``, the batch's rows split over the data axes. Place the
+        model first with ``peftjax.sharding.shard_model(model, mesh, rules)``.
+      rules: the sharding rules with ``mesh`` (a preset such as ``"fsdp+tp"``, ``(regex, spec)``
+        pairs, or ``peftjax.sharding.ShardingRules``); default ``"dp"``.
 
     The ``key`` drives adapter dropout (``None`` disables it).
     """
@@ -82,10 +89,21 @@ def make_train_step(
         with dropout_key(key):
             return loss_fn(model, batch)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
     def step(trainable, opt_state, rest, batch, key):
         loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return step
+    return jit_step(step, donate=donate, mesh=mesh, rules=rules)
+
+
+def jit_step(step: Callable, *, donate: bool = True, mesh=None, rules: Any = None) -> Callable:
+    """Jits ``step(trainable, opt_state, rest, batch, key)``, donating only its first two arguments.
+
+    With a ``mesh``, a ``peftjax.sharding.ShardedStep``: explicit shardings under ``rules``.
+    """
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    from peftjax.sharding._jit import ShardedStep
+
+    return ShardedStep(step, mesh, rules, donate=donate)

@@ -26,7 +26,7 @@ from flax import nnx
 from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
-from peftjax.training._step import split
+from peftjax.training._step import jit_step, split
 from peftjax.tuners._dropout import dropout_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -87,6 +87,14 @@ class Trainer:
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
       compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
+      mesh: a device mesh (``peftjax.sharding.make_mesh``) to train over. The model is placed on
+        it under ``sharding`` when the Trainer is made; each step's batch holds
+        ``per_device_train_batch_size`` rows per data-parallel device (the product of the
+        ``data`` and ``fsdp`` axis sizes), as HF's global batch is per-device size times devices.
+        On several hosts, every process runs the same Trainer on the same data (see
+        ``docs/multi_host.md``).
+      sharding: with ``mesh``: a preset (``"dp"``, ``"fsdp"``, ``"tp"``, ``"fsdp+tp"``...),
+        ``(regex, PartitionSpec)`` pairs, or ``peftjax.sharding.ShardingRules``.
     """
 
     def __init__(
@@ -98,6 +106,8 @@ class Trainer:
         *,
         pad_token_id: int | None = None,
         compute_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        sharding: Any = "dp",
     ):
         if not hasattr(model, "base_model") or not hasattr(model, "peft_config"):
             raise TypeError(f"Trainer needs a peftjax.PeftModel (from get_peft_model), got {type(model).__name__}")
@@ -115,6 +125,12 @@ class Trainer:
         self.model_inputs = tuple(k for k in MODEL_INPUTS if k in accepted)
         self.output_dir = Path(args.output_dir)
         self.log_history: list[dict[str, Any]] = []
+        self.mesh, self.sharding = mesh, None
+        if mesh is not None:
+            from peftjax.sharding import as_rules, shard_model
+
+            self.sharding = as_rules(sharding)
+            shard_model(model.base_model, mesh, self.sharding)
         if args.bf16:
             dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model.base_model, nnx.Param))}
             if not any(d == jnp.bfloat16 for d in dtypes):
@@ -134,23 +150,51 @@ class Trainer:
                 _, (total, count, _) = self._forward_terms(model, batch)
             return total / jnp.maximum(count, 1.0)
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
         def step(trainable, opt_state, rest, batch, key):
             loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
             updates, opt_state = tx.update(grads, opt_state, trainable)
             trainable = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), trainable, updates)
             return trainable, opt_state, loss
 
-        return step
+        return jit_step(step, mesh=self.mesh, rules=self.sharding)
 
     @functools.cached_property
     def _eval_step(self):
-        @functools.partial(jax.jit, static_argnums=0)
         def step(graphdef, state, batch):
             logits, terms = self._forward_terms(nnx.merge(graphdef, *state), batch)
             return logits, terms
 
-        return step
+        if self.mesh is None:
+            return jax.jit(step, static_argnums=0)
+        from peftjax.sharding import replicated
+
+        # replicated outputs: every process can read the logits and sums (several hosts)
+        return jax.jit(step, static_argnums=0, out_shardings=replicated(self.mesh))
+
+    def _batch_size(self, per_device: int) -> int:
+        """The global batch: ``per_device`` rows on each data-parallel device."""
+        if self.mesh is None:
+            return per_device
+        from peftjax.sharding import data_parallel_size
+
+        return per_device * data_parallel_size(self.mesh)
+
+    def _place(self, batch: dict) -> dict:
+        """The host batch, or with a mesh, its rows split over the data-parallel devices."""
+        if self.mesh is None:
+            return batch
+        from peftjax.sharding import shard_batch
+
+        return shard_batch(batch, self.mesh)
+
+    def _init_optimizer(self, tx, trainable, rest):
+        if self.mesh is None:
+            return tx.init(trainable)
+        from peftjax.sharding import opt_state_shardings, state_shardings
+
+        shardings = state_shardings(trainable, self.mesh, self.sharding, weights=rest)
+        abstract = jax.eval_shape(tx.init, trainable)
+        return jax.jit(tx.init, out_shardings=opt_state_shardings(abstract, trainable, shardings, self.mesh))(trainable)
 
     # ------------------------------------------------------------ public API
 
@@ -159,7 +203,8 @@ class Trainer:
         args = self.args
         if self.train_dataset is None:
             raise TrainingError("Trainer.train needs a train_dataset")
-        batcher = Batcher(_columns(self.train_dataset, "train_dataset"), args.per_device_train_batch_size,
+        batcher = Batcher(_columns(self.train_dataset, "train_dataset"),
+                          self._batch_size(args.per_device_train_batch_size),
                           pad_token_id=self.pad_token_id, shuffle=True, seed=args.seed)
         total = args.total_steps(batcher.num_batches)
         accum = args.gradient_accumulation_steps
@@ -168,7 +213,7 @@ class Trainer:
         self._graphdef = graphdef
         # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
         trainable = jax.tree.map(jnp.copy, trainable)
-        opt_state = tx.init(trainable)
+        opt_state = self._init_optimizer(tx, trainable, rest)
         micro = 0
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
         if resume:
@@ -191,7 +236,7 @@ class Trainer:
             while micro < total * accum:
                 for batch in batcher.batches(epoch, start=position):
                     key = jax.random.fold_in(base_key, micro)
-                    trainable, opt_state, loss = step_fn(trainable, opt_state, rest, batch, key)
+                    trainable, opt_state, loss = step_fn(trainable, opt_state, rest, self._place(batch), key)
                     pending.append(loss)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
                     micro += 1
@@ -239,7 +284,7 @@ class Trainer:
         self.save_model()
         if writer is not None:
             writer.close()
-        if args.plot:
+        if args.plot and jax.process_index() == 0:
             self.plot()
         return TrainOutput(micro // accum, float(np.mean(losses_seen)) if losses_seen else float("nan"), metrics)
 
@@ -258,10 +303,11 @@ class Trainer:
             cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in _names(dataset)}
             n = len(cols["input_ids"])
             cols["labels"] = [0] * n
-        batcher = Batcher(cols, self.args.per_device_eval_batch_size, pad_token_id=self.pad_token_id, shuffle=False)
+        batcher = Batcher(cols, self._batch_size(self.args.per_device_eval_batch_size), pad_token_id=self.pad_token_id,
+                          shuffle=False)
         out = []
         for batch in batcher.batches(0):
-            logits, _ = self._eval_step(graphdef, (trainable, rest), batch)
+            logits, _ = self._eval_step(graphdef, (trainable, rest), self._place(batch))
             logits = np.asarray(logits)[batch["sample_weight"] > 0]
             out.append(logits)
         return np.concatenate(out)
@@ -307,13 +353,13 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise TrainingError("no eval_dataset to evaluate on")
-        batcher = Batcher(_columns(dataset, "eval_dataset"), self.args.per_device_eval_batch_size,
+        batcher = Batcher(_columns(dataset, "eval_dataset"), self._batch_size(self.args.per_device_eval_batch_size),
                           pad_token_id=self.pad_token_id, shuffle=False)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
         token_level = False
         for batch in batcher.batches(0):
-            logits, terms = self._eval_step(self._graphdef, (trainable, rest), batch)
+            logits, terms = self._eval_step(self._graphdef, (trainable, rest), self._place(batch))
             sums += np.array([float(t) for t in terms])
             token_level = np.asarray(batch["labels"]).ndim == 2
             if self.compute_metrics is not None:
@@ -372,8 +418,9 @@ class Trainer:
 
     def _log(self, record: dict[str, Any], writer, bar) -> None:
         self.log_history.append(record)
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if jax.process_index() == 0:  # one writer when several hosts share output_dir
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         if writer is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -384,7 +431,7 @@ class Trainer:
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     def _tensorboard(self):
-        if not self.args.tensorboard:
+        if not self.args.tensorboard or jax.process_index() != 0:
             return None
         from tensorboardX import SummaryWriter
 

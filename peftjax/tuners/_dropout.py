@@ -41,3 +41,8 @@ def apply_dropout(x: jax.Array, rate: float, path: str) -> jax.Array:
     key = jax.random.fold_in(key, zlib.crc32(path.encode()))
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def active_dropout_key() -> jax.Array | None:
+    """The key set by the innermost :func:`dropout_key` block (``None`` outside one)."""
+    return getattr(_state, "key", None)

@@ -87,6 +87,11 @@ def inject_lora(
       TypeError: a matched module is a layer type LoRA cannot adapt (names path and class).
     """
     validate_adapter_name(adapter_name)
+    from peftjax.models._scan import has_stacked_layers, unstacked
+
+    if has_stacked_layers(model):  # scan_layers=True: inject per layer, then stack the adapters too
+        with unstacked(model, write=True):
+            return inject_lora(model, config, adapter_name=adapter_name, key=key)
     config = resolve_config(model, config)
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)

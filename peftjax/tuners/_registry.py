@@ -51,6 +51,22 @@ def tuner_for(config: PeftConfig) -> Tuner:
 
     for cls in type(config).__mro__:
         if cls in _TUNERS:
-            return _TUNERS[cls]
+            return _stack_aware(_TUNERS[cls])
     supported = sorted(c.__name__ for c in _TUNERS)
     raise NotImplementedError(f"{type(config).__name__} is not supported yet; supported: {supported}")
+
+
+def _stack_aware(tuner: Tuner) -> Tuner:
+    """The tuner run on per-layer views of stacked layers (``scan_layers=True``; see ``models._scan``).
+
+    Injection and loading stack their results again, so every layer's adapter gets the layer
+    axis; the state dict is read from the views, so files carry PEFT's per-layer keys.
+    """
+    from peftjax.models._scan import stack_aware
+
+    return dataclasses.replace(
+        tuner,
+        inject=stack_aware(tuner.inject, write=True),
+        state_dict=stack_aware(tuner.state_dict, write=False),
+        load_state_dict=stack_aware(tuner.load_state_dict, write=True),
+    )

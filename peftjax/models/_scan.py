@@ -1,0 +1,200 @@
+"""Stacked layers: a decoder's identical layers as one module whose weights have a layer axis.
+
+A model built with ``scan_layers=True`` keeps its L layers as :class:`StackedLayers`: one layer
+module, created under ``nnx.vmap``, whose every weight is ``[L, ...]``. The forward pass runs
+them with ``jax.lax.scan``, so one layer is traced and compiled whatever the depth.
+
+Names stay transformers' names. In checkpoints the stacked ``model.layers.layer.<rest>`` is
+read from and written to ``model.layers.0.<rest>`` ... ``model.layers.{L-1}.<rest>``
+(``_modeling.iter_hf_params``). Adapter methods see per-layer modules too: injecting, saving and
+loading an adapter run on an unstacked view of the model (:func:`unstacked`) and the result is
+stacked again, so adapter weights get the layer axis as well and their files carry PEFT's
+per-layer keys. Every layer must then carry the same adapters (same targets, ranks, options).
+
+``remat`` chooses what a layer keeps for the backward pass (``jax.checkpoint``):
+``"none"`` (everything), ``"full"`` (only its input; the layer is recomputed),
+``"dots_saveable"`` (matmul outputs), or another name from ``jax.checkpoint_policies``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.tuners._dropout import active_dropout_key, dropout_key
+
+# model options that are not transformers config fields: set on the config, never saved
+MODEL_OPTIONS = ("scan_layers", "remat")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+
+
+def check_remat(remat: str) -> str:
+    """Validates a ``remat`` option (``ValueError`` lists the choices)."""
+    if remat in ("none", "full") or (isinstance(remat, str) and hasattr(jax.checkpoint_policies, remat)):
+        return remat
+    raise ValueError(f"remat={remat!r} is not a remat option; choose one of {list(REMAT_CHOICES)}")
+
+
+def checkpointed(fn: Callable, remat: str) -> Callable:
+    """``fn`` under ``jax.checkpoint`` with the ``remat`` policy (``fn`` itself for ``"none"``)."""
+    if check_remat(remat) == "none":
+        return fn
+    policy = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+    return jax.checkpoint(fn, policy=policy)
+
+
+class StackedLayers(nnx.Module):
+    """``num_layers`` layers built by ``make_layer(rngs)``, stored stacked along a leading axis.
+
+    Indexing and iteration give per-layer modules (slices, for the KV-cache and prefix paths);
+    :meth:`scan` runs all layers with ``jax.lax.scan``.
+    """
+
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return make_layer(rngs)
+
+        self.layer = create(rngs)
+        self.num_layers = num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        graphdef, state = nnx.split(self.layer)
+        return nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+
+    def __iter__(self) -> Iterator[nnx.Module]:
+        return (self[i] for i in range(self.num_layers))
+
+    def scan(self, fn: Callable[[nnx.Module, jax.Array], jax.Array], x: jax.Array, remat: str = "none") -> jax.Array:
+        """``x = fn(layer, x)`` for every layer, as one ``jax.lax.scan``.
+
+        Adapter dropout draws a different mask in each layer: the active key is folded with the
+        layer index (all layers share their module paths).
+        """
+        graphdef, state = nnx.split(self.layer)
+        key = active_dropout_key()
+
+        def body(h, xs):
+            i, layer_state = xs
+            with dropout_key(None if key is None else jax.random.fold_in(key, i)):
+                return fn(nnx.merge(graphdef, layer_state), h), None
+
+        x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(self.num_layers), state))
+        return x
+
+
+def run_layers(layers, fn: Callable[[nnx.Module, jax.Array], jax.Array], x: jax.Array, remat: str = "none"):
+    """``x = fn(layer, x)`` over ``layers``: scanned when stacked, else a loop; each under ``remat``."""
+    if isinstance(layers, StackedLayers):
+        return layers.scan(fn, x, remat)
+    for layer in layers:
+        if remat == "none":
+            x = fn(layer, x)
+        else:
+            graphdef, state = nnx.split(layer)
+            x = checkpointed(lambda s, h, g=graphdef: fn(nnx.merge(g, s), h), remat)(state, x)
+    return x
+
+
+# ---------------------------------------------------------------------------- unstacked views
+
+
+def _find_stacks(model: nnx.Module) -> list[tuple[tuple, StackedLayers]]:
+    return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers) and p]
+
+
+def has_stacked_layers(model: nnx.Module) -> bool:
+    """Whether ``model`` holds :class:`StackedLayers` (below its root)."""
+    return bool(_find_stacks(model))
+
+
+def _node_at(model, path):
+    node = model
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    return node
+
+
+def _put(parent, attr, value) -> None:
+    if isinstance(attr, int):
+        parent[attr] = value
+    else:
+        setattr(parent, attr, value)
+
+
+def stack_modules(layers, path: str) -> nnx.Module:
+    """One module whose weights stack the (structurally identical) ``layers``' weights.
+
+    Strings an adapter recorded from a layer's path (``model.layers.3.self_attn.q_proj``)
+    become layer-independent (``model.layers.*.self_attn.q_proj``) first.
+
+    Raises:
+      ValueError: the layers differ in structure (e.g. an adapter on some layers only, or
+        different ranks per layer), naming the first layer that differs.
+    """
+    for i, layer in enumerate(layers):
+        own, shared = f"{path}.{i}.", f"{path}.*."
+        for _, node in nnx.iter_graph(layer):
+            if isinstance(node, nnx.Module):
+                for attr, value in list(vars(node).items()):
+                    if isinstance(value, str) and value.startswith(own):
+                        setattr(node, attr, shared + value[len(own):])
+    splits = [nnx.split(layer) for layer in layers]
+    graphdef = splits[0][0]
+    for i, (other, _) in enumerate(splits[1:], start=1):
+        if other != graphdef:
+            raise ValueError(
+                f"{path}: layer {i} differs in structure from layer 0, so the layers cannot be stacked "
+                f"(scan_layers=True needs the same adapters, targets and ranks on every layer; "
+                f"layers_to_transform, per-layer rank_pattern and the like need scan_layers=False)"
+            )
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in splits])
+    return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def unstacked(model: nnx.Module, *, write: bool):
+    """Inside the block, every :class:`StackedLayers` of ``model`` is an ``nnx.List`` of layers.
+
+    Module names are then transformers' per-layer names, so adapter code (targeting, PEFT
+    keys) needs no knowledge of stacking. With ``write``, the layers are stacked again on
+    exit (their changes kept); otherwise the original stacked module is put back. If the
+    block raises, the model is left as it was.
+    """
+    stacks = _find_stacks(model)
+    for path, stack in stacks:
+        _put(_node_at(model, path[:-1]), path[-1], nnx.List(list(stack)))
+    try:
+        yield model
+        restacked = [
+            stack_modules(list(_node_at(model, path)), ".".join(str(p) for p in path)) if write else stack.layer
+            for path, stack in stacks
+        ]
+    finally:  # on success or failure, the stacked modules go back (updated only on success)
+        for path, stack in stacks:
+            _put(_node_at(model, path[:-1]), path[-1], stack)
+    for (_, stack), layer in zip(stacks, restacked):
+        stack.layer = layer
+
+
+def stack_aware(fn: Callable, *, write: bool) -> Callable:
+    """``fn(model, ...)`` run on :func:`unstacked` ``model`` (``fn`` itself for unstacked models)."""
+
+    def wrapped(model, *args, **kwargs):
+        if not has_stacked_layers(model):
+            return fn(model, *args, **kwargs)
+        with unstacked(model, write=write):
+            return fn(model, *args, **kwargs)
+
+    wrapped.__wrapped__ = fn
+    wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+    wrapped.__doc__ = fn.__doc__
+    return wrapped

