@@ -329,3 +329,23 @@ def test_two_processes_train_like_one_device(report):
     assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 3  # one writer, not two
     checkpoint = out / "run" / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "path, shape, expected",
+    [
+        ("bert.encoder.layer.0.attention.self.query.kernel", (32, 32), P(None, "model")),
+        ("bert.encoder.layer.0.attention.output.dense.kernel", (32, 32), P("model", None)),
+        ("bert.encoder.layer.0.intermediate.dense.kernel", (32, 64), P(None, "model")),
+        ("bert.encoder.layer.0.output.dense.kernel", (64, 32), P("model", None)),
+        ("bert.embeddings.word_embeddings.embedding", (96, 32), P(None, "model")),
+        ("bert.pooler.dense.kernel", (32, 32), P(None, None)),  # replicated
+        ("transformer.h.0.attn.c_attn.kernel", (32, 96), P(None, "model")),
+        ("transformer.h.0.attn.c_proj.kernel", (32, 32), P("model", None)),
+        ("transformer.h.0.mlp.c_fc.kernel", (32, 128), P(None, "model")),
+        ("transformer.h.0.mlp.c_proj.kernel", (128, 32), P("model", None)),
+        ("transformer.wte.embedding", (96, 32), P(None, "model")),
+    ],
+)
+def test_tensor_parallel_covers_bert_and_gpt2(path, shape, expected):
+    assert shd.partition_spec(path, shape, TP, "tp") == expected

@@ -18,9 +18,12 @@ Its spec comes from, in order:
      larger of its last two dimensions that the axis size divides (ties: the first); vectors
      (norm scales, biases) are replicated.
    * ``"tp"``: Megatron tensor parallelism over ``model``: column-parallel
-     ``q/k/v/gate/up_proj`` split their output dimension (and bias), row-parallel
-     ``o_proj``/``down_proj`` their input dimension, ``embed_tokens`` its hidden dimension
-     (the lookup stays local) and ``lm_head`` the vocabulary.
+     ``q/k/v/gate/up_proj`` (BERT ``query/key/value``, ``intermediate.dense``; GPT-2 ``c_attn``,
+     ``c_fc``) split their output dimension (and bias), row-parallel ``o_proj``/``down_proj``
+     (BERT ``attention.output.dense``, ``output.dense``; GPT-2 ``c_proj``) their input
+     dimension, the input embedding its hidden dimension (the lookup stays local) and
+     ``lm_head`` the vocabulary. GPT-2's fused ``c_attn`` is split across its q/k/v blocks;
+     XLA's partitioner keeps that correct at the price of some resharding.
    * combinations joined by ``+``: ``"fsdp+tp"`` applies tp, then fsdp on a dimension tp
      left whole. ``"dp"`` adds nothing to either.
 
@@ -49,13 +52,16 @@ from peftjax.sharding._mesh import FSDP, MODEL
 
 PRESETS = ("dp", "fsdp", "tp")
 
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"
-_ROW = r"(o_proj|down_proj)"
+# column-parallel (split the output) and row-parallel (split the input) layers of the bundled
+# models: Llama/Mistral/Qwen2, BERT (query/key/value, intermediate.dense | attention.output.dense,
+# output.dense) and GPT-2 (c_attn, c_fc | c_proj)
+_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate\.dense|c_attn|c_fc)"
+_ROW = r"(o_proj|down_proj|output\.dense|c_proj)"
 TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", P(None, MODEL)),
     (rf"(^|\.){_COLUMN}\.bias$", P(MODEL)),
     (rf"(^|\.){_ROW}\.kernel$", P(MODEL, None)),
-    (r"(^|\.)embed_tokens\.embedding$", P(None, MODEL)),
+    (r"(^|\.)(embed_tokens|word_embeddings|wte)\.embedding$", P(None, MODEL)),
     (r"(^|\.)lm_head\.kernel$", P(None, MODEL)),
 )
 
