@@ -52,7 +52,8 @@ from flax import nnx
 
 from peftjax.config import BottleneckConfig, add_task_modules_to_save, match_modules
 from peftjax.io._adapter import KeyMapping
-from peftjax.tuners._ia3 import AdapterDictLayer, check_adaptable, layer_state_dict, load_layer_state_dict
+from peftjax.io._layer_format import layer_state_dict, load_layer_state_dict
+from peftjax.tuners._ia3 import AdapterDictLayer, check_adaptable
 from peftjax.tuners._lora import (
     _match_modules_to_save,
     _model_type,

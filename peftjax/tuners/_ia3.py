@@ -41,18 +41,10 @@ from peftjax.config import (
     match_modules,
     resolve_target_modules,
 )
-from peftjax.io._adapter import (
-    EMBEDDING_LAYER_NAMES,
-    PREFIX,
-    AdapterFileError,
-    KeyMapping,
-    map_name,
-    module_params_torch,
-    set_module_params_torch,
-)
+from peftjax.io._adapter import EMBEDDING_LAYER_NAMES, KeyMapping
+from peftjax.io._layer_format import layer_state_dict, load_layer_state_dict
 from peftjax.tuners._base_layer import AdapterLayer
 from peftjax.tuners._lora import (
-    SavedModule,
     _match_modules_to_save,
     _model_type,
     _stores_in_out,
@@ -183,79 +175,6 @@ class AdapterDictLayer(AdapterLayer):
         return f"{self.method_name} adapter {name!r}"
 
 
-def layer_state_dict(
-    model: nnx.Module,
-    adapter_name: str,
-    *,
-    layer_type: type,
-    key_mapping: KeyMapping = None,
-    save_embeddings: bool = False,
-) -> dict[str, np.ndarray]:
-    """PEFT's on-disk dict for one adapter of any ``AdapterDictLayer`` method, ``modules_to_save`` included."""
-    out: dict[str, np.ndarray] = {}
-    for name, module in named_modules(model).items():
-        path = PREFIX + map_name(name, key_mapping)
-        if isinstance(module, layer_type) and adapter_name in module.adapter_names():
-            for suffix, value in module.peft_tensors(adapter_name).items():
-                out[f"{path}.{suffix}"] = np.asarray(value, np.float32)
-            if save_embeddings and name.split(".")[-1] in EMBEDDING_LAYER_NAMES:
-                out[f"{path}.base_layer.weight"] = module_params_torch(module)["weight"]
-        if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
-            # saved as the plain module's keys, without modules_to_save.<name> (reference §1.4)
-            for k, v in module_params_torch(module.modules_to_save[adapter_name]).items():
-                out[f"{path}.{k}"] = v
-    return out
-
-
-def load_layer_state_dict(
-    model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
-    adapter_name: str,
-    *,
-    layer_type: type,
-    key_mapping: KeyMapping = None,
-    source: str = "adapter",
-) -> tuple[list[str], list[str]]:
-    """Fills an injected adapter of any ``AdapterDictLayer`` method from PEFT-style keys.
-
-    Returns:
-      ``(missing, unexpected)``: adapter keys the file lacks (left at their init values, as PEFT
-      does) and file keys nothing in the model consumed (ignored with a warning).
-
-    Raises:
-      AdapterFileError: a tensor is not a float tensor, or has the wrong shape (names the key).
-    """
-    for key, value in tensors.items():
-        if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
-            raise AdapterFileError(f"{source}: {key}: expected a float tensor, found dtype {value.dtype}")
-    used: set[str] = set()
-    missing: list[str] = []
-    # keys without the prefix are accepted too, as PEFT accepts them from inject_adapter_in_model
-    by_prefix = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
-    for name, module in named_modules(model).items():
-        if not name:
-            continue
-        path = map_name(name, key_mapping)
-        own = {k[len(path) + 1:]: v for k, v in by_prefix.items() if k.startswith(path + ".")}
-        if isinstance(module, layer_type) and adapter_name in module.adapter_names():
-            try:
-                missing += module.load_peft_tensors(adapter_name, own, PREFIX + path)
-            except ValueError as e:
-                raise AdapterFileError(f"{source}: {e}") from None
-            used.update(f"{path}.{s}" for s in module.peft_layout(adapter_name) if s in own)
-            base = {k[len("base_layer."):]: v for k, v in own.items() if k.startswith("base_layer.")}
-            if base:
-                set_module_params_torch(module, base, f"{source}: {PREFIX}{path}.base_layer")
-                used.update(f"{path}.base_layer.{k}" for k in base)
-        elif isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
-            direct = {k: v for k, v in own.items() if "." not in k}
-            set_module_params_torch(module.modules_to_save[adapter_name], direct, f"{source}: {PREFIX}{path}")
-            used.update(f"{path}.{k}" for k in direct)
-    unexpected = sorted(PREFIX + k for k in by_prefix if k not in used)
-    if unexpected:
-        warnings.warn(f"{source}: ignored {len(unexpected)} keys that match no adapter layer: {unexpected[:10]}",
-                      stacklevel=3)
-    return missing, unexpected
 
 
 def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer_type: type, method: str) -> None:

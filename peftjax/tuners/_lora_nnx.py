@@ -210,7 +210,7 @@ class LoraLinear(LoraLayer):
             self.lora_magnitude_vector[name] = LoraParam(_column_norm(w + self.delta_weight(name, spec)))
         self.lora_specs = self.lora_specs + ((name, spec),)
 
-    def peft_layout(self):
+    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
         return {
             "lora_A.weight": (self.lora_A, t, t),
@@ -297,7 +297,7 @@ class LoraEmbed(LoraLayer):
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
         self.lora_specs = self.lora_specs + ((name, spec),)
 
-    def peft_layout(self):
+    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
         return {"lora_embedding_A": (self.lora_A, t, t), "lora_embedding_B": (self.lora_B, t, t)}
 

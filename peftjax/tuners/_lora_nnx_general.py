@@ -78,7 +78,7 @@ class _FlatLora(LoraLayer):
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
         self.lora_specs = self.lora_specs + ((name, spec),)
 
-    def peft_layout(self):
+    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
         return {"lora_A.weight": (self.lora_A, t, t), "lora_B.weight": (self.lora_B, t, t)}
 
@@ -331,7 +331,7 @@ class LoraConv(LoraLayer):
             self.lora_magnitude_vector[name] = LoraParam(_unit_norm(w + self.delta_weight(name, spec)))
         self.lora_specs = self.lora_specs + ((name, spec),)
 
-    def peft_layout(self):
+    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         nd = len(self.kernel_size)
         ones = (1,) * nd
         a_to = (nd + 1, nd, *range(nd))  # [*k, in, r] -> [r, in, *k]
