@@ -183,14 +183,19 @@ def test_lora_under_scan_trains_and_loads_in_peft(tiny, tmp_path):
                                    ours[valid], atol=1e-5, rtol=0)
 
 
-def test_merge_and_unload_under_scan(tiny):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merge_and_unload_under_scan(tiny, use_dora):
     _, path = tiny
     model = models.from_pretrained(path, scan_layers=True)
     peft_model = peftjax.get_peft_model(
-        model, peftjax.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+        model, peftjax.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False, use_dora=use_dora)
     )
     ids, mask = padded_batch(TINY["vocab_size"], seq=9)
     before = np.asarray(peft_model(input_ids=ids, attention_mask=mask).logits)
+    peft_model.merge_adapter()  # merge and unmerge round-trip, layer by layer
+    np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids, attention_mask=mask).logits), before, atol=1e-5)
+    peft_model.unmerge_adapter()
+    np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids, attention_mask=mask).logits), before, atol=1e-5)
     merged = peft_model.merge_and_unload()
     assert isinstance(merged.model.layers, StackedLayers)
     after = np.asarray(merged(input_ids=ids, attention_mask=mask).logits)

@@ -240,6 +240,11 @@ def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool)
 
 def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None) -> None:
     """Folds the active (or the named) adapters into the base weights (for inference and export)."""
+    from peftjax.models._scan import has_stacked_layers, unstacked
+
+    if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
+        with unstacked(model, write=True):
+            return merge(model, adapter_names)
     for m in named_modules(model).values():
         if isinstance(m, AdapterLayer):
             names = adapter_names if adapter_names is not None else m.active_adapter_names()
@@ -250,6 +255,11 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None) -> No
 
 def unmerge(model: nnx.Module) -> None:
     """Undoes :func:`merge` on every layer."""
+    from peftjax.models._scan import has_stacked_layers, unstacked
+
+    if has_stacked_layers(model) and any(m.merged_adapter_names() for m in adapter_layers(model).values()):
+        with unstacked(model, write=True):
+            return unmerge(model)
     for m in named_modules(model).values():
         if isinstance(m, AdapterLayer):
             for name in reversed(m.merged_adapter_names()):
