@@ -16,7 +16,7 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._generation import GenerationMixin
-from peftjax.models._losses import causal_lm_loss, sequence_classification_loss
+from peftjax.models._losses import causal_lm_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 
@@ -291,16 +291,7 @@ class GPT2ForSequenceClassification(PreTrainedModel):
             prefix_kv=prefix_kv,
         )
         logits = self.score(out.last_hidden_state)
-        b, s = logits.shape[:2]
-        pad = self.config.pad_token_id
-        if pad is None and b != 1:
-            raise ValueError("config.pad_token_id must be set to classify batches of more than one sequence")
-        if pad is None or input_ids is None:
-            last = jnp.full((b,), s - 1)
-        else:
-            not_pad = jnp.asarray(input_ids) != pad
-            last = jnp.argmax(jnp.arange(s)[None, :] * not_pad, axis=-1)
-        pooled = logits[jnp.arange(b), last]
+        pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
         loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 

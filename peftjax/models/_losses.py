@@ -167,3 +167,20 @@ def causal_lm_head_loss(hidden: jax.Array, logits: jax.Array, labels: jax.Array,
     if kernel is None or not isinstance(hidden, jax.core.Tracer):
         return causal_lm_loss(logits, labels)
     return causal_lm_loss_from_hidden(hidden.astype(kernel.dtype), kernel, labels)
+
+
+def pool_last_token(logits: jax.Array, input_ids, pad_token_id: int | None) -> jax.Array:
+    """Each row's logits at its last non-pad token, as transformers' decoder classifiers pool.
+
+    Raises:
+      ValueError: ``pad_token_id`` is unset and the batch has more than one row.
+    """
+    b, s = logits.shape[:2]
+    if pad_token_id is None and b != 1:
+        raise ValueError("config.pad_token_id must be set to classify batches of more than one sequence")
+    if pad_token_id is None or input_ids is None:
+        last = jnp.full((b,), s - 1)
+    else:
+        not_pad = jnp.asarray(input_ids) != pad_token_id
+        last = jnp.argmax(jnp.arange(s)[None, :] * not_pad, axis=-1)
+    return logits[jnp.arange(b), last]
