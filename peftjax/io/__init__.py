@@ -2,9 +2,10 @@
 
 from peftjax.io._safetensors import (
     SafetensorsError,
+    SafetensorsFile,
     read_safetensors,
     read_safetensors_header,
     write_safetensors,
 )
 
-__all__ = ["SafetensorsError", "read_safetensors", "read_safetensors_header", "write_safetensors"]
+__all__ = ["SafetensorsError", "SafetensorsFile", "read_safetensors", "read_safetensors_header", "write_safetensors"]

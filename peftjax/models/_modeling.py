@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io import read_safetensors, write_safetensors
+from peftjax.io import SafetensorsFile, write_safetensors
 from peftjax.models._scan import MODEL_OPTIONS
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -168,23 +168,22 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
         raise TypeError(f"dtype {dtype!r} is not a dtype; use e.g. jnp.float32 or 'bfloat16'") from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads ``model.safetensors`` or a sharded ``model.safetensors.index.json`` in ``path``.
+def read_checkpoint(path: str | os.PathLike) -> SafetensorsFile:
+    """Opens ``model.safetensors`` or a sharded ``model.safetensors.index.json`` in ``path``.
 
-    Tensors come back memory-mapped; nothing is copied until it is placed on a device.
+    The headers are read and checked now; each tensor is read from disk when it is looked up,
+    so a loader that places one weight at a time holds one on the host.
     """
     path = Path(path)
     single, index = path / SAFE_WEIGHTS_NAME, path / SAFE_WEIGHTS_INDEX_NAME
     if single.is_file():
-        return read_safetensors(single)[0]
+        return SafetensorsFile(single)
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
-        tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(path / shard)[0])
+        tensors = SafetensorsFile(*(path / shard for shard in sorted(set(weight_map.values()))))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{index}: keys listed but absent from their shards: {missing[:10]}")
@@ -282,7 +281,7 @@ class PreTrainedModel(nnx.Module):
         rename = self._align_prefix(set(state_dict), set(params))
         by_model_key = {rename[k]: k for k in state_dict}
         missing, bad, initialised = [], [], []
-        stacked: dict[int, tuple[nnx.Variable, dict[int, np.ndarray]]] = {}
+        stacked: dict[int, tuple[nnx.Variable, np.ndarray, set[int]]] = {}
         for key, (var, transpose) in params.items():
             if key not in by_model_key:
                 if self._tied(key):
@@ -305,15 +304,20 @@ class PreTrainedModel(nnx.Module):
                 bad.append(f"{by_model_key[key]}: expected a float tensor, found dtype {value.dtype}")
                 continue
             if isinstance(var, LayerSlice):  # stacked layers: placed whole once every layer is read
-                stacked.setdefault(id(var.stacked), (var.stacked, {}))[1][var.index] = value
+                if id(var.stacked) not in stacked:
+                    whole = var.stacked.get_value()
+                    stacked[id(var.stacked)] = (var.stacked, np.empty(whole.shape, whole.dtype), set())
+                _, host, filled = stacked[id(var.stacked)]
+                host[var.index] = value
+                filled.add(var.index)
                 continue
             place = _PLACE.get()
             var.set_value(place(self, var, value) if place else jnp.asarray(value, dtype=var.get_value().dtype))
-        for var, layers in stacked.values():
-            if len(layers) == var.get_value().shape[0]:
-                value = np.stack([layers[i] for i in range(len(layers))])
+            del value  # one checkpoint tensor on the host at a time
+        for var, host, filled in stacked.values():
+            if len(filled) == host.shape[0]:
                 place = _PLACE.get()
-                var.set_value(place(self, var, value) if place else jnp.asarray(value, dtype=var.get_value().dtype))
+                var.set_value(place(self, var, host) if place else jnp.asarray(host))
         if missing or bad:
             lines = [f"cannot load {source} into {type(self).__name__}:"]
             if missing:
