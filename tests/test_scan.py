@@ -249,3 +249,20 @@ def test_functional_inject_lora_and_dropout_under_scan(tiny):
 
     plain, dropped = float(jax.jit(loss)(None)), float(jax.jit(loss)(jax.random.key(1)))
     assert np.isfinite(dropped) and dropped != plain
+
+
+def test_adding_adapters_keeps_the_stacked_base_weights(tiny):
+    """Injection runs on per-layer views; restacking must hand back the original stacked base
+    arrays (not a copy of every layer's weights) and stack only what changed."""
+    _, path = tiny
+    model = models.from_pretrained(path, scan_layers=True)
+    stack = model.model.layers.layer
+    before = {name: getattr(stack.self_attn, name).kernel.get_value() for name in ("q_proj", "o_proj")}
+    before["down_proj"] = stack.mlp.down_proj.kernel.get_value()
+    config = peftjax.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peftjax.get_peft_model(model, config)
+    stack = model.model.layers.layer
+    assert stack.self_attn.q_proj.kernel.get_value() is before["q_proj"]  # targeted: kernel kept
+    assert stack.self_attn.o_proj.kernel.get_value() is before["o_proj"]  # untouched layer
+    assert stack.mlp.down_proj.kernel.get_value() is before["down_proj"]
+    assert stack.self_attn.q_proj.lora_A["default"].get_value().shape == (3, 64, 2)  # the adapters are stacked

@@ -19,7 +19,7 @@ per-layer keys. Every layer must then carry the same adapters (same targets, ran
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -130,11 +130,17 @@ def _put(parent, attr, value) -> None:
         setattr(parent, attr, value)
 
 
-def stack_modules(layers, path: str) -> nnx.Module:
+Origin = Mapping[int, tuple[jax.Array, int, jax.Array]]
+
+
+def stack_modules(layers, path: str, origin: Origin | None = None) -> nnx.Module:
     """One module whose weights stack the (structurally identical) ``layers``' weights.
 
     Strings an adapter recorded from a layer's path (``model.layers.3.self_attn.q_proj``)
-    become layer-independent (``model.layers.*.self_attn.q_proj``) first.
+    become layer-independent (``model.layers.*.self_attn.q_proj``) first. ``origin`` maps
+    ``id`` of a per-layer array to ``(stacked array, layer index, the array)`` it was sliced from:
+    a weight whose layers are all still those slices, in order, is the stacked array again,
+    not a new copy.
 
     Raises:
       ValueError: the layers differ in structure (e.g. an adapter on some layers only, or
@@ -156,8 +162,31 @@ def stack_modules(layers, path: str) -> nnx.Module:
                 f"(scan_layers=True needs the same adapters, targets and ranks on every layer; "
                 f"layers_to_transform, per-layer rank_pattern and the like need scan_layers=False)"
             )
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in splits])
+    origin = origin or {}
+
+    def restack(*xs):
+        sources = [origin.get(id(x)) for x in xs]
+        if all(sources) and all(
+            part is x and src is sources[0][0] and i == j for i, ((src, j, part), x) in enumerate(zip(sources, xs))
+        ):
+            return sources[0][0]  # unchanged (a frozen base weight): no copy
+        return jnp.stack(xs)
+
+    state = jax.tree.map(restack, *[s for _, s in splits])
     return nnx.merge(graphdef, state)
+
+
+def _slices(stack: StackedLayers) -> tuple[list[nnx.Module], Origin]:
+    """``stack``'s layers as modules, and where each of their arrays was sliced from."""
+    graphdef, state = nnx.split(stack.layer)
+    whole = jax.tree.leaves(state)
+    layers, origin = [], {}
+    for i in range(stack.num_layers):
+        part = jax.tree.map(lambda v: v[i], state)
+        for src, x in zip(whole, jax.tree.leaves(part)):
+            origin[id(x)] = (src, i, x)  # the slice itself too: an id is only unique while its array lives
+        layers.append(nnx.merge(graphdef, part))
+    return layers, origin
 
 
 @contextlib.contextmanager
@@ -170,13 +199,18 @@ def unstacked(model: nnx.Module, *, write: bool):
     block raises, the model is left as it was.
     """
     stacks = _find_stacks(model)
+    origins = []
     for path, stack in stacks:
-        _put(_node_at(model, path[:-1]), path[-1], nnx.List(list(stack)))
+        layers, origin = _slices(stack)
+        origins.append(origin)
+        _put(_node_at(model, path[:-1]), path[-1], nnx.List(layers))
     try:
         yield model
         restacked = [
-            stack_modules(list(_node_at(model, path)), ".".join(str(p) for p in path)) if write else stack.layer
-            for path, stack in stacks
+            stack_modules(list(_node_at(model, path)), ".".join(str(p) for p in path), origin)
+            if write
+            else stack.layer
+            for (path, stack), origin in zip(stacks, origins)
         ]
     finally:  # on success or failure, the stacked modules go back (updated only on success)
         for path, stack in stacks:
