@@ -19,7 +19,15 @@ from peftjax.config import (
 )
 from peftjax import sharding
 from peftjax.peft_model import PeftModel, get_peft_model
-from peftjax.training import Trainer, TrainingArguments, combine, make_train_step, optax_labels, split
+from peftjax.training import (
+    Trainer,
+    TrainingArguments,
+    combine,
+    make_train_step,
+    optax_labels,
+    release_host_memory,
+    split,
+)
 from peftjax.tuners._dropout import dropout_key
 from peftjax.tuners._lora import inject_lora, merge, unload, unmerge
 from peftjax.tuners._variables import FROZEN, TRAINABLE, LoraParam, TrainableParam
@@ -50,6 +58,7 @@ __all__ = [
     "make_train_step",
     "merge",
     "optax_labels",
+    "release_host_memory",
     "sharding",
     "split",
     "unload",

@@ -8,6 +8,7 @@ from peftjax.training._data import (
     tokenize_classification,
     tokenize_instructions,
 )
+from peftjax.training._memory import release_host_memory
 from peftjax.training._step import combine, make_train_step, optax_labels, split
 from peftjax.training._trainer import Trainer, TrainingError, TrainOutput
 
@@ -21,6 +22,7 @@ __all__ = [
     "load_text_dataset",
     "make_train_step",
     "optax_labels",
+    "release_host_memory",
     "split",
     "tokenize_causal_lm",
     "tokenize_classification",

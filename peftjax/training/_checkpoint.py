@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 STATE_FILE = "trainer_state.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -33,6 +32,8 @@ def save_checkpoint(directory: Path, state: dict[str, Any], info: dict[str, Any]
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
     _sync("peftjax:checkpoint-dir")
+    import orbax.checkpoint as ocp  # imported when first needed: it costs ~50 MiB resident
+
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save((directory / "state").absolute(), state)
     checkpointer.wait_until_finished()
@@ -63,6 +64,8 @@ def load_checkpoint(directory: Path, like: dict[str, Any]) -> tuple[dict[str, An
     info_file = directory / STATE_FILE
     if not info_file.is_file():
         raise FileNotFoundError(f"{directory} is not a complete peftjax checkpoint (no {STATE_FILE})")
+    import orbax.checkpoint as ocp
+
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     state = ocp.StandardCheckpointer().restore((directory / "state").absolute(), abstract)
     return state, json.loads(info_file.read_text())

@@ -1,0 +1,58 @@
+"""Giving freed host memory back to the operating system.
+
+Two things keep a JAX process's resident memory above what it uses, most visibly on CPU:
+
+- XLA's compiler allocates and frees a few hundred MiB while it compiles a train step; glibc's
+  allocator keeps the freed pages in its arenas, so the resident size after compiling stays
+  at the compiler's peak for the rest of the run.
+- Every distinct eager operation (a ``jnp.stack`` of a new shape while loading, a random
+  initialiser while adding adapters) is compiled once and its executable is cached: about
+  1.5 MiB each on XLA:CPU, tens of MiB after loading a model and adding adapters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+
+import jax
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_host_memory(*, clear_compiled: bool = False) -> bool:
+    """Returns the host memory the allocator holds free to the operating system.
+
+    The recipe for a lean process: once the model is loaded and its adapters added, call it
+    with ``clear_compiled``; compile the step ahead (``step.lower(*args).compile()``: the first
+    call reuses that executable) and call it again before the first step runs, so the
+    compiler's freed heap and the step's buffers are never resident together. :class:`Trainer`
+    does the second part. In ``benchmarks/speed_vs_peft.py`` the recipe takes the peak resident
+    memory from about 0.83 GiB to 0.66 GiB.
+
+    Args:
+      clear_compiled: also drop every executable JAX has cached (``jax.clear_caches()``):
+        loading's and initialisation's one-off operations, but also any function already
+        compiled, which then compiles again on its next call.
+
+    Returns:
+      Whether memory could be trimmed (glibc); elsewhere only ``clear_compiled`` acts.
+    """
+    if clear_compiled:
+        jax.clear_caches()
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
