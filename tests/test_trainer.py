@@ -205,3 +205,37 @@ def test_causal_lm_evaluation_reports_perplexity(tmp_path):
     expected = float(model(input_ids=ids, labels=ids).loss)
     assert abs(metrics["eval_loss"] - expected) < 1e-5
     assert "eval_accuracy" not in metrics
+
+
+def test_causal_lm_training_step_never_holds_the_whole_logits(tmp_path, monkeypatch):
+    """The Trainer's step trains on the model's own (fused) loss: its XLA temporaries stay
+    below the size of the logits, which the unfused loss must hold (and their gradient)."""
+    from peftjax.models import _losses
+
+    monkeypatch.setattr(_losses, "FUSED_CHUNK_ELEMENTS", 64 * 2048)  # 64-token chunks
+    config = tr.LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=2))
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path)))
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    tx = trainer.args.optimizer(10)
+    ids = np.random.default_rng(0).integers(1, 2048, (4, 128)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
+             "sample_weight": np.ones(4, np.float32)}
+    step = trainer._make_step(graphdef, tx)
+    compiled = step.lower(trainable, tx.init(trainable), rest, batch, None).compile()
+    logits_bytes = ids.size * 2048 * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < logits_bytes
+    # and the loss it trains on is the one evaluation computes
+    total, count = _losses_terms_of(model, batch)
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its inputs
+    _, _, loss = step(trainable, tx.init(trainable), rest, batch, None)
+    np.testing.assert_allclose(float(loss), total / count, rtol=1e-5)
+
+
+def _losses_terms_of(model, batch):
+    from peftjax.training._trainer import _loss_terms
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count, _ = _loss_terms(logits, jnp.asarray(batch["labels"]), jnp.asarray(batch["sample_weight"]), 2)
+    return float(total), float(count)

@@ -26,6 +26,7 @@ from flax import nnx
 from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
+from peftjax.training._memory import release_host_memory
 from peftjax.training._step import jit_step, split
 from peftjax.tuners._dropout import dropout_key
 
@@ -123,6 +124,7 @@ class Trainer:
         self.pad_token_id = int(pad_token_id or 0)
         accepted = inspect.signature(type(model.base_model).__call__).parameters
         self.model_inputs = tuple(k for k in MODEL_INPUTS if k in accepted)
+        self._model_loss = "labels" in accepted
         self.output_dir = Path(args.output_dir)
         self.log_history: list[dict[str, Any]] = []
         self.mesh, self.sharding = mesh, None
@@ -147,6 +149,11 @@ class Trainer:
         def loss_fn(trainable, rest, batch, key):
             model = nnx.merge(graphdef, trainable, rest)
             with dropout_key(key):
+                if self._model_loss and batch["labels"].ndim == 2:
+                    # token labels (filler rows are -100): the model's own loss, which the bundled
+                    # decoders fuse with the output projection, so the whole logits never exist
+                    inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+                    return model(**inputs, labels=batch["labels"]).loss
                 _, (total, count, _) = self._forward_terms(model, batch)
             return total / jnp.maximum(count, 1.0)
 
@@ -232,11 +239,18 @@ class Trainer:
         tokens, t_log, losses_seen = 0, time.perf_counter(), []
         last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
         epoch, position = divmod(micro, batcher.num_batches)
+        start_micro = micro
         try:
             while micro < total * accum:
                 for batch in batcher.batches(epoch, start=position):
                     key = jax.random.fold_in(base_key, micro)
-                    trainable, opt_state, loss = step_fn(trainable, opt_state, rest, self._place(batch), key)
+                    placed = self._place(batch)
+                    if micro == start_micro:
+                        # compiled ahead, so the compiler's freed heap goes back to the system
+                        # before the step's buffers are allocated (the call reuses the executable)
+                        step_fn.lower(trainable, opt_state, rest, placed, key).compile()
+                        release_host_memory()
+                    trainable, opt_state, loss = step_fn(trainable, opt_state, rest, placed, key)
                     pending.append(loss)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
                     micro += 1
