@@ -11,10 +11,15 @@ positions, ``--warmup`` untimed steps then ``--steps`` timed ones, each waited o
 
 Reported (medians over trials): step time, tokens per second, peak resident memory, time to first
 step (from the start of the child process: imports, loading the weights, adding LoRA, building
-the optimizer, compiling (peftjax) and running step one). The peftjax child also counts the step's FLOPs with XLA's cost
-analysis and measures a large float32 matmul, which gives the step's floor on this machine.
-``--scan-layers`` and ``--remat full|dots_saveable|...`` change only the peftjax side (layers
-stacked and scanned; activations recomputed in the backward pass), to show what they cost and save.
+the optimizer, compiling (peftjax) and running step one). The peftjax child also counts the
+step's FLOPs with XLA's cost analysis and measures a large float32 matmul, which gives the
+step's floor on this machine.
+
+peftjax runs as a memory-conscious user would run it: layers scanned with full remat
+(``--no-scan-layers``, ``--remat none`` change that), ``peftjax.release_host_memory()`` after
+setup and after compiling the step ahead of its first call (``--no-release``), and without torch, which peftjax does not
+depend on (``--torch-visible`` lets transformers' config code import it, as it does whenever
+torch is installed). ``--peft-gradient-checkpointing`` turns on PEFT's counterpart of remat.
 The last line is a one-line summary.
 """
 
@@ -52,8 +57,15 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul that measures peak")
     p.add_argument("--only", choices=["peftjax", "peft"], default=None, help="run one framework (no ratios)")
-    p.add_argument("--scan-layers", action="store_true", help="peftjax: stack and scan the layers")
-    p.add_argument("--remat", default="none", help="peftjax: the layers' remat policy (none, full, dots_saveable)")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="peftjax: stack and scan the layers (default; --no-scan-layers unrolls them)")
+    p.add_argument("--remat", default="full", help="peftjax: the layers' remat policy (full, none, dots_saveable)")
+    p.add_argument("--release", action=argparse.BooleanOptionalAction, default=True,
+                   help="peftjax: release_host_memory() after setup and after compiling the step ahead")
+    p.add_argument("--torch-visible", action="store_true",
+                   help="peftjax: leave torch importable (transformers' config code then imports it)")
+    p.add_argument("--peft-gradient-checkpointing", action="store_true",
+                   help="PEFT: gradient checkpointing on (transformers' gradient_checkpointing_enable)")
     # internal: run one framework in this process and print a JSON line
     p.add_argument("--child", choices=["peftjax", "peft"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -98,6 +110,11 @@ def peak_rss_bytes() -> int:
 
 
 def run_peftjax(args) -> dict:
+    if not args.torch_visible:
+        # peftjax does not depend on torch, and a JAX machine does not have it; here it is
+        # installed for the PEFT side, and transformers' config code imports it (257 MiB
+        # resident) whenever it can. A None entry makes transformers see it as absent.
+        sys.modules["torch"] = None
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -108,7 +125,7 @@ def run_peftjax(args) -> dict:
 
     imported = time.perf_counter()
     rss_imports = current_rss_bytes()
-    config = models.load_config(args.model_dir)  # transformers' config code imports torch when installed
+    config = models.load_config(args.model_dir)
     del config
     rss_config = current_rss_bytes()
     model = models.from_pretrained(args.model_dir, scan_layers=args.scan_layers, remat=args.remat)
@@ -122,6 +139,12 @@ def run_peftjax(args) -> dict:
     step = peftjax.make_train_step(graphdef, tx)
     ids = jnp.asarray(batch_arrays(args))
     batch = {"input_ids": ids, "labels": ids}
+    if args.release:  # loading's and injection's one-off executables, freed heap
+        peftjax.release_host_memory(clear_compiled=True)
+    rss_setup = current_rss_bytes()
+    if args.release:  # compiled ahead (the calls reuse it), then the compiler's freed heap returned
+        step.lower(trainable, opt_state, rest, batch, None).compile()
+        peftjax.release_host_memory()
 
     times = []
     first = None
@@ -132,6 +155,7 @@ def run_peftjax(args) -> dict:
         now = time.perf_counter()
         if first is None:
             first = now - T_START  # from the start of the process: imports count too
+            rss_compiled = current_rss_bytes()
         if i >= args.warmup:
             times.append(now - t)
     rss = peak_rss_bytes()
@@ -167,6 +191,8 @@ def run_peftjax(args) -> dict:
         "rss_imports": rss_imports,
         "rss_config": rss_config,
         "rss_loaded": rss_loaded,
+        "rss_setup": rss_setup,
+        "rss_compiled": rss_compiled,
         "matmul_flops_per_s": 2 * n**3 / min(mm_times),
     }
 
@@ -184,6 +210,8 @@ def run_peft(args) -> dict:
     model = get_peft_model(
         model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
     )
+    if args.peft_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -239,7 +267,10 @@ def run_child(args, framework: str, directory: str) -> dict:
     for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "rank", "alpha", "lr",
                  "weight_decay", "warmup", "steps", "matmul_size", "remat"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    argv += ["--scan-layers"] if args.scan_layers else []
+    argv += ["--scan-layers" if args.scan_layers else "--no-scan-layers"]
+    argv += ["--release" if args.release else "--no-release"]
+    argv += ["--torch-visible"] if args.torch_visible else []
+    argv += ["--peft-gradient-checkpointing"] if args.peft_gradient_checkpointing else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -263,7 +294,8 @@ def main() -> None:
     print(f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; LoRA r={args.rank} on "
           f"{', '.join(PROJECTIONS)}; float32; AdamW; {args.warmup} warmup + {args.steps} timed steps; "
-          f"peftjax scan_layers={args.scan_layers} remat={args.remat!r}; "
+          f"peftjax scan_layers={args.scan_layers} remat={args.remat!r} release={args.release} "
+          f"torch_visible={args.torch_visible}; PEFT gradient checkpointing {args.peft_gradient_checkpointing}; "
           f"{args.trials} trials; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     results = {f: [] for f in frameworks}
     with tempfile.TemporaryDirectory() as directory:
@@ -300,13 +332,17 @@ def main() -> None:
         peak = median(results["peftjax"], "matmul_flops_per_s")
         floor = flops / peak
         step = med["peftjax"]["step_s"]
-        print(f"peftjax step: {flops / 1e9:.1f} GFLOP (XLA cost analysis; by hand {model_flops(args) / 1e9:.1f}); "
+        how = ("by hand: XLA's cost analysis counts a scanned loop's body once" if args.scan_layers
+               else f"XLA cost analysis; by hand {model_flops(args) / 1e9:.1f}")
+        print(f"peftjax step: {flops / 1e9:.1f} GFLOP ({how}); "
               f"float32 matmul {args.matmul_size}^3: {peak / 1e9:.0f} GFLOP/s; floor {floor:.3f} s; achieved "
               f"{flops / step / 1e9:.0f} GFLOP/s = {floor / step:.2f} of the floor")
         mib = {k: median(results["peftjax"], k) / 2**20
-               for k in ("rss_imports", "rss_config", "rss_loaded", "step_temp_bytes", "peak_rss")}
+               for k in ("rss_imports", "rss_config", "rss_loaded", "rss_setup", "rss_compiled", "step_temp_bytes",
+                         "peak_rss")}
         print(f"peftjax resident memory (MiB): jax+peftjax imported {mib['rss_imports']:.0f}; + transformers config "
-              f"code (imports torch when installed) {mib['rss_config']:.0f}; weights loaded {mib['rss_loaded']:.0f}; "
+              f"code {mib['rss_config']:.0f}; weights loaded {mib['rss_loaded']:.0f}; LoRA and AdamW added "
+              f"{mib['rss_setup']:.0f}; after compiling and the first step {mib['rss_compiled']:.0f}; "
               f"peak {mib['peak_rss']:.0f}; XLA temporaries of the step {mib['step_temp_bytes']:.0f}")
         summary["floor_fraction"] = floor / step
         summary["step_gflop"] = flops / 1e9
