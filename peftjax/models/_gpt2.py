@@ -16,7 +16,7 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._generation import GenerationMixin
-from peftjax.models._losses import causal_lm_loss, pool_last_token, sequence_classification_loss
+from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 
@@ -253,7 +253,9 @@ class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):
         )
         h = out.last_hidden_state
         logits = self.transformer.wte.attend(h)
-        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        loss = None
+        if labels is not None:  # fused with the tied output projection when traced
+            loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), None, self.transformer.wte)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
