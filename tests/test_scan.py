@@ -266,3 +266,103 @@ def test_adding_adapters_keeps_the_stacked_base_weights(tiny):
     assert stack.self_attn.o_proj.kernel.get_value() is before["o_proj"]  # untouched layer
     assert stack.mlp.down_proj.kernel.get_value() is before["down_proj"]
     assert stack.self_attn.q_proj.lora_A["default"].get_value().shape == (3, 64, 2)  # the adapters are stacked
+
+
+# ---------------------------------------------------------------------------- GPT-2
+
+GPT2_TINY = dict(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    torch_model = save_tiny(tr.GPT2LMHeadModel, tr.GPT2Config(**GPT2_TINY), path)
+    return torch_model, path
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_gpt2_scanned_equals_unscanned_and_transformers(tiny_gpt2, jit):
+    torch_model, path = tiny_gpt2
+    scanned = models.from_pretrained(path, scan_layers=True, remat="full")
+    assert isinstance(scanned.transformer.h, StackedLayers)
+    assert scanned.transformer.h.layer.attn.c_attn.kernel.get_value().shape == (3, 32, 96)
+    ids, mask = padded_batch(GPT2_TINY["vocab_size"], seq=9, left=False)
+    valid = mask.astype(bool)
+    ours = np.asarray(_logits(scanned, jit, ids, mask))
+    np.testing.assert_allclose(ours[valid], np.asarray(_logits(models.from_pretrained(path), jit, ids, mask))[valid],
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours[valid], torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid],
+                               atol=1e-5, rtol=0)
+    # the cache path (generation) and the dropout path iterate over the stacked blocks
+    plain = models.from_pretrained(path)
+    gen = lambda m: m.generate(ids[:, :5], mask[:, :5], max_new_tokens=4, pad_token_id=0)  # noqa: E731
+    np.testing.assert_array_equal(gen(scanned), gen(plain))
+    key = jax.random.key(3)
+    np.testing.assert_allclose(np.asarray(scanned(input_ids=ids, dropout_rng=key).logits),
+                               np.asarray(plain(input_ids=ids, dropout_rng=key).logits), atol=1e-5, rtol=0)
+
+
+def test_gpt2_lora_under_scan_round_trips_through_peft_and_transformers(tiny_gpt2, tmp_path):
+    torch_model, path = tiny_gpt2
+    model = models.from_pretrained(path, scan_layers=True)
+    model.save_pretrained(tmp_path / "base")
+    keys = read_safetensors(tmp_path / "base" / "model.safetensors")[0]
+    assert {f"transformer.h.{i}.attn.c_attn.weight" for i in range(3)} <= set(keys)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    ids, mask = padded_batch(GPT2_TINY["vocab_size"], seq=9, left=False)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(ids)}
+    graphdef, trainable, rest = peftjax.split(model)
+    tx = optax.adam(1e-2)
+    opt_state, step = tx.init(trainable), peftjax.make_train_step(graphdef, tx)
+    losses = []
+    for _ in range(5):
+        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    nnx.update(model, trainable)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = set(read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")[0])
+    assert "base_model.model.transformer.h.2.mlp.c_fc.lora_A.weight" in saved and len(saved) == 3 * 2 * 2
+    theirs = peft.PeftModel.from_pretrained(tr.GPT2LMHeadModel.from_pretrained(path).eval(), tmp_path / "adapter")
+    valid = mask.astype(bool)
+    ours = np.asarray(peft_model(input_ids=ids, attention_mask=mask).logits)
+    reference = torch_logits(theirs.eval(), input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(ours[valid], reference[valid], atol=1e-5, rtol=0)
+    assert np.abs(reference - torch_logits(torch_model, input_ids=ids, attention_mask=mask))[valid].max() > 1e-3
+
+
+def test_gpt2_scan_refuses_a_per_block_attention_scale(tmp_path):
+    config = tr.GPT2Config(**GPT2_TINY, scale_attn_by_inverse_layer_idx=True, scan_layers=True)
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        models.GPT2LMHeadModel.from_config(config)
+
+
+# ---------------------------------------------------------------------------- BERT
+
+BERT_TINY = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                 max_position_embeddings=64, num_labels=2)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_bert_scanned_classifier_equals_transformers_and_trains_a_peft_adapter(tmp_path, jit):
+    torch_model = save_tiny(tr.BertForSequenceClassification, tr.BertConfig(**BERT_TINY), tmp_path / "base")
+    model = models.from_pretrained(tmp_path / "base", scan_layers=True, remat="full")
+    assert isinstance(model.bert.encoder.layer, StackedLayers)
+    ids, mask = padded_batch(BERT_TINY["vocab_size"], seq=9, left=False)
+    np.testing.assert_allclose(np.asarray(_logits(model, jit, ids, mask)),
+                               torch_logits(torch_model, input_ids=ids, attention_mask=mask), atol=1e-5, rtol=0)
+    plain = models.from_pretrained(tmp_path / "base")
+    key = jax.random.key(1)  # the dropout path iterates over the stacked layers
+    np.testing.assert_allclose(np.asarray(model(input_ids=ids, attention_mask=mask, dropout_rng=key).logits),
+                               np.asarray(plain(input_ids=ids, attention_mask=mask, dropout_rng=key).logits),
+                               atol=1e-5, rtol=0)
+    peft_model = peftjax.get_peft_model(
+        model, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"], init_lora_weights=False)
+    )
+    assert model.bert.encoder.layer.layer.attention.self.query.lora_A["default"].get_value().shape == (3, 32, 2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(
+        tr.BertForSequenceClassification.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter"
+    )
+    np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids, attention_mask=mask).logits),
+                               torch_logits(theirs.eval(), input_ids=ids, attention_mask=mask), atol=1e-5, rtol=0)

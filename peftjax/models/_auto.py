@@ -74,9 +74,10 @@ def from_pretrained(path: str | os.PathLike, dtype=None, **config_overrides) -> 
         ``model.safetensors.index.json`` plus its shards.
       dtype: parameter and compute dtype (``None``: float32).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
-        options: ``scan_layers=True`` (stack the decoder layers and run them with ``jax.lax.scan``;
-        Llama family) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint`` policy of
-        each layer).
+        options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
+        family, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
+        stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
+        policy of each layer when they are scanned or looped without a cache).
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.

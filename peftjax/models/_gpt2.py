@@ -19,6 +19,7 @@ from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
+from peftjax.models._scan import StackedLayers, check_remat, run_layers
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -151,7 +152,18 @@ class GPT2Model(PreTrainedModel):
         e = config.hidden_size
         self.wte = nnx.Embed(config.vocab_size, e, **kw)
         self.wpe = nnx.Embed(config.max_position_embeddings, e, **kw)
-        self.h = nnx.List([GPT2Block(config, i, **kw) for i in range(config.num_hidden_layers)])
+        n = config.num_hidden_layers
+        # peftjax options set on the config (see _scan): blocks stacked and scanned; remat policy
+        self.remat = check_remat(getattr(config, "remat", "none"))
+        if getattr(config, "scan_layers", False):
+            if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+                raise ValueError("scan_layers=True needs the same attention scale in every block; "
+                                 "scale_attn_by_inverse_layer_idx=True differs per block (use scan_layers=False)")
+            self.h = StackedLayers(
+                lambda r: GPT2Block(config, 0, dtype=dtype, param_dtype=param_dtype, rngs=r), n, rngs=rngs
+            )
+        else:
+            self.h = nnx.List([GPT2Block(config, i, **kw) for i in range(n)])
         self.ln_f = nnx.LayerNorm(e, epsilon=config.layer_norm_epsilon, **kw)
         self.embd_pdrop = float(config.embd_pdrop)
 
@@ -199,7 +211,10 @@ class GPT2Model(PreTrainedModel):
         embd_key, *layer_keys = _split(dropout_rng, 1 + len(self.h))
         x = _dropout(x, self.embd_pdrop, embd_key)
         new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.h):
+        loop = cache is not None or prefix_kv is not None or dropout_rng is not None
+        if not loop:  # training and scoring without base-model dropout: scanned and/or rematerialised
+            x = run_layers(self.h, lambda block, h: block(h, mask)[0], x, self.remat)
+        for i, block in enumerate(self.h if loop else ()):
             prefix = None if prefix_kv is None else prefix_kv[i]
             x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_keys[i], prefix)
             if cache is not None:
