@@ -25,6 +25,9 @@ whose ``__call__`` has no ``prefix_kv`` parameter. :func:`check_prefix_kv` valid
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -127,6 +130,52 @@ def check_prefix_kv(prefix_kv, *, num_layers: int, kv_heads: int, head_dim: int,
             f"head_dim ({head_dim})]; found {', '.join(bad[:8])}"
         )
     return int(length)
+
+
+class DecoderPositions(NamedTuple):
+    """Where a decoder call's tokens sit, from :func:`decoder_positions`."""
+
+    start: jax.Array  # the cache slot of the first new token (0 without a cache)
+    query_positions: jax.Array  # [s]: each new token's index among the keys (prefix entries first)
+    position_ids: jax.Array  # [b, s]: the given ones, or counted on from the prefix and cache
+    key_mask: jax.Array  # [b, V + keys]: which keys a token may attend (prefix entries always)
+    num_prefix: int  # V, the prefix length (0 without prefix_kv)
+
+
+def decoder_positions(
+    batch: int,
+    seq: int,
+    *,
+    attention_mask,
+    position_ids,
+    cache,
+    cache_index,
+    prefix_kv,
+    num_layers: int,
+    prefix_layout: Callable[[], tuple[int, int]],
+    owner: str,
+) -> DecoderPositions:
+    """The positions and key mask a decoder's call needs, with or without a KV cache and prefix.
+
+    ``prefix_layout()`` gives ``(kv_heads, head_dim)`` of the layers' attention; it is called
+    only to check a ``prefix_kv``. After a prefix of V entries, positions start at V, as they do
+    after V cached tokens (transformers 5 does the same).
+    """
+    num_prefix = 0
+    if prefix_kv is not None:
+        kv_heads, head_dim = prefix_layout()
+        num_prefix = check_prefix_kv(
+            prefix_kv, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, batch=batch, owner=owner
+        )
+    start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    query_positions = start + jnp.arange(seq) + num_prefix
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(query_positions, (batch, seq))
+    key_len = seq if cache is None else cache[0]["k"].shape[1]
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, key_len), bool)
+    key_mask = prefix_key_mask(jnp.asarray(attention_mask), num_prefix)
+    return DecoderPositions(start, query_positions, jnp.asarray(position_ids), key_mask, num_prefix)
 
 
 def prefix_key_mask(key_mask: jax.Array, num_prefix: int) -> jax.Array:

@@ -56,6 +56,11 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _kv_layout(config) -> tuple[int, int]:
+    """``(heads, head dim)`` of every block's attention (no grouped-query heads in GPT-2)."""
+    return config.num_attention_heads, config.hidden_size // config.num_attention_heads
+
+
 def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -189,25 +194,16 @@ class GPT2Model(PreTrainedModel):
             inputs_embeds = self.wte(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
-        n_prefix = 0
-        if prefix_kv is not None:
-            a = self.h[0].attn
-            n_prefix = attn.check_prefix_kv(
-                prefix_kv, num_layers=len(self.h), kv_heads=a.num_heads, head_dim=a.head_dim, batch=b,
-                owner=type(self).__name__,
-            )
-        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        slots = start + jnp.arange(s)
-        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
-            position_ids = jnp.broadcast_to(slots + n_prefix, (b, s))
-        x = x + self.wpe(jnp.asarray(position_ids))
+        pos = attn.decoder_positions(
+            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
+            prefix_kv=prefix_kv, num_layers=len(self.h), owner=type(self).__name__,
+            prefix_layout=lambda: _kv_layout(self.config),
+        )
+        start = pos.start
+        x = x + self.wpe(pos.position_ids)
         if token_type_ids is not None:
             x = x + self.wte(jnp.asarray(token_type_ids))
-        key_len = s if cache is None else cache[0]["k"].shape[1]
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, key_len), bool)
-        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
-        mask = attn.attention_mask_4d(slots + n_prefix, key_mask, causal=True)
+        mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
         embd_key, *layer_keys = _split(dropout_rng, 1 + len(self.h))
         x = _dropout(x, self.embd_pdrop, embd_key)
         new_cache = [] if cache is not None else None
@@ -222,9 +218,8 @@ class GPT2Model(PreTrainedModel):
         return ModelOutput(last_hidden_state=self.ln_f(x), past_key_values=new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
-        c = self.config
-        h = c.num_attention_heads
-        return attn.init_kv_cache(c.num_hidden_layers, batch, max_len, h, c.hidden_size // h, dtype or self.dtype)
+        return attn.init_kv_cache(self.config.num_hidden_layers, batch, max_len, *_kv_layout(self.config),
+                                  dtype or self.dtype)
 
 
 class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):

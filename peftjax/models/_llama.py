@@ -107,6 +107,11 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+def kv_layout(config) -> tuple[int, int]:
+    """``(key/value heads, head dim)`` of every layer's attention."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim_of(config)
+
+
 class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
@@ -145,26 +150,17 @@ class LlamaModel(nnx.Module):
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
-        n_prefix = 0
-        if prefix_kv is not None:
-            a = self.layers[0].self_attn
-            n_prefix = attn.check_prefix_kv(
-                prefix_kv, num_layers=len(self.layers), kv_heads=a.num_kv_heads, head_dim=a.head_dim, batch=b,
-                owner=type(self).__name__,
-            )
-        start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
-        slots = start + jnp.arange(s)
-        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
-            position_ids = jnp.broadcast_to(slots + n_prefix, (b, s))
-        key_len = s if cache is None else cache[0]["k"].shape[1]
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, key_len), bool)
-        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
+        pos = attn.decoder_positions(
+            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
+            prefix_kv=prefix_kv, num_layers=len(self.layers), owner=type(self).__name__,
+            prefix_layout=lambda: kv_layout(self.config),
+        )
+        start = pos.start
         masks = {
-            w: attn.attention_mask_4d(slots + n_prefix, key_mask, causal=True, window=w)
+            w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
             for w in set(sliding_windows(self.config))
         }
-        cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), jnp.asarray(position_ids), x.dtype)
+        cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             x = run_layers(self.layers, lambda layer, h: layer(h, cos, sin, masks)[0], x, self.remat)
@@ -216,9 +212,8 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
-        c = self.config
-        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return attn.init_kv_cache(c.num_hidden_layers, batch, max_len, kvh, head_dim_of(c), dtype or self.dtype)
+        return attn.init_kv_cache(self.config.num_hidden_layers, batch, max_len, *kv_layout(self.config),
+                                  dtype or self.dtype)
 
 
 class LlamaForSequenceClassification(PreTrainedModel):
