@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 

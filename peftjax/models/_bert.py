@@ -20,7 +20,7 @@ from peftjax.models._auto import register
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel, read_checkpoint
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._scan import StackedLayers, check_remat, run_layers
+from peftjax.models._scan import check_remat, make_layers, run_layers
 
 # transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
 ACTIVATIONS = {
@@ -172,15 +172,11 @@ class BertLayer(nnx.Module):
 
 class BertEncoder(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        n = config.num_hidden_layers
         # peftjax options set on the config (see _scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
-        if getattr(config, "scan_layers", False):
-            self.layer = StackedLayers(lambda r: BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), n,
-                                       rngs=rngs)
-        else:
-            self.layer = nnx.List([BertLayer(config, **kw) for _ in range(n)])
+        self.layer = make_layers(
+            config, lambda _, r: BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+        )
 
     def __call__(self, x, mask, rng=None, prefix_kv=None):
         if rng is None and prefix_kv is None:  # no dropout, no prefix: scanned and/or rematerialised

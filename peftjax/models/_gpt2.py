@@ -17,9 +17,9 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
-from peftjax.models._modeling import ConfigRef, PreTrainedModel
+from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._scan import StackedLayers, check_remat, run_layers
+from peftjax.models._scan import check_remat, make_layers, run_layers
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -157,18 +157,14 @@ class GPT2Model(PreTrainedModel):
         e = config.hidden_size
         self.wte = nnx.Embed(config.vocab_size, e, **kw)
         self.wpe = nnx.Embed(config.max_position_embeddings, e, **kw)
-        n = config.num_hidden_layers
         # peftjax options set on the config (see _scan): blocks stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
-        if getattr(config, "scan_layers", False):
-            if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-                raise ValueError("scan_layers=True needs the same attention scale in every block; "
-                                 "scale_attn_by_inverse_layer_idx=True differs per block (use scan_layers=False)")
-            self.h = StackedLayers(
-                lambda r: GPT2Block(config, 0, dtype=dtype, param_dtype=param_dtype, rngs=r), n, rngs=rngs
-            )
-        else:
-            self.h = nnx.List([GPT2Block(config, i, **kw) for i in range(n)])
+        if getattr(config, "scan_layers", False) and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise ValueError("scan_layers=True needs the same attention scale in every block; "
+                             "scale_attn_by_inverse_layer_idx=True differs per block (use scan_layers=False)")
+        self.h = make_layers(
+            config, lambda i, r: GPT2Block(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+        )
         self.ln_f = nnx.LayerNorm(e, epsilon=config.layer_norm_epsilon, **kw)
         self.embd_pdrop = float(config.embd_pdrop)
 

@@ -20,7 +20,7 @@ from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequenc
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, inv_frequencies, rotary_cos_sin
-from peftjax.models._scan import StackedLayers, check_remat, run_layers
+from peftjax.models._scan import check_remat, make_layers, run_layers
 
 
 def head_dim_of(config) -> int:
@@ -119,18 +119,14 @@ class LlamaModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-        n = config.num_hidden_layers
         # peftjax options set on the config (see _scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
-        if getattr(config, "scan_layers", False):
-            if len(set(sliding_windows(config))) > 1:
-                raise ValueError(f"scan_layers=True needs one attention window for all layers; "
-                                 f"found {sliding_windows(config)}")
-            self.layers = StackedLayers(
-                lambda r: LlamaDecoderLayer(config, 0, dtype=dtype, param_dtype=param_dtype, rngs=r), n, rngs=rngs
-            )
-        else:
-            self.layers = nnx.List([LlamaDecoderLayer(config, i, **kw) for i in range(n)])
+        if getattr(config, "scan_layers", False) and len(set(sliding_windows(config))) > 1:
+            raise ValueError(f"scan_layers=True needs one attention window for all layers; "
+                             f"found {sliding_windows(config)}")
+        self.layers = make_layers(
+            config, lambda i, r: LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+        )
         self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         # a static tuple, not state: it never trains and is rebuilt from the config
         self.inv_freq = tuple(inv_frequencies(config, head_dim_of(config)).tolist())

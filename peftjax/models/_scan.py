@@ -91,6 +91,16 @@ class StackedLayers(nnx.Module):
         return x
 
 
+def make_layers(config, make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+    """``config.num_hidden_layers`` layers, ``make_layer(index, rngs)`` each: stacked when the
+    config carries ``scan_layers=True`` (every layer then built as index 0, so the caller must
+    refuse configs whose layers differ), else an ``nnx.List``."""
+    n = config.num_hidden_layers
+    if getattr(config, "scan_layers", False):
+        return StackedLayers(lambda r: make_layer(0, r), n, rngs=rngs)
+    return nnx.List([make_layer(i, rngs) for i in range(n)])
+
+
 def run_layers(layers, fn: Callable[[nnx.Module, jax.Array], jax.Array], x: jax.Array, remat: str = "none"):
     """``x = fn(layer, x)`` over ``layers``: scanned when stacked, else a loop; each under ``remat``."""
     if isinstance(layers, StackedLayers):
