@@ -38,7 +38,7 @@ def release_host_memory(*, clear_compiled: bool = False) -> bool:
     call reuses that executable) and call it again before the first step runs, so the
     compiler's freed heap and the step's buffers are never resident together. :class:`Trainer`
     does the second part. In ``benchmarks/speed_vs_peft.py`` the recipe takes the peak resident
-    memory from about 0.83 GiB to 0.66 GiB.
+    memory from 0.90 GiB to 0.68 GiB (benchmarks/README.md).
 
     Args:
       clear_compiled: also drop every executable JAX has cached (``jax.clear_caches()``):
