@@ -43,6 +43,20 @@ def tiny(tmp_path_factory):
     return torch_model, path
 
 
+def _train_adapters(model, ids, mask, steps: int) -> None:
+    """A few Adam steps on the next-token loss, asserting it falls; the model keeps the result."""
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(ids)}
+    graphdef, trainable, rest = peftjax.split(model)
+    tx = optax.adam(1e-2)
+    opt_state, step = tx.init(trainable), peftjax.make_train_step(graphdef, tx)
+    losses = []
+    for _ in range(steps):
+        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    nnx.update(model, trainable)
+
+
 def _logits(model, jit, ids, mask):
     if jit:
         return nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model, jnp.asarray(ids), jnp.asarray(mask))
@@ -148,17 +162,7 @@ def test_lora_under_scan_trains_and_loads_in_peft(tiny, tmp_path):
     assert q.lora_B["default"].get_value().shape == (3, 4, 64)
 
     ids, mask = padded_batch(TINY["vocab_size"], seq=9)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(ids)}
-    graphdef, trainable, rest = peftjax.split(model)
-    tx = optax.adam(1e-2)
-    opt_state = tx.init(trainable)
-    step = peftjax.make_train_step(graphdef, tx)
-    losses = []
-    for _ in range(6):
-        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-    nnx.update(model, trainable)
+    _train_adapters(model, ids, mask, steps=6)
     # each layer learned its own adapter
     b = np.asarray(q.lora_B["default"].get_value())
     assert not np.allclose(b[0], b[1])
@@ -310,16 +314,7 @@ def test_gpt2_lora_under_scan_round_trips_through_peft_and_transformers(tiny_gpt
     assert {f"transformer.h.{i}.attn.c_attn.weight" for i in range(3)} <= set(keys)
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
     ids, mask = padded_batch(GPT2_TINY["vocab_size"], seq=9, left=False)
-    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(ids)}
-    graphdef, trainable, rest = peftjax.split(model)
-    tx = optax.adam(1e-2)
-    opt_state, step = tx.init(trainable), peftjax.make_train_step(graphdef, tx)
-    losses = []
-    for _ in range(5):
-        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-    nnx.update(model, trainable)
+    _train_adapters(model, ids, mask, steps=5)
     peft_model.save_pretrained(tmp_path / "adapter")
     saved = set(read_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")[0])
     assert "base_model.model.transformer.h.2.mlp.c_fc.lora_A.weight" in saved and len(saved) == 3 * 2 * 2
