@@ -18,7 +18,8 @@ from peftjax.config import (
     TaskType,
 )
 from peftjax import sharding
-from peftjax.peft_model import PeftModel, get_peft_model
+from peftjax.peft_model import AdapterKeyError, DonatedAdapterError, PeftModel, get_peft_model
+from peftjax.auto import AutoPeftModel
 from peftjax.training import (
     Trainer,
     TrainingArguments,
@@ -35,6 +36,9 @@ from peftjax.tuners._variables import FROZEN, TRAINABLE, LoraParam, TrainablePar
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterKeyError",
+    "AutoPeftModel",
+    "DonatedAdapterError",
     "FROZEN",
     "TRAINABLE",
     "BottleneckConfig",

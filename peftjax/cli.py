@@ -17,7 +17,7 @@ def _inspect(args) -> int:
     from peftjax.config import load_config
     from peftjax.io import read_safetensors_header
 
-    directory = Path(args.adapter)
+    directory = _adapter_dir(args)
     config = load_config(directory)
     weights = directory / "adapter_model.safetensors"
     entries, metadata = read_safetensors_header(weights)
@@ -63,38 +63,35 @@ def _numel(shape) -> int:
 
 
 def _merge(args) -> int:
-    import peftjax
-    from peftjax import models
-
-    model = models.from_pretrained(args.base, dtype=args.dtype)
-    peft_model = peftjax.PeftModel.from_pretrained(model, args.adapter)
+    peft_model = _load_with_adapter(args)
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(args.output)
-    print(f"merged {args.adapter} into {args.base}; wrote {args.output}")
+    print(f"merged {args.adapter} into {args.base} as {type(merged).__name__}; wrote {args.output}")
     return 0
 
 
 def _load_with_adapter(args):
-    import peftjax
+    """The base model as the class the adapter was trained on (its task and head), with the adapter."""
     from peftjax import models
-    from peftjax.config import load_config
+    from peftjax.auto import AutoPeftModel
 
-    config = load_config(args.adapter) if args.adapter else None
-    if config is not None and config.task_type == "SEQ_CLS":
-        # the adapter carries the classifier head: build the classification model it was trained on
-        from peftjax.io import read_safetensors_header
-        from peftjax.training._run import _classifier_class
+    if not args.adapter:
+        return models.from_pretrained(args.base, dtype=args.dtype, revision=args.base_revision)
+    return AutoPeftModel.from_pretrained(_adapter_dir(args), _base_dir(args), dtype=args.dtype,
+                                         strict=not args.no_strict)
 
-        header, _ = read_safetensors_header(Path(args.adapter) / "adapter_model.safetensors")
-        heads = [e["shape"][0] for k, e in header.items() if k.endswith(("classifier.weight", "score.weight"))]
-        base_config = models.load_config(args.base)
-        cls = _classifier_class(base_config)
-        model = cls.from_pretrained(args.base, dtype=args.dtype, **({"num_labels": heads[0]} if heads else {}))
-    else:
-        model = models.from_pretrained(args.base, dtype=args.dtype)
-    if args.adapter:
-        return peftjax.PeftModel.from_pretrained(model, args.adapter)
-    return model
+
+def _base_dir(args) -> Path:
+    """The base model's directory; a Hub repo id is fetched into (or found in) the Hub cache."""
+    from peftjax.io._hub import resolve
+
+    return resolve(args.base, revision=args.base_revision)
+
+
+def _adapter_dir(args) -> Path:
+    from peftjax.io._hub import resolve
+
+    return resolve(args.adapter, revision=args.revision, kind="adapter")
 
 
 def _texts(args) -> list[str]:
@@ -110,7 +107,7 @@ def _generate(args) -> int:
     from transformers import AutoTokenizer
 
     model = _load_with_adapter(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _base_dir(args))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -130,7 +127,7 @@ def _predict(args) -> int:
     from transformers import AutoTokenizer
 
     model = _load_with_adapter(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _base_dir(args))
     texts = _texts(args)
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length)
     accepted = _accepted(model)
@@ -161,6 +158,11 @@ def _train(args) -> int:
     return run_from_cli(args)
 
 
+NO_STRICT_HELP = "load an adapter whose keys fit the model only in part (default: refuse it)"
+REVISION_HELP = "branch, tag or commit of the adapter's Hub repo (default: main)"
+BASE_REVISION_HELP = "branch, tag or commit of the base model's Hub repo (default: main)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftjax", description="Parameter-efficient fine-tuning for JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,27 +176,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge an adapter into its base checkpoint",
                        description="Base checkpoint + adapter -> a merged checkpoint that transformers loads.")
-    p.add_argument("base", help="base model directory (config.json + model.safetensors)")
-    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("base", help="base model directory (config.json + model.safetensors) or Hub repo id")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors) "
+                                   "or Hub repo id")
     p.add_argument("output", help="directory for the merged checkpoint")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
+    p.add_argument("--revision", help=REVISION_HELP)
+    p.add_argument("--base-revision", help=BASE_REVISION_HELP)
     p.set_defaults(func=_merge)
 
     p = sub.add_parser("inspect", help="describe an adapter directory",
                        description="Method, targets, ranks, parameter count, size and writer of an adapter.")
-    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("adapter", help="adapter directory or Hub repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_inspect)
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
                              ("predict", _predict, "classify texts with a sequence-classification model")):
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} (base + optional adapter).")
-        p.add_argument("base", help="base model directory")
-        p.add_argument("--adapter", help="adapter directory")
+        p.add_argument("base", help="base model directory or Hub repo id")
+        p.add_argument("--adapter", help="adapter directory or Hub repo id")
+        p.add_argument("--revision", help=REVISION_HELP)
+        p.add_argument("--base-revision", help=BASE_REVISION_HELP)
         p.add_argument("--tokenizer", help="tokenizer directory (default: the base directory)")
         p.add_argument("--text", action="append", help="an input text (repeatable)")
         p.add_argument("--file", help="a file with one input per line")
         p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+        p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, default=32)
             p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -210,10 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
-    except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, NotImplementedError, RuntimeError, KeyError, ImportError) as e:
         if os.environ.get("PEFTJAX_DEBUG"):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__

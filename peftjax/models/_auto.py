@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
 from peftjax.models._scan import MODEL_OPTIONS
@@ -24,11 +23,27 @@ def register(cls: type[PreTrainedModel], *, model_types: tuple[str, ...] = (), d
     return cls
 
 
-def load_config(path: str | os.PathLike, **overrides):
-    """Reads ``config.json`` through ``transformers.AutoConfig`` (local files only)."""
+def load_config(
+    path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **overrides,
+):
+    """Reads ``config.json`` of a directory or Hub repo id through ``transformers.AutoConfig``.
+
+    From the Hub only ``config.json`` is fetched (see ``peftjax.io._hub.resolve`` for
+    ``revision``, ``subfolder``, ``token`` and ``cache_dir``).
+    """
     from transformers import AutoConfig
 
-    path = Path(path)
+    from peftjax.io._hub import is_repo_id, resolve
+
+    repo_id = os.fspath(path) if is_repo_id(path) else None
+    path = resolve(path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
+                   allow_patterns=[CONFIG_NAME])
     file = path / CONFIG_NAME
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
@@ -50,11 +65,29 @@ def load_config(path: str | os.PathLike, **overrides):
         raise TypeError(f"{file}: {sorted(unused)} are not fields of {type(config).__name__}")
     for k, v in options.items():  # peftjax's own options ride on the config; save_pretrained drops them
         setattr(config, k, v)
+    if repo_id:  # the repo id, not the snapshot path, as transformers records it
+        config._name_or_path = repo_id
     return config
 
 
-def model_class_for(config) -> type[PreTrainedModel]:
-    """The class named by ``config.architectures``, else the default for ``config.model_type``."""
+# PEFT's task_type -> the endings of the class names that serve it
+TASK_CLASS_SUFFIXES = {
+    "SEQ_CLS": ("ForSequenceClassification",),
+    "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
+    "FEATURE_EXTRACTION": ("Model",),
+}
+
+
+def model_class_for(config, task_type: str | None = None) -> type[PreTrainedModel]:
+    """The class for ``task_type`` (PEFT's names), else the one ``config.architectures`` names.
+
+    Without a task, the class named by ``config.architectures``, else the default for
+    ``config.model_type``. With one, the bundled class of that family for the task, whatever the
+    checkpoint was saved as (a ``BertForMaskedLM`` checkpoint gives ``BertForSequenceClassification``
+    for ``"SEQ_CLS"``), as transformers' ``AutoModelFor...`` classes do.
+    """
+    if task_type is not None:
+        return _class_for_task(config, str(task_type))
     for arch in getattr(config, "architectures", None) or ():
         if arch in MODEL_CLASSES:
             return MODEL_CLASSES[arch]
@@ -66,29 +99,67 @@ def model_class_for(config) -> type[PreTrainedModel]:
     )
 
 
-def from_pretrained(path: str | os.PathLike, dtype=None, **config_overrides) -> PreTrainedModel:
-    """Loads a Hugging Face checkpoint directory into the matching bundled Flax NNX model.
+def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
+    if task_type not in TASK_CLASS_SUFFIXES:
+        raise ValueError(f"task_type {task_type!r} has no bundled model classes; supported: {sorted(TASK_CLASS_SUFFIXES)}")
+    family = config.model_type.replace("_", "").lower()
+    for suffix in TASK_CLASS_SUFFIXES[task_type]:
+        for name, cls in MODEL_CLASSES.items():
+            if name.endswith(suffix) and name.lower() == family + suffix.lower():
+                return cls
+    raise ValueError(
+        f"no bundled {task_type} model for model_type {config.model_type!r}; bundled classes: {sorted(MODEL_CLASSES)}"
+    )
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype=None,
+    *,
+    task_type: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **config_overrides,
+) -> PreTrainedModel:
+    """Loads a Hugging Face checkpoint (a directory or a Hub repo id) into the matching bundled Flax NNX model.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` or
-        ``model.safetensors.index.json`` plus its shards.
+        ``model.safetensors.index.json`` plus its shards, or a Hub repo id (``"org/name"``), fetched
+        into the Hub cache (``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` reads only the cache).
       dtype: parameter and compute dtype (``None``: float32).
+      task_type: build the family's class for this PEFT task (``"SEQ_CLS"``, ``"CAUSAL_LM"``,
+        ``"FEATURE_EXTRACTION"``) instead of the checkpoint's own; a head the checkpoint lacks is
+        newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
         family, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
         stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
         policy of each layer when they are scanned or looped without a cache).
+      revision: the branch, tag or commit of a Hub repo (default ``"main"``).
+      subfolder: the checkpoint's folder inside the directory or repo.
+      token: a Hub token for private or gated repos (default: the login token).
+      cache_dir: the Hub cache to use instead of ``HF_HUB_CACHE``.
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.
 
     Raises:
-      FileNotFoundError: the directory, ``config.json`` or the weights are missing.
+      FileNotFoundError: the directory, ``config.json`` or the weights are missing, or the Hub repo
+        cannot be fetched (the message names the repo, the revision and why).
       ValueError: the model type is unsupported, or a weight is missing or mis-shaped.
 
-    >>> model = from_pretrained("path/to/llama")  # doctest: +SKIP
+    >>> model = from_pretrained("meta-llama/Llama-3.2-1B")  # doctest: +SKIP
     >>> model(input_ids=[[1, 2, 3]]).logits.shape  # doctest: +SKIP
-    (1, 3, 32000)
+    (1, 3, 128256)
     """
-    config = load_config(path, **config_overrides)
-    return model_class_for(config).from_pretrained(path, dtype=dtype, **config_overrides)
+    from peftjax.io._hub import is_repo_id, resolve
+
+    local = resolve(path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
+    config = load_config(local, **config_overrides)
+    model = model_class_for(config, task_type).from_pretrained(local, dtype=dtype, **config_overrides)
+    if is_repo_id(path):  # the repo id, not the snapshot path, as transformers records it
+        model.config.hf_config._name_or_path = os.fspath(path)
+    return model

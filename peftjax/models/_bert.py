@@ -18,7 +18,7 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._losses import sequence_classification_loss
-from peftjax.models._modeling import PreTrainedModel, read_checkpoint
+from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._scan import check_remat, make_layers, run_layers
 
@@ -245,13 +245,9 @@ class BertModel(PreTrainedModel):
         cls, path: str | os.PathLike, dtype=None, *, add_pooling_layer: bool | None = None, **kwargs
     ):
         """Loads a checkpoint, as ``PreTrainedModel.from_pretrained``, optionally without the pooler."""
-        from peftjax.models._auto import load_config
-
-        config = load_config(path, **kwargs)
-        if add_pooling_layer is not None:
-            # not a config override: transformers' from_dict drops overrides that are not config fields
-            config.add_pooling_layer = bool(add_pooling_layer)
-        return cls.from_state_dict(config, read_checkpoint(path), dtype=dtype, source=str(path))
+        # not a config override: transformers' from_dict drops overrides that are not config fields
+        attributes = {} if add_pooling_layer is None else {"add_pooling_layer": bool(add_pooling_layer)}
+        return super().from_pretrained(path, dtype, config_attributes=attributes, **kwargs)
 
     def __call__(
         self,

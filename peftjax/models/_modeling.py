@@ -237,18 +237,40 @@ class PreTrainedModel(nnx.Module):
         return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype=None, **kwargs):
-        """Loads an HF checkpoint directory into this class.
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype=None,
+        *,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        config_attributes: Mapping | None = None,
+        **kwargs,
+    ):
+        """Loads an HF checkpoint (a directory or a Hub repo id) into this class.
 
         Args:
-          path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+          path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index), or
+            a Hub repo id such as ``"org/name"``.
           dtype: parameter and compute dtype; ``None`` means float32.
+          revision, subfolder, token, cache_dir: where on the Hub (or in the directory) the
+            checkpoint is, as in transformers (see ``peftjax.models.from_pretrained``).
+          config_attributes: attributes set on the loaded config that are not transformers config
+            fields (a subclass's construction options, e.g. BERT's ``add_pooling_layer``).
           **kwargs: overrides applied to the config (e.g. ``num_labels=3``).
         """
+        from peftjax.io._hub import is_repo_id, resolve
         from peftjax.models._auto import load_config
 
-        config = load_config(path, **kwargs)
-        return cls.from_state_dict(config, read_checkpoint(path), dtype=dtype, source=str(path))
+        local = resolve(path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
+        config = load_config(local, **kwargs)
+        if is_repo_id(path):  # the repo id, not the snapshot path, as transformers records it
+            config._name_or_path = os.fspath(path)
+        for name, value in (config_attributes or {}).items():
+            setattr(config, name, value)
+        return cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local))
 
     @classmethod
     def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict"):

@@ -18,6 +18,9 @@ class TrainingArguments:
 
     Attributes:
       output_dir: where checkpoints, metrics, the plot and the final adapter go.
+      overwrite_output_dir: let a new run delete what an earlier run left in ``output_dir``
+        (checkpoints, metrics, plot, adapter); otherwise such a directory is refused, so two
+        runs never mix. Resuming keeps it.
       per_device_train_batch_size: rows per micro-batch.
       per_device_eval_batch_size: rows per evaluation batch.
       num_train_epochs: epochs to run when ``max_steps`` is not set.
@@ -35,7 +38,9 @@ class TrainingArguments:
       eval_steps: evaluation interval for ``eval_strategy="steps"`` (defaults to ``logging_steps``).
       save_steps: checkpoint every this many optimizer steps (0 disables intermediate checkpoints).
       save_total_limit: keep at most this many checkpoints (oldest deleted first).
-      seed: seeds data order, adapter dropout and nothing else.
+      seed: seeds the data order and dropout (the adapters' and the base model's, a key per step
+        derived from it, so a resumed run is bit-identical). The adapters' initialisation comes from
+        ``get_peft_model(..., key=jax.random.key(seed))``, as ``peftjax train`` does.
       bf16: compute in bfloat16 (load the model with ``dtype="bfloat16"``); adapters and optimizer
         state stay float32.
       report_to: ``"auto"`` (TensorBoard when tensorboardX is installed), ``"tensorboard"`` or ``"none"``.
@@ -45,6 +50,7 @@ class TrainingArguments:
     """
 
     output_dir: str
+    overwrite_output_dir: bool = False
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     num_train_epochs: float = 3.0

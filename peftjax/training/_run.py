@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "seed": 42,
     "bf16": False,
+    "overwrite_output_dir": False,
     "resume_from_checkpoint": None,
     "disable_tqdm": False,
     "predict": [
@@ -70,6 +71,8 @@ FLAG_HELP = {
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
+    "overwrite_output_dir": "start afresh in an output directory an earlier run used (default: refuse it)",
+    "seed": "seeds the adapters' initialisation, the data order and dropout (default: 42)",
 }
 
 
@@ -98,7 +101,13 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of option names to values")
         unknown = sorted(set(loaded) - set(DEFAULTS))
@@ -129,20 +138,15 @@ def shipped_data(split: str) -> Path:
 
 
 def resolve_model_path(name: str | None) -> Path:
-    """A local directory as is; otherwise a Hub download of the config, weights and tokenizer."""
+    """A local directory as is; a Hub repo id is fetched (config, weights, tokenizer) into the Hub cache."""
+    from peftjax.io._hub import resolve
+
     if name is None:
         return packaged_minilm()
-    path = Path(name)
-    if path.is_dir():
-        return path
-    if path.exists() or name.startswith((".", "/")):
+    path = resolve(name)
+    if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {name}")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as e:  # offline, unknown repo, ...
-        raise FileNotFoundError(f"{name!r} is not a local directory and the Hub could not provide it ({e})") from None
+    return path
 
 
 def _split(dataset, preferred: tuple[str, ...]):
@@ -156,8 +160,11 @@ def _split(dataset, preferred: tuple[str, ...]):
     return dataset
 
 
-def _limit(dataset, n):
-    return dataset if n is None or dataset is None else dataset.select(range(min(n, len(dataset))))
+def _limit(dataset, n, seed: int):
+    """A shuffled subset of ``n`` rows (Hub splits are often sorted by label), as the tutorial takes it."""
+    if n is None or dataset is None:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(min(n, len(dataset))))
 
 
 def load_data(options: dict, tokenizer):
@@ -179,7 +186,8 @@ def load_data(options: dict, tokenizer):
     train, evaluation = _split(train, ("train",)), _split(evaluation, ("train", "test", "validation"))
     if train is None:
         raise ValueError(f"{options['dataset']}: no train split")
-    train, evaluation = _limit(train, options["max_train_samples"]), _limit(evaluation, options["max_eval_samples"])
+    train = _limit(train, options["max_train_samples"], options["seed"])
+    evaluation = _limit(evaluation, options["max_eval_samples"], options["seed"])
     task = options["task"]
 
     def tokenize(ds):
@@ -199,6 +207,7 @@ def load_data(options: dict, tokenizer):
 
 def run(options: dict[str, Any]) -> dict[str, Any]:
     """Runs the job described by ``options``; returns its figures."""
+    import jax
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -214,23 +223,27 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     train, evaluation = load_data(options, tokenizer)
     seq_cls = options["task"] == "seq_cls"
+    figures: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(evaluation) if evaluation is not None else 0}
+    if seq_cls:
+        figures["train_label_counts"] = _label_counts(train)
+        print(f"data: {figures['train_rows']} train rows (labels {figures['train_label_counts']}), "
+              f"{figures['eval_rows']} eval rows")
     dtype = "bfloat16" if options["bf16"] else None
 
     def base_model():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*newly initialised.*")
             if seq_cls:
-                config = models.load_config(model_path)
-                cls = _classifier_class(config)
-                return cls.from_pretrained(model_path, dtype=dtype, num_labels=options["num_labels"])
-            return models.from_pretrained(model_path, dtype=dtype)
+                return models.from_pretrained(model_path, dtype=dtype, task_type="SEQ_CLS",
+                                              num_labels=options["num_labels"])
+            return models.from_pretrained(model_path, dtype=dtype, task_type="CAUSAL_LM")
 
     targets = options["target_modules"]
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     lora = peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"], lora_dropout=options["lora_dropout"],
                               target_modules=targets, task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
-    peft_model = peftjax.get_peft_model(base_model(), lora)
+    peft_model = peftjax.get_peft_model(base_model(), lora, key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
@@ -248,7 +261,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"adapter saved in HF PEFT format: {adapter_dir}/adapter_config.json, adapter_model.safetensors")
 
     reloaded = peftjax.PeftModel.from_pretrained(base_model(), adapter_dir)
-    figures = {"before": before, "after": after, "steps": result.global_step, "training_loss": result.training_loss}
+    figures.update(before=before, after=after, steps=result.global_step, training_loss=result.training_loss)
     texts = options["predict"] or []
     if seq_cls and texts:
         batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
@@ -276,13 +289,11 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def _classifier_class(config):
-    from peftjax.models import MODEL_CLASSES
+def _label_counts(dataset) -> dict[int, int]:
+    import collections
 
-    for name, cls in MODEL_CLASSES.items():
-        if name.endswith("ForSequenceClassification") and name.lower().startswith(config.model_type.replace("_", "")):
-            return cls
-    raise ValueError(f"no sequence-classification model for model_type {config.model_type!r}")
+    counts = collections.Counter(int(x) for x in dataset["labels"])
+    return dict(sorted(counts.items()))
 
 
 def _report(title: str, metrics: dict) -> None:

@@ -12,6 +12,7 @@ jitted with explicit shardings for all five arguments instead (``peftjax.shardin
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.tuners._dropout import dropout_key
+from peftjax.tuners._dropout import active_dropout_key, dropout_key
 from peftjax.tuners._variables import TRAINABLE
 
 
@@ -55,7 +56,14 @@ def _is_trainable(variable) -> bool:
 
 
 def default_loss(model: nnx.Module, batch: dict) -> jax.Array:
-    """The model's own loss: ``model(**batch).loss`` (the batch carries ``labels``)."""
+    """The model's own loss: ``model(**batch).loss`` (the batch carries ``labels``).
+
+    Inside a train step with a key, a model that takes ``dropout_rng`` (the bundled ones) gets one
+    derived from the step's key, so its own dropout runs as in transformers' ``.train()`` mode.
+    """
+    key = active_dropout_key()
+    if key is not None and "dropout_rng" in inspect.signature(type(model).__call__).parameters:
+        return model(**batch, dropout_rng=jax.random.fold_in(key, 1)).loss
     return model(**batch).loss
 
 
@@ -81,7 +89,9 @@ def make_train_step(
       rules: the sharding rules with ``mesh`` (a preset such as ``"fsdp+tp"``, ``(regex, spec)``
         pairs, or ``peftjax.sharding.ShardingRules``); default ``"dp"``.
 
-    The ``key`` drives adapter dropout (``None`` disables it).
+    The ``key`` drives dropout, the adapters' and (with the default loss) the model's own;
+    ``None`` disables it. Donated buffers are gone after the call: keep the returned ``trainable``
+    and put it back with ``peft_model.update(trainable)`` before saving.
     """
 
     def loss_of(trainable, rest, batch, key):

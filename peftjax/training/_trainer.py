@@ -12,6 +12,7 @@ import functools
 import inspect
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -27,10 +28,13 @@ from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
 from peftjax.training._memory import release_host_memory
-from peftjax.training._step import jit_step, split
-from peftjax.tuners._dropout import dropout_key
+from peftjax.training._step import make_train_step, split
+from peftjax.tuners._dropout import active_dropout_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# what a run writes into output_dir (besides checkpoint-N/): cleaned by overwrite_output_dir
+RUN_FILES = ("metrics.jsonl", "training_curves.png", "runs", "adapter_config.json", "adapter_model.safetensors",
+             "summary.json")
 
 
 class TrainingError(RuntimeError):
@@ -46,9 +50,14 @@ class TrainOutput:
     metrics: dict[str, float]
 
 
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+CAUSAL_LM = "causal_lm"  # next-token prediction: the model's own (fused) loss
+_CAUSAL_CLASS_ENDINGS = ("ForCausalLM", "LMHeadModel")
+
+
 def _columns(dataset, name: str) -> dict[str, list]:
     """The trainer's columns of a tokenized dataset (HF ``Dataset`` or a dict of lists)."""
-    names = list(dataset.column_names if hasattr(dataset, "column_names") else dataset.keys())
+    names = _names(dataset)
     if "input_ids" not in names:
         raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
     cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
@@ -59,18 +68,56 @@ def _columns(dataset, name: str) -> dict[str, list]:
     return cols
 
 
-def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, num_labels: int):
-    """Summed loss, the count it is averaged over, and correct predictions (classification)."""
+def infer_problem_type(labels, num_labels: int) -> str:
+    """transformers' rule: one label is regression; integer labels single-label, float multi-label."""
+    if num_labels == 1:
+        return "regression"
+    first = np.asarray(labels[0]) if len(labels) else np.zeros((), np.int64)
+    return "single_label_classification" if np.issubdtype(first.dtype, np.integer) else "multi_label_classification"
+
+
+def check_labels(labels, problem_type: str, num_labels: int, name: str) -> None:
+    """Raises ``ValueError`` naming the first row whose label does not fit ``problem_type``."""
+    for i, label in enumerate(labels):
+        value = np.asarray(label)
+        if problem_type == "single_label_classification":
+            ok = value.ndim == 0 and np.issubdtype(value.dtype, np.integer) and 0 <= int(value) < num_labels
+            want = f"an integer class in [0, {num_labels})"
+        elif problem_type == "multi_label_classification":
+            ok = value.shape == (num_labels,) and bool(np.all((value >= 0) & (value <= 1)))
+            want = f"a vector of {num_labels} targets in [0, 1] (multi-hot)"
+        else:
+            ok = value.size == num_labels and np.issubdtype(value.dtype, np.number) and bool(np.all(np.isfinite(value)))
+            want = f"{num_labels} finite number(s)"
+        if not ok:
+            raise ValueError(
+                f"{name}: row {i} has label {label!r}; {problem_type} with num_labels={num_labels} needs {want} "
+                "(set num_labels / problem_type on the model's config to match the data)"
+            )
+
+
+def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem_type: str | None):
+    """Summed loss, the count it is averaged over, and correct predictions (classification).
+
+    Filler rows (``weight`` 0, or label -100 for tokens) never count.
+    """
     logits = logits.astype(jnp.float32)
-    if logits.ndim == 3:  # next-token prediction; padding and filler rows carry label -100
+    if problem_type == CAUSAL_LM or (problem_type is None and logits.ndim == 3):
         logits, labels = logits[:, :-1], labels[:, 1:]
         valid = labels != -100
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
         return jnp.sum(nll * valid), jnp.sum(valid).astype(jnp.float32), jnp.zeros(())
-    if num_labels == 1:
-        err = (logits[:, 0] - labels.astype(jnp.float32)) ** 2
+    if problem_type == "regression":
+        target = labels.astype(jnp.float32).reshape(logits.shape)
+        err = jnp.mean(((logits - target) ** 2).reshape(logits.shape[0], -1), axis=-1)
         return jnp.sum(err * weight), jnp.sum(weight), jnp.zeros(())
+    if problem_type == "multi_label_classification":
+        target = labels.astype(jnp.float32)
+        # binary cross-entropy with logits, the mean over labels as torch's BCEWithLogitsLoss
+        bce = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        exact = jnp.all((logits > 0) == (target > 0.5), axis=-1)
+        return jnp.sum(jnp.mean(bce, -1) * weight), jnp.sum(weight), jnp.sum(exact * weight)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
@@ -125,6 +172,13 @@ class Trainer:
         accepted = inspect.signature(type(model.base_model).__call__).parameters
         self.model_inputs = tuple(k for k in MODEL_INPUTS if k in accepted)
         self._model_loss = "labels" in accepted
+        # the base model's own dropout (transformers' .train()) runs when it takes a key
+        self._model_dropout = "dropout_rng" in accepted
+        self.problem_type = getattr(config, "problem_type", None)
+        if type(model.base_model).__name__.endswith(_CAUSAL_CLASS_ENDINGS):
+            self.problem_type = CAUSAL_LM
+        elif self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"config.problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         self.output_dir = Path(args.output_dir)
         self.log_history: list[dict[str, Any]] = []
         self.mesh, self.sharding = mesh, None
@@ -143,27 +197,38 @@ class Trainer:
     def _forward_terms(self, model, batch):
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
         logits = model(**inputs).logits
-        return logits, _loss_terms(logits, batch["labels"], batch["sample_weight"], self.num_labels)
+        return logits, _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
+
+    def _loss(self, model, batch):
+        """The training loss; inside the step, with the step's dropout key active."""
+        key = active_dropout_key()
+        extra = {"dropout_rng": jax.random.fold_in(key, 1)} if self._model_dropout and key is not None else {}
+        if self.problem_type == CAUSAL_LM and self._model_loss:
+            # the model's own loss, which the bundled decoders fuse with the output projection, so
+            # the whole logits never exist; filler rows carry label -100
+            inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+            return model(**inputs, labels=batch["labels"], **extra).loss
+        inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+        logits = model(**inputs, **extra).logits
+        total, count, _ = _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
+        return total / jnp.maximum(count, 1.0)
 
     def _make_step(self, graphdef, tx):
-        def loss_fn(trainable, rest, batch, key):
-            model = nnx.merge(graphdef, trainable, rest)
-            with dropout_key(key):
-                if self._model_loss and batch["labels"].ndim == 2:
-                    # token labels (filler rows are -100): the model's own loss, which the bundled
-                    # decoders fuse with the output projection, so the whole logits never exist
-                    inputs = {k: batch[k] for k in self.model_inputs if k in batch}
-                    return model(**inputs, labels=batch["labels"]).loss
-                _, (total, count, _) = self._forward_terms(model, batch)
-            return total / jnp.maximum(count, 1.0)
+        return make_train_step(graphdef, tx, self._loss, mesh=self.mesh, rules=self.sharding)
 
-        def step(trainable, opt_state, rest, batch, key):
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch, key)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            trainable = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), trainable, updates)
-            return trainable, opt_state, loss
-
-        return jit_step(step, mesh=self.mesh, rules=self.sharding)
+    def _resolve_problem_type(self, cols: dict, name: str) -> None:
+        """Fixes the problem type (from the config, else transformers' rule) and checks the labels."""
+        if self.problem_type == CAUSAL_LM:
+            return
+        if self.problem_type is None:
+            lengths = [len(x) for x in cols["input_ids"]]
+            per_token = all(np.ndim(y) == 1 and len(y) == n for y, n in zip(cols["labels"], lengths))
+            classifier = type(self.model.base_model).__name__.endswith("ForSequenceClassification")
+            if per_token and not classifier:  # a user's language model: labels are its tokens
+                self.problem_type = CAUSAL_LM
+                return
+            self.problem_type = infer_problem_type(cols["labels"], self.num_labels)
+        check_labels(cols["labels"], self.problem_type, self.num_labels, name)
 
     @functools.cached_property
     def _eval_step(self):
@@ -210,7 +275,11 @@ class Trainer:
         args = self.args
         if self.train_dataset is None:
             raise TrainingError("Trainer.train needs a train_dataset")
-        batcher = Batcher(_columns(self.train_dataset, "train_dataset"),
+        columns = _columns(self.train_dataset, "train_dataset")
+        self._resolve_problem_type(columns, "train_dataset")
+        self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
+                                 else args.resume_from_checkpoint)
+        batcher = Batcher(columns,
                           self._batch_size(args.per_device_train_batch_size),
                           pad_token_id=self.pad_token_id, shuffle=True, seed=args.seed)
         total = args.total_steps(batcher.num_batches)
@@ -228,6 +297,8 @@ class Trainer:
             state, info = load_checkpoint(path, {"trainable": trainable, "opt_state": opt_state})
             trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
             self.log_history = info.get("log_history", [])
+            if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
+                (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_history))
             print(f"resumed from {path} at step {micro // accum}", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         step_fn = self._make_step(graphdef, tx)
@@ -367,7 +438,9 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise TrainingError("no eval_dataset to evaluate on")
-        batcher = Batcher(_columns(dataset, "eval_dataset"), self._batch_size(self.args.per_device_eval_batch_size),
+        columns = _columns(dataset, "eval_dataset")
+        self._resolve_problem_type(columns, "eval_dataset")
+        batcher = Batcher(columns, self._batch_size(self.args.per_device_eval_batch_size),
                           pad_token_id=self.pad_token_id, shuffle=False)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
@@ -375,7 +448,7 @@ class Trainer:
         for batch in batcher.batches(0):
             logits, terms = self._eval_step(self._graphdef, (trainable, rest), self._place(batch))
             sums += np.array([float(t) for t in terms])
-            token_level = np.asarray(batch["labels"]).ndim == 2
+            token_level = self.problem_type == CAUSAL_LM
             if self.compute_metrics is not None:
                 keep = batch["sample_weight"] > 0
                 all_logits.append(np.asarray(logits)[keep])
@@ -384,12 +457,36 @@ class Trainer:
         metrics = {"eval_loss": float(loss)}
         if token_level:
             metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
-        elif self.num_labels > 1:
+        elif self.problem_type in ("single_label_classification", "multi_label_classification"):
+            # multi-label: the fraction of rows whose every label is right (exact match)
             metrics["eval_accuracy"] = float(sums[2] / max(sums[1], 1.0))
         if self.compute_metrics is not None:
             metrics.update({f"eval_{k}": float(v) for k, v in
                             self.compute_metrics(np.concatenate(all_logits), np.concatenate(all_labels)).items()})
         return metrics
+
+    def _prepare_output_dir(self, resume) -> None:
+        """A new run starts in an empty ``output_dir``, or a cleaned one with ``overwrite_output_dir``.
+
+        Resuming keeps the directory and rewrites ``metrics.jsonl`` from the checkpoint's history
+        when the run restarts, so the two runs' records never mix.
+        """
+        if resume or jax.process_index() != 0 or not self.output_dir.exists():
+            return
+        ours = [p for p in self.output_dir.iterdir() if p.name in RUN_FILES or p.name.startswith("checkpoint-")]
+        if not ours:
+            return
+        if not self.args.overwrite_output_dir:
+            raise ValueError(
+                f"output_dir {self.output_dir} already holds a training run ({', '.join(sorted(p.name for p in ours)[:4])}"
+                "...); pass overwrite_output_dir=True (--overwrite-output-dir) to start it afresh, "
+                "resume_from_checkpoint=True to continue it, or another output_dir"
+            )
+        for path in ours:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def _should_eval(self, step: int, epoch_end: bool) -> bool:
         if self.eval_dataset is None or self.args.eval_strategy != "steps":

@@ -1,0 +1,104 @@
+"""``AutoPeftModel``: an adapter directory in, the model class it was trained on out.
+
+An adapter knows its task (``task_type``) and carries its head (``modules_to_save``); the base
+checkpoint may be saved as another class (MiniLM as ``BertModel``, ``bert-base-uncased`` as
+``BertForMaskedLM``). Loading the adapter onto the checkpoint's own class would drop the head, so
+this builds the family's class for the adapter's task, with as many labels as the saved head has.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peftjax.config import PeftConfig, load_config
+from peftjax.io import read_safetensors_header
+from peftjax.io._adapter import WEIGHTS_NAME
+from peftjax.io._hub import resolve
+from peftjax.peft_model import PeftModel
+
+HEAD_NAMES = ("classifier", "score")
+
+
+def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> str | None:
+    """The PEFT task an adapter was trained for: its ``task_type``, else what its saved head implies."""
+    if config.task_type is not None:
+        return str(config.task_type)
+    return "SEQ_CLS" if head_shapes else None
+
+
+def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """``{key: shape}`` of the classification-head weights an adapter file carries (``modules_to_save``)."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    header, _ = read_safetensors_header(path)
+    return {
+        k: list(e["shape"]) for k, e in header.items()
+        if k.endswith(".weight") and k.split(".")[-2] in HEAD_NAMES and ".lora_" not in k
+    }
+
+
+class AutoPeftModel:
+    """Loads base model + adapter as PEFT's ``AutoPeftModel`` does, choosing the class by the adapter's task.
+
+    >>> model = AutoPeftModel.from_pretrained("out/adapter", "path/to/bert")  # doctest: +SKIP
+    >>> type(model.base_model).__name__  # doctest: +SKIP
+    'BertForSequenceClassification'
+    """
+
+    @staticmethod
+    def from_pretrained(
+        pretrained_model_name_or_path: str | os.PathLike,
+        base_model_name_or_path: str | os.PathLike | None = None,
+        *,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        dtype=None,
+        strict: bool = True,
+        revision: str | None = None,
+        **model_kwargs,
+    ) -> PeftModel:
+        """The adapter in ``pretrained_model_name_or_path`` on the base model of its task.
+
+        Args:
+          pretrained_model_name_or_path: the adapter directory or Hub repo id.
+          base_model_name_or_path: the base checkpoint; default: the adapter config's
+            ``base_model_name_or_path``.
+          adapter_name: the name to give the adapter.
+          is_trainable: keep the adapter trainable.
+          dtype: the base model's dtype (``None``: float32).
+          strict: as in ``PeftModel.from_pretrained``.
+          revision: the adapter's Hub revision.
+          **model_kwargs: config overrides for the base model (``scan_layers=True``, ...).
+
+        Raises:
+          ValueError: no base checkpoint is known, the family has no class for the task, or a
+            classification adapter has no saved head and the base checkpoint is not a classifier.
+        """
+        from peftjax import models
+
+        adapter = resolve(pretrained_model_name_or_path, revision=revision, kind="adapter")
+        config = load_config(adapter)
+        base = base_model_name_or_path or config.base_model_name_or_path
+        if not base:
+            raise ValueError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base model")
+        heads = saved_head_shapes(adapter)
+        task = task_for_adapter(config, heads)
+        if task == "SEQ_CLS":
+            if heads:
+                model_kwargs.setdefault("num_labels", next(iter(heads.values()))[0])
+            else:
+                base_config = models.load_config(base)
+                if not any(a.endswith("ForSequenceClassification") for a in base_config.architectures or ()):
+                    raise ValueError(
+                        f"{adapter}: a SEQ_CLS adapter without a saved classifier head, on a base checkpoint "
+                        f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"
+                    )
+        model = models.from_pretrained(base, dtype=dtype, task_type=_bundled_task(task), **model_kwargs)
+        return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)
+
+
+def _bundled_task(task: str | None) -> str | None:
+    """Tasks without their own bundled classes load the checkpoint's class."""
+    return task if task in ("SEQ_CLS", "CAUSAL_LM") else None
