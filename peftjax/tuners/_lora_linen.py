@@ -84,8 +84,8 @@ from peftjax.io._adapter import (
     write_adapter,
 )
 from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._lora import validate_adapter_name
-from peftjax.tuners._lora_nnx import LoraSpec, _decompose, init_factors
+from peftjax.tuners._lora import FAN_IN_FAN_OUT_LINEAR_WARNING, validate_adapter_name
+from peftjax.tuners._lora_nnx import LoraSpec, _decompose, canonical_init, decomposes, init_factors
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
 """The params keys that hold adapter weights (``{adapter name: array}`` each)."""
@@ -554,9 +554,10 @@ def _inject(
             "one adapter may train them; use bias='none' for every adapter but the first"
         )
     _check_saved(saved, layers, params, adapter_name)
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):  # PEFT ignores their case
-        init = init.lower()
+    if config.fan_in_fan_out and any(layers[n].kind in _LINEAR_KINDS for n in targets):
+        # PEFT's warning; Linen layers have torch.nn.Linear twins, so save_adapter writes False
+        warnings.warn(FAN_IN_FAN_OUT_LINEAR_WARNING, stacklevel=3)
+    init = canonical_init(config.init_lora_weights)  # PEFT ignores the case of "gaussian" and "olora"
     new_params = params
     new_layers = dict(previous)
     for i, (name, (r, alpha, scaling)) in enumerate(targets.items()):
@@ -652,20 +653,19 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
 
 def _init_adapter(info: LayerInfo, lora: LoraSpec, kernel, key, init) -> tuple[dict, Any]:
     """Initial adapter weights (stacked like the kernel) and the kernel (rewritten by PiSSA/OLoRA)."""
-    decompose = isinstance(init, str) and init.startswith(("pissa", "olora"))
     weights, new_w = _init_weights(info, lora, init, key, flax_meta.unbox(kernel))
-    return weights, (_rebox(kernel, new_w) if decompose else kernel)
+    return weights, (_rebox(kernel, new_w) if decomposes(init) else kernel)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one compile per layer, not one per op
 def _init_weights(info: LayerInfo, lora: LoraSpec, init, key, w):
     n_in, n_out = math.prod(info.in_shape), math.prod(info.out_shape)
     a_shape = info.kernel_shape[:-1] + (lora.r,) if info.kind == "conv" else (n_in, lora.r)
-    decompose = isinstance(init, str) and init.startswith(("pissa", "olora"))
+    decompose = decomposes(init)
 
     def one(k, w_one):
         if decompose:
-            a, b, w_res = _decompose(init, _to_2d(info, w_one), lora)
+            a, b, w_res = _decompose(init, _to_2d(info, w_one), lora, k)
             w_one = _from_2d(info, w_res).astype(w_one.dtype)
         else:
             a, b = init_factors(k, "embed" if info.kind == "embed" else "linear", init, n_in, n_out, lora.r)
@@ -1183,7 +1183,8 @@ def save_adapter(
     in full (as PEFT writes ``"all-linear"``), ``rank_pattern``/``alpha_pattern`` list the
     modules whose rank/alpha differ from ``r``/``lora_alpha``, and ``modules_to_save`` names
     the saved modules; ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` are
-    cleared, since the list is already resolved.
+    cleared, since the list is already resolved. ``fan_in_fan_out`` is written ``false`` when a
+    linear layer is adapted, as PEFT resets it on ``torch.nn.Linear`` (:func:`inject` warns).
 
     Args:
       directory: where to write (created if missing).
@@ -1335,6 +1336,8 @@ def _config_for_file(
             saved += _file_names(entry.path, stacked, scan, mapping)
     return dataclasses.replace(
         config,
+        # PEFT resets it on torch.nn.Linear, the twin of every Linen linear kind (see _inject)
+        fan_in_fan_out=config.fan_in_fan_out and not any(layer.kind in _LINEAR_KINDS for layer, _ in layers),
         target_modules=tuple(n for layer, _ in layers for n in names[layer.name]),
         exclude_modules=None,
         layers_to_transform=None,
@@ -1632,8 +1635,7 @@ def _targets_from_file(config: LoraConfig, layers, scan_axes, params, mapping, s
             "per-layer rank_pattern/alpha_pattern or modules_to_save); a scanned Linen layer holds one adapter "
             "of one shape for all its copies"
         )
-    init = config.init_lora_weights
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora")):
+    if decomposes(config.init_lora_weights):
         config = dataclasses.replace(config, init_lora_weights=True)  # the file holds the result; keep the base
     return config, targets, saved
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 
 import jax
@@ -54,8 +55,22 @@ def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def canonical_init(init):
+    """``init_lora_weights`` as the layers compare it: PEFT matches ``"gaussian"`` and ``"olora"``
+    case-insensitively (``"Gaussian"``, ``"OLoRA"`` work there), every other string exactly."""
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+        return init.lower()
+    return init
+
+
+def decomposes(init) -> bool:
+    """Whether ``init`` (PiSSA, randomized PiSSA, OLoRA) rewrites the base weight."""
+    return isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
+
+
 def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
     """Initial ``(A, B)`` in Flax layout, following PEFT's ``reset_lora_parameters``."""
+    init = canonical_init(init)
     ka, kb = jax.random.split(key)
     if kind == "embed":  # A: [num, r], B: [r, dim]
         if init is False:
@@ -198,10 +213,11 @@ class LoraLinear(LoraLayer):
 
     def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
         w = self.kernel.get_value()
-        a, b = init_factors(key, "linear", init, w.shape[0], w.shape[1], spec.r)
-        if isinstance(init, str) and init.startswith(("pissa", "olora")):
-            a, b, w_res = _decompose(init, w, spec)
+        if decomposes(init):
+            a, b, w_res = _decompose(init, w, spec, key)
             self.kernel.set_value(w_res.astype(w.dtype))
+        else:
+            a, b = init_factors(key, "linear", init, w.shape[0], w.shape[1], spec.r)
         self.lora_A[name] = LoraParam(a.astype(jnp.float32))
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
         if spec.lora_bias:
@@ -286,7 +302,7 @@ class LoraEmbed(LoraLayer):
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         if use_dora or lora_bias:
             raise NotImplementedError(f"{path}: DoRA and lora_bias on embeddings are not supported")
-        if isinstance(init, str) and init != "gaussian":
+        if isinstance(init, str) and canonical_init(init) != "gaussian":
             raise NotImplementedError(f"{path}: init_lora_weights={init!r} is not supported on embeddings")
 
     def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
@@ -324,25 +340,83 @@ class LoraEmbed(LoraLayer):
         self.lora_merged = tuple(n for n in self.lora_merged if n != name)
 
 
-def _decompose(init: str, w: jax.Array, spec: LoraSpec):
+def _decompose(init: str, w: jax.Array, spec: LoraSpec, key: jax.Array):
     """PiSSA (SVD) or OLoRA (QR) factors of ``W`` and the residual base ``W - s * A @ B``.
 
-    Computed in PEFT's ``[out, in]`` orientation, then returned in Flax layout.
+    PEFT's ``pissa_init`` / ``olora_init``, computed in PEFT's ``[out, in]`` orientation and
+    returned in Flax layout. ``"pissa_niter_<N>"`` takes the top ``r`` singular triplets from
+    :func:`svd_lowrank` (``key`` draws its test matrix) instead of the full SVD. Whatever the
+    approximation, the residual is taken against the factors actually built, so
+    ``residual + s * A @ B`` is ``W`` to rounding and the adapted model starts as the base model.
     """
     wt = w.astype(jnp.float32).T  # [out, in]
     r, s = spec.r, spec.scaling
+    init = canonical_init(init)
     if init.startswith("pissa"):
-        if init != "pissa":
-            raise NotImplementedError(f"init_lora_weights={init!r}: only exact-SVD 'pissa' is supported")
-        v, sv, uh = jnp.linalg.svd(wt, full_matrices=False)
-        sr = sv[:r] / s
-        a = jnp.sqrt(sr)[:, None] * uh[:r]  # [r, in]
-        b = v[:, :r] * jnp.sqrt(sr)[None, :]  # [out, r]
+        niter = pissa_niter(init)
+        if niter is None:
+            v, sv, uh = jnp.linalg.svd(wt, full_matrices=False)
+            vr, sr, uhr = v[:, :r], sv[:r], uh[:r]
+        else:
+            vr, sr, ur = svd_lowrank(wt, r, niter=niter, key=key)
+            uhr = ur.T
+        sr = sr / s
+        a = jnp.sqrt(sr)[:, None] * uhr  # [r, in]
+        b = vr * jnp.sqrt(sr)[None, :]  # [out, r]
     else:
         q, rr = jnp.linalg.qr(wt)
         a, b = rr[:r], q[:, :r]
-    residual = wt - s * b @ a
+    # HIGHEST: on GPU/TPU a default-precision f32 matmul (TF32 / bf16 passes) would leave the
+    # residual ~1e-3 off, and the adapted model would no longer start as the base model
+    residual = wt - s * jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
     return a.T, b.T, residual.T
+
+
+def pissa_niter(init: str) -> int | None:
+    """``N`` of ``"pissa_niter_<N>"`` (``None`` for exact ``"pissa"``); the config has validated it."""
+    return None if init == "pissa" else int(init.removeprefix("pissa_niter_"))
+
+
+def svd_lowrank(a: jax.Array, q: int, *, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``torch.svd_lowrank(a, q, niter)``: a rank-``q`` randomized SVD ``a ~ U diag(S) V^T``.
+
+    Halko, Martinsson and Tropp (2009), Algorithm 5.1 on the basis of Algorithm 4.4, step for
+    step as torch's ``_lowrank.py``: a tall-oriented ``a`` ([m, n], m >= n; a wide one is
+    transposed), a Gaussian test matrix ``R [n, q]``, ``Q = qr(a R)``, then ``niter`` subspace
+    iterations ``Q = qr(a qr(a^T Q))``, and the exact SVD of the small ``Q^T a [q, n]``. The
+    error in the top singular subspace shrinks like ``(s_{q+1} / s_q) ** (2 niter + 1)``.
+    torch draws ``R`` from its global RNG; here ``key`` does, so the result is reproducible.
+
+    Args:
+      a: the ``[m, n]`` matrix.
+      q: the rank; a larger one gives ``min(m, n)`` triplets, as torch does.
+      niter: the number of subspace iterations (``>= 0``).
+      key: the PRNG key for the test matrix.
+
+    Returns:
+      ``(U [m, q], S [q], V [n, q])``, ``S`` descending.
+
+    Example:
+      >>> a = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))
+      >>> u, s, v = svd_lowrank(a, 2, niter=4, key=jax.random.key(0))
+      >>> u.shape, s.round(4).tolist(), v.shape
+      ((4, 2), [4.0, 2.0], (4, 2))
+    """
+    wide = a.shape[0] < a.shape[1]
+    if wide:
+        a = a.T
+    q = min(q, a.shape[1])  # torch also returns min(m, n) triplets then; this keeps the loop's shapes fixed
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    r = jax.random.normal(key, (a.shape[1], q), a.dtype)
+    basis = jnp.linalg.qr(mm(a, r))[0]
+
+    def iteration(_, basis):
+        return jnp.linalg.qr(mm(a, jnp.linalg.qr(mm(a.T, basis))[0]))[0]
+
+    basis = jax.lax.fori_loop(0, niter, iteration, basis)  # a loop, not niter unrolled copies, under jit
+    u, s, vh = jnp.linalg.svd(mm(basis.T, a), full_matrices=False)
+    u, v = mm(basis, u), vh.T
+    return (v, s, u) if wide else (u, s, v)
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}
