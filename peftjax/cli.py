@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def _inspect(args) -> int:
+    from peftjax.auto import saved_head_shapes, task_for_adapter
     from peftjax.config import load_config
     from peftjax.io import read_safetensors_header
 
@@ -37,6 +38,9 @@ def _inspect(args) -> int:
         "ranks_in_file": ranks,
         "rank_pattern": d.get("rank_pattern") or None,
         "modules_to_save": d.get("modules_to_save"),
+        "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in saved_head_shapes(directory).items()}
+        or None,
+        "model_task": task_for_adapter(config, saved_head_shapes(directory)),
         "tensors": len(entries),
         "parameters": count,
         "size_bytes": nbytes,

@@ -19,7 +19,7 @@ from _torch_models import save_tiny  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.cli import main  # noqa: E402
-from peftjax.training._run import packaged_minilm  # noqa: E402
+from peftjax.data import minilm_path as packaged_minilm  # noqa: E402
 
 
 def run_cli(*args):
@@ -183,7 +183,10 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     expected = np.asarray(peft_model(**inputs).logits)
 
     assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["task_type"] == task
+    info = json.loads(capsys.readouterr().out)
+    assert info["task_type"] == info["model_task"] == task
+    head = "classifier.weight" if family == "bert" else "score.weight"
+    assert info["saved_head"] == ({head: [3, 16]} if task == "SEQ_CLS" else None)
 
     assert main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     auto = tr.AutoModelForSequenceClassification if task == "SEQ_CLS" else tr.AutoModelForCausalLM
@@ -259,3 +262,33 @@ def test_yaml_syntax_errors_are_one_line(tmp_path):
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
     assert "not valid YAML" in result.stderr and "job.yaml" in result.stderr and "line" in result.stderr
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "instruction"])
+def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.LlamaForCausalLM, _tiny_config("llama", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    rng = np.random.default_rng(0)
+    rows = []
+    for a, b in rng.integers(0, 10, (48, 2)):
+        if task == "causal_lm":
+            rows.append({"text": f"{a} plus {b} makes {a + b}."})
+        else:
+            rows.append({"prompt": f"what is {a} plus {b}?", "response": str(a + b)})
+    for name, part in (("train.jsonl", rows[:40]), ("eval.jsonl", rows[40:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "run"
+    assert main(["train", "--task", task, "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
+                 "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-steps", "6", "--learning-rate", "0.01",
+                 "--per-device-train-batch-size", "8", "--max-length", "24", "--output-dir", str(out),
+                 "--disable-tqdm", "--save-steps", "0", "--predict", "3 plus 4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["after"]["eval_perplexity"] < summary["before"]["eval_perplexity"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+    peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)  # every key fits
