@@ -37,7 +37,7 @@ Example:
     (2, 3)
 """
 
-from peftjax.tuners._lora_linen import (
+from peftjax.tuners.lora._linen import (
     LINEN_KEY_MAPPING,
     LayerInfo,
     LinenLayerSpec,

@@ -10,8 +10,8 @@ from flax import linen as nn
 from flax.core import FrozenDict
 
 from peftjax.config import LoraConfig
-from peftjax.tuners._dropout import dropout_key
-from peftjax.tuners._lora_linen import (
+from peftjax.nn._dropout import dropout_key
+from peftjax.tuners.lora._linen import (
     combine,
     discover_layers,
     inject,

@@ -15,8 +15,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
-
 from peftjax.config import CONFIG_NAME, PeftConfig
 from peftjax.io._safetensors import read_safetensors, write_safetensors
 
@@ -101,36 +99,3 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Map
         os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def module_params_torch(module: nnx.Module) -> dict[str, np.ndarray]:
-    """One module's own base weights in torch names and layouts (``{"weight": ..., "bias": ...}``)."""
-    from peftjax.models._modeling import hf_param_map
-
-    out = {}
-    for attr, (name, transpose) in hf_param_map(module).items():
-        var = getattr(module, attr, None)
-        if isinstance(var, nnx.Param):
-            value = np.asarray(var.get_value())
-            out[name] = value.T if transpose and value.ndim == 2 else value
-    return out
-
-
-def set_module_params_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> None:
-    """Sets one module's base weights from torch names and layouts, checking shapes."""
-    import jax.numpy as jnp
-
-    from peftjax.models._modeling import hf_param_map
-
-    for attr, (name, transpose) in hf_param_map(module).items():
-        var = getattr(module, attr, None)
-        if name not in tensors or not isinstance(var, nnx.Param):
-            continue
-        value = np.asarray(tensors[name])
-        value = value.T if transpose and value.ndim == 2 else value
-        current = var.get_value()
-        if value.shape != current.shape:
-            shown = tuple(reversed(current.shape)) if transpose and current.ndim == 2 else current.shape
-            found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else value.shape
-            raise AdapterFileError(f"{source}.{name}: expected shape {list(shown)}, found {list(found)}")
-        var.set_value(jnp.asarray(value, current.dtype))

@@ -83,9 +83,10 @@ from peftjax.io._adapter import (
     read_adapter_weights,
     write_adapter,
 )
-from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._lora import FAN_IN_FAN_OUT_LINEAR_WARNING, validate_adapter_name
-from peftjax.tuners._lora_nnx import LoraSpec, _decompose, canonical_init, decomposes, init_factors
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import validate_adapter_name
+from peftjax.tuners.lora._layer import LoraSpec, _decompose, canonical_init, decomposes, init_factors
+from peftjax.tuners.lora._model import FAN_IN_FAN_OUT_LINEAR_WARNING
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
 """The params keys that hold adapter weights (``{adapter name: array}`` each)."""
