@@ -8,6 +8,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 ``shard_model``, ``load_sharded``).
 """
 
+from peftjax._version import __version__
 from peftjax.config import (
     BottleneckConfig,
     IA3Config,
@@ -52,7 +53,6 @@ from peftjax.tuners import (
     unmerge,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterKeyError",

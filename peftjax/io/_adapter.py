@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from peftjax.config import CONFIG_NAME, PeftConfig
+from peftjax._version import __version__
 from peftjax.io._safetensors import read_safetensors, write_safetensors
 
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -28,12 +29,6 @@ KeyMapping = Callable[[str], str] | Mapping[str, str] | None
 
 class AdapterFileError(ValueError):
     """An adapter directory or file is missing, unreadable or does not fit the model."""
-
-
-def _version() -> str:
-    from peftjax import __version__
-
-    return __version__
 
 
 def map_name(name: str, key_mapping: KeyMapping) -> str:
@@ -80,8 +75,11 @@ def read_adapter_weights(directory: str | os.PathLike, *, allow_pickle: bool = F
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
 
 
-def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Mapping[str, np.ndarray]) -> None:
+def write_adapter(directory: str | os.PathLike, config, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes the two files into ``directory`` so that a failure leaves any previous adapter intact.
+
+    ``config`` is a ``peftjax.config.PeftConfig`` (anything whose ``save_pretrained(dir)`` writes
+    ``adapter_config.json``: io sits below config and knows no config classes).
 
     Both files are written to a temporary directory beside the target first and then moved in.
     """
@@ -90,7 +88,7 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Map
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         # PEFT reads only "format"; the second entry lets `peftjax inspect` tell who wrote the file
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "peftjax": _version()})
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "peftjax": __version__})
         config.save_pretrained(tmp)
         if not directory.exists():
             os.replace(tmp, directory)
