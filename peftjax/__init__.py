@@ -8,7 +8,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 ``shard_model``, ``load_sharded``).
 """
 
-from peftjax._version import __version__
+from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
     IA3Config,

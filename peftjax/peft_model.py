@@ -22,7 +22,7 @@ from peftjax.config import PeftConfig, load_config
 from peftjax.io._adapter import KeyMapping, adapter_dir, read_adapter_weights, write_adapter
 from peftjax.io._hub import resolve
 from peftjax.tuners import base as tuner_base
-from peftjax.tuners._registry import tuner_for
+from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
 
 
@@ -82,8 +82,7 @@ class PeftModel:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first")
         config = peft_config
         tuner = tuner_for(config)
-        if key is None:  # deterministic default, distinct per adapter name
-            key = jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))
+        key = default_key(adapter_name) if key is None else key
         self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
         tuner_base.set_active_adapters(self.base_model, (self.active_adapter,))
         if config.inference_mode:

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import jax
+
 from peftjax.config import PeftConfig
 
 
@@ -86,7 +88,7 @@ def _stack_aware(tuner: Tuner) -> Tuner:
 
 
 def inject_adapter_in_model(
-    peft_config: PeftConfig, model, adapter_name: str = "default", *, key=None
+    peft_config: PeftConfig, model, adapter_name: str = "default", *, key: jax.Array | None = None
 ):
     """Adds ``peft_config``'s adapter to a plain NNX ``model`` in place, for any method; PEFT's function.
 
@@ -97,10 +99,10 @@ def inject_adapter_in_model(
       peft_config: a ``LoraConfig``, ``IA3Config``, ``BottleneckConfig`` or prompt-learning config.
       model: the NNX model.
       adapter_name: the name the weights are stored under.
-      key: the init key (a fixed default keeps it deterministic).
+      key: the init key; by default the one ``get_peft_model`` uses, so both give the same adapter.
 
     Returns:
-      ``model``, now carrying the adapter.
+      ``model``, now carrying the adapter (frozen if ``peft_config.inference_mode``).
 
     Raises:
       NotImplementedError: the config's method is not supported (lists the supported ones).
@@ -115,8 +117,16 @@ def inject_adapter_in_model(
       >>> model.proj.lora_A["default"].shape, model.proj(jnp.ones((5, 4))).shape
       ((4, 2), (5, 3))
     """
-    from peftjax.tuners.base import validate_adapter_name
+    from peftjax.tuners.base import set_adapter_trainable, validate_adapter_name
 
     validate_adapter_name(adapter_name)
+    key = default_key(adapter_name) if key is None else key
     tuner_for(peft_config).inject(model, peft_config, adapter_name=adapter_name, key=key)
+    if peft_config.inference_mode:
+        set_adapter_trainable(model, adapter_name, False)
     return model
+
+
+def default_key(adapter_name: str):
+    """The init key when none is given: fixed, so injection is deterministic, and distinct per adapter name."""
+    return jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))
