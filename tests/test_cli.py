@@ -318,3 +318,15 @@ def test_the_main_job_beats_its_baselines(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2
+
+
+def test_a_missing_optional_package_is_one_line(monkeypatch, capsys):
+    import peftjax.cli as cli
+
+    def needs_a_package(args):
+        import a_package_that_is_not_installed  # noqa: F401
+
+    monkeypatch.setattr(cli, "_inspect", needs_a_package)
+    assert cli.main(["inspect", "anything"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peftjax: error:") and "a_package_that_is_not_installed" in err and err.count("\n") == 1

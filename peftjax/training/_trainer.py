@@ -300,6 +300,7 @@ class Trainer:
             trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
             self.log_history = info.get("log_history", [])
             if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
+                self.output_dir.mkdir(parents=True, exist_ok=True)
                 (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_history))
             print(f"resumed from {path} at step {micro // accum}", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
