@@ -24,7 +24,7 @@ from transformers import LlamaConfig
 
 import peftjax
 from peftjax.models import LlamaModel
-from peftjax.tuners import _lora
+from peftjax import tuners
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     def lora_model():
         m = LlamaModel(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-        _lora.inject_lora(m, peftjax.LoraConfig(r=args.rank, lora_alpha=16, target_modules=PROJECTIONS))
+        tuners.inject_lora(m, peftjax.LoraConfig(r=args.rank, lora_alpha=16, target_modules=PROJECTIONS))
         return m
 
     lora = nnx.eval_shape(lora_model)

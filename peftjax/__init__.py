@@ -2,10 +2,13 @@
 
 The public surface. HF PEFT's names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) sit beside
 the functional core for JAX users (``split``, ``combine``, ``make_train_step``, ``optax_labels``,
-``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``). Sharded training over device meshes
-lives in the ``peftjax.sharding`` subpackage (``make_mesh``, ``shard_model``, ``load_sharded``).
+``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``), and PEFT's functional API for every
+method (``inject_adapter_in_model``, ``get_peft_model_state_dict``, ``set_peft_model_state_dict``).
+Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage (``make_mesh``,
+``shard_model``, ``load_sharded``).
 """
 
+from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
     IA3Config,
@@ -18,7 +21,14 @@ from peftjax.config import (
     TaskType,
 )
 from peftjax import sharding
-from peftjax.peft_model import AdapterKeyError, DonatedAdapterError, PeftModel, get_peft_model
+from peftjax.peft_model import (
+    AdapterKeyError,
+    DonatedAdapterError,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from peftjax.auto import AutoPeftModel
 from peftjax.training import (
     Trainer,
@@ -29,14 +39,24 @@ from peftjax.training import (
     release_host_memory,
     split,
 )
-from peftjax.tuners._dropout import dropout_key
-from peftjax.tuners._lora import inject_lora, merge, unload, unmerge
-from peftjax.tuners._variables import FROZEN, TRAINABLE, LoraParam, TrainableParam
+from peftjax.nn import dropout_key
+from peftjax.tuners import (
+    FROZEN,
+    TRAINABLE,
+    AdapterParam,
+    LoraParam,
+    TrainableParam,
+    inject_adapter_in_model,
+    inject_lora,
+    merge,
+    unload,
+    unmerge,
+)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterKeyError",
+    "AdapterParam",
     "AutoPeftModel",
     "DonatedAdapterError",
     "FROZEN",
@@ -58,11 +78,14 @@ __all__ = [
     "combine",
     "dropout_key",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "inject_lora",
     "make_train_step",
     "merge",
     "optax_labels",
     "release_host_memory",
+    "set_peft_model_state_dict",
     "sharding",
     "split",
     "unload",

@@ -9,8 +9,8 @@ each run starts afresh in its output directory.
 
 import sys
 
-from peftjax.training._run import main
+from peftjax.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sys.exit(main(args if "--resume-from-checkpoint" in args else ["--overwrite-output-dir", *args]))
+    sys.exit(main(["train", *(args if "--resume-from-checkpoint" in args else ["--overwrite-output-dir", *args])]))

@@ -4,14 +4,14 @@ The workflow (``model`` any ``nn.Module``, ``x`` a sample input):
 
     params, spec = inject(model, params, LoraConfig(r=8, target_modules=["query", "value"]),
                           sample_args=(x,), key=key)     # adapters added next to the kernels
-    base, adapters = split(params, spec)                 # train ``adapters``; ``base`` stays frozen
-    def forward(adapters, base, x):                      # jit this: interception acts while tracing
+    trainable, rest = split(params, spec)                # train ``trainable``; ``rest`` stays frozen
+    def forward(trainable, rest, x):                     # jit this: interception acts while tracing
         with intercept(spec):
-            return model.apply({"params": combine(base, adapters)}, x)
-    save_adapter("out", combine(base, adapters), spec, config)  # peft.PeftModel.from_pretrained reads it
+            return model.apply({"params": combine(trainable, rest)}, x)
+    save_adapter("out", combine(trainable, rest), spec, config)  # peft.PeftModel.from_pretrained reads it
 
 ``load_adapter("out", model, params, sample_args=(x,))`` reads PEFT's files (or ours) back and
-returns ``(params, spec)``; ``merge(params, spec)`` folds the adapters in for serving;
+returns ``(params, spec)``; ``merge_and_unload(params, spec)`` folds the adapters in and drops them;
 ``trainable_labels(params, spec)`` labels the same leaves ``split`` puts on the trainable side, for
 ``optax.multi_transform``. PEFT file keys use torch module names: the Linen params path, with the
 indices of scanned layers put after the scan's name, through ``key_mapping`` (by default
@@ -30,14 +30,14 @@ Example:
     >>> params = model.init(jax.random.key(0), x)["params"]
     >>> params, spec = inject(model, params, LoraConfig(r=2, target_modules=["hidden"]),
     ...                       sample_args=(x,), key=jax.random.key(1))
-    >>> jax.tree.map(jnp.shape, split(params, spec).adapters)
+    >>> jax.tree.map(jnp.shape, split(params, spec).trainable)
     {'hidden': {'lora_A': {'default': (4, 2)}, 'lora_B': {'default': (2, 8)}}}
     >>> with intercept(spec):
     ...     model.apply({"params": params}, x).shape
     (2, 3)
 """
 
-from peftjax.tuners._lora_linen import (
+from peftjax.tuners.lora._linen import (
     LINEN_KEY_MAPPING,
     LayerInfo,
     LinenLayerSpec,
@@ -50,6 +50,7 @@ from peftjax.tuners._lora_linen import (
     intercept,
     load_adapter,
     merge,
+    merge_and_unload,
     save_adapter,
     split,
     trainable_labels,
@@ -68,6 +69,7 @@ __all__ = [
     "intercept",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "save_adapter",
     "split",
     "trainable_labels",

@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -19,9 +21,9 @@ from flax import nnx
 from peftjax.config import PeftConfig, load_config
 from peftjax.io._adapter import KeyMapping, adapter_dir, read_adapter_weights, write_adapter
 from peftjax.io._hub import resolve
-from peftjax.tuners import _lora
-from peftjax.tuners._registry import tuner_for
-from peftjax.tuners._variables import TRAINABLE
+from peftjax.tuners import base as tuner_base
+from peftjax.tuners._registry import default_key, tuner_for
+from peftjax.tuners.base import TRAINABLE
 
 
 def _to_host(x):
@@ -75,24 +77,23 @@ class PeftModel:
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, *, key: jax.Array | None = None) -> None:
         """Adds a freshly initialised adapter; it does not become active (as in PEFT)."""
-        _lora.validate_adapter_name(adapter_name)
+        tuner_base.validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first")
         config = peft_config
         tuner = tuner_for(config)
-        if key is None:  # deterministic default, distinct per adapter name
-            key = jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))
+        key = default_key(adapter_name) if key is None else key
         self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
-        _lora.set_active_adapters(self.base_model, (self.active_adapter,))
+        tuner_base.set_active_adapters(self.base_model, (self.active_adapter,))
         if config.inference_mode:
-            _lora.set_adapter_trainable(self.base_model, adapter_name, False)
+            tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes ``adapter_name`` the active adapter."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
-        _lora.set_active_adapters(self.base_model, (adapter_name,))
+        tuner_base.set_active_adapters(self.base_model, (adapter_name,))
 
     @property
     def active_adapters(self) -> list[str]:
@@ -102,23 +103,23 @@ class PeftModel:
         """Removes an adapter's weights and config."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        _lora.delete_adapter(self.base_model, adapter_name)
+        tuner_base.delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
-            _lora.set_active_adapters(self.base_model, (self.active_adapter,) if self.active_adapter else ())
+            tuner_base.set_active_adapters(self.base_model, (self.active_adapter,) if self.active_adapter else ())
 
     @contextlib.contextmanager
     def disable_adapter(self):
         """Runs the plain base model inside the block (merged adapters are unmerged first)."""
-        _lora.unmerge(self.base_model)
-        _lora.set_adapters_disabled(self.base_model, True)
+        tuner_base.unmerge(self.base_model)
+        tuner_base.set_adapters_disabled(self.base_model, True)
         self._disabled = True
         try:
             yield
         finally:
             self._disabled = False
-            _lora.set_adapters_disabled(self.base_model, False)
+            tuner_base.set_adapters_disabled(self.base_model, False)
 
     # ------------------------------------------------------------ forward
 
@@ -175,23 +176,26 @@ class PeftModel:
         >>> adapters, opt_state, loss = step(adapters, opt_state, base, batch, key)  # doctest: +SKIP
         >>> peft_model.update(adapters).save_pretrained("out/adapter")  # doctest: +SKIP
         """
+        self._check_trainable(trainable, "update(trainable)")
+        nnx.update(self.base_model, trainable)
+        return self
+
+    def _check_trainable(self, trainable: nnx.State, what: str) -> None:
         expected = nnx.state(self.base_model, TRAINABLE)
         want, got = jax.tree.structure(expected), jax.tree.structure(trainable)
         if want != got:
             have, given = _leaf_paths(expected), _leaf_paths(trainable)
             raise ValueError(
-                "update(trainable) takes the trainable state that peftjax.split(peft_model.base_model) returned "
+                f"{what} takes the trainable state that peftjax.split(peft_model.base_model) returned "
                 f"(and the train step hands back); not in the model: {sorted(given - have)[:5]}, "
                 f"missing from the argument: {sorted(have - given)[:5]}"
             )
         deleted = _deleted_paths(trainable)
         if deleted:
             raise DonatedAdapterError(
-                f"update(trainable) got arrays that were already donated to a train step ({deleted[0]}, ...): "
+                f"{what} got arrays that were already donated to a train step ({deleted[0]}, ...): "
                 "pass the state the step returned, not the one you gave it"
             )
-        nnx.update(self.base_model, trainable)
-        return self
 
     def _check_live(self, action: str) -> None:
         deleted = _deleted_paths(nnx.state(self.base_model, TRAINABLE))
@@ -207,22 +211,22 @@ class PeftModel:
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         """Folds the active (or named) adapters into the base weights; reversible."""
         self._check_live("merge the adapters")
-        _lora.merge(self.base_model, tuple(adapter_names) if adapter_names else None)
+        tuner_base.merge(self.base_model, tuple(adapter_names) if adapter_names else None)
 
     def unmerge_adapter(self) -> None:
-        _lora.unmerge(self.base_model)
+        tuner_base.unmerge(self.base_model)
 
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nnx.Module:
         """Merges the active adapters and returns the bare model (no adapter layers left)."""
         self._check_live("merge the adapters")
-        return _lora.unload(
+        return tuner_base.unload(
             self.base_model, merge_first=True, adapter_names=tuple(adapter_names) if adapter_names else None
         )
 
     def unload(self) -> nnx.Module:
         """Removes every adapter without merging and returns the bare model."""
-        _lora.unmerge(self.base_model)
-        return _lora.unload(self.base_model, merge_first=False)
+        tuner_base.unmerge(self.base_model)
+        return tuner_base.unload(self.base_model, merge_first=False)
 
     # ------------------------------------------------------------ files
 
@@ -244,11 +248,7 @@ class PeftModel:
             raise ValueError(f"no adapters {unknown}; adapters: {sorted(self.peft_config)}")
         for name in names:
             config = self._config_for_saving(self.peft_config[name])
-            tensors = tuner_for(config).state_dict(
-                self.base_model, name, config, key_mapping=self.key_mapping,
-                save_embedding_layers=save_embedding_layers,
-            )
-            tensors = {k: _to_host(v) for k, v in tensors.items()}
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             if jax.process_index() == 0:
                 write_adapter(adapter_dir(save_directory, name), config, tensors)
 
@@ -393,7 +393,7 @@ class PeftModel:
                           allow_pickle=allow_pickle, strict=strict)
 
     def _load(self, model_id, adapter_name, config, *, is_trainable, allow_pickle, strict):
-        tuner = tuner_for(config)
+        tuner_for(config)  # an unsupported method fails before anything is read
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -402,9 +402,7 @@ class PeftModel:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                missing, unexpected = tuner.load_state_dict(
-                    self.base_model, tensors, adapter_name, key_mapping=self.key_mapping, source=source
-                )
+                missing, unexpected = set_peft_model_state_dict(self, tensors, adapter_name, source=source)
             _check_keys(self.base_model, source, tensors, missing, unexpected, strict=strict)
         except Exception:
             self.delete_adapter(adapter_name)
@@ -445,7 +443,7 @@ def _closest(model, key: str) -> str:
     import difflib
 
     from peftjax.io._adapter import PREFIX
-    from peftjax.tuners._lora import named_modules
+    from peftjax.tuners.base import named_modules
 
     wanted = key.removeprefix(PREFIX)
     adapter_parts = ("base_layer", "modules_to_save", "lora_", "ia3_", "adapter_")
@@ -491,3 +489,90 @@ def get_peft_model(
     trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464
     """
     return PeftModel(model, peft_config, adapter_name, key=key, key_mapping=key_mapping)
+
+
+class LoadResult(NamedTuple):
+    """What :func:`set_peft_model_state_dict` did not match, as PEFT's (torch's) ``load_result``."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def get_peft_model_state_dict(
+    model: PeftModel,
+    state_dict: nnx.State | None = None,
+    adapter_name: str = "default",
+    *,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, np.ndarray]:
+    """An adapter's weights under PEFT's on-disk keys, for any method; PEFT's function.
+
+    This is exactly what :meth:`PeftModel.save_pretrained` writes to ``adapter_model.safetensors``.
+
+    Args:
+      model: the ``PeftModel``.
+      state_dict: the trainable state to read instead of the model's own weights (what
+        ``peftjax.split(model.base_model)`` returns and a train step hands back); the model is
+        not changed. ``None`` reads the model.
+      adapter_name: which adapter.
+      save_embedding_layers: also save targeted embedding layers' base weights; ``"auto"`` does
+        when ``target_modules`` names one (``embed_tokens``, ``lm_head``), for every method.
+
+    Returns:
+      ``{"base_model.model.<module>.<suffix>": array}`` in torch layouts, on the host.
+
+    Raises:
+      ValueError: no adapter ``adapter_name``, or ``state_dict`` is not the model's trainable tree.
+
+    Example:
+      >>> sd = peftjax.get_peft_model_state_dict(peft_model)  # doctest: +SKIP
+      >>> sorted(sd)[0]  # doctest: +SKIP
+      'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
+    base = model.base_model
+    if state_dict is None:
+        model._check_live("read the adapters")
+    else:
+        model._check_trainable(state_dict, "get_peft_model_state_dict(state_dict=...)")
+        base = nnx.clone(base)
+        nnx.update(base, state_dict)
+    config = model._config_for_saving(model.peft_config[adapter_name])
+    tensors = tuner_for(config).state_dict(
+        base, adapter_name, config, key_mapping=model.key_mapping, save_embedding_layers=save_embedding_layers
+    )
+    return {k: _to_host(v) for k, v in tensors.items()}
+
+
+def set_peft_model_state_dict(
+    model: PeftModel,
+    peft_model_state_dict: Mapping[str, Any],
+    adapter_name: str = "default",
+    *,
+    source: str = "state dict",
+) -> LoadResult:
+    """Sets an existing adapter's weights from PEFT's on-disk keys, for any method; PEFT's function.
+
+    Args:
+      model: the ``PeftModel`` that already carries adapter ``adapter_name``.
+      peft_model_state_dict: ``{PEFT key: array}`` (numpy, JAX or CPU torch tensors), as
+        :func:`get_peft_model_state_dict` returns or ``adapter_model.safetensors`` holds.
+      adapter_name: which adapter to fill.
+      source: names the origin in error messages.
+
+    Returns:
+      ``(missing_keys, unexpected_keys)``: adapter weights the dict lacks (left as they were)
+      and keys nothing in the model consumed (ignored, with a warning).
+
+    Raises:
+      ValueError: no adapter ``adapter_name``.
+      AdapterFileError: a tensor is not a float tensor or has the wrong shape (names key and shapes).
+    """
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
+    tensors = {k: np.asarray(v) for k, v in peft_model_state_dict.items()}
+    missing, unexpected = tuner_for(model.peft_config[adapter_name]).load_state_dict(
+        model.base_model, tensors, adapter_name, key_mapping=model.key_mapping, source=source
+    )
+    return LoadResult(missing, unexpected)

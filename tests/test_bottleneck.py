@@ -19,8 +19,8 @@ from _torch_models import save_tiny  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.io import read_safetensors  # noqa: E402
-from peftjax.tuners._bottleneck import BottleneckLayer  # noqa: E402
-from peftjax.tuners._lora import adapter_layers  # noqa: E402
+from peftjax.tuners.bottleneck import BottleneckLayer  # noqa: E402
+from peftjax.tuners.base import adapter_layers  # noqa: E402
 
 ARCHS = {
     "llama": (

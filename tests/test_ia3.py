@@ -21,8 +21,8 @@ from _torch_models import save_tiny  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.io import read_safetensors  # noqa: E402
-from peftjax.tuners._ia3 import IA3Layer  # noqa: E402
-from peftjax.tuners._lora import adapter_layers  # noqa: E402
+from peftjax.tuners.ia3 import IA3Layer  # noqa: E402
+from peftjax.tuners.base import adapter_layers  # noqa: E402
 
 ARCHS = {
     "llama": (
@@ -301,4 +301,4 @@ def test_lora_refuses_a_layer_that_carries_ia3():
     model.k_proj = _nnx.Linear(8, 8, rngs=_nnx.Rngs(0))
     peftjax.get_peft_model(model, peftjax.IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
     with pytest.raises(TypeError, match=r"k_proj \(Linear with a IA3Linear"):
-        peftjax.tuners._lora.inject_lora(model, peftjax.LoraConfig(target_modules=["k_proj"]))
+        peftjax.tuners.inject_lora(model, peftjax.LoraConfig(target_modules=["k_proj"]))

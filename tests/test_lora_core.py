@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import peftjax
-from peftjax.tuners import _lora
+from peftjax import tuners
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -80,7 +80,7 @@ def test_user_model_round_trips_through_peft_with_key_mapping(tmp_path):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_dropout_needs_an_explicit_key(jit):
     model = UserMLP(nnx.Rngs(0))
-    _lora.inject_lora(model, peftjax.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False,
+    tuners.inject_lora(model, peftjax.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False,
                                                 target_modules=["fc1"]))
 
     def run(m, key):
@@ -97,7 +97,7 @@ def test_dropout_needs_an_explicit_key(jit):
 
 def test_multi_transform_labels_freeze_the_base():
     model = UserMLP(nnx.Rngs(0))
-    _lora.inject_lora(model, peftjax.LoraConfig(r=4, target_modules=["fc1", "fc2"], bias="lora_only"))
+    tuners.inject_lora(model, peftjax.LoraConfig(r=4, target_modules=["fc1", "fc2"], bias="lora_only"))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     labels = peftjax.optax_labels(params)
     leaves = jax.tree.leaves(labels)
@@ -136,7 +136,7 @@ def test_pissa_and_olora_match_peft(init):
     model = nnx.Module()
     model.proj = nnx.Linear(12, 10, rngs=nnx.Rngs(0))
     model.proj.kernel.set_value(jnp.asarray(original.T))
-    _lora.inject_lora(model, peftjax.LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], init_lora_weights=init))
+    tuners.inject_lora(model, peftjax.LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], init_lora_weights=init))
     ours_delta = np.asarray(model.proj.delta_weight("default")).T
     np.testing.assert_allclose(np.asarray(model.proj.kernel.get_value()).T, their_residual, atol=1e-5)
     np.testing.assert_allclose(ours_delta, their_delta, atol=1e-5)
@@ -146,7 +146,7 @@ def test_pissa_and_olora_match_peft(init):
 def test_gaussian_init_statistics():
     model = nnx.Module()
     model.proj = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
-    _lora.inject_lora(model, peftjax.LoraConfig(r=8, target_modules=["proj"], init_lora_weights="gaussian"))
+    tuners.inject_lora(model, peftjax.LoraConfig(r=8, target_modules=["proj"], init_lora_weights="gaussian"))
     a = np.asarray(model.proj.lora_A["default"].get_value())
     assert abs(a.std() - 1 / 8) < 0.01
     assert not np.asarray(model.proj.lora_B["default"].get_value()).any()
@@ -185,7 +185,7 @@ def test_a_refused_layer_leaves_the_model_untouched():
     model = UserMLP(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model))
     with pytest.raises(NotImplementedError, match="emb"):
-        _lora.inject_lora(model, peftjax.LoraConfig(r=2, target_modules=["fc1", "emb"], use_dora=True))
+        tuners.inject_lora(model, peftjax.LoraConfig(r=2, target_modules=["fc1", "emb"], use_dora=True))
     assert type(model.fc1) is nnx.Linear and not hasattr(model.fc1, "lora_A")
     after = jax.tree.map(np.asarray, nnx.state(model))
     assert jax.tree.all(jax.tree.map(np.array_equal, before, after))

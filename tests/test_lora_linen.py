@@ -10,13 +10,13 @@ from flax import linen as nn
 from flax.core import FrozenDict
 
 from peftjax.config import LoraConfig
-from peftjax.tuners._dropout import dropout_key
-from peftjax.tuners._lora_linen import (
+from peftjax import dropout_key
+from peftjax.linen import (
     combine,
     discover_layers,
     inject,
     intercept,
-    merge,
+    merge_and_unload,
     split,
     trainable_labels,
 )
@@ -115,8 +115,8 @@ def test_discover_layers_names_kinds_and_shapes():
 
 def test_inject_layouts_and_purity(zoo):
     model, params, lora_params, spec = zoo
-    assert split(params).adapters == {}  # the input tree is untouched
-    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), split(lora_params).adapters)
+    assert split(params).trainable == {}  # the input tree is untouched
+    shapes = jax.tree.map(lambda a: (a.shape, a.dtype), split(lora_params).trainable)
     f32 = jnp.float32
     assert shapes == {
         "embed": {"lora_A": {"default": ((16, 4), f32)}, "lora_B": {"default": ((4, 6), f32)}},
@@ -134,7 +134,7 @@ def test_default_init_is_a_no_op(zoo_params):
     model, params = Zoo(), zoo_params
     config = LoraConfig(r=4, target_modules=ZOO_TARGETS)
     lora_params, spec = inject(model, params, config, sample_args=(IDS,), key=jax.random.key(1))
-    adapters = split(lora_params).adapters
+    adapters = split(lora_params).trainable
     assert not adapters["dense"]["lora_B"]["default"].any()
     assert not adapters["embed"]["lora_A"]["default"].any()  # PEFT: embedding A = 0, B ~ N(0, 1)
     assert adapters["embed"]["lora_B"]["default"].any()
@@ -151,7 +151,7 @@ def test_intercepted_equals_merged_and_dense_reference(zoo, jit):
     model, params, lora_params, spec = zoo
     out = forward(model, spec, jit)(lora_params, IDS)
     base = maybe_jit(lambda p, x: model.apply({"params": p}, x), jit)(params, IDS)
-    merged = maybe_jit(lambda p, x: model.apply({"params": merge(p, spec)}, x), jit)(lora_params, IDS)
+    merged = maybe_jit(lambda p, x: model.apply({"params": merge_and_unload(p, spec)}, x), jit)(lora_params, IDS)
     for name in ZOO_TARGETS:
         assert not np.allclose(out[name], base[name], atol=1e-3), name  # the adapter matters
         np.testing.assert_allclose(out[name], merged[name], **TOL, err_msg=name)
@@ -178,7 +178,7 @@ def test_scan_stacks_and_slices_adapters(jit):
     params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     lora_params, spec = inject(model, params, config, sample_args=(x,), key=jax.random.key(1))
-    adapters = split(lora_params).adapters
+    adapters = split(lora_params).trainable
     assert jax.tree.map(jnp.shape, adapters) == {
         "layers": {
             "q_proj": {"lora_A": {"default": (3, 16, 2)}, "lora_B": {"default": (3, 2, 16)}},
@@ -191,10 +191,10 @@ def test_scan_stacks_and_slices_adapters(jit):
     f = forward(model, spec, jit)
     out = f(lora_params, x)
     base = model.apply({"params": params}, x)
-    merged = maybe_jit(lambda p, x: model.apply({"params": merge(p, spec)}, x), jit)(lora_params, x)
+    merged = maybe_jit(lambda p, x: model.apply({"params": merge_and_unload(p, spec)}, x), jit)(lora_params, x)
     assert not np.allclose(out, base, atol=1e-3)
     np.testing.assert_allclose(out, merged, **TOL)
-    assert jax.tree.map(jnp.shape, merge(lora_params, spec)) == jax.tree.map(jnp.shape, params)
+    assert jax.tree.map(jnp.shape, merge_and_unload(lora_params, spec)) == jax.tree.map(jnp.shape, params)
 
     # Only layer 1's B changes: the output moves, and the merged path follows it.
     target = "['layers']['v_proj']['lora_B']['default']"
@@ -203,7 +203,7 @@ def test_scan_stacks_and_slices_adapters(jit):
     )
     out_bumped = f(bumped, x)
     assert not np.allclose(out_bumped, out, atol=1e-4)
-    np.testing.assert_allclose(out_bumped, model.apply({"params": merge(bumped, spec)}, x), **TOL)
+    np.testing.assert_allclose(out_bumped, model.apply({"params": merge_and_unload(bumped, spec)}, x), **TOL)
 
 
 def _regression_setup():
@@ -223,13 +223,13 @@ def _regression_setup():
 
 def test_training_adapters_only_lowers_the_loss():
     params, loss_fn = _regression_setup()
-    base, adapters = split(params)
+    adapters, base = split(params)
     tx = optax.adam(1e-2)
     state = tx.init(adapters)
 
     @jax.jit
     def step(adapters, state, base):
-        loss, grads = jax.value_and_grad(lambda a: loss_fn(combine(base, a)))(adapters)
+        loss, grads = jax.value_and_grad(lambda a: loss_fn(combine(a, base)))(adapters)
         updates, state = tx.update(grads, state, adapters)
         return optax.apply_updates(adapters, updates), state, loss
 
@@ -257,11 +257,11 @@ def test_multi_transform_freezes_base_and_keeps_no_frozen_state():
     new, state_after = params, state
     for _ in range(5):
         new, state_after, loss = step(new, state_after)
-    jax.tree.map(np.testing.assert_array_equal, split(new).base, split(params).base)
-    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, split(new).adapters, split(params).adapters)))
+    jax.tree.map(np.testing.assert_array_equal, split(new).rest, split(params).rest)
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, split(new).trainable, split(params).trainable)))
 
     assert jax.tree.leaves(state_after.inner_states["frozen"]) == []  # set_to_zero: no state at all
-    adapter_shapes = sorted(a.shape for a in jax.tree.leaves(split(params).adapters))
+    adapter_shapes = sorted(a.shape for a in jax.tree.leaves(split(params).trainable))
     for moment in ("mu", "nu"):  # adam's moments exist for the adapter leaves only
         tree = optax.tree_utils.tree_get(state_after, moment)
         assert sorted(a.shape for a in jax.tree.leaves(tree)) == adapter_shapes
@@ -285,7 +285,7 @@ def test_dropout_follows_the_key(jit):
     np.testing.assert_array_equal(g(lora_params, k1), g(lora_params, k1))
     deterministic = forward(wrapper, spec, jit)(lora_params, x)
     np.testing.assert_array_equal(deterministic, forward(wrapper, spec, jit)(lora_params, x))
-    np.testing.assert_allclose(deterministic, wrapper.apply({"params": merge(lora_params, spec)}, x), **TOL)
+    np.testing.assert_allclose(deterministic, wrapper.apply({"params": merge_and_unload(lora_params, spec)}, x), **TOL)
 
 
 @JIT
@@ -306,7 +306,7 @@ def test_dora_matches_peft_formula_and_merge(jit):
     factor = m / np.linalg.norm(w + 2.0 * a @ b, axis=0)
     expected = x @ w + bias + (factor - 1) * (x @ w) + factor * 2.0 * ((x @ a) @ b)
     np.testing.assert_allclose(out, expected, **TOL)
-    np.testing.assert_allclose(out, wrapper.apply({"params": merge(lora_params, spec)}, x), **TOL)
+    np.testing.assert_allclose(out, wrapper.apply({"params": merge_and_unload(lora_params, spec)}, x), **TOL)
 
 
 @JIT
@@ -321,7 +321,7 @@ def test_dora_and_lora_bias_on_every_linear_kind(zoo_params, jit):
             lora_params,
         )
         out = forward(model, spec, jit)(lora_params, IDS)
-        merged = model.apply({"params": merge(lora_params, spec)}, IDS)
+        merged = model.apply({"params": merge_and_unload(lora_params, spec)}, IDS)
         for name in targets:
             np.testing.assert_allclose(out[name], merged[name], **TOL, err_msg=f"{extra} {name}")
 
@@ -343,25 +343,25 @@ def test_second_adapter_and_subclass_calling_super():
     p2, spec2 = inject(model, p1, config, sample_args=(x,), key=jax.random.key(2), adapter_name="other", spec=spec)
     assert spec2.active == ("default",) and spec2.adapter_names == ("default", "other")
     one = forward(model, spec2, False)(p2, x)
-    np.testing.assert_allclose(one, model.apply({"params": merge(p2, spec2)}, x), **TOL)  # added once
+    np.testing.assert_allclose(one, model.apply({"params": merge_and_unload(p2, spec2)}, x), **TOL)  # added once
     other = forward(model, spec2.with_active("other"), False)(p2, x)
     assert not np.allclose(one, other)
     both = forward(model, spec2.with_active("default", "other"), False)(p2, x)
-    np.testing.assert_allclose(both, model.apply({"params": merge(p2, spec2, ["default", "other"])}, x), **TOL)
+    np.testing.assert_allclose(both, model.apply({"params": merge_and_unload(p2, spec2, ["default", "other"])}, x), **TOL)
     with pytest.raises(ValueError, match="already exists"):
         inject(model, p2, config, sample_args=(x,), key=jax.random.key(2), adapter_name="other", spec=spec2)
 
 
 def test_split_combine_and_labels_keep_structure():
     params = FrozenDict({"q": {"kernel": jnp.ones((2, 3)), "lora_A": {"default": jnp.ones((2, 1))}}, "o": {"w": 1.0}})
-    base, adapters = split(params)
+    adapters, base = split(params)
     assert isinstance(base, FrozenDict) and "lora_A" not in base["q"] and list(adapters) == ["q"]
-    assert jax.tree.structure(combine(base, adapters)) == jax.tree.structure(params)
+    assert jax.tree.structure(combine(adapters, base)) == jax.tree.structure(params)
     labels = trainable_labels(params)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
     assert labels["q"]["lora_A"]["default"] == "trainable" and labels["o"]["w"] == "frozen"
     with pytest.raises(ValueError, match="params/q/lora_A"):
-        combine(params, adapters)
+        combine(adapters, params)
 
 
 def test_errors_name_the_problem(zoo_params):
@@ -391,7 +391,7 @@ def test_pissa_and_olora_rewrite_the_base_and_keep_the_output(jit):
         assert kernel.shape == (3, 16, 16) and not np.allclose(kernel, params["layers"]["q_proj"]["kernel"])
         assert lora_params["layers"]["q_proj"]["lora_B"]["default"].any()
         np.testing.assert_allclose(forward(model, spec, jit)(lora_params, x), base_out, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(model.apply({"params": merge(lora_params, spec)}, x), base_out, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(model.apply({"params": merge_and_unload(lora_params, spec)}, x), base_out, rtol=1e-4, atol=1e-4)
 
 
 class Head(nn.Module):
@@ -414,7 +414,7 @@ def test_modules_to_save_runs_its_copy_and_merge_keeps_it(jit):
     lora_params, spec = inject(model, params, config, sample_args=(x,), key=jax.random.key(1))
     assert [layer.name for layer in spec.layers] == ["proj"]  # head.proj is inside a saved module
     assert [(s.name, s.adapters) for s in spec.saved] == [("head", ("default",))]
-    adapters = split(lora_params, spec).adapters
+    adapters = split(lora_params, spec).trainable
     copy_shapes = {"proj": {"bias": (2,), "kernel": (6, 2)}}
     assert jax.tree.map(jnp.shape, adapters["head"]) == {"modules_to_save": {"default": copy_shapes}}
     assert trainable_labels(lora_params, spec)["head"]["proj"]["kernel"] == "frozen"
@@ -425,7 +425,7 @@ def test_modules_to_save_runs_its_copy_and_merge_keeps_it(jit):
     p, copy = lora_params["proj"], lora_params["head"]["modules_to_save"]["default"]["proj"]
     h = jax.nn.relu(x @ p["kernel"] + p["bias"] + 2.0 * (x @ p["lora_A"]["default"]) @ p["lora_B"]["default"])
     np.testing.assert_allclose(out, h @ copy["kernel"] + copy["bias"], **TOL)
-    merged = merge(lora_params, spec)
+    merged = merge_and_unload(lora_params, spec)
     assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, params)
     np.testing.assert_allclose(model.apply({"params": merged}, x), out, **TOL)
     no_adapter = forward(model, spec.with_active(), jit)(lora_params, x)
@@ -436,7 +436,7 @@ def test_modules_to_save_runs_its_copy_and_merge_keeps_it(jit):
     with pytest.raises(ValueError, match="each have a modules_to_save copy of head"):
         forward(model, spec2.with_active("default", "b"), False)(p2, x)
     with pytest.raises(ValueError, match="each have a modules_to_save copy of head"):
-        merge(p2, spec2, ["default", "b"])
+        merge_and_unload(p2, spec2, ["default", "b"])
 
 
 def test_bias_modes_make_biases_trainable():
@@ -451,13 +451,33 @@ def test_bias_modes_make_biases_trainable():
     assert trainable_labels(only)["layers"]["q_proj"]["bias"] == "frozen"  # without the spec: structure only
 
     every, spec = inject(model, params, LoraConfig(bias="all", **kwargs), sample_args=(x,), key=jax.random.key(1))
-    base, trainable = split(every, spec)
+    trainable, base = split(every, spec)
     assert "bias" not in base["layers"]["ln"] and "bias" not in base["head"]
     assert jax.tree.map(jnp.shape, trainable["layers"]["ln"]) == {"bias": (3, 16)}
-    assert jax.tree.structure(combine(base, trainable)) == jax.tree.structure(every)
+    assert jax.tree.structure(combine(trainable, base)) == jax.tree.structure(every)
     labels = trainable_labels(every, spec)  # the same leaves split puts on the trainable side
     pairs = zip(jax.tree.leaves(every), jax.tree.leaves(labels), strict=True)
     assert sorted(a.shape for a in jax.tree.leaves(trainable)) == sorted(v.shape for v, t in pairs if t == "trainable")
     with pytest.raises(ValueError, match="only one adapter may train them"):
         inject(model, every, LoraConfig(bias="all", **kwargs), sample_args=(x,), key=jax.random.key(1),
                adapter_name="other", spec=spec)  # fmt: skip
+
+
+def test_split_order_and_names_match_nnx_and_merge_points_to_merge_and_unload():
+    import peftjax
+    from peftjax import linen as pl
+
+    model = Wrap()
+    x = jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    lora_params, spec = inject(model, params, LoraConfig(r=2, target_modules=["proj"]), sample_args=(x,),
+                               key=jax.random.key(1))
+    parts = split(lora_params, spec)
+    assert type(parts)._fields == ("trainable", "rest")  # peftjax.split: (graphdef, trainable, rest)
+    trainable, rest = parts
+    assert jax.tree.leaves(trainable) and all("lora_" in jax.tree_util.keystr(p)
+                                              for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0])
+    assert jax.tree.structure(combine(trainable, rest)) == jax.tree.structure(lora_params)
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        pl.merge(lora_params, spec)
+    assert pl.merge is not peftjax.merge

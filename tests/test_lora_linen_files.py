@@ -20,7 +20,7 @@ from peftjax.linen import (
     inject,
     intercept,
     load_adapter,
-    merge,
+    merge_and_unload,
     save_adapter,
     split,
     trainable_labels,
@@ -133,11 +133,11 @@ def test_twin_matches_the_linen_model(base_params):
 
 def _train(params, spec, steps=4):
     labels_y = jnp.array([0, 2])
-    base, trainable = split(params, spec)
+    trainable, base = split(params, spec)
 
     def loss_fn(trainable):
         with intercept(spec):
-            logits = Net().apply({"params": combine(base, trainable)}, IDS)
+            logits = Net().apply({"params": combine(trainable, base)}, IDS)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels_y).mean()
 
     tx = optax.adam(5e-2)
@@ -151,7 +151,7 @@ def _train(params, spec, steps=4):
 
     for _ in range(steps):
         trainable, state = step(trainable, state)
-    return combine(base, trainable)
+    return combine(trainable, base)
 
 
 def test_peftjax_adapter_loads_in_peft(base_params, tmp_path):
@@ -196,7 +196,7 @@ def test_peftjax_adapter_loads_in_peft(base_params, tmp_path):
         warnings.simplefilter("error", UserWarning)  # no "missing adapter keys"
         torch_model = peft.PeftModel.from_pretrained(base_torch, str(out_dir)).eval()
     np.testing.assert_allclose(run_torch(torch_model), expected, **TOL)
-    merged = Net().apply({"params": merge(trained, spec)}, IDS)
+    merged = Net().apply({"params": merge_and_unload(trained, spec)}, IDS)
     np.testing.assert_allclose(merged, expected, **TOL)
 
     # (c) and back: the file read into the plain params rebuilds the adapter exactly
@@ -239,7 +239,7 @@ def test_conv_dora_and_lora_bias_load_in_peft(tmp_path, extra):
     else:
         assert tensors["base_model.model.conv.lora_B.bias"].shape == (6,)
 
-    p = jax.tree.map(np.asarray, split(params).base)
+    p = jax.tree.map(np.asarray, split(params).rest)
     torch_model = TorchConvNet().eval()
     state = {"conv.weight": p["conv"]["kernel"].transpose(3, 2, 0, 1), "conv.bias": p["conv"]["bias"],
              "head.weight": p["head"]["kernel"].T, "head.bias": p["head"]["bias"]}  # fmt: skip
@@ -319,7 +319,7 @@ def test_nested_scans_get_one_index_each_and_a_custom_mapping(tmp_path):
             np.testing.assert_array_equal(tensors[f"base_model.model.model.layers.{i}.sub.{j}.q_proj.lora_A.weight"],
                                           a[i, j].T)  # fmt: skip
     assert "base_model.model.proj_in.lora_B.weight" in tensors and len(tensors) == 2 + 3 * 2 * 2
-    loaded, _ = load_adapter(out_dir, model, split(params).base, sample_args=(x,), key_mapping=mapping)
+    loaded, _ = load_adapter(out_dir, model, split(params).rest, sample_args=(x,), key_mapping=mapping)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 

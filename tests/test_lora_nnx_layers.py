@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from peftjax.config import LoraConfig
-from peftjax.tuners import _lora
+from peftjax import tuners
 
 R, ALPHA = 4, 8
 S = ALPHA / R
@@ -153,7 +153,7 @@ def adapted(case: Case, before: Callable | None = None, **kw):
     layer = getattr(model, case.target)
     base_kernel = np.array(layer.kernel.get_value())
     seen = before(layer) if before is not None else None
-    _lora.inject_lora(model, config(case.target, **kw), key=jax.random.key(0))
+    tuners.inject_lora(model, config(case.target, **kw), key=jax.random.key(0))
     return model, layer, base_kernel, seen
 
 
@@ -175,13 +175,13 @@ def test_user_model_with_every_layer_kind():
     model = Net(nnx.Rngs(0))
     before = np.asarray(model(ids))
     targets = ["proj", "mix", "conv", "head"]
-    _lora.inject_lora(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False))
-    assert {n: type(m).__name__ for n, m in _lora.lora_layers(model).items()} == {
+    tuners.inject_lora(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False))
+    assert {n: type(m).__name__ for n, m in tuners.lora.lora_layers(model).items()} == {
         "proj": "LoraLinearGeneral", "mix": "LoraEinsum", "conv": "LoraConv", "head": "LoraLinear"
     }
     adapted_out = np.asarray(model(ids))
     assert np.abs(adapted_out - before).max() > 1e-3
-    _lora.unload(model, merge_first=True)
+    tuners.unload(model, merge_first=True)
     assert type(model.conv) is nnx.Conv and type(model.mix) is nnx.Einsum and type(model.proj) is nnx.LinearGeneral
     np.testing.assert_allclose(np.asarray(model(ids)), adapted_out, atol=1e-5)
 
@@ -193,11 +193,11 @@ def test_merge_equals_unmerged_and_unmerge_restores(case, jit):
     x = inputs(case.x_shape)
     model, layer, base_kernel, _ = adapted(case)
     unmerged = np.asarray(call(jit)(layer, x))
-    _lora.merge(model)
-    assert layer.lora_merged == ("default",)
+    tuners.merge(model)
+    assert layer.merged_adapter_names() == ("default",)
     assert np.abs(np.asarray(layer.kernel.get_value()) - base_kernel).max() > 1e-4
     np.testing.assert_allclose(np.asarray(call(jit)(layer, x)), unmerged, atol=1e-5, rtol=1e-5)
-    _lora.unmerge(model)
+    tuners.unmerge(model)
     np.testing.assert_allclose(np.asarray(layer.kernel.get_value()), base_kernel, atol=1e-6)
     np.testing.assert_allclose(np.asarray(call(jit)(layer, x)), unmerged, atol=1e-5, rtol=1e-5)
 
@@ -223,14 +223,14 @@ def test_peft_tensors_shapes_and_round_trip(case):
 
 def test_conv_dora_peft_layout_and_merge():
     model = ImageNet(nnx.Rngs(0))
-    _lora.inject_lora(model, config("conv", use_dora=True), key=jax.random.key(0))
+    tuners.inject_lora(model, config("conv", use_dora=True), key=jax.random.key(0))
     m = model.conv.lora_magnitude_vector["default"].get_value()
     w = model.conv.kernel.get_value() + model.conv.delta_weight("default")
     np.testing.assert_allclose(np.asarray(m), np.linalg.norm(np.asarray(w).reshape(-1, 8), axis=0), rtol=1e-6)
     assert model.conv.peft_tensors("default")["lora_magnitude_vector"].shape == (1, 8, 1, 1)
     x = inputs((2, 9, 9, 3))
     before = np.asarray(model(x))
-    _lora.merge(model)
+    tuners.merge(model)
     np.testing.assert_allclose(np.asarray(model(x)), before, atol=1e-5)
 
 
@@ -255,7 +255,7 @@ def test_conv2d_matches_peft_torch(padding, use_dora):
     with torch.no_grad():  # HWIO -> OIHW
         twin.conv.weight.copy_(torch.tensor(np.asarray(model.conv.kernel.get_value()).transpose(3, 2, 0, 1)))
         twin.conv.bias.copy_(torch.tensor(np.asarray(model.conv.bias.get_value())))
-    _lora.inject_lora(model, config("conv", use_dora=use_dora), key=jax.random.key(0))
+    tuners.inject_lora(model, config("conv", use_dora=use_dora), key=jax.random.key(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.inject_adapter_in_model(
@@ -278,7 +278,7 @@ def test_conv2d_matches_peft_torch(padding, use_dora):
     with torch.no_grad():
         layer.merge()
         merged = layer.base_layer.weight.numpy().transpose(2, 3, 1, 0)
-    _lora.merge(model)
+    tuners.merge(model)
     np.testing.assert_allclose(np.asarray(model.conv.kernel.get_value()), merged, atol=1e-5)
 
 
@@ -286,7 +286,7 @@ def test_conv_transpose_is_rejected():
     model = nnx.Module()
     model.up = nnx.ConvTranspose(3, 4, (2, 2), rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"up \(ConvTranspose\)"):
-        _lora.inject_lora(model, config("up"))
+        tuners.inject_lora(model, config("up"))
     assert type(model.up) is nnx.ConvTranspose
 
 
@@ -294,7 +294,7 @@ def test_grouped_conv_is_not_implemented():
     model = nnx.Module()
     model.grouped = nnx.Conv(4, 8, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match=r"grouped \(Conv\).*feature_group_count=2"):
-        _lora.inject_lora(model, config("grouped"))
+        tuners.inject_lora(model, config("grouped"))
 
 
 @pytest.mark.parametrize(
@@ -304,16 +304,16 @@ def test_grouped_conv_is_not_implemented():
 def test_unfactorable_einsum_is_not_implemented(einsum_str, kernel_shape, why):
     model = Holder(nnx.Einsum(einsum_str, kernel_shape, rngs=nnx.Rngs(0)))
     with pytest.raises(NotImplementedError, match=re.escape(repr(einsum_str)) + ".*" + why):
-        _lora.inject_lora(model, config("layer"))
+        tuners.inject_lora(model, config("layer"))
 
 
 @pytest.mark.parametrize("target", ["proj", "mix"])
 def test_dora_on_flat_layers_is_not_implemented(target):
     with pytest.raises(NotImplementedError, match=rf"{target} \((LinearGeneral|Einsum)\): DoRA"):
-        _lora.inject_lora(Net(nnx.Rngs(0)), config(target, use_dora=True))
+        tuners.inject_lora(Net(nnx.Rngs(0)), config(target, use_dora=True))
 
 
 def test_linear_general_batch_axis_is_not_implemented():
     model = Holder(nnx.LinearGeneral(16, 8, axis=-1, batch_axis={0: 2}, rngs=nnx.Rngs(0)))
     with pytest.raises(NotImplementedError, match=r"layer \(LinearGeneral\): batch_axis"):
-        _lora.inject_lora(model, config("layer"))
+        tuners.inject_lora(model, config("layer"))

@@ -319,7 +319,7 @@ def test_variants_round_trip_through_peft(targets, tmp_path):
         warnings.simplefilter("ignore")
         torch_model = peft.PeftModel.from_pretrained(cls.from_pretrained(path).eval(), tmp_path / "adapter")
     theirs_targets = set(torch_model.targeted_module_names)
-    ours_targets = {n for n, m in peftjax.tuners._lora.lora_layers(model.base_model).items()}
+    ours_targets = {n for n, m in peftjax.tuners.lora.lora_layers(model.base_model).items()}
     assert ours_targets == theirs_targets
     assert_close(run_jax(model), run_torch(torch_model))
 

@@ -27,8 +27,8 @@ peft = pytest.importorskip("peft")
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.linen import inject, intercept, save_adapter  # noqa: E402
-from peftjax.tuners import _lora  # noqa: E402
-from peftjax.tuners._lora_nnx import svd_lowrank  # noqa: E402
+from peftjax import tuners  # noqa: E402
+from peftjax.tuners.lora._layer import svd_lowrank  # noqa: E402
 
 JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 R, ALPHA = 4, 8
@@ -75,7 +75,7 @@ def ours_linear(w: np.ndarray, init, key: int = 0):
     """peftjax on an ``nnx.Linear`` holding ``w``: ``(s * B @ A, residual W, model)``, torch layout."""
     model = Proj(w)
     cfg = peftjax.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=init)
-    _lora.inject_lora(model, cfg, key=jax.random.key(key))
+    tuners.inject_lora(model, cfg, key=jax.random.key(key))
     delta = np.asarray(model.proj.delta_weight("default")).T
     return delta, np.asarray(model.proj.kernel.get_value()).T, model
 
@@ -285,7 +285,7 @@ def run_jax(model, jit=False):
 
 def perturb(model):
     """What training does: moves every adapter weight away from its init."""
-    for i, layer in enumerate(_lora.lora_layers(model.base_model).values()):
+    for i, layer in enumerate(tuners.lora.lora_layers(model.base_model).values()):
         for store in (layer.lora_A, layer.lora_B):
             value = store["default"].get_value()
             noise = 0.05 * jax.random.normal(jax.random.key(i), value.shape)
@@ -438,7 +438,7 @@ def test_gaussian_any_case_on_nnx_linear_and_embed():
         model.proj = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
         model.emb = nnx.Embed(20, 8, rngs=nnx.Rngs(0))
         cfg = peftjax.LoraConfig(r=R, target_modules=["proj", "emb"], init_lora_weights=init)
-        _lora.inject_lora(model, cfg, key=jax.random.key(0))
+        tuners.inject_lora(model, cfg, key=jax.random.key(0))
         return {n: np.asarray(v) for n, v in nnx.to_flat_state(nnx.state(model, peftjax.LoraParam))}
 
     lower = adapted("gaussian")

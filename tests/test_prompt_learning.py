@@ -36,7 +36,7 @@ import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.io._adapter import AdapterFileError  # noqa: E402
 from peftjax.models._modeling import iter_hf_params  # noqa: E402
-from peftjax.tuners._prompt import PromptEncoder  # noqa: E402
+from peftjax.tuners.prompt import PromptEncoder  # noqa: E402
 
 V = 4
 ARCHS = {

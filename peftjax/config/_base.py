@@ -15,7 +15,9 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-CONFIG_NAME = "adapter_config.json"
+from peftjax.io._adapter import CONFIG_NAME
+from peftjax.io._hub import resolve
+
 
 _C = TypeVar("_C", bound="PeftConfig")
 
@@ -373,9 +375,6 @@ class PeftConfig:
         ``directory`` may be a Hub repo id (``"org/adapter"``): only its ``adapter_config.json`` is
         fetched, at ``revision`` and in ``subfolder``, as PEFT's ``from_pretrained`` does.
         """
-        # io sits above config; imported here, on use, so that config stays importable on its own
-        from peftjax.io._hub import resolve
-
         directory = resolve(directory, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir,
                             allow_patterns=[CONFIG_NAME], kind="adapter")
         return cls.from_json_file(os.path.join(os.fspath(directory), CONFIG_NAME))

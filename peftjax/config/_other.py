@@ -245,7 +245,7 @@ class BottleneckConfig(PeftConfig):
             with ``LoraConfig`` name matching; when given, it overrides ``adapter_type``'s
             placement. ``None`` means the placement of ``adapter_type`` for the model type
             (e.g. Llama ``self_attn.o_proj`` and ``mlp.down_proj``; see
-            ``peftjax/tuners/_bottleneck.py``), written into the saved config as a regex.
+            ``peftjax/tuners/bottleneck/_model.py``), written into the saved config as a regex.
         modules_to_save: See :class:`PeftConfig`.
         init_weights: ``"bert"``: the down-projection ~ N(0, 0.02), zero biases and a zero
             up-projection, so each adapter starts as the identity.

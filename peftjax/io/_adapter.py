@@ -15,11 +15,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
-
-from peftjax.config import CONFIG_NAME, PeftConfig
+from peftjax._version import __version__
 from peftjax.io._safetensors import read_safetensors, write_safetensors
 
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -30,12 +29,6 @@ KeyMapping = Callable[[str], str] | Mapping[str, str] | None
 
 class AdapterFileError(ValueError):
     """An adapter directory or file is missing, unreadable or does not fit the model."""
-
-
-def _version() -> str:
-    from peftjax import __version__
-
-    return __version__
 
 
 def map_name(name: str, key_mapping: KeyMapping) -> str:
@@ -82,8 +75,11 @@ def read_adapter_weights(directory: str | os.PathLike, *, allow_pickle: bool = F
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
 
 
-def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Mapping[str, np.ndarray]) -> None:
+def write_adapter(directory: str | os.PathLike, config, tensors: Mapping[str, np.ndarray]) -> None:
     """Writes the two files into ``directory`` so that a failure leaves any previous adapter intact.
+
+    ``config`` is a ``peftjax.config.PeftConfig`` (anything whose ``save_pretrained(dir)`` writes
+    ``adapter_config.json``: io sits below config and knows no config classes).
 
     Both files are written to a temporary directory beside the target first and then moved in.
     """
@@ -92,7 +88,7 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Map
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         # PEFT reads only "format"; the second entry lets `peftjax inspect` tell who wrote the file
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "peftjax": _version()})
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt", "peftjax": __version__})
         config.save_pretrained(tmp)
         if not directory.exists():
             os.replace(tmp, directory)
@@ -101,36 +97,3 @@ def write_adapter(directory: str | os.PathLike, config: PeftConfig, tensors: Map
         os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def module_params_torch(module: nnx.Module) -> dict[str, np.ndarray]:
-    """One module's own base weights in torch names and layouts (``{"weight": ..., "bias": ...}``)."""
-    from peftjax.models._modeling import hf_param_map
-
-    out = {}
-    for attr, (name, transpose) in hf_param_map(module).items():
-        var = getattr(module, attr, None)
-        if isinstance(var, nnx.Param):
-            value = np.asarray(var.get_value())
-            out[name] = value.T if transpose and value.ndim == 2 else value
-    return out
-
-
-def set_module_params_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> None:
-    """Sets one module's base weights from torch names and layouts, checking shapes."""
-    import jax.numpy as jnp
-
-    from peftjax.models._modeling import hf_param_map
-
-    for attr, (name, transpose) in hf_param_map(module).items():
-        var = getattr(module, attr, None)
-        if name not in tensors or not isinstance(var, nnx.Param):
-            continue
-        value = np.asarray(tensors[name])
-        value = value.T if transpose and value.ndim == 2 else value
-        current = var.get_value()
-        if value.shape != current.shape:
-            shown = tuple(reversed(current.shape)) if transpose and current.ndim == 2 else current.shape
-            found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else value.shape
-            raise AdapterFileError(f"{source}.{name}: expected shape {list(shown)}, found {list(found)}")
-        var.set_value(jnp.asarray(value, current.dtype))

@@ -20,8 +20,8 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.tuners._dropout import active_dropout_key, dropout_key
-from peftjax.tuners._variables import TRAINABLE
+from peftjax.nn._dropout import active_dropout_key, dropout_key
+from peftjax.tuners.base import TRAINABLE
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -50,9 +50,9 @@ def optax_labels(state: nnx.State) -> Any:
 
 
 def _is_trainable(variable) -> bool:
-    from peftjax.tuners._variables import LoraParam, TrainableParam
+    from peftjax.tuners.base import AdapterParam, TrainableParam
 
-    return isinstance(variable, (LoraParam, TrainableParam))
+    return isinstance(variable, (AdapterParam, TrainableParam))
 
 
 def default_loss(model: nnx.Module, batch: dict) -> jax.Array:

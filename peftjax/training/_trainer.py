@@ -29,7 +29,7 @@ from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prun
 from peftjax.training._data import Batcher
 from peftjax.training._memory import release_host_memory
 from peftjax.training._step import make_train_step, split
-from peftjax.tuners._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # what a run writes into output_dir (besides checkpoint-N/): cleaned by overwrite_output_dir

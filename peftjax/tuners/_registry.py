@@ -8,7 +8,10 @@ inputs rather than layers) how to run the forward pass and generation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
+
+import jax
 
 from peftjax.config import PeftConfig
 
@@ -35,6 +38,18 @@ class Tuner:
     load_state_dict: Callable
     forward: Callable | None = None
     generate: Callable | None = None
+
+    @classmethod
+    def for_layers(cls, config_class: type, *, inject: Callable, layer_type: type) -> Tuner:
+        """A layer method's tuner: its file layout is its layers' ``peft_layout``, walked by the base tuner."""
+        from peftjax.tuners.base import layer_state_dict, load_layer_state_dict
+
+        return cls(
+            config_class,
+            inject=inject,
+            state_dict=functools.partial(layer_state_dict, layer_type=layer_type),
+            load_state_dict=functools.partial(load_layer_state_dict, layer_type=layer_type),
+        )
 
 
 _TUNERS: dict[type, Tuner] = {}
@@ -70,3 +85,48 @@ def _stack_aware(tuner: Tuner) -> Tuner:
         state_dict=stack_aware(tuner.state_dict, write=False),
         load_state_dict=stack_aware(tuner.load_state_dict, write=True),
     )
+
+
+def inject_adapter_in_model(
+    peft_config: PeftConfig, model, adapter_name: str = "default", *, key: jax.Array | None = None
+):
+    """Adds ``peft_config``'s adapter to a plain NNX ``model`` in place, for any method; PEFT's function.
+
+    Unlike :func:`peftjax.get_peft_model`, no ``PeftModel`` wraps the result: the model's own
+    call runs the adapter, and ``peftjax.split`` / ``peftjax.make_train_step`` train it.
+
+    Args:
+      peft_config: a ``LoraConfig``, ``IA3Config``, ``BottleneckConfig`` or prompt-learning config.
+      model: the NNX model.
+      adapter_name: the name the weights are stored under.
+      key: the init key; by default the one ``get_peft_model`` uses, so both give the same adapter.
+
+    Returns:
+      ``model``, now carrying the adapter (frozen if ``peft_config.inference_mode``).
+
+    Raises:
+      NotImplementedError: the config's method is not supported (lists the supported ones).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import peftjax
+      >>> model = nnx.Module()
+      >>> model.proj = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> model = peftjax.inject_adapter_in_model(peftjax.LoraConfig(r=2, target_modules=["proj"]), model)
+      >>> model.proj.lora_A["default"].shape, model.proj(jnp.ones((5, 4))).shape
+      ((4, 2), (5, 3))
+    """
+    from peftjax.tuners.base import set_adapter_trainable, validate_adapter_name
+
+    validate_adapter_name(adapter_name)
+    key = default_key(adapter_name) if key is None else key
+    tuner_for(peft_config).inject(model, peft_config, adapter_name=adapter_name, key=key)
+    if peft_config.inference_mode:
+        set_adapter_trainable(model, adapter_name, False)
+    return model
+
+
+def default_key(adapter_name: str):
+    """The init key when none is given: fixed, so injection is deterministic, and distinct per adapter name."""
+    return jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))

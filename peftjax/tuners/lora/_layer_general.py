@@ -1,7 +1,7 @@
 """LoRA on Flax NNX's multi-axis layers: ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Conv``.
 
 Each kernel is read as a linear map from the axes the layer contracts to the axes it produces,
-and factored through rank ``r`` like :class:`~peftjax.tuners._lora_nnx.LoraLinear`:
+and factored through rank ``r`` like :class:`~peftjax.tuners.lora.LoraLinear`:
 
 * ``LinearGeneral``, kernel ``in_shape + out_shape``: ``A [prod(in), r]``, ``B [r, prod(out)]``.
 * ``Einsum``, kernel axes split into contracted (shared with the input) and output axes:
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._lora_nnx import LoraCache, LoraLayer, LoraSpec, _same, init_factors, original_class
-from peftjax.tuners._variables import LoraParam
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import LoraParam, original_class
+from peftjax.tuners.lora._layer import KernelLora, LoraLayer, LoraSpec, _same, init_factors
 
 
 def _init_kind(path: str, init) -> bool | str:
@@ -44,11 +44,6 @@ def _init_kind(path: str, init) -> bool | str:
     if isinstance(init, str) and init.lower() == "gaussian":
         return "gaussian"
     raise NotImplementedError(f"{path}: init_lora_weights={init!r} is not supported on this layer type")
-
-
-def _unit_norm(w: jax.Array) -> jax.Array:
-    """The norm of each output unit's weights (last axis), over every other axis: DoRA's ``‖W‖``."""
-    return jnp.linalg.norm(w.astype(jnp.float32).reshape(-1, w.shape[-1]), axis=0)
 
 
 class _FlatLora(LoraLayer):
@@ -71,12 +66,13 @@ class _FlatLora(LoraLayer):
         _init_kind(path, init)
 
     def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
-        self.check_lora(self.lora_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
+        self._check_new(name)
+        self.check_lora(self.adapter_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
         n_in, n_out = self._flat_features()
-        a, b = init_factors(key, "linear", _init_kind(self.lora_path, init), n_in, n_out, spec.r)
+        a, b = init_factors(key, "linear", _init_kind(self.adapter_path, init), n_in, n_out, spec.r)
         self.lora_A[name] = LoraParam(a.astype(jnp.float32))
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
-        self.lora_specs = self.lora_specs + ((name, spec),)
+        self._add_spec(name, spec)
 
     def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
@@ -84,18 +80,18 @@ class _FlatLora(LoraLayer):
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         """``s * A @ B`` reshaped (and transposed) to the kernel's shape."""
-        spec = spec or self.lora_spec[name]
+        spec = spec or self.spec(name)
         return self._to_kernel(spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value()))
 
-    def merge_lora(self, name: str) -> None:
+    def merge_adapter(self, name: str) -> None:
         w = self.kernel.get_value()
         self.kernel.set_value((w.astype(jnp.float32) + self.delta_weight(name)).astype(w.dtype))
-        self.lora_merged = self.lora_merged + (name,)
+        self._mark_merged(name, True)
 
-    def unmerge_lora(self, name: str) -> None:
+    def unmerge_adapter(self, name: str) -> None:
         w = self.kernel.get_value()
         self.kernel.set_value((w.astype(jnp.float32) - self.delta_weight(name)).astype(w.dtype))
-        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+        self._mark_merged(name, False)
 
 
 class LoraLinearGeneral(_FlatLora):
@@ -106,7 +102,7 @@ class LoraLinearGeneral(_FlatLora):
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from peftjax.config import LoraConfig
-    >>> from peftjax.tuners._lora import inject_lora
+    >>> from peftjax.tuners.lora import inject_lora
     >>> model = nnx.Module()
     >>> model.proj = nnx.LinearGeneral(16, (4, 8), rngs=nnx.Rngs(0))
     >>> _ = inject_lora(model, LoraConfig(r=2, target_modules=["proj"]))
@@ -138,7 +134,7 @@ class LoraLinearGeneral(_FlatLora):
         axis = tuple(sorted(a % ndim for a in self.axis))  # flax pairs the sorted axes with the kernel's
         for name, spec in live:
             a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(inputs, spec.dropout, f"{self.lora_path}/{name}").astype(a.dtype)
+            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}").astype(a.dtype)
             a = a.reshape(*self.in_features, spec.r)
             t = jax.lax.dot_general(h, a, ((axis, tuple(range(len(axis)))), ((), ())))
             lora = (t @ b).reshape(*t.shape[:-1], *self.out_features)
@@ -202,7 +198,7 @@ class LoraEinsum(_FlatLora):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from peftjax.config import LoraConfig
-    >>> from peftjax.tuners._lora import inject_lora
+    >>> from peftjax.tuners.lora import inject_lora
     >>> model = nnx.Module()
     >>> model.mix = nnx.Einsum("bshk,hkd->bsd", (4, 8, 16), (16,), rngs=nnx.Rngs(0))
     >>> _ = inject_lora(model, LoraConfig(r=2, target_modules=["mix"]))
@@ -217,12 +213,12 @@ class LoraEinsum(_FlatLora):
         _FlatLora.check_lora(self, path, use_dora=use_dora, lora_bias=lora_bias, init=init)
 
     def _split(self, einsum_str: str | None = None) -> _EinsumSplit:
-        split = _split_einsum(self.einsum_str, self.lora_path)
+        split = _split_einsum(self.einsum_str, self.adapter_path)
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
-            other = _split_einsum(einsum_str, self.lora_path)
+            other = _split_einsum(einsum_str, self.adapter_path)
             if other[2:] != split[2:]:
                 raise NotImplementedError(
-                    f"{self.lora_path}: einsum {einsum_str!r} uses the kernel axes differently from "
+                    f"{self.adapter_path}: einsum {einsum_str!r} uses the kernel axes differently from "
                     f"{self.einsum_str!r}, which the adapter was built for"
                 )
             split = other
@@ -250,7 +246,7 @@ class LoraEinsum(_FlatLora):
         b_shape = [dims[i] for i in split.produced]
         for name, spec in live:
             a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(inputs, spec.dropout, f"{self.lora_path}/{name}").astype(a.dtype)
+            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}").astype(a.dtype)
             t = jnp.einsum(split.to_rank, h, a.reshape(*a_shape, spec.r))
             lora = jnp.einsum(split.from_rank, t, b.reshape(spec.r, *b_shape))
             y = y + (spec.scaling * lora).astype(y.dtype)
@@ -277,7 +273,7 @@ def _as_is(arrays, dtype=None):
     return arrays
 
 
-class LoraConv(LoraLayer):
+class LoraConv(KernelLora):
     """LoRA on ``nnx.Conv`` (channels-last, any number of spatial dims), as PEFT's ``ConvNd`` LoRA.
 
     ``A [*kernel_size, in, r]`` is convolved with the layer's strides, padding and dilations;
@@ -293,7 +289,7 @@ class LoraConv(LoraLayer):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from peftjax.config import LoraConfig
-    >>> from peftjax.tuners._lora import inject_lora
+    >>> from peftjax.tuners.lora import inject_lora
     >>> model = nnx.Module()
     >>> model.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding="VALID", rngs=nnx.Rngs(0))
     >>> _ = inject_lora(model, LoraConfig(r=4, target_modules=["conv"]))
@@ -317,19 +313,12 @@ class LoraConv(LoraLayer):
             raise NotImplementedError(f"{path} (Conv): lora_bias needs a base layer with a bias, to merge into")
         _init_kind(path, init)
 
-    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
-        self.check_lora(self.lora_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
-        w = self.kernel.get_value()
-        *k, c_in, c_out = w.shape
+    def _init_factors(self, spec: LoraSpec, key, init) -> tuple[jax.Array, jax.Array]:
+        self.check_lora(self.adapter_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
+        *k, c_in, c_out = self.kernel.get_value().shape
         # PEFT initializes the torch conv weights, whose fan-in is in * prod(kernel_size)
-        a, b = init_factors(key, "linear", _init_kind(self.lora_path, init), math.prod(k) * c_in, c_out, spec.r)
-        self.lora_A[name] = LoraParam(a.reshape(*k, c_in, spec.r).astype(jnp.float32))
-        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
-        if spec.lora_bias:
-            self.lora_B_bias[name] = LoraParam(jnp.zeros((c_out,), jnp.float32))
-        if spec.use_dora:
-            self.lora_magnitude_vector[name] = LoraParam(_unit_norm(w + self.delta_weight(name, spec)))
-        self.lora_specs = self.lora_specs + ((name, spec),)
+        a, b = init_factors(key, "linear", _init_kind(self.adapter_path, init), math.prod(k) * c_in, c_out, spec.r)
+        return a.reshape(*k, c_in, spec.r), b
 
     def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         nd = len(self.kernel_size)
@@ -354,7 +343,7 @@ class LoraConv(LoraLayer):
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         """``s * A·B`` as a ``[*k, in, out]`` kernel (exact because ``B`` is 1×1)."""
-        spec = spec or self.lora_spec[name]
+        spec = spec or self.spec(name)
         a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
         return spec.scaling * jnp.einsum("...ir,ro->...io", a, b)
 
@@ -367,53 +356,8 @@ class LoraConv(LoraLayer):
         )
         return nnx.Conv.__call__(view, x)
 
-    def __call__(self, inputs, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
-        for name, spec in self._live_adapters():
-            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(inputs, spec.dropout, f"{self.lora_path}/{name}").astype(a.dtype)
-            lora = self._conv(h, a) @ b
-            if spec.lora_bias:
-                lora = lora + self.lora_B_bias[name].get_value()
-            if spec.use_dora:
-                y = y + self._dora_extra(name, spec, inputs, h, y, lora).astype(y.dtype)
-            else:
-                y = y + (spec.scaling * lora).astype(y.dtype)
-        return y
+    def _branch(self, h, a, b):
+        return self._conv(h, a) @ b
 
-    def _dora_extra(self, name, spec, x, h, y, lora):
-        w = self.kernel.get_value()
-        norm = jax.lax.stop_gradient(_unit_norm(w + self.delta_weight(name, spec)))
-        factor = self.lora_magnitude_vector[name].get_value() / norm
-        if spec.dropout > 0 and h is not x:
-            base = self._conv(h, w.astype(h.dtype))  # PEFT recomputes conv(x, W) on the dropped-out input
-        else:
-            bias = self.bias.get_value() if self.bias is not None else 0.0
-            base = y.astype(jnp.float32) - bias
-        return (factor - 1) * base + factor * spec.scaling * lora
-
-    def merge_lora(self, name: str) -> None:
-        spec = self.lora_spec[name]
-        w = self.kernel.get_value()
-        merged = w.astype(jnp.float32) + self.delta_weight(name, spec)
-        if spec.use_dora:
-            norm = _unit_norm(merged)
-            self.lora_cache[name] = LoraCache(norm)
-            merged = merged * (self.lora_magnitude_vector[name].get_value() / norm)
-        self.kernel.set_value(merged.astype(w.dtype))
-        if spec.lora_bias:
-            bias = self.bias.get_value()
-            self.bias.set_value((bias + spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
-        self.lora_merged = self.lora_merged + (name,)
-
-    def unmerge_lora(self, name: str) -> None:
-        spec = self.lora_spec[name]
-        w = self.kernel.get_value().astype(jnp.float32)
-        if spec.use_dora:
-            w = w * (self.lora_cache[name].get_value() / self.lora_magnitude_vector[name].get_value())
-            del self.lora_cache[name]
-        self.kernel.set_value((w - self.delta_weight(name, spec)).astype(self.kernel.get_value().dtype))
-        if spec.lora_bias:
-            bias = self.bias.get_value()
-            self.bias.set_value((bias - spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
-        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+    def _apply_kernel(self, h, w):
+        return self._conv(h, w.astype(h.dtype))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -324,9 +323,3 @@ def run_from_cli(args: argparse.Namespace) -> int:
     Path(options["output_dir"]).mkdir(parents=True, exist_ok=True)
     (Path(options["output_dir"]) / "summary.json").write_text(json.dumps(figures, indent=2, default=str))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from peftjax.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])

@@ -3,11 +3,11 @@
     params = model.init(key, x)["params"]
     params, spec = inject(model, params, LoraConfig(r=8, target_modules=["query", "value"]),
                           sample_args=(x,), key=key)
-    base, adapters = split(params, spec)        # train ``adapters``; ``base`` stays frozen
-    def forward(adapters, base, x):             # jit this: the interceptor acts while tracing
+    trainable, rest = split(params, spec)       # train ``trainable``; ``rest`` stays frozen
+    def forward(trainable, rest, x):            # jit this: the interceptor acts while tracing
         with intercept(spec):
-            return model.apply({"params": combine(base, adapters)}, x)
-    served = merge(params, spec)                # W + s * dW folded in, adapters removed
+            return model.apply({"params": combine(trainable, rest)}, x)
+    served = merge_and_unload(params, spec)     # W + s * dW folded in, adapters removed
     save_adapter("out", params, spec, config)   # HF PEFT files; load_adapter reads them back
 
 A targeted layer's params dict gains siblings of its ``kernel``, one entry per adapter name:
@@ -17,7 +17,7 @@ sliced per layer by ``nn.scan``/``nn.vmap`` with ``variable_axes={"params": 0}``
 kernel (a closure over an external adapter dict could not be).
 
 The forward is intercepted with ``nn.intercept_methods``: a targeted layer's ``__call__`` returns
-``base(x) + s * (dropout(x) @ A) @ B``, never the merged weight; :func:`merge` builds that, for
+``base(x) + s * (dropout(x) @ A) @ B``, never the merged weight; :func:`merge_and_unload` builds that, for
 inference and export. Layouts are Flax's (PEFT stores the transposes), float32, with any stacked
 scan axes leading:
 
@@ -83,9 +83,10 @@ from peftjax.io._adapter import (
     read_adapter_weights,
     write_adapter,
 )
-from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._lora import FAN_IN_FAN_OUT_LINEAR_WARNING, validate_adapter_name
-from peftjax.tuners._lora_nnx import LoraSpec, _decompose, canonical_init, decomposes, init_factors
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import validate_adapter_name
+from peftjax.tuners.lora._layer import LoraSpec, _decompose, canonical_init, decomposes, init_factors, unit_norm
+from peftjax.tuners.lora._model import FAN_IN_FAN_OUT_LINEAR_WARNING
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
 """The params keys that hold adapter weights (``{adapter name: array}`` each)."""
@@ -410,7 +411,7 @@ class LinenSavedSpec:
 @dataclasses.dataclass(frozen=True)
 class LinenLoraSpec:
     """Which Linen layers carry which adapters, with their settings: static config for
-    :func:`intercept` and :func:`merge`. Frozen and hashable, so it can be a ``jit`` static arg.
+    :func:`intercept` and :func:`merge_and_unload`. Frozen and hashable, so it can be a ``jit`` static arg.
 
     Attributes:
       layers: one entry per adapted layer, in discovery order.
@@ -505,7 +506,7 @@ def inject(
       >>> params = model.init(jax.random.key(0), x)["params"]
       >>> config = LoraConfig(r=2, target_modules=["hidden"])
       >>> params, spec = inject(model, params, config, sample_args=(x,), key=jax.random.key(1))
-      >>> jax.tree.map(jnp.shape, split(params).adapters)
+      >>> jax.tree.map(jnp.shape, split(params).trainable)
       {'hidden': {'lora_A': {'default': (4, 2)}, 'lora_B': {'default': (2, 8)}}}
       >>> with intercept(spec):
       ...     y = model.apply({"params": params}, x)
@@ -595,7 +596,7 @@ def _inject(
         info = layers[name]
         node = _get(new_params, info.path)
         # a real copy: a train step that donates the trainable buffers must not free the frozen original
-        copy = jax.tree.map(lambda v: jnp.array(v, copy=True), dict(split(node).base))  # no adapter leaves
+        copy = jax.tree.map(lambda v: jnp.array(v, copy=True), dict(split(node).rest))  # no adapter leaves
         updated = dict(node)
         updated[SAVED_KEY] = {**updated.get(SAVED_KEY, {}), adapter_name: copy}
         new_params = _set(new_params, info.path, _like(node, updated))
@@ -674,7 +675,7 @@ def _init_weights(info: LayerInfo, lora: LoraSpec, init, key, w):
             out["lora_B_bias"] = jnp.zeros((n_out,), jnp.float32)
         if lora.use_dora:
             merged = _to_2d(info, w_one.astype(jnp.float32)) + lora.scaling * (a @ b)
-            out["lora_magnitude_vector"] = jnp.linalg.norm(merged, axis=0)
+            out["lora_magnitude_vector"] = unit_norm(merged)
         return out, w_one
 
     if not info.stacked:
@@ -718,7 +719,7 @@ def intercept(spec: LinenLoraSpec):
       >>> def forward(params, x):
       ...     with intercept(spec):
       ...         return model.apply({"params": params}, x)
-      >>> merged = model.apply({"params": merge(params, spec)}, x)
+      >>> merged = model.apply({"params": merge_and_unload(params, spec)}, x)
       >>> bool(jnp.allclose(jax.jit(forward)(params, x), merged, atol=1e-5))
       True
 
@@ -771,7 +772,7 @@ def _run_saved_copy(module: nn.Module, name: str, adapter: str, args, kwargs):
     if store is None or adapter not in store:
         raise ValueError(
             f"{name}: params have no {SAVED_KEY}/{adapter}; apply the model with the params that "
-            "inject returned (or combine(base, adapters))"
+            "inject returned (or combine(trainable, rest))"
         )
     others = {c: v for c, v in module.variables.items() if c != "params"}
     rngs = {k: module.make_rng(k) for k in module.scope.rngs}
@@ -896,7 +897,7 @@ def _dora_extra(layer, module, call, name, s: LoraSpec, h, hf, y, a, b, lora):
     """PEFT's DoRA: ``(f - 1) * base(x) + f * s * lora`` with ``f = m / ||W + s A B||`` per output."""
     w = _read(module, layer.kernel_name).astype(jnp.float32)
     weight = _to_2d(layer, w) + s.scaling * (a.reshape(-1, a.shape[-1]) @ b)
-    norm = jax.lax.stop_gradient(jnp.linalg.norm(weight, axis=0))
+    norm = jax.lax.stop_gradient(unit_norm(weight))
     factor = _adapter_weight(module, layer, "lora_magnitude_vector", name) / norm
     if s.dropout > 0 and h is not call.x:
         base = _linear(layer, module, call, hf, w)  # PEFT recomputes x @ W on the dropped-out input
@@ -919,7 +920,7 @@ def _adapter_weight(module: nn.Module, layer: LinenLayerSpec, key: str, name: st
     if store is None or name not in store:
         raise ValueError(
             f"{layer.name}: params have no {key}/{name}; apply the model with the params that "
-            "inject returned (or combine(base, adapters))"
+            "inject returned (or combine(trainable, rest))"
         )
     return flax_meta.unbox(store[name])
 
@@ -928,13 +929,26 @@ def _adapter_weight(module: nn.Module, layer: LinenLayerSpec, key: str, name: st
 # Merge
 
 
-def merge(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | None = None) -> dict:
+def merge(*args, **kwargs):
+    """Not a Linen function: see :func:`merge_and_unload` (raises ``TypeError``).
+
+    ``peftjax.merge`` folds adapters into an NNX model in place and ``unmerge`` undoes it; the
+    Linen path is pure, so its fold drops the adapters and is named as PEFT names that.
+    """
+    raise TypeError(
+        "peftjax.linen.merge is now peftjax.linen.merge_and_unload(params, spec, adapter_names=None), as in PEFT: "
+        "it returns new params with the adapters folded in and removed (peftjax.merge, which folds in place "
+        "and can be undone, is for NNX models)"
+    )
+
+
+def merge_and_unload(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | None = None) -> dict:
     """Folds adapters into the base weights and drops every adapter leaf (for inference, export).
 
     ``W' = W + s * dW`` per adapter, in order; DoRA rescales each output unit to its magnitude,
     and ``lora_bias`` adds ``s * b`` to the base bias. Stacked scan axes are handled per layer.
     A ``modules_to_save`` module takes the chosen adapter's copy of its params. ``model.apply(
-    {"params": merge(params, spec)}, x)`` without :func:`intercept` then equals the intercepted
+    {"params": merge_and_unload(params, spec)}, x)`` without :func:`intercept` then equals the intercepted
     forward with these adapters active.
 
     Args:
@@ -973,7 +987,7 @@ def merge(params: Mapping, spec: LinenLoraSpec, adapter_names: Sequence[str] | N
             raise ValueError(f"adapters {chosen} each have a modules_to_save copy of {saved.name}; merge one")
         if chosen:  # the trained copy replaces the module's params, as PEFT's merge_and_unload does
             out = _set(out, saved.path, _like(_get(out, saved.path), dict(_get(out, saved.path)[SAVED_KEY][chosen[0]])))
-    return split(out).base
+    return split(out).rest
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -990,7 +1004,7 @@ def _merged_kernel(layer: LinenLayerSpec, live, w, weights):
         a, b = weights[name]["lora_A"], weights[name]["lora_B"]
         w2 = w2 + s.scaling * (a.reshape(-1, a.shape[-1]) @ b)
         if s.use_dora:
-            w2 = w2 * (weights[name]["lora_magnitude_vector"] / jnp.linalg.norm(w2, axis=0))[None, :]
+            w2 = w2 * (weights[name]["lora_magnitude_vector"] / unit_norm(w2))[None, :]
     return _from_2d(layer, w2).astype(w.dtype)
 
 
@@ -1023,26 +1037,29 @@ def _over_stack(fn, n: int):
 
 
 class SplitParams(NamedTuple):
-    """``params`` split in two: the frozen base and the trainable leaves, both with the same nesting."""
+    """``params`` split in two, both with ``params``' nesting: what trains first, then the rest.
 
-    base: Any
-    adapters: Any
+    The order of ``peftjax.split``'s ``(graphdef, trainable, rest)``, without the graphdef.
+    """
+
+    trainable: Any
+    rest: Any
 
 
 def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
-    """Splits params into ``(base, adapters)``: the frozen base and what trains.
+    """Splits params into ``(trainable, rest)``: what trains, and the frozen rest.
 
-    ``adapters`` holds the ``lora_*`` and ``modules_to_save`` subtrees and, when ``spec`` has
-    PEFT's ``bias="all"`` / ``"lora_only"``, those base ``bias`` leaves (moved, not copied: they
-    are missing from ``base``, and :func:`combine` puts them back). Without ``spec`` every bias
-    stays in ``base``.
+    The same order as ``peftjax.split``. ``trainable`` holds the ``lora_*`` and
+    ``modules_to_save`` subtrees and, when ``spec`` has PEFT's ``bias="all"`` / ``"lora_only"``,
+    those base ``bias`` leaves (moved, not copied: they are missing from ``rest``, and
+    :func:`combine` puts them back). Without ``spec`` every bias stays in ``rest``.
 
     Example:
-      >>> base, adapters = split({"q": {"kernel": 1, "lora_A": {"default": 2}}, "o": {"kernel": 3}})
-      >>> base
-      {'q': {'kernel': 1}, 'o': {'kernel': 3}}
-      >>> adapters
+      >>> trainable, rest = split({"q": {"kernel": 1, "lora_A": {"default": 2}}, "o": {"kernel": 3}})
+      >>> trainable
       {'q': {'lora_A': {'default': 2}}}
+      >>> rest
+      {'q': {'kernel': 1}, 'o': {'kernel': 3}}
     """
     trains_bias = _bias_rule(spec)
 
@@ -1063,11 +1080,11 @@ def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
         return _like(node, base), adapters
 
     base, adapters = go(params, ())
-    return SplitParams(base, _like(params, adapters))
+    return SplitParams(_like(params, adapters), base)
 
 
-def combine(base: Mapping, adapters: Mapping) -> dict:
-    """The inverse of :func:`split`.
+def combine(trainable: Mapping, rest: Mapping) -> dict:
+    """The inverse of :func:`split`: ``combine(*split(params, spec)) == params``.
 
     Raises:
       ValueError: both trees hold a leaf at the same path.
@@ -1084,11 +1101,11 @@ def combine(base: Mapping, adapters: Mapping) -> dict:
                 raise ValueError(f"both trees hold params/{'/'.join(path + (k,))}")
         return _like(b, out)
 
-    return go(base, adapters, ())
+    return go(rest, trainable, ())
 
 
 def trainable_labels(params: Mapping, spec: LinenLoraSpec | None = None) -> Any:
-    """``"trainable"`` for what :func:`split` puts in ``adapters``, ``"frozen"`` for the rest.
+    """``"trainable"`` for what :func:`split` puts in ``trainable``, ``"frozen"`` for the rest.
 
     In ``params``' structure, for ``optax.multi_transform`` (alias ``optax.partition``): with
     ``set_to_zero`` on the frozen label the optimizer keeps no state for the base. Pass ``spec``
@@ -1475,7 +1492,7 @@ def _file_slots(
         if not isinstance(node, Mapping) or adapter_name not in (node.get("lora_A") or {}):
             raise ValueError(
                 f"{layer.name}: params/{'/'.join(layer.path)} has no lora_A/{adapter_name}; pass the params "
-                "that inject returned (or combine(base, adapters))"
+                "that inject returned (or combine(trainable, rest))"
             )
         note = f" (r={layer.adapter[adapter_name].r})"
         for k, (suffix, to_torch, from_torch) in _layer_layout(layer).items():
@@ -1596,7 +1613,7 @@ def _targets_from_file(config: LoraConfig, layers, scan_axes, params, mapping, s
     names: dict[str, list[str]] = {}  # linen module name -> the torch name of each stacked copy
     for name, info in layers.items():
         node = _get(params, info.path)
-        first = _first_leaf(split(node).base) if isinstance(node, Mapping) else None
+        first = _first_leaf(split(node).rest) if isinstance(node, Mapping) else None
         if first is None:
             continue
         try:

@@ -157,7 +157,7 @@ def _accepted(model) -> set[str]:
 
 
 def _train(args) -> int:
-    from peftjax.training._run import run_from_cli
+    from peftjax.cli._job import run_from_cli
 
     return run_from_cli(args)
 
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune with LoRA (a YAML config file and/or flags)",
                        description="Fine-tune a model with an adapter. Flags override the YAML config.")
-    from peftjax.training._run import add_train_arguments
+    from peftjax.cli._job import add_train_arguments
 
     add_train_arguments(p)
     p.set_defaults(func=_train)
@@ -232,7 +232,3 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"peftjax: error: {message}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,9 @@
-"""Adapter layers <-> PEFT state dicts, for every layer-based method (LoRA, IA³, bottleneck).
+"""The one PEFT state-dict walk for layer methods (LoRA, IA³, bottleneck), both ways.
 
 Each layer kind states its own key suffixes and torch layouts (``peft_layout``); this module walks
 the model, adds ``modules_to_save`` copies, trainable biases and saved embeddings, and does the
-reverse on load, with the checks and warnings PEFT users expect.
+reverse on load, with the checks and warnings PEFT users expect. Keys are PEFT's on-disk keys,
+``base_model.model.<module path>.<suffix>`` (reference §1.4).
 """
 
 from __future__ import annotations
@@ -10,35 +11,58 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.io._adapter import (
-    EMBEDDING_LAYER_NAMES,
-    PREFIX,
-    AdapterFileError,
-    KeyMapping,
-    map_name,
-    module_params_torch,
-    set_module_params_torch,
-)
-from peftjax.tuners._lora import SavedModule, named_modules
+from peftjax.config import PeftConfig
+from peftjax.io._adapter import EMBEDDING_LAYER_NAMES, PREFIX, AdapterFileError, KeyMapping, map_name
+from peftjax.models._modeling import hf_param_map
+from peftjax.tuners.base._model import named_modules
+from peftjax.tuners.base._modules_to_save import SavedModule
+
+
+def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "auto") -> bool:
+    """Whether the adapter file carries the targeted embedding layers' base weights, for every method.
+
+    ``"auto"`` (PEFT's default) saves them when ``target_modules`` lists an embedding layer
+    (``embed_tokens``, ``lm_head``), by name or as the tail of a dotted name; a regex
+    ``target_modules`` saves none. ``True`` / ``False`` decide outright.
+    """
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        return False
+    return any(t in EMBEDDING_LAYER_NAMES or t.endswith(tuple("." + e for e in EMBEDDING_LAYER_NAMES))
+               for t in targets or ())
 
 
 def layer_state_dict(
     model: nnx.Module,
     adapter_name: str,
+    config: PeftConfig,
     *,
     layer_type: type,
     key_mapping: KeyMapping = None,
-    save_embeddings: bool = False,
-    bias: str = "none",
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, np.ndarray]:
     """PEFT's on-disk dict for one adapter of ``layer_type`` layers, ``modules_to_save`` included.
 
-    ``bias`` is LoRA's option: ``"lora_only"`` adds ``P.base_layer.bias`` of targeted layers,
-    ``"all"`` also ``P.bias`` of every other module.
+    Args:
+      model: the model carrying the adapter.
+      adapter_name: which adapter.
+      config: its resolved config. LoRA's ``bias``: ``"lora_only"`` adds ``P.base_layer.bias``
+        of targeted layers, ``"all"`` also ``P.bias`` of every other module.
+      layer_type: the method's layer mixin (``LoraLayer``, ``IA3Layer``, ...).
+      key_mapping: NNX path -> torch module name (see ``peftjax.io``).
+      save_embedding_layers: see :func:`saves_embeddings`.
+
+    Returns:
+      ``{PEFT key: float32 array in torch layout}``.
     """
+    save_embeddings = saves_embeddings(config, save_embedding_layers)
+    bias = getattr(config, "bias", "none")
     out: dict[str, np.ndarray] = {}
     for name, module in named_modules(model).items():
         path = PREFIX + map_name(name, key_mapping)
@@ -122,3 +146,30 @@ def load_layer_state_dict(
         warnings.warn(f"{source}: ignored {len(unexpected)} keys that match no adapter layer: {unexpected[:10]}",
                       stacklevel=3)
     return missing, unexpected
+
+
+def module_params_torch(module: nnx.Module) -> dict[str, np.ndarray]:
+    """One module's own base weights in torch names and layouts (``{"weight": ..., "bias": ...}``)."""
+    out = {}
+    for attr, (name, transpose) in hf_param_map(module).items():
+        var = getattr(module, attr, None)
+        if isinstance(var, nnx.Param):
+            value = np.asarray(var.get_value())
+            out[name] = value.T if transpose and value.ndim == 2 else value
+    return out
+
+
+def set_module_params_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """Sets one module's base weights from torch names and layouts, checking shapes."""
+    for attr, (name, transpose) in hf_param_map(module).items():
+        var = getattr(module, attr, None)
+        if name not in tensors or not isinstance(var, nnx.Param):
+            continue
+        value = np.asarray(tensors[name])
+        value = value.T if transpose and value.ndim == 2 else value
+        current = var.get_value()
+        if value.shape != current.shape:
+            shown = tuple(reversed(current.shape)) if transpose and current.ndim == 2 else current.shape
+            found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else value.shape
+            raise AdapterFileError(f"{source}.{name}: expected shape {list(shown)}, found {list(found)}")
+        var.set_value(jnp.asarray(value, current.dtype))

@@ -10,7 +10,6 @@ Layouts are Flax's: ``A`` is ``[in, r]`` and ``B`` is ``[r, out]`` (PEFT stores 
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 import math
@@ -19,9 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners._base_layer import AdapterLayer
-from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._variables import LoraParam
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
 
 
 class LoraCache(nnx.Variable):
@@ -87,144 +85,132 @@ def _same(x):
     return x
 
 
-def _column_norm(w: jax.Array) -> jax.Array:
-    """The norm of each output unit's weights: PEFT's row norm of ``W[out, in]``."""
-    return jnp.linalg.norm(w.astype(jnp.float32), axis=0)
+def unit_norm(w: jax.Array) -> jax.Array:
+    """The norm of each output unit's weights (last axis) over every other axis: DoRA's ``‖W‖``.
+
+    On a ``[in, out]`` kernel this is PEFT's row norm of ``W[out, in]``.
+    """
+    return jnp.linalg.norm(w.astype(jnp.float32).reshape(-1, w.shape[-1]), axis=0)
 
 
-class LoraLayer(AdapterLayer):
-    """Mixin with the adapter bookkeeping shared by every LoRA layer kind.
+class LoraLayer(AdapterDictLayer):
+    """Mixin with what every LoRA layer kind shares: its weight containers, file protocol and checks.
 
-    Mixins are not real bases of the swapped class (see :func:`mixin_subclass`), so their
-    methods reach the original layer through ``self._peftjax_base``, never ``super()``.
+    The bookkeeping (active, merged, disabled adapters) is the base layer's. Mixins are not real
+    bases of the swapped class (see :func:`mixin_subclass`), so their methods reach the original
+    layer through ``self._peftjax_base``, never ``super()``.
     """
 
-    adapter_state_attrs = (
-        "lora_path", "lora_specs", "lora_active", "lora_merged", "lora_disabled",
-        "lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_cache",
-    )
+    method_name = "LoRA"
+    param_type = LoraParam
+    weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    cache_dicts = ("lora_cache",)
+    lora_kind: str = "linear"
 
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         """Raises for settings this layer kind cannot take; called before anything is changed."""
 
-    # AdapterLayer, in LoRA's terms
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(n for n, _ in self.lora_specs)
-
-    def set_active_adapters(self, names: tuple[str, ...]) -> None:
-        self.lora_active = tuple(n for n in names if n in self.lora_spec)
-
-    def set_adapters_disabled(self, disabled: bool) -> None:
-        self.lora_disabled = disabled
-
-    def active_adapter_names(self) -> tuple[str, ...]:
-        return self.lora_active
-
-    def merged_adapter_names(self) -> tuple[str, ...]:
-        return self.lora_merged
-
-    def merge_adapter(self, name: str) -> None:
-        self.merge_lora(name)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self.unmerge_lora(name)
-
-    def delete_adapter(self, name: str) -> None:
-        self.delete_lora(name)
-
-    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
-        return (self.lora_A, self.lora_B, self.lora_B_bias, self.lora_magnitude_vector)
-
-    lora_kind: str = "linear"
-
-    def _lora_setup(self, path: str) -> None:
-        if not hasattr(self, "lora_specs"):
-            self.lora_path = path
-            self.lora_specs = ()
-            self.lora_active = ()
-            self.lora_merged = ()
-            self.lora_disabled = False
-            self.lora_A = nnx.Dict()
-            self.lora_B = nnx.Dict()
-            self.lora_B_bias = nnx.Dict()
-            self.lora_magnitude_vector = nnx.Dict()
-            self.lora_cache = nnx.Dict()
-
-    @property
-    def lora_spec(self) -> dict[str, LoraSpec]:
-        return dict(self.lora_specs)
-
-    def _live_adapters(self) -> list[tuple[str, LoraSpec]]:
-        if self.lora_disabled:
-            return []
-        specs = self.lora_spec
-        return [(n, specs[n]) for n in self.lora_active if n in specs and n not in self.lora_merged]
-
-    # PEFT file protocol: each layer kind maps its adapter to PEFT's key suffixes and torch
-    # layouts (reference §1.4). ``peft_layout`` gives {suffix: (variable dict, to_torch, from_torch)}.
-
-    def peft_tensors(self, name: str) -> dict[str, jax.Array]:
-        """The adapter's weights as PEFT stores them: ``{"lora_A.weight": [r, in], ...}``."""
-        return {
-            suffix: to_torch(store[name].get_value())
-            for suffix, (store, to_torch, _) in self.peft_layout().items()
-            if name in store
-        }
-
-    def load_peft_tensors(self, name: str, tensors: dict, source: str) -> list[str]:
-        """Sets the adapter's weights from PEFT tensors, checking shapes and dtypes.
-
-        Returns:
-          The suffixes that were absent from ``tensors`` (left at their init values).
-
-        Raises:
-          ValueError: a tensor has the wrong shape (names key, expected and found) or is not float.
-        """
-        missing = []
-        for suffix, (store, to_torch, from_torch) in self.peft_layout().items():
-            if name not in store:
-                continue
-            key = f"{source}.{suffix}"
-            if suffix not in tensors:
-                missing.append(key)
-                continue
-            value = tensors[suffix]
-            if not (jnp.issubdtype(value.dtype, jnp.floating)):
-                raise ValueError(f"{key}: expected a float tensor, found dtype {value.dtype}")
-            current = store[name].get_value()
-            expected = tuple(to_torch(current).shape)
-            if tuple(value.shape) != expected:
-                raise ValueError(
-                    f"{key}: expected shape {list(expected)} (r={self.lora_spec[name].r}), found {list(value.shape)}"
-                )
-            store[name].set_value(jnp.asarray(from_torch(value), current.dtype).reshape(current.shape))
-        return missing
-
-    def delete_lora(self, name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_B_bias, self.lora_magnitude_vector, self.lora_cache):
-            if name in d:
-                del d[name]
-        self.lora_specs = tuple((n, s) for n, s in self.lora_specs if n != name)
-        self.lora_active = tuple(n for n in self.lora_active if n != name)
+    def _describe(self, name: str) -> str:
+        return f"r={self.spec(name).r}"
 
 
-class LoraLinear(LoraLayer):
-    """LoRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included)."""
+class KernelLora(LoraLayer):
+    """LoRA on a layer with a ``kernel`` whose last axis is the output: forward, DoRA and merge.
+
+    Shared by ``nnx.Linear`` and ``nnx.Conv``; a subclass says how the factors are built
+    (:meth:`_init_factors`), how ``A`` and ``B`` act on an input (:meth:`_branch`), how the
+    base kernel acts on one (:meth:`_apply_kernel`, for DoRA under dropout) and how ``A``, ``B``
+    form a kernel-shaped delta (:meth:`delta_weight`).
+    """
+
+    def _init_factors(self, spec: LoraSpec, key, init) -> tuple[jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def _branch(self, h: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _apply_kernel(self, h: jax.Array, w: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
+        raise NotImplementedError
 
     def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
+        self._check_new(name)
+        # the kernel before init: PiSSA/OLoRA rewrite it, and DoRA's magnitude has always been
+        # taken from the original (PEFT takes it from the residual; to settle when PiSSA+DoRA is tested)
+        w = self.kernel.get_value()
+        a, b = self._init_factors(spec, key, init)
+        self.lora_A[name] = LoraParam(a.astype(jnp.float32))
+        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
+        if spec.lora_bias:
+            self.lora_B_bias[name] = LoraParam(jnp.zeros((w.shape[-1],), jnp.float32))
+        if spec.use_dora:
+            self.lora_magnitude_vector[name] = LoraParam(unit_norm(w + self.delta_weight(name, spec)))
+        self._add_spec(name, spec)
+
+    def __call__(self, inputs, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
+        for name, spec in self._live_adapters():
+            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}").astype(a.dtype)
+            lora = self._branch(h, a, b)
+            if spec.lora_bias:
+                lora = lora + self.lora_B_bias[name].get_value()
+            if spec.use_dora:
+                y = y + self._dora_extra(name, spec, inputs, h, y, lora).astype(y.dtype)
+            else:
+                y = y + (spec.scaling * lora).astype(y.dtype)
+        return y
+
+    def _dora_extra(self, name, spec, x, h, y, lora):
+        w = self.kernel.get_value()
+        norm = jax.lax.stop_gradient(unit_norm(w + self.delta_weight(name, spec)))
+        factor = self.lora_magnitude_vector[name].get_value() / norm
+        if spec.dropout > 0 and h is not x:
+            base = self._apply_kernel(h, w)  # PEFT recomputes the base layer on the dropped-out input
+        else:
+            bias = self.bias.get_value() if self.bias is not None else 0.0
+            base = y.astype(jnp.float32) - bias
+        return (factor - 1) * base + factor * spec.scaling * lora
+
+    def merge_adapter(self, name: str) -> None:
+        spec = self.spec(name)
+        w = self.kernel.get_value()
+        merged = w.astype(jnp.float32) + self.delta_weight(name, spec)
+        if spec.use_dora:
+            norm = unit_norm(merged)
+            self.lora_cache[name] = LoraCache(norm)
+            merged = merged * (self.lora_magnitude_vector[name].get_value() / norm)
+        self.kernel.set_value(merged.astype(w.dtype))
+        if spec.lora_bias:
+            bias = self.bias.get_value()
+            self.bias.set_value((bias + spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
+        self._mark_merged(name, True)
+
+    def unmerge_adapter(self, name: str) -> None:
+        spec = self.spec(name)
+        w = self.kernel.get_value().astype(jnp.float32)
+        if spec.use_dora:
+            w = w * (self.lora_cache[name].get_value() / self.lora_magnitude_vector[name].get_value())
+            del self.lora_cache[name]
+        self.kernel.set_value((w - self.delta_weight(name, spec)).astype(self.kernel.get_value().dtype))
+        if spec.lora_bias:
+            bias = self.bias.get_value()
+            self.bias.set_value((bias - spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
+        self._mark_merged(name, False)
+
+
+class LoraLinear(KernelLora):
+    """LoRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included)."""
+
+    def _init_factors(self, spec: LoraSpec, key, init) -> tuple[jax.Array, jax.Array]:
         w = self.kernel.get_value()
         if decomposes(init):
             a, b, w_res = _decompose(init, w, spec, key)
             self.kernel.set_value(w_res.astype(w.dtype))
-        else:
-            a, b = init_factors(key, "linear", init, w.shape[0], w.shape[1], spec.r)
-        self.lora_A[name] = LoraParam(a.astype(jnp.float32))
-        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
-        if spec.lora_bias:
-            self.lora_B_bias[name] = LoraParam(jnp.zeros((w.shape[1],), jnp.float32))
-        if spec.use_dora:
-            self.lora_magnitude_vector[name] = LoraParam(_column_norm(w + self.delta_weight(name, spec)))
-        self.lora_specs = self.lora_specs + ((name, spec),)
+            return a, b
+        return init_factors(key, "linear", init, w.shape[0], w.shape[1], spec.r)
 
     def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
@@ -237,61 +223,16 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         """``s * A @ B`` in the kernel's ``[in, out]`` layout."""
-        spec = spec or self.lora_spec[name]
+        spec = spec or self.spec(name)
         return spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value())
 
-    def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        for name, spec in self._live_adapters():
-            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(x, spec.dropout, f"{self.lora_path}/{name}").astype(a.dtype)
-            # on [tokens, in]: the gradients of A and B are then plain matmuls over the tokens; a
-            # batched [b, s, in] input makes XLA:CPU transpose activations for them (~13% of a step)
-            lora = ((h.reshape(-1, h.shape[-1]) @ a) @ b).reshape(*h.shape[:-1], b.shape[-1])
-            if spec.lora_bias:
-                lora = lora + self.lora_B_bias[name].get_value()
-            if spec.use_dora:
-                y = y + self._dora_extra(name, spec, x, h, y, lora).astype(y.dtype)
-            else:
-                y = y + (spec.scaling * lora).astype(y.dtype)
-        return y
+    def _branch(self, h, a, b):
+        # on [tokens, in]: the gradients of A and B are then plain matmuls over the tokens; a
+        # batched [b, s, in] input makes XLA:CPU transpose activations for them (~13% of a step)
+        return ((h.reshape(-1, h.shape[-1]) @ a) @ b).reshape(*h.shape[:-1], b.shape[-1])
 
-    def _dora_extra(self, name, spec, x, h, y, lora):
-        w = self.kernel.get_value()
-        norm = jax.lax.stop_gradient(_column_norm(w + self.delta_weight(name, spec)))
-        factor = self.lora_magnitude_vector[name].get_value() / norm
-        if spec.dropout > 0 and h is not x:
-            base = h.astype(w.dtype) @ w  # PEFT recomputes x @ W on the dropped-out input
-        else:
-            bias = self.bias.get_value() if self.bias is not None else 0.0
-            base = y.astype(jnp.float32) - bias
-        return (factor - 1) * base + factor * spec.scaling * lora
-
-    def merge_lora(self, name: str) -> None:
-        spec = self.lora_spec[name]
-        w = self.kernel.get_value()
-        merged = w.astype(jnp.float32) + self.delta_weight(name, spec)
-        if spec.use_dora:
-            norm = _column_norm(merged)
-            self.lora_cache[name] = LoraCache(norm)
-            merged = merged * (self.lora_magnitude_vector[name].get_value() / norm)[None, :]
-        self.kernel.set_value(merged.astype(w.dtype))
-        if spec.lora_bias:
-            bias = self.bias.get_value()
-            self.bias.set_value((bias + spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
-        self.lora_merged = self.lora_merged + (name,)
-
-    def unmerge_lora(self, name: str) -> None:
-        spec = self.lora_spec[name]
-        w = self.kernel.get_value().astype(jnp.float32)
-        if spec.use_dora:
-            w = w * (self.lora_cache[name].get_value() / self.lora_magnitude_vector[name].get_value())[None, :]
-            del self.lora_cache[name]
-        self.kernel.set_value((w - self.delta_weight(name, spec)).astype(self.kernel.get_value().dtype))
-        if spec.lora_bias:
-            bias = self.bias.get_value()
-            self.bias.set_value((bias - spec.scaling * self.lora_B_bias[name].get_value()).astype(bias.dtype))
-        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+    def _apply_kernel(self, h, w):
+        return h.astype(w.dtype) @ w
 
 
 class LoraEmbed(LoraLayer):
@@ -306,19 +247,20 @@ class LoraEmbed(LoraLayer):
             raise NotImplementedError(f"{path}: init_lora_weights={init!r} is not supported on embeddings")
 
     def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
-        self.check_lora(self.lora_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
+        self._check_new(name)
+        self.check_lora(self.adapter_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
         e = self.embedding.get_value()
         a, b = init_factors(key, "embed", init, e.shape[0], e.shape[1], spec.r)
         self.lora_A[name] = LoraParam(a.astype(jnp.float32))
         self.lora_B[name] = LoraParam(b.astype(jnp.float32))
-        self.lora_specs = self.lora_specs + ((name, spec),)
+        self._add_spec(name, spec)
 
     def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         t = jnp.transpose
         return {"lora_embedding_A": (self.lora_A, t, t), "lora_embedding_B": (self.lora_B, t, t)}
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
-        spec = spec or self.lora_spec[name]
+        spec = spec or self.spec(name)
         return spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value())
 
     def __call__(self, inputs, *args, **kwargs):
@@ -329,15 +271,15 @@ class LoraEmbed(LoraLayer):
             y = y + (spec.scaling * (rows @ b)).astype(y.dtype)
         return y
 
-    def merge_lora(self, name: str) -> None:
+    def merge_adapter(self, name: str) -> None:
         e = self.embedding.get_value()
         self.embedding.set_value((e.astype(jnp.float32) + self.delta_weight(name)).astype(e.dtype))
-        self.lora_merged = self.lora_merged + (name,)
+        self._mark_merged(name, True)
 
-    def unmerge_lora(self, name: str) -> None:
+    def unmerge_adapter(self, name: str) -> None:
         e = self.embedding.get_value()
         self.embedding.set_value((e.astype(jnp.float32) - self.delta_weight(name)).astype(e.dtype))
-        self.lora_merged = tuple(n for n in self.lora_merged if n != name)
+        self._mark_merged(name, False)
 
 
 def _decompose(init: str, w: jax.Array, spec: LoraSpec, key: jax.Array):
@@ -419,36 +361,6 @@ def svd_lowrank(a: jax.Array, q: int, *, niter: int, key: jax.Array) -> tuple[ja
     return (v, s, u) if wide else (u, s, v)
 
 
-_SWAPPED: dict[tuple[type, type], type] = {}
-
-
-def mixin_subclass(base: type, mixin: type[abc.ABC], prefix: str) -> type:
-    """A subclass of ``base`` carrying ``mixin``'s methods, with ``base``'s exact memory layout.
-
-    CPython only allows ``obj.__class__ = cls`` between layout-identical classes, and a mixin
-    among the bases changes the layout; so the methods are copied in and the class is
-    registered as a virtual subclass of ``mixin`` to keep ``isinstance`` working.
-    """
-    key = (mixin, base)
-    if key not in _SWAPPED:
-        ns: dict = {"__slots__": (), "__module__": mixin.__module__, "_peftjax_base": base}
-        for klass in reversed(mixin.__mro__):
-            if klass in (object, abc.ABC):
-                continue
-            for k, v in vars(klass).items():
-                if not k.startswith(("__", "_abc")) or k == "__call__":
-                    ns[k] = v
-        cls = type(f"{prefix}{base.__name__}", (base,), ns)
-        mixin.register(cls)
-        _SWAPPED[key] = cls
-    return _SWAPPED[key]
-
-
-def original_class(module: nnx.Module) -> type:
-    """The layer's class before any peftjax swap."""
-    return getattr(type(module), "_peftjax_base", type(module))
-
-
 def lora_class_for(module: nnx.Module) -> type | None:
     """The LoRA subclass of ``type(module)``, or ``None`` when the layer type is not supported."""
     if isinstance(module, LoraLayer):
@@ -459,7 +371,7 @@ def lora_class_for(module: nnx.Module) -> type | None:
         return mixin_subclass(type(module), LoraLinear, "Lora")
     if isinstance(module, nnx.Embed):
         return mixin_subclass(type(module), LoraEmbed, "Lora")
-    from peftjax.tuners._lora_nnx_general import LoraConv, LoraEinsum, LoraLinearGeneral  # imports this module
+    from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral  # imports this module
 
     for layer, mixin in ((nnx.LinearGeneral, LoraLinearGeneral), (nnx.Einsum, LoraEinsum), (nnx.Conv, LoraConv)):
         if isinstance(module, layer):  # nnx.ConvTranspose is not an nnx.Conv: it stays unsupported

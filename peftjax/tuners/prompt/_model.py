@@ -9,7 +9,7 @@ These methods change a model's inputs, not its layers:
   ``-100``, and a causal LM's logits have ``V + seq`` positions.
 
 Where the weights live: each adapter's :class:`PromptEncoder` sits in
-``model.peft_prompt_encoders[name]`` with ``LoraParam`` weights, and the model's class gets a
+``model.peft_prompt_encoders[name]`` with ``AdapterParam`` weights, and the model's class gets a
 mixin (as LoRA layers get theirs, keeping the class name) whose ``__call__`` applies the active
 adapter. So the model itself computes PEFT's forward: ``peftjax.split(model)`` sees the prompt
 weights as trainable, ``make_train_step``'s default loss trains them, and ``generate`` uses them.
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.config import PeftConfig, TaskType
+from peftjax.config import TaskType
 from peftjax.config._other import (
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -45,19 +45,18 @@ from peftjax.config._other import (
     prepare_prompt_learning_config,
 )
 from peftjax.config._targeting import add_task_modules_to_save
-from peftjax.io._adapter import AdapterFileError, KeyMapping, map_name, module_params_torch, set_module_params_torch
-from peftjax.tuners._base_layer import AdapterLayer
-from peftjax.tuners._dropout import apply_dropout
-from peftjax.tuners._lora import (
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import (
+    AdapterLayer,
+    AdapterParam,
     FrozenAdapterParam,
-    SavedModule,
-    _match_modules_to_save,
     add_saved_copy,
+    match_modules_to_save,
+    mixin_subclass,
     named_modules,
+    original_class,
     validate_adapter_name,
 )
-from peftjax.tuners._lora_nnx import mixin_subclass, original_class
-from peftjax.tuners._variables import LoraParam
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
 SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
@@ -150,7 +149,7 @@ class PromptEncoder(nnx.Module):
             raise ValueError(
                 f"token_dim {self.token_dim} is not a multiple of num_attention_heads {self.num_heads}"
             )
-        variable = FrozenAdapterParam if self.inference_mode else LoraParam
+        variable = FrozenAdapterParam if self.inference_mode else AdapterParam
         arrays = self._init_arrays(config, word_embeddings, key)
         self.weights = nnx.Dict({k: variable(v) for k, v in arrays.items()})
 
@@ -541,7 +540,7 @@ def inject_prompt_learning(
     if not model.peft_prompt_active:
         model.peft_prompt_active = (adapter_name,)
     modules = named_modules(model)
-    for name in _match_modules_to_save(config, modules):
+    for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
 
@@ -559,88 +558,6 @@ def _with_call_signature(cls: type) -> type:
 
         cls.__call__ = __call__
     return cls
-
-
-def _encoder(model, adapter_name: str) -> PromptEncoder:
-    encoders = getattr(model, "peft_prompt_encoders", None)
-    if encoders is None or adapter_name not in encoders:
-        raise ValueError(f"{type(model).__name__} has no prompt-learning adapter {adapter_name!r}")
-    return encoders[adapter_name]
-
-
-def _saved_heads(model, adapter_name: str, key_mapping: KeyMapping) -> dict[str, nnx.Module]:
-    return {
-        SAVED_PREFIX + map_name(name, key_mapping): m.modules_to_save[adapter_name]
-        for name, m in named_modules(model).items()
-        if isinstance(m, SavedModule) and adapter_name in m.modules_to_save
-    }
-
-
-def prompt_state_dict(
-    model: nnx.Module,
-    adapter_name: str,
-    config: PeftConfig,
-    *,
-    key_mapping: KeyMapping = None,
-    save_embedding_layers: bool | str = "auto",
-) -> dict[str, np.ndarray]:
-    """``{"prompt_embeddings": encoder output}`` plus the trained task heads, as PEFT saves them."""
-    del config, save_embedding_layers
-    out = {"prompt_embeddings": np.asarray(_encoder(model, adapter_name)(), np.float32)}
-    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
-        for k, v in module_params_torch(copy).items():
-            out[f"{path}.{k}"] = v
-    return out
-
-
-def load_prompt_state_dict(
-    model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
-    adapter_name: str,
-    *,
-    key_mapping: KeyMapping = None,
-    source: str = "adapter",
-) -> tuple[list[str], list[str]]:
-    """Fills an injected (inference-mode) prompt adapter from PEFT's state dict.
-
-    Returns:
-      ``(missing, unexpected)`` file keys.
-
-    Raises:
-      ValueError: the adapter was injected trainable (PEFT refuses this too: the encoder's
-        weights are not in the file).
-      AdapterFileError: ``prompt_embeddings`` is absent, or a shape disagrees with the config.
-    """
-    encoder = _encoder(model, adapter_name)
-    if not encoder.inference_mode:
-        raise ValueError(
-            "Cannot set a prompt learning adapter to trainable when loading pretrained adapter. "
-            "(The file holds only the encoder's output; load with is_trainable=False.)"
-        )
-    if "prompt_embeddings" not in tensors:
-        raise AdapterFileError(f"{source}: no `prompt_embeddings` tensor; found {sorted(tensors)[:10]}")
-    value = np.asarray(tensors["prompt_embeddings"])
-    var = encoder.weights["embedding.weight"]
-    expected = tuple(var.get_value().shape)
-    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
-        raise AdapterFileError(f"{source}: prompt_embeddings: expected a float tensor, found dtype {value.dtype}")
-    if tuple(value.shape) != expected:
-        raise AdapterFileError(
-            f"{source}: prompt_embeddings: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
-            f"num_layers in the config), found {list(value.shape)}"
-        )
-    var.set_value(jnp.asarray(value, jnp.float32))
-    used, missing = {"prompt_embeddings"}, []
-    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
-        own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
-        own = {k: v for k, v in own.items() if "." not in k}
-        set_module_params_torch(copy, own, f"{source}: {path}")
-        used.update(f"{path}.{k}" for k in own)
-        missing += [f"{path}.{k}" for k in module_params_torch(copy) if k not in own]
-    unexpected = sorted(k for k in tensors if k not in used)
-    if unexpected:
-        warnings.warn(f"{source}: ignored {len(unexpected)} keys: {unexpected[:10]}", stacklevel=3)
-    return missing, unexpected
 
 
 PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)

@@ -1,0 +1,62 @@
+"""PEFT methods, one folder each, on a shared base tuner.
+
+- ``base/``: the adapter-layer interface and bookkeeping, the Variable types, the model-wide
+  operations (merge, unload, ...), ``modules_to_save`` and the one PEFT state-dict walk.
+- ``lora/``, ``ia3/``, ``bottleneck/``, ``prompt/``: each method's layers, injection and file layout.
+- ``_registry.py`` maps a config type to its method; ``_builtin.py`` registers the built-in ones.
+
+Adding a method is a new folder and one ``register_tuner`` line in ``_builtin.py``.
+"""
+
+from peftjax.tuners._registry import Tuner, inject_adapter_in_model, register_tuner, tuner_for
+from peftjax.tuners.base import (
+    FROZEN,
+    TRAINABLE,
+    AdapterDictLayer,
+    AdapterLayer,
+    AdapterParam,
+    FrozenAdapterParam,
+    LoraParam,
+    TrainableParam,
+    adapter_layers,
+    delete_adapter,
+    merge,
+    named_modules,
+    set_active_adapters,
+    set_adapter_trainable,
+    set_adapters_disabled,
+    unload,
+    unmerge,
+)
+from peftjax.tuners.bottleneck import inject_bottleneck
+from peftjax.tuners.ia3 import inject_ia3
+from peftjax.tuners.lora import inject_lora
+from peftjax.tuners.prompt import inject_prompt_learning
+
+__all__ = [
+    "FROZEN",
+    "TRAINABLE",
+    "AdapterDictLayer",
+    "AdapterLayer",
+    "AdapterParam",
+    "FrozenAdapterParam",
+    "LoraParam",
+    "TrainableParam",
+    "Tuner",
+    "adapter_layers",
+    "delete_adapter",
+    "inject_adapter_in_model",
+    "inject_bottleneck",
+    "inject_ia3",
+    "inject_lora",
+    "inject_prompt_learning",
+    "merge",
+    "named_modules",
+    "register_tuner",
+    "set_active_adapters",
+    "set_adapter_trainable",
+    "set_adapters_disabled",
+    "tuner_for",
+    "unload",
+    "unmerge",
+]

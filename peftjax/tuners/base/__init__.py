@@ -1,0 +1,77 @@
+"""The base tuner and base adapter layer that every PEFT method builds on.
+
+- ``_variables.py``: the Variable types (``AdapterParam``, ``LoraParam``, ``TRAINABLE``, ``FROZEN``).
+- ``_layer.py``: the adapter-layer interface, its per-name bookkeeping, the class swap.
+- ``_modules_to_save.py``: the trainable full copies of ``modules_to_save`` layers.
+- ``_model.py``: the model-wide operations (walk, activate, disable, merge, unload, delete).
+- ``_state_dict.py``: the one PEFT state-dict walk for layer methods.
+"""
+
+from peftjax.tuners.base._layer import AdapterDictLayer, AdapterLayer, check_adaptable, mixin_subclass, original_class
+from peftjax.tuners.base._model import (
+    adapter_layers,
+    delete_adapter,
+    match_modules_to_save,
+    merge,
+    model_type,
+    named_modules,
+    resolve_config,
+    set_active_adapters,
+    set_adapter_trainable,
+    set_adapters_disabled,
+    stores_in_out,
+    unload,
+    unmerge,
+    validate_adapter_name,
+)
+from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
+from peftjax.tuners.base._state_dict import (
+    layer_state_dict,
+    load_layer_state_dict,
+    module_params_torch,
+    saves_embeddings,
+    set_module_params_torch,
+)
+from peftjax.tuners.base._variables import (
+    FROZEN,
+    TRAINABLE,
+    AdapterParam,
+    FrozenAdapterParam,
+    LoraParam,
+    TrainableParam,
+)
+
+__all__ = [
+    "FROZEN",
+    "TRAINABLE",
+    "AdapterDictLayer",
+    "AdapterLayer",
+    "AdapterParam",
+    "FrozenAdapterParam",
+    "LoraParam",
+    "SavedModule",
+    "TrainableParam",
+    "add_saved_copy",
+    "adapter_layers",
+    "check_adaptable",
+    "delete_adapter",
+    "layer_state_dict",
+    "load_layer_state_dict",
+    "match_modules_to_save",
+    "merge",
+    "mixin_subclass",
+    "model_type",
+    "module_params_torch",
+    "named_modules",
+    "original_class",
+    "resolve_config",
+    "saves_embeddings",
+    "set_active_adapters",
+    "set_adapter_trainable",
+    "set_adapters_disabled",
+    "set_module_params_torch",
+    "stores_in_out",
+    "unload",
+    "unmerge",
+    "validate_adapter_name",
+]

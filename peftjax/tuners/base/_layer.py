@@ -1,0 +1,246 @@
+"""The base adapter layer: the contract every adapter-carrying layer keeps, and its bookkeeping.
+
+A method's layer is a mixin applied to the user's own layer class (:func:`mixin_subclass`); the
+model-wide operations (activate, disable, merge, unmerge, delete, unload; ``tuners.base._model``)
+only use the :class:`AdapterLayer` interface. :class:`AdapterDictLayer` is the bookkeeping every
+layer method shares (LoRA, IA³, bottleneck): adapters kept as per-name ``nnx.Dict`` entries, which
+are active, merged or disabled, and the map from those entries to PEFT's key suffixes and torch
+layouts that the one state-dict walk (``tuners.base._state_dict``) reads and writes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class AdapterLayer(abc.ABC):
+    """A layer (or model) that holds named adapters beside its frozen weights."""
+
+    # attributes the mixin adds to the layer; ``remove_adapter_state`` deletes them
+    adapter_state_attrs: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter on this layer."""
+
+    @abc.abstractmethod
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        """Activates the given adapters (names this layer lacks are ignored)."""
+
+    @abc.abstractmethod
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        """Bypasses every adapter while ``disabled``."""
+
+    @abc.abstractmethod
+    def active_adapter_names(self) -> tuple[str, ...]:
+        """The active adapters."""
+
+    @abc.abstractmethod
+    def merged_adapter_names(self) -> tuple[str, ...]:
+        """The adapters folded into the base weights, in merge order."""
+
+    @abc.abstractmethod
+    def merge_adapter(self, name: str) -> None:
+        """Folds the adapter into the base weights."""
+
+    @abc.abstractmethod
+    def unmerge_adapter(self, name: str) -> None:
+        """Undoes :meth:`merge_adapter`."""
+
+    @abc.abstractmethod
+    def delete_adapter(self, name: str) -> None:
+        """Removes the adapter's weights."""
+
+    @abc.abstractmethod
+    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
+        """The ``{adapter name: variable}`` containers of this layer's adapter weights."""
+
+    def remove_adapter_state(self) -> None:
+        for attr in self.adapter_state_attrs:
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+
+class AdapterDictLayer(AdapterLayer):
+    """The bookkeeping of a layer whose adapter weights are per-name ``nnx.Dict`` entries.
+
+    Subclasses name their trainable weight containers in ``weight_dicts`` (and non-trainable
+    per-adapter state, such as a merge's cache, in ``cache_dicts``), add adapters with
+    :meth:`_add_spec`, and map their weights to PEFT's key suffixes and torch layouts in
+    :meth:`peft_layout`. Like every mixin applied by :func:`mixin_subclass`, methods reach the
+    original layer through ``self._peftjax_base``, never ``super()``.
+    """
+
+    method_name: str = "adapter"
+    weight_dicts: tuple[str, ...] = ()
+    cache_dicts: tuple[str, ...] = ()
+    adapter_state_attrs = ("adapter_path", "adapter_specs", "adapter_active", "adapter_merged", "adapter_disabled")
+
+    def _adapter_setup(self, path: str) -> None:
+        if not hasattr(self, "adapter_specs"):
+            self.adapter_path = path
+            self.adapter_specs = ()
+            self.adapter_active = ()
+            self.adapter_merged = ()
+            self.adapter_disabled = False
+            for attr in self.weight_dicts + self.cache_dicts:
+                setattr(self, attr, nnx.Dict())
+
+    def remove_adapter_state(self) -> None:
+        for attr in self.adapter_state_attrs + self.weight_dicts + self.cache_dicts:
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    def spec(self, name: str):
+        """The static settings of adapter ``name`` on this layer."""
+        return dict(self.adapter_specs)[name]
+
+    def _live_adapters(self) -> list[tuple[str, object]]:
+        """The adapters the forward applies: active, not merged, and not disabled."""
+        if self.adapter_disabled:
+            return []
+        specs = dict(self.adapter_specs)
+        return [(n, specs[n]) for n in self.adapter_active if n in specs and n not in self.adapter_merged]
+
+    # AdapterLayer
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.adapter_specs)
+
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        own = self.adapter_names()
+        self.adapter_active = tuple(n for n in names if n in own)
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.adapter_disabled = disabled
+
+    def active_adapter_names(self) -> tuple[str, ...]:
+        return self.adapter_active
+
+    def merged_adapter_names(self) -> tuple[str, ...]:
+        return self.adapter_merged
+
+    def delete_adapter(self, name: str) -> None:
+        for d in self.adapter_variable_dicts() + tuple(getattr(self, attr) for attr in self.cache_dicts):
+            if name in d:
+                del d[name]
+        self.adapter_specs = tuple((n, s) for n, s in self.adapter_specs if n != name)
+        self.adapter_active = tuple(n for n in self.adapter_active if n != name)
+
+    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
+        return tuple(getattr(self, attr) for attr in self.weight_dicts)
+
+    def _check_new(self, name: str) -> None:
+        if name in self.adapter_names():
+            raise ValueError(f"adapter {name!r} already exists on {self.adapter_path}")
+
+    def _add_spec(self, name: str, spec) -> None:
+        self.adapter_specs = self.adapter_specs + ((name, spec),)
+        if not self.adapter_active:  # the first adapter on a layer is active, as in PEFT
+            self.adapter_active = (name,)
+
+    def _mark_merged(self, name: str, merged: bool) -> None:
+        if merged:
+            self.adapter_merged = self.adapter_merged + (name,)
+        else:
+            self.adapter_merged = tuple(n for n in self.adapter_merged if n != name)
+
+    # PEFT file protocol: ``peft_layout(name)`` gives {key suffix: (variable dict, to_torch, from_torch)}
+
+    def peft_layout(self, name: str) -> dict[str, tuple[nnx.Dict, Callable, Callable]]:
+        raise NotImplementedError
+
+    def peft_tensors(self, name: str) -> dict[str, jax.Array]:
+        """The adapter's weights as PEFT stores them (torch layouts), by key suffix."""
+        return {
+            suffix: to_torch(store[name].get_value())
+            for suffix, (store, to_torch, _) in self.peft_layout(name).items()
+            if name in store
+        }
+
+    def load_peft_tensors(self, name: str, tensors: Mapping, source: str) -> list[str]:
+        """Sets the adapter's weights from torch-layout tensors, checking shapes.
+
+        Returns:
+          The full keys absent from ``tensors`` (those weights keep their init values).
+
+        Raises:
+          ValueError: a tensor has the wrong shape (names the key, expected and found shapes).
+        """
+        missing = []
+        for suffix, (store, to_torch, from_torch) in self.peft_layout(name).items():
+            if name not in store:
+                continue
+            key = f"{source}.{suffix}"
+            if suffix not in tensors:
+                missing.append(key)
+                continue
+            value = tensors[suffix]
+            current = store[name].get_value()
+            expected = tuple(to_torch(current).shape)
+            if tuple(value.shape) != expected:
+                raise ValueError(
+                    f"{key}: expected shape {list(expected)} ({self._describe(name)}), found {list(value.shape)}"
+                )
+            store[name].set_value(jnp.asarray(from_torch(jnp.asarray(value)), current.dtype).reshape(current.shape))
+        return missing
+
+    def _describe(self, name: str) -> str:
+        return f"{self.method_name} adapter {name!r}"
+
+
+def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer_type: type, method: str) -> None:
+    """Fails on targets that are not ``nnx.Linear`` or already carry another method's adapter.
+
+    Raises:
+      TypeError: a target already has another method's adapter (one method per layer, as in
+        PEFT outside ``PeftMixedModel``) or is a layer type the method cannot adapt (names path
+        and class).
+      NotImplementedError: a target is a convolution / general linear layer, which HF PEFT's
+        method may support but peftjax's does not yet.
+    """
+    mixed = [n for n in targets if isinstance(modules[n], AdapterLayer) and not isinstance(modules[n], layer_type)]
+    if mixed:
+        listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in mixed[:10])
+        raise TypeError(f"{listed} already carry another method's adapter; one method per layer is supported")
+    wanted = [n for n in targets if not isinstance(modules[n], nnx.Linear)]
+    later = [n for n in wanted if isinstance(modules[n], nnx.Conv | nnx.LinearGeneral | nnx.Einsum)]
+    listed = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in (later or wanted)[:10])
+    if later:
+        raise NotImplementedError(f"{method} on {listed} is not implemented; supported: nnx.Linear (and subclasses)")
+    if wanted:
+        raise TypeError(f"{method} cannot adapt {listed}; supported: nnx.Linear (and subclasses such as GPT-2's Conv1D)")
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def mixin_subclass(base: type, mixin: type[abc.ABC], prefix: str) -> type:
+    """A subclass of ``base`` carrying ``mixin``'s methods, with ``base``'s exact memory layout.
+
+    CPython only allows ``obj.__class__ = cls`` between layout-identical classes, and a mixin
+    among the bases changes the layout; so the methods are copied in and the class is
+    registered as a virtual subclass of ``mixin`` to keep ``isinstance`` working.
+    """
+    key = (mixin, base)
+    if key not in _SWAPPED:
+        ns: dict = {"__slots__": (), "__module__": mixin.__module__, "_peftjax_base": base}
+        for klass in reversed(mixin.__mro__):
+            if klass in (object, abc.ABC):
+                continue
+            for k, v in vars(klass).items():
+                if not k.startswith(("__", "_abc")) or k == "__call__":
+                    ns[k] = v
+        cls = type(f"{prefix}{base.__name__}", (base,), ns)
+        mixin.register(cls)
+        _SWAPPED[key] = cls
+    return _SWAPPED[key]
+
+
+def original_class(module: nnx.Module) -> type:
+    """The layer's class before any peftjax swap."""
+    return getattr(type(module), "_peftjax_base", type(module))

@@ -1,0 +1,171 @@
+"""The base tuner: the model-wide operations every PEFT method shares.
+
+Walking a model's modules, activating, disabling, freezing, merging, unmerging, unloading and
+deleting adapters all work through the :class:`~peftjax.tuners.base.AdapterLayer` interface, so
+they serve every method (LoRA, IA³, bottleneck, prompt learning) alike. Module names are dotted
+NNX paths (``model.layers.0.self_attn.q_proj``); for the bundled models they are exactly
+transformers' module names, so PEFT's targeting rules apply unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from peftjax.config import PeftConfig, add_task_modules_to_save, expand_all_linear, is_all_linear
+from peftjax.tuners.base._layer import AdapterLayer, original_class
+from peftjax.tuners.base._modules_to_save import SavedModule
+from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
+
+
+def named_modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Every sub-module by dotted path, outside adapter containers (the root is ``""``)."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and "modules_to_save" not in path:
+            out[".".join(str(p) for p in path)] = node
+    return out
+
+
+def model_type(model) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
+    """Fills PEFT's per-architecture default targets, expands ``all-linear``, adds task heads."""
+    from peftjax.config import resolve_target_modules
+
+    config = add_task_modules_to_save(config)
+    if config.target_modules is None:
+        config = resolve_target_modules(config, model_type(model) or "")
+    if is_all_linear(config.target_modules):
+        modules = named_modules(model)
+        linear = [n for n, m in modules.items() if isinstance(m, nnx.Linear) and n]
+        output = "lm_head" if "lm_head" in modules else None
+        config = dataclasses.replace(
+            config, target_modules=tuple(expand_all_linear(linear, output, config.task_type))
+        )
+    return config
+
+
+def validate_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or "." in name or name in (".", ".."):
+        raise ValueError(f"adapter name {name!r} must be a non-empty string without '/', '\\\\' or '.'")
+
+
+def match_modules_to_save(config: PeftConfig, modules: dict[str, nnx.Module]) -> list[str]:
+    wanted = config.modules_to_save or ()
+    # PEFT: a name matches when it equals an entry or ends with "." + entry
+    return [n for n in modules if n and any(n == m or n.endswith("." + m) for m in wanted)]
+
+
+def stores_in_out(module: nnx.Module) -> bool:
+    """Whether the layer's torch twin keeps its weight (in, out), as transformers' ``Conv1D`` does."""
+    rule = getattr(type(module), "hf_param_map", None) or {}
+    return "kernel" in rule and not rule["kernel"][1]
+
+
+def adapter_layers(model: nnx.Module) -> dict[str, AdapterLayer]:
+    """Every adapter-carrying layer (any method) by dotted path."""
+    return {n: m for n, m in named_modules(model).items() if isinstance(m, AdapterLayer)}
+
+
+def set_active_adapters(model: nnx.Module, names: tuple[str, ...]) -> None:
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            m.set_active_adapters(names)
+        if isinstance(m, SavedModule):
+            m.saved_active = tuple(n for n in names if n in m.modules_to_save)
+
+
+def set_adapters_disabled(model: nnx.Module, disabled: bool) -> None:
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            m.set_adapters_disabled(disabled)
+        if isinstance(m, SavedModule):
+            m.saved_disabled = disabled
+
+
+def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool) -> None:
+    """Switches an adapter's weights between ``AdapterParam`` (trains) and ``FrozenAdapterParam``.
+
+    A trainable weight gets its layer's own type back (``LoraParam`` on LoRA layers).
+    """
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            new_type = getattr(m, "param_type", AdapterParam) if trainable else FrozenAdapterParam
+            for d in m.adapter_variable_dicts():
+                if adapter_name in d:
+                    d[adapter_name] = new_type(d[adapter_name].get_value())
+        if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
+            copy = m.modules_to_save[adapter_name]
+            for attr, var in list(vars(copy).items()):
+                if isinstance(var, nnx.Param):
+                    setattr(copy, attr, (TrainableParam if trainable else nnx.Param)(var.get_value()))
+
+
+def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None) -> None:
+    """Folds the active (or the named) adapters into the base weights (for inference and export)."""
+    from peftjax.models._scan import has_stacked_layers, unstacked
+
+    if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
+        with unstacked(model, write=True):
+            return merge(model, adapter_names)
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            names = adapter_names if adapter_names is not None else m.active_adapter_names()
+            for name in names:
+                if name in m.adapter_names() and name not in m.merged_adapter_names():
+                    m.merge_adapter(name)
+
+
+def unmerge(model: nnx.Module) -> None:
+    """Undoes :func:`merge` on every layer."""
+    from peftjax.models._scan import has_stacked_layers, unstacked
+
+    if has_stacked_layers(model) and any(m.merged_adapter_names() for m in adapter_layers(model).values()):
+        with unstacked(model, write=True):
+            return unmerge(model)
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            for name in reversed(m.merged_adapter_names()):
+                m.unmerge_adapter(name)
+
+
+def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ...] | None = None) -> nnx.Module:
+    """Removes every adapter (after merging the active ones when ``merge_first``), in place.
+
+    ``modules_to_save`` layers keep the active adapter's trained copy, as PEFT's
+    ``merge_and_unload`` does; trainable biases become plain ``nnx.Param`` again.
+    """
+    if merge_first:
+        merge(model, adapter_names)
+    for m in named_modules(model).values():
+        if isinstance(m, SavedModule):
+            active = [n for n in m.saved_active if n in m.modules_to_save] if merge_first else []
+            if active:
+                copy = m.modules_to_save[active[0]]
+                for attr, var in vars(copy).items():
+                    if isinstance(var, nnx.Param):
+                        setattr(m, attr, nnx.Param(var.get_value()))
+            m.__class__ = original_class(m)
+            for attr in ("modules_to_save", "saved_active", "saved_disabled"):
+                delattr(m, attr)
+        if isinstance(m, AdapterLayer):
+            m.remove_adapter_state()
+            m.__class__ = original_class(m)
+        for attr, var in list(vars(m).items()):
+            if isinstance(var, TrainableParam):
+                setattr(m, attr, nnx.Param(var.get_value()))
+    return model
+
+
+def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
+    for m in named_modules(model).values():
+        if isinstance(m, AdapterLayer):
+            m.delete_adapter(adapter_name)
+        if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
+            del m.modules_to_save[adapter_name]
+            m.saved_active = tuple(n for n in m.saved_active if n != adapter_name)

@@ -1,0 +1,101 @@
+"""Prompt learning's PEFT file layout: ``prompt_embeddings`` (the encoder's output) plus trained heads.
+
+Unlike layer methods, the file holds what the encoder computes, not its weights; PEFT loads it
+into an inference-mode adapter only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.config import PeftConfig
+from peftjax.io._adapter import AdapterFileError, KeyMapping, map_name
+from peftjax.tuners.base import SavedModule, module_params_torch, named_modules, set_module_params_torch
+from peftjax.tuners.prompt._model import SAVED_PREFIX, PromptEncoder
+
+
+def _encoder(model, adapter_name: str) -> PromptEncoder:
+    encoders = getattr(model, "peft_prompt_encoders", None)
+    if encoders is None or adapter_name not in encoders:
+        raise ValueError(f"{type(model).__name__} has no prompt-learning adapter {adapter_name!r}")
+    return encoders[adapter_name]
+
+
+def _saved_heads(model, adapter_name: str, key_mapping: KeyMapping) -> dict[str, nnx.Module]:
+    return {
+        SAVED_PREFIX + map_name(name, key_mapping): m.modules_to_save[adapter_name]
+        for name, m in named_modules(model).items()
+        if isinstance(m, SavedModule) and adapter_name in m.modules_to_save
+    }
+
+
+def prompt_state_dict(
+    model: nnx.Module,
+    adapter_name: str,
+    config: PeftConfig,
+    *,
+    key_mapping: KeyMapping = None,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, np.ndarray]:
+    """``{"prompt_embeddings": encoder output}`` plus the trained task heads, as PEFT saves them."""
+    del config, save_embedding_layers
+    out = {"prompt_embeddings": np.asarray(_encoder(model, adapter_name)(), np.float32)}
+    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
+        for k, v in module_params_torch(copy).items():
+            out[f"{path}.{k}"] = v
+    return out
+
+
+def load_prompt_state_dict(
+    model: nnx.Module,
+    tensors: Mapping[str, np.ndarray],
+    adapter_name: str,
+    *,
+    key_mapping: KeyMapping = None,
+    source: str = "adapter",
+) -> tuple[list[str], list[str]]:
+    """Fills an injected (inference-mode) prompt adapter from PEFT's state dict.
+
+    Returns:
+      ``(missing, unexpected)`` file keys.
+
+    Raises:
+      ValueError: the adapter was injected trainable (PEFT refuses this too: the encoder's
+        weights are not in the file).
+      AdapterFileError: ``prompt_embeddings`` is absent, or a shape disagrees with the config.
+    """
+    encoder = _encoder(model, adapter_name)
+    if not encoder.inference_mode:
+        raise ValueError(
+            "Cannot set a prompt learning adapter to trainable when loading pretrained adapter. "
+            "(The file holds only the encoder's output; load with is_trainable=False.)"
+        )
+    if "prompt_embeddings" not in tensors:
+        raise AdapterFileError(f"{source}: no `prompt_embeddings` tensor; found {sorted(tensors)[:10]}")
+    value = np.asarray(tensors["prompt_embeddings"])
+    var = encoder.weights["embedding.weight"]
+    expected = tuple(var.get_value().shape)
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise AdapterFileError(f"{source}: prompt_embeddings: expected a float tensor, found dtype {value.dtype}")
+    if tuple(value.shape) != expected:
+        raise AdapterFileError(
+            f"{source}: prompt_embeddings: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
+            f"num_layers in the config), found {list(value.shape)}"
+        )
+    var.set_value(jnp.asarray(value, jnp.float32))
+    used, missing = {"prompt_embeddings"}, []
+    for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
+        own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
+        own = {k: v for k, v in own.items() if "." not in k}
+        set_module_params_torch(copy, own, f"{source}: {path}")
+        used.update(f"{path}.{k}" for k in own)
+        missing += [f"{path}.{k}" for k in module_params_torch(copy) if k not in own]
+    unexpected = sorted(k for k in tensors if k not in used)
+    if unexpected:
+        warnings.warn(f"{source}: ignored {len(unexpected)} keys: {unexpected[:10]}", stacklevel=3)
+    return missing, unexpected
