@@ -46,6 +46,13 @@ class LoraSpec:
     use_dora: bool = False
     lora_bias: bool = False
 
+    @classmethod
+    def for_target(cls, config, name: str) -> "LoraSpec":
+        """The settings ``config`` gives the target ``name`` (its rank and alpha patterns applied)."""
+        r, alpha, scaling = config.scaling_for(name)
+        return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
+                   use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias))
+
 
 def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
     """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""

@@ -561,16 +561,9 @@ def _inject(
     init = canonical_init(config.init_lora_weights)  # PEFT ignores the case of "gaussian" and "olora"
     new_params = params
     new_layers = dict(previous)
-    for i, (name, (r, alpha, scaling)) in enumerate(targets.items()):
+    for i, name in enumerate(targets):
         info = layers[name]
-        lora = LoraSpec(
-            r=r,
-            alpha=alpha,
-            scaling=scaling,
-            dropout=float(config.lora_dropout),
-            use_dora=bool(config.use_dora),
-            lora_bias=bool(config.lora_bias),
-        )
+        lora = LoraSpec.for_target(config, name)
         node = _get(params, info.path)
         _check_layer(info, lora, node, init, adapter_name)
         weights, kernel = _init_adapter(info, lora, node[info.kernel_name], jax.random.fold_in(key, i), init)

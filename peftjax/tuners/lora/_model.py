@@ -81,15 +81,7 @@ def inject_lora(
             raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
         module.__class__ = lora_class_for(module)
         module._adapter_setup(name)
-        r, alpha, scaling = config.scaling_for(name)
-        spec = LoraSpec(
-            r=r,
-            alpha=alpha,
-            scaling=scaling,
-            dropout=float(config.lora_dropout),
-            use_dora=bool(config.use_dora),
-            lora_bias=bool(config.lora_bias),
-        )
+        spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
         module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), config.init_lora_weights)
     _mark_biases(modules, targets, config.bias)
