@@ -11,6 +11,7 @@ from peftjax.tuners.base._layer import AdapterDictLayer, AdapterLayer, check_ada
 from peftjax.tuners.base._model import (
     adapter_layers,
     delete_adapter,
+    find_targets,
     match_modules_to_save,
     merge,
     model_type,
@@ -57,6 +58,7 @@ __all__ = [
     "delete_adapter",
     "layer_state_dict",
     "load_layer_state_dict",
+    "find_targets",
     "match_modules_to_save",
     "merge",
     "mixin_subclass",

@@ -13,8 +13,8 @@ import dataclasses
 
 from flax import nnx
 
-from peftjax.config import PeftConfig, add_task_modules_to_save, expand_all_linear, is_all_linear
-from peftjax.tuners.base._layer import AdapterLayer, original_class
+from peftjax.config import PeftConfig, add_task_modules_to_save, expand_all_linear, is_all_linear, match_modules
+from peftjax.tuners.base._layer import AdapterLayer, check_adaptable, original_class
 from peftjax.tuners.base._modules_to_save import SavedModule
 from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
 
@@ -48,6 +48,19 @@ def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
             config, target_modules=tuple(expand_all_linear(linear, output, config.task_type))
         )
     return config
+
+
+def find_targets(
+    model: nnx.Module, config: PeftConfig, layer_type: type, method: str
+) -> tuple[dict[str, nnx.Module], list[str]]:
+    """``(named_modules(model), targets)``: the modules ``config`` targets, each checked adaptable.
+
+    Raises what ``match_modules`` and ``check_adaptable`` raise, before anything is changed.
+    """
+    modules = named_modules(model)
+    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    check_adaptable(modules, targets, layer_type, method)
+    return modules, targets
 
 
 def validate_adapter_name(name: str) -> None:

@@ -47,14 +47,13 @@ import dataclasses
 import jax
 from flax import nnx
 
-from peftjax.config import BottleneckConfig, add_task_modules_to_save, match_modules
+from peftjax.config import BottleneckConfig, add_task_modules_to_save
 from peftjax.tuners.base import (
     add_saved_copy,
-    check_adaptable,
+    find_targets,
     match_modules_to_save,
     mixin_subclass,
     model_type,
-    named_modules,
     validate_adapter_name,
 )
 from peftjax.tuners.bottleneck._layer import BottleneckLayer, BottleneckLinear, BottleneckSpec, bottleneck_size
@@ -122,9 +121,7 @@ def inject_bottleneck(
     validate_adapter_name(adapter_name)
     config = resolve_bottleneck_config(model, config)
     key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_adaptable(modules, targets, BottleneckLayer, "a bottleneck adapter")
+    modules, targets = find_targets(model, config, BottleneckLayer, "a bottleneck adapter")
     for i, name in enumerate(targets):
         module = modules[name]
         if not isinstance(module, BottleneckLayer):

@@ -16,15 +16,13 @@ from peftjax.config import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     IA3Config,
     is_feedforward_module,
-    match_modules,
     resolve_target_modules,
 )
 from peftjax.tuners.base import (
     add_saved_copy,
-    check_adaptable,
+    find_targets,
     match_modules_to_save,
     model_type,
-    named_modules,
     resolve_config,
     stores_in_out,
     validate_adapter_name,
@@ -87,9 +85,7 @@ def inject_ia3(
     validate_adapter_name(adapter_name)
     config = _resolve_ia3_config(model, config)
     key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_adaptable(modules, targets, IA3Layer, "IA³")
+    modules, targets = find_targets(model, config, IA3Layer, "IA³")
     in_out = [n for n in targets if stores_in_out(modules[n])]
     if in_out and not config.fan_in_fan_out:
         warnings.warn(
