@@ -22,6 +22,7 @@ def _inspect(args) -> int:
     config = load_config(directory)
     weights = directory / "adapter_model.safetensors"
     entries, metadata = read_safetensors_header(weights)
+    heads = saved_head_shapes(directory)
     count = sum(_numel(e["shape"]) for e in entries.values())
     nbytes = sum(int(e["data_offsets"][1]) - int(e["data_offsets"][0]) for e in entries.values())
     version = config.peft_version or "unknown"
@@ -38,9 +39,8 @@ def _inspect(args) -> int:
         "ranks_in_file": ranks,
         "rank_pattern": d.get("rank_pattern") or None,
         "modules_to_save": d.get("modules_to_save"),
-        "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in saved_head_shapes(directory).items()}
-        or None,
-        "model_task": task_for_adapter(config, saved_head_shapes(directory)),
+        "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in heads.items()} or None,
+        "model_task": task_for_adapter(config, heads),
         "tensors": len(entries),
         "parameters": count,
         "size_bytes": nbytes,
