@@ -28,7 +28,7 @@ import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.linen import inject, intercept, save_adapter  # noqa: E402
 from peftjax import tuners  # noqa: E402
-from peftjax.tuners.lora._layer import svd_lowrank  # noqa: E402
+from peftjax.tuners.lora import svd_lowrank  # noqa: E402
 
 JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 R, ALPHA = 4, 8
@@ -480,3 +480,44 @@ def test_mica_any_case_is_a_peft_init_peftjax_lacks():
     for init in ("mica", "MiCA"):
         with pytest.raises(NotImplementedError, match="does not implement"):
             peftjax.LoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_magnitude_after_a_decomposing_init_is_peft_s(init, tmp_path):
+    """PiSSA/OLoRA + DoRA: PEFT takes the magnitude from the residual base plus the adapter (the
+    original weight's norm), on NNX and Linen alike, and the two paths agree on the forward."""
+    w = spectrum(10, 12, 0.8)
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential()
+    seq.add_module("proj", torch.nn.Linear(12, 10))
+    with torch.no_grad():
+        seq.proj.weight.copy_(torch.from_numpy(w))
+        seq.proj.bias.zero_()  # as nnx.Linear's
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=init, use_dora=True)
+    theirs = peft.get_peft_model(seq, cfg).base_model.model.proj.lora_magnitude_vector["default"].weight
+    theirs = theirs.detach().numpy()
+    np.testing.assert_allclose(theirs, np.linalg.norm(w, axis=1), rtol=1e-5)  # the original weight's rows
+
+    ours_cfg = peftjax.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=init,
+                                  use_dora=True)
+    model = Proj(w)
+    tuners.inject_lora(model, ours_cfg, key=jax.random.key(0))
+    nnx_m = np.asarray(model.proj.lora_magnitude_vector["default"].get_value())
+    np.testing.assert_allclose(nnx_m, theirs, rtol=1e-5)
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10, name="proj")(x)
+
+    x = np.random.RandomState(1).randn(3, 12).astype(np.float32)
+    linen = Mlp()
+    params = linen.init(jax.random.key(0), x)["params"]
+    params = {"proj": {"kernel": jnp.asarray(w.T), "bias": jnp.asarray(model.proj.bias.get_value())}}
+    params, spec = inject(linen, params, ours_cfg, sample_args=(x,), key=jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(params["proj"]["lora_magnitude_vector"]["default"]), theirs, rtol=1e-5)
+    with intercept(spec):
+        linen_out = linen.apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(linen_out), np.asarray(model(x)), atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(model(x)), seq(torch.from_numpy(x)).numpy(), atol=1e-5)

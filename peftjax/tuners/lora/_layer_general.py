@@ -24,74 +24,31 @@ init on any of the three.
 from __future__ import annotations
 
 import math
-import string
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import LoraParam, original_class
-from peftjax.tuners.lora._layer import KernelLora, LoraLayer, LoraSpec, _same, init_factors
-
-
-def _init_kind(path: str, init) -> bool | str:
-    """The init ``init_factors`` understands; PiSSA/OLoRA need a 2-D weight of PEFT's own layers."""
-    if isinstance(init, bool):
-        return init
-    if isinstance(init, str) and init.lower() == "gaussian":
-        return "gaussian"
-    raise NotImplementedError(f"{path}: init_lora_weights={init!r} is not supported on this layer type")
+from peftjax.tuners.base import original_class
+from peftjax.tuners.lora._layer import LoraLayer
+from peftjax.tuners.lora._math import EinsumFactor, factor_einsum
 
 
 class _FlatLora(LoraLayer):
     """Shared by the layers whose kernel is a reshaped/transposed ``[n_in, n_out]`` matrix.
 
-    Subclasses provide ``_flat_features`` and ``_to_kernel``; no DoRA, no ``lora_bias``.
+    Subclasses provide ``_to_2d`` and ``_from_2d``; no DoRA, no ``lora_bias``.
     """
 
-    def _flat_features(self) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def _to_kernel(self, flat: jax.Array) -> jax.Array:
-        raise NotImplementedError
+    lora_kind = "general"
 
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         """Raises ``NotImplementedError`` naming ``path`` for what this layer cannot adapt."""
         kind = original_class(self).__name__
         if use_dora or lora_bias:
             raise NotImplementedError(f"{path} ({kind}): DoRA and lora_bias are not supported on this layer type")
-        _init_kind(path, init)
-
-    def add_lora(self, name: str, spec: LoraSpec, key, init=True) -> None:
-        self._check_new(name)
-        self.check_lora(self.adapter_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
-        n_in, n_out = self._flat_features()
-        a, b = init_factors(key, "linear", _init_kind(self.adapter_path, init), n_in, n_out, spec.r)
-        self.lora_A[name] = LoraParam(a.astype(jnp.float32))
-        self.lora_B[name] = LoraParam(b.astype(jnp.float32))
-        self._add_spec(name, spec)
-
-    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
-        t = jnp.transpose
-        return {"lora_A.weight": (self.lora_A, t, t), "lora_B.weight": (self.lora_B, t, t)}
-
-    def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
-        """``s * A @ B`` reshaped (and transposed) to the kernel's shape."""
-        spec = spec or self.spec(name)
-        return self._to_kernel(spec.scaling * (self.lora_A[name].get_value() @ self.lora_B[name].get_value()))
-
-    def merge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) + self.delta_weight(name)).astype(w.dtype))
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) - self.delta_weight(name)).astype(w.dtype))
-        self._mark_merged(name, False)
+        LoraLayer.check_lora(self, path, use_dora=use_dora, lora_bias=lora_bias, init=init)
 
 
 class LoraLinearGeneral(_FlatLora):
@@ -119,73 +76,23 @@ class LoraLinearGeneral(_FlatLora):
             )
         _FlatLora.check_lora(self, path, use_dora=use_dora, lora_bias=lora_bias, init=init)
 
-    def _flat_features(self) -> tuple[int, int]:
-        return math.prod(self.in_features), math.prod(self.out_features)
+    def _to_2d(self, w):
+        return w.reshape(math.prod(self.in_features), math.prod(self.out_features))
 
-    def _to_kernel(self, flat: jax.Array) -> jax.Array:
-        return flat.reshape(self.kernel.get_value().shape)
+    def _from_2d(self, w2):
+        return w2.reshape(self.kernel.get_value().shape)
 
-    def __call__(self, inputs, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        ndim = jnp.ndim(inputs)
-        axis = tuple(sorted(a % ndim for a in self.axis))  # flax pairs the sorted axes with the kernel's
-        for name, spec in live:
-            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}").astype(a.dtype)
-            a = a.reshape(*self.in_features, spec.r)
-            t = jax.lax.dot_general(h, a, ((axis, tuple(range(len(axis)))), ((), ())))
-            lora = (t @ b).reshape(*t.shape[:-1], *self.out_features)
-            y = y + (spec.scaling * lora).astype(y.dtype)
-        return y
+    def _branch(self, h, a, b):
+        axis = tuple(sorted(ax % h.ndim for ax in self.axis))  # flax pairs the sorted axes with the kernel's
+        t = jax.lax.dot_general(h, a.reshape(*self.in_features, a.shape[-1]), ((axis, tuple(range(len(axis)))), ((), ())))
+        return (t @ b).reshape(*t.shape[:-1], *self.out_features)
 
 
-class _EinsumSplit(NamedTuple):
-    """An einsum ``lhs,kernel->out`` factored through a rank axis: ``lhs,A->mid`` then ``mid,B->out``."""
-
-    to_rank: str  # "bsd,dr->bsr"
-    from_rank: str  # "bsr,rhk->bshk"
-    contracted: tuple[int, ...]  # kernel axes shared with the input only, in kernel order
-    produced: tuple[int, ...]  # kernel axes that appear in the output only, in kernel order
-
-
-def _split_einsum(einsum_str: str, where: str) -> _EinsumSplit:
-    eq = einsum_str.replace(" ", "")
-    inputs, out = eq.split("->")
-    lhs, kernel = inputs.split(",")
-
-    def unsupported(why: str) -> NotImplementedError:
-        return NotImplementedError(f"{where}: LoRA cannot factor einsum {einsum_str!r}: {why}")
-
-    if "..." in kernel:
-        raise unsupported("the kernel operand has an ellipsis")
-    if len(set(kernel)) != len(kernel):
-        raise unsupported("a kernel axis is repeated")
-    lhs_letters, out_letters = set(lhs.replace("...", "")), set(out.replace("...", ""))
-    contracted, produced = [], []
-    for i, c in enumerate(kernel):
-        if c in lhs_letters and c not in out_letters:
-            contracted.append(i)
-        elif c in out_letters and c not in lhs_letters:
-            produced.append(i)
-        elif c in lhs_letters:
-            raise unsupported(f"kernel axis {c!r} is a batch axis shared by input and output")
-        else:
-            raise unsupported(f"kernel axis {c!r} is summed over without touching the input")
-    rank = next(c for c in string.ascii_letters if c not in eq)
-    # the input's kept axes (ellipsis included), once each, in input order
-    kept, i = [], 0
-    while i < len(lhs):
-        token = "..." if lhs.startswith("...", i) else lhs[i]
-        if (token == "..." or token in out_letters) and token not in kept:
-            kept.append(token)
-        i += len(token)
-    mid = "".join(kept) + rank
-    a_axes = "".join(kernel[i] for i in contracted) + rank
-    b_axes = rank + "".join(kernel[i] for i in produced)
-    return _EinsumSplit(f"{lhs},{a_axes}->{mid}", f"{mid},{b_axes}->{out}", tuple(contracted), tuple(produced))
+def _split_einsum(einsum_str: str, where: str) -> EinsumFactor:
+    try:
+        return factor_einsum(einsum_str)
+    except ValueError as e:
+        raise NotImplementedError(f"{where}: LoRA cannot factor einsum {einsum_str!r}: {e}") from None
 
 
 class LoraEinsum(_FlatLora):
@@ -212,7 +119,7 @@ class LoraEinsum(_FlatLora):
         _split_einsum(self.einsum_str, f"{path} (Einsum)")
         _FlatLora.check_lora(self, path, use_dora=use_dora, lora_bias=lora_bias, init=init)
 
-    def _split(self, einsum_str: str | None = None) -> _EinsumSplit:
+    def _split(self, einsum_str: str | None = None) -> EinsumFactor:
         split = _split_einsum(self.einsum_str, self.adapter_path)
         if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
             other = _split_einsum(einsum_str, self.adapter_path)
@@ -227,30 +134,21 @@ class LoraEinsum(_FlatLora):
     def _kernel_dims(self) -> tuple[int, ...]:
         return tuple(self.kernel.get_value().shape)
 
-    def _flat_features(self) -> tuple[int, int]:
+    def _to_2d(self, w):
         split, dims = self._split(), self._kernel_dims()
-        return math.prod(dims[i] for i in split.contracted), math.prod(dims[i] for i in split.produced)
+        n_in = math.prod(dims[i] for i in split.contracted)
+        return w.transpose(split.contracted + split.produced).reshape(n_in, -1)
 
-    def _to_kernel(self, flat: jax.Array) -> jax.Array:
+    def _from_2d(self, w2):
         split, dims = self._split(), self._kernel_dims()
         order = split.contracted + split.produced
-        return flat.reshape([dims[i] for i in order]).transpose(np.argsort(order))
+        return w2.reshape([dims[i] for i in order]).transpose(np.argsort(order))
 
-    def __call__(self, inputs, einsum_str=None, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, inputs, einsum_str, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
+    def _branch(self, h, a, b, einsum_str=None):
         split, dims = self._split(einsum_str), self._kernel_dims()
-        a_shape = [dims[i] for i in split.contracted]
-        b_shape = [dims[i] for i in split.produced]
-        for name, spec in live:
-            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}").astype(a.dtype)
-            t = jnp.einsum(split.to_rank, h, a.reshape(*a_shape, spec.r))
-            lora = jnp.einsum(split.from_rank, t, b.reshape(spec.r, *b_shape))
-            y = y + (spec.scaling * lora).astype(y.dtype)
-        return y
+        r = a.shape[-1]
+        t = jnp.einsum(split.to_rank, h, a.reshape(*[dims[i] for i in split.contracted], r))
+        return jnp.einsum(split.from_rank, t, b.reshape(r, *[dims[i] for i in split.produced]))
 
 
 class _ConvView:
@@ -273,7 +171,7 @@ def _as_is(arrays, dtype=None):
     return arrays
 
 
-class LoraConv(KernelLora):
+class LoraConv(LoraLayer):
     """LoRA on ``nnx.Conv`` (channels-last, any number of spatial dims), as PEFT's ``ConvNd`` LoRA.
 
     ``A [*kernel_size, in, r]`` is convolved with the layer's strides, padding and dilations;
@@ -311,41 +209,19 @@ class LoraConv(KernelLora):
             raise NotImplementedError(f"{path} (Conv): LoRA on masked convolutions is not supported")
         if lora_bias and self.bias is None:
             raise NotImplementedError(f"{path} (Conv): lora_bias needs a base layer with a bias, to merge into")
-        _init_kind(path, init)
+        LoraLayer.check_lora(self, path, use_dora=use_dora, lora_bias=lora_bias, init=init)
 
-    def _init_factors(self, spec: LoraSpec, key, init) -> tuple[jax.Array, jax.Array]:
-        self.check_lora(self.adapter_path, use_dora=spec.use_dora, lora_bias=spec.lora_bias, init=init)
-        *k, c_in, c_out = self.kernel.get_value().shape
-        # PEFT initializes the torch conv weights, whose fan-in is in * prod(kernel_size)
-        a, b = init_factors(key, "linear", _init_kind(self.adapter_path, init), math.prod(k) * c_in, c_out, spec.r)
-        return a.reshape(*k, c_in, spec.r), b
+    def _to_2d(self, w):
+        return w.reshape(-1, w.shape[-1])  # [*k, in, out] -> [prod(k) * in, out], PEFT's fan-in
 
-    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
-        nd = len(self.kernel_size)
-        ones = (1,) * nd
-        a_to = (nd + 1, nd, *range(nd))  # [*k, in, r] -> [r, in, *k]
-        a_from = (*range(2, nd + 2), 1, 0)
+    def _from_2d(self, w2):
+        return w2.reshape(self.kernel.get_value().shape)
 
-        def b_to(b):
-            return b.T.reshape(b.shape[1], b.shape[0], *ones)
+    def _a_shape(self, n_in: int, r: int) -> tuple[int, ...]:
+        return (*self.kernel.get_value().shape[:-1], r)
 
-        def b_from(b):
-            return b.reshape(b.shape[0], b.shape[1]).T
-
-        return {
-            "lora_A.weight": (self.lora_A, lambda a: a.transpose(a_to), lambda a: a.transpose(a_from)),
-            "lora_B.weight": (self.lora_B, b_to, b_from),
-            "lora_B.bias": (self.lora_B_bias, _same, _same),
-            "lora_magnitude_vector": (
-                self.lora_magnitude_vector, lambda m: m.reshape(1, -1, *ones), lambda m: m.reshape(-1)
-            ),
-        }
-
-    def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
-        """``s * A·B`` as a ``[*k, in, out]`` kernel (exact because ``B`` is 1×1)."""
-        spec = spec or self.spec(name)
-        a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-        return spec.scaling * jnp.einsum("...ir,ro->...io", a, b)
+    def _n_spatial(self) -> int:
+        return len(self.kernel_size)
 
     def _conv(self, x: jax.Array, kernel: jax.Array, mask=None) -> jax.Array:
         """``x`` convolved with ``kernel`` as this layer would: no bias, no dtype promotion."""

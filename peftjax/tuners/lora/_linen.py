@@ -51,7 +51,6 @@ import functools
 import itertools
 import math
 import os
-import string
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
@@ -85,7 +84,21 @@ from peftjax.io._adapter import (
 )
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import validate_adapter_name
-from peftjax.tuners.lora._layer import LoraSpec, _decompose, canonical_init, decomposes, init_factors, unit_norm
+from peftjax.tuners.lora._math import (
+    EinsumFactor,
+    factor_einsum,
+    LoraSpec,
+    canonical_init,
+    check_init,
+    decomposes,
+    dora_factor,
+    dora_output,
+    init_weights,
+    kernel_from_torch,
+    kernel_to_torch,
+    merged_weight,
+    torch_layout,
+)
 from peftjax.tuners.lora._model import FAN_IN_FAN_OUT_LINEAR_WARNING
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
@@ -328,7 +341,7 @@ class _EinsumParts(NamedTuple):
     lhs: str
     rhs: str
     out: str
-    contracted: str  # kernel letters summed with the input, kernel order
+    factor: EinsumFactor  # A's and B's contractions
     produced: str  # kernel letters that reach the output, kernel order
     perm: tuple[int, ...]
     in_shape: tuple[int, ...]
@@ -342,25 +355,19 @@ def _einsum_str(m: nn.Module, args, kwargs) -> str:
 
 
 def _einsum_parts(eq: str, x, kernel_shape: tuple[int, ...]) -> _EinsumParts:
-    """Splits the kernel's letters into contracted and produced ones (ellipses resolved)."""
+    """The einsum with its ellipses resolved to letters, factored by ``_math.factor_einsum``."""
     ops, out, _ = opt_einsum.parser.parse_einsum_input((eq, x, jax.ShapeDtypeStruct(kernel_shape, jnp.float32)))
     lhs, rhs = ops.split(",")
-    if len(set(rhs)) != len(rhs):
-        raise ValueError(f"einsum {eq!r} repeats a kernel letter")
-    shared = [c for c in rhs if c in lhs and c in out]
-    if shared:
-        letters = "".join(shared)
-        raise ValueError(f"einsum {eq!r} has kernel batch letters {letters} that one low-rank pair cannot factor")
-    lonely = [c for c in rhs if c not in lhs and c not in out]
-    if lonely:
-        raise ValueError(f"einsum {eq!r} sums kernel letters {''.join(lonely)} on their own")
-    contracted = "".join(c for c in rhs if c in lhs)
-    produced = "".join(c for c in rhs if c in out)
-    perm = tuple(rhs.index(c) for c in contracted + produced)
-    in_shape = tuple(kernel_shape[rhs.index(c)] for c in contracted)
-    out_shape = tuple(kernel_shape[rhs.index(c)] for c in produced)
+    try:
+        factor = factor_einsum(f"{lhs},{rhs}->{out}")
+    except ValueError as e:
+        raise ValueError(f"einsum {eq!r}: {e}") from None
+    produced = "".join(rhs[i] for i in factor.produced)
+    perm = factor.contracted + factor.produced
+    in_shape = tuple(kernel_shape[i] for i in factor.contracted)
+    out_shape = tuple(kernel_shape[i] for i in factor.produced)
     out_perm = tuple(produced.index(c) for c in out if c in produced)
-    return _EinsumParts(lhs, rhs, out, contracted, produced, perm, in_shape, out_shape, out_perm)
+    return _EinsumParts(lhs, rhs, out, factor, produced, perm, in_shape, out_shape, out_perm)
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,13 +641,10 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
         raise ValueError(f"{where}/{info.kernel_name}: expected shape {list(expected)}, found {list(found)}")
     if adapter_name in (node.get("lora_A") or {}):
         raise ValueError(f"adapter {adapter_name!r} already exists on {info.name}")
-    if info.kind == "embed":
-        if lora.use_dora or lora.lora_bias:
-            raise NotImplementedError(f"{info.name}: DoRA and lora_bias on embeddings are not supported")
-        if isinstance(init, str) and init != "gaussian":
-            raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is not supported on embeddings")
-    if info.kind == "conv" and isinstance(init, str) and init != "gaussian":
-        raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is not supported on convolutions")
+    if info.kind == "embed" and (lora.use_dora or lora.lora_bias):
+        raise NotImplementedError(f"{info.name}: DoRA and lora_bias on embeddings are not supported")
+    # a DenseGeneral / Einsum kernel is a plain [n_in, n_out] matrix here, so PiSSA/OLoRA factor it
+    check_init(info.kind if info.kind in ("embed", "conv") else "linear", init, info.name)
     if lora.lora_bias and "bias" not in node:
         raise ValueError(f"{info.name}: lora_bias=True needs a base bias to merge into, and {where} has none")
 
@@ -653,23 +657,13 @@ def _init_adapter(info: LayerInfo, lora: LoraSpec, kernel, key, init) -> tuple[d
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one compile per layer, not one per op
 def _init_weights(info: LayerInfo, lora: LoraSpec, init, key, w):
-    n_in, n_out = math.prod(info.in_shape), math.prod(info.out_shape)
-    a_shape = info.kernel_shape[:-1] + (lora.r,) if info.kind == "conv" else (n_in, lora.r)
-    decompose = decomposes(init)
+    a_shape = info.kernel_shape[:-1] + (lora.r,) if info.kind == "conv" else (math.prod(info.in_shape), lora.r)
+    kind = "embed" if info.kind == "embed" else "linear"
 
     def one(k, w_one):
-        if decompose:
-            a, b, w_res = _decompose(init, _to_2d(info, w_one), lora, k)
-            w_one = _from_2d(info, w_res).astype(w_one.dtype)
-        else:
-            a, b = init_factors(k, "embed" if info.kind == "embed" else "linear", init, n_in, n_out, lora.r)
-        out = {"lora_A": a.astype(jnp.float32).reshape(a_shape), "lora_B": b.astype(jnp.float32)}
-        if lora.lora_bias:
-            out["lora_B_bias"] = jnp.zeros((n_out,), jnp.float32)
-        if lora.use_dora:
-            merged = _to_2d(info, w_one.astype(jnp.float32)) + lora.scaling * (a @ b)
-            out["lora_magnitude_vector"] = unit_norm(merged)
-        return out, w_one
+        out, residual = init_weights(k, kind, init, _to_2d(info, w_one), lora)
+        out["lora_A"] = out["lora_A"].reshape(a_shape)
+        return out, (w_one if residual is None else _from_2d(info, residual).astype(w_one.dtype))
 
     if not info.stacked:
         weights, new_w = one(key, w)
@@ -785,7 +779,6 @@ class _Call(NamedTuple):
     x: Any
     axes: tuple[int, ...] = ()  # DenseGeneral: the contracted input axes
     einsum: _EinsumParts | None = None
-    rank_letter: str = ""
 
 
 def _call_info(layer: LinenLayerSpec, module: nn.Module, args, kwargs) -> _Call:
@@ -794,9 +787,7 @@ def _call_info(layer: LinenLayerSpec, module: nn.Module, args, kwargs) -> _Call:
         return _Call(x, axes=tuple(a % x.ndim for a in _as_tuple(module.axis)))
     if layer.kind == "einsum":
         kernel_shape = tuple(_read(module, "kernel").shape)
-        parts = _einsum_parts(_einsum_str(module, args, kwargs), x, kernel_shape)
-        letter = next(c for c in string.ascii_letters if c not in parts.lhs + parts.rhs + parts.out)
-        return _Call(x, einsum=parts, rank_letter=letter)
+        return _Call(x, einsum=_einsum_parts(_einsum_str(module, args, kwargs), x, kernel_shape))
     return _Call(x)
 
 
@@ -830,9 +821,7 @@ def _down(layer: LinenLayerSpec, module: nn.Module, call: _Call, h, a):
         ak = a.reshape(layer.in_shape + (r,))
         return jax.lax.dot_general(h, ak, ((call.axes, tuple(range(len(call.axes)))), ((), ())))
     if layer.kind == "einsum":
-        e, R = call.einsum, call.rank_letter
-        keep = "".join(dict.fromkeys(c for c in e.lhs if c not in e.contracted))
-        return jnp.einsum(f"{e.lhs},{e.contracted}{R}->{keep}{R}", h, a.reshape(layer.in_shape + (r,)))
+        return jnp.einsum(call.einsum.factor.to_rank, h, a.reshape(layer.in_shape + (r,)))
     return _conv(module, h, a)  # conv: A is a kernel with r output channels, as PEFT's lora_A
 
 
@@ -841,9 +830,7 @@ def _up(layer: LinenLayerSpec, call: _Call, z, b):
     if layer.kind == "dense_general":
         return (z @ b).reshape(z.shape[:-1] + layer.out_shape)
     if layer.kind == "einsum":
-        e, R = call.einsum, call.rank_letter
-        keep = "".join(dict.fromkeys(c for c in e.lhs if c not in e.contracted))
-        return jnp.einsum(f"{keep}{R},{R}{e.produced}->{e.out}", z, b.reshape((b.shape[0],) + layer.out_shape))
+        return jnp.einsum(call.einsum.factor.from_rank, z, b.reshape((b.shape[0],) + layer.out_shape))
     return z @ b  # dense, conv (B is PEFT's 1x1 lora_B)
 
 
@@ -887,11 +874,10 @@ def _bias_like_output(layer: LinenLayerSpec, call: _Call, bias, ndim: int):
 
 
 def _dora_extra(layer, module, call, name, s: LoraSpec, h, hf, y, a, b, lora):
-    """PEFT's DoRA: ``(f - 1) * base(x) + f * s * lora`` with ``f = m / ||W + s A B||`` per output."""
+    """PEFT's DoRA (``_math.dora_output``), its per-output factor laid out like the output."""
     w = _read(module, layer.kernel_name).astype(jnp.float32)
-    weight = _to_2d(layer, w) + s.scaling * (a.reshape(-1, a.shape[-1]) @ b)
-    norm = jax.lax.stop_gradient(unit_norm(weight))
-    factor = _adapter_weight(module, layer, "lora_magnitude_vector", name) / norm
+    magnitude = _adapter_weight(module, layer, "lora_magnitude_vector", name)
+    factor = dora_factor(magnitude, _to_2d(layer, w), a, b, s.scaling)
     if s.dropout > 0 and h is not call.x:
         base = _linear(layer, module, call, hf, w)  # PEFT recomputes x @ W on the dropped-out input
     else:
@@ -899,8 +885,7 @@ def _dora_extra(layer, module, call, name, s: LoraSpec, h, hf, y, a, b, lora):
         base = y.astype(jnp.float32)
         if bias is not None:
             base = base - _bias_like_output(layer, call, bias.astype(jnp.float32), base.ndim)
-    ndim = lora.ndim
-    return _per_output(layer, call, factor - 1, ndim) * base + _per_output(layer, call, factor, ndim) * s.scaling * lora
+    return dora_output(_per_output(layer, call, factor, lora.ndim), base, lora, s.scaling)
 
 
 def _read(module: nn.Module, name: str):
@@ -994,10 +979,8 @@ def _merge_layer(layer: LinenLayerSpec, live, kernel, bias, weights):
 def _merged_kernel(layer: LinenLayerSpec, live, w, weights):
     w2 = _to_2d(layer, w.astype(jnp.float32))
     for name, s in live:
-        a, b = weights[name]["lora_A"], weights[name]["lora_B"]
-        w2 = w2 + s.scaling * (a.reshape(-1, a.shape[-1]) @ b)
-        if s.use_dora:
-            w2 = w2 * (weights[name]["lora_magnitude_vector"] / unit_norm(w2))[None, :]
+        ad = weights[name]
+        w2, _ = merged_weight(w2, ad["lora_A"], ad["lora_B"], s.scaling, ad.get("lora_magnitude_vector"))
     return _from_2d(layer, w2).astype(w.dtype)
 
 
@@ -1404,34 +1387,9 @@ def _t(a):
     return a.T
 
 
-def _kernel_to_torch(a):  # conv [*k, in, out] -> [out, in, *k]
-    nd = a.ndim - 2
-    return np.transpose(a, (nd + 1, nd, *range(nd)))
-
-
-def _kernel_from_torch(t):
-    nd = t.ndim - 2
-    return np.transpose(t, (*range(2, nd + 2), 1, 0))
-
-
 def _layer_layout(layer: LinenLayerSpec) -> dict[str, tuple[str, Any, Any]]:
     """``{params key: (file suffix, to_torch, from_torch)}`` of one layer's adapter weights."""
-    if layer.kind == "embed":
-        return {"lora_A": ("lora_embedding_A", _t, _t), "lora_B": ("lora_embedding_B", _t, _t)}
-    if layer.kind == "conv":
-        ones = (1,) * (len(layer.in_shape) - 1)
-        return {
-            "lora_A": ("lora_A.weight", _kernel_to_torch, _kernel_from_torch),
-            "lora_B": ("lora_B.weight", lambda b: b.T.reshape(b.T.shape + ones), lambda t: t.reshape(t.shape[:2]).T),
-            "lora_B_bias": ("lora_B.bias", _same, _same),
-            "lora_magnitude_vector": ("lora_magnitude_vector", lambda m: m.reshape((1, -1) + ones), np.ravel),
-        }
-    return {  # dense, and dense_general / einsum flattened to [prod(in), prod(out)]
-        "lora_A": ("lora_A.weight", _t, _t),
-        "lora_B": ("lora_B.weight", _t, _t),
-        "lora_B_bias": ("lora_B.bias", _same, _same),
-        "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same),
-    }
+    return torch_layout(layer.kind, len(layer.in_shape) - 1 if layer.kind == "conv" else 0)
 
 
 def _base_layout(layer: LinenLayerSpec, leaf: str) -> tuple[Any, Any] | None:
@@ -1443,7 +1401,7 @@ def _base_layout(layer: LinenLayerSpec, leaf: str) -> tuple[Any, Any] | None:
             lambda b: np.transpose(b.reshape(shown), np.argsort(perm)).reshape(-1),
             lambda t: np.transpose(t.reshape(layer.out_shape), perm),
         )
-    return {"dense": (_t, _t), "embed": (_same, _same), "conv": (_kernel_to_torch, _kernel_from_torch)}.get(layer.kind)
+    return {"dense": (_t, _t), "embed": (_same, _same), "conv": (kernel_to_torch, kernel_from_torch)}.get(layer.kind)
 
 
 def _saved_layout(saved: LinenSavedSpec, rel: tuple[str, ...], ndim: int) -> tuple[str, Any, Any]:
@@ -1452,7 +1410,7 @@ def _saved_layout(saved: LinenSavedSpec, rel: tuple[str, ...], ndim: int) -> tup
     if leaf == "kernel":
         kind = dict(saved.kinds).get(rel[:-1])
         if kind == "conv":
-            return "weight", _kernel_to_torch, _kernel_from_torch
+            return "weight", kernel_to_torch, kernel_from_torch
         if ndim == 2:
             return "weight", _t, _t
         where = ".".join((*saved.path, *rel))

@@ -1,0 +1,362 @@
+"""LoRA as pure functions of arrays: init, the DoRA rescaling, merge, and PEFT's torch layouts.
+
+Both front ends call these: the NNX layers (``_layer.py``, ``_layer_general.py``) and the Linen
+interceptors (``_linen.py``). Each sees a targeted kernel as a 2-D ``[n_in, n_out]`` matrix (a
+``LinearGeneral``/``Einsum`` kernel flattened, a conv kernel ``[*k, in, out]`` reshaped to
+``[prod(k) * in, out]``), ``A`` as ``[n_in, r]`` (a conv's ``A [*k, in, r]`` reshapes to it) and ``B``
+as ``[r, n_out]``, so each formula below is written once:
+
+    delta   s * A @ B
+    DoRA    f = m / ||W + s A B||  (per output unit, the norm detached from the gradient)
+            y = base(x) + (f - 1) * base(x) + f * s * lora(x)
+    merge   W' = W + s A B, then W' * m / ||W'|| with DoRA
+
+Float32 throughout; the callers cast back to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Static settings of one adapter on one layer.
+
+    Attributes:
+      r: the rank after ``rank_pattern``.
+      alpha: ``lora_alpha`` after ``alpha_pattern``.
+      scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+      dropout: dropout rate on the adapter input (not applied to embeddings, as in PEFT).
+      use_dora: weight-decomposed LoRA: a trainable magnitude per output unit.
+      lora_bias: ``lora_B`` has a bias.
+    """
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float = 0.0
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    @classmethod
+    def for_target(cls, config, name: str) -> "LoraSpec":
+        """The settings ``config`` gives the target ``name`` (its rank and alpha patterns applied)."""
+        r, alpha, scaling = config.scaling_for(name)
+        return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
+                   use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias))
+
+
+# --------------------------------------------------------------------------------------------
+# Init
+
+
+def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def canonical_init(init):
+    """``init_lora_weights`` as the layers compare it: PEFT matches ``"gaussian"`` and ``"olora"``
+    case-insensitively (``"Gaussian"``, ``"OLoRA"`` work there), every other string exactly."""
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+        return init.lower()
+    return init
+
+
+def decomposes(init) -> bool:
+    """Whether ``init`` (PiSSA, randomized PiSSA, OLoRA) rewrites the base weight."""
+    return isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
+
+
+def check_init(kind: str, init, where: str) -> None:
+    """Raises ``NotImplementedError`` naming ``where`` when layer ``kind`` cannot take ``init``.
+
+    PiSSA and OLoRA factor a plain 2-D weight (``kind == "linear"``); embeddings, convolutions
+    and the multi-axis layers (``"general"``) take the default, ``False`` or ``"gaussian"``.
+    """
+    if kind != "linear" and isinstance(init, str) and canonical_init(init) != "gaussian":
+        what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
+        raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
+
+
+def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
+    """Initial ``(A, B)`` in Flax layout, following PEFT's ``reset_lora_parameters``."""
+    init = canonical_init(init)
+    ka, kb = jax.random.split(key)
+    if kind == "embed":  # A: [num, r], B: [r, dim]
+        if init is False:
+            return jax.random.normal(ka, (in_features, r)), jax.random.normal(kb, (r, out_features))
+        return jnp.zeros((in_features, r)), jax.random.normal(kb, (r, out_features))
+    if init is False:  # nn.Linear's own init for both factors: not a no-op adapter
+        return kaiming_uniform(ka, (in_features, r), in_features), kaiming_uniform(kb, (r, out_features), r)
+    if init == "gaussian":
+        return jax.random.normal(ka, (in_features, r)) / r, jnp.zeros((r, out_features))
+    return kaiming_uniform(ka, (in_features, r), in_features), jnp.zeros((r, out_features))
+
+
+def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[dict, jax.Array | None]:
+    """One adapter's initial weights for a layer whose weight is ``w2 [n_in, n_out]``.
+
+    Returns ``({"lora_A", "lora_B", ["lora_B_bias"], ["lora_magnitude_vector"]}, residual)``,
+    float32, ``A`` as ``[n_in, r]``; ``residual`` is the base weight PiSSA/OLoRA leave behind
+    (``None`` for the other inits). DoRA's magnitude is ``||W + s A B||`` with ``W`` the base
+    weight after that rewrite, as PEFT computes it (for PiSSA/OLoRA that is the original weight).
+    """
+    n_in, n_out = w2.shape
+    residual = None
+    if decomposes(init):
+        a, b, residual = decompose(init, w2, spec, key)
+    else:
+        a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
+    weights = {"lora_A": a.astype(jnp.float32), "lora_B": b.astype(jnp.float32)}
+    if spec.lora_bias:
+        weights["lora_B_bias"] = jnp.zeros((n_out,), jnp.float32)
+    if spec.use_dora:
+        base = w2 if residual is None else residual
+        weights["lora_magnitude_vector"] = unit_norm(base.astype(jnp.float32) + delta(a, b, spec.scaling))
+    return weights, residual
+
+
+def decompose(init: str, w2: jax.Array, spec: LoraSpec, key: jax.Array):
+    """PiSSA (SVD) or OLoRA (QR) factors of ``W [n_in, n_out]`` and the residual ``W - s * A @ B``.
+
+    PEFT's ``pissa_init`` / ``olora_init``, computed in PEFT's ``[out, in]`` orientation and
+    returned in Flax layout. ``"pissa_niter_<N>"`` takes the top ``r`` singular triplets from
+    :func:`svd_lowrank` (``key`` draws its test matrix) instead of the full SVD. Whatever the
+    approximation, the residual is taken against the factors actually built, so
+    ``residual + s * A @ B`` is ``W`` to rounding and the adapted model starts as the base model.
+    """
+    wt = w2.astype(jnp.float32).T  # [out, in]
+    r, s = spec.r, spec.scaling
+    init = canonical_init(init)
+    if init.startswith("pissa"):
+        niter = pissa_niter(init)
+        if niter is None:
+            v, sv, uh = jnp.linalg.svd(wt, full_matrices=False)
+            vr, sr, uhr = v[:, :r], sv[:r], uh[:r]
+        else:
+            vr, sr, ur = svd_lowrank(wt, r, niter=niter, key=key)
+            uhr = ur.T
+        sr = sr / s
+        a = jnp.sqrt(sr)[:, None] * uhr  # [r, in]
+        b = vr * jnp.sqrt(sr)[None, :]  # [out, r]
+    else:
+        q, rr = jnp.linalg.qr(wt)
+        a, b = rr[:r], q[:, :r]
+    # HIGHEST: on GPU/TPU a default-precision f32 matmul (TF32 / bf16 passes) would leave the
+    # residual ~1e-3 off, and the adapted model would no longer start as the base model
+    residual = wt - s * jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
+    return a.T, b.T, residual.T
+
+
+def pissa_niter(init: str) -> int | None:
+    """``N`` of ``"pissa_niter_<N>"`` (``None`` for exact ``"pissa"``); the config has validated it."""
+    return None if init == "pissa" else int(init.removeprefix("pissa_niter_"))
+
+
+def svd_lowrank(a: jax.Array, q: int, *, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``torch.svd_lowrank(a, q, niter)``: a rank-``q`` randomized SVD ``a ~ U diag(S) V^T``.
+
+    Halko, Martinsson and Tropp (2009), Algorithm 5.1 on the basis of Algorithm 4.4, step for
+    step as torch's ``_lowrank.py``: a tall-oriented ``a`` ([m, n], m >= n; a wide one is
+    transposed), a Gaussian test matrix ``R [n, q]``, ``Q = qr(a R)``, then ``niter`` subspace
+    iterations ``Q = qr(a qr(a^T Q))``, and the exact SVD of the small ``Q^T a [q, n]``. The
+    error in the top singular subspace shrinks like ``(s_{q+1} / s_q) ** (2 niter + 1)``.
+    torch draws ``R`` from its global RNG; here ``key`` does, so the result is reproducible.
+
+    Args:
+      a: the ``[m, n]`` matrix.
+      q: the rank; a larger one gives ``min(m, n)`` triplets, as torch does.
+      niter: the number of subspace iterations (``>= 0``).
+      key: the PRNG key for the test matrix.
+
+    Returns:
+      ``(U [m, q], S [q], V [n, q])``, ``S`` descending.
+
+    Example:
+      >>> a = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))
+      >>> u, s, v = svd_lowrank(a, 2, niter=4, key=jax.random.key(0))
+      >>> u.shape, s.round(4).tolist(), v.shape
+      ((4, 2), [4.0, 2.0], (4, 2))
+    """
+    wide = a.shape[0] < a.shape[1]
+    if wide:
+        a = a.T
+    q = min(q, a.shape[1])  # torch also returns min(m, n) triplets then; this keeps the loop's shapes fixed
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    r = jax.random.normal(key, (a.shape[1], q), a.dtype)
+    basis = jnp.linalg.qr(mm(a, r))[0]
+
+    def iteration(_, basis):
+        return jnp.linalg.qr(mm(a, jnp.linalg.qr(mm(a.T, basis))[0]))[0]
+
+    basis = jax.lax.fori_loop(0, niter, iteration, basis)  # a loop, not niter unrolled copies, under jit
+    u, s, vh = jnp.linalg.svd(mm(basis.T, a), full_matrices=False)
+    u, v = mm(basis, u), vh.T
+    return (v, s, u) if wide else (u, s, v)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and merge
+
+
+def unit_norm(w: jax.Array) -> jax.Array:
+    """The norm of each output unit's weights (last axis) over every other axis: DoRA's ``‖W‖``.
+
+    On a ``[in, out]`` kernel this is PEFT's row norm of ``W[out, in]``.
+    """
+    return jnp.linalg.norm(w.astype(jnp.float32).reshape(-1, w.shape[-1]), axis=0)
+
+
+def delta(a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """``s * A @ B`` as ``[n_in, n_out]`` (``A``'s leading axes, a conv's ``[*k, in]``, flattened)."""
+    return scaling * (a.reshape(-1, a.shape[-1]) @ b)
+
+
+def dora_factor(magnitude: jax.Array, w2: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """DoRA's per-output factor ``m / ||W + s A B||``, the norm detached from the gradient (as PEFT)."""
+    norm = jax.lax.stop_gradient(unit_norm(w2.astype(jnp.float32) + delta(a, b, scaling)))
+    return magnitude / norm
+
+
+def dora_output(factor: jax.Array, base: jax.Array, lora: jax.Array, scaling: float) -> jax.Array:
+    """What DoRA adds to the base output: ``(f - 1) * base + f * s * lora``.
+
+    ``factor`` is shaped by the caller to broadcast over the output; ``base`` is the base layer's
+    output without its bias (PEFT recomputes it on the dropped-out input when dropout is on).
+    """
+    return (factor - 1) * base + factor * scaling * lora
+
+
+def merged_weight(w2, a, b, scaling: float, magnitude=None) -> tuple[jax.Array, jax.Array | None]:
+    """``W + s A B`` (float32), rescaled per output unit to ``magnitude`` with DoRA.
+
+    Returns the merged weight and, with DoRA, the norm it divided by (what :func:`unmerged_weight`
+    needs to undo it), else ``None``.
+    """
+    merged = w2.astype(jnp.float32) + delta(a, b, scaling)
+    if magnitude is None:
+        return merged, None
+    norm = unit_norm(merged)
+    return merged * (magnitude / norm), norm
+
+
+def unmerged_weight(w2, a, b, scaling: float, magnitude=None, norm=None) -> jax.Array:
+    """The inverse of :func:`merged_weight` (``norm`` is the one it returned)."""
+    w = w2.astype(jnp.float32)
+    if magnitude is not None:
+        w = w * (norm / magnitude)
+    return w - delta(a, b, scaling)
+
+
+class EinsumFactor(NamedTuple):
+    """An einsum ``lhs,kernel->out`` factored through a rank axis: ``lhs,A->mid`` then ``mid,B->out``.
+
+    The kernel is read as a linear map from its contracted axes (shared with the input only) to
+    its produced axes (in the output only); ``A`` holds the first, ``B`` the second, each in
+    kernel order.
+    """
+
+    to_rank: str  # "bsd,dr->bsr"
+    from_rank: str  # "bsr,rhk->bshk"
+    contracted: tuple[int, ...]  # kernel axes shared with the input only, in kernel order
+    produced: tuple[int, ...]  # kernel axes that appear in the output only, in kernel order
+
+
+def factor_einsum(einsum_str: str) -> EinsumFactor:
+    """Splits an einsum's kernel axes into contracted and produced ones; ellipses stay as they are.
+
+    Raises:
+      ValueError: the kernel cannot be factored so (says why): it has an ellipsis, a repeated
+        axis, an axis shared by input and output (a batch axis of the kernel), or one that
+        touches neither.
+    """
+    eq = einsum_str.replace(" ", "")
+    inputs, out = eq.split("->")
+    lhs, kernel = inputs.split(",")
+    if "..." in kernel:
+        raise ValueError("the kernel operand has an ellipsis")
+    if len(set(kernel)) != len(kernel):
+        raise ValueError("a kernel axis is repeated")
+    lhs_letters, out_letters = set(lhs.replace("...", "")), set(out.replace("...", ""))
+    contracted, produced = [], []
+    for i, c in enumerate(kernel):
+        if c in lhs_letters and c not in out_letters:
+            contracted.append(i)
+        elif c in out_letters and c not in lhs_letters:
+            produced.append(i)
+        elif c in lhs_letters:
+            raise ValueError(f"kernel axis {c!r} is a batch axis shared by input and output")
+        else:
+            raise ValueError(f"kernel axis {c!r} is summed over without touching the input")
+    rank = next(c for c in string.ascii_letters if c not in eq)
+    # the input's kept axes (ellipsis included), once each, in input order
+    kept, i = [], 0
+    while i < len(lhs):
+        token = "..." if lhs.startswith("...", i) else lhs[i]
+        if (token == "..." or token in out_letters) and token not in kept:
+            kept.append(token)
+        i += len(token)
+    mid = "".join(kept) + rank
+    a_axes = "".join(kernel[i] for i in contracted) + rank
+    b_axes = rank + "".join(kernel[i] for i in produced)
+    return EinsumFactor(f"{lhs},{a_axes}->{mid}", f"{mid},{b_axes}->{out}", tuple(contracted), tuple(produced))
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT's torch layouts
+
+
+def _same(a):
+    return a
+
+
+def _t(a):
+    return a.T
+
+
+def kernel_to_torch(a):
+    """A conv kernel ``[*k, in, out]`` as torch's ``[out, in, *k]``."""
+    nd = a.ndim - 2
+    return a.transpose((nd + 1, nd, *range(nd)))
+
+
+def kernel_from_torch(t):
+    """A torch conv weight ``[out, in, *k]`` as Flax's ``[*k, in, out]``."""
+    nd = t.ndim - 2
+    return t.transpose((*range(2, nd + 2), 1, 0))
+
+
+def torch_layout(kind: str, n_spatial: int = 0) -> dict:
+    """``{weight name: (PEFT file suffix, to_torch, from_torch)}`` of LoRA's weights on a layer.
+
+    ``kind`` is ``"embed"``, ``"conv"`` (with ``n_spatial`` kernel axes) or anything else for a
+    linear map, the multi-axis layers flattened to ``[n_in, n_out]``. The converters work on
+    NumPy and JAX arrays alike.
+    """
+    if kind == "embed":
+        return {"lora_A": ("lora_embedding_A", _t, _t), "lora_B": ("lora_embedding_B", _t, _t)}
+    if kind == "conv":
+        ones = (1,) * n_spatial
+        return {
+            "lora_A": ("lora_A.weight", kernel_to_torch, kernel_from_torch),
+            "lora_B": ("lora_B.weight", lambda b: b.T.reshape(b.T.shape + ones), lambda t: t.reshape(t.shape[:2]).T),
+            "lora_B_bias": ("lora_B.bias", _same, _same),
+            "lora_magnitude_vector": ("lora_magnitude_vector", lambda m: m.reshape((1, -1) + ones),
+                                      lambda t: t.reshape(-1)),
+        }
+    return {
+        "lora_A": ("lora_A.weight", _t, _t),
+        "lora_B": ("lora_B.weight", _t, _t),
+        "lora_B_bias": ("lora_B.bias", _same, _same),
+        "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same),
+    }
