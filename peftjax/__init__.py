@@ -2,7 +2,8 @@
 
 The public surface. HF PEFT's names (``LoraConfig``, ``get_peft_model``, ``PeftModel``) sit beside
 the functional core for JAX users (``split``, ``combine``, ``make_train_step``, ``optax_labels``,
-``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``), and PEFT's functional API for every
+``inject_lora``, ``merge``, ``unmerge``, ``dropout_key``, ``set_adapter_rows`` for a different
+adapter per batch row), and PEFT's functional API for every
 method (``inject_adapter_in_model``, ``get_peft_model_state_dict``, ``set_peft_model_state_dict``).
 Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage (``make_mesh``,
 ``shard_model``, ``load_sharded``).
@@ -46,9 +47,11 @@ from peftjax.tuners import (
     AdapterParam,
     LoraParam,
     TrainableParam,
+    clear_adapter_rows,
     inject_adapter_in_model,
     inject_lora,
     merge,
+    set_adapter_rows,
     unload,
     unmerge,
 )
@@ -75,6 +78,7 @@ __all__ = [
     "Trainer",
     "TrainableParam",
     "TrainingArguments",
+    "clear_adapter_rows",
     "combine",
     "dropout_key",
     "get_peft_model",
@@ -85,6 +89,7 @@ __all__ = [
     "merge",
     "optax_labels",
     "release_host_memory",
+    "set_adapter_rows",
     "set_peft_model_state_dict",
     "sharding",
     "split",

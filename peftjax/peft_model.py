@@ -35,6 +35,14 @@ def _to_host(x):
     return np.asarray(x)
 
 
+def _batch_size(args, kwargs) -> int | None:
+    """The batch size of a model call: its first array argument's leading axis."""
+    for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if x is not None and hasattr(x, "shape") and len(x.shape):
+            return int(x.shape[0])
+    return None
+
+
 def _count(state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
@@ -127,17 +135,63 @@ class PeftModel:
         config = self.peft_config.get(self.active_adapter)
         return None if config is None or self._disabled else tuner_for(config)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Runs the model with the active adapter, or with ``adapter_names``: one adapter per row.
+
+        ``adapter_names`` (PEFT's mixed batch) names each row's LoRA adapter, ``"__base__"`` for
+        none; rows are computed together, and any assignment of a given batch size reuses one
+        compiled function (see :meth:`mixed_batch` for a jitted function of the model).
+        """
         self._check_live("run the model")
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return self.base_model(*args, **kwargs)
         tuner = self._active_tuner()
         if tuner is not None and tuner.forward is not None:
             return tuner.forward(self, self.active_adapter, args, kwargs)
         return self.base_model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str], batch_size: int | None = None):
+        """Inside the block, row ``i`` of every call uses adapter ``adapter_names[i]``.
+
+        The assignment is model state (an index per row), so an ``nnx.jit``-ed function of the
+        model compiles once for every assignment of a given batch size.
+
+        Raises:
+          ValueError: an unknown name, a length other than ``batch_size``, an adapter with DoRA
+            (PEFT's messages), or a non-LoRA adapter.
+        """
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple):
+            raise TypeError(f"adapter_names: expected a list of str, one per row, got {adapter_names!r}")
+        if batch_size is not None and len(adapter_names) != batch_size:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {batch_size} respectively."
+            )
+        tuner_base.adapter_index(adapter_names, tuple(self.peft_config))  # unknown names, before anything runs
+        for name in dict.fromkeys(n for n in adapter_names if n in self.peft_config):
+            config = self.peft_config[name]
+            if config.peft_type != "LORA":
+                raise ValueError(f"adapter_names: {name!r} is a {config.peft_type} adapter; mixed batches take LoRA adapters")
+            if getattr(config, "use_dora", False):
+                raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        # every adapter that can serve a row, whichever are used: the same state structure (and
+        # so the same compiled function) for every assignment
+        names = tuple(n for n, c in self.peft_config.items() if c.peft_type == "LORA" and not getattr(c, "use_dora", False))
+        tuner_base.set_adapter_rows(self.base_model, list(adapter_names), names)
+        try:
+            yield self
+        finally:
+            tuner_base.clear_adapter_rows(self.base_model)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} has no generate method")
         self._check_live("generate")
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return self.base_model.generate(*args, **kwargs)
         tuner = self._active_tuner()
         if tuner is not None and tuner.generate is not None:
             return tuner.generate(self, self.active_adapter, args, kwargs)

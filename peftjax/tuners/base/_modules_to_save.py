@@ -12,13 +12,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.tuners.base._layer import mixin_subclass, original_class
+from peftjax.tuners.base._rows import pick_rows, rows_of
 from peftjax.tuners.base._variables import TrainableParam
 
 
 class SavedModule(abc.ABC):
     """Mixin for a ``modules_to_save`` layer: each adapter trains its own full copy."""
 
+    supports_adapter_rows = True
+
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self.modules_to_save)
+
     def __call__(self, *args, **kwargs):
+        mixed = rows_of(self)
+        if mixed is not None and not self.saved_disabled:  # each row takes its adapter's copy
+            rows, names = mixed
+            base = self._peftjax_base.__call__(self, *args, **kwargs)
+            copies = [self.modules_to_save[n](*args, **kwargs) if n in self.modules_to_save else base for n in names]
+            return pick_rows(rows, copies, base)
         for name in self.saved_active:
             if name in self.modules_to_save and not self.saved_disabled:
                 return self.modules_to_save[name](*args, **kwargs)

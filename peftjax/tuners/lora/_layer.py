@@ -19,6 +19,7 @@ from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
+from peftjax.tuners.base._rows import per_row, rows_of
 from peftjax.tuners.lora._math import (
     LoraSpec,
     check_init,
@@ -54,6 +55,7 @@ class LoraLayer(AdapterDictLayer):
     # "linear", "embed", "conv" or "general": what init it takes and its PEFT file layout
     lora_kind: str = "linear"
     weight_attr: str = "kernel"
+    supports_adapter_rows = True  # a different adapter per batch row (PEFT's ``adapter_names``)
 
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         """Raises for settings this layer kind cannot take; called before anything is changed.
@@ -113,6 +115,9 @@ class LoraLayer(AdapterDictLayer):
 
     def __call__(self, inputs, *args, **kwargs):
         y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
+        mixed = rows_of(self)
+        if mixed is not None:
+            return self._mixed_batch(*mixed, inputs, y, *args, **kwargs)
         for name, spec in self._live_adapters():
             a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
             if self.lora_kind == "embed":  # PEFT applies no dropout to embeddings
@@ -136,6 +141,45 @@ class LoraLayer(AdapterDictLayer):
                 extra = spec.scaling * lora
             y = y + extra.astype(y.dtype)
         return y
+
+    def _mixed_batch(self, rows, names, inputs, y, *args, **kwargs):
+        """Row ``i`` adds adapter ``names[rows[i]]`` (none past the end): one gathered matmul per factor.
+
+        Every adapter is padded to the largest rank with zeros, which adds nothing; an adapter
+        this layer lacks is all zeros. No dropout: mixed batches are for inference, as in PEFT.
+        """
+        if self.adapter_disabled:
+            return y
+        if self.adapter_merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        specs = dict(self.adapter_specs)
+        present = [n for n in names if n in specs]
+        if not present:
+            return y
+        if any(specs[n].use_dora for n in present):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        r = max(specs[n].r for n in present)
+        a0, b0 = self.lora_A[present[0]].get_value(), self.lora_B[present[0]].get_value()
+        zeros_a, zeros_b = jnp.zeros(a0.shape[:-1] + (r,), a0.dtype), jnp.zeros((r, b0.shape[-1]), b0.dtype)
+
+        def pad(v, axis):
+            return jnp.pad(v, [(0, r - v.shape[axis]) if i == axis % v.ndim else (0, 0) for i in range(v.ndim)])
+
+        a_rows = jnp.stack([pad(self.lora_A[n].get_value(), -1) if n in specs else zeros_a for n in names]
+                           + [zeros_a])[rows]
+        b_rows = jnp.stack([pad(self.lora_B[n].get_value(), 0) if n in specs else zeros_b for n in names]
+                           + [zeros_b])[rows]
+        scaling = jnp.asarray([specs[n].scaling if n in specs else 0.0 for n in names] + [0.0], jnp.float32)[rows]
+        h = inputs if self.lora_kind == "embed" else inputs.astype(a0.dtype)
+        lora = jax.vmap(lambda h1, a1, b1: self._branch(h1[None], a1, b1, *args, **kwargs)[0])(h, a_rows, b_rows)
+        if any(specs[n].lora_bias for n in present):
+            zeros = jnp.zeros((b0.shape[-1],), jnp.float32)
+            bias = jnp.stack([self.lora_B_bias[n].get_value() if n in specs and specs[n].lora_bias else zeros
+                              for n in names] + [zeros])[rows]
+            lora = lora + bias.reshape(rows.shape + (1,) * (lora.ndim - 2) + bias.shape[-1:])
+        return y + (per_row(rows, scaling, lora.ndim) * lora).astype(y.dtype)
 
     def merge_adapter(self, name: str) -> None:
         spec = self.spec(name)
