@@ -78,6 +78,7 @@ class PeftModel:
         self.peft_config: dict[str, PeftConfig] = {}
         self.key_mapping = key_mapping
         self.active_adapter = adapter_name
+        self._active_adapters = [adapter_name]
         self.add_adapter(adapter_name, peft_config, key=key)
         self.set_adapter(adapter_name)
 
@@ -92,20 +93,43 @@ class PeftModel:
         tuner = tuner_for(config)
         key = default_key(adapter_name) if key is None else key
         self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
-        tuner_base.set_active_adapters(self.base_model, (self.active_adapter,))
+        tuner_base.set_active_adapters(self.base_model, tuple(self.active_adapters))
         if config.inference_mode:
             tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Makes ``adapter_name`` the active adapter."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        tuner_base.set_active_adapters(self.base_model, (adapter_name,))
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Makes ``adapter_name`` the active adapter, or a list of names several at once.
+
+        Several active adapters add their outputs, as PEFT's ``LoraModel.set_adapter([...])``
+        does; they must be of one layer method (LoRA, IA³, bottleneck), and at most one of them
+        may own a ``modules_to_save`` copy of a given module.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"no adapter {unknown[0] if unknown else adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        if len(names) > 1:
+            types = {self.peft_config[n].peft_type for n in names}
+            if len(types) > 1 or self.peft_config[names[0]].is_prompt_learning:
+                raise ValueError(
+                    f"set_adapter({names}): several active adapters must be of one layer method (LoRA, IA3 or "
+                    f"bottleneck), found {sorted(types)}"
+                )
+            for path, module in tuner_base.named_modules(self.base_model).items():
+                owners = [n for n in names if n in getattr(module, "modules_to_save", ())]
+                if isinstance(module, tuner_base.SavedModule) and len(owners) > 1:
+                    raise ValueError(
+                        f"set_adapter({names}): {owners} each have a modules_to_save copy of {path}; only one "
+                        "can replace it"
+                    )
+        self.active_adapter = names[0]
+        self._active_adapters = names
+        tuner_base.set_active_adapters(self.base_model, tuple(names))
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        """The active adapters (several after ``set_adapter([...])``)."""
+        return list(self._active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes an adapter's weights and config."""
@@ -113,8 +137,10 @@ class PeftModel:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         tuner_base.delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
+        self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_config), None)
+            self.active_adapter = self._active_adapters[0] if self._active_adapters else next(iter(self.peft_config), None)
+            self._active_adapters = [self.active_adapter] if self.active_adapter else []
             tuner_base.set_active_adapters(self.base_model, (self.active_adapter,) if self.active_adapter else ())
 
     @contextlib.contextmanager
@@ -417,6 +443,7 @@ class PeftModel:
         config = config or load_config(model_id)
         peft = cls.__new__(cls)
         peft.base_model, peft.peft_config, peft.key_mapping, peft.active_adapter = model, {}, key_mapping, adapter_name
+        peft._active_adapters = [adapter_name]
         peft._disabled = False
         peft._load(model_id, adapter_name, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
                    strict=strict)

@@ -204,3 +204,20 @@ def test_scanned_layers_take_mixed_batches(files):
     model.load_adapter(files / "b", adapter_name="b")
     np.testing.assert_allclose(np.asarray(model(input_ids=IDS, adapter_names=ROWS).logits),
                                np.asarray(plain(input_ids=IDS, adapter_names=ROWS).logits), atol=1e-5, rtol=0)
+
+
+def test_several_active_adapters_add_as_in_peft(files):
+    """``set_adapter(["a", "b"])``: both adapters' outputs add, as PEFT's ``base_model.set_adapter``."""
+    ours = load_ours(files)
+    ours.set_adapter(["a", "b"])
+    assert ours.active_adapters == ["a", "b"]
+    both = np.asarray(ours(input_ids=IDS).logits)
+    theirs = load_peft(files)
+    theirs.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        expected = theirs(input_ids=torch.from_numpy(IDS)).logits.numpy()
+    np.testing.assert_allclose(both, expected, atol=1e-5, rtol=0)
+    ours.set_adapter("a")
+    assert np.abs(np.asarray(ours(input_ids=IDS).logits) - both).max() > 1e-3
+    with pytest.raises(ValueError, match="no adapter 'c'"):
+        ours.set_adapter(["a", "c"])
