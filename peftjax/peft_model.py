@@ -296,6 +296,112 @@ class PeftModel:
     def unmerge_adapter(self) -> None:
         tuner_base.unmerge(self.base_model)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        *,
+        key: jax.Array | None = None,
+    ) -> None:
+        """Adds ``adapter_name``, the LoRA adapters ``adapters`` combined with ``weights``, as PEFT does.
+
+        ``combination_type`` is one of PEFT's: ``svd``, ``linear``, ``cat``, ``ties``, ``ties_svd``,
+        ``dare_ties``, ``dare_linear``, ``dare_ties_svd``, ``dare_linear_svd``, ``magnitude_prune``,
+        ``magnitude_prune_svd`` (the rules are public in ``peftjax.tuners.lora``). The new
+        adapter has rank ``r = lora_alpha =`` the combined rank (equal ranks for ``linear``,
+        ``ties``, ``dare_*`` and ``magnitude_prune``; their sum for ``cat``; ``svd_rank`` or the
+        largest for the ``*svd`` types), targets the union of the targets, is frozen and is not
+        activated, as in PEFT. ``svd_full_matrices`` does not change the result and
+        ``svd_driver`` is torch's CUDA option; both are accepted for PEFT's signature.
+
+        Args:
+          key: draws DARE's random pruning masks (PEFT draws them from torch's global RNG).
+
+        Raises:
+          ValueError: ``adapter_name`` exists (PEFT returns silently, leaving the old adapter),
+            an unknown adapter, a non-LoRA or DoRA adapter, ``weights`` of another length,
+            ranks that the type cannot combine, a missing ``density``, or several of the
+            adapters owning ``modules_to_save`` copies of one module.
+        """
+        from peftjax.tuners.lora import LoraLayer
+        from peftjax.tuners.lora._combine import COMBINATION_TYPES, SAME_RANK, combined_factors
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name")
+        if not adapters:
+            raise ValueError("add_weighted_adapter: adapters is empty")
+        for name in adapters:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} does not exist (adapters: {sorted(self.peft_config)})")
+            config = self.peft_config[name]
+            if config.peft_type != "LORA" or config.use_dora:
+                what = "a DoRA" if config.peft_type == "LORA" else f"a {config.peft_type}"
+                raise ValueError(f"add_weighted_adapter: {name!r} is {what} adapter; only plain LoRA adapters combine")
+        if len(weights) != len(adapters):
+            raise ValueError(f"weights: expected one per adapter ({len(adapters)}), got {len(weights)}")
+        if combination_type not in COMBINATION_TYPES:
+            raise ValueError(f"Invalid combination_type: {combination_type} (one of {', '.join(COMBINATION_TYPES)})")
+        if majority_sign_method not in ("total", "frequency"):
+            raise ValueError(f"majority_sign_method: expected 'total' or 'frequency', got {majority_sign_method!r}")
+        combination_type = "linear" if len(adapters) == 1 else combination_type
+        if density is None and combination_type.removesuffix("_svd") in (
+            "ties", "dare_ties", "dare_linear", "magnitude_prune"
+        ):
+            raise ValueError(f"combination_type={combination_type!r} prunes: pass density (a fraction in [0, 1])")
+        for path, module in tuner_base.named_modules(self.base_model).items():
+            owners = [n for n in adapters if n in getattr(module, "modules_to_save", ())]
+            if isinstance(module, tuner_base.SavedModule) and len(owners) > 1:
+                raise ValueError(
+                    "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                    f"{path} with copies for {owners}."
+                )
+        configs = [self.peft_config[n] for n in adapters]
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        if combination_type in SAME_RANK:
+            if len(set(ranks)) != 1:
+                raise ValueError(
+                    "All adapters must have the same r value when using combination_type linear, ties, dare_ties or "
+                    f"dare_linear (ranks: {dict(zip(adapters, ranks))})."
+                )
+            new_rank = ranks[0]
+        elif combination_type == "cat":
+            new_rank = sum(ranks)
+        else:
+            new_rank = svd_rank or max(ranks)
+        targets = [c.target_modules for c in configs]
+        if len({isinstance(t, str) for t in targets}) > 1:
+            raise ValueError(
+                "all adapter configs should follow the same target modules type. "
+                "Combining adapters with `target_modules` type being a mix of list/set and string is not supported."
+            )
+        if isinstance(targets[0], str):
+            new_targets = "|".join(f"({t})" for t in targets)
+        else:
+            new_targets = tuple(dict.fromkeys(name for t in targets for name in t))
+        # the factors are overwritten below; a decomposing init would rewrite the base weights
+        new_config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
+                                         alpha_pattern={}, rank_pattern={}, init_lora_weights=True)
+        self.add_adapter(adapter_name, new_config)
+        key = jax.random.key(0) if key is None else key
+        layers = [m for m in tuner_base.named_modules(self.base_model).values()
+                  if isinstance(m, LoraLayer) and adapter_name in m.adapter_names()]
+        for i, layer in enumerate(layers):
+            a, b = combined_factors(layer, combination_type, adapters, weights, new_rank, density=density,
+                                    majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+                                    key=jax.random.fold_in(key, i))
+            for store, value in ((layer.lora_A, a), (layer.lora_B, b)):
+                current = store[adapter_name].get_value()
+                store[adapter_name].set_value(value.astype(current.dtype).reshape(current.shape))
+        tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
+
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nnx.Module:
         """Merges the active adapters and returns the bare model (no adapter layers left)."""
         self._check_live("merge the adapters")

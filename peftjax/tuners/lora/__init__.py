@@ -6,6 +6,8 @@
 - ``_layer.py``: ``LoraLayer``, the init/forward/DoRA/merge/file layout every NNX layer kind
   shares, and ``LoraLinear``/``LoraEmbed``.
 - ``_layer_general.py``: ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``.
+- ``_combine.py``: ``add_weighted_adapter``'s merge rules (task arithmetic, TIES, DARE, magnitude
+  pruning; PEFT's ``merge_utils``) and per-layer combination.
 - ``_model.py``: ``inject_lora`` and PEFT's ``fan_in_fan_out`` rule.
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
 
@@ -13,6 +15,7 @@ The file layout is each layer's ``peft_layout``, read and written by the base tu
 """
 
 from peftjax.config import LoraConfig
+from peftjax.tuners.lora._combine import dare_linear, dare_ties, magnitude_prune, prune, task_arithmetic, ties
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraEmbed, LoraLayer, LoraLinear
 from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
@@ -20,6 +23,12 @@ from peftjax.tuners.lora._model import inject_lora, lora_layers
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "dare_linear",
+    "dare_ties",
+    "magnitude_prune",
+    "prune",
+    "task_arithmetic",
+    "ties",
     "LoraConfig",
     "LoraConv",
     "LoraEinsum",
