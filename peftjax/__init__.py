@@ -31,6 +31,7 @@ from peftjax.peft_model import (
     set_peft_model_state_dict,
 )
 from peftjax.auto import AutoPeftModel
+from peftjax.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftjax.training import (
     Trainer,
     TrainingArguments,
@@ -83,11 +84,13 @@ __all__ = [
     "dropout_key",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "inject_adapter_in_model",
     "inject_lora",
     "make_train_step",
     "merge",
     "optax_labels",
+    "prepare_model_for_compiled_hotswap",
     "release_host_memory",
     "set_adapter_rows",
     "set_peft_model_state_dict",

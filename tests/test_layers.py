@@ -18,7 +18,7 @@ LAYERS = [
     ("nn",),  # pure-JAX pieces models and adapters share (the dropout key)
     ("models",),  # the bundled NNX models and their HF checkpoints
     ("tuners",),  # PEFT methods on the base tuner
-    ("peft_model", "auto"),  # the PeftModel API
+    ("peft_model", "auto", "hotswap"),  # the PeftModel API
     ("linen", "sharding"),  # Linen front end, device meshes
     ("training",),  # train step, Trainer
     ("data",),  # datasets for the CLI and examples
