@@ -80,7 +80,7 @@ class PeftModel:
         self.active_adapter = adapter_name
         self._active_adapters = [adapter_name]
         self.add_adapter(adapter_name, peft_config, key=key)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
 
     # ------------------------------------------------------------ adapters
 
@@ -97,8 +97,11 @@ class PeftModel:
         if config.inference_mode:
             tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Makes ``adapter_name`` the active adapter, or a list of names several at once.
+
+        As in PEFT, the active adapters of layer methods become trainable and the others
+        frozen; with ``inference_mode`` the active ones are frozen too.
 
         Several active adapters add their outputs, as PEFT's ``LoraModel.set_adapter([...])``
         does; they must be of one layer method (LoRA, IA³, bottleneck), and at most one of them
@@ -125,6 +128,9 @@ class PeftModel:
         self.active_adapter = names[0]
         self._active_adapters = names
         tuner_base.set_active_adapters(self.base_model, tuple(names))
+        for name, config in self.peft_config.items():
+            if not config.is_prompt_learning:
+                tuner_base.set_adapter_trainable(self.base_model, name, name in names and not inference_mode)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -288,10 +294,14 @@ class PeftModel:
 
     # ------------------------------------------------------------ merging
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Folds the active (or named) adapters into the base weights; reversible."""
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Folds the active (or named) adapters into the base weights; reversible.
+
+        ``safe_merge`` checks the merged weights for NaN/inf and, finding any, leaves the model
+        as it was and raises ``ValueError``.
+        """
         self._check_live("merge the adapters")
-        tuner_base.merge(self.base_model, tuple(adapter_names) if adapter_names else None)
+        tuner_base.merge(self.base_model, tuple(adapter_names) if adapter_names else None, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         tuner_base.unmerge(self.base_model)
@@ -402,17 +412,51 @@ class PeftModel:
                 store[adapter_name].set_value(value.astype(current.dtype).reshape(current.shape))
         tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nnx.Module:
-        """Merges the active adapters and returns the bare model (no adapter layers left)."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nnx.Module:
+        """Merges the active (or named) adapters and returns the bare model (no adapter layers left).
+
+        PEFT's signature; ``progressbar`` is accepted and ignored. With ``safe_merge`` a merge that
+        produces NaN/inf raises ``ValueError`` and leaves the model (adapters included) as it was.
+        """
         self._check_live("merge the adapters")
-        return tuner_base.unload(
-            self.base_model, merge_first=True, adapter_names=tuple(adapter_names) if adapter_names else None
-        )
+        names = tuple(adapter_names) if adapter_names else None
+        if safe_merge:
+            tuner_base.merge(self.base_model, names, safe_merge=True)
+        return tuner_base.unload(self.base_model, merge_first=True, adapter_names=names)
 
     def unload(self) -> nnx.Module:
         """Removes every adapter without merging and returns the bare model."""
         tuner_base.unmerge(self.base_model)
         return tuner_base.unload(self.base_model, merge_first=False)
+
+    def get_layer_status(self) -> list[tuner_base.TunerLayerStatus]:
+        """Each adapter layer's status, with PEFT's fields (``name``, ``module_type``, ``enabled``,
+        ``active_adapters``, ``merged_adapters``, ``requires_grad``, ``available_adapters``, ``devices``)."""
+        self._check_status()
+        statuses = tuner_base.get_layer_status(self.base_model)
+        for status in statuses:  # as in PEFT, every adapter layer reports the model's active adapters
+            if status.module_type != "ModulesToSaveWrapper":
+                status.active_adapters = list(self.active_adapters)
+        return statuses
+
+    def get_model_status(self) -> tuner_base.TunerModelStatus:
+        """The model's status, with PEFT's fields; ``"irregular"`` where the layers disagree."""
+        self._check_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        types = {n: c.peft_type for n, c in self.peft_config.items()}
+        tuner = {"LORA": "LoraModel", "IA3": "IA3Model"}.get(types[self.active_adapter],
+                                                            f"{types[self.active_adapter].title()}Model")
+        return tuner_base.get_model_status(
+            self.base_model, base_model_type=type(self.base_model).__name__, adapter_model_type=tuner,
+            peft_types=types, trainable_params=trainable, total_params=total, layers=self.get_layer_status(),
+        )
+
+    def _check_status(self) -> None:
+        if any(c.is_prompt_learning for c in self.peft_config.values()):
+            raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt "
+                            "are not supported.")
 
     # ------------------------------------------------------------ files
 
@@ -553,7 +597,7 @@ class PeftModel:
         peft._disabled = False
         peft._load(model_id, adapter_name, config, is_trainable=is_trainable, allow_pickle=allow_pickle,
                    strict=strict)
-        peft.set_adapter(adapter_name)
+        peft.set_adapter(adapter_name, inference_mode=not is_trainable)
         return peft
 
     def load_adapter(

@@ -181,3 +181,49 @@ def test_bad_combinations_fail_before_anything_changes(files):
         with pytest.raises(ValueError, match=message):
             ours.add_weighted_adapter(**kw)
         assert set(ours.peft_config) == before
+
+
+# ---------------------------------------------------------------- status and safe merging
+
+
+def status_fields(statuses):
+    keep = ("name", "module_type", "enabled", "active_adapters", "merged_adapters", "requires_grad",
+            "available_adapters", "devices")
+    return sorted(tuple(str(getattr(s, k)) for k in keep) for s in statuses)
+
+
+def test_layer_and_model_status_match_peft(files):
+    ours, theirs = ours_with(files, ["a", "b"]), peft_with(files, ["a", "b"])
+    for model in (ours, theirs):
+        model.set_adapter("b")
+        model.merge_adapter()  # b merged where it lives, a not: merged is regular, b only
+    assert status_fields(ours.get_layer_status()) == status_fields(theirs.get_layer_status())
+    mine, peft_status = ours.get_model_status(), theirs.get_model_status()
+    for field in ("adapter_model_type", "peft_types", "trainable_params", "total_params", "num_adapter_layers",
+                  "enabled", "active_adapters", "merged_adapters", "requires_grad", "available_adapters", "devices"):
+        theirs_value = getattr(peft_status, field)
+        if field == "peft_types":
+            theirs_value = {k: str(v).rpartition(".")[-1] for k, v in theirs_value.items()}
+        assert getattr(mine, field) == theirs_value, field
+    assert mine.base_model_type == peft_status.base_model_type == "LlamaForCausalLM"
+    # set_adapter makes the active adapter trainable and the others frozen, as in PEFT
+    assert mine.merged_adapters == ["b"] and mine.requires_grad == {"a": False, "b": True}
+
+
+def test_safe_merge_refuses_a_broken_adapter_and_keeps_the_model(files):
+    ours = ours_with(files, ["a", "b"])
+    before = np.asarray(ours(input_ids=IDS).logits)
+    layer = ours.base_model.model.layers[1].self_attn.v_proj
+    good = layer.lora_B["a"].get_value()
+    layer.lora_B["a"].set_value(good.at[0, 0].set(np.nan))
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter a seems to be broken"):
+        ours.merge_adapter(safe_merge=True)
+    assert all(not s.merged_adapters for s in ours.get_layer_status())
+    q0 = ours.base_model.model.layers[0].self_attn.q_proj  # merged before the broken layer, put back
+    assert not q0.merged_adapter_names()
+    with pytest.raises(ValueError, match="NaNs detected"):
+        ours.merge_and_unload(safe_merge=True)
+    layer.lora_B["a"].set_value(good)
+    np.testing.assert_allclose(np.asarray(ours(input_ids=IDS).logits), before, atol=1e-6)
+    merged = ours.merge_and_unload(safe_merge=True, adapter_names=["a"])
+    np.testing.assert_allclose(np.asarray(merged(input_ids=IDS).logits), before, atol=1e-5)

@@ -5,6 +5,7 @@
 - ``_modules_to_save.py``: the trainable full copies of ``modules_to_save`` layers.
 - ``_model.py``: the model-wide operations (walk, activate, disable, merge, unload, delete).
 - ``_state_dict.py``: the one PEFT state-dict walk for layer methods.
+- ``_status.py``: PEFT's ``get_layer_status`` / ``get_model_status``.
 - ``_rows.py``: mixed batches, a different adapter per row (PEFT's ``adapter_names``).
 """
 
@@ -27,6 +28,7 @@ from peftjax.tuners.base._model import (
     validate_adapter_name,
 )
 from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
+from peftjax.tuners.base._status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftjax.tuners.base._rows import BASE, AdapterRows, adapter_index, clear_adapter_rows, set_adapter_rows
 from peftjax.tuners.base._state_dict import (
     layer_state_dict,
@@ -45,6 +47,10 @@ from peftjax.tuners.base._variables import (
 )
 
 __all__ = [
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "BASE",
     "AdapterRows",
     "adapter_index",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import PeftConfig, add_task_modules_to_save, expand_all_linear, is_all_linear, match_modules
@@ -119,19 +121,49 @@ def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool)
                     setattr(copy, attr, (TrainableParam if trainable else nnx.Param)(var.get_value()))
 
 
-def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None) -> None:
-    """Folds the active (or the named) adapters into the base weights (for inference and export)."""
+def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, safe_merge: bool = False) -> None:
+    """Folds the active (or the named) adapters into the base weights (for inference and export).
+
+    With ``safe_merge``, the merged weights are checked for NaN and infinite values; if any
+    layer has them, every layer is put back as it was (the arrays are immutable, so keeping the
+    old ones is free) and ``ValueError`` names the adapter and the layer. PEFT checks layer by
+    layer and leaves the layers before the broken one merged.
+    """
     from peftjax.models._scan import has_stacked_layers, unstacked
 
     if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
         with unstacked(model, write=True):
-            return merge(model, adapter_names)
-    for m in named_modules(model).values():
-        if isinstance(m, AdapterLayer):
-            names = adapter_names if adapter_names is not None else m.active_adapter_names()
-            for name in names:
-                if name in m.adapter_names() and name not in m.merged_adapter_names():
-                    m.merge_adapter(name)
+            return merge(model, adapter_names, safe_merge=safe_merge)
+    layers = [m for m in named_modules(model).values() if isinstance(m, AdapterLayer)]
+    before = [(m, _param_values(m), m.merged_adapter_names()) for m in layers] if safe_merge else []
+    for m in layers:
+        names = adapter_names if adapter_names is not None else m.active_adapter_names()
+        for name in names:
+            if name in m.adapter_names() and name not in m.merged_adapter_names():
+                m.merge_adapter(name)
+                if safe_merge and not all(bool(jnp.isfinite(v).all()) for _, v in _param_values(m)):
+                    _restore(before)
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                        f"(at {getattr(m, 'adapter_path', '?')}); nothing was merged"
+                    )
+
+
+def _param_values(module: nnx.Module) -> list[tuple[nnx.Variable, jax.Array]]:
+    """The module's weights with their current values (immutable arrays: keeping them is free)."""
+    return [(v, v.get_value()) for _, v in nnx.iter_graph(module) if isinstance(v, nnx.Param)]
+
+
+def _restore(before) -> None:
+    for m, params, merged in before:
+        for var, value in params:
+            var.set_value(value)
+        for name in set(m.merged_adapter_names()) - set(merged):
+            for attr in getattr(m, "cache_dicts", ()):
+                store = getattr(m, attr)
+                if name in store:
+                    del store[name]
+        m.adapter_merged = merged
 
 
 def unmerge(model: nnx.Module) -> None:
