@@ -374,7 +374,10 @@ class PeftModel:
                     f"{path} with copies for {owners}."
                 )
         configs = [self.peft_config[n] for n in adapters]
-        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        # the largest rank each adapter holds on a layer: PEFT's max(r, *rank_pattern.values()), or
+        # the padded rank after prepare_model_for_compiled_hotswap
+        lora_layers = [m for m in tuner_base.named_modules(self.base_model).values() if isinstance(m, LoraLayer)]
+        ranks = [max((m.spec(n).r for m in lora_layers if n in m.adapter_names()), default=0) for n in adapters]
         if combination_type in SAME_RANK:
             if len(set(ranks)) != 1:
                 raise ValueError(

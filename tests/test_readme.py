@@ -70,6 +70,7 @@ def substitutions(models: Path) -> list[tuple[str, str]]:
 
 PRELUDES = {
     "README.md": "",
+    "many_adapters.md": "",
     "multi_host.md": textwrap.dedent("""
         import jax
         import numpy as np
@@ -86,6 +87,8 @@ PRELUDES = {
 
 EPILOGUES = {
     "README.md": "np.save('quickstart_logits.npy', np.asarray(logits))\n",
+    "many_adapters.md": "np.savez('many.npz', out=np.asarray(out.logits), both=np.asarray(both), "
+                        "y_support=np.asarray(y_support), y_sales=np.asarray(y_sales), ids=ids)\n",
     "multi_host.md": "assert jax.device_count() == 8\n",
 }
 
@@ -136,3 +139,22 @@ def test_multi_host_guide_runs(checkpoints, tmp_path):
     result = run_document(ROOT / "docs" / "multi_host.md", checkpoints, tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "shared" / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_many_adapters_guide_runs(checkpoints, tmp_path):
+    result = run_document(ROOT / "docs" / "many_adapters.md", checkpoints, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "['blend'] ['blend', 'sales', 'support']" in result.stdout
+    got = np.load(tmp_path / "many.npz")
+    assert np.abs(got["y_support"] - got["y_sales"]).max() > 1e-4  # the swap changed the outputs
+    import peftjax
+    from peftjax import models
+
+    def alone(name):
+        single = peftjax.PeftModel.from_pretrained(models.from_pretrained(checkpoints / "llama"),
+                                                   tmp_path / "adapters" / name)
+        return np.asarray(single(input_ids=got["ids"]).logits)
+
+    np.testing.assert_allclose(got["y_sales"], alone("sales"), atol=1e-5)
+    np.testing.assert_allclose(got["out"][1], alone("sales")[1], atol=1e-5)
+    assert (tmp_path / "adapters" / "blend" / "adapter_model.safetensors").is_file()
