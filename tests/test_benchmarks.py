@@ -43,3 +43,13 @@ def test_depth_runs_on_a_tiny_model():
     last = _run("depth.py", "--depths", "1", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
                 "--hidden", "32", "--intermediate", "48", "--vocab", "128", "--seq", "16", "--steps", "1")
     assert last.startswith("layers=2 ")
+
+
+def test_multi_adapter_runs_on_a_tiny_model():
+    pytest.importorskip("peft")
+    last = _run("multi_adapter.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
+                "--vocab", "128", "--batch", "4", "--seq", "8", "--adapters", "1", "4", "--repeats", "2",
+                "--trials", "1", "--matmul-size", "256")
+    fields = dict(f.split("=") for f in last.split())
+    assert set(fields) == {"mixed_ratio", "vs_peft", "swap_ms", "compile_ms", "jax_f32_gflops", "torch_f32_gflops"}
+    assert all(float(v) > 0 for v in fields.values())
