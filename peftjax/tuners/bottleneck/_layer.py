@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam
+from peftjax.nn._broadcast import along_last
 
 
 ACTIVATIONS = {
@@ -81,9 +82,9 @@ class BottleneckLinear(BottleneckLayer):
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
         for name, spec in self._live_adapters():
             h = y.astype(jnp.float32)
-            down = h @ self.adapter_down[name].get_value() + self.adapter_down_bias[name].get_value()
+            down = h @ self.adapter_down[name].get_value() + along_last(self.adapter_down_bias[name].get_value(), h.ndim)
             f = ACTIVATIONS[spec.non_linearity](down) @ self.adapter_up[name].get_value()
-            f = f + self.adapter_up_bias[name].get_value()
+            f = f + along_last(self.adapter_up_bias[name].get_value(), f.ndim)
             y = (h + f if spec.residual else f).astype(y.dtype)
         return y
 

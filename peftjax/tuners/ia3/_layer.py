@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.nn._broadcast import along_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +82,10 @@ class IA3Linear(IA3Layer):
     def __call__(self, x, *args, **kwargs):
         scale_in, scale_out = self._product(True), self._product(False)
         if scale_in is not None:  # PEFT: (x.to(l.dtype) * l).to(x.dtype)
-            x = (x.astype(scale_in.dtype) * scale_in).astype(x.dtype)
+            x = (x.astype(scale_in.dtype) * along_last(scale_in, x.ndim)).astype(x.dtype)
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
         if scale_out is not None:
-            y = (y * scale_out).astype(y.dtype)
+            y = (y * along_last(scale_out, y.ndim)).astype(y.dtype)
         return y
 
     def merge_adapter(self, name: str) -> None:

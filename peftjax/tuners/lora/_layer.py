@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import per_row, rows_of
@@ -128,15 +129,17 @@ class LoraLayer(AdapterDictLayer):
                 h = h.astype(a.dtype)
             lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
-                lora = lora + self.lora_B_bias[name].get_value()
+                lora = lora + along_last(self.lora_B_bias[name].get_value(), lora.ndim)
             if spec.use_dora:
                 w = self.kernel.get_value()
                 factor = dora_factor(self.lora_magnitude_vector[name].get_value(), self._to_2d(w), a, b, spec.scaling)
                 if dropped:
                     base = self._apply_kernel(h, w)  # PEFT recomputes the base layer on the dropped-out input
                 else:
-                    base = y.astype(jnp.float32) - (self.bias.get_value() if self.bias is not None else 0.0)
-                extra = dora_output(factor, base, lora, spec.scaling)
+                    base = y.astype(jnp.float32)
+                    if self.bias is not None:
+                        base = base - along_last(self.bias.get_value(), base.ndim)
+                extra = dora_output(along_last(factor, lora.ndim), base, lora, spec.scaling)
             else:
                 extra = spec.scaling * lora
             y = y + extra.astype(y.dtype)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.nn._broadcast import along_last
 from peftjax.config import TaskType
 from peftjax.config._other import (
     PrefixTuningConfig,
@@ -71,13 +72,15 @@ _WORD_EMBEDDING_NAMES = ("word_embeddings", "embed_tokens", "wte")
 
 def _linear(w: Mapping[str, jax.Array], name: str, x: jax.Array) -> jax.Array:
     """torch's ``nn.Linear`` with its ``[out, in]`` weight."""
-    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+    y = x @ w[f"{name}.weight"].T
+    return y + along_last(w[f"{name}.bias"], y.ndim)
 
 
 def _lstm_direction(x, w_ih, w_hh, b_ih, b_hh, *, reverse: bool) -> jax.Array:
     """One direction of one ``torch.nn.LSTM`` layer over ``x: [T, in]``; gates in torch's order i, f, g, o."""
     hidden = w_hh.shape[1]
-    gates_x = x @ w_ih.T + b_ih + b_hh
+    gates_x = x @ w_ih.T
+    gates_x = gates_x + along_last(b_ih + b_hh, gates_x.ndim)
 
     def step(carry, g_x):
         h, c = carry
