@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-import transformers as tr
-
+import _tiny
 import peftjax
 from peftjax import models
 
@@ -17,23 +16,15 @@ from peftjax import models
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    config = tr.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1)
-    models.LlamaForCausalLM.from_config(config).save_pretrained(path)
+    models.LlamaForCausalLM.from_config(_tiny.config("llama", num_hidden_layers=1)).save_pretrained(path)
     return path
 
 
 def _train(peft_model, steps=3):
-    graphdef, adapters, base = peftjax.split(peft_model.base_model)
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(adapters)
-    step = peftjax.make_train_step(graphdef, optimizer)
+    """The README's loop, the trained adapters not yet put back (what ``update`` is for)."""
     ids = np.arange(1, 17).reshape(2, 8)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    stale = adapters
-    for i in range(steps):
-        adapters, opt_state, _ = step(adapters, opt_state, base, batch, jax.random.key(i))
-    return adapters, stale, ids
+    trained = _tiny.train(peft_model, _tiny.batch(ids), steps, optimizer=optax.adam(1e-2), write_back=False)
+    return trained.adapters, trained.donated, ids
 
 
 @pytest.mark.parametrize("use_jit", [False, True])
