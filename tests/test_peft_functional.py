@@ -9,17 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers as tr
 from flax import nnx
 
 import peftjax
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+from _torch_models import lazy, torch_logits
 
-from _torch_models import save_tiny, torch_logits  # noqa: E402
+from peftjax import models
 
-from peftjax import models  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
@@ -44,9 +44,7 @@ METHODS = {  # (ours, theirs): the same config on both sides
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    save_tiny(tr.LlamaForCausalLM, config, path)
+    _tiny.save("llama", path)
     return path
 
 
