@@ -11,11 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+import _tiny
 import peftjax
+from _torch_models import lazy
 from peftjax import tuners
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 
 class UserMLP(nnx.Module):
@@ -30,21 +31,22 @@ class UserMLP(nnx.Module):
         return self.fc2(jax.nn.relu(self.fc1(self.emb(ids))))
 
 
-class TorchTwin(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(20, 8)
-        self.dense1 = torch.nn.Linear(8, 16)
-        self.dense2 = torch.nn.Linear(16, 4)
-
-    def forward(self, ids):
-        return self.dense2(torch.relu(self.dense1(self.embed(ids))))
-
-
 IDS = np.array([[1, 5, 7], [3, 3, 19]])
 
 
-def twin_from(model: UserMLP) -> TorchTwin:
+def twin_from(model: UserMLP):
+    """The model's PyTorch twin, under other names, with the same weights."""
+
+    class TorchTwin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 8)
+            self.dense1 = torch.nn.Linear(8, 16)
+            self.dense2 = torch.nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.dense2(torch.relu(self.dense1(self.embed(ids))))
+
     twin = TorchTwin()
     with torch.no_grad():
         twin.embed.weight.copy_(torch.tensor(np.asarray(model.emb.embedding.get_value())))
@@ -153,13 +155,9 @@ def test_gaussian_init_statistics():
 
 
 def test_generate_with_an_adapter_differs_from_base():
-    import transformers as tr
-
     from peftjax.models import LlamaForCausalLM
 
-    cfg = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM.from_config(cfg)
+    model = LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64, num_hidden_layers=1, pad_token_id=None))
     prompt = np.array([[3, 4, 5, 6]])
     base = model.generate(prompt, max_new_tokens=6)
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,

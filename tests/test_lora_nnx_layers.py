@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from _torch_models import lazy
 from peftjax.config import LoraConfig
 from peftjax import tuners
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 R, ALPHA = 4, 8
 S = ALPHA / R
@@ -234,24 +237,12 @@ def test_conv_dora_peft_layout_and_merge():
     np.testing.assert_allclose(np.asarray(model(x)), before, atol=1e-5)
 
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-
-
-class TorchImageNet(torch.nn.Module):
-    def __init__(self, padding):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=padding)
-
-    def forward(self, images):
-        return self.conv(images)
-
-
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("padding", ["VALID", 1], ids=["valid", "pad1"])
 def test_conv2d_matches_peft_torch(padding, use_dora):
     model = ImageNet(nnx.Rngs(0), padding=padding)
-    twin = TorchImageNet(0 if padding == "VALID" else padding)
+    twin = torch.nn.Sequential()  # ImageNet's conv: the adapted layer's output is compared
+    twin.add_module("conv", torch.nn.Conv2d(3, 8, 3, stride=2, padding=0 if padding == "VALID" else padding))
     with torch.no_grad():  # HWIO -> OIHW
         twin.conv.weight.copy_(torch.tensor(np.asarray(model.conv.kernel.get_value()).transpose(3, 2, 0, 1)))
         twin.conv.bias.copy_(torch.tensor(np.asarray(model.conv.bias.get_value())))
