@@ -77,7 +77,6 @@ def classifier(tiny):
 # ---------------------------------------------------------------- tiny random checkpoints
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_classification_logits_and_loss_match_torch(tiny, classifier, jit):
     torch_model, _ = tiny
     assert isinstance(classifier, models.BertForSequenceClassification)
@@ -98,7 +97,6 @@ def test_state_is_params_named_as_torch(tiny, classifier):
     assert all(ours[k].shape == tuple(theirs[k].shape) for k in ours)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_bare_model_matches_torch(tiny, jit):
     _, path = tiny
     with warnings.catch_warnings(record=True) as caught:
@@ -175,7 +173,6 @@ def test_inputs_embeds_and_default_ids(classifier):
 # ---------------------------------------------------------------- dropout
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_dropout_only_with_a_key_and_reproducible(classifier, jit):
     inputs = _batch()
     k1, k2 = jax.random.split(jax.random.key(0))
@@ -251,7 +248,6 @@ def test_minilm_loads_as_bert_model_without_warnings(minilm):
     assert minilm["tokens"]["attention_mask"].min() == 0  # the batch is really padded
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_minilm_hidden_states_and_similarities_match_torch(minilm, jit):
     tokens, ref = minilm["tokens"], minilm["ref"]
     out = _forward(minilm["model"], jit, **tokens)

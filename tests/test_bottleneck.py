@@ -104,14 +104,15 @@ def test_train_save_load_unload(arch, adapter_type, tmp_path):
         loaded.merge_adapter()
     with pytest.raises(NotImplementedError, match="cannot be merged"):
         loaded.merge_and_unload()
-    with loaded.disable_adapter():
-        assert_same(run(loaded), base)
+    for jit in (False, True):
+        with loaded.disable_adapter():
+            assert_same(run(loaded, jit=jit), base, jit)
     bare = loaded.unload()
     assert not adapter_layers(bare)
-    assert_same(run(bare), base)
+    for jit in (False, True):
+        assert_same(run(bare, jit=jit), base, jit)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_layer_equals_dense_reference(jit, residual):
     from peftjax.models import LlamaForCausalLM

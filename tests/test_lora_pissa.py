@@ -30,7 +30,6 @@ from peftjax.tuners.lora._layer import svd_lowrank
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 R, ALPHA = 4, 8
 S = ALPHA / R
 # PEFT's own warnings (peft/tuners/lora/layer.py, dispatch_default)
@@ -130,7 +129,6 @@ def test_converged_pissa_niter_equals_peft(shape):
 # ---------------------------------------------------------------- (b) the adapted model starts as the base model
 
 
-@JIT
 @pytest.mark.parametrize("niter", [0, 1, 4])
 def test_output_right_after_init_equals_the_base(niter, jit):
     w = spectrum(24, 32, 0.95, seed=1)  # a slow decay: the randomized factors are far from the exact ones
@@ -151,7 +149,6 @@ def test_the_draw_follows_the_init_key():
     assert np.abs(first - other).max() > 1e-3
 
 
-@JIT
 @pytest.mark.parametrize("niter", [0, 8])
 def test_linen_scanned_layers_start_as_the_base(niter, jit):
     class Block(nn.Module):
@@ -218,10 +215,10 @@ def test_randomized_svd_error_is_distributed_as_torchs():
             theirs.append(np.abs(torch.svd_lowrank(torch.from_numpy(w), R, niter=niter)[1].numpy() - exact).max())
         assert 0.25 < np.median(mine) / np.median(theirs) < 4, (niter, np.median(mine), np.median(theirs))
 
-# name -> (the tiny model, the layers whose weights get a fast-decaying spectrum and the adapter)
 
 # ---------------------------------------------------------------- tiny transformers: PEFT loads our adapter
 
+# name -> (the tiny model, the layers whose weights get a fast-decaying spectrum and the adapter)
 ARCHS = {
     "llama": (_tiny.arch("llama", vocab_size=64), ["q_proj", "v_proj"]),
     "gpt2": (_tiny.arch("gpt2", vocab_size=64, n_positions=16), ["c_attn"]),

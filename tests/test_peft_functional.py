@@ -23,7 +23,6 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 
 METHODS = {  # (ours, theirs): the same config on both sides
     "lora": (
@@ -76,7 +75,6 @@ def test_state_dict_keys_and_shapes_are_peft_s(llama, method):
     assert all(v.dtype == np.float32 for v in ours.values())
 
 
-@JIT
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_set_from_peft_s_state_dict_gives_peft_s_logits(llama, method, jit):
     torch_model = _theirs(llama, method)

@@ -48,7 +48,6 @@ def _logits(model, jit, ids, mask):
     return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_scanned_logits_equal_unscanned(tiny, jit):
     torch_model, path = tiny
     plain = models.from_pretrained(path)
@@ -269,7 +268,6 @@ def tiny_gpt2(tmp_path_factory):
     return torch_model, path
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_gpt2_scanned_equals_unscanned_and_transformers(tiny_gpt2, jit):
     torch_model, path = tiny_gpt2
     scanned = models.from_pretrained(path, scan_layers=True, remat="full")
@@ -323,7 +321,6 @@ BERT_TINY = dict(vocab_size=128, num_hidden_layers=3, intermediate_size=48, max_
                  num_labels=2)  # _tiny's BERT with three layers
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_bert_scanned_classifier_equals_transformers_and_trains_a_peft_adapter(tmp_path, jit):
     torch_model = save_tiny(tr.BertForSequenceClassification, _tiny.config("bert", **BERT_TINY), tmp_path / "base")
     model = models.from_pretrained(tmp_path / "base", scan_layers=True, remat="full")

@@ -30,8 +30,6 @@ from peftjax.tuners.base import (
     validate_adapter_name,
 )
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-
 
 # ------------------------------------------------------------------ the method, as a folder would hold it
 
@@ -118,7 +116,6 @@ def _run(model, jit):
     return np.asarray(nnx.jit(lambda m, x: m(x))(model, X) if jit else model(X))
 
 
-@JIT
 def test_a_registered_method_runs_merges_and_unloads_through_the_base_tuner(jit):
     plain = Net(nnx.Rngs(0))
     peft_model = peftjax.get_peft_model(Net(nnx.Rngs(0)), ShiftConfig(target_modules=["hidden", "out"]))

@@ -27,15 +27,14 @@ def _train(peft_model, steps=3):
     return trained.adapters, trained.donated, ids
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_update_puts_the_trained_adapters_back(llama_dir, tmp_path, use_jit):
+def test_update_puts_the_trained_adapters_back(llama_dir, tmp_path, jit):
     peft_model = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=2))
     adapters, _, ids = _train(peft_model)
     assert peft_model.update(adapters) is peft_model
     # the model now computes with exactly the step's adapters: equal to the functional forward
     graphdef, _, rest = peftjax.split(peft_model.base_model)
     forward = lambda a: peftjax.combine(graphdef, a, rest)(input_ids=ids).logits  # noqa: E731
-    want = np.asarray(jax.jit(forward)(adapters) if use_jit else forward(adapters))
+    want = np.asarray(jax.jit(forward)(adapters) if jit else forward(adapters))
     np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids).logits), want, atol=1e-5)
     peft_model.save_pretrained(tmp_path)
     reloaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_dir), tmp_path)
