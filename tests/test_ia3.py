@@ -73,6 +73,7 @@ def changed(a, b) -> float:
 # ---------------------------------------------------------------- PEFT -> peftjax
 
 
+@pytest.mark.allow_rank_promotion("ia3")
 def test_peft_made_adapter_gives_same_logits(arch, tmp_path):
     torch_model = torch_peft(arch)
     torch.manual_seed(1)
@@ -93,6 +94,7 @@ def test_peft_made_adapter_gives_same_logits(arch, tmp_path):
 # ---------------------------------------------------------------- peftjax trains -> PEFT, merge, export
 
 
+@pytest.mark.allow_rank_promotion("ia3")
 def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
     name, path, cls, task = arch
     model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.IA3Config(task_type=task))
@@ -173,6 +175,7 @@ def test_counts_files_and_targets_match_peft(arch, tmp_path, capsys):
 # ---------------------------------------------------------------- layer math
 
 
+@pytest.mark.allow_rank_promotion("ia3")
 def test_layer_equals_dense_reference_and_merged_path(jit):
     """Attention-type: (x@W + b) * l; feedforward: (x * l)@W + b; two adapters multiply."""
     from peftjax.models import LlamaForCausalLM
@@ -190,19 +193,19 @@ def test_layer_equals_dense_reference_and_merged_path(jit):
 
     x = jax.random.normal(jax.random.key(1), (3, 32))
     w, l1, l2 = k_proj.kernel.get_value(), k_proj.ia3_l["default"].get_value(), k_proj.ia3_l["second"].get_value()
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None], atol=1e-5)
     k_proj.set_active_adapters(("default", "second"))
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1 * l2, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None] * l2[None], atol=1e-5)
     k_proj.set_active_adapters(("default",))
 
     h = jax.random.normal(jax.random.key(2), (3, 48))
     wd, ld = down.kernel.get_value(), down.ia3_l["default"].get_value()
-    np.testing.assert_allclose(call(down, h), (h * ld) @ wd, atol=1e-5)
+    np.testing.assert_allclose(call(down, h), (h * ld[None]) @ wd, atol=1e-5)
 
     unmerged = run_jax(peft_model, jit=jit)
     peft_model.merge_adapter()
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1, atol=1e-5)
-    np.testing.assert_allclose(call(down, h), (h * ld) @ wd, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None], atol=1e-5)
+    np.testing.assert_allclose(call(down, h), (h * ld[None]) @ wd, atol=1e-5)
     assert_close(run_jax(peft_model, jit=jit), unmerged)
 
     with pytest.warns(UserWarning, match="inaccurate"), peft_model.disable_adapter():  # unmerges first
@@ -210,6 +213,7 @@ def test_layer_equals_dense_reference_and_merged_path(jit):
     assert_close(run_jax(peft_model.unload(), jit=jit), base)
 
 
+@pytest.mark.allow_rank_promotion("ia3")
 def test_bias_is_scaled_for_attention_type_modules(jit):
     """PEFT scales the whole output of an attention-type module, bias included (BERT has biases)."""
     from peftjax.models import BertModel
@@ -221,10 +225,10 @@ def test_bias_is_scaled_for_attention_type_modules(jit):
     x = jax.random.normal(jax.random.key(0), (2, 32))
     w, b, vec = layer.kernel.get_value(), layer.bias.get_value(), layer.ia3_l["default"].get_value()
     call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
-    np.testing.assert_allclose(call(layer, x), (x @ w + b) * vec, atol=1e-5)
+    np.testing.assert_allclose(call(layer, x), (x @ w + b[None]) * vec[None], atol=1e-5)
     layer.merge_adapter("default")
     np.testing.assert_allclose(layer.bias.get_value(), b * vec, atol=1e-6)
-    np.testing.assert_allclose(call(layer, x), (x @ w + b) * vec, atol=1e-5)
+    np.testing.assert_allclose(call(layer, x), (x @ w + b[None]) * vec[None], atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input

@@ -161,14 +161,14 @@ def test_intercepted_equals_merged_and_dense_reference(zoo, jit):
     p = lora_params
     a, b = p["dense"]["lora_A"]["default"], p["dense"]["lora_B"]["default"]
     x = out["embed"]  # the (adapted) input the Dense layer saw
-    np.testing.assert_allclose(out["dense"], x @ p["dense"]["kernel"] + p["dense"]["bias"] + s * (x @ a) @ b, **TOL)
+    np.testing.assert_allclose(out["dense"], x @ p["dense"]["kernel"] + p["dense"]["bias"][None, None] + s * (x @ a) @ b, **TOL)
 
     a, b = p["embed"]["lora_A"]["default"], p["embed"]["lora_B"]["default"]
     np.testing.assert_allclose(out["embed"], p["embed"]["embedding"][IDS] + s * a[IDS] @ b, **TOL)
 
     a, b = p["general"]["lora_A"]["default"], p["general"]["lora_B"]["default"]
     x = out["dense"]
-    flat = x @ p["general"]["kernel"].reshape(8, 32) + p["general"]["bias"].reshape(32) + s * (x @ a) @ b
+    flat = x @ p["general"]["kernel"].reshape(8, 32) + p["general"]["bias"].reshape(1, 1, 32) + s * (x @ a) @ b
     np.testing.assert_allclose(out["general"], flat.reshape(2, 5, 4, 8), **TOL)
 
 
@@ -301,8 +301,8 @@ def test_dora_matches_peft_formula_and_merge(jit):
     )
     m = lora_params["proj"]["lora_magnitude_vector"]["default"]
     out = forward(wrapper, spec, jit)(lora_params, x)
-    factor = m / np.linalg.norm(w + 2.0 * a @ b, axis=0)
-    expected = x @ w + bias + (factor - 1) * (x @ w) + factor * 2.0 * ((x @ a) @ b)
+    factor = (m / np.linalg.norm(w + 2.0 * a @ b, axis=0))[None]
+    expected = x @ w + bias[None] + (factor - 1) * (x @ w) + factor * 2.0 * ((x @ a) @ b)
     np.testing.assert_allclose(out, expected, **TOL)
     np.testing.assert_allclose(out, wrapper.apply({"params": merge_and_unload(lora_params, spec)}, x), **TOL)
 
@@ -418,8 +418,8 @@ def test_modules_to_save_runs_its_copy_and_merge_keeps_it(jit):
     )
     out = forward(model, spec, jit)(lora_params, x)
     p, copy = lora_params["proj"], lora_params["head"]["modules_to_save"]["default"]["proj"]
-    h = jax.nn.relu(x @ p["kernel"] + p["bias"] + 2.0 * (x @ p["lora_A"]["default"]) @ p["lora_B"]["default"])
-    np.testing.assert_allclose(out, h @ copy["kernel"] + copy["bias"], **TOL)
+    h = jax.nn.relu(x @ p["kernel"] + p["bias"][None] + 2.0 * (x @ p["lora_A"]["default"]) @ p["lora_B"]["default"])
+    np.testing.assert_allclose(out, h @ copy["kernel"] + copy["bias"][None], **TOL)
     merged = merge_and_unload(lora_params, spec)
     assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, params)
     np.testing.assert_allclose(model.apply({"params": merged}, x), out, **TOL)

@@ -74,7 +74,7 @@ class Case(NamedTuple):
     build: Callable[[nnx.Rngs], nnx.Module]
     target: str
     x_shape: tuple[int, ...]
-    dense: Callable  # (x, effective kernel, bias) -> y, written out with jnp.einsum / lax.conv
+    dense: Callable  # (x, effective kernel, bias) -> y, written out with jnp.einsum / lax.conv, bias axes explicit
     delta: Callable  # (A, B) -> the kernel-shaped A·B, by hand
     peft_shapes: dict[str, tuple[int, ...]]
 
@@ -82,50 +82,50 @@ class Case(NamedTuple):
 CASES = {
     "linear_general": Case(
         Net, "proj", (2, 5, 16),
-        lambda x, w, b: jnp.einsum("bsd,dhk->bshk", x, w) + b,
+        lambda x, w, b: jnp.einsum("bsd,dhk->bshk", x, w) + b[None, None],
         lambda a, b: (a @ b).reshape(16, 4, 8),
         {"lora_A.weight": (R, 16), "lora_B.weight": (32, R)},
     ),
     "linear_general_two_axes": Case(
         lambda rngs: Holder(nnx.LinearGeneral((4, 8), (3, 2), axis=(1, -1), rngs=rngs)), "layer", (2, 4, 5, 8),
-        lambda x, w, b: jnp.einsum("bhsk,hkop->bsop", x, w) + b,
+        lambda x, w, b: jnp.einsum("bhsk,hkop->bsop", x, w) + b[None, None],
         lambda a, b: (a @ b).reshape(4, 8, 3, 2),
         {"lora_A.weight": (R, 32), "lora_B.weight": (6, R)},
     ),
     "einsum": Case(
         Net, "mix", (2, 5, 4, 8),
-        lambda x, w, b: jnp.einsum("bshk,hkd->bsd", x, w) + b,
+        lambda x, w, b: jnp.einsum("bshk,hkd->bsd", x, w) + b[None, None],
         lambda a, b: (a @ b).reshape(4, 8, 16),
         {"lora_A.weight": (R, 32), "lora_B.weight": (16, R)},
     ),
     "einsum_interleaved_ellipsis": Case(  # contracted and output kernel axes alternate
         lambda rngs: Holder(nnx.Einsum("...de,hdke->...hk", (4, 16, 8, 2), (4, 8), rngs=rngs)), "layer",
         (2, 5, 16, 2),
-        lambda x, w, b: jnp.einsum("bsde,hdke->bshk", x, w) + b,
+        lambda x, w, b: jnp.einsum("bsde,hdke->bshk", x, w) + b[None, None],
         lambda a, b: (a @ b).reshape(16, 2, 4, 8).transpose(2, 0, 3, 1),  # (d, e, h, k) -> (h, d, k, e)
         {"lora_A.weight": (R, 32), "lora_B.weight": (32, R)},
     ),
     "conv1d_same": Case(
         Net, "conv", (2, 5, 16),
-        lambda x, w, b: conv(x, w, (1,), "SAME") + b,
+        lambda x, w, b: conv(x, w, (1,), "SAME") + b[None, None],
         conv_delta,
         {"lora_A.weight": (R, 16, 3), "lora_B.weight": (12, R, 1)},
     ),
     "conv2d_valid_stride2": Case(
         ImageNet, "conv", (2, 9, 9, 3),
-        lambda x, w, b: conv(x, w, (2, 2), "VALID") + b,
+        lambda x, w, b: conv(x, w, (2, 2), "VALID") + b[None, None, None],
         conv_delta,
         {"lora_A.weight": (R, 3, 3, 3), "lora_B.weight": (8, R, 1, 1)},
     ),
     "conv2d_int_padding": Case(
         lambda rngs: ImageNet(rngs, padding=1), "conv", (2, 8, 8, 3),
-        lambda x, w, b: conv(x, w, (2, 2), [(1, 1), (1, 1)]) + b,
+        lambda x, w, b: conv(x, w, (2, 2), [(1, 1), (1, 1)]) + b[None, None, None],
         conv_delta,
         {"lora_A.weight": (R, 3, 3, 3), "lora_B.weight": (8, R, 1, 1)},
     ),
     "conv2d_circular": Case(
         lambda rngs: ImageNet(rngs, padding="CIRCULAR"), "conv", (2, 8, 8, 3),
-        lambda x, w, b: conv(jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap"), w, (2, 2), "VALID") + b,
+        lambda x, w, b: conv(jnp.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="wrap"), w, (2, 2), "VALID") + b[None, None, None],
         conv_delta,
         {"lora_A.weight": (R, 3, 3, 3), "lora_B.weight": (8, R, 1, 1)},
     ),
@@ -222,6 +222,7 @@ def test_peft_tensors_shapes_and_round_trip(case):
     assert f"found {found}" in str(e.value)
 
 
+@pytest.mark.allow_rank_promotion("dora")
 def test_conv_dora_peft_layout_and_merge(jit):
     model = ImageNet(nnx.Rngs(0))
     tuners.inject_lora(model, config("conv", use_dora=True), key=jax.random.key(0))
@@ -235,7 +236,8 @@ def test_conv_dora_peft_layout_and_merge(jit):
     np.testing.assert_allclose(np.asarray(call(jit)(model, x)), before, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("use_dora", [False, pytest.param(True, marks=pytest.mark.allow_rank_promotion("dora"))],
+                         ids=["lora", "dora"])
 @pytest.mark.parametrize("padding", ["VALID", 1], ids=["valid", "pad1"])
 def test_conv2d_matches_peft_torch(padding, use_dora):
     model = ImageNet(nnx.Rngs(0), padding=padding)

@@ -38,6 +38,8 @@ METHODS = {  # (ours, theirs): the same config on both sides
                                init_ia3_weights=False, task_type="CAUSAL_LM"),
     ),
 }
+# IA3's forward reaches conftest.RANK_PROMOTION_BUGS["ia3"]
+BY_METHOD = [pytest.param(m, marks=pytest.mark.allow_rank_promotion("ia3")) if m == "ia3" else m for m in sorted(METHODS)]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_state_dict_keys_and_shapes_are_peft_s(llama, method):
     assert all(v.dtype == np.float32 for v in ours.values())
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BY_METHOD)
 def test_set_from_peft_s_state_dict_gives_peft_s_logits(llama, method, jit):
     torch_model = _theirs(llama, method)
     their_sd = {k: v.detach().float().numpy() for k, v in peft.get_peft_model_state_dict(torch_model).items()}
@@ -107,7 +109,7 @@ def test_state_dict_reads_a_train_step_s_state_without_touching_the_model(llama)
         peftjax.get_peft_model_state_dict(ours, adapter_name="other")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BY_METHOD)
 def test_inject_adapter_in_model_equals_get_peft_model(llama, method):
     config = METHODS[method][0]()
     plain = peftjax.inject_adapter_in_model(config, models.from_pretrained(llama))

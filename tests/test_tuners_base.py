@@ -58,7 +58,8 @@ class ShiftLayer(AdapterDictLayer):
     def __call__(self, x, *args, **kwargs):
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
         for name, _ in self._live_adapters():
-            y = y + self.shift[name].get_value()
+            shift = self.shift[name].get_value()  # [out], over y's leading axes (written out: rank promotion raises)
+            y = y + shift.reshape((1,) * (y.ndim - 1) + shift.shape)
         return y
 
     def merge_adapter(self, name: str) -> None:
@@ -107,8 +108,8 @@ X = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
 
 def reference(net, shifts):
     """The method's math by hand, on the plain layers' weights."""
-    h = X @ net.hidden.kernel.get_value() + net.hidden.bias.get_value() + shifts["hidden"]
-    return jax.nn.relu(h) @ net.out.kernel.get_value() + net.out.bias.get_value() + shifts["out"]
+    h = X @ net.hidden.kernel.get_value() + (net.hidden.bias.get_value() + shifts["hidden"])[None]
+    return jax.nn.relu(h) @ net.out.kernel.get_value() + (net.out.bias.get_value() + shifts["out"])[None]
 
 
 def _run(model, jit):
