@@ -1,13 +1,36 @@
-"""Tiny random transformers models, built in PyTorch and saved, for the oracle tests."""
+"""The PyTorch oracle: tiny random transformers models, built in PyTorch and saved, and lazy imports.
+
+A test file that mixes oracle tests with pure-JAX ones imports torch and peft with :func:`lazy`
+(``torch = lazy("torch")``), never with a module-level ``pytest.importorskip``: the first use of
+``torch.<anything>`` in a test skips that test where torch is not installed, and the file's
+pure-JAX tests still run.
+"""
 
 from __future__ import annotations
 
+
 import numpy as np
+import pytest
+
+
+class lazy:  # noqa: N801 - stands in for a module
+    """A module imported on first attribute access; the test that touches it skips without it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):  # copy/pickle/inspect probes: do not import for them
+            raise AttributeError(attr)
+        return getattr(pytest.importorskip(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
 
 
 def save_tiny(model_cls, config, directory, seed: int = 0, **save_kwargs):
     """Builds ``model_cls(config)`` with a fixed seed in eval mode and saves it to ``directory``."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -16,7 +39,7 @@ def save_tiny(model_cls, config, directory, seed: int = 0, **save_kwargs):
 
 
 def torch_logits(model, **inputs) -> np.ndarray:
-    import torch
+    torch = pytest.importorskip("torch")
 
     with torch.no_grad():
         out = model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})

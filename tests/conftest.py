@@ -1,4 +1,17 @@
-"""Suite-wide settings: offline Hugging Face, quiet torch threads, deterministic float32 math."""
+"""Suite-wide settings and shared fixtures.
+
+Settings: offline Hugging Face, quiet torch threads, deterministic float32 math, and a hardened
+JAX config: implicit rank promotion raises (``jax_numpy_rank_promotion="raise"``). Adding a
+``[out]`` bias to a ``[batch, seq, out]`` activation must be written out (``b[None, None]``, a
+reshape), in the tests' references as in the code they test, so that an accidental broadcast
+(a ``[seq]`` vector meeting a ``[batch, seq, out]`` array) fails instead of computing garbage.
+
+peftjax itself broadcasts explicitly (``peftjax.nn._broadcast.along_last``), so every test runs
+hardened.
+
+Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
+(the tiny random transformers checkpoints of ``_tiny``, saved once per session).
+"""
 
 import os
 
@@ -6,8 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import _tiny  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
 
 try:
     import torch  # noqa: E402
@@ -15,3 +33,28 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the oracle tests skip themselves without torch
     pass
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "jit"])
+def jit(request) -> bool:
+    """Runs the test twice: the forward called eagerly, and under ``jax.jit`` / ``nnx.jit``."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(arch)``: the directory of ``arch``'s tiny random torch checkpoint (an
+    ``_tiny.Arch`` or a family name), built with seed 0 and saved once per session. Read-only:
+    a test that writes into a base checkpoint makes its own with ``_tiny.save``."""
+    saved = {}
+
+    def get(spec):
+        spec = _tiny.arch(spec) if isinstance(spec, str) else spec
+        key = repr(spec)
+        if key not in saved:
+            path = tmp_path_factory.mktemp(spec.family)
+            _tiny.save(spec, path)
+            saved[key] = path
+        return saved[key]
+
+    return get

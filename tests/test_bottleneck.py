@@ -5,35 +5,19 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-tr = pytest.importorskip("transformers")
-pytest.importorskip("torch")
+import _tiny
+import peftjax
+from peftjax import models
+from peftjax.io import read_safetensors
+from peftjax.tuners.bottleneck import BottleneckLayer
+from peftjax.tuners.base import adapter_layers
 
-from _torch_models import save_tiny  # noqa: E402
-
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.io import read_safetensors  # noqa: E402
-from peftjax.tuners.bottleneck import BottleneckLayer  # noqa: E402
-from peftjax.tuners.base import adapter_layers  # noqa: E402
-
-ARCHS = {
-    "llama": (
-        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        tr.LlamaForCausalLM, "CAUSAL_LM",
-    ),
-    "bert": (
-        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=37, num_labels=3),
-        tr.BertForSequenceClassification, "SEQ_CLS",
-    ),
-}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "bert")}
 # the sublayer output layers of block i, after attention and after the feedforward block
 PLACES = {
     "llama": ("model.layers.{i}.self_attn.o_proj", "model.layers.{i}.mlp.down_proj"),
@@ -44,12 +28,10 @@ MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def arch(request, tmp_path_factory):
-    make_config, cls, task = ARCHS[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    save_tiny(cls, make_config(), path)
+def arch(request, tiny_checkpoint):
+    path = tiny_checkpoint(ARCHS[request.param])
     base = run(models.from_pretrained(path))
-    return request.param, path, task, base
+    return request.param, path, ARCHS[request.param].task, base
 
 
 def run(model, jit=False):
@@ -75,11 +57,6 @@ def changed(a, b) -> float:
     return float(np.abs(valid(a) - valid(b)).max())
 
 
-def _batch(task):
-    labels = np.array([0, 2]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS, -100)
-    return {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(labels)}
-
-
 @pytest.mark.parametrize("adapter_type", ["houlsby", "pfeiffer"])
 def test_train_save_load_unload(arch, adapter_type, tmp_path):
     name, path, task, base = arch
@@ -98,16 +75,8 @@ def test_train_save_load_unload(arch, adapter_type, tmp_path):
     for jit in (False, True):
         assert_same(run(model, jit=jit), base, jit)
 
-    graphdef, trainable, rest = peftjax.split(model.base_model)
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(trainable)
-    step = peftjax.make_train_step(graphdef, optimizer)
-    losses = []
-    for i in range(5):
-        trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
-        losses.append(float(loss))
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(1e-2)).losses
     assert losses[-1] < losses[0]
-    nnx.update(model.base_model, trainable)
     trained = run(model)
     assert changed(trained, base) > 1e-4
     some = next(iter(layers.values()))
@@ -135,19 +104,20 @@ def test_train_save_load_unload(arch, adapter_type, tmp_path):
         loaded.merge_adapter()
     with pytest.raises(NotImplementedError, match="cannot be merged"):
         loaded.merge_and_unload()
-    with loaded.disable_adapter():
-        assert_same(run(loaded), base)
+    for jit in (False, True):
+        with loaded.disable_adapter():
+            assert_same(run(loaded, jit=jit), base, jit)
     bare = loaded.unload()
     assert not adapter_layers(bare)
-    assert_same(run(bare), base)
+    for jit in (False, True):
+        assert_same(run(bare, jit=jit), base, jit)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_layer_equals_dense_reference(jit, residual):
     from peftjax.models import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    model = LlamaForCausalLM.from_config(_tiny.config("llama"))
     peftjax.get_peft_model(model, peftjax.BottleneckConfig(target_modules=["o_proj"], non_linearity="gelu",
                                                            reduction_factor=4, residual=residual))
     layer = model.model.layers[0].self_attn.o_proj
@@ -158,7 +128,7 @@ def test_layer_equals_dense_reference(jit, residual):
     h = x @ layer.kernel.get_value()
     wd, bd = layer.adapter_down["default"].get_value(), layer.adapter_down_bias["default"].get_value()
     wu, bu = layer.adapter_up["default"].get_value(), layer.adapter_up_bias["default"].get_value()
-    f = jax.nn.gelu(h @ wd + bd, approximate=False) @ wu + bu
+    f = jax.nn.gelu(h @ wd + bd[None], approximate=False) @ wu + bu[None]
     call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
     np.testing.assert_allclose(call(layer, x), h + f if residual else f, atol=1e-5)
 
@@ -166,7 +136,7 @@ def test_layer_equals_dense_reference(jit, residual):
 def test_explicit_targets_and_errors(tmp_path):
     from peftjax.models import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    model = LlamaForCausalLM.from_config(_tiny.config("llama"))
     peft_model = peftjax.get_peft_model(model, peftjax.BottleneckConfig(target_modules=["up_proj"],
                                                                         adapter_type="pfeiffer"))
     assert set(adapter_layers(model)) == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
@@ -175,7 +145,7 @@ def test_explicit_targets_and_errors(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["up_proj"]
 
     with pytest.raises(TypeError, match=r"model\.norm \(RMSNorm\)"):
-        peftjax.get_peft_model(LlamaForCausalLM.from_config(ARCHS["llama"][0]()),
+        peftjax.get_peft_model(LlamaForCausalLM.from_config(_tiny.config("llama")),
                                peftjax.BottleneckConfig(target_modules=["norm"]))
 
     class Tiny(nnx.Module):
@@ -189,4 +159,4 @@ def test_explicit_targets_and_errors(tmp_path):
     cfg = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "reduction_factor": 8}))
     with pytest.raises(ValueError, match=r"up_proj\.adapter_down\.weight: expected shape \[6, 48\].*found \[3, 48\]"):
-        peftjax.PeftModel.from_pretrained(LlamaForCausalLM.from_config(ARCHS["llama"][0]()), tmp_path / "bad")
+        peftjax.PeftModel.from_pretrained(LlamaForCausalLM.from_config(_tiny.config("llama")), tmp_path / "bad")

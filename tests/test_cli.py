@@ -9,17 +9,17 @@ import warnings
 
 import numpy as np
 import pytest
+import transformers as tr
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+from _torch_models import lazy, save_tiny
 
-from _torch_models import save_tiny  # noqa: E402
+import peftjax
+from peftjax import models
+from peftjax.cli import main
+from peftjax.data import minilm_path as packaged_minilm
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.cli import main  # noqa: E402
-from peftjax.data import minilm_path as packaged_minilm  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 
 def run_cli(*args):
@@ -35,12 +35,8 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
-    save_tiny(tr.LlamaForCausalLM, config, path)
-    return path
+def llama(tiny_checkpoint):
+    return tiny_checkpoint(_tiny.arch("llama", pad_token_id=None))
 
 
 def test_inspect_tells_who_wrote_the_adapter(llama, tmp_path, capsys):
@@ -113,8 +109,8 @@ def test_generate_with_an_adapter(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm()))
-    config = tr.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
+    config = _tiny_config("llama", len(tokenizer), num_hidden_layers=1, tie_word_embeddings=False,
+                          pad_token_id=tokenizer.pad_token_id)
     models.LlamaForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
@@ -139,15 +135,19 @@ TASK_CASES = [
 ]
 
 
-def _tiny_config(family: str, vocab: int):
-    common = {"vocab_size": vocab, "pad_token_id": 0}
-    if family == "bert":
-        return tr.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                             max_position_embeddings=64, **common)
-    if family == "gpt2":
-        return tr.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common)
-    return tr.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, tie_word_embeddings=True, **common)
+# narrower than _tiny's models (hidden 16): most of these carry MiniLM's 30522-token vocabulary
+NARROW = {
+    # num_labels=2 (transformers' default): a base whose label count is not the adapters' 3
+    "bert": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=64, num_labels=2),
+    "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_positions=64),
+    "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+def _tiny_config(family: str, vocab: int, **overrides):
+    return _tiny.config(family, **{**NARROW[family], "vocab_size": vocab, "pad_token_id": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from transformers import LlamaConfig
 
+import _tiny
 import peftjax
 from peftjax import models
 from peftjax.io import SafetensorsError, SafetensorsFile, read_safetensors, write_safetensors
@@ -71,8 +71,7 @@ def test_a_truncated_file_is_refused_when_opened(file):
 
 
 def _tiny_checkpoint(path: Path, scan: bool = False) -> None:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = _tiny.config("llama", vocab_size=64, pad_token_id=None, tie_word_embeddings=False)
     models.LlamaForCausalLM.from_config(config, seed=3).save_pretrained(path)
 
 

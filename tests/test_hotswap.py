@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 tr = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import _tiny  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap  # noqa: E402
@@ -40,9 +41,7 @@ def quiet(fn, *args, **kwargs):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("hotswap")
     torch.manual_seed(0)
-    config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    tr.LlamaForCausalLM(config).save_pretrained(root / "base")
+    _tiny.save("llama", root / "base")
     for name, kw in ADAPTERS.items():
         base = quiet(tr.LlamaForCausalLM.from_pretrained, root / "base")
         model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))

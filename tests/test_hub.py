@@ -13,22 +13,22 @@ import shutil
 import warnings
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
+import transformers as tr
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-huggingface_hub = pytest.importorskip("huggingface_hub")
+import _tiny
+from _torch_models import lazy
 
-from _torch_models import save_tiny  # noqa: E402
+import peftjax
+from peftjax import models
+from peftjax.cli import main
+from peftjax.io._hub import is_repo_id, resolve
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.cli import main  # noqa: E402
-from peftjax.io._hub import is_repo_id, resolve  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-IDS = np.random.RandomState(0).randint(1, 128, (2, 6))
+IDS = np.random.RandomState(0).randint(1, 96, (2, 6))
 
 
 def put_in_cache(cache: Path, repo_id: str, source: Path, *, ref: str = "main") -> Path:
@@ -57,9 +57,7 @@ def logits(model) -> np.ndarray:
 def local(tmp_path_factory):
     """The local directories: a tiny Llama, a PEFT-written adapter (main and v2), two adapters in one folder."""
     root = tmp_path_factory.mktemp("local")
-    config = tr.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=128)
-    base = save_tiny(tr.LlamaForCausalLM, config, root / "tiny-llama")
+    base = _tiny.save("llama", root / "tiny-llama")
     for name, seed in (("adapter-main", 1), ("adapter-v2", 2)):
         torch.manual_seed(seed)
         with warnings.catch_warnings():

@@ -6,51 +6,31 @@ import json
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+from peftjax.io import read_safetensors
+from peftjax.tuners.ia3 import IA3Layer
+from peftjax.tuners.base import adapter_layers
 
-from _torch_models import save_tiny  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.io import read_safetensors  # noqa: E402
-from peftjax.tuners.ia3 import IA3Layer  # noqa: E402
-from peftjax.tuners.base import adapter_layers  # noqa: E402
-
-ARCHS = {
-    "llama": (
-        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        tr.LlamaForCausalLM, "CAUSAL_LM",
-    ),
-    "bert": (
-        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=37, num_labels=3),
-        tr.BertForSequenceClassification, "SEQ_CLS",
-    ),
-    "gpt2": (
-        lambda: tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32),
-        tr.GPT2LMHeadModel, "CAUSAL_LM",
-    ),
-}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "bert", "gpt2")}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 pytestmark = pytest.mark.filterwarnings("ignore:.*stores its weight as .fan_in, fan_out.:UserWarning")
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def arch(request, tmp_path_factory):
-    make_config, cls, task = ARCHS[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    save_tiny(cls, make_config(), path)
-    return request.param, path, cls, task
+def arch(request, tiny_checkpoint):
+    spec = ARCHS[request.param]
+    return request.param, tiny_checkpoint(spec), spec.torch_class, spec.task
 
 
 def torch_base(arch):
@@ -90,11 +70,6 @@ def changed(a, b) -> float:
     return float(np.abs(valid(np.asarray(a)) - valid(np.asarray(b))).max())
 
 
-def _batch(task):
-    labels = np.array([0, 2]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS, -100)
-    return {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(labels)}
-
-
 # ---------------------------------------------------------------- PEFT -> peftjax
 
 
@@ -122,16 +97,8 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
     name, path, cls, task = arch
     model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.IA3Config(task_type=task))
     base_logits = run_jax(model)
-    graphdef, trainable, rest = peftjax.split(model.base_model)
-    optimizer = optax.adam(5e-2)
-    opt_state = optimizer.init(trainable)
-    step = peftjax.make_train_step(graphdef, optimizer)
-    losses = []
-    for i in range(5):
-        trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
-        losses.append(float(loss))
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(5e-2)).losses
     assert losses[-1] < losses[0]
-    nnx.update(model.base_model, trainable)
     ours = run_jax(model)
     assert changed(ours, base_logits) > 1e-3
 
@@ -139,7 +106,9 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.PeftModel.from_pretrained(torch_base(arch), tmp_path).eval()
-    assert_close(ours, run_torch(torch_model))
+    theirs = run_torch(torch_model)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), theirs)
 
     # merged == unmerged, and unmerge restores the weights
     layers = {n: m for n, m in adapter_layers(model.base_model).items()}
@@ -204,12 +173,11 @@ def test_counts_files_and_targets_match_peft(arch, tmp_path, capsys):
 # ---------------------------------------------------------------- layer math
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_layer_equals_dense_reference_and_merged_path(jit):
     """Attention-type: (x@W + b) * l; feedforward: (x * l)@W + b; two adapters multiply."""
     from peftjax.models import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    model = LlamaForCausalLM.from_config(_tiny.config("llama"))
     base = run_jax(model)
     peft_model = peftjax.get_peft_model(
         model, peftjax.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
@@ -222,19 +190,19 @@ def test_layer_equals_dense_reference_and_merged_path(jit):
 
     x = jax.random.normal(jax.random.key(1), (3, 32))
     w, l1, l2 = k_proj.kernel.get_value(), k_proj.ia3_l["default"].get_value(), k_proj.ia3_l["second"].get_value()
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None], atol=1e-5)
     k_proj.set_active_adapters(("default", "second"))
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1 * l2, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None] * l2[None], atol=1e-5)
     k_proj.set_active_adapters(("default",))
 
     h = jax.random.normal(jax.random.key(2), (3, 48))
     wd, ld = down.kernel.get_value(), down.ia3_l["default"].get_value()
-    np.testing.assert_allclose(call(down, h), (h * ld) @ wd, atol=1e-5)
+    np.testing.assert_allclose(call(down, h), (h * ld[None]) @ wd, atol=1e-5)
 
     unmerged = run_jax(peft_model, jit=jit)
     peft_model.merge_adapter()
-    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1, atol=1e-5)
-    np.testing.assert_allclose(call(down, h), (h * ld) @ wd, atol=1e-5)
+    np.testing.assert_allclose(call(k_proj, x), (x @ w) * l1[None], atol=1e-5)
+    np.testing.assert_allclose(call(down, h), (h * ld[None]) @ wd, atol=1e-5)
     assert_close(run_jax(peft_model, jit=jit), unmerged)
 
     with pytest.warns(UserWarning, match="inaccurate"), peft_model.disable_adapter():  # unmerges first
@@ -242,31 +210,29 @@ def test_layer_equals_dense_reference_and_merged_path(jit):
     assert_close(run_jax(peft_model.unload(), jit=jit), base)
 
 
-def test_bias_is_scaled_for_attention_type_modules():
+def test_bias_is_scaled_for_attention_type_modules(jit):
     """PEFT scales the whole output of an attention-type module, bias included (BERT has biases)."""
     from peftjax.models import BertModel
 
-    model = BertModel.from_config(ARCHS["bert"][0]())
+    model = BertModel.from_config(_tiny.config("bert"))
     peftjax.get_peft_model(model, peftjax.IA3Config(target_modules=["key"], feedforward_modules=[],
                                                     init_ia3_weights=False))
     layer = model.encoder.layer[0].attention.self.key
     x = jax.random.normal(jax.random.key(0), (2, 32))
     w, b, vec = layer.kernel.get_value(), layer.bias.get_value(), layer.ia3_l["default"].get_value()
-    np.testing.assert_allclose(layer(x), (x @ w + b) * vec, atol=1e-5)
+    call = nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+    np.testing.assert_allclose(call(layer, x), (x @ w + b[None]) * vec[None], atol=1e-5)
     layer.merge_adapter("default")
     np.testing.assert_allclose(layer.bias.get_value(), b * vec, atol=1e-6)
-    np.testing.assert_allclose(layer(x), (x @ w + b) * vec, atol=1e-5)
+    np.testing.assert_allclose(call(layer, x), (x @ w + b[None]) * vec[None], atol=1e-5)
 
 
 # ---------------------------------------------------------------- bad input
 
 
 @pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_ia3")
-    make_config, cls, _ = ARCHS["llama"]
-    save_tiny(cls, make_config(), path)
-    return path
+def llama_path(tiny_checkpoint):
+    return tiny_checkpoint("llama")
 
 
 def test_errors_name_the_problem(llama_path, tmp_path):

@@ -11,11 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+import _tiny
 import peftjax
+from _torch_models import lazy
 from peftjax import tuners
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 
 class UserMLP(nnx.Module):
@@ -30,21 +31,27 @@ class UserMLP(nnx.Module):
         return self.fc2(jax.nn.relu(self.fc1(self.emb(ids))))
 
 
-class TorchTwin(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(20, 8)
-        self.dense1 = torch.nn.Linear(8, 16)
-        self.dense2 = torch.nn.Linear(16, 4)
-
-    def forward(self, ids):
-        return self.dense2(torch.relu(self.dense1(self.embed(ids))))
-
-
 IDS = np.array([[1, 5, 7], [3, 3, 19]])
 
 
-def twin_from(model: UserMLP) -> TorchTwin:
+def call(jit: bool):
+    """``module(x)``, eagerly or under ``nnx.jit``."""
+    return nnx.jit(lambda m, x: m(x)) if jit else (lambda m, x: m(x))
+
+
+def twin_from(model: UserMLP):
+    """The model's PyTorch twin, under other names, with the same weights."""
+
+    class TorchTwin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 8)
+            self.dense1 = torch.nn.Linear(8, 16)
+            self.dense2 = torch.nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.dense2(torch.relu(self.dense1(self.embed(ids))))
+
     twin = TorchTwin()
     with torch.no_grad():
         twin.embed.weight.copy_(torch.tensor(np.asarray(model.emb.embedding.get_value())))
@@ -54,7 +61,7 @@ def twin_from(model: UserMLP) -> TorchTwin:
     return twin.eval()
 
 
-def test_user_model_round_trips_through_peft_with_key_mapping(tmp_path):
+def test_user_model_round_trips_through_peft_with_key_mapping(tmp_path, jit):
     model = UserMLP(nnx.Rngs(0))
     twin = twin_from(model)
     mapping = {r"^fc(\d)$": r"dense\1", r"^emb$": "embed"}
@@ -72,12 +79,11 @@ def test_user_model_round_trips_through_peft_with_key_mapping(tmp_path):
         theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
     with torch.no_grad():
         ref = theirs(torch.tensor(IDS)).numpy()
-    ours = np.asarray(peft_model(IDS))
+    ours = np.asarray(call(jit)(peft_model.base_model, IDS))
     np.testing.assert_allclose(ours, ref, atol=1e-5)
     assert np.abs(ours - np.asarray(UserMLP(nnx.Rngs(0))(IDS))).max() > 1e-3
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_dropout_needs_an_explicit_key(jit):
     model = UserMLP(nnx.Rngs(0))
     tuners.inject_lora(model, peftjax.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False,
@@ -95,7 +101,7 @@ def test_dropout_needs_an_explicit_key(jit):
     np.testing.assert_array_equal(np.asarray(model(IDS)), plain)  # no key: dropout is the identity
 
 
-def test_multi_transform_labels_freeze_the_base():
+def test_multi_transform_labels_freeze_the_base(jit):
     model = UserMLP(nnx.Rngs(0))
     tuners.inject_lora(model, peftjax.LoraConfig(r=4, target_modules=["fc1", "fc2"], bias="lora_only"))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -112,8 +118,9 @@ def test_multi_transform_labels_freeze_the_base():
         return jnp.mean(nnx.merge(graphdef, p, rest)(IDS) ** 2)
 
     before = jax.tree.map(np.array, params)
+    grad = jax.jit(jax.grad(loss)) if jit else jax.grad(loss)
     for _ in range(3):
-        grads = jax.grad(loss)(params)
+        grads = grad(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
     for old, new, label in zip(jax.tree.leaves(before), jax.tree.leaves(params), leaves):
@@ -153,13 +160,9 @@ def test_gaussian_init_statistics():
 
 
 def test_generate_with_an_adapter_differs_from_base():
-    import transformers as tr
-
     from peftjax.models import LlamaForCausalLM
 
-    cfg = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM.from_config(cfg)
+    model = LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64, num_hidden_layers=1, pad_token_id=None))
     prompt = np.array([[3, 4, 5, 6]])
     base = model.generate(prompt, max_new_tokens=6)
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,

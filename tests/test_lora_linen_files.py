@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+from _torch_models import lazy
 from peftjax.config import LoraConfig
 from peftjax.io import read_safetensors, write_safetensors
 from peftjax.io._adapter import AdapterFileError
@@ -26,8 +27,7 @@ from peftjax.linen import (
     trainable_labels,
 )
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 V, D, H, L, C = 20, 8, 12, 3, 3  # vocab, width, hidden, scanned layers, classes
 IDS = np.array([[1, 5, 7, 2, 19, 3], [4, 4, 0, 11, 8, 6]])
@@ -57,31 +57,6 @@ class Net(nn.Module):
         return nn.Dense(C, name="classifier")(h.mean(axis=1))
 
 
-class TorchBlock(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.v_proj = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
-        self.ln = torch.nn.LayerNorm(D, eps=1e-6)
-
-    def forward(self, x):
-        return self.ln(x + self.v_proj(x) * torch.tanh(self.q_proj(x)))
-
-
-class TorchNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = torch.nn.Embedding(V, D)
-        self.dense = torch.nn.ModuleList([torch.nn.Linear(D, H), torch.nn.Linear(H, D)])
-        self.layers = torch.nn.ModuleList([TorchBlock() for _ in range(L)])
-        self.classifier = torch.nn.Linear(D, C)
-
-    def forward(self, ids):
-        h = self.dense[1](torch.relu(self.dense[0](self.embed(ids))))
-        for layer in self.layers:
-            h = layer(h)
-        return self.classifier(h.mean(dim=1))
-
-
 def torch_state(params) -> dict:
     """The twin's state dict from Linen params (kernels transposed, scanned layers unstacked)."""
     p = jax.tree.map(np.asarray, params)
@@ -98,7 +73,32 @@ def torch_state(params) -> dict:
     return {k: torch.from_numpy(np.array(v)) for k, v in out.items()}
 
 
-def twin(params) -> torch.nn.Module:
+def twin(params):
+    """Net's PyTorch twin (torch ``dense.0`` / ``layers.{i}`` for Linen ``dense_0`` / the scan ``layers``)."""
+
+    class TorchBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
+            self.ln = torch.nn.LayerNorm(D, eps=1e-6)
+
+        def forward(self, x):
+            return self.ln(x + self.v_proj(x) * torch.tanh(self.q_proj(x)))
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(V, D)
+            self.dense = torch.nn.ModuleList([torch.nn.Linear(D, H), torch.nn.Linear(H, D)])
+            self.layers = torch.nn.ModuleList([TorchBlock() for _ in range(L)])
+            self.classifier = torch.nn.Linear(D, C)
+
+        def forward(self, ids):
+            h = self.dense[1](torch.relu(self.dense[0](self.embed(ids))))
+            for layer in self.layers:
+                h = layer(h)
+            return self.classifier(h.mean(dim=1))
+
     model = TorchNet().eval()
     model.load_state_dict(torch_state(params), strict=True)
     return model

@@ -12,51 +12,22 @@ import optax
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
 
-from _torch_models import save_tiny  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-
-ARCHS = {
-    "llama": (
-        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        tr.LlamaForCausalLM, "CAUSAL_LM",
-    ),
-    "qwen2": (
-        lambda: tr.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        tr.Qwen2ForCausalLM, "CAUSAL_LM",
-    ),
-    "mistral": (
-        lambda: tr.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, sliding_window=4),
-        tr.MistralForCausalLM, "CAUSAL_LM",
-    ),
-    "bert": (
-        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=37, num_labels=3),
-        tr.BertForSequenceClassification, "SEQ_CLS",
-    ),
-    "gpt2": (
-        lambda: tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32),
-        tr.GPT2LMHeadModel, "CAUSAL_LM",
-    ),
-}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "bert", "gpt2")}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
-def arch(request, tmp_path_factory):
-    make_config, cls, task = ARCHS[request.param]
-    path = tmp_path_factory.mktemp(request.param)
-    save_tiny(cls, make_config(), path)
-    return request.param, path, cls, task
+def arch(request, tiny_checkpoint):
+    spec = ARCHS[request.param]
+    return request.param, tiny_checkpoint(spec), spec.torch_class, spec.task
 
 
 def torch_base(arch):
@@ -150,11 +121,6 @@ def test_trainable_parameter_counts_match_peft(arch, capsys):
 # ---------------------------------------------------------------- (b) peftjax trains -> PEFT
 
 
-def _batch(task):
-    labels = np.array([0, 2]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS, -100)
-    return {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(labels)}
-
-
 def test_trained_adapter_loads_in_peft_with_same_logits(arch, tmp_path):
     name, path, cls, task = arch
     model = peftjax.get_peft_model(
@@ -162,21 +128,13 @@ def test_trained_adapter_loads_in_peft_with_same_logits(arch, tmp_path):
         peftjax.LoraConfig(r=4, lora_alpha=8, task_type=task, lora_dropout=0.1, target_modules="all-linear"),
     )
     base_before = jax.tree.map(np.array, nnx.state(model.base_model, peftjax.FROZEN))
-    graphdef, trainable, rest = peftjax.split(model.base_model)
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(trainable)
-    step = peftjax.make_train_step(graphdef, optimizer)
-    losses = []
-    for i in range(5):
-        trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
-        losses.append(float(loss))
+    losses, trainable, opt_state, _ = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(1e-2))
     assert losses[-1] < losses[0]
     # (f) the optimizer holds state for adapter leaves only, and the base is bit-identical
     n_trainable = len(jax.tree.leaves(trainable))
     adam_state = opt_state[0]
     assert len(jax.tree.leaves(adam_state.mu)) == n_trainable
     assert jax.tree.structure(adam_state.mu) == jax.tree.structure(trainable)
-    nnx.update(model.base_model, trainable)
     after = jax.tree.map(np.array, nnx.state(model.base_model, peftjax.FROZEN))
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), base_before, after))
 
@@ -185,7 +143,9 @@ def test_trained_adapter_loads_in_peft_with_same_logits(arch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.PeftModel.from_pretrained(torch_base(arch), tmp_path).eval()
-    assert_close(ours, run_torch(torch_model))
+    theirs = run_torch(torch_model)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), theirs)
     assert np.abs(valid(ours) - valid(run_torch(torch_base(arch)))).max() > 1e-3
 
     # (c) merged and exported, transformers alone reproduces the logits
@@ -227,12 +187,10 @@ def test_saved_files_are_what_peft_writes(arch, tmp_path):
 # ---------------------------------------------------------------- (d) x@A@B == merged == dense
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_xab_path_equals_merged_path_equals_dense_reference(jit):
     from peftjax.models import LlamaForCausalLM
 
-    cfg = ARCHS["llama"][0]()
-    model = LlamaForCausalLM.from_config(cfg)
+    model = LlamaForCausalLM.from_config(_tiny.config("llama"))
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                    target_modules=["q_proj", "down_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
@@ -253,7 +211,7 @@ def test_train_step_never_builds_the_merged_weight():
     """The jaxpr of a LoRA forward has no [in, out]-shaped A@B product."""
     from peftjax.models import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_config(ARCHS["llama"][0]())
+    model = LlamaForCausalLM.from_config(_tiny.config("llama"))
     peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
     graphdef, trainable, rest = peftjax.split(layer)
@@ -267,10 +225,8 @@ def test_train_step_never_builds_the_merged_weight():
 # ---------------------------------------------------------------- adapters API
 
 
-def test_multiple_adapters_switch_disable_delete(tmp_path):
-    path = tmp_path / "llama"
-    make_config, cls, task = ARCHS["llama"]
-    save_tiny(cls, make_config(), path)
+def test_multiple_adapters_switch_disable_delete(tiny_checkpoint, tmp_path):
+    path, task = tiny_checkpoint("llama"), ARCHS["llama"].task
     base_logits = run_jax(models.from_pretrained(path))
     model = peftjax.get_peft_model(models.from_pretrained(path),
                                    peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=task))
@@ -305,10 +261,8 @@ def test_multiple_adapters_switch_disable_delete(tmp_path):
     ],
     ids=["regex", "layers_to_transform", "embed-lm_head", "bias-lora_only", "all-linear-dora"],
 )
-def test_variants_round_trip_through_peft(targets, tmp_path):
-    path = tmp_path / "llama"
-    make_config, cls, task = ARCHS["llama"]
-    save_tiny(cls, make_config(), path)
+def test_variants_round_trip_through_peft(targets, tiny_checkpoint, tmp_path):
+    path, cls = tiny_checkpoint("llama"), ARCHS["llama"].torch_class
     model = peftjax.get_peft_model(models.from_pretrained(path),
                                    peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **targets))
     if targets.get("bias") == "lora_only":
@@ -321,18 +275,17 @@ def test_variants_round_trip_through_peft(targets, tmp_path):
     theirs_targets = set(torch_model.targeted_module_names)
     ours_targets = {n for n, m in peftjax.tuners.lora.lora_layers(model.base_model).items()}
     assert ours_targets == theirs_targets
-    assert_close(run_jax(model), run_torch(torch_model))
+    theirs = run_torch(torch_model)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), theirs)
 
 
 # ---------------------------------------------------------------- bad input
 
 
 @pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_base")
-    make_config, cls, _ = ARCHS["llama"]
-    save_tiny(cls, make_config(), path)
-    return path
+def llama_path(tiny_checkpoint):
+    return tiny_checkpoint("llama")
 
 
 def test_targets_matching_nothing_list_close_names(llama_path):

@@ -20,17 +20,16 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+import peftjax
+from _torch_models import lazy
+from peftjax import models
+from peftjax.linen import inject, intercept, save_adapter
+from peftjax import tuners
+from peftjax.tuners.lora import svd_lowrank
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.linen import inject, intercept, save_adapter  # noqa: E402
-from peftjax import tuners  # noqa: E402
-from peftjax.tuners.lora import svd_lowrank  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 R, ALPHA = 4, 8
 S = ALPHA / R
 # PEFT's own warnings (peft/tuners/lora/layer.py, dispatch_default)
@@ -130,7 +129,6 @@ def test_converged_pissa_niter_equals_peft(shape):
 # ---------------------------------------------------------------- (b) the adapted model starts as the base model
 
 
-@JIT
 @pytest.mark.parametrize("niter", [0, 1, 4])
 def test_output_right_after_init_equals_the_base(niter, jit):
     w = spectrum(24, 32, 0.95, seed=1)  # a slow decay: the randomized factors are far from the exact ones
@@ -151,7 +149,6 @@ def test_the_draw_follows_the_init_key():
     assert np.abs(first - other).max() > 1e-3
 
 
-@JIT
 @pytest.mark.parametrize("niter", [0, 8])
 def test_linen_scanned_layers_start_as_the_base(niter, jit):
     class Block(nn.Module):
@@ -221,16 +218,10 @@ def test_randomized_svd_error_is_distributed_as_torchs():
 
 # ---------------------------------------------------------------- tiny transformers: PEFT loads our adapter
 
+# name -> (the tiny model, the layers whose weights get a fast-decaying spectrum and the adapter)
 ARCHS = {
-    "llama": (
-        lambda: tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        tr.LlamaForCausalLM, ["q_proj", "v_proj"],
-    ),
-    "gpt2": (
-        lambda: tr.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16),
-        tr.GPT2LMHeadModel, ["c_attn"],
-    ),
+    "llama": (_tiny.arch("llama", vocab_size=64), ["q_proj", "v_proj"]),
+    "gpt2": (_tiny.arch("gpt2", vocab_size=64, n_positions=16), ["c_attn"]),
 }
 IDS = np.random.RandomState(0).randint(1, 64, (2, 6))
 
@@ -242,9 +233,10 @@ def tiny(tmp_path_factory):
 
     def build(name):
         if name not in built:
-            make_config, cls, targets = ARCHS[name]
+            spec, targets = ARCHS[name]
+            cls = spec.torch_class
             torch.manual_seed(0)
-            model = cls(make_config()).eval()
+            model = cls(spec.config()).eval()
             with torch.no_grad():
                 for i, (module_name, module) in enumerate(model.named_modules()):
                     if module_name.rsplit(".", 1)[-1] in targets:

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers as tr
 from flax import nnx
 
+import _tiny
 import peftjax
 from peftjax.models import GPT2LMHeadModel, LlamaForCausalLM, _losses
 from peftjax.models._losses import causal_lm_loss, causal_lm_loss_from_hidden
@@ -75,12 +75,10 @@ def test_decoders_train_on_the_fused_loss_with_the_same_gradients(kind, monkeypa
     gradients as the loss of its logits."""
     monkeypatch.setattr(_losses, "FUSED_CHUNK_ELEMENTS", 5 * 96)  # 5-token chunks
     if kind == "gpt2":
-        config = tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+        config = _tiny.config("gpt2", n_layer=1)
         model, targets = GPT2LMHeadModel.from_config(config), ["c_attn", "c_fc"]
     else:
-        config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                num_attention_heads=4, num_key_value_heads=2,
-                                tie_word_embeddings=kind == "llama-tied")
+        config = _tiny.config("llama", num_hidden_layers=1, pad_token_id=None, tie_word_embeddings=kind == "llama-tied")
         model, targets = LlamaForCausalLM.from_config(config), ["q_proj", "v_proj"]
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=targets,
                                                                    init_lora_weights=False))

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 tr = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import _tiny  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 
@@ -40,9 +41,7 @@ def files(tmp_path_factory):
     """A tiny Llama and two adapters HF PEFT wrote, trained-looking (non-zero ``lora_B``)."""
     root = tmp_path_factory.mktemp("mixed")
     torch.manual_seed(0)
-    config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    tr.LlamaForCausalLM(config).save_pretrained(root / "base")
+    _tiny.save("llama", root / "base")
     for name, kw in ADAPTERS.items():
         base = quiet(tr.LlamaForCausalLM.from_pretrained, root / "base")
         model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
@@ -141,10 +140,7 @@ def test_generate_with_a_different_adapter_per_row(files):
 
 def test_classifier_heads_follow_their_rows(tmp_path):
     """SEQ_CLS: each adapter's ``modules_to_save`` head copy serves its own rows, as in PEFT."""
-    torch.manual_seed(0)
-    config = tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=37, num_labels=3)
-    tr.BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    _tiny.save("bert", tmp_path / "base")
     for name, r in (("x", 2), ("y", 4)):
         base = quiet(tr.BertForSequenceClassification.from_pretrained, tmp_path / "base")
         model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="SEQ_CLS", r=r, init_lora_weights=False))

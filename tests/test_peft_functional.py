@@ -9,21 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers as tr
 from flax import nnx
 
 import peftjax
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
+from _torch_models import lazy, torch_logits
 
-from _torch_models import save_tiny, torch_logits  # noqa: E402
+from peftjax import models
 
-from peftjax import models  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 
 METHODS = {  # (ours, theirs): the same config on both sides
     "lora": (
@@ -39,14 +38,13 @@ METHODS = {  # (ours, theirs): the same config on both sides
                                init_ia3_weights=False, task_type="CAUSAL_LM"),
     ),
 }
+BY_METHOD = sorted(METHODS)
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    config = tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    save_tiny(tr.LlamaForCausalLM, config, path)
+    _tiny.save("llama", path)
     return path
 
 
@@ -78,8 +76,7 @@ def test_state_dict_keys_and_shapes_are_peft_s(llama, method):
     assert all(v.dtype == np.float32 for v in ours.values())
 
 
-@JIT
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BY_METHOD)
 def test_set_from_peft_s_state_dict_gives_peft_s_logits(llama, method, jit):
     torch_model = _theirs(llama, method)
     their_sd = {k: v.detach().float().numpy() for k, v in peft.get_peft_model_state_dict(torch_model).items()}
@@ -111,7 +108,7 @@ def test_state_dict_reads_a_train_step_s_state_without_touching_the_model(llama)
         peftjax.get_peft_model_state_dict(ours, adapter_name="other")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", BY_METHOD)
 def test_inject_adapter_in_model_equals_get_peft_model(llama, method):
     config = METHODS[method][0]()
     plain = peftjax.inject_adapter_in_model(config, models.from_pretrained(llama))

@@ -24,42 +24,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import transformers as tr
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import _tiny
 
-from _torch_models import save_tiny  # noqa: E402
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+from peftjax.io._adapter import AdapterFileError
+from peftjax.models._modeling import iter_hf_params
+from peftjax.tuners.prompt import PromptEncoder
 
-import peftjax  # noqa: E402
-from peftjax import models  # noqa: E402
-from peftjax.io._adapter import AdapterFileError  # noqa: E402
-from peftjax.models._modeling import iter_hf_params  # noqa: E402
-from peftjax.tuners.prompt import PromptEncoder  # noqa: E402
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 V = 4
+# initializer_range=0.2: a larger init than transformers' 0.02 for the decoders the generation tests decode
 ARCHS = {
-    "llama": (
-        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, initializer_range=0.2),
-        tr.LlamaForCausalLM, "CAUSAL_LM",
-    ),
-    "gpt2": (
-        lambda: tr.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
-                              initializer_range=0.2),
-        tr.GPT2LMHeadModel, "CAUSAL_LM",
-    ),
-    "bert": (
-        lambda: tr.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=37, num_labels=3),
-        tr.BertForSequenceClassification, "SEQ_CLS",
-    ),
-    "llama-cls": (
-        lambda: tr.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=3),
-        tr.LlamaForSequenceClassification, "SEQ_CLS",
-    ),
+    "llama": _tiny.arch("llama", initializer_range=0.2),
+    "gpt2": _tiny.arch("gpt2", n_positions=64, pad_token_id=0, initializer_range=0.2),
+    "bert": _tiny.arch("bert"),
+    "llama-cls": _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3),
 }
 # method -> (peft config class, peftjax config class, extra fields)
 METHODS = {
@@ -84,18 +69,14 @@ def configs(method: str, task: str):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    paths = {}
-    for name, (make_config, cls, _) in ARCHS.items():
-        paths[name] = tmp_path_factory.mktemp(name)
-        save_tiny(cls, make_config(), paths[name])
-    return paths
+def saved(tiny_checkpoint):
+    return {name: tiny_checkpoint(spec) for name, spec in ARCHS.items()}
 
 
 def torch_base(saved, arch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ARCHS[arch][1].from_pretrained(saved[arch]).eval()
+        return ARCHS[arch].torch_class.from_pretrained(saved[arch]).eval()
 
 
 def torch_prefix_seq_cls(pm, ids, mask, **kwargs):
@@ -114,7 +95,7 @@ def run_torch(pm, arch, method, ids=IDS, mask=MASK):
     extra = {"token_type_ids": torch.tensor(TOKEN_TYPES[arch])} if arch in TOKEN_TYPES else {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if ARCHS[arch][2] == "SEQ_CLS" and method.startswith("prefix"):
+        if ARCHS[arch].task == "SEQ_CLS" and method.startswith("prefix"):
             return torch_prefix_seq_cls(pm, ids, mask, **extra).numpy()
         return pm(input_ids=ids, attention_mask=mask, **extra).logits.numpy()
 
@@ -140,7 +121,7 @@ def assert_close(ours, ref, mask=MASK, atol=1e-5):
 
 
 def peft_model(saved, arch, method, perturb=True):
-    config, _ = configs(method, ARCHS[arch][2])
+    config, _ = configs(method, ARCHS[arch].task)
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -174,34 +155,22 @@ def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
 # ---------------------------------------------------------------- (b) peftjax -> PEFT
 
 
-def _batch(task):
-    if task == "CAUSAL_LM":
-        return {"input_ids": IDS, "attention_mask": MASK, "labels": np.where(MASK == 1, IDS, -100)}
-    return {"input_ids": IDS, "attention_mask": MASK, "labels": np.array([0, 2])}
-
-
 @pytest.mark.parametrize(("arch", "method"), [
-    ("llama", "prefix-projection"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
-    ("bert", "prefix"), ("bert", "p-tuning-mlp"), ("llama-cls", "prompt"),
+    ("llama", "prefix-projection"), ("llama", "p-tuning-lstm"),
+    ("gpt2", "prefix"), ("gpt2", "prompt"), ("bert", "prefix"), ("bert", "p-tuning-mlp"),
+    ("llama-cls", "prompt"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
-    task = ARCHS[arch][2]
+    task = ARCHS[arch].task
     _, config = configs(method, task)
     model = peftjax.get_peft_model(models.from_pretrained(saved[arch]), config, key=jax.random.key(3))
     before = run_jax(model, arch)
-    graphdef, trainable, rest = peftjax.split(model.base_model)
+    _, trainable, _ = peftjax.split(model.base_model)
     assert any("peft_prompt_encoders" in str(p) for p, _ in nnx.to_flat_state(trainable))
-    optimizer = optax.adam(3e-2)
-    opt_state = optimizer.init(trainable)
-    step = peftjax.make_train_step(graphdef, optimizer)
-    losses = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i in range(5):
-            trainable, opt_state, loss = step(trainable, opt_state, rest, _batch(task), jax.random.key(i))
-            losses.append(float(loss))
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(3e-2)).losses
     assert losses[-1] < losses[0]
-    nnx.update(model.base_model, trainable)
     ours = run_jax(model, arch)
     assert np.abs(ours - before).max() > 1e-3  # training changed the adapter's output
 
@@ -209,7 +178,9 @@ def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(torch_base(saved, arch), tmp_path).eval()
-    assert_close(ours, run_torch(pm, arch, method))
+    theirs = run_torch(pm, arch, method)
+    for jit in (False, True):
+        assert_close(run_jax(model, arch, jit=jit), theirs)
 
 
 # ---------------------------------------------------------------- (c) generation
@@ -269,9 +240,9 @@ def test_prompt_tuning_text_init_matches_peft(num_virtual_tokens, tmp_path):
     tokenizer = str(_minilm_tokenizer())
     config = dict(task_type="SEQ_CLS", num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="TEXT",
                   prompt_tuning_init_text="positive or negative", tokenizer_name_or_path=tokenizer)
-    save_tiny(tr.BertForSequenceClassification,
-              tr.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=16), tmp_path)
+    # MiniLM's vocabulary, so that the tokenizer's ids index the embedding table
+    _tiny.save(_tiny.arch("bert", vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=16), tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(tr.BertForSequenceClassification.from_pretrained(tmp_path),

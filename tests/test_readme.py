@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers as tr
+
+import _tiny
+from _torch_models import lazy, torch_logits
+
+peft = lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 ROOT = Path(__file__).parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
-
-torch = pytest.importorskip("torch")
-tr = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from _torch_models import save_tiny, torch_logits  # noqa: E402
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -46,9 +46,7 @@ def test_every_document_with_python_is_covered():
 def checkpoints(tmp_path_factory):
     """A tiny Llama (vocabulary 128, dims divisible by a 4-way model axis) and a PEFT-made adapter."""
     root = tmp_path_factory.mktemp("readme-models")
-    config = tr.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
-    save_tiny(tr.LlamaForCausalLM, config, root / "llama")
+    _tiny.save(_tiny.arch("llama", vocab_size=128, intermediate_size=64, num_key_value_heads=4), root / "llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(tr.LlamaForCausalLM.from_pretrained(root / "llama"),

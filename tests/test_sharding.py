@@ -37,10 +37,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-import transformers as tr
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+import _tiny
 import peftjax
 from peftjax import sharding as shd
 from peftjax.io import read_safetensors
@@ -176,8 +176,8 @@ def test_make_mesh_checks_the_device_count():
 
 
 def tiny_lora_model():
-    config = tr.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = _tiny.config("llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          pad_token_id=None, tie_word_embeddings=False)
     model = LlamaForCausalLM.from_config(config, seed=0)
     return peftjax.get_peft_model(model, peftjax.LoraConfig(r=8, target_modules=["q_proj", "o_proj"]))
 

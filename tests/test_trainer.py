@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers as tr
 from flax import nnx
 
+import _tiny
 import peftjax
 from peftjax.io import read_safetensors
 from peftjax.models import BertForSequenceClassification, LlamaForCausalLM
@@ -46,8 +46,7 @@ def classification_data(n=96, seed=0):
 
 @pytest.fixture
 def tiny_bert():
-    config = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=48, num_labels=2)
+    config = _tiny.config("bert", vocab_size=64, intermediate_size=48, num_labels=2)
     model = BertForSequenceClassification.from_config(config, seed=0)
     return peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=16, task_type="SEQ_CLS",
                                                             target_modules="all-linear"))
@@ -89,8 +88,7 @@ def test_predict_returns_rows_in_order(tiny_bert, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                           intermediate_size=48, num_labels=1)
+    config = _tiny.config("bert", vocab_size=64, num_hidden_layers=1, intermediate_size=48, num_labels=1)
     model = peftjax.get_peft_model(BertForSequenceClassification.from_config(config),
                                    peftjax.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query"]))
     data = classification_data()
@@ -111,8 +109,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_bf16_compute_keeps_float32_adapters_and_optimizer_state(tmp_path):
-    config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2)
+    config = _tiny.config("llama", vocab_size=64, num_hidden_layers=1, pad_token_id=None)
     model = LlamaForCausalLM.from_config(config, dtype=jnp.bfloat16)
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ids = np.random.default_rng(0).integers(1, 64, (16, 12)).tolist()
@@ -193,8 +190,7 @@ def test_schedules_warm_up_and_decay(tmp_path):
 
 
 def test_causal_lm_evaluation_reports_perplexity(tmp_path):
-    config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2)
+    config = _tiny.config("llama", vocab_size=64, num_hidden_layers=1, pad_token_id=None)
     model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=2))
     ids = np.random.default_rng(0).integers(1, 64, (10, 9))
     data = {"input_ids": ids.tolist(), "labels": ids.tolist()}
@@ -213,8 +209,7 @@ def test_causal_lm_training_step_never_holds_the_whole_logits(tmp_path, monkeypa
     from peftjax.models import _losses
 
     monkeypatch.setattr(_losses, "FUSED_CHUNK_ELEMENTS", 64 * 2048)  # 64-token chunks
-    config = tr.LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = _tiny.config("llama", vocab_size=2048, num_hidden_layers=1, pad_token_id=None, tie_word_embeddings=False)
     model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=2))
     trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path)))
     graphdef, trainable, rest = peftjax.split(model.base_model)
@@ -244,9 +239,8 @@ def _losses_terms_of(model, batch):
 # ---------------------------------------------------------------- as transformers' Trainer trains
 
 def _bert(dropout: float, num_labels: int = 2, **config):
-    cfg = tr.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, num_labels=num_labels, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout, **config)
+    cfg = _tiny.config("bert", vocab_size=64, intermediate_size=48, num_labels=num_labels, hidden_dropout_prob=dropout,
+                       attention_probs_dropout_prob=dropout, **config)
     model = BertForSequenceClassification.from_config(cfg, seed=0)
     return peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, task_type="SEQ_CLS", lora_dropout=0.0,
                                                             init_lora_weights=False))

@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-import transformers as tr
-
+import _tiny
 import peftjax
 from peftjax import models
 
@@ -17,34 +16,25 @@ from peftjax import models
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
-    config = tr.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1)
-    models.LlamaForCausalLM.from_config(config).save_pretrained(path)
+    models.LlamaForCausalLM.from_config(_tiny.config("llama", num_hidden_layers=1)).save_pretrained(path)
     return path
 
 
 def _train(peft_model, steps=3):
-    graphdef, adapters, base = peftjax.split(peft_model.base_model)
-    optimizer = optax.adam(1e-2)
-    opt_state = optimizer.init(adapters)
-    step = peftjax.make_train_step(graphdef, optimizer)
+    """The README's loop, the trained adapters not yet put back (what ``update`` is for)."""
     ids = np.arange(1, 17).reshape(2, 8)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    stale = adapters
-    for i in range(steps):
-        adapters, opt_state, _ = step(adapters, opt_state, base, batch, jax.random.key(i))
-    return adapters, stale, ids
+    trained = _tiny.train(peft_model, _tiny.batch(ids), steps, optimizer=optax.adam(1e-2), write_back=False)
+    return trained.adapters, trained.donated, ids
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_update_puts_the_trained_adapters_back(llama_dir, tmp_path, use_jit):
+def test_update_puts_the_trained_adapters_back(llama_dir, tmp_path, jit):
     peft_model = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=2))
     adapters, _, ids = _train(peft_model)
     assert peft_model.update(adapters) is peft_model
     # the model now computes with exactly the step's adapters: equal to the functional forward
     graphdef, _, rest = peftjax.split(peft_model.base_model)
     forward = lambda a: peftjax.combine(graphdef, a, rest)(input_ids=ids).logits  # noqa: E731
-    want = np.asarray(jax.jit(forward)(adapters) if use_jit else forward(adapters))
+    want = np.asarray(jax.jit(forward)(adapters) if jit else forward(adapters))
     np.testing.assert_allclose(np.asarray(peft_model(input_ids=ids).logits), want, atol=1e-5)
     peft_model.save_pretrained(tmp_path)
     reloaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama_dir), tmp_path)

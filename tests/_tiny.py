@@ -1,0 +1,140 @@
+"""The suite's tiny random Hugging Face models, one config per family, and the public train loop.
+
+Every test file builds its tiny models from :data:`FAMILIES` through :func:`config` / :func:`arch`;
+where a test needs something else (a larger vocabulary, a wider init, a classifier head), it
+passes that as a keyword override instead of writing another config::
+
+    _tiny.config("llama")                                   # the suite's tiny Llama
+    _tiny.config("gpt2", n_positions=64, initializer_range=0.2)
+    _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3)  # task follows the class
+
+Nothing here imports torch: :attr:`Arch.torch_class` resolves the transformers class when a test
+asks for it, so the pure-JAX files can use the configs (with ``models.X.from_config``) without it.
+
+:func:`train` is the loop a user writes from the README's quick start (``peftjax.split``,
+``peftjax.make_train_step``, ``peft_model.update``), shared by every test that trains an adapter
+and writes it back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+import peftjax
+
+# family -> (transformers config class, default model class, its task, the config's fields)
+FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "CAUSAL_LM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "CAUSAL_LM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "CAUSAL_LM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, sliding_window=4)),
+    "bert": ("BertConfig", "BertForSequenceClassification", "SEQ_CLS", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "CAUSAL_LM", dict(
+        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+}
+
+
+def fields(family: str, **overrides) -> dict[str, Any]:
+    """The family's tiny config fields with ``overrides`` applied (a value of ``None`` is kept: it
+    is how a test asks for transformers' own default, e.g. ``pad_token_id=None``)."""
+    return {**FAMILIES[family][3], **overrides}
+
+
+def config(family: str, **overrides):
+    """The family's tiny ``transformers`` config, with ``overrides`` applied."""
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][0])(**fields(family, **overrides))
+
+
+_TASKS = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS"}
+
+
+class Arch(NamedTuple):
+    """A tiny model to build: its family, config overrides, transformers class name and task."""
+
+    family: str
+    overrides: tuple[tuple[str, Any], ...]
+    class_name: str
+    task: str
+
+    def config(self):
+        return config(self.family, **dict(self.overrides))
+
+    @property
+    def torch_class(self):
+        """The transformers (PyTorch) class; the test asking for it skips without torch."""
+        import pytest
+        import transformers
+
+        pytest.importorskip("torch")
+        return getattr(transformers, self.class_name)
+
+
+def arch(family: str, class_name: str | None = None, **overrides) -> Arch:
+    """The family's tiny model (``class_name`` defaults to the family's usual head; the task follows it)."""
+    class_name = class_name or FAMILIES[family][1]
+    task = next((t for suffix, t in _TASKS.items() if class_name.endswith(suffix)), None)
+    return Arch(family, tuple(sorted(overrides.items())), class_name, task)
+
+
+def save(spec: Arch | str, directory, seed: int = 0, **save_kwargs):
+    """Builds the torch model of ``spec`` (an :class:`Arch` or a family name) with a fixed seed, in
+    eval mode, saves it to ``directory`` and returns it (needs torch)."""
+    from _torch_models import save_tiny
+
+    spec = arch(spec) if isinstance(spec, str) else spec
+    return save_tiny(spec.torch_class, spec.config(), directory, seed=seed, **save_kwargs)
+
+
+# ---------------------------------------------------------------- the public train-and-write-back loop
+
+
+class Trained(NamedTuple):
+    losses: list[float]
+    adapters: Any  # the step's last output (written back into the model unless write_back=False)
+    opt_state: Any
+    donated: Any  # the adapter state first handed to the step: its buffers are gone
+
+
+def train(peft_model, batch: dict, steps: int = 5, optimizer: optax.GradientTransformation | None = None,
+          dropout: bool = True, write_back: bool = True) -> Trained:
+    """Trains ``peft_model``'s adapters for ``steps`` through the public functional core, the README's
+    quick start: ``peftjax.split`` -> ``peftjax.make_train_step`` -> ``peft_model.update``.
+
+    ``dropout``: step ``i`` gets the key ``jax.random.key(i)``, which drives dropout; ``False`` passes
+    ``None`` (no dropout). ``write_back=False`` leaves the trained adapters out of the model (whose
+    own adapter buffers were then donated to the step).
+    """
+    graphdef, adapters, base = peftjax.split(peft_model.base_model)
+    optimizer = optimizer if optimizer is not None else optax.adam(1e-2)
+    opt_state = optimizer.init(adapters)
+    step = peftjax.make_train_step(graphdef, optimizer)
+    donated, losses = adapters, []
+    for i in range(steps):
+        adapters, opt_state, loss = step(adapters, opt_state, base, batch, jax.random.key(i) if dropout else None)
+        losses.append(float(loss))
+    if write_back:
+        peft_model.update(adapters)
+    return Trained(losses, adapters, opt_state, donated)
+
+
+def batch(ids, mask=None, task: str = "CAUSAL_LM", labels=(0, 2)) -> dict:
+    """A training batch for ``task``: a causal LM's labels are the ids, padded positions ignored (-100);
+    a classifier's are ``labels``, one per row."""
+    ids = np.asarray(ids)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask)
+    if task == "SEQ_CLS":
+        return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
