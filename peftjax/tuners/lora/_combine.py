@@ -73,7 +73,7 @@ def majority_sign_mask(stacked: jax.Array, method: str = "total") -> jax.Array:
         magnitude = sign.sum(axis=0)
     else:
         raise ValueError(f"majority_sign_method: expected 'total' or 'frequency', got {method!r}")
-    return sign == jnp.where(magnitude >= 0, 1, -1)
+    return sign == jnp.where(magnitude >= 0, 1, -1)[None]
 
 
 def disjoint_merge(weighted: jax.Array, mask: jax.Array) -> jax.Array:
@@ -162,7 +162,7 @@ def combined_factors(
     delta = combine(rule, deltas, [w for _, w in valid], density=density,
                     majority_sign_method=majority_sign_method, key=key)
     u, s, vh = jnp.linalg.svd(delta, full_matrices=False)
-    u, vh = u[:, :new_rank] * s[:new_rank], vh[:new_rank]
+    u, vh = u[:, :new_rank] * s[None, :new_rank], vh[:new_rank]
     if svd_clamp is not None:
         hi = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), svd_clamp)
         u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)

@@ -247,14 +247,14 @@ def merged_weight(w2, a, b, scaling: float, magnitude=None) -> tuple[jax.Array, 
     if magnitude is None:
         return merged, None
     norm = unit_norm(merged)
-    return merged * (magnitude / norm), norm
+    return merged * (magnitude / norm)[None, :], norm
 
 
 def unmerged_weight(w2, a, b, scaling: float, magnitude=None, norm=None) -> jax.Array:
     """The inverse of :func:`merged_weight` (``norm`` is the one it returned)."""
     w = w2.astype(jnp.float32)
     if magnitude is not None:
-        w = w * (norm / magnitude)
+        w = w * (norm / magnitude)[None, :]
     return w - delta(a, b, scaling)
 
 
