@@ -59,3 +59,36 @@ def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0, left: 
             mask[row, seq - n :] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def quiet(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with warnings silenced (transformers' and PEFT's load-time notices)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def save_peft_adapters(root, adapters: dict, *, family: str = "llama", noise: float = 0.0, seed: int = 0):
+    """Saves the tiny ``family`` model to ``root/base`` and one HF PEFT LoRA adapter per entry of
+    ``adapters`` (``{name: LoraConfig kwargs}``, ``init_lora_weights=False``) to ``root/<name>``;
+    ``noise`` adds that much Gaussian noise to every trainable weight, as training would."""
+    import _tiny
+    import peft
+    import torch
+
+    torch.manual_seed(seed)
+    spec = _tiny.arch(family)
+    _tiny.save(spec, root / "base")
+    for name, kw in adapters.items():
+        base = quiet(spec.torch_class.from_pretrained, root / "base")
+        model = quiet(peft.get_peft_model, base,
+                      peft.LoraConfig(task_type=spec.task, init_lora_weights=False, **kw))
+        if noise:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(noise * torch.randn_like(p))
+        model.save_pretrained(root / name)
+    return root

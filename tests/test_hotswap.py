@@ -5,7 +5,6 @@ Oracle: each adapter file loaded fresh (peftjax) and, for one, by HF PEFT + PyTo
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ torch = pytest.importorskip("torch")
 tr = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import _tiny  # noqa: E402
+from _torch_models import quiet, save_peft_adapters  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap  # noqa: E402
@@ -31,22 +30,10 @@ ADAPTERS = {
 }
 
 
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("hotswap")
-    torch.manual_seed(0)
-    _tiny.save("llama", root / "base")
-    for name, kw in ADAPTERS.items():
-        base = quiet(tr.LlamaForCausalLM.from_pretrained, root / "base")
-        model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
-        model.save_pretrained(root / name)
-    return root
+    return save_peft_adapters(root, ADAPTERS)
 
 
 def fresh(files, name):

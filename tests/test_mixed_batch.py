@@ -6,7 +6,6 @@ alone with its adapter set (or the adapters disabled, for ``"__base__"``).
 
 from __future__ import annotations
 
-import warnings
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ tr = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import _tiny  # noqa: E402
+from _torch_models import quiet, save_peft_adapters  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 
@@ -30,27 +30,11 @@ ADAPTERS = {
 }
 
 
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A tiny Llama and two adapters HF PEFT wrote, trained-looking (non-zero ``lora_B``)."""
     root = tmp_path_factory.mktemp("mixed")
-    torch.manual_seed(0)
-    _tiny.save("llama", root / "base")
-    for name, kw in ADAPTERS.items():
-        base = quiet(tr.LlamaForCausalLM.from_pretrained, root / "base")
-        model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn_like(p))
-        model.save_pretrained(root / name)
-    return root
+    return save_peft_adapters(root, ADAPTERS, noise=0.05)
 
 
 def load_ours(files, names=("a", "b")):

@@ -13,7 +13,6 @@ test checks the clamp itself.
 
 from __future__ import annotations
 
-import warnings
 from unittest import mock
 
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ torch = pytest.importorskip("torch")
 tr = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import _tiny  # noqa: E402
+from _torch_models import quiet, save_peft_adapters  # noqa: E402
 import peftjax  # noqa: E402
 from peftjax import models  # noqa: E402
 from peftjax.tuners.lora import _combine  # noqa: E402
@@ -38,22 +37,10 @@ ADAPTERS = {
 WEIGHTS = [0.7, -0.4]
 
 
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("weighted")
-    torch.manual_seed(0)
-    _tiny.save("llama", root / "base")
-    for name, kw in ADAPTERS.items():
-        base = quiet(tr.LlamaForCausalLM.from_pretrained, root / "base")
-        model = quiet(peft.get_peft_model, base, peft.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **kw))
-        model.save_pretrained(root / name)
-    return root
+    return save_peft_adapters(root, ADAPTERS)
 
 
 def ours_with(files, names):
