@@ -24,6 +24,7 @@ from peftjax.io._hub import resolve
 from peftjax.tuners import base as tuner_base
 from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
+from peftjax.tuners.lora import LoraLayer, _combine
 
 
 def _to_host(x):
@@ -341,9 +342,6 @@ class PeftModel:
             ranks that the type cannot combine, a missing ``density``, or several of the
             adapters owning ``modules_to_save`` copies of one module.
         """
-        from peftjax.tuners.lora import LoraLayer
-        from peftjax.tuners.lora._combine import COMBINATION_TYPES, SAME_RANK, combined_factors
-
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it or choose another name")
         if not adapters:
@@ -357,8 +355,8 @@ class PeftModel:
                 raise ValueError(f"add_weighted_adapter: {name!r} is {what} adapter; only plain LoRA adapters combine")
         if len(weights) != len(adapters):
             raise ValueError(f"weights: expected one per adapter ({len(adapters)}), got {len(weights)}")
-        if combination_type not in COMBINATION_TYPES:
-            raise ValueError(f"Invalid combination_type: {combination_type} (one of {', '.join(COMBINATION_TYPES)})")
+        if combination_type not in _combine.COMBINATION_TYPES:
+            raise ValueError(f"Invalid combination_type: {combination_type} (one of {', '.join(_combine.COMBINATION_TYPES)})")
         if majority_sign_method not in ("total", "frequency"):
             raise ValueError(f"majority_sign_method: expected 'total' or 'frequency', got {majority_sign_method!r}")
         combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -378,7 +376,7 @@ class PeftModel:
         # the padded rank after prepare_model_for_compiled_hotswap
         lora_layers = [m for m in tuner_base.named_modules(self.base_model).values() if isinstance(m, LoraLayer)]
         ranks = [max((m.spec(n).r for m in lora_layers if n in m.adapter_names()), default=0) for n in adapters]
-        if combination_type in SAME_RANK:
+        if combination_type in _combine.SAME_RANK:
             if len(set(ranks)) != 1:
                 raise ValueError(
                     "All adapters must have the same r value when using combination_type linear, ties, dare_ties or "
@@ -407,7 +405,7 @@ class PeftModel:
         layers = [m for m in tuner_base.named_modules(self.base_model).values()
                   if isinstance(m, LoraLayer) and adapter_name in m.adapter_names()]
         for i, layer in enumerate(layers):
-            a, b = combined_factors(layer, combination_type, adapters, weights, new_rank, density=density,
+            a, b = _combine.combined_factors(layer, combination_type, adapters, weights, new_rank, density=density,
                                     majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
                                     key=jax.random.fold_in(key, i))
             for store, value in ((layer.lora_A, a), (layer.lora_B, b)):
