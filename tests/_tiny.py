@@ -23,32 +23,33 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+import pytest
 
 import peftjax
 
-# family -> (transformers config class, default model class, its task, the config's fields)
-FAMILIES: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", "CAUSAL_LM", dict(
+# family -> (transformers config class, the family's usual model class, the config's fields)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "CAUSAL_LM", dict(
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", "CAUSAL_LM", dict(
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, sliding_window=4)),
-    "bert": ("BertConfig", "BertForSequenceClassification", "SEQ_CLS", dict(
+    "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "CAUSAL_LM", dict(
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
 }
 
 
 def fields(family: str, **overrides) -> dict[str, Any]:
-    """The family's tiny config fields with ``overrides`` applied (a value of ``None`` is kept: it
-    is how a test asks for transformers' own default, e.g. ``pad_token_id=None``)."""
-    return {**FAMILIES[family][3], **overrides}
+    """The family's tiny config fields with ``overrides`` applied (``pad_token_id=None`` unsets
+    the family's pad id)."""
+    return {**FAMILIES[family][2], **overrides}
 
 
 def config(family: str, **overrides):
@@ -75,7 +76,6 @@ class Arch(NamedTuple):
     @property
     def torch_class(self):
         """The transformers (PyTorch) class; the test asking for it skips without torch."""
-        import pytest
         import transformers
 
         pytest.importorskip("torch")

@@ -20,7 +20,9 @@ class lazy:  # noqa: N801 - stands in for a module
         self._name = name
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__"):  # copy/pickle/inspect probes: do not import for them
+        # pytest's collection and inspect probe module globals for dunders (__wrapped__, __test__,
+        # __bases__, ...): those must not import, or skip the whole file; __version__ is a real use
+        if attr.startswith("__") and attr not in ("__version__", "__file__"):
             raise AttributeError(attr)
         return getattr(pytest.importorskip(self._name), attr)
 

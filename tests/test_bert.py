@@ -230,8 +230,14 @@ def minilm():
         warnings.simplefilter("always")
         model = models.from_pretrained(path)
     tokens = dict(tr.AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="np"))
-    torch_model = tr.AutoModel.from_pretrained(path).eval()
-    return dict(path=path, model=model, caught=caught, tokens=tokens, ref=_torch(torch_model, **tokens))
+    return dict(path=path, model=model, caught=caught, tokens=tokens)
+
+
+@pytest.fixture(scope="module")
+def minilm_ref(minilm):
+    """transformers' (PyTorch) MiniLM on the same batch: the oracle."""
+    pytest.importorskip("torch")
+    return _torch(tr.AutoModel.from_pretrained(minilm["path"]).eval(), **minilm["tokens"])
 
 
 def _sentence_embeddings(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -248,8 +254,8 @@ def test_minilm_loads_as_bert_model_without_warnings(minilm):
     assert minilm["tokens"]["attention_mask"].min() == 0  # the batch is really padded
 
 
-def test_minilm_hidden_states_and_similarities_match_torch(minilm, jit):
-    tokens, ref = minilm["tokens"], minilm["ref"]
+def test_minilm_hidden_states_and_similarities_match_torch(minilm, minilm_ref, jit):
+    tokens, ref = minilm["tokens"], minilm_ref
     out = _forward(minilm["model"], jit, **tokens)
     hidden, ref_hidden = np.asarray(out.last_hidden_state), ref.last_hidden_state.numpy()
     valid = tokens["attention_mask"].astype(bool)
@@ -263,17 +269,17 @@ def test_minilm_hidden_states_and_similarities_match_torch(minilm, jit):
     assert sims[0, 1] > sims[0, 2] + 0.2  # the two eating sentences are the close pair: real weights, real model
 
 
-def test_minilm_in_bfloat16(minilm):
+def test_minilm_in_bfloat16(minilm, minilm_ref):
     model = models.from_pretrained(minilm["path"], dtype="bfloat16")
     assert model.encoder.layer[0].attention.self.query.kernel.get_value().dtype == jnp.bfloat16
     tokens = minilm["tokens"]
     hidden = np.asarray(_forward(model, True, **tokens).last_hidden_state.astype(jnp.float32))
     ours = _sentence_embeddings(hidden, tokens["attention_mask"])
-    theirs = _sentence_embeddings(minilm["ref"].last_hidden_state.numpy(), tokens["attention_mask"])
+    theirs = _sentence_embeddings(minilm_ref.last_hidden_state.numpy(), tokens["attention_mask"])
     assert (ours * theirs).sum(-1).min() > 0.99  # each bf16 sentence embedding points where float32's does
 
 
-def test_minilm_into_sequence_classification_initialises_the_head(minilm):
+def test_minilm_into_sequence_classification_initialises_the_head(minilm, minilm_ref):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = models.BertForSequenceClassification.from_pretrained(minilm["path"], num_labels=2)
@@ -283,7 +289,7 @@ def test_minilm_into_sequence_classification_initialises_the_head(minilm):
     out = model(**minilm["tokens"], labels=np.array([0, 1, 1]))
     assert out.logits.shape == (3, 2) and np.isfinite(float(out.loss))
     # the backbone is the checkpoint's: its pooled output equals transformers' BertModel
-    np.testing.assert_allclose(np.asarray(out.pooler_output), minilm["ref"].pooler_output.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.pooler_output), minilm_ref.pooler_output.numpy(), atol=1e-5)
     kernel = np.asarray(model.classifier.kernel[...])
     assert 0.01 < kernel.std() < 0.03 and not np.asarray(model.classifier.bias[...]).any()  # normal(0, 0.02), zeros
 

@@ -9,19 +9,21 @@ import json
 import math
 import warnings
 
-import peft
 import pytest
-import torch
 import transformers
-from peft.tuners.ia3.model import IA3Model
-from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-from peft.tuners.tuners_utils import check_target_module_exists as peft_check_target_module_exists
-from peft.utils import constants as peft_constants
-from peft.utils.other import _prepare_prompt_learning_config as peft_prepare_prompt_learning_config
-from peft.utils.other import get_pattern_key as peft_get_pattern_key
-from transformers.pytorch_utils import Conv1D
+
+import _tiny
+from _torch_models import lazy
 
 import peftjax.config as pc
+
+# the PyTorch oracle, imported on first use: a test that needs it skips without torch, the rest run
+peft, torch = lazy("peft"), lazy("torch")
+peft_ia3_model = lazy("peft.tuners.ia3.model")
+peft_tuners_utils = lazy("peft.tuners.tuners_utils")
+peft_constants = lazy("peft.utils.constants")
+peft_other = lazy("peft.utils.other")
+pytorch_utils = lazy("transformers.pytorch_utils")
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -49,31 +51,29 @@ def _peft_quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _tiny_llama():
+# _tiny's models as these tests built them: PEFT matches their module names, and the prompt
+# learning test reads the Llama's dimensions
+_LLAMA = _tiny.arch("llama", vocab_size=256, hidden_size=64, intermediate_size=128, pad_token_id=None,
+                    tie_word_embeddings=False)
+_GPT2 = _tiny.arch("gpt2", vocab_size=256, n_embd=64, n_positions=1024)
+_BERT_CLS = _tiny.arch("bert", vocab_size=256, num_attention_heads=2, intermediate_size=64, num_labels=2)
+
+
+def _torch_model(spec):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return spec.torch_class(spec.config())
+
+
+def _tiny_llama():
+    return _torch_model(_LLAMA)
 
 
 def _tiny_gpt2():
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4))
+    return _torch_model(_GPT2)
 
 
 def _tiny_bert_cls():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=2
-    )
-    return transformers.BertForSequenceClassification(cfg)
+    return _torch_model(_BERT_CLS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_check_target_module_exists_matches_peft_on_a_grid():
             continue
         ours = pc.LoraConfig(**kwargs)
         for key in KEYS:
-            expected = bool(peft_check_target_module_exists(theirs, key))
+            expected = bool(peft_tuners_utils.check_target_module_exists(theirs, key))
             if pc.check_target_module_exists(ours, key) != expected:
                 mismatches.append((kwargs, key, expected))
             checked += 1
@@ -172,7 +172,7 @@ def test_check_target_module_exists_ia3_matches_peft():
         theirs = _peft_quiet(peft.IA3Config, target_modules=target, exclude_modules=exclude, feedforward_modules=[])
         ours = pc.IA3Config(target_modules=target, exclude_modules=exclude, feedforward_modules=[])
         for key in KEYS:
-            assert pc.check_target_module_exists(ours, key) == bool(peft_check_target_module_exists(theirs, key))
+            assert pc.check_target_module_exists(ours, key) == bool(peft_tuners_utils.check_target_module_exists(theirs, key))
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_is_feedforward_module_matches_peft(feedforward, extra_targets):
     theirs = peft.IA3Config(target_modules=target, feedforward_modules=feedforward)
     ours = pc.IA3Config(target_modules=target, feedforward_modules=feedforward)
     for key in KEYS:
-        assert pc.is_feedforward_module(ours, key) == IA3Model._check_target_module_feedforward(theirs, key), key
+        assert pc.is_feedforward_module(ours, key) == peft_ia3_model.IA3Model._check_target_module_feedforward(theirs, key), key
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_is_feedforward_module_matches_peft(feedforward, extra_targets):
 )
 def test_get_pattern_key_matches_peft(patterns):
     for key in KEYS:
-        assert pc.get_pattern_key(patterns, key) == peft_get_pattern_key(patterns, key)
+        assert pc.get_pattern_key(patterns, key) == peft_other.get_pattern_key(patterns, key)
 
 
 def test_target_module_errors():
@@ -229,18 +229,19 @@ def test_target_module_errors():
 # --------------------------------------------------------------------------------------------------
 # field sets and defaults
 
-_DEFAULT_PAIRS = [
-    (pc.LoraConfig, peft.LoraConfig, {}),
-    (pc.IA3Config, peft.IA3Config, {}),
-    (pc.PrefixTuningConfig, peft.PrefixTuningConfig, {"num_virtual_tokens": 5}),
-    (pc.PromptTuningConfig, peft.PromptTuningConfig, {"num_virtual_tokens": 5}),
-    (pc.PromptEncoderConfig, peft.PromptEncoderConfig, {"num_virtual_tokens": 5}),
+_DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
+    (pc.LoraConfig, "LoraConfig", {}),
+    (pc.IA3Config, "IA3Config", {}),
+    (pc.PrefixTuningConfig, "PrefixTuningConfig", {"num_virtual_tokens": 5}),
+    (pc.PromptTuningConfig, "PromptTuningConfig", {"num_virtual_tokens": 5}),
+    (pc.PromptEncoderConfig, "PromptEncoderConfig", {"num_virtual_tokens": 5}),
 ]
 
 
-@pytest.mark.parametrize("ours_cls, peft_cls, kwargs", _DEFAULT_PAIRS, ids=lambda x: getattr(x, "__name__", ""))
+@pytest.mark.parametrize("ours_cls, peft_cls, kwargs", _DEFAULT_PAIRS,
+                         ids=lambda x: x if isinstance(x, str) else getattr(x, "__name__", ""))
 def test_field_set_and_defaults_equal_peft(ours_cls, peft_cls, kwargs):
-    theirs = peft_cls(**kwargs).to_dict()
+    theirs = getattr(peft, peft_cls)(**kwargs).to_dict()
     theirs.pop("runtime_config", None)
     ours = ours_cls(**kwargs).to_dict()
     assert set(ours) == set(theirs)
@@ -608,7 +609,7 @@ _MODEL_CONFIGS = {
 @pytest.mark.parametrize("preset", [{}, {"token_dim": 48, "num_attention_heads": 3}])
 def test_prepare_prompt_learning_config_equals_peft(model_name, method, preset):
     kwargs = {"num_virtual_tokens": 3, "task_type": "SEQ_2_SEQ_LM" if model_name == "t5" else "CAUSAL_LM", **preset}
-    theirs = peft_prepare_prompt_learning_config(getattr(peft, method)(**kwargs), _MODEL_CONFIGS[model_name]())
+    theirs = peft_other._prepare_prompt_learning_config(getattr(peft, method)(**kwargs), _MODEL_CONFIGS[model_name]())
     ours = pc.prepare_prompt_learning_config(getattr(pc, method)(**kwargs), _MODEL_CONFIGS[model_name]())
     fields = {"token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size"}
     # PEFT sets encoder_hidden_size on every config object, but only some have it as a (saved) field.
@@ -721,7 +722,7 @@ def test_match_modules_warns_when_exclude_excludes_nothing():
 
 
 def _linear_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | pytorch_utils.Conv1D)]
 
 
 def _output_embedding_name(model) -> str | None:
@@ -735,7 +736,7 @@ def _output_embedding_name(model) -> str | None:
 )
 def test_expand_all_linear_equals_peft(make_model, task_type):
     model = make_model()
-    theirs = _maybe_include_all_linear_layers(peft.LoraConfig(target_modules="all-linear", task_type=task_type), model)
+    theirs = peft_tuners_utils._maybe_include_all_linear_layers(peft.LoraConfig(target_modules="all-linear", task_type=task_type), model)
     ours = pc.expand_all_linear(_linear_names(model), _output_embedding_name(model), task_type)
     assert ours == sorted(theirs.target_modules)
     assert pc.is_all_linear("All-Linear") and not pc.is_all_linear(["all-linear"])
