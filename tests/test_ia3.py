@@ -106,9 +106,7 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.PeftModel.from_pretrained(torch_base(arch), tmp_path).eval()
-    theirs = run_torch(torch_model)
-    for jit in (False, True):
-        assert_close(run_jax(model, jit=jit), theirs)
+    assert_close(ours, run_torch(torch_model))
 
     # merged == unmerged, and unmerge restores the weights
     layers = {n: m for n, m in adapter_layers(model.base_model).items()}

@@ -143,9 +143,7 @@ def test_trained_adapter_loads_in_peft_with_same_logits(arch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.PeftModel.from_pretrained(torch_base(arch), tmp_path).eval()
-    theirs = run_torch(torch_model)
-    for jit in (False, True):
-        assert_close(run_jax(model, jit=jit), theirs)
+    assert_close(ours, run_torch(torch_model))
     assert np.abs(valid(ours) - valid(run_torch(torch_base(arch)))).max() > 1e-3
 
     # (c) merged and exported, transformers alone reproduces the logits
