@@ -85,6 +85,8 @@ from peftjax.io._adapter import (
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import validate_adapter_name
 from peftjax.tuners.lora._math import (
+    _same,
+    _t,
     EinsumFactor,
     factor_einsum,
     LoraSpec,
@@ -1377,14 +1379,6 @@ def _file_names(path: tuple[str, ...], stacked: tuple[int, ...], scan, mapping: 
             parts.extend(str(next(it)) for _ in range(slots.get(j, 0)))
         names.append(map_name(".".join(parts), mapping))
     return names
-
-
-def _same(a):
-    return a
-
-
-def _t(a):
-    return a.T
 
 
 def _layer_layout(layer: LinenLayerSpec) -> dict[str, tuple[str, Any, Any]]:
