@@ -48,6 +48,10 @@ def _count(state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
+# the methods whose layers can run a different adapter per batch row (PEFT: LoRA only)
+MIXED_BATCH_TYPES = ("LORA", "IA3")
+
+
 class DonatedAdapterError(RuntimeError):
     """The model's adapter buffers were donated to a train step and never written back."""
 
@@ -205,13 +209,17 @@ class PeftModel:
         tuner_base.adapter_index(adapter_names, tuple(self.peft_config))  # unknown names, before anything runs
         for name in dict.fromkeys(n for n in adapter_names if n in self.peft_config):
             config = self.peft_config[name]
-            if config.peft_type != "LORA":
-                raise ValueError(f"adapter_names: {name!r} is a {config.peft_type} adapter; mixed batches take LoRA adapters")
+            if getattr(config, "is_prompt_learning", False):
+                raise ValueError("Cannot pass `adapter_names` when using prompt learning.")
+            if config.peft_type not in MIXED_BATCH_TYPES:
+                raise ValueError(f"adapter_names: {name!r} is a {config.peft_type} adapter; mixed batches take "
+                                 f"{' and '.join(MIXED_BATCH_TYPES)} adapters")
             if getattr(config, "use_dora", False):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
         # every adapter that can serve a row, whichever are used: the same state structure (and
         # so the same compiled function) for every assignment
-        names = tuple(n for n, c in self.peft_config.items() if c.peft_type == "LORA" and not getattr(c, "use_dora", False))
+        names = tuple(n for n, c in self.peft_config.items()
+                      if c.peft_type in MIXED_BATCH_TYPES and not getattr(c, "use_dora", False))
         tuner_base.set_adapter_rows(self.base_model, list(adapter_names), names)
         try:
             yield self

@@ -1,4 +1,4 @@
-"""Mixed batches (PEFT's ``adapter_names``): a different LoRA adapter for each row of one batch.
+"""Mixed batches (PEFT's ``adapter_names``): a different LoRA (or IA³) adapter for each row of one batch.
 
 Oracles: HF PEFT's own ``adapter_names`` forward on the same adapter files, and each row run
 alone with its adapter set (or the adapters disabled, for ``"__base__"``).
@@ -169,11 +169,32 @@ def test_bad_assignments_fail_before_anything_runs(files, tmp_path):
                                   adapter_name="d")
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled."):
         dora(input_ids=IDS, adapter_names=["d"] * 5)
-    ia3 = peftjax.get_peft_model(models.from_pretrained(files / "base"), peftjax.IA3Config(task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match="'default' is a IA3 adapter; mixed batches take LoRA adapters"):
-        ia3(input_ids=IDS, adapter_names=["default"] * 5)
-    with pytest.raises(NotImplementedError, match="IA.* adapters cannot serve a different adapter per row"):
-        peftjax.set_adapter_rows(ia3.base_model, ["default"] * 5, ["default"])
+    prefix = peftjax.get_peft_model(models.from_pretrained(files / "base"),
+                                    peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when using prompt learning."):
+        prefix(input_ids=IDS, adapter_names=["default"] * 5)
+    bottleneck = peftjax.get_peft_model(models.from_pretrained(files / "base"),
+                                        peftjax.BottleneckConfig(target_modules=["o_proj"]))
+    with pytest.raises(ValueError, match="'default' is a BOTTLENECK adapter; mixed batches take LORA and IA3"):
+        bottleneck(input_ids=IDS, adapter_names=["default"] * 5)
+    with pytest.raises(NotImplementedError, match="bottleneck.* adapters cannot serve a different adapter per row"):
+        peftjax.set_adapter_rows(bottleneck.base_model, ["default"] * 5, ["default"])
+
+
+def test_ia3_rows_each_equal_their_adapter_alone(files):
+    """IA³ vectors per row (PEFT serves mixed batches for LoRA only; the oracle is each row alone)."""
+    config = dict(task_type="CAUSAL_LM", init_ia3_weights=False)
+    ours = peftjax.get_peft_model(models.from_pretrained(files / "base"), peftjax.IA3Config(**config),
+                                  adapter_name="x")
+    # y: other targets, one of them feedforward (scales the input), so rows differ in kind too
+    ours.add_adapter("y", peftjax.IA3Config(**config, target_modules=["q_proj", "up_proj"],
+                                            feedforward_modules=["up_proj"]))
+    rows = ["y", "x", "__base__", "x", "y"]
+    mixed = np.asarray(ours(input_ids=IDS, adapter_names=rows).logits)
+    for i, name in enumerate(rows):
+        np.testing.assert_allclose(mixed[i], alone(ours, IDS[i:i + 1], name)[0], atol=1e-6, rtol=0)
+    assert min(np.abs(mixed[1] - np.asarray(ours(input_ids=IDS[1:2], adapter_names=[n]).logits)[0]).max()
+               for n in ("y", "__base__")) > 1e-3  # the adapters really change the rows
 
 
 def test_scanned_layers_take_mixed_batches(files):

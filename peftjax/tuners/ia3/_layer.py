@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
 from peftjax.nn._broadcast import along_last
+from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base._rows import rows_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class IA3Layer(AdapterDictLayer):
 
     method_name = "IA³"
     weight_dicts = ("ia3_l",)
+    supports_adapter_rows = True  # a different adapter per batch row (PEFT has this for LoRA only)
 
 
 class IA3Linear(IA3Layer):
@@ -79,14 +81,39 @@ class IA3Linear(IA3Layer):
                 scale = vec if scale is None else scale * vec
         return scale
 
+    def _row_scales(self, rows, names, feedforward: bool):
+        """``[batch, n]`` vectors, row ``i`` the one adapter ``names[rows[i]]`` has (ones if none)."""
+        if self.adapter_disabled:
+            return None
+        if self.adapter_merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        specs = dict(self.adapter_specs)
+        present = [n for n in names if n in specs and specs[n].is_feedforward == feedforward]
+        if not present:
+            return None
+        ones = jnp.ones_like(self.ia3_l[present[0]].get_value())
+        stack = jnp.stack([self.ia3_l[n].get_value() if n in present else ones for n in names] + [ones])
+        return stack[rows]
+
+    def _scaled(self, v, scale, mixed: bool):
+        """``v`` times ``scale`` along its last axis: one vector, or one per batch row."""
+        if scale is None:
+            return v
+        shape = (scale.shape[0],) + (1,) * (v.ndim - 2) + scale.shape[-1:] if mixed else None
+        s = scale.reshape(shape) if mixed else along_last(scale, v.ndim)
+        return (v.astype(scale.dtype) * s).astype(v.dtype)  # PEFT: (x.to(l.dtype) * l).to(x.dtype)
+
     def __call__(self, x, *args, **kwargs):
-        scale_in, scale_out = self._product(True), self._product(False)
-        if scale_in is not None:  # PEFT: (x.to(l.dtype) * l).to(x.dtype)
-            x = (x.astype(scale_in.dtype) * along_last(scale_in, x.ndim)).astype(x.dtype)
+        mixed = rows_of(self)
+        if mixed is not None:  # a mixed batch: each row its own adapter's vectors
+            scale_in, scale_out = self._row_scales(*mixed, True), self._row_scales(*mixed, False)
+        else:
+            scale_in, scale_out = self._product(True), self._product(False)
+        x = self._scaled(x, scale_in, mixed is not None)
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        if scale_out is not None:
-            y = (y * along_last(scale_out, y.ndim)).astype(y.dtype)
-        return y
+        return self._scaled(y, scale_out, mixed is not None)
 
     def merge_adapter(self, name: str) -> None:
         """Folds ``l`` into the kernel: rows (inputs) if feedforward, else columns and the bias."""
