@@ -376,3 +376,71 @@ def test_other_adapter_names_use_peft_subfolders(base_params, tmp_path):
     loaded, loaded_spec = load_adapter(out_dir, Net(), base_params, sample_args=(IDS,), adapter_name="mine")
     assert loaded_spec.active == ("mine",)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+# --------------------------------------------------------------------------------------------
+# (c) mixed batches: a different adapter per row, as PEFT's ``adapter_names``
+
+
+def test_mixed_batch_rows_equal_peft_adapter_names_and_each_adapter_alone(base_params, tmp_path):
+    ids = np.random.RandomState(1).randint(0, V, (5, 6))
+    rows = ["two", "__base__", "one", "two", "one"]
+    torch_model = twin(base_params)
+    torch.manual_seed(5)
+    a = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed", "dense.0", "q_proj"], init_lora_weights=False,
+                        modules_to_save=["classifier"])
+    b = peft.LoraConfig(r=2, lora_alpha=8, target_modules=["dense.1", "q_proj", "v_proj"], init_lora_weights=False,
+                        lora_bias=True, modules_to_save=["classifier"])  # PEFT's mixed batch needs a copy for each
+    peft_model = peft.get_peft_model(torch_model, a, adapter_name="one")
+    peft_model.add_adapter("two", b)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name or "lora_B.two.bias" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    peft_model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        expected = peft_model.eval()(torch.from_numpy(ids), adapter_names=rows).numpy()
+
+    params, spec = load_adapter(tmp_path / "one", Net(), base_params, sample_args=(IDS,), adapter_name="one")
+    params, spec = load_adapter(tmp_path / "two", Net(), params, sample_args=(IDS,), spec=spec, adapter_name="two")
+    traces = []
+
+    @jax.jit
+    def mixed(params, ids, indices):
+        traces.append(1)
+        with intercept(spec, rows=indices):
+            return Net().apply({"params": params}, ids)
+
+    from peftjax.tuners import adapter_index
+
+    got = np.asarray(mixed(params, ids, adapter_index(rows, spec.adapter_names)))
+    np.testing.assert_allclose(got, expected, **TOL)
+    for i, name in enumerate(rows):
+        alone = spec.with_active() if name == "__base__" else spec.with_active(name)
+        np.testing.assert_allclose(got[i], forward(alone)(params, ids[i:i + 1])[0], atol=1e-6, rtol=0)
+    assert np.abs(got[0] - got[2]).max() > 1e-3  # the adapters differ
+    for other in (["one"] * 5, ["__base__", "two", "two", "one", "one"]):  # any assignment: no new compilation
+        mixed(params, ids, adapter_index(other, spec.adapter_names))
+    assert len(traces) == 1
+    with intercept(spec, rows=rows):  # names work too (a constant assignment)
+        np.testing.assert_allclose(Net().apply({"params": params}, ids), got, atol=1e-6, rtol=0)
+    # an adapter without a copy of the head: its rows run the original head
+    params, spec = inject(Net(), params, LoraConfig(r=2, target_modules=["dense_0"], init_lora_weights=False),
+                          sample_args=(IDS,), key=jax.random.key(4), spec=spec, adapter_name="three")
+    with intercept(spec, rows=["three", "one"]):
+        two_rows = Net().apply({"params": params}, ids[:2])
+    for i, name in enumerate(["three", "one"]):
+        np.testing.assert_allclose(two_rows[i], forward(spec.with_active(name))(params, ids[i:i + 1])[0],
+                                   atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match=r"non-existing adapter\(s\): c \(adapters: \['one', 'three', 'two'\]\)"):
+        with intercept(spec, rows=["one", "c", "one", "one", "one"]):
+            pass
+    with pytest.raises(ValueError, match="embed: a mixed batch needs the batch as the leading axis.*5 entries"):
+        with intercept(spec, rows=["one", "two", "one", "one", "one"]):
+            Net().apply({"params": params}, ids[:2])
+    dora_params, dora_spec = inject(Net(), base_params, LoraConfig(r=2, target_modules=["dense_0"], use_dora=True),
+                                    sample_args=(IDS,), key=jax.random.key(2))
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled."):
+        with intercept(dora_spec, rows=["default", "default"]):
+            pass

@@ -84,6 +84,7 @@ from peftjax.io._adapter import (
 )
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import validate_adapter_name
+from peftjax.tuners.base._rows import adapter_index, per_row, pick_rows
 from peftjax.tuners.lora._math import (
     _same,
     _t,
@@ -685,7 +686,7 @@ _busy = threading.local()
 
 
 @contextlib.contextmanager
-def intercept(spec: LinenLoraSpec):
+def intercept(spec: LinenLoraSpec, rows=None):
     """Adds the active adapters to targeted layers' ``__call__`` while the block runs.
 
     Use it inside the function you ``jit``: the interceptor acts while the model is traced, and a
@@ -717,14 +718,25 @@ def intercept(spec: LinenLoraSpec):
     rng streams; its other methods (``Embed.attend``) keep the original params, as PEFT's
     wrapper forwards only ``forward``.
 
+    A mixed batch (PEFT's ``adapter_names``) gives each row of the batch its own adapter, whichever
+    are active: ``rows`` names one adapter per row (``"__base__"`` for none), or holds indices into
+    ``spec.adapter_names`` (``len(spec.adapter_names)`` for none). Pass the indices as an argument
+    of the jitted function (``peftjax.tuners.adapter_index(names, spec.adapter_names)``) and one
+    compilation serves every assignment. Every targeted layer's input must have the batch as its
+    leading axis. Each adapter's low-rank branch runs over the whole batch and each row keeps its
+    own (no dropout: mixed batches are for inference, as in PEFT).
+
     Args:
       spec: from :func:`inject`.
+      rows: ``None`` (every row uses the active adapters), or the adapter of each batch row.
 
     Raises:
       ValueError: two active adapters each have a ``modules_to_save`` copy of one module (PEFT
-        refuses that too).
+        refuses that too); ``rows`` names an unknown adapter or a DoRA adapter (PEFT's messages).
     """
     layers = {layer.name: layer for layer in spec.layers}
+    if rows is not None:
+        rows = _mixed_rows(spec, rows)
     active = spec.active
     copies = {}
     for saved in spec.saved:
@@ -738,6 +750,8 @@ def intercept(spec: LinenLoraSpec):
         if ctx.method_name != "__call__" or _busy.__dict__.get("suspended", 0):
             return next_fun(*args, **kwargs)
         name = ".".join(str(p) for p in ctx.module.path)
+        if rows is not None and name in saved_by_name:
+            return _saved_rows(ctx.module, name, saved_by_name[name], rows, spec.adapter_names, next_fun, args, kwargs)
         if name in copies:
             return _run_saved_copy(ctx.module, name, copies[name], args, kwargs)
         layer = layers.get(name)
@@ -749,11 +763,64 @@ def intercept(spec: LinenLoraSpec):
             y = next_fun(*args, **kwargs)
         finally:
             busy.discard(id(ctx.module))
+        if rows is not None:
+            return _add_rows(layer, rows, spec.adapter_names, ctx.module, args, kwargs, y)
         live = [(n, s) for n, s in layer.adapters if n in active]
         return _add_adapters(layer, live, ctx.module, args, kwargs, y) if live else y
 
+    saved_by_name = {saved.name: saved.adapters for saved in spec.saved}
     with nn.intercept_methods(interceptor):
         yield
+
+
+def _mixed_rows(spec: LinenLoraSpec, rows) -> jax.Array:
+    """``rows`` as ``[batch]`` int32 indices into ``spec.adapter_names``, checked."""
+    names = spec.adapter_names
+    if isinstance(rows, str):
+        raise TypeError(f"rows: expected one adapter name (or index) per batch row, got {rows!r}")
+    if isinstance(rows, list | tuple) and rows and isinstance(rows[0], str):
+        rows = adapter_index(rows, names)
+    rows = jnp.asarray(rows, jnp.int32)
+    if rows.ndim != 1:
+        raise ValueError(f"rows: expected one index per batch row ([batch]), found shape {list(rows.shape)}")
+    if any(s.use_dora for layer in spec.layers for _, s in layer.adapters):
+        raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+    return rows
+
+
+def _check_rows(name: str, rows: jax.Array, x) -> None:
+    if not jnp.ndim(x) or jnp.shape(x)[0] != rows.shape[0]:
+        raise ValueError(
+            f"{name}: a mixed batch needs the batch as the leading axis of every adapted layer's input; "
+            f"rows has {rows.shape[0]} entries, the input has shape {tuple(jnp.shape(x))}"
+        )
+
+
+def _add_rows(layer: LinenLayerSpec, rows, names, module: nn.Module, args, kwargs, y):
+    """Row ``i`` adds adapter ``names[rows[i]]``'s branch (nothing past the end)."""
+    call = _call_info(layer, module, args, kwargs)
+    _check_rows(layer.name, rows, call.x)
+    index = {n: i for i, n in enumerate(names)}
+    for name, s in layer.adapters:
+        a, b = _adapter_weight(module, layer, "lora_A", name), _adapter_weight(module, layer, "lora_B", name)
+        if layer.kind == "embed":
+            lora = jnp.take(a, call.x, axis=0) @ b
+        else:
+            lora = _up(layer, call, _down(layer, module, call, call.x.astype(jnp.float32), a), b)
+            if s.lora_bias:
+                lora = lora + _per_output(layer, call, _adapter_weight(module, layer, "lora_B_bias", name), lora.ndim)
+        mine = per_row(rows, rows == index[name], lora.ndim)
+        y = y + jnp.where(mine, s.scaling * lora, 0.0).astype(y.dtype)
+    return y
+
+
+def _saved_rows(module: nn.Module, name: str, adapters, rows, names, next_fun, args, kwargs):
+    """A ``modules_to_save`` module in a mixed batch: each row from its adapter's copy, else the original."""
+    original = next_fun(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    _check_rows(name, rows, x)
+    outputs = [_run_saved_copy(module, name, n, args, kwargs) if n in adapters else original for n in names]
+    return pick_rows(rows, outputs, original)
 
 
 def _run_saved_copy(module: nn.Module, name: str, adapter: str, args, kwargs):
