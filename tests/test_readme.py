@@ -68,7 +68,11 @@ def substitutions(models: Path) -> list[tuple[str, str]]:
 
 PRELUDES = {
     "README.md": "",
-    "many_adapters.md": "",
+    "many_adapters.md": textwrap.dedent("""
+        def _alone(params, x, name):  # the Linen section's model with one adapter active
+            with linen.intercept(spec.with_active(name)):
+                return mlp.apply({"params": params}, x)
+    """),
     "multi_host.md": textwrap.dedent("""
         import jax
         import numpy as np
@@ -86,7 +90,10 @@ PRELUDES = {
 EPILOGUES = {
     "README.md": "np.save('quickstart_logits.npy', np.asarray(logits))\n",
     "many_adapters.md": "np.savez('many.npz', out=np.asarray(out.logits), both=np.asarray(both), "
-                        "y_support=np.asarray(y_support), y_sales=np.asarray(y_sales), ids=ids)\n",
+                        "y_support=np.asarray(y_support), y_sales=np.asarray(y_sales), ids=ids, "
+                        "y_rows=np.asarray(y_rows), y_two=np.asarray(jax.jit(lambda p, x: _alone(p, x, 'two'))(params, x)), "
+                        "y_one=np.asarray(jax.jit(lambda p, x: _alone(p, x, 'one'))(params, x)), "
+                        "y_base=np.asarray(mlp.apply({'params': params}, x)))\n",
     "multi_host.md": "assert jax.device_count() == 8\n",
 }
 
@@ -156,3 +163,7 @@ def test_many_adapters_guide_runs(checkpoints, tmp_path):
     np.testing.assert_allclose(got["y_sales"], alone("sales"), atol=1e-5)
     np.testing.assert_allclose(got["out"][1], alone("sales")[1], atol=1e-5)
     assert (tmp_path / "adapters" / "blend" / "adapter_model.safetensors").is_file()
+    # the Linen mixed batch: each row equals its adapter alone
+    for i, name in enumerate(["two", "base", "one"]):
+        np.testing.assert_allclose(got["y_rows"][i], got[f"y_{name}"][i], atol=1e-6, rtol=0)
+    assert np.abs(got["y_two"] - got["y_one"]).max() > 1e-4
