@@ -42,5 +42,5 @@ def test_tutorial_notebook_runs(tmp_path, monkeypatch):
 
 def test_examples_exist():
     assert {p.stem for p in EXAMPLES} >= {"tutorial_bert_lora", "instruction_tuning_llama", "multiple_adapters",
-                                          "merge_and_export", "ia3_prefix_prompt"}
+                                          "merge_and_export", "ia3_prefix_prompt", "multi_adapter_serving"}
     assert (EXAMPLES_DIR / "tutorial_bert_lora.ipynb").is_file()
