@@ -1,6 +1,7 @@
 """Flax NNX implementations of the architectures people fine-tune, loading HF checkpoints."""
 
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
+from peftjax.models._config import ModelConfig
 from peftjax.models._bert import BertForSequenceClassification, BertModel
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._llama import (
@@ -29,6 +30,7 @@ __all__ = [
     "LlamaModel",
     "MistralForCausalLM",
     "MistralForSequenceClassification",
+    "ModelConfig",
     "ModelOutput",
     "PreTrainedModel",
     "Qwen2ForCausalLM",

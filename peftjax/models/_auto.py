@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from peftjax.models._config import read_config
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
 from peftjax.models._scan import MODEL_OPTIONS
 
@@ -32,13 +33,15 @@ def load_config(
     cache_dir: str | os.PathLike | None = None,
     **overrides,
 ):
-    """Reads ``config.json`` of a directory or Hub repo id through ``transformers.AutoConfig``.
+    """Reads ``config.json`` of a directory or Hub repo id into a :class:`ModelConfig`.
 
-    From the Hub only ``config.json`` is fetched (see ``peftjax.io._hub.resolve`` for
-    ``revision``, ``subfolder``, ``token`` and ``cache_dir``).
+    The fields are transformers' (its class defaults fill what the file leaves out), but nothing
+    of transformers or torch is imported. From the Hub only ``config.json`` is fetched (see
+    ``peftjax.io._hub.resolve`` for ``revision``, ``subfolder``, ``token`` and ``cache_dir``).
+
+    Raises:
+      TypeError: an override that is not a field of the family's config.
     """
-    from transformers import AutoConfig
-
     from peftjax.io._hub import is_repo_id, resolve
 
     repo_id = os.fspath(path) if is_repo_id(path) else None
@@ -58,13 +61,13 @@ def load_config(
     if model_type not in DEFAULT_CLASSES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: {supported}")
     options = {k: overrides.pop(k) for k in MODEL_OPTIONS if k in overrides}
-    config, unused = AutoConfig.from_pretrained(
-        str(path), local_files_only=True, return_unused_kwargs=True, **overrides
-    )
+    config = read_config(raw, str(file))
+    config._name_or_path = str(path)
+    unused = sorted(k for k in overrides if not config.has_field(k))
     if unused:
-        raise TypeError(f"{file}: {sorted(unused)} are not fields of {type(config).__name__}")
-    for k, v in options.items():  # peftjax's own options ride on the config; save_pretrained drops them
-        setattr(config, k, v)
+        raise TypeError(f"{file}: {unused} are not fields of the {model_type} config")
+    for k, v in {**overrides, **options}.items():  # peftjax's own options ride on the config too;
+        setattr(config, k, v)                        # save_pretrained drops them
     if repo_id:  # the repo id, not the snapshot path, as transformers records it
         config._name_or_path = repo_id
     return config

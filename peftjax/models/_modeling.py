@@ -39,7 +39,7 @@ _NORM = {"scale": ("weight", False), "bias": ("bias", False)}
 
 
 class ConfigRef:
-    """A transformers config, hashed by identity.
+    """A model's config (a ``ModelConfig`` or a transformers config), hashed by identity.
 
     NNX keeps non-array attributes in the graph definition, which keys jit caches and so must
     be hashable; ``PretrainedConfig`` defines ``__eq__`` and is therefore unhashable. Attribute
@@ -384,8 +384,8 @@ class PreTrainedModel(nnx.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        hf = self.config.hf_config
-        config = hf.__class__.from_dict(hf.to_dict())
+        hf = self.config.hf_config  # a ModelConfig, or the transformers config the model was built from
+        config = type(hf).from_dict(hf.to_dict())
         config.architectures = [type(self).__name__]
         for option in MODEL_OPTIONS:  # peftjax's model options (scan_layers, ...) are not transformers'
             config.__dict__.pop(option, None)

@@ -1,0 +1,189 @@
+"""A checkpoint's ``config.json`` as a plain object with transformers' defaults, without importing torch.
+
+Every transformers config class imports transformers' RoPE utilities, and those import torch
+whenever it is installed: a quarter of a gigabyte of host memory and seconds of start-up that a
+JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
+each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
+checks the table against transformers so it cannot drift), applies what the family's ``__init__``
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's ``layer_types``), and answers attribute
+reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled
+models accept either kind of config: ``from_config`` still takes transformers' classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# Fields every transformers config has (PretrainedConfig), with their defaults.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "architectures": None,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "return_dict": True,
+    "dtype": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "problem_type": None,
+    "_name_or_path": "",
+}
+
+# transformers 5's defaults of each family's config class (RoPE settings excepted: they stay as the
+# file gives them, and ``peftjax.models._rope.rope_parameters`` reads old and new spellings).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "pretraining_tp": 1,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+        "head_dim": None,
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "sliding_window": 4096, "attention_dropout": 0.0,
+    },
+    "qwen2": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
+        "max_window_layers": 28, "layer_types": None, "attention_dropout": 0.0, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None,
+    },
+    "bert": {
+        "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0, "use_cache": True,
+        "classifier_dropout": None, "is_decoder": False, "add_cross_attention": False, "bos_token_id": None,
+        "eos_token_id": None, "tie_word_embeddings": True,
+    },
+    "gpt2": {
+        "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+        "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "summary_type": "cls_index",
+        "summary_use_proj": True, "summary_activation": None, "summary_proj_to_labels": True,
+        "summary_first_dropout": 0.1, "scale_attn_weights": True, "use_cache": True, "bos_token_id": 50256,
+        "eos_token_id": 50256, "pad_token_id": None, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": True,
+    },
+}
+
+# other names for fields (transformers' ``attribute_map``)
+ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
+    "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+             "num_hidden_layers": "n_layer"},
+}
+
+# fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
+OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "transformers_version",
+               "torch_dtype", "id2label", "label2id", "num_labels")
+
+
+class ModelConfig:
+    """A model's config: ``config.json``'s fields over its family's transformers defaults.
+
+    Reads like a transformers ``PretrainedConfig`` (attributes, ``num_labels``, ``id2label``,
+    ``to_dict``, ``to_json_string``), but it is a plain object: building one imports nothing.
+
+    >>> config = ModelConfig("gpt2", n_embd=16, n_layer=2)
+    >>> config.hidden_size, config.num_hidden_layers, config.num_labels
+    (16, 2, 2)
+    """
+
+    def __init__(self, model_type: str, **fields):
+        if model_type not in FAMILY_DEFAULTS:
+            raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILY_DEFAULTS)}")
+        object.__setattr__(self, "model_type", model_type)
+        values = {**COMMON_DEFAULTS, **copy.deepcopy(FAMILY_DEFAULTS[model_type])}
+        num_labels = fields.pop("num_labels", None)
+        id2label = fields.pop("id2label", None)
+        fields.pop("model_type", None)
+        for name, value in fields.items():
+            values[ATTRIBUTE_MAPS.get(model_type, {}).get(name, name)] = value
+        values.setdefault("label2id", None)  # as transformers 5: None when only id2label is given
+        self.__dict__.update(values)
+        if id2label is not None:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        if not hasattr(self, "id2label") or num_labels is not None and len(self.id2label) != num_labels:
+            self.num_labels = 2 if num_labels is None else num_labels
+        self._derive()
+
+    def _derive(self) -> None:
+        """What the family's transformers ``__init__`` computes from the other fields."""
+        t = self.model_type
+        if t in ("llama", "mistral", "qwen2"):
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if t != "qwen2" and self.head_dim is None:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "qwen2":
+            if not self.use_sliding_window:
+                self.sliding_window = None
+            if self.layer_types is None:
+                self.layer_types = [
+                    "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
+                    else "full_attention" for i in range(self.num_hidden_layers)
+                ]
+
+    # ---------------------------------------------------------------- PretrainedConfig's surface
+
+    def __getattr__(self, name: str):  # only for names not in __dict__: the attribute map
+        target = ATTRIBUTE_MAPS.get(self.__dict__.get("model_type"), {}).get(name)
+        if target is None:
+            raise AttributeError(f"{type(self).__name__} ({self.__dict__.get('model_type')}) has no field {name!r}")
+        return self.__dict__[target]
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "num_labels":
+            if getattr(self, "id2label", None) is None or len(self.id2label) != value:
+                self.__dict__["id2label"] = {i: f"LABEL_{i}" for i in range(value)}
+                self.__dict__["label2id"] = {f"LABEL_{i}": i for i in range(value)}
+            return
+        self.__dict__[ATTRIBUTE_MAPS.get(self.model_type, {}).get(name, name)] = value
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def has_field(self, name: str) -> bool:
+        """Whether ``name`` is a field of this family's config (what an override may set)."""
+        return (name in self.__dict__ or name in ATTRIBUTE_MAPS.get(self.model_type, {}) or name in OPEN_FIELDS)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        values = dict(values)
+        return cls(values.pop("model_type", None), **values)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, as PretrainedConfig
+
+    def __repr__(self) -> str:
+        return f"ModelConfig {self.to_json_string()}"
+
+
+def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """A :class:`ModelConfig` from a parsed ``config.json`` (``source`` names it in errors)."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    raw = dict(raw)
+    model_type = raw.pop("model_type", None)
+    if model_type not in FAMILY_DEFAULTS:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILY_DEFAULTS)}")
+    return ModelConfig(model_type, **raw)

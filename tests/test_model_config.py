@@ -1,0 +1,103 @@
+"""``config.json`` read without transformers' config classes (which import torch), against them.
+
+The oracle is transformers itself: the defaults table and every field a loaded config answers are
+compared with transformers' config class on the same file, and loading a model is checked not to
+import torch (nor transformers) although torch is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+import _tiny
+from peftjax import models
+from peftjax.models import ModelConfig
+
+tr = pytest.importorskip("transformers")
+
+CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "bert": "BertConfig",
+           "gpt2": "GPT2Config"}
+# transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
+SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
+
+
+def assert_same_fields(ours, theirs):
+    from peftjax.models._rope import rope_parameters
+
+    for key in sorted(set(theirs.to_dict()) - SKIP):
+        assert getattr(ours, key) == getattr(theirs, key), key
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+    assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
+    if theirs.model_type in ("llama", "mistral", "qwen2"):
+        assert rope_parameters(ours) == rope_parameters(theirs)
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_the_defaults_are_transformers(family):
+    assert_same_fields(ModelConfig(family), getattr(tr, CLASSES[family])())
+    assert set(getattr(tr, CLASSES[family])().to_dict()) - SKIP <= set(ModelConfig(family).to_dict())
+
+
+VARIANTS = [
+    ("llama", {}),
+    ("llama", dict(num_key_value_heads=None, head_dim=4, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                   rope_theta=500000.0, num_labels=3)),
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                   id2label={0: "neg", 1: "pos"}, tie_word_embeddings=True, attention_bias=True)),
+    ("mistral", dict(sliding_window=None)),
+    ("mistral", dict(sliding_window=3, num_key_value_heads=1)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    ("qwen2", dict(eos_token_id=[1, 2])),
+    ("bert", dict(num_labels=4, classifier_dropout=0.2)),
+    ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
+]
+
+
+@pytest.mark.parametrize("family, overrides", VARIANTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(VARIANTS)])
+def test_a_saved_config_reads_as_transformers_reads_it(family, overrides, tmp_path):
+    theirs = _tiny.config(family, **overrides)
+    theirs.save_pretrained(tmp_path)  # transformers writes only what differs from its defaults
+    ours = models.load_config(tmp_path)
+    assert_same_fields(ours, tr.AutoConfig.from_pretrained(tmp_path))
+    # and an override is applied as AutoConfig applies it
+    assert_same_fields(models.load_config(tmp_path, num_labels=5, pad_token_id=0),
+                       tr.AutoConfig.from_pretrained(tmp_path, num_labels=5, pad_token_id=0))
+
+
+def test_what_save_pretrained_writes_transformers_reads_back(tmp_path):
+    _tiny.config("gpt2", num_labels=3).save_pretrained(tmp_path / "in")
+    config = models.load_config(tmp_path / "in")
+    models.GPT2LMHeadModel.from_config(config).save_pretrained(tmp_path / "out")
+    assert_same_fields(models.load_config(tmp_path / "out"), tr.AutoConfig.from_pretrained(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_an_unknown_override_is_named(tmp_path):
+    _tiny.config("llama").save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"\['hiden_size'\] are not fields of the llama config"):
+        models.load_config(tmp_path, hiden_size=8)
+    with pytest.raises(ValueError, match="model_type 't5' is not supported; supported: .*'llama'"):
+        ModelConfig("t5")
+
+
+def test_loading_a_model_imports_neither_torch_nor_transformers(tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("the point is a process where torch is installed")
+    models.LlamaForCausalLM.from_config(_tiny.config("llama")).save_pretrained(tmp_path / "llama")
+    code = (
+        "import sys\n"
+        "from peftjax import models\n"
+        f"model = models.from_pretrained({str(tmp_path / 'llama')!r})\n"
+        "model(input_ids=[[1, 2, 3]])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
