@@ -3,24 +3,30 @@
     python benchmarks/speed_vs_peft.py [--trials 3 --warmup 3 --steps 10 --hidden 512 --layers 4 ...]
 
 The model is built once in PyTorch from a fixed seed and saved with ``save_pretrained``; both
-frameworks load that directory. Each trial runs each framework in its own child process (the
-order alternates between trials), so peak resident memory (``ru_maxrss``) is one framework's
-alone and a noisy neighbour hurts both sides alike. Both sides: float32, LoRA on all seven
-linear projections of every layer, AdamW with the same hyperparameters, next-token loss over all
-positions, ``--warmup`` untimed steps then ``--steps`` timed ones, each waited on.
+frameworks load that directory. Each configuration runs in its own child process per trial (the
+order rotates between trials), so peak resident memory (``ru_maxrss``) is one run's alone and a
+noisy neighbour hurts every side alike. All sides: float32, LoRA on all seven linear projections
+of every layer, AdamW with the same hyperparameters, next-token loss over all positions,
+``--warmup`` untimed steps then ``--steps`` timed ones, each waited on. torch is installed and
+importable in every child, as the test extra installs it.
 
-Reported (medians over trials): step time, tokens per second, peak resident memory, time to first
-step (from the start of the child process: imports, loading the weights, adding LoRA, building
-the optimizer, compiling (peftjax) and running step one). The peftjax child also counts the
-step's FLOPs with XLA's cost analysis and measures a large float32 matmul, which gives the
-step's floor on this machine.
+Configurations (``--configs`` picks some):
 
-peftjax runs as a memory-conscious user would run it: layers scanned with full remat
-(``--no-scan-layers``, ``--remat none`` change that), ``peftjax.release_host_memory()`` after
-setup and after compiling the step ahead of its first call (``--no-release``), and without torch, which peftjax does not
-depend on (``--torch-visible`` lets transformers' config code import it, as it does whenever
-torch is installed). ``--peft-gradient-checkpointing`` turns on PEFT's counterpart of remat.
-The last line is a one-line summary.
+- ``peftjax`` (the headline): the plain public path the README shows, ``models.from_pretrained``,
+  ``get_peft_model``, ``split``, ``optax.adamw``, ``make_train_step``, nothing else;
+- ``peftjax-tuned``: the same plus the memory options, ``scan_layers=True, remat="full"`` and
+  ``peftjax.release_host_memory()`` after setup and after compiling the step ahead;
+- ``peftjax-cached``: the plain path with JAX's persistent compilation cache in a directory the
+  trials share (trial 0 fills it: a cold start; later trials read it);
+- ``peft``: PEFT's LoRA on transformers' model, eager PyTorch; ``peft-gc``: with gradient
+  checkpointing (transformers' ``gradient_checkpointing_enable``), PEFT's counterpart of remat.
+
+Reported (medians over trials): step time, tokens per second, peak resident memory, and time to
+first step from the start of the child process, split into phases: imports, loading the weights,
+adding LoRA and the optimizer, and the first step (peftjax compiles during it). Each child also
+measures its framework's float32 matmul peak (``--matmul-size`` cubed), which with the step's
+FLOPs (XLA's cost analysis, or counted by hand) gives each framework's floor fraction. The last
+line is a one-line summary.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ import time
 T_START = time.perf_counter()
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# name -> (framework, options)
+CONFIGS = {
+    "peftjax": ("peftjax", {}),
+    "peftjax-tuned": ("peftjax", {"scan_layers": True, "remat": "full", "release": True}),
+    "peftjax-cached": ("peftjax", {"compilation_cache": True}),
+    "peft": ("peft", {}),
+    "peft-gc": ("peft", {"gradient_checkpointing": True}),
+}
 
 
 def parse_args(argv=None):
@@ -56,19 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul that measures peak")
-    p.add_argument("--only", choices=["peftjax", "peft"], default=None, help="run one framework (no ratios)")
-    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
-                   help="peftjax: stack and scan the layers (default; --no-scan-layers unrolls them)")
-    p.add_argument("--remat", default="full", help="peftjax: the layers' remat policy (full, none, dots_saveable)")
-    p.add_argument("--release", action=argparse.BooleanOptionalAction, default=True,
-                   help="peftjax: release_host_memory() after setup and after compiling the step ahead")
-    p.add_argument("--torch-visible", action="store_true",
-                   help="peftjax: leave torch importable (transformers' config code then imports it)")
-    p.add_argument("--peft-gradient-checkpointing", action="store_true",
-                   help="PEFT: gradient checkpointing on (transformers' gradient_checkpointing_enable)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="what to run (default: all); ratios need peftjax and peft")
     # internal: run one framework in this process and print a JSON line
-    p.add_argument("--child", choices=["peftjax", "peft"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -109,13 +117,25 @@ def peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------- children
 
 
-def run_peftjax(args) -> dict:
-    if not args.torch_visible:
-        # peftjax does not depend on torch, and a JAX machine does not have it; here it is
-        # installed for the PEFT side, and transformers' config code imports it (257 MiB
-        # resident) whenever it can. A None entry makes transformers see it as absent.
-        sys.modules["torch"] = None
+def matmul_peak(fn, n: int) -> float:
+    """FLOP/s of the fastest of 3 float32 ``n x n`` matmuls (after one warm-up call)."""
+    fn()
+    best = min(_timed(fn) for _ in range(3))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_peftjax(args, options: dict) -> dict:
     import jax
+
+    if options.get("compilation_cache"):
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -123,13 +143,17 @@ def run_peftjax(args) -> dict:
     import peftjax
     from peftjax import models
 
-    imported = time.perf_counter()
+    phases = {"import_s": time.perf_counter() - T_START}
     rss_imports = current_rss_bytes()
-    config = models.load_config(args.model_dir)
-    del config
-    rss_config = current_rss_bytes()
-    model = models.from_pretrained(args.model_dir, scan_layers=args.scan_layers, remat=args.remat)
+    t = time.perf_counter()
+    if options.get("scan_layers"):
+        model = models.from_pretrained(args.model_dir, scan_layers=True, remat=options["remat"])
+    else:
+        model = models.from_pretrained(args.model_dir)
+    phases["load_s"] = time.perf_counter() - t
+    torch_after_load = "torch" in sys.modules
     rss_loaded = current_rss_bytes()
+    t = time.perf_counter()
     peft_model = peftjax.get_peft_model(
         model, peftjax.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
     )
@@ -139,25 +163,28 @@ def run_peftjax(args) -> dict:
     step = peftjax.make_train_step(graphdef, tx)
     ids = jnp.asarray(batch_arrays(args))
     batch = {"input_ids": ids, "labels": ids}
-    if args.release:  # loading's and injection's one-off executables, freed heap
+    phases["adapters_s"] = time.perf_counter() - t
+    if options.get("release"):  # loading's and injection's one-off executables, freed heap
         peftjax.release_host_memory(clear_compiled=True)
     rss_setup = current_rss_bytes()
-    if args.release:  # compiled ahead (the calls reuse it), then the compiler's freed heap returned
+    t = time.perf_counter()
+    if options.get("release"):  # compiled ahead (the calls reuse it), then the compiler's freed heap returned
         step.lower(trainable, opt_state, rest, batch, None).compile()
         peftjax.release_host_memory()
 
     times = []
     first = None
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t_step = time.perf_counter()
         trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
         loss.block_until_ready()
         now = time.perf_counter()
         if first is None:
             first = now - T_START  # from the start of the process: imports count too
+            phases["step1_s"] = now - t
             rss_compiled = current_rss_bytes()
         if i >= args.warmup:
-            times.append(now - t)
+            times.append(now - t_step)
     rss = peak_rss_bytes()
 
     # measured after the peak: neither enters the memory figure. XLA's cost analysis counts a
@@ -174,43 +201,40 @@ def run_peftjax(args) -> dict:
     n = args.matmul_size
     a = jnp.asarray(np.random.RandomState(1).standard_normal((n, n)), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
-    mm(a, a).block_until_ready()
-    mm_times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        mm(a, a).block_until_ready()
-        mm_times.append(time.perf_counter() - t)
     return {
         "step_s": statistics.median(times),
         "first_step_s": first,
-        "import_s": imported - T_START,
+        **phases,
         "peak_rss": rss,
         "loss": float(loss),
         "flops": float(cost["flops"]),
         "step_temp_bytes": temp,
         "rss_imports": rss_imports,
-        "rss_config": rss_config,
         "rss_loaded": rss_loaded,
         "rss_setup": rss_setup,
         "rss_compiled": rss_compiled,
-        "matmul_flops_per_s": 2 * n**3 / min(mm_times),
+        "torch_after_load": torch_after_load,
+        "matmul_flops_per_s": matmul_peak(lambda: mm(a, a).block_until_ready(), n),
     }
 
 
-def run_peft(args) -> dict:
+def run_peft(args, options: dict) -> dict:
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    imported = time.perf_counter()
+    phases = {"import_s": time.perf_counter() - T_START}
     rss_imports = current_rss_bytes()
+    t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    phases["load_s"] = time.perf_counter() - t
     rss_loaded = current_rss_bytes()
+    t = time.perf_counter()
     model = get_peft_model(
         model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
     )
-    if args.peft_gradient_checkpointing:
+    if options.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(
@@ -218,6 +242,7 @@ def run_peft(args) -> dict:
         lr=args.lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay,
     )
     ids = torch.as_tensor(batch_arrays(args).astype(np.int64))
+    phases["adapters_s"] = time.perf_counter() - t
 
     times = []
     first = None
@@ -230,18 +255,23 @@ def run_peft(args) -> dict:
         now = time.perf_counter()
         if first is None:
             first = now - T_START  # from the start of the process: imports count too
+            phases["step1_s"] = now - t
         if i >= args.warmup:
             times.append(now - t)
+    rss = peak_rss_bytes()
+    n = args.matmul_size
+    a = torch.as_tensor(np.random.RandomState(1).standard_normal((n, n)).astype(np.float32))
     return {
         "step_s": statistics.median(times),
         "first_step_s": first,
-        "import_s": imported - T_START,
-        "peak_rss": peak_rss_bytes(),
+        **phases,
+        "peak_rss": rss,
         "loss": float(loss.detach()),
         "rss_imports": rss_imports,
         "rss_loaded": rss_loaded,
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": model.config._attn_implementation,
+        "matmul_flops_per_s": matmul_peak(lambda: torch.mm(a, a), n),
     }
 
 
@@ -262,19 +292,16 @@ def build_model(args, directory: str) -> None:
     subprocess.run([sys.executable, "-c", code, directory], check=True)
 
 
-def run_child(args, framework: str, directory: str) -> dict:
-    argv = [sys.executable, os.path.abspath(__file__), "--child", framework, "--model-dir", directory]
+def run_child(args, config: str, directory: str, cache_dir: str) -> dict:
+    argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--model-dir", directory,
+            "--cache-dir", cache_dir]
     for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "rank", "alpha", "lr",
-                 "weight_decay", "warmup", "steps", "matmul_size", "remat"):
+                 "weight_decay", "warmup", "steps", "matmul_size"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    argv += ["--scan-layers" if args.scan_layers else "--no-scan-layers"]
-    argv += ["--release" if args.release else "--no-release"]
-    argv += ["--torch-visible"] if args.torch_visible else []
-    argv += ["--peft-gradient-checkpointing"] if args.peft_gradient_checkpointing else []
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{framework} child failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{config} child failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -285,85 +312,96 @@ def median(results, key):
 def main() -> None:
     args = parse_args()
     if args.child:
-        result = (run_peftjax if args.child == "peftjax" else run_peft)(args)
+        framework, options = CONFIGS[args.child]
+        result = (run_peftjax if framework == "peftjax" else run_peft)(args, options)
         print(json.dumps(result))
         return
 
     tokens = args.batch * args.seq
-    frameworks = [args.only] if args.only else ["peftjax", "peft"]
+    configs = args.configs
     print(f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; LoRA r={args.rank} on "
           f"{', '.join(PROJECTIONS)}; float32; AdamW; {args.warmup} warmup + {args.steps} timed steps; "
-          f"peftjax scan_layers={args.scan_layers} remat={args.remat!r} release={args.release} "
-          f"torch_visible={args.torch_visible}; PEFT gradient checkpointing {args.peft_gradient_checkpointing}; "
           f"{args.trials} trials; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    results = {f: [] for f in frameworks}
-    with tempfile.TemporaryDirectory() as directory:
+    results = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as cache_dir:
         build_model(args, directory)
         for trial in range(args.trials):
-            order = frameworks if trial % 2 == 0 else frameworks[::-1]
-            for framework in order:
-                r = run_child(args, framework, directory)
-                results[framework].append(r)
-                print(f"  trial {trial} {framework:8s} step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
+            k = trial % len(configs)
+            for config in configs[k:] + configs[:k]:
+                r = run_child(args, config, directory, cache_dir)
+                results[config].append(r)
+                print(f"  trial {trial} {config:15s} step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
                       f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB  loss {r['loss']:.4f}", flush=True)
 
-    print(f"{'':24s}" + "".join(f"{f:>12s}" for f in frameworks) + ("       ratio" if len(frameworks) == 2 else ""))
+    keys = ("step_s", "peak_rss", "first_step_s", "import_s", "load_s", "adapters_s", "step1_s",
+            "matmul_flops_per_s")
+    med = {c: {k: median(results[c], k) for k in keys} for c in configs}
+    print(f"{'':26s}" + "".join(f"{c:>15s}" for c in configs))
     rows = [
-        ("step time (s)", "step_s", 1.0, "{:12.3f}"),
-        ("tokens per second", "step_s", None, "{:12.0f}"),
-        ("peak resident (GiB)", "peak_rss", 2**-30, "{:12.2f}"),
-        ("time to first step (s)", "first_step_s", 1.0, "{:12.2f}"),
-        ("  of which imports (s)", "import_s", 1.0, "{:12.2f}"),
+        ("step time (s)", "step_s", 1.0, "{:15.3f}"),
+        ("tokens per second", "step_s", None, "{:15.0f}"),
+        ("peak resident (GiB)", "peak_rss", 2**-30, "{:15.2f}"),
+        ("time to first step (s)", "first_step_s", 1.0, "{:15.2f}"),
+        ("  imports (s)", "import_s", 1.0, "{:15.2f}"),
+        ("  loading (s)", "load_s", 1.0, "{:15.2f}"),
+        ("  LoRA + optimizer (s)", "adapters_s", 1.0, "{:15.2f}"),
+        ("  first step (s)", "step1_s", 1.0, "{:15.2f}"),
+        ("f32 matmul peak (GFLOP/s)", "matmul_flops_per_s", 1e-9, "{:15.0f}"),
     ]
-    med = {f: {k: median(results[f], k) for k in ("step_s", "peak_rss", "first_step_s", "import_s")}
-           for f in frameworks}
     for label, key, scale, fmt in rows:
-        values = [tokens / med[f][key] if scale is None else med[f][key] * scale for f in frameworks]
-        line = f"{label:24s}" + "".join(fmt.format(v) for v in values)
-        if len(values) == 2:
-            line += f"{values[0] / values[1]:12.3f}"
-        print(line)
+        values = [tokens / med[c][key] if scale is None else med[c][key] * scale for c in configs]
+        print(f"{label:26s}" + "".join(fmt.format(v) for v in values))
+    if "peftjax-cached" in configs and args.trials > 1:
+        cold = results["peftjax-cached"][0]["first_step_s"]
+        warm = statistics.median(r["first_step_s"] for r in results["peftjax-cached"][1:])
+        print(f"peftjax-cached: time to first step {cold:.2f} s cold (trial 0 fills the cache), {warm:.2f} s warm")
 
     summary = {}
-    if "peftjax" in results:
-        # XLA's cost analysis counts a loop body once: with scanned layers, count by hand
-        flops = model_flops(args) if args.scan_layers else median(results["peftjax"], "flops")
-        peak = median(results["peftjax"], "matmul_flops_per_s")
+    hand = model_flops(args)
+    for config in configs:
+        framework, options = CONFIGS[config]
+        step, peak = med[config]["step_s"], med[config]["matmul_flops_per_s"]
+        if framework == "peftjax" and not options.get("scan_layers"):
+            flops, how = median(results[config], "flops"), f"XLA cost analysis; by hand {hand / 1e9:.1f}"
+        else:  # XLA's cost analysis counts a scanned loop's body once; torch has none
+            flops, how = hand, "counted by hand"
         floor = flops / peak
-        step = med["peftjax"]["step_s"]
-        how = ("by hand: XLA's cost analysis counts a scanned loop's body once" if args.scan_layers
-               else f"XLA cost analysis; by hand {model_flops(args) / 1e9:.1f}")
-        print(f"peftjax step: {flops / 1e9:.1f} GFLOP ({how}); "
-              f"float32 matmul {args.matmul_size}^3: {peak / 1e9:.0f} GFLOP/s; floor {floor:.3f} s; achieved "
-              f"{flops / step / 1e9:.0f} GFLOP/s = {floor / step:.2f} of the floor")
-        mib = {k: median(results["peftjax"], k) / 2**20
-               for k in ("rss_imports", "rss_config", "rss_loaded", "rss_setup", "rss_compiled", "step_temp_bytes",
-                         "peak_rss")}
-        print(f"peftjax resident memory (MiB): jax+peftjax imported {mib['rss_imports']:.0f}; + transformers config "
-              f"code {mib['rss_config']:.0f}; weights loaded {mib['rss_loaded']:.0f}; LoRA and AdamW added "
-              f"{mib['rss_setup']:.0f}; after compiling and the first step {mib['rss_compiled']:.0f}; "
-              f"peak {mib['peak_rss']:.0f}; XLA temporaries of the step {mib['step_temp_bytes']:.0f}")
-        summary["floor_fraction"] = floor / step
-        summary["step_gflop"] = flops / 1e9
-        summary["matmul_gflops"] = peak / 1e9
-    if "peft" in results:
-        r = results["peft"][0]
-        mib = {k: median(results["peft"], k) / 2**20 for k in ("rss_imports", "rss_loaded", "peak_rss")}
-        print(f"peft: torch threads {r['torch_threads']}, attention {r['attn_implementation']}; resident memory (MiB): "
-              f"torch+transformers+peft imported {mib['rss_imports']:.0f}; weights loaded {mib['rss_loaded']:.0f}; "
-              f"peak {mib['peak_rss']:.0f}")
-    if len(frameworks) == 2:
-        a, b = med["peftjax"], med["peft"]
-        print(f"targets: step time <= 0.65 x PEFT's: {'met' if a['step_s'] <= 0.65 * b['step_s'] else 'MISSED'}; "
-              f"peak memory <= 0.5 x PEFT's: {'met' if a['peak_rss'] <= 0.5 * b['peak_rss'] else 'MISSED'}")
-        print(f"ratio_time={a['step_s'] / b['step_s']:.3f} ratio_mem={a['peak_rss'] / b['peak_rss']:.3f} "
-              f"ratio_first_step={a['first_step_s'] / b['first_step_s']:.3f} peftjax_step_s={a['step_s']:.3f} "
-              f"peft_step_s={b['step_s']:.3f} floor_fraction={summary['floor_fraction']:.3f}")
-    else:
-        f = frameworks[0]
-        print(f"{f}_step_s={med[f]['step_s']:.3f} {f}_peak_gib={med[f]['peak_rss'] / 2**30:.3f} "
-              + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+        print(f"{config}: {flops / 1e9:.1f} GFLOP a step ({how}); own float32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+              f"floor {floor:.3f} s; achieved {flops / step / 1e9:.0f} GFLOP/s = {floor / step:.2f} of the floor")
+        summary[config] = floor / step
+    for config in configs:
+        r = results[config][0]
+        mib = {k: median(results[config], k) / 2**20 for k in ("rss_imports", "rss_loaded", "peak_rss")}
+        extra = (f"torch imported by loading: {r['torch_after_load']}" if CONFIGS[config][0] == "peftjax"
+                 else f"torch threads {r['torch_threads']}, attention {r['attn_implementation']}")
+        print(f"{config}: resident memory (MiB): imports {mib['rss_imports']:.0f}; weights loaded "
+              f"{mib['rss_loaded']:.0f}; peak {mib['peak_rss']:.0f}; {extra}")
+
+    def ratio(a, b, key):
+        return med[a][key] / med[b][key]
+
+    fields = {}
+    if {"peftjax", "peft"} <= set(configs):
+        fields.update(ratio_time=ratio("peftjax", "peft", "step_s"), ratio_mem=ratio("peftjax", "peft", "peak_rss"),
+                      ratio_first_step=ratio("peftjax", "peft", "first_step_s"))
+    if {"peftjax-tuned", "peft-gc"} <= set(configs):
+        fields.update(tuned_ratio_time=ratio("peftjax-tuned", "peft-gc", "step_s"),
+                      tuned_ratio_mem=ratio("peftjax-tuned", "peft-gc", "peak_rss"))
+    jax_peak = next((med[c]["matmul_flops_per_s"] for c in configs if CONFIGS[c][0] == "peftjax"), None)
+    torch_peak = next((med[c]["matmul_flops_per_s"] for c in configs if CONFIGS[c][0] == "peft"), None)
+    if jax_peak:
+        fields["jax_f32_gflops"] = jax_peak / 1e9
+    if torch_peak:
+        fields["torch_f32_gflops"] = torch_peak / 1e9
+    fields.update({f"floor_{c.replace('-', '_')}": v for c, v in summary.items()})
+    fields.update({f"{c.replace('-', '_')}_step_s": med[c]["step_s"] for c in configs})
+    if "ratio_time" in fields:
+        print(f"headline (plain public path against plain PEFT): step time {fields['ratio_time']:.3f}x, "
+              f"peak memory {fields['ratio_mem']:.3f}x, time to first step {fields['ratio_first_step']:.3f}x; "
+              f"matmul peaks JAX {fields.get('jax_f32_gflops', 0):.0f} / torch {fields.get('torch_f32_gflops', 0):.0f} "
+              "GFLOP/s")
+    print(" ".join(f"{k}={v:.4g}" for k, v in fields.items()))
 
 
 if __name__ == "__main__":
