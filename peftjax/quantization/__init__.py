@@ -1,0 +1,1 @@
+"""Quantized base weights in bitsandbytes' formats (QLoRA): codes, config, layers."""
