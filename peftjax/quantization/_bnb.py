@@ -330,16 +330,16 @@ def int8_vectorwise_quant(weight) -> tuple[np.ndarray, np.ndarray]:
     """LLM.int8()'s weight format: ``(CB int8 [out, in], SCB float32 [out])``, rows scaled to ±127.
 
     As bitsandbytes' ``Int8Params``, the weight is first cast to float16; ``CB`` is
-    ``round_half_even(w * (127 / SCB))`` computed in float32.
+    ``round_half_even(w * (1 / SCB) * 127)`` in float32, the order its CPU kernel rounds in.
     """
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"int8 quantization needs a 2-D [out, in] weight; found shape {w.shape}")
     w16 = w.astype(np.float32).astype(np.float16)
     scb = np.abs(w16).max(axis=1).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = (np.float32(127.0) / scb).astype(np.float32)
-        cb = np.rint(w16.astype(np.float32) * scale[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):  # bitsandbytes' CPU kernel: w * (1 / SCB) * 127
+        recip = (np.float32(1.0) / scb).astype(np.float32)
+        cb = np.rint((w16.astype(np.float32) * recip[:, None]) * np.float32(127.0))
     cb = np.nan_to_num(cb, nan=0.0)  # an all-zero row: bitsandbytes' 0 * inf is NaN, cast to 0
     return cb.astype(np.int8), scb
 
