@@ -42,6 +42,7 @@ from peftjax.training import (
     split,
 )
 from peftjax.nn import dropout_key
+from peftjax.quantization import QuantizationConfig, prepare_model_for_kbit_training
 from peftjax.tuners import (
     FROZEN,
     TRAINABLE,
@@ -59,6 +60,7 @@ from peftjax.tuners import (
 
 
 __all__ = [
+    "prepare_model_for_kbit_training",
     "AdapterKeyError",
     "AdapterParam",
     "AutoPeftModel",
@@ -68,6 +70,7 @@ __all__ = [
     "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
+    "QuantizationConfig",
     "LoraParam",
     "PeftConfig",
     "PeftModel",

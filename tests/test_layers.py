@@ -15,7 +15,7 @@ LAYERS = [
     ("_version",),
     ("io",),  # file formats: safetensors, adapter directories, key names, Hub resolution
     ("config",),  # PEFT configs and targeting rules (``from_pretrained`` resolves Hub ids through io)
-    ("nn",),  # pure-JAX pieces models and adapters share (the dropout key)
+    ("nn", "quantization"),  # pure-JAX pieces models and adapters share (dropout key; quantized weights)
     ("models",),  # the bundled NNX models and their HF checkpoints
     ("tuners",),  # PEFT methods on the base tuner
     ("peft_model", "auto", "hotswap"),  # the PeftModel API

@@ -124,6 +124,7 @@ def from_pretrained(
     subfolder: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    quantization_config=None,
     **config_overrides,
 ) -> PreTrainedModel:
     """Loads a Hugging Face checkpoint (a directory or a Hub repo id) into the matching bundled Flax NNX model.
@@ -145,6 +146,8 @@ def from_pretrained(
       subfolder: the checkpoint's folder inside the directory or repo.
       token: a Hub token for private or gated repos (default: the login token).
       cache_dir: the Hub cache to use instead of ``HF_HUB_CACHE``.
+      quantization_config: store the linear weights quantized (``peftjax.QuantizationConfig``, its
+        dict, or transformers' ``BitsAndBytesConfig``); see ``peftjax.quantization``.
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.
@@ -165,4 +168,8 @@ def from_pretrained(
     model = model_class_for(config, task_type).from_pretrained(local, dtype=dtype, **config_overrides)
     if is_repo_id(path):  # the repo id, not the snapshot path, as transformers records it
         model.config.hf_config._name_or_path = os.fspath(path)
+    if quantization_config is not None:
+        from peftjax.quantization import quantize_model
+
+        model = quantize_model(model, quantization_config)
     return model

@@ -19,6 +19,7 @@ from flax import nnx
 
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
+from peftjax.quantization import QuantizedLinear
 from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import per_row, rows_of
 from peftjax.tuners.lora._math import (
@@ -65,6 +66,10 @@ class LoraLayer(AdapterDictLayer):
         every target first), so the kind is looked up rather than read from ``self``.
         """
         check_init(lora_class_for(self).lora_kind, init, path)
+        if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian"):
+            raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
+                            "Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, "
+                            "re-quantize the residual model to help minimize quantization errors.")
 
     def _describe(self, name: str) -> str:
         return f"r={self.spec(name).r}"
