@@ -188,3 +188,11 @@ def test_merge_into_quantized_base_requantizes_with_peft_warning(ckpt):
     with pytest.raises(TypeError, match="Please initialize PiSSA under float32"):
         peftjax.get_peft_model(models.from_pretrained(ckpt, quantization_config=NF4_DQ),
                                peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+
+
+def test_saving_a_quantized_base_is_refused_and_writes_nothing(ckpt, tmp_path):
+    """The packed weights are not Params: without the refusal the checkpoint would silently lack them."""
+    model = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
+    with pytest.raises(ValueError, match=r"save_pretrained: \d+ linear layers are quantized \(model\.layers\.0\."):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -382,6 +382,15 @@ class PreTrainedModel(nnx.Module):
         Each file is written to a temporary name and renamed, so a failed save leaves any
         checkpoint already in ``path`` intact.
         """
+        from peftjax.quantization import quantized_linears
+
+        quantized = sorted(quantized_linears(self))
+        if quantized:  # their packed weights are not Params: a plain save would silently drop them
+            raise ValueError(
+                f"save_pretrained: {len(quantized)} linear layers are quantized ({', '.join(quantized[:3])}"
+                f"{', ...' if len(quantized) > 3 else ''}); writing bitsandbytes' quantized checkpoint layout is not "
+                "supported yet. Save the adapter (PeftModel.save_pretrained) and keep the float base checkpoint."
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         hf = self.config.hf_config  # a ModelConfig, or the transformers config the model was built from
