@@ -22,6 +22,7 @@ from peftjax.config import (
     TaskType,
 )
 from peftjax import sharding
+from peftjax.io import load_tokenizer
 from peftjax.peft_model import (
     AdapterKeyError,
     DonatedAdapterError,
@@ -95,6 +96,7 @@ __all__ = [
     "optax_labels",
     "prepare_model_for_compiled_hotswap",
     "release_host_memory",
+    "load_tokenizer",
     "set_adapter_rows",
     "set_peft_model_state_dict",
     "sharding",

@@ -108,10 +108,10 @@ def _texts(args) -> list[str]:
 
 
 def _generate(args) -> int:
-    from transformers import AutoTokenizer
+    from peftjax.io import load_tokenizer
 
     model = _load_with_adapter(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _base_dir(args))
+    tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,10 +128,10 @@ def _generate(args) -> int:
 
 def _predict(args) -> int:
     import numpy as np
-    from transformers import AutoTokenizer
+    from peftjax.io import load_tokenizer
 
     model = _load_with_adapter(args)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _base_dir(args))
+    tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
     texts = _texts(args)
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length)
     accepted = _accepted(model)
@@ -157,8 +157,7 @@ def _accepted(model) -> set[str]:
 
 
 def _serve(args) -> int:
-    from transformers import AutoTokenizer
-
+    from peftjax.io import load_tokenizer
     from peftjax.serving import BatchingGenerator, load_for_serving, require_server_packages, serve
 
     require_server_packages()  # before minutes of loading
@@ -172,7 +171,7 @@ def _serve(args) -> int:
         adapters[name] = str(_adapter_dir(argparse.Namespace(adapter=path, revision=None)))
     base = _base_dir(args)
     model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or base)
+    tokenizer = load_tokenizer(args.tokenizer or base)
     generator = BatchingGenerator(model, tokenizer, max_batch_size=args.max_batch_size,
                                   max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                                   batch_wait_s=args.batch_wait_ms / 1000)

@@ -201,8 +201,6 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     """Runs the job described by ``options``; returns its figures."""
     import jax
     import numpy as np
-    from transformers import AutoTokenizer
-
     import peftjax
     from peftjax import models
     from peftjax.training._args import TrainingArguments
@@ -210,7 +208,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
     start = time.perf_counter()
     model_path = resolve_model_path(options["model"])
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = peftjax.load_tokenizer(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     raw_train, raw_eval = load_raw_data(options)

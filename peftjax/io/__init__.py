@@ -1,5 +1,6 @@
 """File formats shared by models and adapters."""
 
+from peftjax.io._tokenizer import load_tokenizer
 from peftjax.io._safetensors import (
     SafetensorsError,
     SafetensorsFile,
@@ -8,4 +9,5 @@ from peftjax.io._safetensors import (
     write_safetensors,
 )
 
-__all__ = ["SafetensorsError", "SafetensorsFile", "read_safetensors", "read_safetensors_header", "write_safetensors"]
+__all__ = ["SafetensorsError", "SafetensorsFile", "load_tokenizer", "read_safetensors", "read_safetensors_header",
+           "write_safetensors"]

@@ -254,11 +254,11 @@ def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddi
     if init == "SAMPLE_VOCAB":
         ids = jax.random.randint(key, (n,), 0, table.shape[0])
     else:  # TEXT
-        from transformers import AutoTokenizer
+        from peftjax.io import load_tokenizer
 
         kwargs = dict(config.tokenizer_kwargs or {})
         kwargs.pop("trust_remote_code", None)  # as PEFT: a config must not run remote code
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        tokenizer = load_tokenizer(config.tokenizer_name_or_path, **kwargs)
         ids = list(tokenizer(config.prompt_tuning_init_text)["input_ids"])
         if not ids:
             raise ValueError(f"prompt_tuning_init_text {config.prompt_tuning_init_text!r} tokenizes to nothing")
