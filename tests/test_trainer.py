@@ -52,6 +52,29 @@ def tiny_bert():
                                                             target_modules="all-linear"))
 
 
+def read_events(directory):
+    """``(tag, step, value)`` of every scalar in the one event file in ``directory``, CRCs checked."""
+    import struct
+
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    from tensorboardX.record_writer import masked_crc32c
+
+    (path,) = list(directory.iterdir())
+    data, out, at = path.read_bytes(), [], 0
+    while at < len(data):
+        header = data[at:at + 8]
+        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[at + 8:at + 12])
+        record = data[at + 12:at + 12 + length]
+        (record_crc,) = struct.unpack("<I", data[at + 12 + length:at + 16 + length])
+        assert (header_crc, record_crc) == (masked_crc32c(header), masked_crc32c(record))
+        event = event_pb2.Event.FromString(record)
+        if at == 0:
+            assert event.file_version == "brain.Event:2"
+        out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+        at += 16 + length
+    return out
+
+
 def test_classification_learns_and_writes_its_files(tiny_bert, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=6,
                              learning_rate=1e-2, logging_steps=5, eval_strategy="epoch", save_steps=10,
@@ -68,7 +91,9 @@ def test_classification_learns_and_writes_its_files(tiny_bert, tmp_path):
     assert all(r["tokens_per_second"] > 0 for r in train)
     assert len([r for r in records if "eval_accuracy" in r]) == 6  # one per epoch, no duplicate at the end
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
-    assert list((tmp_path / "runs").iterdir())  # TensorBoard event file
+    # TensorBoard's event file holds the logged losses (read with tensorboardX's own protos and CRC)
+    assert [value for tag, _, value in read_events(tmp_path / "runs") if tag == "train/loss"] == pytest.approx(
+        [r["loss"] for r in train], rel=1e-6)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-20", "checkpoint-30"]  # limit 2
     assert (tmp_path / "adapter_model.safetensors").is_file()
     # the trained adapter is what the model now holds, and what the file holds

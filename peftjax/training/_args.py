@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import optax
@@ -43,7 +42,8 @@ class TrainingArguments:
         ``get_peft_model(..., key=jax.random.key(seed))``, as ``peftjax train`` does.
       bf16: compute in bfloat16 (load the model with ``dtype="bfloat16"``); adapters and optimizer
         state stay float32.
-      report_to: ``"auto"`` (TensorBoard when tensorboardX is installed), ``"tensorboard"`` or ``"none"``.
+      report_to: ``"auto"`` or ``"tensorboard"`` (TensorBoard event files in ``output_dir/runs``,
+        written by peftjax itself: no package needed), or ``"none"``.
       disable_tqdm: no progress bar.
       plot: write ``training_curves.png`` at the end.
       resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
@@ -90,8 +90,6 @@ class TrainingArguments:
             raise ValueError(f"eval_strategy must be one of {STRATEGIES}, got {self.eval_strategy!r}")
         if self.report_to not in ("auto", "tensorboard", "none"):
             raise ValueError(f"report_to must be 'auto', 'tensorboard' or 'none', got {self.report_to!r}")
-        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboardX") is None:
-            raise ValueError("report_to='tensorboard' needs the tensorboardX package (pip install tensorboardX)")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
         if not 0 <= self.warmup_ratio < 1:
@@ -99,9 +97,7 @@ class TrainingArguments:
 
     @property
     def tensorboard(self) -> bool:
-        if self.report_to == "none":
-            return False
-        return importlib.util.find_spec("tensorboardX") is not None
+        return self.report_to != "none"
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the run."""

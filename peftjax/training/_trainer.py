@@ -547,9 +547,9 @@ class Trainer:
     def _tensorboard(self):
         if not self.args.tensorboard or jax.process_index() != 0:
             return None
-        from tensorboardX import SummaryWriter
+        from peftjax.training._events import ScalarWriter
 
-        return SummaryWriter(str(self.output_dir / "runs"))
+        return ScalarWriter(self.output_dir / "runs")
 
     def _progress(self, total: int, initial: int):
         if self.args.disable_tqdm:
