@@ -141,3 +141,150 @@ def test_adapter_trained_here_loads_in_peft_on_bitsandbytes(ckpt, tmp_path, kind
     theirs = torch_logits(float32_oracle(loaded.eval()))
     np.testing.assert_allclose(ours_logits, theirs, atol=TOL[kind], rtol=0)
     assert np.abs(theirs - before).max() > 20 * TOL[kind]  # the trained adapter shows
+
+
+# ---------------------------------------------------------------- checkpoints saved quantized
+
+
+@pytest.fixture(scope="module")
+def bnb_saved(ckpt, tmp_path_factory):
+    """``bnb_saved(kind)``: transformers' ``save_pretrained`` of the bitsandbytes-loaded model."""
+    saved = {}
+
+    def get(kind):
+        if kind not in saved:
+            saved[kind] = tmp_path_factory.mktemp(f"bnb_{kind}")
+            bnb_model(ckpt, kind).save_pretrained(saved[kind])
+        return saved[kind]
+
+    return get
+
+
+def _tensors(path):
+    from peftjax.io import SafetensorsFile
+
+    return dict(SafetensorsFile(path / "model.safetensors"))
+
+
+def test_transformers_writes_the_layout_we_read(bnb_saved):
+    """The keys and dtypes ``peftjax.quantization._checkpoint`` documents are transformers' own."""
+    import json
+
+    four, eight = _tensors(bnb_saved("nf4")), _tensors(bnb_saved("int8"))
+    q = "model.layers.0.self_attn.q_proj"
+    assert {k[len(q) + 1:]: (v.dtype.name, v.shape) for k, v in four.items() if k.startswith(q + ".")} == {
+        "weight": ("uint8", (64 * 64 // 2, 1)), "weight.absmax": ("uint8", (64,)), "weight.quant_map": ("float32", (16,)),
+        "weight.nested_absmax": ("float32", (1,)), "weight.nested_quant_map": ("float32", (256,)),
+        "weight.quant_state.bitsandbytes__nf4": ("uint8", four[f"{q}.weight.quant_state.bitsandbytes__nf4"].shape)}
+    assert {k[len(q) + 1:]: (v.dtype.name, v.shape) for k, v in eight.items() if k.startswith(q + ".")} == {
+        "weight": ("int8", (64, 64)), "SCB": ("float32", (64,)), "weight_format": ("uint8", ())}
+    for kind in KINDS:
+        config = json.loads((bnb_saved(kind) / "config.json").read_text())["quantization_config"]
+        assert QuantizationConfig.from_dict(config) == ours(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_saved_quantized_by_transformers_loads_from_its_tensors(ckpt, bnb_saved, kind):
+    path = bnb_saved(kind)
+    model = models.from_pretrained(path)  # no quantization_config: config.json's
+    layers = quantized_linears(model)
+    assert len(layers) == 14 and all(isinstance(m, Linear4bit if kind == "nf4" else Linear8bitLt)
+                                     for m in layers.values())
+    stored = _tensors(path)
+    for name, m in layers.items():  # the file's very tensors, not a requantization of a dequantization
+        assert np.array_equal(np.asarray(m.weight.get_value()), stored[f"{name}.weight"])
+        scales = m.absmax if kind == "nf4" else m.SCB
+        assert np.array_equal(np.asarray(scales.get_value()), stored[f"{name}.{'weight.absmax' if kind == 'nf4' else 'SCB'}"])
+    got = jax_logits(model)
+    # as transformers on the same file
+    np.testing.assert_allclose(got, torch_logits(bnb_model(path)), atol=TOL[kind], rtol=0)
+    # as quantizing the float checkpoint here: NF4 codes are bitsandbytes' bit for bit; a few int8 codes
+    # round the other way than bitsandbytes' CPU kernel (see test_quantization.py)
+    from_float = jax_logits(models.from_pretrained(ckpt, quantization_config=ours(kind)))
+    np.testing.assert_allclose(got, from_float, atol=1e-4 if kind == "int8" else 1e-6, rtol=0)
+    # an explicit config of the same format is accepted; the compute dtype is the caller's
+    model = models.from_pretrained(path, quantization_config=QuantizationConfig(**KINDS[kind],
+                                                                                bnb_4bit_compute_dtype="bfloat16"))
+    assert all(m.compute_dtype == jnp.bfloat16 for m in quantized_linears(model).values())
+
+
+def _copy_without(src, dst, drop=(), edit=None):
+    import shutil
+
+    from peftjax.io import write_safetensors
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = {k: v for k, v in _tensors(src).items() if k not in drop}
+    if edit:
+        edit(tensors)
+    write_safetensors(dst / "model.safetensors", tensors, {"format": "pt"})
+    return dst
+
+
+def test_quant_state_missing_a_tensor_names_module_and_key(bnb_saved, tmp_path):
+    from peftjax.models import CheckpointError
+
+    q = "model.layers.1.mlp.up_proj"
+    for i, key in enumerate([f"{q}.weight.nested_absmax", f"{q}.weight.absmax", f"{q}.weight.quant_map",
+                             f"{q}.weight.quant_state.bitsandbytes__nf4"]):
+        path = _copy_without(bnb_saved("nf4"), tmp_path / str(i), drop=[key])
+        with pytest.raises(CheckpointError, match=rf"{q} \(a 4-bit bitsandbytes linear\).*"
+                                                  rf"{key.rsplit('.', 1)[1] if 'quant_state' in key else key}"):
+            models.from_pretrained(path)
+    path = _copy_without(bnb_saved("int8"), tmp_path / "int8", drop=[f"{q}.SCB"])
+    with pytest.raises(CheckpointError, match=rf"{q} \(an int8 bitsandbytes linear\): its quant state lacks \['{q}.SCB'\]"):
+        models.from_pretrained(path)
+
+    def bad_map(t):
+        t[f"{q}.weight.quant_map"] = t[f"{q}.weight.quant_map"][::-1].copy()
+
+    path = _copy_without(bnb_saved("nf4"), tmp_path / "map", edit=bad_map)
+    with pytest.raises(CheckpointError, match=rf"{q}.weight.quant_map is not bitsandbytes' nf4 code"):
+        models.from_pretrained(path)
+
+    def bad_shape(t):
+        t[f"{q}.weight.absmax"] = t[f"{q}.weight.absmax"][:-1].copy()
+
+    path = _copy_without(bnb_saved("nf4"), tmp_path / "shape", edit=bad_shape)
+    with pytest.raises(CheckpointError, match=rf"{q}.weight.absmax: expected uint8 \(128,\), found uint8 \(127,\)"):
+        models.from_pretrained(path)
+
+
+def test_a_config_of_another_format_than_the_file_is_refused(bnb_saved):
+    from peftjax.models import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj is stored 4-bit, but the "
+                                              r"quantization_config asks int8"):
+        models.from_pretrained(bnb_saved("nf4"), quantization_config=ours("int8"))
+    with pytest.raises(CheckpointError, match=r"down_proj is stored nf4 with double quantization, but the "
+                                              r"quantization_config asks fp4 with it"):
+        models.from_pretrained(bnb_saved("nf4"), quantization_config=QuantizationConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True))
+
+
+# ---------------------------------------------------------------- saving quantized
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_writes_bitsandbytes_layout_that_transformers_loads(ckpt, bnb_saved, tmp_path, kind):
+    import json
+
+    # 1. a checkpoint transformers saved, loaded here and saved again: the same tensors, byte for byte
+    models.from_pretrained(bnb_saved(kind)).save_pretrained(tmp_path / "again")
+    theirs, again = _tensors(bnb_saved(kind)), _tensors(tmp_path / "again")
+    assert sorted(again) == sorted(theirs)
+    for k in theirs:
+        assert again[k].dtype == theirs[k].dtype and again[k].shape == theirs[k].shape, k
+        assert again[k].tobytes() == theirs[k].tobytes(), k
+
+    # 2. quantized here from the float checkpoint: transformers' keys, dtypes and config; its logits there
+    model = models.from_pretrained(ckpt, quantization_config=ours(kind))
+    model.save_pretrained(tmp_path / "here")
+    here = _tensors(tmp_path / "here")
+    assert {k: (v.dtype, v.shape) for k, v in here.items()} == {k: (v.dtype, v.shape) for k, v in theirs.items()}
+    written = json.loads((tmp_path / "here" / "config.json").read_text())["quantization_config"]
+    assert written == json.loads((bnb_saved(kind) / "config.json").read_text())["quantization_config"]
+    np.testing.assert_allclose(torch_logits(bnb_model(tmp_path / "here")), jax_logits(model), atol=TOL[kind], rtol=0)
+    # and here again, from the file's own tensors
+    np.testing.assert_array_equal(jax_logits(models.from_pretrained(tmp_path / "here")), jax_logits(model))

@@ -98,10 +98,17 @@ class QuantizedLinear(nnx.Linear):
 class Linear4bit(QuantizedLinear):
     """A linear with an NF4/FP4 weight in bitsandbytes' layout (``peftjax.quantization._bnb.Quant4``)."""
 
-    def __init__(self, quant: _bnb.Quant4, bias=None, *, compute_dtype=jnp.float32, path: str = ""):
+    def __init__(self, quant: _bnb.Quant4, bias=None, *, compute_dtype=jnp.float32, weight_dtype=jnp.float32,
+                 path: str = ""):
+        """``weight_dtype``: the dtype of the weight that was quantized (bitsandbytes' ``quant_state.dtype``);
+        dequantization rounds to it, as bitsandbytes' does, before the cast to ``compute_dtype``."""
         out_features, in_features = quant.shape
         super().__init__(in_features=in_features, out_features=out_features, bias=bias,
                          compute_dtype=compute_dtype, path=path)
+        self.weight_dtype = jnp.dtype(weight_dtype).name
+        if self.weight_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{path or 'Linear4bit'}: weight_dtype {self.weight_dtype!r} is not a float dtype "
+                             "bitsandbytes dequantizes to (float32, bfloat16, float16)")
         self._set_quant(quant)
 
     def _set_quant(self, q: _bnb.Quant4) -> None:
@@ -126,7 +133,10 @@ class Linear4bit(QuantizedLinear):
         )
 
     def dequantize(self) -> jax.Array:
-        return _bnb.dequantize_4bit(self.quant_state(), xp=jnp).T
+        w = _bnb.dequantize_4bit(self.quant_state(), xp=jnp).T
+        if self.weight_dtype != "float32":  # bitsandbytes dequantizes into quant_state.dtype
+            w = w.astype(self.weight_dtype).astype(jnp.float32)
+        return w
 
     def requantize(self, kernel) -> None:
         w = np.asarray(jnp.asarray(kernel, jnp.float32)).T
