@@ -248,3 +248,45 @@ def test_dequantization_rounds_to_the_weight_dtype_as_bitsandbytes(ckpt):
     assert expected.dtype == torch.bfloat16
     got = np.asarray(layer.dequantize()).T
     np.testing.assert_array_equal(got, expected.float().numpy())
+
+
+def _lora_with_weights(ckpt):
+    cfg = peftjax.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear", init_lora_weights="gaussian")
+    peft_model = peftjax.get_peft_model(models.from_pretrained(ckpt, quantization_config=NF4_DQ), cfg)
+    for _, var in nnx.iter_graph(peft_model.base_model):
+        if isinstance(var, nnx.Variable) and var.get_value().ndim == 2 and var.get_value().shape[0] == 4:
+            var.set_value(jnp.full(var.get_value().shape, 0.05, var.get_value().dtype))
+    return peft_model
+
+
+def test_merge_and_unload_dequantize_gives_a_float_model_with_the_adapters_logits(ckpt, tmp_path, jit):
+    """Merged into the dequantized weights: no second rounding, so the unmerged logits to float32 precision."""
+    import json
+    import warnings
+
+    peft_model = _lora_with_weights(ckpt)
+    unmerged = _logits(peft_model, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no requantization, so no rounding warning
+        merged = peft_model.merge_and_unload(dequantize=True)
+    assert not quantized_linears(merged)
+    assert type(merged.model.layers[0].self_attn.q_proj) is nnx.Linear
+    np.testing.assert_allclose(_logits(merged, jit), unmerged, atol=2e-5, rtol=1e-5)
+    # the requantizing merge is visibly further off: the dequantized path is not a no-op
+    requantized = _lora_with_weights(ckpt)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        requantized = requantized.merge_and_unload()
+    assert np.abs(_logits(requantized, False) - unmerged).max() > 10 * np.abs(_logits(merged, False) - unmerged).max()
+    merged.save_pretrained(tmp_path)  # a float checkpoint: no quantization_config left
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    np.testing.assert_allclose(_logits(models.from_pretrained(tmp_path), False), unmerged, atol=2e-5, rtol=1e-5)
+
+
+def test_dequantize_model_is_transformers_dequantize(ckpt):
+    model = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
+    expected = _logits(model, False)
+    float_model = peftjax.quantization.dequantize_model(model)
+    assert not quantized_linears(float_model) and getattr(float_model.config, "quantization_config", None) is None
+    np.testing.assert_array_equal(_logits(float_model, False), expected)
+    with pytest.raises(ValueError, match=r"dequantize_model: model\.layers\.0\.mlp\.down_proj still carries adapters \(LoraLinear4bit\)"):
+        peftjax.quantization.dequantize_model(_lora_with_weights(ckpt).base_model)

@@ -288,3 +288,37 @@ def test_save_pretrained_writes_bitsandbytes_layout_that_transformers_loads(ckpt
     np.testing.assert_allclose(torch_logits(bnb_model(tmp_path / "here")), jax_logits(model), atol=TOL[kind], rtol=0)
     # and here again, from the file's own tensors
     np.testing.assert_array_equal(jax_logits(models.from_pretrained(tmp_path / "here")), jax_logits(model))
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["requantize", "dequantize"])
+def test_cli_merge_on_a_base_saved_quantized(bnb_saved, tmp_path, dequantize):
+    """``peftjax merge`` of an adapter into transformers' NF4 checkpoint: transformers loads the result."""
+    import json
+
+    from peftjax.cli import main
+
+    base = bnb_saved("nf4")
+    peft_model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=ALL_LINEAR, init_lora_weights="gaussian"))
+    for layer in quantized_linears(peft_model.base_model).values():
+        layer.lora_B["default"].set_value(jnp.full(layer.lora_B["default"].get_value().shape, 0.05))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    unmerged = jax_logits(peft_model)
+    args = ["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args + (["--dequantize"] if dequantize else [])) == 0
+    rounding = [w for w in caught if "rounding errors" in str(w.message)]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    theirs = torch_logits(bnb_model(tmp_path / "merged"))
+    ours_merged = jax_logits(models.from_pretrained(tmp_path / "merged"))
+    np.testing.assert_allclose(theirs, ours_merged, atol=1e-4, rtol=0)  # the same file, both sides
+    if dequantize:  # a float checkpoint with the adapter's logits
+        assert "quantization_config" not in config and not rounding
+        np.testing.assert_allclose(theirs, unmerged, atol=1e-4, rtol=0)
+    else:  # bitsandbytes' layout again; the merged weights rounded to NF4, as PEFT warns
+        assert config["quantization_config"]["load_in_4bit"] and rounding
+        with pytest.warns(UserWarning, match="rounding errors"):
+            in_process = jax_logits(peft_model.merge_and_unload())
+        np.testing.assert_allclose(ours_merged, in_process, atol=1e-6, rtol=0)
+        assert np.abs(theirs - unmerged).max() > 1e-3  # the second rounding shows

@@ -34,6 +34,8 @@ class QuantizedKernel:
         self.layer = layer
 
     def get_value(self) -> jax.Array:
+        if self.layer.float_kernel is not None:  # merged into a dequantized weight (keep_float)
+            return self.layer.float_kernel.get_value()
         return self.layer.dequantize()
 
     def __getitem__(self, index):
@@ -48,6 +50,9 @@ class QuantizedKernel:
         return (self.layer.in_features, self.layer.out_features)
 
     def set_value(self, value) -> None:
+        if self.layer.keep_float:  # merge_and_unload(dequantize=True): the merged weight stays in float
+            self.layer.float_kernel = nnx.Param(jnp.asarray(value))
+            return
         # PEFT's warning for a merge into a bitsandbytes weight: the merged weight is rounded again
         warnings.warn(f"{self.layer.path or type(self.layer).__name__}: Merge lora module to "
                       f"{'4-bit' if isinstance(self.layer, Linear4bit) else '8-bit'} linear may get different "
@@ -67,6 +72,9 @@ class QuantizedLinear(nnx.Linear):
         self.dtype = self.compute_dtype
         self.param_dtype = self.bias.get_value().dtype if bias is not None else self.compute_dtype
         self.path = path
+        # keep_float: a kernel set (a merge) is kept in float as ``float_kernel`` instead of requantized
+        self.keep_float = False
+        self.float_kernel = nnx.data(None)
         self.precision = None
         self.preferred_element_type = None
 
@@ -87,7 +95,7 @@ class QuantizedLinear(nnx.Linear):
 
     def __call__(self, inputs, out_sharding=None):
         del out_sharding
-        w = self.dequantize().astype(self.compute_dtype)
+        w = self.kernel.get_value().astype(self.compute_dtype)
         y = jnp.asarray(inputs).astype(self.compute_dtype) @ w
         if self.bias is not None:
             b = self.bias.get_value().astype(self.compute_dtype)

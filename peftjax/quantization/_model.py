@@ -212,6 +212,38 @@ def _float_linears(model) -> tuple[str, ...] | None:
     return None if all(n.split(".")[-1] in ("lm_head", "score", "classifier") for n in names) else names
 
 
+def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
+    """transformers' ``model.dequantize()``: every quantized linear back to an ``nnx.Linear``, in place.
+
+    The kernel is the weight bitsandbytes dequantizes (or the float kernel a
+    ``merge_and_unload(dequantize=True)`` left), cast to ``dtype`` (default: the layer's compute
+    dtype); biases are kept. ``model.config.quantization_config`` is removed, so
+    ``save_pretrained`` writes a float checkpoint.
+
+    Raises:
+      ValueError: a quantized linear still carries adapters (merge or unload them first).
+    """
+    for name, layer in quantized_linears(model).items():
+        if type(layer) not in (Linear4bit, Linear8bitLt):
+            raise ValueError(f"dequantize_model: {name} still carries adapters ({type(layer).__name__}); "
+                             "merge_and_unload(dequantize=True) or unload() them first")
+    for path, name, layer in [(tuple(p), ".".join(map(str, p)), m) for p, m in nnx.iter_graph(model)
+                              if isinstance(m, QuantizedLinear)]:
+        target = jnp.dtype(dtype or layer.compute_dtype)
+        kernel = layer.kernel.get_value().astype(target)
+        bias = layer.bias
+        new = nnx.eval_shape(lambda: nnx.Linear(layer.in_features, layer.out_features, use_bias=bias is not None,
+                                                dtype=target, param_dtype=target, rngs=nnx.Rngs(0)))
+        new.kernel = nnx.Param(kernel)
+        if bias is not None:
+            new.bias = nnx.Param(bias.get_value().astype(target))
+        _replace(model, path, new)
+    hf = getattr(getattr(model, "config", None), "hf_config", None)
+    if hf is not None:
+        hf.__dict__.pop("quantization_config", None)
+    return model
+
+
 def quantized_linears(model: nnx.Module) -> dict[str, QuantizedLinear]:
     """``{dotted path: layer}`` of the model's quantized linears."""
     return {".".join(str(p) for p in path): m for path, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)}
