@@ -422,18 +422,36 @@ class PeftModel:
         tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        *, dequantize: bool = False,
     ) -> nnx.Module:
         """Merges the active (or named) adapters and returns the bare model (no adapter layers left).
 
         PEFT's signature; ``progressbar`` is accepted and ignored. With ``safe_merge`` a merge that
         produces NaN/inf raises ``ValueError`` and leaves the model (adapters included) as it was.
+
+        On a quantized base (``peftjax.quantization``) the merged weights are quantized again, with
+        PEFT's warning about rounding; with ``dequantize=True`` they are merged into the dequantized
+        weights instead and the model comes back in floating point (each layer's compute dtype),
+        as transformers' ``model.dequantize()`` followed by the merge.
         """
         self._check_live("merge the adapters")
         names = tuple(adapter_names) if adapter_names else None
         if safe_merge:
             tuner_base.merge(self.base_model, names, safe_merge=True)
-        return tuner_base.unload(self.base_model, merge_first=True, adapter_names=names)
+        if not dequantize:
+            return tuner_base.unload(self.base_model, merge_first=True, adapter_names=names)
+        from peftjax.quantization import dequantize_model, quantized_linears
+
+        layers = list(quantized_linears(self.base_model).values())
+        for layer in layers:
+            layer.keep_float = True
+        try:
+            model = tuner_base.unload(self.base_model, merge_first=True, adapter_names=names)
+        finally:
+            for layer in layers:
+                layer.keep_float = False
+        return dequantize_model(model)
 
     def unload(self) -> nnx.Module:
         """Removes every adapter without merging and returns the bare model."""

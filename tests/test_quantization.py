@@ -5,6 +5,8 @@ dequantizes from its own quantization of the checkpoint. The quantized model (an
 IA³ on it) must give that model's logits.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,9 +192,101 @@ def test_merge_into_quantized_base_requantizes_with_peft_warning(ckpt):
                                peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
 
 
-def test_saving_a_quantized_base_is_refused_and_writes_nothing(ckpt, tmp_path):
-    """The packed weights are not Params: without the refusal the checkpoint would silently lack them."""
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_pretrained_round_trips_the_quantized_tensors(ckpt, tmp_path, name):
+    """The packed weights are not Params: without bitsandbytes' layout the file would silently lack them."""
+    import json
+
+    model = models.from_pretrained(ckpt, quantization_config=CONFIGS[name])
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    # the compute dtype written is the one the layers use (the model's float32 where the config left it None)
+    assert QuantizationConfig.from_dict(saved) == dataclasses.replace(CONFIGS[name], bnb_4bit_compute_dtype="float32")
+    loaded = models.from_pretrained(tmp_path)  # quantized, from config.json's quantization_config
+    assert loaded.config.quantization_config == saved
+    before, after = quantized_linears(model), quantized_linears(loaded)
+    assert sorted(before) == sorted(after)
+    for n in before:
+        for attr, v in vars(before[n]).items():
+            if isinstance(v, nnx.Variable) and v.get_value() is not None:
+                assert np.array_equal(np.asarray(v.get_value()), np.asarray(getattr(after[n], attr).get_value())), (n, attr)
+    np.testing.assert_array_equal(_logits(loaded, False), _logits(model, False))
+
+
+def test_saving_mixed_formats_is_refused_and_writes_nothing(ckpt, tmp_path):
     model = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
-    with pytest.raises(ValueError, match=r"save_pretrained: \d+ linear layers are quantized \(model\.layers\.0\."):
+    layer = model.model.layers[1].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = Linear4bit(
+        peftjax.quantization.quantize_4bit(np.asarray(layer.dequantize()).T, quant_type="fp4"), path=layer.path)
+    with pytest.raises(ValueError, match=r"save_pretrained: the quantized linears mix formats .*'fp4'.*up_proj"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_model_saves_no_quantization_config(ckpt, tmp_path):
+    """A config that says quantized over float weights would make transformers misread the file."""
+    import json
+
+    model = models.from_pretrained(ckpt)
+    model.config.hf_config.quantization_config = NF4_DQ.to_dict()  # e.g. left over from a quantized load
+    model.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_dequantization_rounds_to_the_weight_dtype_as_bitsandbytes(ckpt):
+    """bitsandbytes dequantizes into ``quant_state.dtype`` (the weight's, bfloat16 here) before the matmul."""
+    model = models.from_pretrained(ckpt, dtype="bfloat16", quantization_config=QuantizationConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    float_model = models.from_pretrained(ckpt, dtype="bfloat16")
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight_dtype == "bfloat16"
+    w = torch.from_numpy(np.asarray(float_model.model.layers[0].mlp.down_proj.kernel.get_value().astype(jnp.float32)).T
+                         .copy()).to(torch.bfloat16)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    assert state.dtype == torch.bfloat16
+    expected = F.dequantize_4bit(packed, state)
+    assert expected.dtype == torch.bfloat16
+    got = np.asarray(layer.dequantize()).T
+    np.testing.assert_array_equal(got, expected.float().numpy())
+
+
+def _lora_with_weights(ckpt):
+    cfg = peftjax.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear", init_lora_weights="gaussian")
+    peft_model = peftjax.get_peft_model(models.from_pretrained(ckpt, quantization_config=NF4_DQ), cfg)
+    for _, var in nnx.iter_graph(peft_model.base_model):
+        if isinstance(var, nnx.Variable) and var.get_value().ndim == 2 and var.get_value().shape[0] == 4:
+            var.set_value(jnp.full(var.get_value().shape, 0.05, var.get_value().dtype))
+    return peft_model
+
+
+def test_merge_and_unload_dequantize_gives_a_float_model_with_the_adapters_logits(ckpt, tmp_path, jit):
+    """Merged into the dequantized weights: no second rounding, so the unmerged logits to float32 precision."""
+    import json
+    import warnings
+
+    peft_model = _lora_with_weights(ckpt)
+    unmerged = _logits(peft_model, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no requantization, so no rounding warning
+        merged = peft_model.merge_and_unload(dequantize=True)
+    assert not quantized_linears(merged)
+    assert type(merged.model.layers[0].self_attn.q_proj) is nnx.Linear
+    np.testing.assert_allclose(_logits(merged, jit), unmerged, atol=2e-5, rtol=1e-5)
+    # the requantizing merge is visibly further off: the dequantized path is not a no-op
+    requantized = _lora_with_weights(ckpt)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        requantized = requantized.merge_and_unload()
+    assert np.abs(_logits(requantized, False) - unmerged).max() > 10 * np.abs(_logits(merged, False) - unmerged).max()
+    merged.save_pretrained(tmp_path)  # a float checkpoint: no quantization_config left
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    np.testing.assert_allclose(_logits(models.from_pretrained(tmp_path), False), unmerged, atol=2e-5, rtol=1e-5)
+
+
+def test_dequantize_model_is_transformers_dequantize(ckpt):
+    model = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
+    expected = _logits(model, False)
+    float_model = peftjax.quantization.dequantize_model(model)
+    assert not quantized_linears(float_model) and getattr(float_model.config, "quantization_config", None) is None
+    np.testing.assert_array_equal(_logits(float_model, False), expected)
+    with pytest.raises(ValueError, match=r"dequantize_model: model\.layers\.0\.mlp\.down_proj still carries adapters \(LoraLinear4bit\)"):
+        peftjax.quantization.dequantize_model(_lora_with_weights(ckpt).base_model)

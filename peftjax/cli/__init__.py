@@ -68,7 +68,7 @@ def _numel(shape) -> int:
 
 def _merge(args) -> int:
     peft_model = _load_with_adapter(args)
-    merged = peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload(dequantize=args.dequantize)
     merged.save_pretrained(args.output)
     print(f"merged {args.adapter} into {args.base} as {type(merged).__name__}; wrote {args.output}")
     return 0
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or Hub repo id")
     p.add_argument("output", help="directory for the merged checkpoint")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dequantize", action="store_true",
+                   help="a base saved quantized (bitsandbytes): write the merge in floating point instead of "
+                        "quantizing the merged weights again (which rounds them, as PEFT warns)")
     p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
     p.add_argument("--revision", help=REVISION_HELP)
     p.add_argument("--base-revision", help=BASE_REVISION_HELP)

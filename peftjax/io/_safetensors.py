@@ -193,6 +193,10 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         """A tensor's shape, without reading it."""
         return self._spans[name][1].shape
 
+    def dtype(self, name: str) -> np.dtype:
+        """A tensor's dtype, without reading it."""
+        return self._spans[name][1].dtype
+
 
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None

@@ -147,7 +147,10 @@ def from_pretrained(
       token: a Hub token for private or gated repos (default: the login token).
       cache_dir: the Hub cache to use instead of ``HF_HUB_CACHE``.
       quantization_config: store the linear weights quantized (``peftjax.QuantizationConfig``, its
-        dict, or transformers' ``BitsAndBytesConfig``); see ``peftjax.quantization``.
+        dict, or transformers' ``BitsAndBytesConfig``); see ``peftjax.quantization``. A checkpoint
+        saved quantized (its ``config.json`` has a ``quantization_config``: bitsandbytes' tensors, as
+        transformers or ``save_pretrained`` here write them) loads quantized without it, from its
+        own tensors.
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.
@@ -165,11 +168,8 @@ def from_pretrained(
 
     local = resolve(path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
     config = load_config(local, **config_overrides)
-    model = model_class_for(config, task_type).from_pretrained(local, dtype=dtype, **config_overrides)
+    model = model_class_for(config, task_type).from_pretrained(local, dtype=dtype, quantization_config=quantization_config,
+                                                               **config_overrides)
     if is_repo_id(path):  # the repo id, not the snapshot path, as transformers records it
         model.config.hf_config._name_or_path = os.fspath(path)
-    if quantization_config is not None:
-        from peftjax.quantization import quantize_model
-
-        model = quantize_model(model, quantization_config)
     return model

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.io import SafetensorsFile, write_safetensors
+from peftjax.io._errors import CheckpointError
 from peftjax.models._scan import MODEL_OPTIONS
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -86,10 +87,6 @@ def weight_placement(place: Placement):
         yield
     finally:
         _PLACE.reset(token)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's weights do not fit the model: missing keys or wrong shapes."""
 
 
 def hf_param_map(module: nnx.Module) -> Mapping[str, tuple[str, bool]]:
@@ -208,6 +205,27 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+class _Without(Mapping):
+    """``tensors`` without the keys in ``dropped`` (a view: nothing is read)."""
+
+    def __init__(self, tensors: Mapping, dropped: set[str]):
+        self.tensors, self.dropped = tensors, dropped
+
+    def __getitem__(self, key: str):
+        if key in self.dropped:
+            raise KeyError(key)
+        return self.tensors[key]
+
+    def __iter__(self):
+        return (k for k in self.tensors if k not in self.dropped)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, key) -> bool:
+        return key not in self.dropped and key in self.tensors
+
+
 class PreTrainedModel(nnx.Module):
     """Base of the bundled models: construction from an HF config, loading and saving.
 
@@ -247,6 +265,7 @@ class PreTrainedModel(nnx.Module):
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         config_attributes: Mapping | None = None,
+        quantization_config=None,
         **kwargs,
     ):
         """Loads an HF checkpoint (a directory or a Hub repo id) into this class.
@@ -259,6 +278,9 @@ class PreTrainedModel(nnx.Module):
             checkpoint is, as in transformers (see ``peftjax.models.from_pretrained``).
           config_attributes: attributes set on the loaded config that are not transformers config
             fields (a subclass's construction options, e.g. BERT's ``add_pooling_layer``).
+          quantization_config: store the linears quantized (see :meth:`from_state_dict`); a checkpoint
+            whose ``config.json`` has a ``quantization_config`` (saved quantized by transformers or
+            here) is loaded quantized without it.
           **kwargs: overrides applied to the config (e.g. ``num_labels=3``).
         """
         from peftjax.io._hub import is_repo_id, resolve
@@ -270,15 +292,47 @@ class PreTrainedModel(nnx.Module):
             config._name_or_path = os.fspath(path)
         for name, value in (config_attributes or {}).items():
             setattr(config, name, value)
-        return cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local))
+        return cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local),
+                                   quantization_config=quantization_config)
 
     @classmethod
-    def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict"):
-        """Builds the model and fills it from a transformers state dict, without a random init."""
+    def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict",
+                        quantization_config=None):
+        """Builds the model and fills it from a transformers state dict, without a random init.
+
+        Args:
+          quantization_config: a ``peftjax.QuantizationConfig``, its dict or transformers'
+            ``BitsAndBytesConfig``; default: the config's own ``quantization_config`` (what
+            transformers writes for a model saved quantized), else none. The linears it quantizes
+            are built from the checkpoint's bitsandbytes tensors where it holds them quantized,
+            and quantized from the float weights otherwise.
+
+        Raises:
+          CheckpointError: a missing or mis-shaped weight; a quantized layer whose quant state lacks
+            a tensor or is stored in another format (``QuantStateError``, naming module and key).
+        """
         dtype = resolve_dtype(dtype or jnp.float32)
         model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-        model.load_hf_state_dict(state_dict, source=source)
-        return model
+        if quantization_config is None:
+            quantization_config = getattr(config, "quantization_config", None)
+        if quantization_config is None:
+            model.load_hf_state_dict(state_dict, source=source)
+            return model
+        from peftjax.quantization import QuantizationConfig
+        from peftjax.quantization._model import load_quantized_linears, quantize_model
+
+        quantization_config = QuantizationConfig.from_any(quantization_config)
+        expected = {k for k, _, _ in iter_hf_params(model)}
+        to_checkpoint = {v: k for k, v in model._align_prefix(set(state_dict), expected).items()}
+
+        def checkpoint_prefix(name: str) -> str | None:
+            key = to_checkpoint.get(f"{name}.weight")
+            return None if key is None else key[: -len(".weight")]
+
+        consumed = load_quantized_linears(model, state_dict, quantization_config,
+                                          checkpoint_prefix=checkpoint_prefix, source=source)
+        model.load_hf_state_dict(_Without(state_dict, consumed), source=source)
+        return quantize_model(model, quantization_config)  # the linears the checkpoint holds in float
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         """Maps checkpoint keys to model keys, adding or stripping ``base_model_prefix``."""
@@ -379,18 +433,20 @@ class PreTrainedModel(nnx.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
 
+        Quantized linears are written in bitsandbytes' layout (the tensors transformers writes for a
+        model loaded with ``BitsAndBytesConfig``, see ``peftjax.quantization._checkpoint``) and
+        ``config.json`` carries the matching ``quantization_config``; transformers and
+        ``models.from_pretrained`` load the file quantized, as it is.
+
         Each file is written to a temporary name and renamed, so a failed save leaves any
         checkpoint already in ``path`` intact.
-        """
-        from peftjax.quantization import quantized_linears
 
-        quantized = sorted(quantized_linears(self))
-        if quantized:  # their packed weights are not Params: a plain save would silently drop them
-            raise ValueError(
-                f"save_pretrained: {len(quantized)} linear layers are quantized ({', '.join(quantized[:3])}"
-                f"{', ...' if len(quantized) > 3 else ''}); writing bitsandbytes' quantized checkpoint layout is not "
-                "supported yet. Save the adapter (PeftModel.save_pretrained) and keep the float base checkpoint."
-            )
+        Raises:
+          ValueError: the quantized linears mix formats that one ``BitsAndBytesConfig`` cannot describe.
+        """
+        from peftjax.quantization._model import quantized_state_dict, saved_quantization_config
+
+        quantization_config = saved_quantization_config(self)  # before anything is written
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         hf = self.config.hf_config  # a ModelConfig, or the transformers config the model was built from
@@ -398,7 +454,10 @@ class PreTrainedModel(nnx.Module):
         config.architectures = [type(self).__name__]
         for option in MODEL_OPTIONS:  # peftjax's model options (scan_layers, ...) are not transformers'
             config.__dict__.pop(option, None)
-        state = hf_state_dict(self)
+        config.__dict__.pop("quantization_config", None)  # a dequantized model's file is a float checkpoint
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+        state = {**hf_state_dict(self), **quantized_state_dict(self)}
         _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
         _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
 

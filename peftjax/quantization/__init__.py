@@ -14,6 +14,7 @@ from peftjax.quantization._bnb import (
 from peftjax.quantization._config import QuantizationConfig
 from peftjax.quantization._linear import Linear4bit, Linear8bitLt, QuantizedLinear, QuantizedWeight
 from peftjax.quantization._model import (
+    dequantize_model,
     prepare_model_for_kbit_training,
     quantize_model,
     quantized_bytes,
@@ -28,6 +29,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize_4bit",
+    "dequantize_model",
     "int8_dequantize",
     "int8_vectorwise_quant",
     "prepare_model_for_kbit_training",

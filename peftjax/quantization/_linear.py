@@ -34,6 +34,8 @@ class QuantizedKernel:
         self.layer = layer
 
     def get_value(self) -> jax.Array:
+        if self.layer.float_kernel is not None:  # merged into a dequantized weight (keep_float)
+            return self.layer.float_kernel.get_value()
         return self.layer.dequantize()
 
     def __getitem__(self, index):
@@ -48,6 +50,9 @@ class QuantizedKernel:
         return (self.layer.in_features, self.layer.out_features)
 
     def set_value(self, value) -> None:
+        if self.layer.keep_float:  # merge_and_unload(dequantize=True): the merged weight stays in float
+            self.layer.float_kernel = nnx.Param(jnp.asarray(value))
+            return
         # PEFT's warning for a merge into a bitsandbytes weight: the merged weight is rounded again
         warnings.warn(f"{self.layer.path or type(self.layer).__name__}: Merge lora module to "
                       f"{'4-bit' if isinstance(self.layer, Linear4bit) else '8-bit'} linear may get different "
@@ -67,6 +72,9 @@ class QuantizedLinear(nnx.Linear):
         self.dtype = self.compute_dtype
         self.param_dtype = self.bias.get_value().dtype if bias is not None else self.compute_dtype
         self.path = path
+        # keep_float: a kernel set (a merge) is kept in float as ``float_kernel`` instead of requantized
+        self.keep_float = False
+        self.float_kernel = nnx.data(None)
         self.precision = None
         self.preferred_element_type = None
 
@@ -87,7 +95,7 @@ class QuantizedLinear(nnx.Linear):
 
     def __call__(self, inputs, out_sharding=None):
         del out_sharding
-        w = self.dequantize().astype(self.compute_dtype)
+        w = self.kernel.get_value().astype(self.compute_dtype)
         y = jnp.asarray(inputs).astype(self.compute_dtype) @ w
         if self.bias is not None:
             b = self.bias.get_value().astype(self.compute_dtype)
@@ -98,10 +106,17 @@ class QuantizedLinear(nnx.Linear):
 class Linear4bit(QuantizedLinear):
     """A linear with an NF4/FP4 weight in bitsandbytes' layout (``peftjax.quantization._bnb.Quant4``)."""
 
-    def __init__(self, quant: _bnb.Quant4, bias=None, *, compute_dtype=jnp.float32, path: str = ""):
+    def __init__(self, quant: _bnb.Quant4, bias=None, *, compute_dtype=jnp.float32, weight_dtype=jnp.float32,
+                 path: str = ""):
+        """``weight_dtype``: the dtype of the weight that was quantized (bitsandbytes' ``quant_state.dtype``);
+        dequantization rounds to it, as bitsandbytes' does, before the cast to ``compute_dtype``."""
         out_features, in_features = quant.shape
         super().__init__(in_features=in_features, out_features=out_features, bias=bias,
                          compute_dtype=compute_dtype, path=path)
+        self.weight_dtype = jnp.dtype(weight_dtype).name
+        if self.weight_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{path or 'Linear4bit'}: weight_dtype {self.weight_dtype!r} is not a float dtype "
+                             "bitsandbytes dequantizes to (float32, bfloat16, float16)")
         self._set_quant(quant)
 
     def _set_quant(self, q: _bnb.Quant4) -> None:
@@ -126,7 +141,10 @@ class Linear4bit(QuantizedLinear):
         )
 
     def dequantize(self) -> jax.Array:
-        return _bnb.dequantize_4bit(self.quant_state(), xp=jnp).T
+        w = _bnb.dequantize_4bit(self.quant_state(), xp=jnp).T
+        if self.weight_dtype != "float32":  # bitsandbytes dequantizes into quant_state.dtype
+            w = w.astype(self.weight_dtype).astype(jnp.float32)
+        return w
 
     def requantize(self, kernel) -> None:
         w = np.asarray(jnp.asarray(kernel, jnp.float32)).T

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.quantization import _bnb
+from peftjax.quantization import _bnb, _checkpoint
 from peftjax.quantization._config import QuantizationConfig
 from peftjax.quantization._linear import Linear4bit, Linear8bitLt, QuantizedLinear, QuantizedWeight
 
@@ -20,23 +20,8 @@ def _child(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
-def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
-    """Replaces every ``nnx.Linear`` of ``model`` (but the skipped ones) by a quantized layer, in place.
-
-    Args:
-      model: a bundled model (Llama family, BERT), with its weights loaded.
-      quantization_config: a :class:`QuantizationConfig`, its dict, or transformers' ``BitsAndBytesConfig``.
-
-    Returns:
-      ``model``, whose linears are now :class:`Linear4bit` or :class:`Linear8bitLt`; their float
-      kernels are dropped.
-
-    Raises:
-      NotImplementedError: a layer type that cannot be quantized yet (GPT-2's ``Conv1D``; stacked
-        ``scan_layers`` weights), named.
-    """
-    config = QuantizationConfig.from_any(quantization_config)
-    compute = config.bnb_4bit_compute_dtype or jnp.dtype(getattr(model, "dtype", jnp.float32)).name
+def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple, str, nnx.Linear]]:
+    """``(path, dotted name, layer)`` of every float ``nnx.Linear`` that ``config`` quantizes."""
     skip = config.skip_modules()
     targets = []
     for path, module in nnx.iter_graph(model):
@@ -52,23 +37,210 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
             raise NotImplementedError(f"{name}: stacked weights (scan_layers=True) cannot be quantized yet; "
                                       f"load without scan_layers")
         targets.append((tuple(path), name, module))
-    for path, name, module in targets:
-        w = np.asarray(module.kernel.get_value()).astype(np.float32).T  # torch layout [out, in]
+    return targets
+
+
+def _compute_dtype(model, config: QuantizationConfig) -> str:
+    return config.bnb_4bit_compute_dtype or jnp.dtype(getattr(model, "dtype", jnp.float32)).name
+
+
+def _replace(model, path: tuple, new: nnx.Module) -> None:
+    parent = model
+    for key in path[:-1]:
+        parent = _child(parent, key)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def _record(model, config: QuantizationConfig) -> None:
+    """Notes the config on the model's config, as transformers does (``config.quantization_config``)."""
+    hf = getattr(getattr(model, "config", None), "hf_config", None)
+    if hf is not None:
+        hf.quantization_config = config.to_dict()
+
+
+def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
+    """Replaces every ``nnx.Linear`` of ``model`` (but the skipped ones) by a quantized layer, in place.
+
+    Args:
+      model: a bundled model (Llama family, BERT), with its weights loaded.
+      quantization_config: a :class:`QuantizationConfig`, its dict, or transformers' ``BitsAndBytesConfig``.
+
+    Returns:
+      ``model``, whose linears are now :class:`Linear4bit` or :class:`Linear8bitLt`; their float
+      kernels are dropped. Layers already quantized are left as they are. The config is recorded
+      as ``model.config.quantization_config`` (its dict), which ``save_pretrained`` writes.
+
+    Raises:
+      NotImplementedError: a layer type that cannot be quantized yet (GPT-2's ``Conv1D``; stacked
+        ``scan_layers`` weights), named.
+    """
+    config = QuantizationConfig.from_any(quantization_config)
+    compute = _compute_dtype(model, config)
+    for path, name, module in _targets(model, config):
+        kernel = module.kernel.get_value()
+        w = np.asarray(kernel).astype(np.float32).T  # torch layout [out, in]
         bias = module.bias.get_value() if module.bias is not None else None
         if config.load_in_4bit:
             q = _bnb.quantize_4bit(w, quant_type=config.bnb_4bit_quant_type,
                                    compress_statistics=config.bnb_4bit_use_double_quant)
-            new = Linear4bit(q, bias, compute_dtype=compute, path=name)
+            new = Linear4bit(q, bias, compute_dtype=compute, weight_dtype=kernel.dtype, path=name)
         else:
             cb, scb = _bnb.int8_vectorwise_quant(w)
             new = Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
-        parent = model
-        for key in path[:-1]:
-            parent = _child(parent, key)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = new
+        _replace(model, path, new)
+    _record(model, config)
+    return model
+
+
+def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, checkpoint_prefix,
+                           source: str = "checkpoint") -> set[str]:
+    """Builds the quantized linears of ``model`` straight from a pre-quantized checkpoint, in place.
+
+    Every linear that ``quantization_config`` quantizes and whose checkpoint ``weight`` is stored in
+    bitsandbytes' 4-bit or int8 layout (``peftjax.quantization._checkpoint``) becomes a
+    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors (and its bias); a linear
+    stored in floating point is left for :func:`quantize_model`.
+
+    Args:
+      model: a bundled model, typically built abstractly (``nnx.eval_shape``).
+      tensors: the checkpoint (torch keys).
+      quantization_config: what the model is to hold; each stored layer must be in that format.
+      checkpoint_prefix: ``model's torch name -> the checkpoint's`` (``base_model_prefix`` alignment);
+        ``None`` for a module the checkpoint lacks.
+      source: names the checkpoint in errors.
+
+    Returns:
+      The checkpoint keys consumed (quantized storage and biases of the layers built).
+
+    Raises:
+      QuantStateError: a stored layer whose quant state lacks a tensor or does not fit, or whose
+        format differs from ``quantization_config``'s; the message names the module and the key.
+    """
+    config = QuantizationConfig.from_any(quantization_config)
+    compute = _compute_dtype(model, config)
+    dtype = jnp.dtype(getattr(model, "param_dtype", jnp.float32))
+    consumed: set[str] = set()
+    for path, name, module in _targets(model, config):
+        prefix = checkpoint_prefix(name)
+        if prefix is None:
+            continue
+        stored = _checkpoint.stored_format(tensors, prefix)
+        if stored is None:
+            continue
+        in_features, out_features = module.kernel.get_value().shape
+        if stored != ("4bit" if config.load_in_4bit else "int8"):
+            raise _checkpoint.QuantStateError(
+                f"{source}: {prefix} is stored {'4-bit' if stored == '4bit' else 'int8'}, but the quantization_config asks "
+                f"{'4-bit' if config.load_in_4bit else 'int8'}")
+        bias = None
+        if module.bias is not None:
+            if f"{prefix}.bias" not in tensors:
+                raise _checkpoint.QuantStateError(f"{source}: {prefix}: missing key '{prefix}.bias'")
+            bias = jnp.asarray(tensors[f"{prefix}.bias"], dtype)
+            consumed.add(f"{prefix}.bias")
+        if stored == "4bit":
+            quant, weight_dtype = _checkpoint.read_4bit(tensors, prefix, shape=(out_features, in_features),
+                                                        source=source)
+            if (quant.quant_type, quant.nested) != (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant):
+                raise _checkpoint.QuantStateError(
+                    f"{source}: {prefix} is stored {quant.quant_type}{' with' if quant.nested else ' without'} double "
+                    f"quantization, but the quantization_config asks {config.bnb_4bit_quant_type}"
+                    f"{' with' if config.bnb_4bit_use_double_quant else ' without'} it")
+            new = Linear4bit(quant, bias, compute_dtype=compute, weight_dtype=weight_dtype, path=name)
         else:
-            setattr(parent, path[-1], new)
+            cb, scb = _checkpoint.read_int8(tensors, prefix, shape=(out_features, in_features), source=source)
+            new = Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
+        consumed.update(_checkpoint.quantized_keys(tensors, prefix))
+        _replace(model, path, new)
+    return consumed
+
+
+def quantized_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The quantized linears' tensors in bitsandbytes' checkpoint layout (torch keys; biases not included)."""
+    out: dict[str, np.ndarray] = {}
+    for name, layer in quantized_linears(model).items():
+        if isinstance(layer, Linear4bit):
+            out.update(_checkpoint.write_4bit(name, layer.quant_state(xp=np), layer.weight_dtype))
+        else:
+            out.update(_checkpoint.write_int8(name, np.asarray(layer.weight.get_value()),
+                                              np.asarray(layer.SCB.get_value())))
+    return out
+
+
+def saved_quantization_config(model: nnx.Module) -> dict | None:
+    """The ``quantization_config`` that describes the model's quantized linears, for config.json.
+
+    ``None`` without quantized linears. The recorded config (``model.config.quantization_config``)
+    supplies the fields the layers cannot tell (``llm_int8_skip_modules``, the threshold); the
+    format fields come from the layers themselves, so a file never claims a format it does not hold.
+
+    Raises:
+      ValueError: the layers mix formats (4-bit and int8, NF4 and FP4, with and without double
+        quantization, several compute dtypes), which one ``BitsAndBytesConfig`` cannot describe.
+    """
+    layers = quantized_linears(model)
+    if not layers:
+        return None
+    formats = {}
+    for name, m in layers.items():
+        key = (("4bit", m.quant_type, m.nested) if isinstance(m, Linear4bit) else ("int8",)) + (m.compute_dtype.name,)
+        formats.setdefault(key, []).append(name)
+    if len(formats) > 1:
+        shown = "; ".join(f"{k}: {v[0]}{' and others' if len(v) > 1 else ''}" for k, v in formats.items())
+        raise ValueError(f"save_pretrained: the quantized linears mix formats ({shown}); one BitsAndBytesConfig "
+                         "cannot describe them")
+    (key,) = formats
+    recorded = getattr(getattr(getattr(model, "config", None), "hf_config", None), "quantization_config", None)
+    base = QuantizationConfig.from_any(recorded) if recorded is not None else None
+    fields = dict(llm_int8_threshold=base.llm_int8_threshold if base else 6.0,
+                  llm_int8_skip_modules=base.llm_int8_skip_modules if base else _float_linears(model),
+                  bnb_4bit_compute_dtype=key[-1])
+    if key[0] == "4bit":
+        config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type=key[1], bnb_4bit_use_double_quant=key[2],
+                                    **fields)
+    else:
+        config = QuantizationConfig(load_in_8bit=True, **fields)
+    return config.to_dict()
+
+
+def _float_linears(model) -> tuple[str, ...] | None:
+    names = tuple(".".join(map(str, p)) for p, m in nnx.iter_graph(model)
+                  if isinstance(m, nnx.Linear) and not isinstance(m, QuantizedLinear))
+    return None if all(n.split(".")[-1] in ("lm_head", "score", "classifier") for n in names) else names
+
+
+def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
+    """transformers' ``model.dequantize()``: every quantized linear back to an ``nnx.Linear``, in place.
+
+    The kernel is the weight bitsandbytes dequantizes (or the float kernel a
+    ``merge_and_unload(dequantize=True)`` left), cast to ``dtype`` (default: the layer's compute
+    dtype); biases are kept. ``model.config.quantization_config`` is removed, so
+    ``save_pretrained`` writes a float checkpoint.
+
+    Raises:
+      ValueError: a quantized linear still carries adapters (merge or unload them first).
+    """
+    for name, layer in quantized_linears(model).items():
+        if type(layer) not in (Linear4bit, Linear8bitLt):
+            raise ValueError(f"dequantize_model: {name} still carries adapters ({type(layer).__name__}); "
+                             "merge_and_unload(dequantize=True) or unload() them first")
+    for path, name, layer in [(tuple(p), ".".join(map(str, p)), m) for p, m in nnx.iter_graph(model)
+                              if isinstance(m, QuantizedLinear)]:
+        target = jnp.dtype(dtype or layer.compute_dtype)
+        kernel = layer.kernel.get_value().astype(target)
+        bias = layer.bias
+        new = nnx.eval_shape(lambda: nnx.Linear(layer.in_features, layer.out_features, use_bias=bias is not None,
+                                                dtype=target, param_dtype=target, rngs=nnx.Rngs(0)))
+        new.kernel = nnx.Param(kernel)
+        if bias is not None:
+            new.bias = nnx.Param(bias.get_value().astype(target))
+        _replace(model, path, new)
+    hf = getattr(getattr(model, "config", None), "hf_config", None)
+    if hf is not None:
+        hf.__dict__.pop("quantization_config", None)
     return model
 
 

@@ -1,0 +1,324 @@
+"""QLoRA files that move between peftjax and transformers + bitsandbytes + PEFT (CPU, ``device_map="cpu"``).
+
+Oracle: the same tiny Llama (hidden 64, intermediate 128: 64 divides every row, see
+test_quantization_codes) loaded by transformers with ``BitsAndBytesConfig``, with PEFT on top.
+
+- 4-bit (NF4 + double quant, compute dtype float32): logits equal within 1e-4 both ways. bitsandbytes'
+  ``Linear4bit.forward`` switches, on CPUs with AVX512-BF16, to a bfloat16 kernel in eval without
+  grad (``support_avx512bf16_for_cpu``); :func:`bnb_model` turns that off so the oracle is float32.
+- int8 (LLM.int8()): the weights are equal code for code, but bitsandbytes' matmul casts the float32
+  activations to float16 and quantizes each row to int8 (``MatMul8bitLt``, ``int8_vectorwise_quant``
+  of the input) while peftjax multiplies the float activations by the dequantized weight, so the
+  logits agree only within that activation rounding: a few 1e-3 on logits of magnitude ~0.5.
+"""
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _tiny
+import peftjax
+from _torch_models import lazy
+from peftjax import models
+from peftjax.quantization import Linear4bit, Linear8bitLt, QuantizationConfig, quantized_linears
+
+torch = lazy("torch")
+peft = lazy("peft")
+bnb = lazy("bitsandbytes")
+
+LLAMA = _tiny.arch("llama", hidden_size=64, intermediate_size=128)
+IDS = np.array([[1, 5, 9, 14, 3, 7], [2, 8, 11, 4, 6, 10]])
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+NF4_DQ = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+INT8 = dict(load_in_8bit=True)
+# the 4-bit tolerance the issue asks; int8's: bitsandbytes' int8 activations (module docstring)
+TOL = {"nf4": 1e-4, "int8": 2e-2}
+KINDS = {"nf4": NF4_DQ, "int8": INT8}
+
+
+def ours(kind: str) -> QuantizationConfig:
+    return QuantizationConfig(**KINDS[kind], bnb_4bit_compute_dtype="float32")
+
+
+def bnb_config(kind: str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**KINDS[kind], bnb_4bit_compute_dtype=torch.float32)
+
+
+def float32_oracle(model):
+    """Keeps bitsandbytes' 4-bit layers on their float32 path (see the module docstring)."""
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_model(path, kind: str | None = None):
+    """transformers' model of ``path``: quantized with ``kind``, or as the checkpoint says (None)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {} if kind is None else {"quantization_config": bnb_config(kind)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float32, **kw)
+    return float32_oracle(model.eval())
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MatMul8bitLt's notice about casting to float16
+        return model(input_ids=torch.tensor(IDS)).logits.float().numpy()
+
+
+def jax_logits(model) -> np.ndarray:
+    if isinstance(model, peftjax.PeftModel):
+        model = model.base_model
+    return np.asarray(model(input_ids=jnp.asarray(IDS)).logits)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama64")
+    _tiny.save(LLAMA, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_base_equals_transformers_bitsandbytes(ckpt, kind):
+    model = models.from_pretrained(ckpt, quantization_config=ours(kind))
+    expected = torch_logits(bnb_model(ckpt, kind))
+    np.testing.assert_allclose(jax_logits(model), expected, atol=TOL[kind], rtol=0)
+    if kind == "nf4":  # much tighter in fact: the same weights, the same float32 math
+        np.testing.assert_allclose(jax_logits(model), expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_qlora_adapter_loads_here(ckpt, tmp_path, kind):
+    """(a) PEFT's LoRA adapter, made on transformers' quantized model, gives PEFT's logits here."""
+    torch.manual_seed(0)
+    base = bnb_model(ckpt, kind)
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR,
+                                                           task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model = float32_oracle(peft_model.eval())
+    expected = torch_logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(ckpt, quantization_config=ours(kind)), tmp_path)
+    layers = quantized_linears(loaded.base_model)
+    assert len(layers) == 14 and all(isinstance(m, Linear4bit if kind == "nf4" else Linear8bitLt)
+                                     for m in layers.values())
+    got = jax_logits(loaded)
+    np.testing.assert_allclose(got, expected, atol=TOL[kind], rtol=0)
+    # the adapter changed the output by far more than the tolerance
+    assert np.abs(expected - torch_logits(bnb_model(ckpt, kind))).max() > 20 * TOL[kind]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_trained_here_loads_in_peft_on_bitsandbytes(ckpt, tmp_path, kind):
+    """(b) LoRA trained here on the quantized base (the public split/make_train_step loop) gives the
+    same logits in ``peft.PeftModel.from_pretrained`` on transformers' quantized model."""
+    base = peftjax.prepare_model_for_kbit_training(models.from_pretrained(ckpt, quantization_config=ours(kind)))
+    peft_model = peftjax.get_peft_model(base, peftjax.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                                 target_modules=ALL_LINEAR, lora_dropout=0.0))
+    trained = _tiny.train(peft_model, _tiny.batch(IDS), steps=5, dropout=False)
+    assert trained.losses[-1] < trained.losses[0]
+    peft_model.save_pretrained(tmp_path)
+    ours_logits = jax_logits(peft_model)
+
+    torch_base = bnb_model(ckpt, kind)
+    before = torch_logits(torch_base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(torch_base, tmp_path)
+    theirs = torch_logits(float32_oracle(loaded.eval()))
+    np.testing.assert_allclose(ours_logits, theirs, atol=TOL[kind], rtol=0)
+    assert np.abs(theirs - before).max() > 20 * TOL[kind]  # the trained adapter shows
+
+
+# ---------------------------------------------------------------- checkpoints saved quantized
+
+
+@pytest.fixture(scope="module")
+def bnb_saved(ckpt, tmp_path_factory):
+    """``bnb_saved(kind)``: transformers' ``save_pretrained`` of the bitsandbytes-loaded model."""
+    saved = {}
+
+    def get(kind):
+        if kind not in saved:
+            saved[kind] = tmp_path_factory.mktemp(f"bnb_{kind}")
+            bnb_model(ckpt, kind).save_pretrained(saved[kind])
+        return saved[kind]
+
+    return get
+
+
+def _tensors(path):
+    from peftjax.io import SafetensorsFile
+
+    return dict(SafetensorsFile(path / "model.safetensors"))
+
+
+def test_transformers_writes_the_layout_we_read(bnb_saved):
+    """The keys and dtypes ``peftjax.quantization._checkpoint`` documents are transformers' own."""
+    import json
+
+    four, eight = _tensors(bnb_saved("nf4")), _tensors(bnb_saved("int8"))
+    q = "model.layers.0.self_attn.q_proj"
+    assert {k[len(q) + 1:]: (v.dtype.name, v.shape) for k, v in four.items() if k.startswith(q + ".")} == {
+        "weight": ("uint8", (64 * 64 // 2, 1)), "weight.absmax": ("uint8", (64,)), "weight.quant_map": ("float32", (16,)),
+        "weight.nested_absmax": ("float32", (1,)), "weight.nested_quant_map": ("float32", (256,)),
+        "weight.quant_state.bitsandbytes__nf4": ("uint8", four[f"{q}.weight.quant_state.bitsandbytes__nf4"].shape)}
+    assert {k[len(q) + 1:]: (v.dtype.name, v.shape) for k, v in eight.items() if k.startswith(q + ".")} == {
+        "weight": ("int8", (64, 64)), "SCB": ("float32", (64,)), "weight_format": ("uint8", ())}
+    for kind in KINDS:
+        config = json.loads((bnb_saved(kind) / "config.json").read_text())["quantization_config"]
+        assert QuantizationConfig.from_dict(config) == ours(kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_saved_quantized_by_transformers_loads_from_its_tensors(ckpt, bnb_saved, kind):
+    path = bnb_saved(kind)
+    model = models.from_pretrained(path)  # no quantization_config: config.json's
+    layers = quantized_linears(model)
+    assert len(layers) == 14 and all(isinstance(m, Linear4bit if kind == "nf4" else Linear8bitLt)
+                                     for m in layers.values())
+    stored = _tensors(path)
+    for name, m in layers.items():  # the file's very tensors, not a requantization of a dequantization
+        assert np.array_equal(np.asarray(m.weight.get_value()), stored[f"{name}.weight"])
+        scales = m.absmax if kind == "nf4" else m.SCB
+        assert np.array_equal(np.asarray(scales.get_value()), stored[f"{name}.{'weight.absmax' if kind == 'nf4' else 'SCB'}"])
+    got = jax_logits(model)
+    # as transformers on the same file
+    np.testing.assert_allclose(got, torch_logits(bnb_model(path)), atol=TOL[kind], rtol=0)
+    # as quantizing the float checkpoint here: NF4 codes are bitsandbytes' bit for bit; a few int8 codes
+    # round the other way than bitsandbytes' CPU kernel (see test_quantization.py)
+    from_float = jax_logits(models.from_pretrained(ckpt, quantization_config=ours(kind)))
+    np.testing.assert_allclose(got, from_float, atol=1e-4 if kind == "int8" else 1e-6, rtol=0)
+    # an explicit config of the same format is accepted; the compute dtype is the caller's
+    model = models.from_pretrained(path, quantization_config=QuantizationConfig(**KINDS[kind],
+                                                                                bnb_4bit_compute_dtype="bfloat16"))
+    assert all(m.compute_dtype == jnp.bfloat16 for m in quantized_linears(model).values())
+
+
+def _copy_without(src, dst, drop=(), edit=None):
+    import shutil
+
+    from peftjax.io import write_safetensors
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = {k: v for k, v in _tensors(src).items() if k not in drop}
+    if edit:
+        edit(tensors)
+    write_safetensors(dst / "model.safetensors", tensors, {"format": "pt"})
+    return dst
+
+
+def test_quant_state_missing_a_tensor_names_module_and_key(bnb_saved, tmp_path):
+    from peftjax.models import CheckpointError
+
+    q = "model.layers.1.mlp.up_proj"
+    for i, key in enumerate([f"{q}.weight.nested_absmax", f"{q}.weight.absmax", f"{q}.weight.quant_map",
+                             f"{q}.weight.quant_state.bitsandbytes__nf4"]):
+        path = _copy_without(bnb_saved("nf4"), tmp_path / str(i), drop=[key])
+        with pytest.raises(CheckpointError, match=rf"{q} \(a 4-bit bitsandbytes linear\).*"
+                                                  rf"{key.rsplit('.', 1)[1] if 'quant_state' in key else key}"):
+            models.from_pretrained(path)
+    path = _copy_without(bnb_saved("int8"), tmp_path / "int8", drop=[f"{q}.SCB"])
+    with pytest.raises(CheckpointError, match=rf"{q} \(an int8 bitsandbytes linear\): its quant state lacks \['{q}.SCB'\]"):
+        models.from_pretrained(path)
+
+    def bad_map(t):
+        t[f"{q}.weight.quant_map"] = t[f"{q}.weight.quant_map"][::-1].copy()
+
+    path = _copy_without(bnb_saved("nf4"), tmp_path / "map", edit=bad_map)
+    with pytest.raises(CheckpointError, match=rf"{q}.weight.quant_map is not bitsandbytes' nf4 code"):
+        models.from_pretrained(path)
+
+    def bad_shape(t):
+        t[f"{q}.weight.absmax"] = t[f"{q}.weight.absmax"][:-1].copy()
+
+    path = _copy_without(bnb_saved("nf4"), tmp_path / "shape", edit=bad_shape)
+    with pytest.raises(CheckpointError, match=rf"{q}.weight.absmax: expected uint8 \(128,\), found uint8 \(127,\)"):
+        models.from_pretrained(path)
+
+
+def test_a_config_of_another_format_than_the_file_is_refused(bnb_saved):
+    from peftjax.models import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj is stored 4-bit, but the "
+                                              r"quantization_config asks int8"):
+        models.from_pretrained(bnb_saved("nf4"), quantization_config=ours("int8"))
+    with pytest.raises(CheckpointError, match=r"down_proj is stored nf4 with double quantization, but the "
+                                              r"quantization_config asks fp4 with it"):
+        models.from_pretrained(bnb_saved("nf4"), quantization_config=QuantizationConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True))
+
+
+# ---------------------------------------------------------------- saving quantized
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_writes_bitsandbytes_layout_that_transformers_loads(ckpt, bnb_saved, tmp_path, kind):
+    import json
+
+    # 1. a checkpoint transformers saved, loaded here and saved again: the same tensors, byte for byte
+    models.from_pretrained(bnb_saved(kind)).save_pretrained(tmp_path / "again")
+    theirs, again = _tensors(bnb_saved(kind)), _tensors(tmp_path / "again")
+    assert sorted(again) == sorted(theirs)
+    for k in theirs:
+        assert again[k].dtype == theirs[k].dtype and again[k].shape == theirs[k].shape, k
+        assert again[k].tobytes() == theirs[k].tobytes(), k
+
+    # 2. quantized here from the float checkpoint: transformers' keys, dtypes and config; its logits there
+    model = models.from_pretrained(ckpt, quantization_config=ours(kind))
+    model.save_pretrained(tmp_path / "here")
+    here = _tensors(tmp_path / "here")
+    assert {k: (v.dtype, v.shape) for k, v in here.items()} == {k: (v.dtype, v.shape) for k, v in theirs.items()}
+    written = json.loads((tmp_path / "here" / "config.json").read_text())["quantization_config"]
+    assert written == json.loads((bnb_saved(kind) / "config.json").read_text())["quantization_config"]
+    np.testing.assert_allclose(torch_logits(bnb_model(tmp_path / "here")), jax_logits(model), atol=TOL[kind], rtol=0)
+    # and here again, from the file's own tensors
+    np.testing.assert_array_equal(jax_logits(models.from_pretrained(tmp_path / "here")), jax_logits(model))
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["requantize", "dequantize"])
+def test_cli_merge_on_a_base_saved_quantized(bnb_saved, tmp_path, dequantize):
+    """``peftjax merge`` of an adapter into transformers' NF4 checkpoint: transformers loads the result."""
+    import json
+
+    from peftjax.cli import main
+
+    base = bnb_saved("nf4")
+    peft_model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=ALL_LINEAR, init_lora_weights="gaussian"))
+    for layer in quantized_linears(peft_model.base_model).values():
+        layer.lora_B["default"].set_value(jnp.full(layer.lora_B["default"].get_value().shape, 0.05))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    unmerged = jax_logits(peft_model)
+    args = ["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args + (["--dequantize"] if dequantize else [])) == 0
+    rounding = [w for w in caught if "rounding errors" in str(w.message)]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    theirs = torch_logits(bnb_model(tmp_path / "merged"))
+    ours_merged = jax_logits(models.from_pretrained(tmp_path / "merged"))
+    np.testing.assert_allclose(theirs, ours_merged, atol=1e-4, rtol=0)  # the same file, both sides
+    if dequantize:  # a float checkpoint with the adapter's logits
+        assert "quantization_config" not in config and not rounding
+        np.testing.assert_allclose(theirs, unmerged, atol=1e-4, rtol=0)
+    else:  # bitsandbytes' layout again; the merged weights rounded to NF4, as PEFT warns
+        assert config["quantization_config"]["load_in_4bit"] and rounding
+        with pytest.warns(UserWarning, match="rounding errors"):
+            in_process = jax_logits(peft_model.merge_and_unload())
+        np.testing.assert_allclose(ours_merged, in_process, atol=1e-6, rtol=0)
+        assert np.abs(theirs - unmerged).max() > 1e-3  # the second rounding shows
