@@ -12,6 +12,9 @@
    (bfloat16), as transformers leaves them; the table shows the linears and the whole model.
 2. Quality: a small Llama with random weights (``--small-*``), its float32 logits against the
    same model with bfloat16 weights, int8, NF4 and NF4 + double quantization (compute in float32).
+3. LoRA on each base, through the public path (``get_peft_model``, ``split``, ``optax.adamw``,
+   ``make_train_step``): the step time (median of ``--steps``) and the loss after ``--steps``
+   steps on the same batch from the same adapter initialisation, float32 base against quantized.
 
 The last line is ``key=value`` pairs (ratios to bfloat16's linear bytes, relative logits errors).
 """
@@ -103,6 +106,7 @@ def main(argv=None) -> str:
     p.add_argument("--small-intermediate", type=int, default=704)
     p.add_argument("--small-vocab", type=int, default=1024)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="LoRA steps on each base")
     args = p.parse_args(argv)
 
     big = llama_config(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab, True)
@@ -143,9 +147,46 @@ def main(argv=None) -> str:
         err = np.abs(np.asarray(forward(m, ids)) - reference)
         print(f"{fmt:10} {err.max():10.3g} {err.mean():10.3g} {err.max() / scale:17.4f}")
         fields[f"{fmt.replace('+', '_')}_logit_err"] = f"{err.max() / scale:.4g}"
+    print(f"LoRA r=8 on every linear of the small Llama, AdamW 1e-3, batch 4 x {args.seq} tokens, "
+          f"{args.steps} steps on one batch, the same adapter initialisation on every base")
+    print(f"{'format':10} {'step (ms)':>10} {'first loss':>11} {'last loss':>10}")
+    batch_ids = jax.random.randint(jax.random.key(2), (4, args.seq), 0, args.small_vocab)
+    for fmt, qc in {"float32": None, **FORMATS}.items():
+        step_ms, first, last = lora_run(small, qc, batch_ids, args.steps)
+        print(f"{fmt:10} {step_ms:10.1f} {first:11.4f} {last:10.4f}")
+        fields[f"{fmt.replace('+', '_')}_step_ms"] = f"{step_ms:.1f}"
+        fields[f"{fmt.replace('+', '_')}_loss"] = f"{last:.4f}"
     line = " ".join(f"{k}={v}" for k, v in fields.items())
     print(line)
     return line
+
+
+def lora_run(config, quantization, ids, steps: int) -> tuple[float, float, float]:
+    """``(median step ms, first loss, last loss)`` of LoRA on the base stored as ``quantization``."""
+    import statistics
+    import time
+
+    import optax
+
+    import peftjax
+
+    model = models.LlamaForCausalLM.from_config(config, seed=0)
+    if quantization is not None:
+        model = quantize_model(model, quantization)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                                        key=jax.random.key(3))
+    graphdef, trainable, rest = peftjax.split(peft_model.base_model)
+    tx = optax.adamw(1e-3)
+    opt_state = tx.init(trainable)
+    step = peftjax.make_train_step(graphdef, tx)
+    batch = {"input_ids": ids, "labels": ids}
+    losses, times = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times[1:] or times), losses[0], losses[-1]
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ def test_qlora_bytes_and_logits_error_on_a_small_model():
     """Layout bytes are checked against a really quantized model inside the script; NF4 <= 0.30x bf16."""
     last = _run("qlora.py", "--hidden", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2",
                 "--intermediate", "256", "--vocab", "256", "--small-hidden", "64", "--small-intermediate", "128",
-                "--small-vocab", "128", "--seq", "8")
+                "--small-vocab", "128", "--seq", "8", "--steps", "3")
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert fields["float32_x_bf16"] == 2.0 and fields["bfloat16_x_bf16"] == 1.0
     assert fields["nf4_x_bf16"] <= 0.30 and fields["nf4_dq_x_bf16"] < 0.5 and fields["int8_x_bf16"] < 0.6
     assert 0 < fields["bfloat16_logit_err"] < fields["nf4_logit_err"]
+    assert all(fields[f"{f}_step_ms"] > 0 and fields[f"{f}_loss"] > 0 for f in ("float32", "int8", "nf4", "nf4_dq"))
