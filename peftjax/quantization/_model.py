@@ -262,7 +262,8 @@ def prepare_model_for_kbit_training(model: nnx.Module, use_gradient_checkpointin
     trained, ``peftjax.TRAINABLE``), and the quantized weights are not parameters at all. As PEFT,
     the non-quantized parameters (norms, embeddings, biases, ``lm_head``) are cast to float32.
     With ``use_gradient_checkpointing``, every decoder layer is rematerialized in the backward pass
-    (``remat="full"``), PEFT's gradient checkpointing.
+    (``remat="full"``), PEFT's gradient checkpointing. ``gradient_checkpointing_kwargs`` is
+    accepted for PEFT's signature; torch's options (``use_reentrant``) have no JAX counterpart.
     """
     del gradient_checkpointing_kwargs
     for _, var in nnx.iter_graph(model):
