@@ -1,4 +1,5 @@
-"""The Llama family against PyTorch transformers: logits, sliding windows, RoPE scaling, generation, I/O."""
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) against PyTorch transformers: logits, sliding
+windows, RoPE scaling, generation, I/O."""
 
 from __future__ import annotations
 
@@ -44,7 +45,23 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
         tr.Qwen2ForCausalLM,
         dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     ),
+    # explicit head_dim (8, not 64 / 4), q/k norms, biases on all four projections, a sliding layer
+    "qwen3-window-bias": (
+        "qwen3",
+        tr.Qwen3ForCausalLM,
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, attention_bias=True),
+    ),
+    # fused qkv_proj / gate_up_proj, half of each head rotated, a window on every layer
+    "phi3-partial-window": (
+        "phi3",
+        tr.Phi3ForCausalLM,
+        dict(sliding_window=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+    ),
 }
+
+
+# generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
+GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -100,6 +117,7 @@ def test_greedy_generation_matches_hf_generate(causal):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("causal", GENERATION_ONLY, indirect=True)
 def test_generation_stops_at_eos_and_pads(causal):
     _, model, _ = causal
     ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
@@ -111,6 +129,7 @@ def test_generation_stops_at_eos_and_pads(causal):
     assert (out[0, stop:] == 0).all()
 
 
+@pytest.mark.parametrize("causal", GENERATION_ONLY, indirect=True)
 def test_sampling_is_seeded_and_top_k_1_is_greedy(causal):
     _, model, _ = causal
     ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
@@ -131,9 +150,10 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ours[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
-    cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification}[kind]
+    cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
+           "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -146,8 +166,10 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
-def test_sharded_checkpoint_and_bfloat16(tmp_path):
-    torch_model = save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path, max_shard_size="40KB")
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_sharded_checkpoint_and_bfloat16(family, tmp_path):
+    torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY), tmp_path,
+                            max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     model = models.from_pretrained(tmp_path)
     ids, mask = padded_batch(TINY["vocab_size"], seq=5)
@@ -155,7 +177,7 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
     ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(model(input_ids=ids, attention_mask=mask).logits)[valid], ref[valid], atol=1e-5)
     half = models.from_pretrained(tmp_path, dtype="bfloat16")
-    assert half.model.layers[0].self_attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
+    assert half.model.layers[0].self_attn.o_proj.kernel.get_value().dtype == jnp.bfloat16
     out = np.asarray(half(input_ids=ids, attention_mask=mask).logits.astype(jnp.float32))
     assert np.abs(out[valid] - ref[valid]).max() < 0.1
 
@@ -169,6 +191,30 @@ def test_llama3_rope_frequencies_match_transformers():
     cfg = _tiny.config("llama", **TINY, **VARIANTS["llama3-rope"][2])
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     np.testing.assert_allclose(inv_frequencies(cfg, 16), ref.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_every_weight_is_read_where_transformers_reads_it(family, tmp_path):
+    """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
+    or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
+    torch.manual_seed(0)
+    torch_model = _tiny.arch(family).torch_class(_tiny.config(family, **TINY)).eval()
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(p))
+    torch_model.save_pretrained(tmp_path)
+    ids, mask = padded_batch(TINY["vocab_size"], seq=9)
+    valid = mask.astype(bool)
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+    for options in ({}, dict(scan_layers=True, remat="full")):
+        model = models.from_pretrained(tmp_path, **options)
+        out = np.asarray(_forward(model, bool(options), input_ids=ids, attention_mask=mask).logits)[valid]
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+    # a fused weight goes back to transformers unchanged
+    model.save_pretrained(tmp_path / "out")
+    np.testing.assert_allclose(
+        torch_logits(type(torch_model).from_pretrained(tmp_path / "out").eval(), input_ids=ids, attention_mask=mask)[valid],
+        ref, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- bad input

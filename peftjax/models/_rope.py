@@ -10,13 +10,33 @@ import numpy as np
 
 
 def rope_parameters(config) -> dict:
-    """The RoPE settings of a config, for transformers 5 (``rope_parameters``) and 4 (``rope_scaling``)."""
+    """The RoPE settings of a config, for transformers 5 (``rope_parameters``) and 4 (``rope_scaling``).
+
+    As transformers' ``standardize_rope_params``: ``rope_theta`` and ``partial_rotary_factor`` move
+    in from the top level, and the scalings that need it get ``original_max_position_embeddings``
+    (Phi-3's top-level field first). Phi-3 also reads a missing factor as 1.0 and its legacy
+    ``"su"``/``"yarn"`` as ``"longrope"``.
+    """
     params = dict(getattr(config, "rope_parameters", None) or {})
     legacy = getattr(config, "rope_scaling", None)
     if legacy and not params.get("rope_type"):
         params.update(legacy)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    phi3 = getattr(config, "model_type", None) == "phi3"
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial is None and phi3:
+        partial = 1.0
+    if partial is not None:
+        params.setdefault("partial_rotary_factor", partial)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if phi3 and params["rope_type"] in ("su", "yarn"):
+        params["rope_type"] = "longrope"
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        else:
+            params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return params
 
 
