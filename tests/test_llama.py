@@ -304,6 +304,23 @@ def test_numpy_and_list_inputs(llama_dir):
     assert jax.tree.leaves(nnx.state(model, nnx.Param))  # the model is a plain NNX module with params
 
 
+@pytest.mark.parametrize(("family", "overrides", "named"), [
+    ("phi3", dict(hidden_act="gelu_new"), "hidden_act 'gelu_new'"),
+    ("qwen3", dict(hidden_act="relu"), "hidden_act 'relu'"),
+    ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), r"layer_types \['chunked_attention'\]"),
+])
+def test_unimplemented_options_of_qwen3_and_phi3_are_named(family, overrides, named):
+    cls = getattr(models, _tiny.FAMILIES[family][1])
+    with pytest.raises(ValueError, match=named):
+        cls.from_config(models.ModelConfig(family, **_tiny.fields(family, **overrides)))
+
+
+def test_phi3_base_model_dropout_is_named_not_silently_dropped():
+    config = models.ModelConfig("phi3", **_tiny.fields("phi3", resid_pdrop=0.1))
+    with pytest.warns(UserWarning, match="resid_pdrop"):
+        models.Phi3ForCausalLM.from_config(config)
+
+
 def test_unknown_config_override_is_an_error(llama_dir):
     with pytest.raises(TypeError, match="num_label"):
         models.from_pretrained(llama_dir, num_label=2)

@@ -43,6 +43,10 @@ def sliding_windows(config) -> list[int | None]:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
+        unknown = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"layer_types {unknown} are not supported; supported: ['full_attention', "
+                             f"'sliding_attention']")
         return [window if t == "sliding_attention" else None for t in layer_types]
     if config.model_type in ("mistral", "phi3") and window is not None:
         return [window] * n
