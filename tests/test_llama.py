@@ -217,6 +217,64 @@ def test_every_weight_is_read_where_transformers_reads_it(family, tmp_path):
         ref, atol=1e-6, rtol=0)
 
 
+# name -> (family, config overrides); every threshold is 8 positions, so the 6- and 12-token calls
+# below fall on either side of it (dynamic grows its base, longrope switches to its long factors)
+ROPE_SCALINGS = {
+    "yarn": ("llama", dict(max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))),
+    "yarn-mscale": ("qwen3", dict(max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, mscale=0.7,
+        mscale_all_dim=1.0, beta_fast=16, beta_slow=2))),
+    "dynamic": ("qwen3", dict(max_position_embeddings=8, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=3.0))),
+    "longrope": ("phi3", dict(max_position_embeddings=32, original_max_position_embeddings=8, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1 + 0.1 * i for i in range(8)],
+        long_factor=[1 + 0.5 * i for i in range(8)]))),
+    "longrope-partial": ("phi3", dict(max_position_embeddings=32, original_max_position_embeddings=8,
+                                      rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                           partial_rotary_factor=0.5,
+                                                           short_factor=[1.0, 1.2, 1.5, 2.0],
+                                                           long_factor=[1.0, 2.0, 4.0, 8.0]))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_SCALINGS))
+def test_rope_scalings_match_transformers(name, tmp_path):
+    """cos/sin against transformers' rotary module (scaling factor included), then the logits."""
+    family, extra = ROPE_SCALINGS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY, **extra), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    plain = []
+    for seq in (6, 12):
+        rotary = type(torch_model.model.rotary_emb)(torch_model.config)  # fresh: no state from another call
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1), torch.arange(seq)[None])
+        ours = model.model.rotary.cos_sin(jnp.arange(seq)[None], jnp.float32)
+        np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6, rtol=0)
+        ids, mask = padded_batch(TINY["vocab_size"], seq=seq)
+        valid = mask.astype(bool)
+        ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+        for jit in (False, True):
+            out = np.asarray(_forward(model, jit, input_ids=ids, attention_mask=mask).logits)
+            np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5, rtol=0)
+        plain.append(np.asarray(models.from_pretrained(tmp_path, rope_parameters=None, rope_scaling=None)(
+            input_ids=ids, attention_mask=mask).logits)[valid])
+        assert np.abs(plain[-1] - ref[valid]).max() > 1e-4 or seq == 6 and name == "dynamic"  # the scaling acts
+
+
+def test_a_scaling_without_its_fields_is_named(tmp_path):
+    config = models.ModelConfig("phi3", **_tiny.fields("phi3", rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4)))
+    with pytest.raises(ValueError, match=r"longrope.*\['long_factor'\]"):
+        models.Phi3ForCausalLM.from_config(config)
+    config = models.ModelConfig("llama", **_tiny.fields("llama", rope_parameters=dict(rope_type="ntk-by-parts")))
+    with pytest.raises(ValueError, match="'ntk-by-parts' is not supported; supported: .*'longrope'"):
+        models.LlamaForCausalLM.from_config(config)
+
+
 # ---------------------------------------------------------------- bad input
 
 

@@ -10,7 +10,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from peftjax.models import _attention as attn
@@ -19,7 +18,7 @@ from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.models._scan import check_remat, make_layers, run_layers
 
 
@@ -147,8 +146,8 @@ class LlamaModel(nnx.Module):
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
         self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-        # a static tuple, not state: it never trains and is rebuilt from the config
-        self.inv_freq = tuple(inv_frequencies(config, head_dim_of(config)).tolist())
+        # static data, not state: it never trains and is rebuilt from the config
+        self.rotary = rotary_embedding(config, head_dim_of(config))
 
     def __call__(
         self,
@@ -175,7 +174,7 @@ class LlamaModel(nnx.Module):
             w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
             for w in set(sliding_windows(self.config))
         }
-        cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), pos.position_ids, x.dtype)
+        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             x = run_layers(self.layers, lambda layer, h: layer(h, cos, sin, masks)[0], x, self.remat)
