@@ -265,6 +265,22 @@ def test_rope_scalings_match_transformers(name, tmp_path):
         assert np.abs(plain[-1] - ref[valid]).max() > 1e-4 or seq == 6 and name == "dynamic"  # the scaling acts
 
 
+def test_longrope_generation_matches_transformers_or_is_refused(tmp_path):
+    """Within either factor set, greedy generation equals transformers'; across the switch (where
+    transformers' Phi-3 recomputes its cache) it is refused, naming the threshold."""
+    family, extra = ROPE_SCALINGS["longrope"]
+    torch_model = save_tiny(tr.Phi3ForCausalLM, _tiny.config(family, **TINY, **extra), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    for seq, new in ((4, 4), (9, 5)):  # short factors throughout; long factors throughout
+        ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=seq)
+        with torch.no_grad():
+            ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                       max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
+        np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
+    with pytest.raises(ValueError, match="crosses original_max_position_embeddings=8"):
+        model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4)
+
+
 def test_a_scaling_without_its_fields_is_named(tmp_path):
     config = models.ModelConfig("phi3", **_tiny.fields("phi3", rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4)))

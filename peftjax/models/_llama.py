@@ -1,7 +1,8 @@
 """The Llama family (Llama 1-3, Mistral, Qwen2) in Flax NNX, with transformers' module names.
 
-Grouped-query attention, RoPE (default, linear, llama3 scaling), RMSNorm, SwiGLU, optional
-q/k/v biases (Qwen2), tied embeddings, and sliding-window layers where the config sets them.
+Grouped-query attention, RoPE (default, linear, llama3, yarn, dynamic, longrope), RMSNorm, SwiGLU,
+optional q/k/v biases (Qwen2), tied embeddings, and sliding-window layers where the config sets
+them. Qwen3 (``_qwen3``) and Phi-3 (``_phi3``) subclass the attention and MLP here.
 """
 
 from __future__ import annotations

@@ -88,6 +88,25 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     model_class: ClassVar[type[nnx.Module]] = Phi3Model
 
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, inputs_embeds=None, **kwargs):
+        """As :meth:`GenerationMixin.generate`; refuses a LongRoPE generation that crosses
+        ``original_max_position_embeddings``.
+
+        Raises:
+          ValueError: the prompt fits the short factors and the generation would not; transformers
+            then recomputes the whole cache with the long factors, which this cache does not do.
+        """
+        rotary = self.model.rotary
+        n = (inputs_embeds if inputs_embeds is not None else jnp.asarray(input_ids)).shape[1]
+        if rotary.kind == "longrope" and n <= rotary.threshold < n + max_new_tokens:
+            raise ValueError(
+                f"Phi3ForCausalLM.generate: a prompt of {n} tokens plus max_new_tokens={max_new_tokens} crosses "
+                f"original_max_position_embeddings={rotary.threshold} (longrope), where transformers recomputes "
+                f"its cache with the long factors; not implemented here. Generate up to {rotary.threshold} tokens, "
+                f"then continue from that output as the prompt")
+        return super().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, inputs_embeds=inputs_embeds,
+                                **kwargs)
+
 
 class Phi3ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Phi3Model
