@@ -1,4 +1,4 @@
-"""IA³ against HF PEFT + PyTorch on Llama, BERT and GPT-2, in both directions."""
+"""IA³ against HF PEFT + PyTorch on Llama, Qwen3, Phi-3, BERT and GPT-2, in both directions."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from peftjax.tuners.base import adapter_layers
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {name: _tiny.arch(name) for name in ("llama", "bert", "gpt2")}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "bert", "gpt2")}
+# PEFT 0.21.2 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output
+EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 pytestmark = pytest.mark.filterwarnings("ignore:.*stores its weight as .fan_in, fan_out.:UserWarning")
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
@@ -43,7 +45,8 @@ def torch_base(arch):
 def torch_peft(arch, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(torch_base(arch), peft.IA3Config(task_type=arch[3], **kw))
+        config = peft.IA3Config(task_type=arch[3], **EXPLICIT_TARGETS.get(arch[0], {}), **kw)
+        return peft.get_peft_model(torch_base(arch), config)
 
 
 def run_torch(model):
@@ -95,7 +98,8 @@ def test_peft_made_adapter_gives_same_logits(arch, tmp_path):
 
 def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
     name, path, cls, task = arch
-    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.IA3Config(task_type=task))
+    config = peftjax.IA3Config(task_type=task, **EXPLICIT_TARGETS.get(name, {}))
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
     base_logits = run_jax(model)
     losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(5e-2)).losses
     assert losses[-1] < losses[0]
@@ -139,7 +143,8 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, tmp_path):
 def test_counts_files_and_targets_match_peft(arch, tmp_path, capsys):
     name, path, cls, task = arch
     torch_model = torch_peft(arch)
-    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.IA3Config(task_type=task))
+    config = peftjax.IA3Config(task_type=task, **EXPLICIT_TARGETS.get(name, {}))
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
 
     assert model.get_nb_trainable_parameters() == torch_model.get_nb_trainable_parameters()
     torch_model.print_trainable_parameters()

@@ -1,4 +1,5 @@
-"""The Llama family against PyTorch transformers: logits, sliding windows, RoPE scaling, generation, I/O."""
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) against PyTorch transformers: logits, sliding
+windows, RoPE scaling, generation, I/O."""
 
 from __future__ import annotations
 
@@ -44,7 +45,23 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
         tr.Qwen2ForCausalLM,
         dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     ),
+    # explicit head_dim (8, not 64 / 4), q/k norms, biases on all four projections, a sliding layer
+    "qwen3-window-bias": (
+        "qwen3",
+        tr.Qwen3ForCausalLM,
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, attention_bias=True),
+    ),
+    # fused qkv_proj / gate_up_proj, half of each head rotated, a window on every layer
+    "phi3-partial-window": (
+        "phi3",
+        tr.Phi3ForCausalLM,
+        dict(sliding_window=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
+    ),
 }
+
+
+# generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
+GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -100,6 +117,7 @@ def test_greedy_generation_matches_hf_generate(causal):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("causal", GENERATION_ONLY, indirect=True)
 def test_generation_stops_at_eos_and_pads(causal):
     _, model, _ = causal
     ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
@@ -111,6 +129,7 @@ def test_generation_stops_at_eos_and_pads(causal):
     assert (out[0, stop:] == 0).all()
 
 
+@pytest.mark.parametrize("causal", GENERATION_ONLY, indirect=True)
 def test_sampling_is_seeded_and_top_k_1_is_greedy(causal):
     _, model, _ = causal
     ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
@@ -131,9 +150,10 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ours[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
-    cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification}[kind]
+    cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
+           "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -146,8 +166,10 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
-def test_sharded_checkpoint_and_bfloat16(tmp_path):
-    torch_model = save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path, max_shard_size="40KB")
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_sharded_checkpoint_and_bfloat16(family, tmp_path):
+    torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY), tmp_path,
+                            max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     model = models.from_pretrained(tmp_path)
     ids, mask = padded_batch(TINY["vocab_size"], seq=5)
@@ -155,7 +177,7 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
     ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(model(input_ids=ids, attention_mask=mask).logits)[valid], ref[valid], atol=1e-5)
     half = models.from_pretrained(tmp_path, dtype="bfloat16")
-    assert half.model.layers[0].self_attn.q_proj.kernel.get_value().dtype == jnp.bfloat16
+    assert half.model.layers[0].self_attn.o_proj.kernel.get_value().dtype == jnp.bfloat16
     out = np.asarray(half(input_ids=ids, attention_mask=mask).logits.astype(jnp.float32))
     assert np.abs(out[valid] - ref[valid]).max() < 0.1
 
@@ -169,6 +191,104 @@ def test_llama3_rope_frequencies_match_transformers():
     cfg = _tiny.config("llama", **TINY, **VARIANTS["llama3-rope"][2])
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     np.testing.assert_allclose(inv_frequencies(cfg, 16), ref.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_every_weight_is_read_where_transformers_reads_it(family, tmp_path):
+    """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
+    or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
+    torch.manual_seed(0)
+    torch_model = _tiny.arch(family).torch_class(_tiny.config(family, **TINY)).eval()
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(p))
+    torch_model.save_pretrained(tmp_path)
+    ids, mask = padded_batch(TINY["vocab_size"], seq=9)
+    valid = mask.astype(bool)
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+    for options in ({}, dict(scan_layers=True, remat="full")):
+        model = models.from_pretrained(tmp_path, **options)
+        out = np.asarray(_forward(model, bool(options), input_ids=ids, attention_mask=mask).logits)[valid]
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-5)
+    # a fused weight goes back to transformers unchanged
+    model.save_pretrained(tmp_path / "out")
+    np.testing.assert_allclose(
+        torch_logits(type(torch_model).from_pretrained(tmp_path / "out").eval(), input_ids=ids, attention_mask=mask)[valid],
+        ref, atol=1e-6, rtol=0)
+
+
+# name -> (family, config overrides); every threshold is 8 positions, so the 6- and 12-token calls
+# below fall on either side of it (dynamic grows its base, longrope switches to its long factors)
+ROPE_SCALINGS = {
+    "yarn": ("llama", dict(max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))),
+    "yarn-mscale": ("qwen3", dict(max_position_embeddings=32, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, mscale=0.7,
+        mscale_all_dim=1.0, beta_fast=16, beta_slow=2))),
+    "dynamic": ("qwen3", dict(max_position_embeddings=8, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=3.0))),
+    "longrope": ("phi3", dict(max_position_embeddings=32, original_max_position_embeddings=8, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1 + 0.1 * i for i in range(8)],
+        long_factor=[1 + 0.5 * i for i in range(8)]))),
+    "longrope-partial": ("phi3", dict(max_position_embeddings=32, original_max_position_embeddings=8,
+                                      rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                           partial_rotary_factor=0.5,
+                                                           short_factor=[1.0, 1.2, 1.5, 2.0],
+                                                           long_factor=[1.0, 2.0, 4.0, 8.0]))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_SCALINGS))
+def test_rope_scalings_match_transformers(name, tmp_path):
+    """cos/sin against transformers' rotary module (scaling factor included), then the logits."""
+    family, extra = ROPE_SCALINGS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY, **extra), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    plain = []
+    for seq in (6, 12):
+        rotary = type(torch_model.model.rotary_emb)(torch_model.config)  # fresh: no state from another call
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1), torch.arange(seq)[None])
+        ours = model.model.rotary.cos_sin(jnp.arange(seq)[None], jnp.float32)
+        np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6, rtol=0)
+        ids, mask = padded_batch(TINY["vocab_size"], seq=seq)
+        valid = mask.astype(bool)
+        ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+        for jit in (True,) if seq == 6 else (False, True):  # eagerly once: op by op is slow here
+            out = np.asarray(_forward(model, jit, input_ids=ids, attention_mask=mask).logits)
+            np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5, rtol=0)
+        unscaled = models.from_pretrained(tmp_path, rope_parameters=None, rope_scaling=None)
+        plain.append(np.asarray(_forward(unscaled, True, input_ids=ids, attention_mask=mask).logits)[valid])
+        assert np.abs(plain[-1] - ref[valid]).max() > 1e-4 or seq == 6 and name == "dynamic"  # the scaling acts
+
+
+def test_longrope_generation_matches_transformers_or_is_refused(tmp_path):
+    """Within either factor set, greedy generation equals transformers'; across the switch (where
+    transformers' Phi-3 recomputes its cache) it is refused, naming the threshold."""
+    family, extra = ROPE_SCALINGS["longrope"]
+    torch_model = save_tiny(tr.Phi3ForCausalLM, _tiny.config(family, **TINY, **extra), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    for seq, new in ((4, 4), (9, 5)):  # short factors throughout; long factors throughout
+        ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=seq)
+        with torch.no_grad():
+            ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                       max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
+        np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
+    with pytest.raises(ValueError, match="crosses original_max_position_embeddings=8"):
+        model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4)
+
+
+def test_a_scaling_without_its_fields_is_named(tmp_path):
+    config = models.ModelConfig("phi3", **_tiny.fields("phi3", rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 4)))
+    with pytest.raises(ValueError, match=r"longrope.*\['long_factor'\]"):
+        models.Phi3ForCausalLM.from_config(config)
+    config = models.ModelConfig("llama", **_tiny.fields("llama", rope_parameters=dict(rope_type="ntk-by-parts")))
+    with pytest.raises(ValueError, match="'ntk-by-parts' is not supported; supported: .*'longrope'"):
+        models.LlamaForCausalLM.from_config(config)
 
 
 # ---------------------------------------------------------------- bad input
@@ -256,6 +376,23 @@ def test_numpy_and_list_inputs(llama_dir):
     assert a.shape == (1, 3, TINY["vocab_size"])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.leaves(nnx.state(model, nnx.Param))  # the model is a plain NNX module with params
+
+
+@pytest.mark.parametrize(("family", "overrides", "named"), [
+    ("phi3", dict(hidden_act="gelu_new"), "hidden_act 'gelu_new'"),
+    ("qwen3", dict(hidden_act="relu"), "hidden_act 'relu'"),
+    ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), r"layer_types \['chunked_attention'\]"),
+])
+def test_unimplemented_options_of_qwen3_and_phi3_are_named(family, overrides, named):
+    cls = getattr(models, _tiny.FAMILIES[family][1])
+    with pytest.raises(ValueError, match=named):
+        cls.from_config(models.ModelConfig(family, **_tiny.fields(family, **overrides)))
+
+
+def test_phi3_base_model_dropout_is_named_not_silently_dropped():
+    config = models.ModelConfig("phi3", **_tiny.fields("phi3", resid_pdrop=0.1))
+    with pytest.warns(UserWarning, match="resid_pdrop"):
+        models.Phi3ForCausalLM.from_config(config)
 
 
 def test_unknown_config_override_is_an_error(llama_dir):

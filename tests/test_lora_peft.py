@@ -19,7 +19,10 @@ from peftjax import models
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "bert", "gpt2")}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "qwen3", "phi3", "bert", "gpt2")}
+# PEFT 0.21.2 has no default target_modules for phi3 (both PEFT and peftjax refuse the bare config):
+# its tests name the fused projections, the layers that are Phi-3's own
+EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "gate_up_proj"])}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 
@@ -71,7 +74,7 @@ def perturb_saved_modules(model):
 @pytest.mark.parametrize("variant", ["default", "rslora-patterns", "dora", "bias-all"])
 def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
     name, path, cls, task = arch
-    kw = dict(r=4, lora_alpha=8, task_type=task, init_lora_weights=False)
+    kw = dict(r=4, lora_alpha=8, task_type=task, init_lora_weights=False, **EXPLICIT_TARGETS.get(name, {}))
     if variant == "rslora-patterns":
         kw.update(use_rslora=True, target_modules="all-linear", rank_pattern={"0\\..*": 2}, alpha_pattern={"1\\..*": 16})
         kw["rank_pattern"] = {_first_linear(name): 2}
@@ -101,12 +104,12 @@ def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
 
 
 def _first_linear(name):
-    return {"llama": "q_proj", "qwen2": "q_proj", "mistral": "q_proj", "bert": "query", "gpt2": "c_attn"}[name]
+    return {"bert": "query", "gpt2": "c_attn", "phi3": "qkv_proj"}.get(name, "q_proj")
 
 
 def test_trainable_parameter_counts_match_peft(arch, capsys):
     name, path, cls, task = arch
-    cfg = dict(r=4, lora_alpha=8, task_type=task)
+    cfg = dict(r=4, lora_alpha=8, task_type=task, **EXPLICIT_TARGETS.get(name, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.get_peft_model(torch_base(arch), peft.LoraConfig(**cfg))
@@ -163,7 +166,7 @@ def test_saved_files_are_what_peft_writes(arch, tmp_path):
     from peftjax.io import read_safetensors
 
     name, path, cls, task = arch
-    cfg = dict(r=4, lora_alpha=8, task_type=task)
+    cfg = dict(r=4, lora_alpha=8, task_type=task, **EXPLICIT_TARGETS.get(name, {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = peft.get_peft_model(torch_base(arch), peft.LoraConfig(**cfg))
@@ -278,7 +281,33 @@ def test_variants_round_trip_through_peft(targets, tiny_checkpoint, tmp_path):
         assert_close(run_jax(model, jit=jit), theirs)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_dora_all_linear_made_here_loads_in_peft(family, tiny_checkpoint, tmp_path):
+    """The families' own layers (Qwen3's norms between projections, Phi-3's fused ones) under DoRA."""
+    path, cls = tiny_checkpoint(family), ARCHS[family].torch_class
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear", use_dora=True))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.PeftModel.from_pretrained(cls.from_pretrained(path).eval(), tmp_path)
+    assert {n for n in peftjax.tuners.lora.lora_layers(model.base_model)} == set(torch_model.targeted_module_names)
+    theirs = run_torch(torch_model)
+    assert_close(run_jax(model), theirs)
+    assert np.abs(valid(theirs) - valid(run_torch(cls.from_pretrained(path).eval()))).max() > 1e-3
+
+
 # ---------------------------------------------------------------- bad input
+
+
+def test_phi3_without_targets_is_refused_as_peft_refuses_it(tiny_checkpoint):
+    path, cls = tiny_checkpoint("phi3"), ARCHS["phi3"].torch_class
+    with pytest.raises(ValueError, match="target_modules"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(task_type="CAUSAL_LM"))
+    for config in (peftjax.LoraConfig(task_type="CAUSAL_LM"), peftjax.IA3Config(task_type="CAUSAL_LM")):
+        with pytest.raises(ValueError, match="no default target_modules for model_type 'phi3'.*'qwen3'"):
+            peftjax.get_peft_model(models.from_pretrained(path), config)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from peftjax.models import ModelConfig
 
 tr = pytest.importorskip("transformers")
 
-CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "bert": "BertConfig",
-           "gpt2": "GPT2Config"}
+CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+           "phi3": "Phi3Config", "bert": "BertConfig", "gpt2": "GPT2Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -34,7 +34,7 @@ def assert_same_fields(ours, theirs):
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2"):
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
         assert rope_parameters(ours) == rope_parameters(theirs)
 
 
@@ -55,6 +55,11 @@ VARIANTS = [
     ("mistral", dict(sliding_window=3, num_key_value_heads=1)),
     ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     ("qwen2", dict(eos_token_id=[1, 2])),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, head_dim=16)),
+    ("qwen3", dict(num_key_value_heads=None, attention_bias=True, tie_word_embeddings=True)),
+    ("phi3", dict(num_key_value_heads=None, sliding_window=5, pad_token_id=None)),
+    ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
+                  original_max_position_embeddings=64, resid_pdrop=0.1)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
 ]

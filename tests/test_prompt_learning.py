@@ -45,6 +45,8 @@ ARCHS = {
     "gpt2": _tiny.arch("gpt2", n_positions=64, pad_token_id=0, initializer_range=0.2),
     "bert": _tiny.arch("bert"),
     "llama-cls": _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3),
+    "qwen3": _tiny.arch("qwen3", initializer_range=0.2),
+    "phi3": _tiny.arch("phi3", initializer_range=0.2),
 }
 # method -> (peft config class, peftjax config class, extra fields)
 METHODS = {
@@ -136,7 +138,7 @@ def peft_model(saved, arch, method, perturb=True):
 
 CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
-]
+] + [(a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")]
 
 
 # ---------------------------------------------------------------- (a) PEFT -> peftjax
@@ -159,6 +161,7 @@ def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
     ("llama", "prefix-projection"), ("llama", "p-tuning-lstm"),
     ("gpt2", "prefix"), ("gpt2", "prompt"), ("bert", "prefix"), ("bert", "p-tuning-mlp"),
     ("llama-cls", "prompt"),
+    *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
     task = ARCHS[arch].task
@@ -203,13 +206,14 @@ def torch_greedy(pm, ids, mask, max_new_tokens, eos, pad=0):
 
 @pytest.mark.parametrize(("arch", "method"), [
     ("llama", "prefix"), ("llama", "prompt"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
+    ("phi3", "prefix"),
 ])
 def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
     ids = np.random.RandomState(1).randint(1, 96, (3, 6))
     mask = np.array([[1] * 6, [0, 0] + [1] * 4, [0] * 5 + [1]])
     ids[mask == 0] = 0
     pm = peft_model(saved, arch, method)
-    eos = 2 if arch == "llama" else None
+    eos = None if arch == "gpt2" else 2
     ref = torch_greedy(pm, ids, mask, 6, eos)
     if (arch, method) in {("llama", "prompt"), ("gpt2", "prefix"), ("gpt2", "prompt")}:
         with torch.no_grad(), warnings.catch_warnings():  # PEFT's own generate, where it works without a cache

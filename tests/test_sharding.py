@@ -246,7 +246,7 @@ def report(tmp_path_factory) -> dict:
 
     # two processes at a time (this machine may have two cores, and other tests run beside these)
     with ThreadPoolExecutor(2) as pool:
-        steps, rest = pool.map(run, [[str(SCRIPT), "steps"],
+        steps, rest = pool.map(run, [[str(SCRIPT), "steps", "families"],
                                      [str(SCRIPT), "load", "orbax", "save", "trainer", "--tmp", str(tmp)]])
         processes = list(pool.map(run, [[str(MULTIHOST), str(i), str(port), str(tmp / "multihost")] for i in (0, 1)]))
     return {**steps, **rest, "processes": processes, "tmp": tmp}
@@ -269,6 +269,17 @@ def test_sharded_steps_equal_one_device(report):
         assert r["embed_shards"] == [embed], where
     assert runs[((("data", 2), ("model", 4)), "tp")]["lora_B_spec"] == "P(None, 'model')"
     assert runs[((("fsdp", 2), ("model", 4)), "fsdp+tp")]["lora_A_spec"] == "P('fsdp', None)"
+
+
+def test_qwen3_and_phi3_train_sharded_as_on_one_device(report):
+    """Phi-3's fused qkv_proj [64, 128] and gate_up_proj [64, 256] split 4 ways on their outputs (and 2
+    ways on their inputs under fsdp); Qwen3's head norms whole; 3 LoRA steps as on one device."""
+    runs = {r["family"]: r for r in report["families"]}
+    assert sorted(runs) == ["phi3", "qwen3"]
+    for name, r in runs.items():
+        assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, name
+    assert runs["phi3"]["shards"] == {"self_attn.qkv_proj.kernel": [[32, 32]], "mlp.gate_up_proj.kernel": [[32, 64]]}
+    assert runs["qwen3"]["shards"] == {"self_attn.q_norm.scale": [[16]], "mlp.up_proj.kernel": [[32, 32]]}
 
 
 def test_tensor_parallel_never_gathers_a_base_weight(report):
@@ -345,7 +356,13 @@ def test_two_processes_train_like_one_device(report):
         ("transformer.h.0.mlp.c_fc.kernel", (32, 128), P(None, "model")),
         ("transformer.h.0.mlp.c_proj.kernel", (128, 32), P("model", None)),
         ("transformer.wte.embedding", (96, 32), P(None, "model")),
+        # Phi-3's fused projections are column-parallel; Qwen3's per-head norms are replicated
+        ("model.layers.0.self_attn.qkv_proj.kernel", (32, 64), P(None, "model")),
+        ("model.layers.0.mlp.gate_up_proj.kernel", (32, 96), P(None, "model")),
+        ("model.layers.layer.self_attn.qkv_proj.kernel", (2, 32, 64), P(None, None, "model")),
+        ("model.layers.0.self_attn.q_norm.scale", (8,), P(None)),
+        ("model.layers.0.self_attn.k_norm.scale", (8,), P(None)),
     ],
 )
-def test_tensor_parallel_covers_bert_and_gpt2(path, shape, expected):
+def test_tensor_parallel_covers_every_family(path, shape, expected):
     assert shd.partition_spec(path, shape, TP, "tp") == expected

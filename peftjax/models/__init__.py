@@ -13,6 +13,8 @@ from peftjax.models._llama import (
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
 )
+from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
+from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from peftjax.models._modeling import CheckpointError, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
@@ -32,9 +34,13 @@ __all__ = [
     "MistralForSequenceClassification",
     "ModelConfig",
     "ModelOutput",
+    "Phi3ForCausalLM",
+    "Phi3ForSequenceClassification",
     "PreTrainedModel",
     "Qwen2ForCausalLM",
     "Qwen2ForSequenceClassification",
+    "Qwen3ForCausalLM",
+    "Qwen3ForSequenceClassification",
     "from_pretrained",
     "hf_state_dict",
     "load_config",

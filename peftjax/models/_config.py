@@ -5,7 +5,7 @@ whenever it is installed: a quarter of a gigabyte of host memory and seconds of 
 JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
-derives (``head_dim``, ``num_key_value_heads``, Qwen2's ``layer_types``), and answers attribute
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's and Qwen3's ``layer_types``), and answers attribute
 reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled
 models accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -55,6 +55,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
         "max_window_layers": 28, "layer_types": None, "attention_dropout": 0.0, "pad_token_id": None,
         "bos_token_id": None, "eos_token_id": None,
+    },
+    "qwen3": {
+        "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096,
+        "max_window_layers": 28, "layer_types": None, "attention_dropout": 0.0, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None,
+    },
+    "phi3": {
+        "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-05,
+        "use_cache": True, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
+        "pad_token_id": 32000, "sliding_window": None,
     },
     "bert": {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -118,12 +134,12 @@ class ModelConfig:
     def _derive(self) -> None:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
-        if t in ("llama", "mistral", "qwen2"):
+        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t != "qwen2" and self.head_dim is None:
+            if t in ("llama", "mistral") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
-        if t == "qwen2":
+        if t in ("qwen2", "qwen3"):
             if not self.use_sliding_window:
                 self.sliding_window = None
             if self.layer_types is None:

@@ -1,7 +1,8 @@
 """The Llama family (Llama 1-3, Mistral, Qwen2) in Flax NNX, with transformers' module names.
 
-Grouped-query attention, RoPE (default, linear, llama3 scaling), RMSNorm, SwiGLU, optional
-q/k/v biases (Qwen2), tied embeddings, and sliding-window layers where the config sets them.
+Grouped-query attention, RoPE (default, linear, llama3, yarn, dynamic, longrope), RMSNorm, SwiGLU,
+optional q/k/v biases (Qwen2), tied embeddings, and sliding-window layers where the config sets
+them. Qwen3 (``_qwen3``) and Phi-3 (``_phi3``) subclass the attention and MLP here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from peftjax.models import _attention as attn
@@ -19,7 +19,7 @@ from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._rope import apply_rotary, inv_frequencies, rotary_cos_sin
+from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.models._scan import check_remat, make_layers, run_layers
 
 
@@ -31,6 +31,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o_proj bias, MLP bias) for the config's model type."""
     if config.model_type == "qwen2":
         return True, False, False
+    if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
+        return False, False, False
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias, bool(getattr(config, "mlp_bias", False))
 
@@ -41,8 +43,12 @@ def sliding_windows(config) -> list[int | None]:
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
+        unknown = sorted({t for t in layer_types} - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"layer_types {unknown} are not supported; supported: ['full_attention', "
+                             f"'sliding_attention']")
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if config.model_type == "mistral" and window is not None:
+    if config.model_type in ("mistral", "phi3") and window is not None:
         return [window] * n
     return [None] * n
 
@@ -61,11 +67,17 @@ class LlamaAttention(nnx.Module):
         self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
         self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
+    def project(self, x):
+        """Queries ``[b, s, heads, head_dim]``, keys and values ``[b, s, kv_heads, head_dim]``, before RoPE."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
+        b, s, _ = x.shape
+        q, k, v = self.project(x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             cache = attn.update_kv_cache(cache, k, v, cache_index)
@@ -93,10 +105,15 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP; a family that differs only inside them names its own classes."""
+
+    attention_class: ClassVar[type[nnx.Module]] = LlamaAttention
+    mlp_class: ClassVar[type[nnx.Module]] = LlamaMLP
+
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(config, layer_idx, **kw)
-        self.mlp = LlamaMLP(config, **kw)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = self.mlp_class(config, **kw)
         eps = config.rms_norm_eps
         self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
@@ -115,6 +132,8 @@ def kv_layout(config) -> tuple[int, int]:
 class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
+    layer_class: ClassVar[type[nnx.Module]] = LlamaDecoderLayer
+
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
@@ -125,11 +144,11 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"scan_layers=True needs one attention window for all layers; "
                              f"found {sliding_windows(config)}")
         self.layers = make_layers(
-            config, lambda i, r: LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
         self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-        # a static tuple, not state: it never trains and is rebuilt from the config
-        self.inv_freq = tuple(inv_frequencies(config, head_dim_of(config)).tolist())
+        # static data, not state: it never trains and is rebuilt from the config
+        self.rotary = rotary_embedding(config, head_dim_of(config))
 
     def __call__(
         self,
@@ -156,7 +175,7 @@ class LlamaModel(nnx.Module):
             w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
             for w in set(sliding_windows(self.config))
         }
-        cos, sin = rotary_cos_sin(np.asarray(self.inv_freq, np.float32), pos.position_ids, x.dtype)
+        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             x = run_layers(self.layers, lambda layer, h: layer(h, cos, sin, masks)[0], x, self.remat)
@@ -173,11 +192,12 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
 
     base_model_prefix: ClassVar[str] = "model"
     ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
+    model_class: ClassVar[type[nnx.Module]] = LlamaModel
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nnx.data(None)
         if not self.tied:
@@ -218,11 +238,12 @@ class LlamaForSequenceClassification(PreTrainedModel):
     base_model_prefix: ClassVar[str] = "model"
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
     ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
+    model_class: ClassVar[type[nnx.Module]] = LlamaModel
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.score = nnx.Linear(
             config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )

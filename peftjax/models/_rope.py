@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,24 +11,168 @@ import numpy as np
 
 
 def rope_parameters(config) -> dict:
-    """The RoPE settings of a config, for transformers 5 (``rope_parameters``) and 4 (``rope_scaling``)."""
+    """The RoPE settings of a config, for transformers 5 (``rope_parameters``) and 4 (``rope_scaling``).
+
+    As transformers' ``standardize_rope_params``: ``rope_theta`` and ``partial_rotary_factor`` move
+    in from the top level, and the scalings that need it get ``original_max_position_embeddings``
+    (Phi-3's top-level field first). Phi-3 also reads a missing factor as 1.0 and its legacy
+    ``"su"``/``"yarn"`` as ``"longrope"``.
+    """
     params = dict(getattr(config, "rope_parameters", None) or {})
     legacy = getattr(config, "rope_scaling", None)
     if legacy and not params.get("rope_type"):
         params.update(legacy)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    phi3 = getattr(config, "model_type", None) == "phi3"
+    partial = getattr(config, "partial_rotary_factor", None)
+    if partial is None and phi3:
+        partial = 1.0
+    if partial is not None:
+        params.setdefault("partial_rotary_factor", partial)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if phi3 and params["rope_type"] in ("su", "yarn"):
+        params["rope_type"] = "longrope"
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        original = getattr(config, "original_max_position_embeddings", None)
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        else:
+            params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     return params
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+
+
+def _required(p: dict, kind: str, *names: str) -> list:
+    missing = [n for n in names if p.get(n) is None]
+    if missing:
+        raise ValueError(f"rope_type {kind!r} needs {missing} in rope_parameters; found {sorted(p)}")
+    return [p[n] for n in names]
+
+
+def _default_inv(theta: float, dim: int) -> np.ndarray:
+    return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+
+
+def _yarn(p: dict, dim: int, max_positions: int) -> tuple[np.ndarray, float]:
+    """transformers' ``_compute_yarn_parameters``: NTK-by-parts interpolation and its attention factor."""
+    base, old = p["rope_theta"], p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_positions / old
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = p.get("attention_factor")
+    if attention is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolate = (1 - ramp).astype(np.float32)
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv.astype(np.float32), float(attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEmbedding:
+    """A model's rotary embedding as static, hashable data (it lives in the NNX graph definition).
+
+    ``kind`` says how the frequencies depend on the call, as transformers' ``dynamic_rope_update``:
+    ``"static"`` not at all; ``"longrope"`` uses ``long_inv_freq`` when the call's largest position
+    + 1 exceeds ``threshold`` (``original_max_position_embeddings``), ``inv_freq`` (the short
+    factors) otherwise; ``"dynamic"`` raises the base for a call whose largest position + 1 exceeds
+    ``threshold`` (``max_position_embeddings``). transformers keeps a dynamic model's frequencies
+    from one call to the next (they only grow, until a call shorter than the threshold resets
+    them); here every call starts from its own positions, which is the same for one forward pass
+    and for a generation that only grows. ``scaling`` multiplies cos and sin (YaRN's and
+    LongRoPE's attention factor).
+    """
+
+    inv_freq: tuple[float, ...]
+    scaling: float = 1.0
+    kind: str = "static"
+    long_inv_freq: tuple[float, ...] = ()
+    threshold: int = 0
+    base: float = 0.0  # dynamic: rope_theta, factor, rotary dims
+    factor: float = 1.0
+    dim: int = 0
+
+    def cos_sin(self, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """``cos`` and ``sin`` of shape ``[batch, seq, rotary dims]`` for integer ``position_ids``."""
+        inv = jnp.asarray(self.inv_freq, jnp.float32)
+        if self.kind != "static":
+            seq_len = jnp.max(position_ids) + 1
+            if self.kind == "longrope":
+                inv = jnp.where(seq_len > self.threshold, jnp.asarray(self.long_inv_freq, jnp.float32), inv)
+            else:  # dynamic NTK
+                seq = jnp.maximum(seq_len, self.threshold).astype(jnp.float32)
+                base = self.base * ((self.factor * seq / self.threshold) - (self.factor - 1)) ** (
+                    self.dim / (self.dim - 2))
+                grown = 1.0 / (base ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim))
+                inv = jnp.where(seq_len > self.threshold, grown, inv)
+        freqs = position_ids.astype(jnp.float32)[..., None] * inv[None, None, :]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return (jnp.cos(emb) * self.scaling).astype(dtype), (jnp.sin(emb) * self.scaling).astype(dtype)
+
+
+def rotary_embedding(config, head_dim: int) -> RotaryEmbedding:
+    """The config's RoPE (any of :data:`SUPPORTED_ROPE_TYPES`), as transformers computes it.
+
+    Raises:
+      ValueError: an unsupported ``rope_type`` (the supported ones listed), or a scaling without the
+        fields it needs (named).
+    """
+    p = rope_parameters(config)
+    kind = p["rope_type"]
+    dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+    if kind in ("default", "linear", "llama3"):
+        return RotaryEmbedding(tuple(inv_frequencies(config, head_dim).tolist()))
+    if kind == "yarn":
+        _required(p, kind, "factor")
+        inv, scaling = _yarn(p, dim, config.max_position_embeddings)
+        return RotaryEmbedding(tuple(inv.tolist()), scaling)
+    if kind == "dynamic":
+        (factor,) = _required(p, kind, "factor")
+        inv = _default_inv(p["rope_theta"], dim)
+        return RotaryEmbedding(tuple(inv.tolist()), kind="dynamic", threshold=int(config.max_position_embeddings),
+                               base=float(p["rope_theta"]), factor=float(factor), dim=dim)
+    if kind == "longrope":
+        short, long = _required(p, kind, "short_factor", "long_factor")
+        old = p["original_max_position_embeddings"]
+        factor = p.get("factor") or config.max_position_embeddings / old
+        scaling = p.get("attention_factor")
+        if scaling is None:
+            scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+        shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+        powers = p["rope_theta"] ** shape
+
+        def inv(ext):
+            ext = np.asarray(ext, np.float32)
+            if ext.shape != powers.shape:
+                raise ValueError(f"rope_parameters: longrope factors need {powers.shape[0]} entries, got {ext.shape[0]}")
+            return tuple((1.0 / (ext * powers)).astype(np.float32).tolist())
+
+        return RotaryEmbedding(inv(short), float(scaling), "longrope", inv(long), int(old))
+    raise ValueError(f"rope_type {kind!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
 
 
 def inv_frequencies(config, head_dim: int) -> np.ndarray:
-    """Inverse frequencies ``[head_dim // 2]`` (float32), with linear or llama3 scaling."""
+    """Inverse frequencies ``[rotary dims // 2]`` (float32) of the default, linear and llama3 RoPE."""
     p = rope_parameters(config)
-    dim = int(head_dim * p.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
-    inv = 1.0 / (p["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
+    inv = _default_inv(p["rope_theta"], dim)
     kind = p["rope_type"]
     if kind == "default":
         return inv.astype(np.float32)
@@ -43,14 +188,7 @@ def inv_frequencies(config, head_dim: int) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"rope_type {kind!r} is not supported; supported: {list(SUPPORTED_ROPE_TYPES)}")
-
-
-def rotary_cos_sin(inv_freq: np.ndarray, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``cos`` and ``sin`` of shape ``[batch, seq, head_dim]`` for integer ``position_ids``."""
-    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    raise ValueError(f"rope_type {kind!r} has no fixed frequencies here; use rotary_embedding")
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

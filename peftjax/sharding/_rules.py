@@ -18,12 +18,15 @@ Its spec comes from, in order:
      larger of its last two dimensions that the axis size divides (ties: the first); vectors
      (norm scales, biases) are replicated.
    * ``"tp"``: Megatron tensor parallelism over ``model``: column-parallel
-     ``q/k/v/gate/up_proj`` (BERT ``query/key/value``, ``intermediate.dense``; GPT-2 ``c_attn``,
-     ``c_fc``) split their output dimension (and bias), row-parallel ``o_proj``/``down_proj``
-     (BERT ``attention.output.dense``, ``output.dense``; GPT-2 ``c_proj``) their input
-     dimension, the input embedding its hidden dimension (the lookup stays local) and
-     ``lm_head`` the vocabulary. GPT-2's fused ``c_attn`` is split across its q/k/v blocks;
-     XLA's partitioner keeps that correct at the price of some resharding.
+     ``q/k/v/gate/up_proj`` (Phi-3 ``qkv_proj``, ``gate_up_proj``; BERT ``query/key/value``,
+     ``intermediate.dense``; GPT-2 ``c_attn``, ``c_fc``) split their output dimension (and bias),
+     row-parallel ``o_proj``/``down_proj`` (BERT ``attention.output.dense``, ``output.dense``;
+     GPT-2 ``c_proj``) their input dimension, the input embedding its hidden dimension (the
+     lookup stays local) and ``lm_head`` the vocabulary. Fused projections (GPT-2's ``c_attn``,
+     Phi-3's ``qkv_proj`` and ``gate_up_proj``) keep transformers' layout, so an even split of
+     their output cuts across the q/k/v (gate/up) blocks wherever the block sizes do not line up
+     with the shards; XLA's partitioner keeps the split that follows correct, at the price of
+     some resharding. Qwen3's per-head ``q_norm``/``k_norm`` scales, like every norm, are replicated.
    * combinations joined by ``+``: ``"fsdp+tp"`` applies tp, then fsdp on a dimension tp
      left whole. ``"dp"`` adds nothing to either.
 
@@ -53,9 +56,10 @@ from peftjax.sharding._mesh import FSDP, MODEL
 PRESETS = ("dp", "fsdp", "tp")
 
 # column-parallel (split the output) and row-parallel (split the input) layers of the bundled
-# models: Llama/Mistral/Qwen2, BERT (query/key/value, intermediate.dense | attention.output.dense,
-# output.dense) and GPT-2 (c_attn, c_fc | c_proj)
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate\.dense|c_attn|c_fc)"
+# models: Llama/Mistral/Qwen2/Qwen3, Phi-3 (qkv_proj, gate_up_proj | o_proj, down_proj), BERT
+# (query/key/value, intermediate.dense | attention.output.dense, output.dense) and GPT-2 (c_attn, c_fc | c_proj)
+_COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|intermediate\.dense|"
+           r"c_attn|c_fc)")
 _ROW = r"(o_proj|down_proj|output\.dense|c_proj)"
 TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", P(None, MODEL)),

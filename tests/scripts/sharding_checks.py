@@ -4,7 +4,7 @@ Run by ``tests/test_sharding.py`` in a subprocess (the device count must be set 
 starts, and the rest of the suite runs on one device). Prints one JSON object; the test
 asserts on it, so this script only measures and never asserts.
 
-    python tests/scripts/sharding_checks.py [section ...] [--tmp DIR]   # sections: steps load orbax save trainer
+    python tests/scripts/sharding_checks.py [section ...] [--tmp DIR]   # sections: steps families load orbax save trainer
 
 ``trainer`` is the one-device reference for ``multihost_trainer.py``: it leaves its adapter in
 ``DIR/trainer/single`` (give ``--tmp`` to keep it). This module's helpers are imported by that
@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 
 import peftjax  # noqa: E402
 from peftjax import sharding as shd  # noqa: E402
-from peftjax.models import LlamaForCausalLM, from_pretrained  # noqa: E402
+from peftjax.models import LlamaForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, from_pretrained  # noqa: E402
 from peftjax.training._checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 CONFIG = tr.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -97,9 +97,9 @@ def trained_tp():
     return _TRAINED["tp"]
 
 
-def train(mesh=None, rules=None, *, lower=False):
+def train(mesh=None, rules=None, *, lower=False, base=None):
     """3 steps of the functional step; returns losses, adapters, the model and the compiled HLO."""
-    pm = lora_model()
+    pm = lora_model(base() if base is not None else None)
     if mesh is not None:
         shd.shard_model(pm.base_model, mesh, rules)
     graphdef, trainable, rest = peftjax.split(pm.base_model)
@@ -248,8 +248,39 @@ def check_trainer(out: dict, tmp: Path) -> None:
                       "predict_shape": list(trainer.predict(trainer_data()).shape)}
 
 
+# the other families' own weights: Qwen3's per-head norms, Phi-3's fused projections (on the 4-way
+# axis qkv_proj's 128 outputs split into q | q | k | v and gate_up_proj's 256 into gate | gate | up | up)
+FAMILIES = {
+    "qwen3": (Qwen3ForCausalLM, tr.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "phi3": (Phi3ForCausalLM, tr.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                            eos_token_id=2)),
+}
+FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
+         "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel")}
+
+
+def check_families(out: dict, tmp: Path) -> None:
+    out["families"] = []
+    for name, (cls, config) in FAMILIES.items():
+        def base(cls=cls, config=config):
+            return cls.from_config(config, seed=0)
+
+        ref_losses, ref_adapters, _, _, _ = train(base=base)
+        for shape, rules in (({"fsdp": 2, "model": 4}, "fsdp+tp"),):  # tp on the 4-way axis, fsdp beside it
+            losses, adapters, _, pm, _ = train(shd.make_mesh(shape), rules, base=base)
+            v = variables(pm.base_model)
+            out["families"].append({
+                "family": name, "mesh": shape, "rules": rules,
+                "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                "adapter_diff": max_diff(adapters, ref_adapters),
+                "shards": {w: shard_shapes(v[f"model.layers.0.{w}"]) for w in FUSED[name]},
+            })
+
+
 # "save" moves the shared tp run's adapters to one device, so it runs after "orbax"
-CHECKS = {"steps": check_steps, "load": check_load, "orbax": check_orbax, "save": check_save, "trainer": check_trainer}
+CHECKS = {"steps": check_steps, "families": check_families, "load": check_load, "orbax": check_orbax, "save": check_save, "trainer": check_trainer}
 SECTIONS = list(CHECKS)
 
 

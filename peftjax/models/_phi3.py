@@ -1,0 +1,116 @@
+"""Phi-3 in Flax NNX: the Llama decoder with fused projections, under transformers' names.
+
+``self_attn.qkv_proj`` computes queries, keys and values in one matmul (its output is
+``[q: heads * head_dim | k: kv_heads * head_dim | v: kv_heads * head_dim]``) and
+``mlp.gate_up_proj`` the gate and the up projection (``[gate | up]``, ``silu(gate) * up``), as
+transformers' ``Phi3Attention`` and ``Phi3MLP`` do, so checkpoints and PEFT adapters (which
+target the fused names) line up. No biases; ``partial_rotary_factor`` rotates only the first
+part of each head; ``sliding_window`` applies to every layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    head_dim_of,
+    sliding_windows,
+)
+
+
+def check_phi3_config(config) -> None:
+    """Warns about what inference ignores but training would miss: base-model dropout."""
+    rates = {k: getattr(config, k, 0.0) for k in ("resid_pdrop", "attention_dropout")}
+    if any(rates.values()):
+        warnings.warn(f"Phi-3 base-model dropout is not applied here (adapter dropout is): {rates}", stacklevel=4)
+
+
+class Phi3Attention(LlamaAttention):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        # no super().__init__: Llama's separate q/k/v_proj would be weights Phi-3 does not have
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.window = sliding_windows(config)[layer_idx]
+        h, d = config.hidden_size, self.head_dim
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_proj = nnx.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d, **kw)
+        self.o_proj = nnx.Linear(self.num_heads * d, h, **kw)
+
+    def project(self, x):
+        b, s, _ = x.shape
+        d, nq, nkv = self.head_dim, self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)
+        q, k, v = jnp.split(qkv, [nq * d, (nq + nkv) * d], axis=-1)
+        return q.reshape(b, s, nq, d), k.reshape(b, s, nkv, d), v.reshape(b, s, nkv, d)
+
+
+class Phi3MLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nnx.Linear(h, 2 * i, **kw)
+        self.down_proj = nnx.Linear(i, h, **kw)
+
+    def __call__(self, x):
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(up * jax.nn.silu(gate))
+
+
+class Phi3DecoderLayer(LlamaDecoderLayer):
+    attention_class: ClassVar[type[nnx.Module]] = Phi3Attention
+    mlp_class: ClassVar[type[nnx.Module]] = Phi3MLP
+
+
+class Phi3Model(LlamaModel):
+    layer_class: ClassVar[type[nnx.Module]] = Phi3DecoderLayer
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        check_phi3_config(config)
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: Llama with fused ``qkv_proj`` and ``gate_up_proj``."""
+
+    model_class: ClassVar[type[nnx.Module]] = Phi3Model
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, inputs_embeds=None, **kwargs):
+        """As :meth:`GenerationMixin.generate`; refuses a LongRoPE generation that crosses
+        ``original_max_position_embeddings``.
+
+        Raises:
+          ValueError: the prompt fits the short factors and the generation would not; transformers
+            then recomputes the whole cache with the long factors, which this cache does not do.
+        """
+        rotary = self.model.rotary
+        n = (inputs_embeds if inputs_embeds is not None else jnp.asarray(input_ids)).shape[1]
+        if rotary.kind == "longrope" and n <= rotary.threshold < n + max_new_tokens:
+            raise ValueError(
+                f"Phi3ForCausalLM.generate: a prompt of {n} tokens plus max_new_tokens={max_new_tokens} crosses "
+                f"original_max_position_embeddings={rotary.threshold} (longrope), where transformers recomputes "
+                f"its cache with the long factors; not implemented here. Generate up to {rotary.threshold} tokens, "
+                f"then continue from that output as the prompt")
+        return super().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, inputs_embeds=inputs_embeds,
+                                **kwargs)
+
+
+class Phi3ForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = Phi3Model
+
+
+register(Phi3ForCausalLM, model_types=("phi3",), default=True)
+register(Phi3ForSequenceClassification)
