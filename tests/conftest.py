@@ -9,6 +9,11 @@ reshape), in the tests' references as in the code they test, so that an accident
 peftjax itself broadcasts explicitly (``peftjax.nn._broadcast.along_last``), so every test runs
 hardened.
 
+Scheduling: ``make test`` runs ``pytest -n 2 --dist loadfile``; each file goes whole to one worker,
+and a worker takes the next file when it is nearly done. ``LONGEST_FIRST`` hands out the files
+that take longest first (xdist's own order, by number of tests, left them to the end), so both
+workers finish together on short files.
+
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
 """
@@ -33,6 +38,37 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the oracle tests skip themselves without torch
     pass
+
+
+# The files that take longest (subprocess runs of whole jobs, examples and benchmarks), longest
+# first; every other file follows in collection order.
+LONGEST_FIRST = [
+    "test_cli.py",
+    "test_examples.py",
+    "test_trainer.py",
+    "test_benchmarks.py",
+    "test_readme.py",
+    "test_sharding.py",
+    "test_llama.py",
+    "test_scan.py",
+    "test_lora_peft.py",
+    "test_mixed_batch.py",
+    "test_prompt_learning.py",
+    "test_lora_linen.py",
+    "test_user_path.py",
+    "test_lora_pissa.py",
+]
+
+
+def pytest_configure(config):
+    # keep the order below: xdist would otherwise sort files by their number of tests
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, as written
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
