@@ -14,11 +14,20 @@ and a worker takes the next file when it is nearly done. ``LONGEST_FIRST`` hands
 that take longest first (xdist's own order, by number of tests, left them to the end), so both
 workers finish together on short files.
 
+Compilation cache: one run of the suite shares a JAX persistent compilation cache, a fresh temporary
+directory made by the first pytest process (the xdist controller) and removed when it ends. The
+workers and every subprocess a test starts (examples, the CLI, benchmarks) inherit it through
+``JAX_COMPILATION_CACHE_DIR``, so a step that several jobs compile identically (the examples'
+MiniLM, the CLI's train step, a resumed run) is compiled once per run. A cache hit returns the
+executable XLA compiled for the same program and options; it changes no result.
+
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,9 +70,22 @@ LONGEST_FIRST = [
 
 
 def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process: a cache for this run
+        config._peftjax_jax_cache = tempfile.mkdtemp(prefix="peftjax-test-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._peftjax_jax_cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))
     # keep the order below: xdist would otherwise sort files by their number of tests
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_peftjax_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
