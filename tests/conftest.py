@@ -9,11 +9,25 @@ reshape), in the tests' references as in the code they test, so that an accident
 peftjax itself broadcasts explicitly (``peftjax.nn._broadcast.along_last``), so every test runs
 hardened.
 
+Scheduling: ``make test`` runs ``pytest -n 2 --dist loadfile``; each file goes whole to one worker,
+and a worker takes the next file when it is nearly done. ``LONGEST_FIRST`` hands out the files
+that take longest first (xdist's own order, by number of tests, left them to the end), so both
+workers finish together on short files.
+
+Compilation cache: one run of the suite shares a JAX persistent compilation cache, a fresh temporary
+directory made by the first pytest process (the xdist controller) and removed when it ends. The
+workers and every subprocess a test starts (examples, the CLI, benchmarks) inherit it through
+``JAX_COMPILATION_CACHE_DIR``, so a step that several jobs compile identically (the examples'
+MiniLM, the CLI's train step, a resumed run) is compiled once per run. A cache hit returns the
+executable XLA compiled for the same program and options; it changes no result.
+
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,6 +47,50 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the oracle tests skip themselves without torch
     pass
+
+
+# The files that take longest (subprocess runs of whole jobs, examples and benchmarks), longest
+# first; every other file follows in collection order.
+LONGEST_FIRST = [
+    "test_cli.py",
+    "test_examples.py",
+    "test_trainer.py",
+    "test_benchmarks.py",
+    "test_readme.py",
+    "test_sharding.py",
+    "test_llama.py",
+    "test_scan.py",
+    "test_lora_peft.py",
+    "test_mixed_batch.py",
+    "test_prompt_learning.py",
+    "test_lora_linen.py",
+    "test_user_path.py",
+    "test_lora_pissa.py",
+]
+
+
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process: a cache for this run
+        config._peftjax_jax_cache = tempfile.mkdtemp(prefix="peftjax-test-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._peftjax_jax_cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))
+    # keep the order below: xdist would otherwise sort files by their number of tests
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_peftjax_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, as written
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

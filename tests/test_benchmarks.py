@@ -14,6 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _run(script: str, *argv: str, timeout: int = 600) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # the scripts time compilation: never from the suite's compilation cache (conftest)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True,
                           env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
