@@ -47,7 +47,7 @@ if not args.model:  # a random base, saved once so every adapter trains on the s
     models.LlamaForCausalLM.from_config(config).save_pretrained(base_dir)
 
 rng = np.random.default_rng(0)
-pairs = [(int(a), int(b)) for a, b in rng.integers(0, 10, (300, 2))]
+pairs = [(int(a), int(b)) for a, b in rng.integers(0, 10, (48 if args.smoke else 300, 2))]
 
 # ---------------------------------------------------------------- one adapter per task
 for name, answer in TASKS.items():
