@@ -9,6 +9,7 @@ this builds the family's class for the adapter's task, with as many labels as th
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from peftjax.config import PeftConfig, load_config
@@ -95,7 +96,15 @@ class AutoPeftModel:
                         f"{adapter}: a SEQ_CLS adapter without a saved classifier head, on a base checkpoint "
                         f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"
                     )
-        model = models.from_pretrained(base, dtype=dtype, task_type=_bundled_task(task), **model_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = models.from_pretrained(base, dtype=dtype, task_type=_bundled_task(task), **model_kwargs)
+        supplied = {k.split(".")[-2] for k in heads}
+        for w in caught:  # a head the adapter file supplies is not "newly initialised" for the user
+            keys = getattr(w.message, "keys", None)
+            if keys and all(k.split(".")[-2] in supplied for k in keys):
+                continue
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)
 
 

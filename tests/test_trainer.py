@@ -161,7 +161,9 @@ def test_bf16_needs_a_bf16_model(tiny_bert, tmp_path):
 
 
 def _run_script(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parent)}
+    # the tests folder (for _tiny) before whatever PYTHONPATH already names (a checkout under test)
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     return subprocess.Popen([sys.executable, str(SCRIPT), str(out), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

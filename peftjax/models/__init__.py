@@ -15,7 +15,7 @@ from peftjax.models._llama import (
 )
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
-from peftjax.models._modeling import CheckpointError, PreTrainedModel, hf_state_dict, read_checkpoint
+from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "MistralForSequenceClassification",
     "ModelConfig",
     "ModelOutput",
+    "NewWeightsWarning",
     "Phi3ForCausalLM",
     "Phi3ForSequenceClassification",
     "PreTrainedModel",

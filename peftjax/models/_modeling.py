@@ -39,6 +39,14 @@ _EMBED = {"embedding": ("weight", False)}
 _NORM = {"scale": ("weight", False), "bias": ("bias", False)}
 
 
+class NewWeightsWarning(UserWarning):
+    """Weights the checkpoint lacks were initialised afresh; ``keys`` names them (torch keys)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
+
+
 class ConfigRef:
     """A model's config (a ``ModelConfig`` or a transformers config), hashed by identity.
 
@@ -410,10 +418,9 @@ class PreTrainedModel(nnx.Module):
         if unexpected:
             warnings.warn(f"{source}: ignored {len(unexpected)} unexpected keys: {sorted(unexpected)[:10]}", stacklevel=3)
         if initialised:
-            warnings.warn(
+            warnings.warn(NewWeightsWarning(
                 f"{type(self).__name__}: {initialised} not in {source}; newly initialised (train them)",
-                stacklevel=3,
-            )
+                keys=tuple(initialised)), stacklevel=3)
 
     def _tied(self, key: str) -> bool:
         """Whether ``key`` is an output embedding tied to the input embedding."""
