@@ -107,6 +107,20 @@ class AdapterDictLayer(AdapterLayer):
         specs = dict(self.adapter_specs)
         return [(n, specs[n]) for n in self.adapter_active if n in specs and n not in self.adapter_merged]
 
+    def _serves_rows(self) -> bool:
+        """Whether a mixed batch adds this layer's adapters: not while disabled; merged ones are refused.
+
+        Raises:
+          ValueError: an adapter is merged (PEFT's message).
+        """
+        if self.adapter_disabled:
+            return False
+        if self.adapter_merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        return True
+
     # AdapterLayer
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.adapter_specs)

@@ -83,12 +83,8 @@ class IA3Linear(IA3Layer):
 
     def _row_scales(self, rows, names, feedforward: bool):
         """``[batch, n]`` vectors, row ``i`` the one adapter ``names[rows[i]]`` has (ones if none)."""
-        if self.adapter_disabled:
+        if not self._serves_rows():
             return None
-        if self.adapter_merged:
-            raise ValueError(
-                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
-            )
         specs = dict(self.adapter_specs)
         present = [n for n in names if n in specs and specs[n].is_feedforward == feedforward]
         if not present:

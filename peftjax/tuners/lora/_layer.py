@@ -156,12 +156,8 @@ class LoraLayer(AdapterDictLayer):
         Every adapter is padded to the largest rank with zeros, which adds nothing; an adapter
         this layer lacks is all zeros. No dropout: mixed batches are for inference, as in PEFT.
         """
-        if self.adapter_disabled:
+        if not self._serves_rows():
             return y
-        if self.adapter_merged:
-            raise ValueError(
-                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
-            )
         specs = dict(self.adapter_specs)
         present = [n for n in names if n in specs]
         if not present:
