@@ -49,7 +49,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
     if not directory.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {directory}")
     name = tokenizer_class_name(directory)
-    candidates = [] if name is None else [name if name.endswith("Fast") else f"{name}Fast", name]
+    candidates = [] if name is None else list(dict.fromkeys([name if name.endswith("Fast") else f"{name}Fast", name]))
     for candidate in candidates:
         try:
             cls = getattr(transformers, candidate)
