@@ -193,13 +193,14 @@ def test_zero_dropout_rates_make_the_key_a_no_op(tiny):
 
 
 def test_dropout_rate_and_scaling():
-    from peftjax.models._bert import _dropout
+    from peftjax.models._dropout import dropout  # the dropout every bundled model applies
 
     x = jnp.ones((100_000,))
-    y = np.asarray(_dropout(x, 0.1, jax.random.key(0)))
+    y = np.asarray(dropout(x, 0.1, jax.random.key(0)))
     np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)
     assert abs((y == 0).mean() - 0.1) < 0.005
-    assert _dropout(x, 0.1, None) is x
+    assert dropout(x, 0.1, None) is x
+    assert not np.asarray(dropout(x, 1.0, jax.random.key(0))).any()  # torch's p=1: zeros, not x / 0
 
 
 def test_training_step_gradients_reach_every_weight(classifier):

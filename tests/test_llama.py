@@ -389,10 +389,52 @@ def test_unimplemented_options_of_qwen3_and_phi3_are_named(family, overrides, na
         cls.from_config(models.ModelConfig(family, **_tiny.fields(family, **overrides)))
 
 
-def test_phi3_base_model_dropout_is_named_not_silently_dropped():
-    config = models.ModelConfig("phi3", **_tiny.fields("phi3", resid_pdrop=0.1))
-    with pytest.warns(UserWarning, match="resid_pdrop"):
-        models.Phi3ForCausalLM.from_config(config)
+@pytest.mark.parametrize(("family", "rates"), [
+    ("llama", dict(attention_dropout=1.0)),
+    ("phi3", dict(resid_pdrop=1.0)),
+])
+def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
+    """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
+    branch output, is zeroed), so it is an exact oracle for where the dropout sits."""
+    config = _tiny.config(family, **TINY, **rates)
+    config._attn_implementation = "eager"  # the dropout transformers' eager attention applies
+    torch_model = save_tiny(_tiny.arch(family).torch_class, config, tmp_path)
+    model = models.from_pretrained(tmp_path)
+    ids, mask = padded_batch(TINY["vocab_size"], seq=6, left=False)
+    valid = mask.astype(bool)
+    torch_model.train()
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+    trained = np.asarray(model(input_ids=ids, attention_mask=mask, dropout_rng=jax.random.key(0)).logits)
+    np.testing.assert_allclose(trained[valid], ref[valid], atol=1e-5)
+    torch_model.eval()
+    evaluated = np.asarray(model(input_ids=ids, attention_mask=mask).logits)
+    np.testing.assert_allclose(evaluated[valid], torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid],
+                               atol=1e-5)
+    assert np.abs(trained - evaluated)[valid].max() > 1e-2
+
+
+def test_base_model_dropout_draws_per_key_and_scans_like_the_loop(tmp_path):
+    """Phi-3 at rate 0.3: a key changes the output (and nothing without one), the same key gives
+    the same masks whether the layers loop or scan (under remat), and the gradient is finite."""
+    config = models.ModelConfig("phi3", **_tiny.fields("phi3", resid_pdrop=0.3, attention_dropout=0.3))
+    looped = models.Phi3ForCausalLM.from_config(config)
+    looped.save_pretrained(tmp_path)
+    scanned = models.from_pretrained(tmp_path, scan_layers=True, remat="full")
+    ids = jnp.array([[3, 5, 7, 9, 11]])
+    key = jax.random.key(1)
+    base = looped(input_ids=ids).logits
+    a = looped(input_ids=ids, dropout_rng=key).logits
+    assert not np.allclose(a, base, atol=1e-3)
+    np.testing.assert_array_equal(a, looped(input_ids=ids, dropout_rng=key).logits)
+    assert not np.allclose(a, looped(input_ids=ids, dropout_rng=jax.random.key(2)).logits, atol=1e-3)
+    np.testing.assert_allclose(scanned(input_ids=ids, dropout_rng=key).logits, a, atol=1e-5)
+    np.testing.assert_allclose(scanned(input_ids=ids).logits, base, atol=1e-5)
+
+    def loss(model):
+        return model(input_ids=ids, labels=ids, dropout_rng=key).loss
+
+    grads = nnx.grad(loss)(scanned)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
 def test_unknown_config_override_is_an_error(llama_dir):

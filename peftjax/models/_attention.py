@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from peftjax.models._dropout import dropout
+
 
 def attention_mask_4d(
     query_slots: jax.Array,
@@ -61,7 +63,14 @@ def attention_mask_4d(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; the softmax runs in float32.
 
@@ -69,6 +78,7 @@ def dot_product_attention(
       q: ``[batch, q_len, heads, head_dim]``.
       k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
       mask: boolean ``[batch, 1, q_len, k_len]`` (see ``attention_mask_4d``).
+      dropout_rate: dropout on the attention probabilities, applied only with ``dropout_rng``.
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
@@ -81,6 +91,7 @@ def dot_product_attention(
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * sq, sk)
+    probs = dropout(probs, dropout_rate, dropout_rng)
     out = jnp.matmul(probs, vh).reshape(b, kvh, g, sq, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d)
 

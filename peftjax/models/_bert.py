@@ -17,6 +17,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._dropout import dropout, layer_key, split_key
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
@@ -47,20 +48,6 @@ def _check_config(config) -> None:
         )
 
 
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout, as ``torch.nn.Dropout`` in training mode; the identity without a key."""
-    if rng is None or rate == 0.0:
-        return x
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
 def _linear_kw(config, dtype, param_dtype, rngs) -> dict:
     # transformers' _init_weights: normal(0, initializer_range) for Linear and Embedding weights
     init = nnx.initializers.normal(config.initializer_range)
@@ -86,7 +73,7 @@ class BertEmbeddings(nnx.Module):
 
     def __call__(self, inputs_embeds, token_type_ids, position_ids, rng=None):
         x = inputs_embeds + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
-        return _dropout(self.LayerNorm(x), self.dropout_rate, rng)
+        return dropout(self.LayerNorm(x), self.dropout_rate, rng)
 
 
 class BertSelfAttention(nnx.Module):
@@ -110,7 +97,7 @@ class BertSelfAttention(nnx.Module):
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = _dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
+        probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
 
 
@@ -122,7 +109,7 @@ class BertSelfOutput(nnx.Module):
         self.dropout_rate = float(config.hidden_dropout_prob)
 
     def __call__(self, x, residual, rng=None):
-        return self.LayerNorm(_dropout(self.dense(x), self.dropout_rate, rng) + residual)
+        return self.LayerNorm(dropout(self.dense(x), self.dropout_rate, rng) + residual)
 
 
 class BertAttention(nnx.Module):
@@ -132,7 +119,7 @@ class BertAttention(nnx.Module):
         self.output = BertSelfOutput(config, **kw)
 
     def __call__(self, x, mask, rng=None, prefix=None):
-        attn_rng, out_rng = _split(rng, 2)
+        attn_rng, out_rng = split_key(rng, 2)
         return self.output(self.self(x, mask, attn_rng, prefix), x, out_rng)
 
 
@@ -154,7 +141,7 @@ class BertOutput(nnx.Module):
         self.dropout_rate = float(config.hidden_dropout_prob)
 
     def __call__(self, x, residual, rng=None):
-        return self.LayerNorm(_dropout(self.dense(x), self.dropout_rate, rng) + residual)
+        return self.LayerNorm(dropout(self.dense(x), self.dropout_rate, rng) + residual)
 
 
 class BertLayer(nnx.Module):
@@ -165,7 +152,7 @@ class BertLayer(nnx.Module):
         self.output = BertOutput(config, **kw)
 
     def __call__(self, x, mask, rng=None, prefix=None):
-        attn_rng, out_rng = _split(rng, 2)
+        attn_rng, out_rng = split_key(rng, 2)
         a = self.attention(x, mask, attn_rng, prefix)
         return self.output(self.intermediate(a), a, out_rng)
 
@@ -179,10 +166,10 @@ class BertEncoder(nnx.Module):
         )
 
     def __call__(self, x, mask, rng=None, prefix_kv=None):
-        if rng is None and prefix_kv is None:  # no dropout, no prefix: scanned and/or rematerialised
-            return run_layers(self.layer, lambda layer, h: layer(h, mask), x, self.remat)
-        for i, (layer, layer_rng) in enumerate(zip(self.layer, _split(rng, len(self.layer)))):
-            x = layer(x, mask, layer_rng, None if prefix_kv is None else prefix_kv[i])
+        if prefix_kv is None:  # scanned and/or rematerialised, dropout or not
+            return run_layers(self.layer, lambda layer, h, k: layer(h, mask, k), x, self.remat, rng)
+        for i, layer in enumerate(self.layer):
+            x = layer(x, mask, layer_key(rng, i), prefix_kv[i])
         return x
 
 
@@ -300,7 +287,7 @@ class BertModel(PreTrainedModel):
             attention_mask = jnp.ones((b, s), bool)
         key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
         mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
-        emb_rng, enc_rng = _split(dropout_rng, 2)
+        emb_rng, enc_rng = split_key(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
         h = self.encoder(x, mask, enc_rng, prefix_kv)
         pooled = None if self.pooler is None else self.pooler(h)
@@ -338,9 +325,9 @@ class BertForSequenceClassification(PreTrainedModel):
 
         ``prefix_kv``: as for :class:`BertModel`.
         """
-        bert_rng, head_rng = _split(dropout_rng, 2)
+        bert_rng, head_rng = split_key(dropout_rng, 2)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv)
-        logits = self.classifier(_dropout(out.pooler_output, self.dropout_rate, head_rng))
+        logits = self.classifier(dropout(out.pooler_output, self.dropout_rate, head_rng))
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(
             logits=logits, loss=loss, last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output

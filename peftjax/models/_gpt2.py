@@ -15,6 +15,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._dropout import dropout, layer_key, split_key
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
@@ -46,23 +47,9 @@ def _check_supported(config) -> None:
         raise ValueError(f"n_embd {config.hidden_size} is not a multiple of n_head {config.num_attention_heads}")
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout as torch applies it; the identity without a key (inference)."""
-    if key is None or rate == 0.0:
-        return x
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 def _kv_layout(config) -> tuple[int, int]:
     """``(heads, head dim)`` of every block's attention (no grouped-query heads in GPT-2)."""
     return config.num_attention_heads, config.hidden_size // config.num_attention_heads
-
-
-def _split(key: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Conv1D(nnx.Linear):
@@ -101,15 +88,15 @@ class GPT2Attention(nnx.Module):
             k, v = cache["k"], cache["v"]
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
-        probs_key, resid_key = _split(dropout_rng, 2)
+        probs_key, resid_key = split_key(dropout_rng, 2)
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.scale
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        probs = _dropout(probs, self.attn_pdrop, probs_key)
+        probs = dropout(probs, self.attn_pdrop, probs_key)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, e)
-        return _dropout(self.c_proj(out), self.resid_pdrop, resid_key), cache
+        return dropout(self.c_proj(out), self.resid_pdrop, resid_key), cache
 
 
 class GPT2MLP(nnx.Module):
@@ -124,7 +111,7 @@ class GPT2MLP(nnx.Module):
 
     def __call__(self, x, dropout_rng=None):
         h = _ACTIVATIONS[self.activation_function](self.c_fc(x))
-        return _dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
+        return dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
 
 
 class GPT2Block(nnx.Module):
@@ -137,7 +124,7 @@ class GPT2Block(nnx.Module):
         self.mlp = GPT2MLP(config, **kw)
 
     def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None, prefix=None):
-        attn_key, mlp_key = _split(dropout_rng, 2)
+        attn_key, mlp_key = split_key(dropout_rng, 2)
         a, cache = self.attn(self.ln_1(x), mask, cache, cache_index, attn_key, prefix)
         x = a + x
         return x + self.mlp(self.ln_2(x), mlp_key), cache
@@ -200,15 +187,16 @@ class GPT2Model(PreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(jnp.asarray(token_type_ids))
         mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
-        embd_key, *layer_keys = _split(dropout_rng, 1 + len(self.h))
-        x = _dropout(x, self.embd_pdrop, embd_key)
+        embd_key, layers_key = split_key(dropout_rng, 2)
+        x = dropout(x, self.embd_pdrop, embd_key)
         new_cache = [] if cache is not None else None
-        loop = cache is not None or prefix_kv is not None or dropout_rng is not None
-        if not loop:  # training and scoring without base-model dropout: scanned and/or rematerialised
-            x = run_layers(self.h, lambda block, h: block(h, mask)[0], x, self.remat)
+        loop = cache is not None or prefix_kv is not None
+        if not loop:  # training and scoring: scanned and/or rematerialised, dropout or not
+            x = run_layers(self.h, lambda block, h, k: block(h, mask, dropout_rng=k)[0], x, self.remat, layers_key)
         for i, block in enumerate(self.h if loop else ()):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_keys[i], prefix)
+            x, layer_cache = block(x, mask, None if cache is None else cache[i], start, layer_key(layers_key, i),
+                                   prefix)
             if cache is not None:
                 new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.ln_f(x), past_key_values=new_cache)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._dropout import dropout, layer_key, split_key
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
@@ -55,10 +56,7 @@ def sliding_windows(config) -> list[int | None]:
 
 class LlamaAttention(nnx.Module):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.window = sliding_windows(config)[layer_idx]
+        self.set_layout(config, layer_idx)
         qkv_bias, o_bias, _ = _biases(config)
         h, d = config.hidden_size, self.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -66,6 +64,14 @@ class LlamaAttention(nnx.Module):
         self.k_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
         self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
         self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
+
+    def set_layout(self, config, layer_idx: int) -> None:
+        """Heads, head size, window and dropout: what every family's attention reads from the config."""
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.window = sliding_windows(config)[layer_idx]
+        self.dropout_rate = float(getattr(config, "attention_dropout", 0.0) or 0.0)
 
     def project(self, x):
         """Queries ``[b, s, heads, head_dim]``, keys and values ``[b, s, kv_heads, head_dim]``, before RoPE."""
@@ -75,7 +81,7 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         return q, k, v
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         b, s, _ = x.shape
         q, k, v = self.project(x)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -85,7 +91,8 @@ class LlamaAttention(nnx.Module):
         if prefix is not None:  # prefix keys are cached keys: no RoPE
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         mask = masks[self.window]
-        out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, dropout_rate=self.dropout_rate,
+                                         dropout_rng=dropout_rng)
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -117,11 +124,18 @@ class LlamaDecoderLayer(nnx.Module):
         eps = config.rms_norm_eps
         self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's dropout key (training); ``None``: no base-model dropout.
+
+        With a key, the attention probabilities drop at ``attention_dropout``, and each branch's
+        output at ``resid_pdrop`` before its residual add (Phi-3's; Llama's is 0).
+        """
+        attn_key, attn_out_key, mlp_out_key = split_key(dropout_rng, 3)
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, attn_key)
+        x = x + dropout(a, self.resid_dropout_rate, attn_out_key)
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.resid_dropout_rate, mlp_out_key), cache
 
 
 def kv_layout(config) -> tuple[int, int]:
@@ -159,8 +173,12 @@ class LlamaModel(nnx.Module):
         cache=None,
         cache_index=None,
         prefix_kv=None,
+        dropout_rng=None,
     ) -> ModelOutput:
-        """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``)."""
+        """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``).
+
+        ``dropout_rng``: a ``jax.random`` key to apply the config's dropout (training); ``None``: none.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -178,10 +196,12 @@ class LlamaModel(nnx.Module):
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
-            x = run_layers(self.layers, lambda layer, h: layer(h, cos, sin, masks)[0], x, self.remat)
+            x = run_layers(self.layers, lambda layer, h, k: layer(h, cos, sin, masks, dropout_rng=k)[0], x,
+                           self.remat, dropout_rng)
         for i, layer in enumerate(self.layers if cache is not None or prefix_kv is not None else ()):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            x, layer_cache = layer(x, cos, sin, masks, None if cache is None else cache[i], start, prefix)
+            x, layer_cache = layer(x, cos, sin, masks, None if cache is None else cache[i], start, prefix,
+                                   layer_key(dropout_rng, i))
             if cache is not None:
                 new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
@@ -218,8 +238,11 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         cache=None,
         cache_index=None,
         prefix_kv=None,
+        dropout_rng=None,
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv)
+        """``dropout_rng``: a key to apply the config's dropout, as transformers' ``.train()``."""
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
+                         dropout_rng)
         h = out.last_hidden_state
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         loss = None
@@ -249,9 +272,17 @@ class LlamaForSequenceClassification(PreTrainedModel):
         )
 
     def __call__(
-        self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None, prefix_kv=None
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        prefix_kv=None,
+        dropout_rng=None,
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv,
+                         dropout_rng=dropout_rng)
         logits = self.score(out.last_hidden_state)
         pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
         loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)

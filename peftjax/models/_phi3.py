@@ -10,7 +10,6 @@ part of each head; ``sliding_window`` applies to every layer.
 
 from __future__ import annotations
 
-import warnings
 from typing import ClassVar
 
 import jax
@@ -24,25 +23,13 @@ from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaModel,
-    head_dim_of,
-    sliding_windows,
 )
-
-
-def check_phi3_config(config) -> None:
-    """Warns about what inference ignores but training would miss: base-model dropout."""
-    rates = {k: getattr(config, k, 0.0) for k in ("resid_pdrop", "attention_dropout")}
-    if any(rates.values()):
-        warnings.warn(f"Phi-3 base-model dropout is not applied here (adapter dropout is): {rates}", stacklevel=4)
 
 
 class Phi3Attention(LlamaAttention):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         # no super().__init__: Llama's separate q/k/v_proj would be weights Phi-3 does not have
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = head_dim_of(config)
-        self.window = sliding_windows(config)[layer_idx]
+        self.set_layout(config, layer_idx)
         h, d = config.hidden_size, self.head_dim
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv_proj = nnx.Linear(h, (self.num_heads + 2 * self.num_kv_heads) * d, **kw)
@@ -77,10 +64,6 @@ class Phi3DecoderLayer(LlamaDecoderLayer):
 
 class Phi3Model(LlamaModel):
     layer_class: ClassVar[type[nnx.Module]] = Phi3DecoderLayer
-
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        check_phi3_config(config)
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models._dropout import layer_key
 from peftjax.nn._dropout import active_dropout_key, dropout_key
 
 # model options that are not transformers config fields: set on the config, never saved
@@ -73,19 +74,20 @@ class StackedLayers(nnx.Module):
     def __iter__(self) -> Iterator[nnx.Module]:
         return (self[i] for i in range(self.num_layers))
 
-    def scan(self, fn: Callable[[nnx.Module, jax.Array], jax.Array], x: jax.Array, remat: str = "none") -> jax.Array:
-        """``x = fn(layer, x)`` for every layer, as one ``jax.lax.scan``.
+    def scan(self, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None) -> jax.Array:
+        """``x = fn(layer, x, layer_key)`` for every layer, as one ``jax.lax.scan``.
 
-        Adapter dropout draws a different mask in each layer: the active key is folded with the
-        layer index (all layers share their module paths).
+        ``layer_key`` is ``key`` folded with the layer index (``None`` without a key): the model's
+        own dropout. Adapter dropout draws a different mask in each layer too: the active key is
+        folded with the layer index (all layers share their module paths).
         """
         graphdef, state = nnx.split(self.layer)
-        key = active_dropout_key()
+        active = active_dropout_key()
 
         def body(h, xs):
             i, layer_state = xs
-            with dropout_key(None if key is None else jax.random.fold_in(key, i)):
-                return fn(nnx.merge(graphdef, layer_state), h), None
+            with dropout_key(None if active is None else jax.random.fold_in(active, i)):
+                return fn(nnx.merge(graphdef, layer_state), h, layer_key(key, i)), None
 
         x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(self.num_layers), state))
         return x
@@ -101,16 +103,19 @@ def make_layers(config, make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, rn
     return nnx.List([make_layer(i, rngs) for i in range(n)])
 
 
-def run_layers(layers, fn: Callable[[nnx.Module, jax.Array], jax.Array], x: jax.Array, remat: str = "none"):
-    """``x = fn(layer, x)`` over ``layers``: scanned when stacked, else a loop; each under ``remat``."""
+def run_layers(layers, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None):
+    """``x = fn(layer, x, layer_key)`` over ``layers``: scanned when stacked, else a loop; each under
+    ``remat``. ``layer_key`` is ``key`` folded with the layer's index (``None`` without a key), so a
+    stacked and an unstacked model draw the same dropout masks."""
     if isinstance(layers, StackedLayers):
-        return layers.scan(fn, x, remat)
-    for layer in layers:
+        return layers.scan(fn, x, remat, key)
+    for i, layer in enumerate(layers):
+        k = layer_key(key, i)
         if remat == "none":
-            x = fn(layer, x)
+            x = fn(layer, x, k)
         else:
             graphdef, state = nnx.split(layer)
-            x = checkpointed(lambda s, h, g=graphdef: fn(nnx.merge(g, s), h), remat)(state, x)
+            x = checkpointed(lambda s, h, lk, g=graphdef: fn(nnx.merge(g, s), h, lk), remat)(state, x, k)
     return x
 
 
