@@ -13,6 +13,7 @@ from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
     IA3Config,
+    LoftQConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -70,6 +71,7 @@ __all__ = [
     "TRAINABLE",
     "BottleneckConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "QuantizationConfig",
     "LoraParam",

@@ -492,11 +492,25 @@ class PeftModel:
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     ) -> None:
         """Writes each adapter as HF PEFT does (``default`` at the top, others in subfolders).
 
         Sharded adapters are gathered first. On several hosts every process must call this (the
         gather is collective) and only process 0 writes the files.
+
+        Args:
+          save_directory: where to write.
+          selected_adapters: the adapters to write (default: all).
+          save_embedding_layers: ``"auto"``, ``True`` or ``False``, as PEFT's.
+          path_initial_model_for_weight_conversion: for a PiSSA, OLoRA or LoftQ adapter, the
+            directory where it was saved right after ``get_peft_model`` (before training): the
+            adapter is then written as a plain LoRA of twice the rank that applies to the
+            *original* base model, here and in PEFT (``tuners.lora._convert``).
+
+        >>> peft_model.save_pretrained("pissa_init")                       # doctest: +SKIP
+        >>> ...  # train
+        >>> peft_model.save_pretrained("pissa_as_lora", path_initial_model_for_weight_conversion="pissa_init")  # doctest: +SKIP
         """
         self._check_live("save the adapters")
         names = selected_adapters or list(self.peft_config)
@@ -506,6 +520,10 @@ class PeftModel:
         for name in names:
             config = self._config_for_saving(self.peft_config[name])
             tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            if path_initial_model_for_weight_conversion is not None and jax.process_index() == 0:
+                from peftjax.tuners.lora._convert import convert_to_plain_lora
+
+                config, tensors = convert_to_plain_lora(config, tensors, path_initial_model_for_weight_conversion)
             if jax.process_index() == 0:
                 write_adapter(adapter_dir(save_directory, name), config, tensors)
 
@@ -655,6 +673,10 @@ class PeftModel:
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
+        if getattr(config, "init_lora_weights", None) == "loftq" and _quantized(self.base_model):
+            # LoftQ's workflow: its rewritten base was saved and loaded in 4 or 8 bits; that base
+            # already is the quantization LoftQ would compute, and the file holds the factors
+            config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
         self.add_adapter(adapter_name, config)
         source = str(Path(model_id))
         try:
@@ -671,6 +693,12 @@ class PeftModel:
             warnings.warn(f"{source}: found missing adapter keys while loading the checkpoint (strict=False): "
                           f"{missing[:10]}", stacklevel=3)
         return missing, unexpected
+
+
+def _quantized(model) -> bool:
+    from peftjax.quantization import QuantizedLinear
+
+    return any(isinstance(m, QuantizedLinear) for _, m in nnx.iter_graph(model))
 
 
 def _check_keys(model, source: str, tensors, missing: list[str], unexpected: list[str], *, strict: bool) -> None:

@@ -12,7 +12,7 @@ from peftjax.config._base import (
     config_from_dict,
     load_config,
 )
-from peftjax.config._lora import LoraConfig
+from peftjax.config._lora import LoftQConfig, LoraConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -45,6 +45,7 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "BottleneckConfig",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftType",

@@ -23,8 +23,8 @@ from peftjax.config._targeting import get_pattern_key
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 # Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
-_PEFT_ONLY_INITS = ("eva", "corda", "loftq", "orthogonal", "mica", "lora_ga")
-_SUPPORTED_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'"
+_PEFT_ONLY_INITS = ("eva", "corda", "mica", "lora_ga")
+_SUPPORTED_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq'"
 
 # PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
@@ -83,11 +83,13 @@ class LoraConfig(PeftConfig):
             (random A and B, for tests), ``"gaussian"`` (A ~ N(0, 1/r), B zero), ``"pissa"``
             (the top-``r`` SVD of the base weight), ``"pissa_niter_<N>"`` (the same from a
             randomized SVD with ``N >= 0`` subspace iterations, as ``torch.svd_lowrank``; its
-            test matrix comes from the adapter's init key) or ``"olora"`` (QR); the last three
-            rewrite the base weight to the residual. ``"gaussian"`` and ``"olora"`` may have
-            any case, as in PEFT. PEFT's ``"eva"``,
-            ``"corda"``, ``"loftq"``, ``"orthogonal"``, ``"mica"`` and ``"lora_ga"`` raise
-            ``NotImplementedError``.
+            test matrix comes from the adapter's init key), ``"olora"`` (QR), ``"orthogonal"``
+            (A and B from orthogonal halves of a random basis: both non-zero, ``B @ A == 0``;
+            needs an even ``r``) or ``"loftq"`` (LoftQ: the base weight becomes its NF4 or int8
+            quantization ``Q``, and ``B @ A`` the top-``r`` SVD of ``W - Q``; see
+            ``loftq_config``). PiSSA, OLoRA and LoftQ rewrite the base weight. ``"gaussian"``
+            and ``"olora"`` may have any case, as in PEFT. PEFT's ``"eva"``, ``"corda"``,
+            ``"mica"`` and ``"lora_ga"`` raise ``NotImplementedError``.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
             index is the first numbered segment of the name (or the one after
             ``layers_pattern``); a module with no index is then not adapted. Ignored for a module
@@ -100,8 +102,10 @@ class LoraConfig(PeftConfig):
         megatron_config: PEFT's Megatron parallel-layer config. Unsupported: must be ``None``.
         megatron_core: The Megatron module name; inert without ``megatron_config``.
         trainable_token_indices: PEFT's trainable-tokens embedding option. Unsupported.
-        loftq_config: LoftQ settings; the ``"loftq"`` init is unsupported, so a non-empty value
-            is reset to ``{}`` with PEFT's warning.
+        loftq_config: LoftQ settings for ``init_lora_weights="loftq"`` (required then): a
+            :class:`LoftQConfig` or its dict, ``loftq_bits`` 4 (NF4, bitsandbytes' codes, blocks of
+            64) or 8 (int8 per row) and ``loftq_iter`` alternations. With another init a
+            non-empty value is reset to ``{}`` with PEFT's warning.
         eva_config: EVA settings; only read by the unsupported ``"eva"`` init (PEFT warns and
             ignores it otherwise, and so does peftjax).
         corda_config: CorDA settings; likewise only for the unsupported ``"corda"`` init.
@@ -179,6 +183,8 @@ class LoraConfig(PeftConfig):
             "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
+        if isinstance(self.loftq_config, LoftQConfig):
+            self._set("loftq_config", self.loftq_config.to_dict())
         self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
         reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
 
@@ -189,7 +195,11 @@ class LoraConfig(PeftConfig):
             raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        if self.loftq_config:
+        if self.init_lora_weights == "loftq":
+            if not self.loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            self._set("loftq_config", LoftQConfig.from_value(self.loftq_config).to_dict())
+        elif self.loftq_config:
             warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
             self._set("loftq_config", {})
         elif self.eva_config is not None:
@@ -212,7 +222,9 @@ class LoraConfig(PeftConfig):
         if not isinstance(init, str):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
-        if init.lower() in ("gaussian", "olora") or init == "pissa" or re.fullmatch(r"pissa_niter_[0-9]+", init):
+        if init.lower() in ("gaussian", "olora") or init in ("pissa", "orthogonal", "loftq"):
+            return
+        if re.fullmatch(r"pissa_niter_[0-9]+", init):
             return
         if init.startswith("pissa"):  # PEFT fails at injection (int("x")); fail here, saying what fits
             raise ValueError(
@@ -239,6 +251,36 @@ class LoraConfig(PeftConfig):
         alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module_name), self.lora_alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
         return r, alpha, scaling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoftQConfig:
+    """LoftQ's settings (PEFT's ``LoftQConfig``), for ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``.
+
+    Attributes:
+      loftq_bits: 4 (NF4 in blocks of 64, bitsandbytes' codes) or 8 (int8, absmax per output row).
+      loftq_iter: alternations of quantizing ``W - B @ A`` and refitting ``B @ A`` by SVD (>= 1).
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("loftq_config.loftq_bits", self.loftq_bits, (4, 8))
+        check_int("loftq_config.loftq_iter", self.loftq_iter, minimum=1)
+
+    @classmethod
+    def from_value(cls, value: Any) -> LoftQConfig:
+        """A ``LoftQConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        if isinstance(value, cls):
+            return value
+        unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            raise ValueError(f"`loftq_config` has unknown keys {unknown}; expected 'loftq_bits' and 'loftq_iter'.")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 def _layer_indices(value: Any) -> int | tuple[int, ...] | None:

@@ -29,6 +29,7 @@ from peftjax.tuners.lora._math import (
     dora_factor,
     dora_output,
     init_weights,
+    is_loftq,
     merged_weight,
     torch_layout,
     unmerged_weight,
@@ -66,7 +67,11 @@ class LoraLayer(AdapterDictLayer):
         every target first), so the kind is looked up rather than read from ``self``.
         """
         check_init(lora_class_for(self).lora_kind, init, path)
-        if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian"):
+        if isinstance(self, QuantizedLinear) and is_loftq(init):
+            raise TypeError(f"{path}: init_lora_weights='loftq' quantizes the float base weight itself; load the "
+                            "float checkpoint (no quantization_config), initialize LoftQ, save the rewritten base, "
+                            "then load that in 4 or 8 bits with the adapter.")
+        if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal"):
             raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
                             "Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, "
                             "re-quantize the residual model to help minimize quantization errors.")

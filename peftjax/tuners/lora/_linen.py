@@ -93,6 +93,7 @@ from peftjax.tuners.lora._math import (
     LoraSpec,
     canonical_init,
     check_init,
+    check_init_rank,
     decomposes,
     dora_factor,
     dora_output,
@@ -648,6 +649,10 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
         raise NotImplementedError(f"{info.name}: DoRA and lora_bias on embeddings are not supported")
     # a DenseGeneral / Einsum kernel is a plain [n_in, n_out] matrix here, so PiSSA/OLoRA factor it
     check_init(info.kind if info.kind in ("embed", "conv") else "linear", init, info.name)
+    check_init_rank(init, lora.r, info.name)
+    if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
+        raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
+                                  "bundled ones), not yet through peftjax.linen")
     if lora.lora_bias and "bias" not in node:
         raise ValueError(f"{info.name}: lora_bias=True needs a base bias to merge into, and {where} has none")
 

@@ -73,19 +73,36 @@ def canonical_init(init):
 
 
 def decomposes(init) -> bool:
-    """Whether ``init`` (PiSSA, randomized PiSSA, OLoRA) rewrites the base weight."""
-    return isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
+    """Whether ``init`` (PiSSA, randomized PiSSA, OLoRA, LoftQ) rewrites the base weight."""
+    return is_loftq(init) or isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
+
+
+def is_loftq(init) -> bool:
+    """LoftQ's init reaches the layers as its settings (a ``LoftQConfig``), not as the string."""
+    return hasattr(init, "loftq_bits")
 
 
 def check_init(kind: str, init, where: str) -> None:
     """Raises ``NotImplementedError`` naming ``where`` when layer ``kind`` cannot take ``init``.
 
-    PiSSA and OLoRA factor a plain 2-D weight (``kind == "linear"``); embeddings, convolutions
-    and the multi-axis layers (``"general"``) take the default, ``False`` or ``"gaussian"``.
+    PiSSA, OLoRA, LoftQ and the orthogonal init factor a plain 2-D weight (``kind ==
+    "linear"``); embeddings take the default, ``False``, ``"gaussian"`` and ``"orthogonal"``
+    (which PEFT's embedding layer treats as its default init), convolutions and the multi-axis
+    layers (``"general"``) the default, ``False`` or ``"gaussian"``.
     """
-    if kind != "linear" and isinstance(init, str) and canonical_init(init) != "gaussian":
-        what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
-        raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
+    if kind == "linear" or not (is_loftq(init) or isinstance(init, str)):
+        return
+    init = "loftq" if is_loftq(init) else canonical_init(init)
+    if init == "gaussian" or (kind == "embed" and init == "orthogonal"):
+        return
+    what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
+    raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
+
+
+def check_init_rank(init, r: int, where: str) -> None:
+    """PEFT's refusal of an odd rank for the orthogonal init (it splits a basis into two halves)."""
+    if init == "orthogonal" and r % 2:
+        raise ValueError(f"{where}: Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
 
 
 def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
@@ -100,6 +117,8 @@ def init_factors(key, kind: str, init, in_features: int, out_features: int, r: i
         return kaiming_uniform(ka, (in_features, r), in_features), kaiming_uniform(kb, (r, out_features), r)
     if init == "gaussian":
         return jax.random.normal(ka, (in_features, r)) / r, jnp.zeros((r, out_features))
+    if init == "orthogonal":
+        return orthogonal_factors(key, in_features, out_features, r)
     return kaiming_uniform(ka, (in_features, r), in_features), jnp.zeros((r, out_features))
 
 
@@ -113,7 +132,9 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
     """
     n_in, n_out = w2.shape
     residual = None
-    if decomposes(init):
+    if is_loftq(init):
+        a, b, residual = loftq(w2, spec.r, init)
+    elif decomposes(init):
         a, b, residual = decompose(init, w2, spec, key)
     else:
         a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
@@ -124,6 +145,49 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         base = w2 if residual is None else residual
         weights["lora_magnitude_vector"] = unit_norm(base.astype(jnp.float32) + delta(a, b, spec.scaling))
     return weights, residual
+
+
+def orthogonal_factors(key, in_features: int, out_features: int, r: int) -> tuple[jax.Array, jax.Array]:
+    """PEFT's ``orthogonal_init``: ``A`` from the odd rows of a random orthogonal ``[r, r]`` basis,
+    ``B`` from the even rows, each through a Gaussian matrix and scaled by 1/10. Both factors are
+    non-zero and ``A @ B`` is zero (the halves are orthogonal), so the adapter starts as a no-op
+    whose gradient reaches both factors. Flax layout: ``A [in, r]``, ``B [r, out]``."""
+    kq, ka, kb = jax.random.split(key, 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(kq, (r, r)))
+    q_odd, q_even = q[0::2], q[1::2]  # [r/2, r] each, rows orthogonal to each other
+    hi = jax.lax.Precision.HIGHEST  # the product is zero only to the precision of these matmuls
+    a = jnp.matmul(jax.random.normal(ka, (in_features, r // 2)), q_odd, precision=hi) / 10.0
+    b = jnp.matmul(q_even.T, jax.random.normal(kb, (r // 2, out_features)), precision=hi) / 10.0
+    return a, b
+
+
+def loftq(w2: jax.Array, r: int, settings) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LoftQ (PEFT's ``loftq_init``): ``(A, B, Q)`` with ``Q`` the quantized-and-dequantized base
+    weight and ``B @ A`` the rank-``r`` SVD of ``W - Q``, alternating ``loftq_iter`` times.
+
+    ``Q`` uses bitsandbytes' codes over the torch ``[out, in]`` weight (NF4 in blocks of 64
+    without double quantization, or int8 per row), so the rewritten base quantizes back to the
+    same codes when loaded in 4 or 8 bits. As in PEFT, ``B @ A`` fits ``W - Q`` unscaled: the
+    adapted weight is ``Q + (alpha / r) B @ A``, which equals ``W`` to the SVD's rank only when
+    ``lora_alpha == r``.
+    """
+    import numpy as np
+
+    from peftjax.quantization import _bnb
+
+    w = np.asarray(w2, np.float32).T  # [out, in]
+    res = w
+    for i in range(settings.loftq_iter):
+        if settings.loftq_bits == 4:
+            q = _bnb.dequantize_4bit(_bnb.quantize_4bit(res, quant_type="nf4", blocksize=64))
+        else:
+            q = _bnb.int8_dequantize(*_bnb.int8_vectorwise_quant(res))
+        u, sv, vh = np.linalg.svd((w - q).astype(np.float64), full_matrices=False)
+        root = np.sqrt(sv[:r])
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]  # [out, r], [r, in]
+        if i + 1 < settings.loftq_iter:
+            res = w - (b @ a).astype(np.float32)
+    return jnp.asarray(a.T, jnp.float32), jnp.asarray(b.T, jnp.float32), jnp.asarray(q.T)
 
 
 def decompose(init: str, w2: jax.Array, spec: LoraSpec, key: jax.Array):

@@ -12,7 +12,7 @@ import warnings
 import jax
 from flax import nnx
 
-from peftjax.config import LoraConfig, match_modules
+from peftjax.config import LoftQConfig, LoraConfig, match_modules
 from peftjax.tuners.base import (
     AdapterLayer,
     TrainableParam,
@@ -26,6 +26,7 @@ from peftjax.tuners.base import (
     validate_adapter_name,
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
+from peftjax.tuners.lora._math import check_init_rank
 
 
 def lora_layers(model: nnx.Module) -> dict[str, LoraLayer]:
@@ -70,11 +71,14 @@ def inject_lora(
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")
     config = _settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    # what the layers get as init_lora_weights: LoftQ's settings stand in for the string
+    init = LoftQConfig.from_value(config.loftq_config) if config.init_lora_weights == "loftq" else \
+        config.init_lora_weights
     for name in targets:  # every refusal comes before the first change to the model
         lora_class_for(modules[name]).check_lora(
-            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
-            init=config.init_lora_weights,
+            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias), init=init,
         )
+        check_init_rank(init, LoraSpec.for_target(config, name).r, name)
     for i, name in enumerate(targets):
         module = modules[name]
         if isinstance(module, LoraLayer) and adapter_name in module.adapter_names():
@@ -83,7 +87,7 @@ def inject_lora(
         module._adapter_setup(name)
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
-        module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), config.init_lora_weights)
+        module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), init)
     _mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
