@@ -12,7 +12,9 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
+    FourierFTConfig,
     IA3Config,
+    LNTuningConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -20,6 +22,7 @@ from peftjax.config import (
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
+    VeraConfig,
 )
 from peftjax import sharding
 from peftjax.io import load_tokenizer
@@ -69,7 +72,9 @@ __all__ = [
     "FROZEN",
     "TRAINABLE",
     "BottleneckConfig",
+    "FourierFTConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "QuantizationConfig",
     "LoraParam",
@@ -80,6 +85,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TaskType",
+    "VeraConfig",
     "Trainer",
     "TrainableParam",
     "TrainingArguments",
