@@ -35,15 +35,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*fan_in_fan_out.*:UserWarning")
 METHODS = {
     "vera": ("VeraConfig", peftjax.VeraConfig, {
         "llama": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
-        "gpt2": dict(r=4, target_modules=["c_attn", "c_proj"], save_projection=False)}),
+        "gpt2": dict(r=4, target_modules=["c_attn", "c_proj"], save_projection=False, bias="vera_only")}),
     "fourierft": ("FourierFTConfig", peftjax.FourierFTConfig, {
         "llama": dict(n_frequency=24, scaling=10.0, target_modules=["q_proj", "v_proj"],
                       n_frequency_pattern={"v_proj": 12}),
-        "gpt2": dict(n_frequency=30, scaling=10.0)}),  # PEFT's default target for GPT-2: mlp.c_proj
+        "gpt2": dict(n_frequency=30, scaling=10.0, bias="fourier_only")}),  # PEFT's default target: mlp.c_proj
     "ln_tuning": ("LNTuningConfig", peftjax.LNTuningConfig, {"llama": {}, "gpt2": {}}),  # PEFT's default norms
 }
 # the adapter weights of each method, by the torch parameter name's part
-TORCH_ADAPTER_PARTS = {"vera": ("vera_lambda_",), "fourierft": ("fourierft_spectrum",), "ln_tuning": ("ln_tuning_",)}
+TORCH_ADAPTER_PARTS = {"vera": ("vera_lambda_", "base_layer.bias"), "fourierft": ("fourierft_spectrum", "base_layer.bias"),
+                       "ln_tuning": ("ln_tuning_",)}
 CASES = [(m, f) for m in METHODS for f in ("llama", "gpt2")]
 
 
@@ -149,8 +150,15 @@ def test_trained_adapter_loads_in_peft_and_merges(method, tiny_checkpoint, tmp_p
     assert ours_line == theirs_line
 
     before = run_jax(model)
-    losses = _tiny.train(model, _tiny.batch(IDS, MASK), optimizer=optax.adam(5e-2)).losses
-    assert losses[-1] < losses[0]
+    if method == "ln_tuning":  # the Trainer here, the functional core (split / make_train_step) for the others
+        args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                                         max_steps=5, learning_rate=5e-2, logging_steps=1, save_steps=100,
+                                         disable_tqdm=True, plot=False, report_to="none")
+        result = peftjax.Trainer(model, args, {"input_ids": IDS, "labels": IDS}).train()
+        assert result.global_step == 5 and np.isfinite(result.training_loss)
+    else:
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK), optimizer=optax.adam(5e-2)).losses
+        assert losses[-1] < losses[0]
     ours = run_jax(model)
     assert changed(ours, before) > 1e-3
 
@@ -264,7 +272,7 @@ def test_vera_file_rules(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="PRNG initialisation key must be the same"):
         model.add_adapter("other", peftjax.VeraConfig(r=4, target_modules=["q_proj"], projection_prng_key=1))
     with pytest.raises(TypeError, match=r"embed_tokens \(Embed\)"):
-        peftjax.get_peft_model(_tiny_llama(), peftjax.VeraConfig(r=4, target_modules=["embed_tokens"]))
+        model.add_adapter("other", peftjax.VeraConfig(r=4, target_modules=["embed_tokens"]))
     with pytest.raises(NotImplementedError, match="scan_layers=True"):
         peftjax.get_peft_model(_tiny_llama(scan_layers=True), peftjax.VeraConfig(r=4))
 
