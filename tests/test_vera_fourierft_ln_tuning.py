@@ -129,6 +129,10 @@ def test_peft_made_adapter_gives_same_logits(method, family, tiny_checkpoint, tm
     assert sorted(ours_t) == sorted(theirs_t)
     for k in theirs_t:
         np.testing.assert_allclose(ours_t[k], theirs_t[k], atol=1e-6, rtol=0, err_msg=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(torch_base(path, family), tmp_path / "ours").eval()
+    assert_close(run_torch(again), ref)
 
 
 # ---------------------------------------------------------------- peftjax trains -> PEFT, merge, counts
