@@ -209,7 +209,7 @@ def test_projections_and_positions_are_torchs_own():
     np.testing.assert_array_equal(got_a, want_a.numpy())
     np.testing.assert_array_equal(got_b, want_b.numpy())
 
-    for n_in, n_out, n, seed in [(32, 96, 200, 777), (48, 32, 1536, 3)]:
+    for n_in, n_out, n, seed in [(32, 96, 200, 777), (48, 32, 1536, 3), (16, 8, 10, 2**32 + 5)]:
         flat = torch.randperm(n_out * n_in, generator=torch.Generator().manual_seed(seed))[:n]
         want = torch.stack([flat // n_in, flat % n_in]).numpy()
         np.testing.assert_array_equal(fourier_indices(n_in, n_out, n, seed), want)

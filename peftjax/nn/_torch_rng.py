@@ -29,7 +29,8 @@ class TorchGenerator:
     """``torch.Generator().manual_seed(seed)`` on the CPU, for the draws PEFT makes with it."""
 
     def __init__(self, seed: int):
-        self._state = np.random.RandomState(seed)
+        # torch's mt19937 keeps the seed's low 32 bits (``init_with_uint32``)
+        self._state = np.random.RandomState(seed & 0xFFFFFFFF)
 
     def _u32(self, n: int) -> np.ndarray:
         return self._state.randint(0, 2**32, size=n, dtype=np.uint32)
