@@ -16,12 +16,13 @@ from peftjax.nn._torch_rng import randperm_head
 from peftjax.tuners.base import (
     add_saved_copy,
     find_targets,
+    mark_biases,
     match_modules_to_save,
     resolve_config,
+    settle_fan_in_fan_out,
     validate_adapter_name,
 )
 from peftjax.tuners.fourierft._layer import FourierFTLayer, FourierSpec, fourierft_class_for
-from peftjax.tuners.lora._model import _mark_biases, _settle_fan_in_fan_out
 
 
 def fourier_indices(n_in: int, n_out: int, n_frequency: int, random_loc_seed: int) -> np.ndarray:
@@ -61,7 +62,7 @@ def inject_fourierft(
     config = resolve_config(model, config)
     key = jax.random.key(0) if key is None else key
     modules, targets = find_targets(model, config, FourierFTLayer, "FourierFT")
-    config = _settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     indices = {}
     for name in targets:  # every refusal comes before the first change to the model
         if isinstance(modules[name], FourierFTLayer) and adapter_name in modules[name].adapter_names():
@@ -84,7 +85,7 @@ def inject_fourierft(
         spec = FourierSpec(n_frequency=config.n_frequency_for(name), scaling=float(config.scaling))
         module.add_fourierft(adapter_name, spec, indices[name], jax.random.fold_in(key, i),
                              init_weights=config.init_weights)
-    _mark_biases(modules, targets, "lora_only" if config.bias == "fourier_only" else config.bias)
+    mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config

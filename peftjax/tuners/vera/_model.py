@@ -24,12 +24,13 @@ from peftjax.tuners.base import (
     find_targets,
     layer_state_dict,
     load_layer_state_dict,
+    mark_biases,
     match_modules_to_save,
     named_modules,
     resolve_config,
+    settle_fan_in_fan_out,
     validate_adapter_name,
 )
-from peftjax.tuners.lora._model import _mark_biases, _settle_fan_in_fan_out
 from peftjax.tuners.vera._layer import VeraLayer, VeraProjection, VeraSpec, vera_class_for
 
 # the model-level keys of the shared projections (PEFT: ``base_model.vera_A.<adapter>`` in memory)
@@ -98,7 +99,7 @@ def inject_vera(
                 )
         break
     modules, targets = find_targets(model, config, VeraLayer, "VeRA")
-    config = _settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     shapes = [modules[n].kernel.get_value().shape for n in targets]
     in_max, out_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
     vera_a, vera_b = vera_projections(config.r, in_max, out_max, config.projection_prng_key)
@@ -114,7 +115,7 @@ def inject_vera(
         module._adapter_setup(name)
         module.add_vera(adapter_name, spec, projections, jax.random.fold_in(key, i),
                         init_weights=config.init_weights, d_initial=float(config.d_initial))
-    _mark_biases(modules, targets, "lora_only" if config.bias == "vera_only" else config.bias)
+    mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
