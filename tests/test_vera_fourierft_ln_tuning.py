@@ -224,16 +224,18 @@ def _tiny_llama(**kw):
 
 def test_vera_layer_math_dropout_and_shared_projections():
     """PEFT's forward: lambda_b * (B[:out] @ (lambda_d * (A[:, :in] @ dropout(x)))); dropout in training only."""
-    model = peftjax.get_peft_model(_tiny_llama(), peftjax.VeraConfig(
-        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, vera_dropout=0.5))
-    layers = model.base_model.model.layers
-    q, v, down = layers[0].self_attn.q_proj, layers[0].self_attn.v_proj, layers[1].mlp.down_proj
+    model = nnx.Module()
+    model.q_proj, model.v_proj, model.down_proj = (nnx.Linear(i, o, rngs=nnx.Rngs(k))
+                                                   for k, (i, o) in enumerate([(32, 32), (32, 16), (48, 32)]))
+    peftjax.inject_adapter_in_model(peftjax.VeraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False, vera_dropout=0.5), model)
+    q, v, down = model.q_proj, model.v_proj, model.down_proj
     # one pair for the model, sized by the largest layer: in 48 (down_proj), out 32 (q_proj, down_proj)
     assert q.vera_A["default"] is down.vera_A["default"] and q.vera_B["default"] is v.vera_B["default"]
     assert q.vera_A["default"].get_value().shape == (4, 48) and q.vera_B["default"].get_value().shape == (32, 4)
     from peftjax.tuners.vera import VeraProjection
 
-    assert len(jax.tree.leaves(nnx.state(model.base_model, VeraProjection))) == 2  # kept once, frozen
+    assert len(jax.tree.leaves(nnx.state(model, VeraProjection))) == 2  # kept once, frozen
 
     def branch(layer, x):
         a = layer.vera_A["default"].get_value()[:, :x.shape[-1]]
@@ -242,7 +244,7 @@ def test_vera_layer_math_dropout_and_shared_projections():
         return lb[None] * ((d[None] * (x @ a.T)) @ b.T)
 
     x = jnp.eye(32)  # one input feature per row: a dropped row contributes nothing, a kept one 1/(1-p) times
-    base = x @ v.kernel.get_value()
+    base = x @ v.kernel.get_value() + v.bias.get_value()[None]
     np.testing.assert_allclose(v(x), base + branch(v, x), atol=1e-5)  # eval: no key, no dropout
     with peftjax.dropout_key(jax.random.key(3)):
         y = v(x) - base
@@ -326,3 +328,32 @@ def test_ln_tuning_one_adapter_at_a_time_and_swap_merge():
         peftjax.get_peft_model(_tiny_llama(), peftjax.LNTuningConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="no default target_modules for model_type 'bert'"):
         peftjax.get_peft_model(models.BertModel.from_config(_tiny.config("bert")), peftjax.LNTuningConfig())
+
+
+def test_configs_round_trip_peft_dicts_and_name_bad_values():
+    samples = {
+        "VeraConfig": dict(r=8, target_modules=["q_proj"], projection_prng_key=3, save_projection=False,
+                           vera_dropout=0.1, d_initial=0.2, bias="vera_only", layers_to_transform=[0]),
+        "FourierFTConfig": dict(n_frequency=9, scaling=2.0, random_loc_seed=1, target_modules="q_proj",
+                                n_frequency_pattern={"q_proj": 3}, init_weights=True, bias="fourier_only"),
+        "LNTuningConfig": dict(target_modules=["norm"], exclude_modules=["model.norm"], modules_to_save=["lm_head"]),
+    }
+    for name, kw in samples.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = json.loads(json.dumps(getattr(peft, name)(**kw).to_dict(), default=sorted))
+        ours = peftjax.PeftConfig.from_dict(theirs)
+        assert type(ours).__name__ == name
+        back = ours.to_dict()
+        assert set(back) == set(theirs)
+        for key in set(theirs) - {"peft_version"}:
+            same = sorted(back[key]) == sorted(theirs[key]) if isinstance(theirs[key], list) else back[key] == theirs[key]
+            assert same, (name, key, back[key], theirs[key])
+    with pytest.raises(ValueError, match="`bias` must be one of"):
+        peftjax.VeraConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="`vera_dropout` must be in"):
+        peftjax.VeraConfig(vera_dropout=1.0)
+    with pytest.raises(ValueError, match="`layers_pattern` is specified, `layers_to_transform` must"):
+        peftjax.FourierFTConfig(layers_pattern="layers")
+    with pytest.raises(ValueError, match=r"n_frequency_pattern\['q'\]"):
+        peftjax.FourierFTConfig(n_frequency_pattern={"q": 0})
