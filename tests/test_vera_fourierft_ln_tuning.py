@@ -152,6 +152,9 @@ def test_trained_adapter_loads_in_peft_and_merges(method, tiny_checkpoint, tmp_p
     model.print_trainable_parameters()
     theirs_line, ours_line = capsys.readouterr().out.strip().splitlines()
     assert ours_line == theirs_line
+    status, their_status = model.get_layer_status(), counted.get_layer_status()
+    assert sorted((s.name, s.module_type) for s in status) == sorted((s.name, s.module_type) for s in their_status)
+    assert model.get_model_status().adapter_model_type == counted.get_model_status().adapter_model_type
 
     before = run_jax(model)
     if method == "ln_tuning":  # the Trainer here, the functional core (split / make_train_step) for the others

@@ -49,6 +49,7 @@ class FourierFTLayer(AdapterDictLayer):
     """Mixin marking a FourierFT layer (``isinstance(m, FourierFTLayer)`` finds them)."""
 
     method_name = "FourierFT"
+    status_module_type = "fourierft.FourierFTLinear"  # PEFT's layer class, whatever the base layer
     weight_dicts = ("fourierft_spectrum",)
     cache_dicts = ()
     adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("fourierft_indices",)

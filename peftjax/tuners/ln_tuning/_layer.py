@@ -33,6 +33,7 @@ class LNTuningLayer(AdapterDictLayer):
     """Mixin marking an LN-tuning layer (``isinstance(m, LNTuningLayer)`` finds them)."""
 
     method_name = "LN tuning"
+    status_module_type = "ln_tuning.LNTuningLayer"  # PEFT's layer class, whatever the norm
     weight_dicts = tuple(_COPIES.values())
 
 
