@@ -12,8 +12,10 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
+    FourierFTConfig,
     IA3Config,
     LoftQConfig,
+    LNTuningConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -21,6 +23,7 @@ from peftjax.config import (
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
+    VeraConfig,
 )
 from peftjax import sharding
 from peftjax.io import load_tokenizer
@@ -70,8 +73,10 @@ __all__ = [
     "FROZEN",
     "TRAINABLE",
     "BottleneckConfig",
+    "FourierFTConfig",
     "IA3Config",
     "LoftQConfig",
+    "LNTuningConfig",
     "LoraConfig",
     "QuantizationConfig",
     "LoraParam",
@@ -82,6 +87,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TaskType",
+    "VeraConfig",
     "Trainer",
     "TrainableParam",
     "TrainingArguments",

@@ -473,8 +473,9 @@ class PeftModel:
         self._check_status()
         trainable, total = self.get_nb_trainable_parameters()
         types = {n: c.peft_type for n, c in self.peft_config.items()}
-        tuner = {"LORA": "LoraModel", "IA3": "IA3Model"}.get(types[self.active_adapter],
-                                                            f"{types[self.active_adapter].title()}Model")
+        tuner = {"LORA": "LoraModel", "IA3": "IA3Model", "VERA": "VeraModel", "FOURIERFT": "FourierFTModel",
+                 "LN_TUNING": "LNTuningModel"}.get(types[self.active_adapter],
+                                                   f"{types[self.active_adapter].title()}Model")
         return tuner_base.get_model_status(
             self.base_model, base_model_type=type(self.base_model).__name__, adapter_model_type=tuner,
             peft_types=types, trainable_params=trainable, total_params=total, layers=self.get_layer_status(),

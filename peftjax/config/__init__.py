@@ -12,6 +12,8 @@ from peftjax.config._base import (
     config_from_dict,
     load_config,
 )
+from peftjax.config._fourierft import FourierFTConfig
+from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import LoftQConfig, LoraConfig
 from peftjax.config._other import (
     BottleneckConfig,
@@ -24,10 +26,14 @@ from peftjax.config._other import (
     PromptTuningInit,
     prepare_prompt_learning_config,
 )
+from peftjax.config._vera import VeraConfig
 from peftjax.config._targeting import (
+    TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING,
     add_task_modules_to_save,
     check_target_module_exists,
     expand_all_linear,
@@ -40,12 +46,17 @@ from peftjax.config._targeting import (
 
 __all__ = [
     "CONFIG_NAME",
+    "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
     "BottleneckConfig",
+    "FourierFTConfig",
     "IA3Config",
     "LoftQConfig",
+    "LNTuningConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftType",
@@ -56,6 +67,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "VeraConfig",
     "add_task_modules_to_save",
     "check_target_module_exists",
     "config_from_dict",

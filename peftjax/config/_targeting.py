@@ -128,6 +128,35 @@ TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING: dict[str, list[str]] = {
 }
 # fmt: on
 
+# copied from peft/utils/constants.py (0.21.2): VeRA and FourierFT are LoRA's mapping with small changes
+TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi": ["q_proj", "v_proj"]}
+TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "gpt_bigcode": ["mlp.c_proj"], "gpt2": ["mlp.c_proj"]}
+
+TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "llava": ["multi_modal_projector", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens",
+              "lm_head"],
+    "t5": ["layer_norm", "final_layer_norm"],
+    "mt5": ["layer_norm", "final_layer_norm"],
+    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "blip-2": ["layernorm", "LayerNorm", "final_layer_norm", "self_attn_layer_norm"],
+    "gptj": ["ln_1", "ln_f"],
+    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
+    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "gemma2": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", "norm"],
+    "gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm", "norm"],
+    "qwen2": ["post_attention_layernorm"],
+    "qwen3": ["post_attention_layernorm"],
+}
+
 # task_type -> the head modules PEFT's task wrappers add to modules_to_save, in PEFT's order.
 _TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classifier", "score"),
@@ -280,11 +309,20 @@ def _default(mapping: dict[str, Any], model_type: str, field: str, kind: str) ->
     return value if isinstance(value, str) else tuple(sorted(set(value)))
 
 
+# the methods whose only per-architecture default is target_modules
+_SIMPLE_DEFAULTS = {
+    "VERA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "VeRA"),
+    "FOURIERFT": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "FourierFT"),
+    "LN_TUNING": (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, "LN tuning"),
+}
+
+
 def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     """Fills ``target_modules`` that is ``None`` with the architecture default, as PEFT does.
 
     LoRA uses ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; IA3 its target and
-    feedforward mappings, each filled independently when ``None``. A config whose modules are
+    feedforward mappings, each filled independently when ``None``; VeRA, FourierFT and LN tuning
+    their own target mappings. A config whose modules are
     already set is returned unchanged, as is a ``BottleneckConfig`` (whose ``None`` means "the
     transformer blocks", resolved by its tuner).
 
@@ -316,6 +354,10 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
             changes["feedforward_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, model_type, "feedforward_modules", "IA3"
             )
+    elif peft_type in _SIMPLE_DEFAULTS:
+        if config.target_modules is None:
+            mapping, kind = _SIMPLE_DEFAULTS[peft_type]
+            changes["target_modules"] = _default(mapping, model_type, "target_modules", kind)
     elif not hasattr(config, "target_modules"):
         raise TypeError(f"{type(config).__name__} has no `target_modules` to resolve.")
     return dataclasses.replace(config, **changes) if changes else config

@@ -2,7 +2,7 @@
 
 - ``base/``: the adapter-layer interface and bookkeeping, the Variable types, the model-wide
   operations (merge, unload, ...), ``modules_to_save`` and the one PEFT state-dict walk.
-- ``lora/``, ``ia3/``, ``bottleneck/``, ``prompt/``: each method's layers, injection and file layout.
+- ``lora/``, ``ia3/``, ``vera/``, ``fourierft/``, ``ln_tuning/``, ``bottleneck/``, ``prompt/``: each method's layers, injection and file layout.
 - ``_registry.py`` maps a config type to its method; ``_builtin.py`` registers the built-in ones.
 
 Adding a method is a new folder and one ``register_tuner`` line in ``_builtin.py``.
@@ -32,9 +32,12 @@ from peftjax.tuners.base import (
     unmerge,
 )
 from peftjax.tuners.bottleneck import inject_bottleneck
+from peftjax.tuners.fourierft import inject_fourierft
 from peftjax.tuners.ia3 import inject_ia3
+from peftjax.tuners.ln_tuning import inject_ln_tuning
 from peftjax.tuners.lora import inject_lora
 from peftjax.tuners.prompt import inject_prompt_learning
+from peftjax.tuners.vera import inject_vera
 
 __all__ = [
     "FROZEN",
@@ -52,9 +55,12 @@ __all__ = [
     "delete_adapter",
     "inject_adapter_in_model",
     "inject_bottleneck",
+    "inject_fourierft",
     "inject_ia3",
+    "inject_ln_tuning",
     "inject_lora",
     "inject_prompt_learning",
+    "inject_vera",
     "merge",
     "named_modules",
     "register_tuner",

@@ -5,7 +5,9 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 
 from peftjax.tuners._registry import Tuner, register_tuner
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
+from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
+from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tuning
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
@@ -13,9 +15,13 @@ from peftjax.tuners.prompt import (
     load_prompt_state_dict,
     prompt_state_dict,
 )
+from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
 
 register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=LoraLayer))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
+register_tuner(Tuner(VeraConfig, inject=inject_vera, state_dict=vera_state_dict, load_state_dict=load_vera_state_dict))
+register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_type=FourierFTLayer))
+register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,

@@ -6,6 +6,7 @@
 - ``_model.py``: the model-wide operations (walk, activate, disable, merge, unload, delete).
 - ``_state_dict.py``: the one PEFT state-dict walk for layer methods.
 - ``_status.py``: PEFT's ``get_layer_status`` / ``get_model_status``.
+- ``_linear_options.py``: PEFT's ``fan_in_fan_out`` rule and ``bias`` option for linear methods.
 - ``_rows.py``: mixed batches, a different adapter per row (PEFT's ``adapter_names``).
 """
 
@@ -27,6 +28,7 @@ from peftjax.tuners.base._model import (
     unmerge,
     validate_adapter_name,
 )
+from peftjax.tuners.base._linear_options import mark_biases, settle_fan_in_fan_out
 from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
 from peftjax.tuners.base._status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftjax.tuners.base._rows import BASE, AdapterRows, adapter_index, clear_adapter_rows, set_adapter_rows
@@ -72,6 +74,7 @@ __all__ = [
     "layer_state_dict",
     "load_layer_state_dict",
     "find_targets",
+    "mark_biases",
     "match_modules_to_save",
     "merge",
     "mixin_subclass",
@@ -85,6 +88,7 @@ __all__ = [
     "set_adapter_trainable",
     "set_adapters_disabled",
     "set_module_params_torch",
+    "settle_fan_in_fan_out",
     "stores_in_out",
     "unload",
     "unmerge",

@@ -91,7 +91,9 @@ def get_layer_status(model: nnx.Module) -> list[TunerLayerStatus]:
             kind, enabled = "ModulesToSaveWrapper", not m.saved_disabled
             active, merged, available = list(m.saved_active), [], sorted(m.modules_to_save)
         else:
-            kind = f"{getattr(m, 'method_name', 'adapter').lower()}.{original_class(m).__name__}"
+            # PEFT's repr of the layer: "<method>.<class>", or a method's own (``status_module_type``)
+            kind = getattr(m, "status_module_type", None) or \
+                f"{getattr(m, 'method_name', 'adapter').lower()}.{original_class(m).__name__}"
             enabled = not getattr(m, "adapter_disabled", False)
             active, merged = list(m.active_adapter_names()), list(m.merged_adapter_names())
             available = sorted(m.adapter_names())

@@ -1,4 +1,4 @@
-"""Putting LoRA into an NNX model: ``inject_lora`` and PEFT's ``fan_in_fan_out`` rule.
+"""Putting LoRA into an NNX model: ``inject_lora``.
 
 The model-wide operations that serve every method (activate, merge, unload, ...) are the base
 tuner's (``peftjax.tuners.base``); this file holds what only LoRA does when it injects.
@@ -6,24 +6,25 @@ tuner's (``peftjax.tuners.base``); this file holds what only LoRA does when it i
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
 import jax
 from flax import nnx
 
 from peftjax.config import LoftQConfig, LoraConfig, match_modules
 from peftjax.tuners.base import (
     AdapterLayer,
-    TrainableParam,
     add_saved_copy,
+    mark_biases,
     match_modules_to_save,
     model_type,
     named_modules,
     original_class,
     resolve_config,
-    stores_in_out,
+    settle_fan_in_fan_out,
     validate_adapter_name,
+)
+from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported for the Linen front end)
+    FAN_IN_FAN_OUT_CONV1D_WARNING,
+    FAN_IN_FAN_OUT_LINEAR_WARNING,
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._math import check_init_rank
@@ -70,7 +71,7 @@ def inject_lora(
     if unsupported:
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")
-    config = _settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     # what the layers get as init_lora_weights: LoftQ's settings stand in for the string
     init = LoftQConfig.from_value(config.loftq_config) if config.init_lora_weights == "loftq" else \
         config.init_lora_weights
@@ -88,53 +89,7 @@ def inject_lora(
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
         module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), init)
-    _mark_biases(modules, targets, config.bias)
+    mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
-
-
-# PEFT's warnings, word for word (peft/tuners/lora/layer.py, dispatch_default)
-FAN_IN_FAN_OUT_LINEAR_WARNING = (
-    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False."
-)
-FAN_IN_FAN_OUT_CONV1D_WARNING = (
-    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
-)
-
-
-def _settle_fan_in_fan_out(config: LoraConfig, targets: list[nnx.Module]) -> LoraConfig:
-    """``fan_in_fan_out`` as PEFT's ``dispatch_default`` leaves it, with PEFT's warnings.
-
-    PEFT visits the targets in order and flips the config on a mismatch: ``True`` on a
-    ``torch.nn.Linear`` (the twin of an ``nnx.Linear``, ``LinearGeneral`` or ``Einsum``, whose
-    adapters are written in its layout) becomes ``False``; ``False`` on transformers' ``Conv1D``
-    (whose weight is stored ``(in, out)``) becomes ``True``. Embeddings and convolutions leave
-    it as it is. The value is only what the saved ``adapter_config.json`` says: peftjax's own
-    layouts do not depend on it.
-    """
-    fan_in_fan_out = config.fan_in_fan_out
-    for module in targets:
-        if stores_in_out(module):
-            if not fan_in_fan_out:
-                warnings.warn(FAN_IN_FAN_OUT_CONV1D_WARNING, stacklevel=3)
-                fan_in_fan_out = True
-        elif isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)) and fan_in_fan_out:
-            warnings.warn(FAN_IN_FAN_OUT_LINEAR_WARNING, stacklevel=3)
-            fan_in_fan_out = False
-    if fan_in_fan_out == config.fan_in_fan_out:
-        return config
-    return dataclasses.replace(config, fan_in_fan_out=fan_in_fan_out)
-
-
-def _mark_biases(modules: dict[str, nnx.Module], targets: list[str], mode: str) -> None:
-    """``bias="all"``/``"lora_only"``: those base biases become trainable."""
-    if mode == "none":
-        return
-    chosen = targets if mode == "lora_only" else [n for n in modules if n]
-    for name in chosen:
-        bias = getattr(modules[name], "bias", None)
-        if isinstance(bias, nnx.Param) and not isinstance(bias, TrainableParam):
-            modules[name].bias = TrainableParam(bias.get_value())
-
-
