@@ -13,6 +13,8 @@ from peftjax._version import __version__ as __version__
 from peftjax.config import (
     BottleneckConfig,
     IA3Config,
+    LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PeftConfig,
     PeftType,
@@ -70,6 +72,8 @@ __all__ = [
     "TRAINABLE",
     "BottleneckConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "QuantizationConfig",
     "LoraParam",

@@ -13,6 +13,7 @@ from peftjax.config._base import (
     load_config,
 )
 from peftjax.config._lora import LoraConfig
+from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -45,7 +46,10 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "BottleneckConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
+    "LycorisConfig",
     "PeftConfig",
     "PeftType",
     "PrefixTuningConfig",

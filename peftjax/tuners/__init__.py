@@ -2,7 +2,8 @@
 
 - ``base/``: the adapter-layer interface and bookkeeping, the Variable types, the model-wide
   operations (merge, unload, ...), ``modules_to_save`` and the one PEFT state-dict walk.
-- ``lora/``, ``ia3/``, ``bottleneck/``, ``prompt/``: each method's layers, injection and file layout.
+- ``lora/``, ``ia3/``, ``loha/``, ``lokr/``, ``bottleneck/``, ``prompt/``: each method's layers, injection
+  and file layout; ``lycoris/`` is what LoHa and LoKr share.
 - ``_registry.py`` maps a config type to its method; ``_builtin.py`` registers the built-in ones.
 
 Adding a method is a new folder and one ``register_tuner`` line in ``_builtin.py``.
@@ -33,6 +34,8 @@ from peftjax.tuners.base import (
 )
 from peftjax.tuners.bottleneck import inject_bottleneck
 from peftjax.tuners.ia3 import inject_ia3
+from peftjax.tuners.loha import inject_loha
+from peftjax.tuners.lokr import inject_lokr
 from peftjax.tuners.lora import inject_lora
 from peftjax.tuners.prompt import inject_prompt_learning
 
@@ -53,6 +56,8 @@ __all__ = [
     "inject_adapter_in_model",
     "inject_bottleneck",
     "inject_ia3",
+    "inject_loha",
+    "inject_lokr",
     "inject_lora",
     "inject_prompt_learning",
     "merge",
