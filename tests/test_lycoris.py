@@ -333,8 +333,8 @@ def test_trainer_trains_lokr_in_bf16(tmp_path):
     peft_model = peftjax.get_peft_model(model, peftjax.LoKrConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                                   module_dropout=0.1))
     before = np.asarray(peft_model(input_ids=IDS).logits, np.float32)
-    ids = np.random.default_rng(0).integers(1, 96, (16, 12)).tolist()
-    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4,
+    ids = np.random.default_rng(0).integers(1, 96, (8, 6)).tolist()
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
                                      learning_rate=1e-2, disable_tqdm=True, plot=False, report_to="none",
                                      save_steps=0)
     result = peftjax.Trainer(peft_model, args, {"input_ids": ids, "labels": ids}).train()
