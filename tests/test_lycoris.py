@@ -115,15 +115,23 @@ def test_random_adapter_made_here_loads_in_peft(method, arch, paths, tmp_path):
     assert changed(ours, run_torch(torch_base(paths, arch))) > 1e-3
 
 
-@pytest.mark.parametrize("method,arch", [("loha", "llama"), ("lokr", "bert")])
-def test_trained_adapter_loads_in_peft_and_merges(method, arch, paths, tmp_path):
+@pytest.mark.parametrize("method,arch,trainer", [("loha", "llama", True), ("lokr", "bert", False)])
+def test_trained_adapter_loads_in_peft_and_merges(method, arch, trainer, paths, tmp_path):
+    """Trained by the Trainer (LoHa) or the functional core (``split`` / ``make_train_step``, LoKr)."""
     task = ARCHS[arch].task
     # dropouts on: training runs them (with the step's key); evaluation and the saved adapter do not
     config = OUR_CONFIG[method](task_type=task, rank_dropout=0.2, module_dropout=0.1, **CONFIGS[method, arch])
     model = peftjax.get_peft_model(models.from_pretrained(paths[arch]), config)
     base_logits = run_jax(model)
-    losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(5e-2)).losses
-    assert losses[-1] < losses[0]
+    if trainer:
+        args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                                         max_steps=4, learning_rate=5e-2, disable_tqdm=True, plot=False,
+                                         report_to="none", save_steps=0)
+        result = peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
+        assert np.isfinite(result.training_loss)
+    else:
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(5e-2)).losses
+        assert losses[-1] < losses[0]
     ours = run_jax(model)
     assert changed(ours, base_logits) > 1e-3
 
@@ -221,7 +229,7 @@ def test_factorization_and_factor_shapes_are_peft_s():
         for factor in (-1, 1, 2, 3, 4, 5, 8, 16, 0, -3):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
     # the shapes PEFT picks for every (decompose_both, r, decompose_factor) on a 12 -> 10 layer
-    for both, r, factor in ((False, 1, -1), (True, 1, -1), (True, 2, 2), (False, 8, 3), (True, 1, 5)):
+    for both, r, factor in ((True, 1, -1), (True, 2, 2), (False, 8, 3)):
         kw = dict(target_modules=["proj"], decompose_both=both, r=r, decompose_factor=factor)
         ours = peftjax.get_peft_model_state_dict(peftjax.get_peft_model(_linear(), peftjax.LoKrConfig(**kw)))
         tm = torch.nn.Sequential()
@@ -258,6 +266,19 @@ def test_layer_equals_dense_reference(method, jit):
     peft_model.merge_adapter(["default", "second"])
     np.testing.assert_allclose(layer.kernel.get_value(), w + dense.T + second.T, atol=1e-5)
     np.testing.assert_allclose(call(layer, x), both, atol=1e-5)
+
+    # a bfloat16 layer: the update is computed in the adapter's float32 and the output stays bfloat16
+    low = nnx.Module()
+    low.proj = nnx.Linear(12, 10, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    peftjax.get_peft_model(low, OUR_CONFIG[method](**kw))
+    w16 = np.asarray(low.proj.kernel.get_value(), np.float32)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    out = call(low.proj, x16)
+    assert out.dtype == jnp.bfloat16
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(low, peftjax.TRAINABLE))} == {jnp.dtype(jnp.float32)}
+    ref = np.asarray(x16, np.float32) @ w16 + np.asarray(low.proj.bias.get_value(), np.float32)[None]
+    ref = ref + np.asarray(x16, np.float32) @ np.asarray(low.proj.delta_weight("default")).T
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
 
 
 @pytest.mark.parametrize("method,scaled", [("loha", True), ("lokr", False), ("lokr", True)])
@@ -322,24 +343,3 @@ def test_errors_name_the_problem(paths, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
     with pytest.raises(ValueError, match=r"q_proj\.hada_w1_a: expected shape \[32, 2\].*found \[32, 4\]"):
         peftjax.PeftModel.from_pretrained(models.from_pretrained(paths["llama"]), tmp_path)
-
-
-def test_trainer_trains_lokr_in_bf16(tmp_path):
-    """The Trainer path, with a bfloat16 base model: the update stays float32 and the layer returns bf16."""
-    from peftjax.models import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_config(_tiny.config("llama", num_hidden_layers=1, pad_token_id=None),
-                                         dtype=jnp.bfloat16)
-    peft_model = peftjax.get_peft_model(model, peftjax.LoKrConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                                  module_dropout=0.1))
-    before = np.asarray(peft_model(input_ids=IDS).logits, np.float32)
-    ids = np.random.default_rng(0).integers(1, 96, (8, 6)).tolist()
-    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
-                                     learning_rate=1e-2, disable_tqdm=True, plot=False, report_to="none",
-                                     save_steps=0)
-    result = peftjax.Trainer(peft_model, args, {"input_ids": ids, "labels": ids}).train()
-    assert np.isfinite(result.training_loss)
-    _, trainable, _ = peftjax.split(peft_model.base_model)
-    assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
-    after = peft_model(input_ids=IDS).logits
-    assert after.dtype == jnp.bfloat16 and np.abs(np.asarray(after, np.float32) - before).max() > 0
