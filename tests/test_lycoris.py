@@ -182,6 +182,8 @@ def test_counts_files_and_configs_match_peft(method, paths, tmp_path, capsys):
     model.print_trainable_parameters()
     theirs, ours = capsys.readouterr().out.strip().splitlines()
     assert ours == theirs
+    status = {s.name: s.module_type for s in model.get_layer_status()}
+    assert status == {s.name: s.module_type for s in torch_model.get_layer_status()}  # "loha.Linear", ...
 
     torch_model.save_pretrained(tmp_path / "theirs")
     model.save_pretrained(tmp_path / "ours")
@@ -297,7 +299,7 @@ def test_dropouts_are_training_only_and_follow_peft(method, scaled):
     np.testing.assert_allclose(layer(x), base + full, atol=1e-5)  # evaluation: no dropout at all
 
     step = nnx.jit(lambda m, x, key: _with_key(m, x, key))
-    skipped = kept = 0
+    skipped = kept = thinned = 0
     for i in range(24):
         extra = np.asarray(step(layer, x, jax.random.key(i))) - base
         if np.abs(extra).max() < 1e-6:  # module dropout: the adapter skipped for this step
@@ -311,7 +313,8 @@ def test_dropouts_are_training_only_and_follow_peft(method, scaled):
         assert np.all(np.isclose(ratio, 0, atol=1e-5) | on)
         expected = 1 / on.mean() if scaled else 1.0
         np.testing.assert_allclose(ratio[on], expected, rtol=1e-4)
-    assert skipped and kept > skipped  # p = 0.3
+        thinned += not on.all()
+    assert skipped and kept > skipped and thinned  # module p = 0.3; rank p = 0.5 over 16 rows
 
 
 def _with_key(layer, x, key):
