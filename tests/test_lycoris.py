@@ -222,7 +222,7 @@ def _linear(n_in=12, n_out=10):
     return model
 
 
-def test_factorization_and_factor_shapes_are_peft_s():
+def test_factorization_factor_shapes_and_init_are_peft_s():
     from peftjax.tuners.lokr import factorization
 
     peft_factorization = peft.tuners.lokr.layer.factorization
@@ -230,14 +230,23 @@ def test_factorization_and_factor_shapes_are_peft_s():
     for dim in (1, 2, 7, 12, 32, 37, 48, 96, 128, 127, 360):
         for factor in (-1, 1, 2, 3, 4, 5, 8, 16, 0, -3):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
-    # the shapes PEFT picks for every (decompose_both, r, decompose_factor) on a 12 -> 10 layer
-    for both, r, factor in ((True, 1, -1), (True, 2, 2), (False, 8, 3)):
-        kw = dict(target_modules=["proj"], decompose_both=both, r=r, decompose_factor=factor)
-        ours = peftjax.get_peft_model_state_dict(peftjax.get_peft_model(_linear(), peftjax.LoKrConfig(**kw)))
+    # on a 12 -> 10 layer: the factor shapes PEFT picks for (decompose_both, r, decompose_factor), and
+    # for each init the same factors are zero (True, "lycoris": a no-op start) and the others within
+    # Kaiming-uniform's bound 1/sqrt(fan_in)
+    cases = [("lokr", dict(decompose_both=True, r=1)), ("lokr", dict(decompose_both=True, r=2, decompose_factor=2)),
+             ("lokr", dict(r=8, decompose_factor=3, init_weights="lycoris")),
+             ("lokr", dict(decompose_both=True, r=1, init_weights="lycoris")), ("loha", dict(r=2))]
+    for method, kw in cases:
+        kw = dict(target_modules=["proj"], **kw)
+        ours = peftjax.get_peft_model_state_dict(peftjax.get_peft_model(_linear(), OUR_CONFIG[method](**kw)))
         tm = torch.nn.Sequential()
         tm.proj = torch.nn.Linear(12, 10)
-        theirs = peft.get_peft_model_state_dict(peft.get_peft_model(tm, peft.LoKrConfig(**kw)))
-        assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}, kw
+        theirs = peft.get_peft_model_state_dict(peft.get_peft_model(tm, getattr(peft, TORCH_CONFIG[method])(**kw)))
+        theirs = {k: v.numpy() for k, v in theirs.items()}
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, kw
+        for k, v in theirs.items():
+            assert (not np.any(ours[k])) == (not np.any(v)), (kw, k)
+            assert np.abs(ours[k]).max() <= 1 / np.sqrt(v.shape[1]) + 1e-7, (kw, k)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
