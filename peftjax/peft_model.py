@@ -474,8 +474,8 @@ class PeftModel:
         trainable, total = self.get_nb_trainable_parameters()
         types = {n: c.peft_type for n, c in self.peft_config.items()}
         tuner = {"LORA": "LoraModel", "IA3": "IA3Model", "VERA": "VeraModel", "FOURIERFT": "FourierFTModel",
-                 "LN_TUNING": "LNTuningModel"}.get(types[self.active_adapter],
-                                                   f"{types[self.active_adapter].title()}Model")
+                 "LN_TUNING": "LNTuningModel", "LOHA": "LoHaModel", "LOKR": "LoKrModel"}.get(
+            types[self.active_adapter], f"{types[self.active_adapter].title()}Model")
         return tuner_base.get_model_status(
             self.base_model, base_model_type=type(self.base_model).__name__, adapter_model_type=tuner,
             peft_types=types, trainable_params=trainable, total_params=total, layers=self.get_layer_status(),
@@ -733,7 +733,7 @@ def _closest(model, key: str) -> str:
     from peftjax.tuners.base import named_modules
 
     wanted = key.removeprefix(PREFIX)
-    adapter_parts = ("base_layer", "modules_to_save", "lora_", "ia3_", "adapter_")
+    adapter_parts = ("base_layer", "modules_to_save", "lora_", "ia3_", "hada_", "lokr_", "adapter_")
     names = [n for n in named_modules(model) if n and not any(p.startswith(adapter_parts) for p in n.split("."))]
     close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.3)
     return f"the model's closest module names: {close or names[:3]}"

@@ -232,6 +232,8 @@ def test_target_module_errors():
 _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.LoraConfig, "LoraConfig", {}),
     (pc.IA3Config, "IA3Config", {}),
+    (pc.LoHaConfig, "LoHaConfig", {}),
+    (pc.LoKrConfig, "LoKrConfig", {}),
     (pc.PrefixTuningConfig, "PrefixTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptTuningConfig, "PromptTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptEncoderConfig, "PromptEncoderConfig", {"num_virtual_tokens": 5}),
@@ -313,6 +315,11 @@ _ROUND_TRIP = [
         init_ia3_weights=False,
     ),
     lambda m: m.IA3Config(target_modules=r".*\.(c_attn|mlp\.c_proj)", feedforward_modules=r".*mlp\.c_proj"),
+    lambda m: m.LoHaConfig(task_type="SEQ_CLS", r=4, alpha=2, rank_dropout=0.1, module_dropout=0.2,
+                           target_modules=["query", "value"], init_weights=False, rank_pattern={"value": 2},
+                           alpha_pattern={"query": 3}, layers_to_transform=[1], layers_pattern="layer"),
+    lambda m: m.LoKrConfig(r=2, alpha=4, decompose_both=True, decompose_factor=4, rank_dropout_scale=True,
+                           init_weights="lycoris", target_modules=r".*\.q_proj", exclude_modules=["lm_head"]),
     lambda m: m.PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=5,
@@ -392,7 +399,7 @@ def test_minimal_file_uses_defaults(tmp_path):
         ('["peft_type", "LORA"]', ValueError, "JSON object"),
         ('{"r": 4}', ValueError, "`peft_type` is required"),
         ('{"peft_type": "FOO"}', ValueError, "unknown peft_type 'FOO'.*LORA"),
-        ('{"peft_type": "LOHA"}', NotImplementedError, "LOHA.*supported"),
+        ('{"peft_type": "POLY"}', NotImplementedError, "POLY.*supported"),
         ('{"peft_type": "LORA", "bias": "some"}', ValueError, "bias"),
     ],
 )

@@ -15,6 +15,7 @@ from peftjax.config._base import (
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import LoftQConfig, LoraConfig
+from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -57,7 +58,10 @@ __all__ = [
     "IA3Config",
     "LoftQConfig",
     "LNTuningConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
+    "LycorisConfig",
     "PeftConfig",
     "PeftType",
     "PrefixTuningConfig",

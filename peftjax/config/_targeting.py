@@ -320,8 +320,8 @@ _SIMPLE_DEFAULTS = {
 def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     """Fills ``target_modules`` that is ``None`` with the architecture default, as PEFT does.
 
-    LoRA uses ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; IA3 its target and
-    feedforward mappings, each filled independently when ``None``; VeRA, FourierFT and LN tuning
+    LoRA (and LoHa, LoKr) use ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``; IA3 its target
+    and feedforward mappings, each filled independently when ``None``; VeRA, FourierFT and LN tuning
     their own target mappings. A config whose modules are
     already set is returned unchanged, as is a ``BottleneckConfig`` (whose ``None`` means "the
     transformer blocks", resolved by its tuner).
@@ -340,10 +340,11 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     """
     peft_type = getattr(config, "peft_type", None)
     changes: dict[str, Any] = {}
-    if peft_type == "LORA":
+    if peft_type in ("LORA", "LOHA", "LOKR"):  # PEFT's LoHa/LoKr defaults are copies of LoRA's
         if config.target_modules is None:
             changes["target_modules"] = _default(
-                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules", "LoRA"
+                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",
+                {"LORA": "LoRA", "LOHA": "LoHa", "LOKR": "LoKr"}[peft_type]
             )
     elif peft_type == "IA3":
         if config.target_modules is None:

@@ -2,7 +2,8 @@
 
 - ``base/``: the adapter-layer interface and bookkeeping, the Variable types, the model-wide
   operations (merge, unload, ...), ``modules_to_save`` and the one PEFT state-dict walk.
-- ``lora/``, ``ia3/``, ``vera/``, ``fourierft/``, ``ln_tuning/``, ``bottleneck/``, ``prompt/``: each method's layers, injection and file layout.
+- ``lora/``, ``ia3/``, ``loha/``, ``lokr/``, ``vera/``, ``fourierft/``, ``ln_tuning/``, ``bottleneck/``,
+  ``prompt/``: each method's layers, injection and file layout; ``lycoris/`` is what LoHa and LoKr share.
 - ``_registry.py`` maps a config type to its method; ``_builtin.py`` registers the built-in ones.
 
 Adding a method is a new folder and one ``register_tuner`` line in ``_builtin.py``.
@@ -35,6 +36,8 @@ from peftjax.tuners.bottleneck import inject_bottleneck
 from peftjax.tuners.fourierft import inject_fourierft
 from peftjax.tuners.ia3 import inject_ia3
 from peftjax.tuners.ln_tuning import inject_ln_tuning
+from peftjax.tuners.loha import inject_loha
+from peftjax.tuners.lokr import inject_lokr
 from peftjax.tuners.lora import inject_lora
 from peftjax.tuners.prompt import inject_prompt_learning
 from peftjax.tuners.vera import inject_vera
@@ -58,6 +61,8 @@ __all__ = [
     "inject_fourierft",
     "inject_ia3",
     "inject_ln_tuning",
+    "inject_loha",
+    "inject_lokr",
     "inject_lora",
     "inject_prompt_learning",
     "inject_vera",

@@ -8,6 +8,8 @@ from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tuning
+from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
+from peftjax.tuners.lokr import LoKrConfig, LoKrLinear, inject_lokr
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
@@ -22,6 +24,8 @@ register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Laye
 register_tuner(Tuner(VeraConfig, inject=inject_vera, state_dict=vera_state_dict, load_state_dict=load_vera_state_dict))
 register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_type=FourierFTLayer))
 register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
+register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaLinear))
+register_tuner(Tuner.for_layers(LoKrConfig, inject=inject_lokr, layer_type=LoKrLinear))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,
