@@ -61,7 +61,7 @@ def attention_mask_4d(
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, softcap: float | None = None
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; the softmax runs in float32.
 
@@ -69,6 +69,8 @@ def dot_product_attention(
       q: ``[batch, q_len, heads, head_dim]``.
       k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
       mask: boolean ``[batch, 1, q_len, k_len]`` (see ``attention_mask_4d``).
+      softcap: if set, the scaled logits become ``softcap * tanh(logits / softcap)`` before the
+        mask (Gemma 2's ``attn_logit_softcapping``).
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
@@ -78,6 +80,8 @@ def dot_product_attention(
     qh = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * sq, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.matmul(qh, kh.swapaxes(-1, -2)).astype(jnp.float32).reshape(b, kvh, g, sq, sk) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * sq, sk)

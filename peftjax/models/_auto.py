@@ -110,6 +110,9 @@ def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
         for name, cls in MODEL_CLASSES.items():
             if name.endswith(suffix) and name.lower() == family + suffix.lower():
                 return cls
+    default = DEFAULT_CLASSES.get(config.model_type)  # e.g. gemma3_text's Gemma3ForCausalLM
+    if default is not None and default.__name__.endswith(TASK_CLASS_SUFFIXES[task_type]):
+        return default
     raise ValueError(
         f"no bundled {task_type} model for model_type {config.model_type!r}; bundled classes: {sorted(MODEL_CLASSES)}"
     )
