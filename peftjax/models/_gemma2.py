@@ -96,7 +96,8 @@ class GemmaRMSNorm(nnx.RMSNorm):
         del mask
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.epsilon)
-        return (h * (1.0 + self.scale.get_value().astype(jnp.float32))).astype(x.dtype)
+        w = 1.0 + self.scale.get_value().astype(jnp.float32)
+        return (h * w.reshape((1,) * (h.ndim - 1) + w.shape)).astype(x.dtype)
 
 
 class GemmaMLP(nnx.Module):

@@ -83,6 +83,10 @@ class Gemma3DecoderLayer(Gemma2DecoderLayer):
 class Gemma3TextModel(Gemma2Model):
     layer_class: ClassVar[type[nnx.Module]] = Gemma3DecoderLayer
 
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        gemma3_rope_parameters(config)  # a bad RoPE setting fails before any weight is built
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
     @staticmethod
     def rotary_for(config, layer_type: str) -> RotaryEmbedding:
         view = types.SimpleNamespace(rope_parameters=gemma3_rope_parameters(config)[layer_type],
