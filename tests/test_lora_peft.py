@@ -299,6 +299,21 @@ def test_dora_all_linear_made_here_loads_in_peft(family, tiny_checkpoint, tmp_pa
     assert np.abs(valid(theirs) - valid(run_torch(cls.from_pretrained(path).eval()))).max() > 1e-3
 
 
+def test_lora_on_gemma_embeddings_is_scaled_as_peft_scales_it(tiny_checkpoint, tmp_path):
+    """Gemma's lookup multiplies by sqrt(hidden): PEFT multiplies the adapter's rows by it too."""
+    spec = _tiny.arch("gemma2")
+    path = tiny_checkpoint(spec)
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["embed_tokens"]))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path).eval(), tmp_path)
+    theirs = run_torch(torch_model)
+    assert_close(run_jax(model), theirs)
+    assert np.abs(valid(theirs) - valid(run_torch(spec.torch_class.from_pretrained(path).eval()))).max() > 1e-3
+
+
 # ---------------------------------------------------------------- bad input
 
 
