@@ -99,14 +99,18 @@ def test_greedy_generation_matches_transformers(gemma):
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_saved_checkpoint_loads_in_transformers(gemma, tmp_path):
-    torch_model, _, model = gemma
+def test_saved_checkpoint_loads_in_transformers_and_in_bfloat16(gemma, tmp_path):
+    torch_model, path, model = gemma
     model.save_pretrained(tmp_path)
     reloaded = type(torch_model).from_pretrained(tmp_path).eval()
     ids, mask = padded_batch(96, seq=7)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid],
-                               torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], atol=1e-6, rtol=0)
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+    np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ref, atol=1e-6, rtol=0)
+    half = models.from_pretrained(path, dtype="bfloat16")
+    out = half(input_ids=ids, attention_mask=mask).logits
+    assert out.dtype == jnp.bfloat16
+    assert np.abs(np.asarray(out.astype(jnp.float32))[valid] - ref).max() < 0.1
 
 
 # one family: Gemma 2's head is the same class over the same decoder; gemma3_text's names differ

@@ -142,7 +142,7 @@ def from_pretrained(
         newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
-        family, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
+        family, Gemma, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
         stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
         policy of each layer when they are scanned or looped without a cache).
       revision: the branch, tag or commit of a Hub repo (default ``"main"``).
