@@ -108,7 +108,7 @@ def test_saved_checkpoint_loads_in_transformers_and_in_bfloat16(gemma, tmp_path)
     ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
     np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ref, atol=1e-6, rtol=0)
     half = models.from_pretrained(path, dtype="bfloat16")
-    out = half(input_ids=ids, attention_mask=mask).logits
+    out = _forward(half, True, input_ids=ids, attention_mask=mask).logits
     assert out.dtype == jnp.bfloat16
     assert np.abs(np.asarray(out.astype(jnp.float32))[valid] - ref).max() < 0.1
 
@@ -124,7 +124,7 @@ def test_sequence_classification_matches_transformers(family, tmp_path):
     labels = np.array([0, 2, 1])
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = _forward(model, True, input_ids=ids, attention_mask=mask, labels=labels)
     np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
     # PEFT's task types pick the family's classes (gemma3_text's causal LM is Gemma3ForCausalLM)

@@ -19,7 +19,7 @@ entries (PEFT's ``past_key_values``):
   explicit ``position_ids`` are used as given (PEFT adds ``V`` to them itself);
 - with a KV cache, the prefix is passed at every step and prepended to the cache's slots.
 
-Llama, GPT-2 and BERT implement it; peftjax refuses prefix tuning (``TypeError``) on a model
+Llama (and the families built on it, Gemma included), GPT-2 and BERT implement it; peftjax refuses prefix tuning (``TypeError``) on a model
 whose ``__call__`` has no ``prefix_kv`` parameter. :func:`check_prefix_kv` validates the pairs.
 """
 

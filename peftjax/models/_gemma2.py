@@ -25,7 +25,13 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaForSequenceClassification, head_dim_of
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    head_dim_of,
+    kv_layout,
+)
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
@@ -238,11 +244,6 @@ class Gemma2Model(nnx.Module):
             if cache is not None:
                 new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
-
-
-def kv_layout(config) -> tuple[int, int]:
-    """``(key/value heads, head dim)`` of every layer's attention."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim_of(config)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
