@@ -24,10 +24,11 @@ from peftjax import models
 torch = lazy("torch")  # the PyTorch oracle: a test that uses it skips without it
 
 # what the tiny configs set beyond _tiny's: caps that bite (Gemma 2), and Gemma 3's two RoPEs (one
-# scaled) without a final cap (its default), so its jitted loss is the one fused with the tied head
+# scaled) without a final cap (its default), so its jitted loss is the one fused with the tied head,
+# and with the exact GELU (Gemma 2 has the tanh one)
 EXTRA = {
     "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
-    "gemma3_text": dict(rope_parameters={
+    "gemma3_text": dict(hidden_activation="gelu", rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
 }
@@ -113,8 +114,7 @@ def test_saved_checkpoint_loads_in_transformers_and_in_bfloat16(gemma, tmp_path)
     assert np.abs(np.asarray(out.astype(jnp.float32))[valid] - ref).max() < 0.1
 
 
-# one family: Gemma 2's head is the same class over the same decoder; gemma3_text's names differ
-@pytest.mark.parametrize("family", ["gemma3_text"])
+@pytest.mark.parametrize("family", sorted(HEADS))
 def test_sequence_classification_matches_transformers(family, tmp_path):
     torch_model = _random_model(HEADS[family], family, num_labels=3)
     torch_model.save_pretrained(tmp_path)
