@@ -110,9 +110,14 @@ def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
         for name, cls in MODEL_CLASSES.items():
             if name.endswith(suffix) and name.lower() == family + suffix.lower():
                 return cls
-    default = DEFAULT_CLASSES.get(config.model_type)  # e.g. gemma3_text's Gemma3ForCausalLM
-    if default is not None and default.__name__.endswith(TASK_CLASS_SUFFIXES[task_type]):
-        return default
+    # a family whose class names do not spell its model_type (gemma3_text: Gemma3ForCausalLM): the
+    # default class's own prefix
+    default = DEFAULT_CLASSES.get(config.model_type)
+    if default is not None and "For" in default.__name__:
+        prefix = default.__name__.split("For")[0]
+        for suffix in TASK_CLASS_SUFFIXES[task_type]:
+            if suffix.startswith("For") and prefix + suffix in MODEL_CLASSES:
+                return MODEL_CLASSES[prefix + suffix]
     raise ValueError(
         f"no bundled {task_type} model for model_type {config.model_type!r}; bundled classes: {sorted(MODEL_CLASSES)}"
     )
