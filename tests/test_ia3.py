@@ -21,7 +21,7 @@ from peftjax.tuners.base import adapter_layers
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "bert", "gpt2")}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "gemma2", "bert", "gpt2")}
 # PEFT 0.21.2 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output
 EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))

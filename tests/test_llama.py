@@ -392,6 +392,7 @@ def test_unimplemented_options_of_qwen3_and_phi3_are_named(family, overrides, na
 @pytest.mark.parametrize(("family", "rates"), [
     ("llama", dict(attention_dropout=1.0)),
     ("phi3", dict(resid_pdrop=1.0)),
+    ("gemma2", dict(attention_dropout=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every

@@ -19,7 +19,7 @@ from peftjax import models
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "qwen3", "phi3", "bert", "gpt2")}
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text", "bert", "gpt2")}
 # PEFT 0.21.2 has no default target_modules for phi3 (both PEFT and peftjax refuse the bare config):
 # its tests name the fused projections, the layers that are Phi-3's own
 EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "gate_up_proj"])}
@@ -281,10 +281,12 @@ def test_variants_round_trip_through_peft(targets, tiny_checkpoint, tmp_path):
         assert_close(run_jax(model, jit=jit), theirs)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2"])
 def test_dora_all_linear_made_here_loads_in_peft(family, tiny_checkpoint, tmp_path):
-    """The families' own layers (Qwen3's norms between projections, Phi-3's fused ones) under DoRA."""
-    path, cls = tiny_checkpoint(family), ARCHS[family].torch_class
+    """The families' own layers (Qwen3's norms between projections, Phi-3's fused ones, Gemma 2's
+    post-norms and soft-caps) under DoRA."""
+    spec = ARCHS.get(family) or _tiny.arch(family)
+    path, cls = tiny_checkpoint(spec), spec.torch_class
     model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
         r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear", use_dora=True))
     model.save_pretrained(tmp_path)
@@ -295,6 +297,21 @@ def test_dora_all_linear_made_here_loads_in_peft(family, tiny_checkpoint, tmp_pa
     theirs = run_torch(torch_model)
     assert_close(run_jax(model), theirs)
     assert np.abs(valid(theirs) - valid(run_torch(cls.from_pretrained(path).eval()))).max() > 1e-3
+
+
+def test_lora_on_gemma_embeddings_is_scaled_as_peft_scales_it(tiny_checkpoint, tmp_path):
+    """Gemma's lookup multiplies by sqrt(hidden): PEFT multiplies the adapter's rows by it too."""
+    spec = _tiny.arch("gemma2")
+    path = tiny_checkpoint(spec)
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=["embed_tokens"]))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path).eval(), tmp_path)
+    theirs = run_torch(torch_model)
+    assert_close(run_jax(model), theirs)
+    assert np.abs(valid(theirs) - valid(run_torch(spec.torch_class.from_pretrained(path).eval()))).max() > 1e-3
 
 
 # ---------------------------------------------------------------- bad input

@@ -21,7 +21,8 @@ from peftjax.models import ModelConfig
 tr = pytest.importorskip("transformers")
 
 CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "phi3": "Phi3Config", "bert": "BertConfig", "gpt2": "GPT2Config"}
+           "phi3": "Phi3Config", "bert": "BertConfig", "gpt2": "GPT2Config", "gemma2": "Gemma2Config",
+           "gemma3_text": "Gemma3TextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -34,8 +35,12 @@ def assert_same_fields(ours, theirs):
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"):
         assert rope_parameters(ours) == rope_parameters(theirs)
+    if theirs.model_type == "gemma3_text":  # a RoPE per layer type
+        from peftjax.models._gemma3 import gemma3_rope_parameters
+
+        assert gemma3_rope_parameters(ours) == theirs.rope_parameters
 
 
 @pytest.mark.parametrize("family", sorted(CLASSES))
@@ -60,6 +65,9 @@ VARIANTS = [
     ("phi3", dict(num_key_value_heads=None, sliding_window=5, pad_token_id=None)),
     ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
                   original_max_position_embeddings=64, resid_pdrop=0.1)),
+    ("gemma2", dict(final_logit_softcapping=None, num_hidden_layers=3, num_key_value_heads=4)),
+    ("gemma3_text", dict(layer_types=None, num_hidden_layers=7, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500.0}})),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
 ]
@@ -74,6 +82,16 @@ def test_a_saved_config_reads_as_transformers_reads_it(family, overrides, tmp_pa
     # and an override is applied as AutoConfig applies it
     assert_same_fields(models.load_config(tmp_path, num_labels=5, pad_token_id=0),
                        tr.AutoConfig.from_pretrained(tmp_path, num_labels=5, pad_token_id=0))
+
+
+def test_a_transformers_4_gemma3_config_reads_as_transformers_reads_it(tmp_path):
+    """Before per-type ``rope_parameters``: ``rope_theta`` (global), ``rope_local_base_freq``
+    (sliding), ``rope_scaling`` (global) and ``sliding_window_pattern``."""
+    fields = dict(_tiny.fields("gemma3_text", layer_types=None, num_hidden_layers=5), model_type="gemma3_text",
+                  rope_theta=2000.0, rope_local_base_freq=30.0, sliding_window_pattern=2,
+                  rope_scaling={"rope_type": "linear", "factor": 4.0})
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert_same_fields(models.load_config(tmp_path), tr.AutoConfig.from_pretrained(tmp_path))
 
 
 def test_what_save_pretrained_writes_transformers_reads_back(tmp_path):

@@ -3,6 +3,8 @@
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
 from peftjax.models._config import ModelConfig
 from peftjax.models._bert import BertForSequenceClassification, BertModel
+from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
+from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._llama import (
     LlamaForCausalLM,
@@ -25,6 +27,10 @@ __all__ = [
     "CheckpointError",
     "Conv1D",
     "GPT2ForSequenceClassification",
+    "Gemma2ForCausalLM",
+    "Gemma2ForSequenceClassification",
+    "Gemma3ForCausalLM",
+    "Gemma3TextForSequenceClassification",
     "GPT2LMHeadModel",
     "GPT2Model",
     "LlamaForCausalLM",

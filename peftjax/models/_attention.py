@@ -19,7 +19,7 @@ entries (PEFT's ``past_key_values``):
   explicit ``position_ids`` are used as given (PEFT adds ``V`` to them itself);
 - with a KV cache, the prefix is passed at every step and prepended to the cache's slots.
 
-Llama, GPT-2 and BERT implement it; peftjax refuses prefix tuning (``TypeError``) on a model
+Llama (and the families built on it, Gemma included), GPT-2 and BERT implement it; peftjax refuses prefix tuning (``TypeError``) on a model
 whose ``__call__`` has no ``prefix_kv`` parameter. :func:`check_prefix_kv` validates the pairs.
 """
 
@@ -71,6 +71,7 @@ def dot_product_attention(
     scale: float,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; the softmax runs in float32.
 
@@ -79,6 +80,8 @@ def dot_product_attention(
       k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
       mask: boolean ``[batch, 1, q_len, k_len]`` (see ``attention_mask_4d``).
       dropout_rate: dropout on the attention probabilities, applied only with ``dropout_rng``.
+      softcap: if set, the scaled logits become ``softcap * tanh(logits / softcap)`` before the
+        mask (Gemma 2's ``attn_logit_softcapping``).
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
@@ -88,6 +91,8 @@ def dot_product_attention(
     qh = q.reshape(b, sq, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * sq, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.matmul(qh, kh.swapaxes(-1, -2)).astype(jnp.float32).reshape(b, kvh, g, sq, sk) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * sq, sk)

@@ -110,6 +110,14 @@ def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
         for name, cls in MODEL_CLASSES.items():
             if name.endswith(suffix) and name.lower() == family + suffix.lower():
                 return cls
+    # a family whose class names do not spell its model_type (gemma3_text: Gemma3ForCausalLM): the
+    # default class's own prefix
+    default = DEFAULT_CLASSES.get(config.model_type)
+    if default is not None and "For" in default.__name__:
+        prefix = default.__name__.split("For")[0]
+        for suffix in TASK_CLASS_SUFFIXES[task_type]:
+            if suffix.startswith("For") and prefix + suffix in MODEL_CLASSES:
+                return MODEL_CLASSES[prefix + suffix]
     raise ValueError(
         f"no bundled {task_type} model for model_type {config.model_type!r}; bundled classes: {sorted(MODEL_CLASSES)}"
     )
@@ -139,7 +147,7 @@ def from_pretrained(
         newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
-        family, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
+        family, Gemma, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
         stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
         policy of each layer when they are scanned or looped without a cache).
       revision: the branch, tag or commit of a Hub repo (default ``"main"``).

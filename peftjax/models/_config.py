@@ -5,7 +5,7 @@ whenever it is installed: a quarter of a gigabyte of host memory and seconds of 
 JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
-derives (``head_dim``, ``num_key_value_heads``, Qwen2's and Qwen3's ``layer_types``), and answers attribute
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's and Gemma's ``layer_types``), and answers attribute
 reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled
 models accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -72,6 +72,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_cache": True, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
         "pad_token_id": 32000, "sliding_window": None,
     },
+    "gemma2": {
+        "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+        "attention_dropout": 0.0, "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "use_bidirectional_attention": None,
+    },
+    "gemma3_text": {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+        "attention_dropout": 0.0, "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False,
+        "_sliding_window_pattern": 6,
+    },
     "bert": {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
         "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
@@ -98,7 +115,8 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 }
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
-OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "transformers_version",
+OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
+               "sliding_window_pattern", "transformers_version",
                "torch_dtype", "id2label", "label2id", "num_labels")
 
 
@@ -147,6 +165,12 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
+        if t == "gemma3_text" and "sliding_window_pattern" in self.__dict__:  # transformers 4's name
+            self._sliding_window_pattern = self.__dict__["sliding_window_pattern"]
+        if t in ("gemma2", "gemma3_text") and self.layer_types is None:
+            every = 2 if t == "gemma2" else self._sliding_window_pattern
+            self.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                                for i in range(self.num_hidden_layers)]
 
     # ---------------------------------------------------------------- PretrainedConfig's surface
 

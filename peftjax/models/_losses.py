@@ -145,8 +145,10 @@ def output_kernel(lm_head, embed_tokens) -> jax.Array | None:
     """
     from flax import nnx
 
+    from peftjax.models._gemma2 import ScaledEmbed  # scales its lookups only: its attend is nnx.Embed's
+
     if lm_head is None:
-        if type(embed_tokens) is not nnx.Embed:
+        if type(embed_tokens) not in (nnx.Embed, ScaledEmbed):
             return None
         w = embed_tokens.embedding.get_value().T
         return w.astype(embed_tokens.dtype or w.dtype)

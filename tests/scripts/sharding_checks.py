@@ -37,7 +37,13 @@ from flax import nnx  # noqa: E402
 
 import peftjax  # noqa: E402
 from peftjax import sharding as shd  # noqa: E402
-from peftjax.models import LlamaForCausalLM, Phi3ForCausalLM, Qwen3ForCausalLM, from_pretrained  # noqa: E402
+from peftjax.models import (  # noqa: E402
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    Phi3ForCausalLM,
+    Qwen3ForCausalLM,
+    from_pretrained,
+)
 from peftjax.training._checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 CONFIG = tr.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -256,9 +262,15 @@ FAMILIES = {
     "phi3": (Phi3ForCausalLM, tr.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                                             eos_token_id=2)),
+    # Gemma 3: sliding and global layers, each with its RoPE, q/k norms and post-norms
+    "gemma3_text": (Gemma3ForCausalLM, tr.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
 }
 FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
-         "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel")}
+         "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),
+         "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel")}
 
 
 def check_families(out: dict, tmp: Path) -> None:

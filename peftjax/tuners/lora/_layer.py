@@ -247,7 +247,11 @@ class LoraEmbed(LoraLayer):
         check_init("embed", init, path)
 
     def _branch(self, ids, a, b):
-        return jnp.take(a, jnp.asarray(ids), axis=0) @ b
+        out = jnp.take(a, jnp.asarray(ids), axis=0) @ b
+        scale = getattr(self, "embed_scale", None)  # a scaled lookup (Gemma's): PEFT scales the adapter's rows too
+        if scale is None:
+            return out
+        return out * jnp.asarray(scale, self.embedding.get_value().dtype).astype(out.dtype)
 
 
 def lora_class_for(module: nnx.Module) -> type | None:

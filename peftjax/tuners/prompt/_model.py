@@ -136,7 +136,7 @@ class PromptEncoder(nnx.Module):
         only ``embedding.weight`` (the saved matrix itself) in inference mode.
     """
 
-    def __init__(self, config: PromptLearningConfig, *, word_embeddings: jax.Array | None, key: jax.Array):
+    def __init__(self, config: PromptLearningConfig, *, word_embeddings: jax.Array | nnx.Embed | None, key: jax.Array):
         self.peft_type = config.peft_type
         self.task_type = config.task_type
         self.num_virtual_tokens = int(config.num_virtual_tokens)
@@ -244,15 +244,23 @@ class PromptEncoder(nnx.Module):
 
 
 def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddings, key) -> jax.Array:
-    """PEFT's ``PromptEmbedding`` init: N(0, 1), rows of random vocabulary, or of a text's tokens."""
+    """PEFT's ``PromptEmbedding`` init: N(0, 1), rows of random vocabulary, or of a text's tokens.
+
+    ``word_embeddings`` is a ``[vocab, d]`` table or the model's ``nnx.Embed``; PEFT calls the
+    embedding module, so a module's own lookup (Gemma's scaled one) is used when it is given.
+    """
     init = config.prompt_tuning_init
     if init == "RANDOM":
         return jax.random.normal(key, (n, d), jnp.float32)
     if word_embeddings is None:
         raise ValueError(f"prompt_tuning_init={init!r} needs the model's word embeddings; none were found")
-    table = jnp.asarray(word_embeddings)
+    if isinstance(word_embeddings, nnx.Embed):
+        lookup, vocab = word_embeddings, word_embeddings.num_embeddings
+    else:
+        table = jnp.asarray(word_embeddings)
+        lookup, vocab = table.__getitem__, table.shape[0]
     if init == "SAMPLE_VOCAB":
-        ids = jax.random.randint(key, (n,), 0, table.shape[0])
+        ids = jax.random.randint(key, (n,), 0, vocab)
     else:  # TEXT
         from peftjax.io import load_tokenizer
 
@@ -264,7 +272,7 @@ def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddi
             raise ValueError(f"prompt_tuning_init_text {config.prompt_tuning_init_text!r} tokenizes to nothing")
         ids = (ids * math.ceil(n / len(ids)))[:n]  # truncated, or repeated cyclically
         ids = jnp.asarray(ids, jnp.int32)
-    return table[ids].astype(jnp.float32)
+    return lookup(ids).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- the model mixin
@@ -529,7 +537,7 @@ def inject_prompt_learning(
         raise TypeError(f"{type(model).__name__} has no nnx.Embed word embeddings for {type(config).__name__}")
     table = None
     if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
-        table = _submodule(model, word_path).embedding.get_value()
+        table = _submodule(model, word_path)
     encoder = PromptEncoder(config, word_embeddings=table, key=jax.random.key(0) if key is None else key)
     if not isinstance(model, PromptLearningModel):
         mixin = PromptLearningCausalModel if hasattr(type(model), "generate") else PromptLearningModel

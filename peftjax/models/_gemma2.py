@@ -1,0 +1,291 @@
+"""Gemma 2 in Flax NNX: what differs from the Llama decoder, under transformers' module names.
+
+- ``embed_tokens`` scales its output by ``sqrt(hidden_size)``, rounded to the embedding's dtype
+  (transformers' ``Gemma2TextScaledWordEmbedding``); the tied ``lm_head`` reads the table unscaled;
+- RMSNorm multiplies by ``1 + weight`` and computes in float32 (the weights start at zero);
+- every layer normalises before *and after* attention and the MLP (four norms);
+- attention scales by ``query_pre_attn_scalar ** -0.5`` and soft-caps its logits
+  (``attn_logit_softcapping``), the LM head soft-caps the logits (``final_logit_softcapping``);
+- ``layer_types`` alternates sliding-window and global layers; the MLP is GeGLU
+  (``hidden_activation``, tanh-approximated GELU by default).
+
+The layers differ only in their mask (and, in Gemma 3, their RoPE), which the decoder picks
+per layer, so ``scan_layers=True`` stacks them all: the scanned step selects layer ``i``'s mask
+and RoPE from the stacked per-type tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    head_dim_of,
+    kv_layout,
+)
+from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
+from peftjax.models._modeling import ConfigRef
+from peftjax.models._outputs import ModelOutput
+from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
+from peftjax.models._dropout import layer_key
+from peftjax.models._scan import StackedLayers, check_remat, make_layers, run_layers
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# transformers' ACT2FN names of the GELUs a Gemma MLP may use: tanh approximation or exact
+GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
+
+
+def check_gemma_config(config) -> None:
+    """Refuses what this implementation does not do, naming the option.
+
+    Raises:
+      ValueError: ``use_bidirectional_attention``, an unknown ``hidden_activation`` or layer type.
+    """
+    if getattr(config, "use_bidirectional_attention", None):
+        raise ValueError(f"{config.model_type}: use_bidirectional_attention=True is not supported (only causal "
+                         f"attention is implemented)")
+    act = getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    if act not in GELU_APPROXIMATE:
+        raise ValueError(f"{config.model_type}: hidden_activation {act!r} is not supported; supported: "
+                         f"{sorted(GELU_APPROXIMATE)}")
+    unknown = sorted(set(layer_types(config)) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"{config.model_type}: layer_types {unknown} are not supported; supported: {list(LAYER_TYPES)}")
+    if len(layer_types(config)) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: layer_types has {len(layer_types(config))} entries for "
+                         f"num_hidden_layers={config.num_hidden_layers}")
+
+
+def layer_types(config) -> tuple[str, ...]:
+    """Each layer's attention type (``"sliding_attention"`` or ``"full_attention"``)."""
+    types = getattr(config, "layer_types", None)
+    if types is None:  # as Gemma2Config derives them: every other layer slides, the first one first
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(config.num_hidden_layers)]
+    return tuple(types)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (``x`` itself when ``cap`` is unset)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class ScaledEmbed(nnx.Embed):
+    """``nnx.Embed`` whose lookups are multiplied by ``embed_scale`` (rounded to the table's dtype);
+    ``attend`` (the tied LM head) uses the table as it is."""
+
+    def __init__(self, num_embeddings: int, features: int, *, embed_scale: float, **kwargs):
+        super().__init__(num_embeddings, features, **kwargs)
+        self.embed_scale = float(embed_scale)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        out = super().__call__(inputs)
+        scale = jnp.asarray(self.embed_scale, self.embedding.get_value().dtype)
+        return out * scale.astype(out.dtype)
+
+
+class GemmaRMSNorm(nnx.RMSNorm):
+    """RMSNorm times ``1 + scale``, in float32, cast back to the input's dtype; ``scale`` starts at 0."""
+
+    def __init__(self, num_features: int, *, epsilon: float, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                         scale_init=nnx.initializers.zeros, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask=None) -> jax.Array:
+        del mask
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.epsilon)
+        w = 1.0 + self.scale.get_value().astype(jnp.float32)
+        return (h * w.reshape((1,) * (h.ndim - 1) + w.shape)).astype(x.dtype)
+
+
+class GemmaMLP(nnx.Module):
+    """GeGLU: ``down_proj(gelu(gate_proj(x)) * up_proj(x))``, no biases."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nnx.Linear(h, i, **kw)
+        self.up_proj = nnx.Linear(h, i, **kw)
+        self.down_proj = nnx.Linear(i, h, **kw)
+        self.approximate = GELU_APPROXIMATE[getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"]
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+
+
+class Gemma2Attention(LlamaAttention):
+    """Llama's projections (``attention_bias`` on all four); the mask comes chosen for the layer."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, 0, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.window = None  # the decoder passes each layer its own mask
+        self.scale = float(config.query_pre_attn_scalar) ** -0.5
+        self.softcap = self.logit_softcap(config)
+
+    @staticmethod
+    def logit_softcap(config) -> float | None:
+        return getattr(config, "attn_logit_softcapping", None)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        b, s, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            cache = attn.update_kv_cache(cache, k, v, cache_index)
+            k, v = cache["k"], cache["v"]
+        if prefix is not None:  # prefix keys are cached keys: no RoPE
+            k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
+        out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
+                                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+        return self.o_proj(out.reshape(b, s, -1)), cache
+
+
+class Gemma2DecoderLayer(nnx.Module):
+    """Norms before and after both attention and the MLP."""
+
+    attention_class: ClassVar[type[nnx.Module]] = Gemma2Attention
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = GemmaMLP(config, **kw)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw))
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's key for ``attention_dropout`` (training); ``None``: none."""
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, prefix, dropout_rng)
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+
+
+class Gemma2Model(nnx.Module):
+    """The decoder stack: ``embed_tokens`` (scaled), ``layers``, ``norm``."""
+
+    layer_class: ClassVar[type[nnx.Module]] = Gemma2DecoderLayer
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        check_gemma_config(config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = ConfigRef(config)
+        self.embed_tokens = ScaledEmbed(config.vocab_size, config.hidden_size, embed_scale=math.sqrt(config.hidden_size),
+                                        **kw)
+        self.remat = check_remat(getattr(config, "remat", "none"))
+        self.layer_types = layer_types(config)
+        self.layers = make_layers(
+            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        # static data, not state: ((layer type, RoPE), ...) for the types the layers use
+        self.rotary = tuple((t, self.rotary_for(config, t)) for t in sorted(set(self.layer_types)))
+
+    @staticmethod
+    def rotary_for(config, layer_type: str) -> RotaryEmbedding:
+        """The RoPE of layers of ``layer_type`` (Gemma 2: the same for all)."""
+        return rotary_embedding(config, head_dim_of(config))
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        prefix_kv=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``);
+        ``dropout_rng`` applies the config's ``attention_dropout`` (training).
+
+        The sliding window counts prefix entries as positions before the tokens, as transformers'
+        sliding cache does with PEFT's prefix.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        pos = attn.decoder_positions(
+            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
+            prefix_kv=prefix_kv, num_layers=len(self.layers), owner=type(self).__name__,
+            prefix_layout=lambda: kv_layout(self.config),
+        )
+        window = self.config.sliding_window
+        per_type = {
+            t: (*rope.cos_sin(pos.position_ids, x.dtype),
+                attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True,
+                                       window=window if t == "sliding_attention" else None))
+            for t, rope in self.rotary
+        }
+        stacked = isinstance(self.layers, StackedLayers)
+        if cache is None and prefix_kv is None and (stacked or self.remat != "none"):
+            # scanned and/or rematerialised: layer i reads its type's cos, sin and mask by index
+            kinds = [t for t, _ in self.rotary]
+            tables = [jnp.stack(parts) for parts in zip(*(per_type[t] for t in kinds))]
+            index = jnp.asarray([kinds.index(t) for t in self.layer_types], jnp.int32)
+
+            def step(layer, carry, key):
+                h, i = carry
+                cos, sin, mask = (table[index[i]] for table in tables)
+                return layer(h, cos, sin, mask, dropout_rng=key)[0], i + 1
+
+            x, _ = run_layers(self.layers, step, (x, jnp.zeros((), jnp.int32)), self.remat, dropout_rng)
+            return ModelOutput(last_hidden_state=self.norm(x), past_key_values=None)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            x, layer_cache = layer(x, *per_type[self.layer_types[i]], None if cache is None else cache[i],
+                                   pos.start, prefix, layer_key(dropout_rng, i))
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Gemma 2: the decoder above, a tied LM head by default, soft-capped logits."""
+
+    model_class: ClassVar[type[nnx.Module]] = Gemma2Model
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        prefix_kv=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
+                         dropout_rng)
+        h = out.last_hidden_state
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        logits = softcap(logits, cap)
+        loss = None
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            # the fused loss projects the hidden states itself, without the cap: only uncapped heads use it
+            loss = (causal_lm_loss(logits, labels) if cap is not None
+                    else causal_lm_head_loss(h, logits, labels, self.lm_head, self.model.embed_tokens))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+
+class Gemma2ForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = Gemma2Model
+
+
+register(Gemma2ForCausalLM, model_types=("gemma2",), default=True)
+register(Gemma2ForSequenceClassification)
