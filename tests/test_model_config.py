@@ -21,7 +21,7 @@ from peftjax.models import ModelConfig
 tr = pytest.importorskip("transformers")
 
 CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "phi3": "Phi3Config", "bert": "BertConfig", "gpt2": "GPT2Config"}
+           "phi3": "Phi3Config", "mixtral": "MixtralConfig", "bert": "BertConfig", "gpt2": "GPT2Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -34,7 +34,7 @@ def assert_same_fields(ours, theirs):
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"):
         assert rope_parameters(ours) == rope_parameters(theirs)
 
 
@@ -60,6 +60,7 @@ VARIANTS = [
     ("phi3", dict(num_key_value_heads=None, sliding_window=5, pad_token_id=None)),
     ("phi3", dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
                   original_max_position_embeddings=64, resid_pdrop=0.1)),
+    ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
 ]
