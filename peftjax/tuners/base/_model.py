@@ -38,7 +38,9 @@ def model_type(model) -> str | None:
 def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
     """Fills PEFT's per-architecture default targets, expands ``all-linear``, adds task heads."""
     from peftjax.config import resolve_target_modules
+    from peftjax.config._targeting import check_moe_lora_targets
 
+    check_moe_lora_targets(config, model_type(model) or "", named_modules(model))
     config = add_task_modules_to_save(config)
     if config.target_modules is None:
         config = resolve_target_modules(config, model_type(model) or "")
