@@ -47,6 +47,7 @@ ARCHS = {
     "llama-cls": _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3),
     "qwen3": _tiny.arch("qwen3", initializer_range=0.2),
     "phi3": _tiny.arch("phi3", initializer_range=0.2),
+    "mixtral": _tiny.arch("mixtral", initializer_range=0.2),
 }
 # method -> (peft config class, peftjax config class, extra fields)
 METHODS = {
@@ -138,7 +139,7 @@ def peft_model(saved, arch, method, perturb=True):
 
 CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
-] + [(a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")]
+] + [(a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")] + [("mixtral", "prefix")]
 
 
 # ---------------------------------------------------------------- (a) PEFT -> peftjax
@@ -161,7 +162,7 @@ def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
     ("llama", "prefix-projection"), ("llama", "p-tuning-lstm"),
     ("gpt2", "prefix"), ("gpt2", "prompt"), ("bert", "prefix"), ("bert", "p-tuning-mlp"),
     ("llama-cls", "prompt"),
-    *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
+    *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")), ("mixtral", "prefix"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
     task = ARCHS[arch].task
@@ -206,7 +207,7 @@ def torch_greedy(pm, ids, mask, max_new_tokens, eos, pad=0):
 
 @pytest.mark.parametrize(("arch", "method"), [
     ("llama", "prefix"), ("llama", "prompt"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
-    ("phi3", "prefix"),
+    ("phi3", "prefix"), ("mixtral", "prefix"),
 ])
 def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
     ids = np.random.RandomState(1).randint(1, 96, (3, 6))
