@@ -158,7 +158,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
     labels = np.array([0, 2, 1])
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = _forward(model, True, input_ids=ids, attention_mask=mask, labels=labels)
     np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
