@@ -43,7 +43,6 @@ from peftjax.io._errors import CheckpointError
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._llama import (
-    LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -149,8 +148,6 @@ class MixtralSparseMoeBlock(nnx.Module):
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     """Llama's pre-norm layer with the MoE block as ``mlp``; also returns the router logits."""
-
-    attention_class: ClassVar[type[nnx.Module]] = LlamaAttention
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
