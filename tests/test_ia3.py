@@ -1,4 +1,4 @@
-"""IA³ against HF PEFT + PyTorch on Llama, Qwen3, Phi-3, BERT and GPT-2, in both directions."""
+"""IA³ against HF PEFT + PyTorch on Llama, Qwen3, Phi-3, Mixtral, BERT and GPT-2, in both directions."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ from peftjax.tuners.base import adapter_layers
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "gemma2", "bert", "gpt2")}
-# PEFT 0.21.2 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "gemma2", "mixtral", "bert", "gpt2")}
+# PEFT 0.21.2 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output.
+# Mixtral's defaults (k_proj, v_proj, w2; feedforward w2) name transformers 4's per-expert w2, which
+# transformers 5 no longer has: PEFT and peftjax both adapt k_proj and v_proj only.
 EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 pytestmark = pytest.mark.filterwarnings("ignore:.*stores its weight as .fan_in, fan_out.:UserWarning")

@@ -314,6 +314,60 @@ def test_lora_on_gemma_embeddings_is_scaled_as_peft_scales_it(tiny_checkpoint, t
     assert np.abs(valid(theirs) - valid(run_torch(spec.torch_class.from_pretrained(path).eval()))).max() > 1e-3
 
 
+def test_mixtral_attention_lora_both_ways(tiny_checkpoint, tmp_path):
+    """q/k/v/o made by PEFT -> here; q/v made here -> PEFT, and merged -> transformers (which reads
+    the per-expert experts that save_pretrained writes). Training runs in test_sharding."""
+    spec = _tiny.arch("mixtral")
+    path, cls = tiny_checkpoint(spec), spec.torch_class
+    base = lambda: torch_base(("mixtral", path, cls, "CAUSAL_LM"))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert set(peftjax.tuners.lora.lora_layers(model.base_model)) == set(theirs.targeted_module_names)
+    ref = run_torch(theirs)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), ref)
+    assert np.abs(valid(ref) - valid(run_torch(base()))).max() > 1e-3
+
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "ours")
+    ours = run_jax(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    assert_close(ours, run_torch(theirs))
+    assert np.abs(valid(ours) - valid(run_torch(base()))).max() > 1e-3
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(run_torch(cls.from_pretrained(tmp_path / "merged").eval()), ours)
+
+
+def test_mixtral_lora_on_router_or_experts_is_refused_where_peft_uses_target_parameters(tiny_checkpoint, tmp_path):
+    spec = _tiny.arch("mixtral")
+    path, cls = tiny_checkpoint(spec), spec.torch_class
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # PEFT: all-linear becomes the attention modules plus target_parameters on the router and experts ...
+        theirs = peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(r=2, target_modules="all-linear"))
+        assert set(theirs.peft_config["default"].target_parameters) == {"gate.weight", "gate_up_proj", "down_proj"}
+        theirs.save_pretrained(tmp_path / "all-linear")
+        with pytest.raises(ValueError, match="target_modules"):  # ... and None, emptied, is refused
+            peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(r=2))
+    for targets, match in ((None, "needs target_modules"), ("all-linear", "'all-linear'.*target_parameters"),
+                           (["q_proj", "w2"], r"covers \['w2'\].*target_parameters"),
+                           (r".*\.(q_proj|w1)", r"covers \['model.layers.0.mlp.experts.w1'"),
+                           (["gate"], "target_parameters")):
+        with pytest.raises(ValueError, match=match):
+            peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, target_modules=targets))
+    with pytest.raises(NotImplementedError, match="target_parameters"):  # the adapter PEFT wrote
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "all-linear")
+
+
 # ---------------------------------------------------------------- bad input
 
 

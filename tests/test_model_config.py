@@ -21,8 +21,8 @@ from peftjax.models import ModelConfig
 tr = pytest.importorskip("transformers")
 
 CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "phi3": "Phi3Config", "bert": "BertConfig", "gpt2": "GPT2Config", "gemma2": "Gemma2Config",
-           "gemma3_text": "Gemma3TextConfig"}
+           "phi3": "Phi3Config", "mixtral": "MixtralConfig", "bert": "BertConfig", "gpt2": "GPT2Config",
+           "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -35,7 +35,7 @@ def assert_same_fields(ours, theirs):
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"):
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -68,6 +68,7 @@ VARIANTS = [
     ("gemma2", dict(final_logit_softcapping=None, num_hidden_layers=3, num_key_value_heads=4)),
     ("gemma3_text", dict(layer_types=None, num_hidden_layers=7, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500.0}})),
+    ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
 ]

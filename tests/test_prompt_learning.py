@@ -49,6 +49,7 @@ ARCHS = {
     "phi3": _tiny.arch("phi3", initializer_range=0.2),
     "gemma2": _tiny.arch("gemma2", initializer_range=0.2),
     "gemma3_text": _tiny.arch("gemma3_text", initializer_range=0.2),
+    "mixtral": _tiny.arch("mixtral", initializer_range=0.2),
 }
 # method -> (peft config class, peftjax config class, extra fields)
 METHODS = {
@@ -141,7 +142,7 @@ def peft_model(saved, arch, method, perturb=True):
 CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
 ] + [(a, m) for a in ("qwen3", "phi3", "gemma3_text") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
-    ("gemma2", "prefix"),
+    ("gemma2", "prefix"), ("mixtral", "prefix"),
 ]
 
 
@@ -166,7 +167,7 @@ def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
     ("gpt2", "prefix"), ("gpt2", "prompt"), ("bert", "prefix"), ("bert", "p-tuning-mlp"),
     ("llama-cls", "prompt"),
     *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
-    ("gemma3_text", "prefix"),
+    ("gemma3_text", "prefix"), ("mixtral", "prefix"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
     task = ARCHS[arch].task

@@ -272,18 +272,21 @@ def test_sharded_steps_equal_one_device(report):
     assert runs[((("fsdp", 2), ("model", 4)), "fsdp+tp")]["lora_A_spec"] == "P('fsdp', None)"
 
 
-def test_qwen3_phi3_and_gemma3_train_sharded_as_on_one_device(report):
+def test_qwen3_phi3_gemma3_and_mixtral_train_sharded_as_on_one_device(report):
     """Phi-3's fused qkv_proj [64, 128] and gate_up_proj [64, 256] split 4 ways on their outputs (and 2
-    ways on their inputs under fsdp); Qwen3's head norms and Gemma 3's post-norms whole; 3 LoRA steps
-    as on one device."""
+    ways on their inputs under fsdp); Qwen3's head norms and Gemma 3's post-norms whole; Mixtral's 4
+    experts one per device on the model axis (fsdp halves each expert's larger dimension), its router
+    split by fsdp only; 3 LoRA steps as on one device (Mixtral's loss with its load-balancing term)."""
     runs = {r["family"]: r for r in report["families"]}
-    assert sorted(runs) == ["gemma3_text", "phi3", "qwen3"]
+    assert sorted(runs) == ["gemma3_text", "mixtral", "phi3", "qwen3"]
     for name, r in runs.items():
         assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, name
     assert runs["phi3"]["shards"] == {"self_attn.qkv_proj.kernel": [[32, 32]], "mlp.gate_up_proj.kernel": [[32, 64]]}
     assert runs["qwen3"]["shards"] == {"self_attn.q_norm.scale": [[16]], "mlp.up_proj.kernel": [[32, 32]]}
     assert runs["gemma3_text"]["shards"] == {"post_feedforward_layernorm.scale": [[64]],
                                              "mlp.gate_proj.kernel": [[32, 32]]}
+    assert runs["mixtral"]["shards"] == {"mlp.experts.gate_up_proj": [[1, 128, 64]],
+                                         "mlp.experts.down_proj": [[1, 64, 64]], "mlp.gate.weight": [[4, 32]]}
 
 
 def test_tensor_parallel_never_gathers_a_base_weight(report):
@@ -366,6 +369,10 @@ def test_two_processes_train_like_one_device(report):
         ("model.layers.layer.self_attn.qkv_proj.kernel", (2, 32, 64), P(None, None, "model")),
         ("model.layers.0.self_attn.q_norm.scale", (8,), P(None)),
         ("model.layers.0.self_attn.k_norm.scale", (8,), P(None)),
+        # Mixtral: the experts' axis over `model` (also under stacked layers); the router replicated
+        ("model.layers.0.mlp.experts.gate_up_proj", (4, 48, 32), P("model", None, None)),
+        ("model.layers.layer.mlp.experts.down_proj", (2, 4, 32, 24), P(None, "model", None, None)),
+        ("model.layers.0.mlp.gate.weight", (4, 32), P(None, None)),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

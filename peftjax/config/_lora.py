@@ -119,7 +119,8 @@ class LoraConfig(PeftConfig):
         layer_replication: PEFT's layer stacking. Unsupported: must be ``None``.
         lora_bias: Adds a trainable bias to ``B`` (``lora_B.bias``); not with DoRA, and only with
             ``init_lora_weights`` ``True``/``False``.
-        target_parameters: PEFT's LoRA on bare parameters (MoE experts). Unsupported.
+        target_parameters: PEFT's LoRA on bare parameters (MoE experts). Unsupported: must be
+            ``None`` or empty (PEFT writes ``[]`` for a Mixtral adapter on modules only).
         use_bdlora: PEFT's block-diagonal LoRA. Unsupported: must be ``None``.
         arrow_config: PEFT's Arrow routing. Unsupported: must be ``None``.
         kasa_config: PEFT's KaSA variant. Unsupported: must be ``None``.
@@ -186,7 +187,10 @@ class LoraConfig(PeftConfig):
         if isinstance(self.loftq_config, LoftQConfig):
             self._set("loftq_config", self.loftq_config.to_dict())
         self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
-        reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
+        # PEFT 0.21.2 writes [] for an adapter on a MoE model (Mixtral) that targets modules only
+        empty_parameters = isinstance(self.target_parameters, list | tuple | set) and not self.target_parameters
+        reject_unsupported(self, {k: v for k, v in _UNSUPPORTED_DEFAULTS.items()
+                                  if not (k == "target_parameters" and empty_parameters)})
 
         # PEFT's own checks, in PEFT's order and with PEFT's conditions.
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

@@ -167,6 +167,49 @@ _TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
 _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 
 
+# transformers 5 fused these MoE models' per-expert linears into 3-D parameters and made the router a
+# module of its own. PEFT 0.21.2 turns LoRA targets naming them as transformers 4 did (and "all-linear",
+# which covered them) into `target_parameters` on the fused weights, with doubled rank and alpha for
+# the fused w1/w3 (peft/utils/transformers_weight_conversion.py); a `None` target_modules comes out of
+# that conversion empty, and PEFT then refuses the config.
+MOE_CONVERTED_TARGETS: dict[str, tuple[str, ...]] = {"mixtral": ("gate", "w1", "w3", "w2")}
+
+
+def check_moe_lora_targets(config: PeftConfig, model_type: str, module_names: Iterable[str]) -> None:
+    """Refuses LoRA targets that PEFT 0.21.2 would turn into ``target_parameters`` on a MoE model.
+
+    Args:
+        config: The adapter config, before its defaults are filled.
+        model_type: The transformers ``model_type``.
+        module_names: The model's dotted module names (to probe a regex ``target_modules``).
+
+    Raises:
+        ValueError: ``target_modules`` is ``None`` (PEFT refuses that too), ``"all-linear"``, or
+            names or matches the router or the experts; the message says which and what to use.
+    """
+    converted = MOE_CONVERTED_TARGETS.get(model_type)
+    if converted is None or getattr(config, "peft_type", None) != "LORA":
+        return
+    target = config.target_modules
+    fix = "name the attention projections instead, e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']"
+    why = (f"PEFT 0.21.2 (with transformers 5) adapts the router and the fused experts of {model_type!r} "
+           f"({list(converted)}) through `target_parameters` (LoRA on 3-D parameters), which peftjax does not implement")
+    if target is None:
+        raise ValueError(f"LoRA on model_type {model_type!r} needs target_modules: PEFT 0.21.2 (with transformers 5) "
+                         f"empties the default while converting its MoE targets and refuses the config; {fix}")
+    if is_all_linear(target):
+        raise ValueError(f"target_modules='all-linear' on model_type {model_type!r}: {why}; {fix}")
+    if isinstance(target, str):
+        names = list(module_names)
+        probes = [f"{n}.{w}" for n in names if n.endswith(".experts") for w in converted if w != "gate"]
+        probes += [n for n in names if n.endswith(".gate")]
+        hits = [p for p in probes if re.fullmatch(target, p)]
+    else:
+        hits = [t for t in target if any(t == n or t.endswith("." + n) for n in converted)]
+    if hits:
+        raise ValueError(f"target_modules {_show(target)} covers {hits[:3]}: {why}; {fix}")
+
+
 def is_all_linear(target_modules: Any) -> bool:
     """Whether ``target_modules`` is PEFT's ``"all-linear"`` shorthand (case-insensitive, as in PEFT)."""
     return isinstance(target_modules, str) and target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND

@@ -15,6 +15,7 @@ from peftjax.models._llama import (
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
 )
+from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
@@ -38,6 +39,8 @@ __all__ = [
     "LlamaModel",
     "MistralForCausalLM",
     "MistralForSequenceClassification",
+    "MixtralForCausalLM",
+    "MixtralForSequenceClassification",
     "ModelConfig",
     "ModelOutput",
     "NewWeightsWarning",

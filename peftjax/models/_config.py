@@ -89,6 +89,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False,
         "_sliding_window_pattern": 6,
     },
+    "mixtral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+    },
     "bert": {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
         "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
@@ -110,6 +118,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # other names for fields (transformers' ``attribute_map``)
 ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
+    "mixtral": {"num_experts": "num_local_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
 }
@@ -152,7 +161,7 @@ class ModelConfig:
     def _derive(self) -> None:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
-        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral") and self.head_dim is None:

@@ -464,9 +464,14 @@ class PreTrainedModel(nnx.Module):
         config.__dict__.pop("quantization_config", None)  # a dequantized model's file is a float checkpoint
         if quantization_config is not None:
             config.quantization_config = quantization_config
-        state = {**hf_state_dict(self), **quantized_state_dict(self)}
+        state = self.checkpoint_layout({**hf_state_dict(self), **quantized_state_dict(self)})
         _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
         _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
+
+    def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """The state dict as ``save_pretrained`` writes it (a family whose files use other keys
+        than its modules, such as Mixtral's per-expert weights, overrides this)."""
+        return state
 
     # ---------------------------------------------------------------- helpers
 

@@ -10,6 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# transformers' ``default_theta`` where a family's differs from 10000
+DEFAULT_THETA = {"mixtral": 1000000.0}
+
+
 def rope_parameters(config) -> dict:
     """The RoPE settings of a config, for transformers 5 (``rope_parameters``) and 4 (``rope_scaling``).
 
@@ -22,7 +26,8 @@ def rope_parameters(config) -> dict:
     legacy = getattr(config, "rope_scaling", None)
     if legacy and not params.get("rope_type"):
         params.update(legacy)
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", DEFAULT_THETA.get(getattr(config, "model_type", None),
+                                                                                    10000.0)))
     phi3 = getattr(config, "model_type", None) == "phi3"
     partial = getattr(config, "partial_rotary_factor", None)
     if partial is None and phi3:

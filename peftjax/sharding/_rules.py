@@ -27,6 +27,10 @@ Its spec comes from, in order:
      their output cuts across the q/k/v (gate/up) blocks wherever the block sizes do not line up
      with the shards; XLA's partitioner keeps the split that follows correct, at the price of
      some resharding. Qwen3's per-head ``q_norm``/``k_norm`` scales, like every norm, are replicated.
+     Mixtral's fused experts (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+     split their expert axis over ``model`` (expert parallelism: each device holds whole experts,
+     the dense expert sum becomes an all-reduce, as after a row-parallel layer); the router
+     ``mlp.gate.weight [E, H]`` is left to fsdp or replicated.
    * combinations joined by ``+``: ``"fsdp+tp"`` applies tp, then fsdp on a dimension tp
      left whole. ``"dp"`` adds nothing to either.
 
@@ -67,6 +71,7 @@ TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_ROW}\.kernel$", P(MODEL, None)),
     (r"(^|\.)(embed_tokens|word_embeddings|wte)\.embedding$", P(None, MODEL)),
     (r"(^|\.)lm_head\.kernel$", P(None, MODEL)),
+    (r"(^|\.)experts\.(gate_up_proj|down_proj)$", P(MODEL, None, None)),  # Mixtral: experts over `model`
 )
 
 # ``<layer>.<adapter dict>.<adapter name>``: the LoRA leaves that follow the layer's weight

@@ -40,6 +40,7 @@ from peftjax import sharding as shd  # noqa: E402
 from peftjax.models import (  # noqa: E402
     Gemma3ForCausalLM,
     LlamaForCausalLM,
+    MixtralForCausalLM,
     Phi3ForCausalLM,
     Qwen3ForCausalLM,
     from_pretrained,
@@ -62,9 +63,9 @@ Q = "model.layers.0.self_attn.q_proj.kernel"
 EMBED = "model.embed_tokens.embedding"
 
 
-def lora_model(base=None):
+def lora_model(base=None, **lora):
     base = base if base is not None else LlamaForCausalLM.from_config(CONFIG, seed=0)
-    return peftjax.get_peft_model(base, peftjax.LoraConfig(**LORA))
+    return peftjax.get_peft_model(base, peftjax.LoraConfig(**{**LORA, **lora}))
 
 
 def make_batch():
@@ -103,9 +104,9 @@ def trained_tp():
     return _TRAINED["tp"]
 
 
-def train(mesh=None, rules=None, *, lower=False, base=None):
+def train(mesh=None, rules=None, *, lower=False, base=None, lora=None):
     """3 steps of the functional step; returns losses, adapters, the model and the compiled HLO."""
-    pm = lora_model(base() if base is not None else None)
+    pm = lora_model(base() if base is not None else None, **(lora or {}))
     if mesh is not None:
         shd.shard_model(pm.base_model, mesh, rules)
     graphdef, trainable, rest = peftjax.split(pm.base_model)
@@ -255,7 +256,8 @@ def check_trainer(out: dict, tmp: Path) -> None:
 
 
 # the other families' own weights: Qwen3's per-head norms, Phi-3's fused projections (on the 4-way
-# axis qkv_proj's 128 outputs split into q | q | k | v and gate_up_proj's 256 into gate | gate | up | up)
+# axis qkv_proj's 128 outputs split into q | q | k | v and gate_up_proj's 256 into gate | gate | up | up),
+# Mixtral's experts (one of 4 per device on the 4-way axis; its loss includes the load-balancing loss)
 FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, tr.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
@@ -267,10 +269,17 @@ FAMILIES = {
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
         layer_types=["sliding_attention", "full_attention"])),
+    "mixtral": (MixtralForCausalLM, tr.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     num_local_experts=4, num_experts_per_tok=2,
+                                                     output_router_logits=True, router_aux_loss_coef=0.1)),
 }
 FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
          "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),
-         "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel")}
+         "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel"),
+         "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")}
+# PEFT 0.21.2 adapts Mixtral's router and experts under "all-linear" (target_parameters, refused here)
+TARGETS = {"mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
 
 
 def check_families(out: dict, tmp: Path) -> None:
@@ -279,9 +288,9 @@ def check_families(out: dict, tmp: Path) -> None:
         def base(cls=cls, config=config):
             return cls.from_config(config, seed=0)
 
-        ref_losses, ref_adapters, _, _, _ = train(base=base)
+        ref_losses, ref_adapters, _, _, _ = train(base=base, lora=TARGETS.get(name))
         for shape, rules in (({"fsdp": 2, "model": 4}, "fsdp+tp"),):  # tp on the 4-way axis, fsdp beside it
-            losses, adapters, _, pm, _ = train(shd.make_mesh(shape), rules, base=base)
+            losses, adapters, _, pm, _ = train(shd.make_mesh(shape), rules, base=base, lora=TARGETS.get(name))
             v = variables(pm.base_model)
             out["families"].append({
                 "family": name, "mesh": shape, "rules": rules,

@@ -38,7 +38,10 @@ def model_type(model) -> str | None:
 def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
     """Fills PEFT's per-architecture default targets, expands ``all-linear``, adds task heads."""
     from peftjax.config import resolve_target_modules
+    from peftjax.config._targeting import MOE_CONVERTED_TARGETS, check_moe_lora_targets
 
+    if model_type(model) in MOE_CONVERTED_TARGETS:  # Mixtral: what PEFT would adapt through target_parameters
+        check_moe_lora_targets(config, model_type(model), named_modules(model))
     config = add_task_modules_to_save(config)
     if config.target_modules is None:
         config = resolve_target_modules(config, model_type(model) or "")

@@ -1,0 +1,372 @@
+"""Mixtral in Flax NNX: the Mistral decoder with a sparse mixture-of-experts MLP, under transformers' names.
+
+What differs from Llama is the MLP, ``mlp`` (transformers' ``MixtralSparseMoeBlock``):
+
+* ``mlp.gate``, the router: ``weight [experts, hidden]``; each token's routing weights are the
+  softmax of its logits (float32), top ``num_experts_per_tok`` of them, renormalised to sum to one.
+* ``mlp.experts``: every expert's weights fused into 3-D parameters as transformers 5 stores them,
+  ``gate_up_proj [experts, 2 * intermediate, hidden]`` (``[gate | up]``) and
+  ``down_proj [experts, hidden, intermediate]``; an expert computes
+  ``down @ (silu(gate @ x) * (up @ x))``.
+
+The experts run densely: every token goes through every expert and the outputs are summed with
+the routing weights, zero outside the token's top k. That is jit- and sharding-friendly (static
+shapes; the expert axis shards like any other dimension) and equals transformers' sparse dispatch,
+at ``num_local_experts / num_experts_per_tok`` times the MLP FLOPs of a sparse kernel.
+
+Checkpoints: the Hub's layout (``block_sparse_moe.gate.weight`` and one ``w1``/``w2``/``w3``
+linear per expert, ``w1``: gate, ``w3``: up, ``w2``: down) and transformers 5's fused in-memory
+layout (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) both load;
+``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does.
+
+Training: ``router_jitter_noise`` multiplies the MLP's input by ``uniform(1 - j, 1 + j)`` noise
+while a dropout key is active (``peftjax.dropout_key``, the train step's key), as transformers does
+in ``train()`` mode (the noise itself is JAX's, not torch's). With ``output_router_logits`` (the
+config's, or the call's argument) the causal LM returns ``aux_loss``, transformers'
+``load_balancing_loss_func`` over all layers (padding excluded by ``attention_mask``), and adds
+``router_aux_loss_coef * aux_loss`` to the loss when there are labels. The per-layer router
+logits themselves are not returned.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Mapping
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.io._errors import CheckpointError
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    kv_layout,
+    sliding_windows,
+)
+from peftjax.models._losses import causal_lm_head_loss
+from peftjax.models._outputs import ModelOutput
+from peftjax.models._dropout import layer_key
+from peftjax.models._scan import run_layers
+from peftjax.nn._dropout import active_dropout_key
+
+
+def check_mixtral_config(config) -> None:
+    """Refuses by name what this implementation does not do."""
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
+    e, k = config.num_local_experts, config.num_experts_per_tok
+    if not 1 <= k <= e:
+        raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
+
+
+def route(logits: jax.Array, top_k: int) -> jax.Array:
+    """Dense routing weights ``[tokens, experts]``: softmax, top ``top_k``, renormalised; 0 elsewhere."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, index = jax.lax.top_k(probs, top_k)
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return jnp.sum(jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32) * top[..., None], axis=-2)
+
+
+def routing_statistics(logits: jax.Array, top_k: int, token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's ``(top-k assignments per expert, summed router probabilities per expert)``
+    over the tokens ``token_mask`` keeps: the sums ``load_balancing_loss_func`` accumulates."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, index = jax.lax.top_k(probs, top_k)
+    counts = jnp.einsum("tke,t->e", jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32), token_mask)
+    return counts, jnp.einsum("te,t->e", probs, token_mask)
+
+
+def load_balancing_loss(counts: jax.Array, probs: jax.Array, rows: jax.Array) -> jax.Array:
+    """transformers' ``load_balancing_loss_func`` from the statistics summed over the layers;
+    ``rows`` is the number of (unpadded) tokens times the number of layers."""
+    return jnp.sum((counts / rows) * (probs / rows)) * counts.shape[-1]
+
+
+class MixtralTopKRouter(nnx.Module):
+    """``mlp.gate``: the router's ``weight [experts, hidden]`` (torch layout; not an ``nnx.Linear``,
+    so LoRA's ``target_modules`` and ``"all-linear"`` skip it as PEFT skips transformers' router)."""
+
+    hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"weight": ("weight", False)}
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        self.weight = nnx.Param(init(rngs.params(), (config.num_local_experts, config.hidden_size), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x):
+        return x @ self.weight.get_value().astype(self.dtype).T
+
+
+class MixtralExperts(nnx.Module):
+    """``mlp.experts``: ``gate_up_proj [experts, 2I, hidden]`` and ``down_proj [experts, hidden, I]``."""
+
+    hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {
+        "gate_up_proj": ("gate_up_proj", False), "down_proj": ("down_proj", False)}
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        init = nnx.initializers.normal(config.initializer_range)
+        self.gate_up_proj = nnx.Param(init(rngs.params(), (e, 2 * i, h), param_dtype))
+        self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x, weights):
+        """``x [tokens, hidden]`` through every expert, summed with ``weights [tokens, experts]``."""
+        gate_up = jnp.einsum("th,eoh->teo", x, self.gate_up_proj.get_value().astype(self.dtype))
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.down_proj.get_value().astype(self.dtype))
+        return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
+
+
+class MixtralSparseMoeBlock(nnx.Module):
+    def __init__(self, config, layer_idx: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
+        check_mixtral_config(config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.top_k = config.num_experts_per_tok
+        self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
+        self.layer_idx = layer_idx
+        self.gate = MixtralTopKRouter(config, **kw)
+        self.experts = MixtralExperts(config, **kw)
+
+    def __call__(self, x):
+        """``(output [b, s, hidden], router logits [b * s, experts])``."""
+        b, s, h = x.shape
+        key = active_dropout_key()
+        if self.jitter_noise > 0 and key is not None:  # training: transformers' router jitter
+            key = jax.random.fold_in(key, zlib.crc32(f"mlp.jitter.{self.layer_idx}".encode()))
+            x = x * jax.random.uniform(key, x.shape, x.dtype, 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        flat = x.reshape(b * s, h)
+        logits = self.gate(flat)
+        return self.experts(flat, route(logits, self.top_k)).reshape(b, s, h), logits
+
+
+class MixtralDecoderLayer(LlamaDecoderLayer):
+    """Llama's pre-norm layer with the MoE block as ``mlp``; also returns the router logits."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = MixtralSparseMoeBlock(config, layer_idx, **kw)
+        eps = config.rms_norm_eps
+        self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
+        x = x + a
+        out, logits = self.mlp(self.post_attention_layernorm(x))
+        return x + out, cache, logits
+
+
+def _token_mask(attention_mask, b: int, s: int) -> jax.Array:
+    """``[b * s]`` float weights of the real tokens (the mask's last ``s`` columns; all ones without one)."""
+    if attention_mask is None:
+        return jnp.ones((b * s,), jnp.float32)
+    mask = jnp.asarray(attention_mask)
+    return mask[:, mask.shape[1] - s:].reshape(b * s).astype(jnp.float32)
+
+
+class MixtralModel(LlamaModel):
+    """The decoder stack; its output also carries ``aux_loss``, the load-balancing loss."""
+
+    layer_class: ClassVar[type[nnx.Module]] = MixtralDecoderLayer
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        prefix_kv=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """As :meth:`LlamaModel.__call__`; ``aux_loss`` is ``None`` on the KV-cache path (generation)."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        pos = attn.decoder_positions(
+            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
+            prefix_kv=prefix_kv, num_layers=len(self.layers), owner=type(self).__name__,
+            prefix_layout=lambda: kv_layout(self.config),
+        )
+        masks = {
+            w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
+            for w in set(sliding_windows(self.config))
+        }
+        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
+        top_k, token_mask = self.config.num_experts_per_tok, _token_mask(attention_mask, b, s)
+        zeros = jnp.zeros((self.config.num_local_experts,), jnp.float32)
+
+        def layer_step(layer, carry, layer_cache=None, start=None, prefix=None, key=None):
+            h, counts, probs = carry
+            h, layer_cache, logits = layer(h, cos, sin, masks, layer_cache, start, prefix, key)
+            c, p = routing_statistics(logits, top_k, token_mask)
+            return (h, counts + c, probs + p), layer_cache
+
+        carry = (x, zeros, zeros)
+        new_cache = [] if cache is not None else None
+        if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
+            carry = run_layers(self.layers, lambda layer, c, k: layer_step(layer, c, key=k)[0], carry, self.remat,
+                               dropout_rng)
+        for i, layer in enumerate(self.layers if cache is not None or prefix_kv is not None else ()):
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            carry, layer_cache = layer_step(layer, carry, None if cache is None else cache[i], pos.start, prefix,
+                                            layer_key(dropout_rng, i))
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x, counts, probs = carry
+        aux = None
+        if cache is None:
+            aux = load_balancing_loss(counts, probs, jnp.sum(token_mask) * len(self.layers))
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux)
+
+
+# ---------------------------------------------------------------- checkpoint layouts
+
+_HUB_EXPERT = r"block_sparse_moe.experts.{e}.{w}.weight"
+
+
+class _FusedExperts(Mapping):
+    """A checkpoint in the Hub's per-expert layout read as transformers 5's fused layout (a view:
+    each fused tensor is assembled when it is looked up); other keys pass through."""
+
+    def __init__(self, tensors: Mapping, num_experts: int, source: str):
+        self.tensors, self.num_experts = tensors, num_experts
+        self.fused: dict[str, tuple[str, str]] = {}  # fused key -> (layer prefix, "gate_up_proj" | "down_proj")
+        self.renamed: dict[str, str] = {}  # our key -> checkpoint key
+        self.hidden = hidden = set()
+        layers: dict[str, set[str]] = {}
+        for key in tensors:
+            if ".block_sparse_moe.experts." in key:
+                prefix = key.split(".block_sparse_moe.experts.")[0]
+                layers.setdefault(prefix, set()).add(key)
+                hidden.add(key)
+            elif ".block_sparse_moe." in key:
+                self.renamed[key.replace(".block_sparse_moe.", ".mlp.")] = key
+                hidden.add(key)
+        problems = []
+        for prefix, found in sorted(layers.items()):
+            wanted = {f"{prefix}.{_HUB_EXPERT.format(e=e, w=w)}" for e in range(num_experts) for w in ("w1", "w2", "w3")}
+            if found - wanted:
+                problems.append(f"{prefix}: unexpected expert keys {sorted(found - wanted)[:6]} "
+                                f"(num_local_experts={num_experts})")
+            if wanted - found:
+                problems.append(f"{prefix}: missing expert keys {sorted(wanted - found)[:6]}")
+            for name in ("gate_up_proj", "down_proj"):
+                fused = f"{prefix}.mlp.experts.{name}"
+                if fused in tensors:
+                    problems.append(f"{prefix}: both {fused} and per-expert block_sparse_moe weights")
+                self.fused[fused] = (prefix, name)
+        if problems:
+            raise CheckpointError(f"{source}: a Mixtral checkpoint in the per-expert layout must hold w1, w2 and "
+                                  f"w3 of every expert:\n  " + "\n  ".join(problems))
+        self.passed = [k for k in tensors if k not in hidden]
+
+    def __getitem__(self, key: str):
+        if key in self.fused:
+            prefix, name = self.fused[key]
+            get = lambda e, w: np.asarray(self.tensors[f"{prefix}.{_HUB_EXPERT.format(e=e, w=w)}"])  # noqa: E731
+            n = self.num_experts
+            if name == "down_proj":
+                return np.stack([get(e, "w2") for e in range(n)])
+            return np.stack([np.concatenate([get(e, "w1"), get(e, "w3")], axis=0) for e in range(n)])
+        return self.tensors[self.renamed.get(key, key)]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.passed
+        yield from self.renamed
+        yield from self.fused
+
+    def __len__(self) -> int:
+        return len(self.passed) + len(self.renamed) + len(self.fused)
+
+    def __contains__(self, key) -> bool:
+        return key in self.fused or key in self.renamed or (key in self.tensors and key not in self.hidden)
+
+
+def hub_layout(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A state dict in transformers 5's fused layout written in the Hub's per-expert layout
+    (what transformers 5.24's ``save_pretrained`` writes)."""
+    out = {}
+    for key, value in state.items():
+        for name in ("gate_up_proj", "down_proj"):
+            suffix = f".mlp.experts.{name}"
+            if key.endswith(suffix):
+                prefix = key[: -len(suffix)]
+                for e, w in enumerate(np.asarray(value)):
+                    if name == "down_proj":
+                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w2')}"] = w
+                    else:
+                        gate, up = np.split(w, 2, axis=0)
+                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w1')}"] = gate
+                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w3')}"] = up
+                break
+        else:
+            out[key.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")] = value
+    return out
+
+
+class _MixtralCheckpoints:
+    """Reads both expert layouts; writes the Hub's."""
+
+    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
+        view = _FusedExperts(state_dict, self.config.num_local_experts, source)
+        super().load_hf_state_dict(view, source=source)
+
+    def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return hub_layout(state)
+
+
+class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
+    """Mixtral: Mistral with a sparse mixture of experts as each layer's MLP."""
+
+    model_class: ClassVar[type[nnx.Module]] = MixtralModel
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        cache=None,
+        cache_index=None,
+        prefix_kv=None,
+        output_router_logits: bool | None = None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """As :meth:`LlamaForCausalLM.__call__`, plus ``aux_loss`` when ``output_router_logits``
+        (default: the config's) asks for it; with ``labels`` the loss then includes
+        ``router_aux_loss_coef * aux_loss``."""
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
+                         dropout_rng)
+        h = out.last_hidden_state
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        aux = out.aux_loss if output_router_logits else None
+        loss = None
+        if labels is not None:
+            loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
+            if aux is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values,
+                           aux_loss=aux)
+
+
+class MixtralForSequenceClassification(_MixtralCheckpoints, LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = MixtralModel
+
+
+register(MixtralForCausalLM, model_types=("mixtral",), default=True)
+register(MixtralForSequenceClassification)
