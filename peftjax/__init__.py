@@ -64,7 +64,7 @@ from peftjax.tuners import (
     unload,
     unmerge,
 )
-
+from peftjax.tuners.lora import convert_to_lora, save_as_lora
 
 __all__ = [
     "prepare_model_for_kbit_training",
@@ -97,8 +97,10 @@ __all__ = [
     "TrainingArguments",
     "clear_adapter_rows",
     "combine",
+    "convert_to_lora",
     "dropout_key",
     "get_peft_model",
+    "save_as_lora",
     "get_peft_model_state_dict",
     "hotswap_adapter",
     "inject_adapter_in_model",

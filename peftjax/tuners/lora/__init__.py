@@ -8,6 +8,8 @@
 - ``_layer_general.py``: ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``.
 - ``_combine.py``: ``add_weighted_adapter``'s merge rules (task arithmetic, TIES, DARE, magnitude
   pruning; PEFT's ``merge_utils``) and per-layer combination.
+- ``_convert.py``: PiSSA/OLoRA saved as a plain LoRA, and any additive method's adapter as a LoRA
+  (``convert_to_lora``, truncated SVD).
 - ``_model.py``: ``inject_lora`` and PEFT's ``fan_in_fan_out`` rule.
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
 
@@ -15,6 +17,7 @@ The file layout is each layer's ``peft_layout``, read and written by the base tu
 """
 
 from peftjax.config import LoraConfig
+from peftjax.tuners.lora._convert import convert_to_lora, save_as_lora
 from peftjax.tuners.lora._combine import dare_linear, dare_ties, magnitude_prune, prune, task_arithmetic, ties
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraEmbed, LoraLayer, LoraLinear
 from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
@@ -23,6 +26,8 @@ from peftjax.tuners.lora._model import inject_lora, lora_layers
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "convert_to_lora",
+    "save_as_lora",
     "dare_linear",
     "dare_ties",
     "magnitude_prune",

@@ -81,3 +81,130 @@ def convert_to_plain_lora(
         loftq_config={},
     )
     return converted, out
+
+
+# ------------------------------------------------------------------ any additive method -> LoRA
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _delta_out_in(layer, name: str) -> np.ndarray:
+    """``ΔW`` of adapter ``name`` on ``layer`` in torch's ``[out, in]`` orientation (float32), or
+    ``None`` where the layer's method is not a weight delta a LoRA can carry."""
+    from peftjax.tuners.fourierft import FourierFTLayer
+    from peftjax.tuners.lora import LoraLayer
+    from peftjax.tuners.lycoris import LycorisLayer
+    from peftjax.tuners.vera import VeraLayer
+
+    if isinstance(layer, LoraLayer):
+        if layer.lora_kind != "linear" or layer.spec(name).use_dora:
+            return None  # embeddings/convolutions, and DoRA (not a fixed delta): PEFT converts neither
+        return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
+    if isinstance(layer, VeraLayer):
+        return np.asarray(layer.delta_weight(name), np.float32).T
+    if isinstance(layer, (LycorisLayer, FourierFTLayer)):
+        return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
+    return None
+
+
+def _rank_for(singular: np.ndarray, rank: int | float) -> int:
+    """``rank`` itself, or (a float in (0, 1]) the fewest singular values holding that share of the energy."""
+    if isinstance(rank, int):
+        return rank
+    energy = np.cumsum(singular.astype(np.float64) ** 2)
+    return int(np.searchsorted(energy, rank * energy[-1])) + 1
+
+
+def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default") -> tuple[LoraConfig, dict, dict]:
+    """Any additive adapter (LoRA, LoHa, LoKr, VeRA, FourierFT) as a plain LoRA, by truncated SVD of each ``ΔW``.
+
+    PEFT's ``convert_to_lora``: the scaling is folded into the factors (``lora_alpha == r``), so
+    the file loads as an ordinary LoRA here and in PEFT, where it serves mixed batches, hot-swaps
+    and runs on the fastest path. ``modules_to_save`` copies are carried over unchanged.
+
+    Args:
+      peft_model: a ``PeftModel`` holding adapter ``adapter_name``.
+      rank: the LoRA rank of every layer (an ``int``), or a float in ``(0, 1]``: per layer, the fewest
+        singular values whose squares hold that share of ``||ΔW||²`` (ranks then go to ``rank_pattern``).
+      adapter_name: the adapter to convert.
+
+    Returns:
+      ``(config, tensors, errors)``: the ``LoraConfig`` and PEFT state dict to save, and per layer the
+      relative reconstruction error ``||ΔW - B A|| / ||ΔW||`` (Frobenius).
+
+    Raises:
+      TypeError: a layer whose method is not a weight delta (IA³, OFT, LN tuning, bottleneck, DoRA,
+        LoRA on embeddings; every such module named), or no adapter layer at all.
+      ValueError: a bad ``rank``, or one larger than a layer allows.
+
+    >>> config, tensors, errors = peftjax.convert_to_lora(loha_model, rank=8)  # doctest: +SKIP
+    """
+    from peftjax.peft_model import get_peft_model_state_dict
+    from peftjax.tuners.base import AdapterLayer, SavedModule, named_modules
+
+    if isinstance(rank, bool) or not isinstance(rank, int | float):
+        raise TypeError(f"convert_to_lora: rank must be an int or a float threshold, got {rank!r}")
+    if isinstance(rank, float) and not 0 < rank <= 1:
+        raise ValueError(f"convert_to_lora: a float rank is an energy threshold in (0, 1], got {rank}")
+    if isinstance(rank, int) and rank < 1:
+        raise ValueError(f"convert_to_lora: rank must be at least 1, got {rank}")
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"convert_to_lora: no adapter {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}")
+    source = peft_model.peft_config[adapter_name]
+    if source.is_prompt_learning:
+        raise TypeError(f"convert_to_lora: {source.peft_type} changes the inputs, not weights; it has no LoRA form")
+    modules = named_modules(peft_model.base_model)
+    layers = {n: m for n, m in modules.items()
+              if isinstance(m, AdapterLayer) and not isinstance(m, SavedModule) and adapter_name in m.adapter_names()}
+    deltas, refused = {}, []
+    for name, layer in layers.items():
+        delta = _delta_out_in(layer, adapter_name)
+        if delta is None:
+            refused.append(f"{name} ({type(layer).__name__})")
+        else:
+            deltas[name] = delta
+    if refused:
+        raise TypeError(f"convert_to_lora: these layers' updates are not a weight delta a LoRA can carry: "
+                        f"{', '.join(refused[:10])}")
+    if not deltas:
+        raise TypeError(f"convert_to_lora: adapter {adapter_name!r} has no layer to convert")
+    tensors, errors, ranks = {}, {}, {}
+    for name, delta in deltas.items():
+        u, s, vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+        k = _rank_for(s, rank)
+        if k > s.shape[0]:
+            raise ValueError(f"convert_to_lora: rank {k} is larger than {name}'s ΔW {list(delta.shape)} allows "
+                             f"({s.shape[0]})")
+        b, a = (u[:, :k] * s[:k]).astype(np.float32), vh[:k].astype(np.float32)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+        norm = np.linalg.norm(delta)
+        errors[name] = float(np.linalg.norm(delta - b @ a) / norm) if norm else 0.0
+        ranks[name] = k
+    # modules_to_save copies travel as they are
+    saved = [n for n, m in modules.items() if isinstance(m, SavedModule) and adapter_name in m.adapter_names()]
+    if saved:
+        original = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        tensors.update({k: v for k, v in original.items()
+                        if any(k.startswith(f"{PEFT_PREFIX}{n}.") for n in saved)})
+    fixed = isinstance(rank, int)
+    r = rank if fixed else max(ranks.values())
+    config = LoraConfig(
+        r=r, lora_alpha=r, target_modules=sorted(deltas),
+        rank_pattern={} if fixed else {n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={} if fixed else {n: k for n, k in ranks.items() if k != r},
+        modules_to_save=list(source.modules_to_save) if source.modules_to_save else None,
+        task_type=source.task_type, base_model_name_or_path=source.base_model_name_or_path,
+        inference_mode=True,
+    )
+    return config, tensors, errors
+
+
+def save_as_lora(path: str | os.PathLike, peft_model, rank: int | float, adapter_name: str = "default") -> dict:
+    """:func:`convert_to_lora` written to ``path`` as PEFT's two files; returns the per-layer
+    relative reconstruction errors."""
+    from peftjax.io._adapter import write_adapter
+
+    config, tensors, errors = convert_to_lora(peft_model, rank, adapter_name)
+    write_adapter(path, config, tensors)
+    return errors

@@ -1,0 +1,106 @@
+"""Any additive adapter as a plain LoRA (``peftjax.convert_to_lora`` / ``save_as_lora``), against HF
+PEFT 0.21.2's own ``convert_to_lora`` on the same adapter and against the adapter it came from."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import _tiny
+import peftjax
+from _torch_models import lazy, padded_batch, torch_logits
+from peftjax import models
+
+torch, peft = lazy("torch"), lazy("peft")
+
+ARCH = _tiny.arch("llama")
+IDS, MASK = padded_batch(96, seq=6)
+VALID = MASK.astype(bool)
+
+
+@pytest.fixture(scope="module")
+def loha(tmp_path_factory):
+    """A LoHa adapter PEFT made (random factors, a saved head copy is not involved), loaded both sides."""
+    root = tmp_path_factory.mktemp("loha")
+    _tiny.save(ARCH, root / "base")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(ARCH.torch_class.from_pretrained(root / "base"), peft.LoHaConfig(
+            r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)).eval()
+    theirs.save_pretrained(root / "adapter")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(root / "base"), root / "adapter")
+    return root, theirs, ours
+
+
+def logits(model):
+    return np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+
+
+@pytest.mark.parametrize("rank", [3, 0.9])
+def test_loha_converts_as_peft_converts(loha, rank):
+    _, theirs, ours = loha
+    config, tensors, errors = peftjax.convert_to_lora(ours, rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        their_config, their_tensors = peft.convert_to_lora(theirs, rank)
+    assert set(tensors) == set(their_tensors)
+    for key in (k for k in tensors if ".lora_A." in k):  # the same truncated ΔW (factors differ by signs)
+        b = key.replace(".lora_A.", ".lora_B.")
+        ours_delta = tensors[b] @ tensors[key]
+        np.testing.assert_allclose(ours_delta, (their_tensors[b] @ their_tensors[key]).numpy(), atol=1e-5)
+    # the same ranks per layer, whether fixed or chosen by the energy threshold
+    theirs_r = {n: their_config.rank_pattern.get(n, their_config.r) for n in errors}
+    assert {n: config.rank_pattern.get(n, config.r) for n in errors} == theirs_r
+    assert all(0 < e < 1 for e in errors.values())
+
+
+def test_full_rank_lora_equals_the_adapter_here_and_in_peft(loha, tmp_path):
+    root, theirs, ours = loha
+    errors = peftjax.save_as_lora(tmp_path, ours, rank=1.0)  # all the energy: each layer's full rank
+    assert max(errors.values()) < 1e-5
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == saved["lora_alpha"] >= 16  # LoHa r=4: ΔW rank 16
+    assert saved["rank_pattern"] == saved["alpha_pattern"]
+    converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(root / "base"), tmp_path)
+    np.testing.assert_allclose(logits(converted)[VALID], logits(ours)[VALID], atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(ARCH.torch_class.from_pretrained(root / "base"), tmp_path).eval()
+    np.testing.assert_allclose(torch_logits(in_peft, input_ids=IDS, attention_mask=MASK)[VALID],
+                               torch_logits(theirs, input_ids=IDS, attention_mask=MASK)[VALID], atol=1e-5)
+
+
+def test_vera_and_a_classifier_head_convert_which_peft_cannot(tmp_path):
+    """VeRA is additive too (PEFT has no conversion for it): at full rank the LoRA is the same
+    model, and ``modules_to_save`` copies travel unchanged."""
+    spec = _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3)
+    model = models.LlamaForSequenceClassification.from_config(models.ModelConfig("llama", **dict(
+        spec.overrides), **_tiny.fields("llama")))
+    vera = peftjax.get_peft_model(model, peftjax.VeraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            task_type="SEQ_CLS"))
+    _tiny.train(vera, _tiny.batch(IDS, MASK, task="SEQ_CLS", labels=(0, 2, 1)), steps=2, dropout=False)
+    config, tensors, errors = peftjax.convert_to_lora(vera, rank=16)
+    assert max(errors.values()) < 1e-5 and "score" in config.modules_to_save
+    assert "base_model.model.score.weight" in tensors
+    peftjax.save_as_lora(tmp_path, vera, rank=16)
+    fresh = models.LlamaForSequenceClassification.from_config(models.ModelConfig("llama", **dict(
+        spec.overrides), **_tiny.fields("llama")))
+    converted = peftjax.PeftModel.from_pretrained(fresh, tmp_path)
+    np.testing.assert_allclose(logits(converted), logits(vera), atol=1e-5)
+
+
+def test_what_is_not_a_weight_delta_is_refused():
+    model = models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))
+    ia3 = peftjax.get_peft_model(model, peftjax.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                          feedforward_modules=["down_proj"]))
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.k_proj \(IA3Linear"):
+        peftjax.convert_to_lora(ia3, rank=2)
+    lora = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
+        "llama", **_tiny.fields("llama"))), peftjax.LoraConfig(r=2, target_modules=["q_proj"]))
+    for bad, err in ((0, ValueError), (1.5, ValueError), ("4", TypeError), (64, ValueError)):
+        with pytest.raises(err, match="rank"):
+            peftjax.convert_to_lora(lora, bad)
