@@ -11,9 +11,11 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
+    BOFTConfig,
     BottleneckConfig,
     IA3Config,
     LoraConfig,
+    OFTConfig,
     PeftConfig,
     PeftType,
     PrefixTuningConfig,
@@ -68,9 +70,11 @@ __all__ = [
     "DonatedAdapterError",
     "FROZEN",
     "TRAINABLE",
+    "BOFTConfig",
     "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
+    "OFTConfig",
     "QuantizationConfig",
     "LoraParam",
     "PeftConfig",

@@ -13,6 +13,7 @@ from peftjax.config._base import (
     load_config,
 )
 from peftjax.config._lora import LoraConfig
+from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -43,9 +44,11 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "BOFTConfig",
     "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
     "PrefixTuningConfig",

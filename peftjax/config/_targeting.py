@@ -302,10 +302,10 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     """
     peft_type = getattr(config, "peft_type", None)
     changes: dict[str, Any] = {}
-    if peft_type == "LORA":
+    if peft_type in ("LORA", "OFT", "BOFT"):  # PEFT copies LoRA's mapping for OFT and BOFT
         if config.target_modules is None:
             changes["target_modules"] = _default(
-                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules", "LoRA"
+                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules", peft_type
             )
     elif peft_type == "IA3":
         if config.target_modules is None:

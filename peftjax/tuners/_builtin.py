@@ -7,6 +7,7 @@ from peftjax.tuners._registry import Tuner, register_tuner
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
+from peftjax.tuners.oft import OFTConfig, OFTLayer, inject_oft
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
     inject_prompt_learning,
@@ -16,6 +17,7 @@ from peftjax.tuners.prompt import (
 
 register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=LoraLayer))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
+register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLayer))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,
