@@ -4,6 +4,7 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 """
 
 from peftjax.tuners._registry import Tuner, register_tuner
+from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
@@ -18,6 +19,7 @@ from peftjax.tuners.prompt import (
 register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=LoraLayer))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
 register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLayer))
+register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTLayer))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,
