@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import active_dropout_key
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
-from peftjax.tuners.oft._math import cayley_exact, identity_blocks
+from peftjax.tuners.oft._math import cayley_exact, identity_blocks, rotate_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +76,11 @@ def butterfly_perms(n: int, spec: BOFTSpec) -> np.ndarray:
     ])
 
 
-def butterfly_matrix(boft_r: jax.Array, spec: BOFTSpec, n: int, key: jax.Array | None = None) -> jax.Array:
-    """The ``[n, n]`` orthogonal ``M`` of one adapter (with block dropout when ``key`` is given)."""
+@functools.partial(jax.jit, static_argnums=1)
+def butterfly_blocks(boft_r: jax.Array, spec: BOFTSpec, key: jax.Array | None = None) -> jax.Array:
+    """The ``[m, d, b, b]`` orthogonal blocks of a stored ``boft_R`` (with block dropout when ``key`` is given)."""
     m, d, b, _ = boft_r.shape
-    a = boft_r.reshape(m * d, b, b)
-    blocks = cayley_exact(0.5 * (a - jnp.swapaxes(a, -1, -2))).reshape(m, d, b, b)
+    blocks = cayley_exact(0.5 * (boft_r - jnp.swapaxes(boft_r, -1, -2)))
     if key is not None and spec.dropout > 0:
         pick, mask_key = jax.random.split(key)
         factor = jax.random.randint(pick, (), 0, m)
@@ -87,13 +88,19 @@ def butterfly_matrix(boft_r: jax.Array, spec: BOFTSpec, n: int, key: jax.Array |
             blocks, jax.random.split(mask_key, m)
         )
         blocks = jnp.where((jnp.arange(m) == factor)[:, None, None, None], dropped, blocks)
-    perms = butterfly_perms(n, spec)
-    out = None
-    for i in range(m):
-        diag = jax.scipy.linalg.block_diag(*blocks[i])
-        factor_i = diag[perms[i]][:, perms[i]]  # P D P^T, with P[j, perm[j]] = 1
-        out = factor_i if out is None else factor_i @ out
-    return out
+    return blocks
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def apply_butterfly(x: jax.Array, blocks: jax.Array, spec: BOFTSpec) -> jax.Array:
+    """``x @ M`` with ``M = M_{m-1} ... M_0`` and ``M_i = P_i block_diag(blocks[i]) P_i^T``, by gathers.
+
+    With ``P[j, perm[j]] = 1``: ``x @ P = x[..., argsort(perm)]`` and ``y @ P^T = y[..., perm]``.
+    """
+    perms = butterfly_perms(x.shape[-1], spec)
+    for i in reversed(range(blocks.shape[0])):
+        x = rotate_blocks(x[..., np.argsort(perms[i])], blocks[i])[..., perms[i]]
+    return x
 
 
 class BOFTLayer(AdapterDictLayer):
@@ -128,38 +135,43 @@ class BOFTLayer(AdapterDictLayer):
             "the config says"
         )
 
-    def rotation_matrix(self, name: str, key: jax.Array | None = None) -> jax.Array:
+    def _rotate(self, x: jax.Array, name: str, key: jax.Array | None = None) -> jax.Array:
+        """``x @ M`` for adapter ``name``."""
+        spec = self.spec(name)
+        return apply_butterfly(x, butterfly_blocks(self.boft_R[name].get_value(), spec, key), spec)
+
+    def rotation_matrix(self, name: str) -> jax.Array:
         """The ``[in, in]`` orthogonal ``M`` of adapter ``name`` (PEFT's ``get_delta_weight``)."""
-        n = self.kernel.get_value().shape[0]
-        return butterfly_matrix(self.boft_R[name].get_value(), self.spec(name), n, key)
+        return self._rotate(jnp.eye(self.kernel.get_value().shape[0], dtype=jnp.float32), name)
 
     def __call__(self, x, *args, **kwargs):
         live = self._live_adapters()
         if not live:
             return self._peftjax_base.__call__(self, x, *args, **kwargs)
         key = active_dropout_key()
-        rotation = scale = None
-        for name, _ in live:
+        # PEFT: rotation = M_last ... M_first, x @ rotation; so the last adapter's M acts first
+        rotated, scale = x.astype(jnp.float32), None
+        for name, _ in reversed(live):
             k = None if key is None else jax.random.fold_in(key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
-            mat = self.rotation_matrix(name, k)
+            rotated = self._rotate(rotated, name, k)
             s = self.boft_s[name].get_value()[:, 0]
-            rotation = mat if rotation is None else mat @ rotation
             scale = s if scale is None else s * scale
-        y = self._peftjax_base.__call__(self, x @ rotation.astype(x.dtype), *args, **kwargs)
-        bias = None if self.bias is None else self.bias.get_value()
-        if bias is None:
+        y = self._peftjax_base.__call__(self, rotated.astype(x.dtype), *args, **kwargs)
+        scale = along_last(scale, y.ndim)
+        if self.bias is None:
             return (y * scale).astype(y.dtype)
+        bias = along_last(self.bias.get_value(), y.ndim)
         return ((y - bias) * scale + bias).astype(y.dtype)
 
     def merge_adapter(self, name: str) -> None:
         w = self.kernel.get_value()
-        s = self.boft_s[name].get_value()[:, 0]
+        s = self.boft_s[name].get_value()[None, :, 0]
         self.kernel.set_value(((self.rotation_matrix(name) @ w.astype(jnp.float32)) * s).astype(w.dtype))
         self._mark_merged(name, True)
 
     def unmerge_adapter(self, name: str) -> None:
         w = self.kernel.get_value()
-        s = self.boft_s[name].get_value()[:, 0]
+        s = self.boft_s[name].get_value()[None, :, 0]
         self.kernel.set_value(((self.rotation_matrix(name).T @ w.astype(jnp.float32)) / s).astype(w.dtype))
         self._mark_merged(name, False)
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ def vector_from_skew(mat: jax.Array) -> jax.Array:
     return mat[:, rows, cols]
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def cayley_neumann(q: jax.Array, num_terms: int) -> jax.Array:
     """PEFT's Cayley-Neumann series of skew blocks ``q`` ``[k, b, b]`` with ``num_terms`` terms."""
     out = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
@@ -44,6 +47,7 @@ def cayley_neumann(q: jax.Array, num_terms: int) -> jax.Array:
     return out
 
 
+@jax.jit  # one executable, also when called eagerly (the solve is many primitives)
 def cayley_exact(q: jax.Array) -> jax.Array:
     """``X`` with ``X (I + q) = I - q`` for each block, i.e. ``(I - q)(I + q)^-1``."""
     eye = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
@@ -52,6 +56,7 @@ def cayley_exact(q: jax.Array) -> jax.Array:
     return jnp.swapaxes(xt, -1, -2)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def coft_project(vec: jax.Array, block_size: int, eps: float) -> jax.Array:
     """PEFT's ``_project_batch``: each block's skew matrix scaled onto radius ``eps / sqrt(k)``
     when its Frobenius norm is larger, returned as the upper-triangle vector again."""
@@ -66,7 +71,7 @@ def identity_blocks(blocks: jax.Array, num: int, key: jax.Array) -> jax.Array:
     """``blocks`` ``[d, h, h]`` with ``num`` of them, chosen uniformly at random, set to ``I``."""
     d, h = blocks.shape[0], blocks.shape[-1]
     chosen = (jax.random.permutation(key, d) < num).astype(blocks.dtype)[:, None, None]
-    return (1 - chosen) * blocks + chosen * jnp.eye(h, dtype=blocks.dtype)
+    return (1 - chosen) * blocks + chosen * jnp.eye(h, dtype=blocks.dtype)[None]
 
 
 def rotate_blocks(x: jax.Array, blocks: jax.Array) -> jax.Array:
