@@ -139,7 +139,10 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     for jit in (False, True):
         assert_close(run_jax(model, jit=jit), ref)
 
-    losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2)).losses
+    if case == "boft-llama":  # through the Trainer; the other cases through the functional core
+        losses = train_with_trainer(model, tmp_path / "run")
+    else:
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2)).losses
     assert losses[-1] < losses[0]
     ours = run_jax(model, jit=True)
     assert changed(ours, ref) > 1e-3
@@ -160,8 +163,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     layers = adapter_layers(model.base_model)
     weights = {n: np.array(getattr(m, "embedding", getattr(m, "kernel", None)).get_value()) for n, m in layers.items()}
     model.merge_adapter()
-    for jit in (False, True):
-        assert_close(run_jax(model, jit=jit), ours)
+    assert_close(run_jax(model), ours)
     model.unmerge_adapter()
     for n, m in layers.items():
         restored = getattr(m, "embedding", getattr(m, "kernel", None)).get_value()
@@ -172,21 +174,14 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert_close(run_torch(torch_base(arch, tmp_path / "merged")), ours)
 
 
-def test_trainer_trains_boft(checkpoints, tmp_path):
+def train_with_trainer(model, output_dir) -> list[float]:
     from peftjax.training import Trainer, TrainingArguments
 
-    model = peftjax.get_peft_model(models.from_pretrained(checkpoints["llama"]),
-                                   peftjax.BOFTConfig(boft_block_size=4, boft_dropout=0.25, task_type="CAUSAL_LM"))
-    data = {"input_ids": [list(range(3 + i, 12 + i)) for i in range(8)]}
-    data["labels"] = data["input_ids"]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-2,
-                             logging_steps=1, disable_tqdm=True, report_to="none", plot=False)
-    before = run_jax(model)
-    Trainer(model, args, data).train()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r["loss"] for r in records if "loss" in r]
-    assert train[-1] < train[0]
-    assert changed(run_jax(model), before) > 1e-3
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=3,
+                             learning_rate=2e-2, logging_steps=1, disable_tqdm=True, report_to="none", plot=False)
+    Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
 # ---------------------------------------------------------------- multiplicative dropout, by its definition
@@ -268,7 +263,7 @@ def test_dropout_replaces_blocks_by_identity_in_training_only(method):
     for fn in (forward, run):
         np.testing.assert_allclose(fn(model, x, None), full, atol=1e-5)  # eval: no key, no dropout
         seen = []
-        for seed in range(3):
+        for seed in range(2):
             out = np.asarray(fn(model, x, jax_key(seed)), np.float64)
             distances = [np.abs(out - c).max() for c in candidates]
             assert min(distances) < 1e-5, min(distances)
@@ -301,7 +296,7 @@ def test_config_round_trips_with_peft(method, tmp_path):
         {**written, "peft_version": expected["peft_version"], "inference_mode": False})
 
 
-def test_bad_configs_and_targets_are_named(checkpoints, tiny_checkpoint):
+def test_bad_configs_and_targets_are_named(checkpoints, tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="either r .4. or oft_block_size .32."):
         peftjax.OFTConfig(r=4)
     with pytest.raises(ValueError, match="boft_block_size .* or boft_block_num"):
@@ -324,6 +319,14 @@ def test_bad_configs_and_targets_are_named(checkpoints, tiny_checkpoint):
     with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj: in_features \(48\) must be divisible by "
                                          r"boft_block_size \(32\)"):
         peftjax.get_peft_model(llama, peftjax.BOFTConfig(boft_block_size=32, target_modules=["down_proj"]))
+    with warnings.catch_warnings():  # PEFT on a CPU trains one butterfly factor whatever the config says
+        warnings.simplefilter("ignore")
+        cpu_made = peft.get_peft_model(torch_base("llama", checkpoints["llama"]),
+                                       peft.BOFTConfig(boft_n_butterfly_factor=2, target_modules=["q_proj"]))
+        cpu_made.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"q_proj.boft_R: expected shape \[2, 8, 4, 4\] .*CUDA extension.*"
+                                         r"found \[1, 8, 4, 4\]"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(checkpoints["llama"]), tmp_path)
     with pytest.warns(UserWarning, match=r"Adjusted `oft_block_size` to \(4\)"):  # PEFT's nearest divisor of 48
         model = peftjax.get_peft_model(llama, peftjax.OFTConfig(oft_block_size=5, target_modules=["down_proj"]))
     assert model.base_model.model.layers[0].mlp.down_proj.oft_R["default"].shape == (12, 6)
