@@ -157,11 +157,11 @@ class BOFTLayer(AdapterDictLayer):
             s = self.boft_s[name].get_value()[:, 0]
             scale = s if scale is None else s * scale
         y = self._peftjax_base.__call__(self, rotated.astype(x.dtype), *args, **kwargs)
-        scale = along_last(scale, y.ndim)
+        scale = along_last(scale, y.ndim)  # PEFT scales in the adapter's dtype, then casts back
         if self.bias is None:
-            return (y * scale).astype(y.dtype)
-        bias = along_last(self.bias.get_value(), y.ndim)
-        return ((y - bias) * scale + bias).astype(y.dtype)
+            return (y.astype(scale.dtype) * scale).astype(y.dtype)
+        bias = along_last(self.bias.get_value(), y.ndim).astype(scale.dtype)
+        return ((y.astype(scale.dtype) - bias) * scale + bias).astype(y.dtype)
 
     def merge_adapter(self, name: str) -> None:
         w = self.kernel.get_value()
