@@ -30,7 +30,7 @@ torch, peft = lazy("torch"), lazy("peft")
 ARCHS = {name: _tiny.arch(name) for name in ("llama", "bert")}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value", "attention.output.dense"]}
+TARGETS = {"llama": ["q_proj", "down_proj"], "bert": ["query", "attention.output.dense"]}
 
 # (method, arch, config fields, blocks per layer in the file): each case covers some of the options
 CASES = {
@@ -38,10 +38,11 @@ CASES = {
                                        target_modules=TARGETS["llama"] + ["embed_tokens"]),
                   ["1 x 4 x 8", "1 x 6 x 8"]),
     "oft-bert": ("OFT", "bert", dict(r=4, oft_block_size=0, block_share=True, use_cayley_neumann=False, coft=True,
-                                     eps=5e-2, bias="oft_only"), ["1 x 1 x 8"]),
+                                     eps=5e-2, bias="oft_only", layers_to_transform=[1]), ["1 x 1 x 8"]),
     "boft-llama": ("BOFT", "llama", dict(boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.5),
                    ["2 x 12 x 4", "2 x 8 x 4"]),
-    "boft-bert": ("BOFT", "bert", dict(boft_block_size=0, boft_block_num=4, bias="boft_only"), ["1 x 4 x 8"]),
+    "boft-bert": ("BOFT", "bert", dict(boft_block_size=0, boft_block_num=4, bias="boft_only", layers_to_transform=0),
+                  ["1 x 4 x 8"]),
 }
 
 
