@@ -315,6 +315,9 @@ def test_bad_configs_and_targets_are_named(checkpoints, tiny_checkpoint, tmp_pat
         with pytest.raises(TypeError, match="h.0.attn.c_attn is transformers' Conv1D"):
             peftjax.get_peft_model(gpt2, config)
     llama = models.from_pretrained(checkpoints["llama"])
+    for config in (peftjax.OFTConfig(oft_block_size=8), peftjax.BOFTConfig()):  # PEFT's defaults: LoRA's
+        resolved = peftjax.get_peft_model(models.from_pretrained(checkpoints["llama"]), config).peft_config["default"]
+        assert resolved.target_modules == ("q_proj", "v_proj")
     with pytest.raises(TypeError, match="model.embed_tokens .* is not supported; supported: nnx.Linear"):
         peftjax.get_peft_model(llama, peftjax.BOFTConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj: in_features \(48\) must be divisible by "

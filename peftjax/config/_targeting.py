@@ -305,7 +305,8 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     if peft_type in ("LORA", "OFT", "BOFT"):  # PEFT copies LoRA's mapping for OFT and BOFT
         if config.target_modules is None:
             changes["target_modules"] = _default(
-                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules", peft_type
+                TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",
+                {"LORA": "LoRA"}.get(peft_type, peft_type),
             )
     elif peft_type == "IA3":
         if config.target_modules is None:
