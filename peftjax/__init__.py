@@ -11,6 +11,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
+    BOFTConfig,
     BottleneckConfig,
     FourierFTConfig,
     IA3Config,
@@ -19,6 +20,7 @@ from peftjax.config import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PeftConfig,
     PeftType,
     PrefixTuningConfig,
@@ -74,6 +76,7 @@ __all__ = [
     "DonatedAdapterError",
     "FROZEN",
     "TRAINABLE",
+    "BOFTConfig",
     "BottleneckConfig",
     "FourierFTConfig",
     "IA3Config",
@@ -82,6 +85,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "QuantizationConfig",
     "LoraParam",
     "PeftConfig",

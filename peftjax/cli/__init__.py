@@ -52,6 +52,8 @@ def _inspect(args) -> int:
         "peft_version": version,
         "base_model_name_or_path": d.get("base_model_name_or_path"),
     }
+    if d["peft_type"] in ("OFT", "BOFT"):  # r is 0 when the block size is set: say what the file holds
+        info = {**info, "blocks_in_file": _orthogonal_blocks(entries)}
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -60,6 +62,23 @@ def _inspect(args) -> int:
             if v is not None:
                 print(f"{k.ljust(width)}  {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k.ljust(width)}  {v}")
     return 0
+
+
+def _orthogonal_blocks(entries) -> list[str]:
+    """OFT/BOFT blocks per layer in the file, as ``"<factors> x <blocks> x <size>"`` strings.
+
+    OFT's ``oft_R`` is ``[blocks, b (b - 1) / 2]`` (one block when shared); BOFT's ``boft_R`` is
+    ``[factors, blocks, b, b]``.
+    """
+    found = set()
+    for key, e in entries.items():
+        shape = [int(s) for s in e["shape"]]
+        if key.endswith(("oft_R.weight", "oft_embedding_R.weight")) and len(shape) == 2:
+            size = round((1 + (1 + 8 * shape[1]) ** 0.5) / 2)
+            found.add(f"1 x {shape[0]} x {size}")
+        elif key.endswith("boft_R") and len(shape) == 4:
+            found.add(f"{shape[0]} x {shape[1]} x {shape[2]}")
+    return sorted(found)
 
 
 def _numel(shape) -> int:

@@ -16,6 +16,7 @@ from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
+from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -53,6 +54,7 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
+    "BOFTConfig",
     "BottleneckConfig",
     "FourierFTConfig",
     "IA3Config",
@@ -62,6 +64,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "LycorisConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftType",
     "PrefixTuningConfig",

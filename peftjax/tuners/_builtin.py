@@ -4,6 +4,7 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 """
 
 from peftjax.tuners._registry import Tuner, register_tuner
+from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
@@ -11,6 +12,7 @@ from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tu
 from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
 from peftjax.tuners.lokr import LoKrConfig, LoKrLinear, inject_lokr
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
+from peftjax.tuners.oft import OFTConfig, OFTLayer, inject_oft
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
     inject_prompt_learning,
@@ -26,6 +28,8 @@ register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_
 register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
 register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaLinear))
 register_tuner(Tuner.for_layers(LoKrConfig, inject=inject_lokr, layer_type=LoKrLinear))
+register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLayer))
+register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTLayer))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,

@@ -1,0 +1,167 @@
+"""Putting OFT into an NNX model: PEFT's targets, each layer's block count, then the rotations.
+
+The layer math is in ``_layer.py``; the PEFT file layout is each layer's ``peft_layout``, read
+and written by the base tuner's one state-dict walk. :func:`check_targets` and
+:func:`mark_biases` serve BOFT too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+from flax import nnx
+
+from peftjax.config import OFTConfig, PeftConfig, match_modules
+from peftjax.quantization import QuantizedLinear
+from peftjax.tuners.base import (
+    AdapterLayer,
+    TrainableParam,
+    add_saved_copy,
+    match_modules_to_save,
+    model_type,
+    named_modules,
+    resolve_config,
+    stores_in_out,
+    validate_adapter_name,
+)
+from peftjax.tuners.oft._layer import OFTLayer, OFTSpec, oft_class_for
+
+
+def check_targets(
+    modules: dict[str, nnx.Module], targets: list[str], layer_type: type, method: str, *, embed: bool
+) -> None:
+    """Fails, before anything changes, on targets PEFT's ``method`` does not adapt.
+
+    Raises:
+      TypeError: a target carries another method's adapter, is GPT-2's ``Conv1D`` (PEFT 0.21.2's
+        OFT and BOFT accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
+        ``nnx.Embed`` for BOFT, or another layer type.
+      NotImplementedError: a target is quantized (PEFT re-quantizes after merging; peftjax does
+        not implement that for this method).
+    """
+    problems = []
+    for name in targets:
+        m = modules[name]
+        if isinstance(m, AdapterLayer) and not isinstance(m, layer_type):
+            problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
+        elif isinstance(m, QuantizedLinear):
+            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented")
+        elif isinstance(m, nnx.Embed) and embed:
+            continue
+        elif not isinstance(m, nnx.Linear):
+            kinds = "nnx.Linear and nnx.Embed" if embed else "nnx.Linear"
+            problems.append(f"{name} ({type(m).__name__}) is not supported; supported: {kinds}")
+        elif stores_in_out(m):
+            problems.append(
+                f"{name} is transformers' Conv1D (weight stored (in, out)), which HF PEFT's {method} does not "
+                "support (only torch.nn.Linear" + (", torch.nn.Embedding" if embed else "") + " and Conv2d)"
+            )
+    if problems:
+        raise TypeError(f"{method} cannot adapt: " + "; ".join(problems[:10]))
+
+
+def mark_biases(modules: dict[str, nnx.Module], targets: list[str], mode: str) -> None:
+    """PEFT's ``bias``: ``"all"`` trains every base bias, ``"<method>_only"`` the targeted layers'."""
+    if mode == "none":
+        return
+    chosen = [n for n in modules if n] if mode == "all" else targets
+    for name in chosen:
+        bias = getattr(modules[name], "bias", None)
+        if isinstance(bias, nnx.Param) and not isinstance(bias, TrainableParam):
+            modules[name].bias = TrainableParam(bias.get_value())
+
+
+def fix_fan_in_fan_out(config: PeftConfig) -> PeftConfig:
+    """PEFT resets ``fan_in_fan_out=True`` to ``False`` for ``nn.Linear`` targets, with this warning."""
+    if not config.fan_in_fan_out:
+        return config
+    warnings.warn(
+        "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.",
+        stacklevel=3,
+    )
+    return dataclasses.replace(config, fan_in_fan_out=False)
+
+
+def adjust_oft_parameters(in_features: int, params: int) -> int:
+    """PEFT's nearest divisor of ``in_features`` to ``params`` (ties go to the lower one)."""
+    if params < in_features:
+        higher = params
+        while higher <= in_features and in_features % higher != 0:
+            higher += 1
+    else:
+        return in_features
+    lower = params
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if (params - lower) <= (higher - params) else higher
+
+
+def layer_spec(config: OFTConfig, in_features: int) -> OFTSpec:
+    """One layer's block count and size from ``r`` or ``oft_block_size``, adjusted as PEFT does."""
+    r, size = config.r, config.oft_block_size
+    if r == 0:
+        if in_features % size != 0 or size > in_features:
+            old, size = size, adjust_oft_parameters(in_features, size)
+            warnings.warn(f"Invalid `oft_block_size` ({old})! Adjusted `oft_block_size` to ({size}).", stacklevel=3)
+        r = in_features // size
+    else:
+        if in_features % r != 0 or r > in_features:
+            old, r = r, adjust_oft_parameters(in_features, r)
+            warnings.warn(f"Invalid `r` ({old})! Adjusted `r` to ({r}).", stacklevel=3)
+        size = in_features // r
+    return OFTSpec(
+        r=r, block_size=size, block_share=config.block_share, coft=config.coft, eps=config.eps,
+        use_cayley_neumann=config.use_cayley_neumann, num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+        module_dropout=config.module_dropout,
+    )
+
+
+def rotated_features(module: nnx.Module) -> int:
+    """The size OFT rotates: a linear layer's input, an embedding's width."""
+    if isinstance(module, nnx.Embed):
+        return module.embedding.get_value().shape[1]
+    return module.kernel.get_value().shape[0]
+
+
+def inject_oft(
+    model: nnx.Module, config: OFTConfig, *, adapter_name: str = "default", key: jax.Array | None = None
+) -> OFTConfig:
+    """Adds OFT adapter ``adapter_name`` to every layer ``config`` targets, in place.
+
+    Args:
+      model: any NNX module; targets must be ``nnx.Linear`` (not GPT-2's ``Conv1D``, which PEFT's
+        OFT rejects) or ``nnx.Embed``.
+      config: the OFT settings; ``target_modules=None`` uses PEFT's default for the model type.
+      adapter_name: the name the weights are stored under (``oft_R/<name>``).
+      key: the init key for ``init_weights=False`` (a fixed default keeps it deterministic).
+
+    Returns:
+      The resolved config (targets filled in, task heads added, ``fan_in_fan_out`` reset).
+
+    Raises:
+      ValueError: nothing matches ``target_modules`` (the closest names are listed).
+      TypeError: a target is not a supported layer (see :func:`check_targets`).
+
+    >>> import peftjax  # doctest: +SKIP
+    >>> inject_oft(model, peftjax.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))  # doctest: +SKIP
+    >>> model.model.layers[0].self_attn.q_proj.oft_R["default"].shape  # doctest: +SKIP
+    (4, 28)
+    """
+    validate_adapter_name(adapter_name)
+    config = fix_fan_in_fan_out(resolve_config(model, config))
+    key = jax.random.key(0) if key is None else key
+    modules = named_modules(model)
+    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    check_targets(modules, targets, OFTLayer, "OFT", embed=True)
+    specs = {name: layer_spec(config, rotated_features(modules[name])) for name in targets}
+    for i, name in enumerate(targets):
+        module = modules[name]
+        module.__class__ = oft_class_for(module)
+        module._adapter_setup(name)
+        module.add_oft(adapter_name, specs[name], jax.random.fold_in(key, i), config.init_weights)
+    mark_biases(modules, targets, config.bias)
+    for name in match_modules_to_save(config, modules):
+        add_saved_copy(modules[name], adapter_name)
+    return config
