@@ -15,6 +15,7 @@ from peftjax.models._llama import (
 )
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from peftjax.models._t5 import T5EncoderModel, T5ForConditionalGeneration
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
@@ -42,6 +43,8 @@ __all__ = [
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "T5EncoderModel",
+    "T5ForConditionalGeneration",
     "from_pretrained",
     "hf_state_dict",
     "load_config",

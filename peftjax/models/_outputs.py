@@ -17,6 +17,7 @@ class ModelOutput:
       last_hidden_state: the final hidden states ``[batch, seq, hidden]``.
       pooler_output: BERT's pooled ``[CLS]`` representation.
       past_key_values: the updated KV cache when one was passed in.
+      encoder_last_hidden_state: an encoder-decoder model's encoder output ``[batch, seq, hidden]``.
     """
 
     logits: Any = None
@@ -24,6 +25,7 @@ class ModelOutput:
     last_hidden_state: Any = None
     pooler_output: Any = None
     past_key_values: Any = None
+    encoder_last_hidden_state: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)
