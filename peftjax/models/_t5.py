@@ -10,9 +10,9 @@ every block of that stack reuses; cross-attention has no position bias. The feed
 scaled by ``d_model ** -0.5`` before ``lm_head`` when ``scale_decoder_outputs`` (transformers 5:
 the checkpoint's ``tie_word_embeddings`` was not false, i.e. T5 v1.0).
 
-``lm_head`` is always its own weight here: a checkpoint without ``lm_head.weight`` (tied, as v1.0
-and every model transformers 5 saves tied) fills it from ``shared``; transformers ties them again
-on load since they are equal.
+``lm_head`` is tied to ``shared`` (absent here: the logits are ``shared.attend``) unless the
+checkpoint holds an ``lm_head.weight`` that differs from ``shared.weight`` (v1.1 / FLAN), as
+transformers 5 decides it on load; ``from_config`` builds it tied, as transformers does.
 
 Not implemented (named in errors where a config asks for them): base-model dropout (the model is
 always in eval mode; adapter dropout still applies), ``scan_layers`` (block 0 owns the relative
@@ -21,8 +21,8 @@ position bias, so the blocks are not identical and are looped).
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections import ChainMap
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -320,12 +320,17 @@ def _check_ids(input_ids, inputs_embeds, what: str):
         raise ValueError(f"pass exactly one of {what}input_ids and {what}inputs_embeds")
 
 
-def _with_tied_lm_head(state_dict: Mapping, prefix: str = "") -> Mapping:
-    """``state_dict`` with ``lm_head.weight`` = ``shared.weight`` when it has no head of its own."""
-    shared = next((k for k in (f"{prefix}shared.weight", "shared.weight") if k in state_dict), None)
-    if "lm_head.weight" in state_dict or shared is None:
-        return state_dict
-    return ChainMap({"lm_head.weight": state_dict[shared]}, state_dict)
+# set by ``from_state_dict`` while it builds the model: the checkpoint's lm_head is its own weight
+_UNTIED_HEAD: contextvars.ContextVar[bool] = contextvars.ContextVar("peftjax_t5_untied_head", default=False)
+
+
+def _has_own_lm_head(state_dict: Mapping) -> bool:
+    """Whether ``state_dict`` holds an ``lm_head.weight`` that is not a copy of ``shared.weight``."""
+    if "lm_head.weight" not in state_dict:
+        return False
+    shared = next((k for k in ("shared.weight", "transformer.shared.weight") if k in state_dict), None)
+    return shared is None or not np.array_equal(np.asarray(state_dict["lm_head.weight"]),
+                                                np.asarray(state_dict[shared]))
 
 
 class _T5Base(PreTrainedModel):
@@ -373,7 +378,7 @@ class T5EncoderModel(_T5Base):
 
 
 class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
-    """Sequence-to-sequence LM: ``shared``, ``encoder``, ``decoder`` and ``lm_head``.
+    """Sequence-to-sequence LM: ``shared``, ``encoder``, ``decoder`` and (untied) ``lm_head``.
 
     >>> from transformers import T5Config
     >>> config = T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
@@ -393,15 +398,21 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
         self.shared = nnx.Embed(config.vocab_size, config.d_model, **kw)
         self.encoder = T5Stack(self.config, is_decoder=False, **kw)
         self.decoder = T5Stack(self.config, is_decoder=True, **kw)
-        self.lm_head = _linear(config.d_model, config.vocab_size, kw)
+        self.lm_head = nnx.data(None)
+        if _UNTIED_HEAD.get():
+            self.lm_head = _linear(config.d_model, config.vocab_size, kw)
         self.scale_decoder_outputs = scale_decoder_outputs(config)
-
-    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
-        super().load_hf_state_dict(_with_tied_lm_head(state_dict), source=source)
 
     @classmethod
     def from_state_dict(cls, config, state_dict, **kwargs):
-        return super().from_state_dict(config, _with_tied_lm_head(state_dict), **kwargs)
+        token = _UNTIED_HEAD.set(_has_own_lm_head(state_dict))
+        try:
+            return super().from_state_dict(config, state_dict, **kwargs)
+        finally:
+            _UNTIED_HEAD.reset(token)
+
+    def _tied(self, key: str) -> bool:
+        return self.lm_head is None and key == "lm_head.weight"
 
     def shift_right(self, labels) -> jax.Array:
         """transformers' ``_shift_right``: ``decoder_start_token_id`` then ``labels[:, :-1]``, -100 as pad."""
@@ -481,7 +492,7 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
                                     cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
         if self.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
-        logits = self.lm_head(h)
+        logits = self.shared.attend(h) if self.lm_head is None else self.lm_head(h)
         loss = None if labels is None else masked_cross_entropy(logits, jnp.asarray(labels))
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=new_cache,
                            encoder_last_hidden_state=enc)
