@@ -38,22 +38,37 @@ def _quiet():
         yield
 
 
+_BUILT: dict = {}
+
+
+def build(name, tmp_path_factory):
+    """``(name, checkpoint dir, torch model)``, built once per module; weights drawn wider than T5's
+    init (std 0.2) so that greedy decoding varies."""
+    if name not in _BUILT:
+        config = tr.T5Config(**FIELDS, **VARIANTS[name])
+        torch.manual_seed(0)
+        model = tr.T5ForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "layer_norm" not in pname:
+                    p.copy_(0.2 * torch.randn_like(p))
+            if name.startswith("v1.1"):  # an untied head, as flan-t5 checkpoints have
+                model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn(96, 32))
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        _BUILT[name] = name, path, model
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def t5(request, tmp_path_factory):
-    """``(name, checkpoint dir, torch model)``; weights drawn wider than T5's init so greedy decoding varies."""
-    name = request.param
-    config = tr.T5Config(**FIELDS, **VARIANTS[name])
-    torch.manual_seed(0)
-    model = tr.T5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "layer_norm" not in pname:
-                p.copy_(0.2 * torch.randn_like(p))
-        if name.startswith("v1.1"):  # an untied head, as flan-t5 checkpoints have
-            model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn(96, 32))
-    path = tmp_path_factory.mktemp(name)
-    model.save_pretrained(path)
-    return name, path, model
+    return build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def flan(tmp_path_factory):
+    """The v1.1 (gated-gelu, untied) model alone, for the adapter methods' tests."""
+    return build("v1.1-gated-gelu", tmp_path_factory)
 
 
 def torch_out(model, **kw):
@@ -224,3 +239,56 @@ def test_seq2seq_task_builds_the_conditional_generation_class(t5):
         model = models.from_pretrained(path, task_type="SEQ_2_SEQ_LM")
     assert type(model) is models.T5ForConditionalGeneration
     assert jax.tree.leaves(nnx.state(model))  # built and loaded
+
+
+# ---------------------------------------------------------------- prompt learning (num_transformer_submodules=2)
+
+PROMPT_CONFIGS = {
+    "prefix": lambda lib: lib.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3),
+    "prompt": lambda lib: lib.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3),
+    "p-tuning": lambda lib: lib.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3,
+                                                    encoder_hidden_size=16),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_CONFIGS))
+def test_prompt_learning_both_ways_with_peft(flan, method, tmp_path):
+    _, path, _ = flan
+    # PEFT -> peftjax: logits and greedy generation
+    torch.manual_seed(1)
+    with _quiet():
+        their = peft.get_peft_model(_torch_base(path), PROMPT_CONFIGS[method](peft)).eval()
+        their.save_pretrained(tmp_path / "peft")
+        ref = torch_out(their, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+        with torch.no_grad():
+            their_tokens = their.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
+                                          max_new_tokens=5, do_sample=False).numpy()
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    out = run_jax(model, True, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    assert_close(real(out.logits), real(ref.logits.numpy()))
+    assert_close(out.loss, ref.loss.numpy())
+    tokens = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5)
+    # every generated token is PEFT's forward's argmax given the tokens before it (up to EOS)
+    forced = torch_out(their, input_ids=IDS, attention_mask=MASK, decoder_input_ids=tokens[:, :-1]).logits
+    before_eos = np.cumsum(np.cumsum(tokens[:, 1:] == 1, axis=1), axis=1) <= 1
+    np.testing.assert_array_equal(np.argmax(forced.numpy(), -1)[before_eos], tokens[:, 1:][before_eos])
+    if method != "prefix":
+        np.testing.assert_array_equal(tokens, their_tokens)
+    else:  # PEFT 0.21.2's generate drops the prefix on transformers 5 (it returns the base model's tokens)
+        with torch.no_grad(), their.disable_adapter():
+            base_tokens = their.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
+                                         max_new_tokens=5, do_sample=False).numpy()
+        np.testing.assert_array_equal(their_tokens, base_tokens)
+        assert not np.array_equal(tokens, their_tokens)
+    base = torch_out(_torch_base(path), input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
+    assert np.abs(real(ref.logits.numpy()) - real(base)).max() > 1e-3
+    # peftjax -> PEFT: a fresh adapter made here, trained a step, saved and loaded by PEFT
+    ours = peftjax.get_peft_model(models.from_pretrained(path), PROMPT_CONFIGS[method](peftjax))
+    batch = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
+    _tiny.train(ours, batch, steps=1, optimizer=optax.sgd(1e-1))
+    ours.save_pretrained(tmp_path / "ours")
+    with _quiet():
+        loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
+    assert_close(real(np.asarray(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits)),
+                 real(torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()),
+                 ADAPTER_TOL)
