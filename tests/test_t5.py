@@ -107,6 +107,7 @@ def test_logits_loss_and_encoder_match_transformers(t5):
     assert type(model) is models.T5ForConditionalGeneration
     assert model.scale_decoder_outputs == name.startswith("v1.0")
     assert (model.lm_head is None) == name.startswith("v1.0")  # tied to shared in v1.0
+    assert models.model_class_for(model.config, "SEQ_2_SEQ_LM") is models.T5ForConditionalGeneration
     for jit in (False, True):
         out = run_jax(model, jit, input_ids=IDS, attention_mask=MASK, labels=LABELS)
         assert_close(out.logits, ref.logits.numpy())
@@ -134,7 +135,7 @@ def test_greedy_generate_matches_transformers_token_for_token(t5):
     np.testing.assert_array_equal(np.argmax(np.asarray(full), -1), ours[:, 1:])
 
 
-def test_relative_position_buckets_are_transformers(t5):
+def test_relative_position_buckets_are_transformers():
     from peftjax.models._t5 import relative_position_bucket
 
     rel = torch.arange(-300, 301)[None, :]
@@ -176,7 +177,7 @@ def test_bad_configs_are_named():
     model = models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **{**FIELDS,
                                                                                      "decoder_start_token_id": None}))
     with pytest.raises(ValueError, match="decoder_start_token_id"):
-        model(input_ids=IDS, labels=LABELS)
+        model.shift_right(LABELS)
 
 
 # ---------------------------------------------------------------- LoRA, DoRA, IA3 with HF PEFT
@@ -195,14 +196,14 @@ def _make_peft_config(kind, lib, **kw):
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
-def test_peft_made_adapter_gives_transformers_logits(t5, kind, tmp_path):
-    _, path, _ = t5
+def test_peft_made_adapter_gives_transformers_logits(flan, kind, tmp_path):
+    _, path, _ = flan
     with _quiet():
         their_model = peft.get_peft_model(_torch_base(path), _make_peft_config(kind, peft))
     their_model.save_pretrained(tmp_path)
     ref = torch_out(their_model, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
-    for jit in (False, True):
+    for jit in (False, True) if kind == "lora" else (True,):  # eager T5 is slow: once is enough
         out = run_jax(model, jit, input_ids=IDS, attention_mask=MASK, labels=LABELS)
         assert_close(real(out.logits), real(ref), ADAPTER_TOL)
     base = torch_out(_torch_base(path), input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
@@ -210,8 +211,8 @@ def test_peft_made_adapter_gives_transformers_logits(t5, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
-def test_adapter_trained_here_loads_in_peft(t5, kind, tmp_path):
-    _, path, _ = t5
+def test_adapter_trained_here_loads_in_peft(flan, kind, tmp_path):
+    _, path, _ = flan
     config = _make_peft_config(kind, peftjax)
     model = peftjax.get_peft_model(models.from_pretrained(path), config)
     with _quiet():
@@ -226,19 +227,14 @@ def test_adapter_trained_here_loads_in_peft(t5, kind, tmp_path):
         loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path).eval()
     theirs = torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
     assert_close(real(ours), real(theirs), ADAPTER_TOL)
+    if kind == "lora":  # the Trainer's batches do not pad a second (label) sequence: refused by name
+        with pytest.raises(NotImplementedError, match="encoder-decoder models.*make_train_step"):
+            peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run")))
     # generation goes through the adapted layers too
     with torch.no_grad():
         ref = loaded.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
                               max_new_tokens=5, do_sample=False).numpy()
     np.testing.assert_array_equal(model.generate(IDS, MASK, max_new_tokens=5), ref)
-
-
-def test_seq2seq_task_builds_the_conditional_generation_class(t5):
-    _, path, _ = t5
-    with _quiet():
-        model = models.from_pretrained(path, task_type="SEQ_2_SEQ_LM")
-    assert type(model) is models.T5ForConditionalGeneration
-    assert jax.tree.leaves(nnx.state(model))  # built and loaded
 
 
 # ---------------------------------------------------------------- prompt learning (num_transformer_submodules=2)
@@ -268,13 +264,14 @@ def test_prompt_learning_both_ways_with_peft(flan, method, tmp_path):
     assert_close(real(out.logits), real(ref.logits.numpy()))
     assert_close(out.loss, ref.loss.numpy())
     tokens = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5)
-    # every generated token is PEFT's forward's argmax given the tokens before it (up to EOS)
-    forced = torch_out(their, input_ids=IDS, attention_mask=MASK, decoder_input_ids=tokens[:, :-1]).logits
-    before_eos = np.cumsum(np.cumsum(tokens[:, 1:] == 1, axis=1), axis=1) <= 1
-    np.testing.assert_array_equal(np.argmax(forced.numpy(), -1)[before_eos], tokens[:, 1:][before_eos])
     if method != "prefix":
         np.testing.assert_array_equal(tokens, their_tokens)
-    else:  # PEFT 0.21.2's generate drops the prefix on transformers 5 (it returns the base model's tokens)
+    else:
+        # every generated token is PEFT's forward's argmax given the tokens before it (up to EOS) ...
+        forced = torch_out(their, input_ids=IDS, attention_mask=MASK, decoder_input_ids=tokens[:, :-1]).logits
+        before_eos = np.cumsum(np.cumsum(tokens[:, 1:] == 1, axis=1), axis=1) <= 1
+        np.testing.assert_array_equal(np.argmax(forced.numpy(), -1)[before_eos], tokens[:, 1:][before_eos])
+        # ... while PEFT 0.21.2's generate drops the prefix on transformers 5 (it returns the base model's tokens)
         with torch.no_grad(), their.disable_adapter():
             base_tokens = their.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
                                          max_new_tokens=5, do_sample=False).numpy()
@@ -282,13 +279,31 @@ def test_prompt_learning_both_ways_with_peft(flan, method, tmp_path):
         assert not np.array_equal(tokens, their_tokens)
     base = torch_out(_torch_base(path), input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
     assert np.abs(real(ref.logits.numpy()) - real(base)).max() > 1e-3
-    # peftjax -> PEFT: a fresh adapter made here, trained a step, saved and loaded by PEFT
+    # peftjax -> PEFT: a fresh (randomly initialised) adapter made here, saved and loaded by PEFT
     ours = peftjax.get_peft_model(models.from_pretrained(path), PROMPT_CONFIGS[method](peftjax))
-    batch = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
-    _tiny.train(ours, batch, steps=1, optimizer=optax.sgd(1e-1))
     ours.save_pretrained(tmp_path / "ours")
     with _quiet():
         loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
     assert_close(real(np.asarray(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits)),
                  real(torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()),
                  ADAPTER_TOL)
+
+
+def test_remat_gives_the_same_loss_and_gradients(flan):
+    _, path, _ = flan
+    batch = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
+    results = []
+    for remat in ("none", "full"):
+        model = peftjax.get_peft_model(models.from_pretrained(path, remat=remat), _make_peft_config("lora", peftjax))
+        graphdef, adapters, base = peftjax.split(model.base_model)
+
+        def loss(adapters, base, graphdef=graphdef):
+            return nnx.merge(graphdef, adapters, base)(**batch).loss
+
+        fn = jax.value_and_grad(loss)
+        results.append(jax.jit(fn)(adapters, base))
+        if remat == "full":  # the blocks really are rematerialised
+            assert "remat" in str(jax.make_jaxpr(fn)(adapters, base))
+    (loss0, grads0), (loss1, grads1) = results
+    assert_close(loss1, loss0)
+    jax.tree.map(assert_close, grads1, grads0)
