@@ -307,3 +307,24 @@ def test_remat_gives_the_same_loss_and_gradients(flan):
     (loss0, grads0), (loss1, grads1) = results
     assert_close(loss1, loss0)
     jax.tree.map(assert_close, grads1, grads0)
+
+
+def test_sequence_classification_matches_transformers(flan, tmp_path):
+    _, path, _ = flan
+    torch.manual_seed(0)
+    with _quiet():
+        theirs = tr.T5ForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+    theirs.save_pretrained(tmp_path)
+    labels = np.array([0, 2, 1])
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=labels)
+    model = models.from_pretrained(tmp_path)
+    assert type(model) is models.T5ForSequenceClassification
+    out = run_jax(model, True, input_ids=IDS, attention_mask=MASK, labels=labels)
+    assert_close(out.logits, ref.logits.numpy())
+    assert_close(out.loss, ref.loss.numpy())
+    no_eos_in_row_0 = np.where((IDS == 1) & (np.arange(3) == 0)[:, None], 2, IDS)
+    with pytest.raises(ValueError, match=r"same number of <eos> tokens; found \[0, 1, 1\]"):
+        model(input_ids=no_eos_in_row_0)
+    # the SEQ_CLS task builds this class from the conditional-generation checkpoint, with a new head
+    with pytest.warns(models.NewWeightsWarning, match="classification_head"):
+        assert type(models.from_pretrained(path, task_type="SEQ_CLS", num_labels=3)) is models.T5ForSequenceClassification

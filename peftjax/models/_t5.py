@@ -33,7 +33,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._losses import masked_cross_entropy
+from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._scan import check_remat, checkpointed
@@ -50,8 +50,8 @@ ACTIVATIONS = {
 
 # torch-only keys: the stacks' copies of ``shared`` and a never-used bias transformers skips too
 _IGNORED = (
-    r"(encoder|decoder)\.embed_tokens\.weight",
-    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
+    r"(transformer\.)?(encoder|decoder)\.embed_tokens\.weight",
+    r"(transformer\.)?decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
 )
 
 
@@ -377,7 +377,65 @@ class T5EncoderModel(_T5Base):
         return self.encode(input_ids, attention_mask, inputs_embeds, prefix_kv)
 
 
-class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
+class _T5EncoderDecoder(_T5Base):
+    """What the encoder-decoder classes share: the decoder pass, ``shift_right``, prefix checks."""
+
+    def shift_right(self, labels) -> jax.Array:
+        """transformers' ``_shift_right``: ``decoder_start_token_id`` then ``labels[:, :-1]``, -100 as pad."""
+        start = getattr(self.config, "decoder_start_token_id", None)
+        pad = getattr(self.config, "pad_token_id", None)
+        if start is None:
+            raise ValueError("config.decoder_start_token_id must be set to derive decoder_input_ids from labels "
+                             "(T5 uses the pad token id, 0)")
+        if pad is None:
+            raise ValueError("config.pad_token_id must be set to derive decoder_input_ids from labels")
+        labels = jnp.asarray(labels)
+        shifted = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
+        return jnp.where(shifted == -100, pad, shifted)
+
+    def decoder_prefix_layout(self) -> tuple[int, int, int]:
+        """``(blocks, heads, head_dim)`` of the decoder's attention."""
+        a = self.decoder.block[0].layer[0].SelfAttention
+        return len(self.decoder.block), a.num_heads, a.head_dim
+
+    def _encode_decode(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                       inputs_embeds, decoder_inputs_embeds, cache=None, cache_index=None, cross_kv=None,
+                       prefix_kv=None, encoder_prefix_kv=None):
+        """``(decoder output, new cache, encoder output)``; arguments as ``T5ForConditionalGeneration``."""
+        if encoder_outputs is None:
+            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv)
+        enc = encoder_outputs.last_hidden_state if isinstance(encoder_outputs, ModelOutput) else encoder_outputs
+        enc = jnp.asarray(enc)
+        if attention_mask is None:
+            attention_mask = jnp.ones(enc.shape[:2], bool)
+        _check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
+        x = self._embed(decoder_input_ids, decoder_inputs_embeds)
+        if prefix_kv is not None:
+            self._check_decoder_prefix(prefix_kv, x.shape[0])
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones((x.shape[0], x.shape[1] if cache is None else cache[0]["k"].shape[1]),
+                                              bool)
+        if cross_kv is None:
+            cross_kv = self.decoder.cross_kv(enc)
+        h, new_cache = self.decoder(x, decoder_attention_mask, cross_kv=cross_kv, cross_mask=attention_mask,
+                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+        return h, new_cache, enc
+
+    def _check_decoder_prefix(self, prefix_kv, batch: int) -> None:
+        n, heads, head_dim = self.decoder_prefix_layout()
+        pairs = list(prefix_kv)
+        if len(pairs) != n or any(len(p) != 2 for p in pairs):
+            raise ValueError(f"{type(self).__name__}: prefix_kv must hold one (self-attention, cross-attention) "
+                             f"pair of (key, value) per decoder block ({n}), got {len(pairs)} entries")
+        owner = f"{type(self).__name__}.decoder"
+        attn.check_prefix_kv([p[0] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim, batch=batch,
+                             owner=owner)
+        if pairs[0][1] is not None:
+            attn.check_prefix_kv([p[1] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim,
+                                 batch=batch, owner=owner + " (cross-attention)")
+
+
+class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5EncoderDecoder):
     """Sequence-to-sequence LM: ``shared``, ``encoder``, ``decoder`` and (untied) ``lm_head``.
 
     >>> from transformers import T5Config
@@ -413,24 +471,6 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
 
     def _tied(self, key: str) -> bool:
         return self.lm_head is None and key == "lm_head.weight"
-
-    def shift_right(self, labels) -> jax.Array:
-        """transformers' ``_shift_right``: ``decoder_start_token_id`` then ``labels[:, :-1]``, -100 as pad."""
-        start = getattr(self.config, "decoder_start_token_id", None)
-        pad = getattr(self.config, "pad_token_id", None)
-        if start is None:
-            raise ValueError("config.decoder_start_token_id must be set to derive decoder_input_ids from labels "
-                             "(T5 uses the pad token id, 0)")
-        if pad is None:
-            raise ValueError("config.pad_token_id must be set to derive decoder_input_ids from labels")
-        labels = jnp.asarray(labels)
-        shifted = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
-        return jnp.where(shifted == -100, pad, shifted)
-
-    def decoder_prefix_layout(self) -> tuple[int, int, int]:
-        """``(blocks, heads, head_dim)`` of the decoder's attention."""
-        a = self.decoder.block[0].layer[0].SelfAttention
-        return len(self.decoder.block), a.num_heads, a.head_dim
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         n, heads, head_dim = self.decoder_prefix_layout()
@@ -471,25 +511,11 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
           ``ModelOutput`` with ``logits`` ``[b, t, vocab]``, ``loss``, ``last_hidden_state`` (the
           decoder's), ``encoder_last_hidden_state`` and ``past_key_values`` (with a cache).
         """
-        if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv)
-        enc = encoder_outputs.last_hidden_state if isinstance(encoder_outputs, ModelOutput) else encoder_outputs
-        enc = jnp.asarray(enc)
-        if attention_mask is None:
-            attention_mask = jnp.ones(enc.shape[:2], bool)
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.shift_right(labels)
-        _check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
-        x = self._embed(decoder_input_ids, decoder_inputs_embeds)
-        if prefix_kv is not None:
-            self._check_decoder_prefix(prefix_kv, x.shape[0])
-        if decoder_attention_mask is None:
-            decoder_attention_mask = jnp.ones((x.shape[0], x.shape[1] if cache is None else cache[0]["k"].shape[1]),
-                                              bool)
-        if cross_kv is None:
-            cross_kv = self.decoder.cross_kv(enc)
-        h, new_cache = self.decoder(x, decoder_attention_mask, cross_kv=cross_kv, cross_mask=attention_mask,
-                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+        h, new_cache, enc = self._encode_decode(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, inputs_embeds,
+            decoder_inputs_embeds, cache, cache_index, cross_kv, prefix_kv, encoder_prefix_kv)
         if self.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         logits = self.shared.attend(h) if self.lm_head is None else self.lm_head(h)
@@ -497,19 +523,91 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5Base):
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=new_cache,
                            encoder_last_hidden_state=enc)
 
-    def _check_decoder_prefix(self, prefix_kv, batch: int) -> None:
-        n, heads, head_dim = self.decoder_prefix_layout()
-        pairs = list(prefix_kv)
-        if len(pairs) != n or any(len(p) != 2 for p in pairs):
-            raise ValueError(f"{type(self).__name__}: prefix_kv must hold one (self-attention, cross-attention) "
-                             f"pair of (key, value) per decoder block ({n}), got {len(pairs)} entries")
-        owner = f"{type(self).__name__}.decoder"
-        attn.check_prefix_kv([p[0] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim, batch=batch,
-                             owner=owner)
-        if pairs[0][1] is not None:
-            attn.check_prefix_kv([p[1] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim,
-                                 batch=batch, owner=owner + " (cross-attention)")
+
+class T5Model(_T5EncoderDecoder):
+    """The bare encoder-decoder: ``shared``, ``encoder``, ``decoder``; returns the decoder's output."""
+
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_IGNORED, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        _check_config(config)
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.shared = nnx.Embed(config.vocab_size, config.d_model, **kw)
+        self.encoder = T5Stack(self.config, is_decoder=False, **kw)
+        self.decoder = T5Stack(self.config, is_decoder=True, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, prefix_kv=None,
+                 encoder_prefix_kv=None) -> ModelOutput:
+        """``last_hidden_state`` (the decoder's, unscaled) and ``encoder_last_hidden_state``."""
+        h, _, enc = self._encode_decode(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, inputs_embeds,
+            decoder_inputs_embeds, prefix_kv=prefix_kv, encoder_prefix_kv=encoder_prefix_kv)
+        return ModelOutput(last_hidden_state=h, encoder_last_hidden_state=enc)
+
+
+class T5ClassificationHead(nnx.Module):
+    """``dense`` (tanh) then ``out_proj``, both with biases (classifier dropout is not applied)."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense = nnx.Linear(config.d_model, config.d_model, **kw)
+        self.out_proj = nnx.Linear(config.d_model, config.num_labels, **kw)
+
+    def __call__(self, x):
+        return self.out_proj(jnp.tanh(self.dense(x)))
+
+
+class T5ForSequenceClassification(PreTrainedModel):
+    """``transformer`` (a :class:`T5Model`) and a ``classification_head`` read at each row's last EOS.
+
+    As transformers: the decoder input defaults to ``shift_right(input_ids)``, and every row must
+    hold the same number (at least one) of ``eos_token_id`` tokens.
+    """
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classification_head\.(dense|out_proj)\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_IGNORED, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer = T5Model(self.config, **kw)
+        self.classification_head = T5ClassificationHead(self.config, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 labels=None, inputs_embeds=None, decoder_inputs_embeds=None) -> ModelOutput:
+        """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss.
+
+        Raises:
+          ValueError: ``input_ids`` is missing (it locates the EOS tokens), or (outside ``jit``) a
+            row has no EOS or the rows differ in their number of EOS tokens.
+        """
+        if input_ids is None:
+            raise ValueError(f"{type(self).__name__} needs input_ids (the EOS tokens mark where it reads); "
+                             "inputs_embeds alone are not supported, as in transformers")
+        ids = jnp.asarray(input_ids)
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.transformer.shift_right(ids)
+        out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds)
+        eos = ids == self.config.eos_token_id
+        if not isinstance(eos, jax.core.Tracer):
+            counts = np.asarray(eos.sum(axis=1))
+            if len(set(counts.tolist())) != 1:
+                raise ValueError(f"All examples must have the same number of <eos> tokens; found {counts.tolist()}")
+            if counts[0] < 1:
+                raise ValueError("Each example must contain at least one <eos> token.")
+        h = out.last_hidden_state
+        last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
+        logits = self.classification_head(h[jnp.arange(h.shape[0]), last])
+        loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,
+                           encoder_last_hidden_state=out.encoder_last_hidden_state)
 
 
 register(T5ForConditionalGeneration, model_types=("t5",), default=True)
 register(T5EncoderModel)
+register(T5Model)
+register(T5ForSequenceClassification)
