@@ -588,10 +588,6 @@ class T5ForSequenceClassification(PreTrainedModel):
             raise ValueError(f"{type(self).__name__} needs input_ids (the EOS tokens mark where it reads); "
                              "inputs_embeds alone are not supported, as in transformers")
         ids = jnp.asarray(input_ids)
-        if decoder_input_ids is None and decoder_inputs_embeds is None:
-            decoder_input_ids = self.transformer.shift_right(ids)
-        out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                               inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds)
         eos = ids == self.config.eos_token_id
         if not isinstance(eos, jax.core.Tracer):
             counts = np.asarray(eos.sum(axis=1))
@@ -599,6 +595,10 @@ class T5ForSequenceClassification(PreTrainedModel):
                 raise ValueError(f"All examples must have the same number of <eos> tokens; found {counts.tolist()}")
             if counts[0] < 1:
                 raise ValueError("Each example must contain at least one <eos> token.")
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.transformer.shift_right(ids)
+        out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                               inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds)
         h = out.last_hidden_state
         last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
         logits = self.classification_head(h[jnp.arange(h.shape[0]), last])
