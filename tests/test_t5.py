@@ -122,7 +122,7 @@ def test_logits_loss_and_encoder_match_transformers(t5):
 
 
 def test_greedy_generate_matches_transformers_token_for_token(t5):
-    _, path, theirs = t5
+    name, path, theirs = t5
     model = models.from_pretrained(path)
     with torch.no_grad():
         ref = theirs.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
@@ -130,6 +130,9 @@ def test_greedy_generate_matches_transformers_token_for_token(t5):
     ours = model.generate(IDS, MASK, max_new_tokens=7)
     np.testing.assert_array_equal(ours, ref)
     assert len(np.unique(ref[:, 1:])) > 3  # the weights make a varied sequence, not one token repeated
+    if name.startswith("v1.1"):  # the sampling path: top-k 1 leaves only the greedy token to draw
+        sampled = model.generate(IDS, MASK, max_new_tokens=7, do_sample=True, top_k=1, temperature=0.7, seed=3)
+        np.testing.assert_array_equal(sampled, ref)
 
 
 def test_relative_position_buckets_are_transformers():
