@@ -14,6 +14,10 @@ the checkpoint's ``tie_word_embeddings`` was not false, i.e. T5 v1.0).
 checkpoint holds an ``lm_head.weight`` that differs from ``shared.weight`` (v1.1 / FLAN), as
 transformers 5 decides it on load; ``from_config`` builds it tied, as transformers does.
 
+Classes: ``T5ForConditionalGeneration`` (``SEQ_2_SEQ_LM``, with ``generate``), ``T5EncoderModel``,
+``T5Model`` and ``T5ForSequenceClassification`` (read at each row's last EOS). ``remat`` wraps each
+block in ``jax.checkpoint`` when there is no cache and no prefix.
+
 Not implemented (named in errors where a config asks for them): base-model dropout (the model is
 always in eval mode; adapter dropout still applies), ``scan_layers`` (block 0 owns the relative
 position bias, so the blocks are not identical and are looped).
