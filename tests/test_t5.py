@@ -22,7 +22,8 @@ from peftjax import models
 
 torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
 
-FIELDS = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
+FIELDS = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+              dropout_rate=0.0)
 VARIANTS = {"v1.0-relu": dict(feed_forward_proj="relu"),
             "v1.1-gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)}
 # encoder rows padded at the end and in the middle of the batch; labels with -100
@@ -170,6 +171,8 @@ def test_bad_configs_are_named():
         models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="gated-swish"))
     with pytest.raises(ValueError, match="feed_forward_proj 'relu-gated'"):
         models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="relu-gated"))
+    with pytest.warns(UserWarning, match="base-model dropout is not applied here.*dropout_rate=0.1"):
+        models.T5EncoderModel.from_config(models.ModelConfig("t5", **{**FIELDS, "dropout_rate": 0.1}))
     config = models.ModelConfig("t5", **FIELDS)
     config.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not supported for T5"):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -85,6 +86,10 @@ def scale_decoder_outputs(config) -> bool:
 
 def _check_config(config) -> None:
     feed_forward(config)
+    rate = getattr(config, "dropout_rate", 0.0)
+    if rate:  # what inference ignores but training would miss (transformers' .train() drops)
+        warnings.warn(f"T5 base-model dropout is not applied here (adapter dropout is): dropout_rate={rate}",
+                      stacklevel=4)
     if getattr(config, "scan_layers", False):
         raise ValueError("scan_layers=True is not supported for T5: block 0 of each stack owns the relative "
                          "position bias, so the blocks are not identical (use scan_layers=False)")
