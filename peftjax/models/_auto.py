@@ -78,6 +78,7 @@ TASK_CLASS_SUFFIXES = {
     "SEQ_CLS": ("ForSequenceClassification",),
     "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
     "FEATURE_EXTRACTION": ("Model",),
+    "SEQ_2_SEQ_LM": ("ForConditionalGeneration",),
 }
 
 

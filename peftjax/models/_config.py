@@ -114,6 +114,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "eos_token_id": 50256, "pad_token_id": None, "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": True,
     },
+    "t5": {
+        "vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_decoder_layers": None,
+        "num_heads": 8, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1, "layer_norm_epsilon": 1e-06, "initializer_factor": 1.0, "feed_forward_proj": "relu",
+        "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
+        "classifier_dropout": 0.0, "is_decoder": False, "tie_word_embeddings": True, "scale_decoder_outputs": None,
+    },
 }
 
 # other names for fields (transformers' ``attribute_map``)
@@ -121,12 +128,14 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
+    "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+           "head_dim": "d_kv"},
 }
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
                "sliding_window_pattern", "transformers_version",
-               "torch_dtype", "id2label", "label2id", "num_labels")
+               "torch_dtype", "id2label", "label2id", "num_labels", "decoder_start_token_id")
 
 
 class ModelConfig:
@@ -166,6 +175,15 @@ class ModelConfig:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "t5":  # T5Config.__post_init__
+            if self.num_decoder_layers is None:
+                self.num_decoder_layers = self.num_layers
+            act = self.feed_forward_proj.split("-")
+            self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act[-1]
+            self.is_gated_act = act[0] == "gated"
+            if self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
+                self.scale_decoder_outputs = self.tie_word_embeddings is not False
+            self.tie_word_embeddings = True
         if t in ("qwen2", "qwen3"):
             if not self.use_sliding_window:
                 self.sliding_window = None

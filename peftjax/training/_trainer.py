@@ -159,6 +159,12 @@ class Trainer:
     ):
         if not hasattr(model, "base_model") or not hasattr(model, "peft_config"):
             raise TypeError(f"Trainer needs a peftjax.PeftModel (from get_peft_model), got {type(model).__name__}")
+        if getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False):
+            # its labels are a second sequence (not input_ids' length) that the batches do not pad yet
+            raise NotImplementedError(
+                f"Trainer does not train encoder-decoder models ({type(model.base_model).__name__}, SEQ_2_SEQ_LM) yet; "
+                "train them with peftjax.make_train_step, whose default loss is the model's own (labels -> loss)"
+            )
         self.model = model
         self.args = args
         self.train_dataset = train_dataset

@@ -60,7 +60,7 @@ from peftjax.tuners.base import (
 )
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
-SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
+SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value, TaskType.SEQ_2_SEQ_LM.value)
 # the module names PEFT's file format uses for a prompt-learning model's heads: no tuner wrapper
 SAVED_PREFIX = "base_model."
 # the bundled models' input embeddings, preferred over any other vocabulary-sized table
@@ -158,7 +158,9 @@ class PromptEncoder(nnx.Module):
 
     def _init_arrays(self, config, word_embeddings, key) -> dict[str, jax.Array]:
         out_dim = self.num_layers * 2 * self.token_dim if self.peft_type == PREFIX_TUNING else self.token_dim
-        n, d = self.total_virtual_tokens, self.token_dim
+        # PEFT's PrefixEncoder has V rows whatever the submodules; the embeddings have V per submodule
+        n = self.num_virtual_tokens if self.peft_type == PREFIX_TUNING else self.total_virtual_tokens
+        d = self.token_dim
         if self.inference_mode:  # PEFT skips the init: the saved output is loaded next
             return {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
         keys = iter(jax.random.split(key, 4 + 4 * 2 * self.lstm_layers))
@@ -224,11 +226,21 @@ class PromptEncoder(nnx.Module):
             return _linear(w, "mlp_head.2", jax.nn.relu(_linear(w, "mlp_head.0", x)))
         return x
 
-    def prefix_kv(self) -> list[tuple[jax.Array, jax.Array]]:
+    def prefix_kv(self) -> list:
         """Per-layer ``(key, value)``, each ``[1, V, heads, head_dim]``: layer ``i`` takes PEFT's
-        ``past_key_values[2i]`` and ``[2i + 1]``."""
+        ``past_key_values[2i]`` and ``[2i + 1]``.
+
+        For an encoder-decoder (``SEQ_2_SEQ_LM``) each decoder layer gets ``((key, value), None)``:
+        PEFT fills the self-attention cache with the prefix and empties the cross-attention cache,
+        and the encoder gets none (transformers' encoders take no cache). Which entries a layer
+        gets follows PEFT's ``get_prompt`` (see below), so its files mean the same here.
+        """
         v, L, h = self.num_virtual_tokens, self.num_layers, self.num_heads
         out = self()[:v].reshape(v, 2 * L, h, self.token_dim // h)
+        if self.task_type == TaskType.SEQ_2_SEQ_LM:
+            # PEFT concatenates the 2L entries with themselves and gives layer i the 4 entries from 4i
+            # on, the first two to the self-attention: entries 4i and 4i + 1, modulo 2L
+            return [((out[None, :, 4 * i % (2 * L)], out[None, :, (4 * i + 1) % (2 * L)]), None) for i in range(L)]
         return [(out[None, :, 2 * i], out[None, :, 2 * i + 1]) for i in range(L)]
 
     def set_weights(self, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
@@ -338,7 +350,7 @@ def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
     v = encoder.num_virtual_tokens
     causal = encoder.task_type == TaskType.CAUSAL_LM
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-    if ids is None and embeds is None:
+    if ids is None and embeds is None and kwargs.get("encoder_outputs") is None:
         raise ValueError("prompt learning needs input_ids or inputs_embeds")
     if encoder.peft_type == PREFIX_TUNING:
         if kwargs.get("prefix_kv") is not None:
@@ -349,14 +361,14 @@ def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
         if causal:
             _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
         return kwargs
-    if kwargs.get("cache") is not None:
-        # a generation step: `generate` prefilled the virtual tokens, which are now in the cache
+    if kwargs.get("cache") is not None or kwargs.get("encoder_outputs") is not None:
+        # a generation step: `generate` prefilled (or encoded) the virtual tokens already
         return kwargs
     if embeds is None:
         embeds = _word_embed(model, ids)
     embeds = jnp.asarray(embeds)
     batch = embeds.shape[0]
-    prompts = encoder()[None].astype(embeds.dtype)
+    prompts = encoder()[None, :v].astype(embeds.dtype)  # a seq2seq encoder gets the first V (PEFT)
     kwargs["inputs_embeds"] = jnp.concatenate([jnp.broadcast_to(prompts, (batch, *prompts.shape[1:])), embeds], 1)
     kwargs["input_ids"] = None
     if kwargs.get("attention_mask") is not None:
@@ -421,6 +433,30 @@ class PromptLearningModel(AdapterLayer):
     def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
         # an encoder's variables are made frozen or trainable when it is built (``inference_mode``)
         return ()
+
+
+class PromptLearningSeq2SeqModel(PromptLearningModel):
+    """Mixin for an encoder-decoder: ``generate`` encodes prompt/P-tuning's virtual tokens first.
+
+    As PEFT's ``PeftModelForSeq2SeqLM.generate``: the first ``V`` virtual tokens are prepended to
+    the encoder's input embeddings (the mask grows by ``V`` ones); a prefix is passed to every
+    decoder step by ``__call__``.
+    """
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        base_generate = self._peftjax_base.generate
+        encoder = _active_encoder(self)
+        if encoder is None or encoder.peft_type == PREFIX_TUNING:
+            return base_generate(self, input_ids, attention_mask, **kwargs)
+        if input_ids is None:
+            raise ValueError("input_ids must be provided for Peft model generation")  # PEFT's message
+        embeds = _word_embed(self, jnp.asarray(input_ids, jnp.int32))
+        b, n = embeds.shape[:2]
+        v = encoder.num_virtual_tokens
+        prompts = jnp.broadcast_to(encoder()[None, :v].astype(embeds.dtype), (b, v, embeds.shape[-1]))
+        mask = jnp.ones((b, n), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return base_generate(self, None, jnp.concatenate([jnp.ones((b, v), jnp.int32), mask], axis=1),
+                             inputs_embeds=jnp.concatenate([prompts, embeds], axis=1), **kwargs)
 
 
 class PromptLearningCausalModel(PromptLearningModel):
@@ -492,7 +528,9 @@ def inject_prompt_learning(
       model: a bundled model, or any NNX model implementing the prefix attention protocol
         (prefix tuning) or taking ``inputs_embeds`` (prompt tuning, P-tuning).
       config: a ``PrefixTuningConfig``, ``PromptTuningConfig`` or ``PromptEncoderConfig`` with
-        ``task_type`` ``"CAUSAL_LM"`` or ``"SEQ_CLS"``; unset shape fields come from
+        ``task_type`` ``"CAUSAL_LM"``, ``"SEQ_CLS"`` or ``"SEQ_2_SEQ_LM"`` (an encoder-decoder
+        such as T5: prefixes on the decoder's self-attention, virtual tokens before the encoder's
+        input, as PEFT's ``PeftModelForSeq2SeqLM``); unset shape fields come from
         ``model.config`` (``prepare_prompt_learning_config``, with PEFT's GQA rule).
       adapter_name: the adapter's name.
       key: the init key.
@@ -527,8 +565,13 @@ def inject_prompt_learning(
     _check_protocol(model, config)
     model_config = getattr(model, "config", None)
     config = prepare_prompt_learning_config(config, model_config if model_config is not None else {})
-    if config.num_transformer_submodules != 1:
-        raise NotImplementedError("prompt learning for encoder-decoder models (num_transformer_submodules=2)")
+    seq2seq = config.task_type == TaskType.SEQ_2_SEQ_LM
+    if seq2seq != (config.num_transformer_submodules == 2) or not hasattr(type(model), "encode") and seq2seq:
+        raise ValueError(
+            f"{type(config).__name__}: num_transformer_submodules={config.num_transformer_submodules} with task_type "
+            f"{config.task_type!r} on {type(model).__name__}: peftjax runs 2 submodules only for SEQ_2_SEQ_LM on an "
+            "encoder-decoder model (with an `encode` method, e.g. T5ForConditionalGeneration), and 1 otherwise"
+        )
     config = add_task_modules_to_save(config)
     if isinstance(model, PromptLearningModel) and adapter_name in model.peft_prompt_encoders:
         raise ValueError(f"adapter {adapter_name!r} already exists on {type(model).__name__}")
@@ -541,6 +584,8 @@ def inject_prompt_learning(
     encoder = PromptEncoder(config, word_embeddings=table, key=jax.random.key(0) if key is None else key)
     if not isinstance(model, PromptLearningModel):
         mixin = PromptLearningCausalModel if hasattr(type(model), "generate") else PromptLearningModel
+        if seq2seq:
+            mixin = PromptLearningSeq2SeqModel
         # no name prefix: configs and ``architectures`` keep naming the user's class
         model.__class__ = _with_call_signature(mixin_subclass(type(model), mixin, ""))
         model.peft_prompt_encoders = nnx.Dict()

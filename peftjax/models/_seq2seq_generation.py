@@ -1,0 +1,138 @@
+"""Jitted generation for encoder-decoder models: encode once, then decode with a KV cache.
+
+The encoder runs once; each decoder block's cross-attention keys and values of its output are
+computed once too; the decoder's self-attention keeps a KV cache (``peftjax.models._attention``).
+Decoding starts from ``decoder_start_token_id`` and picks tokens greedily or by sampling with the
+causal models' filters (temperature, top-k, top-p).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.models._generation import _filter_logits
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad",
+                     "start"),
+)
+def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
+              max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start):
+    model = nnx.merge(graphdef, state)
+    encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
+                           encoder_prefix_kv).last_hidden_state
+    cross_kv = model.decoder.cross_kv(encoded)
+    b = encoded.shape[0]
+    cache = model.init_cache(b, max_new_tokens)
+    key_mask = jnp.zeros((b, max_new_tokens), jnp.int32)
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def pick(logits, key):
+        logits = logits.astype(jnp.float32)
+        if not do_sample:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+    def step(carry, i):
+        token, cache, key_mask, done, rng = carry
+        key_mask = key_mask.at[:, i].set(1)
+        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=token[:, None],
+                    decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
+                    prefix_kv=prefix_kv)
+        rng, key = jax.random.split(rng)
+        new = jnp.where(done, pad, pick(out.logits[:, -1], key))
+        done = done | jnp.isin(new, eos_ids)
+        return (new, out.past_key_values, key_mask, done, rng), (new, done)
+
+    first = jnp.full((b,), start, jnp.int32)
+    carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng)
+    _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    return tokens.T, done.T
+
+
+class Seq2SeqGenerationMixin:
+    """``generate`` for encoder-decoder models with ``encode``, ``decoder.cross_kv`` and ``init_cache``."""
+
+    def generate(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        decoder_start_token_id: int | None = None,
+        seed: int = 0,
+        inputs_embeds=None,
+        prefix_kv=None,
+        encoder_prefix_kv=None,
+    ) -> np.ndarray:
+        """Generates each input's output sequence, as transformers' ``generate`` for seq2seq models.
+
+        Args:
+          input_ids: ``[batch, seq]`` encoder input (padding anywhere; ``attention_mask`` marks it).
+          attention_mask: ``[batch, seq]``, 0 on padding.
+          max_new_tokens: tokens to generate after the start token.
+          do_sample, temperature, top_k, top_p, seed: sampling, as the causal models' ``generate``.
+          eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
+          pad_token_id: filler after EOS (default: the config's, else the first EOS id).
+          decoder_start_token_id: the decoder's first token (default: the config's).
+          inputs_embeds: ``[batch, seq, d_model]`` encoder input embeddings in place of ``input_ids``.
+          prefix_kv, encoder_prefix_kv: prefixes for the decoder and encoder blocks (see ``__call__``).
+
+        Returns:
+          ``[batch, 1 + n]`` token ids starting with ``decoder_start_token_id``, ``n <= max_new_tokens``;
+          generation ends early once every row has produced EOS.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3:
+                raise ValueError(f"inputs_embeds must be [batch, seq, d_model], got shape {inputs_embeds.shape}")
+            shape = inputs_embeds.shape[:2]
+        else:
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+            shape = input_ids.shape
+        mask = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if decoder_start_token_id is None:
+            decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
+        if decoder_start_token_id is None:
+            raise ValueError("decoder_start_token_id is not set (pass it, or set it in the config; T5 uses 0)")
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config, "eos_token_id", None)
+        eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+        if pad_token_id is None:
+            pad_token_id = getattr(self.config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        graphdef, state = nnx.split(self)
+        tokens, done = _generate(
+            graphdef, state, input_ids, mask, jax.random.key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
+            max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
+            top_k=top_k, top_p=top_p, eos=eos, pad=int(pad_token_id), start=int(decoder_start_token_id),
+        )
+        tokens, done = np.asarray(tokens), np.asarray(done)
+        all_done = np.nonzero(done.all(axis=0))[0]
+        n = int(all_done[0]) + 1 if len(all_done) else max_new_tokens
+        start = np.full((tokens.shape[0], 1), decoder_start_token_id, tokens.dtype)
+        return np.concatenate([start, tokens[:, :n]], axis=1)
