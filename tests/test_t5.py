@@ -171,8 +171,6 @@ def test_bad_configs_are_named():
         models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="gated-swish"))
     with pytest.raises(ValueError, match="feed_forward_proj 'relu-gated'"):
         models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="relu-gated"))
-    with pytest.warns(UserWarning, match="base-model dropout is not applied here.*dropout_rate=0.1"):
-        models.T5EncoderModel.from_config(models.ModelConfig("t5", **{**FIELDS, "dropout_rate": 0.1}))
     config = models.ModelConfig("t5", **FIELDS)
     config.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not supported for T5"):
@@ -340,3 +338,25 @@ def test_sequence_classification_matches_transformers(flan, tmp_path):
     # the SEQ_CLS task builds this class from the conditional-generation checkpoint, with a new head
     with pytest.warns(models.NewWeightsWarning, match="classification_head"):
         assert type(models.from_pretrained(path, task_type="SEQ_CLS", num_labels=3)) is models.T5ForSequenceClassification
+
+
+def test_dropout_sits_where_transformers_train_mode_puts_it(tmp_path, monkeypatch):
+    """Every dropout on both sides replaced by the same fixed scaling (x * 0.7 while training): the
+    outputs agree only if the dropouts sit at the same places (embeddings, attention probabilities,
+    sublayer outputs, feed-forward hidden units, the stacks' outputs)."""
+    config = tr.T5Config(**{**FIELDS, "dropout_rate": 0.1}, **VARIANTS["v1.1-gated-gelu"])
+    config._attn_implementation = "eager"  # its attention calls torch's dropout
+    torch.manual_seed(0)
+    theirs = tr.T5ForConditionalGeneration(config)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(tmp_path)
+    eval_logits = np.asarray(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits)
+    scaled = lambda x, p=0.5, training=True, inplace=False: x * 0.7 if training and p > 0 else x  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "dropout", scaled)
+    monkeypatch.setattr("peftjax.models._t5.dropout", lambda x, rate, key: x * 0.7 if key is not None and rate else x)
+    theirs.train()
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS, dropout_rng=jax.random.key(0))
+    assert_close(np.asarray(out.logits), ref.logits.detach().numpy())
+    assert abs(float(out.loss) - ref.loss.item()) < 1e-5
+    assert np.abs(np.asarray(out.logits) - eval_logits).max() > 1e-2

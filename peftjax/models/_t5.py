@@ -18,8 +18,10 @@ Classes: ``T5ForConditionalGeneration`` (``SEQ_2_SEQ_LM``, with ``generate``), `
 ``T5Model`` and ``T5ForSequenceClassification`` (read at each row's last EOS). ``remat`` wraps each
 block in ``jax.checkpoint`` when there is no cache and no prefix.
 
-Not implemented (named in errors where a config asks for them): base-model dropout (the model is
-always in eval mode; adapter dropout still applies), ``scan_layers`` (block 0 owns the relative
+A call given ``dropout_rng`` applies ``dropout_rate`` where transformers' ``.train()`` does (the
+embeddings, attention probabilities, each sublayer's output, the feed-forward's hidden units, each
+stack's final output; ``classifier_dropout`` in the classification head); without one the model
+is in eval mode. Not implemented (named in an error): ``scan_layers`` (block 0 owns the relative
 position bias, so the blocks are not identical and are looped).
 """
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import warnings
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -38,6 +39,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._dropout import dropout, layer_key, split_key
 from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
@@ -86,10 +88,6 @@ def scale_decoder_outputs(config) -> bool:
 
 def _check_config(config) -> None:
     feed_forward(config)
-    rate = getattr(config, "dropout_rate", 0.0)
-    if rate:  # what inference ignores but training would miss (transformers' .train() drops)
-        warnings.warn(f"T5 base-model dropout is not applied here (adapter dropout is): dropout_rate={rate}",
-                      stacklevel=4)
     if getattr(config, "scan_layers", False):
         raise ValueError("scan_layers=True is not supported for T5: block 0 of each stack owns the relative "
                          "position bias, so the blocks are not identical (use scan_layers=False)")
@@ -126,6 +124,7 @@ class T5Attention(nnx.Module):
         self.head_dim = config.d_kv
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
+        self.dropout_rate = float(getattr(config, "dropout_rate", 0.0) or 0.0)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         inner = self.num_heads * self.head_dim
         self.q = _linear(config.d_model, inner, kw)
@@ -147,8 +146,9 @@ class T5Attention(nnx.Module):
         b, s, _ = x.shape
         return proj(x).reshape(b, s, self.num_heads, self.head_dim)
 
-    def __call__(self, x, mask, bias, kv=None, cache=None, cache_index=None, prefix=None):
-        """Attends ``x``'s queries over its own keys (``kv`` None) or over given ``(key, value)``."""
+    def __call__(self, x, mask, bias, kv=None, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """Attends ``x``'s queries over its own keys (``kv`` None) or over given ``(key, value)``;
+        ``dropout_rng`` drops attention probabilities at ``dropout_rate`` (training)."""
         b, s, _ = x.shape
         q = self.heads(self.q, x)
         if kv is None:
@@ -164,7 +164,7 @@ class T5Attention(nnx.Module):
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, dropout_rng)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
         return self.o(out), cache
 
@@ -179,10 +179,12 @@ class T5LayerSelfAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.SelfAttention = T5Attention(config, has_relative_attention_bias=has_relative_attention_bias, **kw)
         self.layer_norm = _norm(config, kw)
+        self.dropout_rate = self.SelfAttention.dropout_rate
 
-    def __call__(self, x, mask, bias, cache=None, cache_index=None, prefix=None):
-        a, cache = self.SelfAttention(self.layer_norm(x), mask, bias, None, cache, cache_index, prefix)
-        return x + a, cache
+    def __call__(self, x, mask, bias, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        inner, outer = split_key(dropout_rng, 2)
+        a, cache = self.SelfAttention(self.layer_norm(x), mask, bias, None, cache, cache_index, prefix, inner)
+        return x + dropout(a, self.dropout_rate, outer), cache
 
 
 class T5LayerCrossAttention(nnx.Module):
@@ -190,15 +192,17 @@ class T5LayerCrossAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False, **kw)
         self.layer_norm = _norm(config, kw)
+        self.dropout_rate = self.EncDecAttention.dropout_rate
 
     def kv(self, encoder_hidden):
         """The encoder output's keys and values: computed once per input, reused at every step."""
         a = self.EncDecAttention
         return a.heads(a.k, encoder_hidden), a.heads(a.v, encoder_hidden)
 
-    def __call__(self, x, kv, mask, prefix=None):
-        a, _ = self.EncDecAttention(self.layer_norm(x), mask, None, kv, prefix=prefix)
-        return x + a
+    def __call__(self, x, kv, mask, prefix=None, dropout_rng=None):
+        inner, outer = split_key(dropout_rng, 2)
+        a, _ = self.EncDecAttention(self.layer_norm(x), mask, None, kv, prefix=prefix, dropout_rng=inner)
+        return x + dropout(a, self.dropout_rate, outer)
 
 
 class T5DenseActDense(nnx.Module):
@@ -207,9 +211,10 @@ class T5DenseActDense(nnx.Module):
         self.act = feed_forward(config)[0]
         self.wi = _linear(config.d_model, config.d_ff, kw)
         self.wo = _linear(config.d_ff, config.d_model, kw)
+        self.dropout_rate = float(getattr(config, "dropout_rate", 0.0) or 0.0)
 
-    def __call__(self, x):
-        return self.wo(ACTIVATIONS[self.act](self.wi(x)))
+    def __call__(self, x, dropout_rng=None):
+        return self.wo(dropout(ACTIVATIONS[self.act](self.wi(x)), self.dropout_rate, dropout_rng))
 
 
 class T5DenseGatedActDense(nnx.Module):
@@ -219,9 +224,10 @@ class T5DenseGatedActDense(nnx.Module):
         self.wi_0 = _linear(config.d_model, config.d_ff, kw)
         self.wi_1 = _linear(config.d_model, config.d_ff, kw)
         self.wo = _linear(config.d_ff, config.d_model, kw)
+        self.dropout_rate = float(getattr(config, "dropout_rate", 0.0) or 0.0)
 
-    def __call__(self, x):
-        return self.wo(ACTIVATIONS[self.act](self.wi_0(x)) * self.wi_1(x))
+    def __call__(self, x, dropout_rng=None):
+        return self.wo(dropout(ACTIVATIONS[self.act](self.wi_0(x)) * self.wi_1(x), self.dropout_rate, dropout_rng))
 
 
 class T5LayerFF(nnx.Module):
@@ -230,9 +236,11 @@ class T5LayerFF(nnx.Module):
         dense = T5DenseGatedActDense if feed_forward(config)[1] else T5DenseActDense
         self.DenseReluDense = dense(config, **kw)
         self.layer_norm = _norm(config, kw)
+        self.dropout_rate = self.DenseReluDense.dropout_rate
 
-    def __call__(self, x):
-        return x + self.DenseReluDense(self.layer_norm(x))
+    def __call__(self, x, dropout_rng=None):
+        inner, outer = split_key(dropout_rng, 2)
+        return x + dropout(self.DenseReluDense(self.layer_norm(x), inner), self.dropout_rate, outer)
 
 
 class T5Block(nnx.Module):
@@ -248,12 +256,14 @@ class T5Block(nnx.Module):
         self.layer = nnx.List(layers)
         self.is_decoder = is_decoder
 
-    def __call__(self, x, mask, bias, cross_kv=None, cross_mask=None, cache=None, cache_index=None, prefix=None):
+    def __call__(self, x, mask, bias, cross_kv=None, cross_mask=None, cache=None, cache_index=None, prefix=None,
+                 dropout_rng=None):
         self_prefix, cross_prefix = (None, None) if prefix is None else prefix
-        x, cache = self.layer[0](x, mask, bias, cache, cache_index, self_prefix)
+        k_self, k_cross, k_ff = split_key(dropout_rng, 3)
+        x, cache = self.layer[0](x, mask, bias, cache, cache_index, self_prefix, k_self)
         if self.is_decoder:
-            x = self.layer[1](x, cross_kv, cross_mask, cross_prefix)
-        return self.layer[-1](x), cache
+            x = self.layer[1](x, cross_kv, cross_mask, cross_prefix, k_cross)
+        return self.layer[-1](x, k_ff), cache
 
 
 class T5Stack(nnx.Module):
@@ -270,13 +280,14 @@ class T5Stack(nnx.Module):
         self.final_layer_norm = _norm(config, kw)
         self.is_decoder = is_decoder
         self.remat = check_remat(getattr(config, "remat", "none"))
+        self.dropout_rate = float(getattr(config, "dropout_rate", 0.0) or 0.0)
 
     def cross_kv(self, encoder_hidden) -> list[tuple[jax.Array, jax.Array]]:
         """Each decoder block's cross-attention ``(key, value)`` of the encoder output."""
         return [block.layer[1].kv(encoder_hidden) for block in self.block]
 
     def __call__(self, x, key_mask, *, cross_kv=None, cross_mask=None, cache=None, cache_index=None,
-                 prefix_kv=None):
+                 prefix_kv=None, dropout_rng=None):
         """Runs the blocks on embeddings ``x`` ``[b, s, d]``.
 
         Args:
@@ -286,8 +297,13 @@ class T5Stack(nnx.Module):
           cache, cache_index: the decoder's self-attention KV cache (``peftjax.models._attention``).
           prefix_kv: per block ``((self key, self value), (cross key, cross value) or None)``
             prefixes (the decoder), or ``(key, value)`` (the encoder).
+          dropout_rng: a key for the config's ``dropout_rate`` where transformers' ``.train()`` drops:
+            the embeddings, attention probabilities, each sublayer's output, the feed-forward's
+            hidden units and the final norm's output.
         """
         b, s, _ = x.shape
+        k_embed, k_final, k_blocks = split_key(dropout_rng, 3)
+        x = dropout(x, self.dropout_rate, k_embed)
         num_prefix = 0
         if prefix_kv is not None:
             first = prefix_kv[0][0] if self.is_decoder else prefix_kv[0]
@@ -312,16 +328,18 @@ class T5Stack(nnx.Module):
                 prefix = (prefix, None)
             layer_cache = None if cache is None else cache[i]
             kv = None if cross_kv is None else cross_kv[i]
+            key = layer_key(k_blocks, i)
             if cache is None and prefix is None and self.remat != "none":
                 graphdef, state = nnx.split(block)
                 x = checkpointed(
-                    lambda st, h, kv_, g=graphdef: nnx.merge(g, st)(h, mask, bias, kv_, cross)[0], self.remat
-                )(state, x, kv)
+                    lambda st, h, kv_, k, g=graphdef: nnx.merge(g, st)(h, mask, bias, kv_, cross, dropout_rng=k)[0],
+                    self.remat,
+                )(state, x, kv, key)
                 continue
-            x, layer_cache = block(x, mask, bias, kv, cross, layer_cache, start, prefix)
+            x, layer_cache = block(x, mask, bias, kv, cross, layer_cache, start, prefix, key)
             if cache is not None:
                 new_cache.append(layer_cache)
-        return self.final_layer_norm(x), new_cache
+        return dropout(self.final_layer_norm(x), self.dropout_rate, k_final), new_cache
 
 
 def _check_ids(input_ids, inputs_embeds, what: str):
@@ -348,8 +366,9 @@ class _T5Base(PreTrainedModel):
     def _embed(self, ids, embeds):
         return self.shared(jnp.asarray(ids)) if embeds is None else jnp.asarray(embeds)
 
-    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None) -> ModelOutput:
-        """The encoder's ``last_hidden_state`` ``[b, s, d_model]``."""
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None,
+               dropout_rng=None) -> ModelOutput:
+        """The encoder's ``last_hidden_state`` ``[b, s, d_model]`` (``dropout_rng``: training's dropout)."""
         _check_ids(input_ids, inputs_embeds, "")
         x = self._embed(input_ids, inputs_embeds)
         if attention_mask is None:
@@ -358,7 +377,7 @@ class _T5Base(PreTrainedModel):
             a = self.encoder.block[0].layer[0].SelfAttention
             attn.check_prefix_kv(prefix_kv, num_layers=len(self.encoder.block), kv_heads=a.num_heads,
                                  head_dim=a.head_dim, batch=x.shape[0], owner=f"{type(self).__name__}.encoder")
-        h, _ = self.encoder(x, attention_mask, prefix_kv=prefix_kv)
+        h, _ = self.encoder(x, attention_mask, prefix_kv=prefix_kv, dropout_rng=dropout_rng)
         return ModelOutput(last_hidden_state=h)
 
 
@@ -381,9 +400,10 @@ class T5EncoderModel(_T5Base):
         self.shared = nnx.Embed(config.vocab_size, config.d_model, **kw)
         self.encoder = T5Stack(self.config, is_decoder=False, **kw)
 
-    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None) -> ModelOutput:
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None,
+                 dropout_rng=None) -> ModelOutput:
         """Encodes a batch; ``prefix_kv``: one ``(key, value)`` per encoder block (prefix attention protocol)."""
-        return self.encode(input_ids, attention_mask, inputs_embeds, prefix_kv)
+        return self.encode(input_ids, attention_mask, inputs_embeds, prefix_kv, dropout_rng)
 
 
 class _T5EncoderDecoder(_T5Base):
@@ -409,10 +429,11 @@ class _T5EncoderDecoder(_T5Base):
 
     def _encode_decode(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                        inputs_embeds, decoder_inputs_embeds, cache=None, cache_index=None, cross_kv=None,
-                       prefix_kv=None, encoder_prefix_kv=None):
+                       prefix_kv=None, encoder_prefix_kv=None, dropout_rng=None):
         """``(decoder output, new cache, encoder output)``; arguments as ``T5ForConditionalGeneration``."""
+        enc_key, dec_key = split_key(dropout_rng, 2)
         if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv)
+            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv, enc_key)
         enc = encoder_outputs.last_hidden_state if isinstance(encoder_outputs, ModelOutput) else encoder_outputs
         enc = jnp.asarray(enc)
         if attention_mask is None:
@@ -427,7 +448,7 @@ class _T5EncoderDecoder(_T5Base):
         if cross_kv is None:
             cross_kv = self.decoder.cross_kv(enc)
         h, new_cache = self.decoder(x, decoder_attention_mask, cross_kv=cross_kv, cross_mask=attention_mask,
-                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv, dropout_rng=dec_key)
         return h, new_cache, enc
 
     def _check_decoder_prefix(self, prefix_kv, batch: int) -> None:
@@ -500,6 +521,7 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5EncoderDecoder):
         cross_kv=None,
         prefix_kv=None,
         encoder_prefix_kv=None,
+        dropout_rng=None,
     ) -> ModelOutput:
         """Encodes (unless ``encoder_outputs`` is given) and decodes.
 
@@ -515,6 +537,8 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5EncoderDecoder):
           prefix_kv: per decoder block ``((self key, self value), (cross key, cross value))``,
             each ``[b or 1, V, heads, d_kv]``, prepended as a cache of ``V`` entries would be.
           encoder_prefix_kv: per encoder block ``(key, value)``.
+          dropout_rng: a ``jax.random`` key to apply the config's ``dropout_rate`` as transformers'
+            ``.train()`` does; ``None`` (the default): none.
 
         Returns:
           ``ModelOutput`` with ``logits`` ``[b, t, vocab]``, ``loss``, ``last_hidden_state`` (the
@@ -524,7 +548,7 @@ class T5ForConditionalGeneration(Seq2SeqGenerationMixin, _T5EncoderDecoder):
             decoder_input_ids = self.shift_right(labels)
         h, new_cache, enc = self._encode_decode(
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, inputs_embeds,
-            decoder_inputs_embeds, cache, cache_index, cross_kv, prefix_kv, encoder_prefix_kv)
+            decoder_inputs_embeds, cache, cache_index, cross_kv, prefix_kv, encoder_prefix_kv, dropout_rng)
         if self.scale_decoder_outputs:
             h = h * self.config.d_model**-0.5
         logits = self.shared.attend(h) if self.lm_head is None else self.lm_head(h)
@@ -548,24 +572,27 @@ class T5Model(_T5EncoderDecoder):
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, prefix_kv=None,
-                 encoder_prefix_kv=None) -> ModelOutput:
+                 encoder_prefix_kv=None, dropout_rng=None) -> ModelOutput:
         """``last_hidden_state`` (the decoder's, unscaled) and ``encoder_last_hidden_state``."""
         h, _, enc = self._encode_decode(
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, inputs_embeds,
-            decoder_inputs_embeds, prefix_kv=prefix_kv, encoder_prefix_kv=encoder_prefix_kv)
+            decoder_inputs_embeds, prefix_kv=prefix_kv, encoder_prefix_kv=encoder_prefix_kv, dropout_rng=dropout_rng)
         return ModelOutput(last_hidden_state=h, encoder_last_hidden_state=enc)
 
 
 class T5ClassificationHead(nnx.Module):
-    """``dense`` (tanh) then ``out_proj``, both with biases (classifier dropout is not applied)."""
+    """``dense`` (tanh) then ``out_proj``, both with biases; ``classifier_dropout`` before each in training."""
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dense = nnx.Linear(config.d_model, config.d_model, **kw)
         self.out_proj = nnx.Linear(config.d_model, config.num_labels, **kw)
+        self.dropout_rate = float(getattr(config, "classifier_dropout", 0.0) or 0.0)
 
-    def __call__(self, x):
-        return self.out_proj(jnp.tanh(self.dense(x)))
+    def __call__(self, x, dropout_rng=None):
+        first, second = split_key(dropout_rng, 2)
+        h = jnp.tanh(self.dense(dropout(x, self.dropout_rate, first)))
+        return self.out_proj(dropout(h, self.dropout_rate, second))
 
 
 class T5ForSequenceClassification(PreTrainedModel):
@@ -586,7 +613,7 @@ class T5ForSequenceClassification(PreTrainedModel):
         self.classification_head = T5ClassificationHead(self.config, **kw)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                 labels=None, inputs_embeds=None, decoder_inputs_embeds=None) -> ModelOutput:
+                 labels=None, inputs_embeds=None, decoder_inputs_embeds=None, dropout_rng=None) -> ModelOutput:
         """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss.
 
         Raises:
@@ -606,11 +633,13 @@ class T5ForSequenceClassification(PreTrainedModel):
                 raise ValueError("Each example must contain at least one <eos> token.")
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.transformer.shift_right(ids)
+        body_key, head_key = split_key(dropout_rng, 2)
         out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                               inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds)
+                               inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
+                               dropout_rng=body_key)
         h = out.last_hidden_state
         last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
-        logits = self.classification_head(h[jnp.arange(h.shape[0]), last])
+        logits = self.classification_head(h[jnp.arange(h.shape[0]), last], head_key)
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,
                            encoder_last_hidden_state=out.encoder_last_hidden_state)
