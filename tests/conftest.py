@@ -66,6 +66,14 @@ LONGEST_FIRST = [
     "test_lora_linen.py",
     "test_user_path.py",
     "test_lora_pissa.py",
+    "test_t5.py",
+    "test_oft.py",
+    "test_lycoris.py",
+    "test_vera_fourierft_ln_tuning.py",
+    "test_gemma.py",
+    "test_mixtral.py",
+    "test_lora_inits.py",
+    "test_convert_to_lora.py",
 ]
 
 
