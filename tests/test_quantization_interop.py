@@ -198,10 +198,14 @@ def test_checkpoint_saved_quantized_by_transformers_loads_from_its_tensors(ckpt,
     got = jax_logits(model)
     # as transformers on the same file
     np.testing.assert_allclose(got, torch_logits(bnb_model(path)), atol=TOL[kind], rtol=0)
-    # as quantizing the float checkpoint here: NF4 codes are bitsandbytes' bit for bit; a few int8 codes
-    # round the other way than bitsandbytes' CPU kernel (see test_quantization.py)
-    from_float = jax_logits(models.from_pretrained(ckpt, quantization_config=ours(kind)))
-    np.testing.assert_allclose(got, from_float, atol=1e-4 if kind == "int8" else 1e-6, rtol=0)
+    # as quantizing the float checkpoint here: every code and scale is bitsandbytes' (NF4, its nested
+    # absmax codes and int8 alike), so the tensors are the file's and the logits equal
+    here = models.from_pretrained(ckpt, quantization_config=ours(kind))
+    for name, m in quantized_linears(here).items():
+        assert np.array_equal(np.asarray(m.weight.get_value()), stored[f"{name}.weight"]), name
+        scales = m.absmax if kind == "nf4" else m.SCB
+        assert np.array_equal(np.asarray(scales.get_value()), stored[f"{name}.{'weight.absmax' if kind == 'nf4' else 'SCB'}"])
+    np.testing.assert_array_equal(got, jax_logits(here))
     # an explicit config of the same format is accepted; the compute dtype is the caller's
     model = models.from_pretrained(path, quantization_config=QuantizationConfig(**KINDS[kind],
                                                                                 bnb_4bit_compute_dtype="bfloat16"))
