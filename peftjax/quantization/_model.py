@@ -20,6 +20,18 @@ def _child(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
+def _quantizable() -> tuple[type, ...]:
+    """The linear types quantized as transformers quantizes their torch twins.
+
+    GPT-2's ``Conv1D`` stores its torch weight ``[in, out]``; transformers quantizes its transpose,
+    so its bitsandbytes layer (and file) holds ``[out, in]`` like any ``nn.Linear``. The flax
+    kernel of both is ``[in, out]``, so both quantize ``kernel.T``.
+    """
+    from peftjax.models._gpt2 import Conv1D
+
+    return (nnx.Linear, Conv1D)
+
+
 def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple, str, nnx.Linear]]:
     """``(path, dotted name, layer)`` of every float ``nnx.Linear`` that ``config`` quantizes."""
     skip = config.skip_modules()
@@ -30,9 +42,10 @@ def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple,
         name = ".".join(str(p) for p in path)
         if _skipped(name, skip):
             continue
-        if type(module) is not nnx.Linear:
+        if type(module) not in _quantizable():
             raise NotImplementedError(f"{name}: {type(module).__name__} layers cannot be quantized yet "
-                                      f"(only nnx.Linear); add it to llm_int8_skip_modules to keep it in float")
+                                      f"(only nnx.Linear and GPT-2's Conv1D); add it to llm_int8_skip_modules "
+                                      f"to keep it in float")
         if module.kernel.get_value().ndim != 2:
             raise NotImplementedError(f"{name}: stacked weights (scan_layers=True) cannot be quantized yet; "
                                       f"load without scan_layers")
@@ -65,7 +78,7 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
     """Replaces every ``nnx.Linear`` of ``model`` (but the skipped ones) by a quantized layer, in place.
 
     Args:
-      model: a bundled model (Llama family, BERT), with its weights loaded.
+      model: a bundled model (Llama family, BERT, GPT-2), with its weights loaded.
       quantization_config: a :class:`QuantizationConfig`, its dict, or transformers' ``BitsAndBytesConfig``.
 
     Returns:
@@ -74,8 +87,8 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
       as ``model.config.quantization_config`` (its dict), which ``save_pretrained`` writes.
 
     Raises:
-      NotImplementedError: a layer type that cannot be quantized yet (GPT-2's ``Conv1D``; stacked
-        ``scan_layers`` weights), named.
+      NotImplementedError: a layer type that cannot be quantized yet (a linear subclass other than
+        GPT-2's ``Conv1D``; stacked ``scan_layers`` weights), named.
     """
     config = QuantizationConfig.from_any(quantization_config)
     compute = _compute_dtype(model, config)
@@ -113,7 +126,8 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
       source: names the checkpoint in errors.
 
     Returns:
-      The checkpoint keys consumed (quantized storage and biases of the layers built).
+      The checkpoint keys consumed (the layers' quantized storage). Their biases are read here and
+      left in ``tensors``: the model's float loader sets them as every other float weight.
 
     Raises:
       QuantStateError: a stored layer whose quant state lacks a tensor or does not fit, or whose
@@ -140,7 +154,6 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
             if f"{prefix}.bias" not in tensors:
                 raise _checkpoint.QuantStateError(f"{source}: {prefix}: missing key '{prefix}.bias'")
             bias = jnp.asarray(tensors[f"{prefix}.bias"], dtype)
-            consumed.add(f"{prefix}.bias")
         if stored == "4bit":
             quant, weight_dtype = _checkpoint.read_4bit(tensors, prefix, shape=(out_features, in_features),
                                                         source=source)
