@@ -340,7 +340,7 @@ class PreTrainedModel(nnx.Module):
         consumed = load_quantized_linears(model, state_dict, quantization_config,
                                           checkpoint_prefix=checkpoint_prefix, source=source)
         model.load_hf_state_dict(_Without(state_dict, consumed), source=source)
-        return quantize_model(model, quantization_config)  # the linears the checkpoint holds in float
+        return quantize_model(model, quantization_config)  # any linear the checkpoint lacks (initialised)
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         """Maps checkpoint keys to model keys, adding or stripping ``base_model_prefix``."""

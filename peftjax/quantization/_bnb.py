@@ -255,6 +255,7 @@ class Quant4(NamedTuple):
 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_CHUNK = 1 << 16  # values quantized at once: bounds the temporaries (about 1 MB), not the result
 NESTED_BLOCKSIZE = 256
 
 
@@ -289,26 +290,43 @@ def quantize_4bit(
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise ValueError(f"quantize_4bit needs a float weight; found dtype {w.dtype}")
     shape = tuple(w.shape)
-    flat = w.astype(np.float32).reshape(-1)
-    if not np.all(np.isfinite(flat)):
-        raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+    flat = np.asarray(w, np.float32).reshape(-1)  # no copy for a contiguous float32 weight
     n = flat.shape[0]
-    full = n - n % blocksize
-    body = flat[:full].reshape(-1, blocksize)
-    absmax = np.abs(body).max(axis=1) if full else np.zeros(0, np.float32)
-    # bitsandbytes multiplies by the reciprocal for whole blocks and divides for the last partial one
-    recip = (np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))).astype(np.float32)
-    scaled = np.clip(body * recip[:, None], -1, 1).reshape(-1)
-    if n % blocksize:
-        am = np.maximum(np.abs(flat[full:]).max(), np.float32(1e-38)).astype(np.float32)
-        absmax = np.concatenate([absmax, am[None]])
-        scaled = np.concatenate([scaled, np.clip(flat[full:] / am, -1, 1)])
-    if scaled.shape[0] % 2:
-        scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
+    full_blocks = n // blocksize
+    blocks = -(-n // blocksize)
+    absmax = np.empty(blocks, np.float32)
+    packed = np.empty((n + 1) // 2, np.uint8)
     order = np.argsort(code, kind="stable")
     bounds = ((code[order[:-1]] + code[order[1:]]) / np.float32(2)).astype(np.float32)
-    q = order[np.searchsorted(bounds, scaled.astype(np.float32), side="left")].astype(np.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).astype(np.uint8)[:, None]
+
+    def codes(scaled):
+        return order[np.searchsorted(bounds, scaled, side="left")].astype(np.uint8)
+
+    # whole blocks a chunk at a time (the temporaries stay a few MB, whatever the layer's size);
+    # bitsandbytes multiplies by the reciprocal for whole blocks and divides for the last partial one
+    step = max(1, _CHUNK // blocksize)
+    for first in range(0, full_blocks, step):
+        last = min(first + step, full_blocks)
+        body = flat[first * blocksize:last * blocksize].reshape(-1, blocksize)
+        if not np.all(np.isfinite(body)):
+            raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+        am = np.abs(body).max(axis=1)
+        absmax[first:last] = am
+        recip = (np.float32(1.0) / np.maximum(am, np.float32(1e-38))).astype(np.float32)
+        q = codes(np.clip(body * recip[:, None], -1, 1).reshape(-1))
+        packed[first * blocksize // 2:last * blocksize // 2] = (q[0::2] << 4) | q[1::2]
+    if n % blocksize:
+        tail = flat[full_blocks * blocksize:]
+        if not np.all(np.isfinite(tail)):
+            raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+        am = np.maximum(np.abs(tail).max(), np.float32(1e-38)).astype(np.float32)
+        absmax[-1] = am
+        scaled = np.clip(tail / am, -1, 1).astype(np.float32)
+        if scaled.shape[0] % 2:  # an odd count: one padding nibble, the code of 0
+            scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
+        q = codes(scaled)
+        packed[full_blocks * blocksize // 2:] = (q[0::2] << 4) | q[1::2]
+    packed = packed[:, None]
     absmax = absmax.astype(np.float32)
     if not compress_statistics:
         return Quant4(packed, absmax, shape, quant_type, blocksize)
@@ -355,13 +373,18 @@ def int8_vectorwise_quant(weight) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"int8 quantization needs a 2-D [out, in] weight; found shape {w.shape}")
-    w16 = w.astype(np.float32).astype(np.float16)
-    scb = np.abs(w16).max(axis=1).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = ((np.float32(1.0) / scb).astype(np.float32) * np.float32(127.0)).astype(np.float32)
-        cb = np.rint((w16.astype(np.float32) * scale[:, None]).astype(np.float32))
-    cb = np.nan_to_num(cb, nan=0.0)  # an all-zero row: bitsandbytes' 0 * inf is NaN, cast to 0
-    return cb.astype(np.int8), scb
+    cb = np.empty(w.shape, np.int8)
+    scb = np.empty(w.shape[0], np.float32)
+    rows = max(1, _CHUNK // max(1, w.shape[1]))
+    for first in range(0, w.shape[0], rows):  # a chunk of rows at a time: small temporaries
+        w16 = w[first:first + rows].astype(np.float32).astype(np.float16)
+        s = np.abs(w16).max(axis=1).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = ((np.float32(1.0) / s).astype(np.float32) * np.float32(127.0)).astype(np.float32)
+            c = np.rint((w16.astype(np.float32) * scale[:, None]).astype(np.float32))
+        cb[first:first + rows] = np.nan_to_num(c, nan=0.0)  # an all-zero row: bitsandbytes' 0 * inf is NaN, cast to 0
+        scb[first:first + rows] = s
+    return cb, scb
 
 
 def int8_dequantize(cb, scb, *, xp=np):

@@ -94,28 +94,34 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
     compute = _compute_dtype(model, config)
     for path, name, module in _targets(model, config):
         kernel = module.kernel.get_value()
-        w = np.asarray(kernel).astype(np.float32).T  # torch layout [out, in]
         bias = module.bias.get_value() if module.bias is not None else None
-        if config.load_in_4bit:
-            q = _bnb.quantize_4bit(w, quant_type=config.bnb_4bit_quant_type,
-                                   compress_statistics=config.bnb_4bit_use_double_quant)
-            new = Linear4bit(q, bias, compute_dtype=compute, weight_dtype=kernel.dtype, path=name)
-        else:
-            cb, scb = _bnb.int8_vectorwise_quant(w)
-            new = Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
-        _replace(model, path, new)
+        _replace(model, path, _quantized_layer(np.asarray(kernel).T, bias, config, compute, name))
     _record(model, config)
     return model
 
 
+def _quantized_layer(weight: np.ndarray, bias, config: QuantizationConfig, compute: str, name: str) -> nnx.Module:
+    """The quantized layer of a torch-layout ``[out, in]`` weight (in the model's parameter dtype)."""
+    w = np.asarray(weight, np.float32)  # no copy for a float32 weight
+    if config.load_in_4bit:
+        q = _bnb.quantize_4bit(w, quant_type=config.bnb_4bit_quant_type,
+                               compress_statistics=config.bnb_4bit_use_double_quant)
+        return Linear4bit(q, bias, compute_dtype=compute, weight_dtype=weight.dtype, path=name)
+    cb, scb = _bnb.int8_vectorwise_quant(w)
+    return Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
+
+
 def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, checkpoint_prefix,
-                           source: str = "checkpoint") -> set[str]:
-    """Builds the quantized linears of ``model`` straight from a pre-quantized checkpoint, in place.
+                           source: str = "checkpoint", quantize_float: bool = True) -> set[str]:
+    """Builds the quantized linears of ``model`` straight from a checkpoint, in place, one at a time.
 
     Every linear that ``quantization_config`` quantizes and whose checkpoint ``weight`` is stored in
     bitsandbytes' 4-bit or int8 layout (``peftjax.quantization._checkpoint``) becomes a
-    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors (and its bias); a linear
-    stored in floating point is left for :func:`quantize_model`.
+    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors. With
+    ``quantize_float``, a linear stored in floating point is read, cast to the model's parameter
+    dtype and quantized right away (what :func:`quantize_model` would make of it, bit for bit),
+    so the host holds the quantized layers plus one float weight, never the float model. Linears
+    the checkpoint lacks are left for the float loader (and :func:`quantize_model`).
 
     Args:
       model: a bundled model, typically built abstractly (``nnx.eval_shape``).
@@ -124,14 +130,16 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
       checkpoint_prefix: ``model's torch name -> the checkpoint's`` (``base_model_prefix`` alignment);
         ``None`` for a module the checkpoint lacks.
       source: names the checkpoint in errors.
+      quantize_float: quantize the float-stored linears on read (else leave them).
 
     Returns:
-      The checkpoint keys consumed (the layers' quantized storage). Their biases are read here and
+      The checkpoint keys consumed (the layers' quantized storage, or float ``weight``). Their biases are read here and
       left in ``tensors``: the model's float loader sets them as every other float weight.
 
     Raises:
       QuantStateError: a stored layer whose quant state lacks a tensor or does not fit, or whose
         format differs from ``quantization_config``'s; the message names the module and the key.
+      CheckpointError: a float weight of the wrong shape or dtype (key and shapes named).
     """
     config = QuantizationConfig.from_any(quantization_config)
     compute = _compute_dtype(model, config)
@@ -142,9 +150,12 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
         if prefix is None:
             continue
         stored = _checkpoint.stored_format(tensors, prefix)
-        if stored is None:
-            continue
         in_features, out_features = module.kernel.get_value().shape
+        if stored is None:
+            if quantize_float and f"{prefix}.weight" in tensors:
+                _replace(model, path, _quantize_from_checkpoint(module, tensors, prefix, config, compute, name, source))
+                consumed.add(f"{prefix}.weight")
+            continue
         if stored != ("4bit" if config.load_in_4bit else "int8"):
             raise _checkpoint.QuantStateError(
                 f"{source}: {prefix} is stored {'4-bit' if stored == '4bit' else 'int8'}, but the quantization_config asks "
@@ -169,6 +180,30 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
         consumed.update(_checkpoint.quantized_keys(tensors, prefix))
         _replace(model, path, new)
     return consumed
+
+
+def _quantize_from_checkpoint(module, tensors, prefix: str, config: QuantizationConfig, compute: str, name: str,
+                              source: str) -> nnx.Module:
+    """``module``'s quantized layer from its float checkpoint weight (read once, dropped after)."""
+    from peftjax.io._errors import CheckpointError
+    from peftjax.models._modeling import hf_param_map
+
+    key = f"{prefix}.weight"
+    kernel = module.kernel.get_value()  # abstract: shape and dtype only
+    in_features, out_features = kernel.shape
+    transpose = hf_param_map(module)["kernel"][1]  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
+    expected = (out_features, in_features) if transpose else (in_features, out_features)
+    value = tensors[key]
+    if tuple(value.shape) != expected:
+        raise CheckpointError(f"cannot load {source}: {key}: expected shape {expected}, found {tuple(value.shape)}")
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise CheckpointError(f"cannot load {source}: {key}: expected a float tensor, found dtype {value.dtype}")
+    if value.dtype != kernel.dtype:  # the cast the float loader makes (jnp.asarray to the parameter dtype)
+        value = np.asarray(jnp.asarray(value, kernel.dtype))
+    weight = value if transpose else value.T  # [out, in]
+    del value
+    bias = jnp.zeros((out_features,), module.bias.get_value().dtype) if module.bias is not None else None
+    return _quantized_layer(weight, bias, config, compute, name)  # the bias is set by the float loader
 
 
 def quantized_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
