@@ -368,3 +368,34 @@ def test_loading_quantized_never_holds_the_float_model(tmp_path):
     assert peak["float_then_quantize"] > 0.9 * float_bytes, peak  # the measure sees a float model when there is one
     # measured 6.3 MB: 3.7 MB quantized + one 1.5 MB float weight + ~1 MB of quantization temporaries
     assert peak["on_read"] < min(peak["quantized"] + 3 * largest, 0.3 * float_bytes), peak
+
+
+# ---------------------------------------------------------------- scan_layers=True on a quantized base
+
+
+def test_scan_layers_quantized_base_equals_the_unrolled_one(ckpt, tmp_path):
+    """``scan_layers=True``: the quantized arrays get the layer axis; logits, saved files, LoRA on top
+    and ``merge_and_unload(dequantize=True)`` equal the unrolled quantized model's."""
+    from peftjax.io import SafetensorsFile
+
+    unrolled = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
+    scanned = models.from_pretrained(ckpt, quantization_config=NF4_DQ, scan_layers=True)
+    stacked = quantized_linears(scanned)
+    assert len(stacked) == 7 and all(isinstance(m, Linear4bit) for m in stacked.values())
+    q = stacked["model.layers.layer.self_attn.q_proj"]
+    assert q.weight.get_value().shape == (2, 64 * 64 // 2, 1) and q.offset.get_value().shape == (2,)
+    base = _logits(scanned, True)
+    np.testing.assert_array_equal(base, _logits(unrolled, True))
+    unrolled.save_pretrained(tmp_path / "unrolled")
+    scanned.save_pretrained(tmp_path / "scanned")
+    a, b = (dict(SafetensorsFile(tmp_path / d / "model.safetensors")) for d in ("unrolled", "scanned"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+    lora = peftjax.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    on_unrolled, on_scanned = peftjax.get_peft_model(unrolled, lora), peftjax.get_peft_model(scanned, lora)
+    adapted = _logits(on_scanned, True)
+    np.testing.assert_array_equal(adapted, _logits(on_unrolled, True))
+    assert np.abs(adapted - base).max() > 1e-3
+    merged = on_scanned.merge_and_unload(dequantize=True)
+    assert not quantized_linears(merged)
+    np.testing.assert_allclose(_logits(merged, True), adapted, atol=1e-5, rtol=0)

@@ -20,6 +20,18 @@ def _child(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
+def _stacked(model) -> bool:
+    from peftjax.models._scan import has_stacked_layers
+
+    return has_stacked_layers(model)
+
+
+def _unstacked(model, *, write: bool):
+    from peftjax.models._scan import unstacked
+
+    return unstacked(model, write=write)
+
+
 def _quantizable() -> tuple[type, ...]:
     """The linear types quantized as transformers quantizes their torch twins.
 
@@ -47,8 +59,8 @@ def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple,
                                       f"(only nnx.Linear and GPT-2's Conv1D); add it to llm_int8_skip_modules "
                                       f"to keep it in float")
         if module.kernel.get_value().ndim != 2:
-            raise NotImplementedError(f"{name}: stacked weights (scan_layers=True) cannot be quantized yet; "
-                                      f"load without scan_layers")
+            raise NotImplementedError(f"{name}: a {module.kernel.get_value().ndim}-D kernel cannot be quantized "
+                                      f"(bitsandbytes quantizes 2-D linear weights)")
         targets.append((tuple(path), name, module))
     return targets
 
@@ -88,9 +100,12 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
 
     Raises:
       NotImplementedError: a layer type that cannot be quantized yet (a linear subclass other than
-        GPT-2's ``Conv1D``; stacked ``scan_layers`` weights), named.
+        GPT-2's ``Conv1D``), named.
     """
     config = QuantizationConfig.from_any(quantization_config)
+    if _stacked(model):  # scan_layers=True: each layer quantized, then stacked again (arrays [L, ...])
+        with _unstacked(model, write=True):
+            return quantize_model(model, config)
     compute = _compute_dtype(model, config)
     for path, name, module in _targets(model, config):
         kernel = module.kernel.get_value()
@@ -208,6 +223,9 @@ def _quantize_from_checkpoint(module, tensors, prefix: str, config: Quantization
 
 def quantized_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The quantized linears' tensors in bitsandbytes' checkpoint layout (torch keys; biases not included)."""
+    if _stacked(model):  # per-layer keys, as transformers writes them
+        with _unstacked(model, write=False):
+            return quantized_state_dict(model)
     out: dict[str, np.ndarray] = {}
     for name, layer in quantized_linears(model).items():
         if isinstance(layer, Linear4bit):
@@ -271,6 +289,9 @@ def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
     Raises:
       ValueError: a quantized linear still carries adapters (merge or unload them first).
     """
+    if _stacked(model):
+        with _unstacked(model, write=True):
+            return dequantize_model(model, dtype)
     for name, layer in quantized_linears(model).items():
         if type(layer) not in (Linear4bit, Linear8bitLt):
             raise ValueError(f"dequantize_model: {name} still carries adapters ({type(layer).__name__}); "
