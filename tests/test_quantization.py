@@ -399,3 +399,20 @@ def test_scan_layers_quantized_base_equals_the_unrolled_one(ckpt, tmp_path):
     merged = on_scanned.merge_and_unload(dequantize=True)
     assert not quantized_linears(merged)
     np.testing.assert_allclose(_logits(merged, True), adapted, atol=1e-5, rtol=0)
+
+
+def test_a_misshapen_or_integer_float_weight_is_named_when_quantized_on_read(ckpt, tmp_path):
+    import shutil
+
+    from peftjax.io import SafetensorsFile, write_safetensors
+    from peftjax.models import CheckpointError
+
+    key = "model.layers.1.self_attn.q_proj.weight"
+    for bad, message in [(np.zeros((64, 32), np.float32), r"expected shape \(64, 64\), found \(64, 32\)"),
+                         (np.zeros((64, 64), np.int32), "expected a float tensor, found dtype int32")]:
+        tensors = dict(SafetensorsFile(ckpt / "model.safetensors"))
+        tensors[key] = bad
+        write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+        shutil.copy(ckpt / "config.json", tmp_path / "config.json")
+        with pytest.raises(CheckpointError, match=rf"{key}: {message}"):
+            models.from_pretrained(tmp_path, quantization_config=NF4_DQ)

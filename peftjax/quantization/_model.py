@@ -127,14 +127,13 @@ def _quantized_layer(weight: np.ndarray, bias, config: QuantizationConfig, compu
 
 
 def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, checkpoint_prefix,
-                           source: str = "checkpoint", quantize_float: bool = True) -> set[str]:
+                           source: str = "checkpoint") -> set[str]:
     """Builds the quantized linears of ``model`` straight from a checkpoint, in place, one at a time.
 
     Every linear that ``quantization_config`` quantizes and whose checkpoint ``weight`` is stored in
     bitsandbytes' 4-bit or int8 layout (``peftjax.quantization._checkpoint``) becomes a
-    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors. With
-    ``quantize_float``, a linear stored in floating point is read, cast to the model's parameter
-    dtype and quantized right away (what :func:`quantize_model` would make of it, bit for bit),
+    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors. A linear stored in
+    floating point is read, cast to the model's parameter dtype and quantized right away (what :func:`quantize_model` would make of it, bit for bit),
     so the host holds the quantized layers plus one float weight, never the float model. Linears
     the checkpoint lacks are left for the float loader (and :func:`quantize_model`).
 
@@ -145,11 +144,10 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
       checkpoint_prefix: ``model's torch name -> the checkpoint's`` (``base_model_prefix`` alignment);
         ``None`` for a module the checkpoint lacks.
       source: names the checkpoint in errors.
-      quantize_float: quantize the float-stored linears on read (else leave them).
 
     Returns:
-      The checkpoint keys consumed (the layers' quantized storage, or float ``weight``). Their biases are read here and
-      left in ``tensors``: the model's float loader sets them as every other float weight.
+      The checkpoint keys consumed (the layers' quantized storage, or float ``weight``). Their
+      biases are left in ``tensors``: the model's float loader sets them as every other weight.
 
     Raises:
       QuantStateError: a stored layer whose quant state lacks a tensor or does not fit, or whose
@@ -167,7 +165,7 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
         stored = _checkpoint.stored_format(tensors, prefix)
         in_features, out_features = module.kernel.get_value().shape
         if stored is None:
-            if quantize_float and f"{prefix}.weight" in tensors:
+            if f"{prefix}.weight" in tensors:
                 _replace(model, path, _quantize_from_checkpoint(module, tensors, prefix, config, compute, name, source))
                 consumed.add(f"{prefix}.weight")
             continue
