@@ -192,7 +192,8 @@ def quantize_blockwise(a: np.ndarray, code: np.ndarray, blocksize: int = 256) ->
     reads that point's code from a table built from the code midpoints (:func:`_code_lut`). For
     about 0.2% of values near a midpoint that is a neighbour of the nearest code; this function
     reproduces its choice (``tests/test_quantization_codes.py`` checks every code). An all-zero
-    block gets code 0 and absmax 0.
+    block gets code 0 and absmax 0. (bitsandbytes' CUDA kernel searches for the nearest code, so
+    a file quantized on a GPU can differ in those few codes; any file dequantizes the same here.)
     """
     flat = np.ascontiguousarray(a, np.float32).reshape(-1)
     n = flat.shape[0]
