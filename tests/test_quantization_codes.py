@@ -103,7 +103,8 @@ def test_8bit_blockwise_codes_equal_bitsandbytes_cpu(n):
     q, absmax = Q.quantize_blockwise(a, Q.dynamic_map(), 256)
     assert absmax.view(np.uint32).tolist() == tstate.absmax.numpy().view(np.uint32).tolist()
     assert q.dtype == np.uint8 and np.array_equal(q, tq.numpy())
-    nearest = np.abs(a / np.repeat(absmax, 256)[:n] - Q.dynamic_map()[:, None]).argmin(axis=0)
+    with np.errstate(invalid="ignore"):  # the zero block: 0 / 0
+        nearest = np.abs(a / np.repeat(absmax, 256)[:n] - Q.dynamic_map()[:, None]).argmin(axis=0)
     assert n < 1000 or np.count_nonzero(nearest != q) > 0  # the table is not the nearest code: a real check
 
 
