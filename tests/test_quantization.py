@@ -6,6 +6,11 @@ IA³ on it) must give that model's logits.
 """
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -290,3 +295,124 @@ def test_dequantize_model_is_transformers_dequantize(ckpt):
     np.testing.assert_array_equal(_logits(float_model, False), expected)
     with pytest.raises(ValueError, match=r"dequantize_model: model\.layers\.0\.mlp\.down_proj still carries adapters \(LoraLinear4bit\)"):
         peftjax.quantization.dequantize_model(_lora_with_weights(ckpt).base_model)
+
+
+# ---------------------------------------------------------------- loading a float checkpoint quantized, layer by layer
+
+
+def _quantized_tensors(model) -> dict[str, np.ndarray]:
+    return {f"{name}.{k}": np.asarray(v.get_value()) for name, m in quantized_linears(model).items()
+            for k, v in vars(m).items() if isinstance(v, peftjax.quantization.QuantizedWeight)}
+
+
+@pytest.mark.parametrize("dtype,name", [("bfloat16", "nf4-dq"), ("float32", "int8")])
+def test_quantizing_on_read_equals_quantizing_the_float_model(ckpt, dtype, name):
+    """``from_pretrained(..., quantization_config=...)`` quantizes each weight as it is read: the very
+    tensors that quantizing the whole float model afterwards gives, bit for bit (the cast to the
+    model dtype first, as the float loader casts)."""
+    config = CONFIGS[name]
+    on_read = models.from_pretrained(ckpt, dtype=dtype, quantization_config=config)
+    afterwards = peftjax.quantization.quantize_model(models.from_pretrained(ckpt, dtype=dtype), config)
+    got, expected = _quantized_tensors(on_read), _quantized_tensors(afterwards)
+    assert sorted(got) == sorted(expected) and len(quantized_linears(on_read)) == 14
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and np.array_equal(got[key], expected[key]), key
+    assert all(m.weight_dtype == dtype for m in quantized_linears(on_read).values() if isinstance(m, Linear4bit))
+    for (n, a), b in zip(quantized_linears(on_read).items(), quantized_linears(afterwards).values()):  # biases, others
+        assert type(a) is type(b) and a.compute_dtype == b.compute_dtype, n
+
+
+_PEAK = """
+import json, sys
+from pathlib import Path
+from peftjax import models
+from peftjax.quantization import QuantizationConfig, quantize_model, quantized_bytes
+
+def status(field):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+loads = {"on_read": lambda: models.from_pretrained(sys.argv[1], quantization_config=config),
+         "float_then_quantize": lambda: quantize_model(models.from_pretrained(sys.argv[1]), config)}
+loads["on_read"]()  # warm: imports, the runtime's own buffers
+out = {}
+for name, load in loads.items():
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident size (VmHWM) to the current one
+    base = status("VmRSS")
+    model = load()
+    out[name] = status("VmHWM") - base
+    out["quantized"] = quantized_bytes(model)
+    del model
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_loading_quantized_never_holds_the_float_model(tmp_path):
+    """Peak host memory (resident set, in a fresh process) of loading a 28 MB float32 checkpoint with
+    NF4 + double quantization: about the quantized model plus one layer's float weight; the float
+    model quantized afterwards needs the whole float model on top (measured 35 MB)."""
+    spec = _tiny.arch("llama", vocab_size=128, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=6, num_key_value_heads=6)
+    _tiny.save(spec, tmp_path)
+    float_bytes = (tmp_path / "model.safetensors").stat().st_size
+    # glibc's fixed mmap threshold: freed arrays go back to the OS, so the peak does not depend on
+    # which freed heap a load happens to reuse
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = json.loads(run.stdout.strip().splitlines()[-1])
+    largest = 1024 * 384 * 4  # one MLP weight in float32
+    assert peak["quantized"] < 0.15 * float_bytes, peak
+    assert peak["float_then_quantize"] > 0.9 * float_bytes, peak  # the measure sees a float model when there is one
+    # measured 6.3 MB: 3.7 MB quantized + one 1.5 MB float weight + ~1 MB of quantization temporaries
+    assert peak["on_read"] < min(peak["quantized"] + 3 * largest, 0.3 * float_bytes), peak
+
+
+# ---------------------------------------------------------------- scan_layers=True on a quantized base
+
+
+def test_scan_layers_quantized_base_equals_the_unrolled_one(ckpt, tmp_path):
+    """``scan_layers=True``: the quantized arrays get the layer axis; logits, saved files, LoRA on top
+    and ``merge_and_unload(dequantize=True)`` equal the unrolled quantized model's."""
+    from peftjax.io import SafetensorsFile
+
+    unrolled = models.from_pretrained(ckpt, quantization_config=NF4_DQ)
+    scanned = models.from_pretrained(ckpt, quantization_config=NF4_DQ, scan_layers=True)
+    stacked = quantized_linears(scanned)
+    assert len(stacked) == 7 and all(isinstance(m, Linear4bit) for m in stacked.values())
+    q = stacked["model.layers.layer.self_attn.q_proj"]
+    assert q.weight.get_value().shape == (2, 64 * 64 // 2, 1) and q.offset.get_value().shape == (2,)
+    base = _logits(scanned, True)
+    np.testing.assert_array_equal(base, _logits(unrolled, True))
+    unrolled.save_pretrained(tmp_path / "unrolled")
+    scanned.save_pretrained(tmp_path / "scanned")
+    a, b = (dict(SafetensorsFile(tmp_path / d / "model.safetensors")) for d in ("unrolled", "scanned"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+    lora = peftjax.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+    on_unrolled, on_scanned = peftjax.get_peft_model(unrolled, lora), peftjax.get_peft_model(scanned, lora)
+    adapted = _logits(on_scanned, True)
+    np.testing.assert_array_equal(adapted, _logits(on_unrolled, True))
+    assert np.abs(adapted - base).max() > 1e-3
+    merged = on_scanned.merge_and_unload(dequantize=True)
+    assert not quantized_linears(merged)
+    np.testing.assert_allclose(_logits(merged, True), adapted, atol=1e-5, rtol=0)
+
+
+def test_a_misshapen_or_integer_float_weight_is_named_when_quantized_on_read(ckpt, tmp_path):
+    import shutil
+
+    from peftjax.io import SafetensorsFile, write_safetensors
+    from peftjax.models import CheckpointError
+
+    key = "model.layers.1.self_attn.q_proj.weight"
+    for bad, message in [(np.zeros((64, 32), np.float32), r"expected shape \(64, 64\), found \(64, 32\)"),
+                         (np.zeros((64, 64), np.int32), "expected a float tensor, found dtype int32")]:
+        tensors = dict(SafetensorsFile(ckpt / "model.safetensors"))
+        tensors[key] = bad
+        write_safetensors(tmp_path / "model.safetensors", tensors, {"format": "pt"})
+        shutil.copy(ckpt / "config.json", tmp_path / "config.json")
+        with pytest.raises(CheckpointError, match=rf"{key}: {message}"):
+            models.from_pretrained(tmp_path, quantization_config=NF4_DQ)

@@ -198,10 +198,14 @@ def test_checkpoint_saved_quantized_by_transformers_loads_from_its_tensors(ckpt,
     got = jax_logits(model)
     # as transformers on the same file
     np.testing.assert_allclose(got, torch_logits(bnb_model(path)), atol=TOL[kind], rtol=0)
-    # as quantizing the float checkpoint here: NF4 codes are bitsandbytes' bit for bit; a few int8 codes
-    # round the other way than bitsandbytes' CPU kernel (see test_quantization.py)
-    from_float = jax_logits(models.from_pretrained(ckpt, quantization_config=ours(kind)))
-    np.testing.assert_allclose(got, from_float, atol=1e-4 if kind == "int8" else 1e-6, rtol=0)
+    # as quantizing the float checkpoint here: every code and scale is bitsandbytes' (NF4, its nested
+    # absmax codes and int8 alike), so the tensors are the file's and the logits equal
+    here = models.from_pretrained(ckpt, quantization_config=ours(kind))
+    for name, m in quantized_linears(here).items():
+        assert np.array_equal(np.asarray(m.weight.get_value()), stored[f"{name}.weight"]), name
+        scales = m.absmax if kind == "nf4" else m.SCB
+        assert np.array_equal(np.asarray(scales.get_value()), stored[f"{name}.{'weight.absmax' if kind == 'nf4' else 'SCB'}"])
+    np.testing.assert_array_equal(got, jax_logits(here))
     # an explicit config of the same format is accepted; the compute dtype is the caller's
     model = models.from_pretrained(path, quantization_config=QuantizationConfig(**KINDS[kind],
                                                                                 bnb_4bit_compute_dtype="bfloat16"))
@@ -322,3 +326,80 @@ def test_cli_merge_on_a_base_saved_quantized(bnb_saved, tmp_path, dequantize):
             in_process = jax_logits(peft_model.merge_and_unload())
         np.testing.assert_allclose(ours_merged, in_process, atol=1e-6, rtol=0)
         assert np.abs(theirs - unmerged).max() > 1e-3  # the second rounding shows
+
+
+# ---------------------------------------------------------------- GPT-2: Conv1D quantized as transformers does
+
+# n_embd 64: every [out, in] row a multiple of 64 (bitsandbytes' 2-D CPU dequantization, test_quantization_codes)
+GPT2 = _tiny.arch("gpt2", n_embd=64)
+CONV1D = ["c_attn", "c_proj", "c_fc"]
+
+
+@pytest.fixture(scope="module")
+def gpt2_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2_64")
+    _tiny.save(GPT2, path)
+    return path
+
+
+def _bnb_state(module, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) of a bitsandbytes layer of transformers' model."""
+    w = module.weight
+    return (w.data.numpy(), w.quant_state.absmax.numpy()) if kind == "nf4" else (w.data.numpy(), w.SCB.numpy())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpt2_conv1d_quantizes_as_transformers_does(gpt2_ckpt, tmp_path, kind):
+    """transformers quantizes GPT-2's ``Conv1D`` through its transposed ``[out, in]`` weight: the same
+    codes and scales here, the same logits, and its saved quantized file loads here as those tensors."""
+    model = models.from_pretrained(gpt2_ckpt, quantization_config=ours(kind))
+    layers = quantized_linears(model)
+    assert sorted(layers) == sorted(f"transformer.h.{i}.{m}.{c}" for i in range(2)
+                                    for m, cs in (("attn", ("c_attn", "c_proj")), ("mlp", ("c_fc", "c_proj")))
+                                    for c in cs)
+    theirs = bnb_model(gpt2_ckpt, kind)
+    modules = dict(theirs.named_modules())
+    for name, m in layers.items():
+        codes, scales = _bnb_state(modules[name], kind)
+        assert (m.out_features, m.in_features) == (modules[name].out_features, modules[name].in_features), name
+        assert np.array_equal(np.asarray(m.weight.get_value()), codes), name
+        assert np.array_equal(np.asarray((m.absmax if kind == "nf4" else m.SCB).get_value()), scales), name
+    expected = torch_logits(theirs)
+    np.testing.assert_allclose(jax_logits(model), expected, atol=TOL[kind] if kind == "int8" else 2e-6, rtol=0)
+    if kind == "nf4":  # the quantization mattered: the float GPT-2 differs by far more (int8's logits
+        # tolerance covers bitsandbytes' activation rounding and so also int8's weight rounding; its codes are the check)
+        assert np.abs(jax_logits(models.from_pretrained(gpt2_ckpt)) - expected).max() > 1000 * 2e-6
+    # transformers' quantized file (weights already [out, in]) loads here as the same tensors
+    theirs.save_pretrained(tmp_path)
+    loaded = quantized_linears(models.from_pretrained(tmp_path))
+    for name, m in layers.items():
+        assert np.array_equal(np.asarray(loaded[name].weight.get_value()), np.asarray(m.weight.get_value())), name
+
+
+def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
+    """PEFT's LoRA on transformers' NF4 GPT-2 (its Conv1D now bitsandbytes linears) gives PEFT's logits
+    here; ``fan_in_fan_out=True`` stays in the config, as PEFT's bitsandbytes dispatch leaves it."""
+    torch.manual_seed(0)
+    config = dict(r=4, lora_alpha=8, target_modules=CONV1D, fan_in_fan_out=True, task_type="CAUSAL_LM")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.get_peft_model(bnb_model(gpt2_ckpt, "nf4"), peft.LoraConfig(**config))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]  # none on bitsandbytes layers
+    assert peft_model.peft_config["default"].fan_in_fan_out is True
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    expected = torch_logits(float32_oracle(peft_model.eval()))
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    base = models.from_pretrained(gpt2_ckpt, quantization_config=ours("nf4"))
+    plain = jax_logits(base)
+    loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "peft")
+    np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL["nf4"], rtol=0)
+    assert np.abs(expected - plain).max() > 20 * TOL["nf4"]  # the adapter shows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and none here
+        here = peftjax.get_peft_model(models.from_pretrained(gpt2_ckpt, quantization_config=ours("nf4")),
+                                      peftjax.LoraConfig(**config))
+    assert here.peft_config["default"].fan_in_fan_out is True

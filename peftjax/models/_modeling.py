@@ -337,10 +337,16 @@ class PreTrainedModel(nnx.Module):
             key = to_checkpoint.get(f"{name}.weight")
             return None if key is None else key[: -len(".weight")]
 
-        consumed = load_quantized_linears(model, state_dict, quantization_config,
-                                          checkpoint_prefix=checkpoint_prefix, source=source)
-        model.load_hf_state_dict(_Without(state_dict, consumed), source=source)
-        return quantize_model(model, quantization_config)  # the linears the checkpoint holds in float
+        from peftjax.models._scan import has_stacked_layers, unstacked
+
+        # stacked layers (scan_layers=True) are filled one layer at a time too, then stacked: the
+        # quantized arrays get the layer axis like every other weight
+        with unstacked(model, write=True) if has_stacked_layers(model) else contextlib.nullcontext():
+            consumed = load_quantized_linears(model, state_dict, quantization_config,
+                                              checkpoint_prefix=checkpoint_prefix, source=source)
+            model.load_hf_state_dict(_Without(state_dict, consumed), source=source)
+            quantize_model(model, quantization_config)  # any linear the checkpoint lacks (initialised)
+        return model
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         """Maps checkpoint keys to model keys, adding or stripping ``base_model_prefix``."""

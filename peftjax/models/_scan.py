@@ -197,7 +197,9 @@ def _slices(stack: StackedLayers) -> tuple[list[nnx.Module], Origin]:
     whole = jax.tree.leaves(state)
     layers, origin = [], {}
     for i in range(stack.num_layers):
-        part = jax.tree.map(lambda v: v[i], state)
+        # a model built abstractly (nnx.eval_shape) gives abstract layers, to be filled by a loader
+        part = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+                            if isinstance(v, jax.ShapeDtypeStruct) else v[i], state)
         for src, x in zip(whole, jax.tree.leaves(part)):
             origin[id(x)] = (src, i, x)  # the slice itself too: an id is only unique while its array lives
         layers.append(nnx.merge(graphdef, part))

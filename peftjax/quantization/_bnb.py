@@ -15,8 +15,9 @@ Layouts (bitsandbytes'):
   nibble; ``packed`` is ``uint8 [(n + 1) // 2, 1]``. A last partial block has its own absmax.
 - Double quantization (``compress_statistics``): ``offset`` = the mean of the float32 absmax
   values, and ``absmax - offset`` quantized to 8 bits in blocks of 256 with bitsandbytes'
-  dynamic map (``nested_absmax``, ``nested_code``); the 4-bit ``absmax`` is then ``uint8``.
-- int8 (LLM.int8()): per output row ``SCB = max |w|`` and ``CB = round(w * 127 / SCB)``, on the
+  dynamic map (``nested_absmax``, ``nested_code``) through its CPU kernel's lookup table (see
+  :func:`quantize_blockwise`); the 4-bit ``absmax`` is then ``uint8``.
+- int8 (LLM.int8()): per output row ``SCB = max |w|`` and ``CB = round(w * (127 / SCB))``, on the
   weight cast to float16 first as bitsandbytes' ``Int8Params`` does.
 """
 
@@ -166,29 +167,48 @@ def _multi_row_sum(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ 8-bit blockwise
 
 
-def quantize_blockwise(a: np.ndarray, code: np.ndarray, blocksize: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit blockwise quantization: ``(uint8 codes, float32 absmax)``, each value the nearest code.
+_LUT_SIZE = 65536
 
-    Each value divided by its block's absmax takes the nearest code (ties to the lower one), as
-    bitsandbytes' CUDA kernel and its reference torch kernel do. Its CPU C kernel (0.50.2) picks
-    a neighbouring code for about 0.2% of values (a search we could not reproduce); a file holds
-    the codes it was written with, so dequantization agrees exactly either way, and only the
-    nested absmax codes of a double-quantized layer can differ from what bitsandbytes on a CPU
-    would have written (``tests/test_quantization_codes.py`` measures it).
+
+def _code_lut(code: np.ndarray) -> np.ndarray:
+    """bitsandbytes' CPU lookup table: the code index of each of 65536 evenly spaced values in [-1, 1].
+
+    Value ``i`` is ``-1 + 2i / 65535`` (float32); it takes the first code whose midpoint with the
+    next one (``0.5 * (code[k] + code[k + 1])`` in float32) is not below it.
+    """
+    code = np.asarray(code, np.float32)
+    mid = (np.float32(0.5) * (code[:-1] + code[1:])).astype(np.float32)
+    grid = (np.float32(2.0) * np.arange(_LUT_SIZE, dtype=np.float32)) / np.float32(_LUT_SIZE - 1)
+    val = (np.float32(-1.0) + grid.astype(np.float32)).astype(np.float32)
+    return np.searchsorted(mid, val, side="left").astype(np.uint8)
+
+
+def quantize_blockwise(a: np.ndarray, code: np.ndarray, blocksize: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``bitsandbytes.functional.quantize_blockwise`` on the CPU: ``(uint8 codes, float32 absmax)``.
+
+    bitsandbytes 0.50.2's CPU kernel does not search for the nearest code: it scales each value by
+    its block's reciprocal absmax (``v * (1 / absmax)``, clamped to [-1, 1]), maps it to one of
+    65536 grid points (``trunc(((v + 1) * 0.5) * 65535 + 0.5)``, each step rounded to float32) and
+    reads that point's code from a table built from the code midpoints (:func:`_code_lut`). For
+    about 0.2% of values near a midpoint that is a neighbour of the nearest code; this function
+    reproduces its choice (``tests/test_quantization_codes.py`` checks every code). An all-zero
+    block gets code 0 and absmax 0. (bitsandbytes' CUDA kernel searches for the nearest code, so
+    a file quantized on a GPU can differ in those few codes; any file dequantizes the same here.)
     """
     flat = np.ascontiguousarray(a, np.float32).reshape(-1)
     n = flat.shape[0]
     blocks = -(-n // blocksize)
     padded = np.zeros(blocks * blocksize, np.float32)
     padded[:n] = flat
-    absmax = np.abs(padded).reshape(blocks, blocksize).max(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normed = (padded.reshape(blocks, blocksize) / absmax[:, None]).reshape(-1)[:n]
-    normed = np.where(np.isnan(normed), np.float32(-1.0), normed)  # an all-zero block: code 0, as bitsandbytes
-    idx = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, code.shape[0] - 1)
-    up = np.minimum(idx + 1, code.shape[0] - 1)
-    closer = (idx < code.shape[0] - 1) & (np.abs(normed - code[up]) < np.abs(normed - code[idx]))
-    return (idx + closer).astype(np.uint8).reshape(np.shape(a)), absmax.astype(np.float32)
+    absmax = np.abs(padded).reshape(blocks, blocksize).max(axis=1).astype(np.float32)
+    recip = (np.float32(1.0) / np.where(absmax == 0, np.float32(1.0), absmax)).astype(np.float32)
+    scaled = (padded.reshape(blocks, blocksize) * recip[:, None]).reshape(-1)[:n]
+    scaled = np.clip(scaled, np.float32(-1.0), np.float32(1.0)).astype(np.float32)
+    grid = ((scaled + np.float32(1.0)) * np.float32(0.5)).astype(np.float32)
+    grid = ((grid * np.float32(_LUT_SIZE - 1)).astype(np.float32) + np.float32(0.5)).astype(np.float32)
+    q = _code_lut(code)[grid.astype(np.int64)]
+    q = np.where(np.repeat(absmax == 0, blocksize)[:n], np.uint8(0), q)  # an all-zero block: code 0
+    return q.astype(np.uint8).reshape(np.shape(a)), absmax
 
 
 def _scale_blocks(values, absmax, blocksize: int, *, xp=np):
@@ -236,6 +256,7 @@ class Quant4(NamedTuple):
 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_CHUNK = 1 << 16  # values quantized at once: bounds the temporaries (about 1 MB), not the result
 NESTED_BLOCKSIZE = 256
 
 
@@ -270,26 +291,43 @@ def quantize_4bit(
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype.name == "bfloat16"):
         raise ValueError(f"quantize_4bit needs a float weight; found dtype {w.dtype}")
     shape = tuple(w.shape)
-    flat = w.astype(np.float32).reshape(-1)
-    if not np.all(np.isfinite(flat)):
-        raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+    flat = np.asarray(w, np.float32).reshape(-1)  # no copy for a contiguous float32 weight
     n = flat.shape[0]
-    full = n - n % blocksize
-    body = flat[:full].reshape(-1, blocksize)
-    absmax = np.abs(body).max(axis=1) if full else np.zeros(0, np.float32)
-    # bitsandbytes multiplies by the reciprocal for whole blocks and divides for the last partial one
-    recip = (np.float32(1.0) / np.maximum(absmax, np.float32(1e-38))).astype(np.float32)
-    scaled = np.clip(body * recip[:, None], -1, 1).reshape(-1)
-    if n % blocksize:
-        am = np.maximum(np.abs(flat[full:]).max(), np.float32(1e-38)).astype(np.float32)
-        absmax = np.concatenate([absmax, am[None]])
-        scaled = np.concatenate([scaled, np.clip(flat[full:] / am, -1, 1)])
-    if scaled.shape[0] % 2:
-        scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
+    full_blocks = n // blocksize
+    blocks = -(-n // blocksize)
+    absmax = np.empty(blocks, np.float32)
+    packed = np.empty((n + 1) // 2, np.uint8)
     order = np.argsort(code, kind="stable")
     bounds = ((code[order[:-1]] + code[order[1:]]) / np.float32(2)).astype(np.float32)
-    q = order[np.searchsorted(bounds, scaled.astype(np.float32), side="left")].astype(np.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).astype(np.uint8)[:, None]
+
+    def codes(scaled):
+        return order[np.searchsorted(bounds, scaled, side="left")].astype(np.uint8)
+
+    # whole blocks a chunk at a time (the temporaries stay a few MB, whatever the layer's size);
+    # bitsandbytes multiplies by the reciprocal for whole blocks and divides for the last partial one
+    step = max(1, _CHUNK // blocksize)
+    for first in range(0, full_blocks, step):
+        last = min(first + step, full_blocks)
+        body = flat[first * blocksize:last * blocksize].reshape(-1, blocksize)
+        if not np.all(np.isfinite(body)):
+            raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+        am = np.abs(body).max(axis=1)
+        absmax[first:last] = am
+        recip = (np.float32(1.0) / np.maximum(am, np.float32(1e-38))).astype(np.float32)
+        q = codes(np.clip(body * recip[:, None], -1, 1).reshape(-1))
+        packed[first * blocksize // 2:last * blocksize // 2] = (q[0::2] << 4) | q[1::2]
+    if n % blocksize:
+        tail = flat[full_blocks * blocksize:]
+        if not np.all(np.isfinite(tail)):
+            raise ValueError(f"cannot quantize a weight of shape {shape} holding inf or NaN")
+        am = np.maximum(np.abs(tail).max(), np.float32(1e-38)).astype(np.float32)
+        absmax[-1] = am
+        scaled = np.clip(tail / am, -1, 1).astype(np.float32)
+        if scaled.shape[0] % 2:  # an odd count: one padding nibble, the code of 0
+            scaled = np.concatenate([scaled, np.zeros(1, np.float32)])
+        q = codes(scaled)
+        packed[full_blocks * blocksize // 2:] = (q[0::2] << 4) | q[1::2]
+    packed = packed[:, None]
     absmax = absmax.astype(np.float32)
     if not compress_statistics:
         return Quant4(packed, absmax, shape, quant_type, blocksize)
@@ -330,18 +368,24 @@ def int8_vectorwise_quant(weight) -> tuple[np.ndarray, np.ndarray]:
     """LLM.int8()'s weight format: ``(CB int8 [out, in], SCB float32 [out])``, rows scaled to ±127.
 
     As bitsandbytes' ``Int8Params``, the weight is first cast to float16; ``CB`` is
-    ``round_half_even(w * (1 / SCB) * 127)`` in float32, the order its CPU kernel rounds in.
+    ``round_half_even(w * ((1 / SCB) * 127))`` in float32, in the order its torch kernel rounds
+    (``A * (127.0 / SCB)``: torch's reverse division is a reciprocal times the scalar).
     """
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"int8 quantization needs a 2-D [out, in] weight; found shape {w.shape}")
-    w16 = w.astype(np.float32).astype(np.float16)
-    scb = np.abs(w16).max(axis=1).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):  # bitsandbytes' CPU kernel: w * (1 / SCB) * 127
-        recip = (np.float32(1.0) / scb).astype(np.float32)
-        cb = np.rint((w16.astype(np.float32) * recip[:, None]) * np.float32(127.0))
-    cb = np.nan_to_num(cb, nan=0.0)  # an all-zero row: bitsandbytes' 0 * inf is NaN, cast to 0
-    return cb.astype(np.int8), scb
+    cb = np.empty(w.shape, np.int8)
+    scb = np.empty(w.shape[0], np.float32)
+    rows = max(1, _CHUNK // max(1, w.shape[1]))
+    for first in range(0, w.shape[0], rows):  # a chunk of rows at a time: small temporaries
+        w16 = w[first:first + rows].astype(np.float32).astype(np.float16)
+        s = np.abs(w16).max(axis=1).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = ((np.float32(1.0) / s).astype(np.float32) * np.float32(127.0)).astype(np.float32)
+            c = np.rint((w16.astype(np.float32) * scale[:, None]).astype(np.float32))
+        cb[first:first + rows] = np.nan_to_num(c, nan=0.0)  # an all-zero row: bitsandbytes' 0 * inf is NaN, cast to 0
+        scb[first:first + rows] = s
+    return cb, scb
 
 
 def int8_dequantize(cb, scb, *, xp=np):

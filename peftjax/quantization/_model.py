@@ -20,6 +20,30 @@ def _child(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
 
 
+def _stacked(model) -> bool:
+    from peftjax.models._scan import has_stacked_layers
+
+    return has_stacked_layers(model)
+
+
+def _unstacked(model, *, write: bool):
+    from peftjax.models._scan import unstacked
+
+    return unstacked(model, write=write)
+
+
+def _quantizable() -> tuple[type, ...]:
+    """The linear types quantized as transformers quantizes their torch twins.
+
+    GPT-2's ``Conv1D`` stores its torch weight ``[in, out]``; transformers quantizes its transpose,
+    so its bitsandbytes layer (and file) holds ``[out, in]`` like any ``nn.Linear``. The flax
+    kernel of both is ``[in, out]``, so both quantize ``kernel.T``.
+    """
+    from peftjax.models._gpt2 import Conv1D
+
+    return (nnx.Linear, Conv1D)
+
+
 def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple, str, nnx.Linear]]:
     """``(path, dotted name, layer)`` of every float ``nnx.Linear`` that ``config`` quantizes."""
     skip = config.skip_modules()
@@ -30,12 +54,13 @@ def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple,
         name = ".".join(str(p) for p in path)
         if _skipped(name, skip):
             continue
-        if type(module) is not nnx.Linear:
+        if type(module) not in _quantizable():
             raise NotImplementedError(f"{name}: {type(module).__name__} layers cannot be quantized yet "
-                                      f"(only nnx.Linear); add it to llm_int8_skip_modules to keep it in float")
+                                      f"(only nnx.Linear and GPT-2's Conv1D); add it to llm_int8_skip_modules "
+                                      f"to keep it in float")
         if module.kernel.get_value().ndim != 2:
-            raise NotImplementedError(f"{name}: stacked weights (scan_layers=True) cannot be quantized yet; "
-                                      f"load without scan_layers")
+            raise NotImplementedError(f"{name}: a {module.kernel.get_value().ndim}-D kernel cannot be quantized "
+                                      f"(bitsandbytes quantizes 2-D linear weights)")
         targets.append((tuple(path), name, module))
     return targets
 
@@ -65,7 +90,7 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
     """Replaces every ``nnx.Linear`` of ``model`` (but the skipped ones) by a quantized layer, in place.
 
     Args:
-      model: a bundled model (Llama family, BERT), with its weights loaded.
+      model: a bundled model (Llama family, BERT, GPT-2), with its weights loaded.
       quantization_config: a :class:`QuantizationConfig`, its dict, or transformers' ``BitsAndBytesConfig``.
 
     Returns:
@@ -74,35 +99,43 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
       as ``model.config.quantization_config`` (its dict), which ``save_pretrained`` writes.
 
     Raises:
-      NotImplementedError: a layer type that cannot be quantized yet (GPT-2's ``Conv1D``; stacked
-        ``scan_layers`` weights), named.
+      NotImplementedError: a layer type that cannot be quantized yet (a linear subclass other than
+        GPT-2's ``Conv1D``), named.
     """
     config = QuantizationConfig.from_any(quantization_config)
+    if _stacked(model):  # scan_layers=True: each layer quantized, then stacked again (arrays [L, ...])
+        with _unstacked(model, write=True):
+            return quantize_model(model, config)
     compute = _compute_dtype(model, config)
     for path, name, module in _targets(model, config):
         kernel = module.kernel.get_value()
-        w = np.asarray(kernel).astype(np.float32).T  # torch layout [out, in]
         bias = module.bias.get_value() if module.bias is not None else None
-        if config.load_in_4bit:
-            q = _bnb.quantize_4bit(w, quant_type=config.bnb_4bit_quant_type,
-                                   compress_statistics=config.bnb_4bit_use_double_quant)
-            new = Linear4bit(q, bias, compute_dtype=compute, weight_dtype=kernel.dtype, path=name)
-        else:
-            cb, scb = _bnb.int8_vectorwise_quant(w)
-            new = Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
-        _replace(model, path, new)
+        _replace(model, path, _quantized_layer(np.asarray(kernel).T, bias, config, compute, name))
     _record(model, config)
     return model
 
 
+def _quantized_layer(weight: np.ndarray, bias, config: QuantizationConfig, compute: str, name: str) -> nnx.Module:
+    """The quantized layer of a torch-layout ``[out, in]`` weight (in the model's parameter dtype)."""
+    w = np.asarray(weight, np.float32)  # no copy for a float32 weight
+    if config.load_in_4bit:
+        q = _bnb.quantize_4bit(w, quant_type=config.bnb_4bit_quant_type,
+                               compress_statistics=config.bnb_4bit_use_double_quant)
+        return Linear4bit(q, bias, compute_dtype=compute, weight_dtype=weight.dtype, path=name)
+    cb, scb = _bnb.int8_vectorwise_quant(w)
+    return Linear8bitLt(cb, scb, bias, compute_dtype=compute, path=name)
+
+
 def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, checkpoint_prefix,
                            source: str = "checkpoint") -> set[str]:
-    """Builds the quantized linears of ``model`` straight from a pre-quantized checkpoint, in place.
+    """Builds the quantized linears of ``model`` straight from a checkpoint, in place, one at a time.
 
     Every linear that ``quantization_config`` quantizes and whose checkpoint ``weight`` is stored in
     bitsandbytes' 4-bit or int8 layout (``peftjax.quantization._checkpoint``) becomes a
-    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors (and its bias); a linear
-    stored in floating point is left for :func:`quantize_model`.
+    :class:`Linear4bit` / :class:`Linear8bitLt` holding those very tensors. A linear stored in
+    floating point is read, cast to the model's parameter dtype and quantized right away (what :func:`quantize_model` would make of it, bit for bit),
+    so the host holds the quantized layers plus one float weight, never the float model. Linears
+    the checkpoint lacks are left for the float loader (and :func:`quantize_model`).
 
     Args:
       model: a bundled model, typically built abstractly (``nnx.eval_shape``).
@@ -113,11 +146,13 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
       source: names the checkpoint in errors.
 
     Returns:
-      The checkpoint keys consumed (quantized storage and biases of the layers built).
+      The checkpoint keys consumed (the layers' quantized storage, or float ``weight``). Their
+      biases are left in ``tensors``: the model's float loader sets them as every other weight.
 
     Raises:
       QuantStateError: a stored layer whose quant state lacks a tensor or does not fit, or whose
         format differs from ``quantization_config``'s; the message names the module and the key.
+      CheckpointError: a float weight of the wrong shape or dtype (key and shapes named).
     """
     config = QuantizationConfig.from_any(quantization_config)
     compute = _compute_dtype(model, config)
@@ -128,9 +163,12 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
         if prefix is None:
             continue
         stored = _checkpoint.stored_format(tensors, prefix)
-        if stored is None:
-            continue
         in_features, out_features = module.kernel.get_value().shape
+        if stored is None:
+            if f"{prefix}.weight" in tensors:
+                _replace(model, path, _quantize_from_checkpoint(module, tensors, prefix, config, compute, name, source))
+                consumed.add(f"{prefix}.weight")
+            continue
         if stored != ("4bit" if config.load_in_4bit else "int8"):
             raise _checkpoint.QuantStateError(
                 f"{source}: {prefix} is stored {'4-bit' if stored == '4bit' else 'int8'}, but the quantization_config asks "
@@ -140,7 +178,6 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
             if f"{prefix}.bias" not in tensors:
                 raise _checkpoint.QuantStateError(f"{source}: {prefix}: missing key '{prefix}.bias'")
             bias = jnp.asarray(tensors[f"{prefix}.bias"], dtype)
-            consumed.add(f"{prefix}.bias")
         if stored == "4bit":
             quant, weight_dtype = _checkpoint.read_4bit(tensors, prefix, shape=(out_features, in_features),
                                                         source=source)
@@ -158,8 +195,35 @@ def load_quantized_linears(model: nnx.Module, tensors, quantization_config, *, c
     return consumed
 
 
+def _quantize_from_checkpoint(module, tensors, prefix: str, config: QuantizationConfig, compute: str, name: str,
+                              source: str) -> nnx.Module:
+    """``module``'s quantized layer from its float checkpoint weight (read once, dropped after)."""
+    from peftjax.io._errors import CheckpointError
+    from peftjax.models._modeling import hf_param_map
+
+    key = f"{prefix}.weight"
+    kernel = module.kernel.get_value()  # abstract: shape and dtype only
+    in_features, out_features = kernel.shape
+    transpose = hf_param_map(module)["kernel"][1]  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
+    expected = (out_features, in_features) if transpose else (in_features, out_features)
+    value = tensors[key]
+    if tuple(value.shape) != expected:
+        raise CheckpointError(f"cannot load {source}: {key}: expected shape {expected}, found {tuple(value.shape)}")
+    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        raise CheckpointError(f"cannot load {source}: {key}: expected a float tensor, found dtype {value.dtype}")
+    if value.dtype != kernel.dtype:  # the cast the float loader makes (jnp.asarray to the parameter dtype)
+        value = np.asarray(jnp.asarray(value, kernel.dtype))
+    weight = value if transpose else value.T  # [out, in]
+    del value
+    bias = jnp.zeros((out_features,), module.bias.get_value().dtype) if module.bias is not None else None
+    return _quantized_layer(weight, bias, config, compute, name)  # the bias is set by the float loader
+
+
 def quantized_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The quantized linears' tensors in bitsandbytes' checkpoint layout (torch keys; biases not included)."""
+    if _stacked(model):  # per-layer keys, as transformers writes them
+        with _unstacked(model, write=False):
+            return quantized_state_dict(model)
     out: dict[str, np.ndarray] = {}
     for name, layer in quantized_linears(model).items():
         if isinstance(layer, Linear4bit):
@@ -223,6 +287,9 @@ def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
     Raises:
       ValueError: a quantized linear still carries adapters (merge or unload them first).
     """
+    if _stacked(model):
+        with _unstacked(model, write=True):
+            return dequantize_model(model, dtype)
     for name, layer in quantized_linears(model).items():
         if type(layer) not in (Linear4bit, Linear8bitLt):
             raise ValueError(f"dequantize_model: {name} still carries adapters ({type(layer).__name__}); "

@@ -33,11 +33,17 @@ def settle_fan_in_fan_out(config: PeftConfig, targets: list[nnx.Module]) -> Peft
     ``torch.nn.Linear`` (the twin of an ``nnx.Linear``, ``LinearGeneral`` or ``Einsum``, whose
     adapters are written in its layout) becomes ``False``; ``False`` on transformers' ``Conv1D``
     (whose weight is stored ``(in, out)``) becomes ``True``. Embeddings and convolutions leave
-    it as it is. The value is only what the saved ``adapter_config.json`` says: peftjax's own
-    layouts do not depend on it.
+    it as it is, and so do quantized linears (PEFT's bitsandbytes dispatchers come first and do
+    not check; transformers made even GPT-2's ``Conv1D`` an ``[out, in]`` bitsandbytes linear).
+    The value is only what the saved ``adapter_config.json`` says: peftjax's own layouts do not
+    depend on it.
     """
+    from peftjax.quantization import QuantizedLinear
+
     fan_in_fan_out = config.fan_in_fan_out
     for module in targets:
+        if isinstance(module, QuantizedLinear):
+            continue  # PEFT's bitsandbytes dispatchers take such a layer before dispatch_default: no check
         if stores_in_out(module):
             if not fan_in_fan_out:
                 warnings.warn(FAN_IN_FAN_OUT_CONV1D_WARNING, stacklevel=3)
