@@ -25,6 +25,7 @@ from peftjax.config import (
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
+    TrainableTokensConfig,
     VeraConfig,
 )
 from peftjax import sharding
@@ -91,6 +92,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "VeraConfig",
     "Trainer",
     "TrainableParam",
