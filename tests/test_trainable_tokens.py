@@ -76,8 +76,6 @@ def path(tiny_checkpoint):
     ("llama-tied", "lora+tokens"), ("llama", "lora+tokens-dict"), ("llama", "dora-embed"),
 ])
 def test_peft_made_adapter_gives_same_logits_and_merges(arch, method, path, tmp_path):
-    if arch == "gpt2" and method != "tokens":
-        pytest.skip("gpt2 runs the standalone method")
     theirs_model = quiet(peft.get_peft_model, torch_model(path(arch), arch), configs(method, peft))
     torch.manual_seed(1)
     with torch.no_grad():  # non-trivial rows / magnitudes: both init to (near) no-ops
@@ -129,19 +127,26 @@ def test_trained_here_loads_in_peft(arch, method, path, tmp_path, capsys):
     table = lambda: np.asarray(layer.embedding.get_value())  # noqa: E731
     table_before = table()
     base = run_jax(model)
-    trained = _tiny.train(model, _tiny.batch(IDS), steps=3, dropout=False)
-    assert trained.losses[-1] < trained.losses[0]
+    if arch == "gpt2":  # the Trainer here, the functional core (split / make_train_step) for the others
+        args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                                         max_steps=3, learning_rate=1e-2, logging_steps=1, save_steps=100,
+                                         disable_tqdm=True, plot=False, report_to="none")
+        result = peftjax.Trainer(model, args, {"input_ids": IDS, "labels": IDS}).train()
+        assert result.global_step == 3 and np.isfinite(result.training_loss)
+    else:
+        trained = _tiny.train(model, _tiny.batch(IDS), steps=3, dropout=False)
+        assert trained.losses[-1] < trained.losses[0]
     if method != "dora-embed":
         delta = layer.trainable_tokens_delta["default"].get_value()
         assert np.abs(np.asarray(delta) - table_before[TOKENS]).min(axis=1).max() > 0  # every selected row trained
         np.testing.assert_array_equal(table(), table_before)  # the table itself is frozen
     ours = run_jax(model)
     assert np.abs(ours - base).max() > 1e-3
-    model.save_pretrained(tmp_path)
-    loaded = quiet(peft.PeftModel.from_pretrained, torch_model(path(arch), arch), tmp_path)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = quiet(peft.PeftModel.from_pretrained, torch_model(path(arch), arch), tmp_path / "adapter")
     assert_close(run_torch(loaded), ours)
 
-    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == ("TRAINABLE_TOKENS" if method == "tokens" else "LORA")
     if method != "dora-embed":
