@@ -15,7 +15,7 @@ from _torch_models import lazy
 import peftjax
 from peftjax import models
 from peftjax.cli import main
-from peftjax.io import read_safetensors_header
+from peftjax.io import read_safetensors, read_safetensors_header, write_safetensors
 
 torch, peft = lazy("torch"), lazy("peft")
 
@@ -208,3 +208,16 @@ def test_lora_trainable_tokens_refusals(path):
                                                         trainable_token_indices={"wte": TOKENS}))
     with pytest.raises(NotImplementedError, match="lora_bias on embeddings"):
         peftjax.get_peft_model(base, peftjax.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+
+
+def test_tied_head_copy_must_match_the_embedding_rows(path, tmp_path):
+    model = peftjax.get_peft_model(models.from_pretrained(path("llama-tied")), configs("tokens", peftjax))
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = {k: np.array(v) for k, v in read_safetensors(file)[0].items()}
+    key = "base_model.model.lm_head.trainable_tokens_delta"
+    assert set(tensors) == {key, "base_model.model.model.embed_tokens.trainable_tokens_delta"}
+    tensors[key] = tensors[key] + 1
+    write_safetensors(file, tensors)
+    with pytest.raises(ValueError, match="lm_head.trainable_tokens_delta differs from the tied"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path("llama-tied")), tmp_path)
