@@ -27,6 +27,7 @@ from peftjax.config import (
     PromptEncoderConfig,
     PromptTuningConfig,
     TaskType,
+    TrainableTokensConfig,
     VeraConfig,
 )
 from peftjax import sharding
@@ -95,6 +96,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TaskType",
+    "TrainableTokensConfig",
     "VeraConfig",
     "Trainer",
     "TrainableParam",

@@ -496,7 +496,6 @@ def test_unsupported_init_raises_not_implemented(init):
     "field, value",
     [
         ("megatron_config", {"tensor_model_parallel_size": 2}),
-        ("trainable_token_indices", [1, 2]),
         ("alora_invocation_tokens", [5]),
         ("use_qalora", True),
         ("layer_replication", [[0, 2]]),

@@ -119,7 +119,7 @@ def peft_loftq(weight: np.ndarray, bits: int, r: int, iters: int):
     return deq.float().numpy(), a.float().numpy(), b.float().numpy()
 
 
-@pytest.mark.parametrize(("bits", "iters"), [(4, 1), (4, 3), (8, 1)])
+@pytest.mark.parametrize(("bits", "iters"), [(4, 1), (4, 3), (8, 2)])
 def test_loftq_equals_peft_loop_and_beats_quantization_alone(bits, iters):
     from peftjax.quantization import _bnb
 
@@ -137,12 +137,8 @@ def test_loftq_equals_peft_loop_and_beats_quantization_alone(bits, iters):
     q = np.asarray(layer.kernel.get_value()).T
     delta = (np.asarray(layer.lora_A["default"].get_value()) @ np.asarray(layer.lora_B["default"].get_value())).T
     ref_q, ref_a, ref_b = peft_loftq(original, bits, 4, iters)
-    if bits == 4:  # NF4 codes are bitsandbytes' codes: the same Q
-        np.testing.assert_array_equal(q, ref_q)
-    else:  # int8: bnb's CPU rounding differs on a few values by one step
-        step = np.abs(ref_q).max(axis=1, keepdims=True) / 127
-        assert (np.abs(q - ref_q) <= step * 1.001).all() and (q != ref_q).mean() < 0.01
-    np.testing.assert_allclose(delta, ref_b @ ref_a, atol=2e-3 if bits == 8 else 1e-5)
+    np.testing.assert_array_equal(q, ref_q)  # bitsandbytes' codes (NF4 and int8): the same Q
+    np.testing.assert_allclose(delta, ref_b @ ref_a, atol=1e-5)
     assert np.linalg.norm(q + delta - original) < np.linalg.norm(q - original)  # the SVD's best rank-4 fit
     # NF4 of Q is Q again, so the rewritten base saved and loaded in 4 bits is the model LoftQ fitted
     if bits == 4:

@@ -30,7 +30,7 @@ def _inspect(args) -> int:
     d = config.to_dict()
     targets = d.get("target_modules")
     # the rank is the first dimension of LoRA's A and of the LyCORIS factors' right halves
-    rank_keys = ("lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
+    rank_keys = ("lora_A.weight", "lora_embedding_A", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
     ranks = sorted({e["shape"][0] for k, e in entries.items() if k.endswith(rank_keys)})
     info = {
         "method": d["peft_type"],
@@ -41,6 +41,8 @@ def _inspect(args) -> int:
         "alpha": d.get("alpha"),  # LoHa, LoKr
         "ranks_in_file": ranks,
         "rank_pattern": d.get("rank_pattern") or None,
+        # trainable tokens: TRAINABLE_TOKENS' own ids, or LoRA's trainable_token_indices
+        "token_indices": d.get("token_indices") or d.get("trainable_token_indices"),
         "modules_to_save": d.get("modules_to_save"),
         "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in heads.items()} or None,
         "model_task": task_for_adapter(config, heads),

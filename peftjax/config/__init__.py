@@ -28,6 +28,7 @@ from peftjax.config._other import (
     PromptTuningInit,
     prepare_prompt_learning_config,
 )
+from peftjax.config._trainable_tokens import TrainableTokensConfig
 from peftjax.config._vera import VeraConfig
 from peftjax.config._targeting import (
     TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
@@ -74,6 +75,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "TaskType",
+    "TrainableTokensConfig",
     "VeraConfig",
     "add_task_modules_to_save",
     "check_target_module_exists",

@@ -20,6 +20,7 @@ from peftjax.config._base import (
     to_str_tuple,
 )
 from peftjax.config._targeting import get_pattern_key
+from peftjax.config._trainable_tokens import token_indices_by_layer
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 # Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
@@ -30,7 +31,6 @@ _SUPPORTED_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora'
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
-    "trainable_token_indices": None,
     "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
@@ -101,7 +101,9 @@ class LoraConfig(PeftConfig):
         alpha_pattern: ``{name_or_regex: alpha}`` overriding ``lora_alpha`` per module.
         megatron_config: PEFT's Megatron parallel-layer config. Unsupported: must be ``None``.
         megatron_core: The Megatron module name; inert without ``megatron_config``.
-        trainable_token_indices: PEFT's trainable-tokens embedding option. Unsupported.
+        trainable_token_indices: Token ids whose embedding rows train beside the LoRA weights (PEFT's
+            ``TrainableTokensWrapper``): a list for the input embedding, or ``{module name: ids}``
+            (matched as the end of a module's name). An LM head tied to the embedding follows.
         loftq_config: LoftQ settings for ``init_lora_weights="loftq"`` (required then): a
             :class:`LoftQConfig` or its dict, ``loftq_bits`` 4 (NF4, bitsandbytes' codes, blocks of
             64) or 8 (int8 per row) and ``loftq_iter`` alternations. With another init a
@@ -187,6 +189,8 @@ class LoraConfig(PeftConfig):
         if isinstance(self.loftq_config, LoftQConfig):
             self._set("loftq_config", self.loftq_config.to_dict())
         self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
+        self._set("trainable_token_indices",
+                  token_indices_by_layer("trainable_token_indices", self.trainable_token_indices))
         # PEFT 0.21.2 writes [] for an adapter on a MoE model (Mixtral) that targets modules only
         empty_parameters = isinstance(self.target_parameters, list | tuple | set) and not self.target_parameters
         reject_unsupported(self, {k: v for k, v in _UNSUPPORTED_DEFAULTS.items()

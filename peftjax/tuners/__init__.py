@@ -3,7 +3,8 @@
 - ``base/``: the adapter-layer interface and bookkeeping, the Variable types, the model-wide
   operations (merge, unload, ...), ``modules_to_save`` and the one PEFT state-dict walk.
 - ``lora/``, ``ia3/``, ``loha/``, ``lokr/``, ``vera/``, ``fourierft/``, ``ln_tuning/``, ``bottleneck/``,
-  ``prompt/``: each method's layers, injection and file layout; ``lycoris/`` is what LoHa and LoKr share.
+  ``trainable_tokens/``, ``prompt/``: each method's layers, injection and file layout; ``lycoris/`` is
+  what LoHa and LoKr share.
 - ``_registry.py`` maps a config type to its method; ``_builtin.py`` registers the built-in ones.
 
 Adding a method is a new folder and one ``register_tuner`` line in ``_builtin.py``.
@@ -40,6 +41,7 @@ from peftjax.tuners.loha import inject_loha
 from peftjax.tuners.lokr import inject_lokr
 from peftjax.tuners.lora import inject_lora
 from peftjax.tuners.prompt import inject_prompt_learning
+from peftjax.tuners.trainable_tokens import inject_trainable_tokens
 from peftjax.tuners.vera import inject_vera
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "inject_lokr",
     "inject_lora",
     "inject_prompt_learning",
+    "inject_trainable_tokens",
     "inject_vera",
     "merge",
     "named_modules",

@@ -19,9 +19,17 @@ from peftjax.tuners.prompt import (
     load_prompt_state_dict,
     prompt_state_dict,
 )
+from peftjax.tuners.trainable_tokens import (
+    TrainableTokensConfig,
+    TrainableTokensLayer,
+    inject_trainable_tokens,
+    load_tokens_state_dict,
+    tokens_state_dict,
+)
 from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
 
-register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=LoraLayer))
+# LoRA's trainable_token_indices puts trainable-tokens layers beside the LoRA layers
+register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=(LoraLayer, TrainableTokensLayer)))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
 register_tuner(Tuner(VeraConfig, inject=inject_vera, state_dict=vera_state_dict, load_state_dict=load_vera_state_dict))
 register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_type=FourierFTLayer))
@@ -30,6 +38,8 @@ register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaL
 register_tuner(Tuner.for_layers(LoKrConfig, inject=inject_lokr, layer_type=LoKrLinear))
 register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLayer))
 register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTLayer))
+register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
+                     load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,

@@ -141,13 +141,13 @@ class LoraLayer(AdapterDictLayer):
             if spec.lora_bias:
                 lora = lora + along_last(self.lora_B_bias[name].get_value(), lora.ndim)
             if spec.use_dora:
-                w = self.kernel.get_value()
+                w = getattr(self, self.weight_attr).get_value()
                 factor = dora_factor(self.lora_magnitude_vector[name].get_value(), self._to_2d(w), a, b, spec.scaling)
                 if dropped:
                     base = self._apply_kernel(h, w)  # PEFT recomputes the base layer on the dropped-out input
                 else:
                     base = y.astype(jnp.float32)
-                    if self.bias is not None:
+                    if getattr(self, "bias", None) is not None:
                         base = base - along_last(self.bias.get_value(), base.ndim)
                 extra = dora_output(along_last(factor, lora.ndim), base, lora, spec.scaling)
             else:
@@ -236,14 +236,19 @@ class LoraLinear(LoraLayer):
 
 
 class LoraEmbed(LoraLayer):
-    """LoRA on ``nnx.Embed``: ``A`` is ``[num_embeddings, r]``, looked up by id; no dropout."""
+    """LoRA on ``nnx.Embed``: ``A`` is ``[num_embeddings, r]``, looked up by id; no dropout.
+
+    DoRA (PEFT's ``DoraEmbeddingLayer``) reads the table ``[num_embeddings, dim]`` as ``[n_in, n_out]``:
+    the magnitude is one entry per embedding dimension, the norm of that column of ``W + s A B``
+    over the vocabulary, and the output is ``f * (embed(W) + s * embed(A) @ B)`` with ``f = m / norm``.
+    """
 
     lora_kind = "embed"
     weight_attr = "embedding"
 
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
-        if use_dora or lora_bias:
-            raise NotImplementedError(f"{path}: DoRA and lora_bias on embeddings are not supported")
+        if lora_bias:  # PEFT refuses it too (an embedding has no bias)
+            raise NotImplementedError(f"{path}: lora_bias on embeddings is not supported")
         check_init("embed", init, path)
 
     def _branch(self, ids, a, b):

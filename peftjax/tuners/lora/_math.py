@@ -408,7 +408,8 @@ def torch_layout(kind: str, n_spatial: int = 0) -> dict:
     NumPy and JAX arrays alike.
     """
     if kind == "embed":
-        return {"lora_A": ("lora_embedding_A", _t, _t), "lora_B": ("lora_embedding_B", _t, _t)}
+        return {"lora_A": ("lora_embedding_A", _t, _t), "lora_B": ("lora_embedding_B", _t, _t),
+                "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same)}
     if kind == "conv":
         ones = (1,) * n_spatial
         return {

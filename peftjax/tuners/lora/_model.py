@@ -28,6 +28,8 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._math import check_init_rank
+from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
+from peftjax.tuners.trainable_tokens._layer import WRAPPED
 
 
 def lora_layers(model: nnx.Module) -> dict[str, LoraLayer]:
@@ -71,6 +73,7 @@ def inject_lora(
     if unsupported:
         listed = ", ".join(f"{n} ({c})" for n, c in unsupported[:10])
         raise TypeError(f"LoRA cannot adapt {listed}; supported layers: {', '.join(SUPPORTED_LAYERS)}")
+    token_targets = _token_targets(model, config, modules, targets)
     config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     # what the layers get as init_lora_weights: LoftQ's settings stand in for the string
     init = LoftQConfig.from_value(config.loftq_config) if config.init_lora_weights == "loftq" else \
@@ -92,4 +95,42 @@ def inject_lora(
     mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
+    if token_targets:
+        add_token_adapters(model, token_targets, adapter_name, file_suffix=WRAPPED, key=jax.random.fold_in(key, len(targets)),
+                           option="LoraConfig.trainable_token_indices")
     return config
+
+
+def _token_targets(model, config: LoraConfig, modules, lora_targets) -> dict[str, tuple[int, ...]]:
+    """``trainable_token_indices`` as ``{embedding path: token ids}``, checked as PEFT checks it.
+
+    A list means the input embedding; a dict's keys match the module names ending with them.
+    """
+    option = "LoraConfig.trainable_token_indices"
+    indices = config.trainable_token_indices
+    if indices is None:
+        return {}
+    if not isinstance(indices, dict):
+        name = input_embedding_name(model)
+        if name is None:
+            raise ValueError(f"{option} is a list but the model has no input embedding (an nnx.Embed); pass a dict "
+                             "{embedding module name: token indices}")
+        indices = {name.rsplit(".", 1)[-1]: indices}
+    for layer in indices:
+        if any(layer in (m, m.rsplit(".", 1)[-1]) for m in config.modules_to_save or ()):
+            raise ValueError(
+                "The embedding layer is already marked to be trained fully, either specify "
+                f'`modules_to_save=[..., "{layer}", ...]` or `trainable_tokens={{\'{layer}\': x}}` but not both.'
+            )
+    out = {}
+    for layer, ids in indices.items():
+        found = [n for n in modules if n and "modules_to_save" not in n and n.endswith(layer)]
+        if not found:
+            raise ValueError(f"{option}: no module name ends with {layer!r} (a tied LM head has no module of its "
+                             "own here: it follows the input embedding's trainable tokens)")
+        out.update({n: ids for n in found})
+    both = sorted(set(out) & set(lora_targets))
+    if both:
+        raise TypeError(f"{option}: {both} are also LoRA target_modules; an embedding takes LoRA or trainable "
+                        "tokens here, not both")
+    return out
