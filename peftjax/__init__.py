@@ -11,6 +11,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
+    AdaLoraConfig,
     BottleneckConfig,
     FourierFTConfig,
     IA3Config,
@@ -74,6 +75,7 @@ __all__ = [
     "DonatedAdapterError",
     "FROZEN",
     "TRAINABLE",
+    "AdaLoraConfig",
     "BottleneckConfig",
     "FourierFTConfig",
     "IA3Config",
