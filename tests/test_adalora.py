@@ -187,36 +187,48 @@ def _replace_factors(tree, values):
 # ---------------------------------------------------------------- peftjax trains -> PEFT
 
 
-def test_trained_adapter_loads_in_peft_and_merges(paths, tmp_path):
-    """Trained through make_adalora_train_step + update_and_allocate to the final budget, with dropout."""
-    model = peftjax.get_peft_model(models.from_pretrained(paths["llama"]),
-                                   peftjax.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS["llama"],
+@pytest.mark.parametrize("arch,trainer", [("llama", False), ("gpt2", True)])
+def test_trained_adapter_loads_in_peft_and_merges(arch, trainer, paths, tmp_path):
+    """Trained to the final budget with dropout: on Llama through make_adalora_train_step +
+    update_and_allocate, on GPT-2 (Conv1D) by the Trainer, which runs the allocator itself."""
+    model = peftjax.get_peft_model(models.from_pretrained(paths[arch]),
+                                   peftjax.AdaLoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS[arch],
                                                          lora_dropout=0.1, **SCHEDULE))
     config = model.peft_config["default"]
     base_logits = run_jax(model)
     # dropout is training-only: a key changes the output, no key leaves it alone
-    layer = adapter_layers(model.base_model)["model.layers.0.self_attn.q_proj"]
-    layer.lora_E["default"].set_value(jnp.ones((4, 1)))
-    x = jnp.asarray(np.random.RandomState(1).randn(3, 32), jnp.float32)
+    layer = next(iter(adapter_layers(model.base_model).values()))
+    layer.lora_E["default"].set_value(jnp.full((4, 1), 30.0))
+    x = jnp.asarray(np.random.RandomState(1).randn(3, layer.kernel.get_value().shape[0]), jnp.float32)
     with peftjax.dropout_key(jax.random.key(0)):
         trained_out = layer(x)
-    assert float(jnp.abs(trained_out - layer(x)).max()) > 1e-4
+    bias = 0 if layer.bias is None else layer.bias.get_value()[None, :]
+    dense = x @ layer.kernel.get_value() + bias + x @ layer.delta_weight("default")  # PEFT's formula, no dropout
+    np.testing.assert_allclose(layer(x), dense, atol=1e-5, rtol=0)
+    assert float(jnp.abs(trained_out - dense).max()) > 1e-3
     layer.lora_E["default"].set_value(jnp.zeros((4, 1)))
 
-    graphdef, adapters, base = peftjax.split(model.base_model)
-    optimizer = optax.adam(5e-2)
-    opt_state = optimizer.init(adapters)
-    step = make_adalora_train_step(graphdef, optimizer, config)
-    alloc = init_rank_allocator(adapters, config)
-    batch = _tiny.batch(IDS, MASK)
-    losses = []
-    for i in range(SCHEDULE["total_step"]):
-        adapters, opt_state, loss, grads = step(adapters, opt_state, base, batch, jax.random.key(i))
-        adapters, alloc, config = update_and_allocate(alloc, adapters, grads, i, config)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-    model.update(adapters)
-    model.peft_config["default"] = config
+    if trainer:
+        args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                                         max_steps=SCHEDULE["total_step"], learning_rate=5e-2, disable_tqdm=True,
+                                         plot=False, report_to="none", save_steps=0, logging_steps=1)
+        peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
+        config = model.peft_config["default"]
+    else:
+        graphdef, adapters, base = peftjax.split(model.base_model)
+        optimizer = optax.adam(5e-2)
+        opt_state = optimizer.init(adapters)
+        step = make_adalora_train_step(graphdef, optimizer, config)
+        alloc = init_rank_allocator(adapters, config)
+        batch = _tiny.batch(IDS, MASK)
+        losses = []
+        for i in range(SCHEDULE["total_step"]):
+            adapters, opt_state, loss, grads = step(adapters, opt_state, base, batch, jax.random.key(i))
+            adapters, alloc, config = update_and_allocate(alloc, adapters, grads, i, config)
+            losses.append(float(loss))
+        assert losses[-1] < losses[0]
+        model.update(adapters)
+        model.peft_config["default"] = config
     assert sum(sum(m) for m in config.rank_pattern.values()) == 12
     ours = run_jax(model)
     assert changed(ours, base_logits) > 1e-3
@@ -226,8 +238,8 @@ def test_trained_adapter_loads_in_peft_and_merges(paths, tmp_path):
     for name, mask in config.rank_pattern.items():  # only the kept rows are in the file, as PEFT writes them
         assert tensors[f"base_model.model.{name}"].shape == (sum(mask), 1)
     assert not any("ranknum" in k for k in tensors)
-    assert_close(run_torch(load_in_peft(paths, "llama", tmp_path)).logits.numpy(), ours)
-    again = peftjax.PeftModel.from_pretrained(models.from_pretrained(paths["llama"]), tmp_path)
+    assert_close(run_torch(load_in_peft(paths, arch, tmp_path)).logits.numpy(), ours)
+    again = peftjax.PeftModel.from_pretrained(models.from_pretrained(paths[arch]), tmp_path)
     assert_close(run_jax(again), ours)
 
     # merged == unmerged, and unmerge restores the kernels

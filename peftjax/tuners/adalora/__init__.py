@@ -2,6 +2,7 @@
 
 from peftjax.config import AdaLoraConfig
 from peftjax.tuners.adalora._allocator import (
+    AdaLoraStep,
     RankAllocatorState,
     adalora_factors,
     adalora_loss,
@@ -17,6 +18,7 @@ from peftjax.tuners.adalora._model import adalora_state_dict, inject_adalora, lo
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraLayer",
+    "AdaLoraStep",
     "AdaLoraSpec",
     "RankAllocatorState",
     "RankNum",

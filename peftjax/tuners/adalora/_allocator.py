@@ -250,3 +250,36 @@ def make_adalora_train_step(
         return optax.apply_updates(trainable, updates), opt_state, loss, grads
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+class AdaLoraStep:
+    """A train step that also runs :func:`update_and_allocate` after every call (used by ``peftjax.Trainer``).
+
+    ``step(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, loss)`` like
+    ``peftjax.make_train_step``'s; the allocator's statistics and the config (with its current
+    ``rank_pattern``) live on the object, ``global_step`` counting the calls from 0.
+
+    Attributes:
+      config: the adapter's config, ``rank_pattern`` as of the last call.
+      adapter_name: which adapter is budgeted.
+      global_step: the calls so far.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: AdaLoraConfig,
+                 loss_fn: Callable | None = None, *, adapter_name: str = "default"):
+        self.config, self.adapter_name, self.global_step = config, adapter_name, 0
+        self._step = make_adalora_train_step(graphdef, optimizer, config, loss_fn, adapter_name=adapter_name)
+        self._state: RankAllocatorState | None = None
+
+    def lower(self, *args):
+        """Lowers the jitted step (for ahead-of-time compilation)."""
+        return self._step.lower(*args)
+
+    def __call__(self, trainable, opt_state, rest, batch, key):
+        if self._state is None:
+            self._state = init_rank_allocator(trainable, self.config, self.adapter_name)
+        trainable, opt_state, loss, grads = self._step(trainable, opt_state, rest, batch, key)
+        trainable, self._state, self.config = update_and_allocate(
+            self._state, trainable, grads, self.global_step, self.config, self.adapter_name)
+        self.global_step += 1
+        return trainable, opt_state, loss
