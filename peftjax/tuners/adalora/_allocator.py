@@ -142,6 +142,7 @@ def _keep_masks(exp_avg_ipt, exp_avg_unc, *, k: int):
     return {p: ~(v <= threshold) for p, v in scores.items()}
 
 
+@functools.partial(jax.jit, static_argnames=("adapter_name",))
 def _with_masked_e(adapters: Any, masks: dict[str, jax.Array], adapter_name: str) -> Any:
     def fix(path, leaf):
         found = _factor_of(path, adapter_name)

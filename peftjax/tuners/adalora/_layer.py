@@ -19,6 +19,7 @@ A layer loaded from a budgeted adapter (``rank_pattern`` set) has ``r`` = the ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,15 @@ class AdaLoraSpec:
     dropout: float
 
 
+@functools.partial(jax.jit, static_argnames=("r", "n_in", "n_out", "init"))
+def _init_factors(key, *, r: int, n_in: int, n_out: int, init: bool):
+    """``A [r, in]``, ``E [r, 1]``, ``B [out, r]``: PEFT's ``E = 0``, ``A, B ~ N(0, 0.02²)``; else all N(0, 1)."""
+    ka, ke, kb = jax.random.split(key, 3)
+    std = 0.02 if init else 1.0
+    e = jnp.zeros((r, 1), jnp.float32) if init else jax.random.normal(ke, (r, 1), jnp.float32)
+    return std * jax.random.normal(ka, (r, n_in), jnp.float32), e, std * jax.random.normal(kb, (n_out, r), jnp.float32)
+
+
 def _same(x):
     return x
 
@@ -62,12 +72,8 @@ class AdaLoraLayer(AdapterDictLayer):
         """Adds adapter ``name``: ``E = 0``, ``A, B ~ N(0, 0.02²)`` (``init``), else all standard normal."""
         self._check_new(name)
         n_in, n_out = self.kernel.get_value().shape
-        ka, ke, kb = jax.random.split(key, 3)
-        std = 0.02 if init else 1.0
-        self.lora_A[name] = AdapterParam(std * jax.random.normal(ka, (spec.r, n_in), jnp.float32))
-        e = jnp.zeros((spec.r, 1), jnp.float32) if init else jax.random.normal(ke, (spec.r, 1), jnp.float32)
-        self.lora_E[name] = AdapterParam(e)
-        self.lora_B[name] = AdapterParam(std * jax.random.normal(kb, (n_out, spec.r), jnp.float32))
+        a, e, b = _init_factors(key, r=spec.r, n_in=n_in, n_out=n_out, init=bool(init))
+        self.lora_A[name], self.lora_E[name], self.lora_B[name] = AdapterParam(a), AdapterParam(e), AdapterParam(b)
         self.ranknum[name] = RankNum(jnp.full((1,), float(ranknum), jnp.float32))
         self._add_spec(name, spec)
 
