@@ -111,7 +111,7 @@ def test_peft_made_adapter_gives_same_logits(arch, paths, tmp_path):
     torch_model.save_pretrained(tmp_path)
     ref = run_torch(load_in_peft(paths, arch, tmp_path)).logits.numpy()  # PEFT's reading of its own file
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(paths[arch]), tmp_path)
-    for jit in (False, True):
+    for jit in (False, True) if arch == "llama" else (True,):
         assert_close(run_jax(model, jit=jit), ref)
     assert changed(ref, run_torch(torch_base(paths, arch)).logits.numpy()) > 1e-3
     if arch == "llama":
@@ -242,6 +242,8 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, trainer, paths, tmp_path
         assert tensors[f"base_model.model.{name}"].shape == (sum(mask), 1)
     assert not any("ranknum" in k for k in tensors)
     assert_close(run_torch(load_in_peft(paths, arch, tmp_path)).logits.numpy(), ours)
+    if trainer:  # the rest is the same code on both architectures
+        return
     again = peftjax.PeftModel.from_pretrained(models.from_pretrained(paths[arch]), tmp_path)
     assert_close(run_jax(again), ours)
 
