@@ -278,6 +278,8 @@ def test_counts_files_configs_and_inspect_match_peft(paths, tmp_path, capsys):
     model.print_trainable_parameters()
     theirs, ours = capsys.readouterr().out.strip().splitlines()
     assert ours == theirs
+    status = {s.name: s.module_type for s in model.get_layer_status()}
+    assert status == {s.name: s.module_type for s in torch_model.get_layer_status()}  # "adalora.SVDLinear"
 
     torch_model.save_pretrained(tmp_path / "theirs")
     model.save_pretrained(tmp_path / "ours")

@@ -65,6 +65,7 @@ class AdaLoraLayer(AdapterDictLayer):
     """Mixin of an AdaLoRA ``SVDLinear`` (``isinstance(m, AdaLoraLayer)`` finds them)."""
 
     method_name = "AdaLoRA"
+    status_module_type = "adalora.SVDLinear"  # PEFT's repr, for nn.Linear and Conv1D alike
     weight_dicts = ("lora_A", "lora_E", "lora_B")
     cache_dicts = ("ranknum",)
 
