@@ -55,7 +55,8 @@ def inject_adalora(
       TypeError: a target is not a linear layer, or carries another method's adapter.
 
     >>> import peftjax  # doctest: +SKIP
-    >>> inject_adalora(model, peftjax.AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj"]))  # doctest: +SKIP
+    >>> config = peftjax.AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj"])  # doctest: +SKIP
+    >>> inject_adalora(model, config)  # doctest: +SKIP
     >>> model.model.layers[0].self_attn.q_proj.lora_E["default"].shape  # doctest: +SKIP
     (4, 1)
     """
