@@ -316,6 +316,10 @@ def test_errors_name_the_problem(paths):
                       (dict(rank_pattern={"q.lora_E": [1, 0]}), "rank_pattern")]:
         with pytest.raises((ValueError, TypeError, NotImplementedError), match=word):
             peftjax.AdaLoraConfig(**{"total_step": 10, **bad})
+    model = models.from_pretrained(paths["llama"])
     with pytest.raises(TypeError, match="embed_tokens"):
-        peftjax.get_peft_model(models.from_pretrained(paths["llama"]),
-                               peftjax.AdaLoraConfig(total_step=10, target_modules=["embed_tokens"]))
+        peftjax.get_peft_model(model, peftjax.AdaLoraConfig(total_step=10, target_modules=["embed_tokens"]))
+    model = peftjax.get_peft_model(model, peftjax.AdaLoraConfig(total_step=10, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="only 1 trainable adapter"):
+        model.add_adapter("second", peftjax.AdaLoraConfig(total_step=10, target_modules=["q_proj"]))
+    model.add_adapter("frozen", peftjax.AdaLoraConfig(total_step=10, target_modules=["q_proj"], inference_mode=True))

@@ -16,12 +16,14 @@ from peftjax.config import AdaLoraConfig
 from peftjax.io._adapter import PREFIX, KeyMapping, map_name
 from peftjax.tuners.adalora._layer import AdaLoraLayer, AdaLoraSpec, adalora_class_for
 from peftjax.tuners.base import (
+    AdapterParam,
     add_saved_copy,
     find_targets,
     layer_state_dict,
     load_layer_state_dict,
     mark_biases,
     match_modules_to_save,
+    named_modules,
     resolve_config,
     settle_fan_in_fan_out,
     validate_adapter_name,
@@ -50,8 +52,9 @@ def inject_adalora(
       The resolved config (targets filled in, task heads added, ``fan_in_fan_out`` as PEFT sets it).
 
     Raises:
-      ValueError: nothing matches ``target_modules``, or ``rank_pattern`` has a mask whose length is
-        not ``init_r``.
+      ValueError: nothing matches ``target_modules``; ``rank_pattern`` has a mask whose length is
+        not ``init_r``; or another AdaLoRA adapter on the model is trainable and this one is too
+        (PEFT's rule: one trainable AdaLoRA adapter).
       TypeError: a target is not a linear layer, or carries another method's adapter.
 
     >>> import peftjax  # doctest: +SKIP
@@ -65,6 +68,13 @@ def inject_adalora(
     key = jax.random.key(0) if key is None else key
     modules, targets = find_targets(model, config, AdaLoraLayer, "AdaLoRA")
     config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    if not config.inference_mode:  # PEFT's rule: the allocator budgets one adapter
+        trainable = sorted({n for m in named_modules(model).values() if isinstance(m, AdaLoraLayer)
+                            for n in m.adapter_names() if n != adapter_name and isinstance(m.lora_A[n], AdapterParam)})
+        if trainable:
+            raise ValueError(
+                f"AdaLoraModel supports only 1 trainable adapter ({trainable} is trainable). When using multiple "
+                "adapters, set inference_mode to True for all adapters except the one you want to train.")
     pattern = config.rank_pattern or {}
     for name in targets:
         mask = pattern.get(rank_pattern_key(map_name(name, None)))
