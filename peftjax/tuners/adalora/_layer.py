@@ -67,16 +67,24 @@ class AdaLoraLayer(AdapterDictLayer):
     method_name = "AdaLoRA"
     status_module_type = "adalora.SVDLinear"  # PEFT's repr, for nn.Linear and Conv1D alike
     weight_dicts = ("lora_A", "lora_E", "lora_B")
-    cache_dicts = ("ranknum",)
+    # not a cache dict: a failed merge's rollback drops those entries, and ranknum must stay
+    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("ranknum",)
 
     def add_adalora(self, name: str, spec: AdaLoraSpec, ranknum: int, key: jax.Array, init: bool = True) -> None:
         """Adds adapter ``name``: ``E = 0``, ``A, B ~ N(0, 0.02²)`` (``init``), else all standard normal."""
         self._check_new(name)
+        if not hasattr(self, "ranknum"):
+            self.ranknum = nnx.Dict()
         n_in, n_out = self.kernel.get_value().shape
         a, e, b = _init_factors(key, r=spec.r, n_in=n_in, n_out=n_out, init=bool(init))
         self.lora_A[name], self.lora_E[name], self.lora_B[name] = AdapterParam(a), AdapterParam(e), AdapterParam(b)
         self.ranknum[name] = RankNum(jnp.full((1,), float(ranknum), jnp.float32))
         self._add_spec(name, spec)
+
+    def delete_adapter(self, name: str) -> None:
+        AdapterDictLayer.delete_adapter(self, name)
+        if name in self.ranknum:
+            del self.ranknum[name]
 
     def peft_layout(self, name: str):
         return {attr: (getattr(self, attr), _same, _same) for attr in self.weight_dicts}
