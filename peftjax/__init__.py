@@ -11,6 +11,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
+    AdaLoraConfig,
     BOFTConfig,
     BottleneckConfig,
     FourierFTConfig,
@@ -77,6 +78,7 @@ __all__ = [
     "DonatedAdapterError",
     "FROZEN",
     "TRAINABLE",
+    "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
     "FourierFTConfig",

@@ -234,6 +234,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.IA3Config, "IA3Config", {}),
     (pc.LoHaConfig, "LoHaConfig", {}),
     (pc.LoKrConfig, "LoKrConfig", {}),
+    (pc.AdaLoraConfig, "AdaLoraConfig", {"total_step": 10}),
     (pc.PrefixTuningConfig, "PrefixTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptTuningConfig, "PromptTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptEncoderConfig, "PromptEncoderConfig", {"num_virtual_tokens": 5}),
@@ -275,6 +276,9 @@ def test_default_target_mappings_equal_peft():
     )
     assert pc.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING == (
         peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+    )
+    assert pc.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING == (
+        peft_constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
     )
 
 

@@ -29,14 +29,17 @@ def _inspect(args) -> int:
     writer = f"peftjax {metadata['peftjax']}" if "peftjax" in metadata else "HF PEFT (or another PEFT-format writer)"
     d = config.to_dict()
     targets = d.get("target_modules")
-    # the rank is the first dimension of LoRA's A and of the LyCORIS factors' right halves
-    rank_keys = ("lora_A.weight", "lora_embedding_A", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
+    # the rank is the first dimension of LoRA's A (AdaLoRA's ``.lora_A``, embeddings' ``lora_embedding_A``)
+    # and of the LyCORIS factors' right halves
+    rank_keys = ("lora_A.weight", ".lora_A", "lora_embedding_A", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
     ranks = sorted({e["shape"][0] for k, e in entries.items() if k.endswith(rank_keys)})
     info = {
         "method": d["peft_type"],
         "task_type": d.get("task_type"),
         "target_modules": targets,
-        "r": d.get("r"),
+        "r": d.get("r") if d["peft_type"] != "ADALORA" else None,  # AdaLoRA ignores r
+        "init_r": d.get("init_r"),  # AdaLoRA
+        "target_r": d.get("target_r"),
         "lora_alpha": d.get("lora_alpha"),
         "alpha": d.get("alpha"),  # LoHa, LoKr
         "ranks_in_file": ranks,

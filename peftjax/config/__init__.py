@@ -12,6 +12,7 @@ from peftjax.config._base import (
     config_from_dict,
     load_config,
 )
+from peftjax.config._adalora import AdaLoraConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import LoftQConfig, LoraConfig
@@ -32,6 +33,7 @@ from peftjax.config._trainable_tokens import TrainableTokensConfig
 from peftjax.config._vera import VeraConfig
 from peftjax.config._targeting import (
     TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
@@ -48,8 +50,10 @@ from peftjax.config._targeting import (
 )
 
 __all__ = [
+    "AdaLoraConfig",
     "CONFIG_NAME",
     "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",

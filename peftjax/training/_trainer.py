@@ -220,6 +220,20 @@ class Trainer:
         return total / jnp.maximum(count, 1.0)
 
     def _make_step(self, graphdef, tx):
+        name = getattr(self.model, "active_adapter", None)
+        config = self.model.peft_config.get(name)
+        if getattr(config, "peft_type", None) == "ADALORA" and not config.inference_mode:
+            # AdaLoRA budgets ranks after each optimizer step with that step's gradients (PEFT's
+            # update_and_allocate), and adds its orthogonal regulariser to the loss
+            refused = [what for what, on in (("gradient_accumulation_steps > 1",
+                                              self.args.gradient_accumulation_steps > 1),
+                                             ("mesh=", self.mesh is not None)) if on]
+            if refused:
+                raise NotImplementedError(
+                    f"Trainer with an AdaLoRA adapter and {', '.join(refused)} is not implemented")
+            from peftjax.tuners.adalora import AdaLoraStep
+
+            return AdaLoraStep(graphdef, tx, config, self._loss, adapter_name=name)
         return make_train_step(graphdef, tx, self._loss, mesh=self.mesh, rules=self.sharding)
 
     def _resolve_problem_type(self, cols: dict, name: str) -> None:
@@ -311,6 +325,9 @@ class Trainer:
             print(f"resumed from {path} at step {micro // accum}", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         step_fn = self._make_step(graphdef, tx)
+        if resume and hasattr(step_fn, "global_step"):
+            raise NotImplementedError("resuming AdaLoRA training is not implemented (the rank allocator's statistics "
+                                      "are not in the checkpoint)")
         base_key = jax.random.key(args.seed)
         schedule = args.schedule(total)
         writer = self._tensorboard()
@@ -367,6 +384,8 @@ class Trainer:
         if pending:
             losses_seen.append(self._drain(pending, micro // accum, last_ckpt))
         nnx.update(self.model.base_model, trainable)
+        if hasattr(step_fn, "global_step"):  # AdaLoRA: the final rank_pattern is saved with the adapter
+            self.model.peft_config[step_fn.adapter_name] = step_fn.config
         metrics: dict[str, float] = {}
         if self.eval_dataset is not None and args.eval_strategy != "no":
             last = next((r for r in reversed(self.log_history) if "eval_loss" in r), None)

@@ -4,6 +4,7 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 """
 
 from peftjax.tuners._registry import Tuner, register_tuner
+from peftjax.tuners.adalora import AdaLoraConfig, adalora_state_dict, inject_adalora, load_adalora_state_dict
 from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
@@ -28,6 +29,8 @@ from peftjax.tuners.trainable_tokens import (
 )
 from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
 
+register_tuner(Tuner(AdaLoraConfig, inject=inject_adalora, state_dict=adalora_state_dict,
+                     load_state_dict=load_adalora_state_dict))
 # LoRA's trainable_token_indices puts trainable-tokens layers beside the LoRA layers
 register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=(LoraLayer, TrainableTokensLayer)))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
