@@ -104,3 +104,31 @@ def test_what_is_not_a_weight_delta_is_refused():
     for bad, err in ((0, ValueError), (1.5, ValueError), ("4", TypeError), (64, ValueError)):
         with pytest.raises(err, match="rank"):
             peftjax.convert_to_lora(lora, bad)
+
+
+def test_adalora_converts_exactly_at_full_rank():
+    """AdaLoRA's ``B (A ⊙ E) / (ranknum + 1e-5)`` is a weight delta too (its E set away from zero)."""
+    import jax
+
+    model = models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))
+    ada = peftjax.get_peft_model(model, peftjax.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                              target_modules=["q_proj", "v_proj"]))
+    from peftjax.tuners.adalora import AdaLoraLayer
+
+    for i, layer in enumerate(m for m in peftjax.tuners.base.named_modules(ada.base_model).values()
+                              if isinstance(m, AdaLoraLayer)):
+        e = layer.lora_E["default"]
+        e.set_value(jax.random.normal(jax.random.key(i), e.get_value().shape))
+    config, tensors, errors = peftjax.convert_to_lora(ada, rank=4)
+    assert max(errors.values()) < 1e-5 and config.r == 4
+    ids = np.asarray(IDS)
+    converted = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
+        "llama", **_tiny.fields("llama"))), config)
+    peftjax.set_peft_model_state_dict(converted, tensors)
+    np.testing.assert_allclose(np.asarray(converted(input_ids=ids).logits), np.asarray(ada(input_ids=ids).logits),
+                               atol=1e-5)
+    assert np.abs(np.asarray(ada(input_ids=ids).logits) - np.asarray(model_logits_base(ids))).max() > 1e-3
+
+
+def model_logits_base(ids):
+    return models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))(input_ids=ids).logits
