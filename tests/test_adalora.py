@@ -22,7 +22,6 @@ from peftjax.tuners.adalora import (
     adalora_factors,
     adalora_loss,
     init_rank_allocator,
-    make_adalora_train_step,
     update_and_allocate,
 )
 from peftjax.tuners.base import adapter_layers
@@ -221,7 +220,7 @@ def test_trained_adapter_loads_in_peft_and_merges(arch, trainer, paths, tmp_path
         graphdef, adapters, base = peftjax.split(model.base_model)
         optimizer = optax.adam(5e-2)
         opt_state = optimizer.init(adapters)
-        step = make_adalora_train_step(graphdef, optimizer, config)
+        step = peftjax.make_adalora_train_step(graphdef, optimizer, config)
         alloc = init_rank_allocator(adapters, config)
         batch = _tiny.batch(IDS, MASK)
         losses = []

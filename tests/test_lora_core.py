@@ -188,7 +188,7 @@ def test_a_refused_layer_leaves_the_model_untouched():
     model = UserMLP(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model))
     with pytest.raises(NotImplementedError, match="emb"):
-        tuners.inject_lora(model, peftjax.LoraConfig(r=2, target_modules=["fc1", "emb"], use_dora=True))
+        tuners.inject_lora(model, peftjax.LoraConfig(r=2, target_modules=["fc1", "emb"], lora_bias=True))
     assert type(model.fc1) is nnx.Linear and not hasattr(model.fc1, "lora_A")
     after = jax.tree.map(np.asarray, nnx.state(model))
     assert jax.tree.all(jax.tree.map(np.array_equal, before, after))

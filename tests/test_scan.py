@@ -19,7 +19,7 @@ from _torch_models import lazy, padded_batch, save_tiny, torch_logits
 import peftjax
 from peftjax import models
 from peftjax.io import read_safetensors
-from peftjax.models._scan import StackedLayers
+from peftjax.nn._scan import StackedLayers
 
 peft = lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 

@@ -7,7 +7,7 @@ import os
 
 from peftjax.models._config import read_config
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
-from peftjax.models._scan import MODEL_OPTIONS
+from peftjax.nn._scan import MODEL_OPTIONS
 
 # architecture name -> class; filled by register()
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {}

@@ -17,11 +17,12 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, layer_key, split_key
+from peftjax.models._dropout import dropout, split_key
+from peftjax.nn._dropout import layer_key
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._scan import check_remat, make_layers, run_layers
+from peftjax.nn._scan import check_remat, make_layers, run_layers
 
 # transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
 ACTIVATIONS = {
@@ -159,7 +160,7 @@ class BertLayer(nnx.Module):
 
 class BertEncoder(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        # peftjax options set on the config (see _scan): layers stacked and scanned; remat policy
+        # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
         self.layer = make_layers(
             config, lambda _, r: BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs

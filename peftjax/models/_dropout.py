@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout as ``torch.nn.Dropout`` applies it in training; the identity without a key."""
     if key is None or rate == 0.0:
@@ -25,7 +26,3 @@ def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
     """``n`` keys from ``key``, or ``n`` times ``None`` without one."""
     return [None] * n if key is None else list(jax.random.split(key, n))
 
-
-def layer_key(key: jax.Array | None, index) -> jax.Array | None:
-    """Layer ``index``'s key (the same whether the layers loop or scan)."""
-    return None if key is None else jax.random.fold_in(key, index)

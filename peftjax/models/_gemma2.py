@@ -36,8 +36,8 @@ from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
-from peftjax.models._dropout import layer_key
-from peftjax.models._scan import StackedLayers, check_remat, make_layers, run_layers
+from peftjax.nn._dropout import layer_key
+from peftjax.nn._scan import StackedLayers, check_remat, make_layers, run_layers
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # transformers' ACT2FN names of the GELUs a Gemma MLP may use: tanh approximation or exact

@@ -15,12 +15,13 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, layer_key, split_key
+from peftjax.models._dropout import dropout, split_key
+from peftjax.nn._dropout import layer_key
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._scan import check_remat, make_layers, run_layers
+from peftjax.nn._scan import check_remat, make_layers, run_layers
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -144,7 +145,7 @@ class GPT2Model(PreTrainedModel):
         e = config.hidden_size
         self.wte = nnx.Embed(config.vocab_size, e, **kw)
         self.wpe = nnx.Embed(config.max_position_embeddings, e, **kw)
-        # peftjax options set on the config (see _scan): blocks stacked and scanned; remat policy
+        # peftjax options set on the config (see nn._scan): blocks stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
         if getattr(config, "scan_layers", False) and getattr(config, "scale_attn_by_inverse_layer_idx", False):
             raise ValueError("scan_layers=True needs the same attention scale in every block; "

@@ -15,13 +15,14 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, layer_key, split_key
+from peftjax.models._dropout import dropout, split_key
+from peftjax.nn._dropout import layer_key
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rotary_embedding
-from peftjax.models._scan import check_remat, make_layers, run_layers
+from peftjax.nn._scan import check_remat, make_layers, run_layers
 
 
 def head_dim_of(config) -> int:
@@ -152,7 +153,7 @@ class LlamaModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-        # peftjax options set on the config (see _scan): layers stacked and scanned; remat policy
+        # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
         if getattr(config, "scan_layers", False) and len(set(sliding_windows(config))) > 1:
             raise ValueError(f"scan_layers=True needs one attention window for all layers; "

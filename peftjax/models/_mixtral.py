@@ -52,8 +52,8 @@ from peftjax.models._llama import (
 )
 from peftjax.models._losses import causal_lm_head_loss
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._dropout import layer_key
-from peftjax.models._scan import run_layers
+from peftjax.nn._dropout import layer_key
+from peftjax.nn._scan import run_layers
 from peftjax.nn._dropout import active_dropout_key
 
 

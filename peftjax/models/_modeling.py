@@ -27,7 +27,7 @@ from flax import nnx
 
 from peftjax.io import SafetensorsFile, write_safetensors
 from peftjax.io._errors import CheckpointError
-from peftjax.models._scan import MODEL_OPTIONS
+from peftjax.nn._scan import MODEL_OPTIONS
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -117,7 +117,7 @@ def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]
     A weight of stacked layers (``scan_layers=True``) is yielded once per layer, under that
     layer's key, as a :class:`LayerSlice` of the stacked variable.
     """
-    from peftjax.models._scan import StackedLayers
+    from peftjax.nn._scan import StackedLayers
 
     stacks = {tuple(p): n.num_layers for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers)}
     for path, node in nnx.iter_graph(model):
@@ -337,7 +337,7 @@ class PreTrainedModel(nnx.Module):
             key = to_checkpoint.get(f"{name}.weight")
             return None if key is None else key[: -len(".weight")]
 
-        from peftjax.models._scan import has_stacked_layers, unstacked
+        from peftjax.nn._scan import has_stacked_layers, unstacked
 
         # stacked layers (scan_layers=True) are filled one layer at a time too, then stacked: the
         # quantized arrays get the layer axis like every other weight

@@ -39,11 +39,12 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, layer_key, split_key
+from peftjax.models._dropout import dropout, split_key
+from peftjax.nn._dropout import layer_key
 from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._scan import check_remat, checkpointed
+from peftjax.nn._scan import check_remat, checkpointed
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 
 # transformers' ACT2FN names that T5 configs use (``feed_forward_proj`` is ``[gated-]<act>``)

@@ -46,3 +46,9 @@ def apply_dropout(x: jax.Array, rate: float, path: str) -> jax.Array:
 def active_dropout_key() -> jax.Array | None:
     """The key set by the innermost :func:`dropout_key` block (``None`` outside one)."""
     return getattr(_state, "key", None)
+
+
+def layer_key(key: jax.Array | None, index) -> jax.Array | None:
+    """Layer ``index``'s key from a stack's ``key`` (``None`` without one): the same whether the
+    layers loop or scan, so a stacked and an unstacked model draw the same dropout masks."""
+    return None if key is None else jax.random.fold_in(key, index)

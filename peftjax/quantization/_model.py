@@ -21,27 +21,33 @@ def _child(parent, key):
 
 
 def _stacked(model) -> bool:
-    from peftjax.models._scan import has_stacked_layers
+    from peftjax.nn._scan import has_stacked_layers
 
     return has_stacked_layers(model)
 
 
 def _unstacked(model, *, write: bool):
-    from peftjax.models._scan import unstacked
+    from peftjax.nn._scan import unstacked
 
     return unstacked(model, write=write)
 
 
-def _quantizable() -> tuple[type, ...]:
-    """The linear types quantized as transformers quantizes their torch twins.
+def _torch_weight_transposed(module: nnx.Module) -> bool:
+    """Whether the layer's torch twin stores ``[out, in]`` (``nn.Linear``) rather than ``[in, out]``
+    (transformers' ``Conv1D``, whose layer class says so in its ``hf_param_map``)."""
+    rule = getattr(type(module), "hf_param_map", None) or {}
+    return rule.get("kernel", ("weight", True))[1]
 
-    GPT-2's ``Conv1D`` stores its torch weight ``[in, out]``; transformers quantizes its transpose,
-    so its bitsandbytes layer (and file) holds ``[out, in]`` like any ``nn.Linear``. The flax
-    kernel of both is ``[in, out]``, so both quantize ``kernel.T``.
+
+def _quantizable(module: nnx.Module) -> bool:
+    """Whether ``module`` is quantized as transformers quantizes its torch twin.
+
+    A plain ``nnx.Linear`` and GPT-2's ``Conv1D`` (an ``nnx.Linear`` whose torch weight is
+    ``[in, out]``): transformers quantizes the transpose of ``Conv1D``'s weight, so its
+    bitsandbytes layer (and file) holds ``[out, in]`` like any ``nn.Linear``. The flax kernel of
+    both is ``[in, out]``, so both quantize ``kernel.T``.
     """
-    from peftjax.models._gpt2 import Conv1D
-
-    return (nnx.Linear, Conv1D)
+    return type(module) is nnx.Linear or (isinstance(module, nnx.Linear) and not _torch_weight_transposed(module))
 
 
 def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple, str, nnx.Linear]]:
@@ -54,7 +60,7 @@ def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple,
         name = ".".join(str(p) for p in path)
         if _skipped(name, skip):
             continue
-        if type(module) not in _quantizable():
+        if not _quantizable(module):
             raise NotImplementedError(f"{name}: {type(module).__name__} layers cannot be quantized yet "
                                       f"(only nnx.Linear and GPT-2's Conv1D); add it to llm_int8_skip_modules "
                                       f"to keep it in float")
@@ -199,12 +205,11 @@ def _quantize_from_checkpoint(module, tensors, prefix: str, config: Quantization
                               source: str) -> nnx.Module:
     """``module``'s quantized layer from its float checkpoint weight (read once, dropped after)."""
     from peftjax.io._errors import CheckpointError
-    from peftjax.models._modeling import hf_param_map
 
     key = f"{prefix}.weight"
     kernel = module.kernel.get_value()  # abstract: shape and dtype only
     in_features, out_features = kernel.shape
-    transpose = hf_param_map(module)["kernel"][1]  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
+    transpose = _torch_weight_transposed(module)  # nn.Linear: [out, in]; GPT-2's Conv1D: [in, out]
     expected = (out_features, in_features) if transpose else (in_features, out_features)
     value = tensors[key]
     if tuple(value.shape) != expected:

@@ -1,5 +1,6 @@
 """Training: the functional step, the Trainer, and the data pipeline."""
 
+from peftjax.training._adalora import AdaLoraStep, make_adalora_train_step
 from peftjax.training._args import TrainingArguments
 from peftjax.training._data import (
     Batcher,
@@ -13,6 +14,8 @@ from peftjax.training._step import combine, make_train_step, optax_labels, split
 from peftjax.training._trainer import Trainer, TrainingError, TrainOutput
 
 __all__ = [
+    "AdaLoraStep",
+    "make_adalora_train_step",
     "Batcher",
     "TrainOutput",
     "Trainer",

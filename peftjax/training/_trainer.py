@@ -231,7 +231,7 @@ class Trainer:
             if refused:
                 raise NotImplementedError(
                     f"Trainer with an AdaLoRA adapter and {', '.join(refused)} is not implemented")
-            from peftjax.tuners.adalora import AdaLoraStep
+            from peftjax.training._adalora import AdaLoraStep
 
             return AdaLoraStep(graphdef, tx, config, self._loss, adapter_name=name)
         return make_train_step(graphdef, tx, self._loss, mesh=self.mesh, rules=self.sharding)

@@ -72,12 +72,12 @@ def tuner_for(config: PeftConfig) -> Tuner:
 
 
 def _stack_aware(tuner: Tuner) -> Tuner:
-    """The tuner run on per-layer views of stacked layers (``scan_layers=True``; see ``models._scan``).
+    """The tuner run on per-layer views of stacked layers (``scan_layers=True``; see ``nn._scan``).
 
     Injection and loading stack their results again, so every layer's adapter gets the layer
     axis; the state dict is read from the views, so files carry PEFT's per-layer keys.
     """
-    from peftjax.models._scan import stack_aware
+    from peftjax.nn._scan import stack_aware
 
     return dataclasses.replace(
         tuner,

@@ -2,13 +2,11 @@
 
 from peftjax.config import AdaLoraConfig
 from peftjax.tuners.adalora._allocator import (
-    AdaLoraStep,
     RankAllocatorState,
     adalora_factors,
     adalora_loss,
     budget_schedule,
     init_rank_allocator,
-    make_adalora_train_step,
     orthogonal_regularization,
     update_and_allocate,
 )
@@ -18,7 +16,6 @@ from peftjax.tuners.adalora._model import adalora_state_dict, inject_adalora, lo
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraLayer",
-    "AdaLoraStep",
     "AdaLoraSpec",
     "RankAllocatorState",
     "RankNum",
@@ -29,7 +26,6 @@ __all__ = [
     "init_rank_allocator",
     "inject_adalora",
     "load_adalora_state_dict",
-    "make_adalora_train_step",
     "orthogonal_regularization",
     "update_and_allocate",
 ]

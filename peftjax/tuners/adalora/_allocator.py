@@ -5,7 +5,7 @@ keeps the importance statistics on a stateful object and reads ``p.grad``. Here 
 a :class:`RankAllocatorState` pytree, and the training loop passes the step's gradients:
 
     graphdef, adapters, base = peftjax.split(peft_model.base_model)
-    step = make_adalora_train_step(graphdef, optax.adam(1e-3), config)   # loss + orth. regulariser
+    step = peftjax.make_adalora_train_step(graphdef, optax.adam(1e-3), config)  # + orth. regulariser
     alloc = init_rank_allocator(adapters, config)
     for i, batch in enumerate(batches):
         adapters, opt_state, loss, grads = step(adapters, opt_state, base, batch, key)
@@ -29,11 +29,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from peftjax.config import AdaLoraConfig
-from peftjax.nn._dropout import dropout_key
 from peftjax.tuners.adalora._layer import AdaLoraLayer
 from peftjax.tuners.adalora._model import rank_pattern_key
 from peftjax.tuners.base import named_modules
@@ -225,62 +223,3 @@ def adalora_loss(loss_fn: Callable, config: AdaLoraConfig, adapter_name: str = "
         return loss_fn(model, batch) + config.orth_reg_weight * orthogonal_regularization(model, adapter_name)
 
     return loss
-
-
-def make_adalora_train_step(
-    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: AdaLoraConfig,
-    loss_fn: Callable | None = None, *, adapter_name: str = "default", donate: bool = True,
-) -> Callable:
-    """A jitted ``step(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, loss, grads)``.
-
-    Like ``peftjax.make_train_step``, with the orthogonal regulariser in the loss and the
-    gradients returned for :func:`update_and_allocate`.
-    """
-    from peftjax.training._step import default_loss
-
-    full_loss = adalora_loss(loss_fn or default_loss, config, adapter_name)
-
-    def loss_of(trainable, rest, batch, key):
-        model = nnx.merge(graphdef, trainable, rest)
-        with dropout_key(key):
-            return full_loss(model, batch)
-
-    def step(trainable, opt_state, rest, batch, key):
-        loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss, grads
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-class AdaLoraStep:
-    """A train step that also runs :func:`update_and_allocate` after every call (used by ``peftjax.Trainer``).
-
-    ``step(trainable, opt_state, rest, batch, key) -> (trainable, opt_state, loss)`` like
-    ``peftjax.make_train_step``'s; the allocator's statistics and the config (with its current
-    ``rank_pattern``) live on the object, ``global_step`` counting the calls from 0.
-
-    Attributes:
-      config: the adapter's config, ``rank_pattern`` as of the last call.
-      adapter_name: which adapter is budgeted.
-      global_step: the calls so far.
-    """
-
-    def __init__(self, graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: AdaLoraConfig,
-                 loss_fn: Callable | None = None, *, adapter_name: str = "default"):
-        self.config, self.adapter_name, self.global_step = config, adapter_name, 0
-        self._step = make_adalora_train_step(graphdef, optimizer, config, loss_fn, adapter_name=adapter_name)
-        self._state: RankAllocatorState | None = None
-
-    def lower(self, *args):
-        """Lowers the jitted step (for ahead-of-time compilation)."""
-        return self._step.lower(*args)
-
-    def __call__(self, trainable, opt_state, rest, batch, key):
-        if self._state is None:
-            self._state = init_rank_allocator(trainable, self.config, self.adapter_name)
-        trainable, opt_state, loss, grads = self._step(trainable, opt_state, rest, batch, key)
-        trainable, self._state, self.config = update_and_allocate(
-            self._state, trainable, grads, self.global_step, self.config, self.adapter_name)
-        self.global_step += 1
-        return trainable, opt_state, loss

@@ -132,7 +132,7 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     old ones is free) and ``ValueError`` names the adapter and the layer. PEFT checks layer by
     layer and leaves the layers before the broken one merged.
     """
-    from peftjax.models._scan import has_stacked_layers, unstacked
+    from peftjax.nn._scan import has_stacked_layers, unstacked
 
     if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
         with unstacked(model, write=True):
@@ -171,7 +171,7 @@ def _restore(before) -> None:
 
 def unmerge(model: nnx.Module) -> None:
     """Undoes :func:`merge` on every layer."""
-    from peftjax.models._scan import has_stacked_layers, unstacked
+    from peftjax.nn._scan import has_stacked_layers, unstacked
 
     if has_stacked_layers(model) and any(m.merged_adapter_names() for m in adapter_layers(model).values()):
         with unstacked(model, write=True):

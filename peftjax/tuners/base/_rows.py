@@ -45,7 +45,7 @@ def adapter_index(adapter_names: Sequence[str], names: Sequence[str]) -> np.ndar
 
 def _row_holders(model: nnx.Module):
     """``(module, number of stacked layers or None)`` for every layer a mixed batch reaches."""
-    from peftjax.models._scan import StackedLayers
+    from peftjax.nn._scan import StackedLayers
     from peftjax.tuners.base._layer import AdapterLayer
     from peftjax.tuners.base._modules_to_save import SavedModule
 

@@ -140,8 +140,8 @@ def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default"
 
     >>> config, tensors, errors = peftjax.convert_to_lora(loha_model, rank=8)  # doctest: +SKIP
     """
-    from peftjax.peft_model import get_peft_model_state_dict
     from peftjax.tuners.base import AdapterLayer, SavedModule, named_modules
+    from peftjax.tuners.base._state_dict import module_params_torch
 
     if isinstance(rank, bool) or not isinstance(rank, int | float):
         raise TypeError(f"convert_to_lora: rank must be an int or a float threshold, got {rank!r}")
@@ -183,11 +183,10 @@ def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default"
         errors[name] = float(np.linalg.norm(delta - b @ a) / norm) if norm else 0.0
         ranks[name] = k
     # modules_to_save copies travel as they are
-    saved = [n for n, m in modules.items() if isinstance(m, SavedModule) and adapter_name in m.adapter_names()]
-    if saved:
-        original = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-        tensors.update({k: v for k, v in original.items()
-                        if any(k.startswith(f"{PEFT_PREFIX}{n}.") for n in saved)})
+    for name, module in modules.items():  # saved as the plain module's keys, as PEFT saves them
+        if isinstance(module, SavedModule) and adapter_name in module.adapter_names():
+            for key, value in module_params_torch(module.modules_to_save[adapter_name]).items():
+                tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
     fixed = isinstance(rank, int)
     r = rank if fixed else max(ranks.values())
     config = LoraConfig(

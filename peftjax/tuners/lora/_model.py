@@ -55,7 +55,7 @@ def inject_lora(
       TypeError: a matched module is a layer type LoRA cannot adapt (names path and class).
     """
     validate_adapter_name(adapter_name)
-    from peftjax.models._scan import has_stacked_layers, unstacked
+    from peftjax.nn._scan import has_stacked_layers, unstacked
 
     if has_stacked_layers(model):  # scan_layers=True: inject per layer, then stack the adapters too
         with unstacked(model, write=True):

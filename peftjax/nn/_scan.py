@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models._dropout import layer_key
-from peftjax.nn._dropout import active_dropout_key, dropout_key
+from peftjax.nn._dropout import active_dropout_key, dropout_key, layer_key
 
 # model options that are not transformers config fields: set on the config, never saved
 MODEL_OPTIONS = ("scan_layers", "remat")
