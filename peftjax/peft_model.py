@@ -361,6 +361,9 @@ class PeftModel:
             if config.peft_type != "LORA" or config.use_dora:
                 what = "a DoRA" if config.peft_type == "LORA" else f"a {config.peft_type}"
                 raise ValueError(f"add_weighted_adapter: {name!r} is {what} adapter; only plain LoRA adapters combine")
+            if config.target_parameters:  # PEFT's refusal
+                raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                                 f"'{name}')")
         if len(weights) != len(adapters):
             raise ValueError(f"weights: expected one per adapter ({len(adapters)}), got {len(weights)}")
         if combination_type not in _combine.COMBINATION_TYPES:

@@ -55,6 +55,7 @@ from peftjax.models._outputs import ModelOutput
 from peftjax.models._dropout import layer_key
 from peftjax.models._scan import run_layers
 from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._param_reader import ParamReader
 
 
 def check_mixtral_config(config) -> None:
@@ -89,9 +90,9 @@ def load_balancing_loss(counts: jax.Array, probs: jax.Array, rows: jax.Array) ->
     return jnp.sum((counts / rows) * (probs / rows)) * counts.shape[-1]
 
 
-class MixtralTopKRouter(nnx.Module):
-    """``mlp.gate``: the router's ``weight [experts, hidden]`` (torch layout; not an ``nnx.Linear``,
-    so LoRA's ``target_modules`` and ``"all-linear"`` skip it as PEFT skips transformers' router)."""
+class MixtralTopKRouter(ParamReader, nnx.Module):
+    """``mlp.gate``: the router's ``weight [experts, hidden]`` (torch layout; not an ``nnx.Linear``:
+    LoRA adapts it through ``target_parameters=["gate.weight"]``, as PEFT does transformers' router)."""
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"weight": ("weight", False)}
 
@@ -101,11 +102,12 @@ class MixtralTopKRouter(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        return x @ self.weight.get_value().astype(self.dtype).T
+        return x @ self.param_value("weight").astype(self.dtype).T
 
 
-class MixtralExperts(nnx.Module):
-    """``mlp.experts``: ``gate_up_proj [experts, 2I, hidden]`` and ``down_proj [experts, hidden, I]``."""
+class MixtralExperts(ParamReader, nnx.Module):
+    """``mlp.experts``: ``gate_up_proj [experts, 2I, hidden]`` and ``down_proj [experts, hidden, I]``
+    (both LoRA-adaptable through ``target_parameters``)."""
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {
         "gate_up_proj": ("gate_up_proj", False), "down_proj": ("down_proj", False)}
@@ -119,9 +121,9 @@ class MixtralExperts(nnx.Module):
 
     def __call__(self, x, weights):
         """``x [tokens, hidden]`` through every expert, summed with ``weights [tokens, experts]``."""
-        gate_up = jnp.einsum("th,eoh->teo", x, self.gate_up_proj.get_value().astype(self.dtype))
+        gate_up = jnp.einsum("th,eoh->teo", x, self.param_value("gate_up_proj").astype(self.dtype))
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.down_proj.get_value().astype(self.dtype))
+        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.param_value("down_proj").astype(self.dtype))
         return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
 
 
