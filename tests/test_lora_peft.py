@@ -440,6 +440,7 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
     with pytest.raises(ValueError, match="all adapters must target the same set of parameters"):
         ours.add_adapter("other", peftjax.LoraConfig(r=2, target_parameters=["gate_up_proj", "down_proj"]))
     ours.add_adapter("other", peftjax.LoraConfig(r=2, target_modules=regex))
+    assert {s.module_type for s in ours.get_layer_status() if ".mlp." in s.name} == {"lora.ParamWrapper"}
     with pytest.raises(NotImplementedError, match="mlp.experts.*different adapter per row"):
         ours(input_ids=IDS, adapter_names=["default", "other"])
     with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):

@@ -30,7 +30,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._math import check_init_rank
-from peftjax.tuners.lora._param import check_param_target, check_same_parameters, inject_parameters, match_parameters
+from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 
 
 def lora_layers(model: nnx.Module) -> dict[str, LoraLayer]:
@@ -77,10 +77,7 @@ def inject_lora(
         if not matched:
             warnings.warn(f"target_parameters={list(config.target_parameters)} were set but no parameter was matched.",
                           RuntimeWarning, stacklevel=2)
-        check_same_parameters(modules, matched)
-        for path, params in matched.items():
-            for attr, _ in params:
-                check_param_target(modules[path], path, attr, config)
+        check_parameters(modules, matched, config)
     unsupported = [
         (n, f"{original_class(modules[n]).__name__} with a {type(modules[n]).__name__} adapter"
          if isinstance(modules[n], AdapterLayer) else type(modules[n]).__name__)
@@ -109,7 +106,7 @@ def inject_lora(
         # the first adapter on a layer becomes active, as in PEFT
         module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), init)
     if config.target_parameters:
-        inject_parameters(modules, config, adapter_name, key)
+        inject_parameters(modules, matched, config, adapter_name, key)
     mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)

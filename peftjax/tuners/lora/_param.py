@@ -44,8 +44,6 @@ class ParamSpecs(NamedTuple):
 def param_names(module: nnx.Module) -> list[tuple[str, str]]:
     """``[(attr, torch name)]`` of the module's own parameters, in its torch registration order."""
     rule = getattr(type(module), "hf_param_map", None) or {}
-    if isinstance(module, LoraParamLayer):
-        rule = getattr(module._peftjax_base, "hf_param_map", None) or {}
     return [(attr, name) for attr, (name, _) in rule.items() if isinstance(getattr(module, attr, None), nnx.Param)]
 
 
@@ -83,6 +81,7 @@ class LoraParamLayer(LoraLayer):
     """LoRA on some of a module's bare parameters (PEFT's nested ``ParamWrapper``)."""
 
     lora_kind = "param"
+    status_module_type = "lora.ParamWrapper"  # PEFT's, in get_layer_status
     supports_adapter_rows = False
     weight_dicts = ("lora_A", "lora_B")  # {attr: {adapter: LoraParam}}
     cache_dicts = ()
@@ -226,22 +225,21 @@ def check_same_parameters(modules: dict[str, nnx.Module], matched: dict[str, lis
                 f"'{other}' (on {path}).")
 
 
-def inject_parameters(model_modules: dict[str, nnx.Module], config, adapter_name: str, key: jax.Array) -> list[str]:
-    """Adds adapter ``adapter_name`` on every parameter ``config.target_parameters`` selects.
-
-    Every check runs before the first change. Returns the targeted parameter keys.
-    """
-    matched = match_parameters(config, model_modules)
-    check_same_parameters(model_modules, matched)
+def check_parameters(modules: dict[str, nnx.Module], matched: dict[str, list[tuple[str, str]]], config) -> None:
+    """Every refusal :func:`inject_parameters` could meet, before the model changes."""
+    check_same_parameters(modules, matched)
     for path, params in matched.items():
         for attr, _ in params:
-            check_param_target(model_modules[path], path, attr, config)
-    keys = []
+            check_param_target(modules[path], path, attr, config)
+
+
+def inject_parameters(modules: dict[str, nnx.Module], matched: dict[str, list[tuple[str, str]]], config,
+                      adapter_name: str, key: jax.Array) -> None:
+    """Adds adapter ``adapter_name`` on the ``matched`` parameters (:func:`match_parameters`),
+    after :func:`check_parameters` passed."""
     for i, (path, params) in enumerate(matched.items()):
-        module = model_modules[path]
+        module = modules[path]
         module.__class__ = param_class_for(module)
         module._adapter_setup(path)
         specs = ParamSpecs(tuple((attr, LoraSpec.for_target(config, k)) for attr, k in params))
         module.add_param_lora(adapter_name, specs, jax.random.fold_in(key, 1_000_003 + i), config.init_lora_weights)
-        keys += [k for _, k in params]
-    return keys
