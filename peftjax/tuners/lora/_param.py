@@ -139,6 +139,11 @@ class LoraParamLayer(LoraLayer):
             out[f"{prefix}lora_B.weight"] = (self.lora_B[attr], same, same)
         return out
 
+    def status_suffixes(self) -> tuple[str, ...]:
+        """PEFT's wrapper names in ``get_layer_status``: the module, then ``.base_layer`` per nested one."""
+        n = sum(1 for attr, _ in param_names(self) if attr in self.lora_A and len(self.lora_A[attr]))
+        return tuple(".base_layer" * depth for depth in range(max(n, 1)))
+
     def param_delta(self, name: str, attr: str) -> jax.Array:
         """``s * ΔW`` of adapter ``name`` on parameter ``attr``, in the parameter's own layout (float32)."""
         spec = dict(self.spec(name).params)[attr]
