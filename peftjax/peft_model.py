@@ -709,6 +709,12 @@ def _check_keys(model, source: str, tensors, missing: list[str], unexpected: lis
     """Refuses a file none of whose keys fit the model, and (``strict``) any that fits only in part."""
     if not tensors:
         raise AdapterKeyError(f"{source}: the adapter file holds no tensors")
+    per_expert = [k for k in unexpected if ".block_sparse_moe.experts." in k]
+    if per_expert:  # PEFT fuses these on load (convert_peft_adapter_state_dict_for_transformers)
+        raise NotImplementedError(
+            f"{source}: a LoRA on Mixtral's experts saved in transformers 4's per-expert layout ({per_expert[:2]}); "
+            "peftjax reads the fused layout PEFT 0.21.2 writes with transformers 5 (mlp.experts.lora_A.weight, ...), "
+            "converting the per-expert one is not implemented")
     if len(unexpected) == len(tensors):
         raise AdapterKeyError(
             f"{source}: none of the adapter's {len(tensors)} keys matches this {type(model).__name__}; "

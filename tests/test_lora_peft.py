@@ -414,7 +414,7 @@ def test_mixtral_lora_on_experts_trained_here_loads_in_peft(tiny_checkpoint, tmp
         assert_close(run_torch(cls.from_pretrained(tmp_path / "merged").eval()), ours)
 
 
-def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint):
+def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint, tmp_path):
     path, cls, base = _mixtral(tiny_checkpoint)
     regex = r".*\.(q_proj|w1|w3)"
     with warnings.catch_warnings():
@@ -450,6 +450,14 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
     with pytest.raises(NotImplementedError, match="hot-swapping LoRA on parameters"):
         peftjax.prepare_model_for_compiled_hotswap(ours, target_rank=8)
+    ours.save_pretrained(tmp_path, selected_adapters=["default"])  # as transformers 4 laid the experts out:
+    from safetensors.numpy import load_file, save_file
+
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k.replace(".mlp.experts.", ".block_sparse_moe.experts.0.w1."): v for k, v in load_file(file).items()},
+              file)
+    with pytest.raises(NotImplementedError, match="per-expert layout"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
 
 
 # ---------------------------------------------------------------- bad input
