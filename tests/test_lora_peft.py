@@ -436,6 +436,7 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
         (dict(experts, use_dora=True), ValueError, "ParamWrapper does not work with use_dora"),
         (dict(experts, init_lora_weights="pissa"), NotImplementedError, "'pissa' with target_parameters"),
         (dict(target_parameters=["no_such.weight"], target_modules=None), ValueError, "matched no parameter"),
+        (dict(target_parameters=["q_proj.weight"], target_modules=None), TypeError, "q_proj .*reads its parameters"),
     ):
         with pytest.raises(error, match=match):
             peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, **kwargs))

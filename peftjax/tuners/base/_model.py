@@ -39,6 +39,7 @@ def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
     """Fills PEFT's per-architecture default targets, expands ``all-linear``, adds task heads."""
     from peftjax.config import resolve_target_modules
     from peftjax.config._targeting import MOE_CONVERTED_TARGETS, convert_moe_lora_targets
+    from peftjax.models._modeling import hf_param_map
 
     def all_linear(modules):
         linear = [n for n, m in modules.items() if isinstance(m, nnx.Linear) and n]
@@ -47,7 +48,7 @@ def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
     if model_type(model) in MOE_CONVERTED_TARGETS:  # Mixtral: the router and experts become target_parameters
         modules = named_modules(model)
         params = [f"{n}.{torch_name}" for n, m in modules.items() if n
-                  for torch_name, _ in (getattr(type(m), "hf_param_map", None) or {}).values()]
+                  for torch_name, _ in hf_param_map(m).values()]
         config = convert_moe_lora_targets(config, model_type(model), modules, params, all_linear(modules))
     config = add_task_modules_to_save(config)
     if config.target_modules is None:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models._modeling import hf_param_map
 from peftjax.tuners.base import AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import rows_of
 from peftjax.tuners.lora._layer import LoraLayer
@@ -43,7 +44,7 @@ class ParamSpecs(NamedTuple):
 
 def param_names(module: nnx.Module) -> list[tuple[str, str]]:
     """``[(attr, torch name)]`` of the module's own parameters, in its torch registration order."""
-    rule = getattr(type(module), "hf_param_map", None) or {}
+    rule = hf_param_map(module)
     return [(attr, name) for attr, (name, _) in rule.items() if isinstance(getattr(module, attr, None), nnx.Param)]
 
 
@@ -61,12 +62,12 @@ def check_param_target(module: nnx.Module, path: str, attr: str, config) -> None
                        ("lora_bias", "lora_bias=True"), ("use_dora", "use_dora=True")):
         if getattr(config, flag):
             raise ValueError(f"lora.ParamWrapper does not work with {what} (target_parameters on {path}.{attr}).")
-    if isinstance(module, AdapterLayer) and not isinstance(module, LoraParamLayer):
-        raise TypeError(f"{path} already carries another method's adapter; one method per layer is supported")
     if not callable(getattr(type(module), "param_value", None)):
         raise TypeError(f"target_parameters: {path} ({type(module).__name__}) reads its parameters directly; "
                         "LoRA on a parameter needs a module that reads them through `param_value(attr)` "
                         "(peftjax.nn.ParamReader)")
+    if isinstance(module, AdapterLayer) and not isinstance(module, LoraParamLayer):
+        raise TypeError(f"{path} already carries another method's adapter; one method per layer is supported")
     ndim = getattr(module, attr).get_value().ndim
     if ndim not in (2, 3):
         raise ValueError(f"lora.ParamWrapper was initialized with {ndim} dimensional Parameter ({path}.{attr}), "
@@ -95,8 +96,7 @@ class LoraParamLayer(LoraLayer):
         return (e, d1, d2) if getattr(self, "is_transposed", False) else (e, d2, d1)
 
     def _transposed_2d(self, attr: str) -> bool:
-        rule = getattr(self._peftjax_base, "hf_param_map", None) or {}
-        return bool(rule.get(attr, (attr, False))[1])
+        return bool(hf_param_map(self).get(attr, (attr, False))[1])
 
     def _torch_2d(self, attr: str, w: jax.Array) -> jax.Array:
         return w.T if self._transposed_2d(attr) else w
