@@ -414,7 +414,41 @@ def test_mixtral_lora_on_experts_trained_here_loads_in_peft(tiny_checkpoint, tmp
         assert_close(run_torch(cls.from_pretrained(tmp_path / "merged").eval()), ours)
 
 
-def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint, tmp_path):
+def test_mixtral_lora_in_transformers4_per_expert_layout_is_fused_as_peft_fuses_it(tiny_checkpoint, tmp_path):
+    """An adapter of transformers 4's Mixtral (one LoRA per expert's w1/w2/w3, router under
+    block_sparse_moe): PEFT 0.21.2 fuses it on load, and so does peftjax, to the same logits."""
+    path, cls, base = _mixtral(tiny_checkpoint)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=2, lora_alpha=8, target_modules=["q_proj", "gate", "w1", "w2", "w3"])))
+    rs = np.random.RandomState(0)
+    tensors, pre = {}, "base_model.model.model.layers"
+    for layer in range(2):
+        shapes = {"self_attn.q_proj": (32, 32), "block_sparse_moe.gate": (4, 32)}
+        shapes.update({f"block_sparse_moe.experts.{e}.{w}": (o, i) for e in range(4)
+                       for w, (o, i) in (("w1", (24, 32)), ("w3", (24, 32)), ("w2", (32, 24)))})
+        for name, (o, i) in shapes.items():
+            tensors[f"{pre}.{layer}.{name}.lora_A.weight"] = rs.normal(0, 0.3, (2, i)).astype(np.float32)
+            tensors[f"{pre}.{layer}.{name}.lora_B.weight"] = rs.normal(0, 0.3, (o, 2)).astype(np.float32)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path).eval()
+    ref = run_torch(theirs)
+    assert_close(run_jax(peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)), ref)
+    assert np.abs(valid(ref) - valid(run_torch(base()))).max() > 1e-3
+    tensors[f"{pre}.0.block_sparse_moe.experts.3.w1.lora_magnitude_vector"] = np.ones(24, np.float32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(NotImplementedError, match="per-expert layout.*fuses only LoRA's lora_A/lora_B"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path, strict=False)
+    del tensors[f"{pre}.0.block_sparse_moe.experts.3.w1.lora_B.weight"]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"experts.N.w1.lora_B.weight: expected experts 0..3, found \[0, 1, 2\]"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+
+
+def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint):
     path, cls, base = _mixtral(tiny_checkpoint)
     regex = r".*\.(q_proj|w1|w3)"
     with warnings.catch_warnings():
@@ -451,14 +485,6 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
     with pytest.raises(NotImplementedError, match="hot-swapping LoRA on parameters"):
         peftjax.prepare_model_for_compiled_hotswap(ours, target_rank=8)
-    ours.save_pretrained(tmp_path, selected_adapters=["default"])  # as transformers 4 laid the experts out:
-    from safetensors.numpy import load_file, save_file
-
-    file = tmp_path / "adapter_model.safetensors"
-    save_file({k.replace(".mlp.experts.", ".block_sparse_moe.experts.0.w1."): v for k, v in load_file(file).items()},
-              file)
-    with pytest.raises(NotImplementedError, match="per-expert layout"):
-        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
 
 
 # ---------------------------------------------------------------- bad input
