@@ -42,6 +42,15 @@ def _pad(value, rank: int, axis: int):
     return jnp.pad(value, widths)
 
 
+def _refuse_parameters(layers) -> None:
+    from peftjax.tuners.lora._param import LoraParamLayer
+
+    params = [m.adapter_path for m in layers if isinstance(m, LoraParamLayer)]
+    if params:
+        raise NotImplementedError(f"hot-swapping LoRA on parameters (target_parameters: {params[:3]}) is not "
+                                  "implemented")
+
+
 def prepare_model_for_compiled_hotswap(model: PeftModel, *, target_rank: int | None = None) -> None:
     """Pads every LoRA adapter of ``model`` to rank ``target_rank`` (zeros; the outputs are unchanged).
 
@@ -54,6 +63,7 @@ def prepare_model_for_compiled_hotswap(model: PeftModel, *, target_rank: int | N
     layers = [m for m in tuner_base.named_modules(model.base_model).values() if isinstance(m, LoraLayer)]
     if not layers:
         raise ValueError("prepare_model_for_compiled_hotswap: the model has no LoRA layer")
+    _refuse_parameters(layers)
     if target_rank is None:
         return
     for layer in layers:
@@ -93,6 +103,7 @@ def hotswap_adapter(model: PeftModel, model_name_or_path: str | os.PathLike, ada
         raise ValueError(f"Hotswapping only supports LORA but {old.peft_type} was passed.")
     layers = [m for m in tuner_base.named_modules(model.base_model).values()
               if isinstance(m, LoraLayer) and adapter_name in m.adapter_names()]
+    _refuse_parameters(layers)
     if any(adapter_name in m.adapter_merged for m in layers):
         raise ValueError(
             f"Cannot hot-swap adapter '{adapter_name}' because it is currently merged into the base weights; "

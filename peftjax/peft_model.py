@@ -361,6 +361,9 @@ class PeftModel:
             if config.peft_type != "LORA" or config.use_dora:
                 what = "a DoRA" if config.peft_type == "LORA" else f"a {config.peft_type}"
                 raise ValueError(f"add_weighted_adapter: {name!r} is {what} adapter; only plain LoRA adapters combine")
+            if config.target_parameters:  # PEFT's refusal
+                raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                                 f"'{name}')")
         if len(weights) != len(adapters):
             raise ValueError(f"weights: expected one per adapter ({len(adapters)}), got {len(weights)}")
         if combination_type not in _combine.COMBINATION_TYPES:
@@ -673,6 +676,9 @@ class PeftModel:
         tuner_for(config)  # an unsupported method fails before anything is read
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
+        fuse = getattr(self.base_model, "fused_adapter_tensors", None)  # Mixtral: transformers 4's per-expert LoRA
+        if fuse is not None and getattr(config, "peft_type", None) == "LORA":
+            tensors = fuse(tensors, source=str(model_id))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         if getattr(config, "init_lora_weights", None) == "loftq" and _quantized(self.base_model):
             # LoftQ's workflow: its rewritten base was saved and loaded in 4 or 8 bits; that base
@@ -706,6 +712,11 @@ def _check_keys(model, source: str, tensors, missing: list[str], unexpected: lis
     """Refuses a file none of whose keys fit the model, and (``strict``) any that fits only in part."""
     if not tensors:
         raise AdapterKeyError(f"{source}: the adapter file holds no tensors")
+    per_expert = [k for k in unexpected if ".block_sparse_moe.experts." in k]
+    if per_expert:  # PEFT fuses these on load (convert_peft_adapter_state_dict_for_transformers)
+        raise NotImplementedError(
+            f"{source}: an adapter on Mixtral's experts saved in transformers 4's per-expert layout "
+            f"({per_expert[:2]}); peftjax fuses only LoRA's lora_A/lora_B (as PEFT 0.21.2 does)")
     if len(unexpected) == len(tensors):
         raise AdapterKeyError(
             f"{source}: none of the adapter's {len(tensors)} keys matches this {type(model).__name__}; "

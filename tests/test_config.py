@@ -503,7 +503,6 @@ def test_unsupported_init_raises_not_implemented(init):
         ("alora_invocation_tokens", [5]),
         ("use_qalora", True),
         ("layer_replication", [[0, 2]]),
-        ("target_parameters", ["experts.gate_up_proj"]),
         ("use_bdlora", {"nblocks": 2}),
         ("velora_config", {}),
         ("monteclora_config", {}),

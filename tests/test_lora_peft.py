@@ -347,25 +347,144 @@ def test_mixtral_attention_lora_both_ways(tiny_checkpoint, tmp_path):
         assert_close(run_torch(cls.from_pretrained(tmp_path / "merged").eval()), ours)
 
 
-def test_mixtral_lora_on_router_or_experts_is_refused_where_peft_uses_target_parameters(tiny_checkpoint, tmp_path):
+def _mixtral(tiny_checkpoint):
     spec = _tiny.arch("mixtral")
-    path, cls = tiny_checkpoint(spec), spec.torch_class
+    path = tiny_checkpoint(spec)
+    return path, spec.torch_class, lambda: torch_base(("mixtral", path, spec.torch_class, "CAUSAL_LM"))
+
+
+def _converted(config):
+    """The fields PEFT's MoE conversion rewrites, comparable across PEFT and peftjax."""
+    return (set(config.target_modules), set(config.target_parameters), dict(config.rank_pattern),
+            dict(config.alpha_pattern))
+
+
+def test_mixtral_all_linear_lora_on_router_and_experts_from_peft(tiny_checkpoint, tmp_path):
+    """PEFT 0.21.2 turns all-linear on Mixtral into target_parameters on the router and the fused
+    experts (rank and alpha doubled on gate_up_proj): its adapter gives the same logits here,
+    jitted or not, and merged; the same config made here converts and saves as PEFT's does."""
+    path, cls, base = _mixtral(tiny_checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # PEFT: all-linear becomes the attention modules plus target_parameters on the router and experts ...
-        theirs = peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(r=2, target_modules="all-linear"))
-        assert set(theirs.peft_config["default"].target_parameters) == {"gate.weight", "gate_up_proj", "down_proj"}
-        theirs.save_pretrained(tmp_path / "all-linear")
-        with pytest.raises(ValueError, match="target_modules"):  # ... and None, emptied, is refused
-            peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(r=2))
-    for targets, match in ((None, "needs target_modules"), ("all-linear", "'all-linear'.*target_parameters"),
-                           (["q_proj", "w2"], r"covers \['w2'\].*target_parameters"),
-                           (r".*\.(q_proj|w1)", r"covers \['model.layers.0.mlp.experts.w1'"),
-                           (["gate"], "target_parameters")):
-        with pytest.raises(ValueError, match=match):
-            peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, target_modules=targets))
-    with pytest.raises(NotImplementedError, match="target_parameters"):  # the adapter PEFT wrote
-        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "all-linear")
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                             init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    ref = run_torch(theirs)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), ref)
+    assert np.abs(valid(ref) - valid(run_torch(base()))).max() > 1e-3
+    assert_close(run_jax(model.merge_and_unload()), ref)
+
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=2, target_modules="all-linear", init_lora_weights=False))
+    assert _converted(ours.peft_config["default"]) == _converted(theirs.peft_config["default"])
+    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}  # experts and experts.base_layer
+    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers
+    ours.save_pretrained(tmp_path / "ours")
+    from safetensors.numpy import load_file
+
+    mine, peft_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in peft_file.items()}
+
+
+def test_mixtral_lora_on_experts_trained_here_loads_in_peft(tiny_checkpoint, tmp_path):
+    """Trained here (the w1/w3 names converted, down_proj named as a parameter): PEFT and, merged,
+    transformers alone give the same logits, and the training changed them."""
+    path, cls, base = _mixtral(tiny_checkpoint)
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "w1", "w3"],
+        target_parameters=["experts.down_proj"]))
+    config = model.peft_config["default"]
+    assert (set(config.target_parameters), config.rank_pattern) == ({"experts.down_proj", "gate_up_proj"},
+                                                                     {r".*\.gate_up_proj": 4})
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK), steps=3).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    ours = run_jax(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path).eval()
+    assert sorted(theirs.peft_config["default"].target_parameters) == ["experts.down_proj", "gate_up_proj"]
+    assert_close(ours, run_torch(theirs))
+    assert np.abs(valid(ours) - valid(run_torch(base()))).max() > 1e-3
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(run_torch(cls.from_pretrained(tmp_path / "merged").eval()), ours)
+
+
+def test_mixtral_lora_in_transformers4_per_expert_layout_is_fused_as_peft_fuses_it(tiny_checkpoint, tmp_path):
+    """An adapter of transformers 4's Mixtral (one LoRA per expert's w1/w2/w3, router under
+    block_sparse_moe): PEFT 0.21.2 fuses it on load, and so does peftjax, to the same logits."""
+    path, cls, base = _mixtral(tiny_checkpoint)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=2, lora_alpha=8, target_modules=["q_proj", "gate", "w1", "w2", "w3"])))
+    rs = np.random.RandomState(0)
+    tensors, pre = {}, "base_model.model.model.layers"
+    for layer in range(2):
+        shapes = {"self_attn.q_proj": (32, 32), "block_sparse_moe.gate": (4, 32)}
+        shapes.update({f"block_sparse_moe.experts.{e}.{w}": (o, i) for e in range(4)
+                       for w, (o, i) in (("w1", (24, 32)), ("w3", (24, 32)), ("w2", (32, 24)))})
+        for name, (o, i) in shapes.items():
+            tensors[f"{pre}.{layer}.{name}.lora_A.weight"] = rs.normal(0, 0.3, (2, i)).astype(np.float32)
+            tensors[f"{pre}.{layer}.{name}.lora_B.weight"] = rs.normal(0, 0.3, (o, 2)).astype(np.float32)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path).eval()
+    ref = run_torch(theirs)
+    assert_close(run_jax(peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)), ref)
+    assert np.abs(valid(ref) - valid(run_torch(base()))).max() > 1e-3
+    tensors[f"{pre}.0.block_sparse_moe.experts.3.w1.lora_magnitude_vector"] = np.ones(24, np.float32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(NotImplementedError, match="per-expert layout.*fuses only LoRA's lora_A/lora_B"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path, strict=False)
+    del tensors[f"{pre}.0.block_sparse_moe.experts.3.w1.lora_B.weight"]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"experts.N.w1.lora_B.weight: expected experts 0..3, found \[0, 1, 2\]"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+
+
+def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint):
+    path, cls, base = _mixtral(tiny_checkpoint)
+    regex = r".*\.(q_proj|w1|w3)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=regex))
+        for bad in (None, ["q_proj", "w1"]):  # PEFT refuses these too
+            with pytest.raises(ValueError, match="target_modules|fused"):
+                peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=bad))
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, target_modules=regex))
+    assert _converted(ours.peft_config["default"]) == _converted(theirs.peft_config["default"])
+    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}
+    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers  # the experts: ParamWrapper
+
+    experts = dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+    for kwargs, error, match in (
+        (dict(target_modules=None), ValueError, "needs target_modules or target_parameters"),
+        (dict(target_modules=["q_proj", "w1"]), ValueError, "w1 without also targeting w3 because they are fused"),
+        (dict(experts, lora_dropout=0.1), ValueError, "ParamWrapper does not work with lora_dropout"),
+        (dict(experts, use_dora=True), ValueError, "ParamWrapper does not work with use_dora"),
+        (dict(experts, init_lora_weights="pissa"), NotImplementedError, "'pissa' with target_parameters"),
+        (dict(target_parameters=["no_such.weight"], target_modules=None), ValueError, "matched no parameter"),
+        (dict(target_parameters=["q_proj.weight"], target_modules=None), TypeError, "q_proj .*reads its parameters"),
+    ):
+        with pytest.raises(error, match=match):
+            peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, **kwargs))
+    with pytest.raises(TypeError, match="list of parameter names"):
+        peftjax.LoraConfig(target_parameters="experts.gate_up_proj")
+    with pytest.raises(ValueError, match="all adapters must target the same set of parameters"):
+        ours.add_adapter("other", peftjax.LoraConfig(r=2, target_parameters=["gate_up_proj", "down_proj"]))
+    ours.add_adapter("other", peftjax.LoraConfig(r=2, target_modules=regex))
+    with pytest.raises(NotImplementedError, match="mlp.experts.*different adapter per row"):
+        ours(input_ids=IDS, adapter_names=["default", "other"])
+    with pytest.raises(ValueError, match="add_weighted_adapter does not support targeting nn.Parameter"):
+        ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(NotImplementedError, match="hot-swapping LoRA on parameters"):
+        peftjax.prepare_model_for_compiled_hotswap(ours, target_rank=8)
 
 
 # ---------------------------------------------------------------- bad input

@@ -36,7 +36,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_qalora": False,
     "monteclora_config": None,
     "layer_replication": None,
-    "target_parameters": None,
     "use_bdlora": None,
     "arrow_config": None,
     "kasa_config": None,
@@ -121,8 +120,10 @@ class LoraConfig(PeftConfig):
         layer_replication: PEFT's layer stacking. Unsupported: must be ``None``.
         lora_bias: Adds a trainable bias to ``B`` (``lora_B.bias``); not with DoRA, and only with
             ``init_lora_weights`` ``True``/``False``.
-        target_parameters: PEFT's LoRA on bare parameters (MoE experts). Unsupported: must be
-            ``None`` or empty (PEFT writes ``[]`` for a Mixtral adapter on modules only).
+        target_parameters: LoRA on bare parameters (PEFT's ``ParamWrapper``), e.g. Mixtral's fused
+            experts ``["experts.gate_up_proj", "experts.down_proj"]`` or its router
+            ``"gate.weight"``: a parameter key ``<module path>.<name>`` matches an entry it equals
+            or ends with after a dot. Not with dropout, DoRA, ``lora_bias`` or ``fan_in_fan_out``.
         use_bdlora: PEFT's block-diagonal LoRA. Unsupported: must be ``None``.
         arrow_config: PEFT's Arrow routing. Unsupported: must be ``None``.
         kasa_config: PEFT's KaSA variant. Unsupported: must be ``None``.
@@ -191,10 +192,11 @@ class LoraConfig(PeftConfig):
         self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
         self._set("trainable_token_indices",
                   token_indices_by_layer("trainable_token_indices", self.trainable_token_indices))
-        # PEFT 0.21.2 writes [] for an adapter on a MoE model (Mixtral) that targets modules only
-        empty_parameters = isinstance(self.target_parameters, list | tuple | set) and not self.target_parameters
-        reject_unsupported(self, {k: v for k, v in _UNSUPPORTED_DEFAULTS.items()
-                                  if not (k == "target_parameters" and empty_parameters)})
+        if isinstance(self.target_parameters, str):  # PEFT does not take a regex here either
+            raise TypeError(f"`target_parameters` must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                            f"got the str {self.target_parameters!r}.")
+        self._set("target_parameters", to_str_tuple("target_parameters", self.target_parameters, sort=True))
+        reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
 
         # PEFT's own checks, in PEFT's order and with PEFT's conditions.
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

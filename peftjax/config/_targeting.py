@@ -183,44 +183,84 @@ _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 # transformers 5 fused these MoE models' per-expert linears into 3-D parameters and made the router a
 # module of its own. PEFT 0.21.2 turns LoRA targets naming them as transformers 4 did (and "all-linear",
 # which covered them) into `target_parameters` on the fused weights, with doubled rank and alpha for
-# the fused w1/w3 (peft/utils/transformers_weight_conversion.py); a `None` target_modules comes out of
-# that conversion empty, and PEFT then refuses the config.
-MOE_CONVERTED_TARGETS: dict[str, tuple[str, ...]] = {"mixtral": ("gate", "w1", "w3", "w2")}
+# the fused w1/w3 (peft/utils/transformers_weight_conversion.py, `_convert_peft_config_moe`); a `None`
+# target_modules comes out of that conversion empty, and PEFT then refuses the config unless it has
+# target_parameters of its own.
+MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+}
+_MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")}}
 
 
-def check_moe_lora_targets(config: PeftConfig, model_type: str, module_names: Iterable[str]) -> None:
-    """Refuses LoRA targets that PEFT 0.21.2 would turn into ``target_parameters`` on a MoE model.
+def convert_moe_lora_targets(
+    config: PeftConfig,
+    model_type: str,
+    module_names: Iterable[str],
+    param_keys: Iterable[str],
+    linear_names: Iterable[str],
+) -> PeftConfig:
+    """PEFT 0.21.2's conversion of a LoRA config's transformers-4 MoE targets (a no-op elsewhere).
 
     Args:
         config: The adapter config, before its defaults are filled.
         model_type: The transformers ``model_type``.
         module_names: The model's dotted module names (to probe a regex ``target_modules``).
+        param_keys: The model's parameter keys in torch names (``model.layers.0.mlp.experts.gate_up_proj``).
+        linear_names: What ``"all-linear"`` expands to on this model (module names).
+
+    Returns:
+        The config with router/expert targets moved to ``target_parameters`` (``"gate"`` ->
+        ``"gate.weight"``, ``"w1"``/``"w3"`` -> ``"gate_up_proj"`` with ``rank_pattern`` and
+        ``alpha_pattern`` doubled there, ``"w2"`` -> ``"down_proj"``), as PEFT saves it.
 
     Raises:
-        ValueError: ``target_modules`` is ``None`` (PEFT refuses that too), ``"all-linear"``, or
-            names or matches the router or the experts; the message says which and what to use.
+        ValueError: ``target_modules`` is ``None`` without ``target_parameters`` (PEFT refuses that
+            too), or names only one of ``w1``/``w3``, which are fused.
     """
-    converted = MOE_CONVERTED_TARGETS.get(model_type)
-    if converted is None or getattr(config, "peft_type", None) != "LORA":
-        return
+    mapping = MOE_CONVERTED_TARGETS.get(model_type)
+    if mapping is None or getattr(config, "peft_type", None) != "LORA":
+        return config
     target = config.target_modules
-    fix = "name the attention projections instead, e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']"
-    why = (f"PEFT 0.21.2 (with transformers 5) adapts the router and the fused experts of {model_type!r} "
-           f"({list(converted)}) through `target_parameters` (LoRA on 3-D parameters), which peftjax does not implement")
-    if target is None:
-        raise ValueError(f"LoRA on model_type {model_type!r} needs target_modules: PEFT 0.21.2 (with transformers 5) "
-                         f"empties the default while converting its MoE targets and refuses the config; {fix}")
-    if is_all_linear(target):
-        raise ValueError(f"target_modules='all-linear' on model_type {model_type!r}: {why}; {fix}")
+    if target is None and not config.target_parameters:
+        raise ValueError(f"LoRA on model_type {model_type!r} needs target_modules or target_parameters: PEFT 0.21.2 "
+                         "(with transformers 5) empties the default while converting its MoE targets and refuses the "
+                         "config; e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] or 'all-linear'")
     if isinstance(target, str):
-        names = list(module_names)
-        probes = [f"{n}.{w}" for n in names if n.endswith(".experts") for w in converted if w != "gate"]
-        probes += [n for n in names if n.endswith(".gate")]
-        hits = [p for p in probes if re.fullmatch(target, p)]
-    else:
-        hits = [t for t in target if any(t == n or t.endswith("." + n) for n in converted)]
-    if hits:
-        raise ValueError(f"target_modules {_show(target)} covers {hits[:3]}: {why}; {fix}")
+        if is_all_linear(target):
+            resolved = {n.rsplit(".", 1)[-1] for n in linear_names} | set(mapping)
+        else:
+            module_names, param_keys = list(module_names), list(param_keys)
+            resolved = {k.rsplit(".", 1)[-1] for k in module_names + param_keys if k and re.fullmatch(target, k)}
+            containers: dict[str, set[str]] = {}
+            for key in param_keys:
+                container, _, leaf = key.rpartition(".")
+                containers.setdefault(leaf, set()).add(container)
+            for old, new in mapping.items():  # the fused experts: probe the transformers-4 names
+                if any(re.fullmatch(target, f"{c}.{old}") for c in containers.get(new, ())):
+                    resolved.add(old)
+        if not resolved:
+            return config  # nothing matched: left for the standard not-found error
+        target = resolved
+    parameters = set(config.target_parameters or ())
+    remaining, present = set(), {new: set() for new in _MOE_FUSED[model_type]}
+    for t in target or ():
+        hit = next(((old, new) for old, new in mapping.items() if t == old or t.endswith("." + old)), None)
+        if hit is None:
+            remaining.add(t)
+            continue
+        parameters.add(hit[1])
+        present.setdefault(hit[1], set()).add(hit[0])
+    rank, alpha = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for new, olds in _MOE_FUSED[model_type].items():
+        found = present.get(new, set())
+        if 0 < len(found) < len(olds):
+            raise ValueError(f"Cannot convert PEFT target(s) {', '.join(sorted(found))} without also targeting "
+                             f"{', '.join(sorted(set(olds) - found))} because they are fused into {new}.")
+        if len(found) == len(olds) > 1:  # fused: the rank and alpha add up, alpha / r is kept
+            rank[rf".*\.{re.escape(new)}"] = config.r * len(olds)
+            alpha[rf".*\.{re.escape(new)}"] = config.lora_alpha * len(olds)
+    return dataclasses.replace(config, target_modules=tuple(sorted(remaining)),
+                               target_parameters=tuple(sorted(parameters)), rank_pattern=rank, alpha_pattern=alpha)
 
 
 def is_all_linear(target_modules: Any) -> bool:

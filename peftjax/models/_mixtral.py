@@ -17,7 +17,8 @@ at ``num_local_experts / num_experts_per_tok`` times the MLP FLOPs of a sparse k
 Checkpoints: the Hub's layout (``block_sparse_moe.gate.weight`` and one ``w1``/``w2``/``w3``
 linear per expert, ``w1``: gate, ``w3``: up, ``w2``: down) and transformers 5's fused in-memory
 layout (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) both load;
-``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does.
+``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does. A LoRA
+adapter file of the per-expert layout is fused on load (:func:`fused_lora_tensors`), as PEFT 0.21.2 does.
 
 Training: ``router_jitter_noise`` multiplies the MLP's input by ``uniform(1 - j, 1 + j)`` noise
 while a dropout key is active (``peftjax.dropout_key``, the train step's key), as transformers does
@@ -30,6 +31,7 @@ logits themselves are not returned.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import ClassVar
@@ -55,6 +57,7 @@ from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import run_layers
 from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._param_reader import ParamReader
 
 
 def check_mixtral_config(config) -> None:
@@ -89,9 +92,9 @@ def load_balancing_loss(counts: jax.Array, probs: jax.Array, rows: jax.Array) ->
     return jnp.sum((counts / rows) * (probs / rows)) * counts.shape[-1]
 
 
-class MixtralTopKRouter(nnx.Module):
-    """``mlp.gate``: the router's ``weight [experts, hidden]`` (torch layout; not an ``nnx.Linear``,
-    so LoRA's ``target_modules`` and ``"all-linear"`` skip it as PEFT skips transformers' router)."""
+class MixtralTopKRouter(ParamReader, nnx.Module):
+    """``mlp.gate``: the router's ``weight [experts, hidden]`` (torch layout; not an ``nnx.Linear``:
+    LoRA adapts it through ``target_parameters=["gate.weight"]``, as PEFT does transformers' router)."""
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"weight": ("weight", False)}
 
@@ -101,11 +104,12 @@ class MixtralTopKRouter(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        return x @ self.weight.get_value().astype(self.dtype).T
+        return x @ self.param_value("weight").astype(self.dtype).T
 
 
-class MixtralExperts(nnx.Module):
-    """``mlp.experts``: ``gate_up_proj [experts, 2I, hidden]`` and ``down_proj [experts, hidden, I]``."""
+class MixtralExperts(ParamReader, nnx.Module):
+    """``mlp.experts``: ``gate_up_proj [experts, 2I, hidden]`` and ``down_proj [experts, hidden, I]``
+    (both LoRA-adaptable through ``target_parameters``)."""
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {
         "gate_up_proj": ("gate_up_proj", False), "down_proj": ("down_proj", False)}
@@ -119,9 +123,9 @@ class MixtralExperts(nnx.Module):
 
     def __call__(self, x, weights):
         """``x [tokens, hidden]`` through every expert, summed with ``weights [tokens, experts]``."""
-        gate_up = jnp.einsum("th,eoh->teo", x, self.gate_up_proj.get_value().astype(self.dtype))
+        gate_up = jnp.einsum("th,eoh->teo", x, self.param_value("gate_up_proj").astype(self.dtype))
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.down_proj.get_value().astype(self.dtype))
+        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.param_value("down_proj").astype(self.dtype))
         return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
 
 
@@ -316,8 +320,67 @@ def hub_layout(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+_PER_EXPERT_LORA = re.compile(
+    r"^(?P<pre>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.(?P<kind>lora_A|lora_B)\.weight$")
+
+
+def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, source: str) -> dict[str, np.ndarray]:
+    """A LoRA adapter file of transformers 4's per-expert Mixtral in transformers 5's fused layout,
+    as PEFT 0.21.2 converts it on load (what ``target_parameters`` reads: see ``tuners.lora._param``).
+
+    Per layer, ``w1``/``w3`` (rank ``r`` each) become ``gate_up_proj`` at rank ``2r``: expert ``e``'s
+    ``A`` rows are ``[A1_e; A3_e]`` and its ``B`` is ``blockdiag(B1_e, B3_e)``, so the delta of each
+    half is unchanged; ``w2`` becomes ``down_proj``. ``A`` is stored ``[E * r, in]`` (expert-major),
+    ``B`` ``[out, r * E]`` (expert-minor), ``gate_up_proj`` nested inside ``down_proj`` when both are
+    there. The router's ``block_sparse_moe.gate`` keys are renamed to ``mlp.gate``. Other keys pass.
+
+    Raises:
+        CheckpointError: an expert, or one of the fused ``w1``/``w3``, lacks its LoRA weights.
+    """
+    groups: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+    out = {}
+    for key, value in tensors.items():
+        m = _PER_EXPERT_LORA.match(key)
+        if m:
+            groups.setdefault((m["pre"], m["w"], m["kind"]), {})[int(m["e"])] = np.asarray(value, np.float32)
+        else:
+            out[key.replace(".block_sparse_moe.gate.lora_", ".mlp.gate.lora_")] = value
+    for pre in sorted({g[0] for g in groups}):
+        def stacked(w, kind):
+            found = groups.get((pre, w, kind), {})
+            if not found:
+                return None
+            if sorted(found) != list(range(num_experts)):
+                raise CheckpointError(f"{source}: {pre}.block_sparse_moe.experts.N.{w}.{kind}.weight: expected "
+                                      f"experts 0..{num_experts - 1}, found {sorted(found)}")
+            return np.stack([found[e] for e in range(num_experts)])  # [E, r, in] or [E, out, r]
+
+        fused = {w: (stacked(w, "lora_A"), stacked(w, "lora_B")) for w in ("w1", "w3", "w2")}
+        present = [w for w, (a, b) in fused.items() if a is not None or b is not None]
+        if any(fused[w][0] is None or fused[w][1] is None for w in present) or ("w1" in present) != ("w3" in present):
+            raise CheckpointError(f"{source}: {pre}.block_sparse_moe.experts: a LoRA on w1 and w3 (fused into "
+                                  f"gate_up_proj) needs lora_A and lora_B of both; found those of {present}")
+        inner = "base_layer." if "w2" in present else ""
+        if "w1" in present:
+            (a1, b1), (a3, b3) = fused["w1"], fused["w3"]
+            e, r1, r3 = a1.shape[0], a1.shape[1], a3.shape[1]
+            b = np.zeros((e, b1.shape[1] + b3.shape[1], r1 + r3), np.float32)
+            b[:, : b1.shape[1], :r1], b[:, b1.shape[1]:, r1:] = b1, b3
+            out[f"{pre}.mlp.experts.{inner}lora_A.weight"] = np.concatenate([a1, a3], axis=1).reshape(-1, a1.shape[-1])
+            out[f"{pre}.mlp.experts.{inner}lora_B.weight"] = b.transpose(1, 2, 0).reshape(b.shape[1], -1)
+        if "w2" in present:
+            a2, b2 = fused["w2"]
+            out[f"{pre}.mlp.experts.lora_A.weight"] = a2.reshape(-1, a2.shape[-1])
+            out[f"{pre}.mlp.experts.lora_B.weight"] = b2.transpose(1, 2, 0).reshape(b2.shape[1], -1)
+    return out
+
+
 class _MixtralCheckpoints:
     """Reads both expert layouts; writes the Hub's."""
+
+    def fused_adapter_tensors(self, tensors: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
+        """An adapter file's tensors with transformers 4's per-expert LoRA keys fused (PEFT does it on load)."""
+        return fused_lora_tensors(tensors, self.config.num_local_experts, source)
 
     def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
         view = _FusedExperts(state_dict, self.config.num_local_experts, source)

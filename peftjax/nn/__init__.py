@@ -4,5 +4,6 @@
 """
 
 from peftjax.nn._dropout import active_dropout_key, apply_dropout, dropout_key
+from peftjax.nn._param_reader import ParamReader
 
-__all__ = ["active_dropout_key", "apply_dropout", "dropout_key"]
+__all__ = ["ParamReader", "active_dropout_key", "apply_dropout", "dropout_key"]

@@ -278,7 +278,7 @@ FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
          "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),
          "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel"),
          "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")}
-# PEFT 0.21.2 adapts Mixtral's router and experts under "all-linear" (target_parameters, refused here)
+# attention only here: LoRA on Mixtral's router and experts (target_parameters) is tested in test_lora_peft
 TARGETS = {"mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
 
 

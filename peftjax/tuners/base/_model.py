@@ -38,20 +38,28 @@ def model_type(model) -> str | None:
 def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
     """Fills PEFT's per-architecture default targets, expands ``all-linear``, adds task heads."""
     from peftjax.config import resolve_target_modules
-    from peftjax.config._targeting import MOE_CONVERTED_TARGETS, check_moe_lora_targets
+    from peftjax.config._targeting import MOE_CONVERTED_TARGETS, convert_moe_lora_targets
+    from peftjax.models._modeling import hf_param_map
 
-    if model_type(model) in MOE_CONVERTED_TARGETS:  # Mixtral: what PEFT would adapt through target_parameters
-        check_moe_lora_targets(config, model_type(model), named_modules(model))
+    def all_linear(modules):
+        linear = [n for n, m in modules.items() if isinstance(m, nnx.Linear) and n]
+        return expand_all_linear(linear, "lm_head" if "lm_head" in modules else None, config.task_type)
+
+    if model_type(model) in MOE_CONVERTED_TARGETS:  # Mixtral: the router and experts become target_parameters
+        modules = named_modules(model)
+        params = [f"{n}.{torch_name}" for n, m in modules.items() if n
+                  for torch_name, _ in hf_param_map(m).values()]
+        config = convert_moe_lora_targets(config, model_type(model), modules, params, all_linear(modules))
     config = add_task_modules_to_save(config)
     if config.target_modules is None:
-        config = resolve_target_modules(config, model_type(model) or "")
+        try:
+            config = resolve_target_modules(config, model_type(model) or "")
+        except ValueError:
+            if not getattr(config, "target_parameters", None):
+                raise
+            config = dataclasses.replace(config, target_modules=())  # PEFT: parameters alone are enough
     if is_all_linear(config.target_modules):
-        modules = named_modules(model)
-        linear = [n for n, m in modules.items() if isinstance(m, nnx.Linear) and n]
-        output = "lm_head" if "lm_head" in modules else None
-        config = dataclasses.replace(
-            config, target_modules=tuple(expand_all_linear(linear, output, config.task_type))
-        )
+        config = dataclasses.replace(config, target_modules=tuple(all_linear(named_modules(model))))
     return config
 
 

@@ -97,9 +97,11 @@ def get_layer_status(model: nnx.Module) -> list[TunerLayerStatus]:
             enabled = not getattr(m, "adapter_disabled", False)
             active, merged = list(m.active_adapter_names()), list(m.merged_adapter_names())
             available = sorted(m.adapter_names())
-        out.append(TunerLayerStatus(name=f"model.{path}", module_type=kind, enabled=enabled, active_adapters=active,
-                                    merged_adapters=merged, requires_grad=requires_grad,
-                                    available_adapters=available, devices=devices))
+        # PEFT nests one wrapper per adapted parameter (LoRA's target_parameters): one entry each
+        for suffix in getattr(m, "status_suffixes", lambda: ("",))():
+            out.append(TunerLayerStatus(name=f"model.{path}{suffix}", module_type=kind, enabled=enabled,
+                                        active_adapters=active, merged_adapters=merged, requires_grad=requires_grad,
+                                        available_adapters=available, devices=devices))
     if not out:
         raise ValueError("No adapter layers found in the model, please ensure that it's a PEFT model or that you "
                          "have PEFT adapters injected in the model.")

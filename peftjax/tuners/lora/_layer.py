@@ -261,8 +261,8 @@ class LoraEmbed(LoraLayer):
 
 def lora_class_for(module: nnx.Module) -> type | None:
     """The LoRA subclass of ``type(module)``, or ``None`` when the layer type is not supported."""
-    if isinstance(module, LoraLayer):
-        return type(module)
+    if isinstance(module, LoraLayer):  # not one that carries LoRA on its parameters (PEFT refuses that too)
+        return None if module.lora_kind == "param" else type(module)
     if isinstance(module, AdapterLayer):  # carries another method's adapter (IA³, bottleneck, ...)
         return None
     if isinstance(module, nnx.Linear):

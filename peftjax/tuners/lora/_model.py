@@ -6,6 +6,8 @@ tuner's (``peftjax.tuners.base``); this file holds what only LoRA does when it i
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 from flax import nnx
 
@@ -28,6 +30,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._math import check_init_rank
+from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
 from peftjax.tuners.trainable_tokens._layer import WRAPPED
 
@@ -63,7 +66,20 @@ def inject_lora(
     config = resolve_config(model, config)
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    if config.target_parameters and not config.target_modules:  # PEFT: parameters alone are enough
+        targets = []
+    else:
+        targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    if config.target_parameters:  # checked before the first change to the model
+        matched = match_parameters(config, modules)
+        if not matched and not targets:
+            raise ValueError(f"target_parameters={list(config.target_parameters)} matched no parameter (a key is "
+                             "'<module path>.<parameter name>', e.g. 'model.layers.0.mlp.experts.gate_up_proj') and "
+                             "target_modules matched no module")
+        if not matched:
+            warnings.warn(f"target_parameters={list(config.target_parameters)} were set but no parameter was matched.",
+                          RuntimeWarning, stacklevel=2)
+        check_parameters(modules, matched, config)
     unsupported = [
         (n, f"{original_class(modules[n]).__name__} with a {type(modules[n]).__name__} adapter"
          if isinstance(modules[n], AdapterLayer) else type(modules[n]).__name__)
@@ -92,6 +108,8 @@ def inject_lora(
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
         module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), init)
+    if config.target_parameters:
+        inject_parameters(modules, matched, config, adapter_name, key)
     mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
