@@ -42,7 +42,7 @@ def test_speed_vs_peft_runs_on_a_tiny_model():
 
 
 def test_depth_runs_on_a_tiny_model():
-    last = _run("depth.py", "--depths", "1", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
+    last = _run("depth.py", "--depths", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
                 "--hidden", "32", "--intermediate", "48", "--vocab", "128", "--seq", "16", "--steps", "1")
     assert last.startswith("layers=2 ")
 

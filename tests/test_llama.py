@@ -423,18 +423,19 @@ def test_base_model_dropout_draws_per_key_and_scans_like_the_loop(tmp_path):
     scanned = models.from_pretrained(tmp_path, scan_layers=True, remat="full")
     ids = jnp.array([[3, 5, 7, 9, 11]])
     key = jax.random.key(1)
-    base = looped(input_ids=ids).logits
-    a = looped(input_ids=ids, dropout_rng=key).logits
-    assert not np.allclose(a, base, atol=1e-3)
-    np.testing.assert_array_equal(a, looped(input_ids=ids, dropout_rng=key).logits)
-    assert not np.allclose(a, looped(input_ids=ids, dropout_rng=jax.random.key(2)).logits, atol=1e-3)
-    np.testing.assert_allclose(scanned(input_ids=ids, dropout_rng=key).logits, a, atol=1e-5)
-    np.testing.assert_allclose(scanned(input_ids=ids).logits, base, atol=1e-5)
+    logits = nnx.jit(lambda m, k: m(input_ids=ids, dropout_rng=k).logits)
+    base = nnx.jit(lambda m: m(input_ids=ids).logits)
+    a = logits(looped, key)
+    assert not np.allclose(a, base(looped), atol=1e-3)
+    np.testing.assert_array_equal(a, logits(looped, key))
+    assert not np.allclose(a, logits(looped, jax.random.key(2)), atol=1e-3)
+    np.testing.assert_allclose(logits(scanned, key), a, atol=1e-5)
+    np.testing.assert_allclose(base(scanned), base(looped), atol=1e-5)
 
     def loss(model):
         return model(input_ids=ids, labels=ids, dropout_rng=key).loss
 
-    grads = nnx.grad(loss)(scanned)
+    grads = nnx.jit(nnx.grad(loss))(scanned)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
