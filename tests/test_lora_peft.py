@@ -315,7 +315,7 @@ def test_lora_on_gemma_embeddings_is_scaled_as_peft_scales_it(tiny_checkpoint, t
 
 
 def test_mixtral_attention_lora_both_ways(tiny_checkpoint, tmp_path):
-    """q/k/v/o made by PEFT -> here; q/v made here -> PEFT, and merged -> transformers (which reads
+    """q/k/v/o made by PEFT -> here; q/v with DoRA made here -> PEFT, and merged -> transformers (which reads
     the per-expert experts that save_pretrained writes). Training runs in test_sharding."""
     spec = _tiny.arch("mixtral")
     path, cls = tiny_checkpoint(spec), spec.torch_class
@@ -333,7 +333,8 @@ def test_mixtral_attention_lora_both_ways(tiny_checkpoint, tmp_path):
     assert np.abs(valid(ref) - valid(run_torch(base()))).max() > 1e-3
 
     model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
-        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        use_dora=True))
     model.save_pretrained(tmp_path / "ours")
     ours = run_jax(model)
     with warnings.catch_warnings():

@@ -141,8 +141,8 @@ def peft_model(saved, arch, method, perturb=True):
 
 CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
-] + [(a, m) for a in ("qwen3", "phi3", "gemma3_text") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
-    ("gemma2", "prefix"), ("mixtral", "prefix"),
+] + [(a, m) for a in ("qwen3", "phi3", "gemma3_text", "mixtral") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
+    ("gemma2", "prefix"),
 ]
 
 

@@ -192,11 +192,13 @@ def _torch_base(path):
 def _make_peft_config(kind, lib, **kw):
     if kind == "ia3":
         return lib.IA3Config(task_type="SEQ_2_SEQ_LM", init_ia3_weights=False, **kw)
+    if kind == "all-linear":  # every linear but lm_head, as PEFT expands it
+        kw = {**kw, "target_modules": "all-linear"}
     return lib.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
                           use_dora=kind == "dora", **kw)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "all-linear", "ia3"])
 def test_peft_made_adapter_gives_transformers_logits(flan, kind, tmp_path):
     _, path, _ = flan
     with _quiet():
@@ -204,6 +206,8 @@ def test_peft_made_adapter_gives_transformers_logits(flan, kind, tmp_path):
     their_model.save_pretrained(tmp_path)
     ref = torch_out(their_model, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    if kind == "all-linear":
+        assert set(peftjax.tuners.lora.lora_layers(model.base_model)) == set(their_model.targeted_module_names)
     for jit in (False, True) if kind == "lora" else (True,):  # eager T5 is slow: once is enough
         out = run_jax(model, jit, input_ids=IDS, attention_mask=MASK, labels=LABELS)
         assert_close(real(out.logits), real(ref), ADAPTER_TOL)
