@@ -111,13 +111,11 @@ class AdaLoraLayer(AdapterDictLayer):
         return (b @ (a * e)).T * self.spec(name).scaling / (ranknum[0] + 1e-5)
 
     def merge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) + self.delta_weight(name)).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name), 1.0)
         self._mark_merged(name, True)
 
     def unmerge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) - self.delta_weight(name)).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name), -1.0)
         self._mark_merged(name, False)
 
 

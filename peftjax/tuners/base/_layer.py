@@ -163,6 +163,12 @@ class AdapterDictLayer(AdapterLayer):
         else:
             self.adapter_merged = tuple(n for n in self.adapter_merged if n != name)
 
+    def _shift_kernel(self, delta: jax.Array, sign: float) -> None:
+        """``kernel += sign * delta`` in float32, cast back to the kernel's dtype: an additive
+        method's merge (+1) and unmerge (-1); ``delta`` in the kernel's ``[in, out]`` layout."""
+        w = self.kernel.get_value()
+        self.kernel.set_value((w.astype(jnp.float32) + sign * delta).astype(w.dtype))
+
     # PEFT file protocol: ``peft_layout(name)`` gives {key suffix: (variable dict, to_torch, from_torch)}
 
     def peft_layout(self, name: str) -> dict[str, tuple[nnx.Dict, Callable, Callable]]:

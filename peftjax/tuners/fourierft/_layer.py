@@ -95,13 +95,11 @@ class FourierFTLinear(FourierFTLayer):
         return y
 
     def merge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) + self.delta_weight(name).T).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name).T, 1.0)
         self._mark_merged(name, True)
 
     def unmerge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) - self.delta_weight(name).T).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name).T, -1.0)
         self._mark_merged(name, False)
 
 

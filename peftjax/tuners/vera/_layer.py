@@ -128,13 +128,11 @@ class VeraLinear(VeraLayer):
         return ((lambda_b[:, None] * b.astype(jnp.float32)) @ (lambda_d[:, None] * a.astype(jnp.float32))).T
 
     def merge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) + self.delta_weight(name)).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name), 1.0)
         self._mark_merged(name, True)
 
     def unmerge_adapter(self, name: str) -> None:
-        w = self.kernel.get_value()
-        self.kernel.set_value((w.astype(jnp.float32) - self.delta_weight(name)).astype(w.dtype))
+        self._shift_kernel(self.delta_weight(name), -1.0)
         self._mark_merged(name, False)
 
 
