@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.models._dropout import dropout
+from peftjax.nn._functional import softmax
 
 
 def attention_mask_4d(
@@ -95,7 +96,7 @@ def dot_product_attention(
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * sq, sk)
+    probs = softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * sq, sk)
     probs = dropout(probs, dropout_rate, dropout_rng)
     out = jnp.matmul(probs, vh).reshape(b, kvh, g, sq, d)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, h, d)

@@ -23,6 +23,7 @@ from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, make_layers, run_layers
+from peftjax.nn._functional import softmax
 
 # transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
 ACTIVATIONS = {
@@ -98,7 +99,7 @@ class BertSelfAttention(nnx.Module):
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
+        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
 
 

@@ -22,6 +22,7 @@ from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequenc
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, make_layers, run_layers
+from peftjax.nn._functional import softmax
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -94,7 +95,7 @@ class GPT2Attention(nnx.Module):
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.scale
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = softmax(scores, axis=-1).astype(v.dtype)
         probs = dropout(probs, self.attn_pdrop, probs_key)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, e)
         return dropout(self.c_proj(out), self.resid_pdrop, resid_key), cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -17,12 +16,14 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout, split_key
 from peftjax.nn._dropout import layer_key
+from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.nn._scan import check_remat, make_layers, run_layers
+from peftjax.nn._norm import RMSNorm
 
 
 def head_dim_of(config) -> int:
@@ -109,7 +110,7 @@ class LlamaMLP(nnx.Module):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -123,8 +124,8 @@ class LlamaDecoderLayer(nnx.Module):
         self.self_attn = self.attention_class(config, layer_idx, **kw)
         self.mlp = self.mlp_class(config, **kw)
         eps = config.rms_norm_eps
-        self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.resid_dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
@@ -161,7 +162,7 @@ class LlamaModel(nnx.Module):
         self.layers = make_layers(
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
-        self.norm = nnx.RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         # static data, not state: it never trains and is rebuilt from the config
         self.rotary = rotary_embedding(config, head_dim_of(config))
 

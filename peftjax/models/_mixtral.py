@@ -58,6 +58,8 @@ from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import run_layers
 from peftjax.nn._dropout import active_dropout_key
 from peftjax.nn._param_reader import ParamReader
+from peftjax.nn._norm import RMSNorm
+from peftjax.nn._functional import swiglu
 
 
 def check_mixtral_config(config) -> None:
@@ -125,7 +127,7 @@ class MixtralExperts(ParamReader, nnx.Module):
         """``x [tokens, hidden]`` through every expert, summed with ``weights [tokens, experts]``."""
         gate_up = jnp.einsum("th,eoh->teo", x, self.param_value("gate_up_proj").astype(self.dtype))
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = jnp.einsum("tei,ehi->teh", jax.nn.silu(gate) * up, self.param_value("down_proj").astype(self.dtype))
+        out = jnp.einsum("tei,ehi->teh", swiglu(gate, up), self.param_value("down_proj").astype(self.dtype))
         return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
 
 
@@ -159,8 +161,8 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
         self.self_attn = self.attention_class(config, layer_idx, **kw)
         self.mlp = MixtralSparseMoeBlock(config, layer_idx, **kw)
         eps = config.rms_norm_eps
-        self.input_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -24,6 +23,7 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaModel,
 )
+from peftjax.nn._functional import swiglu
 
 
 class Phi3Attention(LlamaAttention):
@@ -54,7 +54,7 @@ class Phi3MLP(nnx.Module):
 
     def __call__(self, x):
         gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(up * jax.nn.silu(gate))
+        return self.down_proj(swiglu(gate, up))
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):

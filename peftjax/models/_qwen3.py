@@ -19,14 +19,15 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaModel,
 )
+from peftjax.nn._norm import RMSNorm
 
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_norm = nnx.RMSNorm(self.head_dim, **kw)
-        self.k_norm = nnx.RMSNorm(self.head_dim, **kw)
+        self.q_norm = RMSNorm(self.head_dim, **kw)
+        self.k_norm = RMSNorm(self.head_dim, **kw)
 
     def project(self, x):
         q, k, v = super().project(x)

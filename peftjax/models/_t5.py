@@ -46,6 +46,8 @@ from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
+from peftjax.nn._norm import RMSNorm
+from peftjax.nn._functional import softmax
 
 # transformers' ACT2FN names that T5 configs use (``feed_forward_proj`` is ``[gated-]<act>``)
 ACTIVATIONS = {
@@ -165,14 +167,14 @@ class T5Attention(nnx.Module):
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, dropout_rng)
+        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, dropout_rng)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
         return self.o(out), cache
 
 
 def _norm(config, kw) -> nnx.RMSNorm:
     # T5LayerNorm: x * rsqrt(mean(x^2) + eps) * weight, no mean, no bias, statistics in float32
-    return nnx.RMSNorm(config.d_model, epsilon=config.layer_norm_epsilon, **kw)
+    return RMSNorm(config.d_model, epsilon=config.layer_norm_epsilon, **kw)
 
 
 class T5LayerSelfAttention(nnx.Module):
