@@ -192,3 +192,25 @@ def test_a_refused_layer_leaves_the_model_untouched():
     assert type(model.fc1) is nnx.Linear and not hasattr(model.fc1, "lora_A")
     after = jax.tree.map(np.asarray, nnx.state(model))
     assert jax.tree.all(jax.tree.map(np.array_equal, before, after))
+
+
+def test_train_step_compiles_ahead_and_frees_the_compiler_heap_once(monkeypatch):
+    """``make_train_step``'s first call compiles, returns the compiler's freed heap to the system
+    (``release_host_memory``) and only then runs; later calls neither compile nor release again."""
+    from peftjax.training import _step
+
+    released = []
+    monkeypatch.setattr(_step, "release_host_memory", lambda **kw: released.append(kw) or True)
+    model = UserMLP(nnx.Rngs(0))
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=["fc1", "fc2"]))
+    graphdef, trainable, rest = peftjax.split(peft_model.base_model)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(trainable)
+    step = peftjax.make_train_step(graphdef, tx, lambda m, b: jnp.mean(m(b["ids"]) ** 2))
+    batch = {"ids": jnp.asarray(IDS)}
+    losses = []
+    for _ in range(3):
+        trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
+        losses.append(float(loss))
+    assert released == [{}] and step._cache_size() == 1
+    assert losses[2] < losses[0]
