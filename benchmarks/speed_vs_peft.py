@@ -19,7 +19,10 @@ Configurations (``--configs`` picks some):
 - ``peftjax-cached``: the plain path with JAX's persistent compilation cache in a directory the
   trials share (trial 0 fills it: a cold start; later trials read it);
 - ``peft``: PEFT's LoRA on transformers' model, eager PyTorch; ``peft-gc``: with gradient
-  checkpointing (transformers' ``gradient_checkpointing_enable``), PEFT's counterpart of remat.
+  checkpointing (transformers' ``gradient_checkpointing_enable``), PEFT's counterpart of remat;
+- ``peftjax-bf16`` and ``peft-bf16`` (not run by default): the model loaded in bfloat16 (peftjax
+  ``from_pretrained(dtype="bfloat16")``, transformers ``dtype=torch.bfloat16``), each library's
+  default adapter dtype; their matmul peak is measured in bfloat16.
 
 Reported (medians over trials): step time, tokens per second, peak resident memory, and time to
 first step from the start of the child process, split into phases: imports, loading the weights,
@@ -51,7 +54,10 @@ CONFIGS = {
     "peftjax-cached": ("peftjax", {"compilation_cache": True}),
     "peft": ("peft", {}),
     "peft-gc": ("peft", {"gradient_checkpointing": True}),
+    "peftjax-bf16": ("peftjax", {"dtype": "bfloat16"}),
+    "peft-bf16": ("peft", {"dtype": "bfloat16"}),
 }
+DEFAULT_CONFIGS = ["peftjax", "peftjax-tuned", "peftjax-cached", "peft", "peft-gc"]
 
 
 def parse_args(argv=None):
@@ -71,8 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul that measures peak")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                   help="what to run (default: all); ratios need peftjax and peft")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
+                   help=f"what to run (default: {' '.join(DEFAULT_CONFIGS)}); ratios need peftjax and peft")
     # internal: run one framework in this process and print a JSON line
     p.add_argument("--child", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -148,6 +154,8 @@ def run_peftjax(args, options: dict) -> dict:
     t = time.perf_counter()
     if options.get("scan_layers"):
         model = models.from_pretrained(args.model_dir, scan_layers=True, remat=options["remat"])
+    elif options.get("dtype"):
+        model = models.from_pretrained(args.model_dir, dtype=options["dtype"])
     else:
         model = models.from_pretrained(args.model_dir)
     phases["load_s"] = time.perf_counter() - t
@@ -199,7 +207,7 @@ def run_peftjax(args, options: dict) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     temp = step.lower(trainable, opt_state, rest, batch, None).compile().memory_analysis().temp_size_in_bytes
     n = args.matmul_size
-    a = jnp.asarray(np.random.RandomState(1).standard_normal((n, n)), jnp.float32)
+    a = jnp.asarray(np.random.RandomState(1).standard_normal((n, n)), options.get("dtype", jnp.float32))
     mm = jax.jit(lambda x, y: x @ y)
     return {
         "step_s": statistics.median(times),
@@ -227,7 +235,8 @@ def run_peft(args, options: dict) -> dict:
     phases = {"import_s": time.perf_counter() - T_START}
     rss_imports = current_rss_bytes()
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    dtype = getattr(torch, options.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     phases["load_s"] = time.perf_counter() - t
     rss_loaded = current_rss_bytes()
     t = time.perf_counter()
@@ -260,7 +269,7 @@ def run_peft(args, options: dict) -> dict:
             times.append(now - t)
     rss = peak_rss_bytes()
     n = args.matmul_size
-    a = torch.as_tensor(np.random.RandomState(1).standard_normal((n, n)).astype(np.float32))
+    a = torch.as_tensor(np.random.RandomState(1).standard_normal((n, n)).astype(np.float32)).to(dtype)
     return {
         "step_s": statistics.median(times),
         "first_step_s": first,
@@ -321,7 +330,7 @@ def main() -> None:
     configs = args.configs
     print(f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
           f"vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; LoRA r={args.rank} on "
-          f"{', '.join(PROJECTIONS)}; float32; AdamW; {args.warmup} warmup + {args.steps} timed steps; "
+          f"{', '.join(PROJECTIONS)}; float32 (the -bf16 rows: bfloat16); AdamW; {args.warmup} warmup + {args.steps} timed steps; "
           f"{args.trials} trials; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     results = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as cache_dir:
@@ -347,7 +356,7 @@ def main() -> None:
         ("  loading (s)", "load_s", 1.0, "{:15.2f}"),
         ("  LoRA + optimizer (s)", "adapters_s", 1.0, "{:15.2f}"),
         ("  first step (s)", "step1_s", 1.0, "{:15.2f}"),
-        ("f32 matmul peak (GFLOP/s)", "matmul_flops_per_s", 1e-9, "{:15.0f}"),
+        ("matmul peak (GFLOP/s)", "matmul_flops_per_s", 1e-9, "{:15.0f}"),
     ]
     for label, key, scale, fmt in rows:
         values = [tokens / med[c][key] if scale is None else med[c][key] * scale for c in configs]
@@ -367,7 +376,8 @@ def main() -> None:
         else:  # XLA's cost analysis counts a scanned loop's body once; torch has none
             flops, how = hand, "counted by hand"
         floor = flops / peak
-        print(f"{config}: {flops / 1e9:.1f} GFLOP a step ({how}); own float32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        kind = options.get("dtype", "float32")
+        print(f"{config}: {flops / 1e9:.1f} GFLOP a step ({how}); own {kind} matmul peak {peak / 1e9:.0f} GFLOP/s; "
               f"floor {floor:.3f} s; achieved {flops / step / 1e9:.0f} GFLOP/s = {floor / step:.2f} of the floor")
         summary[config] = floor / step
     for config in configs:
@@ -388,8 +398,11 @@ def main() -> None:
     if {"peftjax-tuned", "peft-gc"} <= set(configs):
         fields.update(tuned_ratio_time=ratio("peftjax-tuned", "peft-gc", "step_s"),
                       tuned_ratio_mem=ratio("peftjax-tuned", "peft-gc", "peak_rss"))
-    jax_peak = next((med[c]["matmul_flops_per_s"] for c in configs if CONFIGS[c][0] == "peftjax"), None)
-    torch_peak = next((med[c]["matmul_flops_per_s"] for c in configs if CONFIGS[c][0] == "peft"), None)
+    def f32_peak(framework):
+        return next((med[c]["matmul_flops_per_s"] for c in configs
+                     if CONFIGS[c][0] == framework and "dtype" not in CONFIGS[c][1]), None)
+
+    jax_peak, torch_peak = f32_peak("peftjax"), f32_peak("peft")
     if jax_peak:
         fields["jax_f32_gflops"] = jax_peak / 1e9
     if torch_peak:
@@ -401,6 +414,12 @@ def main() -> None:
               f"peak memory {fields['ratio_mem']:.3f}x, time to first step {fields['ratio_first_step']:.3f}x; "
               f"matmul peaks JAX {fields.get('jax_f32_gflops', 0):.0f} / torch {fields.get('torch_f32_gflops', 0):.0f} "
               "GFLOP/s")
+    if {"peftjax-bf16", "peft-bf16"} <= set(configs):
+        fields.update(bf16_ratio_time=ratio("peftjax-bf16", "peft-bf16", "step_s"),
+                      bf16_ratio_mem=ratio("peftjax-bf16", "peft-bf16", "peak_rss"))
+        print(f"bfloat16: step time {fields['bf16_ratio_time']:.3f}x PEFT's; bf16 matmul peaks JAX "
+              f"{med['peftjax-bf16']['matmul_flops_per_s'] / 1e9:.0f} / torch "
+              f"{med['peft-bf16']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s")
     print(" ".join(f"{k}={v:.4g}" for k, v in fields.items()))
 
 
