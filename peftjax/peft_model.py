@@ -118,6 +118,9 @@ class PeftModel:
             raise ValueError(f"no adapter {unknown[0] if unknown else adapter_name!r}; adapters: {sorted(self.peft_config)}")
         if len(names) > 1:
             types = {self.peft_config[n].peft_type for n in names}
+            if "ADAPTION_PROMPT" in types:
+                raise ValueError(f"set_adapter({names}): adaption prompts run one at a time, as in PEFT (\"Unable to "
+                                 "stack multiple adaption prompts\"); pass one adapter name")
             if len(types) > 1 or self.peft_config[names[0]].is_prompt_learning:
                 raise ValueError(
                     f"set_adapter({names}): several active adapters must be of one layer method (LoRA, IA3 or "
@@ -485,7 +488,7 @@ class PeftModel:
         )
 
     def _check_status(self) -> None:
-        if any(c.is_prompt_learning for c in self.peft_config.values()):
+        if any(c.is_prompt_learning or c.peft_type == "ADAPTION_PROMPT" for c in self.peft_config.values()):
             raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt "
                             "are not supported.")
 
