@@ -89,7 +89,7 @@ class AdaptionPromptLayer(AdapterDictLayer):
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         scores = jnp.einsum("bqhd,lkhd->bhqk", q, k.astype(q.dtype)) / math.sqrt(d)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        probs = self.adaption_gate[name].get_value().astype(probs.dtype) * probs
+        probs = self.adaption_gate[name].get_value().astype(probs.dtype).reshape(1, 1, 1, 1) * probs
         out = jnp.einsum("bhqk,lkhd->bqhd", probs, v.astype(probs.dtype))
         return out.reshape(b, s, h * d)
 
