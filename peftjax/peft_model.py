@@ -250,8 +250,16 @@ class PeftModel:
     # ------------------------------------------------------------ parameters
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts, adapters included in ``all`` as PEFT counts them."""
-        return _count(nnx.state(self.base_model, TRAINABLE)), _count(nnx.state(self.base_model, nnx.Param))
+        """``(trainable, all)`` parameter counts, adapters included in ``all`` as PEFT counts them.
+
+        PEFT swaps inactive adaption prompts out of the model, so they count in neither number.
+        """
+        total = _count(nnx.state(self.base_model, nnx.Param))
+        for layer in tuner_base.adapter_layers(self.base_model).values():
+            for name in set(layer.adapter_names()) - set(self.active_adapters):
+                if self.peft_config[name].peft_type == "ADAPTION_PROMPT":
+                    total -= sum(_count(store[name].get_value()) for store in layer.adapter_variable_dicts())
+        return _count(nnx.state(self.base_model, TRAINABLE)), total
 
     def print_trainable_parameters(self) -> None:
         """Prints e.g. ``trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464``."""

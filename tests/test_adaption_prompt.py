@@ -151,6 +151,14 @@ def test_adapters_switch_disable_and_inspect(made, capsys):
     assert_close(run_jax(model), m["logits"])
     model.set_adapter("both")
     assert_close(run_jax(model), m["base"])
+    # PEFT's counts: its inactive prompts are swapped out of the model (97 + base, then 130 + base)
+    theirs = quiet(peft.PeftModel.from_pretrained, torch_base(m["path"], "llama"), m["adapter"], is_trainable=True)
+    theirs.add_adapter("both", peft.AdaptionPromptConfig(adapter_len=2, adapter_layers=2, task_type="CAUSAL_LM"))
+    theirs.set_adapter("both")
+    theirs.print_trainable_parameters()
+    model.print_trainable_parameters()
+    theirs_line, ours_line = capsys.readouterr().out.strip().splitlines()
+    assert ours_line == theirs_line
     model.set_adapter("default")
     with model.disable_adapter():
         assert_close(run_jax(model), m["base"])
