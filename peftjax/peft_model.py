@@ -257,7 +257,7 @@ class PeftModel:
         total = _count(nnx.state(self.base_model, nnx.Param))
         for layer in tuner_base.adapter_layers(self.base_model).values():
             for name in set(layer.adapter_names()) - set(self.active_adapters):
-                if self.peft_config[name].peft_type == "ADAPTION_PROMPT":
+                if getattr(self.peft_config.get(name), "peft_type", None) == "ADAPTION_PROMPT":
                     total -= sum(_count(store[name].get_value()) for store in layer.adapter_variable_dicts())
         return _count(nnx.state(self.base_model, TRAINABLE)), total
 
