@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -89,19 +90,13 @@ def test_config_round_trips_with_peft(tmp_path):
     loaded = peft.PeftConfig.from_pretrained(tmp_path / "ours")
     assert type(loaded).__name__ == "AdaptionPromptConfig" and (loaded.adapter_len, loaded.adapter_layers) == (5, 2)
     theirs.save_pretrained(tmp_path / "theirs")
-    assert peftjax.PeftConfig.from_pretrained(tmp_path / "theirs") == dataclass_replace(ours, peft_version="0.21.2")
+    assert peftjax.PeftConfig.from_pretrained(tmp_path / "theirs") == dataclasses.replace(ours, peft_version="0.21.2")
     with pytest.raises(ValueError, match="adapter_len"):
         peftjax.AdaptionPromptConfig(adapter_len=0, adapter_layers=1)
     with pytest.raises(TypeError, match="target_modules"):
         peftjax.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules=["self_attn"])
     with pytest.raises(ValueError, match="modules_to_save"):
         peftjax.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, modules_to_save=["lm_head"])
-
-
-def dataclass_replace(config, **kw):
-    import dataclasses
-
-    return dataclasses.replace(config, **kw)
 
 
 # ---------------------------------------------------------------- PEFT -> peftjax
