@@ -7,7 +7,9 @@ both ways with HF PEFT"). This file holds the cells the families' and the method
   onto its own model of the same checkpoint and gives PEFT's logits, under ``jit``.
 - ``here->peft``: peftjax makes the adapter from the config, its parameters moved off their
   initial values through the public functional API (``split`` -> change -> ``update``), saves it;
-  PEFT loads it and gives peftjax's (eager) logits, which differ from the base model's.
+  PEFT loads it and gives peftjax's logits (under ``jit`` too), which differ from the base
+  model's. The eager forward of these families under each method is held to PEFT in
+  test_lora_peft, test_ia3 and test_prompt_learning; jit alone here keeps this file short.
 
 A LoRA config without ``target_modules`` checks that peftjax picks PEFT's default targets for the
 family, the same modules PEFT adapts.
