@@ -12,6 +12,7 @@ Sharded training over device meshes lives in the ``peftjax.sharding`` subpackage
 from peftjax._version import __version__ as __version__
 from peftjax.config import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
     BOFTConfig,
     BottleneckConfig,
     FourierFTConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "FROZEN",
     "TRAINABLE",
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "BOFTConfig",
     "BottleneckConfig",
     "FourierFTConfig",

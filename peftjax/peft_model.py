@@ -118,6 +118,9 @@ class PeftModel:
             raise ValueError(f"no adapter {unknown[0] if unknown else adapter_name!r}; adapters: {sorted(self.peft_config)}")
         if len(names) > 1:
             types = {self.peft_config[n].peft_type for n in names}
+            if "ADAPTION_PROMPT" in types:
+                raise ValueError(f"set_adapter({names}): adaption prompts run one at a time, as in PEFT (\"Unable to "
+                                 "stack multiple adaption prompts\"); pass one adapter name")
             if len(types) > 1 or self.peft_config[names[0]].is_prompt_learning:
                 raise ValueError(
                     f"set_adapter({names}): several active adapters must be of one layer method (LoRA, IA3 or "
@@ -247,8 +250,16 @@ class PeftModel:
     # ------------------------------------------------------------ parameters
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, all)`` parameter counts, adapters included in ``all`` as PEFT counts them."""
-        return _count(nnx.state(self.base_model, TRAINABLE)), _count(nnx.state(self.base_model, nnx.Param))
+        """``(trainable, all)`` parameter counts, adapters included in ``all`` as PEFT counts them.
+
+        PEFT swaps inactive adaption prompts out of the model, so they count in neither number.
+        """
+        total = _count(nnx.state(self.base_model, nnx.Param))
+        for layer in tuner_base.adapter_layers(self.base_model).values():
+            for name in set(layer.adapter_names()) - set(self.active_adapters):
+                if getattr(self.peft_config.get(name), "peft_type", None) == "ADAPTION_PROMPT":
+                    total -= sum(_count(store[name].get_value()) for store in layer.adapter_variable_dicts())
+        return _count(nnx.state(self.base_model, TRAINABLE)), total
 
     def print_trainable_parameters(self) -> None:
         """Prints e.g. ``trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464``."""
@@ -485,7 +496,7 @@ class PeftModel:
         )
 
     def _check_status(self) -> None:
-        if any(c.is_prompt_learning for c in self.peft_config.values()):
+        if any(c.is_prompt_learning or c.peft_type == "ADAPTION_PROMPT" for c in self.peft_config.values()):
             raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt "
                             "are not supported.")
 

@@ -363,7 +363,8 @@ def _converted(config):
 def test_mixtral_all_linear_lora_on_router_and_experts_from_peft(tiny_checkpoint, tmp_path):
     """PEFT 0.21.2 turns all-linear on Mixtral into target_parameters on the router and the fused
     experts (rank and alpha doubled on gate_up_proj): its adapter gives the same logits here,
-    jitted or not, and merged; the same config made here converts and saves as PEFT's does."""
+    jitted or not, and merged; the same config made here converts and saves as PEFT's does, and
+    gives PEFT's logits there."""
     path, cls, base = _mixtral(tiny_checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -387,6 +388,12 @@ def test_mixtral_all_linear_lora_on_router_and_experts_from_peft(tiny_checkpoint
 
     mine, peft_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft"))
     assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in peft_file.items()}
+    with warnings.catch_warnings():  # ... and PEFT, loading it, gives the logits it gives here
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    out = run_jax(ours)
+    assert_close(out, run_torch(loaded))
+    assert np.abs(valid(out) - valid(run_torch(base()))).max() > 1e-3
 
 
 def test_mixtral_lora_on_experts_trained_here_loads_in_peft(tiny_checkpoint, tmp_path):

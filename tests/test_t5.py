@@ -215,7 +215,7 @@ def test_peft_made_adapter_gives_transformers_logits(flan, kind, tmp_path):
     assert np.abs(real(ref) - real(base)).max() > 1e-3  # the adapter changes the output
 
 
-@pytest.mark.parametrize("kind", ["lora", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "all-linear", "ia3"])
 def test_adapter_trained_here_loads_in_peft(flan, kind, tmp_path):
     _, path, _ = flan
     config = _make_peft_config(kind, peftjax)
@@ -223,7 +223,7 @@ def test_adapter_trained_here_loads_in_peft(flan, kind, tmp_path):
     with _quiet():
         their = peft.get_peft_model(_torch_base(path), _make_peft_config(kind, peft))
     assert model.get_nb_trainable_parameters() == their.get_nb_trainable_parameters()  # PEFT's t5 default targets
-    if kind == "lora":  # training a SEQ_2_SEQ_LM adapter (the model's own loss); IA3 starts random here
+    if kind == "lora":  # training a SEQ_2_SEQ_LM adapter (the model's own loss); the others start random here
         batch = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
         losses = _tiny.train(model, batch, steps=3, optimizer=optax.adam(1e-2)).losses
         assert losses[-1] < losses[0]
@@ -233,6 +233,11 @@ def test_adapter_trained_here_loads_in_peft(flan, kind, tmp_path):
         loaded = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path).eval()
     theirs = torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
     assert_close(real(ours), real(theirs), ADAPTER_TOL)
+    if kind == "all-linear":
+        assert {s.name for s in model.get_layer_status()} == {s.name for s in loaded.get_layer_status()}
+    if kind != "lora":  # untrained: the random (init_*_weights=False) adapter must move the logits
+        base = torch_out(_torch_base(path), input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
+        assert np.abs(real(ours) - real(base)).max() > 1e-3
     if kind == "lora":  # the Trainer's batches do not pad a second (label) sequence: refused by name
         with pytest.raises(NotImplementedError, match="encoder-decoder models.*make_train_step"):
             peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run")))

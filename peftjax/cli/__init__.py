@@ -46,6 +46,8 @@ def _inspect(args) -> int:
         "rank_pattern": d.get("rank_pattern") or None,
         # trainable tokens: TRAINABLE_TOKENS' own ids, or LoRA's trainable_token_indices
         "token_indices": d.get("token_indices") or d.get("trainable_token_indices"),
+        "adapter_len": d.get("adapter_len"),  # adaption prompt: prompt tokens per layer, layers from the top
+        "adapter_layers": d.get("adapter_layers"),
         "modules_to_save": d.get("modules_to_save"),
         "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in heads.items()} or None,
         "model_task": task_for_adapter(config, heads),

@@ -13,6 +13,7 @@ from peftjax.config._base import (
     load_config,
 )
 from peftjax.config._adalora import AdaLoraConfig
+from peftjax.config._adaption_prompt import AdaptionPromptConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import LoftQConfig, LoraConfig
@@ -51,6 +52,7 @@ from peftjax.config._targeting import (
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "CONFIG_NAME",
     "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",

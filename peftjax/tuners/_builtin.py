@@ -5,6 +5,7 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 
 from peftjax.tuners._registry import Tuner, register_tuner
 from peftjax.tuners.adalora import AdaLoraConfig, adalora_state_dict, inject_adalora, load_adalora_state_dict
+from peftjax.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptLayer, inject_adaption_prompt
 from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
@@ -43,6 +44,7 @@ register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLaye
 register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTLayer))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
+register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))
 register_tuner(Tuner.for_layers(BottleneckConfig, inject=inject_bottleneck, layer_type=BottleneckLayer))
 for _config_class in PROMPT_LEARNING_CONFIGS:
     register_tuner(Tuner(_config_class, inject=inject_prompt_learning, state_dict=prompt_state_dict,

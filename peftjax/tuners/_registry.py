@@ -97,7 +97,7 @@ def inject_adapter_in_model(
 
     Args:
       peft_config: a ``LoraConfig``, ``IA3Config``, ``VeraConfig``, ``FourierFTConfig``, ``LNTuningConfig``,
-        ``TrainableTokensConfig``, ``BottleneckConfig`` or prompt-learning config.
+        ``TrainableTokensConfig``, ``BottleneckConfig``, ``AdaptionPromptConfig`` or prompt-learning config.
       model: the NNX model.
       adapter_name: the name the weights are stored under.
       key: the init key; by default the one ``get_peft_model`` uses, so both give the same adapter.

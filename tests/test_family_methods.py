@@ -1,0 +1,169 @@
+"""The newer families under every PEFT method, both ways with HF PEFT: the cells no other file tests.
+
+The whole matrix, family x method x direction, and the test of each cell is in the README ("Tested
+both ways with HF PEFT"). This file holds the cells the families' and the methods' own files leave:
+
+- ``peft->here``: HF PEFT makes the adapter (random, as after training), saves it; peftjax loads it
+  onto its own model of the same checkpoint and gives PEFT's logits, under ``jit``.
+- ``here->peft``: peftjax makes the adapter from the config, its parameters moved off their
+  initial values through the public functional API (``split`` -> change -> ``update``), saves it;
+  PEFT loads it and gives peftjax's logits (under ``jit`` too), which differ from the base
+  model's. The eager forward of these families under each method is held to PEFT in
+  test_lora_peft, test_ia3 and test_prompt_learning; jit alone here keeps this file short.
+
+A LoRA config without ``target_modules`` checks that peftjax picks PEFT's default targets for the
+family, the same modules PEFT adapts.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
+
+# a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
+ARCHS = {family: _tiny.arch(family, initializer_range=0.2) for family in ("gemma2", "gemma3_text", "qwen3", "mixtral")}
+V = 4  # virtual tokens
+
+# method -> (config class name, fields); the class is looked up in peft and in peftjax alike
+METHODS = {
+    "lora-default-targets": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False)),
+    "dora-all-linear": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear",
+                                           use_dora=True)),
+    # Mixtral: all-linear becomes LoRA on the experts' parameters, which PEFT refuses with DoRA
+    "dora": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    "ia3-default-targets": ("IA3Config", {}),
+    "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=V)),
+    "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=V)),
+    "p-tuning": ("PromptEncoderConfig", dict(num_virtual_tokens=V, encoder_hidden_size=24)),
+}
+BOTH = ("peft->here", "here->peft")
+# (family, method) -> the directions no other test covers (README's matrix names the tests that do)
+CASES = {
+    ("gemma2", "lora-default-targets"): BOTH,
+    ("gemma2", "dora-all-linear"): ("peft->here",),  # here->peft: test_lora_peft::test_dora_all_linear_made_here...
+    ("gemma2", "prefix"): ("here->peft",),  # peft->here: test_prompt_learning
+    ("gemma2", "prompt"): BOTH,
+    ("gemma2", "p-tuning"): BOTH,
+    ("gemma3_text", "lora-default-targets"): ("here->peft",),  # peft->here: test_lora_peft[gemma3_text-default]
+    ("gemma3_text", "dora-all-linear"): ("here->peft",),  # peft->here: test_lora_peft[gemma3_text-dora/-rslora]
+    ("gemma3_text", "ia3-default-targets"): BOTH,
+    ("gemma3_text", "prompt"): ("here->peft",),
+    ("gemma3_text", "p-tuning"): ("here->peft",),
+    ("qwen3", "lora-default-targets"): ("here->peft",),  # peft->here: test_lora_peft[qwen3-default]
+    ("mixtral", "dora"): ("peft->here",),  # here->peft: test_lora_peft::test_mixtral_attention_lora_both_ways
+    ("mixtral", "prompt"): ("here->peft",),
+    ("mixtral", "p-tuning"): ("here->peft",),
+}
+IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
+MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has
+IDS[MASK == 0] = 0
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoint):
+    """family -> its tiny checkpoint, and the base model's PyTorch logits (built once)."""
+    return {family: (tiny_checkpoint(spec), run_torch(torch_base(tiny_checkpoint(spec), family)))
+            for family, spec in ARCHS.items()}
+
+
+def torch_base(path, family):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARCHS[family].torch_class.from_pretrained(path).eval()
+
+
+def run_torch(model):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+def run_jax(peft_model, jit):
+    model = peft_model.base_model
+    if jit:
+        return np.asarray(nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model, IDS, MASK))
+    return np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+
+
+def real(logits):
+    """The logits at the real tokens, and at the virtual ones that prompt and P-tuning put before them."""
+    extra = logits.shape[1] - MASK.shape[1]
+    return logits[np.concatenate([np.ones((len(MASK), extra), bool), MASK.astype(bool)], 1)]
+
+
+def changed(logits, base) -> float:
+    """How far the adapter moved the real tokens' logits from the base model's."""
+    return float(np.abs(logits[:, -MASK.shape[1]:][MASK == 1] - base[MASK == 1]).max())
+
+
+def targeted(peft_model):
+    """The modules an adapter sits on, as the public ``get_layer_status`` lists them (peftjax's and PEFT's)."""
+    return {status.name for status in peft_model.get_layer_status()}
+
+
+def make_peft(path, family, method):
+    """PEFT's adapter made from the config, every trainable parameter moved as training would."""
+    name, fields = METHODS[method]
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(torch_base(path, family), getattr(peft, name)(task_type="CAUSAL_LM", **fields))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_here(path, method):
+    """peftjax's adapter made from the same config, every adapter parameter moved through the public
+    functional API: split, change the adapter state, update."""
+    name, fields = METHODS[method]
+    model = peftjax.get_peft_model(models.from_pretrained(path), getattr(peftjax, name)(task_type="CAUSAL_LM",
+                                                                                        **fields),
+                                   key=jax.random.key(3))
+    _, adapters, _ = peftjax.split(model.base_model)
+    assert jax.tree.leaves(adapters), "the config made no adapter parameters"
+    rng = np.random.RandomState(4)  # NumPy's noise: no JAX op to compile per parameter shape
+    model.update(jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape).astype(x.dtype)),
+                              adapters))
+    return model
+
+
+@pytest.mark.parametrize(("family", "method"), sorted(CASES))
+def test_adapter_gives_peft_logits_both_ways(saved, family, method, tmp_path):
+    path, base = saved[family]
+    lora_like = not METHODS[method][0].startswith("P")  # adapters on layers (LoRA, IA³), not prompts
+    if "peft->here" in CASES[family, method]:
+        theirs = make_peft(path, family, method)
+        theirs.save_pretrained(tmp_path / "peft")
+        ref = run_torch(theirs)
+        ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+        if lora_like:
+            assert targeted(ours) == targeted(theirs)
+        np.testing.assert_allclose(real(run_jax(ours, jit=True)), real(ref), atol=1e-5, rtol=0)
+        assert changed(ref, base) > 1e-3  # the adapter changes the output
+    if "here->peft" in CASES[family, method]:
+        ours = make_here(path, method)
+        ours.save_pretrained(tmp_path / "here")
+        out = run_jax(ours, jit=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(torch_base(path, family), tmp_path / "here").eval()
+        if lora_like:
+            assert targeted(ours) == targeted(theirs)  # PEFT's default targets, where none given
+        np.testing.assert_allclose(real(out), real(run_torch(theirs)), atol=1e-5, rtol=0)
+        assert changed(out, base) > 1e-3
