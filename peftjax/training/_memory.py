@@ -34,10 +34,9 @@ def release_host_memory(*, clear_compiled: bool = False) -> bool:
     """Returns the host memory the allocator holds free to the operating system.
 
     The recipe for a lean process: once the model is loaded and its adapters added, call it
-    with ``clear_compiled``; compile the step ahead (``step.lower(*args).compile()``: the first
-    call reuses that executable) and call it again before the first step runs, so the
-    compiler's freed heap and the step's buffers are never resident together. :class:`Trainer`
-    does the second part. In ``benchmarks/speed_vs_peft.py`` the recipe takes the peak resident
+    with ``clear_compiled``; then compile the step ahead and call it again before the first step
+    runs, so the compiler's freed heap and the step's buffers are never resident together. A step
+    from ``make_train_step`` (and so :class:`Trainer`) does that second part on its first call. In ``benchmarks/speed_vs_peft.py`` the recipe takes the peak resident
     memory from 0.90 GiB to 0.68 GiB (benchmarks/README.md).
 
     Args:
