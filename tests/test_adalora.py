@@ -322,3 +322,10 @@ def test_errors_name_the_problem(paths):
     with pytest.raises(ValueError, match="only 1 trainable adapter"):
         model.add_adapter("second", peftjax.AdaLoraConfig(total_step=10, target_modules=["q_proj"]))
     model.add_adapter("frozen", peftjax.AdaLoraConfig(total_step=10, target_modules=["q_proj"], inference_mode=True))
+    # a plain step would train the SVD factors without the allocator or the regulariser: refused
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    tx = optax.adamw(1e-3)
+    step = peftjax.make_train_step(graphdef, tx)
+    batch = {"input_ids": jnp.asarray(IDS), "attention_mask": jnp.asarray(MASK), "labels": jnp.asarray(IDS)}
+    with pytest.raises(ValueError, match=r"q_proj.*AdaLoRA.*make_adalora_train_step"):
+        step(trainable, tx.init(trainable), rest, batch, None)

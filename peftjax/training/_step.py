@@ -105,11 +105,25 @@ def make_train_step(
             return loss_fn(model, batch)
 
     def step(trainable, opt_state, rest, batch, key):
+        _refuse_adalora(trainable)
         loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return jit_step(step, donate=donate, mesh=mesh, rules=rules)
+
+
+def _refuse_adalora(trainable) -> None:
+    """A trainable AdaLoRA adapter (``lora_E``) needs its rank allocator and regulariser, which this
+    step would silently skip: it is refused, naming the step that runs them."""
+    for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if "lora_E" in names:
+            where = ".".join(n for n in names[: names.index("lora_E")])
+            raise ValueError(
+                f"make_train_step: {where} holds a trainable AdaLoRA adapter; its rank allocator "
+                "(update_and_allocate) and orthogonal regulariser run in peftjax.make_adalora_train_step "
+                "and the Trainer, not in a plain step. Use one of those, or freeze the adapter")
 
 
 def jit_step(step: Callable, *, donate: bool = True, mesh=None, rules: Any = None) -> Callable:
