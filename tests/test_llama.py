@@ -265,27 +265,6 @@ def test_rope_scalings_match_transformers(name, tmp_path):
         assert np.abs(plain[-1] - ref[valid]).max() > 1e-4 or seq == 6 and name == "dynamic"  # the scaling acts
 
 
-def test_dynamic_rope_generation_matches_transformers_and_later_calls_equal_a_fresh_model(tmp_path):
-    """Greedy generation from 6 to 14 tokens (past max_position_embeddings=8: every step grows the
-    base) equals transformers'. transformers' rotary then keeps the frequencies grown for 13
-    positions, so its next 10-token call differs from a fresh model's; ours is stateless: each call
-    equals a fresh transformers model."""
-    family, extra = ROPE_SCALINGS["dynamic"]
-    torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY, **extra), tmp_path)
-    model = models.from_pretrained(tmp_path)
-    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
-    ref = _hf_generate(torch_model, ids, mask, 8)
-    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0), ref)
-    assert torch_model.model.rotary_emb.max_seq_len_cached == 13
-    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=10)
-    valid = mask.astype(bool)
-    stale = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
-    fresh = torch_logits(type(torch_model).from_pretrained(tmp_path).eval(), input_ids=ids, attention_mask=mask)[valid]
-    assert np.abs(stale - fresh).max() > 1e-4  # transformers' state shows
-    ours = np.asarray(_forward(model, True, input_ids=ids, attention_mask=mask).logits)[valid]
-    np.testing.assert_allclose(ours, fresh, atol=1e-5, rtol=0)
-
-
 # Phi-3 LongRoPE on _tiny's phi3, factors far apart so a key rotated with the wrong set shows
 LONGROPE = dict(max_position_embeddings=32, original_max_position_embeddings=8, initializer_range=0.2,
                 rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.2, 1.5, 2.0],
@@ -357,7 +336,7 @@ def test_longrope_generation_from_inputs_embeds_reruns_the_embeddings(longrope):
     table = torch_model.model.embed_tokens.weight.detach().numpy()
     np.testing.assert_array_equal(_torch_greedy_embeds(torch_model, table[ids], mask, 8),
                                   _hf_generate(torch_model, ids, mask, 8, eos_token_id=None)[:, 5:])
-    embeds = (table[ids] + 0.5 * np.random.RandomState(0).randn(*table[ids].shape)).astype(np.float32)
+    embeds = (table[ids] + np.random.RandomState(0).randn(*table[ids].shape)).astype(np.float32)
     ref = _torch_greedy_embeds(torch_model, embeds, mask, 8)
     out = model.generate(ids, mask, max_new_tokens=8, inputs_embeds=embeds, eos_token_id=[])
     np.testing.assert_array_equal(out[:, 5:], ref)
@@ -383,6 +362,27 @@ def test_longrope_generation_with_lora_matches_peft_and_prefix_tuning_is_refused
                                     peftjax.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="prefix-tuning adapter.*original_max_position_embeddings=8"):
         prefix.generate(ids, mask, max_new_tokens=8)
+
+
+def test_dynamic_rope_generation_matches_transformers_and_later_calls_equal_a_fresh_model(tmp_path):
+    """Greedy generation from 6 to 14 tokens (past max_position_embeddings=8: every step grows the
+    base) equals transformers'. transformers' rotary then keeps the frequencies grown for 13
+    positions, so its next 10-token call differs from a fresh model's; ours is stateless: each call
+    equals a fresh transformers model."""
+    family, extra = ROPE_SCALINGS["dynamic"]
+    torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY, **extra), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
+    ref = _hf_generate(torch_model, ids, mask, 8)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0), ref)
+    assert torch_model.model.rotary_emb.max_seq_len_cached == 13
+    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=10)
+    valid = mask.astype(bool)
+    stale = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+    fresh = torch_logits(type(torch_model).from_pretrained(tmp_path).eval(), input_ids=ids, attention_mask=mask)[valid]
+    assert np.abs(stale - fresh).max() > 1e-4  # transformers' state shows
+    ours = np.asarray(_forward(model, True, input_ids=ids, attention_mask=mask).logits)[valid]
+    np.testing.assert_allclose(ours, fresh, atol=1e-5, rtol=0)
 
 
 def test_a_scaling_without_its_fields_is_named(tmp_path):
