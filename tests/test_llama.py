@@ -360,7 +360,7 @@ def test_longrope_generation_with_lora_matches_peft_and_prefix_tuning_is_refused
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0, eos_token_id=[]), ref)
     prefix = peftjax.get_peft_model(models.from_pretrained(path),
                                     peftjax.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match="prefix-tuning adapter.*original_max_position_embeddings=8"):
+    with pytest.raises(ValueError, match=r"prefix-tuning adapter \(2 virtual tokens\).*original_max_position_embeddings=8"):
         prefix.generate(ids, mask, max_new_tokens=8)
 
 

@@ -80,18 +80,25 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         long factors the rotary embedding switches to there; ``generate`` does the same at this
         step. A prompt already past the threshold uses the long factors from its prefill on.
 
+        An ``inputs_embeds`` prompt (prompt tuning's virtual tokens included) is rerun from its
+        embeddings, followed by the generated tokens' (the cache it builds is a no-cache forward's,
+        as after an ``input_ids`` prompt). transformers differs there: its check counts
+        ``input_ids`` only, so it reruns ``input_ids``' own embeddings when they are as long as the
+        prompt's, and never reruns after virtual tokens.
+
         Raises:
           ValueError: a prefix-tuning adapter is active and the generation crosses the threshold
             (its prefix shifts the positions past the cache's length; not implemented).
         """
-        rotary = self.model.rotary
-        if rotary.kind != "longrope" or not prefill <= rotary.threshold < prefill + max_new_tokens:
+        rotary, prefix = self.model.rotary, self._generation_prefix_length()
+        start = prefix + prefill  # a prefix's entries come first and shift the positions
+        if rotary.kind != "longrope" or not start <= rotary.threshold < start + max_new_tokens:
             return None
-        if self._generation_prefix_length():
+        if prefix:
             raise ValueError(
-                f"Phi3ForCausalLM.generate: with a prefix-tuning adapter, a generation that crosses "
-                f"original_max_position_embeddings={rotary.threshold} (longrope) is not implemented; generate "
-                f"at most {rotary.threshold - prefill} tokens from this prompt of {prefill}")
+                f"Phi3ForCausalLM.generate: with a prefix-tuning adapter ({prefix} virtual tokens), a generation "
+                f"that crosses original_max_position_embeddings={rotary.threshold} (longrope) is not implemented; "
+                f"generate at most {rotary.threshold - start} tokens from this prompt of {prefill}")
         return rotary.threshold - prefill
 
     def embed_input_ids(self, input_ids):
