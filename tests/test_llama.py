@@ -320,7 +320,8 @@ def _torch_greedy_embeds(torch_model, embeds, mask, new):
     with torch.no_grad():
         for _ in range(new):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            token = torch_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
+            logits = torch_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+            token = logits[:, -1].argmax(-1)
             tokens.append(token)
             embeds = torch.cat([embeds, torch_model.model.embed_tokens(token)[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -357,10 +358,11 @@ def test_longrope_generation_with_lora_matches_peft_and_prefix_tuning_is_refused
                           do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
     assert (ref != _hf_generate(torch_model, ids, mask, 8, eos_token_id=None)).any()  # the adapter acts
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "lora")
-    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0, eos_token_id=[]), ref)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0), ref)
     prefix = peftjax.get_peft_model(models.from_pretrained(path),
                                     peftjax.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
-    with pytest.raises(ValueError, match=r"prefix-tuning adapter \(2 virtual tokens\).*original_max_position_embeddings=8"):
+    refused = r"prefix-tuning adapter \(2 virtual tokens\).*original_max_position_embeddings=8"
+    with pytest.raises(ValueError, match=refused):
         prefix.generate(ids, mask, max_new_tokens=8)
 
 
