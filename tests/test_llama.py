@@ -265,20 +265,126 @@ def test_rope_scalings_match_transformers(name, tmp_path):
         assert np.abs(plain[-1] - ref[valid]).max() > 1e-4 or seq == 6 and name == "dynamic"  # the scaling acts
 
 
-def test_longrope_generation_matches_transformers_or_is_refused(tmp_path):
-    """Within either factor set, greedy generation equals transformers'; across the switch (where
-    transformers' Phi-3 recomputes its cache) it is refused, naming the threshold."""
-    family, extra = ROPE_SCALINGS["longrope"]
-    torch_model = save_tiny(tr.Phi3ForCausalLM, _tiny.config(family, **TINY, **extra), tmp_path)
+# Phi-3 LongRoPE on _tiny's phi3, factors far apart so a key rotated with the wrong set shows
+LONGROPE = dict(max_position_embeddings=32, original_max_position_embeddings=8, initializer_range=0.2,
+                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.2, 1.5, 2.0],
+                                     long_factor=[1.0, 4.0, 16.0, 64.0]))
+VOCAB = _tiny.FAMILIES["phi3"][2]["vocab_size"]
+
+
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    path = tmp_path_factory.mktemp("longrope")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: "set `factor` instead of original_max_position_embeddings"
+        torch_model = save_tiny(tr.Phi3ForCausalLM, _tiny.config("phi3", **LONGROPE), path)
+    return torch_model, models.from_pretrained(path), path
+
+
+def _hf_generate(torch_model, ids, mask, new, **kwargs):
+    with torch.no_grad():
+        return torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=new,
+                                    do_sample=False, pad_token_id=0, **kwargs).numpy()
+
+
+def test_longrope_generation_across_the_switch_matches_transformers(longrope):
+    """5 padded prompt tokens + 8 cross original_max_position_embeddings=8 at step 3, where
+    transformers' Phi-3 drops its cache and reruns the sequence with the long factors; row 1 ends
+    at an EOS before that, so its padding is rerun too. A 9-token prompt: long factors throughout."""
+    torch_model, model, _ = longrope
+    ids, mask = padded_batch(VOCAB, batch=3, seq=5)
+    eos = int(_hf_generate(torch_model, ids, mask, 8)[1, 6])  # row 1's second token
+    ref = _hf_generate(torch_model, ids, mask, 8, eos_token_id=eos)
+    assert ref.shape == (3, 13) and (ref[1, 7:] == 0).all() and (ref[0, 5:] != eos).all()
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0), ref)
+    ids, mask = padded_batch(VOCAB, batch=2, seq=9)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4, pad_token_id=0),
+                                  _hf_generate(torch_model, ids, mask, 4))
+
+
+def test_longrope_sampling_across_the_switch_draws_the_same_keys(longrope):
+    """The rerun step splits the key as any step does: the tokens before the switch are those of a
+    generation that stops short of it, and a seed repeats."""
+    _, model, _ = longrope
+    ids, mask = padded_batch(VOCAB, batch=2, seq=5)
+    kw = dict(do_sample=True, temperature=2.0, seed=3)
+    long = model.generate(ids, mask, max_new_tokens=8, **kw)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, **kw), long)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=3, **kw), long[:, :8])
+
+
+def _torch_greedy_embeds(torch_model, embeds, mask, new):
+    """No cache: the whole sequence (prompt embeddings, then the generated tokens') every step, so
+    every key is rotated with the factors of the current length (what the rerun restores)."""
+    embeds, mask, tokens = torch.tensor(np.asarray(embeds)), torch.tensor(mask), []
+    with torch.no_grad():
+        for _ in range(new):
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            logits = torch_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+            token = logits[:, -1].argmax(-1)
+            tokens.append(token)
+            embeds = torch.cat([embeds, torch_model.model.embed_tokens(token)[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(tokens, 1).numpy()
+
+
+def test_longrope_generation_from_inputs_embeds_reruns_the_embeddings(longrope):
+    """An ``inputs_embeds`` prompt is rerun from its embeddings (transformers' generate would rerun
+    ``input_ids``' own embeddings instead): equal to no-cache greedy decoding in transformers,
+    which equals transformers' generate on token ids."""
+    torch_model, model, _ = longrope
+    ids, mask = padded_batch(VOCAB, batch=2, seq=5)
+    table = torch_model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(_torch_greedy_embeds(torch_model, table[ids], mask, 8),
+                                  _hf_generate(torch_model, ids, mask, 8, eos_token_id=None)[:, 5:])
+    embeds = (table[ids] + np.random.RandomState(0).randn(*table[ids].shape)).astype(np.float32)
+    ref = _torch_greedy_embeds(torch_model, embeds, mask, 8)
+    out = model.generate(ids, mask, max_new_tokens=8, inputs_embeds=embeds, eos_token_id=[])
+    np.testing.assert_array_equal(out[:, 5:], ref)
+
+
+def test_longrope_generation_with_lora_matches_peft_and_prefix_tuning_is_refused(longrope, tmp_path):
+    torch_model, _, path = longrope
+    peft = pytest.importorskip("peft")
+    import peftjax
+
+    config = dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(tr.Phi3ForCausalLM.from_pretrained(path).eval(), peft.LoraConfig(**config)).eval()
+    pm.save_pretrained(tmp_path / "lora")
+    ids, mask = padded_batch(VOCAB, batch=3, seq=5)
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                          do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+    assert (ref != _hf_generate(torch_model, ids, mask, 8, eos_token_id=None)).any()  # the adapter acts
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "lora")
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0), ref)
+    prefix = peftjax.get_peft_model(models.from_pretrained(path),
+                                    peftjax.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    refused = r"prefix-tuning adapter \(2 virtual tokens\).*original_max_position_embeddings=8"
+    with pytest.raises(ValueError, match=refused):
+        prefix.generate(ids, mask, max_new_tokens=8)
+
+
+def test_dynamic_rope_generation_matches_transformers_and_later_calls_equal_a_fresh_model(tmp_path):
+    """Greedy generation from 6 to 14 tokens (past max_position_embeddings=8: every step grows the
+    base) equals transformers'. transformers' rotary then keeps the frequencies grown for 13
+    positions, so its next 10-token call differs from a fresh model's; ours is stateless: each call
+    equals a fresh transformers model."""
+    family, extra = ROPE_SCALINGS["dynamic"]
+    torch_model = save_tiny(_tiny.arch(family).torch_class, _tiny.config(family, **TINY, **extra), tmp_path)
     model = models.from_pretrained(tmp_path)
-    for seq, new in ((4, 4), (9, 5)):  # short factors throughout; long factors throughout
-        ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=seq)
-        with torch.no_grad():
-            ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                                       max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
-        np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=new, pad_token_id=0), ref)
-    with pytest.raises(ValueError, match="crosses original_max_position_embeddings=8"):
-        model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4)
+    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=6)
+    ref = _hf_generate(torch_model, ids, mask, 8)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, pad_token_id=0), ref)
+    assert torch_model.model.rotary_emb.max_seq_len_cached == 13
+    ids, mask = padded_batch(TINY["vocab_size"], batch=2, seq=10)
+    valid = mask.astype(bool)
+    stale = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+    fresh = torch_logits(type(torch_model).from_pretrained(tmp_path).eval(), input_ids=ids, attention_mask=mask)[valid]
+    assert np.abs(stale - fresh).max() > 1e-4  # transformers' state shows
+    ours = np.asarray(_forward(model, True, input_ids=ids, attention_mask=mask).logits)[valid]
+    np.testing.assert_allclose(ours, fresh, atol=1e-5, rtol=0)
 
 
 def test_a_scaling_without_its_fields_is_named(tmp_path):

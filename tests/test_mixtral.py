@@ -104,13 +104,24 @@ def test_loss_includes_the_load_balancing_loss_as_transformers_adds_it(mixtral):
     assert torch_model.config.output_router_logits is False
     assert ref.loss.item() - plain > 1e-4  # the aux term is visible at this tolerance
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    assert out.aux_loss is None and abs(float(out.loss) - plain) <= 1e-5
+    assert out.aux_loss is None and out.router_logits is None and abs(float(out.loss) - plain) <= 1e-5
     step = jax.jit(lambda ids, mask, labels: model(input_ids=ids, attention_mask=mask, labels=labels,
                                                    output_router_logits=True))
     for out in (model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True),
                 step(ids, mask, labels)):
         assert abs(float(out.aux_loss) - ref.aux_loss.item()) <= 1e-5
         assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+        assert_router_logits(out.router_logits, ref.router_logits, mask)
+
+
+def assert_router_logits(ours, theirs, mask):
+    """Per layer ``[batch * seq, experts]``, equal on the real tokens (a padded query row attends to
+    nothing, and torch's and ours fill it differently)."""
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) == 2
+    real = mask.reshape(-1).astype(bool)
+    for a, b in zip(ours, theirs):
+        assert a.shape == tuple(b.shape)
+        np.testing.assert_allclose(np.asarray(a)[real], b.detach().numpy()[real], atol=1e-5, rtol=0)
 
 
 def test_greedy_generation_matches_transformers(mixtral):
@@ -140,6 +151,7 @@ def test_scanned_and_rematerialised_layers_match_transformers_with_gradients(mix
     grads, out = nnx.jit(nnx.grad(loss, has_aux=True))(scanned)
     np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.detach().numpy()[valid], atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5 and abs(float(out.aux_loss) - ref.aux_loss.item()) <= 1e-5
+    assert_router_logits(out.router_logits, ref.router_logits, mask)  # out of the scan's stacked buffer
     # the router learns through the routing weights and the aux loss; the experts through their tokens
     mlp = grads.model.layers.layer.mlp
     for ours, name in ((mlp.gate.weight, "gate.weight"), (mlp.experts.gate_up_proj, "experts.gate_up_proj"),

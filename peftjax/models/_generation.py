@@ -30,7 +30,8 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad",
+                     "rerun_at"),
 )
 def _generate(
     graphdef,
@@ -48,6 +49,7 @@ def _generate(
     top_p,
     eos,
     pad,
+    rerun_at=None,
 ):
     model = nnx.merge(graphdef, state)
     b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
@@ -70,11 +72,14 @@ def _generate(
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
+    def choose(logits, done, rng):
+        rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
+        token = jnp.where(done, pad, pick(logits, key))
+        return token, done | jnp.isin(token, eos_ids), rng
+
     def step(carry, i):
         logits, cache, key_mask, pos, done, rng = carry
-        rng, key = jax.random.split(rng)
-        token = jnp.where(done, pad, pick(logits, key))
-        done = done | jnp.isin(token, eos_ids)
+        token, done, rng = choose(logits, done, rng)
         key_mask = key_mask.at[:, s + i].set(1)
         out = model(
             input_ids=token[:, None],
@@ -86,7 +91,27 @@ def _generate(
         return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng), (token, done)
 
     carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng)
-    _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+    if rerun_at is None:
+        _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
+        return tokens.T, done.T
+    # Phi-3's LongRoPE switch: tokens up to `rerun_at` one by one, then the whole sequence so far
+    # again from an empty cache (its keys rotated anew), then one by one to the end
+    carry, (before, done_before) = jax.lax.scan(step, carry, jnp.arange(rerun_at))
+    logits, cache, key_mask, pos, done, rng = carry
+    token, done, rng = choose(logits, done, rng)
+    generated = jnp.concatenate([before.T, token[:, None]], axis=1)
+    key_mask = key_mask.at[:, s + rerun_at].set(1)
+    whole = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(rerun_at + 1)[None]], axis=1)
+    if inputs_embeds is None:
+        sequence = {"input_ids": jnp.concatenate([input_ids, generated], axis=1)}
+    else:
+        embedded = model.embed_input_ids(generated).astype(inputs_embeds.dtype)
+        sequence = {"inputs_embeds": jnp.concatenate([inputs_embeds, embedded], axis=1)}
+    out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0)
+    carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng)
+    _, (after, done_after) = jax.lax.scan(step, carry, jnp.arange(rerun_at + 1, max_new_tokens))
+    tokens = jnp.concatenate([before, token[None], after])
+    done = jnp.concatenate([done_before, done[None], done_after])
     return tokens.T, done.T
 
 
@@ -158,6 +183,7 @@ class GenerationMixin:
             pad_token_id = getattr(self.config, "pad_token_id", None)
         if pad_token_id is None:
             pad_token_id = eos[0] if eos else 0
+        rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         graphdef, state = nnx.split(self)
         tokens, done = _generate(
             graphdef,
@@ -174,8 +200,30 @@ class GenerationMixin:
             top_p=top_p,
             eos=eos,
             pad=int(pad_token_id),
+            rerun_at=rerun_at,
         )
         tokens, done = np.asarray(tokens), np.asarray(done)
         all_done = np.nonzero(done.all(axis=0))[0]
         n = int(all_done[0]) + 1 if len(all_done) else max_new_tokens
         return np.concatenate([np.asarray(input_ids), tokens[:, :n]], axis=1)
+
+    def _generation_rerun_step(self, prefill: int, max_new_tokens: int) -> int | None:
+        """The step whose token is fed with the whole sequence so far, from an empty cache.
+
+        ``None`` (the default): every generated token is fed alone. A model whose cached keys go
+        stale at some length (Phi-3's LongRoPE) returns the step ``i`` (``0 <= i < max_new_tokens``)
+        at which the prompt and tokens ``0..i`` are run again in one call, as transformers'
+        ``prepare_inputs_for_generation`` of that model drops its cache. A model that does so
+        implements ``embed_input_ids`` (the rerun embeds the generated tokens after an
+        ``inputs_embeds`` prompt).
+
+        Args:
+          prefill: the prefill's length (padding included): ``inputs_embeds``' when given, else
+            ``input_ids``'.
+          max_new_tokens: the tokens to generate.
+        """
+        return None
+
+    def _generation_prefix_length(self) -> int:
+        """Cache entries before the prompt (a prefix-tuning adapter's); 0 here."""
+        return 0

@@ -25,8 +25,9 @@ while a dropout key is active (``peftjax.dropout_key``, the train step's key), a
 in ``train()`` mode (the noise itself is JAX's, not torch's). With ``output_router_logits`` (the
 config's, or the call's argument) the causal LM returns ``aux_loss``, transformers'
 ``load_balancing_loss_func`` over all layers (padding excluded by ``attention_mask``), and adds
-``router_aux_loss_coef * aux_loss`` to the loss when there are labels. The per-layer router
-logits themselves are not returned.
+``router_aux_loss_coef * aux_loss`` to the loss when there are labels; ``router_logits`` then
+holds each layer's router logits ``[batch * seq, experts]`` (padding included), as transformers'
+``MoeCausalLMOutputWithPast.router_logits``.
 """
 
 from __future__ import annotations
@@ -194,8 +195,13 @@ class MixtralModel(LlamaModel):
         cache_index=None,
         prefix_kv=None,
         dropout_rng=None,
+        output_router_logits: bool = False,
     ) -> ModelOutput:
-        """As :meth:`LlamaModel.__call__`; ``aux_loss`` is ``None`` on the KV-cache path (generation)."""
+        """As :meth:`LlamaModel.__call__`; ``aux_loss`` is ``None`` on the KV-cache path (generation).
+
+        ``output_router_logits``: also return ``router_logits``, one ``[batch * seq, experts]``
+        array per layer (padding included), as transformers' ``MoeModelOutputWithPast``.
+        """
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -213,13 +219,20 @@ class MixtralModel(LlamaModel):
         top_k, token_mask = self.config.num_experts_per_tok, _token_mask(attention_mask, b, s)
         zeros = jnp.zeros((self.config.num_local_experts,), jnp.float32)
 
+        # the router logits go into a [layers, tokens, experts] buffer, the same whether scanned or looped
+        routers = None
+        if output_router_logits:
+            routers = (jnp.zeros((), jnp.int32), jnp.zeros((len(self.layers), b * s, zeros.shape[0]), x.dtype))
+
         def layer_step(layer, carry, layer_cache=None, start=None, prefix=None, key=None):
-            h, counts, probs = carry
+            h, counts, probs, routers = carry
             h, layer_cache, logits = layer(h, cos, sin, masks, layer_cache, start, prefix, key)
             c, p = routing_statistics(logits, top_k, token_mask)
-            return (h, counts + c, probs + p), layer_cache
+            if routers is not None:
+                routers = (routers[0] + 1, routers[1].at[routers[0]].set(logits.astype(routers[1].dtype)))
+            return (h, counts + c, probs + p, routers), layer_cache
 
-        carry = (x, zeros, zeros)
+        carry = (x, zeros, zeros, routers)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             carry = run_layers(self.layers, lambda layer, c, k: layer_step(layer, c, key=k)[0], carry, self.remat,
@@ -230,11 +243,13 @@ class MixtralModel(LlamaModel):
                                             layer_key(dropout_rng, i))
             if cache is not None:
                 new_cache.append(layer_cache)
-        x, counts, probs = carry
+        x, counts, probs, routers = carry
         aux = None
         if cache is None:
             aux = load_balancing_loss(counts, probs, jnp.sum(token_mask) * len(self.layers))
-        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux)
+        router_logits = None if routers is None else tuple(routers[1])
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux,
+                           router_logits=router_logits)
 
 
 # ---------------------------------------------------------------- checkpoint layouts
@@ -410,15 +425,16 @@ class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
         output_router_logits: bool | None = None,
         dropout_rng=None,
     ) -> ModelOutput:
-        """As :meth:`LlamaForCausalLM.__call__`, plus ``aux_loss`` when ``output_router_logits``
-        (default: the config's) asks for it; with ``labels`` the loss then includes
+        """As :meth:`LlamaForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` (one
+        ``[batch * seq, experts]`` array per layer) when ``output_router_logits`` (default: the
+        config's) asks for them; with ``labels`` the loss then includes
         ``router_aux_loss_coef * aux_loss``."""
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng)
-        h = out.last_hidden_state
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
+                         dropout_rng, output_router_logits=output_router_logits)
+        h = out.last_hidden_state
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         aux = out.aux_loss if output_router_logits else None
         loss = None
         if labels is not None:
@@ -426,7 +442,7 @@ class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
             if aux is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values,
-                           aux_loss=aux)
+                           aux_loss=aux, router_logits=out.router_logits)
 
 
 class MixtralForSequenceClassification(_MixtralCheckpoints, LlamaForSequenceClassification):

@@ -18,6 +18,8 @@ class ModelOutput:
       pooler_output: BERT's pooled ``[CLS]`` representation.
       past_key_values: the updated KV cache when one was passed in.
       aux_loss: a mixture of experts' load-balancing loss (Mixtral, with ``output_router_logits``).
+      router_logits: a mixture of experts' router logits, a tuple of one ``[batch * seq, experts]``
+        array per layer (Mixtral, with ``output_router_logits``).
       encoder_last_hidden_state: an encoder-decoder model's encoder output ``[batch, seq, hidden]``.
     """
 
@@ -27,6 +29,7 @@ class ModelOutput:
     pooler_output: Any = None
     past_key_values: Any = None
     aux_loss: Any = None
+    router_logits: Any = None
     encoder_last_hidden_state: Any = None
 
     def __getitem__(self, name: str) -> Any:

@@ -71,24 +71,39 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     model_class: ClassVar[type[nnx.Module]] = Phi3Model
 
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, inputs_embeds=None, **kwargs):
-        """As :meth:`GenerationMixin.generate`; refuses a LongRoPE generation that crosses
-        ``original_max_position_embeddings``.
+    def _generation_rerun_step(self, prefill: int, max_new_tokens: int) -> int | None:
+        """LongRoPE: the step that takes the sequence to ``original_max_position_embeddings + 1``.
+
+        transformers' ``Phi3ForCausalLM.prepare_inputs_for_generation`` drops its cache when the
+        sequence first reaches ``original_max_position_embeddings + 1`` tokens (left padding
+        included) and runs the whole sequence again, so that every cached key is rotated with the
+        long factors the rotary embedding switches to there; ``generate`` does the same at this
+        step. A prompt already past the threshold uses the long factors from its prefill on.
+
+        An ``inputs_embeds`` prompt (prompt tuning's virtual tokens included) is rerun from its
+        embeddings, followed by the generated tokens' (the cache it builds is a no-cache forward's,
+        as after an ``input_ids`` prompt). transformers differs there: its check counts
+        ``input_ids`` only, so it reruns ``input_ids``' own embeddings when they are as long as the
+        prompt's, and never reruns after virtual tokens.
 
         Raises:
-          ValueError: the prompt fits the short factors and the generation would not; transformers
-            then recomputes the whole cache with the long factors, which this cache does not do.
+          ValueError: a prefix-tuning adapter is active and the generation crosses the threshold
+            (its prefix shifts the positions past the cache's length; not implemented).
         """
-        rotary = self.model.rotary
-        n = (inputs_embeds if inputs_embeds is not None else jnp.asarray(input_ids)).shape[1]
-        if rotary.kind == "longrope" and n <= rotary.threshold < n + max_new_tokens:
+        rotary, prefix = self.model.rotary, self._generation_prefix_length()
+        start = prefix + prefill  # a prefix's entries come first and shift the positions
+        if rotary.kind != "longrope" or not start <= rotary.threshold < start + max_new_tokens:
+            return None
+        if prefix:
             raise ValueError(
-                f"Phi3ForCausalLM.generate: a prompt of {n} tokens plus max_new_tokens={max_new_tokens} crosses "
-                f"original_max_position_embeddings={rotary.threshold} (longrope), where transformers recomputes "
-                f"its cache with the long factors; not implemented here. Generate up to {rotary.threshold} tokens, "
-                f"then continue from that output as the prompt")
-        return super().generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, inputs_embeds=inputs_embeds,
-                                **kwargs)
+                f"Phi3ForCausalLM.generate: with a prefix-tuning adapter ({prefix} virtual tokens), a generation "
+                f"that crosses original_max_position_embeddings={rotary.threshold} (longrope) is not implemented; "
+                f"generate at most {rotary.threshold - start} tokens from this prompt of {prefill}")
+        return rotary.threshold - prefill
+
+    def embed_input_ids(self, input_ids):
+        """The word embeddings of ``input_ids`` (``[batch, seq]``), as the forward looks them up."""
+        return self.model.embed_tokens(jnp.asarray(input_ids))
 
 
 class Phi3ForSequenceClassification(LlamaForSequenceClassification):

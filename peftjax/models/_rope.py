@@ -98,11 +98,16 @@ class RotaryEmbedding:
     ``"static"`` not at all; ``"longrope"`` uses ``long_inv_freq`` when the call's largest position
     + 1 exceeds ``threshold`` (``original_max_position_embeddings``), ``inv_freq`` (the short
     factors) otherwise; ``"dynamic"`` raises the base for a call whose largest position + 1 exceeds
-    ``threshold`` (``max_position_embeddings``). transformers keeps a dynamic model's frequencies
-    from one call to the next (they only grow, until a call shorter than the threshold resets
-    them); here every call starts from its own positions, which is the same for one forward pass
-    and for a generation that only grows. ``scaling`` multiplies cos and sin (YaRN's and
+    ``threshold`` (``max_position_embeddings``). ``scaling`` multiplies cos and sin (YaRN's and
     LongRoPE's attention factor).
+
+    Dynamic NTK is stateless here. transformers' rotary module keeps the frequencies of the longest
+    call so far (``max_seq_len_cached``): a later call whose length lies between
+    ``max_position_embeddings`` and that maximum reuses the grown frequencies instead of its own
+    (a call shorter than the threshold resets them). Here every call uses its own length, which
+    is what a fresh transformers model computes for every call, and what transformers' ``generate``
+    computes within one generation (its lengths only grow). Only a call after a longer one on the
+    same torch model differs.
     """
 
     inv_freq: tuple[float, ...]

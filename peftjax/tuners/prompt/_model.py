@@ -487,6 +487,10 @@ class PromptLearningCausalModel(PromptLearningModel):
             **kwargs,
         )
 
+    def _generation_prefix_length(self) -> int:
+        encoder = _active_encoder(self)
+        return encoder.num_virtual_tokens if encoder is not None and encoder.peft_type == PREFIX_TUNING else 0
+
 
 # ---------------------------------------------------------------- the tuner
 
