@@ -37,6 +37,8 @@ Example:
     (2, 3)
 """
 
+from peftjax.tuners.linen._api import inject, intercept, load_adapter, merge_and_unload, save_adapter
+from peftjax.tuners.linen._delta import LinenDeltaLayer, LinenDeltaSpec
 from peftjax.tuners.lora._linen import (
     LINEN_KEY_MAPPING,
     LayerInfo,
@@ -46,12 +48,7 @@ from peftjax.tuners.lora._linen import (
     SplitParams,
     combine,
     discover_layers,
-    inject,
-    intercept,
-    load_adapter,
     merge,
-    merge_and_unload,
-    save_adapter,
     split,
     trainable_labels,
 )
@@ -59,6 +56,8 @@ from peftjax.tuners.lora._linen import (
 __all__ = [
     "LINEN_KEY_MAPPING",
     "LayerInfo",
+    "LinenDeltaLayer",
+    "LinenDeltaSpec",
     "LinenLayerSpec",
     "LinenLoraSpec",
     "LinenSavedSpec",
