@@ -1,0 +1,251 @@
+"""LoHa, LoKr, VeRA, FourierFT and AdaLoRA on a Flax Linen model through ``peftjax.linen``, against
+HF PEFT + PyTorch: an adapter trained here (jitted, optax on ``trainable_labels``) is saved with
+``save_adapter``, loads in ``peft.PeftModel.from_pretrained`` on the PyTorch twin of the model and
+gives the same outputs; one PEFT made (weights randomised in torch) loads with ``load_adapter`` and
+gives PEFT's outputs; merged equals intercepted; the training-time dropouts follow PEFT's definition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import peftjax
+from _torch_models import lazy
+from peftjax.config import AdaLoraConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from peftjax.linen import (
+    inject,
+    intercept,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    split,
+    trainable_labels,
+)
+
+torch, peft = lazy("torch"), lazy("peft")
+
+V, D, H, L, C = 20, 8, 12, 2, 3  # vocab, width, hidden, scanned layers, classes
+IDS = np.array([[1, 5, 7, 2, 19, 3], [4, 4, 0, 11, 8, 6]])
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+TARGETS = ["q", "o", "proj"]  # Linen "q", "o", "layers.proj" (scanned); torch "q", "o", "layers.{i}.proj"
+
+# (peftjax config, PEFT config kwargs, the trained leaves) per method; weights that start non-trivial
+METHODS = {
+    "loha": (LoHaConfig, dict(r=2, alpha=4, init_weights=False)),
+    "lokr": (LoKrConfig, dict(r=2, alpha=4, init_weights=False, decompose_both=True)),
+    "vera": (VeraConfig, dict(r=4, init_weights=False, projection_prng_key=3)),
+    "fourierft": (FourierFTConfig, dict(n_frequency=16, scaling=2.0, random_loc_seed=5)),
+    "adalora": (AdaLoraConfig, dict(init_r=3, lora_alpha=2, total_step=10, init_lora_weights=False)),
+}
+PEFT_NAMES = {"loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig", "fourierft": "FourierFTConfig",
+              "adalora": "AdaLoraConfig"}
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + jnp.tanh(nn.Dense(D, name="proj")(x)), None
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(V, D, name="embed")(ids)
+        h = h + nn.Dense(D, name="o")(nn.relu(nn.Dense(H, name="q")(h)))
+        h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=L)(name="layers")(h, None)
+        return nn.Dense(C, name="head")(h.mean(axis=1))
+
+
+def twin(params):
+    """Net in PyTorch, with Net's weights (kernels transposed, the scanned layers unstacked)."""
+
+    class TorchBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D, D)
+
+        def forward(self, x):
+            return x + torch.tanh(self.proj(x))
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.q, self.o = torch.nn.Embedding(V, D), torch.nn.Linear(D, H), torch.nn.Linear(H, D)
+            self.layers = torch.nn.ModuleList([TorchBlock() for _ in range(L)])
+            self.head = torch.nn.Linear(D, C)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            h = h + self.o(torch.relu(self.q(h)))
+            for layer in self.layers:
+                h = layer(h)
+            return self.head(h.mean(dim=1))
+
+    p = jax.tree.map(np.asarray, params)
+    state = {"embed.weight": p["embed"]["embedding"]}
+    for name in ("q", "o", "head"):
+        state[f"{name}.weight"], state[f"{name}.bias"] = p[name]["kernel"].T, p[name]["bias"]
+    for i in range(L):
+        state[f"layers.{i}.proj.weight"] = p["layers"]["proj"]["kernel"][i].T
+        state[f"layers.{i}.proj.bias"] = p["layers"]["proj"]["bias"][i]
+    model = TorchNet().eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    return model
+
+
+def run_torch(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(IDS)).numpy()
+
+
+def config_for(method: str):
+    cls, kwargs = METHODS[method]
+    return cls(target_modules=TARGETS, **kwargs)
+
+
+def forward(spec):
+    @jax.jit
+    def f(params, ids):
+        with intercept(spec):
+            return Net().apply({"params": params}, ids)
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def base_params():
+    return jax.jit(Net().init)(jax.random.key(0), IDS)["params"]
+
+
+@pytest.fixture(scope="module")
+def base_logits(base_params):
+    return np.asarray(Net().apply({"params": base_params}, IDS))
+
+
+def _train(params, spec, steps=3):
+    """Adam on the trainable label, nothing on the frozen one (``optax.multi_transform``)."""
+    labels = trainable_labels(params, spec)
+    tx = optax.multi_transform({"trainable": optax.adam(5e-2), "frozen": optax.set_to_zero()}, labels)
+    state = tx.init(params)
+
+    def loss_fn(params):
+        with intercept(spec):
+            logits = Net().apply({"params": params}, IDS)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2])).mean()
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_trained_here_loads_in_peft(method, base_params, base_logits, tmp_path):
+    config = config_for(method)
+    params, spec = inject(Net(), base_params, config, sample_args=(IDS,), key=jax.random.key(1))
+    assert {layer.name for layer in spec.layers} == {"q", "o", "layers.proj"}
+    trained = _train(params, spec)
+
+    # only the adapter leaves moved, and all of them are on the trainable side
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), trained, params)
+    labels = trainable_labels(params, spec)
+    assert all(not m for m, lab in zip(jax.tree.leaves(moved), jax.tree.leaves(labels)) if lab == "frozen")
+    assert any(jax.tree.leaves(split(moved, spec).trainable))
+    assert jax.tree.structure(split(trained, spec).rest) == jax.tree.structure(base_params)
+
+    ours = np.asarray(forward(spec)(trained, IDS))
+    merged = merge_and_unload(trained, spec)
+    assert jax.tree.structure(merged) == jax.tree.structure(base_params)
+    np.testing.assert_allclose(np.asarray(Net().apply({"params": merged}, IDS)), ours, **TOL)
+    assert np.abs(ours - base_logits).max() > 1e-3  # the adapter changes the output
+
+    save_adapter(tmp_path, trained, spec, config)
+    loaded = peft.PeftModel.from_pretrained(twin(base_params), str(tmp_path)).eval()
+    np.testing.assert_allclose(run_torch(loaded), ours, **TOL)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_made_by_peft_loads_here(method, base_params, base_logits, tmp_path):
+    cls, kwargs = METHODS[method]
+    model = peft.get_peft_model(twin(base_params), getattr(peft, PEFT_NAMES[method])(target_modules=TARGETS,
+                                                                                     **kwargs))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-trivial weights, whatever the method's init
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    model.eval()
+    expected = run_torch(model)
+    model.save_pretrained(str(tmp_path))
+
+    params, spec = load_adapter(tmp_path, Net(), base_params, sample_args=(IDS,))
+    assert spec.peft_type == cls.peft_type
+    ours = np.asarray(forward(spec)(params, IDS))
+    np.testing.assert_allclose(ours, expected, **TOL)
+    assert np.abs(ours - base_logits).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(Net().apply({"params": merge_and_unload(params, spec)}, IDS)), ours,
+                               **TOL)
+
+
+class One(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, use_bias=False, name="w")(x)
+
+
+@pytest.mark.parametrize("kind", ["rank_dropout", "module_dropout"])
+def test_lycoris_dropouts_follow_peft_in_training_only(kind):
+    """PEFT's LoKr in train(): ``rank_dropout`` scales each output row of ΔW by ``keep / mean(keep)``
+    (with ``rank_dropout_scale``); ``module_dropout`` skips the whole update. Without a key: no dropout."""
+    x = jax.random.normal(jax.random.key(2), (4, 8))
+    params = One().init(jax.random.key(0), x)["params"]
+    config = LoKrConfig(r=2, target_modules=["w"], init_weights=False, rank_dropout_scale=True,
+                        **{kind: 0.5})
+    params, spec = inject(One(), params, config, sample_args=(x,), key=jax.random.key(1))
+    base = One().apply({"params": params}, x)
+
+    @jax.jit
+    def run(params, key):
+        with peftjax.dropout_key(key), intercept(spec):
+            return One().apply({"params": params}, x)
+
+    full = run(params, None) - base  # no key: evaluation
+    np.testing.assert_allclose(One().apply({"params": merge_and_unload(params, spec)}, x) - base, full, **TOL)
+    seen = set()
+    for i in range(8):
+        branch = run(params, jax.random.key(10 + i)) - base
+        if kind == "module_dropout":
+            skipped = bool(jnp.allclose(branch, 0.0, atol=1e-6))
+            if not skipped:
+                np.testing.assert_allclose(branch, full, **TOL)
+            seen.add(skipped)
+        else:
+            kept = ~jnp.all(jnp.abs(branch) < 1e-7, axis=0)  # per output unit
+            scale = kept.size / kept.sum()
+            np.testing.assert_allclose(branch, jnp.where(kept, full * scale, 0.0), rtol=1e-4, atol=1e-5)
+            seen.add(int(kept.sum()))
+    assert len(seen) > 1  # the draws differ from step to step
+
+
+def test_what_the_linen_path_refuses(base_params):
+    kw = dict(sample_args=(IDS,), key=jax.random.key(0))
+    with pytest.raises(TypeError, match="IA3Config"):
+        inject(Net(), base_params, IA3Config(target_modules=["q"], feedforward_modules=[]), **kw)
+    with pytest.raises(TypeError, match="embed"):
+        inject(Net(), base_params, LoHaConfig(target_modules=["embed"]), **kw)
+    with pytest.raises(NotImplementedError, match="bias='all'"):
+        inject(Net(), base_params, VeraConfig(r=2, target_modules=["q"], bias="all"), **kw)
+    with pytest.raises(NotImplementedError, match="modules_to_save"):
+        inject(Net(), base_params, LoKrConfig(target_modules=["q"], modules_to_save=["head"]), **kw)
+    params, spec = inject(Net(), base_params, LoHaConfig(target_modules=["q"]), **kw)
+    with pytest.raises(NotImplementedError, match="rows"):
+        with intercept(spec, rows=[0, 0]):
+            pass
+    with pytest.raises(ValueError, match="LOHA"):
+        inject(Net(), params, LoKrConfig(target_modules=["o"]), spec=spec, adapter_name="other", **kw)
