@@ -160,9 +160,12 @@ def _expand_all_linear(config, kinds: Mapping[str, str]):
     return dataclasses.replace(config, target_modules=tuple(expand_all_linear(linear, output, config.task_type)))
 
 
-def _inject(params: Mapping, config, layers, scan_axes, targets: Mapping[str, str], *, key: jax.Array,
+def _inject(params: Mapping, config, layers, scan_axes, targets: Mapping[str, str], *, key: jax.Array | None,
             adapter_name: str, spec: LinenDeltaSpec | None) -> tuple[dict, LinenDeltaSpec]:
-    """``targets``: ``{linen name: the name the config's patterns match}``; every check runs first."""
+    """``targets``: ``{linen name: the name the config's patterns match}``; every check runs first.
+
+    ``key=None`` puts zeros of the init's shapes (no random draws to compile), for a load that
+    overwrites every weight."""
     if not is_delta_config(config):
         raise TypeError(f"{type(config).__name__} is not a LoHa/LoKr/VeRA/FourierFT/AdaLoRA config")
     check_config(config)
@@ -197,13 +200,14 @@ def _inject(params: Mapping, config, layers, scan_axes, targets: Mapping[str, st
 
     new_params = params
     new_layers = {layer.name: layer for layer in spec.layers} if spec is not None else {}
-    for i, name in enumerate(targets):
+    plan = tuple((settings[n], *shapes[n], layers[n].stacked) for n in targets)
+    initial = _init_all(plan, key) if key is not None else _zeros(plan)
+    for name, weights in zip(targets, initial, strict=True):
         info, s = layers[name], settings[name]
         node = _get(new_params, info.path)
-        weights = _init(s, jax.random.fold_in(key, i), *shapes[name], math.prod(info.stacked))
         updated = dict(node)
         for k, v in weights.items():
-            updated[k] = {**updated.get(k, {}), adapter_name: v.reshape(info.stacked + v.shape[1:])}
+            updated[k] = {**updated.get(k, {}), adapter_name: v}
         new_params = _set(new_params, info.path, _like(node, updated))
         layer = new_layers.get(name) or LinenDeltaLayer(
             name=name, path=info.path, kind=info.kind, stacked=info.stacked, in_shape=info.in_shape,
@@ -229,10 +233,22 @@ def _check_vera_peers(config: VeraConfig, spec: LinenDeltaSpec) -> None:
                     f"{config.save_projection}")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))  # one compile per layer shape
-def _init(s, key, n_in: int, n_out: int, n: int) -> dict:
-    """``n`` stacked copies (leading axis ``n``, ``1`` when unstacked) of PEFT's initial weights."""
-    return jax.vmap(lambda k: s.init(k, n_in, n_out))(jax.random.split(key, n) if n > 1 else key[None])
+@functools.partial(jax.jit, static_argnums=0)  # one compile for all the layers
+def _init_all(plan: tuple, key) -> list[dict]:
+    """For each ``(settings, n_in, n_out, stacked)`` in ``plan``, PEFT's initial weights with the
+    ``stacked`` leading axes of the kernel (one draw per copy), layer ``i`` from ``fold_in(key, i)``."""
+    out = []
+    for i, (s, n_in, n_out, stacked) in enumerate(plan):
+        k, n = jax.random.fold_in(key, i), math.prod(stacked)
+        w = jax.vmap(lambda k, s=s, n_in=n_in, n_out=n_out: s.init(k, n_in, n_out))(
+            jax.random.split(k, n) if n > 1 else k[None])
+        out.append({name: v.reshape(stacked + v.shape[1:]) for name, v in w.items()})
+    return out
+
+
+def _zeros(plan: tuple) -> list[dict]:
+    shapes = jax.eval_shape(functools.partial(_init_all.__wrapped__, plan), jax.random.key(0))
+    return [{k: jnp.zeros(v.shape, v.dtype) for k, v in w.items()} for w in shapes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +467,15 @@ def load_adapter(directory: str | os.PathLike, module: nn.Module | None, params:
             raise ValueError(f"adapter {adapter_name!r} is not in the spec yet; pass the Linen module to inject it")
         layers, scan_axes = _trace(module, *sample_args, **(sample_kwargs or {}))
         config, targets = _targets_from_file(config, layers, scan_axes, params, mapping, directory)
-        params, spec = _inject(params, config, layers, scan_axes, targets,
-                               key=jax.random.key(0) if key is None else key, adapter_name=adapter_name, spec=spec)
+        # zeros first (no init to compile), PEFT's init only when the file lacks some weight
+        loaded, new_spec = _inject(params, config, layers, scan_axes, targets, key=None, adapter_name=adapter_name,
+                                   spec=spec)
+        if any(k not in tensors and k.removeprefix(PREFIX) not in tensors
+               for slot in _slots(loaded, new_spec, adapter_name, mapping) for k in slot.keys):
+            loaded, new_spec = _inject(params, config, layers, scan_axes, targets,
+                                       key=jax.random.key(0) if key is None else key, adapter_name=adapter_name,
+                                       spec=spec)
+        params, spec = loaded, new_spec
     projections = {k: tensors.pop(k) for k in (VERA_A_KEY, VERA_B_KEY) if k in tensors}
     settings = next(s for layer in spec.layers for n, s in layer.adapters if n == adapter_name)
     if isinstance(settings, VeraSettings):
