@@ -4,6 +4,8 @@ HF PEFT + PyTorch: an adapter trained here (a jitted step on ``split``'s trainab
 gives the same outputs; one PEFT made (weights randomised in torch) loads with ``load_adapter`` and
 gives PEFT's outputs; merged equals intercepted; the training-time dropouts follow PEFT's definition."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from flax import linen as nn
 
 import peftjax
 from _torch_models import lazy
+from peftjax.cli import main
 from peftjax.config import AdaLoraConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from peftjax.linen import (
     combine,
@@ -145,7 +148,7 @@ def _stepper(spec):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_trained_here_loads_in_peft(method, base_params, base_logits, tmp_path):
+def test_trained_here_loads_in_peft(method, base_params, base_logits, tmp_path, capsys):
     config = config_for(method)
     params, spec = inject(Net(), base_params, config, sample_args=(IDS,), key=jax.random.key(1))
     assert {layer.name for layer in spec.layers} == {"q", "o", "layers.proj"}
@@ -169,6 +172,12 @@ def test_trained_here_loads_in_peft(method, base_params, base_logits, tmp_path):
     save_adapter(tmp_path, trained, spec, config)
     loaded = peft.PeftModel.from_pretrained(twin(base_params), str(tmp_path)).eval()
     np.testing.assert_allclose(run_torch(loaded), ours, **TOL)
+
+    assert main(["inspect", str(tmp_path), "--json"]) == 0  # the CLI describes the file
+    info = json.loads(capsys.readouterr().out)
+    projections = sum(p.numel() for n, p in loaded.named_buffers() if "vera_A" in n or "vera_B" in n)
+    assert info["method"] == config.peft_type and info["written_by"].startswith("peftjax")
+    assert info["parameters"] == sum(v.size for v in jax.tree.leaves(moved)) + projections
 
 
 @pytest.mark.parametrize("method", list(METHODS))
