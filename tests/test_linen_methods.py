@@ -16,6 +16,7 @@ from flax import linen as nn
 import peftjax
 from _torch_models import lazy
 from peftjax.cli import main
+from peftjax.io import read_safetensors
 from peftjax.config import AdaLoraConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
 from peftjax.linen import (
     combine,
@@ -259,3 +260,28 @@ def test_what_the_linen_path_refuses(base_params):
             pass
     with pytest.raises(ValueError, match="FOURIERFT"):
         inject(Net(), params, LoKrConfig(target_modules=["o"]), spec=spec, adapter_name="other", **kw)
+
+
+class General(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral((2, 4), axis=(-2, -1), name="g")(x)  # kernel [3, 4, 2, 4]
+
+
+def test_dense_general_adds_the_file_weights_delta(tmp_path):
+    """LoHa on a DenseGeneral (two contracted, two output axes) equals the dense reference
+    ``x_flat @ (W_flat + ΔWᵀ) + b``, ΔW built here from the saved file's factors by LoHa's definition."""
+    x = jax.random.normal(jax.random.key(3), (5, 3, 4))
+    params = General().init(jax.random.key(0), x)["params"]
+    config = LoHaConfig(r=2, alpha=3, target_modules=["g"], init_weights=False)
+    params, spec = inject(General(), params, config, sample_args=(x,), key=jax.random.key(1))
+    save_adapter(tmp_path, params, spec, config)
+    f, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
+    delta = (f["base_model.model.g.hada_w1_a"] @ f["base_model.model.g.hada_w1_b"]) * (
+        f["base_model.model.g.hada_w2_a"] @ f["base_model.model.g.hada_w2_b"]) * 3 / 2
+    assert delta.shape == (8, 12)  # torch nn.Linear(12, 8): [out, in]
+    w = np.asarray(params["g"]["kernel"]).reshape(12, 8) + delta.T
+    expected = (np.asarray(x).reshape(5, 12) @ w + np.asarray(params["g"]["bias"]).reshape(8)).reshape(5, 2, 4)
+    with intercept(spec):
+        np.testing.assert_allclose(General().apply({"params": params}, x), expected, **TOL)
+    np.testing.assert_allclose(General().apply({"params": merge_and_unload(params, spec)}, x), expected, **TOL)
