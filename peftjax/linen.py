@@ -1,5 +1,5 @@
-"""LoRA, LoHa, LoKr, VeRA, FourierFT and AdaLoRA for your own Flax Linen model, as pure functions on
-its ``params``, with HF PEFT files.
+"""LoRA, LoHa, LoKr, VeRA, FourierFT, AdaLoRA and IA³ for your own Flax Linen model, as pure
+functions on its ``params``, with HF PEFT files.
 
 The workflow (``model`` any ``nn.Module``, ``x`` a sample input):
 
@@ -25,13 +25,15 @@ weights sit beside the kernel under PEFT's attribute names and layouts (``hada_w
 ``lokr_w2``, ``vera_lambda_b``, ``fourierft_spectrum``, ``lora_A``/``lora_E``/``lora_B``), the
 intercepted layer adds ``dropout(x) @ ΔW`` with ``ΔW`` from the method's own function (the one its NNX
 layer uses), and the spec is a :class:`LinenDeltaSpec`. They adapt ``nn.Dense``, ``nn.DenseGeneral``
-and ``nn.Einsum`` (``torch.nn.Linear`` twins); ``rank_dropout`` / ``module_dropout`` (LoHa, LoKr) and
+and ``nn.Einsum`` (``torch.nn.Linear`` twins). ``IA3Config`` shares that path: ``ia3_l`` (PEFT's
+``[1, in]`` / ``[out, 1]``) scales a feedforward layer's input or another layer's output (and, merged,
+the kernel's rows, or its columns and the bias), on ``nn.Dense`` and ``nn.DenseGeneral``; ``rank_dropout`` / ``module_dropout`` (LoHa, LoKr) and
 ``vera_dropout`` / ``lora_dropout`` apply inside ``peftjax.dropout_key(key)``, as PEFT applies them
 in ``train()``. They refuse, by name, ``modules_to_save``, ``bias`` other than ``"none"``,
 ``fan_in_fan_out``, ``layers_to_transform`` and mixed batches; VeRA's shared projections are
 regenerated from ``projection_prng_key`` (a file with other projections is refused), and AdaLoRA's
-rank allocator does not run on Linen (the forward, merge and files are PEFT's). IA³, OFT, BOFT and
-the other methods raise ``TypeError`` (use the NNX path).
+rank allocator does not run on Linen (the forward, merge and files are PEFT's). OFT, BOFT and the
+other methods raise ``TypeError`` (use the NNX path).
 
 Example:
     >>> import jax, jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LoHa, LoKr, VeRA, FourierFT and AdaLoRA on a Flax Linen model through ``peftjax.linen``, against
+"""LoHa, LoKr, VeRA, FourierFT, AdaLoRA and IA³ on a Flax Linen model through ``peftjax.linen``, against
 HF PEFT + PyTorch: an adapter trained here (a jitted step on ``split``'s trainable side) is saved with
 ``save_adapter``, loads in ``peft.PeftModel.from_pretrained`` on the PyTorch twin of the model and
 gives the same outputs; one PEFT made (weights randomised in torch) loads with ``load_adapter`` and
@@ -17,7 +17,16 @@ import peftjax
 from _torch_models import lazy
 from peftjax.cli import main
 from peftjax.io import read_safetensors
-from peftjax.config import AdaLoraConfig, FourierFTConfig, IA3Config, LoHaConfig, LoKrConfig, VeraConfig
+from peftjax.config import (
+    AdaLoraConfig,
+    FourierFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    VeraConfig,
+)
 from peftjax.linen import (
     combine,
     inject,
@@ -43,12 +52,13 @@ METHODS = {
     "vera": (VeraConfig, dict(r=4, init_weights=False, projection_prng_key=3)),
     "fourierft": (FourierFTConfig, dict(n_frequency=16, scaling=2.0, random_loc_seed=5)),
     "adalora": (AdaLoraConfig, dict(init_r=3, lora_alpha=2, total_step=10, init_lora_weights=False)),
+    "ia3": (IA3Config, dict(feedforward_modules=["o"], init_ia3_weights=False)),  # "o" scales its input
 }
 KEYS = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2",
         "lokr_w2_a", "lokr_w2_b", "vera_lambda_b", "vera_lambda_d", "fourierft_spectrum", "lora_A", "lora_E",
-        "lora_B"}  # PEFT's attribute names of these methods' trained weights
+        "lora_B", "ia3_l"}  # PEFT's attribute names of these methods' trained weights
 PEFT_NAMES = {"loha": "LoHaConfig", "lokr": "LoKrConfig", "vera": "VeraConfig", "fourierft": "FourierFTConfig",
-              "adalora": "AdaLoraConfig"}
+              "adalora": "AdaLoraConfig", "ia3": "IA3Config"}
 
 
 class Block(nn.Module):
@@ -246,8 +256,8 @@ def test_lycoris_dropouts_follow_peft_in_training_only(kind):
 
 def test_what_the_linen_path_refuses(base_params):
     kw = dict(sample_args=(IDS,), key=jax.random.key(0))
-    with pytest.raises(TypeError, match="IA3Config"):
-        inject(Net(), base_params, IA3Config(target_modules=["q"], feedforward_modules=[]), **kw)
+    with pytest.raises(TypeError, match="OFTConfig"):
+        inject(Net(), base_params, OFTConfig(target_modules=["q"]), **kw)
     with pytest.raises(TypeError, match="embed"):
         inject(Net(), base_params, LoHaConfig(target_modules=["embed"]), **kw)
     with pytest.raises(NotImplementedError, match="bias='all'"):
@@ -285,3 +295,40 @@ def test_dense_general_adds_the_file_weights_delta(tmp_path):
     with intercept(spec):
         np.testing.assert_allclose(General().apply({"params": params}, x), expected, **TOL)
     np.testing.assert_allclose(General().apply({"params": merge_and_unload(params, spec)}, x), expected, **TOL)
+
+
+class Swapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral(5, axis=(-1, -2), name="g")(x)  # flax sorts the axes: kernel [3, 4, 5]
+
+
+def test_ia3_feedforward_scales_dense_general_inputs_in_kernel_order(tmp_path):
+    """IA³ on a feedforward DenseGeneral given its axes unsorted: ``ia3_l [1, 12]`` (PEFT's, in the
+    flattened kernel's input order) scales ``x`` before the layer, as a dense reference on the
+    flattened kernel says; merged too."""
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4))
+    params = Swapped().init(jax.random.key(0), x)["params"]
+    config = IA3Config(target_modules=["g"], feedforward_modules=["g"], init_ia3_weights=False)
+    params, spec = inject(Swapped(), params, config, sample_args=(x,), key=jax.random.key(1))
+    save_adapter(tmp_path, params, spec, config)
+    l = read_safetensors(tmp_path / "adapter_model.safetensors")[0]["base_model.model.g.ia3_l"]
+    assert l.shape == (1, 12)
+    x_flat = np.asarray(x).reshape(2, 12)
+    expected = (x_flat * l) @ np.asarray(params["g"]["kernel"]).reshape(12, 5) + np.asarray(params["g"]["bias"])
+    with intercept(spec):
+        np.testing.assert_allclose(Swapped().apply({"params": params}, x), expected, **TOL)
+    np.testing.assert_allclose(Swapped().apply({"params": merge_and_unload(params, spec)}, x), expected, **TOL)
+
+
+def test_lora_on_unsorted_dense_general_axes():
+    """The contraction axes are taken sorted, as flax orders the kernel (LoRA used them as given, and failed)."""
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4))
+    params = Swapped().init(jax.random.key(0), x)["params"]
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["g"], init_lora_weights=False)
+    params, spec = inject(Swapped(), params, config, sample_args=(x,), key=jax.random.key(1))
+    g = jax.tree.map(np.asarray, params["g"])
+    w = g["kernel"].reshape(12, 5) + 2.0 * g["lora_A"]["default"] @ g["lora_B"]["default"]
+    with intercept(spec):
+        np.testing.assert_allclose(Swapped().apply({"params": params}, x),
+                                   np.asarray(x).reshape(2, 12) @ w + g["bias"], **TOL)

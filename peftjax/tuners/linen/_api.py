@@ -1,8 +1,8 @@
 """``peftjax.linen``'s entry points: LoRA configs and specs go to LoRA's Linen path, the weight-delta
-methods (LoHa, LoKr, VeRA, FourierFT, AdaLoRA) to :mod:`peftjax.tuners.linen._delta`.
+methods (LoHa, LoKr, VeRA, FourierFT, AdaLoRA) and IA³'s rescaling to :mod:`peftjax.tuners.linen._delta`.
 
 AdaLoRA's config subclasses ``LoraConfig``, so the weight-delta check comes first. Methods that are
-not a weight delta on a linear layer (IA³, OFT, BOFT, prompt learning, ...) are refused by name.
+not one of these (OFT, BOFT, prompt learning, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from peftjax.tuners.linen._delta import LinenDeltaSpec
 from peftjax.tuners.linen._methods import is_delta_config
 from peftjax.tuners.lora import _linen as _lora
 
-SUPPORTED = "LoRA (with DoRA, lora_bias, rsLoRA, PiSSA/OLoRA...), LoHa, LoKr, VeRA, FourierFT and AdaLoRA"
+SUPPORTED = "LoRA (with DoRA, lora_bias, rsLoRA, PiSSA/OLoRA...), LoHa, LoKr, VeRA, FourierFT, AdaLoRA and IA³"
 
 
 def _refuse(config) -> TypeError:
@@ -37,12 +37,12 @@ def inject(module: nn.Module, params: Mapping, config, *, sample_args: Sequence[
 
     ``config`` is a ``LoraConfig`` (see ``peftjax.tuners.lora._linen.inject`` for the details,
     DoRA and ``modules_to_save`` included) or a ``LoHaConfig``, ``LoKrConfig``, ``VeraConfig``,
-    ``FourierFTConfig`` or ``AdaLoraConfig`` (linear layers only; their weights are stored under
+    ``FourierFTConfig``, ``AdaLoraConfig`` or ``IA3Config`` (linear layers only; their weights are stored under
     PEFT's attribute names next to the kernel, e.g. ``hada_w1_a/<adapter>``). ``spec`` adds the
     adapter to earlier ones of the same method.
 
     Raises:
-      TypeError: another PEFT method (IA³, OFT, BOFT, ...), or a targeted layer the method cannot adapt.
+      TypeError: another PEFT method (OFT, BOFT, ...), or a targeted layer the method cannot adapt.
       NotImplementedError: an option the Linen path does not implement (named).
       ValueError: nothing matches ``target_modules`` (the closest names are listed), and the other
         checks of the method's path.
@@ -98,7 +98,7 @@ def load_adapter(directory: str | os.PathLike, module: nn.Module | None, params:
     """Reads HF PEFT files (PEFT's or ``save_adapter``'s) into Linen params; returns ``(params, spec)``.
 
     The method is the file's ``peft_type`` (or ``config``'s): LoRA, LoHa, LoKr, VeRA, FourierFT
-    or AdaLoRA; others raise ``TypeError``.
+    AdaLoRA or IA³; others raise ``TypeError``.
     """
     if config is None and (Path(directory) / CONFIG_NAME).is_file():  # else LoRA's path names what is missing
         config = load_config(directory)

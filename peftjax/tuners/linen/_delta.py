@@ -1,4 +1,4 @@
-"""LoHa, LoKr, VeRA, FourierFT and AdaLoRA on a Flax Linen model: one weight-delta path for all.
+"""LoHa, LoKr, VeRA, FourierFT and AdaLoRA (and IA³) on a Flax Linen model: one weight-delta path.
 
 Each of these methods defines an update ``ΔW`` (torch layout ``[out, in]``) from its own trained
 weights (see :mod:`peftjax.tuners.linen._methods`). Here that is all the Linen side needs:
@@ -17,6 +17,9 @@ The Linen names, scan indices and ``key_mapping`` are LoRA's (``peftjax.tuners.l
 discovery, file naming and pytree helpers this module reuses; LoRA keeps its own low-rank forward.
 Only linear layers (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``: ``torch.nn.Linear`` twins) are
 adapted, as PEFT adapts ``nn.Linear`` with these methods (its convolution variants aside).
+
+IA³ is no ``ΔW`` but a rescaling; it shares everything but the forward (:func:`_rescaled`: the input
+or the output scaled, as PEFT's ``IA3Layer.forward``) and the merge (rows, or columns and the bias).
 """
 
 from __future__ import annotations
@@ -170,11 +173,12 @@ def _inject(params: Mapping, config, layers, scan_axes, targets: Mapping[str, st
         raise TypeError(f"{type(config).__name__} is not a LoHa/LoKr/VeRA/FourierFT/AdaLoRA config")
     check_config(config)
     method = config.peft_type
-    bad = [layers[n] for n in targets if layers[n].reason is not None or layers[n].kind not in _LINEAR_KINDS]
+    kinds = ("dense", "dense_general") if method == "IA3" else _LINEAR_KINDS  # IA³ scales an einsum's axes: not here
+    bad = [layers[n] for n in targets if layers[n].reason is not None or layers[n].kind not in kinds]
     if bad:
         listed = "; ".join(f"{i.name} ({i.cls}): {i.reason or 'not a linear layer'}" for i in bad[:10])
-        raise TypeError(f"{method} through peftjax.linen adapts nn.Dense, nn.DenseGeneral and nn.Einsum (torch "
-                        f"nn.Linear twins, as PEFT's {method} adapts nn.Linear), not {listed}")
+        raise TypeError(f"{method} through peftjax.linen adapts {', '.join(kinds)} layers (torch nn.Linear twins, "
+                        f"as PEFT's {method} adapts nn.Linear), not {listed}")
     if spec is not None:
         if spec.peft_type != method:
             raise ValueError(f"the spec holds {spec.peft_type} adapters; a {method} adapter cannot join them "
@@ -277,12 +281,14 @@ def intercept(spec: LinenDeltaSpec):
         busy = _busy.__dict__.setdefault("modules", set())
         if layer is None or id(ctx.module) in busy:  # a subclass calling super().__call__ adds once
             return next_fun(*args, **kwargs)
+        live = [(n, s) for n, s in layer.adapters if n in spec.active]
         busy.add(id(ctx.module))
         try:
+            if live and live[0][1].scales:
+                return _rescaled(layer, live, ctx.module, next_fun, args, kwargs)
             y = next_fun(*args, **kwargs)
         finally:
             busy.discard(id(ctx.module))
-        live = [(n, s) for n, s in layer.adapters if n in spec.active]
         return _add_deltas(layer, live, ctx.module, args, kwargs, y) if live else y
 
     with nn.intercept_methods(interceptor):
@@ -308,6 +314,36 @@ def _add_deltas(layer: LinenDeltaLayer, live, module: nn.Module, args, kwargs, y
             branch = jnp.where(keep, branch, jnp.zeros_like(branch))
         out = out + branch
     return out.astype(y.dtype)
+
+
+def _rescaled(layer: LinenDeltaLayer, live, module: nn.Module, next_fun, args, kwargs):
+    """IA³ (PEFT's ``IA3Layer.forward``): the product of the active ``l`` scales the input
+    (feedforward; cast back to its dtype before the base layer) or the base output."""
+    call = _call_info(layer, module, args, kwargs)
+    weights = [(s, _weights(module, layer, s, n)) for n, s in live]
+    ins = [s.in_scale(w) for s, w in weights if s.in_scale(w) is not None]
+    outs = [s.out_scale(w) for s, w in weights if s.out_scale(w) is not None]
+    if ins:
+        x = call.x
+        scale = _on_input(layer, call, functools.reduce(jnp.multiply, ins), x.ndim)
+        x = (x.astype(jnp.float32) * scale).astype(x.dtype)
+        args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "inputs": x})
+    y = next_fun(*args, **kwargs)
+    if outs:
+        scale = functools.reduce(jnp.multiply, outs).reshape((1,) * (y.ndim - len(layer.out_shape)) + layer.out_shape)
+        y = (y.astype(jnp.float32) * scale).astype(y.dtype)
+    return y
+
+
+def _on_input(layer: LinenDeltaLayer, call, scale, ndim: int):
+    """An ``[in]`` vector (kernel order of the contracted axes) shaped to broadcast against the input."""
+    axes = call.axes if layer.kind == "dense_general" else (ndim - 1,)
+    order = np.argsort(axes)
+    v = jnp.transpose(scale.reshape(layer.in_shape), order)
+    shape = [1] * ndim
+    for a, size in zip(sorted(axes), v.shape, strict=True):
+        shape[a] = size
+    return v.reshape(shape)
 
 
 def _weights(module: nn.Module, layer: LinenDeltaLayer, s, name: str) -> dict:
@@ -339,24 +375,36 @@ def merge_and_unload(params: Mapping, spec: LinenDeltaSpec, adapter_names: Seque
             continue
         node = _get(out, layer.path)
         weights = {n: {k: node[k][n] for k in s.keys if k in node and n in node[k]} for n, s in live}
-        kernel = node["kernel"]
+        kernel, bias = node["kernel"], node.get("bias")
+        new_kernel, new_bias = _merge_layer(layer, live, flax_meta.unbox(kernel), flax_meta.unbox(bias), weights)
         updated = dict(node)
-        updated["kernel"] = _rebox(kernel, _merge_layer(layer, live, flax_meta.unbox(kernel), weights))
+        updated["kernel"] = _rebox(kernel, new_kernel)
+        if bias is not None:
+            updated["bias"] = _rebox(bias, new_bias)
         out = _set(out, layer.path, _like(node, updated))
     return split(out).rest
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _merge_layer(layer: LinenDeltaLayer, live, kernel, weights):
+def _merge_layer(layer: LinenDeltaLayer, live, kernel, bias, weights):
+    """The kernel plus each ``ΔWᵀ``; for IA³ its rows (feedforward) or columns and the bias scaled."""
     n_in, n_out = layer.n_in_out
 
-    def one(w, ad):
+    def one(w, b, ad):
         w2 = _to_2d(layer, w.astype(jnp.float32))
+        b2 = None if b is None else b.astype(jnp.float32).reshape(-1)
         for name, s in live:
-            w2 = w2 + s.delta(ad[name], n_in, n_out).T
-        return _from_2d(layer, w2).astype(w.dtype)
+            if not s.scales:
+                w2 = w2 + s.delta(ad[name], n_in, n_out).T
+                continue
+            if s.in_scale(ad[name]) is not None:
+                w2 = w2 * s.in_scale(ad[name])[:, None]
+            if s.out_scale(ad[name]) is not None:
+                w2 = w2 * s.out_scale(ad[name])[None, :]
+                b2 = None if b2 is None else b2 * s.out_scale(ad[name])
+        return _from_2d(layer, w2).astype(w.dtype), (None if b is None else b2.reshape(b.shape).astype(b.dtype))
 
-    return _over_stack(one, len(layer.stacked))(kernel, weights)
+    return _over_stack(one, len(layer.stacked))(kernel, bias, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,6 +457,8 @@ def _config_for_file(config, spec: LinenDeltaSpec, params: Mapping, adapter_name
     names = {layer.name: _torch_names(layer, spec, params, mapping) for layer, _ in layers}
     changes: dict[str, Any] = dict(target_modules=tuple(n for layer, _ in layers for n in names[layer.name]),
                                    exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+    if spec.peft_type == "IA3":
+        changes["feedforward_modules"] = tuple(n for layer, s in layers for n in names[layer.name] if s.is_feedforward)
     if spec.peft_type in ("LOHA", "LOKR"):
         changes["rank_pattern"] = {n: s.r for layer, s in layers for n in names[layer.name] if s.r != config.r}
         changes["alpha_pattern"] = {n: s.alpha for layer, s in layers for n in names[layer.name]

@@ -30,7 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.config import AdaLoraConfig, FourierFTConfig, LoHaConfig, LoKrConfig, PeftConfig, VeraConfig
+from peftjax.config import (
+    AdaLoraConfig,
+    FourierFTConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    PeftConfig,
+    VeraConfig,
+    is_feedforward_module,
+)
 from peftjax.tuners.adalora._layer import _init_factors, adalora_delta
 from peftjax.tuners.fourierft._layer import fourier_delta
 from peftjax.tuners.fourierft._model import fourier_indices
@@ -44,8 +53,9 @@ LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_
 VERA_KEYS = ("vera_lambda_b", "vera_lambda_d")
 FOURIER_KEYS = ("fourierft_spectrum",)
 ADALORA_KEYS = ("lora_A", "lora_E", "lora_B")
-DELTA_KEYS = tuple(dict.fromkeys(LOHA_KEYS + LOKR_KEYS + VERA_KEYS + FOURIER_KEYS + ADALORA_KEYS))
-"""Every params key a weight-delta adapter's trained weights live under."""
+IA3_KEYS = ("ia3_l",)
+DELTA_KEYS = tuple(dict.fromkeys(LOHA_KEYS + LOKR_KEYS + VERA_KEYS + FOURIER_KEYS + ADALORA_KEYS + IA3_KEYS))
+"""Every params key a weight-delta (or IA³) adapter's trained weights live under."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,7 @@ class _Dropouts:
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     rank_dropout_scale: bool = True
+    scales = False  # IA³ rescales instead of adding a ΔW
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +167,33 @@ class AdaLoraSettings(_Dropouts):
         return adalora_delta(w["lora_A"], w["lora_E"], w["lora_B"], self.scaling, float(self.ranknum))
 
 
+@dataclasses.dataclass(frozen=True)
+class IA3Settings(_Dropouts):
+    """(IA)³ on one layer: no ``ΔW`` but a rescaling, ``y = base(x ⊙ l)`` (feedforward) or ``base(x) ⊙ l``.
+
+    ``ia3_l`` is kept in PEFT's layout, ``[1, in]`` (feedforward) or ``[out, 1]``; merging scales the
+    kernel's rows (feedforward) or its columns and the bias.
+    """
+
+    is_feedforward: bool = False
+    init_weights: bool = True
+    keys = IA3_KEYS
+    scales = True
+
+    def init(self, key, n_in: int, n_out: int) -> dict:
+        shape = (1, n_in) if self.is_feedforward else (n_out, 1)
+        value = jnp.ones(shape, jnp.float32) if self.init_weights else jax.random.normal(key, shape, jnp.float32)
+        return {"ia3_l": value}
+
+    def in_scale(self, w: Mapping) -> jax.Array | None:
+        """The ``[in]`` factor on the input (feedforward), else ``None``."""
+        return w["ia3_l"].reshape(-1) if self.is_feedforward else None
+
+    def out_scale(self, w: Mapping) -> jax.Array | None:
+        """The ``[out]`` factor on the output (and the bias), else ``None``."""
+        return None if self.is_feedforward else w["ia3_l"].reshape(-1)
+
+
 @functools.lru_cache(maxsize=16)
 def _projections(r: int, in_max: int, out_max: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return vera_projections(r, in_max, out_max, seed)
@@ -166,10 +204,10 @@ def _indices(n_in: int, n_out: int, n: int, seed: int) -> np.ndarray:
     return fourier_indices(n_in, n_out, n, seed)
 
 
-DeltaSettings = LoHaSettings | LoKrSettings | VeraSettings | FourierSettings | AdaLoraSettings
+DeltaSettings = LoHaSettings | LoKrSettings | VeraSettings | FourierSettings | AdaLoraSettings | IA3Settings
 
-METHODS = (LoHaConfig, LoKrConfig, VeraConfig, FourierFTConfig, AdaLoraConfig)
-"""The config classes :mod:`peftjax.linen` adapts as weight deltas (LoRA has its own path)."""
+METHODS = (LoHaConfig, LoKrConfig, VeraConfig, FourierFTConfig, AdaLoraConfig, IA3Config)
+"""The config classes :mod:`peftjax.linen` adapts here: weight deltas, and IA³'s rescaling (LoRA has its own path)."""
 
 
 def is_delta_config(config: Any) -> bool:
@@ -245,4 +283,9 @@ def settings_for(config: PeftConfig, name: str, shape: tuple[int, int], shapes: 
         scaling = float(config.lora_alpha) if config.lora_alpha > 0 else float(r)
         return AdaLoraSettings(r=r, ranknum=config.init_r, scaling=scaling, init_weights=bool(config.init_lora_weights),
                                input_dropout=float(config.lora_dropout))
+    if isinstance(config, IA3Config):
+        if config.feedforward_modules is None:
+            raise ValueError(f"{where}: IA3Config.feedforward_modules is None (PEFT's default for a transformers "
+                             "architecture, which a Linen model is not); pass the feedforward modules, or [] for none")
+        return IA3Settings(is_feedforward=is_feedforward_module(config, name), init_weights=config.init_ia3_weights)
     raise TypeError(f"{type(config).__name__} is not a weight-delta method peftjax.linen adapts")

@@ -860,7 +860,8 @@ class _Call(NamedTuple):
 def _call_info(layer: LinenLayerSpec, module: nn.Module, args, kwargs) -> _Call:
     x = args[0] if args else kwargs["inputs"]
     if layer.kind == "dense_general":
-        return _Call(x, axes=tuple(a % x.ndim for a in _as_tuple(module.axis)))
+        # sorted, as flax's DenseGeneral orders the kernel's contracted axes (_normalize_axes)
+        return _Call(x, axes=tuple(sorted(a % x.ndim for a in _as_tuple(module.axis))))
     if layer.kind == "einsum":
         kernel_shape = tuple(_read(module, "kernel").shape)
         return _Call(x, einsum=_einsum_parts(_einsum_str(module, args, kwargs), x, kernel_shape))
