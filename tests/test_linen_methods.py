@@ -4,6 +4,7 @@ HF PEFT + PyTorch: an adapter trained here (a jitted step on ``split``'s trainab
 gives the same outputs; one PEFT made (weights randomised in torch) loads with ``load_adapter`` and
 gives PEFT's outputs; merged equals intercepted; the training-time dropouts follow PEFT's definition."""
 
+import contextlib
 import json
 
 import jax
@@ -123,13 +124,18 @@ def config_for(method: str):
     return cls(target_modules=TARGETS, **kwargs)
 
 
-def forward(spec):
+def forward(spec, model=None):
+    """``model`` (Net by default) applied, jitted, with ``spec``'s interception (``None``: without)."""
+
     @jax.jit
     def f(params, ids):
-        with intercept(spec):
-            return Net().apply({"params": params}, ids)
+        with intercept(spec) if spec is not None else contextlib.nullcontext():
+            return (model or Net()).apply({"params": params}, ids)
 
     return f
+
+
+PLAIN = forward(None)  # Net without adapters (merged params), one compile for the module
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def base_params():
 
 @pytest.fixture(scope="module")
 def base_logits(base_params):
-    return np.asarray(Net().apply({"params": base_params}, IDS))
+    return np.asarray(PLAIN(base_params, IDS))
 
 
 def _stepper(spec):
@@ -177,7 +183,7 @@ def test_trained_here_loads_in_peft(method, base_params, base_logits, tmp_path, 
     trained = combine(moved, rest)
     merged = merge_and_unload(trained, spec)
     assert jax.tree.structure(merged) == jax.tree.structure(base_params)
-    np.testing.assert_allclose(np.asarray(Net().apply({"params": merged}, IDS)), ours, **TOL)
+    np.testing.assert_allclose(np.asarray(PLAIN(merged, IDS)), ours, **TOL)
     assert np.abs(ours - base_logits).max() > 1e-3  # the adapter changes the output
 
     save_adapter(tmp_path, trained, spec, config)
@@ -210,8 +216,7 @@ def test_made_by_peft_loads_here(method, base_params, base_logits, tmp_path):
     ours = np.asarray(forward(spec)(params, IDS))
     np.testing.assert_allclose(ours, expected, **TOL)
     assert np.abs(ours - base_logits).max() > 1e-3
-    np.testing.assert_allclose(np.asarray(Net().apply({"params": merge_and_unload(params, spec)}, IDS)), ours,
-                               **TOL)
+    np.testing.assert_allclose(np.asarray(PLAIN(merge_and_unload(params, spec), IDS)), ours, **TOL)
 
 
 class One(nn.Module):
@@ -292,9 +297,8 @@ def test_dense_general_adds_the_file_weights_delta(tmp_path):
     assert delta.shape == (8, 12)  # torch nn.Linear(12, 8): [out, in]
     w = np.asarray(params["g"]["kernel"]).reshape(12, 8) + delta.T
     expected = (np.asarray(x).reshape(5, 12) @ w + np.asarray(params["g"]["bias"]).reshape(8)).reshape(5, 2, 4)
-    with intercept(spec):
-        np.testing.assert_allclose(General().apply({"params": params}, x), expected, **TOL)
-    np.testing.assert_allclose(General().apply({"params": merge_and_unload(params, spec)}, x), expected, **TOL)
+    np.testing.assert_allclose(forward(spec, General())(params, x), expected, **TOL)
+    np.testing.assert_allclose(forward(None, General())(merge_and_unload(params, spec), x), expected, **TOL)
 
 
 class Swapped(nn.Module):
@@ -316,9 +320,8 @@ def test_ia3_feedforward_scales_dense_general_inputs_in_kernel_order(tmp_path):
     assert l.shape == (1, 12)
     x_flat = np.asarray(x).reshape(2, 12)
     expected = (x_flat * l) @ np.asarray(params["g"]["kernel"]).reshape(12, 5) + np.asarray(params["g"]["bias"])
-    with intercept(spec):
-        np.testing.assert_allclose(Swapped().apply({"params": params}, x), expected, **TOL)
-    np.testing.assert_allclose(Swapped().apply({"params": merge_and_unload(params, spec)}, x), expected, **TOL)
+    np.testing.assert_allclose(forward(spec, Swapped())(params, x), expected, **TOL)
+    np.testing.assert_allclose(forward(None, Swapped())(merge_and_unload(params, spec), x), expected, **TOL)
 
 
 def test_lora_on_unsorted_dense_general_axes():
@@ -329,6 +332,5 @@ def test_lora_on_unsorted_dense_general_axes():
     params, spec = inject(Swapped(), params, config, sample_args=(x,), key=jax.random.key(1))
     g = jax.tree.map(np.asarray, params["g"])
     w = g["kernel"].reshape(12, 5) + 2.0 * g["lora_A"]["default"] @ g["lora_B"]["default"]
-    with intercept(spec):
-        np.testing.assert_allclose(Swapped().apply({"params": params}, x),
-                                   np.asarray(x).reshape(2, 12) @ w + g["bias"], **TOL)
+    np.testing.assert_allclose(forward(spec, Swapped())(params, x), np.asarray(x).reshape(2, 12) @ w + g["bias"],
+                               **TOL)
