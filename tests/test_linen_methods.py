@@ -334,3 +334,24 @@ def test_lora_on_unsorted_dense_general_axes():
     w = g["kernel"].reshape(12, 5) + 2.0 * g["lora_A"]["default"] @ g["lora_B"]["default"]
     np.testing.assert_allclose(forward(spec, Swapped())(params, x), np.asarray(x).reshape(2, 12) @ w + g["bias"],
                                **TOL)
+
+
+class Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((4, 2, 3), "bi,ihd->bhd", use_bias=False, name="e")(x)
+
+
+def test_einsum_adds_the_file_weights_delta(tmp_path):
+    """LoHa on an nn.Einsum: the intercepted and merged outputs equal ``x @ (W_flat + ΔWᵀ)``, ΔW from the file."""
+    x = jax.random.normal(jax.random.key(3), (5, 4))
+    params = Heads().init(jax.random.key(0), x)["params"]
+    config = LoHaConfig(r=2, alpha=2, target_modules=["e"], init_weights=False)
+    params, spec = inject(Heads(), params, config, sample_args=(x,), key=jax.random.key(1))
+    save_adapter(tmp_path, params, spec, config)
+    f, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
+    delta = (f["base_model.model.e.hada_w1_a"] @ f["base_model.model.e.hada_w1_b"]) * (
+        f["base_model.model.e.hada_w2_a"] @ f["base_model.model.e.hada_w2_b"])
+    expected = (np.asarray(x) @ (np.asarray(params["e"]["kernel"]).reshape(4, 6) + delta.T)).reshape(5, 2, 3)
+    np.testing.assert_allclose(forward(spec, Heads())(params, x), expected, **TOL)
+    np.testing.assert_allclose(forward(None, Heads())(merge_and_unload(params, spec), x), expected, **TOL)
