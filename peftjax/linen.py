@@ -1,4 +1,5 @@
-"""LoRA for your own Flax Linen model, as pure functions on its ``params``, with HF PEFT files.
+"""LoRA, LoHa, LoKr, VeRA, FourierFT, AdaLoRA and IA³ for your own Flax Linen model, as pure
+functions on its ``params``, with HF PEFT files.
 
 The workflow (``model`` any ``nn.Module``, ``x`` a sample input):
 
@@ -16,6 +17,23 @@ returns ``(params, spec)``; ``merge_and_unload(params, spec)`` folds the adapter
 ``optax.multi_transform``. PEFT file keys use torch module names: the Linen params path, with the
 indices of scanned layers put after the scan's name, through ``key_mapping`` (by default
 :data:`LINEN_KEY_MAPPING`, ``dense_0`` -> ``dense.0``); see :func:`save_adapter`.
+
+The config picks the method. ``LoraConfig`` (DoRA, ``lora_bias``, ``modules_to_save``, mixed
+batches...) has its own low-rank forward and a :class:`LinenLoraSpec`. ``LoHaConfig``,
+``LoKrConfig``, ``VeraConfig``, ``FourierFTConfig`` and ``AdaLoraConfig`` are weight deltas: their
+weights sit beside the kernel under PEFT's attribute names and layouts (``hada_w1_a/<adapter>``,
+``lokr_w2``, ``vera_lambda_b``, ``fourierft_spectrum``, ``lora_A``/``lora_E``/``lora_B``), the
+intercepted layer adds ``dropout(x) @ ΔW`` with ``ΔW`` from the method's own function (the one its NNX
+layer uses), and the spec is a :class:`LinenDeltaSpec`. They adapt ``nn.Dense``, ``nn.DenseGeneral``
+and ``nn.Einsum`` (``torch.nn.Linear`` twins). ``IA3Config`` shares that path: ``ia3_l`` (PEFT's
+``[1, in]`` / ``[out, 1]``) scales a feedforward layer's input or another layer's output (and, merged,
+the kernel's rows, or its columns and the bias), on ``nn.Dense`` and ``nn.DenseGeneral``; ``rank_dropout`` / ``module_dropout`` (LoHa, LoKr) and
+``vera_dropout`` / ``lora_dropout`` apply inside ``peftjax.dropout_key(key)``, as PEFT applies them
+in ``train()``. They refuse, by name, ``modules_to_save``, ``bias`` other than ``"none"``,
+``fan_in_fan_out``, ``layers_to_transform`` and mixed batches; VeRA's shared projections are
+regenerated from ``projection_prng_key`` (a file with other projections is refused), and AdaLoRA's
+rank allocator does not run on Linen (the forward, merge and files are PEFT's). OFT, BOFT and the
+other methods raise ``TypeError`` (use the NNX path).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -37,6 +55,8 @@ Example:
     (2, 3)
 """
 
+from peftjax.tuners.linen._api import inject, intercept, load_adapter, merge_and_unload, save_adapter
+from peftjax.tuners.linen._delta import LinenDeltaLayer, LinenDeltaSpec
 from peftjax.tuners.lora._linen import (
     LINEN_KEY_MAPPING,
     LayerInfo,
@@ -46,12 +66,7 @@ from peftjax.tuners.lora._linen import (
     SplitParams,
     combine,
     discover_layers,
-    inject,
-    intercept,
-    load_adapter,
     merge,
-    merge_and_unload,
-    save_adapter,
     split,
     trainable_labels,
 )
@@ -59,6 +74,8 @@ from peftjax.tuners.lora._linen import (
 __all__ = [
     "LINEN_KEY_MAPPING",
     "LayerInfo",
+    "LinenDeltaLayer",
+    "LinenDeltaSpec",
     "LinenLayerSpec",
     "LinenLoraSpec",
     "LinenSavedSpec",

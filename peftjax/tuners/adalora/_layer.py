@@ -61,6 +61,12 @@ def _same(x):
     return x
 
 
+def adalora_delta(a, e, b, scaling: float, ranknum) -> jax.Array:
+    """``B (A ⊙ E) · scaling / (ranknum + 1e-5)`` in torch's ``[out, in]`` layout (float32)."""
+    a, e, b = (jnp.asarray(v, jnp.float32) for v in (a, e, b))
+    return (b @ (a * e)) * scaling / (ranknum + 1e-5)
+
+
 class AdaLoraLayer(AdapterDictLayer):
     """Mixin of an AdaLoRA ``SVDLinear`` (``isinstance(m, AdaLoraLayer)`` finds them)."""
 
@@ -107,8 +113,8 @@ class AdaLoraLayer(AdapterDictLayer):
 
     def delta_weight(self, name: str) -> jax.Array:
         """``B (A ⊙ E) · scaling / (ranknum + 1e-5)`` in the kernel's ``[in, out]`` layout (float32)."""
-        a, e, b, ranknum = (v.astype(jnp.float32) for v in self._factors(name))
-        return (b @ (a * e)).T * self.spec(name).scaling / (ranknum[0] + 1e-5)
+        a, e, b, ranknum = self._factors(name)
+        return adalora_delta(a, e, b, self.spec(name).scaling, ranknum[0].astype(jnp.float32)).T
 
     def merge_adapter(self, name: str) -> None:
         self._shift_kernel(self.delta_weight(name), 1.0)

@@ -45,6 +45,16 @@ def _same(x):
     return x
 
 
+def fourier_delta(spectrum, indices, n_in: int, n_out: int, scaling: float) -> jax.Array:
+    """``real(ifft2(S)) * scaling`` in torch's ``[out, in]`` layout, float32 (PEFT's ``get_delta_weight``).
+
+    ``S`` is ``[out, in]``, zero but at ``indices`` ``[2, n]`` (rows, columns), which hold ``spectrum``.
+    """
+    rows, cols = indices
+    dense = jnp.zeros((n_out, n_in), jnp.float32).at[rows, cols].set(spectrum.astype(jnp.float32))
+    return jnp.fft.ifft2(dense).real.astype(jnp.float32) * scaling
+
+
 class FourierFTLayer(AdapterDictLayer):
     """Mixin marking a FourierFT layer (``isinstance(m, FourierFTLayer)`` finds them)."""
 
@@ -82,10 +92,8 @@ class FourierFTLinear(FourierFTLayer):
     def delta_weight(self, name: str) -> jax.Array:
         """``real(ifft2(S)) * scaling`` in torch's ``[out, in]`` layout, float32 (PEFT's ``get_delta_weight``)."""
         n_in, n_out = self.kernel.get_value().shape
-        rows, cols = self.fourierft_indices[name].get_value()
-        spectrum = self.fourierft_spectrum[name].get_value().astype(jnp.float32)
-        dense = jnp.zeros((n_out, n_in), jnp.float32).at[rows, cols].set(spectrum)
-        return jnp.fft.ifft2(dense).real.astype(jnp.float32) * self.spec(name).scaling
+        return fourier_delta(self.fourierft_spectrum[name].get_value(), self.fourierft_indices[name].get_value(),
+                             n_in, n_out, self.spec(name).scaling)
 
     def __call__(self, x, *args, **kwargs):
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)

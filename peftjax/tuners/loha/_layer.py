@@ -25,6 +25,14 @@ def hadamard_delta(w1a, w1b, w2a, w2b, scaling: float) -> jax.Array:
     return (w1a @ w1b) * (w2a @ w2b) * scaling
 
 
+def loha_init(key: jax.Array, n_in: int, n_out: int, r: int, init_weights: bool) -> dict[str, jax.Array]:
+    """PEFT's factors for one ``[out, in]`` weight: Kaiming-uniform, ``hada_w2_b`` zero when ``init_weights``."""
+    k1a, k1b, k2a, k2b = jax.random.split(key, 4)
+    w2b = kaiming_uniform(k2b, (r, n_in)) if not init_weights else jnp.zeros((r, n_in), jnp.float32)
+    return {"hada_w1_a": kaiming_uniform(k1a, (n_out, r)), "hada_w1_b": kaiming_uniform(k1b, (r, n_in)),
+            "hada_w2_a": kaiming_uniform(k2a, (n_out, r)), "hada_w2_b": w2b}
+
+
 class LoHaLinear(LycorisLayer):
     """LoHa on ``nnx.Linear`` and its subclasses (``isinstance(m, LoHaLinear)`` finds them)."""
 
@@ -35,12 +43,8 @@ class LoHaLinear(LycorisLayer):
         """Creates adapter ``name`` with PEFT's shapes and init."""
         self._check_new(name)
         n_in, n_out = self.kernel.get_value().shape
-        k1a, k1b, k2a, k2b = jax.random.split(key, 4)
-        self.hada_w1_a[name] = AdapterParam(kaiming_uniform(k1a, (n_out, r)))
-        self.hada_w1_b[name] = AdapterParam(kaiming_uniform(k1b, (r, n_in)))
-        self.hada_w2_a[name] = AdapterParam(kaiming_uniform(k2a, (n_out, r)))
-        w2b = kaiming_uniform(k2b, (r, n_in)) if not config.init_weights else jnp.zeros((r, n_in), jnp.float32)
-        self.hada_w2_b[name] = AdapterParam(w2b)
+        for attr, value in loha_init(key, n_in, n_out, r, config.init_weights).items():
+            getattr(self, attr)[name] = AdapterParam(value)
         spec = LycorisSpec(r=r, alpha=alpha, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
                            rank_dropout_scale=True)
         self._add_spec(name, spec)

@@ -57,6 +57,43 @@ def kron_delta(w1: jax.Array, w2: jax.Array, scaling: float) -> jax.Array:
     return jnp.kron(w1, w2) * scaling
 
 
+def lokr_init(key: jax.Array, n_in: int, n_out: int, r: int, config: LoKrConfig) -> dict[str, jax.Array]:
+    """PEFT's factors for one ``[out, in]`` weight: its factor shapes, decomposition choice and init."""
+    (a, b), (c, d) = factorization(n_out, config.decompose_factor), factorization(n_in, config.decompose_factor)
+    use_w1 = not (config.decompose_both and r < max(a, c) / 2)
+    use_w2 = not (r < max(b, d) / 2)
+    init = config.init_weights
+    keys = iter(jax.random.split(key, 4))
+
+    def param(shape, zero: bool):
+        k = next(keys)
+        return jnp.zeros(shape, jnp.float32) if zero else kaiming_uniform(k, shape)
+
+    zero_w1 = init is True  # PEFT's default zeroes w1 (or w1_a); "lycoris" zeroes w2 (or w2_b)
+    zero_w2 = init == "lycoris"
+    out = {}
+    if use_w1:
+        out["lokr_w1"] = param((a, c), zero_w1)
+    else:
+        out["lokr_w1_a"] = param((a, r), zero_w1)
+        out["lokr_w1_b"] = param((r, c), False)
+    if use_w2:
+        out["lokr_w2"] = param((b, d), zero_w2)
+    else:
+        out["lokr_w2_a"] = param((b, r), False)
+        out["lokr_w2_b"] = param((r, d), zero_w2)
+    return out
+
+
+def lokr_delta(weights, scaling: float) -> jax.Array:
+    """``ΔW`` ``[out, in]`` from one adapter's factors (``{"lokr_w1": ..} or {"lokr_w1_a": .., "lokr_w1_b": ..}``, same for w2)."""
+
+    def factor(whole: str) -> jax.Array:
+        return weights[whole] if whole in weights else weights[whole + "_a"] @ weights[whole + "_b"]
+
+    return kron_delta(factor("lokr_w1"), factor("lokr_w2"), scaling)
+
+
 class LoKrLinear(LycorisLayer):
     """LoKr on ``nnx.Linear`` and its subclasses (``isinstance(m, LoKrLinear)`` finds them)."""
 
@@ -67,40 +104,15 @@ class LoKrLinear(LycorisLayer):
         """Creates adapter ``name`` with PEFT's factor shapes, decomposition choice and init."""
         self._check_new(name)
         n_in, n_out = self.kernel.get_value().shape
-        (a, b), (c, d) = factorization(n_out, config.decompose_factor), factorization(n_in, config.decompose_factor)
-        use_w1 = not (config.decompose_both and r < max(a, c) / 2)
-        use_w2 = not (r < max(b, d) / 2)
-        init = config.init_weights
-        keys = iter(jax.random.split(key, 4))
-
-        def param(shape, zero: bool):
-            k = next(keys)
-            return AdapterParam(jnp.zeros(shape, jnp.float32) if zero else kaiming_uniform(k, shape))
-
-        zero_w1 = init is True  # PEFT's default zeroes w1 (or w1_a); "lycoris" zeroes w2 (or w2_b)
-        zero_w2 = init == "lycoris"
-        if use_w1:
-            self.lokr_w1[name] = param((a, c), zero_w1)
-        else:
-            self.lokr_w1_a[name] = param((a, r), zero_w1)
-            self.lokr_w1_b[name] = param((r, c), False)
-        if use_w2:
-            self.lokr_w2[name] = param((b, d), zero_w2)
-        else:
-            self.lokr_w2_a[name] = param((b, r), False)
-            self.lokr_w2_b[name] = param((r, d), zero_w2)
+        for attr, value in lokr_init(key, n_in, n_out, r, config).items():
+            getattr(self, attr)[name] = AdapterParam(value)
         spec = LycorisSpec(r=r, alpha=alpha, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
                            rank_dropout_scale=config.rank_dropout_scale)
         self._add_spec(name, spec)
 
-    def _factor(self, name: str, whole: str) -> jax.Array:
-        store = getattr(self, whole)
-        if name in store:
-            return store[name].get_value()
-        return getattr(self, whole + "_a")[name].get_value() @ getattr(self, whole + "_b")[name].get_value()
-
     def delta_weight(self, name: str) -> jax.Array:
-        return kron_delta(self._factor(name, "lokr_w1"), self._factor(name, "lokr_w2"), self.spec(name).scaling)
+        weights = {w: getattr(self, w)[name].get_value() for w in self.weight_dicts if name in getattr(self, w)}
+        return lokr_delta(weights, self.spec(name).scaling)
 
     def _describe(self, name: str) -> str:
         parts = [w for w in ("lokr_w1", "lokr_w2") if name in getattr(self, w)]

@@ -85,6 +85,7 @@ from peftjax.io._adapter import (
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import validate_adapter_name
 from peftjax.tuners.base._rows import adapter_index, per_row, pick_rows
+from peftjax.tuners.linen._methods import DELTA_KEYS
 from peftjax.tuners.lora._math import (
     _same,
     _t,
@@ -111,8 +112,9 @@ ADAPTER_KEYS = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
 SAVED_KEY = "modules_to_save"
 """The params key under a ``modules_to_save`` module that holds ``{adapter name: params copy}``."""
 
-TRAINABLE_KEYS = ADAPTER_KEYS + (SAVED_KEY,)
-"""Every key :func:`split` moves to the adapter side; with ``bias="none"`` the rest is the frozen base."""
+TRAINABLE_KEYS = tuple(dict.fromkeys(ADAPTER_KEYS + DELTA_KEYS + (SAVED_KEY,)))
+"""Every key :func:`split` moves to the adapter side (LoRA's, and those of the weight-delta methods of
+``peftjax.tuners.linen``); with ``bias="none"`` the rest is the frozen base."""
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -858,7 +860,8 @@ class _Call(NamedTuple):
 def _call_info(layer: LinenLayerSpec, module: nn.Module, args, kwargs) -> _Call:
     x = args[0] if args else kwargs["inputs"]
     if layer.kind == "dense_general":
-        return _Call(x, axes=tuple(a % x.ndim for a in _as_tuple(module.axis)))
+        # sorted, as flax's DenseGeneral orders the kernel's contracted axes (_normalize_axes)
+        return _Call(x, axes=tuple(sorted(a % x.ndim for a in _as_tuple(module.axis))))
     if layer.kind == "einsum":
         kernel_shape = tuple(_read(module, "kernel").shape)
         return _Call(x, einsum=_einsum_parts(_einsum_str(module, args, kwargs), x, kernel_shape))

@@ -54,6 +54,15 @@ def _same(x):
     return x
 
 
+def vera_delta(lambda_b, lambda_d, vera_a, vera_b) -> jax.Array:
+    """``(lambda_b * B) @ (lambda_d * A)`` in torch's ``[out, in]`` layout (float32).
+
+    ``vera_a`` ``[r, in]`` and ``vera_b`` ``[out, r]`` are the layer's slices of the shared projections.
+    """
+    f32 = jnp.float32
+    return (lambda_b.astype(f32)[:, None] * vera_b.astype(f32)) @ (lambda_d.astype(f32)[:, None] * vera_a.astype(f32))
+
+
 class VeraLayer(AdapterDictLayer):
     """Mixin marking a VeRA layer (``isinstance(m, VeraLayer)`` finds them)."""
 
@@ -123,9 +132,7 @@ class VeraLinear(VeraLayer):
     def delta_weight(self, name: str) -> jax.Array:
         """``(lambda_b * B) @ (lambda_d * A)`` in the kernel's ``[in, out]`` layout (float32)."""
         a, b = self._sliced(name)
-        lambda_d = self.vera_lambda_d[name].get_value().astype(jnp.float32)
-        lambda_b = self.vera_lambda_b[name].get_value().astype(jnp.float32)
-        return ((lambda_b[:, None] * b.astype(jnp.float32)) @ (lambda_d[:, None] * a.astype(jnp.float32))).T
+        return vera_delta(self.vera_lambda_b[name].get_value(), self.vera_lambda_d[name].get_value(), a, b).T
 
     def merge_adapter(self, name: str) -> None:
         self._shift_kernel(self.delta_weight(name), 1.0)
