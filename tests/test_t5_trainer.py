@@ -1,0 +1,169 @@
+"""The Trainer on an encoder-decoder (SEQ_2_SEQ_LM): torch's trajectory, evaluation, bit-exact resume.
+
+One tiny T5 v1.1 (gated-gelu, untied head) built once in PyTorch. The oracle is transformers' T5
+with HF PEFT LoRA started from the same adapter file, trained with torch's AdamW (and its gradient
+clipping) on the very batches the Trainer draws: the loss of every step must match.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+from peftjax.io import read_safetensors
+from peftjax.training import Batcher, Trainer, TrainingArguments
+
+torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
+
+FIELDS = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+              dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], task_type="SEQ_2_SEQ_LM", lora_dropout=0.0,
+            init_lora_weights=False)
+
+
+def pairs(n: int, seed: int) -> dict[str, list]:
+    """Sources and targets of different lengths (targets end in EOS 1): the target is the source's
+    tokens plus one, reversed, which a LoRA can start to learn."""
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        src = rng.integers(5, 60, int(rng.integers(3, 9))).tolist()
+        ids.append([*src, 1])
+        labels.append([t + 1 for t in reversed(src[: int(rng.integers(2, len(src) + 1))])] + [1])
+    return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = tr.T5Config(**FIELDS)
+    torch.manual_seed(0)
+    model = tr.T5ForConditionalGeneration(config)
+    with torch.no_grad():  # wider than T5's init, so that the loss moves visibly
+        for name, p in model.named_parameters():
+            if "layer_norm" not in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("t5")
+    model.save_pretrained(path)
+    return path
+
+
+def peft_model(path, **overrides):
+    base = models.from_pretrained(path, **overrides)
+    return peftjax.get_peft_model(base, peftjax.LoraConfig(**LORA), key=jax.random.key(3))
+
+
+def args(out, **kw):
+    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=3,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, disable_tqdm=True,
+                             report_to="none", plot=False, **kw)
+
+
+def test_seq2seq_training_follows_torch_and_peft_step_for_step(checkpoint, tmp_path):
+    train, evaluation = pairs(16, 0), pairs(5, 1)
+    model = peft_model(checkpoint)
+    model.save_pretrained(tmp_path / "initial")
+    training = args(tmp_path / "run", max_steps=4, save_steps=0)
+    trainer = Trainer(model, training, train)
+    trainer.train()
+    ours = [r["loss"] for r in trainer.log_history if "loss" in r]
+
+    # torch: the same adapter file, AdamW with clipping at 1.0, the Trainer's batches in its order
+    theirs_model = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(checkpoint),
+                                                  tmp_path / "initial", is_trainable=True)
+    theirs_model.train()
+    params = [p for p in theirs_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    batches = Batcher(train, 4, pad_token_id=0, seed=training.seed, target_columns=("labels",)).batches(0)
+    theirs = []
+    for batch in batches:
+        loss = theirs_model(**{k: torch.as_tensor(batch[k]).long() for k in ("input_ids", "attention_mask",
+                                                                              "labels")}).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    before, _ = read_safetensors(tmp_path / "initial" / "adapter_model.safetensors")
+    after, _ = read_safetensors(tmp_path / "run" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(np.abs(after[k] - before[k]).max() > 1e-3 for k in before)  # every adapter weight moved
+
+    # evaluation: the token-weighted loss over the whole set, as the trained torch model computes it
+    metrics = trainer.evaluate(evaluation)
+    n = max(len(r) for r in evaluation["labels"])
+    src = max(len(r) for r in evaluation["input_ids"])
+    ids = np.array([r + [0] * (src - len(r)) for r in evaluation["input_ids"]])
+    labels = np.array([r + [-100] * (n - len(r)) for r in evaluation["labels"]])
+    theirs_model.eval()
+    with torch.no_grad():
+        expected = float(theirs_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(ids != 0).long(),
+                                      labels=torch.as_tensor(labels)).loss)
+    np.testing.assert_allclose(metrics["eval_loss"], expected, atol=1e-4)
+    np.testing.assert_allclose(metrics["eval_perplexity"], np.exp(metrics["eval_loss"]), rtol=1e-6)
+
+    # the saved adapter loads in HF PEFT and gives the torch-trained model's logits
+    reloaded = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(checkpoint),
+                                              tmp_path / "run").eval()
+    inputs = dict(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(ids != 0).long(),
+                  labels=torch.as_tensor(labels))
+    initial = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(checkpoint),
+                                             tmp_path / "initial").eval()
+    with torch.no_grad():
+        got, want = reloaded(**inputs).logits.numpy(), theirs_model(**inputs).logits.numpy()
+        start = initial(**inputs).logits.numpy()
+    # four AdamW steps at lr 1e-2 normalise each gradient, which lifts float32 rounding (both
+    # frameworks' losses agree to 1e-4 above) to a few 1e-4 in the logits; training moved them > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert np.abs(got - start).max() > 0.1
+
+
+def test_seq2seq_resume_is_bit_exact_with_dropout_from_the_step_key(checkpoint, tmp_path):
+    train = pairs(12, 2)
+    dropout = dict(dropout_rate=0.2)
+    straight = Trainer(peft_model(checkpoint, **dropout), args(tmp_path / "a", max_steps=4, save_steps=2), train)
+    straight.train()
+    resumed = Trainer(peft_model(checkpoint, **dropout), args(tmp_path / "b", max_steps=4, save_steps=2), train)
+    # the base model's dropout runs in training (the step's key) and not in evaluation: the first
+    # step's loss (before any update) differs from the evaluated loss of that same batch
+    first = next(Batcher(train, 4, pad_token_id=0, seed=42, target_columns=("labels",)).batches(0))
+    real = first["attention_mask"] > 0
+    rows = {"input_ids": [r[m].tolist() for r, m in zip(first["input_ids"], real)],
+            "labels": [r[r != -100].tolist() for r in first["labels"]]}
+    evaluated = resumed.evaluate(rows)["eval_loss"]
+    assert resumed.evaluate(rows)["eval_loss"] == evaluated  # deterministic
+    first_loss = straight.log_history[0]["loss"]
+    assert abs(first_loss - evaluated) > 1e-3, (first_loss, evaluated)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    a, _ = read_safetensors(tmp_path / "a" / "adapter_model.safetensors")
+    b, _ = read_safetensors(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    losses = [[r["loss"] for r in t.log_history if "loss" in r] for t in (straight, resumed)]
+    assert losses[0] == losses[1]
+def test_seq2seq_data_is_checked_and_unsupported_uses_are_named(checkpoint, tmp_path):
+    model = peft_model(checkpoint)
+    with pytest.raises(ValueError, match=r"row 0 .*target token lists.*tokenize_seq2seq"):
+        Trainer(model, args(tmp_path, max_steps=1), {"input_ids": [[5, 1]], "labels": [3]}).train()
+    with pytest.raises(NotImplementedError, match="generate"):
+        Trainer(model, args(tmp_path)).predict(pairs(2, 0))
+    with pytest.raises(NotImplementedError, match="compute_metrics"):
+        Trainer(model, args(tmp_path), compute_metrics=lambda logits, labels: {})
+
+
+def test_batcher_pads_targets_to_their_own_bucket():
+    data = {"input_ids": [[5, 6, 7, 1], [8, 1]], "labels": [[9, 1], [10, 11, 12, 13, 14, 1]]}
+    batch = next(Batcher(data, 3, buckets=(4, 8), shuffle=False, target_columns=("labels",)).batches(0))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1], [8, 1, 0, 0], [0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[9, 1, -100, -100, -100, -100, -100, -100],
+                                        [10, 11, 12, 13, 14, 1, -100, -100], [-100] * 8]
+    assert batch["sample_weight"].tolist() == [1, 1, 0]
+    with pytest.raises(ValueError, match=r"in labels longer than the largest bucket 4"):
+        Batcher(data, 2, buckets=(4,), target_columns=("labels",))
+    with pytest.raises(ValueError, match="target column 'decoder_input_ids' is not in the data"):
+        Batcher(data, 2, target_columns=("decoder_input_ids",))
