@@ -82,3 +82,14 @@ def test_peft_default_targets(built):
         their = peft.get_peft_model(theirs, peft.LoraConfig(task_type="SEQ_2_SEQ_LM"))
     assert set(peftjax.tuners.lora.lora_layers(ours.base_model)) == set(their.targeted_module_names)
     assert ours.get_nb_trainable_parameters() == their.get_nb_trainable_parameters()
+
+
+def test_configs_read_as_transformers_reads_them(built):
+    kind, path, theirs = built
+    skip = {"transformers_version", "_name_or_path", "architectures", "dtype"}
+    pairs = [(models.ModelConfig(kind), getattr(tr, KINDS[kind][0])()), (models.load_config(path), theirs.config)]
+    for ours, ref in pairs:
+        for key in sorted(set(ref.to_dict()) - skip):
+            assert getattr(ours, key) == getattr(ref, key), (kind, key)
+    with pytest.raises(ValueError, match="scan_layers=True is not supported for (mT5|UMT5)"):
+        models.from_pretrained(path, scan_layers=True)
