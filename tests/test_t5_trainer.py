@@ -1,8 +1,9 @@
-"""The Trainer on an encoder-decoder (SEQ_2_SEQ_LM): torch's trajectory, evaluation, bit-exact resume.
+"""The Trainer on an encoder-decoder (SEQ_2_SEQ_LM): torch's trajectory, evaluation, bit-exact resume, the CLI.
 
-One tiny T5 v1.1 (gated-gelu, untied head) built once in PyTorch. The oracle is transformers' T5
-with HF PEFT LoRA started from the same adapter file, trained with torch's AdamW (and its gradient
-clipping) on the very batches the Trainer draws: the loss of every step must match.
+One tiny T5 v1.1 (gated-gelu, untied head; one block per stack, since compiling the step is most of
+the time) built once in PyTorch. The oracle is transformers' T5 with HF PEFT LoRA started from the
+same adapter file, trained with torch's AdamW (and its gradient clipping) on the very batches the
+Trainer draws: the loss of every step must match.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from peftjax.training import Batcher, Trainer, TrainingArguments
 
 torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
 
-FIELDS = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+FIELDS = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4, decoder_start_token_id=0,
               dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 LORA = dict(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], task_type="SEQ_2_SEQ_LM", lora_dropout=0.0,
             init_lora_weights=False)
@@ -129,18 +130,18 @@ def test_seq2seq_resume_is_bit_exact_with_dropout_from_the_step_key(checkpoint, 
     train = pairs(12, 2)
     dropout = dict(dropout_rate=0.2)
     straight = Trainer(peft_model(checkpoint, **dropout), args(tmp_path / "a", max_steps=4, save_steps=2), train)
-    straight.train()
-    resumed = Trainer(peft_model(checkpoint, **dropout), args(tmp_path / "b", max_steps=4, save_steps=2), train)
     # the base model's dropout runs in training (the step's key) and not in evaluation: the first
     # step's loss (before any update) differs from the evaluated loss of that same batch
     first = next(Batcher(train, 4, pad_token_id=0, seed=42, target_columns=("labels",)).batches(0))
     real = first["attention_mask"] > 0
     rows = {"input_ids": [r[m].tolist() for r, m in zip(first["input_ids"], real)],
             "labels": [r[r != -100].tolist() for r in first["labels"]]}
-    evaluated = resumed.evaluate(rows)["eval_loss"]
-    assert resumed.evaluate(rows)["eval_loss"] == evaluated  # deterministic
+    evaluated = straight.evaluate(rows)["eval_loss"]
+    assert straight.evaluate(rows)["eval_loss"] == evaluated  # deterministic
+    straight.train()
     first_loss = straight.log_history[0]["loss"]
     assert abs(first_loss - evaluated) > 1e-3, (first_loss, evaluated)
+    resumed = Trainer(peft_model(checkpoint, **dropout), args(tmp_path / "b", max_steps=4, save_steps=2), train)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     a, _ = read_safetensors(tmp_path / "a" / "adapter_model.safetensors")
     b, _ = read_safetensors(tmp_path / "b" / "adapter_model.safetensors")
@@ -149,6 +150,8 @@ def test_seq2seq_resume_is_bit_exact_with_dropout_from_the_step_key(checkpoint, 
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     losses = [[r["loss"] for r in t.log_history if "loss" in r] for t in (straight, resumed)]
     assert losses[0] == losses[1]
+
+
 def test_seq2seq_data_is_checked_and_unsupported_uses_are_named(checkpoint, tmp_path):
     model = peft_model(checkpoint)
     with pytest.raises(ValueError, match=r"row 0 .*target token lists.*tokenize_seq2seq"):
@@ -218,6 +221,7 @@ def test_every_command_on_a_seq2seq_task(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(base), "--adapter", str(out), "--text", "3 plus 4", "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out)
+    assert want.shape[1] == 5 and row["completion"]  # four new tokens, not an immediate EOS
     assert row == {"prompt": "3 plus 4", "completion": tokenizer.decode(want[0], skip_special_tokens=True)}
 
     assert main(["predict", str(base), "--adapter", str(out), "--text", "3 plus 4"]) == 1
