@@ -342,6 +342,10 @@ class Trainer:
         if resume:
             path = self._resolve_checkpoint(resume)
             state, info = load_checkpoint(path, {"trainable": trainable, "opt_state": opt_state})
+            if self.mesh is None:
+                # restored arrays come back committed to their device, fresh ones are not: the step
+                # would lower differently (parameter shardings) and miss the compilation cache
+                state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
             trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
             self.log_history = info.get("log_history", [])
             if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
