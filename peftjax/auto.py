@@ -110,4 +110,4 @@ class AutoPeftModel:
 
 def _bundled_task(task: str | None) -> str | None:
     """Tasks without their own bundled classes load the checkpoint's class."""
-    return task if task in ("SEQ_CLS", "CAUSAL_LM") else None
+    return task if task in ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None

@@ -116,6 +116,9 @@ class BatchingGenerator:
             if getattr(config, "use_dora", False):
                 raise ValueError(f"adapter {name!r} uses DoRA, which cannot serve a different adapter per row "
                                  "(PEFT refuses it too); merge it into a base of its own")
+        if getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(f"serving an encoder-decoder ({type(model.base_model).__name__}, SEQ_2_SEQ_LM) is not "
+                             "implemented: the server batches causal LM prompts; use `peftjax generate`")
         if not hasattr(model.base_model, "generate"):
             raise ValueError(f"{type(model.base_model).__name__} cannot generate; serve a causal LM adapter")
         for arg, value in (("max_batch_size", max_batch_size), ("max_prompt_tokens", max_prompt_tokens),

@@ -141,7 +141,9 @@ def _generate(args) -> int:
 
     model = _load_with_adapter(args)
     tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
-    tokenizer.padding_side = "left"
+    # an encoder-decoder's output is all new tokens (after the decoder start); a decoder continues the prompt
+    seq2seq = _is_encoder_decoder(model)
+    tokenizer.padding_side = "right" if seq2seq else "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = _texts(args)
@@ -150,7 +152,7 @@ def _generate(args) -> int:
                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
                          top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed)
     for text, row in zip(texts, out):
-        new = tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": new}, ensure_ascii=False))
     return 0
 
@@ -160,6 +162,9 @@ def _predict(args) -> int:
     from peftjax.io import load_tokenizer
 
     model = _load_with_adapter(args)
+    if _is_encoder_decoder(model):
+        raise ValueError(f"predict needs a sequence-classification model; {type(_base(model)).__name__} is an "
+                         "encoder-decoder (SEQ_2_SEQ_LM): use generate")
     tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
     texts = _texts(args)
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length)
@@ -176,6 +181,14 @@ def _predict(args) -> int:
         print(json.dumps({"text": text, "label": names.get(k, str(k)), "score": round(float(p[k]), 4)},
                          ensure_ascii=False))
     return 0
+
+
+def _base(model):
+    return getattr(model, "base_model", model)
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(_base(model), "config", None), "is_encoder_decoder", False))
 
 
 def _accepted(model) -> set[str]:

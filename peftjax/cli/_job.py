@@ -27,8 +27,11 @@ DEFAULTS: dict[str, Any] = {
     "label_column": "label",
     "prompt_column": "prompt",
     "response_column": "response",
+    "source_column": "source",
+    "target_column": "target",
     "num_labels": 3,
     "max_length": 64,
+    "max_target_length": 64,
     "max_train_samples": None,
     "max_eval_samples": None,
     "r": 8,
@@ -61,12 +64,16 @@ DEFAULTS: dict[str, Any] = {
     ],
 }
 
+# the job's task -> PEFT's task_type (of the model class and the adapter)
+TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
     "dataset": "training data: a .jsonl/.json/.csv/.parquet/.txt file or directory, or a Hub name "
                "(default: peftjax's shipped 3-class review set)",
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
-    "task": "seq_cls (classification), causal_lm (language modelling) or instruction (prompt/response pairs)",
+    "task": "seq_cls (classification), causal_lm (language modelling), instruction (prompt/response pairs) "
+            "or seq2seq (source/target pairs on an encoder-decoder such as T5)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
@@ -117,8 +124,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
-    if options["task"] not in ("seq_cls", "causal_lm", "instruction"):
-        raise ValueError(f"task must be seq_cls, causal_lm or instruction, got {options['task']!r}")
+    if options["task"] not in TASK_TYPES:
+        raise ValueError(f"task must be seq_cls, causal_lm, instruction or seq2seq, got {options['task']!r}")
     return options
 
 
@@ -178,7 +185,12 @@ def load_raw_data(options: dict):
 
 def tokenize_data(options: dict, tokenizer, train, evaluation):
     """The job's datasets tokenized for its task."""
-    from peftjax.training._data import tokenize_causal_lm, tokenize_classification, tokenize_instructions
+    from peftjax.training._data import (
+        tokenize_causal_lm,
+        tokenize_classification,
+        tokenize_instructions,
+        tokenize_seq2seq,
+    )
 
     task = options["task"]
 
@@ -188,6 +200,10 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
         if task == "seq_cls":
             return tokenize_classification(ds, tokenizer, text_column=options["text_column"],
                                            label_column=options["label_column"], max_length=options["max_length"])
+        if task == "seq2seq":
+            return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
+                                    target_column=options["target_column"], max_length=options["max_length"],
+                                    max_target_length=options["max_target_length"])
         if task == "causal_lm":
             return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
                                       max_length=options["max_length"])
@@ -214,6 +230,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     raw_train, raw_eval = load_raw_data(options)
     train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval)
     seq_cls = options["task"] == "seq_cls"
+    task_type = TASK_TYPES[options["task"]]
     figures: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(evaluation) if evaluation is not None else 0}
     if seq_cls:
         figures["train_label_counts"] = _label_counts(train)
@@ -227,13 +244,13 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             if seq_cls:
                 return models.from_pretrained(model_path, dtype=dtype, task_type="SEQ_CLS",
                                               num_labels=options["num_labels"])
-            return models.from_pretrained(model_path, dtype=dtype, task_type="CAUSAL_LM")
+            return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
 
     targets = options["target_modules"]
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     lora = peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"], lora_dropout=options["lora_dropout"],
-                              target_modules=targets, task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM")
+                              target_modules=targets, task_type=task_type)
     peft_model = peftjax.get_peft_model(base_model(), lora, key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -278,6 +295,12 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             k = int(p.argmax())
             print(f"  {names.get(k, str(k)):>8} ({p[k]:.3f})  {text}")
         print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
+    elif texts and task_type == "SEQ_2_SEQ_LM":  # the decoder's output is all new tokens
+        batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
+                          max_length=options["max_length"])
+        out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20)
+        for text, row in zip(texts, out):
+            print(f"  {text!r} -> {tokenizer.decode(row, skip_special_tokens=True)!r}")
     elif texts:
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, padding_side="left")
         out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,

@@ -18,7 +18,14 @@ from peftjax.models._llama import (
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
-from peftjax.models._t5 import T5EncoderModel, T5ForConditionalGeneration, T5ForSequenceClassification, T5Model
+from peftjax.models._t5 import (
+    MT5ForConditionalGeneration,
+    T5EncoderModel,
+    T5ForConditionalGeneration,
+    T5ForSequenceClassification,
+    T5Model,
+    UMT5ForConditionalGeneration,
+)
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
@@ -52,6 +59,8 @@ __all__ = [
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "MT5ForConditionalGeneration",
+    "UMT5ForConditionalGeneration",
     "T5EncoderModel",
     "T5ForConditionalGeneration",
     "T5ForSequenceClassification",

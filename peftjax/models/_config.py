@@ -121,6 +121,23 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
         "classifier_dropout": 0.0, "is_decoder": False, "tie_word_embeddings": True, "scale_decoder_outputs": None,
     },
+    # MT5Config: no scale_decoder_outputs (MT5ForConditionalGeneration never scales)
+    "mt5": {
+        "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_decoder_layers": None,
+        "num_heads": 6, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1, "layer_norm_epsilon": 1e-06, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": True, "use_cache": True, "tie_word_embeddings": True, "bos_token_id": None,
+        "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "classifier_dropout": 0.0,
+        "is_decoder": False,
+    },
+    "umt5": {
+        "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_decoder_layers": None,
+        "num_heads": 6, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1, "layer_norm_epsilon": 1e-06, "initializer_factor": 1.0, "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
+        "decoder_start_token_id": 0, "classifier_dropout": 0.0, "is_decoder": False, "tie_word_embeddings": True,
+        "scale_decoder_outputs": None,
+    },
 }
 
 # other names for fields (transformers' ``attribute_map``)
@@ -131,6 +148,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
            "head_dim": "d_kv"},
 }
+ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -175,13 +193,13 @@ class ModelConfig:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
-        if t == "t5":  # T5Config.__post_init__
+        if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:
                 self.num_decoder_layers = self.num_layers
             act = self.feed_forward_proj.split("-")
             self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act[-1]
             self.is_gated_act = act[0] == "gated"
-            if self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
+            if t != "mt5" and self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
                 self.scale_decoder_outputs = self.tie_word_embeddings is not False
             self.tie_word_embeddings = True
         if t in ("qwen2", "qwen3"):

@@ -84,16 +84,25 @@ def feed_forward(config) -> tuple[str, bool]:
 
 
 def scale_decoder_outputs(config) -> bool:
-    """Whether the decoder output is scaled by ``d_model ** -0.5`` (transformers 5's rule)."""
+    """Whether the decoder output is scaled by ``d_model ** -0.5`` (transformers 5's rule; mT5 never is)."""
+    if getattr(config, "model_type", "t5") == "mt5":
+        return False
     scale = getattr(config, "scale_decoder_outputs", None)
     return bool(getattr(config, "tie_word_embeddings", True) is not False if scale is None else scale)
+
+
+def per_layer_bias(config) -> bool:
+    """Whether every block owns its relative position bias (UMT5), not only block 0 (T5, mT5)."""
+    return getattr(config, "model_type", "t5") == "umt5"
 
 
 def _check_config(config) -> None:
     feed_forward(config)
     if getattr(config, "scan_layers", False):
-        raise ValueError("scan_layers=True is not supported for T5: block 0 of each stack owns the relative "
-                         "position bias, so the blocks are not identical (use scan_layers=False)")
+        why = ("block 0 of each stack owns the relative position bias, so the blocks are not identical"
+               if not per_layer_bias(config) else "the stacked UMT5 blocks are not implemented")
+        name = {"mt5": "mT5", "umt5": "UMT5"}.get(getattr(config, "model_type", "t5"), "T5")
+        raise ValueError(f"scan_layers=True is not supported for {name}: {why} (use scan_layers=False)")
 
 
 def relative_position_bucket(relative_position, *, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -277,8 +286,10 @@ class T5Stack(nnx.Module):
         n = config.num_decoder_layers if is_decoder else config.num_layers
         if n is None:
             n = config.num_layers
+        self.per_layer_bias = per_layer_bias(config)
         self.block = nnx.List([
-            T5Block(config, is_decoder=is_decoder, has_relative_attention_bias=i == 0, **kw) for i in range(n)
+            T5Block(config, is_decoder=is_decoder, has_relative_attention_bias=self.per_layer_bias or i == 0, **kw)
+            for i in range(n)
         ])
         self.final_layer_norm = _norm(config, kw)
         self.is_decoder = is_decoder
@@ -316,8 +327,11 @@ class T5Stack(nnx.Module):
         key_mask = attn.prefix_key_mask(jnp.asarray(key_mask).astype(bool), num_prefix)
         key_positions = jnp.arange(key_mask.shape[1])
         mask = attn.attention_mask_4d(query_positions, key_mask, causal=self.is_decoder)
-        bias = self.block[0].layer[0].SelfAttention.position_bias(
-            query_positions, key_positions, bidirectional=not self.is_decoder)
+        def position_bias(block):
+            return block.layer[0].SelfAttention.position_bias(query_positions, key_positions,
+                                                              bidirectional=not self.is_decoder)
+
+        bias = position_bias(self.block[0])
         cross = None
         if self.is_decoder:
             cross_key_mask = jnp.asarray(cross_mask).astype(bool)
@@ -332,6 +346,8 @@ class T5Stack(nnx.Module):
             layer_cache = None if cache is None else cache[i]
             kv = None if cross_kv is None else cross_kv[i]
             key = layer_key(k_blocks, i)
+            if self.per_layer_bias and i > 0:  # UMT5: each block's own bias
+                bias = position_bias(block)
             if cache is None and prefix is None and self.remat != "none":
                 graphdef, state = nnx.split(block)
                 x = checkpointed(
@@ -648,7 +664,20 @@ class T5ForSequenceClassification(PreTrainedModel):
                            encoder_last_hidden_state=out.encoder_last_hidden_state)
 
 
+class MT5ForConditionalGeneration(T5ForConditionalGeneration):
+    """mT5: T5 v1.1's architecture (gated-gelu, its own ``lm_head``) whose decoder output is never
+    scaled, as transformers' ``MT5ForConditionalGeneration``."""
+
+
+class UMT5ForConditionalGeneration(T5ForConditionalGeneration):
+    """UMT5: as T5, but every block's self-attention owns a relative position bias
+    (``encoder.block.N.layer.0.SelfAttention.relative_attention_bias``), as transformers'
+    ``UMT5ForConditionalGeneration``; the decoder output is scaled as in T5 (``tie_word_embeddings``)."""
+
+
 register(T5ForConditionalGeneration, model_types=("t5",), default=True)
+register(MT5ForConditionalGeneration, model_types=("mt5",), default=True)
+register(UMT5ForConditionalGeneration, model_types=("umt5",), default=True)
 register(T5EncoderModel)
 register(T5Model)
 register(T5ForSequenceClassification)

@@ -8,6 +8,7 @@ from peftjax.training._data import (
     tokenize_causal_lm,
     tokenize_classification,
     tokenize_instructions,
+    tokenize_seq2seq,
 )
 from peftjax.training._memory import release_host_memory
 from peftjax.training._step import combine, make_train_step, optax_labels, split
@@ -30,4 +31,5 @@ __all__ = [
     "tokenize_causal_lm",
     "tokenize_classification",
     "tokenize_instructions",
+    "tokenize_seq2seq",
 ]

@@ -341,6 +341,62 @@ def tokenize_instructions(
     return _per_split(dataset, one)
 
 
+def tokenize_seq2seq(
+    dataset,
+    tokenizer,
+    *,
+    source_column: str = "source",
+    target_column: str = "target",
+    max_length: int = 512,
+    max_target_length: int = 128,
+    prefix: str = "",
+):
+    """Tokenizes source/target text pairs for an encoder-decoder (``SEQ_2_SEQ_LM``), as HF's examples do.
+
+    The source (after ``prefix``, e.g. ``"summarize: "``) becomes ``input_ids`` and
+    ``attention_mask``; the target, tokenized with the tokenizer's default special tokens (T5's
+    trailing ``</s>``), becomes ``labels``, a token list of its own length. The model derives its
+    decoder input from the labels (``shift_right``); the :class:`Batcher` pads both sides to their
+    own buckets when given ``target_columns=("labels",)``, as the ``Trainer`` does for such models.
+    Truncation cuts the end of each side.
+
+    >>> ds = tokenize_seq2seq(ds, tokenizer, prefix="translate English to German: ")  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['input_ids', 'attention_mask', 'labels']
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer.
+      source_column: the encoder's text.
+      target_column: the text the decoder learns to produce.
+      max_length: sources are truncated to this many tokens.
+      max_target_length: targets are truncated to this many tokens.
+      prefix: prepended to every source (T5's task prefixes).
+
+    Returns:
+      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Raises:
+      ValueError: a named column is missing, or a length is not a positive int.
+    """
+    _check_positive("max_length", max_length)
+    _check_positive("max_target_length", max_target_length)
+
+    def encode(batch):
+        enc = tokenizer([prefix + s for s in batch[source_column]], truncation=True, max_length=max_length,
+                        verbose=False)
+        targets = tokenizer(text_target=list(batch[target_column]), truncation=True, max_length=max_target_length,
+                            verbose=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": targets["input_ids"]}
+
+    def one(ds):
+        _require_columns(ds, [source_column, target_column])
+        return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+    return _per_split(dataset, one)
+
+
 def _per_split(dataset, fn):
     import datasets
 
@@ -412,6 +468,12 @@ class Batcher:
     row (classification labels, regression targets, fixed-length multi-label vectors) and are
     stacked untouched. Without an ``attention_mask`` column one is made (1 on every real token).
 
+    ``target_columns`` are token lists of their own length: the decoder side of an
+    encoder-decoder (``labels`` from :func:`tokenize_seq2seq`). Each batch pads them to the
+    smallest bucket that holds their longest row in the batch, independently of ``input_ids``
+    (``labels`` with -100, others with 0; always on the right), so a batch is
+    ``[batch_size, source bucket]`` plus ``[batch_size, target bucket]``.
+
     >>> b = Batcher({"input_ids": [[5, 6, 7], [8]], "labels": [1, 0]}, 4, buckets=(4, 8))
     >>> b.num_batches
     1
@@ -432,11 +494,12 @@ class Batcher:
       pad_to_multiple_of: rounds every bucket (or, without buckets, every length) up to a multiple
         of this.
       padding_side: ``"right"``, or ``"left"`` for generation prompts.
+      target_columns: columns of token lists padded on their own (see above).
 
     Raises:
       ValueError: a row longer than the largest bucket (named by index and length), per-token
-        columns of unequal lengths, missing ``input_ids``, columns of unequal row counts, or a bad
-        argument.
+        columns of unequal lengths, missing ``input_ids``, columns of unequal row counts, a target
+        column that is missing or not token lists, or a bad argument.
       TypeError: a non-numeric column (such as leftover ``text``).
     """
 
@@ -452,6 +515,7 @@ class Batcher:
         drop_last: bool = False,
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
+        target_columns: Sequence[str] = (),
     ):
         _check_positive("batch_size", batch_size)
         if padding_side not in ("right", "left"):
@@ -473,17 +537,17 @@ class Batcher:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
 
-        self._tokens, self._rows, self.num_rows = _split_columns(_raw_columns(dataset_or_columns))
+        columns = _raw_columns(dataset_or_columns)
+        self._targets = _target_columns(columns, target_columns)
+        self._tokens, self._rows, self.num_rows = _split_columns(columns)
+        bad = {k: len(v[1]) - 1 for k, v in self._targets.items() if len(v[1]) - 1 != self.num_rows}
+        if bad:
+            raise ValueError(f"target columns {bad} do not have input_ids' {self.num_rows} rows")
         self._lengths = np.diff(self._tokens["input_ids"][1])
+        self._target_lengths = {k: np.diff(v[1]) for k, v in self._targets.items()}
         if buckets is not None and self.num_rows:
-            too_long = np.flatnonzero(self._lengths > buckets[-1])
-            if too_long.size:
-                shown = ", ".join(f"row {i} has {self._lengths[i]} tokens" for i in too_long[:5])
-                more = f" (and {too_long.size - 5} more)" if too_long.size > 5 else ""
-                raise ValueError(
-                    f"{too_long.size} row(s) longer than the largest bucket {buckets[-1]}: "
-                    f"{shown}{more}; truncate when tokenizing (max_length) or add a larger bucket"
-                )
+            for name, lengths in {"input_ids": self._lengths, **self._target_lengths}.items():
+                _check_fits(name, lengths, buckets[-1])
 
     @property
     def num_batches(self) -> int:
@@ -534,6 +598,13 @@ class Batcher:
                 else:
                     out[i, : len(tokens)] = tokens
             batch[name] = out
+        for name, (values, offsets) in self._targets.items():
+            target = self._length_for(int(self._target_lengths[name][index].max(initial=0)))
+            out = np.full((size, target), _TOKEN_PAD.get(name, 0), dtype=values.dtype)
+            for i, row in enumerate(index):
+                tokens = values[offsets[row] : offsets[row + 1]]
+                out[i, : len(tokens)] = tokens
+            batch[name] = out
         for name, values in self._rows.items():
             out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
             out[:n] = values[index]
@@ -542,6 +613,33 @@ class Batcher:
         weight[:n] = 1.0
         batch["sample_weight"] = weight
         return batch
+
+
+def _check_fits(name: str, lengths: np.ndarray, largest: int) -> None:
+    too_long = np.flatnonzero(lengths > largest)
+    if too_long.size:
+        shown = ", ".join(f"row {i} has {lengths[i]} tokens" for i in too_long[:5])
+        more = f" (and {too_long.size - 5} more)" if too_long.size > 5 else ""
+        what = "" if name == "input_ids" else f" in {name}"
+        raise ValueError(
+            f"{too_long.size} row(s){what} longer than the largest bucket {largest}: "
+            f"{shown}{more}; truncate when tokenizing (max_length) or add a larger bucket"
+        )
+
+
+def _target_columns(columns: dict[str, Any], names: Sequence[str]) -> dict[str, tuple]:
+    """Removes the ``names`` columns from ``columns`` and returns them; each must hold token lists."""
+    if isinstance(names, str):
+        raise TypeError(f"target_columns must be a sequence of column names, got the string {names!r}")
+    out = {}
+    for name in names:
+        if name not in columns:
+            raise ValueError(f"target column {name!r} is not in the data; columns: {list(columns)}")
+        if name == "input_ids" or not isinstance(columns[name], tuple):
+            raise ValueError(f"target column {name!r} must hold a token list per row (such as tokenize_seq2seq's "
+                             "labels), not one value per row")
+        out[name] = columns.pop(name)
+    return out
 
 
 def _round_up(n: int, multiple: int | None) -> int:

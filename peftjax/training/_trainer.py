@@ -52,6 +52,7 @@ class TrainOutput:
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 CAUSAL_LM = "causal_lm"  # next-token prediction: the model's own (fused) loss
+SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder's target tokens: labels are a second sequence
 _CAUSAL_CLASS_ENDINGS = ("ForCausalLM", "LMHeadModel")
 
 
@@ -102,8 +103,9 @@ def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem
     Filler rows (``weight`` 0, or label -100 for tokens) never count.
     """
     logits = logits.astype(jnp.float32)
-    if problem_type == CAUSAL_LM or (problem_type is None and logits.ndim == 3):
-        logits, labels = logits[:, :-1], labels[:, 1:]
+    if problem_type in (CAUSAL_LM, SEQ2SEQ_LM) or (problem_type is None and logits.ndim == 3):
+        if problem_type != SEQ2SEQ_LM:  # the decoder's input is already the labels shifted right
+            logits, labels = logits[:, :-1], labels[:, 1:]
         valid = labels != -100
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
@@ -131,7 +133,10 @@ class Trainer:
       model: a ``peftjax.PeftModel`` (its adapters train; the base stays frozen).
       args: a :class:`TrainingArguments`.
       train_dataset: tokenized rows with ``input_ids`` (and ``attention_mask``,
-        ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset`` or a dict of lists.
+        ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset`` or a dict of lists. For an
+        encoder-decoder (``...ForConditionalGeneration``, SEQ_2_SEQ_LM), ``labels`` are the target
+        token lists (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with
+        -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss.
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
       compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
@@ -159,12 +164,16 @@ class Trainer:
     ):
         if not hasattr(model, "base_model") or not hasattr(model, "peft_config"):
             raise TypeError(f"Trainer needs a peftjax.PeftModel (from get_peft_model), got {type(model).__name__}")
-        if getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False):
-            # its labels are a second sequence (not input_ids' length) that the batches do not pad yet
+        base_name = type(model.base_model).__name__
+        encoder_decoder = bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
+        if encoder_decoder and not base_name.endswith("ForConditionalGeneration"):
             raise NotImplementedError(
-                f"Trainer does not train encoder-decoder models ({type(model.base_model).__name__}, SEQ_2_SEQ_LM) yet; "
-                "train them with peftjax.make_train_step, whose default loss is the model's own (labels -> loss)"
+                f"Trainer trains encoder-decoder models as SEQ_2_SEQ_LM (...ForConditionalGeneration); "
+                f"{base_name} is not supported by the Trainer yet: train it with peftjax.make_train_step"
             )
+        if encoder_decoder and compute_metrics is not None:
+            raise NotImplementedError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model is not "
+                                      "implemented: its logits come in several target lengths")
         self.model = model
         self.args = args
         self.train_dataset = train_dataset
@@ -181,8 +190,11 @@ class Trainer:
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
         self.problem_type = getattr(config, "problem_type", None)
-        if type(model.base_model).__name__.endswith(_CAUSAL_CLASS_ENDINGS):
+        if base_name.endswith(_CAUSAL_CLASS_ENDINGS):
             self.problem_type = CAUSAL_LM
+        elif encoder_decoder:
+            # the decoder input is shift_right(labels), which the model derives itself
+            self.problem_type = SEQ2SEQ_LM
         elif self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"config.problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         self.output_dir = Path(args.output_dir)
@@ -202,6 +214,8 @@ class Trainer:
 
     def _forward_terms(self, model, batch):
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+        if self.problem_type == SEQ2SEQ_LM:
+            inputs["labels"] = batch["labels"]
         logits = model(**inputs).logits
         return logits, _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
 
@@ -209,9 +223,10 @@ class Trainer:
         """The training loss; inside the step, with the step's dropout key active."""
         key = active_dropout_key()
         extra = {"dropout_rng": jax.random.fold_in(key, 1)} if self._model_dropout and key is not None else {}
-        if self.problem_type == CAUSAL_LM and self._model_loss:
+        if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's own loss, which the bundled decoders fuse with the output projection, so
-            # the whole logits never exist; filler rows carry label -100
+            # the whole logits never exist (an encoder-decoder's decoder input is its labels shifted
+            # right); filler rows carry label -100
             inputs = {k: batch[k] for k in self.model_inputs if k in batch}
             return model(**inputs, labels=batch["labels"], **extra).loss
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
@@ -240,6 +255,12 @@ class Trainer:
         """Fixes the problem type (from the config, else transformers' rule) and checks the labels."""
         if self.problem_type == CAUSAL_LM:
             return
+        if self.problem_type == SEQ2SEQ_LM:
+            bad = next((i for i, y in enumerate(cols["labels"]) if np.ndim(y) != 1), None)
+            if bad is not None:
+                raise ValueError(f"{name}: row {bad} has label {cols['labels'][bad]!r}; a SEQ_2_SEQ_LM model "
+                                 "needs labels that are target token lists (peftjax.training.tokenize_seq2seq)")
+            return
         if self.problem_type is None:
             lengths = [len(x) for x in cols["input_ids"]]
             per_token = all(np.ndim(y) == 1 and len(y) == n for y, n in zip(cols["labels"], lengths))
@@ -262,6 +283,12 @@ class Trainer:
 
         # replicated outputs: every process can read the logits and sums (several hosts)
         return jax.jit(step, static_argnums=0, out_shardings=replicated(self.mesh))
+
+    def _batcher(self, columns: dict, per_device: int, *, shuffle: bool) -> Batcher:
+        """Batches of ``columns``; an encoder-decoder's labels are padded to their own length."""
+        targets = ("labels",) if self.problem_type == SEQ2SEQ_LM else ()
+        return Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
+                       seed=self.args.seed, target_columns=targets)
 
     def _batch_size(self, per_device: int) -> int:
         """The global batch: ``per_device`` rows on each data-parallel device."""
@@ -299,9 +326,7 @@ class Trainer:
         self._resolve_problem_type(columns, "train_dataset")
         self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
                                  else args.resume_from_checkpoint)
-        batcher = Batcher(columns,
-                          self._batch_size(args.per_device_train_batch_size),
-                          pad_token_id=self.pad_token_id, shuffle=True, seed=args.seed)
+        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True)
         total = args.total_steps(batcher.num_batches)
         accum = args.gradient_accumulation_steps
         tx = args.optimizer(total)
@@ -317,6 +342,10 @@ class Trainer:
         if resume:
             path = self._resolve_checkpoint(resume)
             state, info = load_checkpoint(path, {"trainable": trainable, "opt_state": opt_state})
+            if self.mesh is None:
+                # restored arrays come back committed to their device, fresh ones are not: the step
+                # would lower differently (parameter shardings) and miss the compilation cache
+                state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
             trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
             self.log_history = info.get("log_history", [])
             if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
@@ -408,7 +437,14 @@ class Trainer:
         return self._evaluate_state(trainable, rest, eval_dataset)
 
     def predict(self, dataset) -> np.ndarray:
-        """Logits for every row of a tokenized dataset, in order."""
+        """Logits for every row of a tokenized dataset, in order (classification and causal LM).
+
+        Raises:
+          NotImplementedError: an encoder-decoder (SEQ_2_SEQ_LM) model: use ``model.generate``.
+        """
+        if self.problem_type == SEQ2SEQ_LM:
+            raise NotImplementedError("Trainer.predict for an encoder-decoder (SEQ_2_SEQ_LM) model is not "
+                                      "implemented; use model.generate(input_ids, attention_mask)")
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
         cols = _columns(dataset, "dataset") if "labels" in _names(dataset) or "label" in _names(dataset) else None
@@ -416,8 +452,7 @@ class Trainer:
             cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in _names(dataset)}
             n = len(cols["input_ids"])
             cols["labels"] = [0] * n
-        batcher = Batcher(cols, self._batch_size(self.args.per_device_eval_batch_size), pad_token_id=self.pad_token_id,
-                          shuffle=False)
+        batcher = self._batcher(cols, self.args.per_device_eval_batch_size, shuffle=False)
         out = []
         for batch in batcher.batches(0):
             logits, _ = self._eval_step(graphdef, (trainable, rest), self._place(batch))
@@ -468,15 +503,14 @@ class Trainer:
             raise TrainingError("no eval_dataset to evaluate on")
         columns = _columns(dataset, "eval_dataset")
         self._resolve_problem_type(columns, "eval_dataset")
-        batcher = Batcher(columns, self._batch_size(self.args.per_device_eval_batch_size),
-                          pad_token_id=self.pad_token_id, shuffle=False)
+        batcher = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
         token_level = False
         for batch in batcher.batches(0):
             logits, terms = self._eval_step(self._graphdef, (trainable, rest), self._place(batch))
             sums += np.array([float(t) for t in terms])
-            token_level = self.problem_type == CAUSAL_LM
+            token_level = self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
             if self.compute_metrics is not None:
                 keep = batch["sample_weight"] > 0
                 all_logits.append(np.asarray(logits)[keep])
