@@ -14,6 +14,8 @@ from peftjax.config import (
     AdaLoraConfig,
     BOFTConfig,
     BottleneckConfig,
+    CordaConfig,
+    EvaConfig,
     FourierFTConfig,
     IA3Config,
     LoftQConfig,
@@ -69,7 +71,13 @@ from peftjax.tuners import (
     unload,
     unmerge,
 )
-from peftjax.tuners.lora import convert_to_lora, save_as_lora
+from peftjax.tuners.lora import (
+    convert_to_lora,
+    get_eva_state_dict,
+    initialize_lora_eva_weights,
+    preprocess_corda,
+    save_as_lora,
+)
 
 __all__ = [
     "prepare_model_for_kbit_training",
@@ -82,6 +90,8 @@ __all__ = [
     "AdaLoraConfig",
     "BOFTConfig",
     "BottleneckConfig",
+    "CordaConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "IA3Config",
     "LoftQConfig",
@@ -108,7 +118,10 @@ __all__ = [
     "combine",
     "convert_to_lora",
     "dropout_key",
+    "get_eva_state_dict",
     "get_peft_model",
+    "initialize_lora_eva_weights",
+    "preprocess_corda",
     "save_as_lora",
     "get_peft_model_state_dict",
     "hotswap_adapter",

@@ -9,6 +9,7 @@ compilation serves every batch of a shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -58,6 +59,21 @@ def check_capturable(model: nnx.Module, what: str) -> None:
                                   "the calibration, then save and reload as you like")
 
 
+@functools.partial(nnx.jit, static_argnums=(2, 3, 4))
+def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Callable):
+    """One forward pass recording ``reduce(input, batch)`` per call of each named layer; jitted once
+    per model structure, batch shape, names, reducer and forward function."""
+    modules = named_modules(model)
+    sink: dict[str, list] = {}
+    with _recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, [])):
+        forward_fn(model, batch)
+    return sink
+
+
+# the first-call order of each tuple of names, noted while tracing (a cache, like jit's own)
+_ORDER: dict[tuple[str, ...], list[str]] = {}
+
+
 def make_capture(model: nnx.Module, names: Iterable[str], reduce: Callable,
                  forward_fn: Callable = forward_fn_dict) -> Callable:
     """A jitted ``batch -> {name: [reduce(input, batch) per call]}`` over ``model`` (host arrays).
@@ -69,23 +85,15 @@ def make_capture(model: nnx.Module, names: Iterable[str], reduce: Callable,
     Args:
       model: the NNX model (its weights are read, never changed).
       names: module paths (``named_modules``) whose inputs to reduce.
-      reduce: ``(input, batch) -> pytree of arrays``, traced inside the jitted function.
+      reduce: ``(input, batch) -> pytree of arrays``, traced inside the jitted function; a
+        module-level function, so that the compilation is reused.
       forward_fn: ``(model, batch) -> anything``; runs the model on one batch.
     """
     names = tuple(names)
-    order: list[str] = []
-
-    @nnx.jit
-    def run(model, batch):
-        modules = named_modules(model)
-        sink: dict[str, list] = {}
-        with _recording({n: modules[n] for n in names}, sink, reduce, batch, order):
-            forward_fn(model, batch)
-        return sink
 
     def capture(batch):
-        sink = run(model, batch)
+        sink = _run(model, batch, names, reduce, forward_fn)
         return {n: jax.tree.map(np.asarray, v) for n, v in sink.items()}
 
-    capture.order = order
+    capture.order = _ORDER.setdefault(names, [])
     return capture

@@ -15,6 +15,7 @@ batch of several rows counts each row as one such sample, with the positions its
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -65,6 +66,7 @@ def corda_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # one reducer per setting, so that the jitted capture is reused
 def _row_covariance(fp16: bool):
     """The traced reducer: ``(sum over rows of (x_b / |max x_b|)^T (x_b / |max x_b|), rows)``."""
 
