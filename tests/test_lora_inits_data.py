@@ -10,6 +10,7 @@ included (both flip each component so its largest entry is positive).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -261,35 +262,31 @@ def test_configs_round_trip_as_peft_writes_them(tmp_path):
 
 
 def test_refusals_name_what_is_missing(llama):
-    fields = _tiny.fields("llama")
-
-    def fresh():
-        return models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **fields))
-
+    model = models.from_pretrained(llama)  # every refusal below leaves it as it was
     eva = peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva", eva_config={})
-    peft_model = peftjax.get_peft_model(fresh(), eva)
-    with pytest.raises(ValueError, match="pass `batches`"):
-        peftjax.initialize_lora_eva_weights(peft_model)
-    with pytest.raises(TypeError, match="not an iterator"):
-        peftjax.initialize_lora_eva_weights(peft_model, iter(BATCHES))
-    with pytest.raises(ValueError, match="dataloader is empty"):
-        peftjax.initialize_lora_eva_weights(peft_model, [])
+    plain = peftjax.get_peft_model(models.from_pretrained(llama), peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="can only be used with `init_lora_weights='eva'`"):
-        peftjax.initialize_lora_eva_weights(peftjax.get_peft_model(fresh(), peftjax.LoraConfig(r=4)), BATCHES)
+        peftjax.initialize_lora_eva_weights(plain, BATCHES)
+    plain.delete_adapter("default")
+    plain.add_adapter("eva", eva)
+    with pytest.raises(ValueError, match="pass `batches`"):
+        peftjax.initialize_lora_eva_weights(plain, adapter_name="eva")
+    with pytest.raises(TypeError, match="not an iterator"):
+        peftjax.initialize_lora_eva_weights(plain, iter(BATCHES), adapter_name="eva")
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        peftjax.initialize_lora_eva_weights(plain, [], adapter_name="eva")
     for init, extra in (("eva", {"eva_config": {}}), ("corda", {"corda_config": {}})):
         with pytest.raises(NotImplementedError, match=f"embed_tokens: init_lora_weights='{init}' is not supported on "
                                                       "embeddings"):
-            peftjax.get_peft_model(fresh(), peftjax.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=init,
-                                                               **extra))
-    model = fresh()
-    corda = peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="corda", corda_config={})
-    with pytest.raises(ValueError, match=r"q_proj: init_lora_weights='corda' needs the layer's eigens; run "
+            peftjax.get_peft_model(model, peftjax.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=init,
+                                                             **extra))
+    corda = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda", corda_config={})
+    with pytest.raises(ValueError, match=r"down_proj: init_lora_weights='corda' needs the layer's eigens; run "
                                          r"peftjax.preprocess_corda"):
         peftjax.get_peft_model(model, corda)
-    assert not hasattr(model.model.layers[0].self_attn.q_proj, "lora_A")
     with pytest.raises(ValueError, match="`batches` must be given"):
         peftjax.preprocess_corda(model, corda)
-    peftjax.preprocess_corda(model, corda, BATCHES[:1])
+    assert not any(hasattr(m, "lora_A") or hasattr(m, "corda_eigens") for m in named_modules(model).values())
+    peftjax.preprocess_corda(model, corda, BATCHES)
     with pytest.raises(ValueError, match=r"expected \(32, 2\)"):  # eigens for r=4, injected at r=2
-        peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="corda",
-                                                         corda_config={}))
+        peftjax.get_peft_model(model, dataclasses.replace(corda, r=2))
