@@ -154,6 +154,34 @@ def test_eva_adapter_trained_here_loads_in_peft_and_peft_made_one_loads_here(eva
     assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
 
 
+def test_eva_state_dict_with_a_rank_0_layer_updates_model_and_config_as_peft(llama):
+    """Given components (PEFT's ``eva_state_dict`` argument), a layer of rank 0 loses its adapter and
+    the others take their new ranks; the config records it as PEFT's does."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    rng = np.random.RandomState(1)
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    components = {n: rng.randn(r, 32).astype(np.float32) for n, r in zip(names, [6, 0, 4, 2])}
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(llama), peft.LoraConfig(**kw))
+        initialize_lora_eva_weights(theirs, eva_state_dict={
+            "base_model.model." + n: torch.as_tensor(v) for n, v in components.items()})
+        ours = peftjax.get_peft_model(models.from_pretrained(llama), peftjax.LoraConfig(**kw))
+    peftjax.initialize_lora_eva_weights(ours, eva_state_dict=components)
+    mine, reference = ours.peft_config["default"], theirs.peft_config["default"]
+    assert mine.rank_pattern == reference.rank_pattern == {names[0]: 6, names[3]: 2}
+    assert mine.alpha_pattern == reference.alpha_pattern == {names[0]: 12.0, names[3]: 4.0}
+    assert set(mine.target_modules) == set(reference.target_modules) == {names[0], names[2], names[3]}
+    factors = lora_factors(ours)
+    assert sorted(factors) == sorted(reference.target_modules)
+    for n in factors:
+        np.testing.assert_array_equal(factors[n][0], components[n])
+    assert not hasattr(ours.base_model.model.layers[0].self_attn.v_proj, "lora_A")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
 def test_torch_randn_is_torchs():
     from peftjax.tuners.lora._eva import torch_randn
 
@@ -223,6 +251,9 @@ def test_corda_trained_converts_to_a_lora_peft_applies_to_the_original_model(lla
     ours.save_pretrained(tmp_path / "init")
     _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
     trained = logits(ours)
+    ours.merge_adapter()  # merged: the same model
+    np.testing.assert_allclose(logits(ours), trained, atol=1e-5)
+    ours.unmerge_adapter()
     ours.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=tmp_path / "init")
     saved = json.loads((tmp_path / "as_lora" / "adapter_config.json").read_text())
     assert (saved["r"], saved["init_lora_weights"]) == (8, True)
