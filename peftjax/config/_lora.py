@@ -380,7 +380,8 @@ class CordaConfig:
         the smallest (knowledge-preserved).
       verbose: print each layer as its SVD is taken.
       use_float16_for_covariance: keep the inputs in the model's dtype for the covariance
-        instead of float32 (PEFT's meaning: no upcast).
+        instead of float32 (PEFT's meaning: no upcast); the products still accumulate in float32
+        here, where PEFT's sum stays in the half dtype.
       prune_temporary_fields: PEFT drops its per-module scratch attributes; peftjax keeps none,
         so this only round-trips.
     """
