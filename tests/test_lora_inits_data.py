@@ -311,6 +311,22 @@ def test_refusals_name_what_is_missing(llama):
                                                       "embeddings"):
             peftjax.get_peft_model(model, peftjax.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=init,
                                                              **extra))
+    import jax
+    from flax import linen as nn
+
+    from peftjax import linen
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(x)
+
+    dense, x = Mlp(), np.ones((2, 4), np.float32)
+    params = dense.init(jax.random.key(0), x)["params"]
+    with pytest.raises(NotImplementedError, match="init_lora_weights='eva' is supported on NNX models .* not "
+                                                  "through peftjax.linen"):
+        linen.inject(dense, params, dataclasses.replace(eva, target_modules=("out",)), sample_args=(x,),
+                     key=jax.random.key(1))
     corda = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda", corda_config={})
     with pytest.raises(ValueError, match=r"down_proj: init_lora_weights='corda' needs the layer's eigens; run "
                                          r"peftjax.preprocess_corda"):
