@@ -247,9 +247,7 @@ def get_eva_state_dict(
       TypeError: ``batches`` is a one-shot iterator.
       NotImplementedError: a scanned model (``scan_layers=True``).
     """
-    from peftjax.peft_model import PeftModel
-
-    if isinstance(model, PeftModel):
+    if _is_peft_model(model):
         peft_config = peft_config or model.peft_config[adapter_name]
         with model.disable_adapter():
             return _eva_state_dict(model.base_model, batches, peft_config, forward_fn)
@@ -335,6 +333,11 @@ def _eva_state_dict(model, batches, config: LoraConfig, forward_fn) -> dict[str,
     return out
 
 
+def _is_peft_model(model) -> bool:
+    """A ``PeftModel`` (recognised as PEFT does, by its ``peft_config``; tuners sit below it)."""
+    return hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model, "disable_adapter")
+
+
 def _leaves(model):
     import jax
 
@@ -376,10 +379,9 @@ def initialize_lora_eva_weights(
       >>> config = peftjax.LoraConfig(r=8, init_lora_weights="eva", eva_config=peftjax.EvaConfig(rho=2.0))  # doctest: +SKIP
       >>> peft_model = peftjax.initialize_lora_eva_weights(peftjax.get_peft_model(model, config), batches)  # doctest: +SKIP
     """
-    from peftjax.peft_model import PeftModel
     from peftjax.tuners.lora._layer import LoraLayer
 
-    if not isinstance(peft_model, PeftModel):
+    if not _is_peft_model(peft_model):
         raise ValueError("model must be a PeftModel")
     if len(peft_model.active_adapters) > 1:
         raise ValueError("`initialize_lora_eva_weights` currently only works with a single active adapter")
