@@ -127,7 +127,7 @@ def test_eva_ranks_and_components_equal_peft(eva_pair, llama):
     assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
 
 
-def test_eva_adapter_trained_here_loads_in_peft_and_peft_made_one_loads_here(eva_pair, llama, tmp_path):
+def test_eva_adapter_trained_here_loads_in_peft_and_peft_made_one_loads_here(eva_pair, llama, tmp_path, capsys):
     theirs, ours = eva_pair
     _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
     ours.save_pretrained(tmp_path / "ours")
@@ -151,7 +151,12 @@ def test_eva_adapter_trained_here_loads_in_peft_and_peft_made_one_loads_here(eva
     np.testing.assert_allclose(logits(here), torch_logits(theirs.eval(), input_ids=IDS), atol=1e-5)
     from peftjax.cli import main
 
+    capsys.readouterr()
     assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # the redistributed ranks, as the file holds them
+    assert info["method"] == "LORA" and info["ranks_in_file"] == sorted({a.shape[0] for a, _, _ in
+                                                                        lora_factors(ours).values()})
+    assert info["parameters"] == ours.get_nb_trainable_parameters()[0]
 
 
 def test_eva_state_dict_with_a_rank_0_layer_updates_model_and_config_as_peft(llama):
