@@ -339,6 +339,8 @@ def test_refusals_name_what_is_missing(llama):
     with pytest.raises(ValueError, match="`batches` must be given"):
         peftjax.preprocess_corda(model, corda)
     assert not any(hasattr(m, "lora_A") or hasattr(m, "corda_eigens") for m in named_modules(model).values())
+    with pytest.raises(NotImplementedError, match=r"scan_layers=True"):
+        peftjax.preprocess_corda(models.from_pretrained(llama, scan_layers=True), corda, BATCHES)
     peftjax.preprocess_corda(model, corda, BATCHES)
     with pytest.raises(ValueError, match=r"expected \(32, 2\)"):  # eigens for r=4, injected at r=2
         peftjax.get_peft_model(model, dataclasses.replace(corda, r=2))
