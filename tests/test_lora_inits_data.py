@@ -235,6 +235,23 @@ def test_corda_factors_and_residual_equal_peft(family, method, targets, llama, t
         np.testing.assert_allclose(w, tw, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(w + 2.0 * b @ a, original[name], atol=1e-5, err_msg=name)  # s = 8 / 4
     np.testing.assert_allclose(logits(ours), logits(models.from_pretrained(path)), atol=1e-5)
+    if family != "llama":
+        return
+    # PEFT's CorDA adapter, moved as training would move it and saved as a LoRA for the original
+    # model by PEFT itself, loads here with PEFT's logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "init")
+        with torch.no_grad():
+            for name in ours_f:
+                layer = theirs.base_model.model.get_submodule(name)
+                for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+                    factor.weight.add_(0.05 * torch.randn(factor.weight.shape, generator=torch.Generator().manual_seed(1)))
+        theirs.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = torch_logits(theirs.eval(), input_ids=IDS)
+    here = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "as_lora")
+    np.testing.assert_allclose(logits(here), expected, atol=1e-4)
+    assert np.abs(expected - logits(models.from_pretrained(path))).max() > 1e-3
 
 
 def test_corda_trained_converts_to_a_lora_peft_applies_to_the_original_model(llama, tmp_path):
