@@ -89,6 +89,13 @@ def llama(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    _tiny.save(_tiny.arch("gpt2"), path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------- EVA
 
 
@@ -187,6 +194,25 @@ def test_eva_state_dict_with_a_rank_0_layer_updates_model_and_config_as_peft(lla
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
+def test_eva_on_gpt2_conv1d_equals_peft(gpt2):
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"], init_lora_weights="eva")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("gpt2").torch_class.from_pretrained(gpt2).eval(),
+                                     peft.LoraConfig(**kw, eva_config=EvaConfig(**EVA)))
+        initialize_lora_eva_weights(theirs, torch_batches(BATCHES), show_progress_bar=False)
+        ours = peftjax.get_peft_model(models.from_pretrained(gpt2), peftjax.LoraConfig(
+            **kw, eva_config=peftjax.EvaConfig(**EVA)))
+    peftjax.initialize_lora_eva_weights(ours, BATCHES)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+    ours_f = lora_factors(ours)
+    for name, (a, _, _) in ours_f.items():
+        np.testing.assert_allclose(a, torch_factors(theirs, [name])[name][0], atol=1e-4, err_msg=name)
+
+
 def test_torch_randn_is_torchs():
     from peftjax.tuners.lora._eva import torch_randn
 
@@ -202,14 +228,12 @@ def test_torch_randn_is_torchs():
 
 @pytest.mark.parametrize(("family", "method", "targets"), [
     ("llama", "kpm", TARGETS), ("gpt2", "ipm", ["c_attn", "mlp.c_proj"])])
-def test_corda_factors_and_residual_equal_peft(family, method, targets, llama, tmp_path):
+def test_corda_factors_and_residual_equal_peft(family, method, targets, llama, gpt2, tmp_path):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
     arch = _tiny.arch(family)
-    path = llama if family == "llama" else tmp_path / family
-    if family != "llama":
-        _tiny.save(arch, path)
+    path = llama if family == "llama" else gpt2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_model = arch.torch_class.from_pretrained(path).eval()
