@@ -15,6 +15,8 @@ from peftjax.config import (
     AdaptionPromptConfig,
     BOFTConfig,
     BottleneckConfig,
+    CordaConfig,
+    EvaConfig,
     FourierFTConfig,
     IA3Config,
     LoftQConfig,
@@ -70,7 +72,13 @@ from peftjax.tuners import (
     unload,
     unmerge,
 )
-from peftjax.tuners.lora import convert_to_lora, save_as_lora
+from peftjax.tuners.lora import (
+    convert_to_lora,
+    get_eva_state_dict,
+    initialize_lora_eva_weights,
+    preprocess_corda,
+    save_as_lora,
+)
 
 __all__ = [
     "prepare_model_for_kbit_training",
@@ -84,6 +92,8 @@ __all__ = [
     "AdaptionPromptConfig",
     "BOFTConfig",
     "BottleneckConfig",
+    "CordaConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "IA3Config",
     "LoftQConfig",
@@ -110,7 +120,10 @@ __all__ = [
     "combine",
     "convert_to_lora",
     "dropout_key",
+    "get_eva_state_dict",
     "get_peft_model",
+    "initialize_lora_eva_weights",
+    "preprocess_corda",
     "save_as_lora",
     "get_peft_model_state_dict",
     "hotswap_adapter",

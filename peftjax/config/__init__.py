@@ -16,7 +16,7 @@ from peftjax.config._adalora import AdaLoraConfig
 from peftjax.config._adaption_prompt import AdaptionPromptConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._ln_tuning import LNTuningConfig
-from peftjax.config._lora import LoftQConfig, LoraConfig
+from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._other import (
@@ -63,6 +63,8 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
     "BOFTConfig",
     "BottleneckConfig",
+    "CordaConfig",
+    "EvaConfig",
     "FourierFTConfig",
     "IA3Config",
     "LoftQConfig",

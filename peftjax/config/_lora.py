@@ -24,8 +24,9 @@ from peftjax.config._trainable_tokens import token_indices_by_layer
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 # Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
-_PEFT_ONLY_INITS = ("eva", "corda", "mica", "lora_ga")
-_SUPPORTED_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq'"
+_PEFT_ONLY_INITS = ("mica", "lora_ga")
+_SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', 'eva', "
+                    "'corda'")
 
 # PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
@@ -107,9 +108,11 @@ class LoraConfig(PeftConfig):
             :class:`LoftQConfig` or its dict, ``loftq_bits`` 4 (NF4, bitsandbytes' codes, blocks of
             64) or 8 (int8 per row) and ``loftq_iter`` alternations. With another init a
             non-empty value is reset to ``{}`` with PEFT's warning.
-        eva_config: EVA settings; only read by the unsupported ``"eva"`` init (PEFT warns and
-            ignores it otherwise, and so does peftjax).
-        corda_config: CorDA settings; likewise only for the unsupported ``"corda"`` init.
+        eva_config: EVA settings for ``init_lora_weights="eva"``: an :class:`EvaConfig` or its
+            dict, stored as the dict (PEFT's defaults, with PEFT's warning, when ``None``). With
+            another init PEFT warns and ignores it, and so does peftjax.
+        corda_config: CorDA settings for ``init_lora_weights="corda"``: a :class:`CordaConfig`
+            or its dict, stored as the dict; likewise ignored with another init.
         lora_ga_config: LoRA-GA settings; only for the unsupported ``"lora_ga"`` init.
         use_dora: Weight-decomposed LoRA (DoRA): adds a magnitude vector per module.
         velora_config: PEFT's VeLoRA variant. Unsupported: must be ``None``.
@@ -183,10 +186,13 @@ class LoraConfig(PeftConfig):
         self._set("rank_pattern", _pattern_dict("rank_pattern", self.rank_pattern, integer=True))
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
-            "megatron_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+            "megatron_config", "lora_ga_config", "velora_config",
             "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
+        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig)):
+            if getattr(self, name) is not None:
+                self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
             self._set("loftq_config", self.loftq_config.to_dict())
         self._set("loftq_config", check_optional_dict("loftq_config", self.loftq_config) or {})
@@ -212,9 +218,16 @@ class LoraConfig(PeftConfig):
         elif self.loftq_config:
             warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
             self._set("loftq_config", {})
-        elif self.eva_config is not None:
+        elif self.init_lora_weights == "eva" and self.eva_config is None:
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
+            self._set("eva_config", EvaConfig().to_dict())
+        elif self.init_lora_weights != "eva" and self.eva_config is not None:
             warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.")
-        elif self.corda_config is not None:
+        elif self.init_lora_weights == "corda" and self.corda_config is None:
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.")
+            self._set("corda_config", CordaConfig().to_dict())
+        elif self.init_lora_weights != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
@@ -232,7 +245,7 @@ class LoraConfig(PeftConfig):
         if not isinstance(init, str):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
-        if init.lower() in ("gaussian", "olora") or init in ("pissa", "orthogonal", "loftq"):
+        if init.lower() in ("gaussian", "olora") or init in ("pissa", "orthogonal", "loftq", "eva", "corda"):
             return
         if re.fullmatch(r"pissa_niter_[0-9]+", init):
             return
@@ -241,7 +254,7 @@ class LoraConfig(PeftConfig):
                 f"`init_lora_weights` must be 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a non-negative "
                 f"integer (randomized SVD with N subspace iterations, e.g. 'pissa_niter_16'), got {init!r}."
             )
-        if init in _PEFT_ONLY_INITS or init.lower() == "mica" or init.startswith("corda"):
+        if init in _PEFT_ONLY_INITS or init.lower() == "mica":
             raise NotImplementedError(
                 f"init_lora_weights={init!r} is a PEFT initialization peftjax does not implement; "
                 f"supported: {_SUPPORTED_INITS}."
@@ -290,6 +303,113 @@ class LoftQConfig:
         return cls(**value)
 
     def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _sub_config(cls, value: Any, option: str):
+    """``cls`` from itself or its dict; ``ValueError`` names unknown keys, as ``LoftQConfig`` does."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"`{option}` must be a {cls.__name__}, a dict or None, got {value!r}.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
+    return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaConfig:
+    """EVA's settings (PEFT's ``EvaConfig``), for ``LoraConfig(init_lora_weights="eva", eva_config=...)``.
+
+    Explained Variance Adaptation: ``lora_A`` of each target is the top right-singular vectors
+    of its inputs over calibration data (an incremental PCA run until the components settle),
+    ``lora_B`` is zero, and the total rank is redistributed by explained variance.
+
+    Attributes:
+      rho: rank redistribution (``>= 1``): a layer may get up to ``round(r * rho)``; 1 keeps ``r``.
+      tau: the cosine similarity of consecutive components above which they count as converged.
+      use_label_mask: also leave out positions whose ``labels`` equal ``label_mask_value``.
+      label_mask_value: the ignored label (-100).
+      whiten: divide each component by the square root of its singular value.
+      adjust_scaling_factors: scale ``lora_alpha`` with a layer's new rank (``alpha * r_new / r``)
+        so that the scaling ``alpha / r`` is unchanged.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        check_number("eva_config.rho", self.rho)
+        check_number("eva_config.tau", self.tau)
+        for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            check_bool(f"eva_config.{name}", getattr(self, name))
+        check_int("eva_config.label_mask_value", self.label_mask_value)
+        if self.rho < 1.0:
+            raise ValueError("`rho` must be >= 1.0")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError("`tau` must be between 0.0 and 1.0.")
+
+    @classmethod
+    def from_value(cls, value: Any) -> EvaConfig:
+        """An ``EvaConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "eva_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CordaConfig:
+    """CorDA's settings (PEFT's ``CordaConfig``), for ``LoraConfig(init_lora_weights="corda", corda_config=...)``.
+
+    Context-oriented decomposition: the SVD of ``W C`` (``C`` the covariance of the layer's
+    inputs over calibration data) gives ``A``/``B``, and the base keeps ``W - s B A``.
+
+    Attributes:
+      cache_file: a safetensors file for the cropped SVD (``<module>.eigens.S_WC`` / ``U_WC`` /
+        ``V_WC``): read when it exists, written otherwise. PEFT writes a torch pickle here; a
+        file of PEFT's is refused with that said.
+      covariance_file: a safetensors file for the covariances (``{module: C}``), likewise.
+      corda_method: ``"ipm"`` keeps the largest components (instruction-previewed), ``"kpm"``
+        the smallest (knowledge-preserved).
+      verbose: print each layer as its SVD is taken.
+      use_float16_for_covariance: keep the inputs in the model's dtype for the covariance
+        instead of float32 (PEFT's meaning: no upcast); the products still accumulate in float32
+        here, where PEFT's sum stays in the half dtype.
+      prune_temporary_fields: PEFT drops its per-module scratch attributes; peftjax keeps none,
+        so this only round-trips.
+    """
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("cache_file", "covariance_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, str(value) if hasattr(value, "__fspath__") else value)
+                if not isinstance(getattr(self, name), str):
+                    raise TypeError(f"`corda_config.{name}` must be a path (str) or None, got {value!r}.")
+        check_choice("corda_config.corda_method", self.corda_method, ("ipm", "kpm"))
+        for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
+            check_bool(f"corda_config.{name}", getattr(self, name))
+
+    @classmethod
+    def from_value(cls, value: Any) -> CordaConfig:
+        """A ``CordaConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "corda_config")
+
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

@@ -11,6 +11,9 @@
 - ``_convert.py``: PiSSA/OLoRA saved as a plain LoRA, and any additive method's adapter as a LoRA
   (``convert_to_lora``, truncated SVD).
 - ``_model.py``: ``inject_lora`` and PEFT's ``fan_in_fan_out`` rule.
+- ``_capture.py``: the inputs of chosen layers during a jitted forward (EVA's and CorDA's data).
+- ``_eva.py``: EVA (``get_eva_state_dict``, ``initialize_lora_eva_weights``).
+- ``_corda.py``: CorDA (``preprocess_corda``, then ``init_lora_weights="corda"`` at injection).
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
 
 The file layout is each layer's ``peft_layout``, read and written by the base tuner's walk.
@@ -23,9 +26,15 @@ from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraEmbed, LoraLayer, L
 from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
 from peftjax.tuners.lora._model import inject_lora, lora_layers
+from peftjax.tuners.lora._corda import CordaEigens, preprocess_corda
+from peftjax.tuners.lora._eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "CordaEigens",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_corda",
     "convert_to_lora",
     "save_as_lora",
     "dare_linear",

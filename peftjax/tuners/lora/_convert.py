@@ -59,7 +59,9 @@ def convert_to_plain_lora(
     initial_dir = Path(initial_dir)
     initial = read_adapter_weights(initial_dir)
     # PEFT overwrites the initial adapter's config so that loading it keeps the base as it is
-    dataclasses.replace(config, init_lora_weights=True, inference_mode=True).save_pretrained(initial_dir)
+    # (the eva/corda settings go too: they would only be warned about and ignored with init True)
+    dataclasses.replace(config, init_lora_weights=True, inference_mode=True, eva_config=None,
+                        corda_config=None).save_pretrained(initial_dir)
     factors = [k for k in tensors if ".lora_A." in k or ".lora_B." in k]
     missing = sorted(k for k in factors if k not in initial)
     if missing:
@@ -76,6 +78,7 @@ def convert_to_plain_lora(
     factor = math.sqrt(2) if config.use_rslora else 2
     converted = dataclasses.replace(
         config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * factor,
+        eva_config=None, corda_config=None,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         loftq_config={},

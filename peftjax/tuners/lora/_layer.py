@@ -71,9 +71,13 @@ class LoraLayer(AdapterDictLayer):
             raise TypeError(f"{path}: init_lora_weights='loftq' quantizes the float base weight itself; load the "
                             "float checkpoint (no quantization_config), initialize LoftQ, save the rewritten base, "
                             "then load that in 4 or 8 bits with the adapter.")
+        if isinstance(self, QuantizedLinear) and init == "eva":
+            raise NotImplementedError(f"{path}: init_lora_weights='eva' on a quantized layer is not implemented in "
+                                      "peftjax; run EVA on the float model")
         if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal"):
+            init = "corda" if hasattr(init, "S_WC") else init
             raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
-                            "Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, "
+                            "Please initialize it under float32, float16, or bfloat16. Subsequently, "
                             "re-quantize the residual model to help minimize quantization errors.")
 
     def _describe(self, name: str) -> str:

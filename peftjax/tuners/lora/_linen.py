@@ -652,6 +652,9 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     # a DenseGeneral / Einsum kernel is a plain [n_in, n_out] matrix here, so PiSSA/OLoRA factor it
     check_init(info.kind if info.kind in ("embed", "conv") else "linear", init, info.name)
     check_init_rank(init, lora.r, info.name)
+    if init in ("eva", "corda"):  # calibrated on an NNX model's layer inputs
+        raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is supported on NNX models (and the "
+                                  "bundled ones), not through peftjax.linen")
     if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
         raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
                                   "bundled ones), not yet through peftjax.linen")

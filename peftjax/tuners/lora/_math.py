@@ -77,6 +77,11 @@ def decomposes(init) -> bool:
     return is_loftq(init) or isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
 
 
+def is_corda(init) -> bool:
+    """CorDA's init reaches each layer as that layer's eigens (``CordaEigens``), not as the string."""
+    return hasattr(init, "S_WC")
+
+
 def is_loftq(init) -> bool:
     """LoftQ's init reaches the layers as its settings (a ``LoftQConfig``), not as the string."""
     return hasattr(init, "loftq_bits")
@@ -85,14 +90,14 @@ def is_loftq(init) -> bool:
 def check_init(kind: str, init, where: str) -> None:
     """Raises ``NotImplementedError`` naming ``where`` when layer ``kind`` cannot take ``init``.
 
-    PiSSA, OLoRA, LoftQ and the orthogonal init factor a plain 2-D weight (``kind ==
+    PiSSA, OLoRA, LoftQ, EVA, CorDA and the orthogonal init factor a plain 2-D weight (``kind ==
     "linear"``); embeddings take the default, ``False``, ``"gaussian"`` and ``"orthogonal"``
     (which PEFT's embedding layer treats as its default init), convolutions and the multi-axis
     layers (``"general"``) the default, ``False`` or ``"gaussian"``.
     """
-    if kind == "linear" or not (is_loftq(init) or isinstance(init, str)):
+    if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
         return
-    init = "loftq" if is_loftq(init) else canonical_init(init)
+    init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else canonical_init(init)
     if init == "gaussian" or (kind == "embed" and init == "orthogonal"):
         return
     what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
@@ -127,13 +132,18 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
 
     Returns ``({"lora_A", "lora_B", ["lora_B_bias"], ["lora_magnitude_vector"]}, residual)``,
     float32, ``A`` as ``[n_in, r]``; ``residual`` is the base weight PiSSA/OLoRA leave behind
-    (``None`` for the other inits). DoRA's magnitude is ``||W + s A B||`` with ``W`` the base
+    (``None`` for the other inits; CorDA's too). ``"eva"`` starts as the default init (``B`` zero);
+    ``initialize_lora_eva_weights`` then sets ``A``. DoRA's magnitude is ``||W + s A B||`` with ``W`` the base
     weight after that rewrite, as PEFT computes it (for PiSSA/OLoRA that is the original weight).
     """
     n_in, n_out = w2.shape
     residual = None
     if is_loftq(init):
         a, b, residual = loftq(w2, spec.r, init)
+    elif is_corda(init):
+        from peftjax.tuners.lora._corda import corda_factors
+
+        a, b, residual = corda_factors(w2, init, spec.scaling)
     elif decomposes(init):
         a, b, residual = decompose(init, w2, spec, key)
     else:

@@ -29,6 +29,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
     FAN_IN_FAN_OUT_LINEAR_WARNING,
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
+from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._math import check_init_rank
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
@@ -94,9 +95,17 @@ def inject_lora(
     # what the layers get as init_lora_weights: LoftQ's settings stand in for the string
     init = LoftQConfig.from_value(config.loftq_config) if config.init_lora_weights == "loftq" else \
         config.init_lora_weights
+    inits = {name: init for name in targets}
     for name in targets:  # every refusal comes before the first change to the model
+        linear = lora_class_for(modules[name]) is not None and lora_class_for(modules[name]).lora_kind == "linear"
+        if init in ("eva", "corda") and linear and not isinstance(modules[name], nnx.Linear):
+            raise NotImplementedError(f"{name}: init_lora_weights={init!r} is implemented for nnx.Linear layers (and "
+                                      f"GPT-2's Conv1D as one), not {type(modules[name]).__name__}")
+        if init == "corda" and linear:  # CorDA's init is the layer's own eigens
+            inits[name] = take_eigens(modules[name], name)
+            check_eigens(inits[name], modules[name], LoraSpec.for_target(config, name).r, name)
         lora_class_for(modules[name]).check_lora(
-            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias), init=init,
+            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias), init=inits[name],
         )
         check_init_rank(init, LoraSpec.for_target(config, name).r, name)
     for i, name in enumerate(targets):
@@ -107,7 +116,9 @@ def inject_lora(
         module._adapter_setup(name)
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
-        module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), init)
+        module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), inits[name])
+        if hasattr(module, "corda_eigens"):  # used up, as PEFT's layer uses its own
+            del module.corda_eigens
     if config.target_parameters:
         inject_parameters(modules, matched, config, adapter_name, key)
     mark_biases(modules, targets, config.bias)

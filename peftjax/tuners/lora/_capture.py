@@ -1,0 +1,99 @@
+"""The inputs of chosen layers during a jitted forward pass: what EVA and CorDA calibrate on.
+
+PEFT registers torch forward hooks; here each chosen layer's class is swapped, for the length of
+one traced call, to a subclass whose ``__call__`` hands its input to a reducer before running the
+layer. The reduced values leave the jitted function as outputs, so the model is untouched and one
+compilation serves every batch of a shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from peftjax.tuners.base import named_modules
+
+
+def forward_fn_dict(model, batch: Mapping[str, Any]):
+    """PEFT's default ``forward_fn``: ``model(**batch)``."""
+    return model(**batch)
+
+
+@contextlib.contextmanager
+def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce: Callable, batch, order: list):
+    """Swaps each module's class to one that appends ``reduce(input, batch)`` to ``sink[name]``;
+    ``order`` gets each name at its first call (at trace time)."""
+    swapped = []
+    try:
+        for name, module in modules.items():
+            cls = type(module)
+
+            def call(self, x, *args, _cls=cls, _name=name, **kwargs):
+                if _name not in order:
+                    order.append(_name)
+                sink.setdefault(_name, []).append(reduce(x, batch))
+                return _cls.__call__(self, x, *args, **kwargs)
+
+            module.__class__ = type(f"Recording{cls.__name__}", (cls,), {"__slots__": (), "__call__": call,
+                                                                          "__module__": cls.__module__})
+            swapped.append((module, cls))
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
+def check_capturable(model: nnx.Module, what: str) -> None:
+    """Refuses a model whose layers run inside ``lax.scan`` (their inputs never leave the scan)."""
+    from peftjax.nn._scan import has_stacked_layers
+
+    if has_stacked_layers(model):
+        raise NotImplementedError(f"{what} collects each targeted layer's inputs, which a scanned model "
+                                  "(scan_layers=True) computes inside lax.scan; load it with scan_layers=False for "
+                                  "the calibration, then save and reload as you like")
+
+
+@functools.partial(nnx.jit, static_argnums=(2, 3, 4))
+def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Callable):
+    """One forward pass recording ``reduce(input, batch)`` per call of each named layer; jitted once
+    per model structure, batch shape, names, reducer and forward function."""
+    modules = named_modules(model)
+    sink: dict[str, list] = {}
+    with _recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, [])):
+        forward_fn(model, batch)
+    return sink
+
+
+# the first-call order of each tuple of names, noted while tracing (a cache, like jit's own)
+_ORDER: dict[tuple[str, ...], list[str]] = {}
+
+
+def make_capture(model: nnx.Module, names: Iterable[str], reduce: Callable,
+                 forward_fn: Callable = forward_fn_dict) -> Callable:
+    """A jitted ``batch -> {name: [reduce(input, batch) per call]}`` over ``model`` (host arrays).
+
+    The returned function's ``order`` lists the names in the order the forward first calls them,
+    once it has run: PEFT's hooks see torch's module order, which for a transformer is the call
+    order, while NNX lists modules alphabetically.
+
+    Args:
+      model: the NNX model (its weights are read, never changed).
+      names: module paths (``named_modules``) whose inputs to reduce.
+      reduce: ``(input, batch) -> pytree of arrays``, traced inside the jitted function; a
+        module-level function, so that the compilation is reused.
+      forward_fn: ``(model, batch) -> anything``; runs the model on one batch.
+    """
+    names = tuple(names)
+
+    def capture(batch):
+        sink = _run(model, batch, names, reduce, forward_fn)
+        return {n: jax.tree.map(np.asarray, v) for n, v in sink.items()}
+
+    capture.order = _ORDER.setdefault(names, [])
+    return capture

@@ -1,0 +1,387 @@
+"""LoRA's data-driven inits, EVA and CorDA, against HF PEFT 0.21.2's own ``initialize_lora_eva_weights``
+and ``preprocess_corda`` run in PyTorch on the same tiny models and the same calibration batches.
+
+PEFT feeds CorDA one row per call (its hook squeezes a batch of one); peftjax takes batches of
+several rows with padding and counts each row as one sample, so the oracle runs the rows one at a
+time, unpadded. EVA's incremental PCA draws its randomized SVD's test matrix from torch's RNG,
+which peftjax reproduces, so the ranks and components are PEFT's to float rounding, signs
+included (both flip each component so its largest entry is positive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import _tiny
+import peftjax
+from _torch_models import lazy, torch_logits
+from peftjax import models
+from peftjax.tuners.base import named_modules
+
+torch, peft = lazy("torch"), lazy("peft")
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+EVA = dict(rho=2.0, tau=0.9)
+
+
+def calibration(seed: int = 0, rows: int = 16, seq: int = 16):
+    """Two batches of ``rows // 2`` rows; row 3 right-padded, the first 2 labels of each row ignored."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, 96, (rows, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[3, seq - 5:] = 0
+    ids[mask == 0] = 0
+    labels = np.where(mask == 1, ids, -100)
+    labels[:, :2] = -100
+    half = rows // 2
+    return [{"input_ids": ids[i:i + half], "attention_mask": mask[i:i + half], "labels": labels[i:i + half]}
+            for i in (0, half)]
+
+
+BATCHES = calibration()
+IDS = BATCHES[0]["input_ids"][:3, :9]
+
+
+def torch_batches(batches):
+    return [{k: torch.as_tensor(v) for k, v in b.items()} for b in batches]
+
+
+def run_rows(torch_model, batches):
+    """PEFT's CorDA ``run_model``: every row alone, without its padding."""
+    def run():
+        for b in batches:
+            for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+                torch_model(input_ids=torch.as_tensor(ids[mask == 1][None]))
+    return run
+
+
+def logits(model, ids=IDS):
+    return np.asarray(model(input_ids=ids).logits)
+
+
+def lora_factors(peft_model):
+    """``{path: (A [r, in], B [out, r], W [out, in])}`` in torch's layout."""
+    from peftjax.tuners.lora import lora_layers
+
+    return {n: (np.asarray(m.lora_A["default"].get_value()).T, np.asarray(m.lora_B["default"].get_value()).T,
+                np.asarray(m.kernel.get_value()).T) for n, m in lora_layers(peft_model.base_model).items()}
+
+
+def torch_factors(torch_peft, names):
+    out = {}
+    for n in names:
+        m = torch_peft.base_model.model.get_submodule(n)
+        w = m.base_layer.weight.detach().numpy()
+        out[n] = (m.lora_A["default"].weight.detach().numpy(), m.lora_B["default"].weight.detach().numpy(),
+                  w.T if m.fan_in_fan_out else w)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    _tiny.save(_tiny.arch("llama"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    _tiny.save(_tiny.arch("gpt2"), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- EVA
+
+
+@pytest.fixture(scope="module")
+def eva_pair(llama):
+    """EVA by PEFT and by peftjax on the same model and batches: ``(theirs, ours)``."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(llama).eval(), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva", eva_config=EvaConfig(**EVA)))
+        initialize_lora_eva_weights(theirs, torch_batches(BATCHES), show_progress_bar=False)
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva",
+                                eva_config=peftjax.EvaConfig(**EVA))
+    ours = peftjax.initialize_lora_eva_weights(peftjax.get_peft_model(models.from_pretrained(llama), config),
+                                               BATCHES)
+    return theirs, ours
+
+
+def test_eva_ranks_and_components_equal_peft(eva_pair, llama):
+    theirs, ours = eva_pair
+    mine, peft_config = ours.peft_config["default"], theirs.peft_config["default"]
+    assert mine.rank_pattern == peft_config.rank_pattern and mine.rank_pattern  # ranks were redistributed
+    assert mine.alpha_pattern == peft_config.alpha_pattern  # alpha * new_r / r (adjust_scaling_factors)
+    assert set(mine.target_modules) == set(peft_config.target_modules)
+    ours_f = lora_factors(ours)
+    theirs_f = torch_factors(theirs, ours_f)
+    for name, (a, b, _) in ours_f.items():
+        assert a.shape == theirs_f[name][0].shape, name
+        np.testing.assert_allclose(a, theirs_f[name][0], atol=1e-4, err_msg=name)
+        assert not b.any()
+    # B = 0: the model is the base model; the trainable count is PEFT's
+    np.testing.assert_allclose(logits(ours), logits(models.from_pretrained(llama)), atol=1e-6)
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_eva_adapter_trained_here_loads_in_peft_and_peft_made_one_loads_here(eva_pair, llama, tmp_path, capsys):
+    theirs, ours = eva_pair
+    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["eva_config"] == theirs.peft_config["default"].to_dict()[
+        "eva_config"]
+    arch = _tiny.arch("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(arch.torch_class.from_pretrained(llama), tmp_path / "ours").eval()
+    trained = logits(ours)
+    np.testing.assert_allclose(torch_logits(loaded, input_ids=IDS), trained, atol=1e-5)
+    assert np.abs(trained - logits(models.from_pretrained(llama))).max() > 1e-3
+    # PEFT's EVA adapter, B randomised so that it does something, loads here with PEFT's logits
+    with torch.no_grad():
+        for m in theirs.modules():
+            if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
+                m.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    theirs.save_pretrained(tmp_path / "theirs")
+    here = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama), tmp_path / "theirs")
+    np.testing.assert_allclose(logits(here), torch_logits(theirs.eval(), input_ids=IDS), atol=1e-5)
+    from peftjax.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # the redistributed ranks, as the file holds them
+    assert info["method"] == "LORA" and info["ranks_in_file"] == sorted({a.shape[0] for a, _, _ in
+                                                                        lora_factors(ours).values()})
+    assert info["parameters"] == ours.get_nb_trainable_parameters()[0]
+
+
+def test_eva_state_dict_with_a_rank_0_layer_updates_model_and_config_as_peft(llama):
+    """Given components (PEFT's ``eva_state_dict`` argument), a layer of rank 0 loses its adapter and
+    the others take their new ranks; the config records it as PEFT's does."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    rng = np.random.RandomState(1)
+    names = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    components = {n: rng.randn(r, 32).astype(np.float32) for n, r in zip(names, [6, 0, 4, 2])}
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(llama), peft.LoraConfig(**kw))
+        initialize_lora_eva_weights(theirs, eva_state_dict={
+            "base_model.model." + n: torch.as_tensor(v) for n, v in components.items()})
+        ours = peftjax.get_peft_model(models.from_pretrained(llama), peftjax.LoraConfig(**kw))
+    peftjax.initialize_lora_eva_weights(ours, eva_state_dict=components)
+    mine, reference = ours.peft_config["default"], theirs.peft_config["default"]
+    assert mine.rank_pattern == reference.rank_pattern == {names[0]: 6, names[3]: 2}
+    assert mine.alpha_pattern == reference.alpha_pattern == {names[0]: 12.0, names[3]: 4.0}
+    assert set(mine.target_modules) == set(reference.target_modules) == {names[0], names[2], names[3]}
+    factors = lora_factors(ours)
+    assert sorted(factors) == sorted(reference.target_modules)
+    for n in factors:
+        np.testing.assert_array_equal(factors[n][0], components[n])
+    assert not hasattr(ours.base_model.model.layers[0].self_attn.v_proj, "lora_A")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_eva_on_gpt2_conv1d_equals_peft(gpt2):
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"], init_lora_weights="eva")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("gpt2").torch_class.from_pretrained(gpt2).eval(),
+                                     peft.LoraConfig(**kw, eva_config=EvaConfig(**EVA)))
+        initialize_lora_eva_weights(theirs, torch_batches(BATCHES), show_progress_bar=False)
+        ours = peftjax.get_peft_model(models.from_pretrained(gpt2), peftjax.LoraConfig(
+            **kw, eva_config=peftjax.EvaConfig(**EVA)))
+    peftjax.initialize_lora_eva_weights(ours, BATCHES)
+    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
+    ours_f = lora_factors(ours)
+    for name, (a, _, _) in ours_f.items():
+        np.testing.assert_allclose(a, torch_factors(theirs, [name])[name][0], atol=1e-4, err_msg=name)
+
+
+def test_torch_randn_is_torchs():
+    from peftjax.tuners.lora._eva import torch_randn
+
+    for dtype, tdtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        for shape in ((32, 16), (21, 3)):
+            torch.manual_seed(42)
+            expected = torch.randn(*shape, dtype=tdtype).numpy()
+            np.testing.assert_allclose(torch_randn(42, shape, dtype), expected, atol=2e-6, rtol=0)
+
+
+# -------------------------------------------------------------------------------------- CorDA
+
+
+@pytest.mark.parametrize(("family", "method", "targets"), [
+    ("llama", "kpm", TARGETS), ("gpt2", "ipm", ["c_attn", "mlp.c_proj"])])
+def test_corda_factors_and_residual_equal_peft(family, method, targets, llama, gpt2, tmp_path):
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    arch = _tiny.arch(family)
+    path = llama if family == "llama" else gpt2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = arch.torch_class.from_pretrained(path).eval()
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                                 corda_config=CordaConfig(corda_method=method))
+        preprocess_corda(torch_model, config, run_model=run_rows(torch_model, BATCHES))
+        theirs = peft.get_peft_model(torch_model, config)
+    model = models.from_pretrained(path)
+    original = {n: np.asarray(m.kernel.get_value()).T for n, m in named_modules(model).items()
+                if hasattr(m, "kernel")}
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                                corda_config=peftjax.CordaConfig(corda_method=method))
+    peftjax.preprocess_corda(model, config, BATCHES)
+    ours = peftjax.get_peft_model(model, config)
+    ours_f = lora_factors(ours)
+    assert len(ours_f) == 2 * len(targets)
+    theirs_f = torch_factors(theirs, ours_f)
+    for name, (a, b, w) in ours_f.items():
+        ta, tb, tw = theirs_f[name]
+        sign = np.sign(np.sum(a * ta, axis=1))  # each SVD triplet's sign is the LAPACK's choice
+        np.testing.assert_allclose(a * sign[:, None], ta, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(b * sign[None], tb, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(w, tw, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(w + 2.0 * b @ a, original[name], atol=1e-5, err_msg=name)  # s = 8 / 4
+    np.testing.assert_allclose(logits(ours), logits(models.from_pretrained(path)), atol=1e-5)
+    if family != "llama":
+        return
+    # PEFT's CorDA adapter, moved as training would move it and saved as a LoRA for the original
+    # model by PEFT itself, loads here with PEFT's logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "init")
+        with torch.no_grad():
+            for name in ours_f:
+                layer = theirs.base_model.model.get_submodule(name)
+                for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+                    factor.weight.add_(0.05 * torch.randn(factor.weight.shape, generator=torch.Generator().manual_seed(1)))
+        theirs.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = torch_logits(theirs.eval(), input_ids=IDS)
+    here = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "as_lora")
+    np.testing.assert_allclose(logits(here), expected, atol=1e-4)
+    assert np.abs(expected - logits(models.from_pretrained(path))).max() > 1e-3
+
+
+def test_corda_trained_converts_to_a_lora_peft_applies_to_the_original_model(llama, tmp_path):
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
+                                corda_config={"corda_method": "ipm", "cache_file": str(tmp_path / "cache.safetensors"),
+                                              "covariance_file": str(tmp_path / "cov.safetensors")})
+    model = models.from_pretrained(llama)
+    eigens = peftjax.preprocess_corda(model, config, BATCHES)
+    # the files stand in for the data: the same eigens again without batches
+    again = peftjax.preprocess_corda(models.from_pretrained(llama), config)
+    for name, e in eigens.items():
+        np.testing.assert_array_equal(again[name].V_WC, e.V_WC)
+    (tmp_path / "cache.safetensors").unlink()
+    from_cov = peftjax.preprocess_corda(models.from_pretrained(llama), config)
+    for name, e in eigens.items():
+        np.testing.assert_allclose(np.abs(from_cov[name].S_WC), np.abs(e.S_WC), rtol=1e-6)
+    ours = peftjax.get_peft_model(model, config)
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "corda_eigens")  # used up
+    ours.save_pretrained(tmp_path / "init")
+    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
+    trained = logits(ours)
+    ours.merge_adapter()  # merged: the same model
+    np.testing.assert_allclose(logits(ours), trained, atol=1e-5)
+    ours.unmerge_adapter()
+    ours.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=tmp_path / "init")
+    saved = json.loads((tmp_path / "as_lora" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (8, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama),
+                                                tmp_path / "as_lora").eval()
+    np.testing.assert_allclose(torch_logits(theirs, input_ids=IDS), trained, atol=1e-4)
+    assert np.abs(trained - logits(models.from_pretrained(llama))).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------- config, refusals
+
+
+def test_configs_round_trip_as_peft_writes_them(tmp_path):
+    from peft.tuners.lora.config import CordaConfig, EvaConfig
+
+    for init, field, ours, theirs in (
+        ("eva", "eva_config", peftjax.EvaConfig(rho=1.5, whiten=True), EvaConfig(rho=1.5, whiten=True)),
+        ("corda", "corda_config", peftjax.CordaConfig(corda_method="kpm"), CordaConfig(corda_method="kpm")),
+    ):
+        config = peftjax.LoraConfig(r=4, init_lora_weights=init, **{field: ours})
+        config.save_pretrained(tmp_path / init)
+        mine = json.loads((tmp_path / init / "adapter_config.json").read_text())[field]
+        assert mine == peft.LoraConfig(r=4, init_lora_weights=init, **{field: theirs}).to_dict()[field]
+        assert peft.LoraConfig.from_pretrained(tmp_path / init).to_dict()[field] == mine
+        loaded = peftjax.PeftConfig.from_pretrained(tmp_path / init)
+        assert (loaded.init_lora_weights, getattr(loaded, field)) == (init, getattr(config, field))
+    with pytest.warns(UserWarning, match="Using default EVA config"):
+        assert peftjax.LoraConfig(init_lora_weights="eva").eva_config == peftjax.EvaConfig().to_dict()
+    with pytest.raises(ValueError, match=r"`eva_config` has unknown keys \['beta'\]"):
+        peftjax.LoraConfig(init_lora_weights="eva", eva_config={"beta": 1})
+    with pytest.raises(ValueError, match="`rho` must be >= 1.0"):
+        peftjax.EvaConfig(rho=0.5)
+    with pytest.raises(ValueError, match="corda_method"):
+        peftjax.CordaConfig(corda_method="svd")
+
+
+def test_refusals_name_what_is_missing(llama):
+    model = models.from_pretrained(llama)  # every refusal below leaves it as it was
+    eva = peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva", eva_config={})
+    plain = peftjax.get_peft_model(models.from_pretrained(llama), peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="can only be used with `init_lora_weights='eva'`"):
+        peftjax.initialize_lora_eva_weights(plain, BATCHES)
+    plain.delete_adapter("default")
+    plain.add_adapter("eva", eva)
+    with pytest.raises(ValueError, match="pass `batches`"):
+        peftjax.initialize_lora_eva_weights(plain, adapter_name="eva")
+    with pytest.raises(TypeError, match="not an iterator"):
+        peftjax.initialize_lora_eva_weights(plain, iter(BATCHES), adapter_name="eva")
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        peftjax.initialize_lora_eva_weights(plain, [], adapter_name="eva")
+    for init, extra in (("eva", {"eva_config": {}}), ("corda", {"corda_config": {}})):
+        with pytest.raises(NotImplementedError, match=f"embed_tokens: init_lora_weights='{init}' is not supported on "
+                                                      "embeddings"):
+            peftjax.get_peft_model(model, peftjax.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=init,
+                                                             **extra))
+    import jax
+    from flax import linen as nn
+
+    from peftjax import linen
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(x)
+
+    dense, x = Mlp(), np.ones((2, 4), np.float32)
+    params = dense.init(jax.random.key(0), x)["params"]
+    with pytest.raises(NotImplementedError, match="init_lora_weights='eva' is supported on NNX models .* not "
+                                                  "through peftjax.linen"):
+        linen.inject(dense, params, dataclasses.replace(eva, target_modules=("out",)), sample_args=(x,),
+                     key=jax.random.key(1))
+    corda = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda", corda_config={})
+    with pytest.raises(ValueError, match=r"down_proj: init_lora_weights='corda' needs the layer's eigens; run "
+                                         r"peftjax.preprocess_corda"):
+        peftjax.get_peft_model(model, corda)
+    with pytest.raises(ValueError, match="`batches` must be given"):
+        peftjax.preprocess_corda(model, corda)
+    assert not any(hasattr(m, "lora_A") or hasattr(m, "corda_eigens") for m in named_modules(model).values())
+    with pytest.raises(NotImplementedError, match=r"scan_layers=True"):
+        peftjax.preprocess_corda(models.from_pretrained(llama, scan_layers=True), corda, BATCHES)
+    peftjax.preprocess_corda(model, corda, BATCHES)
+    with pytest.raises(ValueError, match=r"expected \(32, 2\)"):  # eigens for r=4, injected at r=2
+        peftjax.get_peft_model(model, dataclasses.replace(corda, r=2))
