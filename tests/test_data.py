@@ -344,6 +344,21 @@ def test_drop_last_buckets_none_and_multiple_of():
         assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
 
 
+def test_auto_buckets_stop_at_the_longest_row():
+    """The default buckets end at the data's longest row rounded up to 8: no bucket past every row."""
+    cols = _rows(n=40, max_len=43)
+    cols["input_ids"][0], cols["token_type_ids"][0] = list(range(43)), [0] * 43
+    auto = Batcher(cols, 4)
+    assert auto.buckets == (32, 48)
+    assert {b["input_ids"].shape[1] for b in auto.batches(0)} == {32, 48}
+    assert Batcher(_rows(n=10, max_len=20), 4).buckets == (24,)
+    assert Batcher(cols, 4, pad_to_multiple_of=5).buckets == (35, 45)  # still multiples of 5
+    # explicit buckets are used as given
+    assert Batcher(cols, 4, buckets=(32, 64)).buckets == (32, 64)
+    with pytest.raises(ValueError, match="buckets must be 'auto', None or a sequence"):
+        Batcher(cols, 4, buckets="fit")
+
+
 def test_bad_input_fails_early():
     cols = _rows(n=10)
     cols["input_ids"][3] = list(range(70))

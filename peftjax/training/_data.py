@@ -26,6 +26,9 @@ import numpy as np
 
 IGNORE_INDEX = -100
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+# "auto" buckets: DEFAULT_BUCKETS, the largest one the data needs cut down to its longest row
+# rounded up to this multiple (a bucket past every row only adds padding)
+AUTO_MULTIPLE = 8
 
 # Extension -> `datasets` packaged builder.
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -457,7 +460,9 @@ class Batcher:
 
     Each epoch visits the rows in the order of ``np.random.default_rng([seed, epoch]).permutation``
     (or in order without ``shuffle``). A batch is padded to the smallest bucket length that holds
-    its longest row: ``input_ids`` with ``pad_token_id``, ``attention_mask`` and ``token_type_ids``
+    its longest row (by default, ``"auto"``: 32, 64, 128, ... 2048, the largest the data needs
+    lowered to its longest row rounded up to a multiple of 8, or of ``pad_to_multiple_of``, so rows
+    of at most 43 tokens get buckets 32 and 48, not 32 and 64): ``input_ids`` with ``pad_token_id``, ``attention_mask`` and ``token_type_ids``
     with 0, per-token ``labels`` with -100. Unless ``drop_last``, the last batch is filled up to
     ``batch_size`` with all-padding rows, so every batch is ``[batch_size, bucket]`` and a jitted
     step compiles at most ``len(buckets)`` times. Every batch carries ``sample_weight`` (float32,
@@ -477,6 +482,8 @@ class Batcher:
     >>> b = Batcher({"input_ids": [[5, 6, 7], [8]], "labels": [1, 0]}, 4, buckets=(4, 8))
     >>> b.num_batches
     1
+    >>> Batcher({"input_ids": [[1] * 20, [1] * 43], "labels": [1, 0]}, 4).buckets
+    (32, 48)
     >>> batch = next(b.batches(0))
     >>> {k: v.shape for k, v in batch.items()}
     {'input_ids': (4, 4), 'attention_mask': (4, 4), 'labels': (4,), 'sample_weight': (4,)}
@@ -485,8 +492,9 @@ class Batcher:
       dataset_or_columns: a ``datasets.Dataset``, or a mapping of column name to per-row values
         (lists, or NumPy arrays), holding numeric columns only, ``input_ids`` among them.
       batch_size: rows per batch.
-      buckets: the allowed padded lengths; ``None`` pads each batch to its longest row (rounded
-        up to ``pad_to_multiple_of``), so shapes vary.
+      buckets: the allowed padded lengths, used as given; ``"auto"`` (the default) fits
+        ``DEFAULT_BUCKETS`` to the data as described above; ``None`` pads each batch to its longest
+        row (rounded up to ``pad_to_multiple_of``), so shapes vary.
       pad_token_id: the ``input_ids`` padding (the tokenizer's ``pad_token_id``).
       shuffle: permute the rows each epoch.
       seed: with the epoch, determines the order.
@@ -508,7 +516,7 @@ class Batcher:
         dataset_or_columns,
         batch_size: int,
         *,
-        buckets: Sequence[int] | None = DEFAULT_BUCKETS,
+        buckets: Sequence[int] | str | None = "auto",
         pad_token_id: int = 0,
         shuffle: bool = True,
         seed: int = 0,
@@ -524,6 +532,11 @@ class Batcher:
             _check_positive("pad_to_multiple_of", pad_to_multiple_of)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        auto = isinstance(buckets, str)
+        if auto and buckets != "auto":
+            raise ValueError(f"buckets must be 'auto', None or a sequence of positive ints, got {buckets!r}")
+        if auto:
+            buckets = DEFAULT_BUCKETS
         if buckets is not None:
             if not buckets or any(not isinstance(b, (int, np.integer)) or b <= 0 for b in buckets):
                 raise ValueError(f"buckets must be positive ints, got {buckets!r}")
@@ -545,6 +558,9 @@ class Batcher:
             raise ValueError(f"target columns {bad} do not have input_ids' {self.num_rows} rows")
         self._lengths = np.diff(self._tokens["input_ids"][1])
         self._target_lengths = {k: np.diff(v[1]) for k, v in self._targets.items()}
+        if auto and self.num_rows:  # targets take their own bucket from the same ladder: it must hold them too
+            longest = max(int(lengths.max()) for lengths in (self._lengths, *self._target_lengths.values()))
+            self.buckets = buckets = _fit_buckets(buckets, longest, pad_to_multiple_of or AUTO_MULTIPLE)
         if buckets is not None and self.num_rows:
             for name, lengths in {"input_ids": self._lengths, **self._target_lengths}.items():
                 _check_fits(name, lengths, buckets[-1])
@@ -640,6 +656,15 @@ def _target_columns(columns: dict[str, Any], names: Sequence[str]) -> dict[str, 
                              "labels), not one value per row")
         out[name] = columns.pop(name)
     return out
+
+
+def _fit_buckets(buckets: tuple[int, ...], longest: int, multiple: int) -> tuple[int, ...]:
+    """``buckets`` up to the first that holds ``longest``, that one lowered to ``longest`` rounded up to ``multiple``."""
+    fits = [b for b in buckets if b >= longest]
+    if not fits:  # rows longer than every bucket: the caller names them
+        return buckets
+    top = min(fits[0], _round_up(max(longest, 1), multiple))
+    return (*(b for b in buckets if b < top), top)
 
 
 def _round_up(n: int, multiple: int | None) -> int:
