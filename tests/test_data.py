@@ -357,6 +357,11 @@ def test_auto_buckets_stop_at_the_longest_row():
     assert Batcher(cols, 4, buckets=(32, 64)).buckets == (32, 64)
     with pytest.raises(ValueError, match="buckets must be 'auto', None or a sequence"):
         Batcher(cols, 4, buckets="fit")
+    # a seq2seq target longer than every source: the ladder still reaches it
+    pairs = {"input_ids": [[1, 2, 3]] * 4, "labels": [list(range(40))] * 4}
+    seq2seq = Batcher(pairs, 2, target_columns=("labels",))
+    assert seq2seq.buckets == (32, 40)
+    assert {b["labels"].shape[1] for b in seq2seq.batches(0)} == {40}
 
 
 def test_bad_input_fails_early():
