@@ -55,6 +55,7 @@ from peftjax.tuners.linen._methods import (
 from peftjax.tuners.lora._linen import (
     _LINEAR_KINDS,
     LINEN_KEY_MAPPING,
+    AdapterLayersSpec,
     _call_info,
     _fill,
     _file_names,
@@ -102,7 +103,7 @@ class LinenDeltaLayer:
 
 
 @dataclasses.dataclass(frozen=True)
-class LinenDeltaSpec:
+class LinenDeltaSpec(AdapterLayersSpec):
     """Which Linen layers carry which LoHa/LoKr/VeRA/FourierFT/AdaLoRA adapters: static, hashable.
 
     Attributes:
@@ -121,23 +122,6 @@ class LinenDeltaSpec:
     scan_axes: tuple[tuple[tuple[str, ...], int], ...] = ()
     bias: str = "none"
     saved: tuple = ()
-
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(n for layer in self.layers for n, _ in layer.adapters))
-
-    def layer(self, name: str) -> LinenDeltaLayer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no adapted layer {name!r}; adapted: {[layer.name for layer in self.layers]}")
-
-    def with_active(self, *names: str) -> LinenDeltaSpec:
-        """The same spec with ``names`` (possibly none) as the active adapters."""
-        unknown = [n for n in names if n not in self.adapter_names]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}; known: {list(self.adapter_names)}")
-        return dataclasses.replace(self, active=tuple(names))
 
 
 # --------------------------------------------------------------------------------------------

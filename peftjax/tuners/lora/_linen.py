@@ -421,8 +421,30 @@ class LinenSavedSpec:
     kinds: tuple[tuple[tuple[str, ...], str], ...] = ()
 
 
+class AdapterLayersSpec:
+    """What a Linen spec with ``layers`` (each with ``name`` and ``adapters``) and ``active`` offers:
+    the adapter names, one layer by name, and a copy with other active adapters."""
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for layer in self.layers for n, _ in layer.adapters))
+
+    def layer(self, name: str):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no adapted layer {name!r}; adapted: {[layer.name for layer in self.layers]}")
+
+    def with_active(self, *names: str):
+        """The same spec with ``names`` (possibly none) as the active adapters."""
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; known: {list(self.adapter_names)}")
+        return dataclasses.replace(self, active=tuple(names))
+
+
 @dataclasses.dataclass(frozen=True)
-class LinenLoraSpec:
+class LinenLoraSpec(AdapterLayersSpec):
     """Which Linen layers carry which adapters, with their settings: static config for
     :func:`intercept` and :func:`merge_and_unload`. Frozen and hashable, so it can be a ``jit`` static arg.
 
@@ -444,22 +466,6 @@ class LinenLoraSpec:
     bias: str = "none"
     scan_axes: tuple[tuple[tuple[str, ...], int], ...] = ()
 
-    @property
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(n for layer in self.layers for n, _ in layer.adapters))
-
-    def layer(self, name: str) -> LinenLayerSpec:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no adapted layer {name!r}; adapted: {[layer.name for layer in self.layers]}")
-
-    def with_active(self, *names: str) -> LinenLoraSpec:
-        """The same spec with ``names`` (possibly none) as the active adapters."""
-        unknown = [n for n in names if n not in self.adapter_names]
-        if unknown:
-            raise ValueError(f"unknown adapters {unknown}; known: {list(self.adapter_names)}")
-        return dataclasses.replace(self, active=tuple(names))
 
 
 # --------------------------------------------------------------------------------------------
