@@ -192,7 +192,7 @@ def test_merge_into_quantized_base_requantizes_with_peft_warning(ckpt):
         merged = peft_model.merge_and_unload()
     assert isinstance(merged.model.layers[0].self_attn.q_proj, Linear4bit)
     np.testing.assert_allclose(_logits(merged, False), unmerged, atol=0.1)  # within 4-bit rounding
-    with pytest.raises(TypeError, match="Please initialize PiSSA under float32"):
+    with pytest.raises(TypeError, match=r"q_proj: init_lora_weights='pissa' rewrites the base weight.*Please initialize it under float32"):
         peftjax.get_peft_model(models.from_pretrained(ckpt, quantization_config=NF4_DQ),
                                peftjax.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
 
