@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, quiet
+from _torch_models import lazy, quiet, torch_logits
 import peftjax
 from peftjax import models
 from peftjax.cli import main
@@ -31,8 +31,7 @@ LEN, LAYERS = 3, 1  # PEFT's adapter: 3 prompt tokens in the top layer
 
 
 def run_torch(model):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    return torch_logits(model, input_ids=IDS, attention_mask=MASK)
 
 
 def run_jax(model, jit=False):
