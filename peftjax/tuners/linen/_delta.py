@@ -56,6 +56,7 @@ from peftjax.tuners.lora._linen import (
     _LINEAR_KINDS,
     LINEN_KEY_MAPPING,
     AdapterLayersSpec,
+    LinenLayerSpec,
     _call_info,
     _fill,
     _file_names,
@@ -79,23 +80,9 @@ VERA_A_KEY, VERA_B_KEY = "base_model.vera_A", "base_model.vera_B"
 
 
 @dataclasses.dataclass(frozen=True)
-class LinenDeltaLayer:
-    """The weight-delta adapters on one Linen layer (static: shapes and settings, no arrays)."""
-
-    name: str
-    path: tuple[str, ...]
-    kind: str
-    stacked: tuple[int, ...]
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    perm: tuple[int, ...]
-    out_perm: tuple[int, ...]
-    adapters: tuple[tuple[str, Any], ...] = ()
-    kernel_name = "kernel"
-
-    @property
-    def adapter(self) -> dict[str, Any]:
-        return dict(self.adapters)
+class LinenDeltaLayer(LinenLayerSpec):
+    """The weight-delta adapters on one Linen layer: LoRA's layer record (same geometry), its
+    ``adapters`` holding each method's settings instead of a ``LoraSpec``; never an embedding."""
 
     @property
     def n_in_out(self) -> tuple[int, int]:
