@@ -129,35 +129,36 @@ def _refuse_adalora(trainable) -> None:
 def jit_step(step: Callable, *, donate: bool = True, mesh=None, rules: Any = None) -> Callable:
     """Jits ``step(trainable, opt_state, rest, batch, key)``, donating only its first two arguments.
 
-    With a ``mesh``, a ``peftjax.sharding.ShardedStep``: explicit shardings under ``rules``.
+    With a ``mesh``, a ``peftjax.sharding.ShardedStep``: explicit shardings under ``rules``. Either
+    way it comes wrapped in :class:`CompiledFirst`.
     """
     if mesh is None:
         return CompiledFirst(jax.jit(step, donate_argnums=(0, 1) if donate else ()))
     from peftjax.sharding._jit import ShardedStep
 
-    return ShardedStep(step, mesh, rules, donate=donate)
+    return CompiledFirst(ShardedStep(step, mesh, rules, donate=donate))
 
 
 class CompiledFirst:
-    """A ``jax.jit`` function whose first call compiles ahead, then returns the compiler's freed
-    heap to the system (:func:`release_host_memory`) before the step's buffers are allocated.
+    """A step (anything with ``lower(*args)`` and a call, as ``jax.jit`` functions have) whose first
+    call compiles ahead, then returns the compiler's freed heap to the system
+    (:func:`release_host_memory`) before the step's buffers are allocated.
 
-    The call then runs the executable the compilation produced. Without this, the compiler's
-    freed heap and the step's buffers are resident together and the process peaks higher (the
-    ``Trainer`` did this itself; a plain ``make_train_step`` loop now gets it too). Every other
-    attribute (``lower``, ``trace``, ...) is the jitted function's.
+    The call then runs the executable the compilation produced (JAX caches it). Without this, the
+    compiler's freed heap and the step's buffers are resident together and the process peaks
+    higher. Every other attribute (``lower``, ``trace``, ...) is the wrapped step's.
     """
 
-    def __init__(self, jitted: Callable):
-        self.jitted = jitted
+    def __init__(self, wrapped: Callable):
+        self.wrapped = wrapped
         self._first = True
 
     def __call__(self, *args, **kwargs):
         if self._first:
             self._first = False
-            self.jitted.lower(*args, **kwargs).compile()
+            self.wrapped.lower(*args, **kwargs).compile()
             release_host_memory()
-        return self.jitted(*args, **kwargs)
+        return self.wrapped(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        return getattr(self.jitted, name)
+        return getattr(self.wrapped, name)

@@ -27,8 +27,7 @@ from flax import nnx
 from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
-from peftjax.training._memory import release_host_memory
-from peftjax.training._step import make_train_step, split
+from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -248,7 +247,7 @@ class Trainer:
                     f"Trainer with an AdaLoRA adapter and {', '.join(refused)} is not implemented")
             from peftjax.training._adalora import AdaLoraStep
 
-            return AdaLoraStep(graphdef, tx, config, self._loss, adapter_name=name)
+            return CompiledFirst(AdaLoraStep(graphdef, tx, config, self._loss, adapter_name=name))
         return make_train_step(graphdef, tx, self._loss, mesh=self.mesh, rules=self.sharding)
 
     def _resolve_problem_type(self, cols: dict, name: str) -> None:
@@ -365,17 +364,11 @@ class Trainer:
         tokens, t_log, losses_seen = 0, time.perf_counter(), []
         last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
         epoch, position = divmod(micro, batcher.num_batches)
-        start_micro = micro
         try:
             while micro < total * accum:
                 for batch in batcher.batches(epoch, start=position):
                     key = jax.random.fold_in(base_key, micro)
                     placed = self._place(batch)
-                    if micro == start_micro:
-                        # compiled ahead, so the compiler's freed heap goes back to the system
-                        # before the step's buffers are allocated (the call reuses the executable)
-                        step_fn.lower(trainable, opt_state, rest, placed, key).compile()
-                        release_host_memory()
                     trainable, opt_state, loss = step_fn(trainable, opt_state, rest, placed, key)
                     pending.append(loss)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
