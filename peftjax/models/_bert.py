@@ -17,8 +17,8 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, split_key
-from peftjax.nn._dropout import layer_key
+from peftjax.models._dropout import dropout
+from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
@@ -121,7 +121,7 @@ class BertAttention(nnx.Module):
         self.output = BertSelfOutput(config, **kw)
 
     def __call__(self, x, mask, rng=None, prefix=None):
-        attn_rng, out_rng = split_key(rng, 2)
+        attn_rng, out_rng = split_keys(rng, 2)
         return self.output(self.self(x, mask, attn_rng, prefix), x, out_rng)
 
 
@@ -154,7 +154,7 @@ class BertLayer(nnx.Module):
         self.output = BertOutput(config, **kw)
 
     def __call__(self, x, mask, rng=None, prefix=None):
-        attn_rng, out_rng = split_key(rng, 2)
+        attn_rng, out_rng = split_keys(rng, 2)
         a = self.attention(x, mask, attn_rng, prefix)
         return self.output(self.intermediate(a), a, out_rng)
 
@@ -289,7 +289,7 @@ class BertModel(PreTrainedModel):
             attention_mask = jnp.ones((b, s), bool)
         key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
         mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
-        emb_rng, enc_rng = split_key(dropout_rng, 2)
+        emb_rng, enc_rng = split_keys(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
         h = self.encoder(x, mask, enc_rng, prefix_kv)
         pooled = None if self.pooler is None else self.pooler(h)
@@ -327,7 +327,7 @@ class BertForSequenceClassification(PreTrainedModel):
 
         ``prefix_kv``: as for :class:`BertModel`.
         """
-        bert_rng, head_rng = split_key(dropout_rng, 2)
+        bert_rng, head_rng = split_keys(dropout_rng, 2)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv)
         logits = self.classifier(dropout(out.pooler_output, self.dropout_rate, head_rng))
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from peftjax.nn._dropout import keep_mask
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -18,11 +19,5 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     if rate >= 1.0:  # torch returns zeros; x / 0 would poison the gradient
         return jnp.zeros_like(x)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = keep_mask(key, x.shape, 1.0 - rate)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
-
-
-def split_key(key: jax.Array | None, n: int) -> list[jax.Array | None]:
-    """``n`` keys from ``key``, or ``n`` times ``None`` without one."""
-    return [None] * n if key is None else list(jax.random.split(key, n))
-

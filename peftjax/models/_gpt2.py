@@ -15,8 +15,8 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, split_key
-from peftjax.nn._dropout import layer_key
+from peftjax.models._dropout import dropout
+from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
@@ -90,7 +90,7 @@ class GPT2Attention(nnx.Module):
             k, v = cache["k"], cache["v"]
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
-        probs_key, resid_key = split_key(dropout_rng, 2)
+        probs_key, resid_key = split_keys(dropout_rng, 2)
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.scale
@@ -126,7 +126,7 @@ class GPT2Block(nnx.Module):
         self.mlp = GPT2MLP(config, **kw)
 
     def __call__(self, x, mask, cache=None, cache_index=None, dropout_rng=None, prefix=None):
-        attn_key, mlp_key = split_key(dropout_rng, 2)
+        attn_key, mlp_key = split_keys(dropout_rng, 2)
         a, cache = self.attn(self.ln_1(x), mask, cache, cache_index, attn_key, prefix)
         x = a + x
         return x + self.mlp(self.ln_2(x), mlp_key), cache
@@ -189,7 +189,7 @@ class GPT2Model(PreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(jnp.asarray(token_type_ids))
         mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
-        embd_key, layers_key = split_key(dropout_rng, 2)
+        embd_key, layers_key = split_keys(dropout_rng, 2)
         x = dropout(x, self.embd_pdrop, embd_key)
         new_cache = [] if cache is not None else None
         loop = cache is not None or prefix_kv is not None

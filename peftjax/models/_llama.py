@@ -14,8 +14,8 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, split_key
-from peftjax.nn._dropout import layer_key
+from peftjax.models._dropout import dropout
+from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
@@ -134,7 +134,7 @@ class LlamaDecoderLayer(nnx.Module):
         With a key, the attention probabilities drop at ``attention_dropout``, and each branch's
         output at ``resid_pdrop`` before its residual add (Phi-3's; Llama's is 0).
         """
-        attn_key, attn_out_key, mlp_out_key = split_key(dropout_rng, 3)
+        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, attn_key)
         x = x + dropout(a, self.resid_dropout_rate, attn_out_key)
         return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.resid_dropout_rate, mlp_out_key), cache

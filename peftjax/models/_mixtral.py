@@ -57,7 +57,7 @@ from peftjax.models._losses import causal_lm_head_loss
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import run_layers
-from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._param_reader import ParamReader
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._functional import swiglu
@@ -147,7 +147,7 @@ class MixtralSparseMoeBlock(nnx.Module):
         b, s, h = x.shape
         key = active_dropout_key()
         if self.jitter_noise > 0 and key is not None:  # training: transformers' router jitter
-            key = jax.random.fold_in(key, zlib.crc32(f"mlp.jitter.{self.layer_idx}".encode()))
+            key = fold_key(key, zlib.crc32(f"mlp.jitter.{self.layer_idx}".encode()))
             x = x * jax.random.uniform(key, x.shape, x.dtype, 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         flat = x.reshape(b * s, h)
         logits = self.gate(flat)

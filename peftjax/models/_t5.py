@@ -39,8 +39,8 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, split_key
-from peftjax.nn._dropout import layer_key
+from peftjax.models._dropout import dropout
+from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
@@ -194,7 +194,7 @@ class T5LayerSelfAttention(nnx.Module):
         self.dropout_rate = self.SelfAttention.dropout_rate
 
     def __call__(self, x, mask, bias, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        inner, outer = split_key(dropout_rng, 2)
+        inner, outer = split_keys(dropout_rng, 2)
         a, cache = self.SelfAttention(self.layer_norm(x), mask, bias, None, cache, cache_index, prefix, inner)
         return x + dropout(a, self.dropout_rate, outer), cache
 
@@ -212,7 +212,7 @@ class T5LayerCrossAttention(nnx.Module):
         return a.heads(a.k, encoder_hidden), a.heads(a.v, encoder_hidden)
 
     def __call__(self, x, kv, mask, prefix=None, dropout_rng=None):
-        inner, outer = split_key(dropout_rng, 2)
+        inner, outer = split_keys(dropout_rng, 2)
         a, _ = self.EncDecAttention(self.layer_norm(x), mask, None, kv, prefix=prefix, dropout_rng=inner)
         return x + dropout(a, self.dropout_rate, outer)
 
@@ -251,7 +251,7 @@ class T5LayerFF(nnx.Module):
         self.dropout_rate = self.DenseReluDense.dropout_rate
 
     def __call__(self, x, dropout_rng=None):
-        inner, outer = split_key(dropout_rng, 2)
+        inner, outer = split_keys(dropout_rng, 2)
         return x + dropout(self.DenseReluDense(self.layer_norm(x), inner), self.dropout_rate, outer)
 
 
@@ -271,7 +271,7 @@ class T5Block(nnx.Module):
     def __call__(self, x, mask, bias, cross_kv=None, cross_mask=None, cache=None, cache_index=None, prefix=None,
                  dropout_rng=None):
         self_prefix, cross_prefix = (None, None) if prefix is None else prefix
-        k_self, k_cross, k_ff = split_key(dropout_rng, 3)
+        k_self, k_cross, k_ff = split_keys(dropout_rng, 3)
         x, cache = self.layer[0](x, mask, bias, cache, cache_index, self_prefix, k_self)
         if self.is_decoder:
             x = self.layer[1](x, cross_kv, cross_mask, cross_prefix, k_cross)
@@ -316,7 +316,7 @@ class T5Stack(nnx.Module):
             hidden units and the final norm's output.
         """
         b, s, _ = x.shape
-        k_embed, k_final, k_blocks = split_key(dropout_rng, 3)
+        k_embed, k_final, k_blocks = split_keys(dropout_rng, 3)
         x = dropout(x, self.dropout_rate, k_embed)
         num_prefix = 0
         if prefix_kv is not None:
@@ -450,7 +450,7 @@ class _T5EncoderDecoder(_T5Base):
                        inputs_embeds, decoder_inputs_embeds, cache=None, cache_index=None, cross_kv=None,
                        prefix_kv=None, encoder_prefix_kv=None, dropout_rng=None):
         """``(decoder output, new cache, encoder output)``; arguments as ``T5ForConditionalGeneration``."""
-        enc_key, dec_key = split_key(dropout_rng, 2)
+        enc_key, dec_key = split_keys(dropout_rng, 2)
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv, enc_key)
         enc = encoder_outputs.last_hidden_state if isinstance(encoder_outputs, ModelOutput) else encoder_outputs
@@ -609,7 +609,7 @@ class T5ClassificationHead(nnx.Module):
         self.dropout_rate = float(getattr(config, "classifier_dropout", 0.0) or 0.0)
 
     def __call__(self, x, dropout_rng=None):
-        first, second = split_key(dropout_rng, 2)
+        first, second = split_keys(dropout_rng, 2)
         h = jnp.tanh(self.dense(dropout(x, self.dropout_rate, first)))
         return self.out_proj(dropout(h, self.dropout_rate, second))
 
@@ -652,7 +652,7 @@ class T5ForSequenceClassification(PreTrainedModel):
                 raise ValueError("Each example must contain at least one <eos> token.")
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.transformer.shift_right(ids)
-        body_key, head_key = split_key(dropout_rng, 2)
+        body_key, head_key = split_keys(dropout_rng, 2)
         out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
                                dropout_rng=body_key)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.nn._dropout import active_dropout_key, dropout_key, layer_key
+from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key, layer_key
 
 # model options that are not transformers config fields: set on the config, never saved
 MODEL_OPTIONS = ("scan_layers", "remat")
@@ -85,7 +85,7 @@ class StackedLayers(nnx.Module):
 
         def body(h, xs):
             i, layer_state = xs
-            with dropout_key(None if active is None else jax.random.fold_in(active, i)):
+            with dropout_key(None if active is None else fold_key(active, i)):
                 return fn(nnx.merge(graphdef, layer_state), h, layer_key(key, i)), None
 
         x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(self.num_layers), state))

@@ -20,7 +20,7 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.nn._dropout import active_dropout_key, dropout_key
+from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key
 from peftjax.training._memory import release_host_memory
 from peftjax.tuners.base import TRAINABLE
 
@@ -64,7 +64,7 @@ def default_loss(model: nnx.Module, batch: dict) -> jax.Array:
     """
     key = active_dropout_key()
     if key is not None and "dropout_rng" in inspect.signature(type(model).__call__).parameters:
-        return model(**batch, dropout_rng=jax.random.fold_in(key, 1)).loss
+        return model(**batch, dropout_rng=fold_key(key, 1)).loss
     return model(**batch).loss
 
 

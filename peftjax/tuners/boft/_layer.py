@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.nn._broadcast import along_last
-from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
 from peftjax.tuners.oft._math import cayley_exact, identity_blocks, rotate_blocks
 
@@ -152,7 +152,7 @@ class BOFTLayer(AdapterDictLayer):
         # PEFT: rotation = M_last ... M_first, x @ rotation; so the last adapter's M acts first
         rotated, scale = x.astype(jnp.float32), None
         for name, _ in reversed(live):
-            k = None if key is None else jax.random.fold_in(key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
+            k = None if key is None else fold_key(key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
             rotated = self._rotate(rotated, name, k)
             s = self.boft_s[name].get_value()[:, 0]
             scale = s if scale is None else s * scale

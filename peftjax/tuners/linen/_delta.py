@@ -44,7 +44,7 @@ from flax.core import meta as flax_meta
 
 from peftjax.config import VeraConfig, expand_all_linear, is_all_linear, load_config, match_modules
 from peftjax.io._adapter import PREFIX, AdapterFileError, KeyMapping, adapter_dir, read_adapter_weights, write_adapter
-from peftjax.nn._dropout import active_dropout_key, apply_dropout
+from peftjax.nn._dropout import active_dropout_key, apply_dropout, fold_key, keep_mask
 from peftjax.tuners.base import validate_adapter_name
 from peftjax.tuners.linen._methods import (
     VeraSettings,
@@ -275,13 +275,13 @@ def _add_deltas(layer: LinenDeltaLayer, live, module: nn.Module, args, kwargs, y
         delta = s.delta(_weights(module, layer, s, name), n_in, n_out)  # [out, in]
         key = None
         if train_key is not None:
-            key = jax.random.fold_in(train_key, zlib.crc32(f"{layer.name}/{name}".encode()))
+            key = fold_key(train_key, zlib.crc32(f"{layer.name}/{name}".encode()))
             if s.rank_dropout > 0:
-                delta = delta * rank_dropout_mask(jax.random.fold_in(key, 1), n_out, s)[:, None]
+                delta = delta * rank_dropout_mask(fold_key(key, 1), n_out, s)[:, None]
         h = apply_dropout(call.x, s.input_dropout, f"{layer.name}/{name}").astype(jnp.float32)
         branch = _linear(layer, module, call, h, _from_2d(layer, delta.T))
         if key is not None and s.module_dropout > 0:
-            keep = jax.random.uniform(jax.random.fold_in(key, 0), ()) > s.module_dropout
+            keep = keep_mask(fold_key(key, 0), (), 1.0 - s.module_dropout)
             branch = jnp.where(keep, branch, jnp.zeros_like(branch))
         out = out + branch
     return out.astype(y.dtype)

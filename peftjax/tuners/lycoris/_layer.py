@@ -27,7 +27,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key, fold_key, keep_mask
 from peftjax.tuners.base import AdapterDictLayer
 
 
@@ -71,7 +71,7 @@ def rank_dropout_mask(key: jax.Array, n_out: int, spec: LycorisSpec) -> jax.Arra
     PEFT divides by ``drop.mean()`` even when every row is dropped (a 0/0, so NaN weights); here
     that rare case gives a zero update instead.
     """
-    drop = (jax.random.uniform(key, (n_out,)) > spec.rank_dropout).astype(jnp.float32)
+    drop = keep_mask(key, (n_out,), 1.0 - spec.rank_dropout).astype(jnp.float32)
     if spec.rank_dropout_scale:
         mean = drop.mean()
         drop = jnp.where(mean > 0, drop / jnp.where(mean > 0, mean, 1.0), drop)
@@ -99,7 +99,7 @@ class LycorisLayer(AdapterDictLayer):
     def _training_delta(self, name: str, spec: LycorisSpec, key: jax.Array | None) -> jax.Array:
         delta = self.delta_weight(name)
         if key is not None and spec.rank_dropout > 0:
-            drop = rank_dropout_mask(jax.random.fold_in(key, 1), delta.shape[0], spec)
+            drop = rank_dropout_mask(fold_key(key, 1), delta.shape[0], spec)
             delta = delta * drop[:, None].astype(delta.dtype)
         return delta
 
@@ -113,11 +113,11 @@ class LycorisLayer(AdapterDictLayer):
         for name, spec in live:
             key = None
             if train_key is not None:
-                key = jax.random.fold_in(train_key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
+                key = fold_key(train_key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
             delta = self._training_delta(name, spec, key)
             h = x.astype(delta.dtype) @ delta.T
             if key is not None and spec.module_dropout > 0:
-                keep = jax.random.uniform(jax.random.fold_in(key, 0), ()) > spec.module_dropout
+                keep = keep_mask(fold_key(key, 0), (), 1.0 - spec.module_dropout)
                 h = jnp.where(keep, h, jnp.zeros_like(h))
             out = out.astype(jnp.promote_types(out.dtype, h.dtype)) + h
         return out.astype(y.dtype)  # the base layer's dtype (PEFT: result.to(previous_dtype), x's dtype)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
 from peftjax.tuners.oft._math import (
     cayley_exact,
@@ -117,7 +117,7 @@ class OFTLayer(AdapterDictLayer):
         blocks = rotation_blocks(self._store[name].get_value(), spec)
         d = blocks.shape[0]
         if training_key is not None and spec.module_dropout > 0 and d > 1:
-            key = jax.random.fold_in(training_key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
+            key = fold_key(training_key, zlib.crc32(f"{self.adapter_path}/{name}".encode()))
             blocks = identity_blocks(blocks, int(spec.module_dropout * d), key)
         return jnp.broadcast_to(blocks, (spec.r,) + blocks.shape[1:])
 
