@@ -344,24 +344,47 @@ def test_drop_last_buckets_none_and_multiple_of():
         assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
 
 
-def test_auto_buckets_stop_at_the_longest_row():
-    """The default buckets end at the data's longest row rounded up to 8: no bucket past every row."""
-    cols = _rows(n=40, max_len=43)
+def _padded_tokens(batcher, epochs):
+    return sum(b["input_ids"].size + (b["labels"].size if b["labels"].ndim == 2 else 0)
+               for e in range(epochs) for b in batcher.batches(e))
+
+
+def test_auto_buckets_are_fitted_to_the_batches():
+    """The default buckets: multiples of 8 ending at the longest row, at most 4, the padding of
+    the simulated epochs as low as any choice of that many (brute force), a bucket more only where
+    it saves over 3%."""
+    import itertools
+
+    cols = _rows(n=200, max_len=43)
     cols["input_ids"][0], cols["token_type_ids"][0] = list(range(43)), [0] * 43
     auto = Batcher(cols, 4)
-    assert auto.buckets == (32, 48)
-    assert {b["input_ids"].shape[1] for b in auto.batches(0)} == {32, 48}
-    assert Batcher(_rows(n=10, max_len=20), 4).buckets == (24,)
-    assert Batcher(cols, 4, pad_to_multiple_of=5).buckets == (35, 45)  # still multiples of 5
-    # explicit buckets are used as given
+    assert auto.buckets[-1] == 48 and all(b % 8 == 0 for b in auto.buckets) and len(auto.buckets) <= 4
+    epochs = 6  # 50 batches an epoch: the fit looks at ceil(256 / 50) epochs
+    chosen = _padded_tokens(auto, epochs)
+    by_count = {}
+    for k in range(1, 5):
+        by_count[k] = min(_padded_tokens(Batcher(cols, 4, buckets=(*rest, 48)), epochs)
+                          for rest in itertools.combinations(range(8, 48, 8), k - 1))
+    assert chosen == by_count[len(auto.buckets)]
+    assert chosen <= min(by_count.values()) * 1.03
+    assert all(by_count[k] > min(by_count.values()) * 1.03 for k in range(1, len(auto.buckets)))
+    # the batches' lengths, without building them
+    assert list(auto.batch_lengths(1)) == [b["input_ids"].shape[1] for b in auto.batches(1)]
+    assert list(auto.batch_lengths(1, start=3)) == [b["input_ids"].shape[1] for b in auto.batches(1, start=3)]
+    # rows of at most 20 tokens; other multiples; explicit buckets as given; a bad name
+    assert Batcher(_rows(n=10, max_len=20), 4).buckets[-1] == 24
+    assert all(b % 5 == 0 for b in Batcher(cols, 4, pad_to_multiple_of=5).buckets)
+    assert Batcher(cols, 4, pad_to_multiple_of=5).buckets[-1] == 45
     assert Batcher(cols, 4, buckets=(32, 64)).buckets == (32, 64)
     with pytest.raises(ValueError, match="buckets must be 'auto', None or a sequence"):
         Batcher(cols, 4, buckets="fit")
-    # a seq2seq target longer than every source: the ladder still reaches it
+    # a seq2seq target longer than every source: the fit holds the targets too
     pairs = {"input_ids": [[1, 2, 3]] * 4, "labels": [list(range(40))] * 4}
     seq2seq = Batcher(pairs, 2, target_columns=("labels",))
-    assert seq2seq.buckets == (32, 40)
+    assert seq2seq.buckets == (8, 40)
     assert {b["labels"].shape[1] for b in seq2seq.batches(0)} == {40}
+    assert {b["input_ids"].shape[1] for b in seq2seq.batches(0)} == {8}
+    assert seq2seq.batch_lengths(0).tolist() == [[8, 40], [8, 40]]
 
 
 def test_bad_input_fails_early():

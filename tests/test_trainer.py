@@ -371,3 +371,59 @@ def test_the_job_seed_seeds_the_adapter_initialisation(tmp_path):
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
     assert any(not np.array_equal(first[k], other[k]) for k in first)
+
+
+def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, tmp_path):
+    """The Trainer compiles the shapes after the first on a background thread (and the evaluation's
+    shapes): every shape the run uses is compiled exactly once (no second compile when the loop
+    reaches a shape still compiling), evaluate() after train() compiles nothing, and the result is
+    the same as a run that compiles each shape on its first call."""
+    import logging
+
+    compiled = []
+
+    class Names(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of jit("):
+                compiled.append(message.split("jit(")[1].split(")")[0])
+
+    # rows of three length groups, shuffled, in pairs: batches of three or four lengths
+    data = classification_data(120, seed=3)
+    data["input_ids"] = [row + [1] * extra for row, extra in zip(data["input_ids"], np.resize([0, 16, 32], 120))]
+    data["attention_mask"] = [[1] * len(row) for row in data["input_ids"]]
+
+    def run(out, precompile):
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=2, num_train_epochs=1,
+                                 learning_rate=1e-2, logging_steps=100, save_steps=0, disable_tqdm=True,
+                                 plot=False, report_to="none", compile_ahead=precompile)
+        model = peftjax.get_peft_model(BertForSequenceClassification.from_config(
+            _tiny.config("bert", vocab_size=64, intermediate_size=48, num_labels=2), seed=0),
+            peftjax.LoraConfig(r=4, lora_alpha=16, task_type="SEQ_CLS", target_modules=["query", "value"]),
+            key=jax.random.key(0))
+        trainer = Trainer(model, args, data, classification_data(40, seed=4))
+        handler, logger = Names(), logging.getLogger("jax")
+        logger.addHandler(handler)
+        previous = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)
+        try:
+            compiled.clear()
+            result = trainer.train()
+            during = list(compiled)
+            compiled.clear()
+            metrics = trainer.evaluate()
+            after = list(compiled)
+        finally:
+            jax.config.update("jax_log_compiles", previous)
+            logger.removeHandler(handler)
+        return result, metrics, during, after, trainer
+
+    result, metrics, during, after, trainer = run(tmp_path / "a", precompile=True)
+    shapes = set(Batcher(data, 2, seed=trainer.args.seed).batch_lengths(0).tolist())
+    assert len(shapes) >= 3
+    assert during.count("step") == len(shapes)  # each train shape once, ahead or on first call
+    assert "eval_step" in during and "eval_step" not in after  # evaluate() finds its shapes compiled
+    reference, ref_metrics, ref_during, ref_after, _ = run(tmp_path / "b", precompile=False)
+    assert ref_during.count("step") == len(shapes) and "eval_step" in ref_after  # each on its first use
+    assert result.training_loss == reference.training_loss
+    assert metrics == ref_metrics

@@ -46,6 +46,10 @@ class TrainingArguments:
         written by peftjax itself: no package needed), or ``"none"``.
       disable_tqdm: no progress bar.
       plot: write ``training_curves.png`` at the end.
+      compile_ahead: compile the step for the batch shapes after the first, and the evaluation
+        for its shapes, on a background thread while training runs (each shape still compiles
+        once; ``False`` compiles each on its first use, as a plain ``jax.jit`` loop does, and
+        holds no second compilation's memory).
       resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
     """
 
@@ -75,6 +79,7 @@ class TrainingArguments:
     report_to: str = "auto"
     disable_tqdm: bool = False
     plot: bool = True
+    compile_ahead: bool = True
     resume_from_checkpoint: str | bool | None = None
 
     def __post_init__(self) -> None:

@@ -27,8 +27,9 @@ from flax import nnx
 from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
+from peftjax.training._precompile import Precompiler, abstract, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
-from peftjax.nn._dropout import active_dropout_key
+from peftjax.nn._dropout import active_dropout_key, fold_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # what a run writes into output_dir (besides checkpoint-N/): cleaned by overwrite_output_dir
@@ -188,6 +189,7 @@ class Trainer:
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
+        self._precompiler: Precompiler | None = None  # while train() runs: its background compilations
         self.problem_type = getattr(config, "problem_type", None)
         if base_name.endswith(_CAUSAL_CLASS_ENDINGS):
             self.problem_type = CAUSAL_LM
@@ -221,7 +223,7 @@ class Trainer:
     def _loss(self, model, batch):
         """The training loss; inside the step, with the step's dropout key active."""
         key = active_dropout_key()
-        extra = {"dropout_rng": jax.random.fold_in(key, 1)} if self._model_dropout and key is not None else {}
+        extra = {"dropout_rng": fold_key(key, 1)} if self._model_dropout and key is not None else {}
         if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's own loss, which the bundled decoders fuse with the output projection, so
             # the whole logits never exist (an encoder-decoder's decoder input is its labels shifted
@@ -250,6 +252,43 @@ class Trainer:
             return CompiledFirst(AdaLoraStep(graphdef, tx, config, self._loss, adapter_name=name))
         return make_train_step(graphdef, tx, self._loss, mesh=self.mesh, rules=self.sharding)
 
+    def _precompile(self, step_fn, batcher: Batcher, *, micro: int, until: int, trainable, opt_state, rest,
+                    key) -> Precompiler | None:
+        """Compiles, on a background thread, the step for every batch shape of the run's batches
+        ``micro`` to ``until`` (at most the next two epochs) after the first shape (which the step's first call compiles), then the evaluation's
+        shapes (:mod:`peftjax.training._precompile`); ``None`` where the step is not a plain
+        jitted one (a mesh, AdaLoRA) or ``compile_ahead`` is off. What has not started when
+        training ends is dropped."""
+        if (not self.args.compile_ahead or self.mesh is not None or not isinstance(step_fn, CompiledFirst)
+                or hasattr(step_fn, "global_step")):
+            return None
+        firsts: dict[tuple, tuple[int, int]] = {}  # batch lengths -> (epoch, index) of their first batch
+        epoch, position = divmod(micro, batcher.num_batches)
+        for e in range(epoch, epoch + 2):
+            start = position if e == epoch else 0
+            left = until - e * batcher.num_batches - start
+            for i, lengths in enumerate(batcher.batch_lengths(e, start)[: max(left, 0)]):
+                firsts.setdefault(tuple(np.atleast_1d(lengths).tolist()), (e, start + i))
+        state = abstract((trainable, opt_state, rest))
+        jobs = []
+        for e, i in list(firsts.values())[1:]:
+            placed = self._place(next(batcher.batches(e, start=i)))
+            jobs.append((("train", signature(placed)),
+                         functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
+        if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
+            columns = _columns(self.eval_dataset, "eval_dataset")
+            self._resolve_problem_type(columns, "eval_dataset")
+            evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
+            seen = set()
+            for i, lengths in enumerate(evaluation.batch_lengths(0)):
+                if tuple(np.atleast_1d(lengths).tolist()) not in seen:
+                    seen.add(tuple(np.atleast_1d(lengths).tolist()))
+                    placed = self._place(next(evaluation.batches(0, start=i)))
+                    jobs.append((("eval", signature(placed)),
+                                 functools.partial(self._eval_step.lower, self._graphdef, (state[0], state[2]),
+                                                   abstract(placed))))
+        return Precompiler(jobs) if jobs else None
+
     def _resolve_problem_type(self, cols: dict, name: str) -> None:
         """Fixes the problem type (from the config, else transformers' rule) and checks the labels."""
         if self.problem_type == CAUSAL_LM:
@@ -272,16 +311,16 @@ class Trainer:
 
     @functools.cached_property
     def _eval_step(self):
-        def step(graphdef, state, batch):
+        def eval_step(graphdef, state, batch):
             logits, terms = self._forward_terms(nnx.merge(graphdef, *state), batch)
             return logits, terms
 
         if self.mesh is None:
-            return jax.jit(step, static_argnums=0)
+            return jax.jit(eval_step, static_argnums=0)
         from peftjax.sharding import replicated
 
         # replicated outputs: every process can read the logits and sums (several hosts)
-        return jax.jit(step, static_argnums=0, out_shardings=replicated(self.mesh))
+        return jax.jit(eval_step, static_argnums=0, out_shardings=replicated(self.mesh))
 
     def _batcher(self, columns: dict, per_device: int, *, shuffle: bool) -> Batcher:
         """Batches of ``columns``; an encoder-decoder's labels are padded to their own length."""
@@ -357,6 +396,8 @@ class Trainer:
             raise NotImplementedError("resuming AdaLoRA training is not implemented (the rank allocator's statistics "
                                       "are not in the checkpoint)")
         base_key = jax.random.key(args.seed)
+        self._precompiler = self._precompile(step_fn, batcher, micro=micro, until=total * accum, trainable=trainable,
+                                             opt_state=opt_state, rest=rest, key=base_key)
         schedule = args.schedule(total)
         writer = self._tensorboard()
         bar = self._progress(total, micro // accum)
@@ -369,6 +410,8 @@ class Trainer:
                 for batch in batcher.batches(epoch, start=position):
                     key = jax.random.fold_in(base_key, micro)
                     placed = self._place(batch)
+                    if self._precompiler is not None:
+                        self._precompiler.wait(("train", signature(placed)))
                     trainable, opt_state, loss = step_fn(trainable, opt_state, rest, placed, key)
                     pending.append(loss)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
@@ -403,6 +446,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self._precompiler is not None:
+                self._precompiler.close()
+                self._precompiler = None
         if pending:
             losses_seen.append(self._drain(pending, micro // accum, last_ckpt))
         nnx.update(self.model.base_model, trainable)
@@ -501,7 +547,10 @@ class Trainer:
         all_logits, all_labels = [], []
         token_level = False
         for batch in batcher.batches(0):
-            logits, terms = self._eval_step(self._graphdef, (trainable, rest), self._place(batch))
+            placed = self._place(batch)
+            if self._precompiler is not None:
+                self._precompiler.wait(("eval", signature(placed)))
+            logits, terms = self._eval_step(self._graphdef, (trainable, rest), placed)
             sums += np.array([float(t) for t in terms])
             token_level = self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
             if self.compute_metrics is not None:
