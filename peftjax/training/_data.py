@@ -632,7 +632,7 @@ class Batcher:
                                  for lengths in (self._lengths, *self._target_lengths.values())])
         longest = max(int(lengths.max()) for lengths in (self._lengths, *self._target_lengths.values()))
         saving = max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
-        return _fit_buckets(maxima, _round_up(max(longest, 1), multiple), multiple, saving)
+        return _best_buckets(maxima, _round_up(max(longest, 1), multiple), multiple, saving)
 
     def _length_for(self, longest: int) -> int:
         if self.buckets is None:
@@ -698,7 +698,7 @@ def _target_columns(columns: dict[str, Any], names: Sequence[str]) -> dict[str, 
     return out
 
 
-def _fit_buckets(maxima: np.ndarray, top: int, multiple: int, saving: float) -> tuple[int, ...]:
+def _best_buckets(maxima: np.ndarray, top: int, multiple: int, saving: float) -> tuple[int, ...]:
     """Multiples of ``multiple`` up to ``top`` (always in) minimising ``sum(bucket(m))`` over the
     batch maxima ``maxima`` (a batch of maximum m is padded to the smallest bucket >= m), with at
     most ``AUTO_MAX_BUCKETS``, a bucket more only while it lowers that sum by ``saving`` of the

@@ -29,6 +29,20 @@ def signature(batch: dict) -> tuple:
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
 
 
+def first_batch_of_each_shape(batcher, start: int, stop: int) -> list[dict]:
+    """The first batch of each distinct padded length among ``batcher``'s batches ``start`` to
+    ``stop`` (counted over epochs: ``start = epoch * num_batches + index``), in order of first use;
+    at most the two epochs from ``start``'s are read."""
+    firsts: dict[tuple, tuple[int, int]] = {}
+    epoch, position = divmod(start, batcher.num_batches)
+    for e in range(epoch, epoch + 2):
+        first = position if e == epoch else 0
+        left = max(stop - e * batcher.num_batches - first, 0)
+        for i, lengths in enumerate(batcher.batch_lengths(e, first)[:left]):
+            firsts.setdefault(tuple(np.atleast_1d(lengths).tolist()), (e, first + i))
+    return [next(batcher.batches(e, start=i)) for e, i in firsts.values()]
+
+
 class Precompiler:
     """Compiles ``(key, lower)`` jobs one by one on a daemon thread; :meth:`wait` blocks until a
     key's job is done (a job that fails is left to the caller's own call, which raises)."""
@@ -39,9 +53,6 @@ class Precompiler:
         for key, lower in jobs:
             if key not in self._futures:
                 self._futures[key] = self._pool.submit(_compile, lower)
-
-    def __len__(self) -> int:
-        return len(self._futures)
 
     def wait(self, key: Hashable) -> None:
         """Returns once ``key``'s compilation (if one was scheduled) has finished."""

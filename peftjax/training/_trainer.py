@@ -27,7 +27,7 @@ from flax import nnx
 from peftjax.training._args import TrainingArguments
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
-from peftjax.training._precompile import Precompiler, abstract, signature
+from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key, fold_key
 
@@ -254,39 +254,29 @@ class Trainer:
 
     def _precompile(self, step_fn, batcher: Batcher, *, micro: int, until: int, trainable, opt_state, rest,
                     key) -> Precompiler | None:
-        """Compiles, on a background thread, the step for every batch shape of the run's batches
-        ``micro`` to ``until`` (at most the next two epochs) after the first shape (which the step's first call compiles), then the evaluation's
-        shapes (:mod:`peftjax.training._precompile`); ``None`` where the step is not a plain
-        jitted one (a mesh, AdaLoRA) or ``compile_ahead`` is off. What has not started when
-        training ends is dropped."""
+        """Compiles on a background thread the step for each batch shape of the run's batches
+        ``micro`` to ``until`` (at most two epochs read) but the first, which the step's first
+        call compiles, then the evaluation for each of its shapes
+        (:mod:`peftjax.training._precompile`). ``None`` where ``compile_ahead`` is off or the
+        step is not a plain jitted one (a mesh, AdaLoRA). What has not started when training ends
+        is dropped."""
         if (not self.args.compile_ahead or self.mesh is not None or not isinstance(step_fn, CompiledFirst)
                 or hasattr(step_fn, "global_step")):
             return None
-        firsts: dict[tuple, tuple[int, int]] = {}  # batch lengths -> (epoch, index) of their first batch
-        epoch, position = divmod(micro, batcher.num_batches)
-        for e in range(epoch, epoch + 2):
-            start = position if e == epoch else 0
-            left = until - e * batcher.num_batches - start
-            for i, lengths in enumerate(batcher.batch_lengths(e, start)[: max(left, 0)]):
-                firsts.setdefault(tuple(np.atleast_1d(lengths).tolist()), (e, start + i))
         state = abstract((trainable, opt_state, rest))
         jobs = []
-        for e, i in list(firsts.values())[1:]:
-            placed = self._place(next(batcher.batches(e, start=i)))
+        for batch in first_batch_of_each_shape(batcher, micro, until)[1:]:
+            placed = self._place(batch)
             jobs.append((("train", signature(placed)),
                          functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
             columns = _columns(self.eval_dataset, "eval_dataset")
             self._resolve_problem_type(columns, "eval_dataset")
             evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
-            seen = set()
-            for i, lengths in enumerate(evaluation.batch_lengths(0)):
-                if tuple(np.atleast_1d(lengths).tolist()) not in seen:
-                    seen.add(tuple(np.atleast_1d(lengths).tolist()))
-                    placed = self._place(next(evaluation.batches(0, start=i)))
-                    jobs.append((("eval", signature(placed)),
-                                 functools.partial(self._eval_step.lower, self._graphdef, (state[0], state[2]),
-                                                   abstract(placed))))
+            for batch in first_batch_of_each_shape(evaluation, 0, evaluation.num_batches):
+                placed = self._place(batch)
+                jobs.append((("eval", signature(placed)), functools.partial(
+                    self._eval_step.lower, self._graphdef, (state[0], state[2]), abstract(placed))))
         return Precompiler(jobs) if jobs else None
 
     def _resolve_problem_type(self, cols: dict, name: str) -> None:
