@@ -15,9 +15,9 @@ key comes from :func:`fold_key`, two multiply-adds per word. Both are element-wi
 arithmetic, so XLA fuses a mask into the ops that use it and compiles no random-bits loop. With
 ``jax.random.bernoulli`` and ``fold_in`` (threefry, which XLA:CPU compiles as a loop per call) the
 MiniLM fine-tune's masks took 30 ms of each step, and dropout doubled its compile time (see
-benchmarks/README.md). The masks are statistically what
-``torch.nn.Dropout``'s are (tested: rate, independence across elements, sites and steps), though
-not the same bits, as no two frameworks' random streams are.
+benchmarks/README.md). The masks are statistically what ``torch.nn.Dropout``'s are (tested: rate,
+independence across elements, sites and steps), though not the same bits, as no two frameworks'
+random streams are.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def fold_key(key: jax.Array, data) -> jax.Array:
     Each word goes through ``w * m + c`` (chained, so every word depends on the ones before), with
     ``c`` a hash of ``data``: computed in NumPy when ``data`` is static (a layer's path, a split
     index), so a fold costs two multiply-adds in the compiled step, and equal to the traced
-    computation (a scanned layer index), so scanned and unrolled layers draw the same masks. The mixing that makes masks
-    look independent happens in :func:`keep_mask`, whose hash takes the final words. Cheap folds
-    matter: XLA copies a key's whole derivation into every fusion that uses its mask.
+    computation (a scanned layer index), so scanned and unrolled layers draw the same masks. The
+    mixing that makes masks look independent happens in :func:`keep_mask`, whose hash takes the
+    final words. Cheap folds matter: XLA copies a key's whole derivation into every fusion that
+    uses its mask.
     """
     words, impl = _key_words(key)
     n = words.shape[-1]
