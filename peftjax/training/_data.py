@@ -598,8 +598,7 @@ class Batcher:
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """The batches of ``epoch`` from batch index ``start`` on (``start`` resumes mid-epoch)."""
         order = self.order(epoch)
-        if not isinstance(start, (int, np.integer)) or not 0 <= start <= self.num_batches:
-            raise ValueError(f"start must be in [0, {self.num_batches}], got {start!r}")
+        self._check_start(start)
         return self._iterate(order, int(start))
 
     def _iterate(self, order: np.ndarray, start: int) -> Iterator[dict[str, np.ndarray]]:
@@ -611,12 +610,15 @@ class Batcher:
         ``[batches]``, or with target columns ``[batches, 1 + targets]`` (inputs first, then each
         target column in order)."""
         order = self.order(epoch)
-        if not isinstance(start, (int, np.integer)) or not 0 <= start <= self.num_batches:
-            raise ValueError(f"start must be in [0, {self.num_batches}], got {start!r}")
+        self._check_start(start)
         columns = [self._lengths, *self._target_lengths.values()]
         out = np.array([[self._length_for(int(m)) for m in self._batch_maxima(lengths, order)[start:]]
                         for lengths in columns], dtype=np.int64).T
         return out[:, 0] if not self._targets else out
+
+    def _check_start(self, start) -> None:
+        if not isinstance(start, (int, np.integer)) or not 0 <= start <= self.num_batches:
+            raise ValueError(f"start must be in [0, {self.num_batches}], got {start!r}")
 
     def _batch_maxima(self, lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Each batch's longest row under ``order``."""

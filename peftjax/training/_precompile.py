@@ -44,7 +44,7 @@ def first_batch_of_each_shape(batcher, start: int, stop: int) -> list[dict]:
 
 
 class Precompiler:
-    """Compiles ``(key, lower)`` jobs one by one on a daemon thread; :meth:`wait` blocks until a
+    """Compiles ``(key, lower)`` jobs one by one on a worker thread; :meth:`wait` blocks until a
     key's job is done (a job that fails is left to the caller's own call, which raises)."""
 
     def __init__(self, jobs: Iterable[tuple[Hashable, Callable[[], Any]]]):
