@@ -6,6 +6,9 @@ JAX config: implicit rank promotion raises (``jax_numpy_rank_promotion="raise"``
 reshape), in the tests' references as in the code they test, so that an accidental broadcast
 (a ``[seq]`` vector meeting a ``[batch, seq, out]`` array) fails instead of computing garbage.
 
+Compilation: XLA:CPU generates code at LLVM -O0 (``SUITE_XLA_FLAGS``), because the suite spends
+more time compiling than running; the main job's run is the exception (``test_cli``).
+
 peftjax itself broadcasts explicitly (``peftjax.nn._broadcast.along_last``), so every test runs
 hardened.
 
@@ -31,6 +34,15 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compiles far more than it runs: XLA's CPU backend generates code with LLVM at -O0 and
+# without its expensive passes (the same HLO programs, the same float semantics; slower machine
+# code). Measured on tests/test_lora_peft.py alone: 82 s -> 64 s (-O0) -> 59 s (both). Subprocesses
+# inherit it, except the main job's run, which executes more than it compiles and runs with the
+# flags a user has (``PEFTJAX_SHIPPED_XLA_FLAGS``).
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ.setdefault("PEFTJAX_SHIPPED_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
