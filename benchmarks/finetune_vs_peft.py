@@ -25,9 +25,11 @@ resident memory (``ru_maxrss``) is one run's alone and a noisy neighbour hurts b
   ...))``, ``transformers.Trainer`` with its default collator (``DataCollatorWithPadding``) and
   optimizer (``adamw_torch_fused``), ``report_to="none"``; ``torch.set_num_threads(os.cpu_count())``.
 
-Differences the two allow no closer: torch pads each batch to its longest row, peftjax pads to a
-bucket length (so XLA compiles a few shapes, not one per batch) and fills the last batch up to 16
-rows with weight-0 rows; peftjax's classifier head starts from a fixed initialisation while
+Differences the two allow no closer: torch pads each batch to its longest row; peftjax's Trainer
+packs each batch's 16 reviews end to end into shared rows (its default for a classifier that
+takes packed rows, as its BERT does: each review attends only to itself), with row counts from a
+few fitted shapes (so XLA compiles a few shapes, not one per batch), and fills the last batch up
+to 16 sequences with weight-0 ones; peftjax's classifier head starts from a fixed initialisation while
 transformers draws it from the seed (LoRA's initialisation, the data order and dropout follow the
 seed on both sides); torch's RNG streams are not JAX's, so the two runs see different orders and
 masks for the same seed: accuracy is compared over seeds, not per seed.
@@ -51,6 +53,7 @@ T_START = time.perf_counter()
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -183,8 +186,8 @@ def run_peftjax(args, output_dir: str, t_start: float = T_START, options: dict |
 
     # after the timed run: the tokens the step saw, from the same deterministic batches (the
     # order depends only on (seed, epoch); TrainingArguments.seed seeds it)
-    batcher = Batcher(train, HP["train_batch"], pad_token_id=trainer.pad_token_id,
-                                       seed=args.seed)
+    batcher = Batcher(train, HP["train_batch"], pad_token_id=trainer.pad_token_id, seed=args.seed,
+                      packing=trainer.packs())
     real = padded = steps = 0
     epoch = 0
     while steps < result.global_step:
@@ -204,7 +207,8 @@ def run_peftjax(args, output_dir: str, t_start: float = T_START, options: dict |
         "steps": result.global_step,
         "real_tokens": real,
         "padded_tokens": padded,
-        "shapes": sorted({b["input_ids"].shape[1] for b in batcher.batches(0)}),
+        "shapes": sorted({b["input_ids"].shape for e in range(math.ceil(args.epochs))
+                          for b in batcher.batches(e)}),
         "compiles": compiles["count"],
         "compile_s": compiles["seconds"],
         "train_compiles": train_compiles["count"],
@@ -401,7 +405,7 @@ def main(argv=None) -> None:
         r0 = results[f][0]
         accs = ", ".join(f"{r['accuracy']:.4f}" for r in results[f])
         extra = (f"XLA compilations {r0['compiles']} ({r0['compile_s']:.1f} s), in train() {r0['train_compiles']} "
-                 f"({r0['train_compile_s']:.1f} s); bucket lengths {r0['shapes']}" if CONFIGS[f][0] == "peftjax"
+                 f"({r0['train_compile_s']:.1f} s); batch shapes {r0['shapes']}" if CONFIGS[f][0] == "peftjax"
                  else f"torch threads {r0['torch_threads']}, attention {r0['attn_implementation']}")
         print(f"{f}: accuracy per seed {accs}; {r0['steps']} steps, {r0['real_tokens']} real / {r0['padded_tokens']} "
               f"padded train tokens; trainable {r0['trainable_params']:,d} of {r0['all_params']:,d}; {extra}")

@@ -88,6 +88,61 @@ def test_classification_logits_and_loss_match_torch(tiny, classifier, jit):
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
+def test_packed_rows_give_each_sequence_its_own_logits(tiny, classifier, jit):
+    """Packed rows (``Batcher(packing=True)``: several sequences a row, ``segment_ids``,
+    ``segment_starts``) give each sequence the logits and loss transformers gives it in an
+    ordinary padded batch, with token types; the gradients equal the unpacked batch's."""
+    from peftjax.training import Batcher
+
+    torch_model, _ = tiny
+    rng = np.random.default_rng(4)
+    lengths = [9, 3, 14, 5, 7, 2, 11]
+    ids = [rng.integers(1, TINY["vocab_size"], n).tolist() for n in lengths]
+    types = [[0] * (n // 2) + [1] * (n - n // 2) for n in lengths]
+    labels = rng.integers(0, 3, len(ids))
+    cols = {"input_ids": ids, "token_type_ids": types, "labels": labels}
+    (batch,) = Batcher(cols, 8, packing=True, shuffle=False).batches(0)
+    assert batch["input_ids"].shape[0] < len(ids)  # several sequences share a row
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "segment_starts")}
+    out = _forward(classifier, jit, **inputs)
+    real = batch["sample_weight"] > 0
+    (padded,) = Batcher(cols, 8, buckets=None, shuffle=False).batches(0)
+    plain = {k: padded[k][real] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    ref = _torch(torch_model, **plain, labels=labels)
+    np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy(), atol=1e-5, rtol=0)
+    if not jit:
+        return
+    # the same loss and gradients as the padded batch (the filler sequence excluded by slicing)
+    graphdef, params = nnx.split(classifier)
+
+    def loss(p, feed, n):
+        logits = nnx.merge(graphdef, p)(**feed).logits[:n]
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(n), labels])
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    value, grads = grad(params, inputs, len(ids))
+    ref_value, ref_grads = grad(params, plain, len(ids))
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(torch.nn.functional.cross_entropy(ref.logits, torch.tensor(labels))),
+                               rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-6)
+    with pytest.raises(ValueError, match="segment_ids .* with prefix_kv is not supported"):
+        a = classifier.bert.encoder.layer[0].attention.self
+        prefix = [(jnp.zeros((1, 2, a.num_heads, a.head_dim)),) * 2] * len(classifier.bert.encoder.layer)
+        classifier(**inputs, prefix_kv=prefix)
+
+
+def test_segment_positions_restart_at_each_sequence():
+    from peftjax.models._attention import segment_mask, segment_positions
+
+    segments = np.array([[1, 1, 1, 2, 2, 0, 0], [3, 4, 4, 4, 4, 4, 5]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 0, 1, 2, 3, 4, 0]]
+    mask = np.asarray(segment_mask(segments))[:, 0]
+    assert mask[0, 3].tolist() == [False, False, False, True, True, False, False]
+    assert not mask[0, :, 5:].any()  # padding is no one's key
+
+
 def test_state_is_params_named_as_torch(tiny, classifier):
     torch_model, _ = tiny
     assert len(jax.tree.leaves(nnx.state(classifier))) == len(jax.tree.leaves(nnx.state(classifier, nnx.Param)))

@@ -392,6 +392,95 @@ def test_auto_buckets_are_fitted_to_the_batches():
     assert Batcher({k: v[:4] for k, v in pairs.items()}, 2, target_columns=("labels",)).buckets == (40,)
 
 
+def test_packed_batches_hold_each_sequence_once_in_its_own_segment():
+    """``packing=True``: every sequence of the batch, whole, at ``segment_starts``, under its own
+    segment id; the per-token columns laid out alike; per-row columns in batch order; filler
+    sequences weight 0; the shapes ``batch_shapes`` announces; the same batches on every call."""
+    cols = _rows(n=53, max_len=30)
+    packed = Batcher(cols, 8, packing=True, seed=3)
+    assert packed.buckets is None and packed.pack_length % 8 == 0 and packed.pack_length >= 30
+    seen = []
+    for epoch in (0, 1):
+        batches = list(packed.batches(epoch))
+        assert [b["input_ids"].shape for b in batches] == packed.batch_shapes(epoch)
+        assert {b["input_ids"].shape[0] for b in batches} <= set(packed.row_buckets)
+        for index, batch in zip(np.split(packed.order(epoch), range(8, 53, 8)), batches):
+            flat = {k: batch[k].reshape(-1) for k in ("input_ids", "token_type_ids", "attention_mask", "segment_ids")}
+            assert batch["labels"].tolist()[:len(index)] == index.tolist()
+            assert batch["sample_weight"].tolist() == [1.0] * len(index) + [0.0] * (8 - len(index))
+            covered = 0
+            for k, row in enumerate(index):
+                start, n = batch["segment_starts"][k], len(cols["input_ids"][row])
+                assert start // packed.pack_length == (start + n - 1) // packed.pack_length  # never split
+                assert flat["input_ids"][start:start + n].tolist() == cols["input_ids"][row]
+                assert flat["token_type_ids"][start:start + n].tolist() == cols["token_type_ids"][row]
+                assert (flat["segment_ids"] == k + 1).sum() == n and (flat["segment_ids"][start:start + n] == k + 1).all()
+                covered += n
+            assert flat["attention_mask"].sum() == (flat["segment_ids"] > 0).sum() == covered
+            assert (flat["input_ids"][flat["segment_ids"] == 0] == 0).all()  # padding
+            seen += index.tolist()
+        _assert_batches_equal(batches, list(packed.batches(epoch)))
+        _assert_batches_equal(batches[2:], list(packed.batches(epoch, start=2)))
+    assert sorted(seen) == sorted(list(range(53)) * 2)
+    assert packed.batch_lengths(0).tolist() == [packed.pack_length] * packed.num_batches
+
+
+def test_packing_pads_least_among_its_candidate_lengths():
+    """The fitted pack length pads fewer tokens over the simulated epochs than any other candidate
+    (each with its own fitted row counts, counted here by building the batches), and far fewer
+    than padding each batch to its longest on short texts."""
+    from peftjax.training import _shapes
+
+    cols = _rows(n=300, max_len=43, seed=5)
+    cols["input_ids"] = [r[: 4 + i % 13] if i % 10 else r for i, r in enumerate(cols["input_ids"])]  # mostly short
+    cols["token_type_ids"] = [[0] * len(r) for r in cols["input_ids"]]
+    packed = Batcher(cols, 16, packing=True)
+    epochs = 8  # 19 batches an epoch: the fit looks at min(8, ceil(256 / 19)) epochs
+    tokens = lambda b: sum(x["input_ids"].size for e in range(epochs) for x in b.batches(e))  # noqa: E731
+    batches = [np.array([len(cols["input_ids"][i]) for i in index]) for e in range(epochs)
+               for index in np.split(packed.order(e), range(16, 300, 16))]
+    longest = max(len(r) for r in cols["input_ids"])
+    saving = max(0.03, 4 / packed.num_batches)
+    for length in {_shapes.round_up(int(np.ceil(48 * f)), 8) for f in _shapes.PACK_LENGTH_FACTORS}:
+        rows = [_shapes.first_fit(b, length)[1] for b in batches]
+        buckets = _shapes.best_buckets(np.array(rows), max(rows), 1, saving, 4)
+        other = length * sum(buckets[int(np.searchsorted(buckets, r))] for r in rows)
+        assert tokens(packed) <= other, (length, packed.pack_length)
+    assert longest <= packed.pack_length
+    # later epochs than the fit simulated: a batch needing more rows than fitted gets batch_size rows
+    assert {rows for e in range(epochs, 3 * epochs) for rows, _ in packed.batch_shapes(e)} <= {*packed.row_buckets, 16}
+    real = sum(len(r) for r in cols["input_ids"]) * epochs
+    assert tokens(packed) < 0.8 * tokens(Batcher(cols, 16, buckets=None)) and tokens(packed) < 1.35 * real
+
+
+def test_first_fit_places_longest_first_without_overlap():
+    from peftjax.training._shapes import first_fit
+
+    lengths = np.array([3, 9, 4, 9, 2, 6])
+    place, rows = first_fit(lengths, 10)
+    assert rows == 4  # 9+ | 9+ | 6+4 | 3+2 (an optimal packing here)
+    cells = np.zeros((rows, 10), int)
+    for (r, c), n in zip(place, lengths):
+        cells[r, c:c + n] += 1
+    assert cells.max() == 1 and cells.sum() == lengths.sum()
+    assert place[1].tolist() == [0, 0] and place[3].tolist() == [1, 0]  # equal lengths keep their order
+
+
+def test_packing_refuses_what_it_cannot_lay_out():
+    cols = _rows(n=10)
+    for kwargs, match in [({"buckets": (32, 64)}, r"buckets=\(32, 64\)"),
+                          ({"padding_side": "left"}, "padding_side='left'"),
+                          ({"buckets": None}, "buckets=None")]:
+        with pytest.raises(ValueError, match=r"Batcher\(packing=True\) does not support " + match):
+            Batcher(cols, 4, packing=True, **kwargs)
+    with pytest.raises(ValueError, match="per-token labels"):
+        Batcher({"input_ids": [[1, 2]], "labels": [[1, 2]]}, 4, packing=True)
+    with pytest.raises(ValueError, match="target_columns=\\['labels'\\]"):
+        Batcher({"input_ids": [[1, 2]], "labels": [[1, 2, 3]]}, 4, packing=True, target_columns=("labels",))
+    with pytest.raises(ValueError, match="row 1 is empty"):
+        Batcher({"input_ids": [[1, 2], []], "labels": [0, 1]}, 4, packing=True)
+
+
 def test_bad_input_fails_early():
     cols = _rows(n=10)
     cols["input_ids"][3] = list(range(70))

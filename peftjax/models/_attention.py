@@ -63,6 +63,27 @@ def attention_mask_4d(
     return mask[:, None, :, :]
 
 
+def segment_mask(segment_ids: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """The boolean ``[batch, 1, seq, seq]`` mask of packed rows: a token sees the keys of its own
+    segment only. ``segment_ids``: ``[batch, seq]``, a positive id per packed sequence, 0 on
+    padding (which no query sees); ``key_mask`` (``[batch, seq]``) removes further keys."""
+    segment_ids = jnp.asarray(segment_ids)
+    valid = segment_ids > 0
+    if key_mask is not None:
+        valid = valid & jnp.asarray(key_mask).astype(bool)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & valid[:, None, :])[:, None]
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """``[batch, seq]`` positions that restart at 0 where each segment of a packed row begins (a
+    run of equal ``segment_ids``), as each sequence's own positions would be unpacked."""
+    segment_ids = jnp.asarray(segment_ids)
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return index - jax.lax.cummax(jnp.where(begins, index, 0), axis=1)
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,

@@ -180,8 +180,9 @@ class BertPooler(nnx.Module):
         h = config.hidden_size
         self.dense = nnx.Linear(h, h, **_linear_kw(config, dtype, param_dtype, rngs))
 
-    def __call__(self, hidden_states):
-        return jnp.tanh(self.dense(hidden_states[:, 0]))
+    def __call__(self, first_tokens):
+        """``[n, hidden]``: each sequence's first (``[CLS]``) token."""
+        return jnp.tanh(self.dense(first_tokens))
 
 
 class BertModel(PreTrainedModel):
@@ -247,18 +248,25 @@ class BertModel(PreTrainedModel):
         inputs_embeds=None,
         dropout_rng=None,
         prefix_kv=None,
+        segment_ids=None,
+        segment_starts=None,
     ) -> ModelOutput:
         """Encodes a batch.
 
         Args:
           input_ids: ``[batch, seq]`` token ids (or pass ``inputs_embeds``).
           attention_mask: ``[batch, seq]``, 1 for real tokens and 0 for padding (default: all 1).
-          token_type_ids: ``[batch, seq]`` segment ids (default: all 0).
-          position_ids: ``[batch, seq]`` (default: ``0 .. seq-1``, or ``V .. V+seq-1`` after a prefix).
+          token_type_ids: ``[batch, seq]`` token types, sentence A or B (default: all 0).
+          position_ids: ``[batch, seq]`` (default: ``0 .. seq-1``, or ``V .. V+seq-1`` after a
+            prefix, or with ``segment_ids`` restarting at each packed sequence).
           inputs_embeds: ``[batch, seq, hidden]`` word embeddings in place of ``input_ids``.
           dropout_rng: a ``jax.random`` key to apply dropout (training); ``None``: no dropout.
           prefix_kv: per-layer ``(key, value)`` prefixes ``[batch, V, heads, head_dim]``, seen by
             every token (the prefix attention protocol of ``peftjax.models._attention``).
+          segment_ids: ``[batch, seq]`` packed rows (``Batcher(packing=True)``): a positive id per
+            sequence, 0 on padding; each token attends within its own sequence only.
+          segment_starts: ``[n]`` flat index (``row * seq + column``) of each packed sequence's
+            first token: ``pooler_output`` is then per sequence, ``[n, hidden]``.
 
         Returns:
           ``ModelOutput`` with ``last_hidden_state`` and ``pooler_output`` (``None`` without a pooler).
@@ -276,6 +284,10 @@ class BertModel(PreTrainedModel):
                 prefix_kv, num_layers=len(self.encoder.layer), kv_heads=a.num_heads, head_dim=a.head_dim, batch=b,
                 owner=type(self).__name__,
             )
+        if segment_ids is not None and prefix_kv is not None:
+            raise ValueError(f"{type(self).__name__}: segment_ids (packed rows) with prefix_kv is not supported")
+        if position_ids is None and segment_ids is not None:
+            position_ids = attn.segment_positions(segment_ids)
         if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
             if n_prefix + s > self.config.max_position_embeddings:
                 after = f" after a prefix of {n_prefix}" if n_prefix else ""
@@ -287,12 +299,16 @@ class BertModel(PreTrainedModel):
             token_type_ids = jnp.zeros((b, s), jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
-        key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
-        mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
+        if segment_ids is not None:
+            mask = attn.segment_mask(segment_ids, attention_mask)
+        else:
+            key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
+            mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
         emb_rng, enc_rng = split_keys(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
         h = self.encoder(x, mask, enc_rng, prefix_kv)
-        pooled = None if self.pooler is None else self.pooler(h)
+        first = h[:, 0] if segment_starts is None else h.reshape(b * s, -1)[jnp.asarray(segment_starts)]
+        pooled = None if self.pooler is None else self.pooler(first)
         return ModelOutput(last_hidden_state=h, pooler_output=pooled)
 
 
@@ -322,13 +338,17 @@ class BertForSequenceClassification(PreTrainedModel):
         labels=None,
         dropout_rng=None,
         prefix_kv=None,
+        segment_ids=None,
+        segment_starts=None,
     ) -> ModelOutput:
         """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss.
 
-        ``prefix_kv``: as for :class:`BertModel`.
+        ``prefix_kv``, ``segment_ids`` and ``segment_starts``: as for :class:`BertModel`; packed
+        rows with ``segment_starts`` give one row of logits per sequence (``labels`` likewise).
         """
         bert_rng, head_rng = split_keys(dropout_rng, 2)
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv)
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv,
+                        segment_ids, segment_starts)
         logits = self.classifier(dropout(out.pooler_output, self.dropout_rate, head_rng))
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(

@@ -50,6 +50,11 @@ class TrainingArguments:
         for its shapes, on a background thread while training runs (each shape still compiles
         once; ``False`` compiles each on its first use, as a plain ``jax.jit`` loop does, and
         holds no second compilation's memory).
+      packing: lay the sequences of each batch end to end in shared rows
+        (``Batcher(packing=True)``) instead of padding each to the batch's longest, for the
+        same loss per sequence with fewer tokens computed. ``None`` (the default): wherever the
+        run allows it (:meth:`Trainer.packs`: a classifier that takes packed rows, as peftjax's
+        BERT does); ``True``: required (an error where it cannot be done); ``False``: never.
       resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
     """
 
@@ -80,6 +85,7 @@ class TrainingArguments:
     disable_tqdm: bool = False
     plot: bool = True
     compile_ahead: bool = True
+    packing: bool | None = None
     resume_from_checkpoint: str | bool | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +103,8 @@ class TrainingArguments:
             raise ValueError(f"report_to must be 'auto', 'tensorboard' or 'none', got {self.report_to!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if self.packing not in (None, True, False):
+            raise ValueError(f"packing must be None, True or False, got {self.packing!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from peftjax.training._shapes import best_buckets, first_fit, fit_packing, round_up
+
 IGNORE_INDEX = -100
 # "auto" buckets: multiples of AUTO_MULTIPLE fitted to the lengths of the batches the data makes
 # (see Batcher): at most AUTO_MAX_BUCKETS, one more only where it saves AUTO_MIN_SAVING of the
@@ -488,6 +490,19 @@ class Batcher:
     row (classification labels, regression targets, fixed-length multi-label vectors) and are
     stacked untouched. Without an ``attention_mask`` column one is made (1 on every real token).
 
+    ``packing=True`` lays each batch's sequences end to end into rows of ``pack_length`` tokens
+    (longest first, each into the first row with room; a sequence is never split), so short texts
+    are not padded to the longest of their batch. Every per-token column is then ``[rows,
+    pack_length]``, beside ``segment_ids`` (``k + 1`` on the tokens of the batch's k-th sequence, 0
+    on padding) and ``segment_starts`` (``[batch_size]``: the flat index ``row * pack_length +
+    column`` of each sequence's first token, 0 for filler sequences); per-row columns and
+    ``sample_weight`` stay ``[batch_size]``. ``pack_length`` and the row counts (``row_buckets``)
+    are fitted as the ``"auto"`` buckets are, over the same simulated batches: among lengths of
+    1 to 2 times the longest sequence, the one that pads least (a later batch that needs more
+    rows than the fitted counts gets ``batch_size`` rows, which always suffice). A model that takes
+    ``segment_ids`` (peftjax's BERT) attends within each sequence only and restarts its positions
+    at each one, so its per-sequence outputs are those of the unpacked batch.
+
     ``target_columns`` are token lists of their own length: the decoder side of an
     encoder-decoder (``labels`` from :func:`tokenize_seq2seq`). Each batch pads them to the
     smallest bucket that holds their longest row in the batch, independently of ``input_ids``
@@ -518,6 +533,8 @@ class Batcher:
         of this.
       padding_side: ``"right"``, or ``"left"`` for generation prompts.
       target_columns: columns of token lists padded on their own (see above).
+      packing: pack each batch's sequences into shared rows (see above); needs the default
+        ``buckets``, right padding, no target columns and no per-token ``labels``.
 
     Raises:
       ValueError: a row longer than the largest bucket (named by index and length), per-token
@@ -539,6 +556,7 @@ class Batcher:
         pad_to_multiple_of: int | None = None,
         padding_side: str = "right",
         target_columns: Sequence[str] = (),
+        packing: bool = False,
     ):
         _check_positive("batch_size", batch_size)
         if padding_side not in ("right", "left"):
@@ -553,7 +571,7 @@ class Batcher:
         if buckets is not None and not auto:
             if not buckets or any(not isinstance(b, (int, np.integer)) or b <= 0 for b in buckets):
                 raise ValueError(f"buckets must be positive ints, got {buckets!r}")
-            buckets = tuple(sorted({_round_up(int(b), pad_to_multiple_of) for b in buckets}))
+            buckets = tuple(sorted({round_up(int(b), pad_to_multiple_of) for b in buckets}))
         self.batch_size = batch_size
         self.buckets = buckets
         self.pad_token_id = int(pad_token_id)
@@ -571,6 +589,15 @@ class Batcher:
             raise ValueError(f"target columns {bad} do not have input_ids' {self.num_rows} rows")
         self._lengths = np.diff(self._tokens["input_ids"][1])
         self._target_lengths = {k: np.diff(v[1]) for k, v in self._targets.items()}
+        self.packing = bool(packing)
+        self.pack_length: int | None = None
+        self.row_buckets: tuple[int, ...] | None = None
+        if self.packing:
+            self._check_packable(buckets, target_columns)
+            self.buckets = None
+            if self.num_rows:
+                self.pack_length, self.row_buckets = self._fit_packing(pad_to_multiple_of or AUTO_MULTIPLE)
+            return
         if auto:  # targets take their own bucket from the same set: it is fitted to both
             self.buckets = buckets = self._fit_buckets(pad_to_multiple_of or AUTO_MULTIPLE) if self.num_rows else None
         if buckets is not None and self.num_rows:
@@ -616,6 +643,50 @@ class Batcher:
                         for lengths in columns], dtype=np.int64).T
         return out[:, 0] if not self._targets else out
 
+    def batch_shapes(self, epoch: int, start: int = 0) -> list[tuple[int, ...]]:
+        """Each batch's shape key from ``start`` on, without building the batches: equal keys,
+        equal array shapes (one compiled step). Packed: ``(rows, pack_length)``; otherwise the
+        padded length, then each target column's."""
+        if not self.packing:
+            lengths = self.batch_lengths(epoch, start)
+            return [tuple(np.atleast_1d(x).tolist()) for x in lengths]
+        order = self.order(epoch)
+        self._check_start(start)
+        return [(self._rows_for(first_fit(self._lengths[index], self.pack_length)[1]), self.pack_length)
+                for index in self._batch_indices(order)[start:]]
+
+    def _batch_indices(self, order: np.ndarray) -> list[np.ndarray]:
+        return [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(self.num_batches)]
+
+    def _check_packable(self, buckets, target_columns) -> None:
+        problems = []
+        if buckets != "auto":
+            problems.append(f"buckets={buckets!r} (packing fits its own pack length and row counts)")
+        if self.padding_side != "right":
+            problems.append(f"padding_side={self.padding_side!r}")
+        if target_columns:
+            problems.append(f"target_columns={list(target_columns)!r}")
+        if "labels" in self._tokens:
+            problems.append("per-token labels (a next-token loss would run across packed sequences)")
+        if problems:
+            raise ValueError(f"Batcher(packing=True) does not support {'; '.join(problems)}")
+        empty = np.flatnonzero(self._lengths == 0)
+        if empty.size:
+            raise ValueError(f"Batcher(packing=True) needs every row to have a token; row {empty[0]} is empty")
+
+    def _fit_packing(self, multiple: int) -> tuple[int, tuple[int, ...]]:
+        """``pack_length`` and ``row_buckets`` (see the class docstring)."""
+        epochs = 1 if not self.shuffle else max(1, min(AUTO_EPOCHS, -(-AUTO_BATCHES // max(self.num_batches, 1))))
+        batches = [self._lengths[index] for e in range(epochs) for index in self._batch_indices(self.order(e))]
+        saving = max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
+        return fit_packing(batches, int(self._lengths.max()), multiple, saving, AUTO_MAX_BUCKETS)
+
+    def _rows_for(self, rows: int) -> int:
+        """The smallest fitted row count that holds ``rows``; beyond them (a batch of a later epoch
+        than the fit simulated), ``batch_size``: a sequence a row always fits."""
+        at = int(np.searchsorted(self.row_buckets, rows))
+        return self.row_buckets[at] if at < len(self.row_buckets) else self.batch_size
+
     def _check_start(self, start) -> None:
         if not isinstance(start, (int, np.integer)) or not 0 <= start <= self.num_batches:
             raise ValueError(f"start must be in [0, {self.num_batches}], got {start!r}")
@@ -634,14 +705,18 @@ class Batcher:
                                  for lengths in (self._lengths, *self._target_lengths.values())])
         longest = max(int(lengths.max()) for lengths in (self._lengths, *self._target_lengths.values()))
         saving = max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
-        return _best_buckets(maxima, _round_up(max(longest, 1), multiple), multiple, saving)
+        return best_buckets(maxima, round_up(max(longest, 1), multiple), multiple, saving, AUTO_MAX_BUCKETS)
 
     def _length_for(self, longest: int) -> int:
+        if self.packing:
+            return self.pack_length
         if self.buckets is None:
-            return _round_up(max(longest, 1), self.pad_to_multiple_of)
+            return round_up(max(longest, 1), self.pad_to_multiple_of)
         return self.buckets[int(np.searchsorted(self.buckets, longest))]
 
     def _batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        if self.packing:
+            return self._packed_batch(index)
         n, size = len(index), self.batch_size
         length = self._length_for(int(self._lengths[index].max(initial=0)))
         left = self.padding_side == "left"
@@ -663,6 +738,34 @@ class Batcher:
                 tokens = values[offsets[row] : offsets[row + 1]]
                 out[i, : len(tokens)] = tokens
             batch[name] = out
+        for name, values in self._rows.items():
+            out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
+            out[:n] = values[index]
+            batch[name] = out
+        weight = np.zeros((size,), np.float32)
+        weight[:n] = 1.0
+        batch["sample_weight"] = weight
+        return batch
+
+
+    def _packed_batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        n, size, length = len(index), self.batch_size, self.pack_length
+        place, used = first_fit(self._lengths[index], length)
+        rows = self._rows_for(used)
+        spans = [(r, c, self._lengths[row]) for (r, c), row in zip(place.tolist(), index)]
+        batch = {}
+        for name, (values, offsets) in self._tokens.items():
+            pad = self.pad_token_id if name == "input_ids" else _TOKEN_PAD.get(name, 0)
+            out = np.full((rows, length), pad, dtype=values.dtype)
+            for (r, c, k), row in zip(spans, index):
+                out[r, c : c + k] = values[offsets[row] : offsets[row + 1]]
+            batch[name] = out
+        segments = np.zeros((rows, length), np.int32)
+        starts = np.zeros((size,), np.int32)
+        for i, (r, c, k) in enumerate(spans):
+            segments[r, c : c + k] = i + 1
+            starts[i] = r * length + c
+        batch["segment_ids"], batch["segment_starts"] = segments, starts
         for name, values in self._rows.items():
             out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
             out[:n] = values[index]
@@ -698,40 +801,6 @@ def _target_columns(columns: dict[str, Any], names: Sequence[str]) -> dict[str, 
                              "labels), not one value per row")
         out[name] = columns.pop(name)
     return out
-
-
-def _best_buckets(maxima: np.ndarray, top: int, multiple: int, saving: float) -> tuple[int, ...]:
-    """Multiples of ``multiple`` up to ``top`` (always in) minimising ``sum(bucket(m))`` over the
-    batch maxima ``maxima`` (a batch of maximum m is padded to the smallest bucket >= m), with at
-    most ``AUTO_MAX_BUCKETS``, a bucket more only while it lowers that sum by ``saving`` of the
-    best sum. Dynamic programming over the lengths the maxima round up to."""
-    rounded = np.array([_round_up(max(int(m), 1), multiple) for m in maxima] + [top])
-    lengths, counts = np.unique(rounded, return_counts=True)
-    counts[-1] -= 1  # the top itself was added only to make it a candidate
-    n = len(lengths)
-    served = np.concatenate([[0], np.cumsum(counts)])  # batches whose rounded max is < lengths[j]: served[j]
-    # cost[k][j]: least padded length sum over batches of rounded max <= lengths[j], with k buckets, the last lengths[j]
-    cost = [np.full(n, np.inf) for _ in range(AUTO_MAX_BUCKETS + 1)]
-    back = [np.zeros(n, np.int64) for _ in range(AUTO_MAX_BUCKETS + 1)]
-    cost[1] = lengths * served[1:].astype(float)
-    for k in range(2, AUTO_MAX_BUCKETS + 1):
-        for j in range(1, n):
-            options = cost[k - 1][:j] + lengths[j] * (served[j + 1] - served[1 : j + 1])
-            back[k][j] = int(np.argmin(options))
-            cost[k][j] = options[back[k][j]]
-    best = min(cost[k][-1] for k in range(1, AUTO_MAX_BUCKETS + 1))
-    k = 1
-    while k < AUTO_MAX_BUCKETS and cost[k][-1] - cost[k + 1][-1] >= saving * best:
-        k += 1
-    chosen, j = [], n - 1
-    for level in range(k, 0, -1):
-        chosen.append(int(lengths[j]))
-        j = back[level][j]
-    return tuple(sorted(chosen))
-
-
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if multiple is None else -(-n // multiple) * multiple
 
 
 def _raw_columns(data) -> dict[str, Any]:

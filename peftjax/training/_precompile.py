@@ -2,7 +2,7 @@
 
 Bucketed batches give a jitted step a few shapes; each compiles on its first call, and on a CPU
 host a compile takes about as long as ten small steps. The ``Trainer`` knows every batch it will
-draw (:meth:`Batcher.batch_lengths`), so it hands the shapes after the first to a
+draw (:meth:`Batcher.batch_shapes`), so it hands the shapes after the first to a
 :class:`Precompiler`: one thread lowers and compiles them in the order the run first needs them
 (JAX caches the executables, so the step's later calls find them), and the loop waits for a
 shape's compilation only if it arrives there first. Compilation mostly runs while the step's
@@ -12,6 +12,7 @@ element-wise kernels leave a core idle.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +31,7 @@ def signature(batch: dict) -> tuple:
 
 
 def first_batch_of_each_shape(batcher, start: int, stop: int) -> list[dict]:
-    """The first batch of each distinct padded length among ``batcher``'s batches ``start`` to
+    """The first batch of each distinct shape among ``batcher``'s batches ``start`` to
     ``stop`` (counted over epochs: ``start = epoch * num_batches + index``), in order of first use;
     at most the two epochs from ``start``'s are read."""
     firsts: dict[tuple, tuple[int, int]] = {}
@@ -38,30 +39,41 @@ def first_batch_of_each_shape(batcher, start: int, stop: int) -> list[dict]:
     for e in range(epoch, epoch + 2):
         first = position if e == epoch else 0
         left = max(stop - e * batcher.num_batches - first, 0)
-        for i, lengths in enumerate(batcher.batch_lengths(e, first)[:left]):
-            firsts.setdefault(tuple(np.atleast_1d(lengths).tolist()), (e, first + i))
+        for i, shape in enumerate(batcher.batch_shapes(e, first)[:left]):
+            firsts.setdefault(shape, (e, first + i))
     return [next(batcher.batches(e, start=i)) for e, i in firsts.values()]
 
 
 class Precompiler:
-    """Compiles ``(key, lower)`` jobs one by one on a worker thread; :meth:`wait` blocks until a
-    key's job is done (a job that fails is left to the caller's own call, which raises)."""
+    """Compiles ``(key, lower)`` jobs one by one on a worker thread, from :meth:`start` on (the
+    loop calls it once its first step has compiled, so that compilation, which the loop waits
+    for, has the cores to itself); :meth:`wait` blocks until a key's job is done (a job that
+    fails is left to the caller's own call, which raises)."""
 
     def __init__(self, jobs: Iterable[tuple[Hashable, Callable[[], Any]]]):
         self._futures: dict[Hashable, Future] = {}
+        self._started = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peftjax-precompile")
+        self._pool.submit(self._started.wait)
         for key, lower in jobs:
             if key not in self._futures:
                 self._futures[key] = self._pool.submit(_compile, lower)
 
+    def start(self) -> None:
+        """Lets the worker begin (idempotent)."""
+        self._started.set()
+
     def wait(self, key: Hashable) -> None:
-        """Returns once ``key``'s compilation (if one was scheduled) has finished."""
+        """Returns once ``key``'s compilation (if one was scheduled) has finished; starts the
+        worker if it had not been."""
         future = self._futures.pop(key, None)
         if future is not None:
+            self.start()
             future.result()
 
     def close(self) -> None:
         """Drops the jobs not started; one in progress finishes on its thread."""
+        self.start()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

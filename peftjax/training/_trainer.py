@@ -32,6 +32,8 @@ from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key, fold_key
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# what packed batches add (Batcher(packing=True)), passed to a model that takes them
+PACKED_INPUTS = ("segment_ids", "segment_starts")
 # what a run writes into output_dir (besides checkpoint-N/): cleaned by overwrite_output_dir
 RUN_FILES = ("metrics.jsonl", "training_curves.png", "runs", "adapter_config.json", "adapter_model.safetensors",
              "summary.json")
@@ -185,7 +187,7 @@ class Trainer:
             pad_token_id = getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id or 0)
         accepted = inspect.signature(type(model.base_model).__call__).parameters
-        self.model_inputs = tuple(k for k in MODEL_INPUTS if k in accepted)
+        self.model_inputs = tuple(k for k in MODEL_INPUTS + PACKED_INPUTS if k in accepted)
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
@@ -313,10 +315,39 @@ class Trainer:
         return jax.jit(eval_step, static_argnums=0, out_shardings=replicated(self.mesh))
 
     def _batcher(self, columns: dict, per_device: int, *, shuffle: bool) -> Batcher:
-        """Batches of ``columns``; an encoder-decoder's labels are padded to their own length."""
+        """Batches of ``columns``; an encoder-decoder's labels are padded to their own length;
+        packed where :meth:`packs`."""
         targets = ("labels",) if self.problem_type == SEQ2SEQ_LM else ()
         return Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
-                       seed=self.args.seed, target_columns=targets)
+                       seed=self.args.seed, target_columns=targets, packing=self.packs())
+
+    def packs(self) -> bool:
+        """Whether batches are packed (``TrainingArguments.packing``; by default wherever it can be).
+
+        Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT),
+        one label per sequence (classification or regression, not a language model), an adapter
+        that is not prompt learning (whose virtual tokens go before each row) and no mesh.
+
+        Raises:
+          ValueError: ``packing=True`` where it cannot be done, saying why.
+        """
+        why = self._no_packing()
+        if self.args.packing and why:
+            raise ValueError(f"TrainingArguments.packing=True: {why}")
+        return why is None if self.args.packing is None else bool(self.args.packing)
+
+    def _no_packing(self) -> str | None:
+        """Why this run cannot pack its batches, or ``None``."""
+        if not set(PACKED_INPUTS) <= set(self.model_inputs):
+            return f"{type(self.model.base_model).__name__} does not take {' and '.join(PACKED_INPUTS)}"
+        if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM):
+            return f"a {self.problem_type} model's labels are per token, not one per sequence"
+        config = self.model.peft_config.get(getattr(self.model, "active_adapter", None))
+        if getattr(config, "is_prompt_learning", False):
+            return f"{config.peft_type} puts its virtual tokens before each row"
+        if self.mesh is not None:
+            return "packed rows are not split over a mesh yet"
+        return None
 
     def _batch_size(self, per_device: int) -> int:
         """The global batch: ``per_device`` rows on each data-parallel device."""
@@ -403,6 +434,8 @@ class Trainer:
                     if self._precompiler is not None:
                         self._precompiler.wait(("train", signature(placed)))
                     trainable, opt_state, loss = step_fn(trainable, opt_state, rest, placed, key)
+                    if self._precompiler is not None:  # the first step has compiled: the rest may
+                        self._precompiler.start()
                     pending.append(loss)
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
                     micro += 1
