@@ -477,8 +477,27 @@ def test_packing_refuses_what_it_cannot_lay_out():
         Batcher({"input_ids": [[1, 2]], "labels": [[1, 2]]}, 4, packing=True)
     with pytest.raises(ValueError, match="target_columns=\\['labels'\\]"):
         Batcher({"input_ids": [[1, 2]], "labels": [[1, 2, 3]]}, 4, packing=True, target_columns=("labels",))
-    with pytest.raises(ValueError, match="row 1 is empty"):
+    with pytest.raises(ValueError, match="row 1 has none"):
         Batcher({"input_ids": [[1, 2], []], "labels": [0, 1]}, 4, packing=True)
+    with pytest.raises(ValueError, match=r"with attention_mask 1\); row 0 has none"):
+        Batcher({"input_ids": [[1, 2], [3]], "attention_mask": [[0, 0], [1]], "labels": [0, 1]}, 4, packing=True)
+
+
+def test_packing_drops_the_padding_rows_already_end_with():
+    """Rows tokenized with ``padding="max_length"`` are packed without their trailing padding: the
+    same batches as the unpadded rows, but inner zeros of the mask are kept."""
+    cols = _rows(n=30, max_len=20)
+    padded = {"input_ids": [r + [0] * (24 - len(r)) for r in cols["input_ids"]],
+              "token_type_ids": [t + [0] * (24 - len(t)) for t in cols["token_type_ids"]],
+              "attention_mask": [[1] * len(r) + [0] * (24 - len(r)) for r in cols["input_ids"]],
+              "labels": cols["labels"]}
+    _assert_batches_equal(list(Batcher(padded, 8, packing=True).batches(0)),
+                          list(Batcher(cols, 8, packing=True).batches(0)))
+    holes = {**padded, "attention_mask": [[1, 0] + m[2:] for m in padded["attention_mask"]]}
+    with_holes = Batcher(holes, 8, packing=True)
+    lengths = [len(cols["input_ids"][i]) for i in with_holes.order(0)[:8]]
+    # the hole at position 1 is kept inside a row; a row of 1-2 tokens ends at its first
+    assert (next(with_holes.batches(0))["segment_ids"] > 0).sum() == sum(n if n > 2 else 1 for n in lengths)
 
 
 def test_bad_input_fails_early():

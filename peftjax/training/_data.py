@@ -496,7 +496,9 @@ class Batcher:
     pack_length]``, beside ``segment_ids`` (``k + 1`` on the tokens of the batch's k-th sequence, 0
     on padding) and ``segment_starts`` (``[batch_size]``: the flat index ``row * pack_length +
     column`` of each sequence's first token, 0 for filler sequences); per-row columns and
-    ``sample_weight`` stay ``[batch_size]``. ``pack_length`` and the row counts (``row_buckets``)
+    ``sample_weight`` stay ``[batch_size]``. Padding a row already ends with (its last tokens
+    with ``attention_mask`` 0, as ``padding="max_length"`` tokenization leaves them) is dropped
+    first. ``pack_length`` and the row counts (``row_buckets``)
     are fitted as the ``"auto"`` buckets are, over the same simulated batches: among lengths of
     1 to 2 times the longest sequence, the one that pads least (a later batch that needs more
     rows than the fitted counts gets ``batch_size`` rows, which always suffice). A model that takes
@@ -593,6 +595,7 @@ class Batcher:
         self.pack_length: int | None = None
         self.row_buckets: tuple[int, ...] | None = None
         if self.packing:
+            self._lengths = self._unpadded_lengths(columns)
             self._check_packable(buckets, target_columns)
             self.buckets = None
             if self.num_rows:
@@ -672,7 +675,21 @@ class Batcher:
             raise ValueError(f"Batcher(packing=True) does not support {'; '.join(problems)}")
         empty = np.flatnonzero(self._lengths == 0)
         if empty.size:
-            raise ValueError(f"Batcher(packing=True) needs every row to have a token; row {empty[0]} is empty")
+            raise ValueError(f"Batcher(packing=True) needs every row to have a token (with attention_mask 1); "
+                             f"row {empty[0]} has none")
+
+    def _unpadded_lengths(self, columns: dict) -> np.ndarray:
+        """Each row's length without the padding it already ends with: up to its last token whose
+        ``attention_mask`` (if the data has one) is 1. Packing lays out only those tokens."""
+        lengths = np.diff(self._tokens["input_ids"][1])
+        if "attention_mask" not in columns:
+            return lengths
+        values, offsets = self._tokens["attention_mask"]
+        positions = np.arange(len(values)) - np.repeat(offsets[:-1], lengths)
+        last = np.full(self.num_rows, -1, np.int64)
+        real = np.flatnonzero(values != 0)
+        np.maximum.at(last, np.repeat(np.arange(self.num_rows), lengths)[real], positions[real])
+        return last + 1
 
     def _fit_packing(self, multiple: int) -> tuple[int, tuple[int, ...]]:
         """``pack_length`` and ``row_buckets`` (see the class docstring)."""
@@ -758,7 +775,7 @@ class Batcher:
             pad = self.pad_token_id if name == "input_ids" else _TOKEN_PAD.get(name, 0)
             out = np.full((rows, length), pad, dtype=values.dtype)
             for (r, c, k), row in zip(spans, index):
-                out[r, c : c + k] = values[offsets[row] : offsets[row + 1]]
+                out[r, c : c + k] = values[offsets[row] : offsets[row] + k]
             batch[name] = out
         segments = np.zeros((rows, length), np.int32)
         starts = np.zeros((size,), np.int32)
