@@ -7,9 +7,9 @@
         ...
 
 Everything here is host-side NumPy. Tokenization truncates but never pads; the :class:`Batcher` pads
-each batch to the smallest of a few bucket lengths and fills the last batch up to ``batch_size``
-with weight-0 rows, so a jitted step sees at most ``len(buckets)`` shapes and never recompiles per
-batch. Batch order depends only on ``(seed, epoch)``, so training resumes at ``(epoch, start)``
+each batch to the smallest of a few bucket lengths (or, with ``packing=True``, lays its sequences
+end to end in a few row counts of one length) and fills the last batch up to ``batch_size`` with
+weight-0 rows, so a jitted step sees a bounded number of shapes and never recompiles per batch. Batch order depends only on ``(seed, epoch)``, so training resumes at ``(epoch, start)``
 onto exactly the batches an uninterrupted run would have seen.
 """
 
@@ -734,7 +734,7 @@ class Batcher:
     def _batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
         if self.packing:
             return self._packed_batch(index)
-        n, size = len(index), self.batch_size
+        size = self.batch_size
         length = self._length_for(int(self._lengths[index].max(initial=0)))
         left = self.padding_side == "left"
         batch = {}
@@ -755,18 +755,10 @@ class Batcher:
                 tokens = values[offsets[row] : offsets[row + 1]]
                 out[i, : len(tokens)] = tokens
             batch[name] = out
-        for name, values in self._rows.items():
-            out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
-            out[:n] = values[index]
-            batch[name] = out
-        weight = np.zeros((size,), np.float32)
-        weight[:n] = 1.0
-        batch["sample_weight"] = weight
-        return batch
-
+        return self._with_row_columns(batch, index)
 
     def _packed_batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        n, size, length = len(index), self.batch_size, self.pack_length
+        size, length = self.batch_size, self.pack_length
         place, used = first_fit(self._lengths[index], length)
         rows = self._rows_for(used)
         spans = [(r, c, self._lengths[row]) for (r, c), row in zip(place.tolist(), index)]
@@ -783,6 +775,11 @@ class Batcher:
             segments[r, c : c + k] = i + 1
             starts[i] = r * length + c
         batch["segment_ids"], batch["segment_starts"] = segments, starts
+        return self._with_row_columns(batch, index)
+
+    def _with_row_columns(self, batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+        """Adds the per-row columns of rows ``index`` and ``sample_weight``, filled up to ``batch_size``."""
+        n, size = len(index), self.batch_size
         for name, values in self._rows.items():
             out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
             out[:n] = values[index]
