@@ -478,6 +478,7 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
     steps = [name for name in during if name.startswith("step")]
     assert len(steps) == len(shapes)  # each train shape once, ahead or on first call
     assert steps.count("step") == 1  # the first shape on the loop's thread, the others ahead
+    assert steps[0] == "step"  # ... which start once the first has compiled, not beside it
     evals = [name for name in during + after if name.startswith("eval_step")]
     assert len(evals) == 1  # the evaluation's one shape, ahead (if training outlasts it) or in evaluate()
     reference, ref_metrics, ref_during, ref_after, _ = run(tmp_path / "b", precompile=False)

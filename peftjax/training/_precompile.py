@@ -11,8 +11,8 @@ element-wise kernels leave a core idle.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
 import threading
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
