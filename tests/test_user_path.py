@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -55,6 +56,50 @@ def test_donated_adapters_give_an_error_that_says_what_to_call(llama_dir, tmp_pa
         peft_model.update({"model": {}})
     peft_model.update(adapters).save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+class _Compiles(logging.Handler):
+    """The names of the XLA programs compiled while it is attached (``jax.log_compiles``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Finished XLA compilation of "):
+            self.names.append(record.getMessage().split(" of ")[1].split(" in ")[0])
+
+
+TARGETS = ["q_proj", "k_proj", "down_proj"]
+
+
+def test_adding_lora_compiles_nothing_and_inits_as_peft(llama_dir):
+    """``get_peft_model``'s default init draws on the host: no XLA program compiles before the step
+    (each eager ``jax.random`` call used to compile one, ~0.5 s and 70 MiB of compiler heap)."""
+    model = models.from_pretrained(llama_dir)
+    jax.clear_caches()  # what this process compiled before would otherwise hide a compile
+    handler, logger = _Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=TARGETS))
+    finally:
+        logger.removeHandler(handler)
+    assert handler.names == []
+    layer = peft_model.base_model.model.layers[0]
+    again = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=4, target_modules=TARGETS))
+    keyed = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=4, target_modules=TARGETS),
+                                   key=jax.random.key(7))
+    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+        a, b = np.asarray(proj.lora_A["default"].get_value()), np.asarray(proj.lora_B["default"].get_value())
+        bound = 1 / np.sqrt(a.shape[0])  # PEFT: kaiming_uniform(a=sqrt(5)) on lora_A, lora_B zero
+        assert a.dtype == np.float32 and np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
+        assert abs(a.mean()) < 0.2 * bound and not b.any()
+    a_of = lambda m, name="q_proj": np.asarray(  # noqa: E731
+        getattr(m.base_model.model.layers[0].self_attn, name).lora_A["default"].get_value())
+    np.testing.assert_array_equal(a_of(peft_model), a_of(again))  # deterministic without a key
+    assert not np.allclose(a_of(peft_model), a_of(keyed))  # the key decides the draw
+    assert not np.allclose(a_of(peft_model), a_of(peft_model, "k_proj"))  # each layer its own
 
 
 def test_the_job_takes_shuffled_subsets_of_hub_style_splits(tmp_path):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 
 from peftjax.config import PeftConfig
+from peftjax.nn._keys import seed_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,5 +130,6 @@ def inject_adapter_in_model(
 
 
 def default_key(adapter_name: str):
-    """The init key when none is given: fixed, so injection is deterministic, and distinct per adapter name."""
-    return jax.random.fold_in(jax.random.key(0), sum(adapter_name.encode()))
+    """The init key when none is given: fixed, so injection is deterministic, and distinct per adapter
+    name (``jax.random.key(n)``, ``n`` the sum of the name's bytes; made without compiling)."""
+    return seed_key(sum(adapter_name.encode()))

@@ -24,6 +24,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from peftjax.nn._keys import jax_key, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +61,10 @@ class LoraSpec:
 # Init
 
 
-def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
-    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def kaiming_uniform(draws, shape, fan_in: int):
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), float32."""
     bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return draws.uniform(shape, -bound, bound)
 
 
 def canonical_init(init):
@@ -111,20 +114,25 @@ def check_init_rank(init, r: int, where: str) -> None:
 
 
 def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
-    """Initial ``(A, B)`` in Flax layout, following PEFT's ``reset_lora_parameters``."""
+    """Initial ``(A, B)`` in Flax layout, following PEFT's ``reset_lora_parameters``.
+
+    ``key`` is a JAX key or a :class:`peftjax.nn._keys.LayerKey`; with a concrete key the plain
+    inits draw on the host (NumPy arrays back, nothing compiled), with a traced one, and for the
+    orthogonal init, with JAX.
+    """
     init = canonical_init(init)
-    ka, kb = jax.random.split(key)
+    if init == "orthogonal" and kind != "embed":
+        return orthogonal_factors(jax_key(key), in_features, out_features, r)
+    draws = sampler(key)
     if kind == "embed":  # A: [num, r], B: [r, dim]
         if init is False:
-            return jax.random.normal(ka, (in_features, r)), jax.random.normal(kb, (r, out_features))
-        return jnp.zeros((in_features, r)), jax.random.normal(kb, (r, out_features))
+            return draws.normal((in_features, r)), draws.normal((r, out_features))
+        return draws.zeros((in_features, r)), draws.normal((r, out_features))
     if init is False:  # nn.Linear's own init for both factors: not a no-op adapter
-        return kaiming_uniform(ka, (in_features, r), in_features), kaiming_uniform(kb, (r, out_features), r)
+        return kaiming_uniform(draws, (in_features, r), in_features), kaiming_uniform(draws, (r, out_features), r)
     if init == "gaussian":
-        return jax.random.normal(ka, (in_features, r)) / r, jnp.zeros((r, out_features))
-    if init == "orthogonal":
-        return orthogonal_factors(key, in_features, out_features, r)
-    return kaiming_uniform(ka, (in_features, r), in_features), jnp.zeros((r, out_features))
+        return draws.normal((in_features, r)) / np.float32(r), draws.zeros((r, out_features))
+    return kaiming_uniform(draws, (in_features, r), in_features), draws.zeros((r, out_features))
 
 
 def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[dict, jax.Array | None]:
@@ -145,12 +153,14 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
 
         a, b, residual = corda_factors(w2, init, spec.scaling)
     elif decomposes(init):
-        a, b, residual = decompose(init, w2, spec, key)
+        a, b, residual = decompose(init, w2, spec, jax_key(key))
     else:
         a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
-    weights = {"lora_A": a.astype(jnp.float32), "lora_B": b.astype(jnp.float32)}
+    # host arrays move with device_put: jnp.asarray would compile a program per shape (lax.stage)
+    a, b = (jax.device_put(x) if isinstance(x, np.ndarray) else x.astype(jnp.float32) for x in (a, b))
+    weights = {"lora_A": a, "lora_B": b}
     if spec.lora_bias:
-        weights["lora_B_bias"] = jnp.zeros((n_out,), jnp.float32)
+        weights["lora_B_bias"] = jax.device_put(np.zeros((n_out,), np.float32))
     if spec.use_dora:
         base = w2 if residual is None else residual
         weights["lora_magnitude_vector"] = unit_norm(base.astype(jnp.float32) + delta(a, b, spec.scaling))
@@ -181,8 +191,6 @@ def loftq(w2: jax.Array, r: int, settings) -> tuple[jax.Array, jax.Array, jax.Ar
     adapted weight is ``Q + (alpha / r) B @ A``, which equals ``W`` to the SVD's rank only when
     ``lora_alpha == r``.
     """
-    import numpy as np
-
     from peftjax.quantization import _bnb
 
     w = np.asarray(w2, np.float32).T  # [out, in]

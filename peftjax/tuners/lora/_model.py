@@ -12,6 +12,7 @@ import jax
 from flax import nnx
 
 from peftjax.config import LoftQConfig, LoraConfig, match_modules
+from peftjax.nn._keys import LayerKey, seed_key
 from peftjax.tuners.base import (
     AdapterLayer,
     add_saved_copy,
@@ -65,7 +66,7 @@ def inject_lora(
         with unstacked(model, write=True):
             return inject_lora(model, config, adapter_name=adapter_name, key=key)
     config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
+    key = seed_key(0) if key is None else key
     modules = named_modules(model)
     if config.target_parameters and not config.target_modules:  # PEFT: parameters alone are enough
         targets = []
@@ -116,7 +117,7 @@ def inject_lora(
         module._adapter_setup(name)
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
-        module.add_lora(adapter_name, spec, jax.random.fold_in(key, i), inits[name])
+        module.add_lora(adapter_name, spec, LayerKey(key, i), inits[name])
         if hasattr(module, "corda_eigens"):  # used up, as PEFT's layer uses its own
             del module.corda_eigens
     if config.target_parameters:
