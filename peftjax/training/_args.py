@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import optax
 
@@ -55,6 +56,12 @@ class TrainingArguments:
         same loss per sequence with fewer tokens computed. ``None`` (the default): wherever the
         run allows it (:meth:`Trainer.packs`: a classifier that takes packed rows, as peftjax's
         BERT does); ``True``: required (an error where it cannot be done); ``False``: never.
+      compilation_cache: JAX's persistent compilation cache, so that a second run of the same job
+        loads its compiled steps instead of compiling them again. ``True`` (the default): the
+        directory ``$PEFTJAX_CACHE_DIR/xla`` or ``~/.cache/peftjax/xla`` (``$XDG_CACHE_HOME``
+        respected), unless JAX already has one (``jax_compilation_cache_dir``); a path: that
+        directory; ``False``: none from peftjax. JAX caches programs that took at least
+        ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile.
       resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
     """
 
@@ -86,6 +93,7 @@ class TrainingArguments:
     plot: bool = True
     compile_ahead: bool = True
     packing: bool | None = None
+    compilation_cache: bool | str = True
     resume_from_checkpoint: str | bool | None = None
 
     def __post_init__(self) -> None:
@@ -105,6 +113,8 @@ class TrainingArguments:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
         if self.packing not in (None, True, False):
             raise ValueError(f"packing must be None, True or False, got {self.packing!r}")
+        if not isinstance(self.compilation_cache, (bool, str, os.PathLike)) or self.compilation_cache == "":
+            raise ValueError(f"compilation_cache must be True, False or a directory, got {self.compilation_cache!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

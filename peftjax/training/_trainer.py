@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.training._args import TrainingArguments
+from peftjax.training._cache import use_compilation_cache
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
@@ -178,6 +179,8 @@ class Trainer:
                                       "implemented: its logits come in several target lengths")
         self.model = model
         self.args = args
+        # before anything compiles: a later run of the same job reads the executables back
+        self.compilation_cache_dir = use_compilation_cache(args.compilation_cache)
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.compute_metrics = compute_metrics
