@@ -19,7 +19,9 @@ resident memory (``ru_maxrss``) is one run's alone and a noisy neighbour hurts b
   ``data.load_reviews``, ``tokenize_classification``, ``models.from_pretrained(..., task_type=
   "SEQ_CLS", num_labels=3)``, ``get_peft_model``, ``TrainingArguments`` (only the fields above, the
   rest left at their defaults: TensorBoard events and the loss plot are written, as a user gets
-  them), ``Trainer.train()`` then ``Trainer.evaluate()``.
+  them), ``Trainer.train()`` then ``Trainer.evaluate()``. The Trainer's persistent compilation cache
+  (on by default) starts empty in each child (``PEFTJAX_CACHE_DIR``): a user's first run, cold.
+  ``peftjax-warm``: the same child twice in one cache directory, the second measured (a repeated run).
 - ``peft``: ``AutoTokenizer``, ``datasets`` + the tokenizer (truncation at 64),
   ``AutoModelForSequenceClassification``, ``peft.get_peft_model(LoraConfig(task_type="SEQ_CLS",
   ...))``, ``transformers.Trainer`` with its default collator (``DataCollatorWithPadding``) and
@@ -89,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(FRAMEWORKS),
                    help="what to run (default: peftjax peft); peftjax-scan adds scan_layers=True; peftjax-warm "
-                        "uses JAX's persistent compilation cache, filled by an unmeasured run of the same seed")
+                        "measures a second run of the same seed, the Trainer's compilation cache filled by the first")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmul that measures peak")
     p.add_argument("--smoke", action="store_true",
                    help=f"1 epoch on the first {SMOKE_TRAIN_ROWS} train and {SMOKE_EVAL_ROWS} eval rows, "
@@ -99,7 +101,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--train-rows", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--eval-rows", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.epochs = args.seeds[:1], 1.0
@@ -134,8 +135,7 @@ def run_peftjax(args, output_dir: str, t_start: float = T_START, options: dict |
     import jax
 
     options = dict(options or {})
-    if options.pop("compilation_cache", False):
-        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    options.pop("compilation_cache", False)  # the Trainer's default cache, in the directory run_child gives
     compiles = {"count": 0, "seconds": 0.0}
 
     def on_event(event: str, duration: float, **_) -> None:
@@ -329,9 +329,10 @@ def run_config(args, config: str, output_dir: str, t_start: float = T_START) -> 
 def run_child(args, config: str, seed: int, cache_dir: str | None = None) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--seed", str(seed),
             "--epochs", str(args.epochs), "--matmul-size", str(args.matmul_size)]
-    if cache_dir is not None:
-        argv += ["--cache-dir", cache_dir]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if cache_dir is not None:  # the Trainer's compilation cache (on by default) lives there
+        env["PEFTJAX_CACHE_DIR"] = cache_dir
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{config} child (seed {seed}) failed:\n{proc.stderr[-4000:]}")
@@ -367,9 +368,10 @@ def main(argv=None) -> None:
         for config in configs[k:] + configs[:k]:
             if args.smoke:
                 r = run_in_process(args, config, seed)
-            elif CONFIGS[config][1].get("compilation_cache"):
+            elif CONFIGS[config][0] == "peftjax":  # a first run: the Trainer's cache starts empty
                 with tempfile.TemporaryDirectory() as cache_dir:
-                    run_child(args, config, seed, cache_dir)  # fills the cache, not measured
+                    if CONFIGS[config][1].get("compilation_cache"):
+                        run_child(args, config, seed, cache_dir)  # fills the cache, not measured
                     r = run_child(args, config, seed, cache_dir)
             else:
                 r = run_child(args, config, seed)
