@@ -102,6 +102,29 @@ def test_adding_lora_compiles_nothing_and_inits_as_peft(llama_dir):
     assert not np.allclose(a_of(peft_model), a_of(peft_model, "k_proj"))  # each layer its own
 
 
+def test_a_new_classifier_head_and_its_trainable_copy_compile_nothing(llama_dir):
+    """Loading with a task head the checkpoint lacks draws it on the host (transformers' normal(0,
+    initializer_range)), and SEQ_CLS's modules_to_save copy is a device copy: nothing compiles."""
+    jax.clear_caches()
+    handler, logger = _Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(), pytest.warns(models.NewWeightsWarning, match="score"):
+            model = models.from_pretrained(llama_dir, task_type="SEQ_CLS", num_labels=3)
+        with jax.log_compiles():
+            peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, task_type="SEQ_CLS"))
+    finally:
+        logger.removeHandler(handler)
+    assert handler.names == []
+    saved = peft_model.base_model.score
+    head = np.asarray(saved.kernel.get_value())
+    copy = np.asarray(saved.modules_to_save["default"].kernel.get_value())
+    assert head.shape[-1] == 3 and 0.015 < head.std() < 0.025 and abs(head.mean()) < 0.01
+    np.testing.assert_array_equal(copy, head)  # the trainable copy starts equal, in a buffer of its own
+    assert saved.modules_to_save["default"].kernel.get_value().unsafe_buffer_pointer() != \
+        saved.kernel.get_value().unsafe_buffer_pointer()
+
+
 def test_the_job_takes_shuffled_subsets_of_hub_style_splits(tmp_path):
     """A directory laid out like a Hub dataset repo (IMDB's: plain_text/<split>-00000-of-00001.parquet),
     each split sorted by label as IMDB's are: the first rows of a split are all one class."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 
-import jax.numpy as jnp
+import jax
 from flax import nnx
 
 from peftjax.tuners.base._layer import mixin_subclass, original_class
@@ -53,7 +53,7 @@ def add_saved_copy(module: nnx.Module, adapter_name: str) -> None:
     for attr, var in list(vars(copy).items()):
         if isinstance(var, nnx.Param):
             # a real copy: the train step donates trainable buffers, which must not be the frozen original's
-            setattr(copy, attr, TrainableParam(jnp.array(var.get_value(), copy=True)))
+            setattr(copy, attr, TrainableParam(jax.device_put(var.get_value(), may_alias=False)))  # no XLA program
     module.modules_to_save[adapter_name] = copy
     if not module.saved_active:
         module.saved_active = (adapter_name,)
