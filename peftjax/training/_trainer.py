@@ -31,6 +31,7 @@ from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key, fold_key
+from peftjax.tuners.base._variables import fresh_copy
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # what packed batches add (Batcher(packing=True)), passed to a model that takes them
@@ -397,7 +398,7 @@ class Trainer:
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
         # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
-        trainable = jax.tree.map(_copy, trainable)
+        trainable = jax.tree.map(fresh_copy, trainable)
         opt_state = self._init_optimizer(tx, trainable, rest)
         micro = 0
         resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
@@ -644,7 +645,7 @@ class Trainer:
                 "seed": self.args.seed, "rng": f"fold_in(key({self.args.seed}), micro_step)",
                 "log_history": self.log_history}
         save_checkpoint(path, {"trainable": trainable, "opt_state": opt_state}, info)
-        nnx.update(self.model.base_model, jax.tree.map(_copy, trainable))
+        nnx.update(self.model.base_model, jax.tree.map(fresh_copy, trainable))
         self.model.save_pretrained(path / "adapter")  # the adapter alone, loadable by HF PEFT
         prune_checkpoints(self.output_dir, self.args.save_total_limit)
         return path
@@ -689,7 +690,3 @@ class Trainer:
 def _names(dataset) -> list[str]:
     return list(dataset.column_names if hasattr(dataset, "column_names") else dataset.keys())
 
-
-def _copy(x: jax.Array) -> jax.Array:
-    """A new buffer with ``x``'s contents, placed as ``x`` is (``jnp.copy`` compiles a program per shape)."""
-    return jax.device_put(x, may_alias=False)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import abc
 
-import jax
 from flax import nnx
 
 from peftjax.tuners.base._layer import mixin_subclass, original_class
 from peftjax.tuners.base._rows import pick_rows, rows_of
-from peftjax.tuners.base._variables import TrainableParam
+from peftjax.tuners.base._variables import TrainableParam, fresh_copy
 
 
 class SavedModule(abc.ABC):
@@ -53,7 +52,7 @@ def add_saved_copy(module: nnx.Module, adapter_name: str) -> None:
     for attr, var in list(vars(copy).items()):
         if isinstance(var, nnx.Param):
             # a real copy: the train step donates trainable buffers, which must not be the frozen original's
-            setattr(copy, attr, TrainableParam(jax.device_put(var.get_value(), may_alias=False)))  # no XLA program
+            setattr(copy, attr, TrainableParam(fresh_copy(var.get_value())))
     module.modules_to_save[adapter_name] = copy
     if not module.saved_active:
         module.saved_active = (adapter_name,)

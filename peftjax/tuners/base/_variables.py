@@ -9,6 +9,8 @@ a filter on ``nnx.Param`` alone also catches adapters; use ``FROZEN`` for the ba
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -30,3 +32,12 @@ class FrozenAdapterParam(nnx.Param):
 
 TRAINABLE = nnx.Any(AdapterParam, TrainableParam)
 FROZEN = nnx.All(nnx.Param, nnx.Not(TRAINABLE))
+
+
+def fresh_copy(x: jax.Array) -> jax.Array:
+    """A new buffer with ``x``'s contents and placement, for a trainable copy that a train step may
+    donate. A transfer, not a program: ``jnp.copy`` compiles one per shape. An array spread over
+    several processes (multi-host) cannot be transferred that way and is copied by ``jnp.copy``."""
+    if getattr(x, "is_fully_addressable", True):
+        return jax.device_put(x, may_alias=False)
+    return jnp.copy(x)
