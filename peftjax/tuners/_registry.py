@@ -131,5 +131,5 @@ def inject_adapter_in_model(
 
 def default_key(adapter_name: str):
     """The init key when none is given: fixed, so injection is deterministic, and distinct per adapter
-    name (``jax.random.key(n)``, ``n`` the sum of the name's bytes; made without compiling)."""
+    name (the threefry key of seed ``n``, ``n`` the sum of the name's bytes; made without compiling)."""
     return seed_key(sum(adapter_name.encode()))
