@@ -43,7 +43,6 @@ def use_compilation_cache(setting: bool | str | os.PathLike) -> str | None:
         directory failing only leaves the cache off: it speeds up later runs, it never changes
         results.
     """
-    global _ours
     current = jax.config.jax_compilation_cache_dir
     if setting is False:
         if current is not None and current == _ours:

@@ -632,8 +632,8 @@ class Batcher:
         return self._iterate(order, int(start))
 
     def _iterate(self, order: np.ndarray, start: int) -> Iterator[dict[str, np.ndarray]]:
-        for b in range(start, self.num_batches):
-            yield self._batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+        for index in self._batch_indices(order)[start:]:
+            yield self._batch(index)
 
     def batch_lengths(self, epoch: int, start: int = 0) -> np.ndarray:
         """The padded length of each batch of ``epoch`` from ``start`` on, without building them:
@@ -693,10 +693,8 @@ class Batcher:
 
     def _fit_packing(self, multiple: int) -> tuple[int, tuple[int, ...]]:
         """``pack_length`` and ``row_buckets`` (see the class docstring)."""
-        epochs = 1 if not self.shuffle else max(1, min(AUTO_EPOCHS, -(-AUTO_BATCHES // max(self.num_batches, 1))))
-        batches = [self._lengths[index] for e in range(epochs) for index in self._batch_indices(self.order(e))]
-        saving = max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
-        return fit_packing(batches, int(self._lengths.max()), multiple, saving, AUTO_MAX_BUCKETS)
+        batches = [self._lengths[index] for e in range(self._fit_epochs()) for index in self._batch_indices(self.order(e))]
+        return fit_packing(batches, int(self._lengths.max()), multiple, self._fit_saving(), AUTO_MAX_BUCKETS)
 
     def _rows_for(self, rows: int) -> int:
         """The smallest fitted row count that holds ``rows``; beyond them (a batch of a later epoch
@@ -717,12 +715,18 @@ class Batcher:
 
     def _fit_buckets(self, multiple: int) -> tuple[int, ...]:
         """The ``"auto"`` buckets (see the class docstring)."""
-        epochs = 1 if not self.shuffle else max(1, min(AUTO_EPOCHS, -(-AUTO_BATCHES // max(self.num_batches, 1))))
-        maxima = np.concatenate([self._batch_maxima(lengths, self.order(e)) for e in range(epochs)
+        maxima = np.concatenate([self._batch_maxima(lengths, self.order(e)) for e in range(self._fit_epochs())
                                  for lengths in (self._lengths, *self._target_lengths.values())])
         longest = max(int(lengths.max()) for lengths in (self._lengths, *self._target_lengths.values()))
-        saving = max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
-        return best_buckets(maxima, round_up(max(longest, 1), multiple), multiple, saving, AUTO_MAX_BUCKETS)
+        return best_buckets(maxima, round_up(max(longest, 1), multiple), multiple, self._fit_saving(), AUTO_MAX_BUCKETS)
+
+    def _fit_epochs(self) -> int:
+        """How many epochs of batches the fitted shapes are chosen over (one unless shuffled)."""
+        return 1 if not self.shuffle else max(1, min(AUTO_EPOCHS, -(-AUTO_BATCHES // max(self.num_batches, 1))))
+
+    def _fit_saving(self) -> float:
+        """The share of padded tokens a fitted shape more must save (see the class docstring)."""
+        return max(AUTO_MIN_SAVING, AUTO_MIN_SAVED_BATCHES / max(self.num_batches, 1))
 
     def _length_for(self, longest: int) -> int:
         if self.packing:

@@ -689,4 +689,3 @@ class Trainer:
 
 def _names(dataset) -> list[str]:
     return list(dataset.column_names if hasattr(dataset, "column_names") else dataset.keys())
-
