@@ -10,8 +10,13 @@
     trainable, opt_state, loss = step(trainable, opt_state, rest, batch, key)
 
 or ``Trainer(peft_model, args, data, mesh=mesh, sharding="tp")``. See ``docs/multi_host.md``.
+
+Both trace the step inside :func:`partitioned`, which keeps LoRA's layers from concatenating a
+sharded kernel (their one-device joint matmul); a step jitted with shardings of one's own should
+trace its forward inside it too.
 """
 
+from peftjax.nn._partitioned import partitioned
 from peftjax.sharding._jit import ShardedStep
 from peftjax.sharding._load import load_sharded
 from peftjax.sharding._mesh import (
@@ -43,6 +48,7 @@ __all__ = [
     "make_mesh",
     "opt_state_shardings",
     "partition_spec",
+    "partitioned",
     "replicated",
     "shard_batch",
     "shard_model",

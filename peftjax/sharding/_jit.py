@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from peftjax.nn._partitioned import traced_partitioned
 from peftjax.sharding._mesh import batch_sharding, replicated
 from peftjax.sharding._place import opt_state_shardings, state_shardings
 from peftjax.sharding._rules import RulesLike, as_rules
@@ -49,7 +50,7 @@ class ShardedStep:
             rep = replicated(self.mesh)
             b = jax.tree.map(lambda x: batch_sharding(self.mesh, np.ndim(x)), batch)
             k = jax.tree.map(lambda _: rep, key)
-            fn = jax.jit(self.fn, in_shardings=(t, o, r, b, k), out_shardings=(t, o, rep),
+            fn = jax.jit(traced_partitioned(self.fn), in_shardings=(t, o, r, b, k), out_shardings=(t, o, rep),
                          donate_argnums=(0, 1) if self.donate else ())
             self._compiled[cache_key] = fn
         return fn

@@ -31,6 +31,7 @@ from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key, fold_key
+from peftjax.nn._partitioned import traced_partitioned
 from peftjax.tuners.base._variables import fresh_copy
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -316,7 +317,7 @@ class Trainer:
         from peftjax.sharding import replicated
 
         # replicated outputs: every process can read the logits and sums (several hosts)
-        return jax.jit(eval_step, static_argnums=0, out_shardings=replicated(self.mesh))
+        return jax.jit(traced_partitioned(eval_step), static_argnums=0, out_shardings=replicated(self.mesh))
 
     def _batcher(self, columns: dict, per_device: int, *, shuffle: bool) -> Batcher:
         """Batches of ``columns``; an encoder-decoder's labels are padded to their own length;

@@ -16,9 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
 
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
+from peftjax.nn._partitioned import is_partitioned
 from peftjax.quantization import QuantizedLinear
 from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import per_row, rows_of
@@ -30,6 +32,7 @@ from peftjax.tuners.lora._math import (
     dora_output,
     init_weights,
     is_loftq,
+    joint_matmul,
     merged_weight,
     torch_layout,
     unmerged_weight,
@@ -228,7 +231,51 @@ class LoraLayer(AdapterDictLayer):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included)."""
+    """LoRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included).
+
+    On a plain ``nnx.Linear`` whose live adapters are plain LoRA (no DoRA, no ``lora_bias``, one
+    dtype throughout), the output is one matmul, ``[x, s x A] @ [W; B]`` (:func:`joint_matmul`):
+    a single buffer where the sum of two products kept two. Elsewhere (a mesh, mixed batches,
+    DoRA, another base call) the layer adds the branch to the base output.
+    """
+
+    def __call__(self, inputs, *args, **kwargs):
+        live = self._joint_adapters(inputs, args, kwargs)
+        if not live:
+            return LoraLayer.__call__(self, inputs, *args, **kwargs)
+        x = inputs.reshape(-1, inputs.shape[-1])
+        us, bs = [], []
+        for name, spec in live:
+            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}")
+            us.append(spec.scaling * (h.reshape(x.shape) @ self.lora_A[name].get_value()))
+            bs.append(self.lora_B[name].get_value())
+        u, b = (us[0], bs[0]) if len(us) == 1 else (jnp.concatenate(us, -1), jnp.concatenate(bs, 0))
+        kernel = self.kernel.get_value()
+        y = joint_matmul(x, kernel, u, b).reshape(*inputs.shape[:-1], kernel.shape[-1])
+        if self.bias is not None:
+            y = y + along_last(self.bias.get_value(), y.ndim)
+        return y
+
+    def _joint_adapters(self, inputs, args, kwargs) -> list:
+        """The live adapters when the joint matmul computes exactly what the base call plus the
+        branches would (see the class docstring); otherwise ``[]``."""
+        if (args or kwargs or is_partitioned() or self._peftjax_base.__call__ is not nnx.Linear.__call__
+                or rows_of(self) is not None):
+            return []
+        dtype = inputs.dtype
+        if ((self.dtype is not None and jnp.dtype(self.dtype) != dtype) or self.precision is not None
+                or self.preferred_element_type is not None or self.dot_general is not jax.lax.dot_general
+                or self.promote_dtype is not promote_dtype):
+            return []
+        live = list(self._live_adapters())
+        if not live or self.kernel.get_value().dtype != dtype or (
+                self.bias is not None and self.bias.get_value().dtype != dtype):
+            return []
+        for name, spec in live:
+            if (spec.use_dora or spec.lora_bias or self.lora_A[name].get_value().dtype != dtype
+                    or self.lora_B[name].get_value().dtype != dtype):
+                return []
+        return live
 
     def _branch(self, h, a, b):
         # on [tokens, in]: the gradients of A and B are then plain matmuls over the tokens; a

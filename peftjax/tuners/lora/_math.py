@@ -291,6 +291,51 @@ def svd_lowrank(a: jax.Array, q: int, *, niter: int, key: jax.Array) -> tuple[ja
 # Forward and merge
 
 
+@jax.custom_vjp
+def joint_matmul(x: jax.Array, w: jax.Array, u: jax.Array, b: jax.Array) -> jax.Array:
+    """``x @ w + u @ b`` computed as the one matmul ``[x, u] @ [w; b]``.
+
+    A LoRA layer's output is ``x @ W + (s x A) @ B``; written as that sum, XLA computes the two
+    products as two buffers and folds the add into each reader, so both stay alive for the
+    backward pass wherever the output is saved (two of each SwiGLU input of a Llama layer: 43 MiB
+    of the benchmark step's 293, see benchmarks/README.md). As one matmul the output is a single
+    buffer, and the thin ``u @ b`` rides on the big product. The frozen ``w`` is never merged with
+    the adapter: ``b`` only extends the contraction. The gradients are the plain products, each
+    traced only when its input is differentiated (never the frozen kernel's).
+
+    Args:
+      x: ``[tokens, n_in]``.
+      w: ``[n_in, n_out]``.
+      u: ``[tokens, r]``, the scaled ``s * dropout(x) @ A`` (several adapters: their ``u`` side by side).
+      b: ``[r, n_out]`` (several adapters: their ``B`` stacked).
+
+    Returns:
+      ``[tokens, n_out]``.
+
+    >>> x, w, u, b = jnp.ones((4, 3)), jnp.ones((3, 2)), jnp.ones((4, 1)), jnp.ones((1, 2))
+    >>> joint_matmul(x, w, u, b).shape
+    (4, 2)
+    """
+    return jnp.concatenate([x, u], axis=-1) @ jnp.concatenate([w, b], axis=0)
+
+
+def _joint_matmul_fwd(x, w, u, b):
+    # symbolic zeros: each input says whether it is differentiated; the residuals keep only what the
+    # wanted gradients read (``None`` marks one not wanted), so the frozen kernel's is never traced
+    y = joint_matmul(x.value, w.value, u.value, b.value)
+    return y, (x.value if w.perturbed else None, w.value if x.perturbed else None,
+               u.value if b.perturbed else None, b.value if u.perturbed else None)
+
+
+def _joint_matmul_bwd(residuals, dy):
+    x, w, u, b = residuals
+    return (None if w is None else dy @ w.T, None if x is None else x.T @ dy,
+            None if b is None else dy @ b.T, None if u is None else u.T @ dy)
+
+
+joint_matmul.defvjp(_joint_matmul_fwd, _joint_matmul_bwd, symbolic_zeros=True)
+
+
 def unit_norm(w: jax.Array) -> jax.Array:
     """The norm of each output unit's weights (last axis) over every other axis: DoRA's ``‖W‖``.
 
