@@ -154,7 +154,8 @@ def test_adapter_gives_peft_logits_both_ways(saved, family, method, tmp_path):
         ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
         if lora_like:
             assert targeted(ours) == targeted(theirs)
-        np.testing.assert_allclose(real(run_jax(ours, jit=True)), real(ref), atol=1e-5, rtol=0)
+        # float32 rounding: logits of ~3 differ by up to 1.3e-5 on an AVX2 host (other matmul kernels)
+        np.testing.assert_allclose(real(run_jax(ours, jit=True)), real(ref), atol=1e-5, rtol=1e-5)
         assert changed(ref, base) > 1e-3  # the adapter changes the output
     if "here->peft" in CASES[family, method]:
         ours = make_here(path, method)
@@ -165,5 +166,5 @@ def test_adapter_gives_peft_logits_both_ways(saved, family, method, tmp_path):
             theirs = peft.PeftModel.from_pretrained(torch_base(path, family), tmp_path / "here").eval()
         if lora_like:
             assert targeted(ours) == targeted(theirs)  # PEFT's default targets, where none given
-        np.testing.assert_allclose(real(out), real(run_torch(theirs)), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(real(out), real(run_torch(theirs)), atol=1e-5, rtol=1e-5)
         assert changed(out, base) > 1e-3

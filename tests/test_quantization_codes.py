@@ -141,10 +141,16 @@ def test_jax_dequantization_inside_jit_equals_bitsandbytes(jit, nested):
 
 
 def test_bitsandbytes_2d_dequant_is_wrong_when_64_does_not_divide_the_rows():
-    """Why the oracle flattens: bitsandbytes 0.50.2's CPU kernel, not us (remove when fixed there)."""
+    """Why the oracle flattens: bitsandbytes 0.50.2's CPU kernel, not us (remove when fixed there).
+
+    The wrong values come from the kernel an AVX-512 host runs; on an AVX2-only host the 2-D call
+    is right, and the flattened oracle agrees with it there."""
     w = (np.random.default_rng(0).standard_normal((48, 32)) * 0.05).astype(np.float32)
     packed, state = _bnb_quantize(w, "nf4", False)
-    assert np.abs(F.dequantize_4bit(packed, state).numpy() - w).max() > 2 * np.abs(_bnb_dequantize(packed, state) - w).max()
+    two_d, flat = F.dequantize_4bit(packed, state).numpy(), _bnb_dequantize(packed, state)
+    if np.array_equal(two_d, flat):
+        pytest.skip("bitsandbytes' 2-D dequantization is right on this host (no AVX-512)")
+    assert np.abs(two_d - w).max() > 2 * np.abs(flat - w).max()
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (256, 512)], ids=str)

@@ -268,7 +268,9 @@ def test_prompt_learning_both_ways_with_peft(flan, method, tmp_path):
         ref = torch_out(their, input_ids=IDS, attention_mask=MASK, labels=LABELS)
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     out = run_jax(model, True, input_ids=IDS, attention_mask=MASK, labels=LABELS)
-    assert_close(real(out.logits), real(ref.logits.numpy()))
+    # random prefix keys and values: T5's unscaled scores amplify the summation order as an
+    # adapter's do (1.2e-5 seen on an AVX2 host, whose matmul kernels sum in another order)
+    assert_close(real(out.logits), real(ref.logits.numpy()), tol=ADAPTER_TOL)
     assert_close(out.loss, ref.loss.numpy())
     # generation: P-tuning's path is prompt tuning's (the encoder's output prepended), tested once
     tokens = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=5) if method != "p-tuning" else None
