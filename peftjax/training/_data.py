@@ -30,12 +30,13 @@ IGNORE_INDEX = -100
 # "auto" buckets: multiples of AUTO_MULTIPLE fitted to the lengths of the batches the data makes
 # (see Batcher): at most AUTO_MAX_BUCKETS, one more only where it saves AUTO_MIN_SAVING of the
 # padded tokens of the first epochs (AUTO_BATCHES batches at least, AUTO_EPOCHS epochs at most)
-# and AUTO_MIN_SAVED_BATCHES batches' worth of them an epoch: a shape costs a compilation, about
-# ten small steps' time on a CPU
+# and AUTO_MIN_SAVED_BATCHES batches' worth of them an epoch: a shape costs a compilation, ~4 s
+# (lowering + XLA) for the MiniLM step on a 2-core CPU, about 24 of its ~170 ms steps: 8 batches
+# an epoch of the Trainer's default 3 epochs
 AUTO_MULTIPLE = 8
 AUTO_MAX_BUCKETS = 4
 AUTO_MIN_SAVING = 0.03
-AUTO_MIN_SAVED_BATCHES = 4
+AUTO_MIN_SAVED_BATCHES = 8
 AUTO_BATCHES, AUTO_EPOCHS = 256, 8
 
 # Extension -> `datasets` packaged builder.
@@ -475,10 +476,10 @@ class Batcher:
     (or of ``pad_to_multiple_of``), the largest the longest row rounded up, and below it at most
     three more, chosen to minimise the padded tokens of the batches of the first epochs (simulated
     from the same order; at least 256 batches, at most 8 epochs); a bucket is added only where it
-    saves 3% of those tokens and four batches' worth of them an epoch. Each bucket is a shape a
-    jitted step compiles for, so a small dataset gets few; the fit pads short-text data far less
-    than a fixed ladder (the MiniLM reviews: 24, 32 and 48, 1.74 padded tokens per real token,
-    against 2.09 with the former 32 and 48).
+    saves 3% of those tokens and eight batches' worth of them an epoch (a compilation costs about
+    24 small steps on a CPU). Each bucket is a shape a jitted step compiles for, so a small
+    dataset gets few; the fit pads short-text data less than a fixed ladder (the MiniLM reviews:
+    24 and 48, 1.91 padded tokens per real token, against 2.09 with the former 32 and 48).
 
     Unless ``drop_last``, the last batch is filled up to
     ``batch_size`` with all-padding rows, so every batch is ``[batch_size, bucket]`` and a jitted
@@ -500,8 +501,9 @@ class Batcher:
     with ``attention_mask`` 0, as ``padding="max_length"`` tokenization leaves them) is dropped
     first. ``pack_length`` and the row counts (``row_buckets``)
     are fitted as the ``"auto"`` buckets are, over the same simulated batches: among lengths of
-    1 to 2 times the longest sequence, the one that pads least (a later batch that needs more
-    rows than the fitted counts gets ``batch_size`` rows, which always suffice). A model that takes
+    1 to 2 times the longest sequence, the one that pads least, each shape past the first charged
+    what a bucket must save (a later batch that needs more rows than the fitted counts gets
+    ``batch_size`` rows, which always suffice). A model that takes
     ``segment_ids`` (peftjax's BERT) attends within each sequence only and restarts its positions
     at each one, so its per-sequence outputs are those of the unpacked batch.
 

@@ -62,20 +62,21 @@ def fit_packing(batches: list[np.ndarray], longest: int, multiple: int, saving: 
                 max_buckets: int) -> tuple[int, tuple[int, ...]]:
     """``(pack_length, row_buckets)`` for packing the batches whose sequence lengths are ``batches``.
 
-    The candidate lengths are ``longest`` (rounded up to ``multiple``) times 1, 1.25, 1.5, 1.75
-    and 2, rounded up; for each, every batch is packed (:func:`first_fit`) and the row counts
-    are bucketed as lengths are (:func:`best_buckets`); the length with the fewest padded tokens
-    over all batches wins (the shorter on ties: less attention per token)."""
+    The candidate lengths run from ``longest`` (rounded up to ``multiple``) to twice that, in
+    steps of ``multiple`` (of a multiple of it, for at most 17 candidates); for each, every batch is packed (:func:`first_fit`) and the row counts
+    are bucketed as lengths are (:func:`best_buckets`). Each shape past the first costs a
+    compilation, so it is charged ``saving`` of the fewest padded tokens any candidate reaches,
+    the price a bucket pays within one length; the candidate with the least padded tokens plus
+    that charge wins (the shorter on ties: less attention per token)."""
     top = round_up(max(longest, 1), multiple)
-    best = None
-    for length in sorted({round_up(int(np.ceil(top * f)), multiple) for f in PACK_LENGTH_FACTORS}):
+    candidates = []
+    step = round_up(-(-top // 16), multiple)
+    for length in range(top, 2 * top + 1, step):
         rows = np.array([first_fit(lengths, length)[1] for lengths in batches])
         buckets = best_buckets(rows, int(rows.max(initial=1)), 1, saving, max_buckets)
         padded = length * sum(buckets[int(np.searchsorted(buckets, r))] for r in rows)
-        if best is None or padded < best[0]:
-            best = padded, length, buckets
-    return best[1], best[2]
+        candidates.append((padded, length, buckets))
+    charge = saving * min(padded for padded, _, _ in candidates)
+    _, length, buckets = min(candidates, key=lambda c: (c[0] + charge * (len(c[2]) - 1), c[1]))
+    return length, buckets
 
-
-# candidate pack lengths, as multiples of the longest sequence (see fit_packing)
-PACK_LENGTH_FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0)
