@@ -11,6 +11,7 @@ there. A step a user jits with shardings of their own can enter it too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 _state = threading.local()
@@ -35,10 +36,9 @@ def is_partitioned() -> bool:
 def traced_partitioned(fn):
     """``fn`` traced inside :func:`partitioned` (for ``jax.jit`` with shardings)."""
 
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with partitioned():
             return fn(*args, **kwargs)
 
-    wrapped.__name__ = getattr(fn, "__name__", "step")
-    wrapped.__wrapped__ = fn
     return wrapped

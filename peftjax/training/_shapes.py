@@ -63,8 +63,9 @@ def fit_packing(batches: list[np.ndarray], longest: int, multiple: int, saving: 
     """``(pack_length, row_buckets)`` for packing the batches whose sequence lengths are ``batches``.
 
     The candidate lengths run from ``longest`` (rounded up to ``multiple``) to twice that, in
-    steps of ``multiple`` (of a multiple of it, for at most 17 candidates); for each, every batch is packed (:func:`first_fit`) and the row counts
-    are bucketed as lengths are (:func:`best_buckets`). Each shape past the first costs a
+    steps of ``multiple`` (of a multiple of it, for at most 17 candidates); for each, every batch
+    is packed (:func:`first_fit`) and the row counts are bucketed as lengths are
+    (:func:`best_buckets`). Each shape past the first costs a
     compilation, so it is charged ``saving`` of the fewest padded tokens any candidate reaches,
     the price a bucket pays within one length; the candidate with the least padded tokens plus
     that charge wins (the shorter on ties: less attention per token)."""
@@ -79,4 +80,3 @@ def fit_packing(batches: list[np.ndarray], longest: int, multiple: int, saving: 
     charge = saving * min(padded for padded, _, _ in candidates)
     _, length, buckets = min(candidates, key=lambda c: (c[0] + charge * (len(c[2]) - 1), c[1]))
     return length, buckets
-

@@ -141,7 +141,7 @@ class LoraLayer(AdapterDictLayer):
             if self.lora_kind == "embed":  # PEFT applies no dropout to embeddings
                 h, dropped = inputs, False
             else:
-                h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}")
+                h = self._dropped(inputs, name, spec)
                 dropped = h is not inputs
                 h = h.astype(a.dtype)
             lora = self._branch(h, a, b, *args, **kwargs)
@@ -161,6 +161,10 @@ class LoraLayer(AdapterDictLayer):
                 extra = spec.scaling * lora
             y = y + extra.astype(y.dtype)
         return y
+
+    def _dropped(self, inputs, name: str, spec: LoraSpec):
+        """Adapter ``name``'s input: ``inputs`` with its dropout (its mask keyed by the layer's path)."""
+        return apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}")
 
     def _mixed_batch(self, rows, names, inputs, y, *args, **kwargs):
         """Row ``i`` adds adapter ``names[rows[i]]`` (none past the end): one gathered matmul per factor.
@@ -246,7 +250,7 @@ class LoraLinear(LoraLayer):
         x = inputs.reshape(-1, inputs.shape[-1])
         us, bs = [], []
         for name, spec in live:
-            h = apply_dropout(inputs, spec.dropout, f"{self.adapter_path}/{name}")
+            h = self._dropped(inputs, name, spec)
             us.append(spec.scaling * (h.reshape(x.shape) @ self.lora_A[name].get_value()))
             bs.append(self.lora_B[name].get_value())
         u, b = (us[0], bs[0]) if len(us) == 1 else (jnp.concatenate(us, -1), jnp.concatenate(bs, 0))
