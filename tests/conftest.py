@@ -6,8 +6,9 @@ JAX config: implicit rank promotion raises (``jax_numpy_rank_promotion="raise"``
 reshape), in the tests' references as in the code they test, so that an accidental broadcast
 (a ``[seq]`` vector meeting a ``[batch, seq, out]`` array) fails instead of computing garbage.
 
-Compilation: XLA:CPU generates code at LLVM -O0 (``SUITE_XLA_FLAGS``), because the suite spends
-more time compiling than running; the main job's run is the exception (``test_cli``).
+Compilation: XLA:CPU generates code at LLVM -O0 (``SUITE_XLA_FLAGS``) with its older per-op
+emitters where jaxlib still has them, because the suite spends more time compiling than running;
+the main job's run is the exception (``test_cli``): it compiles as a user's process does.
 
 peftjax itself broadcasts explicitly (``peftjax.nn._broadcast.along_last``), so every test runs
 hardened.
@@ -39,10 +40,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # code). Measured on tests/test_lora_peft.py alone: 82 s -> 64 s (-O0) -> 59 s (both). Subprocesses
 # inherit it, except the main job's run, which executes more than it compiles and runs with the
 # flags a user has (``PEFTJAX_SHIPPED_XLA_FLAGS``).
+# XLA's older per-op code emitters (``--xla_cpu_use_fusion_emitters=false``, where this jaxlib has
+# the flag) compile a small kernel in half the time of its MLIR fusion emitters (a tiny elementwise
+# program 35 -> 17 ms; tests/test_bert.py + test_gpt2.py 76 -> 51 s, their 718 compilations 44 ->
+# 22 s, on an AVX2 host where the suite took 25 min): the same HLO, another code generator.
 SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+LEGACY_EMITTERS = "xla_cpu_use_fusion_emitters"
+
+
+def _jaxlib_has_flag(name: str) -> bool:
+    """Whether jaxlib's XLA defines the flag ``name`` (an unknown flag in XLA_FLAGS aborts the
+    process): its name is a string in the library's data."""
+    import glob
+    import mmap
+
+    import jaxlib
+
+    for lib in glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), "*.so")):
+        with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(name.encode() + b"\x00") != -1:
+                return True
+    return False
+
+
 os.environ.setdefault("PEFTJAX_SHIPPED_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # the first process
+    flags = SUITE_XLA_FLAGS
+    if LEGACY_EMITTERS not in os.environ.get("XLA_FLAGS", "") and _jaxlib_has_flag(LEGACY_EMITTERS):
+        flags += f" --{LEGACY_EMITTERS}=false"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
