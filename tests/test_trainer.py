@@ -342,6 +342,35 @@ def test_base_model_dropout_is_on_in_training_and_off_in_evaluation(dropout, tmp
         assert abs(loss - evaluated) > 1e-3, (loss, evaluated)
 
 
+@pytest.mark.parametrize("seed", [0, 42, 2**31 + 5])
+def test_each_step_key_is_the_seed_key_folded_with_the_step(seed, tmp_path, monkeypatch):
+    """The step keys a checkpoint records as ``fold_in(key(seed), micro_step)`` are exactly JAX's
+    (the Trainer forms them on the host; JAX's own functions are the oracle), and the logged
+    learning rate is the schedule's."""
+    keys = []
+    make_step = Trainer._make_step
+
+    def recording(self, graphdef, tx):
+        step = make_step(self, graphdef, tx)
+
+        def run(trainable, opt_state, rest, batch, key):
+            keys.append(np.asarray(jax.random.key_data(key)))
+            return step(trainable, opt_state, rest, batch, key)
+
+        return run
+
+    monkeypatch.setattr(Trainer, "_make_step", recording)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                             learning_rate=1e-2, warmup_steps=2, save_steps=0, disable_tqdm=True, report_to="none",
+                             plot=False, seed=seed, compile_ahead=False)
+    trainer = Trainer(_bert(0.1), args, classification_data(12))
+    trainer.train()
+    expected = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), i))) for i in range(3)]
+    np.testing.assert_array_equal(np.stack(keys), np.stack(expected))
+    schedule = args.schedule(3)
+    assert [r["learning_rate"] for r in trainer.log_history if "loss" in r] == [float(schedule(i)) for i in range(3)]
+
+
 def _torch_loss(kind, logits, labels):
     import torch
 
@@ -461,6 +490,7 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
         previous = jax.config.jax_log_compiles
         jax.config.update("jax_log_compiles", True)
         try:
+            jax.clear_caches()  # eager ops compiled by earlier tests in this process would not show
             compiled.clear()
             result = trainer.train()
             during = list(compiled)
@@ -481,6 +511,9 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
     assert steps[0] == "step"  # ... which start once the first has compiled, not beside it
     evals = [name for name in during + after if name.startswith("eval_step")]
     assert len(evals) == 1  # the evaluation's one shape, ahead (if training outlasts it) or in evaluate()
+    # and nothing runs eagerly: each eager jax op would compile a program of its own the first time
+    # (the optimizer's zeros, the step's key, the logged learning rate, saving's transposes)
+    assert {name.removesuffix(" ahead") for name in during} <= {"step", "eval_step", "init_fn", "schedule"}, during
     reference, ref_metrics, ref_during, ref_after, _ = run(tmp_path / "b", precompile=False)
     assert ref_during.count("step") == len(shapes) and ref_after == ["eval_step"]  # each on its first use
     assert not any("ahead" in name for name in ref_during)

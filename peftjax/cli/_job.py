@@ -301,10 +301,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     figures.update(before=before, after=after, steps=result.global_step, training_loss=result.training_loss)
     texts = options["predict"] or []
     if seq_cls and texts:
-        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
-        accepted = trainer.model_inputs
-        logits = np.asarray(reloaded(**{k: v for k, v in batch.items() if k in accepted}).logits)
-        trained = np.asarray(peft_model(**{k: v for k, v in batch.items() if k in accepted}).logits)
+        # through the Trainer's compiled forward: an eager call compiles each operation on its own
+        rows = dict(tokenizer(texts, truncation=True, max_length=options["max_length"]))
+        logits = Trainer(reloaded, args, pad_token_id=tokenizer.pad_token_id).predict(rows)
+        trained = trainer.predict(rows)
         figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
         names = dict(enumerate(LABELS)) if options["dataset"] is None else {}
         print("predictions of the reloaded adapter:")

@@ -22,6 +22,43 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.wrap_key_data(np.array([0, seed], np.uint32), impl="threefry2x32")
 
 
+def default_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)``: formed on the host (:func:`seed_key`) where that is the same key
+    (JAX's default threefry implementation, ``0 <= seed < 2**32``), otherwise by JAX."""
+    if jax.config.jax_default_prng_impl == "threefry2x32" and 0 <= seed < 2**32:
+        return seed_key(seed)
+    return jax.random.key(seed)
+
+
+def _rotl(x: np.uint32, r: int) -> np.uint32:
+    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def _threefry2x32(k0, k1, x0, x1) -> tuple[np.uint32, np.uint32]:
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011) on one pair of words, as JAX computes it."""
+    with np.errstate(over="ignore"):  # uint32 arithmetic wraps
+        k0, k1, x0, x1 = (np.uint32(v) for v in (k0, k1, x0, x1))
+        ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+        rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+        x0, x1 = x0 + ks[0], x1 + ks[1]
+        for i in range(5):
+            for r in rotations[i % 2]:
+                x0 = x0 + x1
+                x1 = _rotl(x1, r) ^ x0
+            x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def fold_in(key: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in(key, data)`` for a concrete key: computed on the host for a threefry
+    key (no XLA program; a training loop folds the step into its key every step), by JAX otherwise."""
+    if (not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape
+            or str(jax.random.key_impl(key)) != "threefry2x32" or not 0 <= data < 2**32):
+        return jax.random.fold_in(key, data)
+    k0, k1 = key_words(key)
+    return jax.random.wrap_key_data(np.array(_threefry2x32(k0, k1, 0, data), np.uint32), impl="threefry2x32")
+
+
 def key_words(key: jax.Array) -> np.ndarray:
     """A PRNG key's words as host ``uint32``: a typed key's data, or a raw ``PRNGKey`` array."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -31,6 +31,7 @@ from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.nn._dropout import active_dropout_key, fold_key
+from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
 from peftjax.tuners.base._variables import fresh_copy
 
@@ -371,8 +372,8 @@ class Trainer:
         return shard_batch(batch, self.mesh)
 
     def _init_optimizer(self, tx, trainable, rest):
-        if self.mesh is None:
-            return tx.init(trainable)
+        if self.mesh is None:  # one compiled program, not an eager one per state shape
+            return jax.jit(tx.init)(trainable)
         from peftjax.sharding import opt_state_shardings, state_shardings
 
         shardings = state_shardings(trainable, self.mesh, self.sharding, weights=rest)
@@ -421,10 +422,10 @@ class Trainer:
         if resume and hasattr(step_fn, "global_step"):
             raise NotImplementedError("resuming AdaLoRA training is not implemented (the rank allocator's statistics "
                                       "are not in the checkpoint)")
-        base_key = jax.random.key(args.seed)
+        base_key = default_key(args.seed)  # jax.random.key(seed), formed on the host
         self._precompiler = self._precompile(step_fn, batcher, micro=micro, until=total * accum, trainable=trainable,
                                              opt_state=opt_state, rest=rest, key=base_key)
-        schedule = args.schedule(total)
+        schedule = jax.jit(args.schedule(total))  # the logged rate: one program, not an eager one per op
         writer = self._tensorboard()
         bar = self._progress(total, micro // accum)
         pending: list[jax.Array] = []
@@ -434,7 +435,7 @@ class Trainer:
         try:
             while micro < total * accum:
                 for batch in batcher.batches(epoch, start=position):
-                    key = jax.random.fold_in(base_key, micro)
+                    key = fold_in(base_key, micro)  # jax.random.fold_in, on the host
                     placed = self._place(batch)
                     if self._precompiler is not None:
                         self._precompiler.wait(("train", signature(placed)))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -174,10 +175,11 @@ class AdapterDictLayer(AdapterLayer):
     def peft_layout(self, name: str) -> dict[str, tuple[nnx.Dict, Callable, Callable]]:
         raise NotImplementedError
 
-    def peft_tensors(self, name: str) -> dict[str, jax.Array]:
-        """The adapter's weights as PEFT stores them (torch layouts), by key suffix."""
+    def peft_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """The adapter's weights as PEFT stores them (torch layouts), by key suffix: host arrays,
+        so that saving transposes without compiling an XLA program per shape."""
         return {
-            suffix: to_torch(store[name].get_value())
+            suffix: to_torch(np.asarray(store[name].get_value()))
             for suffix, (store, to_torch, _) in self.peft_layout(name).items()
             if name in store
         }
@@ -201,12 +203,14 @@ class AdapterDictLayer(AdapterLayer):
                 continue
             value = tensors[suffix]
             current = store[name].get_value()
-            expected = tuple(to_torch(current).shape)
+            expected = tuple(jax.eval_shape(to_torch, current).shape)
             if tuple(value.shape) != expected:
                 raise ValueError(
                     f"{key}: expected shape {list(expected)} ({self._describe(name)}), found {list(value.shape)}"
                 )
-            store[name].set_value(jnp.asarray(from_torch(jnp.asarray(value)), current.dtype).reshape(current.shape))
+            # converted on the host: no XLA program per tensor shape
+            host = np.asarray(from_torch(np.asarray(value)), current.dtype).reshape(current.shape)
+            store[name].set_value(jax.device_put(host))
         return missing
 
     def _describe(self, name: str) -> str:
