@@ -1,11 +1,13 @@
-"""Init keys formed on the host, so that adding adapters compiles no XLA program.
+"""Keys formed on the host, so that adding adapters, and a training loop's per-step keys, compile
+no XLA program.
 
 Each eager ``jax.random`` call (``key``, ``fold_in``, ``split``, ``uniform`` per shape) compiles a
 small XLA program the first time it runs: on a 2-core host ``get_peft_model`` spent about 0.5 s
 (11 programs) and 70 MiB of compiler heap before the first training step. The plain inits need
 none of it. A key's words are read on the host (``key_data``, no compilation), each layer's share is
 ``(words, layer index)``, and the draws are NumPy's; only inits that run JAX algebra on the layer
-(orthogonal, PiSSA's randomized SVD) ask for a JAX key, folded in as before.
+(orthogonal, PiSSA's randomized SVD) ask for a JAX key, folded in as before. The Trainer's keys,
+``fold_in(key(seed), micro_step)``, are JAX's threefry computed in NumPy (:func:`fold_in`).
 """
 
 from __future__ import annotations
