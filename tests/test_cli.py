@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import transformers as tr
@@ -220,9 +222,13 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     capsys.readouterr()
 
     if task == "SEQ_CLS":
-        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
+        with _compilations() as compiled:  # one program for the model, not one per operation
+            assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
+        assert compiled == ["forward"], compiled
         row = json.loads(capsys.readouterr().out)
         assert row["label"] == merged.config.id2label[int(expected[0].argmax())]
+        probs = np.exp(expected[0] - expected[0].max())
+        assert abs(row["score"] - probs.max() / probs.sum()) < 1e-4
     else:
         assert main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text,
                      "--max-new-tokens", "3"]) == 0
@@ -230,6 +236,32 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
                                   pad_token_id=tokenizer.pad_token_id)
         want = tokenizer.decode(np.asarray(out)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert json.loads(capsys.readouterr().out)["completion"] == want
+
+
+@contextlib.contextmanager
+def _compilations():
+    """The names of the XLA programs compiled inside the block (JAX's caches cleared first, so that
+    what earlier tests compiled shows too)."""
+    import logging
+
+    names: list[str] = []
+
+    class Names(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of jit("):
+                names.append(message.split("jit(")[1].split(")")[0])
+
+    handler, logger = Names(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    jax.clear_caches()
+    try:
+        yield names
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+        logger.removeHandler(handler)
 
 
 def test_an_adapter_that_does_not_fit_is_refused(tmp_path):

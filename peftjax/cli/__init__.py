@@ -169,7 +169,7 @@ def _predict(args) -> int:
     texts = _texts(args)
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length)
     accepted = _accepted(model)
-    logits = np.asarray(model(**{k: v for k, v in batch.items() if k in accepted}).logits)
+    logits = _logits(model, {k: v for k, v in batch.items() if k in accepted})
     if logits.ndim != 2:
         raise ValueError("predict needs a sequence-classification model; use generate for language models")
     config = getattr(model, "config", None)
@@ -189,6 +189,25 @@ def _base(model):
 
 def _is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(_base(model), "config", None), "is_encoder_decoder", False))
+
+
+def _logits(model, inputs: dict):
+    """``model(**inputs).logits`` as one compiled program (``forward``): called eagerly, a model
+    compiles each of its operations on its own the first time (64 programs for MiniLM)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    module = getattr(model, "base_model", model)
+    tuner = model._active_tuner() if module is not model else None
+    if not isinstance(module, nnx.Module) or (tuner is not None and tuner.forward is not None):
+        return np.asarray(model(**inputs).logits)  # a method that rewrites the inputs: as it runs
+    graphdef, state = nnx.split(module)
+
+    def forward(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs).logits
+
+    return np.asarray(jax.jit(forward)(state, inputs))
 
 
 def _accepted(model) -> set[str]:
