@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -10,12 +9,12 @@ import subprocess
 import sys
 import warnings
 
-import jax
 import numpy as np
 import pytest
 import transformers as tr
 
 import _tiny
+from _compiles import compilations
 from _torch_models import lazy, save_tiny
 
 import peftjax
@@ -222,7 +221,7 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     capsys.readouterr()
 
     if task == "SEQ_CLS":
-        with _compilations() as compiled:  # one program for the model, not one per operation
+        with compilations() as compiled:  # one program for the model, not one per operation
             assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
         assert compiled == ["forward"], compiled
         row = json.loads(capsys.readouterr().out)
@@ -236,32 +235,6 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
                                   pad_token_id=tokenizer.pad_token_id)
         want = tokenizer.decode(np.asarray(out)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert json.loads(capsys.readouterr().out)["completion"] == want
-
-
-@contextlib.contextmanager
-def _compilations():
-    """The names of the XLA programs compiled inside the block (JAX's caches cleared first, so that
-    what earlier tests compiled shows too)."""
-    import logging
-
-    names: list[str] = []
-
-    class Names(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if message.startswith("Finished XLA compilation of jit("):
-                names.append(message.split("jit(")[1].split(")")[0])
-
-    handler, logger = Names(), logging.getLogger("jax")
-    logger.addHandler(handler)
-    previous = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)
-    jax.clear_caches()
-    try:
-        yield names
-    finally:
-        jax.config.update("jax_log_compiles", previous)
-        logger.removeHandler(handler)
 
 
 def test_an_adapter_that_does_not_fit_is_refused(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import _tiny
+from _compiles import compilations
 import peftjax
 from peftjax.io import read_safetensors
 from peftjax.models import BertForSequenceClassification, LlamaForCausalLM
@@ -460,17 +461,6 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
     shapes): every shape the run uses is compiled exactly once (no second compile when the loop
     reaches a shape still compiling), evaluate() after train() compiles nothing, and the result is
     the same as a run that compiles each shape on its first call."""
-    import logging
-
-    compiled = []
-
-    class Names(logging.Handler):
-        def emit(self, record):
-            message = record.getMessage()
-            if message.startswith("Finished XLA compilation of jit("):
-                background = record.threadName.startswith("peftjax-precompile")
-                compiled.append(message.split("jit(")[1].split(")")[0] + (" ahead" if background else ""))
-
     # rows of three length groups, one a batch: three bucket lengths
     data = classification_data(120, seed=3)
     data["input_ids"] = [row + [1] * extra for row, extra in zip(data["input_ids"], np.resize([0, 24, 56], 120))]
@@ -485,21 +475,12 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
             peftjax.LoraConfig(r=4, lora_alpha=16, task_type="SEQ_CLS", target_modules=["query", "value"]),
             key=jax.random.key(0))
         trainer = Trainer(model, args, data, classification_data(40, seed=4))
-        handler, logger = Names(), logging.getLogger("jax")
-        logger.addHandler(handler)
-        previous = jax.config.jax_log_compiles
-        jax.config.update("jax_log_compiles", True)
-        try:
-            jax.clear_caches()  # eager ops compiled by earlier tests in this process would not show
-            compiled.clear()
+        with compilations() as compiled:  # eager ops an earlier test compiled show too
             result = trainer.train()
             during = list(compiled)
             compiled.clear()
             metrics = trainer.evaluate()
             after = list(compiled)
-        finally:
-            jax.config.update("jax_log_compiles", previous)
-            logger.removeHandler(handler)
         return result, metrics, during, after, trainer
 
     result, metrics, during, after, trainer = run(tmp_path / "a", precompile=True)

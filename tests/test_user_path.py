@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import jax
 import numpy as np
 import optax
 import pytest
 import _tiny
+from _compiles import compilations
 import peftjax
 from peftjax import models
 
@@ -58,18 +58,6 @@ def test_donated_adapters_give_an_error_that_says_what_to_call(llama_dir, tmp_pa
     assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
-class _Compiles(logging.Handler):
-    """The names of the XLA programs compiled while it is attached (``jax.log_compiles``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def emit(self, record):
-        if record.getMessage().startswith("Finished XLA compilation of "):
-            self.names.append(record.getMessage().split(" of ")[1].split(" in ")[0])
-
-
 TARGETS = ["q_proj", "k_proj", "down_proj"]
 
 
@@ -77,15 +65,9 @@ def test_adding_lora_compiles_nothing_and_inits_as_peft(llama_dir):
     """``get_peft_model``'s default init draws on the host: no XLA program compiles before the step
     (each eager ``jax.random`` call used to compile one, ~0.5 s and 70 MiB of compiler heap)."""
     model = models.from_pretrained(llama_dir)
-    jax.clear_caches()  # what this process compiled before would otherwise hide a compile
-    handler, logger = _Compiles(), logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles():
-            peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=TARGETS))
-    finally:
-        logger.removeHandler(handler)
-    assert handler.names == []
+    with compilations() as compiled:
+        peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, target_modules=TARGETS))
+    assert compiled == []
     layer = peft_model.base_model.model.layers[0]
     again = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=4, target_modules=TARGETS))
     keyed = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=4, target_modules=TARGETS),
@@ -105,17 +87,11 @@ def test_adding_lora_compiles_nothing_and_inits_as_peft(llama_dir):
 def test_a_new_classifier_head_and_its_trainable_copy_compile_nothing(llama_dir):
     """Loading with a task head the checkpoint lacks draws it on the host (transformers' normal(0,
     initializer_range)), and SEQ_CLS's modules_to_save copy is a device copy: nothing compiles."""
-    jax.clear_caches()
-    handler, logger = _Compiles(), logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(), pytest.warns(models.NewWeightsWarning, match="score"):
+    with compilations() as compiled:
+        with pytest.warns(models.NewWeightsWarning, match="score"):
             model = models.from_pretrained(llama_dir, task_type="SEQ_CLS", num_labels=3)
-        with jax.log_compiles():
-            peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, task_type="SEQ_CLS"))
-    finally:
-        logger.removeHandler(handler)
-    assert handler.names == []
+        peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, task_type="SEQ_CLS"))
+    assert compiled == []
     saved = peft_model.base_model.score
     head = np.asarray(saved.kernel.get_value())
     copy = np.asarray(saved.modules_to_save["default"].kernel.get_value())
