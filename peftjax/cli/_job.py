@@ -301,10 +301,11 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     figures.update(before=before, after=after, steps=result.global_step, training_loss=result.training_loss)
     texts = options["predict"] or []
     if seq_cls and texts:
-        # through the Trainer's compiled forward: an eager call compiles each operation on its own
-        rows = dict(tokenizer(texts, truncation=True, max_length=options["max_length"]))
-        logits = Trainer(reloaded, args, pad_token_id=tokenizer.pad_token_id).predict(rows)
-        trained = trainer.predict(rows)
+        from peftjax.cli import _logits  # one compiled forward each, as `peftjax predict` runs
+
+        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
+        inputs = {k: v for k, v in batch.items() if k in trainer.model_inputs}
+        logits, trained = _logits(reloaded, inputs), _logits(peft_model, inputs)
         figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
         names = dict(enumerate(LABELS)) if options["dataset"] is None else {}
         print("predictions of the reloaded adapter:")
