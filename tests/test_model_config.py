@@ -125,3 +125,32 @@ def test_loading_a_model_imports_neither_torch_nor_transformers(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_loading_builds_the_model_without_walking_its_trace(family, scan_layers, tmp_path, monkeypatch):
+    """``from_pretrained`` builds the model abstractly (``nnx.eval_shape``) before filling it. A
+    plain ``nnx.Rngs`` there made flax ask each traced key counter for its sharding, and JAX's
+    answer, an error message, walks everything traced so far: once per parameter, a build time
+    quadratic in the model's size. The loaded weights are the saved ones either way."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    from jax._src.interpreters import partial_eval
+
+    from peftjax.models import hf_state_dict
+
+    cls = {"llama": models.LlamaForCausalLM, "bert": models.BertModel}[family]
+    saved = cls.from_config(_tiny.config(family))
+    saved.save_pretrained(tmp_path / family)
+    walks = []
+    origin_msg = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg", lambda self: walks.append(1) or origin_msg(self))
+    loaded = models.from_pretrained(tmp_path / family, scan_layers=scan_layers)
+    assert walks == []
+    expected, got = hf_state_dict(saved), hf_state_dict(loaded)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(loaded)))

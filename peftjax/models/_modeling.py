@@ -165,6 +165,27 @@ def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     return {k: _to_torch_layout(np.asarray(v.get_value()), t) for k, v, t in iter_hf_params(model)}
 
 
+class _ShapeOnlyStream(nnx.RngStream):
+    """An RNG stream that hands out its key unchanged, for building a model under ``nnx.eval_shape``.
+
+    A plain stream counts its calls in a variable; under a trace each count is a tracer, and flax's
+    update of it asks the tracer for its sharding, which JAX answers with an error message that
+    walks the whole program traced so far: one walk per parameter, so the abstract build grew
+    quadratically with the model (half of MiniLM's, more for deeper models). Only shapes come out
+    of that build, so the keys' values do not matter.
+    """
+
+    def __call__(self) -> jax.Array:
+        return self.key[...]
+
+
+def _shape_only_rngs() -> nnx.Rngs:
+    """``nnx.Rngs`` whose every stream is a :class:`_ShapeOnlyStream` (call it inside the trace)."""
+    rngs = nnx.Rngs(0)
+    rngs.default = _ShapeOnlyStream(0, tag="default")
+    return rngs
+
+
 def resolve_dtype(dtype: Any) -> jnp.dtype:
     """Accepts ``jnp.float32``, ``"bfloat16"``, ``"float16"`` and the like."""
     try:
@@ -320,7 +341,7 @@ class PreTrainedModel(nnx.Module):
             a tensor or is stored in another format (``QuantStateError``, naming module and key).
         """
         dtype = resolve_dtype(dtype or jnp.float32)
-        model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=dtype, rngs=_shape_only_rngs()))
         if quantization_config is None:
             quantization_config = getattr(config, "quantization_config", None)
         if quantization_config is None:
