@@ -9,7 +9,9 @@ the compiled function is the same whichever adapters the rows use.
 Shapes are bucketed so that a running server compiles a handful of functions, not one per
 request: the batch is padded with base-model rows to a power of two, the prompts left-padded to a
 multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a power of two (each
-row is cut back to what its request asked for, and at its first end-of-sequence token). Greedy
+row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
+settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p`` or
+seed compiles nothing (turning top-k or top-p on or off does, once each). Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
 settings and seed.

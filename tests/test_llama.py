@@ -14,6 +14,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
+from _compiles import compilations
 from _torch_models import lazy, padded_batch, save_tiny, torch_logits
 
 from peftjax import models
@@ -138,6 +139,47 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(causal):
     np.testing.assert_array_equal(a, b)
     greedy = model.generate(ids, mask, max_new_tokens=5)
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=5, do_sample=True, top_k=1), greedy)
+
+
+def _kept_by_transformers(logits, temperature, top_k=None, top_p=None) -> set[int]:
+    """The tokens transformers' sampling warpers leave drawable, applied in generate's order."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = TemperatureLogitsWarper(temperature)(None, torch.tensor(logits)[None])
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return set(np.flatnonzero(np.isfinite(scores[0].numpy())).tolist())
+
+
+def test_sampling_settings_are_values_of_one_compiled_generate(tmp_path):
+    """A new temperature, top-k, top-p or pad token reuses the compiled generate (a server's clients
+    send their own); only turning a filter on or off compiles anew. Every token drawn is one that
+    transformers' warpers keep, from the PyTorch model's logits."""
+    torch_model = save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    prompt, _ = padded_batch(TINY["vocab_size"], batch=1, seq=6)
+    ids = np.repeat(prompt, 256, axis=0)  # 256 draws of the first new token, one per row
+    logits = torch_logits(torch_model, input_ids=prompt, attention_mask=np.ones_like(prompt))[0, -1]
+    settings = [dict(temperature=0.7, top_k=5), dict(temperature=2.0, top_k=3),  # top-k alone
+                dict(temperature=1.3, top_p=0.6), dict(temperature=0.5, top_p=0.9),  # top-p alone
+                dict(temperature=0.9, top_k=20, top_p=0.5), dict(temperature=1.1, top_k=4, top_p=0.95)]
+    with compilations() as compiled:
+        for i, setting in enumerate(settings):
+            drawn = set(model.generate(ids, max_new_tokens=1, do_sample=True, seed=i, pad_token_id=i,
+                                       **setting)[:, -1].tolist())
+            kept = _kept_by_transformers(logits, **setting)
+            assert 1 < len(kept) < TINY["vocab_size"], setting  # the filter cuts, and leaves a choice
+            assert drawn <= kept and len(drawn) > 1, (setting, sorted(drawn - kept))
+        greedy = [model.generate(ids[:2], max_new_tokens=3, temperature=t, pad_token_id=t) for t in (1, 3)]
+    np.testing.assert_array_equal(greedy[0], greedy[1])  # greedy ignores the sampling settings
+    assert compiled.count("_generate") == 4, compiled  # top-k, top-p, both, greedy: one program each
+    for bad, message in ((dict(top_k=-1), "top_k must be an integer >= 0"), (dict(top_k=2.5), "top_k must be"),
+                         (dict(top_p=1.5), r"top_p must be in \[0, 1\]"), (dict(temperature=0), "temperature")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids[:1], max_new_tokens=1, do_sample=True, **bad)
 
 
 def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import _tiny
+from _compiles import compilations
 import peftjax
 from peftjax import models
 from peftjax.cli import main
@@ -134,6 +135,28 @@ def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_g
     for (adapter, prompt, _), answer in zip(ASKS, answers):
         by_prompt.setdefault(prompt, {})[adapter] = tuple(answer["token_ids"][:2])
     assert any(len(set(firsts.values())) > 1 for firsts in by_prompt.values()), by_prompt
+
+
+def test_clients_sampling_settings_compile_nothing_new(files):
+    """Each client sends its own temperature, top_p, top_k and seed; after the first request with a
+    filter on, the server's batches of the same shape run the program already compiled."""
+    from transformers import AutoTokenizer
+
+    from peftjax.serving import BatchingGenerator
+
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    generator = BatchingGenerator(model, AutoTokenizer.from_pretrained(files / "base"), max_new_tokens=8)
+    bodies = [{"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1},
+              {"temperature": 1.6, "top_p": 0.5, "top_k": 3, "seed": 9},
+              {"temperature": 0.2, "top_p": 0.99, "top_k": 200, "seed": 4}]
+    with compilations() as compiled:
+        for body in bodies:
+            requests = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8, **body})
+                        for i, adapter in ((0, "a"), (2, "b"))]
+            for result in generator.generate(requests):
+                assert len(result["token_ids"]) <= 8 and result["batch"]["adapters"] == ["a", "b"]
+    assert compiled.count("_generate") == 1, compiled
 
 
 @pytest.mark.parametrize("body, status, message", [

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import _tiny
+from _compiles import compilations
 from _torch_models import lazy
 import peftjax
 from peftjax import models
@@ -132,8 +133,12 @@ def test_greedy_generate_matches_transformers_token_for_token(t5):
     np.testing.assert_array_equal(ours, ref)
     assert len(np.unique(ref[:, 1:])) > 3  # the weights make a varied sequence, not one token repeated
     if name.startswith("v1.1"):  # the sampling path: top-k 1 leaves only the greedy token to draw
-        sampled = model.generate(IDS, MASK, max_new_tokens=7, do_sample=True, top_k=1, temperature=0.7, seed=3)
-        np.testing.assert_array_equal(sampled, ref)
+        with compilations() as compiled:  # a new temperature or seed reuses the compiled generate
+            for temperature, seed in ((0.7, 3), (1.9, 4)):
+                sampled = model.generate(IDS, MASK, max_new_tokens=7, do_sample=True, top_k=1,
+                                         temperature=temperature, seed=seed)
+                np.testing.assert_array_equal(sampled, ref)
+        assert compiled.count("_generate") == 1, compiled
 
 
 def test_relative_position_buckets_are_transformers():

@@ -9,15 +9,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.nn._keys import default_key
 
-def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """Temperature, then top-k, then top-p, in the order transformers applies them."""
+
+def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
+    """Temperature, then top-k, then top-p, in the order transformers applies them.
+
+    The settings are values, not shapes: ``temperature``, ``top_k`` and ``top_p`` may be traced
+    scalars, so a compiled ``generate`` serves every setting; ``None`` turns a filter off. The k-th
+    largest logit is read from the sorted row (the value ``lax.top_k`` would give, which needs a
+    static ``k``), and a row keeps every logit equal to it, as transformers' ``TopKLogitsWarper``.
+    """
     neg = jnp.finfo(logits.dtype).min
     logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    if top_k is not None:
+        vocab = logits.shape[-1]
+        k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
+        kth = jax.lax.dynamic_slice_in_dim(jnp.sort(logits, axis=-1), vocab - k, 1, axis=-1)
         logits = jnp.where(logits < kth, neg, logits)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None:
         order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
@@ -28,10 +38,32 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top
     return logits
 
 
+def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int) -> dict:
+    """``generate``'s sampling settings checked and made the compiled function's arguments.
+
+    Values become arrays (a new temperature, ``top_k``, ``top_p`` or pad token reuses the compiled
+    function); what changes the program stays static: sampling or greedy, and which filters are
+    on (``top_k`` 0 or ``None``, ``top_p`` 1 or ``None``: off). Greedy decoding ignores the filters.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
+    if top_p is not None and not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1] (1 or None: off), got {top_p!r}")
+    sample = bool(do_sample)
+    return {
+        "do_sample": sample,
+        "temperature": np.float32(temperature),
+        "top_k": np.int32(top_k) if sample and top_k else None,
+        "top_p": np.float32(top_p) if sample and top_p is not None and top_p < 1.0 else None,
+        "pad": np.int32(pad),
+    }
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad",
-                     "rerun_at"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "rerun_at"),
 )
 def _generate(
     graphdef,
@@ -174,8 +206,6 @@ class GenerationMixin:
             position_ids = jnp.asarray(position_ids, jnp.int32)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if eos_token_id is None:
             eos_token_id = getattr(self.config, "eos_token_id", None)
         eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
@@ -190,16 +220,12 @@ class GenerationMixin:
             state,
             input_ids,
             mask,
-            jax.random.key(seed),
+            default_key(seed),
             inputs_embeds,
             position_ids,
             max_new_tokens=int(max_new_tokens),
-            do_sample=bool(do_sample),
-            temperature=float(temperature),
-            top_k=top_k,
-            top_p=top_p,
+            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)),
             eos=eos,
-            pad=int(pad_token_id),
             rerun_at=rerun_at,
         )
         tokens, done = np.asarray(tokens), np.asarray(done)

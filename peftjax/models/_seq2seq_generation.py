@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import _filter_logits
+from peftjax.nn._keys import default_key
+
+from peftjax.models._generation import _filter_logits, sampling_arguments
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos", "pad",
-                     "start"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start):
@@ -112,8 +113,6 @@ class Seq2SeqGenerationMixin:
             raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
         if decoder_start_token_id is None:
@@ -127,9 +126,9 @@ class Seq2SeqGenerationMixin:
             pad_token_id = eos[0] if eos else 0
         graphdef, state = nnx.split(self)
         tokens, done = _generate(
-            graphdef, state, input_ids, mask, jax.random.key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
-            max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample), temperature=float(temperature),
-            top_k=top_k, top_p=top_p, eos=eos, pad=int(pad_token_id), start=int(decoder_start_token_id),
+            graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
+            max_new_tokens=int(max_new_tokens), eos=eos, start=int(decoder_start_token_id),
+            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)),
         )
         tokens, done = np.asarray(tokens), np.asarray(done)
         all_done = np.nonzero(done.all(axis=0))[0]
