@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import _tiny
+from _compiles import compilations
 from _torch_models import lazy
 import peftjax
 from peftjax import models
@@ -149,28 +150,30 @@ def test_rank_allocator_and_orth_loss_match_peft(paths, tmp_path):
     state = init_rank_allocator(adapters, config)
     assert (state.init_bgt, state.target_bgt) == (4 * 6, 2 * 6)
     patterns = []
-    for step in range(SCHEDULE["total_step"]):
-        # the "optimizer step" both sides take, then this step's gradients
-        update = {n: 0.01 * rng.randn(*p.shape).astype(np.float32) for n, p in params.items()}
-        grads = {n: rng.randn(*p.shape).astype(np.float32) for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.add_(torch.tensor(update[n]))
-                p.grad = torch.tensor(grads[n])
-        ours = adalora_factors(adapters)
-        adapters = _replace_factors(adapters, {p: {f: jnp.asarray(params[torch_name(p, f)].detach().numpy())
-                                                   for f in fs} for p, fs in ours.items()})
-        g_tree = _replace_factors(adapters, {p: {f: jnp.asarray(grads[torch_name(p, f)]) for f in fs}
-                                             for p, fs in ours.items()})
-        torch_model.base_model.update_and_allocate(step)
-        adapters, state, config = update_and_allocate(state, adapters, g_tree, step, config)
-        for path, factors in adalora_factors(adapters).items():
-            np.testing.assert_array_equal(np.asarray(factors["lora_E"]),
-                                          params[torch_name(path, "lora_E")].detach().numpy())
-        their_pattern = torch_model.peft_config["default"].rank_pattern
-        theirs = {k.replace(".default", ""): v for k, v in (their_pattern or {}).items()}
-        assert (config.rank_pattern or {}) == theirs, step
-        patterns.append(config.rank_pattern)
+    with compilations() as masking:  # the budget changes; the masking program does not
+        for step in range(SCHEDULE["total_step"]):
+            # the "optimizer step" both sides take, then this step's gradients
+            update = {n: 0.01 * rng.randn(*p.shape).astype(np.float32) for n, p in params.items()}
+            grads = {n: rng.randn(*p.shape).astype(np.float32) for n, p in params.items()}
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.add_(torch.tensor(update[n]))
+                    p.grad = torch.tensor(grads[n])
+            ours = adalora_factors(adapters)
+            adapters = _replace_factors(adapters, {p: {f: jnp.asarray(params[torch_name(p, f)].detach().numpy())
+                                                       for f in fs} for p, fs in ours.items()})
+            g_tree = _replace_factors(adapters, {p: {f: jnp.asarray(grads[torch_name(p, f)]) for f in fs}
+                                                 for p, fs in ours.items()})
+            torch_model.base_model.update_and_allocate(step)
+            adapters, state, config = update_and_allocate(state, adapters, g_tree, step, config)
+            for path, factors in adalora_factors(adapters).items():
+                np.testing.assert_array_equal(np.asarray(factors["lora_E"]),
+                                              params[torch_name(path, "lora_E")].detach().numpy())
+            their_pattern = torch_model.peft_config["default"].rank_pattern
+            theirs = {k.replace(".default", ""): v for k, v in (their_pattern or {}).items()}
+            assert (config.rank_pattern or {}) == theirs, step
+            patterns.append(config.rank_pattern)
+    assert masking.count("_keep_masks") == 1, masking  # budgets 18, 12 and 12 (k 6, 12, 12): one program
     kept = [sum(m) for m in config.rank_pattern.values()]
     assert sum(kept) == 12 and min(kept) < 4  # the final budget, and not a uniform cut by construction
     assert patterns[1] is None and patterns[2] is not None  # warm-up, then the first allocation

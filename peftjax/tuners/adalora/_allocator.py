@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.config import AdaLoraConfig
@@ -128,9 +129,12 @@ def _update_ipt(exp_avg_ipt, exp_avg_unc, params, grads, *, beta1: float, beta2:
     return exp_avg_ipt, exp_avg_unc
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _keep_masks(exp_avg_ipt, exp_avg_unc, *, k: int):
-    """``{path: [r] bool}``: the triplets scoring above the ``k``-th smallest score (PEFT's kthvalue)."""
+@jax.jit
+def _keep_masks(exp_avg_ipt, exp_avg_unc, k):
+    """``{path: [r] bool}``: the triplets scoring above the ``k``-th smallest score (PEFT's kthvalue).
+
+    ``k`` is a value, not a shape: the budget falls every ``deltaT`` steps, and each new budget
+    reuses the compiled program."""
     scores = {}
     for path in sorted(exp_avg_ipt):
         s = {n: exp_avg_ipt[path][n] * exp_avg_unc[path][n] for n in _FACTORS}
@@ -194,7 +198,7 @@ def update_and_allocate(
     if k <= 0:  # nothing to cut (target_r >= init_r; PEFT's kthvalue fails here)
         masks = {p: jnp.ones((v["lora_E"].shape[0],), bool) for p, v in params.items()}
     else:
-        masks = _keep_masks(state.exp_avg_ipt, state.exp_avg_unc, k=k)
+        masks = _keep_masks(state.exp_avg_ipt, state.exp_avg_unc, np.int32(k))
     adapters = _with_masked_e(adapters, masks, adapter_name)
     pattern = {rank_pattern_key(p): [bool(b) for b in jax.device_get(m)] for p, m in sorted(masks.items())}
     config = dataclasses.replace(config, rank_pattern=pattern)
