@@ -28,6 +28,14 @@ that took 0.2 s or more are written: writing every one (a threshold of 0, so tha
 and the subprocesses share each other's thousands of small eager programs too) was measured on a
 2-core AVX2 host at 18:10 for the whole suite against 18:09, no gain.
 
+Also measured on that host and not taken: XLA's matmuls on one thread per process
+(``--xla_cpu_multi_thread_eigen=false``, so that the two workers do not contend for two cores),
+with and without synchronous CPU dispatch (``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``), on
+tests/test_llama.py + test_lora_peft.py, two rounds each: 121-122 s (user 205-206 s) and 117-128 s
+(user 200-216 s) against 124-128 s (user 209-215 s), inside the spread of identical runs there
+(92-131 s); and LLVM -O1 instead of -O0 for the examples' subprocesses, which run the real MiniLM
+more than they compile: 67-70 s against 58-62 s for examples/ia3_prefix_prompt.py --smoke.
+
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
 """
