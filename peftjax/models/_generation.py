@@ -168,6 +168,12 @@ class GenerationMixin:
     ) -> np.ndarray:
         """Generates continuations of (left-padded) prompts.
 
+        The loop is compiled once per prompt shape, ``max_new_tokens`` and kind of decoding (greedy,
+        or sampling with top-k and top-p each on or off); the sampling values, seed and pad token
+        are its arguments. To reuse it across prompts of other lengths, left-pad them to a common
+        multiple, e.g. ``tokenizer(texts, padding=True, pad_to_multiple_of=32)`` with
+        ``padding_side="left"`` (``peftjax serve`` does so).
+
         Args:
           input_ids: ``[batch, seq]`` prompt ids, left-padded when lengths differ.
           attention_mask: ``[batch, seq]``, 0 on padding (``[batch, n]`` with ``inputs_embeds``).

@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.nn._keys import default_key
-
 from peftjax.models._generation import _filter_logits, sampling_arguments
+from peftjax.nn._keys import default_key
 
 
 @functools.partial(
@@ -80,6 +79,9 @@ class Seq2SeqGenerationMixin:
         encoder_prefix_kv=None,
     ) -> np.ndarray:
         """Generates each input's output sequence, as transformers' ``generate`` for seq2seq models.
+
+        Compiled once per input shape, ``max_new_tokens`` and kind of decoding (greedy, or sampling
+        with top-k and top-p each on or off); the sampling values, seed and pad token are arguments.
 
         Args:
           input_ids: ``[batch, seq]`` encoder input (padding anywhere; ``attention_mask`` marks it).
