@@ -182,6 +182,21 @@ def test_sampling_settings_are_values_of_one_compiled_generate(tmp_path):
             model.generate(ids[:1], max_new_tokens=1, do_sample=True, **bad)
 
 
+def test_prompts_left_padded_to_a_common_length_share_one_compiled_generate(tmp_path):
+    """generate's docstring: left-padding prompts to a multiple reuses the compiled loop across
+    prompt lengths, and each row generates what its prompt alone does."""
+    save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    prompts = [np.random.default_rng(n).integers(1, TINY["vocab_size"], (1, n)) for n in (5, 9, 12)]
+    alone = [model.generate(p, max_new_tokens=6, pad_token_id=0)[:, p.shape[1]:] for p in prompts]
+    with compilations() as compiled:
+        for p, expected in zip(prompts, alone):
+            ids, mask = np.zeros((1, 16), np.int64), np.zeros((1, 16), np.int64)
+            ids[:, 16 - p.shape[1]:], mask[:, 16 - p.shape[1]:] = p, 1
+            np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=6, pad_token_id=0)[:, 16:], expected)
+    assert compiled.count("_generate") == 1, compiled
+
+
 def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
     torch_model, model, _ = causal
     model.save_pretrained(tmp_path)
