@@ -22,14 +22,19 @@ def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> ja
     """
     neg = jnp.finfo(logits.dtype).min
     logits = logits / temperature
+    if top_k is None and top_p is None:
+        return logits
+    # one sort serves both filters: top-k's cut leaves the kept logits in their sorted order and
+    # the cut ones, all equal to ``neg``, in front of them, which is what sorting the cut row gives
+    order = None if top_p is None else jnp.argsort(logits, axis=-1)  # ascending, as TopPLogitsWarper
+    sorted_logits = jnp.sort(logits, axis=-1) if order is None else jnp.take_along_axis(logits, order, axis=-1)
     if top_k is not None:
         vocab = logits.shape[-1]
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
-        kth = jax.lax.dynamic_slice_in_dim(jnp.sort(logits, axis=-1), vocab - k, 1, axis=-1)
+        kth = jax.lax.dynamic_slice_in_dim(sorted_logits, vocab - k, 1, axis=-1)
         logits = jnp.where(logits < kth, neg, logits)
+        sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)
     if top_p is not None:
-        order = jnp.argsort(logits, axis=-1)  # ascending, as transformers' TopPLogitsWarper
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         remove_sorted = cum <= (1 - top_p)
         remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one token
