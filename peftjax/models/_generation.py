@@ -66,6 +66,34 @@ def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, t
     }
 
 
+def decoding_arguments(config, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
+                       top_p: float | None, eos_token_id, pad_token_id) -> dict:
+    """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
+
+    ``max_new_tokens`` is checked, ``eos_token_id`` and ``pad_token_id`` default to ``config``'s
+    (the pad id, failing that, to the first EOS id, else 0), and the sampling settings go through
+    :func:`sampling_arguments`. The EOS ids become a tuple: their number is a shape of the loop.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return {"max_new_tokens": int(max_new_tokens), "eos": eos,
+            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id))}
+
+
+def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
+    """How many of the loop's ``max_new_tokens`` columns to return: up to the step every row had
+    finished at (``done`` is ``[batch, max_new_tokens]``), as transformers stops there."""
+    all_done = np.nonzero(done.all(axis=0))[0]
+    return int(all_done[0]) + 1 if len(all_done) else max_new_tokens
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "rerun_at"),
@@ -215,15 +243,8 @@ class GenerationMixin:
                 raise ValueError(f"{name} must have the prefill's shape {tuple(prefill)}, got {jnp.shape(value)}")
         if position_ids is not None:
             position_ids = jnp.asarray(position_ids, jnp.int32)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-        eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-        if pad_token_id is None:
-            pad_token_id = getattr(self.config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
+        decoding = decoding_arguments(self.config, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                      eos_token_id, pad_token_id)
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         graphdef, state = nnx.split(self)
         tokens, done = _generate(
@@ -234,15 +255,11 @@ class GenerationMixin:
             default_key(seed),
             inputs_embeds,
             position_ids,
-            max_new_tokens=int(max_new_tokens),
-            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)),
-            eos=eos,
+            **decoding,
             rerun_at=rerun_at,
         )
-        tokens, done = np.asarray(tokens), np.asarray(done)
-        all_done = np.nonzero(done.all(axis=0))[0]
-        n = int(all_done[0]) + 1 if len(all_done) else max_new_tokens
-        return np.concatenate([np.asarray(input_ids), tokens[:, :n]], axis=1)
+        n = generated_length(np.asarray(done), max_new_tokens)
+        return np.concatenate([np.asarray(input_ids), np.asarray(tokens)[:, :n]], axis=1)
 
     def _generation_rerun_step(self, prefill: int, max_new_tokens: int) -> int | None:
         """The step whose token is fed with the whole sequence so far, from an empty cache.

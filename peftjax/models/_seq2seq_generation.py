@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import _filter_logits, sampling_arguments
+from peftjax.models._generation import _filter_logits, decoding_arguments, generated_length
 from peftjax.nn._keys import default_key
 
 
@@ -113,27 +113,17 @@ class Seq2SeqGenerationMixin:
         mask = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        decoding = decoding_arguments(self.config, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                      eos_token_id, pad_token_id)
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
         if decoder_start_token_id is None:
             raise ValueError("decoder_start_token_id is not set (pass it, or set it in the config; T5 uses 0)")
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config, "eos_token_id", None)
-        eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
-        if pad_token_id is None:
-            pad_token_id = getattr(self.config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
         graphdef, state = nnx.split(self)
         tokens, done = _generate(
             graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
-            max_new_tokens=int(max_new_tokens), eos=eos, start=int(decoder_start_token_id),
-            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)),
+            start=int(decoder_start_token_id), **decoding,
         )
-        tokens, done = np.asarray(tokens), np.asarray(done)
-        all_done = np.nonzero(done.all(axis=0))[0]
-        n = int(all_done[0]) + 1 if len(all_done) else max_new_tokens
+        tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
         start = np.full((tokens.shape[0], 1), decoder_start_token_id, tokens.dtype)
         return np.concatenate([start, tokens[:, :n]], axis=1)
