@@ -308,9 +308,10 @@ def test_rope_scalings_match_transformers(name, tmp_path):
         rotary = type(torch_model.model.rotary_emb)(torch_model.config)  # fresh: no state from another call
         with torch.no_grad():
             cos, sin = rotary(torch.zeros(1), torch.arange(seq)[None])
-        ours = model.model.rotary.cos_sin(jnp.arange(seq)[None], jnp.float32)
-        np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6, rtol=0)
-        np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6, rtol=0)
+        for positions in (jnp.arange(seq)[None], np.arange(seq)[None]):  # traced, and known while tracing
+            ours = model.model.rotary.cos_sin(positions, jnp.float32)
+            np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6, rtol=0)
+            np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6, rtol=0)
         ids, mask = padded_batch(TINY["vocab_size"], seq=seq)
         valid = mask.astype(bool)
         ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
@@ -605,3 +606,35 @@ def test_base_model_dropout_draws_per_key_and_scans_like_the_loop(tmp_path):
 def test_unknown_config_override_is_an_error(llama_dir):
     with pytest.raises(TypeError, match="num_label"):
         models.from_pretrained(llama_dir, num_label=2)
+
+
+def test_rope_of_a_call_without_positions_is_a_constant_of_the_compiled_step(tmp_path):
+    """Without ``position_ids`` (and without a cache) the positions are known while tracing, so RoPE's
+    cos and sin are NumPy constants: the compiled training step computes no cosine or sine (XLA
+    would otherwise compute them inside each fusion reading them, per head, per layer, forward and
+    backward). The same positions passed as ``position_ids`` are traced: they compute them, and the
+    loss and gradients agree. The host values against transformers: ``test_rope_scalings_match_transformers``."""
+    import optax
+
+    import peftjax
+
+    save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path)
+    peft_model = peftjax.get_peft_model(models.from_pretrained(tmp_path),
+                                        peftjax.LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    graphdef, adapters, base = peftjax.split(peft_model.base_model)
+    adapters = jax.tree.map(lambda a: a + 0.01, adapters)  # B nonzero: q and k's gradients reach A
+    tx = optax.sgd(1.0)
+    ids, mask = padded_batch(TINY["vocab_size"], seq=12)
+    implicit = _tiny.batch(ids, mask)
+    explicit = {**implicit, "position_ids": jnp.broadcast_to(jnp.arange(12), ids.shape)}
+    results = []
+    for batch in (implicit, explicit):
+        step = peftjax.make_train_step(graphdef, tx)
+        start = jax.tree.map(jnp.copy, adapters)
+        hlo = step.lower(start, tx.init(start), base, batch, None).compile().as_text()
+        new, _, loss = step(start, tx.init(start), base, batch, None)
+        results.append((hlo.count(" cosine("), hlo.count(" sine("), float(loss), new))
+    assert results[0][:2] == (0, 0) and results[1][0] > 0 and results[1][1] > 0
+    assert abs(results[0][2] - results[1][2]) < 1e-6
+    for a, b in zip(jax.tree.leaves(results[0][3]), jax.tree.leaves(results[1][3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)

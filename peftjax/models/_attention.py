@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peftjax.models._dropout import dropout
 from peftjax.nn._functional import softmax
@@ -175,7 +176,9 @@ class DecoderPositions(NamedTuple):
 
     start: jax.Array  # the cache slot of the first new token (0 without a cache)
     query_positions: jax.Array  # [s]: each new token's index among the keys (prefix entries first)
-    position_ids: jax.Array  # [b, s]: the given ones, or counted on from the prefix and cache
+    # [b, s]: the given ones, or counted on from the prefix and cache; without a cache, a NumPy
+    # array (known while tracing: RoPE's cos and sin become constants)
+    position_ids: jax.Array | np.ndarray
     key_mask: jax.Array  # [b, V + keys]: which keys a token may attend (prefix entries always)
     num_prefix: int  # V, the prefix length (0 without prefix_kv)
 
@@ -207,13 +210,17 @@ def decoder_positions(
         )
     start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
     query_positions = start + jnp.arange(seq) + num_prefix
-    if position_ids is None:
+    if position_ids is None and cache_index is None:
+        position_ids = np.broadcast_to(np.arange(num_prefix, num_prefix + seq, dtype=np.int32), (batch, seq))
+    elif position_ids is None:
         position_ids = jnp.broadcast_to(query_positions, (batch, seq))
+    else:
+        position_ids = jnp.asarray(position_ids)
     key_len = seq if cache is None else cache[0]["k"].shape[1]
     if attention_mask is None:
         attention_mask = jnp.ones((batch, key_len), bool)
     key_mask = prefix_key_mask(jnp.asarray(attention_mask), num_prefix)
-    return DecoderPositions(start, query_positions, jnp.asarray(position_ids), key_mask, num_prefix)
+    return DecoderPositions(start, query_positions, position_ids, key_mask, num_prefix)
 
 
 def prefix_key_mask(key_mask: jax.Array, num_prefix: int) -> jax.Array:
