@@ -42,6 +42,22 @@ def test_speed_vs_peft_runs_on_a_tiny_model():
     assert all(float(v) > 0 for v in fields.values())
 
 
+def test_step_profile_puts_each_framework_s_step_in_categories():
+    """Both profiles are read: every peftjax trace event found in the compiled step's HLO, every ATen
+    operator of PEFT's step in a category, and each framework's categories add up to its step."""
+    pytest.importorskip("peft")
+    last = _run("step_profile.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
+                "--vocab", "128", "--batch", "2", "--seq", "16", "--rank", "4", "--warmup", "1", "--steps", "2",
+                "--matmul-size", "256")
+    fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
+    for side in ("peftjax", "peft"):
+        parts = [fields[f"{side}_{k}_ms"] for k in ("layers", "head", "loss", "attention", "layout", "other", "idle")]
+        assert all(p >= 0 for p in parts), side
+        assert fields[f"{side}_layers_ms"] > 0 and fields[f"{side}_attention_ms"] > 0, side
+        assert abs(sum(parts) / fields[f"{side}_profiled_step_ms"] - 1) < 0.02, (side, parts)
+    assert fields["ratio_time"] > 0 and fields["jax_f32_gflops"] > 0 and fields["torch_f32_gflops"] > 0
+
+
 def test_depth_runs_on_a_tiny_model():
     last = _run("depth.py", "--depths", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
                 "--hidden", "32", "--intermediate", "48", "--vocab", "128", "--seq", "16", "--steps", "1")
