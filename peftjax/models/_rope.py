@@ -153,7 +153,8 @@ class RotaryEmbedding:
         return xp.cos(emb) * xp.float32(self.scaling), xp.sin(emb) * xp.float32(self.scaling)
 
 
-# the most positions x frequencies computed on the host: two float32 constants of 4 MiB each
+# the most positions x frequencies computed on the host: cos and sin then are [seq, 2 x frequencies]
+# float32 constants of at most 8 MiB each (a 16k-token call of 64 frequencies); longer calls trace them
 _HOST_ROPE_LIMIT = 1 << 20
 
 
