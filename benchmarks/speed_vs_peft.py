@@ -301,8 +301,9 @@ def build_model(args, directory: str) -> None:
     subprocess.run([sys.executable, "-c", code, directory], check=True)
 
 
-def run_child(args, config: str, directory: str, cache_dir: str) -> dict:
-    argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--model-dir", directory,
+def run_child(args, config: str, directory: str, cache_dir: str, script: str = __file__) -> dict:
+    """Runs ``script`` (this one, or another sharing its flags) as ``--child config``; its last line's JSON."""
+    argv = [sys.executable, os.path.abspath(script), "--child", config, "--model-dir", directory,
             "--cache-dir", cache_dir]
     for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "rank", "alpha", "lr",
                  "weight_decay", "warmup", "steps", "matmul_size"):

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -275,17 +274,8 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as directory:
         svp.build_model(args, directory)
-        results = {}
-        for framework in ("peftjax", "peft"):
-            argv = [sys.executable, os.path.abspath(__file__), "--child", framework, "--model-dir", directory]
-            for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "rank", "alpha", "lr",
-                         "weight_decay", "warmup", "steps", "matmul_size"):
-                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"the {framework} child failed:\n{proc.stderr[-4000:]}")
-            results[framework] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results = {framework: svp.run_child(args, framework, directory, directory, script=__file__)
+                   for framework in ("peftjax", "peft")}
     jx, pt = results["peftjax"], results["peft"]
     print(f"load average {os.getloadavg()[0]:.2f}; {args.steps} profiled steps after {args.warmup}; "
           f"batch {args.batch} x {args.seq}, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
