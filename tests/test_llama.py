@@ -312,6 +312,11 @@ def test_rope_scalings_match_transformers(name, tmp_path):
             ours = model.model.rotary.cos_sin(positions, jnp.float32)
             np.testing.assert_allclose(np.asarray(ours[0]), cos.numpy(), atol=2e-6, rtol=0)
             np.testing.assert_allclose(np.asarray(ours[1]), sin.numpy(), atol=2e-6, rtol=0)
+        uneven = np.stack([np.arange(seq), np.arange(seq) + 5])  # host rows that differ: each its own
+        host, traced = model.model.rotary.cos_sin(uneven, jnp.float32), model.model.rotary.cos_sin(
+            jnp.asarray(uneven), jnp.float32)
+        for a, b in zip(host, traced):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-7, rtol=0)
         ids, mask = padded_batch(TINY["vocab_size"], seq=seq)
         valid = mask.astype(bool)
         ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)

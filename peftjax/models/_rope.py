@@ -121,18 +121,20 @@ class RotaryEmbedding:
     def cos_sin(self, position_ids, dtype) -> tuple[jax.Array, jax.Array]:
         """``cos`` and ``sin`` of shape ``[batch, seq, rotary dims]`` for integer ``position_ids``.
 
-        ``position_ids`` known while tracing (a NumPy array, its rows equal: what
+        ``position_ids`` known while tracing (a NumPy array: what
         :func:`peftjax.models._attention.decoder_positions` gives a call without ``position_ids`` or
-        a cache) gives cos and sin computed with NumPy, constants of the compiled program. From
-        traced positions XLA computes them inside each fusion that reads them: once per head, in
-        every layer, and again in the backward pass (65 ms of the speed benchmark's 1.3 s step).
+        a cache) gives cos and sin computed with NumPy, constants of the compiled program (one
+        row's when the rows are equal, broadcast to the batch). From traced positions XLA computes
+        them inside each fusion that reads them: once per head, in every layer, and again in the
+        backward pass (65 ms of the speed benchmark's 1.3 s step).
         """
-        if isinstance(position_ids, np.ndarray) and position_ids.shape[-1] * len(self.inv_freq) <= _HOST_ROPE_LIMIT:
-            row = position_ids[:1]
-            cos, sin = self._cos_sin(row, np, int(row.max()) + 1 if row.size else 0)
-            shape = (*position_ids.shape, cos.shape[-1])
-            return (jnp.broadcast_to(jnp.asarray(cos.astype(dtype)), shape),
-                    jnp.broadcast_to(jnp.asarray(sin.astype(dtype)), shape))
+        if isinstance(position_ids, np.ndarray):
+            rows = position_ids[:1] if (position_ids == position_ids[:1]).all() else position_ids
+            if rows.size * len(self.inv_freq) <= _HOST_ROPE_LIMIT:
+                cos, sin = self._cos_sin(rows, np, int(rows.max()) + 1 if rows.size else 0)
+                shape = (*position_ids.shape, cos.shape[-1])
+                return (jnp.broadcast_to(jnp.asarray(cos.astype(dtype)), shape),
+                        jnp.broadcast_to(jnp.asarray(sin.astype(dtype)), shape))
         position_ids = jnp.asarray(position_ids)
         cos, sin = self._cos_sin(position_ids, jnp, jnp.max(position_ids) + 1 if self.kind != "static" else None)
         return cos.astype(dtype), sin.astype(dtype)
