@@ -154,20 +154,20 @@ def profile_peftjax(args) -> dict:
     step = peftjax.make_train_step(graphdef, tx)
     ids = jnp.asarray(svp.batch_arrays(args))
     batch = {"input_ids": ids, "labels": ids}
+
     def one_step():
         nonlocal trainable, opt_state
         trainable, opt_state, loss = step(trainable, opt_state, rest, batch, None)
         loss.block_until_ready()
 
     plain = _timed_steps(one_step, args)
-    trace_dir = tempfile.mkdtemp(prefix="step-trace-")
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    walls = [_timed(one_step) for _ in range(args.steps)]
-    jax.profiler.stop_trace()
+    with tempfile.TemporaryDirectory(prefix="step-trace-") as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        walls = [_timed(one_step) for _ in range(args.steps)]
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]))
     # the same program compiled again: the same instruction names as the traced one
     instructions = _hlo_instructions(step.lower(trainable, opt_state, rest, batch, None).compile().as_text())
-
-    trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]))
     trace = trace["traceEvents"] if isinstance(trace, dict) else trace
     threads = {(e["pid"], e["tid"]) for e in trace
                if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]}
