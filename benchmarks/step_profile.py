@@ -11,14 +11,14 @@ and PEFT's eager loop. After ``--warmup`` steps, ``--steps`` steps are timed wit
   to its instruction in the compiled step's HLO and put in a category by what it computes;
 - PEFT with ``torch.profiler``: each ATen operator's self time, in the same categories.
 
-XLA runs independent operations side by side on the two cores, so an operation's own duration is
+XLA runs independent operations side by side on the host's cores, so an operation's own duration is
 not its cost: each moment of the step is shared equally among the operations running then, and
 the wall time with no operation running is "idle" (for PyTorch, the step's wall time not inside
 any operator: Python and autograd's bookkeeping). The categories are milliseconds of a profiled
 step; ``torch.profiler`` slows PyTorch's step more than ``jax.profiler`` slows XLA's, so compare
 the steps themselves by the unprofiled row. A category's matmul throughput is its FLOPs over
 its share of the wall time; the last rows give each framework's float32 matmul peak on this host
-and the step's fraction of the floor (FLOPs / peak).
+and the step's fraction of the floor (the FLOPs counted by hand over peak x step time).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed_vs_peft as svp  # noqa: E402  (the shared model, batch and optimizer)
+import speed_vs_peft as svp  # the shared model, batch, optimizer and child runner
 
 CATEGORIES = [
     ("layers", "linear layers (matmuls)"),
@@ -165,7 +165,8 @@ def profile_peftjax(args) -> dict:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         walls = [_timed(one_step) for _ in range(args.steps)]
         jax.profiler.stop_trace()
-        trace = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))[-1]))
+        with gzip.open(max(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))) as f:
+            trace = json.load(f)
     # the same program compiled again: the same instruction names as the traced one
     instructions = _hlo_instructions(step.lower(trainable, opt_state, rest, batch, None).compile().as_text())
     trace = trace["traceEvents"] if isinstance(trace, dict) else trace
