@@ -27,12 +27,12 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed_vs_peft as svp  # the shared model, batch, optimizer and child runner
@@ -52,54 +52,49 @@ MATMUL_CATEGORIES = ("layers", "head")
 # --------------------------------------------------------------------------- peftjax
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def _timed_steps(one_step, args) -> float:
     """``--warmup`` steps, then the median of ``--steps`` timed ones, outside any profiler."""
     for _ in range(args.warmup):
         one_step()
-    return statistics.median(_timed(one_step) for _ in range(args.steps))
+    return statistics.median(svp._timed(one_step) for _ in range(args.steps))
+
+
+def _dims(shape: str) -> list[int]:
+    m = re.match(r"\w+\[([\d,]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def _dot_flops(body: str) -> dict:
+    """The FLOPs of each ``dot`` in one HLO computation's ``body``, by name (its operands' shapes are
+    defined in the same body)."""
+    shapes = {m.group(1): _dims(m.group(2)) for m in re.finditer(r"%([\w.\-]+) = (\w+\[[\d,]*\])", body)}
+    flops = {}
+    for m in re.finditer(r"%([\w.\-]+) = (\w+\[[\d,]*\])\S* dot\(%([\w.\-]+), %[\w.\-]+\),([^\n]*)", body):
+        lhs, contracting = shapes.get(m.group(3)), re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m.group(4))
+        if lhs is None or contracting is None:
+            continue
+        k = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i)
+        flops[m.group(1)] = 2.0 * math.prod(_dims(m.group(2))) * k
+    return flops
 
 
 def _hlo_instructions(text: str) -> dict:
-    """``name -> (opcode, shape dims, op_name, FLOPs of its dots)`` for every HLO instruction."""
-    computations = {}
-    for m in re.finditer(r"^(?:ENTRY )?(%[\w.\-]+) [^\n]*\{\n(.*?)^\}", text, re.M | re.S):
-        computations[m.group(1)] = m.group(2)
-
-    def dims(shape: str) -> list[int]:
-        m = re.match(r"\w+\[([\d,]*)\]", shape)
-        return [int(d) for d in m.group(1).split(",") if d] if m else []
-
-    def dot_flops(body: str) -> float:
-        shapes = {m.group(1): dims(m.group(2)) for m in re.finditer(r"(%[\w.\-]+) = (\w+\[[\d,]*\])", body)}
-        flops = 0.0
-        for m in re.finditer(r"= (\w+\[[\d,]*\])\S* dot\((%[\w.\-]+), %[\w.\-]+\),([^\n]*)", body):
-            lhs, contracting = shapes.get(m.group(2)), re.search(r"lhs_contracting_dims=\{([\d,]*)\}", m.group(3))
-            if lhs is None or contracting is None:
-                continue
-            k = 1
-            for i in contracting.group(1).split(","):
-                k *= lhs[int(i)] if i else 1
-            out = 1
-            for d in dims(m.group(1)):
-                out *= d
-            flops += 2.0 * out * k
-        return flops
-
+    """``name -> (opcode, shape dims, op_name, FLOPs of its dots)`` for every HLO instruction: a
+    fusion's FLOPs are those of the dots it calls, a plain ``dot``'s its own."""
+    computations = [m.group(1) for m in re.finditer(r"^(?:ENTRY )?%[\w.\-]+ [^\n]*\{\n(.*?)^\}", text, re.M | re.S)]
+    by_name = dict(zip(re.findall(r"^(?:ENTRY )?(%[\w.\-]+) [^\n]*\{\n", text, re.M), computations))
     table = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(?\w+\[[\d,]*\][^ ]*) (\w[\w\-]*)\((.*)$", text, re.M):
-        name, shape, opcode, rest = m.groups()
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        called = re.search(r"calls=(%[\w.\-]+)", rest)
-        flops = dot_flops(computations.get(called.group(1), "")) if opcode == "fusion" and called else 0.0
-        if opcode == "dot":
-            flops = dot_flops(m.group(0))
-        table[name] = (opcode, dims(shape.lstrip("(")), op_name.group(1) if op_name else "", flops)
+    for body in computations:
+        own = _dot_flops(body)
+        for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(?\w+\[[\d,]*\][^ ]*) (\w[\w\-]*)\((.*)$", body, re.M):
+            name, shape, opcode, rest = m.groups()
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            called = re.search(r"calls=(%[\w.\-]+)", rest)
+            if opcode == "fusion" and called:
+                flops = sum(_dot_flops(by_name.get(called.group(1), "")).values())
+            else:
+                flops = own.get(name, 0.0)
+            table[name] = (opcode, _dims(shape.lstrip("(")), op_name.group(1) if op_name else "", flops)
     return table
 
 
@@ -163,7 +158,7 @@ def profile_peftjax(args) -> dict:
     plain = _timed_steps(one_step, args)
     with tempfile.TemporaryDirectory(prefix="step-trace-") as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        walls = [_timed(one_step) for _ in range(args.steps)]
+        walls = [svp._timed(one_step) for _ in range(args.steps)]
         jax.profiler.stop_trace()
         with gzip.open(max(glob.glob(f"{trace_dir}/plugins/profile/*/perfetto_trace.json.gz"))) as f:
             trace = json.load(f)
@@ -239,7 +234,7 @@ def profile_peft(args) -> dict:
 
     plain = _timed_steps(one_step, args)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
-        walls = [_timed(one_step) for _ in range(args.steps)]
+        walls = [svp._timed(one_step) for _ in range(args.steps)]
     share, flops = collections.Counter(), collections.Counter()
     for row in prof.key_averages(group_by_input_shape=True):
         category = _torch_category(row.key, row.input_shapes, args.vocab)
