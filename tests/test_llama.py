@@ -636,8 +636,9 @@ def test_rope_of_a_call_without_positions_is_a_constant_of_the_compiled_step(tmp
     for batch in (implicit, explicit):
         step = peftjax.make_train_step(graphdef, tx)
         start = jax.tree.map(jnp.copy, adapters)
-        hlo = step.lower(start, tx.init(start), base, batch, None).compile().as_text()
-        new, _, loss = step(start, tx.init(start), base, batch, None)
+        compiled = step.lower(start, tx.init(start), base, batch, None).compile()
+        new, _, loss = compiled(start, tx.init(start), base, batch, None)  # the program read below
+        hlo = compiled.as_text()
         results.append((hlo.count(" cosine("), hlo.count(" sine("), float(loss), new))
     assert results[0][:2] == (0, 0) and results[1][0] > 0 and results[1][1] > 0
     assert abs(results[0][2] - results[1][2]) < 1e-6
