@@ -94,3 +94,46 @@ def save_peft_adapters(root, adapters: dict, *, family: str = "llama", noise: fl
                         p.add_(noise * torch.randn_like(p))
         model.save_pretrained(root / name)
     return root
+
+
+# Three blocks of 130 queries in peftjax's causal attention (``peftjax/models/_attention.py``), where
+# the suite's 9-token rows are one block: each block's scores stop at its last query's key.
+LONG_ROWS = 390
+
+
+def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
+    """Rows of ``LONG_ROWS`` tokens through ``model`` (peftjax) and ``torch_model`` (its transformers
+    twin): the jitted forward never forms a ``LONG_ROWS`` square of scores; its logits (left padding,
+    so some query rows see no key) equal torch's on the real tokens; the loss (right padding) and the
+    gradient of every weight equal those of torch's backward pass."""
+    torch = pytest.importorskip("torch")
+    import jax
+    from flax import nnx
+
+    from peftjax import models
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    forward = jax.jit(lambda p, i, a: nnx.merge(graphdef, p, rest)(input_ids=i, attention_mask=a).logits)
+    ids, mask = padded_batch(vocab, batch=2, seq=LONG_ROWS)
+    square = f"{LONG_ROWS}x{LONG_ROWS}xf32"
+    assert square not in forward.lower(params, ids, mask).as_text(), "the whole square of scores was formed"
+    valid = mask.astype(bool)
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(np.asarray(forward(params, ids, mask))[valid], ref[valid], atol=1e-5, rtol=0)
+
+    ids, mask = padded_batch(vocab, batch=2, seq=LONG_ROWS, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    ref.loss.backward()
+
+    def loss(p):
+        return nnx.merge(graphdef, p, rest)(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert abs(float(value) - ref.loss.item()) <= 1e-5
+    ours = models.hf_state_dict(nnx.merge(graphdef, grads, rest))
+    theirs = {name: p.grad.numpy() for name, p in torch_model.named_parameters() if p.grad is not None}
+    assert theirs and set(theirs) <= set(ours), sorted(set(theirs) - set(ours))
+    for name, grad in theirs.items():
+        np.testing.assert_allclose(ours[name], grad, atol=1e-6, rtol=1e-4, err_msg=name)

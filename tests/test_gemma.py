@@ -17,7 +17,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, torch_logits
+from _torch_models import assert_long_rows_match_torch, lazy, padded_batch, torch_logits
 
 from peftjax import models
 
@@ -166,3 +166,9 @@ def test_a_transformers_4_gemma3_checkpoint_config_loads(tmp_path):
     out = np.asarray(models.from_pretrained(tmp_path / "ckpt")(input_ids=ids, attention_mask=mask).logits)
     np.testing.assert_allclose(out[valid], torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid],
                                atol=1e-5, rtol=0)
+
+
+def test_long_rows_attend_in_causal_blocks_and_match_transformers_with_gradients(gemma):
+    """Gemma 2's capped logits and both families' sliding layers, in blocks of queries (_torch_models)."""
+    torch_model, _, model = gemma
+    assert_long_rows_match_torch(torch_model, model, 96)

@@ -15,7 +15,7 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
-from _torch_models import lazy, padded_batch, save_tiny, torch_logits
+from _torch_models import assert_long_rows_match_torch, lazy, padded_batch, save_tiny, torch_logits
 
 from peftjax import models
 
@@ -644,3 +644,8 @@ def test_rope_of_a_call_without_positions_is_a_constant_of_the_compiled_step(tmp
     assert abs(results[0][2] - results[1][2]) < 1e-6
     for a, b in zip(jax.tree.leaves(results[0][3]), jax.tree.leaves(results[1][3])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_long_rows_attend_in_causal_blocks_and_match_torch_with_gradients(causal):
+    torch_model, model, _ = causal
+    assert_long_rows_match_torch(torch_model, model, TINY["vocab_size"])

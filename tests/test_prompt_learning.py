@@ -29,7 +29,7 @@ from flax import nnx
 
 import _tiny
 
-from _torch_models import lazy
+from _torch_models import LONG_ROWS, lazy, padded_batch
 import peftjax
 from peftjax import models
 from peftjax.io._adapter import AdapterFileError
@@ -157,6 +157,19 @@ def test_peft_made_adapter_gives_same_logits(saved, arch, method, tmp_path):
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
     for jit in (False, True):
         assert_close(run_jax(model, arch, jit=jit), ref)
+
+
+@pytest.mark.parametrize(("arch", "method"), [("llama", "prefix"), ("gemma2", "prefix"), ("llama", "prompt")])
+def test_peft_made_adapter_gives_same_logits_on_long_rows(saved, arch, method, tmp_path):
+    """Rows long enough that causal attention runs in blocks of queries (``_torch_models.LONG_ROWS``):
+    every block sees the prefix's keys, or the virtual tokens lengthen the rows."""
+    ids, mask = padded_batch(96, batch=2, seq=LONG_ROWS)
+    pm = peft_model(saved, arch, method)
+    ref = run_torch(pm, arch, method, ids, mask)
+    pm.save_pretrained(tmp_path)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
+    # 390-token sums: 1.4e-5 and 1.8e-5 from the whole square too (peftjax before the blocks)
+    assert_close(run_jax(model, arch, ids, mask, jit=True), ref, mask, atol=5e-5)
 
 
 # ---------------------------------------------------------------- (b) peftjax -> PEFT

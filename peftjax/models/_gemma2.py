@@ -145,7 +145,8 @@ class Gemma2Attention(LlamaAttention):
         if prefix is not None:  # prefix keys are cached keys: no RoPE
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+                                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+                                         causal_offset=attn.causal_offset(cache, prefix))
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 

@@ -94,7 +94,8 @@ class LlamaAttention(nnx.Module):
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         mask = masks[self.window]
         out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, dropout_rate=self.dropout_rate,
-                                         dropout_rng=dropout_rng)
+                                         dropout_rng=dropout_rng,
+                                         causal_offset=attn.causal_offset(cache, prefix))
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
