@@ -50,6 +50,16 @@ def test_a_frozen_output_layer_gets_no_gradient_work():
     assert one["flops"] < 0.8 * two["flops"]  # no h^T @ g per chunk
 
 
+def test_a_chunk_needs_one_logits_array_of_scratch():
+    """The chunk's gradient (softmax minus the one-hot labels) is written over its logits: the
+    compiled loss and gradient need one ``[chunk, vocab]`` float32 array of scratch, not two."""
+    h, w, y = _case(b=4, s=64, d=32, v=4096)
+    grad_h = jax.jit(jax.grad(lambda h: causal_lm_loss_from_hidden(h, w, y, chunk_tokens=64)))
+    temp = grad_h.lower(h).compile().memory_analysis().temp_size_in_bytes
+    logits_bytes = 64 * 4096 * 4
+    assert logits_bytes <= temp < 1.5 * logits_bytes, temp / logits_bytes
+
+
 def test_all_labels_ignored_gives_zero_not_nan():
     h, w, _ = _case()
     y = jnp.full(h.shape[:2], -100)

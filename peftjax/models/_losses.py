@@ -101,9 +101,11 @@ def _chunked_nll(h, w, y, want_dh: bool, want_dw: bool):
         nll = jnp.sum(jnp.where(valid, lse - picked, 0.0))
         if not (want_dh or want_dw):
             return dw, (nll, None)
-        # d nll / d logits = softmax - onehot, on valid rows; in the kernel's dtype as autodiff would
-        g = jnp.exp(logits - lse[:, None]).at[jnp.arange(t), safe].add(-1.0)
-        g = jnp.where(valid[:, None], g, 0.0).astype(w.dtype)
+        # d nll / d logits = softmax - onehot, on valid rows; in the kernel's dtype as autodiff would.
+        # One element-wise pass over the logits, which XLA writes in their place: a scatter of the
+        # -1s kept both [t, vocab] arrays alive (64 instead of 32 MiB at 256 tokens x 32000)
+        onehot = jnp.arange(logits.shape[-1])[None, :] == safe[:, None]
+        g = jnp.where(valid[:, None], jnp.exp(logits - lse[:, None]) - onehot, 0.0).astype(w.dtype)
         dh = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(h.dtype) if want_dh else None
         if want_dw:
             dw = dw + jnp.dot(hc.T, g, preferred_element_type=jnp.float32)
