@@ -100,17 +100,19 @@ def _hlo_instructions(text: str) -> dict:
 
 def _jax_category(name: str, instruction, seq: int) -> str:
     opcode, shape, op_name, flops = instruction
-    square = len(shape) >= 4 and shape[-1] == shape[-2] == seq
+    # peftjax's attention runs in jax.named_scope("attention"): "jvp(attention)" forward,
+    # "transpose(jvp(attention))" backward. (Its causal blocks have no [seq, seq] shape to go by.)
+    attention = re.search(r"[(/]attention[)/]", op_name) is not None
     if "/while/body/" in op_name:  # the fused causal-LM loss: logits chunk by chunk
         return "head" if flops else "loss"
     if flops:
-        return "attention" if len(shape) >= 4 else "layers"
-    if square:
-        return "attention"
+        return "attention" if attention or len(shape) >= 4 else "layers"
     if opcode in ("copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice", "pad") or (
         opcode == "fusion" and name.startswith(("copy", "transpose", "concatenate", "slice", "dynamic", "pad"))
     ):
         return "layout"
+    if attention or (len(shape) >= 4 and shape[-1] == shape[-2] == seq):
+        return "attention"
     return "other"
 
 

@@ -132,22 +132,25 @@ def dot_product_attention(
         are all masked gets the mean of all values either way, as from a softmax of equal logits.
         Ignored with attention dropout (its mask is drawn for the whole square).
     """
-    blocks = None if mask is None or (dropout_rate and dropout_rng is not None) else (
-        causal_blocks(q.shape[1], k.shape[1], causal_offset))
-    if blocks is None:
-        return _tokens_major(_attention_heads_major(_heads_major(q, k.shape[2]), k, v, mask, scale=scale,
-                                                    softcap=softcap, dropout_rate=dropout_rate,
-                                                    dropout_rng=dropout_rng))
-    qh = _heads_major(q, k.shape[2])
-    mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(v.dtype)  # [b, kv_heads, d]: an all-masked row's answer
-    outs = []
-    for start, end, key_end in blocks:
-        block_mask = mask[:, :, start:end, :key_end]
-        out = _attention_heads_major(qh[:, :, :, start:end], k[:, :key_end], v[:, :key_end], block_mask,
-                                     scale=scale, softcap=softcap)
-        seen = jnp.any(block_mask, axis=-1)[:, :, None, :, None]  # [b, 1, 1, block, 1]
-        outs.append(jnp.where(seen, out, mean_v[:, :, None, None, :]))
-    return _tokens_major(jnp.concatenate(outs, axis=3))
+    # the operations' names in a profile carry "attention" (benchmarks/step_profile.py reads them)
+    with jax.named_scope("attention"):
+        blocks = None if mask is None or (dropout_rate and dropout_rng is not None) else (
+            causal_blocks(q.shape[1], k.shape[1], causal_offset))
+        if blocks is None:
+            return _tokens_major(_attention_heads_major(_heads_major(q, k.shape[2]), k, v, mask, scale=scale,
+                                                        softcap=softcap, dropout_rate=dropout_rate,
+                                                        dropout_rng=dropout_rng))
+        qh = _heads_major(q, k.shape[2])
+        # [b, kv_heads, d]: the answer of a query row that sees no key, as the whole square gives it
+        mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(v.dtype)
+        outs = []
+        for start, end, key_end in blocks:
+            block_mask = mask[:, :, start:end, :key_end]
+            out = _attention_heads_major(qh[:, :, :, start:end], k[:, :key_end], v[:, :key_end], block_mask,
+                                         scale=scale, softcap=softcap)
+            seen = jnp.any(block_mask, axis=-1)[:, :, None, :, None]  # [b, 1, 1, block, 1]
+            outs.append(jnp.where(seen, out, mean_v[:, :, None, None, :]))
+        return _tokens_major(jnp.concatenate(outs, axis=3))
 
 
 def causal_offset(cache, prefix) -> int | None:
