@@ -89,7 +89,6 @@ def causal_lm_loss_from_hidden(
 
 def _chunked_nll(h, w, y, want_dh: bool, want_dw: bool):
     """``(sum of NLL, d sum / d h, d sum / d w)`` over chunks ``h [c, t, d]``, ``y [c, t]``."""
-    t = h.shape[1]
 
     def body(dw, xs):
         hc, yc = xs
