@@ -136,6 +136,53 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def lora_training(args, model):
+    """peftjax's side after loading, as the quick start writes it: LoRA on ``PROJECTIONS``, ``split``,
+    AdamW and the batch. Returns ``(graphdef, tx, trainable, opt_state, rest, batch)`` for
+    ``peftjax.make_train_step(graphdef, tx)`` (``step_profile.py`` builds the same)."""
+    import jax.numpy as jnp
+    import optax
+
+    import peftjax
+
+    peft_model = peftjax.get_peft_model(
+        model, peftjax.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
+    )
+    graphdef, trainable, rest = peftjax.split(peft_model.base_model)
+    tx = optax.adamw(args.lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=args.weight_decay)
+    ids = jnp.asarray(batch_arrays(args))
+    return graphdef, tx, trainable, tx.init(trainable), rest, {"input_ids": ids, "labels": ids}
+
+
+def peft_training(args, model, gradient_checkpointing: bool = False):
+    """PEFT's side after loading: LoRA on ``PROJECTIONS``, train mode, AdamW over the adapters, the
+    batch. Returns ``(peft model, optimizer, ids)`` for :func:`peft_step`."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay,
+    )
+    return model, opt, torch.as_tensor(batch_arrays(args).astype(np.int64))
+
+
+def peft_step(model, opt, ids):
+    """One step of PEFT's eager loop; returns the loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_peftjax(args, options: dict) -> dict:
     import jax
 
@@ -144,7 +191,7 @@ def run_peftjax(args, options: dict) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import jax.numpy as jnp
     import numpy as np
-    import optax
+    import optax  # noqa: F401 - lora_training's, imported in the imports phase
 
     import peftjax
     from peftjax import models
@@ -162,15 +209,8 @@ def run_peftjax(args, options: dict) -> dict:
     torch_after_load = "torch" in sys.modules
     rss_loaded = current_rss_bytes()
     t = time.perf_counter()
-    peft_model = peftjax.get_peft_model(
-        model, peftjax.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
-    )
-    graphdef, trainable, rest = peftjax.split(peft_model.base_model)
-    tx = optax.adamw(args.lr, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=args.weight_decay)
-    opt_state = tx.init(trainable)
+    graphdef, tx, trainable, opt_state, rest, batch = lora_training(args, model)
     step = peftjax.make_train_step(graphdef, tx)
-    ids = jnp.asarray(batch_arrays(args))
-    batch = {"input_ids": ids, "labels": ids}
     phases["adapters_s"] = time.perf_counter() - t
     if options.get("release"):  # loading's and injection's one-off executables, freed heap
         peftjax.release_host_memory(clear_compiled=True)
@@ -228,8 +268,8 @@ def run_peftjax(args, options: dict) -> dict:
 
 def run_peft(args, options: dict) -> dict:
     import numpy as np
+    import peft  # noqa: F401 - peft_training's, imported in the imports phase
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     phases = {"import_s": time.perf_counter() - T_START}
@@ -240,27 +280,14 @@ def run_peft(args, options: dict) -> dict:
     phases["load_s"] = time.perf_counter() - t
     rss_loaded = current_rss_bytes()
     t = time.perf_counter()
-    model = get_peft_model(
-        model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=PROJECTIONS)
-    )
-    if options.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.lr, betas=BETAS, eps=EPS, weight_decay=args.weight_decay,
-    )
-    ids = torch.as_tensor(batch_arrays(args).astype(np.int64))
+    model, opt, ids = peft_training(args, model, options.get("gradient_checkpointing", False))
     phases["adapters_s"] = time.perf_counter() - t
 
     times = []
     first = None
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = peft_step(model, opt, ids)
         now = time.perf_counter()
         if first is None:
             first = now - T_START  # from the start of the process: imports count too

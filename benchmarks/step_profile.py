@@ -136,21 +136,12 @@ def profile_peftjax(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     import peftjax
     from peftjax import models
 
-    model = models.from_pretrained(args.model_dir)
-    peft_model = peftjax.get_peft_model(
-        model, peftjax.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=svp.PROJECTIONS)
-    )
-    graphdef, trainable, rest = peftjax.split(peft_model.base_model)
-    tx = optax.adamw(args.lr, b1=svp.BETAS[0], b2=svp.BETAS[1], eps=svp.EPS, weight_decay=args.weight_decay)
-    opt_state = tx.init(trainable)
+    graphdef, tx, trainable, opt_state, rest, batch = svp.lora_training(args, models.from_pretrained(args.model_dir))
     step = peftjax.make_train_step(graphdef, tx)
-    ids = jnp.asarray(svp.batch_arrays(args))
-    batch = {"input_ids": ids, "labels": ids}
 
     def one_step():
         nonlocal trainable, opt_state
@@ -215,24 +206,13 @@ def _torch_category(name: str, shapes, vocab: int) -> str | None:
 def profile_peft(args) -> dict:
     import numpy as np
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    model = get_peft_model(
-        model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=svp.PROJECTIONS)
-    )
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=svp.BETAS,
-                            eps=svp.EPS, weight_decay=args.weight_decay)
-    ids = torch.as_tensor(svp.batch_arrays(args).astype(np.int64))
+    model, opt, ids = svp.peft_training(args, AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32))
 
     def one_step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        svp.peft_step(model, opt, ids)
 
     plain = _timed_steps(one_step, args)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
