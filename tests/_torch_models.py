@@ -137,3 +137,46 @@ def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
     assert theirs and set(theirs) <= set(ours), sorted(set(theirs) - set(ours))
     for name, grad in theirs.items():
         np.testing.assert_allclose(ours[name], grad, atol=1e-6, rtol=1e-4, err_msg=name)
+
+
+def assert_long_prompts_generate_as_torch(torch_model, model, vocab: int, new: int = 4) -> None:
+    """Generation from ``LONG_ROWS``-token prompts (left padding, so some prefill rows see no key).
+
+    - ``logits_to_keep=1`` gives transformers' ``logits_to_keep=1`` logits, and its jitted forward
+      holds no ``[batch, LONG_ROWS, vocab]`` logits.
+    - The prefill as ``generate`` runs it (a cache written from slot 0, the last position's logits)
+      forms no whole square of scores and gives the cache-free forward's last logits.
+    - Greedy generation equals transformers' ``generate`` token for token.
+    """
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    ids, mask = padded_batch(vocab, batch=2, seq=LONG_ROWS)
+    graphdef, state = nnx.split(model)
+    last = jax.jit(lambda st, i, a: nnx.merge(graphdef, st)(input_ids=i, attention_mask=a, logits_to_keep=1).logits)
+    assert f"2x{LONG_ROWS}x{vocab}xf32" not in last.lower(state, ids, mask).as_text(), "every position's logits"
+    ours = np.asarray(last(state, ids, mask))
+    assert ours.shape == (2, 1, vocab)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), logits_to_keep=1).logits
+    np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5, rtol=0)
+
+    total = LONG_ROWS + new
+
+    def prefill(st, i, a):
+        m = nnx.merge(graphdef, st)
+        key_mask = jnp.zeros((2, total), jnp.int32).at[:, :LONG_ROWS].set(a)
+        return m(input_ids=i, attention_mask=key_mask, cache=m.init_cache(2, total), cache_index=0,
+                 logits_to_keep=1).logits
+
+    text = jax.jit(prefill).lower(state, ids, mask).as_text()
+    assert f"{LONG_ROWS}x{total}xf32" not in text, "the prefill formed the whole square of scores"
+    assert f"2x{LONG_ROWS}x{vocab}xf32" not in text, "the prefill computed every position's logits"
+    np.testing.assert_allclose(np.asarray(jax.jit(prefill)(state, ids, mask)), ours, atol=1e-5, rtol=0)
+
+    with torch.no_grad():
+        expected = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                        max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=new, pad_token_id=0), expected)

@@ -17,7 +17,8 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import assert_long_rows_match_torch, lazy, padded_batch, torch_logits
+from _torch_models import (assert_long_prompts_generate_as_torch, assert_long_rows_match_torch, lazy, padded_batch,
+                           torch_logits)
 
 from peftjax import models
 
@@ -172,3 +173,10 @@ def test_long_rows_attend_in_causal_blocks_and_match_transformers_with_gradients
     """Gemma 2's capped logits and both families' sliding layers, in blocks of queries (_torch_models)."""
     torch_model, _, model = gemma
     assert_long_rows_match_torch(torch_model, model, 96)
+
+
+def test_long_prompts_prefill_in_causal_blocks_and_generate_as_transformers(gemma):
+    """Gemma 2's capped logits from the last position only, both families' sliding layers in the
+    prefill's blocks (_torch_models)."""
+    torch_model, _, model = gemma
+    assert_long_prompts_generate_as_torch(torch_model, model, 96)

@@ -278,3 +278,16 @@ def test_old_checkpoint_buffers_are_ignored_but_c_attn_bias_is_a_weight(gpt2, tm
 def test_unsupported_configs_fail_early(override, message):
     with pytest.raises(ValueError, match=message):
         models.GPT2LMHeadModel.from_config(_tiny.config("gpt2", **TINY, **override))
+
+
+def test_logits_to_keep_matches_transformers(gpt2, jit):
+    """The last n positions' logits (``generate``'s prefill keeps 1), or those at given indices."""
+    torch_model, model, _ = gpt2
+    ids, mask = padded_batch(TINY["vocab_size"], seq=9)
+    for keep in (3, [8, 4, 6]):  # real tokens in every row (up to 4 pads on the left)
+        with torch.no_grad():
+            ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                              logits_to_keep=keep if isinstance(keep, int) else torch.tensor(keep)).logits.numpy()
+        call = lambda m, i, a: m(input_ids=i, attention_mask=a, logits_to_keep=keep).logits  # noqa: E731
+        out = (nnx.jit(call) if jit else call)(model, ids, mask)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
-from _torch_models import assert_long_rows_match_torch, lazy, padded_batch, save_tiny, torch_logits
+from _torch_models import (assert_long_prompts_generate_as_torch, assert_long_rows_match_torch, lazy, padded_batch,
+                           save_tiny, torch_logits)
 
 from peftjax import models
 
@@ -649,3 +650,27 @@ def test_rope_of_a_call_without_positions_is_a_constant_of_the_compiled_step(tmp
 def test_long_rows_attend_in_causal_blocks_and_match_torch_with_gradients(causal):
     torch_model, model, _ = causal
     assert_long_rows_match_torch(torch_model, model, TINY["vocab_size"])
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral-window", "phi3-partial-window"])
+def test_long_prompts_prefill_in_causal_blocks_and_generate_as_transformers(variant, tmp_path):
+    """An untied head, a sliding window, fused projections with partial RoPE (_torch_models). The
+    vocabulary (120) is no other width of these models, so a [batch, seq, 120] array is logits."""
+    family, model_cls, extra = VARIANTS[variant]
+    torch_model = save_tiny(model_cls, _tiny.config(family, **{**TINY, "vocab_size": 120}, **extra), tmp_path)
+    assert_long_prompts_generate_as_torch(torch_model, models.from_pretrained(tmp_path), 120)
+
+
+def test_logits_to_keep_is_checked(causal):
+    _, model, _ = causal
+    ids, mask = padded_batch(TINY["vocab_size"])
+    full = np.asarray(model(input_ids=ids, attention_mask=mask).logits)
+    picked = model(input_ids=ids, attention_mask=mask, logits_to_keep=np.array([0, 4, 8])).logits
+    np.testing.assert_array_equal(np.asarray(picked), full[:, [0, 4, 8]])
+    np.testing.assert_array_equal(np.asarray(model(input_ids=ids, logits_to_keep=0).logits).shape, full.shape)
+    for bad, message in ((-1, "must be >= 0"), (np.array([[1]]), "1-D integer indices"),
+                         (np.array([0.5]), "1-D integer indices")):
+        with pytest.raises(ValueError, match=message):
+            model(input_ids=ids, logits_to_keep=bad)
+    with pytest.raises(ValueError, match="labels need every position"):
+        model(input_ids=ids, labels=ids, logits_to_keep=1)

@@ -200,3 +200,13 @@ def test_bad_checkpoints_and_configs_are_refused_by_name(mixtral, tmp_path):
         models.from_pretrained(tmp_path / "bad")
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and num_local_experts=4"):
         models.from_pretrained(hub, num_experts_per_tok=5)
+
+
+def test_logits_to_keep_matches_transformers(mixtral):
+    torch_model, _, _, model = mixtral
+    ids, mask = padded_batch(VOCAB, seq=9)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), logits_to_keep=2).logits
+    out = model(input_ids=ids, attention_mask=mask, logits_to_keep=2).logits
+    assert out.shape == (3, 2, VOCAB)
+    np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-5, rtol=0)

@@ -153,13 +153,28 @@ def dot_product_attention(
         return _tokens_major(jnp.concatenate(outs, axis=3))
 
 
-def causal_offset(cache, prefix) -> int | None:
-    """A causal decoder layer's ``causal_offset`` for :func:`dot_product_attention`: without a KV
-    cache, query ``i`` sits at key slot ``i + V`` after a prefix of ``V`` entries; with one, the
-    cache's slots are not in query order (``None``)."""
-    if cache is not None:
+def static_index(cache_index) -> int | None:
+    """``cache_index`` as an ``int`` when it is known while tracing (``None``, a Python or NumPy
+    integer; ``None`` counts as 0), else ``None`` (a traced index, as in a decoding loop)."""
+    if cache_index is None:
+        return 0
+    if isinstance(cache_index, (int, np.integer)) and not isinstance(cache_index, bool):
+        return int(cache_index)
+    return None
+
+
+def causal_offset(cache, prefix, cache_index=None) -> int | None:
+    """A causal decoder layer's ``causal_offset`` for :func:`dot_product_attention`.
+
+    Query ``i`` of a call sits at key slot ``i + V + c`` after a prefix of ``V`` entries and ``c``
+    cached tokens, and sees no key after it. Without a KV cache ``c`` is 0; with one, ``c`` is the
+    slot the call writes its first key at, which must be known while tracing (generate's prefill
+    writes at 0); a traced ``cache_index`` gives ``None``: one block.
+    """
+    start = 0 if cache is None else static_index(cache_index)
+    if start is None:
         return None
-    return 0 if prefix is None else int(prefix[0].shape[1])
+    return start + (0 if prefix is None else int(prefix[0].shape[1]))
 
 
 def _heads_major(q: jax.Array, kv_heads: int) -> jax.Array:
@@ -242,7 +257,9 @@ def check_prefix_kv(prefix_kv, *, num_layers: int, kv_heads: int, head_dim: int,
 class DecoderPositions(NamedTuple):
     """Where a decoder call's tokens sit, from :func:`decoder_positions`."""
 
-    start: jax.Array  # the cache slot of the first new token (0 without a cache)
+    # the cache slot of the first new token (0 without a cache); an int where the caller's
+    # cache_index is one (generate's prefill: 0), so the layers know it while tracing
+    start: jax.Array | int
     query_positions: jax.Array  # [s]: each new token's index among the keys (prefix entries first)
     # [b, s]: the given ones, or counted on from the prefix and cache; without a cache, a NumPy
     # array (known while tracing: RoPE's cos and sin become constants)
@@ -276,7 +293,9 @@ def decoder_positions(
         num_prefix = check_prefix_kv(
             prefix_kv, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim, batch=batch, owner=owner
         )
-    start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+    start = static_index(cache_index)
+    if start is None:
+        start = jnp.asarray(cache_index, jnp.int32)
     query_positions = start + jnp.arange(seq) + num_prefix
     if position_ids is None and cache_index is None:
         position_ids = np.broadcast_to(np.arange(num_prefix, num_prefix + seq, dtype=np.int32), (batch, seq))

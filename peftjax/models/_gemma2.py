@@ -34,7 +34,7 @@ from peftjax.models._llama import (
 )
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
-from peftjax.models._outputs import ModelOutput
+from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
 from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import StackedLayers, check_remat, make_layers, run_layers
@@ -146,7 +146,7 @@ class Gemma2Attention(LlamaAttention):
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
                                          dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-                                         causal_offset=attn.causal_offset(cache, prefix))
+                                         causal_offset=attn.causal_offset(cache, prefix, cache_index))
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -268,11 +268,13 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         cache_index=None,
         prefix_kv=None,
         dropout_rng=None,
+        logits_to_keep=0,
     ) -> ModelOutput:
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng)
         h = out.last_hidden_state
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        head_in = kept_positions(h, logits_to_keep, labels)
+        logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
         cap = getattr(self.config, "final_logit_softcapping", None)
         logits = softcap(logits, cap)
         loss = None

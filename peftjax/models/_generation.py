@@ -128,7 +128,10 @@ def _generate(
     else:
         positions = position_ids
     prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0)
+    # the prefill: only its last position's logits (a long prompt's [b, s, vocab] would be the
+    # largest array of the loop), its attention in causal blocks (the cache is written from slot 0)
+    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
+                logits_to_keep=1)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     def pick(logits, key):
@@ -172,7 +175,8 @@ def _generate(
     else:
         embedded = model.embed_input_ids(generated).astype(inputs_embeds.dtype)
         sequence = {"inputs_embeds": jnp.concatenate([inputs_embeds, embedded], axis=1)}
-    out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0)
+    out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0,
+                logits_to_keep=1)
     carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng)
     _, (after, done_after) = jax.lax.scan(step, carry, jnp.arange(rerun_at + 1, max_new_tokens))
     tokens = jnp.concatenate([before, token[None], after])

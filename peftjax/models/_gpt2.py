@@ -20,7 +20,7 @@ from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
-from peftjax.models._outputs import ModelOutput
+from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.nn._scan import check_remat, make_layers, run_layers
 from peftjax.nn._functional import softmax
 
@@ -242,13 +242,16 @@ class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):
         cache_index=None,
         dropout_rng=None,
         prefix_kv=None,
+        logits_to_keep=0,
     ) -> ModelOutput:
+        """``logits_to_keep``: the positions whose logits are computed, as transformers' (0: all;
+        ``n``: the last ``n``; 1-D indices: those)."""
         out = self.transformer(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, cache, cache_index, dropout_rng,
             prefix_kv,
         )
         h = out.last_hidden_state
-        logits = self.transformer.wte.attend(h)
+        logits = self.transformer.wte.attend(kept_positions(h, logits_to_keep, labels))
         loss = None
         if labels is not None:  # fused with the tied output projection when traced
             loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), None, self.transformer.wte)

@@ -20,7 +20,7 @@ from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
-from peftjax.models._outputs import ModelOutput
+from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.nn._scan import check_remat, make_layers, run_layers
 from peftjax.nn._norm import RMSNorm
@@ -95,7 +95,7 @@ class LlamaAttention(nnx.Module):
         mask = masks[self.window]
         out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, dropout_rate=self.dropout_rate,
                                          dropout_rng=dropout_rng,
-                                         causal_offset=attn.causal_offset(cache, prefix))
+                                         causal_offset=attn.causal_offset(cache, prefix, cache_index))
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
@@ -242,12 +242,16 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         cache_index=None,
         prefix_kv=None,
         dropout_rng=None,
+        logits_to_keep=0,
     ) -> ModelOutput:
-        """``dropout_rng``: a key to apply the config's dropout, as transformers' ``.train()``."""
+        """``dropout_rng``: a key to apply the config's dropout, as transformers' ``.train()``;
+        ``logits_to_keep``: the positions whose logits are computed, as transformers' (0: all; ``n``:
+        the last ``n``; 1-D indices: those), see :func:`~peftjax.models._outputs.kept_positions`."""
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng)
         h = out.last_hidden_state
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        head_in = kept_positions(h, logits_to_keep, labels)
+        logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
         loss = None
         if labels is not None:  # fused with lm_head when traced: the full logits are never held
             loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)

@@ -54,7 +54,7 @@ from peftjax.models._llama import (
     sliding_windows,
 )
 from peftjax.models._losses import causal_lm_head_loss
-from peftjax.models._outputs import ModelOutput
+from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import run_layers
 from peftjax.nn._dropout import active_dropout_key, fold_key
@@ -424,6 +424,7 @@ class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
         prefix_kv=None,
         output_router_logits: bool | None = None,
         dropout_rng=None,
+        logits_to_keep=0,
     ) -> ModelOutput:
         """As :meth:`LlamaForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` (one
         ``[batch * seq, experts]`` array per layer) when ``output_router_logits`` (default: the
@@ -434,7 +435,8 @@ class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng, output_router_logits=output_router_logits)
         h = out.last_hidden_state
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        head_in = kept_positions(h, logits_to_keep, labels)
+        logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
         aux = out.aux_loss if output_router_logits else None
         loss = None
         if labels is not None:
