@@ -100,3 +100,13 @@ def test_finetune_vs_peft_smoke_trains_both_sides():
     # the same LoRA + classifier weights train, on the same rows, for the same steps
     assert all(fields[f"{k}_peftjax"] == fields[f"{k}_peft"] for k in same), fields
     assert 0 < fields["acc_peftjax"] <= 1 and 0 < fields["acc_peft"] <= 1
+
+
+def test_generate_vs_hf_runs_on_a_tiny_model():
+    """Both children generate the same greedy tokens from left-padded 300-token prompts (blocks)."""
+    pytest.importorskip("torch")
+    last = _run("generate_vs_hf.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
+                "--vocab", "128", "--batch", "2", "--seq", "300", "--new", "3", "--trials", "1", "--matmul-size", "256")
+    fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
+    assert fields["same_tokens"] == 1, fields
+    assert all(fields[k] > 0 for k in ("ratio_call", "ratio_first", "ratio_mem", "jax_f32_gflops", "torch_f32_gflops"))

@@ -1,0 +1,141 @@
+"""peftjax's ``generate`` against transformers' on the same Llama, from long prompts.
+
+    python benchmarks/generate_vs_hf.py [--seq 1024 --new 16 --batch 4 --trials 3 --hidden 512 ...]
+
+The model is speed_vs_peft.py's random Llama (built once in PyTorch, saved, loaded by both). Each
+framework runs in its own child process, so peak resident memory (``ru_maxrss``) is its run's
+alone. Both: float32, greedy decoding of ``--new`` tokens from ``--batch`` prompts of ``--seq``
+tokens (the first rows left-padded by a few tokens), no EOS. peftjax: ``model.generate``, one
+compiled program (prefill and decoding loop); its first call compiles. transformers:
+``generate`` with its default cache, eager PyTorch, torch threads = cores.
+
+Reported per framework: the first call (compilation included for peftjax), the median of
+``--trials`` further calls, prompt tokens per second of those, peak resident memory, and the
+float32 matmul peak the child measured (``--matmul-size`` cubed). The children's tokens must
+agree; the last line is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import speed_vs_peft as svp
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, default in (("hidden", 512), ("layers", 4), ("heads", 8), ("intermediate", 1376), ("vocab", 32000),
+                          ("batch", 4), ("seq", 1024), ("new", 16), ("trials", 3), ("matmul_size", 2048)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    p.add_argument("--child", choices=["peftjax", "transformers"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prompts(args):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    ids = rng.randint(1, args.vocab, (args.batch, args.seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row in range(args.batch - 1):  # every row but the last left-padded by a few tokens
+        mask[row, : 3 * (row + 1)] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def run_peftjax(args) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from peftjax import models
+
+    model = models.from_pretrained(args.model_dir)
+    ids, mask = prompts(args)
+
+    def call():
+        return model.generate(ids, mask, max_new_tokens=args.new, pad_token_id=0)
+
+    a = jnp.ones((args.matmul_size, args.matmul_size), jnp.float32)
+    peak = svp.matmul_peak(lambda: (a @ a).block_until_ready(), args.matmul_size)
+    return timed(call, np.asarray, peak)
+
+
+def run_transformers(args) -> dict:
+    import torch
+    import transformers as tr
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = tr.LlamaForCausalLM.from_pretrained(args.model_dir).eval()
+    ids, mask = prompts(args)
+
+    def call():
+        with torch.no_grad():
+            return model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                  max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+
+    a = torch.ones(args.matmul_size, args.matmul_size)
+    peak = svp.matmul_peak(lambda: a @ a, args.matmul_size)
+    return timed(call, lambda t: t.numpy(), peak)
+
+
+def timed(call, to_numpy, peak: float) -> dict:
+    t = time.perf_counter()
+    tokens = to_numpy(call())
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(ARGS.trials):
+        t = time.perf_counter()
+        to_numpy(call())
+        times.append(time.perf_counter() - t)
+    return {"first_s": first, "call_s": statistics.median(times), "peak_rss": svp.peak_rss_bytes(),
+            "gflops": peak / 1e9, "tokens": tokens[:, -ARGS.new:].tolist()}
+
+
+def main() -> None:
+    args = ARGS
+    if args.child:
+        print(json.dumps(run_peftjax(args) if args.child == "peftjax" else run_transformers(args)))
+        return
+    load = os.getloadavg()[0]
+    print(f"# generate: batch {args.batch} x prompt {args.seq} + {args.new} new tokens, Llama hidden {args.hidden} "
+          f"x {args.layers} layers, vocab {args.vocab}; load average {load:.2f}")
+    results = {}
+    with tempfile.TemporaryDirectory() as directory:
+        svp.build_model(argparse.Namespace(**{**vars(args), "seq": args.seq + args.new}), directory)
+        for child in ("peftjax", "transformers"):
+            argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--model-dir", directory]
+            for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "new", "trials",
+                         "matmul_size"):
+                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{child} child failed:\n{proc.stderr[-4000:]}")
+            results[child] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, theirs = results["peftjax"], results["transformers"]
+    same = ours.pop("tokens") == theirs.pop("tokens")
+    print(f"{'':28}{'peftjax':>14}{'transformers':>14}")
+    for key, label, scale in (("first_s", "first call (s)", 1), ("call_s", "call, median (s)", 1),
+                              ("peak_rss", "peak resident (GiB)", 2**-30), ("gflops", "f32 matmul peak (GFLOP/s)", 1)):
+        print(f"{label:28}{ours[key] * scale:>14.3f}{theirs[key] * scale:>14.3f}")
+    prompt_tokens = args.batch * args.seq
+    print(f"{'prompt tokens/s (median)':28}{prompt_tokens / ours['call_s']:>14.0f}"
+          f"{prompt_tokens / theirs['call_s']:>14.0f}")
+    print(f"same tokens: {same}")
+    print(f"ratio_call={ours['call_s'] / theirs['call_s']:.3f} ratio_first={ours['first_s'] / theirs['first_s']:.3f} "
+          f"ratio_mem={ours['peak_rss'] / theirs['peak_rss']:.3f} same_tokens={int(same)} "
+          f"jax_f32_gflops={ours['gflops']:.0f} torch_f32_gflops={theirs['gflops']:.0f}")
+
+
+ARGS = parse_args()
+
+if __name__ == "__main__":
+    main()
