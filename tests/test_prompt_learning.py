@@ -248,6 +248,18 @@ def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize(("arch", "method"), [("llama", "prefix"), ("gemma2", "prefix"), ("llama", "prompt")])
+def test_greedy_generation_from_long_prompts_matches_peft(saved, arch, method, tmp_path):
+    """Prompts long enough that the prefill attends in causal blocks of queries with a KV cache
+    (``_torch_models.LONG_ROWS``): after the prefix's cached keys, or over the virtual tokens."""
+    ids, mask = padded_batch(96, batch=2, seq=LONG_ROWS)
+    pm = peft_model(saved, arch, method)
+    ref = torch_greedy(pm, ids, mask, 3, eos=None)
+    pm.save_pretrained(tmp_path)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=3, pad_token_id=0), ref)
+
+
 # ---------------------------------------------------------------- (d) TEXT init
 
 
