@@ -34,7 +34,9 @@ with and without synchronous CPU dispatch (``JAX_CPU_ENABLE_ASYNC_DISPATCH=false
 tests/test_llama.py + test_lora_peft.py, two rounds each: 121-122 s (user 205-206 s) and 117-128 s
 (user 200-216 s) against 124-128 s (user 209-215 s), inside the spread of identical runs there
 (92-131 s); and LLVM -O1 instead of -O0 for the examples' subprocesses, which run the real MiniLM
-more than they compile: 67-70 s against 58-62 s for examples/ia3_prefix_prompt.py --smoke.
+more than they compile: 67-70 s against 58-62 s for examples/ia3_prefix_prompt.py --smoke. Three
+workers instead of two (``-n 3``, 2026-12-02, the whole suite once each, same host and hour): 21:16
+against 19:56 (the two cores were already busy 1.8 of 2 on average).
 
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).

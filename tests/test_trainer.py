@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -500,3 +501,46 @@ def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, 
     assert not any("ahead" in name for name in ref_during)
     assert result.training_loss == reference.training_loss
     assert metrics == ref_metrics
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_language_model_evaluation_holds_no_logits_and_gives_peft_loss(method, tiny_checkpoint, tmp_path):
+    """``evaluate`` of a causal LM: the token-weighted mean of PEFT's loss row by row (prompt tuning
+    also scores the first token, from the last virtual one), without a ``[batch, seq, vocab]``
+    array in its programs; with ``compute_metrics`` (which reads the logits) the same loss."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = tiny_checkpoint("llama")
+    vocab = _tiny.config("llama").vocab_size  # 96: no other width of the tiny Llama
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, vocab, n).tolist() for n in (5, 7, 9, 6, 8)]
+    rows = {"input_ids": ids, "labels": ids}
+    config = {"lora": peftjax.LoraConfig(task_type="CAUSAL_LM", r=4, init_lora_weights=False),
+              "prompt": peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+              "prefix": peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}[method]
+    model = peftjax.get_peft_model(LlamaForCausalLM.from_pretrained(base), config)
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "run"), per_device_eval_batch_size=2,
+                                               disable_tqdm=True, plot=False), eval_dataset=rows)
+    dump = tmp_path / "ir"
+    jax.config.update("jax_dump_ir_to", str(dump))
+    try:
+        loss = trainer.evaluate()["eval_loss"]
+    finally:
+        jax.config.update("jax_dump_ir_to", "")
+    texts = [p.read_text() for p in dump.rglob("*.mlir")]
+    assert texts and not any(re.search(rf"tensor<\d+x\d+x{vocab}xf32>", t) for t in texts), "logits were formed"
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    ref = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(base),
+                                         str(tmp_path / "adapter")).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for row in ids:
+            scored = len(row) if method == "prompt" else len(row) - 1
+            total += ref(input_ids=torch.tensor([row]), labels=torch.tensor([row])).loss.item() * scored
+            count += scored
+    assert abs(loss - total / count) < 1e-5, (loss, total / count)
+
+    trainer.compute_metrics = lambda logits, labels: {"rows": float(len(logits))}
+    metrics = trainer.evaluate()
+    assert metrics["eval_rows"] == len(ids) and abs(metrics["eval_loss"] - loss) < 1e-5

@@ -221,12 +221,26 @@ class Trainer:
 
     # ------------------------------------------------------------ jitted pieces
 
-    def _forward_terms(self, model, batch):
+    def _forward_terms(self, model, batch, *, logits: bool = True):
+        """``(logits, (summed loss, count, correct))`` of a batch; ``logits=False``: ``(None, terms)``,
+        and a language model's terms come from its own loss, which the bundled decoders fuse with the
+        output projection, so that evaluation never holds ``[batch, seq, vocab]`` logits either."""
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+        labels = batch["labels"]
+        if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
+            # the model's loss is the mean over the labels it scores: a causal LM's every next token,
+            # and the first label too after prompt or P-tuning's virtual tokens
+            first = self.problem_type == SEQ2SEQ_LM or getattr(model, "labels_prepended", lambda: 0)() > 0
+            count = jnp.sum((labels if first else labels[:, 1:]) != -100).astype(jnp.float32)
+            loss = model(**inputs, labels=labels).loss
+            return None, (loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
-            inputs["labels"] = batch["labels"]
-        logits = model(**inputs).logits
-        return logits, _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
+            inputs["labels"] = labels
+        out = model(**inputs).logits
+        virtual = getattr(model, "labels_prepended", lambda: 0)()
+        if virtual:  # the logits start with the virtual tokens' positions, as PEFT's do
+            labels = jnp.concatenate([jnp.full((labels.shape[0], virtual), -100, labels.dtype), labels], axis=1)
+        return out, _loss_terms(out, labels, batch["sample_weight"], self.problem_type)
 
     def _loss(self, model, batch):
         """The training loss; inside the step, with the step's dropout key active."""
@@ -307,11 +321,23 @@ class Trainer:
             self.problem_type = infer_problem_type(cols["labels"], self.num_labels)
         check_labels(cols["labels"], self.problem_type, self.num_labels, name)
 
-    @functools.cached_property
+    @property
     def _eval_step(self):
+        """The evaluation's compiled step: the loss terms, and the logits only where
+        ``compute_metrics`` reads them."""
+        return self._predict_step if self.compute_metrics is not None else self._loss_step
+
+    @functools.cached_property
+    def _predict_step(self):
+        return self._logits_step(logits=True)
+
+    @functools.cached_property
+    def _loss_step(self):
+        return self._logits_step(logits=False)
+
+    def _logits_step(self, *, logits: bool):
         def eval_step(graphdef, state, batch):
-            logits, terms = self._forward_terms(nnx.merge(graphdef, *state), batch)
-            return logits, terms
+            return self._forward_terms(nnx.merge(graphdef, *state), batch, logits=logits)
 
         if self.mesh is None:
             return jax.jit(eval_step, static_argnums=0)
@@ -523,7 +549,7 @@ class Trainer:
         batcher = self._batcher(cols, self.args.per_device_eval_batch_size, shuffle=False)
         out = []
         for batch in batcher.batches(0):
-            logits, _ = self._eval_step(graphdef, (trainable, rest), self._place(batch))
+            logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
             logits = np.asarray(logits)[batch["sample_weight"] > 0]
             out.append(logits)
         return np.concatenate(out)

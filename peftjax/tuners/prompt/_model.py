@@ -398,6 +398,15 @@ class PromptLearningModel(AdapterLayer):
             return base_call(self, *args, **kwargs)
         return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs)))
 
+    def labels_prepended(self) -> int:
+        """How many ``-100`` labels a call puts before the given ``labels``: a causal LM's prompt
+        or P-tuning adapter prepends one per virtual token (so its loss also scores the first
+        label, predicted from the last virtual token, as PEFT's does); 0 otherwise."""
+        encoder = _active_encoder(self)
+        if encoder is None or encoder.peft_type == PREFIX_TUNING or encoder.task_type != TaskType.CAUSAL_LM:
+            return 0
+        return encoder.num_virtual_tokens
+
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(self.peft_prompt_encoders.keys())
 
