@@ -110,3 +110,12 @@ def test_generate_vs_hf_runs_on_a_tiny_model():
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert fields["same_tokens"] == 1, fields
     assert all(fields[k] > 0 for k in ("ratio_call", "ratio_first", "ratio_mem", "jax_f32_gflops", "torch_f32_gflops"))
+
+
+def test_evaluate_lm_runs_on_a_tiny_model():
+    pytest.importorskip("torch")
+    last = _run("evaluate_lm.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
+                "--vocab", "128", "--rows", "4", "--seq", "16", "--batch", "2", "--matmul-size", "256")
+    fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
+    assert set(fields) == {"first_s", "second_s", "eval_loss", "peak_rss_gib", "jax_f32_gflops"}
+    assert all(v > 0 for v in fields.values())
