@@ -65,7 +65,7 @@ def run_peftjax(args) -> dict:
 
     a = jnp.ones((args.matmul_size, args.matmul_size), jnp.float32)
     peak = svp.matmul_peak(lambda: (a @ a).block_until_ready(), args.matmul_size)
-    return timed(call, np.asarray, peak)
+    return timed(args, call, np.asarray, peak)
 
 
 def run_transformers(args) -> dict:
@@ -83,24 +83,24 @@ def run_transformers(args) -> dict:
 
     a = torch.ones(args.matmul_size, args.matmul_size)
     peak = svp.matmul_peak(lambda: a @ a, args.matmul_size)
-    return timed(call, lambda t: t.numpy(), peak)
+    return timed(args, call, lambda t: t.numpy(), peak)
 
 
-def timed(call, to_numpy, peak: float) -> dict:
+def timed(args, call, to_numpy, peak: float) -> dict:
     t = time.perf_counter()
     tokens = to_numpy(call())
     first = time.perf_counter() - t
     times = []
-    for _ in range(ARGS.trials):
+    for _ in range(args.trials):
         t = time.perf_counter()
         to_numpy(call())
         times.append(time.perf_counter() - t)
     return {"first_s": first, "call_s": statistics.median(times), "peak_rss": svp.peak_rss_bytes(),
-            "gflops": peak / 1e9, "tokens": tokens[:, -ARGS.new:].tolist()}
+            "gflops": peak / 1e9, "tokens": tokens[:, -args.new:].tolist()}
 
 
 def main() -> None:
-    args = ARGS
+    args = parse_args()
     if args.child:
         print(json.dumps(run_peftjax(args) if args.child == "peftjax" else run_transformers(args)))
         return
@@ -111,10 +111,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         svp.build_model(argparse.Namespace(**{**vars(args), "seq": args.seq + args.new}), directory)
         for child in ("peftjax", "transformers"):
-            argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--model-dir", directory]
-            for name in ("hidden", "layers", "heads", "intermediate", "vocab", "batch", "seq", "new", "trials",
-                         "matmul_size"):
-                argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", child, "--model-dir",
+                    directory]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             proc = subprocess.run(argv, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -134,8 +132,6 @@ def main() -> None:
           f"ratio_mem={ours['peak_rss'] / theirs['peak_rss']:.3f} same_tokens={int(same)} "
           f"jax_f32_gflops={ours['gflops']:.0f} torch_f32_gflops={theirs['gflops']:.0f}")
 
-
-ARGS = parse_args()
 
 if __name__ == "__main__":
     main()

@@ -165,16 +165,17 @@ def assert_long_prompts_generate_as_torch(torch_model, model, vocab: int, new: i
 
     total = LONG_ROWS + new
 
+    @jax.jit
     def prefill(st, i, a):
         m = nnx.merge(graphdef, st)
         key_mask = jnp.zeros((2, total), jnp.int32).at[:, :LONG_ROWS].set(a)
         return m(input_ids=i, attention_mask=key_mask, cache=m.init_cache(2, total), cache_index=0,
                  logits_to_keep=1).logits
 
-    text = jax.jit(prefill).lower(state, ids, mask).as_text()
+    text = prefill.lower(state, ids, mask).as_text()
     assert f"{LONG_ROWS}x{total}xf32" not in text, "the prefill formed the whole square of scores"
     assert f"2x{LONG_ROWS}x{vocab}xf32" not in text, "the prefill computed every position's logits"
-    np.testing.assert_allclose(np.asarray(jax.jit(prefill)(state, ids, mask)), ours, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(prefill(state, ids, mask)), ours, atol=1e-5, rtol=0)
 
     with torch.no_grad():
         expected = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -521,12 +521,12 @@ def test_language_model_evaluation_holds_no_logits_and_gives_peft_loss(method, t
     model = peftjax.get_peft_model(LlamaForCausalLM.from_pretrained(base), config)
     trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "run"), per_device_eval_batch_size=2,
                                                disable_tqdm=True, plot=False), eval_dataset=rows)
-    dump = tmp_path / "ir"
+    dump, previous = tmp_path / "ir", jax.config.read("jax_dump_ir_to")
     jax.config.update("jax_dump_ir_to", str(dump))
     try:
         loss = trainer.evaluate()["eval_loss"]
     finally:
-        jax.config.update("jax_dump_ir_to", "")
+        jax.config.update("jax_dump_ir_to", previous)
     texts = [p.read_text() for p in dump.rglob("*.mlir")]
     assert texts and not any(re.search(rf"tensor<\d+x\d+x{vocab}xf32>", t) for t in texts), "logits were formed"
 

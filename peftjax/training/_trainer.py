@@ -227,18 +227,19 @@ class Trainer:
         output projection, so that evaluation never holds ``[batch, seq, vocab]`` logits either."""
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
         labels = batch["labels"]
+        # a prompt or P-tuning causal LM: its logits start with the virtual tokens' positions, and its
+        # loss scores the first label too (from the last virtual token), as PEFT's do
+        virtual = getattr(model, "labels_prepended", lambda: 0)()
         if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
-            # the model's loss is the mean over the labels it scores: a causal LM's every next token,
-            # and the first label too after prompt or P-tuning's virtual tokens
-            first = self.problem_type == SEQ2SEQ_LM or getattr(model, "labels_prepended", lambda: 0)() > 0
+            # the model's loss is the mean over the labels it scores: a causal LM's every next token
+            first = self.problem_type == SEQ2SEQ_LM or virtual > 0
             count = jnp.sum((labels if first else labels[:, 1:]) != -100).astype(jnp.float32)
             loss = model(**inputs, labels=labels).loss
             return None, (loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
             inputs["labels"] = labels
         out = model(**inputs).logits
-        virtual = getattr(model, "labels_prepended", lambda: 0)()
-        if virtual:  # the logits start with the virtual tokens' positions, as PEFT's do
+        if virtual:
             labels = jnp.concatenate([jnp.full((labels.shape[0], virtual), -100, labels.dtype), labels], axis=1)
         return out, _loss_terms(out, labels, batch["sample_weight"], self.problem_type)
 
