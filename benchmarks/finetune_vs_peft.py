@@ -125,7 +125,7 @@ def _matmul_peak(framework: str, n: int) -> float:
     import matmul_peak
 
     measure = matmul_peak.measure_jax if framework == "peftjax" else matmul_peak.measure_torch
-    return measure(n, 3)["float32"]
+    return measure(n, 3, dtypes=("float32",))["float32"]  # (torch's bfloat16 takes minutes without AVX512-BF16)
 
 
 # --------------------------------------------------------------------------- children

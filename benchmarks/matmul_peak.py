@@ -19,12 +19,13 @@ import sys
 import time
 
 
-def measure_jax(n: int, repeats: int) -> dict:
+def measure_jax(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
     import jax
     import jax.numpy as jnp
 
     out = {}
-    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+    for name in dtypes:
+        dtype = jnp.dtype(name)
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         f = jax.jit(lambda x, y: x @ y)
         f(a, a).block_until_ready()
@@ -37,11 +38,12 @@ def measure_jax(n: int, repeats: int) -> dict:
     return out
 
 
-def measure_torch(n: int, repeats: int) -> dict:
+def measure_torch(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
     import torch
 
     out = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    for name in dtypes:
+        dtype = getattr(torch, name)
         a = torch.randn(n, n).to(dtype)
         a @ a
         best = float("inf")
