@@ -16,8 +16,8 @@ the batch's rows are spread over k adapters (row i uses adapter i mod k) and the
 The reference is peftjax with one adapter set (no mixed path) on the whole batch; the target is
 a 16-adapter mixed batch at most 1.25x that. Hot-swap: ``hotswap_adapter`` plus the next call,
 against compiling the same function afresh. Medians of ``--repeats`` calls per trial, median
-over trials. Each framework runs in its own child process; the host's float32 matmul peaks are
-printed beside the ratios. The last line is a summary.
+over trials. Each framework runs in its own child process, which measures its float32 matmul peak
+after its timed calls (median over trials); the peaks are printed beside the ratios. The last line is a summary.
 """
 
 from __future__ import annotations
@@ -142,10 +142,14 @@ def child_torch(root: Path, args) -> dict:
     return out
 
 
-def peaks(size: int) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "matmul_peak.py"), "--size", str(size), "--repeats", "3"],
-                          capture_output=True, text=True, check=True)
-    return dict(f.split("=") for f in proc.stdout.strip().splitlines()[-1].split())
+def matmul_peak(framework: str, size: int) -> float:
+    """This child's framework's float32 matmul peak in GFLOP/s (``matmul_peak.py``), measured after
+    its timed calls, in the same process (no bfloat16: torch's takes minutes without AVX512-BF16)."""
+    sys.path.insert(0, str(HERE))
+    import matmul_peak
+
+    measure = matmul_peak.measure_jax if framework == "jax" else matmul_peak.measure_torch
+    return measure(size, 3, dtypes=("float32",))["float32"]
 
 
 def main() -> None:
@@ -167,7 +171,7 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         fn = child_jax if args.child == "jax" else child_torch
-        print(json.dumps(fn(Path(args.root), args)))
+        print(json.dumps({**fn(Path(args.root), args), "f32_gflops": matmul_peak(args.child, args.matmul_size)}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -183,8 +187,8 @@ def main() -> None:
                     sys.exit(f"{child} child failed:\n{proc.stderr[-3000:]}")
                 results[child].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in results.items()}
-    peak = peaks(args.matmul_size)
     j, t = med["jax"], med["torch"]
+    peak = {"jax_f32_gflops": f"{j['f32_gflops']:.0f}", "torch_f32_gflops": f"{t['f32_gflops']:.0f}"}
     print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x {args.seq} "
           f"tokens; LoRA r={args.rank} on q,k,v,o; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     print(f"float32 matmul peaks ({args.matmul_size}^3): JAX {peak['jax_f32_gflops']} GFLOP/s, "
