@@ -247,6 +247,43 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path):
     assert [r["loss"] for r in first][-4:] == [r["loss"] for r in again][-4:]
 
 
+_PYPLOT_PROBE = """
+import json, sys
+import numpy as np
+import transformers as tr
+import peftjax
+from peftjax.models import LlamaForCausalLM
+
+config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
+ids = np.random.default_rng(0).integers(1, 64, (8, 16)).tolist()
+seen = {"before": "matplotlib" in sys.modules}
+
+def metrics(logits, labels):  # the evaluation at the end of train(), just before the plot
+    seen["at_evaluation"] = "matplotlib.pyplot" in sys.modules
+    return {}
+
+args = peftjax.TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=2,
+                                 eval_strategy="steps", eval_steps=2, disable_tqdm=True, report_to="none")
+peftjax.Trainer(model, args, {"input_ids": ids, "labels": ids}, eval_dataset={"input_ids": ids, "labels": ids},
+                compute_metrics=metrics).train()
+seen["plot"] = (__import__("pathlib").Path(sys.argv[1]) / "training_curves.png").exists()
+print(json.dumps(seen))
+"""
+
+
+def test_the_plot_s_import_runs_while_the_step_compiles(tmp_path):
+    """A run that plots (the default) imports matplotlib's pyplot (0.9 s on a 2-core host) on a
+    thread while its first step compiles, not after training: by the final evaluation it is there."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _PYPLOT_PROBE, str(tmp_path / "run")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"before": False, "at_evaluation": True, "plot": True}, seen
+
+
 def test_arguments_are_validated(tmp_path):
     with pytest.raises(ValueError, match="lr_scheduler_type"):
         TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="exotic")
