@@ -249,6 +249,7 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path):
 
 _PYPLOT_PROBE = """
 import json, sys
+from pathlib import Path
 import numpy as np
 import transformers as tr
 import peftjax
@@ -268,7 +269,7 @@ args = peftjax.TrainingArguments(output_dir=sys.argv[1], per_device_train_batch_
                                  eval_strategy="steps", eval_steps=2, disable_tqdm=True, report_to="none")
 peftjax.Trainer(model, args, {"input_ids": ids, "labels": ids}, eval_dataset={"input_ids": ids, "labels": ids},
                 compute_metrics=metrics).train()
-seen["plot"] = (__import__("pathlib").Path(sys.argv[1]) / "training_curves.png").exists()
+seen["plot"] = (Path(sys.argv[1]) / "training_curves.png").exists()
 print(json.dumps(seen))
 """
 
