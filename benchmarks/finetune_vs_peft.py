@@ -124,8 +124,7 @@ def _matmul_peak(framework: str, n: int) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import matmul_peak
 
-    measure = matmul_peak.measure_jax if framework == "peftjax" else matmul_peak.measure_torch
-    return measure(n, 3, dtypes=("float32",))["float32"]  # (torch's bfloat16 takes minutes without AVX512-BF16)
+    return matmul_peak.float32_gflops("jax" if framework == "peftjax" else "torch", n)
 
 
 # --------------------------------------------------------------------------- children

@@ -56,6 +56,13 @@ def measure_torch(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
     return out
 
 
+def float32_gflops(framework: str, n: int, repeats: int = 3) -> float:
+    """``framework``'s (``"jax"`` or ``"torch"``) float32 peak in this process, for a benchmark's
+    child to print beside its ratios (no bfloat16: torch's takes minutes without AVX512-BF16)."""
+    measure = measure_jax if framework == "jax" else measure_torch
+    return measure(n, repeats, dtypes=("float32",))["float32"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=4096)

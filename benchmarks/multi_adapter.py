@@ -16,8 +16,9 @@ the batch's rows are spread over k adapters (row i uses adapter i mod k) and the
 The reference is peftjax with one adapter set (no mixed path) on the whole batch; the target is
 a 16-adapter mixed batch at most 1.25x that. Hot-swap: ``hotswap_adapter`` plus the next call,
 against compiling the same function afresh. Medians of ``--repeats`` calls per trial, median
-over trials. Each framework runs in its own child process, which measures its float32 matmul peak
-after its timed calls (median over trials); the peaks are printed beside the ratios. The last line is a summary.
+over trials. Each framework runs in its own child process, which measures its float32 matmul
+peak after its timed calls (median over trials); the peaks are printed beside the ratios. The
+last line is a summary.
 """
 
 from __future__ import annotations
@@ -142,16 +143,6 @@ def child_torch(root: Path, args) -> dict:
     return out
 
 
-def matmul_peak(framework: str, size: int) -> float:
-    """This child's framework's float32 matmul peak in GFLOP/s (``matmul_peak.py``), measured after
-    its timed calls, in the same process (no bfloat16: torch's takes minutes without AVX512-BF16)."""
-    sys.path.insert(0, str(HERE))
-    import matmul_peak
-
-    measure = matmul_peak.measure_jax if framework == "jax" else matmul_peak.measure_torch
-    return measure(size, 3, dtypes=("float32",))["float32"]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -171,7 +162,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         fn = child_jax if args.child == "jax" else child_torch
-        print(json.dumps({**fn(Path(args.root), args), "f32_gflops": matmul_peak(args.child, args.matmul_size)}))
+        from matmul_peak import float32_gflops  # this script's folder is on sys.path
+
+        print(json.dumps({**fn(Path(args.root), args), "f32_gflops": float32_gflops(args.child, args.matmul_size)}))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
