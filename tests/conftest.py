@@ -36,7 +36,14 @@ tests/test_llama.py + test_lora_peft.py, two rounds each: 121-122 s (user 205-20
 (92-131 s); and LLVM -O1 instead of -O0 for the examples' subprocesses, which run the real MiniLM
 more than they compile: 67-70 s against 58-62 s for examples/ia3_prefix_prompt.py --smoke. Three
 workers instead of two (``-n 3``, 2026-12-02, the whole suite once each, same host and hour): 21:16
-against 19:56 (the two cores were already busy 1.8 of 2 on average).
+against 19:56 (the two cores were already busy 1.8 of 2 on average). On a slower AVX2 host
+(2026-12-02, whole suite 27:19, test durations summing to 3,196 s): tests/test_llama.py alone
+spends about half its time in XLA's compiler and a quarter in JAX's tracing and lowering
+(py-spy); Python's cyclic GC frozen after collection (``gc.freeze()``) gave 175 against 183 s for
+that file, one pair, inside the host's spread; and XLA's CPU flags on a tiny train step
+(``parallel_codegen_split_count=1``, ``use_xnnpack=false``, region-analysis copy insertion off,
+the concurrency-optimized scheduler off, the older runtime) all compiled it in 0.53-0.72 s
+against 0.51-0.70 s without.
 
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
