@@ -63,6 +63,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from matmul_peak import float32_gflops  # noqa: E402 - this script's folder is on sys.path
+
 FRAMEWORKS = ("peftjax", "peft")
 # name -> (framework, from_pretrained options); the headline is "peftjax" against "peft"
 CONFIGS = {"peftjax": ("peftjax", {}), "peftjax-scan": ("peftjax", {"scan_layers": True}),
@@ -117,14 +119,6 @@ def peak_rss_bytes() -> int:
 
 def _subset(dataset, n):
     return dataset if n is None else dataset.select(range(min(n, len(dataset))))
-
-
-def _matmul_peak(framework: str, n: int) -> float:
-    """This framework's float32 matmul peak in GFLOP/s, measured by ``benchmarks/matmul_peak.py``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import matmul_peak
-
-    return matmul_peak.float32_gflops("jax" if framework == "peftjax" else "torch", n)
 
 
 # --------------------------------------------------------------------------- children
@@ -215,7 +209,7 @@ def run_peftjax(args, output_dir: str, t_start: float = T_START, options: dict |
         "trainable_params": trainable_params,
         "all_params": all_params,
         "eval_rows": len(evaluation),
-        "matmul_gflops": _matmul_peak("peftjax", args.matmul_size),
+        "matmul_gflops": float32_gflops("jax", args.matmul_size),
     }
 
 
@@ -288,7 +282,7 @@ def run_peft(args, output_dir: str, t_start: float = T_START, options: dict | No
         "eval_rows": len(evaluation),
         "torch_threads": torch.get_num_threads(),
         "attn_implementation": model.config._attn_implementation,
-        "matmul_gflops": _matmul_peak("peft", args.matmul_size),
+        "matmul_gflops": float32_gflops("torch", args.matmul_size),
     }
 
 
