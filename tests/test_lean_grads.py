@@ -1,8 +1,10 @@
-"""The model's softmax, SwiGLU and RMSNorm: JAX's values and gradients, from fewer saved arrays.
+"""The model's softmax, SwiGLU, exact GELU and RMSNorm: JAX's values and gradients, from fewer
+saved arrays.
 
 Oracle: autodiff of the textbook functions (``jax.nn.softmax``, ``jax.nn.silu(g) * u``,
-``nnx.RMSNorm``). The residual checks use ``jax.ad_checkpoint.print_saved_residuals``: what a backward
-pass keeps, which is what these functions exist to shrink.
+``nnx.RMSNorm``; for the GELU, torch's own and its autograd). The residual checks use
+``jax.ad_checkpoint.print_saved_residuals``: what a backward pass keeps, which is what these
+functions exist to shrink.
 """
 
 import contextlib
@@ -17,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
-from peftjax.nn._functional import softmax, swiglu
+from peftjax.nn._functional import gelu, softmax, swiglu
 from peftjax.nn._norm import RMSNorm, rms_norm
 
 
@@ -67,6 +69,25 @@ def test_swiglu_equals_silu_times_up_and_keeps_only_its_inputs(dtype):
     f = lambda g, u: jnp.sum(swiglu(g * 2, u * 3))  # noqa: E731
     r = lambda g, u: jnp.sum(jax.nn.silu(g * 2) * (u * 3))  # noqa: E731
     assert len(_big(f, g, u, min_size=g.size)) == 2 < len(_big(r, g, u, min_size=g.size))
+
+
+def test_exact_gelu_equals_torchs_in_value_and_gradient_and_keeps_only_its_input():
+    torch = pytest.importorskip("torch")
+    x = np.concatenate([np.linspace(-12, 12, 2001), np.random.RandomState(5).standard_normal(999) * 3])
+    x = x.astype(np.float32).reshape(3, 1000)
+    w = _rand((3, 1000), 6)
+    xt = torch.tensor(x, requires_grad=True)
+    (torch.nn.functional.gelu(xt) * torch.tensor(np.asarray(w))).sum().backward()
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), torch.nn.functional.gelu(torch.tensor(x)).numpy(),
+                               rtol=0, atol=2e-6)
+    ours = jax.grad(lambda x: jnp.sum(gelu(x) * w))(jnp.asarray(x))
+    np.testing.assert_allclose(ours, xt.grad.numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), jax.nn.gelu(jnp.asarray(x), approximate=False), atol=2e-6)
+    f = lambda x: jnp.sum(gelu(x * 2.0))  # noqa: E731
+    r = lambda x: jnp.sum(0.5 * (x * 2.0) * (1 + jax.lax.erf(x * 2.0 / np.sqrt(2))))  # noqa: E731
+    xs = jnp.asarray(x)
+    assert len(_big(f, xs, min_size=x.size)) == 1 < len(_big(r, xs, min_size=x.size))
+    assert gelu(xs.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

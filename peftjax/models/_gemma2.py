@@ -36,6 +36,7 @@ from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
+from peftjax.nn._functional import gelu
 from peftjax.nn._dropout import layer_key
 from peftjax.nn._scan import StackedLayers, check_remat, make_layers, run_layers
 
@@ -119,7 +120,9 @@ class GemmaMLP(nnx.Module):
         self.approximate = GELU_APPROXIMATE[getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"]
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        act = jax.nn.gelu(gate, approximate=True) if self.approximate else gelu(gate)
+        return self.down_proj(act * self.up_proj(x))
 
 
 class Gemma2Attention(LlamaAttention):

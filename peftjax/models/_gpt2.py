@@ -22,13 +22,13 @@ from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequenc
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.nn._scan import check_remat, make_layers, run_layers
-from peftjax.nn._functional import softmax
+from peftjax.nn._functional import gelu, softmax
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

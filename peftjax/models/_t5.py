@@ -47,12 +47,12 @@ from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 from peftjax.nn._norm import RMSNorm
-from peftjax.nn._functional import softmax
+from peftjax.nn._functional import gelu, softmax
 
 # transformers' ACT2FN names that T5 configs use (``feed_forward_proj`` is ``[gated-]<act>``)
 ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
