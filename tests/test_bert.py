@@ -133,6 +133,53 @@ def test_packed_rows_give_each_sequence_its_own_logits(tiny, classifier, jit):
         classifier(**inputs, prefix_kv=prefix)
 
 
+def _packed(seed: int = 4):
+    from peftjax.training import Batcher
+
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, TINY["vocab_size"], n).tolist() for n in (9, 3, 14, 5, 7, 2, 11)]
+    (batch,) = Batcher({"input_ids": ids, "labels": rng.integers(0, 3, len(ids))}, 8, packing=True,
+                       shuffle=False).batches(0)
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "segment_ids", "segment_starts")}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix"])
+def test_classifier_computes_its_last_layer_at_the_pooled_rows_only(classifier, layout):
+    """The classifier's last layer computes queries, attention output and feed-forward block for the
+    ``[CLS]`` rows its pooler reads, and keys and values for every token: the logits and every
+    weight's gradient are those of the whole last layer (``model.bert`` computes every position),
+    for far fewer FLOPs (XLA's count)."""
+    inputs = _packed() if layout == "packed" else _batch()
+    if layout == "prefix":
+        a = classifier.bert.encoder.layer[0].attention.self
+        rng = np.random.default_rng(1)
+        inputs["prefix_kv"] = [tuple(jnp.asarray(rng.normal(size=(3, 2, a.num_heads, a.head_dim)), jnp.float32)
+                                     for _ in range(2)) for _ in classifier.bert.encoder.layer]
+    graphdef, params = nnx.split(classifier)
+    labels = jnp.arange(len(inputs.get("segment_starts", inputs["input_ids"]))) % 3
+
+    def loss(p, whole):
+        model = nnx.merge(graphdef, p)
+        if whole:  # every position of the last layer, then the same pooler output and head
+            logits = model.classifier(model.bert(**inputs).pooler_output)
+        else:
+            out = model(**inputs)
+            assert out.last_hidden_state is None  # only the pooled rows left the last layer
+            logits = out.logits
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]), logits
+
+    fns = {whole: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1) for whole in (False, True)}
+    (value, logits), grads = fns[False](params, False)
+    (ref_value, ref_logits), ref_grads = fns[True](params, True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-6, rtol=0)
+    # two layers: computing the last one at 3 of the batch's rows is well under 3/4 of the work
+    flops = {w: fns[w].lower(params, w).compile().cost_analysis()["flops"] for w in (False, True)}
+    assert flops[False] < 0.75 * flops[True], flops
+
+
 def test_segment_positions_restart_at_each_sequence():
     from peftjax.models._attention import segment_mask, segment_positions
 

@@ -22,12 +22,13 @@ from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
-from peftjax.nn._scan import check_remat, make_layers, run_layers
-from peftjax.nn._functional import softmax
+from peftjax.nn._positions import every_position_required
+from peftjax.nn._scan import check_remat, make_layers, run_layer, run_layers
+from peftjax.nn._functional import gelu, softmax
 
 # transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -48,6 +49,13 @@ def _check_config(config) -> None:
         raise ValueError(
             f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
         )
+
+
+def pick_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x[rows]`` of a ``[tokens, hidden]`` array as a one-hot product: exact (one term per sum),
+    and its gradient a product too, not a scatter."""
+    one_hot = (jnp.asarray(rows)[:, None] == jnp.arange(x.shape[0])[None, :]).astype(x.dtype)
+    return one_hot @ x
 
 
 def _linear_kw(config, dtype, param_dtype, rngs) -> dict:
@@ -89,18 +97,41 @@ class BertSelfAttention(nnx.Module):
         self.value = nnx.Linear(h, h, **kw)
         self.dropout_rate = float(config.attention_probs_dropout_prob)
 
-    def __call__(self, x, mask, rng=None, prefix=None):
+    def __call__(self, x, mask, rng=None, prefix=None, rows=None):
+        """``[batch, seq, hidden]``; with ``rows`` (``[n]`` flat indices ``row * seq + column``) the
+        output of those queries only, ``[n, hidden]``, each attending to its own row's keys."""
         # not attn.dot_product_attention: BERT drops attention probabilities, which that one never sees
         b, s, _ = x.shape
-        q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.key(x).reshape(b, s, self.num_heads, self.head_dim)
         v = self.value(x).reshape(b, s, self.num_heads, self.head_dim)
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
+        if rows is not None:
+            return self._attend_rows(x, k, v, mask, rng, rows)
+        q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
+
+    def _attend_rows(self, x, k, v, mask, rng, rows):
+        """The kept queries' attention, ``[n, hidden]``: each against every key of the batch, the
+        keys of other rows masked out. Picking rows by one-hot products rather than gathers keeps
+        the backward pass free of scatters (which XLA:CPU compiles slowly), and the extra keys
+        cost ``n x batch`` instead of ``n`` rows of scores: nothing beside the projections."""
+        b, s, _ = x.shape
+        n_keys = k.shape[1]
+        q = self.query(pick_rows(x.reshape(b * s, -1), rows)).reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(b * n_keys, self.num_heads, self.head_dim)
+        v = v.reshape(b * n_keys, self.num_heads, self.head_dim)
+        row, column = rows // s, rows % s
+        own = jnp.broadcast_to(mask, (b, 1, s, n_keys))[row, 0, column]  # [n, keys]: each query's mask row
+        same_row = (jnp.arange(b * n_keys) // n_keys)[None, :] == row[:, None]
+        keep = same_row & jnp.tile(own, (1, b))  # [n, batch * keys]
+        scores = jnp.einsum("nhd,khd->nhk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        scores = jnp.where(keep[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
+        return jnp.einsum("nhk,khd->nhd", probs, v).reshape(rows.shape[0], -1)
 
 
 class BertSelfOutput(nnx.Module):
@@ -120,9 +151,10 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(config, **kw)
         self.output = BertSelfOutput(config, **kw)
 
-    def __call__(self, x, mask, rng=None, prefix=None):
+    def __call__(self, x, mask, rng=None, prefix=None, rows=None):
         attn_rng, out_rng = split_keys(rng, 2)
-        return self.output(self.self(x, mask, attn_rng, prefix), x, out_rng)
+        residual = x if rows is None else pick_rows(x.reshape(-1, x.shape[-1]), rows)
+        return self.output(self.self(x, mask, attn_rng, prefix, rows), residual, out_rng)
 
 
 class BertIntermediate(nnx.Module):
@@ -153,9 +185,11 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(config, **kw)
         self.output = BertOutput(config, **kw)
 
-    def __call__(self, x, mask, rng=None, prefix=None):
+    def __call__(self, x, mask, rng=None, prefix=None, rows=None):
+        """``[batch, seq, hidden]``, or with ``rows`` (flat indices) those positions' ``[n, hidden]``,
+        computed for them alone: their queries, attention output and feed-forward block."""
         attn_rng, out_rng = split_keys(rng, 2)
-        a = self.attention(x, mask, attn_rng, prefix)
+        a = self.attention(x, mask, attn_rng, prefix, rows)
         return self.output(self.intermediate(a), a, out_rng)
 
 
@@ -167,11 +201,17 @@ class BertEncoder(nnx.Module):
             config, lambda _, r: BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
 
-    def __call__(self, x, mask, rng=None, prefix_kv=None):
+    def __call__(self, x, mask, rng=None, prefix_kv=None, rows=None):
+        """The last layer's output ``[batch, seq, hidden]``, or with ``rows`` (``[n]`` flat indices)
+        only those positions', ``[n, hidden]``, which the last layer then computes alone."""
+        last = len(self.layer) - 1
         if prefix_kv is None:  # scanned and/or rematerialised, dropout or not
-            return run_layers(self.layer, lambda layer, h, k: layer(h, mask, k), x, self.remat, rng)
+            if rows is None:
+                return run_layers(self.layer, lambda layer, h, k: layer(h, mask, k), x, self.remat, rng)
+            x = run_layers(self.layer, lambda layer, h, k: layer(h, mask, k), x, self.remat, rng, stop=last)
+            return run_layer(self.layer, last, lambda layer, h, k: layer(h, mask, k, rows=rows), x, self.remat, rng)
         for i, layer in enumerate(self.layer):
-            x = layer(x, mask, layer_key(rng, i), prefix_kv[i])
+            x = layer(x, mask, layer_key(rng, i), prefix_kv[i], rows if i == last else None)
         return x
 
 
@@ -250,6 +290,7 @@ class BertModel(PreTrainedModel):
         prefix_kv=None,
         segment_ids=None,
         segment_starts=None,
+        output_last_hidden_state: bool = True,
     ) -> ModelOutput:
         """Encodes a batch.
 
@@ -267,6 +308,10 @@ class BertModel(PreTrainedModel):
             sequence, 0 on padding; each token attends within its own sequence only.
           segment_starts: ``[n]`` flat index (``row * seq + column``) of each packed sequence's
             first token: ``pooler_output`` is then per sequence, ``[n, hidden]``.
+          output_last_hidden_state: ``False`` (with a pooler) computes the last layer at the
+            pooled ``[CLS]`` positions only (queries, attention output, feed-forward; keys and
+            values everywhere): the same ``pooler_output`` for less work, ``last_hidden_state``
+            ``None``. The sequence classifier calls it so.
 
         Returns:
           ``ModelOutput`` with ``last_hidden_state`` and ``pooler_output`` (``None`` without a pooler).
@@ -306,9 +351,12 @@ class BertModel(PreTrainedModel):
             mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
         emb_rng, enc_rng = split_keys(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
+        firsts = jnp.arange(b) * s if segment_starts is None else jnp.asarray(segment_starts)
+        if self.pooler is not None and not output_last_hidden_state and not every_position_required():
+            # only the pooled rows leave the last layer: it computes them alone
+            return ModelOutput(pooler_output=self.pooler(self.encoder(x, mask, enc_rng, prefix_kv, rows=firsts)))
         h = self.encoder(x, mask, enc_rng, prefix_kv)
-        first = h[:, 0] if segment_starts is None else h.reshape(b * s, -1)[jnp.asarray(segment_starts)]
-        pooled = None if self.pooler is None else self.pooler(first)
+        pooled = None if self.pooler is None else self.pooler(h.reshape(b * s, -1)[firsts])
         return ModelOutput(last_hidden_state=h, pooler_output=pooled)
 
 
@@ -345,15 +393,17 @@ class BertForSequenceClassification(PreTrainedModel):
 
         ``prefix_kv``, ``segment_ids`` and ``segment_starts``: as for :class:`BertModel`; packed
         rows with ``segment_starts`` give one row of logits per sequence (``labels`` likewise).
+        The last layer computes only the ``[CLS]`` positions the pooler reads (as
+        ``output_last_hidden_state=False`` does; ``model.bert(...)`` gives every position), so the
+        output carries ``logits``, ``loss`` and ``pooler_output``, as transformers' carries no
+        hidden state unless asked.
         """
         bert_rng, head_rng = split_keys(dropout_rng, 2)
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, bert_rng, prefix_kv,
-                        segment_ids, segment_starts)
+                        segment_ids, segment_starts, output_last_hidden_state=False)
         logits = self.classifier(dropout(out.pooler_output, self.dropout_rate, head_rng))
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
-        return ModelOutput(
-            logits=logits, loss=loss, last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output
-        )
+        return ModelOutput(logits=logits, loss=loss, pooler_output=out.pooler_output)
 
 
 register(BertModel, model_types=("bert",), default=True)

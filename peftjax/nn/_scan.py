@@ -73,14 +73,21 @@ class StackedLayers(nnx.Module):
     def __iter__(self) -> Iterator[nnx.Module]:
         return (self[i] for i in range(self.num_layers))
 
-    def scan(self, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None) -> jax.Array:
-        """``x = fn(layer, x, layer_key)`` for every layer, as one ``jax.lax.scan``.
+    def scan(self, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None,
+             stop: int | None = None) -> jax.Array:
+        """``x = fn(layer, x, layer_key)`` for every layer (the first ``stop`` with ``stop``), as one
+        ``jax.lax.scan``.
 
         ``layer_key`` is ``key`` folded with the layer index (``None`` without a key): the model's
         own dropout. Adapter dropout draws a different mask in each layer too: the active key is
         folded with the layer index (all layers share their module paths).
         """
+        stop = self.num_layers if stop is None else stop
+        if stop == 0:
+            return x
         graphdef, state = nnx.split(self.layer)
+        if stop < self.num_layers:
+            state = jax.tree.map(lambda v: v[:stop], state)
         active = active_dropout_key()
 
         def body(h, xs):
@@ -88,8 +95,20 @@ class StackedLayers(nnx.Module):
             with dropout_key(None if active is None else fold_key(active, i)):
                 return fn(nnx.merge(graphdef, layer_state), h, layer_key(key, i)), None
 
-        x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(self.num_layers), state))
+        x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(stop), state))
         return x
+
+    def run_one(self, i: int, fn: Callable, x: jax.Array, remat: str = "none",
+                key: jax.Array | None = None) -> jax.Array:
+        """``fn(layer_i, x, layer_key)`` outside the scan, with the keys :meth:`scan` gives layer ``i``."""
+        active = active_dropout_key()
+        graphdef, state = nnx.split(self[i])
+
+        def body(layer_state, h, k):
+            with dropout_key(None if active is None else fold_key(active, i)):
+                return fn(nnx.merge(graphdef, layer_state), h, k)
+
+        return checkpointed(body, remat)(state, x, layer_key(key, i))
 
 
 def make_layers(config, make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
@@ -102,20 +121,29 @@ def make_layers(config, make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, rn
     return nnx.List([make_layer(i, rngs) for i in range(n)])
 
 
-def run_layers(layers, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None):
-    """``x = fn(layer, x, layer_key)`` over ``layers``: scanned when stacked, else a loop; each under
-    ``remat``. ``layer_key`` is ``key`` folded with the layer's index (``None`` without a key), so a
-    stacked and an unstacked model draw the same dropout masks."""
+def run_layers(layers, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None,
+               stop: int | None = None):
+    """``x = fn(layer, x, layer_key)`` over ``layers`` (the first ``stop`` with ``stop``): scanned
+    when stacked, else a loop; each under ``remat``. ``layer_key`` is ``key`` folded with the
+    layer's index (``None`` without a key), so a stacked and an unstacked model draw the same
+    dropout masks."""
     if isinstance(layers, StackedLayers):
-        return layers.scan(fn, x, remat, key)
-    for i, layer in enumerate(layers):
-        k = layer_key(key, i)
-        if remat == "none":
-            x = fn(layer, x, k)
-        else:
-            graphdef, state = nnx.split(layer)
-            x = checkpointed(lambda s, h, lk, g=graphdef: fn(nnx.merge(g, s), h, lk), remat)(state, x, k)
+        return layers.scan(fn, x, remat, key, stop)
+    for i in range(len(layers) if stop is None else stop):
+        x = run_layer(layers, i, fn, x, remat, key)
     return x
+
+
+def run_layer(layers, i: int, fn: Callable, x: jax.Array, remat: str = "none", key: jax.Array | None = None):
+    """``fn(layers[i], x, layer_key)`` under ``remat``, with the keys :func:`run_layers` gives layer
+    ``i`` (stacked or not): a model runs its last layer apart from the others this way."""
+    if isinstance(layers, StackedLayers):
+        return layers.run_one(i, fn, x, remat, key)
+    layer, k = layers[i], layer_key(key, i)
+    if remat == "none":
+        return fn(layer, x, k)
+    graphdef, state = nnx.split(layer)
+    return checkpointed(lambda s, h, lk: fn(nnx.merge(graphdef, s), h, lk), remat)(state, x, k)
 
 
 # ---------------------------------------------------------------------------- unstacked views

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from peftjax.nn._positions import every_position
 from peftjax.tuners.base import named_modules
 
 
@@ -65,7 +66,8 @@ def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Cal
     per model structure, batch shape, names, reducer and forward function."""
     modules = named_modules(model)
     sink: dict[str, list] = {}
-    with _recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, [])):
+    with (_recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, [])),
+          every_position()):  # a classifier's last layer too, as PEFT's hooks see it
         forward_fn(model, batch)
     return sink
 
