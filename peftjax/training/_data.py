@@ -30,13 +30,14 @@ IGNORE_INDEX = -100
 # "auto" buckets: multiples of AUTO_MULTIPLE fitted to the lengths of the batches the data makes
 # (see Batcher): at most AUTO_MAX_BUCKETS, one more only where it saves AUTO_MIN_SAVING of the
 # padded tokens of the first epochs (AUTO_BATCHES batches at least, AUTO_EPOCHS epochs at most)
-# and AUTO_MIN_SAVED_BATCHES batches' worth of them an epoch: a shape costs a compilation, ~4 s
-# (lowering + XLA) for the MiniLM step on a 2-core CPU, about 24 of its ~170 ms steps: 8 batches
-# an epoch of the Trainer's default 3 epochs
+# and AUTO_MIN_SAVED_BATCHES batches' worth of them an epoch: a shape costs a compilation, 4-4.6 s
+# (tracing, lowering and XLA) for the MiniLM step on a 2-core AVX2 CPU, about 33 of its ~130 ms
+# steps in the Trainer (2026-12-03; it was 24 steps of 170 ms): 11 batches an epoch of the
+# Trainer's default 3 epochs
 AUTO_MULTIPLE = 8
 AUTO_MAX_BUCKETS = 4
 AUTO_MIN_SAVING = 0.03
-AUTO_MIN_SAVED_BATCHES = 8
+AUTO_MIN_SAVED_BATCHES = 11
 AUTO_BATCHES, AUTO_EPOCHS = 256, 8
 
 # Extension -> `datasets` packaged builder.
@@ -476,8 +477,8 @@ class Batcher:
     (or of ``pad_to_multiple_of``), the largest the longest row rounded up, and below it at most
     three more, chosen to minimise the padded tokens of the batches of the first epochs (simulated
     from the same order; at least 256 batches, at most 8 epochs); a bucket is added only where it
-    saves 3% of those tokens and eight batches' worth of them an epoch (a compilation costs about
-    24 small steps on a CPU). Each bucket is a shape a jitted step compiles for, so a small
+    saves 3% of those tokens and eleven batches' worth of them an epoch (a compilation costs about
+    33 small steps on a CPU). Each bucket is a shape a jitted step compiles for, so a small
     dataset gets few; the fit pads short-text data less than a fixed ladder (the MiniLM reviews:
     24 and 48, 1.91 padded tokens per real token, against 2.09 with the former 32 and 48).
 
