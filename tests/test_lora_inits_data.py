@@ -194,49 +194,41 @@ def test_eva_state_dict_with_a_rank_0_layer_updates_model_and_config_as_peft(lla
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-def test_eva_on_gpt2_conv1d_equals_peft(gpt2):
+def _eva_equals_peft(path, family: str, batches, **kw) -> list[str]:
+    """EVA with ``kw`` on the tiny ``family`` model at ``path``, here and in PEFT on the same
+    batches: the same rank pattern and components (``lora_A``); returns the adapted layers' names."""
     from peft.tuners.lora.config import EvaConfig
     from peft.tuners.lora.eva import initialize_lora_eva_weights
 
-    kw = dict(r=4, lora_alpha=8, target_modules=["c_attn", "mlp.c_proj"], init_lora_weights="eva")
+    kw = dict(r=4, lora_alpha=8, init_lora_weights="eva", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_tiny.arch("gpt2").torch_class.from_pretrained(gpt2).eval(),
+        theirs = peft.get_peft_model(_tiny.arch(family).torch_class.from_pretrained(path).eval(),
                                      peft.LoraConfig(**kw, eva_config=EvaConfig(**EVA)))
-        initialize_lora_eva_weights(theirs, torch_batches(BATCHES), show_progress_bar=False)
-        ours = peftjax.get_peft_model(models.from_pretrained(gpt2), peftjax.LoraConfig(
+        initialize_lora_eva_weights(theirs, torch_batches(batches), show_progress_bar=False)
+        ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
             **kw, eva_config=peftjax.EvaConfig(**EVA)))
-    peftjax.initialize_lora_eva_weights(ours, BATCHES)
+    peftjax.initialize_lora_eva_weights(ours, batches)
     assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
     ours_f = lora_factors(ours)
     for name, (a, _, _) in ours_f.items():
         np.testing.assert_allclose(a, torch_factors(theirs, [name])[name][0], atol=1e-4, err_msg=name)
+    return list(ours_f)
+
+
+def test_eva_on_gpt2_conv1d_equals_peft(gpt2):
+    _eva_equals_peft(gpt2, "gpt2", BATCHES, target_modules=["c_attn", "mlp.c_proj"])
 
 
 def test_eva_on_a_bert_classifier_sees_every_position_of_the_last_layer(tmp_path):
     """peftjax's BERT classifier computes its last layer at the pooled rows only; EVA's calibration
     must see that layer's inputs at every position, as PEFT's hooks do: the same ranks and
     components as PEFT's on the last layer's query and feed-forward input."""
-    from peft.tuners.lora.config import EvaConfig
-    from peft.tuners.lora.eva import initialize_lora_eva_weights
-
     _tiny.save(_tiny.arch("bert"), tmp_path)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in BATCHES]
-    kw = dict(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense"], init_lora_weights="eva",
-              task_type="SEQ_CLS")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_tiny.arch("bert").torch_class.from_pretrained(tmp_path).eval(),
-                                     peft.LoraConfig(**kw, eva_config=EvaConfig(**EVA)))
-        initialize_lora_eva_weights(theirs, torch_batches(batches), show_progress_bar=False)
-        ours = peftjax.get_peft_model(models.from_pretrained(tmp_path), peftjax.LoraConfig(
-            **kw, eva_config=peftjax.EvaConfig(**EVA)))
-    peftjax.initialize_lora_eva_weights(ours, batches)
-    assert ours.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
-    ours_f = lora_factors(ours)
-    assert any(".layer.1." in n for n in ours_f)  # the last layer's adapters are compared
-    for name, (a, _, _) in ours_f.items():
-        np.testing.assert_allclose(a, torch_factors(theirs, [name])[name][0], atol=1e-4, err_msg=name)
+    names = _eva_equals_peft(tmp_path, "bert", batches, target_modules=["query", "intermediate.dense"],
+                             task_type="SEQ_CLS")
+    assert any(".layer.1." in n for n in names)  # the last layer's adapters are compared
 
 
 def test_torch_randn_is_torchs():

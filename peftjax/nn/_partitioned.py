@@ -10,27 +10,21 @@ there. A step a user jits with shardings of their own can enter it too.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 
-_state = threading.local()
+from peftjax.nn._flags import TraceFlag
+
+_flag = TraceFlag()
 
 
-@contextlib.contextmanager
 def partitioned():
     """Marks what is traced inside the block as partitioned over a mesh (see the module docstring)."""
-    previous = getattr(_state, "on", False)
-    _state.on = True
-    try:
-        yield
-    finally:
-        _state.on = previous
+    return _flag.raised()
 
 
 def is_partitioned() -> bool:
     """Whether the current trace runs inside :func:`partitioned`."""
-    return getattr(_state, "on", False)
+    return _flag.is_raised()
 
 
 def traced_partitioned(fn):

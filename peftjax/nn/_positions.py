@@ -10,24 +10,17 @@ must see every position, as it would in PyTorch; it runs the model inside :func:
 
 from __future__ import annotations
 
-import contextlib
-import threading
+from peftjax.nn._flags import TraceFlag
 
-_state = threading.local()
+_flag = TraceFlag()
 
 
-@contextlib.contextmanager
 def every_position():
     """Inside the block (while a forward pass is traced or run), models compute every position of
     every layer, even where their outputs read only some."""
-    previous = getattr(_state, "on", False)
-    _state.on = True
-    try:
-        yield
-    finally:
-        _state.on = previous
+    return _flag.raised()
 
 
 def every_position_required() -> bool:
     """True inside :func:`every_position`."""
-    return getattr(_state, "on", False)
+    return _flag.is_raised()
