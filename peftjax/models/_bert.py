@@ -356,7 +356,8 @@ class BertModel(PreTrainedModel):
             # only the pooled rows leave the last layer: it computes them alone
             return ModelOutput(pooler_output=self.pooler(self.encoder(x, mask, enc_rng, prefix_kv, rows=firsts)))
         h = self.encoder(x, mask, enc_rng, prefix_kv)
-        pooled = None if self.pooler is None else self.pooler(h.reshape(b * s, -1)[firsts])
+        first = h[:, 0] if segment_starts is None else h.reshape(b * s, -1)[firsts]
+        pooled = None if self.pooler is None else self.pooler(first)
         return ModelOutput(last_hidden_state=h, pooler_output=pooled)
 
 
