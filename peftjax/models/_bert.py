@@ -97,9 +97,10 @@ class BertSelfAttention(nnx.Module):
         self.value = nnx.Linear(h, h, **kw)
         self.dropout_rate = float(config.attention_probs_dropout_prob)
 
-    def __call__(self, x, mask, rng=None, prefix=None, rows=None):
-        """``[batch, seq, hidden]``; with ``rows`` (``[n]`` flat indices ``row * seq + column``) the
-        output of those queries only, ``[n, hidden]``, each attending to its own row's keys."""
+    def __call__(self, x, mask, rng=None, prefix=None, rows=None, x_rows=None):
+        """``[batch, seq, hidden]``; with ``rows`` (``[n]`` flat indices ``row * seq + column``) and
+        ``x_rows`` (``x`` at those positions, ``[n, hidden]``) the output of those queries only,
+        ``[n, hidden]``, each attending to its own row's keys."""
         # not attn.dot_product_attention: BERT drops attention probabilities, which that one never sees
         b, s, _ = x.shape
         k = self.key(x).reshape(b, s, self.num_heads, self.head_dim)
@@ -107,21 +108,20 @@ class BertSelfAttention(nnx.Module):
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         if rows is not None:
-            return self._attend_rows(x, k, v, mask, rng, rows)
+            return self._attend_rows(x_rows, k, v, mask, rng, rows, s)
         q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
 
-    def _attend_rows(self, x, k, v, mask, rng, rows):
+    def _attend_rows(self, x_rows, k, v, mask, rng, rows, s):
         """The kept queries' attention, ``[n, hidden]``: each against every key of the batch, the
         keys of other rows masked out. Picking rows by one-hot products rather than gathers keeps
         the backward pass free of scatters (which XLA:CPU compiles slowly), and the extra keys
         cost ``n x batch`` instead of ``n`` rows of scores: nothing beside the projections."""
-        b, s, _ = x.shape
-        n_keys = k.shape[1]
-        q = self.query(pick_rows(x.reshape(b * s, -1), rows)).reshape(-1, self.num_heads, self.head_dim)
+        b, n_keys = k.shape[:2]
+        q = self.query(x_rows).reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(b * n_keys, self.num_heads, self.head_dim)
         v = v.reshape(b * n_keys, self.num_heads, self.head_dim)
         row, column = rows // s, rows % s
@@ -153,8 +153,10 @@ class BertAttention(nnx.Module):
 
     def __call__(self, x, mask, rng=None, prefix=None, rows=None):
         attn_rng, out_rng = split_keys(rng, 2)
-        residual = x if rows is None else pick_rows(x.reshape(-1, x.shape[-1]), rows)
-        return self.output(self.self(x, mask, attn_rng, prefix, rows), residual, out_rng)
+        if rows is None:
+            return self.output(self.self(x, mask, attn_rng, prefix), x, out_rng)
+        x_rows = pick_rows(x.reshape(-1, x.shape[-1]), rows)  # the queries' input and the residual
+        return self.output(self.self(x, mask, attn_rng, prefix, rows, x_rows), x_rows, out_rng)
 
 
 class BertIntermediate(nnx.Module):

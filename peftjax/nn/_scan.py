@@ -88,12 +88,11 @@ class StackedLayers(nnx.Module):
         graphdef, state = nnx.split(self.layer)
         if stop < self.num_layers:
             state = jax.tree.map(lambda v: v[:stop], state)
-        active = active_dropout_key()
+        call = _stacked_call(graphdef, fn, key)
 
         def body(h, xs):
             i, layer_state = xs
-            with dropout_key(None if active is None else fold_key(active, i)):
-                return fn(nnx.merge(graphdef, layer_state), h, layer_key(key, i)), None
+            return call(i, layer_state, h), None
 
         x, _ = jax.lax.scan(checkpointed(body, remat), x, (jnp.arange(stop), state))
         return x
@@ -101,14 +100,22 @@ class StackedLayers(nnx.Module):
     def run_one(self, i: int, fn: Callable, x: jax.Array, remat: str = "none",
                 key: jax.Array | None = None) -> jax.Array:
         """``fn(layer_i, x, layer_key)`` outside the scan, with the keys :meth:`scan` gives layer ``i``."""
-        active = active_dropout_key()
         graphdef, state = nnx.split(self[i])
+        call = _stacked_call(graphdef, fn, key)
+        return checkpointed(lambda layer_state, h: call(i, layer_state, h), remat)(state, x)
 
-        def body(layer_state, h, k):
-            with dropout_key(None if active is None else fold_key(active, i)):
-                return fn(nnx.merge(graphdef, layer_state), h, k)
 
-        return checkpointed(body, remat)(state, x, layer_key(key, i))
+def _stacked_call(graphdef, fn: Callable, key: jax.Array | None) -> Callable:
+    """``call(i, layer_state, h)``: ``fn`` on stacked layer ``i`` with its keys, the model's
+    (``key`` folded with ``i``) and the adapters' (the active key folded with ``i``, as all layers
+    share their module paths); ``i`` static or traced."""
+    active = active_dropout_key()
+
+    def call(i, layer_state, h):
+        with dropout_key(None if active is None else fold_key(active, i)):
+            return fn(nnx.merge(graphdef, layer_state), h, layer_key(key, i))
+
+    return call
 
 
 def make_layers(config, make_layer: Callable[[int, nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
