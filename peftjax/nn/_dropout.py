@@ -58,12 +58,25 @@ def apply_dropout(x: jax.Array, rate: float, path: str) -> jax.Array:
 
 def _fmix32(h):
     """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips about
-    half of the output bits (on a JAX or a NumPy uint32 array, with the same result)."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+    half of the output bits (on a JAX or a NumPy uint32 array, with the same result).
+
+    On JAX arrays it is written in ``lax`` primitives: ``jnp``'s operators each trace as a nested
+    jitted function, and a train step traces dozens of masks."""
+    if isinstance(h, (np.ndarray, np.generic)):
+        h = h ^ (h >> 16)
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> 13)
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> 16)
+    h = _xorshift(h, 16)
+    h = lax.mul(h, np.uint32(0x85EBCA6B))
+    h = _xorshift(h, 13)
+    h = lax.mul(h, np.uint32(0xC2B2AE35))
+    return _xorshift(h, 16)
+
+
+def _xorshift(h: jax.Array, bits: int) -> jax.Array:
+    return lax.bitwise_xor(h, lax.shift_right_logical(h, np.uint32(bits)))
 
 
 def _key_words(key: jax.Array) -> tuple[jax.Array, Any]:
@@ -99,11 +112,13 @@ def fold_key(key: jax.Array, data) -> jax.Array:
     with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as in XLA
         c = _fmix32(data * np.uint32(0x9E3779B1) + np.uint32(0x632BE5AB))
         consts = [c ^ np.uint32(0x5BD1E995 * (i + 1) & 0xFFFFFFFF) for i in range(n)]
-    out, prev = [], jnp.uint32(0)
-    for i in range(n):
-        prev = (words[..., i] ^ prev) * jnp.uint32(_FOLD_MULTIPLIER) + consts[i]
+    out, prev = [], None
+    for i in range(n):  # lax, not jnp operators: cheaper to trace (see _fmix32)
+        w = lax.index_in_dim(words, i, axis=words.ndim - 1, keepdims=True)
+        prev = lax.add(lax.mul(w if prev is None else lax.bitwise_xor(w, prev), np.uint32(_FOLD_MULTIPLIER)),
+                       lax.convert_element_type(consts[i], jnp.uint32))
         out.append(prev)
-    new = jnp.stack(out, axis=-1)
+    new = lax.concatenate(out, words.ndim - 1)
     return new if impl is None else jax.random.wrap_key_data(new, impl=impl)
 
 
@@ -129,13 +144,14 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.A
     if size >= 2**32:  # the flat index would wrap: the library's own generator instead
         return jax.random.bernoulli(key, keep_prob, shape)
     words, _ = _key_words(key)
-    seed0, seed1 = words[0], words[1]
-    for i in range(2, words.shape[-1]):  # wider keys (rbg) fold their other words in
-        seed0, seed1 = seed1, _fmix32(seed0 ^ words[i])
-    index = lax.iota(jnp.uint32, size).reshape(shape)
-    h = _fmix32(index * jnp.uint32(0x9E3779B1) ^ seed0)
-    h = _fmix32(h ^ seed1)
-    return h < jnp.uint32(threshold)
+    seed = [lax.index_in_dim(words, i, axis=words.ndim - 1, keepdims=False) for i in range(words.shape[-1])]
+    seed0, seed1 = seed[0], seed[1]
+    for word in seed[2:]:  # wider keys (rbg) fold their other words in
+        seed0, seed1 = seed1, _fmix32(lax.bitwise_xor(seed0, word))
+    index = lax.reshape(lax.iota(jnp.uint32, size), shape)
+    h = _fmix32(lax.bitwise_xor(lax.mul(index, np.uint32(0x9E3779B1)), seed0))
+    h = _fmix32(lax.bitwise_xor(h, seed1))
+    return lax.lt(h, np.uint32(threshold))
 
 
 def active_dropout_key() -> jax.Array | None:
