@@ -30,7 +30,7 @@ def _malloc_trim():
         return None
 
 
-def release_host_memory(*, clear_compiled: bool = False, generation: int = 2) -> bool:
+def release_host_memory(*, clear_compiled: bool = False) -> bool:
     """Returns the host memory the allocator holds free to the operating system.
 
     The recipe for a lean process: once the model is loaded and its adapters added, call it
@@ -43,19 +43,13 @@ def release_host_memory(*, clear_compiled: bool = False, generation: int = 2) ->
       clear_compiled: also drop every executable JAX has cached (``jax.clear_caches()``):
         loading's and initialisation's one-off operations, but also any function already
         compiled, which then compiles again on its next call.
-      generation: the oldest generation Python's garbage collector collects first (``gc.collect``),
-        so that unreachable cycles holding arrays are freed before the trim: 2 (every object) by
-        default; after a compilation, 1 finds the tracing's garbage at a fraction of the cost (a
-        full collection of a process with transformers and a traced model takes ~0.2 s).
 
     Returns:
       Whether memory could be trimmed (glibc); elsewhere only ``clear_compiled`` acts.
     """
     if clear_compiled:
         jax.clear_caches()
-    if generation not in (0, 1, 2):
-        raise ValueError(f"generation must be 0, 1 or 2 (gc.collect's generations), got {generation!r}")
-    gc.collect(generation)
+    gc.collect()
     trim = _malloc_trim()
     if trim is None:
         return False

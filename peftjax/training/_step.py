@@ -146,8 +146,7 @@ class CompiledFirst:
 
     The call then runs the executable the compilation produced (JAX caches it). Without this, the
     compiler's freed heap and the step's buffers are resident together and the process peaks
-    higher. Python's collector runs on its young generations only, where the tracing's garbage
-    is: the main job's peak was the same as with a full collection, 0.2 s sooner. Every other attribute (``lower``, ``trace``, ...) is the wrapped step's.
+    higher. Every other attribute (``lower``, ``trace``, ...) is the wrapped step's.
     """
 
     def __init__(self, wrapped: Callable):
@@ -158,7 +157,7 @@ class CompiledFirst:
         if self._first:
             self._first = False
             self.wrapped.lower(*args, **kwargs).compile()
-            release_host_memory(generation=1)  # the tracing's garbage is young; a full collection costs ~0.2 s
+            release_host_memory()
         return self.wrapped(*args, **kwargs)
 
     def __getattr__(self, name: str):
