@@ -43,7 +43,10 @@ throughput in real tokens per second (padding excluded) and in padded tokens per
 step computed); peak resident memory; eval accuracy per seed. peftjax's child also counts its XLA
 compilations (``jax.monitoring``) and their time. Each child measures its framework's float32
 matmul peak with ``benchmarks/matmul_peak.py``'s functions; the peaks are printed beside the
-ratios. The last line is a one-line summary.
+ratios. The headline ratio is the medians' (peftjax's median wall time over PEFT's); beside it,
+each seed's own ratio, whose two children ran back to back, and their median
+(``ratio_wall_paired``): a host that slows between seeds moves the medians, not those pairs. The
+last line is a one-line summary.
 """
 
 from __future__ import annotations
@@ -410,6 +413,10 @@ def main(argv=None) -> None:
         fields = {
             "ratio_wall": med("peftjax", "total_s") / med("peft", "total_s"),
             "ratio_train": med("peftjax", "train_s") / med("peft", "train_s"),
+            # each seed's two children run back to back: their ratio cancels the host's drift
+            # between seeds (not a noisy neighbour inside one child)
+            "ratio_wall_paired": statistics.median(a["total_s"] / b["total_s"]
+                                                   for a, b in zip(results["peftjax"], results["peft"])),
             "ratio_mem": med("peftjax", "peak_rss") / med("peft", "peak_rss"),
             "acc_peftjax": med("peftjax", "accuracy"),
             "acc_peft": med("peft", "accuracy"),
@@ -418,8 +425,9 @@ def main(argv=None) -> None:
             # the two sides' setups agree: the same trainable weights, the same real tokens trained on
             **{f"{k}_{f}": results[f][0][k] for k in ("trainable_params", "real_tokens", "steps") for f in FRAMEWORKS},
         }
-        print(f"peftjax/PEFT (medians over {len(args.seeds)} seed(s)): wall time {fields['ratio_wall']:.3f}x, "
-              f"train {fields['ratio_train']:.3f}x, peak memory {fields['ratio_mem']:.3f}x; accuracy "
+        paired = ", ".join(f"{a['total_s'] / b['total_s']:.3f}" for a, b in zip(results["peftjax"], results["peft"]))
+        print(f"peftjax/PEFT (medians over {len(args.seeds)} seed(s)): wall time {fields['ratio_wall']:.3f}x "
+              f"(per seed {paired}: median {fields['ratio_wall_paired']:.3f}x), train {fields['ratio_train']:.3f}x, peak memory {fields['ratio_mem']:.3f}x; accuracy "
               f"{fields['acc_peftjax']:.4f} vs {fields['acc_peft']:.4f}; matmul peaks JAX "
               f"{fields['jax_f32_gflops']:.0f} / torch {fields['torch_f32_gflops']:.0f} GFLOP/s; "
               f"load average {os.getloadavg()[0]:.2f}")
