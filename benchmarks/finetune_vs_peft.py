@@ -410,13 +410,13 @@ def main(argv=None) -> None:
 
     fields = {}
     if set(FRAMEWORKS) <= set(configs):
+        # each seed's two children run back to back: their ratio cancels the host's drift between
+        # seeds (not a noisy neighbour inside one child)
+        pairs = [a["total_s"] / b["total_s"] for a, b in zip(results["peftjax"], results["peft"])]
         fields = {
             "ratio_wall": med("peftjax", "total_s") / med("peft", "total_s"),
             "ratio_train": med("peftjax", "train_s") / med("peft", "train_s"),
-            # each seed's two children run back to back: their ratio cancels the host's drift
-            # between seeds (not a noisy neighbour inside one child)
-            "ratio_wall_paired": statistics.median(a["total_s"] / b["total_s"]
-                                                   for a, b in zip(results["peftjax"], results["peft"])),
+            "ratio_wall_paired": statistics.median(pairs),
             "ratio_mem": med("peftjax", "peak_rss") / med("peft", "peak_rss"),
             "acc_peftjax": med("peftjax", "accuracy"),
             "acc_peft": med("peft", "accuracy"),
@@ -425,9 +425,9 @@ def main(argv=None) -> None:
             # the two sides' setups agree: the same trainable weights, the same real tokens trained on
             **{f"{k}_{f}": results[f][0][k] for k in ("trainable_params", "real_tokens", "steps") for f in FRAMEWORKS},
         }
-        paired = ", ".join(f"{a['total_s'] / b['total_s']:.3f}" for a, b in zip(results["peftjax"], results["peft"]))
         print(f"peftjax/PEFT (medians over {len(args.seeds)} seed(s)): wall time {fields['ratio_wall']:.3f}x "
-              f"(per seed {paired}: median {fields['ratio_wall_paired']:.3f}x), train {fields['ratio_train']:.3f}x, peak memory {fields['ratio_mem']:.3f}x; accuracy "
+              f"(per seed {', '.join(f'{p:.3f}' for p in pairs)}: median {fields['ratio_wall_paired']:.3f}x), "
+              f"train {fields['ratio_train']:.3f}x, peak memory {fields['ratio_mem']:.3f}x; accuracy "
               f"{fields['acc_peftjax']:.4f} vs {fields['acc_peft']:.4f}; matmul peaks JAX "
               f"{fields['jax_f32_gflops']:.0f} / torch {fields['torch_f32_gflops']:.0f} GFLOP/s; "
               f"load average {os.getloadavg()[0]:.2f}")

@@ -94,8 +94,9 @@ def test_finetune_vs_peft_smoke_trains_both_sides():
     last = _run("finetune_vs_peft.py", "--smoke")
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     same = ("trainable_params", "real_tokens", "steps")
-    assert set(fields) == {"ratio_wall", "ratio_wall_paired", "ratio_train", "ratio_mem", "acc_peftjax", "acc_peft", "jax_f32_gflops",
-                           "torch_f32_gflops", *(f"{k}_{f}" for k in same for f in ("peftjax", "peft"))}
+    assert set(fields) == {"ratio_wall", "ratio_wall_paired", "ratio_train", "ratio_mem", "acc_peftjax", "acc_peft",
+                           "jax_f32_gflops", "torch_f32_gflops",
+                           *(f"{k}_{f}" for k in same for f in ("peftjax", "peft"))}
     assert all(v > 0 for v in fields.values())
     # the same LoRA + classifier weights train, on the same rows, for the same steps
     assert all(fields[f"{k}_peftjax"] == fields[f"{k}_peft"] for k in same), fields

@@ -62,21 +62,21 @@ def _fmix32(h):
 
     On JAX arrays it is written in ``lax`` primitives: ``jnp``'s operators each trace as a nested
     jitted function, and a train step traces dozens of masks."""
-    if isinstance(h, (np.ndarray, np.generic)):
-        h = h ^ (h >> 16)
-        h = h * np.uint32(0x85EBCA6B)
-        h = h ^ (h >> 13)
-        h = h * np.uint32(0xC2B2AE35)
-        return h ^ (h >> 16)
     h = _xorshift(h, 16)
-    h = lax.mul(h, np.uint32(0x85EBCA6B))
+    h = _mul(h, 0x85EBCA6B)
     h = _xorshift(h, 13)
-    h = lax.mul(h, np.uint32(0xC2B2AE35))
+    h = _mul(h, 0xC2B2AE35)
     return _xorshift(h, 16)
 
 
-def _xorshift(h: jax.Array, bits: int) -> jax.Array:
+def _xorshift(h, bits: int):
+    if isinstance(h, (np.ndarray, np.generic)):
+        return h ^ (h >> np.uint32(bits))
     return lax.bitwise_xor(h, lax.shift_right_logical(h, np.uint32(bits)))
+
+
+def _mul(h, factor: int):
+    return h * np.uint32(factor) if isinstance(h, (np.ndarray, np.generic)) else lax.mul(h, np.uint32(factor))
 
 
 def _key_words(key: jax.Array) -> tuple[jax.Array, Any]:
