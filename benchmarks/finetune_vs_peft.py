@@ -17,11 +17,12 @@ resident memory (``ru_maxrss``) is one run's alone and a noisy neighbour hurts b
 
 - ``peftjax``: the plain public path of the README, as a user writes it: ``peftjax.load_tokenizer``,
   ``data.load_reviews``, ``tokenize_classification``, ``models.from_pretrained(..., task_type=
-  "SEQ_CLS", num_labels=3)``, ``get_peft_model``, ``TrainingArguments`` (only the fields above, the
-  rest left at their defaults: TensorBoard events and the loss plot are written, as a user gets
-  them), ``Trainer.train()`` then ``Trainer.evaluate()``. The Trainer's persistent compilation cache
-  (on by default) starts empty in each child (``PEFTJAX_CACHE_DIR``): a user's first run, cold.
-  ``peftjax-warm``: the same child twice in one cache directory, the second measured (a repeated run).
+  "SEQ_CLS", num_labels=3, seed=seed)``, ``get_peft_model``, ``TrainingArguments`` (only the
+  fields above, the rest left at their defaults: TensorBoard events and the loss plot are written,
+  as a user gets them), ``Trainer.train()`` then ``Trainer.evaluate()``. The Trainer's persistent
+  compilation cache (on by default) starts empty in each child (``PEFTJAX_CACHE_DIR``): a user's
+  first run, cold. ``peftjax-warm``: the same child twice in one cache directory, the second
+  measured (a repeated run).
 - ``peft``: ``AutoTokenizer``, ``datasets`` + the tokenizer (truncation at 64),
   ``AutoModelForSequenceClassification``, ``peft.get_peft_model(LoraConfig(task_type="SEQ_CLS",
   ...))``, ``transformers.Trainer`` with its default collator (``DataCollatorWithPadding``) and
@@ -31,10 +32,10 @@ Differences the two allow no closer: torch pads each batch to its longest row; p
 packs each batch's 16 reviews end to end into shared rows (its default for a classifier that
 takes packed rows, as its BERT does: each review attends only to itself), with row counts from a
 few fitted shapes (so XLA compiles a few shapes, not one per batch), and fills the last batch up
-to 16 sequences with weight-0 ones; peftjax's classifier head starts from a fixed initialisation while
-transformers draws it from the seed (LoRA's initialisation, the data order and dropout follow the
-seed on both sides); torch's RNG streams are not JAX's, so the two runs see different orders and
-masks for the same seed: accuracy is compared over seeds, not per seed.
+to 16 sequences with weight-0 ones. The seed draws the new classifier head, LoRA's
+initialisation, the data order and dropout on both sides (``from_pretrained(..., seed=)`` here,
+``set_seed`` there), but torch's RNG streams are not JAX's, so the two runs see different heads,
+orders and masks for the same seed: accuracy is compared over seeds, not per seed.
 
 Reported per framework (medians over seeds): wall time from the start of the child process, split
 into imports, loading (tokenizer and model), data (load and tokenize), setup (LoRA and the
@@ -149,7 +150,7 @@ def run_peftjax(args, output_dir: str, t_start: float = T_START, options: dict |
     t = time.perf_counter()
     tokenizer = peftjax.load_tokenizer(data.minilm_path())
     classifier = models.from_pretrained(data.minilm_path(), task_type="SEQ_CLS", num_labels=HP["num_labels"],
-                                        **(options or {}))
+                                        seed=args.seed, **(options or {}))
     phases["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
     train = tokenize_classification(_subset(data.load_reviews("train"), args.train_rows), tokenizer,

@@ -397,6 +397,31 @@ def test_minilm_into_sequence_classification_initialises_the_head(minilm, minilm
     assert 0.01 < kernel.std() < 0.03 and not np.asarray(model.classifier.bias[...]).any()  # normal(0, 0.02), zeros
 
 
+def test_the_new_head_follows_the_seed_given_to_from_pretrained(minilm):
+    """``seed=None`` draws a new head from the weight's name (the same every load); a seed draws it
+    from the seed, as transformers' ``set_seed`` before loading does: equal seeds, equal heads."""
+
+    def head(seed="unset"):
+        kw = {} if seed == "unset" else {"seed": seed}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = models.from_pretrained(minilm["path"], task_type="SEQ_CLS", num_labels=3, **kw)
+        return np.asarray(model.classifier.kernel[...]), np.asarray(model.classifier.bias[...])
+
+    default, named = head(), head(None)
+    np.testing.assert_array_equal(default[0], named[0])
+    one, one_again, two = head(1), head(1), head(2)
+    np.testing.assert_array_equal(one[0], one_again[0])
+    for kernel in (one[0], two[0]):
+        assert kernel.shape == default[0].shape and 0.015 < kernel.std() < 0.025  # normal(0, 0.02)
+        assert not np.allclose(kernel, default[0], atol=1e-3)
+    assert not np.allclose(one[0], two[0], atol=1e-3)
+    assert not one[1].any() and not two[1].any()  # biases start at zero whatever the seed
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError, match=r"seed=.*non-negative integer"):
+            head(bad)
+
+
 # ---------------------------------------------------------------- saving
 
 

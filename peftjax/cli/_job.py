@@ -79,7 +79,7 @@ FLAG_HELP = {
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
     "overwrite_output_dir": "start afresh in an output directory an earlier run used (default: refuse it)",
-    "seed": "seeds the adapters' initialisation, the data order and dropout (default: 42)",
+    "seed": "seeds the adapters' initialisation, a new classifier head, the data order and dropout (default: 42)",
     "compilation_cache": "where the Trainer keeps the compiled steps for the next run: 'default' "
                          "($PEFTJAX_CACHE_DIR/xla or ~/.cache/peftjax/xla, unless JAX has a directory of its own), "
                          "a directory, or 'off'",
@@ -260,7 +260,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message=".*newly initialised.*")
             if seq_cls:
                 return models.from_pretrained(model_path, dtype=dtype, task_type="SEQ_CLS",
-                                              num_labels=options["num_labels"])
+                                              num_labels=options["num_labels"], seed=options["seed"])
             return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
 
     targets = options["target_modules"]

@@ -134,6 +134,7 @@ def from_pretrained(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     quantization_config=None,
+    seed: int | None = None,
     **config_overrides,
 ) -> PreTrainedModel:
     """Loads a Hugging Face checkpoint (a directory or a Hub repo id) into the matching bundled Flax NNX model.
@@ -160,6 +161,10 @@ def from_pretrained(
         saved quantized (its ``config.json`` has a ``quantization_config``: bitsandbytes' tensors, as
         transformers or ``save_pretrained`` here write them) loads quantized without it, from its
         own tensors.
+      seed: what a weight the checkpoint lacks (the new head of ``task_type``) is drawn from:
+        ``None`` (default) draws it from the weight's name, the same values on every load; an
+        integer draws it from that seed and the name, so runs with different seeds start from
+        different heads, as transformers' ``set_seed(seed)`` before ``from_pretrained`` gives.
 
     Returns:
       The model, e.g. a ``LlamaForCausalLM``.
@@ -178,7 +183,7 @@ def from_pretrained(
     local = resolve(path, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
     config = load_config(local, **config_overrides)
     model = model_class_for(config, task_type).from_pretrained(local, dtype=dtype, quantization_config=quantization_config,
-                                                               **config_overrides)
+                                                               seed=seed, **config_overrides)
     if is_repo_id(path):  # the repo id, not the snapshot path, as transformers records it
         model.config.hf_config._name_or_path = os.fspath(path)
     return model

@@ -399,9 +399,10 @@ class _MixtralCheckpoints:
         """An adapter file's tensors with transformers 4's per-expert LoRA keys fused (PEFT does it on load)."""
         return fused_lora_tensors(tensors, self.config.num_local_experts, source)
 
-    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
+    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
+                           seed: int | None = None) -> None:
         view = _FusedExperts(state_dict, self.config.num_local_experts, source)
-        super().load_hf_state_dict(view, source=source)
+        super().load_hf_state_dict(view, source=source, seed=seed)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return hub_layout(state)

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -295,6 +296,7 @@ class PreTrainedModel(nnx.Module):
         cache_dir: str | os.PathLike | None = None,
         config_attributes: Mapping | None = None,
         quantization_config=None,
+        seed: int | None = None,
         **kwargs,
     ):
         """Loads an HF checkpoint (a directory or a Hub repo id) into this class.
@@ -310,6 +312,7 @@ class PreTrainedModel(nnx.Module):
           quantization_config: store the linears quantized (see :meth:`from_state_dict`); a checkpoint
             whose ``config.json`` has a ``quantization_config`` (saved quantized by transformers or
             here) is loaded quantized without it.
+          seed: draws the weights the checkpoint lacks (see :meth:`load_hf_state_dict`).
           **kwargs: overrides applied to the config (e.g. ``num_labels=3``).
         """
         from peftjax.io._hub import is_repo_id, resolve
@@ -322,11 +325,11 @@ class PreTrainedModel(nnx.Module):
         for name, value in (config_attributes or {}).items():
             setattr(config, name, value)
         return cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local),
-                                   quantization_config=quantization_config)
+                                   quantization_config=quantization_config, seed=seed)
 
     @classmethod
     def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict",
-                        quantization_config=None):
+                        quantization_config=None, seed: int | None = None):
         """Builds the model and fills it from a transformers state dict, without a random init.
 
         Args:
@@ -335,6 +338,7 @@ class PreTrainedModel(nnx.Module):
             transformers writes for a model saved quantized), else none. The linears it quantizes
             are built from the checkpoint's bitsandbytes tensors where it holds them quantized,
             and quantized from the float weights otherwise.
+          seed: draws the weights the checkpoint lacks (see :meth:`load_hf_state_dict`).
 
         Raises:
           CheckpointError: a missing or mis-shaped weight; a quantized layer whose quant state lacks
@@ -345,7 +349,7 @@ class PreTrainedModel(nnx.Module):
         if quantization_config is None:
             quantization_config = getattr(config, "quantization_config", None)
         if quantization_config is None:
-            model.load_hf_state_dict(state_dict, source=source)
+            model.load_hf_state_dict(state_dict, source=source, seed=seed)
             return model
         from peftjax.quantization import QuantizationConfig
         from peftjax.quantization._model import load_quantized_linears, quantize_model
@@ -365,7 +369,7 @@ class PreTrainedModel(nnx.Module):
         with unstacked(model, write=True) if has_stacked_layers(model) else contextlib.nullcontext():
             consumed = load_quantized_linears(model, state_dict, quantization_config,
                                               checkpoint_prefix=checkpoint_prefix, source=source)
-            model.load_hf_state_dict(_Without(state_dict, consumed), source=source)
+            model.load_hf_state_dict(_Without(state_dict, consumed), source=source, seed=seed)
             quantize_model(model, quantization_config)  # any linear the checkpoint lacks (initialised)
         return model
 
@@ -382,8 +386,16 @@ class PreTrainedModel(nnx.Module):
             return {k: k[len(p) + 1 :] if k.startswith(p + ".") else k for k in keys}
         return {k: k for k in keys}
 
-    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict") -> None:
+    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
+                           seed: int | None = None) -> None:
         """Sets every base weight from a transformers state dict (torch layouts).
+
+        A weight the state dict lacks that the model may initialise (a task head such as a new
+        classifier, ``optional_keys``) is drawn as transformers' ``_init_weights`` draws it:
+        normal(0, ``initializer_range``) for weights, zeros for biases. ``seed=None`` draws it
+        from the weight's name alone (the same head every time); an integer ``seed`` draws it
+        from the seed and the name, as transformers' ``set_seed(seed)`` before loading makes
+        its head follow the seed.
 
         Raises:
           CheckpointError: a required key is missing or a shape differs (names key and shapes).
@@ -391,6 +403,8 @@ class PreTrainedModel(nnx.Module):
         params = {k: (v, t) for k, v, t in iter_hf_params(self)}
         rename = self._align_prefix(set(state_dict), set(params))
         by_model_key = {rename[k]: k for k in state_dict}
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed={seed!r}: expected a non-negative integer or None")
         missing, bad, initialised = [], [], []
         stacked: dict[int, tuple[nnx.Variable, np.ndarray, set[int]]] = {}
         for key, (var, transpose) in params.items():
@@ -398,7 +412,7 @@ class PreTrainedModel(nnx.Module):
                 if self._tied(key):
                     continue
                 if any(re.fullmatch(p, key) for p in self.optional_keys):
-                    var.set_value(self._init_missing(key, var))
+                    var.set_value(self._init_missing(key, var, seed))
                     initialised.append(key)
                     continue
                 missing.append(key)
@@ -453,7 +467,7 @@ class PreTrainedModel(nnx.Module):
         """Whether ``key`` is an output embedding tied to the input embedding."""
         return False
 
-    def _init_missing(self, key: str, var: nnx.Variable) -> jax.Array:
+    def _init_missing(self, key: str, var: nnx.Variable, seed: int | None = None) -> jax.Array:
         # transformers' _init_weights: normal(0, initializer_range) for weights, zeros for biases
         # drawn on the host and put on the device: no XLA program compiles for it (jax.random
         # compiled one per shape, 0.3 s for a new classifier head before the first step)
@@ -461,7 +475,8 @@ class PreTrainedModel(nnx.Module):
         if key.endswith(".bias") or len(shape) == 1:
             return jax.device_put(np.zeros(shape, dtype))
         std = getattr(self.config, "initializer_range", 0.02)
-        draws = np.random.default_rng(sum(key.encode())).standard_normal(shape, dtype=np.float32)
+        entropy = sum(key.encode()) if seed is None else [seed, zlib.crc32(key.encode())]
+        draws = np.random.default_rng(entropy).standard_normal(shape, dtype=np.float32)
         return jax.device_put((np.float32(std) * draws).astype(dtype))
 
     # ---------------------------------------------------------------- saving
