@@ -16,6 +16,7 @@ import _tiny
 from _torch_models import lazy
 import peftjax
 from peftjax import models
+from peftjax.io import read_safetensors
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
@@ -101,6 +102,28 @@ def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
         assert_close(run_jax(model, jit=jit), ref, atol=atol)
     base = run_torch(torch_base(arch))
     assert np.abs(valid(ref) - valid(base)).max() > 1e-3  # the adapter really changes the output
+
+
+def test_modules_to_save_names_match_as_peft_matches_them(tmp_path):
+    """PEFT takes a module into ``modules_to_save`` when its name ends with an entry as a plain
+    string suffix: ``["norm"]`` copies ``model.norm`` and every layer's ``input_layernorm`` and
+    ``post_attention_layernorm``. peftjax copies the same modules, so PEFT's adapter loads with
+    PEFT's logits and peftjax's own file holds PEFT's keys."""
+    path = tmp_path / "base"
+    _tiny.save("llama", path)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(path).eval(),
+                                          peft.LoraConfig(**cfg))
+    perturb_saved_modules(torch_model)
+    torch_model.save_pretrained(tmp_path / "theirs")
+    theirs = read_safetensors(tmp_path / "theirs" / "adapter_model.safetensors")[0]
+    assert any("input_layernorm" in k for k in theirs) and any("post_attention_layernorm" in k for k in theirs)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs")
+    assert_close(run_jax(model), run_torch(torch_model))
+    peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
+    assert set(read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")[0]) == set(theirs)
 
 
 def _first_linear(name):

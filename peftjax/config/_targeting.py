@@ -514,6 +514,17 @@ def add_task_modules_to_save(config: PeftConfig) -> PeftConfig:
     return config if updated == config.modules_to_save else dataclasses.replace(config, modules_to_save=updated)
 
 
+def is_module_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
+    """Whether the module ``name`` is one ``modules_to_save`` lists, as PEFT matches it
+    (``utils.other._set_trainable``): the name ends with an entry as a plain string suffix, so
+    ``"norm"`` takes ``model.norm`` and every ``...input_layernorm`` too.
+
+    >>> is_module_to_save("model.layers.0.input_layernorm", ["norm"]), is_module_to_save("lm_head", ["head"])
+    (True, True)
+    """
+    return bool(name) and any(name.endswith(m) for m in modules_to_save or ())
+
+
 def _closest(query: str, candidates: Sequence[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(query, candidates, n=n, cutoff=0.5)
 

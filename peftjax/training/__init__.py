@@ -1,7 +1,7 @@
 """Training: the functional step, the Trainer, and the data pipeline."""
 
 from peftjax.training._adalora import AdaLoraStep, make_adalora_train_step
-from peftjax.training._args import TrainingArguments
+from peftjax.training._args import TrainingArguments, weight_decay_mask
 from peftjax.training._data import (
     Batcher,
     load_text_dataset,
@@ -32,4 +32,5 @@ __all__ = [
     "tokenize_classification",
     "tokenize_instructions",
     "tokenize_seq2seq",
+    "weight_decay_mask",
 ]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 
+import jax
 import optax
+from flax import nnx
 
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
@@ -26,7 +29,8 @@ class TrainingArguments:
       num_train_epochs: epochs to run when ``max_steps`` is not set.
       max_steps: optimizer steps to run; overrides ``num_train_epochs`` when > 0.
       learning_rate: the peak learning rate of AdamW.
-      weight_decay: AdamW's decoupled weight decay.
+      weight_decay: AdamW's decoupled weight decay, applied as ``transformers.Trainer`` applies it:
+        not to biases or normalisation weights (see :func:`weight_decay_mask`).
       adam_beta1, adam_beta2, adam_epsilon: AdamW's moments.
       max_grad_norm: global-norm gradient clipping (0 disables it).
       lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
@@ -143,14 +147,51 @@ class TrainingArguments:
             return after
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
-    def optimizer(self, total_steps: int) -> optax.GradientTransformation:
-        """AdamW with clipping and the schedule, accumulating over ``gradient_accumulation_steps``."""
+    def optimizer(self, total_steps: int, decay_mask=None) -> optax.GradientTransformation:
+        """AdamW with clipping and the schedule, accumulating over ``gradient_accumulation_steps``.
+
+        ``decay_mask``: which parameters ``weight_decay`` applies to (a pytree of bools over the
+        trainable state, :func:`weight_decay_mask`'s; the Trainer passes it); ``None``: all.
+        """
         parts = [optax.clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm > 0 else []
+        mask = decay_mask if self.weight_decay > 0 else None  # no decay: the optimizer state as ever
         parts.append(
             optax.adamw(self.schedule(total_steps), b1=self.adam_beta1, b2=self.adam_beta2, eps=self.adam_epsilon,
-                        weight_decay=self.weight_decay)
+                        weight_decay=self.weight_decay, mask=mask)
         )
         tx = optax.chain(*parts)
         if self.gradient_accumulation_steps > 1:
             tx = optax.MultiSteps(tx, every_k_schedule=self.gradient_accumulation_steps)
         return tx
+
+
+# transformers.Trainer.get_decay_parameter_names: no weight decay for a parameter whose lower-cased
+# name matches one of these, or that belongs to a LayerNorm module
+NO_DECAY_PATTERNS = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                                                  r"_norm(?:$|\.)"))
+
+
+def weight_decay_mask(state, model: nnx.Module | None = None):
+    """Which leaves of ``state`` (the trainable state ``split`` returns) get weight decay, as
+    ``transformers.Trainer`` decides it: not a bias, not a normalisation weight.
+
+    A leaf is excluded when its dotted path, lower-cased, matches one of :data:`NO_DECAY_PATTERNS`
+    (``bias``, ``layernorm``, ``rmsnorm``, ``norm`` or ``..._norm`` as a path part), or when it lies
+    in an ``nnx.LayerNorm`` of ``model`` (the module ``split`` was given; transformers excludes
+    ``torch.nn.LayerNorm`` parameters by type, e.g. GPT-2's ``ln_1``). LoRA's ``A`` and ``B``, a
+    classifier's kernel and the other adapter weights decay.
+
+    Returns:
+      A pytree of ``state``'s structure with a bool per leaf (``optax.adamw``'s ``mask``).
+    """
+    norms = set() if model is None else {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.LayerNorm)}
+
+    def decays(path, _):
+        keys = tuple(k.key if isinstance(k, jax.tree_util.DictKey) else getattr(k, "idx", None) for k in path)
+        keys = tuple(k for k in keys if k is not None)  # a Variable's own ``value`` attribute is not a name part
+        if any(keys[:i] in norms for i in range(1, len(keys) + 1)):
+            return False
+        name = ".".join(str(k) for k in keys).lower()
+        return not any(p.search(name) for p in NO_DECAY_PATTERNS)
+
+    return jax.tree_util.tree_map_with_path(decays, state)

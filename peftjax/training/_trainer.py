@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.training._args import TrainingArguments
+from peftjax.training._args import TrainingArguments, weight_decay_mask
 from peftjax.training._cache import use_compilation_cache
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
@@ -446,10 +446,10 @@ class Trainer:
         batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True)
         total = args.total_steps(batcher.num_batches)
         accum = args.gradient_accumulation_steps
-        tx = args.optimizer(total)
         if hasattr(self.model, "_check_live"):
             self.model._check_live("train")
         graphdef, trainable, rest = split(self.model.base_model)
+        tx = args.optimizer(total, decay_mask=weight_decay_mask(trainable, self.model.base_model))
         self._graphdef = graphdef
         # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
         trainable = jax.tree.map(fresh_copy, trainable)

@@ -15,7 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import PeftConfig, add_task_modules_to_save, expand_all_linear, is_all_linear, match_modules
+from peftjax.config import (
+    PeftConfig,
+    add_task_modules_to_save,
+    expand_all_linear,
+    is_all_linear,
+    is_module_to_save,
+    match_modules,
+)
 from peftjax.tuners.base._layer import AdapterLayer, check_adaptable, original_class
 from peftjax.tuners.base._modules_to_save import SavedModule
 from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
@@ -82,9 +89,7 @@ def validate_adapter_name(name: str) -> None:
 
 
 def match_modules_to_save(config: PeftConfig, modules: dict[str, nnx.Module]) -> list[str]:
-    wanted = config.modules_to_save or ()
-    # PEFT: a name matches when it equals an entry or ends with "." + entry
-    return [n for n in modules if n and any(n == m or n.endswith("." + m) for m in wanted)]
+    return [n for n in modules if is_module_to_save(n, config.modules_to_save)]
 
 
 def stores_in_out(module: nnx.Module) -> bool:

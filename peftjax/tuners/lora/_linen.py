@@ -71,6 +71,7 @@ from peftjax.config import (
     add_task_modules_to_save,
     expand_all_linear,
     is_all_linear,
+    is_module_to_save,
     match_modules,
 )
 from peftjax.io._adapter import (
@@ -540,9 +541,7 @@ def inject(
         output = "lm_head" if "lm_head" in layers else None
         config = dataclasses.replace(config, target_modules=tuple(expand_all_linear(linear, output, config.task_type)))
     targets = {name: config.scaling_for(name) for name in match_modules(config, list(layers))}
-    wanted = config.modules_to_save or ()
-    # as PEFT: a module is saved when its name equals an entry or ends with "." + entry
-    saved = [n for n in layers if any(n == m or n.endswith("." + m) for m in wanted)]
+    saved = [n for n in layers if is_module_to_save(n, config.modules_to_save)]
     return _inject(params, config, layers, scan_axes, targets, saved, key=key, adapter_name=adapter_name, spec=spec)
 
 
@@ -1670,7 +1669,7 @@ def _targets_from_file(config: LoraConfig, layers, scan_axes, params, mapping, s
             targets[name] = scalings.pop()
         elif any(got):
             uneven.append(name)
-        keep = [any(n == m or n.endswith("." + m) for m in wanted) for n in ns]
+        keep = [is_module_to_save(n, wanted) for n in ns]
         if all(keep):
             saved.append(name)
         elif any(keep):
