@@ -138,3 +138,58 @@ def test_weight_decay_falls_on_what_transformers_trainer_decays(family, config, 
     for decays, value in leaves:
         counted[0 if decays else 1] += value.size
     assert tuple(counted) == expected and min(expected) > 0
+
+
+def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path):
+    """A language model over rows of different lengths, two micro-batches an optimizer step:
+    transformers weighs every label token of the step alike (``num_items_in_batch``), not each
+    micro-batch's mean alike; peftjax's adapter, losses and rates must be transformers'. Each
+    optimizer step takes all rows (one per epoch), so the two frameworks' shuffles do not matter."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    torch_model = _tiny.save("llama", tmp_path / "base")
+    lora = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                              init_lora_weights=False)
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), lora, key=jax.random.key(5))
+    model.save_pretrained(tmp_path / "init")
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(3, 90, int(n)).tolist() for n in (3, 12, 4, 11, 5, 10, 2, 12)]  # uneven halves
+    data = {"input_ids": ids, "labels": ids}
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=4,
+                  learning_rate=1e-2, warmup_steps=1, lr_scheduler_type="cosine", logging_steps=1, seed=0)
+
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "peftjax"), save_steps=0, disable_tqdm=True,
+                                     plot=False, report_to="none", **common)
+    trainer = peftjax.Trainer(model, args, train_dataset=data)
+    trainer.train()
+    ours = read_safetensors(tmp_path / "peftjax" / "adapter_model.safetensors")[0]
+
+    def collate(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        pad = [longest - len(f["input_ids"]) for f in features]
+        return {"input_ids": torch.tensor([f["input_ids"] + [0] * p for f, p in zip(features, pad)]),
+                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
+                "labels": torch.tensor([f["labels"] + [-100] * p for f, p in zip(features, pad)])}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "init"), is_trainable=True)
+        targs = transformers.TrainingArguments(output_dir=str(tmp_path / "torch"), save_strategy="no",
+                                               report_to="none", disable_tqdm=True, use_cpu=True, **common)
+        oracle = transformers.Trainer(model=peft_model, args=targs, data_collator=collate,
+                                      train_dataset=datasets.Dataset.from_dict(data))
+        oracle.train()
+    peft_model.save_pretrained(str(tmp_path / "torch"))
+    theirs = read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
+
+    def logged(history, key):
+        return [r[key] for r in history if key in r and "train_runtime" not in r]
+
+    assert len(logged(trainer.log_history, "loss")) == 4
+    np.testing.assert_allclose(logged(trainer.log_history, "learning_rate"),
+                               logged(oracle.state.log_history, "learning_rate"), rtol=1e-6)
+    np.testing.assert_allclose(logged(trainer.log_history, "loss"), logged(oracle.state.log_history, "loss"),
+                               rtol=1e-4)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)

@@ -104,6 +104,21 @@ def check_labels(labels, problem_type: str, num_labels: int, name: str) -> None:
             )
 
 
+LOSS_SCALE = "loss_scale"  # a batch entry ([rows], one value) the training loss is multiplied by
+
+
+def _with_loss_scale(batch: dict, scale: float) -> dict:
+    return {**batch, LOSS_SCALE: np.full(len(batch["input_ids"]), scale, np.float32)}
+
+
+def scored_labels(labels, first: bool):
+    """Where a language model's loss scores ``labels`` ``[rows, length]`` (NumPy or JAX): every
+    label but -100, from each row's second on unless ``first`` (a causal LM predicts label ``i + 1``
+    at position ``i``; an encoder-decoder, or a prompt-learning model from its last virtual token,
+    scores the first label too)."""
+    return (labels if first else labels[:, 1:]) != -100
+
+
 def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem_type: str | None):
     """Summed loss, the count it is averaged over, and correct predictions (classification).
 
@@ -257,8 +272,7 @@ class Trainer:
         virtual = getattr(model, "labels_prepended", lambda: 0)()
         if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's loss is the mean over the labels it scores: a causal LM's every next token
-            first = self.problem_type == SEQ2SEQ_LM or virtual > 0
-            count = jnp.sum((labels if first else labels[:, 1:]) != -100).astype(jnp.float32)
+            count = jnp.sum(scored_labels(labels, self.problem_type == SEQ2SEQ_LM or virtual > 0)).astype(jnp.float32)
             loss = model(**inputs, labels=labels).loss
             return None, (loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
@@ -277,11 +291,35 @@ class Trainer:
             # the whole logits never exist (an encoder-decoder's decoder input is its labels shifted
             # right); filler rows carry label -100
             inputs = {k: batch[k] for k in self.model_inputs if k in batch}
-            return model(**inputs, labels=batch["labels"], **extra).loss
-        inputs = {k: batch[k] for k in self.model_inputs if k in batch}
-        logits = model(**inputs, **extra).logits
-        total, count, _ = _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
-        return total / jnp.maximum(count, 1.0)
+            loss = model(**inputs, labels=batch["labels"], **extra).loss
+        else:
+            inputs = {k: batch[k] for k in self.model_inputs if k in batch}
+            logits = model(**inputs, **extra).logits
+            total, count, _ = _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
+            loss = total / jnp.maximum(count, 1.0)
+        if LOSS_SCALE in batch:  # accumulation over token-scored micro-batches (see _loss_scales)
+            loss = loss * jnp.mean(batch[LOSS_SCALE])
+        return loss
+
+    def _token_weighted(self) -> bool:
+        """Whether gradient accumulation weighs micro-batches by their scored tokens: a language
+        model's (as transformers' Trainer does with ``num_items_in_batch``); a classifier's
+        micro-batches count alike, each its rows' mean (transformers divides its loss by the steps)."""
+        return self.args.gradient_accumulation_steps > 1 and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
+
+    def _loss_scales(self, batcher: Batcher, start: int) -> list[float]:
+        """The loss scale of each micro-batch of the optimizer step whose first is micro-batch
+        ``start``: its scored label tokens over the step's mean, so that the accumulated gradient
+        (the micro-batches' mean) is that of the step's token-mean loss, however the tokens fall."""
+        accum = self.args.gradient_accumulation_steps
+        first = self.problem_type == SEQ2SEQ_LM or getattr(self.model.base_model, "labels_prepended", lambda: 0)() > 0
+        counts = []
+        for micro in range(start, start + accum):
+            epoch, index = divmod(micro, batcher.num_batches)
+            labels = np.asarray(next(batcher.batches(epoch, start=index))["labels"])
+            counts.append(int(np.sum(scored_labels(labels, first))))
+        total = sum(counts)
+        return [c * accum / total if total else 1.0 for c in counts]
 
     def _make_step(self, graphdef, tx):
         name = getattr(self.model, "active_adapter", None)
@@ -314,7 +352,7 @@ class Trainer:
         state = abstract((trainable, opt_state, rest))
         jobs = []
         for batch in first_batch_of_each_shape(batcher, micro, until)[1:]:
-            placed = self._place(batch)
+            placed = self._place(_with_loss_scale(batch, 1.0) if self._token_weighted() else batch)
             jobs.append((("train", signature(placed)),
                          functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
@@ -486,10 +524,15 @@ class Trainer:
         tokens, t_log, losses_seen = 0, time.perf_counter(), []
         last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
         epoch, position = divmod(micro, batcher.num_batches)
+        scales = None  # the current optimizer step's micro-batch loss scales, when token-weighted
         try:
             while micro < total * accum:
                 for batch in batcher.batches(epoch, start=position):
                     key = fold_in(base_key, micro)  # jax.random.fold_in, on the host
+                    if self._token_weighted():
+                        if scales is None or micro % accum == 0:
+                            scales = self._loss_scales(batcher, micro - micro % accum)
+                        batch = _with_loss_scale(batch, scales[micro % accum])
                     placed = self._place(batch)
                     if self._precompiler is not None:
                         self._precompiler.wait(("train", signature(placed)))
