@@ -140,11 +140,9 @@ def test_weight_decay_falls_on_what_transformers_trainer_decays(family, config, 
     assert tuple(counted) == expected and min(expected) > 0
 
 
-def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path):
-    """A language model over rows of different lengths, two micro-batches an optimizer step:
-    transformers weighs every label token of the step alike (``num_items_in_batch``), not each
-    micro-batch's mean alike; peftjax's adapter, losses and rates must be transformers'. Each
-    optimizer step takes all rows (one per epoch), so the two frameworks' shuffles do not matter."""
+def _train_llama_both_ways(tmp_path, data: dict, common: dict):
+    """LoRA on the tiny Llama trained from one start by peftjax's Trainer and by transformers'
+    Trainer + PEFT (dropout off): ``(our log, their log, our adapter, their adapter)``."""
     transformers = pytest.importorskip("transformers")
     datasets = pytest.importorskip("datasets")
     torch_model = _tiny.save("llama", tmp_path / "base")
@@ -152,12 +150,6 @@ def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path
                               init_lora_weights=False)
     model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), lora, key=jax.random.key(5))
     model.save_pretrained(tmp_path / "init")
-    rng = np.random.default_rng(2)
-    ids = [rng.integers(3, 90, int(n)).tolist() for n in (3, 12, 4, 11, 5, 10, 2, 12)]  # uneven halves
-    data = {"input_ids": ids, "labels": ids}
-    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=4,
-                  learning_rate=1e-2, warmup_steps=1, lr_scheduler_type="cosine", logging_steps=1, seed=0)
-
     args = peftjax.TrainingArguments(output_dir=str(tmp_path / "peftjax"), save_steps=0, disable_tqdm=True,
                                      plot=False, report_to="none", **common)
     trainer = peftjax.Trainer(model, args, train_dataset=data)
@@ -181,15 +173,39 @@ def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path
         oracle.train()
     peft_model.save_pretrained(str(tmp_path / "torch"))
     theirs = read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
+    return trainer.log_history, oracle.state.log_history, ours, theirs
 
+
+def _assert_same_training(ours_log, theirs_log, ours, theirs, steps: int):
     def logged(history, key):
         return [r[key] for r in history if key in r and "train_runtime" not in r]
 
-    assert len(logged(trainer.log_history, "loss")) == 4
-    np.testing.assert_allclose(logged(trainer.log_history, "learning_rate"),
-                               logged(oracle.state.log_history, "learning_rate"), rtol=1e-6)
-    np.testing.assert_allclose(logged(trainer.log_history, "loss"), logged(oracle.state.log_history, "loss"),
-                               rtol=1e-4)
+    assert len(logged(ours_log, "loss")) == len(logged(theirs_log, "loss")) == steps
+    np.testing.assert_allclose(logged(ours_log, "learning_rate"), logged(theirs_log, "learning_rate"), rtol=1e-6)
+    np.testing.assert_allclose(logged(ours_log, "loss"), logged(theirs_log, "loss"), rtol=1e-4)
     assert set(ours) == set(theirs)
     for key in theirs:
         np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path):
+    """A language model over rows of different lengths, two micro-batches an optimizer step:
+    transformers weighs every label token of the step alike (``num_items_in_batch``), not each
+    micro-batch's mean alike; peftjax's adapter, losses and rates must be transformers'. Each
+    optimizer step takes all rows (one per epoch), so the two frameworks' shuffles do not matter."""
+    rng = np.random.default_rng(2)
+    ids = [rng.integers(3, 90, int(n)).tolist() for n in (3, 12, 4, 11, 5, 10, 2, 12)]  # uneven halves
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=4,
+                  learning_rate=1e-2, warmup_steps=1, lr_scheduler_type="cosine", logging_steps=1, seed=0)
+    _assert_same_training(*_train_llama_both_ways(tmp_path, {"input_ids": ids, "labels": ids}, common), steps=4)
+
+
+def test_an_epoch_s_leftover_batches_make_a_shorter_step_as_in_transformers(tmp_path):
+    """Three batches an epoch, two accumulated a step: as in transformers, an epoch is two
+    optimizer steps (two batches, then the one left), no step spans two epochs, and three epochs
+    are six steps, not four and a half. The rows are equal, so the shuffles do not matter."""
+    row = np.random.default_rng(4).integers(3, 90, 9).tolist()
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=3,
+                  learning_rate=1e-2, warmup_steps=2, lr_scheduler_type="linear", logging_steps=1, seed=0)
+    _assert_same_training(*_train_llama_both_ways(tmp_path, {"input_ids": [row] * 10, "labels": [row] * 10}, common),
+                          steps=6)

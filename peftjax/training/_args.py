@@ -36,7 +36,9 @@ class TrainingArguments:
       lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
       warmup_steps: linear warmup steps (takes precedence over ``warmup_ratio``).
       warmup_ratio: warmup as a fraction of the total steps.
-      gradient_accumulation_steps: micro-batches per optimizer step.
+      gradient_accumulation_steps: micro-batches per optimizer step; an epoch's last step takes
+        the batches left over (no step spans two epochs, :class:`StepPlan`), and a language
+        model's micro-batches weigh by their label tokens, as in transformers' Trainer.
       logging_steps: log every this many optimizer steps (the loop waits on the device only here).
       eval_strategy: ``no``, ``steps`` (every ``eval_steps``) or ``epoch``.
       eval_steps: evaluation interval for ``eval_strategy="steps"`` (defaults to ``logging_steps``).
@@ -127,11 +129,12 @@ class TrainingArguments:
         return self.report_to != "none"
 
     def total_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps of the run."""
+        """Optimizer steps of the run: ``max_steps``, else ``num_train_epochs`` times the steps of
+        an epoch (transformers' count: an epoch's last step takes the batches left over)."""
         if self.max_steps > 0:
             return self.max_steps
-        micro = math.ceil(self.num_train_epochs * batches_per_epoch)
-        return max(1, micro // self.gradient_accumulation_steps)
+        return max(1, math.ceil(self.num_train_epochs * StepPlan(batches_per_epoch, self.gradient_accumulation_steps)
+                                .steps_per_epoch))
 
     def schedule(self, total_steps: int) -> optax.Schedule:
         warmup = self.warmup_steps or int(math.ceil(self.warmup_ratio * total_steps))
@@ -147,11 +150,15 @@ class TrainingArguments:
             return after
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
-    def optimizer(self, total_steps: int, decay_mask=None) -> optax.GradientTransformation:
+    def optimizer(self, total_steps: int, decay_mask=None,
+                  batches_per_epoch: int | None = None) -> optax.GradientTransformation:
         """AdamW with clipping and the schedule, accumulating over ``gradient_accumulation_steps``.
 
         ``decay_mask``: which parameters ``weight_decay`` applies to (a pytree of bools over the
         trainable state, :func:`weight_decay_mask`'s; the Trainer passes it); ``None``: all.
+        ``batches_per_epoch``: with accumulation, each epoch's last step accumulates only the
+        batches left over (:class:`StepPlan`, as transformers' Trainer); ``None``: every step
+        accumulates ``gradient_accumulation_steps``.
         """
         parts = [optax.clip_by_global_norm(self.max_grad_norm)] if self.max_grad_norm > 0 else []
         mask = decay_mask if self.weight_decay > 0 else None  # no decay: the optimizer state as ever
@@ -161,8 +168,47 @@ class TrainingArguments:
         )
         tx = optax.chain(*parts)
         if self.gradient_accumulation_steps > 1:
-            tx = optax.MultiSteps(tx, every_k_schedule=self.gradient_accumulation_steps)
+            every = (self.gradient_accumulation_steps if batches_per_epoch is None
+                     else StepPlan(batches_per_epoch, self.gradient_accumulation_steps).micro_batches)
+            tx = optax.MultiSteps(tx, every_k_schedule=every)
         return tx
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How an epoch's ``batches`` micro-batches group into optimizer steps, as transformers'
+    Trainer groups them: runs of ``accum`` in order, the epoch's last run shorter when ``accum``
+    does not divide ``batches`` (no step spans two epochs). Micro-batches are counted over the
+    whole run: micro-batch ``m`` is batch ``m % batches`` of epoch ``m // batches``."""
+
+    batches: int
+    accum: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.batches // self.accum)
+
+    def micro_batches(self, step):
+        """Micro-batches of optimizer step ``step`` (counted from 0; an int or a traced array,
+        ``optax.MultiSteps``' ``every_k_schedule``)."""
+        last = self.batches - (self.steps_per_epoch - 1) * self.accum
+        if isinstance(step, int):
+            return last if step % self.steps_per_epoch == self.steps_per_epoch - 1 else self.accum
+        return jax.numpy.where(step % self.steps_per_epoch == self.steps_per_epoch - 1, last, self.accum)
+
+    def first_micro(self, step: int) -> int:
+        """The first micro-batch of optimizer step ``step`` (the run's end for ``step`` = its steps)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return epoch * self.batches + index * self.accum
+
+    def steps_done(self, micro: int) -> int:
+        """Optimizer steps completed once micro-batches ``0 .. micro - 1`` have run."""
+        epoch, index = divmod(micro, self.batches)
+        return epoch * self.steps_per_epoch + index // self.accum
+
+    def ends_step(self, micro: int) -> bool:
+        """Whether micro-batch ``micro - 1`` was the last of its optimizer step."""
+        return micro > 0 and (micro % self.batches) % self.accum == 0
 
 
 # transformers.Trainer.get_decay_parameter_names: no weight decay for a parameter whose lower-cased

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.training._args import TrainingArguments, weight_decay_mask
+from peftjax.training._args import StepPlan, TrainingArguments, weight_decay_mask
 from peftjax.training._cache import use_compilation_cache
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
 from peftjax.training._data import Batcher
@@ -307,19 +307,19 @@ class Trainer:
         micro-batches count alike, each its rows' mean (transformers divides its loss by the steps)."""
         return self.args.gradient_accumulation_steps > 1 and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
 
-    def _loss_scales(self, batcher: Batcher, start: int) -> list[float]:
-        """The loss scale of each micro-batch of the optimizer step whose first is micro-batch
-        ``start``: its scored label tokens over the step's mean, so that the accumulated gradient
-        (the micro-batches' mean) is that of the step's token-mean loss, however the tokens fall."""
-        accum = self.args.gradient_accumulation_steps
+    def _loss_scales(self, batcher: Batcher, plan: StepPlan, step: int) -> list[float]:
+        """The loss scale of each micro-batch of optimizer step ``step``: its scored label tokens
+        over the step's mean, so that the accumulated gradient (the micro-batches' mean) is that
+        of the step's token-mean loss, however the tokens fall."""
         first = self.problem_type == SEQ2SEQ_LM or getattr(self.model.base_model, "labels_prepended", lambda: 0)() > 0
+        start, size = plan.first_micro(step), plan.micro_batches(step)
         counts = []
-        for micro in range(start, start + accum):
+        for micro in range(start, start + size):
             epoch, index = divmod(micro, batcher.num_batches)
             labels = np.asarray(next(batcher.batches(epoch, start=index))["labels"])
             counts.append(int(np.sum(scored_labels(labels, first))))
         total = sum(counts)
-        return [c * accum / total if total else 1.0 for c in counts]
+        return [c * size / total if total else 1.0 for c in counts]
 
     def _make_step(self, graphdef, tx):
         name = getattr(self.model, "active_adapter", None)
@@ -483,11 +483,13 @@ class Trainer:
                                  else args.resume_from_checkpoint)
         batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True)
         total = args.total_steps(batcher.num_batches)
-        accum = args.gradient_accumulation_steps
+        plan = StepPlan(batcher.num_batches, args.gradient_accumulation_steps)
+        end = plan.first_micro(total)  # micro-batches of the run
         if hasattr(self.model, "_check_live"):
             self.model._check_live("train")
         graphdef, trainable, rest = split(self.model.base_model)
-        tx = args.optimizer(total, decay_mask=weight_decay_mask(trainable, self.model.base_model))
+        tx = args.optimizer(total, decay_mask=weight_decay_mask(trainable, self.model.base_model),
+                            batches_per_epoch=batcher.num_batches)
         self._graphdef = graphdef
         # the step donates its inputs: work on a copy so the model keeps valid weights if training stops
         trainable = jax.tree.map(fresh_copy, trainable)
@@ -506,7 +508,7 @@ class Trainer:
             if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_history))
-            print(f"resumed from {path} at step {micro // accum}", file=sys.stderr)
+            print(f"resumed from {path} at step {plan.steps_done(micro)}", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if args.plot and jax.process_index() == 0:
             _import_pyplot_in_background()
@@ -515,24 +517,24 @@ class Trainer:
             raise NotImplementedError("resuming AdaLoRA training is not implemented (the rank allocator's statistics "
                                       "are not in the checkpoint)")
         base_key = default_key(args.seed)  # jax.random.key(seed), formed on the host
-        self._precompiler = self._precompile(step_fn, batcher, micro=micro, until=total * accum, trainable=trainable,
+        self._precompiler = self._precompile(step_fn, batcher, micro=micro, until=end, trainable=trainable,
                                              opt_state=opt_state, rest=rest, key=base_key)
         schedule = jax.jit(args.schedule(total))  # the logged rate: one program, not an eager one per op
         writer = self._tensorboard()
-        bar = self._progress(total, micro // accum)
+        bar = self._progress(total, plan.steps_done(micro))
         pending: list[jax.Array] = []
         tokens, t_log, losses_seen = 0, time.perf_counter(), []
         last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
         epoch, position = divmod(micro, batcher.num_batches)
         scales = None  # the current optimizer step's micro-batch loss scales, when token-weighted
         try:
-            while micro < total * accum:
+            while micro < end:
                 for batch in batcher.batches(epoch, start=position):
                     key = fold_in(base_key, micro)  # jax.random.fold_in, on the host
                     if self._token_weighted():
-                        if scales is None or micro % accum == 0:
-                            scales = self._loss_scales(batcher, micro - micro % accum)
-                        batch = _with_loss_scale(batch, scales[micro % accum])
+                        if scales is None or plan.ends_step(micro):  # a new step (or a resumed one)
+                            scales = self._loss_scales(batcher, plan, plan.steps_done(micro))
+                        batch = _with_loss_scale(batch, scales[micro - plan.first_micro(plan.steps_done(micro))])
                     placed = self._place(batch)
                     if self._precompiler is not None:
                         self._precompiler.wait(("train", signature(placed)))
@@ -543,8 +545,8 @@ class Trainer:
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].size
                     micro += 1
                     position += 1
-                    if micro % accum == 0:
-                        step = micro // accum
+                    if plan.ends_step(micro):
+                        step = plan.steps_done(micro)
                         if bar is not None:
                             bar.update(1)
                         if step % args.logging_steps == 0 or step == total:
@@ -561,12 +563,12 @@ class Trainer:
                         if args.save_steps and step % args.save_steps == 0 and step < total:
                             self._drain(pending, step, last_ckpt, keep=True)
                             last_ckpt = self._save(step, micro, epoch, position, trainable, opt_state)
-                    if micro >= total * accum:
+                    if micro >= end:
                         break
                 else:
                     epoch, position = epoch + 1, 0
                     if args.eval_strategy == "epoch" and self.eval_dataset is not None:
-                        self._log({"step": micro // accum, **self._evaluate_state(trainable, rest)}, writer, bar)
+                        self._log({"step": plan.steps_done(micro), **self._evaluate_state(trainable, rest)}, writer, bar)
                     continue
                 break
         finally:
@@ -576,24 +578,24 @@ class Trainer:
                 self._precompiler.close()
                 self._precompiler = None
         if pending:
-            losses_seen.append(self._drain(pending, micro // accum, last_ckpt))
+            losses_seen.append(self._drain(pending, plan.steps_done(micro), last_ckpt))
         nnx.update(self.model.base_model, trainable)
         if hasattr(step_fn, "global_step"):  # AdaLoRA: the final rank_pattern is saved with the adapter
             self.model.peft_config[step_fn.adapter_name] = step_fn.config
         metrics: dict[str, float] = {}
         if self.eval_dataset is not None and args.eval_strategy != "no":
             last = next((r for r in reversed(self.log_history) if "eval_loss" in r), None)
-            if last is not None and last["step"] == micro // accum:  # the loop just evaluated this state
+            if last is not None and last["step"] == plan.steps_done(micro):  # the loop just evaluated this state
                 metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
             else:
                 metrics = self._evaluate_state(trainable, rest)
-                self._log({"step": micro // accum, **metrics}, writer, None)
+                self._log({"step": plan.steps_done(micro), **metrics}, writer, None)
         self.save_model()
         if writer is not None:
             writer.close()
         if args.plot and jax.process_index() == 0:
             self.plot()
-        return TrainOutput(micro // accum, float(np.mean(losses_seen)) if losses_seen else float("nan"), metrics)
+        return TrainOutput(plan.steps_done(micro), float(np.mean(losses_seen)) if losses_seen else float("nan"), metrics)
 
     def evaluate(self, eval_dataset=None) -> dict[str, float]:
         """Loss (and accuracy, or perplexity for language modelling) on ``eval_dataset``."""
