@@ -290,6 +290,9 @@ def test_arguments_are_validated(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="exotic")
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=0)
+    for bad in (-1, 2.5, "10", True):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            TrainingArguments(output_dir=str(tmp_path), warmup_steps=bad)
     with pytest.raises(TypeError, match="PeftModel"):
         Trainer(object(), TrainingArguments(output_dir=str(tmp_path)))
 
@@ -300,6 +303,10 @@ def test_schedules_warm_up_and_decay(tmp_path):
     assert float(schedule(0)) == 0.0
     assert abs(float(schedule(10)) - 1.0) < 1e-6
     assert float(schedule(110)) < 1e-6
+    # transformers 5: a float below 1 is a fraction of the total steps, rounded up (0.1 * 144 -> 15)
+    fraction = TrainingArguments(output_dir=str(tmp_path), warmup_steps=0.1)
+    assert fraction.warmup(144) == 15 == TrainingArguments(output_dir=str(tmp_path), warmup_ratio=0.1).warmup(144)
+    assert TrainingArguments(output_dir=str(tmp_path), warmup_steps=3.0, warmup_ratio=0.5).warmup(144) == 3
     warnings.simplefilter("ignore")
 
 

@@ -71,7 +71,7 @@ def test_the_trainer_updates_the_adapter_as_transformers_trainer_does(tmp_path):
     model.save_pretrained(tmp_path / "init")
     data = _rows(40, seed=1)
     common = dict(per_device_train_batch_size=40, num_train_epochs=6, learning_rate=2e-2, weight_decay=0.1,
-                  warmup_steps=2, lr_scheduler_type="linear", max_grad_norm=0.35, logging_steps=1, seed=0)
+                  warmup_steps=0.2, lr_scheduler_type="linear", max_grad_norm=0.35, logging_steps=1, seed=0)
 
     args = peftjax.TrainingArguments(output_dir=str(tmp_path / "peftjax"), save_steps=0, disable_tqdm=True,
                                      plot=False, report_to="none", **common)

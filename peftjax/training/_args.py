@@ -34,8 +34,9 @@ class TrainingArguments:
       adam_beta1, adam_beta2, adam_epsilon: AdamW's moments.
       max_grad_norm: global-norm gradient clipping (0 disables it).
       lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
-      warmup_steps: linear warmup steps (takes precedence over ``warmup_ratio``).
-      warmup_ratio: warmup as a fraction of the total steps.
+      warmup_steps: linear warmup steps, or a float in ``(0, 1)``: that fraction of the total
+        steps, rounded up (transformers 5's field); takes precedence over ``warmup_ratio``.
+      warmup_ratio: warmup as a fraction of the total steps (transformers 4's field).
       gradient_accumulation_steps: micro-batches per optimizer step; an epoch's last step takes
         the batches left over (no step spans two epochs, :class:`StepPlan`), and a language
         model's micro-batches weigh by their label tokens, as in transformers' Trainer.
@@ -84,7 +85,7 @@ class TrainingArguments:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
+    warmup_steps: float = 0
     warmup_ratio: float = 0.0
     gradient_accumulation_steps: int = 1
     logging_steps: int = 500
@@ -123,6 +124,10 @@ class TrainingArguments:
             raise ValueError(f"compilation_cache must be True, False or a directory, got {self.compilation_cache!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if (isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, (int, float))
+                or self.warmup_steps < 0 or (self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps))):
+            raise ValueError(f"warmup_steps must be a whole number of steps or a fraction in [0, 1) of the total, "
+                             f"got {self.warmup_steps!r}")
 
     @property
     def tensorboard(self) -> bool:
@@ -136,8 +141,15 @@ class TrainingArguments:
         return max(1, math.ceil(self.num_train_epochs * StepPlan(batches_per_epoch, self.gradient_accumulation_steps)
                                 .steps_per_epoch))
 
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``: ``warmup_steps`` (a fraction of the total when
+        below 1, rounded up, as transformers' ``get_warmup_steps``), else ``warmup_ratio``'s."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        return math.ceil((self.warmup_steps or self.warmup_ratio) * total_steps)
+
     def schedule(self, total_steps: int) -> optax.Schedule:
-        warmup = self.warmup_steps or int(math.ceil(self.warmup_ratio * total_steps))
+        warmup = self.warmup(total_steps)
         peak = self.learning_rate
         decay_steps = max(1, total_steps - warmup)
         if self.lr_scheduler_type == "linear":
