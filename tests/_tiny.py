@@ -1,4 +1,5 @@
-"""The suite's tiny random Hugging Face models, one config per family, and the public train loop.
+"""The suite's tiny random Hugging Face models, one config per family, the public train loop, and
+a tiny learnable classification set (:func:`classification_data`).
 
 Every test file builds its tiny models from :data:`FAMILIES` through :func:`config` / :func:`arch`;
 where a test needs something else (a larger vocabulary, a wider init, a classifier head), it
@@ -155,3 +156,21 @@ def batch(ids, mask=None, task: str = "CAUSAL_LM", labels=(0, 2)) -> dict:
     if task == "SEQ_CLS":
         return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels)}
     return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
+
+
+# ---------------------------------------------------------------- data
+
+
+def classification_data(n=96, seed=0):
+    """Rows whose label is whether token 7 occurs: learnable by a tiny BERT with LoRA."""
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        length = int(rng.integers(4, 12))
+        row = rng.integers(10, 60, length)
+        label = int(rng.integers(0, 2))
+        if label:
+            row[rng.integers(1, length)] = 7
+        ids.append([1, *row.tolist()])
+        labels.append(label)
+    return {"input_ids": ids, "label": labels}

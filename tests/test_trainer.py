@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import _tiny
+from _tiny import classification_data
 from _compiles import compilations
 import peftjax
 from peftjax.io import read_safetensors
@@ -29,21 +30,6 @@ from peftjax.training._checkpoint import list_checkpoints, load_checkpoint
 from peftjax.training._trainer import Trainer, TrainingError
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
-
-
-def classification_data(n=96, seed=0):
-    """Rows whose label is whether token 7 occurs: learnable by a tiny BERT with LoRA."""
-    rng = np.random.default_rng(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(rng.integers(4, 12))
-        row = rng.integers(10, 60, length)
-        label = int(rng.integers(0, 2))
-        if label:
-            row[rng.integers(1, length)] = 7
-        ids.append([1, *row.tolist()])
-        labels.append(label)
-    return {"input_ids": ids, "label": labels}
 
 
 @pytest.fixture

@@ -27,19 +27,35 @@ torch = lazy("torch")
 peft = lazy("peft")
 
 
-def _rows(n: int, seed: int) -> dict:
-    """Rows whose label is whether token 7 occurs, of varied lengths (so batches pad or pack)."""
-    rng = np.random.default_rng(seed)
-    ids, labels = [], []
-    for _ in range(n):
-        length = int(rng.integers(4, 12))
-        row = rng.integers(10, 60, length)
-        label = int(rng.integers(0, 2))
-        if label:
-            row[rng.integers(1, length)] = 7
-        ids.append([1, *row.tolist()])
-        labels.append(label)
-    return {"input_ids": ids, "label": labels}
+def _train_with_transformers(torch_model, tmp_path, data: dict, common: dict, collate):
+    """The oracle's run: ``transformers.Trainer`` on ``torch_model`` with the PEFT adapter saved in
+    ``tmp_path / "init"``, the same arguments: ``(its log history, the adapter it saves)``."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "init"), is_trainable=True)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "torch"), save_strategy="no",
+                                              report_to="none", disable_tqdm=True, use_cpu=True, **common)
+        oracle = transformers.Trainer(model=peft_model, args=args, data_collator=collate,
+                                      train_dataset=datasets.Dataset.from_dict(data))
+        oracle.train()
+    peft_model.save_pretrained(str(tmp_path / "torch"))
+    return oracle.state.log_history, read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
+
+
+def _logged(history, key):
+    return [r[key] for r in history if key in r and "train_runtime" not in r]
+
+
+def _assert_same_training(ours_log, theirs_log, ours, theirs, steps: int):
+    """The same number of steps, learning rates, losses and adapter tensors (seen: 5e-7 apart)."""
+    assert len(_logged(ours_log, "loss")) == len(_logged(theirs_log, "loss")) == steps
+    np.testing.assert_allclose(_logged(ours_log, "learning_rate"), _logged(theirs_log, "learning_rate"), rtol=1e-6)
+    np.testing.assert_allclose(_logged(ours_log, "loss"), _logged(theirs_log, "loss"), rtol=1e-4)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)
 
 
 def _collate(features):
@@ -52,8 +68,6 @@ def _collate(features):
 
 
 def test_the_trainer_updates_the_adapter_as_transformers_trainer_does(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    datasets = pytest.importorskip("datasets")
     spec = _tiny.arch("bert", vocab_size=64, intermediate_size=48, num_labels=2, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
     torch_model = _tiny.save(spec, tmp_path / "base")
@@ -69,7 +83,7 @@ def test_the_trainer_updates_the_adapter_as_transformers_trainer_does(tmp_path):
             b = module.lora_B["default"]
             b.set_value(0.1 * rng.standard_normal(b.get_value().shape).astype(np.float32))
     model.save_pretrained(tmp_path / "init")
-    data = _rows(40, seed=1)
+    data = _tiny.classification_data(40, seed=1)
     common = dict(per_device_train_batch_size=40, num_train_epochs=6, learning_rate=2e-2, weight_decay=0.1,
                   warmup_steps=0.2, lr_scheduler_type="linear", max_grad_norm=0.35, logging_steps=1, seed=0)
 
@@ -80,31 +94,13 @@ def test_the_trainer_updates_the_adapter_as_transformers_trainer_does(tmp_path):
     assert trainer.packs()  # the default for this classifier: the rows laid end to end
     ours = read_safetensors(tmp_path / "peftjax" / "adapter_model.safetensors")[0]
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "init"), is_trainable=True)
-        targs = transformers.TrainingArguments(output_dir=str(tmp_path / "torch"), save_strategy="no",
-                                               report_to="none", disable_tqdm=True, use_cpu=True, **common)
-        oracle = transformers.Trainer(model=peft_model, args=targs, data_collator=_collate,
-                                      train_dataset=datasets.Dataset.from_dict(data))
-        oracle.train()
-    peft_model.save_pretrained(str(tmp_path / "torch"))
-    theirs = read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
-
-    def logged(history, key):
-        return [r[key] for r in history if key in r and "train_runtime" not in r]
-
-    np.testing.assert_allclose(logged(trainer.log_history, "learning_rate"),
-                               logged(oracle.state.log_history, "learning_rate"), rtol=1e-6)
-    np.testing.assert_allclose(logged(trainer.log_history, "loss"), logged(oracle.state.log_history, "loss"),
-                               rtol=1e-4)
-    norms = logged(oracle.state.log_history, "grad_norm")
+    their_log, theirs = _train_with_transformers(torch_model, tmp_path, data, common, _collate)
+    _assert_same_training(trainer.log_history, their_log, ours, theirs, steps=6)
+    norms = _logged(their_log, "grad_norm")
     assert min(norms) < common["max_grad_norm"] < max(norms)  # clipped on some steps, not on all
-    assert set(ours) == set(theirs)
     initial = read_safetensors(tmp_path / "init" / "adapter_model.safetensors")[0]
     for key in theirs:
         assert not np.allclose(theirs[key], initial[key]), key  # every tensor trained
-        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)  # seen: 5e-7
 
 
 @pytest.mark.parametrize("family, config", [
@@ -143,8 +139,6 @@ def test_weight_decay_falls_on_what_transformers_trainer_decays(family, config, 
 def _train_llama_both_ways(tmp_path, data: dict, common: dict):
     """LoRA on the tiny Llama trained from one start by peftjax's Trainer and by transformers'
     Trainer + PEFT (dropout off): ``(our log, their log, our adapter, their adapter)``."""
-    transformers = pytest.importorskip("transformers")
-    datasets = pytest.importorskip("datasets")
     torch_model = _tiny.save("llama", tmp_path / "base")
     lora = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                               init_lora_weights=False)
@@ -163,29 +157,8 @@ def _train_llama_both_ways(tmp_path, data: dict, common: dict):
                 "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
                 "labels": torch.tensor([f["labels"] + [-100] * p for f, p in zip(features, pad)])}
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "init"), is_trainable=True)
-        targs = transformers.TrainingArguments(output_dir=str(tmp_path / "torch"), save_strategy="no",
-                                               report_to="none", disable_tqdm=True, use_cpu=True, **common)
-        oracle = transformers.Trainer(model=peft_model, args=targs, data_collator=collate,
-                                      train_dataset=datasets.Dataset.from_dict(data))
-        oracle.train()
-    peft_model.save_pretrained(str(tmp_path / "torch"))
-    theirs = read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
-    return trainer.log_history, oracle.state.log_history, ours, theirs
-
-
-def _assert_same_training(ours_log, theirs_log, ours, theirs, steps: int):
-    def logged(history, key):
-        return [r[key] for r in history if key in r and "train_runtime" not in r]
-
-    assert len(logged(ours_log, "loss")) == len(logged(theirs_log, "loss")) == steps
-    np.testing.assert_allclose(logged(ours_log, "learning_rate"), logged(theirs_log, "learning_rate"), rtol=1e-6)
-    np.testing.assert_allclose(logged(ours_log, "loss"), logged(theirs_log, "loss"), rtol=1e-4)
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-5, rtol=0, err_msg=key)
+    their_log, theirs = _train_with_transformers(torch_model, tmp_path, data, common, collate)
+    return trainer.log_history, their_log, ours, theirs
 
 
 def test_a_causal_lm_accumulates_gradients_as_transformers_trainer_does(tmp_path):
