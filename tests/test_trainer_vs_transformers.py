@@ -182,3 +182,25 @@ def test_an_epoch_s_leftover_batches_make_a_shorter_step_as_in_transformers(tmp_
                   learning_rate=1e-2, warmup_steps=2, lr_scheduler_type="linear", logging_steps=1, seed=0)
     _assert_same_training(*_train_llama_both_ways(tmp_path, {"input_ids": [row] * 10, "labels": [row] * 10}, common),
                           steps=6)
+
+
+def test_a_checkpoint_inside_an_accumulated_step_is_refused_by_name(tmp_path):
+    """Checkpoints are written as optimizer steps end; one that stopped inside a step (written by
+    an earlier version whose steps could span epochs) cannot resume its accumulation correctly:
+    refused, naming the checkpoint, rather than resumed with the wrong micro-batches."""
+    import json
+
+    model = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(_tiny.config("llama")),
+                                   peftjax.LoraConfig(r=2, target_modules=["q_proj"]))
+    row = list(range(3, 12))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4,
+                                     gradient_accumulation_steps=2, max_steps=2, save_steps=1, disable_tqdm=True,
+                                     plot=False, report_to="none")
+    peftjax.Trainer(model, args, train_dataset={"input_ids": [row] * 12, "labels": [row] * 12}).train()
+    state_file = tmp_path / "run" / "checkpoint-1" / "trainer_state.json"
+    info = json.loads(state_file.read_text())
+    assert info["micro_step"] == 2
+    state_file.write_text(json.dumps({**info, "micro_step": 1}))  # inside the first step
+    with pytest.raises(peftjax.training.TrainingError, match=r"checkpoint-1 stopped inside an optimizer step"):
+        peftjax.Trainer(model, args, train_dataset={"input_ids": [row] * 12, "labels": [row] * 12}).train(
+            resume_from_checkpoint=str(state_file.parent))

@@ -11,6 +11,8 @@ import jax
 import optax
 from flax import nnx
 
+from peftjax.sharding._place import dotted
+
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 STRATEGIES = ("no", "steps", "epoch")
 
@@ -242,14 +244,13 @@ def weight_decay_mask(state, model: nnx.Module | None = None):
     Returns:
       A pytree of ``state``'s structure with a bool per leaf (``optax.adamw``'s ``mask``).
     """
-    norms = set() if model is None else {tuple(p) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.LayerNorm)}
+    norms = () if model is None else tuple(
+        ".".join(map(str, p)) + "." for p, n in nnx.iter_graph(model) if isinstance(n, nnx.LayerNorm))
 
     def decays(path, _):
-        keys = tuple(k.key if isinstance(k, jax.tree_util.DictKey) else getattr(k, "idx", None) for k in path)
-        keys = tuple(k for k in keys if k is not None)  # a Variable's own ``value`` attribute is not a name part
-        if any(keys[:i] in norms for i in range(1, len(keys) + 1)):
+        name = dotted(path)
+        if name.startswith(norms):
             return False
-        name = ".".join(str(k) for k in keys).lower()
-        return not any(p.search(name) for p in NO_DECAY_PATTERNS)
+        return not any(p.search(name.lower()) for p in NO_DECAY_PATTERNS)
 
     return jax.tree_util.tree_map_with_path(decays, state)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import math
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +273,7 @@ class Trainer:
         virtual = getattr(model, "labels_prepended", lambda: 0)()
         if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's loss is the mean over the labels it scores: a causal LM's every next token
-            count = jnp.sum(scored_labels(labels, self.problem_type == SEQ2SEQ_LM or virtual > 0)).astype(jnp.float32)
+            count = jnp.sum(scored_labels(labels, self._scores_first_label(model))).astype(jnp.float32)
             loss = model(**inputs, labels=labels).loss
             return None, (loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
@@ -307,19 +308,23 @@ class Trainer:
         micro-batches count alike, each its rows' mean (transformers divides its loss by the steps)."""
         return self.args.gradient_accumulation_steps > 1 and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
 
-    def _loss_scales(self, batcher: Batcher, plan: StepPlan, step: int) -> list[float]:
-        """The loss scale of each micro-batch of optimizer step ``step``: its scored label tokens
-        over the step's mean, so that the accumulated gradient (the micro-batches' mean) is that
-        of the step's token-mean loss, however the tokens fall."""
-        first = self.problem_type == SEQ2SEQ_LM or getattr(self.model.base_model, "labels_prepended", lambda: 0)() > 0
-        start, size = plan.first_micro(step), plan.micro_batches(step)
-        counts = []
-        for micro in range(start, start + size):
-            epoch, index = divmod(micro, batcher.num_batches)
-            labels = np.asarray(next(batcher.batches(epoch, start=index))["labels"])
-            counts.append(int(np.sum(scored_labels(labels, first))))
-        total = sum(counts)
-        return [c * size / total if total else 1.0 for c in counts]
+    def _scores_first_label(self, model) -> bool:
+        """Whether a language model's loss scores each row's first label (see :func:`scored_labels`)."""
+        return self.problem_type == SEQ2SEQ_LM or getattr(model, "labels_prepended", lambda: 0)() > 0
+
+    def _scaled_batches(self, batches: Iterator[dict], plan: StepPlan, micro: int) -> Iterator[dict]:
+        """An epoch's ``batches`` from micro-batch ``micro`` (a step's first) on, each with its loss
+        scale: its scored label tokens over its optimizer step's mean, so that the accumulated
+        gradient (the micro-batches' mean) is that of the step's token-mean loss, however the
+        tokens fall. Read a step ahead; no step spans two epochs (:class:`StepPlan`)."""
+        first = self._scores_first_label(self.model.base_model)
+        batches = iter(batches)
+        while group := list(itertools.islice(batches, plan.micro_batches(plan.steps_done(micro)))):
+            counts = [int(np.sum(scored_labels(np.asarray(b["labels"]), first))) for b in group]
+            total = sum(counts)
+            for batch, count in zip(group, counts):
+                yield _with_loss_scale(batch, count * len(group) / total if total else 1.0)
+            micro += len(group)
 
     def _make_step(self, graphdef, tx):
         name = getattr(self.model, "active_adapter", None)
@@ -504,6 +509,11 @@ class Trainer:
                 # would lower differently (parameter shardings) and miss the compilation cache
                 state = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state)
             trainable, opt_state, micro = state["trainable"], state["opt_state"], int(info["micro_step"])
+            if micro and not plan.ends_step(micro):  # checkpoints are written as steps end
+                raise TrainingError(
+                    f"{path} stopped inside an optimizer step (micro-batch {micro}, with {batcher.num_batches} "
+                    f"batches an epoch grouped {plan.accum} a step): it was not written by this Trainer's "
+                    f"step plan; resume from a checkpoint written at a step's end")
             self.log_history = info.get("log_history", [])
             if jax.process_index() == 0:  # records after the checkpoint belong to the stopped run
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -526,15 +536,13 @@ class Trainer:
         tokens, t_log, losses_seen = 0, time.perf_counter(), []
         last_ckpt = (list_checkpoints(self.output_dir) or [None])[-1]
         epoch, position = divmod(micro, batcher.num_batches)
-        scales = None  # the current optimizer step's micro-batch loss scales, when token-weighted
         try:
             while micro < end:
-                for batch in batcher.batches(epoch, start=position):
+                batches = batcher.batches(epoch, start=position)
+                if self._token_weighted():
+                    batches = self._scaled_batches(batches, plan, micro)
+                for batch in batches:
                     key = fold_in(base_key, micro)  # jax.random.fold_in, on the host
-                    if self._token_weighted():
-                        if scales is None or plan.ends_step(micro):  # a new step (or a resumed one)
-                            scales = self._loss_scales(batcher, plan, plan.steps_done(micro))
-                        batch = _with_loss_scale(batch, scales[micro - plan.first_micro(plan.steps_done(micro))])
                     placed = self._place(batch)
                     if self._precompiler is not None:
                         self._precompiler.wait(("train", signature(placed)))
