@@ -15,6 +15,7 @@ import _tiny
 import peftjax
 from _torch_models import lazy
 from peftjax import tuners
+from peftjax.io import read_safetensors
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
@@ -214,3 +215,115 @@ def test_train_step_compiles_ahead_and_frees_the_compiler_heap_once(monkeypatch)
         losses.append(float(loss))
     assert released == [{}] and step._cache_size() == 1
     assert losses[2] < losses[0]
+
+
+class Head(nnx.Module):
+    """A task head that is a module of its own: two linears (as RoBERTa's classifier is)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(16, 16, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jnp.tanh(self.dense(x)))
+
+
+class HeadedMLP(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+        self.head = Head(rngs)
+
+    def __call__(self, x):
+        return self.head(jax.nn.relu(self.fc1(x)))
+
+
+X = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(2, 8)
+
+
+def headed_twin(model: HeadedMLP):
+    """The model in PyTorch, same names and weights."""
+
+    class TorchHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.out = torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.dense(x)))
+
+    class TorchTwin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.head = torch.nn.Linear(8, 16), TorchHead()
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc1(x)))
+
+    twin = TorchTwin()
+    with torch.no_grad():
+        for src, dst in ((model.fc1, twin.fc1), (model.head.dense, twin.head.dense), (model.head.out, twin.head.out)):
+            dst.weight.copy_(torch.tensor(np.asarray(src.kernel.get_value()).T))
+            dst.bias.copy_(torch.tensor(np.asarray(src.bias.get_value())))
+    return twin.eval()
+
+
+def test_a_head_made_of_modules_trains_whole_and_moves_both_ways_with_peft(tmp_path):
+    """``modules_to_save`` naming a module that holds layers (not a single linear): every weight
+    of its copy trains, the file carries them under PEFT's nested keys, PEFT gives the same
+    outputs from it and the other way round, and ``merge_and_unload`` keeps the trained head."""
+    config = peftjax.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], init_lora_weights=False)
+    peft_model = peftjax.get_peft_model(HeadedMLP(nnx.Rngs(0)), config)
+    assert peft_model.get_nb_trainable_parameters()[0] == 2 * 8 + 2 * 16 + (16 * 16 + 16) + (16 * 3 + 3)
+    _, trainable, _ = peftjax.split(peft_model.base_model)
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert {f"head.modules_to_save.default.{m}.{w}" for m in ("dense", "out") for w in ("kernel", "bias")} <= paths
+    # a trained head: move every weight of the copy, and check the model follows it
+    copy = peft_model.base_model.head.modules_to_save["default"]
+    before = np.asarray(peft_model(X))
+    for layer in (copy.dense, copy.out):
+        layer.kernel.set_value(layer.kernel.get_value() + 0.3)
+    ours = np.asarray(peft_model(X))
+    assert np.abs(ours - before).max() > 1e-2
+    peft_model.save_pretrained(tmp_path)
+    saved, _ = read_safetensors(tmp_path / "adapter_model.safetensors")
+    assert saved["base_model.model.head.dense.weight"].shape == (16, 16)
+    assert saved["base_model.model.head.out.weight"].shape == (3, 16)  # torch's [out, in]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(headed_twin(HeadedMLP(nnx.Rngs(0))), tmp_path)
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(torch.tensor(X)).numpy(), ours, atol=1e-5)
+    reloaded = peftjax.PeftModel.from_pretrained(HeadedMLP(nnx.Rngs(0)), tmp_path)
+    np.testing.assert_allclose(np.asarray(reloaded(X)), ours, atol=1e-6)
+    merged = peft_model.merge_and_unload()
+    assert type(merged.head.out.kernel) is nnx.Param
+    np.testing.assert_allclose(np.asarray(merged(X)), ours, atol=1e-5)
+    # PEFT's own adapter, its head's copy trained, read here
+    pm = peft.get_peft_model(headed_twin(HeadedMLP(nnx.Rngs(0))),
+                             peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"],
+                                             init_lora_weights=False))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.2)
+        ref = pm(torch.tensor(X)).numpy()
+    pm.save_pretrained(tmp_path / "peft")
+    mine = peftjax.PeftModel.from_pretrained(HeadedMLP(nnx.Rngs(0)), tmp_path / "peft")
+    np.testing.assert_allclose(np.asarray(mine(X)), ref, atol=1e-5)
+
+
+def test_a_module_to_save_with_a_weight_no_file_can_name_is_refused():
+    class Scaled(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(16, 3, rngs=rngs)
+            self.scale = nnx.Param(jnp.ones(3))
+
+        def __call__(self, x):
+            return self.dense(x) * self.scale[None]
+
+    model = HeadedMLP(nnx.Rngs(0))
+    model.head = Scaled(nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"modules_to_save: head holds weights without a transformers name "
+                                         r"\(Scaled\.scale\)"):
+        peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    assert type(model.fc1) is nnx.Linear and type(model.head) is Scaled  # refused before anything changed

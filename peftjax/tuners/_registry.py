@@ -82,10 +82,24 @@ def _stack_aware(tuner: Tuner) -> Tuner:
 
     return dataclasses.replace(
         tuner,
-        inject=stack_aware(tuner.inject, write=True),
+        inject=_checked(stack_aware(tuner.inject, write=True)),
         state_dict=stack_aware(tuner.state_dict, write=False),
         load_state_dict=stack_aware(tuner.load_state_dict, write=True),
     )
+
+
+def _checked(inject: Callable) -> Callable:
+    """``inject`` after the checks every method shares, made before the model changes: a refused
+    ``modules_to_save`` entry leaves the model as it was."""
+
+    @functools.wraps(inject)
+    def run(model, config, **kwargs):
+        from peftjax.tuners.base import check_modules_to_save
+
+        check_modules_to_save(model, config)
+        return inject(model, config, **kwargs)
+
+    return run
 
 
 def inject_adapter_in_model(

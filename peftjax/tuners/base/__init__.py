@@ -13,6 +13,7 @@
 from peftjax.tuners.base._layer import AdapterDictLayer, AdapterLayer, check_adaptable, mixin_subclass, original_class
 from peftjax.tuners.base._model import (
     adapter_layers,
+    check_modules_to_save,
     delete_adapter,
     find_targets,
     match_modules_to_save,
@@ -38,6 +39,7 @@ from peftjax.tuners.base._state_dict import (
     module_params_torch,
     saves_embeddings,
     set_module_params_torch,
+    set_tree_params_torch,
 )
 from peftjax.tuners.base._variables import (
     FROZEN,
@@ -70,6 +72,7 @@ __all__ = [
     "add_saved_copy",
     "adapter_layers",
     "check_adaptable",
+    "check_modules_to_save",
     "delete_adapter",
     "layer_state_dict",
     "load_layer_state_dict",
@@ -88,6 +91,7 @@ __all__ = [
     "set_adapter_trainable",
     "set_adapters_disabled",
     "set_module_params_torch",
+    "set_tree_params_torch",
     "settle_fan_in_fan_out",
     "stores_in_out",
     "unload",

@@ -23,8 +23,9 @@ from peftjax.config import (
     is_module_to_save,
     match_modules,
 )
+from peftjax.models._modeling import iter_hf_params
 from peftjax.tuners.base._layer import AdapterLayer, check_adaptable, original_class
-from peftjax.tuners.base._modules_to_save import SavedModule
+from peftjax.tuners.base._modules_to_save import SavedModule, module_params, set_param
 from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
 
 
@@ -88,8 +89,34 @@ def validate_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name {name!r} must be a non-empty string without '/', '\\\\' or '.'")
 
 
+def check_modules_to_save(model: nnx.Module, config: PeftConfig) -> None:
+    """Raises what :func:`match_modules_to_save` raises for ``config`` (its task head included),
+    before anything is injected."""
+    match_modules_to_save(add_task_modules_to_save(config), named_modules(model))
+
+
 def match_modules_to_save(config: PeftConfig, modules: dict[str, nnx.Module]) -> list[str]:
-    return [n for n in modules if is_module_to_save(n, config.modules_to_save)]
+    """The modules ``config.modules_to_save`` names (PEFT's suffix match), outermost only: a module
+    inside another one to save trains as part of that one's copy.
+
+    Raises:
+      ValueError: a matched module holds a weight without a transformers name (a module class
+        with neither a known layer type nor an ``hf_param_map``), which the adapter file could
+        not carry.
+    """
+    names = [n for n in modules if is_module_to_save(n, config.modules_to_save)]
+    names = [n for n in names if not any(n.startswith(f"{outer}.") for outer in names)]
+    for name in names:
+        named = {id(v) for _, v, _ in iter_hf_params(modules[name])}
+        unnamed = [f"{type(owner).__name__}.{attr}" for owner, attr, var in module_params(modules[name])
+                   if id(var) not in named]
+        if unnamed:
+            raise ValueError(
+                f"modules_to_save: {name} holds weights without a transformers name ({', '.join(unnamed[:5])}), "
+                "so the adapter file could not carry its trained copy; give their module class an hf_param_map "
+                "({flax attribute: (torch name, transpose)}) or leave the module out of modules_to_save"
+            )
+    return names
 
 
 def stores_in_out(module: nnx.Module) -> bool:
@@ -131,10 +158,8 @@ def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool)
                 if adapter_name in d:
                     d[adapter_name] = new_type(d[adapter_name].get_value())
         if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
-            copy = m.modules_to_save[adapter_name]
-            for attr, var in list(vars(copy).items()):
-                if isinstance(var, nnx.Param):
-                    setattr(copy, attr, (TrainableParam if trainable else nnx.Param)(var.get_value()))
+            for owner, attr, var in module_params(m.modules_to_save[adapter_name]):
+                set_param(owner, attr, (TrainableParam if trainable else nnx.Param)(var.get_value()))
 
 
 def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, safe_merge: bool = False) -> None:
@@ -206,14 +231,13 @@ def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ..
     for m in named_modules(model).values():
         if isinstance(m, SavedModule):
             active = [n for n in m.saved_active if n in m.modules_to_save] if merge_first else []
-            if active:
-                copy = m.modules_to_save[active[0]]
-                for attr, var in vars(copy).items():
-                    if isinstance(var, nnx.Param):
-                        setattr(m, attr, nnx.Param(var.get_value()))
+            trained = module_params(m.modules_to_save[active[0]]) if active else []
             m.__class__ = original_class(m)
             for attr in ("modules_to_save", "saved_active", "saved_disabled"):
                 delattr(m, attr)
+            # the module's own weights in the same order as its copy's: the copy was cloned from it
+            for (owner, attr, _), (_, _, var) in zip(module_params(m) if trained else [], trained, strict=True):
+                set_param(owner, attr, nnx.Param(var.get_value()))
         if isinstance(m, AdapterLayer):
             m.remove_adapter_state()
             m.__class__ = original_class(m)

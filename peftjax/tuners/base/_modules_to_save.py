@@ -1,7 +1,9 @@
-"""``modules_to_save``: layers that train a full copy per adapter (task heads, embeddings).
+"""``modules_to_save``: modules that train a full copy per adapter (task heads, embeddings).
 
-A saved layer keeps its frozen original and gains ``modules_to_save[<adapter name>]``, a trainable
-copy that replaces it while that adapter is active; PEFT's ``ModulesToSaveWrapper``.
+A saved module keeps its frozen original and gains ``modules_to_save[<adapter name>]``, a trainable
+copy that replaces it while that adapter is active; PEFT's ``ModulesToSaveWrapper``. The module may
+be a single layer (BERT's ``classifier``) or hold layers of its own (RoBERTa's ``classifier`` head,
+``dense`` and ``out_proj``): every weight inside the copy trains.
 """
 
 from __future__ import annotations
@@ -49,12 +51,28 @@ def add_saved_copy(module: nnx.Module, adapter_name: str) -> None:
         copy.__class__ = original_class(module)
         for attr in ("modules_to_save", "saved_active", "saved_disabled"):
             delattr(copy, attr)
-    for attr, var in list(vars(copy).items()):
-        if isinstance(var, nnx.Param):
-            # a real copy: the train step donates trainable buffers, which must not be the frozen original's
-            setattr(copy, attr, TrainableParam(fresh_copy(var.get_value())))
+    for owner, attr, var in module_params(copy):
+        # a real copy: the train step donates trainable buffers, which must not be the frozen original's
+        set_param(owner, attr, TrainableParam(fresh_copy(var.get_value())))
     module.modules_to_save[adapter_name] = copy
     if not module.saved_active:
         module.saved_active = (adapter_name,)
+
+
+def module_params(module: nnx.Module) -> list[tuple[object, str | int, nnx.Param]]:
+    """Every ``nnx.Param`` in ``module``'s tree (the module's own and its sub-modules'), as
+    ``(owner, attribute, variable)`` in a fixed order: two copies of one module list their
+    weights alike."""
+    nodes = dict(nnx.iter_graph(module))
+    return [(nodes[tuple(path[:-1])], path[-1], node) for path, node in nodes.items()
+            if isinstance(node, nnx.Param) and path]
+
+
+def set_param(owner, attr: str | int, variable: nnx.Param) -> None:
+    """Replaces the variable ``owner.attr`` (``owner[attr]`` in an ``nnx.List`` or ``nnx.Dict``)."""
+    if isinstance(attr, int) or not hasattr(owner, attr):
+        owner[attr] = variable
+    else:
+        setattr(owner, attr, variable)
 
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from peftjax.config import PeftConfig
 from peftjax.io._adapter import EMBEDDING_LAYER_NAMES, PREFIX, AdapterFileError, KeyMapping, map_name
-from peftjax.models._modeling import hf_param_map
+from peftjax.models._modeling import hf_param_map, hf_state_dict, iter_hf_params
 from peftjax.tuners.base._model import named_modules
 from peftjax.tuners.base._modules_to_save import SavedModule
 
@@ -64,7 +64,11 @@ def layer_state_dict(
     save_embeddings = saves_embeddings(config, save_embedding_layers)
     bias = getattr(config, "bias", "none")
     out: dict[str, np.ndarray] = {}
-    for name, module in named_modules(model).items():
+    modules = named_modules(model)
+    inside_saved = inside_saved_modules(modules)
+    for name, module in modules.items():
+        if name in inside_saved:  # saved whole with the module's trained copy
+            continue
         path = PREFIX + map_name(name, key_mapping)
         targeted = isinstance(module, layer_type) and adapter_name in module.adapter_names()
         if targeted:
@@ -74,7 +78,7 @@ def layer_state_dict(
                 out[f"{path}.base_layer.weight"] = module_params_torch(module)["weight"]
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
             # saved as the plain module's keys, without modules_to_save.<name> (reference §1.4)
-            for k, v in module_params_torch(module.modules_to_save[adapter_name]).items():
+            for k, v in hf_state_dict(module.modules_to_save[adapter_name]).items():
                 out[f"{path}.{k}"] = v
         module_bias = getattr(module, "bias", None)
         if bias != "none" and isinstance(module_bias, nnx.Param) and not isinstance(module, SavedModule):
@@ -110,8 +114,10 @@ def load_layer_state_dict(
     missing: list[str] = []
     # keys without the prefix are accepted too, as PEFT accepts them from inject_adapter_in_model
     by_prefix = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
-    for name, module in named_modules(model).items():
-        if not name:
+    modules = named_modules(model)
+    inside_saved = inside_saved_modules(modules)
+    for name, module in modules.items():
+        if not name or name in inside_saved:
             continue
         path = map_name(name, key_mapping)
         own = {k[len(path) + 1:]: v for k, v in by_prefix.items() if k.startswith(path + ".")}
@@ -128,15 +134,16 @@ def load_layer_state_dict(
         elif isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
             # PEFT's bias="all" also saves the wrapper's biases: the trained copy's under
             # modules_to_save.<name>, the frozen original's under original_module.<name>
-            wrapped = {part: {k[len(part) + 1:]: v for k, v in own.items()
-                              if k.startswith(part + ".") and k.count(".") == 1}
-                       for part in ("modules_to_save", "original_module")}
-            direct = {k: v for k, v in own.items() if "." not in k}
-            set_module_params_torch(module.modules_to_save[adapter_name], {**wrapped["modules_to_save"], **direct},
-                                    f"{source}: {PREFIX}{path}")
-            set_module_params_torch(module, wrapped["original_module"], f"{source}: {PREFIX}{path}.original_module")
-            used.update(f"{path}.{k}" for k in direct)
-            used.update(f"{path}.{part}.{k}" for part, keys in wrapped.items() for k in keys)
+            parts = ("modules_to_save", "original_module")
+            wrapped = {part: {k[len(part) + 1:]: v for k, v in own.items() if k.startswith(part + ".")}
+                       for part in parts}
+            direct = {k: v for k, v in own.items() if not k.startswith(tuple(f"{p}." for p in parts))}
+            for k in set_tree_params_torch(module.modules_to_save[adapter_name], {**wrapped["modules_to_save"], **direct},
+                                           f"{source}: {PREFIX}{path}"):
+                used.update(key for key, there in ((f"{path}.{k}", direct), (f"{path}.modules_to_save.{k}",
+                                                                             wrapped["modules_to_save"])) if k in there)
+            used.update(f"{path}.original_module.{k}" for k in set_tree_params_torch(
+                module, wrapped["original_module"], f"{source}: {PREFIX}{path}.original_module"))
         elif "bias" in own and isinstance(getattr(module, "bias", None), nnx.Param):
             # bias="all" saves the biases of untargeted modules under their plain names
             set_module_params_torch(module, {"bias": own["bias"]}, f"{source}: {PREFIX}{path}")
@@ -163,13 +170,34 @@ def set_module_params_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray
     """Sets one module's base weights from torch names and layouts, checking shapes."""
     for attr, (name, transpose) in hf_param_map(module).items():
         var = getattr(module, attr, None)
-        if name not in tensors or not isinstance(var, nnx.Param):
-            continue
-        value = np.asarray(tensors[name])
-        value = value.T if transpose and value.ndim == 2 else value
-        current = var.get_value()
-        if value.shape != current.shape:
-            shown = tuple(reversed(current.shape)) if transpose and current.ndim == 2 else current.shape
-            found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else value.shape
-            raise AdapterFileError(f"{source}.{name}: expected shape {list(shown)}, found {list(found)}")
-        var.set_value(jnp.asarray(value, current.dtype))
+        if name in tensors and isinstance(var, nnx.Param):
+            _set_torch(var, tensors[name], transpose, f"{source}.{name}")
+
+
+def set_tree_params_torch(module: nnx.Module, tensors: Mapping[str, np.ndarray], source: str) -> list[str]:
+    """Sets the weights of ``module`` and its sub-modules from torch keys relative to it (``weight``,
+    ``dense.bias``: what :func:`peftjax.models.hf_state_dict` of the module gives), checking
+    shapes; returns the keys it set."""
+    used = []
+    for key, var, transpose in iter_hf_params(module):
+        if key in tensors:
+            _set_torch(var, tensors[key], transpose, f"{source}.{key}")
+            used.append(key)
+    return used
+
+
+def _set_torch(var, value, transpose: bool, where: str) -> None:
+    value = np.asarray(value)
+    value = value.T if transpose and value.ndim == 2 else value
+    current = var.get_value()
+    if value.shape != current.shape:
+        shown = tuple(reversed(current.shape)) if transpose and current.ndim == 2 else current.shape
+        found = tuple(reversed(value.shape)) if transpose and value.ndim == 2 else value.shape
+        raise AdapterFileError(f"{where}: expected shape {list(shown)}, found {list(found)}")
+    var.set_value(jnp.asarray(value, current.dtype))
+
+
+def inside_saved_modules(modules: Mapping[str, nnx.Module]) -> set[str]:
+    """The names of modules inside a ``modules_to_save`` module (whose copy carries them whole)."""
+    saved = [n for n, m in modules.items() if isinstance(m, SavedModule)]
+    return {n for n in modules if any(n.startswith(f"{s}.") for s in saved if s)}

@@ -144,7 +144,7 @@ def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default"
     >>> config, tensors, errors = peftjax.convert_to_lora(loha_model, rank=8)  # doctest: +SKIP
     """
     from peftjax.tuners.base import AdapterLayer, SavedModule, named_modules
-    from peftjax.tuners.base._state_dict import module_params_torch
+    from peftjax.models._modeling import hf_state_dict
 
     if isinstance(rank, bool) or not isinstance(rank, int | float):
         raise TypeError(f"convert_to_lora: rank must be an int or a float threshold, got {rank!r}")
@@ -188,7 +188,7 @@ def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default"
     # modules_to_save copies travel as they are
     for name, module in modules.items():  # saved as the plain module's keys, as PEFT saves them
         if isinstance(module, SavedModule) and adapter_name in module.adapter_names():
-            for key, value in module_params_torch(module.modules_to_save[adapter_name]).items():
+            for key, value in hf_state_dict(module.modules_to_save[adapter_name]).items():
                 tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
     fixed = isinstance(rank, int)
     r = rank if fixed else max(ranks.values())

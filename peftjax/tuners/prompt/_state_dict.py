@@ -15,7 +15,8 @@ from flax import nnx
 
 from peftjax.config import PeftConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping, map_name
-from peftjax.tuners.base import SavedModule, module_params_torch, named_modules, set_module_params_torch
+from peftjax.models._modeling import hf_state_dict, iter_hf_params
+from peftjax.tuners.base import SavedModule, named_modules, set_tree_params_torch
 from peftjax.tuners.prompt._model import SAVED_PREFIX, PromptEncoder
 
 
@@ -46,7 +47,7 @@ def prompt_state_dict(
     del config, save_embedding_layers
     out = {"prompt_embeddings": np.asarray(_encoder(model, adapter_name)(), np.float32)}
     for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
-        for k, v in module_params_torch(copy).items():
+        for k, v in hf_state_dict(copy).items():
             out[f"{path}.{k}"] = v
     return out
 
@@ -91,10 +92,8 @@ def load_prompt_state_dict(
     used, missing = {"prompt_embeddings"}, []
     for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
         own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
-        own = {k: v for k, v in own.items() if "." not in k}
-        set_module_params_torch(copy, own, f"{source}: {path}")
-        used.update(f"{path}.{k}" for k in own)
-        missing += [f"{path}.{k}" for k in module_params_torch(copy) if k not in own]
+        used.update(f"{path}.{k}" for k in set_tree_params_torch(copy, own, f"{source}: {path}"))
+        missing += [f"{path}.{k}" for k, _, _ in iter_hf_params(copy) if k not in own]
     unexpected = sorted(k for k in tensors if k not in used)
     if unexpected:
         warnings.warn(f"{source}: ignored {len(unexpected)} keys: {unexpected[:10]}", stacklevel=3)
