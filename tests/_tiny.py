@@ -59,6 +59,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),
+    # RoBERTa's own checkpoints: one token type, fairseq's padding id 1, 2 + 512 positions (here 40)
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
 }

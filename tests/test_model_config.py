@@ -22,7 +22,8 @@ tr = pytest.importorskip("transformers")
 
 CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
            "phi3": "Phi3Config", "mixtral": "MixtralConfig", "bert": "BertConfig", "gpt2": "GPT2Config",
-           "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
+           "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
+           "xlm-roberta": "XLMRobertaConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -71,6 +72,8 @@ VARIANTS = [
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
+    ("roberta", dict(classifier_dropout=0.3)),
+    ("xlm-roberta", dict(num_labels=2, pad_token_id=0)),
 ]
 
 

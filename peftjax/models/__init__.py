@@ -18,6 +18,12 @@ from peftjax.models._llama import (
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from peftjax.models._roberta import (
+    RobertaForSequenceClassification,
+    RobertaModel,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
+)
 from peftjax.models._t5 import (
     MT5ForConditionalGeneration,
     T5EncoderModel,
@@ -59,6 +65,10 @@ __all__ = [
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "RobertaModel",
+    "XLMRobertaForSequenceClassification",
+    "XLMRobertaModel",
     "MT5ForConditionalGeneration",
     "UMT5ForConditionalGeneration",
     "T5EncoderModel",

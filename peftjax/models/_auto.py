@@ -106,7 +106,7 @@ def model_class_for(config, task_type: str | None = None) -> type[PreTrainedMode
 def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
     if task_type not in TASK_CLASS_SUFFIXES:
         raise ValueError(f"task_type {task_type!r} has no bundled model classes; supported: {sorted(TASK_CLASS_SUFFIXES)}")
-    family = config.model_type.replace("_", "").lower()
+    family = config.model_type.replace("_", "").replace("-", "").lower()  # xlm-roberta: XLMRoberta...
     for suffix in TASK_CLASS_SUFFIXES[task_type]:
         for name, cls in MODEL_CLASSES.items():
             if name.endswith(suffix) and name.lower() == family + suffix.lower():
@@ -149,7 +149,7 @@ def from_pretrained(
         newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
-        family, Gemma, GPT-2, BERT; generation, prefix adapters and base-model dropout loop over the
+        family, Gemma, GPT-2, BERT, RoBERTa; generation, prefix adapters and base-model dropout loop over the
         stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
         policy of each layer when they are scanned or looped without a cache).
       revision: the branch, tag or commit of a Hub repo (default ``"main"``).

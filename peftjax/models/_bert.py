@@ -58,7 +58,7 @@ def pick_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return one_hot @ x
 
 
-def _linear_kw(config, dtype, param_dtype, rngs) -> dict:
+def linear_kw(config, dtype, param_dtype, rngs) -> dict:
     # transformers' _init_weights: normal(0, initializer_range) for Linear and Embedding weights
     init = nnx.initializers.normal(config.initializer_range)
     return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=init)
@@ -90,7 +90,7 @@ class BertSelfAttention(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
-        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        kw = linear_kw(config, dtype, param_dtype, rngs)
         h = config.hidden_size
         self.query = nnx.Linear(h, h, **kw)
         self.key = nnx.Linear(h, h, **kw)
@@ -137,7 +137,7 @@ class BertSelfAttention(nnx.Module):
 class BertSelfOutput(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         h = config.hidden_size
-        self.dense = nnx.Linear(h, h, **_linear_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(h, h, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = float(config.hidden_dropout_prob)
 
@@ -161,7 +161,7 @@ class BertAttention(nnx.Module):
 
 class BertIntermediate(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        kw = linear_kw(config, dtype, param_dtype, rngs)
         self.dense = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
         self.hidden_act = config.hidden_act
 
@@ -172,7 +172,7 @@ class BertIntermediate(nnx.Module):
 class BertOutput(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         h = config.hidden_size
-        self.dense = nnx.Linear(config.intermediate_size, h, **_linear_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(config.intermediate_size, h, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = float(config.hidden_dropout_prob)
 
@@ -220,7 +220,7 @@ class BertEncoder(nnx.Module):
 class BertPooler(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         h = config.hidden_size
-        self.dense = nnx.Linear(h, h, **_linear_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(h, h, **linear_kw(config, dtype, param_dtype, rngs))
 
     def __call__(self, first_tokens):
         """``[n, hidden]``: each sequence's first (``[CLS]``) token."""
@@ -318,10 +318,53 @@ class BertModel(PreTrainedModel):
         Returns:
           ``ModelOutput`` with ``last_hidden_state`` and ``pooler_output`` (``None`` without a pooler).
         """
+        first_only = self.pooler is not None and not output_last_hidden_state
+        h, first = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                                prefix_kv, segment_ids, segment_starts, first_only=first_only)
+        pooled = None if self.pooler is None else self.pooler(first)
+        return ModelOutput(last_hidden_state=h, pooler_output=pooled)
+
+    def first_token_states(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        dropout_rng=None,
+        prefix_kv=None,
+        segment_ids=None,
+        segment_starts=None,
+    ) -> jax.Array:
+        """Each sequence's first token (``[CLS]``, ``<s>``) out of the last layer, ``[n, hidden]``
+        (``n`` = batch, or the packed sequences of ``segment_starts``), which the last layer
+        computes alone (queries, attention output, feed-forward; keys and values everywhere).
+        What a classification head reads; the arguments are :meth:`__call__`'s."""
+        return self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                            prefix_kv, segment_ids, segment_starts, first_only=True)[1]
+
+    def default_position_ids(self, input_ids, shape: tuple[int, int], n_prefix: int, segment_ids) -> jax.Array:
+        """Positions when none are given: ``0 .. seq-1``, from ``V`` after a prefix of ``V``
+        entries (as after a cache), restarting at each packed sequence."""
+        if segment_ids is not None:
+            return attn.segment_positions(segment_ids)
+        b, s = shape
+        if n_prefix + s > self.config.max_position_embeddings:
+            after = f" after a prefix of {n_prefix}" if n_prefix else ""
+            raise ValueError(
+                f"sequence length {s}{after} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
+        return jnp.broadcast_to(n_prefix + jnp.arange(s), (b, s))
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng, prefix_kv,
+                segment_ids, segment_starts, *, first_only: bool) -> tuple[jax.Array | None, jax.Array]:
+        """``(last hidden state or None, first tokens' states)``: with ``first_only`` the last layer
+        computes only the first tokens (unless an adapter needs every position)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embeddings.word_embeddings(jnp.asarray(input_ids))
+            input_ids = jnp.asarray(input_ids)
+            inputs_embeds = self.embeddings.word_embeddings(input_ids)
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
         n_prefix = 0
@@ -333,15 +376,8 @@ class BertModel(PreTrainedModel):
             )
         if segment_ids is not None and prefix_kv is not None:
             raise ValueError(f"{type(self).__name__}: segment_ids (packed rows) with prefix_kv is not supported")
-        if position_ids is None and segment_ids is not None:
-            position_ids = attn.segment_positions(segment_ids)
-        if position_ids is None:  # after a prefix of V entries, positions start at V (as after a cache)
-            if n_prefix + s > self.config.max_position_embeddings:
-                after = f" after a prefix of {n_prefix}" if n_prefix else ""
-                raise ValueError(
-                    f"sequence length {s}{after} exceeds max_position_embeddings {self.config.max_position_embeddings}"
-                )
-            position_ids = jnp.broadcast_to(n_prefix + jnp.arange(s), (b, s))
+        if position_ids is None:
+            position_ids = self.default_position_ids(input_ids, (b, s), n_prefix, segment_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
         if attention_mask is None:
@@ -354,13 +390,11 @@ class BertModel(PreTrainedModel):
         emb_rng, enc_rng = split_keys(dropout_rng, 2)
         x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
         firsts = jnp.arange(b) * s if segment_starts is None else jnp.asarray(segment_starts)
-        if self.pooler is not None and not output_last_hidden_state and not every_position_required():
-            # only the pooled rows leave the last layer: it computes them alone
-            return ModelOutput(pooler_output=self.pooler(self.encoder(x, mask, enc_rng, prefix_kv, rows=firsts)))
+        if first_only and not every_position_required():
+            # only the first tokens leave the last layer: it computes them alone
+            return None, self.encoder(x, mask, enc_rng, prefix_kv, rows=firsts)
         h = self.encoder(x, mask, enc_rng, prefix_kv)
-        first = h[:, 0] if segment_starts is None else h.reshape(b * s, -1)[firsts]
-        pooled = None if self.pooler is None else self.pooler(first)
-        return ModelOutput(last_hidden_state=h, pooler_output=pooled)
+        return h, (h[:, 0] if segment_starts is None else h.reshape(b * s, -1)[firsts])
 
 
 class BertForSequenceClassification(PreTrainedModel):
@@ -376,7 +410,7 @@ class BertForSequenceClassification(PreTrainedModel):
         self.bert = BertModel(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rate = getattr(config, "classifier_dropout", None)
         self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
-        kw = _linear_kw(config, dtype, param_dtype, rngs)
+        kw = linear_kw(config, dtype, param_dtype, rngs)
         self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **kw)
 
     def __call__(

@@ -105,6 +105,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "classifier_dropout": None, "is_decoder": False, "add_cross_attention": False, "bos_token_id": None,
         "eos_token_id": None, "tie_word_embeddings": True,
     },
+    # RobertaConfig and XLMRobertaConfig: BERT's fields, fairseq's special tokens (padding 1)
+    "roberta": {
+        "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 1, "use_cache": True,
+        "classifier_dropout": None, "is_decoder": False, "add_cross_attention": False, "bos_token_id": 0,
+        "eos_token_id": 2, "tie_word_embeddings": True,
+    },
     "gpt2": {
         "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
         "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
@@ -139,6 +148,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "scale_decoder_outputs": None,
     },
 }
+
+FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 
 # other names for fields (transformers' ``attribute_map``)
 ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {

@@ -1,0 +1,148 @@
+"""RoBERTa and XLM-RoBERTa encoders in Flax NNX, with transformers' module names.
+
+BERT's layers (``peftjax.models._bert``) with fairseq's positions and RoBERTa's classification
+head. Positions count real tokens only and start after the padding index: a token's position is
+``padding_idx + 1 + (real tokens before it)``, padding sits at ``padding_idx``, so left and right
+padding give a sequence the same positions (transformers' ``create_position_ids_from_input_ids``;
+its classification head reads column 0 all the same, so classify right-padded rows).
+Embeddings passed in place of ids are numbered ``padding_idx + 1 ..`` whatever they hold, as
+transformers numbers them. The sequence classifier reads the first token (``<s>``) through
+``dense``, ``tanh`` and ``out_proj``, with dropout before each linear; there is no pooler.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._bert import BertModel, linear_kw
+from peftjax.models._dropout import dropout
+from peftjax.models._losses import sequence_classification_loss
+from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._dropout import split_keys
+
+# non-persistent buffers some checkpoints still carry, and the pre-training (masked LM) head
+IGNORED_KEYS = (r"(roberta\.)?embeddings\.(position_ids|token_type_ids)", r"lm_head\..*")
+
+
+class RobertaModel(BertModel):
+    """The RoBERTa encoder: ``embeddings``, ``encoder.layer``, and the ``pooler`` unless dropped
+    (the Hub's RoBERTa checkpoints have none: it is then newly initialised, as in transformers).
+
+    >>> from transformers import RobertaConfig
+    >>> config = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                        intermediate_size=37, max_position_embeddings=40)
+    >>> model = RobertaModel.from_config(config)
+    >>> model(input_ids=[[0, 5, 7, 2, 1]], attention_mask=[[1, 1, 1, 1, 0]]).last_hidden_state.shape
+    (1, 5, 32)
+    """
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+
+    def default_position_ids(self, input_ids, shape: tuple[int, int], n_prefix: int, segment_ids) -> jax.Array:
+        """fairseq's positions (see the module docstring); after a prefix of ``V`` entries the
+        count starts at ``V``, as after transformers' cache; in packed rows it restarts at each
+        sequence."""
+        b, s = shape
+        pad = self.config.pad_token_id
+        limit = self.config.max_position_embeddings
+        if input_ids is None:  # embeddings: numbered in order, padding or not (and no prefix offset)
+            if pad + s >= limit:
+                raise ValueError(f"sequence length {s} exceeds the {limit - pad - 1} positions max_position_embeddings "
+                                 f"{limit} leaves after the padding index {pad}")
+            return jnp.broadcast_to(pad + 1 + jnp.arange(s), (b, s))
+        if segment_ids is None and pad + n_prefix + s >= limit:
+            after = f" after a prefix of {n_prefix}" if n_prefix else ""
+            raise ValueError(f"sequence length {s}{after} exceeds the {limit - pad - 1} positions "
+                             f"max_position_embeddings {limit} leaves after the padding index {pad}")
+        real = (input_ids != pad).astype(jnp.int32)
+        count = jnp.cumsum(real, axis=1)
+        if segment_ids is not None:  # each packed sequence counts from its own first token
+            segment_ids = jnp.asarray(segment_ids)
+            begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                      segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+            count = count - jax.lax.cummax(jnp.where(begins, count - real, 0), axis=1)
+        return (count + n_prefix) * real + pad
+
+
+class RobertaClassificationHead(nnx.Module):
+    """transformers' ``RobertaClassificationHead``: dropout, ``dense``, tanh, dropout, ``out_proj``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.dense = nnx.Linear(h, h, **kw)
+        self.out_proj = nnx.Linear(h, config.num_labels, **kw)
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
+
+    def __call__(self, first_tokens, rng=None):
+        """``[n, hidden]`` first-token states -> ``[n, num_labels]`` logits."""
+        before, after = split_keys(rng, 2)
+        x = jnp.tanh(self.dense(dropout(first_tokens, self.dropout_rate, before)))
+        return self.out_proj(dropout(x, self.dropout_rate, after))
+
+
+class RobertaForSequenceClassification(PreTrainedModel):
+    """``roberta`` (without a pooler) and the ``classifier`` head on each sequence's ``<s>`` token."""
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(dense|out_proj)\.(weight|bias)",)
+    # a checkpoint saved with a pooler (RobertaModel) loads here without it, as in transformers
+    ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
+    backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.roberta = self.backbone_class(config, add_pooling_layer=False, **kw)
+        self.classifier = RobertaClassificationHead(config, **kw)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        dropout_rng=None,
+        prefix_kv=None,
+        segment_ids=None,
+        segment_starts=None,
+    ) -> ModelOutput:
+        """Classifies a batch; ``labels`` (``[batch]`` ints, or floats for regression) add the loss.
+
+        ``prefix_kv``, ``segment_ids`` and ``segment_starts``: as for :class:`RobertaModel`; packed
+        rows with ``segment_starts`` give one row of logits per sequence (``labels`` likewise). The
+        last layer computes only the ``<s>`` positions the head reads.
+        """
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        first = self.roberta.first_token_states(input_ids, attention_mask, token_type_ids, position_ids,
+                                                inputs_embeds, base_rng, prefix_kv, segment_ids, segment_starts)
+        logits = self.classifier(first, head_rng)
+        loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+class XLMRobertaModel(RobertaModel):
+    """XLM-RoBERTa's encoder: RoBERTa's, under transformers' XLM-R class name."""
+
+
+class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
+    """XLM-RoBERTa's sequence classifier: RoBERTa's, under transformers' XLM-R class name."""
+
+    backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
+
+
+register(RobertaModel, model_types=("roberta",), default=True)
+register(RobertaForSequenceClassification)
+register(XLMRobertaModel, model_types=("xlm-roberta",), default=True)
+register(XLMRobertaForSequenceClassification)
