@@ -29,15 +29,30 @@ def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> s
 
 
 def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """``{key: shape}`` of the classification-head weights an adapter file carries (``modules_to_save``)."""
+    """``{key: shape}`` of the classification-head weights an adapter file carries (``modules_to_save``):
+    a head layer's (``classifier.weight``), or each layer's of a head made of layers (RoBERTa's
+    ``classifier.dense.weight`` and ``classifier.out_proj.weight``)."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         return {}
     header, _ = read_safetensors_header(path)
     return {
         k: list(e["shape"]) for k, e in header.items()
-        if k.endswith(".weight") and k.split(".")[-2] in HEAD_NAMES and ".lora_" not in k
+        if k.endswith(".weight") and ".lora_" not in k and any(p in HEAD_NAMES for p in k.split(".")[-3:-1])
     }
+
+
+def num_labels_of_head(head_shapes: dict[str, list[int]]) -> int:
+    """The label count a saved head produces: its one layer's outputs, or, for a head made of
+    layers, those of its output layer (``out_proj``, else the layer whose outputs no other layer
+    of the head takes in)."""
+    if len(head_shapes) == 1:
+        return next(iter(head_shapes.values()))[0]
+    last = [k for k in head_shapes if k.endswith(".out_proj.weight")]
+    if not last:
+        inputs = {shape[-1] for shape in head_shapes.values()}
+        last = [k for k, shape in head_shapes.items() if shape[0] not in inputs] or sorted(head_shapes)[-1:]
+    return head_shapes[last[0]][0]
 
 
 class AutoPeftModel:
@@ -88,7 +103,7 @@ class AutoPeftModel:
         task = task_for_adapter(config, heads)
         if task == "SEQ_CLS":
             if heads:
-                model_kwargs.setdefault("num_labels", next(iter(heads.values()))[0])
+                model_kwargs.setdefault("num_labels", num_labels_of_head(heads))
             else:
                 base_config = models.load_config(base)
                 if not any(a.endswith("ForSequenceClassification") for a in base_config.architectures or ()):

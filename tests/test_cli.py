@@ -145,6 +145,7 @@ def test_generate_with_an_adapter(tmp_path):
 TASK_CASES = [
     # (family, task, the class the base checkpoint is saved as: never the adapter's own)
     ("bert", "SEQ_CLS", "BertModel"),
+    ("roberta", "SEQ_CLS", "RobertaForMaskedLM"),  # the Hub's RoBERTa checkpoints; a head made of two layers
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
@@ -157,6 +158,8 @@ NARROW = {
     # num_labels=2 (transformers' default): a base whose label count is not the adapters' 3
     "bert": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                  max_position_embeddings=64, num_labels=2),
+    "roberta": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                    max_position_embeddings=66, num_labels=2),
     "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_positions=64),
     "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, tie_word_embeddings=True),
@@ -205,8 +208,9 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["task_type"] == info["model_task"] == task
-    head = "classifier.weight" if family == "bert" else "score.weight"
-    assert info["saved_head"] == ({head: [3, 16]} if task == "SEQ_CLS" else None)
+    heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
+                                                                  "classifier.out_proj.weight": [3, 16]}}
+    assert info["saved_head"] == (heads.get(family, {"score.weight": [3, 16]}) if task == "SEQ_CLS" else None)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
