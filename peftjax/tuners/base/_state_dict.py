@@ -138,10 +138,12 @@ def load_layer_state_dict(
             wrapped = {part: {k[len(part) + 1:]: v for k, v in own.items() if k.startswith(part + ".")}
                        for part in parts}
             direct = {k: v for k, v in own.items() if not k.startswith(tuple(f"{p}." for p in parts))}
-            for k in set_tree_params_torch(module.modules_to_save[adapter_name], {**wrapped["modules_to_save"], **direct},
-                                           f"{source}: {PREFIX}{path}"):
-                used.update(key for key, there in ((f"{path}.{k}", direct), (f"{path}.modules_to_save.{k}",
-                                                                             wrapped["modules_to_save"])) if k in there)
+            copy = module.modules_to_save[adapter_name]
+            for k in set_tree_params_torch(copy, {**wrapped["modules_to_save"], **direct}, f"{source}: {PREFIX}{path}"):
+                if k in direct:
+                    used.add(f"{path}.{k}")
+                if k in wrapped["modules_to_save"]:
+                    used.add(f"{path}.modules_to_save.{k}")
             used.update(f"{path}.original_module.{k}" for k in set_tree_params_torch(
                 module, wrapped["original_module"], f"{source}: {PREFIX}{path}.original_module"))
         elif "bias" in own and isinstance(getattr(module, "bias", None), nnx.Param):
