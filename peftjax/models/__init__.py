@@ -2,7 +2,7 @@
 
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
 from peftjax.models._config import ModelConfig
-from peftjax.models._bert import BertForSequenceClassification, BertModel
+from peftjax.models._bert import BertForSequenceClassification, BertForTokenClassification, BertModel
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
@@ -20,8 +20,10 @@ from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from peftjax.models._roberta import (
     RobertaForSequenceClassification,
+    RobertaForTokenClassification,
     RobertaModel,
     XLMRobertaForSequenceClassification,
+    XLMRobertaForTokenClassification,
     XLMRobertaModel,
 )
 from peftjax.models._t5 import (
@@ -38,6 +40,7 @@ from peftjax.models._outputs import ModelOutput
 __all__ = [
     "MODEL_CLASSES",
     "BertForSequenceClassification",
+    "BertForTokenClassification",
     "BertModel",
     "CheckpointError",
     "Conv1D",
@@ -66,8 +69,10 @@ __all__ = [
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
     "RobertaForSequenceClassification",
+    "RobertaForTokenClassification",
     "RobertaModel",
     "XLMRobertaForSequenceClassification",
+    "XLMRobertaForTokenClassification",
     "XLMRobertaModel",
     "MT5ForConditionalGeneration",
     "UMT5ForConditionalGeneration",

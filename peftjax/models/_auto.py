@@ -76,6 +76,7 @@ def load_config(
 # PEFT's task_type -> the endings of the class names that serve it
 TASK_CLASS_SUFFIXES = {
     "SEQ_CLS": ("ForSequenceClassification",),
+    "TOKEN_CLS": ("ForTokenClassification",),
     "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
     "FEATURE_EXTRACTION": ("Model",),
     "SEQ_2_SEQ_LM": ("ForConditionalGeneration",),
@@ -144,9 +145,9 @@ def from_pretrained(
         ``model.safetensors.index.json`` plus its shards, or a Hub repo id (``"org/name"``), fetched
         into the Hub cache (``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` reads only the cache).
       dtype: parameter and compute dtype (``None``: float32).
-      task_type: build the family's class for this PEFT task (``"SEQ_CLS"``, ``"CAUSAL_LM"``,
-        ``"FEATURE_EXTRACTION"``) instead of the checkpoint's own; a head the checkpoint lacks is
-        newly initialised (pass ``num_labels=`` for a classifier).
+      task_type: build the family's class for this PEFT task (``"SEQ_CLS"``, ``"TOKEN_CLS"``,
+        ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"``) instead of the checkpoint's
+        own; a head the checkpoint lacks is newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
         family, Gemma, GPT-2, BERT, RoBERTa; generation, prefix adapters and base-model dropout loop over the

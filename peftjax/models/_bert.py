@@ -19,7 +19,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import sequence_classification_loss
+from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
@@ -443,5 +443,55 @@ class BertForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss, pooler_output=out.pooler_output)
 
 
+class BertForTokenClassification(PreTrainedModel):
+    """``bert`` (without a pooler), dropout, and a linear ``classifier`` on every token: PEFT's
+    ``TOKEN_CLS`` (named entities, part-of-speech tags)."""
+
+    base_model_prefix: ClassVar[str] = "bert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*BertModel.ignored_keys, r"(bert\.)?pooler\..*")
+    backbone_attribute: ClassVar[str] = "bert"
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        setattr(self, self.backbone_attribute,
+                self.backbone_class()(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
+        self.classifier = nnx.Linear(config.hidden_size, config.num_labels,
+                                     **linear_kw(config, dtype, param_dtype, rngs))
+
+    @classmethod
+    def backbone_class(cls) -> type[BertModel]:
+        return BertModel
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        dropout_rng=None,
+        prefix_kv=None,
+    ) -> ModelOutput:
+        """Classifies every token, ``[batch, seq, num_labels]``; ``labels`` (``[batch, seq]`` ints,
+        ``-100`` where no label counts: padding, a word's later sub-tokens) add the mean cross
+        entropy over the labelled tokens, as transformers computes it."""
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        backbone = getattr(self, self.backbone_attribute)
+        h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, base_rng,
+                     prefix_kv).last_hidden_state
+        logits = self.classifier(dropout(h, self.dropout_rate, head_rng))
+        loss = None
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return ModelOutput(logits=logits, loss=loss)
+
+
 register(BertModel, model_types=("bert",), default=True)
 register(BertForSequenceClassification)
+register(BertForTokenClassification)

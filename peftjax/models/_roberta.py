@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._bert import BertModel, linear_kw
+from peftjax.models._bert import BertForTokenClassification, BertModel, linear_kw
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
@@ -132,6 +132,18 @@ class RobertaForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss)
 
 
+class RobertaForTokenClassification(BertForTokenClassification):
+    """``roberta`` (without a pooler), dropout, and a linear ``classifier`` on every token."""
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
+    backbone_attribute: ClassVar[str] = "roberta"
+
+    @classmethod
+    def backbone_class(cls) -> type[RobertaModel]:
+        return RobertaModel
+
+
 class XLMRobertaModel(RobertaModel):
     """XLM-RoBERTa's encoder: RoBERTa's, under transformers' XLM-R class name."""
 
@@ -144,5 +156,15 @@ class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
 
 register(RobertaModel, model_types=("roberta",), default=True)
 register(RobertaForSequenceClassification)
+class XLMRobertaForTokenClassification(RobertaForTokenClassification):
+    """XLM-RoBERTa's token classifier: RoBERTa's, under transformers' XLM-R class name."""
+
+    @classmethod
+    def backbone_class(cls) -> type[RobertaModel]:
+        return XLMRobertaModel
+
+
 register(XLMRobertaModel, model_types=("xlm-roberta",), default=True)
 register(XLMRobertaForSequenceClassification)
+register(RobertaForTokenClassification)
+register(XLMRobertaForTokenClassification)

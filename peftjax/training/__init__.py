@@ -7,6 +7,7 @@ from peftjax.training._data import (
     load_text_dataset,
     tokenize_causal_lm,
     tokenize_classification,
+    tokenize_token_classification,
     tokenize_instructions,
     tokenize_seq2seq,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "split",
     "tokenize_causal_lm",
     "tokenize_classification",
+    "tokenize_token_classification",
     "tokenize_instructions",
     "tokenize_seq2seq",
     "weight_decay_mask",

@@ -213,6 +213,70 @@ def tokenize_classification(
     return _per_split(dataset, one)
 
 
+def tokenize_token_classification(
+    dataset,
+    tokenizer,
+    *,
+    tokens_column: str = "tokens",
+    tags_column: str = "ner_tags",
+    max_length: int = 128,
+    label_all_tokens: bool = False,
+):
+    """Tokenizes pre-split words for token classification (named entities, tags), one label per
+    token: a word's label on its first sub-token, ``-100`` on special tokens and on a word's later
+    sub-tokens (their label too with ``label_all_tokens``), as transformers' token-classification
+    recipe aligns them; truncates, never pads.
+
+    >>> ds = tokenize_token_classification(conll["train"], tokenizer)  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['input_ids', 'attention_mask', 'labels']
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a fast ``transformers`` tokenizer (its ``word_ids`` map tokens to words); for
+        RoBERTa's byte-level tokenizer, loaded with ``add_prefix_space=True``, as transformers requires.
+      tokens_column: each row's words (a list of strings).
+      tags_column: each row's word labels (a list of integer class ids, one per word).
+      max_length: rows are truncated to this many tokens, special tokens included.
+      label_all_tokens: label every sub-token of a word, not only its first.
+
+    Returns:
+      The dataset with only ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
+      tokenizer makes them) and ``labels``.
+
+    Raises:
+      ValueError: a named column is missing, the tokenizer is not a fast one, or a row's tags are
+        not one integer per word (the row is named).
+    """
+    _check_positive("max_length", max_length)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenize_token_classification needs a fast tokenizer (its word_ids align word labels "
+                         f"to tokens); got {type(tokenizer).__name__}")
+
+    def one(ds):
+        _require_columns(ds, [tokens_column, tags_column])
+
+        def encode(batch, indices):
+            enc = tokenizer(batch[tokens_column], is_split_into_words=True, truncation=True, max_length=max_length)
+            out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            out["labels"] = []
+            for row, (words, tags) in enumerate(zip(batch[tokens_column], batch[tags_column])):
+                if len(tags) != len(words) or not all(isinstance(t, (int, np.integer)) for t in tags):
+                    raise ValueError(f"row {indices[row]}: {tags_column!r} must hold one integer label per word "
+                                     f"({len(words)} words), got {tags!r}")
+                labels, previous = [], None
+                for word in enc.word_ids(row):
+                    first = word is not None and word != previous
+                    labels.append(int(tags[word]) if word is not None and (first or label_all_tokens) else -100)
+                    previous = word
+                out["labels"].append(labels)
+            return out
+
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+
+    return _per_split(dataset, one)
+
+
 def tokenize_causal_lm(
     dataset,
     tokenizer,

