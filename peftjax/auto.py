@@ -19,6 +19,8 @@ from peftjax.io._hub import resolve
 from peftjax.peft_model import PeftModel
 
 HEAD_NAMES = ("classifier", "score")
+# a classification task -> the class ending of a checkpoint that already has its head
+CLASSIFIER_ENDINGS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
 
 
 def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> str | None:
@@ -101,14 +103,14 @@ class AutoPeftModel:
             raise ValueError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base model")
         heads = saved_head_shapes(adapter)
         task = task_for_adapter(config, heads)
-        if task == "SEQ_CLS":
+        if task in CLASSIFIER_ENDINGS:
             if heads:
                 model_kwargs.setdefault("num_labels", num_labels_of_head(heads))
             else:
                 base_config = models.load_config(base)
-                if not any(a.endswith("ForSequenceClassification") for a in base_config.architectures or ()):
+                if not any(a.endswith(CLASSIFIER_ENDINGS[task]) for a in base_config.architectures or ()):
                     raise ValueError(
-                        f"{adapter}: a SEQ_CLS adapter without a saved classifier head, on a base checkpoint "
+                        f"{adapter}: a {task} adapter without a saved classifier head, on a base checkpoint "
                         f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"
                     )
         with warnings.catch_warnings(record=True) as caught:
@@ -125,4 +127,4 @@ class AutoPeftModel:
 
 def _bundled_task(task: str | None) -> str | None:
     """Tasks without their own bundled classes load the checkpoint's class."""
-    return task if task in ("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None
+    return task if task in ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None
