@@ -64,8 +64,8 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("padding_side", ["right", "left"])
+# XLM-R differs from RoBERTa in its class names only: one padding side for it
+@pytest.mark.parametrize("family, padding_side", [("roberta", "right"), ("roberta", "left"), ("xlm-roberta", "right")])
 def test_classifier_logits_and_loss_match_transformers(checkpoints, family, padding_side, jit):
     torch_model, path = checkpoints[family]
     model = models.from_pretrained(path)
