@@ -80,9 +80,17 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """``[batch, seq]`` positions that restart at 0 where each segment of a packed row begins (a
     run of equal ``segment_ids``), as each sequence's own positions would be unpacked."""
     segment_ids = jnp.asarray(segment_ids)
-    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+    return segment_cumsum(jnp.ones(segment_ids.shape, jnp.int32), segment_ids) - 1
+
+
+def segment_cumsum(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The running sum of ``values`` (``[batch, seq]``, non-negative) along each row, restarting
+    where each segment of a packed row begins: what ``cumsum`` gives each sequence unpacked."""
+    segment_ids = jnp.asarray(segment_ids)
+    total = jnp.cumsum(values, axis=1)
     begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    return index - jax.lax.cummax(jnp.where(begins, index, 0), axis=1)
+    # the sum before each segment's first element, carried along it (non-decreasing: values >= 0)
+    return total - jax.lax.cummax(jnp.where(begins, total - values, 0), axis=1)
 
 
 # Causal attention computes, for each block of this many queries, only the keys up to the block's

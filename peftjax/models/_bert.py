@@ -450,21 +450,18 @@ class BertForTokenClassification(PreTrainedModel):
     base_model_prefix: ClassVar[str] = "bert"
     optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
     ignored_keys: ClassVar[tuple[str, ...]] = (*BertModel.ignored_keys, r"(bert\.)?pooler\..*")
-    backbone_attribute: ClassVar[str] = "bert"
+    # the encoder, held under base_model_prefix (``bert``; RoBERTa's subclasses: ``roberta``)
+    backbone_class: ClassVar[type[BertModel]] = BertModel
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        setattr(self, self.backbone_attribute,
-                self.backbone_class()(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        backbone = self.backbone_class(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.base_model_prefix, backbone)
         rate = getattr(config, "classifier_dropout", None)
         self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
         self.classifier = nnx.Linear(config.hidden_size, config.num_labels,
                                      **linear_kw(config, dtype, param_dtype, rngs))
-
-    @classmethod
-    def backbone_class(cls) -> type[BertModel]:
-        return BertModel
 
     def __call__(
         self,
@@ -481,7 +478,7 @@ class BertForTokenClassification(PreTrainedModel):
         ``-100`` where no label counts: padding, a word's later sub-tokens) add the mean cross
         entropy over the labelled tokens, as transformers computes it."""
         base_rng, head_rng = split_keys(dropout_rng, 2)
-        backbone = getattr(self, self.backbone_attribute)
+        backbone = getattr(self, self.base_model_prefix)
         h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, base_rng,
                      prefix_kv).last_hidden_state
         logits = self.classifier(dropout(h, self.dropout_rate, head_rng))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._bert import BertForTokenClassification, BertModel, linear_kw
 from peftjax.models._dropout import dropout
@@ -62,12 +63,8 @@ class RobertaModel(BertModel):
             raise ValueError(f"sequence length {s}{after} exceeds the {limit - pad - 1} positions "
                              f"max_position_embeddings {limit} leaves after the padding index {pad}")
         real = (input_ids != pad).astype(jnp.int32)
-        count = jnp.cumsum(real, axis=1)
-        if segment_ids is not None:  # each packed sequence counts from its own first token
-            segment_ids = jnp.asarray(segment_ids)
-            begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                                      segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-            count = count - jax.lax.cummax(jnp.where(begins, count - real, 0), axis=1)
+        # each packed sequence counts from its own first token
+        count = jnp.cumsum(real, axis=1) if segment_ids is None else attn.segment_cumsum(real, segment_ids)
         return (count + n_prefix) * real + pad
 
 
@@ -137,11 +134,7 @@ class RobertaForTokenClassification(BertForTokenClassification):
 
     base_model_prefix: ClassVar[str] = "roberta"
     ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
-    backbone_attribute: ClassVar[str] = "roberta"
-
-    @classmethod
-    def backbone_class(cls) -> type[RobertaModel]:
-        return RobertaModel
+    backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
 
 
 class XLMRobertaModel(RobertaModel):
@@ -154,17 +147,15 @@ class XLMRobertaForSequenceClassification(RobertaForSequenceClassification):
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
-register(RobertaModel, model_types=("roberta",), default=True)
-register(RobertaForSequenceClassification)
 class XLMRobertaForTokenClassification(RobertaForTokenClassification):
     """XLM-RoBERTa's token classifier: RoBERTa's, under transformers' XLM-R class name."""
 
-    @classmethod
-    def backbone_class(cls) -> type[RobertaModel]:
-        return XLMRobertaModel
+    backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
+register(RobertaModel, model_types=("roberta",), default=True)
+register(RobertaForSequenceClassification)
+register(RobertaForTokenClassification)
 register(XLMRobertaModel, model_types=("xlm-roberta",), default=True)
 register(XLMRobertaForSequenceClassification)
-register(RobertaForTokenClassification)
 register(XLMRobertaForTokenClassification)
