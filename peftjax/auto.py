@@ -19,8 +19,7 @@ from peftjax.io._hub import resolve
 from peftjax.peft_model import PeftModel
 
 HEAD_NAMES = ("classifier", "score")
-# a classification task -> the class ending of a checkpoint that already has its head
-CLASSIFIER_ENDINGS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification"}
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")  # tasks whose adapters carry (or need) a trained head
 
 
 def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> str | None:
@@ -95,6 +94,7 @@ class AutoPeftModel:
             classification adapter has no saved head and the base checkpoint is not a classifier.
         """
         from peftjax import models
+        from peftjax.models._auto import TASK_CLASS_SUFFIXES
 
         adapter = resolve(pretrained_model_name_or_path, revision=revision, kind="adapter")
         config = load_config(adapter)
@@ -103,12 +103,12 @@ class AutoPeftModel:
             raise ValueError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base model")
         heads = saved_head_shapes(adapter)
         task = task_for_adapter(config, heads)
-        if task in CLASSIFIER_ENDINGS:
+        if task in CLASSIFIER_TASKS:
             if heads:
                 model_kwargs.setdefault("num_labels", num_labels_of_head(heads))
             else:
                 base_config = models.load_config(base)
-                if not any(a.endswith(CLASSIFIER_ENDINGS[task]) for a in base_config.architectures or ()):
+                if not any(a.endswith(TASK_CLASS_SUFFIXES[task]) for a in base_config.architectures or ()):
                     raise ValueError(
                         f"{adapter}: a {task} adapter without a saved classifier head, on a base checkpoint "
                         f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"

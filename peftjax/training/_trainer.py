@@ -32,6 +32,7 @@ from peftjax.training._checkpoint import list_checkpoints, load_checkpoint, prun
 from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
+from peftjax.models._auto import TASK_CLASS_SUFFIXES
 from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
@@ -62,7 +63,6 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 CAUSAL_LM = "causal_lm"  # next-token prediction: the model's own (fused) loss
 SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder's target tokens: labels are a second sequence
 TOKEN_CLS = "token_classification"  # a label per token (-100: none), no shift: PEFT's TOKEN_CLS
-_CAUSAL_CLASS_ENDINGS = ("ForCausalLM", "LMHeadModel")
 
 
 def _columns(dataset, name: str) -> dict[str, list]:
@@ -269,9 +269,9 @@ class Trainer:
         self._model_dropout = "dropout_rng" in accepted
         self._precompiler: Precompiler | None = None  # while train() runs: its background compilations
         self.problem_type = getattr(config, "problem_type", None)
-        if base_name.endswith(_CAUSAL_CLASS_ENDINGS):
+        if base_name.endswith(TASK_CLASS_SUFFIXES["CAUSAL_LM"]):
             self.problem_type = CAUSAL_LM
-        elif base_name.endswith("ForTokenClassification"):
+        elif base_name.endswith(TASK_CLASS_SUFFIXES["TOKEN_CLS"]):
             self.problem_type = TOKEN_CLS
         elif encoder_decoder:
             # the decoder input is shift_right(labels), which the model derives itself

@@ -231,13 +231,13 @@ def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ..
     for m in named_modules(model).values():
         if isinstance(m, SavedModule):
             active = [n for n in m.saved_active if n in m.modules_to_save] if merge_first else []
-            trained = module_params(m.modules_to_save[active[0]]) if active else []
+            copy = m.modules_to_save[active[0]] if active else None
             m.__class__ = original_class(m)
             for attr in ("modules_to_save", "saved_active", "saved_disabled"):
                 delattr(m, attr)
-            # the module's own weights in the same order as its copy's: the copy was cloned from it
-            for (owner, attr, _), (_, _, var) in zip(module_params(m) if trained else [], trained, strict=True):
-                set_param(owner, attr, nnx.Param(var.get_value()))
+            if copy is not None:  # the module's weights list in its copy's order: the copy was cloned from it
+                for (owner, attr, _), (_, _, var) in zip(module_params(m), module_params(copy), strict=True):
+                    set_param(owner, attr, nnx.Param(var.get_value()))
         if isinstance(m, AdapterLayer):
             m.remove_adapter_state()
             m.__class__ = original_class(m)

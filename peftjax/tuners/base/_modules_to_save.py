@@ -74,5 +74,3 @@ def set_param(owner, attr: str | int, variable: nnx.Param) -> None:
         owner[attr] = variable
     else:
         setattr(owner, attr, variable)
-
-
