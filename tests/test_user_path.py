@@ -117,10 +117,11 @@ def test_the_job_takes_shuffled_subsets_of_hub_style_splits(tmp_path):
                 for i in range(n)]
         datasets.Dataset.from_list(rows).to_parquet(str(repo / f"{split}-00000-of-00001.parquet"))
     out = tmp_path / "run"
-    assert main(["train", "--dataset", str(tmp_path / "imdb"), "--num-labels", "2", "--max-train-samples", "12",
+    assert main(["train", "--dataset", str(tmp_path / "imdb"), "--max-train-samples", "12",
                  "--max-eval-samples", "8", "--max-steps", "1", "--output-dir", str(out), "--disable-tqdm",
                  "--save-steps", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_rows"] == 12 and summary["eval_rows"] == 8
+    assert summary["num_labels"] == 2  # the largest label + 1: no --num-labels needed
     counts = {int(k): v for k, v in summary["train_label_counts"].items()}
     assert set(counts) == {0, 1}, counts  # a head-of-split cut would be all label 0

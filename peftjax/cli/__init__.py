@@ -158,29 +158,78 @@ def _generate(args) -> int:
 
 
 def _predict(args) -> int:
-    import numpy as np
-    from peftjax.io import load_tokenizer
+    from peftjax.cli._job import task_tokenizer
 
     model = _load_with_adapter(args)
+    what = "predict needs a sequence- or token-classification model"
     if _is_encoder_decoder(model):
-        raise ValueError(f"predict needs a sequence-classification model; {type(_base(model)).__name__} is an "
-                         "encoder-decoder (SEQ_2_SEQ_LM): use generate")
-    tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
+        raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
+    by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
+    tokenizer = task_tokenizer(args.tokenizer or _base_dir(args), "token_cls" if by_word else "seq_cls")
     texts = _texts(args)
-    batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length)
+    if by_word and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"predict on a token classifier needs a fast tokenizer (its offsets give each word); "
+                         f"got {type(tokenizer).__name__}")
+    batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length,
+                      return_offsets_mapping=by_word)
     accepted = _accepted(model)
     logits = _logits(model, {k: v for k, v in batch.items() if k in accepted})
-    if logits.ndim != 2:
-        raise ValueError("predict needs a sequence-classification model; use generate for language models")
-    config = getattr(model, "config", None)
-    names = getattr(config, "id2label", None) or {}
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    for text, p in zip(texts, probs):
-        k = int(p.argmax())
-        print(json.dumps({"text": text, "label": names.get(k, str(k)), "score": round(float(p[k]), 4)},
-                         ensure_ascii=False))
+    if logits.ndim != (3 if by_word else 2):
+        raise ValueError(f"{what}; {type(_base(model)).__name__} is a language model: use generate")
+    names = getattr(getattr(_base(model), "config", None), "id2label", None) or {}
+    if args.labels:
+        given = [name.strip() for name in args.labels.split(",")]
+        if len(given) != logits.shape[-1] or not all(given):
+            raise ValueError(f"--labels {args.labels!r}: expected {logits.shape[-1]} comma-separated names, one per "
+                             f"label of the model in id order")
+        names = dict(enumerate(given))
+    if by_word:
+        for text, words in zip(texts, label_words(batch, texts, logits, names)):
+            print(json.dumps({"text": text, "words": words}, ensure_ascii=False))
+    else:
+        for row in label_texts(texts, logits, names):
+            print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+def _softmax(logits):
+    import numpy as np
+
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def label_texts(texts: list[str], logits, names: dict) -> list[dict]:
+    """A sequence classifier's ``[texts, labels]`` logits as ``{"text", "label", "score"}`` rows:
+    the likeliest label (its name in ``names`` where it has one) and its probability."""
+    rows = []
+    for text, p in zip(texts, _softmax(logits)):
+        k = int(p.argmax())
+        rows.append({"text": text, "label": names.get(k, str(k)), "score": round(float(p[k]), 4)})
+    return rows
+
+
+def label_words(batch, texts: list[str], logits, names: dict) -> list[list[dict]]:
+    """A token classifier's ``[texts, tokens, labels]`` logits as each text's words, ``{"word",
+    "start", "end", "label", "score"}``: a word takes the label of its first token, the token
+    ``tokenize_token_classification`` trains it on (transformers' pipeline calls this aggregation
+    "first"). ``batch`` is the fast tokenizer's output for ``texts`` with ``return_offsets_mapping``;
+    ``start``/``end`` are character offsets in the text."""
+    probs, rows = _softmax(logits), []
+    for row, text in enumerate(texts):
+        words: dict[int, dict] = {}
+        for position, word in enumerate(batch.word_ids(row)):
+            if word is None:
+                continue
+            start, end = (int(x) for x in batch["offset_mapping"][row][position])
+            if word in words:
+                words[word]["end"] = end
+                continue
+            k = int(probs[row, position].argmax())
+            words[word] = {"start": start, "end": end, "label": names.get(k, str(k)),
+                           "score": round(float(probs[row, position, k]), 4)}
+        rows.append([{"word": text[w["start"]:w["end"]], **w} for w in words.values()])
+    return rows
 
 
 def _base(model):
@@ -304,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
-                             ("predict", _predict, "classify texts with a sequence-classification model")):
+                             ("predict", _predict, "classify texts, or each of their words, with a sequence- or "
+                                                     "token-classification model")):
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} (base + optional adapter).")
         p.add_argument("base", help="base model directory or Hub repo id")
         p.add_argument("--adapter", help="adapter directory or Hub repo id")
@@ -323,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("--max-length", type=int, default=128)
+            p.add_argument("--labels", help="the labels' names in id order, comma-separated (default: the config's "
+                                            "id2label; an adapter file carries no names)")
         p.set_defaults(func=func)
     return parser
 

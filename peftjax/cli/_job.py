@@ -29,7 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "response_column": "response",
     "source_column": "source",
     "target_column": "target",
-    "num_labels": 3,
+    "tokens_column": "tokens",
+    "tags_column": "ner_tags",
+    "num_labels": None,
     "max_length": 64,
     "max_target_length": 64,
     "max_train_samples": None,
@@ -66,15 +68,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # the job's task -> PEFT's task_type (of the model class and the adapter)
-TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM",
+              "seq2seq": "SEQ_2_SEQ_LM"}
+CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
     "dataset": "training data: a .jsonl/.json/.csv/.parquet/.txt file or directory, or a Hub name "
                "(default: peftjax's shipped 3-class review set)",
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
-    "task": "seq_cls (classification), causal_lm (language modelling), instruction (prompt/response pairs) "
-            "or seq2seq (source/target pairs on an encoder-decoder such as T5)",
+    "task": "seq_cls (classification), token_cls (a label per word: named entities, tags; --tokens-column "
+            "and --tags-column), causal_lm (language modelling), instruction (prompt/response pairs) or seq2seq "
+            "(source/target pairs on an encoder-decoder such as T5)",
+    "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
+                  "largest integer label in the data + 1)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
@@ -97,7 +104,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", default=None, help=helptext)
         else:
             kind = type(default) if default is not None and not isinstance(default, str) else str
-            if name in ("max_train_samples", "max_eval_samples"):
+            if name in ("max_train_samples", "max_eval_samples", "num_labels"):
                 kind = int
             parser.add_argument(flag, type=kind, default=None, help=helptext)
 
@@ -129,7 +136,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             options[name] = value
     if options["task"] not in TASK_TYPES:
-        raise ValueError(f"task must be seq_cls, causal_lm, instruction or seq2seq, got {options['task']!r}")
+        raise ValueError(f"task must be one of {', '.join(TASK_TYPES)}, got {options['task']!r}")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options
 
@@ -207,6 +214,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
         tokenize_classification,
         tokenize_instructions,
         tokenize_seq2seq,
+        tokenize_token_classification,
     )
 
     task = options["task"]
@@ -217,6 +225,9 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
         if task == "seq_cls":
             return tokenize_classification(ds, tokenizer, text_column=options["text_column"],
                                            label_column=options["label_column"], max_length=options["max_length"])
+        if task == "token_cls":
+            return tokenize_token_classification(ds, tokenizer, tokens_column=options["tokens_column"],
+                                                 tags_column=options["tags_column"], max_length=options["max_length"])
         if task == "seq2seq":
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
@@ -240,27 +251,32 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     from peftjax.training._trainer import Trainer
 
     start = time.perf_counter()
+    task = options["task"]
     model_path = resolve_model_path(options["model"])
-    tokenizer = peftjax.load_tokenizer(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = task_tokenizer(model_path, task)
     raw_train, raw_eval = load_raw_data(options)
     train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval)
-    seq_cls = options["task"] == "seq_cls"
-    task_type = TASK_TYPES[options["task"]]
+    classifier = task in CLASSIFIER_JOBS
+    task_type = TASK_TYPES[task]
     figures: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(evaluation) if evaluation is not None else 0}
-    if seq_cls:
+    names: list[str] | None = None
+    if classifier:
+        names = label_names(options, raw_train)
+        figures["num_labels"] = num_labels = count_labels(options, names, train, evaluation)
         figures["train_label_counts"] = _label_counts(train)
-        print(f"data: {figures['train_rows']} train rows (labels {figures['train_label_counts']}), "
+        what = "labels" if task == "seq_cls" else "labelled tokens"
+        print(f"data: {figures['train_rows']} train rows ({what} {figures['train_label_counts']}), "
               f"{figures['eval_rows']} eval rows")
     dtype = "bfloat16" if options["bf16"] else None
 
     def base_model():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*newly initialised.*")
-            if seq_cls:
-                return models.from_pretrained(model_path, dtype=dtype, task_type="SEQ_CLS",
-                                              num_labels=options["num_labels"], seed=options["seed"])
+            if classifier:
+                named = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} \
+                    if names else {}
+                return models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
+                                              seed=options["seed"], **named)
             return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
 
     targets = options["target_modules"]
@@ -279,41 +295,44 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         args = dataclasses.replace(args, eval_strategy="no")
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
     figures["compilation_cache"] = trainer.compilation_cache_dir
-    if seq_cls and evaluation is not None:
-        figures["baselines"] = _baselines(raw_train, raw_eval, options)
-        print(f"baselines on the eval split: majority class {figures['baselines']['majority']:.4f}, "
-              f"bag-of-words logistic regression {figures['baselines']['bag_of_words']:.4f}")
+    if classifier and evaluation is not None:
+        figures["baselines"] = _baselines(options, raw_train, raw_eval, train, evaluation)
+        print("baselines on the eval split: " + ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}"
+                                                          for k, v in figures["baselines"].items()))
     before = trainer.evaluate() if evaluation is not None else {}
     _report("before training", before)
     result = trainer.train()
     after = trainer.evaluate() if evaluation is not None else {}
     _report("after training", after)
     if figures.get("baselines") and "eval_accuracy" in after:
-        best = max(figures["baselines"].values())
-        figures["beats_baselines"] = after["eval_accuracy"] > best
-        print(f"accuracy on the eval split: LoRA {after['eval_accuracy']:.4f}, bag-of-words "
-              f"{figures['baselines']['bag_of_words']:.4f}, majority class {figures['baselines']['majority']:.4f}"
-              f" ({'LoRA beats both baselines' if figures['beats_baselines'] else 'LoRA does NOT beat the baselines'})")
+        baselines = figures["baselines"]
+        figures["beats_baselines"] = after["eval_accuracy"] > max(baselines.values())
+        which = "both baselines" if len(baselines) == 2 else "the baseline"
+        shown = ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}" for k, v in sorted(baselines.items(), key=lambda kv: -kv[1]))
+        print(f"{'token ' if task == 'token_cls' else ''}accuracy on the eval split: LoRA {after['eval_accuracy']:.4f}, "
+              f"{shown} (LoRA {'beats' if figures['beats_baselines'] else 'does NOT beat'} {which})")
     adapter_dir = Path(args.output_dir)
     print(f"adapter saved in HF PEFT format: {adapter_dir}/adapter_config.json, adapter_model.safetensors")
 
     reloaded = peftjax.PeftModel.from_pretrained(base_model(), adapter_dir)
     figures.update(before=before, after=after, steps=result.global_step, training_loss=result.training_loss)
     texts = options["predict"] or []
-    if seq_cls and texts:
-        from peftjax.cli import _logits  # one compiled forward each, as `peftjax predict` runs
+    if classifier and texts:
+        from peftjax.cli import _logits, label_texts, label_words  # one compiled forward each, as `predict` runs
 
-        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
+        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"],
+                          return_offsets_mapping=task == "token_cls")
         inputs = {k: v for k, v in batch.items() if k in trainer.model_inputs}
         logits, trained = _logits(reloaded, inputs), _logits(peft_model, inputs)
         figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
-        names = dict(enumerate(LABELS)) if options["dataset"] is None else {}
+        id2label = dict(enumerate(names or ()))
         print("predictions of the reloaded adapter:")
-        for text, row in zip(texts, logits):
-            p = np.exp(row - row.max())
-            p /= p.sum()
-            k = int(p.argmax())
-            print(f"  {names.get(k, str(k)):>8} ({p[k]:.3f})  {text}")
+        if task == "seq_cls":
+            for row in label_texts(texts, logits, id2label):
+                print(f"  {row['label']:>8} ({row['score']:.3f})  {row['text']}")
+        else:
+            for words in label_words(batch, texts, logits, id2label):
+                print("  " + " ".join(f"{w['word']}/{w['label']}" for w in words))
         print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
     elif texts and task_type == "SEQ_2_SEQ_LM":  # the decoder's output is all new tokens
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
@@ -333,22 +352,89 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def _baselines(train, evaluation, options) -> dict[str, float]:
-    """What a LoRA model has to beat: the majority class and a bag-of-words logistic regression."""
+BASELINE_NAMES = {"majority": "majority class", "bag_of_words": "bag-of-words logistic regression",
+                  "majority_tag": "the most frequent tag on every token"}
+
+
+def task_tokenizer(model_path, task: str):
+    """The model's tokenizer as the job's ``task`` needs it: a pad token (a language model's
+    end-of-text where it has none); for ``token_cls``, a byte-level BPE tokenizer reads each word
+    with its leading space (``add_prefix_space=True``), in training as in ``peftjax predict``."""
+    import peftjax
+    from peftjax.training._data import words_lose_their_space
+
+    tokenizer = peftjax.load_tokenizer(model_path)
+    if task == "token_cls" and words_lose_their_space(tokenizer):
+        tokenizer = peftjax.load_tokenizer(model_path, add_prefix_space=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def label_names(options: dict, raw_train) -> list[str] | None:
+    """The classes' names: the shipped reviews' (``peftjax.data.LABELS``), or those of a ``ClassLabel``
+    label column (a token task's: a sequence of them), as the Hub's datasets carry them."""
+    if options["dataset"] is None and options["task"] == "seq_cls":
+        return list(LABELS)
+    column = options["label_column"] if options["task"] == "seq_cls" else options["tags_column"]
+    feature = getattr(raw_train, "features", {}).get(column)
+    feature = getattr(feature, "feature", feature)  # a list of ClassLabel
+    names = getattr(feature, "names", None)
+    return list(names) if names else None
+
+
+def count_labels(options: dict, names: list[str] | None, train, evaluation) -> int:
+    """``num_labels``: as given, else the label names' count, else the largest integer label + 1."""
+    given = options["num_labels"]
+    column = options["label_column"] if options["task"] == "seq_cls" else options["tags_column"]
+    if names is not None:
+        if given is not None and given != len(names):
+            raise ValueError(f"num_labels is {given}, but the label column {column!r} names {len(names)} "
+                             f"classes: {names}")
+        return len(names)
+    if given is not None:
+        return int(given)
+    import numpy as np
+
+    labels = np.concatenate([_labelled(ds) for ds in (train, evaluation) if ds is not None])
+    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"the label column {column!r} holds no integer class ids to count the classes from "
+                         f"({labels.dtype}); pass --num-labels (1 for regression)")
+    return int(labels.max()) + 1
+
+
+def _labelled(dataset):
+    """A tokenized dataset's labels as one flat array: a token task's without its -100 positions."""
+    import pyarrow as pa
+
+    from peftjax.training._data import IGNORE_INDEX, _flat_values
+
+    column = dataset.data.column("labels")
+    if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+        return column.to_numpy()
+    values = _flat_values(column)
+    return values[values != IGNORE_INDEX] if values.dtype.kind in "iu" else values
+
+
+def _baselines(options: dict, raw_train, raw_eval, train, evaluation) -> dict[str, float]:
+    """What a LoRA model has to beat: a classifier, the majority class and a bag-of-words logistic
+    regression; a token classifier, the training data's most frequent tag on every labelled token."""
     from peftjax.training._baselines import bag_of_words_baseline, majority_baseline
 
-    text, label = options["text_column"], options["label_column"]
-    train_labels, eval_labels = [int(x) for x in train[label]], [int(x) for x in evaluation[label]]
+    train_labels, eval_labels = [int(x) for x in _labelled(train)], [int(x) for x in _labelled(evaluation)]
+    if options["task"] == "token_cls":
+        return {"majority_tag": majority_baseline(train_labels, eval_labels)}
+    text = options["text_column"]
     return {
         "majority": majority_baseline(train_labels, eval_labels),
-        "bag_of_words": bag_of_words_baseline(train[text], train_labels, evaluation[text], eval_labels),
+        "bag_of_words": bag_of_words_baseline(raw_train[text], train_labels, raw_eval[text], eval_labels),
     }
 
 
 def _label_counts(dataset) -> dict[int, int]:
     import collections
 
-    counts = collections.Counter(int(x) for x in dataset["labels"])
+    counts = collections.Counter(int(x) for x in _labelled(dataset))
     return dict(sorted(counts.items()))
 
 

@@ -233,8 +233,9 @@ def tokenize_token_classification(
 
     Args:
       dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
-      tokenizer: a fast ``transformers`` tokenizer (its ``word_ids`` map tokens to words); for
-        RoBERTa's byte-level tokenizer, loaded with ``add_prefix_space=True``, as transformers requires.
+      tokenizer: a fast ``transformers`` tokenizer (its ``word_ids`` map tokens to words); a byte-level
+        BPE one (RoBERTa's, GPT-2's) loaded with ``add_prefix_space=True``, so that each word is
+        tokenized as in running text.
       tokens_column: each row's words (a list of strings).
       tags_column: each row's word labels (a list of integer class ids, one per word).
       max_length: rows are truncated to this many tokens, special tokens included.
@@ -245,13 +246,18 @@ def tokenize_token_classification(
       tokenizer makes them) and ``labels``.
 
     Raises:
-      ValueError: a named column is missing, the tokenizer is not a fast one, or a row's tags are
-        not one integer per word (the row is named).
+      ValueError: a named column is missing, the tokenizer is not a fast one or is byte-level without
+        ``add_prefix_space``, or a row's tags are not one integer per word (the row is named).
     """
     _check_positive("max_length", max_length)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenize_token_classification needs a fast tokenizer (its word_ids align word labels "
                          f"to tokens); got {type(tokenizer).__name__}")
+    if words_lose_their_space(tokenizer):
+        raise ValueError(f"{type(tokenizer).__name__} is a byte-level BPE tokenizer loaded without "
+                         "add_prefix_space=True: it would read every word as the start of a text, with other "
+                         "tokens than in running text; load it with add_prefix_space=True (as transformers' "
+                         "token-classification recipe does)")
 
     def one(ds):
         _require_columns(ds, [tokens_column, tags_column])
@@ -512,6 +518,25 @@ def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
         if full[i : i + len(bare)] == bare:
             return list(full[:i]), list(full[i + len(bare) :])
     return [], []
+
+
+def words_lose_their_space(tokenizer) -> bool:
+    """Whether a fast tokenizer is byte-level BPE (GPT-2's, RoBERTa's) without ``add_prefix_space``:
+    given pre-split words it tokenizes each as if it began a text, without the leading space it has
+    in running text. WordPiece and SentencePiece tokenizers mark word starts themselves."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    stack = [json.loads(backend.to_str()).get("pre_tokenizer")]
+    while stack:
+        part = stack.pop()
+        if isinstance(part, dict):
+            if part.get("type") == "ByteLevel" and not part.get("add_prefix_space", False):
+                return True
+            stack.extend(part.get("pretokenizers") or [])
+    return False
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -1,0 +1,26 @@
+"""Small tokenizers trained here (no Hub): byte-level BPE as GPT-2 and RoBERTa have it."""
+
+from __future__ import annotations
+
+# RoBERTa's special tokens in its order: <s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4
+ROBERTA_SPECIALS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                    "mask_token": "<mask>"}
+
+
+def byte_level_bpe(directory, cls_name: str, texts: list[str], *, roberta_specials: bool = False):
+    """A byte-level BPE trained on ``texts`` (pre-tokenizer without a prefix space, as GPT-2's and
+    RoBERTa's are saved), written to ``directory`` as transformers' ``cls_name``. Its special
+    tokens are GPT-2's ``<|endoftext|>``, or RoBERTa's five with ``roberta_specials``."""
+    import transformers as tr
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = dict(ROBERTA_SPECIALS) if roberta_specials else {
+        "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(dict.fromkeys(specials.values())),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    getattr(tr, cls_name)(tokenizer_object=tok, **specials).save_pretrained(directory)
+    return directory
