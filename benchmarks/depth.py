@@ -29,13 +29,11 @@ def run(args, *, layers: int, scan: bool, rank: int, seq: int, remat: str = "non
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from transformers import LlamaConfig
-
     import peftjax
-    from peftjax.models import LlamaForCausalLM
+    from peftjax.models import LlamaForCausalLM, ModelConfig
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+    config = ModelConfig(
+        "llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=max(2048, seq), tie_word_embeddings=False, scan_layers=scan, remat=remat,
     )

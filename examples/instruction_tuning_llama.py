@@ -16,8 +16,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import transformers
-from transformers import AutoTokenizer
 
 import peftjax
 from peftjax import data, models
@@ -29,13 +27,13 @@ parser.add_argument("--tokenizer", default=None)
 parser.add_argument("--smoke", action="store_true")
 args = parser.parse_args()
 
-tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model or data.minilm_path()))
+tokenizer = peftjax.load_tokenizer(args.tokenizer or args.model or data.minilm_path())  # no torch import
 if args.model:
     model = models.from_pretrained(args.model)
 else:
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      pad_token_id=tokenizer.pad_token_id)
+    config = models.ModelConfig("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                pad_token_id=tokenizer.pad_token_id)
     model = models.LlamaForCausalLM.from_config(config)
 
 rng = np.random.default_rng(0)

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import transformers
-from transformers import AutoTokenizer
 
 import peftjax
 from peftjax import data, models
@@ -37,13 +35,13 @@ args = parser.parse_args()
 TASKS = {"plus": lambda a, b: a + b, "times": lambda a, b: a * b, "larger": max}
 TEMPLATE = "numbers: {prompt} answer:"
 
-tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or args.model or data.minilm_path()))
+tokenizer = peftjax.load_tokenizer(args.tokenizer or args.model or data.minilm_path())  # no torch import
 work = Path(tempfile.mkdtemp(prefix="many-adapters-"))
 base_dir = Path(args.model) if args.model else work / "base"
 if not args.model:  # a random base, saved once so every adapter trains on the same weights
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      pad_token_id=tokenizer.pad_token_id)
+    config = models.ModelConfig("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                pad_token_id=tokenizer.pad_token_id)
     models.LlamaForCausalLM.from_config(config).save_pretrained(base_dir)
 
 rng = np.random.default_rng(0)

@@ -237,12 +237,11 @@ _PYPLOT_PROBE = """
 import json, sys
 from pathlib import Path
 import numpy as np
-import transformers as tr
 import peftjax
-from peftjax.models import LlamaForCausalLM
+from peftjax.models import LlamaForCausalLM, ModelConfig
 
-config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)
+config = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
 model = peftjax.get_peft_model(LlamaForCausalLM.from_config(config), peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
 ids = np.random.default_rng(0).integers(1, 64, (8, 16)).tolist()
 seen = {"before": "matplotlib" in sys.modules}

@@ -32,7 +32,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-import transformers as tr  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import peftjax  # noqa: E402
@@ -41,14 +40,15 @@ from peftjax.models import (  # noqa: E402
     Gemma3ForCausalLM,
     LlamaForCausalLM,
     MixtralForCausalLM,
+    ModelConfig,
     Phi3ForCausalLM,
     Qwen3ForCausalLM,
     from_pretrained,
 )
 from peftjax.training._checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
-CONFIG = tr.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+CONFIG = ModelConfig("llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)  # B != 0: a real adapter
 STEPS = 3
 # (mesh, preset): 1x8, 2x4 and 8x1 meshes; every preset
@@ -259,20 +259,21 @@ def check_trainer(out: dict, tmp: Path) -> None:
 # axis qkv_proj's 128 outputs split into q | q | k | v and gate_up_proj's 256 into gate | gate | up | up),
 # Mixtral's experts (one of 4 per device on the 4-way axis; its loss includes the load-balancing loss)
 FAMILIES = {
-    "qwen3": (Qwen3ForCausalLM, tr.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
-    "phi3": (Phi3ForCausalLM, tr.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                                            eos_token_id=2)),
+    "qwen3": (Qwen3ForCausalLM, ModelConfig("qwen3", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=16)),
+    "phi3": (Phi3ForCausalLM, ModelConfig("phi3", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Gemma 3: sliding and global layers, each with its RoPE, q/k norms and post-norms
-    "gemma3_text": (Gemma3ForCausalLM, tr.Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+    "gemma3_text": (Gemma3ForCausalLM, ModelConfig(
+        "gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
         layer_types=["sliding_attention", "full_attention"])),
-    "mixtral": (MixtralForCausalLM, tr.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                     num_local_experts=4, num_experts_per_tok=2,
-                                                     output_router_logits=True, router_aux_loss_coef=0.1)),
+    "mixtral": (MixtralForCausalLM, ModelConfig("mixtral", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2,
+                                                output_router_logits=True, router_aux_loss_coef=0.1)),
 }
 FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
          "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),

@@ -8,10 +8,8 @@ import sys
 import time
 
 import numpy as np
-import transformers as tr
-
 import peftjax
-from peftjax.models import LlamaForCausalLM
+from peftjax.models import LlamaForCausalLM, ModelConfig
 from peftjax.training import _trainer
 from peftjax.training._args import TrainingArguments
 from peftjax.training._data import Batcher
@@ -29,8 +27,8 @@ if slow:
 
     _trainer.Batcher = SlowBatcher
 
-config = tr.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)
+config = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
 model = LlamaForCausalLM.from_config(config, seed=0)
 peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                               target_modules=["q_proj", "v_proj", "down_proj"]))
