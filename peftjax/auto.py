@@ -18,8 +18,8 @@ from peftjax.io._adapter import WEIGHTS_NAME
 from peftjax.io._hub import resolve
 from peftjax.peft_model import PeftModel
 
-HEAD_NAMES = ("classifier", "score")
-CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS")  # tasks whose adapters carry (or need) a trained head
+HEAD_NAMES = ("classifier", "score", "qa_outputs")
+CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # tasks whose adapters carry (or need) a trained head
 
 
 def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> str | None:
@@ -30,7 +30,7 @@ def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> s
 
 
 def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """``{key: shape}`` of the classification-head weights an adapter file carries (``modules_to_save``):
+    """``{key: shape}`` of the task-head weights an adapter file carries (``modules_to_save``):
     a head layer's (``classifier.weight``), or each layer's of a head made of layers (RoBERTa's
     ``classifier.dense.weight`` and ``classifier.out_proj.weight``)."""
     path = Path(adapter_dir) / WEIGHTS_NAME
@@ -127,4 +127,4 @@ class AutoPeftModel:
 
 def _bundled_task(task: str | None) -> str | None:
     """Tasks without their own bundled classes load the checkpoint's class."""
-    return task if task in ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None
+    return task if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None

@@ -148,6 +148,7 @@ TASK_CASES = [
     ("bert", "SEQ_CLS", "BertModel"),
     ("roberta", "SEQ_CLS", "RobertaForMaskedLM"),  # the Hub's RoBERTa checkpoints; a head made of two layers
     ("bert", "TOKEN_CLS", "BertModel"),
+    ("bert", "QUESTION_ANS", "BertForMaskedLM"),  # a head-less checkpoint of the kind QA starts from
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
@@ -205,13 +206,20 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # token_type_ids through its token embedding, as transformers' GPT-2 does)
     accepted = inspect.signature(type(peft_model.base_model).__call__).parameters
     inputs = {k: v for k, v in batch.items() if k in accepted}
-    expected = np.asarray(peft_model(**inputs).logits)
+    qa = task == "QUESTION_ANS"
+
+    def logits(out):  # a question-answering model's start and end logits, [batch, seq, 2]
+        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1) if qa else np.asarray(out.logits)
+
+    expected = logits(peft_model(**inputs))
 
     assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["task_type"] == info["model_task"] == task
     heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
                                                                   "classifier.out_proj.weight": [3, 16]}}
+    if qa:
+        heads = {family: {"qa_outputs.weight": [2, 16]}}
     assert info["saved_head"] == (heads.get(family, {"score.weight": [3, 16]}) if task != "CAUSAL_LM" else None)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -220,11 +228,11 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # the head the adapter file supplies is not reported as newly initialised
     assert not [str(w.message) for w in caught if issubclass(w.category, models.NewWeightsWarning)]
     auto = {"SEQ_CLS": tr.AutoModelForSequenceClassification, "TOKEN_CLS": tr.AutoModelForTokenClassification,
-            "CAUSAL_LM": tr.AutoModelForCausalLM}[task]
+            "QUESTION_ANS": tr.AutoModelForQuestionAnswering, "CAUSAL_LM": tr.AutoModelForCausalLM}[task]
     merged = auto.from_pretrained(tmp_path / "merged").eval()
     assert type(merged).__name__ == type(model).__name__
     with torch.no_grad():
-        theirs = merged(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+        theirs = logits(merged(**{k: torch.tensor(v) for k, v in inputs.items()}))
     np.testing.assert_allclose(theirs, expected, atol=2e-5)
     capsys.readouterr()
 
@@ -247,6 +255,24 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
         assert [text[w["start"]:w["end"]] for w in row["words"]] == text.split()
         assert [w["label"] for w in row["words"]] == [merged.config.id2label[int(probs[i].argmax())] for i in first]
         np.testing.assert_allclose([w["score"] for w in row["words"]], [probs[i].max() for i in first], atol=1e-4)
+    elif qa:  # the best span of the context's tokens, scored from transformers' logits here
+        question, context = "which command is tested?", "a small test of every command and every task"
+        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", question,
+                     "--context", context, "--max-answer-tokens", "3"]) == 0
+        row = json.loads(capsys.readouterr().out)
+        pair = tokenizer([question], [context], return_tensors="np", return_offsets_mapping=True)
+        with torch.no_grad():
+            out = merged(**{k: torch.tensor(v) for k, v in pair.items() if k != "offset_mapping"})
+        inside = [i for i, s in enumerate(pair.sequence_ids(0)) if s == 1]
+        probs = [np.exp(x[inside] - x[inside].max()) / np.exp(x[inside] - x[inside].max()).sum()
+                 for x in (out.start_logits[0].numpy(), out.end_logits[0].numpy())]
+        best = max((probs[0][a] * probs[1][b], inside[a], inside[b]) for a in range(len(inside))
+                   for b in range(a, min(a + 3, len(inside))))
+        offsets = pair["offset_mapping"][0]
+        assert (row["start"], row["end"]) == (offsets[best[1]][0], offsets[best[2]][1]), (row, best)
+        assert row["answer"] == context[row["start"]:row["end"]] and abs(row["score"] - best[0]) < 1e-4
+        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", question]) == 1
+        assert "--context is the text a question-answering model takes its answers from" in capsys.readouterr().err
     elif task == "CAUSAL_LM":
         assert main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text,
                      "--max-new-tokens", "3"]) == 0

@@ -161,15 +161,26 @@ def _predict(args) -> int:
     from peftjax.cli._job import task_tokenizer
 
     model = _load_with_adapter(args)
-    what = "predict needs a sequence- or token-classification model"
+    what = "predict needs a sequence- or token-classification or a question-answering model"
     if _is_encoder_decoder(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
+    by_span = type(_base(model)).__name__.endswith("ForQuestionAnswering")
+    if by_span != (args.context is not None):
+        raise ValueError("--context is the text a question-answering model takes its answers from (--text: the "
+                         "questions)" + ("" if by_span else f"; {type(_base(model)).__name__} answers no questions"))
     tokenizer = task_tokenizer(args.tokenizer or _base_dir(args), "token_cls" if by_word else "seq_cls")
     texts = _texts(args)
-    if by_word and not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"predict on a token classifier needs a fast tokenizer (its offsets give each word); "
-                         f"got {type(tokenizer).__name__}")
+    if (by_word or by_span) and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
+                         f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
+    if by_span:
+        batch = tokenizer(texts, [args.context] * len(texts), return_tensors="np", padding=True,
+                          truncation="only_second", max_length=args.max_length, return_offsets_mapping=True)
+        logits = _logits(model, {k: v for k, v in batch.items() if k in _accepted(model)})
+        for row in answer_spans(batch, texts, args.context, logits, max_answer_tokens=args.max_answer_tokens):
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length,
                       return_offsets_mapping=by_word)
     accepted = _accepted(model)
@@ -206,6 +217,30 @@ def label_texts(texts: list[str], logits, names: dict) -> list[dict]:
     for text, p in zip(texts, _softmax(logits)):
         k = int(p.argmax())
         rows.append({"text": text, "label": names.get(k, str(k)), "score": round(float(p[k]), 4)})
+    return rows
+
+
+def answer_spans(batch, questions: list[str], context: str, logits, *, max_answer_tokens: int = 30) -> list[dict]:
+    """A question-answering model's ``[questions, tokens, 2]`` start and end logits as each question's
+    answer ``{"question", "answer", "start", "end", "score"}``: of the spans of the context's tokens
+    that end where or after they start and hold at most ``max_answer_tokens`` tokens, the one whose
+    start probability times end probability is largest (each a softmax over the context's tokens);
+    ``start``/``end`` are character offsets in ``context``. ``batch`` is the fast tokenizer's output
+    for ``(question, context)`` pairs with ``return_offsets_mapping``."""
+    import numpy as np
+
+    rows = []
+    for row, question in enumerate(questions):
+        inside = np.array([s == 1 for s in batch.sequence_ids(row)])
+        if not inside.any():
+            raise ValueError(f"question {question!r} leaves no room for the context in --max-length "
+                             f"{len(inside)} tokens")
+        start, end = (_softmax(np.where(inside, logits[row, :, k], -np.inf)) for k in (0, 1))
+        scores = np.tril(np.triu(np.outer(start, end)), max_answer_tokens - 1)  # first <= last < first + max
+        first, last = np.unravel_index(int(scores.argmax()), scores.shape)
+        a, b = int(batch["offset_mapping"][row][first][0]), int(batch["offset_mapping"][row][last][1])
+        rows.append({"question": question, "answer": context[a:b], "start": a, "end": b,
+                     "score": round(float(scores[first, last]), 4)})
     return rows
 
 
@@ -247,14 +282,19 @@ def _logits(model, inputs: dict):
     import numpy as np
     from flax import nnx
 
+    from peftjax.training._trainer import span_logits
+
+    def logits_of(out):  # a question-answering model's: its start and end logits, [batch, seq, 2]
+        return out.logits if out.start_logits is None else span_logits(out)
+
     module = getattr(model, "base_model", model)
     tuner = model._active_tuner() if module is not model else None
     if not isinstance(module, nnx.Module) or (tuner is not None and tuner.forward is not None):
-        return np.asarray(model(**inputs).logits)  # a method that rewrites the inputs: as it runs
+        return np.asarray(logits_of(model(**inputs)))  # a method that rewrites the inputs: as it runs
     graphdef, state = nnx.split(module)
 
     def forward(state, inputs):
-        return nnx.merge(graphdef, state)(**inputs).logits
+        return logits_of(nnx.merge(graphdef, state)(**inputs))
 
     return np.asarray(jax.jit(forward)(state, inputs))
 
@@ -353,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
-                             ("predict", _predict, "classify texts, or each of their words, with a sequence- or "
-                                                     "token-classification model")):
+                             ("predict", _predict, "classify texts or each of their words (a sequence or token "
+                                                     "classifier), or answer questions from a --context")):
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} (base + optional adapter).")
         p.add_argument("base", help="base model directory or Hub repo id")
         p.add_argument("--adapter", help="adapter directory or Hub repo id")
@@ -375,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-length", type=int, default=128)
             p.add_argument("--labels", help="the labels' names in id order, comma-separated (default: the config's "
                                             "id2label; an adapter file carries no names)")
+            p.add_argument("--context", help="question answering: the text the answers are taken from (each --text "
+                                             "is a question)")
+            p.add_argument("--max-answer-tokens", type=int, default=30,
+                           help="question answering: the longest answer, in tokens")
         p.set_defaults(func=func)
     return parser
 

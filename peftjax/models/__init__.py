@@ -2,7 +2,12 @@
 
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
 from peftjax.models._config import ModelConfig
-from peftjax.models._bert import BertForSequenceClassification, BertForTokenClassification, BertModel
+from peftjax.models._bert import (
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
@@ -19,9 +24,11 @@ from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassi
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from peftjax.models._roberta import (
+    RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
     RobertaForTokenClassification,
     RobertaModel,
+    XLMRobertaForQuestionAnswering,
     XLMRobertaForSequenceClassification,
     XLMRobertaForTokenClassification,
     XLMRobertaModel,
@@ -39,6 +46,7 @@ from peftjax.models._outputs import ModelOutput
 
 __all__ = [
     "MODEL_CLASSES",
+    "BertForQuestionAnswering",
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
@@ -68,9 +76,11 @@ __all__ = [
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",
     "RobertaForTokenClassification",
     "RobertaModel",
+    "XLMRobertaForQuestionAnswering",
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",
     "XLMRobertaModel",

@@ -77,6 +77,7 @@ def load_config(
 TASK_CLASS_SUFFIXES = {
     "SEQ_CLS": ("ForSequenceClassification",),
     "TOKEN_CLS": ("ForTokenClassification",),
+    "QUESTION_ANS": ("ForQuestionAnswering",),
     "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
     "FEATURE_EXTRACTION": ("Model",),
     "SEQ_2_SEQ_LM": ("ForConditionalGeneration",),

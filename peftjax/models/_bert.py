@@ -19,7 +19,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
+from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
@@ -489,6 +489,52 @@ class BertForTokenClassification(PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss)
 
 
+class BertForQuestionAnswering(PreTrainedModel):
+    """``bert`` (without a pooler) and a linear ``qa_outputs`` giving every token a start and an
+    end logit: PEFT's ``QUESTION_ANS`` (extractive question answering, SQuAD's task)."""
+
+    base_model_prefix: ClassVar[str] = "bert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*BertModel.ignored_keys, r"(bert\.)?pooler\..*")
+    backbone_class: ClassVar[type[BertModel]] = BertModel
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        if config.num_labels != 2:
+            raise ValueError(f"{type(self).__name__} needs num_labels=2 (a start and an end logit per token), "
+                             f"got {config.num_labels}: pass num_labels=2")
+        backbone = self.backbone_class(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.base_model_prefix, backbone)
+        self.qa_outputs = nnx.Linear(config.hidden_size, 2, **linear_kw(config, dtype, param_dtype, rngs))
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        dropout_rng=None,
+        prefix_kv=None,
+    ) -> ModelOutput:
+        """``start_logits`` and ``end_logits``, ``[batch, seq]``: where each row's answer span starts
+        and ends; ``start_positions`` and ``end_positions`` (``[batch]`` token indices) add
+        transformers' loss (:func:`span_loss`)."""
+        backbone = getattr(self, self.base_model_prefix)
+        h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                     prefix_kv).last_hidden_state
+        logits = self.qa_outputs(h)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
+
+
 register(BertModel, model_types=("bert",), default=True)
 register(BertForSequenceClassification)
 register(BertForTokenClassification)
+register(BertForQuestionAnswering)

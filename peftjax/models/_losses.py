@@ -25,6 +25,21 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(per_token * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def span_loss(start_logits: jax.Array, end_logits: jax.Array, start_positions, end_positions) -> jax.Array:
+    """Extractive question answering's loss as transformers computes it: each row's start and end
+    token positions, clamped to ``[0, seq]``, scored by the cross entropy of the start and of the
+    end logits ``[batch, seq]`` (a position at ``seq``, an answer cut off by truncation, counts in
+    neither mean), and the two means averaged."""
+    seq = start_logits.shape[-1]
+
+    def scored(positions):
+        positions = jnp.clip(jnp.asarray(positions).reshape(-1), 0, seq)
+        return jnp.where(positions == seq, IGNORE_INDEX, positions)
+
+    return (masked_cross_entropy(start_logits, scored(start_positions))
+            + masked_cross_entropy(end_logits, scored(end_positions))) / 2
+
+
 def sequence_classification_loss(logits: jax.Array, labels: jax.Array, config) -> jax.Array:
     """Regression, single-label or multi-label loss, chosen as transformers chooses it."""
     logits = logits.astype(jnp.float32)

@@ -25,6 +25,9 @@ class ModelOutput:
       router_logits: a mixture of experts' router logits, a tuple of one ``[batch * seq, experts]``
         array per layer (Mixtral, with ``output_router_logits``).
       encoder_last_hidden_state: an encoder-decoder model's encoder output ``[batch, seq, hidden]``.
+      start_logits: a question-answering model's score of each token as its answer's start
+        ``[batch, seq]``.
+      end_logits: ... and as its answer's end ``[batch, seq]``.
     """
 
     logits: Any = None
@@ -35,6 +38,8 @@ class ModelOutput:
     aux_loss: Any = None
     router_logits: Any = None
     encoder_last_hidden_state: Any = None
+    start_logits: Any = None
+    end_logits: Any = None
 
     def __getitem__(self, name: str) -> Any:
         return getattr(self, name)

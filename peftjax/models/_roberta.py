@@ -20,7 +20,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._bert import BertForTokenClassification, BertModel, linear_kw
+from peftjax.models._bert import BertForQuestionAnswering, BertForTokenClassification, BertModel, linear_kw
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
@@ -137,6 +137,14 @@ class RobertaForTokenClassification(BertForTokenClassification):
     backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
 
 
+class RobertaForQuestionAnswering(BertForQuestionAnswering):
+    """``roberta`` (without a pooler) and a linear ``qa_outputs``: a start and an end logit per token."""
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
+    backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
+
+
 class XLMRobertaModel(RobertaModel):
     """XLM-RoBERTa's encoder: RoBERTa's, under transformers' XLM-R class name."""
 
@@ -153,9 +161,17 @@ class XLMRobertaForTokenClassification(RobertaForTokenClassification):
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
+class XLMRobertaForQuestionAnswering(RobertaForQuestionAnswering):
+    """XLM-RoBERTa's question-answering head: RoBERTa's, under transformers' XLM-R class name."""
+
+    backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
+
+
 register(RobertaModel, model_types=("roberta",), default=True)
 register(RobertaForSequenceClassification)
 register(RobertaForTokenClassification)
+register(RobertaForQuestionAnswering)
 register(XLMRobertaModel, model_types=("xlm-roberta",), default=True)
 register(XLMRobertaForSequenceClassification)
 register(XLMRobertaForTokenClassification)
+register(XLMRobertaForQuestionAnswering)

@@ -9,6 +9,7 @@ from peftjax.training._data import (
     tokenize_classification,
     tokenize_token_classification,
     tokenize_instructions,
+    tokenize_question_answering,
     tokenize_seq2seq,
 )
 from peftjax.training._memory import release_host_memory
@@ -33,6 +34,7 @@ __all__ = [
     "tokenize_classification",
     "tokenize_token_classification",
     "tokenize_instructions",
+    "tokenize_question_answering",
     "tokenize_seq2seq",
     "weight_decay_mask",
 ]

@@ -283,6 +283,89 @@ def tokenize_token_classification(
     return _per_split(dataset, one)
 
 
+def tokenize_question_answering(
+    dataset,
+    tokenizer,
+    *,
+    question_column: str = "question",
+    context_column: str = "context",
+    answers_column: str = "answers",
+    max_length: int = 384,
+    stride: int = 128,
+):
+    """Tokenizes SQuAD-style rows for extractive question answering: each question with its
+    context (truncating only the context), a long context as several overlapping windows (``stride``
+    tokens shared), and each window's answer as token indices, as transformers' question-answering
+    recipe labels them: the first and last token of the answer's characters, or ``[0, 0]`` (the
+    first token) in a window that does not hold the whole answer. Never pads.
+
+    >>> ds = tokenize_question_answering(squad["train"], tokenizer)  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['input_ids', 'token_type_ids', 'attention_mask', 'start_positions', 'end_positions']
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a fast ``transformers`` tokenizer (its offsets map tokens to characters).
+      question_column: each row's question.
+      context_column: each row's context, the text the answer is taken from.
+      answers_column: SQuAD's ``{"text": [...], "answer_start": [...]}`` per row; the first answer
+        labels the row; none (empty lists) labels every window ``[0, 0]``.
+      max_length: tokens per window, the question and special tokens included.
+      stride: tokens a window shares with the one before it.
+
+    Returns:
+      The windows (more rows than the dataset where contexts overflow): ``input_ids``,
+      ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them), ``start_positions``,
+      ``end_positions``.
+
+    Raises:
+      ValueError: a named column is missing, the tokenizer is not a fast one, ``stride`` leaves no
+        room, or a row's answer text is not the context's characters at ``answer_start`` (the row
+        is named).
+    """
+    _check_positive("max_length", max_length)
+    if not isinstance(stride, int) or stride < 0:
+        raise ValueError(f"stride must be an int >= 0, got {stride!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenize_question_answering needs a fast tokenizer (its offsets find the answer's "
+                         f"tokens); got {type(tokenizer).__name__}")
+
+    def one(ds):
+        _require_columns(ds, [question_column, context_column, answers_column])
+
+        def encode(batch, indices):
+            questions = [q.lstrip() for q in batch[question_column]]  # leading spaces only cost tokens
+            try:
+                enc = tokenizer(questions, batch[context_column], truncation="only_second", max_length=max_length,
+                                stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
+            except Exception as e:  # transformers' message: the question leaves no room for the stride
+                raise ValueError(f"tokenize_question_answering (max_length={max_length}, stride={stride}): {e}") \
+                    from None
+            out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+            out["start_positions"], out["end_positions"] = [], []
+            for window, (row, offsets) in enumerate(zip(enc["overflow_to_sample_mapping"], enc["offset_mapping"])):
+                out["start_positions"].append(0)
+                out["end_positions"].append(0)
+                answers, context = batch[answers_column][row], batch[context_column][row]
+                if not answers["answer_start"]:
+                    continue
+                first, text = int(answers["answer_start"][0]), answers["text"][0]
+                if context[first:first + len(text)] != text:
+                    raise ValueError(f"row {indices[row]}: answer {text!r} is not the context's text at answer_start "
+                                     f"{first} ({context[first:first + len(text)]!r})")
+                last = first + len(text)
+                tokens = [i for i, s in enumerate(enc.sequence_ids(window)) if s == 1]  # the context's
+                if not tokens or offsets[tokens[0]][0] > first or offsets[tokens[-1]][1] < last:
+                    continue  # the answer is not wholly in this window
+                out["start_positions"][-1] = next(i for i in tokens if offsets[i][1] > first)
+                out["end_positions"][-1] = next(i for i in reversed(tokens) if offsets[i][0] < last)
+            return out
+
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+
+    return _per_split(dataset, one)
+
+
 def tokenize_causal_lm(
     dataset,
     tokenizer,

@@ -63,6 +63,8 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 CAUSAL_LM = "causal_lm"  # next-token prediction: the model's own (fused) loss
 SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder's target tokens: labels are a second sequence
 TOKEN_CLS = "token_classification"  # a label per token (-100: none), no shift: PEFT's TOKEN_CLS
+QUESTION_ANS = "question_answering"  # each row's answer span, [start, end] token indices: PEFT's QUESTION_ANS
+SPAN_COLUMNS = ("start_positions", "end_positions")  # a question-answering dataset's labels
 
 
 def _columns(dataset, name: str) -> dict[str, list]:
@@ -71,9 +73,13 @@ def _columns(dataset, name: str) -> dict[str, list]:
     if "input_ids" not in names:
         raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
     cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
+    if set(SPAN_COLUMNS) <= set(names):  # question answering: each row's [start, end] is its label
+        cols["labels"] = [[s, e] for s, e in zip(dataset[SPAN_COLUMNS[0]], dataset[SPAN_COLUMNS[1]])]
+        return cols
     label = "labels" if "labels" in names else "label" if "label" in names else None
     if label is None:
-        raise TrainingError(f"{name} has no labels or label column (columns: {names})")
+        raise TrainingError(f"{name} has no labels or label column, nor start_positions and end_positions "
+                            f"(columns: {names})")
     cols["labels"] = list(dataset[label])
     return cols
 
@@ -131,6 +137,28 @@ def check_token_labels(cols: dict, num_labels: int, name: str) -> None:
             )
 
 
+def check_span_labels(cols: dict, name: str) -> None:
+    """Raises ``ValueError`` naming the first row whose answer span is not two token indices
+    ``start <= end`` inside the row (an answer outside it is conventionally ``[0, 0]``, the
+    first token: :func:`peftjax.training.tokenize_question_answering` labels it so)."""
+    for i, (ids, span) in enumerate(zip(cols["input_ids"], cols["labels"])):
+        value = np.asarray(span)
+        ok = (value.shape == (2,) and np.issubdtype(value.dtype, np.integer)
+              and 0 <= int(value[0]) <= int(value[1]) < len(ids))
+        if not ok:
+            raise ValueError(
+                f"{name}: row {i} has start_positions/end_positions {span!r}; question answering needs two token "
+                f"indices start <= end inside the row ({len(ids)} tokens), [0, 0] for an answer it does not hold "
+                "(peftjax.training.tokenize_question_answering)"
+            )
+
+
+def span_logits(out) -> jax.Array:
+    """A question-answering model's ``start_logits`` and ``end_logits`` as one ``[batch, seq, 2]``
+    array (the layout of transformers' ``qa_outputs``), which the Trainer treats as its logits."""
+    return jnp.stack([out.start_logits, out.end_logits], axis=-1)
+
+
 LOSS_SCALE = "loss_scale"  # a batch entry ([rows], one value) the training loss is multiplied by
 
 
@@ -152,6 +180,14 @@ def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem
     Filler rows (``weight`` 0, or label -100 for tokens) never count.
     """
     logits = logits.astype(jnp.float32)
+    if problem_type == QUESTION_ANS:
+        # transformers' loss: the mean of the start and the end cross entropy over the rows;
+        # correct: rows whose likeliest start and end are both the labelled ones
+        logp = jax.nn.log_softmax(logits, axis=1)  # over the positions, for the start and the end
+        spans = labels.astype(jnp.int32)
+        nll = -jnp.take_along_axis(logp, spans[:, None, :], axis=1)[:, 0, :]  # [batch, 2]
+        exact = jnp.all(jnp.argmax(logits, axis=1) == spans, axis=-1)
+        return jnp.sum(jnp.mean(nll, -1) * weight), jnp.sum(weight), jnp.sum(exact * weight)
     if problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS) or (problem_type is None and logits.ndim == 3):
         if problem_type not in (SEQ2SEQ_LM, TOKEN_CLS):  # a decoder's input is already the labels shifted right
             logits, labels = logits[:, :-1], labels[:, 1:]
@@ -212,7 +248,10 @@ class Trainer:
         token lists (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with
         -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss. For a
         token classifier (``...ForTokenClassification``, TOKEN_CLS), a label per token, -100 where
-        none counts (:func:`peftjax.training.tokenize_token_classification`).
+        none counts (:func:`peftjax.training.tokenize_token_classification`). For a question-answering
+        model (``...ForQuestionAnswering``, QUESTION_ANS), ``start_positions`` and ``end_positions``
+        instead of labels (:func:`peftjax.training.tokenize_question_answering`); its logits, for
+        ``compute_metrics`` and ``predict``, are ``[rows, seq, 2]``: the start and end logits.
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
       compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
@@ -273,6 +312,8 @@ class Trainer:
             self.problem_type = CAUSAL_LM
         elif base_name.endswith(TASK_CLASS_SUFFIXES["TOKEN_CLS"]):
             self.problem_type = TOKEN_CLS
+        elif base_name.endswith(TASK_CLASS_SUFFIXES["QUESTION_ANS"]):
+            self.problem_type = QUESTION_ANS
         elif encoder_decoder:
             # the decoder input is shift_right(labels), which the model derives itself
             self.problem_type = SEQ2SEQ_LM
@@ -309,10 +350,10 @@ class Trainer:
             return None, (loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
             inputs["labels"] = labels
-        out = model(**inputs).logits
+        out = self._logits(model(**inputs))
         if virtual:
             labels = jnp.concatenate([jnp.full((labels.shape[0], virtual), -100, labels.dtype), labels], axis=1)
-        return out, _loss_terms(out, labels, batch["sample_weight"], self.problem_type)
+        return out, _loss_terms(self._scored(out, batch), labels, batch["sample_weight"], self.problem_type)
 
     def _loss(self, model, batch):
         """The training loss; inside the step, with the step's dropout key active."""
@@ -326,12 +367,25 @@ class Trainer:
             loss = model(**inputs, labels=batch["labels"], **extra).loss
         else:
             inputs = {k: batch[k] for k in self.model_inputs if k in batch}
-            logits = model(**inputs, **extra).logits
+            logits = self._scored(self._logits(model(**inputs, **extra)), batch)
             total, count, _ = _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
             loss = total / jnp.maximum(count, 1.0)
         if LOSS_SCALE in batch:  # accumulation over token-scored micro-batches (see _loss_scales)
             loss = loss * jnp.mean(batch[LOSS_SCALE])
         return loss
+
+    def _logits(self, out) -> jax.Array:
+        """A model output's logits: a question-answering model's start and end logits stacked."""
+        return span_logits(out) if self.problem_type == QUESTION_ANS else out.logits
+
+    def _scored(self, logits: jax.Array, batch: dict) -> jax.Array:
+        """The logits the loss scores: a question-answering model's never at padding. Its softmax
+        runs over the row's positions, so that neither the loss nor the likeliest span depends on
+        how far a bucket pads the row (transformers' loss counts the padded positions of however
+        its batch was padded; the two agree on unpadded rows)."""
+        if self.problem_type != QUESTION_ANS or "attention_mask" not in batch:
+            return logits
+        return jnp.where(batch["attention_mask"][..., None] > 0, logits, jnp.finfo(jnp.float32).min)
 
     def _token_weighted(self) -> bool:
         """Whether gradient accumulation weighs micro-batches by their scored tokens: a language
@@ -408,6 +462,9 @@ class Trainer:
         if self.problem_type == TOKEN_CLS:
             check_token_labels(cols, self.num_labels, name)
             return
+        if self.problem_type == QUESTION_ANS:
+            check_span_labels(cols, name)
+            return
         if self.problem_type == SEQ2SEQ_LM:
             bad = next((i for i, y in enumerate(cols["labels"]) if np.ndim(y) != 1), None)
             if bad is not None:
@@ -477,6 +534,8 @@ class Trainer:
             return f"{type(self.model.base_model).__name__} does not take {' and '.join(PACKED_INPUTS)}"
         if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS):
             return f"a {self.problem_type} model's labels are per token, not one per sequence"
+        if self.problem_type == QUESTION_ANS:
+            return "a question-answering model's answer spans are token positions in their own row"
         config = self.model.peft_config.get(getattr(self.model, "active_adapter", None))
         if getattr(config, "is_prompt_learning", False):
             return f"{config.peft_type} puts its virtual tokens before each row"
@@ -646,7 +705,10 @@ class Trainer:
         return self._evaluate_state(trainable, rest, eval_dataset)
 
     def predict(self, dataset) -> np.ndarray:
-        """Logits for every row of a tokenized dataset, in order (classification and causal LM).
+        """Logits for every row of a tokenized dataset, in order: ``[rows, labels]`` for a sequence
+        classifier, ``[rows, length, labels]`` for a token classifier or a language model (rows of
+        several bucket lengths padded on the right with 0), ``[rows, length, 2]`` for question
+        answering (start and end logits). Labels, where the dataset has them, are not needed.
 
         Raises:
           NotImplementedError: an encoder-decoder (SEQ_2_SEQ_LM) model: use ``model.generate``.
@@ -656,18 +718,35 @@ class Trainer:
                                       "implemented; use model.generate(input_ids, attention_mask)")
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
-        cols = _columns(dataset, "dataset") if "labels" in _names(dataset) or "label" in _names(dataset) else None
-        if cols is None:
-            cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in _names(dataset)}
-            n = len(cols["input_ids"])
-            cols["labels"] = [0] * n
+        names = _names(dataset)
+        if {"labels", "label"} & set(names) or set(SPAN_COLUMNS) <= set(names):
+            cols = _columns(dataset, "dataset")
+        else:
+            cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
+        if "input_ids" not in cols:
+            raise TrainingError(f"dataset has no input_ids column (columns: {names}); tokenize it first")
+        if "labels" not in cols:
+            cols["labels"] = self._stand_in_labels(cols["input_ids"])
         batcher = self._batcher(cols, self.args.per_device_eval_batch_size, shuffle=False)
         out = []
         for batch in batcher.batches(0):
             logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
             logits = np.asarray(logits)[batch["sample_weight"] > 0]
             out.append(logits)
-        return np.concatenate(out)
+        return _concatenate_rows(out, 0.0)  # per-token logits: batches of several bucket lengths
+
+    def _stand_in_labels(self, input_ids: list) -> list:
+        """Labels of the problem's shape for rows that have none, so that ``predict`` can run the
+        evaluation step (its loss terms are not returned)."""
+        n = len(input_ids)
+        if self.problem_type in ("multi_label_classification", "regression"):
+            return [[0.0] * self.num_labels] * n
+        if self.problem_type == QUESTION_ANS:
+            return [[0, 0]] * n
+        classifier = type(self.model.base_model).__name__.endswith("ForSequenceClassification")
+        if self.problem_type in (CAUSAL_LM, TOKEN_CLS) or (self.problem_type is None and not classifier):
+            return [[-100] * len(ids) for ids in input_ids]
+        return [0] * n
 
     def save_model(self, output_dir: str | None = None) -> None:
         """Saves the adapters in HF PEFT format (``output_dir`` by default)."""
@@ -728,9 +807,11 @@ class Trainer:
         metrics = {"eval_loss": float(loss)}
         if token_level:
             metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
-        elif self.problem_type in ("single_label_classification", "multi_label_classification", TOKEN_CLS):
+        elif self.problem_type in ("single_label_classification", "multi_label_classification", TOKEN_CLS,
+                                   QUESTION_ANS):
             # multi-label: the fraction of rows whose every label is right (exact match); tokens:
-            # the fraction of labelled tokens whose label is right
+            # the fraction of labelled tokens whose label is right; question answering: the
+            # fraction of rows whose predicted start and end are both the labelled ones
             metrics["eval_accuracy"] = float(sums[2] / max(sums[1], 1.0))
         if self.compute_metrics is not None:
             logits, labels = _concatenate_rows(all_logits, 0.0), _concatenate_rows(all_labels, -100)
