@@ -222,3 +222,34 @@ def test_the_trainer_learns_answer_spans_and_evaluates_as_transformers(tokenizer
         trainer.evaluate(evaluation.map(lambda r, i: {"start_positions": 5 if i == 0 else r["start_positions"],
                                                          "end_positions": 2 if i == 0 else r["end_positions"]},
                                         with_indices=True))
+
+
+def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_path, capsys):
+    """``peftjax train --task question_answering`` on SQuAD-style JSON lines: windows, the Trainer,
+    the adapter saved and reloaded, the first eval questions answered from their own contexts."""
+    import json
+
+    from peftjax.cli import main
+
+    for name, n, seed in (("train", 64, 0), ("eval", 12, 1)):
+        rows = _colour_questions(n, seed)
+        lines = [json.dumps({k: rows[k][i] for k in rows}) for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0, num_labels=2), base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "question_answering", "--model", str(base), "--dataset",
+                 str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-length", "32",
+                 "--max-steps", "24", "--learning-rate", "0.02", "--per-device-train-batch-size", "8",
+                 "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["train_rows"] == 64  # one window each at 32 tokens, stride 8
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["reload_max_abs_diff"] < 1e-5
+    answers = summary["answers"]
+    contexts = _colour_questions(12, 1)["context"]
+    assert len(answers) == 3 and all(a["answer"] and ctx[a["start"]:a["end"]] == a["answer"]
+                                     for a, ctx in zip(answers, contexts))
+    assert "labelled" in printed and json.loads((out / "adapter_config.json").read_text())["task_type"] == "QUESTION_ANS"

@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
     "target_column": "target",
     "tokens_column": "tokens",
     "tags_column": "ner_tags",
+    "question_column": "question",
+    "context_column": "context",
+    "answers_column": "answers",
+    "stride": None,
     "num_labels": None,
     "max_length": 64,
     "max_target_length": 64,
@@ -68,8 +72,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # the job's task -> PEFT's task_type (of the model class and the adapter)
-TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM",
-              "seq2seq": "SEQ_2_SEQ_LM"}
+TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
+              "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 
 FLAG_HELP = {
@@ -78,8 +82,11 @@ FLAG_HELP = {
                "(default: peftjax's shipped 3-class review set)",
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
     "task": "seq_cls (classification), token_cls (a label per word: named entities, tags; --tokens-column "
-            "and --tags-column), causal_lm (language modelling), instruction (prompt/response pairs) or seq2seq "
-            "(source/target pairs on an encoder-decoder such as T5)",
+            "and --tags-column), question_answering (SQuAD's question/context/answers rows), causal_lm (language "
+            "modelling), instruction (prompt/response pairs) or seq2seq (source/target pairs on an encoder-decoder "
+            "such as T5)",
+    "stride": "question answering: tokens each window of a long context shares with the one before "
+              "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
@@ -104,7 +111,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", default=None, help=helptext)
         else:
             kind = type(default) if default is not None and not isinstance(default, str) else str
-            if name in ("max_train_samples", "max_eval_samples", "num_labels"):
+            if name in ("max_train_samples", "max_eval_samples", "num_labels", "stride"):
                 kind = int
             parser.add_argument(flag, type=kind, default=None, help=helptext)
 
@@ -213,6 +220,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
         tokenize_causal_lm,
         tokenize_classification,
         tokenize_instructions,
+        tokenize_question_answering,
         tokenize_seq2seq,
         tokenize_token_classification,
     )
@@ -228,6 +236,12 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
         if task == "token_cls":
             return tokenize_token_classification(ds, tokenizer, tokens_column=options["tokens_column"],
                                                  tags_column=options["tags_column"], max_length=options["max_length"])
+        if task == "question_answering":
+            stride = options["stride"] if options["stride"] is not None else options["max_length"] // 4
+            return tokenize_question_answering(ds, tokenizer, question_column=options["question_column"],
+                                               context_column=options["context_column"],
+                                               answers_column=options["answers_column"],
+                                               max_length=options["max_length"], stride=stride)
         if task == "seq2seq":
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
@@ -334,6 +348,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             for words in label_words(batch, texts, logits, id2label):
                 print("  " + " ".join(f"{w['word']}/{w['label']}" for w in words))
         print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
+    elif task_type == "QUESTION_ANS":  # the first eval questions, each on its context (--predict: none)
+        if raw_eval is not None:
+            figures["answers"] = _answer_examples(options, tokenizer, reloaded, peft_model, raw_eval, figures)
     elif texts and task_type == "SEQ_2_SEQ_LM":  # the decoder's output is all new tokens
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
                           max_length=options["max_length"])
@@ -350,6 +367,31 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
           f"metrics: {adapter_dir / 'metrics.jsonl'}")
     return figures
+
+
+def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict) -> list[dict]:
+    """The reloaded adapter's answers to the first eval questions, each from its own context, beside
+    the labelled answers; ``figures["reload_max_abs_diff"]``: its logits against the trained model's."""
+    import numpy as np
+
+    from peftjax.cli import _logits, answer_spans
+
+    print("answers of the reloaded adapter to the first eval questions:")
+    rows, diff = [], 0.0
+    for example in raw_eval.select(range(min(3, len(raw_eval)))):
+        question, context = example[options["question_column"]], example[options["context_column"]]
+        pair = tokenizer([question], [context], return_tensors="np", truncation="only_second",
+                         max_length=options["max_length"], return_offsets_mapping=True)
+        inputs = {k: v for k, v in pair.items() if k != "offset_mapping"}
+        logits = _logits(reloaded, inputs)
+        diff = max(diff, float(np.abs(logits - _logits(trained, inputs)).max()))
+        row = answer_spans(pair, [question], context, logits)[0]
+        row["labelled"] = (example[options["answers_column"]]["text"] or [""])[0]
+        print(f"  {question!r} -> {row['answer']!r} ({row['score']:.3f}; labelled {row['labelled']!r})")
+        rows.append(row)
+    figures["reload_max_abs_diff"] = diff
+    print(f"reloaded adapter reproduces the trained logits: max |diff| = {diff:.2e}")
+    return rows
 
 
 BASELINE_NAMES = {"majority": "majority class", "bag_of_words": "bag-of-words logistic regression",
