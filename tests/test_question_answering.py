@@ -175,26 +175,24 @@ def _colour_questions(n: int, seed: int) -> dict:
     return rows
 
 
-def test_the_trainer_learns_answer_spans_and_evaluates_as_transformers(tokenizer, tmp_path):
-    """The Trainer on start/end positions: the loss falls, ``evaluate``'s loss is transformers'
-    loss on the same rows through the saved adapter in PEFT, ``predict`` gives their logits."""
+def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path):
+    """The Trainer on start/end positions (training them: the command-line test below):
+    ``evaluate``'s loss and exact-span accuracy are transformers' on the same rows through the
+    saved adapter in PEFT, ``predict`` gives their logits, and a span outside its row is refused."""
     import datasets
 
     from peftjax.training import Trainer, TrainingArguments, tokenize_question_answering
 
-    train, evaluation = (tokenize_question_answering(datasets.Dataset.from_dict(_colour_questions(n, seed)),
-                                                     tokenizer, max_length=32, stride=8) for n, seed in ((64, 0), (12, 1)))
+    evaluation = tokenize_question_answering(datasets.Dataset.from_dict(_colour_questions(12, 1)), tokenizer,
+                                             max_length=32, stride=8)
     path = tmp_path / "base"
-    save_tiny(tr.BertForQuestionAnswering, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0, num_labels=2), path)
-    model = peftjax.get_peft_model(models.from_pretrained(path),
-                                   peftjax.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8))
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=24,
-                             learning_rate=2e-2, save_steps=0, logging_steps=8, disable_tqdm=True, plot=False)
-    trainer = Trainer(model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
-    before = trainer.evaluate()
-    trainer.train()
+    save_tiny(tr.BertForQuestionAnswering, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0,
+                                                        num_labels=2), path)
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        task_type="QUESTION_ANS", r=4, lora_alpha=8, init_lora_weights=False))  # LoRA's B not zero
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), save_steps=0, disable_tqdm=True, plot=False)
+    trainer = Trainer(model, args, eval_dataset=evaluation, pad_token_id=tokenizer.pad_token_id)
     after = trainer.evaluate()
-    assert after["eval_loss"] < before["eval_loss"] - 0.2, (before, after)
     assert set(after) == {"eval_loss", "eval_accuracy"}
     trainer.save_model(tmp_path / "adapter")
     with warnings.catch_warnings():
@@ -211,7 +209,7 @@ def test_the_trainer_learns_answer_spans_and_evaluates_as_transformers(tokenizer
     assert abs(after["eval_loss"] - np.mean([r.loss.item() for r in refs])) < 1e-5
     exact = np.mean([r.start_logits.numpy().argmax() == row["start_positions"]
                      and r.end_logits.numpy().argmax() == row["end_positions"] for r, row in zip(refs, evaluation)])
-    assert abs(after["eval_accuracy"] - exact) < 1e-6 and after["eval_accuracy"] > before["eval_accuracy"]
+    assert abs(after["eval_accuracy"] - exact) < 1e-6
     predicted = trainer.predict(evaluation)
     assert predicted.shape[::2] == (len(evaluation), 2)
     for row, ref in zip(predicted, refs):
@@ -241,11 +239,11 @@ def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_pat
     out = tmp_path / "run"
     assert main(["train", "--task", "question_answering", "--model", str(base), "--dataset",
                  str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-length", "32",
-                 "--max-steps", "24", "--learning-rate", "0.02", "--per-device-train-batch-size", "8",
+                 "--max-steps", "12", "--learning-rate", "0.02", "--per-device-train-batch-size", "8",
                  "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 24 and summary["train_rows"] == 64  # one window each at 32 tokens, stride 8
+    assert summary["steps"] == 12 and summary["train_rows"] == 64  # one window each at 32 tokens, stride 8
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert summary["reload_max_abs_diff"] < 1e-5
     answers = summary["answers"]
