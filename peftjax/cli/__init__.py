@@ -178,7 +178,8 @@ def _predict(args) -> int:
         batch = tokenizer(texts, [args.context] * len(texts), return_tensors="np", padding=True,
                           truncation="only_second", max_length=args.max_length, return_offsets_mapping=True)
         logits = _logits(model, {k: v for k, v in batch.items() if k in _accepted(model)})
-        for row in answer_spans(batch, texts, args.context, logits, max_answer_tokens=args.max_answer_tokens):
+        for row in answer_spans(batch, texts, [args.context] * len(texts), logits,
+                                max_answer_tokens=args.max_answer_tokens):
             print(json.dumps(row, ensure_ascii=False))
         return 0
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length,
@@ -220,17 +221,18 @@ def label_texts(texts: list[str], logits, names: dict) -> list[dict]:
     return rows
 
 
-def answer_spans(batch, questions: list[str], context: str, logits, *, max_answer_tokens: int = 30) -> list[dict]:
+def answer_spans(batch, questions: list[str], contexts: list[str], logits, *,
+                 max_answer_tokens: int = 30) -> list[dict]:
     """A question-answering model's ``[questions, tokens, 2]`` start and end logits as each question's
-    answer ``{"question", "answer", "start", "end", "score"}``: of the spans of the context's tokens
+    answer ``{"question", "answer", "start", "end", "score"}``: of the spans of its context's tokens
     that end where or after they start and hold at most ``max_answer_tokens`` tokens, the one whose
     start probability times end probability is largest (each a softmax over the context's tokens);
-    ``start``/``end`` are character offsets in ``context``. ``batch`` is the fast tokenizer's output
-    for ``(question, context)`` pairs with ``return_offsets_mapping``."""
+    ``start``/``end`` are character offsets in the question's context. ``batch`` is the fast
+    tokenizer's output for the ``(question, context)`` pairs with ``return_offsets_mapping``."""
     import numpy as np
 
     rows = []
-    for row, question in enumerate(questions):
+    for row, (question, context) in enumerate(zip(questions, contexts)):
         inside = np.array([s == 1 for s in batch.sequence_ids(row)])
         if not inside.any():
             raise ValueError(f"question {question!r} leaves no room for the context in --max-length "

@@ -371,26 +371,25 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
 def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict) -> list[dict]:
     """The reloaded adapter's answers to the first eval questions, each from its own context, beside
-    the labelled answers; ``figures["reload_max_abs_diff"]``: its logits against the trained model's."""
+    the labelled answers; ``figures["reload_max_abs_diff"]``: its logits against the trained model's.
+    One batch: each model's forward compiles once."""
     import numpy as np
 
     from peftjax.cli import _logits, answer_spans
 
+    examples = raw_eval.select(range(min(3, len(raw_eval))))
+    questions, contexts = list(examples[options["question_column"]]), list(examples[options["context_column"]])
+    pairs = tokenizer(questions, contexts, return_tensors="np", padding=True, truncation="only_second",
+                      max_length=options["max_length"], return_offsets_mapping=True)
+    inputs = {k: v for k, v in pairs.items() if k != "offset_mapping"}
+    logits = _logits(reloaded, inputs)
+    figures["reload_max_abs_diff"] = float(np.abs(logits - _logits(trained, inputs)).max())
+    rows = answer_spans(pairs, questions, contexts, logits)
     print("answers of the reloaded adapter to the first eval questions:")
-    rows, diff = [], 0.0
-    for example in raw_eval.select(range(min(3, len(raw_eval)))):
-        question, context = example[options["question_column"]], example[options["context_column"]]
-        pair = tokenizer([question], [context], return_tensors="np", truncation="only_second",
-                         max_length=options["max_length"], return_offsets_mapping=True)
-        inputs = {k: v for k, v in pair.items() if k != "offset_mapping"}
-        logits = _logits(reloaded, inputs)
-        diff = max(diff, float(np.abs(logits - _logits(trained, inputs)).max()))
-        row = answer_spans(pair, [question], context, logits)[0]
-        row["labelled"] = (example[options["answers_column"]]["text"] or [""])[0]
-        print(f"  {question!r} -> {row['answer']!r} ({row['score']:.3f}; labelled {row['labelled']!r})")
-        rows.append(row)
-    figures["reload_max_abs_diff"] = diff
-    print(f"reloaded adapter reproduces the trained logits: max |diff| = {diff:.2e}")
+    for row, answers in zip(rows, examples[options["answers_column"]]):
+        row["labelled"] = (answers["text"] or [""])[0]
+        print(f"  {row['question']!r} -> {row['answer']!r} ({row['score']:.3f}; labelled {row['labelled']!r})")
+    print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
     return rows
 
 
@@ -418,8 +417,7 @@ def label_names(options: dict, raw_train) -> list[str] | None:
     label column (a token task's: a sequence of them), as the Hub's datasets carry them."""
     if options["dataset"] is None and options["task"] == "seq_cls":
         return list(LABELS)
-    column = options["label_column"] if options["task"] == "seq_cls" else options["tags_column"]
-    feature = getattr(raw_train, "features", {}).get(column)
+    feature = getattr(raw_train, "features", {}).get(_label_column(options))
     feature = getattr(feature, "feature", feature)  # a list of ClassLabel
     names = getattr(feature, "names", None)
     return list(names) if names else None
@@ -427,8 +425,7 @@ def label_names(options: dict, raw_train) -> list[str] | None:
 
 def count_labels(options: dict, names: list[str] | None, train, evaluation) -> int:
     """``num_labels``: as given, else the label names' count, else the largest integer label + 1."""
-    given = options["num_labels"]
-    column = options["label_column"] if options["task"] == "seq_cls" else options["tags_column"]
+    given, column = options["num_labels"], _label_column(options)
     if names is not None:
         if given is not None and given != len(names):
             raise ValueError(f"num_labels is {given}, but the label column {column!r} names {len(names)} "
@@ -443,6 +440,11 @@ def count_labels(options: dict, names: list[str] | None, train, evaluation) -> i
         raise ValueError(f"the label column {column!r} holds no integer class ids to count the classes from "
                          f"({labels.dtype}); pass --num-labels (1 for regression)")
     return int(labels.max()) + 1
+
+
+def _label_column(options: dict) -> str:
+    """The raw data's label column: a classifier's label, a token classifier's tags."""
+    return options["label_column"] if options["task"] == "seq_cls" else options["tags_column"]
 
 
 def _labelled(dataset):

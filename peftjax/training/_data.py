@@ -338,7 +338,9 @@ def tokenize_question_answering(
             try:
                 enc = tokenizer(questions, batch[context_column], truncation="only_second", max_length=max_length,
                                 stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-            except Exception as e:  # transformers' message: the question leaves no room for the stride
+            except Exception as e:  # the tokenizer's own error when the question leaves no room for the stride
+                if "stride" not in str(e):
+                    raise
                 raise ValueError(f"tokenize_question_answering (max_length={max_length}, stride={stride}): {e}") \
                     from None
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
