@@ -72,6 +72,7 @@ from peftjax.tuners import (
     unload,
     unmerge,
 )
+from peftjax.tuners.prompt import virtual_positions
 from peftjax.tuners.lora import (
     convert_to_lora,
     get_eva_state_dict,
@@ -142,4 +143,5 @@ __all__ = [
     "split",
     "unload",
     "unmerge",
+    "virtual_positions",
 ]

@@ -84,7 +84,8 @@ def config(family: str, **overrides):
     return getattr(transformers, FAMILIES[family][0])(**fields(family, **overrides))
 
 
-_TASKS = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS"}
+_TASKS = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+          "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 class Arch(NamedTuple):
@@ -157,11 +158,18 @@ def train(peft_model, batch: dict, steps: int = 5, optimizer: optax.GradientTran
 
 def batch(ids, mask=None, task: str = "CAUSAL_LM", labels=(0, 2)) -> dict:
     """A training batch for ``task``: a causal LM's labels are the ids, padded positions ignored (-100);
-    a classifier's are ``labels``, one per row."""
+    a sequence classifier's are ``labels``, one per row; a token classifier's each id's remainder by
+    3; a question-answering model's answer spans ``labels`` and ``labels`` reversed, as start and
+    end positions."""
     ids = np.asarray(ids)
     mask = np.ones_like(ids) if mask is None else np.asarray(mask)
     if task == "SEQ_CLS":
         return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels)}
+    if task == "TOKEN_CLS":
+        return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids % 3, -100)}
+    if task == "QUESTION_ANS":
+        spans = np.sort(np.stack([np.asarray(labels), np.asarray(labels)[::-1]]), axis=0)
+        return {"input_ids": ids, "attention_mask": mask, "start_positions": spans[0], "end_positions": spans[1]}
     return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
 
 

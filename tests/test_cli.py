@@ -16,7 +16,7 @@ import transformers as tr
 
 import _tiny
 from _compiles import compilations
-from _torch_models import lazy, save_tiny
+from _torch_models import lazy, peft_prompt_forward, save_tiny
 
 import peftjax
 from peftjax import models
@@ -280,6 +280,56 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
                                   pad_token_id=tokenizer.pad_token_id)
         want = tokenizer.decode(np.asarray(out)[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert json.loads(capsys.readouterr().out)["completion"] == want
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_predict_reads_past_a_prompt_adapter_s_virtual_tokens(task, tokenizer_dir, tmp_path, capsys):
+    """A PEFT prompt-tuning adapter puts 4 virtual tokens before the text: ``predict`` labels each
+    word, or finds the answer, from the logits of the text's own tokens (PEFT's logits past the
+    virtual ones); ``merge`` refuses the adapter, which changes the inputs, not the weights."""
+    from transformers import AutoTokenizer
+
+    from peftjax.cli import answer_spans, label_words
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    qa = task == "QUESTION_ANS"
+    cls = tr.BertForQuestionAnswering if qa else tr.BertForTokenClassification
+    base = tmp_path / "base"
+    save_tiny(cls, _tiny_config("bert", len(tokenizer), num_labels=2 if qa else 3), base)
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4)
+    theirs = peft.get_peft_model(cls.from_pretrained(base), config)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    text, context = "a small test of every command", "the small test checks every command with prompts"
+    args = ["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]
+    pair = (text, context) if qa else (text,)
+    batch = tokenizer(*[[t] for t in pair], return_tensors="np", return_offsets_mapping=True)
+    inputs = {k: torch.tensor(v) for k, v in batch.items() if k != "offset_mapping"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if qa:  # PEFT's forward drops token_type_ids: its own prompt forward with them
+            out = peft_prompt_forward(theirs, **inputs)
+            logits = np.stack([out.start_logits.numpy(), out.end_logits.numpy()], -1)
+        else:
+            logits = theirs(**inputs).logits.numpy()
+    assert logits.shape[1] == batch["input_ids"].shape[1] + 4
+    own = logits[:, 4:]  # the text's tokens
+    assert main([*args, *(["--context", context] if qa else [])]) == 0
+    row = json.loads(capsys.readouterr().out)
+    if qa:
+        expected = answer_spans(batch, [text], [context], own)[0]
+        assert row["answer"] == expected["answer"] and abs(row["score"] - expected["score"]) < 1e-4
+    else:
+        expected = label_words(batch, [text], own, {k: f"LABEL_{k}" for k in range(3)})[0]
+        assert [w["label"] for w in row["words"]] == [w["label"] for w in expected]
+        np.testing.assert_allclose([w["score"] for w in row["words"]], [w["score"] for w in expected], atol=1e-4)
+    assert main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 1
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "merged").exists()
 
 
 def test_an_adapter_that_does_not_fit_is_refused(tmp_path):

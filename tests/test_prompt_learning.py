@@ -2,9 +2,12 @@
 
 PEFT 0.21.2 under transformers 5 has two gaps that shape the oracles here:
 
-- prefix tuning with a ``SEQ_CLS`` head raises ("Model does not support past key values"): the
-  models renamed ``past_key_values`` to ``cache``. The oracle is PEFT's own prefix path with the
-  cache passed under its new name (:func:`torch_prefix_seq_cls`).
+- prefix tuning with a ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS`` head raises ("Model does
+  not support past key values"): the models renamed ``past_key_values`` to ``cache``. The oracle
+  is PEFT's own prefix path with the cache passed under its new name (:func:`torch_prefix_head`).
+- ``PeftModelForQuestionAnswering``'s forward drops ``token_type_ids``, so its logits for a BERT
+  question + context pair are not the model's. The oracle for prompt tuning and P-tuning is PEFT's
+  own forward with them passed on (``_torch_models.peft_prompt_forward``).
 - ``PeftModelForCausalLM.generate`` passes the prefix as ``past_key_values``, which transformers 5
   ignores beside its own ``cache``, and re-injects the virtual tokens at every decoding step. The
   oracle is greedy decoding with PEFT's forward on the whole sequence (:func:`torch_greedy`), with
@@ -29,7 +32,7 @@ from flax import nnx
 
 import _tiny
 
-from _torch_models import LONG_ROWS, lazy, padded_batch
+from _torch_models import LONG_ROWS, lazy, padded_batch, peft_prompt_forward
 import peftjax
 from peftjax import models
 from peftjax.io._adapter import AdapterFileError
@@ -45,12 +48,16 @@ ARCHS = {
     "gpt2": _tiny.arch("gpt2", n_positions=64, pad_token_id=0, initializer_range=0.2),
     "bert": _tiny.arch("bert"),
     "llama-cls": _tiny.arch("llama", "LlamaForSequenceClassification", num_labels=3),
+    "bert-tok": _tiny.arch("bert", "BertForTokenClassification"),
+    "bert-qa": _tiny.arch("bert", "BertForQuestionAnswering", num_labels=2),
+    "bert-feat": _tiny.arch("bert", "BertModel"),
     "qwen3": _tiny.arch("qwen3", initializer_range=0.2),
     "phi3": _tiny.arch("phi3", initializer_range=0.2),
     "gemma2": _tiny.arch("gemma2", initializer_range=0.2),
     "gemma3_text": _tiny.arch("gemma3_text", initializer_range=0.2),
     "mixtral": _tiny.arch("mixtral", initializer_range=0.2),
 }
+TASKS = {name: spec.task or "FEATURE_EXTRACTION" for name, spec in ARCHS.items()}
 # method -> (peft config class, peftjax config class, extra fields)
 METHODS = {
     "prefix": ("PrefixTuningConfig", {}),
@@ -63,8 +70,14 @@ METHODS = {
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 IDS[MASK == 0] = 0
-# segment ids: BERT classifiers keep them (prompt methods prefix zeros), causal LMs drop them (PEFT warns)
+# segment ids (by family): BERT classifiers keep them (prompt methods prefix zeros); causal LMs and
+# feature extractors drop them (PEFT warns)
 TOKEN_TYPES = {"bert": np.array([[0] * 3 + [1] * 4, [0] * 4 + [1] * 3]), "gpt2": np.array([[3] * 7, [5] * 7])}
+
+
+def token_types(arch) -> dict:
+    family = ARCHS[arch].family if arch else None
+    return {"token_type_ids": TOKEN_TYPES[family]} if family in TOKEN_TYPES else {}
 
 
 def configs(method: str, task: str):
@@ -84,36 +97,53 @@ def torch_base(saved, arch):
         return ARCHS[arch].torch_class.from_pretrained(saved[arch]).eval()
 
 
-def torch_prefix_seq_cls(pm, ids, mask, **kwargs):
-    """PEFT's prefix forward for a classifier, the prefix cache passed as transformers 5 names it."""
+def outputs(out, task: str) -> np.ndarray:
+    """The per-task output the tests compare (torch's or peftjax's): logits, start and end logits
+    ``[..., 2]``, or hidden states."""
+    if task == "QUESTION_ANS":
+        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
+    return np.asarray(out.last_hidden_state if task == "FEATURE_EXTRACTION" else out.logits)
+
+
+def torch_prefix_head(pm, ids, mask, **kwargs):
+    """PEFT's prefix forward for a head whose forward takes no cache (its backbone, dropout and
+    head), the prefix cache passed as transformers 5 names it."""
     pkv = pm.get_prompt(ids.shape[0])
     mask = torch.cat([torch.ones(ids.shape[0], V, dtype=mask.dtype), mask], 1)
     base = pm.base_model
-    if hasattr(base, "bert"):  # PEFT's path for heads without a cache argument: backbone, pooler, dropout, head
-        pooled = base.bert(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs)[1]
-        return base.classifier(base.dropout(pooled))
-    return base(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs).logits
+    if not hasattr(base, "bert"):
+        return base(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs).logits
+    out = base.bert(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs)
+    if hasattr(base, "qa_outputs"):
+        return base.qa_outputs(out[0])
+    if pm.peft_config["default"].task_type == "TOKEN_CLS":
+        return base.classifier(base.dropout(out[0]))
+    return base.classifier(base.dropout(out[1]))
 
 
 def run_torch(pm, arch, method, ids=IDS, mask=MASK):
     ids, mask = torch.tensor(ids), torch.tensor(mask)
-    extra = {"token_type_ids": torch.tensor(TOKEN_TYPES[arch])} if arch in TOKEN_TYPES else {}
+    extra = {k: torch.tensor(v) for k, v in token_types(arch).items()}
+    task = TASKS[arch]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if ARCHS[arch].task == "SEQ_CLS" and method.startswith("prefix"):
-            return torch_prefix_seq_cls(pm, ids, mask, **extra).numpy()
-        return pm(input_ids=ids, attention_mask=mask, **extra).logits.numpy()
+        if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and method.startswith("prefix"):
+            return torch_prefix_head(pm, ids, mask, **extra).numpy()
+        if task == "QUESTION_ANS":
+            return outputs(peft_prompt_forward(pm, ids, mask, **extra), task)
+        return outputs(pm(input_ids=ids, attention_mask=mask, **extra), task)
 
 
 def run_jax(model, arch=None, ids=IDS, mask=MASK, jit=False):
     model = getattr(model, "base_model", model)
-    extra = {"token_type_ids": TOKEN_TYPES[arch]} if arch in TOKEN_TYPES else {}
+    extra = token_types(arch)
+    task = TASKS.get(arch, "CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if jit:
-            fn = nnx.jit(lambda m, i, a, kw: m(input_ids=i, attention_mask=a, **kw).logits)
-            return np.asarray(fn(model, ids, mask, extra))
-        return np.asarray(model(input_ids=ids, attention_mask=mask, **extra).logits)
+            fn = nnx.jit(lambda m, i, a, kw: m(input_ids=i, attention_mask=a, **kw))
+            return outputs(fn(model, ids, mask, extra), task)
+        return outputs(model(input_ids=ids, attention_mask=mask, **extra), task)
 
 
 def assert_close(ours, ref, mask=MASK, atol=1e-5):
@@ -126,7 +156,7 @@ def assert_close(ours, ref, mask=MASK, atol=1e-5):
 
 
 def peft_model(saved, arch, method, perturb=True):
-    config, _ = configs(method, ARCHS[arch].task)
+    config, _ = configs(method, TASKS[arch])
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,7 +173,7 @@ CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
 ] + [(a, m) for a in ("qwen3", "phi3", "gemma3_text", "mixtral") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
     ("gemma2", "prefix"),
-]
+] + [(a, m) for a in ("bert-tok", "bert-qa", "bert-feat") for m in ("prefix", "prompt", "p-tuning-mlp")]
 
 
 # ---------------------------------------------------------------- (a) PEFT -> peftjax
@@ -181,27 +211,62 @@ def test_peft_made_adapter_gives_same_logits_on_long_rows(saved, arch, method, t
     ("llama-cls", "prompt"),
     *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
     ("gemma3_text", "prefix"), ("mixtral", "prefix"),
+    ("bert-tok", "prefix"), ("bert-tok", "prompt"), ("bert-qa", "prefix"), ("bert-qa", "p-tuning-lstm"),
+    ("bert-feat", "prompt"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
-    task = ARCHS[arch].task
+    task = TASKS[arch]
     _, config = configs(method, task)
     model = peftjax.get_peft_model(models.from_pretrained(saved[arch]), config, key=jax.random.key(3))
     before = run_jax(model, arch)
     _, trainable, _ = peftjax.split(model.base_model)
     assert any("peft_prompt_encoders" in str(p) for p, _ in nnx.to_flat_state(trainable))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # without the base model's dropout, so that five steps' losses compare
-        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), optimizer=optax.adam(3e-2), dropout=False).losses
-    assert losses[-1] < losses[0]
+    if task != "FEATURE_EXTRACTION":  # which has no loss: its random adapter goes to PEFT
+        batch = {**_tiny.batch(IDS, MASK, task), **token_types(arch)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # without the base model's dropout, so that five steps' losses compare
+            losses = _tiny.train(model, batch, optimizer=optax.adam(3e-2), dropout=False).losses
+        assert losses[-1] < losses[0]
     ours = run_jax(model, arch)
-    assert np.abs(ours - before).max() > 1e-3  # training changed the adapter's output
+    assert np.abs(ours - before).max() > (1e-3 if task != "FEATURE_EXTRACTION" else -1)  # training moved it
 
     model.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(torch_base(saved, arch), tmp_path).eval()
     assert_close(ours, run_torch(pm, arch, method))
+
+
+@pytest.mark.parametrize(("arch", "method"), [
+    ("bert-tok", "prompt"), ("bert-tok", "p-tuning-mlp"), ("bert-tok", "prefix"),
+    ("bert-qa", "prompt"), ("bert-qa", "prefix"),
+])
+def test_labels_move_with_the_virtual_tokens(saved, arch, method, tmp_path):
+    """A token classifier's labels and a question-answering model's answer positions go with their
+    tokens, after the virtual ones: the model's loss is the cross entropy of PEFT's logits (``V +
+    seq`` positions, prefix tuning: ``seq``) against them. PEFT's own loss fails for the token
+    classifier (``V + seq`` logits, ``seq`` labels), and scores the wrong tokens for the spans."""
+    pm = peft_model(saved, arch, method)
+    ref = torch.tensor(run_torch(pm, arch, method))
+    pm.save_pretrained(tmp_path)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
+    virtual = 0 if method == "prefix" else V
+    assert peftjax.virtual_positions(model) == virtual == ref.shape[1] - IDS.shape[1]
+    batch = {**_tiny.batch(IDS, MASK, TASKS[arch]), **token_types(arch)}
+    cross_entropy = torch.nn.functional.cross_entropy
+    if arch == "bert-tok":
+        labels = torch.tensor(np.pad(batch["labels"], ((0, 0), (virtual, 0)), constant_values=-100))
+        expected = cross_entropy(ref.reshape(-1, ref.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    else:  # transformers' span loss, on unpadded rows: the mean of the start and the end cross entropy
+        batch["attention_mask"] = np.ones_like(IDS)
+        ref = torch.tensor(run_torch(pm, arch, method, IDS, batch["attention_mask"]))
+        spans = [torch.tensor(batch[k] + virtual) for k in ("start_positions", "end_positions")]
+        expected = sum(cross_entropy(ref[..., k], spans[k]) for k in (0, 1)) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = model(**batch).loss
+    assert abs(float(loss) - expected.item()) < 1e-5
 
 
 # ---------------------------------------------------------------- (c) generation

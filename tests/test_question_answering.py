@@ -14,7 +14,7 @@ from flax import nnx
 
 import _tiny
 import peftjax
-from _torch_models import lazy, save_tiny
+from _torch_models import lazy, peft_prompt_forward, save_tiny
 from peftjax import models
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
@@ -175,10 +175,13 @@ def _colour_questions(n: int, seed: int) -> dict:
     return rows
 
 
-def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path, method):
     """The Trainer on start/end positions (training them: the command-line test below):
     ``evaluate``'s loss and exact-span accuracy are transformers' on the same rows through the
-    saved adapter in PEFT, ``predict`` gives their logits, and a span outside its row is refused."""
+    saved adapter in PEFT, ``predict`` gives their logits, and a span outside its row is refused.
+    With prompt tuning, after a few training steps: the spans move past the virtual tokens, whose
+    logits ``predict`` leaves out."""
     import datasets
 
     from peftjax.training import Trainer, TrainingArguments, tokenize_question_answering
@@ -188,10 +191,17 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path)
     path = tmp_path / "base"
     save_tiny(tr.BertForQuestionAnswering, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0,
                                                         num_labels=2), path)
-    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
-        task_type="QUESTION_ANS", r=4, lora_alpha=8, init_lora_weights=False))  # LoRA's B not zero
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), save_steps=0, disable_tqdm=True, plot=False)
-    trainer = Trainer(model, args, eval_dataset=evaluation, pad_token_id=tokenizer.pad_token_id)
+    config = (peftjax.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8, init_lora_weights=False)  # B != 0
+              if method == "lora" else peftjax.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=3))
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    virtual = peftjax.virtual_positions(model)
+    assert virtual == (3 if method == "prompt" else 0)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), save_steps=0, disable_tqdm=True, plot=False,
+                             max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
+    trainer = Trainer(model, args, train_dataset=evaluation, eval_dataset=evaluation,
+                      pad_token_id=tokenizer.pad_token_id)
+    if method == "prompt":
+        trainer.train()
     after = trainer.evaluate()
     assert set(after) == {"eval_loss", "eval_accuracy"}
     trainer.save_model(tmp_path / "adapter")
@@ -200,22 +210,29 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path)
         theirs = peft.PeftModel.from_pretrained(tr.BertForQuestionAnswering.from_pretrained(path),
                                                 tmp_path / "adapter").eval()
     # PeftModelForQuestionAnswering's forward (PEFT 0.21.2) does not pass token_type_ids on, so its
-    # logits for a question + context pair are not the model's: call the adapted model itself
-    theirs = theirs.get_base_model()
-    # transformers on each row unpadded (its loss also counts padded positions: the Trainer's never)
-    refs = [_torch(theirs, **{k: np.array([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids",
-                                                                "start_positions", "end_positions")})
+    # logits for a question + context pair are not the model's: call the adapted model itself, or
+    # PEFT's prompt forward with them
+    rows = [{k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}
             for row in evaluation]
-    assert abs(after["eval_loss"] - np.mean([r.loss.item() for r in refs])) < 1e-5
-    exact = np.mean([r.start_logits.numpy().argmax() == row["start_positions"]
-                     and r.end_logits.numpy().argmax() == row["end_positions"] for r, row in zip(refs, evaluation)])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs = [peft_prompt_forward(theirs, **row) if virtual else theirs.get_base_model()(**row) for row in rows]
+    # transformers' loss on each row unpadded (its loss also counts padded positions: the Trainer's
+    # never), the answer positions after the virtual tokens
+    spans = [(row["start_positions"] + virtual, row["end_positions"] + virtual) for row in evaluation]
+    losses = [(torch.nn.functional.cross_entropy(r.start_logits, torch.tensor([s]))
+               + torch.nn.functional.cross_entropy(r.end_logits, torch.tensor([e]))).item() / 2
+              for r, (s, e) in zip(refs, spans)]
+    assert abs(after["eval_loss"] - np.mean(losses)) < 1e-5
+    exact = np.mean([r.start_logits.numpy().argmax() == s and r.end_logits.numpy().argmax() == e
+                     for r, (s, e) in zip(refs, spans)])
     assert abs(after["eval_accuracy"] - exact) < 1e-6
     predicted = trainer.predict(evaluation)
     assert predicted.shape[::2] == (len(evaluation), 2)
     for row, ref in zip(predicted, refs):
-        n = ref.start_logits.shape[1]
-        np.testing.assert_allclose(row[:n, 0], ref.start_logits.numpy()[0], atol=1e-4)
-        np.testing.assert_allclose(row[:n, 1], ref.end_logits.numpy()[0], atol=1e-4)
+        n = ref.start_logits.shape[1] - virtual  # the row's own tokens
+        np.testing.assert_allclose(row[:n, 0], ref.start_logits.numpy()[0, virtual:], atol=1e-4)
+        np.testing.assert_allclose(row[:n, 1], ref.end_logits.numpy()[0, virtual:], atol=1e-4)
     with pytest.raises(ValueError, match=r"eval_dataset: row 0 has start_positions/end_positions \[5, 2\]"):
         trainer.evaluate(evaluation.map(lambda r, i: {"start_positions": 5 if i == 0 else r["start_positions"],
                                                          "end_positions": 2 if i == 0 else r["end_positions"]},

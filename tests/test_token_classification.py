@@ -205,3 +205,47 @@ def test_the_trainer_learns_per_token_labels_and_evaluates_as_transformers(check
     with pytest.raises(ValueError, match=r"eval_dataset: row 0 has labels \[1, 2\]; token classification needs "
                                          r"one label per input_ids token \(3 here\)"):
         trainer.evaluate(bad)
+
+
+@pytest.mark.parametrize("config", [
+    peftjax.PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=3),
+    peftjax.PromptEncoderConfig(task_type="TOKEN_CLS", num_virtual_tokens=3, encoder_hidden_size=16),
+], ids=["prompt", "p-tuning"])
+def test_the_trainer_trains_prompt_learning_token_classifiers_as_peft_scores_them(checkpoints, config, tmp_path):
+    """Prompt tuning and P-tuning put 3 virtual tokens before each row (PEFT's logits have 3 more
+    positions): the Trainer scores each label against its own token's logits, its evaluation is
+    the cross entropy of the saved adapter's PEFT logits past the virtual tokens, and ``predict``
+    and ``compute_metrics`` get logits aligned with the rows' tokens."""
+    _, path = checkpoints["bert"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    assert peftjax.virtual_positions(model) == 3
+    train, evaluation = _tagging_data(48, 0), _tagging_data(12, 1)
+    seen = {}
+
+    def metrics(logits, labels):
+        seen["shapes"] = logits.shape, labels.shape
+        return {}
+
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3,
+                                     learning_rate=3e-2, save_steps=0, disable_tqdm=True, report_to="none",
+                                     plot=False, per_device_eval_batch_size=8)
+    trainer = peftjax.Trainer(model, args, train, evaluation, compute_metrics=metrics)
+    before = trainer.evaluate()
+    assert seen["shapes"][0][:2] == seen["shapes"][1]
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"]
+    trainer.save_model(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tr.BertForTokenClassification.from_pretrained(path),
+                                                tmp_path / "adapter").eval()
+    refs = [_torch(theirs, input_ids=np.array([ids])).logits[0] for ids in evaluation["input_ids"]]
+    assert {tuple(r.shape) for r in refs} == {(len(ids) + 3, NUM_LABELS) for ids in evaluation["input_ids"]}
+    own = [r[3:] for r in refs]  # the rows' own tokens: PEFT's loss cannot score them (its labels are 3 short)
+    expected = torch.nn.functional.cross_entropy(torch.cat(own), torch.tensor(sum(evaluation["labels"], [])),
+                                                 ignore_index=-100)
+    assert abs(after["eval_loss"] - expected.item()) < 1e-5
+    predicted = trainer.predict({"input_ids": evaluation["input_ids"]})
+    for row, ref in zip(predicted, own):
+        np.testing.assert_allclose(row[:len(ref)], ref.numpy(), atol=1e-5)

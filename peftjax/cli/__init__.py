@@ -285,20 +285,24 @@ def _logits(model, inputs: dict):
     from flax import nnx
 
     from peftjax.training._trainer import span_logits
+    from peftjax.tuners.prompt import virtual_positions
 
     def logits_of(out):  # a question-answering model's: its start and end logits, [batch, seq, 2]
         return out.logits if out.start_logits is None else span_logits(out)
 
     module = getattr(model, "base_model", model)
     tuner = model._active_tuner() if module is not model else None
+    virtual = virtual_positions(model)  # a prompt or P-tuning adapter's: before each text's own tokens
     if not isinstance(module, nnx.Module) or (tuner is not None and tuner.forward is not None):
-        return np.asarray(logits_of(model(**inputs)))  # a method that rewrites the inputs: as it runs
-    graphdef, state = nnx.split(module)
+        logits = np.asarray(logits_of(model(**inputs)))  # a method that rewrites the inputs: as it runs
+    else:
+        graphdef, state = nnx.split(module)
 
-    def forward(state, inputs):
-        return logits_of(nnx.merge(graphdef, state)(**inputs))
+        def forward(state, inputs):
+            return logits_of(nnx.merge(graphdef, state)(**inputs))
 
-    return np.asarray(jax.jit(forward)(state, inputs))
+        logits = np.asarray(jax.jit(forward)(state, inputs))
+    return logits[:, virtual:] if logits.ndim == 3 else logits
 
 
 def _accepted(model) -> set[str]:

@@ -37,6 +37,7 @@ from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
 from peftjax.tuners.base._variables import fresh_copy
+from peftjax.tuners.prompt import virtual_positions
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # what packed batches add (Batcher(packing=True)), passed to a model that takes them
@@ -187,6 +188,8 @@ def _loss_terms(logits: jax.Array, labels: jax.Array, weight: jax.Array, problem
         spans = labels.astype(jnp.int32)
         nll = -jnp.take_along_axis(logp, spans[:, None, :], axis=1)[:, 0, :]  # [batch, 2]
         exact = jnp.all(jnp.argmax(logits, axis=1) == spans, axis=-1)
+        # a filler row's span may point at its masked positions (a huge loss): not added, not even as 0 * inf
+        nll = jnp.where(weight[:, None] > 0, nll, 0.0)
         return jnp.sum(jnp.mean(nll, -1) * weight), jnp.sum(weight), jnp.sum(exact * weight)
     if problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS) or (problem_type is None and logits.ndim == 3):
         if problem_type not in (SEQ2SEQ_LM, TOKEN_CLS):  # a decoder's input is already the labels shifted right
@@ -340,9 +343,7 @@ class Trainer:
         output projection, so that evaluation never holds ``[batch, seq, vocab]`` logits either."""
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
         labels = batch["labels"]
-        # a prompt or P-tuning causal LM: its logits start with the virtual tokens' positions, and its
-        # loss scores the first label too (from the last virtual token), as PEFT's do
-        virtual = getattr(model, "labels_prepended", lambda: 0)()
+        virtual = virtual_positions(model)
         if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's loss is the mean over the labels it scores: a causal LM's every next token
             count = jnp.sum(scored_labels(labels, self._scores_first_label(model))).astype(jnp.float32)
@@ -351,9 +352,11 @@ class Trainer:
         if self.problem_type == SEQ2SEQ_LM:
             inputs["labels"] = labels
         out = self._logits(model(**inputs))
-        if virtual:
-            labels = jnp.concatenate([jnp.full((labels.shape[0], virtual), -100, labels.dtype), labels], axis=1)
-        return out, _loss_terms(self._scored(out, batch), labels, batch["sample_weight"], self.problem_type)
+        scored, labels = self._scored(model, out, batch)
+        terms = _loss_terms(scored, labels, batch["sample_weight"], self.problem_type)
+        if virtual and self.problem_type in (TOKEN_CLS, QUESTION_ANS):
+            out = out[:, virtual:]  # the rows' own tokens, as their labels are
+        return out, terms
 
     def _loss(self, model, batch):
         """The training loss; inside the step, with the step's dropout key active."""
@@ -367,8 +370,8 @@ class Trainer:
             loss = model(**inputs, labels=batch["labels"], **extra).loss
         else:
             inputs = {k: batch[k] for k in self.model_inputs if k in batch}
-            logits = self._scored(self._logits(model(**inputs, **extra)), batch)
-            total, count, _ = _loss_terms(logits, batch["labels"], batch["sample_weight"], self.problem_type)
+            logits, labels = self._scored(model, self._logits(model(**inputs, **extra)), batch)
+            total, count, _ = _loss_terms(logits, labels, batch["sample_weight"], self.problem_type)
             loss = total / jnp.maximum(count, 1.0)
         if LOSS_SCALE in batch:  # accumulation over token-scored micro-batches (see _loss_scales)
             loss = loss * jnp.mean(batch[LOSS_SCALE])
@@ -378,14 +381,29 @@ class Trainer:
         """A model output's logits: a question-answering model's start and end logits stacked."""
         return span_logits(out) if self.problem_type == QUESTION_ANS else out.logits
 
-    def _scored(self, logits: jax.Array, batch: dict) -> jax.Array:
-        """The logits the loss scores: a question-answering model's never at padding. Its softmax
-        runs over the row's positions, so that neither the loss nor the likeliest span depends on
-        how far a bucket pads the row (transformers' loss counts the padded positions of however
-        its batch was padded; the two agree on unpadded rows)."""
-        if self.problem_type != QUESTION_ANS or "attention_mask" not in batch:
-            return logits
-        return jnp.where(batch["attention_mask"][..., None] > 0, logits, jnp.finfo(jnp.float32).min)
+    def _scored(self, model, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """The logits the loss scores and their labels.
+
+        Where a prompt or P-tuning adapter puts ``V`` virtual tokens before each row
+        (:func:`virtual_positions`), the labels move with the row's tokens: a language model's or
+        a token classifier's get ``V`` times ``-100`` before them (so a causal LM's loss also scores
+        the first label, from the last virtual token, as PEFT's does), a question-answering
+        model's answer positions move ``V`` on. A question-answering model's logits are never
+        scored at padding: its softmax runs over the row's positions (the virtual ones included),
+        so that neither the loss nor the likeliest span depends on how far a bucket pads the row
+        (transformers' loss counts the padded positions of however its batch was padded; the two
+        agree on unpadded rows)."""
+        labels, mask = batch["labels"], batch.get("attention_mask")
+        virtual = virtual_positions(model)
+        if virtual and self.problem_type == QUESTION_ANS:
+            labels = labels + virtual
+        elif virtual:
+            labels = jnp.concatenate([jnp.full((labels.shape[0], virtual), -100, labels.dtype), labels], axis=1)
+        if self.problem_type != QUESTION_ANS or mask is None:
+            return logits, labels
+        if virtual:
+            mask = jnp.concatenate([jnp.ones((mask.shape[0], virtual), mask.dtype), mask], axis=1)
+        return jnp.where(mask[..., None] > 0, logits, jnp.finfo(jnp.float32).min), labels
 
     def _token_weighted(self) -> bool:
         """Whether gradient accumulation weighs micro-batches by their scored tokens: a language
@@ -395,7 +413,7 @@ class Trainer:
 
     def _scores_first_label(self, model) -> bool:
         """Whether a language model's loss scores each row's first label (see :func:`scored_labels`)."""
-        return self.problem_type == SEQ2SEQ_LM or getattr(model, "labels_prepended", lambda: 0)() > 0
+        return self.problem_type == SEQ2SEQ_LM or virtual_positions(model) > 0
 
     def _scaled_batches(self, batches: Iterator[dict], plan: StepPlan, micro: int) -> Iterator[dict]:
         """An epoch's ``batches`` from micro-batch ``micro`` (a step's first) on, each with its loss

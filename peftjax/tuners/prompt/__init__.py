@@ -5,7 +5,12 @@ tokens), so ``PeftModel`` needs no forward/generate hooks.
 """
 
 from peftjax.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from peftjax.tuners.prompt._model import PROMPT_LEARNING_CONFIGS, PromptEncoder, inject_prompt_learning
+from peftjax.tuners.prompt._model import (
+    PROMPT_LEARNING_CONFIGS,
+    PromptEncoder,
+    inject_prompt_learning,
+    virtual_positions,
+)
 from peftjax.tuners.prompt._state_dict import load_prompt_state_dict, prompt_state_dict
 
 __all__ = [
@@ -17,4 +22,5 @@ __all__ = [
     "inject_prompt_learning",
     "load_prompt_state_dict",
     "prompt_state_dict",
+    "virtual_positions",
 ]

@@ -5,8 +5,10 @@ These methods change a model's inputs, not its layers:
 - prefix tuning gives every attention layer ``V`` learned key/value entries, through the prefix
   attention protocol (``prefix_kv``; see ``peftjax.models._attention``);
 - prompt tuning and P-tuning prepend ``V`` learned embeddings to the token embeddings
-  (``inputs_embeds``); the attention mask grows by ``V`` ones, causal-LM labels by ``V`` times
-  ``-100``, and a causal LM's logits have ``V + seq`` positions.
+  (``inputs_embeds``); the attention mask grows by ``V`` ones, token type ids by ``V`` zeros, and
+  per-token outputs (a causal LM's or a token classifier's logits, a question-answering model's
+  start and end logits, a feature extractor's hidden states) have ``V + seq`` positions, as in
+  PEFT. Labels move with the tokens (``PromptLearningModel.virtual_positions``).
 
 Where the weights live: each adapter's :class:`PromptEncoder` sits in
 ``model.peft_prompt_encoders[name]`` with ``AdapterParam`` weights, and the model's class gets a
@@ -19,7 +21,7 @@ and restores the class.
 
 On disk, as in PEFT: ``prompt_embeddings`` is the encoder's *output* (``[V, num_layers * 2 *
 token_dim]`` for prefix tuning, ``[V, token_dim]`` otherwise), never the MLP/LSTM weights; a
-``SEQ_CLS`` head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder is that
+classifier or span head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder is that
 one matrix; like PEFT, peftjax refuses to load one as trainable.
 """
 
@@ -60,7 +62,8 @@ from peftjax.tuners.base import (
 )
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
-SUPPORTED_TASKS = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value, TaskType.SEQ_2_SEQ_LM.value)
+SUPPORTED_TASKS = tuple(t.value for t in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM,
+                                           TaskType.TOKEN_CLS, TaskType.QUESTION_ANS, TaskType.FEATURE_EXTRACTION))
 # the module names PEFT's file format uses for a prompt-learning model's heads: no tuner wrapper
 SAVED_PREFIX = "base_model."
 # the bundled models' input embeddings, preferred over any other vocabulary-sized table
@@ -345,21 +348,34 @@ def _drop(kwargs: dict, name: str, message: str) -> None:
         kwargs[name] = None
 
 
+# the tasks whose per-token outputs (logits, hidden states) and labels start with the virtual
+# tokens' positions under prompt tuning and P-tuning
+_PER_TOKEN_TASKS = (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS, TaskType.QUESTION_ANS, TaskType.FEATURE_EXTRACTION)
+# the tasks whose PEFT forward drops token_type_ids (PEFT's _adjust_prompt_learning_kwargs)
+_NO_TOKEN_TYPE_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION)
+
+
 def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
-    """The call's keyword arguments rewritten as PEFT's forward rewrites them (see the module doc)."""
+    """The call's keyword arguments rewritten as PEFT's forward rewrites them (see the module doc).
+
+    Where PEFT leaves the labels of a longer sequence as they were, they are moved with the tokens:
+    a token classifier's labels get ``V`` times ``-100`` before them (PEFT's loss fails on the
+    mismatched lengths), and a question-answering model's ``start_positions``/``end_positions``
+    move ``V`` positions on (PEFT's loss scores the tokens ``V`` places before the answer).
+    """
     v = encoder.num_virtual_tokens
-    causal = encoder.task_type == TaskType.CAUSAL_LM
+    task = encoder.task_type
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if ids is None and embeds is None and kwargs.get("encoder_outputs") is None:
         raise ValueError("prompt learning needs input_ids or inputs_embeds")
+    if task in _NO_TOKEN_TYPE_TASKS:
+        _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
     if encoder.peft_type == PREFIX_TUNING:
         if kwargs.get("prefix_kv") is not None:
             raise ValueError("prefix_kv is set by the active prefix-tuning adapter; do not pass it as well")
         kwargs["prefix_kv"] = encoder.prefix_kv()
         if kwargs.get("position_ids") is not None:  # the prefix takes positions 0..V-1
             kwargs["position_ids"] = jnp.asarray(kwargs["position_ids"]) + v
-        if causal:
-            _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
         return kwargs
     if kwargs.get("cache") is not None or kwargs.get("encoder_outputs") is not None:
         # a generation step: `generate` prefilled (or encoded) the virtual tokens already
@@ -375,14 +391,16 @@ def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
         mask = jnp.asarray(kwargs["attention_mask"])
         kwargs["attention_mask"] = jnp.concatenate([jnp.ones((batch, v), mask.dtype), mask], axis=1)
     _drop(kwargs, "position_ids", _NO_POSITIONS)
-    if causal:
-        _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
-        if kwargs.get("labels") is not None:
-            labels = jnp.asarray(kwargs["labels"])
-            kwargs["labels"] = jnp.concatenate([jnp.full((batch, v), -100, labels.dtype), labels], axis=1)
-    elif kwargs.get("token_type_ids") is not None:
+    if kwargs.get("token_type_ids") is not None:
         types = jnp.asarray(kwargs["token_type_ids"])
         kwargs["token_type_ids"] = jnp.concatenate([jnp.zeros((batch, v), types.dtype), types], axis=1)
+    if task in (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS) and kwargs.get("labels") is not None:
+        labels = jnp.asarray(kwargs["labels"])
+        kwargs["labels"] = jnp.concatenate([jnp.full((batch, v), -100, labels.dtype), labels], axis=1)
+    if task == TaskType.QUESTION_ANS:
+        for name in ("start_positions", "end_positions"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = jnp.asarray(kwargs[name]) + v
     return kwargs
 
 
@@ -398,12 +416,18 @@ class PromptLearningModel(AdapterLayer):
             return base_call(self, *args, **kwargs)
         return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs)))
 
-    def labels_prepended(self) -> int:
-        """How many ``-100`` labels a call puts before the given ``labels``: a causal LM's prompt
-        or P-tuning adapter prepends one per virtual token (so its loss also scores the first
-        label, predicted from the last virtual token, as PEFT's does); 0 otherwise."""
+    def virtual_positions(self) -> int:
+        """How many positions the active adapter puts before each row's own in the model's per-token
+        outputs (logits, hidden states) and labels: ``V`` for prompt tuning and P-tuning on a causal
+        LM, a token classifier, a question-answering model or a feature extractor; 0 for prefix
+        tuning (its virtual tokens are keys and values only), a sequence classifier (one output per
+        row) and an encoder-decoder (the virtual tokens go into the encoder, not the decoder).
+
+        A causal LM's labels get that many ``-100`` before them, so its loss also scores the first
+        label, predicted from the last virtual token, as PEFT's does.
+        """
         encoder = _active_encoder(self)
-        if encoder is None or encoder.peft_type == PREFIX_TUNING or encoder.task_type != TaskType.CAUSAL_LM:
+        if encoder is None or encoder.peft_type == PREFIX_TUNING or encoder.task_type not in _PER_TOKEN_TASKS:
             return 0
         return encoder.num_virtual_tokens
 
@@ -541,9 +565,10 @@ def inject_prompt_learning(
       model: a bundled model, or any NNX model implementing the prefix attention protocol
         (prefix tuning) or taking ``inputs_embeds`` (prompt tuning, P-tuning).
       config: a ``PrefixTuningConfig``, ``PromptTuningConfig`` or ``PromptEncoderConfig`` with
-        ``task_type`` ``"CAUSAL_LM"``, ``"SEQ_CLS"`` or ``"SEQ_2_SEQ_LM"`` (an encoder-decoder
-        such as T5: prefixes on the decoder's self-attention, virtual tokens before the encoder's
-        input, as PEFT's ``PeftModelForSeq2SeqLM``); unset shape fields come from
+        ``task_type`` ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
+        ``"FEATURE_EXTRACTION"`` or ``"SEQ_2_SEQ_LM"`` (an encoder-decoder such as T5: prefixes
+        on the decoder's self-attention, virtual tokens before the encoder's input, as PEFT's
+        ``PeftModelForSeq2SeqLM``); unset shape fields come from
         ``model.config`` (``prepare_prompt_learning_config``, with PEFT's GQA rule).
       adapter_name: the adapter's name.
       key: the init key.
@@ -630,3 +655,25 @@ def _with_call_signature(cls: type) -> type:
 
 
 PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)
+
+
+def virtual_positions(model) -> int:
+    """How many positions a prompt or P-tuning adapter puts before each row's own in the per-token
+    outputs of ``model`` (a ``PeftModel`` or the NNX model): the first ``V`` positions of a token
+    classifier's or a causal LM's logits, of a question-answering model's start and end logits and
+    of a feature extractor's hidden states belong to the virtual tokens, as in PEFT. 0 where no such
+    adapter is active (prefix tuning adds keys and values only; a sequence classifier has one
+    output per row).
+
+    >>> from transformers import BertConfig
+    >>> from peftjax import PromptTuningConfig, get_peft_model, models, virtual_positions
+    >>> base = models.BertForTokenClassification.from_config(BertConfig(
+    ...     vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48))
+    >>> model = get_peft_model(base, PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=3))
+    >>> virtual_positions(model), model(input_ids=[[5, 6, 7, 8]]).logits.shape
+    (3, (1, 7, 2))
+    """
+    method = getattr(model, "virtual_positions", None)
+    if method is None and isinstance(getattr(model, "base_model", None), PromptLearningModel):
+        method = model.base_model.virtual_positions  # a PeftModel
+    return int(method()) if method is not None else 0
