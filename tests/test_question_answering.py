@@ -136,7 +136,11 @@ def test_answers_are_labelled_by_their_tokens_in_every_window(tokenizer):
             "answers": [{"text": ["on the warm mat"], "answer_start": [15]}, {"text": [], "answer_start": []}]}
     ds = tokenize_question_answering(datasets.Dataset.from_dict(rows), tokenizer)
     assert set(ds.column_names) == {"input_ids", "token_type_ids", "attention_mask", "start_positions",
-                                    "end_positions"}
+                                    "end_positions", "example_index", "context_offsets"}
+    # each context token's characters; the question's and the special tokens' none
+    assert [ds[0]["context_offsets"][i] for i in (0, 1)] == [[-1, -1], [-1, -1]]
+    inside = [(a, b) for a, b in ds[0]["context_offsets"] if a >= 0]
+    assert [context[a:b] for a, b in inside[:3]] == ["The", "cat", "sleeps"] and ds["example_index"] == [0, 1]
     assert len(ds) == 2
     first = ds[0]
     answer = first["input_ids"][first["start_positions"]:first["end_positions"] + 1]
@@ -184,7 +188,8 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path,
     logits ``predict`` leaves out."""
     import datasets
 
-    from peftjax.training import Trainer, TrainingArguments, tokenize_question_answering
+    from peftjax.cli import answer_spans
+    from peftjax.training import Trainer, TrainingArguments, answer_questions, tokenize_question_answering
 
     evaluation = tokenize_question_answering(datasets.Dataset.from_dict(_colour_questions(12, 1)), tokenizer,
                                              max_length=32, stride=8)
@@ -233,6 +238,18 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path,
         n = ref.start_logits.shape[1] - virtual  # the row's own tokens
         np.testing.assert_allclose(row[:n, 0], ref.start_logits.numpy()[0, virtual:], atol=1e-4)
         np.testing.assert_allclose(row[:n, 1], ref.end_logits.numpy()[0, virtual:], atol=1e-4)
+    # SQuAD's answers out of the predicted windows: one window a question here, so each is the span
+    # `peftjax predict` takes from the same tokens' logits in PEFT (the best start times end probability)
+    questions = _colour_questions(12, 1)
+    assert evaluation["example_index"] == list(range(12))
+    pairs = tokenizer(questions["question"], questions["context"], truncation="only_second", max_length=32,
+                      padding=True, return_offsets_mapping=True, return_tensors="np")
+    theirs = np.zeros((12, pairs["input_ids"].shape[1], 2))
+    for i, ref in enumerate(refs):
+        theirs[i, :ref.start_logits.shape[1] - virtual] = np.stack([ref.start_logits[0, virtual:],
+                                                                    ref.end_logits[0, virtual:]], -1)
+    expected = [a["answer"] for a in answer_spans(pairs, questions["question"], questions["context"], theirs)]
+    assert answer_questions(evaluation, predicted, questions["context"]) == expected
     with pytest.raises(ValueError, match=r"eval_dataset: row 0 has start_positions/end_positions \[5, 2\]"):
         trainer.evaluate(evaluation.map(lambda r, i: {"start_positions": 5 if i == 0 else r["start_positions"],
                                                          "end_positions": 2 if i == 0 else r["end_positions"]},
@@ -241,10 +258,12 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path,
 
 def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_path, capsys):
     """``peftjax train --task question_answering`` on SQuAD-style JSON lines: windows, the Trainer,
-    the adapter saved and reloaded, the first eval questions answered from their own contexts."""
+    the adapter saved and reloaded, the first eval questions answered from their own contexts,
+    SQuAD's exact match and F1 of every eval question's answer before and after training."""
     import json
 
     from peftjax.cli import main
+    from peftjax.training import squad_metrics
 
     for name, n, seed in (("train", 64, 0), ("eval", 12, 1)):
         rows = _colour_questions(n, seed)
@@ -267,4 +286,97 @@ def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_pat
     contexts = _colour_questions(12, 1)["context"]
     assert len(answers) == 3 and all(a["answer"] and ctx[a["start"]:a["end"]] == a["answer"]
                                      for a, ctx in zip(answers, contexts))
+    # SQuAD's scores of the answers to every eval question (one window each: the first three are
+    # the reloaded adapter's answers above, found from their own batch)
+    assert [a["answer"] for a in answers] == summary["eval_answers"][:3] and len(summary["eval_answers"]) == 12
+    scores = squad_metrics(summary["eval_answers"], _colour_questions(12, 1)["answers"])
+    assert scores == {k: summary["after"][f"eval_{k}"] for k in ("exact_match", "f1")}
+    assert {"eval_exact_match", "eval_f1"} <= set(summary["before"]) and "exact_match" in printed
     assert "labelled" in printed and json.loads((out / "adapter_config.json").read_text())["task_type"] == "QUESTION_ANS"
+
+
+# ---------------------------------------------------------------- SQuAD's answers and scores
+
+
+def test_squad_metrics_score_as_squad_s_evaluation_script():
+    """Exact match and F1 after SQuAD's normalisation (case, punctuation, articles, spaces), the
+    best of each question's labelled answers, SQuAD 2.0's unanswerable questions; values by hand."""
+    from peftjax.training import normalize_answer, squad_metrics
+
+    assert normalize_answer("  The Eiffel-Tower, in  PARIS! ") == "eiffeltower in paris"
+    cases = [  # prediction, labelled answers, exact match, F1
+        ("The Eiffel Tower!", {"text": ["eiffel tower"], "answer_start": [0]}, 1, 1),
+        ("Paris", ["in Paris, France", "Paris"], 1, 1),  # the best labelled answer counts
+        ("a big red dog", ["the red dog"], 0, 0.8),  # "big red dog" vs "red dog": precision 2/3, recall 1
+        ("dog dog", ["dog"], 0, 2 / 3),  # a word counts as often as both have it: precision 1/2
+        ("blue", ["red"], 0, 0),
+        ("", {"text": [], "answer_start": []}, 1, 1),  # unanswerable, answered with nothing
+        ("the cat", {"text": [], "answer_start": []}, 0, 0),
+        ("", ["red"], 0, 0),
+    ]
+    predictions, answers, exact, f1 = zip(*cases)
+    scores = squad_metrics(list(predictions), list(answers))
+    assert scores["exact_match"] == pytest.approx(100 * sum(exact) / len(cases))
+    assert scores["f1"] == pytest.approx(100 * sum(f1) / len(cases))
+    with pytest.raises(ValueError, match="squad_metrics: 2 predictions for 1 questions"):
+        squad_metrics(["a", "b"], [["a"]])
+
+
+def test_each_question_is_answered_from_the_best_span_of_its_windows(tokenizer):
+    """``answer_questions``: the largest start + end logit over every window of a question, only on
+    its context's tokens, at most ``max_answer_tokens`` long; ``""`` where SQuAD 2.0's "no answer"
+    scores higher (``null_answers``); the windows' columns and the logits' shape checked."""
+    import datasets
+
+    from peftjax.training import answer_questions, tokenize_question_answering
+
+    long = ("The old lighthouse keeper painted the door green in spring, then he painted the shutters blue "
+            "before the storms of autumn arrived at the harbour.")
+    rows = {"question": ["What colour are the shutters?", "Who painted?"], "context": [long, "Anna painted."],
+            "answers": [{"text": ["blue"], "answer_start": [long.index("blue")]},
+                        {"text": ["Anna"], "answer_start": [0]}]}
+    windows = tokenize_question_answering(datasets.Dataset.from_dict(rows), tokenizer, max_length=24, stride=6)
+    first = [w for w in range(len(windows)) if windows[w]["example_index"] == 0]
+    assert len(first) > 2 and windows[len(windows) - 1]["example_index"] == 1
+    width = max(len(w) for w in windows["input_ids"]) + 3  # padded past every window, as predict pads
+    logits = np.random.default_rng(0).normal(0, 0.1, (len(windows), width, 2))
+    logits[:, width - 3:] = 50.0  # padding: never read
+
+    def put(window, text, start, end, context=long):
+        """Start and end logits on the context tokens of ``text`` in ``window``."""
+        spans = windows[window]["context_offsets"]
+        a, b = context.index(text), context.index(text) + len(text)
+        tokens = [i for i, (s, e) in enumerate(spans) if s >= 0 and s < b and e > a]
+        assert tokens, (window, text)
+        logits[window, tokens[0], 0], logits[window, tokens[-1], 1] = start, end
+
+    holding = [w for w in first if windows[w]["start_positions"] > 0]
+    put(holding[-1], "blue", 4.0, 4.0)
+    put(holding[0], "blue", 3.0, 3.0)  # the same answer, seen less surely in another window
+    put(first[0], "door green", 3.5, 3.5)  # another span, less likely than "blue" over all windows
+    logits[first[0], 1, 0] = logits[first[0], 1, 1] = 20.0  # a question token: never an answer
+    put(len(windows) - 1, "Anna", 2.0, 2.0, "Anna painted.")
+    contexts = rows["context"]
+    assert answer_questions(windows, logits, contexts) == ["blue", "Anna"]
+    # a start and an end in different windows never pair; in one window, within max_answer_tokens
+    put(first[0], "lighthouse", 30.0, 0.0)
+    put(first[-1], "harbour", 0.0, 30.0)  # 60 across windows; "blue" (4) ... "harbour" (30) in one
+    assert answer_questions(windows, logits, contexts)[0] == "blue before the storms of autumn arrived at the harbour"
+    put(first[-1], "harbour", 0.0, 0.0)
+    put(first[0], "spring", 0.0, 29.0)
+    assert answer_questions(windows, logits, contexts)[0] == "lighthouse keeper painted the door green in spring"
+    short = answer_questions(windows, logits, contexts, max_answer_tokens=3)[0]
+    assert short.startswith("lighthouse") and len(tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3
+    put(first[0], "lighthouse", 0.0, 0.0)
+    put(first[0], "spring", 0.0, 0.0)
+    assert answer_questions(windows, logits, contexts) == ["blue", "Anna"]
+    assert answer_questions(windows.to_dict(), logits, contexts) == ["blue", "Anna"]  # a dict of lists too
+    logits[len(windows) - 1, 0] = 3.0  # "no answer": start and end on the first token, 6 > 4
+    assert answer_questions(windows, logits, contexts, null_answers=True) == ["blue", ""]
+    assert answer_questions(windows, logits, contexts) == ["blue", "Anna"]
+    with pytest.raises(ValueError, match=r"windows have no example_index or context_offsets column"):
+        answer_questions(windows.remove_columns(["example_index", "context_offsets"]), logits, contexts)
+    with pytest.raises(ValueError, match=rf"logits of shape \({len(windows)}, {width}\); expected"):
+        answer_questions(windows, logits[..., 0], contexts)
+    with pytest.raises(ValueError, match=r"window \d+ has example_index 1; there are 1 contexts"):
+        answer_questions(windows, logits, contexts[:1])

@@ -313,10 +313,16 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures["baselines"] = _baselines(options, raw_train, raw_eval, train, evaluation)
         print("baselines on the eval split: " + ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}"
                                                           for k, v in figures["baselines"].items()))
+    squad = task_type == "QUESTION_ANS" and evaluation is not None
     before = trainer.evaluate() if evaluation is not None else {}
+    if squad:
+        before.update(_squad_scores(trainer, evaluation, raw_eval, options)[0])
     _report("before training", before)
     result = trainer.train()
     after = trainer.evaluate() if evaluation is not None else {}
+    if squad:
+        scores, figures["eval_answers"] = _squad_scores(trainer, evaluation, raw_eval, options)
+        after.update(scores)
     _report("after training", after)
     if figures.get("baselines") and "eval_accuracy" in after:
         baselines = figures["baselines"]
@@ -367,6 +373,18 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
           f"metrics: {adapter_dir / 'metrics.jsonl'}")
     return figures
+
+
+def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, float], list[str]]:
+    """SQuAD's exact match and F1 (percent) of the model's answers to every eval question, each the
+    best span over its windows (where some question has no labelled answer, SQuAD 2.0's, a question
+    may be answered with none), and the answers."""
+    from peftjax.training import answer_questions, squad_metrics
+
+    answers = list(raw_eval[options["answers_column"]])
+    predicted = answer_questions(windows, trainer.predict(windows), list(raw_eval[options["context_column"]]),
+                                 null_answers=any(not a["text"] for a in answers))
+    return {f"eval_{k}": v for k, v in squad_metrics(predicted, answers).items()}, predicted
 
 
 def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict) -> list[dict]:

@@ -13,11 +13,15 @@ from peftjax.training._data import (
     tokenize_seq2seq,
 )
 from peftjax.training._memory import release_host_memory
+from peftjax.training._squad import answer_questions, normalize_answer, squad_metrics
 from peftjax.training._step import combine, make_train_step, optax_labels, split
 from peftjax.training._trainer import Trainer, TrainingError, TrainOutput
 
 __all__ = [
     "AdaLoraStep",
+    "answer_questions",
+    "normalize_answer",
+    "squad_metrics",
     "make_adalora_train_step",
     "Batcher",
     "TrainOutput",

@@ -297,11 +297,14 @@ def tokenize_question_answering(
     context (truncating only the context), a long context as several overlapping windows (``stride``
     tokens shared), and each window's answer as token indices, as transformers' question-answering
     recipe labels them: the first and last token of the answer's characters, or ``[0, 0]`` (the
-    first token) in a window that does not hold the whole answer. Never pads.
+    first token) in a window that does not hold the whole answer. Never pads. Each window keeps
+    its row's index and its context tokens' character spans, from which :func:`answer_questions`
+    takes each question's answer out of the model's logits (the Trainer reads neither).
 
     >>> ds = tokenize_question_answering(squad["train"], tokenizer)  # doctest: +SKIP
     >>> ds.column_names  # doctest: +SKIP
-    ['input_ids', 'token_type_ids', 'attention_mask', 'start_positions', 'end_positions']
+    ['input_ids', 'token_type_ids', 'attention_mask', 'start_positions', 'end_positions', 'example_index',
+     'context_offsets']
 
     Args:
       dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
@@ -316,7 +319,9 @@ def tokenize_question_answering(
     Returns:
       The windows (more rows than the dataset where contexts overflow): ``input_ids``,
       ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them), ``start_positions``,
-      ``end_positions``.
+      ``end_positions``, ``example_index`` (the window's row in its split) and ``context_offsets``
+      (each token's ``[start, end)`` characters in the context; ``[-1, -1]`` for the question's
+      and the special tokens).
 
     Raises:
       ValueError: a named column is missing, the tokenizer is not a fast one, ``stride`` leaves no
@@ -345,9 +350,16 @@ def tokenize_question_answering(
                     from None
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             out["start_positions"], out["end_positions"] = [], []
+            out["example_index"], out["context_offsets"] = [], []
             for window, (row, offsets) in enumerate(zip(enc["overflow_to_sample_mapping"], enc["offset_mapping"])):
                 out["start_positions"].append(0)
                 out["end_positions"].append(0)
+                out["example_index"].append(indices[row])
+                tokens = [i for i, s in enumerate(enc.sequence_ids(window)) if s == 1]  # the context's
+                spans = [[-1, -1]] * len(offsets)
+                for i in tokens:
+                    spans[i] = list(offsets[i])
+                out["context_offsets"].append(spans)
                 answers, context = batch[answers_column][row], batch[context_column][row]
                 if not answers["answer_start"]:
                     continue
@@ -356,7 +368,6 @@ def tokenize_question_answering(
                     raise ValueError(f"row {indices[row]}: answer {text!r} is not the context's text at answer_start "
                                      f"{first} ({context[first:first + len(text)]!r})")
                 last = first + len(text)
-                tokens = [i for i, s in enumerate(enc.sequence_ids(window)) if s == 1]  # the context's
                 if not tokens or offsets[tokens[0]][0] > first or offsets[tokens[-1]][1] < last:
                     continue  # the answer is not wholly in this window
                 out["start_positions"][-1] = next(i for i in tokens if offsets[i][1] > first)
