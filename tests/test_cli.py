@@ -416,6 +416,63 @@ def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
     peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)  # every key fits
 
 
+@pytest.mark.parametrize("method,task,peft_type", [
+    ("dora", "seq_cls", "LORA"), ("ia3", "seq_cls", "IA3"), ("p-tuning", "seq_cls", "P_TUNING"),
+    ("prefix", "token_cls", "PREFIX_TUNING"), ("prompt", "token_cls", "PROMPT_TUNING"),
+])
+def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path, capsys):
+    """``train --method``: the job trains, saves and reloads each kind of adapter, which PEFT loads;
+    a prompt-tuning token classifier's predictions skip its virtual tokens; an option the method
+    does not take is refused."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny_config("bert", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    rng = np.random.default_rng(0)
+    if task == "seq_cls":  # the shipped reviews
+        data = []
+    else:  # a tag per word: whether it is a colour
+        colours, others = ["red", "blue", "green"], ["the", "car", "is", "a", "house", "very", "old"]
+        rows = []
+        for _ in range(48):
+            words = [str(w) for w in rng.choice(colours + others, int(rng.integers(3, 8)))]
+            rows.append({"tokens": words, "ner_tags": [int(w in colours) for w in words]})
+        for name, part in (("train.jsonl", rows[:40]), ("eval.jsonl", rows[40:])):
+            (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+        data = ["--dataset", str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl")]
+    out = tmp_path / "run"
+    virtual = [] if method in ("dora", "ia3") else ["--num-virtual-tokens", "4"]
+    args = ["train", "--task", task, "--method", method, "--model", str(base), *data, *virtual, "--max-steps", "4",
+            "--max-train-samples", "64", "--max-eval-samples", "16", "--learning-rate", "0.01",
+            "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0", "--predict", "the red car is old"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and summary["steps"] == 4 and summary["reload_max_abs_diff"] < 1e-5
+    assert config.get("use_dora", False) == (method == "dora")
+    assert summary["after"]["eval_loss"] != summary["before"]["eval_loss"]
+    if task == "token_cls":  # one label per word of the text, the virtual tokens left out
+        line = printed.split("predictions of the reloaded adapter:")[1].splitlines()[1]
+        assert [w.rsplit("/", 1)[0] for w in line.split()] == "the red car is old".split()
+    auto = tr.AutoModelForSequenceClassification if task == "seq_cls" else tr.AutoModelForTokenClassification
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(base, num_labels=summary["num_labels"]), out)
+    if method == "prompt":  # the printed labels are those of PEFT's logits past the 4 virtual tokens
+        from peftjax.cli import label_words
+
+        batch = tokenizer(["the red car is old"], return_tensors="np", return_offsets_mapping=True)
+        with torch.no_grad():
+            logits = theirs.eval()(**{k: torch.tensor(v) for k, v in batch.items() if k != "offset_mapping"}).logits
+        expected = label_words(batch, ["the red car is old"], logits.numpy()[:, 4:], {})[0]
+        assert line.split() == [f"{w['word']}/{w['label']}" for w in expected]
+        assert main([*args, "--r", "4", "--overwrite-output-dir"]) == 1
+        assert "--method prompt takes no --r (r is for lora, dora)" in capsys.readouterr().err
+
+
 def test_train_a_token_classifier_then_predict_each_word(tmp_path, capsys):
     """``train --task token_cls`` on a RoBERTa with its byte-level tokenizer (each word read with its
     leading space, as in running text) and tags of a ``ClassLabel`` column, whose names label the

@@ -40,10 +40,12 @@ DEFAULTS: dict[str, Any] = {
     "max_target_length": 64,
     "max_train_samples": None,
     "max_eval_samples": None,
+    "method": "lora",
     "r": 8,
     "lora_alpha": 32,
     "lora_dropout": 0.1,
     "target_modules": None,
+    "num_virtual_tokens": 20,
     "output_dir": "out/main-job",
     "num_train_epochs": 3.0,
     "max_steps": -1,
@@ -75,6 +77,12 @@ DEFAULTS: dict[str, Any] = {
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
               "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
+METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
+                "p-tuning": "P-tuning"}
+# the options only some methods take -> those methods
+METHOD_OPTIONS = {"r": ("lora", "dora"), "lora_alpha": ("lora", "dora"), "lora_dropout": ("lora", "dora"),
+                  "target_modules": ("lora", "dora", "ia3"), "num_virtual_tokens": ("prefix", "prompt", "p-tuning")}
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
@@ -89,7 +97,13 @@ FLAG_HELP = {
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
-    "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
+    "method": "the adapter: lora, dora (LoRA with weight decomposition), ia3, prefix (prefix tuning), prompt "
+              "(prompt tuning) or p-tuning",
+    "target_modules": "lora, dora, ia3: comma-separated module names (default: PEFT's per-architecture default)",
+    "r": "lora, dora: the rank (default: 8)",
+    "lora_alpha": "lora, dora: the scale's numerator (default: 32)",
+    "lora_dropout": "lora, dora: dropout on the adapter's input (default: 0.1)",
+    "num_virtual_tokens": "prefix, prompt, p-tuning: virtual tokens (default: 20)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
     "overwrite_output_dir": "start afresh in an output directory an earlier run used (default: refuse it)",
@@ -144,6 +158,14 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = value
     if options["task"] not in TASK_TYPES:
         raise ValueError(f"task must be one of {', '.join(TASK_TYPES)}, got {options['task']!r}")
+    if options["method"] not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
+    unused = [name for name in METHOD_OPTIONS if options["method"] not in METHOD_OPTIONS[name]
+              and options[name] != DEFAULTS[name]]
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        takers = "; ".join(f"{n} is for " + ", ".join(METHOD_OPTIONS[n]) for n in unused)
+        raise ValueError(f"--method {options['method']} takes no {flags} ({takers})")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options
 
@@ -293,12 +315,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                                               seed=options["seed"], **named)
             return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
 
-    targets = options["target_modules"]
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    lora = peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"], lora_dropout=options["lora_dropout"],
-                              target_modules=targets, task_type=task_type)
-    peft_model = peftjax.get_peft_model(base_model(), lora, key=jax.random.key(options["seed"]))
+    peft_model = peftjax.get_peft_model(base_model(), adapter_config(options, task_type),
+                                        key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
@@ -329,8 +347,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures["beats_baselines"] = after["eval_accuracy"] > max(baselines.values())
         which = "both baselines" if len(baselines) == 2 else "the baseline"
         shown = ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}" for k, v in sorted(baselines.items(), key=lambda kv: -kv[1]))
-        print(f"{'token ' if task == 'token_cls' else ''}accuracy on the eval split: LoRA {after['eval_accuracy']:.4f}, "
-              f"{shown} (LoRA {'beats' if figures['beats_baselines'] else 'does NOT beat'} {which})")
+        method = METHOD_NAMES[options["method"]]
+        verdict = "beats" if figures["beats_baselines"] else "does NOT beat"
+        print(f"{'token ' if task == 'token_cls' else ''}accuracy on the eval split: {method} "
+              f"{after['eval_accuracy']:.4f}, {shown} ({method} {verdict} {which})")
     adapter_dir = Path(args.output_dir)
     print(f"adapter saved in HF PEFT format: {adapter_dir}/adapter_config.json, adapter_model.safetensors")
 
@@ -373,6 +393,24 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
           f"metrics: {adapter_dir / 'metrics.jsonl'}")
     return figures
+
+
+def adapter_config(options: dict, task_type: str):
+    """The job's adapter config: ``options["method"]`` with the options it takes."""
+    import peftjax
+
+    method, targets = options["method"], options["target_modules"]
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if method in ("lora", "dora"):
+        return peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"],
+                                  lora_dropout=options["lora_dropout"], target_modules=targets,
+                                  use_dora=method == "dora", task_type=task_type)
+    if method == "ia3":
+        return peftjax.IA3Config(target_modules=targets, task_type=task_type)
+    config = {"prefix": peftjax.PrefixTuningConfig, "prompt": peftjax.PromptTuningConfig,
+              "p-tuning": peftjax.PromptEncoderConfig}[method]
+    return config(num_virtual_tokens=options["num_virtual_tokens"], task_type=task_type)
 
 
 def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, float], list[str]]:
