@@ -48,7 +48,7 @@ def torch_logits(model, **inputs) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def peft_prompt_forward(pm, input_ids, attention_mask, token_type_ids):
+def peft_prompt_forward(pm, input_ids, attention_mask, token_type_ids=None):
     """PEFT's forward for a prompt-tuning or P-tuning adapter on a BERT-style head, with the
     ``token_type_ids`` that ``PeftModelForQuestionAnswering`` (PEFT 0.21.2) drops passed on, as
     its ``PeftModelForTokenClassification`` passes them: the virtual tokens' embeddings before the
@@ -58,8 +58,9 @@ def peft_prompt_forward(pm, input_ids, attention_mask, token_type_ids):
     batch, v = input_ids.shape[0], pm.active_peft_config.num_virtual_tokens
     embeds = torch.cat([pm.get_prompt(batch_size=batch), pm.word_embeddings(input_ids)], 1)
     mask = torch.cat([torch.ones(batch, v, dtype=attention_mask.dtype), attention_mask], 1)
-    types = torch.cat([torch.zeros(batch, v, dtype=token_type_ids.dtype), token_type_ids], 1)
-    return pm.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types)
+    if token_type_ids is not None:
+        token_type_ids = torch.cat([torch.zeros(batch, v, dtype=token_type_ids.dtype), token_type_ids], 1)
+    return pm.base_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=token_type_ids)
 
 
 def padded_batch(vocab: int, batch: int = 3, seq: int = 9, seed: int = 0, left: bool = True):

@@ -51,6 +51,9 @@ ARCHS = {
     "bert-tok": _tiny.arch("bert", "BertForTokenClassification"),
     "bert-qa": _tiny.arch("bert", "BertForQuestionAnswering", num_labels=2),
     "bert-feat": _tiny.arch("bert", "BertModel"),
+    "roberta": _tiny.arch("roberta"),
+    "roberta-tok": _tiny.arch("roberta", "RobertaForTokenClassification"),
+    "roberta-qa": _tiny.arch("roberta", "RobertaForQuestionAnswering", num_labels=2),
     "qwen3": _tiny.arch("qwen3", initializer_range=0.2),
     "phi3": _tiny.arch("phi3", initializer_range=0.2),
     "gemma2": _tiny.arch("gemma2", initializer_range=0.2),
@@ -111,13 +114,15 @@ def torch_prefix_head(pm, ids, mask, **kwargs):
     pkv = pm.get_prompt(ids.shape[0])
     mask = torch.cat([torch.ones(ids.shape[0], V, dtype=mask.dtype), mask], 1)
     base = pm.base_model
-    if not hasattr(base, "bert"):
+    if base.base_model_prefix not in ("bert", "roberta"):
         return base(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs).logits
-    out = base.bert(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs)
+    out = getattr(base, base.base_model_prefix)(input_ids=ids, attention_mask=mask, cache=pkv, **kwargs)
     if hasattr(base, "qa_outputs"):
         return base.qa_outputs(out[0])
     if pm.peft_config["default"].task_type == "TOKEN_CLS":
         return base.classifier(base.dropout(out[0]))
+    if base.base_model_prefix == "roberta":  # its head reads the first token of the sequence
+        return base.classifier(out[0])
     return base.classifier(base.dropout(out[1]))
 
 
@@ -173,7 +178,10 @@ CASES = [(a, m) for a in ("llama", "gpt2") for m in METHODS] + [
     (a, m) for a in ("bert", "llama-cls") for m in ("prefix", "prompt", "p-tuning-mlp", "p-tuning-lstm")
 ] + [(a, m) for a in ("qwen3", "phi3", "gemma3_text", "mixtral") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
     ("gemma2", "prefix"),
-] + [(a, m) for a in ("bert-tok", "bert-qa", "bert-feat") for m in ("prefix", "prompt", "p-tuning-mlp")]
+] + [(a, m) for a in ("bert-tok", "bert-qa", "bert-feat") for m in ("prefix", "prompt", "p-tuning-mlp")] + [
+    ("roberta", "prefix"), ("roberta-tok", "prefix"), ("roberta-tok", "prompt"), ("roberta-qa", "prefix"),
+    ("roberta-qa", "p-tuning-mlp"),
+]
 
 
 # ---------------------------------------------------------------- (a) PEFT -> peftjax
@@ -212,7 +220,7 @@ def test_peft_made_adapter_gives_same_logits_on_long_rows(saved, arch, method, t
     *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
     ("gemma3_text", "prefix"), ("mixtral", "prefix"),
     ("bert-tok", "prefix"), ("bert-tok", "prompt"), ("bert-qa", "prefix"), ("bert-qa", "p-tuning-lstm"),
-    ("bert-feat", "prompt"),
+    ("bert-feat", "prompt"), ("roberta", "prefix"), ("roberta-qa", "prompt"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
     task = TASKS[arch]
