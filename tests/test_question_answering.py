@@ -156,6 +156,9 @@ def test_answers_are_labelled_by_their_tokens_in_every_window(tokenizer):
     assert held and all(tokenizer.decode(w["input_ids"][w["start_positions"]:w["end_positions"] + 1])
                         == "on the warm mat" for w in held)
     assert (0, 0) in spans and all(len(w["input_ids"]) <= 16 for w in windows)
+    with pytest.raises(ValueError, match=r"tokenize_question_answering \(max_length=12, stride=6\): row 0's question "
+                                         r"takes 6 tokens, leaving 3 of 12 for the context"):
+        tokenize_question_answering(datasets.Dataset.from_dict(rows), tokenizer, max_length=12, stride=6)
     bad = dict(rows, answers=[{"text": ["on the warm mat"], "answer_start": [14]}, rows["answers"][1]])
     with pytest.raises(ValueError, match=r"row 0: answer 'on the warm mat' is not the context's text at answer_start 14"):
         tokenize_question_answering(datasets.Dataset.from_dict(bad), tokenizer)
@@ -380,3 +383,42 @@ def test_each_question_is_answered_from_the_best_span_of_its_windows(tokenizer):
         answer_questions(windows, logits[..., 0], contexts)
     with pytest.raises(ValueError, match=r"window \d+ has example_index 1; there are 1 contexts"):
         answer_questions(windows, logits, contexts[:1])
+
+
+def test_predict_answers_from_every_window_of_a_long_context(tokenizer, tmp_path, capsys):
+    """``peftjax predict --context`` on a context longer than ``--max-length``: overlapping windows
+    (``--stride``), the answer the best span of any window (start + end logit), found here by brute
+    force from transformers' logits of each window."""
+    import json
+
+    from peftjax.cli import main
+
+    base = tmp_path / "base"
+    model = save_tiny(tr.BertForQuestionAnswering, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0,
+                                                                num_labels=2, max_position_embeddings=64), base)
+    tokenizer.save_pretrained(base)
+    question = "what colour is the boat?"
+    context = " ".join(f"the {thing} by the {place} is {colour}." for thing, place, colour in zip(
+        ["boat", "house", "tree", "car", "bench", "gate", "kite", "lamp"],
+        ["river", "hill", "road", "shop", "park", "field", "beach", "bridge"],
+        ["red", "blue", "green", "white", "black", "grey", "pink", "brown"]))
+    windows = tokenizer([question], [context], truncation="only_second", max_length=24, stride=6,
+                        return_overflowing_tokens=True, return_offsets_mapping=True)
+    assert len(windows["input_ids"]) > 3
+    best = None
+    for w, ids in enumerate(windows["input_ids"]):
+        out = _torch(model, input_ids=np.array([ids]), token_type_ids=np.array([windows["token_type_ids"][w]]))
+        start, end = out.start_logits[0].numpy(), out.end_logits[0].numpy()
+        inside = [i for i, s in enumerate(windows.sequence_ids(w)) if s == 1]
+        for i in inside:
+            for j in inside:
+                if i <= j < i + 30 and (best is None or start[i] + end[j] > best[0]):
+                    best = (start[i] + end[j], w, windows["offset_mapping"][w][i][0], windows["offset_mapping"][w][j][1])
+    assert best[1] > 0  # the answer is past the first window: truncating the context would miss it
+    assert main(["predict", str(base), "--text", question, "--context", context, "--max-length", "24",
+                 "--stride", "6"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["start"], row["end"]) == best[2:] and row["answer"] == context[best[2]:best[3]]
+    assert main(["predict", str(base), "--text", question, "--context", context, "--max-length", "12",
+                 "--stride", "6"]) == 1
+    assert "--max-length 12 with --stride 6" in capsys.readouterr().err

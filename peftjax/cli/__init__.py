@@ -174,9 +174,15 @@ def _predict(args) -> int:
     if (by_word or by_span) and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
                          f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
-    if by_span:
+    if by_span:  # a long context in overlapping windows, as tokenize_question_answering cuts it
+        from peftjax.training._data import check_context_room
+
+        stride = args.stride if args.stride is not None else args.max_length // 4
+        check_context_room(tokenizer, texts, args.max_length, stride, range(len(texts)),
+                           f"--max-length {args.max_length} with --stride {stride}")
         batch = tokenizer(texts, [args.context] * len(texts), return_tensors="np", padding=True,
-                          truncation="only_second", max_length=args.max_length, return_offsets_mapping=True)
+                          truncation="only_second", max_length=args.max_length, stride=stride,
+                          return_overflowing_tokens=True, return_offsets_mapping=True)
         logits = _logits(model, {k: v for k, v in batch.items() if k in _accepted(model)})
         for row in answer_spans(batch, texts, [args.context] * len(texts), logits,
                                 max_answer_tokens=args.max_answer_tokens):
@@ -223,26 +229,36 @@ def label_texts(texts: list[str], logits, names: dict) -> list[dict]:
 
 def answer_spans(batch, questions: list[str], contexts: list[str], logits, *,
                  max_answer_tokens: int = 30) -> list[dict]:
-    """A question-answering model's ``[questions, tokens, 2]`` start and end logits as each question's
+    """A question-answering model's ``[windows, tokens, 2]`` start and end logits as each question's
     answer ``{"question", "answer", "start", "end", "score"}``: of the spans of its context's tokens
-    that end where or after they start and hold at most ``max_answer_tokens`` tokens, the one whose
-    start probability times end probability is largest (each a softmax over the context's tokens);
-    ``start``/``end`` are character offsets in the question's context. ``batch`` is the fast
-    tokenizer's output for the ``(question, context)`` pairs with ``return_offsets_mapping``."""
+    in any of its windows that end where or after they start and hold at most ``max_answer_tokens``
+    tokens, the one whose start logit plus end logit is largest (within a window: whose start
+    probability times end probability is, each a softmax over the window's context tokens: the
+    ``score``); ``start``/``end`` are character offsets in the question's context. ``batch`` is the
+    fast tokenizer's output for the ``(question, context)`` pairs with ``return_offsets_mapping``,
+    one window a question or several (``return_overflowing_tokens``: its
+    ``overflow_to_sample_mapping`` names each window's question)."""
     import numpy as np
 
+    from peftjax.training._squad import best_spans
+
+    windows = len(batch["input_ids"])
+    owners = np.asarray(batch["overflow_to_sample_mapping"]) if "overflow_to_sample_mapping" in batch \
+        else np.arange(windows)
+    inside = [np.array([s == 1 for s in batch.sequence_ids(w)]) for w in range(windows)]
+    offsets = [np.where(inside[w][:, None], np.asarray(batch["offset_mapping"][w]), -1) for w in range(windows)]
+    spans = best_spans(owners, offsets, logits, len(questions), max_answer_tokens=max_answer_tokens)
     rows = []
     for row, (question, context) in enumerate(zip(questions, contexts)):
-        inside = np.array([s == 1 for s in batch.sequence_ids(row)])
-        if not inside.any():
+        found = spans.get(row)
+        if found is None:
             raise ValueError(f"question {question!r} leaves no room for the context in --max-length "
-                             f"{len(inside)} tokens")
-        start, end = (_softmax(np.where(inside, logits[row, :, k], -np.inf)) for k in (0, 1))
-        scores = np.tril(np.triu(np.outer(start, end)), max_answer_tokens - 1)  # first <= last < first + max
-        first, last = np.unravel_index(int(scores.argmax()), scores.shape)
-        a, b = int(batch["offset_mapping"][row][first][0]), int(batch["offset_mapping"][row][last][1])
-        rows.append({"question": question, "answer": context[a:b], "start": a, "end": b,
-                     "score": round(float(scores[first, last]), 4)})
+                             f"{len(inside[0])} tokens")
+        w = found.window
+        start, end = (_softmax(np.where(inside[w], logits[w, :, k], -np.inf)) for k in (0, 1))
+        rows.append({"question": question, "answer": context[found.first_char:found.end_char],
+                     "start": found.first_char, "end": found.end_char,
+                     "score": round(float(start[found.first] * end[found.last]), 4)})
     return rows
 
 
@@ -425,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "is a question)")
             p.add_argument("--max-answer-tokens", type=int, default=30,
                            help="question answering: the longest answer, in tokens")
+            p.add_argument("--stride", type=int, default=None,
+                           help="question answering: tokens each window of a context longer than --max-length "
+                                "shares with the one before (default: a quarter of --max-length)")
         p.set_defaults(func=func)
     return parser
 

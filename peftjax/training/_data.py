@@ -340,14 +340,10 @@ def tokenize_question_answering(
 
         def encode(batch, indices):
             questions = [q.lstrip() for q in batch[question_column]]  # leading spaces only cost tokens
-            try:
-                enc = tokenizer(questions, batch[context_column], truncation="only_second", max_length=max_length,
-                                stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-            except Exception as e:  # the tokenizer's own error when the question leaves no room for the stride
-                if "stride" not in str(e):
-                    raise
-                raise ValueError(f"tokenize_question_answering (max_length={max_length}, stride={stride}): {e}") \
-                    from None
+            check_context_room(tokenizer, questions, max_length, stride, indices,
+                               f"tokenize_question_answering (max_length={max_length}, stride={stride})")
+            enc = tokenizer(questions, batch[context_column], truncation="only_second", max_length=max_length,
+                            stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             out["start_positions"], out["end_positions"] = [], []
             out["example_index"], out["context_offsets"] = [], []
@@ -377,6 +373,20 @@ def tokenize_question_answering(
         return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
     return _per_split(dataset, one)
+
+
+def check_context_room(tokenizer, questions: Sequence[str], max_length: int, stride: int,
+                       rows: Sequence[int], where: str) -> None:
+    """Raises ``ValueError`` naming the first question (by its row) that leaves a window of
+    ``max_length`` tokens no more context tokens than ``stride``: a window would not move on (the
+    fast tokenizer panics there, past Python's ``Exception``)."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    for row, ids in zip(rows, tokenizer(list(questions), add_special_tokens=False)["input_ids"]):
+        room = max_length - specials - len(ids)
+        if room <= stride:
+            raise ValueError(f"{where}: row {row}'s question takes {len(ids)} tokens, leaving {max(room, 0)} of "
+                             f"{max_length} for the context; the context needs more than stride={stride}: raise "
+                             "max_length or lower stride")
 
 
 def tokenize_causal_lm(

@@ -13,6 +13,7 @@ import collections
 import re
 import string
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,19 +52,50 @@ def answer_questions(windows, logits, contexts: Sequence[str], *, max_answer_tok
     if missing:
         raise ValueError(f"answer_questions: windows have no {' or '.join(missing)} column (columns: {names}); "
                          "tokenize them with peftjax.training.tokenize_question_answering")
+    spans = best_spans(list(windows["example_index"]), list(windows["context_offsets"]), logits, len(contexts),
+                       max_answer_tokens=max_answer_tokens)
+    answers = []
+    for example, context in enumerate(contexts):
+        found = spans.get(example)
+        if found is None or (null_answers and found.null_score > found.score):
+            answers.append("")
+        else:
+            answers.append(context[found.first_char:found.end_char])
+    return answers
+
+
+class Span(NamedTuple):
+    """A question's best span: its score (start logit + end logit), its characters
+    ``[first_char, end_char)`` in the context, the window it was found in and its first and last
+    token there; ``null_score``: the least likely "no answer" over the question's windows."""
+
+    score: float
+    first_char: int
+    end_char: int
+    window: int
+    first: int
+    last: int
+    null_score: float
+
+
+def best_spans(examples: Sequence[int], offsets: Sequence, logits, n_examples: int, *,
+               max_answer_tokens: int = 30) -> dict[int, Span]:
+    """Each question's :class:`Span` (see :func:`answer_questions`) from its windows: ``examples``
+    each window's question, ``offsets`` each window's context tokens' characters (``[-1, -1]``
+    elsewhere), ``logits`` ``[windows, length, 2]``. A question whose windows hold no span is absent."""
     if max_answer_tokens < 1:
         raise ValueError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
     logits = np.asarray(logits, np.float64)
-    examples, offsets = list(windows["example_index"]), list(windows["context_offsets"])
     if logits.ndim != 3 or logits.shape[0] != len(examples) or logits.shape[2] != 2:
         raise ValueError(f"answer_questions: logits of shape {logits.shape}; expected [{len(examples)} windows, "
                          "length, 2] (start and end logits, Trainer.predict's output)")
-    best: dict[int, tuple[float, int, int]] = {}  # example -> (score, first character, end character)
+    best: dict[int, Span] = {}
     null: dict[int, float] = {}
     for window, (example, spans) in enumerate(zip(examples, offsets)):
-        if not 0 <= example < len(contexts):
+        example = int(example)
+        if not 0 <= example < n_examples:
             raise ValueError(f"answer_questions: window {window} has example_index {example}; there are "
-                             f"{len(contexts)} contexts")
+                             f"{n_examples} contexts")
         spans = np.asarray(spans, np.int64).reshape(-1, 2)
         n = len(spans)
         if n > logits.shape[1]:
@@ -78,16 +110,9 @@ def answer_questions(windows, logits, contexts: Sequence[str], *, max_answer_tok
             continue
         scores = np.where(valid, start[:, None] + end[None, :], -np.inf)
         i, j = np.unravel_index(int(scores.argmax()), scores.shape)
-        if example not in best or scores[i, j] > best[example][0]:
-            best[example] = (float(scores[i, j]), int(spans[i, 0]), int(spans[j, 1]))
-    answers = []
-    for example, context in enumerate(contexts):
-        found = best.get(example)
-        if found is None or (null_answers and null[example] > found[0]):
-            answers.append("")
-        else:
-            answers.append(context[found[1]:found[2]])
-    return answers
+        if example not in best or scores[i, j] > best[example].score:
+            best[example] = Span(float(scores[i, j]), int(spans[i, 0]), int(spans[j, 1]), window, int(i), int(j), 0.0)
+    return {example: span._replace(null_score=null[example]) for example, span in best.items()}
 
 
 def normalize_answer(text: str) -> str:
