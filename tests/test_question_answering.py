@@ -413,7 +413,8 @@ def test_predict_answers_from_every_window_of_a_long_context(tokenizer, tmp_path
         for i in inside:
             for j in inside:
                 if i <= j < i + 30 and (best is None or start[i] + end[j] > best[0]):
-                    best = (start[i] + end[j], w, windows["offset_mapping"][w][i][0], windows["offset_mapping"][w][j][1])
+                    offsets = windows["offset_mapping"][w]
+                    best = (start[i] + end[j], w, offsets[i][0], offsets[j][1])
     assert best[1] > 0  # the answer is past the first window: truncating the context would miss it
     assert main(["predict", str(base), "--text", question, "--context", context, "--max-length", "24",
                  "--stride", "6"]) == 0

@@ -434,10 +434,13 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
     from peftjax.cli import _logits, answer_spans
 
     examples = raw_eval.select(range(min(3, len(raw_eval))))
-    questions, contexts = list(examples[options["question_column"]]), list(examples[options["context_column"]])
+    questions = [q.lstrip() for q in examples[options["question_column"]]]
+    contexts = list(examples[options["context_column"]])
+    stride = options["stride"] if options["stride"] is not None else options["max_length"] // 4
     pairs = tokenizer(questions, contexts, return_tensors="np", padding=True, truncation="only_second",
-                      max_length=options["max_length"], return_offsets_mapping=True)
-    inputs = {k: v for k, v in pairs.items() if k != "offset_mapping"}
+                      max_length=options["max_length"], stride=stride, return_overflowing_tokens=True,
+                      return_offsets_mapping=True)  # the windows the job trained and evaluated on
+    inputs = {k: v for k, v in pairs.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
     logits = _logits(reloaded, inputs)
     figures["reload_max_abs_diff"] = float(np.abs(logits - _logits(trained, inputs)).max())
     rows = answer_spans(pairs, questions, contexts, logits)
