@@ -470,7 +470,7 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
         expected = label_words(batch, ["the red car is old"], logits.numpy()[:, 4:], {})[0]
         assert line.split() == [f"{w['word']}/{w['label']}" for w in expected]
         assert main([*args, "--r", "4", "--overwrite-output-dir"]) == 1
-        assert "--method prompt takes no --r (r is for lora, dora)" in capsys.readouterr().err
+        assert "--method prompt takes no --r (--r is for lora, dora)" in capsys.readouterr().err
 
 
 def test_train_a_token_classifier_then_predict_each_word(tmp_path, capsys):

@@ -163,8 +163,9 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     unused = [name for name in METHOD_OPTIONS if options["method"] not in METHOD_OPTIONS[name]
               and options[name] != DEFAULTS[name]]
     if unused:
-        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
-        takers = "; ".join(f"{n} is for " + ", ".join(METHOD_OPTIONS[n]) for n in unused)
+        flag = {n: "--" + n.replace("_", "-") for n in unused}
+        flags = ", ".join(flag.values())
+        takers = "; ".join(f"{flag[n]} is for " + ", ".join(METHOD_OPTIONS[n]) for n in unused)
         raise ValueError(f"--method {options['method']} takes no {flags} ({takers})")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options

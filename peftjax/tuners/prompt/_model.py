@@ -21,8 +21,8 @@ and restores the class.
 
 On disk, as in PEFT: ``prompt_embeddings`` is the encoder's *output* (``[V, num_layers * 2 *
 token_dim]`` for prefix tuning, ``[V, token_dim]`` otherwise), never the MLP/LSTM weights; a
-classifier or span head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder is that
-one matrix; like PEFT, peftjax refuses to load one as trainable.
+classifier or span head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder
+is that one matrix; like PEFT, peftjax refuses to load one as trainable.
 """
 
 from __future__ import annotations
