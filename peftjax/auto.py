@@ -126,5 +126,7 @@ class AutoPeftModel:
 
 
 def _bundled_task(task: str | None) -> str | None:
-    """Tasks without their own bundled classes load the checkpoint's class."""
-    return task if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM") else None
+    """Tasks without their own bundled classes load the checkpoint's class; a FEATURE_EXTRACTION
+    adapter gets the family's backbone (``BertModel``) whatever head the checkpoint was saved with."""
+    return task if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
+                            "FEATURE_EXTRACTION") else None

@@ -149,6 +149,7 @@ TASK_CASES = [
     ("roberta", "SEQ_CLS", "RobertaForMaskedLM"),  # the Hub's RoBERTa checkpoints; a head made of two layers
     ("bert", "TOKEN_CLS", "BertModel"),
     ("bert", "QUESTION_ANS", "BertForMaskedLM"),  # a head-less checkpoint of the kind QA starts from
+    ("bert", "FEATURE_EXTRACTION", "BertForSequenceClassification"),  # predict embeds (mean: no modules.json)
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
@@ -208,8 +209,10 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     inputs = {k: v for k, v in batch.items() if k in accepted}
     qa = task == "QUESTION_ANS"
 
-    def logits(out):  # a question-answering model's start and end logits, [batch, seq, 2]
-        return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1) if qa else np.asarray(out.logits)
+    def logits(out):  # a question-answering model's start and end logits, [batch, seq, 2]; a feature extractor's
+        if qa:  # last hidden states
+            return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
+        return np.asarray(out.last_hidden_state if task == "FEATURE_EXTRACTION" else out.logits)
 
     expected = logits(peft_model(**inputs))
 
@@ -220,7 +223,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
                                                                   "classifier.out_proj.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
-    assert info["saved_head"] == (heads.get(family, {"score.weight": [3, 16]}) if task != "CAUSAL_LM" else None)
+    headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
+    assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,7 +232,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # the head the adapter file supplies is not reported as newly initialised
     assert not [str(w.message) for w in caught if issubclass(w.category, models.NewWeightsWarning)]
     auto = {"SEQ_CLS": tr.AutoModelForSequenceClassification, "TOKEN_CLS": tr.AutoModelForTokenClassification,
-            "QUESTION_ANS": tr.AutoModelForQuestionAnswering, "CAUSAL_LM": tr.AutoModelForCausalLM}[task]
+            "QUESTION_ANS": tr.AutoModelForQuestionAnswering, "CAUSAL_LM": tr.AutoModelForCausalLM,
+            "FEATURE_EXTRACTION": tr.AutoModel}[task]
     merged = auto.from_pretrained(tmp_path / "merged").eval()
     assert type(merged).__name__ == type(model).__name__
     with torch.no_grad():
@@ -273,6 +278,11 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
         assert row["answer"] == context[row["start"]:row["end"]] and abs(row["score"] - best[0]) < 1e-4
         assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", question]) == 1
         assert "--context is the text a question-answering model takes its answers from" in capsys.readouterr().err
+    elif task == "FEATURE_EXTRACTION":  # the text's embedding: its tokens' mean state in transformers' model
+        assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert (row["pooling"], row["normalized"]) == ("mean_tokens", False)
+        np.testing.assert_allclose(row["embedding"], theirs[0].mean(0), atol=1e-5)
     elif task == "CAUSAL_LM":
         assert main(["generate", str(base), "--adapter", str(tmp_path / "adapter"), "--text", text,
                      "--max-new-tokens", "3"]) == 0
@@ -330,6 +340,51 @@ def test_predict_reads_past_a_prompt_adapter_s_virtual_tokens(task, tokenizer_di
         np.testing.assert_allclose([w["score"] for w in row["words"]], [w["score"] for w in expected], atol=1e-4)
     assert main(["merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 1
     assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+
+
+def test_predict_embeds_texts_as_the_sentence_transformers_checkpoint_says(tokenizer_dir, tmp_path, capsys):
+    """``predict`` on a model without a head prints each text's embedding, pooled as the checkpoint's
+    sentence-transformers modules say (the packaged all-MiniLM-L6-v2: mean, then L2-normalised, its
+    model card's recipe in transformers here), over the text's own tokens after a prompt adapter's
+    virtual ones; a pooling mode peftjax lacks is refused, naming the file."""
+    texts = ["A cat sits on the mat.", "A kitten is sitting on a rug.", "Stock markets fell sharply today."]
+    assert main(["predict", str(packaged_minilm()), *sum((["--text", t] for t in texts), [])]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["pooling"], r["normalized"]) for r in rows} == {("mean_tokens", True)}
+    batch = tr.AutoTokenizer.from_pretrained(str(packaged_minilm()))(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = tr.AutoModel.from_pretrained(str(packaged_minilm())).eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    expected = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    ours = np.array([r["embedding"] for r in rows])
+    np.testing.assert_allclose(ours, expected, atol=2e-6)
+    assert ours[0] @ ours[1] > ours[0] @ ours[2] + 0.3  # the two sentences about a cat are the close pair
+
+    # a PEFT prompt-tuning feature extractor: pooled past its virtual tokens
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny_config("bert", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = peft.PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)
+    theirs = peft.get_peft_model(tr.BertModel.from_pretrained(base), config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "adapter")
+    ids = tokenizer([texts[0]], return_tensors="pt")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        states = theirs(**ids).last_hidden_state[0, 3:]
+    assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", texts[0]]) == 0
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["embedding"], states.mean(0).numpy(), atol=1e-5)
+    (base / "modules.json").write_text(json.dumps([{"idx": 1, "name": "1", "path": "1_Pooling",
+                                                    "type": "sentence_transformers.models.Pooling"}]))
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    assert main(["predict", str(base), "--text", texts[0]]) == 1
+    assert "1_Pooling/config.json: pooling modes ['weightedmean_tokens'] on" in capsys.readouterr().err
 
 
 def test_an_adapter_that_does_not_fit_is_refused(tmp_path):

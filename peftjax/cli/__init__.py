@@ -161,7 +161,7 @@ def _predict(args) -> int:
     from peftjax.cli._job import task_tokenizer
 
     model = _load_with_adapter(args)
-    what = "predict needs a sequence- or token-classification or a question-answering model"
+    what = "predict needs a sequence- or token-classification, a question-answering or a feature-extraction model"
     if _is_encoder_decoder(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
@@ -192,6 +192,13 @@ def _predict(args) -> int:
                       return_offsets_mapping=by_word)
     accepted = _accepted(model)
     logits = _logits(model, {k: v for k, v in batch.items() if k in accepted})
+    if _is_feature_extractor(model):  # its last hidden states, pooled as the checkpoint says
+        modes, normalize = sentence_pooling(_base_dir(args))
+        vectors = pooled_embeddings(logits, batch["attention_mask"], modes, normalize=normalize)
+        for text, vector in zip(texts, vectors):
+            print(json.dumps({"text": text, "pooling": "+".join(modes), "normalized": normalize,
+                              "embedding": [round(float(x), 6) for x in vector]}, ensure_ascii=False))
+        return 0
     if logits.ndim != (3 if by_word else 2):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is a language model: use generate")
     names = getattr(getattr(_base(model), "config", None), "id2label", None) or {}
@@ -215,6 +222,60 @@ def _softmax(logits):
 
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     return probs / probs.sum(-1, keepdims=True)
+
+
+# sentence-transformers' pooling modes, in the order its Pooling module concatenates them
+POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "lasttoken")
+
+
+def sentence_pooling(directory) -> tuple[tuple[str, ...], bool]:
+    """How a sentence-transformers checkpoint in ``directory`` turns token states into a text's
+    embedding: the pooling modes its ``modules.json``'s Pooling module turns on (see
+    :data:`POOLING_MODES`), and whether a Normalize module follows. A directory without
+    ``modules.json``: mean pooling, not normalised.
+
+    Raises:
+      ValueError: a pooling mode peftjax does not implement, or none (the file named).
+    """
+    directory = Path(directory)
+    listing = directory / "modules.json"
+    if not listing.is_file():
+        return ("mean_tokens",), False
+    modules = json.loads(listing.read_text())
+    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    pooling = next((m for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+    if pooling is None:
+        return ("mean_tokens",), normalize
+    path = directory / pooling.get("path", "") / "config.json"
+    config = json.loads(path.read_text())
+    on = [k.removeprefix("pooling_mode_") for k, v in config.items() if k.startswith("pooling_mode_") and v]
+    unknown = [m for m in on if m not in POOLING_MODES]
+    if unknown or not on:
+        raise ValueError(f"{path}: pooling modes {unknown or 'none'} on; peftjax pools with {', '.join(POOLING_MODES)}")
+    return tuple(m for m in POOLING_MODES if m in on), normalize
+
+
+def pooled_embeddings(hidden, attention_mask, modes=("mean_tokens",), *, normalize: bool = False):
+    """Each text's embedding from its token states ``[texts, tokens, dim]`` as sentence-transformers
+    pools them: the ``modes`` (:data:`POOLING_MODES`) over the tokens ``attention_mask`` keeps,
+    concatenated in that order, then L2-normalised where ``normalize``."""
+    import numpy as np
+
+    hidden = np.asarray(hidden, np.float32)
+    mask = np.asarray(attention_mask, np.float32)[..., None]
+    counts = np.maximum(mask.sum(1), 1e-9)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1, 0], axis=1)  # left or right padding
+    pooled = {
+        "cls_token": hidden[:, 0],
+        "max_tokens": np.where(mask > 0, hidden, -1e9).max(1),
+        "mean_tokens": (hidden * mask).sum(1) / counts,
+        "mean_sqrt_len_tokens": (hidden * mask).sum(1) / np.sqrt(counts),
+        "lasttoken": hidden[np.arange(len(hidden)), last],
+    }
+    out = np.concatenate([pooled[m] for m in modes], axis=-1)
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+    return out
 
 
 def label_texts(texts: list[str], logits, names: dict) -> list[dict]:
@@ -289,6 +350,15 @@ def _base(model):
     return getattr(model, "base_model", model)
 
 
+def _is_feature_extractor(model) -> bool:
+    """A backbone without a head (``BertModel``, ``LlamaModel``, ...: PEFT's FEATURE_EXTRACTION)."""
+    from peftjax.models._auto import TASK_CLASS_SUFFIXES
+
+    name = type(_base(model)).__name__
+    headed = [s for task, ends in TASK_CLASS_SUFFIXES.items() if task != "FEATURE_EXTRACTION" for s in ends]
+    return name.endswith("Model") and not name.endswith(tuple(headed))
+
+
 def _is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(_base(model), "config", None), "is_encoder_decoder", False))
 
@@ -303,8 +373,10 @@ def _logits(model, inputs: dict):
     from peftjax.training._trainer import span_logits
     from peftjax.tuners.prompt import virtual_positions
 
-    def logits_of(out):  # a question-answering model's: its start and end logits, [batch, seq, 2]
-        return out.logits if out.start_logits is None else span_logits(out)
+    def logits_of(out):  # a question-answering model's start and end logits, [batch, seq, 2]; a
+        if out.start_logits is not None:  # feature extractor's last hidden states
+            return span_logits(out)
+        return out.logits if out.logits is not None else out.last_hidden_state
 
     module = getattr(model, "base_model", model)
     tuner = model._active_tuner() if module is not model else None
@@ -416,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
                              ("predict", _predict, "classify texts or each of their words (a sequence or token "
-                                                     "classifier), or answer questions from a --context")):
+                                                     "classifier), answer questions from a --context, or embed "
+                                                     "texts (a model without a head)")):
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} (base + optional adapter).")
         p.add_argument("base", help="base model directory or Hub repo id")
         p.add_argument("--adapter", help="adapter directory or Hub repo id")
