@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 import peftjax
 from peftjax import data, models
@@ -49,8 +50,10 @@ for name, (config, lr) in methods.items():
     accuracy = trainer.evaluate()["eval_accuracy"]
     reloaded = peftjax.PeftModel.from_pretrained(
         models.from_pretrained(path, task_type="SEQ_CLS", num_labels=len(data.LABELS)), work / name)
-    probe = tokenizer(["A gripping, beautiful film."], return_tensors="np")
-    np.testing.assert_allclose(np.asarray(reloaded(**probe).logits), np.asarray(model(**probe).logits), atol=1e-5)
+    probe = dict(tokenizer(["A gripping, beautiful film."], return_tensors="np"))
+    logits = nnx.jit(lambda m, batch: m(**batch).logits)  # one compiled forward, not one per operation
+    np.testing.assert_allclose(np.asarray(logits(reloaded.base_model, probe)), np.asarray(logits(model.base_model, probe)),
+                               atol=1e-5)
     size = (work / name / "adapter_model.safetensors").stat().st_size
     print(f"{name:>9}: trainable {trainable:>7,} of {total:,}  training-set loss {before:.3f} -> {after:.3f}  "
           f"eval accuracy {accuracy:.3f}  file {size / 1024:.0f} KiB  reloads with the trained logits")

@@ -88,7 +88,7 @@ def test_classification_logits_and_loss_match_torch(tiny, classifier, jit):
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
-def test_packed_rows_give_each_sequence_its_own_logits(tiny, classifier, jit):
+def test_packed_rows_give_each_sequence_its_own_logits(tiny, classifier):
     """Packed rows (``Batcher(packing=True)``: several sequences a row, ``segment_ids``,
     ``segment_starts``) give each sequence the logits and loss transformers gives it in an
     ordinary padded batch, with token types; the gradients equal the unpacked batch's."""
@@ -104,14 +104,12 @@ def test_packed_rows_give_each_sequence_its_own_logits(tiny, classifier, jit):
     (batch,) = Batcher(cols, 8, packing=True, shuffle=False).batches(0)
     assert batch["input_ids"].shape[0] < len(ids)  # several sequences share a row
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "segment_ids", "segment_starts")}
-    out = _forward(classifier, jit, **inputs)
+    out = _forward(classifier, True, **inputs)  # packed rows reach a model only through a compiled step
     real = batch["sample_weight"] > 0
     (padded,) = Batcher(cols, 8, buckets=None, shuffle=False).batches(0)
     plain = {k: padded[k][real] for k in ("input_ids", "attention_mask", "token_type_ids")}
     ref = _torch(torch_model, **plain, labels=labels)
     np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy(), atol=1e-5, rtol=0)
-    if not jit:
-        return
     # the same loss and gradients as the padded batch (the filler sequence excluded by slicing)
     graphdef, params = nnx.split(classifier)
 
