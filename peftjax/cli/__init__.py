@@ -175,9 +175,10 @@ def _predict(args) -> int:
         raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
                          f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
     if by_span:  # a long context in overlapping windows, as tokenize_question_answering cuts it
+        from peftjax.cli._job import question_stride
         from peftjax.training._data import check_context_room
 
-        stride = args.stride if args.stride is not None else args.max_length // 4
+        stride = question_stride(args.stride, args.max_length)
         check_context_room(tokenizer, texts, args.max_length, stride, range(len(texts)),
                            f"--max-length {args.max_length} with --stride {stride}")
         batch = tokenizer(texts, [args.context] * len(texts), return_tensors="np", padding=True,
@@ -365,7 +366,10 @@ def _is_encoder_decoder(model) -> bool:
 
 def _logits(model, inputs: dict):
     """``model(**inputs).logits`` as one compiled program (``forward``): called eagerly, a model
-    compiles each of its operations on its own the first time (64 programs for MiniLM)."""
+    compiles each of its operations on its own the first time (64 programs for MiniLM). A
+    question-answering model's are its start and end logits ``[batch, seq, 2]``, a model without a
+    head's its last hidden states; per-token outputs start at the text's own tokens, after a prompt
+    adapter's virtual ones."""
     import jax
     import numpy as np
     from flax import nnx

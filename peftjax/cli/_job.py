@@ -260,7 +260,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
             return tokenize_token_classification(ds, tokenizer, tokens_column=options["tokens_column"],
                                                  tags_column=options["tags_column"], max_length=options["max_length"])
         if task == "question_answering":
-            stride = options["stride"] if options["stride"] is not None else options["max_length"] // 4
+            stride = question_stride(options["stride"], options["max_length"])
             return tokenize_question_answering(ds, tokenizer, question_column=options["question_column"],
                                                context_column=options["context_column"],
                                                answers_column=options["answers_column"],
@@ -414,6 +414,12 @@ def adapter_config(options: dict, task_type: str):
     return config(num_virtual_tokens=options["num_virtual_tokens"], task_type=task_type)
 
 
+def question_stride(stride: int | None, max_length: int) -> int:
+    """The tokens each window of a long question-answering context shares with the one before:
+    ``stride`` as given, else a quarter of ``max_length`` (the job's and ``predict``'s default)."""
+    return stride if stride is not None else max_length // 4
+
+
 def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, float], list[str]]:
     """SQuAD's exact match and F1 (percent) of the model's answers to every eval question, each the
     best span over its windows (where some question has no labelled answer, SQuAD 2.0's, a question
@@ -437,7 +443,7 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
     examples = raw_eval.select(range(min(3, len(raw_eval))))
     questions = [q.lstrip() for q in examples[options["question_column"]]]
     contexts = list(examples[options["context_column"]])
-    stride = options["stride"] if options["stride"] is not None else options["max_length"] // 4
+    stride = question_stride(options["stride"], options["max_length"])
     pairs = tokenizer(questions, contexts, return_tensors="np", padding=True, truncation="only_second",
                       max_length=options["max_length"], stride=stride, return_overflowing_tokens=True,
                       return_offsets_mapping=True)  # the windows the job trained and evaluated on
