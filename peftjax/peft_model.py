@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -687,7 +688,7 @@ class PeftModel:
         tuner_for(config)  # an unsupported method fails before anything is read
         # read and check the files before touching the model
         tensors = read_adapter_weights(model_id, allow_pickle=allow_pickle)
-        fuse = getattr(self.base_model, "fused_adapter_tensors", None)  # Mixtral: transformers 4's per-expert LoRA
+        fuse = getattr(self.base_model, "fused_adapter_tensors", None)  # MoE: transformers 4's per-expert LoRA
         if fuse is not None and getattr(config, "peft_type", None) == "LORA":
             tensors = fuse(tensors, source=str(model_id))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -723,10 +724,10 @@ def _check_keys(model, source: str, tensors, missing: list[str], unexpected: lis
     """Refuses a file none of whose keys fit the model, and (``strict``) any that fits only in part."""
     if not tensors:
         raise AdapterKeyError(f"{source}: the adapter file holds no tensors")
-    per_expert = [k for k in unexpected if ".block_sparse_moe.experts." in k]
+    per_expert = [k for k in unexpected if re.search(r"\.experts\.\d+\.", k)]
     if per_expert:  # PEFT fuses these on load (convert_peft_adapter_state_dict_for_transformers)
         raise NotImplementedError(
-            f"{source}: an adapter on Mixtral's experts saved in transformers 4's per-expert layout "
+            f"{source}: an adapter on a mixture of experts saved in transformers 4's per-expert layout "
             f"({per_expert[:2]}); peftjax fuses only LoRA's lora_A/lora_B (as PEFT 0.21.2 does)")
     if len(unexpected) == len(tensors):
         raise AdapterKeyError(

@@ -40,6 +40,29 @@ def save_tiny(model_cls, config, directory, seed: int = 0, **save_kwargs):
     return model
 
 
+def randomised(model, scale: float = 0.3, seed: int = 0):
+    """Every weight of ``model`` drawn anew, norms around 1 and the rest around 0 (``scale`` std):
+    a swapped expert, gate/up half or layer shows at once. Returns the model."""
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name else 0.0) + scale * torch.randn_like(p))
+    return model
+
+
+def save_in_memory_layout(torch_model, directory) -> None:
+    """``torch_model``'s in-memory state dict (transformers 5's, e.g. a mixture of experts' fused
+    weights) and config written as a checkpoint, not the layout ``save_pretrained`` converts to."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch_model.config.save_pretrained(directory)
+    state = {k: v.contiguous() for k, v in torch_model.state_dict().items()}
+    safetensors_torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
 def torch_logits(model, **inputs) -> np.ndarray:
     torch = pytest.importorskip("torch")
 

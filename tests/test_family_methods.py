@@ -33,7 +33,8 @@ from peftjax import models
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
-ARCHS = {family: _tiny.arch(family, initializer_range=0.2) for family in ("gemma2", "gemma3_text", "qwen3", "mixtral")}
+ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
+         for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe")}
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
@@ -45,6 +46,9 @@ METHODS = {
     "dora": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
     "ia3-default-targets": ("IA3Config", {}),
+    # PEFT has no IA³ defaults for qwen3_moe: named, they reach the dense layer's down_proj, not the experts'
+    "ia3-named": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"])),
     "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=V)),
     "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=V)),
     "p-tuning": ("PromptEncoderConfig", dict(num_virtual_tokens=V, encoder_hidden_size=24)),
@@ -66,6 +70,12 @@ CASES = {
     ("mixtral", "dora"): ("peft->here",),  # here->peft: test_lora_peft::test_mixtral_attention_lora_both_ways
     ("mixtral", "prompt"): ("here->peft",),
     ("mixtral", "p-tuning"): ("here->peft",),
+    # LoRA on the router and the experts, and refusing a bare LoraConfig: test_qwen3_moe
+    ("qwen3_moe", "dora"): BOTH,
+    ("qwen3_moe", "ia3-named"): BOTH,
+    ("qwen3_moe", "prefix"): BOTH,
+    ("qwen3_moe", "prompt"): ("here->peft",),
+    ("qwen3_moe", "p-tuning"): ("peft->here",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, save_tiny, torch_logits
+from _torch_models import lazy, padded_batch, randomised, save_in_memory_layout, save_tiny, torch_logits
 
 import peftjax
 from peftjax import models
@@ -25,30 +25,13 @@ EXTRA = dict(sliding_window=6)
 VOCAB = _tiny.FAMILIES["mixtral"][2]["vocab_size"]
 
 
-def _randomise(model):
-    """Every weight random, norms and router too, so a swapped expert, gate/up half or w1/w3 shows."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(p))
-    return model
-
-
-def write_fused(torch_model, directory):
-    """transformers 5's in-memory (fused) state dict, as a checkpoint."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch_model.config.save_pretrained(directory)
-    state = {k: v.contiguous() for k, v in torch_model.state_dict().items()}
-    safetensors_torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     """(torch model, its checkpoint as transformers saves it (per-expert), the fused checkpoint, peftjax model)."""
     root = tmp_path_factory.mktemp("mixtral")
-    torch_model = _randomise(tr.MixtralForCausalLM(_tiny.config("mixtral", **EXTRA)).eval())
+    torch_model = randomised(tr.MixtralForCausalLM(_tiny.config("mixtral", **EXTRA)).eval())
     torch_model.save_pretrained(root / "hub")
-    write_fused(torch_model, root / "fused")
+    save_in_memory_layout(torch_model, root / "fused")
     return torch_model, root / "hub", root / "fused", models.from_pretrained(root / "hub")
 
 

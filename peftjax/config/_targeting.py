@@ -188,8 +188,13 @@ _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 # target_parameters of its own.
 MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    # PEFT's "qwen2_moe" pattern (transformers' conversion mapping sends qwen3_moe to it); the names are
+    # also a dense layer's MLP's, and PEFT moves them all the same, so a dense layer keeps no LoRA there
+    "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
 }
-_MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")}}
+_MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")},
+                                                     "qwen3_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
 
 
 def convert_moe_lora_targets(

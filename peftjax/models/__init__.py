@@ -23,6 +23,7 @@ from peftjax.models._llama import (
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from peftjax.models._qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
 from peftjax.models._roberta import (
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
@@ -76,6 +77,8 @@ __all__ = [
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "Qwen3MoeForCausalLM",
+    "Qwen3MoeForSequenceClassification",
     "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",
     "RobertaForTokenClassification",

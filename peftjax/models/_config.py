@@ -5,8 +5,9 @@ whenever it is installed: a quarter of a gigabyte of host memory and seconds of 
 JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
-derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's and Gemma's ``layer_types``), and answers attribute
-reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's and Gemma's ``layer_types``,
+Qwen3-MoE's window), and answers attribute reads like a ``PretrainedConfig`` does (GPT-2's
+``hidden_size`` is its ``n_embd``). The bundled
 models accept either kind of config: ``from_config`` still takes transformers' classes.
 """
 
@@ -97,6 +98,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Qwen3MoeConfig: no head_dim field (a config.json may carry one); num_experts is stored as num_local_experts
+    "qwen3_moe": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "use_sliding_window": False, "sliding_window": 4096, "attention_dropout": 0.0,
+        "decoder_sparse_step": 1, "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_local_experts": 128,
+        "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": None, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     "bert": {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
         "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
@@ -154,6 +165,7 @@ FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30
 # other names for fields (transformers' ``attribute_map``)
 ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
+    "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -213,6 +225,11 @@ class ModelConfig:
             if t != "mt5" and self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
                 self.scale_decoder_outputs = self.tie_word_embeddings is not False
             self.tie_word_embeddings = True
+        if t == "qwen3_moe":  # Qwen3MoeConfig.__post_init__: one window for every layer, or none
+            if not self.use_sliding_window:
+                self.sliding_window = None
+            if self.mlp_only_layers is None:
+                self.mlp_only_layers = []
         if t in ("qwen2", "qwen3"):
             if not self.use_sliding_window:
                 self.sliding_window = None

@@ -20,6 +20,11 @@ layout (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ``mlp.experts.down_pr
 ``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does. A LoRA
 adapter file of the per-expert layout is fused on load (:func:`fused_lora_tensors`), as PEFT 0.21.2 does.
 
+The pieces are the shared base of the bundled mixtures of experts (``_qwen3_moe`` too): a family
+names its block's sizes and top-k weighting (:class:`MixtralSparseMoeBlock`), which layers are
+sparse (:meth:`MixtralDecoderLayer.is_sparse`; a dense layer has no router, and the load-balancing
+loss and ``router_logits`` cover the sparse layers) and its Hub names (:class:`ExpertLayout`).
+
 Training: ``router_jitter_noise`` multiplies the MLP's input by ``uniform(1 - j, 1 + j)`` noise
 while a dropout key is active (``peftjax.dropout_key``, the train step's key), as transformers does
 in ``train()`` mode (the noise itself is JAX's, not torch's). With ``output_router_logits`` (the
@@ -35,7 +40,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,11 +77,13 @@ def check_mixtral_config(config) -> None:
         raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
 
 
-def route(logits: jax.Array, top_k: int) -> jax.Array:
-    """Dense routing weights ``[tokens, experts]``: softmax, top ``top_k``, renormalised; 0 elsewhere."""
+def route(logits: jax.Array, top_k: int, renormalise: bool = True) -> jax.Array:
+    """Dense routing weights ``[tokens, experts]``: softmax, top ``top_k`` (renormalised to sum to
+    one if ``renormalise``); 0 elsewhere."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, index = jax.lax.top_k(probs, top_k)
-    top = top / jnp.sum(top, axis=-1, keepdims=True)
+    if renormalise:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
     return jnp.sum(jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32) * top[..., None], axis=-2)
 
 
@@ -117,8 +124,8 @@ class MixtralExperts(ParamReader, nnx.Module):
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {
         "gate_up_proj": ("gate_up_proj", False), "down_proj": ("down_proj", False)}
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+    def __init__(self, config, intermediate_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h, i = config.num_local_experts, config.hidden_size, intermediate_size
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up_proj = nnx.Param(init(rngs.params(), (e, 2 * i, h), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype))
@@ -133,14 +140,28 @@ class MixtralExperts(ParamReader, nnx.Module):
 
 
 class MixtralSparseMoeBlock(nnx.Module):
+    """The router and the experts. A family whose block differs only in its sizes or in how it
+    weighs the top k overrides :meth:`expert_size` and :meth:`renormalises`."""
+
     def __init__(self, config, layer_idx: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_mixtral_config(config)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.top_k = config.num_experts_per_tok
+        self.renormalise = self.renormalises(config)
         self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
         self.layer_idx = layer_idx
         self.gate = MixtralTopKRouter(config, **kw)
-        self.experts = MixtralExperts(config, **kw)
+        self.experts = MixtralExperts(config, self.expert_size(config), **kw)
+
+    @staticmethod
+    def expert_size(config) -> int:
+        """One expert's intermediate size."""
+        return config.intermediate_size
+
+    @staticmethod
+    def renormalises(config) -> bool:
+        """Whether a token's top-k routing weights are rescaled to sum to one (Mixtral: always)."""
+        return True
 
     def __call__(self, x):
         """``(output [b, s, hidden], router logits [b * s, experts])``."""
@@ -151,23 +172,34 @@ class MixtralSparseMoeBlock(nnx.Module):
             x = x * jax.random.uniform(key, x.shape, x.dtype, 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         flat = x.reshape(b * s, h)
         logits = self.gate(flat)
-        return self.experts(flat, route(logits, self.top_k)).reshape(b, s, h), logits
+        return self.experts(flat, route(logits, self.top_k, self.renormalise)).reshape(b, s, h), logits
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
-    """Llama's pre-norm layer with the MoE block as ``mlp``; also returns the router logits."""
+    """Llama's pre-norm layer with the MoE block as ``mlp`` (or, where :meth:`is_sparse` says no, the
+    dense ``mlp_class``); also returns the router logits (``None`` from a dense layer)."""
+
+    moe_class: ClassVar[type[nnx.Module]] = MixtralSparseMoeBlock
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = self.attention_class(config, layer_idx, **kw)
-        self.mlp = MixtralSparseMoeBlock(config, layer_idx, **kw)
+        self.mlp = self.moe_class(config, layer_idx, **kw) if self.is_sparse(config, layer_idx) else \
+            self.mlp_class(config, **kw)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
 
+    @staticmethod
+    def is_sparse(config, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` routes through experts (Mixtral: every layer)."""
+        return True
+
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
         x = x + a
+        if not isinstance(self.mlp, MixtralSparseMoeBlock):
+            return x + self.mlp(self.post_attention_layernorm(x)), cache, None
         out, logits = self.mlp(self.post_attention_layernorm(x))
         return x + out, cache, logits
 
@@ -184,6 +216,16 @@ class MixtralModel(LlamaModel):
     """The decoder stack; its output also carries ``aux_loss``, the load-balancing loss."""
 
     layer_class: ClassVar[type[nnx.Module]] = MixtralDecoderLayer
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        sparse = [self.layer_class.is_sparse(config, i) for i in range(config.num_hidden_layers)]
+        if getattr(config, "scan_layers", False) and len(set(sparse)) > 1:
+            raise ValueError(f"scan_layers=True needs the same MLP in every layer; layers "
+                             f"{[i for i, s in enumerate(sparse) if not s]} are dense and the others sparse "
+                             f"(mlp_only_layers={getattr(config, 'mlp_only_layers', None)}, "
+                             f"decoder_sparse_step={getattr(config, 'decoder_sparse_step', None)})")
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sparse_layers = sum(sparse)
 
     def __call__(
         self,
@@ -219,14 +261,16 @@ class MixtralModel(LlamaModel):
         top_k, token_mask = self.config.num_experts_per_tok, _token_mask(attention_mask, b, s)
         zeros = jnp.zeros((self.config.num_local_experts,), jnp.float32)
 
-        # the router logits go into a [layers, tokens, experts] buffer, the same whether scanned or looped
+        # the router logits go into a [sparse layers, tokens, experts] buffer, the same whether scanned or looped
         routers = None
         if output_router_logits:
-            routers = (jnp.zeros((), jnp.int32), jnp.zeros((len(self.layers), b * s, zeros.shape[0]), x.dtype))
+            routers = (jnp.zeros((), jnp.int32), jnp.zeros((self.sparse_layers, b * s, zeros.shape[0]), x.dtype))
 
         def layer_step(layer, carry, layer_cache=None, start=None, prefix=None, key=None):
             h, counts, probs, routers = carry
             h, layer_cache, logits = layer(h, cos, sin, masks, layer_cache, start, prefix, key)
+            if logits is None:  # a dense layer: no router
+                return (h, counts, probs, routers), layer_cache
             c, p = routing_statistics(logits, top_k, token_mask)
             if routers is not None:
                 routers = (routers[0] + 1, routers[1].at[routers[0]].set(logits.astype(routers[1].dtype)))
@@ -245,8 +289,8 @@ class MixtralModel(LlamaModel):
                 new_cache.append(layer_cache)
         x, counts, probs, routers = carry
         aux = None
-        if cache is None:
-            aux = load_balancing_loss(counts, probs, jnp.sum(token_mask) * len(self.layers))
+        if cache is None:  # over the sparse layers only, as transformers records only their routers
+            aux = load_balancing_loss(counts, probs, jnp.sum(token_mask) * max(self.sparse_layers, 1))
         router_logits = None if routers is None else tuple(routers[1])
         return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux,
                            router_logits=router_logits)
@@ -254,30 +298,48 @@ class MixtralModel(LlamaModel):
 
 # ---------------------------------------------------------------- checkpoint layouts
 
-_HUB_EXPERT = r"block_sparse_moe.experts.{e}.{w}.weight"
+
+class ExpertLayout(NamedTuple):
+    """How a family's Hub checkpoints name what transformers 5 fuses: the MoE block (``block``;
+    the router is ``{block}.gate``) and each expert's gate, up and down linears
+    (``{block}.experts.{e}.{gate|up|down}.weight``)."""
+
+    family: str
+    block: str
+    gate: str
+    up: str
+    down: str
+
+    def expert_key(self, e: int, linear: str) -> str:
+        return f"{self.block}.experts.{e}.{linear}.weight"
+
+
+MIXTRAL_EXPERTS = ExpertLayout("Mixtral", "block_sparse_moe", gate="w1", up="w3", down="w2")
 
 
 class _FusedExperts(Mapping):
     """A checkpoint in the Hub's per-expert layout read as transformers 5's fused layout (a view:
     each fused tensor is assembled when it is looked up); other keys pass through."""
 
-    def __init__(self, tensors: Mapping, num_experts: int, source: str):
-        self.tensors, self.num_experts = tensors, num_experts
+    def __init__(self, tensors: Mapping, num_experts: int, source: str, layout: ExpertLayout):
+        self.tensors, self.num_experts, self.layout = tensors, num_experts, layout
         self.fused: dict[str, tuple[str, str]] = {}  # fused key -> (layer prefix, "gate_up_proj" | "down_proj")
         self.renamed: dict[str, str] = {}  # our key -> checkpoint key
         self.hidden = hidden = set()
+        per_expert = re.compile(rf"^(?P<pre>.*)\.{re.escape(layout.block)}\.experts\.\d+\.")
         layers: dict[str, set[str]] = {}
         for key in tensors:
-            if ".block_sparse_moe.experts." in key:
-                prefix = key.split(".block_sparse_moe.experts.")[0]
-                layers.setdefault(prefix, set()).add(key)
+            m = per_expert.match(key)
+            if m:
+                layers.setdefault(m["pre"], set()).add(key)
                 hidden.add(key)
-            elif ".block_sparse_moe." in key:
-                self.renamed[key.replace(".block_sparse_moe.", ".mlp.")] = key
+            elif layout.block != "mlp" and f".{layout.block}." in key:
+                self.renamed[key.replace(f".{layout.block}.", ".mlp.")] = key
                 hidden.add(key)
         problems = []
+        linears = (layout.gate, layout.down, layout.up)
         for prefix, found in sorted(layers.items()):
-            wanted = {f"{prefix}.{_HUB_EXPERT.format(e=e, w=w)}" for e in range(num_experts) for w in ("w1", "w2", "w3")}
+            wanted = {f"{prefix}.{layout.expert_key(e, w)}" for e in range(num_experts) for w in linears}
             if found - wanted:
                 problems.append(f"{prefix}: unexpected expert keys {sorted(found - wanted)[:6]} "
                                 f"(num_local_experts={num_experts})")
@@ -286,21 +348,22 @@ class _FusedExperts(Mapping):
             for name in ("gate_up_proj", "down_proj"):
                 fused = f"{prefix}.mlp.experts.{name}"
                 if fused in tensors:
-                    problems.append(f"{prefix}: both {fused} and per-expert block_sparse_moe weights")
+                    problems.append(f"{prefix}: both {fused} and per-expert {layout.block}.experts weights")
                 self.fused[fused] = (prefix, name)
         if problems:
-            raise CheckpointError(f"{source}: a Mixtral checkpoint in the per-expert layout must hold w1, w2 and "
-                                  f"w3 of every expert:\n  " + "\n  ".join(problems))
+            raise CheckpointError(f"{source}: a {layout.family} checkpoint in the per-expert layout must hold "
+                                  f"{', '.join(linears)} of every expert:\n  " + "\n  ".join(problems))
         self.passed = [k for k in tensors if k not in hidden]
 
     def __getitem__(self, key: str):
         if key in self.fused:
             prefix, name = self.fused[key]
-            get = lambda e, w: np.asarray(self.tensors[f"{prefix}.{_HUB_EXPERT.format(e=e, w=w)}"])  # noqa: E731
+            layout = self.layout
+            get = lambda e, w: np.asarray(self.tensors[f"{prefix}.{layout.expert_key(e, w)}"])  # noqa: E731
             n = self.num_experts
             if name == "down_proj":
-                return np.stack([get(e, "w2") for e in range(n)])
-            return np.stack([np.concatenate([get(e, "w1"), get(e, "w3")], axis=0) for e in range(n)])
+                return np.stack([get(e, layout.down) for e in range(n)])
+            return np.stack([np.concatenate([get(e, layout.gate), get(e, layout.up)], axis=0) for e in range(n)])
         return self.tensors[self.renamed.get(key, key)]
 
     def __iter__(self) -> Iterator[str]:
@@ -315,7 +378,7 @@ class _FusedExperts(Mapping):
         return key in self.fused or key in self.renamed or (key in self.tensors and key not in self.hidden)
 
 
-def hub_layout(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def hub_layout(state: Mapping[str, np.ndarray], layout: ExpertLayout = MIXTRAL_EXPERTS) -> dict[str, np.ndarray]:
     """A state dict in transformers 5's fused layout written in the Hub's per-expert layout
     (what transformers 5.24's ``save_pretrained`` writes)."""
     out = {}
@@ -326,89 +389,94 @@ def hub_layout(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
                 prefix = key[: -len(suffix)]
                 for e, w in enumerate(np.asarray(value)):
                     if name == "down_proj":
-                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w2')}"] = w
+                        out[f"{prefix}.{layout.expert_key(e, layout.down)}"] = w
                     else:
                         gate, up = np.split(w, 2, axis=0)
-                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w1')}"] = gate
-                        out[f"{prefix}.{_HUB_EXPERT.format(e=e, w='w3')}"] = up
+                        out[f"{prefix}.{layout.expert_key(e, layout.gate)}"] = gate
+                        out[f"{prefix}.{layout.expert_key(e, layout.up)}"] = up
                 break
         else:
-            out[key.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")] = value
+            out[key.replace(".mlp.gate.weight", f".{layout.block}.gate.weight")] = value
     return out
 
 
-_PER_EXPERT_LORA = re.compile(
-    r"^(?P<pre>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.(?P<kind>lora_A|lora_B)\.weight$")
+def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, source: str,
+                       layout: ExpertLayout = MIXTRAL_EXPERTS) -> dict[str, np.ndarray]:
+    """A LoRA adapter file of transformers 4's per-expert MoE in transformers 5's fused layout, as
+    PEFT 0.21.2 converts it on load (what ``target_parameters`` reads: see ``tuners.lora._param``).
 
-
-def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, source: str) -> dict[str, np.ndarray]:
-    """A LoRA adapter file of transformers 4's per-expert Mixtral in transformers 5's fused layout,
-    as PEFT 0.21.2 converts it on load (what ``target_parameters`` reads: see ``tuners.lora._param``).
-
-    Per layer, ``w1``/``w3`` (rank ``r`` each) become ``gate_up_proj`` at rank ``2r``: expert ``e``'s
-    ``A`` rows are ``[A1_e; A3_e]`` and its ``B`` is ``blockdiag(B1_e, B3_e)``, so the delta of each
-    half is unchanged; ``w2`` becomes ``down_proj``. ``A`` is stored ``[E * r, in]`` (expert-major),
-    ``B`` ``[out, r * E]`` (expert-minor), ``gate_up_proj`` nested inside ``down_proj`` when both are
-    there. The router's ``block_sparse_moe.gate`` keys are renamed to ``mlp.gate``. Other keys pass.
+    Per layer, the gate and up linears (Mixtral's ``w1``/``w3``, rank ``r`` each) become
+    ``gate_up_proj`` at rank ``2r``: expert ``e``'s ``A`` rows are ``[A_gate_e; A_up_e]`` and its
+    ``B`` is ``blockdiag(B_gate_e, B_up_e)``, so the delta of each half is unchanged; the down
+    linear becomes ``down_proj``. ``A`` is stored ``[E * r, in]`` (expert-major), ``B``
+    ``[out, r * E]`` (expert-minor), ``gate_up_proj`` nested inside ``down_proj`` when both are
+    there. A router under another block name (Mixtral's ``block_sparse_moe.gate``) is renamed to
+    ``mlp.gate``. Other keys pass.
 
     Raises:
-        CheckpointError: an expert, or one of the fused ``w1``/``w3``, lacks its LoRA weights.
+        CheckpointError: an expert, or one of the fused gate/up linears, lacks its LoRA weights.
     """
+    per_expert = re.compile(rf"^(?P<pre>.*)\.{re.escape(layout.block)}\.experts\.(?P<e>\d+)\."
+                            rf"(?P<w>{layout.gate}|{layout.up}|{layout.down})\.(?P<kind>lora_A|lora_B)\.weight$")
     groups: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
     out = {}
     for key, value in tensors.items():
-        m = _PER_EXPERT_LORA.match(key)
+        m = per_expert.match(key)
         if m:
             groups.setdefault((m["pre"], m["w"], m["kind"]), {})[int(m["e"])] = np.asarray(value, np.float32)
         else:
-            out[key.replace(".block_sparse_moe.gate.lora_", ".mlp.gate.lora_")] = value
+            out[key.replace(f".{layout.block}.gate.lora_", ".mlp.gate.lora_")] = value
+    gate_up = f"{layout.gate}/{layout.up}"
     for pre in sorted({g[0] for g in groups}):
         def stacked(w, kind):
             found = groups.get((pre, w, kind), {})
             if not found:
                 return None
             if sorted(found) != list(range(num_experts)):
-                raise CheckpointError(f"{source}: {pre}.block_sparse_moe.experts.N.{w}.{kind}.weight: expected "
+                raise CheckpointError(f"{source}: {pre}.{layout.block}.experts.N.{w}.{kind}.weight: expected "
                                       f"experts 0..{num_experts - 1}, found {sorted(found)}")
             return np.stack([found[e] for e in range(num_experts)])  # [E, r, in] or [E, out, r]
 
-        fused = {w: (stacked(w, "lora_A"), stacked(w, "lora_B")) for w in ("w1", "w3", "w2")}
+        fused = {w: (stacked(w, "lora_A"), stacked(w, "lora_B")) for w in (layout.gate, layout.up, layout.down)}
         present = [w for w, (a, b) in fused.items() if a is not None or b is not None]
-        if any(fused[w][0] is None or fused[w][1] is None for w in present) or ("w1" in present) != ("w3" in present):
-            raise CheckpointError(f"{source}: {pre}.block_sparse_moe.experts: a LoRA on w1 and w3 (fused into "
+        if (any(fused[w][0] is None or fused[w][1] is None for w in present)
+                or (layout.gate in present) != (layout.up in present)):
+            raise CheckpointError(f"{source}: {pre}.{layout.block}.experts: a LoRA on {gate_up} (fused into "
                                   f"gate_up_proj) needs lora_A and lora_B of both; found those of {present}")
-        inner = "base_layer." if "w2" in present else ""
-        if "w1" in present:
-            (a1, b1), (a3, b3) = fused["w1"], fused["w3"]
+        inner = "base_layer." if layout.down in present else ""
+        if layout.gate in present:
+            (a1, b1), (a3, b3) = fused[layout.gate], fused[layout.up]
             e, r1, r3 = a1.shape[0], a1.shape[1], a3.shape[1]
             b = np.zeros((e, b1.shape[1] + b3.shape[1], r1 + r3), np.float32)
             b[:, : b1.shape[1], :r1], b[:, b1.shape[1]:, r1:] = b1, b3
             out[f"{pre}.mlp.experts.{inner}lora_A.weight"] = np.concatenate([a1, a3], axis=1).reshape(-1, a1.shape[-1])
             out[f"{pre}.mlp.experts.{inner}lora_B.weight"] = b.transpose(1, 2, 0).reshape(b.shape[1], -1)
-        if "w2" in present:
-            a2, b2 = fused["w2"]
+        if layout.down in present:
+            a2, b2 = fused[layout.down]
             out[f"{pre}.mlp.experts.lora_A.weight"] = a2.reshape(-1, a2.shape[-1])
             out[f"{pre}.mlp.experts.lora_B.weight"] = b2.transpose(1, 2, 0).reshape(b2.shape[1], -1)
     return out
 
 
-class _MixtralCheckpoints:
-    """Reads both expert layouts; writes the Hub's."""
+class _MoeCheckpoints:
+    """Reads both expert layouts; writes the Hub's (``expert_layout`` names it)."""
+
+    expert_layout: ClassVar[ExpertLayout] = MIXTRAL_EXPERTS
 
     def fused_adapter_tensors(self, tensors: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
         """An adapter file's tensors with transformers 4's per-expert LoRA keys fused (PEFT does it on load)."""
-        return fused_lora_tensors(tensors, self.config.num_local_experts, source)
+        return fused_lora_tensors(tensors, self.config.num_local_experts, source, self.expert_layout)
 
     def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
                            seed: int | None = None) -> None:
-        view = _FusedExperts(state_dict, self.config.num_local_experts, source)
+        view = _FusedExperts(state_dict, self.config.num_local_experts, source, self.expert_layout)
         super().load_hf_state_dict(view, source=source, seed=seed)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return hub_layout(state)
+        return hub_layout(state, self.expert_layout)
 
 
-class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
+class MixtralForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
     """Mixtral: Mistral with a sparse mixture of experts as each layer's MLP."""
 
     model_class: ClassVar[type[nnx.Module]] = MixtralModel
@@ -448,7 +516,7 @@ class MixtralForCausalLM(_MixtralCheckpoints, LlamaForCausalLM):
                            aux_loss=aux, router_logits=out.router_logits)
 
 
-class MixtralForSequenceClassification(_MixtralCheckpoints, LlamaForSequenceClassification):
+class MixtralForSequenceClassification(_MoeCheckpoints, LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = MixtralModel
 
 
