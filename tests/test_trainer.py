@@ -100,6 +100,20 @@ def test_predict_returns_rows_in_order(tiny_bert, tmp_path):
     np.testing.assert_allclose(logits[5], direct, atol=1e-5)
 
 
+def test_a_list_of_rows_reads_as_its_columns_and_a_bad_row_is_named(tiny_bert, tmp_path):
+    """What a PyTorch map-style dataset of dicts holds, as transformers' Trainer takes it."""
+    data = classification_data(11)
+    rows = [{k: data[k][i] for k in data} for i in range(11)]
+    trainer = Trainer(tiny_bert, TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=8))
+    assert trainer.evaluate(rows) == trainer.evaluate(data)
+    np.testing.assert_array_equal(trainer.predict(rows), trainer.predict(data))
+    rows[3] = {"input_ids": rows[3]["input_ids"]}
+    with pytest.raises(TrainingError, match=r"eval_dataset\[3\] has the columns \['input_ids'\]; row 0 has"):
+        trainer.evaluate(rows)
+    with pytest.raises(TrainingError, match=r"train_dataset is a str; expected an HF Dataset, a dict of columns"):
+        Trainer(tiny_bert, TrainingArguments(output_dir=str(tmp_path / "t")), train_dataset="reviews.csv").train()
+
+
 def test_a_classifier_trains_on_packed_rows_as_on_padded_ones(tmp_path):
     """By default the Trainer packs a BERT classifier's batches (several sequences a row): fewer
     tokens computed, and without dropout the same losses, metrics, predictions and adapter as

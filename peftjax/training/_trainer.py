@@ -17,7 +17,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,32 @@ QUESTION_ANS = "question_answering"  # each row's answer span, [start, end] toke
 SPAN_COLUMNS = ("start_positions", "end_positions")  # a question-answering dataset's labels
 
 
+def _as_columns(dataset, name: str):
+    """``dataset`` as columns: an HF ``Dataset`` or a mapping of lists as it is; a list of rows
+    (mappings with the same keys, what a PyTorch map-style dataset of dicts holds) turned into one."""
+    if hasattr(dataset, "column_names") or isinstance(dataset, Mapping):
+        return dataset
+    if isinstance(dataset, Sequence) and not isinstance(dataset, (str, bytes)):
+        rows = list(dataset)
+        if not rows:
+            raise TrainingError(f"{name} is empty")
+        keys = None
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TrainingError(f"{name}[{i}] is a {type(row).__name__}; expected each row to be a mapping of "
+                                    f"column names to values (such as {{'input_ids': [...], 'labels': ...}})")
+            if keys is None:
+                keys = list(row)
+            elif set(row) != set(keys):
+                raise TrainingError(f"{name}[{i}] has the columns {sorted(row)}; row 0 has {sorted(keys)}")
+        return {k: [row[k] for row in rows] for k in keys}
+    raise TrainingError(f"{name} is a {type(dataset).__name__}; expected an HF Dataset, a dict of columns or a "
+                        f"list of rows (dicts)")
+
+
 def _columns(dataset, name: str) -> dict[str, list]:
-    """The trainer's columns of a tokenized dataset (HF ``Dataset`` or a dict of lists)."""
+    """The trainer's columns of a tokenized dataset (HF ``Dataset``, a dict of lists or a list of rows)."""
+    dataset = _as_columns(dataset, name)
     names = _names(dataset)
     if "input_ids" not in names:
         raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
@@ -246,7 +270,8 @@ class Trainer:
       model: a ``peftjax.PeftModel`` (its adapters train; the base stays frozen).
       args: a :class:`TrainingArguments`.
       train_dataset: tokenized rows with ``input_ids`` (and ``attention_mask``,
-        ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset`` or a dict of lists. For an
+        ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset``, a dict of lists or a list
+        of rows (dicts with those keys). For an
         encoder-decoder (``...ForConditionalGeneration``, SEQ_2_SEQ_LM), ``labels`` are the target
         token lists (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with
         -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss. For a
@@ -736,6 +761,7 @@ class Trainer:
                                       "implemented; use model.generate(input_ids, attention_mask)")
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
+        dataset = _as_columns(dataset, "dataset")
         names = _names(dataset)
         if {"labels", "label"} & set(names) or set(SPAN_COLUMNS) <= set(names):
             cols = _columns(dataset, "dataset")
