@@ -140,9 +140,9 @@ def test_an_even_r_starts_as_the_identity_and_an_odd_r_warns_and_does_not(checkp
     base = run_torch(torch_base("llama", path))
     even = peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(r=4, target_modules=["q_proj"]))
     assert_close(run_jax(even), base)
-    for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(
-                     r=3, target_modules=["q_proj"])),
-                 lambda: peft.get_peft_model(torch_base("llama", path), peft.HRAConfig(r=3, target_modules=["q_proj"]))):
+    fields = dict(r=3, target_modules=["q_proj"])
+    for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
+                 lambda: peft.get_peft_model(torch_base("llama", path), peft.HRAConfig(**fields))):
         with pytest.warns(UserWarning, match="symmetric initialization can NOT be performed when r is odd"):
             odd = make()
         out = run_jax(odd) if isinstance(odd, peftjax.PeftModel) else run_torch(odd)
@@ -155,7 +155,8 @@ def test_gpt2_conv1d_and_bad_settings_are_refused_as_peft_refuses_them(checkpoin
         with pytest.raises(TypeError):
             peft.get_peft_model(torch_base("gpt2", checkpoints["gpt2"]), peft.HRAConfig(target_modules=["c_attn"]))
     with pytest.raises(TypeError, match="c_attn is transformers' Conv1D .*which HF PEFT's HRA does not support"):
-        peftjax.get_peft_model(models.from_pretrained(checkpoints["gpt2"]), peftjax.HRAConfig(target_modules=["c_attn"]))
+        peftjax.get_peft_model(models.from_pretrained(checkpoints["gpt2"]),
+                               peftjax.HRAConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="`r` must be >= 1, got 0"):
         peftjax.HRAConfig(r=0)
     with pytest.raises(ValueError, match="bias"):
