@@ -132,3 +132,34 @@ def test_adalora_converts_exactly_at_full_rank():
 
 def model_logits_base(ids):
     return models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("fields", [dict(r=4, init_weights=False), dict(r=8, init_weights="bat")],
+                         ids=["balance", "bat"])
+def test_miss_converts_to_the_update_peft_converts_to(fields, tmp_path):
+    """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs bat's; here both go
+    through the SVD: the products agree (balance exactly from rank r on, bat truncated alike)."""
+    _tiny.save(ARCH, tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(ARCH.torch_class.from_pretrained(tmp_path / "base"), peft.MissConfig(
+            target_modules=["q_proj", "down_proj"], **fields)).eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "adapter")
+        their_config, their_tensors = peft.convert_to_lora(theirs, 8)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    config, tensors, errors = peftjax.convert_to_lora(ours, 8)
+    assert set(tensors) == set(their_tensors)
+    for key in (k for k in tensors if ".lora_A." in k):
+        b = key.replace(".lora_A.", ".lora_B.")
+        np.testing.assert_allclose(tensors[b] @ tensors[key], (their_tensors[b] @ their_tensors[key]).numpy(),
+                                   atol=1e-5)
+    if fields.get("init_weights") is False:
+        assert max(errors.values()) < 1e-5
+        peftjax.save_as_lora(tmp_path / "lora", ours, rank=8)
+        converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "lora")
+        np.testing.assert_allclose(logits(converted)[VALID], logits(ours)[VALID], atol=1e-5)

@@ -98,6 +98,7 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
     from peftjax.tuners.fourierft import FourierFTLayer
     from peftjax.tuners.lora import LoraLayer
     from peftjax.tuners.lycoris import LycorisLayer
+    from peftjax.tuners.miss import MissLayer
     from peftjax.tuners.vera import VeraLayer
 
     if isinstance(layer, LoraLayer):
@@ -106,7 +107,7 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
     if isinstance(layer, (VeraLayer, AdaLoraLayer)):
         return np.asarray(layer.delta_weight(name), np.float32).T  # [in, out]
-    if isinstance(layer, (LycorisLayer, FourierFTLayer)):
+    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
     return None
 
@@ -120,11 +121,15 @@ def _rank_for(singular: np.ndarray, rank: int | float) -> int:
 
 
 def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default") -> tuple[LoraConfig, dict, dict]:
-    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT) as a plain LoRA, by truncated SVD of each ``ΔW``.
+    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS) as a plain LoRA, by
+    truncated SVD of each ``ΔW``.
 
     PEFT's ``convert_to_lora``: the scaling is folded into the factors (``lora_alpha == r``), so
     the file loads as an ordinary LoRA here and in PEFT, where it serves mixed batches, hot-swaps
-    and runs on the fastest path. ``modules_to_save`` copies are carried over unchanged.
+    and runs on the fastest path. ``modules_to_save`` copies are carried over unchanged. MiSS's
+    balance and mini updates have rank ``r`` at most, and PEFT writes their exact factors at that
+    rank whatever ``rank`` says; here they go through the SVD like the others, exact from
+    ``rank >= r`` on (the same product, other factors).
 
     Args:
       peft_model: a ``PeftModel`` holding adapter ``adapter_name``.

@@ -103,6 +103,11 @@ class MissLayer(AdapterDictLayer):
         tiled = jnp.tile(shared_block(block, spec, n_out), (-(-n_in // spec.r), 1))[:n_in]  # [in, out]
         return w + tiled.T
 
+    def delta_weight(self, name: str) -> jax.Array:
+        """``W' - W`` of adapter ``name`` on the current weight, torch's ``[out, in]`` (float32)."""
+        w = self._torch_weight()
+        return self._update(name, w) - w
+
     def __call__(self, x, *args, **kwargs):
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
         live = self._live_adapters()
