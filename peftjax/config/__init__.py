@@ -17,6 +17,7 @@ from peftjax.config._adaption_prompt import AdaptionPromptConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
+from peftjax.config._road import RoadConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
@@ -71,6 +72,7 @@ __all__ = [
     "FourierFTConfig",
     "HRAConfig",
     "MissConfig",
+    "RoadConfig",
     "IA3Config",
     "LoftQConfig",
     "LNTuningConfig",

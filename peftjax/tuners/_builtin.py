@@ -11,6 +11,7 @@ from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
 from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
+from peftjax.tuners.road import RoadConfig, RoadLayer, inject_road
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tuning
 from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
@@ -46,6 +47,7 @@ register_tuner(Tuner.for_layers(OFTConfig, inject=inject_oft, layer_type=OFTLaye
 register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTLayer))
 register_tuner(Tuner.for_layers(HRAConfig, inject=inject_hra, layer_type=HRALayer))
 register_tuner(Tuner.for_layers(MissConfig, inject=inject_miss, layer_type=MissLayer))
+register_tuner(Tuner.for_layers(RoadConfig, inject=inject_road, layer_type=RoadLayer))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

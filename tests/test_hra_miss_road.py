@@ -1,0 +1,222 @@
+"""HRA, MiSS (formerly Bone) and RoAd against HF PEFT 0.21.2 + PyTorch on Llama and BERT, both ways.
+
+- HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
+  new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
+  order of the reflections and Gram-Schmidt.
+- MiSS: balance (PEFT's default, and ``init_weights=False``), mini and bat; an ``r`` that does not
+  divide the input pads the last shard, as PEFT pads it.
+- RoAd: output pairs rotated and scaled, its three variants; merging folds the rotation into the
+  bias too, which the BERT case (biased linears) checks through the merged export.
+
+PEFT adapts ``nn.Linear`` only with these, so GPT-2's ``Conv1D`` is tested as a refusal, beside
+PEFT's shape checks.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+from peftjax.cli import main
+from peftjax.tuners.base import adapter_layers
+
+torch, peft = lazy("torch"), lazy("peft")
+
+ARCHS = {name: _tiny.arch(name) for name in ("llama", "bert", "gpt2")}
+IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
+MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
+LLAMA = ["q_proj", "v_proj", "down_proj"]  # in x out: 32 x 32, 32 x 16, 48 x 32
+
+# case -> (config class, arch, fields, trained through the Trainer (one case: the Trainer does not
+# depend on the method), else the functional core); the BERT cases are classifiers
+# on PEFT's default targets (query, value), the head saved, some with the targeted biases trained
+CASES = {
+    "hra-llama": ("HRAConfig", "llama", dict(r=4, target_modules=LLAMA), False),
+    "hra-bert-gs": ("HRAConfig", "bert", dict(r=2, apply_GS=True, bias="hra_only", layers_to_transform=[1]), False),
+    "miss-llama-balance-padded": ("MissConfig", "llama", dict(r=5, init_weights=False, miss_dropout=0.1,
+                                                              target_modules=LLAMA), True),
+    "miss-llama-bat": ("MissConfig", "llama", dict(r=8, init_weights="bat", target_modules=LLAMA), False),
+    "miss-llama-mini": ("MissConfig", "llama", dict(r=4, init_weights="mini", mini_r=8, target_modules=LLAMA), False),
+    "miss-bert-balance": ("MissConfig", "bert", dict(r=8, bias="MiSS_only", layers_to_transform=[0]), False),
+    "road-llama-1": ("RoadConfig", "llama", dict(group_size=8, target_modules=LLAMA), False),
+    "road-llama-4": ("RoadConfig", "llama", dict(variant="road_4", group_size=16, target_modules=LLAMA), False),
+    "road-bert-2": ("RoadConfig", "bert", dict(variant="road_2", group_size=8), False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint):
+    return {name: tiny_checkpoint(spec) for name, spec in ARCHS.items()}
+
+
+def torch_base(arch, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARCHS[arch].torch_class.from_pretrained(path).eval()
+
+
+def run_torch(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+_logits = nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+
+
+def run_jax(model, jit=False):
+    model = getattr(model, "base_model", model)
+    if jit:
+        return np.asarray(_logits(model, IDS, MASK))
+    return np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+
+
+def valid(x):
+    return x[MASK.astype(bool)] if x.ndim == 3 else x
+
+
+def assert_close(a, b, atol=1e-5):
+    np.testing.assert_allclose(valid(np.asarray(a)), valid(np.asarray(b)), atol=atol, rtol=0)
+
+
+def changed(a, b) -> float:
+    return float(np.abs(valid(np.asarray(a)) - valid(np.asarray(b))).max())
+
+
+def train_with_trainer(model, output_dir) -> list[float]:
+    args = peftjax.TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=3,
+                                     learning_rate=2e-2, logging_steps=1, disable_tqdm=True, report_to="none",
+                                     plot=False)
+    peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, capsys):
+    """A PEFT-made adapter moved off its start gives PEFT's logits here (eager and jitted);
+    trained further here, it loads in PEFT with equal logits, also merged there; merged here
+    equals unmerged, unmerge restores the weights, and the merged export gives the same logits in
+    transformers alone."""
+    config_class, arch, fields, through_trainer = CASES[case]
+    path, task = checkpoints[arch], ARCHS[arch].task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(torch_base(arch, path), getattr(peft, config_class)(task_type=task, **fields))
+        trainable = torch_model.get_nb_trainable_parameters()
+        torch.manual_seed(1)
+        with torch.no_grad():  # most of these start as the identity: move every trained tensor
+            for p in torch_model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        torch_model.save_pretrained(tmp_path / "theirs")
+        ref = run_torch(torch_model.eval())
+    assert changed(ref, run_torch(torch_base(arch, path))) > 1e-3
+
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs", is_trainable=True)
+    assert model.get_nb_trainable_parameters() == trainable
+    status = lambda m: {(s.name, s.module_type) for s in m.get_layer_status()}  # noqa: E731
+    assert status(model) == status(torch_model)
+    for jit in (False, True):
+        assert_close(run_jax(model, jit=jit), ref)
+    if fields.get("miss_dropout"):  # MiSS's input dropout acts while training only
+        with peftjax.dropout_key(jax.random.key(0)):
+            assert changed(run_jax(model), ref) > 1e-4
+
+    if through_trainer:
+        losses = train_with_trainer(model, tmp_path / "run")
+    else:  # the functional core
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2)).losses
+    assert losses[-1] < losses[0]
+    ours = run_jax(model, jit=True)
+    assert changed(ours, ref) > 1e-3
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(torch_base(arch, path), tmp_path / "ours").eval()
+        assert_close(ours, run_torch(theirs))
+        theirs.merge_adapter()
+        assert_close(ours, run_torch(theirs))
+    assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == getattr(peftjax, config_class).peft_type and info["parameters"] == trainable[0]
+
+    layers = adapter_layers(model.base_model)
+    weights = {n: np.array(m.kernel.get_value()) for n, m in layers.items()}
+    model.merge_adapter()
+    assert_close(run_jax(model), ours)
+    model.unmerge_adapter()
+    for n, m in layers.items():
+        np.testing.assert_allclose(m.kernel.get_value(), weights[n], atol=1e-5, rtol=0, err_msg=n)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    assert_close(run_torch(torch_base(arch, tmp_path / "merged")), ours)
+
+
+def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
+    """HRA with an even ``r``, MiSS and RoAd start as the identity; HRA with an odd ``r`` cannot,
+    and says so as PEFT does."""
+    path = checkpoints["llama"]
+    base = run_torch(torch_base("llama", path))
+    for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
+                   peftjax.RoadConfig(group_size=8, target_modules=LLAMA)):
+        assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
+    fields = dict(r=3, target_modules=["q_proj"])
+    for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
+                 lambda: peft.get_peft_model(torch_base("llama", path), peft.HRAConfig(**fields))):
+        with pytest.warns(UserWarning, match="symmetric initialization can NOT be performed when r is odd"):
+            odd = make()
+        out = run_jax(odd) if isinstance(odd, peftjax.PeftModel) else run_torch(odd)
+        assert changed(out, base) > 1e-4
+
+
+@pytest.mark.parametrize(("config_class", "arch", "fields", "match"), [
+    ("HRAConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's HRA does not"),
+    ("MissConfig", "gpt2", dict(r=4, target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's MiSS"),
+    ("MissConfig", "llama", dict(r=33, target_modules=["q_proj"]),
+     r"q_proj: `r` \(33\) must be less than or equal to in_features"),
+    ("MissConfig", "llama", dict(r=12, init_weights="bat", target_modules=["down_proj"]),
+     r"down_proj: The weight matrix must be fully divisible into \[r, r\] blocks \(in_features 48, out_features 32"),
+    ("MissConfig", "llama", dict(r=4, init_weights="mini", mini_r=5, target_modules=["q_proj"]),
+     "q_proj: mini_r is divided along the out_features dimension; out_features 32 is not divisible by mini_r 5"),
+    ("RoadConfig", "gpt2", dict(group_size=8, target_modules=["c_attn"]), "c_attn is transformers' Conv1D"),
+    ("RoadConfig", "llama", dict(group_size=12, target_modules=["q_proj"]),
+     r"q_proj: The out_features of the base layer \(32\) must be divisible by group_size \(12\)"),
+])
+def test_what_peft_refuses_is_refused_by_name(config_class, arch, fields, match, checkpoints):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises((TypeError, ValueError)):
+            peft.get_peft_model(torch_base(arch, checkpoints[arch]), getattr(peft, config_class)(**fields))
+    with pytest.raises((TypeError, ValueError), match=match):
+        peftjax.get_peft_model(models.from_pretrained(checkpoints[arch]), getattr(peftjax, config_class)(**fields))
+
+
+def test_bad_settings_are_named():
+    for make, match in (
+        (lambda: peftjax.HRAConfig(r=0), "`r` must be >= 1, got 0"),
+        (lambda: peftjax.HRAConfig(bias="lora_only"), "bias"),
+        (lambda: peftjax.MissConfig(init_weights="pissa"), r"`init_weights` must be one of \[True, False, 'bat', "),
+        (lambda: peftjax.MissConfig(miss_dropout=1.5), r"`miss_dropout` must be in \[0, 1\), got 1.5"),
+        (lambda: peftjax.RoadConfig(variant="road_3"), "variant"),
+        (lambda: peftjax.RoadConfig(group_size=7), "group_size must be divisible by 2"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_mixed_adapter_batches_are_refused_by_name(checkpoints):
+    """PEFT serves RoAd's ``adapter_names``; peftjax's mixed batches take LoRA and IA³ only, and say so."""
+    model = peftjax.get_peft_model(models.from_pretrained(checkpoints["llama"]),
+                                   peftjax.RoadConfig(group_size=8, target_modules=["q_proj"]))
+    model.add_adapter("other", peftjax.RoadConfig(group_size=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="'default' is a ROAD adapter; mixed batches take LORA and IA3 adapters"):
+        model(input_ids=IDS, attention_mask=MASK, adapter_names=["default", "other"])
