@@ -189,7 +189,9 @@ _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
     # PEFT's "qwen2_moe" pattern (transformers' conversion mapping sends qwen3_moe to it); the names are
-    # also a dense layer's MLP's, and PEFT moves them all the same, so a dense layer keeps no LoRA there
+    # also a dense layer's MLP's, and PEFT moves them all the same, so a dense layer keeps no LoRA there.
+    # qwen2_moe itself is no key of that mapping, so PEFT 0.21.2 converts nothing there: its targets
+    # stay module names (the shared expert and dense MLPs), and the experts take target_parameters
     "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }

@@ -23,6 +23,7 @@ from peftjax.models._llama import (
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from peftjax.models._qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeForSequenceClassification
 from peftjax.models._qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
 from peftjax.models._roberta import (
     RobertaForQuestionAnswering,
@@ -75,6 +76,8 @@ __all__ = [
     "PreTrainedModel",
     "Qwen2ForCausalLM",
     "Qwen2ForSequenceClassification",
+    "Qwen2MoeForCausalLM",
+    "Qwen2MoeForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
     "Qwen3MoeForCausalLM",

@@ -98,6 +98,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Qwen2MoeConfig: experts counted in num_experts (no num_local_experts alias); q/k/v biases by qkv_bias
+    "qwen2_moe": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False,
+        "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28, "attention_dropout": 0.0,
+        "decoder_sparse_step": 1, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4, "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "mlp_only_layers": None, "qkv_bias": True, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     # Qwen3MoeConfig: no head_dim field (a config.json may carry one); num_experts is stored as num_local_experts
     "qwen3_moe": {
         "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
@@ -225,6 +236,16 @@ class ModelConfig:
             if t != "mt5" and self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
                 self.scale_decoder_outputs = self.tie_word_embeddings is not False
             self.tie_word_embeddings = True
+        if t == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers slide
+            if self.mlp_only_layers is None:
+                self.mlp_only_layers = []
+            if not self.use_sliding_window:
+                self.sliding_window = 0
+            if self.layer_types is None:
+                self.layer_types = [
+                    "sliding_attention" if (i + 1) % 2 and i < self.max_window_layers and self.use_sliding_window
+                    else "full_attention" for i in range(self.num_hidden_layers)
+                ]
         if t == "qwen3_moe":  # Qwen3MoeConfig.__post_init__: one window for every layer, or none
             if not self.use_sliding_window:
                 self.sliding_window = None

@@ -34,6 +34,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
     """(q/k/v bias, o_proj bias, MLP bias) for the config's model type."""
     if config.model_type == "qwen2":
         return True, False, False
+    if config.model_type == "qwen2_moe":
+        return bool(getattr(config, "qkv_bias", True)), False, False
     if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
         return False, False, False
     bias = bool(getattr(config, "attention_bias", False))
@@ -100,10 +102,10 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs, intermediate_size: int | None = None):
         _, _, bias = _biases(config)
         kw = dict(use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        h, i = config.hidden_size, config.intermediate_size
+        h, i = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = nnx.Linear(h, i, **kw)
         self.up_proj = nnx.Linear(h, i, **kw)
         self.down_proj = nnx.Linear(i, h, **kw)

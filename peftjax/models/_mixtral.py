@@ -68,11 +68,18 @@ from peftjax.nn._norm import RMSNorm
 from peftjax.nn._functional import swiglu
 
 
+def expert_count(config) -> int:
+    """The number of routed experts: ``num_local_experts`` (Mixtral, Qwen3-MoE) or ``num_experts``
+    (Qwen2-MoE, whose config has no alias)."""
+    count = getattr(config, "num_local_experts", None)
+    return config.num_experts if count is None else count
+
+
 def check_mixtral_config(config) -> None:
     """Refuses by name what this implementation does not do."""
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
-    e, k = config.num_local_experts, config.num_experts_per_tok
+    e, k = expert_count(config), config.num_experts_per_tok
     if not 1 <= k <= e:
         raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
 
@@ -110,7 +117,7 @@ class MixtralTopKRouter(ParamReader, nnx.Module):
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(config.initializer_range)
-        self.weight = nnx.Param(init(rngs.params(), (config.num_local_experts, config.hidden_size), param_dtype))
+        self.weight = nnx.Param(init(rngs.params(), (expert_count(config), config.hidden_size), param_dtype))
         self.dtype = dtype
 
     def __call__(self, x):
@@ -125,7 +132,7 @@ class MixtralExperts(ParamReader, nnx.Module):
         "gate_up_proj": ("gate_up_proj", False), "down_proj": ("down_proj", False)}
 
     def __init__(self, config, intermediate_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        e, h, i = config.num_local_experts, config.hidden_size, intermediate_size
+        e, h, i = expert_count(config), config.hidden_size, intermediate_size
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up_proj = nnx.Param(init(rngs.params(), (e, 2 * i, h), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype))
@@ -259,7 +266,7 @@ class MixtralModel(LlamaModel):
         }
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         top_k, token_mask = self.config.num_experts_per_tok, _token_mask(attention_mask, b, s)
-        zeros = jnp.zeros((self.config.num_local_experts,), jnp.float32)
+        zeros = jnp.zeros((expert_count(self.config),), jnp.float32)
 
         # the router logits go into a [sparse layers, tokens, experts] buffer, the same whether scanned or looped
         routers = None
@@ -465,11 +472,11 @@ class _MoeCheckpoints:
 
     def fused_adapter_tensors(self, tensors: Mapping[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
         """An adapter file's tensors with transformers 4's per-expert LoRA keys fused (PEFT does it on load)."""
-        return fused_lora_tensors(tensors, self.config.num_local_experts, source, self.expert_layout)
+        return fused_lora_tensors(tensors, expert_count(self.config), source, self.expert_layout)
 
     def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
                            seed: int | None = None) -> None:
-        view = _FusedExperts(state_dict, self.config.num_local_experts, source, self.expert_layout)
+        view = _FusedExperts(state_dict, expert_count(self.config), source, self.expert_layout)
         super().load_hf_state_dict(view, source=source, seed=seed)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

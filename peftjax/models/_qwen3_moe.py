@@ -32,6 +32,7 @@ from peftjax.models._mixtral import (
     MixtralModel,
     MixtralSparseMoeBlock,
     _MoeCheckpoints,
+    expert_count,
 )
 from peftjax.models._qwen3 import Qwen3Attention
 
@@ -55,7 +56,7 @@ class Qwen3MoeDecoderLayer(MixtralDecoderLayer):
     @staticmethod
     def is_sparse(config, layer_idx: int) -> bool:
         """transformers' rule: not in ``mlp_only_layers``, experts configured, and on the sparse step."""
-        return (layer_idx not in (config.mlp_only_layers or ()) and config.num_local_experts > 0
+        return (layer_idx not in (config.mlp_only_layers or ()) and expert_count(config) > 0
                 and (layer_idx + 1) % config.decoder_sparse_step == 0)
 
 

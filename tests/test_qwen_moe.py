@@ -1,7 +1,12 @@
-"""Qwen3-MoE against PyTorch transformers and HF PEFT: logits with sparse and dense layers mixed,
-the load-balancing loss over the sparse layers only, generation in a sliding window, scanned
-layers with gradients, classification, both checkpoint layouts, and LoRA on the router and the
-fused experts both ways (PEFT 0.21.2 converts the expert targets as it does Mixtral's)."""
+"""Qwen3-MoE and Qwen2-MoE against PyTorch transformers and HF PEFT.
+
+Qwen3-MoE: logits with sparse and dense layers mixed, the load-balancing loss over the sparse
+layers only, generation in a sliding window, scanned layers with gradients, classification, both
+checkpoint layouts, and LoRA on the router and the fused experts both ways (PEFT 0.21.2 converts
+the expert targets as it does Mixtral's). Qwen2-MoE, which shares all of that but its attention
+and a gated shared expert: logits, loss and layouts, and LoRA both ways where PEFT converts no
+targets for it.
+"""
 
 from __future__ import annotations
 
@@ -317,3 +322,70 @@ def test_bare_configs_and_half_a_fused_pair_are_refused_as_peft_refuses_them(qwe
             peft.get_peft_model(_peft_base(path), peft.IA3Config())
     with pytest.raises(ValueError, match="no default target_modules for model_type 'qwen3_moe' \\(IA3\\)"):
         peftjax.get_peft_model(models.from_pretrained(path), peftjax.IA3Config())
+
+
+
+# ---------------------------------------------------------------- Qwen2-MoE
+
+Q2_EXTRA = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)  # layer 0 slides, layer 1 dense
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2_moe")
+    torch_model = randomised(tr.Qwen2MoeForCausalLM(_tiny.config("qwen2_moe", **Q2_EXTRA)).eval())
+    torch_model.save_pretrained(root / "hub")
+    return torch_model, root / "hub", models.from_pretrained(root / "hub")
+
+
+def test_qwen2_moe_logits_loss_and_layouts_match_transformers(qwen2, tmp_path):
+    torch_model, hub, model = qwen2
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen2MoeSparseMoeBlock", "LlamaMLP"]
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+                               torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
+    _loss_case(torch_model, model, jit=True)
+    ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    ours = models.hf_state_dict(model)
+    assert set(ours) == set(ref) and "model.layers.0.mlp.shared_expert_gate.weight" in ours
+    model.save_pretrained(tmp_path)
+    keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
+    assert keys(tmp_path) == keys(hub)
+
+
+def test_qwen2_moe_lora_on_every_linear_and_the_experts_both_ways(qwen2, tmp_path):
+    """PEFT 0.21.2 converts no targets for qwen2_moe: all-linear reaches the attention, the shared
+    expert and its gate (the dense layer's MLP too), and the experts come through target_parameters."""
+    path = qwen2[1]
+    kwargs = dict(r=2, target_modules="all-linear", target_parameters=["gate_up_proj", "down_proj"],
+                  init_lora_weights=False)
+    base = lambda: tr.Qwen2MoeForCausalLM.from_pretrained(path).eval()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(**kwargs))
+    theirs.save_pretrained(tmp_path / "peft")
+    ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    _close(_jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
+
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**kwargs))
+    assert _converted(ours.peft_config["default"]) == _converted(theirs.peft_config["default"])
+    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}
+    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers
+    assert {"model.model.layers.0.mlp.shared_expert_gate", "model.model.layers.1.mlp.gate_proj"} <= {
+        name for name, _ in layers}
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    out = ours(input_ids=IDS, attention_mask=MASK).logits
+    _close(out, torch_logits(loaded, input_ids=IDS, attention_mask=MASK))
+    _close(ours.merge_and_unload()(input_ids=IDS, attention_mask=MASK).logits, out)
+    with warnings.catch_warnings():  # no default targets on either side
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="target_modules"):
+            peft.get_peft_model(base(), peft.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="no default target_modules for model_type 'qwen2_moe'"):
+        peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2))
