@@ -20,7 +20,9 @@ layout (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ``mlp.experts.down_pr
 ``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does. A LoRA
 adapter file of the per-expert layout is fused on load (:func:`fused_lora_tensors`), as PEFT 0.21.2 does.
 
-The pieces are the shared base of the bundled mixtures of experts (``_qwen3_moe`` too): a family
+The pieces are the shared base of the bundled mixtures of experts (``_qwen3_moe`` and
+``_qwen2_moe`` too; with many small experts the dense run costs more: Qwen3-30B-A3B's 128 experts,
+top 8, spend 16 times a sparse kernel's MLP FLOPs and hold ``[tokens, experts, 2 * I]``): a family
 names its block's sizes and top-k weighting (:class:`MixtralSparseMoeBlock`), which layers are
 sparse (:meth:`MixtralDecoderLayer.is_sparse`; a dense layer has no router, and the load-balancing
 loss and ``router_logits`` cover the sparse layers) and its Hub names (:class:`ExpertLayout`).
