@@ -389,3 +389,38 @@ def test_qwen2_moe_lora_on_every_linear_and_the_experts_both_ways(qwen2, tmp_pat
             peft.get_peft_model(base(), peft.LoraConfig(r=2))
     with pytest.raises(ValueError, match="no default target_modules for model_type 'qwen2_moe'"):
         peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2))
+
+
+def test_grouped_expert_dispatch_gives_transformers_logits_loss_and_gradients(all_sparse):
+    """``expert_dispatch="grouped"``: each token through its top k only (sorted assignments,
+    ``jax.lax.ragged_dot``), the same logits, loss and expert gradients as transformers, with the
+    dense run's; a LoRA on the experts trains through it."""
+    torch_model, hub = all_sparse
+    model = models.from_pretrained(hub, expert_dispatch="grouped")
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    ref.loss.backward()
+    grads, out = nnx.jit(nnx.grad(lambda m: (lambda o: (o.loss, o))(m(input_ids=ids, attention_mask=mask,
+                                                                        labels=labels)), has_aux=True))(model)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.detach().numpy()[valid], **TOL)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    for i in range(2):
+        for name in ("gate_up_proj", "down_proj"):
+            theirs = torch_model.get_parameter(f"model.layers.{i}.mlp.experts.{name}").grad.numpy()
+            ours = getattr(grads.model.layers[i].mlp.experts, name)[...]
+            np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5, rtol=1e-4, err_msg=f"{i} {name}")
+    torch_model.zero_grad(set_to_none=True)
+
+    lora = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_parameters=["gate_up_proj", "down_proj"],
+                                                            target_modules=["q_proj"], init_lora_weights=False))
+    dense = peftjax.get_peft_model(models.from_pretrained(hub), lora.peft_config["default"])
+    dense.update(peftjax.split(lora.base_model)[1])
+    np.testing.assert_allclose(np.asarray(lora(input_ids=ids, attention_mask=mask).logits)[valid],
+                               np.asarray(dense(input_ids=ids, attention_mask=mask).logits)[valid], **TOL)
+    losses = _tiny.train(lora, _tiny.batch(ids, mask), steps=3).losses
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match=r"expert_dispatch='sparse' is not an option; choose one of \['dense', "):
+        models.from_pretrained(hub, expert_dispatch="sparse")

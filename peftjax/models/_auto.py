@@ -152,8 +152,10 @@ def from_pretrained(
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
         family, Gemma, GPT-2, BERT, RoBERTa; generation, prefix adapters and base-model dropout loop over the
-        stacked layers instead) and ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
-        policy of each layer when they are scanned or looped without a cache).
+        stacked layers instead), ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
+        policy of each layer when they are scanned or looped without a cache) and, for a mixture
+        of experts, ``expert_dispatch="dense" | "grouped"`` (every expert on every token, the
+        default; or each token's top k only, through ``jax.lax.ragged_dot``).
       revision: the branch, tag or commit of a Hub repo (default ``"main"``).
       subfolder: the checkpoint's folder inside the directory or repo.
       token: a Hub token for private or gated repos (default: the login token).

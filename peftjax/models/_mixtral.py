@@ -9,10 +9,16 @@ What differs from Llama is the MLP, ``mlp`` (transformers' ``MixtralSparseMoeBlo
   ``down_proj [experts, hidden, intermediate]``; an expert computes
   ``down @ (silu(gate @ x) * (up @ x))``.
 
-The experts run densely: every token goes through every expert and the outputs are summed with
-the routing weights, zero outside the token's top k. That is jit- and sharding-friendly (static
-shapes; the expert axis shards like any other dimension) and equals transformers' sparse dispatch,
-at ``num_local_experts / num_experts_per_tok`` times the MLP FLOPs of a sparse kernel.
+By default the experts run densely: every token goes through every expert and the outputs are
+summed with the routing weights, zero outside the token's top k. That is jit- and
+sharding-friendly (static shapes; the expert axis shards like any other dimension) and equals
+transformers' sparse dispatch, at ``num_local_experts / num_experts_per_tok`` times the MLP FLOPs
+of a sparse kernel. The model option ``expert_dispatch="grouped"`` (``from_pretrained(...,
+expert_dispatch="grouped")``) runs each token through its top k only: assignments sorted by
+expert and multiplied with ``jax.lax.ragged_dot``, the grouped GEMM that XLA runs natively on
+GPU and TPU. On XLA:CPU that op is slower than the dense run (at 1,024 tokens, 64 experts, top 4,
+hidden 512: 1.6 s against 0.5 s forward, 5.3 s against 1.1 s with gradients), so the default stays
+dense; the grouped path's speed on an accelerator is unmeasured here (no device was lent).
 
 Checkpoints: the Hub's layout (``block_sparse_moe.gate.weight`` and one ``w1``/``w2``/``w3``
 linear per expert, ``w1``: gate, ``w3``: up, ``w2``: down) and transformers 5's fused in-memory
@@ -86,13 +92,22 @@ def check_mixtral_config(config) -> None:
         raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
 
 
-def route(logits: jax.Array, top_k: int, renormalise: bool = True) -> jax.Array:
-    """Dense routing weights ``[tokens, experts]``: softmax, top ``top_k`` (renormalised to sum to
-    one if ``renormalise``); 0 elsewhere."""
+EXPERT_DISPATCH = ("dense", "grouped")
+
+
+def top_k_routing(logits: jax.Array, top_k: int, renormalise: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Each token's ``(weights, experts)`` (``[tokens, top_k]`` each): the softmax's top ``top_k``,
+    renormalised to sum to one if ``renormalise``."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, index = jax.lax.top_k(probs, top_k)
     if renormalise:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return top, index
+
+
+def route(logits: jax.Array, top_k: int, renormalise: bool = True) -> jax.Array:
+    """Dense routing weights ``[tokens, experts]``: :func:`top_k_routing`'s, 0 elsewhere."""
+    top, index = top_k_routing(logits, top_k, renormalise)
     return jnp.sum(jax.nn.one_hot(index, logits.shape[-1], dtype=jnp.float32) * top[..., None], axis=-2)
 
 
@@ -135,6 +150,7 @@ class MixtralExperts(ParamReader, nnx.Module):
 
     def __init__(self, config, intermediate_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, i = expert_count(config), config.hidden_size, intermediate_size
+        self.num_experts = e
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up_proj = nnx.Param(init(rngs.params(), (e, 2 * i, h), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype))
@@ -147,6 +163,26 @@ class MixtralExperts(ParamReader, nnx.Module):
         out = jnp.einsum("tei,ehi->teh", swiglu(gate, up), self.param_value("down_proj").astype(self.dtype))
         return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
 
+    def grouped(self, x, top, index):
+        """``x [tokens, hidden]`` through its own top-k experts only: the ``tokens * k`` assignments
+        sorted by expert, each expert's rows multiplied as one group (``jax.lax.ragged_dot``, a
+        grouped GEMM on GPU and TPU), weighted by ``top`` and summed back per token."""
+        t, k = index.shape
+        flat = index.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+        rows = order // k  # the token of each sorted assignment
+        sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+        contract_last = jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+        def grouped_dot(lhs, weight):  # [rows, in] x [experts, out, in] -> [rows, out]
+            return jax.lax.ragged_dot_general(lhs, weight.astype(self.dtype), sizes, contract_last)
+
+        gate, up = jnp.split(grouped_dot(x[rows], self.param_value("gate_up_proj")), 2, axis=-1)
+        out = grouped_dot(swiglu(gate, up), self.param_value("down_proj"))
+        out = out * top.reshape(-1)[order][:, None].astype(out.dtype)
+        return jnp.zeros((t, out.shape[-1]), out.dtype).at[rows].add(out)
+
 
 class MixtralSparseMoeBlock(nnx.Module):
     """The router and the experts. A family whose block differs only in its sizes or in how it
@@ -157,6 +193,10 @@ class MixtralSparseMoeBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.top_k = config.num_experts_per_tok
         self.renormalise = self.renormalises(config)
+        self.dispatch = getattr(config, "expert_dispatch", "dense") or "dense"
+        if self.dispatch not in EXPERT_DISPATCH:
+            raise ValueError(f"expert_dispatch={self.dispatch!r} is not an option; "
+                             f"choose one of {list(EXPERT_DISPATCH)}")
         self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
         self.layer_idx = layer_idx
         self.gate = MixtralTopKRouter(config, **kw)
@@ -181,7 +221,11 @@ class MixtralSparseMoeBlock(nnx.Module):
             x = x * jax.random.uniform(key, x.shape, x.dtype, 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         flat = x.reshape(b * s, h)
         logits = self.gate(flat)
-        return self.experts(flat, route(logits, self.top_k, self.renormalise)).reshape(b, s, h), logits
+        if self.dispatch == "grouped":
+            out = self.experts.grouped(flat, *top_k_routing(logits, self.top_k, self.renormalise))
+        else:
+            out = self.experts(flat, route(logits, self.top_k, self.renormalise))
+        return out.reshape(b, s, h), logits
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):

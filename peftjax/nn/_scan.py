@@ -28,7 +28,7 @@ from flax import nnx
 from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key, layer_key
 
 # model options that are not transformers config fields: set on the config, never saved
-MODEL_OPTIONS = ("scan_layers", "remat")
+MODEL_OPTIONS = ("scan_layers", "remat", "expert_dispatch")
 REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
