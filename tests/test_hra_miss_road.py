@@ -38,8 +38,8 @@ MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 LLAMA = ["q_proj", "v_proj", "down_proj"]  # in x out: 32 x 32, 32 x 16, 48 x 32
 
 # case -> (config class, arch, fields, trained through the Trainer (one case: the Trainer does not
-# depend on the method), else the functional core); the BERT cases are classifiers
-# on PEFT's default targets (query, value), the head saved, some with the targeted biases trained
+# depend on the method), else the functional core); the BERT cases are classifiers on PEFT's
+# default targets (query, value), the head saved; HRA's with the targeted biases trained
 CASES = {
     "hra-llama": ("HRAConfig", "llama", dict(r=4, target_modules=LLAMA), False),
     "hra-bert-gs": ("HRAConfig", "bert", dict(r=2, apply_GS=True, bias="hra_only", layers_to_transform=[1]), False),
@@ -47,7 +47,6 @@ CASES = {
                                                               target_modules=LLAMA), True),
     "miss-llama-bat": ("MissConfig", "llama", dict(r=8, init_weights="bat", target_modules=LLAMA), False),
     "miss-llama-mini": ("MissConfig", "llama", dict(r=4, init_weights="mini", mini_r=8, target_modules=LLAMA), False),
-    "miss-bert-balance": ("MissConfig", "bert", dict(r=8, bias="MiSS_only", layers_to_transform=[0]), False),
     "road-llama-1": ("RoadConfig", "llama", dict(group_size=8, target_modules=LLAMA), False),
     "road-llama-4": ("RoadConfig", "llama", dict(variant="road_4", group_size=16, target_modules=LLAMA), False),
     "road-bert-2": ("RoadConfig", "bert", dict(variant="road_2", group_size=8), False),
@@ -126,7 +125,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert model.get_nb_trainable_parameters() == trainable
     status = lambda m: {(s.name, s.module_type) for s in m.get_layer_status()}  # noqa: E731
     assert status(model) == status(torch_model)
-    for jit in (False, True):
+    for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
     if fields.get("miss_dropout"):  # MiSS's input dropout acts while training only
         with peftjax.dropout_key(jax.random.key(0)):

@@ -60,13 +60,14 @@ def _jitted(model, **inputs):
     return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
-def test_logits_match_transformers_on_a_padded_batch(qwen, jit):
+def test_logits_match_transformers_on_a_padded_batch(qwen):
+    """Jitted (the eager forward runs the same code: Mixtral's and Qwen3's files test it eagerly)."""
     torch_model, _, _, model = qwen
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen3MoeSparseMoeBlock", "LlamaMLP"]
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    out = _jitted(model, input_ids=ids, attention_mask=mask) if jit else model(input_ids=ids, attention_mask=mask)
+    out = _jitted(model, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(out.logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
 
