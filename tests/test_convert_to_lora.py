@@ -134,15 +134,18 @@ def model_logits_base(ids):
     return models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("fields", [dict(r=4, init_weights=False), dict(r=8, init_weights="bat")],
-                         ids=["balance", "bat"])
-def test_miss_converts_to_the_update_peft_converts_to(fields, tmp_path):
-    """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs bat's; here both go
-    through the SVD: the products agree (balance exactly from rank r on, bat truncated alike)."""
+@pytest.mark.parametrize(("method", "fields"), [("MissConfig", dict(r=4, init_weights=False)),
+                                               ("MissConfig", dict(r=8, init_weights="bat")),
+                                               ("DeloraConfig", dict(r=4, init_weights=False))],
+                         ids=["miss-balance", "miss-bat", "delora"])
+def test_miss_and_delora_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
+    """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs bat's and DeLoRA's;
+    here all go through the SVD: the products agree (balance and DeLoRA exactly from rank r on,
+    bat truncated alike)."""
     _tiny.save(ARCH, tmp_path / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(ARCH.torch_class.from_pretrained(tmp_path / "base"), peft.MissConfig(
+        theirs = peft.get_peft_model(ARCH.torch_class.from_pretrained(tmp_path / "base"), getattr(peft, method)(
             target_modules=["q_proj", "down_proj"], **fields)).eval()
         torch.manual_seed(0)
         with torch.no_grad():
@@ -158,7 +161,7 @@ def test_miss_converts_to_the_update_peft_converts_to(fields, tmp_path):
         b = key.replace(".lora_A.", ".lora_B.")
         np.testing.assert_allclose(tensors[b] @ tensors[key], (their_tensors[b] @ their_tensors[key]).numpy(),
                                    atol=1e-5)
-    if fields.get("init_weights") is False:
+    if fields.get("init_weights") is False:  # rank 8 >= r: exact
         assert max(errors.values()) < 1e-5
         peftjax.save_as_lora(tmp_path / "lora", ours, rank=8)
         converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "lora")

@@ -14,6 +14,7 @@ from peftjax.config._base import (
 )
 from peftjax.config._adalora import AdaLoraConfig
 from peftjax.config._adaption_prompt import AdaptionPromptConfig
+from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
@@ -69,6 +70,7 @@ __all__ = [
     "BottleneckConfig",
     "CordaConfig",
     "EvaConfig",
+    "DeloraConfig",
     "FourierFTConfig",
     "HRAConfig",
     "MissConfig",

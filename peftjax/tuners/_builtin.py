@@ -8,6 +8,7 @@ from peftjax.tuners.adalora import AdaLoraConfig, adalora_state_dict, inject_ada
 from peftjax.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptLayer, inject_adaption_prompt
 from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
+from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
 from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
@@ -48,6 +49,7 @@ register_tuner(Tuner.for_layers(BOFTConfig, inject=inject_boft, layer_type=BOFTL
 register_tuner(Tuner.for_layers(HRAConfig, inject=inject_hra, layer_type=HRALayer))
 register_tuner(Tuner.for_layers(MissConfig, inject=inject_miss, layer_type=MissLayer))
 register_tuner(Tuner.for_layers(RoadConfig, inject=inject_road, layer_type=RoadLayer))
+register_tuner(Tuner.for_layers(DeloraConfig, inject=inject_delora, layer_type=DeloraLayer))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

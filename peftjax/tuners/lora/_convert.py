@@ -95,6 +95,7 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
     """``ΔW`` of adapter ``name`` on ``layer`` in torch's ``[out, in]`` orientation (float32), or
     ``None`` where the layer's method is not a weight delta a LoRA can carry."""
     from peftjax.tuners.adalora import AdaLoraLayer
+    from peftjax.tuners.delora import DeloraLayer
     from peftjax.tuners.fourierft import FourierFTLayer
     from peftjax.tuners.lora import LoraLayer
     from peftjax.tuners.lycoris import LycorisLayer
@@ -107,7 +108,7 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
     if isinstance(layer, (VeraLayer, AdaLoraLayer)):
         return np.asarray(layer.delta_weight(name), np.float32).T  # [in, out]
-    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer)):
+    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer, DeloraLayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
     return None
 
@@ -121,8 +122,8 @@ def _rank_for(singular: np.ndarray, rank: int | float) -> int:
 
 
 def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default") -> tuple[LoraConfig, dict, dict]:
-    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS) as a plain LoRA, by
-    truncated SVD of each ``ΔW``.
+    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS, DeLoRA) as a plain
+    LoRA, by truncated SVD of each ``ΔW``.
 
     PEFT's ``convert_to_lora``: the scaling is folded into the factors (``lora_alpha == r``), so
     the file loads as an ordinary LoRA here and in PEFT, where it serves mixed batches, hot-swaps

@@ -1,4 +1,4 @@
-"""HRA, MiSS (formerly Bone) and RoAd against HF PEFT 0.21.2 + PyTorch on Llama and BERT, both ways.
+"""HRA, MiSS (formerly Bone), RoAd and DeLoRA against HF PEFT 0.21.2 + PyTorch on Llama and BERT, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -7,6 +7,8 @@
   divide the input pads the last shard, as PEFT pads it.
 - RoAd: output pairs rotated and scaled, its three variants; merging folds the rotation into the
   bias too, which the BERT case (biased linears) checks through the merged export.
+- DeLoRA: a low-rank update normalised per rank and scaled by a trained bound and the base
+  weight's column norms (saved with the adapter); per-module rank and bound patterns.
 
 PEFT adapts ``nn.Linear`` only with these, so GPT-2's ``Conv1D`` is tested as a refusal, beside
 PEFT's shape checks.
@@ -50,6 +52,9 @@ CASES = {
     "road-llama-1": ("RoadConfig", "llama", dict(group_size=8, target_modules=LLAMA), False),
     "road-llama-4": ("RoadConfig", "llama", dict(variant="road_4", group_size=16, target_modules=LLAMA), False),
     "road-bert-2": ("RoadConfig", "bert", dict(variant="road_2", group_size=8), False),
+    "delora-llama": ("DeloraConfig", "llama", dict(r=4, module_dropout=0.1, rank_pattern={"down_proj": 2},
+                                                   lambda_pattern={"v_proj": 3.0}, target_modules=LLAMA), False),
+    "delora-bert": ("DeloraConfig", "bert", dict(r=2, init_weights=False, bias="delora_only"), False),
 }
 
 
@@ -127,7 +132,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert status(model) == status(torch_model)
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
-    if fields.get("miss_dropout"):  # MiSS's input dropout acts while training only
+    if fields.get("miss_dropout") or fields.get("module_dropout"):  # input dropout acts while training only
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -145,9 +150,12 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
         assert_close(ours, run_torch(theirs))
         theirs.merge_adapter()
         assert_close(ours, run_torch(theirs))
-    assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["method"] == getattr(peftjax, config_class).peft_type and info["parameters"] == trainable[0]
+    infos = []
+    for who in ("ours", "theirs"):  # the same tensors in both files (DeLoRA's frozen norms too)
+        assert main(["inspect", str(tmp_path / who), "--json"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    assert infos[0]["method"] == getattr(peftjax, config_class).peft_type
+    assert infos[0]["parameters"] == infos[1]["parameters"] >= trainable[0]
 
     layers = adapter_layers(model.base_model)
     weights = {n: np.array(m.kernel.get_value()) for n, m in layers.items()}
@@ -161,12 +169,13 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
-    """HRA with an even ``r``, MiSS and RoAd start as the identity; HRA with an odd ``r`` cannot,
+    """HRA with an even ``r``, MiSS, RoAd and DeLoRA start as the identity; HRA with an odd ``r`` cannot,
     and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
-                   peftjax.RoadConfig(group_size=8, target_modules=LLAMA)):
+                   peftjax.RoadConfig(group_size=8, target_modules=LLAMA),
+                   peftjax.DeloraConfig(r=4, target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),

@@ -1,0 +1,80 @@
+"""Putting DeLoRA into an NNX model: PEFT's targets and per-module rank and lambda, then the factors."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.config import DeloraConfig, get_pattern_key, match_modules
+from peftjax.tuners.base import (
+    add_saved_copy,
+    match_modules_to_save,
+    model_type,
+    named_modules,
+    resolve_config,
+    validate_adapter_name,
+)
+from peftjax.tuners.delora._layer import DeloraLayer, DeloraSpec, delora_class_for
+from peftjax.tuners.oft._model import check_targets, mark_biases
+
+
+def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """torch's ``kaiming_uniform_(a=sqrt(5))`` range on a ``[rows, cols]`` tensor: ``1 / sqrt(cols)``."""
+    bound = 1.0 / math.sqrt(shape[1])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def inject_delora(
+    model: nnx.Module, config: DeloraConfig, *, adapter_name: str = "default", key: jax.Array | None = None
+) -> DeloraConfig:
+    """Adds DeLoRA adapter ``adapter_name`` to every layer ``config`` targets, in place.
+
+    Args:
+      model: any NNX module; targets must be ``nnx.Linear`` (not GPT-2's ``Conv1D``, which PEFT's
+        DeLoRA rejects).
+      config: the DeLoRA settings; ``target_modules=None`` uses PEFT's default for the model type.
+      adapter_name: the name the factors are stored under.
+      key: the init key (``A`` in torch's ``kaiming_uniform_`` range; ``B`` too with
+        ``init_weights=False``, else zero).
+
+    Returns:
+      The resolved config (targets filled in, task heads added).
+
+    Raises:
+      ValueError: nothing matches ``target_modules``; the adapter already exists on a layer.
+      TypeError: a target is not a supported layer.
+
+    >>> import peftjax  # doctest: +SKIP
+    >>> inject_delora(model, peftjax.DeloraConfig(r=4, target_modules=["q_proj"]))  # doctest: +SKIP
+    >>> model.model.layers[0].self_attn.q_proj.delora_A["default"].shape  # doctest: +SKIP
+    (4, 32)
+    """
+    validate_adapter_name(adapter_name)
+    config = resolve_config(model, config)
+    key = jax.random.key(0) if key is None else key
+    modules = named_modules(model)
+    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    check_targets(modules, targets, DeloraLayer, "DeLoRA", embed=False)
+    for name in targets:
+        if isinstance(modules[name], DeloraLayer) and adapter_name in modules[name].adapter_names():
+            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+    for i, name in enumerate(targets):
+        module = modules[name]
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, name), config.r)
+        lam = config.lambda_pattern.get(get_pattern_key(config.lambda_pattern, name), config.delora_lambda)
+        kernel = module.kernel.get_value()  # [in, out]: torch's column norms are the kernel's row norms
+        n_in, n_out = kernel.shape
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        a = _kaiming(ka, (r, n_in))
+        b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else _kaiming(kb, (n_out, r))
+        w_norm = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)
+        module.__class__ = delora_class_for(module)
+        module._adapter_setup(name)
+        module.add_delora(adapter_name, DeloraSpec(r=r, dropout=config.module_dropout), a, b, float(lam), w_norm)
+    mark_biases(modules, targets, config.bias)
+    for name in match_modules_to_save(config, modules):
+        add_saved_copy(modules[name], adapter_name)
+    return config
