@@ -238,6 +238,10 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.PrefixTuningConfig, "PrefixTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptTuningConfig, "PromptTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptEncoderConfig, "PromptEncoderConfig", {"num_virtual_tokens": 5}),
+    (pc.HRAConfig, "HRAConfig", {}),
+    (pc.MissConfig, "MissConfig", {}),
+    (pc.RoadConfig, "RoadConfig", {}),
+    (pc.DeloraConfig, "DeloraConfig", {}),
 ]
 
 
@@ -347,6 +351,11 @@ _ROUND_TRIP = [
     lambda m: m.PromptEncoderConfig(
         num_virtual_tokens=4, encoder_reparameterization_type="LSTM", encoder_hidden_size=8, encoder_dropout=0.1
     ),
+    lambda m: m.HRAConfig(r=6, apply_GS=True, target_modules=["q_proj"], bias="hra_only", layers_to_transform=[0]),
+    lambda m: m.MissConfig(r=16, init_weights="mini", mini_r=4, miss_dropout=0.1, target_modules=r".*\.v_proj"),
+    lambda m: m.RoadConfig(task_type="SEQ_CLS", variant="road_4", group_size=32, init_weights=False),
+    lambda m: m.DeloraConfig(r=4, delora_lambda=3.0, rank_pattern={"o_proj": 2}, lambda_pattern={"q_proj": 5.0},
+                             target_modules=["q_proj", "o_proj"], module_dropout=0.1),
 ]
 
 
