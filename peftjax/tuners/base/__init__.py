@@ -30,6 +30,7 @@ from peftjax.tuners.base._model import (
     validate_adapter_name,
 )
 from peftjax.tuners.base._linear_options import mark_biases, settle_fan_in_fan_out
+from peftjax.tuners.base._inject import check_linear_targets, inject_each_layer
 from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
 from peftjax.tuners.base._status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftjax.tuners.base._rows import BASE, AdapterRows, adapter_index, clear_adapter_rows, set_adapter_rows
@@ -76,7 +77,9 @@ __all__ = [
     "delete_adapter",
     "layer_state_dict",
     "load_layer_state_dict",
+    "check_linear_targets",
     "find_targets",
+    "inject_each_layer",
     "mark_biases",
     "match_modules_to_save",
     "merge",

@@ -13,6 +13,8 @@ from flax import nnx
 from peftjax.config import BOFTConfig, match_modules
 from peftjax.tuners.base import (
     add_saved_copy,
+    check_linear_targets,
+    mark_biases,
     match_modules_to_save,
     model_type,
     named_modules,
@@ -20,7 +22,7 @@ from peftjax.tuners.base import (
     validate_adapter_name,
 )
 from peftjax.tuners.boft._layer import BOFTLayer, BOFTSpec, boft_class_for
-from peftjax.tuners.oft._model import check_targets, fix_fan_in_fan_out, mark_biases
+from peftjax.tuners.oft._model import fix_fan_in_fan_out
 
 
 def layer_spec(config: BOFTConfig, in_features: int, path: str) -> BOFTSpec:
@@ -88,7 +90,7 @@ def inject_boft(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, BOFTLayer, "BOFT", embed=False)
+    check_linear_targets(modules, targets, BOFTLayer, "BOFT")
     specs = {n: layer_spec(config, modules[n].kernel.get_value().shape[0], n) for n in targets}
     for i, name in enumerate(targets):
         module = modules[name]

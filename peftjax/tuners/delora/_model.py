@@ -8,17 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import DeloraConfig, get_pattern_key, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
+from peftjax.config import DeloraConfig, get_pattern_key
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.delora._layer import DeloraLayer, DeloraSpec, delora_class_for
-from peftjax.tuners.oft._model import check_targets, mark_biases
 
 
 def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
@@ -52,29 +44,20 @@ def inject_delora(
     >>> model.model.layers[0].self_attn.q_proj.delora_A["default"].shape  # doctest: +SKIP
     (4, 32)
     """
-    validate_adapter_name(adapter_name)
-    config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, DeloraLayer, "DeLoRA", embed=False)
-    for name in targets:
-        if isinstance(modules[name], DeloraLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-    for i, name in enumerate(targets):
-        module = modules[name]
+    def prepare(config, name, module):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern, name), config.r)
         lam = config.lambda_pattern.get(get_pattern_key(config.lambda_pattern, name), config.delora_lambda)
+        return r, float(lam)
+
+    def add(module, prepared, key):
+        r, lam = prepared
         kernel = module.kernel.get_value()  # [in, out]: torch's column norms are the kernel's row norms
         n_in, n_out = kernel.shape
-        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        ka, kb = jax.random.split(key)
         a = _kaiming(ka, (r, n_in))
         b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else _kaiming(kb, (n_out, r))
         w_norm = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)
-        module.__class__ = delora_class_for(module)
-        module._adapter_setup(name)
-        module.add_delora(adapter_name, DeloraSpec(r=r, dropout=config.module_dropout), a, b, float(lam), w_norm)
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+        module.add_delora(adapter_name, DeloraSpec(r=r, dropout=config.module_dropout), a, b, lam, w_norm)
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=DeloraLayer,
+                             method="DeLoRA", class_for=delora_class_for, prepare=prepare, add=add)

@@ -13,17 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import HRAConfig, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
+from peftjax.config import HRAConfig
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.hra._layer import HRALayer, HRASpec, hra_class_for
-from peftjax.tuners.oft._model import check_targets, mark_biases
 
 
 def initial_vectors(key: jax.Array, n_in: int, r: int, symmetric: bool) -> jax.Array:
@@ -51,34 +43,22 @@ def inject_hra(
       The resolved config (targets filled in, task heads added).
 
     Raises:
-      ValueError: nothing matches ``target_modules`` (the closest names are listed).
-      TypeError: a target is not a supported layer (see ``peftjax.tuners.oft.check_targets``).
+      ValueError: nothing matches ``target_modules``; the adapter already exists on a layer.
+      TypeError: a target is not a supported layer (``peftjax.tuners.base.check_linear_targets``).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_hra(model, peftjax.HRAConfig(r=4, target_modules=["q_proj"]))  # doctest: +SKIP
     >>> model.model.layers[0].self_attn.q_proj.hra_u["default"].shape  # doctest: +SKIP
     (32, 4)
     """
-    validate_adapter_name(adapter_name)
-    config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, HRALayer, "HRA", embed=False)
-    for name in targets:
-        if isinstance(modules[name], HRALayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
     symmetric = config.init_weights and config.r % 2 == 0
     if config.init_weights and not symmetric:
         warnings.warn("The symmetric initialization can NOT be performed when r is odd!", stacklevel=2)
     spec = HRASpec(r=config.r, apply_GS=config.apply_GS)
-    for i, name in enumerate(targets):
-        module = modules[name]
+
+    def add(module, _, key):
         n_in = module.kernel.get_value().shape[0]
-        module.__class__ = hra_class_for(module)
-        module._adapter_setup(name)
-        module.add_hra(adapter_name, spec, initial_vectors(jax.random.fold_in(key, i), n_in, config.r, symmetric))
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+        module.add_hra(adapter_name, spec, initial_vectors(key, n_in, config.r, symmetric))
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=HRALayer, method="HRA",
+                             class_for=hra_class_for, prepare=lambda *_: None, add=add)

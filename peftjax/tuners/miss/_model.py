@@ -12,17 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import MissConfig, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
+from peftjax.config import MissConfig
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.miss._layer import MissLayer, MissSpec, miss_class_for
-from peftjax.tuners.oft._model import check_targets, mark_biases
 
 
 def layer_spec(config: MissConfig, name: str, n_in: int, n_out: int) -> tuple[MissSpec, tuple[int, ...]]:
@@ -67,37 +59,25 @@ def inject_miss(
     Raises:
       ValueError: nothing matches ``target_modules``; a layer's shape does not fit (see
         :func:`layer_spec`); the adapter already exists on a layer.
-      TypeError: a target is not a supported layer (see ``peftjax.tuners.oft.check_targets``).
+      TypeError: a target is not a supported layer (``peftjax.tuners.base.check_linear_targets``).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_miss(model, peftjax.MissConfig(r=8, target_modules=["q_proj"]))  # doctest: +SKIP
     >>> model.model.layers[0].self_attn.q_proj.miss_block["default"].shape  # doctest: +SKIP
     (8, 32)
     """
-    validate_adapter_name(adapter_name)
-    config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, MissLayer, "MiSS", embed=False)
-    specs = {}
-    for name in targets:  # every refusal comes before the first change to the model
-        if isinstance(modules[name], MissLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        n_in, n_out = modules[name].kernel.get_value().shape
-        specs[name] = layer_spec(config, name, n_in, n_out)
-    for i, name in enumerate(targets):
-        module = modules[name]
-        spec, shape = specs[name]
+    def prepare(config, name, module):
+        n_in, n_out = module.kernel.get_value().shape
+        return layer_spec(config, name, n_in, n_out)
+
+    def add(module, prepared, key):
+        spec, shape = prepared
         if config.init_weights is False:  # torch's kaiming_uniform_ bound on [r, out]: 1 / sqrt(out)
             bound = 1.0 / math.sqrt(shape[1])
-            value = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
+            value = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
         else:
             value = jnp.zeros(shape, jnp.float32)
-        module.__class__ = miss_class_for(module)
-        module._adapter_setup(name)
         module.add_miss(adapter_name, spec, value)
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=MissLayer, method="MiSS",
+                             class_for=miss_class_for, prepare=prepare, add=add)

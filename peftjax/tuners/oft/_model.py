@@ -1,8 +1,9 @@
 """Putting OFT into an NNX model: PEFT's targets, each layer's block count, then the rotations.
 
 The layer math is in ``_layer.py``; the PEFT file layout is each layer's ``peft_layout``, read
-and written by the base tuner's one state-dict walk. :func:`check_targets` and
-:func:`mark_biases` serve BOFT too.
+and written by the base tuner's one state-dict walk. :func:`fix_fan_in_fan_out` serves BOFT too;
+the targets check and the bias rule are the base tuner's (``check_linear_targets``,
+``mark_biases``).
 """
 
 from __future__ import annotations
@@ -14,63 +15,17 @@ import jax
 from flax import nnx
 
 from peftjax.config import OFTConfig, PeftConfig, match_modules
-from peftjax.quantization import QuantizedLinear
 from peftjax.tuners.base import (
-    AdapterLayer,
-    TrainableParam,
     add_saved_copy,
+    check_linear_targets,
+    mark_biases,
     match_modules_to_save,
     model_type,
     named_modules,
     resolve_config,
-    stores_in_out,
     validate_adapter_name,
 )
 from peftjax.tuners.oft._layer import OFTLayer, OFTSpec, oft_class_for
-
-
-def check_targets(
-    modules: dict[str, nnx.Module], targets: list[str], layer_type: type, method: str, *, embed: bool
-) -> None:
-    """Fails, before anything changes, on targets PEFT's ``method`` does not adapt.
-
-    Raises:
-      TypeError: a target carries another method's adapter, is GPT-2's ``Conv1D`` (PEFT 0.21.2's
-        OFT and BOFT accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
-        ``nnx.Embed`` for BOFT, or another layer type.
-      NotImplementedError: a target is quantized (PEFT re-quantizes after merging; peftjax does
-        not implement that for this method).
-    """
-    problems = []
-    for name in targets:
-        m = modules[name]
-        if isinstance(m, AdapterLayer) and not isinstance(m, layer_type):
-            problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
-        elif isinstance(m, QuantizedLinear):
-            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented")
-        elif isinstance(m, nnx.Embed) and embed:
-            continue
-        elif not isinstance(m, nnx.Linear):
-            kinds = "nnx.Linear and nnx.Embed" if embed else "nnx.Linear"
-            problems.append(f"{name} ({type(m).__name__}) is not supported; supported: {kinds}")
-        elif stores_in_out(m):
-            problems.append(
-                f"{name} is transformers' Conv1D (weight stored (in, out)), which HF PEFT's {method} does not "
-                "support (only torch.nn.Linear" + (", torch.nn.Embedding" if embed else "") + " and Conv2d)"
-            )
-    if problems:
-        raise TypeError(f"{method} cannot adapt: " + "; ".join(problems[:10]))
-
-
-def mark_biases(modules: dict[str, nnx.Module], targets: list[str], mode: str) -> None:
-    """PEFT's ``bias``: ``"all"`` trains every base bias, ``"<method>_only"`` the targeted layers'."""
-    if mode == "none":
-        return
-    chosen = [n for n in modules if n] if mode == "all" else targets
-    for name in chosen:
-        bias = getattr(modules[name], "bias", None)
-        if isinstance(bias, nnx.Param) and not isinstance(bias, TrainableParam):
-            modules[name].bias = TrainableParam(bias.get_value())
 
 
 def fix_fan_in_fan_out(config: PeftConfig) -> PeftConfig:
@@ -142,7 +97,7 @@ def inject_oft(
 
     Raises:
       ValueError: nothing matches ``target_modules`` (the closest names are listed).
-      TypeError: a target is not a supported layer (see :func:`check_targets`).
+      TypeError: a target is not a supported layer (``peftjax.tuners.base.check_linear_targets``).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_oft(model, peftjax.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))  # doctest: +SKIP
@@ -154,7 +109,7 @@ def inject_oft(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, OFTLayer, "OFT", embed=True)
+    check_linear_targets(modules, targets, OFTLayer, "OFT", embed=True)
     specs = {name: layer_spec(config, rotated_features(modules[name])) for name in targets}
     for i, name in enumerate(targets):
         module = modules[name]

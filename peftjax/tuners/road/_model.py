@@ -6,16 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.config import RoadConfig, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
-from peftjax.tuners.oft._model import check_targets
+from peftjax.config import RoadConfig
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.road._layer import RoadLayer, RoadSpec, parameter_size, road_class_for
 
 
@@ -44,32 +36,23 @@ def inject_road(
     >>> model.model.layers[0].self_attn.q_proj.road_theta["default"].shape  # doctest: +SKIP
     (16,)
     """
-    validate_adapter_name(adapter_name)
-    config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_targets(modules, targets, RoadLayer, "RoAd", embed=False)
-    for name in targets:  # every refusal comes before the first change to the model
-        if isinstance(modules[name], RoadLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        n_out = modules[name].kernel.get_value().shape[1]
+    spec = RoadSpec(variant=config.variant, group_size=config.group_size)
+
+    def prepare(config, name, module):
+        n_out = module.kernel.get_value().shape[1]
         if n_out % config.group_size:
             raise ValueError(f"{name}: The out_features of the base layer ({n_out}) must be divisible by group_size "
                              f"({config.group_size}) when using RoadLayer.")
-    spec = RoadSpec(variant=config.variant, group_size=config.group_size)
-    for i, name in enumerate(targets):
-        module = modules[name]
-        size = parameter_size(config.variant, module.kernel.get_value().shape[1])
+        return parameter_size(config.variant, n_out)
+
+    def add(module, size, key):
         if config.init_weights:
             theta, alpha = jnp.zeros((size,), jnp.float32), jnp.ones((size,), jnp.float32)
         else:
-            k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+            k1, k2 = jax.random.split(key)
             theta = 0.5 * jax.random.normal(k1, (size,), jnp.float32)
             alpha = 1.0 + 0.5 * jax.random.normal(k2, (size,), jnp.float32)
-        module.__class__ = road_class_for(module)
-        module._adapter_setup(name)
         module.add_road(adapter_name, spec, theta, alpha)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=RoadLayer, method="RoAd",
+                             class_for=road_class_for, prepare=prepare, add=add)
