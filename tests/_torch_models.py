@@ -63,6 +63,30 @@ def save_in_memory_layout(torch_model, directory) -> None:
     safetensors_torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def assert_layouts_round_trip(torch_model, hub, fused, model, out, vocab: int) -> None:
+    """A mixture of experts saved both ways (``hub``: ``save_pretrained``'s per-expert files;
+    ``fused``: transformers 5's in-memory state dict) loads, from either, to transformers' own
+    state dict (``model`` is the one loaded from ``hub``); ``save_pretrained`` into ``out`` writes the
+    keys transformers writes, and transformers reloading it gives the same logits."""
+    from peftjax import models
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
+    ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    for loaded in (model, models.from_pretrained(fused)):
+        ours = models.hf_state_dict(loaded)
+        assert set(ours) == set(ref)
+        for k in ref:
+            np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    model.save_pretrained(out)
+    assert keys(out) == keys(hub)
+    ids, mask = padded_batch(vocab, seq=9)
+    valid = mask.astype(bool)
+    reloaded = type(torch_model).from_pretrained(out).eval()
+    np.testing.assert_array_equal(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid],
+                                  torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid])
+
+
 def torch_logits(model, **inputs) -> np.ndarray:
     torch = pytest.importorskip("torch")
 

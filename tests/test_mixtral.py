@@ -10,7 +10,15 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, save_in_memory_layout, save_tiny, torch_logits
+from _torch_models import (
+    assert_layouts_round_trip,
+    lazy,
+    padded_batch,
+    randomised,
+    save_in_memory_layout,
+    save_tiny,
+    torch_logits,
+)
 
 import peftjax
 from peftjax import models
@@ -56,23 +64,7 @@ def test_both_checkpoint_layouts_load_and_save_writes_what_transformers_writes(m
     keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
     assert "model.layers.1.block_sparse_moe.experts.3.w3.weight" in keys(hub)
     assert "model.layers.1.mlp.experts.gate_up_proj" in keys(fused)
-    from_fused = models.from_pretrained(fused)
-    for (k, a), (_, b) in zip(sorted(models.hf_state_dict(model).items()),
-                              sorted(models.hf_state_dict(from_fused).items())):
-        np.testing.assert_array_equal(a, b, err_msg=k)
-    # hf_state_dict is transformers' in-memory state dict, fused experts included
-    ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    ours = models.hf_state_dict(model)
-    assert set(ours) == set(ref)
-    for k in ref:
-        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
-    model.save_pretrained(tmp_path)
-    assert keys(tmp_path) == keys(hub)
-    ids, mask = padded_batch(VOCAB, seq=9)
-    valid = mask.astype(bool)
-    reloaded = tr.MixtralForCausalLM.from_pretrained(tmp_path).eval()
-    np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid],
-                               torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], atol=1e-6, rtol=0)
+    assert_layouts_round_trip(torch_model, hub, fused, model, tmp_path, VOCAB)
 
 
 def test_loss_includes_the_load_balancing_loss_as_transformers_adds_it(mixtral):

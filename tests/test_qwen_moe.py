@@ -19,7 +19,15 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, save_in_memory_layout, save_tiny, torch_logits
+from _torch_models import (
+    assert_layouts_round_trip,
+    lazy,
+    padded_batch,
+    randomised,
+    save_in_memory_layout,
+    save_tiny,
+    torch_logits,
+)
 
 import peftjax
 from peftjax import models
@@ -77,20 +85,7 @@ def test_both_checkpoint_layouts_load_and_save_writes_what_transformers_writes(q
     keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
     assert {"model.layers.0.mlp.experts.3.up_proj.weight", "model.layers.1.mlp.gate_proj.weight"} <= keys(hub)
     assert "model.layers.0.mlp.experts.gate_up_proj" in keys(fused)
-    # hf_state_dict is transformers' in-memory state dict (fused experts), from either layout
-    ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    for loaded in (model, models.from_pretrained(fused)):
-        ours = models.hf_state_dict(loaded)
-        assert set(ours) == set(ref)
-        for k in ref:
-            np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
-    model.save_pretrained(tmp_path)
-    assert keys(tmp_path) == keys(hub)
-    ids, mask = padded_batch(VOCAB, seq=9)
-    valid = mask.astype(bool)
-    reloaded = tr.Qwen3MoeForCausalLM.from_pretrained(tmp_path).eval()
-    np.testing.assert_array_equal(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid],
-                                  torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid])
+    assert_layouts_round_trip(torch_model, hub, fused, model, tmp_path, VOCAB)
 
 
 def _loss_case(torch_model, model, jit):
