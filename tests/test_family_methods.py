@@ -34,7 +34,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
-         for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe")}
+         for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe")}
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
@@ -76,6 +76,11 @@ CASES = {
     ("qwen3_moe", "prefix"): BOTH,
     ("qwen3_moe", "prompt"): ("here->peft",),
     ("qwen3_moe", "p-tuning"): ("peft->here",),
+    # LoRA on every linear and the experts: test_qwen_moe
+    ("qwen2_moe", "dora"): BOTH,
+    ("qwen2_moe", "ia3-named"): ("here->peft",),
+    ("qwen2_moe", "prefix"): ("peft->here",),
+    ("qwen2_moe", "p-tuning"): ("here->peft",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has
