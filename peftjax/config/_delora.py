@@ -5,8 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from peftjax.config._base import PeftConfig, check_bool, check_choice, check_int, check_number, check_probability
-from peftjax.config._base import to_str_tuple
+from peftjax.config._base import (
+    PeftConfig,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_probability,
+    to_str_tuple,
+)
 from peftjax.config._lora import _pattern_dict
 from peftjax.config._vera import check_layer_selection
 

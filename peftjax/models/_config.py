@@ -236,9 +236,9 @@ class ModelConfig:
             if t != "mt5" and self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
                 self.scale_decoder_outputs = self.tie_word_embeddings is not False
             self.tie_word_embeddings = True
+        if t in ("qwen2_moe", "qwen3_moe") and self.mlp_only_layers is None:
+            self.mlp_only_layers = []
         if t == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers slide
-            if self.mlp_only_layers is None:
-                self.mlp_only_layers = []
             if not self.use_sliding_window:
                 self.sliding_window = 0
             if self.layer_types is None:
@@ -246,11 +246,8 @@ class ModelConfig:
                     "sliding_attention" if (i + 1) % 2 and i < self.max_window_layers and self.use_sliding_window
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
-        if t == "qwen3_moe":  # Qwen3MoeConfig.__post_init__: one window for every layer, or none
-            if not self.use_sliding_window:
-                self.sliding_window = None
-            if self.mlp_only_layers is None:
-                self.mlp_only_layers = []
+        if t == "qwen3_moe" and not self.use_sliding_window:  # Qwen3MoeConfig: one window for every layer, or none
+            self.sliding_window = None
         if t in ("qwen2", "qwen3"):
             if not self.use_sliding_window:
                 self.sliding_window = None

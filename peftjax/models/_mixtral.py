@@ -150,7 +150,6 @@ class MixtralExperts(ParamReader, nnx.Module):
 
     def __init__(self, config, intermediate_size: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         e, h, i = expert_count(config), config.hidden_size, intermediate_size
-        self.num_experts = e
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up_proj = nnx.Param(init(rngs.params(), (e, 2 * i, h), param_dtype))
         self.down_proj = nnx.Param(init(rngs.params(), (e, h, i), param_dtype))
@@ -171,14 +170,15 @@ class MixtralExperts(ParamReader, nnx.Module):
         flat = index.reshape(-1)
         order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
         rows = order // k  # the token of each sorted assignment
-        sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+        gate_up_proj = self.param_value("gate_up_proj")  # [experts, 2I, hidden]
+        sizes = jnp.bincount(flat, length=gate_up_proj.shape[0]).astype(jnp.int32)
         contract_last = jax.lax.RaggedDotDimensionNumbers(
             dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
         def grouped_dot(lhs, weight):  # [rows, in] x [experts, out, in] -> [rows, out]
             return jax.lax.ragged_dot_general(lhs, weight.astype(self.dtype), sizes, contract_last)
 
-        gate, up = jnp.split(grouped_dot(x[rows], self.param_value("gate_up_proj")), 2, axis=-1)
+        gate, up = jnp.split(grouped_dot(x[rows], gate_up_proj), 2, axis=-1)
         out = grouped_dot(swiglu(gate, up), self.param_value("down_proj"))
         out = out * top.reshape(-1)[order][:, None].astype(out.dtype)
         return jnp.zeros((t, out.shape[-1]), out.dtype).at[rows].add(out)

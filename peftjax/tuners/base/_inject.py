@@ -64,13 +64,15 @@ def inject_each_layer(
     class_for: Callable[[nnx.Module], type],
     prepare: Callable[[PeftConfig, str, nnx.Module], Any],
     add: Callable[[nnx.Module, Any, jax.Array], None],
+    embed: bool = False,
 ) -> PeftConfig:
     """Adds one method's adapter ``adapter_name`` to every layer ``config`` targets, in place.
 
     ``prepare(config, name, module)`` runs for every target before the first change (its refusals
     leave the model untouched) and returns what ``add(module, prepared, key)`` needs; ``add`` gets
     the target with its class already swapped by ``class_for`` and its adapter state set up, and a
-    key folded from ``key`` (default ``jax.random.key(0)``) with the target's index.
+    key folded from ``key`` (default ``jax.random.key(0)``) with the target's index. ``embed``: the
+    method adapts ``nnx.Embed`` layers too (OFT).
 
     Returns:
       The resolved config (targets filled in, ``all-linear`` expanded, task heads added).
@@ -85,7 +87,7 @@ def inject_each_layer(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_linear_targets(modules, targets, layer_type, method)
+    check_linear_targets(modules, targets, layer_type, method, embed=embed)
     for name in targets:
         if isinstance(modules[name], layer_type) and adapter_name in modules[name].adapter_names():
             raise ValueError(f"adapter {adapter_name!r} already exists on {name}")

@@ -10,17 +10,8 @@ import math
 import jax
 from flax import nnx
 
-from peftjax.config import BOFTConfig, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    check_linear_targets,
-    mark_biases,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
+from peftjax.config import BOFTConfig
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.boft._layer import BOFTLayer, BOFTSpec, boft_class_for
 from peftjax.tuners.oft._model import fix_fan_in_fan_out
 
@@ -85,19 +76,9 @@ def inject_boft(
     >>> model.model.layers[0].self_attn.q_proj.boft_R["default"].shape  # doctest: +SKIP
     (1, 8, 4, 4)
     """
-    validate_adapter_name(adapter_name)
-    config = fix_fan_in_fan_out(resolve_config(model, config))
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_linear_targets(modules, targets, BOFTLayer, "BOFT")
-    specs = {n: layer_spec(config, modules[n].kernel.get_value().shape[0], n) for n in targets}
-    for i, name in enumerate(targets):
-        module = modules[name]
-        module.__class__ = boft_class_for(module)
-        module._adapter_setup(name)
-        module.add_boft(adapter_name, specs[name], jax.random.fold_in(key, i), config.init_weights)
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+    config = fix_fan_in_fan_out(config)  # resolve_config leaves the field alone: fixed here, PEFT's warning
+    return inject_each_layer(
+        model, config, adapter_name=adapter_name, key=key, layer_type=BOFTLayer, method="BOFT",
+        class_for=boft_class_for,
+        prepare=lambda config, name, module: layer_spec(config, module.kernel.get_value().shape[0], name),
+        add=lambda module, spec, key: module.add_boft(adapter_name, spec, key, config.init_weights))

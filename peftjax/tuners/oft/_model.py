@@ -2,8 +2,7 @@
 
 The layer math is in ``_layer.py``; the PEFT file layout is each layer's ``peft_layout``, read
 and written by the base tuner's one state-dict walk. :func:`fix_fan_in_fan_out` serves BOFT too;
-the targets check and the bias rule are the base tuner's (``check_linear_targets``,
-``mark_biases``).
+the injection itself is the base tuner's ``inject_each_layer``.
 """
 
 from __future__ import annotations
@@ -14,17 +13,8 @@ import warnings
 import jax
 from flax import nnx
 
-from peftjax.config import OFTConfig, PeftConfig, match_modules
-from peftjax.tuners.base import (
-    add_saved_copy,
-    check_linear_targets,
-    mark_biases,
-    match_modules_to_save,
-    model_type,
-    named_modules,
-    resolve_config,
-    validate_adapter_name,
-)
+from peftjax.config import OFTConfig, PeftConfig
+from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.oft._layer import OFTLayer, OFTSpec, oft_class_for
 
 
@@ -104,19 +94,8 @@ def inject_oft(
     >>> model.model.layers[0].self_attn.q_proj.oft_R["default"].shape  # doctest: +SKIP
     (4, 28)
     """
-    validate_adapter_name(adapter_name)
-    config = fix_fan_in_fan_out(resolve_config(model, config))
-    key = jax.random.key(0) if key is None else key
-    modules = named_modules(model)
-    targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_linear_targets(modules, targets, OFTLayer, "OFT", embed=True)
-    specs = {name: layer_spec(config, rotated_features(modules[name])) for name in targets}
-    for i, name in enumerate(targets):
-        module = modules[name]
-        module.__class__ = oft_class_for(module)
-        module._adapter_setup(name)
-        module.add_oft(adapter_name, specs[name], jax.random.fold_in(key, i), config.init_weights)
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+    config = fix_fan_in_fan_out(config)  # resolve_config leaves the field alone: fixed here, PEFT's warning
+    return inject_each_layer(
+        model, config, adapter_name=adapter_name, key=key, layer_type=OFTLayer, method="OFT", embed=True,
+        class_for=oft_class_for, prepare=lambda config, name, module: layer_spec(config, rotated_features(module)),
+        add=lambda module, spec, key: module.add_oft(adapter_name, spec, key, config.init_weights))
