@@ -228,3 +228,31 @@ def test_mixed_adapter_batches_are_refused_by_name(checkpoints):
     model.add_adapter("other", peftjax.RoadConfig(group_size=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="'default' is a ROAD adapter; mixed batches take LORA and IA3 adapters"):
         model(input_ids=IDS, attention_mask=MASK, adapter_names=["default", "other"])
+
+
+def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
+    """DeLoRA starts with ``B = 0``, where a norm's gradient is 0/0: torch's clamp gives the
+    clamped norm no gradient, and so must peftjax, or the first step is NaN. The adapter PEFT
+    makes (untouched) gets PEFT's gradients here, every one finite."""
+    path = checkpoints["llama"]
+    fields = dict(r=4, target_modules=["q_proj", "down_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), peft.DeloraConfig(**fields))
+    theirs.save_pretrained(tmp_path)
+    labels = np.where(MASK == 1, IDS, -100)
+    theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(labels)).loss.backward()
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path, is_trainable=True)
+    graphdef, trainable, rest = peftjax.split(model.base_model)
+    grads = jax.grad(lambda t: nnx.merge(graphdef, t, rest)(input_ids=IDS, attention_mask=MASK, labels=labels).loss)(
+        trainable)
+    ours = {jax.tree_util.keystr(path): np.asarray(g) for path, g in jax.tree_util.tree_leaves_with_path(grads)}
+    checked = 0
+    for name, p in theirs.named_parameters():
+        if p.requires_grad:  # base_model.model.model.layers.0.self_attn.q_proj.delora_B.default
+            module, kind = name.split(".delora_")[0].removeprefix("base_model.model."), name.split(".")[-2]
+            key = next(k for k in ours if f"'{kind}'" in k and all(f"'{part}'" in k or f"[{part}]" in k
+                                                                 for part in module.split(".")))
+            np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6, rtol=1e-4, err_msg=name)
+            checked += 1
+    assert checked == 12 and all(np.isfinite(g).all() for g in ours.values())

@@ -36,11 +36,18 @@ class DeloraSpec:
     dropout: float = 0.0
 
 
+def _clamped_norm(x: jax.Array, axis: int, floor: float = 1e-4) -> jax.Array:
+    """``max(|x|, floor)`` along ``axis`` with torch's gradient: zero where the floor holds. (The
+    gradient of ``jnp.linalg.norm`` at a zero vector is 0/0: ``B``'s default start, all zeros,
+    would train to NaN at the first step.)"""
+    squared = jnp.sum(x * x, axis=axis)
+    above = squared > floor * floor
+    return jnp.where(above, jnp.sqrt(jnp.where(above, squared, 1.0)), floor)
+
+
 def delora_scaling(a: jax.Array, b: jax.Array, lam: jax.Array, r: int) -> jax.Array:
     """``lambda / (r |a_i| |b_i|)`` (``[r]``), the norms clamped at ``1e-4`` as PEFT clamps them."""
-    a_norm = jnp.maximum(jnp.linalg.norm(a, axis=1), 1e-4)
-    b_norm = jnp.maximum(jnp.linalg.norm(b, axis=0), 1e-4)
-    return lam / r / (a_norm * b_norm)
+    return lam / r / (_clamped_norm(a, axis=1) * _clamped_norm(b, axis=0))
 
 
 class DeloraLayer(AdapterDictLayer):
