@@ -21,6 +21,7 @@ from _torch_models import lazy, peft_prompt_forward, save_tiny
 import peftjax
 from peftjax import models
 from peftjax.cli import main
+from peftjax.data import LABELS
 from peftjax.data import minilm_path as packaged_minilm
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
@@ -441,8 +442,15 @@ def test_yaml_syntax_errors_are_one_line(tmp_path):
     assert "not valid YAML" in result.stderr and "job.yaml" in result.stderr and "line" in result.stderr
 
 
-@pytest.mark.parametrize("task", ["causal_lm", "instruction"])
-def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
+# instruction tuning trains an adaption prompt (LLaMA-Adapter, a method for Llama's causal LM), the
+# second causal LM run new tokens' embeddings (a classifier's new head could not train with them)
+LM_METHODS = {"adaption_prompt": ["--method-option", "adapter_len=4", "--method-option", "adapter_layers=1"],
+              "trainable_tokens": ["--method-option", "token_indices=[5, 6]"]}
+
+
+@pytest.mark.parametrize("task,method", [("causal_lm", "lora"), ("causal_lm", "trainable_tokens"),
+                                         ("instruction", "adaption_prompt")])
+def test_train_every_language_modelling_task(task, method, tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -462,12 +470,18 @@ def test_train_every_language_modelling_task(task, tokenizer_dir, tmp_path):
     assert main(["train", "--task", task, "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
                  "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-steps", "6", "--learning-rate", "0.01",
                  "--per-device-train-batch-size", "8", "--max-length", "24", "--output-dir", str(out),
-                 "--disable-tqdm", "--save-steps", "0", "--predict", "3 plus 4"]) == 0
+                 "--disable-tqdm", "--save-steps", "0", "--predict", "3 plus 4", "--method", method,
+                 *LM_METHODS.get(method, [])]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6
     assert summary["after"]["eval_perplexity"] < summary["before"]["eval_perplexity"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["task_type"] == "CAUSAL_LM"
+    assert config["peft_type"] == method.upper()
+    if method == "adaption_prompt":
+        assert (config["adapter_len"], config["adapter_layers"]) == (4, 1)
+    if method == "trainable_tokens":
+        assert config["token_indices"] == [5, 6]
     peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)  # every key fits
 
 
@@ -525,7 +539,102 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
         expected = label_words(batch, ["the red car is old"], logits.numpy()[:, 4:], {})[0]
         assert line.split() == [f"{w['word']}/{w['label']}" for w in expected]
         assert main([*args, "--r", "4", "--overwrite-output-dir"]) == 1
-        assert "--method prompt takes no --r (--r is for lora, dora)" in capsys.readouterr().err
+        assert "--method prompt takes no --r (--r is for lora, dora, loha," in capsys.readouterr().err
+
+
+# --method -> the options it needs on the narrow BERT (16 wide), what PEFT calls it
+LAYER_METHODS = {
+    "adalora": ([], "ADALORA"), "loha": ([], "LOHA"), "lokr": (["--r", "4"], "LOKR"),
+    "oft": (["--method-option", "oft_block_size=4"], "OFT"), "boft": ([], "BOFT"), "hra": (["--r", "4"], "HRA"),
+    "miss": (["--r", "4"], "MISS"), "road": (["--method-option", "group_size=8"], "ROAD"),
+    "delora": ([], "DELORA"), "vera": (["--r", "16"], "VERA"),
+    "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
+    "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
+    "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),
+}
+
+
+def test_train_offers_every_method_peftjax_implements():
+    """``train --method`` names every PEFT method peftjax implements (and the peftjax-only bottleneck)."""
+    from peftjax.cli._job import METHODS
+    from peftjax.config import PeftType, config_class
+
+    implemented = set()
+    for peft_type in PeftType:
+        try:
+            config_class(peft_type)
+        except NotImplementedError:
+            continue
+        implemented.add(str(peft_type))
+    assert {peft_type for peft_type, _, _ in METHODS.values()} == implemented
+    tested_elsewhere = {"lora", "dora", "ia3", "prefix", "prompt", "p-tuning", "adaption_prompt", "trainable_tokens"}
+    assert set(LAYER_METHODS) | tested_elsewhere == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+def test_train_with_every_layer_method(method, tokenizer_dir, tmp_path, capsys):
+    """``train --method`` with each of the other layer methods on the shipped reviews: the job trains,
+    saves and reloads the adapter, and PEFT's model on that file predicts what the job printed (the
+    bottleneck adapter, which PEFT cannot read: peftjax's reload alone); ``--method-option`` sets the
+    config's other fields; AdaLoRA's ``total_step`` is the run's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny_config("bert", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    options, peft_type = LAYER_METHODS[method]
+    if method == "loha":  # a YAML file's method_options, which the flags add to
+        (tmp_path / "job.yaml").write_text("method_options:\n  alpha: 4\n  rank_dropout: 0.25\n")
+        options = ["--config", str(tmp_path / "job.yaml"), "--method-option", "alpha=2"]
+    out, texts = tmp_path / "run", ["An absolute delight. I loved it.", "Not once did it work."]
+    assert main(["train", "--method", method, *options, "--model", str(base), "--max-steps", "3",
+                 "--max-train-samples", "48", "--max-eval-samples", "16", "--learning-rate", "0.01",
+                 "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0",
+                 *[a for t in texts for a in ("--predict", t)]]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["task_type"] == "SEQ_CLS" and summary["steps"] == 3
+    assert summary["reload_max_abs_diff"] < 1e-5
+    assert summary["after"]["eval_loss"] != summary["before"]["eval_loss"]
+    if method == "adalora":
+        assert config["total_step"] == 3
+    if method == "loha":
+        assert (config["alpha"], config["rank_dropout"], config["r"]) == (2, 0.25, 8)
+    lines = printed.split("predictions of the reloaded adapter:")[1].splitlines()[1:3]
+    shown = [(line.split()[0], float(line.split()[1].strip("()"))) for line in lines]
+    if method == "bottleneck":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(
+            tr.AutoModelForSequenceClassification.from_pretrained(base, num_labels=summary["num_labels"]), out).eval()
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            probs = theirs(**batch).logits.softmax(-1).numpy()
+    assert [(LABELS[int(p.argmax())], round(float(p.max()), 3)) for p in probs] == shown
+
+
+def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys):
+    """A field the method's config lacks, a flag given twice and a malformed option are one-line
+    errors naming them, before any data or model is read."""
+    job = tmp_path / "job.yaml"
+    job.write_text("method_options: [alpha]\n")
+    for args, message in [
+        (["--method", "loha", "--method-option", "lora_alpha=2"],
+         "--method-option lora_alpha: LoHaConfig (--method loha) has no such field; its fields: alpha,"),
+        (["--method", "adalora", "--r", "4"], "--method adalora takes no --r (--r is for lora, dora, loha,"),
+        (["--method", "dora", "--method-option", "use_dora=false"], "--method-option use_dora: LoraConfig"),
+        (["--r", "4", "--method-option", "r=2"], "r given twice: --r and --method-option r=..."),
+        (["--method-option", "r"], "--method-option expects FIELD=VALUE, got 'r'"),
+        (["--method", "lokr", "--method-option", "r=[1"], "--method-option 'r=[1': '[1' is not a YAML value"),
+        (["--config", str(job)], "method_options must be a mapping of the method's config fields to values"),
+        (["--method", "c3a"], "method must be one of lora, dora, adalora,"),
+    ]:
+        assert main(["train", *args, "--model", str(tmp_path / "absent")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
 
 
 def test_train_a_token_classifier_then_predict_each_word(tmp_path, capsys):

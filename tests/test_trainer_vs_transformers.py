@@ -182,6 +182,10 @@ def test_an_epoch_s_leftover_batches_make_a_shorter_step_as_in_transformers(tmp_
                   learning_rate=1e-2, warmup_steps=2, lr_scheduler_type="linear", logging_steps=1, seed=0)
     _assert_same_training(*_train_llama_both_ways(tmp_path, {"input_ids": [row] * 10, "labels": [row] * 10}, common),
                           steps=6)
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "count"), **common)
+    assert args.num_training_steps(10) == 6  # what AdaLoRA's total_step is told, before a run
+    with pytest.raises(ValueError, match="num_rows must be a positive number of training rows, got 0"):
+        args.num_training_steps(0)
 
 
 def test_a_checkpoint_inside_an_accumulated_step_is_refused_by_name(tmp_path):

@@ -41,11 +41,12 @@ DEFAULTS: dict[str, Any] = {
     "max_train_samples": None,
     "max_eval_samples": None,
     "method": "lora",
-    "r": 8,
-    "lora_alpha": 32,
-    "lora_dropout": 0.1,
+    "method_options": {},  # more fields of the method's config (--method-option FIELD=VALUE)
+    "r": None,  # these five: JOB_DEFAULTS, else the method's config's default
+    "lora_alpha": None,
+    "lora_dropout": None,
     "target_modules": None,
-    "num_virtual_tokens": 20,
+    "num_virtual_tokens": None,
     "output_dir": "out/main-job",
     "num_train_epochs": 3.0,
     "max_steps": -1,
@@ -77,12 +78,36 @@ DEFAULTS: dict[str, Any] = {
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
               "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
-METHODS = ("lora", "dora", "ia3", "prefix", "prompt", "p-tuning")
-METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "ia3": "IA3", "prefix": "prefix tuning", "prompt": "prompt tuning",
-                "p-tuning": "P-tuning"}
-# the options only some methods take -> those methods
-METHOD_OPTIONS = {"r": ("lora", "dora"), "lora_alpha": ("lora", "dora"), "lora_dropout": ("lora", "dora"),
-                  "target_modules": ("lora", "dora", "ia3"), "num_virtual_tokens": ("prefix", "prompt", "p-tuning")}
+# --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
+METHODS: dict[str, tuple[str, dict, str]] = {
+    "lora": ("LORA", {}, "LoRA"),
+    "dora": ("LORA", {"use_dora": True}, "DoRA"),
+    "adalora": ("ADALORA", {}, "AdaLoRA"),
+    "ia3": ("IA3", {}, "IA3"),
+    "loha": ("LOHA", {}, "LoHa"),
+    "lokr": ("LOKR", {}, "LoKr"),
+    "oft": ("OFT", {}, "OFT"),
+    "boft": ("BOFT", {}, "BOFT"),
+    "hra": ("HRA", {}, "HRA"),
+    "miss": ("MISS", {}, "MiSS"),
+    "road": ("ROAD", {}, "RoAd"),
+    "delora": ("DELORA", {}, "DeLoRA"),
+    "vera": ("VERA", {}, "VeRA"),
+    "fourierft": ("FOURIERFT", {}, "FourierFT"),
+    "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
+    "trainable_tokens": ("TRAINABLE_TOKENS", {}, "trainable tokens"),
+    "prefix": ("PREFIX_TUNING", {}, "prefix tuning"),
+    "prompt": ("PROMPT_TUNING", {}, "prompt tuning"),
+    "p-tuning": ("P_TUNING", {}, "P-tuning"),
+    "adaption_prompt": ("ADAPTION_PROMPT", {}, "adaption prompt"),
+    "bottleneck": ("BOTTLENECK", {}, "bottleneck adapters"),
+}
+# the flags that set a field of the method's config (the others: --method-option FIELD=VALUE)
+FIELD_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
+# the job's own defaults where they differ from the config's (the PEFT tutorial's LoRA; prompt
+# configs have no default length); every other field keeps the config's default
+_LORA_JOB = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}
+JOB_DEFAULTS = {"lora": _LORA_JOB, "dora": _LORA_JOB, **{m: {"num_virtual_tokens": 20} for m in ("prefix", "prompt", "p-tuning")}}
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
@@ -97,12 +122,17 @@ FLAG_HELP = {
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
-    "method": "the adapter: lora, dora (LoRA with weight decomposition), ia3, prefix (prefix tuning), prompt "
-              "(prompt tuning) or p-tuning",
-    "target_modules": "lora, dora, ia3: comma-separated module names (default: PEFT's per-architecture default)",
-    "r": "lora, dora: the rank (default: 8)",
-    "lora_alpha": "lora, dora: the scale's numerator (default: 32)",
-    "lora_dropout": "lora, dora: dropout on the adapter's input (default: 0.1)",
+    "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
+              "oft, boft, hra, miss, road, delora, vera, fourierft, ln_tuning, trainable_tokens, prefix (prefix "
+              "tuning), prompt (prompt tuning), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or bottleneck "
+              "(peftjax's own; PEFT cannot read it)",
+    "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
+                      "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
+                      "method_options is a mapping)",
+    "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
+    "r": "the rank, for a method with one (default: 8 for lora and dora, else the method's own)",
+    "lora_alpha": "lora, dora, adalora: the scale's numerator (default: 32 for lora and dora)",
+    "lora_dropout": "lora, dora, adalora: dropout on the adapter's input (default: 0.1 for lora and dora)",
     "num_virtual_tokens": "prefix, prompt, p-tuning: virtual tokens (default: 20)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
@@ -119,14 +149,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for name, default in DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
         helptext = FLAG_HELP.get(name, f"default: {default}")
-        if isinstance(default, bool):
+        if name == "method_options":
+            parser.add_argument("--method-option", dest=name, metavar="FIELD=VALUE", action="append", default=None,
+                                help=helptext)
+        elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=None, help=helptext)
         elif isinstance(default, list):
             parser.add_argument(flag, action="append", default=None, help=helptext)
         else:
             kind = type(default) if default is not None and not isinstance(default, str) else str
-            if name in ("max_train_samples", "max_eval_samples", "num_labels", "stride"):
+            if name in ("max_train_samples", "max_eval_samples", "num_labels", "stride", "r", "lora_alpha",
+                        "num_virtual_tokens"):
                 kind = int
+            elif name == "lora_dropout":
+                kind = float
             parser.add_argument(flag, type=kind, default=None, help=helptext)
 
 
@@ -154,21 +190,69 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         options.update(loaded)
     for name in DEFAULTS:
         value = getattr(args, name, None)
+        if name == "method_options":  # flags add to the file's mapping
+            value = {**_options_mapping(options[name]), **_method_option_flags(value or [])}
         if value is not None:
             options[name] = value
     if options["task"] not in TASK_TYPES:
         raise ValueError(f"task must be one of {', '.join(TASK_TYPES)}, got {options['task']!r}")
-    if options["method"] not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {options['method']!r}")
-    unused = [name for name in METHOD_OPTIONS if options["method"] not in METHOD_OPTIONS[name]
-              and options[name] != DEFAULTS[name]]
+    method = options["method"]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    fields = method_fields(method)
+    unused = [name for name in FIELD_FLAGS if options[name] is not None and name not in fields]
     if unused:
         flag = {n: "--" + n.replace("_", "-") for n in unused}
-        flags = ", ".join(flag.values())
-        takers = "; ".join(f"{flag[n]} is for " + ", ".join(METHOD_OPTIONS[n]) for n in unused)
-        raise ValueError(f"--method {options['method']} takes no {flags} ({takers})")
+        takers = "; ".join(f"{flag[n]} is for " + ", ".join(m for m in METHODS if n in method_fields(m))
+                           for n in unused)
+        raise ValueError(f"--method {method} takes no {', '.join(flag.values())} ({takers})")
+    given = options["method_options"]
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"--method-option {', '.join(unknown)}: {_config_class(method).__name__} (--method {method}) "
+                         f"has no such field; its fields: {', '.join(sorted(fields))}")
+    twice = [name for name in FIELD_FLAGS if name in given and options[name] is not None]
+    if twice:
+        raise ValueError(f"{twice[0]} given twice: --{twice[0].replace('_', '-')} and --method-option {twice[0]}=...")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options
+
+
+def _config_class(method: str):
+    from peftjax.config import config_class
+
+    return config_class(METHODS[method][0])
+
+
+def method_fields(method: str) -> set[str]:
+    """The config fields ``--method`` takes from the job's flags and ``--method-option``: its
+    config's fields but the task type (the job's ``--task``) and those the name fixes (DoRA's
+    ``use_dora``); AdaLoRA's inherited ``r`` is not one (AdaLoRA ignores it: ``init_r``, ``target_r``)."""
+    fixed = {"task_type", *METHODS[method][1]} | ({"r"} if method == "adalora" else set())
+    return {f.name for f in dataclasses.fields(_config_class(method)) if f.init} - fixed
+
+
+def _options_mapping(value) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"method_options must be a mapping of the method's config fields to values, got {value!r}")
+    return dict(value)
+
+
+def _method_option_flags(items: list[str]) -> dict:
+    """``--method-option FIELD=VALUE`` flags as a mapping, each value read as YAML (``4``, ``false``,
+    ``[query, value]``, ``0.1``; a bare word stays a string)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-option expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            raise ValueError(f"--method-option {item!r}: {text!r} is not a YAML value") from None
+    return out
 
 
 def compilation_cache_setting(value) -> bool | str:
@@ -316,9 +400,6 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                                               seed=options["seed"], **named)
             return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
 
-    peft_model = peftjax.get_peft_model(base_model(), adapter_config(options, task_type),
-                                        key=jax.random.key(options["seed"]))
-    peft_model.print_trainable_parameters()
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
     passed = {k: v for k, v in options.items() if k in field_names and k not in ("resume_from_checkpoint", "compilation_cache")}
@@ -326,6 +407,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                              compilation_cache=compilation_cache_setting(options["compilation_cache"]))
     if evaluation is None:
         args = dataclasses.replace(args, eval_strategy="no")
+    config = adapter_config(options, task_type, args.num_training_steps(len(train)))
+    peft_model = peftjax.get_peft_model(base_model(), config, key=jax.random.key(options["seed"]))
+    peft_model.print_trainable_parameters()
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
     figures["compilation_cache"] = trainer.compilation_cache_dir
     if classifier and evaluation is not None:
@@ -348,7 +432,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         figures["beats_baselines"] = after["eval_accuracy"] > max(baselines.values())
         which = "both baselines" if len(baselines) == 2 else "the baseline"
         shown = ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}" for k, v in sorted(baselines.items(), key=lambda kv: -kv[1]))
-        method = METHOD_NAMES[options["method"]]
+        method = METHODS[options["method"]][2]
         verdict = "beats" if figures["beats_baselines"] else "does NOT beat"
         print(f"{'token ' if task == 'token_cls' else ''}accuracy on the eval split: {method} "
               f"{after['eval_accuracy']:.4f}, {shown} ({method} {verdict} {which})")
@@ -396,22 +480,18 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def adapter_config(options: dict, task_type: str):
-    """The job's adapter config: ``options["method"]`` with the options it takes."""
-    import peftjax
-
-    method, targets = options["method"], options["target_modules"]
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if method in ("lora", "dora"):
-        return peftjax.LoraConfig(r=options["r"], lora_alpha=options["lora_alpha"],
-                                  lora_dropout=options["lora_dropout"], target_modules=targets,
-                                  use_dora=method == "dora", task_type=task_type)
-    if method == "ia3":
-        return peftjax.IA3Config(target_modules=targets, task_type=task_type)
-    config = {"prefix": peftjax.PrefixTuningConfig, "prompt": peftjax.PromptTuningConfig,
-              "p-tuning": peftjax.PromptEncoderConfig}[method]
-    return config(num_virtual_tokens=options["num_virtual_tokens"], task_type=task_type)
+def adapter_config(options: dict, task_type: str, training_steps: int):
+    """The job's adapter config: ``options["method"]``'s config with the job's defaults, the flags
+    given and ``method_options``; AdaLoRA's ``total_step`` is the run's ``training_steps`` unless given."""
+    method = options["method"]
+    fields = dict(JOB_DEFAULTS.get(method, {}))
+    fields.update({name: options[name] for name in FIELD_FLAGS if options[name] is not None})
+    if isinstance(fields.get("target_modules"), str):
+        fields["target_modules"] = [t.strip() for t in fields["target_modules"].split(",") if t.strip()]
+    fields.update(options["method_options"])
+    if method == "adalora":
+        fields.setdefault("total_step", training_steps)
+    return _config_class(method)(**fields, **METHODS[method][1], task_type=task_type)
 
 
 def question_stride(stride: int | None, max_length: int) -> int:

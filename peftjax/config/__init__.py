@@ -9,6 +9,7 @@ from peftjax.config._base import (
     PeftConfig,
     PeftType,
     TaskType,
+    config_class,
     config_from_dict,
     load_config,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "add_task_modules_to_save",
     "is_module_to_save",
     "check_target_module_exists",
+    "config_class",
     "config_from_dict",
     "expand_all_linear",
     "get_pattern_key",

@@ -439,6 +439,26 @@ def _registry() -> dict[str, type[PeftConfig]]:
     return _REGISTRY
 
 
+def config_class(peft_type: str) -> type[PeftConfig]:
+    """The config class of a PEFT method name (``"LORA"``, ``"LOHA"``, ...: the ``peft_type`` of
+    ``adapter_config.json``), as PEFT's ``PEFT_TYPE_TO_CONFIG_MAPPING`` maps it.
+
+    Raises:
+        ValueError: ``peft_type`` is not a PEFT method.
+        NotImplementedError: A PEFT method peftjax does not implement.
+    """
+    registry = _registry()
+    cls = registry.get(peft_type) if isinstance(peft_type, str) else None
+    if cls is None:
+        supported = sorted(registry)
+        if isinstance(peft_type, str) and peft_type in list(PeftType):
+            raise NotImplementedError(
+                f"peft_type {peft_type!r} is a PEFT method peftjax does not implement; supported: {supported}."
+            )
+        raise ValueError(f"unknown peft_type {peft_type!r}; supported: {supported}.")
+    return cls
+
+
 def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
     """Builds the config class named by ``d["peft_type"]`` from a dict.
 
@@ -450,17 +470,7 @@ def config_from_dict(d: Mapping[str, Any]) -> PeftConfig:
         raise TypeError(f"config_from_dict expects a dict, got {_type_name(d)}.")
     if "peft_type" not in d:
         raise ValueError("the key `peft_type` is required in an adapter config (e.g. \"LORA\") but is missing.")
-    registry = _registry()
-    peft_type = d["peft_type"]
-    cls = registry.get(peft_type) if isinstance(peft_type, str) else None
-    if cls is None:
-        supported = sorted(registry)
-        if isinstance(peft_type, str) and peft_type in list(PeftType):
-            raise NotImplementedError(
-                f"peft_type {peft_type!r} is a PEFT method peftjax does not implement; supported: {supported}."
-            )
-        raise ValueError(f"unknown peft_type {peft_type!r}; supported: {supported}.")
-    return cls.from_dict(d)
+    return config_class(d["peft_type"]).from_dict(d)
 
 
 def load_config(

@@ -143,6 +143,13 @@ class TrainingArguments:
         return max(1, math.ceil(self.num_train_epochs * StepPlan(batches_per_epoch, self.gradient_accumulation_steps)
                                 .steps_per_epoch))
 
+    def num_training_steps(self, num_rows: int) -> int:
+        """Optimizer steps ``Trainer.train()`` runs on ``num_rows`` training rows on one device
+        (every batch full but an epoch's last): what AdaLoRA's ``total_step`` should be."""
+        if not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows < 1:
+            raise ValueError(f"num_rows must be a positive number of training rows, got {num_rows!r}")
+        return self.total_steps(math.ceil(num_rows / self.per_device_train_batch_size))
+
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a run of ``total_steps``: ``warmup_steps`` (a fraction of the total when
         below 1, rounded up, as transformers' ``get_warmup_steps``), else ``warmup_ratio``'s."""
