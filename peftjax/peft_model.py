@@ -696,7 +696,8 @@ class PeftModel:
             # LoftQ's workflow: its rewritten base was saved and loaded in 4 or 8 bits; that base
             # already is the quantization LoftQ would compute, and the file holds the factors
             config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
-        self.add_adapter(adapter_name, config)
+        with tuner_base.adapter_from_file():
+            self.add_adapter(adapter_name, config)
         source = str(Path(model_id))
         try:
             with warnings.catch_warnings(record=True) as caught:

@@ -242,6 +242,9 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.MissConfig, "MissConfig", {}),
     (pc.RoadConfig, "RoadConfig", {}),
     (pc.DeloraConfig, "DeloraConfig", {}),
+    (pc.C3AConfig, "C3AConfig", {}),
+    (pc.GraloraConfig, "GraloraConfig", {}),
+    (pc.ShiraConfig, "ShiraConfig", {}),
 ]
 
 
@@ -356,6 +359,11 @@ _ROUND_TRIP = [
     lambda m: m.RoadConfig(task_type="SEQ_CLS", variant="road_4", group_size=32, init_weights=False),
     lambda m: m.DeloraConfig(r=4, delora_lambda=3.0, rank_pattern={"o_proj": 2}, lambda_pattern={"q_proj": 5.0},
                              target_modules=["q_proj", "o_proj"], module_dropout=0.1),
+    lambda m: m.C3AConfig(block_size=16, block_size_pattern={"v_proj": 8}, init_weights="gaussian", bias="c3a_only",
+                          target_modules=["q_proj", "v_proj"]),
+    lambda m: m.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16, gralora_dropout=0.1, fan_in_fan_out=True,
+                              layers_to_transform=[1], layers_pattern="layers", target_modules=["c_attn"]),
+    lambda m: m.ShiraConfig(r=4, random_seed=3, init_weights=False, target_modules=["q_proj"]),
 ]
 
 

@@ -99,6 +99,10 @@ def test_what_is_not_a_weight_delta_is_refused():
                                                           feedforward_modules=["down_proj"]))
     with pytest.raises(TypeError, match=r"model.layers.0.self_attn.k_proj \(IA3Linear"):
         peftjax.convert_to_lora(ia3, rank=2)
+    shira = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
+        "llama", **_tiny.fields("llama"))), peftjax.ShiraConfig(r=1, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj \(SHiRA"):  # as PEFT: not for SHiRA
+        peftjax.convert_to_lora(shira, rank=2)
     lora = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
         "llama", **_tiny.fields("llama"))), peftjax.LoraConfig(r=2, target_modules=["q_proj"]))
     for bad, err in ((0, ValueError), (1.5, ValueError), ("4", TypeError), (64, ValueError)):
@@ -136,12 +140,14 @@ def model_logits_base(ids):
 
 @pytest.mark.parametrize(("method", "fields"), [("MissConfig", dict(r=4, init_weights=False)),
                                                ("MissConfig", dict(r=8, init_weights="bat")),
-                                               ("DeloraConfig", dict(r=4, init_weights=False))],
-                         ids=["miss-balance", "miss-bat", "delora"])
-def test_miss_and_delora_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
-    """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs bat's and DeLoRA's;
-    here all go through the SVD: the products agree (balance and DeLoRA exactly from rank r on,
-    bat truncated alike)."""
+                                               ("DeloraConfig", dict(r=4, init_weights=False)),
+                                               ("C3AConfig", dict(block_size=8)),
+                                               ("GraloraConfig", dict(r=4, gralora_k=2, init_weights=False))],
+                         ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora"])
+def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
+    """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs the others (bat,
+    DeLoRA, C3A's block-circulant update, GraLoRA's blocks); here all go through the SVD: the
+    products agree (balance, DeLoRA and GraLoRA's rank-8 update exactly, bat and C3A truncated alike)."""
     _tiny.save(ARCH, tmp_path / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,7 +167,7 @@ def test_miss_and_delora_convert_to_the_update_peft_converts_to(method, fields, 
         b = key.replace(".lora_A.", ".lora_B.")
         np.testing.assert_allclose(tensors[b] @ tensors[key], (their_tensors[b] @ their_tensors[key]).numpy(),
                                    atol=1e-5)
-    if fields.get("init_weights") is False:  # rank 8 >= r: exact
+    if fields.get("init_weights") is False:  # rank 8 >= the update's rank: exact
         assert max(errors.values()) < 1e-5
         peftjax.save_as_lora(tmp_path / "lora", ours, rank=8)
         converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "lora")

@@ -1,4 +1,5 @@
-"""HRA, MiSS (formerly Bone), RoAd and DeLoRA against HF PEFT 0.21.2 + PyTorch on Llama and BERT, both ways.
+"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA and SHiRA against HF PEFT 0.21.2 + PyTorch on
+Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -9,9 +10,15 @@
   bias too, which the BERT case (biased linears) checks through the merged export.
 - DeLoRA: a low-rank update normalised per rank and scaled by a trained bound and the base
   weight's column norms (saved with the adapter); per-module rank and bound patterns.
+- C3A: block-circulant updates; PEFT runs complex FFTs, peftjax real ones, and merges the matrix
+  of circulant blocks; per-module block sizes.
+- GraLoRA: a LoRA of k x k blocks, with and without the hybrid plain LoRA; on GPT-2's ``Conv1D``
+  too (PEFT's ``fan_in_fan_out`` flip and file).
+- SHiRA: sparse updates at positions the file carries; a mask PEFT made with a user's mask
+  function loads with its positions.
 
-PEFT adapts ``nn.Linear`` only with these, so GPT-2's ``Conv1D`` is tested as a refusal, beside
-PEFT's shape checks.
+PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
+beside PEFT's shape checks.
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ CASES = {
     "delora-llama": ("DeloraConfig", "llama", dict(r=4, module_dropout=0.1, rank_pattern={"down_proj": 2},
                                                    lambda_pattern={"v_proj": 3.0}, target_modules=LLAMA), False),
     "delora-bert": ("DeloraConfig", "bert", dict(r=2, init_weights=False, bias="delora_only"), False),
+    "c3a-llama": ("C3AConfig", "llama", dict(block_size=8, block_size_pattern={"down_proj": 16},
+                                             target_modules=LLAMA), False),
+    "c3a-bert": ("C3AConfig", "bert", dict(block_size=4, init_weights="kaiming_uniform", bias="c3a_only"), False),
+    "gralora-llama-hybrid": ("GraloraConfig", "llama", dict(r=4, hybrid_r=2, gralora_dropout=0.1,
+                                                            target_modules=LLAMA), False),
+    "gralora-gpt2": ("GraloraConfig", "gpt2", dict(r=4, gralora_k=4, alpha=8), False),
+    "shira-llama": ("ShiraConfig", "llama", dict(r=2, target_modules=LLAMA), False),
+    "shira-bert": ("ShiraConfig", "bert", dict(r=1), False),
 }
 
 
@@ -132,7 +147,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert status(model) == status(torch_model)
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
-    if fields.get("miss_dropout") or fields.get("module_dropout"):  # input dropout acts while training only
+    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout")):  # dropout: training only
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -144,6 +159,13 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     ours = run_jax(model, jit=True)
     assert changed(ours, ref) > 1e-3
     model.save_pretrained(tmp_path / "ours")
+    configs = [json.loads((tmp_path / who / "adapter_config.json").read_text()) for who in ("ours", "theirs")]
+    for config in configs:  # who wrote it and from where; PEFT writes a set's items in no fixed order
+        for key in ("peft_version", "base_model_name_or_path", "revision", "auto_mapping"):
+            config.pop(key, None)
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+    assert configs[0] == configs[1]  # PEFT's fields and the values it settled (GPT-2's fan_in_fan_out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(torch_base(arch, path), tmp_path / "ours").eval()
@@ -169,13 +191,16 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
-    """HRA with an even ``r``, MiSS, RoAd and DeLoRA start as the identity; HRA with an odd ``r`` cannot,
-    and says so as PEFT does."""
+    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA and SHiRA start as the
+    identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
                    peftjax.RoadConfig(group_size=8, target_modules=LLAMA),
-                   peftjax.DeloraConfig(r=4, target_modules=LLAMA)):
+                   peftjax.DeloraConfig(r=4, target_modules=LLAMA), peftjax.C3AConfig(block_size=8, init_weights=True,
+                                                                                  target_modules=LLAMA),
+                   peftjax.GraloraConfig(r=4, hybrid_r=2, target_modules=LLAMA),
+                   peftjax.ShiraConfig(r=2, target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -198,6 +223,16 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     ("RoadConfig", "gpt2", dict(group_size=8, target_modules=["c_attn"]), "c_attn is transformers' Conv1D"),
     ("RoadConfig", "llama", dict(group_size=12, target_modules=["q_proj"]),
      r"q_proj: The out_features of the base layer \(32\) must be divisible by group_size \(12\)"),
+    ("C3AConfig", "gpt2", dict(block_size=8, target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's C3A"),
+    ("C3AConfig", "llama", dict(block_size=12, target_modules=["q_proj"]),
+     "q_proj: The block size should be a factor of the input size. However, the input size is 32 and the block"),
+    ("C3AConfig", "llama", dict(block_size=16, block_size_pattern={"v_proj": 32}, target_modules=["v_proj"]),
+     "v_proj: The block size should be a factor of the output size. However, the output size is 16"),
+    ("GraloraConfig", "llama", dict(r=6, gralora_k=3, target_modules=["q_proj"]),
+     "q_proj: in_features should be divisible by gralora_k, but got 32 and 3"),
+    ("ShiraConfig", "gpt2", dict(r=1, target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's SHiRA"),
+    ("ShiraConfig", "llama", dict(r=16, target_modules=["v_proj"]),
+     "v_proj: The set rank 16 results in more shira params than the total number of params in the base layer 512"),
 ])
 def test_what_peft_refuses_is_refused_by_name(config_class, arch, fields, match, checkpoints):
     with warnings.catch_warnings():
@@ -216,6 +251,11 @@ def test_bad_settings_are_named():
         (lambda: peftjax.MissConfig(miss_dropout=1.5), r"`miss_dropout` must be in \[0, 1\), got 1.5"),
         (lambda: peftjax.RoadConfig(variant="road_3"), "variant"),
         (lambda: peftjax.RoadConfig(group_size=7), "group_size must be divisible by 2"),
+        (lambda: peftjax.C3AConfig(init_weights="orthogonal"), r"`init_weights` must be one of \[True, False, 'gau"),
+        (lambda: peftjax.C3AConfig(bias="lora_only"), "bias"),
+        (lambda: peftjax.GraloraConfig(r=5), "r should be divisible by gralora_k, but got 5 and 2"),
+        (lambda: peftjax.GraloraConfig(hybrid_r=-1), "`hybrid_r` must be >= 0, got -1"),
+        (lambda: peftjax.ShiraConfig(r=0), "`r` must be >= 1, got 0"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -253,6 +293,58 @@ def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
             module, kind = name.split(".delora_")[0].removeprefix("base_model.model."), name.split(".")[-2]
             key = next(k for k in ours if f"'{kind}'" in k and all(f"'{part}'" in k or f"[{part}]" in k
                                                                  for part in module.split(".")))
-            np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6, rtol=1e-4, err_msg=name)
+            scale = float(np.abs(p.grad.numpy()).max())  # float32 sums of terms up to this size
+            np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6 * max(scale, 1.0), rtol=1e-4,
+                                       err_msg=name)
             checked += 1
     assert checked == 12 and all(np.isfinite(g).all() for g in ours.values())
+
+
+def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints, tmp_path):
+    """PEFT users may make SHiRA masks with their own function (``config.mask_fn``); its positions
+    are in the file, so such an adapter loads here, gives PEFT's logits and saves back with the same
+    ``mask_type``. peftjax cannot run that function, so a new adapter of that type is refused by
+    name. A ``random_seed`` gives layers of one shape the same mask, as PEFT's seeded generator does."""
+    path = checkpoints["llama"]
+
+    def first_positions(base_layer, r, **_):  # a structured mask: the first r (in + out) entries
+        mask = torch.zeros_like(base_layer.weight)
+        mask.view(-1)[: r * sum(base_layer.weight.shape)] = 1
+        return mask
+
+    fields = dict(r=1, mask_type="first", target_modules=["q_proj", "down_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.ShiraConfig(**fields)
+        config.mask_fn = first_positions
+        theirs = peft.get_peft_model(torch_base("llama", path), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs")
+    assert_close(run_jax(ours, jit=True), run_torch(theirs.eval()))
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["mask_type"] == "first"
+    from safetensors.numpy import load_file
+
+    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {str(v.dtype) for k, v in saved.items() if k.endswith("shira_indices")} == {"int32"}  # as PEFT saves
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(torch_base("llama", path), tmp_path / "ours").eval()
+    assert_close(run_torch(again), run_jax(ours, jit=True))
+    with pytest.raises(NotImplementedError, match=r"ShiraConfig\(mask_type='first'\): peftjax makes 'random' masks"):
+        peftjax.get_peft_model(models.from_pretrained(path), peftjax.ShiraConfig(**fields))
+
+    def masks(**seed):
+        model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.ShiraConfig(r=1, target_modules=["q_proj"],
+                                                                                         **seed))
+        layers = model.base_model.model.layers
+        return [np.asarray(layers[i].self_attn.q_proj.shira_indices["default"].get_value()) for i in (0, 1)]
+
+    seeded, drawn = masks(random_seed=7), masks()
+    np.testing.assert_array_equal(seeded[0], seeded[1])
+    assert not np.array_equal(drawn[0], drawn[1])

@@ -92,6 +92,9 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "miss": ("MISS", {}, "MiSS"),
     "road": ("ROAD", {}, "RoAd"),
     "delora": ("DELORA", {}, "DeLoRA"),
+    "c3a": ("C3A", {}, "C3A"),
+    "gralora": ("GRALORA", {}, "GraLoRA"),
+    "shira": ("SHIRA", {}, "SHiRA"),
     "vera": ("VERA", {}, "VeRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
@@ -107,7 +110,8 @@ FIELD_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual
 # the job's own defaults where they differ from the config's (the PEFT tutorial's LoRA; prompt
 # configs have no default length); every other field keeps the config's default
 _LORA_JOB = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}
-JOB_DEFAULTS = {"lora": _LORA_JOB, "dora": _LORA_JOB, **{m: {"num_virtual_tokens": 20} for m in ("prefix", "prompt", "p-tuning")}}
+JOB_DEFAULTS = {"lora": _LORA_JOB, "dora": _LORA_JOB,
+                **{m: {"num_virtual_tokens": 20} for m in ("prefix", "prompt", "p-tuning")}}
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
@@ -123,9 +127,9 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, vera, fourierft, ln_tuning, trainable_tokens, prefix (prefix "
-              "tuning), prompt (prompt tuning), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or bottleneck "
-              "(peftjax's own; PEFT cannot read it)",
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, vera, fourierft, ln_tuning, trainable_tokens, "
+              "prefix (prefix tuning), prompt (prompt tuning), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or "
+              "bottleneck (peftjax's own; PEFT cannot read it)",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",

@@ -15,11 +15,14 @@ from peftjax.config._base import (
 )
 from peftjax.config._adalora import AdaLoraConfig
 from peftjax.config._adaption_prompt import AdaptionPromptConfig
+from peftjax.config._c3a import C3AConfig
 from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
+from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
 from peftjax.config._road import RoadConfig
+from peftjax.config._shira import ShiraConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
@@ -71,7 +74,10 @@ __all__ = [
     "BottleneckConfig",
     "CordaConfig",
     "EvaConfig",
+    "C3AConfig",
     "DeloraConfig",
+    "GraloraConfig",
+    "ShiraConfig",
     "FourierFTConfig",
     "HRAConfig",
     "MissConfig",

@@ -418,6 +418,9 @@ _SIMPLE_DEFAULTS = {
     "FOURIERFT": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "FourierFT"),
     "LN_TUNING": (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, "LN tuning"),
     "ADALORA": (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, "AdaLoRA"),
+    # PEFT 0.21.2's C3A table is FourierFT's, SHiRA's VeRA's (LoRA's with the same small changes)
+    "C3A": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "C3A"),
+    "SHIRA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "SHiRA"),
 }
 
 
@@ -444,7 +447,7 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     """
     peft_type = getattr(config, "peft_type", None)
     changes: dict[str, Any] = {}
-    if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "MISS", "ROAD", "DELORA"):  # LoRA's, copied
+    if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "MISS", "ROAD", "DELORA", "GRALORA"):  # LoRA's
         if config.target_modules is None:
             changes["target_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",

@@ -8,11 +8,14 @@ from peftjax.tuners.adalora import AdaLoraConfig, adalora_state_dict, inject_ada
 from peftjax.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptLayer, inject_adaption_prompt
 from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
+from peftjax.tuners.c3a import C3AConfig, C3ALayer, inject_c3a
 from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
+from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
 from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
 from peftjax.tuners.road import RoadConfig, RoadLayer, inject_road
+from peftjax.tuners.shira import ShiraConfig, ShiraLayer, inject_shira
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tuning
 from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
@@ -50,6 +53,9 @@ register_tuner(Tuner.for_layers(HRAConfig, inject=inject_hra, layer_type=HRALaye
 register_tuner(Tuner.for_layers(MissConfig, inject=inject_miss, layer_type=MissLayer))
 register_tuner(Tuner.for_layers(RoadConfig, inject=inject_road, layer_type=RoadLayer))
 register_tuner(Tuner.for_layers(DeloraConfig, inject=inject_delora, layer_type=DeloraLayer))
+register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALayer))
+register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
+register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

@@ -8,6 +8,7 @@
 - ``_status.py``: PEFT's ``get_layer_status`` / ``get_model_status``.
 - ``_linear_options.py``: PEFT's ``fan_in_fan_out`` rule and ``bias`` option for linear methods.
 - ``_rows.py``: mixed batches, a different adapter per row (PEFT's ``adapter_names``).
+- ``_from_file.py``: whether an adapter being added is filled from a file right after.
 """
 
 from peftjax.tuners.base._layer import AdapterDictLayer, AdapterLayer, check_adaptable, mixin_subclass, original_class
@@ -31,6 +32,7 @@ from peftjax.tuners.base._model import (
 )
 from peftjax.tuners.base._linear_options import mark_biases, settle_fan_in_fan_out
 from peftjax.tuners.base._inject import check_linear_targets, inject_each_layer
+from peftjax.tuners.base._from_file import adapter_from_file, adding_from_file
 from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
 from peftjax.tuners.base._status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from peftjax.tuners.base._rows import BASE, AdapterRows, adapter_index, clear_adapter_rows, set_adapter_rows
@@ -70,6 +72,8 @@ __all__ = [
     "LoraParam",
     "SavedModule",
     "TrainableParam",
+    "adapter_from_file",
+    "adding_from_file",
     "add_saved_copy",
     "adapter_layers",
     "check_adaptable",

@@ -1,5 +1,5 @@
 """The injection every method that adapts linear layers one by one shares (OFT, BOFT, HRA, MiSS,
-RoAd, DeLoRA): resolve the targets, check them, refuse everything before changing anything, then
+RoAd, DeLoRA, C3A, GraLoRA, SHiRA): resolve the targets, check them, refuse everything before changing anything, then
 swap each target's class and add the adapter, mark biases, copy ``modules_to_save``."""
 
 from __future__ import annotations
@@ -12,21 +12,23 @@ from flax import nnx
 
 from peftjax.config import PeftConfig, match_modules
 from peftjax.tuners.base._layer import AdapterLayer
-from peftjax.tuners.base._linear_options import mark_biases
+from peftjax.tuners.base._linear_options import mark_biases, settle_fan_in_fan_out
 from peftjax.tuners.base._model import model_type, named_modules, resolve_config, stores_in_out, validate_adapter_name
 from peftjax.tuners.base._model import match_modules_to_save
 from peftjax.tuners.base._modules_to_save import add_saved_copy
 
 
 def check_linear_targets(
-    modules: dict[str, nnx.Module], targets: list[str], layer_type: type, method: str, *, embed: bool = False
+    modules: dict[str, nnx.Module], targets: list[str], layer_type: type, method: str, *, embed: bool = False,
+    conv1d: bool = False,
 ) -> None:
     """Fails, before anything changes, on targets PEFT's ``method`` does not adapt.
 
     Raises:
       TypeError: a target carries another method's adapter, is GPT-2's ``Conv1D`` (these methods
         of PEFT 0.21.2 accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
-        ``nnx.Embed`` where ``embed`` is false, or another layer type.
+        ``nnx.Embed`` where ``embed`` is false, or another layer type. ``conv1d``: the method
+        adapts ``Conv1D`` too (GraLoRA).
       NotImplementedError: a target is quantized (peftjax does not implement these methods on
         quantized layers).
     """
@@ -44,7 +46,7 @@ def check_linear_targets(
         elif not isinstance(m, nnx.Linear):
             kinds = "nnx.Linear and nnx.Embed" if embed else "nnx.Linear"
             problems.append(f"{name} ({type(m).__name__}) is not supported; supported: {kinds}")
-        elif stores_in_out(m):
+        elif stores_in_out(m) and not conv1d:
             problems.append(
                 f"{name} is transformers' Conv1D (weight stored (in, out)), which HF PEFT's {method} does not "
                 "support (only torch.nn.Linear" + (", torch.nn.Embedding" if embed else "") + " and Conv2d)"
@@ -65,6 +67,7 @@ def inject_each_layer(
     prepare: Callable[[PeftConfig, str, nnx.Module], Any],
     add: Callable[[nnx.Module, Any, jax.Array], None],
     embed: bool = False,
+    conv1d: bool = False,
 ) -> PeftConfig:
     """Adds one method's adapter ``adapter_name`` to every layer ``config`` targets, in place.
 
@@ -72,10 +75,11 @@ def inject_each_layer(
     leave the model untouched) and returns what ``add(module, prepared, key)`` needs; ``add`` gets
     the target with its class already swapped by ``class_for`` and its adapter state set up, and a
     key folded from ``key`` (default ``jax.random.key(0)``) with the target's index. ``embed``: the
-    method adapts ``nnx.Embed`` layers too (OFT).
+    method adapts ``nnx.Embed`` layers too (OFT); ``conv1d``: GPT-2's ``Conv1D`` too (GraLoRA).
 
     Returns:
-      The resolved config (targets filled in, ``all-linear`` expanded, task heads added).
+      The resolved config (targets filled in, ``all-linear`` expanded, task heads added, a
+      ``fan_in_fan_out`` field as PEFT leaves it).
 
     Raises:
       ValueError: nothing matches ``target_modules``; the adapter already exists on a layer; what
@@ -87,7 +91,9 @@ def inject_each_layer(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_linear_targets(modules, targets, layer_type, method, embed=embed)
+    check_linear_targets(modules, targets, layer_type, method, embed=embed, conv1d=conv1d)
+    if hasattr(config, "fan_in_fan_out"):
+        config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     for name in targets:
         if isinstance(modules[name], layer_type) and adapter_name in modules[name].adapter_names():
             raise ValueError(f"adapter {adapter_name!r} already exists on {name}")

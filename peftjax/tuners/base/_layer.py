@@ -203,6 +203,9 @@ class AdapterDictLayer(AdapterLayer):
                 continue
             value = tensors[suffix]
             current = store[name].get_value()
+            if np.issubdtype(value.dtype, np.integer) != np.issubdtype(current.dtype, np.integer):
+                kind = "an integer" if np.issubdtype(current.dtype, np.integer) else "a float"
+                raise ValueError(f"{key}: expected {kind} tensor, found dtype {value.dtype}")
             expected = tuple(jax.eval_shape(to_torch, current).shape)
             if tuple(value.shape) != expected:
                 raise ValueError(

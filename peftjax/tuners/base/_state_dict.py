@@ -22,6 +22,10 @@ from peftjax.tuners.base._model import named_modules
 from peftjax.tuners.base._modules_to_save import SavedModule
 
 
+# adapter tensors PEFT saves as integers: SHiRA's positions
+INTEGER_TENSORS = ("shira_indices",)
+
+
 def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "auto") -> bool:
     """Whether the adapter file carries the targeted embedding layers' base weights, for every method.
 
@@ -59,7 +63,7 @@ def layer_state_dict(
       save_embedding_layers: see :func:`saves_embeddings`.
 
     Returns:
-      ``{PEFT key: float32 array in torch layout}``.
+      ``{PEFT key: float32 array in torch layout}`` (int32 for SHiRA's positions, as PEFT saves them).
     """
     save_embeddings = saves_embeddings(config, save_embedding_layers)
     bias = getattr(config, "bias", "none")
@@ -73,7 +77,7 @@ def layer_state_dict(
         targeted = isinstance(module, layer_type) and adapter_name in module.adapter_names()
         if targeted:
             for suffix, value in module.peft_tensors(adapter_name).items():
-                out[f"{path}.{suffix}"] = np.asarray(value, np.float32)
+                out[f"{path}.{suffix}"] = np.asarray(value, np.int32 if suffix in INTEGER_TENSORS else np.float32)
             if save_embeddings and name.split(".")[-1] in EMBEDDING_LAYER_NAMES:
                 out[f"{path}.base_layer.weight"] = module_params_torch(module)["weight"]
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
@@ -105,9 +109,12 @@ def load_layer_state_dict(
       does) and file keys nothing in the model consumed (ignored with a warning).
 
     Raises:
-      AdapterFileError: a tensor is not a float tensor, or has the wrong shape (names the key).
+      AdapterFileError: a tensor is not a float tensor (but SHiRA's integer positions), or has the
+        wrong shape (names the key).
     """
     for key, value in tensors.items():
+        if key.rsplit(".", 1)[-1] in INTEGER_TENSORS:
+            continue  # its layer checks it
         if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
             raise AdapterFileError(f"{source}: {key}: expected a float tensor, found dtype {value.dtype}")
     used: set[str] = set()

@@ -95,8 +95,10 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
     """``ΔW`` of adapter ``name`` on ``layer`` in torch's ``[out, in]`` orientation (float32), or
     ``None`` where the layer's method is not a weight delta a LoRA can carry."""
     from peftjax.tuners.adalora import AdaLoraLayer
+    from peftjax.tuners.c3a import C3ALayer
     from peftjax.tuners.delora import DeloraLayer
     from peftjax.tuners.fourierft import FourierFTLayer
+    from peftjax.tuners.gralora import GraloraLayer
     from peftjax.tuners.lora import LoraLayer
     from peftjax.tuners.lycoris import LycorisLayer
     from peftjax.tuners.miss import MissLayer
@@ -106,9 +108,9 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
         if layer.lora_kind != "linear" or layer.spec(name).use_dora:
             return None  # embeddings/convolutions, and DoRA (not a fixed delta): PEFT converts neither
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
-    if isinstance(layer, (VeraLayer, AdaLoraLayer)):
+    if isinstance(layer, (VeraLayer, AdaLoraLayer, GraloraLayer)):
         return np.asarray(layer.delta_weight(name), np.float32).T  # [in, out]
-    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer, DeloraLayer)):
+    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer, DeloraLayer, C3ALayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
     return None
 
@@ -122,8 +124,8 @@ def _rank_for(singular: np.ndarray, rank: int | float) -> int:
 
 
 def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default") -> tuple[LoraConfig, dict, dict]:
-    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS, DeLoRA) as a plain
-    LoRA, by truncated SVD of each ``ΔW``.
+    """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS, DeLoRA, C3A, GraLoRA)
+    as a plain LoRA, by truncated SVD of each ``ΔW``.
 
     PEFT's ``convert_to_lora``: the scaling is folded into the factors (``lora_alpha == r``), so
     the file loads as an ordinary LoRA here and in PEFT, where it serves mixed batches, hot-swaps
