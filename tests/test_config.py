@@ -245,6 +245,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.C3AConfig, "C3AConfig", {}),
     (pc.GraloraConfig, "GraloraConfig", {}),
     (pc.ShiraConfig, "ShiraConfig", {}),
+    (pc.HiraConfig, "HiraConfig", {}),
 ]
 
 
@@ -364,6 +365,8 @@ _ROUND_TRIP = [
     lambda m: m.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16, gralora_dropout=0.1, fan_in_fan_out=True,
                               layers_to_transform=[1], layers_pattern="layers", target_modules=["c_attn"]),
     lambda m: m.ShiraConfig(r=4, random_seed=3, init_weights=False, target_modules=["q_proj"]),
+    lambda m: m.HiraConfig(r=4, hira_dropout=0.1, init_weights="gaussian", rank_pattern={"v_proj": 2},
+                           exclude_modules=["k_proj"], target_modules=["q_proj", "v_proj", "embed_tokens"]),
 ]
 
 

@@ -1,5 +1,5 @@
-"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA and SHiRA against HF PEFT 0.21.2 + PyTorch on
-Llama, BERT and GPT-2, both ways.
+"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA and HiRA against HF PEFT 0.21.2 +
+PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -16,6 +16,8 @@ Llama, BERT and GPT-2, both ways.
   too (PEFT's ``fan_in_fan_out`` flip and file).
 - SHiRA: sparse updates at positions the file carries; a mask PEFT made with a user's mask
   function loads with its positions.
+- HiRA: the frozen weight modulated by a low-rank matrix, on linear layers, GPT-2's ``Conv1D`` and
+  an embedding; merging keeps the pre-merge weight, as PEFT does.
 
 PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
 beside PEFT's shape checks.
@@ -47,8 +49,10 @@ MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
 LLAMA = ["q_proj", "v_proj", "down_proj"]  # in x out: 32 x 32, 32 x 16, 48 x 32
 
 # case -> (config class, arch, fields, trained through the Trainer (one case: the Trainer does not
-# depend on the method), else the functional core); the BERT cases are classifiers on PEFT's
-# default targets (query, value), the head saved; HRA's with the targeted biases trained
+# depend on the method), else the functional core ("no dropout": without the base model's, for
+# HiRA on GPT-2, whose 0.1 dropout moves the loss more than three steps of an update scaled by
+# the 0.02-sized weights do)); the BERT cases are classifiers on PEFT's default targets (query,
+# value), the head saved; HRA's with the targeted biases trained
 CASES = {
     "hra-llama": ("HRAConfig", "llama", dict(r=4, target_modules=LLAMA), False),
     "hra-bert-gs": ("HRAConfig", "bert", dict(r=2, apply_GS=True, bias="hra_only", layers_to_transform=[1]), False),
@@ -70,6 +74,10 @@ CASES = {
     "gralora-gpt2": ("GraloraConfig", "gpt2", dict(r=4, gralora_k=4, alpha=8), False),
     "shira-llama": ("ShiraConfig", "llama", dict(r=2, target_modules=LLAMA), False),
     "shira-bert": ("ShiraConfig", "bert", dict(r=1), False),
+    "hira-llama": ("HiraConfig", "llama", dict(r=2, hira_dropout=0.1, target_modules=LLAMA), False),
+    "hira-bert-embedding": ("HiraConfig", "bert", dict(r=2, target_modules=["query", "value", "word_embeddings"]),
+                            False),
+    "hira-gpt2": ("HiraConfig", "gpt2", dict(r=2, init_weights="gaussian"), "no dropout"),
 }
 
 
@@ -147,14 +155,15 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert status(model) == status(torch_model)
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
-    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout")):  # dropout: training only
+    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout")):  # dropout: training only
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
-    if through_trainer:
+    if through_trainer is True:
         losses = train_with_trainer(model, tmp_path / "run")
     else:  # the functional core
-        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2)).losses
+        losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2),
+                             dropout=through_trainer != "no dropout").losses
     assert losses[-1] < losses[0]
     ours = run_jax(model, jit=True)
     assert changed(ours, ref) > 1e-3
@@ -180,19 +189,20 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert infos[0]["parameters"] == infos[1]["parameters"] >= trainable[0]
 
     layers = adapter_layers(model.base_model)
-    weights = {n: np.array(m.kernel.get_value()) for n, m in layers.items()}
+    weight = lambda m: np.array((m.embedding if isinstance(m, nnx.Embed) else m.kernel).get_value())  # noqa: E731
+    weights = {n: weight(m) for n, m in layers.items()}
     model.merge_adapter()
     assert_close(run_jax(model), ours)
     model.unmerge_adapter()
     for n, m in layers.items():
-        np.testing.assert_allclose(m.kernel.get_value(), weights[n], atol=1e-5, rtol=0, err_msg=n)
+        np.testing.assert_allclose(weight(m), weights[n], atol=1e-5, rtol=0, err_msg=n)
     model.merge_and_unload().save_pretrained(tmp_path / "merged")
     assert_close(run_torch(torch_base(arch, tmp_path / "merged")), ours)
 
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
-    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA and SHiRA start as the
-    identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
+    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA and HiRA start as
+    the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
@@ -200,7 +210,8 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
                    peftjax.DeloraConfig(r=4, target_modules=LLAMA), peftjax.C3AConfig(block_size=8, init_weights=True,
                                                                                   target_modules=LLAMA),
                    peftjax.GraloraConfig(r=4, hybrid_r=2, target_modules=LLAMA),
-                   peftjax.ShiraConfig(r=2, target_modules=LLAMA)):
+                   peftjax.ShiraConfig(r=2, target_modules=LLAMA),
+                   peftjax.HiraConfig(r=2, target_modules=LLAMA + ["embed_tokens"])):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -256,6 +267,8 @@ def test_bad_settings_are_named():
         (lambda: peftjax.GraloraConfig(r=5), "r should be divisible by gralora_k, but got 5 and 2"),
         (lambda: peftjax.GraloraConfig(hybrid_r=-1), "`hybrid_r` must be >= 0, got -1"),
         (lambda: peftjax.ShiraConfig(r=0), "`r` must be >= 1, got 0"),
+        (lambda: peftjax.HiraConfig(init_weights="orthogonal"), r"`init_weights` must be one of \[True, False, 'gau"),
+        (lambda: peftjax.HiraConfig(hira_dropout=1.0), r"`hira_dropout` must be in \[0, 1\)"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -348,3 +361,19 @@ def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints
     seeded, drawn = masks(random_seed=7), masks()
     np.testing.assert_array_equal(seeded[0], seeded[1])
     assert not np.array_equal(drawn[0], drawn[1])
+
+
+def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):
+    """PEFT 0.21.2's HiRA makes every layer at ``r`` whatever ``rank_pattern`` says: its files load
+    here at those ranks with PEFT's logits; a new adapter with a pattern is refused by name, since
+    one made at the pattern's ranks would not load in PEFT."""
+    path = checkpoints["llama"]
+    fields = dict(r=2, rank_pattern={"down_proj": 1}, target_modules=["q_proj", "down_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), peft.HiraConfig(init_weights=False, **fields))
+    theirs.save_pretrained(tmp_path)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    assert_close(run_jax(ours, jit=True), run_torch(theirs.eval()))
+    with pytest.raises(NotImplementedError, match=r"HiraConfig\(rank_pattern=\{'down_proj': 1\}\): PEFT 0.21.2's HiRA"):
+        peftjax.get_peft_model(models.from_pretrained(path), peftjax.HiraConfig(**fields))

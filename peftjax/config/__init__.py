@@ -19,6 +19,7 @@ from peftjax.config._c3a import C3AConfig
 from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._gralora import GraloraConfig
+from peftjax.config._hira import HiraConfig
 from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
 from peftjax.config._road import RoadConfig
@@ -77,6 +78,7 @@ __all__ = [
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",
+    "HiraConfig",
     "ShiraConfig",
     "FourierFTConfig",
     "HRAConfig",

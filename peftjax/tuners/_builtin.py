@@ -12,6 +12,7 @@ from peftjax.tuners.c3a import C3AConfig, C3ALayer, inject_c3a
 from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
+from peftjax.tuners.hira import HiraConfig, HiraLayer, inject_hira
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
 from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
 from peftjax.tuners.road import RoadConfig, RoadLayer, inject_road
@@ -56,6 +57,7 @@ register_tuner(Tuner.for_layers(DeloraConfig, inject=inject_delora, layer_type=D
 register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALayer))
 register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
 register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
+register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

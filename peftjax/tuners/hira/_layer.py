@@ -1,0 +1,145 @@
+"""HiRA for Flax NNX: the frozen weight modulated entry by entry by a low-rank matrix.
+
+As in HF PEFT 0.21.2 (``peft/tuners/hira/layer.py``), a targeted linear layer computes
+
+    y = base(x) + dropout(x) (W ⊙ (B A))^T
+
+with the trained ``hira_A [r, in]`` and ``hira_B [out, r]``: the update ``W ⊙ (B A)`` has the
+weight's structure and a rank not bounded by ``r``. An embedding adds ``(E ⊙ (B A)^T)[ids]``,
+computed from the looked-up rows only (``E[ids] ⊙ (A^T[ids] B^T)``), never the whole table.
+
+``merge`` adds ``W0 ⊙ (B A)`` with ``W0`` the weight before any HiRA merge (kept while one is
+merged, as PEFT keeps it); unmerging the last restores ``W0`` exactly.
+
+On disk (PEFT's keys): ``<path>.hira_A``, ``.hira_B``; embeddings ``<path>.hira_embedding_A``
+``[r, num]`` and ``.hira_embedding_B`` ``[dim, r]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+
+
+class PreMergeWeight(nnx.Variable):
+    """The weight before the first HiRA merge, while one is merged (not saved)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HiraSpec:
+    """Static settings of one HiRA adapter on one layer."""
+
+    r: int
+    dropout: float = 0.0
+
+
+class HiraLayer(AdapterDictLayer):
+    """Mixin marking a HiRA layer (``isinstance(m, HiraLayer)`` finds them)."""
+
+    method_name = "HiRA"
+    weight_dicts = ("hira_A", "hira_B")
+    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("hira_premerge",)
+    weight_name = "kernel"
+    key_prefix = "hira_"
+
+    def add_hira(self, name: str, spec: HiraSpec, a, b) -> None:
+        self._check_new(name)
+        self.hira_A[name] = AdapterParam(jnp.asarray(a, jnp.float32))
+        self.hira_B[name] = AdapterParam(jnp.asarray(b, jnp.float32))
+        self._add_spec(name, spec)
+
+    def peft_layout(self, name: str):
+        same = lambda v: v  # noqa: E731
+        return {f"{self.key_prefix}A": (self.hira_A, same, same), f"{self.key_prefix}B": (self.hira_B, same, same)}
+
+    def _describe(self, name: str) -> str:
+        return f"HiRA r={self.spec(name).r}"
+
+    def _factors(self, name: str) -> tuple[jax.Array, jax.Array]:
+        return self.hira_A[name].get_value().astype(jnp.float32), self.hira_B[name].get_value().astype(jnp.float32)
+
+    def modulation(self, name: str) -> jax.Array:
+        """``B A`` in the layout of this layer's weight (``[in, out]`` kernel, ``[num, dim]`` table), float32."""
+        a, b = self._factors(name)
+        return a.T @ b.T
+
+    def merge_adapter(self, name: str) -> None:
+        weight = getattr(self, self.weight_name)
+        if not self.adapter_merged:
+            self.hira_premerge = PreMergeWeight(weight.get_value())
+        base = self.hira_premerge.get_value().astype(jnp.float32)
+        merged = weight.get_value().astype(jnp.float32) + base * self.modulation(name)
+        weight.set_value(merged.astype(weight.get_value().dtype))
+        self._mark_merged(name, True)
+
+    def unmerge_adapter(self, name: str) -> None:
+        weight = getattr(self, self.weight_name)
+        self._mark_merged(name, False)
+        if not self.adapter_merged:  # the last one: the weight as it was, exactly
+            weight.set_value(self.hira_premerge.get_value())
+            del self.hira_premerge
+            return
+        base = self.hira_premerge.get_value().astype(jnp.float32)
+        weight.set_value((weight.get_value().astype(jnp.float32) - base * self.modulation(name))
+                         .astype(weight.get_value().dtype))
+
+
+class HiraLinear(HiraLayer):
+    """HiRA on ``nnx.Linear`` (GPT-2's ``Conv1D`` too): ``x (W ⊙ (B A))^T`` added."""
+
+    status_module_type = "hira.Linear"
+
+    def __call__(self, x, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
+        live = self._live_adapters()
+        if not live:
+            return y
+        out = y.astype(jnp.float32)
+        kernel = self.kernel.get_value().astype(jnp.float32)
+        for name, spec in live:
+            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+            out = out + h @ (kernel * self.modulation(name))
+        return out.astype(y.dtype)
+
+
+class HiraEmbed(HiraLayer):
+    """HiRA on ``nnx.Embed``: ``(E ⊙ (B A)^T)[ids]`` added (PEFT's ``hira_embedding_A/B``)."""
+
+    status_module_type = "hira.Embedding"
+    weight_dicts = ("hira_embedding_A", "hira_embedding_B")
+    weight_name = "embedding"
+    key_prefix = "hira_embedding_"
+
+    @property
+    def hira_A(self):
+        return self.hira_embedding_A
+
+    @property
+    def hira_B(self):
+        return self.hira_embedding_B
+
+    def __call__(self, x, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
+        live = self._live_adapters()
+        if not live:
+            return y
+        out = y.astype(jnp.float32)
+        rows = self.embedding.get_value()[x].astype(jnp.float32)  # E[ids]: [..., dim]
+        for name, _ in live:
+            a, b = self._factors(name)  # a [r, num], b [dim, r]
+            out = out + rows * (a.T[x] @ b.T)
+        return out.astype(y.dtype)
+
+
+def hira_class_for(module: nnx.Module) -> type:
+    if isinstance(module, HiraLayer):
+        return type(module)
+    if isinstance(module, nnx.Embed):
+        return mixin_subclass(type(module), HiraEmbed, "HiRA")
+    return mixin_subclass(type(module), HiraLinear, "HiRA")
