@@ -632,7 +632,7 @@ def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys)
         (["--method-option", "r"], "--method-option expects FIELD=VALUE, got 'r'"),
         (["--method", "lokr", "--method-option", "r=[1"], "--method-option 'r=[1': '[1' is not a YAML value"),
         (["--config", str(job)], "method_options must be a mapping of the method's config fields to values"),
-        (["--method", "c3a"], "method must be one of lora, dora, adalora,"),
+        (["--method", "lora_plus"], "method must be one of lora, dora, adalora,"),
     ]:
         assert main(["train", *args, "--model", str(tmp_path / "absent")]) == 1
         err = capsys.readouterr().err

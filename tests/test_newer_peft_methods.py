@@ -377,3 +377,30 @@ def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):
     assert_close(run_jax(ours, jit=True), run_torch(theirs.eval()))
     with pytest.raises(NotImplementedError, match=r"HiraConfig\(rank_pattern=\{'down_proj': 1\}\): PEFT 0.21.2's HiRA"):
         peftjax.get_peft_model(models.from_pretrained(path), peftjax.HiraConfig(**fields))
+
+
+SCANNED = {  # every method here on a model whose layers are stacked and scanned
+    "HRAConfig": dict(r=2, init_weights=False), "MissConfig": dict(r=4, init_weights=False),
+    "RoadConfig": dict(group_size=8, init_weights=False),
+    "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
+    "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),
+    "HiraConfig": dict(r=2, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("config_class", sorted(SCANNED))
+def test_under_scan_layers_each_method_is_the_plain_model_s(config_class, checkpoints, tmp_path):
+    """``scan_layers=True``: the same key gives the same adapter as on the plain model (the same
+    logits), merging and unmerging keep them, and the scanned model's file loads into the plain one."""
+    path = checkpoints["llama"]
+    config = getattr(peftjax, config_class)(target_modules=LLAMA, **SCANNED[config_class])
+    plain, scanned = (peftjax.get_peft_model(models.from_pretrained(path, scan_layers=scan), config,
+                                             key=jax.random.key(3)) for scan in (False, True))
+    ours = run_jax(scanned)
+    assert changed(ours, run_jax(models.from_pretrained(path))) > 1e-4  # a real update
+    assert_close(ours, run_jax(plain))
+    scanned.merge_adapter()
+    assert_close(run_jax(scanned), ours)
+    scanned.unmerge_adapter()
+    scanned.save_pretrained(tmp_path)
+    assert_close(run_jax(peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)), ours)
