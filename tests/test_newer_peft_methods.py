@@ -317,7 +317,7 @@ def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints
     """PEFT users may make SHiRA masks with their own function (``config.mask_fn``); its positions
     are in the file, so such an adapter loads here, gives PEFT's logits and saves back with the same
     ``mask_type``. peftjax cannot run that function, so a new adapter of that type is refused by
-    name. A ``random_seed`` gives layers of one shape the same mask, as PEFT's seeded generator does."""
+    name. The random masks are PEFT's own, with and without ``random_seed``."""
     path = checkpoints["llama"]
 
     def first_positions(base_layer, r, **_):  # a structured mask: the first r (in + out) entries
@@ -352,15 +352,17 @@ def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints
     with pytest.raises(NotImplementedError, match=r"ShiraConfig\(mask_type='first'\): peftjax makes 'random' masks"):
         peftjax.get_peft_model(models.from_pretrained(path), peftjax.ShiraConfig(**fields))
 
-    def masks(**seed):
-        model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.ShiraConfig(r=1, target_modules=["q_proj"],
-                                                                                         **seed))
-        layers = model.base_model.model.layers
-        return [np.asarray(layers[i].self_attn.q_proj.shira_indices["default"].get_value()) for i in (0, 1)]
-
-    seeded, drawn = masks(random_seed=7), masks()
-    np.testing.assert_array_equal(seeded[0], seeded[1])
-    assert not np.array_equal(drawn[0], drawn[1])
+    for seed in ({}, {"random_seed": 7}):  # the same config: the same positions in every layer
+        fields = dict(r=1, target_modules=["q_proj", "down_proj"], **seed)
+        ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.ShiraConfig(**fields)).base_model.model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.get_peft_model(torch_base("llama", path), peft.ShiraConfig(**fields)).base_model.model.model
+        for i in (0, 1):
+            for mine, their in ((ours.layers[i].self_attn.q_proj, theirs.layers[i].self_attn.q_proj),
+                                (ours.layers[i].mlp.down_proj, theirs.layers[i].mlp.down_proj)):
+                np.testing.assert_array_equal(mine.shira_indices["default"].get_value(),
+                                              their.shira_indices["default"].numpy())
 
 
 def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):

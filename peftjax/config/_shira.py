@@ -19,12 +19,13 @@ class ShiraConfig(PeftConfig):
 
     Attributes:
         r: Sets the number of trained entries, ``r (in + out)`` per layer (at most ``in * out``).
-        mask_type: ``"random"``: positions drawn uniformly without replacement. peftjax draws them
-            with JAX, so the same ``random_seed`` gives another mask than PEFT's torch generator;
-            other mask types (PEFT's user-supplied ``mask_fn``) load from files, whose positions
-            they carry, but cannot make new adapters here.
-        random_seed: Seeds the random mask (``None``: drawn from the adapter's key, a different
-            mask per layer).
+        mask_type: ``"random"``: positions drawn uniformly without replacement, exactly as PEFT's
+            torch generator draws them (layers above ``2**32 / 20`` entries excepted: there torch
+            draws 64-bit numbers, not reproduced, and peftjax's positions differ); other mask types
+            (PEFT's user-supplied ``mask_fn``) load from files, whose positions they carry, but
+            cannot make new adapters here.
+        random_seed: Seeds the random mask (``None``: a fresh torch generator's seed, as in PEFT);
+            either way every layer of one shape gets the same mask, as in PEFT.
         target_modules: Which linear layers; the syntax of ``LoraConfig.target_modules``. ``None``
             means the architecture default (PEFT's SHiRA table: LoRA's, with Phi's ``q_proj``,
             ``v_proj``).

@@ -8,14 +8,27 @@ import numpy as np
 from flax import nnx
 
 from peftjax.config import ShiraConfig
+from peftjax.nn._torch_rng import RANDPERM_32BIT_LIMIT, randperm_head
 from peftjax.tuners.base import adding_from_file, inject_each_layer
 from peftjax.tuners.shira._layer import ShiraLayer, ShiraSpec, shira_class_for
 
 
-def random_mask(rng: np.random.Generator, n_in: int, n_out: int, count: int) -> np.ndarray:
-    """``count`` positions of an ``[out, in]`` weight drawn uniformly without replacement, as
-    ``[2, count]`` int32 (row, column) in row-major order (PEFT's ``torch.where`` of its mask)."""
-    flat = np.sort(rng.choice(n_in * n_out, size=count, replace=False))
+# the seed of a fresh ``torch.Generator()`` (``c10::default_rng_seed_val``), which PEFT's random
+# mask uses when ``random_seed`` is None
+TORCH_DEFAULT_SEED = 67280421310721
+
+
+def random_mask(seed: int, n_in: int, n_out: int, count: int) -> np.ndarray:
+    """PEFT's ``random_mask``: the first ``count`` entries of ``torch.randperm(in * out)`` drawn by a
+    generator seeded with ``seed``, as ``[2, count]`` int32 positions (row, column) of the
+    ``[out, in]`` weight in row-major order (``torch.where`` of the mask). Exactly PEFT's for
+    ``in * out < 2**32 / 20`` (torch's 32-bit path, ``peftjax.nn._torch_rng``); a larger layer
+    gets positions drawn by NumPy from ``seed`` instead, a mask of the same kind but not PEFT's."""
+    n = n_in * n_out
+    if n < RANDPERM_32BIT_LIMIT:
+        flat = np.sort(randperm_head(seed, n, count))
+    else:
+        flat = np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
     return np.stack([flat // n_in, flat % n_in]).astype(np.int32)
 
 
@@ -29,8 +42,8 @@ def inject_shira(
         SHiRA rejects).
       config: the SHiRA settings; ``target_modules=None`` uses PEFT's default for the model type.
       adapter_name: the name the entries and positions are stored under.
-      key: draws each layer's mask (unless ``random_seed`` is set: then every layer of a shape
-        gets the same mask, as in PEFT) and, with ``init_weights=False``, the entries.
+      key: draws the entries with ``init_weights=False``. The masks are PEFT's: every layer of a
+        shape gets the same one, from ``random_seed`` or a fresh torch generator's seed.
 
     Returns:
       The resolved config (targets filled in, task heads added, ``fan_in_fan_out`` as PEFT sets it).
@@ -66,9 +79,8 @@ def inject_shira(
         if from_file:  # the file's positions replace these
             indices = np.zeros((2, count), np.int32)
         else:
-            seed = config.random_seed if config.random_seed is not None else \
-                int(jax.random.randint(jax.random.fold_in(key, 1), (), 0, 2**31 - 1))
-            indices = random_mask(np.random.default_rng(seed), n_in, n_out, count)
+            seed = config.random_seed if config.random_seed is not None else TORCH_DEFAULT_SEED
+            indices = random_mask(seed, n_in, n_out, count)
         values = jnp.zeros((count,), jnp.float32) if config.init_weights else jax.random.normal(key, (count,))
         module.add_shira(adapter_name, ShiraSpec(r=config.r), values, indices)
 
