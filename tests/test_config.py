@@ -246,6 +246,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.GraloraConfig, "GraloraConfig", {}),
     (pc.ShiraConfig, "ShiraConfig", {}),
     (pc.HiraConfig, "HiraConfig", {}),
+    (pc.RandLoraConfig, "RandLoraConfig", {}),
 ]
 
 
@@ -367,6 +368,8 @@ _ROUND_TRIP = [
     lambda m: m.ShiraConfig(r=4, random_seed=3, init_weights=False, target_modules=["q_proj"]),
     lambda m: m.HiraConfig(r=4, hira_dropout=0.1, init_weights="gaussian", rank_pattern={"v_proj": 2},
                            exclude_modules=["k_proj"], target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    lambda m: m.RandLoraConfig(r=4, projection_prng_key=9, sparse=True, randlora_dropout=0.1, randlora_alpha=32,
+                               bias="randlora_only", init_weights=False, target_modules=["q_proj", "v_proj"]),
 ]
 
 

@@ -142,11 +142,12 @@ def model_logits_base(ids):
                                                ("MissConfig", dict(r=8, init_weights="bat")),
                                                ("DeloraConfig", dict(r=4, init_weights=False)),
                                                ("C3AConfig", dict(block_size=8)),
-                                               ("GraloraConfig", dict(r=4, gralora_k=2, init_weights=False))],
-                         ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora"])
+                                               ("GraloraConfig", dict(r=4, gralora_k=2, init_weights=False)),
+                                               ("RandLoraConfig", dict(r=8, randlora_alpha=8, init_weights=False))],
+                         ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora", "randlora"])
 def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
     """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs the others (bat,
-    DeLoRA, C3A's block-circulant update, GraLoRA's blocks); here all go through the SVD: the
+    DeLoRA, C3A's block-circulant update, GraLoRA's blocks, RandLoRA's full-rank one); here all go through the SVD: the
     products agree (balance, DeLoRA and GraLoRA's rank-8 update exactly, bat and C3A truncated alike)."""
     _tiny.save(ARCH, tmp_path / "base")
     with warnings.catch_warnings():
@@ -167,7 +168,8 @@ def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tm
         b = key.replace(".lora_A.", ".lora_B.")
         np.testing.assert_allclose(tensors[b] @ tensors[key], (their_tensors[b] @ their_tensors[key]).numpy(),
                                    atol=1e-5)
-    if fields.get("init_weights") is False:  # rank 8 >= the update's rank: exact
+    if fields.get("init_weights") is False and method != "RandLoraConfig":  # rank 8 >= the update's rank
+        # (RandLoRA's update is full-rank: truncated, not exact)
         assert max(errors.values()) < 1e-5
         peftjax.save_as_lora(tmp_path / "lora", ours, rank=8)
         converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "lora")

@@ -1,5 +1,5 @@
-"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA and HiRA against HF PEFT 0.21.2 +
-PyTorch on Llama, BERT and GPT-2, both ways.
+"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA and RandLoRA against HF PEFT
+0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -18,6 +18,9 @@ PyTorch on Llama, BERT and GPT-2, both ways.
   function loads with its positions.
 - HiRA: the frozen weight modulated by a low-rank matrix, on linear layers, GPT-2's ``Conv1D`` and
   an embedding; merging keeps the pre-merge weight, as PEFT does.
+- RandLoRA: full-rank updates from shared random bases, dense, sparse and very sparse; with
+  ``save_projection=False`` the bases are regenerated from the key on both sides (peftjax draws
+  PEFT's own), so the files carry only the per-layer scales.
 
 PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
 beside PEFT's shape checks.
@@ -78,6 +81,10 @@ CASES = {
     "hira-bert-embedding": ("HiraConfig", "bert", dict(r=2, target_modules=["query", "value", "word_embeddings"]),
                             False),
     "hira-gpt2": ("HiraConfig", "gpt2", dict(r=2, init_weights="gaussian"), "no dropout"),
+    "randlora-llama": ("RandLoraConfig", "llama", dict(r=8, randlora_dropout=0.1, projection_prng_key=5,
+                                                       target_modules=LLAMA), False),
+    "randlora-bert-sparse-unsaved": ("RandLoraConfig", "bert", dict(r=8, sparse=True, save_projection=False), False),
+    "randlora-gpt2-very-sparse": ("RandLoraConfig", "gpt2", dict(r=8, very_sparse=True, randlora_alpha=16), False),
 }
 
 
@@ -155,7 +162,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert status(model) == status(torch_model)
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
-    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout")):  # dropout: training only
+    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout",
+                                   "randlora_dropout")):  # dropout: training only
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -201,8 +209,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
-    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA and HiRA start as
-    the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
+    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA, HiRA and RandLoRA
+    start as the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
@@ -211,7 +219,8 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
                                                                                   target_modules=LLAMA),
                    peftjax.GraloraConfig(r=4, hybrid_r=2, target_modules=LLAMA),
                    peftjax.ShiraConfig(r=2, target_modules=LLAMA),
-                   peftjax.HiraConfig(r=2, target_modules=LLAMA + ["embed_tokens"])):
+                   peftjax.HiraConfig(r=2, target_modules=LLAMA + ["embed_tokens"]),
+                   peftjax.RandLoraConfig(r=8, target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -307,8 +316,8 @@ def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
             key = next(k for k in ours if f"'{kind}'" in k and all(f"'{part}'" in k or f"[{part}]" in k
                                                                  for part in module.split(".")))
             scale = float(np.abs(p.grad.numpy()).max())  # float32 sums of terms up to this size
-            np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6 * max(scale, 1.0), rtol=1e-4,
-                                       err_msg=name)
+            np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6 * max(scale, 1.0),
+                                       rtol=1e-4, err_msg=name)
             checked += 1
     assert checked == 12 and all(np.isfinite(g).all() for g in ours.values())
 
@@ -406,3 +415,21 @@ def test_under_scan_layers_each_method_is_the_plain_model_s(config_class, checkp
     scanned.unmerge_adapter()
     scanned.save_pretrained(tmp_path)
     assert_close(run_jax(peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)), ours)
+
+
+def test_randlora_adapters_share_peft_s_rules(checkpoints):
+    """As in PEFT, every RandLoRA adapter on a model has one ``projection_prng_key`` and one
+    ``save_projection``; a scanned model is refused by name (its bases are shared, not stacked)."""
+    path = checkpoints["llama"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.RandLoraConfig(r=8, target_modules=LLAMA))
+    with pytest.raises(ValueError, match="RandLora PRNG initialisation key must be the same for all adapters"):
+        model.add_adapter("other", peftjax.RandLoraConfig(r=8, projection_prng_key=1, target_modules=LLAMA))
+    with pytest.warns(UserWarning, match="Specified to not save basis_A and basis_B"):
+        unsaved = peftjax.RandLoraConfig(r=8, save_projection=False, target_modules=LLAMA)
+    with pytest.raises(ValueError, match="RandLora projection weights must be saved for all adapters or none"):
+        model.add_adapter("other", unsaved)
+    model.add_adapter("other", peftjax.RandLoraConfig(r=4, target_modules=["q_proj"]))  # its own, smaller bases
+    assert model.base_model.model.layers[0].self_attn.q_proj.randlora_B["other"].get_value().shape == (32, 8, 4)
+    with pytest.raises(NotImplementedError, match="RandLoRA on a model built with scan_layers=True"):
+        peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True),
+                               peftjax.RandLoraConfig(r=8, target_modules=LLAMA))

@@ -22,6 +22,7 @@ from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hira import HiraConfig
 from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
+from peftjax.config._randlora import RandLoraConfig
 from peftjax.config._road import RoadConfig
 from peftjax.config._shira import ShiraConfig
 from peftjax.config._ln_tuning import LNTuningConfig
@@ -80,6 +81,7 @@ __all__ = [
     "GraloraConfig",
     "HiraConfig",
     "ShiraConfig",
+    "RandLoraConfig",
     "FourierFTConfig",
     "HRAConfig",
     "MissConfig",

@@ -15,6 +15,7 @@ from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
 from peftjax.tuners.hira import HiraConfig, HiraLayer, inject_hira
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
 from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
+from peftjax.tuners.randlora import RandLoraConfig, inject_randlora, load_randlora_state_dict, randlora_state_dict
 from peftjax.tuners.road import RoadConfig, RoadLayer, inject_road
 from peftjax.tuners.shira import ShiraConfig, ShiraLayer, inject_shira
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
@@ -58,6 +59,8 @@ register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALaye
 register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
 register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
 register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
+register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
+                     load_state_dict=load_randlora_state_dict))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

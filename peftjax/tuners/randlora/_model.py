@@ -1,0 +1,155 @@
+"""Putting RandLoRA into an NNX model: the shared bases, the per-layer scales, PEFT's file layout."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.config import RandLoraConfig
+from peftjax.io._adapter import AdapterFileError, KeyMapping
+from peftjax.tuners.base import (
+    add_saved_copy,
+    find_targets,
+    layer_state_dict,
+    load_layer_state_dict,
+    mark_biases,
+    match_modules_to_save,
+    named_modules,
+    resolve_config,
+    settle_fan_in_fan_out,
+    validate_adapter_name,
+)
+from peftjax.tuners.randlora._bases import randlora_bases
+from peftjax.tuners.randlora._layer import RandLoraBasis, RandLoraLayer, RandLoraSpec, randlora_class_for
+
+# the model-level keys of the shared bases (PEFT: ``base_model.randlora_A.<adapter>`` in memory)
+BASIS_KEYS = ("base_model.randlora_A", "base_model.randlora_B")
+
+
+def _layers(model: nnx.Module, adapter_name: str | None = None) -> dict[str, RandLoraLayer]:
+    return {n: m for n, m in named_modules(model).items()
+            if isinstance(m, RandLoraLayer) and (adapter_name is None or adapter_name in m.adapter_names())}
+
+
+def inject_randlora(
+    model: nnx.Module, config: RandLoraConfig, *, adapter_name: str = "default", key: jax.Array | None = None
+) -> RandLoraConfig:
+    """Adds RandLoRA adapter ``adapter_name`` to every layer ``config`` targets, in place.
+
+    Args:
+      model: any NNX module; targets are ``nnx.Linear`` layers (GPT-2's ``Conv1D`` included).
+      config: the RandLoRA settings; ``target_modules=None`` uses PEFT's default for the model type.
+      adapter_name: the name the scales and bases are stored under.
+      key: the init key for ``init_weights=False`` (``lambda`` standard normal). The bases come
+        from ``projection_prng_key``, exactly PEFT's.
+
+    Returns:
+      The resolved config (targets filled in, task heads added, ``fan_in_fan_out`` as PEFT sets it).
+
+    Raises:
+      ValueError: nothing matches ``target_modules``; another RandLoRA adapter on the model has a
+        different ``projection_prng_key`` or ``save_projection`` (PEFT's rule); the adapter exists.
+      TypeError: a target is not a linear layer, or carries another method's adapter.
+      NotImplementedError: the model stacks its layers (``scan_layers=True``): the bases are shared
+        by all layers, not stacked per layer.
+
+    >>> import peftjax  # doctest: +SKIP
+    >>> inject_randlora(model, peftjax.RandLoraConfig(r=8, target_modules=["q_proj"]))  # doctest: +SKIP
+    >>> model.model.layers[0].self_attn.q_proj.randlora_lambda["default"].shape  # doctest: +SKIP
+    (8, 4)
+    """
+    validate_adapter_name(adapter_name)
+    if getattr(getattr(model, "config", None), "scan_layers", False):
+        raise NotImplementedError(
+            "RandLoRA on a model built with scan_layers=True is not implemented (its bases are shared by all "
+            "layers, not stacked per layer); load the model with scan_layers=False")
+    config = resolve_config(model, config)
+    key = jax.random.key(0) if key is None else key
+    for layer in _layers(model).values():
+        for other in layer.adapter_names():
+            spec = layer.spec(other)
+            if spec.projection_prng_key != config.projection_prng_key:
+                raise ValueError(f"RandLora PRNG initialisation key must be the same for all adapters. Got "
+                                 f"config.projection_prng_key={config.projection_prng_key} but adapter {other!r} has "
+                                 f"{spec.projection_prng_key}.")
+            if spec.save_projection != config.save_projection:
+                raise ValueError("RandLora projection weights must be saved for all adapters or none, but got "
+                                 f"multiple different values: adapter {other!r} has save_projection="
+                                 f"{spec.save_projection}, the new one {config.save_projection}")
+        break
+    modules, targets = find_targets(model, config, RandLoraLayer, "RandLoRA")
+    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
+    shapes = [modules[n].kernel.get_value().shape for n in targets]  # [in, out]
+    out_max, in_max = max(s[1] for s in shapes), max(s[0] for s in shapes)
+    basis_a, basis_b = randlora_bases(config.r, out_max, in_max, config.projection_prng_key, sparse=config.sparse,
+                                      very_sparse=config.very_sparse)
+    bases = RandLoraBasis(jnp.asarray(basis_a)), RandLoraBasis(jnp.asarray(basis_b))
+    spec = RandLoraSpec(r=config.r, scaling=config.randlora_alpha / config.r, dropout=float(config.randlora_dropout),
+                        projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                        sparse=config.sparse, very_sparse=config.very_sparse)
+    for name in targets:
+        if isinstance(modules[name], RandLoraLayer) and adapter_name in modules[name].adapter_names():
+            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+    for i, name in enumerate(targets):
+        module = modules[name]
+        module.__class__ = randlora_class_for(module)
+        module._adapter_setup(name)
+        module.add_randlora(adapter_name, spec, bases, jax.random.fold_in(key, i), init_weights=config.init_weights)
+    mark_biases(modules, targets, config.bias)
+    for name in match_modules_to_save(config, modules):
+        add_saved_copy(modules[name], adapter_name)
+    return config
+
+
+def randlora_state_dict(
+    model: nnx.Module,
+    adapter_name: str,
+    config: RandLoraConfig,
+    *,
+    key_mapping: KeyMapping = None,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, np.ndarray]:
+    """PEFT's on-disk dict: every layer's scales and, with ``save_projection``, the bases under every
+    layer and the model."""
+    out = layer_state_dict(model, adapter_name, config, layer_type=RandLoraLayer, key_mapping=key_mapping,
+                           save_embedding_layers=save_embedding_layers)
+    if config.save_projection:
+        layer = next(iter(_layers(model, adapter_name).values()))
+        for key, store in zip(BASIS_KEYS, (layer.randlora_A, layer.randlora_B)):
+            out[key] = np.asarray(store[adapter_name].get_value(), np.float32)
+    return out
+
+
+def load_randlora_state_dict(
+    model: nnx.Module,
+    tensors: Mapping[str, np.ndarray],
+    adapter_name: str,
+    *,
+    key_mapping: KeyMapping = None,
+    source: str = "adapter",
+) -> tuple[list[str], list[str]]:
+    """Fills an injected RandLoRA adapter from PEFT's keys; with ``save_projection`` the file's bases
+    replace the drawn ones (the model-level copies are checked against the layers' own).
+
+    Raises:
+      AdapterFileError: a model-level basis has the wrong shape or differs from the layers' copies.
+    """
+    tensors = dict(tensors)
+    found = {k: tensors.pop(k) for k in BASIS_KEYS if k in tensors}
+    missing, unexpected = load_layer_state_dict(model, tensors, adapter_name, layer_type=RandLoraLayer,
+                                                key_mapping=key_mapping, source=source)
+    layer = next(iter(_layers(model, adapter_name).values()))
+    for key, store in zip(BASIS_KEYS, (layer.randlora_A, layer.randlora_B)):
+        if key not in found:
+            continue
+        current = store[adapter_name].get_value()
+        if tuple(found[key].shape) != current.shape:
+            raise AdapterFileError(f"{source}: {key}: expected shape {list(current.shape)} (r and the largest "
+                                   f"targeted layer), found {list(found[key].shape)}")
+        if not np.array_equal(np.asarray(found[key], np.float32), np.asarray(current)):
+            raise AdapterFileError(f"{source}: {key} differs from the bases saved under the layers")
+    return missing, unexpected
