@@ -433,3 +433,29 @@ def test_randlora_adapters_share_peft_s_rules(checkpoints):
     with pytest.raises(NotImplementedError, match="RandLoRA on a model built with scan_layers=True"):
         peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True),
                                peftjax.RandLoraConfig(r=8, target_modules=LLAMA))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "very_sparse"])
+def test_randlora_bases_are_the_ones_peft_draws(kind):
+    """The bases PEFT regenerates from ``projection_prng_key`` (its torch draws: bfloat16 Kaiming with
+    torch's rounding, or float32 ternary), value for value, for shapes either way round."""
+    import math
+
+    from peft.tuners.randlora.model import RandLoraModel
+
+    from peftjax.tuners.randlora import randlora_bases
+
+    flags = {k: True for k in (kind,) if k != "dense"}
+    for r, out_max, in_max, seed in [(8, 32, 48, 0), (4, 96, 32, 3), (32, 64, 64, 11)]:
+        stub = RandLoraModel.__new__(RandLoraModel)  # PEFT's own drawing code, without a model
+        torch.nn.Module.__init__(stub)
+        stub._find_dim = lambda config, dims=(out_max, in_max): dims
+        config = peft.RandLoraConfig(r=r, projection_prng_key=seed, **flags)
+        if kind == "dense":
+            stub._init_randlora_A_randlora_B(config, "a")
+        else:
+            sparsity = math.sqrt(min(out_max, in_max)) if kind == "very_sparse" else 3
+            stub._init_randlora_A_randlora_B_sparse(config, "a", sparsity=sparsity)
+        ours = randlora_bases(r, out_max, in_max, seed, **flags)
+        for mine, theirs in zip(ours, (stub.randlora_A["a"], stub.randlora_B["a"])):
+            np.testing.assert_array_equal(mine, theirs.float().numpy())
