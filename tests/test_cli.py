@@ -550,6 +550,7 @@ LAYER_METHODS = {
     "delora": ([], "DELORA"), "vera": (["--r", "16"], "VERA"),
     "c3a": (["--method-option", "block_size=8"], "C3A"), "gralora": (["--r", "4"], "GRALORA"),
     "shira": (["--r", "1"], "SHIRA"), "hira": (["--r", "2"], "HIRA"), "randlora": (["--r", "4"], "RANDLORA"),
+    "vblora": (["--method-option", "vector_length=8", "--method-option", "num_vectors=16"], "VBLORA"),
     "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
     "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),

@@ -247,6 +247,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.ShiraConfig, "ShiraConfig", {}),
     (pc.HiraConfig, "HiraConfig", {}),
     (pc.RandLoraConfig, "RandLoraConfig", {}),
+    (pc.VBLoRAConfig, "VBLoRAConfig", {}),
 ]
 
 
@@ -370,6 +371,8 @@ _ROUND_TRIP = [
                            exclude_modules=["k_proj"], target_modules=["q_proj", "v_proj", "embed_tokens"]),
     lambda m: m.RandLoraConfig(r=4, projection_prng_key=9, sparse=True, randlora_dropout=0.1, randlora_alpha=32,
                                bias="randlora_only", init_weights=False, target_modules=["q_proj", "v_proj"]),
+    lambda m: m.VBLoRAConfig(r=2, num_vectors=32, vector_length=16, topk=3, save_only_topk_weights=True,
+                             vblora_dropout=0.1, init_logits_std=0.5, exclude_modules=["k_proj"]),
 ]
 
 

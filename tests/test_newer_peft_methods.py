@@ -1,5 +1,5 @@
-"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA and RandLoRA against HF PEFT
-0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA and VB-LoRA against HF
+PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -21,6 +21,8 @@
 - RandLoRA: full-rank updates from shared random bases, dense, sparse and very sparse; with
   ``save_projection=False`` the bases are regenerated from the key on both sides (peftjax draws
   PEFT's own), so the files carry only the per-layer scales.
+- VB-LoRA: factors mixed from one trained vector bank all layers share (one variable: its gradient
+  sums theirs); files with only each row's top-k indices and weights load both ways.
 
 PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
 beside PEFT's shape checks.
@@ -53,9 +55,10 @@ LLAMA = ["q_proj", "v_proj", "down_proj"]  # in x out: 32 x 32, 32 x 16, 48 x 32
 
 # case -> (config class, arch, fields, trained through the Trainer (one case: the Trainer does not
 # depend on the method), else the functional core ("no dropout": without the base model's, for
-# HiRA on GPT-2, whose 0.1 dropout moves the loss more than three steps of an update scaled by
-# the 0.02-sized weights do)); the BERT cases are classifiers on PEFT's default targets (query,
-# value), the head saved; HRA's with the targeted biases trained
+# HiRA and VB-LoRA on GPT-2, whose 0.1 dropout moves the loss more than three steps of their small
+# updates do: HiRA's scaled by the 0.02-sized weights, VB-LoRA's by its 0.02-sized bank)); the BERT
+# cases are classifiers on PEFT's default targets (query, value), the head saved; HRA's with the
+# targeted biases trained
 CASES = {
     "hra-llama": ("HRAConfig", "llama", dict(r=4, target_modules=LLAMA), False),
     "hra-bert-gs": ("HRAConfig", "bert", dict(r=2, apply_GS=True, bias="hra_only", layers_to_transform=[1]), False),
@@ -85,6 +88,12 @@ CASES = {
                                                        target_modules=LLAMA), False),
     "randlora-bert-sparse-unsaved": ("RandLoraConfig", "bert", dict(r=8, sparse=True, save_projection=False), False),
     "randlora-gpt2-very-sparse": ("RandLoraConfig", "gpt2", dict(r=8, very_sparse=True, randlora_alpha=16), False),
+    "vblora-llama": ("VBLoRAConfig", "llama", dict(r=2, num_vectors=16, vector_length=8, vblora_dropout=0.1,
+                                                   target_modules=LLAMA), False),
+    "vblora-bert-topk": ("VBLoRAConfig", "bert", dict(r=2, num_vectors=12, vector_length=4, topk=3,
+                                                      save_only_topk_weights=True), False),
+    "vblora-gpt2": ("VBLoRAConfig", "gpt2", dict(r=4, num_vectors=8, vector_length=8, init_logits_std=1.0),
+                    "no dropout"),
 }
 
 
@@ -163,7 +172,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
     if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout",
-                                   "randlora_dropout")):  # dropout: training only
+                                   "randlora_dropout", "vblora_dropout")):  # dropout: training only
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -194,7 +203,9 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
         assert main(["inspect", str(tmp_path / who), "--json"]) == 0
         infos.append(json.loads(capsys.readouterr().out))
     assert infos[0]["method"] == getattr(peftjax, config_class).peft_type
-    assert infos[0]["parameters"] == infos[1]["parameters"] >= trainable[0]
+    assert infos[0]["parameters"] == infos[1]["parameters"]
+    if not fields.get("save_only_topk_weights"):  # which keeps each row's top k of the logits only
+        assert infos[0]["parameters"] >= trainable[0]
 
     layers = adapter_layers(model.base_model)
     weight = lambda m: np.array((m.embedding if isinstance(m, nnx.Embed) else m.kernel).get_value())  # noqa: E731
@@ -251,6 +262,8 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     ("GraloraConfig", "llama", dict(r=6, gralora_k=3, target_modules=["q_proj"]),
      "q_proj: in_features should be divisible by gralora_k, but got 32 and 3"),
     ("ShiraConfig", "gpt2", dict(r=1, target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's SHiRA"),
+    ("VBLoRAConfig", "llama", dict(vector_length=12, target_modules=["q_proj"]),
+     "q_proj: `in_features` 32 must be divisible by `vector_length` 12"),
     ("ShiraConfig", "llama", dict(r=16, target_modules=["v_proj"]),
      "v_proj: The set rank 16 results in more shira params than the total number of params in the base layer 512"),
 ])
@@ -278,6 +291,8 @@ def test_bad_settings_are_named():
         (lambda: peftjax.ShiraConfig(r=0), "`r` must be >= 1, got 0"),
         (lambda: peftjax.HiraConfig(init_weights="orthogonal"), r"`init_weights` must be one of \[True, False, 'gau"),
         (lambda: peftjax.HiraConfig(hira_dropout=1.0), r"`hira_dropout` must be in \[0, 1\)"),
+        (lambda: peftjax.VBLoRAConfig(topk=0), "`topk` must be >= 1, got 0"),
+        (lambda: peftjax.VBLoRAConfig(num_vectors=2, topk=3), r"`topk` \(3\) must not exceed `num_vectors` \(2\)"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -459,3 +474,26 @@ def test_randlora_bases_are_the_ones_peft_draws(kind):
         ours = randlora_bases(r, out_max, in_max, seed, **flags)
         for mine, theirs in zip(ours, (stub.randlora_A["a"], stub.randlora_B["a"])):
             np.testing.assert_array_equal(mine, theirs.float().numpy())
+
+
+def test_vblora_s_bank_is_one_variable_every_layer_trains(checkpoints):
+    """The vector bank is one variable all layers hold (not a copy each), before and after
+    switching the adapter frozen and trainable again, so a step's update of it is the sum of every
+    layer's gradient; a scanned model is refused by name."""
+    path = checkpoints["llama"]
+    config = peftjax.VBLoRAConfig(r=2, num_vectors=16, vector_length=8, target_modules=LLAMA)
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    banks = lambda: [m.vblora_vector_bank["default"] for m in adapter_layers(model.base_model).values()]  # noqa: E731
+    model.set_adapter("default", inference_mode=True)
+    model.set_adapter("default")
+    assert len(banks()) == 6 and all(b is banks()[0] for b in banks())
+    _, trainable, _ = peftjax.split(model.base_model)
+    leaves = jax.tree_util.tree_leaves_with_path(trainable)
+    assert sum("vblora_vector_bank" in jax.tree_util.keystr(p) for p, _ in leaves) == 1
+    assert model.get_nb_trainable_parameters()[0] == 16 * 8 + sum(x.size for p, x in leaves if "logits" in
+                                                                  jax.tree_util.keystr(p))
+    before = np.asarray(banks()[0].get_value())
+    _tiny.train(model, _tiny.batch(IDS, MASK), steps=1, optimizer=optax.sgd(1.0))
+    assert not np.allclose(np.asarray(banks()[-1].get_value()), before) and all(b is banks()[0] for b in banks())
+    with pytest.raises(NotImplementedError, match="VB-LoRA on a model built with scan_layers=True"):
+        peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), config)

@@ -97,6 +97,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "shira": ("SHIRA", {}, "SHiRA"),
     "hira": ("HIRA", {}, "HiRA"),
     "randlora": ("RANDLORA", {}, "RandLoRA"),
+    "vblora": ("VBLORA", {}, "VB-LoRA"),
     "vera": ("VERA", {}, "VeRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
@@ -129,9 +130,9 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, randlora, vera, fourierft, ln_tuning, "
-              "trainable_tokens, prefix (prefix tuning), prompt (prompt tuning), p-tuning, adaption_prompt (Llama, "
-              "Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it)",
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, randlora, vblora, vera, fourierft, "
+              "ln_tuning, trainable_tokens, prefix (prefix tuning), prompt (prompt tuning), p-tuning, "
+              "adaption_prompt (Llama, Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it)",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",

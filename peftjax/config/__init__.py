@@ -24,6 +24,7 @@ from peftjax.config._hra import HRAConfig
 from peftjax.config._miss import MissConfig
 from peftjax.config._randlora import RandLoraConfig
 from peftjax.config._road import RoadConfig
+from peftjax.config._vblora import VBLoRAConfig
 from peftjax.config._shira import ShiraConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
@@ -82,6 +83,7 @@ __all__ = [
     "HiraConfig",
     "ShiraConfig",
     "RandLoraConfig",
+    "VBLoRAConfig",
     "FourierFTConfig",
     "HRAConfig",
     "MissConfig",

@@ -147,6 +147,20 @@ TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
+# copied from peft/utils/constants.py (0.21.2): VB-LoRA's own table
+TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "gpt_bigcode": ["c_attn"], "deberta": ["in_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"], "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
 TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
     "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
@@ -421,6 +435,7 @@ _SIMPLE_DEFAULTS = {
     # PEFT 0.21.2's C3A table is FourierFT's, SHiRA's VeRA's (LoRA's with the same small changes)
     "C3A": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "C3A"),
     "SHIRA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "SHiRA"),
+    "VBLORA": (TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING, "VB-LoRA"),
 }
 
 

@@ -37,6 +37,7 @@ from peftjax.tuners.trainable_tokens import (
     load_tokens_state_dict,
     tokens_state_dict,
 )
+from peftjax.tuners.vblora import VBLoRAConfig, inject_vblora, load_vblora_state_dict, vblora_state_dict
 from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
 
 register_tuner(Tuner(AdaLoraConfig, inject=inject_adalora, state_dict=adalora_state_dict,
@@ -61,6 +62,8 @@ register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=Shi
 register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
                      load_state_dict=load_randlora_state_dict))
+register_tuner(Tuner(VBLoRAConfig, inject=inject_vblora, state_dict=vblora_state_dict,
+                     load_state_dict=load_vblora_state_dict))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

@@ -149,14 +149,19 @@ def set_adapters_disabled(model: nnx.Module, disabled: bool) -> None:
 def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool) -> None:
     """Switches an adapter's weights between ``AdapterParam`` (trains) and ``FrozenAdapterParam``.
 
-    A trainable weight gets its layer's own type back (``LoraParam`` on LoRA layers).
+    A trainable weight gets its layer's own type back (``LoraParam`` on LoRA layers). A weight
+    several layers share (VB-LoRA's vector bank) stays one variable, shared.
     """
+    converted: dict[int, nnx.Variable] = {}
     for m in named_modules(model).values():
         if isinstance(m, AdapterLayer):
             new_type = getattr(m, "param_type", AdapterParam) if trainable else FrozenAdapterParam
             for d in m.adapter_variable_dicts():
                 if adapter_name in d:
-                    d[adapter_name] = new_type(d[adapter_name].get_value())
+                    old = d[adapter_name]
+                    if id(old) not in converted:
+                        converted[id(old)] = new_type(old.get_value())
+                    d[adapter_name] = converted[id(old)]
         if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:
             for owner, attr, var in module_params(m.modules_to_save[adapter_name]):
                 set_param(owner, attr, (TrainableParam if trainable else nnx.Param)(var.get_value()))

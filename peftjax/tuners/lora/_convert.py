@@ -103,13 +103,14 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
     from peftjax.tuners.lycoris import LycorisLayer
     from peftjax.tuners.miss import MissLayer
     from peftjax.tuners.randlora import RandLoraLayer
+    from peftjax.tuners.vblora import VBLoRALayer
     from peftjax.tuners.vera import VeraLayer
 
     if isinstance(layer, LoraLayer):
         if layer.lora_kind != "linear" or layer.spec(name).use_dora:
             return None  # embeddings/convolutions, and DoRA (not a fixed delta): PEFT converts neither
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
-    if isinstance(layer, (VeraLayer, AdaLoraLayer, GraloraLayer, RandLoraLayer)):
+    if isinstance(layer, (VeraLayer, AdaLoraLayer, GraloraLayer, RandLoraLayer, VBLoRALayer)):
         return np.asarray(layer.delta_weight(name), np.float32).T  # [in, out]
     if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer, DeloraLayer, C3ALayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
@@ -126,7 +127,7 @@ def _rank_for(singular: np.ndarray, rank: int | float) -> int:
 
 def convert_to_lora(peft_model, rank: int | float, adapter_name: str = "default") -> tuple[LoraConfig, dict, dict]:
     """Any additive adapter (LoRA, AdaLoRA, LoHa, LoKr, VeRA, FourierFT, MiSS, DeLoRA, C3A, GraLoRA,
-    RandLoRA) as a plain LoRA, by truncated SVD of each ``ΔW``.
+    RandLoRA, VB-LoRA) as a plain LoRA, by truncated SVD of each ``ΔW``.
 
     PEFT's ``convert_to_lora``: the scaling is folded into the factors (``lora_alpha == r``), so
     the file loads as an ordinary LoRA here and in PEFT, where it serves mixed batches, hot-swaps
