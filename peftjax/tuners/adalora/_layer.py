@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
 
 
 class RankNum(nnx.Param):
@@ -67,7 +67,7 @@ def adalora_delta(a, e, b, scaling: float, ranknum) -> jax.Array:
     return (b @ (a * e)) * scaling / (ranknum + 1e-5)
 
 
-class AdaLoraLayer(AdapterDictLayer):
+class AdaLoraLayer(AdditiveLayer):
     """Mixin of an AdaLoRA ``SVDLinear`` (``isinstance(m, AdaLoraLayer)`` finds them)."""
 
     method_name = "AdaLoRA"
@@ -116,13 +116,8 @@ class AdaLoraLayer(AdapterDictLayer):
         a, e, b, ranknum = self._factors(name)
         return adalora_delta(a, e, b, self.spec(name).scaling, ranknum[0].astype(jnp.float32)).T
 
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
+    def kernel_delta(self, name: str) -> jax.Array:
+        return self.delta_weight(name)
 
 
 def adalora_class_for(module: nnx.Module) -> type:

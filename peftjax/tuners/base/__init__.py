@@ -11,7 +11,14 @@
 - ``_from_file.py``: whether an adapter being added is filled from a file right after.
 """
 
-from peftjax.tuners.base._layer import AdapterDictLayer, AdapterLayer, check_adaptable, mixin_subclass, original_class
+from peftjax.tuners.base._layer import (
+    AdapterDictLayer,
+    AdapterLayer,
+    AdditiveLayer,
+    check_adaptable,
+    mixin_subclass,
+    original_class,
+)
 from peftjax.tuners.base._model import (
     adapter_layers,
     check_modules_to_save,
@@ -67,6 +74,7 @@ __all__ = [
     "TRAINABLE",
     "AdapterDictLayer",
     "AdapterLayer",
+    "AdditiveLayer",
     "AdapterParam",
     "FrozenAdapterParam",
     "LoraParam",

@@ -170,6 +170,18 @@ class AdapterDictLayer(AdapterLayer):
         w = self.kernel.get_value()
         self.kernel.set_value((w.astype(jnp.float32) + sign * delta).astype(w.dtype))
 
+    def _plus_updates(self, x: jax.Array, args, kwargs, update: Callable[[str, object], jax.Array]) -> jax.Array:
+        """The base layer's output plus ``update(name, spec)`` of every live adapter, summed in
+        float32 and cast back to the output's dtype: the forward of a method that adds to the output."""
+        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
+        live = self._live_adapters()
+        if not live:
+            return y
+        out = y.astype(jnp.float32)
+        for name, spec in live:
+            out = out + update(name, spec)
+        return out.astype(y.dtype)
+
     # PEFT file protocol: ``peft_layout(name)`` gives {key suffix: (variable dict, to_torch, from_torch)}
 
     def peft_layout(self, name: str) -> dict[str, tuple[nnx.Dict, Callable, Callable]]:
@@ -218,6 +230,23 @@ class AdapterDictLayer(AdapterLayer):
 
     def _describe(self, name: str) -> str:
         return f"{self.method_name} adapter {name!r}"
+
+
+class AdditiveLayer(AdapterDictLayer):
+    """A method whose update is a weight delta added to the kernel: it defines :meth:`kernel_delta`
+    and merges by adding it (``convert_to_lora`` reads it too)."""
+
+    def kernel_delta(self, name: str) -> jax.Array:
+        """``delta_W`` of adapter ``name`` in the kernel's ``[in, out]`` layout, float32."""
+        raise NotImplementedError
+
+    def merge_adapter(self, name: str) -> None:
+        self._shift_kernel(self.kernel_delta(name), 1.0)
+        self._mark_merged(name, True)
+
+    def unmerge_adapter(self, name: str) -> None:
+        self._shift_kernel(self.kernel_delta(name), -1.0)
+        self._mark_merged(name, False)
 
 
 def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer_type: type, method: str) -> None:

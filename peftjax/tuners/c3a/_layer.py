@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +48,7 @@ def circulant_delta(kernel: jax.Array, n_in: int) -> jax.Array:
     return blocks.transpose(0, 2, 1, 3).reshape(m * b, n * b) / n_in
 
 
-class C3ALayer(AdapterDictLayer):
+class C3ALayer(AdditiveLayer):
     """Mixin marking a C3A layer (``isinstance(m, C3ALayer)`` finds them)."""
 
     method_name = "C3A"
@@ -67,27 +67,13 @@ class C3ALayer(AdapterDictLayer):
     def _describe(self, name: str) -> str:
         return f"C3A block_size={self.spec(name).block_size}"
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` (``[out, in]``, float32; PEFT's ``get_delta_weight``)."""
-        return circulant_delta(self.c3a_kernel[name].get_value(), self.kernel.get_value().shape[0])
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight`` (``[out, in]``), transposed to the kernel's ``[in, out]``."""
+        return circulant_delta(self.c3a_kernel[name].get_value(), self.kernel.get_value().shape[0]).T
 
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        for name, _ in live:
-            out = out + block_circular(x, self.c3a_kernel[name].get_value()) / x.shape[-1]
-        return out.astype(y.dtype)
-
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name).T, 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name).T, -1.0)
-        self._mark_merged(name, False)
+        return self._plus_updates(x, args, kwargs,
+                                  lambda name, _: block_circular(x, self.c3a_kernel[name].get_value()) / x.shape[-1])
 
 
 def c3a_class_for(module) -> type:

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 
 
 class WeightNorm(nnx.Variable):
@@ -50,7 +51,7 @@ def delora_scaling(a: jax.Array, b: jax.Array, lam: jax.Array, r: int) -> jax.Ar
     return lam / r / (_clamped_norm(a, axis=1) * _clamped_norm(b, axis=0))
 
 
-class DeloraLayer(AdapterDictLayer):
+class DeloraLayer(AdditiveLayer):
     """Mixin marking a DeLoRA layer (``isinstance(m, DeloraLayer)`` finds them)."""
 
     method_name = "DeLoRA"
@@ -79,34 +80,20 @@ class DeloraLayer(AdapterDictLayer):
         return (self.delora_A[name].get_value(), self.delora_B[name].get_value(),
                 self.delora_lambda[name].get_value(), self.delora_w_norm[name].get_value())
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` (``[out, in]``, float32; PEFT's ``get_delta_weight``)."""
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight`` (``[out, in]``), transposed to the kernel's ``[in, out]``."""
         a, b, lam, w_norm = (v.astype(jnp.float32) for v in self._weights(name))
         scale = delora_scaling(a, b, lam, self.spec(name).r)
-        return (b * scale[None, :]) @ a * w_norm[None, :]
+        return ((b * scale[None, :]) @ a * w_norm[None, :]).T
+
+    def _update(self, x: jax.Array, name: str, spec: DeloraSpec) -> jax.Array:
+        a, b, lam, w_norm = (v.astype(jnp.float32) for v in self._weights(name))
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        h = (along_last(w_norm, h.ndim) * h) @ a.T
+        return (along_last(delora_scaling(a, b, lam, spec.r), h.ndim) * h) @ b.T
 
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        lead = (1,) * (x.ndim - 1)
-        for name, spec in live:
-            a, b, lam, w_norm = (v.astype(jnp.float32) for v in self._weights(name))
-            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-            h = (h * w_norm.reshape(lead + w_norm.shape)) @ a.T
-            scale = delora_scaling(a, b, lam, spec.r)
-            out = out + (h * scale.reshape(lead + scale.shape)) @ b.T
-        return out.astype(y.dtype)
-
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name).T, 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name).T, -1.0)
-        self._mark_merged(name, False)
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def delora_class_for(module) -> type:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def granular_delta(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("nijs,jnso->nijo", a4, b4).reshape(k * n_in, -1)
 
 
-class GraloraLayer(AdapterDictLayer):
+class GraloraLayer(AdditiveLayer):
     """Mixin marking a GraLoRA layer (``isinstance(m, GraloraLayer)`` finds them)."""
 
     method_name = "GraLoRA"
@@ -83,36 +83,23 @@ class GraloraLayer(AdapterDictLayer):
         spec = self.spec(name)
         return f"GraLoRA r={spec.r} gralora_k={spec.k} hybrid_r={spec.hybrid_r}"
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` in the kernel layout ``[in, out]``, float32 (PEFT's ``get_delta_weight``, transposed)."""
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight``, in the kernel's ``[in, out]`` layout."""
         spec = self.spec(name)
         delta = granular_delta(self.gralora_A[name].get_value(), self.gralora_B[name].get_value())
         if spec.hybrid_r:
             delta = delta + self.gralora_A_general[name].get_value() @ self.gralora_B_general[name].get_value()
         return delta * spec.scaling
 
+    def _update(self, x: jax.Array, name: str, spec: GraloraSpec) -> jax.Array:
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        update = granular(h, self.gralora_A[name].get_value(), self.gralora_B[name].get_value())
+        if spec.hybrid_r:
+            update = update + (h @ self.gralora_A_general[name].get_value()) @ self.gralora_B_general[name].get_value()
+        return spec.scaling * update
+
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        for name, spec in live:
-            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-            update = granular(h, self.gralora_A[name].get_value(), self.gralora_B[name].get_value())
-            if spec.hybrid_r:
-                general = self.gralora_A_general[name].get_value(), self.gralora_B_general[name].get_value()
-                update = update + (h @ general[0]) @ general[1]
-            out = out + spec.scaling * update
-        return out.astype(y.dtype)
-
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def gralora_class_for(module) -> type:

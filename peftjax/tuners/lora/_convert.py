@@ -94,25 +94,22 @@ PEFT_PREFIX = "base_model.model."
 def _delta_out_in(layer, name: str) -> np.ndarray:
     """``ΔW`` of adapter ``name`` on ``layer`` in torch's ``[out, in]`` orientation (float32), or
     ``None`` where the layer's method is not a weight delta a LoRA can carry."""
-    from peftjax.tuners.adalora import AdaLoraLayer
-    from peftjax.tuners.c3a import C3ALayer
-    from peftjax.tuners.delora import DeloraLayer
+    from peftjax.tuners.base import AdditiveLayer
     from peftjax.tuners.fourierft import FourierFTLayer
-    from peftjax.tuners.gralora import GraloraLayer
     from peftjax.tuners.lora import LoraLayer
     from peftjax.tuners.lycoris import LycorisLayer
     from peftjax.tuners.miss import MissLayer
-    from peftjax.tuners.randlora import RandLoraLayer
-    from peftjax.tuners.vblora import VBLoRALayer
-    from peftjax.tuners.vera import VeraLayer
+    from peftjax.tuners.shira import ShiraLayer
 
     if isinstance(layer, LoraLayer):
         if layer.lora_kind != "linear" or layer.spec(name).use_dora:
             return None  # embeddings/convolutions, and DoRA (not a fixed delta): PEFT converts neither
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
-    if isinstance(layer, (VeraLayer, AdaLoraLayer, GraloraLayer, RandLoraLayer, VBLoRALayer)):
-        return np.asarray(layer.delta_weight(name), np.float32).T  # [in, out]
-    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer, DeloraLayer, C3ALayer)):
+    if isinstance(layer, ShiraLayer):  # PEFT does not convert SHiRA either
+        return None
+    if isinstance(layer, AdditiveLayer):  # AdaLoRA, VeRA, DeLoRA, C3A, GraLoRA, RandLoRA, VB-LoRA
+        return np.asarray(layer.kernel_delta(name), np.float32).T
+    if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
     return None
 

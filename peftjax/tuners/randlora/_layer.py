@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
 from peftjax.tuners.randlora._bases import num_bases
 
 
@@ -47,7 +47,7 @@ class RandLoraSpec:
     very_sparse: bool
 
 
-class RandLoraLayer(AdapterDictLayer):
+class RandLoraLayer(AdditiveLayer):
     """Mixin marking a RandLoRA layer (``isinstance(m, RandLoraLayer)`` finds them)."""
 
     method_name = "RandLoRA"
@@ -107,34 +107,21 @@ class RandLoraLayer(AdapterDictLayer):
         b = self.randlora_B[name].get_value()[:large, :n, :].astype(jnp.float32)
         return (lam[:, :, None] * a * gamma[None]).reshape(r * n, small), b.reshape(large, n * r)
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` in the kernel layout ``[in, out]``, float32 (PEFT's ``get_delta_weight``, transposed)."""
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight``, in the kernel's ``[in, out]`` layout."""
         a, b = self._factors(name)
         n_in, n_out = self.kernel.get_value().shape
         delta = (b @ a) * self.spec(name).scaling  # [max, min]
         return delta.T if n_in <= n_out else delta
 
-    def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
+    def _update(self, x: jax.Array, name: str, spec: RandLoraSpec) -> jax.Array:
+        a, b = self._factors(name)
         n_in, n_out = self.kernel.get_value().shape
-        for name, spec in live:
-            a, b = self._factors(name)
-            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-            update = (h @ a.T) @ b.T if n_in <= n_out else (h @ b) @ a
-            out = out + spec.scaling * update
-        return out.astype(y.dtype)
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        return spec.scaling * ((h @ a.T) @ b.T if n_in <= n_out else (h @ b) @ a)
 
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
+    def __call__(self, x, *args, **kwargs):
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def randlora_class_for(module: nnx.Module) -> type:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 
 
 class SparseIndices(nnx.Variable):
@@ -40,7 +40,7 @@ def sparse_delta(values: jax.Array, indices: jax.Array, n_in: int, n_out: int) -
     return jnp.zeros((n_in, n_out), jnp.float32).at[indices[1], indices[0]].add(values.astype(jnp.float32))
 
 
-class ShiraLayer(AdapterDictLayer):
+class ShiraLayer(AdditiveLayer):
     """Mixin marking a SHiRA layer (``isinstance(m, ShiraLayer)`` finds them)."""
 
     method_name = "SHiRA"
@@ -61,26 +61,13 @@ class ShiraLayer(AdapterDictLayer):
     def _describe(self, name: str) -> str:
         return f"SHiRA r={self.spec(name).r}"
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` in the kernel layout ``[in, out]``, float32 (PEFT's ``get_delta_weight``, transposed)."""
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight``, in the kernel's ``[in, out]`` layout."""
         n_in, n_out = self.kernel.get_value().shape
         return sparse_delta(self.shira_weight[name].get_value(), self.shira_indices[name].get_value(), n_in, n_out)
 
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        delta = sum(self.delta_weight(name) for name, _ in live)
-        return (y.astype(jnp.float32) + x.astype(jnp.float32) @ delta).astype(y.dtype)
-
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
+        return self._plus_updates(x, args, kwargs, lambda name, _: x.astype(jnp.float32) @ self.kernel_delta(name))
 
 
 def shira_class_for(module) -> type:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def mix(logits: jax.Array, bank: jax.Array, topk: int) -> jax.Array:
     return jnp.einsum("...k,...kl->...l", jax.nn.softmax(values, axis=-1), bank[indices])
 
 
-class VBLoRALayer(AdapterDictLayer):
+class VBLoRALayer(AdditiveLayer):
     """Mixin marking a VB-LoRA layer (``isinstance(m, VBLoRALayer)`` finds them)."""
 
     method_name = "VB-LoRA"
@@ -85,30 +85,18 @@ class VBLoRALayer(AdapterDictLayer):
         b = jnp.swapaxes(mix(logits_b, bank, spec.topk), 1, 2).reshape(-1, logits_b.shape[1])
         return a, b
 
-    def delta_weight(self, name: str) -> jax.Array:
-        """``delta_W`` in the kernel layout ``[in, out]``, float32 (PEFT's ``get_delta_weight``, transposed)."""
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight``, in the kernel's ``[in, out]`` layout."""
         a, b = self.factors(name)
         return (b @ a).T
 
+    def _update(self, x: jax.Array, name: str, spec: VBLoRASpec) -> jax.Array:
+        a, b = self.factors(name)
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        return (h @ a.T) @ b.T
+
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        for name, spec in live:
-            a, b = self.factors(name)
-            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-            out = out + (h @ a.T) @ b.T
-        return out.astype(y.dtype)
-
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def vblora_class_for(module: nnx.Module) -> type:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
 
 
 class VeraProjection(nnx.Variable):
@@ -63,7 +63,7 @@ def vera_delta(lambda_b, lambda_d, vera_a, vera_b) -> jax.Array:
     return (lambda_b.astype(f32)[:, None] * vera_b.astype(f32)) @ (lambda_d.astype(f32)[:, None] * vera_a.astype(f32))
 
 
-class VeraLayer(AdapterDictLayer):
+class VeraLayer(AdditiveLayer):
     """Mixin marking a VeRA layer (``isinstance(m, VeraLayer)`` finds them)."""
 
     method_name = "VeRA"
@@ -129,18 +129,11 @@ class VeraLinear(VeraLayer):
             y = (y.astype(h.dtype) + h).astype(y.dtype)
         return y
 
-    def delta_weight(self, name: str) -> jax.Array:
+    def kernel_delta(self, name: str) -> jax.Array:
         """``(lambda_b * B) @ (lambda_d * A)`` in the kernel's ``[in, out]`` layout (float32)."""
         a, b = self._sliced(name)
         return vera_delta(self.vera_lambda_b[name].get_value(), self.vera_lambda_d[name].get_value(), a, b).T
 
-    def merge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), 1.0)
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        self._shift_kernel(self.delta_weight(name), -1.0)
-        self._mark_merged(name, False)
 
 
 def vera_class_for(module: nnx.Module) -> type:
