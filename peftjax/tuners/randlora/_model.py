@@ -11,18 +11,7 @@ from flax import nnx
 
 from peftjax.config import RandLoraConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
-from peftjax.tuners.base import (
-    add_saved_copy,
-    find_targets,
-    layer_state_dict,
-    load_layer_state_dict,
-    mark_biases,
-    match_modules_to_save,
-    named_modules,
-    resolve_config,
-    settle_fan_in_fan_out,
-    validate_adapter_name,
-)
+from peftjax.tuners.base import inject_each_layer, layer_state_dict, load_layer_state_dict, named_modules
 from peftjax.tuners.randlora._bases import randlora_bases
 from peftjax.tuners.randlora._layer import RandLoraBasis, RandLoraLayer, RandLoraSpec, randlora_class_for
 
@@ -54,6 +43,7 @@ def inject_randlora(
       ValueError: nothing matches ``target_modules``; another RandLoRA adapter on the model has a
         different ``projection_prng_key`` or ``save_projection`` (PEFT's rule); the adapter exists.
       TypeError: a target is not a linear layer, or carries another method's adapter.
+      NotImplementedError: a target is quantized.
       NotImplementedError: the model stacks its layers (``scan_layers=True``): the bases are shared
         by all layers, not stacked per layer.
 
@@ -62,14 +52,11 @@ def inject_randlora(
     >>> model.model.layers[0].self_attn.q_proj.randlora_lambda["default"].shape  # doctest: +SKIP
     (8, 4)
     """
-    validate_adapter_name(adapter_name)
     if getattr(getattr(model, "config", None), "scan_layers", False):
         raise NotImplementedError(
             "RandLoRA on a model built with scan_layers=True is not implemented (its bases are shared by all "
             "layers, not stacked per layer); load the model with scan_layers=False")
-    config = resolve_config(model, config)
-    key = jax.random.key(0) if key is None else key
-    for layer in _layers(model).values():
+    for layer in _layers(model).values():  # PEFT's rule: every adapter on the model draws its bases alike
         for other in layer.adapter_names():
             spec = layer.spec(other)
             if spec.projection_prng_key != config.projection_prng_key:
@@ -81,28 +68,23 @@ def inject_randlora(
                                  f"multiple different values: adapter {other!r} has save_projection="
                                  f"{spec.save_projection}, the new one {config.save_projection}")
         break
-    modules, targets = find_targets(model, config, RandLoraLayer, "RandLoRA")
-    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
-    shapes = [modules[n].kernel.get_value().shape for n in targets]  # [in, out]
-    out_max, in_max = max(s[1] for s in shapes), max(s[0] for s in shapes)
-    basis_a, basis_b = randlora_bases(config.r, out_max, in_max, config.projection_prng_key, sparse=config.sparse,
-                                      very_sparse=config.very_sparse)
-    bases = RandLoraBasis(jnp.asarray(basis_a)), RandLoraBasis(jnp.asarray(basis_b))
     spec = RandLoraSpec(r=config.r, scaling=config.randlora_alpha / config.r, dropout=float(config.randlora_dropout),
                         projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
                         sparse=config.sparse, very_sparse=config.very_sparse)
-    for name in targets:
-        if isinstance(modules[name], RandLoraLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-    for i, name in enumerate(targets):
-        module = modules[name]
-        module.__class__ = randlora_class_for(module)
-        module._adapter_setup(name)
-        module.add_randlora(adapter_name, spec, bases, jax.random.fold_in(key, i), init_weights=config.init_weights)
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+    shapes: list[tuple[int, int]] = []  # every target's [in, out], gathered before the first layer changes
+    bases: list[tuple[RandLoraBasis, RandLoraBasis]] = []  # drawn once, sized by the largest target
+
+    def add(module, _, key):
+        if not bases:
+            out_max, in_max = max(s[1] for s in shapes), max(s[0] for s in shapes)
+            drawn = randlora_bases(config.r, out_max, in_max, config.projection_prng_key, sparse=config.sparse,
+                                   very_sparse=config.very_sparse)
+            bases.append(tuple(RandLoraBasis(jnp.asarray(b)) for b in drawn))
+        module.add_randlora(adapter_name, spec, bases[0], key, init_weights=config.init_weights)
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=RandLoraLayer,
+                             method="RandLoRA", class_for=randlora_class_for, conv1d=True, add=add,
+                             prepare=lambda _, __, module: shapes.append(module.kernel.get_value().shape))
 
 
 def randlora_state_dict(

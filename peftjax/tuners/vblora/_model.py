@@ -11,19 +11,7 @@ from flax import nnx
 
 from peftjax.config import VBLoRAConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
-from peftjax.tuners.base import (
-    AdapterParam,
-    add_saved_copy,
-    find_targets,
-    layer_state_dict,
-    load_layer_state_dict,
-    mark_biases,
-    match_modules_to_save,
-    named_modules,
-    resolve_config,
-    settle_fan_in_fan_out,
-    validate_adapter_name,
-)
+from peftjax.tuners.base import AdapterParam, inject_each_layer, layer_state_dict, load_layer_state_dict, named_modules
 from peftjax.tuners.vblora._layer import VBLoRALayer, VBLoRASpec, vblora_class_for
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT: ``base_model.vblora_vector_bank.<adapter>`` in memory
@@ -55,48 +43,43 @@ def inject_vblora(
         input or output size (PEFT's message, naming the layer); the adapter already exists.
       TypeError: a target is not a linear layer, or carries another method's adapter.
       NotImplementedError: the model stacks its layers (``scan_layers=True``): the bank is shared
-        by all layers, not stacked per layer.
+        by all layers, not stacked per layer; a target is quantized.
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_vblora(model, peftjax.VBLoRAConfig(r=4, vector_length=16, target_modules=["q_proj"]))  # doctest: +SKIP
     >>> model.model.layers[0].self_attn.q_proj.vblora_logits_A["default"].shape  # doctest: +SKIP
     (4, 2, 256)
     """
-    validate_adapter_name(adapter_name)
     if getattr(getattr(model, "config", None), "scan_layers", False):
         raise NotImplementedError(
             "VB-LoRA on a model built with scan_layers=True is not implemented (its vector bank is shared by all "
             "layers, not stacked per layer); load the model with scan_layers=False")
-    config = resolve_config(model, config)
     key = jax.random.key(0) if key is None else key
-    modules, targets = find_targets(model, config, VBLoRALayer, "VB-LoRA")
-    config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
-    length = config.vector_length
-    for name in targets:
-        n_in, n_out = modules[name].kernel.get_value().shape
+    length, std, n = config.vector_length, config.init_logits_std, config.num_vectors
+    spec = VBLoRASpec(r=config.r, topk=config.topk, dropout=float(config.vblora_dropout))
+    targets: list[str] = []
+    banks: list[AdapterParam] = []  # one for the model, made with the first layer
+
+    def prepare(config, name, module):
+        n_in, n_out = module.kernel.get_value().shape
         if n_in % length != 0:
             raise ValueError(f"{name}: `in_features` {n_in} must be divisible by `vector_length` {length}")
         if n_out % length != 0:
             raise ValueError(f"{name}: `out_features` {n_out} must be divisible by `vector_length` {length}")
-        if isinstance(modules[name], VBLoRALayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-    bound = config.init_vector_bank_bound
-    bank_key = jax.random.fold_in(key, len(targets))  # the layers' keys are folded with 0 .. len - 1
-    bank = AdapterParam(jax.random.uniform(bank_key, (config.num_vectors, length), jnp.float32, -bound, bound))
-    spec = VBLoRASpec(r=config.r, topk=config.topk, dropout=float(config.vblora_dropout))
-    std, n = config.init_logits_std, config.num_vectors
-    for i, name in enumerate(targets):
-        module = modules[name]
+        targets.append(name)
+
+    def add(module, _, layer_key):
+        if not banks:  # the layers' keys are folded with 0 .. len - 1
+            bound = config.init_vector_bank_bound
+            banks.append(AdapterParam(jax.random.uniform(jax.random.fold_in(key, len(targets)), (n, length),
+                                                         jnp.float32, -bound, bound)))
         n_in, n_out = module.kernel.get_value().shape
-        ka, kb = jax.random.split(jax.random.fold_in(key, i))
-        module.__class__ = vblora_class_for(module)
-        module._adapter_setup(name)
-        module.add_vblora(adapter_name, spec, bank, std * jax.random.normal(ka, (config.r, n_in // length, n)),
+        ka, kb = jax.random.split(layer_key)
+        module.add_vblora(adapter_name, spec, banks[0], std * jax.random.normal(ka, (config.r, n_in // length, n)),
                           std * jax.random.normal(kb, (n_out // length, config.r, n)))
-    mark_biases(modules, targets, config.bias)
-    for name in match_modules_to_save(config, modules):
-        add_saved_copy(modules[name], adapter_name)
-    return config
+
+    return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=VBLoRALayer,
+                             method="VB-LoRA", class_for=vblora_class_for, prepare=prepare, add=add, conv1d=True)
 
 
 def _indices_dtype(num_vectors: int):
