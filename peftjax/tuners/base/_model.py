@@ -125,9 +125,12 @@ def stores_in_out(module: nnx.Module) -> bool:
     return "kernel" in rule and not rule["kernel"][1]
 
 
-def adapter_layers(model: nnx.Module) -> dict[str, AdapterLayer]:
-    """Every adapter-carrying layer (any method) by dotted path."""
-    return {n: m for n, m in named_modules(model).items() if isinstance(m, AdapterLayer)}
+def adapter_layers(model: nnx.Module, layer_type: type = AdapterLayer, adapter_name: str | None = None
+                   ) -> dict[str, AdapterLayer]:
+    """Every adapter-carrying layer by dotted path: of any method, or of ``layer_type``; with
+    ``adapter_name``, only those that carry that adapter."""
+    return {n: m for n, m in named_modules(model).items()
+            if isinstance(m, layer_type) and (adapter_name is None or adapter_name in m.adapter_names())}
 
 
 def set_active_adapters(model: nnx.Module, names: tuple[str, ...]) -> None:

@@ -11,17 +11,12 @@ from flax import nnx
 
 from peftjax.config import RandLoraConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
-from peftjax.tuners.base import inject_each_layer, layer_state_dict, load_layer_state_dict, named_modules
+from peftjax.tuners.base import adapter_layers, inject_each_layer, layer_state_dict, load_layer_state_dict
 from peftjax.tuners.randlora._bases import randlora_bases
 from peftjax.tuners.randlora._layer import RandLoraBasis, RandLoraLayer, RandLoraSpec, randlora_class_for
 
 # the model-level keys of the shared bases (PEFT: ``base_model.randlora_A.<adapter>`` in memory)
 BASIS_KEYS = ("base_model.randlora_A", "base_model.randlora_B")
-
-
-def _layers(model: nnx.Module, adapter_name: str | None = None) -> dict[str, RandLoraLayer]:
-    return {n: m for n, m in named_modules(model).items()
-            if isinstance(m, RandLoraLayer) and (adapter_name is None or adapter_name in m.adapter_names())}
 
 
 def inject_randlora(
@@ -56,7 +51,8 @@ def inject_randlora(
         raise NotImplementedError(
             "RandLoRA on a model built with scan_layers=True is not implemented (its bases are shared by all "
             "layers, not stacked per layer); load the model with scan_layers=False")
-    for layer in _layers(model).values():  # PEFT's rule: every adapter on the model draws its bases alike
+    # PEFT's rule: every adapter on the model draws its bases alike
+    for layer in adapter_layers(model, RandLoraLayer).values():
         for other in layer.adapter_names():
             spec = layer.spec(other)
             if spec.projection_prng_key != config.projection_prng_key:
@@ -100,7 +96,7 @@ def randlora_state_dict(
     out = layer_state_dict(model, adapter_name, config, layer_type=RandLoraLayer, key_mapping=key_mapping,
                            save_embedding_layers=save_embedding_layers)
     if config.save_projection:
-        layer = next(iter(_layers(model, adapter_name).values()))
+        layer = next(iter(adapter_layers(model, RandLoraLayer, adapter_name).values()))
         for key, store in zip(BASIS_KEYS, (layer.randlora_A, layer.randlora_B)):
             out[key] = np.asarray(store[adapter_name].get_value(), np.float32)
     return out
@@ -124,7 +120,7 @@ def load_randlora_state_dict(
     found = {k: tensors.pop(k) for k in BASIS_KEYS if k in tensors}
     missing, unexpected = load_layer_state_dict(model, tensors, adapter_name, layer_type=RandLoraLayer,
                                                 key_mapping=key_mapping, source=source)
-    layer = next(iter(_layers(model, adapter_name).values()))
+    layer = next(iter(adapter_layers(model, RandLoraLayer, adapter_name).values()))
     for key, store in zip(BASIS_KEYS, (layer.randlora_A, layer.randlora_B)):
         if key not in found:
             continue

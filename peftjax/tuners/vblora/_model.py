@@ -11,16 +11,11 @@ from flax import nnx
 
 from peftjax.config import VBLoRAConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
-from peftjax.tuners.base import AdapterParam, inject_each_layer, layer_state_dict, load_layer_state_dict, named_modules
+from peftjax.tuners.base import AdapterParam, adapter_layers, inject_each_layer, layer_state_dict, load_layer_state_dict
 from peftjax.tuners.vblora._layer import VBLoRALayer, VBLoRASpec, vblora_class_for
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT: ``base_model.vblora_vector_bank.<adapter>`` in memory
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
-
-
-def _layers(model: nnx.Module, adapter_name: str) -> dict[str, VBLoRALayer]:
-    return {n: m for n, m in named_modules(model).items()
-            if isinstance(m, VBLoRALayer) and adapter_name in m.adapter_names()}
 
 
 def inject_vblora(
@@ -106,7 +101,7 @@ def vblora_state_dict(
             values, indices = jax.lax.top_k(jnp.asarray(logits), config.topk)
             out[key + "_topk_indices"] = np.asarray(indices).astype(_indices_dtype(config.num_vectors))
             out[key + "_topk_weights"] = np.asarray(jax.nn.softmax(values, axis=-1)[..., :-1], np.float32)
-    layer = next(iter(_layers(model, adapter_name).values()))
+    layer = next(iter(adapter_layers(model, VBLoRALayer, adapter_name).values()))
     out[BANK_KEY] = np.asarray(layer.vblora_vector_bank[adapter_name].get_value(), np.float32)
     return out
 
@@ -126,7 +121,7 @@ def load_vblora_state_dict(
       AdapterFileError: the bank is missing or has the wrong shape; a top-k file lacks its weights.
     """
     tensors = dict(tensors)
-    layer = next(iter(_layers(model, adapter_name).values()))
+    layer = next(iter(adapter_layers(model, VBLoRALayer, adapter_name).values()))
     bank = layer.vblora_vector_bank[adapter_name]
     if BANK_KEY not in tensors:
         raise AdapterFileError(f"{source}: {BANK_KEY} (the shared vector bank) is missing")

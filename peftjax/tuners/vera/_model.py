@@ -20,13 +20,13 @@ from peftjax.config import VeraConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
 from peftjax.nn._torch_rng import TorchGenerator
 from peftjax.tuners.base import (
+    adapter_layers,
     add_saved_copy,
     find_targets,
     layer_state_dict,
     load_layer_state_dict,
     mark_biases,
     match_modules_to_save,
-    named_modules,
     resolve_config,
     settle_fan_in_fan_out,
     validate_adapter_name,
@@ -41,11 +41,6 @@ def vera_projections(r: int, in_max: int, out_max: int, projection_prng_key: int
     """PEFT's ``vera_A: [r, in_max]`` and ``vera_B: [out_max, r]`` for ``projection_prng_key``."""
     generator = TorchGenerator(projection_prng_key)
     return generator.kaiming_uniform((r, in_max)), generator.kaiming_uniform((out_max, r))
-
-
-def _vera_layers(model: nnx.Module, adapter_name: str | None = None) -> dict[str, VeraLayer]:
-    return {n: m for n, m in named_modules(model).items()
-            if isinstance(m, VeraLayer) and (adapter_name is None or adapter_name in m.adapter_names())}
 
 
 def inject_vera(
@@ -82,7 +77,7 @@ def inject_vera(
         )
     config = resolve_config(model, config)
     key = jax.random.key(0) if key is None else key
-    for path, layer in _vera_layers(model).items():
+    for path, layer in adapter_layers(model, VeraLayer).items():
         for other in layer.adapter_names():
             spec = layer.spec(other)
             if spec.projection_prng_key != config.projection_prng_key:
@@ -122,7 +117,7 @@ def inject_vera(
 
 
 def _shared(model: nnx.Module, adapter_name: str) -> tuple[VeraProjection, VeraProjection]:
-    layer = next(iter(_vera_layers(model, adapter_name).values()))
+    layer = next(iter(adapter_layers(model, VeraLayer, adapter_name).values()))
     return layer.vera_A[adapter_name], layer.vera_B[adapter_name]
 
 
@@ -164,7 +159,7 @@ def load_vera_state_dict(
     """
     tensors = dict(tensors)
     found = {k: tensors.pop(k) for k in (VERA_A_KEY, VERA_B_KEY) if k in tensors}
-    layers = _vera_layers(model, adapter_name)
+    layers = adapter_layers(model, VeraLayer, adapter_name)
     save_projection = next(iter(layers.values())).spec(adapter_name).save_projection
     if save_projection:
         missing = [k for k in (VERA_A_KEY, VERA_B_KEY) if k not in found]
