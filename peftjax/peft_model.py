@@ -50,7 +50,7 @@ def _count(state) -> int:
 
 
 # the methods whose layers can run a different adapter per batch row (PEFT: LoRA only)
-MIXED_BATCH_TYPES = ("LORA", "IA3")
+MIXED_BATCH_TYPES = ("LORA", "IA3", "ROAD")
 
 
 class DonatedAdapterError(RuntimeError):
@@ -217,7 +217,7 @@ class PeftModel:
                 raise ValueError("Cannot pass `adapter_names` when using prompt learning.")
             if config.peft_type not in MIXED_BATCH_TYPES:
                 raise ValueError(f"adapter_names: {name!r} is a {config.peft_type} adapter; mixed batches take "
-                                 f"{' and '.join(MIXED_BATCH_TYPES)} adapters")
+                                 f"{', '.join(MIXED_BATCH_TYPES)} adapters")
             if getattr(config, "use_dora", False):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
         # every adapter that can serve a row, whichever are used: the same state structure (and

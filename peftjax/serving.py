@@ -114,7 +114,7 @@ class BatchingGenerator:
         for name, config in model.peft_config.items():
             if config.peft_type not in MIXED_BATCH_TYPES or getattr(config, "is_prompt_learning", False):
                 raise ValueError(f"adapter {name!r} is {config.peft_type}; serving gives each row its own adapter, "
-                                 f"which works for {' and '.join(MIXED_BATCH_TYPES)} adapters")
+                                 f"which works for {', '.join(MIXED_BATCH_TYPES)} adapters")
             if getattr(config, "use_dora", False):
                 raise ValueError(f"adapter {name!r} uses DoRA, which cannot serve a different adapter per row "
                                  "(PEFT refuses it too); merge it into a base of its own")

@@ -298,13 +298,29 @@ def test_bad_settings_are_named():
             make()
 
 
-def test_mixed_adapter_batches_are_refused_by_name(checkpoints):
-    """PEFT serves RoAd's ``adapter_names``; peftjax's mixed batches take LoRA and IA³ only, and say so."""
-    model = peftjax.get_peft_model(models.from_pretrained(checkpoints["llama"]),
-                                   peftjax.RoadConfig(group_size=8, target_modules=["q_proj"]))
-    model.add_adapter("other", peftjax.RoadConfig(group_size=8, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="'default' is a ROAD adapter; mixed batches take LORA and IA3 adapters"):
-        model(input_ids=IDS, attention_mask=MASK, adapter_names=["default", "other"])
+def test_road_serves_a_mixed_batch_as_peft_does(checkpoints, tmp_path):
+    """``adapter_names``: each row rotated by its own RoAd adapter (``"__base__"``: by none), the
+    logits PEFT's mixed batch gives for the same two PEFT-made adapters; other methods refuse."""
+    path = checkpoints["llama"]
+    names = ["one", "__base__", "two"]
+    ids, mask = np.concatenate([IDS, IDS[:1]]), np.concatenate([MASK, MASK[:1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), peft.RoadConfig(group_size=8, init_weights=False,
+                                                                                target_modules=LLAMA), "one")
+        theirs.add_adapter("two", peft.RoadConfig(variant="road_2", group_size=4, init_weights=False,
+                                                  target_modules=["q_proj"]))
+        theirs.save_pretrained(tmp_path)
+        with torch.no_grad():
+            expected = theirs.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                     adapter_names=names).logits.numpy()
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "one", adapter_name="one")
+    model.load_adapter(tmp_path / "two", adapter_name="two")
+    ours = np.asarray(model(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
+    np.testing.assert_allclose(ours[mask.astype(bool)], expected[mask.astype(bool)], atol=1e-5, rtol=0)
+    model.add_adapter("hra", peftjax.HRAConfig(r=2, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="'hra' is a HRA adapter; mixed batches take LORA, IA3, ROAD adapters"):
+        model(input_ids=IDS, attention_mask=MASK, adapter_names=["hra", "one"])
 
 
 def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):

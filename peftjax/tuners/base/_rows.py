@@ -77,7 +77,7 @@ def set_adapter_rows(model: nnx.Module, rows, names: Sequence[str]) -> None:
         if not getattr(module, "supports_adapter_rows", False) and set(names) & set(module.adapter_names()):
             method = getattr(module, "method_name", type(module).__name__)
             raise NotImplementedError(
-                f"{getattr(module, 'adapter_path', 'the model') or 'the model'}: mixed adapter batches are supported for LoRA and IA³ adapters; "
+                f"{getattr(module, 'adapter_path', 'the model') or 'the model'}: mixed adapter batches are supported for LoRA, IA³ and RoAd adapters; "
                 f"{method} adapters cannot serve a different adapter per row"
             )
     for module, stacked in holders:

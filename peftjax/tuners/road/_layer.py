@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base._rows import pick_rows, rows_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RoadLayer(AdapterDictLayer):
     method_name = "RoAd"
     status_module_type = "road.Linear"
     weight_dicts = ("road_theta", "road_alpha")
+    supports_adapter_rows = True  # a different adapter per batch row, as PEFT's _mixed_batch_forward
 
     def add_road(self, name: str, spec: RoadSpec, theta: jax.Array, alpha: jax.Array) -> None:
         self._check_new(name)
@@ -94,6 +96,13 @@ class RoadLayer(AdapterDictLayer):
 
     def __call__(self, x, *args, **kwargs):
         y = self._peftjax_base.__call__(self, x, *args, **kwargs)
+        mixed = rows_of(self)
+        if mixed is not None:  # a mixed batch: each row rotated by its own adapter (the base's rows not at all)
+            if not self._serves_rows():
+                return y
+            rows, names = mixed
+            out, own = y.astype(jnp.float32), self.adapter_names()
+            return pick_rows(rows, [self._road(n, out) if n in own else out for n in names], out).astype(y.dtype)
         live = self._live_adapters()
         if not live:
             return y
