@@ -42,6 +42,23 @@ def test_every_document_with_python_is_covered():
     assert with_blocks == [p.name for p in DOCUMENTS if p.name in PRELUDES], with_blocks
 
 
+def test_the_readme_counts_the_peft_methods_peftjax_implements():
+    """The README's count of PEFT's method types is what the config registry implements."""
+    import re
+
+    from peftjax.config import PeftType, config_class
+
+    implemented = 0
+    for peft_type in PeftType:
+        try:
+            config_class(peft_type)
+        except NotImplementedError:
+            continue
+        implemented += peft_type != "BOTTLENECK"  # peftjax's own
+    claimed = re.search(r"(\d+) of PEFT 0\.21\.2's (\d+) method types", (ROOT / "README.md").read_text())
+    assert claimed and (int(claimed[1]), int(claimed[2])) == (implemented, len(PeftType) - 1)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny Llama (vocabulary 128, dims divisible by a 4-way model axis) and a PEFT-made adapter."""
