@@ -1,6 +1,7 @@
 """The injection every method that adapts linear layers one by one shares (OFT, BOFT, HRA, MiSS,
-RoAd, DeLoRA, C3A, GraLoRA, SHiRA): resolve the targets, check them, refuse everything before changing anything, then
-swap each target's class and add the adapter, mark biases, copy ``modules_to_save``."""
+RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA): resolve the targets, check them, refuse
+everything before changing anything, then swap each target's class and add the adapter, mark
+biases, copy ``modules_to_save``."""
 
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def layer_state_dict(
         targeted = isinstance(module, layer_type) and adapter_name in module.adapter_names()
         if targeted:
             for suffix, value in module.peft_tensors(adapter_name).items():
-                out[f"{path}.{suffix}"] = np.asarray(value, np.int32 if suffix in INTEGER_TENSORS else np.float32)
+                out[f"{path}.{suffix}"] = np.asarray(value, np.int32 if np.issubdtype(value.dtype, np.integer)
+                                                     else np.float32)
             if save_embeddings and name.split(".")[-1] in EMBEDDING_LAYER_NAMES:
                 out[f"{path}.base_layer.weight"] = module_params_torch(module)["weight"]
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:

@@ -95,17 +95,12 @@ class HiraLinear(HiraLayer):
 
     status_module_type = "hira.Linear"
 
+    def _update(self, x: jax.Array, name: str, spec: HiraSpec) -> jax.Array:
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        return h @ (self.kernel.get_value().astype(jnp.float32) * self.modulation(name))
+
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        kernel = self.kernel.get_value().astype(jnp.float32)
-        for name, spec in live:
-            h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-            out = out + h @ (kernel * self.modulation(name))
-        return out.astype(y.dtype)
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 class HiraEmbed(HiraLayer):
@@ -124,17 +119,12 @@ class HiraEmbed(HiraLayer):
     def hira_B(self):
         return self.hira_embedding_B
 
+    def _update(self, ids: jax.Array, name: str) -> jax.Array:
+        a, b = self._factors(name)  # a [r, num], b [dim, r]
+        return self.embedding.get_value()[ids].astype(jnp.float32) * (a.T[ids] @ b.T)  # E[ids] ⊙ ...
+
     def __call__(self, x, *args, **kwargs):
-        y = self._peftjax_base.__call__(self, x, *args, **kwargs)
-        live = self._live_adapters()
-        if not live:
-            return y
-        out = y.astype(jnp.float32)
-        rows = self.embedding.get_value()[x].astype(jnp.float32)  # E[ids]: [..., dim]
-        for name, _ in live:
-            a, b = self._factors(name)  # a [r, num], b [dim, r]
-            out = out + rows * (a.T[x] @ b.T)
-        return out.astype(y.dtype)
+        return self._plus_updates(x, args, kwargs, lambda name, _: self._update(x, name))
 
 
 def hira_class_for(module: nnx.Module) -> type:

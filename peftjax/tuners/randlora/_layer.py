@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 from peftjax.tuners.randlora._bases import num_bases
 
 
@@ -53,13 +53,11 @@ class RandLoraLayer(AdditiveLayer):
     method_name = "RandLoRA"
     status_module_type = "randlora.Linear"
     weight_dicts = ("randlora_lambda", "randlora_gamma")
-    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("randlora_A", "randlora_B")
+    cache_dicts = ("randlora_A", "randlora_B")  # the model's shared bases, frozen
 
     def add_randlora(self, name: str, spec: RandLoraSpec, bases: tuple[RandLoraBasis, RandLoraBasis],
                      key: jax.Array, *, init_weights: bool) -> None:
         self._check_new(name)
-        if not hasattr(self, "randlora_A"):
-            self.randlora_A, self.randlora_B = nnx.Dict(), nnx.Dict()
         n_in, n_out = self.kernel.get_value().shape
         small, large = min(n_in, n_out), max(n_in, n_out)
         basis_a, basis_b = bases
@@ -78,12 +76,6 @@ class RandLoraLayer(AdditiveLayer):
         self.randlora_lambda[name] = AdapterParam(lam)
         self.randlora_gamma[name] = AdapterParam(gamma)
         self._add_spec(name, spec)
-
-    def delete_adapter(self, name: str) -> None:
-        AdapterDictLayer.delete_adapter(self, name)
-        for store in (self.randlora_A, self.randlora_B):
-            if name in store:
-                del store[name]
 
     def peft_layout(self, name: str):
         same = lambda v: v  # noqa: E731

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,25 +46,14 @@ class VBLoRALayer(AdditiveLayer):
 
     method_name = "VB-LoRA"
     status_module_type = "vblora.Linear"
-    weight_dicts = ("vblora_logits_A", "vblora_logits_B")
-    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("vblora_vector_bank",)
+    weight_dicts = ("vblora_logits_A", "vblora_logits_B", "vblora_vector_bank")  # the bank: the model's, shared
 
     def add_vblora(self, name: str, spec: VBLoRASpec, bank: AdapterParam, logits_a, logits_b) -> None:
         self._check_new(name)
-        if not hasattr(self, "vblora_vector_bank"):
-            self.vblora_vector_bank = nnx.Dict()
         self.vblora_vector_bank[name] = bank
         self.vblora_logits_A[name] = AdapterParam(jnp.asarray(logits_a, jnp.float32))
         self.vblora_logits_B[name] = AdapterParam(jnp.asarray(logits_b, jnp.float32))
         self._add_spec(name, spec)
-
-    def delete_adapter(self, name: str) -> None:
-        AdapterDictLayer.delete_adapter(self, name)
-        if name in self.vblora_vector_bank:
-            del self.vblora_vector_bank[name]
-
-    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
-        return AdapterDictLayer.adapter_variable_dicts(self) + (self.vblora_vector_bank,)
 
     def peft_layout(self, name: str):
         same = lambda v: v  # noqa: E731

@@ -95,12 +95,14 @@ def vblora_state_dict(
     indices and the first ``k - 1`` softmax weights) and the bank once."""
     out = layer_state_dict(model, adapter_name, config, layer_type=VBLoRALayer, key_mapping=key_mapping,
                            save_embedding_layers=save_embedding_layers)
-    if config.save_only_topk_weights:
+    if config.save_only_topk_weights:  # on the host: no XLA program per logits shape
         for key in [k for k in out if k.rsplit(".", 1)[-1] in LOGITS]:
             logits = out.pop(key)
-            values, indices = jax.lax.top_k(jnp.asarray(logits), config.topk)
-            out[key + "_topk_indices"] = np.asarray(indices).astype(_indices_dtype(config.num_vectors))
-            out[key + "_topk_weights"] = np.asarray(jax.nn.softmax(values, axis=-1)[..., :-1], np.float32)
+            indices = np.argsort(-logits, axis=-1, kind="stable")[..., : config.topk]  # descending, as torch.topk
+            values = np.take_along_axis(logits, indices, axis=-1)
+            weights = np.exp(values - values[..., :1])  # the first is the largest
+            out[key + "_topk_indices"] = indices.astype(_indices_dtype(config.num_vectors))
+            out[key + "_topk_weights"] = (weights / weights.sum(-1, keepdims=True))[..., :-1].astype(np.float32)
     layer = next(iter(adapter_layers(model, VBLoRALayer, adapter_name).values()))
     out[BANK_KEY] = np.asarray(layer.vblora_vector_bank[adapter_name].get_value(), np.float32)
     return out
