@@ -66,6 +66,25 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
         shared_expert_intermediate_size=20, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], pad_token_id=0)),
+    # Granite 3's multipliers in kind (embeddings x12, scores x1/8, branches x0.2, logits /8)
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, embedding_multiplier=12.0, attention_multiplier=0.125,
+        residual_multiplier=0.2, logits_scaling=8.0)),
+    # q/k norms over whole projections, norms after each branch
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0)),
+    # a sliding layer then a global one, each with its own RoPE base
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+    # a RoPE layer, then a layer without RoPE (NoPE) that slides
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),

@@ -172,8 +172,6 @@ def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
     import jax
     from flax import nnx
 
-    from peftjax import models
-
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     forward = jax.jit(lambda p, i, a: nnx.merge(graphdef, p, rest)(input_ids=i, attention_mask=a).logits)
     ids, mask = padded_batch(vocab, batch=2, seq=LONG_ROWS)
@@ -194,7 +192,15 @@ def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     assert abs(float(value) - ref.loss.item()) <= 1e-5
-    ours = models.hf_state_dict(nnx.merge(graphdef, grads, rest))
+    assert_grads_match_torch(nnx.merge(graphdef, grads, rest), torch_model)
+
+
+def assert_grads_match_torch(grads_model, torch_model) -> None:
+    """Every weight's gradient in ``torch_model`` (after its ``backward``) equals the one in
+    ``grads_model`` (a peftjax model whose parameters hold gradients), matched by checkpoint name."""
+    from peftjax import models
+
+    ours = models.hf_state_dict(grads_model)
     theirs = {name: p.grad.numpy() for name, p in torch_model.named_parameters() if p.grad is not None}
     assert theirs and set(theirs) <= set(ours), sorted(set(theirs) - set(ours))
     for name, grad in theirs.items():

@@ -34,12 +34,14 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
-         for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe")}
+         for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
+                        "smollm3", "granite")}
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
 METHODS = {
     "lora-default-targets": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False)),
+    "lora-all-linear": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")),
     "dora-all-linear": ("LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear",
                                            use_dora=True)),
     # Mixtral: all-linear becomes LoRA on the experts' parameters, which PEFT refuses with DoRA
@@ -81,6 +83,20 @@ CASES = {
     ("qwen2_moe", "ia3-named"): ("here->peft",),
     ("qwen2_moe", "prefix"): ("peft->here",),
     ("qwen2_moe", "p-tuning"): ("here->peft",),
+    # PEFT 0.21.2 has no default targets for these (test_lora_peft: both refuse none)
+    ("olmo2", "lora-all-linear"): BOTH,
+    ("olmo2", "ia3-named"): BOTH,
+    ("olmo2", "prefix"): ("peft->here",),
+    ("olmo3", "dora-all-linear"): BOTH,
+    ("olmo3", "prefix"): BOTH,
+    ("olmo3", "prompt"): ("here->peft",),
+    ("smollm3", "lora-all-linear"): BOTH,
+    ("smollm3", "prefix"): BOTH,
+    ("smollm3", "p-tuning"): ("peft->here",),
+    # the virtual tokens' embeddings scaled by embedding_multiplier too, as transformers scales them
+    ("granite", "lora-all-linear"): BOTH,
+    ("granite", "prompt"): BOTH,
+    ("granite", "prefix"): ("here->peft",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

@@ -1,5 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) against PyTorch transformers: logits, sliding
-windows, RoPE scaling, generation, I/O."""
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, OLMo 2/3, SmolLM3, Granite) against PyTorch
+transformers: logits, sliding windows, RoPE scaling, generation, I/O."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
-from _torch_models import (assert_long_prompts_generate_as_torch, assert_long_rows_match_torch, lazy, padded_batch,
-                           save_tiny, torch_logits)
+from _torch_models import (assert_grads_match_torch, assert_long_prompts_generate_as_torch, assert_long_rows_match_torch,
+                           lazy, padded_batch, save_tiny, torch_logits)
 
 from peftjax import models
 
@@ -59,11 +59,19 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
         tr.Phi3ForCausalLM,
         dict(sliding_window=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)),
     ),
+    # q/k norms over whole projections, norms after each branch, biases
+    "olmo2-bias": ("olmo2", tr.Olmo2ForCausalLM, dict(attention_bias=True)),
+    # _tiny's: a sliding layer and a global one, a RoPE base each; a layer of each kind (_layer_kinds)
+    "olmo3-window": ("olmo3", tr.Olmo3ForCausalLM, {}),
+    # _tiny's: a RoPE layer, then a sliding one without RoPE
+    "smollm3-nope-window": ("smollm3", tr.SmolLM3ForCausalLM, {}),
+    # _tiny's multipliers of embeddings, scores, branches and logits
+    "granite-multipliers": ("granite", tr.GraniteForCausalLM, {}),
 }
 
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
-GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3")))
+GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -208,10 +216,12 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ours[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
-           "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification}[kind]
+           "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
+           "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
+           "smollm3": tr.SmolLM3ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -552,8 +562,16 @@ def test_numpy_and_list_inputs(llama_dir):
     ("phi3", dict(hidden_act="gelu_new"), "hidden_act 'gelu_new'"),
     ("qwen3", dict(hidden_act="relu"), "hidden_act 'relu'"),
     ("qwen3", dict(layer_types=["full_attention", "chunked_attention"]), r"layer_types \['chunked_attention'\]"),
+    ("olmo3", dict(layer_types=["sliding_attention", "chunked_attention"]), r"layer_types \['chunked_attention'\]"),
+    ("olmo3", dict(layer_types=["full_attention"]), "layer_types has 1 entries for num_hidden_layers=2"),
+    ("olmo3", dict(sliding_window=None), "sliding_attention layers but sliding_window is None"),
+    ("olmo3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10.0}),
+     r"rope_parameters must map layer types .*found keys \['rope_theta', 'rope_type'\]"),
+    ("smollm3", dict(no_rope_layers=[1, 0, 1]), "no_rope_layers has 3 entries for num_hidden_layers=2"),
+    ("smollm3", dict(layer_types=["full_attention", "sliding_attention"], sliding_window=None),
+     "sliding_attention layers but sliding_window is None"),
 ])
-def test_unimplemented_options_of_qwen3_and_phi3_are_named(family, overrides, named):
+def test_unimplemented_options_are_named(family, overrides, named):
     cls = getattr(models, _tiny.FAMILIES[family][1])
     with pytest.raises(ValueError, match=named):
         cls.from_config(models.ModelConfig(family, **_tiny.fields(family, **overrides)))
@@ -674,3 +692,27 @@ def test_logits_to_keep_is_checked(causal):
             model(input_ids=ids, logits_to_keep=bad)
     with pytest.raises(ValueError, match="labels need every position"):
         model(input_ids=ids, labels=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize("causal", ["olmo3-window", "smollm3-nope-window"], indirect=True)
+def test_layers_of_each_kind_scan_together_and_match_torch(causal):
+    """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
+    stacked in one scan under remat: the logits, the loss and every weight's gradient are
+    transformers'."""
+    torch_model, _, path = causal
+    scanned = models.from_pretrained(path, scan_layers=True, remat="full")
+    ids, mask = padded_batch(TINY["vocab_size"], seq=9)
+    valid = mask.astype(bool)
+    out = np.asarray(_forward(scanned, True, input_ids=ids, attention_mask=mask).logits)
+    np.testing.assert_allclose(out[valid], torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid],
+                               atol=1e-5, rtol=0)
+    ids, mask = padded_batch(TINY["vocab_size"], seq=9, left=False)  # no label read at a padded position
+    labels = np.where(mask == 1, ids, -100)
+    graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda p: nnx.merge(graphdef, p, rest)(input_ids=ids, attention_mask=mask, labels=labels).loss))(params)
+    torch_model.zero_grad()
+    ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    ref.loss.backward()
+    assert abs(float(value) - ref.loss.item()) <= 1e-5
+    assert_grads_match_torch(nnx.merge(graphdef, grads, rest), torch_model)

@@ -521,13 +521,14 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
 # ---------------------------------------------------------------- bad input
 
 
-def test_phi3_without_targets_is_refused_as_peft_refuses_it(tiny_checkpoint):
-    path, cls = tiny_checkpoint("phi3"), ARCHS["phi3"].torch_class
+@pytest.mark.parametrize("family", ["phi3", "olmo2", "olmo3", "smollm3", "granite"])
+def test_families_without_default_targets_are_refused_as_peft_refuses_them(family, tiny_checkpoint):
+    path, cls = tiny_checkpoint(family), _tiny.arch(family).torch_class
     with pytest.raises(ValueError, match="target_modules"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(task_type="CAUSAL_LM"))
     for config in (peftjax.LoraConfig(task_type="CAUSAL_LM"), peftjax.IA3Config(task_type="CAUSAL_LM")):
-        with pytest.raises(ValueError, match="no default target_modules for model_type 'phi3'.*'qwen3'"):
+        with pytest.raises(ValueError, match=f"no default target_modules for model_type '{family}'.*'qwen3'"):
             peftjax.get_peft_model(models.from_pretrained(path), config)
 
 

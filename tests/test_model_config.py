@@ -24,7 +24,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "phi3": "Phi3Config", "mixtral": "MixtralConfig", "bert": "BertConfig", "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "qwen3_moe": "Qwen3MoeConfig",
-           "qwen2_moe": "Qwen2MoeConfig"}
+           "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
+           "smollm3": "SmolLM3Config", "granite": "GraniteConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -37,12 +38,17 @@ def assert_same_fields(ours, theirs):
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe"):
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
+                            "olmo2", "smollm3", "granite"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
 
         assert gemma3_rope_parameters(ours) == theirs.rope_parameters
+    if theirs.model_type == "olmo3":
+        from peftjax.models._olmo import olmo3_rope_parameters
+
+        assert olmo3_rope_parameters(ours) == theirs.rope_parameters
 
 
 @pytest.mark.parametrize("family", sorted(CLASSES))
@@ -75,6 +81,13 @@ VARIANTS = [
     ("qwen3_moe", dict(decoder_sparse_step=2, rope_theta=1e6, tie_word_embeddings=True, num_labels=3)),
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen2_moe", dict(qkv_bias=False, norm_topk_prob=True, layer_types=["full_attention", "sliding_attention"])),
+    ("olmo2", dict(num_key_value_heads=None, attention_bias=True, rope_theta=500000.0)),
+    ("olmo3", dict(layer_types=None, num_hidden_layers=5, rope_parameters=None, rope_theta=1000.0,
+                   rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ("olmo3", dict(sliding_window=3)),
+    ("smollm3", dict(no_rope_layers=None, num_hidden_layers=5, no_rope_layer_interval=3)),
+    ("smollm3", dict(use_sliding_window=False, tie_word_embeddings=False, num_key_value_heads=None)),
+    ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
     ("roberta", dict(classifier_dropout=0.3)),

@@ -59,6 +59,19 @@ def test_the_readme_counts_the_peft_methods_peftjax_implements():
     assert claimed and (int(claimed[1]), int(claimed[2])) == (implemented, len(PeftType) - 1)
 
 
+def test_the_readme_s_models_table_names_every_bundled_class():
+    """Each class ``models.from_pretrained`` can build is in the Models table's classes column."""
+    import re
+
+    from peftjax import models
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Models"):text.index("## Layout")]
+    listed = {name for row in table.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`(\w+)`", row.split(" | ")[1])}
+    assert set(models.MODEL_CLASSES) - listed == set()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny Llama (vocabulary 128, dims divisible by a 4-way model axis) and a PEFT-made adapter."""

@@ -10,6 +10,7 @@ from peftjax.models._bert import (
 )
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
+from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._llama import (
     LlamaForCausalLM,
@@ -20,8 +21,15 @@ from peftjax.models._llama import (
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
 )
+from peftjax.models._olmo import (
+    Olmo2ForCausalLM,
+    Olmo2ForSequenceClassification,
+    Olmo3ForCausalLM,
+    Olmo3ForSequenceClassification,
+)
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
+from peftjax.models._smollm3 import SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
 from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from peftjax.models._qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeForSequenceClassification
 from peftjax.models._qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
@@ -60,6 +68,7 @@ __all__ = [
     "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification",
     "GPT2LMHeadModel",
+    "GraniteForCausalLM",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
@@ -71,6 +80,10 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "NewWeightsWarning",
+    "Olmo2ForCausalLM",
+    "Olmo2ForSequenceClassification",
+    "Olmo3ForCausalLM",
+    "Olmo3ForSequenceClassification",
     "Phi3ForCausalLM",
     "Phi3ForSequenceClassification",
     "PreTrainedModel",
@@ -86,6 +99,8 @@ __all__ = [
     "RobertaForSequenceClassification",
     "RobertaForTokenClassification",
     "RobertaModel",
+    "SmolLM3ForCausalLM",
+    "SmolLM3ForSequenceClassification",
     "XLMRobertaForQuestionAnswering",
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",

@@ -5,10 +5,10 @@ whenever it is installed: a quarter of a gigabyte of host memory and seconds of 
 JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
-derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's and Gemma's ``layer_types``,
-Qwen3-MoE's window), and answers attribute reads like a ``PretrainedConfig`` does (GPT-2's
-``hidden_size`` is its ``n_embd``). The bundled
-models accept either kind of config: ``from_config`` still takes transformers' classes.
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's and SmolLM3's
+``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window), and answers attribute reads
+like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
+accept either kind of config: ``from_config`` still takes transformers' classes.
 """
 
 from __future__ import annotations
@@ -119,6 +119,36 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
         "mlp_only_layers": None, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     },
+    "granite": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": None, "bos_token_id": 1,
+        "eos_token_id": 2, "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "attention_multiplier": 1.0,
+    },
+    "olmo2": {
+        "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "use_cache": True, "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 50279,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "rms_norm_eps": 1e-05,
+    },
+    # Olmo3Config: OLMo 2's fields, a window and layer types; a RoPE per layer type (see _olmo.olmo3_rope_parameters)
+    "olmo3": {
+        "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "use_cache": True, "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 50279,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "rms_norm_eps": 1e-05,
+        "sliding_window": 4096, "layer_types": None,
+    },
+    "smollm3": {
+        "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": 128004,
+        "bos_token_id": 128000, "eos_token_id": 128001, "use_sliding_window": False, "sliding_window": None,
+        "no_rope_layers": None, "no_rope_layer_interval": 4, "layer_types": None, "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "tie_word_embeddings": True,
+    },
     "bert": {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
         "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
@@ -222,7 +252,8 @@ class ModelConfig:
     def _derive(self) -> None:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
-        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral"):
+        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
+                 "granite"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral") and self.head_dim is None:
@@ -255,6 +286,18 @@ class ModelConfig:
                 self.layer_types = [
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
+                ]
+        if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
+            self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if t == "smollm3":  # SmolLM3Config: every no_rope_layer_interval-th layer without RoPE (0), sliding if set
+            if self.no_rope_layers is None:
+                self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0)
+                                       for i in range(self.num_hidden_layers)]
+            if self.layer_types is None:
+                self.layer_types = [
+                    "sliding_attention" if self.use_sliding_window and self.sliding_window is not None
+                    and not self.no_rope_layers[i] else "full_attention" for i in range(self.num_hidden_layers)
                 ]
         if t == "gemma3_text" and "sliding_window_pattern" in self.__dict__:  # transformers 4's name
             self._sliding_window_pattern = self.__dict__["sliding_window_pattern"]

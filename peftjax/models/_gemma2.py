@@ -24,23 +24,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import _attention as attn
+from peftjax.models._layer_kinds import LAYER_TYPES, decoder_call
 from peftjax.models._auto import register
 from peftjax.models._llama import (
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     head_dim_of,
-    kv_layout,
 )
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
 from peftjax.nn._functional import gelu
-from peftjax.nn._dropout import layer_key
-from peftjax.nn._scan import StackedLayers, check_remat, make_layers, run_layers
+from peftjax.nn._scan import check_remat, make_layers
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
 # transformers' ACT2FN names of the GELUs a Gemma MLP may use: tanh approximation or exact
 GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
 
@@ -190,8 +188,9 @@ class Gemma2Model(nnx.Module):
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
         self.norm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-        # static data, not state: ((layer type, RoPE), ...) for the types the layers use
-        self.rotary = tuple((t, self.rotary_for(config, t)) for t in sorted(set(self.layer_types)))
+        # static data, not state: ((layer type, its RoPE, its window), ...) for the types the layers use
+        self.kinds = tuple((t, self.rotary_for(config, t), config.sliding_window if t == "sliding_attention" else None)
+                           for t in sorted(set(self.layer_types)))
 
     @staticmethod
     def rotary_for(config, layer_type: str) -> RotaryEmbedding:
@@ -217,42 +216,8 @@ class Gemma2Model(nnx.Module):
         """
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        x = jnp.asarray(inputs_embeds)
-        b, s, _ = x.shape
-        pos = attn.decoder_positions(
-            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
-            prefix_kv=prefix_kv, num_layers=len(self.layers), owner=type(self).__name__,
-            prefix_layout=lambda: kv_layout(self.config),
-        )
-        window = self.config.sliding_window
-        per_type = {
-            t: (*rope.cos_sin(pos.position_ids, x.dtype),
-                attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True,
-                                       window=window if t == "sliding_attention" else None))
-            for t, rope in self.rotary
-        }
-        stacked = isinstance(self.layers, StackedLayers)
-        if cache is None and prefix_kv is None and (stacked or self.remat != "none"):
-            # scanned and/or rematerialised: layer i reads its type's cos, sin and mask by index
-            kinds = [t for t, _ in self.rotary]
-            tables = [jnp.stack(parts) for parts in zip(*(per_type[t] for t in kinds))]
-            index = jnp.asarray([kinds.index(t) for t in self.layer_types], jnp.int32)
-
-            def step(layer, carry, key):
-                h, i = carry
-                cos, sin, mask = (table[index[i]] for table in tables)
-                return layer(h, cos, sin, mask, dropout_rng=key)[0], i + 1
-
-            x, _ = run_layers(self.layers, step, (x, jnp.zeros((), jnp.int32)), self.remat, dropout_rng)
-            return ModelOutput(last_hidden_state=self.norm(x), past_key_values=None)
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            prefix = None if prefix_kv is None else prefix_kv[i]
-            x, layer_cache = layer(x, *per_type[self.layer_types[i]], None if cache is None else cache[i],
-                                   pos.start, prefix, layer_key(dropout_rng, i))
-            if cache is not None:
-                new_cache.append(layer_cache)
-        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
+        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
+                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.kinds[0][1])
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):

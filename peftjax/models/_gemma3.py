@@ -15,14 +15,12 @@ What differs from Gemma 2 (``_gemma2``):
 
 from __future__ import annotations
 
-import types
 from typing import ClassVar
 
 from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import (
-    LAYER_TYPES,
     Gemma2Attention,
     Gemma2DecoderLayer,
     Gemma2ForCausalLM,
@@ -31,7 +29,8 @@ from peftjax.models._gemma2 import (
     GemmaRMSNorm,
 )
 from peftjax.models._llama import head_dim_of
-from peftjax.models._rope import RotaryEmbedding, rotary_embedding
+from peftjax.models._layer_kinds import rope_parameters_by_type, rotary_of
+from peftjax.models._rope import RotaryEmbedding
 
 DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
@@ -45,19 +44,8 @@ def gemma3_rope_parameters(config) -> dict[str, dict]:
     Raises:
       ValueError: ``rope_parameters`` that is not keyed by layer type.
     """
-    given = getattr(config, "rope_parameters", None)
-    if given and not set(given) <= set(LAYER_TYPES):
-        raise ValueError(f"{config.model_type}: rope_parameters must map layer types {list(LAYER_TYPES)} to RoPE "
-                         f"settings; found keys {sorted(given)}")
-    params = {t: dict((given or {}).get(t) or {"rope_type": "default"}) for t in LAYER_TYPES}
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        params["full_attention"].update(scaling)
-    legacy = {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}
-    for t, p in params.items():
-        theta = getattr(config, legacy[t], None)
-        p.setdefault("rope_theta", DEFAULT_THETA[t] if theta is None else theta)
-    return params
+    return rope_parameters_by_type(config, DEFAULT_THETA, {"full_attention": "rope_theta",
+                                                           "sliding_attention": "rope_local_base_freq"})
 
 
 class Gemma3Attention(Gemma2Attention):
@@ -89,10 +77,7 @@ class Gemma3TextModel(Gemma2Model):
 
     @staticmethod
     def rotary_for(config, layer_type: str) -> RotaryEmbedding:
-        view = types.SimpleNamespace(rope_parameters=gemma3_rope_parameters(config)[layer_type],
-                                     max_position_embeddings=config.max_position_embeddings,
-                                     model_type=config.model_type)
-        return rotary_embedding(view, head_dim_of(config))
+        return rotary_of(config, gemma3_rope_parameters(config)[layer_type], head_dim_of(config))
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

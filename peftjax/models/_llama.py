@@ -70,12 +70,13 @@ class LlamaAttention(nnx.Module):
         self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
 
     def set_layout(self, config, layer_idx: int) -> None:
-        """Heads, head size, window and dropout: what every family's attention reads from the config."""
+        """Heads, head size, window, dropout and score scale: what every family's attention reads from the config."""
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
         self.window = sliding_windows(config)[layer_idx]
         self.dropout_rate = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+        self.scale = self.head_dim**-0.5
 
     def project(self, x):
         """Queries ``[b, s, heads, head_dim]``, keys and values ``[b, s, kv_heads, head_dim]``, before RoPE."""
@@ -95,7 +96,7 @@ class LlamaAttention(nnx.Module):
         if prefix is not None:  # prefix keys are cached keys: no RoPE
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
         mask = masks[self.window]
-        out = attn.dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, dropout_rate=self.dropout_rate,
+        out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, dropout_rate=self.dropout_rate,
                                          dropout_rng=dropout_rng,
                                          causal_offset=attn.causal_offset(cache, prefix, cache_index))
         return self.o_proj(out.reshape(b, s, -1)), cache
@@ -159,15 +160,21 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
         # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
-        if getattr(config, "scan_layers", False) and len(set(sliding_windows(config))) > 1:
-            raise ValueError(f"scan_layers=True needs one attention window for all layers; "
-                             f"found {sliding_windows(config)}")
+        if getattr(config, "scan_layers", False):
+            self.check_scan(config)
         self.layers = make_layers(
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
         self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         # static data, not state: it never trains and is rebuilt from the config
         self.rotary = rotary_embedding(config, head_dim_of(config))
+
+    @staticmethod
+    def check_scan(config) -> None:
+        """Refuses ``scan_layers=True`` where the stacked layers would differ (their windows)."""
+        if len(set(sliding_windows(config))) > 1:
+            raise ValueError(f"scan_layers=True needs one attention window for all layers; "
+                             f"found {sliding_windows(config)}")
 
     def __call__(
         self,
@@ -252,12 +259,17 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng)
         h = out.last_hidden_state
-        head_in = kept_positions(h, logits_to_keep, labels)
+        scaled = self.head_input(h)
+        head_in = kept_positions(scaled, logits_to_keep, labels)
         logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
         loss = None
         if labels is not None:  # fused with lm_head when traced: the full logits are never held
-            loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
+            loss = causal_lm_head_loss(scaled, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+    def head_input(self, h):
+        """What the LM head reads: the final hidden states (Granite divides them by its ``logits_scaling``)."""
+        return h
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return attn.init_kv_cache(self.config.num_hidden_layers, batch, max_len, *kv_layout(self.config),

@@ -1,0 +1,130 @@
+"""Decoders whose layers differ only in what they are given: their mask and their RoPE.
+
+Gemma 2/3 alternate sliding and global layers (Gemma 3 with a RoPE base each), OLMo 3 too, and
+SmolLM3 leaves RoPE out of every fourth layer. Each layer has a *kind*; the decoder computes each
+kind's ``(cos, sin, mask)`` once per call and hands layer ``i`` its kind's. The layers themselves
+are alike, so ``scan_layers=True`` stacks them all: the scanned step reads layer ``i``'s entries
+from the per-kind tables stacked along a new axis, by index.
+
+A layer without RoPE gets ``cos = 1`` and ``sin = 0``: the rotation is the identity, exactly.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from peftjax.models import _attention as attn
+from peftjax.models._llama import kv_layout
+from peftjax.models._outputs import ModelOutput
+from peftjax.models._rope import RotaryEmbedding, rotary_embedding
+from peftjax.nn._dropout import layer_key
+from peftjax.nn._scan import StackedLayers, run_layers
+
+# (kind, its RoPE or None for none, its window or None for full causal attention)
+Kind = tuple[str, RotaryEmbedding | None, int | None]
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_parameters_by_type(config, default_theta: Mapping[str, float],
+                            legacy_theta: Mapping[str, str]) -> dict[str, dict]:
+    """``{layer type: RoPE parameters}`` as transformers' configs with a RoPE per layer type settle
+    them (Gemma 3's, OLMo 3's): transformers 5's per-type ``rope_parameters``; transformers 4's
+    ``rope_scaling`` for the global layers; a type's base from its ``legacy_theta`` field where the
+    parameters give none, else ``default_theta``.
+
+    Raises:
+      ValueError: ``rope_parameters`` not keyed by layer type.
+    """
+    given = getattr(config, "rope_parameters", None)
+    if given and not set(given) <= set(LAYER_TYPES):
+        raise ValueError(f"{config.model_type}: rope_parameters must map layer types {list(LAYER_TYPES)} to RoPE "
+                         f"settings; found keys {sorted(given)}")
+    params = {t: dict((given or {}).get(t) or {"rope_type": "default"}) for t in LAYER_TYPES}
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        params["full_attention"].update(scaling)
+    for t, p in params.items():
+        theta = getattr(config, legacy_theta[t], None) if t in legacy_theta else None
+        p.setdefault("rope_theta", default_theta[t] if theta is None else theta)
+    return params
+
+
+def rotary_of(config, params: dict, head_dim: int) -> RotaryEmbedding:
+    """The RoPE of one layer type's ``params`` (see :func:`rope_parameters_by_type`)."""
+    view = types.SimpleNamespace(rope_parameters=params, max_position_embeddings=config.max_position_embeddings,
+                                 model_type=config.model_type)
+    return rotary_embedding(view, head_dim)
+
+
+def with_one_mask(layer, x, cos, sin, mask, *rest):
+    """``call`` for Llama-style layers (their attention looks its mask up by window): the layer's
+    own mask under the window ``None``, which such a decoder gives every attention."""
+    return layer(x, cos, sin, {None: mask}, *rest)
+
+
+def kind_inputs(kinds: Sequence[Kind], rope: RotaryEmbedding, pos, dtype) -> dict[str, tuple]:
+    """``{kind: (cos, sin, mask)}`` for one call; ``rope`` shapes the identity of kinds without one."""
+    out, cached = {}, {}
+    for name, kind_rope, window in kinds:
+        key = kind_rope or rope
+        if key not in cached:
+            cached[key] = key.cos_sin(pos.position_ids, dtype)
+        cos, sin = cached[key]
+        if kind_rope is None:
+            cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)
+        out[name] = (cos, sin, attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window))
+    return out
+
+
+def run_layer_kinds(layers, layer_kinds: Sequence[str], per_kind: dict[str, tuple], x: jax.Array, *, remat: str,
+                    cache=None, start=None, prefix_kv=None, dropout_rng=None,
+                    call: Callable | None = None) -> tuple[jax.Array, list | None]:
+    """Runs ``layers``, layer ``i`` on ``per_kind[layer_kinds[i]]``; returns ``(x, new cache)``.
+
+    ``call(layer, x, cos, sin, mask, cache, start, prefix, key)`` runs one layer (default: the
+    layer itself with those arguments). Training and scoring calls (no cache, no prefix) scan a
+    stacked model and honour ``remat``; the others loop.
+    """
+    call = call or (lambda layer, *args: layer(*args))
+    if cache is None and prefix_kv is None and (isinstance(layers, StackedLayers) or remat != "none"):
+        names = sorted(per_kind)
+        tables = [jnp.stack(parts) for parts in zip(*(per_kind[n] for n in names))]
+        index = jnp.asarray([names.index(k) for k in layer_kinds], jnp.int32)
+
+        def step(layer, carry, key):
+            h, i = carry
+            cos, sin, mask = (table[index[i]] for table in tables)
+            return call(layer, h, cos, sin, mask, None, None, None, key)[0], i + 1
+
+        x, _ = run_layers(layers, step, (x, jnp.zeros((), jnp.int32)), remat, dropout_rng)
+        return x, None
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(layers):
+        prefix = None if prefix_kv is None else prefix_kv[i]
+        x, layer_cache = call(layer, x, *per_kind[layer_kinds[i]], None if cache is None else cache[i], start, prefix,
+                              layer_key(dropout_rng, i))
+        if cache is not None:
+            new_cache.append(layer_cache)
+    return x, new_cache
+
+
+def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, prefix_kv, dropout_rng,
+                 kinds: Sequence[Kind], layer_kinds: Sequence[str], rope: RotaryEmbedding,
+                 call: Callable | None = None) -> ModelOutput:
+    """The body of a layer-kinds decoder's ``__call__`` after its embedding: positions, each kind's
+    inputs, the layers, the final ``model.norm``. ``model`` has ``layers``, ``norm``, ``remat``
+    and ``config``."""
+    b, s, _ = x.shape
+    pos = attn.decoder_positions(
+        b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
+        prefix_kv=prefix_kv, num_layers=len(model.layers), owner=type(model).__name__,
+        prefix_layout=lambda: kv_layout(model.config),
+    )
+    per_kind = kind_inputs(kinds, rope, pos, x.dtype)
+    x, new_cache = run_layer_kinds(model.layers, layer_kinds, per_kind, x, remat=model.remat, cache=cache,
+                                   start=pos.start, prefix_kv=prefix_kv, dropout_rng=dropout_rng, call=call)
+    return ModelOutput(last_hidden_state=model.norm(x), past_key_values=new_cache)

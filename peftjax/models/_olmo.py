@@ -1,0 +1,186 @@
+"""OLMo 2 and OLMo 3 (AI2's open models) in Flax NNX, with transformers' module names.
+
+What differs from Llama:
+
+- ``q_norm`` and ``k_norm`` are RMSNorms over the whole query and key projections
+  (``heads · head_dim`` wide, before the split into heads and RoPE), not per head as in Qwen3;
+- norms come *after* each branch, not before: ``x + post_attention_layernorm(attn(x))``, then
+  ``x + post_feedforward_layernorm(mlp(x))``; a layer has no ``input_layernorm``;
+- ``attention_bias`` on all four projections, no MLP bias.
+
+OLMo 3 adds ``layer_types`` (three sliding-window layers then a global one by default) and a RoPE
+per layer type (``rope_parameters["sliding_attention"]`` / ``["full_attention"]``; a transformers 4
+``rope_theta`` and ``rope_scaling`` set the global layers' only, as ``Olmo3Config`` reads them,
+500 000 being the default base of both). Its layers differ only in their mask and RoPE, which the
+decoder hands them (``_layer_kinds``), so ``scan_layers=True`` stacks them all.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._layer_kinds import (
+    LAYER_TYPES,
+    decoder_call,
+    rope_parameters_by_type,
+    rotary_of,
+    with_one_mask,
+)
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaMLP,
+    LlamaModel,
+    head_dim_of,
+)
+from peftjax.models._modeling import ConfigRef
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._dropout import split_keys
+from peftjax.nn._norm import RMSNorm
+from peftjax.nn._scan import check_remat, make_layers
+
+OLMO3_DEFAULT_THETA = 500000.0
+
+
+class Olmo2Attention(LlamaAttention):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_norm = RMSNorm(self.num_heads * self.head_dim, **kw)
+        self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, **kw)
+
+    def project(self, x):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_norm(self.k_proj(x)).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+
+class Olmo2DecoderLayer(nnx.Module):
+    """Attention and MLP, each normalised after it and added to the residual."""
+
+    attention_class: ClassVar[type[nnx.Module]] = Olmo2Attention
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = LlamaMLP(config, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's key for ``attention_dropout`` (training); ``None``: none."""
+        (attn_key,) = split_keys(dropout_rng, 1)
+        a, cache = self.self_attn(x, cos, sin, masks, cache, cache_index, prefix, attn_key)
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(x)), cache
+
+
+class Olmo2Model(LlamaModel):
+    layer_class: ClassVar[type[nnx.Module]] = Olmo2DecoderLayer
+
+
+class Olmo2ForCausalLM(LlamaForCausalLM):
+    """OLMo 2: Llama with whole-projection q/k norms and norms after each branch."""
+
+    model_class: ClassVar[type[nnx.Module]] = Olmo2Model
+
+
+class Olmo2ForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = Olmo2Model
+
+
+# ------------------------------------------------------------------------------------------ OLMo 3
+
+
+def olmo3_layer_types(config) -> tuple[str, ...]:
+    """Each layer's type, checked.
+
+    Raises:
+      ValueError: an unknown type, a list whose length is not ``num_hidden_layers``, or sliding
+        layers without a ``sliding_window``.
+    """
+    found = tuple(config.layer_types)
+    unknown = sorted(set(found) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"{config.model_type}: layer_types {unknown} are not supported; "
+                         f"supported: {list(LAYER_TYPES)}")
+    if len(found) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: layer_types has {len(found)} entries for "
+                         f"num_hidden_layers={config.num_hidden_layers}")
+    if "sliding_attention" in found and config.sliding_window is None:
+        raise ValueError(f"{config.model_type}: layer_types has sliding_attention layers but sliding_window is None")
+    return found
+
+
+def olmo3_rope_parameters(config) -> dict[str, dict]:
+    """``{layer type: RoPE parameters}`` as ``Olmo3Config`` settles them: a top-level ``rope_theta``
+    and ``rope_scaling`` (transformers 4's spellings) go to the global layers only.
+
+    Raises:
+      ValueError: ``rope_parameters`` not keyed by layer type.
+    """
+    return rope_parameters_by_type(config, dict.fromkeys(LAYER_TYPES, OLMO3_DEFAULT_THETA),
+                                   {"full_attention": "rope_theta"})
+
+
+class Olmo3Attention(Olmo2Attention):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.window = None  # the decoder passes each layer its own mask
+
+
+class Olmo3DecoderLayer(Olmo2DecoderLayer):
+    attention_class: ClassVar[type[nnx.Module]] = Olmo3Attention
+
+
+class Olmo3Model(nnx.Module):
+    """OLMo 2's decoder whose layers each take their type's window and RoPE."""
+
+    layer_class: ClassVar[type[nnx.Module]] = Olmo3DecoderLayer
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layer_types = olmo3_layer_types(config)
+        ropes = olmo3_rope_parameters(config)  # a bad setting fails before any weight is built
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.config = ConfigRef(config)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.remat = check_remat(getattr(config, "remat", "none"))
+        self.layers = make_layers(
+            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
+        )
+        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        # static data, not state: ((layer type, its RoPE, its window), ...) for the types the layers use
+        self.kinds = tuple((t, rotary_of(config, ropes[t], head_dim_of(config)),
+                            config.sliding_window if t == "sliding_attention" else None)
+                           for t in sorted(set(self.layer_types)))
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
+                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel`; each layer attends with its type's window and RoPE."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
+                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.kinds[0][1], call=with_one_mask)
+
+
+class Olmo3ForCausalLM(LlamaForCausalLM):
+    """OLMo 3: OLMo 2 with sliding-window layers and a RoPE per layer type."""
+
+    model_class: ClassVar[type[nnx.Module]] = Olmo3Model
+
+
+class Olmo3ForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = Olmo3Model
+
+
+register(Olmo2ForCausalLM, model_types=("olmo2",), default=True)
+register(Olmo2ForSequenceClassification)
+register(Olmo3ForCausalLM, model_types=("olmo3",), default=True)
+register(Olmo3ForSequenceClassification)
