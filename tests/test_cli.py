@@ -488,6 +488,7 @@ def test_train_every_language_modelling_task(task, method, tokenizer_dir, tmp_pa
 @pytest.mark.parametrize("method,task,peft_type", [
     ("dora", "seq_cls", "LORA"), ("ia3", "seq_cls", "IA3"), ("p-tuning", "seq_cls", "P_TUNING"),
     ("prefix", "token_cls", "PREFIX_TUNING"), ("prompt", "token_cls", "PROMPT_TUNING"),
+    ("multitask_prompt", "seq_cls", "MULTITASK_PROMPT_TUNING"),
 ])
 def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path, capsys):
     """``train --method``: the job trains, saves and reloads each kind of adapter, which PEFT loads;
@@ -577,7 +578,8 @@ def test_train_offers_every_method_peftjax_implements():
             continue
         implemented.add(str(peft_type))
     assert {peft_type for peft_type, _, _ in METHODS.values()} == implemented
-    tested_elsewhere = {"lora", "dora", "ia3", "prefix", "prompt", "p-tuning", "adaption_prompt", "trainable_tokens"}
+    tested_elsewhere = {"lora", "dora", "ia3", "prefix", "prompt", "multitask_prompt", "p-tuning", "adaption_prompt",
+                        "trainable_tokens"}
     assert set(LAYER_METHODS) | tested_elsewhere == set(METHODS)
 
 

@@ -238,6 +238,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.PrefixTuningConfig, "PrefixTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptTuningConfig, "PromptTuningConfig", {"num_virtual_tokens": 5}),
     (pc.PromptEncoderConfig, "PromptEncoderConfig", {"num_virtual_tokens": 5}),
+    (pc.MultitaskPromptTuningConfig, "MultitaskPromptTuningConfig", {"num_virtual_tokens": 5}),
     (pc.HRAConfig, "HRAConfig", {}),
     (pc.MissConfig, "MissConfig", {}),
     (pc.RoadConfig, "RoadConfig", {}),

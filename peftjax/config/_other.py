@@ -32,6 +32,17 @@ class PromptTuningInit(enum.StrEnum):
     RANDOM = "RANDOM"
 
 
+class MultitaskPromptTuningInit(enum.StrEnum):
+    """How multitask prompt tuning initializes (PEFT's values; ``SAMPLE_VOCAB`` works there too)."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+    AVERAGE_SOURCE_TASKS = "AVERAGE_SOURCE_TASKS"
+    EXACT_SOURCE_TASK = "EXACT_SOURCE_TASK"
+    ONLY_SOURCE_SHARED = "ONLY_SOURCE_SHARED"
+
+
 class PromptEncoderReparameterizationType(enum.StrEnum):
     """The P-tuning prompt encoder head (PEFT's values)."""
 
@@ -166,6 +177,7 @@ class PromptTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    init_choices: ClassVar[type[enum.StrEnum]] = PromptTuningInit
 
     prompt_tuning_init: str = PromptTuningInit.RANDOM.value
     prompt_tuning_init_text: str | None = None
@@ -174,7 +186,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._set("prompt_tuning_init", _enum_value("prompt_tuning_init", self.prompt_tuning_init, PromptTuningInit))
+        self._set("prompt_tuning_init", _enum_value("prompt_tuning_init", self.prompt_tuning_init, self.init_choices))
         check_optional_str("prompt_tuning_init_text", self.prompt_tuning_init_text)
         check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
         self._set("tokenizer_kwargs", check_optional_dict("tokenizer_kwargs", self.tokenizer_kwargs))
@@ -189,6 +201,42 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError(
                 f"tokenizer_kwargs only valid when using prompt_tuning_init='TEXT', got {self.prompt_tuning_init!r}."
             )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """Multitask prompt tuning (MPT): one shared prompt, modulated per task by a rank-``num_ranks``
+    matrix, ``prompt * (prefix_task_cols[t] @ prefix_task_rows[t])`` for the row's ``task_ids``.
+
+    Attributes:
+        prompt_tuning_init: prompt tuning's inits, or from a source run's file
+            (``prompt_tuning_init_state_dict_path``): ``"AVERAGE_SOURCE_TASKS"`` (the shared prompt
+            and the mean of the task matrices), ``"EXACT_SOURCE_TASK"`` (task
+            ``prompt_tuning_init_task``'s) or ``"ONLY_SOURCE_SHARED"`` (the shared prompt only).
+        prompt_tuning_init_state_dict_path: The source adapter's ``.safetensors`` file.
+        prompt_tuning_init_task: The source task for ``"EXACT_SOURCE_TASK"``.
+        num_ranks: The rank of each task's matrix.
+        num_tasks: How many tasks (``task_ids`` are in ``[0, num_tasks)``).
+    """
+
+    peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
+    init_choices: ClassVar[type[enum.StrEnum]] = MultitaskPromptTuningInit
+
+    prompt_tuning_init_state_dict_path: str | None = None
+    prompt_tuning_init_task: int | None = 0
+    num_ranks: int | None = 1
+    num_tasks: int | None = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optional_str("prompt_tuning_init_state_dict_path", self.prompt_tuning_init_state_dict_path)
+        for name in ("num_ranks", "num_tasks"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("prompt_tuning_init_task", self.prompt_tuning_init_task, minimum=0, optional=True)
+        source = self.prompt_tuning_init in ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+        if source and self.prompt_tuning_init_state_dict_path is None:
+            raise ValueError(f"prompt_tuning_init_state_dict_path needs to be specified with "
+                             f"{self.prompt_tuning_init} init method")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

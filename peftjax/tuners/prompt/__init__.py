@@ -1,10 +1,11 @@
-"""Prompt learning: prefix tuning, prompt tuning and P-tuning (configs from ``peftjax.config``).
+"""Prompt learning: prefix tuning, prompt tuning, multitask prompt tuning and P-tuning (configs
+from ``peftjax.config``).
 
 The model itself applies the adapter (its class gains a ``__call__`` that prepends the virtual
 tokens), so ``PeftModel`` needs no forward/generate hooks.
 """
 
-from peftjax.config import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftjax.config import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peftjax.tuners.prompt._model import (
     PROMPT_LEARNING_CONFIGS,
     PromptEncoder,
@@ -14,6 +15,7 @@ from peftjax.tuners.prompt._model import (
 from peftjax.tuners.prompt._state_dict import load_prompt_state_dict, prompt_state_dict
 
 __all__ = [
+    "MultitaskPromptTuningConfig",
     "PROMPT_LEARNING_CONFIGS",
     "PrefixTuningConfig",
     "PromptEncoder",

@@ -1,4 +1,4 @@
-"""Prompt learning — prefix tuning, prompt tuning and P-tuning — computed and saved as HF PEFT does.
+"""Prompt learning — prefix tuning, prompt tuning (multitask too) and P-tuning — computed and saved as HF PEFT does.
 
 These methods change a model's inputs, not its layers:
 
@@ -9,6 +9,8 @@ These methods change a model's inputs, not its layers:
   per-token outputs (a causal LM's or a token classifier's logits, a question-answering model's
   start and end logits, a feature extractor's hidden states) have ``V + seq`` positions, as in
   PEFT. Labels move with the tokens (``PromptLearningModel.virtual_positions``).
+- multitask prompt tuning is prompt tuning whose prompt each row's task (``task_ids``) scales
+  element-wise by that task's low-rank matrix ``prefix_task_cols[t] @ prefix_task_rows[t]``.
 
 Where the weights live: each adapter's :class:`PromptEncoder` sits in
 ``model.peft_prompt_encoders[name]`` with ``AdapterParam`` weights, and the model's class gets a
@@ -20,7 +22,8 @@ and LoRA targeting never see them; ``unload`` (or deleting the last prompt adapt
 and restores the class.
 
 On disk, as in PEFT: ``prompt_embeddings`` is the encoder's *output* (``[V, num_layers * 2 *
-token_dim]`` for prefix tuning, ``[V, token_dim]`` otherwise), never the MLP/LSTM weights; a
+token_dim]`` for prefix tuning, ``[V, token_dim]`` otherwise; multitask prompt tuning adds its task
+factors), never the MLP/LSTM weights; a
 classifier or span head is saved as ``base_model.<head>.weight``. Loaded for inference, an encoder
 is that one matrix; like PEFT, peftjax refuses to load one as trainable.
 """
@@ -43,6 +46,7 @@ from peftjax.config import TaskType
 from peftjax.config._other import (
     PrefixTuningConfig,
     PromptEncoderConfig,
+    MultitaskPromptTuningConfig,
     PromptLearningConfig,
     PromptTuningConfig,
     prepare_prompt_learning_config,
@@ -62,6 +66,9 @@ from peftjax.tuners.base import (
 )
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
+MULTITASK = "MULTITASK_PROMPT_TUNING"
+# multitask prompt tuning's inits from a source run's file
+SOURCE_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
 SUPPORTED_TASKS = tuple(t.value for t in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.SEQ_2_SEQ_LM,
                                            TaskType.TOKEN_CLS, TaskType.QUESTION_ANS, TaskType.FEATURE_EXTRACTION))
 # the module names PEFT's file format uses for a prompt-learning model's heads: no tuner wrapper
@@ -135,8 +142,9 @@ class PromptEncoder(nnx.Module):
 
     Attributes:
       weights: ``{torch name: variable}``, e.g. ``embedding.weight``, ``transform.0.weight``
-        (prefix projection), ``mlp_head.0.weight`` or ``lstm_head.weight_ih_l0`` (P-tuning);
-        only ``embedding.weight`` (the saved matrix itself) in inference mode.
+        (prefix projection), ``mlp_head.0.weight`` or ``lstm_head.weight_ih_l0`` (P-tuning),
+        ``prefix_task_cols`` and ``prefix_task_rows`` (multitask prompt tuning: each task's
+        ``[V, ranks]`` and ``[ranks, token_dim]`` factors); only the saved matrices in inference mode.
     """
 
     def __init__(self, config: PromptLearningConfig, *, word_embeddings: jax.Array | nnx.Embed | None, key: jax.Array):
@@ -164,8 +172,15 @@ class PromptEncoder(nnx.Module):
         # PEFT's PrefixEncoder has V rows whatever the submodules; the embeddings have V per submodule
         n = self.num_virtual_tokens if self.peft_type == PREFIX_TUNING else self.total_virtual_tokens
         d = self.token_dim
+        if self.peft_type == MULTITASK:
+            self.num_tasks = int(config.num_tasks)
+            t, r = self.num_tasks, int(config.num_ranks)
+            shapes = {"prefix_task_cols": (t, self.total_virtual_tokens, r), "prefix_task_rows": (t, r, d)}
         if self.inference_mode:  # PEFT skips the init: the saved output is loaded next
-            return {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
+            arrays = {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
+            if self.peft_type == MULTITASK:
+                arrays.update({k: jnp.zeros(shape, jnp.float32) for k, shape in shapes.items()})
+            return arrays
         keys = iter(jax.random.split(key, 4 + 4 * 2 * self.lstm_layers))
         hidden = getattr(config, "encoder_hidden_size", None) or d
         arrays: dict[str, jax.Array] = {}
@@ -187,6 +202,10 @@ class PromptEncoder(nnx.Module):
                 )
         elif self.peft_type == PROMPT_TUNING:
             arrays["embedding.weight"] = _prompt_tuning_init(config, n, d, word_embeddings, next(keys))
+        elif self.peft_type == MULTITASK:  # PEFT's: the prompt as prompt tuning's, the factors N(0, 0.02)
+            arrays["embedding.weight"] = _prompt_tuning_init(config, n, d, word_embeddings, next(keys))
+            arrays.update({k: 0.02 * jax.random.normal(next(keys), shape, jnp.float32) for k, shape in shapes.items()})
+            arrays.update(_source_init(config, {k: v.shape for k, v in arrays.items()}))
         else:  # P-tuning
             arrays["embedding.weight"] = jax.random.normal(next(keys), (n, d), jnp.float32)
             self.head = config.encoder_reparameterization_type
@@ -229,6 +248,25 @@ class PromptEncoder(nnx.Module):
             return _linear(w, "mlp_head.2", jax.nn.relu(_linear(w, "mlp_head.0", x)))
         return x
 
+    def task_prompts(self, task_ids) -> jax.Array:
+        """Multitask prompt tuning's virtual tokens for each row's task, ``[rows, V * submodules,
+        token_dim]``: the shared prompt times ``prefix_task_cols[t] @ prefix_task_rows[t]``.
+
+        Raises:
+          ValueError: ``task_ids`` not 1-D integers, or (when known on the host) outside
+            ``[0, num_tasks)``; traced ids out of range give NaN prompts, never another task's.
+        """
+        ids = task_ids if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids)
+        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"task_ids: expected a 1-D integer array (a task per row), got {ids.dtype} "
+                             f"of shape {tuple(ids.shape)}")
+        if isinstance(ids, np.ndarray) and ids.size and not (0 <= ids.min() and ids.max() < self.num_tasks):
+            raise ValueError(f"task_ids: expected values in [0, {self.num_tasks}) (num_tasks), got {ids.tolist()}")
+        w = {k: v.get_value() for k, v in self.weights.items()}
+        cols = jnp.take(w["prefix_task_cols"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        rows = jnp.take(w["prefix_task_rows"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        return w["embedding.weight"][None] * (cols @ rows)
+
     def prefix_kv(self) -> list:
         """Per-layer ``(key, value)``, each ``[1, V, heads, head_dim]``: layer ``i`` takes PEFT's
         ``past_key_values[2i]`` and ``[2i + 1]``.
@@ -258,6 +296,47 @@ class PromptEncoder(nnx.Module):
             self.weights[k].set_value(jnp.asarray(v, jnp.float32))
 
 
+def _source_init(config: MultitaskPromptTuningConfig, shapes: Mapping[str, tuple]) -> dict[str, jax.Array]:
+    """Multitask prompt tuning's init from a source run's adapter file, as PEFT's: the shared
+    prompt, with the mean of its tasks' factors (``AVERAGE_SOURCE_TASKS``) or one task's
+    (``EXACT_SOURCE_TASK``), or the prompt alone (``ONLY_SOURCE_SHARED``).
+
+    Raises:
+      ValueError: a file other than ``.safetensors``, a missing tensor, shapes that do not fit
+        the config (a single source task's factors fill ``num_tasks=1`` only, as in PEFT).
+    """
+    init, path = config.prompt_tuning_init, config.prompt_tuning_init_state_dict_path
+    if init not in SOURCE_INITS:
+        return {}
+    if not str(path).endswith(".safetensors"):
+        raise ValueError(f"prompt_tuning_init_state_dict_path {path!r}: expected a .safetensors file (peftjax "
+                         f"does not unpickle torch files)")
+    from safetensors.numpy import load_file
+
+    source = load_file(path)
+    wanted = ["prompt_embeddings"] + ([] if init == "ONLY_SOURCE_SHARED" else ["prefix_task_cols", "prefix_task_rows"])
+    missing = [k for k in wanted if k not in source]
+    if missing:
+        raise ValueError(f"{path}: no {missing} for prompt_tuning_init={init!r}; found {sorted(source)}")
+    out = {"embedding.weight": source["prompt_embeddings"]}
+    if init != "ONLY_SOURCE_SHARED":
+        for name in ("prefix_task_cols", "prefix_task_rows"):
+            factors = source[name]
+            if init == "AVERAGE_SOURCE_TASKS":
+                out[name] = factors.mean(0, keepdims=True)
+            else:
+                task = config.prompt_tuning_init_task
+                if not 0 <= task < len(factors):
+                    raise ValueError(f"prompt_tuning_init_task {task}: {path} holds {len(factors)} source tasks")
+                out[name] = factors[task][None]
+    for name, value in out.items():
+        if tuple(value.shape) != tuple(shapes[name]):
+            key = "prompt_embeddings" if name == "embedding.weight" else name  # the file's name
+            raise ValueError(f"{path}: {key} has shape {list(value.shape)}; this config (num_virtual_tokens, "
+                             f"token_dim, num_ranks, num_tasks) needs {list(shapes[name])}")
+    return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+
+
 def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddings, key) -> jax.Array:
     """PEFT's ``PromptEmbedding`` init: N(0, 1), rows of random vocabulary, or of a text's tokens.
 
@@ -265,7 +344,7 @@ def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddi
     embedding module, so a module's own lookup (Gemma's scaled one) is used when it is given.
     """
     init = config.prompt_tuning_init
-    if init == "RANDOM":
+    if init == "RANDOM" or init in SOURCE_INITS:  # a source file's prompt replaces this one
         return jax.random.normal(key, (n, d), jnp.float32)
     if word_embeddings is None:
         raise ValueError(f"prompt_tuning_init={init!r} needs the model's word embeddings; none were found")
@@ -355,7 +434,30 @@ _PER_TOKEN_TASKS = (TaskType.CAUSAL_LM, TaskType.TOKEN_CLS, TaskType.QUESTION_AN
 _NO_TOKEN_TYPE_TASKS = (TaskType.CAUSAL_LM, TaskType.FEATURE_EXTRACTION)
 
 
-def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
+def virtual_tokens(encoder: PromptEncoder, rows: int, dtype, task_ids=None) -> jax.Array:
+    """The first ``V`` virtual tokens for ``rows`` rows, ``[rows, V, token_dim]``: the encoder's
+    output, or multitask prompt tuning's per-task prompts (``task_ids``, which may be left out
+    when the adapter has one task only: every row is task 0).
+
+    Raises:
+      ValueError: ``task_ids`` missing with several tasks, or one per row for another row count.
+    """
+    v = encoder.num_virtual_tokens
+    if encoder.peft_type != MULTITASK:
+        prompts = encoder()[None, :v]
+    else:
+        if task_ids is None:
+            if encoder.num_tasks != 1:
+                raise ValueError(f"task_ids cannot be None: this multitask prompt tuning adapter has "
+                                 f"{encoder.num_tasks} tasks (num_tasks); pass each row's task id")
+            task_ids = np.zeros((1,), np.int32)
+        prompts = encoder.task_prompts(task_ids)[:, :v]
+        if prompts.shape[0] not in (1, rows):
+            raise ValueError(f"task_ids: expected one task id per row ({rows}) or one for all, got {prompts.shape[0]}")
+    return jnp.broadcast_to(prompts.astype(dtype), (rows, v, prompts.shape[-1]))
+
+
+def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict, task_ids=None) -> dict:
     """The call's keyword arguments rewritten as PEFT's forward rewrites them (see the module doc).
 
     Where PEFT leaves the labels of a longer sequence as they were, they are moved with the tokens:
@@ -384,8 +486,8 @@ def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict) -> dict:
         embeds = _word_embed(model, ids)
     embeds = jnp.asarray(embeds)
     batch = embeds.shape[0]
-    prompts = encoder()[None, :v].astype(embeds.dtype)  # a seq2seq encoder gets the first V (PEFT)
-    kwargs["inputs_embeds"] = jnp.concatenate([jnp.broadcast_to(prompts, (batch, *prompts.shape[1:])), embeds], 1)
+    prompts = virtual_tokens(encoder, batch, embeds.dtype, task_ids)  # a seq2seq encoder gets the first V (PEFT)
+    kwargs["inputs_embeds"] = jnp.concatenate([prompts, embeds], 1)
     kwargs["input_ids"] = None
     if kwargs.get("attention_mask") is not None:
         mask = jnp.asarray(kwargs["attention_mask"])
@@ -409,12 +511,14 @@ class PromptLearningModel(AdapterLayer):
 
     adapter_state_attrs = ("peft_prompt_encoders", "peft_prompt_active", "peft_prompt_disabled", "peft_word_embeddings")
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, task_ids=None, **kwargs):
+        """The model's call with the active adapter's virtual tokens; ``task_ids`` (one per row):
+        the rows' tasks for a multitask prompt tuning adapter (ignored by the other methods, as in PEFT)."""
         base_call = self._peftjax_base.__call__
         encoder = _active_encoder(self)
         if encoder is None:
             return base_call(self, *args, **kwargs)
-        return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs)))
+        return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs), task_ids))
 
     def virtual_positions(self) -> int:
         """How many positions the active adapter puts before each row's own in the model's per-token
@@ -480,13 +584,14 @@ class PromptLearningSeq2SeqModel(PromptLearningModel):
         base_generate = self._peftjax_base.generate
         encoder = _active_encoder(self)
         if encoder is None or encoder.peft_type == PREFIX_TUNING:
+            kwargs.pop("task_ids", None)
             return base_generate(self, input_ids, attention_mask, **kwargs)
         if input_ids is None:
             raise ValueError("input_ids must be provided for Peft model generation")  # PEFT's message
         embeds = _word_embed(self, jnp.asarray(input_ids, jnp.int32))
         b, n = embeds.shape[:2]
         v = encoder.num_virtual_tokens
-        prompts = jnp.broadcast_to(encoder()[None, :v].astype(embeds.dtype), (b, v, embeds.shape[-1]))
+        prompts = virtual_tokens(encoder, b, embeds.dtype, kwargs.pop("task_ids", None))
         mask = jnp.ones((b, n), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         return base_generate(self, None, jnp.concatenate([jnp.ones((b, v), jnp.int32), mask], axis=1),
                              inputs_embeds=jnp.concatenate([prompts, embeds], axis=1), **kwargs)
@@ -499,6 +604,7 @@ class PromptLearningCausalModel(PromptLearningModel):
         base_generate = self._peftjax_base.generate
         encoder = _active_encoder(self)
         if encoder is None or encoder.peft_type == PREFIX_TUNING:
+            kwargs.pop("task_ids", None)
             # every forward step adds the prefix (PEFT's cache holds it) and shifts the positions by V
             return base_generate(self, input_ids, attention_mask, **kwargs)
         if kwargs.pop("position_ids", None) is not None:
@@ -508,7 +614,7 @@ class PromptLearningCausalModel(PromptLearningModel):
         embeds = _word_embed(self, ids) if embeds is None else jnp.asarray(embeds)
         b, n = embeds.shape[:2]
         v = encoder.num_virtual_tokens
-        prompts = jnp.broadcast_to(encoder()[None].astype(embeds.dtype), (b, v, embeds.shape[-1]))
+        prompts = virtual_tokens(encoder, b, embeds.dtype, kwargs.pop("task_ids", None))
         mask = jnp.ones((b, n), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         # PEFT drops position ids, so the model counts positions over the whole prefill, padding included
         return base_generate(
@@ -654,7 +760,7 @@ def _with_call_signature(cls: type) -> type:
     return cls
 
 
-PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig)
+PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig)
 
 
 def virtual_positions(model) -> int:

@@ -17,7 +17,9 @@ from peftjax.config import PeftConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping, map_name
 from peftjax.models._modeling import hf_state_dict, iter_hf_params
 from peftjax.tuners.base import SavedModule, named_modules, set_tree_params_torch
-from peftjax.tuners.prompt._model import SAVED_PREFIX, PromptEncoder
+from peftjax.tuners.prompt._model import MULTITASK, SAVED_PREFIX, PromptEncoder
+
+TASK_FACTORS = ("prefix_task_cols", "prefix_task_rows")
 
 
 def _encoder(model, adapter_name: str) -> PromptEncoder:
@@ -43,9 +45,13 @@ def prompt_state_dict(
     key_mapping: KeyMapping = None,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, np.ndarray]:
-    """``{"prompt_embeddings": encoder output}`` plus the trained task heads, as PEFT saves them."""
+    """``{"prompt_embeddings": encoder output}`` plus the trained task heads, as PEFT saves them;
+    multitask prompt tuning adds its task factors (``prefix_task_cols``, ``prefix_task_rows``)."""
     del config, save_embedding_layers
-    out = {"prompt_embeddings": np.asarray(_encoder(model, adapter_name)(), np.float32)}
+    encoder = _encoder(model, adapter_name)
+    out = {"prompt_embeddings": np.asarray(encoder(), np.float32)}
+    for name in TASK_FACTORS if encoder.peft_type == MULTITASK else ():
+        out[name] = np.asarray(encoder.weights[name].get_value(), np.float32)
     for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
         for k, v in hf_state_dict(copy).items():
             out[f"{path}.{k}"] = v
@@ -76,20 +82,25 @@ def load_prompt_state_dict(
             "Cannot set a prompt learning adapter to trainable when loading pretrained adapter. "
             "(The file holds only the encoder's output; load with is_trainable=False.)"
         )
-    if "prompt_embeddings" not in tensors:
-        raise AdapterFileError(f"{source}: no `prompt_embeddings` tensor; found {sorted(tensors)[:10]}")
-    value = np.asarray(tensors["prompt_embeddings"])
-    var = encoder.weights["embedding.weight"]
-    expected = tuple(var.get_value().shape)
-    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
-        raise AdapterFileError(f"{source}: prompt_embeddings: expected a float tensor, found dtype {value.dtype}")
-    if tuple(value.shape) != expected:
-        raise AdapterFileError(
-            f"{source}: prompt_embeddings: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
-            f"num_layers in the config), found {list(value.shape)}"
-        )
-    var.set_value(jnp.asarray(value, jnp.float32))
-    used, missing = {"prompt_embeddings"}, []
+    names = {"prompt_embeddings": "embedding.weight"}
+    if encoder.peft_type == MULTITASK:
+        names.update({name: name for name in TASK_FACTORS})
+    for key, weight in names.items():
+        if key not in tensors:
+            raise AdapterFileError(f"{source}: no `{key}` tensor; found {sorted(tensors)[:10]}")
+        value = np.asarray(tensors[key])
+        var = encoder.weights[weight]
+        expected = tuple(var.get_value().shape)
+        if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+            raise AdapterFileError(f"{source}: {key}: expected a float tensor, found dtype {value.dtype}")
+        if tuple(value.shape) != expected:
+            raise AdapterFileError(
+                f"{source}: {key}: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
+                f"num_layers{', num_ranks, num_tasks' if weight != 'embedding.weight' else ''} in the config), "
+                f"found {list(value.shape)}"
+            )
+        var.set_value(jnp.asarray(value, jnp.float32))
+    used, missing = set(names), []
     for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
         own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
         used.update(f"{path}.{k}" for k in set_tree_params_torch(copy, own, f"{source}: {path}"))
