@@ -35,7 +35,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
-                        "smollm3", "granite")}
+                        "smollm3", "granite", "gemma")}
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
@@ -97,6 +97,11 @@ CASES = {
     ("granite", "lora-all-linear"): BOTH,
     ("granite", "prompt"): BOTH,
     ("granite", "prefix"): ("here->peft",),
+    # PEFT's default targets for gemma (LoRA: q_proj, v_proj; IA3: q, v, down_proj)
+    ("gemma", "lora-default-targets"): BOTH,
+    ("gemma", "ia3-default-targets"): BOTH,
+    ("gemma", "prefix"): BOTH,
+    ("gemma", "prompt"): ("here->peft",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

@@ -1,4 +1,4 @@
-"""Gemma 2 and Gemma 3 (text) against PyTorch transformers: logits, loss, generation, scanned layers,
+"""Gemma, Gemma 2 and Gemma 3 (text) against PyTorch transformers: logits, loss, generation, scanned layers,
 classification, checkpoints both ways, and the options that are refused.
 
 Every weight is random, norms included (transformers starts Gemma's ``1 + weight`` norms at zero),
@@ -24,16 +24,23 @@ from peftjax import models
 
 torch = lazy("torch")  # the PyTorch oracle: a test that uses it skips without it
 
-# what the tiny configs set beyond _tiny's: caps that bite (Gemma 2), and Gemma 3's two RoPEs (one
+# what the tiny configs set beyond _tiny's: Gemma's legacy activation name, caps that bite (Gemma 2), and Gemma 3's two RoPEs (one
 # scaled) without a final cap (its default), so its jitted loss is the one fused with the tied head,
 # and with the exact GELU (Gemma 2 has the tanh one)
 EXTRA = {
+    # the releases' legacy "gelu", which transformers reads as the tanh GELU
+    "gemma": dict(hidden_act="gelu"),
     "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "gemma3_text": dict(hidden_activation="gelu", rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
 }
-HEADS = {"gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
+HEADS = {"gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
+
+
+# the weights' std: Gemma's pre-norm-only layers grow larger activations than Gemma 2/3's four norms
+# (logits to about 7 at 0.3, where float32's rounding alone reaches 1e-5 on long rows)
+SCALE = {"gemma": 0.2}
 
 
 def _random_model(class_name: str, family: str, **overrides):
@@ -41,7 +48,7 @@ def _random_model(class_name: str, family: str, **overrides):
     model = getattr(tr, class_name)(_tiny.config(family, **EXTRA[family], **overrides)).eval()
     with torch.no_grad():
         for _, p in model.named_parameters():
-            p.copy_(0.3 * torch.randn_like(p))
+            p.copy_(SCALE.get(family, 0.3) * torch.randn_like(p))
     return model
 
 
@@ -135,6 +142,8 @@ def test_sequence_classification_matches_transformers(family, tmp_path):
 
 
 @pytest.mark.parametrize(("family", "overrides", "named"), [
+    ("gemma", dict(hidden_act="relu"), "gemma: hidden_act 'relu' is not supported"),
+    ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
     ("gemma2", dict(hidden_activation="relu"), "hidden_activation 'relu'"),
     ("gemma2", dict(layer_types=["sliding_attention", "chunked_attention"]), r"layer_types \['chunked_attention'\]"),
     ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),

@@ -25,7 +25,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
-           "smollm3": "SmolLM3Config", "granite": "GraniteConfig"}
+           "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
+           "gemma": "GemmaConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -39,7 +40,7 @@ def assert_same_fields(ours, theirs):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
-                            "olmo2", "smollm3", "granite"):
+                            "olmo2", "smollm3", "granite", "gemma"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -87,6 +88,7 @@ VARIANTS = [
     ("olmo3", dict(sliding_window=3)),
     ("smollm3", dict(no_rope_layers=None, num_hidden_layers=5, no_rope_layer_interval=3)),
     ("smollm3", dict(use_sliding_window=False, tie_word_embeddings=False, num_key_value_heads=None)),
+    ("gemma", dict(hidden_act="gelu", num_key_value_heads=1, head_dim=16)),
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),

@@ -8,6 +8,7 @@ from peftjax.models._bert import (
     BertForTokenClassification,
     BertModel,
 )
+from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._granite import GraniteForCausalLM
@@ -63,6 +64,8 @@ __all__ = [
     "CheckpointError",
     "Conv1D",
     "GPT2ForSequenceClassification",
+    "GemmaForCausalLM",
+    "GemmaForSequenceClassification",
     "Gemma2ForCausalLM",
     "Gemma2ForSequenceClassification",
     "Gemma3ForCausalLM",

@@ -73,6 +73,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_cache": True, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
         "pad_token_id": 32000, "sliding_window": None,
     },
+    "gemma": {
+        "vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+        "attention_dropout": 0.0, "use_bidirectional_attention": None,
+    },
     "gemma2": {
         "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
@@ -287,6 +294,8 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
+        if t == "gemma" and self.hidden_act == "gelu":  # GemmaConfig: the releases' "gelu" means the tanh one
+            self.hidden_act = "gelu_pytorch_tanh"
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]

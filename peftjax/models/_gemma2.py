@@ -52,9 +52,10 @@ def check_gemma_config(config) -> None:
     if getattr(config, "use_bidirectional_attention", None):
         raise ValueError(f"{config.model_type}: use_bidirectional_attention=True is not supported (only causal "
                          f"attention is implemented)")
-    act = getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    act = activation(config)
     if act not in GELU_APPROXIMATE:
-        raise ValueError(f"{config.model_type}: hidden_activation {act!r} is not supported; supported: "
+        field = "hidden_activation" if getattr(config, "hidden_activation", None) else "hidden_act"
+        raise ValueError(f"{config.model_type}: {field} {act!r} is not supported; supported: "
                          f"{sorted(GELU_APPROXIMATE)}")
     unknown = sorted(set(layer_types(config)) - set(LAYER_TYPES))
     if unknown:
@@ -62,6 +63,11 @@ def check_gemma_config(config) -> None:
     if len(layer_types(config)) != config.num_hidden_layers:
         raise ValueError(f"{config.model_type}: layer_types has {len(layer_types(config))} entries for "
                          f"num_hidden_layers={config.num_hidden_layers}")
+
+
+def activation(config) -> str:
+    """The MLP's activation: Gemma 2/3's ``hidden_activation``, Gemma's ``hidden_act``."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "gelu_pytorch_tanh"
 
 
 def layer_types(config) -> tuple[str, ...]:
@@ -115,7 +121,7 @@ class GemmaMLP(nnx.Module):
         self.gate_proj = nnx.Linear(h, i, **kw)
         self.up_proj = nnx.Linear(h, i, **kw)
         self.down_proj = nnx.Linear(i, h, **kw)
-        self.approximate = GELU_APPROXIMATE[getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"]
+        self.approximate = GELU_APPROXIMATE[activation(config)]
 
     def __call__(self, x):
         gate = self.gate_proj(x)
