@@ -275,19 +275,21 @@ def test_sharded_steps_equal_one_device(report):
     assert runs[((("fsdp", 2), ("model", 4)), "fsdp+tp")]["lora_A_spec"] == "P('fsdp', None)"
 
 
-def test_qwen3_phi3_gemma3_and_mixtral_train_sharded_as_on_one_device(report):
+def test_qwen3_phi3_gemma3_olmo2_and_mixtral_train_sharded_as_on_one_device(report):
     """Phi-3's fused qkv_proj [64, 128] and gate_up_proj [64, 256] split 4 ways on their outputs (and 2
-    ways on their inputs under fsdp); Qwen3's head norms and Gemma 3's post-norms whole; Mixtral's 4
-    experts one per device on the model axis (fsdp halves each expert's larger dimension), its router
-    split by fsdp only; 3 LoRA steps as on one device (Mixtral's loss with its load-balancing term)."""
+    ways on their inputs under fsdp); Qwen3's head norms and Gemma 3's post-norms whole; OLMo 2's norm
+    over the whole q_proj output whole while q_proj splits; Mixtral's 4 experts one per device on the
+    model axis (fsdp halves each expert's larger dimension), its router split by fsdp only; 3 LoRA
+    steps as on one device (Mixtral's loss with its load-balancing term)."""
     runs = {r["family"]: r for r in report["families"]}
-    assert sorted(runs) == ["gemma3_text", "mixtral", "phi3", "qwen3"]
+    assert sorted(runs) == ["gemma3_text", "mixtral", "olmo2", "phi3", "qwen3"]
     for name, r in runs.items():
         assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, name
     assert runs["phi3"]["shards"] == {"self_attn.qkv_proj.kernel": [[32, 32]], "mlp.gate_up_proj.kernel": [[32, 64]]}
     assert runs["qwen3"]["shards"] == {"self_attn.q_norm.scale": [[16]], "mlp.up_proj.kernel": [[32, 32]]}
     assert runs["gemma3_text"]["shards"] == {"post_feedforward_layernorm.scale": [[64]],
                                              "mlp.gate_proj.kernel": [[32, 32]]}
+    assert runs["olmo2"]["shards"] == {"self_attn.q_norm.scale": [[64]], "self_attn.q_proj.kernel": [[32, 16]]}
     assert runs["mixtral"]["shards"] == {"mlp.experts.gate_up_proj": [[1, 128, 64]],
                                          "mlp.experts.down_proj": [[1, 64, 64]], "mlp.gate.weight": [[4, 32]]}
 

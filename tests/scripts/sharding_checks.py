@@ -41,6 +41,7 @@ from peftjax.models import (  # noqa: E402
     LlamaForCausalLM,
     MixtralForCausalLM,
     ModelConfig,
+    Olmo2ForCausalLM,
     Phi3ForCausalLM,
     Qwen3ForCausalLM,
     from_pretrained,
@@ -270,6 +271,9 @@ FAMILIES = {
         "gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
         layer_types=["sliding_attention", "full_attention"])),
+    # OLMo 2: q/k norms over the whole (column-split) projections, norms after each branch
+    "olmo2": (Olmo2ForCausalLM, ModelConfig("olmo2", vocab_size=128, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
     "mixtral": (MixtralForCausalLM, ModelConfig("mixtral", vocab_size=128, hidden_size=64, intermediate_size=128,
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                 num_local_experts=4, num_experts_per_tok=2,
@@ -278,7 +282,8 @@ FAMILIES = {
 FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
          "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),
          "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel"),
-         "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")}
+         "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
+         "olmo2": ("self_attn.q_norm.scale", "self_attn.q_proj.kernel")}
 # attention only here: LoRA on Mixtral's router and experts (target_parameters) is tested in test_lora_peft
 TARGETS = {"mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
 
