@@ -694,11 +694,12 @@ def test_logits_to_keep_is_checked(causal):
         model(input_ids=ids, labels=ids, logits_to_keep=1)
 
 
-@pytest.mark.parametrize("causal", ["olmo3-window", "smollm3-nope-window"], indirect=True)
+@pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers"],
+                         indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
-    stacked in one scan under remat: the logits, the loss and every weight's gradient are
-    transformers'."""
+    stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and
+    every weight's gradient are transformers'."""
     torch_model, _, path = causal
     scanned = models.from_pretrained(path, scan_layers=True, remat="full")
     ids, mask = padded_batch(TINY["vocab_size"], seq=9)
