@@ -15,8 +15,8 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
-from _torch_models import (assert_grads_match_torch, assert_long_prompts_generate_as_torch, assert_long_rows_match_torch,
-                           lazy, padded_batch, save_tiny, torch_logits)
+from _torch_models import (assert_grads_match_torch, assert_long_prompts_generate_as_torch,
+                           assert_long_rows_match_torch, lazy, padded_batch, save_tiny, torch_logits)
 
 from peftjax import models
 

@@ -16,16 +16,7 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import GemmaMLP, GemmaRMSNorm, ScaledEmbed, check_gemma_config
-from peftjax.models._llama import (
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    LlamaModel,
-    head_dim_of,
-)
-from peftjax.models._modeling import ConfigRef
-from peftjax.models._rope import rotary_embedding
-from peftjax.nn._scan import check_remat, make_layers
+from peftjax.models._llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
@@ -47,16 +38,15 @@ class GemmaModel(LlamaModel):
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_gemma_config(config)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = ConfigRef(config)
-        self.embed_tokens = ScaledEmbed(config.vocab_size, config.hidden_size,
-                                        embed_scale=math.sqrt(config.hidden_size), **kw)
-        self.remat = check_remat(getattr(config, "remat", "none"))
-        self.layers = make_layers(
-            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-        self.rotary = rotary_embedding(config, head_dim_of(config))
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    @staticmethod
+    def make_embedding(config, **kw) -> nnx.Embed:
+        return ScaledEmbed(config.vocab_size, config.hidden_size, embed_scale=math.sqrt(config.hidden_size), **kw)
+
+    @staticmethod
+    def make_norm(config, **kw) -> nnx.Module:
+        return GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -54,8 +54,8 @@ class GraniteModel(LlamaModel):
         """As :class:`~peftjax.models.LlamaModel`, the embeddings scaled by ``embedding_multiplier``."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        return super().__call__(None, attention_mask, position_ids, jnp.asarray(inputs_embeds) * self.embedding_multiplier,
-                                cache, cache_index, prefix_kv, dropout_rng)
+        scaled = jnp.asarray(inputs_embeds) * self.embedding_multiplier
+        return super().__call__(None, attention_mask, position_ids, scaled, cache, cache_index, prefix_kv, dropout_rng)
 
 
 class GraniteForCausalLM(LlamaForCausalLM):

@@ -157,7 +157,7 @@ class LlamaModel(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+        self.embed_tokens = self.make_embedding(config, **kw)
         # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
         if getattr(config, "scan_layers", False):
@@ -165,9 +165,24 @@ class LlamaModel(nnx.Module):
         self.layers = make_layers(
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
-        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.norm = self.make_norm(config, **kw)
         # static data, not state: it never trains and is rebuilt from the config
-        self.rotary = rotary_embedding(config, head_dim_of(config))
+        self.rotary = self.make_rotary(config)
+
+    @staticmethod
+    def make_embedding(config, **kw) -> nnx.Embed:
+        """``embed_tokens`` (Gemma's scales its lookups)."""
+        return nnx.Embed(config.vocab_size, config.hidden_size, **kw)
+
+    @staticmethod
+    def make_norm(config, **kw) -> nnx.Module:
+        """The final ``norm`` (Gemma's multiplies by ``1 + weight``)."""
+        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+    @staticmethod
+    def make_rotary(config):
+        """The decoder's RoPE (a decoder with a RoPE per layer kind returns the one its kinds' shapes follow)."""
+        return rotary_embedding(config, head_dim_of(config))
 
     @staticmethod
     def check_scan(config) -> None:

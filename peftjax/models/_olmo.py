@@ -38,11 +38,9 @@ from peftjax.models._llama import (
     LlamaModel,
     head_dim_of,
 )
-from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
-from peftjax.nn._scan import check_remat, make_layers
 
 OLMO3_DEFAULT_THETA = 500000.0
 
@@ -140,7 +138,7 @@ class Olmo3DecoderLayer(Olmo2DecoderLayer):
     attention_class: ClassVar[type[nnx.Module]] = Olmo3Attention
 
 
-class Olmo3Model(nnx.Module):
+class Olmo3Model(Olmo2Model):
     """OLMo 2's decoder whose layers each take their type's window and RoPE."""
 
     layer_class: ClassVar[type[nnx.Module]] = Olmo3DecoderLayer
@@ -148,18 +146,18 @@ class Olmo3Model(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layer_types = olmo3_layer_types(config)
         ropes = olmo3_rope_parameters(config)  # a bad setting fails before any weight is built
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = ConfigRef(config)
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **kw)
-        self.remat = check_remat(getattr(config, "remat", "none"))
-        self.layers = make_layers(
-            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
-        )
-        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         # static data, not state: ((layer type, its RoPE, its window), ...) for the types the layers use
         self.kinds = tuple((t, rotary_of(config, ropes[t], head_dim_of(config)),
                             config.sliding_window if t == "sliding_attention" else None)
                            for t in sorted(set(self.layer_types)))
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    @staticmethod
+    def check_scan(config) -> None:
+        """Any mix of layer types scans: each layer reads its type's mask and RoPE."""
+
+    def make_rotary(self, config):
+        return self.kinds[0][1]
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
@@ -167,7 +165,7 @@ class Olmo3Model(nnx.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
-                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.kinds[0][1], call=with_one_mask)
+                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.rotary, call=with_one_mask)
 
 
 class Olmo3ForCausalLM(LlamaForCausalLM):
