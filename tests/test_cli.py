@@ -550,7 +550,7 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
 # RandLoRA and VB-LoRA (model-level tensors in the file, VB-LoRA's trained and shared), SHiRA
 # (integer tensors in the file) and the bottleneck adapter (PEFT cannot read it). The others are
 # tested through the same get_peft_model in their own files.
-RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "bottleneck")
+RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "bottleneck")
 LAYER_METHODS = {
     "adalora": ([], "ADALORA"), "loha": ([], "LOHA"), "lokr": (["--r", "4"], "LOKR"),
     "oft": (["--method-option", "oft_block_size=4"], "OFT"), "boft": ([], "BOFT"), "hra": (["--r", "4"], "HRA"),
@@ -558,6 +558,7 @@ LAYER_METHODS = {
     "delora": ([], "DELORA"), "vera": (["--r", "16"], "VERA"),
     "c3a": (["--method-option", "block_size=8"], "C3A"), "gralora": (["--r", "4"], "GRALORA"),
     "shira": (["--r", "1"], "SHIRA"), "hira": (["--r", "2"], "HIRA"), "randlora": (["--r", "4"], "RANDLORA"),
+    "poly": (["--r", "2", "--method-option", "n_skills=2"], "POLY"),
     "vblora": (["--method-option", "vector_length=8", "--method-option", "num_vectors=16"], "VBLORA"),
     "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
@@ -623,6 +624,8 @@ def test_train_with_each_kind_of_layer_method(method, tokenizer_dir, tmp_path, c
         theirs = peft.PeftModel.from_pretrained(
             tr.AutoModelForSequenceClassification.from_pretrained(base, num_labels=summary["num_labels"]), out).eval()
         batch = tokenizer(texts, return_tensors="pt", padding=True)
+        if method == "poly":  # PEFT always asks for the rows' tasks; the job trained task 0 (n_tasks=1)
+            batch["task_ids"] = torch.zeros(len(texts), dtype=torch.long)
         with torch.no_grad():
             probs = theirs(**batch).logits.softmax(-1).numpy()
     assert [(LABELS[int(p.argmax())], round(float(p.max()), 3)) for p in probs] == shown

@@ -247,6 +247,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.GraloraConfig, "GraloraConfig", {}),
     (pc.ShiraConfig, "ShiraConfig", {}),
     (pc.HiraConfig, "HiraConfig", {}),
+    (pc.PolyConfig, "PolyConfig", {}),
     (pc.RandLoraConfig, "RandLoraConfig", {}),
     (pc.VBLoRAConfig, "VBLoRAConfig", {}),
 ]
@@ -430,7 +431,7 @@ def test_minimal_file_uses_defaults(tmp_path):
         ('["peft_type", "LORA"]', ValueError, "JSON object"),
         ('{"r": 4}', ValueError, "`peft_type` is required"),
         ('{"peft_type": "FOO"}', ValueError, "unknown peft_type 'FOO'.*LORA"),
-        ('{"peft_type": "POLY"}', NotImplementedError, "POLY.*supported"),
+        ('{"peft_type": "XLORA"}', NotImplementedError, "XLORA.*supported"),
         ('{"peft_type": "LORA", "bias": "some"}', ValueError, "bias"),
     ],
 )

@@ -159,8 +159,8 @@ def test_task_ids_and_source_files_are_checked(saved, tmp_path):
         model(input_ids=IDS, task_ids=[0, 1])
     traced = jax.jit(lambda t: model(input_ids=IDS, task_ids=t).logits)(np.array([0, 5, 1]))
     assert np.isnan(np.asarray(traced)[1]).all() and not np.isnan(np.asarray(traced)[[0, 2]]).any()
-    with pytest.raises(NotImplementedError, match="'default' has num_tasks=3, but the Trainer's batches carry no "
-                                                  "task_ids"):
+    with pytest.raises(NotImplementedError, match="MULTITASK_PROMPT_TUNING adapter 'default' has num_tasks=3, but "
+                                                  "the Trainer's batches carry no task_ids"):
         peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none"))
     single = peftjax.get_peft_model(models.from_pretrained(path), peftjax.MultitaskPromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=V))

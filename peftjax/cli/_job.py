@@ -96,6 +96,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "gralora": ("GRALORA", {}, "GraLoRA"),
     "shira": ("SHIRA", {}, "SHiRA"),
     "hira": ("HIRA", {}, "HiRA"),
+    "poly": ("POLY", {}, "Poly"),
     "randlora": ("RANDLORA", {}, "RandLoRA"),
     "vblora": ("VBLORA", {}, "VB-LoRA"),
     "vera": ("VERA", {}, "VeRA"),
@@ -131,7 +132,8 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, randlora, vblora, vera, fourierft, "
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no task "
+              "ids), randlora, vblora, vera, fourierft, "
               "ln_tuning, trainable_tokens, prefix (prefix tuning), prompt (prompt tuning), multitask_prompt "
               "(multitask prompt tuning: one task, num_tasks=1, as the Trainer has no task ids), p-tuning, "
               "adaption_prompt (Llama, Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it)",

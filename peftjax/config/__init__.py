@@ -30,6 +30,7 @@ from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
+from peftjax.config._poly import PolyConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -105,6 +106,7 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",
     "MultitaskPromptTuningConfig",
+    "PolyConfig",
     "MultitaskPromptTuningInit",
     "PromptTuningConfig",
     "PromptTuningInit",

@@ -317,14 +317,16 @@ class Trainer:
         if encoder_decoder and compute_metrics is not None:
             raise NotImplementedError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model is not "
                                       "implemented: its logits come in several target lengths")
-        several = [name for name, config in model.peft_config.items()
-                   if getattr(config, "peft_type", None) == "MULTITASK_PROMPT_TUNING" and config.num_tasks != 1]
-        if several:
-            raise NotImplementedError(
-                f"Trainer: multitask prompt tuning adapter {several[0]!r} has num_tasks="
-                f"{model.peft_config[several[0]].num_tasks}, but the Trainer's batches carry no task_ids; train it "
-                f"with peftjax.split / make_train_step and batches holding a task_ids array (a task per row), or "
-                f"use num_tasks=1 (every row task 0)")
+        # the methods whose rows each have a task: (peft_type, field counting the tasks)
+        for peft_type, field in (("MULTITASK_PROMPT_TUNING", "num_tasks"), ("POLY", "n_tasks")):
+            several = [name for name, config in model.peft_config.items()
+                       if getattr(config, "peft_type", None) == peft_type and getattr(config, field) != 1]
+            if several:
+                raise NotImplementedError(
+                    f"Trainer: {peft_type} adapter {several[0]!r} has {field}="
+                    f"{getattr(model.peft_config[several[0]], field)}, but the Trainer's batches carry no task_ids; "
+                    f"train it with peftjax.split / make_train_step and batches holding a task_ids array (a task "
+                    f"per row), or use {field}=1 (every row task 0)")
         self.model = model
         self.args = args
         # before anything compiles: a later run of the same job reads the executables back

@@ -24,6 +24,7 @@ from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
 from peftjax.tuners.lokr import LoKrConfig, LoKrLinear, inject_lokr
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
 from peftjax.tuners.oft import OFTConfig, OFTLayer, inject_oft
+from peftjax.tuners.poly import PolyConfig, PolyLayer, inject_poly
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
     inject_prompt_learning,
@@ -60,6 +61,7 @@ register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALaye
 register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
 register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
 register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
+register_tuner(Tuner.for_layers(PolyConfig, inject=inject_poly, layer_type=PolyLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
                      load_state_dict=load_randlora_state_dict))
 register_tuner(Tuner(VBLoRAConfig, inject=inject_vblora, state_dict=vblora_state_dict,

@@ -272,6 +272,11 @@ def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer
         raise TypeError(f"{method} cannot adapt {listed}; supported: nnx.Linear (and subclasses such as GPT-2's Conv1D)")
 
 
+class ModelMixin(abc.ABC):
+    """Marks a mixin swapped onto a whole model (not a layer) by a method whose layers need
+    something from the model's call (Poly's ``task_ids``); ``unload`` restores the class."""
+
+
 _SWAPPED: dict[tuple[type, type], type] = {}
 
 

@@ -24,7 +24,7 @@ from peftjax.config import (
     match_modules,
 )
 from peftjax.models._modeling import iter_hf_params
-from peftjax.tuners.base._layer import AdapterLayer, check_adaptable, original_class
+from peftjax.tuners.base._layer import AdapterLayer, ModelMixin, check_adaptable, original_class
 from peftjax.tuners.base._modules_to_save import SavedModule, module_params, set_param
 from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
 
@@ -248,6 +248,8 @@ def unload(model: nnx.Module, *, merge_first: bool, adapter_names: tuple[str, ..
                     set_param(owner, attr, nnx.Param(var.get_value()))
         if isinstance(m, AdapterLayer):
             m.remove_adapter_state()
+            m.__class__ = original_class(m)
+        if isinstance(m, ModelMixin):
             m.__class__ = original_class(m)
         for attr, var in list(vars(m).items()):
             if isinstance(var, TrainableParam):

@@ -1,0 +1,90 @@
+"""Each row's task for Poly's layers: ``model(..., task_ids=...)`` on the model itself.
+
+PEFT's ``PolyModel`` hands ``task_ids`` to every Poly layer through forward pre-hooks. Here the
+model's class gains a ``__call__`` (and ``generate``) taking ``task_ids``, which it makes current
+(:func:`current_task_ids`) while the model runs, so the layers read it; under ``jit`` and
+``scan_layers`` the ids are traced values of the same call. The swapped class keeps the model's
+name and shows its signature (the ``Trainer`` reads it), and ``unload`` restores the class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class
+
+_TASK_IDS: contextvars.ContextVar = contextvars.ContextVar("peftjax_task_ids", default=None)
+
+
+def current_task_ids():
+    """The running call's ``task_ids`` (``None`` outside a call that passed some)."""
+    return _TASK_IDS.get()
+
+
+@contextlib.contextmanager
+def _task_ids(task_ids):
+    token = _TASK_IDS.set(task_ids)
+    try:
+        yield
+    finally:
+        _TASK_IDS.reset(token)
+
+
+class TaskIdsModel(ModelMixin):
+    """Mixin for a model whose layers read the rows' tasks: ``__call__`` takes ``task_ids``."""
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        if task_ids is None and hasattr(self, "peft_generate_task_ids"):  # inside generate's compiled loop
+            task_ids = self.peft_generate_task_ids.get_value()
+        with _task_ids(task_ids):
+            return self._peftjax_base.__call__(self, *args, **kwargs)
+
+
+class TaskIdsGenerationModel(TaskIdsModel):
+    """:class:`TaskIdsModel` for a generating model: ``generate`` takes ``task_ids`` too.
+
+    The ids ride in the model's state for the call (``peft_generate_task_ids``), so the compiled
+    generation loop reads them as data: one compilation serves every assignment of tasks.
+    """
+
+    def generate(self, *args, task_ids=None, **kwargs):
+        if task_ids is None:
+            return self._peftjax_base.generate(self, *args, **kwargs)
+        from peftjax.tuners.poly._layer import check_task_ids
+
+        ids = check_task_ids(task_ids, self)
+        self.peft_generate_task_ids = nnx.Variable(jnp.asarray(ids, jnp.int32))
+        try:
+            return self._peftjax_base.generate(self, *args, **kwargs)
+        finally:
+            del self.peft_generate_task_ids
+
+
+def take_task_ids(model, method: str) -> None:
+    """Makes ``model`` take ``task_ids`` (once; the class keeps its name and call signature).
+
+    Raises:
+      TypeError: the model's class was already swapped by another method (prompt learning), whose
+        adapters PEFT does not combine with ``method``'s either.
+    """
+    if isinstance(model, TaskIdsModel):
+        return
+    if original_class(model) is not type(model):
+        raise TypeError(f"{method} cannot be added to {type(model).__name__}: the model carries another method's "
+                        f"model-level adapter (prompt learning)")
+    mixin = TaskIdsGenerationModel if hasattr(type(model), "generate") else TaskIdsModel
+    cls = mixin_subclass(type(model), mixin, "")
+    if "__wrapped__" not in vars(cls.__call__):
+        base_call = cls._peftjax_base.__call__
+
+        @functools.wraps(base_call)
+        def __call__(self, *args, **kwargs):
+            return TaskIdsModel.__call__(self, *args, **kwargs)
+
+        cls.__call__ = __call__
+    model.__class__ = cls

@@ -1,0 +1,176 @@
+"""Poly (Polytropon) and multi-head routing against HF PEFT + PyTorch, in both directions.
+
+Each targeted linear layer mixes ``n_skills`` LoRA pairs by its row's task (``task_ids``); the
+eval-mode forward (sigmoid routing) is PEFT's to 1e-5, and training samples the routing (a relaxed
+Bernoulli) under the dropout key.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import _tiny
+from _compiles import compilations
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
+
+ARCHS = {"llama": _tiny.arch("llama", initializer_range=0.2),
+         "bert": _tiny.arch("bert", "BertForSequenceClassification", num_labels=3),
+         "gpt2": _tiny.arch("gpt2")}
+IDS = np.random.RandomState(0).randint(3, 96, (3, 7))
+MASK = np.array([[1] * 7, [0] * 2 + [1] * 5, [1] * 7])
+TASKS = np.array([2, 0, 1])
+LLAMA = ["q_proj", "v_proj", "down_proj"]
+# (arch, fields): Llama with multi-head routing (2 splits); BERT's classifier on PEFT's default targets
+CASES = {"llama-mhr": ("llama", dict(r=4, n_tasks=3, n_skills=2, n_splits=2, target_modules=LLAMA)),
+         "bert": ("bert", dict(r=2, n_tasks=3, n_skills=3))}
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_checkpoint):
+    return {name: tiny_checkpoint(spec) for name, spec in ARCHS.items()}
+
+
+def torch_base(arch, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ARCHS[arch].torch_class.from_pretrained(path).eval()
+
+
+def mask_for(arch):
+    return MASK if arch == "llama" else MASK[:, ::-1].copy()  # BERT: right padding
+
+
+def run_torch(model, arch, task_ids=TASKS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(mask_for(arch)),
+                     task_ids=torch.tensor(task_ids)).logits.numpy()
+
+
+def valid(logits, arch):
+    return logits[mask_for(arch).astype(bool)] if logits.ndim == 3 else logits
+
+
+def peft_made(arch, path, fields, directory):
+    """PEFT's Poly adapter, every trained tensor moved off its start, saved to ``directory``."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(torch_base(arch, path), peft.PolyConfig(task_type=ARCHS[arch].task, **fields))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.5 * torch.randn_like(p))
+        model.save_pretrained(directory)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapters_move_both_ways_with_peft_s_logits(case, saved, tmp_path):
+    """A PEFT-made adapter gives PEFT's logits for each row's task here (eager and jitted); trained
+    here through the functional core (task ids in the batch), saved, it gives ours in PEFT; the
+    layers are the ones PEFT adapts."""
+    arch, fields = CASES[case]
+    path = saved[arch]
+    theirs = peft_made(arch, path, fields, tmp_path / "theirs")
+    ref = run_torch(theirs, arch)
+    assert np.abs(ref - run_torch(theirs, arch, TASKS[::-1].copy())).max() > 1e-3  # the task matters
+
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs", is_trainable=True)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == {
+        (s.name, s.module_type) for s in theirs.get_layer_status()}
+    eager = np.asarray(ours(input_ids=IDS, attention_mask=mask_for(arch), task_ids=TASKS).logits)
+    jitted = np.asarray(nnx.jit(lambda m, t: m(input_ids=IDS, attention_mask=mask_for(arch), task_ids=t).logits)(
+        ours.base_model, TASKS))
+    for out in (eager, jitted):
+        np.testing.assert_allclose(valid(out, arch), valid(ref, arch), atol=1e-5, rtol=0)
+
+    batch = {**_tiny.batch(IDS, mask_for(arch), ARCHS[arch].task, labels=(0, 2, 1)), "task_ids": TASKS}
+    # without the dropout key (the sampled routing and BERT's dropout move a 4-step loss more than training)
+    losses = _tiny.train(ours, batch, steps=4, optimizer=optax.adam(1e-2), dropout=False).losses
+    assert losses[-1] < losses[0]
+    mine = np.asarray(ours(input_ids=IDS, attention_mask=mask_for(arch), task_ids=TASKS).logits)
+    assert np.abs(mine - eager).max() > 1e-4
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(torch_base(arch, path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(valid(mine, arch), valid(run_torch(loaded, arch), arch), atol=1e-5, rtol=0)
+
+
+def test_generation_equals_peft_s_and_task_ids_are_data_of_one_compiled_loop(saved, tmp_path):
+    path = saved["llama"]
+    fields = CASES["llama-mhr"][1]
+    theirs = peft_made("llama", path, fields, tmp_path)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    with compilations() as compiled:
+        for tasks in (TASKS, np.array([1, 1, 0])):
+            out = np.asarray(ours.generate(IDS, MASK, max_new_tokens=4, pad_token_id=0, task_ids=tasks))
+            with torch.no_grad():
+                ref = theirs.generate(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
+                                      task_ids=torch.tensor(tasks), max_new_tokens=4, do_sample=False,
+                                      pad_token_id=0).numpy()
+            np.testing.assert_array_equal(out[:, -4:], ref[:, -4:])
+    generate_programs = [name for name in compiled if "_generate" in name]
+    assert len(generate_programs) == 1, generate_programs
+
+
+def test_training_samples_the_routing_and_scanned_layers_equal_the_loop(saved, tmp_path):
+    path = saved["llama"]
+    config = peftjax.PolyConfig(r=4, n_tasks=3, n_skills=2, target_modules=LLAMA, init_weights=False)
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    forward = lambda m: np.asarray(m(input_ids=IDS, attention_mask=MASK, task_ids=TASKS).logits)  # noqa: E731
+    eval_mode = forward(model)
+    with peftjax.dropout_key(jax.random.key(0)):
+        first, again = forward(model), forward(model)
+    with peftjax.dropout_key(jax.random.key(1)):
+        other = forward(model)
+    np.testing.assert_allclose(first, again, atol=1e-5, rtol=0)  # a function of the key
+    assert np.abs(first - eval_mode).max() > 1e-3 and np.abs(first - other).max() > 1e-3
+    model.save_pretrained(tmp_path)
+    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), tmp_path)
+    jitted = nnx.jit(lambda m, t: m(input_ids=IDS, attention_mask=MASK, task_ids=t).logits)
+    np.testing.assert_allclose(np.asarray(jitted(scanned.base_model, TASKS)), eval_mode, atol=1e-5, rtol=0)
+
+
+def test_task_ids_layers_and_options_are_checked(saved, tmp_path):
+    model = peftjax.get_peft_model(models.from_pretrained(saved["llama"]),
+                                   peftjax.PolyConfig(r=2, n_tasks=3, target_modules=LLAMA))
+    with pytest.raises(ValueError, match="task_ids should not be None: this Poly adapter has n_tasks=3"):
+        model(input_ids=IDS)
+    with pytest.raises(ValueError, match=r"Only 3 tasks available. Found task id = 3 \(task_ids \[0, 3, 1\]\)"):
+        model(input_ids=IDS, task_ids=[0, 3, 1])
+    with pytest.raises(ValueError, match=r"Only 3 tasks available"):
+        model.generate(IDS, MASK, max_new_tokens=2, task_ids=[5, 0, 0])
+    with pytest.raises(ValueError, match=r"expected one task id per row \(3\), got 2"):
+        model(input_ids=IDS, task_ids=[0, 1])
+    with pytest.raises(NotImplementedError, match="update depends on each row's task"):
+        model.merge_adapter()
+    with pytest.raises(NotImplementedError, match="POLY adapter 'default' has n_tasks=3, but the Trainer's batches"):
+        peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none"))
+    base = model.unload()
+    assert type(base) is models.LlamaForCausalLM
+    with pytest.raises(TypeError, match="task_ids"):
+        base(input_ids=IDS, task_ids=TASKS)
+
+    single = peftjax.get_peft_model(models.from_pretrained(saved["llama"]), peftjax.PolyConfig(
+        r=2, target_modules=LLAMA, init_weights=False))
+    np.testing.assert_allclose(np.asarray(single(input_ids=IDS).logits),  # one task: every row is task 0
+                               np.asarray(single(input_ids=IDS, task_ids=[0, 0, 0]).logits), atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="Conv1D"):
+        peftjax.get_peft_model(models.from_pretrained(saved["gpt2"]), peftjax.PolyConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="q_proj: n_splits=3 does not divide the layer's input size 32"):
+        peftjax.get_peft_model(models.from_pretrained(saved["llama"]), peftjax.PolyConfig(
+            n_splits=3, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="poly_type"):
+        peftjax.PolyConfig(poly_type="mhr")
