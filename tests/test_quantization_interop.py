@@ -14,6 +14,7 @@ test_quantization_codes) loaded by transformers with ``BitsAndBytesConfig``, wit
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -403,3 +404,62 @@ def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
         here = peftjax.get_peft_model(models.from_pretrained(gpt2_ckpt, quantization_config=ours("nf4")),
                                       peftjax.LoraConfig(**config))
     assert here.peft_config["default"].fan_in_fan_out is True
+
+
+# ---------------------------------------------------------------- PEFT's other methods on bitsandbytes layers
+
+# the methods PEFT 0.21.2 runs on bitsandbytes layers besides LoRA (peft/tuners/*/bnb.py), each made with
+# its trained tensors off their start so that it shows in the logits
+BNB_METHODS = {
+    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "adalora": ("AdaLoraConfig", dict(r=4, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "hira": ("HiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "road": ("RoadConfig", dict(group_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "randlora": ("RandLoraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BNB_METHODS))
+def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
+    """An IA3, AdaLoRA, HiRA, RoAd or RandLoRA adapter PEFT made on transformers' NF4 model gives
+    PEFT's logits on the NF4 base here; trained here (the public functional core), it gives ours in
+    PEFT on the bitsandbytes model."""
+    name, fields = BNB_METHODS[method]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(bnb_model(ckpt, "nf4"), getattr(peft, name)(task_type="CAUSAL_LM", **fields))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+    expected = torch_logits(float32_oracle(theirs.eval()))
+    assert np.abs(expected - torch_logits(bnb_model(ckpt, "nf4"))).max() > 20 * TOL["nf4"]
+
+    base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
+    loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "theirs", is_trainable=True)
+    assert all(isinstance(m, Linear4bit) for m in quantized_linears(loaded.base_model).values())
+    np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL["nf4"], rtol=0)
+
+    if method == "adalora":  # its rank allocator trains in make_adalora_train_step / the Trainer: moved instead
+        _, trainable, _ = peftjax.split(loaded.base_model)
+        loaded.update(jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), trainable))
+    else:
+        trained = _tiny.train(loaded, _tiny.batch(IDS), steps=3, dropout=False)
+        assert trained.losses[-1] < trained.losses[0]
+    loaded.save_pretrained(tmp_path / "ours")
+    mine = jax_logits(loaded)
+    assert np.abs(mine - expected).max() > 20 * TOL["nf4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(bnb_model(ckpt, "nf4"), tmp_path / "ours")
+    np.testing.assert_allclose(mine, torch_logits(float32_oracle(back.eval())), atol=TOL["nf4"], rtol=0)
+
+
+def test_methods_peft_does_not_run_on_bitsandbytes_are_refused_by_name(ckpt):
+    base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
+    with pytest.raises(NotImplementedError, match=r"C3A on the quantized layer model\.layers\.0\.self_attn\.q_proj "
+                                                  r"is not implemented \(PEFT 0\.21\.2 runs LoRA, AdaLoRA, IA3, HiRA"):
+        peftjax.get_peft_model(base, peftjax.C3AConfig(block_size=8, target_modules=["q_proj"]))
+    assert not isinstance(base.model.layers[0].self_attn.q_proj, peftjax.tuners.base.AdapterLayer)  # untouched

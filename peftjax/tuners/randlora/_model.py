@@ -79,7 +79,7 @@ def inject_randlora(
         module.add_randlora(adapter_name, spec, bases[0], key, init_weights=config.init_weights)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=RandLoraLayer,
-                             method="RandLoRA", class_for=randlora_class_for, conv1d=True, add=add,
+                             method="RandLoRA", class_for=randlora_class_for, conv1d=True, quantized=True, add=add,
                              prepare=lambda _, __, module: shapes.append(module.kernel.get_value().shape))
 
 
