@@ -98,6 +98,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
+    # a global layer, then local ones reaching 2 tokens either side (local_attention 4)
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        local_attention=4, num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+        sep_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
 }

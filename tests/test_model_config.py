@@ -26,7 +26,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "xlm-roberta": "XLMRobertaConfig", "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
-           "gemma": "GemmaConfig"}
+           "gemma": "GemmaConfig", "modernbert": "ModernBertConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -46,6 +46,10 @@ def assert_same_fields(ours, theirs):
         from peftjax.models._gemma3 import gemma3_rope_parameters
 
         assert gemma3_rope_parameters(ours) == theirs.rope_parameters
+    if theirs.model_type == "modernbert":
+        from peftjax.models._modernbert import modernbert_rope_parameters
+
+        assert modernbert_rope_parameters(ours) == theirs.rope_parameters
     if theirs.model_type == "olmo3":
         from peftjax.models._olmo import olmo3_rope_parameters
 
@@ -90,6 +94,8 @@ VARIANTS = [
     ("smollm3", dict(use_sliding_window=False, tie_word_embeddings=False, num_key_value_heads=None)),
     ("gemma", dict(hidden_act="gelu", num_key_value_heads=1, head_dim=16)),
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
+    ("modernbert", dict(layer_types=None, num_hidden_layers=5, global_attn_every_n_layers=2, classifier_pooling="mean")),
+    ("modernbert", dict(rope_parameters=None, global_rope_theta=500.0, local_rope_theta=7.0, norm_bias=True)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
     ("roberta", dict(classifier_dropout=0.3)),

@@ -28,6 +28,12 @@ from peftjax.models._olmo import (
     Olmo3ForCausalLM,
     Olmo3ForSequenceClassification,
 )
+from peftjax.models._modernbert import (
+    ModernBertForQuestionAnswering,
+    ModernBertForSequenceClassification,
+    ModernBertForTokenClassification,
+    ModernBertModel,
+)
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
 from peftjax.models._smollm3 import SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
@@ -81,6 +87,10 @@ __all__ = [
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
     "ModelConfig",
+    "ModernBertForQuestionAnswering",
+    "ModernBertForSequenceClassification",
+    "ModernBertForTokenClassification",
+    "ModernBertModel",
     "ModelOutput",
     "NewWeightsWarning",
     "Olmo2ForCausalLM",

@@ -173,6 +173,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "classifier_dropout": None, "is_decoder": False, "add_cross_attention": False, "bos_token_id": 0,
         "eos_token_id": 2, "tie_word_embeddings": True,
     },
+    # ModernBertConfig: layer_types from global_attn_every_n_layers (3), a RoPE per layer type
+    "modernbert": {
+        "vocab_size": 50368, "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22,
+        "num_attention_heads": 12, "hidden_activation": "gelu", "max_position_embeddings": 8192,
+        "initializer_range": 0.02, "initializer_cutoff_factor": 2.0, "norm_eps": 1e-05, "norm_bias": False,
+        "pad_token_id": 50283, "eos_token_id": 50282, "bos_token_id": 50281, "cls_token_id": 50281,
+        "sep_token_id": 50282, "attention_bias": False, "attention_dropout": 0.0, "layer_types": None,
+        "local_attention": 128, "embedding_dropout": 0.0, "mlp_bias": False, "mlp_dropout": 0.0,
+        "decoder_bias": True, "classifier_pooling": "cls", "classifier_dropout": 0.0, "classifier_bias": False,
+        "classifier_activation": "gelu", "deterministic_flash_attn": False, "sparse_prediction": False,
+        "sparse_pred_ignore_index": -100, "tie_word_embeddings": True,
+    },
     "gpt2": {
         "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
         "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
@@ -223,6 +235,7 @@ ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
+               "global_rope_theta", "local_rope_theta", "global_attn_every_n_layers",
                "sliding_window_pattern", "transformers_version",
                "torch_dtype", "id2label", "label2id", "num_labels", "decoder_start_token_id")
 
@@ -296,6 +309,10 @@ class ModelConfig:
                 ]
         if t == "gemma" and self.hidden_act == "gelu":  # GemmaConfig: the releases' "gelu" means the tanh one
             self.hidden_act = "gelu_pytorch_tanh"
+        if t == "modernbert" and self.layer_types is None:  # ModernBertConfig.__post_init__
+            every = self.__dict__.get("global_attn_every_n_layers", 3)
+            self.layer_types = ["sliding_attention" if i % every else "full_attention"
+                                for i in range(self.num_hidden_layers)]
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
