@@ -155,7 +155,12 @@ TASK_CASES = [
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
     ("llama", "CAUSAL_LM", "LlamaForSequenceClassification"),
+    # the Hub's ModernBERT checkpoints (masked LMs: their `head` is what the classifiers read)
+    ("modernbert", "SEQ_CLS", "ModernBertForMaskedLM"),
+    ("modernbert", "TOKEN_CLS", "ModernBertForMaskedLM"),
 ]
+# the families PEFT has no default LoRA targets for
+TARGETS = {"modernbert": ["Wqkv", "Wo"]}
 
 
 # narrower than _tiny's models (hidden 16): most of these carry MiniLM's 30522-token vocabulary
@@ -168,6 +173,8 @@ NARROW = {
     "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_positions=64),
     "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, tie_word_embeddings=True),
+    "modernbert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       num_labels=2),
 }
 
 
@@ -200,7 +207,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # trained as a user would: the task's class, LoRA with a classifier head in modules_to_save
     kwargs = {"num_labels": 3} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
     model = models.from_pretrained(base, task_type=task, **kwargs)
-    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, init_lora_weights=False, task_type=task))
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, init_lora_weights=False, task_type=task,
+                                                                  target_modules=TARGETS.get(family)))
     peft_model.save_pretrained(tmp_path / "adapter")
     text = "a small test of every command"
     batch = tokenizer([text], return_tensors="np")
@@ -221,7 +229,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     info = json.loads(capsys.readouterr().out)
     assert info["task_type"] == info["model_task"] == task
     heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
-                                                                  "classifier.out_proj.weight": [3, 16]}}
+                                                                  "classifier.out_proj.weight": [3, 16]},
+             "modernbert": {"classifier.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")

@@ -144,3 +144,26 @@ def test_what_is_not_implemented_is_named(overrides, error, named):
     with pytest.raises(error, match=named):
         models.ModernBertForSequenceClassification.from_config(models.ModelConfig(
             "modernbert", **_tiny.fields("modernbert", **overrides)))
+
+
+def test_a_head_less_checkpoint_s_new_head_trains_and_saves_through_modules_to_save(tmp_path):
+    """From a ``ModernBertModel`` checkpoint the classifier's ``head`` (dense, norm) is new, as in
+    transformers; ``modules_to_save=["head"]`` trains and saves it beside the classifier, and PEFT
+    rebuilds the same classifier from the file."""
+    save_random("ModernBertModel", tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base", task_type="SEQ_CLS", num_labels=3),
+                                       peftjax.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["Wqkv"],
+                                                          modules_to_save=["head"]))
+    _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=3)
+    model.save_pretrained(tmp_path / "adapter")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(
+            tr.ModernBertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3),
+            tmp_path / "adapter").eval()
+        with torch.no_grad():
+            ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
