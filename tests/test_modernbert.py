@@ -167,3 +167,33 @@ def test_a_head_less_checkpoint_s_new_head_trains_and_saves_through_modules_to_s
         with torch.no_grad():
             ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
     np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_prompt_and_p_tuning_move_both_ways_with_peft(method, tmp_path):
+    """Virtual tokens before a ModernBERT classifier's input (its [CLS] pooling then reads the first
+    of them, in PEFT too): PEFT's adapter gives PEFT's logits here; one made here gives ours in PEFT."""
+    theirs_base = save_random("ModernBertForSequenceClassification", tmp_path / "base")
+    fields = dict(task_type="SEQ_CLS", num_virtual_tokens=3)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(theirs_base, getattr(peft, method)(**fields))
+        theirs.save_pretrained(tmp_path / "theirs")
+        with torch.no_grad():
+            ref = theirs.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
+
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), getattr(peftjax, method)(**fields))
+    _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=2)
+    model.save_pretrained(tmp_path / "ours")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(
+            tr.ModernBertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                mine, back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy(),
+                atol=1e-5, rtol=0)
