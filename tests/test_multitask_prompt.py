@@ -159,9 +159,10 @@ def test_task_ids_and_source_files_are_checked(saved, tmp_path):
         model(input_ids=IDS, task_ids=[0, 1])
     traced = jax.jit(lambda t: model(input_ids=IDS, task_ids=t).logits)(np.array([0, 5, 1]))
     assert np.isnan(np.asarray(traced)[1]).all() and not np.isnan(np.asarray(traced)[[0, 2]]).any()
-    with pytest.raises(NotImplementedError, match="MULTITASK_PROMPT_TUNING adapter 'default' has num_tasks=3, but "
-                                                  "the Trainer's batches carry no task_ids"):
-        peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none"))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", disable_tqdm=True, plot=False)
+    with pytest.raises(peftjax.training.TrainingError, match="train_dataset has no task_ids column, which "
+                                                    r"MULTITASK_PROMPT_TUNING adapter 'default' \(3 tasks\) needs"):
+        peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
     single = peftjax.get_peft_model(models.from_pretrained(path), peftjax.MultitaskPromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=V))
     np.testing.assert_array_equal(np.asarray(single(input_ids=IDS).logits),  # one task: every row is task 0
@@ -182,3 +183,23 @@ def test_task_ids_and_source_files_are_checked(saved, tmp_path):
         with pytest.raises(ValueError, match=message):
             peftjax.get_peft_model(models.from_pretrained(path), peftjax.MultitaskPromptTuningConfig(
                 **{"task_type": "CAUSAL_LM", "num_virtual_tokens": V, **fields}))
+
+
+def test_the_trainer_passes_each_row_s_task(saved, tmp_path):
+    """A dataset's task_ids column reaches the prompt: the Trainer trains a three-task adapter, and
+    PEFT gives the trained adapter's logits for each row's task."""
+    path = saved["llama"]
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", **FIELDS))
+    rng = np.random.default_rng(0)
+    data = {"input_ids": [rng.integers(3, 96, 6).tolist() for _ in range(12)], "task_ids": [i % 3 for i in range(12)]}
+    data["labels"] = data["input_ids"]
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=6, max_steps=3,
+                                     learning_rate=1e-2, report_to="none", disable_tqdm=True, plot=False)
+    peftjax.Trainer(model, args, data).train()
+    model.save_pretrained(tmp_path / "adapter")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK, task_ids=TASKS).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(torch_base("llama", path), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(real(mine, "llama"), real(run_torch(loaded, "llama"), "llama"), atol=1e-5, rtol=0)

@@ -156,8 +156,13 @@ def test_task_ids_layers_and_options_are_checked(saved, tmp_path):
         model(input_ids=IDS, task_ids=[0, 1])
     with pytest.raises(NotImplementedError, match="update depends on each row's task"):
         model.merge_adapter()
-    with pytest.raises(NotImplementedError, match="POLY adapter 'default' has n_tasks=3, but the Trainer's batches"):
-        peftjax.Trainer(model, peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none"))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", disable_tqdm=True, plot=False)
+    with pytest.raises(peftjax.training.TrainingError, match="train_dataset has no task_ids column, which POLY adapter "
+                                                    r"'default' \(3 tasks\) needs"):
+        peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist()}).train()
+    with pytest.raises(peftjax.training.TrainingError, match=r"train_dataset: task_ids row 1 is 7; POLY adapter 'default' "
+                                                    r"takes integers in \[0, 3\)"):
+        peftjax.Trainer(model, args, {"input_ids": IDS.tolist(), "labels": IDS.tolist(), "task_ids": [0, 7, 1]}).train()
     base = model.unload()
     assert type(base) is models.LlamaForCausalLM
     with pytest.raises(TypeError, match="task_ids"):
@@ -174,3 +179,28 @@ def test_task_ids_layers_and_options_are_checked(saved, tmp_path):
             n_splits=3, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="poly_type"):
         peftjax.PolyConfig(poly_type="mhr")
+
+
+def test_the_trainer_trains_each_row_on_its_task(saved, tmp_path):
+    """A dataset's task_ids column reaches the layers: trained by the Trainer on three tasks whose
+    targets differ, the adapter's logits per task move apart, and PEFT reproduces them."""
+    path = saved["llama"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.PolyConfig(
+        task_type="CAUSAL_LM", r=2, n_tasks=3, n_skills=2, target_modules=LLAMA))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, 96, 6).tolist() for _ in range(24)]
+    tasks = [i % 3 for i in range(24)]
+    data = {"input_ids": [[10 + 20 * t] + r for r, t in zip(rows, tasks)], "task_ids": tasks}
+    data["labels"] = data["input_ids"]
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=6, max_steps=6,
+                                     learning_rate=2e-2, logging_steps=1, report_to="none", disable_tqdm=True,
+                                     plot=False)
+    trainer = peftjax.Trainer(model, args, data)
+    trainer.train()
+    assert "task_ids" in trainer.model_inputs and not trainer.packs()
+    model.save_pretrained(tmp_path / "adapter")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK, task_ids=TASKS).logits)
+    theirs = peft.PeftModel.from_pretrained(torch_base("llama", path), tmp_path / "adapter").eval()
+    np.testing.assert_allclose(valid(mine, "llama"), valid(run_torch(theirs, "llama"), "llama"), atol=1e-5, rtol=0)
+    again = np.asarray(model(input_ids=IDS, attention_mask=MASK, task_ids=np.array([0, 0, 0])).logits)
+    assert np.abs(again - mine).max() > 1e-4  # the tasks were trained apart

@@ -66,6 +66,9 @@ SEQ2SEQ_LM = "seq2seq_lm"  # an encoder-decoder's target tokens: labels are a se
 TOKEN_CLS = "token_classification"  # a label per token (-100: none), no shift: PEFT's TOKEN_CLS
 QUESTION_ANS = "question_answering"  # each row's answer span, [start, end] token indices: PEFT's QUESTION_ANS
 SPAN_COLUMNS = ("start_positions", "end_positions")  # a question-answering dataset's labels
+TASK_COLUMN = "task_ids"  # each row's task, for the methods that route by it (Poly, multitask prompt tuning)
+# the methods whose rows each have a task: peft_type -> the config field counting the tasks
+TASK_METHODS = {"MULTITASK_PROMPT_TUNING": "num_tasks", "POLY": "n_tasks"}
 
 
 def _as_columns(dataset, name: str):
@@ -97,7 +100,7 @@ def _columns(dataset, name: str) -> dict[str, list]:
     names = _names(dataset)
     if "input_ids" not in names:
         raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
-    cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
+    cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN) if k in names}
     if set(SPAN_COLUMNS) <= set(names):  # question answering: each row's [start, end] is its label
         cols["labels"] = [[s, e] for s, e in zip(dataset[SPAN_COLUMNS[0]], dataset[SPAN_COLUMNS[1]])]
         return cols
@@ -317,16 +320,10 @@ class Trainer:
         if encoder_decoder and compute_metrics is not None:
             raise NotImplementedError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model is not "
                                       "implemented: its logits come in several target lengths")
-        # the methods whose rows each have a task: (peft_type, field counting the tasks)
-        for peft_type, field in (("MULTITASK_PROMPT_TUNING", "num_tasks"), ("POLY", "n_tasks")):
-            several = [name for name, config in model.peft_config.items()
-                       if getattr(config, "peft_type", None) == peft_type and getattr(config, field) != 1]
-            if several:
-                raise NotImplementedError(
-                    f"Trainer: {peft_type} adapter {several[0]!r} has {field}="
-                    f"{getattr(model.peft_config[several[0]], field)}, but the Trainer's batches carry no task_ids; "
-                    f"train it with peftjax.split / make_train_step and batches holding a task_ids array (a task "
-                    f"per row), or use {field}=1 (every row task 0)")
+        # adapters routing each row by its task: (name, peft_type, task count); their rows need a task_ids column
+        self._task_adapters = [(name, config.peft_type, getattr(config, TASK_METHODS[config.peft_type]))
+                               for name, config in model.peft_config.items()
+                               if getattr(config, "peft_type", None) in TASK_METHODS]
         self.model = model
         self.args = args
         # before anything compiles: a later run of the same job reads the executables back
@@ -341,6 +338,8 @@ class Trainer:
         self.pad_token_id = int(pad_token_id or 0)
         accepted = inspect.signature(type(model.base_model).__call__).parameters
         self.model_inputs = tuple(k for k in MODEL_INPUTS + PACKED_INPUTS if k in accepted)
+        if self._task_adapters:
+            self.model_inputs += (TASK_COLUMN,)
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
@@ -499,7 +498,7 @@ class Trainer:
             jobs.append((("train", signature(placed)),
                          functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
-            columns = _columns(self.eval_dataset, "eval_dataset")
+            columns = self._check_tasks(_columns(self.eval_dataset, "eval_dataset"), "eval_dataset")
             self._resolve_problem_type(columns, "eval_dataset")
             evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
             for batch in first_batch_of_each_shape(evaluation, 0, evaluation.num_batches):
@@ -566,6 +565,32 @@ class Trainer:
         return Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
                        seed=self.args.seed, target_columns=targets, packing=self.packs())
 
+    def _check_tasks(self, columns: dict, name: str) -> dict:
+        """``columns`` with each row's task where an adapter routes by it: the dataset's ``task_ids``
+        column, or task 0 for every row of a single-task adapter.
+
+        Raises:
+          TrainingError: a multi-task adapter and no ``task_ids`` column, or ids outside its tasks.
+        """
+        if not self._task_adapters:
+            columns.pop(TASK_COLUMN, None)
+            return columns
+        if TASK_COLUMN not in columns:
+            several = [(n, t, k) for n, t, k in self._task_adapters if k != 1]
+            if several:
+                adapter, peft_type, tasks = several[0]
+                raise TrainingError(f"{name} has no {TASK_COLUMN} column, which {peft_type} adapter {adapter!r} "
+                                    f"({tasks} tasks) needs: each row's task, an integer in [0, {tasks})")
+            columns[TASK_COLUMN] = [0] * len(columns["input_ids"])
+        ids = np.asarray(columns[TASK_COLUMN])
+        for adapter, peft_type, tasks in self._task_adapters:
+            bad = np.flatnonzero((ids < 0) | (ids >= tasks)) if ids.ndim == 1 and ids.dtype.kind in "iu" else [0]
+            if len(bad):
+                row = int(bad[0])
+                raise TrainingError(f"{name}: {TASK_COLUMN} row {row} is {columns[TASK_COLUMN][row]!r}; "
+                                    f"{peft_type} adapter {adapter!r} takes integers in [0, {tasks})")
+        return columns
+
     def packs(self) -> bool:
         """Whether batches are packed (``TrainingArguments.packing``; by default wherever it can be).
 
@@ -592,6 +617,8 @@ class Trainer:
         config = self.model.peft_config.get(getattr(self.model, "active_adapter", None))
         if getattr(config, "is_prompt_learning", False):
             return f"{config.peft_type} puts its virtual tokens before each row"
+        if self._task_adapters:
+            return f"{self._task_adapters[0][1]} routes each row by its task"
         if self.mesh is not None:
             return "packed rows are not split over a mesh yet"
         return None
@@ -628,7 +655,7 @@ class Trainer:
         args = self.args
         if self.train_dataset is None:
             raise TrainingError("Trainer.train needs a train_dataset")
-        columns = _columns(self.train_dataset, "train_dataset")
+        columns = self._check_tasks(_columns(self.train_dataset, "train_dataset"), "train_dataset")
         self._resolve_problem_type(columns, "train_dataset")
         self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
                                  else args.resume_from_checkpoint)
@@ -779,6 +806,9 @@ class Trainer:
             cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
         if "input_ids" not in cols:
             raise TrainingError(f"dataset has no input_ids column (columns: {names}); tokenize it first")
+        if TASK_COLUMN in names:
+            cols[TASK_COLUMN] = list(dataset[TASK_COLUMN])
+        cols = self._check_tasks(cols, "dataset")
         if "labels" not in cols:
             cols["labels"] = self._stand_in_labels(cols["input_ids"])
         batcher = self._batcher(cols, self.args.per_device_eval_batch_size, shuffle=False)
@@ -840,7 +870,7 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise TrainingError("no eval_dataset to evaluate on")
-        columns = _columns(dataset, "eval_dataset")
+        columns = self._check_tasks(_columns(dataset, "eval_dataset"), "eval_dataset")
         self._resolve_problem_type(columns, "eval_dataset")
         batcher = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
         sums = np.zeros(3)
