@@ -637,7 +637,9 @@ def test_train_with_each_kind_of_layer_method(method, tokenizer_dir, tmp_path, c
             batch["task_ids"] = torch.zeros(len(texts), dtype=torch.long)
         with torch.no_grad():
             probs = theirs(**batch).logits.softmax(-1).numpy()
-    assert [(LABELS[int(p.argmax())], round(float(p.max()), 3)) for p in probs] == shown
+    # the job prints 4 decimals: PEFT's probability within half a unit of the last (and float rounding)
+    assert [LABELS[int(p.argmax())] for p in probs] == [label for label, _ in shown]
+    np.testing.assert_allclose([float(p.max()) for p in probs], [score for _, score in shown], atol=5e-5 + 1e-6)
 
 
 def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys):

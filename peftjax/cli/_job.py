@@ -465,7 +465,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         print("predictions of the reloaded adapter:")
         if task == "seq_cls":
             for row in label_texts(texts, logits, id2label):
-                print(f"  {row['label']:>8} ({row['score']:.3f})  {row['text']}")
+                print(f"  {row['label']:>8} ({row['score']:.4f})  {row['text']}")  # as `predict` rounds it
         else:
             for words in label_words(batch, texts, logits, id2label):
                 print("  " + " ".join(f"{w['word']}/{w['label']}" for w in words))
@@ -545,7 +545,7 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
     print("answers of the reloaded adapter to the first eval questions:")
     for row, answers in zip(rows, examples[options["answers_column"]]):
         row["labelled"] = (answers["text"] or [""])[0]
-        print(f"  {row['question']!r} -> {row['answer']!r} ({row['score']:.3f}; labelled {row['labelled']!r})")
+        print(f"  {row['question']!r} -> {row['answer']!r} ({row['score']:.4f}; labelled {row['labelled']!r})")
     print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
     return rows
 
