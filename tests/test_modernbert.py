@@ -47,6 +47,19 @@ def real(x):
     return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
 
 
+def assert_peft_reads(model, tmp_path):
+    """``model`` (a classifier on ``tmp_path / "base"``) saved, then loaded by PEFT: the same logits."""
+    model.save_pretrained(tmp_path / "ours")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(
+            tr.ModernBertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
+        with torch.no_grad():
+            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_and_losses_equal_transformers(case, tmp_path):
     class_name, overrides = CASES[case]
@@ -105,16 +118,7 @@ def test_lora_moves_both_ways_with_peft(tmp_path):
         **config, init_lora_weights="gaussian"))
     losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
     assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path / "ours")
-    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(
-            tr.ModernBertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
-        with torch.no_grad():
-            np.testing.assert_allclose(
-                mine, back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy(),
-                atol=1e-5, rtol=0)
+    assert_peft_reads(model, tmp_path)
 
 
 def test_the_trainer_fine_tunes_a_modernbert_classifier_with_its_dropout(tmp_path):
@@ -187,13 +191,4 @@ def test_prompt_and_p_tuning_move_both_ways_with_peft(method, tmp_path):
 
     model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), getattr(peftjax, method)(**fields))
     _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=2)
-    model.save_pretrained(tmp_path / "ours")
-    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(
-            tr.ModernBertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
-        with torch.no_grad():
-            np.testing.assert_allclose(
-                mine, back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy(),
-                atol=1e-5, rtol=0)
+    assert_peft_reads(model, tmp_path)

@@ -17,18 +17,13 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
+from _task_rows import ARCHS, IDS, MASK, TASKS, checkpoints, mask_for, run_torch, torch_base
 from _torch_models import lazy
 import peftjax
 from peftjax import models
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
-ARCHS = {"llama": _tiny.arch("llama", initializer_range=0.2),
-         "bert": _tiny.arch("bert", "BertForSequenceClassification", num_labels=3),
-         "gpt2": _tiny.arch("gpt2")}
-IDS = np.random.RandomState(0).randint(3, 96, (3, 7))
-MASK = np.array([[1] * 7, [0] * 2 + [1] * 5, [1] * 7])
-TASKS = np.array([2, 0, 1])
 LLAMA = ["q_proj", "v_proj", "down_proj"]
 # (arch, fields): Llama with multi-head routing (2 splits); BERT's classifier on PEFT's default targets
 CASES = {"llama-mhr": ("llama", dict(r=4, n_tasks=3, n_skills=2, n_splits=2, target_modules=LLAMA)),
@@ -37,23 +32,7 @@ CASES = {"llama-mhr": ("llama", dict(r=4, n_tasks=3, n_skills=2, n_splits=2, tar
 
 @pytest.fixture(scope="module")
 def saved(tiny_checkpoint):
-    return {name: tiny_checkpoint(spec) for name, spec in ARCHS.items()}
-
-
-def torch_base(arch, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ARCHS[arch].torch_class.from_pretrained(path).eval()
-
-
-def mask_for(arch):
-    return MASK if arch == "llama" else MASK[:, ::-1].copy()  # BERT: right padding
-
-
-def run_torch(model, arch, task_ids=TASKS):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(mask_for(arch)),
-                     task_ids=torch.tensor(task_ids)).logits.numpy()
+    return checkpoints(tiny_checkpoint, ("llama", "bert", "gpt2"))
 
 
 def valid(logits, arch):

@@ -29,12 +29,13 @@ Kind = tuple[str, RotaryEmbedding | None, int | None]
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def rope_parameters_by_type(config, default_theta: Mapping[str, float],
-                            legacy_theta: Mapping[str, str]) -> dict[str, dict]:
+def rope_parameters_by_type(config, default_theta: Mapping[str, float], legacy_theta: Mapping[str, str],
+                            scaled: tuple[str, ...] = ("full_attention",)) -> dict[str, dict]:
     """``{layer type: RoPE parameters}`` as transformers' configs with a RoPE per layer type settle
-    them (Gemma 3's, OLMo 3's): transformers 5's per-type ``rope_parameters``; transformers 4's
-    ``rope_scaling`` for the global layers; a type's base from its ``legacy_theta`` field where the
-    parameters give none, else ``default_theta``.
+    them (Gemma 3's, OLMo 3's, ModernBERT's): transformers 5's per-type ``rope_parameters``;
+    transformers 4's ``rope_scaling`` for the ``scaled`` types (the global layers; ModernBERT's
+    both); a type's base from its ``legacy_theta`` field where the parameters give none, else
+    ``default_theta``.
 
     Raises:
       ValueError: ``rope_parameters`` not keyed by layer type.
@@ -45,8 +46,8 @@ def rope_parameters_by_type(config, default_theta: Mapping[str, float],
                          f"settings; found keys {sorted(given)}")
     params = {t: dict((given or {}).get(t) or {"rope_type": "default"}) for t in LAYER_TYPES}
     scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        params["full_attention"].update(scaling)
+    for t in scaled if scaling else ():
+        params[t].update(scaling)
     for t, p in params.items():
         theta = getattr(config, legacy_theta[t], None) if t in legacy_theta else None
         p.setdefault("rope_theta", default_theta[t] if theta is None else theta)

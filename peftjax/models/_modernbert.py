@@ -28,7 +28,7 @@ from flax import nnx
 from peftjax.models._auto import register
 from peftjax.models._bert import ACTIVATIONS
 from peftjax.models._dropout import dropout
-from peftjax.models._layer_kinds import LAYER_TYPES, rotary_of
+from peftjax.models._layer_kinds import LAYER_TYPES, rope_parameters_by_type, rotary_of
 from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
@@ -48,16 +48,7 @@ def modernbert_rope_parameters(config) -> dict[str, dict]:
     Raises:
       ValueError: ``rope_parameters`` not keyed by layer type.
     """
-    given = getattr(config, "rope_parameters", None)
-    if given and not set(given) <= set(LAYER_TYPES):
-        raise ValueError(f"modernbert: rope_parameters must map layer types {list(LAYER_TYPES)} to RoPE settings; "
-                         f"found keys {sorted(given)}")
-    params = {t: dict((given or {}).get(t) or {"rope_type": "default"}) for t in LAYER_TYPES}
-    for t, p in params.items():
-        p.update(getattr(config, "rope_scaling", None) or {})
-        theta = getattr(config, LEGACY_THETA[t], None)
-        p.setdefault("rope_theta", DEFAULT_THETA[t] if theta is None else theta)
-    return params
+    return rope_parameters_by_type(config, DEFAULT_THETA, LEGACY_THETA, scaled=LAYER_TYPES)
 
 
 def check_config(config) -> tuple[str, ...]:
