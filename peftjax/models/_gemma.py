@@ -9,13 +9,12 @@ branch, no soft-capping, every layer global, scores scaled by ``head_dim ** -0.5
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._gemma2 import GemmaMLP, GemmaRMSNorm, ScaledEmbed, check_gemma_config
+from peftjax.models._gemma2 import GemmaEmbeddingAndNorm, GemmaMLP, GemmaRMSNorm, check_gemma_config
 from peftjax.models._llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 
@@ -31,7 +30,7 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
         self.resid_dropout_rate = 0.0
 
 
-class GemmaModel(LlamaModel):
+class GemmaModel(GemmaEmbeddingAndNorm, LlamaModel):
     """The decoder stack: ``embed_tokens`` (scaled), ``layers``, ``norm`` (Gemma's)."""
 
     layer_class: ClassVar[type[nnx.Module]] = GemmaDecoderLayer
@@ -39,14 +38,6 @@ class GemmaModel(LlamaModel):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_gemma_config(config)
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    @staticmethod
-    def make_embedding(config, **kw) -> nnx.Embed:
-        return ScaledEmbed(config.vocab_size, config.hidden_size, embed_scale=math.sqrt(config.hidden_size), **kw)
-
-    @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models import _attention as attn
-from peftjax.models._layer_kinds import LAYER_TYPES, decoder_call
+from peftjax.models._layer_kinds import LAYER_TYPES, LayerKindsModel, kinds_by_type
 from peftjax.models._auto import register
 from peftjax.models._llama import (
     LlamaAttention,
@@ -33,11 +33,9 @@ from peftjax.models._llama import (
     head_dim_of,
 )
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
-from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import RotaryEmbedding, apply_rotary, rotary_embedding
 from peftjax.nn._functional import gelu
-from peftjax.nn._scan import check_remat, make_layers
 
 # transformers' ACT2FN names of the GELUs a Gemma MLP may use: tanh approximation or exact
 GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
@@ -177,53 +175,35 @@ class Gemma2DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
 
 
-class Gemma2Model(nnx.Module):
-    """The decoder stack: ``embed_tokens`` (scaled), ``layers``, ``norm``."""
+class GemmaEmbeddingAndNorm:
+    """Every Gemma's ``embed_tokens`` (scaled) and final ``norm`` (``1 + weight``), for the decoders
+    :class:`~peftjax.models.LlamaModel` builds."""
+
+    @staticmethod
+    def make_embedding(config, **kw) -> nnx.Embed:
+        return ScaledEmbed(config.vocab_size, config.hidden_size, embed_scale=math.sqrt(config.hidden_size), **kw)
+
+    @staticmethod
+    def make_norm(config, **kw) -> nnx.Module:
+        return GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+
+class Gemma2Model(GemmaEmbeddingAndNorm, LayerKindsModel):
+    """The decoder stack: ``embed_tokens`` (scaled), ``layers``, ``norm``; each layer takes its
+    type's window (and, in Gemma 3, its RoPE)."""
 
     layer_class: ClassVar[type[nnx.Module]] = Gemma2DecoderLayer
+    layer_call = None  # Gemma's layers take their mask as it is
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def layer_kinds_of(self, config):
         check_gemma_config(config)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.config = ConfigRef(config)
-        self.embed_tokens = ScaledEmbed(config.vocab_size, config.hidden_size, embed_scale=math.sqrt(config.hidden_size),
-                                        **kw)
-        self.remat = check_remat(getattr(config, "remat", "none"))
-        self.layer_types = layer_types(config)
-        self.layers = make_layers(
-            config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-        # static data, not state: ((layer type, its RoPE, its window), ...) for the types the layers use
-        self.kinds = tuple((t, self.rotary_for(config, t), config.sliding_window if t == "sliding_attention" else None)
-                           for t in sorted(set(self.layer_types)))
+        types = layer_types(config)
+        return types, kinds_by_type(types, lambda t: self.rotary_for(config, t), config.sliding_window)
 
     @staticmethod
     def rotary_for(config, layer_type: str) -> RotaryEmbedding:
         """The RoPE of layers of ``layer_type`` (Gemma 2: the same for all)."""
         return rotary_embedding(config, head_dim_of(config))
-
-    def __call__(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        inputs_embeds=None,
-        cache=None,
-        cache_index=None,
-        prefix_kv=None,
-        dropout_rng=None,
-    ) -> ModelOutput:
-        """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``);
-        ``dropout_rng`` applies the config's ``attention_dropout`` (training).
-
-        The sliding window counts prefix entries as positions before the tokens, as transformers'
-        sliding cache does with PEFT's prefix.
-        """
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
-                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.kinds[0][1])
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):

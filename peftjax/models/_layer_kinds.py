@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from peftjax.models import _attention as attn
-from peftjax.models._llama import kv_layout
+from peftjax.models._llama import LlamaModel, kv_layout
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, rotary_embedding
 from peftjax.nn._dropout import layer_key
@@ -59,6 +61,13 @@ def rotary_of(config, params: dict, head_dim: int) -> RotaryEmbedding:
     view = types.SimpleNamespace(rope_parameters=params, max_position_embeddings=config.max_position_embeddings,
                                  model_type=config.model_type)
     return rotary_embedding(view, head_dim)
+
+
+def kinds_by_type(layer_types: Sequence[str], rope_for: Callable[[str], RotaryEmbedding],
+                  window: int | None) -> tuple[Kind, ...]:
+    """The kinds of decoders whose kind is the layer type: each type's RoPE, and ``window`` for
+    the sliding one."""
+    return tuple((t, rope_for(t), window if t == "sliding_attention" else None) for t in sorted(set(layer_types)))
 
 
 def with_one_mask(layer, x, cos, sin, mask, *rest):
@@ -129,3 +138,42 @@ def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, pre
     x, new_cache = run_layer_kinds(model.layers, layer_kinds, per_kind, x, remat=model.remat, cache=cache,
                                    start=pos.start, prefix_kv=prefix_kv, dropout_rng=dropout_rng, call=call)
     return ModelOutput(last_hidden_state=model.norm(x), past_key_values=new_cache)
+
+
+class LayerKindsModel(LlamaModel):
+    """A decoder whose layers each take their kind's mask and RoPE (Gemma 2/3, OLMo 3, SmolLM3):
+    :meth:`layer_kinds_of` gives each layer's kind and each kind's RoPE and window; the rest is
+    :class:`~peftjax.models.LlamaModel`'s. Any mix of kinds scans."""
+
+    # how a layer takes its mask: Llama-style layers look theirs up by window (with_one_mask);
+    # None: the layer takes it as it is (Gemma 2's)
+    layer_call: ClassVar[Callable | None] = staticmethod(with_one_mask)
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        # static data, not state; a bad setting fails here, before any weight is built
+        self.layer_kinds, self.kinds = self.layer_kinds_of(config)
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def layer_kinds_of(self, config) -> tuple[tuple[str, ...], tuple[Kind, ...]]:
+        """``(each layer's kind, the kinds)``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check_scan(config) -> None:
+        """Any mix of kinds scans: each layer reads its kind's mask and RoPE by index."""
+
+    def make_rotary(self, config):
+        """The first kind's RoPE (a kind without one takes its shapes from it), else the config's."""
+        return next((rope for _, rope, _ in self.kinds if rope is not None), None) or super().make_rotary(config)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
+                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel`; each layer attends with its kind's mask and RoPE.
+
+        A sliding window counts prefix entries as positions before the tokens, as transformers'
+        sliding cache does with PEFT's prefix.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
+                            prefix_kv, dropout_rng, self.kinds, self.layer_kinds, self.rotary, call=self.layer_call)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._layer_kinds import (
     LAYER_TYPES,
-    decoder_call,
+    LayerKindsModel,
+    kinds_by_type,
     rope_parameters_by_type,
     rotary_of,
-    with_one_mask,
 )
 from peftjax.models._llama import (
     LlamaAttention,
@@ -38,7 +37,6 @@ from peftjax.models._llama import (
     LlamaModel,
     head_dim_of,
 )
-from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
 
@@ -138,34 +136,15 @@ class Olmo3DecoderLayer(Olmo2DecoderLayer):
     attention_class: ClassVar[type[nnx.Module]] = Olmo3Attention
 
 
-class Olmo3Model(Olmo2Model):
+class Olmo3Model(LayerKindsModel):
     """OLMo 2's decoder whose layers each take their type's window and RoPE."""
 
     layer_class: ClassVar[type[nnx.Module]] = Olmo3DecoderLayer
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layer_types = olmo3_layer_types(config)
-        ropes = olmo3_rope_parameters(config)  # a bad setting fails before any weight is built
-        # static data, not state: ((layer type, its RoPE, its window), ...) for the types the layers use
-        self.kinds = tuple((t, rotary_of(config, ropes[t], head_dim_of(config)),
-                            config.sliding_window if t == "sliding_attention" else None)
-                           for t in sorted(set(self.layer_types)))
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    @staticmethod
-    def check_scan(config) -> None:
-        """Any mix of layer types scans: each layer reads its type's mask and RoPE."""
-
-    def make_rotary(self, config):
-        return self.kinds[0][1]
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel`; each layer attends with its type's window and RoPE."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
-                            prefix_kv, dropout_rng, self.kinds, self.layer_types, self.rotary, call=with_one_mask)
+    def layer_kinds_of(self, config):
+        types, ropes = olmo3_layer_types(config), olmo3_rope_parameters(config)
+        return types, kinds_by_type(types, lambda t: rotary_of(config, ropes[t], head_dim_of(config)),
+                                    config.sliding_window)
 
 
 class Olmo3ForCausalLM(LlamaForCausalLM):

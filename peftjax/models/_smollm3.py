@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._layer_kinds import LAYER_TYPES, decoder_call, with_one_mask
+from peftjax.models._layer_kinds import LAYER_TYPES, LayerKindsModel
 from peftjax.models._llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -29,7 +28,6 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaModel,
 )
-from peftjax.models._outputs import ModelOutput
 
 
 def layer_kinds(config) -> tuple[str, ...]:
@@ -62,31 +60,16 @@ class SmolLM3DecoderLayer(LlamaDecoderLayer):
     attention_class: ClassVar[type[nnx.Module]] = SmolLM3Attention
 
 
-class SmolLM3Model(LlamaModel):
+class SmolLM3Model(LayerKindsModel):
     """Llama's decoder whose layers each take their kind's window and RoPE (or none)."""
 
     layer_class: ClassVar[type[nnx.Module]] = SmolLM3DecoderLayer
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kinds = layer_kinds(config)  # a bad setting fails before any weight is built
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_kinds = kinds
-        # static data, not state: ((kind, its RoPE or None, its window), ...) for the kinds the layers use
-        self.kinds = tuple((k, self.rotary if k.endswith("/rope") else None,
-                            config.sliding_window if k.startswith("sliding_attention") else None)
-                           for k in sorted(set(kinds)))
-
-    @staticmethod
-    def check_scan(config) -> None:
-        """Any mix of layers scans: each reads its kind's mask and RoPE."""
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel`; each layer attends with its kind's window and RoPE."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
-                            prefix_kv, dropout_rng, self.kinds, self.layer_kinds, self.rotary, call=with_one_mask)
+    def layer_kinds_of(self, config):
+        kinds, rope = layer_kinds(config), LlamaModel.make_rotary(config)
+        return kinds, tuple((k, rope if k.endswith("/rope") else None,
+                             config.sliding_window if k.startswith("sliding_attention") else None)
+                            for k in sorted(set(kinds)))
 
 
 class SmolLM3ForCausalLM(LlamaForCausalLM):
