@@ -803,11 +803,9 @@ class Trainer:
         if {"labels", "label"} & set(names) or set(SPAN_COLUMNS) <= set(names):
             cols = _columns(dataset, "dataset")
         else:
-            cols = {k: list(dataset[k]) for k in MODEL_INPUTS if k in names}
+            cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN) if k in names}
         if "input_ids" not in cols:
             raise TrainingError(f"dataset has no input_ids column (columns: {names}); tokenize it first")
-        if TASK_COLUMN in names:
-            cols[TASK_COLUMN] = list(dataset[TASK_COLUMN])
         cols = self._check_tasks(cols, "dataset")
         if "labels" not in cols:
             cols["labels"] = self._stand_in_labels(cols["input_ids"])

@@ -9,6 +9,7 @@
 - ``_linear_options.py``: PEFT's ``fan_in_fan_out`` rule and ``bias`` option for linear methods.
 - ``_rows.py``: mixed batches, a different adapter per row (PEFT's ``adapter_names``).
 - ``_from_file.py``: whether an adapter being added is filled from a file right after.
+- ``_task_ids.py``: each row's task, for the methods that route by it.
 """
 
 from peftjax.tuners.base._layer import (
@@ -19,6 +20,7 @@ from peftjax.tuners.base._layer import (
     check_adaptable,
     mixin_subclass,
     original_class,
+    with_base_signature,
 )
 from peftjax.tuners.base._model import (
     adapter_layers,
@@ -39,6 +41,7 @@ from peftjax.tuners.base._model import (
     validate_adapter_name,
 )
 from peftjax.tuners.base._linear_options import mark_biases, settle_fan_in_fan_out
+from peftjax.tuners.base._task_ids import outside_tasks, task_id_rows, task_rows
 from peftjax.tuners.base._inject import check_linear_targets, inject_each_layer
 from peftjax.tuners.base._from_file import adapter_from_file, adding_from_file
 from peftjax.tuners.base._modules_to_save import SavedModule, add_saved_copy
@@ -77,6 +80,9 @@ __all__ = [
     "AdapterLayer",
     "AdditiveLayer",
     "ModelMixin",
+    "outside_tasks",
+    "task_id_rows",
+    "task_rows",
     "AdapterParam",
     "FrozenAdapterParam",
     "LoraParam",
@@ -102,6 +108,7 @@ __all__ = [
     "module_params_torch",
     "named_modules",
     "original_class",
+    "with_base_signature",
     "resolve_config",
     "saves_embeddings",
     "set_active_adapters",

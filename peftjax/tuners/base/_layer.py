@@ -11,6 +11,7 @@ layouts that the one state-dict walk (``tuners.base._state_dict``) reads and wri
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -300,6 +301,20 @@ def mixin_subclass(base: type, mixin: type[abc.ABC], prefix: str) -> type:
         mixin.register(cls)
         _SWAPPED[key] = cls
     return _SWAPPED[key]
+
+
+def with_base_signature(cls: type, call: Callable) -> type:
+    """``cls`` (from :func:`mixin_subclass`), its ``__call__`` (the mixin's ``call``) showing the
+    swapped class's own signature and docs, so that code inspecting ``type(model).__call__`` (the
+    Trainer picks the batch keys it passes that way) sees the model's real arguments, not
+    ``*args, **kwargs``."""
+    if cls.__dict__.get("__call__") is call:
+        @functools.wraps(cls._peftjax_base.__call__)
+        def __call__(self, *args, **kwargs):
+            return call(self, *args, **kwargs)
+
+        cls.__call__ = __call__
+    return cls
 
 
 def original_class(module: nnx.Module) -> type:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.nn._dropout import active_dropout_key, fold_key
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass, outside_tasks, task_id_rows, task_rows
 from peftjax.tuners.poly._tasks import current_task_ids
 
 EPS = 1e-12  # PEFT's, in the normalisation of the mixing weights
@@ -52,14 +52,10 @@ def mixing_weights(logits: jax.Array, task_ids, spec: PolySpec, key: jax.Array |
       ValueError: no ``task_ids`` with several tasks, ids that are not 1-D integers, or (known on
         the host) ids outside ``[0, n_tasks)``; traced ids out of range give NaN weights.
     """
-    if task_ids is None:
-        if spec.n_tasks != 1:
-            raise ValueError(f"task_ids should not be None: this Poly adapter has n_tasks={spec.n_tasks}; pass "
-                             f"model(..., task_ids=...) with each row's task")
-        task_ids = np.zeros((1,), np.int32)
-    ids = _checked(task_ids if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids), spec)
-    chosen = jnp.take(logits, ids, axis=0, mode="fill", fill_value=jnp.nan)
-    chosen = chosen.reshape(-1, spec.n_splits, spec.n_skills).astype(jnp.float32)
+    ids = _checked(task_id_rows(task_ids, spec.n_tasks, f"task_ids should not be None: this Poly adapter has "
+                                                        f"n_tasks={spec.n_tasks}; pass model(..., task_ids=...) "
+                                                        f"with each row's task"), spec)
+    chosen = task_rows(logits, ids).reshape(-1, spec.n_splits, spec.n_skills).astype(jnp.float32)
     if key is None:
         w = jax.nn.sigmoid(chosen)
     else:  # RelaxedBernoulli(temperature=1, logits).rsample(), torch's clamping included
@@ -80,15 +76,12 @@ def check_task_ids(task_ids, model) -> np.ndarray:
     ids = np.asarray(task_ids)
     specs = {m.spec(n) for m in named_modules(model).values() if isinstance(m, PolyLayer) for n in m.adapter_active}
     for spec in specs:
-        _checked(ids, spec)
+        _checked(task_id_rows(ids, spec.n_tasks, ""), spec)
     return ids
 
 
 def _checked(ids, spec: PolySpec):
-    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"task_ids: expected a 1-D integer array (a task per row), got {ids.dtype} "
-                         f"of shape {tuple(ids.shape)}")
-    if isinstance(ids, np.ndarray) and ids.size and not (0 <= ids.min() and ids.max() < spec.n_tasks):
+    if outside_tasks(ids, spec.n_tasks):
         raise ValueError(f"Only {spec.n_tasks} tasks available. Found task id = {int(ids.max())} "
                          f"(task_ids {ids.tolist()})")
     return ids

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class
+from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class, with_base_signature
 
 _TASK_IDS: contextvars.ContextVar = contextvars.ContextVar("peftjax_task_ids", default=None)
 
@@ -78,13 +77,4 @@ def take_task_ids(model, method: str) -> None:
         raise TypeError(f"{method} cannot be added to {type(model).__name__}: the model carries another method's "
                         f"model-level adapter (prompt learning)")
     mixin = TaskIdsGenerationModel if hasattr(type(model), "generate") else TaskIdsModel
-    cls = mixin_subclass(type(model), mixin, "")
-    if "__wrapped__" not in vars(cls.__call__):
-        base_call = cls._peftjax_base.__call__
-
-        @functools.wraps(base_call)
-        def __call__(self, *args, **kwargs):
-            return TaskIdsModel.__call__(self, *args, **kwargs)
-
-        cls.__call__ = __call__
-    model.__class__ = cls
+    model.__class__ = with_base_signature(mixin_subclass(type(model), mixin, ""), TaskIdsModel.__call__)

@@ -62,7 +62,11 @@ from peftjax.tuners.base import (
     mixin_subclass,
     named_modules,
     original_class,
+    outside_tasks,
+    task_id_rows,
+    task_rows,
     validate_adapter_name,
+    with_base_signature,
 )
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
@@ -250,21 +254,20 @@ class PromptEncoder(nnx.Module):
 
     def task_prompts(self, task_ids) -> jax.Array:
         """Multitask prompt tuning's virtual tokens for each row's task, ``[rows, V * submodules,
-        token_dim]``: the shared prompt times ``prefix_task_cols[t] @ prefix_task_rows[t]``.
+        token_dim]`` (one row for all when ``task_ids`` is left out of a single-task adapter): the
+        shared prompt times ``prefix_task_cols[t] @ prefix_task_rows[t]``.
 
         Raises:
-          ValueError: ``task_ids`` not 1-D integers, or (when known on the host) outside
-            ``[0, num_tasks)``; traced ids out of range give NaN prompts, never another task's.
+          ValueError: ``task_ids`` missing with several tasks, not 1-D integers, or (when known on
+            the host) outside ``[0, num_tasks)``; traced ids out of range give NaN prompts.
         """
-        ids = task_ids if isinstance(task_ids, jax.core.Tracer) else np.asarray(task_ids)
-        if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"task_ids: expected a 1-D integer array (a task per row), got {ids.dtype} "
-                             f"of shape {tuple(ids.shape)}")
-        if isinstance(ids, np.ndarray) and ids.size and not (0 <= ids.min() and ids.max() < self.num_tasks):
+        ids = task_id_rows(task_ids, self.num_tasks, f"task_ids cannot be None: this multitask prompt tuning "
+                                                     f"adapter has {self.num_tasks} tasks (num_tasks); pass each "
+                                                     f"row's task id")
+        if outside_tasks(ids, self.num_tasks):
             raise ValueError(f"task_ids: expected values in [0, {self.num_tasks}) (num_tasks), got {ids.tolist()}")
         w = {k: v.get_value() for k, v in self.weights.items()}
-        cols = jnp.take(w["prefix_task_cols"], ids, axis=0, mode="fill", fill_value=jnp.nan)
-        rows = jnp.take(w["prefix_task_rows"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+        cols, rows = task_rows(w["prefix_task_cols"], ids), task_rows(w["prefix_task_rows"], ids)
         return w["embedding.weight"][None] * (cols @ rows)
 
     def prefix_kv(self) -> list:
@@ -446,11 +449,6 @@ def virtual_tokens(encoder: PromptEncoder, rows: int, dtype, task_ids=None) -> j
     if encoder.peft_type != MULTITASK:
         prompts = encoder()[None, :v]
     else:
-        if task_ids is None:
-            if encoder.num_tasks != 1:
-                raise ValueError(f"task_ids cannot be None: this multitask prompt tuning adapter has "
-                                 f"{encoder.num_tasks} tasks (num_tasks); pass each row's task id")
-            task_ids = np.zeros((1,), np.int32)
         prompts = encoder.task_prompts(task_ids)[:, :v]
         if prompts.shape[0] not in (1, rows):
             raise ValueError(f"task_ids: expected one task id per row ({rows}) or one for all, got {prompts.shape[0]}")
@@ -731,7 +729,7 @@ def inject_prompt_learning(
         if seq2seq:
             mixin = PromptLearningSeq2SeqModel
         # no name prefix: configs and ``architectures`` keep naming the user's class
-        model.__class__ = _with_call_signature(mixin_subclass(type(model), mixin, ""))
+        model.__class__ = with_base_signature(mixin_subclass(type(model), mixin, ""), PromptLearningModel.__call__)
         model.peft_prompt_encoders = nnx.Dict()
         model.peft_prompt_active = ()
         model.peft_prompt_disabled = False
@@ -743,21 +741,6 @@ def inject_prompt_learning(
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
     return config
-
-
-def _with_call_signature(cls: type) -> type:
-    """Gives the swapped class a ``__call__`` that shows the model's own signature and docs.
-
-    Code that inspects ``type(model).__call__`` (the Trainer picks the batch keys it passes that
-    way) then sees the real arguments, not ``*args, **kwargs``.
-    """
-    if cls.__dict__.get("__call__") is PromptLearningModel.__call__:
-        @functools.wraps(cls._peftjax_base.__call__)
-        def __call__(self, *args, **kwargs):
-            return PromptLearningModel.__call__(self, *args, **kwargs)
-
-        cls.__call__ = __call__
-    return cls
 
 
 PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig)
