@@ -490,7 +490,7 @@ def test_missing_config_and_unsupported_type(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("hidden_act", "quick_gelu", r"hidden_act 'quick_gelu' is not supported.*'gelu'"),
+        ("hidden_act", "prelu", r"hidden_act 'prelu' is not supported.*'gelu'"),
         ("position_embedding_type", "relative_key", r"position_embedding_type 'relative_key'"),
         ("is_decoder", True, r"decoder"),
     ],

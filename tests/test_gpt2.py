@@ -270,7 +270,7 @@ def test_old_checkpoint_buffers_are_ignored_but_c_attn_bias_is_a_weight(gpt2, tm
 @pytest.mark.parametrize(
     "override, message",
     [
-        (dict(activation_function="tanh"), "activation_function 'tanh'"),
+        (dict(activation_function="prelu"), "activation_function 'prelu'"),
         (dict(add_cross_attention=True), "add_cross_attention"),
         (dict(tie_word_embeddings=False), "tie_word_embeddings"),
     ],

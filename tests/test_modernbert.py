@@ -140,7 +140,7 @@ def test_the_trainer_fine_tunes_a_modernbert_classifier_with_its_dropout(tmp_pat
 
 @pytest.mark.parametrize(("overrides", "error", "named"), [
     (dict(classifier_pooling="max"), ValueError, "classifier_pooling 'max' is not supported"),
-    (dict(hidden_activation="swish"), ValueError, "hidden_activation 'swish' is not supported"),
+    (dict(hidden_activation="prelu"), ValueError, "hidden_activation 'prelu' is not supported"),
     (dict(layer_types=["full_attention", "chunked_attention", "sliding_attention"]), ValueError, "layer_types"),
     (dict(scan_layers=True), NotImplementedError, "scan_layers and remat are not implemented"),
 ])

@@ -172,8 +172,8 @@ def test_config_reads_as_transformers_and_saves_back(t5, tmp_path):
 
 
 def test_bad_configs_are_named():
-    with pytest.raises(ValueError, match="feed_forward_proj 'gated-swish'.*'swish'"):
-        models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="gated-swish"))
+    with pytest.raises(ValueError, match="feed_forward_proj 'gated-prelu'.*'prelu'"):
+        models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="gated-prelu"))
     with pytest.raises(ValueError, match="feed_forward_proj 'relu-gated'"):
         models.T5ForConditionalGeneration.from_config(models.ModelConfig("t5", **FIELDS, feed_forward_proj="relu-gated"))
     config = models.ModelConfig("t5", **FIELDS)

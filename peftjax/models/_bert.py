@@ -24,16 +24,9 @@ from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
 from peftjax.nn._scan import check_remat, make_layers, run_layer, run_layers
-from peftjax.nn._functional import gelu, softmax
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._functional import softmax
 
-# transformers' ACT2FN names -> JAX; "gelu" is the exact (erf) GELU, the "_new"/"_tanh" ones approximate
-ACTIVATIONS = {
-    "gelu": gelu,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 
 
 def _check_config(config) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -22,17 +21,8 @@ from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequenc
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.nn._scan import check_remat, make_layers, run_layers
-from peftjax.nn._functional import gelu, softmax
-
-_ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._functional import softmax
 
 # buffers of old checkpoints (the causal mask and its fill value), never weights; ``attn.c_attn.bias``
 # is a weight, so only the exact ``h.N.attn.bias`` / ``h.N.attn.masked_bias`` names match
@@ -41,8 +31,8 @@ _BUFFERS = (r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",)
 
 def _check_supported(config) -> None:
     act = getattr(config, "activation_function", "gelu_new")
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"activation_function {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation_function {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     if getattr(config, "add_cross_attention", False):
         raise ValueError("add_cross_attention=True (GPT-2 as an encoder-decoder's decoder) is not supported")
     if config.hidden_size % config.num_attention_heads:
@@ -112,7 +102,7 @@ class GPT2MLP(nnx.Module):
         self.resid_pdrop = float(config.resid_pdrop)
 
     def __call__(self, x, dropout_rng=None):
-        h = _ACTIVATIONS[self.activation_function](self.c_fc(x))
+        h = ACTIVATIONS[self.activation_function](self.c_fc(x))
         return dropout(self.c_proj(h), self.resid_pdrop, dropout_rng)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._bert import ACTIVATIONS
+from peftjax.nn._activations import ACTIVATIONS
 from peftjax.models._dropout import dropout
 from peftjax.models._layer_kinds import LAYER_TYPES, rope_parameters_by_type, rotary_of
 from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss

@@ -47,16 +47,8 @@ from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 from peftjax.nn._norm import RMSNorm
-from peftjax.nn._functional import gelu, softmax
-
-# transformers' ACT2FN names that T5 configs use (``feed_forward_proj`` is ``[gated-]<act>``)
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": gelu,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-}
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._functional import softmax
 
 # torch-only keys: the stacks' copies of ``shared`` and a never-used bias transformers skips too
 _IGNORED = (

@@ -8,16 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.tuners.base import AdapterDictLayer, AdapterParam
+from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._broadcast import along_last
 
 
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch's nn.GELU()
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 def bottleneck_size(features: int, reduction_factor: float) -> int:
