@@ -72,7 +72,7 @@ class AdapterDictLayer(AdapterLayer):
     """The bookkeeping of a layer whose adapter weights are per-name ``nnx.Dict`` entries.
 
     Subclasses name their trainable weight containers in ``weight_dicts`` (and non-trainable
-    per-adapter state, such as a merge's cache, in ``cache_dicts``), add adapters with
+    per-adapter state in ``cache_dicts``; those a merge fills in ``merge_cache_dicts`` too), add adapters with
     :meth:`_add_spec`, and map their weights to PEFT's key suffixes and torch layouts in
     :meth:`peft_layout`. Like every mixin applied by :func:`mixin_subclass`, methods reach the
     original layer through ``self._peftjax_base``, never ``super()``.
@@ -81,6 +81,7 @@ class AdapterDictLayer(AdapterLayer):
     method_name: str = "adapter"
     weight_dicts: tuple[str, ...] = ()
     cache_dicts: tuple[str, ...] = ()
+    merge_cache_dicts: tuple[str, ...] = ()  # those of ``cache_dicts`` a merge fills (dropped by a failed merge)
     adapter_state_attrs = ("adapter_path", "adapter_specs", "adapter_active", "adapter_merged", "adapter_disabled")
 
     def _adapter_setup(self, path: str) -> None:
@@ -248,6 +249,61 @@ class AdditiveLayer(AdapterDictLayer):
     def unmerge_adapter(self, name: str) -> None:
         self._shift_kernel(self.kernel_delta(name), -1.0)
         self._mark_merged(name, False)
+
+
+class PreMergeWeight(nnx.Variable):
+    """A layer's weight (or bias) before its first merge, kept while an adapter is merged (not saved)."""
+
+
+class WeightReadingLayer(AdapterDictLayer):
+    """A method whose update is computed from the frozen weight itself (HiRA, GLoRA, PEANuT).
+
+    Merging adds each adapter's delta taken from the weights as they were before the first merge
+    (kept while one is merged, as PEFT keeps them), so merged adapters do not compound; unmerging
+    the last restores them exactly. Subclasses define :meth:`merge_deltas`.
+    """
+
+    weight_name = "kernel"
+    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("premerge_weight", "premerge_bias")
+
+    def merge_deltas(self, name: str, weight: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """What adapter ``name`` adds to the weight (in its layout) and to the bias (``None``: nothing),
+        float32, given the pre-merge ``weight`` and ``bias`` (float32; ``None`` without one)."""
+        raise NotImplementedError
+
+    def _bias_variable(self) -> nnx.Variable | None:
+        bias = getattr(self, "bias", None)
+        return bias if isinstance(bias, nnx.Variable) and bias.get_value() is not None else None
+
+    def _shift_weights(self, name: str, sign: float) -> None:
+        weight, bias = getattr(self, self.weight_name), self._bias_variable()
+        w0 = self.premerge_weight.get_value().astype(jnp.float32)
+        b0 = None if bias is None else self.premerge_bias.get_value().astype(jnp.float32)
+        dw, db = self.merge_deltas(name, w0, b0)
+        weight.set_value((weight.get_value().astype(jnp.float32) + sign * dw).astype(weight.get_value().dtype))
+        if db is not None:
+            bias.set_value((bias.get_value().astype(jnp.float32) + sign * db).astype(bias.get_value().dtype))
+
+    def merge_adapter(self, name: str) -> None:
+        if not self.adapter_merged:
+            self.premerge_weight = PreMergeWeight(getattr(self, self.weight_name).get_value())
+            bias = self._bias_variable()
+            if bias is not None:
+                self.premerge_bias = PreMergeWeight(bias.get_value())
+        self._shift_weights(name, 1.0)
+        self._mark_merged(name, True)
+
+    def unmerge_adapter(self, name: str) -> None:
+        self._mark_merged(name, False)
+        if self.adapter_merged:
+            self._shift_weights(name, -1.0)
+            return
+        getattr(self, self.weight_name).set_value(self.premerge_weight.get_value())  # the last: exactly as it was
+        bias = self._bias_variable()
+        if bias is not None:
+            bias.set_value(self.premerge_bias.get_value())
+            del self.premerge_bias
+        del self.premerge_weight
 
 
 def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer_type: type, method: str) -> None:

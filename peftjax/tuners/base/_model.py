@@ -176,7 +176,8 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     With ``safe_merge``, the merged weights are checked for NaN and infinite values; if any
     layer has them, every layer is put back as it was (the arrays are immutable, so keeping the
     old ones is free) and ``ValueError`` names the adapter and the layer. PEFT checks layer by
-    layer and leaves the layers before the broken one merged.
+    layer and leaves the layers before the broken one merged. A layer that refuses to merge (BEFT
+    on a layer without a bias) puts every layer back the same way before its error propagates.
     """
     from peftjax.nn._scan import has_stacked_layers, unstacked
 
@@ -184,18 +185,21 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
         with unstacked(model, write=True):
             return merge(model, adapter_names, safe_merge=safe_merge)
     layers = [m for m in named_modules(model).values() if isinstance(m, AdapterLayer)]
-    before = [(m, _param_values(m), m.merged_adapter_names()) for m in layers] if safe_merge else []
-    for m in layers:
-        names = adapter_names if adapter_names is not None else m.active_adapter_names()
-        for name in names:
-            if name in m.adapter_names() and name not in m.merged_adapter_names():
-                m.merge_adapter(name)
-                if safe_merge and not all(bool(jnp.isfinite(v).all()) for _, v in _param_values(m)):
-                    _restore(before)
-                    raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
-                        f"(at {getattr(m, 'adapter_path', '?')}); nothing was merged"
-                    )
+    before = [(m, _param_values(m), m.merged_adapter_names()) for m in layers]
+    try:
+        for m in layers:
+            names = adapter_names if adapter_names is not None else m.active_adapter_names()
+            for name in names:
+                if name in m.adapter_names() and name not in m.merged_adapter_names():
+                    m.merge_adapter(name)
+                    if safe_merge and not all(bool(jnp.isfinite(v).all()) for _, v in _param_values(m)):
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                            f"(at {getattr(m, 'adapter_path', '?')}); nothing was merged"
+                        )
+    except Exception:
+        _restore(before)
+        raise
 
 
 def _param_values(module: nnx.Module) -> list[tuple[nnx.Variable, jax.Array]]:
@@ -208,10 +212,14 @@ def _restore(before) -> None:
         for var, value in params:
             var.set_value(value)
         for name in set(m.merged_adapter_names()) - set(merged):
-            for attr in getattr(m, "cache_dicts", ()):
+            for attr in getattr(m, "merge_cache_dicts", ()):
                 store = getattr(m, attr)
                 if name in store:
                     del store[name]
+        if not merged:
+            for attr in ("premerge_weight", "premerge_bias"):  # a WeightReadingLayer's copies
+                if hasattr(m, attr):
+                    delattr(m, attr)
         m.adapter_merged = merged
 
 

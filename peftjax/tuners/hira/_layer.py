@@ -24,11 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
-
-
-class PreMergeWeight(nnx.Variable):
-    """The weight before the first HiRA merge, while one is merged (not saved)."""
+from peftjax.tuners.base import AdapterParam, WeightReadingLayer, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +35,11 @@ class HiraSpec:
     dropout: float = 0.0
 
 
-class HiraLayer(AdapterDictLayer):
+class HiraLayer(WeightReadingLayer):
     """Mixin marking a HiRA layer (``isinstance(m, HiraLayer)`` finds them)."""
 
     method_name = "HiRA"
     weight_dicts = ("hira_A", "hira_B")
-    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("hira_premerge",)
-    weight_name = "kernel"
     key_prefix = "hira_"
 
     def add_hira(self, name: str, spec: HiraSpec, a, b) -> None:
@@ -69,25 +63,8 @@ class HiraLayer(AdapterDictLayer):
         a, b = self._factors(name)
         return a.T @ b.T
 
-    def merge_adapter(self, name: str) -> None:
-        weight = getattr(self, self.weight_name)
-        if not self.adapter_merged:
-            self.hira_premerge = PreMergeWeight(weight.get_value())
-        base = self.hira_premerge.get_value().astype(jnp.float32)
-        merged = weight.get_value().astype(jnp.float32) + base * self.modulation(name)
-        weight.set_value(merged.astype(weight.get_value().dtype))
-        self._mark_merged(name, True)
-
-    def unmerge_adapter(self, name: str) -> None:
-        weight = getattr(self, self.weight_name)
-        self._mark_merged(name, False)
-        if not self.adapter_merged:  # the last one: the weight as it was, exactly
-            weight.set_value(self.hira_premerge.get_value())
-            del self.hira_premerge
-            return
-        base = self.hira_premerge.get_value().astype(jnp.float32)
-        weight.set_value((weight.get_value().astype(jnp.float32) - base * self.modulation(name))
-                         .astype(weight.get_value().dtype))
+    def merge_deltas(self, name: str, weight: jax.Array, bias: jax.Array | None):
+        return weight * self.modulation(name), None
 
 
 class HiraLinear(HiraLayer):

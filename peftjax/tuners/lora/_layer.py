@@ -58,6 +58,7 @@ class LoraLayer(AdapterDictLayer):
     param_type = LoraParam
     weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
     cache_dicts = ("lora_cache",)
+    merge_cache_dicts = ("lora_cache",)
     # "linear", "embed", "conv" or "general": what init it takes and its PEFT file layout
     lora_kind: str = "linear"
     weight_attr: str = "kernel"

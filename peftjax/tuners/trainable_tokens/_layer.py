@@ -54,6 +54,7 @@ class TrainableTokensLayer(AdapterDictLayer):
     status_module_type = "TrainableTokensLayer"  # PEFT's layer class, whatever the embedding
     weight_dicts = ("trainable_tokens_delta",)
     cache_dicts = ("trainable_tokens_cache",)
+    merge_cache_dicts = ("trainable_tokens_cache",)
 
     def add_tokens(self, name: str, spec: TokensSpec, key: jax.Array, init: bool = True) -> None:
         self._check_new(name)
