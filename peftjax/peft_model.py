@@ -50,7 +50,7 @@ def _count(state) -> int:
 
 
 # the methods whose layers can run a different adapter per batch row (PEFT: LoRA only)
-MIXED_BATCH_TYPES = ("LORA", "IA3", "ROAD")
+MIXED_BATCH_TYPES = ("LORA", "IA3", "ROAD", "GLORA")
 
 
 class DonatedAdapterError(RuntimeError):

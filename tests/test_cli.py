@@ -557,9 +557,9 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
 # runs below take the methods whose jobs differ: AdaLoRA (the run's total_step), LoHa (a YAML
 # file's method_options), OFT (--method-option), LN tuning (a norm layer by --target-modules),
 # RandLoRA and VB-LoRA (model-level tensors in the file, VB-LoRA's trained and shared), SHiRA
-# (integer tensors in the file) and the bottleneck adapter (PEFT cannot read it). The others are
-# tested through the same get_peft_model in their own files.
-RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "bottleneck")
+# (integer tensors in the file), GLoRA (frozen zero tensors in the file) and the bottleneck adapter
+# (PEFT cannot read it). The others are tested through the same get_peft_model in their own files.
+RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "glora", "bottleneck")
 LAYER_METHODS = {
     "adalora": ([], "ADALORA"), "loha": ([], "LOHA"), "lokr": (["--r", "4"], "LOKR"),
     "oft": (["--method-option", "oft_block_size=4"], "OFT"), "boft": ([], "BOFT"), "hra": (["--r", "4"], "HRA"),
@@ -570,6 +570,8 @@ LAYER_METHODS = {
     "poly": (["--r", "2", "--method-option", "n_skills=2"], "POLY"),
     "vblora": (["--method-option", "vector_length=8", "--method-option", "num_vectors=16"], "VBLORA"),
     "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
+    "beft": ([], "BEFT"), "glora": (["--r", "2", "--method-option", "config_D_E=vector"], "GLORA"),
+    "deft": (["--r", "4"], "DEFT"), "peanut": (["--r", "4", "--method-option", "depth=1"], "PEANUT"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
     "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),
 }

@@ -280,18 +280,15 @@ def test_written_file_has_peft_field_set(tmp_path):
 
 
 def test_default_target_mappings_equal_peft():
-    assert pc.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING == (
-        peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    )
-    assert pc.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING == (
-        peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
-    )
-    assert pc.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING == (
-        peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
-    )
-    assert pc.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING == (
-        peft_constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
-    )
+    """Every architecture-default table peftjax keeps is PEFT's, key for key (the methods that use
+    LoRA's table in PEFT use it here too, through ``resolve_target_modules``)."""
+    tables = [name for name in dir(pc) if name.startswith("TRANSFORMERS_MODELS_TO_")]
+    assert len(tables) == 9
+    for name in tables:
+        assert getattr(pc, name) == getattr(peft_constants, name), name
+    for method in ("DEFT", "GLORA", "PEANUT", "HIRA", "ROAD", "DELORA", "GRALORA"):
+        assert getattr(peft_constants, f"TRANSFORMERS_MODELS_TO_{method}_TARGET_MODULES_MAPPING") == (
+            pc.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), method
 
 
 def test_enums_equal_peft():

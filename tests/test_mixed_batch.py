@@ -175,7 +175,7 @@ def test_bad_assignments_fail_before_anything_runs(files, tmp_path):
         prefix(input_ids=IDS, adapter_names=["default"] * 5)
     bottleneck = peftjax.get_peft_model(models.from_pretrained(files / "base"),
                                         peftjax.BottleneckConfig(target_modules=["o_proj"]))
-    with pytest.raises(ValueError, match="'default' is a BOTTLENECK adapter; mixed batches take LORA, IA3, ROAD adapters"):
+    with pytest.raises(ValueError, match="'default' is a BOTTLENECK adapter; mixed batches take LORA, IA3, ROAD, GLORA adapters"):
         bottleneck(input_ids=IDS, adapter_names=["default"] * 5)
     with pytest.raises(NotImplementedError, match="bottleneck.* adapters cannot serve a different adapter per row"):
         peftjax.set_adapter_rows(bottleneck.base_model, ["default"] * 5, ["default"])

@@ -1,5 +1,5 @@
-"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA and VB-LoRA against HF
-PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+"""HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA, BEFT, GLoRA,
+DEFT and PEANuT against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -23,6 +23,13 @@ PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
   PEFT's own), so the files carry only the per-layer scales.
 - VB-LoRA: factors mixed from one trained vector bank all layers share (one variable: its gradient
   sums theirs); files with only each row's top-k indices and weights load both ways.
+- BEFT: a trained output bias on the value projections (PEFT's default targets); merged into the
+  layer's bias, refused (as PEFT refuses it) where the layer has none.
+- GLoRA: the weight and bias scaled and shifted by low-rank, vector, constant or zero terms (the
+  zero terms saved, as PEFT saves them); mixed batches, as PEFT serves them.
+- DEFT: a subspace of the output replaced, ``relu`` and ``qr`` projections (the QR with torch's
+  signs), the identity start taken from the weight, PaRa on GPT-2's ``Conv1D``.
+- PEANuT: an update computed from the frozen weight by a small network with skip connections.
 
 PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
 beside PEFT's shape checks.
@@ -94,6 +101,18 @@ CASES = {
                                                       save_only_topk_weights=True), False),
     "vblora-gpt2": ("VBLoRAConfig", "gpt2", dict(r=4, num_vectors=8, vector_length=8, init_logits_std=1.0),
                     "no dropout"),
+    "beft-bert": ("BeftConfig", "bert", dict(), False),
+    "glora-llama": ("GloraConfig", "llama", dict(r=2, target_modules=LLAMA), False),
+    "glora-bert-vectors": ("GloraConfig", "bert", dict(config_A_B="vector", config_C="vector", config_D_E="vector",
+                                                       init_weights=False), False),
+    "glora-bert-constants": ("GloraConfig", "bert", dict(r=2, config_A_B="constant", config_D_E="constant",
+                                                         bias="glora_only"), False),
+    "deft-llama": ("DeftConfig", "llama", dict(r=4, deft_dropout=0.1, target_modules=LLAMA), False),
+    "deft-bert-qr-alpha": ("DeftConfig", "bert", dict(r=2, decomposition_method="qr", alpha=4, init_weights=False,
+                                                      bias="deft_only"), False),
+    "deft-gpt2-para": ("DeftConfig", "gpt2", dict(r=2, para=True), "no dropout"),
+    "peanut-llama": ("PeanutConfig", "llama", dict(r=4, depth=2, act_fn="gelu", target_modules=LLAMA), False),
+    "peanut-bert": ("PeanutConfig", "bert", dict(r=4, scaling=2.0, init_weights=False), False),
 }
 
 
@@ -123,8 +142,8 @@ def run_jax(model, jit=False):
     return np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
 
 
-def valid(x):
-    return x[MASK.astype(bool)] if x.ndim == 3 else x
+def valid(x, mask=MASK):
+    return x[mask.astype(bool)] if x.ndim == 3 else x
 
 
 def assert_close(a, b, atol=1e-5):
@@ -220,8 +239,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
-    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA, HiRA and RandLoRA
-    start as the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
+    """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA, HiRA, RandLoRA, BEFT,
+    GLoRA, DEFT (its ``R`` taken from the weight) and PEANuT start as the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
@@ -231,7 +250,10 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
                    peftjax.GraloraConfig(r=4, hybrid_r=2, target_modules=LLAMA),
                    peftjax.ShiraConfig(r=2, target_modules=LLAMA),
                    peftjax.HiraConfig(r=2, target_modules=LLAMA + ["embed_tokens"]),
-                   peftjax.RandLoraConfig(r=8, target_modules=LLAMA)):
+                   peftjax.RandLoraConfig(r=8, target_modules=LLAMA), peftjax.BeftConfig(),
+                   peftjax.GloraConfig(r=2, target_modules=LLAMA), peftjax.DeftConfig(r=4, target_modules=LLAMA),
+                   peftjax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=LLAMA),
+                   peftjax.PeanutConfig(r=4, depth=1, target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -264,13 +286,16 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     ("ShiraConfig", "gpt2", dict(r=1, target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's SHiRA"),
     ("VBLoRAConfig", "llama", dict(vector_length=12, target_modules=["q_proj"]),
      "q_proj: `in_features` 32 must be divisible by `vector_length` 12"),
+    ("BeftConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's BEFT"),
+    ("GloraConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's GLoRA"),
+    ("PeanutConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's PEANuT"),
     ("ShiraConfig", "llama", dict(r=16, target_modules=["v_proj"]),
      "v_proj: The set rank 16 results in more shira params than the total number of params in the base layer 512"),
 ])
 def test_what_peft_refuses_is_refused_by_name(config_class, arch, fields, match, checkpoints):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises((TypeError, ValueError, NotImplementedError)):
             peft.get_peft_model(torch_base(arch, checkpoints[arch]), getattr(peft, config_class)(**fields))
     with pytest.raises((TypeError, ValueError), match=match):
         peftjax.get_peft_model(models.from_pretrained(checkpoints[arch]), getattr(peftjax, config_class)(**fields))
@@ -293,23 +318,38 @@ def test_bad_settings_are_named():
         (lambda: peftjax.HiraConfig(hira_dropout=1.0), r"`hira_dropout` must be in \[0, 1\)"),
         (lambda: peftjax.VBLoRAConfig(topk=0), "`topk` must be >= 1, got 0"),
         (lambda: peftjax.VBLoRAConfig(num_vectors=2, topk=3), r"`topk` \(3\) must not exceed `num_vectors` \(2\)"),
+        (lambda: peftjax.GloraConfig(config_C="constant"), r"`config_C` must be one of \['lora', 'none', 'vector'\]"),
+        (lambda: peftjax.GloraConfig(config_D_E="lora"), r"`config_D_E` must be one of \['constant', 'none', 'v"),
+        (lambda: peftjax.DeftConfig(decomposition_method="svd"), "Unknown decomposition_method 'svd', must be one"),
+        (lambda: peftjax.DeftConfig(deft_dropout=1.0), r"`deft_dropout` must be in \[0, 1\)"),
+        (lambda: peftjax.PeanutConfig(depth=-1), "`depth` must be >= 0, got -1"),
+        (lambda: peftjax.PeanutConfig(r=0), "`r` must be >= 1, got 0"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
 
 
-def test_road_serves_a_mixed_batch_as_peft_does(checkpoints, tmp_path):
-    """``adapter_names``: each row rotated by its own RoAd adapter (``"__base__"``: by none), the
-    logits PEFT's mixed batch gives for the same two PEFT-made adapters; other methods refuse."""
-    path = checkpoints["llama"]
+MIXED = {  # method -> (arch, the two adapters' configs): PEFT 0.21.2's methods with a mixed-batch forward
+    "RoadConfig": ("llama", dict(group_size=8, init_weights=False, target_modules=LLAMA),
+                   dict(variant="road_2", group_size=4, init_weights=False, target_modules=["q_proj"])),
+    "GloraConfig": ("bert", dict(r=2, init_weights=False), dict(config_A_B="vector", config_C="vector",
+                                                                config_D_E="vector", init_weights=False,
+                                                                target_modules=["query", "dense"])),
+}
+
+
+@pytest.mark.parametrize("config_class", sorted(MIXED))
+def test_a_mixed_batch_is_served_as_peft_does(config_class, checkpoints, tmp_path):
+    """``adapter_names``: each row updated by its own RoAd or GLoRA adapter (``"__base__"``: by none),
+    the logits PEFT's mixed batch gives for the same two PEFT-made adapters; other methods refuse."""
+    arch, one, two = MIXED[config_class]
+    path = checkpoints[arch]
     names = ["one", "__base__", "two"]
     ids, mask = np.concatenate([IDS, IDS[:1]]), np.concatenate([MASK, MASK[:1]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(torch_base("llama", path), peft.RoadConfig(group_size=8, init_weights=False,
-                                                                                target_modules=LLAMA), "one")
-        theirs.add_adapter("two", peft.RoadConfig(variant="road_2", group_size=4, init_weights=False,
-                                                  target_modules=["q_proj"]))
+        theirs = peft.get_peft_model(torch_base(arch, path), getattr(peft, config_class)(**one), "one")
+        theirs.add_adapter("two", getattr(peft, config_class)(**two))
         theirs.save_pretrained(tmp_path)
         with torch.no_grad():
             expected = theirs.eval()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -317,10 +357,70 @@ def test_road_serves_a_mixed_batch_as_peft_does(checkpoints, tmp_path):
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "one", adapter_name="one")
     model.load_adapter(tmp_path / "two", adapter_name="two")
     ours = np.asarray(model(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
-    np.testing.assert_allclose(ours[mask.astype(bool)], expected[mask.astype(bool)], atol=1e-5, rtol=0)
-    model.add_adapter("hra", peftjax.HRAConfig(r=2, target_modules=["k_proj"]))
-    with pytest.raises(ValueError, match="'hra' is a HRA adapter; mixed batches take LORA, IA3, ROAD adapters"):
+    np.testing.assert_allclose(valid(ours, mask), valid(expected, mask), atol=1e-5, rtol=0)
+    plain = np.asarray(model(input_ids=ids, attention_mask=mask).logits)  # every row through "one"
+    assert np.abs(valid(ours, mask) - valid(plain, mask)).max() > 1e-4
+    model.add_adapter("hra", peftjax.HRAConfig(r=2, target_modules=["k_proj" if arch == "llama" else "key"]))
+    with pytest.raises(ValueError, match="'hra' is a HRA adapter; mixed batches take LORA, IA3, ROAD, GLORA adapters"):
         model(input_ids=IDS, attention_mask=MASK, adapter_names=["hra", "one"])
+
+
+def test_beft_on_layers_without_a_bias_trains_and_saves_but_does_not_merge(checkpoints, tmp_path):
+    """Llama's value projections have no bias: BEFT trains there (PEFT's default target) and its file
+    gives PEFT's logits, scanned layers too; merging is refused, by PEFT and here (naming the layer),
+    and nothing is changed by the refusal."""
+    path = checkpoints["llama"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.BeftConfig(init_weights=False))
+    assert model.peft_config["default"].target_modules == ("v_proj",)
+    before = run_jax(model)
+    with pytest.raises(ValueError, match=r"self_attn\.v_proj: Base layer has no bias, cannot merge bias adapter "):
+        model.merge_and_unload()
+    assert_close(run_jax(model), before)
+    _tiny.train(model, _tiny.batch(IDS, MASK), steps=2, optimizer=optax.adam(2e-2))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(torch_base("llama", path), tmp_path).eval()
+        with pytest.raises(ValueError, match="Base layer has no bias, cannot merge bias adapter default"):
+            theirs.merge_adapter()
+    ours = run_jax(model, jit=True)
+    assert_close(ours, run_torch(theirs))
+    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), tmp_path)
+    assert_close(run_jax(scanned), ours)
+
+
+def test_a_refused_merge_leaves_every_layer_as_it_was():
+    """A merge that fails part-way (BEFT reaching a layer without a bias after one with; a NaN under
+    ``safe_merge``) puts back the layers it had merged, and keeps each adapter's frozen state
+    (DeLoRA's weight norms), so the model runs on unchanged."""
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.first = nnx.Linear(4, 4, rngs=rngs)
+            self.second = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+
+        def __call__(self, x):
+            return self.second(self.first(x))
+
+    x = np.random.RandomState(0).randn(3, 4).astype(np.float32)
+    for config, poison in ((peftjax.BeftConfig(target_modules=["first", "second"], init_weights=False), None),
+                           (peftjax.DeloraConfig(r=2, init_weights=False, target_modules=["first", "second"]),
+                            "second")):
+        model = peftjax.get_peft_model(Two(nnx.Rngs(0)), config)
+        if poison:
+            getattr(model.base_model, poison).delora_A["default"].set_value(np.full((2, 4), np.nan, np.float32))
+        base = model.base_model
+        before = {n: np.asarray(getattr(base, n).kernel.get_value()) for n in ("first", "second")}
+        bias, out = np.asarray(base.first.bias.get_value()), np.asarray(base(x))
+        with pytest.raises(ValueError, match="second: Base layer has no bias" if poison is None else "NaNs detected"):
+            model.merge_adapter(safe_merge=True)
+        for n in ("first", "second"):
+            np.testing.assert_array_equal(np.asarray(getattr(base, n).kernel.get_value()), before[n])
+            assert getattr(base, n).merged_adapter_names() == ()
+        np.testing.assert_array_equal(np.asarray(base.first.bias.get_value()), bias)
+        np.testing.assert_array_equal(np.asarray(base(x)), out, err_msg=type(config).__name__)
+        if poison:
+            assert "default" in base.first.delora_w_norm
 
 
 def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
@@ -423,6 +523,8 @@ def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):
 
 SCANNED = {  # every method here on a model whose layers are stacked and scanned
     "HRAConfig": dict(r=2, init_weights=False), "MissConfig": dict(r=4, init_weights=False),
+    "GloraConfig": dict(r=2, init_weights=False),
+    "DeftConfig": dict(r=4, init_weights=False), "PeanutConfig": dict(r=4, depth=1, init_weights=False),
     "RoadConfig": dict(group_size=8, init_weights=False),
     "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
     "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),
@@ -513,3 +615,21 @@ def test_vblora_s_bank_is_one_variable_every_layer_trains(checkpoints):
     assert not np.allclose(np.asarray(banks()[-1].get_value()), before) and all(b is banks()[0] for b in banks())
     with pytest.raises(NotImplementedError, match="VB-LoRA on a model built with scan_layers=True"):
         peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), config)
+
+
+def test_peanut_s_activations_are_transformers_own(checkpoints):
+    """Every ``act_fn`` peftjax takes (the table the bundled models' configs read too) computes what
+    transformers' ``ACT2FN`` of that name computes; one with weights (``"prelu"``) is refused by
+    name before the model changes."""
+    from transformers.activations import ACT2FN
+
+    from peftjax.nn._activations import ACTIVATIONS
+
+    x = np.linspace(-12.0, 12.0, 241, dtype=np.float32)
+    for name, f in ACTIVATIONS.items():
+        expected = ACT2FN[name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(f(x)), expected, atol=2e-6, rtol=1e-6, err_msg=name)
+    model = models.from_pretrained(checkpoints["llama"])
+    with pytest.raises(ValueError, match=r"PeanutConfig.act_fn 'prelu' is not supported; supported: \['gelu'"):
+        peftjax.get_peft_model(model, peftjax.PeanutConfig(act_fn="prelu", target_modules=LLAMA))
+    assert not adapter_layers(model)

@@ -416,12 +416,13 @@ BNB_METHODS = {
     "hira": ("HiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
     "road": ("RoadConfig", dict(group_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "randlora": ("RandLoraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "beft": ("BeftConfig", dict(target_modules=["v_proj", "down_proj"])),  # bnb's layers are torch.nn.Linear
 }
 
 
 @pytest.mark.parametrize("method", sorted(BNB_METHODS))
 def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
-    """An IA3, AdaLoRA, HiRA, RoAd or RandLoRA adapter PEFT made on transformers' NF4 model gives
+    """An IA3, AdaLoRA, HiRA, RoAd, RandLoRA or BEFT adapter PEFT made on transformers' NF4 model gives
     PEFT's logits on the NF4 base here; trained here (the public functional core), it gives ours in
     PEFT on the bitsandbytes model."""
     name, fields = BNB_METHODS[method]

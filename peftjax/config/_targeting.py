@@ -161,6 +161,14 @@ TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str]
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
+# copied from peft/utils/constants.py (0.21.2): BEFT's own table (the value projections)
+TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
+    "t5": ["v"], "mt5": ["v"], "roberta": ["value"], "opt": ["v_proj"], "gptj": ["v_proj"], "gpt_neo": ["v_proj"],
+    "bart": ["v_proj"], "llama": ["v_proj"], "llama4": ["v_proj"], "mistral": ["v_proj"], "mixtral": ["v_proj"],
+    "bert": ["value"], "deberta-v2": ["value_proj"], "phi": ["v_proj"], "gemma": ["v_proj"], "gemma2": ["v_proj"],
+    "gemma3_text": ["v_proj"], "qwen2": ["v_proj"], "qwen3": ["v_proj"],
+}
+
 TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
     "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
@@ -436,6 +444,7 @@ _SIMPLE_DEFAULTS = {
     "C3A": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "C3A"),
     "SHIRA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "SHiRA"),
     "VBLORA": (TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING, "VB-LoRA"),
+    "BEFT": (TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING, "BEFT"),
 }
 
 
@@ -463,7 +472,7 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     peft_type = getattr(config, "peft_type", None)
     changes: dict[str, Any] = {}
     if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "MISS", "ROAD", "DELORA", "GRALORA", "HIRA",
-                     "RANDLORA", "POLY"):
+                     "RANDLORA", "POLY", "GLORA", "DEFT", "PEANUT"):
         if config.target_modules is None:
             changes["target_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",

@@ -6,10 +6,13 @@ A method is a folder under ``peftjax/tuners/`` and one line here.
 from peftjax.tuners._registry import Tuner, register_tuner
 from peftjax.tuners.adalora import AdaLoraConfig, adalora_state_dict, inject_adalora, load_adalora_state_dict
 from peftjax.tuners.adaption_prompt import AdaptionPromptConfig, AdaptionPromptLayer, inject_adaption_prompt
+from peftjax.tuners.beft import BeftConfig, BeftLayer, inject_beft
 from peftjax.tuners.boft import BOFTConfig, BOFTLayer, inject_boft
 from peftjax.tuners.bottleneck import BottleneckConfig, BottleneckLayer, inject_bottleneck
 from peftjax.tuners.c3a import C3AConfig, C3ALayer, inject_c3a
+from peftjax.tuners.deft import DeftConfig, DeftLayer, inject_deft
 from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
+from peftjax.tuners.glora import GloraConfig, GloraLayer, inject_glora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
 from peftjax.tuners.hira import HiraConfig, HiraLayer, inject_hira
@@ -24,6 +27,7 @@ from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
 from peftjax.tuners.lokr import LoKrConfig, LoKrLinear, inject_lokr
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
 from peftjax.tuners.oft import OFTConfig, OFTLayer, inject_oft
+from peftjax.tuners.peanut import PeanutConfig, PeanutLayer, inject_peanut
 from peftjax.tuners.poly import PolyConfig, PolyLayer, inject_poly
 from peftjax.tuners.prompt import (
     PROMPT_LEARNING_CONFIGS,
@@ -61,6 +65,10 @@ register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALaye
 register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
 register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
 register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
+register_tuner(Tuner.for_layers(BeftConfig, inject=inject_beft, layer_type=BeftLayer))
+register_tuner(Tuner.for_layers(GloraConfig, inject=inject_glora, layer_type=GloraLayer))
+register_tuner(Tuner.for_layers(DeftConfig, inject=inject_deft, layer_type=DeftLayer))
+register_tuner(Tuner.for_layers(PeanutConfig, inject=inject_peanut, layer_type=PeanutLayer))
 register_tuner(Tuner.for_layers(PolyConfig, inject=inject_poly, layer_type=PolyLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
                      load_state_dict=load_randlora_state_dict))

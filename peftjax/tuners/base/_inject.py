@@ -31,7 +31,7 @@ def check_linear_targets(
         ``nnx.Embed`` where ``embed`` is false, or another layer type. ``conv1d``: the method
         adapts ``Conv1D`` too (GraLoRA).
       NotImplementedError: a target is quantized and ``quantized`` is false (the methods PEFT
-        0.21.2 runs on bitsandbytes layers pass ``quantized=True``: HiRA, RoAd, RandLoRA).
+        0.21.2 runs on bitsandbytes layers pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
     """
     from peftjax.quantization import QuantizedLinear
 
@@ -42,7 +42,7 @@ def check_linear_targets(
             problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
         elif isinstance(m, QuantizedLinear) and not quantized:
             raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (PEFT 0.21.2 runs "
-                                      f"LoRA, AdaLoRA, IA3, HiRA, RoAd and RandLoRA on bitsandbytes layers)")
+                                      f"LoRA, AdaLoRA, IA3, HiRA, RoAd, RandLoRA and BEFT on bitsandbytes layers)")
         elif isinstance(m, nnx.Embed) and embed:
             continue
         elif not isinstance(m, nnx.Linear):

@@ -77,7 +77,7 @@ def set_adapter_rows(model: nnx.Module, rows, names: Sequence[str]) -> None:
         if not getattr(module, "supports_adapter_rows", False) and set(names) & set(module.adapter_names()):
             method = getattr(module, "method_name", type(module).__name__)
             where = getattr(module, "adapter_path", "") or "the model"
-            raise NotImplementedError(f"{where}: mixed adapter batches are supported for LoRA, IA³ and RoAd "
+            raise NotImplementedError(f"{where}: mixed adapter batches are supported for LoRA, IA³, RoAd and GLoRA "
                                       f"adapters; {method} adapters cannot serve a different adapter per row")
     for module, stacked in holders:
         value = rows if stacked is None else jnp.broadcast_to(rows, (stacked, *rows.shape))
