@@ -26,6 +26,7 @@ from peftjax.config import (
     DeftConfig,
     GloraConfig,
     PeanutConfig,
+    SupertuningConfig,
     RandLoraConfig,
     VBLoRAConfig,
     FourierFTConfig,
@@ -41,6 +42,7 @@ from peftjax.config import (
     OFTConfig,
     PeftConfig,
     PeftType,
+    CartridgeConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     MultitaskPromptTuningConfig,
@@ -88,7 +90,7 @@ from peftjax.tuners import (
     unload,
     unmerge,
 )
-from peftjax.tuners.prompt import virtual_positions
+from peftjax.tuners.prompt import compose_cartridge_adapters, initialize_kv_prefix_from_text, virtual_positions
 from peftjax.tuners.lora import (
     convert_to_lora,
     get_eva_state_dict,
@@ -120,6 +122,7 @@ __all__ = [
     "DeftConfig",
     "GloraConfig",
     "PeanutConfig",
+    "SupertuningConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",
@@ -138,6 +141,9 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "CartridgeConfig",
+    "compose_cartridge_adapters",
+    "initialize_kv_prefix_from_text",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "MultitaskPromptTuningConfig",

@@ -497,7 +497,7 @@ def test_train_every_language_modelling_task(task, method, tokenizer_dir, tmp_pa
 @pytest.mark.parametrize("method,task,peft_type", [
     ("dora", "seq_cls", "LORA"), ("ia3", "seq_cls", "IA3"), ("p-tuning", "seq_cls", "P_TUNING"),
     ("prefix", "token_cls", "PREFIX_TUNING"), ("prompt", "token_cls", "PROMPT_TUNING"),
-    ("multitask_prompt", "seq_cls", "MULTITASK_PROMPT_TUNING"),
+    ("multitask_prompt", "seq_cls", "MULTITASK_PROMPT_TUNING"), ("cartridge", "token_cls", "CARTRIDGE"),
 ])
 def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path, capsys):
     """``train --method``: the job trains, saves and reloads each kind of adapter, which PEFT loads;
@@ -572,6 +572,7 @@ LAYER_METHODS = {
     "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
     "beft": ([], "BEFT"), "glora": (["--r", "2", "--method-option", "config_D_E=vector"], "GLORA"),
     "deft": (["--r", "4"], "DEFT"), "peanut": (["--r", "4", "--method-option", "depth=1"], "PEANUT"),
+    "supertuning": (["--method-option", "sparsity=0.9"], "SUPERTUNING"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
     "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),
 }
@@ -591,7 +592,7 @@ def test_train_offers_every_method_peftjax_implements():
         implemented.add(str(peft_type))
     assert {peft_type for peft_type, _, _ in METHODS.values()} == implemented
     tested_elsewhere = {"lora", "dora", "ia3", "prefix", "prompt", "multitask_prompt", "p-tuning", "adaption_prompt",
-                        "trainable_tokens"}
+                        "trainable_tokens", "cartridge"}
     assert set(LAYER_METHODS) | tested_elsewhere == set(METHODS)
 
 

@@ -103,6 +103,17 @@ def test_what_is_not_a_weight_delta_is_refused():
         "llama", **_tiny.fields("llama"))), peftjax.ShiraConfig(r=1, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj \(SHiRA"):  # as PEFT: not for SHiRA
         peftjax.convert_to_lora(shira, rank=2)
+    sparse = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
+        "llama", **_tiny.fields("llama"))), peftjax.SupertuningConfig(sparsity=0.9, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj \(Supertuning"):  # nor Super-Tuning
+        peftjax.convert_to_lora(sparse, rank=2)
+    for config in (peftjax.BeftConfig(target_modules=["v_proj"]), peftjax.PeanutConfig(r=2, target_modules=["q_proj"]),
+                   peftjax.GloraConfig(r=2, target_modules=["q_proj"]),
+                   peftjax.DeftConfig(r=2, target_modules=["q_proj"])):
+        other = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
+            "llama", **_tiny.fields("llama"))), config)
+        with pytest.raises(TypeError, match="not a weight delta a LoRA can carry"):  # PEFT converts none of them
+            peftjax.convert_to_lora(other, rank=2)
     lora = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
         "llama", **_tiny.fields("llama"))), peftjax.LoraConfig(r=2, target_modules=["q_proj"]))
     for bad, err in ((0, ValueError), (1.5, ValueError), ("4", TypeError), (64, ValueError)):

@@ -1,5 +1,5 @@
 """HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA, BEFT, GLoRA,
-DEFT and PEANuT against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+DEFT, PEANuT and Super-Tuning against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -30,6 +30,8 @@ DEFT and PEANuT against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both 
 - DEFT: a subspace of the output replaced, ``relu`` and ``qr`` projections (the QR with torch's
   signs), the identity start taken from the weight, PaRa on GPT-2's ``Conv1D``.
 - PEANuT: an update computed from the frozen weight by a small network with skip connections.
+- Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
+  Supra LoRA; files without the positions load (they are chosen again, PEFT's own order).
 
 PEFT adapts ``nn.Linear`` only with the others, so GPT-2's ``Conv1D`` is tested as a refusal,
 beside PEFT's shape checks.
@@ -113,6 +115,11 @@ CASES = {
     "deft-gpt2-para": ("DeftConfig", "gpt2", dict(r=2, para=True), "no dropout"),
     "peanut-llama": ("PeanutConfig", "llama", dict(r=4, depth=2, act_fn="gelu", target_modules=LLAMA), False),
     "peanut-bert": ("PeanutConfig", "bert", dict(r=4, scaling=2.0, init_weights=False), False),
+    "supertuning-llama": ("SupertuningConfig", "llama", dict(sparsity=0.9, target_modules=LLAMA), False),
+    "supertuning-bert-supra-bottom": ("SupertuningConfig", "bert", dict(sparsity=0.8, select_top=False, r=2,
+                                                                        lora_dropout=0.1), False),
+    "supertuning-llama-unsaved": ("SupertuningConfig", "llama", dict(sparsity=0.95, save_precomputed_indices=False,
+                                                                     target_modules=LLAMA), False),
 }
 
 
@@ -190,8 +197,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert status(model) == status(torch_model)
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
-    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout",
-                                   "randlora_dropout", "vblora_dropout")):  # dropout: training only
+    if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout",  # training only
+                                   "randlora_dropout", "vblora_dropout", "deft_dropout", "lora_dropout")):
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -240,7 +247,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA, HiRA, RandLoRA, BEFT,
-    GLoRA, DEFT (its ``R`` taken from the weight) and PEANuT start as the identity; HRA with an odd ``r`` cannot, and says so as PEFT does."""
+    GLoRA, DEFT (its ``R`` taken from the weight), PEANuT and Super-Tuning start as the identity; HRA
+    with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
     for config in (peftjax.HRAConfig(r=4, target_modules=["q_proj"]), peftjax.MissConfig(r=4, target_modules=LLAMA),
@@ -253,7 +261,8 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
                    peftjax.RandLoraConfig(r=8, target_modules=LLAMA), peftjax.BeftConfig(),
                    peftjax.GloraConfig(r=2, target_modules=LLAMA), peftjax.DeftConfig(r=4, target_modules=LLAMA),
                    peftjax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=LLAMA),
-                   peftjax.PeanutConfig(r=4, depth=1, target_modules=LLAMA)):
+                   peftjax.PeanutConfig(r=4, depth=1, target_modules=LLAMA),
+                   peftjax.SupertuningConfig(sparsity=0.9, r=2, target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -289,6 +298,9 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     ("BeftConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's BEFT"),
     ("GloraConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's GLoRA"),
     ("PeanutConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's PEANuT"),
+    ("SupertuningConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's Super-"),
+    ("SupertuningConfig", "llama", dict(sparsity=0.9995, target_modules=["v_proj"]),
+     "sparsity=0.9995 leaves no trainable entries for a weight with 512 elements"),
     ("ShiraConfig", "llama", dict(r=16, target_modules=["v_proj"]),
      "v_proj: The set rank 16 results in more shira params than the total number of params in the base layer 512"),
 ])
@@ -324,6 +336,9 @@ def test_bad_settings_are_named():
         (lambda: peftjax.DeftConfig(deft_dropout=1.0), r"`deft_dropout` must be in \[0, 1\)"),
         (lambda: peftjax.PeanutConfig(depth=-1), "`depth` must be >= 0, got -1"),
         (lambda: peftjax.PeanutConfig(r=0), "`r` must be >= 1, got 0"),
+        (lambda: peftjax.SupertuningConfig(sparsity=1.0), r"sparsity must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: peftjax.SupertuningConfig(lora_alpha=4), "lora_alpha is set but r is None"),
+        (lambda: peftjax.SupertuningConfig(r=0), "r must be a positive integer or None, got 0"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -525,6 +540,7 @@ SCANNED = {  # every method here on a model whose layers are stacked and scanned
     "HRAConfig": dict(r=2, init_weights=False), "MissConfig": dict(r=4, init_weights=False),
     "GloraConfig": dict(r=2, init_weights=False),
     "DeftConfig": dict(r=4, init_weights=False), "PeanutConfig": dict(r=4, depth=1, init_weights=False),
+    "SupertuningConfig": dict(sparsity=0.9, r=2, init_weights=False),
     "RoadConfig": dict(group_size=8, init_weights=False),
     "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
     "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),

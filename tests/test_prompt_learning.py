@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import warnings
 from pathlib import Path
 
@@ -69,6 +70,7 @@ METHODS = {
     "p-tuning-mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 24}),
     "p-tuning-lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 12,
                                               "encoder_num_layers": 2}),
+    "cartridge": ("CartridgeConfig", {"num_frozen_tokens": 1}),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
 MASK = np.array([[1] * 7, [1] * 5 + [0] * 2])
@@ -132,7 +134,7 @@ def run_torch(pm, arch, method, ids=IDS, mask=MASK):
     task = TASKS[arch]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and method.startswith("prefix"):
+        if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and method.startswith(("prefix", "cartridge")):
             return torch_prefix_head(pm, ids, mask, **extra).numpy()
         if task == "QUESTION_ANS":
             return outputs(peft_prompt_forward(pm, ids, mask, **extra), task)
@@ -218,8 +220,9 @@ def test_peft_made_adapter_gives_same_logits_on_long_rows(saved, arch, method, t
     ("gpt2", "prefix"), ("gpt2", "prompt"), ("bert", "prefix"), ("bert", "p-tuning-mlp"),
     ("llama-cls", "prompt"),
     *((a, m) for a in ("qwen3", "phi3") for m in ("prefix", "prompt", "p-tuning-mlp")),
-    ("gemma3_text", "prefix"), ("mixtral", "prefix"),
-    ("bert-tok", "prefix"), ("bert-tok", "prompt"), ("bert-qa", "prefix"), ("bert-qa", "p-tuning-lstm"),
+    ("gemma3_text", "prefix"), ("mixtral", "prefix"), ("llama", "cartridge"), ("bert", "cartridge"),
+    ("qwen3", "cartridge"), ("bert-tok", "prefix"), ("bert-tok", "prompt"), ("bert-qa", "prefix"),
+    ("bert-qa", "p-tuning-lstm"),
     ("bert-feat", "prompt"), ("roberta", "prefix"), ("roberta-qa", "prompt"),
 ])
 def test_peftjax_trained_adapter_loads_in_peft(saved, arch, method, tmp_path):
@@ -299,7 +302,7 @@ def torch_greedy(pm, ids, mask, max_new_tokens, eos, pad=0):
 
 @pytest.mark.parametrize(("arch", "method"), [
     ("llama", "prefix"), ("llama", "prompt"), ("llama", "p-tuning-lstm"), ("gpt2", "prefix"), ("gpt2", "prompt"),
-    ("phi3", "prefix"),
+    ("phi3", "prefix"), ("llama", "cartridge"),
     ("gemma2", "prefix"),  # the prefix, then the tokens, slide out of the sliding layer's window
 ])
 def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
@@ -372,6 +375,102 @@ def test_prompt_tuning_sample_vocab_takes_vocabulary_rows(saved, arch):
         table = torch_base(saved, arch).get_input_embeddings()(torch.arange(96)).numpy()
     rows = np.asarray(model.base_model.peft_prompt_encoders["default"]())
     assert all(np.abs(table - r).max(axis=1).min() < 1e-6 for r in rows)
+
+
+# ---------------------------------------------------------------- (e) Cartridge
+
+
+def test_cartridge_s_frozen_rows_do_not_train(saved, tmp_path):
+    """``num_frozen_tokens`` rows stay as drawn while the rest train (PEFT's count of trainable
+    parameters); the file holds all rows, and PEFT's model on it gives ours."""
+    config = dict(task_type="CAUSAL_LM", num_virtual_tokens=V, num_frozen_tokens=2)
+    model = peftjax.get_peft_model(models.from_pretrained(saved["llama"]), peftjax.CartridgeConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base(saved, "llama"), peft.CartridgeConfig(**config))
+    assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    before = np.asarray(model.base_model.peft_prompt_encoders["default"]())
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK), optimizer=optax.adam(3e-2), dropout=False).losses
+    assert losses[-1] < losses[0]
+    after = np.asarray(model.base_model.peft_prompt_encoders["default"]())
+    np.testing.assert_array_equal(after[:2], before[:2])
+    assert np.abs(after[2:] - before[2:]).min() > 0
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(torch_base(saved, "llama"), tmp_path).eval()
+    assert_close(run_jax(model, "llama"), run_torch(pm, "llama", "cartridge"))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cartridge_from_text_is_peft_s(chat, tmp_path):
+    """``initialize_kv_prefix_from_text``: the base's cache of the text (a system turn of the chat
+    template where the tokenizer has one) becomes the adapter's rows, the rows PEFT's helper gives
+    on the same model and tokenizer; a text shorter than the adapter is refused by name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_minilm_tokenizer()))
+    if chat:
+        tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    _tiny.save(_tiny.arch("llama", vocab_size=30522, num_key_value_heads=2), tmp_path)  # GQA: the KV heads' rows
+    config = dict(task_type="CAUSAL_LM", num_virtual_tokens=6)
+    text = "the cartridge holds what the model read about this document"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tr.LlamaForCausalLM.from_pretrained(tmp_path), peft.CartridgeConfig(**config))
+        expected = peft.initialize_kv_prefix_from_text(theirs, tokenizer, text=text).float().numpy()
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path), peftjax.CartridgeConfig(**config))
+    rows = peftjax.initialize_kv_prefix_from_text(model, tokenizer, text=text)
+    np.testing.assert_allclose(rows, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.base_model.peft_prompt_encoders["default"]()), expected,
+                               atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.eval()
+        ids = np.asarray(tokenizer(["a short question"], return_tensors="np")["input_ids"])
+        with torch.no_grad():
+            ref = theirs(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(input_ids=ids).logits), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="Need at least 6 cached tokens, got 3"):
+        peftjax.initialize_kv_prefix_from_text(model, tokenizer, text="hi", use_chat_template=False)
+
+
+def test_composed_cartridges_are_peft_s(saved, tmp_path):
+    """``compose_cartridge_adapters``: the rows of each, one after the other, PEFT's config and
+    file; joining a non-Cartridge or a mismatched one is refused by name."""
+    for i, (v, frozen) in enumerate(((3, 1), (2, 0))):
+        config = peftjax.CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=v, num_frozen_tokens=frozen)
+        peftjax.get_peft_model(models.from_pretrained(saved["llama"]), config,
+                               key=jax.random.key(i)).save_pretrained(tmp_path / f"c{i}")
+    paths = [tmp_path / "c0", tmp_path / "c1"]
+    peftjax.compose_cartridge_adapters(paths, output_path=tmp_path / "ours")
+    peft.compose_cartridge_adapters(paths, output_path=tmp_path / "theirs")
+    from safetensors.numpy import load_file
+
+    ours, theirs = (load_file(tmp_path / w / "adapter_model.safetensors") for w in ("ours", "theirs"))
+    np.testing.assert_array_equal(ours["prompt_embeddings"], theirs["prompt_embeddings"])
+    configs = [json.loads((tmp_path / w / "adapter_config.json").read_text()) for w in ("ours", "theirs")]
+    for c in configs:
+        c.pop("peft_version")
+    assert configs[0] == configs[1] and configs[0]["num_virtual_tokens"] == 5
+    joined = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved["llama"]), tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(torch_base(saved, "llama"), tmp_path / "theirs").eval()
+    assert_close(run_jax(joined, "llama"), run_torch(pm, "llama", "cartridge"))
+    peftjax.get_peft_model(models.from_pretrained(saved["llama"]),
+                           peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+                           ).save_pretrained(tmp_path / "prefix")
+    with pytest.raises(ValueError, match="is not a CARTRIDGE adapter \\(got PREFIX_TUNING\\)"):
+        peftjax.compose_cartridge_adapters([paths[0], tmp_path / "prefix"], output_path=tmp_path / "bad")
+    with pytest.raises(ValueError, match="Need at least 2 adapters to compose"):
+        peftjax.compose_cartridge_adapters(paths[:1], output_path=tmp_path / "bad")
+    for make, match in ((lambda: peftjax.CartridgeConfig(num_virtual_tokens=2, num_frozen_tokens=3),
+                         "`num_frozen_tokens` must be <= `num_virtual_tokens`"),
+                        (lambda: peftjax.CartridgeConfig(num_virtual_tokens=2, num_frozen_tokens=-1),
+                         "`num_frozen_tokens` must be >= 0, got -1")):
+        with pytest.raises(ValueError, match=match):
+            make()
 
 
 # ---------------------------------------------------------------- the encoders' math

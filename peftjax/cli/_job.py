@@ -103,11 +103,13 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "glora": ("GLORA", {}, "GLoRA"),
     "deft": ("DEFT", {}, "DEFT"),
     "peanut": ("PEANUT", {}, "PEANuT"),
+    "supertuning": ("SUPERTUNING", {}, "Super-Tuning"),
     "vera": ("VERA", {}, "VeRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
     "trainable_tokens": ("TRAINABLE_TOKENS", {}, "trainable tokens"),
     "prefix": ("PREFIX_TUNING", {}, "prefix tuning"),
+    "cartridge": ("CARTRIDGE", {}, "Cartridge"),
     "prompt": ("PROMPT_TUNING", {}, "prompt tuning"),
     "multitask_prompt": ("MULTITASK_PROMPT_TUNING", {}, "multitask prompt tuning"),
     "p-tuning": ("P_TUNING", {}, "P-tuning"),
@@ -120,7 +122,8 @@ FIELD_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual
 # configs have no default length); every other field keeps the config's default
 _LORA_JOB = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}
 JOB_DEFAULTS = {"lora": _LORA_JOB, "dora": _LORA_JOB,
-                **{m: {"num_virtual_tokens": 20} for m in ("prefix", "prompt", "multitask_prompt", "p-tuning")}}
+                **{m: {"num_virtual_tokens": 20}
+                   for m in ("prefix", "cartridge", "prompt", "multitask_prompt", "p-tuning")}}
 
 FLAG_HELP = {
     "model": "base model directory or Hub name (default: the packaged all-MiniLM-L6-v2)",
@@ -137,9 +140,10 @@ FLAG_HELP = {
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
               "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no task "
-              "ids), randlora, vblora, beft, glora, deft, peanut, vera, fourierft, "
-              "ln_tuning, trainable_tokens, prefix (prefix tuning), prompt (prompt tuning), multitask_prompt "
-              "(multitask prompt tuning: one task, num_tasks=1, as the Trainer has no task ids), p-tuning, "
+              "ids), randlora, vblora, beft, glora, deft, peanut, supertuning, vera, fourierft, ln_tuning, "
+              "trainable_tokens, prefix (prefix tuning), cartridge (a trained key/value prefix), prompt (prompt "
+              "tuning), multitask_prompt (multitask prompt tuning: one task, num_tasks=1, as the Trainer has no task "
+              "ids), p-tuning, "
               "adaption_prompt (Llama, Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it)",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "

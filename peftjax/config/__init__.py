@@ -35,9 +35,11 @@ from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
+from peftjax.config._supertuning import SupertuningConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
+    CartridgeConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
@@ -97,6 +99,7 @@ __all__ = [
     "DeftConfig",
     "GloraConfig",
     "PeanutConfig",
+    "SupertuningConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",
@@ -113,6 +116,7 @@ __all__ = [
     "OFTConfig",
     "PeftConfig",
     "PeftType",
+    "CartridgeConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

@@ -118,6 +118,10 @@ class PromptLearningConfig(PeftConfig):
         modules_to_save: See :class:`PeftConfig`.
     """
 
+    # whether the adapter writes per-layer key/value prefixes (prefix tuning, Cartridge) rather than
+    # input embeddings
+    kv_prefix: ClassVar[bool] = False
+
     num_virtual_tokens: int | None = None
     token_dim: int | None = None
     num_transformer_submodules: int | None = None
@@ -151,6 +155,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    kv_prefix: ClassVar[bool] = True
 
     init_weights: str | None = None
     encoder_hidden_size: int | None = None
@@ -162,6 +167,34 @@ class PrefixTuningConfig(PromptLearningConfig):
             check_choice("init_weights", self.init_weights, ["zero"])
         check_int("encoder_hidden_size", self.encoder_hidden_size, minimum=1, optional=True)
         check_bool("prefix_projection", self.prefix_projection)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CartridgeConfig(PromptLearningConfig):
+    """Cartridge: a trained key/value cache prefix, ``[V, num_layers * 2 * token_dim]`` (prefix
+    tuning's layout, trained directly, with no projection).
+
+    The first ``num_frozen_tokens`` virtual tokens are kept frozen (the paper's attention sink).
+    Start it from the cache of a prefill on a text with ``peftjax.initialize_kv_prefix_from_text``,
+    and join adapters with ``peftjax.compose_cartridge_adapters``, as in PEFT.
+
+    Attributes:
+        num_frozen_tokens: Leading virtual tokens never trained (``0 <= n <= num_virtual_tokens``).
+    """
+
+    peft_type: ClassVar[str] = "CARTRIDGE"
+    kv_prefix: ClassVar[bool] = True
+
+    num_frozen_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_frozen_tokens", self.num_frozen_tokens)
+        if self.num_frozen_tokens < 0:
+            raise ValueError(f"`num_frozen_tokens` must be >= 0, got {self.num_frozen_tokens}.")
+        if self.num_frozen_tokens > self.num_virtual_tokens:
+            raise ValueError(f"`num_frozen_tokens` must be <= `num_virtual_tokens`, got num_frozen_tokens="
+                             f"{self.num_frozen_tokens} and num_virtual_tokens={self.num_virtual_tokens}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -381,7 +414,7 @@ def prepare_prompt_learning_config(config: PromptLearningConfig, model_config: A
         )
 
     # Prefix tuning writes keys/values, which have the KV heads' shape under GQA (PEFT #1901).
-    if isinstance(config, PrefixTuningConfig) and "num_key_value_heads" in mc:
+    if config.kv_prefix and "num_key_value_heads" in mc:
         if mc.get("global_head_dim") is not None:
             head_dim = mc["global_head_dim"]
             num_kv = mc.get("num_global_key_value_heads") or mc["num_key_value_heads"]

@@ -35,6 +35,7 @@ from peftjax.tuners.prompt import (
     load_prompt_state_dict,
     prompt_state_dict,
 )
+from peftjax.tuners.supertuning import SupertuningConfig, SupertuningLayer, inject_supertuning
 from peftjax.tuners.trainable_tokens import (
     TrainableTokensConfig,
     TrainableTokensLayer,
@@ -69,6 +70,7 @@ register_tuner(Tuner.for_layers(BeftConfig, inject=inject_beft, layer_type=BeftL
 register_tuner(Tuner.for_layers(GloraConfig, inject=inject_glora, layer_type=GloraLayer))
 register_tuner(Tuner.for_layers(DeftConfig, inject=inject_deft, layer_type=DeftLayer))
 register_tuner(Tuner.for_layers(PeanutConfig, inject=inject_peanut, layer_type=PeanutLayer))
+register_tuner(Tuner.for_layers(SupertuningConfig, inject=inject_supertuning, layer_type=SupertuningLayer))
 register_tuner(Tuner.for_layers(PolyConfig, inject=inject_poly, layer_type=PolyLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
                      load_state_dict=load_randlora_state_dict))

@@ -23,7 +23,7 @@ from peftjax.tuners.base._modules_to_save import SavedModule
 
 
 # adapter tensors PEFT saves as integers: SHiRA's positions
-INTEGER_TENSORS = ("shira_indices",)
+INTEGER_TENSORS = ("shira_indices", "supertuning_indices")
 
 
 def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "auto") -> bool:

@@ -100,12 +100,13 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
     from peftjax.tuners.lycoris import LycorisLayer
     from peftjax.tuners.miss import MissLayer
     from peftjax.tuners.shira import ShiraLayer
+    from peftjax.tuners.supertuning import SupertuningLayer
 
     if isinstance(layer, LoraLayer):
         if layer.lora_kind != "linear" or layer.spec(name).use_dora:
             return None  # embeddings/convolutions, and DoRA (not a fixed delta): PEFT converts neither
         return np.asarray(layer.delta_weight(name), np.float32).T  # kernel layout [in, out]
-    if isinstance(layer, ShiraLayer):  # PEFT does not convert SHiRA either
+    if isinstance(layer, ShiraLayer | SupertuningLayer):  # sparse updates: PEFT converts neither
         return None
     if isinstance(layer, AdditiveLayer):  # AdaLoRA, VeRA, DeLoRA, C3A, GraLoRA, RandLoRA, VB-LoRA
         return np.asarray(layer.kernel_delta(name), np.float32).T

@@ -1,11 +1,18 @@
-"""Prompt learning: prefix tuning, prompt tuning, multitask prompt tuning and P-tuning (configs
-from ``peftjax.config``).
+"""Prompt learning: prefix tuning, Cartridge, prompt tuning, multitask prompt tuning and P-tuning
+(configs from ``peftjax.config``).
 
 The model itself applies the adapter (its class gains a ``__call__`` that prepends the virtual
 tokens), so ``PeftModel`` needs no forward/generate hooks.
 """
 
-from peftjax.config import MultitaskPromptTuningConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peftjax.config import (
+    CartridgeConfig,
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+)
+from peftjax.tuners.prompt._cartridge import compose_cartridge_adapters, initialize_kv_prefix_from_text
 from peftjax.tuners.prompt._model import (
     PROMPT_LEARNING_CONFIGS,
     PromptEncoder,
@@ -15,6 +22,9 @@ from peftjax.tuners.prompt._model import (
 from peftjax.tuners.prompt._state_dict import load_prompt_state_dict, prompt_state_dict
 
 __all__ = [
+    "CartridgeConfig",
+    "compose_cartridge_adapters",
+    "initialize_kv_prefix_from_text",
     "MultitaskPromptTuningConfig",
     "PROMPT_LEARNING_CONFIGS",
     "PrefixTuningConfig",

@@ -44,6 +44,7 @@ from flax import nnx
 from peftjax.nn._broadcast import along_last
 from peftjax.config import TaskType
 from peftjax.config._other import (
+    CartridgeConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     MultitaskPromptTuningConfig,
@@ -69,7 +70,7 @@ from peftjax.tuners.base import (
     with_base_signature,
 )
 
-PREFIX_TUNING, PROMPT_TUNING, P_TUNING = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"
+PREFIX_TUNING, PROMPT_TUNING, P_TUNING, CARTRIDGE = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "CARTRIDGE"
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 # multitask prompt tuning's inits from a source run's file
 SOURCE_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
@@ -163,23 +164,33 @@ class PromptEncoder(nnx.Module):
         self.head = None  # "projection", "MLP", "LSTM" or None: what turns the embedding into the output
         self.lstm_layers = int(getattr(config, "encoder_num_layers", 1))
         self.dropout = float(getattr(config, "encoder_dropout", 0.0))
-        if isinstance(config, PrefixTuningConfig) and self.token_dim % self.num_heads:
+        self.kv_prefix = bool(config.kv_prefix)  # prefix tuning, Cartridge: per-layer keys and values
+        self.num_frozen_tokens = int(getattr(config, "num_frozen_tokens", 0))  # Cartridge's leading frozen rows
+        if self.kv_prefix and self.token_dim % self.num_heads:
             raise ValueError(
                 f"token_dim {self.token_dim} is not a multiple of num_attention_heads {self.num_heads}"
             )
         variable = FrozenAdapterParam if self.inference_mode else AdapterParam
         arrays = self._init_arrays(config, word_embeddings, key)
-        self.weights = nnx.Dict({k: variable(v) for k, v in arrays.items()})
+        self.weights = nnx.Dict({k: (FrozenAdapterParam if k == "frozen_embedding" else variable)(v)
+                                 for k, v in arrays.items()})
 
     def _init_arrays(self, config, word_embeddings, key) -> dict[str, jax.Array]:
-        out_dim = self.num_layers * 2 * self.token_dim if self.peft_type == PREFIX_TUNING else self.token_dim
+        out_dim = self.num_layers * 2 * self.token_dim if self.kv_prefix else self.token_dim
         # PEFT's PrefixEncoder has V rows whatever the submodules; the embeddings have V per submodule
-        n = self.num_virtual_tokens if self.peft_type == PREFIX_TUNING else self.total_virtual_tokens
+        n = self.num_virtual_tokens if self.kv_prefix else self.total_virtual_tokens
         d = self.token_dim
         if self.peft_type == MULTITASK:
             self.num_tasks = int(config.num_tasks)
             t, r = self.num_tasks, int(config.num_ranks)
             shapes = {"prefix_task_cols": (t, self.total_virtual_tokens, r), "prefix_task_rows": (t, r, d)}
+        if self.peft_type == CARTRIDGE:  # the cache itself, N(0, 1) as torch's Embedding (zeros to be loaded)
+            shapes = {"frozen_embedding": (self.num_frozen_tokens, out_dim),
+                      "trainable_embedding": (n - self.num_frozen_tokens, out_dim)}
+            draw = (lambda k, shape: jnp.zeros(shape, jnp.float32)) if self.inference_mode else (
+                lambda k, shape: jax.random.normal(k, shape, jnp.float32))
+            return {name: draw(k, shape) for k, (name, shape) in zip(jax.random.split(key), shapes.items())
+                    if shape[0]}
         if self.inference_mode:  # PEFT skips the init: the saved output is loaded next
             arrays = {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
             if self.peft_type == MULTITASK:
@@ -240,6 +251,8 @@ class PromptEncoder(nnx.Module):
     def __call__(self) -> jax.Array:
         """The virtual tokens' output, ``[V * submodules, out]`` (what PEFT saves)."""
         w = {k: v.get_value() for k, v in self.weights.items()}
+        if self.peft_type == CARTRIDGE:
+            return jnp.concatenate([w[k] for k in ("frozen_embedding", "trainable_embedding") if k in w], axis=0)
         x = w["embedding.weight"]
         if self.head == "projection":
             return _linear(w, "transform.2", jnp.tanh(_linear(w, "transform.0", x)))
@@ -286,6 +299,31 @@ class PromptEncoder(nnx.Module):
             # on, the first two to the self-attention: entries 4i and 4i + 1, modulo 2L
             return [((out[None, :, 4 * i % (2 * L)], out[None, :, (4 * i + 1) % (2 * L)]), None) for i in range(L)]
         return [(out[None, :, 2 * i], out[None, :, 2 * i + 1]) for i in range(L)]
+
+    def load_prompt_embeddings(self, value, source: str = "prompt_embeddings") -> None:
+        """Sets the encoder to output ``value``, the matrix PEFT saves as ``prompt_embeddings``
+        (``[V, num_layers * 2 * token_dim]`` for a key/value prefix): a Cartridge's cache cut at its
+        frozen tokens, else the embedding of an encoder without a head (inference mode, or prefix
+        tuning without projection).
+
+        Raises:
+          ValueError: the shape differs from the encoder's output (names ``source``), or the encoder
+            computes its output through a head (a projection, an MLP or LSTM) that a matrix cannot set.
+        """
+        value = np.asarray(value)
+        expected = tuple(self().shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(f"{source}: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
+                             f"num_layers in the config), found {list(value.shape)}")
+        if self.head is not None:
+            raise ValueError(f"{source}: this {self.peft_type} encoder computes its output through its {self.head} "
+                             "head; a matrix of virtual tokens sets only an encoder without one")
+        if self.peft_type == CARTRIDGE:  # PEFT's load_prompt_embeddings
+            parts = {"frozen_embedding": value[:self.num_frozen_tokens],
+                     "trainable_embedding": value[self.num_frozen_tokens:]}
+            self.set_weights({k: v for k, v in parts.items() if k in self.weights}, source)
+        else:
+            self.set_weights({"embedding.weight": value}, source)
 
     def set_weights(self, arrays: Mapping[str, np.ndarray], source: str = "weights") -> None:
         """Sets weights by torch name (e.g. from a PEFT encoder's ``state_dict()``); shapes are checked."""
@@ -470,7 +508,7 @@ def prompt_inputs(model, encoder: PromptEncoder, kwargs: dict, task_ids=None) ->
         raise ValueError("prompt learning needs input_ids or inputs_embeds")
     if task in _NO_TOKEN_TYPE_TASKS:
         _drop(kwargs, "token_type_ids", _NO_TOKEN_TYPES)
-    if encoder.peft_type == PREFIX_TUNING:
+    if encoder.kv_prefix:
         if kwargs.get("prefix_kv") is not None:
             raise ValueError("prefix_kv is set by the active prefix-tuning adapter; do not pass it as well")
         kwargs["prefix_kv"] = encoder.prefix_kv()
@@ -529,7 +567,7 @@ class PromptLearningModel(AdapterLayer):
         label, predicted from the last virtual token, as PEFT's does.
         """
         encoder = _active_encoder(self)
-        if encoder is None or encoder.peft_type == PREFIX_TUNING or encoder.task_type not in _PER_TOKEN_TASKS:
+        if encoder is None or encoder.kv_prefix or encoder.task_type not in _PER_TOKEN_TASKS:
             return 0
         return encoder.num_virtual_tokens
 
@@ -581,7 +619,7 @@ class PromptLearningSeq2SeqModel(PromptLearningModel):
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         base_generate = self._peftjax_base.generate
         encoder = _active_encoder(self)
-        if encoder is None or encoder.peft_type == PREFIX_TUNING:
+        if encoder is None or encoder.kv_prefix:
             kwargs.pop("task_ids", None)
             return base_generate(self, input_ids, attention_mask, **kwargs)
         if input_ids is None:
@@ -601,7 +639,7 @@ class PromptLearningCausalModel(PromptLearningModel):
     def generate(self, input_ids, attention_mask=None, **kwargs):
         base_generate = self._peftjax_base.generate
         encoder = _active_encoder(self)
-        if encoder is None or encoder.peft_type == PREFIX_TUNING:
+        if encoder is None or encoder.kv_prefix:
             kwargs.pop("task_ids", None)
             # every forward step adds the prefix (PEFT's cache holds it) and shifts the positions by V
             return base_generate(self, input_ids, attention_mask, **kwargs)
@@ -626,7 +664,7 @@ class PromptLearningCausalModel(PromptLearningModel):
 
     def _generation_prefix_length(self) -> int:
         encoder = _active_encoder(self)
-        return encoder.num_virtual_tokens if encoder is not None and encoder.peft_type == PREFIX_TUNING else 0
+        return encoder.num_virtual_tokens if encoder is not None and encoder.kv_prefix else 0
 
 
 # ---------------------------------------------------------------- the tuner
@@ -639,13 +677,13 @@ def _call_parameters(model) -> Mapping[str, inspect.Parameter]:
 def _check_protocol(model, config: PromptLearningConfig) -> None:
     params = _call_parameters(model)
     name = type(model).__name__
-    if isinstance(config, PrefixTuningConfig) and "prefix_kv" not in params:
+    if config.kv_prefix and "prefix_kv" not in params:
         raise TypeError(
             f"{name} does not implement peftjax's prefix attention protocol: its __call__ takes no `prefix_kv` "
             "argument. Prefix tuning needs a model whose attention layers prepend per-layer prefix keys/values "
             "(see peftjax.models._attention; the bundled Llama, GPT-2 and BERT models do)."
         )
-    if not isinstance(config, PrefixTuningConfig) and "inputs_embeds" not in params:
+    if not config.kv_prefix and "inputs_embeds" not in params:
         raise TypeError(
             f"{name}.__call__ takes no `inputs_embeds` argument, which {type(config).__name__} needs to prepend "
             "its virtual tokens to the token embeddings."
@@ -668,7 +706,7 @@ def inject_prompt_learning(
     Args:
       model: a bundled model, or any NNX model implementing the prefix attention protocol
         (prefix tuning) or taking ``inputs_embeds`` (prompt tuning, P-tuning).
-      config: a ``PrefixTuningConfig``, ``PromptTuningConfig`` or ``PromptEncoderConfig`` with
+      config: a ``PrefixTuningConfig``, ``CartridgeConfig``, ``PromptTuningConfig`` or ``PromptEncoderConfig`` with
         ``task_type`` ``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
         ``"FEATURE_EXTRACTION"`` or ``"SEQ_2_SEQ_LM"`` (an encoder-decoder such as T5: prefixes
         on the decoder's self-attention, virtual tokens before the encoder's input, as PEFT's
@@ -718,7 +756,7 @@ def inject_prompt_learning(
     if isinstance(model, PromptLearningModel) and adapter_name in model.peft_prompt_encoders:
         raise ValueError(f"adapter {adapter_name!r} already exists on {type(model).__name__}")
     word_path = _find_word_embeddings(model, getattr(model_config, "vocab_size", None))
-    if word_path is None and not isinstance(config, PrefixTuningConfig):
+    if word_path is None and not config.kv_prefix:
         raise TypeError(f"{type(model).__name__} has no nnx.Embed word embeddings for {type(config).__name__}")
     table = None
     if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
@@ -743,7 +781,8 @@ def inject_prompt_learning(
     return config
 
 
-PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig)
+PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig,
+                           CartridgeConfig)
 
 
 def virtual_positions(model) -> int:

@@ -89,17 +89,19 @@ def load_prompt_state_dict(
         if key not in tensors:
             raise AdapterFileError(f"{source}: no `{key}` tensor; found {sorted(tensors)[:10]}")
         value = np.asarray(tensors[key])
-        var = encoder.weights[weight]
-        expected = tuple(var.get_value().shape)
         if not (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
             raise AdapterFileError(f"{source}: {key}: expected a float tensor, found dtype {value.dtype}")
+        if key == "prompt_embeddings":
+            try:
+                encoder.load_prompt_embeddings(value, f"{source}: {key}")
+            except ValueError as e:
+                raise AdapterFileError(str(e)) from None
+            continue
+        expected = tuple(encoder.weights[weight].get_value().shape)
         if tuple(value.shape) != expected:
-            raise AdapterFileError(
-                f"{source}: {key}: expected shape {list(expected)} (from num_virtual_tokens, token_dim, "
-                f"num_layers{', num_ranks, num_tasks' if weight != 'embedding.weight' else ''} in the config), "
-                f"found {list(value.shape)}"
-            )
-        var.set_value(jnp.asarray(value, jnp.float32))
+            raise AdapterFileError(f"{source}: {key}: expected shape {list(expected)} (from num_virtual_tokens, "
+                                   f"num_ranks, num_tasks in the config), found {list(value.shape)}")
+        encoder.weights[weight].set_value(jnp.asarray(value, jnp.float32))
     used, missing = set(names), []
     for path, copy in _saved_heads(model, adapter_name, key_mapping).items():
         own = {k[len(path) + 1:]: v for k, v in tensors.items() if k.startswith(path + ".")}
