@@ -30,6 +30,9 @@ DEFT, PEANuT and Super-Tuning against HF PEFT 0.21.2 + PyTorch on Llama, BERT an
 - DEFT: a subspace of the output replaced, ``relu`` and ``qr`` projections (the QR with torch's
   signs), the identity start taken from the weight, PaRa on GPT-2's ``Conv1D``.
 - PEANuT: an update computed from the frozen weight by a small network with skip connections.
+- Uni-LoRA: every factor entry of every layer read from one trained vector (one variable), at
+  positions PEFT's seeded shuffle assigns in transformers' module order, which a loaded model (its
+  attributes sorted by NNX) still follows: files without the positions load.
 - Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
   Supra LoRA; files without the positions load (they are chosen again, PEFT's own order).
 
@@ -120,6 +123,10 @@ CASES = {
                                                                         lora_dropout=0.1), False),
     "supertuning-llama-unsaved": ("SupertuningConfig", "llama", dict(sparsity=0.95, save_precomputed_indices=False,
                                                                      target_modules=LLAMA), False),
+    "unilora-llama": ("UniLoraConfig", "llama", dict(r=2, theta_d_length=64, target_modules=LLAMA), False),
+    "unilora-bert-saved": ("UniLoraConfig", "bert", dict(r=2, theta_d_length=50, save_indices=True,
+                                                         unilora_dropout=0.1, proj_seed=3), False),
+    "unilora-gpt2": ("UniLoraConfig", "gpt2", dict(r=2, theta_d_length=128, init_weights=False), "no dropout"),
 }
 
 
@@ -339,6 +346,8 @@ def test_bad_settings_are_named():
         (lambda: peftjax.SupertuningConfig(sparsity=1.0), r"sparsity must be in \[0.0, 1.0\), got 1.0"),
         (lambda: peftjax.SupertuningConfig(lora_alpha=4), "lora_alpha is set but r is None"),
         (lambda: peftjax.SupertuningConfig(r=0), "r must be a positive integer or None, got 0"),
+        (lambda: peftjax.UniLoraConfig(theta_d_length=0), "`theta_d_length` should be a positive integer, got 0"),
+        (lambda: peftjax.UniLoraConfig(bias="lora_only"), "bias"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -649,3 +658,23 @@ def test_peanut_s_activations_are_transformers_own(checkpoints):
     with pytest.raises(ValueError, match=r"PeanutConfig.act_fn 'prelu' is not supported; supported: \['gelu'"):
         peftjax.get_peft_model(model, peftjax.PeanutConfig(act_fn="prelu", target_modules=LLAMA))
     assert not adapter_layers(model)
+
+
+def test_uni_lora_s_vector_is_one_variable_every_layer_trains(checkpoints):
+    """``theta_d`` is one variable all layers hold, so a step's update of it sums every layer's
+    gradient, and the trainable count is PEFT's (the vector once); a scanned model is refused."""
+    path = checkpoints["llama"]
+    config = peftjax.UniLoraConfig(r=2, theta_d_length=32, target_modules=LLAMA)
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    vectors = [m.unilora_theta_d["default"] for m in adapter_layers(model.base_model).values()]
+    assert len(vectors) == 6 and all(v is vectors[0] for v in vectors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), peft.UniLoraConfig(r=2, theta_d_length=32,
+                                                                                   target_modules=LLAMA))
+    assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    before = np.asarray(vectors[0].get_value())
+    _tiny.train(model, _tiny.batch(IDS, MASK), steps=1, optimizer=optax.sgd(1.0))
+    assert not np.allclose(np.asarray(vectors[-1].get_value()), before)
+    with pytest.raises(NotImplementedError, match="Uni-LoRA on a model built with scan_layers=True"):
+        peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), config)

@@ -36,6 +36,7 @@ from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
 from peftjax.config._supertuning import SupertuningConfig
+from peftjax.config._unilora import UniLoraConfig
 from peftjax.config._other import (
     BottleneckConfig,
     IA3Config,
@@ -100,6 +101,7 @@ __all__ = [
     "GloraConfig",
     "PeanutConfig",
     "SupertuningConfig",
+    "UniLoraConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

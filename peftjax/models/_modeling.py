@@ -279,6 +279,22 @@ class PreTrainedModel(nnx.Module):
 
     # ---------------------------------------------------------------- loading
 
+    def definition_order(self) -> tuple[str, ...]:
+        """Every sub-module's dotted path in the order the constructor assigns them (parents first),
+        transformers' order: found by building the model's class again under ``jax.eval_shape`` (no
+        weights made), since a model rebuilt by ``nnx.merge`` keeps its attributes sorted by name."""
+        from peftjax.nn._order import modules_in_assignment_order
+
+        order: list[str] = []
+
+        def build():
+            order.extend(modules_in_assignment_order(type(self)(self.config, dtype=self.dtype,
+                                                                param_dtype=self.dtype, rngs=_shape_only_rngs())))
+            return 0
+
+        jax.eval_shape(build)
+        return tuple(order)
+
     @classmethod
     def from_config(cls, config, *, dtype=jnp.float32, param_dtype=None, seed: int = 0):
         """A randomly initialised model (for tests and training from scratch)."""

@@ -43,6 +43,7 @@ from peftjax.tuners.trainable_tokens import (
     load_tokens_state_dict,
     tokens_state_dict,
 )
+from peftjax.tuners.unilora import UniLoraConfig, inject_unilora, load_unilora_state_dict, unilora_state_dict
 from peftjax.tuners.vblora import VBLoRAConfig, inject_vblora, load_vblora_state_dict, vblora_state_dict
 from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
 
@@ -76,6 +77,8 @@ register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora
                      load_state_dict=load_randlora_state_dict))
 register_tuner(Tuner(VBLoRAConfig, inject=inject_vblora, state_dict=vblora_state_dict,
                      load_state_dict=load_vblora_state_dict))
+register_tuner(Tuner(UniLoraConfig, inject=inject_unilora, state_dict=unilora_state_dict,
+                     load_state_dict=load_unilora_state_dict))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))

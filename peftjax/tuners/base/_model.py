@@ -38,6 +38,18 @@ def named_modules(model: nnx.Module) -> dict[str, nnx.Module]:
     return out
 
 
+def modules_in_definition_order(model: nnx.Module) -> list[str]:
+    """Every sub-module's dotted path in the order the model's constructor assigned them (parents
+    first), as torch's ``model.modules()`` walks a model: ``named_modules`` sorts paths, which a
+    method whose state depends on the layers' order (Uni-LoRA's index assignment) must not. A
+    bundled model answers for its class (:meth:`PreTrainedModel.definition_order`: its layers in
+    transformers' order, whether built or loaded); any other module by its attributes' order."""
+    from peftjax.nn._order import modules_in_assignment_order
+
+    order = getattr(model, "definition_order", None)
+    return list(order()) if callable(order) else modules_in_assignment_order(model)
+
+
 def model_type(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)

@@ -23,7 +23,7 @@ from peftjax.tuners.base._modules_to_save import SavedModule
 
 
 # adapter tensors PEFT saves as integers: SHiRA's positions
-INTEGER_TENSORS = ("shira_indices", "supertuning_indices")
+INTEGER_TENSORS = ("shira_indices", "supertuning_indices", "unilora_indices_A", "unilora_indices_B")
 
 
 def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "auto") -> bool:
@@ -63,7 +63,7 @@ def layer_state_dict(
       save_embedding_layers: see :func:`saves_embeddings`.
 
     Returns:
-      ``{PEFT key: float32 array in torch layout}`` (int32 for SHiRA's positions, as PEFT saves them).
+      ``{PEFT key: float32 array in torch layout}`` (integer positions in the type PEFT saves them).
     """
     save_embeddings = saves_embeddings(config, save_embedding_layers)
     bias = getattr(config, "bias", "none")
@@ -77,8 +77,9 @@ def layer_state_dict(
         targeted = isinstance(module, layer_type) and adapter_name in module.adapter_names()
         if targeted:
             for suffix, value in module.peft_tensors(adapter_name).items():
-                out[f"{path}.{suffix}"] = np.asarray(value, np.int32 if np.issubdtype(value.dtype, np.integer)
-                                                     else np.float32)
+                # integer positions keep the type their layer gives (PEFT's: SHiRA int32, UniLoRA int64)
+                out[f"{path}.{suffix}"] = value if np.issubdtype(value.dtype, np.integer) else np.asarray(value,
+                                                                                                        np.float32)
             if save_embeddings and name.split(".")[-1] in EMBEDDING_LAYER_NAMES:
                 out[f"{path}.base_layer.weight"] = module_params_torch(module)["weight"]
         if isinstance(module, SavedModule) and adapter_name in module.modules_to_save:
