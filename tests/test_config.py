@@ -283,7 +283,7 @@ def test_default_target_mappings_equal_peft():
     """Every architecture-default table peftjax keeps is PEFT's, key for key (the methods that use
     LoRA's table in PEFT use it here too, through ``resolve_target_modules``)."""
     tables = [name for name in dir(pc) if name.startswith("TRANSFORMERS_MODELS_TO_")]
-    assert len(tables) == 9
+    assert len(tables) == 10
     for name in tables:
         assert getattr(pc, name) == getattr(peft_constants, name), name
     for method in ("DEFT", "GLORA", "PEANUT", "HIRA", "ROAD", "DELORA", "GRALORA"):

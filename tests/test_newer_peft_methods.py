@@ -127,6 +127,9 @@ CASES = {
     "unilora-bert-saved": ("UniLoraConfig", "bert", dict(r=2, theta_d_length=50, save_indices=True,
                                                          unilora_dropout=0.1, proj_seed=3), False),
     "unilora-gpt2": ("UniLoraConfig", "gpt2", dict(r=2, theta_d_length=128, init_weights=False), "no dropout"),
+    "pvera-llama": ("PveraConfig", "llama", dict(r=4, target_modules=LLAMA), "no dropout"),  # no key: the mean
+    "pvera-bert-unsaved": ("PveraConfig", "bert", dict(r=8, save_projection=False, pvera_dropout=0.1), False),
+    "pvera-gpt2": ("PveraConfig", "gpt2", dict(r=4, init_weights=False), "no dropout"),
 }
 
 
@@ -205,7 +208,8 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     for jit in (False, True) if case == "hra-llama" else (True,):  # eager once: the jitted forward is the same code
         assert_close(run_jax(model, jit=jit), ref)
     if any(fields.get(f) for f in ("miss_dropout", "module_dropout", "gralora_dropout", "hira_dropout",  # training only
-                                   "randlora_dropout", "vblora_dropout", "deft_dropout", "lora_dropout")):
+                                   "randlora_dropout", "vblora_dropout", "deft_dropout", "lora_dropout",
+                                   "pvera_dropout")):
         with peftjax.dropout_key(jax.random.key(0)):
             assert changed(run_jax(model), ref) > 1e-4
 
@@ -678,3 +682,24 @@ def test_uni_lora_s_vector_is_one_variable_every_layer_trains(checkpoints):
     assert not np.allclose(np.asarray(vectors[-1].get_value()), before)
     with pytest.raises(NotImplementedError, match="Uni-LoRA on a model built with scan_layers=True"):
         peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), config)
+
+
+def test_pvera_samples_from_the_dropout_key_only(checkpoints):
+    """PVeRA's noise comes from the dropout key: outside one the mean (PEFT's eval), and an adapter
+    with ``sample_at_inference=True`` asks for a key by name rather than drawing none; two keys, two
+    samples. A VeRA layer does not take a PVeRA adapter (one method per layer)."""
+    path = checkpoints["llama"]
+    config = peftjax.PveraConfig(r=4, init_weights=False, sample_at_inference=True, target_modules=LLAMA)
+    model = peftjax.get_peft_model(models.from_pretrained(path), config)
+    with pytest.raises(ValueError, match="sample_at_inference=True, which draws noise at every call"):
+        run_jax(model)
+    samples = []
+    for seed in (0, 1):
+        with peftjax.dropout_key(jax.random.key(seed)):
+            samples.append(run_jax(model))
+    assert changed(samples[0], samples[1]) > 1e-4
+    vera = peftjax.get_peft_model(models.from_pretrained(path), peftjax.VeraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"q_proj \(VeraLinear\) already carry another method's adapter"):
+        vera.add_adapter("p", peftjax.PveraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"q_proj already carry another method's adapter \(PVeRA\)"):
+        model.add_adapter("v", peftjax.VeraConfig(r=4, target_modules=["q_proj"]))

@@ -106,6 +106,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "supertuning": ("SUPERTUNING", {}, "Super-Tuning"),
     "unilora": ("UNILORA", {}, "Uni-LoRA"),
     "vera": ("VERA", {}, "VeRA"),
+    "pvera": ("PVERA", {}, "PVeRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
     "trainable_tokens": ("TRAINABLE_TOKENS", {}, "trainable tokens"),
@@ -140,11 +141,12 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no task "
-              "ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, fourierft, "
-              "ln_tuning, trainable_tokens, prefix (prefix tuning), cartridge (a trained key/value prefix), "
-              "prompt (prompt tuning), multitask_prompt (multitask prompt tuning: one task, num_tasks=1, as the "
-              "Trainer has no task ids), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it)",
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no "
+              "task ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, "
+              "fourierft, ln_tuning, trainable_tokens, prefix (prefix tuning), cartridge (a trained key/value "
+              "prefix), prompt (prompt tuning), multitask_prompt (multitask prompt tuning: one task, num_tasks=1, "
+              "as the Trainer has no task ids), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or bottleneck "
+              "(peftjax's own; PEFT cannot read it)",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",

@@ -52,7 +52,7 @@ from peftjax.config._other import (
     prepare_prompt_learning_config,
 )
 from peftjax.config._trainable_tokens import TrainableTokensConfig
-from peftjax.config._vera import VeraConfig
+from peftjax.config._vera import PveraConfig, VeraConfig
 from peftjax.config._targeting import (
     TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING,
@@ -61,6 +61,7 @@ from peftjax.config._targeting import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING,
     add_task_modules_to_save,
@@ -85,6 +86,7 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+    "TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING",
     "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
     "BOFTConfig",
@@ -102,6 +104,7 @@ __all__ = [
     "PeanutConfig",
     "SupertuningConfig",
     "UniLoraConfig",
+    "PveraConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

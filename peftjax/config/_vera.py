@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import ClassVar
 
 from peftjax.config._base import (
@@ -87,3 +88,64 @@ class VeraConfig(PeftConfig):
         check_choice("bias", self.bias, ["none", "all", "vera_only"])
         check_bool("init_weights", self.init_weights)
         check_layer_selection(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PveraConfig(PeftConfig):
+    """PVeRA: VeRA whose middle is a sampled Gaussian (probabilistic VeRA).
+
+    ``A: [2r, in_max]`` and ``B: [out_max, r]`` are shared and frozen as VeRA's; with the trained
+    ``lambda_d: [2r]`` and ``lambda_b: [out]``, ``[mu, logvar] = lambda_d * (A dropout(x))`` and
+    ``y = W x + lambda_b * (B z)``, ``z = mu + eps exp(logvar / 2)`` while training (the noise from
+    the dropout key), ``z = mu`` otherwise. Merging folds the mean.
+
+    Attributes:
+        r: The rank (``A`` has ``2r`` rows).
+        target_modules, projection_prng_key, save_projection, d_initial, fan_in_fan_out,
+        init_weights, layers_to_transform, layers_pattern, modules_to_save: as :class:`VeraConfig`'s
+            (PEFT's PVeRA table of default targets: LoRA's, ``phi`` and ``dinov2`` aside).
+        pvera_dropout: Dropout on the layer input of the PVeRA branch, in training only.
+        bias: ``"none"``, ``"all"`` or ``"pvera_only"``.
+        sample_at_inference: Sample at inference too (then the model must run inside
+            ``peftjax.dropout_key(key)``, which gives the noise).
+        generator_seed: PEFT's seed of its torch sampling generator; carried in the file, unused
+            here (the noise comes from JAX keys).
+    """
+
+    peft_type: ClassVar[str] = "PVERA"
+
+    r: int = 256
+    target_modules: tuple[str, ...] | str | None = None
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    pvera_dropout: float = 0.0
+    d_initial: float = 0.1
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: bool = True
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    sample_at_inference: bool = False
+    generator_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("r", self.r, minimum=1)
+        self._set("target_modules", to_str_tuple("target_modules", self.target_modules, sort=True))
+        check_int("projection_prng_key", self.projection_prng_key, minimum=0)
+        check_bool("save_projection", self.save_projection)
+        check_probability("pvera_dropout", self.pvera_dropout)
+        check_number("d_initial", self.d_initial)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_choice("bias", self.bias, ["none", "all", "pvera_only"])
+        check_bool("init_weights", self.init_weights)
+        check_layer_selection(self)
+        check_bool("sample_at_inference", self.sample_at_inference)
+        check_int("generator_seed", self.generator_seed, optional=True)
+        if not self.save_projection:
+            warnings.warn(
+                "Specified to not save pvera_A and pvera_B within the state dictionary, instead they will be restored "
+                "using the PRNG key store in `config.projection_prng_key`. Consider setting `config.save_projection` "
+                "to `True` to guarantee restoring the checkpoint correctly on all system configurations.",
+                stacklevel=3,
+            )

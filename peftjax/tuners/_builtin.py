@@ -45,7 +45,14 @@ from peftjax.tuners.trainable_tokens import (
 )
 from peftjax.tuners.unilora import UniLoraConfig, inject_unilora, load_unilora_state_dict, unilora_state_dict
 from peftjax.tuners.vblora import VBLoRAConfig, inject_vblora, load_vblora_state_dict, vblora_state_dict
-from peftjax.tuners.vera import VeraConfig, inject_vera, load_vera_state_dict, vera_state_dict
+from peftjax.tuners.vera import (
+    PveraConfig,
+    VeraConfig,
+    inject_pvera,
+    inject_vera,
+    load_vera_state_dict,
+    vera_state_dict,
+)
 
 register_tuner(Tuner(AdaLoraConfig, inject=inject_adalora, state_dict=adalora_state_dict,
                      load_state_dict=load_adalora_state_dict))
@@ -53,6 +60,8 @@ register_tuner(Tuner(AdaLoraConfig, inject=inject_adalora, state_dict=adalora_st
 register_tuner(Tuner.for_layers(LoraConfig, inject=inject_lora, layer_type=(LoraLayer, TrainableTokensLayer)))
 register_tuner(Tuner.for_layers(IA3Config, inject=inject_ia3, layer_type=IA3Layer))
 register_tuner(Tuner(VeraConfig, inject=inject_vera, state_dict=vera_state_dict, load_state_dict=load_vera_state_dict))
+register_tuner(Tuner(PveraConfig, inject=inject_pvera, state_dict=vera_state_dict,
+                     load_state_dict=load_vera_state_dict))
 register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_type=FourierFTLayer))
 register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
 register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaLinear))

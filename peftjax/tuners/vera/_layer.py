@@ -19,13 +19,14 @@ On disk (PEFT's keys): ``base_model.model.<path>.vera_lambda_b`` ``[out]``,
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._broadcast import along_last
-from peftjax.nn._dropout import apply_dropout
+from peftjax.nn._dropout import active_dropout_key, apply_dropout, fold_key
 from peftjax.tuners.base import AdapterDictLayer, AdditiveLayer, AdapterParam, mixin_subclass
 
 
@@ -42,12 +43,14 @@ class VeraSpec:
       dropout: ``vera_dropout``, applied to the input of the VeRA branch in training.
       projection_prng_key: the projections' seed (must agree between adapters, as in PEFT).
       save_projection: whether the file carries the projections.
+      sample_at_inference: PVeRA's option (see :class:`PveraLinear`).
     """
 
     r: int
     dropout: float
     projection_prng_key: int
     save_projection: bool
+    sample_at_inference: bool = False  # PVeRA: sample when no dropout key is active too
 
 
 def _same(x):
@@ -74,6 +77,9 @@ class VeraLayer(AdditiveLayer):
 class VeraLinear(VeraLayer):
     """VeRA on ``nnx.Linear`` and its subclasses (GPT-2's ``Conv1D`` included)."""
 
+    key_prefix = "vera_"  # PEFT's key names: vera_lambda_b, vera_lambda_d
+    probabilistic = False  # PVeRA: A has 2r rows, the first r give a mean, the others a log-variance
+
     def add_vera(self, name: str, spec: VeraSpec, projections: tuple[VeraProjection, VeraProjection],
                  key: jax.Array, *, init_weights: bool, d_initial: float) -> None:
         self._check_new(name)
@@ -81,6 +87,7 @@ class VeraLinear(VeraLayer):
             self.vera_A, self.vera_B = nnx.Dict(), nnx.Dict()
         n_in, n_out = self.kernel.get_value().shape
         vera_a, vera_b = projections
+        rows = 2 * spec.r if self.probabilistic else spec.r
         if vera_a.get_value().shape[1] < n_in or vera_b.get_value().shape[0] < n_out:
             raise ValueError(
                 f"{self.adapter_path}: the shared projections vera_A {list(vera_a.get_value().shape)} / vera_B "
@@ -88,10 +95,10 @@ class VeraLinear(VeraLayer):
             )
         self.vera_A[name], self.vera_B[name] = vera_a, vera_b
         if init_weights:  # PEFT's reset_vera_parameters: d = d_initial, b = 0 (a no-op adapter)
-            lambda_d = jnp.full((spec.r,), d_initial, jnp.float32)
+            lambda_d = jnp.full((rows,), d_initial, jnp.float32)
             lambda_b = jnp.zeros((n_out,), jnp.float32)
         else:  # PEFT's construction values: d ~ N(0, 1), b = 1
-            lambda_d = jax.random.normal(key, (spec.r,), jnp.float32)
+            lambda_d = jax.random.normal(key, (rows,), jnp.float32)
             lambda_b = jnp.ones((n_out,), jnp.float32)
         self.vera_lambda_d[name] = AdapterParam(lambda_d)
         self.vera_lambda_b[name] = AdapterParam(lambda_b)
@@ -105,12 +112,12 @@ class VeraLinear(VeraLayer):
 
     def peft_layout(self, name: str):
         return {
-            "vera_lambda_b": (self.vera_lambda_b, _same, _same),
-            "vera_lambda_d": (self.vera_lambda_d, _same, _same),
+            f"{self.key_prefix}lambda_b": (self.vera_lambda_b, _same, _same),
+            f"{self.key_prefix}lambda_d": (self.vera_lambda_d, _same, _same),
         }
 
     def _describe(self, name: str) -> str:
-        return f"VeRA r={self.spec(name).r}"
+        return f"{self.method_name} r={self.spec(name).r}"
 
     def _sliced(self, name: str) -> tuple[jax.Array, jax.Array]:
         """This layer's ``A[:, :in]`` (``[r, in]``) and ``B[:out, :]`` (``[out, r]``)."""
@@ -125,14 +132,48 @@ class VeraLinear(VeraLayer):
             lambda_b = self.vera_lambda_b[name].get_value()
             h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(lambda_d.dtype)
             h = along_last(lambda_d, h.ndim) * (h @ a.T.astype(lambda_d.dtype))
+            if self.probabilistic:
+                h = self._sample(h, name, spec)
             h = along_last(lambda_b, h.ndim) * (h @ b.T.astype(lambda_d.dtype))
             y = (y.astype(h.dtype) + h).astype(y.dtype)
         return y
 
+    def _sample(self, h: jax.Array, name: str, spec: VeraSpec) -> jax.Array:
+        """PVeRA's reparametrisation: ``h = [mu, logvar]``; ``mu + eps exp(logvar / 2)`` with ``eps``
+        drawn from the dropout key (training), else ``mu``."""
+        mu, logvar = h[..., : spec.r], h[..., spec.r:]
+        key = active_dropout_key()
+        if key is None:
+            if spec.sample_at_inference:
+                raise ValueError(f"{self.adapter_path}: PVeRA adapter {name!r} has sample_at_inference=True, which "
+                                 "draws noise at every call: run the model inside `with peftjax.dropout_key(key):`")
+            return mu
+        eps = jax.random.normal(fold_key(key, zlib.crc32(f"{self.adapter_path}/{name}/pvera".encode())), mu.shape)
+        return mu + eps.astype(mu.dtype) * jnp.exp(0.5 * logvar)
+
     def kernel_delta(self, name: str) -> jax.Array:
-        """``(lambda_b * B) @ (lambda_d * A)`` in the kernel's ``[in, out]`` layout (float32)."""
+        """``(lambda_b * B) @ (lambda_d * A)`` in the kernel's ``[in, out]`` layout (float32); for
+        PVeRA the mean's rows only (PEFT merges the mean)."""
         a, b = self._sliced(name)
-        return vera_delta(self.vera_lambda_b[name].get_value(), self.vera_lambda_d[name].get_value(), a, b).T
+        lambda_d = self.vera_lambda_d[name].get_value()
+        if self.probabilistic:
+            r = self.spec(name).r
+            a, lambda_d = a[:r], lambda_d[:r]
+        return vera_delta(self.vera_lambda_b[name].get_value(), lambda_d, a, b).T
+
+
+class PveraLinear(VeraLinear):
+    """PVeRA (probabilistic VeRA) on ``nnx.Linear``: ``A`` has ``2r`` rows, ``lambda_d`` ``2r``
+    entries; the first ``r`` of ``lambda_d * (x A^T)`` are a mean, the rest a log-variance, and the
+    sample (the mean outside training) goes through ``lambda_b * B`` as VeRA's does. Noise comes
+    from the dropout key (``peftjax.dropout_key``, which the train step and the Trainer set), so
+    PEFT's torch draws are not reproduced; ``sample_at_inference=True`` asks for that key at
+    inference too. Merging folds the mean (PEFT's rule)."""
+
+    method_name = "PVeRA"
+    status_module_type = "pvera.Linear"
+    key_prefix = "pvera_"
+    probabilistic = True
 
 
 
@@ -140,3 +181,9 @@ def vera_class_for(module: nnx.Module) -> type:
     if isinstance(module, VeraLayer):
         return type(module)
     return mixin_subclass(type(module), VeraLinear, "Vera")
+
+
+def pvera_class_for(module: nnx.Module) -> type:
+    if isinstance(module, PveraLinear):
+        return type(module)
+    return mixin_subclass(type(module), PveraLinear, "Pvera")
