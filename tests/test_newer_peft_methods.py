@@ -1,5 +1,5 @@
 """HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA, BEFT, GLoRA,
-DEFT, PEANuT and Super-Tuning against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA and OSF against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -33,6 +33,8 @@ DEFT, PEANuT and Super-Tuning against HF PEFT 0.21.2 + PyTorch on Llama, BERT an
 - Uni-LoRA: every factor entry of every layer read from one trained vector (one variable), at
   positions PEFT's seeded shuffle assigns in transformers' module order, which a loaded model (its
   attributes sorted by NNX) still follows: files without the positions load.
+- OSF: the trailing singular subspace of each weight trained, its gradients projected orthogonal
+  to the frozen leading one as PEFT's hooks project them; every linear layer by default.
 - Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
   Supra LoRA; files without the positions load (they are chosen again, PEFT's own order).
 
@@ -130,6 +132,8 @@ CASES = {
     "pvera-llama": ("PveraConfig", "llama", dict(r=4, target_modules=LLAMA), "no dropout"),  # no key: the mean
     "pvera-bert-unsaved": ("PveraConfig", "bert", dict(r=8, save_projection=False, pvera_dropout=0.1), False),
     "pvera-gpt2": ("PveraConfig", "gpt2", dict(r=4, init_weights=False), "no dropout"),
+    "osf-llama": ("OSFConfig", "llama", dict(effective_rank=8, target_modules=LLAMA), False),
+    "osf-bert-all-linear": ("OSFConfig", "bert", dict(effective_rank=0.5, rank_pattern={"value": 12}), False),
 }
 
 
@@ -352,6 +356,7 @@ def test_bad_settings_are_named():
         (lambda: peftjax.SupertuningConfig(r=0), "r must be a positive integer or None, got 0"),
         (lambda: peftjax.UniLoraConfig(theta_d_length=0), "`theta_d_length` should be a positive integer, got 0"),
         (lambda: peftjax.UniLoraConfig(bias="lora_only"), "bias"),
+        (lambda: peftjax.OSFConfig(effective_rank=-1), "`effective_rank` must be >= 0, got -1"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -451,15 +456,27 @@ def test_a_refused_merge_leaves_every_layer_as_it_was():
             assert "default" in base.first.delora_w_norm
 
 
-def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
-    """DeLoRA starts with ``B = 0``, where a norm's gradient is 0/0: torch's clamp gives the
-    clamped norm no gradient, and so must peftjax, or the first step is NaN. The adapter PEFT
-    makes (untouched) gets PEFT's gradients here, every one finite."""
+# config class -> (fields, the PEFT parameter name's marker, its last part -> peftjax's variable, count)
+GRADIENTS = {
+    "DeloraConfig": (dict(r=4, target_modules=["q_proj", "down_proj"]), ".delora_",
+                     lambda name: name.split(".")[-2], 12),
+    "OSFConfig": (dict(effective_rank=8, target_modules=["q_proj", "down_proj"]), ".osf_svd_params",
+                  lambda name: "osf_" + name.split(".")[-1], 12),
+}
+
+
+@pytest.mark.parametrize("config_class", sorted(GRADIENTS))
+def test_gradients_at_the_start_are_peft_s(config_class, checkpoints, tmp_path):
+    """The adapter PEFT makes (untouched) gets PEFT's gradients here, every one finite.
+
+    DeLoRA starts with ``B = 0``, where a norm's gradient is 0/0: torch's clamp gives the clamped
+    norm no gradient, and so must peftjax, or the first step is NaN. OSF projects the gradients of
+    ``U_low`` and ``V_low`` orthogonal to the frozen singular subspace (PEFT's gradient hooks)."""
+    fields, marker, variable, count = GRADIENTS[config_class]
     path = checkpoints["llama"]
-    fields = dict(r=4, target_modules=["q_proj", "down_proj"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(torch_base("llama", path), peft.DeloraConfig(**fields))
+        theirs = peft.get_peft_model(torch_base("llama", path), getattr(peft, config_class)(**fields))
     theirs.save_pretrained(tmp_path)
     labels = np.where(MASK == 1, IDS, -100)
     theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(labels)).loss.backward()
@@ -471,14 +488,14 @@ def test_delora_gradients_from_its_zero_start_are_peft_s(checkpoints, tmp_path):
     checked = 0
     for name, p in theirs.named_parameters():
         if p.requires_grad:  # base_model.model.model.layers.0.self_attn.q_proj.delora_B.default
-            module, kind = name.split(".delora_")[0].removeprefix("base_model.model."), name.split(".")[-2]
+            module, kind = name.split(marker)[0].removeprefix("base_model.model."), variable(name)
             key = next(k for k in ours if f"'{kind}'" in k and all(f"'{part}'" in k or f"[{part}]" in k
                                                                  for part in module.split(".")))
             scale = float(np.abs(p.grad.numpy()).max())  # float32 sums of terms up to this size
             np.testing.assert_allclose(ours[key].reshape(p.shape), p.grad.numpy(), atol=1e-6 * max(scale, 1.0),
                                        rtol=1e-4, err_msg=name)
             checked += 1
-    assert checked == 12 and all(np.isfinite(g).all() for g in ours.values())
+    assert checked == count and all(np.isfinite(g).all() for g in ours.values())
 
 
 def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints, tmp_path):
@@ -553,7 +570,7 @@ SCANNED = {  # every method here on a model whose layers are stacked and scanned
     "HRAConfig": dict(r=2, init_weights=False), "MissConfig": dict(r=4, init_weights=False),
     "GloraConfig": dict(r=2, init_weights=False),
     "DeftConfig": dict(r=4, init_weights=False), "PeanutConfig": dict(r=4, depth=1, init_weights=False),
-    "SupertuningConfig": dict(sparsity=0.9, r=2, init_weights=False),
+    "SupertuningConfig": dict(sparsity=0.9, r=2, init_weights=False), "OSFConfig": dict(init_weights=False),
     "RoadConfig": dict(group_size=8, init_weights=False),
     "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
     "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),

@@ -490,6 +490,9 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
             changes["feedforward_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, model_type, "feedforward_modules", "IA3"
             )
+    elif peft_type == "OSF":  # PEFT's OSF takes every linear layer by default
+        if config.target_modules is None:
+            changes["target_modules"] = INCLUDE_LINEAR_LAYERS_SHORTHAND
     elif peft_type in _SIMPLE_DEFAULTS:
         if config.target_modules is None:
             mapping, kind = _SIMPLE_DEFAULTS[peft_type]
