@@ -1,5 +1,5 @@
 """HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA, BEFT, GLoRA,
-DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA and OSF against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF and LiLy against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -33,6 +33,8 @@ DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA and OSF against HF PEFT 0.21.2 + PyT
 - Uni-LoRA: every factor entry of every layer read from one trained vector (one variable), at
   positions PEFT's seeded shuffle assigns in transformers' module order, which a loaded model (its
   attributes sorted by NNX) still follows: files without the positions load.
+- LiLy: low-rank projections shared across layers (``A`` by blocks of layers, ``B`` by all),
+  mixed by per-layer routers averaged over the batch; it does not merge, as in PEFT.
 - OSF: the trailing singular subspace of each weight trained, its gradients projected orthogonal
   to the frozen leading one as PEFT's hooks project them; every linear layer by default.
 - Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
@@ -720,3 +722,49 @@ def test_pvera_samples_from_the_dropout_key_only(checkpoints):
         vera.add_adapter("p", peftjax.PveraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match=r"q_proj already carry another method's adapter \(PVeRA\)"):
         model.add_adapter("v", peftjax.VeraConfig(r=4, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize(("arch", "fields"), [
+    ("llama", dict(r=4, stride_A=2, num_B=3, scaling=2.0, init_weights=False, target_modules=LLAMA)),
+    ("bert", dict(r=2, num_B=2)),
+])
+def test_lily_shares_and_moves_both_ways(arch, fields, checkpoints, tmp_path):
+    """LiLy: ``A`` shared by blocks of ``stride_A`` consecutive layers of a target, ``B`` by all of
+    them (one variable each, as PEFT shares one module), the routers' softmax averaged over the
+    batch; a PEFT-made adapter gives PEFT's logits here, one trained here gives ours in PEFT, the
+    trainable count is PEFT's; merging is refused, by PEFT and here; a scanned model is refused."""
+    path, task = checkpoints[arch], ARCHS[arch].task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base(arch, path), peft.LilyConfig(task_type=task, **fields))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+        ref = run_torch(theirs.eval())
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs", is_trainable=True)
+    assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert_close(run_jax(model, jit=True), ref)
+    if arch == "llama":  # q_proj of layers 0 and 1 share A (stride 2) and B; v_proj has its own
+        layers = model.base_model.model.layers
+        q0, q1, v0 = layers[0].self_attn.q_proj, layers[1].self_attn.q_proj, layers[0].self_attn.v_proj
+        assert q0.lily_A["default"] is q1.lily_A["default"] and q0.lily_B["default"] is q1.lily_B["default"]
+        assert v0.lily_B["default"] is not q0.lily_B["default"]
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK, task), steps=3, optimizer=optax.adam(2e-2)).losses
+    assert losses[-1] < losses[0]
+    ours = run_jax(model, jit=True)
+    assert changed(ours, ref) > 1e-3
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(torch_base(arch, path), tmp_path / "ours").eval()
+        assert_close(ours, run_torch(back))
+        with pytest.raises(NotImplementedError, match="not supported for Lily"):
+            back.merge_adapter()
+    with pytest.raises(NotImplementedError, match="merging is not supported for LiLy"):
+        model.merge_and_unload()
+    assert_close(run_jax(model, jit=True), ours)  # the refusal changed nothing
+    with pytest.raises(NotImplementedError, match="LiLy on a model built with scan_layers=True"):
+        peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), peftjax.LilyConfig(**fields))

@@ -33,6 +33,7 @@ from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
+from peftjax.config._lily import LilyConfig
 from peftjax.config._osf import OSFConfig
 from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
@@ -107,6 +108,7 @@ __all__ = [
     "UniLoraConfig",
     "PveraConfig",
     "OSFConfig",
+    "LilyConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

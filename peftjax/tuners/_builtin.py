@@ -27,6 +27,7 @@ from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
 from peftjax.tuners.lokr import LoKrConfig, LoKrLinear, inject_lokr
 from peftjax.tuners.lora import LoraConfig, LoraLayer, inject_lora
 from peftjax.tuners.oft import OFTConfig, OFTLayer, inject_oft
+from peftjax.tuners.lily import LilyConfig, LilyLayer, inject_lily
 from peftjax.tuners.osf import OSFConfig, OSFLayer, inject_osf
 from peftjax.tuners.peanut import PeanutConfig, PeanutLayer, inject_peanut
 from peftjax.tuners.poly import PolyConfig, PolyLayer, inject_poly
@@ -82,6 +83,7 @@ register_tuner(Tuner.for_layers(GloraConfig, inject=inject_glora, layer_type=Glo
 register_tuner(Tuner.for_layers(DeftConfig, inject=inject_deft, layer_type=DeftLayer))
 register_tuner(Tuner.for_layers(PeanutConfig, inject=inject_peanut, layer_type=PeanutLayer))
 register_tuner(Tuner.for_layers(SupertuningConfig, inject=inject_supertuning, layer_type=SupertuningLayer))
+register_tuner(Tuner.for_layers(LilyConfig, inject=inject_lily, layer_type=LilyLayer))
 register_tuner(Tuner.for_layers(OSFConfig, inject=inject_osf, layer_type=OSFLayer))
 register_tuner(Tuner.for_layers(PolyConfig, inject=inject_poly, layer_type=PolyLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
