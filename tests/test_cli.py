@@ -575,7 +575,7 @@ LAYER_METHODS = {
     "supertuning": (["--method-option", "sparsity=0.9"], "SUPERTUNING"),
     "unilora": (["--r", "2", "--method-option", "theta_d_length=64"], "UNILORA"),
     "pvera": (["--r", "8"], "PVERA"), "osf": (["--method-option", "effective_rank=8"], "OSF"),
-    "lily": (["--r", "4"], "LILY"),
+    "lily": (["--r", "4"], "LILY"), "tinylora": (["--method-option", "u=16"], "TINYLORA"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
     "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),
 }

@@ -1,5 +1,6 @@
 """HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA, VB-LoRA, BEFT, GLoRA,
-DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF and LiLy against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways.
+DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF, LiLy and TinyLoRA against HF PEFT 0.21.2 + PyTorch
+on Llama, BERT and GPT-2, both ways.
 
 - HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
   new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
@@ -35,6 +36,9 @@ DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF and LiLy against HF PEFT 0.21.2
   attributes sorted by NNX) still follows: files without the positions load.
 - LiLy: low-rank projections shared across layers (``A`` by blocks of layers, ``B`` by all),
   mixed by per-layer routers averaged over the batch; it does not merge, as in PEFT.
+- TinyLoRA: a frozen truncated SVD around ``sum_i v_i P_i``, the vectors shared by groups of
+  layers numbered in transformers' module order; files without ``P`` load (torch's normal draws
+  reproduced).
 - OSF: the trailing singular subspace of each weight trained, its gradients projected orthogonal
   to the frozen leading one as PEFT's hooks project them; every linear layer by default.
 - Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
@@ -136,6 +140,11 @@ CASES = {
     "pvera-gpt2": ("PveraConfig", "gpt2", dict(r=4, init_weights=False), "no dropout"),
     "osf-llama": ("OSFConfig", "llama", dict(effective_rank=8, target_modules=LLAMA), False),
     "osf-bert-all-linear": ("OSFConfig", "bert", dict(effective_rank=0.5, rank_pattern={"value": 12}), False),
+    "tinylora-llama-tied": ("TinyLoraConfig", "llama", dict(r=2, u=16, weight_tying=0.5, target_modules=LLAMA),
+                            False),
+    "tinylora-bert-unsaved": ("TinyLoraConfig", "bert", dict(r=2, u=8, save_projection=False, tinylora_dropout=0.1),
+                              False),
+    "tinylora-gpt2": ("TinyLoraConfig", "gpt2", dict(r=3, u=4, init_weights="uniform"), "no dropout"),
 }
 
 
@@ -359,6 +368,8 @@ def test_bad_settings_are_named():
         (lambda: peftjax.UniLoraConfig(theta_d_length=0), "`theta_d_length` should be a positive integer, got 0"),
         (lambda: peftjax.UniLoraConfig(bias="lora_only"), "bias"),
         (lambda: peftjax.OSFConfig(effective_rank=-1), "`effective_rank` must be >= 0, got -1"),
+        (lambda: peftjax.TinyLoraConfig(weight_tying=1.5), "`weight_tying` should be a float between 0.0 and 1.0"),
+        (lambda: peftjax.TinyLoraConfig(init_weights="gaussian"), r"`init_weights` must be one of \[True, False, 'u"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -768,3 +779,27 @@ def test_lily_shares_and_moves_both_ways(arch, fields, checkpoints, tmp_path):
     assert_close(run_jax(model, jit=True), ours)  # the refusal changed nothing
     with pytest.raises(NotImplementedError, match="LiLy on a model built with scan_layers=True"):
         peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True), peftjax.LilyConfig(**fields))
+
+
+def test_tinylora_s_rules_are_peft_s(checkpoints):
+    """Every TinyLoRA adapter on a model saves its projections or none (PEFT's rule); a projection of
+    fewer than 16 values cannot be drawn again as torch draws it, so ``save_projection=False`` with
+    one is refused by name (``True`` saves it); tied layers share one trained vector (one variable);
+    a scanned model is refused."""
+    path = checkpoints["llama"]
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.TinyLoraConfig(
+        r=2, u=16, weight_tying=1.0, target_modules=LLAMA))
+    vectors = [m.tinylora_v["default"] for m in adapter_layers(model.base_model).values()]
+    assert len(vectors) == 6 and all(v is vectors[0] for v in vectors)
+    assert model.get_nb_trainable_parameters()[0] == 16
+    with pytest.warns(UserWarning, match="Specified to not save projection tensors P"):
+        unsaved = peftjax.TinyLoraConfig(r=2, u=16, save_projection=False, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="TinyLoRA projection tensors must be saved for all adapters or none"):
+        model.add_adapter("other", unsaved)
+    with pytest.warns(UserWarning):
+        small = peftjax.TinyLoraConfig(r=1, u=4, save_projection=False, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"q_proj: save_projection=False needs P drawn again .* u \* r \* r = 4"):
+        peftjax.get_peft_model(models.from_pretrained(path), small)
+    with pytest.raises(NotImplementedError, match="TinyLoRA on a model built with scan_layers=True"):
+        peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True),
+                               peftjax.TinyLoraConfig(r=2, target_modules=LLAMA))

@@ -218,6 +218,21 @@ def test_projections_and_positions_are_torchs_own():
         np.testing.assert_array_equal(fourier_indices(n_in, n_out, n, seed), want)
 
 
+def test_normal_draws_are_torchs_own():
+    """TinyLoRA's projections (``torch.normal`` from a seeded generator), drawn without torch: the
+    vectorised Box-Muller torch runs on 16 values or more, the last 16 redrawn when the size is not
+    a multiple of 16; fewer than 16 values (torch's scalar path) are refused by name."""
+    from peftjax.nn._torch_rng import TorchGenerator
+
+    for seed, shape, std in [(42, (64, 2, 2), 2**-0.5), (43, (5, 3, 3), 3**-0.5), (7, (16,), 1.0), (9, (33,), 0.5),
+                             (2**32 + 1, (1000,), 2.0)]:
+        want = torch.normal(mean=0.0, std=std, size=shape, generator=torch.Generator().manual_seed(seed)).numpy()
+        got = TorchGenerator(seed).normal(shape, 0.0, std)
+        np.testing.assert_allclose(got, want, atol=2e-6 * std * 4, rtol=1e-6, err_msg=str((seed, shape)))
+    with pytest.raises(ValueError, match="torch.normal of 8 values draws them one by one"):
+        TorchGenerator(0).normal((2, 2, 2), 0.0, 1.0)
+
+
 # ---------------------------------------------------------------- VeRA's rules
 
 

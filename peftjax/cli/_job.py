@@ -109,6 +109,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "pvera": ("PVERA", {}, "PVeRA"),
     "osf": ("OSF", {}, "OSF"),
     "lily": ("LILY", {}, "LiLy"),
+    "tinylora": ("TINYLORA", {}, "TinyLoRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
     "trainable_tokens": ("TRAINABLE_TOKENS", {}, "trainable tokens"),
@@ -144,9 +145,9 @@ FLAG_HELP = {
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
               "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no "
-              "task ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, osf, lily, "
-              "fourierft, ln_tuning, trainable_tokens, prefix (prefix tuning), cartridge (a trained key/value "
-              "prefix), prompt (prompt tuning), multitask_prompt (multitask prompt tuning: one task, num_tasks=1, "
+              "task ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, osf, "
+              "lily, tinylora, fourierft, ln_tuning, trainable_tokens, prefix (prefix tuning), cartridge (a "
+              "trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt tuning: one task, num_tasks=1, "
               "as the Trainer has no task ids), p-tuning, adaption_prompt (Llama, Mistral, GPT-2) or bottleneck "
               "(peftjax's own; PEFT cannot read it)",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "

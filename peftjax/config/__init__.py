@@ -38,6 +38,7 @@ from peftjax.config._osf import OSFConfig
 from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
 from peftjax.config._supertuning import SupertuningConfig
+from peftjax.config._tinylora import TinyLoraConfig
 from peftjax.config._unilora import UniLoraConfig
 from peftjax.config._other import (
     BottleneckConfig,
@@ -109,6 +110,7 @@ __all__ = [
     "PveraConfig",
     "OSFConfig",
     "LilyConfig",
+    "TinyLoraConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

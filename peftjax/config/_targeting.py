@@ -476,7 +476,7 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     changes: dict[str, Any] = {}
     if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "MISS", "ROAD", "DELORA", "GRALORA", "HIRA",
                      "RANDLORA", "POLY", "GLORA", "DEFT", "PEANUT", "SUPERTUNING", "UNILORA",
-                     "LILY"):
+                     "LILY", "TINYLORA"):
         if config.target_modules is None:
             changes["target_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",

@@ -41,6 +41,32 @@ class TorchGenerator:
         x = (self._u32(math.prod(shape)) & np.uint32((1 << 24) - 1)).astype(np.float64) * 2.0**-24
         return (x * (hi - lo) + lo).astype(np.float32).reshape(shape)
 
+    def normal(self, shape: tuple[int, ...], mean: float, std: float) -> np.ndarray:
+        """``torch.normal(mean, std, shape, generator=g)`` (float32), for 16 values or more: torch's
+        ``normal_fill`` draws one uniform per value (as :meth:`uniform`), turns each 16 into normals
+        by Box-Muller on the pairs ``(j, j + 8)``, and redraws the last 16 when the size is not a
+        multiple of 16. Computed in float64 here, float32 there: equal to about 1e-7.
+
+        Raises:
+          ValueError: fewer than 16 values (torch's scalar path, not reproduced).
+        """
+        size = math.prod(shape)
+        if size < 16:
+            raise ValueError(f"torch.normal of {size} values draws them one by one (fewer than 16); peftjax "
+                             "reproduces only torch's vectorised path (16 values or more)")
+        data = self.uniform((size,), 0.0, 1.0).astype(np.float64)
+
+        def fill16(chunk: np.ndarray) -> np.ndarray:
+            u1, u2 = 1.0 - chunk[:8], chunk[8:]
+            radius, theta = np.sqrt(-2.0 * np.log(u1)), 2.0 * math.pi * u2
+            return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)]) * std + mean
+
+        for i in range(0, size - 15, 16):
+            data[i:i + 16] = fill16(data[i:i + 16])
+        if size % 16:
+            data[size - 16:] = fill16(self.uniform((16,), 0.0, 1.0).astype(np.float64))
+        return data.astype(np.float32).reshape(shape)
+
     def kaiming_uniform(self, shape: tuple[int, int]) -> np.ndarray:
         """PEFT's VeRA ``_kaiming_init(shape, generator)``: fan-in, gain ``sqrt(2)``."""
         std = math.sqrt(2) / math.sqrt(shape[1])

@@ -38,6 +38,7 @@ from peftjax.tuners.prompt import (
     prompt_state_dict,
 )
 from peftjax.tuners.supertuning import SupertuningConfig, SupertuningLayer, inject_supertuning
+from peftjax.tuners.tinylora import TinyLoraConfig, inject_tinylora, load_tinylora_state_dict, tinylora_state_dict
 from peftjax.tuners.trainable_tokens import (
     TrainableTokensConfig,
     TrainableTokensLayer,
@@ -92,6 +93,8 @@ register_tuner(Tuner(VBLoRAConfig, inject=inject_vblora, state_dict=vblora_state
                      load_state_dict=load_vblora_state_dict))
 register_tuner(Tuner(UniLoraConfig, inject=inject_unilora, state_dict=unilora_state_dict,
                      load_state_dict=load_unilora_state_dict))
+register_tuner(Tuner(TinyLoraConfig, inject=inject_tinylora, state_dict=tinylora_state_dict,
+                     load_state_dict=load_tinylora_state_dict))
 register_tuner(Tuner(TrainableTokensConfig, inject=inject_trainable_tokens, state_dict=tokens_state_dict,
                      load_state_dict=load_tokens_state_dict))
 register_tuner(Tuner.for_layers(AdaptionPromptConfig, inject=inject_adaption_prompt, layer_type=AdaptionPromptLayer))
