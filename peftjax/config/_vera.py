@@ -30,6 +30,20 @@ def check_layer_selection(config: PeftConfig) -> None:
         raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
 
+def _check_shared_projection(config: PeftConfig, prefix: str) -> None:
+    """The fields VeRA and PVeRA share (``prefix``: their dropout's and bias mode's names)."""
+    check_int("r", config.r, minimum=1)
+    config._set("target_modules", to_str_tuple("target_modules", config.target_modules, sort=True))
+    check_int("projection_prng_key", config.projection_prng_key, minimum=0)
+    check_bool("save_projection", config.save_projection)
+    check_probability(f"{prefix}_dropout", getattr(config, f"{prefix}_dropout"))
+    check_number("d_initial", config.d_initial)
+    check_bool("fan_in_fan_out", config.fan_in_fan_out)
+    check_choice("bias", config.bias, ["none", "all", f"{prefix}_only"])
+    check_bool("init_weights", config.init_weights)
+    check_layer_selection(config)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VeraConfig(PeftConfig):
     """VeRA: one pair of frozen random matrices shared by every layer, and trained scaling vectors.
@@ -78,16 +92,7 @@ class VeraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("r", self.r, minimum=1)
-        self._set("target_modules", to_str_tuple("target_modules", self.target_modules, sort=True))
-        check_int("projection_prng_key", self.projection_prng_key, minimum=0)
-        check_bool("save_projection", self.save_projection)
-        check_probability("vera_dropout", self.vera_dropout)
-        check_number("d_initial", self.d_initial)
-        check_bool("fan_in_fan_out", self.fan_in_fan_out)
-        check_choice("bias", self.bias, ["none", "all", "vera_only"])
-        check_bool("init_weights", self.init_weights)
-        check_layer_selection(self)
+        _check_shared_projection(self, "vera")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,16 +135,7 @@ class PveraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("r", self.r, minimum=1)
-        self._set("target_modules", to_str_tuple("target_modules", self.target_modules, sort=True))
-        check_int("projection_prng_key", self.projection_prng_key, minimum=0)
-        check_bool("save_projection", self.save_projection)
-        check_probability("pvera_dropout", self.pvera_dropout)
-        check_number("d_initial", self.d_initial)
-        check_bool("fan_in_fan_out", self.fan_in_fan_out)
-        check_choice("bias", self.bias, ["none", "all", "pvera_only"])
-        check_bool("init_weights", self.init_weights)
-        check_layer_selection(self)
+        _check_shared_projection(self, "pvera")
         check_bool("sample_at_inference", self.sample_at_inference)
         check_int("generator_seed", self.generator_seed, optional=True)
         if not self.save_projection:

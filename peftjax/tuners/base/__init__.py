@@ -53,6 +53,8 @@ from peftjax.tuners.base._rows import BASE, AdapterRows, adapter_index, clear_ad
 from peftjax.tuners.base._state_dict import (
     layer_state_dict,
     load_layer_state_dict,
+    load_model_tensor,
+    with_model_tensors,
     module_params_torch,
     saves_embeddings,
     set_module_params_torch,
@@ -102,6 +104,8 @@ __all__ = [
     "delete_adapter",
     "layer_state_dict",
     "load_layer_state_dict",
+    "load_model_tensor",
+    "with_model_tensors",
     "check_linear_targets",
     "find_targets",
     "inject_each_layer",

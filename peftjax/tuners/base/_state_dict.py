@@ -9,7 +9,7 @@ reverse on load, with the checks and warnings PEFT users expect. Keys are PEFT's
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +212,45 @@ def inside_saved_modules(modules: Mapping[str, nnx.Module]) -> set[str]:
     """The names of modules inside a ``modules_to_save`` module (whose copy carries them whole)."""
     saved = [n for n, m in modules.items() if isinstance(m, SavedModule)]
     return {n for n in modules if any(n.startswith(f"{s}.") for s in saved if s)}
+
+
+def load_model_tensor(tensors: dict, key: str, variable: nnx.Variable, source: str, what: str, layout: str) -> None:
+    """Pops the model-level tensor ``key`` (weights a method shares across layers: VB-LoRA's bank,
+    Uni-LoRA's vector, TinyLoRA's group vectors) from ``tensors`` into ``variable``, float32.
+
+    Raises:
+      AdapterFileError: the key is missing (says it is ``what``), or its shape differs (``layout``
+        names the expected dimensions).
+    """
+    if key not in tensors:
+        raise AdapterFileError(f"{source}: {key} ({what}) is missing")
+    found = np.asarray(tensors.pop(key))
+    expected = variable.get_value().shape
+    if found.shape != expected:
+        raise AdapterFileError(f"{source}: {key}: expected shape {list(expected)} ({layout}), found {list(found.shape)}")
+    variable.set_value(jnp.asarray(found, jnp.float32))
+
+
+def with_model_tensors(layer_type: type, model_tensors: Callable) -> tuple[Callable, Callable]:
+    """A layer method's ``(state_dict, load_state_dict)`` when it also keeps weights at model level
+    (shared across layers, saved once): ``model_tensors(model, adapter_name)`` gives
+    ``{PEFT key: (variable, what it is, its layout)}``; the layers' own tensors go through
+    :func:`layer_state_dict` / :func:`load_layer_state_dict`."""
+
+    def state_dict(model, adapter_name: str, config: PeftConfig, *, key_mapping: KeyMapping = None,
+                   save_embedding_layers: bool | str = "auto") -> dict[str, np.ndarray]:
+        out = layer_state_dict(model, adapter_name, config, layer_type=layer_type, key_mapping=key_mapping,
+                               save_embedding_layers=save_embedding_layers)
+        for key, (variable, _, _) in model_tensors(model, adapter_name).items():
+            out[key] = np.asarray(variable.get_value(), np.float32)
+        return out
+
+    def load_state_dict(model, tensors: Mapping[str, np.ndarray], adapter_name: str, *,
+                        key_mapping: KeyMapping = None, source: str = "adapter") -> tuple[list[str], list[str]]:
+        tensors = dict(tensors)
+        for key, (variable, what, layout) in model_tensors(model, adapter_name).items():
+            load_model_tensor(tensors, key, variable, source, what, layout)
+        return load_layer_state_dict(model, tensors, adapter_name, layer_type=layer_type, key_mapping=key_mapping,
+                                     source=source)
+
+    return state_dict, load_state_dict

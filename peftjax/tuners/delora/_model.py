@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import DeloraConfig, get_pattern_key
+from peftjax.nn._init import kaiming_uniform
 from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.delora._layer import DeloraLayer, DeloraSpec, delora_class_for
-
-
-def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """torch's ``kaiming_uniform_(a=sqrt(5))`` range on a ``[rows, cols]`` tensor: ``1 / sqrt(cols)``."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def inject_delora(
@@ -54,8 +47,8 @@ def inject_delora(
         kernel = module.kernel.get_value()  # [in, out]: torch's column norms are the kernel's row norms
         n_in, n_out = kernel.shape
         ka, kb = jax.random.split(key)
-        a = _kaiming(ka, (r, n_in))
-        b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else _kaiming(kb, (n_out, r))
+        a = kaiming_uniform(ka, (r, n_in))
+        b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else kaiming_uniform(kb, (n_out, r))
         w_norm = jnp.linalg.norm(kernel.astype(jnp.float32), axis=1)
         module.add_delora(adapter_name, DeloraSpec(r=r, dropout=config.module_dropout), a, b, lam, w_norm)
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import GloraConfig
+from peftjax.nn._init import kaiming_uniform
 from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.glora._layer import TERMS, GloraLayer, GloraSpec, glora_class_for
-
-
-def _kaiming(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """torch's ``kaiming_uniform_(a=sqrt(5))`` on a tensor of ``shape``: bound ``1 / sqrt(fan_in)``."""
-    fan_in = shape[1] if len(shape) > 1 else shape[0]
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def _term_values(term: str, kind: str, n_in: int, n_out: int, r: int, init: bool, key: jax.Array) -> dict:
@@ -25,11 +17,11 @@ def _term_values(term: str, kind: str, n_in: int, n_out: int, r: int, init: bool
     rows, cols = (n_in, 1) if term == "C" else (n_out, n_in)  # C maps the inputs to one column
     k1, k2 = jax.random.split(key)
     if kind == "lora":  # Xu always drawn, Xd zero unless init_weights=False
-        return {"Xd": _kaiming(k1, (rows, r)) if not init else jnp.zeros((rows, r), jnp.float32),
-                "Xu": _kaiming(k2, (r, cols))}
+        return {"Xd": kaiming_uniform(k1, (rows, r)) if not init else jnp.zeros((rows, r), jnp.float32),
+                "Xu": kaiming_uniform(k2, (r, cols))}
     if kind == "vector":  # a column ([features, 1]) for A, B, C; a row ([features]) for D, E
         shape = (n_out,) if term in "DE" else (rows, 1)
-        drawn = _kaiming(k1, (1, n_out)).reshape(shape) if term in "DE" else _kaiming(k1, shape)
+        drawn = kaiming_uniform(k1, (1, n_out)).reshape(shape) if term in "DE" else kaiming_uniform(k1, shape)
         return {"X": jnp.zeros(shape, jnp.float32) if init else drawn}
     if kind == "constant":
         return {"X": jnp.zeros((1,), jnp.float32) if init else 0.02 * jax.random.normal(k1, (1,), jnp.float32)}

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import LilyConfig
+from peftjax.nn._init import kaiming_uniform
 from peftjax.tuners.base import AdapterParam, inject_each_layer, modules_in_definition_order, named_modules
 from peftjax.tuners.lily._layer import LilyLayer, LilySpec, lily_class_for
-
-
-def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """torch's ``kaiming_uniform_(a=sqrt(5))`` on an ``nn.Linear`` weight ``[out, in]``: bound ``1 / sqrt(in)``."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def _group(name: str, target_modules) -> str | None:
@@ -78,10 +71,10 @@ def inject_lily(
     def add(module, shape, layer_key):
         n_in, n_out = shape
         ka, kb, kr = jax.random.split(layer_key, 3)
-        a = AdapterParam(_kaiming(ka, (config.r, n_in)))
-        b_value = _kaiming(kb, (config.num_B * config.r, n_out)) if not config.init_weights else jnp.zeros(
+        a = AdapterParam(kaiming_uniform(ka, (config.r, n_in)))
+        b_value = kaiming_uniform(kb, (config.num_B * config.r, n_out)) if not config.init_weights else jnp.zeros(
             (config.num_B * config.r, n_out), jnp.float32)
-        module.add_lily(adapter_name, spec, a, AdapterParam(b_value), _kaiming(kr, (config.num_B, config.r)))
+        module.add_lily(adapter_name, spec, a, AdapterParam(b_value), kaiming_uniform(kr, (config.num_B, config.r)))
         targets[module.adapter_path] = shape
 
     config = inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=LilyLayer,

@@ -21,13 +21,13 @@ the on-disk map is the identity.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
 
 import jax
 import jax.numpy as jnp
 
 from peftjax.nn._dropout import active_dropout_key, fold_key, keep_mask
+from peftjax.nn._init import kaiming_uniform  # noqa: F401  (LoKr's init; re-exported)
 from peftjax.tuners.base import AdapterDictLayer
 
 
@@ -53,16 +53,6 @@ class LycorisSpec:
     def scaling(self) -> float:
         """``alpha / r``, PEFT's scaling (whether or not the factors are low-rank)."""
         return self.alpha / self.r
-
-
-def kaiming_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """PyTorch's ``nn.init.kaiming_uniform_(w, a=math.sqrt(5))`` on a torch-layout ``shape``.
-
-    The bound is ``1 / sqrt(fan_in)``, ``fan_in = shape[1] * prod(shape[2:])``.
-    """
-    fan_in = shape[1] * math.prod(shape[2:])
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def rank_dropout_mask(key: jax.Array, n_out: int, spec: LycorisSpec) -> jax.Array:

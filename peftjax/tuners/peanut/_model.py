@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import PeanutConfig
 from peftjax.nn._activations import activation
+from peftjax.nn._init import kaiming_uniform
 from peftjax.tuners.base import inject_each_layer
 from peftjax.tuners.peanut._layer import PeanutLayer, PeanutSpec, peanut_class_for
-
-
-def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """torch's ``kaiming_uniform_(a=sqrt(5))`` on an ``nn.Linear`` weight ``[out, in]``: bound ``1 / sqrt(in)``."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def inject_peanut(
@@ -55,10 +48,10 @@ def inject_peanut(
     def add(module, n_out, key):
         r, depth = spec.r, spec.depth
         keys = jax.random.split(key, 2 * depth + 2)
-        a = _kaiming(keys[0], (r, n_out))
-        encoders = [_kaiming(keys[1 + i], (r, r)) for i in range(depth)]
-        decoders = [_kaiming(keys[1 + depth + i], (r, r)) for i in range(depth)]
-        b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else _kaiming(keys[-1], (n_out, r))
+        a = kaiming_uniform(keys[0], (r, n_out))
+        encoders = [kaiming_uniform(keys[1 + i], (r, r)) for i in range(depth)]
+        decoders = [kaiming_uniform(keys[1 + depth + i], (r, r)) for i in range(depth)]
+        b = jnp.zeros((n_out, r), jnp.float32) if config.init_weights else kaiming_uniform(keys[-1], (n_out, r))
         module.add_peanut(adapter_name, spec, a, encoders, decoders, b)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=PeanutLayer,

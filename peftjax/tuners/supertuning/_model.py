@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import SupertuningConfig
+from peftjax.nn._init import kaiming_uniform
 from peftjax.tuners.base import adapter_layers, inject_each_layer
 from peftjax.tuners.supertuning._layer import (
     SupertuningLayer,
@@ -16,12 +15,6 @@ from peftjax.tuners.supertuning._layer import (
     magnitude_support,
     supertuning_class_for,
 )
-
-
-def _kaiming(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    """torch's ``kaiming_uniform_(a=sqrt(5))`` on an ``nn.Linear`` weight ``[out, in]``: bound ``1 / sqrt(in)``."""
-    bound = 1.0 / math.sqrt(shape[1])
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def inject_supertuning(
@@ -70,8 +63,8 @@ def inject_supertuning(
         values = jnp.zeros((n,), jnp.float32) if config.init_weights else jax.random.normal(kv, (n,), jnp.float32)
         a = b = None
         if spec.r:
-            a = _kaiming(ka, (spec.r, n_in))
-            b = jnp.zeros((n_out, spec.r), jnp.float32) if config.init_weights else _kaiming(kb, (n_out, spec.r))
+            a = kaiming_uniform(ka, (spec.r, n_in))
+            b = jnp.zeros((n_out, spec.r), jnp.float32) if config.init_weights else kaiming_uniform(kb, (n_out, spec.r))
         module.add_supertuning(adapter_name, spec, values, indices, a, b)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=SupertuningLayer,

@@ -3,23 +3,19 @@ vectors, PEFT's file layout."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from peftjax.config import TinyLoraConfig
-from peftjax.io._adapter import AdapterFileError, KeyMapping
 from peftjax.nn._torch_rng import TorchGenerator
 from peftjax.tuners.base import (
     AdapterParam,
     adapter_layers,
     inject_each_layer,
-    layer_state_dict,
-    load_layer_state_dict,
     modules_in_definition_order,
+    with_model_tensors,
 )
 from peftjax.tuners.tinylora._layer import TinyLoraLayer, TinyLoraSpec, tinylora_class_for
 
@@ -122,50 +118,11 @@ def inject_tinylora(
                              method="TinyLoRA", class_for=tinylora_class_for, prepare=prepare, add=add, conv1d=True)
 
 
-def _groups(model: nnx.Module, adapter_name: str) -> dict[str, AdapterParam]:
-    return {layer.spec(adapter_name).group: layer.tinylora_v[adapter_name]
-            for layer in adapter_layers(model, TinyLoraLayer, adapter_name).values()}
+def _vectors(model: nnx.Module, adapter_name: str) -> dict:
+    return {f"{V_KEY}.{layer.spec(adapter_name).group}": (
+        layer.tinylora_v[adapter_name], f"the trained vector of group {layer.spec(adapter_name).group}", "[u]")
+        for layer in adapter_layers(model, TinyLoraLayer, adapter_name).values()}
 
 
-def tinylora_state_dict(
-    model: nnx.Module,
-    adapter_name: str,
-    config: TinyLoraConfig,
-    *,
-    key_mapping: KeyMapping = None,
-    save_embedding_layers: bool | str = "auto",
-) -> dict[str, np.ndarray]:
-    """PEFT's on-disk dict: every layer's SVD factors (and projections), and each group's vector once."""
-    out = layer_state_dict(model, adapter_name, config, layer_type=TinyLoraLayer, key_mapping=key_mapping,
-                           save_embedding_layers=save_embedding_layers)
-    for group, v in _groups(model, adapter_name).items():
-        out[f"{V_KEY}.{group}"] = np.asarray(v.get_value(), np.float32)
-    return out
-
-
-def load_tinylora_state_dict(
-    model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
-    adapter_name: str,
-    *,
-    key_mapping: KeyMapping = None,
-    source: str = "adapter",
-) -> tuple[list[str], list[str]]:
-    """Fills an injected TinyLoRA adapter from PEFT's keys: the groups' vectors and every layer's
-    factors (and projections, where the file has them).
-
-    Raises:
-      AdapterFileError: a group's vector is missing or has the wrong shape.
-    """
-    tensors = dict(tensors)
-    for group, v in _groups(model, adapter_name).items():
-        key = f"{V_KEY}.{group}"
-        if key not in tensors:
-            raise AdapterFileError(f"{source}: {key} (the trained vector of group {group}) is missing")
-        found = np.asarray(tensors.pop(key))
-        if found.shape != v.get_value().shape:
-            raise AdapterFileError(f"{source}: {key}: expected shape {list(v.get_value().shape)} ([u]), found "
-                                   f"{list(found.shape)}")
-        v.set_value(jnp.asarray(found, jnp.float32))
-    return load_layer_state_dict(model, tensors, adapter_name, layer_type=TinyLoraLayer, key_mapping=key_mapping,
-                                 source=source)
+# PEFT's on-disk dict: every layer's SVD factors (and projections), each group's vector once
+tinylora_state_dict, load_tinylora_state_dict = with_model_tensors(TinyLoraLayer, _vectors)

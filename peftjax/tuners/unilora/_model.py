@@ -3,7 +3,6 @@ model's module order, PEFT's file layout."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +10,12 @@ import numpy as np
 from flax import nnx
 
 from peftjax.config import UniLoraConfig
-from peftjax.io._adapter import AdapterFileError, KeyMapping
 from peftjax.tuners.base import (
     AdapterParam,
     adapter_layers,
     inject_each_layer,
-    layer_state_dict,
-    load_layer_state_dict,
     modules_in_definition_order,
+    with_model_tensors,
 )
 from peftjax.tuners.unilora._layer import UniLoraLayer, UniLoraSpec, unilora_class_for, unilora_index
 
@@ -99,45 +96,11 @@ def inject_unilora(
     return config
 
 
-def unilora_state_dict(
-    model: nnx.Module,
-    adapter_name: str,
-    config: UniLoraConfig,
-    *,
-    key_mapping: KeyMapping = None,
-    save_embedding_layers: bool | str = "auto",
-) -> dict[str, np.ndarray]:
-    """PEFT's on-disk dict: the vector once, and (``save_indices``) every layer's positions and scales."""
-    out = layer_state_dict(model, adapter_name, config, layer_type=UniLoraLayer, key_mapping=key_mapping,
-                           save_embedding_layers=save_embedding_layers)
+def _theta(model: nnx.Module, adapter_name: str) -> dict:
     layer = next(iter(adapter_layers(model, UniLoraLayer, adapter_name).values()))
-    out[THETA_KEY] = np.asarray(layer.unilora_theta_d[adapter_name].get_value(), np.float32)
-    return out
+    return {THETA_KEY: (layer.unilora_theta_d[adapter_name], "the shared vector theta_d", "[theta_d_length]")}
 
 
-def load_unilora_state_dict(
-    model: nnx.Module,
-    tensors: Mapping[str, np.ndarray],
-    adapter_name: str,
-    *,
-    key_mapping: KeyMapping = None,
-    source: str = "adapter",
-) -> tuple[list[str], list[str]]:
-    """Fills an injected Uni-LoRA adapter from PEFT's keys: the vector, and the positions and scales
-    where the file has them (else those assigned from ``proj_seed`` stay, as in PEFT).
-
-    Raises:
-      AdapterFileError: the vector is missing or has the wrong shape.
-    """
-    tensors = dict(tensors)
-    layer = next(iter(adapter_layers(model, UniLoraLayer, adapter_name).values()))
-    theta = layer.unilora_theta_d[adapter_name]
-    if THETA_KEY not in tensors:
-        raise AdapterFileError(f"{source}: {THETA_KEY} (the shared vector theta_d) is missing")
-    found = np.asarray(tensors.pop(THETA_KEY))
-    if found.shape != theta.get_value().shape:
-        raise AdapterFileError(f"{source}: {THETA_KEY}: expected shape {list(theta.get_value().shape)} "
-                               f"([theta_d_length]), found {list(found.shape)}")
-    theta.set_value(jnp.asarray(found, jnp.float32))
-    return load_layer_state_dict(model, tensors, adapter_name, layer_type=UniLoraLayer, key_mapping=key_mapping,
-                                 source=source)
+# PEFT's on-disk dict: the vector once, and (``save_indices``) every layer's positions and scales;
+# loading keeps the positions assigned from ``proj_seed`` where the file has none, as PEFT does
+unilora_state_dict, load_unilora_state_dict = with_model_tensors(UniLoraLayer, _theta)

@@ -12,6 +12,7 @@ from flax import nnx
 from peftjax.config import VBLoRAConfig
 from peftjax.io._adapter import AdapterFileError, KeyMapping
 from peftjax.tuners.base import AdapterParam, adapter_layers, inject_each_layer, layer_state_dict, load_layer_state_dict
+from peftjax.tuners.base import load_model_tensor
 from peftjax.tuners.vblora._layer import VBLoRALayer, VBLoRASpec, vblora_class_for
 
 BANK_KEY = "base_model.vblora_vector_bank"  # PEFT: ``base_model.vblora_vector_bank.<adapter>`` in memory
@@ -125,14 +126,8 @@ def load_vblora_state_dict(
     tensors = dict(tensors)
     layer = next(iter(adapter_layers(model, VBLoRALayer, adapter_name).values()))
     bank = layer.vblora_vector_bank[adapter_name]
-    if BANK_KEY not in tensors:
-        raise AdapterFileError(f"{source}: {BANK_KEY} (the shared vector bank) is missing")
-    found = np.asarray(tensors.pop(BANK_KEY))
-    if found.shape != bank.get_value().shape:
-        raise AdapterFileError(f"{source}: {BANK_KEY}: expected shape {list(bank.get_value().shape)} "
-                               f"([num_vectors, vector_length]), found {list(found.shape)}")
-    bank.set_value(jnp.asarray(found, jnp.float32))
-    num_vectors = found.shape[0]
+    load_model_tensor(tensors, BANK_KEY, bank, source, "the shared vector bank", "[num_vectors, vector_length]")
+    num_vectors = bank.get_value().shape[0]
     for key in [k for k in tensors if k.endswith("_topk_indices")]:
         weights_key = key.replace("_topk_indices", "_topk_weights")
         if weights_key not in tensors:
