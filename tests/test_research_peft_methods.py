@@ -39,6 +39,7 @@ from _method_cases import ARCHS, IDS, LLAMA, MASK, assert_close, changed, check_
 from _method_cases import torch_base
 import peftjax
 from peftjax import models
+from peftjax.cli import main
 from peftjax.tuners.base import adapter_layers
 
 
@@ -92,10 +93,10 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     check_interop(CASES[case], checkpoints, tmp_path, capsys)
 
 
-def test_beft_on_layers_without_a_bias_trains_and_saves_but_does_not_merge(checkpoints, tmp_path):
+def test_beft_on_layers_without_a_bias_trains_and_saves_but_does_not_merge(checkpoints, tmp_path, capsys):
     """Llama's value projections have no bias: BEFT trains there (PEFT's default target) and its file
     gives PEFT's logits, scanned layers too; merging is refused, by PEFT and here (naming the layer),
-    and nothing is changed by the refusal."""
+    and nothing is changed by the refusal; ``peftjax merge`` says so in one line and writes nothing."""
     path = checkpoints["llama"]
     model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.BeftConfig(init_weights=False))
     assert model.peft_config["default"].target_modules == ("v_proj",)
@@ -114,6 +115,9 @@ def test_beft_on_layers_without_a_bias_trains_and_saves_but_does_not_merge(check
     assert_close(ours, run_torch(theirs))
     scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), tmp_path)
     assert_close(run_jax(scanned), ours)
+    assert main(["merge", str(path), str(tmp_path), str(tmp_path / "merged")]) == 1  # the command: one line
+    assert "v_proj: Base layer has no bias, cannot merge bias adapter default" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_a_refused_merge_leaves_every_layer_as_it_was():
