@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.nn._dropout import apply_dropout
+
 
 class AdapterLayer(abc.ABC):
     """A layer (or model) that holds named adapters beside its frozen weights."""
@@ -251,6 +253,12 @@ class AdditiveLayer(AdapterDictLayer):
         self._mark_merged(name, False)
 
 
+def layer_bias(module: nnx.Module) -> nnx.Variable | None:
+    """The layer's bias variable, or ``None`` where it has none (``use_bias=False``)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, nnx.Variable) and bias.get_value() is not None else None
+
+
 class PreMergeWeight(nnx.Variable):
     """A layer's weight (or bias) before its first merge, kept while an adapter is merged (not saved)."""
 
@@ -271,12 +279,8 @@ class WeightReadingLayer(AdapterDictLayer):
         float32, given the pre-merge ``weight`` and ``bias`` (float32; ``None`` without one)."""
         raise NotImplementedError
 
-    def _bias_variable(self) -> nnx.Variable | None:
-        bias = getattr(self, "bias", None)
-        return bias if isinstance(bias, nnx.Variable) and bias.get_value() is not None else None
-
     def _shift_weights(self, name: str, sign: float) -> None:
-        weight, bias = getattr(self, self.weight_name), self._bias_variable()
+        weight, bias = getattr(self, self.weight_name), layer_bias(self)
         w0 = self.premerge_weight.get_value().astype(jnp.float32)
         b0 = None if bias is None else self.premerge_bias.get_value().astype(jnp.float32)
         dw, db = self.merge_deltas(name, w0, b0)
@@ -287,7 +291,7 @@ class WeightReadingLayer(AdapterDictLayer):
     def merge_adapter(self, name: str) -> None:
         if not self.adapter_merged:
             self.premerge_weight = PreMergeWeight(getattr(self, self.weight_name).get_value())
-            bias = self._bias_variable()
+            bias = layer_bias(self)
             if bias is not None:
                 self.premerge_bias = PreMergeWeight(bias.get_value())
         self._shift_weights(name, 1.0)
@@ -299,11 +303,34 @@ class WeightReadingLayer(AdapterDictLayer):
             self._shift_weights(name, -1.0)
             return
         getattr(self, self.weight_name).set_value(self.premerge_weight.get_value())  # the last: exactly as it was
-        bias = self._bias_variable()
+        bias = layer_bias(self)
         if bias is not None:
             bias.set_value(self.premerge_bias.get_value())
             del self.premerge_bias
         del self.premerge_weight
+
+
+class LowRankFactorsLayer(AdditiveLayer):
+    """A method whose update is a LoRA pair it assembles from other weights (VB-LoRA's bank
+    mixtures, Uni-LoRA's vector entries): it defines :meth:`factors`; the forward adds
+    ``dropout(x) A^T B^T`` (the spec's ``dropout``) and merging adds ``B A``."""
+
+    def factors(self, name: str) -> tuple[jax.Array, jax.Array]:
+        """``(A [r, in], B [out, r])`` of adapter ``name``, float32."""
+        raise NotImplementedError
+
+    def kernel_delta(self, name: str) -> jax.Array:
+        """PEFT's ``get_delta_weight`` (``B A``), in the kernel's ``[in, out]`` layout."""
+        a, b = self.factors(name)
+        return (b @ a).T
+
+    def _update(self, x: jax.Array, name: str, spec) -> jax.Array:
+        a, b = self.factors(name)
+        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
+        return (h @ a.T) @ b.T
+
+    def __call__(self, x, *args, **kwargs):
+        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer_type: type, method: str) -> None:

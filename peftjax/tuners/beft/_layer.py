@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax.nn._broadcast import along_last
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdapterParam, layer_bias, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,8 @@ class BeftLayer(AdapterDictLayer):
         return self._plus_updates(x, args, kwargs, lambda name, _: along_last(self._bias(name), x.ndim))
 
     def _shift_bias(self, name: str, sign: float) -> None:
-        bias = getattr(self, "bias", None)
-        if bias is None or bias.get_value() is None:
+        bias = layer_bias(self)
+        if bias is None:
             raise ValueError(f"{self.adapter_path}: Base layer has no bias, cannot merge bias adapter {name}")
         b = bias.get_value()
         bias.set_value((b.astype(jnp.float32) + sign * self._bias(name)).astype(b.dtype))

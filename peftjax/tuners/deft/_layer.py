@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdapterParam, WeightReadingLayer, mixin_subclass
+from peftjax.tuners.base import AdapterParam, WeightReadingLayer, layer_bias, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ class DeftLayer(WeightReadingLayer):
         if not live:
             return y
         out = y.astype(jnp.float32)
-        bias = self._bias_variable()
+        bias = layer_bias(self)
         product = out if bias is None else out - along_last(bias.get_value().astype(jnp.float32), out.ndim)  # x W^T
         for name, spec in live:
             q, right = self._projection(name)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._broadcast import along_last
-from peftjax.tuners.base import AdapterParam, WeightReadingLayer, mixin_subclass
+from peftjax.tuners.base import AdapterParam, WeightReadingLayer, layer_bias, mixin_subclass
 from peftjax.tuners.base._rows import pick_rows, rows_of
 
 TERMS = "ABCDE"
@@ -98,7 +98,7 @@ class GloraLayer(WeightReadingLayer):
 
     def _update(self, x: jax.Array, name: str) -> jax.Array:
         kernel = self.kernel.get_value().astype(jnp.float32)
-        bias = self._bias_variable()
+        bias = layer_bias(self)
         dw, db = self.merge_deltas(name, kernel, None if bias is None else bias.get_value().astype(jnp.float32))
         out = x.astype(jnp.float32) @ dw
         return out if db is None else out + along_last(db, out.ndim)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from peftjax.config import GloraConfig
 from peftjax.nn._init import kaiming_uniform
-from peftjax.tuners.base import inject_each_layer
+from peftjax.tuners.base import inject_each_layer, layer_bias
 from peftjax.tuners.glora._layer import TERMS, GloraLayer, GloraSpec, glora_class_for
 
 
@@ -55,7 +55,7 @@ def inject_glora(
     """
     def prepare(config, name, module):
         n_in, n_out = module.kernel.get_value().shape
-        has_bias = getattr(module, "bias", None) is not None and module.bias.get_value() is not None
+        has_bias = layer_bias(module) is not None
         kinds = {"A": config.config_A_B, "B": config.config_A_B,
                  "C": config.config_C if has_bias else "none", "D": config.config_D_E if has_bias else "none",
                  "E": config.config_D_E if has_bias else "none"}

@@ -8,7 +8,7 @@ from flax import nnx
 
 from peftjax.config import LilyConfig
 from peftjax.nn._init import kaiming_uniform
-from peftjax.tuners.base import AdapterParam, inject_each_layer, modules_in_definition_order, named_modules
+from peftjax.tuners.base import AdapterParam, adapter_layers, inject_each_layer, modules_in_definition_order
 from peftjax.tuners.lily._layer import LilyLayer, LilySpec, lily_class_for
 
 
@@ -58,38 +58,24 @@ def inject_lily(
             "LiLy on a model built with scan_layers=True is not implemented (its A and B are shared across "
             "layers); load the model with scan_layers=False")
     spec = LilySpec(r=config.r, num_b=config.num_B, scaling=float(config.scaling))
-    order: dict[str, int] = {}
 
-    def prepare(config, name, module):
-        if not order:
-            order.update({n: i for i, n in enumerate(modules_in_definition_order(model))})
+    def add(module, _, layer_key):
         n_in, n_out = module.kernel.get_value().shape
-        return n_in, n_out
-
-    targets: dict[str, tuple] = {}
-
-    def add(module, shape, layer_key):
-        n_in, n_out = shape
         ka, kb, kr = jax.random.split(layer_key, 3)
-        a = AdapterParam(kaiming_uniform(ka, (config.r, n_in)))
-        b_value = kaiming_uniform(kb, (config.num_B * config.r, n_out)) if not config.init_weights else jnp.zeros(
-            (config.num_B * config.r, n_out), jnp.float32)
-        module.add_lily(adapter_name, spec, a, AdapterParam(b_value), kaiming_uniform(kr, (config.num_B, config.r)))
-        targets[module.adapter_path] = shape
+        b_shape = (config.num_B * config.r, n_out)
+        b = kaiming_uniform(kb, b_shape) if not config.init_weights else jnp.zeros(b_shape, jnp.float32)
+        module.add_lily(adapter_name, spec, AdapterParam(kaiming_uniform(ka, (config.r, n_in))), AdapterParam(b),
+                        kaiming_uniform(kr, (config.num_B, config.r)))
 
     config = inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=LilyLayer,
-                               method="LiLy", class_for=lily_class_for, prepare=prepare, add=add)
-    groups: dict[tuple, list[str]] = {}
-    for name in sorted(targets, key=order.__getitem__):
-        groups.setdefault((_group(name, config.target_modules), targets[name]), []).append(name)
-    modules = named_modules(model)
-    for names in groups.values():
-        first = modules[names[0]]
-        for i, name in enumerate(names):
-            layer = modules[name]
-            if i:
-                layer.lily_B[adapter_name] = first.lily_B[adapter_name]
-            leader = modules[names[(i // config.stride_A) * config.stride_A]]
-            if leader is not layer:
-                layer.lily_A[adapter_name] = leader.lily_A[adapter_name]
+                               method="LiLy", class_for=lily_class_for, prepare=lambda *_: None, add=add)
+    layers = adapter_layers(model, LilyLayer, adapter_name)
+    groups: dict[tuple, list[LilyLayer]] = {}
+    for name in (n for n in modules_in_definition_order(model) if n in layers):
+        group = (_group(name, config.target_modules), layers[name].kernel.get_value().shape)
+        groups.setdefault(group, []).append(layers[name])
+    for members in groups.values():  # B: the group's first; A: its stride block's first
+        for i, layer in enumerate(members):
+            layer.lily_B[adapter_name] = members[0].lily_B[adapter_name]
+            layer.lily_A[adapter_name] = members[i - i % config.stride_A].lily_A[adapter_name]
     return config

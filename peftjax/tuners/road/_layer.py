@@ -23,9 +23,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from peftjax.tuners.base import AdapterDictLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterDictLayer, AdapterParam, layer_bias, mixin_subclass
 from peftjax.tuners.base._rows import pick_rows, rows_of
 
 
@@ -123,8 +122,8 @@ class RoadLayer(AdapterDictLayer):
         """``W <- R W`` and ``b <- R b`` (kernel ``[in, out]``: ``kernel R^T``)."""
         kernel = self.kernel.get_value()
         self.kernel.set_value((kernel.astype(jnp.float32) @ r.T).astype(kernel.dtype))
-        bias = getattr(self, "bias", None)
-        if isinstance(bias, nnx.Variable) and bias.get_value() is not None:
+        bias = layer_bias(self)
+        if bias is not None:
             b = bias.get_value()
             bias.set_value((r @ b.astype(jnp.float32)).astype(b.dtype))
 

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterParam, LowRankFactorsLayer, mixin_subclass
 
 
 class UniLoraPositions(nnx.Variable):
@@ -50,7 +49,7 @@ def unilora_index(count: int, theta_d_length: int, seed: int) -> np.ndarray:
     return data
 
 
-class UniLoraLayer(AdditiveLayer):
+class UniLoraLayer(LowRankFactorsLayer):
     """Mixin marking a Uni-LoRA layer (``isinstance(m, UniLoraLayer)`` finds them)."""
 
     method_name = "Uni-LoRA"
@@ -92,19 +91,6 @@ class UniLoraLayer(AdditiveLayer):
         a = theta[self.unilora_indices_A[name].get_value()] * self.unilora_scales_A[name].get_value()
         b = theta[self.unilora_indices_B[name].get_value()] * self.unilora_scales_B[name].get_value()
         return a.astype(jnp.float32), b.astype(jnp.float32)
-
-    def kernel_delta(self, name: str) -> jax.Array:
-        """PEFT's ``get_delta_weight`` (``B A``), in the kernel's ``[in, out]`` layout."""
-        a, b = self.factors(name)
-        return (b @ a).T
-
-    def _update(self, x: jax.Array, name: str, spec: UniLoraSpec) -> jax.Array:
-        a, b = self.factors(name)
-        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-        return (h @ a.T) @ b.T
-
-    def __call__(self, x, *args, **kwargs):
-        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def unilora_class_for(module: nnx.Module) -> type:

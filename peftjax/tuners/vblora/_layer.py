@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.nn._dropout import apply_dropout
-from peftjax.tuners.base import AdditiveLayer, AdapterParam, mixin_subclass
+from peftjax.tuners.base import AdapterParam, LowRankFactorsLayer, mixin_subclass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +40,7 @@ def mix(logits: jax.Array, bank: jax.Array, topk: int) -> jax.Array:
     return jnp.einsum("...k,...kl->...l", jax.nn.softmax(values, axis=-1), bank[indices])
 
 
-class VBLoRALayer(AdditiveLayer):
+class VBLoRALayer(LowRankFactorsLayer):
     """Mixin marking a VB-LoRA layer (``isinstance(m, VBLoRALayer)`` finds them)."""
 
     method_name = "VB-LoRA"
@@ -73,19 +72,6 @@ class VBLoRALayer(AdditiveLayer):
         a = mix(logits_a, bank, spec.topk).reshape(logits_a.shape[0], -1)
         b = jnp.swapaxes(mix(logits_b, bank, spec.topk), 1, 2).reshape(-1, logits_b.shape[1])
         return a, b
-
-    def kernel_delta(self, name: str) -> jax.Array:
-        """PEFT's ``get_delta_weight``, in the kernel's ``[in, out]`` layout."""
-        a, b = self.factors(name)
-        return (b @ a).T
-
-    def _update(self, x: jax.Array, name: str, spec: VBLoRASpec) -> jax.Array:
-        a, b = self.factors(name)
-        h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)
-        return (h @ a.T) @ b.T
-
-    def __call__(self, x, *args, **kwargs):
-        return self._plus_updates(x, args, kwargs, lambda name, spec: self._update(x, name, spec))
 
 
 def vblora_class_for(module: nnx.Module) -> type:
