@@ -573,3 +573,86 @@ def test_prefix_kv_shapes_are_checked(saved):
         model(input_ids=IDS, prefix_kv=[(k, k)])
     with pytest.raises(ValueError, match=r"kv_heads \(2\).*layer 1 value \(1, 3, 4, 8\)"):
         model(input_ids=IDS, prefix_kv=[(k, k), (k, jnp.zeros((1, 3, 4, 8)))])
+
+
+# ---------------------------------------------------------------- CPT
+
+# a template of two examples (types 1-4, then 5-8: input template, input, output template, answer)
+CPT_TEMPLATE = dict(cpt_token_ids=[11, 12, 13, 14, 15, 16, 21, 22, 23, 24],
+                    cpt_tokens_type_mask=[1, 2, 2, 3, 4, 4, 5, 6, 7, 8])
+CPT_TYPES = np.array([[1, 2, 2, 3, 4, 4, 4], [1, 2, 3, 4, 4, 0, 0]])  # the batch's own: one example a row
+
+
+def _cpt_batch():
+    return {**_tiny.batch(IDS, MASK), "input_type_mask": CPT_TYPES}
+
+
+def _torch_cpt_step(pm, batch):
+    """PEFT's forward and loss on ``batch`` (a fresh type mask: PEFT's forward shifts it in place)."""
+    return pm(**{k: torch.tensor(np.array(v)) for k, v in batch.items()})
+
+
+@pytest.mark.parametrize("weighting", ["decay", "none"])
+def test_cpt_trains_and_loads_as_peft_s(saved, weighting, tmp_path):
+    """CPT trained here and by PEFT from the same template: the same losses step by step (the
+    deltas pushed against their balls, the answers' rows frozen, the template's answers scored and
+    weighted by example), the same file; each framework's file gives the other's logits and loss."""
+    config = dict(task_type="CAUSAL_LM", opt_weighted_loss_type=weighting, opt_loss_decay_factor=0.5,
+                  opt_projection_epsilon=0.4, opt_projection_format_epsilon=0.2, **CPT_TEMPLATE)
+    model = peftjax.get_peft_model(models.from_pretrained(saved["llama"]), peftjax.CPTConfig(**config))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(torch_base(saved, "llama"), peft.CPTConfig(**config))
+    assert model.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    encoder = model.base_model.peft_prompt_encoders["default"]
+    np.testing.assert_allclose(np.asarray(encoder()), pm.get_prompt_embedding_to_save("default").numpy(), atol=1e-7)
+
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    theirs = []
+    for _ in range(4):
+        loss = _torch_cpt_step(pm, _cpt_batch()).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        theirs.append(loss.item())
+    ours = _tiny.train(model, _cpt_batch(), steps=4, optimizer=optax.adamw(1e-2, weight_decay=0.1), dropout=False)
+    np.testing.assert_allclose(ours.losses, theirs, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(encoder()), pm.get_prompt_embedding_to_save("default").numpy(), atol=2e-5)
+    delta = np.asarray(encoder.weights["delta_embedding.weight"].get_value())
+    radii = np.array(encoder.cpt_ball.radii)
+    norms = np.linalg.norm(delta, axis=1)
+    assert np.all(norms[[4, 5, 9]] == 0) and np.all(norms <= radii * (1 + 1e-6))  # the answers' rows froze
+    assert np.isclose(norms, radii, rtol=1e-5).sum() >= 3  # the balls held some rows back
+
+    with torch.no_grad():
+        peft_loss = _torch_cpt_step(pm, _cpt_batch()).loss.item()
+    np.testing.assert_allclose(float(model(**_cpt_batch()).loss), peft_loss, atol=2e-5)
+    pm.save_pretrained(tmp_path / "peft")
+    model.save_pretrained(tmp_path / "ours")
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved["llama"]), tmp_path / "peft")
+    assert_close(run_jax(loaded, "llama", jit=True), run_torch(pm, "llama", "cpt"), atol=2e-5)
+    np.testing.assert_allclose(float(loaded(**_cpt_batch()).loss), peft_loss, atol=2e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(torch_base(saved, "llama"), tmp_path / "ours").eval()
+    assert_close(run_jax(model, "llama"), run_torch(back, "llama", "cpt"), atol=2e-5)
+    ids = np.random.RandomState(1).randint(1, 96, (2, 5))
+    ref = torch_greedy(back, ids, np.ones_like(ids), 4, eos=None)
+    np.testing.assert_array_equal(loaded.generate(ids, np.ones_like(ids), max_new_tokens=4, pad_token_id=0), ref)
+
+
+def test_cpt_bad_settings_are_named(saved):
+    with pytest.raises(ValueError, match="CPTConfig only supports task_type = CAUSAL_LM"):
+        peftjax.CPTConfig(task_type="SEQ_CLS")
+    with pytest.raises(ValueError, match="must have the same length"):
+        peftjax.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2], cpt_tokens_type_mask=[1])
+    with pytest.raises(ValueError, match="num_virtual_tokens.*length of cpt_token_ids \\(2\\)"):
+        peftjax.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[1, 2], num_virtual_tokens=4)
+    model = models.from_pretrained(saved["llama"])
+    with pytest.raises(ValueError, match=r"cpt_token_ids: \[500\] are outside the vocabulary \[0, 96\)"):
+        peftjax.get_peft_model(model, peftjax.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[3, 500]))
+    prompt = peftjax.get_peft_model(model, peftjax.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=V))
+    with pytest.raises(ValueError, match="input_type_mask is a CPT adapter's argument; the active adapter is "
+                                         "PROMPT_TUNING"):
+        prompt(**_cpt_batch())

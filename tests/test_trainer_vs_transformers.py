@@ -208,3 +208,60 @@ def test_a_checkpoint_inside_an_accumulated_step_is_refused_by_name(tmp_path):
     with pytest.raises(peftjax.training.TrainingError, match=r"checkpoint-1 stopped inside an optimizer step"):
         peftjax.Trainer(model, args, train_dataset={"input_ids": [row] * 12, "labels": [row] * 12}).train(
             resume_from_checkpoint=str(state_file.parent))
+
+
+def _cpt_data():
+    """Four rows of one in-context example each (types 1-4 of PEFT's CPT template scheme)."""
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(3, 90, n).tolist() for n in (6, 9, 5, 8)]
+    types = [[1, 2, 2, 3] + [4] * (len(row) - 4) for row in ids]
+    return {"input_ids": ids, "labels": ids, "input_type_mask": types}
+
+
+def _cpt_run(model, tmp_path, name: str, **common):
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / name), save_steps=0, disable_tqdm=True, plot=False,
+                                     report_to="none", **common)
+    trainer = peftjax.Trainer(model, args, train_dataset=_cpt_data())
+    trainer.train()
+    return trainer.log_history, read_safetensors(tmp_path / name / "adapter_model.safetensors")[0]
+
+
+def test_cpt_trains_in_the_trainer_as_in_transformers_trainer(tmp_path):
+    """CPT from one template in both Trainers (each row's ``input_type_mask`` a column): the same
+    losses and adapter; and two accumulated micro-batches an optimizer step give the adapter of
+    one batch of all rows, each weighed by the tokens CPT scores (the template's answers too)."""
+    transformers = pytest.importorskip("transformers")
+    torch_model = _tiny.save("llama", tmp_path / "base")
+    config = dict(task_type="CAUSAL_LM", cpt_token_ids=[11, 12, 13, 14, 15, 16], opt_weighted_loss_type="decay",
+                  cpt_tokens_type_mask=[1, 2, 3, 4, 4, 4], opt_loss_decay_factor=0.5, opt_projection_epsilon=2.0)
+    common = dict(num_train_epochs=3, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, seed=0)
+    ours_log, ours = _cpt_run(peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                                     peftjax.CPTConfig(**config)),
+                              tmp_path, "one", per_device_train_batch_size=4, **common)
+
+    def collate(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        pad = lambda key, value: torch.tensor([f[key] + [value] * (longest - len(f[key])) for f in features])  # noqa: E731
+        return {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100),
+                "input_type_mask": pad("input_type_mask", 0),
+                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (longest - len(f["input_ids"]))
+                                                for f in features])}
+
+    datasets = pytest.importorskip("datasets")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_model = peft.get_peft_model(torch_model, peft.CPTConfig(**config))
+        oracle = transformers.Trainer(
+            model=theirs_model, data_collator=collate, train_dataset=datasets.Dataset.from_dict(_cpt_data()),
+            args=transformers.TrainingArguments(output_dir=str(tmp_path / "torch"), save_strategy="no",
+                                                report_to="none", disable_tqdm=True, use_cpu=True,
+                                                remove_unused_columns=False, per_device_train_batch_size=4, **common))
+        oracle.train()
+    theirs_model.save_pretrained(str(tmp_path / "torch"))
+    theirs = read_safetensors(tmp_path / "torch" / "adapter_model.safetensors")[0]
+    _assert_same_training(ours_log, oracle.state.log_history, ours, theirs, steps=3)
+
+    _, accumulated = _cpt_run(peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                                     peftjax.CPTConfig(**config)),
+                              tmp_path, "two", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+    np.testing.assert_allclose(accumulated["prompt_embeddings"], ours["prompt_embeddings"], atol=1e-6)

@@ -305,6 +305,72 @@ class PromptEncoderConfig(PromptLearningConfig):
         check_probability("encoder_dropout", self.encoder_dropout)
 
 
+def _int_list(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise TypeError(f"`{name}` must be a list of ints, got {value!r}.")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CPTConfig(PromptLearningConfig):
+    """Context-aware prompt tuning (CPT): the embeddings of an in-context template (examples with
+    their answers) prepended to the input, each token's embedding trained within a small ball
+    around its start, the answers scored by the loss. Causal LMs only, as in PEFT.
+
+    The virtual tokens are ``cpt_token_ids`` (``num_virtual_tokens`` is their count). Each token's
+    type in ``cpt_tokens_type_mask`` says what it is, in groups of four per example ``k``: ``4k +
+    1`` the input template, ``4k + 2`` the input, ``4k + 3`` the output template, ``4k + 4`` the
+    answer (0: none of these). Template and input tokens train, within ``opt_projection_format_epsilon``
+    (templates) or ``opt_projection_epsilon`` (inputs) times ``sqrt(token_dim / 2048)`` of their
+    start; answer tokens stay frozen and are scored as labels, as are a batch's tokens whose
+    ``input_type_mask`` (offset by the template's largest type) is a multiple of 4.
+
+    Attributes:
+        cpt_token_ids: The template's token ids (default ``[0]``).
+        cpt_mask: PEFT's per-token mask (default all 1; kept for the file, unused by PEFT too).
+        cpt_tokens_type_mask: Each template token's type (default all 1).
+        opt_weighted_loss_type: ``"none"``: the mean loss over the scored tokens; ``"decay"``: the
+            tokens of each example ``opt_loss_decay_factor`` times those of the next one.
+        opt_loss_decay_factor: The decay between consecutive examples' answers.
+        opt_projection_epsilon: The input tokens' radius (before the ``sqrt(token_dim / 2048)``).
+        opt_projection_format_epsilon: The template tokens' radius (likewise).
+        tokenizer_name_or_path: Kept for PEFT's files (unused).
+    """
+
+    peft_type: ClassVar[str] = "CPT"
+
+    cpt_token_ids: tuple[int, ...] | None = None
+    cpt_mask: tuple[int, ...] | None = None
+    cpt_tokens_type_mask: tuple[int, ...] | None = None
+    opt_weighted_loss_type: str = "none"
+    opt_loss_decay_factor: float = 1.0
+    opt_projection_epsilon: float = 0.1
+    opt_projection_format_epsilon: float = 0.1
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type != TaskType.CAUSAL_LM:  # PEFT's message
+            raise ValueError(f"{type(self).__name__} only supports task_type = {TaskType.CAUSAL_LM.value}.")
+        ids = _int_list("cpt_token_ids", [0] if self.cpt_token_ids is None else self.cpt_token_ids)
+        self._set("cpt_token_ids", ids)
+        for name in ("cpt_mask", "cpt_tokens_type_mask"):
+            value = getattr(self, name)
+            self._set(name, _int_list(name, [1] * len(ids) if value is None else value))
+        if not len(ids) == len(self.cpt_mask) == len(self.cpt_tokens_type_mask):
+            raise ValueError("cpt_token_ids, cpt_mask and cpt_tokens_type_mask must have the same length.")
+        if self.num_virtual_tokens not in (None, len(ids)):
+            raise ValueError(f"`num_virtual_tokens` is the length of cpt_token_ids ({len(ids)}) for CPT, "
+                             f"got {self.num_virtual_tokens}; leave it unset")
+        self._set("num_virtual_tokens", len(ids))
+        if self.num_transformer_submodules is None:
+            self._set("num_transformer_submodules", 1)
+        super().__post_init__()
+        check_choice("opt_weighted_loss_type", self.opt_weighted_loss_type, ["none", "decay"])
+        for name in ("opt_loss_decay_factor", "opt_projection_epsilon", "opt_projection_format_epsilon"):
+            check_number(name, getattr(self, name))
+        check_optional_str("tokenizer_name_or_path", self.tokenizer_name_or_path)
+
+
 _NON_LINEARITIES = ("relu", "gelu", "gelu_new", "silu", "tanh")
 
 

@@ -15,6 +15,7 @@ from flax import nnx
 from peftjax.config import AdaLoraConfig
 from peftjax.nn import dropout_key
 from peftjax.training._step import default_loss
+from peftjax.tuners.base import project_adapters
 from peftjax.tuners.adalora import RankAllocatorState, adalora_loss, init_rank_allocator, update_and_allocate
 
 
@@ -37,7 +38,7 @@ def make_adalora_train_step(
     def step(trainable, opt_state, rest, batch, key):
         loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss, grads
+        return project_adapters(optax.apply_updates(trainable, updates)), opt_state, loss, grads
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key
 from peftjax.training._memory import release_host_memory
-from peftjax.tuners.base import TRAINABLE
+from peftjax.tuners.base import TRAINABLE, project_adapters
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -108,7 +108,8 @@ def make_train_step(
         _refuse_adalora(trainable)
         loss, grads = jax.value_and_grad(loss_of)(trainable, rest, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+        # a method trained within a set (CPT) is projected back onto it, as PEFT does before its next forward
+        return project_adapters(optax.apply_updates(trainable, updates)), opt_state, loss
 
     return jit_step(step, donate=donate, mesh=mesh, rules=rules)
 

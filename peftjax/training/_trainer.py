@@ -37,7 +37,7 @@ from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
 from peftjax.tuners.base._variables import fresh_copy
-from peftjax.tuners.prompt import virtual_positions
+from peftjax.tuners.prompt import cpt_scored_labels, virtual_positions
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # what packed batches add (Batcher(packing=True)), passed to a model that takes them
@@ -67,6 +67,7 @@ TOKEN_CLS = "token_classification"  # a label per token (-100: none), no shift: 
 QUESTION_ANS = "question_answering"  # each row's answer span, [start, end] token indices: PEFT's QUESTION_ANS
 SPAN_COLUMNS = ("start_positions", "end_positions")  # a question-answering dataset's labels
 TASK_COLUMN = "task_ids"  # each row's task, for the methods that route by it (Poly, multitask prompt tuning)
+CPT_COLUMN = "input_type_mask"  # each token's type, for CPT's loss (PEFT's name)
 # the methods whose rows each have a task: peft_type -> the config field counting the tasks
 TASK_METHODS = {"MULTITASK_PROMPT_TUNING": "num_tasks", "POLY": "n_tasks"}
 
@@ -100,7 +101,7 @@ def _columns(dataset, name: str) -> dict[str, list]:
     names = _names(dataset)
     if "input_ids" not in names:
         raise TrainingError(f"{name} has no input_ids column (columns: {names}); tokenize it first")
-    cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN) if k in names}
+    cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN, CPT_COLUMN) if k in names}
     if set(SPAN_COLUMNS) <= set(names):  # question answering: each row's [start, end] is its label
         cols["labels"] = [[s, e] for s, e in zip(dataset[SPAN_COLUMNS[0]], dataset[SPAN_COLUMNS[1]])]
         return cols
@@ -340,6 +341,8 @@ class Trainer:
         self.model_inputs = tuple(k for k in MODEL_INPUTS + PACKED_INPUTS if k in accepted)
         if self._task_adapters:
             self.model_inputs += (TASK_COLUMN,)
+        if getattr(model.peft_config.get(getattr(model, "active_adapter", None)), "peft_type", None) == "CPT":
+            self.model_inputs += (CPT_COLUMN,)
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
@@ -378,11 +381,13 @@ class Trainer:
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
         labels = batch["labels"]
         virtual = virtual_positions(model)
-        if not logits and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
+        cpt = cpt_scored_labels(model, labels, batch.get(CPT_COLUMN))
+        if (not logits or cpt is not None) and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's loss is the mean over the labels it scores: a causal LM's every next token
-            count = jnp.sum(scored_labels(labels, self._scores_first_label(model))).astype(jnp.float32)
-            loss = model(**inputs, labels=labels).loss
-            return None, (loss * count, count, jnp.zeros(()))
+            # (CPT's: its template's answers and the batch's, weighted as it weighs them)
+            count = jnp.sum(self._scored_labels(model, batch)).astype(jnp.float32)
+            out = model(**inputs, labels=labels)
+            return (out.logits if logits else None), (out.loss * count, count, jnp.zeros(()))
         if self.problem_type == SEQ2SEQ_LM:
             inputs["labels"] = labels
         out = self._logits(model(**inputs))
@@ -445,6 +450,12 @@ class Trainer:
         micro-batches count alike, each its rows' mean (transformers divides its loss by the steps)."""
         return self.args.gradient_accumulation_steps > 1 and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
 
+    def _scored_labels(self, model, batch: dict):
+        """Where a language model's loss scores the batch's labels (NumPy or JAX), whose count
+        weighs its mean: :func:`scored_labels`, or an active CPT adapter's own."""
+        cpt = cpt_scored_labels(model, batch["labels"], batch.get(CPT_COLUMN))
+        return scored_labels(batch["labels"], self._scores_first_label(model)) if cpt is None else cpt
+
     def _scores_first_label(self, model) -> bool:
         """Whether a language model's loss scores each row's first label (see :func:`scored_labels`)."""
         return self.problem_type == SEQ2SEQ_LM or virtual_positions(model) > 0
@@ -454,10 +465,9 @@ class Trainer:
         scale: its scored label tokens over its optimizer step's mean, so that the accumulated
         gradient (the micro-batches' mean) is that of the step's token-mean loss, however the
         tokens fall. Read a step ahead; no step spans two epochs (:class:`StepPlan`)."""
-        first = self._scores_first_label(self.model.base_model)
         batches = iter(batches)
         while group := list(itertools.islice(batches, plan.micro_batches(plan.steps_done(micro)))):
-            counts = [int(np.sum(scored_labels(np.asarray(b["labels"]), first))) for b in group]
+            counts = [int(np.sum(self._scored_labels(self.model.base_model, b))) for b in group]
             total = sum(counts)
             for batch, count in zip(group, counts):
                 yield _with_loss_scale(batch, count * len(group) / total if total else 1.0)
@@ -803,7 +813,7 @@ class Trainer:
         if {"labels", "label"} & set(names) or set(SPAN_COLUMNS) <= set(names):
             cols = _columns(dataset, "dataset")
         else:
-            cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN) if k in names}
+            cols = {k: list(dataset[k]) for k in (*MODEL_INPUTS, TASK_COLUMN, CPT_COLUMN) if k in names}
         if "input_ids" not in cols:
             raise TrainingError(f"dataset has no input_ids column (columns: {names}); tokenize it first")
         cols = self._check_tasks(cols, "dataset")

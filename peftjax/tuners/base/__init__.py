@@ -1,6 +1,6 @@
 """The base tuner and base adapter layer that every PEFT method builds on.
 
-- ``_variables.py``: the Variable types (``AdapterParam``, ``LoraParam``, ``TRAINABLE``, ``FROZEN``).
+- ``_variables.py``: the Variable types (``AdapterParam``, ``LoraParam``, ``ProjectedAdapterParam``, ``TRAINABLE``, ``FROZEN``).
 - ``_layer.py``: the adapter-layer interface, its per-name bookkeeping, the class swap.
 - ``_modules_to_save.py``: the trainable full copies of ``modules_to_save`` layers.
 - ``_model.py``: the model-wide operations (walk, activate, disable, merge, unload, delete).
@@ -68,7 +68,9 @@ from peftjax.tuners.base._variables import (
     AdapterParam,
     FrozenAdapterParam,
     LoraParam,
+    ProjectedAdapterParam,
     TrainableParam,
+    project_adapters,
 )
 
 __all__ = [
@@ -96,6 +98,8 @@ __all__ = [
     "task_rows",
     "AdapterParam",
     "FrozenAdapterParam",
+    "ProjectedAdapterParam",
+    "project_adapters",
     "LoraParam",
     "SavedModule",
     "TrainableParam",

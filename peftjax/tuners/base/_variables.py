@@ -18,6 +18,33 @@ class AdapterParam(nnx.LoRAParam):
     """An adapter weight of any method: trains, and is saved in the adapter file."""
 
 
+class ProjectedAdapterParam(AdapterParam):
+    """An adapter weight kept inside a set (projected gradient descent): every peftjax train step
+    replaces it by ``projection(value)`` after the optimizer's update (:func:`project_adapters`).
+
+    ``projection`` (metadata) is a hashable, value-comparable callable from array to array, such
+    as a frozen dataclass: it is part of the state's tree structure, which ``jit`` compares.
+    """
+
+
+def project_adapters(state):
+    """``state`` (a model's state, or ``peftjax.split``'s trainable part) with every
+    :class:`ProjectedAdapterParam` replaced by its projection; other leaves as they were.
+
+    peftjax's train steps call it after each update. A hand-written step (``nnx.Optimizer``, or
+    optax on ``split``'s state) calls it the same way to train such a method as PEFT does:
+
+    >>> trainable = optax.apply_updates(trainable, updates)  # doctest: +SKIP
+    >>> trainable = peftjax.project_adapters(trainable)  # doctest: +SKIP
+    """
+    def project(v):
+        if isinstance(v, ProjectedAdapterParam):
+            return v.replace(v.projection(v.get_value()))
+        return v
+
+    return jax.tree.map(project, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class LoraParam(AdapterParam):
     """A LoRA factor, DoRA magnitude or LoRA bias."""
 

@@ -1,4 +1,4 @@
-"""Prompt learning: prefix tuning, Cartridge, prompt tuning, multitask prompt tuning and P-tuning
+"""Prompt learning: prefix tuning, Cartridge, prompt tuning, multitask prompt tuning, P-tuning and CPT
 (configs from ``peftjax.config``).
 
 The model itself applies the adapter (its class gains a ``__call__`` that prepends the virtual
@@ -7,6 +7,7 @@ tokens), so ``PeftModel`` needs no forward/generate hooks.
 
 from peftjax.config import (
     CartridgeConfig,
+    CPTConfig,
     MultitaskPromptTuningConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -16,6 +17,7 @@ from peftjax.tuners.prompt._cartridge import compose_cartridge_adapters, initial
 from peftjax.tuners.prompt._model import (
     PROMPT_LEARNING_CONFIGS,
     PromptEncoder,
+    cpt_scored_labels,
     inject_prompt_learning,
     virtual_positions,
 )
@@ -24,6 +26,8 @@ from peftjax.tuners.prompt._state_dict import load_prompt_state_dict, prompt_sta
 __all__ = [
     "CartridgeConfig",
     "compose_cartridge_adapters",
+    "CPTConfig",
+    "cpt_scored_labels",
     "initialize_kv_prefix_from_text",
     "MultitaskPromptTuningConfig",
     "PROMPT_LEARNING_CONFIGS",

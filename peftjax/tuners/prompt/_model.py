@@ -45,6 +45,7 @@ from peftjax.nn._broadcast import along_last
 from peftjax.config import TaskType
 from peftjax.config._other import (
     CartridgeConfig,
+    CPTConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     MultitaskPromptTuningConfig,
@@ -54,10 +55,12 @@ from peftjax.config._other import (
 )
 from peftjax.config._targeting import add_task_modules_to_save
 from peftjax.nn._dropout import apply_dropout
+from peftjax.tuners.prompt import _cpt
 from peftjax.tuners.base import (
     AdapterLayer,
     AdapterParam,
     FrozenAdapterParam,
+    ProjectedAdapterParam,
     add_saved_copy,
     match_modules_to_save,
     mixin_subclass,
@@ -71,6 +74,7 @@ from peftjax.tuners.base import (
 )
 
 PREFIX_TUNING, PROMPT_TUNING, P_TUNING, CARTRIDGE = "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "CARTRIDGE"
+CPT = "CPT"
 MULTITASK = "MULTITASK_PROMPT_TUNING"
 # multitask prompt tuning's inits from a source run's file
 SOURCE_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
@@ -170,10 +174,22 @@ class PromptEncoder(nnx.Module):
             raise ValueError(
                 f"token_dim {self.token_dim} is not a multiple of num_attention_heads {self.num_heads}"
             )
-        variable = FrozenAdapterParam if self.inference_mode else AdapterParam
+        if self.peft_type == CPT:  # what the template is and how it trains and is scored (see _cpt)
+            self.cpt_token_ids = tuple(config.cpt_token_ids)
+            self.cpt_types = tuple(config.cpt_tokens_type_mask)
+            self.cpt_loss = (config.opt_weighted_loss_type, float(config.opt_loss_decay_factor))
+            self.cpt_trained = _cpt.trained_rows(self.cpt_types)
+            self.cpt_ball = _cpt.EpsilonBall(_cpt.token_radii(
+                self.cpt_types, self.token_dim, config.opt_projection_epsilon, config.opt_projection_format_epsilon))
         arrays = self._init_arrays(config, word_embeddings, key)
-        self.weights = nnx.Dict({k: (FrozenAdapterParam if k == "frozen_embedding" else variable)(v)
-                                 for k, v in arrays.items()})
+        self.weights = nnx.Dict({k: self._variable(k, v) for k, v in arrays.items()})
+
+    def _variable(self, name: str, value: jax.Array) -> nnx.Variable:
+        if self.inference_mode or name == "frozen_embedding" or (self.peft_type == CPT and name == "embedding.weight"):
+            return FrozenAdapterParam(value)  # Cartridge's leading rows, CPT's template embeddings
+        if self.peft_type == CPT:
+            return ProjectedAdapterParam(value, projection=self.cpt_ball)
+        return AdapterParam(value)
 
     def _init_arrays(self, config, word_embeddings, key) -> dict[str, jax.Array]:
         out_dim = self.num_layers * 2 * self.token_dim if self.kv_prefix else self.token_dim
@@ -191,6 +207,9 @@ class PromptEncoder(nnx.Module):
                 lambda k, shape: jax.random.normal(k, shape, jnp.float32))
             return {name: draw(k, shape) for k, (name, shape) in zip(jax.random.split(key), shapes.items())
                     if shape[0]}
+        if self.peft_type == CPT and not self.inference_mode:  # the template's embeddings, a zero delta
+            return {"embedding.weight": _token_embeddings(word_embeddings, self.cpt_token_ids),
+                    "delta_embedding.weight": jnp.zeros((n, d), jnp.float32)}
         if self.inference_mode:  # PEFT skips the init: the saved output is loaded next
             arrays = {"embedding.weight": jnp.zeros((n, out_dim), jnp.float32)}
             if self.peft_type == MULTITASK:
@@ -254,6 +273,8 @@ class PromptEncoder(nnx.Module):
         if self.peft_type == CARTRIDGE:
             return jnp.concatenate([w[k] for k in ("frozen_embedding", "trainable_embedding") if k in w], axis=0)
         x = w["embedding.weight"]
+        if "delta_embedding.weight" in w:  # CPT
+            return x + _cpt.used_delta(w["delta_embedding.weight"], self.cpt_ball, self.cpt_trained)
         if self.head == "projection":
             return _linear(w, "transform.2", jnp.tanh(_linear(w, "transform.0", x)))
         if self.head == "MLP":
@@ -389,11 +410,7 @@ def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddi
         return jax.random.normal(key, (n, d), jnp.float32)
     if word_embeddings is None:
         raise ValueError(f"prompt_tuning_init={init!r} needs the model's word embeddings; none were found")
-    if isinstance(word_embeddings, nnx.Embed):
-        lookup, vocab = word_embeddings, word_embeddings.num_embeddings
-    else:
-        table = jnp.asarray(word_embeddings)
-        lookup, vocab = table.__getitem__, table.shape[0]
+    lookup, vocab = _lookup(word_embeddings)
     if init == "SAMPLE_VOCAB":
         ids = jax.random.randint(key, (n,), 0, vocab)
     else:  # TEXT
@@ -408,6 +425,26 @@ def _prompt_tuning_init(config: PromptTuningConfig, n: int, d: int, word_embeddi
         ids = (ids * math.ceil(n / len(ids)))[:n]  # truncated, or repeated cyclically
         ids = jnp.asarray(ids, jnp.int32)
     return lookup(ids).astype(jnp.float32)
+
+
+def _lookup(word_embeddings) -> tuple:
+    """``(lookup, vocabulary size)`` of a ``[vocab, d]`` table or an ``nnx.Embed`` (whose own
+    lookup is used, as PEFT calls the module: Gemma's is scaled)."""
+    if isinstance(word_embeddings, nnx.Embed):
+        return word_embeddings, word_embeddings.num_embeddings
+    table = jnp.asarray(word_embeddings)
+    return table.__getitem__, table.shape[0]
+
+
+def _token_embeddings(word_embeddings, ids) -> jax.Array:
+    """CPT's start: the embeddings of the template's tokens, in float32."""
+    if word_embeddings is None:
+        raise ValueError("CPT starts from the embeddings of cpt_token_ids; the model's word embeddings were not found")
+    lookup, vocab = _lookup(word_embeddings)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"cpt_token_ids: {bad} are outside the vocabulary [0, {vocab})")
+    return lookup(jnp.asarray(ids, jnp.int32)).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------- the model mixin
@@ -547,14 +584,27 @@ class PromptLearningModel(AdapterLayer):
 
     adapter_state_attrs = ("peft_prompt_encoders", "peft_prompt_active", "peft_prompt_disabled", "peft_word_embeddings")
 
-    def __call__(self, *args, task_ids=None, **kwargs):
+    def __call__(self, *args, task_ids=None, input_type_mask=None, **kwargs):
         """The model's call with the active adapter's virtual tokens; ``task_ids`` (one per row):
-        the rows' tasks for a multitask prompt tuning adapter (ignored by the other methods, as in PEFT)."""
+        the rows' tasks for a multitask prompt tuning adapter (ignored by the other methods, as in
+        PEFT); ``input_type_mask`` (``[batch, seq]``): a CPT adapter's token types of the batch,
+        which say which labels its loss scores (all, when left out; see ``CPTConfig``)."""
         base_call = self._peftjax_base.__call__
         encoder = _active_encoder(self)
+        if input_type_mask is not None and getattr(encoder, "peft_type", None) != CPT:
+            raise ValueError(f"input_type_mask is a CPT adapter's argument; the active adapter is "
+                             f"{getattr(encoder, 'peft_type', 'none')}")
         if encoder is None:
             return base_call(self, *args, **kwargs)
-        return base_call(self, **prompt_inputs(self, encoder, _bind(base_call, self, args, kwargs), task_ids))
+        kwargs = _bind(base_call, self, args, kwargs)
+        labels = kwargs.pop("labels", None) if encoder.peft_type == CPT else None
+        out = base_call(self, **prompt_inputs(self, encoder, kwargs, task_ids))
+        if labels is None:
+            return out
+        # CPT: the template's answers are scored too, weighted by example (PEFT's calculate_loss)
+        labels, weights = _cpt.cpt_labels(labels, input_type_mask, encoder.cpt_token_ids, encoder.cpt_types,
+                                          *encoder.cpt_loss)
+        return out.replace(loss=_cpt.cpt_loss(out.logits, labels, weights))
 
     def virtual_positions(self) -> int:
         """How many positions the active adapter puts before each row's own in the model's per-token
@@ -759,7 +809,9 @@ def inject_prompt_learning(
     if word_path is None and not config.kv_prefix:
         raise TypeError(f"{type(model).__name__} has no nnx.Embed word embeddings for {type(config).__name__}")
     table = None
-    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init != "RANDOM" and not config.inference_mode:
+    starts_from_words = isinstance(config, CPTConfig) or (
+        isinstance(config, PromptTuningConfig) and config.prompt_tuning_init != "RANDOM")
+    if starts_from_words and not config.inference_mode:
         table = _submodule(model, word_path)
     encoder = PromptEncoder(config, word_embeddings=table, key=jax.random.key(0) if key is None else key)
     if not isinstance(model, PromptLearningModel):
@@ -782,7 +834,21 @@ def inject_prompt_learning(
 
 
 PROMPT_LEARNING_CONFIGS = (PrefixTuningConfig, PromptTuningConfig, MultitaskPromptTuningConfig, PromptEncoderConfig,
-                           CartridgeConfig)
+                           CartridgeConfig, CPTConfig)
+
+
+def cpt_scored_labels(model, labels, input_type_mask=None):
+    """Where the loss of ``model``'s active CPT adapter (a ``PeftModel`` or the NNX model) scores a
+    batch's next-token labels, ``[rows, V + seq - 1]`` booleans: the template's answers and the
+    batch's (see ``CPTConfig``); ``None`` where no CPT adapter is active. The count a training loop
+    weighs such a batch's mean loss by."""
+    if not isinstance(model, PromptLearningModel):
+        model = getattr(model, "base_model", None)  # a PeftModel
+    encoder = _active_encoder(model) if isinstance(model, PromptLearningModel) else None
+    if encoder is None or encoder.peft_type != CPT:
+        return None
+    full, _ = _cpt.cpt_labels(labels, input_type_mask, encoder.cpt_token_ids, encoder.cpt_types, *encoder.cpt_loss)
+    return full[:, 1:] != _cpt.IGNORE_INDEX
 
 
 def virtual_positions(model) -> int:
