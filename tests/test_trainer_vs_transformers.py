@@ -241,11 +241,14 @@ def test_cpt_trains_in_the_trainer_as_in_transformers_trainer(tmp_path):
 
     def collate(features):
         longest = max(len(f["input_ids"]) for f in features)
-        pad = lambda key, value: torch.tensor([f[key] + [value] * (longest - len(f[key])) for f in features])  # noqa: E731
+
+        def pad(key, value):
+            return torch.tensor([f[key] + [value] * (longest - len(f[key])) for f in features])
+
+        ones = [{"mask": [1] * len(f["input_ids"])} for f in features]
         return {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100),
                 "input_type_mask": pad("input_type_mask", 0),
-                "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (longest - len(f["input_ids"]))
-                                                for f in features])}
+                "attention_mask": torch.tensor([o["mask"] + [0] * (longest - len(o["mask"])) for o in ones])}
 
     datasets = pytest.importorskip("datasets")
     with warnings.catch_warnings():
