@@ -106,7 +106,7 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
 
 def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     """HRA with an even ``r``, MiSS, RoAd, DeLoRA, C3A's zero start, GraLoRA, SHiRA, HiRA, RandLoRA, BEFT,
-    GLoRA, DEFT (its ``R`` taken from the weight), PEANuT and Super-Tuning start as the identity; HRA
+    GLoRA, DEFT (its ``R`` taken from the weight), PEANuT, Super-Tuning and WaveFT start as the identity; HRA
     with an odd ``r`` cannot, and says so as PEFT does."""
     path = checkpoints["llama"]
     base = run_torch(torch_base("llama", path))
@@ -121,7 +121,8 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
                    peftjax.GloraConfig(r=2, target_modules=LLAMA), peftjax.DeftConfig(r=4, target_modules=LLAMA),
                    peftjax.DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=LLAMA),
                    peftjax.PeanutConfig(r=4, depth=1, target_modules=LLAMA),
-                   peftjax.SupertuningConfig(sparsity=0.9, r=2, target_modules=LLAMA)):
+                   peftjax.SupertuningConfig(sparsity=0.9, r=2, target_modules=LLAMA),
+                   peftjax.WaveFTConfig(n_frequency=16, wavelet_family="sym3", target_modules=LLAMA)):
         assert_close(run_jax(peftjax.get_peft_model(models.from_pretrained(path), config)), base)
     fields = dict(r=3, target_modules=["q_proj"])
     for make in (lambda: peftjax.get_peft_model(models.from_pretrained(path), peftjax.HRAConfig(**fields)),
@@ -160,6 +161,9 @@ def test_the_identity_starts_and_hra_s_odd_r_warning_are_peft_s(checkpoints):
     ("SupertuningConfig", "gpt2", dict(target_modules=["c_attn"]), "c_attn is transformers' Conv1D .*PEFT's Super-"),
     ("SupertuningConfig", "llama", dict(sparsity=0.9995, target_modules=["v_proj"]),
      "sparsity=0.9995 leaves no trainable entries for a weight with 512 elements"),
+    ("WaveFTConfig", "llama", dict(n_frequency=513, target_modules=["v_proj"]),
+     r"v_proj: `n_frequency` should be less than or equal to the product of the input and output dimensions but "
+     r"the value passed is 513 and the product is 512"),
     ("ShiraConfig", "llama", dict(r=16, target_modules=["v_proj"]),
      "v_proj: The set rank 16 results in more shira params than the total number of params in the base layer 512"),
 ])
@@ -203,6 +207,11 @@ def test_bad_settings_are_named():
         (lambda: peftjax.OSFConfig(effective_rank=-1), "`effective_rank` must be >= 0, got -1"),
         (lambda: peftjax.TinyLoraConfig(weight_tying=1.5), "`weight_tying` should be a float between 0.0 and 1.0"),
         (lambda: peftjax.TinyLoraConfig(init_weights="gaussian"), r"`init_weights` must be one of \[True, False, 'u"),
+        (lambda: peftjax.WaveFTConfig(wavelet_family="coif4"), "'coif4' is not supported: PEFT 0.21.2 accepts the "
+                                                               "name but its filter table for coif4 is not PyWav"),
+        (lambda: peftjax.WaveFTConfig(wavelet_family="db12"), "'db12' is not supported: .*no filters for it"),
+        (lambda: peftjax.WaveFTConfig(wavelet_family="haar"), r"`wavelet_family` must be one of \['db1', 'db2'"),
+        (lambda: peftjax.WaveFTConfig(n_frequency=0), "`n_frequency` must be >= 1, got 0"),
     ):
         with pytest.raises(ValueError, match=match):
             make()
@@ -320,7 +329,7 @@ SCANNED = {  # every method here on a model whose layers are stacked and scanned
     "RoadConfig": dict(group_size=8, init_weights=False),
     "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
     "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),
-    "HiraConfig": dict(r=2, init_weights=False),
+    "HiraConfig": dict(r=2, init_weights=False), "WaveFTConfig": dict(n_frequency=24, init_weights=False),
 }
 
 

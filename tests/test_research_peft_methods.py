@@ -1,4 +1,4 @@
-"""BEFT, GLoRA, DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF, LiLy and TinyLoRA (PEFT 0.21.2's
+"""BEFT, GLoRA, DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF, LiLy, TinyLoRA and WaveFT (PEFT 0.21.2's
 newer research methods) against HF PEFT + PyTorch on Llama, BERT and GPT-2, both ways. Their identity
 starts, refusals, settings checks and scanned layers are tested with the other methods'
 (``test_newer_peft_methods.py``).
@@ -22,6 +22,9 @@ starts, refusals, settings checks and scanned layers are tested with the other m
   to the frozen leading one as PEFT's hooks project them; every linear layer by default.
 - Super-Tuning: trained values at the weight's largest (or smallest) entries, with and without the
   Supra LoRA; files without the positions load (they are chosen again, PEFT's own order).
+- WaveFT: a few trained coefficients of the update's 2-D wavelet transform (Daubechies, symlet and
+  coiflet filters), at PEFT's unsaved seeded positions; per-module and proportional counts; the
+  coefficients as the update itself (``use_idwt=False``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,15 @@ CASES = {
     "tinylora-bert-unsaved": ("TinyLoraConfig", "bert", dict(r=2, u=8, save_projection=False, tinylora_dropout=0.1),
                               False),
     "tinylora-gpt2": ("TinyLoraConfig", "gpt2", dict(r=3, u=4, init_weights="uniform"), "no dropout"),
+    "waveft-llama-db2": ("WaveFTConfig", "llama", dict(n_frequency=48, wavelet_family="db2", target_modules=LLAMA,
+                                                       n_frequency_pattern={"down_proj": 20}), False),
+    "waveft-bert-sym4-proportional": ("WaveFTConfig", "bert", dict(n_frequency=40, wavelet_family="sym4",
+                                                                   proportional_parameters=True,
+                                                                   bias="waveft_only"), False),
+    "waveft-gpt2-coif2": ("WaveFTConfig", "gpt2", dict(n_frequency=60, wavelet_family="coif2", scaling=5.0),
+                          "no dropout"),
+    "waveft-llama-sparse": ("WaveFTConfig", "llama", dict(n_frequency=30, use_idwt=False, init_weights=False,
+                                                          target_modules=LLAMA), False),
 }
 
 

@@ -20,6 +20,7 @@ from peftjax.config._c3a import C3AConfig
 from peftjax.config._deft import DeftConfig
 from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
+from peftjax.config._waveft import WaveFTConfig
 from peftjax.config._glora import GloraConfig
 from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hira import HiraConfig
@@ -115,6 +116,7 @@ __all__ = [
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",
+    "WaveFTConfig",
     "HRAConfig",
     "MissConfig",
     "RoadConfig",

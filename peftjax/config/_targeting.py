@@ -135,6 +135,10 @@ TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] 
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi": ["q_proj", "v_proj"], "dinov2": ["query", "value"]}
 TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "gpt_bigcode": ["mlp.c_proj"], "gpt2": ["mlp.c_proj"]}
+# WaveFT's is FourierFT's without three model types
+TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    k: v for k, v in TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING.items()
+    if k not in ("rwkv", "rwkv7", "btlm")}
 # copied from peft/utils/constants.py (0.21.2): AdaLoRA's own table
 TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
@@ -440,6 +444,7 @@ def _default(mapping: dict[str, Any], model_type: str, field: str, kind: str) ->
 _SIMPLE_DEFAULTS = {
     "VERA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "VeRA"),
     "FOURIERFT": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "FourierFT"),
+    "WAVEFT": (TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING, "WaveFT"),
     "LN_TUNING": (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, "LN tuning"),
     "ADALORA": (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, "AdaLoRA"),
     # PEFT 0.21.2's C3A table is FourierFT's, SHiRA's VeRA's (LoRA's with the same small changes)
