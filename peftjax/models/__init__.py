@@ -13,6 +13,7 @@ from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassific
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -84,6 +85,8 @@ __all__ = [
     "LlamaModel",
     "MistralForCausalLM",
     "MistralForSequenceClassification",
+    "GptOssForCausalLM",
+    "GptOssForSequenceClassification",
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
     "ModelConfig",

@@ -124,6 +124,7 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     softcap: float | None = None,
     causal_offset: int | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; the softmax runs in float32.
 
@@ -139,6 +140,9 @@ def dot_product_attention(
         queries then skip the keys none of them sees. The result is the same: a query whose keys
         are all masked gets the mean of all values either way, as from a softmax of equal logits.
         Ignored with attention dropout (its mask is drawn for the whole square).
+      sinks: ``[heads]`` logits (GPT-OSS's attention sinks): each head's joins every query's
+        softmax as one more key without a value, and its share is dropped after it; a query that
+        sees no key then gets (almost) nothing instead of the values' mean.
     """
     # the operations' names in a profile carry "attention" (benchmarks/step_profile.py reads them)
     with jax.named_scope("attention"):
@@ -148,14 +152,17 @@ def dot_product_attention(
         qh, kh, vh = _heads_major(q, k.shape[2]), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if blocks is None:
             return _tokens_major(_attention_heads_major(qh, kh, vh, mask, scale=scale, softcap=softcap,
-                                                        dropout_rate=dropout_rate, dropout_rng=dropout_rng))
+                                                        dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                                        sinks=sinks))
         # [b, kv_heads, d]: the answer of a query row that sees no key, as the whole square gives it
         mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(v.dtype)
+        if sinks is not None:  # the sink takes the whole softmax of such a row
+            mean_v = jnp.zeros_like(mean_v)
         outs = []
         for start, end, key_end in blocks:
             block_mask = mask[:, :, start:end, :key_end]
             out = _attention_heads_major(qh[:, :, :, start:end], kh[:, :, :key_end], vh[:, :, :key_end], block_mask,
-                                         scale=scale, softcap=softcap)
+                                         scale=scale, softcap=softcap, sinks=sinks)
             seen = jnp.any(block_mask, axis=-1)[:, :, None, :, None]  # [b, 1, 1, block, 1]
             outs.append(jnp.where(seen, out, mean_v[:, :, None, None, :]))
         return _tokens_major(jnp.concatenate(outs, axis=3))
@@ -197,7 +204,7 @@ def _tokens_major(out: jax.Array) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, kvh * g, d)
 
 
-def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0, dropout_rng=None):
+def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0, dropout_rng=None, sinks=None):
     """Attention of heads-major queries ``[b, kv_heads, group, q, d]`` over heads-major keys and values
     ``[b, kv_heads, k, d]``; the result heads-major too (with ``mask`` ``[b, 1, q, k]``, or ``None``)."""
     b, kvh, g, sq, d = qh.shape
@@ -210,7 +217,12 @@ def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0
         scores = jnp.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = softmax(scores, axis=-1).astype(vh.dtype).reshape(b, kvh, g * sq, sk)
+    if sinks is not None:  # one more logit per head, dropped after the softmax
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kvh, g, 1, 1), (b, kvh, g, sq, 1))
+        probs = softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :sk]
+    else:
+        probs = softmax(scores, axis=-1)
+    probs = probs.astype(vh.dtype).reshape(b, kvh, g * sq, sk)
     probs = dropout(probs, dropout_rate, dropout_rng)
     return jnp.matmul(probs, vh).reshape(b, kvh, g, sq, d)
 

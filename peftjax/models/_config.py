@@ -5,9 +5,9 @@ whenever it is installed: a quarter of a gigabyte of host memory and seconds of 
 JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the JSON and a table of
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
-derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's and SmolLM3's
-``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window), and answers attribute reads
-like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
+derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
+GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN), and
+answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
 
@@ -104,6 +104,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
+    },
+    # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
+    "gpt_oss": {
+        "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
+        "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "sliding_window": 128, "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "attention_dropout": 0.0,
+        "num_experts_per_tok": 4, "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "router_aux_loss_coef": 0.001,
+        "output_router_logits": False, "use_cache": True, "layer_types": None, "pad_token_id": None,
+        "bos_token_id": None, "eos_token_id": None, "attention_bias": True,
     },
     # Qwen2MoeConfig: experts counted in num_experts (no num_local_experts alias); q/k/v biases by qkv_bias
     "qwen2_moe": {
@@ -226,6 +236,7 @@ FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30
 ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
     "qwen3_moe": {"num_experts": "num_local_experts"},
+    "gpt_oss": {"num_experts": "num_local_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -287,6 +298,17 @@ class ModelConfig:
             if t != "mt5" and self.scale_decoder_outputs is None:  # v1.0 (tied) scales the decoder output, v1.1 does not
                 self.scale_decoder_outputs = self.tie_word_embeddings is not False
             self.tie_word_embeddings = True
+        if t == "gpt_oss":  # GptOssConfig.__post_init__: even layers slide; YaRN by default
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.head_dim is None:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.layer_types is None:
+                self.layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                    for i in range(self.num_hidden_layers)]
+            if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
+                self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                        "truncate": False, "original_max_position_embeddings": 4096}
         if t in ("qwen2_moe", "qwen3_moe") and self.mlp_only_layers is None:
             self.mlp_only_layers = []
         if t == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers slide
