@@ -35,7 +35,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
-                        "smollm3", "granite", "gemma")}
+                        "smollm3", "granite", "gemma", "gpt_oss")}
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
@@ -102,6 +102,13 @@ CASES = {
     ("gemma", "ia3-default-targets"): BOTH,
     ("gemma", "prefix"): BOTH,
     ("gemma", "prompt"): ("here->peft",),
+    # attention sinks and a sliding window under the prefix and the virtual tokens; LoRA on the
+    # attention and the experts: test_gpt_oss (PEFT has no default targets for it)
+    ("gpt_oss", "dora"): ("peft->here",),
+    ("gpt_oss", "ia3-named"): ("here->peft",),
+    ("gpt_oss", "prefix"): BOTH,
+    ("gpt_oss", "prompt"): ("here->peft",),
+    ("gpt_oss", "p-tuning"): ("peft->here",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has
