@@ -21,6 +21,7 @@ from peftjax.config._deft import DeftConfig
 from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._waveft import WaveFTConfig
+from peftjax.config._xlora import XLoraConfig
 from peftjax.config._glora import GloraConfig
 from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hira import HiraConfig
@@ -117,6 +118,7 @@ __all__ = [
     "VBLoRAConfig",
     "FourierFTConfig",
     "WaveFTConfig",
+    "XLoraConfig",
     "HRAConfig",
     "MissConfig",
     "RoadConfig",

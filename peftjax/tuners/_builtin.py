@@ -15,6 +15,7 @@ from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
 from peftjax.tuners.glora import GloraConfig, GloraLayer, inject_glora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.waveft import WaveFTConfig, WaveFTLayer, inject_waveft
+from peftjax.tuners.xlora import XLoraConfig, inject_xlora, load_xlora_state_dict, xlora_state_dict
 from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
 from peftjax.tuners.hira import HiraConfig, HiraLayer, inject_hira
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
@@ -68,6 +69,8 @@ register_tuner(Tuner(PveraConfig, inject=inject_pvera, state_dict=vera_state_dic
                      load_state_dict=load_vera_state_dict))
 register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_type=FourierFTLayer))
 register_tuner(Tuner.for_layers(WaveFTConfig, inject=inject_waveft, layer_type=WaveFTLayer))
+register_tuner(Tuner(XLoraConfig, inject=inject_xlora, state_dict=xlora_state_dict,
+                     load_state_dict=load_xlora_state_dict))
 register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
 register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaLinear))
 register_tuner(Tuner.for_layers(LoKrConfig, inject=inject_lokr, layer_type=LoKrLinear))

@@ -24,6 +24,7 @@ from peftjax.nn._partitioned import is_partitioned
 from peftjax.quantization import QuantizedLinear
 from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import per_row, rows_of
+from peftjax.tuners.lora._scalings import active_lora_scalings
 from peftjax.tuners.lora._math import (
     LoraSpec,
     check_init,
@@ -134,6 +135,9 @@ class LoraLayer(AdapterDictLayer):
 
     def __call__(self, inputs, *args, **kwargs):
         y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
+        weighed = active_lora_scalings()
+        if weighed is not None and getattr(self, "xlora_index", None) is not None:
+            return self._weighed(weighed, inputs, y, *args, **kwargs)
         mixed = rows_of(self)
         if mixed is not None:
             return self._mixed_batch(*mixed, inputs, y, *args, **kwargs)
@@ -161,6 +165,24 @@ class LoraLayer(AdapterDictLayer):
             else:
                 extra = spec.scaling * lora
             y = y + extra.astype(y.dtype)
+        return y
+
+    def _weighed(self, weighed, inputs, y, *args, **kwargs):
+        """X-LoRA's forward: every adapter of the block this layer holds, its input scaled per token
+        (see ``peftjax.tuners.lora._scalings``)."""
+        if self.adapter_disabled:
+            return y
+        s = weighed.for_layer(self.xlora_index, inputs.shape[:-1])
+        for j, name in enumerate(weighed.adapters):
+            if name not in self.lora_A:
+                continue
+            if name in self.adapter_merged:
+                raise ValueError(f"{self.adapter_path}: X-LoRA cannot weigh merged adapter {name!r}; unmerge it first")
+            spec = self.spec(name)
+            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+            h = inputs.astype(a.dtype) * s[..., j:j + 1].astype(a.dtype)
+            lora = self._branch(self._dropped(h, name, spec), a, b, *args, **kwargs)
+            y = y + (lora * (spec.scaling * weighed.weight)).astype(y.dtype)
         return y
 
     def _dropped(self, inputs, name: str, spec: LoraSpec):
@@ -265,7 +287,7 @@ class LoraLinear(LoraLayer):
         """The live adapters when the joint matmul computes exactly what the base call plus the
         branches would (see the class docstring); otherwise ``[]``."""
         if (args or kwargs or is_partitioned() or self._peftjax_base.__call__ is not nnx.Linear.__call__
-                or rows_of(self) is not None):
+                or rows_of(self) is not None or active_lora_scalings() is not None):
             return []
         dtype = inputs.dtype
         if ((self.dtype is not None and jnp.dtype(self.dtype) != dtype) or self.precision is not None

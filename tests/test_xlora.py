@@ -1,0 +1,141 @@
+"""X-LoRA against HF PEFT 0.21.2 + PyTorch on a tiny Llama: two LoRA adapters (different targets,
+ranks and dropout) mixed per token and layer by PEFT's classifier, both ways.
+
+PEFT 0.21.2's ``save_pretrained`` drops the classifier's first layer from the file (its adapter-name
+filter removes keys containing ``.0.``), so PEFT's model is moved here through its complete state
+dict under the file's keys, and PEFT's own file is refused by name. A classifier trained here is
+written whole, and PEFT reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy, padded_batch, torch_logits
+
+import peftjax
+from peftjax import models
+from peftjax.io._adapter import AdapterFileError
+
+torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+safetensors_numpy = lazy("safetensors.numpy")
+
+ARCH = _tiny.arch("llama", initializer_range=0.2)
+LORAS = [dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+         dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "v_proj"], lora_dropout=0.1)]
+VARIANTS = {
+    "one-layer": dict(xlora_depth=1),
+    "deep-layerwise-topk": dict(xlora_depth=2, xlora_size=16, layerwise_scalings=True, top_k_lora=1,
+                                enable_softmax=False, enable_softmax_topk=True, global_scaling_weight=1.5,
+                                xlora_dropout_p=0.1),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    """The base checkpoint and the directories of two LoRA adapters PEFT made (moved off their start)."""
+    base = tiny_checkpoint(ARCH)
+    root = tmp_path_factory.mktemp("xlora")
+    paths = {}
+    for i, fields in enumerate(LORAS):
+        torch.manual_seed(i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora = peft.get_peft_model(_torch_base(base), peft.LoraConfig(init_lora_weights=False, **fields))
+        lora.save_pretrained(root / str(i))
+        paths[str(i)] = str(root / str(i))
+    return base, paths
+
+
+def _torch_base(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tr.LlamaForCausalLM.from_pretrained(path, use_cache=False).eval()
+
+
+def _peft_xlora(base, paths, variant):
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_torch_base(base), peft.XLoraConfig(
+            task_type="CAUSAL_LM", hidden_size=32, adapters=paths, **VARIANTS[variant]))
+    with torch.no_grad():  # a classifier that prefers adapters unevenly, token by token
+        for name, p in theirs.named_parameters():
+            if "internal_xlora_classifier" in name:
+                p.copy_(torch.randn_like(p))
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(setup, variant, tmp_path):
+    base, paths = setup
+    theirs = _peft_xlora(base, paths, variant)
+    ids, mask = padded_batch(96, seq=9)
+    valid = mask.astype(bool)
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(AdapterFileError, match=r"classifier's \['base_model.internal_xlora_classifier.layers.0.bias'"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(base), tmp_path)
+    state = {k: v.detach().numpy() for k, v in theirs.state_dict().items() if "internal_xlora_classifier" in k}
+    safetensors_numpy.save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(base), tmp_path)
+    for jit in (False, True):
+        out = (nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model.base_model, ids, mask) if jit
+               else model(input_ids=ids, attention_mask=mask).logits)
+        np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    plain = torch_logits(_torch_base(base), input_ids=ids, attention_mask=mask)
+    assert np.abs(ref - plain)[valid].max() > 1e-2  # the adapters count
+    with model.disable_adapter():
+        np.testing.assert_allclose(np.asarray(model(input_ids=ids, attention_mask=mask).logits)[valid], plain[valid],
+                                   atol=2e-5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                                   max_new_tokens=4, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0), expected)
+
+
+def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path):
+    """Only the classifier trains (PEFT's count of trainable parameters; the LoRA adapters stay as
+    loaded); its file, with every layer, gives PEFT the logits it gives here."""
+    base, paths = setup
+    variant = VARIANTS["one-layer"]  # (top-1 weights are 0 or 1: no gradient reaches the classifier)
+    theirs = _peft_xlora(base, paths, "one-layer")
+    model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.XLoraConfig(
+        task_type="CAUSAL_LM", adapters=paths, **variant))
+    assert model.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert model.peft_config["default"].hidden_size == 32
+    ids, mask = padded_batch(96, seq=9, left=False)
+    lora_before = np.asarray(model.base_model.model.layers[0].self_attn.q_proj.lora_A["0"].get_value())
+    losses = _tiny.train(model, _tiny.batch(ids, mask), steps=3, dropout=False).losses
+    assert losses[-1] < losses[0]
+    np.testing.assert_array_equal(model.base_model.model.layers[0].self_attn.q_proj.lora_A["0"].get_value(),
+                                  lora_before)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "XLORA" and saved["adapters"] == paths and "modules_to_save" not in saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(_torch_base(base), tmp_path).eval()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(model(input_ids=ids, attention_mask=mask).logits)[valid],
+                               torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], atol=2e-5, rtol=1e-5)
+
+
+def test_bad_x_lora_settings_are_named(setup):
+    base, paths = setup
+    with pytest.raises(ValueError, match=r"must name the LoRA adapters by their positions, \['0', '1'\]"):
+        peftjax.XLoraConfig(adapters={"a": paths["0"], "b": paths["1"]})
+    with pytest.raises(ValueError, match="hidden_size=64, but the model's hidden size is 32"):
+        peftjax.get_peft_model(models.from_pretrained(base), peftjax.XLoraConfig(adapters=paths, hidden_size=64))
+    model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.XLoraConfig(adapters=paths))
+    with pytest.raises(ValueError, match="X-LoRA: its weights change with every token, so it cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(NotImplementedError, match=r"decodes greedily; \['do_sample'\]"):
+        model.generate(np.ones((1, 3), np.int32), do_sample=True)
