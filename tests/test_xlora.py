@@ -21,6 +21,7 @@ from _torch_models import lazy, padded_batch, torch_logits
 
 import peftjax
 from peftjax import models
+from peftjax.cli import main
 from peftjax.io._adapter import AdapterFileError
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
@@ -101,7 +102,7 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
     np.testing.assert_array_equal(model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0), expected)
 
 
-def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path):
+def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path, capsys):
     """Only the classifier trains (PEFT's count of trainable parameters; the LoRA adapters stay as
     loaded); its file, with every layer, gives PEFT the logits it gives here."""
     base, paths = setup
@@ -120,6 +121,11 @@ def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "XLORA" and saved["adapters"] == paths and "modules_to_save" not in saved
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "XLORA" and info["parameters"] == model.get_nb_trainable_parameters()[0]
+    assert main(["merge", str(base), str(tmp_path), str(tmp_path / "merged")]) == 1
+    assert "cannot be merged" in capsys.readouterr().err and not (tmp_path / "merged").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(_torch_base(base), tmp_path).eval()
