@@ -3,8 +3,8 @@
 Logits on a padded batch (attention sinks, a sliding layer and a full one, YaRN, biased clamped
 experts with interleaved gate/up columns), the loss with the load-balancing term and its
 gradients, the grouped expert dispatch, greedy generation, classification, MXFP4 experts
-dequantized as transformers dequantizes them, and LoRA on the attention and the experts
-(``target_parameters``, which PEFT applies input-major here) both ways.
+dequantized as transformers dequantizes them, and LoRA on the attention, the router and the
+experts (``target_parameters``, which PEFT applies input-major to the experts) both ways.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def test_lora_on_attention_and_experts_both_ways(oss, tmp_path):
     ids, mask = padded_batch(VOCAB, seq=9, left=False)
     valid = mask.astype(bool)
     fields = dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
-                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], init_lora_weights=False)
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.router.weight"],
+                  init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(_peft_base(path), peft.LoraConfig(task_type="CAUSAL_LM", **fields))
