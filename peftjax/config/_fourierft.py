@@ -18,6 +18,16 @@ from peftjax.config._base import (
 from peftjax.config._vera import check_layer_selection
 
 
+def check_count_pattern(config: PeftConfig, name: str = "n_frequency_pattern") -> None:
+    """Validates a ``{module name or regex: count}`` option (FourierFT's, WaveFT's) and stores a copy."""
+    pattern = check_optional_dict(name, getattr(config, name)) or {}
+    for key, value in pattern.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` keys must be module names or regexes (str), got {key!r}.")
+        check_int(f"{name}[{key!r}]", value, minimum=1)
+    config._set(name, pattern)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FourierFTConfig(PeftConfig):
     """FourierFT: a weight update learned as ``n_frequency`` entries of its 2-D Fourier spectrum.
@@ -71,12 +81,7 @@ class FourierFTConfig(PeftConfig):
             self._set(name, to_str_tuple(name, getattr(self, name), sort=True))
         check_choice("bias", self.bias, ["none", "all", "fourier_only"])
         check_layer_selection(self)
-        pattern = check_optional_dict("n_frequency_pattern", self.n_frequency_pattern) or {}
-        for key, value in pattern.items():
-            if not isinstance(key, str):
-                raise TypeError(f"`n_frequency_pattern` keys must be module names or regexes (str), got {key!r}.")
-            check_int(f"n_frequency_pattern[{key!r}]", value, minimum=1)
-        self._set("n_frequency_pattern", pattern)
+        check_count_pattern(self)
         check_bool("init_weights", self.init_weights)
 
     def n_frequency_for(self, module_name: str) -> int:

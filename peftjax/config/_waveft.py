@@ -11,10 +11,10 @@ from peftjax.config._base import (
     check_choice,
     check_int,
     check_number,
-    check_optional_dict,
     to_str_tuple,
 )
 from peftjax.config._targeting import get_pattern_key
+from peftjax.config._fourierft import check_count_pattern
 from peftjax.config._vera import check_layer_selection
 
 # the wavelets PEFT 0.21.2 reconstructs correctly: its filter table holds them as PyWavelets does
@@ -95,12 +95,7 @@ class WaveFTConfig(PeftConfig):
             self._set(name, to_str_tuple(name, getattr(self, name), sort=True))
         check_choice("bias", self.bias, ["none", "all", "waveft_only"])
         check_layer_selection(self)
-        pattern = check_optional_dict("n_frequency_pattern", self.n_frequency_pattern) or {}
-        for key, value in pattern.items():
-            if not isinstance(key, str):
-                raise TypeError(f"`n_frequency_pattern` keys must be module names or regexes (str), got {key!r}.")
-            check_int(f"n_frequency_pattern[{key!r}]", value, minimum=1)
-        self._set("n_frequency_pattern", pattern)
+        check_count_pattern(self)
         check_bool("proportional_parameters", self.proportional_parameters)
         check_bool("init_weights", self.init_weights)
 

@@ -36,7 +36,6 @@ import numpy as np
 from flax import nnx
 
 from peftjax.io._errors import CheckpointError
-from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._llama import LlamaAttention, LlamaForSequenceClassification
 from peftjax.models._mixtral import (
@@ -47,7 +46,6 @@ from peftjax.models._mixtral import (
     MixtralSparseMoeBlock,
     expert_count,
 )
-from peftjax.models._rope import apply_rotary
 from peftjax.nn._param_reader import ParamReader
 
 # the 16 values of a 4-bit MXFP4 code (E2M1), as transformers' FP4_VALUES
@@ -113,19 +111,8 @@ class GptOssAttention(LlamaAttention):
         init = nnx.initializers.normal(config.initializer_range)
         self.sinks = nnx.Param(init(rngs.params(), (self.num_heads,), param_dtype))
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        b, s, _ = x.shape
-        q, k, v = self.project(x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            cache = attn.update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]
-        if prefix is not None:  # prefix keys are cached keys: no RoPE
-            k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
-        out = attn.dot_product_attention(q, k, v, masks[self.window], scale=self.scale, dropout_rate=self.dropout_rate,
-                                         dropout_rng=dropout_rng, sinks=self.sinks.get_value(),
-                                         causal_offset=attn.causal_offset(cache, prefix, cache_index))
-        return self.o_proj(out.reshape(b, s, -1)), cache
+    def score_options(self) -> dict:
+        return {"sinks": self.sinks.get_value()}
 
 
 class GptOssTopKRouter(ParamReader, nnx.Module):

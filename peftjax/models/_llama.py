@@ -86,6 +86,10 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         return q, k, v
 
+    def score_options(self) -> dict:
+        """A family's further arguments of ``dot_product_attention`` (GPT-OSS: its sinks)."""
+        return {}
+
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         b, s, _ = x.shape
         q, k, v = self.project(x)
@@ -98,7 +102,8 @@ class LlamaAttention(nnx.Module):
         mask = masks[self.window]
         out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, dropout_rate=self.dropout_rate,
                                          dropout_rng=dropout_rng,
-                                         causal_offset=attn.causal_offset(cache, prefix, cache_index))
+                                         causal_offset=attn.causal_offset(cache, prefix, cache_index),
+                                         **self.score_options())
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 

@@ -31,6 +31,33 @@ def fourier_indices(n_in: int, n_out: int, n_frequency: int, random_loc_seed: in
     return np.stack([flat // n_in, flat % n_in])
 
 
+def spectral_positions(modules, targets, counts: dict[str, int], seed: int, layer_type: type,
+                       adapter_name: str) -> dict:
+    """Each target's PEFT positions for a method that trains a few entries of a transform of the
+    update (FourierFT, WaveFT), with every refusal before the first change to the model.
+
+    Raises:
+      ValueError: the adapter exists on a target; its count exceeds ``in * out`` (PEFT's message);
+        the layer is too large for the reproduced permutation.
+    """
+    indices = {}
+    for name in targets:
+        if isinstance(modules[name], layer_type) and adapter_name in modules[name].adapter_names():
+            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
+        n_in, n_out = modules[name].kernel.get_value().shape
+        n = counts[name]
+        if n > n_in * n_out:
+            raise ValueError(
+                f"{name}: `n_frequency` should be less than or equal to the product of the input and output "
+                f"dimensions but the value passed is {n} and the product is {n_in * n_out}"
+            )
+        try:
+            indices[name] = fourier_indices(n_in, n_out, n, seed)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return indices
+
+
 def inject_fourierft(
     model: nnx.Module, config: FourierFTConfig, *, adapter_name: str = "default", key: jax.Array | None = None
 ) -> FourierFTConfig:
@@ -63,21 +90,8 @@ def inject_fourierft(
     key = jax.random.key(0) if key is None else key
     modules, targets = find_targets(model, config, FourierFTLayer, "FourierFT")
     config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
-    indices = {}
-    for name in targets:  # every refusal comes before the first change to the model
-        if isinstance(modules[name], FourierFTLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        n_in, n_out = modules[name].kernel.get_value().shape
-        n = config.n_frequency_for(name)
-        if n > n_in * n_out:
-            raise ValueError(
-                f"{name}: `n_frequency` should be less than or equal to the product of the input and output "
-                f"dimensions but the value passed is {n} and the product is {n_in * n_out}"
-            )
-        try:
-            indices[name] = fourier_indices(n_in, n_out, n, config.random_loc_seed)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    indices = spectral_positions(modules, targets, {n: config.n_frequency_for(n) for n in targets},
+                                 config.random_loc_seed, FourierFTLayer, adapter_name)
     for i, name in enumerate(targets):
         module = modules[name]
         module.__class__ = fourierft_class_for(module)

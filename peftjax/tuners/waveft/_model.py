@@ -20,7 +20,7 @@ from peftjax.tuners.base import (
     settle_fan_in_fan_out,
     validate_adapter_name,
 )
-from peftjax.tuners.fourierft import fourier_indices
+from peftjax.tuners.fourierft._model import spectral_positions
 from peftjax.tuners.waveft._layer import WaveFTLayer, WaveFTSpec, waveft_class_for
 
 
@@ -67,20 +67,7 @@ def inject_waveft(
     config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     shapes = {name: tuple(modules[name].kernel.get_value().shape) for name in targets}
     counts = n_frequencies(config, shapes)
-    indices = {}
-    for name in targets:  # every refusal comes before the first change to the model
-        if isinstance(modules[name], WaveFTLayer) and adapter_name in modules[name].adapter_names():
-            raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
-        (n_in, n_out), n = shapes[name], counts[name]
-        if n > n_in * n_out:
-            raise ValueError(
-                f"{name}: `n_frequency` should be less than or equal to the product of the input and output "
-                f"dimensions but the value passed is {n} and the product is {n_in * n_out}"
-            )
-        try:
-            indices[name] = fourier_indices(n_in, n_out, n, config.random_loc_seed)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+    indices = spectral_positions(modules, targets, counts, config.random_loc_seed, WaveFTLayer, adapter_name)
     for i, name in enumerate(targets):
         module = modules[name]
         module.__class__ = waveft_class_for(module)
