@@ -90,6 +90,9 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
         out = (nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)(model.base_model, ids, mask) if jit
                else model(input_ids=ids, attention_mask=mask).logits)
         np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=2e-5, rtol=1e-5)
+    theirs_scalings = theirs.get_latest_scalings().detach().numpy()  # the last forward's: ref's
+    np.testing.assert_allclose(np.asarray(model.xlora_scalings(input_ids=ids, attention_mask=mask))[valid],
+                               theirs_scalings[valid], atol=1e-4, rtol=1e-5)  # unnormalised up to 15
     plain = torch_logits(_torch_base(base), input_ids=ids, attention_mask=mask)
     assert np.abs(ref - plain)[valid].max() > 1e-2  # the adapters count
     with model.disable_adapter():

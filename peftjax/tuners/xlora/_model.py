@@ -106,20 +106,35 @@ class XLoraModel(AdapterLayer):
             return None
         return self.xlora_active[0]
 
+    def _settings(self, name: str) -> tuple[dict, float]:
+        settings = dict(self.xlora_settings[name])
+        return settings, float(settings.pop("scaling_pass_value"))
+
+    def xlora_scalings(self, *args, **kwargs) -> jax.Array:
+        """The classifier's weights for a batch (the model's arguments), ``[batch, seq, LoRA layers,
+        adapters]``, before top-k: what PEFT's ``get_latest_scalings()`` returns after a forward.
+
+        Raises:
+          ValueError: no X-LoRA adapter is active.
+        """
+        name = self._xlora()
+        if name is None:
+            raise ValueError(f"{type(self).__name__}: no X-LoRA adapter is active (disabled, or none)")
+        settings, scan_value = self._settings(name)
+        first = {k: v for k, v in kwargs.items() if k != "labels"}
+        with lora_scalings(LoraScalings(scan_value, **settings)):
+            hidden = self._peftjax_base.__call__(self, *args, **first).last_hidden_state
+        if hidden is None:
+            raise TypeError(f"{type(self).__name__} returns no last_hidden_state, which X-LoRA's classifier reads")
+        return self.xlora_classifiers[name](jax.lax.stop_gradient(hidden))
+
     def __call__(self, *args, **kwargs):
         base_call = self._peftjax_base.__call__
         name = self._xlora()
         if name is None:
             return base_call(self, *args, **kwargs)
-        settings = dict(self.xlora_settings[name])
-        adapters, scan_value = settings.pop("adapters"), settings.pop("scaling_pass_value")
-        first = {k: v for k, v in kwargs.items() if k != "labels"}
-        with lora_scalings(LoraScalings(float(scan_value), adapters, **settings)):
-            hidden = base_call(self, *args, **first).last_hidden_state
-        if hidden is None:
-            raise TypeError(f"{type(self).__name__} returns no last_hidden_state, which X-LoRA's classifier reads")
-        scalings = self.xlora_classifiers[name](jax.lax.stop_gradient(hidden))
-        with lora_scalings(LoraScalings(scalings, adapters, **settings)):
+        settings, _ = self._settings(name)
+        with lora_scalings(LoraScalings(self.xlora_scalings(*args, **kwargs), **settings)):
             return base_call(self, *args, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
