@@ -22,6 +22,7 @@ from _torch_models import lazy, padded_batch, randomised, torch_logits
 import peftjax
 from peftjax import models
 from peftjax.models._gpt_oss import dequantize_mxfp4
+from peftjax.models._llama import sliding_windows
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
 safetensors_numpy = lazy("safetensors.numpy")
@@ -49,7 +50,7 @@ def test_logits_loss_and_gradients_match_transformers(oss):
     dispatch gives the same."""
     torch_model, root, model = oss
     assert type(model).__name__ == "GptOssForCausalLM"
-    assert [layer.self_attn.window for layer in model.model.layers] == [3, None]
+    assert sliding_windows(model.config) == [3, None]
     ids, mask = padded_batch(VOCAB, seq=9, left=False)
     labels = np.where(mask == 1, ids, -100)
     valid = mask.astype(bool)
@@ -71,6 +72,28 @@ def test_logits_loss_and_gradients_match_transformers(oss):
                 theirs = torch_model.get_parameter(f"model.layers.{i}.{name}").grad.numpy()
                 np.testing.assert_allclose(np.asarray(ours_grad[...]), theirs, atol=2e-5, rtol=1e-4,
                                            err_msg=f"{dispatch} {i} {name}")
+    torch_model.zero_grad(set_to_none=True)
+
+
+def test_scanned_sliding_and_full_layers_match_transformers_with_gradients(oss):
+    """``scan_layers=True`` (with remat): the sliding and the full layer stacked, each reading its
+    window's mask by index; the loss, its router term and the stacked gradients are transformers'."""
+    torch_model, root, _ = oss
+    scanned = models.from_pretrained(root, scan_layers=True, remat="full")
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    ref.loss.backward()
+    grads, out = nnx.jit(nnx.grad(lambda m: (lambda o: (o.loss, o))(
+        m(input_ids=ids, attention_mask=mask, labels=labels)), has_aux=True))(scanned)
+    assert abs(float(out.loss) - ref.loss.item()) <= 2e-5 and abs(float(out.aux_loss) - ref.aux_loss.item()) < 1e-5
+    layer = grads.model.layers.layer
+    for ours, name in ((layer.self_attn.sinks, "self_attn.sinks"), (layer.mlp.router.weight, "mlp.router.weight"),
+                       (layer.mlp.experts.down_proj, "mlp.experts.down_proj")):
+        for i in range(2):
+            theirs = torch_model.get_parameter(f"model.layers.{i}.{name}").grad.numpy()
+            np.testing.assert_allclose(np.asarray(ours[...])[i], theirs, atol=2e-5, rtol=1e-4, err_msg=f"{i} {name}")
     torch_model.zero_grad(set_to_none=True)
 
 

@@ -108,6 +108,7 @@ class GptOssAttention(LlamaAttention):
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.window = None  # the decoder passes each layer its own window's mask (so the layers scan)
         init = nnx.initializers.normal(config.initializer_range)
         self.sinks = nnx.Param(init(rngs.params(), (self.num_heads,), param_dtype))
 
@@ -223,6 +224,11 @@ class GptOssDecoderLayer(MixtralDecoderLayer):
 
 class GptOssModel(MixtralModel):
     layer_class: ClassVar[type[nnx.Module]] = GptOssDecoderLayer
+    mask_per_layer: ClassVar[bool] = True
+
+    @staticmethod
+    def check_scan(config) -> None:
+        """Sliding and full layers scan: each reads its window's mask by index."""
 
 
 class _GptOssCheckpoints:

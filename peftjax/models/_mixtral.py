@@ -269,6 +269,9 @@ class MixtralModel(LlamaModel):
     """The decoder stack; its output also carries ``aux_loss``, the load-balancing loss."""
 
     layer_class: ClassVar[type[nnx.Module]] = MixtralDecoderLayer
+    # whether each layer gets its own window's mask from the stack (its attention's window is None):
+    # layers of different windows then scan (GPT-OSS)
+    mask_per_layer: ClassVar[bool] = False
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         sparse = [self.layer_class.is_sparse(config, i) for i in range(config.num_hidden_layers)]
@@ -306,10 +309,12 @@ class MixtralModel(LlamaModel):
             prefix_kv=prefix_kv, num_layers=len(self.layers), owner=type(self).__name__,
             prefix_layout=lambda: kv_layout(self.config),
         )
-        masks = {
-            w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
-            for w in set(sliding_windows(self.config))
-        }
+        windows = sliding_windows(self.config)
+        distinct = sorted(set(windows), key=str)
+        masks = {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w) for w in distinct}
+        if self.mask_per_layer:  # layer i looks up its window's mask by index (static windows would not scan)
+            table = jnp.stack([masks[w] for w in distinct])
+            which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         top_k, token_mask = self.config.num_experts_per_tok, _token_mask(attention_mask, b, s)
         zeros = jnp.zeros((expert_count(self.config),), jnp.float32)
@@ -320,16 +325,17 @@ class MixtralModel(LlamaModel):
             routers = (jnp.zeros((), jnp.int32), jnp.zeros((self.sparse_layers, b * s, zeros.shape[0]), x.dtype))
 
         def layer_step(layer, carry, layer_cache=None, start=None, prefix=None, key=None):
-            h, counts, probs, routers = carry
-            h, layer_cache, logits = layer(h, cos, sin, masks, layer_cache, start, prefix, key)
+            h, counts, probs, routers, i = carry
+            layer_masks = {None: table[which[i]]} if self.mask_per_layer else masks
+            h, layer_cache, logits = layer(h, cos, sin, layer_masks, layer_cache, start, prefix, key)
             if logits is None:  # a dense layer: no router
-                return (h, counts, probs, routers), layer_cache
+                return (h, counts, probs, routers, i + 1), layer_cache
             c, p = routing_statistics(logits, top_k, token_mask)
             if routers is not None:
                 routers = (routers[0] + 1, routers[1].at[routers[0]].set(logits.astype(routers[1].dtype)))
-            return (h, counts + c, probs + p, routers), layer_cache
+            return (h, counts + c, probs + p, routers, i + 1), layer_cache
 
-        carry = (x, zeros, zeros, routers)
+        carry = (x, zeros, zeros, routers, jnp.zeros((), jnp.int32))
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             carry = run_layers(self.layers, lambda layer, c, k: layer_step(layer, c, key=k)[0], carry, self.remat,
@@ -340,7 +346,7 @@ class MixtralModel(LlamaModel):
                                             layer_key(dropout_rng, i))
             if cache is not None:
                 new_cache.append(layer_cache)
-        x, counts, probs, routers = carry
+        x, counts, probs, routers, _ = carry
         aux = None
         if cache is None:  # over the sparse layers only, as transformers records only their routers
             aux = load_balancing_loss(counts, probs, jnp.sum(token_mask) * max(self.sparse_layers, 1))
