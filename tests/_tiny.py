@@ -93,6 +93,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
         pad_token_id=0)),
+    # Seed-OSS in small: q/k/v biases, an output bias too, an explicit head_dim
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attention_out_bias=True, pad_token_id=0)),
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),

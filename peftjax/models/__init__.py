@@ -14,6 +14,7 @@ from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClass
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification
+from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -87,6 +88,8 @@ __all__ = [
     "MistralForSequenceClassification",
     "GptOssForCausalLM",
     "GptOssForSequenceClassification",
+    "SeedOssForCausalLM",
+    "SeedOssForSequenceClassification",
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
     "ModelConfig",

@@ -105,6 +105,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # SeedOssConfig
+    "seed_oss": {
+        "vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
+        "num_attention_heads": 80, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 524288,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": 1, "bos_token_id": 0,
+        "eos_token_id": 2, "pretraining_tp": 1, "tie_word_embeddings": False, "attention_bias": True,
+        "attention_out_bias": False, "attention_dropout": 0.1, "residual_dropout": 0.1, "mlp_bias": False,
+        "head_dim": 128,
+    },
     # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
     "gpt_oss": {
         "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
@@ -284,10 +293,10 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
-                 "granite"):
+                 "granite", "seed_oss"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral") and self.head_dim is None:
+            if t in ("llama", "mistral", "seed_oss") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:

@@ -38,6 +38,9 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return bool(getattr(config, "qkv_bias", True)), False, False
     if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
         return False, False, False
+    if config.model_type == "seed_oss":  # the output projection's has a flag of its own
+        return (bool(config.attention_bias), bool(getattr(config, "attention_out_bias", False)),
+                bool(getattr(config, "mlp_bias", False)))
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias, bool(getattr(config, "mlp_bias", False))
 
@@ -135,7 +138,9 @@ class LlamaDecoderLayer(nnx.Module):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
+        # Phi-3's resid_pdrop, Seed-OSS's residual_dropout: each branch's output, before its residual add
+        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", None) or getattr(config, "residual_dropout", 0.0)
+                                        or 0.0)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         """``dropout_rng``: the layer's dropout key (training); ``None``: no base-model dropout.
