@@ -584,8 +584,8 @@ LAYER_METHODS = {
 
 def test_train_offers_every_method_peftjax_implements():
     """``train --method`` names every PEFT method peftjax implements (and the peftjax-only bottleneck)
-    but CPT, whose loss needs each token's type, which the command's data does not carry, and
-    X-LoRA, which mixes LoRA adapters trained before."""
+    but CPT, whose loss needs each token's type, which the command's data does not carry, X-LoRA,
+    which mixes LoRA adapters trained before, and Shadow, not offered there yet."""
     from peftjax.cli._job import METHODS
     from peftjax.config import PeftType, config_class
 
@@ -596,8 +596,8 @@ def test_train_offers_every_method_peftjax_implements():
         except NotImplementedError:
             continue
         implemented.add(str(peft_type))
-    assert {"CPT", "XLORA"} <= implemented
-    assert {peft_type for peft_type, _, _ in METHODS.values()} == implemented - {"CPT", "XLORA"}
+    assert {"CPT", "XLORA", "SHADOW"} <= implemented
+    assert {peft_type for peft_type, _, _ in METHODS.values()} == implemented - {"CPT", "XLORA", "SHADOW"}
     tested_elsewhere = {"lora", "dora", "ia3", "prefix", "prompt", "multitask_prompt", "p-tuning", "adaption_prompt",
                         "trainable_tokens", "cartridge"}
     assert set(LAYER_METHODS) | tested_elsewhere == set(METHODS)

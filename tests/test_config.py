@@ -428,7 +428,7 @@ def test_minimal_file_uses_defaults(tmp_path):
         ('["peft_type", "LORA"]', ValueError, "JSON object"),
         ('{"r": 4}', ValueError, "`peft_type` is required"),
         ('{"peft_type": "FOO"}', ValueError, "unknown peft_type 'FOO'.*LORA"),
-        ('{"peft_type": "SHADOW"}', NotImplementedError, "SHADOW.*supported"),
+        ('{"peft_type": "PSOFT"}', NotImplementedError, "PSOFT.*supported"),
         ('{"peft_type": "LORA", "bias": "some"}', ValueError, "bias"),
     ],
 )

@@ -151,7 +151,7 @@ FLAG_HELP = {
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
               "tuning: one task, num_tasks=1, as the Trainer has no task ids), p-tuning, adaption_prompt (Llama, "
               "Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it); not CPT, whose loss needs each "
-              "token's type, nor X-LoRA, which mixes LoRA adapters trained before",
+              "token's type, nor X-LoRA, which mixes LoRA adapters trained before, nor Shadow",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",

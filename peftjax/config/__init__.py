@@ -22,6 +22,7 @@ from peftjax.config._delora import DeloraConfig
 from peftjax.config._fourierft import FourierFTConfig
 from peftjax.config._waveft import WaveFTConfig
 from peftjax.config._xlora import XLoraConfig
+from peftjax.config._shadow import ShadowConfig
 from peftjax.config._glora import GloraConfig
 from peftjax.config._gralora import GraloraConfig
 from peftjax.config._hira import HiraConfig
@@ -119,6 +120,7 @@ __all__ = [
     "FourierFTConfig",
     "WaveFTConfig",
     "XLoraConfig",
+    "ShadowConfig",
     "HRAConfig",
     "MissConfig",
     "RoadConfig",

@@ -16,6 +16,7 @@ from peftjax.tuners.glora import GloraConfig, GloraLayer, inject_glora
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.waveft import WaveFTConfig, WaveFTLayer, inject_waveft
 from peftjax.tuners.xlora import XLoraConfig, inject_xlora, load_xlora_state_dict, xlora_state_dict
+from peftjax.tuners.shadow import ShadowConfig, inject_shadow, load_shadow_state_dict, shadow_state_dict
 from peftjax.tuners.gralora import GraloraConfig, GraloraLayer, inject_gralora
 from peftjax.tuners.hira import HiraConfig, HiraLayer, inject_hira
 from peftjax.tuners.hra import HRAConfig, HRALayer, inject_hra
@@ -71,6 +72,8 @@ register_tuner(Tuner.for_layers(FourierFTConfig, inject=inject_fourierft, layer_
 register_tuner(Tuner.for_layers(WaveFTConfig, inject=inject_waveft, layer_type=WaveFTLayer))
 register_tuner(Tuner(XLoraConfig, inject=inject_xlora, state_dict=xlora_state_dict,
                      load_state_dict=load_xlora_state_dict))
+register_tuner(Tuner(ShadowConfig, inject=inject_shadow, state_dict=shadow_state_dict,
+                     load_state_dict=load_shadow_state_dict))
 register_tuner(Tuner.for_layers(LNTuningConfig, inject=inject_ln_tuning, layer_type=LNTuningLayer))
 register_tuner(Tuner.for_layers(LoHaConfig, inject=inject_loha, layer_type=LoHaLinear))
 register_tuner(Tuner.for_layers(LoKrConfig, inject=inject_lokr, layer_type=LoKrLinear))

@@ -47,6 +47,7 @@ from peftjax.tuners.base import (
     validate_adapter_name,
     with_base_signature,
 )
+from peftjax.tuners.base._generate import greedy_without_cache
 from peftjax.tuners.lora._layer import LoraLayer
 from peftjax.tuners.lora._scalings import LoraScalings, lora_scalings
 
@@ -137,35 +138,14 @@ class XLoraModel(AdapterLayer):
         with lora_scalings(LoraScalings(self.xlora_scalings(*args, **kwargs), **settings)):
             return base_call(self, *args, **kwargs)
 
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
-                 pad_token_id=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, **kwargs):
         """Greedy decoding without a KV cache, as PEFT's X-LoRA generates: each step scores the
         whole sequence (both passes), so the weights of every position come from its full prefix.
 
         Raises:
           NotImplementedError: sampling or other generation options (named).
         """
-        if kwargs:
-            raise NotImplementedError(f"X-LoRA's generate decodes greedily; {sorted(kwargs)} are not supported")
-        ids = np.asarray(input_ids, np.int32)
-        b, n = ids.shape
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        total = n + max_new_tokens
-        tokens, live = np.zeros((b, total), np.int32), np.zeros((b, total), np.int32)
-        tokens[:, :n], live[:, :n] = ids, mask
-        eos = set(np.atleast_1d(eos_token_id).tolist()) if eos_token_id is not None else set()
-        pad = 0 if pad_token_id is None else int(pad_token_id)
-        step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
-        done = np.zeros(b, bool)
-        for t in range(n, total):
-            positions = np.where(live == 1, np.cumsum(live, axis=1) - 1, 1)
-            logits = np.asarray(step(self, tokens, live, positions))
-            token = np.where(done, pad, logits[:, t - 1].argmax(-1))
-            tokens[:, t], live[:, t] = token, 1
-            done |= np.isin(token, list(eos))
-            if done.all():
-                return tokens[:, :t + 1]
-        return tokens
+        return greedy_without_cache(self, input_ids, attention_mask, method="X-LoRA", **kwargs)
 
     # AdapterLayer
     def adapter_names(self) -> tuple[str, ...]:
