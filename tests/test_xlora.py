@@ -146,5 +146,5 @@ def test_bad_x_lora_settings_are_named(setup):
     model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.XLoraConfig(adapters=paths))
     with pytest.raises(ValueError, match="X-LoRA: its weights change with every token, so it cannot be merged"):
         model.merge_adapter()
-    with pytest.raises(NotImplementedError, match=r"decodes greedily; \['do_sample'\]"):
+    with pytest.raises(NotImplementedError, match=r"decodes greedily; \['do_sample=True'\]"):
         model.generate(np.ones((1, 3), np.int32), do_sample=True)

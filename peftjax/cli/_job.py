@@ -112,6 +112,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "tinylora": ("TINYLORA", {}, "TinyLoRA"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "waveft": ("WAVEFT", {}, "WaveFT"),
+    "shadow": ("SHADOW", {}, "ShadowPEFT"),
     "ln_tuning": ("LN_TUNING", {}, "LN tuning"),
     "trainable_tokens": ("TRAINABLE_TOKENS", {}, "trainable tokens"),
     "prefix": ("PREFIX_TUNING", {}, "prefix tuning"),
@@ -147,11 +148,12 @@ FLAG_HELP = {
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
               "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no "
               "task ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, osf, "
-              "lily, tinylora, fourierft, waveft, ln_tuning, trainable_tokens, prefix (prefix tuning), "
+              "lily, tinylora, fourierft, waveft, shadow (causal LMs: causal_lm, instruction), ln_tuning, "
+              "trainable_tokens, prefix (prefix tuning), "
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
               "tuning: one task, num_tasks=1, as the Trainer has no task ids), p-tuning, adaption_prompt (Llama, "
               "Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it); not CPT, whose loss needs each "
-              "token's type, nor X-LoRA, which mixes LoRA adapters trained before, nor Shadow",
+              "token's type, nor X-LoRA, which mixes LoRA adapters trained before",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",

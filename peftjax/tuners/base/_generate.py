@@ -11,16 +11,22 @@ from peftjax.models._generation import decoding_arguments
 
 
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
-                         pad_token_id=None, method: str, **kwargs) -> np.ndarray:
+                         pad_token_id=None, method: str, do_sample: bool = False, temperature: float = 1.0,
+                         top_k=None, top_p=None, seed=None, **kwargs) -> np.ndarray:
     """``[batch, prompt + new]`` token ids: the prompt, then each row's likeliest next token until
     ``eos_token_id`` (then ``pad_token_id``). Positions count the real tokens, as transformers'
     ``generate`` gives them; the forward is compiled once, for the longest length.
 
+    The sampling settings the bundled models' ``generate`` takes are accepted (``temperature``,
+    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``).
+
     Raises:
-      NotImplementedError: sampling or other generation options (named, for ``method``).
+      NotImplementedError: ``do_sample=True``, or other generation options (named, for ``method``).
     """
-    if kwargs:
-        raise NotImplementedError(f"{method}'s generate decodes greedily; {sorted(kwargs)} are not supported")
+    del temperature, top_k, top_p, seed  # settings of sampling, which is refused
+    if do_sample or kwargs:
+        asked = ["do_sample=True"] * bool(do_sample) + sorted(kwargs)
+        raise NotImplementedError(f"{method}'s generate decodes greedily; {asked} are not supported")
     ids = np.asarray(input_ids, np.int32)
     b, n = ids.shape
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)

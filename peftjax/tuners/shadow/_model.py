@@ -167,8 +167,8 @@ class ShadowModel(AdapterLayer):
     def shadow_state(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         """The initial shadow state ``[batch, seq, hidden]``: the projected shadow backbone's output."""
         name = self._shadow()
-        settings = self.shadow_settings[name]
-        if inputs_embeds is None and settings["share"]:
+        share = dict(self.shadow_settings)[name][0]
+        if inputs_embeds is None and share:
             inputs_embeds = self.model.embed_tokens(jnp.asarray(input_ids))
         backbone = self.shadow_backbones[name]
         if inputs_embeds is not None:
@@ -192,7 +192,7 @@ class ShadowModel(AdapterLayer):
         with _shadow_run(state):
             out = base(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        labels=labels, inputs_embeds=inputs_embeds, **kwargs)
-        weight = self.shadow_settings[name]["aux_weight"]
+        weight = dict(self.shadow_settings)[name][1]
         if labels is None or out.loss is None or weight <= 0:
             return out
         head = self.model.embed_tokens.attend(state) if self.lm_head is None else self.lm_head(state)
@@ -342,7 +342,8 @@ def inject_shadow(model: nnx.Module, config: ShadowConfig, *, adapter_name: str 
     model.__class__ = with_base_signature(mixin_subclass(type(model), ShadowModel, ""), ShadowModel.__call__)
     model.shadow_backbones = nnx.Dict({adapter_name: backbone})
     model.shadow_projections = nnx.Dict({} if projection is None else {adapter_name: projection})
-    model.shadow_settings = {adapter_name: {"share": share, "aux_weight": float(config.auxiliary_loss_weight)}}
+    # (name, (shares the embeddings, the auxiliary loss's weight)): hashable, as static graph data must be
+    model.shadow_settings = ((adapter_name, (share, float(config.auxiliary_loss_weight))),)
     model.shadow_active, model.shadow_disabled = (adapter_name,), False
     return config
 

@@ -108,7 +108,7 @@ class XLoraModel(AdapterLayer):
         return self.xlora_active[0]
 
     def _settings(self, name: str) -> tuple[dict, float]:
-        settings = dict(self.xlora_settings[name])
+        settings = dict(dict(self.xlora_settings)[name])
         return settings, float(settings.pop("scaling_pass_value"))
 
     def xlora_scalings(self, *args, **kwargs) -> jax.Array:
@@ -251,10 +251,10 @@ def inject_xlora(model: nnx.Module, config: XLoraConfig, *, adapter_name: str = 
     classifier = XLoraClassifier(config, len(configs), len(layers), key=jax.random.key(0) if key is None else key)
     model.__class__ = with_base_signature(mixin_subclass(type(model), XLoraModel, ""), XLoraModel.__call__)
     model.xlora_classifiers = nnx.Dict({adapter_name: classifier})
-    model.xlora_settings = {adapter_name: dict(adapters=tuple(configs), top_k=config.top_k_lora,
-                                               softmax_top_k=config.enable_softmax_topk,
-                                               weight=float(config.global_scaling_weight),
-                                               scaling_pass_value=float(config.scaling_pass_value))}
+    # (name, settings as sorted pairs): hashable, as static graph data must be
+    settings = dict(adapters=tuple(configs), top_k=config.top_k_lora, softmax_top_k=config.enable_softmax_topk,
+                    weight=float(config.global_scaling_weight), scaling_pass_value=float(config.scaling_pass_value))
+    model.xlora_settings = ((adapter_name, tuple(sorted(settings.items()))),)
     model.xlora_active, model.xlora_disabled = (adapter_name,), False
     return config
 
