@@ -93,6 +93,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
         pad_token_id=0)),
+    # GLM-4 in small: half of each 16-wide head rotated pairwise, biased q/k/v, four norms a layer
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=2)),
     # Seed-OSS in small: q/k/v biases, an output bias too, an explicit head_dim
     "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

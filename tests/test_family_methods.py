@@ -35,7 +35,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
-                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss")}
+                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -117,6 +117,12 @@ CASES = {
     ("seed_oss", "ia3-named"): ("here->peft",),
     ("seed_oss", "prefix"): BOTH,
     ("seed_oss", "prompt"): ("here->peft",),
+    # the pairwise partial RoPE under prefixes and virtual tokens; the fused MLP under LoRA
+    ("glm4", "lora-all-linear"): BOTH,
+    ("glm4", "dora-all-linear"): ("here->peft",),
+    ("glm4", "ia3-named"): ("peft->here",),
+    ("glm4", "prefix"): BOTH,
+    ("glm4", "p-tuning"): ("here->peft",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

@@ -69,12 +69,14 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "granite-multipliers": ("granite", tr.GraniteForCausalLM, {}),
     # _tiny's q/k/v and output biases, head_dim 16 (not 32 / 4)
     "seed_oss-biases": ("seed_oss", tr.SeedOssForCausalLM, {}),
+    # _tiny's pairwise partial RoPE, biased q/k/v, norms after both branches
+    "glm4-pairs": ("glm4", tr.Glm4ForCausalLM, {}),
 }
 
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss")))
+                                                                   "seed_oss", "glm4")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -219,12 +221,14 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[valid], ours[valid], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
+                                  "glm4"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
            "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
-           "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification}[kind]
+           "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
+           "glm4": tr.Glm4ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -698,7 +702,7 @@ def test_logits_to_keep_is_checked(causal):
 
 
 @pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers",
-                                    "seed_oss-biases"], indirect=True)
+                                    "seed_oss-biases", "glm4-pairs"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

@@ -15,6 +15,7 @@ from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification
 from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification
+from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -90,6 +91,8 @@ __all__ = [
     "GptOssForSequenceClassification",
     "SeedOssForCausalLM",
     "SeedOssForSequenceClassification",
+    "Glm4ForCausalLM",
+    "Glm4ForSequenceClassification",
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
     "ModelConfig",

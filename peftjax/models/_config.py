@@ -105,6 +105,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Glm4Config (half of each head rotated by default: partial_rotary_factor)
+    "glm4": {
+        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
+        "attention_dropout": 0.0, "max_position_embeddings": 131072, "initializer_range": 0.02,
+        "rms_norm_eps": 1.5625e-07, "use_cache": True, "tie_word_embeddings": False, "pad_token_id": 151329,
+        "eos_token_id": [151329, 151336, 151338], "bos_token_id": None, "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+    },
     # SeedOssConfig
     "seed_oss": {
         "vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
@@ -293,10 +302,10 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
-                 "granite", "seed_oss"):
+                 "granite", "seed_oss", "glm4"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral", "seed_oss") and self.head_dim is None:
+            if t in ("llama", "mistral", "seed_oss", "glm4") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:

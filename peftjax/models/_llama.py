@@ -38,6 +38,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return bool(getattr(config, "qkv_bias", True)), False, False
     if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
         return False, False, False
+    if config.model_type == "glm4":  # q/k/v only
+        return bool(config.attention_bias), False, False
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
         return (bool(config.attention_bias), bool(getattr(config, "attention_out_bias", False)),
                 bool(getattr(config, "mlp_bias", False)))
@@ -89,6 +91,10 @@ class LlamaAttention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         return q, k, v
 
+    def rotate(self, x, cos, sin):
+        """RoPE on queries or keys (GLM turns adjacent pairs instead of halves)."""
+        return apply_rotary(x, cos, sin)
+
     def score_options(self) -> dict:
         """A family's further arguments of ``dot_product_attention`` (GPT-OSS: its sinks)."""
         return {}
@@ -96,7 +102,7 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         b, s, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if cache is not None:
             cache = attn.update_kv_cache(cache, k, v, cache_index)
             k, v = cache["k"], cache["v"]
