@@ -93,6 +93,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
         pad_token_id=0)),
+    # ERNIE 4.5 in small: pairwise RoPE over whole heads, biases on every projection, tied embeddings
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, use_bias=True, pad_token_id=0)),
     # GLM-4 in small: half of each 16-wide head rotated pairwise, biased q/k/v, four norms a layer
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,

@@ -71,12 +71,14 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "seed_oss-biases": ("seed_oss", tr.SeedOssForCausalLM, {}),
     # _tiny's pairwise partial RoPE, biased q/k/v, norms after both branches
     "glm4-pairs": ("glm4", tr.Glm4ForCausalLM, {}),
+    # _tiny's pairwise RoPE over whole heads, biases on every projection, tied embeddings
+    "ernie4_5-biases": ("ernie4_5", tr.Ernie4_5ForCausalLM, {}),
 }
 
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss", "glm4")))
+                                                                   "seed_oss", "glm4", "ernie4_5")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -702,7 +704,7 @@ def test_logits_to_keep_is_checked(causal):
 
 
 @pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers",
-                                    "seed_oss-biases", "glm4-pairs"], indirect=True)
+                                    "seed_oss-biases", "glm4-pairs", "ernie4_5-biases"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

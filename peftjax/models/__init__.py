@@ -16,6 +16,7 @@ from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHe
 from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification
 from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification
 from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification
+from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -93,6 +94,7 @@ __all__ = [
     "SeedOssForSequenceClassification",
     "Glm4ForCausalLM",
     "Glm4ForSequenceClassification",
+    "Ernie4_5ForCausalLM",
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
     "ModelConfig",

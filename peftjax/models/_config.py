@@ -105,6 +105,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Ernie4_5Config
+    "ernie4_5": {
+        "vocab_size": 103424, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 18,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 131072,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "tie_word_embeddings": True, "use_bias": False, "head_dim": 128,
+    },
     # Glm4Config (half of each head rotated by default: partial_rotary_factor)
     "glm4": {
         "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
@@ -302,10 +309,10 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
-                 "granite", "seed_oss", "glm4"):
+                 "granite", "seed_oss", "glm4", "ernie4_5"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral", "seed_oss", "glm4") and self.head_dim is None:
+            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:

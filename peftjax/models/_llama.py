@@ -38,6 +38,9 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return bool(getattr(config, "qkv_bias", True)), False, False
     if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
         return False, False, False
+    if config.model_type == "ernie4_5":  # one flag for every projection
+        bias = bool(getattr(config, "use_bias", False))
+        return bias, bias, bias
     if config.model_type == "glm4":  # q/k/v only
         return bool(config.attention_bias), False, False
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
