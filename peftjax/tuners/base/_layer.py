@@ -70,6 +70,53 @@ class AdapterLayer(abc.ABC):
                 delattr(self, attr)
 
 
+class ModelLevelAdapter(AdapterLayer):
+    """A model mixin whose method keeps its weights at model level, one adapter active at a time
+    (X-LoRA's classifier, Shadow's backbone): ``stores`` name the ``nnx.Dict`` attributes holding
+    each adapter's modules (the first one's keys are the adapters), ``model_active`` and
+    ``model_disabled`` its state; the weights are made trainable or frozen when they are built."""
+
+    stores: tuple[str, ...] = ()
+    merge_refusal: str = "this adapter cannot be merged"
+
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(getattr(self, self.stores[0]).keys())
+
+    def current_adapter(self) -> str | None:
+        """The active adapter, or ``None`` (none active, or disabled)."""
+        return None if self.model_disabled or not self.model_active else self.model_active[0]
+
+    def set_active_adapters(self, names: tuple[str, ...]) -> None:
+        self.model_active = tuple(n for n in names if n in self.adapter_names())[:1]
+
+    def set_adapters_disabled(self, disabled: bool) -> None:
+        self.model_disabled = bool(disabled)
+
+    def active_adapter_names(self) -> tuple[str, ...]:
+        return self.model_active
+
+    def merged_adapter_names(self) -> tuple[str, ...]:
+        return ()
+
+    def merge_adapter(self, name: str) -> None:
+        raise ValueError(f"adapter {name!r}: {self.merge_refusal}")
+
+    def unmerge_adapter(self, name: str) -> None:
+        pass
+
+    def delete_adapter(self, name: str) -> None:
+        for store in self.stores:
+            if name in getattr(self, store):
+                del getattr(self, store)[name]
+        self.model_active = tuple(n for n in self.model_active if n != name)
+        if not self.adapter_names():  # the last one: the model is plain again
+            self.remove_adapter_state()
+            self.__class__ = original_class(self)
+
+    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
+        return ()
+
+
 class AdapterDictLayer(AdapterLayer):
     """The bookkeeping of a layer whose adapter weights are per-name ``nnx.Dict`` entries.
 

@@ -39,14 +39,13 @@ from peftjax.models._modeling import hf_state_dict
 from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import (
     AdapterDictLayer,
-    AdapterLayer,
     AdapterParam,
     FrozenAdapterParam,
+    ModelLevelAdapter,
     layer_state_dict,
     load_layer_state_dict,
     mixin_subclass,
     named_modules,
-    original_class,
     set_tree_params_torch,
     validate_adapter_name,
     with_base_signature,
@@ -155,18 +154,18 @@ class ShadowBlock(AdapterDictLayer):
         pass
 
 
-class ShadowModel(AdapterLayer):
+class ShadowModel(ModelLevelAdapter):
     """Mixin for a causal LM carrying a Shadow adapter: the shadow backbone and the state's run."""
 
-    adapter_state_attrs = ("shadow_backbones", "shadow_projections", "shadow_settings", "shadow_active",
-                           "shadow_disabled")
-
-    def _shadow(self):
-        return None if self.shadow_disabled or not self.shadow_active else self.shadow_active[0]
+    adapter_state_attrs = ("shadow_backbones", "shadow_projections", "shadow_settings", "model_active",
+                           "model_disabled")
+    stores = ("shadow_backbones", "shadow_projections")
+    merge_refusal = ("ShadowPEFT cannot be merged into the base model: the adaptation is an input-dependent, "
+                     "layer-space trajectory, not a static weight delta")
 
     def shadow_state(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
         """The initial shadow state ``[batch, seq, hidden]``: the projected shadow backbone's output."""
-        name = self._shadow()
+        name = self.current_adapter()
         share = dict(self.shadow_settings)[name][0]
         if inputs_embeds is None and share:
             inputs_embeds = self.model.embed_tokens(jnp.asarray(input_ids))
@@ -181,7 +180,7 @@ class ShadowModel(AdapterLayer):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  **kwargs):
         base = self._peftjax_base.__call__
-        name = self._shadow()
+        name = self.current_adapter()
         if name is None:
             return base(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, inputs_embeds=inputs_embeds, **kwargs)
@@ -202,41 +201,6 @@ class ShadowModel(AdapterLayer):
         """Greedy decoding without a KV cache (each step runs the shadow backbone and the decoder
         over the whole sequence), as PEFT generates without its ``ShadowCache``."""
         return greedy_without_cache(self, input_ids, attention_mask, method="Shadow", **kwargs)
-
-    # AdapterLayer
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(self.shadow_backbones.keys())
-
-    def set_active_adapters(self, names: tuple[str, ...]) -> None:
-        self.shadow_active = tuple(n for n in names if n in self.shadow_backbones)[:1]
-
-    def set_adapters_disabled(self, disabled: bool) -> None:
-        self.shadow_disabled = bool(disabled)
-
-    def active_adapter_names(self) -> tuple[str, ...]:
-        return self.shadow_active
-
-    def merged_adapter_names(self) -> tuple[str, ...]:
-        return ()
-
-    def merge_adapter(self, name: str) -> None:
-        raise ValueError("ShadowPEFT cannot be merged into the base model: the adaptation is an input-dependent, "
-                         "layer-space trajectory, not a static weight delta")
-
-    def unmerge_adapter(self, name: str) -> None:
-        pass
-
-    def delete_adapter(self, name: str) -> None:
-        for store in (self.shadow_backbones, self.shadow_projections):
-            if name in store:
-                del store[name]
-        self.shadow_active = tuple(n for n in self.shadow_active if n != name)
-        if not self.shadow_backbones:
-            self.remove_adapter_state()
-            self.__class__ = original_class(self)
-
-    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
-        return ()  # the backbone is made trainable or frozen when it is built (inference_mode)
 
 
 def _backbone_config(model, config: ShadowConfig):
@@ -344,7 +308,7 @@ def inject_shadow(model: nnx.Module, config: ShadowConfig, *, adapter_name: str 
     model.shadow_projections = nnx.Dict({} if projection is None else {adapter_name: projection})
     # (name, (shares the embeddings, the auxiliary loss's weight)): hashable, as static graph data must be
     model.shadow_settings = ((adapter_name, (share, float(config.auxiliary_loss_weight))),)
-    model.shadow_active, model.shadow_disabled = (adapter_name,), False
+    model.model_active, model.model_disabled = (adapter_name,), False
     return config
 
 

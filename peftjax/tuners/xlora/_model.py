@@ -36,12 +36,12 @@ from peftjax.nn._dropout import apply_dropout
 from peftjax.tuners.base import (
     AdapterLayer,
     AdapterParam,
+    ModelLevelAdapter,
     FrozenAdapterParam,
     adapter_from_file,
     mixin_subclass,
     modules_in_definition_order,
     named_modules,
-    original_class,
     set_active_adapters,
     set_adapter_trainable,
     validate_adapter_name,
@@ -97,15 +97,12 @@ class XLoraClassifier(nnx.Module):
         return jax.nn.softmax(x / self.temperature, axis=-1) if self.softmax else x
 
 
-class XLoraModel(AdapterLayer):
+class XLoraModel(ModelLevelAdapter):
     """Mixin for a model carrying an X-LoRA adapter: its ``__call__`` runs the two passes."""
 
-    adapter_state_attrs = ("xlora_classifiers", "xlora_settings", "xlora_active", "xlora_disabled")
-
-    def _xlora(self):
-        if self.xlora_disabled or not self.xlora_active:
-            return None
-        return self.xlora_active[0]
+    adapter_state_attrs = ("xlora_classifiers", "xlora_settings", "model_active", "model_disabled")
+    stores = ("xlora_classifiers",)
+    merge_refusal = "X-LoRA: its weights change with every token, so it cannot be merged"
 
     def _settings(self, name: str) -> tuple[dict, float]:
         settings = dict(dict(self.xlora_settings)[name])
@@ -118,7 +115,7 @@ class XLoraModel(AdapterLayer):
         Raises:
           ValueError: no X-LoRA adapter is active.
         """
-        name = self._xlora()
+        name = self.current_adapter()
         if name is None:
             raise ValueError(f"{type(self).__name__}: no X-LoRA adapter is active (disabled, or none)")
         settings, scan_value = self._settings(name)
@@ -131,7 +128,7 @@ class XLoraModel(AdapterLayer):
 
     def __call__(self, *args, **kwargs):
         base_call = self._peftjax_base.__call__
-        name = self._xlora()
+        name = self.current_adapter()
         if name is None:
             return base_call(self, *args, **kwargs)
         settings, _ = self._settings(name)
@@ -146,39 +143,6 @@ class XLoraModel(AdapterLayer):
           NotImplementedError: sampling or other generation options (named).
         """
         return greedy_without_cache(self, input_ids, attention_mask, method="X-LoRA", **kwargs)
-
-    # AdapterLayer
-    def adapter_names(self) -> tuple[str, ...]:
-        return tuple(self.xlora_classifiers.keys())
-
-    def set_active_adapters(self, names: tuple[str, ...]) -> None:
-        self.xlora_active = tuple(n for n in names if n in self.xlora_classifiers)
-
-    def set_adapters_disabled(self, disabled: bool) -> None:
-        self.xlora_disabled = bool(disabled)
-
-    def active_adapter_names(self) -> tuple[str, ...]:
-        return self.xlora_active
-
-    def merged_adapter_names(self) -> tuple[str, ...]:
-        return ()
-
-    def merge_adapter(self, name: str) -> None:
-        raise ValueError(f"adapter {name!r} is X-LoRA: its weights change with every token, so it cannot be merged")
-
-    def unmerge_adapter(self, name: str) -> None:
-        pass
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.xlora_classifiers:
-            del self.xlora_classifiers[name]
-        self.xlora_active = tuple(n for n in self.xlora_active if n != name)
-        if not self.xlora_classifiers:
-            self.remove_adapter_state()
-            self.__class__ = original_class(self)
-
-    def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
-        return ()  # the classifier is made trainable or frozen when it is built (inference_mode)
 
 
 def _lora_config(path: str, name: str) -> LoraConfig:
@@ -255,7 +219,7 @@ def inject_xlora(model: nnx.Module, config: XLoraConfig, *, adapter_name: str = 
     settings = dict(adapters=tuple(configs), top_k=config.top_k_lora, softmax_top_k=config.enable_softmax_topk,
                     weight=float(config.global_scaling_weight), scaling_pass_value=float(config.scaling_pass_value))
     model.xlora_settings = ((adapter_name, tuple(sorted(settings.items()))),)
-    model.xlora_active, model.xlora_disabled = (adapter_name,), False
+    model.model_active, model.model_disabled = (adapter_name,), False
     return config
 
 
