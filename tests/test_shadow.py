@@ -98,6 +98,9 @@ def test_a_shadow_trained_here_loads_in_peft(tiny_checkpoint, tmp_path, capsys):
         fresh = peft.get_peft_model(_torch_base(base), peft.ShadowConfig(task_type="CAUSAL_LM", r=4))
     assert model.get_nb_trainable_parameters() == fresh.get_nb_trainable_parameters()
     assert set(model.peft_config["default"].target_modules) == {"model.layers.0", "model.layers.1"}
+    from peftjax.models import hf_state_dict  # the base's checkpoint: its own weights only
+
+    assert set(hf_state_dict(model.base_model)) == set(hf_state_dict(models.from_pretrained(base)))
     ids, mask = padded_batch(96, seq=9, left=False)
     losses = _tiny.train(model, _tiny.batch(ids, mask), steps=4).losses
     assert losses[-1] < losses[0]

@@ -116,15 +116,20 @@ def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]
     """Yields ``(torch key, variable, transpose)`` for every base weight of ``model``.
 
     A weight of stacked layers (``scan_layers=True``) is yielded once per layer, under that
-    layer's key, as a :class:`LayerSlice` of the stacked variable.
+    layer's key, as a :class:`LayerSlice` of the stacked variable. The attributes the model names
+    in ``adapter_stores`` (a method's model-level modules, such as Shadow's backbone) are not base
+    weights and are skipped.
     """
     from peftjax.nn._scan import StackedLayers
 
+    skipped = set(getattr(model, "adapter_stores", ()))
     stacks = {tuple(p): n.num_layers for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers)}
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, nnx.Module):
             continue
         path = tuple(path)
+        if path and path[0] in skipped:
+            continue
         stack = next((s for s in stacks if path[: len(s) + 1] == (*s, "layer")), None)
         for attr, (name, transpose) in hf_param_map(node).items():
             var = getattr(node, attr, None)

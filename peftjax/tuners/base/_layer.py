@@ -79,6 +79,11 @@ class ModelLevelAdapter(AdapterLayer):
     stores: tuple[str, ...] = ()
     merge_refusal: str = "this adapter cannot be merged"
 
+    @property
+    def adapter_stores(self) -> tuple[str, ...]:
+        """What the base model's checkpoint walk (``iter_hf_params``) leaves out."""
+        return self.stores
+
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(getattr(self, self.stores[0]).keys())
 
