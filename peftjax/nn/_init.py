@@ -20,3 +20,11 @@ def kaiming_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     fan_in = shape[1] * math.prod(shape[2:])
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
+    """``nn.Linear(fan_in, fan_out)``'s default init: the weight ``[out, in]`` as
+    :func:`kaiming_uniform`, the bias U(-1/sqrt(in), 1/sqrt(in)), float32 (two keys split from ``key``)."""
+    kw, kb = jax.random.split(key)
+    bound = 1.0 / math.sqrt(fan_in)
+    return kaiming_uniform(kw, (fan_out, fan_in)), jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound)

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.nn._broadcast import along_last
+from peftjax.nn._init import torch_linear
 from peftjax.config import TaskType
 from peftjax.config._other import (
     CartridgeConfig,
@@ -133,16 +134,6 @@ def bidirectional_lstm(
     return x
 
 
-def _torch_linear_init(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
-    """``nn.Linear``'s default init: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)); weight ``[out, in]``."""
-    bound = 1.0 / math.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return (
-        jax.random.uniform(kw, (fan_out, fan_in), jnp.float32, -bound, bound),
-        jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound),
-    )
-
-
 class PromptEncoder(nnx.Module):
     """One adapter's virtual tokens: PEFT's encoder weights (under torch's names) and their output.
 
@@ -223,8 +214,8 @@ class PromptEncoder(nnx.Module):
             if config.prefix_projection:
                 self.head = "projection"
                 arrays["embedding.weight"] = jax.random.normal(next(keys), (n, d), jnp.float32)
-                w0, b0 = _torch_linear_init(next(keys), d, hidden)
-                w2, b2 = _torch_linear_init(next(keys), hidden, out_dim)
+                w0, b0 = torch_linear(next(keys), d, hidden)
+                w2, b2 = torch_linear(next(keys), hidden, out_dim)
                 if zero:
                     w2, b2 = jnp.zeros_like(w2), jnp.zeros_like(b2)
                 arrays.update({"transform.0.weight": w0, "transform.0.bias": b0,
@@ -263,7 +254,7 @@ class PromptEncoder(nnx.Module):
                     )
                 sizes = [(d, hidden), (hidden, hidden), (hidden, d)]
             for i, (fan_in, fan_out) in enumerate(sizes):
-                w, b = _torch_linear_init(next(keys), fan_in, fan_out)
+                w, b = torch_linear(next(keys), fan_in, fan_out)
                 arrays[f"mlp_head.{2 * i}.weight"], arrays[f"mlp_head.{2 * i}.bias"] = w, b
         return arrays
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 
 import jax
@@ -37,6 +36,7 @@ from peftjax.io._adapter import AdapterFileError
 from peftjax.models._losses import causal_lm_loss
 from peftjax.models._modeling import hf_state_dict
 from peftjax.nn._dropout import apply_dropout
+from peftjax.nn._init import torch_linear
 from peftjax.tuners.base import (
     AdapterDictLayer,
     AdapterParam,
@@ -74,14 +74,6 @@ def _shadow_run(state: jax.Array):
         _state.run = previous
 
 
-def _linear(key, fan_in: int, fan_out: int, bias: bool = True):
-    """``nn.Linear``'s default init (weight ``[out, in]``, then bias), U(-1/sqrt(in), 1/sqrt(in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    w = jax.random.uniform(kw, (fan_out, fan_in), jnp.float32, -bound, bound)
-    return (w, jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound)) if bias else (w, None)
-
-
 def _same(x):
     return x
 
@@ -103,11 +95,11 @@ class ShadowBlock(AdapterDictLayer):
     def add_shadow(self, name: str, spec: ShadowSpec, d: int, r: int, u: int, key, *, init_weights: bool) -> None:
         self._check_new(name)
         keys = iter(jax.random.split(key, 6))
-        down, _ = _linear(next(keys), d, r, bias=False)
-        up, _ = _linear(next(keys), r, d, bias=False)
+        down, _ = torch_linear(next(keys), d, r)  # bias-free linears: the weight's draw only
+        up, _ = torch_linear(next(keys), r, d)
         arrays = {"shadow_down": down, "shadow_up": jnp.zeros_like(up) if init_weights else up}
         for net in ("t", "g"):
-            (w0, b0), (w2, b2) = _linear(next(keys), d, u), _linear(next(keys), u, d)
+            (w0, b0), (w2, b2) = torch_linear(next(keys), d, u), torch_linear(next(keys), u, d)
             arrays.update({f"shadow_{net}0_weight": w0, f"shadow_{net}0_bias": b0,
                            f"shadow_{net}2_weight": w2, f"shadow_{net}2_bias": b2})
         for store, value in arrays.items():
@@ -290,7 +282,7 @@ def inject_shadow(model: nnx.Module, config: ShadowConfig, *, adapter_name: str 
     if share:
         del backbone.embed_tokens
     _as_adapter_params(backbone, variable)
-    projection = None if width == d else variable(_linear(jax.random.fold_in(key, 1 << 21), width, d, bias=False)[0])
+    projection = None if width == d else variable(torch_linear(jax.random.fold_in(key, 1 << 21), width, d)[0])
     spec = ShadowSpec(alpha=float(config.shadow_alpha), dropout=float(config.shadow_dropout))
     for n in sorted(targets, key=blocks.index):
         module = modules[n]

@@ -22,7 +22,6 @@ adapters' names), so the first layer of its files is missing; such a file is ref
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from peftjax.config import LoraConfig, XLoraConfig, load_config
 from peftjax.io._adapter import AdapterFileError, read_adapter_weights
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
+from peftjax.nn._init import torch_linear
 from peftjax.tuners.base import (
     AdapterLayer,
     AdapterParam,
@@ -54,14 +54,6 @@ from peftjax.tuners.lora._scalings import LoraScalings, lora_scalings
 CLASSIFIER = "base_model.internal_xlora_classifier."
 
 
-def _torch_linear(key: jax.Array, fan_in: int, fan_out: int) -> tuple[jax.Array, jax.Array]:
-    """``nn.Linear``'s default init: weight ``[out, in]`` and bias ~ U(-1/sqrt(in), 1/sqrt(in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    kw, kb = jax.random.split(key)
-    return (jax.random.uniform(kw, (fan_out, fan_in), jnp.float32, -bound, bound),
-            jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound))
-
-
 class XLoraClassifier(nnx.Module):
     """PEFT's ``XLoraClassifier``: linear layers (ReLU and dropout between them) from the hidden
     states to ``[batch, seq, layers, adapters]`` weights, under PEFT's ``nn.Sequential`` indices."""
@@ -79,7 +71,7 @@ class XLoraClassifier(nnx.Module):
         variable = FrozenAdapterParam if config.inference_mode else AdapterParam
         weights = {}
         for n, (index, fan_in, fan_out) in enumerate(zip(self.indices, sizes[:-1], sizes[1:])):
-            w, b = _torch_linear(jax.random.fold_in(key, n), fan_in, fan_out)
+            w, b = torch_linear(jax.random.fold_in(key, n), fan_in, fan_out)
             weights[f"layers.{index}.weight"], weights[f"layers.{index}.bias"] = variable(w), variable(b)
         self.weights = nnx.Dict(weights)
 
