@@ -341,7 +341,9 @@ class Trainer:
         self.model_inputs = tuple(k for k in MODEL_INPUTS + PACKED_INPUTS if k in accepted)
         if self._task_adapters:
             self.model_inputs += (TASK_COLUMN,)
-        if getattr(model.peft_config.get(getattr(model, "active_adapter", None)), "peft_type", None) == "CPT":
+        # CPT's loss scores labels of its own (its template's answers too): batches carry token types
+        self._cpt = getattr(model.peft_config.get(getattr(model, "active_adapter", None)), "peft_type", None) == "CPT"
+        if self._cpt:
             self.model_inputs += (CPT_COLUMN,)
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
@@ -381,8 +383,7 @@ class Trainer:
         inputs = {k: batch[k] for k in self.model_inputs if k in batch}
         labels = batch["labels"]
         virtual = virtual_positions(model)
-        cpt = cpt_scored_labels(model, labels, batch.get(CPT_COLUMN))
-        if (not logits or cpt is not None) and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
+        if (not logits or self._cpt) and self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM) and self._model_loss:
             # the model's loss is the mean over the labels it scores: a causal LM's every next token
             # (CPT's: its template's answers and the batch's, weighted as it weighs them)
             count = jnp.sum(self._scored_labels(model, batch)).astype(jnp.float32)

@@ -838,7 +838,7 @@ def cpt_scored_labels(model, labels, input_type_mask=None):
     encoder = _active_encoder(model) if isinstance(model, PromptLearningModel) else None
     if encoder is None or encoder.peft_type != CPT:
         return None
-    full, _ = _cpt.cpt_labels(labels, input_type_mask, encoder.cpt_token_ids, encoder.cpt_types, *encoder.cpt_loss)
+    full, _ = _cpt.cpt_labels(labels, input_type_mask, encoder.cpt_token_ids, encoder.cpt_types, "none", 1.0)
     return full[:, 1:] != _cpt.IGNORE_INDEX
 
 
