@@ -39,12 +39,13 @@ from peftjax.io._errors import CheckpointError
 from peftjax.models._auto import register
 from peftjax.models._llama import LlamaAttention, LlamaForSequenceClassification
 from peftjax.models._mixtral import (
-    EXPERT_DISPATCH,
     MixtralDecoderLayer,
     MixtralForCausalLM,
     MixtralModel,
     MixtralSparseMoeBlock,
+    check_top_k,
     expert_count,
+    expert_dispatch,
 )
 from peftjax.nn._param_reader import ParamReader
 
@@ -191,14 +192,9 @@ class GptOssMLP(MixtralSparseMoeBlock):
 
     def __init__(self, config, layer_idx: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        e, k = expert_count(config), config.num_experts_per_tok
-        if not 1 <= k <= e:
-            raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
-        self.top_k = k
-        self.dispatch = getattr(config, "expert_dispatch", "dense") or "dense"
-        if self.dispatch not in EXPERT_DISPATCH:
-            raise ValueError(f"expert_dispatch={self.dispatch!r} is not an option; "
-                             f"choose one of {list(EXPERT_DISPATCH)}")
+        check_top_k(config)  # (hidden_act is not read: GPT-OSS's activation is its own)
+        self.top_k = config.num_experts_per_tok
+        self.dispatch = expert_dispatch(config)
         self.layer_idx = layer_idx
         self.router = GptOssTopKRouter(config, **kw)
         self.experts = GptOssExperts(config, **kw)

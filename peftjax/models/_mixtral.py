@@ -87,12 +87,25 @@ def check_mixtral_config(config) -> None:
     """Refuses by name what this implementation does not do."""
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
+    check_top_k(config)
+
+
+def check_top_k(config) -> None:
+    """Refuses a ``num_experts_per_tok`` outside ``[1, experts]``."""
     e, k = expert_count(config), config.num_experts_per_tok
     if not 1 <= k <= e:
         raise ValueError(f"num_experts_per_tok={k} must be between 1 and num_local_experts={e}")
 
 
 EXPERT_DISPATCH = ("dense", "grouped")
+
+
+def expert_dispatch(config) -> str:
+    """The model option ``expert_dispatch`` (``"dense"`` by default), checked."""
+    dispatch = getattr(config, "expert_dispatch", "dense") or "dense"
+    if dispatch not in EXPERT_DISPATCH:
+        raise ValueError(f"expert_dispatch={dispatch!r} is not an option; choose one of {list(EXPERT_DISPATCH)}")
+    return dispatch
 
 
 def top_k_routing(logits: jax.Array, top_k: int, renormalise: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -193,10 +206,7 @@ class MixtralSparseMoeBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.top_k = config.num_experts_per_tok
         self.renormalise = self.renormalises(config)
-        self.dispatch = getattr(config, "expert_dispatch", "dense") or "dense"
-        if self.dispatch not in EXPERT_DISPATCH:
-            raise ValueError(f"expert_dispatch={self.dispatch!r} is not an option; "
-                             f"choose one of {list(EXPERT_DISPATCH)}")
+        self.dispatch = expert_dispatch(config)
         self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
         self.layer_idx = layer_idx
         self.gate = MixtralTopKRouter(config, **kw)
