@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from peftjax.models._losses import IGNORE_INDEX
 
@@ -107,8 +108,6 @@ def _larger_kinds(types: jax.Array) -> jax.Array:
 def cpt_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
     """PEFT's CPT loss: next-token cross entropy times the weights, averaged over the positions
     whose label is not ``-100`` (0 where there are none)."""
-    import optax
-
     logits, labels, weights = logits[:, :-1].astype(jnp.float32), labels[:, 1:], weights[:, 1:]
     valid = labels != IGNORE_INDEX
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
