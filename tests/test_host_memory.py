@@ -48,6 +48,24 @@ def test_reads_each_tensor_as_an_owned_aligned_writable_array(file):
     assert again[0, 0] == 0.0 and tensors["a.weight"][0, 0] == 0.0
 
 
+def test_a_mapped_file_is_written_back_to_its_own_path(file):
+    """Read (memory-mapped), change one tensor, write to the same path: the other tensors are read
+    from the old file while the new one is written (writing in place would truncate the mapped
+    file under them: SIGBUS); the directory holds only the new file."""
+    tensors, metadata = read_safetensors(file)
+    changed = {**tensors, "a.weight": tensors["a.weight"] + 1}
+    write_safetensors(file, changed, metadata)
+    again, meta = read_safetensors(file)
+    assert meta == {"format": "pt"}
+    np.testing.assert_array_equal(again["a.weight"], TENSORS["a.weight"] + 1)
+    for name in ("b.bias", "c.ids", "d.scalar"):
+        np.testing.assert_array_equal(again[name], TENSORS[name])
+    assert [p.name for p in file.parent.iterdir()] == [file.name]
+    with pytest.raises(TypeError, match="'bad' has dtype object"):  # refused: the file is left as it was
+        write_safetensors(file, {**changed, "bad": np.array([None])})
+    assert sorted(read_safetensors(file)[0]) == sorted(TENSORS)
+
+
 def test_several_files_and_a_key_in_two_of_them(tmp_path):
     write_safetensors(tmp_path / "1.safetensors", {"x": np.ones(2, np.float32)})
     write_safetensors(tmp_path / "2.safetensors", {"y": np.zeros(3, np.float32)})

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -203,6 +204,10 @@ def write_safetensors(
 ) -> None:
     """Writes tensors to ``path`` in the safetensors format (row-major, 8-byte aligned header).
 
+    The file is written beside ``path`` and then renamed over it, so a file already there is whole
+    until the new one is, and tensors that :func:`read_safetensors` mapped from it stay readable
+    while they are written back (read, change a tensor, write to the same path).
+
     Raises:
       TypeError: a tensor has a dtype that safetensors cannot store.
     """
@@ -221,8 +226,15 @@ def write_safetensors(
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "xb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for arr in arrays:
+                f.write(arr.tobytes())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
