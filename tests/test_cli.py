@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import warnings
@@ -23,6 +24,7 @@ from peftjax import models
 from peftjax.cli import main
 from peftjax.data import LABELS
 from peftjax.data import minilm_path as packaged_minilm
+from peftjax.io import read_safetensors, write_safetensors
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
@@ -650,6 +652,105 @@ def test_train_with_each_kind_of_layer_method(method, tokenizer_dir, tmp_path, c
     # the job prints 4 decimals: PEFT's probability within half a unit of the last (and float rounding)
     assert [LABELS[int(p.argmax())] for p in probs] == [label for label, _ in shown]
     np.testing.assert_allclose([float(p.max()) for p in probs], [score for _, score in shown], atol=5e-5 + 1e-6)
+
+
+def test_train_routes_rows_by_their_task_and_predict_takes_one(tokenizer_dir, tmp_path, capsys):
+    """Poly on data with a task column: ``--task-ids-column`` carries each row's task to the Trainer,
+    ``n_tasks`` is the data's (3); PEFT's model on the file, given each task, gives what ``predict
+    --task-id`` prints; a task the adapter lacks, none for an adapter of several and a task for one
+    that routes nothing are refused by name."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny_config("bert", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine", "awful", "great", "poor", "film", "room", "app"]
+    rows = [{"text": " ".join(rng.choice(words, 5)), "label": int(rng.integers(3)), "domain": i % 3} for i in range(48)]
+    for name, part in (("train.jsonl", rows[:40]), ("eval.jsonl", rows[40:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    out, texts = tmp_path / "run", ["a good film", "an awful app"]
+    args = ["train", "--method", "poly", "--r", "2", "--method-option", "init_weights=false",  # B != 0
+            "--task-ids-column", "domain", "--model", str(base),
+            "--dataset", str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl"),
+            "--max-steps", "3", "--learning-rate", "0.5", "--output-dir", str(out), "--disable-tqdm",
+            "--save-steps", "0", "--predict-task-id", "2", *[a for t in texts for a in ("--predict", t)]]
+    assert main([*args[:-4], "--predict-task-id", "3"]) == 1  # refused before training
+    refused = capsys.readouterr().err
+    assert "--predict-task-id 3: the POLY adapter has n_tasks=3; expected an integer in [0, 3)" in refused
+    assert not (out / "adapter_config.json").exists()
+    assert main([a if a != "domain" else "topic" for a in args]) == 1
+    assert f"the train data ({tmp_path / 'train.jsonl'}) has no task column 'topic' (--task-ids-column)" in \
+        capsys.readouterr().err
+    assert main(args) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "adapter_config.json").read_text())["n_tasks"] == summary["tasks"] == 3
+    assert summary["reload_max_abs_diff"] < 1e-5
+    # each task routed to one skill of its own, so that the tasks' outputs differ clearly
+    routed = tmp_path / "routed"
+    shutil.copytree(out, routed, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tensors, metadata = read_safetensors(routed / "adapter_model.safetensors")
+    routers = [k for k in tensors if k.endswith("poly_router.module_logits")]
+    assert routers and all(tensors[k].shape == (3, 4) for k in routers)  # 3 tasks, 4 skills
+    for k in routers:
+        tensors[k] = np.where(np.eye(3, 4, dtype=bool), 8.0, -8.0).astype(np.float32)
+    write_safetensors(routed / "adapter_model.safetensors", tensors, metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(
+            tr.AutoModelForSequenceClassification.from_pretrained(base, num_labels=3), routed).eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    probs = {}
+    for task in (1, 2):
+        with torch.no_grad():
+            probs[task] = theirs(**batch, task_ids=torch.full((2,), task)).logits.softmax(-1).numpy()
+        assert main(["predict", str(base), "--adapter", str(routed), "--task-id", str(task),
+                     *[a for t in texts for a in ("--text", t)]]) == 0
+        shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["label"] for r in shown] == [theirs.config.id2label[int(p.argmax())] for p in probs[task]]
+        np.testing.assert_allclose([r["score"] for r in shown], probs[task].max(-1), atol=5e-5 + 1e-6)  # 4 decimals
+    assert np.abs(probs[1].max(-1) - probs[2].max(-1)).max() > 1e-3, (probs[1], probs[2])
+    for flags, message in [([], "--task-id: the POLY adapter has n_tasks=3; give the texts' task"),
+                           (["--task-id", "3"], "--task-id 3: the POLY adapter has n_tasks=3")]:
+        assert main(["predict", str(base), "--adapter", str(out), "--text", "x", *flags]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["train", "--method", "lora", "--task-ids-column", "domain"]) == 1
+    assert "--method lora takes no --task-ids-column (it is for poly and multitask_prompt" in capsys.readouterr().err
+
+
+def test_train_a_multitask_prompt_language_model_and_generate_for_a_task(tokenizer_dir, tmp_path, capsys):
+    """Multitask prompt tuning on documents with a ``task_ids`` column (found without a flag): one
+    row per document, ``num_tasks`` the data's; ``generate --task-id`` continues as the adapter's own
+    ``generate`` for that task."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    save_tiny(tr.LlamaForCausalLM, _tiny_config("llama", len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    rows = [{"text": f"{a} plus {b} makes {a + b}.", "task_ids": int(a % 2)}
+            for a, b in np.random.default_rng(0).integers(0, 10, (40, 2))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal_lm", "--method", "multitask_prompt", "--num-virtual-tokens", "4",
+                 "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"), "--eval-dataset",
+                 str(tmp_path / "train.jsonl"), "--max-eval-samples", "8", "--max-steps", "3", "--max-length", "16",
+                 "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0", "--predict-task-id", "1",
+                 "--predict", "3 plus 4"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "adapter_config.json").read_text())["num_tasks"] == summary["tasks"] == 2
+    assert summary["train_rows"] == 40  # a row per document: not packed into blocks
+    assert main(["generate", str(base), "--adapter", str(out), "--task-id", "1", "--text", "3 plus 4",
+                 "--max-new-tokens", "3"]) == 0
+    completion = json.loads(capsys.readouterr().out)["completion"]
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(base), out)
+    ids = tokenizer(["3 plus 4"], return_tensors="np")
+    want = model.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=3, task_ids=np.array([1]),
+                          pad_token_id=tokenizer.pad_token_id)
+    assert completion == tokenizer.decode(np.asarray(want)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys):

@@ -232,6 +232,44 @@ def test_instruction_truncation_keeps_the_prompt_and_drops_empty_responses(eos_t
         tokenize_instructions(data.rename_column("response", "answer"), tok)
 
 
+def test_kept_columns_follow_each_example_to_the_rows_it_becomes(eos_tokenizer, tokenizer):
+    """``keep_columns``: a classifier's and a seq2seq pair's row, each window of a long question's
+    context, the instruction rows that survive truncation, an unpacked document; refused with
+    packing and where the column is one the function makes."""
+    from peftjax import training
+
+    texts = {"text": ["a fine film", "dull, so dull", "ok"], "label": [1, 0, 1], "task": [2, 0, 1]}
+    out = training.tokenize_classification(datasets.Dataset.from_dict(texts), tokenizer, keep_columns=["task"])
+    assert out["task"] == [2, 0, 1] and out["input_ids"] == tokenizer(texts["text"])["input_ids"]
+    pairs = {"source": ["one", "two"], "target": ["eins", "zwei"], "task": [1, 0]}
+    pairs = training.tokenize_seq2seq(datasets.Dataset.from_dict(pairs), tokenizer, keep_columns="task")
+    assert pairs["task"] == [1, 0]
+    docs = datasets.Dataset.from_dict({"text": texts["text"], "task": [2, 0, 1]})
+    assert training.tokenize_causal_lm(docs, eos_tokenizer, packing=False, keep_columns=["task"])["task"] == [2, 0, 1]
+    with pytest.raises(ValueError, match=r"keep_columns=\['task'\]: a packed block .* pass packing=False"):
+        training.tokenize_causal_lm(docs, eos_tokenizer, keep_columns=["task"])
+    with pytest.raises(ValueError, match=r"keep_columns \['labels'\]: the tokenized rows make their own labels"):
+        training.tokenize_classification(datasets.Dataset.from_dict(texts), tokenizer, keep_columns=["labels"])
+    with pytest.raises(ValueError, match="no column 'domain'"):
+        training.tokenize_classification(datasets.Dataset.from_dict(texts), tokenizer, keep_columns=["domain"])
+    # the second instruction is cut away by truncation: the kept values are those of the rows left
+    rows = {"prompt": ["a much longer prompt that fills every one of the allowed tokens", "hi", "yo"],
+            "response": ["x", "one two", "three"], "task": [5, 6, 7]}
+    with pytest.warns(UserWarning, match="dropped 1 of 3 rows"):
+        kept = training.tokenize_instructions(datasets.Dataset.from_dict(rows), eos_tokenizer, max_length=8,
+                                              keep_columns=["task"])
+    assert kept["task"] == [6, 7]
+    # a context longer than a window: every window of the row carries the row's value
+    context = " ".join(["the film was long and the ending was good"] * 6)
+    qa = {"question": ["was it good?", "was it long?"], "context": [context, "it was long"],
+          "answers": [{"text": ["good"], "answer_start": [context.index("good")]},
+                      {"text": ["long"], "answer_start": [7]}], "task": [3, 4]}
+    windows = training.tokenize_question_answering(datasets.Dataset.from_dict(qa), tokenizer, max_length=24,
+                                                   stride=4, keep_columns=["task"])
+    assert len(windows) > 2
+    assert windows["task"] == [qa["task"][i] for i in windows["example_index"]]
+
+
 # ---------------------------------------------------------------------------------------- batching
 
 BUCKETS = (8, 16, 32, 64)

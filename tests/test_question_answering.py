@@ -298,6 +298,31 @@ def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_pat
     assert "labelled" in printed and json.loads((out / "adapter_config.json").read_text())["task_type"] == "QUESTION_ANS"
 
 
+def test_the_command_line_trains_poly_on_questions_of_two_tasks(tokenizer, tmp_path):
+    """``train --method poly`` on questions with a ``task_ids`` column: every window carries its
+    question's task to the Trainer and to the reloaded adapter's answers (a Poly model of two tasks
+    refuses rows without one)."""
+    import json
+
+    from peftjax.cli import main
+
+    for name, n, seed in (("train", 16, 0), ("eval", 4, 1)):
+        rows = _colour_questions(n, seed)
+        lines = [json.dumps({**{k: rows[k][i] for k in rows}, "task_ids": i % 2}) for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    base = tmp_path / "base"
+    save_tiny(tr.BertModel, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0, num_labels=2), base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    assert main(["train", "--task", "question_answering", "--method", "poly", "--model", str(base), "--dataset",
+                 str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-length", "32",
+                 "--max-steps", "2", "--per-device-train-batch-size", "8", "--output-dir", str(out),
+                 "--disable-tqdm", "--save-steps", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tasks"] == 2 and json.loads((out / "adapter_config.json").read_text())["n_tasks"] == 2
+    assert summary["reload_max_abs_diff"] < 1e-5 and len(summary["answers"]) == 3
+
+
 # ---------------------------------------------------------------- SQuAD's answers and scores
 
 

@@ -150,7 +150,8 @@ def _generate(args) -> int:
     batch = tokenizer(texts, return_tensors="np", padding=True)
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                          do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
-                         top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed)
+                         top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed,
+                         **task_inputs(model, args.task_id, len(texts)))
     for text, row in zip(texts, out):
         new = tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": new}, ensure_ascii=False))
@@ -171,6 +172,7 @@ def _predict(args) -> int:
                          "questions)" + ("" if by_span else f"; {type(_base(model)).__name__} answers no questions"))
     tokenizer = task_tokenizer(args.tokenizer or _base_dir(args), "token_cls" if by_word else "seq_cls")
     texts = _texts(args)
+    task_inputs(model, args.task_id, len(texts))  # checked before any tokenizing
     if (by_word or by_span) and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
                          f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
@@ -184,7 +186,8 @@ def _predict(args) -> int:
         batch = tokenizer(texts, [args.context] * len(texts), return_tensors="np", padding=True,
                           truncation="only_second", max_length=args.max_length, stride=stride,
                           return_overflowing_tokens=True, return_offsets_mapping=True)
-        logits = _logits(model, {k: v for k, v in batch.items() if k in _accepted(model)})
+        inputs = {k: v for k, v in batch.items() if k in _accepted(model)}
+        logits = _logits(model, {**inputs, **task_inputs(model, args.task_id, len(batch["input_ids"]))})
         for row in answer_spans(batch, texts, [args.context] * len(texts), logits,
                                 max_answer_tokens=args.max_answer_tokens):
             print(json.dumps(row, ensure_ascii=False))
@@ -192,7 +195,8 @@ def _predict(args) -> int:
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length,
                       return_offsets_mapping=by_word)
     accepted = _accepted(model)
-    logits = _logits(model, {k: v for k, v in batch.items() if k in accepted})
+    logits = _logits(model, {**{k: v for k, v in batch.items() if k in accepted},
+                             **task_inputs(model, args.task_id, len(texts))})
     if _is_feature_extractor(model):  # its last hidden states, pooled as the checkpoint says
         modes, normalize = sentence_pooling(_base_dir(args))
         vectors = pooled_embeddings(logits, batch["attention_mask"], modes, normalize=normalize)
@@ -360,6 +364,44 @@ def _is_feature_extractor(model) -> bool:
     return name.endswith("Model") and not name.endswith(tuple(headed))
 
 
+def task_inputs(model, task_id: int | None, rows: int, flag: str = "--task-id") -> dict:
+    """``{"task_ids": [task_id] * rows}`` for a model whose active adapter routes each row by its task
+    (Poly, multitask prompt tuning); ``{}`` for any other model. ``task_id`` is checked by
+    :func:`checked_task_id`."""
+    import numpy as np
+
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    task_id = checked_task_id(config, task_id, flag)
+    return {} if task_id is None else {"task_ids": np.full(rows, task_id, np.int32)}
+
+
+def checked_task_id(config, task_id: int | None, flag: str = "--task-id") -> int | None:
+    """The task an adapter ``config`` runs texts as: ``task_id``, or 0 for an adapter of one task
+    left without one; ``None`` for an adapter that does not route rows by task (or no adapter).
+
+    Raises:
+      ValueError: naming ``flag``: a task for an adapter that does not route by task, none for an
+        adapter of several tasks, or one outside its tasks.
+    """
+    from peftjax.training._trainer import TASK_METHODS
+
+    field = TASK_METHODS.get(str(getattr(config, "peft_type", "")))
+    if field is None:
+        if task_id is not None:
+            raise ValueError(f"{flag} {task_id}: the model's adapter routes no rows by task (a Poly or multitask "
+                             "prompt tuning adapter does)")
+        return None
+    tasks = getattr(config, field)
+    if task_id is None and tasks != 1:
+        raise ValueError(f"{flag}: the {config.peft_type} adapter has {field}={tasks}; give the texts' task, an "
+                         f"integer in [0, {tasks})")
+    task_id = 0 if task_id is None else task_id
+    if not 0 <= task_id < tasks:
+        raise ValueError(f"{flag} {task_id}: the {config.peft_type} adapter has {field}={tasks}; expected an integer "
+                         f"in [0, {tasks})")
+    return task_id
+
+
 def _is_encoder_decoder(model) -> bool:
     return bool(getattr(getattr(_base(model), "config", None), "is_encoder_decoder", False))
 
@@ -504,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--file", help="a file with one input per line")
         p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
         p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
+        p.add_argument("--task-id", type=int, default=None,
+                       help="Poly and multitask prompt tuning adapters: the texts' task (default: 0 for an adapter "
+                            "of one task; one of several needs it)")
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, default=32)
             p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")

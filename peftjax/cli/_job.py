@@ -13,6 +13,7 @@ import dataclasses
 import json
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "max_eval_samples": None,
     "method": "lora",
     "method_options": {},  # more fields of the method's config (--method-option FIELD=VALUE)
+    "task_ids_column": None,  # poly, multitask_prompt: "task_ids" where the data has it
+    "predict_task_id": None,
     "r": None,  # these five: JOB_DEFAULTS, else the method's config's default
     "lora_alpha": None,
     "lora_dropout": None,
@@ -146,17 +149,22 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (n_tasks=1: the Trainer has no "
-              "task ids), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, osf, "
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (rows routed by their task: "
+              "--task-ids-column), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, "
+              "osf, "
               "lily, tinylora, fourierft, waveft, shadow (causal LMs: causal_lm, instruction), ln_tuning, "
               "trainable_tokens, prefix (prefix tuning), "
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
-              "tuning: one task, num_tasks=1, as the Trainer has no task ids), p-tuning, adaption_prompt (Llama, "
+              "tuning, a prompt per task: --task-ids-column), p-tuning, adaption_prompt (Llama, "
               "Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it); not CPT, whose loss needs each "
               "token's type, nor X-LoRA, which mixes LoRA adapters trained before",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",
+    "task_ids_column": "poly, multitask_prompt: the column of each row's task, an integer from 0 (default: "
+                       "task_ids where the data has one, else task 0 for every row); n_tasks (poly) or num_tasks "
+                       "(multitask_prompt) defaults to the largest task id + 1",
+    "predict_task_id": "poly, multitask_prompt: the task of the --predict texts (default: 0)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
     "r": "the rank, for a method with one (default: 8 for lora and dora, else the method's own)",
     "lora_alpha": "lora, dora, adalora: the scale's numerator (default: 32 for lora and dora)",
@@ -187,7 +195,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = type(default) if default is not None and not isinstance(default, str) else str
             if name in ("max_train_samples", "max_eval_samples", "num_labels", "stride", "r", "lora_alpha",
-                        "num_virtual_tokens"):
+                        "num_virtual_tokens", "predict_task_id"):
                 kind = int
             elif name == "lora_dropout":
                 kind = float
@@ -239,11 +247,23 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--method-option {', '.join(unknown)}: {_config_class(method).__name__} (--method {method}) "
                          f"has no such field; its fields: {', '.join(sorted(fields))}")
+    routed = [name for name in ("task_ids_column", "predict_task_id") if options[name] is not None]
+    if routed and _task_field(method) is None:
+        raise ValueError(f"--method {method} takes no --{routed[0].replace('_', '-')} (it is for poly and "
+                         "multitask_prompt, which route each row by its task)")
     twice = [name for name in FIELD_FLAGS if name in given and options[name] is not None]
     if twice:
         raise ValueError(f"{twice[0]} given twice: --{twice[0].replace('_', '-')} and --method-option {twice[0]}=...")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
     return options
+
+
+def _task_field(method: str) -> str | None:
+    """The config field that counts ``method``'s tasks (Poly's ``n_tasks``, multitask prompt
+    tuning's ``num_tasks``), or ``None`` for a method that does not route rows by task."""
+    from peftjax.training._trainer import TASK_METHODS
+
+    return TASK_METHODS.get(METHODS[method][0])
 
 
 def _config_class(method: str):
@@ -349,8 +369,9 @@ def load_raw_data(options: dict):
     return train, evaluation
 
 
-def tokenize_data(options: dict, tokenizer, train, evaluation):
-    """The job's datasets tokenized for its task."""
+def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str | None = None):
+    """The job's datasets tokenized for its task; with ``task_column``, each row's task carried as
+    ``task_ids`` (a causal LM's documents then one row each, not packed)."""
     from peftjax.training._data import (
         tokenize_causal_lm,
         tokenize_classification,
@@ -361,33 +382,70 @@ def tokenize_data(options: dict, tokenizer, train, evaluation):
     )
 
     task = options["task"]
+    keep = [task_column] if task_column else []
 
     def tokenize(ds):
         if ds is None:
             return None
         if task == "seq_cls":
             return tokenize_classification(ds, tokenizer, text_column=options["text_column"],
-                                           label_column=options["label_column"], max_length=options["max_length"])
+                                           label_column=options["label_column"], max_length=options["max_length"],
+                                           keep_columns=keep)
         if task == "token_cls":
             return tokenize_token_classification(ds, tokenizer, tokens_column=options["tokens_column"],
-                                                 tags_column=options["tags_column"], max_length=options["max_length"])
+                                                 tags_column=options["tags_column"], max_length=options["max_length"],
+                                                 keep_columns=keep)
         if task == "question_answering":
             stride = question_stride(options["stride"], options["max_length"])
             return tokenize_question_answering(ds, tokenizer, question_column=options["question_column"],
                                                context_column=options["context_column"],
                                                answers_column=options["answers_column"],
-                                               max_length=options["max_length"], stride=stride)
+                                               max_length=options["max_length"], stride=stride, keep_columns=keep)
         if task == "seq2seq":
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
-                                    max_target_length=options["max_target_length"])
+                                    max_target_length=options["max_target_length"], keep_columns=keep)
         if task == "causal_lm":
             return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
-                                      max_length=options["max_length"])
+                                      max_length=options["max_length"], packing=not keep, keep_columns=keep)
         return tokenize_instructions(ds, tokenizer, prompt_column=options["prompt_column"],
-                                     response_column=options["response_column"], max_length=options["max_length"])
+                                     response_column=options["response_column"], max_length=options["max_length"],
+                                     keep_columns=keep)
 
-    return tokenize(train), tokenize(evaluation)
+    def with_task_ids(ds):
+        if ds is None or not task_column or task_column == TASK_IDS:
+            return ds
+        return ds.rename_column(task_column, TASK_IDS)
+
+    return with_task_ids(tokenize(train)), with_task_ids(tokenize(evaluation))
+
+
+TASK_IDS = "task_ids"  # the column the Trainer reads each row's task from
+
+
+def task_column(options: dict, raw_train, raw_eval) -> str | None:
+    """The raw data's column of each row's task for a method that routes rows by task: the one
+    ``task_ids_column`` names, else ``task_ids`` where the train data has it; ``None`` otherwise
+    (every row is task 0).
+
+    Raises:
+      ValueError: the named column is missing from the train or eval data, or only the train data
+        has ``task_ids``.
+    """
+    if _task_field(options["method"]) is None:
+        return None
+    given = options["task_ids_column"]
+    column = given or TASK_IDS
+    for name, ds in (("train", raw_train), ("eval", raw_eval)):
+        if ds is None:
+            continue
+        source = options["dataset"] if name == "train" else options["eval_dataset"] or options["dataset"]
+        if column not in ds.column_names:
+            if given is None and name == "train":
+                return None
+            raise ValueError(f"the {name} data ({source or 'the shipped reviews'}) has no task column {column!r} "
+                             f"(--task-ids-column); its columns: {ds.column_names}")
+    return column
 
 
 def run(options: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +462,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     model_path = resolve_model_path(options["model"])
     tokenizer = task_tokenizer(model_path, task)
     raw_train, raw_eval = load_raw_data(options)
-    train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval)
+    tasks_in = task_column(options, raw_train, raw_eval)
+    train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval, tasks_in)
     classifier = task in CLASSIFIER_JOBS
     task_type = TASK_TYPES[task]
     figures: dict[str, Any] = {"train_rows": len(train), "eval_rows": len(evaluation) if evaluation is not None else 0}
@@ -435,7 +494,16 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                              compilation_cache=compilation_cache_setting(options["compilation_cache"]))
     if evaluation is None:
         args = dataclasses.replace(args, eval_strategy="no")
-    config = adapter_config(options, task_type, args.num_training_steps(len(train)))
+    config = adapter_config(options, task_type, args.num_training_steps(len(train)),
+                            count_tasks(tasks_in, raw_train, raw_eval) if tasks_in else None)
+    from peftjax.cli import checked_task_id, task_inputs
+
+    # the --predict texts' task (0 by default), refused before training where the adapter has no such task
+    predict_task = checked_task_id(config, options["predict_task_id"] or 0 if _task_field(options["method"]) else None,
+                                   "--predict-task-id")
+    task_inputs_of = partial(task_inputs, task_id=predict_task, flag="--predict-task-id")
+    if predict_task is not None:
+        figures["tasks"] = getattr(config, _task_field(options["method"]))
     peft_model = peftjax.get_peft_model(base_model(), config, key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
@@ -475,7 +543,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
         batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"],
                           return_offsets_mapping=task == "token_cls")
-        inputs = {k: v for k, v in batch.items() if k in trainer.model_inputs}
+        inputs = {**{k: v for k, v in batch.items() if k in trainer.model_inputs},
+                  **task_inputs_of(peft_model, rows=len(texts))}
         logits, trained = _logits(reloaded, inputs), _logits(peft_model, inputs)
         figures["reload_max_abs_diff"] = float(np.abs(logits - trained).max())
         id2label = dict(enumerate(names or ()))
@@ -489,17 +558,19 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
     elif task_type == "QUESTION_ANS":  # the first eval questions, each on its context (--predict: none)
         if raw_eval is not None:
-            figures["answers"] = _answer_examples(options, tokenizer, reloaded, peft_model, raw_eval, figures)
+            figures["answers"] = _answer_examples(options, tokenizer, reloaded, peft_model, raw_eval, figures,
+                                                  tasks_in)
     elif texts and task_type == "SEQ_2_SEQ_LM":  # the decoder's output is all new tokens
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
                           max_length=options["max_length"])
-        out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20)
+        out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
+                                **task_inputs_of(reloaded, rows=len(texts[:2])))
         for text, row in zip(texts, out):
             print(f"  {text!r} -> {tokenizer.decode(row, skip_special_tokens=True)!r}")
     elif texts:
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, padding_side="left")
         out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
-                                pad_token_id=tokenizer.pad_token_id)
+                                pad_token_id=tokenizer.pad_token_id, **task_inputs_of(reloaded, rows=len(texts[:2])))
         for text, row in zip(texts, out):
             print(f"  {text!r} -> {tokenizer.decode(row[batch['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
     figures["seconds"] = time.perf_counter() - start
@@ -508,9 +579,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def adapter_config(options: dict, task_type: str, training_steps: int):
+def adapter_config(options: dict, task_type: str, training_steps: int, tasks: int | None = None):
     """The job's adapter config: ``options["method"]``'s config with the job's defaults, the flags
-    given and ``method_options``; AdaLoRA's ``total_step`` is the run's ``training_steps`` unless given."""
+    given and ``method_options``; AdaLoRA's ``total_step`` is the run's ``training_steps``, and Poly's
+    ``n_tasks`` (multitask prompt tuning's ``num_tasks``) the data's ``tasks``, unless given."""
     method = options["method"]
     fields = dict(JOB_DEFAULTS.get(method, {}))
     fields.update({name: options[name] for name in FIELD_FLAGS if options[name] is not None})
@@ -519,6 +591,8 @@ def adapter_config(options: dict, task_type: str, training_steps: int):
     fields.update(options["method_options"])
     if method == "adalora":
         fields.setdefault("total_step", training_steps)
+    if tasks is not None:
+        fields.setdefault(_task_field(method), tasks)
     return _config_class(method)(**fields, **METHODS[method][1], task_type=task_type)
 
 
@@ -540,7 +614,24 @@ def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, 
     return {f"eval_{k}": v for k, v in squad_metrics(predicted, answers).items()}, predicted
 
 
-def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict) -> list[dict]:
+def count_tasks(column: str, *datasets) -> int:
+    """The number of tasks the data's ``column`` names: its largest id + 1.
+
+    Raises:
+      ValueError: the column holds something other than integers from 0.
+    """
+    import numpy as np
+
+    ids = np.concatenate([np.asarray(ds[column]) for ds in datasets if ds is not None])
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or (ids.size and ids.min() < 0):
+        shown = ids[:3].tolist() if ids.ndim else ids
+        raise ValueError(f"task column {column!r}: expected one integer task id from 0 per row, got {ids.dtype} "
+                         f"values such as {shown}")
+    return int(ids.max()) + 1 if ids.size else 1
+
+
+def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict,
+                     tasks_in: str | None = None) -> list[dict]:
     """The reloaded adapter's answers to the first eval questions, each from its own context, beside
     the labelled answers; ``figures["reload_max_abs_diff"]``: its logits against the trained model's.
     One batch: each model's forward compiles once."""
@@ -556,6 +647,8 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
                       max_length=options["max_length"], stride=stride, return_overflowing_tokens=True,
                       return_offsets_mapping=True)  # the windows the job trained and evaluated on
     inputs = {k: v for k, v in pairs.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+    if tasks_in:  # each window is its question's task
+        inputs["task_ids"] = np.asarray(examples[tasks_in], np.int32)[pairs["overflow_to_sample_mapping"]]
     logits = _logits(reloaded, inputs)
     figures["reload_max_abs_diff"] = float(np.abs(logits - _logits(trained, inputs)).max())
     rows = answer_spans(pairs, questions, contexts, logits)

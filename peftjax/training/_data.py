@@ -168,6 +168,7 @@ def tokenize_classification(
     text_pair_column: str | None = None,
     label_column: str | None = "label",
     max_length: int = 128,
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes text (or text pairs) for sequence classification; truncates, never pads.
 
@@ -183,19 +184,22 @@ def tokenize_classification(
       label_column: integer (or ``ClassLabel``) labels, floats for regression; ``None`` for
         unlabelled data.
       max_length: rows are truncated to this many tokens, special tokens included.
+      keep_columns: columns copied unchanged to the rows each example becomes (each row's
+        ``task_ids`` for Poly or multitask prompt tuning, an id to join results on).
 
     Returns:
       The dataset with only ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
-      tokenizer makes them) and ``labels``.
+      tokenizer makes them), ``labels`` and ``keep_columns``.
 
     Raises:
-      ValueError: a named column is missing (the message lists the available ones), or the labels
-        are not numbers.
+      ValueError: a named column is missing (the message lists the available ones), a kept column
+        is one the function makes, or the labels are not numbers.
     """
     _check_positive("max_length", max_length)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
 
     def one(ds):
-        columns = [text_column, text_pair_column, label_column]
+        columns = [text_column, text_pair_column, label_column, *keep]
         _require_columns(ds, [c for c in columns if c is not None])
         if label_column is not None:
             _check_numeric_labels(ds, label_column)
@@ -206,7 +210,7 @@ def tokenize_classification(
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             if label_column is not None:
                 out["labels"] = batch[label_column]
-            return out
+            return {**out, **{c: batch[c] for c in keep}}
 
         return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
@@ -221,6 +225,7 @@ def tokenize_token_classification(
     tags_column: str = "ner_tags",
     max_length: int = 128,
     label_all_tokens: bool = False,
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes pre-split words for token classification (named entities, tags), one label per
     token: a word's label on its first sub-token, ``-100`` on special tokens and on a word's later
@@ -240,14 +245,17 @@ def tokenize_token_classification(
       tags_column: each row's word labels (a list of integer class ids, one per word).
       max_length: rows are truncated to this many tokens, special tokens included.
       label_all_tokens: label every sub-token of a word, not only its first.
+      keep_columns: columns copied unchanged to the rows each example becomes (each row's
+        ``task_ids`` for Poly or multitask prompt tuning, an id to join results on).
 
     Returns:
       The dataset with only ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
-      tokenizer makes them) and ``labels``.
+      tokenizer makes them), ``labels`` and ``keep_columns``.
 
     Raises:
-      ValueError: a named column is missing, the tokenizer is not a fast one or is byte-level without
-        ``add_prefix_space``, or a row's tags are not one integer per word (the row is named).
+      ValueError: a named column is missing or a kept one is made here, the tokenizer is not a fast
+        one or is byte-level without ``add_prefix_space``, or a row's tags are not one integer per
+        word (the row is named).
     """
     _check_positive("max_length", max_length)
     if not getattr(tokenizer, "is_fast", False):
@@ -258,9 +266,10 @@ def tokenize_token_classification(
                          "add_prefix_space=True: it would read every word as the start of a text, with other "
                          "tokens than in running text; load it with add_prefix_space=True (as transformers' "
                          "token-classification recipe does)")
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
 
     def one(ds):
-        _require_columns(ds, [tokens_column, tags_column])
+        _require_columns(ds, [tokens_column, tags_column, *keep])
 
         def encode(batch, indices):
             enc = tokenizer(batch[tokens_column], is_split_into_words=True, truncation=True, max_length=max_length)
@@ -276,7 +285,7 @@ def tokenize_token_classification(
                     labels.append(int(tags[word]) if word is not None and (first or label_all_tokens) else -100)
                     previous = word
                 out["labels"].append(labels)
-            return out
+            return {**out, **{c: batch[c] for c in keep}}
 
         return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
 
@@ -292,6 +301,7 @@ def tokenize_question_answering(
     answers_column: str = "answers",
     max_length: int = 384,
     stride: int = 128,
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes SQuAD-style rows for extractive question answering: each question with its
     context (truncating only the context), a long context as several overlapping windows (``stride``
@@ -315,18 +325,20 @@ def tokenize_question_answering(
         labels the row; none (empty lists) labels every window ``[0, 0]``.
       max_length: tokens per window, the question and special tokens included.
       stride: tokens a window shares with the one before it.
+      keep_columns: columns copied unchanged to every window of their row (each row's
+        ``task_ids`` for Poly or multitask prompt tuning).
 
     Returns:
       The windows (more rows than the dataset where contexts overflow): ``input_ids``,
       ``attention_mask``, ``token_type_ids`` (when the tokenizer makes them), ``start_positions``,
       ``end_positions``, ``example_index`` (the window's row in its split) and ``context_offsets``
       (each token's ``[start, end)`` characters in the context; ``[-1, -1]`` for the question's
-      and the special tokens).
+      and the special tokens), and ``keep_columns``.
 
     Raises:
-      ValueError: a named column is missing, the tokenizer is not a fast one, ``stride`` leaves no
-        room, or a row's answer text is not the context's characters at ``answer_start`` (the row
-        is named).
+      ValueError: a named column is missing or a kept one is made here, the tokenizer is not a fast
+        one, ``stride`` leaves no room, or a row's answer text is not the context's characters at
+        ``answer_start`` (the row is named).
     """
     _check_positive("max_length", max_length)
     if not isinstance(stride, int) or stride < 0:
@@ -334,9 +346,11 @@ def tokenize_question_answering(
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenize_question_answering needs a fast tokenizer (its offsets find the answer's "
                          f"tokens); got {type(tokenizer).__name__}")
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "start_positions",
+                                        "end_positions", "example_index", "context_offsets"))
 
     def one(ds):
-        _require_columns(ds, [question_column, context_column, answers_column])
+        _require_columns(ds, [question_column, context_column, answers_column, *keep])
 
         def encode(batch, indices):
             questions = [q.lstrip() for q in batch[question_column]]  # leading spaces only cost tokens
@@ -347,6 +361,7 @@ def tokenize_question_answering(
             out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
             out["start_positions"], out["end_positions"] = [], []
             out["example_index"], out["context_offsets"] = [], []
+            out.update({c: [batch[c][row] for row in enc["overflow_to_sample_mapping"]] for c in keep})
             for window, (row, offsets) in enumerate(zip(enc["overflow_to_sample_mapping"], enc["offset_mapping"])):
                 out["start_positions"].append(0)
                 out["end_positions"].append(0)
@@ -396,6 +411,7 @@ def tokenize_causal_lm(
     text_column: str = "text",
     max_length: int = 512,
     packing: bool = True,
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes documents for next-token prediction; ``labels`` equal ``input_ids``.
 
@@ -415,16 +431,23 @@ def tokenize_causal_lm(
       text_column: the documents.
       max_length: the block length with packing, the truncation length without.
       packing: concatenate and cut into full blocks, or keep one row per document.
+      keep_columns: without packing, columns copied unchanged to each document's row (its
+        ``task_ids`` for Poly or multitask prompt tuning); a packed block has no one row's value.
 
     Returns:
-      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+      The dataset with ``input_ids``, ``attention_mask``, ``labels`` and ``keep_columns``.
 
     Raises:
-      ValueError: ``text_column`` is missing, or packing leaves no full block.
+      ValueError: ``text_column`` or a kept column is missing, a column is kept with packing, or
+        packing leaves no full block.
     """
     import datasets
 
     _check_positive("max_length", max_length)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "labels"))
+    if keep and packing:
+        raise ValueError(f"keep_columns={keep}: a packed block joins several documents, so it has no one "
+                         "document's value; pass packing=False (one row per document)")
     eos = tokenizer.eos_token_id
 
     def encode(batch):
@@ -436,9 +459,10 @@ def tokenize_causal_lm(
         return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "labels": ids}
 
     def one(ds):
-        _require_columns(ds, [text_column])
+        _require_columns(ds, [text_column, *keep])
         if not packing:
-            return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+            return ds.map(lambda batch: {**encode(batch), **{c: batch[c] for c in keep}}, batched=True,
+                          remove_columns=ds.column_names, desc="tokenizing")
         tokens = ds.map(
             lambda batch: {"input_ids": encode(batch)["input_ids"]},
             batched=True,
@@ -468,6 +492,7 @@ def tokenize_instructions(
     response_column: str = "response",
     max_length: int = 512,
     template: str = "{prompt}\n",
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes prompt/response pairs so that only the response is learned.
 
@@ -486,14 +511,18 @@ def tokenize_instructions(
       response_column: the answer to learn.
       max_length: rows are truncated to this many tokens.
       template: a ``str.format`` template with a ``{prompt}`` field.
+      keep_columns: columns copied unchanged to the rows each example becomes (each row's
+        ``task_ids`` for Poly or multitask prompt tuning, an id to join results on).
 
     Returns:
-      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+      The dataset with ``input_ids``, ``attention_mask``, ``labels`` and ``keep_columns``.
 
     Raises:
-      ValueError: a named column is missing, or ``template`` has no ``{prompt}`` field.
+      ValueError: a named column is missing or a kept one is made here, or ``template`` has no
+        ``{prompt}`` field.
     """
     _check_positive("max_length", max_length)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "labels"))
     if "{prompt}" not in template:
         raise ValueError(f"template {template!r} has no {{prompt}} field")
     prefix, suffix = _special_affixes(tokenizer)
@@ -503,8 +532,8 @@ def tokenize_instructions(
         prompts = [template.format(prompt=p) for p in batch[prompt_column]]
         prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
         response_ids = tokenizer(batch[response_column], add_special_tokens=False, verbose=False)["input_ids"]
-        out = {"input_ids": [], "attention_mask": [], "labels": []}
-        for p, r in zip(prompt_ids, response_ids):
+        out = {"input_ids": [], "attention_mask": [], "labels": [], **{c: [] for c in keep}}
+        for row, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             head = [*prefix, *p]
             ids = [*head, *r, *end][:max_length]
             labels = ([IGNORE_INDEX] * len(head) + [*r, *end])[:max_length]
@@ -513,10 +542,12 @@ def tokenize_instructions(
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
+            for c in keep:
+                out[c].append(batch[c][row])
         return out
 
     def one(ds):
-        _require_columns(ds, [prompt_column, response_column])
+        _require_columns(ds, [prompt_column, response_column, *keep])
         result = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
         dropped = len(ds) - len(result)
         if dropped:
@@ -539,6 +570,7 @@ def tokenize_seq2seq(
     max_length: int = 512,
     max_target_length: int = 128,
     prefix: str = "",
+    keep_columns: Sequence[str] = (),
 ):
     """Tokenizes source/target text pairs for an encoder-decoder (``SEQ_2_SEQ_LM``), as HF's examples do.
 
@@ -561,15 +593,19 @@ def tokenize_seq2seq(
       max_length: sources are truncated to this many tokens.
       max_target_length: targets are truncated to this many tokens.
       prefix: prepended to every source (T5's task prefixes).
+      keep_columns: columns copied unchanged to the rows each example becomes (each row's
+        ``task_ids`` for Poly or multitask prompt tuning, an id to join results on).
 
     Returns:
-      The dataset with ``input_ids``, ``attention_mask`` and ``labels``.
+      The dataset with ``input_ids``, ``attention_mask``, ``labels`` and ``keep_columns``.
 
     Raises:
-      ValueError: a named column is missing, or a length is not a positive int.
+      ValueError: a named column is missing or a kept one is made here, or a length is not a
+        positive int.
     """
     _check_positive("max_length", max_length)
     _check_positive("max_target_length", max_target_length)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "labels"))
 
     def encode(batch):
         enc = tokenizer([prefix + s for s in batch[source_column]], truncation=True, max_length=max_length,
@@ -577,10 +613,10 @@ def tokenize_seq2seq(
         targets = tokenizer(text_target=list(batch[target_column]), truncation=True, max_length=max_target_length,
                             verbose=False)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": targets["input_ids"]}
+                "labels": targets["input_ids"], **{c: batch[c] for c in keep}}
 
     def one(ds):
-        _require_columns(ds, [source_column, target_column])
+        _require_columns(ds, [source_column, target_column, *keep])
         return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
     return _per_split(dataset, one)
@@ -600,6 +636,20 @@ def _require_columns(ds, columns: Sequence[str]) -> None:
         raise ValueError(
             f"dataset has no column {', '.join(map(repr, missing))}; available: {ds.column_names}"
         )
+
+
+def _kept_columns(keep_columns, made: tuple[str, ...]) -> list[str]:
+    """``keep_columns`` as a list (one name may be given as a string).
+
+    Raises:
+      ValueError: a kept column is one the tokenizing function makes.
+    """
+    keep = [keep_columns] if isinstance(keep_columns, str) else list(keep_columns)
+    clash = [c for c in keep if c in made]
+    if clash:
+        raise ValueError(f"keep_columns {clash}: the tokenized rows make their own {', '.join(clash)}; rename the "
+                         "column first (dataset.rename_column)")
+    return keep
 
 
 def _check_numeric_labels(ds, column: str) -> None:
