@@ -163,7 +163,8 @@ FLAG_HELP = {
                       "method_options is a mapping)",
     "task_ids_column": "poly, multitask_prompt: the column of each row's task, an integer from 0 (default: "
                        "task_ids where the data has one, else task 0 for every row); n_tasks (poly) or num_tasks "
-                       "(multitask_prompt) defaults to the largest task id + 1",
+                       "(multitask_prompt) defaults to the largest task id + 1; a causal_lm job's documents are "
+                       "then a row each, not packed into blocks",
     "predict_task_id": "poly, multitask_prompt: the task of the --predict texts (default: 0)",
     "target_modules": "comma-separated module names (default: PEFT's per-architecture default)",
     "r": "the rank, for a method with one (default: 8 for lora and dora, else the method's own)",
