@@ -155,6 +155,7 @@ TASK_CASES = [
     ("bert", "FEATURE_EXTRACTION", "BertForSequenceClassification"),  # predict embeds (mean: no modules.json)
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
+    ("llama", "TOKEN_CLS", "LlamaForCausalLM"),  # a decoder's score on every token
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
     ("llama", "CAUSAL_LM", "LlamaForSequenceClassification"),
     # the Hub's ModernBERT checkpoints (masked LMs: their `head` is what the classifiers read)

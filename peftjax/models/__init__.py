@@ -8,23 +8,26 @@ from peftjax.models._bert import (
     BertForTokenClassification,
     BertModel,
 )
-from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification
-from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification
+from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification
+from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
-from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification
-from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification
-from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification
+from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification, GptOssForTokenClassification
+from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification, SeedOssForTokenClassification
+from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
     MistralForCausalLM,
     MistralForSequenceClassification,
+    MistralForTokenClassification,
     Qwen2ForCausalLM,
     Qwen2ForSequenceClassification,
+    Qwen2ForTokenClassification,
 )
 from peftjax.models._olmo import (
     Olmo2ForCausalLM,
@@ -38,12 +41,20 @@ from peftjax.models._modernbert import (
     ModernBertForTokenClassification,
     ModernBertModel,
 )
-from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification
-from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification
-from peftjax.models._smollm3 import SmolLM3ForCausalLM, SmolLM3ForSequenceClassification
-from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
-from peftjax.models._qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoeForSequenceClassification
-from peftjax.models._qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeForSequenceClassification
+from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification, MixtralForTokenClassification
+from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification
+from peftjax.models._smollm3 import SmolLM3ForCausalLM, SmolLM3ForSequenceClassification, SmolLM3ForTokenClassification
+from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification, Qwen3ForTokenClassification
+from peftjax.models._qwen2_moe import (
+    Qwen2MoeForCausalLM,
+    Qwen2MoeForSequenceClassification,
+    Qwen2MoeForTokenClassification,
+)
+from peftjax.models._qwen3_moe import (
+    Qwen3MoeForCausalLM,
+    Qwen3MoeForSequenceClassification,
+    Qwen3MoeForTokenClassification,
+)
 from peftjax.models._roberta import (
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
@@ -76,8 +87,10 @@ __all__ = [
     "GPT2ForSequenceClassification",
     "GemmaForCausalLM",
     "GemmaForSequenceClassification",
+    "GemmaForTokenClassification",
     "Gemma2ForCausalLM",
     "Gemma2ForSequenceClassification",
+    "Gemma2ForTokenClassification",
     "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification",
     "GPT2LMHeadModel",
@@ -85,18 +98,24 @@ __all__ = [
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
+    "LlamaForTokenClassification",
     "LlamaModel",
     "MistralForCausalLM",
     "MistralForSequenceClassification",
+    "MistralForTokenClassification",
     "GptOssForCausalLM",
     "GptOssForSequenceClassification",
+    "GptOssForTokenClassification",
     "SeedOssForCausalLM",
     "SeedOssForSequenceClassification",
+    "SeedOssForTokenClassification",
     "Glm4ForCausalLM",
     "Glm4ForSequenceClassification",
+    "Glm4ForTokenClassification",
     "Ernie4_5ForCausalLM",
     "MixtralForCausalLM",
     "MixtralForSequenceClassification",
+    "MixtralForTokenClassification",
     "ModelConfig",
     "ModernBertForQuestionAnswering",
     "ModernBertForSequenceClassification",
@@ -110,21 +129,27 @@ __all__ = [
     "Olmo3ForSequenceClassification",
     "Phi3ForCausalLM",
     "Phi3ForSequenceClassification",
+    "Phi3ForTokenClassification",
     "PreTrainedModel",
     "Qwen2ForCausalLM",
     "Qwen2ForSequenceClassification",
+    "Qwen2ForTokenClassification",
     "Qwen2MoeForCausalLM",
     "Qwen2MoeForSequenceClassification",
+    "Qwen2MoeForTokenClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "Qwen3ForTokenClassification",
     "Qwen3MoeForCausalLM",
     "Qwen3MoeForSequenceClassification",
+    "Qwen3MoeForTokenClassification",
     "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",
     "RobertaForTokenClassification",
     "RobertaModel",
     "SmolLM3ForCausalLM",
     "SmolLM3ForSequenceClassification",
+    "SmolLM3ForTokenClassification",
     "XLMRobertaForQuestionAnswering",
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",

@@ -15,7 +15,13 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import GemmaEmbeddingAndNorm, GemmaMLP, GemmaRMSNorm, check_gemma_config
-from peftjax.models._llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from peftjax.models._llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
+)
 
 
 class GemmaDecoderLayer(LlamaDecoderLayer):
@@ -50,5 +56,10 @@ class GemmaForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = GemmaModel
 
 
+class GemmaForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = GemmaModel
+
+
 register(GemmaForCausalLM, model_types=("gemma",), default=True)
 register(GemmaForSequenceClassification)
+register(GemmaForTokenClassification)

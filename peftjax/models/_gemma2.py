@@ -30,6 +30,7 @@ from peftjax.models._llama import (
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     head_dim_of,
 )
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
@@ -244,5 +245,10 @@ class Gemma2ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Gemma2Model
 
 
+class Gemma2ForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = Gemma2Model
+
+
 register(Gemma2ForCausalLM, model_types=("gemma2",), default=True)
 register(Gemma2ForSequenceClassification)
+register(Gemma2ForTokenClassification)

@@ -25,6 +25,7 @@ from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
 from peftjax.nn._dropout import split_keys
@@ -82,5 +83,10 @@ class Glm4ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Glm4Model
 
 
+class Glm4ForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = Glm4Model
+
+
 register(Glm4ForCausalLM, model_types=("glm4",), default=True)
 register(Glm4ForSequenceClassification)
+register(Glm4ForTokenClassification)

@@ -37,7 +37,7 @@ from flax import nnx
 
 from peftjax.io._errors import CheckpointError
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaAttention, LlamaForSequenceClassification
+from peftjax.models._llama import LlamaAttention, LlamaForSequenceClassification, LlamaForTokenClassification
 from peftjax.models._mixtral import (
     MixtralDecoderLayer,
     MixtralForCausalLM,
@@ -251,5 +251,10 @@ class GptOssForSequenceClassification(_GptOssCheckpoints, LlamaForSequenceClassi
     model_class: ClassVar[type[nnx.Module]] = GptOssModel
 
 
+class GptOssForTokenClassification(_GptOssCheckpoints, LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = GptOssModel
+
+
 register(GptOssForCausalLM, model_types=("gpt_oss",), default=True)
 register(GptOssForSequenceClassification)
+register(GptOssForTokenClassification)

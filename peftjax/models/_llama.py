@@ -18,7 +18,12 @@ from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
-from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
+from peftjax.models._losses import (
+    causal_lm_head_loss,
+    masked_cross_entropy,
+    pool_last_token,
+    sequence_classification_loss,
+)
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import apply_rotary, rotary_embedding
@@ -344,6 +349,50 @@ class LlamaForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 
 
+class LlamaForTokenClassification(PreTrainedModel):
+    """Token classification (PEFT's ``TOKEN_CLS``): the decoder, dropout and a ``score`` head on every
+    token, as transformers' decoder token classifiers (``GenericForTokenClassification``). Each
+    token sees only the tokens before it (the decoder is causal)."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
+    model_class: ClassVar[type[nnx.Module]] = LlamaModel
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # transformers' rule: classifier_dropout, else hidden_dropout, else 0.1
+        rate = next((r for r in (getattr(config, "classifier_dropout", None), getattr(config, "hidden_dropout", None))
+                     if r is not None), 0.1)
+        self.dropout_rate = float(rate)
+        self.score = nnx.Linear(config.hidden_size, config.num_labels,
+                                use_bias=bool(getattr(config, "token_classification_bias", True)), dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        prefix_kv=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """Classifies every token, ``[batch, seq, num_labels]``; ``labels`` (``[batch, seq]`` ints,
+        ``-100`` where no label counts) add the mean cross entropy over the labelled tokens."""
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv,
+                         dropout_rng=base_rng)
+        logits = self.score(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
+        loss = None
+        if labels is not None:
+            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state)
+
+
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral: Llama with a sliding attention window."""
 
@@ -360,11 +409,20 @@ class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     pass
 
 
+class MistralForTokenClassification(LlamaForTokenClassification):
+    pass
+
+
+class Qwen2ForTokenClassification(LlamaForTokenClassification):
+    pass
+
+
 for _cls, _type in (
     (LlamaForCausalLM, "llama"),
     (MistralForCausalLM, "mistral"),
     (Qwen2ForCausalLM, "qwen2"),
 ):
     register(_cls, model_types=(_type,), default=True)
-for _cls in (LlamaForSequenceClassification, MistralForSequenceClassification, Qwen2ForSequenceClassification):
+for _cls in (LlamaForSequenceClassification, MistralForSequenceClassification, Qwen2ForSequenceClassification,
+             LlamaForTokenClassification, MistralForTokenClassification, Qwen2ForTokenClassification):
     register(_cls)

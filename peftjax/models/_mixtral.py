@@ -62,6 +62,7 @@ from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
     kv_layout,
     sliding_windows,
@@ -589,5 +590,10 @@ class MixtralForSequenceClassification(_MoeCheckpoints, LlamaForSequenceClassifi
     model_class: ClassVar[type[nnx.Module]] = MixtralModel
 
 
+class MixtralForTokenClassification(_MoeCheckpoints, LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = MixtralModel
+
+
 register(MixtralForCausalLM, model_types=("mixtral",), default=True)
 register(MixtralForSequenceClassification)
+register(MixtralForTokenClassification)

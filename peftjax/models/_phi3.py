@@ -21,6 +21,7 @@ from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
 from peftjax.nn._functional import swiglu
@@ -110,5 +111,10 @@ class Phi3ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Phi3Model
 
 
+class Phi3ForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = Phi3Model
+
+
 register(Phi3ForCausalLM, model_types=("phi3",), default=True)
 register(Phi3ForSequenceClassification)
+register(Phi3ForTokenClassification)

@@ -17,6 +17,7 @@ from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
 from peftjax.nn._norm import RMSNorm
@@ -52,5 +53,10 @@ class Qwen3ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Qwen3Model
 
 
+class Qwen3ForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = Qwen3Model
+
+
 register(Qwen3ForCausalLM, model_types=("qwen3",), default=True)
 register(Qwen3ForSequenceClassification)
+register(Qwen3ForTokenClassification)

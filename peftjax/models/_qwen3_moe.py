@@ -24,7 +24,7 @@ from typing import ClassVar
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaForSequenceClassification
+from peftjax.models._llama import LlamaForSequenceClassification, LlamaForTokenClassification
 from peftjax.models._mixtral import (
     ExpertLayout,
     MixtralDecoderLayer,
@@ -76,5 +76,11 @@ class Qwen3MoeForSequenceClassification(_MoeCheckpoints, LlamaForSequenceClassif
     expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
 
 
+class Qwen3MoeForTokenClassification(_MoeCheckpoints, LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = Qwen3MoeModel
+    expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
+
+
 register(Qwen3MoeForCausalLM, model_types=("qwen3_moe",), default=True)
 register(Qwen3MoeForSequenceClassification)
+register(Qwen3MoeForTokenClassification)

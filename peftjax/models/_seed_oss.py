@@ -15,7 +15,12 @@ from typing import ClassVar
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from peftjax.models._llama import (
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
+)
 
 
 class SeedOssModel(LlamaModel):
@@ -30,5 +35,10 @@ class SeedOssForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = SeedOssModel
 
 
+class SeedOssForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = SeedOssModel
+
+
 register(SeedOssForCausalLM, model_types=("seed_oss",), default=True)
 register(SeedOssForSequenceClassification)
+register(SeedOssForTokenClassification)

@@ -26,6 +26,7 @@ from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
 
@@ -82,5 +83,10 @@ class SmolLM3ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = SmolLM3Model
 
 
+class SmolLM3ForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = SmolLM3Model
+
+
 register(SmolLM3ForCausalLM, model_types=("smollm3",), default=True)
 register(SmolLM3ForSequenceClassification)
+register(SmolLM3ForTokenClassification)
