@@ -177,7 +177,8 @@ def test_lora_on_a_decoder_token_classifier_moves_both_ways_with_peft(tiny_check
 
 
 @pytest.mark.parametrize("config", [dict(cls="PromptTuningConfig"),
-                                    dict(cls="PromptEncoderConfig", encoder_hidden_size=16)], ids=["prompt", "p-tuning"])
+                                    dict(cls="PromptEncoderConfig", encoder_hidden_size=16)],
+                         ids=["prompt", "p-tuning"])
 def test_prompt_learning_on_a_decoder_token_classifier_gives_peft_s_logits(tiny_checkpoint, config, tmp_path):
     """PEFT's prompt tuning and P-tuning files on a Llama token classifier: its logits on each row's
     own tokens, after the virtual ones. (PEFT 0.21.2 cannot run prefix tuning on one: it looks for
