@@ -29,7 +29,7 @@ def _batch(family: str, seq: int = 9, seed: int = 0):
     """Right-padded rows with per-token labels: -100 on padding and on a few tokens (a word's later
     sub-tokens, as tokenize_token_classification leaves them)."""
     rng = np.random.RandomState(seed)
-    pad = PADS[family]
+    pad = PADS.get(family, 0)  # the tiny decoders' pad id is 0
     ids = rng.randint(3, 96, (3, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     for row in range(3):
@@ -45,6 +45,16 @@ def _torch(model, **inputs):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+
+
+def _moved_off_start(pm, seed: int):
+    """PEFT's model with every trainable tensor moved by noise (0.3 std), in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return pm.eval()
 
 
 @pytest.fixture(scope="module")
@@ -82,33 +92,38 @@ def test_any_checkpoint_of_the_family_loads_as_a_token_classifier(tmp_path):
     np.testing.assert_allclose(np.asarray(model.roberta(**inputs).last_hidden_state), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
-def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, family, tmp_path):
-    torch_model, path = checkpoints[family]
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "qwen3_moe"])
+def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, tiny_checkpoint, family, tmp_path):
+    """PEFT's TOKEN_CLS LoRA (the head in modules_to_save: BERT's ``classifier``, a decoder's
+    ``score``) gives its logits here; trained here (a decoder with its head's dropout), PEFT reads it
+    with the same logits."""
+    if family in CLASSES:
+        torch_class, path = CLASSES[family], checkpoints[family][1]
+    else:
+        spec, path = _decoder(tiny_checkpoint, family)
+        torch_class = spec.torch_class
+    # PEFT has no default targets for Qwen3-MoE
+    targets = {"llama": ["q_proj", "v_proj", "gate_proj"], "qwen3_moe": ["q_proj", "v_proj"]}.get(family)
     inputs, labels = _batch(family)
     real = inputs["attention_mask"] == 1
     # PEFT's adapter, its LoRA factors and its classifier copy moved off their start, read here
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(CLASSES[family].from_pretrained(path),
-                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8)).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    pm.save_pretrained(tmp_path / "peft")
+        pm = peft.get_peft_model(torch_class.from_pretrained(path),
+                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8, target_modules=targets))
+    _moved_off_start(pm, seed=2).save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     ref = _torch(pm, **inputs).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(**inputs).logits)[real], ref[real], atol=1e-5, rtol=0)
-    # trained here (LoRA on the default targets, the classifier whole), read by PEFT
-    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="TOKEN_CLS", r=4))
-    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4, dropout=False).losses
+    # trained here (LoRA on the targets, the classifier whole), read by PEFT
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.LoraConfig(task_type="TOKEN_CLS", r=4, target_modules=targets))
+    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4, dropout=family not in CLASSES).losses
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(CLASSES[family].from_pretrained(path), tmp_path / "ours").eval()
+        theirs = peft.PeftModel.from_pretrained(torch_class.from_pretrained(path), tmp_path / "ours").eval()
     np.testing.assert_allclose(np.asarray(model(**inputs).logits)[real], _torch(theirs, **inputs).logits.numpy()[real],
                                atol=1e-5, rtol=0)
 
@@ -134,46 +149,13 @@ def test_decoder_token_classifiers_match_transformers(tiny_checkpoint, family):
     model = models.from_pretrained(path)
     assert type(model).__name__ == spec.class_name
     assert type(models.from_pretrained(tiny_checkpoint(family), task_type="TOKEN_CLS", num_labels=2)) is type(model)
-    inputs, labels = _batch("bert")  # pad id 0, as the tiny decoders'
+    inputs, labels = _batch(family)
     ref = _torch(torch_model, **inputs, labels=labels)
     out = nnx.jit(lambda m, feed: m(**feed))(model, {**{k: jnp.asarray(v) for k, v in inputs.items()},
                                                      "labels": jnp.asarray(labels)})
     real = inputs["attention_mask"] == 1
     np.testing.assert_allclose(np.asarray(out.logits)[real], ref.logits.numpy()[real], atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_lora_on_a_decoder_token_classifier_moves_both_ways_with_peft(tiny_checkpoint, family, tmp_path):
-    """PEFT's TOKEN_CLS LoRA (``score`` in modules_to_save) gives its logits here; trained here with
-    the head's dropout, PEFT reads it with the same logits."""
-    spec, path = _decoder(tiny_checkpoint, family)
-    inputs, labels = _batch("bert")
-    real = inputs["attention_mask"] == 1
-    targets = ["q_proj", "v_proj", "gate_proj"] if family == "llama" else ["q_proj", "v_proj"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
-                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8, target_modules=targets)).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    pm.save_pretrained(tmp_path / "peft")
-    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    ref = _torch(pm, **inputs).logits.numpy()
-    np.testing.assert_allclose(np.asarray(ours(**inputs).logits)[real], ref[real], atol=1e-5, rtol=0)
-    model = peftjax.get_peft_model(models.from_pretrained(path),
-                                   peftjax.LoraConfig(task_type="TOKEN_CLS", r=4, target_modules=targets))
-    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4).losses
-    assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path), tmp_path / "ours").eval()
-    np.testing.assert_allclose(np.asarray(model(**inputs).logits)[real], _torch(theirs, **inputs).logits.numpy()[real],
-                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("config", [dict(cls="PromptTuningConfig"),
@@ -184,19 +166,14 @@ def test_prompt_learning_on_a_decoder_token_classifier_gives_peft_s_logits(tiny_
     own tokens, after the virtual ones. (PEFT 0.21.2 cannot run prefix tuning on one: it looks for
     a ``past_key_values`` argument that transformers 5's decoders no longer have.)"""
     spec, path = _decoder(tiny_checkpoint, "llama")
-    inputs, _ = _batch("bert")
+    inputs, _ = _batch("llama")
     real = inputs["attention_mask"] == 1
     fields = {k: v for k, v in config.items() if k != "cls"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
                                  getattr(peft, config["cls"])(task_type="TOKEN_CLS", num_virtual_tokens=3, **fields))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    pm.eval().save_pretrained(tmp_path / "peft")
+    _moved_off_start(pm, seed=1).save_pretrained(tmp_path / "peft")
     ref = _torch(pm, **inputs).logits.numpy()[:, 3:]
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     assert peftjax.virtual_positions(ours) == 3

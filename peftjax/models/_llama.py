@@ -315,8 +315,10 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
                                   dtype or self.dtype)
 
 
-class LlamaForSequenceClassification(PreTrainedModel):
-    """Sequence classification: the decoder plus a ``score`` head read at the last real token."""
+class DecoderWithScore(PreTrainedModel):
+    """The decoder (``model_class``, under ``model``) and a new ``score`` head: the base of the
+    decoders' sequence and token classifiers, whose checkpoints are the causal LM's without its
+    ``lm_head``."""
 
     base_model_prefix: ClassVar[str] = "model"
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
@@ -325,8 +327,15 @@ class LlamaForSequenceClassification(PreTrainedModel):
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = self.model_class(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class LlamaForSequenceClassification(DecoderWithScore):
+    """Sequence classification: the decoder plus a ``score`` head read at the last real token."""
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.score = nnx.Linear(
             config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -349,20 +358,14 @@ class LlamaForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 
 
-class LlamaForTokenClassification(PreTrainedModel):
+class LlamaForTokenClassification(DecoderWithScore):
     """Token classification (PEFT's ``TOKEN_CLS``): the decoder, dropout and a ``score`` head on every
     token, as transformers' decoder token classifiers (``GenericForTokenClassification``). Each
     token sees only the tokens before it (the decoder is causal)."""
 
-    base_model_prefix: ClassVar[str] = "model"
-    optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
-    model_class: ClassVar[type[nnx.Module]] = LlamaModel
-
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # transformers' rule: classifier_dropout, else hidden_dropout, else 0.1
         rate = next((r for r in (getattr(config, "classifier_dropout", None), getattr(config, "hidden_dropout", None))
                      if r is not None), 0.1)
