@@ -172,7 +172,7 @@ def _predict(args) -> int:
                          "questions)" + ("" if by_span else f"; {type(_base(model)).__name__} answers no questions"))
     tokenizer = task_tokenizer(args.tokenizer or _base_dir(args), "token_cls" if by_word else "seq_cls")
     texts = _texts(args)
-    task_inputs(model, args.task_id, len(texts))  # checked before any tokenizing
+    routed = task_inputs(model, args.task_id, len(texts))  # checked before any tokenizing
     if (by_word or by_span) and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
                          f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
@@ -195,8 +195,7 @@ def _predict(args) -> int:
     batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=args.max_length,
                       return_offsets_mapping=by_word)
     accepted = _accepted(model)
-    logits = _logits(model, {**{k: v for k, v in batch.items() if k in accepted},
-                             **task_inputs(model, args.task_id, len(texts))})
+    logits = _logits(model, {**{k: v for k, v in batch.items() if k in accepted}, **routed})
     if _is_feature_extractor(model):  # its last hidden states, pooled as the checkpoint says
         modes, normalize = sentence_pooling(_base_dir(args))
         vectors = pooled_embeddings(logits, batch["attention_mask"], modes, normalize=normalize)

@@ -381,6 +381,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
         tokenize_seq2seq,
         tokenize_token_classification,
     )
+    from peftjax.training._trainer import TASK_COLUMN
 
     task = options["task"]
     keep = [task_column] if task_column else []
@@ -413,15 +414,12 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
                                      response_column=options["response_column"], max_length=options["max_length"],
                                      keep_columns=keep)
 
-    def with_task_ids(ds):
-        if ds is None or not task_column or task_column == TASK_IDS:
+    def with_task_ids(ds):  # under the name the Trainer reads each row's task from
+        if ds is None or not task_column or task_column == TASK_COLUMN:
             return ds
-        return ds.rename_column(task_column, TASK_IDS)
+        return ds.rename_column(task_column, TASK_COLUMN)
 
     return with_task_ids(tokenize(train)), with_task_ids(tokenize(evaluation))
-
-
-TASK_IDS = "task_ids"  # the column the Trainer reads each row's task from
 
 
 def task_column(options: dict, raw_train, raw_eval) -> str | None:
@@ -433,10 +431,12 @@ def task_column(options: dict, raw_train, raw_eval) -> str | None:
       ValueError: the named column is missing from the train or eval data, or only the train data
         has ``task_ids``.
     """
+    from peftjax.training._trainer import TASK_COLUMN
+
     if _task_field(options["method"]) is None:
         return None
     given = options["task_ids_column"]
-    column = given or TASK_IDS
+    column = given or TASK_COLUMN
     for name, ds in (("train", raw_train), ("eval", raw_eval)):
         if ds is None:
             continue
@@ -499,12 +499,12 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                             count_tasks(tasks_in, raw_train, raw_eval) if tasks_in else None)
     from peftjax.cli import checked_task_id, task_inputs
 
-    # the --predict texts' task (0 by default), refused before training where the adapter has no such task
-    predict_task = checked_task_id(config, options["predict_task_id"] or 0 if _task_field(options["method"]) else None,
-                                   "--predict-task-id")
+    task_field = _task_field(options["method"])
+    predict_task = None
+    if task_field is not None:  # the --predict texts' task (0 by default), refused here if the adapter lacks it
+        predict_task = checked_task_id(config, options["predict_task_id"] or 0, "--predict-task-id")
+        figures["tasks"] = getattr(config, task_field)
     task_inputs_of = partial(task_inputs, task_id=predict_task, flag="--predict-task-id")
-    if predict_task is not None:
-        figures["tasks"] = getattr(config, _task_field(options["method"]))
     peft_model = peftjax.get_peft_model(base_model(), config, key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
