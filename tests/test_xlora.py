@@ -146,5 +146,10 @@ def test_bad_x_lora_settings_are_named(setup):
     model = peftjax.get_peft_model(models.from_pretrained(base), peftjax.XLoraConfig(adapters=paths))
     with pytest.raises(ValueError, match="X-LoRA: its weights change with every token, so it cannot be merged"):
         model.merge_adapter()
+    # Shadow beside X-LoRA would share its active state (model_active): refused, the model left as it was
+    with pytest.raises(NotImplementedError, match=r"carries X-LoRA adapters \['default'\]; a ShadowPEFT adapter "
+                                                   r"cannot join them"):
+        model.add_adapter("shadow", peftjax.ShadowConfig(task_type="CAUSAL_LM", r=4))
+    assert model.base_model.active_adapter_names() == ("default",)
     with pytest.raises(NotImplementedError, match=r"decodes greedily; \['do_sample=True'\]"):
         model.generate(np.ones((1, 3), np.int32), do_sample=True)

@@ -77,7 +77,21 @@ class ModelLevelAdapter(AdapterLayer):
     ``model_disabled`` its state; the weights are made trainable or frozen when they are built."""
 
     stores: tuple[str, ...] = ()
+    method: str = "model-level"  # the method's name, for messages
     merge_refusal: str = "this adapter cannot be merged"
+
+    @classmethod
+    def refuse_another_method(cls, model) -> None:
+        """Refuses to add this method to a ``model`` that carries another model-level method's
+        adapter: their active and disabled state is one (``model_active``, ``model_disabled``).
+
+        Raises:
+          NotImplementedError: naming both methods and the adapters already there.
+        """
+        if isinstance(model, ModelLevelAdapter) and not isinstance(model, cls):
+            raise NotImplementedError(f"{type(model).__name__} carries {model.method} adapters "
+                                      f"{list(model.adapter_names())}; a {cls.method} adapter cannot join them (one "
+                                      "model-level method per model: delete_adapter them first)")
 
     @property
     def adapter_stores(self) -> tuple[str, ...]:

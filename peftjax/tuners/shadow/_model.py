@@ -152,6 +152,7 @@ class ShadowModel(ModelLevelAdapter):
     adapter_state_attrs = ("shadow_backbones", "shadow_projections", "shadow_settings", "model_active",
                            "model_disabled")
     stores = ("shadow_backbones", "shadow_projections")
+    method = "ShadowPEFT"
     merge_refusal = ("ShadowPEFT cannot be merged into the base model: the adaptation is an input-dependent, "
                      "layer-space trajectory, not a static weight delta")
 
@@ -247,6 +248,7 @@ def inject_shadow(model: nnx.Module, config: ShadowConfig, *, adapter_name: str 
                                   "supported here; use 'mirror'")
     if isinstance(model, ShadowModel):
         raise NotImplementedError("one Shadow adapter per model is supported (PEFT runs exactly one at a time)")
+    ShadowModel.refuse_another_method(model)
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     if layers is None or not hasattr(type(model), "generate"):

@@ -94,6 +94,7 @@ class XLoraModel(ModelLevelAdapter):
 
     adapter_state_attrs = ("xlora_classifiers", "xlora_settings", "model_active", "model_disabled")
     stores = ("xlora_classifiers",)
+    method = "X-LoRA"
     merge_refusal = "X-LoRA: its weights change with every token, so it cannot be merged"
 
     def _settings(self, name: str) -> tuple[dict, float]:
@@ -169,6 +170,7 @@ def inject_xlora(model: nnx.Module, config: XLoraConfig, *, adapter_name: str = 
     if isinstance(model, XLoraModel):
         raise ValueError(f"{type(model).__name__} already carries X-LoRA adapter {model.adapter_names()}; "
                          "one per model is supported")
+    XLoraModel.refuse_another_method(model)
     width = getattr(getattr(model, "config", None), "hidden_size", None)
     if config.hidden_size is None:
         config = dataclasses.replace(config, hidden_size=width)
