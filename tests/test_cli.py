@@ -156,6 +156,7 @@ TASK_CASES = [
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("llama", "TOKEN_CLS", "LlamaForCausalLM"),  # a decoder's score on every token
+    ("llama", "QUESTION_ANS", "LlamaForCausalLM"),  # the decoder under `transformer` in the merged file
     ("gpt2", "CAUSAL_LM", "GPT2Model"),
     ("llama", "CAUSAL_LM", "LlamaForSequenceClassification"),
     # the Hub's ModernBERT checkpoints (masked LMs: their `head` is what the classifiers read)

@@ -1,6 +1,6 @@
-"""Extractive question answering (PEFT's QUESTION_ANS): BERT, RoBERTa and XLM-R ``qa_outputs`` heads
-against transformers (start and end logits, the span loss with answers cut off by truncation) and
-HF PEFT (LoRA adapters with the head in ``modules_to_save``, both ways)."""
+"""Extractive question answering (PEFT's QUESTION_ANS): BERT, RoBERTa, XLM-R and the decoders'
+``qa_outputs`` heads against transformers (start and end logits, the span loss with answers cut off
+by truncation) and HF PEFT (LoRA adapters with the head in ``modules_to_save``, both ways)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _batch(family: str, seq: int = 9, seed: int = 0):
     mask = np.ones_like(ids)
     for row in range(3):
         mask[row, seq - 2 * row:] = 0
-    ids[mask == 0] = PADS[family]
+    ids[mask == 0] = PADS.get(family, 0)  # the tiny decoders' pad id is 0
     starts, ends = np.array([2, seq, 1]), np.array([4, seq, seq + 5])
     return dict(input_ids=ids, attention_mask=mask), dict(start_positions=starts, end_positions=ends)
 
@@ -113,6 +113,137 @@ def test_lora_question_answering_adapters_move_both_ways_with_peft(checkpoints, 
     for name in ("start_logits", "end_logits"):
         np.testing.assert_allclose(np.asarray(getattr(out, name)), getattr(ref, name).numpy(), atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+# transformers' decoder question answering (GenericForQuestionAnswering); the first six keep the
+# decoder under ``transformer``, the last three under ``model``
+DECODERS = ["llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "mistral", "mixtral", "qwen2_moe"]
+
+
+def _decoder(tiny_checkpoint, family: str):
+    spec = _tiny.arch(family, _tiny.FAMILIES[family][1].replace("ForCausalLM", "ForQuestionAnswering"))
+    return spec, tiny_checkpoint(spec)
+
+
+def _eager(cls, path):
+    """transformers' model with eager attention. A padding query whose sliding window holds padding
+    only (the tiny Mistral's and SmolLM3's windows are 4 tokens) sees no key: torch's SDPA gives it
+    zeros, transformers' eager attention (and peftjax) the values' mean; the span loss's softmax
+    runs over every position, padding too."""
+    return cls.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _spans_close(out, ref, real=None):
+    for name in ("start_logits", "end_logits"):
+        got, want = np.asarray(getattr(out, name)), getattr(ref, name).numpy()
+        np.testing.assert_allclose(got if real is None else got[real], want if real is None else want[real],
+                                   atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_question_answering_matches_transformers(tiny_checkpoint, family):
+    """Each family's ``...ForQuestionAnswering`` file (its decoder under transformers' name for it):
+    the start and end logits of right-padded rows and the span loss."""
+    spec, path = _decoder(tiny_checkpoint, family)
+    torch_model = _eager(spec.torch_class, path)
+    model = models.from_pretrained(path)
+    assert type(model).__name__ == spec.class_name
+    prefix = torch_model.base_model_prefix
+    assert hasattr(model, prefix) and model.base_model_prefix == prefix
+    inputs, spans = _batch(family)
+    ref = _torch(torch_model, **inputs, **spans)
+    out = nnx.jit(lambda m, feed: m(**feed))(model, {k: jnp.asarray(v) for k, v in {**inputs, **spans}.items()})
+    _spans_close(out, ref)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_decoder_question_answering_model_reads_a_causal_lm_s_decoder(tiny_checkpoint, family, tmp_path):
+    """From a causal LM checkpoint (the Hub's decoders) the decoder is the causal LM's under either
+    of transformers' names (``transformer`` for Llama, where transformers 5 itself draws it at
+    random, ``model`` for Mistral) and ``qa_outputs`` is new; saved, it is the file transformers'
+    class loads with the same numbers."""
+    path = tiny_checkpoint(family)
+    causal = _eager(_tiny.arch(family).torch_class, path)
+    with pytest.warns(models.NewWeightsWarning, match="qa_outputs"):
+        model = models.from_pretrained(path, task_type="QUESTION_ANS")
+    assert type(model).__name__ == _tiny.FAMILIES[family][1].replace("ForCausalLM", "ForQuestionAnswering")
+    inputs, _ = _batch(family)
+    real = inputs["attention_mask"] == 1
+    decoder = getattr(model, model.base_model_prefix)
+    np.testing.assert_allclose(np.asarray(decoder(**inputs).last_hidden_state)[real],
+                               _torch(causal.model, **inputs).last_hidden_state.numpy()[real], atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "qa")
+    theirs = _eager(getattr(tr, type(model).__name__), tmp_path / "qa")
+    _spans_close(model(**inputs), _torch(theirs, **inputs))
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_lora_decoder_question_answering_adapters_move_both_ways_with_peft(tiny_checkpoint, family, tmp_path):
+    """LoRA with ``qa_outputs`` in modules_to_save on a decoder kept under ``transformer`` (Llama)
+    and on one kept under ``model`` with fused experts (Mixtral): PEFT's file read here, ours read
+    by PEFT, trained here from the causal LM's checkpoint."""
+    spec, path = _decoder(tiny_checkpoint, family)
+    inputs, spans = _batch(family)
+    # PEFT 0.21.2 rewrites Mixtral's targets for transformers 5's fused experts before it fills in
+    # its default ones, and then finds none (peftjax refuses the same config): they are named here
+    targets = ["q_proj", "v_proj"] if family == "mixtral" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_eager(spec.torch_class, path),
+                                 peft.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8, target_modules=targets))
+    pm.eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    _spans_close(ours(**inputs), _torch(pm, **inputs))
+    # trained here on the causal LM's checkpoint as a user starts, read by PEFT on the saved base
+    with pytest.warns(models.NewWeightsWarning):
+        base = models.from_pretrained(tiny_checkpoint(family), task_type="QUESTION_ANS")
+    base.save_pretrained(tmp_path / "base")
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(task_type="QUESTION_ANS", r=4, target_modules=targets))
+    losses = _tiny.train(model, {**inputs, **spans}, steps=4, dropout=False).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    prefix = base.base_model_prefix
+    tensors, _ = peftjax.io.read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")
+    assert f"base_model.model.{prefix}.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_eager(spec.torch_class, tmp_path / "base"), tmp_path / "ours").eval()
+    ref = _torch(theirs, **inputs, **spans)
+    out = model(**inputs, **spans)
+    _spans_close(out, ref)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+def test_prompt_tuning_on_a_decoder_question_answering_model_gives_peft_s_logits(tiny_checkpoint, tmp_path):
+    """PEFT's prompt-tuning file on a Llama question-answering model: the start and end logits of
+    each row's own tokens, after the virtual ones."""
+    spec, path = _decoder(tiny_checkpoint, "llama")
+    inputs, _ = _batch("llama")
+    real = inputs["attention_mask"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_eager(spec.torch_class, path),
+                                 peft.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=3))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    ref = _torch(pm, **inputs)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert peftjax.virtual_positions(ours) == 3
+    out = ours(**inputs)
+    for name in ("start_logits", "end_logits"):
+        got, want = np.asarray(getattr(out, name))[:, 3:], getattr(ref, name).numpy()[:, 3:]
+        np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- data and the Trainer
@@ -259,10 +390,12 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path,
                                         with_indices=True))
 
 
-def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_the_command_line_trains_a_question_answering_adapter(tokenizer, family, tmp_path, capsys):
     """``peftjax train --task question_answering`` on SQuAD-style JSON lines: windows, the Trainer,
     the adapter saved and reloaded, the first eval questions answered from their own contexts,
-    SQuAD's exact match and F1 of every eval question's answer before and after training."""
+    SQuAD's exact match and F1 of every eval question's answer before and after training; from a
+    BERT encoder and from a Llama causal LM checkpoint (the decoder takes no token_type_ids)."""
     import json
 
     from peftjax.cli import main
@@ -273,7 +406,8 @@ def test_the_command_line_trains_a_question_answering_adapter(tokenizer, tmp_pat
         lines = [json.dumps({k: rows[k][i] for k in rows}) for i in range(n)]
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     base = tmp_path / "base"
-    save_tiny(tr.BertModel, _tiny.config("bert", vocab_size=len(tokenizer), pad_token_id=0, num_labels=2), base)
+    saved_as = {"bert": tr.BertModel, "llama": tr.LlamaForCausalLM}[family]
+    save_tiny(saved_as, _tiny.config(family, vocab_size=len(tokenizer), pad_token_id=0, num_labels=2), base)
     tokenizer.save_pretrained(base)
     out = tmp_path / "run"
     assert main(["train", "--task", "question_answering", "--model", str(base), "--dataset",

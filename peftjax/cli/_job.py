@@ -638,7 +638,7 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
     One batch: each model's forward compiles once."""
     import numpy as np
 
-    from peftjax.cli import _logits, answer_spans
+    from peftjax.cli import _accepted, _logits, answer_spans
 
     examples = raw_eval.select(range(min(3, len(raw_eval))))
     questions = [q.lstrip() for q in examples[options["question_column"]]]
@@ -647,7 +647,7 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
     pairs = tokenizer(questions, contexts, return_tensors="np", padding=True, truncation="only_second",
                       max_length=options["max_length"], stride=stride, return_overflowing_tokens=True,
                       return_offsets_mapping=True)  # the windows the job trained and evaluated on
-    inputs = {k: v for k, v in pairs.items() if k not in ("offset_mapping", "overflow_to_sample_mapping")}
+    inputs = {k: v for k, v in pairs.items() if k in _accepted(reloaded)}  # a decoder takes no token_type_ids
     if tasks_in:  # each window is its question's task
         inputs["task_ids"] = np.asarray(examples[tasks_in], np.int32)[pairs["overflow_to_sample_mapping"]]
     logits = _logits(reloaded, inputs)

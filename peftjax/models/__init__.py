@@ -14,18 +14,26 @@ from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClass
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification, GptOssForTokenClassification
-from peftjax.models._seed_oss import SeedOssForCausalLM, SeedOssForSequenceClassification, SeedOssForTokenClassification
+from peftjax.models._seed_oss import (
+    SeedOssForCausalLM,
+    SeedOssForQuestionAnswering,
+    SeedOssForSequenceClassification,
+    SeedOssForTokenClassification,
+)
 from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._llama import (
     LlamaForCausalLM,
+    LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
     MistralForCausalLM,
+    MistralForQuestionAnswering,
     MistralForSequenceClassification,
     MistralForTokenClassification,
     Qwen2ForCausalLM,
+    Qwen2ForQuestionAnswering,
     Qwen2ForSequenceClassification,
     Qwen2ForTokenClassification,
 )
@@ -41,17 +49,34 @@ from peftjax.models._modernbert import (
     ModernBertForTokenClassification,
     ModernBertModel,
 )
-from peftjax.models._mixtral import MixtralForCausalLM, MixtralForSequenceClassification, MixtralForTokenClassification
+from peftjax.models._mixtral import (
+    MixtralForCausalLM,
+    MixtralForQuestionAnswering,
+    MixtralForSequenceClassification,
+    MixtralForTokenClassification,
+)
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification
-from peftjax.models._smollm3 import SmolLM3ForCausalLM, SmolLM3ForSequenceClassification, SmolLM3ForTokenClassification
-from peftjax.models._qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification, Qwen3ForTokenClassification
+from peftjax.models._smollm3 import (
+    SmolLM3ForCausalLM,
+    SmolLM3ForQuestionAnswering,
+    SmolLM3ForSequenceClassification,
+    SmolLM3ForTokenClassification,
+)
+from peftjax.models._qwen3 import (
+    Qwen3ForCausalLM,
+    Qwen3ForQuestionAnswering,
+    Qwen3ForSequenceClassification,
+    Qwen3ForTokenClassification,
+)
 from peftjax.models._qwen2_moe import (
     Qwen2MoeForCausalLM,
+    Qwen2MoeForQuestionAnswering,
     Qwen2MoeForSequenceClassification,
     Qwen2MoeForTokenClassification,
 )
 from peftjax.models._qwen3_moe import (
     Qwen3MoeForCausalLM,
+    Qwen3MoeForQuestionAnswering,
     Qwen3MoeForSequenceClassification,
     Qwen3MoeForTokenClassification,
 )
@@ -97,16 +122,19 @@ __all__ = [
     "GraniteForCausalLM",
     "GPT2Model",
     "LlamaForCausalLM",
+    "LlamaForQuestionAnswering",
     "LlamaForSequenceClassification",
     "LlamaForTokenClassification",
     "LlamaModel",
     "MistralForCausalLM",
+    "MistralForQuestionAnswering",
     "MistralForSequenceClassification",
     "MistralForTokenClassification",
     "GptOssForCausalLM",
     "GptOssForSequenceClassification",
     "GptOssForTokenClassification",
     "SeedOssForCausalLM",
+    "SeedOssForQuestionAnswering",
     "SeedOssForSequenceClassification",
     "SeedOssForTokenClassification",
     "Glm4ForCausalLM",
@@ -114,6 +142,7 @@ __all__ = [
     "Glm4ForTokenClassification",
     "Ernie4_5ForCausalLM",
     "MixtralForCausalLM",
+    "MixtralForQuestionAnswering",
     "MixtralForSequenceClassification",
     "MixtralForTokenClassification",
     "ModelConfig",
@@ -132,15 +161,19 @@ __all__ = [
     "Phi3ForTokenClassification",
     "PreTrainedModel",
     "Qwen2ForCausalLM",
+    "Qwen2ForQuestionAnswering",
     "Qwen2ForSequenceClassification",
     "Qwen2ForTokenClassification",
     "Qwen2MoeForCausalLM",
+    "Qwen2MoeForQuestionAnswering",
     "Qwen2MoeForSequenceClassification",
     "Qwen2MoeForTokenClassification",
     "Qwen3ForCausalLM",
+    "Qwen3ForQuestionAnswering",
     "Qwen3ForSequenceClassification",
     "Qwen3ForTokenClassification",
     "Qwen3MoeForCausalLM",
+    "Qwen3MoeForQuestionAnswering",
     "Qwen3MoeForSequenceClassification",
     "Qwen3MoeForTokenClassification",
     "RobertaForQuestionAnswering",
@@ -148,6 +181,7 @@ __all__ = [
     "RobertaForTokenClassification",
     "RobertaModel",
     "SmolLM3ForCausalLM",
+    "SmolLM3ForQuestionAnswering",
     "SmolLM3ForSequenceClassification",
     "SmolLM3ForTokenClassification",
     "XLMRobertaForQuestionAnswering",

@@ -23,6 +23,7 @@ from peftjax.models._losses import (
     masked_cross_entropy,
     pool_last_token,
     sequence_classification_loss,
+    span_loss,
 )
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
@@ -315,10 +316,10 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
                                   dtype or self.dtype)
 
 
-class DecoderWithScore(PreTrainedModel):
-    """The decoder (``model_class``, under ``model``) and a new ``score`` head: the base of the
-    decoders' sequence and token classifiers, whose checkpoints are the causal LM's without its
-    ``lm_head``."""
+class DecoderWithHead(PreTrainedModel):
+    """The decoder (``model_class``, under ``base_model_prefix``) and a new task head: the base of
+    the decoders' sequence and token classifiers and question answering, whose checkpoints are
+    the causal LM's without its ``lm_head`` or the task class's own."""
 
     base_model_prefix: ClassVar[str] = "model"
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
@@ -327,10 +328,23 @@ class DecoderWithScore(PreTrainedModel):
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.model = self.model_class(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.base_model_prefix, self.model_class(self.config, dtype=dtype, param_dtype=param_dtype,
+                                                               rngs=rngs))
+
+    def decoder(self, input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng) -> ModelOutput:
+        return getattr(self, self.base_model_prefix)(input_ids, attention_mask, position_ids, inputs_embeds,
+                                                     prefix_kv=prefix_kv, dropout_rng=dropout_rng)
+
+    def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
+        # a class keeping its decoder under another name (most question-answering classes:
+        # ``transformer``) reads a causal LM's decoder, ``model.*``, as its own
+        p = self.base_model_prefix
+        if p != "model" and not any(k.startswith(p + ".") for k in keys) and any(k.startswith("model.") for k in keys):
+            return {k: p + k[len("model"):] if k.startswith("model.") else k for k in keys}
+        return super()._align_prefix(keys, expected)
 
 
-class LlamaForSequenceClassification(DecoderWithScore):
+class LlamaForSequenceClassification(DecoderWithHead):
     """Sequence classification: the decoder plus a ``score`` head read at the last real token."""
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -350,15 +364,14 @@ class LlamaForSequenceClassification(DecoderWithScore):
         prefix_kv=None,
         dropout_rng=None,
     ) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv,
-                         dropout_rng=dropout_rng)
+        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng)
         logits = self.score(out.last_hidden_state)
         pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
         loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 
 
-class LlamaForTokenClassification(DecoderWithScore):
+class LlamaForTokenClassification(DecoderWithHead):
     """Token classification (PEFT's ``TOKEN_CLS``): the decoder, dropout and a ``score`` head on every
     token, as transformers' decoder token classifiers (``GenericForTokenClassification``). Each
     token sees only the tokens before it (the decoder is causal)."""
@@ -387,13 +400,55 @@ class LlamaForTokenClassification(DecoderWithScore):
         """Classifies every token, ``[batch, seq, num_labels]``; ``labels`` (``[batch, seq]`` ints,
         ``-100`` where no label counts) add the mean cross entropy over the labelled tokens."""
         base_rng, head_rng = split_keys(dropout_rng, 2)
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv=prefix_kv,
-                         dropout_rng=base_rng)
+        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
         logits = self.score(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
         loss = None
         if labels is not None:
             loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state)
+
+
+class LlamaForQuestionAnswering(DecoderWithHead):
+    """Extractive question answering (PEFT's ``QUESTION_ANS``): the decoder and a biased
+    ``qa_outputs`` giving every token a start and an end logit, as transformers'
+    ``GenericForQuestionAnswering``. Each token sees only the tokens before it.
+
+    transformers keeps this class's decoder under ``transformer`` (Llama, Qwen2, Qwen3, Qwen3-MoE,
+    Seed-OSS and SmolLM3; Mistral, Mixtral and Qwen2-MoE: ``model``), so its files and PEFT's
+    adapters for it name ``transformer.layers...``. A causal LM checkpoint's decoder (``model.*``)
+    loads here as well; transformers 5 draws the decoder of those six families' classes at random
+    instead (it looks for ``transformer.*`` keys, finds none and reports them missing), so from a
+    causal LM checkpoint this class and transformers' agree only where the decoder is ``model``.
+    """
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        prefix_kv=None,
+        dropout_rng=None,
+    ) -> ModelOutput:
+        """``start_logits`` and ``end_logits``, ``[batch, seq]``; ``start_positions`` and
+        ``end_positions`` (``[batch]`` token indices) add transformers' loss (:func:`span_loss`)."""
+        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+                           last_hidden_state=out.last_hidden_state)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
@@ -420,6 +475,14 @@ class Qwen2ForTokenClassification(LlamaForTokenClassification):
     pass
 
 
+class MistralForQuestionAnswering(LlamaForQuestionAnswering):
+    base_model_prefix: ClassVar[str] = "model"
+
+
+class Qwen2ForQuestionAnswering(LlamaForQuestionAnswering):
+    pass
+
+
 for _cls, _type in (
     (LlamaForCausalLM, "llama"),
     (MistralForCausalLM, "mistral"),
@@ -427,5 +490,6 @@ for _cls, _type in (
 ):
     register(_cls, model_types=(_type,), default=True)
 for _cls in (LlamaForSequenceClassification, MistralForSequenceClassification, Qwen2ForSequenceClassification,
-             LlamaForTokenClassification, MistralForTokenClassification, Qwen2ForTokenClassification):
+             LlamaForTokenClassification, MistralForTokenClassification, Qwen2ForTokenClassification,
+             LlamaForQuestionAnswering, MistralForQuestionAnswering, Qwen2ForQuestionAnswering):
     register(_cls)

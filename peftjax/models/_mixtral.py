@@ -61,6 +61,7 @@ from peftjax.models._auto import register
 from peftjax.models._llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
@@ -594,6 +595,12 @@ class MixtralForTokenClassification(_MoeCheckpoints, LlamaForTokenClassification
     model_class: ClassVar[type[nnx.Module]] = MixtralModel
 
 
+class MixtralForQuestionAnswering(_MoeCheckpoints, LlamaForQuestionAnswering):
+    base_model_prefix: ClassVar[str] = "model"  # transformers' (not ``transformer``, as Llama's)
+    model_class: ClassVar[type[nnx.Module]] = MixtralModel
+
+
 register(MixtralForCausalLM, model_types=("mixtral",), default=True)
 register(MixtralForSequenceClassification)
 register(MixtralForTokenClassification)
+register(MixtralForQuestionAnswering)

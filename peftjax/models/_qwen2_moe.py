@@ -26,7 +26,13 @@ import jax
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaAttention, LlamaForSequenceClassification, LlamaForTokenClassification, LlamaMLP
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaMLP,
+)
 from peftjax.models._mixtral import ExpertLayout, MixtralForCausalLM, MixtralModel, _MoeCheckpoints
 from peftjax.models._qwen3_moe import QWEN_MOE_EXPERTS, Qwen3MoeDecoderLayer, Qwen3MoeSparseMoeBlock
 
@@ -69,6 +75,13 @@ class Qwen2MoeForTokenClassification(_MoeCheckpoints, LlamaForTokenClassificatio
     expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
 
 
+class Qwen2MoeForQuestionAnswering(_MoeCheckpoints, LlamaForQuestionAnswering):
+    base_model_prefix: ClassVar[str] = "model"  # transformers' (not ``transformer``, as Llama's)
+    model_class: ClassVar[type[nnx.Module]] = Qwen2MoeModel
+    expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
+
+
 register(Qwen2MoeForCausalLM, model_types=("qwen2_moe",), default=True)
 register(Qwen2MoeForSequenceClassification)
 register(Qwen2MoeForTokenClassification)
+register(Qwen2MoeForQuestionAnswering)

@@ -16,6 +16,7 @@ from peftjax.models._llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
@@ -57,6 +58,11 @@ class Qwen3ForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = Qwen3Model
 
 
+class Qwen3ForQuestionAnswering(LlamaForQuestionAnswering):
+    model_class: ClassVar[type[nnx.Module]] = Qwen3Model
+
+
 register(Qwen3ForCausalLM, model_types=("qwen3",), default=True)
 register(Qwen3ForSequenceClassification)
 register(Qwen3ForTokenClassification)
+register(Qwen3ForQuestionAnswering)

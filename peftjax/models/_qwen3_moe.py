@@ -24,7 +24,7 @@ from typing import ClassVar
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaForSequenceClassification, LlamaForTokenClassification
+from peftjax.models._llama import LlamaForQuestionAnswering, LlamaForSequenceClassification, LlamaForTokenClassification
 from peftjax.models._mixtral import (
     ExpertLayout,
     MixtralDecoderLayer,
@@ -81,6 +81,12 @@ class Qwen3MoeForTokenClassification(_MoeCheckpoints, LlamaForTokenClassificatio
     expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
 
 
+class Qwen3MoeForQuestionAnswering(_MoeCheckpoints, LlamaForQuestionAnswering):
+    model_class: ClassVar[type[nnx.Module]] = Qwen3MoeModel
+    expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
+
+
 register(Qwen3MoeForCausalLM, model_types=("qwen3_moe",), default=True)
 register(Qwen3MoeForSequenceClassification)
 register(Qwen3MoeForTokenClassification)
+register(Qwen3MoeForQuestionAnswering)

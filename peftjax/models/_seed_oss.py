@@ -17,6 +17,7 @@ from flax import nnx
 from peftjax.models._auto import register
 from peftjax.models._llama import (
     LlamaForCausalLM,
+    LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
@@ -39,6 +40,11 @@ class SeedOssForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = SeedOssModel
 
 
+class SeedOssForQuestionAnswering(LlamaForQuestionAnswering):
+    model_class: ClassVar[type[nnx.Module]] = SeedOssModel
+
+
 register(SeedOssForCausalLM, model_types=("seed_oss",), default=True)
 register(SeedOssForSequenceClassification)
 register(SeedOssForTokenClassification)
+register(SeedOssForQuestionAnswering)

@@ -25,6 +25,7 @@ from peftjax.models._llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
@@ -87,6 +88,11 @@ class SmolLM3ForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = SmolLM3Model
 
 
+class SmolLM3ForQuestionAnswering(LlamaForQuestionAnswering):
+    model_class: ClassVar[type[nnx.Module]] = SmolLM3Model
+
+
 register(SmolLM3ForCausalLM, model_types=("smollm3",), default=True)
 register(SmolLM3ForSequenceClassification)
 register(SmolLM3ForTokenClassification)
+register(SmolLM3ForQuestionAnswering)
