@@ -169,6 +169,14 @@ def arch(family: str, class_name: str | None = None, **overrides) -> Arch:
     return Arch(family, tuple(sorted(overrides.items())), class_name, task)
 
 
+def task_arch(family: str, suffix: str, **overrides) -> Arch:
+    """The family's tiny model as its ``suffix`` class (``"ForTokenClassification"``): the usual
+    class's name up to ``For`` (GPT-2's ``GPT2LMHeadModel``: ``GPT2``) plus ``suffix``."""
+    name = FAMILIES[family][1]
+    stem = name[: -len("LMHeadModel")] if name.endswith("LMHeadModel") else name.split("For")[0]
+    return arch(family, stem + suffix, **overrides)
+
+
 def save(spec: Arch | str, directory, seed: int = 0, **save_kwargs):
     """Builds the torch model of ``spec`` (an :class:`Arch` or a family name) with a fixed seed, in
     eval mode, saves it to ``directory`` and returns it (needs torch)."""

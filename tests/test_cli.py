@@ -154,6 +154,8 @@ TASK_CASES = [
     ("bert", "QUESTION_ANS", "BertForMaskedLM"),  # a head-less checkpoint of the kind QA starts from
     ("bert", "FEATURE_EXTRACTION", "BertForSequenceClassification"),  # predict embeds (mean: no modules.json)
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
+    ("gpt2", "TOKEN_CLS", "GPT2LMHeadModel"),  # GPT-2's own `classifier`, not a decoder's `score`
+    ("gpt2", "QUESTION_ANS", "GPT2Model"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("llama", "TOKEN_CLS", "LlamaForCausalLM"),  # a decoder's score on every token
     ("llama", "QUESTION_ANS", "LlamaForCausalLM"),  # the decoder under `transformer` in the merged file
@@ -237,6 +239,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
              "modernbert": {"classifier.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
+    elif task == "TOKEN_CLS" and family == "gpt2":
+        heads = {family: {"classifier.weight": [3, 16]}}
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
     assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))
 

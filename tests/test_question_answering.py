@@ -115,13 +115,13 @@ def test_lora_question_answering_adapters_move_both_ways_with_peft(checkpoints, 
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
-# transformers' decoder question answering (GenericForQuestionAnswering); the first six keep the
-# decoder under ``transformer``, the last three under ``model``
-DECODERS = ["llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "mistral", "mixtral", "qwen2_moe"]
+# transformers' decoder question answering (GenericForQuestionAnswering, and GPT-2's own); the first
+# seven keep the decoder under ``transformer``, the last three under ``model``
+DECODERS = ["gpt2", "llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "mistral", "mixtral", "qwen2_moe"]
 
 
 def _decoder(tiny_checkpoint, family: str):
-    spec = _tiny.arch(family, _tiny.FAMILIES[family][1].replace("ForCausalLM", "ForQuestionAnswering"))
+    spec = _tiny.task_arch(family, "ForQuestionAnswering")
     return spec, tiny_checkpoint(spec)
 
 
@@ -178,11 +178,11 @@ def test_a_decoder_question_answering_model_reads_a_causal_lm_s_decoder(tiny_che
     _spans_close(model(**inputs), _torch(theirs, **inputs))
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
 def test_lora_decoder_question_answering_adapters_move_both_ways_with_peft(tiny_checkpoint, family, tmp_path):
-    """LoRA with ``qa_outputs`` in modules_to_save on a decoder kept under ``transformer`` (Llama)
-    and on one kept under ``model`` with fused experts (Mixtral): PEFT's file read here, ours read
-    by PEFT, trained here from the causal LM's checkpoint."""
+    """LoRA with ``qa_outputs`` in modules_to_save on a decoder kept under ``transformer`` (Llama),
+    on one kept under ``model`` with fused experts (Mixtral) and on GPT-2's fused ``c_attn``: PEFT's
+    file read here, ours read by PEFT, trained here from the causal LM's checkpoint."""
     spec, path = _decoder(tiny_checkpoint, family)
     inputs, spans = _batch(family)
     # PEFT 0.21.2 rewrites Mixtral's targets for transformers 5's fused experts before it fills in
@@ -211,7 +211,8 @@ def test_lora_decoder_question_answering_adapters_move_both_ways_with_peft(tiny_
     model.save_pretrained(tmp_path / "ours")
     prefix = base.base_model_prefix
     tensors, _ = peftjax.io.read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")
-    assert f"base_model.model.{prefix}.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    layer = {"gpt2": "h.0.attn.c_attn"}.get(family, "layers.0.self_attn.q_proj")
+    assert f"base_model.model.{prefix}.{layer}.lora_A.weight" in tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(_eager(spec.torch_class, tmp_path / "base"), tmp_path / "ours").eval()

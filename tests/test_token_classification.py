@@ -92,7 +92,7 @@ def test_any_checkpoint_of_the_family_loads_as_a_token_classifier(tmp_path):
     np.testing.assert_allclose(np.asarray(model.roberta(**inputs).last_hidden_state), ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "llama", "qwen3_moe", "gpt2"])
 def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, tiny_checkpoint, family, tmp_path):
     """PEFT's TOKEN_CLS LoRA (the head in modules_to_save: BERT's ``classifier``, a decoder's
     ``score``) gives its logits here; trained here (a decoder with its head's dropout), PEFT reads it
@@ -131,12 +131,11 @@ def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, tiny_chec
 # transformers' decoder token classifiers (GenericForTokenClassification): the decoder, dropout and a
 # biased ``score`` on every token
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "glm4", "seed_oss", "smollm3", "mixtral",
-            "qwen2_moe", "qwen3_moe", "gpt_oss"]
+            "qwen2_moe", "qwen3_moe", "gpt_oss", "gpt2"]
 
 
 def _decoder(tiny_checkpoint, family: str):
-    spec = _tiny.arch(family, _tiny.FAMILIES[family][1].replace("ForCausalLM", "ForTokenClassification"),
-                      num_labels=NUM_LABELS)
+    spec = _tiny.task_arch(family, "ForTokenClassification", num_labels=NUM_LABELS)
     return spec, tiny_checkpoint(spec)
 
 

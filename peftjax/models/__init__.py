@@ -12,7 +12,14 @@ from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassificati
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._granite import GraniteForCausalLM
-from peftjax.models._gpt2 import Conv1D, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from peftjax.models._gpt2 import (
+    Conv1D,
+    GPT2ForQuestionAnswering,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
 from peftjax.models._gpt_oss import GptOssForCausalLM, GptOssForSequenceClassification, GptOssForTokenClassification
 from peftjax.models._seed_oss import (
     SeedOssForCausalLM,
@@ -109,7 +116,9 @@ __all__ = [
     "BertModel",
     "CheckpointError",
     "Conv1D",
+    "GPT2ForQuestionAnswering",
     "GPT2ForSequenceClassification",
+    "GPT2ForTokenClassification",
     "GemmaForCausalLM",
     "GemmaForSequenceClassification",
     "GemmaForTokenClassification",

@@ -21,3 +21,10 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return jnp.zeros_like(x)
     keep = keep_mask(key, x.shape, 1.0 - rate)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def token_classifier_dropout(config) -> float:
+    """The dropout before a decoder's token classifier, by transformers' rule for GPT-2's and the
+    ``GenericForTokenClassification`` ones: ``classifier_dropout``, else ``hidden_dropout``, else 0.1."""
+    rates = (getattr(config, "classifier_dropout", None), getattr(config, "hidden_dropout", None))
+    return float(next((r for r in rates if r is not None), 0.1))

@@ -14,10 +14,16 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout
+from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._generation import GenerationMixin
-from peftjax.models._losses import causal_lm_head_loss, pool_last_token, sequence_classification_loss
+from peftjax.models._losses import (
+    causal_lm_head_loss,
+    masked_cross_entropy,
+    pool_last_token,
+    sequence_classification_loss,
+    span_loss,
+)
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.nn._scan import check_remat, make_layers, run_layers
@@ -287,6 +293,86 @@ class GPT2ForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 
 
+class GPT2ForTokenClassification(PreTrainedModel):
+    """Token classification (PEFT's ``TOKEN_CLS``): the transformer, dropout (``classifier_dropout``,
+    else ``hidden_dropout``, else 0.1) and a biased ``classifier`` on every token, as transformers'.
+    Each token sees only the tokens before it."""
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.transformer = GPT2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout_rate = token_classifier_dropout(config)
+        self.classifier = nnx.Linear(config.hidden_size, config.num_labels, dtype=dtype, param_dtype=param_dtype,
+                                     rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        inputs_embeds=None,
+        dropout_rng=None,
+        prefix_kv=None,
+    ) -> ModelOutput:
+        """Classifies every token, ``[batch, seq, num_labels]``; ``labels`` (``[batch, seq]`` ints,
+        ``-100`` where no label counts) add the mean cross entropy over the labelled tokens."""
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               dropout_rng=base_rng, prefix_kv=prefix_kv)
+        logits = self.classifier(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
+        loss = None
+        if labels is not None:
+            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state)
+
+
+class GPT2ForQuestionAnswering(PreTrainedModel):
+    """Extractive question answering (PEFT's ``QUESTION_ANS``): the transformer and a biased
+    ``qa_outputs`` giving every token a start and an end logit, as transformers'."""
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer = GPT2Model(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        dropout_rng=None,
+        prefix_kv=None,
+    ) -> ModelOutput:
+        """``start_logits`` and ``end_logits``, ``[batch, seq]``; ``start_positions`` and
+        ``end_positions`` (``[batch]`` token indices) add transformers' loss (:func:`span_loss`)."""
+        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                               dropout_rng=dropout_rng, prefix_kv=prefix_kv)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+                           last_hidden_state=out.last_hidden_state)
+
+
 register(GPT2LMHeadModel, model_types=("gpt2",), default=True)
 register(GPT2Model)
 register(GPT2ForSequenceClassification)
+register(GPT2ForTokenClassification)
+register(GPT2ForQuestionAnswering)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout
+from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
@@ -379,10 +379,7 @@ class LlamaForTokenClassification(DecoderWithHead):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        # transformers' rule: classifier_dropout, else hidden_dropout, else 0.1
-        rate = next((r for r in (getattr(config, "classifier_dropout", None), getattr(config, "hidden_dropout", None))
-                     if r is not None), 0.1)
-        self.dropout_rate = float(rate)
+        self.dropout_rate = token_classifier_dropout(config)
         self.score = nnx.Linear(config.hidden_size, config.num_labels,
                                 use_bias=bool(getattr(config, "token_classification_bias", True)), dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
