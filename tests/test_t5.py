@@ -353,6 +353,53 @@ def test_sequence_classification_matches_transformers(flan, tmp_path):
         assert type(models.from_pretrained(path, task_type="SEQ_CLS", num_labels=3)) is models.T5ForSequenceClassification
 
 
+def test_token_classification_matches_transformers_and_moves_both_ways_with_peft(flan, tmp_path):
+    """``T5ForTokenClassification`` (the encoder alone, dropout, a biased ``classifier``): transformers'
+    logits and loss, built for TOKEN_CLS from the conditional-generation checkpoint, and LoRA with
+    the classifier in modules_to_save read from PEFT and read by PEFT."""
+    _, path, _ = flan
+    torch.manual_seed(0)
+    with _quiet():
+        theirs = tr.T5ForTokenClassification.from_pretrained(path, num_labels=3).eval()
+    theirs.save_pretrained(tmp_path / "cls")
+    labels = np.where(MASK == 1, IDS % 3, -100)
+    batch = dict(input_ids=IDS, attention_mask=MASK, labels=labels)
+    ref = torch_out(theirs, **batch)
+    model = models.from_pretrained(tmp_path / "cls")
+    assert type(model) is models.T5ForTokenClassification
+    out = run_jax(model, True, **batch)
+    assert_close(out.logits, ref.logits.numpy())
+    assert_close(out.loss, ref.loss.numpy())
+    with pytest.warns(models.NewWeightsWarning, match="classifier"):
+        assert type(models.from_pretrained(path, task_type="TOKEN_CLS", num_labels=3)) is models.T5ForTokenClassification
+    # PEFT's adapter, moved off its start, read here
+    with _quiet():
+        pm = peft.get_peft_model(tr.T5ForTokenClassification.from_pretrained(tmp_path / "cls"),
+                                 peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "cls"), tmp_path / "peft")
+    assert_close(ours(input_ids=IDS, attention_mask=MASK).logits, torch_out(pm, input_ids=IDS, attention_mask=MASK)
+                 .logits.numpy(), ADAPTER_TOL)
+    # trained here, read by PEFT
+    trained = peftjax.get_peft_model(models.from_pretrained(tmp_path / "cls"),
+                                     peftjax.LoraConfig(task_type="TOKEN_CLS", r=4))
+    losses = _tiny.train(trained, batch, steps=4, dropout=False).losses
+    assert losses[-1] < losses[0]
+    trained.save_pretrained(tmp_path / "ours")
+    with _quiet():
+        back = peft.PeftModel.from_pretrained(tr.T5ForTokenClassification.from_pretrained(tmp_path / "cls"),
+                                              tmp_path / "ours").eval()
+    ref = torch_out(back, **batch)
+    out = trained(**batch)
+    assert_close(out.logits, ref.logits.numpy(), ADAPTER_TOL)
+    assert_close(out.loss, ref.loss.numpy(), ADAPTER_TOL)
+
+
 def test_dropout_sits_where_transformers_train_mode_puts_it(tmp_path, monkeypatch):
     """Every dropout on both sides replaced by the same fixed scaling (x * 0.7 while training): the
     outputs agree only if the dropouts sit at the same places (embeddings, attention probabilities,

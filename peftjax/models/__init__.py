@@ -99,11 +99,16 @@ from peftjax.models._roberta import (
 )
 from peftjax.models._t5 import (
     MT5ForConditionalGeneration,
+    MT5ForSequenceClassification,
+    MT5ForTokenClassification,
     T5EncoderModel,
     T5ForConditionalGeneration,
     T5ForSequenceClassification,
+    T5ForTokenClassification,
     T5Model,
     UMT5ForConditionalGeneration,
+    UMT5ForSequenceClassification,
+    UMT5ForTokenClassification,
 )
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
@@ -198,10 +203,15 @@ __all__ = [
     "XLMRobertaForTokenClassification",
     "XLMRobertaModel",
     "MT5ForConditionalGeneration",
+    "MT5ForSequenceClassification",
+    "MT5ForTokenClassification",
     "UMT5ForConditionalGeneration",
+    "UMT5ForSequenceClassification",
+    "UMT5ForTokenClassification",
     "T5EncoderModel",
     "T5ForConditionalGeneration",
     "T5ForSequenceClassification",
+    "T5ForTokenClassification",
     "T5Model",
     "from_pretrained",
     "hf_state_dict",

@@ -656,6 +656,52 @@ class T5ForSequenceClassification(PreTrainedModel):
                            encoder_last_hidden_state=out.encoder_last_hidden_state)
 
 
+class T5ForTokenClassification(PreTrainedModel):
+    """Token classification (PEFT's ``TOKEN_CLS``): ``transformer`` (a :class:`T5EncoderModel`, the
+    encoder alone), dropout (``classifier_dropout``) and a biased ``classifier`` on every token, as
+    transformers'. A conditional-generation checkpoint's encoder loads into it (its decoder and
+    ``lm_head`` are ignored)."""
+
+    base_model_prefix: ClassVar[str] = "transformer"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = T5EncoderModel.ignored_keys
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer = T5EncoderModel(self.config, **kw)
+        self.dropout_rate = float(getattr(self.config, "classifier_dropout", 0.0) or 0.0)
+        self.classifier = nnx.Linear(self.config.d_model, self.config.num_labels, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, prefix_kv=None,
+                 dropout_rng=None) -> ModelOutput:
+        """Classifies every token, ``[batch, seq, num_labels]``; ``labels`` (``[batch, seq]`` ints,
+        ``-100`` where no label counts) add the mean cross entropy over the labelled tokens."""
+        body_key, head_key = split_keys(dropout_rng, 2)
+        h = self.transformer(input_ids, attention_mask, inputs_embeds, prefix_kv, body_key).last_hidden_state
+        logits = self.classifier(dropout(h, self.dropout_rate, head_key))
+        loss = None
+        if labels is not None:
+            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+
+class MT5ForSequenceClassification(T5ForSequenceClassification):
+    """mT5's sequence classifier: T5's (its decoder output is never scaled, which the head does not read)."""
+
+
+class UMT5ForSequenceClassification(T5ForSequenceClassification):
+    """UMT5's sequence classifier: T5's, every block with its own relative position bias."""
+
+
+class MT5ForTokenClassification(T5ForTokenClassification):
+    """mT5's token classifier: T5's."""
+
+
+class UMT5ForTokenClassification(T5ForTokenClassification):
+    """UMT5's token classifier: T5's, every block with its own relative position bias."""
+
+
 class MT5ForConditionalGeneration(T5ForConditionalGeneration):
     """mT5: T5 v1.1's architecture (gated-gelu, its own ``lm_head``) whose decoder output is never
     scaled, as transformers' ``MT5ForConditionalGeneration``."""
@@ -672,4 +718,6 @@ register(MT5ForConditionalGeneration, model_types=("mt5",), default=True)
 register(UMT5ForConditionalGeneration, model_types=("umt5",), default=True)
 register(T5EncoderModel)
 register(T5Model)
-register(T5ForSequenceClassification)
+for _cls in (T5ForSequenceClassification, MT5ForSequenceClassification, UMT5ForSequenceClassification,
+             T5ForTokenClassification, MT5ForTokenClassification, UMT5ForTokenClassification):
+    register(_cls)
