@@ -18,7 +18,7 @@ from peftjax.io._adapter import WEIGHTS_NAME
 from peftjax.io._hub import resolve
 from peftjax.peft_model import PeftModel
 
-HEAD_NAMES = ("classifier", "score", "qa_outputs")
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "classification_head")  # the last: T5's
 CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # tasks whose adapters carry (or need) a trained head
 
 

@@ -156,6 +156,10 @@ TASK_CASES = [
     ("gpt2", "SEQ_CLS", "GPT2LMHeadModel"),
     ("gpt2", "TOKEN_CLS", "GPT2LMHeadModel"),  # GPT-2's own `classifier`, not a decoder's `score`
     ("gpt2", "QUESTION_ANS", "GPT2Model"),
+    # T5's task models: the encoder alone, or the encoder-decoder fed shift_right(input_ids)
+    ("t5", "SEQ_CLS", "T5Model"),
+    ("t5", "TOKEN_CLS", "T5ForConditionalGeneration"),
+    ("t5", "QUESTION_ANS", "T5ForConditionalGeneration"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("llama", "TOKEN_CLS", "LlamaForCausalLM"),  # a decoder's score on every token
     ("llama", "QUESTION_ANS", "LlamaForCausalLM"),  # the decoder under `transformer` in the merged file
@@ -181,6 +185,8 @@ NARROW = {
                   num_key_value_heads=1, tie_word_embeddings=True),
     "modernbert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_labels=2),
+    # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
+    "t5": dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, eos_token_id=102, num_labels=2),
 }
 
 
@@ -213,8 +219,11 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # trained as a user would: the task's class, LoRA with a classifier head in modules_to_save
     kwargs = {"num_labels": 3} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
     model = models.from_pretrained(base, task_type=task, **kwargs)
+    # PEFT's SEQ_CLS adds `classifier` and `score` to modules_to_save: T5's head is named in full
+    heads_to_train = ["classification_head"] if (family, task) == ("t5", "SEQ_CLS") else None
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, init_lora_weights=False, task_type=task,
-                                                                  target_modules=TARGETS.get(family)))
+                                                                  target_modules=TARGETS.get(family),
+                                                                  modules_to_save=heads_to_train))
     peft_model.save_pretrained(tmp_path / "adapter")
     text = "a small test of every command"
     batch = tokenizer([text], return_tensors="np")
@@ -239,8 +248,10 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
              "modernbert": {"classifier.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
-    elif task == "TOKEN_CLS" and family == "gpt2":
+    elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):
         heads = {family: {"classifier.weight": [3, 16]}}
+    elif family == "t5":
+        heads = {family: {"classification_head.dense.weight": [16, 16], "classification_head.out_proj.weight": [3, 16]}}
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
     assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))
 

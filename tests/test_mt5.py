@@ -67,29 +67,34 @@ def test_logits_and_greedy_generation_match_transformers(built):
     assert len(np.unique(generated[:, 1:])) > 3  # a varied sequence, not one token repeated
 
 
-@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
-def test_classifiers_match_transformers(built, task, tmp_path):
-    """mT5's and UMT5's sequence classifier (the encoder-decoder, a head at the last EOS) and token
-    classifier (the encoder alone): transformers' logits and loss; each built for its task from the
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"])
+def test_task_models_match_transformers(built, task, tmp_path):
+    """mT5's and UMT5's sequence classifier (the encoder-decoder, a head at the last EOS), token
+    classifier (the encoder alone) and question answering (``qa_outputs`` on the decoder fed
+    ``shift_right(input_ids)``): transformers' outputs and loss; each built for its task from the
     conditional-generation checkpoint."""
     kind, path, _ = built
     name = {"mt5": "MT5", "umt5": "UMT5"}[kind] + {"SEQ_CLS": "ForSequenceClassification",
-                                                   "TOKEN_CLS": "ForTokenClassification"}[task]
+                                                   "TOKEN_CLS": "ForTokenClassification",
+                                                   "QUESTION_ANS": "ForQuestionAnswering"}[task]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = getattr(tr, name).from_pretrained(path, num_labels=3).eval()
-    theirs.save_pretrained(tmp_path)
-    labels = np.array([0, 2, 1]) if task == "SEQ_CLS" else np.where(MASK == 1, IDS % 3, -100)
+        theirs = getattr(tr, name).from_pretrained(path, **({} if task == "QUESTION_ANS" else {"num_labels": 3}))
+    theirs.eval().save_pretrained(tmp_path)
+    targets = {"SEQ_CLS": {"labels": np.array([0, 2, 1])},
+               "TOKEN_CLS": {"labels": np.where(MASK == 1, IDS % 3, -100)},
+               "QUESTION_ANS": {"start_positions": np.array([1, 3, 8]), "end_positions": np.array([2, 6, 9])}}[task]
     with torch.no_grad():
         ref = theirs(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
-                     labels=torch.as_tensor(labels))
+                     **{k: torch.as_tensor(v) for k, v in targets.items()})
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == name
     assert models.model_class_for(models.load_config(path), task) is type(model)
-    out = nnx.jit(lambda m, kw: m(**kw))(model, dict(input_ids=IDS, attention_mask=MASK, labels=labels))
-    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(float(out.loss), float(ref.loss), atol=1e-5, rtol=1e-5)
+    out = nnx.jit(lambda m, kw: m(**kw))(model, dict(input_ids=IDS, attention_mask=MASK, **targets))
+    outputs = ("start_logits", "end_logits", "loss") if task == "QUESTION_ANS" else ("logits", "loss")
+    for field in outputs:
+        np.testing.assert_allclose(np.asarray(getattr(out, field)), getattr(ref, field).numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_peft_default_targets(built):

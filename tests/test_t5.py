@@ -400,6 +400,93 @@ def test_token_classification_matches_transformers_and_moves_both_ways_with_peft
     assert_close(out.loss, ref.loss.numpy(), ADAPTER_TOL)
 
 
+def test_question_answering_matches_transformers_and_moves_both_ways_with_peft(flan, tmp_path):
+    """``T5ForQuestionAnswering`` (the encoder-decoder fed ``shift_right(input_ids)``, ``qa_outputs`` on
+    the decoder's output): transformers' start and end logits and span loss, built for QUESTION_ANS
+    from the conditional-generation checkpoint, and LoRA with ``qa_outputs`` in modules_to_save
+    read from PEFT and read by PEFT."""
+    _, path, _ = flan
+    torch.manual_seed(0)
+    with _quiet():
+        theirs = tr.T5ForQuestionAnswering.from_pretrained(path).eval()
+    theirs.save_pretrained(tmp_path / "qa")
+    inputs = dict(input_ids=IDS, attention_mask=MASK)
+    spans = dict(start_positions=np.array([1, 3, 8]), end_positions=np.array([2, 6, 9]))  # 8, 9: cut off
+    ref = torch_out(theirs, **inputs, **spans)
+    model = models.from_pretrained(tmp_path / "qa")
+    assert type(model) is models.T5ForQuestionAnswering
+    out = run_jax(model, True, **inputs, **spans)
+    for name in ("start_logits", "end_logits", "loss"):
+        assert_close(getattr(out, name), getattr(ref, name).numpy())
+    with pytest.warns(models.NewWeightsWarning, match="qa_outputs"):
+        assert type(models.from_pretrained(path, task_type="QUESTION_ANS")) is models.T5ForQuestionAnswering
+    with _quiet():
+        pm = peft.get_peft_model(tr.T5ForQuestionAnswering.from_pretrained(tmp_path / "qa"),
+                                 peft.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "qa"), tmp_path / "peft")
+    ref = torch_out(pm, **inputs)
+    assert_close(ours(**inputs).start_logits, ref.start_logits.numpy(), ADAPTER_TOL)
+    trained = peftjax.get_peft_model(models.from_pretrained(tmp_path / "qa"),
+                                     peftjax.LoraConfig(task_type="QUESTION_ANS", r=4))
+    losses = _tiny.train(trained, {**inputs, **spans}, steps=4, dropout=False).losses
+    assert losses[-1] < losses[0]
+    trained.save_pretrained(tmp_path / "ours")
+    with _quiet():
+        back = peft.PeftModel.from_pretrained(tr.T5ForQuestionAnswering.from_pretrained(tmp_path / "qa"),
+                                              tmp_path / "ours").eval()
+    ref = torch_out(back, **inputs, **spans)
+    out = trained(**inputs, **spans)
+    for name in ("start_logits", "end_logits", "loss"):
+        assert_close(getattr(out, name), getattr(ref, name).numpy(), ADAPTER_TOL)
+
+
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"])
+def test_the_trainer_trains_t5_task_models_and_evaluates_as_transformers(flan, task, tmp_path):
+    """The Trainer takes T5's classifiers and question answering as it takes the encoders' (the model
+    derives its decoder's input; only a seq2seq LM's labels are a second sequence): its eval loss
+    is transformers' on the same rows, and training lowers it."""
+    _, path, _ = flan
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 9, 24)
+    ids = [[int(t) for t in rng.integers(3, 90, n - 1)] + [1] for n in lengths]  # each row ends with its EOS
+    if task == "SEQ_CLS":
+        targets = {"labels": [row[0] % 3 for row in ids]}
+    elif task == "TOKEN_CLS":
+        targets = {"labels": [[t % 3 for t in row] for row in ids]}
+    else:
+        targets = {"start_positions": [1] * len(ids), "end_positions": [2] * len(ids)}
+    data = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], **targets}
+    kwargs = {} if task == "QUESTION_ANS" else {"num_labels": 3}
+    with _quiet():
+        model = peftjax.get_peft_model(models.from_pretrained(path, task_type=task, **kwargs),
+                                       peftjax.LoraConfig(task_type=task, r=4))
+    model.base_model.save_pretrained(tmp_path / "base")
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+                                     num_train_epochs=3, learning_rate=1e-2, save_steps=0, disable_tqdm=True,
+                                     report_to="none", plot=False, per_device_eval_batch_size=8)
+    trainer = peftjax.Trainer(model, args, data, data)
+    before = trainer.evaluate()["eval_loss"]
+    auto = {"SEQ_CLS": tr.T5ForSequenceClassification, "TOKEN_CLS": tr.T5ForTokenClassification,
+            "QUESTION_ANS": tr.T5ForQuestionAnswering}[task]
+    with _quiet():
+        theirs = auto.from_pretrained(tmp_path / "base").eval()
+    rows = [{k: np.asarray([v[i]]) for k, v in data.items()} for i in range(len(ids))]
+    if task == "TOKEN_CLS":  # the mean over every labelled token of the set
+        losses = [torch_out(theirs, **r).loss.item() * len(ids[i]) for i, r in enumerate(rows)]
+        ref = sum(losses) / sum(lengths)
+    else:  # the mean over the rows
+        ref = np.mean([torch_out(theirs, **r).loss.item() for r in rows])
+    assert abs(before - ref) < 1e-5
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before
+
+
 def test_dropout_sits_where_transformers_train_mode_puts_it(tmp_path, monkeypatch):
     """Every dropout on both sides replaced by the same fixed scaling (x * 0.7 while training): the
     outputs agree only if the dropouts sit at the same places (embeddings, attention probabilities,

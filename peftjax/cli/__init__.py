@@ -142,7 +142,7 @@ def _generate(args) -> int:
     model = _load_with_adapter(args)
     tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
     # an encoder-decoder's output is all new tokens (after the decoder start); a decoder continues the prompt
-    seq2seq = _is_encoder_decoder(model)
+    seq2seq = _is_seq2seq_lm(model)
     tokenizer.padding_side = "right" if seq2seq else "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -163,7 +163,7 @@ def _predict(args) -> int:
 
     model = _load_with_adapter(args)
     what = "predict needs a sequence- or token-classification, a question-answering or a feature-extraction model"
-    if _is_encoder_decoder(model):
+    if _is_seq2seq_lm(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
     by_span = type(_base(model)).__name__.endswith("ForQuestionAnswering")
@@ -401,8 +401,12 @@ def checked_task_id(config, task_id: int | None, flag: str = "--task-id") -> int
     return task_id
 
 
-def _is_encoder_decoder(model) -> bool:
-    return bool(getattr(getattr(_base(model), "config", None), "is_encoder_decoder", False))
+def _is_seq2seq_lm(model) -> bool:
+    """An encoder-decoder LM (``...ForConditionalGeneration``); T5's classifiers and question
+    answering are read as the encoders' are."""
+    base = _base(model)
+    return (bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+            and type(base).__name__.endswith("ForConditionalGeneration"))
 
 
 def _logits(model, inputs: dict):

@@ -105,14 +105,17 @@ from peftjax.models._t5 import (
     T5ForConditionalGeneration,
     T5ForSequenceClassification,
     T5ForTokenClassification,
+    MT5ForQuestionAnswering,
     T5Model,
     UMT5ForConditionalGeneration,
     UMT5ForSequenceClassification,
     UMT5ForTokenClassification,
+    T5ForQuestionAnswering,
 )
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
+    UMT5ForQuestionAnswering,
 __all__ = [
     "MODEL_CLASSES",
     "BertForQuestionAnswering",
@@ -213,9 +216,12 @@ __all__ = [
     "T5ForSequenceClassification",
     "T5ForTokenClassification",
     "T5Model",
+    "MT5ForQuestionAnswering",
     "from_pretrained",
     "hf_state_dict",
     "load_config",
+    "UMT5ForQuestionAnswering",
     "model_class_for",
     "read_checkpoint",
 ]
+    "T5ForQuestionAnswering",

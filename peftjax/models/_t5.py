@@ -41,7 +41,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss
+from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
@@ -686,6 +686,55 @@ class T5ForTokenClassification(PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
 
 
+class T5ForQuestionAnswering(T5Model):
+    """Extractive question answering (PEFT's ``QUESTION_ANS``), as transformers': the encoder-decoder
+    (``shared``, ``encoder``, ``decoder``, the checkpoint's own keys) fed ``shift_right(input_ids)``
+    as the decoder's input unless given one, and a biased ``qa_outputs`` giving every decoder
+    position a start and an end logit."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if self.config.num_labels != 2:
+            raise ValueError(f"{type(self).__name__} needs num_labels=2 (a start and an end logit per token), "
+                             f"got {self.config.num_labels}: pass num_labels=2")
+        self.qa_outputs = nnx.Linear(self.config.d_model, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                 encoder_outputs=None, start_positions=None, end_positions=None, inputs_embeds=None,
+                 decoder_inputs_embeds=None, prefix_kv=None, encoder_prefix_kv=None, dropout_rng=None) -> ModelOutput:
+        """``start_logits`` and ``end_logits``, ``[batch, decoder seq]``; ``start_positions`` and
+        ``end_positions`` (``[batch]`` token indices) add transformers' loss (:func:`span_loss`).
+
+        Raises:
+          ValueError: neither ``decoder_input_ids`` nor ``decoder_inputs_embeds`` nor ``input_ids``
+            (which the decoder's input is shifted from) is given.
+        """
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError(f"{type(self).__name__} shifts input_ids right into the decoder's input: pass "
+                                 "input_ids, or decoder_input_ids / decoder_inputs_embeds")
+            decoder_input_ids = self.shift_right(input_ids)
+        out = super().__call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+                               inputs_embeds, decoder_inputs_embeds, prefix_kv, encoder_prefix_kv, dropout_rng)
+        logits = self.qa_outputs(out.last_hidden_state)
+        start_logits, end_logits = logits[..., 0], logits[..., 1]
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+                           encoder_last_hidden_state=out.encoder_last_hidden_state)
+
+
+class MT5ForQuestionAnswering(T5ForQuestionAnswering):
+    """mT5's question answering: T5's."""
+
+
+class UMT5ForQuestionAnswering(T5ForQuestionAnswering):
+    """UMT5's question answering: T5's, every block with its own relative position bias."""
+
+
 class MT5ForSequenceClassification(T5ForSequenceClassification):
     """mT5's sequence classifier: T5's (its decoder output is never scaled, which the head does not read)."""
 
@@ -719,5 +768,6 @@ register(UMT5ForConditionalGeneration, model_types=("umt5",), default=True)
 register(T5EncoderModel)
 register(T5Model)
 for _cls in (T5ForSequenceClassification, MT5ForSequenceClassification, UMT5ForSequenceClassification,
-             T5ForTokenClassification, MT5ForTokenClassification, UMT5ForTokenClassification):
+             T5ForTokenClassification, MT5ForTokenClassification, UMT5ForTokenClassification,
+             T5ForQuestionAnswering, MT5ForQuestionAnswering, UMT5ForQuestionAnswering):
     register(_cls)

@@ -312,12 +312,10 @@ class Trainer:
         if not hasattr(model, "base_model") or not hasattr(model, "peft_config"):
             raise TypeError(f"Trainer needs a peftjax.PeftModel (from get_peft_model), got {type(model).__name__}")
         base_name = type(model.base_model).__name__
-        encoder_decoder = bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
-        if encoder_decoder and not base_name.endswith("ForConditionalGeneration"):
-            raise NotImplementedError(
-                f"Trainer trains encoder-decoder models as SEQ_2_SEQ_LM (...ForConditionalGeneration); "
-                f"{base_name} is not supported by the Trainer yet: train it with peftjax.make_train_step"
-            )
+        # an encoder-decoder LM, whose labels are a second sequence (T5's classifiers and question
+        # answering take the rows' labels as the encoders do: the model derives its decoder's input)
+        encoder_decoder = (bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
+                           and base_name.endswith("ForConditionalGeneration"))
         if encoder_decoder and compute_metrics is not None:
             raise NotImplementedError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model is not "
                                       "implemented: its logits come in several target lengths")
