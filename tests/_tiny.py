@@ -122,13 +122,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         sep_token_id=2)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
-}
-
-
     # T5 v1.1 in small (gated-gelu, its own lm_head); no dropout
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(
         vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)),
+}
+
+
 def fields(family: str, **overrides) -> dict[str, Any]:
     """The family's tiny config fields with ``overrides`` applied (``pad_token_id=None`` unsets
     the family's pad id)."""

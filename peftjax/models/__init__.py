@@ -99,23 +99,23 @@ from peftjax.models._roberta import (
 )
 from peftjax.models._t5 import (
     MT5ForConditionalGeneration,
+    MT5ForQuestionAnswering,
     MT5ForSequenceClassification,
     MT5ForTokenClassification,
     T5EncoderModel,
     T5ForConditionalGeneration,
+    T5ForQuestionAnswering,
     T5ForSequenceClassification,
     T5ForTokenClassification,
-    MT5ForQuestionAnswering,
     T5Model,
     UMT5ForConditionalGeneration,
+    UMT5ForQuestionAnswering,
     UMT5ForSequenceClassification,
     UMT5ForTokenClassification,
-    T5ForQuestionAnswering,
 )
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
 
-    UMT5ForQuestionAnswering,
 __all__ = [
     "MODEL_CLASSES",
     "BertForQuestionAnswering",
@@ -206,22 +206,22 @@ __all__ = [
     "XLMRobertaForTokenClassification",
     "XLMRobertaModel",
     "MT5ForConditionalGeneration",
+    "MT5ForQuestionAnswering",
     "MT5ForSequenceClassification",
     "MT5ForTokenClassification",
     "UMT5ForConditionalGeneration",
+    "UMT5ForQuestionAnswering",
     "UMT5ForSequenceClassification",
     "UMT5ForTokenClassification",
     "T5EncoderModel",
     "T5ForConditionalGeneration",
+    "T5ForQuestionAnswering",
     "T5ForSequenceClassification",
     "T5ForTokenClassification",
     "T5Model",
-    "MT5ForQuestionAnswering",
     "from_pretrained",
     "hf_state_dict",
     "load_config",
-    "UMT5ForQuestionAnswering",
     "model_class_for",
     "read_checkpoint",
 ]
-    "T5ForQuestionAnswering",
