@@ -43,6 +43,14 @@ def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
     }
 
 
+def saved_tensor_names(adapter_dir: str | os.PathLike) -> list[str]:
+    """Every tensor name in an adapter file: its adapters' and the whole modules it saves
+    (``modules_to_save``: ``base_model.model.classifier.weight``, and every other module PEFT's
+    suffix match takes, such as DistilBERT's ``pre_classifier`` for ``"classifier"``)."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    return list(read_safetensors_header(path)[0]) if path.is_file() else []
+
+
 def num_labels_of_head(head_shapes: dict[str, list[int]]) -> int:
     """The label count a saved head produces: its one layer's outputs, or, for a head made of
     layers, those of its output layer (``out_proj``, else the layer whose outputs no other layer
@@ -116,10 +124,10 @@ class AutoPeftModel:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = models.from_pretrained(base, dtype=dtype, task_type=_bundled_task(task), **model_kwargs)
-        supplied = {k.split(".")[-2] for k in heads}
+        saved = saved_tensor_names(adapter)
         for w in caught:  # a head the adapter file supplies is not "newly initialised" for the user
             keys = getattr(w.message, "keys", None)
-            if keys and all(k.split(".")[-2] in supplied for k in keys):
+            if keys and all(any(s.endswith("." + k) for s in saved) for k in keys):
                 continue
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)

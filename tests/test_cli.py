@@ -168,9 +168,12 @@ TASK_CASES = [
     # the Hub's ModernBERT checkpoints (masked LMs: their `head` is what the classifiers read)
     ("modernbert", "SEQ_CLS", "ModernBertForMaskedLM"),
     ("modernbert", "TOKEN_CLS", "ModernBertForMaskedLM"),
+    # the Hub's DistilBERT checkpoints (masked LMs); its classifier's pre_classifier is saved too (PEFT's
+    # modules_to_save matches it as a suffix of "classifier")
+    ("distilbert", "SEQ_CLS", "DistilBertForMaskedLM"),
 ]
 # the families PEFT has no default LoRA targets for
-TARGETS = {"modernbert": ["Wqkv", "Wo"]}
+TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"]}
 
 
 # narrower than _tiny's models (hidden 16): most of these carry MiniLM's 30522-token vocabulary
@@ -185,6 +188,7 @@ NARROW = {
                   num_key_value_heads=1, tie_word_embeddings=True),
     "modernbert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_labels=2),
+    "distilbert": dict(dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64, num_labels=2),
     # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
     "t5": dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, eos_token_id=102, num_labels=2),
 }
@@ -245,7 +249,7 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     assert info["task_type"] == info["model_task"] == task
     heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
                                                                   "classifier.out_proj.weight": [3, 16]},
-             "modernbert": {"classifier.weight": [3, 16]}}
+             "modernbert": {"classifier.weight": [3, 16]}, "distilbert": {"classifier.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):

@@ -27,6 +27,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
+           "distilbert": "DistilBertConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
@@ -99,6 +100,7 @@ VARIANTS = [
     ("modernbert", dict(layer_types=None, num_hidden_layers=5, global_attn_every_n_layers=2, classifier_pooling="mean")),
     ("modernbert", dict(rope_parameters=None, global_rope_theta=500.0, local_rope_theta=7.0, norm_bias=True)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
+    ("distilbert", dict(sinusoidal_pos_embds=True, activation="relu", seq_classif_dropout=0.3, num_labels=2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),
     ("roberta", dict(classifier_dropout=0.3)),
     ("xlm-roberta", dict(num_labels=2, pad_token_id=0)),

@@ -363,6 +363,12 @@ def test_two_processes_train_like_one_device(report):
         ("bert.encoder.layer.0.output.dense.kernel", (64, 32), P("model", None)),
         ("bert.embeddings.word_embeddings.embedding", (96, 32), P(None, "model")),
         ("bert.pooler.dense.kernel", (32, 32), P(None, None)),  # replicated
+        ("distilbert.transformer.layer.0.attention.q_lin.kernel", (32, 32), P(None, "model")),
+        ("distilbert.transformer.layer.0.attention.v_lin.bias", (32,), P("model")),
+        ("distilbert.transformer.layer.0.attention.out_lin.kernel", (32, 32), P("model", None)),
+        ("distilbert.transformer.layer.0.ffn.lin1.kernel", (32, 64), P(None, "model")),
+        ("distilbert.transformer.layer.0.ffn.lin2.kernel", (64, 32), P("model", None)),
+        ("pre_classifier.kernel", (32, 32), P(None, None)),  # the classifier head: replicated
         ("transformer.h.0.attn.c_attn.kernel", (32, 96), P(None, "model")),
         ("transformer.h.0.attn.c_proj.kernel", (32, 32), P("model", None)),
         ("transformer.h.0.mlp.c_fc.kernel", (32, 128), P(None, "model")),

@@ -151,8 +151,8 @@ def from_pretrained(
         own; a head the checkpoint lacks is newly initialised (pass ``num_labels=`` for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
-        family, Gemma, GPT-2, BERT, RoBERTa; generation, prefix adapters and base-model dropout loop over the
-        stacked layers instead), ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
+        family, Gemma, GPT-2, BERT, RoBERTa, DistilBERT; generation, prefix adapters and base-model dropout loop
+        over the stacked layers instead), ``remat="none" | "full" | "dots_saveable"`` (``jax.checkpoint``
         policy of each layer when they are scanned or looped without a cache) and, for a mixture
         of experts, ``expert_dispatch="dense" | "grouped"`` (every expert on every token, the
         default; or each token's top k only, through ``jax.lax.ragged_dot``).

@@ -19,7 +19,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
@@ -49,6 +49,20 @@ def pick_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     and its gradient a product too, not a scatter."""
     one_hot = (jnp.asarray(rows)[:, None] == jnp.arange(x.shape[0])[None, :]).astype(x.dtype)
     return one_hot @ x
+
+
+def absolute_position_ids(shape: tuple[int, int], n_prefix: int, max_positions: int) -> jax.Array:
+    """``[batch, seq]`` positions ``0 .. seq-1`` (``V .. V+seq-1`` after a prefix of ``V`` entries)
+    into a table of ``max_positions`` learned position embeddings.
+
+    Raises:
+      ValueError: the sequence (after the prefix) runs past the table.
+    """
+    b, s = shape
+    if n_prefix + s > max_positions:
+        after = f" after a prefix of {n_prefix}" if n_prefix else ""
+        raise ValueError(f"sequence length {s}{after} exceeds max_position_embeddings {max_positions}")
+    return jnp.broadcast_to(n_prefix + jnp.arange(s), (b, s))
 
 
 def linear_kw(config, dtype, param_dtype, rngs) -> dict:
@@ -341,13 +355,7 @@ class BertModel(PreTrainedModel):
         entries (as after a cache), restarting at each packed sequence."""
         if segment_ids is not None:
             return attn.segment_positions(segment_ids)
-        b, s = shape
-        if n_prefix + s > self.config.max_position_embeddings:
-            after = f" after a prefix of {n_prefix}" if n_prefix else ""
-            raise ValueError(
-                f"sequence length {s}{after} exceeds max_position_embeddings {self.config.max_position_embeddings}"
-            )
-        return jnp.broadcast_to(n_prefix + jnp.arange(s), (b, s))
+        return absolute_position_ids(shape, n_prefix, self.config.max_position_embeddings)
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng, prefix_kv,
                 segment_ids, segment_starts, *, first_only: bool) -> tuple[jax.Array | None, jax.Array]:
@@ -494,9 +502,7 @@ class BertForQuestionAnswering(PreTrainedModel):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        if config.num_labels != 2:
-            raise ValueError(f"{type(self).__name__} needs num_labels=2 (a start and an end logit per token), "
-                             f"got {config.num_labels}: pass num_labels=2")
+        check_span_labels(self, config)
         backbone = self.backbone_class(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         setattr(self, self.base_model_prefix, backbone)
         self.qa_outputs = nnx.Linear(config.hidden_size, 2, **linear_kw(config, dtype, param_dtype, rngs))

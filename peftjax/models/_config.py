@@ -208,6 +208,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "classifier_dropout": None, "is_decoder": False, "add_cross_attention": False, "bos_token_id": 0,
         "eos_token_id": 2, "tie_word_embeddings": True,
     },
+    # DistilBertConfig: BERT's encoder under its own field names (dim, n_layers, n_heads, hidden_dim)
+    "distilbert": {
+        "vocab_size": 30522, "max_position_embeddings": 512, "sinusoidal_pos_embds": False, "n_layers": 6,
+        "n_heads": 12, "dim": 768, "hidden_dim": 3072, "dropout": 0.1, "attention_dropout": 0.1,
+        "activation": "gelu", "initializer_range": 0.02, "qa_dropout": 0.1, "seq_classif_dropout": 0.2,
+        "pad_token_id": 0, "eos_token_id": None, "bos_token_id": None, "tie_word_embeddings": True,
+    },
     # ModernBertConfig: layer_types from global_attn_every_n_layers (3), a RoPE per layer type
     "modernbert": {
         "vocab_size": 50368, "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 22,
@@ -266,6 +273,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
            "head_dim": "d_kv"},
+    "distilbert": {"hidden_size": "dim", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"},
 }
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 

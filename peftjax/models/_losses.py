@@ -25,6 +25,13 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.sum(per_token * valid) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def check_span_labels(model, config) -> None:
+    """A question-answering head's ``num_labels`` must be 2: a start and an end logit per token."""
+    if config.num_labels != 2:
+        raise ValueError(f"{type(model).__name__} needs num_labels=2 (a start and an end logit per token), "
+                         f"got {config.num_labels}: pass num_labels=2")
+
+
 def span_loss(start_logits: jax.Array, end_logits: jax.Array, start_positions, end_positions) -> jax.Array:
     """Extractive question answering's loss as transformers computes it: each row's start and end
     token positions, clamped to ``[0, seq]``, scored by the cross entropy of the start and of the

@@ -41,7 +41,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
@@ -696,9 +696,7 @@ class T5ForQuestionAnswering(T5Model):
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if self.config.num_labels != 2:
-            raise ValueError(f"{type(self).__name__} needs num_labels=2 (a start and an end logit per token), "
-                             f"got {self.config.num_labels}: pass num_labels=2")
+        check_span_labels(self, self.config)
         self.qa_outputs = nnx.Linear(self.config.d_model, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

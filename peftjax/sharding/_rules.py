@@ -19,9 +19,10 @@ Its spec comes from, in order:
      (norm scales, biases) are replicated.
    * ``"tp"``: Megatron tensor parallelism over ``model``: column-parallel
      ``q/k/v/gate/up_proj`` (Phi-3 ``qkv_proj``, ``gate_up_proj``; BERT ``query/key/value``,
-     ``intermediate.dense``; GPT-2 ``c_attn``, ``c_fc``) split their output dimension (and bias),
-     row-parallel ``o_proj``/``down_proj`` (BERT ``attention.output.dense``, ``output.dense``;
-     GPT-2 ``c_proj``) their input dimension, the input embedding its hidden dimension (the
+     ``intermediate.dense``; DistilBERT ``q_lin/k_lin/v_lin``, ``ffn.lin1``; GPT-2 ``c_attn``,
+     ``c_fc``) split their output dimension (and bias), row-parallel ``o_proj``/``down_proj`` (BERT
+     ``attention.output.dense``, ``output.dense``; DistilBERT ``out_lin``, ``ffn.lin2``; GPT-2
+     ``c_proj``) their input dimension, the input embedding its hidden dimension (the
      lookup stays local) and ``lm_head`` the vocabulary. Fused projections (GPT-2's ``c_attn``,
      Phi-3's ``qkv_proj`` and ``gate_up_proj``) keep transformers' layout, so an even split of
      their output cuts across the q/k/v (gate/up) blocks wherever the block sizes do not line up
@@ -61,10 +62,11 @@ PRESETS = ("dp", "fsdp", "tp")
 
 # column-parallel (split the output) and row-parallel (split the input) layers of the bundled
 # models: Llama/Mistral/Qwen2/Qwen3, Phi-3 (qkv_proj, gate_up_proj | o_proj, down_proj), BERT
-# (query/key/value, intermediate.dense | attention.output.dense, output.dense) and GPT-2 (c_attn, c_fc | c_proj)
+# (query/key/value, intermediate.dense | attention.output.dense, output.dense), DistilBERT
+# (q_lin/k_lin/v_lin, ffn.lin1 | out_lin, ffn.lin2) and GPT-2 (c_attn, c_fc | c_proj)
 _COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|intermediate\.dense|"
-           r"c_attn|c_fc)")
-_ROW = r"(o_proj|down_proj|output\.dense|c_proj)"
+           r"q_lin|k_lin|v_lin|ffn\.lin1|c_attn|c_fc)")
+_ROW = r"(o_proj|down_proj|output\.dense|out_lin|ffn\.lin2|c_proj)"
 TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", P(None, MODEL)),
     (rf"(^|\.){_COLUMN}\.bias$", P(MODEL)),
