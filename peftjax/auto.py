@@ -121,16 +121,32 @@ class AutoPeftModel:
                         f"{adapter}: a {task} adapter without a saved classifier head, on a base checkpoint "
                         f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"
                     )
+        saved = saved_tensor_names(adapter)
+        if task is None and trained_on_backbone(models.load_config(base), saved):
+            task = "FEATURE_EXTRACTION"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = models.from_pretrained(base, dtype=dtype, task_type=_bundled_task(task), **model_kwargs)
-        saved = saved_tensor_names(adapter)
         for w in caught:  # a head the adapter file supplies is not "newly initialised" for the user
             keys = getattr(w.message, "keys", None)
             if keys and all(any(s.endswith("." + k) for s in saved) for k in keys):
                 continue
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)
+
+
+def trained_on_backbone(base_config, adapter_keys: list[str]) -> bool:
+    """Whether an adapter without a task was trained on its family's bare backbone (``BertModel``)
+    though the base checkpoint names a class around it (the Hub's BERT, RoBERTa and DistilBERT are
+    masked LMs): its keys then lack the backbone's name (``base_model.model.encoder...``, not
+    ``base_model.model.bert.encoder...``), as PEFT's ``AutoModel`` loads such a checkpoint."""
+    from peftjax import models
+
+    cls = models.model_class_for(base_config)
+    prefix = cls.base_model_prefix
+    if not prefix or not adapter_keys or hasattr(cls, "generate"):  # a language model keeps its class
+        return False
+    return not any(k.startswith(f"base_model.model.{prefix}.") for k in adapter_keys)
 
 
 def _bundled_task(task: str | None) -> str | None:

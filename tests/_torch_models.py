@@ -52,6 +52,20 @@ def randomised(model, scale: float = 0.3, seed: int = 0):
     return model
 
 
+def moved_off_start(peft_model, seed: int, scale: float = 0.3):
+    """PEFT's model with every trainable tensor (its adapters, the copies of the modules it saves)
+    moved by noise (``scale`` std), in eval mode: what a trained adapter holds, so that a file read
+    in the other framework shows every tensor's place. Returns the model."""
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+    return peft_model.eval()
+
+
 def save_in_memory_layout(torch_model, directory) -> None:
     """``torch_model``'s in-memory state dict (transformers 5's, e.g. a mixture of experts' fused
     weights) and config written as a checkpoint, not the layout ``save_pretrained`` converts to."""

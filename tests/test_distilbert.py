@@ -176,23 +176,25 @@ def masked_lm(tmp_path_factory):
     return path, mlm
 
 
-@pytest.mark.parametrize("task", [None, *NEW_HEADS])
+@pytest.mark.parametrize("task", [None, "FEATURE_EXTRACTION", *NEW_HEADS])
 def test_a_masked_lm_checkpoint_loads_into_each_class(masked_lm, task):
-    """The Hub's DistilBERT checkpoints are masked LMs: their ``vocab_*`` head is ignored, the
-    encoder loads, a task's head is new (and named), as transformers' ``AutoModelFor...`` do."""
+    """The Hub's DistilBERT checkpoints are masked LMs: without a task the masked LM itself (its
+    class, every weight read); for a task its ``vocab_*`` head is ignored, the encoder loads, a
+    task's head is new (and named), as transformers' ``AutoModelFor...`` do."""
     path, mlm = masked_lm
     kwargs = {"SEQ_CLS": dict(num_labels=3), "QUESTION_ANS": dict(num_labels=2)}.get(task, {})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = models.from_pretrained(path, task_type=task, **kwargs)
-    expected = {None: "DistilBertModel", "SEQ_CLS": "DistilBertForSequenceClassification",
+    expected = {None: "DistilBertForMaskedLM", "FEATURE_EXTRACTION": "DistilBertModel",
+                "SEQ_CLS": "DistilBertForSequenceClassification",
                 "TOKEN_CLS": "DistilBertForTokenClassification", "QUESTION_ANS": "DistilBertForQuestionAnswering"}
     assert type(ours).__name__ == expected[task]
     new = [w.message for w in caught if issubclass(w.category, models.NewWeightsWarning)]
-    assert [sorted(w.keys) for w in new] == ([] if task is None else [sorted(NEW_HEADS[task])])
+    assert [sorted(w.keys) for w in new] == ([sorted(NEW_HEADS[task])] if task in NEW_HEADS else [])
     # nothing else is reported: the masked-LM head is not an unexpected key
     assert [str(w.message) for w in caught if not issubclass(w.category, models.NewWeightsWarning)] == []
-    encoder = ours if task is None else ours.distilbert
+    encoder = ours if task == "FEATURE_EXTRACTION" else ours.distilbert
     ref = _torch(mlm.distilbert, input_ids=IDS, attention_mask=MASK).last_hidden_state.numpy()
     np.testing.assert_allclose(real(np.asarray(encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state)),
                                real(ref), atol=1e-5, rtol=0)

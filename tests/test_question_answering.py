@@ -14,7 +14,7 @@ from flax import nnx
 
 import _tiny
 import peftjax
-from _torch_models import lazy, peft_prompt_forward, save_tiny
+from _torch_models import lazy, moved_off_start, peft_prompt_forward, save_tiny
 from peftjax import models
 
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
@@ -89,11 +89,7 @@ def test_lora_question_answering_adapters_move_both_ways_with_peft(checkpoints, 
         pm = peft.get_peft_model(CLASSES[family].from_pretrained(path),
                                  peft.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8)).eval()
     assert "qa_outputs" in pm.peft_config["default"].modules_to_save
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
+    moved_off_start(pm, seed=2)
     pm.save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     ref = _torch(pm, **inputs)
@@ -193,11 +189,7 @@ def test_lora_decoder_question_answering_adapters_move_both_ways_with_peft(tiny_
         pm = peft.get_peft_model(_eager(spec.torch_class, path),
                                  peft.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8, target_modules=targets))
     pm.eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
+    moved_off_start(pm, seed=2)
     pm.save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     _spans_close(ours(**inputs), _torch(pm, **inputs))
@@ -232,11 +224,7 @@ def test_prompt_tuning_on_a_decoder_question_answering_model_gives_peft_s_logits
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(_eager(spec.torch_class, path),
                                  peft.PromptTuningConfig(task_type="QUESTION_ANS", num_virtual_tokens=3))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
+    moved_off_start(pm, seed=1)
     pm.eval().save_pretrained(tmp_path / "peft")
     ref = _torch(pm, **inputs)
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")

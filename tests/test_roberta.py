@@ -138,14 +138,15 @@ def test_saved_checkpoint_loads_in_transformers(checkpoints, tmp_path):
 
 
 def test_a_masked_lm_checkpoint_loads_for_each_task(tmp_path):
-    """The Hub's RoBERTa checkpoints are ``RobertaForMaskedLM`` (an ``lm_head``, no pooler): as
-    transformers' Auto classes do, the bare encoder gets a new pooler, SEQ_CLS a new head, and the
-    encoder's states are transformers'."""
+    """The Hub's RoBERTa checkpoints are ``RobertaForMaskedLM`` (an ``lm_head``, no pooler): without
+    a task, that class; as transformers' Auto classes do, the bare encoder (FEATURE_EXTRACTION) gets
+    a new pooler, SEQ_CLS a new head, and the encoder's states are transformers'."""
     torch_model = save_tiny(tr.RobertaForMaskedLM, _tiny.config("roberta"), tmp_path)
     inputs = _batch()
     ref = _torch(torch_model.roberta, **inputs).last_hidden_state.numpy()
+    assert type(models.from_pretrained(tmp_path)) is models.RobertaForMaskedLM
     with pytest.warns(models.NewWeightsWarning, match="pooler"):
-        bare = models.from_pretrained(tmp_path)
+        bare = models.from_pretrained(tmp_path, task_type="FEATURE_EXTRACTION")
     assert type(bare) is models.RobertaModel
     np.testing.assert_allclose(np.asarray(bare(**inputs).last_hidden_state), ref, atol=1e-5)
     with pytest.warns(models.NewWeightsWarning, match="classifier"):

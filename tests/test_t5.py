@@ -17,7 +17,7 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
-from _torch_models import lazy
+from _torch_models import lazy, moved_off_start
 import peftjax
 from peftjax import models
 
@@ -376,11 +376,7 @@ def test_token_classification_matches_transformers_and_moves_both_ways_with_peft
     with _quiet():
         pm = peft.get_peft_model(tr.T5ForTokenClassification.from_pretrained(tmp_path / "cls"),
                                  peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
+    moved_off_start(pm, seed=1)
     pm.eval().save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "cls"), tmp_path / "peft")
     assert_close(ours(input_ids=IDS, attention_mask=MASK).logits, torch_out(pm, input_ids=IDS, attention_mask=MASK)
@@ -423,11 +419,7 @@ def test_question_answering_matches_transformers_and_moves_both_ways_with_peft(f
     with _quiet():
         pm = peft.get_peft_model(tr.T5ForQuestionAnswering.from_pretrained(tmp_path / "qa"),
                                  peft.LoraConfig(task_type="QUESTION_ANS", r=4, lora_alpha=8))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
+    moved_off_start(pm, seed=1)
     pm.eval().save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "qa"), tmp_path / "peft")
     ref = torch_out(pm, **inputs)

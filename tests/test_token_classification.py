@@ -13,7 +13,7 @@ from flax import nnx
 
 import _tiny
 import peftjax
-from _torch_models import lazy, save_tiny
+from _torch_models import lazy, moved_off_start, save_tiny
 from peftjax import data, models
 from peftjax.training import tokenize_token_classification
 
@@ -45,16 +45,6 @@ def _torch(model, **inputs):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
-
-
-def _moved_off_start(pm, seed: int):
-    """PEFT's model with every trainable tensor moved by noise (0.3 std), in eval mode."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p))
-    return pm.eval()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +101,7 @@ def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, tiny_chec
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(torch_class.from_pretrained(path),
                                  peft.LoraConfig(task_type="TOKEN_CLS", r=4, lora_alpha=8, target_modules=targets))
-    _moved_off_start(pm, seed=2).save_pretrained(tmp_path / "peft")
+    moved_off_start(pm, seed=2).save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     ref = _torch(pm, **inputs).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(**inputs).logits)[real], ref[real], atol=1e-5, rtol=0)
@@ -172,7 +162,7 @@ def test_prompt_learning_on_a_decoder_token_classifier_gives_peft_s_logits(tiny_
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
                                  getattr(peft, config["cls"])(task_type="TOKEN_CLS", num_virtual_tokens=3, **fields))
-    _moved_off_start(pm, seed=1).save_pretrained(tmp_path / "peft")
+    moved_off_start(pm, seed=1).save_pretrained(tmp_path / "peft")
     ref = _torch(pm, **inputs).logits.numpy()[:, 3:]
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     assert peftjax.virtual_positions(ours) == 3

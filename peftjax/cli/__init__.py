@@ -162,7 +162,8 @@ def _predict(args) -> int:
     from peftjax.cli._job import task_tokenizer
 
     model = _load_with_adapter(args)
-    what = "predict needs a sequence- or token-classification, a question-answering or a feature-extraction model"
+    what = ("predict needs a sequence- or token-classification, a question-answering, a masked LM or a "
+            "feature-extraction model")
     if _is_seq2seq_lm(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
@@ -203,6 +204,10 @@ def _predict(args) -> int:
             print(json.dumps({"text": text, "pooling": "+".join(modes), "normalized": normalize,
                               "embedding": [round(float(x), 6) for x in vector]}, ensure_ascii=False))
         return 0
+    if type(_base(model)).__name__.endswith("ForMaskedLM"):
+        for row in fill_masks(batch["input_ids"], texts, logits, tokenizer):
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
     if logits.ndim != (3 if by_word else 2):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is a language model: use generate")
     names = getattr(getattr(_base(model), "config", None), "id2label", None) or {}
@@ -219,6 +224,38 @@ def _predict(args) -> int:
         for row in label_texts(texts, logits, names):
             print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+FILL_CANDIDATES = 5  # the tokens predict prints for each mask, likeliest first (transformers' fill-mask top_k)
+
+
+def fill_masks(input_ids, texts: list[str], logits, tokenizer, top: int = FILL_CANDIDATES) -> list[dict]:
+    """A masked LM's fill-mask rows: for each text, each of its mask tokens' ``top`` likeliest tokens
+    and their probabilities (transformers' ``fill-mask`` pipeline's ``token``, ``token_str``,
+    ``score``), the masks in the order they stand.
+
+    Raises:
+      ValueError: the tokenizer has no mask token, or a text holds none.
+    """
+    import numpy as np
+
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no mask token: a masked LM fills the mask tokens of --text")
+    rows = []
+    for text, ids, row_logits in zip(texts, np.asarray(input_ids), np.asarray(logits)):
+        positions = np.flatnonzero(ids == mask_id)
+        if not len(positions):
+            raise ValueError(f"--text {text!r} has no {tokenizer.mask_token}: a masked LM fills the mask tokens "
+                             f"of each text")
+        masks = []
+        for position in positions:
+            probs = _softmax(row_logits[position])
+            best = np.argsort(-probs, kind="stable")[:top]
+            masks.append([{"token": int(t), "token_str": tokenizer.decode([int(t)]), "score": round(float(probs[t]), 6)}
+                          for t in best])
+        rows.append({"text": text, "masks": masks})
+    return rows
 
 
 def _softmax(logits):

@@ -3,12 +3,14 @@
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
 from peftjax.models._config import ModelConfig
 from peftjax.models._bert import (
+    BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
 )
 from peftjax.models._distilbert import (
+    DistilBertForMaskedLM,
     DistilBertForQuestionAnswering,
     DistilBertForSequenceClassification,
     DistilBertForTokenClassification,
@@ -94,10 +96,12 @@ from peftjax.models._qwen3_moe import (
     Qwen3MoeForTokenClassification,
 )
 from peftjax.models._roberta import (
+    RobertaForMaskedLM,
     RobertaForQuestionAnswering,
     RobertaForSequenceClassification,
     RobertaForTokenClassification,
     RobertaModel,
+    XLMRobertaForMaskedLM,
     XLMRobertaForQuestionAnswering,
     XLMRobertaForSequenceClassification,
     XLMRobertaForTokenClassification,
@@ -124,12 +128,14 @@ from peftjax.models._outputs import ModelOutput
 
 __all__ = [
     "MODEL_CLASSES",
+    "BertForMaskedLM",
     "BertForQuestionAnswering",
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertModel",
     "CheckpointError",
     "Conv1D",
+    "DistilBertForMaskedLM",
     "DistilBertForQuestionAnswering",
     "DistilBertForSequenceClassification",
     "DistilBertForTokenClassification",
@@ -203,6 +209,7 @@ __all__ = [
     "Qwen3MoeForQuestionAnswering",
     "Qwen3MoeForSequenceClassification",
     "Qwen3MoeForTokenClassification",
+    "RobertaForMaskedLM",
     "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",
     "RobertaForTokenClassification",
@@ -211,6 +218,7 @@ __all__ = [
     "SmolLM3ForQuestionAnswering",
     "SmolLM3ForSequenceClassification",
     "SmolLM3ForTokenClassification",
+    "XLMRobertaForMaskedLM",
     "XLMRobertaForQuestionAnswering",
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",

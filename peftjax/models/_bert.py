@@ -19,7 +19,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
@@ -483,11 +483,7 @@ class BertForTokenClassification(PreTrainedModel):
         h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, base_rng,
                      prefix_kv).last_hidden_state
         logits = self.classifier(dropout(h, self.dropout_rate, head_rng))
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels))
 
 
 class BertForQuestionAnswering(PreTrainedModel):
@@ -526,14 +522,116 @@ class BertForQuestionAnswering(PreTrainedModel):
         h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
                      prefix_kv).last_hidden_state
         logits = self.qa_outputs(h)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions))
+
+
+class MaskedLMHead(nnx.Module):
+    """A masked LM's head: ``transform`` (the model's ``dense``, activation and LayerNorm), then the
+    word embeddings' transpose (the decoder is tied to them) plus an output ``bias`` per token."""
+
+    hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"bias": ("bias", False)}
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
+        self.dtype = dtype
+
+    def decode(self, x: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+        bias = self.bias.get_value().astype(self.dtype)
+        return word_embeddings.attend(x) + bias.reshape((1,) * (x.ndim - 1) + bias.shape)
+
+
+class BertPredictionHeadTransform(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.dense = nnx.Linear(h, h, **linear_kw(config, dtype, param_dtype, rngs))
+        self.hidden_act = config.hidden_act
+        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.LayerNorm(ACTIVATIONS[self.hidden_act](self.dense(x)))
+
+
+class BertLMPredictionHead(MaskedLMHead):
+    """``cls.predictions``: ``transform`` and the tied decoder with its ``bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transform = BertPredictionHeadTransform(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(self.transform(x), word_embeddings)
+
+
+class BertOnlyMLMHead(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.predictions = BertLMPredictionHead(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, word_embeddings):
+        return self.predictions(x, word_embeddings)
+
+
+def check_tied_decoder(model, config) -> None:
+    """A masked LM's decoder is its word embeddings' transpose (``tie_word_embeddings``, the
+    default); an untied one would be a weight this model does not hold."""
+    if getattr(config, "tie_word_embeddings", True) is False:
+        raise ValueError(f"{type(model).__name__} ties its decoder to the word embeddings; "
+                         "tie_word_embeddings=False is not supported")
+
+
+class BertForMaskedLM(PreTrainedModel):
+    """Masked language modelling: ``bert`` (without a pooler) and ``cls.predictions`` (``dense``,
+    activation, LayerNorm, the word embeddings' transpose plus ``bias``), as transformers'. The
+    logits are ``[batch, seq, vocab]``; ``labels`` (``[batch, seq]``, -100 where no token is
+    predicted: every position but the masked ones) add the mean cross entropy over the labelled
+    ones. No PEFT task type names it: its adapters have ``task_type=None`` (PEFT's ``PeftModel``);
+    a masking collator's role is :func:`peftjax.training.mask_tokens`'s."""
+
+    base_model_prefix: ClassVar[str] = "bert"
+    # the head of a pre-training checkpoint (the Hub's), new if the checkpoint has none
+    optional_keys: ClassVar[tuple[str, ...]] = (r"cls\.predictions\.(bias|transform\..*)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*BertModel.ignored_keys, r"(bert\.)?pooler\..*")
+    # the decoder's weight is the word embeddings', its bias the head's ``bias``
+    tied_keys: ClassVar[tuple[str, ...]] = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    backbone_class: ClassVar[type[BertModel]] = BertModel
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        check_tied_decoder(self, self.config)
+        backbone = self.backbone_class(self.config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype,
+                                       rngs=rngs)
+        setattr(self, self.base_model_prefix, backbone)
+        self.build_head(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def build_head(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.cls = BertOnlyMLMHead(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """``[batch, seq, vocab]`` logits of the last hidden states."""
+        return self.cls(h, getattr(self, self.base_model_prefix).embeddings.word_embeddings)
+
+    def _tied(self, key: str) -> bool:
+        return key in self.tied_keys
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        dropout_rng=None,
+        prefix_kv=None,
+    ) -> ModelOutput:
+        backbone = getattr(self, self.base_model_prefix)
+        h = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                     prefix_kv).last_hidden_state
+        logits = self.head(h)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels), last_hidden_state=h)
 
 
 register(BertModel, model_types=("bert",), default=True)
 register(BertForSequenceClassification)
 register(BertForTokenClassification)
 register(BertForQuestionAnswering)
+register(BertForMaskedLM)

@@ -29,9 +29,9 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._bert import absolute_position_ids, linear_kw
+from peftjax.models._bert import MaskedLMHead, absolute_position_ids, check_tied_decoder, linear_kw
 from peftjax.models._dropout import dropout
-from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
@@ -239,10 +239,7 @@ class DistilBertForTokenClassification(PreTrainedModel):
         base_rng, head_rng = split_keys(dropout_rng, 2)
         h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
         logits = self.classifier(dropout(h, self.dropout_rate, head_rng))
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels))
 
 
 class DistilBertForQuestionAnswering(PreTrainedModel):
@@ -268,13 +265,51 @@ class DistilBertForQuestionAnswering(PreTrainedModel):
         base_rng, head_rng = split_keys(dropout_rng, 2)
         h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
         logits = self.qa_outputs(dropout(h, self.dropout_rate, head_rng))
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions))
+
+
+class DistilBertVocabProjector(MaskedLMHead):
+    """``vocab_projector``: the word embeddings' transpose (tied) plus its ``bias``."""
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(x, word_embeddings)
+
+
+class DistilBertForMaskedLM(PreTrainedModel):
+    """Masked language modelling, as transformers': ``distilbert``, then ``vocab_transform``,
+    ``activation``, ``vocab_layer_norm`` and ``vocab_projector`` (the word embeddings' transpose
+    plus a bias); the Hub's DistilBERT checkpoints are this class's. ``labels`` (-100 where no
+    token is predicted) add the mean cross entropy over the labelled tokens."""
+
+    base_model_prefix: ClassVar[str] = "distilbert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"vocab_(transform|layer_norm)\.(weight|bias)",
+                                                r"vocab_projector\.bias")
+    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        check_tied_decoder(self, config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.distilbert = DistilBertModel(config, **kw)
+        self.vocab_transform = nnx.Linear(config.dim, config.dim, **linear_kw(config, dtype, param_dtype, rngs))
+        self.activation = config.activation
+        self.vocab_layer_norm = _layer_norm(config, dtype, param_dtype, rngs)
+        self.vocab_projector = DistilBertVocabProjector(config, **kw)
+
+    def _tied(self, key: str) -> bool:
+        return key == "vocab_projector.weight"
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                 dropout_rng=None) -> ModelOutput:
+        """``[batch, seq, vocab]`` logits; ``labels`` add the loss over the labelled tokens."""
+        h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng).last_hidden_state
+        x = self.vocab_layer_norm(ACTIVATIONS[self.activation](self.vocab_transform(h)))
+        logits = self.vocab_projector(x, self.distilbert.embeddings.word_embeddings)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels), last_hidden_state=h)
 
 
 register(DistilBertModel, model_types=("distilbert",), default=True)
-for _cls in (DistilBertForSequenceClassification, DistilBertForTokenClassification, DistilBertForQuestionAnswering):
+for _cls in (DistilBertForSequenceClassification, DistilBertForTokenClassification, DistilBertForQuestionAnswering,
+             DistilBertForMaskedLM):
     register(_cls)

@@ -19,10 +19,10 @@ from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import (
     causal_lm_head_loss,
-    masked_cross_entropy,
     pool_last_token,
     sequence_classification_loss,
-    span_loss,
+    span_outputs,
+    token_labels_loss,
 )
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
@@ -327,10 +327,8 @@ class GPT2ForTokenClassification(PreTrainedModel):
         out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                dropout_rng=base_rng, prefix_kv=prefix_kv)
         logits = self.classifier(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
+                           last_hidden_state=out.last_hidden_state)
 
 
 class GPT2ForQuestionAnswering(PreTrainedModel):
@@ -363,11 +361,7 @@ class GPT2ForQuestionAnswering(PreTrainedModel):
         out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                                dropout_rng=dropout_rng, prefix_kv=prefix_kv)
         logits = self.qa_outputs(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions),
                            last_hidden_state=out.last_hidden_state)
 
 

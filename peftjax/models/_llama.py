@@ -20,10 +20,10 @@ from peftjax.nn._functional import swiglu
 from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import (
     causal_lm_head_loss,
-    masked_cross_entropy,
     pool_last_token,
     sequence_classification_loss,
-    span_loss,
+    span_outputs,
+    token_labels_loss,
 )
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
@@ -399,10 +399,8 @@ class LlamaForTokenClassification(DecoderWithHead):
         base_rng, head_rng = split_keys(dropout_rng, 2)
         out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
         logits = self.score(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=out.last_hidden_state)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
+                           last_hidden_state=out.last_hidden_state)
 
 
 class LlamaForQuestionAnswering(DecoderWithHead):
@@ -440,11 +438,7 @@ class LlamaForQuestionAnswering(DecoderWithHead):
         ``end_positions`` (``[batch]`` token indices) add transformers' loss (:func:`span_loss`)."""
         out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng)
         logits = self.qa_outputs(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions),
                            last_hidden_state=out.last_hidden_state)
 
 

@@ -47,6 +47,26 @@ def span_loss(start_logits: jax.Array, end_logits: jax.Array, start_positions, e
             + masked_cross_entropy(end_logits, scored(end_positions))) / 2
 
 
+def token_labels_loss(logits: jax.Array, labels) -> jax.Array | None:
+    """A token classifier's loss as transformers computes it: the mean cross entropy of
+    ``[batch, seq, classes]`` logits over the labelled tokens (``labels`` ``[batch, seq]``, -100
+    where none counts); ``None`` without labels."""
+    if labels is None:
+        return None
+    return masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
+
+
+def span_outputs(logits: jax.Array, start_positions=None, end_positions=None) -> dict:
+    """A question-answering head's ``[batch, seq, 2]`` logits as ``start_logits``, ``end_logits``
+    and ``loss`` (:func:`span_loss` when both positions are given, else ``None``): the fields of
+    its ``ModelOutput``."""
+    start_logits, end_logits = logits[..., 0], logits[..., 1]
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+    return dict(start_logits=start_logits, end_logits=end_logits, loss=loss)
+
+
 def sequence_classification_loss(logits: jax.Array, labels: jax.Array, config) -> jax.Array:
     """Regression, single-label or multi-label loss, chosen as transformers chooses it."""
     logits = logits.astype(jnp.float32)

@@ -29,7 +29,7 @@ from peftjax.models._auto import register
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.models._dropout import dropout
 from peftjax.models._layer_kinds import LAYER_TYPES, rope_parameters_by_type, rotary_of
-from peftjax.models._losses import masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary
@@ -264,10 +264,7 @@ class ModernBertForTokenClassification(_ModernBertTask):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                  dropout_rng=None) -> ModelOutput:
         logits = self._logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool=False)
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels))
 
 
 class ModernBertForQuestionAnswering(_ModernBertTask):
@@ -278,11 +275,7 @@ class ModernBertForQuestionAnswering(_ModernBertTask):
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                  start_positions=None, end_positions=None, dropout_rng=None) -> ModelOutput:
         logits = self._logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool=False)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, jnp.asarray(start_positions), jnp.asarray(end_positions))
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss)
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions))
 
 
 register(ModernBertModel, model_types=("modernbert",), default=True)

@@ -20,11 +20,19 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._bert import BertForQuestionAnswering, BertForTokenClassification, BertModel, linear_kw
+from peftjax.models._bert import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForTokenClassification,
+    BertModel,
+    MaskedLMHead,
+    linear_kw,
+)
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
+from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
 
 # non-persistent buffers some checkpoints still carry, and the pre-training (masked LM) head
@@ -145,6 +153,38 @@ class RobertaForQuestionAnswering(BertForQuestionAnswering):
     backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
 
 
+class RobertaLMHead(MaskedLMHead):
+    """``lm_head``: ``dense``, GELU, ``layer_norm``, then the tied decoder with its ``bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h = config.hidden_size
+        self.dense = nnx.Linear(h, h, **linear_kw(config, dtype, param_dtype, rngs))
+        self.layer_norm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                        rngs=rngs)
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(self.layer_norm(ACTIVATIONS["gelu"](self.dense(x))), word_embeddings)
+
+
+class RobertaForMaskedLM(BertForMaskedLM):
+    """Masked language modelling: ``roberta`` (without a pooler) and ``lm_head`` (``dense``, GELU,
+    ``layer_norm``, the word embeddings' transpose plus ``bias``), as transformers'; the Hub's
+    RoBERTa and XLM-R checkpoints are this class's."""
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.(bias|dense\..*|layer_norm\..*)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
+    tied_keys: ClassVar[tuple[str, ...]] = ("lm_head.decoder.weight", "lm_head.decoder.bias")
+    backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
+
+    def build_head(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.lm_head = RobertaLMHead(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        return self.lm_head(h, self.roberta.embeddings.word_embeddings)
+
+
 class XLMRobertaModel(RobertaModel):
     """XLM-RoBERTa's encoder: RoBERTa's, under transformers' XLM-R class name."""
 
@@ -167,11 +207,19 @@ class XLMRobertaForQuestionAnswering(RobertaForQuestionAnswering):
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
+class XLMRobertaForMaskedLM(RobertaForMaskedLM):
+    """XLM-RoBERTa's masked LM: RoBERTa's, under transformers' XLM-R class name."""
+
+    backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
+
+
 register(RobertaModel, model_types=("roberta",), default=True)
 register(RobertaForSequenceClassification)
 register(RobertaForTokenClassification)
 register(RobertaForQuestionAnswering)
+register(RobertaForMaskedLM)
 register(XLMRobertaModel, model_types=("xlm-roberta",), default=True)
 register(XLMRobertaForSequenceClassification)
 register(XLMRobertaForTokenClassification)
 register(XLMRobertaForQuestionAnswering)
+register(XLMRobertaForMaskedLM)

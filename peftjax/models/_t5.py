@@ -41,7 +41,13 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_loss
+from peftjax.models._losses import (
+    check_span_labels,
+    masked_cross_entropy,
+    sequence_classification_loss,
+    span_outputs,
+    token_labels_loss,
+)
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._scan import check_remat, checkpointed
@@ -680,10 +686,7 @@ class T5ForTokenClassification(PreTrainedModel):
         body_key, head_key = split_keys(dropout_rng, 2)
         h = self.transformer(input_ids, attention_mask, inputs_embeds, prefix_kv, body_key).last_hidden_state
         logits = self.classifier(dropout(h, self.dropout_rate, head_key))
-        loss = None
-        if labels is not None:
-            loss = masked_cross_entropy(logits.reshape(-1, logits.shape[-1]), jnp.asarray(labels).reshape(-1))
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels), last_hidden_state=h)
 
 
 class T5ForQuestionAnswering(T5Model):
@@ -717,11 +720,7 @@ class T5ForQuestionAnswering(T5Model):
         out = super().__call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                                inputs_embeds, decoder_inputs_embeds, prefix_kv, encoder_prefix_kv, dropout_rng)
         logits = self.qa_outputs(out.last_hidden_state)
-        start_logits, end_logits = logits[..., 0], logits[..., 1]
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        return ModelOutput(start_logits=start_logits, end_logits=end_logits, loss=loss,
+        return ModelOutput(**span_outputs(logits, start_positions, end_positions),
                            encoder_last_hidden_state=out.encoder_last_hidden_state)
 
 

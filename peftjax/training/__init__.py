@@ -12,6 +12,7 @@ from peftjax.training._data import (
     tokenize_question_answering,
     tokenize_seq2seq,
 )
+from peftjax.training._masking import mask_tokens
 from peftjax.training._memory import release_host_memory
 from peftjax.training._squad import answer_questions, normalize_answer, squad_metrics
 from peftjax.training._step import combine, make_train_step, optax_labels, split
@@ -31,6 +32,7 @@ __all__ = [
     "combine",
     "load_text_dataset",
     "make_train_step",
+    "mask_tokens",
     "optax_labels",
     "release_host_memory",
     "split",

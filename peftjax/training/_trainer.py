@@ -332,6 +332,8 @@ class Trainer:
         self.compute_metrics = compute_metrics
         config = getattr(model.base_model, "config", None)
         self.num_labels = int(getattr(config, "num_labels", 2) or 2)
+        if base_name.endswith("ForMaskedLM"):  # its classes are the vocabulary's tokens
+            self.num_labels = int(config.vocab_size)
         if pad_token_id is None:
             pad_token_id = getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id or 0)
@@ -350,7 +352,9 @@ class Trainer:
         self.problem_type = getattr(config, "problem_type", None)
         if base_name.endswith(TASK_CLASS_SUFFIXES["CAUSAL_LM"]):
             self.problem_type = CAUSAL_LM
-        elif base_name.endswith(TASK_CLASS_SUFFIXES["TOKEN_CLS"]):
+        elif base_name.endswith((*TASK_CLASS_SUFFIXES["TOKEN_CLS"], "ForMaskedLM")):
+            # a masked LM scores a label per token as a token classifier does (over the vocabulary;
+            # rows masked beforehand: peftjax.training.mask_tokens), never the next token's
             self.problem_type = TOKEN_CLS
         elif base_name.endswith(TASK_CLASS_SUFFIXES["QUESTION_ANS"]):
             self.problem_type = QUESTION_ANS

