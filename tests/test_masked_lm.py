@@ -22,10 +22,10 @@ from peftjax.training import mask_tokens
 torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
 
 CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM",
-           "distilbert": "DistilBertForMaskedLM"}
+           "distilbert": "DistilBertForMaskedLM", "modernbert": "ModernBertForMaskedLM"}
 PADS = {"roberta": 1, "xlm-roberta": 1}
 MASK_ID = 4  # the tiny vocabulary's stand-in for [MASK]
-TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # PEFT has no default LoRA targets for DistilBERT
+TARGETS = {"distilbert": ["q_lin", "v_lin"], "modernbert": ["Wqkv", "Wo"]}  # PEFT has no defaults for them
 
 
 def _spec(family: str):
@@ -81,7 +81,7 @@ def test_a_checkpoint_without_the_head_starts_a_new_one_and_an_untied_decoder_is
         models.from_pretrained(tiny_checkpoint(_spec("bert")), tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
 def test_lora_on_a_masked_lm_moves_both_ways_with_peft(tiny_checkpoint, family, tmp_path, capsys):
     """PEFT's LoRA (``task_type=None``: PEFT's ``PeftModel``) on a masked LM read here; trained here
     on masked batches from :func:`mask_tokens`, read by PEFT with the same logits and loss; merged
@@ -278,3 +278,28 @@ def test_tokenize_masked_lm_masks_each_copy_of_each_text_anew():
     assert again["input_ids"] == rows["input_ids"]
     with pytest.raises(ValueError, match="copies must be"):
         tokenize_masked_lm(ds, tokenizer, copies=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(decoder_bias=False), dict(sparse_prediction=True)],
+                         ids=["no-decoder-bias", "sparse-prediction"])
+def test_modernbert_s_decoder_options_as_transformers(tiny_checkpoint, overrides, tmp_path):
+    """ModernBERT's masked LM without a decoder bias (none read, none written), and with
+    ``sparse_prediction`` (transformers returns the labelled positions' logits only: here every
+    position's, the labelled ones equal to its, and the same loss)."""
+    spec = _tiny.arch("modernbert", CLASSES["modernbert"], **overrides)
+    path = tiny_checkpoint(spec)
+    theirs = spec.torch_class.from_pretrained(path).eval()
+    model = models.from_pretrained(path)
+    inputs, labels = _batch("modernbert")
+    ref = _torch(theirs, **inputs, labels=labels)
+    out = model(**inputs, labels=labels)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    logits = np.asarray(out.logits)
+    if overrides.get("sparse_prediction"):
+        logits = logits[labels != -100]
+    np.testing.assert_allclose(logits, ref.logits.numpy(), atol=1e-5, rtol=0)
+    if overrides.get("decoder_bias") is False:
+        assert model.decoder.bias is None
+        model.save_pretrained(tmp_path)
+        tensors, _ = peftjax.io.read_safetensors(tmp_path / "model.safetensors")
+        assert not [k for k in tensors if k.startswith("decoder.")]

@@ -59,6 +59,7 @@ from peftjax.models._olmo import (
     Olmo3ForSequenceClassification,
 )
 from peftjax.models._modernbert import (
+    ModernBertForMaskedLM,
     ModernBertForQuestionAnswering,
     ModernBertForSequenceClassification,
     ModernBertForTokenClassification,
@@ -179,6 +180,7 @@ __all__ = [
     "MixtralForSequenceClassification",
     "MixtralForTokenClassification",
     "ModelConfig",
+    "ModernBertForMaskedLM",
     "ModernBertForQuestionAnswering",
     "ModernBertForSequenceClassification",
     "ModernBertForTokenClassification",

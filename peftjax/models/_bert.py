@@ -531,13 +531,16 @@ class MaskedLMHead(nnx.Module):
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"bias": ("bias", False)}
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs, use_bias: bool = True):
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype)) if use_bias else nnx.data(None)
         self.dtype = dtype
 
     def decode(self, x: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+        logits = word_embeddings.attend(x)
+        if self.bias is None:
+            return logits
         bias = self.bias.get_value().astype(self.dtype)
-        return word_embeddings.attend(x) + bias.reshape((1,) * (x.ndim - 1) + bias.shape)
+        return logits + bias.reshape((1,) * (x.ndim - 1) + bias.shape)
 
 
 class BertPredictionHeadTransform(nnx.Module):

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._bert import MaskedLMHead, check_tied_decoder
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.models._dropout import dropout
 from peftjax.models._layer_kinds import LAYER_TYPES, rope_parameters_by_type, rotary_of
@@ -278,6 +279,46 @@ class ModernBertForQuestionAnswering(_ModernBertTask):
         return ModelOutput(**span_outputs(logits, start_positions, end_positions))
 
 
+class ModernBertDecoder(MaskedLMHead):
+    """``decoder``: the token embeddings' transpose (tied) plus a ``bias`` where ``decoder_bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=bool(config.decoder_bias))
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(x, word_embeddings)
+
+
+class ModernBertForMaskedLM(PreTrainedModel):
+    """Masked language modelling, as transformers': ``model``, ``head`` (``dense``, activation,
+    ``norm``) and ``decoder`` (the token embeddings' transpose plus a bias); the Hub's ModernBERT
+    checkpoints are this class's. ``labels`` (-100 where no token is predicted) add the mean
+    cross entropy over the labelled tokens. With ``sparse_prediction`` transformers returns the
+    labelled positions' logits only; here the logits are every position's (the loss is the same)."""
+
+    base_model_prefix: ClassVar[str] = "model"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"head\..*", r"decoder\.bias")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        check_tied_decoder(self, self.config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = ModernBertModel(self.config, **kw)
+        self.head = ModernBertPredictionHead(self.config, **kw)
+        self.decoder = ModernBertDecoder(self.config, **kw)
+
+    def _tied(self, key: str) -> bool:
+        return key == "decoder.weight"
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                 dropout_rng=None) -> ModelOutput:
+        """``[batch, seq, vocab]`` logits; ``labels`` add the loss over the labelled tokens."""
+        h = self.model(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng).last_hidden_state
+        logits = self.decoder(self.head(h), self.model.embeddings.tok_embeddings)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels), last_hidden_state=h)
+
+
 register(ModernBertModel, model_types=("modernbert",), default=True)
-for _cls in (ModernBertForSequenceClassification, ModernBertForTokenClassification, ModernBertForQuestionAnswering):
+for _cls in (ModernBertForSequenceClassification, ModernBertForTokenClassification, ModernBertForQuestionAnswering,
+             ModernBertForMaskedLM):
     register(_cls)
