@@ -159,3 +159,35 @@ def test_explicit_targets_and_errors(tmp_path):
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "reduction_factor": 8}))
     with pytest.raises(ValueError, match=r"up_proj\.adapter_down\.weight: expected shape \[6, 48\].*found \[3, 48\]"):
         peftjax.PeftModel.from_pretrained(LlamaForCausalLM.from_config(_tiny.config("llama")), tmp_path / "bad")
+
+
+DEFAULT_PLACED = {  # family -> the tails of the two layers per block the default (houlsby) adapts
+    **{f: ("self_attn.o_proj", "mlp.down_proj") for f in ("qwen3", "phi3", "gemma", "gemma2", "olmo2", "smollm3",
+                                                          "granite", "seed_oss", "glm4", "ernie4_5")},
+    "roberta": ("attention.output.dense", "output.dense"),
+    "distilbert": ("attention.out_lin", "ffn.lin2"),
+    "modernbert": ("attn.Wo", "mlp.Wo"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DEFAULT_PLACED))
+def test_every_bundled_family_has_a_default_placement(family):
+    """``BottleneckConfig()`` on each family's tiny model: an adapter after each block's attention
+    output and feedforward output projections (two a block), the model unchanged at the start
+    (``up`` is zero), and changed once ``up`` moves."""
+    spec = _tiny.arch(family)
+    model = getattr(models, spec.class_name).from_config(spec.config())
+    before = run(model)
+    peft_model = peftjax.get_peft_model(model, peftjax.BottleneckConfig())
+    layers = adapter_layers(peft_model.base_model, BottleneckLayer)
+    blocks = spec.config().num_hidden_layers
+    attention, feedforward = DEFAULT_PLACED[family]
+    assert len(layers) == 2 * blocks
+    assert sum(n.endswith(attention) for n in layers) == blocks
+    assert sum(n.endswith(feedforward) and not n.endswith(attention) for n in layers) == blocks
+    assert_same(run(peft_model), before)
+    rng = np.random.default_rng(0)
+    for layer in layers.values():  # noise, not a constant: a post-LayerNorm encoder removes a constant shift
+        for weights in (layer.adapter_down["default"], layer.adapter_up["default"]):
+            weights.set_value(rng.standard_normal(weights.get_value().shape).astype(np.float32))
+    assert changed(run(peft_model), before) > 1e-2 * np.abs(before).max()

@@ -9,17 +9,16 @@ block's residual sum and LayerNorm, as in the original Houlsby placement:
   output projection of every block;
 - ``adapter_type="pfeiffer"``: after the feedforward output projection only.
 
-The layers for the bundled models (``BOTTLENECK_TARGET_MODULES``):
+The layers for the bundled models (``BOTTLENECK_TARGET_MODULES``), after attention / after the
+feedforward block:
 
-==========  ==============================  =======================================
-model type  after attention                 after the feedforward block
-==========  ==============================  =======================================
-llama,      ``*.self_attn.o_proj``          ``*.mlp.down_proj``
-mistral,
-qwen2
-bert        ``*.attention.output.dense``    ``*.layer.<i>.output.dense``
-gpt2        ``*.attn.c_proj``               ``*.mlp.c_proj``
-==========  ==============================  =======================================
+- the decoders with a dense MLP (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text,
+  olmo2, olmo3, smollm3, granite, seed_oss, glm4, ernie4_5): ``*.self_attn.o_proj`` /
+  ``*.mlp.down_proj``;
+- bert, roberta, xlm-roberta: ``*.attention.output.dense`` / ``*.layer.<i>.output.dense``;
+- distilbert: ``*.attention.out_lin`` / ``*.ffn.lin2``;
+- modernbert: ``*.attn.Wo`` / ``*.mlp.Wo``;
+- gpt2: ``*.attn.c_proj`` / ``*.mlp.c_proj``.
 
 ``BottleneckConfig.target_modules=None`` resolves to a regex over these names (written into the
 saved config); an explicit ``target_modules`` (``LoraConfig``'s matching) names the output layers
@@ -60,10 +59,12 @@ from peftjax.tuners.bottleneck._layer import BottleneckLayer, BottleneckLinear, 
 
 # model_type -> (after-attention, after-feedforward) output layers, as regexes of the name's tail
 BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
-    "llama": (r"self_attn\.o_proj", r"mlp\.down_proj"),
-    "mistral": (r"self_attn\.o_proj", r"mlp\.down_proj"),
-    "qwen2": (r"self_attn\.o_proj", r"mlp\.down_proj"),
-    "bert": (r"attention\.output\.dense", r"layer\.\d+\.output\.dense"),
+    **{t: (r"self_attn\.o_proj", r"mlp\.down_proj")  # the decoders with a dense MLP
+       for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
+                 "smollm3", "granite", "seed_oss", "glm4", "ernie4_5")},
+    **{t: (r"attention\.output\.dense", r"layer\.\d+\.output\.dense") for t in ("bert", "roberta", "xlm-roberta")},
+    "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
+    "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     "gpt2": (r"attn\.c_proj", r"mlp\.c_proj"),
 }
 
@@ -99,8 +100,9 @@ def inject_bottleneck(
     """Adds bottleneck adapter ``adapter_name`` after every sublayer output ``config`` places it on, in place.
 
     Args:
-      model: a bundled model (Llama / Mistral / Qwen2, BERT, GPT-2) for the default placement, or
-        any NNX model with ``target_modules`` naming ``nnx.Linear`` output layers.
+      model: a bundled model (the dense decoders, BERT, RoBERTa, DistilBERT, ModernBERT, GPT-2) for
+        the default placement, or any NNX model with ``target_modules`` naming ``nnx.Linear`` output
+        layers.
       config: the adapter settings; see the module docstring for the placement.
       adapter_name: the name under which the weights are stored (``o_proj/adapter_down/<name>``).
       key: the init key (a fixed default keeps ``get_peft_model`` deterministic).
