@@ -29,26 +29,29 @@ def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> s
     return "SEQ_CLS" if head_shapes else None
 
 
-def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """``{key: shape}`` of the task-head weights an adapter file carries (``modules_to_save``):
-    a head layer's (``classifier.weight``), or each layer's of a head made of layers (RoBERTa's
-    ``classifier.dense.weight`` and ``classifier.out_proj.weight``)."""
+def saved_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """``{key: shape}`` of every tensor in an adapter file (its header alone is read): its adapters'
+    and the whole modules it saves (``modules_to_save``: ``base_model.model.classifier.weight``, and
+    every other module PEFT's suffix match takes, such as DistilBERT's ``pre_classifier`` for
+    ``"classifier"``); ``{}`` without a file."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         return {}
     header, _ = read_safetensors_header(path)
-    return {
-        k: list(e["shape"]) for k, e in header.items()
-        if k.endswith(".weight") and ".lora_" not in k and any(p in HEAD_NAMES for p in k.split(".")[-3:-1])
-    }
+    return {k: list(e["shape"]) for k, e in header.items()}
 
 
-def saved_tensor_names(adapter_dir: str | os.PathLike) -> list[str]:
-    """Every tensor name in an adapter file: its adapters' and the whole modules it saves
-    (``modules_to_save``: ``base_model.model.classifier.weight``, and every other module PEFT's
-    suffix match takes, such as DistilBERT's ``pre_classifier`` for ``"classifier"``)."""
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    return list(read_safetensors_header(path)[0]) if path.is_file() else []
+def head_shapes(tensor_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The task-head weights among an adapter file's tensors (:func:`saved_tensor_shapes`): a head
+    layer's (``classifier.weight``), or each layer's of a head made of layers (RoBERTa's
+    ``classifier.dense.weight`` and ``classifier.out_proj.weight``)."""
+    return {k: shape for k, shape in tensor_shapes.items()
+            if k.endswith(".weight") and ".lora_" not in k and any(p in HEAD_NAMES for p in k.split(".")[-3:-1])}
+
+
+def saved_head_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """``{key: shape}`` of the task-head weights an adapter file carries (see :func:`head_shapes`)."""
+    return head_shapes(saved_tensor_shapes(adapter_dir))
 
 
 def num_labels_of_head(head_shapes: dict[str, list[int]]) -> int:
@@ -109,7 +112,8 @@ class AutoPeftModel:
         base = base_model_name_or_path or config.base_model_name_or_path
         if not base:
             raise ValueError(f"{adapter}: adapter_config.json names no base_model_name_or_path; pass the base model")
-        heads = saved_head_shapes(adapter)
+        saved = saved_tensor_shapes(adapter)  # the file's header, read once
+        heads = head_shapes(saved)
         task = task_for_adapter(config, heads)
         if task in CLASSIFIER_TASKS:
             if heads:
@@ -121,7 +125,6 @@ class AutoPeftModel:
                         f"{adapter}: a {task} adapter without a saved classifier head, on a base checkpoint "
                         f"({base}) that is not a classifier ({base_config.architectures}): its head would be random"
                     )
-        saved = saved_tensor_names(adapter)
         if task is None and trained_on_backbone(models.load_config(base), saved):
             task = "FEATURE_EXTRACTION"
         with warnings.catch_warnings(record=True) as caught:
@@ -135,7 +138,7 @@ class AutoPeftModel:
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)
 
 
-def trained_on_backbone(base_config, adapter_keys: list[str]) -> bool:
+def trained_on_backbone(base_config, adapter_keys) -> bool:
     """Whether an adapter without a task was trained on its family's bare backbone (``BertModel``)
     though the base checkpoint names a class around it (the Hub's BERT, RoBERTa and DistilBERT are
     masked LMs): its keys then lack the backbone's name (``base_model.model.encoder...``, not

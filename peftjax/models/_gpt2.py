@@ -257,17 +257,26 @@ class GPT2LMHeadModel(GenerationMixin, PreTrainedModel):
         return self.transformer.init_cache(batch, max_len, dtype)
 
 
-class GPT2ForSequenceClassification(PreTrainedModel):
-    """Sequence classification: the transformer plus a ``score`` head read at the last real token."""
+class GPT2WithHead(PreTrainedModel):
+    """``transformer`` (a :class:`GPT2Model`) and a task head: the base of GPT-2's sequence and token
+    classifiers and question answering, whose checkpoints are the LM's without its tied ``lm_head``."""
 
     base_model_prefix: ClassVar[str] = "transformer"
+    ignored_keys: ClassVar[tuple[str, ...]] = GPT2Model.ignored_keys
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.transformer = GPT2Model(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class GPT2ForSequenceClassification(GPT2WithHead):
+    """Sequence classification: the transformer plus a ``score`` head read at the last real token."""
+
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.weight",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.transformer = GPT2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.score = nnx.Linear(
             config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -293,19 +302,16 @@ class GPT2ForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 
 
-class GPT2ForTokenClassification(PreTrainedModel):
+class GPT2ForTokenClassification(GPT2WithHead):
     """Token classification (PEFT's ``TOKEN_CLS``): the transformer, dropout (``classifier_dropout``,
     else ``hidden_dropout``, else 0.1) and a biased ``classifier`` on every token, as transformers'.
     Each token sees only the tokens before it."""
 
-    base_model_prefix: ClassVar[str] = "transformer"
     optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.transformer = GPT2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = token_classifier_dropout(config)
         self.classifier = nnx.Linear(config.hidden_size, config.num_labels, dtype=dtype, param_dtype=param_dtype,
                                      rngs=rngs)
@@ -331,17 +337,14 @@ class GPT2ForTokenClassification(PreTrainedModel):
                            last_hidden_state=out.last_hidden_state)
 
 
-class GPT2ForQuestionAnswering(PreTrainedModel):
+class GPT2ForQuestionAnswering(GPT2WithHead):
     """Extractive question answering (PEFT's ``QUESTION_ANS``): the transformer and a biased
     ``qa_outputs`` giving every token a start and an end logit, as transformers'."""
 
-    base_model_prefix: ClassVar[str] = "transformer"
     optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"lm_head\.weight")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.transformer = GPT2Model(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
