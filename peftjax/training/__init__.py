@@ -13,7 +13,7 @@ from peftjax.training._data import (
     tokenize_question_answering,
     tokenize_seq2seq,
 )
-from peftjax.training._masking import mask_tokens
+from peftjax.training._masking import DataCollatorForLanguageModeling, mask_tokens
 from peftjax.training._memory import release_host_memory
 from peftjax.training._squad import answer_questions, normalize_answer, squad_metrics
 from peftjax.training._step import combine, make_train_step, optax_labels, split
@@ -26,6 +26,7 @@ __all__ = [
     "squad_metrics",
     "make_adalora_train_step",
     "Batcher",
+    "DataCollatorForLanguageModeling",
     "TrainOutput",
     "Trainer",
     "TrainingArguments",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,7 @@ def tokenize_masked_lm(
     random_replace_prob: float = 0.1,
     copies: int = 1,
     seed: int = 0,
+    masking: str = "static",
     keep_columns: Sequence[str] = (),
 ):
     """Tokenizes text for a masked LM and masks it: each text truncated to ``max_length`` tokens,
@@ -236,6 +237,10 @@ def tokenize_masked_lm(
     chosen token its own label, every other label -100). The masks are drawn here, once (BERT's
     static masking; ``copies`` > 1 is its ``dupe_factor``, several masks of each text), from
     ``seed``, the copy and the row's index: the same arguments, the same rows.
+
+    ``masking="dynamic"`` leaves the rows unmasked and without labels, for a Trainer whose
+    ``data_collator`` (:class:`~peftjax.training.DataCollatorForLanguageModeling`) masks each batch
+    anew every epoch, as transformers' ``run_mlm.py`` trains.
 
     >>> ds = tokenize_masked_lm(ds, tokenizer, max_length=64, copies=2)  # doctest: +SKIP
     >>> ds.column_names  # doctest: +SKIP
@@ -249,20 +254,27 @@ def tokenize_masked_lm(
       mlm_probability, mask_replace_prob, random_replace_prob: as :func:`mask_tokens`.
       copies: rows made of each text, each with its own masks.
       seed: the masks' seed.
+      masking: ``"static"`` (masks drawn here) or ``"dynamic"`` (none: a collator draws them).
       keep_columns: columns copied unchanged to each row.
 
     Returns:
       The dataset with only ``input_ids`` (masked), ``attention_mask``, ``token_type_ids`` (when the
-      tokenizer makes them), ``labels`` and ``keep_columns``, the copies of one text one after another.
+      tokenizer makes them), ``labels`` and ``keep_columns``, the copies of one text one after another;
+      with ``masking="dynamic"``, the same columns unmasked and without ``labels``.
 
     Raises:
       ValueError: a named column is missing, a kept column is one the function makes, the tokenizer
-        has no mask token, or an argument is out of range (see :func:`mask_tokens`).
+        has no mask token, ``copies`` with dynamic masking, or an argument is out of range (see
+        :func:`mask_tokens`).
     """
     from peftjax.training._masking import mask_tokens
 
     _check_positive("max_length", max_length)
     _check_positive("copies", copies)
+    if masking not in ("static", "dynamic"):
+        raise ValueError(f"masking={masking!r}: expected 'static' or 'dynamic'")
+    if masking == "dynamic" and copies != 1:
+        raise ValueError(f"copies={copies} with masking='dynamic': each epoch masks every row anew already")
     keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
     if getattr(tokenizer, "mask_token_id", None) is None:
         raise ValueError(f"{type(tokenizer).__name__} has no mask token: a masked LM's inputs need one")
@@ -275,6 +287,8 @@ def tokenize_masked_lm(
             enc = tokenizer(batch[text_column], truncation=True, max_length=max_length,
                             return_special_tokens_mask=True)
             copied = [k for k in ("attention_mask", "token_type_ids") if k in enc]  # the same in every copy
+            if masking == "dynamic":
+                return {"input_ids": enc["input_ids"], **{k: enc[k] for k in copied}, **{c: batch[c] for c in keep}}
             out = {k: [] for k in ("input_ids", *copied, "labels", *keep)}
             for row, index in enumerate(indices):
                 ids = np.asarray([enc["input_ids"][row]])
@@ -865,6 +879,11 @@ class Batcher:
       target_columns: columns of token lists padded on their own (see above).
       packing: pack each batch's sequences into shared rows (see above); needs the default
         ``buckets``, right padding, no target columns and no per-token ``labels``.
+      collate: called on each padded batch as ``collate(batch, rng)``, ``rng`` a
+        ``numpy.random.Generator`` seeded by ``[seed, epoch, the batch's index in its epoch]``;
+        what it returns is the batch (a masked LM's masks drawn anew each epoch:
+        :class:`~peftjax.training.DataCollatorForLanguageModeling`). The same batch, the same
+        draw, so a resumed run sees the batches the stopped one would have.
 
     Raises:
       ValueError: a row longer than the largest bucket (named by index and length), per-token
@@ -887,8 +906,11 @@ class Batcher:
         padding_side: str = "right",
         target_columns: Sequence[str] = (),
         packing: bool = False,
+        collate: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
     ):
         _check_positive("batch_size", batch_size)
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be callable as collate(batch, rng), got {type(collate).__name__}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None:
@@ -910,6 +932,7 @@ class Batcher:
         self.drop_last = drop_last
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
+        self.collate = collate
 
         columns = _raw_columns(dataset_or_columns)
         self._targets = _target_columns(columns, target_columns)
@@ -957,11 +980,14 @@ class Batcher:
         """The batches of ``epoch`` from batch index ``start`` on (``start`` resumes mid-epoch)."""
         order = self.order(epoch)
         self._check_start(start)
-        return self._iterate(order, int(start))
+        return self._iterate(order, int(epoch), int(start))
 
-    def _iterate(self, order: np.ndarray, start: int) -> Iterator[dict[str, np.ndarray]]:
-        for index in self._batch_indices(order)[start:]:
-            yield self._batch(index)
+    def _iterate(self, order: np.ndarray, epoch: int, start: int) -> Iterator[dict[str, np.ndarray]]:
+        for position, index in enumerate(self._batch_indices(order)[start:], start):
+            batch = self._batch(index)
+            if self.collate is not None:
+                batch = self.collate(batch, np.random.default_rng([self.seed, epoch, position]))
+            yield batch
 
     def batch_lengths(self, epoch: int, start: int = 0) -> np.ndarray:
         """The padded length of each batch of ``epoch`` from ``start`` on, without building them:

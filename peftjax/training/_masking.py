@@ -65,3 +65,54 @@ def mask_tokens(
     inputs = np.where(replaced, int(mask_token_id), ids)
     inputs = np.where(randomised, rng.integers(0, int(vocab_size), ids.shape), inputs).astype(ids.dtype)
     return inputs, labels.astype(ids.dtype)
+
+
+class DataCollatorForLanguageModeling:
+    """Masks each batch anew as the Trainer draws it: transformers'
+    ``DataCollatorForLanguageModeling(tokenizer, mlm_probability=...)`` (dynamic masking, RoBERTa's),
+    for :class:`~peftjax.training.Trainer`'s ``data_collator``.
+
+    >>> collator = DataCollatorForLanguageModeling(tokenizer)  # doctest: +SKIP
+    >>> train = tokenize_masked_lm(ds, tokenizer, masking="dynamic")  # rows unmasked, no labels  # doctest: +SKIP
+    >>> Trainer(model, args, train, evaluation, data_collator=collator)  # doctest: +SKIP
+
+    Called on a padded batch with a ``numpy.random.Generator``, it returns the batch with
+    ``input_ids`` masked by :func:`mask_tokens` and their ``labels``; the tokenizer's special tokens
+    (``all_special_ids``: ``[CLS]``, ``[SEP]``, ``[PAD]``...) and padding are never chosen, as
+    transformers' collator chooses them when rows carry no ``special_tokens_mask``. Unlike
+    transformers' collator it does not pad: the Trainer's :class:`~peftjax.training.Batcher` has.
+
+    Args:
+      tokenizer: a tokenizer with a mask token (``mask_token_id``, ``all_special_ids``, ``len``).
+      mlm_probability, mask_replace_prob, random_replace_prob: as :func:`mask_tokens`.
+
+    Raises:
+      ValueError: a tokenizer without a mask token, or a probability out of range.
+    """
+
+    makes_labels = True  # the Trainer takes rows without labels and refuses rows with them
+
+    def __init__(self, tokenizer, *, mlm_probability: float = 0.15, mask_replace_prob: float = 0.8,
+                 random_replace_prob: float = 0.1):
+        self.mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if self.mask_token_id is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no mask token: a masked LM's inputs need one")
+        self.vocab_size = len(tokenizer)
+        self.special_ids = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int64)
+        self.options = dict(mlm_probability=mlm_probability, mask_replace_prob=mask_replace_prob,
+                            random_replace_prob=random_replace_prob)
+        mask_tokens(np.zeros((1, 1), np.int64), 0, mask_token_id=self.mask_token_id,  # the options' checks
+                    vocab_size=self.vocab_size, **self.options)
+
+    def __call__(self, batch: dict, rng) -> dict:
+        if "input_ids" not in batch:
+            raise ValueError(f"DataCollatorForLanguageModeling: the batch has no input_ids (columns: {sorted(batch)})")
+        ids = np.asarray(batch["input_ids"])
+        inputs, labels = mask_tokens(ids, rng, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                                     special_tokens_mask=np.isin(ids, self.special_ids),
+                                     attention_mask=batch.get("attention_mask"), **self.options)
+        return {**batch, "input_ids": inputs, "labels": labels}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"DataCollatorForLanguageModeling(mask_token_id={self.mask_token_id}, {options})"

@@ -95,8 +95,11 @@ def _as_columns(dataset, name: str):
                         f"list of rows (dicts)")
 
 
-def _columns(dataset, name: str) -> dict[str, list]:
-    """The trainer's columns of a tokenized dataset (HF ``Dataset``, a dict of lists or a list of rows)."""
+def _columns(dataset, name: str, *, collated_labels: bool = False) -> dict[str, list]:
+    """The trainer's columns of a tokenized dataset (HF ``Dataset``, a dict of lists or a list of rows).
+
+    ``collated_labels``: the data collator makes each batch's labels, so the rows must have none.
+    """
     dataset = _as_columns(dataset, name)
     names = _names(dataset)
     if "input_ids" not in names:
@@ -106,6 +109,12 @@ def _columns(dataset, name: str) -> dict[str, list]:
         cols["labels"] = [[s, e] for s, e in zip(dataset[SPAN_COLUMNS[0]], dataset[SPAN_COLUMNS[1]])]
         return cols
     label = "labels" if "labels" in names else "label" if "label" in names else None
+    if collated_labels:
+        if label is not None:
+            raise TrainingError(f"{name} has a {label} column, but the data_collator makes each batch's labels "
+                                "(it would mask rows already masked): pass the rows unmasked "
+                                "(peftjax.training.tokenize_masked_lm(..., masking='dynamic'))")
+        return cols
     if label is None:
         raise TrainingError(f"{name} has no labels or label column, nor start_positions and end_positions "
                             f"(columns: {names})")
@@ -283,10 +292,19 @@ class Trainer:
         none counts (:func:`peftjax.training.tokenize_token_classification`). For a question-answering
         model (``...ForQuestionAnswering``, QUESTION_ANS), ``start_positions`` and ``end_positions``
         instead of labels (:func:`peftjax.training.tokenize_question_answering`); its logits, for
-        ``compute_metrics`` and ``predict``, are ``[rows, seq, 2]``: the start and end logits.
+        ``compute_metrics`` and ``predict``, are ``[rows, seq, 2]``: the start and end logits. For
+        a masked LM (``...ForMaskedLM``), masked rows with a label per token
+        (:func:`peftjax.training.tokenize_masked_lm`), or unmasked rows without labels and a
+        ``data_collator`` that masks them.
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
       compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
+      data_collator: called on each padded batch of the train and eval datasets as
+        ``data_collator(batch, rng)`` (see :class:`~peftjax.training.Batcher`'s ``collate``), such
+        as :class:`~peftjax.training.DataCollatorForLanguageModeling`, which masks each training
+        batch anew every epoch (its draw seeded by ``args.seed``, the epoch and the batch, so a
+        resumed run draws what the stopped one would have) and each evaluation batch the same way
+        at every evaluation (comparable losses). ``predict`` takes its rows as they are.
       mesh: a device mesh (``peftjax.sharding.make_mesh``) to train over. The model is placed on
         it under ``sharding`` when the Trainer is made; each step's batch holds
         ``per_device_train_batch_size`` rows per data-parallel device (the product of the
@@ -306,6 +324,7 @@ class Trainer:
         *,
         pad_token_id: int | None = None,
         compute_metrics: Callable[[np.ndarray, np.ndarray], Mapping[str, float]] | None = None,
+        data_collator: Callable[[dict, np.random.Generator], dict] | None = None,
         mesh: jax.sharding.Mesh | None = None,
         sharding: Any = "dp",
     ):
@@ -330,6 +349,10 @@ class Trainer:
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.compute_metrics = compute_metrics
+        if data_collator is not None and not callable(data_collator):
+            raise TypeError(f"data_collator must be callable as data_collator(batch, rng), "
+                            f"got {type(data_collator).__name__}")
+        self.data_collator = data_collator
         config = getattr(model.base_model, "config", None)
         self.num_labels = int(getattr(config, "num_labels", 2) or 2)
         if base_name.endswith("ForMaskedLM"):  # its classes are the vocabulary's tokens
@@ -511,9 +534,10 @@ class Trainer:
             jobs.append((("train", signature(placed)),
                          functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
-            columns = self._check_tasks(_columns(self.eval_dataset, "eval_dataset"), "eval_dataset")
+            columns = self._dataset_columns(self.eval_dataset, "eval_dataset")
             self._resolve_problem_type(columns, "eval_dataset")
-            evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
+            evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False,
+                                       collate=self._eval_collate)
             for batch in first_batch_of_each_shape(evaluation, 0, evaluation.num_batches):
                 placed = self._place(batch)
                 jobs.append((("eval", signature(placed)), functools.partial(
@@ -522,7 +546,7 @@ class Trainer:
 
     def _resolve_problem_type(self, cols: dict, name: str) -> None:
         """Fixes the problem type (from the config, else transformers' rule) and checks the labels."""
-        if self.problem_type == CAUSAL_LM:
+        if self.problem_type == CAUSAL_LM or "labels" not in cols:  # or the data collator makes them
             return
         if self.problem_type == TOKEN_CLS:
             check_token_labels(cols, self.num_labels, name)
@@ -571,12 +595,24 @@ class Trainer:
         # replicated outputs: every process can read the logits and sums (several hosts)
         return jax.jit(traced_partitioned(eval_step), static_argnums=0, out_shardings=replicated(self.mesh))
 
-    def _batcher(self, columns: dict, per_device: int, *, shuffle: bool) -> Batcher:
+    def _batcher(self, columns: dict, per_device: int, *, shuffle: bool, collate=None) -> Batcher:
         """Batches of ``columns``; an encoder-decoder's labels are padded to their own length;
-        packed where :meth:`packs`."""
+        packed where :meth:`packs`; each passed through ``collate``."""
         targets = ("labels",) if self.problem_type == SEQ2SEQ_LM else ()
         return Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
-                       seed=self.args.seed, target_columns=targets, packing=self.packs())
+                       seed=self.args.seed, target_columns=targets, packing=self.packs(), collate=collate)
+
+    def _dataset_columns(self, dataset, name: str) -> dict:
+        """A train or eval dataset's columns, without labels where the data collator makes them."""
+        collated = bool(getattr(self.data_collator, "makes_labels", False))
+        return self._check_tasks(_columns(dataset, name, collated_labels=collated), name)
+
+    def _eval_collate(self, batch: dict, rng: np.random.Generator) -> dict:
+        """The data collator on an evaluation batch, drawn from a stream of its own (a child of the
+        batch's, not the one training's first epoch draws from for its batch of the same index)."""
+        if self.data_collator is None:
+            return batch
+        return self.data_collator(batch, np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]))
 
     def _check_tasks(self, columns: dict, name: str) -> dict:
         """``columns`` with each row's task where an adapter routes by it: the dataset's ``task_ids``
@@ -668,11 +704,11 @@ class Trainer:
         args = self.args
         if self.train_dataset is None:
             raise TrainingError("Trainer.train needs a train_dataset")
-        columns = self._check_tasks(_columns(self.train_dataset, "train_dataset"), "train_dataset")
+        columns = self._dataset_columns(self.train_dataset, "train_dataset")
         self._resolve_problem_type(columns, "train_dataset")
         self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
                                  else args.resume_from_checkpoint)
-        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True)
+        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True, collate=self.data_collator)
         total = args.total_steps(batcher.num_batches)
         plan = StepPlan(batcher.num_batches, args.gradient_accumulation_steps)
         end = plan.first_micro(total)  # micro-batches of the run
@@ -881,9 +917,10 @@ class Trainer:
         dataset = dataset if dataset is not None else self.eval_dataset
         if dataset is None:
             raise TrainingError("no eval_dataset to evaluate on")
-        columns = self._check_tasks(_columns(dataset, "eval_dataset"), "eval_dataset")
+        columns = self._dataset_columns(dataset, "eval_dataset")
         self._resolve_problem_type(columns, "eval_dataset")
-        batcher = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False)
+        batcher = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False,
+                                collate=self._eval_collate)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
         token_level = False
