@@ -458,6 +458,30 @@ def test_labels_are_checked_against_num_labels(tmp_path):
         Trainer(model, args, multi).train()
 
 
+def test_tokens_outside_the_model_s_vocabulary_are_refused_by_row(tmp_path):
+    """A token id the embedding has no row for (64 in a 64-token vocabulary; a negative one), in
+    the train, eval or predict rows or an encoder-decoder's target labels, is refused naming the
+    dataset, row and token: a jitted lookup would clamp it or give NaN instead of failing."""
+    data = classification_data(8)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none")
+    bad = {"input_ids": [list(r) for r in data["input_ids"]], "label": data["label"]}
+    bad["input_ids"][5][2] = 64
+    with pytest.raises(ValueError, match=r"train_dataset: row 5 has the input_ids token 64, outside the model's "
+                                         r"vocabulary \[0, 64\)"):
+        Trainer(_bert(0.0), args, bad).train()
+    with pytest.raises(ValueError, match=r"eval_dataset: row 5 has the input_ids token 64"):
+        Trainer(_bert(0.0), args, data, bad).evaluate()
+    bad["input_ids"][5][2], bad["input_ids"][0][0] = 10, -1
+    with pytest.raises(ValueError, match=r"dataset: row 0 has the input_ids token -1"):
+        Trainer(_bert(0.0), args).predict(bad)
+    t5 = peftjax.get_peft_model(peftjax.models.T5ForConditionalGeneration.from_config(_tiny.config("t5")),
+                                peftjax.LoraConfig(r=2, task_type="SEQ_2_SEQ_LM"))
+    vocab = t5.base_model.config.vocab_size
+    rows = {"input_ids": [[5, 6, 1]] * 2, "labels": [[7, 1], [7, vocab, 1]]}
+    with pytest.raises(ValueError, match=rf"train_dataset: row 1 has the labels token {vocab}"):
+        Trainer(t5, args, rows).train()
+
+
 def test_a_reused_output_dir_starts_clean_or_is_refused(tmp_path):
     def run(**kw):
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4,
