@@ -135,6 +135,7 @@ class AutoPeftModel:
             if keys and all(any(s.endswith("." + k) for s in saved) for k in keys):
                 continue
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        _resize_to_file(model, saved)
         return PeftModel.from_pretrained(model, adapter, adapter_name, is_trainable=is_trainable, strict=strict)
 
 
@@ -157,3 +158,16 @@ def _bundled_task(task: str | None) -> str | None:
     adapter gets the family's backbone (``BertModel``) whatever head the checkpoint was saved with."""
     return task if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
                             "FEATURE_EXTRACTION") else None
+
+
+def _resize_to_file(model, saved: dict) -> None:
+    """Resizes ``model``'s vocabulary to the one an adapter file's saved input embedding has (a
+    model resized for added tokens: PEFT's AutoPeftModel resizes to the adapter's tokenizer)."""
+    from peftjax.io._adapter import PREFIX
+    from peftjax.models._resize import vocabulary_weights
+
+    for key, (_, _, is_input) in vocabulary_weights(model).items():
+        shape = saved.get(PREFIX + key)
+        if is_input and shape is not None and shape[0] != model.config.vocab_size:
+            model.resize_token_embeddings(int(shape[0]))
+            return

@@ -25,6 +25,7 @@ from peftjax.io._hub import resolve
 from peftjax.tuners import base as tuner_base
 from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
+from peftjax.tuners.base._vocabulary import load_vocabulary_weights, vocabulary_state_dict
 from peftjax.tuners.lora import LoraLayer, _combine
 
 
@@ -827,7 +828,10 @@ def get_peft_model_state_dict(
         not changed. ``None`` reads the model.
       adapter_name: which adapter.
       save_embedding_layers: also save targeted embedding layers' base weights; ``"auto"`` does
-        when ``target_modules`` names one (``embed_tokens``, ``lm_head``), for every method.
+        when ``target_modules`` names one (``embed_tokens``, ``lm_head``), for every method. A
+        resized vocabulary (``resize_token_embeddings``; ``"auto"``: resized in this process or
+        unlike the base checkpoint's ``config.json``) saves the input and output embeddings whole,
+        as PEFT does.
 
     Returns:
       ``{"base_model.model.<module>.<suffix>": array}`` in torch layouts, on the host.
@@ -853,6 +857,7 @@ def get_peft_model_state_dict(
     tensors = tuner_for(config).state_dict(
         base, adapter_name, config, key_mapping=model.key_mapping, save_embedding_layers=save_embedding_layers
     )
+    tensors.update(vocabulary_state_dict(base, config, tensors, save_embedding_layers))
     return {k: _to_host(v) for k, v in tensors.items()}
 
 
@@ -883,6 +888,7 @@ def set_peft_model_state_dict(
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
     tensors = {k: np.asarray(v) for k, v in peft_model_state_dict.items()}
+    tensors = load_vocabulary_weights(model.base_model, tensors, source=source)
     missing, unexpected = tuner_for(model.peft_config[adapter_name]).load_state_dict(
         model.base_model, tensors, adapter_name, key_mapping=model.key_mapping, source=source
     )

@@ -126,6 +126,7 @@ from peftjax.models._t5 import (
 )
 from peftjax.models._modeling import CheckpointError, NewWeightsWarning, PreTrainedModel, hf_state_dict, read_checkpoint
 from peftjax.models._outputs import ModelOutput
+from peftjax.models._resize import resize_token_embeddings
 
 __all__ = [
     "MODEL_CLASSES",
@@ -244,4 +245,5 @@ __all__ = [
     "load_config",
     "model_class_for",
     "read_checkpoint",
+    "resize_token_embeddings",
 ]

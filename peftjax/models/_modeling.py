@@ -502,6 +502,17 @@ class PreTrainedModel(nnx.Module):
 
     # ---------------------------------------------------------------- saving
 
+    def resize_token_embeddings(self, new_num_tokens: int, *, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True, seed: int = 0) -> int:
+        """Resizes the vocabulary to ``new_num_tokens`` (``len(tokenizer)`` after adding tokens), in
+        place, as transformers' method does: the input embedding, an untied head, a masked LM's
+        decoder bias and ``config.vocab_size``; returns the new size. See
+        :func:`peftjax.models.resize_token_embeddings`."""
+        from peftjax.models._resize import resize_token_embeddings
+
+        return resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=pad_to_multiple_of,
+                                       mean_resizing=mean_resizing, seed=seed)
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
 
