@@ -132,3 +132,46 @@ def test_a_tied_model_s_file_carries_the_head_s_copy_as_peft_s_does(tiny_checkpo
     written, _ = read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")
     assert set(written) == set(saved) and {"base_model.model.lm_head.weight",
                                            "base_model.model.transformer.wte.weight"} <= set(written)
+
+
+def test_added_tokens_trained_as_trainable_tokens_move_both_ways_with_peft(tiny_checkpoint, tmp_path):
+    """The whole added-tokens recipe: Llama resized for four new tokens, LoRA with
+    ``trainable_token_indices`` on the new tokens' input and (untied) output rows; PEFT's file (the
+    resized tables under ``token_adapter.base_layer``) gives PEFT's logits here, and peftjax's file
+    has PEFT's keys and gives peftjax's logits in PEFT."""
+    spec = _tiny.arch("llama")
+    path = tiny_checkpoint(spec)
+    new = [96, 97, 98, 99]
+
+    def config(lib):
+        return lib.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                              trainable_token_indices={"embed_tokens": new, "lm_head": new})
+
+    theirs = spec.torch_class.from_pretrained(path).eval()
+    theirs.resize_token_embeddings(GROWN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(theirs, config(peft))
+        with torch.no_grad():
+            for name, param in pm.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    param.add_(0.5 * torch.randn_like(param))
+        pm.save_pretrained(tmp_path / "peft")
+    saved = set(read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")[0])
+    assert "base_model.model.lm_head.token_adapter.base_layer.weight" in saved
+    base = models.from_pretrained(path)
+    base.resize_token_embeddings(GROWN)
+    ours = peftjax.PeftModel.from_pretrained(base, tmp_path / "peft")
+    np.testing.assert_allclose(np.asarray(ours(input_ids=IDS).logits), _torch_logits(pm.eval(), IDS), atol=1e-5)
+
+    base = models.from_pretrained(path)
+    base.resize_token_embeddings(GROWN)
+    mine = peftjax.get_peft_model(base, config(peftjax))
+    mine.save_pretrained(tmp_path / "ours")
+    assert set(read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")[0]) == saved
+    back = spec.torch_class.from_pretrained(path).eval()
+    back.resize_token_embeddings(GROWN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(back, tmp_path / "ours").eval()
+    np.testing.assert_allclose(_torch_logits(loaded, IDS), np.asarray(mine(input_ids=IDS).logits), atol=1e-5)

@@ -221,3 +221,48 @@ def test_tied_head_copy_must_match_the_embedding_rows(path, tmp_path):
     write_safetensors(file, tensors)
     with pytest.raises(ValueError, match="lm_head.trainable_tokens_delta differs from the tied"):
         peftjax.PeftModel.from_pretrained(models.from_pretrained(path("llama-tied")), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["tokens", "lora+tokens-dict"])
+def test_an_untied_lm_head_s_token_rows_move_both_ways_with_peft(method, path, tmp_path):
+    """Trainable tokens on ``embed_tokens`` and an untied ``lm_head`` (a token's input row and its
+    output row: what a new token needs on Llama 3's kind of model), standalone and as LoRA's
+    ``trainable_token_indices``: PEFT's file read here gives PEFT's logits, peftjax's file read by
+    PEFT gives peftjax's, and merging gives the unmerged logits. A linear layer that is not a
+    bias-free output over the vocabulary is refused by name."""
+    p = path("llama")
+
+    def config(lib):
+        if method == "tokens":
+            return lib.TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"], token_indices=TOKENS,
+                                             init_weights=False)
+        return lib.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                              trainable_token_indices={"embed_tokens": TOKENS, "lm_head": TOKENS})
+
+    pm = quiet(peft.get_peft_model, torch_model(p, "llama"), config(peft))
+    with torch.no_grad():  # the rows moved, so both layers' copies show in the logits
+        for name, param in pm.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    quiet(pm.save_pretrained, tmp_path / "peft")
+    keys = set(read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")[0])
+    assert any(k.startswith("base_model.model.lm_head.") and "trainable_tokens_delta" in k for k in keys)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(p), tmp_path / "peft")
+    assert_close(run_jax(ours), run_torch(pm.eval()))
+
+    mine = peftjax.get_peft_model(models.from_pretrained(p), config(peftjax), key=jax.random.key(1))
+    for module in [m for _, m in mine.base_model.iter_modules() if hasattr(m, "trainable_tokens_delta")]:
+        for name in module.trainable_tokens_delta:
+            rows = module.trainable_tokens_delta[name]
+            rows.set_value(rows.get_value() + 0.5)
+    mine.save_pretrained(tmp_path / "ours")
+    assert set(read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")[0]) == keys
+    back = quiet(peft.PeftModel.from_pretrained, torch_model(p, "llama"), tmp_path / "ours")
+    expected = run_jax(mine)
+    assert_close(run_torch(back.eval()), expected)
+    assert_close(run_jax(mine.merge_and_unload()), expected)
+
+    with pytest.raises(NotImplementedError, match=r"q_proj \(.*32 outputs\) is a linear layer that is not a "
+                                                  r"bias-free output layer over the vocabulary \(96 tokens\)"):
+        peftjax.get_peft_model(models.from_pretrained(p), peftjax.TrainableTokensConfig(
+            target_modules=["q_proj"], token_indices=TOKENS))

@@ -732,7 +732,8 @@ class Trainer:
         columns = self._dataset_columns(self.train_dataset, "train_dataset")
         self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
                                  else args.resume_from_checkpoint)
-        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True, collate=self.data_collator)
+        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True,
+                                collate=self.data_collator)
         total = args.total_steps(batcher.num_batches)
         plan = StepPlan(batcher.num_batches, args.gradient_accumulation_steps)
         end = plan.first_micro(total)  # micro-batches of the run

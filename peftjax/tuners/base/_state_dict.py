@@ -30,11 +30,14 @@ def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "au
     """Whether the adapter file carries the targeted embedding layers' base weights, for every method.
 
     ``"auto"`` (PEFT's default) saves them when ``target_modules`` lists an embedding layer
-    (``embed_tokens``, ``lm_head``), by name or as the tail of a dotted name; a regex
-    ``target_modules`` saves none. ``True`` / ``False`` decide outright.
+    (``embed_tokens``, ``lm_head``), by name or as the tail of a dotted name, but never for trainable
+    tokens (``TrainableTokensConfig``, ``trainable_token_indices``); a regex ``target_modules``
+    saves none. ``True`` / ``False`` decide outright.
     """
     if save_embedding_layers != "auto":
         return bool(save_embedding_layers)
+    if getattr(config, "peft_type", None) == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None):
+        return False  # PEFT: token adapters are meant to be small (a resized vocabulary aside: _vocabulary.py)
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         return False

@@ -70,12 +70,12 @@ def vocabulary_state_dict(model: nnx.Module, config, tensors: Mapping[str, np.nd
     out = {}
     inputs = None
     for key, (var, axis, is_input) in vocabulary_weights(model).items():
-        module = key.rsplit(".", 1)[0]
-        if f"{PREFIX}{module}.base_layer.weight" in tensors:  # a targeted embedding: saved by its method
+        module, weight = key.rsplit(".", 1)
+        if f"{PREFIX}{module}.base_layer.{weight}" in tensors:  # a targeted embedding: saved by its method
             continue
         value = np.asarray(var.get_value(), np.float32)
         value = np.moveaxis(value, axis, 0) if value.ndim == 2 else value  # torch layout: vocabulary first
-        out[f"{PREFIX}{key}"] = value
+        out[f"{PREFIX}{_wrapped_name(module, tensors)}.{weight}"] = value
         if is_input:
             inputs = value
     tied = getattr(model, "_tied", None)
@@ -84,6 +84,17 @@ def vocabulary_state_dict(model: nnx.Module, config, tensors: Mapping[str, np.nd
             if key.endswith(".weight") and tied(key) and f"{PREFIX}{key}" not in tensors:
                 out[f"{PREFIX}{key}"] = inputs
     return out
+
+
+def _wrapped_name(module: str, tensors: Mapping[str, np.ndarray]) -> str:
+    """``module``'s name for its base weight in PEFT's file: under ``token_adapter.base_layer`` where
+    LoRA's ``trainable_token_indices`` wraps it, ``base_layer`` where another adapter does (its keys
+    sit under the module), the module itself otherwise."""
+    if any(k.startswith(f"{PREFIX}{module}.token_adapter.") for k in tensors):
+        return f"{module}.token_adapter.base_layer"
+    if any(k.startswith(f"{PREFIX}{module}.") for k in tensors):
+        return f"{module}.base_layer"
+    return module
 
 
 def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str) -> dict:
@@ -99,14 +110,20 @@ def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *
     weights = vocabulary_weights(model)
     rest = dict(tensors)
     for key, (var, axis, _) in weights.items():
-        value = rest.pop(f"{PREFIX}{key}", None)
-        if value is None:
+        module, weight = key.rsplit(".", 1)
+        wrapped = (module, f"{module}.base_layer", f"{module}.token_adapter.base_layer")
+        names = [f"{PREFIX}{m}.{weight}" for m in wrapped]
+        found = [n for n in names if n in rest]
+        if not found:
             continue
+        value = rest.pop(found[0])
+        for other in found[1:]:
+            rest.pop(other)
         current = var.get_value()
         ours = tuple(np.moveaxis(np.empty(current.shape, np.bool_), axis, 0).shape)
         if tuple(value.shape) != ours:
             raise AdapterFileError(
-                f"{source}: {PREFIX}{key} has shape {tuple(value.shape)}, the model's is {ours}: the file's model "
+                f"{source}: {found[0]} has shape {tuple(value.shape)}, the model's is {ours}: the file's model "
                 f"had a vocabulary of {value.shape[0]} tokens, this one {model.config.vocab_size}; call "
                 f"model.resize_token_embeddings({value.shape[0]}) on the base model first (as with transformers)")
         array = np.moveaxis(np.asarray(value, np.float32), 0, axis) if value.ndim == 2 else np.asarray(value)

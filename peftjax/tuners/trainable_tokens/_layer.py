@@ -56,9 +56,16 @@ class TrainableTokensLayer(AdapterDictLayer):
     cache_dicts = ("trainable_tokens_cache",)
     merge_cache_dicts = ("trainable_tokens_cache",)
 
+    def _base_rows(self) -> jax.Array:
+        """The layer's rows, one per token: ``[vocab, dim]``."""
+        return self.embedding.get_value()
+
+    def _set_base_rows(self, table: jax.Array) -> None:
+        self.embedding.set_value(table)
+
     def add_tokens(self, name: str, spec: TokensSpec, key: jax.Array, init: bool = True) -> None:
         self._check_new(name)
-        table = self.embedding.get_value()
+        table = self._base_rows()
         index = jnp.asarray(spec.token_indices, jnp.int32)
         if init:
             rows = jnp.take(table, index, axis=0).astype(jnp.float32)
@@ -91,7 +98,7 @@ class TrainableTokensLayer(AdapterDictLayer):
 
     def _table(self) -> jax.Array:
         """The embedding table with the live adapters' rows in place (what PEFT's forward builds)."""
-        table = self.embedding.get_value()
+        table = self._base_rows()
         for index, rows in self._live_rows():
             table = table.at[index].set(rows.astype(table.dtype))
         return table
@@ -120,25 +127,49 @@ class TrainableTokensLayer(AdapterDictLayer):
                 f"Token indices of adapter {name} are already defined and would result in undefined merging "
                 "behavior. Only disjunct token indices are currently supported."
             )
-        table = self.embedding.get_value()
+        table = self._base_rows()
         index = jnp.asarray(spec.token_indices, jnp.int32)
         self.trainable_tokens_cache[name] = TokensCache(jnp.take(table, index, axis=0))
         rows = self.trainable_tokens_delta[name].get_value().astype(table.dtype)
-        self.embedding.set_value(table.at[index].set(rows))
+        self._set_base_rows(table.at[index].set(rows))
         self._mark_merged(name, True)
 
     def unmerge_adapter(self, name: str) -> None:
-        table = self.embedding.get_value()
+        table = self._base_rows()
         index = jnp.asarray(self.spec(name).token_indices, jnp.int32)
-        self.embedding.set_value(table.at[index].set(self.trainable_tokens_cache[name].get_value()))
+        self._set_base_rows(table.at[index].set(self.trainable_tokens_cache[name].get_value()))
         del self.trainable_tokens_cache[name]
         self._mark_merged(name, False)
 
 
+class TrainableTokensOutputLayer(TrainableTokensLayer):
+    """Trainable tokens on an untied LM head (an ``nnx.Linear`` without bias, PEFT's ``lm_head``):
+    a token's row is the kernel's column for it (torch's weight row), and the adapter's rows give
+    the selected tokens' logits (PEFT's forward: ``F.linear`` with the rows put in)."""
+
+    def _base_rows(self) -> jax.Array:
+        return self.kernel.get_value().T
+
+    def _set_base_rows(self, table: jax.Array) -> None:
+        self.kernel.set_value(table.T)
+
+    def __call__(self, inputs, *args, **kwargs):
+        y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
+        for index, rows in self._live_rows():  # the selected tokens' logits only: no [dim, vocab] kernel rebuilt
+            x, rows = self.promote_dtype((inputs, rows), dtype=self.dtype)
+            y = y.at[..., index].set(jnp.dot(x, rows.T).astype(y.dtype))
+        return y
+
+
 def tokens_class_for(module: nnx.Module) -> type | None:
-    """The trainable-tokens subclass of ``type(module)``; ``None`` unless it is an ``nnx.Embed``."""
+    """The trainable-tokens subclass of ``type(module)``; ``None`` unless it is an ``nnx.Embed``
+    or a bias-free ``nnx.Linear`` (an untied LM head)."""
     if isinstance(module, TrainableTokensLayer):
         return type(module)
-    if isinstance(module, AdapterLayer) or not isinstance(module, nnx.Embed):
+    if isinstance(module, AdapterLayer):
+        return None
+    if isinstance(module, nnx.Linear) and module.bias is None:
+        return mixin_subclass(type(module), TrainableTokensOutputLayer, "TrainableTokens")
+    if not isinstance(module, nnx.Embed):
         return None
     return mixin_subclass(type(module), TrainableTokensLayer, "TrainableTokens")

@@ -67,25 +67,29 @@ def add_token_adapters(
     Raises:
       TypeError: a target is not an ``nnx.Embed`` or carries another method's adapter (names
         ``option``, the path and the class).
-      NotImplementedError: a target is a linear layer (PEFT's untied ``lm_head``), which peftjax
-        does not adapt with trainable tokens.
+      NotImplementedError: a target is a linear layer with a bias (PEFT's forward would drop it).
       ValueError: no token ids, an id outside the vocabulary, or the adapter exists there.
     """
     modules = named_modules(model)
     for name, indices in targets.items():
         module = modules[name]
-        if isinstance(module, nnx.Linear):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if isinstance(module, nnx.Linear) and (module.bias is not None or module.out_features != vocab):
             raise NotImplementedError(
-                f"{option}: {name} ({type(module).__name__}) is a linear layer; peftjax trains tokens of "
-                "nnx.Embed layers only (a tied LM head follows its embedding's adapter)."
+                f"{option}: {name} ({type(module).__name__}, {module.out_features} outputs"
+                f"{', biased' if module.bias is not None else ''}) is a linear layer that is not a bias-free output "
+                f"layer over the vocabulary ({vocab} tokens): trainable tokens take an untied lm_head (PEFT's "
+                "forward computes it without a bias), and embeddings"
             )
         if tokens_class_for(module) is None:
-            raise TypeError(f"{option}: {name} ({_describe(module)}) is not an nnx.Embed without another adapter")
+            raise TypeError(f"{option}: {name} ({_describe(module)}) is not an nnx.Embed or a bias-free "
+                            "nnx.Linear without another adapter")
         if not indices:
             raise ValueError(f"{option}: no token indices for {name}")
-        bad = [i for i in indices if i >= module.num_embeddings]
+        rows = module.out_features if isinstance(module, nnx.Linear) else module.num_embeddings
+        bad = [i for i in indices if i >= rows]
         if bad:
-            raise ValueError(f"{option}: token indices {bad} are outside {name}'s {module.num_embeddings} embeddings")
+            raise ValueError(f"{option}: token indices {bad} are outside {name}'s {rows} tokens")
         if isinstance(module, TrainableTokensLayer) and adapter_name in module.adapter_names():
             raise ValueError(f"adapter {adapter_name!r} already exists on {name}")
     for i, (name, indices) in enumerate(targets.items()):
