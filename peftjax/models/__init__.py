@@ -9,6 +9,11 @@ from peftjax.models._bert import (
     BertForTokenClassification,
     BertModel,
 )
+from peftjax.models._deepseek_v3 import (
+    DeepseekV3ForCausalLM,
+    DeepseekV3ForSequenceClassification,
+    DeepseekV3ForTokenClassification,
+)
 from peftjax.models._distilbert import (
     DistilBertForMaskedLM,
     DistilBertForQuestionAnswering,
@@ -136,6 +141,9 @@ __all__ = [
     "BertModel",
     "CheckpointError",
     "Conv1D",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DistilBertForMaskedLM",
     "DistilBertForQuestionAnswering",
     "DistilBertForSequenceClassification",
