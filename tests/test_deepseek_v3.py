@@ -137,7 +137,8 @@ def test_unsupported_settings_are_refused_by_name(deepseek):
     for extra, match in ((dict(topk_method="greedy"), "topk_method 'greedy' is not supported"),
                          (dict(scoring_func="softmax"), "scoring_func 'softmax' is not supported"),
                          (dict(num_key_value_heads=2), "num_key_value_heads=2 is not supported"),
-                         (dict(head_dim=8), "head_dim=8 must equal qk_rope_head_dim=4"),
+                         (dict(head_dim=8), r"the RoPE turns 8 dimensions \(head_dim=8 x partial_rotary_factor=1.0\) "
+                                           "but qk_rope_head_dim=4"),
                          (dict(n_group=3), "n_group=3 must divide n_routed_experts=8"),
                          (dict(topk_group=1, num_experts_per_tok=3), "num_experts_per_tok=3 must be between 1 and "
                                                                      "the 2 experts of topk_group=1"),

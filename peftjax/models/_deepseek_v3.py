@@ -74,8 +74,10 @@ from peftjax.models._mixtral import (
 )
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rope_parameters
+from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._param_reader import ParamReader
+from peftjax.nn._scan import run_layers
 
 DEEPSEEK_EXPERTS = ExpertLayout("DeepSeek-V3", "mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
@@ -91,9 +93,6 @@ def check_deepseek_config(config) -> None:
         raise ValueError(f"scoring_func {scoring!r} is not supported; DeepSeek-V3 scores experts with 'sigmoid'")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
-    if getattr(config, "head_dim", None) != config.qk_rope_head_dim:  # transformers' RoPE reads head_dim
-        raise ValueError(f"head_dim={config.head_dim} must equal qk_rope_head_dim={config.qk_rope_head_dim} (the "
-                         "rotary part of each head, which transformers' DeepSeek-V3 turns with head_dim frequencies)")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     if kv_heads not in (None, heads):
         raise ValueError(f"num_key_value_heads={kv_heads} is not supported: multi-head latent attention expands "
@@ -166,10 +165,15 @@ class DeepseekV3Attention(LlamaAttention):
         k_nope, v = jnp.split(kv, [self.nope_dim], axis=-1)
         return q, (k_nope, k_rot.reshape(b, s, 1, self.rope_dim)), v
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None,
+                 query_scale=None):
+        """As Llama's attention; ``query_scale`` (``[batch, seq]``, or ``None``) multiplies each
+        token's query (Mistral 4's position-dependent Llama 4 scale)."""
         b, s, _ = x.shape
         q, (k_nope, k_rot), v = self.project(x)
         q = jnp.concatenate([q[..., : self.nope_dim], self.rotate(q[..., self.nope_dim:], cos, sin)], axis=-1)
+        if query_scale is not None:
+            q = q * query_scale[:, :, None, None].astype(q.dtype)
         k_rot = jnp.broadcast_to(self.rotate(k_rot, cos, sin), (b, s, self.num_heads, self.rope_dim))
         k = jnp.concatenate([k_nope, k_rot.astype(k_nope.dtype)], axis=-1)
         if cache is not None:
@@ -230,12 +234,14 @@ class DeepseekV3TopkRouter(ParamReader, nnx.Module):
 class DeepseekV3MoE(nnx.Module):
     """The routed experts, the router and the shared experts of a sparse layer."""
 
+    router_class: ClassVar[type[nnx.Module]] = DeepseekV3TopkRouter
+
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dispatch = expert_dispatch(config)
         self.num_experts = expert_count(config)
         self.experts = MixtralExperts(config, config.moe_intermediate_size, **kw)
-        self.gate = DeepseekV3TopkRouter(config, **kw)
+        self.gate = self.router_class(config, **kw)
         self.shared_experts = LlamaMLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
                                        **kw)
 
@@ -255,11 +261,12 @@ class DeepseekV3DecoderLayer(LlamaDecoderLayer):
     """Pre-norm latent attention, then a dense MLP (the first ``first_k_dense_replace`` layers) or the MoE."""
 
     attention_class: ClassVar[type[nnx.Module]] = DeepseekV3Attention
+    moe_class: ClassVar[type[nnx.Module]] = DeepseekV3MoE
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = self.attention_class(config, layer_idx, **kw)
-        self.mlp = DeepseekV3MoE(config, **kw) if self.is_sparse(config, layer_idx) else LlamaMLP(config, **kw)
+        self.mlp = self.moe_class(config, **kw) if self.is_sparse(config, layer_idx) else LlamaMLP(config, **kw)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
@@ -269,13 +276,28 @@ class DeepseekV3DecoderLayer(LlamaDecoderLayer):
     def is_sparse(config, layer_idx: int) -> bool:
         return layer_idx >= config.first_k_dense_replace
 
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None,
+                 query_scale=None):
+        attn_key, _ = split_keys(dropout_rng, 2)
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, None, attn_key,
+                                  query_scale)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
 
 class DeepseekV3Model(LlamaModel):
+    """The decoder stack (``embed_tokens``, ``layers``, ``norm``) of latent-attention layers."""
+
     layer_class: ClassVar[type[nnx.Module]] = DeepseekV3DecoderLayer
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_deepseek_config(config)
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rope = 2 * len(self.rotary.inv_freq)
+        if rope != config.qk_rope_head_dim:  # transformers' RoPE reads head_dim (and partial_rotary_factor)
+            raise ValueError(f"the RoPE turns {rope} dimensions (head_dim={config.head_dim} x partial_rotary_factor="
+                             f"{rope_parameters(config).get('partial_rotary_factor', 1.0)}) but qk_rope_head_dim="
+                             f"{config.qk_rope_head_dim}; they must be equal")
 
     @staticmethod
     def check_scan(config) -> None:
@@ -285,14 +307,36 @@ class DeepseekV3Model(LlamaModel):
                              f"0..{config.first_k_dense_replace - 1} are dense and the others sparse "
                              f"(first_k_dense_replace={config.first_k_dense_replace})")
 
+    def query_scale(self, position_ids, dtype):
+        """What multiplies each token's query, ``[batch, seq]`` (``None``: nothing; Mistral 4 scales)."""
+        return None
+
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
         """As :meth:`LlamaModel.__call__`; ``prefix_kv`` must be ``None`` (no prefix attention protocol)."""
         if prefix_kv is not None:
             raise ValueError(f"{type(self).__name__} does not take prefix_kv: prefix tuning is not supported on "
                              "multi-head latent attention")
-        return super().__call__(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, None,
-                                dropout_rng)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s, _ = x.shape
+        pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                     cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
+                                     owner=type(self).__name__, prefix_layout=lambda: (0, 0))
+        masks = {None: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)}
+        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
+        scale = self.query_scale(pos.position_ids, x.dtype)
+        if cache is None:  # training and scoring: scanned and/or rematerialised
+            x = run_layers(self.layers, lambda layer, h, k: layer(h, cos, sin, masks, dropout_rng=k,
+                                                                  query_scale=scale)[0], x, self.remat, dropout_rng)
+            return ModelOutput(last_hidden_state=self.norm(x), past_key_values=None)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, cos, sin, masks, cache[i], pos.start, None, layer_key(dropout_rng, i),
+                                   query_scale=scale)
+            new_cache.append(layer_cache)
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
 
 
 def init_latent_attention_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
@@ -303,11 +347,10 @@ def init_latent_attention_cache(config, batch: int, max_len: int, dtype) -> list
     return [{"k": jnp.zeros(k, dtype), "v": jnp.zeros(v, dtype)} for _ in range(config.num_hidden_layers)]
 
 
-class DeepseekV3ForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
-    """DeepSeek-V3: latent attention, dense then sparse layers with shared experts."""
+class MlaForCausalLM(LlamaForCausalLM):
+    """A latent-attention causal LM (DeepSeek-V3's, Mistral 4's): Llama's head, no ``prefix_kv``."""
 
     model_class: ClassVar[type[nnx.Module]] = DeepseekV3Model
-    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0) -> ModelOutput:
@@ -319,22 +362,34 @@ class DeepseekV3ForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
         return init_latent_attention_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-class DeepseekV3ForSequenceClassification(_MoeCheckpoints, LlamaForSequenceClassification):
+class MlaForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = DeepseekV3Model
-    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  dropout_rng=None) -> ModelOutput:
         return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, None, dropout_rng)
 
 
-class DeepseekV3ForTokenClassification(_MoeCheckpoints, LlamaForTokenClassification):
+class MlaForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = DeepseekV3Model
-    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  dropout_rng=None) -> ModelOutput:
         return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, None, dropout_rng)
+
+
+class DeepseekV3ForCausalLM(_MoeCheckpoints, MlaForCausalLM):
+    """DeepSeek-V3: latent attention, dense then sparse layers with shared experts."""
+
+    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
+
+
+class DeepseekV3ForSequenceClassification(_MoeCheckpoints, MlaForSequenceClassification):
+    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
+
+
+class DeepseekV3ForTokenClassification(_MoeCheckpoints, MlaForTokenClassification):
+    expert_layout: ClassVar[ExpertLayout] = DEEPSEEK_EXPERTS
 
 
 register(DeepseekV3ForCausalLM, model_types=("deepseek_v3",), default=True)
