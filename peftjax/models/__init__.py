@@ -57,6 +57,11 @@ from peftjax.models._llama import (
     Qwen2ForSequenceClassification,
     Qwen2ForTokenClassification,
 )
+from peftjax.models._mistral4 import (
+    Mistral4ForCausalLM,
+    Mistral4ForSequenceClassification,
+    Mistral4ForTokenClassification,
+)
 from peftjax.models._olmo import (
     Olmo2ForCausalLM,
     Olmo2ForSequenceClassification,
@@ -168,6 +173,9 @@ __all__ = [
     "LlamaForSequenceClassification",
     "LlamaForTokenClassification",
     "LlamaModel",
+    "Mistral4ForCausalLM",
+    "Mistral4ForSequenceClassification",
+    "Mistral4ForTokenClassification",
     "MistralForCausalLM",
     "MistralForQuestionAnswering",
     "MistralForSequenceClassification",

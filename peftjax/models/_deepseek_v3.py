@@ -185,16 +185,15 @@ class DeepseekV3Attention(LlamaAttention):
         return self.o_proj(out.reshape(b, s, -1)), cache
 
 
-def noaux_tc_routing(logits, bias, *, top_k: int, n_group: int, topk_group: int, renormalise: bool,
-                     scaling: float) -> tuple[jax.Array, jax.Array]:
-    """Each token's ``(weights, experts)`` (``[tokens, top_k]``), as transformers' ``DeepseekV3TopkRouter``.
+def group_limited_routing(scores, choice, *, top_k: int, n_group: int, topk_group: int, renormalise: bool,
+                          scaling: float) -> tuple[jax.Array, jax.Array]:
+    """Each token's ``(weights, experts)`` (``[tokens, top_k]``) from its ``scores`` and ``choice``
+    (``[tokens, experts]``), as transformers' DeepSeek-V3 and Mistral 4 routers.
 
-    Experts are chosen by ``sigmoid(logits) + bias`` among the ``topk_group`` groups whose two
-    best biased scores sum highest; they are weighted by ``sigmoid(logits)``, renormalised if
+    Experts are chosen by ``choice`` among the ``topk_group`` of ``n_group`` groups whose two best
+    ``choice`` values sum highest; they are weighted by ``scores``, renormalised to sum to one if
     ``renormalise`` (with transformers' ``1e-20``), times ``scaling``.
     """
-    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
-    choice = scores + bias.astype(jnp.float32)[None, :]
     t, e = choice.shape
     group_scores = jnp.sum(jax.lax.top_k(choice.reshape(t, n_group, e // n_group), 2)[0], axis=-1)
     _, groups = jax.lax.top_k(group_scores, topk_group)
@@ -205,6 +204,13 @@ def noaux_tc_routing(logits, bias, *, top_k: int, n_group: int, topk_group: int,
     if renormalise:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return weights * scaling, index
+
+
+def noaux_tc_routing(logits, bias, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3's "noaux_tc" routing (:func:`group_limited_routing`): scores
+    ``sigmoid(logits)``, experts chosen by score + ``bias`` (``e_score_correction_bias``)."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return group_limited_routing(scores, scores + bias.astype(jnp.float32)[None, :], **kwargs)
 
 
 class DeepseekV3TopkRouter(ParamReader, nnx.Module):
