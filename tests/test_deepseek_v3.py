@@ -148,6 +148,12 @@ def test_unsupported_settings_are_refused_by_name(deepseek):
             models.DeepseekV3ForCausalLM.from_config(ModelConfig("deepseek_v3", **{**fields, **extra}))
     with pytest.raises(TypeError, match="DeepseekV3ForCausalLM does not implement peftjax's prefix attention"):
         peftjax.get_peft_model(deepseek[3], peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with warnings.catch_warnings():  # PEFT's prefix (per-head keys) does not fit transformers' latent cache either
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_peft_base(deepseek[1]), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                       num_virtual_tokens=2))
+        with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+            theirs(input_ids=torch.tensor(IDS[:, :3]))
 
 
 # ---------------------------------------------------------------- LoRA with HF PEFT
