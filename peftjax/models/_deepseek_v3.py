@@ -14,8 +14,9 @@ this reuses):
   turns, with ``rope_interleave`` (the default) on adjacent pairs of dimensions, otherwise on
   halves. ``attention_bias`` puts biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``.
   The score scale is ``qk_head_dim ** -0.5``, times ``mscale ** 2`` for a scaled RoPE with
-  ``mscale_all_dim`` (YaRN's, as transformers' ``yarn_apply_mscale``). The KV cache holds each
-  head's expanded keys and values (transformers' holds the latent): the same attention, more memory.
+  ``mscale_all_dim`` (YaRN's, as transformers' ``yarn_apply_mscale``). The KV cache holds the
+  latent and the rotary key, as transformers' does (``kv_lora_rank + qk_rope_head_dim`` numbers a
+  token and layer); each step expands every cached slot through ``kv_b_proj``.
 * **MLP**: the first ``first_k_dense_replace`` layers are dense (Llama's MLP, ``intermediate_size``);
   the others hold a mixture of experts (``mlp``): ``n_routed_experts`` routed experts fused as
   transformers 5 holds them (``mlp.experts.gate_up_proj``, ``down_proj``, each
@@ -157,28 +158,39 @@ class DeepseekV3Attention(LlamaAttention):
         return apply_rotary(x, cos, sin)
 
     def project(self, x):
+        """Queries ``[b, s, heads, qk_head_dim]`` before RoPE, the normalised latent ``[b, s,
+        kv_lora_rank]`` and the shared rotary key ``[b, s, 1, qk_rope_head_dim]`` before RoPE."""
         b, s, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.reshape(b, s, self.num_heads, self.head_dim)
         latent, k_rot = jnp.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).reshape(b, s, self.num_heads, self.nope_dim + self.v_dim)
+        return (q.reshape(b, s, self.num_heads, self.head_dim), self.kv_a_layernorm(latent),
+                k_rot.reshape(b, s, 1, self.rope_dim))
+
+    def expand(self, latent, k_rot):
+        """Every head's keys ``[b, n, heads, qk_head_dim]`` and values ``[b, n, heads, v_head_dim]``
+        from the latent ``[b, n, kv_lora_rank]`` and the turned rotary key ``[b, n, 1, rope]``."""
+        b, n, _ = latent.shape
+        kv = self.kv_b_proj(latent).reshape(b, n, self.num_heads, self.nope_dim + self.v_dim)
         k_nope, v = jnp.split(kv, [self.nope_dim], axis=-1)
-        return q, (k_nope, k_rot.reshape(b, s, 1, self.rope_dim)), v
+        k_rot = jnp.broadcast_to(k_rot.astype(k_nope.dtype), (b, n, self.num_heads, self.rope_dim))
+        return jnp.concatenate([k_nope, k_rot], axis=-1), v
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None,
                  query_scale=None):
         """As Llama's attention; ``query_scale`` (``[batch, seq]``, or ``None``) multiplies each
-        token's query (Mistral 4's position-dependent Llama 4 scale)."""
+        token's query (Mistral 4's position-dependent Llama 4 scale). The cache holds the latent
+        (``"k"``) and the turned rotary key (``"v"``), as transformers' does; every call expands
+        all of its slots."""
         b, s, _ = x.shape
-        q, (k_nope, k_rot), v = self.project(x)
+        q, latent, k_rot = self.project(x)
         q = jnp.concatenate([q[..., : self.nope_dim], self.rotate(q[..., self.nope_dim:], cos, sin)], axis=-1)
         if query_scale is not None:
             q = q * query_scale[:, :, None, None].astype(q.dtype)
-        k_rot = jnp.broadcast_to(self.rotate(k_rot, cos, sin), (b, s, self.num_heads, self.rope_dim))
-        k = jnp.concatenate([k_nope, k_rot.astype(k_nope.dtype)], axis=-1)
+        k_rot = self.rotate(k_rot, cos, sin)
         if cache is not None:
-            cache = attn.update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]
+            cache = attn.update_kv_cache(cache, latent[:, :, None, :], k_rot, cache_index)
+            latent, k_rot = cache["k"][:, :, 0, :], cache["v"]
+        k, v = self.expand(latent, k_rot)
         out = attn.dot_product_attention(q, k, v, masks[self.window], scale=self.scale, dropout_rate=self.dropout_rate,
                                          dropout_rng=dropout_rng, causal_offset=attn.causal_offset(cache, None,
                                                                                                    cache_index))
@@ -346,10 +358,10 @@ class DeepseekV3Model(LlamaModel):
 
 
 def init_latent_attention_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
-    """Per layer: keys ``[batch, max_len, heads, qk_head_dim]``, values ``[..., v_head_dim]``."""
-    heads = config.num_attention_heads
-    k = (batch, max_len, heads, config.qk_nope_head_dim + config.qk_rope_head_dim)
-    v = (batch, max_len, heads, config.v_head_dim)
+    """Per layer, as transformers' cache of latent attention: ``"k"``, the normalised latent
+    ``[batch, max_len, 1, kv_lora_rank]``, and ``"v"``, the turned rotary key ``[batch, max_len, 1,
+    qk_rope_head_dim]`` (a token's keys and values are expanded from them by ``kv_b_proj``)."""
+    k, v = (batch, max_len, 1, config.kv_lora_rank), (batch, max_len, 1, config.qk_rope_head_dim)
     return [{"k": jnp.zeros(k, dtype), "v": jnp.zeros(v, dtype)} for _ in range(config.num_hidden_layers)]
 
 
