@@ -20,6 +20,7 @@ from flax import nnx
 import _tiny
 from _torch_models import (
     assert_layouts_round_trip,
+    assert_long_rows_match_torch,
     lazy,
     padded_batch,
     randomised,
@@ -109,6 +110,18 @@ def test_q_proj_rope_on_halves_yarn_mscale_and_unnormalised_routing_scanned(tmp_
                                                              scan_layers=True))
 
 
+def test_long_rows_in_causal_blocks_give_transformers_logits_loss_and_every_gradient(tmp_path):
+    """390-token rows: attention in blocks of queries (no whole square of scores), the logits, the
+    loss and the gradient of every weight (router, experts, latent projections and norms) as torch's
+    (transformers' own init: the helper's tolerances are for its logits)."""
+    torch.manual_seed(0)
+    torch_model = tr.DeepseekV3ForCausalLM(_tiny.config("deepseek_v3")).eval()
+    with torch.no_grad():  # the choice of experts by the correction bias
+        torch_model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(8))
+    torch_model.save_pretrained(tmp_path)
+    assert_long_rows_match_torch(torch_model, models.from_pretrained(tmp_path), VOCAB)
+
+
 def test_greedy_generation_matches_transformers(deepseek):
     torch_model, _, _, model = deepseek
     ids, mask = padded_batch(VOCAB, seq=5)
@@ -116,6 +129,8 @@ def test_greedy_generation_matches_transformers(deepseek):
         ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=5,
                                    do_sample=False, pad_token_id=0).numpy()
     np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=5)), ref)
+    # the cache holds the latent (kv_lora_rank 12) and the rotary key (4) per token, as transformers'
+    assert [(c["k"].shape, c["v"].shape) for c in model.init_cache(3, 10)] == [((3, 10, 1, 12), (3, 10, 1, 4))] * 2
 
 
 def test_sequence_classification_matches_transformers(tmp_path):
