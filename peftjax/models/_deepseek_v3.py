@@ -114,7 +114,10 @@ def softmax_scale(config) -> float:
     scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
     p = rope_parameters(config)
     if p["rope_type"] != "default" and p.get("mscale_all_dim"):
-        factor = p["factor"]
+        factor = p.get("factor")
+        if factor is None:
+            raise ValueError(f"rope_parameters: mscale_all_dim scales the attention by its factor; found no factor "
+                             f"({sorted(p)})")
         mscale = 1.0 if factor <= 1 else 0.1 * p["mscale_all_dim"] * float(np.log(factor)) + 1.0
         scale = scale * mscale * mscale
     return scale
@@ -288,7 +291,6 @@ class DeepseekV3DecoderLayer(LlamaDecoderLayer):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        self.resid_dropout_rate = 0.0
 
     @staticmethod
     def is_sparse(config, layer_idx: int) -> bool:
