@@ -158,7 +158,9 @@ def test_unsupported_settings_are_refused_by_name(deepseek):
                          (dict(topk_group=1, num_experts_per_tok=3), "num_experts_per_tok=3 must be between 1 and "
                                                                      "the 2 experts of topk_group=1"),
                          (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1.0}),
-                          "rope_type 'proportional' is not supported")):
+                          "rope_type 'proportional' is not supported"),
+                         (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1.0, "mscale_all_dim": 1.0}),
+                          "mscale_all_dim scales the attention by its factor; found no factor")):
         with pytest.raises(ValueError, match=match):
             models.DeepseekV3ForCausalLM.from_config(ModelConfig("deepseek_v3", **{**fields, **extra}))
     with pytest.raises(TypeError, match="DeepseekV3ForCausalLM does not implement peftjax's prefix attention"):
