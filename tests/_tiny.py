@@ -69,6 +69,23 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24,
         shared_expert_intermediate_size=20, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], pad_token_id=0)),
+    # DeepSeek-V3 in small: latent attention (a q LoRA, values narrower than keys, interleaved RoPE),
+    # a dense layer, then 8 sigmoid-routed experts in 4 groups (top 3 within the best 2) and a shared one
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, pad_token_id=0)),
+    # Mistral 4 in small: DeepSeek-V3's above with softmax routing (top 2 within the best of 2 groups),
+    # YaRN on a third of each head, and queries scaled up every 4 positions (Llama 4's scale)
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5, pad_token_id=0,
+        max_position_embeddings=16, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
     # Granite 3's multipliers in kind (embeddings x12, scores x1/8, branches x0.2, logits /8)
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -28,7 +28,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
            "distilbert": "DistilBertConfig",
-           "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config"}
+           "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
+           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
 
@@ -43,7 +44,7 @@ def assert_same_fields(ours, theirs):
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
-                            "glm4", "ernie4_5"):
+                            "glm4", "ernie4_5", "deepseek_v3", "mistral4"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -89,6 +90,11 @@ VARIANTS = [
     ("qwen3_moe", dict(decoder_sparse_step=2, rope_theta=1e6, tie_word_embeddings=True, num_labels=3)),
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen2_moe", dict(qkv_bias=False, norm_topk_prob=True, layer_types=["full_attention", "sliding_attention"])),
+    ("deepseek_v3", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3)),
+    ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, num_mtp_layers=0, rope_scaling={
+        "type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 8})),
+    ("mistral4", dict(rope_parameters=None, num_key_value_heads=None, qk_nope_head_dim=12, num_labels=3)),
+    ("mistral4", dict(n_group=1, topk_group=1, head_dim=16, pad_token_id=None)),
     ("olmo2", dict(num_key_value_heads=None, attention_bias=True, rope_theta=500000.0)),
     ("olmo3", dict(layer_types=None, num_hidden_layers=5, rope_parameters=None, rope_theta=1000.0,
                    rope_scaling={"rope_type": "linear", "factor": 2.0})),

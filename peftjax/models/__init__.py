@@ -9,6 +9,11 @@ from peftjax.models._bert import (
     BertForTokenClassification,
     BertModel,
 )
+from peftjax.models._deepseek_v3 import (
+    DeepseekV3ForCausalLM,
+    DeepseekV3ForSequenceClassification,
+    DeepseekV3ForTokenClassification,
+)
 from peftjax.models._distilbert import (
     DistilBertForMaskedLM,
     DistilBertForQuestionAnswering,
@@ -51,6 +56,11 @@ from peftjax.models._llama import (
     Qwen2ForQuestionAnswering,
     Qwen2ForSequenceClassification,
     Qwen2ForTokenClassification,
+)
+from peftjax.models._mistral4 import (
+    Mistral4ForCausalLM,
+    Mistral4ForSequenceClassification,
+    Mistral4ForTokenClassification,
 )
 from peftjax.models._olmo import (
     Olmo2ForCausalLM,
@@ -137,6 +147,9 @@ __all__ = [
     "BertModel",
     "CheckpointError",
     "Conv1D",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3ForSequenceClassification",
+    "DeepseekV3ForTokenClassification",
     "DistilBertForMaskedLM",
     "DistilBertForQuestionAnswering",
     "DistilBertForSequenceClassification",
@@ -161,6 +174,9 @@ __all__ = [
     "LlamaForSequenceClassification",
     "LlamaForTokenClassification",
     "LlamaModel",
+    "Mistral4ForCausalLM",
+    "Mistral4ForSequenceClassification",
+    "Mistral4ForTokenClassification",
     "MistralForCausalLM",
     "MistralForQuestionAnswering",
     "MistralForSequenceClassification",

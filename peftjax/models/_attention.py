@@ -130,7 +130,8 @@ def dot_product_attention(
 
     Args:
       q: ``[batch, q_len, heads, head_dim]``.
-      k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``.
+      k, v: ``[batch, k_len, kv_heads, head_dim]``; ``heads`` must be a multiple of ``kv_heads``. The
+        values' head dim may differ from the keys' (the result has the values').
       mask: boolean ``[batch, 1, q_len, k_len]`` (see ``attention_mask_4d``).
       dropout_rate: dropout on the attention probabilities, applied only with ``dropout_rng``.
       softcap: if set, the scaled logits become ``softcap * tanh(logits / softcap)`` before the
@@ -224,7 +225,7 @@ def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0
         probs = softmax(scores, axis=-1)
     probs = probs.astype(vh.dtype).reshape(b, kvh, g * sq, sk)
     probs = dropout(probs, dropout_rate, dropout_rng)
-    return jnp.matmul(probs, vh).reshape(b, kvh, g, sq, d)
+    return jnp.matmul(probs, vh).reshape(b, kvh, g, sq, vh.shape[-1])  # values may be narrower (DeepSeek's)
 
 
 def init_kv_cache(

@@ -6,7 +6,8 @@ JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the J
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
-GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN), and
+GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN,
+DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN), and
 answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -161,6 +162,29 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
         "mlp_only_layers": None, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     },
+    # DeepseekV3Config: experts in n_routed_experts (alias num_local_experts); head_dim is derived
+    "deepseek_v3": {
+        "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+        "n_routed_experts": 256, "output_router_logits": False, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8,
+        "topk_group": 4, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True,
+        "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-06,
+        "use_cache": True, "pad_token_id": None, "bos_token_id": 0, "eos_token_id": 1, "pretraining_tp": 1,
+        "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
+        "num_nextn_predict_layers": 1,
+    },
+    # Mistral4Config: DeepSeek-V3's fields (no MTP); its default RoPE (YaRN) is set by _derive
+    "mistral4": {
+        "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 32, "n_shared_experts": 1,
+        "n_routed_experts": 128, "output_router_logits": False, "routed_scaling_factor": 1.0, "kv_lora_rank": 256,
+        "q_lora_rank": 1024, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 64, "n_group": 1,
+        "topk_group": 1, "num_experts_per_tok": 4, "first_k_dense_replace": 0, "norm_topk_prob": True,
+        "hidden_act": "silu", "max_position_embeddings": 1048576, "initializer_range": 0.02, "rms_norm_eps": 1e-06,
+        "use_cache": True, "pad_token_id": 11, "bos_token_id": 1, "eos_token_id": 2, "pretraining_tp": 1,
+        "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
+    },
     "granite": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
@@ -269,6 +293,8 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
     "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt_oss": {"num_experts": "num_local_experts"},
+    "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "mistral4": {"num_local_experts": "n_routed_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -342,6 +368,24 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
+        if t == "deepseek_v3":  # DeepseekV3Config.__post_init__; a file's own values (no fields) come after
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            self.__dict__.setdefault("qk_head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
+            self.__dict__.setdefault("head_dim", self.qk_rope_head_dim)
+        if t == "mistral4":  # Mistral4Config.__post_init__: YaRN by default, RoPE on the heads' rotary part
+            if self.__dict__.get("rope_parameters") is None:
+                self.rope_parameters = {
+                    "type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
+                    "max_position_embeddings": self.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1,
+                    "partial_rotary_factor": self.qk_rope_head_dim / (self.qk_nope_head_dim + self.qk_rope_head_dim)}
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            self.rope_parameters.setdefault("partial_rotary_factor", self.qk_rope_head_dim / qk)
+            self.__dict__.setdefault("qk_head_dim", qk)
+            self.__dict__.setdefault("head_dim", qk)
         if t in ("qwen2_moe", "qwen3_moe") and self.mlp_only_layers is None:
             self.mlp_only_layers = []
         if t == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers slide
