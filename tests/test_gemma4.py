@@ -1,0 +1,148 @@
+"""Gemma 4's text model against PyTorch transformers: logits, loss, generation, checkpoints both
+ways, and the options that are refused.
+
+The tiny config (``_tiny.FAMILIES["gemma4_text"]``) has every branch of transformers'
+``Gemma4TextModel``: sliding and global layers with different head sizes, values from the key
+projection, key/value sharing layers with wide MLPs, per-layer embeddings, experts beside each MLP
+and capped logits. Every weight is random (norms, ``layer_scalar`` and the router's scales around
+one), so a norm read as ``1 + weight``, a missing scale or a layer reading another's keys shows.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers as tr
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy, padded_batch, torch_logits
+
+import peftjax
+from peftjax import models
+
+torch = lazy("torch")  # the PyTorch oracle: a test that uses it skips without it
+VOCAB = 96
+SCALE = 0.3  # the weights' std
+# Gemma 4 does not scale its attention scores (q and k are normed instead), which magnifies float32
+# rounding: cos and sin alone differ from torch's by an ulp. Logits reach 1.3e-5 of transformers'
+# here; in float64 (cos and sin still float32 in both) they agree to 5e-6.
+ATOL = 2e-5
+# a variant with the other branches: values projected on the global layers, no per-layer
+# embeddings, no experts, no cap (so the jitted loss is the one fused with the tied head)
+PLAIN = dict(attention_k_eq_v=False, hidden_size_per_layer_input=0, enable_moe_block=False,
+             final_logit_softcapping=None, use_double_wide_mlp=False)
+
+
+def _random_model(**overrides):
+    config = _tiny.config("gemma4_text", **overrides)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tr.Gemma4ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((1.0 if "norm" in name or "scale" in name else 0.0) + SCALE * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(1.0 + SCALE * torch.randn_like(b))
+    return model
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    """(transformers model, its sharded checkpoint directory, peftjax model loaded from it)."""
+    torch_model = _random_model()
+    path = tmp_path_factory.mktemp("gemma4_text")
+    torch_model.save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return torch_model, path, models.from_pretrained(path)
+
+
+def _forward(model, jit, **inputs):
+    if not jit:
+        return model(**inputs)
+    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
+
+
+def _assert_logits_and_loss_match(torch_model, model, jit):
+    ids, mask = padded_batch(VOCAB, seq=9)  # 9 tokens: the sliding layers' window (4) cuts in
+    valid = mask.astype(bool)
+    ref = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+    out = np.asarray(_forward(model, jit, input_ids=ids, attention_mask=mask).logits)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=ATOL, rtol=0)
+    # right padding for the loss: a fully masked query row has no agreed output
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        ref_loss = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                               labels=torch.tensor(labels)).loss.item()
+    loss = _forward(model, jit, input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert abs(float(loss) - ref_loss) <= 1e-5
+
+
+def test_logits_and_loss_match_transformers(gemma4, jit):
+    torch_model, _, model = gemma4
+    assert type(model).__name__ == "Gemma4ForCausalLM"
+    _assert_logits_and_loss_match(torch_model, model, jit)
+
+
+def test_the_other_branches_match_transformers_with_rematerialised_layers(tmp_path):
+    """Values projected on the global layers, no per-layer embeddings, experts or cap (the fused
+    loss), each layer under ``jax.checkpoint``."""
+    torch_model = _random_model(**PLAIN)
+    torch_model.save_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path, remat="full")
+    assert hasattr(model.model.layers[1].self_attn, "v_proj")  # the global layer projects its values
+    _assert_logits_and_loss_match(torch_model, model, jit=True)
+
+
+def test_greedy_generation_matches_transformers(gemma4):
+    """The KV cache: sliding layers, global ones, and the layers reading the cache of earlier ones."""
+    torch_model, _, model = gemma4
+    ids, mask = padded_batch(VOCAB, batch=2, seq=6)
+    ours = model.generate(ids, mask, max_new_tokens=8, pad_token_id=0)
+    with torch.no_grad():
+        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                                   do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_saved_checkpoint_loads_in_transformers(gemma4, tmp_path):
+    torch_model, _, model = gemma4
+    model.save_pretrained(tmp_path)
+    reloaded = tr.Gemma4ForCausalLM.from_pretrained(tmp_path).eval()
+    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_lora_has_no_default_targets_as_in_peft(gemma4):
+    """PEFT 0.21.2 maps ``gemma4`` (the vision-language model) to default targets, not ``gemma4_text``."""
+    _, _, model = gemma4
+    with pytest.raises(ValueError, match="target_modules"):
+        peftjax.get_peft_model(model, peftjax.LoraConfig(task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (dict(use_bidirectional_attention="all"), "use_bidirectional_attention='all'"),
+    (dict(hidden_activation="relu"), "hidden_activation 'relu'"),
+    (dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10.0},
+                           "full_attention": {"rope_type": "default", "rope_theta": 10.0}}),
+     r"rope_parameters\['sliding_attention'\] rope_type 'linear'"),
+    (dict(per_layer_config={"1": {"intermediate_size": 8}}), r"per_layer_config overrides \['intermediate_size'\]"),
+    (dict(num_kv_shared_layers=4), "num_kv_shared_layers=4"),
+    (dict(scan_layers=True), "scan_layers=True"),
+])
+def test_unimplemented_options_are_named(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        models.Gemma4ForCausalLM.from_config(models.ModelConfig("gemma4_text", **_tiny.fields("gemma4_text",
+                                                                                              **overrides)))
+
+
+def test_per_layer_embeddings_need_the_ids(gemma4):
+    _, _, model = gemma4
+    ids, mask = padded_batch(VOCAB, seq=5)
+    with pytest.raises(ValueError, match="need input_ids"):
+        model(inputs_embeds=model.model.embed_tokens(jnp.asarray(ids)), attention_mask=mask)
