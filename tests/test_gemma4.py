@@ -10,6 +10,9 @@ one), so a norm read as ``1 + weight``, a missing scale or a layer reading anoth
 
 from __future__ import annotations
 
+import warnings
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,13 +25,14 @@ from _torch_models import lazy, padded_batch, torch_logits
 import peftjax
 from peftjax import models
 
-torch = lazy("torch")  # the PyTorch oracle: a test that uses it skips without it
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 VOCAB = 96
 SCALE = 0.3  # the weights' std
 # Gemma 4 does not scale its attention scores (q and k are normed instead), which magnifies float32
 # rounding: cos and sin alone differ from torch's by an ulp. Logits reach 1.3e-5 of transformers'
 # here; in float64 (cos and sin still float32 in both) they agree to 5e-6.
 ATOL = 2e-5
+LORA_NOISE = 0.05  # how far the LoRA tests move every adapter weight
 # a variant with the other branches: values projected on the global layers, no per-layer
 # embeddings, no experts, no cap (so the jitted loss is the one fused with the tied head)
 PLAIN = dict(attention_k_eq_v=False, hidden_size_per_layer_input=0, enable_moe_block=False,
@@ -146,3 +150,64 @@ def test_per_layer_embeddings_need_the_ids(gemma4):
     ids, mask = padded_batch(VOCAB, seq=5)
     with pytest.raises(ValueError, match="need input_ids"):
         model(inputs_embeds=model.model.embed_tokens(jnp.asarray(ids)), attention_mask=mask)
+
+
+def _moved(tree, seed: int, scale: float):
+    rng = np.random.RandomState(seed)  # NumPy's noise: no JAX op to compile per parameter shape
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(x.shape).astype(x.dtype)),
+                        tree)
+
+
+def test_lora_gives_peft_logits_both_ways(gemma4, tmp_path):
+    """LoRA on every linear layer (PEFT's ``all-linear``: the per-layer embeddings' projections and
+    the router's too), made by PEFT and read here, and made here and read by PEFT. The adapters move
+    less than test_family_methods' (0.3): with unscaled attention scores, 0.3 on every linear
+    magnifies float32 rounding to 5e-5."""
+    torch_model, path, _ = gemma4
+    config = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = mask.astype(bool)
+    base = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
+
+    def torch_base():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tr.Gemma4ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+    theirs = peft.get_peft_model(torch_base(), peft.LoraConfig(task_type="CAUSAL_LM", **config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(LORA_NOISE * torch.randn_like(p))
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert {s.name for s in ours.get_layer_status()} == {s.name for s in theirs.get_layer_status()}
+    assert any("per_layer_model_projection" in s.name for s in ours.get_layer_status())
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)[valid]
+    out = np.asarray(_forward(ours.base_model, True, input_ids=ids, attention_mask=mask).logits)[valid]
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    assert np.abs(ref - base).max() > 1e-2  # the adapter changes the output
+
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="CAUSAL_LM", **config),
+                                  key=jax.random.key(3))
+    _, adapters, _ = peftjax.split(ours.base_model)
+    ours.update(_moved(adapters, 4, LORA_NOISE))
+    ours.save_pretrained(tmp_path / "here")
+    out = np.asarray(_forward(ours.base_model, True, input_ids=ids, attention_mask=mask).logits)[valid]
+    theirs = peft.PeftModel.from_pretrained(torch_base(), tmp_path / "here").eval()
+    np.testing.assert_allclose(out, torch_logits(theirs, input_ids=ids, attention_mask=mask)[valid], atol=ATOL, rtol=0)
+    assert np.abs(out - base).max() > 1e-2
+
+
+def test_prefix_and_prompt_adapters_are_refused(gemma4):
+    """No ``prefix_kv`` (the layers' key shapes differ); virtual tokens have no ids for the per-layer
+    embeddings (transformers' model looks them up by reversing the word embedding)."""
+    _, path, _ = gemma4
+    with pytest.raises(TypeError, match="prefix_kv"):
+        peftjax.get_peft_model(models.from_pretrained(path), peftjax.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                        num_virtual_tokens=2))
+    prompt = peftjax.get_peft_model(models.from_pretrained(path), peftjax.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                             num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="need input_ids"):
+        prompt(input_ids=np.ones((1, 3), np.int32))
