@@ -138,6 +138,8 @@ def test_lora_has_no_default_targets_as_in_peft(gemma4):
     (dict(per_layer_config={"1": {"intermediate_size": 8}}), r"per_layer_config overrides \['intermediate_size'\]"),
     (dict(num_kv_shared_layers=4), "num_kv_shared_layers=4"),
     (dict(scan_layers=True), "scan_layers=True"),
+    (dict(expert_dispatch="grouped"), "expert_dispatch='grouped'"),
+    (dict(num_experts=None), r"enable_moe_block=True needs \['num_experts'\]"),
 ])
 def test_unimplemented_options_are_named(overrides, named):
     with pytest.raises(ValueError, match=named):
@@ -158,13 +160,21 @@ def _moved(tree, seed: int, scale: float):
                         tree)
 
 
-def test_lora_gives_peft_logits_both_ways(gemma4, tmp_path):
+LORA_TARGETS = {
+    "all-linear": dict(target_modules="all-linear"),
+    # the experts' 3-D parameters through PEFT's ParamWrapper (two on one module: PEFT nests them)
+    "experts": dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
+}
+
+
+@pytest.mark.parametrize("targets", sorted(LORA_TARGETS))
+def test_lora_gives_peft_logits_both_ways(gemma4, targets, tmp_path):
     """LoRA on every linear layer (PEFT's ``all-linear``: the per-layer embeddings' projections and
-    the router's too), made by PEFT and read here, and made here and read by PEFT. The adapters move
-    less than test_family_methods' (0.3): with unscaled attention scores, 0.3 on every linear
-    magnifies float32 rounding to 5e-5."""
+    the router's too) or on the experts, made by PEFT and read here, and made here and read by PEFT.
+    The adapters move less than test_family_methods' (0.3): with unscaled attention scores, 0.3 on
+    every linear magnifies float32 rounding to 5e-5."""
     torch_model, path, _ = gemma4
-    config = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    config = dict(r=4, lora_alpha=8, init_lora_weights=False, **LORA_TARGETS[targets])
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
     base = torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid]
@@ -183,7 +193,8 @@ def test_lora_gives_peft_logits_both_ways(gemma4, tmp_path):
     theirs.eval().save_pretrained(tmp_path / "peft")
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
     assert {s.name for s in ours.get_layer_status()} == {s.name for s in theirs.get_layer_status()}
-    assert any("per_layer_model_projection" in s.name for s in ours.get_layer_status())
+    assert any(("experts" if targets == "experts" else "per_layer_model_projection") in s.name
+               for s in ours.get_layer_status())
     ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)[valid]
     out = np.asarray(_forward(ours.base_model, True, input_ids=ids, attention_mask=mask).logits)[valid]
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)

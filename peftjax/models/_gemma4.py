@@ -98,7 +98,8 @@ def check_gemma4_config(config) -> None:
     Raises:
       ValueError: ``use_bidirectional_attention="all"``, an unknown ``hidden_activation``, layer type
         or RoPE type, ``per_layer_config`` overrides other than head sizes and key/value heads,
-        every layer sharing keys, or a mixture of experts without its sizes.
+        every layer sharing keys, a mixture of experts without its sizes, ``scan_layers=True`` or an
+        ``expert_dispatch`` other than ``"dense"``.
     """
     name = config.model_type
     if getattr(config, "use_bidirectional_attention", None) == "all":
@@ -135,6 +136,9 @@ def check_gemma4_config(config) -> None:
             raise ValueError(f"{name}: enable_moe_block=True needs {missing}")
     if getattr(config, "scan_layers", False):
         raise ValueError(f"{name}: scan_layers=True is not supported (the layers' shapes differ)")
+    if (getattr(config, "expert_dispatch", None) or "dense") != "dense":
+        raise ValueError(f"{name}: expert_dispatch={config.expert_dispatch!r} is not supported; the experts run "
+                         f"densely ('dense')")
 
 
 def rope_parameters_of(config, layer_type: str) -> dict:
