@@ -6,7 +6,7 @@ JAX job never uses. :func:`read_config` builds a :class:`ModelConfig` from the J
 each bundled family's defaults (transformers 5's class defaults; ``tests/test_model_config.py``
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
-GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN), and
+GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN, Gemma 4's per-layer head sizes), and
 answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -292,8 +292,7 @@ ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
                "global_rope_theta", "local_rope_theta", "global_attn_every_n_layers",
-               "sliding_window_pattern", "transformers_version", "global_head_dim",
-               "num_global_key_value_heads",
+               "sliding_window_pattern", "transformers_version",
                "torch_dtype", "id2label", "label2id", "num_labels", "decoder_start_token_id")
 
 
@@ -425,7 +424,8 @@ class ModelConfig:
             if global_kv_heads is not None and self.attention_k_eq_v:
                 overrides["num_key_value_heads"] = global_kv_heads
             table = {i: dict(overrides) for i, t in enumerate(self.layer_types) if t == "full_attention"}
-        # as transformers keeps them: integer keys, without the overrides equal to the global value
+        # as transformers keeps them: by layer index (a string key, as JSON has it), without the
+        # overrides equal to the global value
         kept = {}
         for i, layer in table.items():
             layer = {k: v for k, v in layer.items() if self.__dict__.get(k, object()) != v}
