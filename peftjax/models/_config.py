@@ -7,8 +7,9 @@ each bundled family's defaults (transformers 5's class defaults; ``tests/test_mo
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
 GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN,
-Gemma 4's per-layer head sizes), and answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
-accept either kind of config: ``from_config`` still takes transformers' classes.
+Gemma 4's per-layer head sizes), and answers attribute reads like a ``PretrainedConfig`` does
+(GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models accept either kind of config:
+``from_config`` still takes transformers' classes.
 """
 
 from __future__ import annotations
