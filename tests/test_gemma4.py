@@ -34,9 +34,10 @@ SCALE = 0.3  # the weights' std
 ATOL = 2e-5
 LORA_NOISE = 0.05  # how far the LoRA tests move every adapter weight
 # a variant with the other branches: values projected on the global layers, no per-layer
-# embeddings, no experts, no cap (so the jitted loss is the one fused with the tied head)
+# embeddings, no experts, no cap (so the jitted loss is the one fused with the tied head);
+# bidirectional attention for images only, which leaves text causal
 PLAIN = dict(attention_k_eq_v=False, hidden_size_per_layer_input=0, enable_moe_block=False,
-             final_logit_softcapping=None, use_double_wide_mlp=False)
+             final_logit_softcapping=None, use_double_wide_mlp=False, use_bidirectional_attention="vision")
 
 
 def _random_model(**overrides):
