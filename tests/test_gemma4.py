@@ -223,3 +223,27 @@ def test_prefix_and_prompt_adapters_are_refused(gemma4):
                                                                                              num_virtual_tokens=2))
     with pytest.raises(ValueError, match="need input_ids"):
         prompt(input_ids=np.ones((1, 3), np.int32))
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_prompt_adapters_without_per_layer_embeddings_give_peft_logits(method, tmp_path):
+    """Without per-layer embeddings the virtual tokens need no ids: prompt and P-tuning made here,
+    moved, saved, give peftjax's logits in PEFT."""
+    torch_model = _random_model(hidden_size_per_layer_input=0)
+    torch_model.save_pretrained(tmp_path / "base")
+    fields = dict(encoder_hidden_size=24) if method == "PromptEncoderConfig" else {}
+    ours = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                  getattr(peftjax, method)(task_type="CAUSAL_LM", num_virtual_tokens=4, **fields),
+                                  key=jax.random.key(3))
+    _, adapters, _ = peftjax.split(ours.base_model)
+    ours.update(_moved(adapters, 4, 0.3))
+    ours.save_pretrained(tmp_path / "here")
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = np.concatenate([np.ones((len(mask), 4), bool), mask.astype(bool)], axis=1)
+    out = np.asarray(_forward(ours.base_model, True, input_ids=ids, attention_mask=mask).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path / "here").eval()
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(out[valid], ref[valid], atol=ATOL, rtol=0)
+    assert np.abs(out[:, 4:] - torch_logits(torch_model, input_ids=ids, attention_mask=mask))[mask == 1].max() > 1e-2
