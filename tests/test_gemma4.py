@@ -151,8 +151,14 @@ def test_unimplemented_options_are_named(overrides, named):
 def test_per_layer_embeddings_need_the_ids(gemma4):
     _, _, model = gemma4
     ids, mask = padded_batch(VOCAB, seq=5)
+    embeds = model.model.embed_tokens(jnp.asarray(ids))
     with pytest.raises(ValueError, match="need input_ids"):
-        model(inputs_embeds=model.model.embed_tokens(jnp.asarray(ids)), attention_mask=mask)
+        model(inputs_embeds=embeds, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"input_ids \(3, 4\) must match inputs_embeds \(3, 5\)"):
+        model(input_ids=ids[:, 1:], inputs_embeds=embeds, attention_mask=mask)
+    # both given and alike: the embeddings are used, the ids only for the per-layer embeddings
+    np.testing.assert_allclose(np.asarray(model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask).logits),
+                               np.asarray(model(input_ids=ids, attention_mask=mask).logits), atol=1e-6, rtol=0)
 
 
 def _moved(tree, seed: int, scale: float):

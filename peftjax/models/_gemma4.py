@@ -384,6 +384,9 @@ class Gemma4TextModel(nnx.Module):
                              "input_ids beside inputs_embeds")
         x = jnp.asarray(inputs_embeds)
         b, s, _ = x.shape
+        if self.per_layer_size and tuple(jnp.shape(input_ids)) != (b, s):
+            raise ValueError(f"Gemma4TextModel: input_ids {tuple(jnp.shape(input_ids))} must match inputs_embeds "
+                             f"{(b, s)} (the per-layer embeddings look the ids up)")
         per_layer = self.per_layer_inputs(jnp.asarray(input_ids), x) if self.per_layer_size else None
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
@@ -405,9 +408,9 @@ class Gemma4TextModel(nnx.Module):
             def run(layer, h, key, t=t, layer_input=layer_input, shared_kv=shared_kv, layer_cache=layer_cache):
                 return layer(h, *per_type[t], layer_input, shared_kv, layer_cache, pos.start, offset, key)
 
+            # remat in training and scoring only, as the other decoders
             remat = self.remat if cache is None else "none"
-            x, layer_cache, kv, logits = run_layer(self.layers, i, lambda layer, h, key: run(layer, h, key), x,
-                                                   remat, dropout_rng)
+            x, layer_cache, kv, logits = run_layer(self.layers, i, run, x, remat, dropout_rng)
             if self.modes[i] == "store":
                 shared[t] = kv
             if new_cache is not None:
