@@ -14,10 +14,13 @@ What differs from Gemma 3 (``_gemma3``), as transformers 5's ``Gemma4ForCausalLM
 - per-layer embeddings (``hidden_size_per_layer_input``): a second scaled table
   (``embed_tokens_per_layer``) and a projection of the embeddings give each layer a small input,
   gated into the residual stream after the MLP;
-- each layer's output is multiplied by its ``layer_scalar`` (a checkpoint buffer);
+- each layer's output is multiplied by its ``layer_scalar`` (a checkpoint buffer in transformers, a
+  parameter here so that it loads and saves with the weights);
 - optionally (``enable_moe_block``) a mixture of experts beside the MLP: a router on the layer's
   input (norm without weight, ``scale``, softmax, top ``top_k_experts`` renormalised, times
-  ``per_expert_scale``) and ``experts.gate_up_proj``/``down_proj`` stored as transformers 5 does.
+  ``per_expert_scale``) and ``experts.gate_up_proj``/``down_proj`` stored as transformers 5 does,
+  run densely (every expert on every token, weighted; ``expert_dispatch="grouped"`` is refused);
+  the decoder returns the router logits, and there is no load-balancing loss (transformers has none).
 
 The layers differ, so ``scan_layers=True`` is refused, as are prefix adapters (the layers' key and
 value shapes differ; the model's ``__call__`` takes no ``prefix_kv``) and ``inputs_embeds`` without
