@@ -56,6 +56,20 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, pad_token_id=0,
         layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 4's text model in small, every branch: sliding layers (window 4) and global ones with a
+    # head of their own (16 wide, one key/value head, values from the key projection, half the
+    # frequencies rotated), the last two layers reusing the keys of earlier ones (with MLPs twice as
+    # wide), per-layer embeddings, top 2 of 4 experts beside each MLP, capped logits
+    "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, global_head_dim=16, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=96, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=16, final_logit_softcapping=3.0, pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                            "rope_theta": 10000.0}})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),

@@ -36,7 +36,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "ernie4_5", "deepseek_v3",
-                        "mistral4")}
+                        "mistral4", "gemma4_text")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -133,6 +133,8 @@ CASES = {
     # PEFT converts no targets for Mistral 4: DoRA reaches every linear (LoRA: test_mistral4)
     ("mistral4", "dora-all-linear"): BOTH,
     ("mistral4", "prompt"): ("here->peft",),
+    # LoRA (all-linear, moved less: unscaled attention scores magnify rounding): test_gemma4
+    ("gemma4_text", "ia3-named"): BOTH,
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

@@ -29,16 +29,23 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
            "distilbert": "DistilBertConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
-           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config"}
-# transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters())
-SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures"}
+           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig"}
+# transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
+# Gemma 4's per-layer table through each layer's head layout)
+SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
+
+
+def _field(config, key):
+    """A transformers config's field; Gemma 4's, whose global head size may differ per layer, unchecked."""
+    read = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    return read(key) if read is not None else getattr(config, key)
 
 
 def assert_same_fields(ours, theirs):
     from peftjax.models._rope import rope_parameters
 
     for key in sorted(set(theirs.to_dict()) - SKIP):
-        assert getattr(ours, key) == getattr(theirs, key), key
+        assert getattr(ours, key) == _field(theirs, key), key
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
@@ -54,6 +61,12 @@ def assert_same_fields(ours, theirs):
         from peftjax.models._modernbert import modernbert_rope_parameters
 
         assert modernbert_rope_parameters(ours) == theirs.rope_parameters
+    if theirs.model_type == "gemma4_text":  # a RoPE per layer type, a head layout per layer
+        from peftjax.models._gemma4 import kv_sharing_modes, layer_layouts
+
+        assert ours.rope_parameters == theirs.rope_parameters
+        assert layer_layouts(ours) == layer_layouts(theirs)
+        assert kv_sharing_modes(ours) == theirs.kv_sharing_modes
     if theirs.model_type == "olmo3":
         from peftjax.models._olmo import olmo3_rope_parameters
 
@@ -85,6 +98,9 @@ VARIANTS = [
     ("gemma2", dict(final_logit_softcapping=None, num_hidden_layers=3, num_key_value_heads=4)),
     ("gemma3_text", dict(layer_types=None, num_hidden_layers=7, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500.0}})),
+    ("gemma4_text", {}),
+    ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
+                         num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
     ("qwen3_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, norm_topk_prob=False)),
     ("qwen3_moe", dict(decoder_sparse_step=2, rope_theta=1e6, tie_word_embeddings=True, num_labels=3)),

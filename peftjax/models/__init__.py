@@ -24,6 +24,7 @@ from peftjax.models._distilbert import (
 from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
+from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import (
     Conv1D,
@@ -166,6 +167,7 @@ __all__ = [
     "Gemma2ForTokenClassification",
     "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification",
+    "Gemma4ForCausalLM",
     "GPT2LMHeadModel",
     "GraniteForCausalLM",
     "GPT2Model",

@@ -7,7 +7,7 @@ each bundled family's defaults (transformers 5's class defaults; ``tests/test_mo
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
 GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN,
-DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN), and
+DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN, Gemma 4's per-layer head sizes), and
 answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -97,6 +97,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_dropout": 0.0, "query_pre_attn_scalar": 256, "sliding_window": 4096, "layer_types": None,
         "final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False,
         "_sliding_window_pattern": 6,
+    },
+    # Gemma4TextConfig (its RoPE per layer type and per-layer head sizes are set by _derive)
+    "gemma4_text": {
+        "vocab_size": 262144, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 30,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "sliding_window": 512, "layer_types": None,
+        "final_logit_softcapping": None, "use_bidirectional_attention": None, "vocab_size_per_layer_input": 262144,
+        "hidden_size_per_layer_input": 256, "attention_k_eq_v": False, "num_kv_shared_layers": 0,
+        "enable_moe_block": False, "use_double_wide_mlp": False, "num_experts": None, "top_k_experts": None,
+        "moe_intermediate_size": None,
     },
     "mixtral": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -430,6 +442,40 @@ class ModelConfig:
             every = 2 if t == "gemma2" else self._sliding_window_pattern
             self.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
                                 for i in range(self.num_hidden_layers)]
+        if t == "gemma4_text":
+            self._derive_gemma4()
+
+    def _derive_gemma4(self) -> None:
+        """Gemma4TextConfig.__post_init__: five sliding layers then a global one, the last one global;
+        a RoPE per layer type; the global layers' head size (``global_head_dim``) and, with
+        ``attention_k_eq_v``, key/value heads (``num_global_key_value_heads``) as ``per_layer_config``
+        (``{layer index: overrides}``), unless the file gives that table itself."""
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+        if self.layer_types:
+            self.layer_types = [*self.layer_types[:-1], "full_attention"]
+        if self.__dict__.get("rope_parameters") is None:
+            self.rope_parameters = {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1000000.0}}
+        global_head_dim = self.__dict__.pop("global_head_dim", 512)
+        global_kv_heads = self.__dict__.pop("num_global_key_value_heads", None)
+        table = self.__dict__.get("per_layer_config")
+        if table is None:
+            overrides = {"head_dim": global_head_dim}
+            if global_kv_heads is not None and self.attention_k_eq_v:
+                overrides["num_key_value_heads"] = global_kv_heads
+            table = {i: dict(overrides) for i, t in enumerate(self.layer_types) if t == "full_attention"}
+        # as transformers keeps them: by layer index (a string key, as JSON has it), without the
+        # overrides equal to the global value
+        kept = {}
+        for i, layer in table.items():
+            layer = {k: v for k, v in layer.items() if self.__dict__.get(k, object()) != v}
+            if layer:
+                kept[str(int(i))] = layer
+        self.per_layer_config = kept
 
     # ---------------------------------------------------------------- PretrainedConfig's surface
 
