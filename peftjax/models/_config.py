@@ -130,6 +130,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_out_bias": False, "attention_dropout": 0.1, "residual_dropout": 0.1, "mlp_bias": False,
         "head_dim": 128,
     },
+    # Qwen3_5TextConfig (its RoPE turns the first quarter of each head: partial_rotary_factor, set
+    # by _derive; layer_types from full_attention_interval, 4, where the file gives none)
+    "qwen3_5_text": {
+        "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "head_dim": 256, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "layer_types": None, "pad_token_id": None, "bos_token_id": None,
+        "eos_token_id": None,
+    },
     # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
     "gpt_oss": {
         "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
@@ -362,6 +373,14 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
+        if t == "qwen3_5_text":  # Qwen3_5TextConfig.__post_init__
+            interval = self.__dict__.pop("full_attention_interval", 4)  # an argument, not a field
+            if self.layer_types is None:
+                self.layer_types = ["linear_attention" if (i + 1) % interval else "full_attention"
+                                    for i in range(self.num_hidden_layers)]
+            if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
+                    self.__dict__.get("rope_parameters") or {}):
+                self.partial_rotary_factor = 0.25
         if t == "gemma" and self.hidden_act == "gelu":  # GemmaConfig: the releases' "gelu" means the tanh one
             self.hidden_act = "gelu_pytorch_tanh"
         if t == "modernbert" and self.layer_types is None:  # ModernBertConfig.__post_init__
