@@ -1,4 +1,4 @@
-"""Qwen3.5's text model (``qwen3_5_text``) against PyTorch transformers and HF PEFT.
+"""Qwen3.5's text models (``qwen3_5_text``, ``qwen3_5_moe_text``) against transformers and HF PEFT.
 
 The oracle is transformers' model on the same weights, with its PyTorch fallbacks of the Gated
 DeltaNet kernels (``torch_chunk_gated_delta_rule``, ``torch_recurrent_gated_delta_rule``, the
@@ -6,7 +6,8 @@ causal convolution): the kernels alone, then the logits and loss of batches long
 delta-rule chunk (64) padded on either side, greedy generation (the recurrent state and the
 convolution's inputs in the cache), the classifiers, and a LoRA adapter on the linear attention's
 and the full attention's projections: PEFT's loaded here with PEFT's gradients, and peftjax's
-loaded by PEFT. LoRA all-linear both ways with PEFT: test_family_methods.
+loaded by PEFT. The MoE model: logits, loss with the load-balancing term, router logits,
+generation and both expert layouts. LoRA all-linear both ways with PEFT: test_family_methods.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, torch_logits
+from _torch_models import (
+    lazy,
+    padded_batch,
+    randomised,
+    save_in_memory_layout,
+    torch_logits,
+)
 
 import peftjax
 from peftjax import models
 from peftjax.nn._delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+safetensors_torch = lazy("safetensors.torch")
 qwen3_5 = lazy("transformers.models.qwen3_5.modeling_qwen3_5")
 
 VOCAB = _tiny.FAMILIES["qwen3_5_text"][2]["vocab_size"]
@@ -197,3 +205,80 @@ def test_config_derives_layer_types_and_partial_rope_as_transformers():
     assert ours.layer_types == theirs.layer_types == ["linear_attention", "linear_attention", "full_attention"] * 2
     assert rope_parameters(ours) == rope_parameters(theirs) and rope_parameters(ours)["partial_rotary_factor"] == 0.25
     assert not ours.has_field("full_attention_interval")
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """(torch MoE causal LM, its checkpoint (per-expert, as transformers saves it), the fused one, ours)."""
+    root = tmp_path_factory.mktemp("qwen3_5_moe")
+    torch_model = _randomised(tr.Qwen3_5MoeForCausalLM(_tiny.config("qwen3_5_moe_text")))
+    torch_model.save_pretrained(root / "hub")
+    save_in_memory_layout(torch_model, root / "fused")
+    return torch_model, root / "hub", root / "fused", models.from_pretrained(root / "hub")
+
+
+def test_moe_logits_loss_router_and_generation_match_transformers(moe, tmp_path):
+    torch_model, hub, fused, model = moe
+    assert type(model).__name__ == "Qwen3_5MoeForCausalLM" and model.model.sparse_layers == 2
+    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen3_5MoeSparseMoeBlock"] * 2
+    ids, mask = padded_batch(VOCAB, seq=SEQ, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    valid = mask.astype(bool)
+    out = nnx.jit(lambda m, kw: m(**kw, output_router_logits=True))(
+        model, {k: jnp.asarray(v) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()})
+    t = {k: torch.tensor(v) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+    with torch.no_grad():
+        ref = torch_model(**t, output_router_logits=True)
+    np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.numpy()[valid], **TOL)
+    assert abs(float(out.aux_loss) - ref.aux_loss.item()) <= 1e-5 and abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    assert len(out.router_logits) == len(ref.router_logits) == 2
+    for a, b in zip(out.router_logits, ref.router_logits):
+        np.testing.assert_allclose(np.asarray(a)[valid.reshape(-1)], b.numpy()[valid.reshape(-1)], **TOL)
+    ids, mask = padded_batch(VOCAB, seq=6)
+    with torch.no_grad():
+        generated = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                         max_new_tokens=5, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=5)), generated)
+    # both expert layouts load to transformers' state dict; save_pretrained writes transformers' keys
+    ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    for loaded in (model, models.from_pretrained(fused)):
+        ours = models.hf_state_dict(loaded)
+        assert set(ours) == set(ref)
+        for k in ref:
+            np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    model.save_pretrained(tmp_path)
+    keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
+    assert keys(tmp_path) == keys(hub) and "model.layers.0.mlp.experts.3.up_proj.weight" in keys(hub)
+    reloaded = tr.Qwen3_5MoeForCausalLM.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(torch_logits(reloaded, input_ids=ids, attention_mask=mask)[mask == 1],
+                               torch_logits(torch_model, input_ids=ids, attention_mask=mask)[mask == 1], atol=1e-6)
+
+
+def test_moe_lora_all_linear_gives_peft_logits_both_ways(moe, tmp_path):
+    """PEFT converts no MoE targets for this model type (transformers maps it to qwen3_5_text's
+    pattern, for which PEFT has no table): ``all-linear`` reaches both attentions, the shared
+    expert and its gate, here as in PEFT."""
+    torch_model, hub, _, _ = moe
+    config = dict(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    ids, mask = padded_batch(VOCAB, seq=SEQ, left=False)
+    valid = mask.astype(bool)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tr.Qwen3_5MoeForCausalLM.from_pretrained(hub), peft.LoraConfig(**config)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(hub), tmp_path / "peft")
+    assert {s.name for s in ours.get_layer_status()} == {s.name for s in theirs.get_layer_status()}
+    assert any("shared_expert_gate" in s.name for s in ours.get_layer_status())
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(np.asarray(_jitted(ours.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
+                               ref[valid], **TOL)
+    assert np.abs(ref - torch_logits(torch_model, input_ids=ids, attention_mask=mask)).max() > 1e-2
+
+    here = peftjax.get_peft_model(models.from_pretrained(hub), peftjax.LoraConfig(**config), key=jax.random.key(1))
+    _, made, _ = peftjax.split(here.base_model)
+    rng = np.random.RandomState(2)
+    here.update(jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.3 * rng.standard_normal(x.shape)
+                                                   .astype(x.dtype)), made))
+    here.save_pretrained(tmp_path / "here")
+    loaded = peft.PeftModel.from_pretrained(tr.Qwen3_5MoeForCausalLM.from_pretrained(hub), tmp_path / "here").eval()
+    out = np.asarray(_jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
+    np.testing.assert_allclose(out[valid], torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], **TOL)

@@ -40,6 +40,7 @@ from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._qwen3_5 import (
     Qwen3_5ForCausalLM,
     Qwen3_5ForTokenClassification,
+    Qwen3_5MoeForCausalLM,
     Qwen3_5TextForSequenceClassification,
 )
 from peftjax.models._llama import (
@@ -218,6 +219,7 @@ __all__ = [
     "Qwen3MoeForTokenClassification",
     "Qwen3_5ForCausalLM",
     "Qwen3_5ForTokenClassification",
+    "Qwen3_5MoeForCausalLM",
     "Qwen3_5TextForSequenceClassification",
     "RobertaForMaskedLM",
     "RobertaForQuestionAnswering",

@@ -141,6 +141,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "linear_num_value_heads": 32, "layer_types": None, "pad_token_id": None, "bos_token_id": None,
         "eos_token_id": None,
     },
+    # Qwen3_5MoeTextConfig (as Qwen3_5TextConfig's, with Qwen2-MoE's experts and no dense MLP)
+    "qwen3_5_moe_text": {
+        "vocab_size": 248320, "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts_per_tok": 8,
+        "num_experts": 256, "output_router_logits": False, "router_aux_loss_coef": 0.001, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
     "gpt_oss": {
         "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
@@ -373,7 +384,7 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
-        if t == "qwen3_5_text":  # Qwen3_5TextConfig.__post_init__
+        if t in ("qwen3_5_text", "qwen3_5_moe_text"):  # Qwen3_5TextConfig.__post_init__ (the MoE one's too)
             interval = self.__dict__.pop("full_attention_interval", 4)  # an argument, not a field
             if self.layer_types is None:
                 self.layer_types = ["linear_attention" if (i + 1) % interval else "full_attention"

@@ -34,8 +34,19 @@ from peftjax.models._auto import register
 from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.models._gemma2 import GemmaRMSNorm
 from peftjax.models._llama import LlamaForCausalLM, LlamaMLP, LlamaModel, head_dim_of
+from peftjax.models._mixtral import (
+    ExpertLayout,
+    MixtralForCausalLM,
+    _MoeCheckpoints,
+    _token_mask,
+    expert_count,
+    load_balancing_loss,
+    routing_statistics,
+)
 from peftjax.models._losses import pool_last_token, sequence_classification_loss, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._qwen2_moe import Qwen2MoeSparseMoeBlock
+from peftjax.models._qwen3_moe import QWEN_MOE_EXPERTS
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.nn._delta_rule import causal_depthwise_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
@@ -184,6 +195,8 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
 class Qwen3_5DecoderLayer(nnx.Module):
     """Pre-norm token mixer (``linear_attn`` or ``self_attn``, by ``layer_types``) and MLP."""
 
+    sparse: ClassVar[bool] = False  # whether every layer's MLP is a mixture of experts
+
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_type = qwen3_5_layer_types(config)[layer_idx]
@@ -191,14 +204,19 @@ class Qwen3_5DecoderLayer(nnx.Module):
             self.linear_attn = Qwen3_5GatedDeltaNet(config, layer_idx, **kw)
         else:
             self.self_attn = Qwen3_5Attention(config, layer_idx, **kw)
-        self.mlp = LlamaMLP(config, **kw)
+        self.mlp = self.make_mlp(config, layer_idx, **kw)
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
+    @staticmethod
+    def make_mlp(config, layer_idx: int, **kw) -> nnx.Module:
+        """``mlp``: SwiGLU here; the MoE model's sparse block returns ``(out, router logits)``."""
+        return LlamaMLP(config, **kw)
+
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None):
-        """``mask``: the full attention's ``[batch, 1, q, k]``; ``token_mask``: the linear
-        attention's ``[batch, seq]`` padding mask or ``None``; ``dropout_rng``: the attention
-        dropout's key (training) or ``None``."""
+        """``(x, cache, router logits or None)``. ``mask``: the full attention's ``[batch, 1, q,
+        k]``; ``token_mask``: the linear attention's ``[batch, seq]`` padding mask or ``None``;
+        ``dropout_rng``: the attention dropout's key (training) or ``None``."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             a, cache = self.linear_attn(h, token_mask, cache)
@@ -206,13 +224,20 @@ class Qwen3_5DecoderLayer(nnx.Module):
             (attn_key,) = split_keys(dropout_rng, 1)
             a, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, attn_key)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        out, logits = self.mlp(self.post_attention_layernorm(x)), None
+        if isinstance(out, tuple):
+            out, logits = out
+        return x + out, cache, logits
 
 
 class Qwen3_5TextModel(LlamaModel):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = Qwen3_5DecoderLayer
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.sparse_layers = config.num_hidden_layers if self.layer_class.sparse else 0
 
     @staticmethod
     def make_norm(config, **kw) -> nnx.Module:
@@ -231,10 +256,15 @@ class Qwen3_5TextModel(LlamaModel):
                              f"{sorted(set(types))}")
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
+                 cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False
+                 ) -> ModelOutput:
         """Runs the decoder. With ``cache`` (see :meth:`Qwen3_5ForCausalLM.init_cache`),
         ``attention_mask`` covers the cache's slots and the call's tokens sit at ``cache_index``;
         ``dropout_rng``: a key to apply the attention dropout (training); ``None``: none.
+
+        With experts (the MoE model), ``aux_loss`` is the load-balancing loss over the sparse
+        layers (``None`` with a cache), and ``output_router_logits`` adds ``router_logits``, one
+        ``[batch * seq, experts]`` array per sparse layer, as transformers records them.
 
         Raises:
           ValueError: ``prefix_kv`` given (the linear attention layers have no keys to prefix).
@@ -257,15 +287,43 @@ class Qwen3_5TextModel(LlamaModel):
         if attention_mask is not None and s > 1:  # a decoded token is never padding (transformers' rule too)
             token_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), pos.start, s, axis=1)
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
+        # a mixture of experts' routing: the load-balancing loss's sums and, if asked, each layer's logits
+        routing = None
+        if self.sparse_layers:
+            experts = expert_count(self.config)
+            zeros = jnp.zeros((experts,), jnp.float32)
+            logits_buffer = jnp.zeros((self.sparse_layers, b * s, experts), x.dtype) if output_router_logits else None
+            routing = (zeros, zeros, jnp.zeros((), jnp.int32), logits_buffer)
+            routed = _token_mask(attention_mask, b, s)
+
+        def step(layer, carry, layer_cache=None, start=None, key=None):
+            h, routing = carry
+            h, layer_cache, logits = layer(h, cos, sin, mask, token_mask, layer_cache, start, key)
+            if logits is not None:
+                counts, probs, n, buffer = routing
+                c, p = routing_statistics(logits, self.config.num_experts_per_tok, routed)
+                if buffer is not None:
+                    buffer = buffer.at[n].set(logits.astype(buffer.dtype))
+                routing = (counts + c, probs + p, n + 1, buffer)
+            return (h, routing), layer_cache
+
+        new_cache = None
         if cache is None:  # training and scoring: rematerialised where asked
-            x = run_layers(self.layers, lambda layer, h, k: layer(h, cos, sin, mask, token_mask, dropout_rng=k)[0], x,
-                           self.remat, dropout_rng)
-            return ModelOutput(last_hidden_state=self.norm(x), past_key_values=None)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, cos, sin, mask, token_mask, cache[i], pos.start, layer_key(dropout_rng, i))
-            new_cache.append(layer_cache)
-        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
+            x, routing = run_layers(self.layers, lambda layer, c, k: step(layer, c, key=k)[0], (x, routing),
+                                    self.remat, dropout_rng)
+        else:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                (x, routing), layer_cache = step(layer, (x, routing), cache[i], pos.start, layer_key(dropout_rng, i))
+                new_cache.append(layer_cache)
+        aux = router_logits = None
+        if routing is not None:
+            counts, probs, _, buffer = routing
+            if cache is None:
+                aux = load_balancing_loss(counts, probs, jnp.sum(routed) * self.sparse_layers)
+            router_logits = None if buffer is None else tuple(buffer)
+        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux,
+                           router_logits=router_logits)
 
 
 def _cache_length(cache, default: int) -> int:
@@ -351,6 +409,51 @@ class Qwen3_5ForTokenClassification(_Qwen3_5WithHead):
                            last_hidden_state=out.last_hidden_state)
 
 
+# ------------------------------------------------------------------------------------------ MoE
+
+
+class Qwen3_5MoeSparseMoeBlock(Qwen2MoeSparseMoeBlock):
+    """Qwen2-MoE's block (routed experts of ``moe_intermediate_size``, a gated shared expert); the
+    top-k weights always renormalised (the config has no ``norm_topk_prob``)."""
+
+    @staticmethod
+    def renormalises(config) -> bool:
+        return True
+
+
+class Qwen3_5MoeDecoderLayer(Qwen3_5DecoderLayer):
+    sparse: ClassVar[bool] = True
+
+    @staticmethod
+    def make_mlp(config, layer_idx: int, **kw) -> nnx.Module:
+        return Qwen3_5MoeSparseMoeBlock(config, layer_idx, **kw)
+
+
+class Qwen3_5MoeTextModel(Qwen3_5TextModel):
+    layer_class: ClassVar[type[nnx.Module]] = Qwen3_5MoeDecoderLayer
+
+
+class Qwen3_5MoeForCausalLM(_MoeCheckpoints, Qwen3_5ForCausalLM):
+    """Qwen3.5-MoE's text causal LM (``qwen3_5_moe_text``): the hybrid decoder with a mixture of
+    experts and a gated shared expert as every layer's MLP; ``aux_loss`` and ``router_logits`` as
+    :class:`~peftjax.models.MixtralForCausalLM`'s. The Hub's per-expert layout and transformers 5's
+    fused one load; ``save_pretrained`` writes the per-expert one, as transformers does."""
+
+    model_class: ClassVar[type[nnx.Module]] = Qwen3_5MoeTextModel
+    expert_layout: ClassVar[ExpertLayout] = QWEN_MOE_EXPERTS
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                 cache=None, cache_index=None, output_router_logits: bool | None = None, dropout_rng=None,
+                 logits_to_keep=0) -> ModelOutput:
+        """As :meth:`Qwen3_5ForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` when
+        ``output_router_logits`` (default: the config's) asks for them; with ``labels`` the loss
+        then includes ``router_aux_loss_coef * aux_loss``."""
+        return MixtralForCausalLM.__call__(self, input_ids, attention_mask, position_ids, labels, inputs_embeds,
+                                           cache, cache_index, None, output_router_logits, dropout_rng,
+                                           logits_to_keep)
+
+
 register(Qwen3_5ForCausalLM, model_types=("qwen3_5_text",), default=True)
+register(Qwen3_5MoeForCausalLM, model_types=("qwen3_5_moe_text",), default=True)
 register(Qwen3_5TextForSequenceClassification)
 register(Qwen3_5ForTokenClassification)
