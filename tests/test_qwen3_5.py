@@ -3,7 +3,7 @@
 The oracle is transformers' model on the same weights, with its PyTorch fallbacks of the Gated
 DeltaNet kernels (``torch_chunk_gated_delta_rule``, ``torch_recurrent_gated_delta_rule``, the
 causal convolution): the kernels alone, then the logits and loss of batches longer than one
-delta-rule chunk (64) padded on either side, greedy generation (the recurrent state and the
+delta-rule chunk (64) padded on either side (jitted, and eagerly once), greedy generation (the recurrent state and the
 convolution's inputs in the cache), the classifiers, and a LoRA adapter on the linear attention's
 and the full attention's projections: PEFT's loaded here with PEFT's gradients, and peftjax's
 loaded by PEFT. The MoE model: logits, loss with the load-balancing term, router logits,
@@ -107,6 +107,9 @@ def test_logits_and_loss_match_transformers_past_one_chunk(qwen, left):
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
     np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.numpy()[valid], **TOL)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    if left:  # and the eager forward (5 s of op-by-op compilation: once)
+        eager = model(input_ids=ids, attention_mask=mask)
+        np.testing.assert_allclose(np.asarray(eager.logits)[valid], ref.logits.numpy()[valid], **TOL)
 
 
 def test_greedy_generation_matches_transformers(qwen):

@@ -1,4 +1,4 @@
-"""Qwen3.5's text model (``model_type`` ``"qwen3_5_text"``) in Flax NNX, with transformers' names.
+"""Qwen3.5's text models (``qwen3_5_text``, ``qwen3_5_moe_text``) in Flax NNX, with transformers' names.
 
 A hybrid decoder: ``layer_types`` makes each layer a Gated DeltaNet linear attention
 (``linear_attn``; three in four by default) or a gated full attention (``self_attn``), each
@@ -19,6 +19,10 @@ Generation keeps, per layer, the keys and values (full attention) or the convolu
 inputs and the delta rule's state (linear attention). The linear layers have no keys and values
 to prepend a prefix to: prefix tuning is refused; LoRA, prompt tuning and the rest work.
 ``scan_layers=True`` is refused where the two kinds mix (their layers differ in structure).
+
+Qwen3.5-MoE (``Qwen3_5MoeForCausalLM``) is the same decoder with Qwen2-MoE's block as every
+layer's MLP (routed experts, top-k renormalised, and a shared expert weighted by
+``sigmoid(shared_expert_gate(x))``), Mixtral's load-balancing loss and checkpoint layouts.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ from peftjax.models._mixtral import (
 )
 from peftjax.models._losses import pool_last_token, sequence_classification_loss, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._outputs import ModelOutput
 from peftjax.models._qwen2_moe import Qwen2MoeSparseMoeBlock
 from peftjax.models._qwen3_moe import QWEN_MOE_EXPERTS
-from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rotary_embedding
 from peftjax.nn._delta_rule import causal_depthwise_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from peftjax.nn._dropout import layer_key, split_keys
@@ -448,6 +452,7 @@ class Qwen3_5MoeForCausalLM(_MoeCheckpoints, Qwen3_5ForCausalLM):
         """As :meth:`Qwen3_5ForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` when
         ``output_router_logits`` (default: the config's) asks for them; with ``labels`` the loss
         then includes ``router_aux_loss_coef * aux_loss``."""
+        # Mixtral's head on this decoder (the model's call takes the same arguments in that order)
         return MixtralForCausalLM.__call__(self, input_ids, attention_mask, position_ids, labels, inputs_embeds,
                                            cache, cache_index, None, output_router_logits, dropout_rng,
                                            logits_to_keep)
