@@ -187,6 +187,18 @@ def test_classifiers_match_transformers(qwen, class_name, tmp_path):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
+def test_each_task_type_picks_the_family_s_class(qwen):
+    """From the causal LM's checkpoint: the sequence classifier's name spells the model_type with
+    underscores (``Qwen3_5TextFor...``), the token classifier's not (``Qwen3_5For...``)."""
+    _, root, _ = qwen
+    for task, name in (("SEQ_CLS", "Qwen3_5TextForSequenceClassification"),
+                       ("TOKEN_CLS", "Qwen3_5ForTokenClassification"), ("CAUSAL_LM", "Qwen3_5ForCausalLM")):
+        config = models.load_config(root, num_labels=3)
+        assert models.model_class_for(config, task).__name__ == name
+    with pytest.raises(ValueError, match="no bundled QUESTION_ANS model for model_type 'qwen3_5_text'"):
+        models.model_class_for(models.load_config(root), "QUESTION_ANS")
+
+
 def test_unsupported_settings_are_refused(qwen, tmp_path):
     _, root, model = qwen
     with pytest.raises(ValueError, match="scan_layers=True needs alike layers"):

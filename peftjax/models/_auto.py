@@ -111,7 +111,8 @@ def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
     family = config.model_type.replace("_", "").replace("-", "").lower()  # xlm-roberta: XLMRoberta...
     for suffix in TASK_CLASS_SUFFIXES[task_type]:
         for name, cls in MODEL_CLASSES.items():
-            if name.endswith(suffix) and name.lower() == family + suffix.lower():
+            # a class name's underscores are not the model_type's (qwen3_5_text: Qwen3_5TextFor...)
+            if name.endswith(suffix) and name.replace("_", "").lower() == family + suffix.lower():
                 return cls
     # a family whose class names do not spell its model_type (gemma3_text: Gemma3ForCausalLM): the
     # default class's own prefix
