@@ -12,6 +12,8 @@ generation and both expert layouts. LoRA all-linear both ways with PEFT: test_fa
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ from _torch_models import (
 
 import peftjax
 from peftjax import models
+from peftjax.models._config import read_config
 from peftjax.nn._delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
@@ -206,6 +209,8 @@ def test_unsupported_settings_are_refused(qwen, tmp_path):
     with pytest.raises(ValueError, match=r"layer_types \['sliding_attention'\]"):
         models.Qwen3_5ForCausalLM(_tiny.config("qwen3_5_text", layer_types=["linear_attention", "sliding_attention"]),
                                   rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'qwen3_5' config needs its text_config"):
+        read_config({"model_type": "qwen3_5", "vision_config": {}})
     with pytest.raises(TypeError, match="prefix attention protocol"):
         peftjax.get_peft_model(model, peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
 
@@ -297,3 +302,32 @@ def test_moe_lora_all_linear_gives_peft_logits_both_ways(moe, tmp_path):
     loaded = peft.PeftModel.from_pretrained(tr.Qwen3_5MoeForCausalLM.from_pretrained(hub), tmp_path / "here").eval()
     out = np.asarray(_jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
     np.testing.assert_allclose(out[valid], torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], **TOL)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_a_vision_language_checkpoint_loads_its_text_model_as_transformers_does(family, tmp_path):
+    """The Hub's Qwen3.5 releases are vision-language checkpoints (``model_type`` ``qwen3_5``, the
+    text model's config under ``text_config``, its weights under ``model.language_model``):
+    peftjax reads the text model as transformers' ``Qwen3_5ForCausalLM.from_pretrained`` does,
+    and writes it back as a text checkpoint transformers reads."""
+    moe = family == "qwen3_5_moe_text"
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+    config = (tr.Qwen3_5MoeConfig if moe else tr.Qwen3_5Config)(text_config=_tiny.fields(family),
+                                                                 vision_config=vision)
+    torch.manual_seed(0)
+    full = (tr.Qwen3_5MoeForConditionalGeneration if moe else tr.Qwen3_5ForConditionalGeneration)(config)
+    _randomised(full).save_pretrained(tmp_path / "vl")
+    text_class = tr.Qwen3_5MoeForCausalLM if moe else tr.Qwen3_5ForCausalLM
+    theirs = text_class.from_pretrained(tmp_path / "vl").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the vision tower is skipped silently, as transformers skips it
+        ours = models.from_pretrained(tmp_path / "vl")
+    assert type(ours).__name__ == text_class.__name__ and ours.config.model_type == family
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = mask.astype(bool)
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
+    np.testing.assert_allclose(np.asarray(_jitted(ours, input_ids=ids, attention_mask=mask).logits)[valid],
+                               ref[valid], **TOL)
+    ours.save_pretrained(tmp_path / "text")
+    back = text_class.from_pretrained(tmp_path / "text").eval()
+    np.testing.assert_allclose(torch_logits(back, input_ids=ids, attention_mask=mask)[valid], ref[valid], atol=1e-6)

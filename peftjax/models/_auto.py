@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from peftjax.models._config import read_config
+from peftjax.models._config import TEXT_OF_VISION_LANGUAGE, read_config
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
 from peftjax.nn._scan import MODEL_OPTIONS
 
@@ -57,6 +57,7 @@ def load_config(
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    model_type = TEXT_OF_VISION_LANGUAGE.get(model_type, model_type)  # read as its text model
     supported = sorted({c for c in DEFAULT_CLASSES})
     if model_type not in DEFAULT_CLASSES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: {supported}")

@@ -463,12 +463,29 @@ class ModelConfig:
         return f"ModelConfig {self.to_json_string()}"
 
 
+# vision-language model types whose text model is bundled: their ``text_config`` is read instead,
+# as transformers' text classes read it (``base_config_key``)
+TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
 def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """A :class:`ModelConfig` from a parsed ``config.json`` (``source`` names it in errors)."""
+    """A :class:`ModelConfig` from a parsed ``config.json`` (``source`` names it in errors).
+
+    Raises:
+      ValueError: not a JSON object, an unsupported ``model_type``, or a vision-language config
+        without its ``text_config``.
+    """
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
     model_type = raw.pop("model_type", None)
+    if model_type in TEXT_OF_VISION_LANGUAGE:
+        text = raw.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ValueError(f"{source}: a {model_type!r} config needs its text_config (an object) to read the text "
+                             f"model; found {type(text).__name__}")
+        raw, model_type = dict(text), TEXT_OF_VISION_LANGUAGE[model_type]
+        raw.pop("model_type", None)
     if model_type not in FAMILY_DEFAULTS:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILY_DEFAULTS)}")
     return ModelConfig(model_type, **raw)

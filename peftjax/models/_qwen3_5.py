@@ -349,7 +349,22 @@ def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Ar
             for t in qwen3_5_layer_types(config)]
 
 
-class Qwen3_5ForCausalLM(LlamaForCausalLM):
+class _TextOfVisionLanguage:
+    """Loads the text model of a vision-language checkpoint (``Qwen3_5ForConditionalGeneration``'s,
+    as the Hub's Qwen3.5 releases are): its decoder's keys ``model.language_model.*`` read as
+    ``model.*``, its vision tower and multi-token prediction weights skipped, as transformers'
+    text classes load it."""
+
+    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"model\.visual\..*", r"mtp\..*")
+
+    def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
+        nested = "model.language_model."
+        if any(k.startswith(nested) for k in keys):
+            return {k: "model." + k[len(nested):] if k.startswith(nested) else k for k in keys}
+        return super()._align_prefix(keys, expected)
+
+
+class Qwen3_5ForCausalLM(_TextOfVisionLanguage, LlamaForCausalLM):
     """Qwen3.5's text causal LM: ``model`` (the hybrid decoder) and ``lm_head``."""
 
     model_class: ClassVar[type[nnx.Module]] = Qwen3_5TextModel
@@ -365,13 +380,13 @@ class Qwen3_5ForCausalLM(LlamaForCausalLM):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-class _Qwen3_5WithHead(PreTrainedModel):
+class _Qwen3_5WithHead(_TextOfVisionLanguage, PreTrainedModel):
     """The decoder under ``model`` and a new task head (a causal LM checkpoint loads without its
     ``lm_head``)."""
 
     base_model_prefix: ClassVar[str] = "model"
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"lm_head\.weight")
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_TextOfVisionLanguage.ignored_keys, r"lm_head\.weight")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
