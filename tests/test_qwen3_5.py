@@ -6,8 +6,10 @@ causal convolution): the kernels alone, then the logits and loss of batches long
 delta-rule chunk (64) padded on either side (jitted, and eagerly once), greedy generation (the recurrent state and the
 convolution's inputs in the cache), the classifiers, and a LoRA adapter on the linear attention's
 and the full attention's projections: PEFT's loaded here with PEFT's gradients, and peftjax's
-loaded by PEFT. The MoE model: logits, loss with the load-balancing term, router logits,
-generation and both expert layouts. LoRA all-linear both ways with PEFT: test_family_methods.
+loaded by PEFT; full fine-tuning's weight gradients. The MoE model: logits, loss with the
+load-balancing term, router logits, generation, both expert layouts, LoRA all-linear both ways.
+Both read from a vision-language checkpoint (the Hub's releases). The dense model's LoRA
+all-linear and prompt tuning with PEFT: test_family_methods.
 """
 
 from __future__ import annotations
@@ -331,3 +333,27 @@ def test_a_vision_language_checkpoint_loads_its_text_model_as_transformers_does(
     ours.save_pretrained(tmp_path / "text")
     back = text_class.from_pretrained(tmp_path / "text").eval()
     np.testing.assert_allclose(torch_logits(back, input_ids=ids, attention_mask=mask)[valid], ref[valid], atol=1e-6)
+
+
+def test_weight_gradients_match_torch(qwen):
+    """Full fine-tuning's gradients (right padding, over one chunk): the linear attention's own
+    parameters (the decay's ``A_log`` and ``dt_bias``, the convolution, the gated norm) and the
+    gated attention's, as torch's autograd gives them."""
+    torch_model, _, model = qwen
+    ids, mask = padded_batch(VOCAB, seq=SEQ, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    t = {k: torch.tensor(v) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+    torch_model(**t).loss.backward()
+    grads = nnx.jit(nnx.grad(lambda m: m(input_ids=ids, attention_mask=mask, labels=labels).loss))(model)
+    linear, full = grads.model.layers[0].linear_attn, grads.model.layers[1].self_attn
+    for name, ours in (("0.linear_attn.A_log", linear.A_log), ("0.linear_attn.dt_bias", linear.dt_bias),
+                       ("0.linear_attn.conv1d.weight", linear.conv1d.weight),
+                       ("0.linear_attn.norm.weight", linear.norm.scale),
+                       ("0.linear_attn.in_proj_a.weight", linear.in_proj_a.kernel),
+                       ("1.self_attn.q_proj.weight", full.q_proj.kernel),
+                       ("1.self_attn.q_norm.weight", full.q_norm.scale)):
+        theirs = torch_model.get_parameter(f"model.layers.{name}").grad.numpy()
+        value = np.asarray(ours[...])
+        np.testing.assert_allclose(value.T if value.ndim == 2 else value, theirs, atol=2e-5, rtol=1e-4, err_msg=name)
+    torch_model.zero_grad(set_to_none=True)
