@@ -3,10 +3,10 @@
 The oracle is transformers' model on the same weights, with its PyTorch fallbacks of the Gated
 DeltaNet kernels (``torch_chunk_gated_delta_rule``, ``torch_recurrent_gated_delta_rule``, the
 causal convolution): the kernels alone, then the logits and loss of batches longer than one
-delta-rule chunk (64) padded on either side (jitted, and eagerly once), greedy generation (the recurrent state and the
-convolution's inputs in the cache), the classifiers, and a LoRA adapter on the linear attention's
-and the full attention's projections: PEFT's loaded here with PEFT's gradients, and peftjax's
-loaded by PEFT; full fine-tuning's weight gradients. The MoE model: logits, loss with the
+delta-rule chunk (64) padded on either side (jitted, and eagerly once), greedy generation (the
+recurrent state and the convolution's inputs in the cache), the classifiers, and a LoRA adapter
+on the linear attention's and the full attention's projections: PEFT's loaded here with PEFT's
+gradients, and peftjax's loaded by PEFT; full fine-tuning's weight gradients. The MoE model: logits, loss with the
 load-balancing term, router logits, generation, both expert layouts, LoRA all-linear both ways.
 Both read from a vision-language checkpoint (the Hub's releases). The dense model's LoRA
 all-linear and prompt tuning with PEFT: test_family_methods.
