@@ -136,6 +136,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, attention_out_bias=True, pad_token_id=0)),
+    # Qwen3.5's text model in small: a Gated DeltaNet layer (2 key heads serving 4 value heads) then
+    # a gated full attention layer (16-wide heads, 4 of them turned by the partial RoPE)
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"], pad_token_id=0)),
+    # its mixture of experts: 4 experts of 12, top 2, a shared expert of 20, in both layers
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"], moe_intermediate_size=12,
+        shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),

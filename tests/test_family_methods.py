@@ -36,7 +36,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "ernie4_5", "deepseek_v3",
-                        "mistral4", "gemma4_text")}
+                        "mistral4", "gemma4_text", "qwen3_5_text")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -135,6 +135,10 @@ CASES = {
     ("mistral4", "prompt"): ("here->peft",),
     # LoRA (all-linear, moved less: unscaled attention scores magnify rounding): test_gemma4
     ("gemma4_text", "ia3-named"): BOTH,
+    # all-linear reaches the linear attention's in_proj_qkv/z/b/a and out_proj; the virtual tokens
+    # run through its convolution and delta rule (PEFT has no default targets; prefix: refused)
+    ("qwen3_5_text", "lora-all-linear"): BOTH,
+    ("qwen3_5_text", "prompt"): ("here->peft",),
 }
 IDS = np.random.RandomState(0).randint(1, 96, (2, 9))  # 9 tokens (+4 virtual): past Gemma's window of 4
 MASK = np.array([[1] * 9, [0] * 3 + [1] * 6])  # left padding, as a causal LM's batch has

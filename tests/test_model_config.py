@@ -29,7 +29,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
            "distilbert": "DistilBertConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
-           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig"}
+           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
+           "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -51,7 +52,7 @@ def assert_same_fields(ours, theirs):
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
-                            "glm4", "ernie4_5", "deepseek_v3", "mistral4"):
+                            "glm4", "ernie4_5", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5_moe_text"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -121,6 +122,11 @@ VARIANTS = [
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
     ("modernbert", dict(layer_types=None, num_hidden_layers=5, global_attn_every_n_layers=2, classifier_pooling="mean")),
     ("modernbert", dict(rope_parameters=None, global_rope_theta=500.0, local_rope_theta=7.0, norm_bias=True)),
+    ("qwen3_5_text", dict(layer_types=None, num_hidden_layers=5, full_attention_interval=2)),
+    ("qwen3_5_text", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                                           "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+                          num_key_value_heads=1, tie_word_embeddings=True)),
+    ("qwen3_5_moe_text", dict(layer_types=None, num_hidden_layers=4, router_aux_loss_coef=0.01)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("distilbert", dict(sinusoidal_pos_embds=True, activation="relu", seq_classif_dropout=0.3, num_labels=2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),

@@ -43,6 +43,12 @@ from peftjax.models._seed_oss import (
 )
 from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
 from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
+from peftjax.models._qwen3_5 import (
+    Qwen3_5ForCausalLM,
+    Qwen3_5ForTokenClassification,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5TextForSequenceClassification,
+)
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
@@ -230,6 +236,10 @@ __all__ = [
     "Qwen3MoeForQuestionAnswering",
     "Qwen3MoeForSequenceClassification",
     "Qwen3MoeForTokenClassification",
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5ForTokenClassification",
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3_5TextForSequenceClassification",
     "RobertaForMaskedLM",
     "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",

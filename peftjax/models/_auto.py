@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from peftjax.models._config import read_config
+from peftjax.models._config import TEXT_OF_VISION_LANGUAGE, read_config
 from peftjax.models._modeling import CONFIG_NAME, PreTrainedModel
 from peftjax.nn._scan import MODEL_OPTIONS
 
@@ -57,6 +57,7 @@ def load_config(
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    model_type = TEXT_OF_VISION_LANGUAGE.get(model_type, model_type)  # read as its text model
     supported = sorted({c for c in DEFAULT_CLASSES})
     if model_type not in DEFAULT_CLASSES:
         raise ValueError(f"{file}: model_type {model_type!r} is not supported; supported: {supported}")
@@ -111,7 +112,8 @@ def _class_for_task(config, task_type: str) -> type[PreTrainedModel]:
     family = config.model_type.replace("_", "").replace("-", "").lower()  # xlm-roberta: XLMRoberta...
     for suffix in TASK_CLASS_SUFFIXES[task_type]:
         for name, cls in MODEL_CLASSES.items():
-            if name.endswith(suffix) and name.lower() == family + suffix.lower():
+            # a class name's underscores are not the model_type's (qwen3_5_text: Qwen3_5TextFor...)
+            if name.endswith(suffix) and name.replace("_", "").lower() == family + suffix.lower():
                 return cls
     # a family whose class names do not spell its model_type (gemma3_text: Gemma3ForCausalLM): the
     # default class's own prefix

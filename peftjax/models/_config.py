@@ -143,6 +143,28 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_out_bias": False, "attention_dropout": 0.1, "residual_dropout": 0.1, "mlp_bias": False,
         "head_dim": 128,
     },
+    # Qwen3_5TextConfig (its RoPE turns the first quarter of each head: partial_rotary_factor, set
+    # by _derive; layer_types from full_attention_interval, 4, where the file gives none)
+    "qwen3_5_text": {
+        "vocab_size": 248320, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "head_dim": 256, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "layer_types": None, "pad_token_id": None, "bos_token_id": None,
+        "eos_token_id": None,
+    },
+    # Qwen3_5MoeTextConfig (as Qwen3_5TextConfig's, with Qwen2-MoE's experts and no dense MLP)
+    "qwen3_5_moe_text": {
+        "vocab_size": 248320, "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "head_dim": 256, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+        "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts_per_tok": 8,
+        "num_experts": 256, "output_router_logits": False, "router_aux_loss_coef": 0.001, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
     "gpt_oss": {
         "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
@@ -418,6 +440,14 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
+        if t in ("qwen3_5_text", "qwen3_5_moe_text"):  # Qwen3_5TextConfig.__post_init__ (the MoE one's too)
+            interval = self.__dict__.pop("full_attention_interval", 4)  # an argument, not a field
+            if self.layer_types is None:
+                self.layer_types = ["linear_attention" if (i + 1) % interval else "full_attention"
+                                    for i in range(self.num_hidden_layers)]
+            if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
+                    self.__dict__.get("rope_parameters") or {}):
+                self.partial_rotary_factor = 0.25
         if t == "gemma" and self.hidden_act == "gelu":  # GemmaConfig: the releases' "gelu" means the tanh one
             self.hidden_act = "gelu_pytorch_tanh"
         if t == "modernbert" and self.layer_types is None:  # ModernBertConfig.__post_init__
@@ -523,12 +553,29 @@ class ModelConfig:
         return f"ModelConfig {self.to_json_string()}"
 
 
+# vision-language model types whose text model is bundled: their ``text_config`` is read instead,
+# as transformers' text classes read it (``base_config_key``)
+TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
 def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-    """A :class:`ModelConfig` from a parsed ``config.json`` (``source`` names it in errors)."""
+    """A :class:`ModelConfig` from a parsed ``config.json`` (``source`` names it in errors).
+
+    Raises:
+      ValueError: not a JSON object, an unsupported ``model_type``, or a vision-language config
+        without its ``text_config``.
+    """
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
     model_type = raw.pop("model_type", None)
+    if model_type in TEXT_OF_VISION_LANGUAGE:
+        text = raw.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ValueError(f"{source}: a {model_type!r} config needs its text_config (an object) to read the text "
+                             f"model; found {type(text).__name__}")
+        raw, model_type = dict(text), TEXT_OF_VISION_LANGUAGE[model_type]
+        raw.pop("model_type", None)
     if model_type not in FAMILY_DEFAULTS:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILY_DEFAULTS)}")
     return ModelConfig(model_type, **raw)
