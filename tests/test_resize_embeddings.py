@@ -62,7 +62,8 @@ def test_resizing_keeps_the_old_rows_starts_new_ones_at_the_mean_and_saves_what_
 def test_a_resized_model_s_lora_adapter_moves_both_ways_with_peft(tiny_checkpoint, tmp_path):
     """PEFT's LoRA on a resized Llama writes its embedding and untied head whole
     (``save_embedding_layers="auto"``); peftjax on a base resized alike, or ``AutoPeftModel`` (which
-    resizes to the file's vocabulary), gives PEFT's logits, new tokens included. peftjax's adapter
+    resizes to the file's vocabulary), gives PEFT's logits, new tokens included, and so does the
+    model ``peftjax merge`` writes, in transformers. peftjax's adapter
     on its resized model writes the same keys, and PEFT on transformers' resized base gives its
     logits. A base not resized is refused by key and shapes."""
     spec = _tiny.arch("llama")
@@ -104,6 +105,13 @@ def test_a_resized_model_s_lora_adapter_moves_both_ways_with_peft(tiny_checkpoin
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(back, tmp_path / "ours").eval()
     np.testing.assert_allclose(_torch_logits(loaded, IDS), np.asarray(mine(input_ids=IDS).logits), atol=1e-5)
+
+    from peftjax.cli import main  # the command merges onto a base it resizes to the file's vocabulary
+
+    assert main(["merge", str(path), str(tmp_path / "peft"), str(tmp_path / "merged")]) == 0
+    merged = spec.torch_class.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.vocab_size == GROWN
+    np.testing.assert_allclose(_torch_logits(merged, IDS), expected, atol=1e-5)
 
     plain = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=4, target_modules=["q_proj"]))
     plain.save_pretrained(tmp_path / "plain")  # not resized: the adapter alone, as PEFT's
