@@ -41,6 +41,31 @@ def user_env(home_cache):
     return {**env, "PEFTJAX_CACHE_DIR": str(home_cache)}
 
 
+def test_the_job_resizes_a_vocabulary_its_tokenizer_outgrew(tokenizer_dir, tmp_path):
+    """A tokenizer with tokens added (two markers the rows use) beside a model without rows for
+    them: the job resizes the vocabulary as transformers' ``run_clm.py`` does (before, the Trainer
+    refused the rows' ids), trains, and its adapter file carries the grown embeddings, which the
+    reloaded adapter and ``AutoPeftModel`` read back."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = len(tokenizer)
+    tokenizer.add_tokens(["<q>", "<a>"])
+    base = tmp_path / "base"
+    save_tiny(tr.LlamaForCausalLM, _tiny_config("llama", vocab), base)
+    tokenizer.save_pretrained(base)
+    rows = [{"text": f"<q> {a} plus {b} <a> {a + b}"} for a, b in np.random.default_rng(0).integers(0, 10, (24, 2))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal_lm", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
+                 "--max-steps", "2", "--per-device-train-batch-size", "8", "--max-length", "16", "--output-dir",
+                 str(out), "--disable-tqdm", "--save-steps", "0", "--predict", "<q> 3 plus 4 <a>"]) == 0
+    assert json.loads((out / "summary.json").read_text())["resized_vocabulary"] == [vocab, vocab + 2]
+    saved, _ = read_safetensors(out / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.weight"].shape[0] == vocab + 2
+    assert peftjax.AutoPeftModel.from_pretrained(out, base).base_model.config.vocab_size == vocab + 2
+
+
 @pytest.mark.parametrize("command", ["train", "merge", "inspect", "generate", "predict", "serve"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

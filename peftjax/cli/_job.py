@@ -496,14 +496,21 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             if classifier:
                 named = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} \
                     if names else {}
-                return models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
-                                              seed=options["seed"], **named)
-            model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
+                model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
+                                               seed=options["seed"], **named)
+            else:
+                model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
             if task == "masked_lm" and not type(model).__name__.endswith("ForMaskedLM"):
                 raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
                                  f"the Hub's BERT, RoBERTa, DistilBERT and ModernBERT are); {model_path} is a "
                                  f"{type(model).__name__}")
-            return model
+        if len(tokenizer) > model.config.vocab_size:  # tokens added to the tokenizer: rows for them (run_clm's rule)
+            if "resized_vocabulary" not in figures:
+                print(f"the tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}: resized the "
+                      "vocabulary (the adapter file carries the embeddings)")
+            figures["resized_vocabulary"] = [model.config.vocab_size, len(tokenizer)]
+            model.resize_token_embeddings(len(tokenizer), seed=options["seed"])
+        return model
 
     field_names = {f.name for f in dataclasses.fields(TrainingArguments)}
     resume = options["resume_from_checkpoint"]
