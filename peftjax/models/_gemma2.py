@@ -82,6 +82,23 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def softcapped_lm_output(model, out: ModelOutput, labels, logits_to_keep) -> ModelOutput:
+    """A Gemma causal LM's output from its decoder's ``out``: the LM head (``lm_head``, else the tied
+    embedding) on the kept positions, soft-capped by ``final_logit_softcapping``, and the loss."""
+    h = out.last_hidden_state
+    head_in = kept_positions(h, logits_to_keep, labels)
+    logits = model.model.embed_tokens.attend(head_in) if model.lm_head is None else model.lm_head(head_in)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    logits = softcap(logits, cap)
+    loss = None
+    if labels is not None:
+        labels = jnp.asarray(labels)
+        # the fused loss projects the hidden states itself, without the cap: only uncapped heads use it
+        loss = (causal_lm_loss(logits, labels) if cap is not None
+                else causal_lm_head_loss(h, logits, labels, model.lm_head, model.model.embed_tokens))
+    return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+
 class ScaledEmbed(nnx.Embed):
     """``nnx.Embed`` whose lookups are multiplied by ``embed_scale`` (rounded to the table's dtype);
     ``attend`` (the tied LM head) uses the table as it is."""
@@ -227,18 +244,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
     ) -> ModelOutput:
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng)
-        h = out.last_hidden_state
-        head_in = kept_positions(h, logits_to_keep, labels)
-        logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        logits = softcap(logits, cap)
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            # the fused loss projects the hidden states itself, without the cap: only uncapped heads use it
-            loss = (causal_lm_loss(logits, labels) if cap is not None
-                    else causal_lm_head_loss(h, logits, labels, self.lm_head, self.model.embed_tokens))
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+        return softcapped_lm_output(self, out, labels, logits_to_keep)
 
 
 class Gemma2ForSequenceClassification(LlamaForSequenceClassification):

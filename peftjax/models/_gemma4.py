@@ -42,12 +42,11 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._gemma2 import GELU_APPROXIMATE, ScaledEmbed, softcap
+from peftjax.models._gemma2 import GELU_APPROXIMATE, ScaledEmbed, softcapped_lm_output
 from peftjax.models._layer_kinds import LAYER_TYPES
 from peftjax.models._llama import LlamaForCausalLM
-from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._modeling import ConfigRef
-from peftjax.models._outputs import ModelOutput, kept_positions
+from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, apply_rotary
 from peftjax.nn._functional import gelu
 from peftjax.nn._norm import RMSNorm
@@ -438,18 +437,7 @@ class Gemma4ForCausalLM(LlamaForCausalLM):
                  cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0) -> ModelOutput:
         """As :class:`~peftjax.models.LlamaForCausalLM` (no ``prefix_kv``), logits soft-capped."""
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, dropout_rng)
-        h = out.last_hidden_state
-        head_in = kept_positions(h, logits_to_keep, labels)
-        logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        logits = softcap(logits, cap)
-        loss = None
-        if labels is not None:
-            labels = jnp.asarray(labels)
-            # the fused loss projects the hidden states itself, without the cap: only uncapped heads use it
-            loss = (causal_lm_loss(logits, labels) if cap is not None
-                    else causal_lm_head_loss(h, logits, labels, self.lm_head, self.model.embed_tokens))
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+        return softcapped_lm_output(self, out, labels, logits_to_keep)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         """One ``{"k", "v"}`` per layer in that layer's shape; ``{}`` for a layer sharing keys."""
