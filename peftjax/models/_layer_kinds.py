@@ -31,6 +31,23 @@ Kind = tuple[str, RotaryEmbedding | None, int | None]
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def checked_layer_types(config, supported: Sequence[str] = LAYER_TYPES) -> tuple[str, ...]:
+    """``config.layer_types`` (each layer's type), checked.
+
+    Raises:
+      ValueError: a type not in ``supported``, or a list whose length is not ``num_hidden_layers``.
+    """
+    found = tuple(config.layer_types)
+    unknown = sorted(set(found) - set(supported))
+    if unknown:
+        raise ValueError(f"{config.model_type}: layer_types {unknown} are not supported; "
+                         f"supported: {list(supported)}")
+    if len(found) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: layer_types has {len(found)} entries for "
+                         f"num_hidden_layers={config.num_hidden_layers}")
+    return found
+
+
 def rope_parameters_by_type(config, default_theta: Mapping[str, float], legacy_theta: Mapping[str, str],
                             scaled: tuple[str, ...] = ("full_attention",)) -> dict[str, dict]:
     """``{layer type: RoPE parameters}`` as transformers' configs with a RoPE per layer type settle

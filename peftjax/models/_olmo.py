@@ -25,6 +25,7 @@ from peftjax.models._auto import register
 from peftjax.models._layer_kinds import (
     LAYER_TYPES,
     LayerKindsModel,
+    checked_layer_types,
     kinds_by_type,
     rope_parameters_by_type,
     rotary_of,
@@ -102,14 +103,7 @@ def olmo3_layer_types(config) -> tuple[str, ...]:
       ValueError: an unknown type, a list whose length is not ``num_hidden_layers``, or sliding
         layers without a ``sliding_window``.
     """
-    found = tuple(config.layer_types)
-    unknown = sorted(set(found) - set(LAYER_TYPES))
-    if unknown:
-        raise ValueError(f"{config.model_type}: layer_types {unknown} are not supported; "
-                         f"supported: {list(LAYER_TYPES)}")
-    if len(found) != config.num_hidden_layers:
-        raise ValueError(f"{config.model_type}: layer_types has {len(found)} entries for "
-                         f"num_hidden_layers={config.num_hidden_layers}")
+    found = checked_layer_types(config)
     if "sliding_attention" in found and config.sliding_window is None:
         raise ValueError(f"{config.model_type}: layer_types has sliding_attention layers but sliding_window is None")
     return found

@@ -37,6 +37,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.models._gemma2 import GemmaRMSNorm
+from peftjax.models._layer_kinds import checked_layer_types
 from peftjax.models._llama import LlamaForCausalLM, LlamaMLP, LlamaModel, head_dim_of
 from peftjax.models._mixtral import (
     ExpertLayout,
@@ -66,15 +67,7 @@ def qwen3_5_layer_types(config) -> tuple[str, ...]:
     Raises:
       ValueError: an unknown type, or a list whose length is not ``num_hidden_layers``.
     """
-    found = tuple(config.layer_types)
-    unknown = sorted(set(found) - set(LAYER_TYPES))
-    if unknown:
-        raise ValueError(f"{config.model_type}: layer_types {unknown} are not supported; "
-                         f"supported: {list(LAYER_TYPES)}")
-    if len(found) != config.num_hidden_layers:
-        raise ValueError(f"{config.model_type}: layer_types has {len(found)} entries for "
-                         f"num_hidden_layers={config.num_hidden_layers}")
-    return found
+    return checked_layer_types(config, LAYER_TYPES)
 
 
 class Qwen3_5Attention(nnx.Module):
