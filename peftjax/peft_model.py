@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from peftjax.config import PeftConfig, load_config
-from peftjax.io._adapter import KeyMapping, adapter_dir, read_adapter_weights, write_adapter
+from peftjax.config._targeting import module_names_as
+from peftjax.io._adapter import KeyMapping, adapter_dir, map_name, read_adapter_weights, write_adapter
 from peftjax.io._hub import resolve
 from peftjax.tuners import base as tuner_base
 from peftjax.tuners._registry import default_key, tuner_for
@@ -83,7 +85,8 @@ class PeftModel:
         self.base_model = model
         self._disabled = False
         self.peft_config: dict[str, PeftConfig] = {}
-        self.key_mapping = key_mapping
+        # a model read from a vision-language checkpoint names its modules as that class does
+        self.key_mapping = key_mapping if key_mapping is not None else getattr(model, "adapter_key_mapping", None)
         self.active_adapter = adapter_name
         self._active_adapters = [adapter_name]
         self.add_adapter(adapter_name, peft_config, key=key)
@@ -99,7 +102,10 @@ class PeftModel:
         config = peft_config
         tuner = tuner_for(config)
         key = default_key(adapter_name) if key is None else key
-        self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
+        # targets match the module names the files carry (a vision-language class's, with its key mapping)
+        view = None if self.key_mapping is None else partial(map_name, key_mapping=self.key_mapping)
+        with module_names_as(view):
+            self.peft_config[adapter_name] = tuner.inject(self.base_model, config, adapter_name=adapter_name, key=key)
         tuner_base.set_active_adapters(self.base_model, tuple(self.active_adapters))
         if config.inference_mode:
             tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
@@ -631,7 +637,8 @@ class PeftModel:
           adapter_name: the name to give the adapter.
           is_trainable: keep the adapter trainable (otherwise it is frozen for inference).
           config: use this config instead of the directory's.
-          key_mapping: module-name mapping for user models (see ``peftjax.io``).
+          key_mapping: module-name mapping for user models (see ``peftjax.io``); default: a model
+            read from a vision-language checkpoint maps to that class's names.
           allow_pickle: allow reading ``adapter_model.bin`` (pickle) when no safetensors exists.
           strict: refuse a file whose keys fit the model only in part (some file keys match no
             layer, or some adapter weights are missing from the file). ``False`` loads the part
@@ -654,6 +661,8 @@ class PeftModel:
                            kind="adapter", allow_pickle=allow_pickle)
         config = config or load_config(model_id)
         peft = cls.__new__(cls)
+        if key_mapping is None:  # a model read from a vision-language checkpoint: that class's module names
+            key_mapping = getattr(model, "adapter_key_mapping", None)
         peft.base_model, peft.peft_config, peft.key_mapping, peft.active_adapter = model, {}, key_mapping, adapter_name
         peft._active_adapters = [adapter_name]
         peft._disabled = False
@@ -794,7 +803,9 @@ def get_peft_model(
       peft_config: e.g. ``LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])``.
       adapter_name: the adapter's name.
       key: the init key; the default is fixed, so the result is deterministic.
-      key_mapping: maps the model's module paths to HF names in saved files (user models).
+      key_mapping: maps the model's module paths to HF names in saved files (user models);
+        default: a model read from a vision-language checkpoint (the Hub's Gemma 3, Gemma 4,
+        Qwen3.5) gets that class's names (``model.language_model.*``), as PEFT gives them there.
 
     >>> peft_model = get_peft_model(model, LoraConfig(r=8, task_type="CAUSAL_LM"))  # doctest: +SKIP
     >>> peft_model.print_trainable_parameters()  # doctest: +SKIP
@@ -857,7 +868,7 @@ def get_peft_model_state_dict(
     tensors = tuner_for(config).state_dict(
         base, adapter_name, config, key_mapping=model.key_mapping, save_embedding_layers=save_embedding_layers
     )
-    tensors.update(vocabulary_state_dict(base, config, tensors, save_embedding_layers))
+    tensors.update(vocabulary_state_dict(base, config, tensors, save_embedding_layers, model.key_mapping))
     return {k: _to_host(v) for k, v in tensors.items()}
 
 
@@ -888,7 +899,7 @@ def set_peft_model_state_dict(
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(model.peft_config)}")
     tensors = {k: np.asarray(v) for k, v in peft_model_state_dict.items()}
-    tensors = load_vocabulary_weights(model.base_model, tensors, source=source)
+    tensors = load_vocabulary_weights(model.base_model, tensors, source=source, key_mapping=model.key_mapping)
     missing, unexpected = tuner_for(model.peft_config[adapter_name]).load_state_dict(
         model.base_model, tensors, adapter_name, key_mapping=model.key_mapping, source=source
     )

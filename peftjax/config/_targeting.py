@@ -10,11 +10,13 @@ The default target mappings are copied, as data, from ``peft/utils/constants.py`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -609,6 +611,24 @@ def _show(value: Any) -> str:
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
 
+# how module paths read while an adapter is targeted (module_names_as): the names a key mapping gives them
+_NAME_VIEW: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar("peftjax_name_view",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def module_names_as(name: Callable[[str], str] | None):
+    """Inside the block, :func:`match_modules` matches each module path as ``name`` renames it (a
+    model read from a vision-language checkpoint: ``model.layers.0.self_attn.q_proj`` as
+    ``model.language_model.layers.0.self_attn.q_proj``, so PEFT's regexes for that class target
+    the same layers) and still returns the paths themselves. ``None`` changes nothing."""
+    token = _NAME_VIEW.set(name)
+    try:
+        yield
+    finally:
+        _NAME_VIEW.reset(token)
+
+
 def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type: str | None = None) -> list[str]:
     """Returns the module names ``config`` targets, in the given order, failing loudly on none.
 
@@ -635,6 +655,11 @@ def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type
         >>> match_modules(LoraConfig(target_modules=["q_proj"]), names)
         ['model.layers.0.self_attn.q_proj']
     """
+    view = _NAME_VIEW.get()
+    if view is not None:
+        paths = {view(n): n for n in module_names if n}
+        with module_names_as(None):
+            return [paths[n] for n in match_modules(config, list(paths), model_type=model_type)]
     if getattr(config, "target_modules", None) is None and model_type is not None:
         config = resolve_target_modules(config, model_type)
     _target_modules_of(config)  # fail on None / "all-linear" before looking at any name

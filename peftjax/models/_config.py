@@ -555,7 +555,8 @@ class ModelConfig:
 
 # vision-language model types whose text model is bundled: their ``text_config`` is read instead,
 # as transformers' text classes read it (``base_config_key``)
-TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "gemma3": "gemma3_text",
+                          "gemma4": "gemma4_text"}
 
 
 def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:

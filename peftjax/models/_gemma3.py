@@ -31,6 +31,7 @@ from peftjax.models._gemma2 import (
 from peftjax.models._llama import head_dim_of
 from peftjax.models._layer_kinds import rope_parameters_by_type, rotary_of
 from peftjax.models._rope import RotaryEmbedding
+from peftjax.models._vision_language import TextOfVisionLanguage
 
 DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
@@ -80,13 +81,14 @@ class Gemma3TextModel(Gemma2Model):
         return rotary_of(config, gemma3_rope_parameters(config)[layer_type], head_dim_of(config))
 
 
-class Gemma3ForCausalLM(Gemma2ForCausalLM):
-    """Gemma 3 text: Gemma 2 with q/k norms and local/global RoPE bases (no final soft-cap by default)."""
+class Gemma3ForCausalLM(TextOfVisionLanguage, Gemma2ForCausalLM):
+    """Gemma 3 text: Gemma 2 with q/k norms and local/global RoPE bases (no final soft-cap by default);
+    reads the text model of a ``Gemma3ForConditionalGeneration`` checkpoint too (the Hub's 4B and up)."""
 
     model_class: ClassVar[type[nnx.Module]] = Gemma3TextModel
 
 
-class Gemma3TextForSequenceClassification(Gemma2ForSequenceClassification):
+class Gemma3TextForSequenceClassification(TextOfVisionLanguage, Gemma2ForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Gemma3TextModel
 
 

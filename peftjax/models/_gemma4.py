@@ -48,6 +48,7 @@ from peftjax.models._llama import LlamaForCausalLM
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, apply_rotary
+from peftjax.models._vision_language import TextOfVisionLanguage
 from peftjax.nn._functional import gelu
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._param_reader import ParamReader
@@ -423,13 +424,13 @@ class Gemma4TextModel(nnx.Module):
                            router_logits=tuple(router_logits) or None)
 
 
-class Gemma4ForCausalLM(LlamaForCausalLM):
+class Gemma4ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
     """Gemma 4 text: the decoder above, a tied LM head by default, ``final_logit_softcapping``."""
 
     ignored_keys: ClassVar[tuple[str, ...]] = (
-        r".*rotary_emb\..*inv_freq",
+        *TextOfVisionLanguage.ignored_keys,
         # transformers' _keys_to_ignore_on_load_unexpected: what the key/value sharing layers lack
-        r"model\.layers\.\d+\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight",
+        r"model\.(language_model\.)?layers\.\d+\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight",
     )
     model_class: ClassVar[type[nnx.Module]] = Gemma4TextModel
 

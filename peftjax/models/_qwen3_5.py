@@ -54,6 +54,7 @@ from peftjax.models._outputs import ModelOutput
 from peftjax.models._qwen2_moe import Qwen2MoeSparseMoeBlock
 from peftjax.models._qwen3_moe import QWEN_MOE_EXPERTS
 from peftjax.models._rope import apply_rotary, rotary_embedding
+from peftjax.models._vision_language import TextOfVisionLanguage
 from peftjax.nn._delta_rule import causal_depthwise_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.nn._scan import run_layers
@@ -342,22 +343,7 @@ def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Ar
             for t in qwen3_5_layer_types(config)]
 
 
-class _TextOfVisionLanguage:
-    """Loads the text model of a vision-language checkpoint (``Qwen3_5ForConditionalGeneration``'s,
-    as the Hub's Qwen3.5 releases are): its decoder's keys ``model.language_model.*`` read as
-    ``model.*``, its vision tower and multi-token prediction weights skipped, as transformers'
-    text classes load it."""
-
-    ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"model\.visual\..*", r"mtp\..*")
-
-    def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
-        nested = "model.language_model."
-        if any(k.startswith(nested) for k in keys):
-            return {k: "model." + k[len(nested):] if k.startswith(nested) else k for k in keys}
-        return super()._align_prefix(keys, expected)
-
-
-class Qwen3_5ForCausalLM(_TextOfVisionLanguage, LlamaForCausalLM):
+class Qwen3_5ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
     """Qwen3.5's text causal LM: ``model`` (the hybrid decoder) and ``lm_head``."""
 
     model_class: ClassVar[type[nnx.Module]] = Qwen3_5TextModel
@@ -373,13 +359,13 @@ class Qwen3_5ForCausalLM(_TextOfVisionLanguage, LlamaForCausalLM):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
 
-class _Qwen3_5WithHead(_TextOfVisionLanguage, PreTrainedModel):
+class _Qwen3_5WithHead(TextOfVisionLanguage, PreTrainedModel):
     """The decoder under ``model`` and a new task head (a causal LM checkpoint loads without its
     ``lm_head``)."""
 
     base_model_prefix: ClassVar[str] = "model"
     optional_keys: ClassVar[tuple[str, ...]] = (r"score\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = (*_TextOfVisionLanguage.ignored_keys, r"lm_head\.weight")
+    ignored_keys: ClassVar[tuple[str, ...]] = (*TextOfVisionLanguage.ignored_keys, r"lm_head\.weight")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

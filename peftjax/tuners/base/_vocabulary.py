@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peftjax.io._adapter import PREFIX, AdapterFileError
+from peftjax.io._adapter import PREFIX, AdapterFileError, KeyMapping, map_name
 from peftjax.models._resize import OUTPUT_EMBEDDING_KEYS, vocabulary_weights
 
 
@@ -59,7 +59,7 @@ def saves_vocabulary(model: nnx.Module, config, save_embedding_layers: bool | st
 
 
 def vocabulary_state_dict(model: nnx.Module, config, tensors: Mapping[str, np.ndarray],
-                          save_embedding_layers: bool | str) -> dict[str, np.ndarray]:
+                          save_embedding_layers: bool | str, key_mapping: KeyMapping = None) -> dict[str, np.ndarray]:
     """The vocabulary weights' file entries to add to an adapter's ``tensors`` (none where
     :func:`saves_vocabulary` says no, or where the adapter targets the layer and saved it already);
     a tied output embedding's key carries the input embedding's copy, as torch's state dict does."""
@@ -71,6 +71,7 @@ def vocabulary_state_dict(model: nnx.Module, config, tensors: Mapping[str, np.nd
     inputs = None
     for key, (var, axis, is_input) in vocabulary_weights(model).items():
         module, weight = key.rsplit(".", 1)
+        module = map_name(module, key_mapping)
         if f"{PREFIX}{module}.base_layer.{weight}" in tensors:  # a targeted embedding: saved by its method
             continue
         value = np.asarray(var.get_value(), np.float32)
@@ -81,9 +82,16 @@ def vocabulary_state_dict(model: nnx.Module, config, tensors: Mapping[str, np.nd
     tied = getattr(model, "_tied", None)
     if inputs is not None and tied is not None:
         for key in OUTPUT_EMBEDDING_KEYS:
-            if key.endswith(".weight") and tied(key) and f"{PREFIX}{key}" not in tensors:
-                out[f"{PREFIX}{key}"] = inputs
+            name = _file_key(key, key_mapping)
+            if key.endswith(".weight") and tied(key) and name not in tensors:
+                out[name] = inputs
     return out
+
+
+def _file_key(key: str, key_mapping: KeyMapping) -> str:
+    """A transformers weight ``key``'s entry in an adapter file, its module named by ``key_mapping``."""
+    module, weight = key.rsplit(".", 1)
+    return f"{PREFIX}{map_name(module, key_mapping)}.{weight}"
 
 
 def _wrapped_name(module: str, tensors: Mapping[str, np.ndarray]) -> str:
@@ -97,7 +105,8 @@ def _wrapped_name(module: str, tensors: Mapping[str, np.ndarray]) -> str:
     return module
 
 
-def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str) -> dict:
+def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str,
+                            key_mapping: KeyMapping = None) -> dict:
     """Puts a file's vocabulary weights into ``model`` (which must have the file's vocabulary
     size); returns ``tensors`` without them. A tied output embedding's copy must equal the input's.
 
@@ -111,6 +120,7 @@ def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *
     rest = dict(tensors)
     for key, (var, axis, _) in weights.items():
         module, weight = key.rsplit(".", 1)
+        module = map_name(module, key_mapping)
         wrapped = (module, f"{module}.base_layer", f"{module}.token_adapter.base_layer")
         names = [f"{PREFIX}{m}.{weight}" for m in wrapped]
         found = [n for n in names if n in rest]
@@ -130,12 +140,12 @@ def load_vocabulary_weights(model: nnx.Module, tensors: dict[str, np.ndarray], *
         var.set_value(jax.device_put(array.astype(current.dtype)))
     tied = getattr(model, "_tied", None)
     for key in OUTPUT_EMBEDDING_KEYS:
-        copy = rest.get(f"{PREFIX}{key}")
+        copy = rest.get(_file_key(key, key_mapping))
         if copy is None or tied is None or not key.endswith(".weight") or not tied(key):
             continue
         inputs = next((w for w in weights.values() if w[2]), None)
         if inputs is not None and copy.shape == inputs[0].get_value().shape:
             if not np.array_equal(np.asarray(copy, np.float32), np.asarray(inputs[0].get_value(), np.float32)):
                 raise AdapterFileError(f"{source}: {PREFIX}{key} differs from the tied input embedding it copies")
-            del rest[f"{PREFIX}{key}"]
+            del rest[_file_key(key, key_mapping)]
     return rest
