@@ -134,6 +134,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "eos_token_id": [151329, 151336, 151338], "bos_token_id": None, "attention_bias": True,
         "partial_rotary_factor": 0.5,
     },
+    # Glm4MoeConfig (half of each head rotated by default: partial_rotary_factor); experts in
+    # n_routed_experts (alias num_local_experts), no head_dim field (the attention reads one if set)
+    "glm4_moe": {
+        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "num_hidden_layers": 46,
+        "num_attention_heads": 96, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "moe_intermediate_size": 1408, "num_experts_per_tok": 8,
+        "output_router_logits": False, "n_shared_experts": 1, "n_routed_experts": 128, "routed_scaling_factor": 1.0,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "num_nextn_predict_layers": 1,
+        "partial_rotary_factor": 0.5,
+    },
     # SeedOssConfig
     "seed_oss": {
         "vocab_size": 155136, "hidden_size": 4096, "intermediate_size": 27648, "num_hidden_layers": 64,
@@ -328,6 +340,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt_oss": {"num_experts": "num_local_experts"},
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},

@@ -98,6 +98,12 @@ def check_deepseek_config(config) -> None:
     if kv_heads not in (None, heads):
         raise ValueError(f"num_key_value_heads={kv_heads} is not supported: multi-head latent attention expands "
                          f"keys and values for every head (num_attention_heads={heads})")
+    check_group_routing(config)
+
+
+def check_group_routing(config) -> None:
+    """Refuses expert groups that :func:`group_limited_routing` cannot split as the config says
+    (when any layer is sparse): DeepSeek-V3's and GLM-4.5's ``n_group``, ``topk_group``, top k."""
     if config.num_hidden_layers > config.first_k_dense_replace:
         e, groups, chosen, k = expert_count(config), config.n_group, config.topk_group, config.num_experts_per_tok
         if not groups or e % groups or e // groups < 2:
@@ -299,10 +305,20 @@ class DeepseekV3DecoderLayer(LlamaDecoderLayer):
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None,
                  query_scale=None):
         attn_key, _ = split_keys(dropout_rng, 2)
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, None, attn_key,
-                                  query_scale)
+        scaled = {} if query_scale is None else {"query_scale": query_scale}  # Mistral 4's; GLM-4.5 takes a prefix
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, attn_key,
+                                  **scaled)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def check_same_mlp(config) -> None:
+    """Refuses ``scan_layers=True`` over dense layers (below ``first_k_dense_replace``) and sparse ones."""
+    sparse = {DeepseekV3DecoderLayer.is_sparse(config, i) for i in range(config.num_hidden_layers)}
+    if len(sparse) > 1:
+        raise ValueError(f"scan_layers=True needs the same MLP in every layer; layers "
+                         f"0..{config.first_k_dense_replace - 1} are dense and the others sparse "
+                         f"(first_k_dense_replace={config.first_k_dense_replace})")
 
 
 class DeepseekV3Model(LlamaModel):
@@ -321,11 +337,7 @@ class DeepseekV3Model(LlamaModel):
 
     @staticmethod
     def check_scan(config) -> None:
-        sparse = {DeepseekV3DecoderLayer.is_sparse(config, i) for i in range(config.num_hidden_layers)}
-        if len(sparse) > 1:
-            raise ValueError(f"scan_layers=True needs the same MLP in every layer; layers "
-                             f"0..{config.first_k_dense_replace - 1} are dense and the others sparse "
-                             f"(first_k_dense_replace={config.first_k_dense_replace})")
+        check_same_mlp(config)
 
     def query_scale(self, position_ids, dtype):
         """What multiplies each token's query, ``[batch, seq]`` (``None``: nothing; Mistral 4 scales)."""
