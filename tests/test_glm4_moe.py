@@ -143,3 +143,15 @@ def test_the_hubs_multi_token_prediction_layer_is_ignored_with_a_warning(glm, tm
         model = models.from_pretrained(tmp_path)
     _close(model(input_ids=IDS, attention_mask=MASK).logits, torch_logits(torch_model, input_ids=IDS,
                                                                           attention_mask=MASK))
+
+
+def test_no_qk_norm_no_biases_one_group_unnormalised_weights_match_transformers(tmp_path):
+    """The other branches (GLM-4.5-Air's and GLM-4.6's settings but for the norms), non-jitted."""
+    torch_model = randomised(tr.Glm4MoeForCausalLM(_tiny.config(
+        "glm4_moe", use_qk_norm=False, attention_bias=False, n_group=1, topk_group=1, norm_topk_prob=False)).eval())
+    torch_model.save_pretrained(tmp_path)
+    model = models.from_pretrained(tmp_path)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_norm is None and attention.q_proj.bias is None
+    _close(model(input_ids=IDS, attention_mask=MASK).logits, torch_logits(torch_model, input_ids=IDS,
+                                                                          attention_mask=MASK))
