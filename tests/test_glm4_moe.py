@@ -1,7 +1,8 @@
-"""GLM-4.5's MoE (glm4_moe) against PyTorch transformers and HF PEFT.
+"""GLM-4.5's MoE (glm4_moe) and GLM-4.5 Lite (glm4_moe_lite) against PyTorch transformers and HF PEFT.
 
 _tiny's GLM-4.5 (biased q/k/v, q/k norms, RoPE on half of each head, a dense layer then a sparse
-one: 8 sigmoid-routed experts in 2 groups, top 3 within the best 1, a shared expert) with a nonzero
+one: 8 sigmoid-routed experts in 2 groups, top 3 within the best 1, a shared expert) and GLM-4.5
+Lite (latent attention; dense, sparse, dense layers by ``mlp_layer_types``) with a nonzero
 ``e_score_correction_bias``, on left-padded rows: logits and loss, greedy generation, LoRA both
 ways with PEFT's MoE target conversion, and the refusals.
 """
@@ -25,15 +26,16 @@ from peftjax.models import ModelConfig
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
 
 VOCAB = _tiny.FAMILIES["glm4_moe"][2]["vocab_size"]
+CLASSES = {"glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
 TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float32 sums
 IDS, MASK = padded_batch(VOCAB, batch=3, seq=7)
 
 
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(CLASSES))
+def glm(request, tmp_path_factory):
     """(torch model, its checkpoint as transformers saves it, peftjax's model of it)."""
-    root = tmp_path_factory.mktemp("glm4_moe")
-    torch_model = randomised(tr.Glm4MoeForCausalLM(_tiny.config("glm4_moe")).eval())
+    root = tmp_path_factory.mktemp(request.param)
+    torch_model = randomised(getattr(tr, CLASSES[request.param])(_tiny.config(request.param)).eval())
     with torch.no_grad():  # a buffer, not a parameter: randomised leaves it at zero
         torch_model.model.layers[1].mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(8))
     torch_model.save_pretrained(root)
@@ -52,10 +54,14 @@ def _close(ours, theirs):
 @pytest.mark.parametrize("jit", [True, False])
 def test_logits_and_loss_match_transformers_on_a_padded_batch(glm, jit):
     torch_model, _, model = glm
-    assert type(model).__name__ == "Glm4MoeForCausalLM"
-    assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["LlamaMLP", "DeepseekV3MoE"]
-    attention = model.model.layers[0].self_attn
-    assert attention.q_norm is not None and attention.k_proj.bias is not None and attention.o_proj.bias is None
+    assert type(model).__name__ == type(torch_model).__name__
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    if torch_model.config.model_type == "glm4_moe":
+        assert kinds == ["LlamaMLP", "DeepseekV3MoE"]
+        attention = model.model.layers[0].self_attn
+        assert attention.q_norm is not None and attention.k_proj.bias is not None and attention.o_proj.bias is None
+    else:  # mlp_layer_types: dense, sparse, dense
+        assert kinds == ["LlamaMLP", "DeepseekV3MoE", "LlamaMLP"]
     assert np.abs(np.asarray(model.model.layers[1].mlp.gate.e_score_correction_bias[...])).min() > 0
     out = (_jitted(model, input_ids=IDS, attention_mask=MASK) if jit
            else model(input_ids=IDS, attention_mask=MASK))
@@ -79,7 +85,7 @@ def test_greedy_generation_matches_transformers(glm):
 def _peft_base(path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return tr.Glm4MoeForCausalLM.from_pretrained(path).eval()
+        return tr.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def test_all_linear_lora_on_attention_router_and_experts_both_ways(glm, tmp_path):
@@ -108,7 +114,7 @@ def test_all_linear_lora_on_attention_router_and_experts_both_ways(glm, tmp_path
     names = {name for name, _ in layers}
     assert {"model.model.layers.0.self_attn.q_proj", "model.model.layers.1.mlp.gate",
             "model.model.layers.1.mlp.experts"} <= names
-    assert not any("shared_experts" in n or ".0.mlp" in n for n in names)  # as in PEFT
+    assert not any("shared_experts" in n or ".0.mlp" in n or ".2.mlp" in n for n in names)  # as in PEFT
     ours.save_pretrained(tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -133,13 +139,14 @@ def test_the_hubs_multi_token_prediction_layer_is_ignored_with_a_warning(glm, tm
     """GLM-4.5's files carry one more layer (``model.layers.{num_hidden_layers}``, with ``eh_proj``,
     ``enorm``...), which transformers' model ignores on load, as here (named in a warning)."""
     torch_model, path, _ = glm
+    n = torch_model.config.num_hidden_layers
     st = lazy("safetensors.torch")
     tensors = st.load_file(str(path / "model.safetensors"))
-    tensors.update({k.replace("layers.1.", "layers.2."): v.clone() for k, v in tensors.items() if ".layers.1." in k})
-    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)
+    tensors.update({k.replace("layers.1.", f"layers.{n}."): v.clone() for k, v in tensors.items() if ".layers.1." in k})
+    tensors[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(32, 64)
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     st.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.warns(UserWarning, match=r"ignored \d+ unexpected keys: \['model.layers.2.eh_proj.weight'"):
+    with pytest.warns(UserWarning, match=rf"ignored \d+ unexpected keys: \['model.layers.{n}.eh_proj.weight'"):
         model = models.from_pretrained(tmp_path)
     _close(model(input_ids=IDS, attention_mask=MASK).logits, torch_logits(torch_model, input_ids=IDS,
                                                                           attention_mask=MASK))
@@ -155,3 +162,13 @@ def test_no_qk_norm_no_biases_one_group_unnormalised_weights_match_transformers(
     assert attention.q_norm is None and attention.q_proj.bias is None
     _close(model(input_ids=IDS, attention_mask=MASK).logits, torch_logits(torch_model, input_ids=IDS,
                                                                           attention_mask=MASK))
+
+
+def test_lite_mlp_layer_types_are_checked_and_scanning_mixed_layers_is_refused():
+    fields = _tiny.fields("glm4_moe_lite")
+    for extra, match in ((dict(mlp_layer_types=["dense", "moe", "dense"]), "mlp_layer_types must give 'dense' or "
+                                                                           "'sparse' for each of the 3 layers"),
+                         (dict(scan_layers=True), r"scan_layers=True needs the same MLP in every layer; "
+                                                  r"mlp_layer_types=\['dense', 'sparse', 'dense'\]")):
+        with pytest.raises(ValueError, match=match):
+            models.Glm4MoeLiteForCausalLM.from_config(ModelConfig("glm4_moe_lite", **{**fields, **extra}))

@@ -21,6 +21,11 @@ multi-token-prediction layer (``model.layers.{num_hidden_layers}``) is not part 
 keys are ignored with a warning. LoRA: PEFT 0.21.2 converts GLM-4.5's targets with its
 ``qwen2_moe`` pattern, as for DeepSeek-V3, and so does peftjax; PEFT has no default targets for it.
 
+GLM-4.5 Lite (``"glm4_moe_lite"``, ``Glm4MoeLiteForCausalLM``) is DeepSeek-V3
+(``DeepseekV3ForCausalLM`` here: multi-head latent attention, the same MoE) whose layers are dense
+or sparse as ``mlp_layer_types`` says (by default the first dense, the others sparse), with
+``head_dim`` an alias of ``qk_rope_head_dim``; its refusals are DeepSeek-V3's.
+
 Refused by name: ``hidden_act`` other than ``silu``, expert groups that do not split the experts
 in twos or more, a top k larger than the chosen groups hold, RoPE types peftjax does not compute,
 and ``scan_layers=True`` over dense and sparse layers mixed.
@@ -33,7 +38,12 @@ from typing import ClassVar
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._deepseek_v3 import DeepseekV3DecoderLayer, check_group_routing, check_same_mlp
+from peftjax.models._deepseek_v3 import (
+    DeepseekV3DecoderLayer,
+    DeepseekV3ForCausalLM,
+    check_group_routing,
+    check_same_mlp,
+)
 from peftjax.models._llama import LlamaForCausalLM, LlamaModel
 from peftjax.models._mixtral import ExpertLayout, _MoeCheckpoints
 from peftjax.models._qwen3 import Qwen3Attention
@@ -76,4 +86,11 @@ class Glm4MoeForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
     expert_layout: ClassVar[ExpertLayout] = GLM4_MOE_EXPERTS
 
 
+class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):
+    """GLM-4.5 Lite: DeepSeek-V3's latent attention and MoE, dense and sparse layers as ``mlp_layer_types`` says."""
+
+    expert_layout: ClassVar[ExpertLayout] = GLM4_MOE_EXPERTS
+
+
 register(Glm4MoeForCausalLM, model_types=("glm4_moe",), default=True)
+register(Glm4MoeLiteForCausalLM, model_types=("glm4_moe_lite",), default=True)
