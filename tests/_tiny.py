@@ -129,6 +129,21 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, use_bias=True, pad_token_id=0)),
     # GLM-4 in small: half of each 16-wide head rotated pairwise, biased q/k/v, four norms a layer
+    # GLM-4.5 in small: biased q/k/v, q/k norms, RoPE on half of each head (halves turned), a dense
+    # layer, then 8 sigmoid-routed experts in 2 groups (top 3 within the best 1) and a shared one
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        attention_bias=True, use_qk_norm=True, pad_token_id=0)),
+    # GLM-4.5 Lite in small: DeepSeek-V3's latent attention (q_proj, interleaved RoPE) and MoE, the
+    # layers dense, sparse, dense as mlp_layer_types says (8 experts in 2 groups, top 3 within the best 1)
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=12, qk_rope_head_dim=4,
+        qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3,
+        n_shared_experts=1, mlp_layer_types=["dense", "sparse", "dense"], routed_scaling_factor=2.5,
+        pad_token_id=0)),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=2)),

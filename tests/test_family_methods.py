@@ -35,8 +35,8 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
-                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "ernie4_5", "deepseek_v3",
-                        "mistral4", "gemma4_text", "qwen3_5_text")}
+                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
+                        "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -124,6 +124,8 @@ CASES = {
     ("glm4", "ia3-named"): ("peft->here",),
     ("glm4", "prefix"): BOTH,
     ("glm4", "p-tuning"): ("here->peft",),
+    # the key/value prefix through the q/k-normed, half-rotated attention and the MoE (LoRA: test_glm4_moe)
+    ("glm4_moe", "prefix"): BOTH,
     ("ernie4_5", "lora-all-linear"): BOTH,
     ("ernie4_5", "prefix"): ("peft->here",),
     ("ernie4_5", "prompt"): BOTH,

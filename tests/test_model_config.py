@@ -29,7 +29,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
            "distilbert": "DistilBertConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
-           "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
+           "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config",
+           "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
@@ -52,7 +53,8 @@ def assert_same_fields(ours, theirs):
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
-                            "glm4", "ernie4_5", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5_moe_text"):
+                            "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
+                            "qwen3_5_text", "qwen3_5_moe_text"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -110,6 +112,13 @@ VARIANTS = [
     ("deepseek_v3", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3)),
     ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, num_mtp_layers=0, rope_scaling={
         "type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 8})),
+    ("glm4_moe", dict(num_key_value_heads=1, n_routed_experts=16, use_qk_norm=False, num_mtp_layers=0, num_labels=3)),
+    ("glm4_moe", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6,
+                                       "partial_rotary_factor": 0.25}, tie_word_embeddings=True)),
+    ("glm4_moe_lite", dict(mlp_layer_types=None, num_hidden_layers=4, q_lora_rank=16, num_labels=3)),
+    ("glm4_moe_lite", dict(rope_interleave=False, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                   "rope_theta": 1e6,
+                                                                   "original_max_position_embeddings": 16})),
     ("mistral4", dict(rope_parameters=None, num_key_value_heads=None, qk_nope_head_dim=12, num_labels=3)),
     ("mistral4", dict(n_group=1, topk_group=1, head_dim=16, pad_token_id=None)),
     ("olmo2", dict(num_key_value_heads=None, attention_bias=True, rope_theta=500000.0)),

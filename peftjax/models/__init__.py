@@ -42,6 +42,7 @@ from peftjax.models._seed_oss import (
     SeedOssForTokenClassification,
 )
 from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
+from peftjax.models._glm4_moe import Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM
 from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._qwen3_5 import (
     Qwen3_5ForCausalLM,
@@ -199,6 +200,8 @@ __all__ = [
     "Glm4ForCausalLM",
     "Glm4ForSequenceClassification",
     "Glm4ForTokenClassification",
+    "Glm4MoeForCausalLM",
+    "Glm4MoeLiteForCausalLM",
     "Ernie4_5ForCausalLM",
     "MixtralForCausalLM",
     "MixtralForQuestionAnswering",

@@ -7,7 +7,8 @@ each bundled family's defaults (transformers 5's class defaults; ``tests/test_mo
 checks the table against transformers so it cannot drift), applies what the family's ``__init__``
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
 GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN,
-DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN, Gemma 4's per-layer head sizes), and
+DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN, GLM-4.5 Lite's ``mlp_layer_types``,
+Gemma 4's per-layer head sizes), and
 answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -133,6 +134,29 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1.5625e-07, "use_cache": True, "tie_word_embeddings": False, "pad_token_id": 151329,
         "eos_token_id": [151329, 151336, 151338], "bos_token_id": None, "attention_bias": True,
         "partial_rotary_factor": 0.5,
+    },
+    # Glm4MoeConfig (half of each head rotated by default: partial_rotary_factor); experts in
+    # n_routed_experts (alias num_local_experts), no head_dim field (the attention reads one if set)
+    "glm4_moe": {
+        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "num_hidden_layers": 46,
+        "num_attention_heads": 96, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "moe_intermediate_size": 1408, "num_experts_per_tok": 8,
+        "output_router_logits": False, "n_shared_experts": 1, "n_routed_experts": 128, "routed_scaling_factor": 1.0,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "norm_topk_prob": True, "use_qk_norm": False,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "num_nextn_predict_layers": 1,
+        "partial_rotary_factor": 0.5,
+    },
+    # Glm4MoeLiteConfig: DeepSeek-V3's fields, mlp_layer_types for dense/sparse (derived), head_dim an alias
+    "glm4_moe_lite": {
+        "vocab_size": 154880, "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 47, "num_attention_heads": 20, "num_key_value_heads": 20, "n_shared_experts": 1,
+        "n_routed_experts": 64, "output_router_logits": False, "routed_scaling_factor": 1.8, "kv_lora_rank": 512,
+        "q_lora_rank": 768, "qk_rope_head_dim": 64, "v_head_dim": 256, "qk_nope_head_dim": 192, "n_group": 1,
+        "topk_group": 1, "num_experts_per_tok": 4, "norm_topk_prob": True, "hidden_act": "silu",
+        "max_position_embeddings": 202752, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 0, "eos_token_id": 1, "pretraining_tp": 1, "tie_word_embeddings": False,
+        "rope_interleave": True, "mlp_layer_types": None, "attention_bias": False, "attention_dropout": 0.0,
     },
     # SeedOssConfig
     "seed_oss": {
@@ -328,6 +352,8 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt_oss": {"num_experts": "num_local_experts"},
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
+    "glm4_moe_lite": {"num_local_experts": "n_routed_experts", "head_dim": "qk_rope_head_dim"},
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
@@ -407,6 +433,10 @@ class ModelConfig:
                 self.num_key_value_heads = self.num_attention_heads
             self.__dict__.setdefault("qk_head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
             self.__dict__.setdefault("head_dim", self.qk_rope_head_dim)
+        if t == "glm4_moe_lite":  # Glm4MoeLiteConfig.__post_init__: the first layer dense, then sparse
+            if self.mlp_layer_types is None:
+                self.mlp_layer_types = ["dense"] + ["sparse"] * (self.num_hidden_layers - 1)
+            self.__dict__.setdefault("qk_head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
         if t == "mistral4":  # Mistral4Config.__post_init__: YaRN by default, RoPE on the heads' rotary part
             if self.__dict__.get("rope_parameters") is None:
                 self.rope_parameters = {

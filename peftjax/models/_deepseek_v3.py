@@ -98,7 +98,26 @@ def check_deepseek_config(config) -> None:
     if kv_heads not in (None, heads):
         raise ValueError(f"num_key_value_heads={kv_heads} is not supported: multi-head latent attention expands "
                          f"keys and values for every head (num_attention_heads={heads})")
-    if config.num_hidden_layers > config.first_k_dense_replace:
+    check_group_routing(config)
+
+
+def sparse_layers(config) -> list[bool]:
+    """Which layers hold the MoE: those ``mlp_layer_types`` calls ``"sparse"`` (GLM-4.5 Lite's), or
+    else those from ``first_k_dense_replace`` on (DeepSeek-V3's, GLM-4.5's)."""
+    n, types = config.num_hidden_layers, getattr(config, "mlp_layer_types", None)
+    if types is None:
+        return [i >= config.first_k_dense_replace for i in range(n)]
+    unknown = sorted(set(types) - {"dense", "sparse"})
+    if unknown or len(types) != n:
+        raise ValueError(f"mlp_layer_types must give 'dense' or 'sparse' for each of the {n} layers; found "
+                         f"{list(types)}")
+    return [t == "sparse" for t in types]
+
+
+def check_group_routing(config) -> None:
+    """Refuses expert groups that :func:`group_limited_routing` cannot split as the config says
+    (when any layer is sparse): DeepSeek-V3's and GLM-4.5's ``n_group``, ``topk_group``, top k."""
+    if any(sparse_layers(config)):
         e, groups, chosen, k = expert_count(config), config.n_group, config.topk_group, config.num_experts_per_tok
         if not groups or e % groups or e // groups < 2:
             raise ValueError(f"n_group={groups} must divide n_routed_experts={e} into groups of two or more experts")
@@ -294,15 +313,29 @@ class DeepseekV3DecoderLayer(LlamaDecoderLayer):
 
     @staticmethod
     def is_sparse(config, layer_idx: int) -> bool:
-        return layer_idx >= config.first_k_dense_replace
+        return sparse_layers(config)[layer_idx]
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None,
                  query_scale=None):
         attn_key, _ = split_keys(dropout_rng, 2)
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, None, attn_key,
-                                  query_scale)
+        scaled = {} if query_scale is None else {"query_scale": query_scale}  # Mistral 4's; GLM-4.5 takes a prefix
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, attn_key,
+                                  **scaled)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+def check_same_mlp(config) -> None:
+    """Refuses ``scan_layers=True`` over dense layers (below ``first_k_dense_replace``, or as
+    ``mlp_layer_types`` says) and sparse ones."""
+    sparse = sparse_layers(config)
+    if len(set(sparse)) > 1 and getattr(config, "mlp_layer_types", None) is not None:
+        raise ValueError(f"scan_layers=True needs the same MLP in every layer; mlp_layer_types="
+                         f"{list(config.mlp_layer_types)}")
+    if len(set(sparse)) > 1:
+        raise ValueError(f"scan_layers=True needs the same MLP in every layer; layers "
+                         f"0..{config.first_k_dense_replace - 1} are dense and the others sparse "
+                         f"(first_k_dense_replace={config.first_k_dense_replace})")
 
 
 class DeepseekV3Model(LlamaModel):
@@ -321,11 +354,7 @@ class DeepseekV3Model(LlamaModel):
 
     @staticmethod
     def check_scan(config) -> None:
-        sparse = {DeepseekV3DecoderLayer.is_sparse(config, i) for i in range(config.num_hidden_layers)}
-        if len(sparse) > 1:
-            raise ValueError(f"scan_layers=True needs the same MLP in every layer; layers "
-                             f"0..{config.first_k_dense_replace - 1} are dense and the others sparse "
-                             f"(first_k_dense_replace={config.first_k_dense_replace})")
+        check_same_mlp(config)
 
     def query_scale(self, position_ids, dtype):
         """What multiplies each token's query, ``[batch, seq]`` (``None``: nothing; Mistral 4 scales)."""

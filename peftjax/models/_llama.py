@@ -47,7 +47,7 @@ def _biases(config) -> tuple[bool, bool, bool]:
     if config.model_type == "ernie4_5":  # one flag for every projection
         bias = bool(getattr(config, "use_bias", False))
         return bias, bias, bias
-    if config.model_type == "glm4":  # q/k/v only
+    if config.model_type in ("glm4", "glm4_moe"):  # q/k/v only
         return bool(config.attention_bias), False, False
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
         return (bool(config.attention_bias), bool(getattr(config, "attention_out_bias", False)),

@@ -28,11 +28,21 @@ class Qwen3Attention(LlamaAttention):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_norm = RMSNorm(self.head_dim, **kw)
-        self.k_norm = RMSNorm(self.head_dim, **kw)
+        if self.uses_qk_norm(config):
+            self.q_norm = RMSNorm(self.head_dim, **kw)
+            self.k_norm = RMSNorm(self.head_dim, **kw)
+        else:
+            self.q_norm = self.k_norm = nnx.data(None)
+
+    @staticmethod
+    def uses_qk_norm(config) -> bool:
+        """Whether queries and keys are normalised (always in Qwen3; GLM-4.5's ``use_qk_norm`` says)."""
+        return True
 
     def project(self, x):
         q, k, v = super().project(x)
+        if self.q_norm is None:
+            return q, k, v
         return self.q_norm(q), self.k_norm(k), v
 
 
