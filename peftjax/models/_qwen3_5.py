@@ -356,11 +356,13 @@ class _TextOfVisionLanguage:
     text classes load it."""
 
     ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq", r"model\.visual\..*", r"mtp\..*")
+    # the vision-language checkpoint's prefixes of the text model's keys, and ours (Llama 4 names its own)
+    text_prefixes: ClassVar[tuple[tuple[str, str], ...]] = (("model.language_model.", "model."),)
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
-        nested = "model.language_model."
-        if any(k.startswith(nested) for k in keys):
-            return {k: "model." + k[len(nested):] if k.startswith(nested) else k for k in keys}
+        if any(k.startswith(theirs) for k in keys for theirs, _ in self.text_prefixes):
+            return {k: next((ours + k[len(theirs):] for theirs, ours in self.text_prefixes if k.startswith(theirs)),
+                            k) for k in keys}
         return super()._align_prefix(keys, expected)
 
 
