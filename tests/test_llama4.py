@@ -132,6 +132,9 @@ def test_unsupported_options_are_refused_by_name():
     fields = _tiny.fields("llama4_text", attention_chunk_size=None, layer_types=["chunked_attention"] * 2)
     with pytest.raises(ValueError, match="chunked_attention layers need attention_chunk_size"):
         models.Llama4ForCausalLM.from_config(ModelConfig("llama4_text", **fields))
+    with pytest.raises(ValueError, match="expert_dispatch='grouped' is not supported"):
+        models.Llama4ForCausalLM.from_config(ModelConfig("llama4_text", **_tiny.fields("llama4_text"),
+                                                         expert_dispatch="grouped"))
     with pytest.raises(ValueError, match="scan_layers=True needs layers alike"):
         models.Llama4ForCausalLM.from_config(ModelConfig("llama4_text", **_tiny.fields("llama4_text"),
                                                          scan_layers=True))

@@ -41,7 +41,8 @@ experts' 3-D parameters take ``target_parameters``, factored as PEFT factors the
 
 Refused by name: a ``hidden_act`` other than ``silu``, ``layer_types`` other than the two above,
 chunked layers without ``attention_chunk_size``, ``no_rope_layers`` shorter than the layers,
-``num_experts_per_tok`` outside ``[1, experts]``, and ``scan_layers=True`` over layers that differ.
+``num_experts_per_tok`` outside ``[1, experts]``, ``expert_dispatch="grouped"`` and
+``scan_layers=True`` over layers that differ.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def check_llama4_config(config) -> None:
     if len(config.no_rope_layers) < n or len(config.layer_types) < n:
         problems.append(f"no_rope_layers ({len(config.no_rope_layers)}) and layer_types ({len(config.layer_types)}) "
                         f"must cover num_hidden_layers={n}")
+    if (getattr(config, "expert_dispatch", None) or "dense") != "dense":
+        problems.append(f"expert_dispatch={config.expert_dispatch!r} is not supported; the experts run densely "
+                        f"(each takes every token scaled by its score)")
     if problems:
         raise ValueError("Llama 4 text config: " + "; ".join(problems))
 
