@@ -100,6 +100,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         max_position_embeddings=16, rope_parameters={
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
+    # Llama 4 text: layer 0 RoPE (llama3 scaling, q/k norm), chunked by 4, dense; layer 1 NoPE, full,
+    # temperature-tuned every 2 slots, 4 sigmoid-routed experts (top 2) and a shared one
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=12, intermediate_size_mlp=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=4, floor_scale=2, attn_scale=0.5,
+        pad_token_id=0, max_position_embeddings=64, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
     # Granite 3's multipliers in kind (embeddings x12, scores x1/8, branches x0.2, logits /8)
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

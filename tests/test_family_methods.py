@@ -36,7 +36,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
-                        "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text")}
+                        "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -128,6 +128,8 @@ CASES = {
     ("glm4_moe", "prefix"): BOTH,
     ("ernie4_5", "lora-all-linear"): BOTH,
     ("ernie4_5", "prefix"): ("peft->here",),
+    # the prefix counts in the chunks and the temperature's slots, as PEFT's prefix cache does in transformers
+    ("llama4_text", "prefix"): BOTH,
     ("ernie4_5", "prompt"): BOTH,
     # latent attention under virtual tokens (prefix tuning refused: test_deepseek_v3); LoRA: test_deepseek_v3
     ("deepseek_v3", "prompt"): BOTH,

@@ -65,6 +65,7 @@ from peftjax.models._llama import (
     Qwen2ForSequenceClassification,
     Qwen2ForTokenClassification,
 )
+from peftjax.models._llama4 import Llama4ForCausalLM
 from peftjax.models._mistral4 import (
     Mistral4ForCausalLM,
     Mistral4ForSequenceClassification,
@@ -183,6 +184,7 @@ __all__ = [
     "LlamaForSequenceClassification",
     "LlamaForTokenClassification",
     "LlamaModel",
+    "Llama4ForCausalLM",
     "Mistral4ForCausalLM",
     "Mistral4ForSequenceClassification",
     "Mistral4ForTokenClassification",

@@ -8,7 +8,7 @@ checks the table against transformers so it cannot drift), applies what the fami
 derives (``head_dim``, ``num_key_value_heads``, Qwen2's, Qwen3's, Gemma's, OLMo 3's, SmolLM3's and
 GPT-OSS's ``layer_types``, SmolLM3's ``no_rope_layers``, Qwen3-MoE's window, GPT-OSS's YaRN,
 DeepSeek-V3's and Mistral 4's ``head_dim``, Mistral 4's YaRN, GLM-4.5 Lite's ``mlp_layer_types``,
-Gemma 4's per-layer head sizes), and
+Gemma 4's per-layer head sizes, Llama 4's RoPE, MoE and attention layers), and
 answers attribute reads like a ``PretrainedConfig`` does (GPT-2's ``hidden_size`` is its ``n_embd``). The bundled models
 accept either kind of config: ``from_config`` still takes transformers' classes.
 """
@@ -242,6 +242,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "hidden_act": "silu", "max_position_embeddings": 1048576, "initializer_range": 0.02, "rms_norm_eps": 1e-06,
         "use_cache": True, "pad_token_id": 11, "bos_token_id": 1, "eos_token_id": 2, "pretraining_tp": 1,
         "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
+    },
+    # Llama4TextConfig (no_rope_layers, moe_layers and layer_types are set by _derive)
+    "llama4_text": {
+        "vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16384,
+        "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-05,
+        "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "attention_dropout": 0.0, "num_experts_per_tok": 1, "num_local_experts": 16, "moe_layers": None,
+        "interleave_moe_layer_step": 1, "use_qk_norm": True, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "no_rope_layers": None,
+        "no_rope_layer_interval": 4, "attention_chunk_size": 8192, "layer_types": None,
+        "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1, "attention_bias": False,
     },
     "granite": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -504,6 +516,20 @@ class ModelConfig:
                                 for i in range(self.num_hidden_layers)]
         if t == "gemma4_text":
             self._derive_gemma4()
+        if t == "llama4_text":  # Llama4TextConfig.__post_init__
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.head_dim is None:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+            if not self.no_rope_layers:  # every no_rope_layer_interval-th layer without RoPE (0)
+                self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0)
+                                       for i in range(self.num_hidden_layers)]
+            if self.moe_layers is None:
+                step = self.interleave_moe_layer_step
+                self.moe_layers = list(range(step - 1, self.num_hidden_layers, step))
+            if self.layer_types is None:
+                self.layer_types = ["chunked_attention" if rope and self.attention_chunk_size is not None
+                                    else "full_attention" for rope in self.no_rope_layers]
 
     def _derive_gemma4(self) -> None:
         """Gemma4TextConfig.__post_init__: five sliding layers then a global one, the last one global;
@@ -586,7 +612,7 @@ class ModelConfig:
 # vision-language model types whose text model is bundled: their ``text_config`` is read instead,
 # as transformers' text classes read it (``base_config_key``)
 TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "gemma3": "gemma3_text",
-                          "gemma4": "gemma4_text"}
+                          "gemma4": "gemma4_text", "llama4": "llama4_text"}
 
 
 def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:

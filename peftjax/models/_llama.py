@@ -88,9 +88,14 @@ class LlamaAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
-        self.window = sliding_windows(config)[layer_idx]
+        self.window = self.mask_key(config, layer_idx)
         self.dropout_rate = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         self.scale = self.head_dim**-0.5
+
+    @staticmethod
+    def mask_key(config, layer_idx: int):
+        """Which of the decoder's masks the layer reads (Llama: its window; see ``LlamaModel.attention_masks``)."""
+        return sliding_windows(config)[layer_idx]
 
     def project(self, x):
         """Queries ``[b, s, heads, head_dim]``, keys and values ``[b, s, kv_heads, head_dim]``, before RoPE."""
@@ -104,6 +109,10 @@ class LlamaAttention(nnx.Module):
         """RoPE on queries or keys (GLM turns adjacent pairs instead of halves)."""
         return apply_rotary(x, cos, sin)
 
+    def encode_positions(self, q, k, cos, sin, masks):
+        """Queries and keys with their positions: RoPE on both (Llama 4 also reads ``masks``)."""
+        return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+
     def score_options(self) -> dict:
         """A family's further arguments of ``dot_product_attention`` (GPT-OSS: its sinks)."""
         return {}
@@ -111,7 +120,7 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         b, s, _ = x.shape
         q, k, v = self.project(x)
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        q, k = self.encode_positions(q, k, cos, sin, masks)
         if cache is not None:
             cache = attn.update_kv_cache(cache, k, v, cache_index)
             k, v = cache["k"], cache["v"]
@@ -216,6 +225,12 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"scan_layers=True needs one attention window for all layers; "
                              f"found {sliding_windows(config)}")
 
+    def attention_masks(self, pos: attn.DecoderPositions) -> dict:
+        """What every layer's attention may read, by key (Llama: each window's ``[b, 1, q, k]`` mask;
+        a layer reads the one of its :meth:`LlamaAttention.mask_key`)."""
+        return {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
+                for w in set(sliding_windows(self.config))}
+
     def __call__(
         self,
         input_ids=None,
@@ -241,10 +256,7 @@ class LlamaModel(nnx.Module):
             prefix_layout=lambda: kv_layout(self.config),
         )
         start = pos.start
-        masks = {
-            w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
-            for w in set(sliding_windows(self.config))
-        }
+        masks = self.attention_masks(pos)
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised

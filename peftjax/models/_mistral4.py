@@ -57,6 +57,14 @@ def llama4_query_scale(config) -> tuple[float, int]:
     return float(params["llama_4_scaling_beta"]), int(params["original_max_position_embeddings"])
 
 
+def llama4_query_scale_at(positions, beta: float, scale_positions: float) -> jax.Array:
+    """Llama 4's query scale at each position, float32: ``1 + beta * log(1 + floor(positions /
+    scale_positions))`` (Mistral 4's at its positions; Llama 4's NoPE layers' at positions + 1, with
+    ``attn_scale`` and ``floor_scale``)."""
+    positions = jnp.asarray(positions).astype(jnp.float32)
+    return 1 + beta * jnp.log1p(jnp.floor(positions / scale_positions))
+
+
 class Mistral4TopkRouter(ParamReader, nnx.Module):
     """``mlp.gate``: ``weight [experts, hidden]`` (LoRA-adaptable through ``target_parameters``)."""
 
@@ -95,8 +103,7 @@ class Mistral4Model(DeepseekV3Model):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def query_scale(self, position_ids, dtype):
-        positions = jnp.asarray(position_ids).astype(jnp.float32)
-        return (1 + self.beta * jnp.log(1 + jnp.floor(positions / self.original))).astype(dtype)
+        return llama4_query_scale_at(position_ids, self.beta, self.original).astype(dtype)
 
 
 class Mistral4ForCausalLM(MlaForCausalLM):

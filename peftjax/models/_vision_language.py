@@ -21,7 +21,8 @@ TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", 
 # what a vision-language checkpoint holds beside its text model (and Qwen3.5's multi-token predictor)
 NOT_TEXT = (r"(model\.)?(visual|vision_tower|vision_model|multi_modal_projector|audio_tower|embed_vision|"
             r"embed_audio)\..*", r"mtp\..*")
-# the text model's module paths as the vision-language class names them (its adapters' keys)
+# the text model's module paths as transformers 5's vision-language classes name them (their adapters'
+# keys): the decoder under model.language_model (Gemma 3, Gemma 4, Qwen3.5)
 VISION_LANGUAGE_NAMES = {r"^model\.": "model.language_model."}
 
 
@@ -37,16 +38,20 @@ class TextOfVisionLanguage:
     """Mixin for a text model class: reads a vision-language checkpoint's text model too.
 
     Attributes:
-      adapter_key_mapping: set when the weights came from a vision-language checkpoint: the
-        ``key_mapping`` its adapters get by default (``get_peft_model``, ``PeftModel.from_pretrained``).
+      vision_language_names: how the vision-language class names the text model's modules
+        (a ``key_mapping``).
+      adapter_key_mapping: set when the weights came from a vision-language checkpoint: that
+        mapping, the ``key_mapping`` its adapters get by default (``get_peft_model``,
+        ``PeftModel.from_pretrained``).
     """
 
     ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\..*inv_freq", *NOT_TEXT)
+    vision_language_names: ClassVar[dict[str, str]] = VISION_LANGUAGE_NAMES
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         if not any(k.startswith(old) for k in keys for old, _ in TEXT_PREFIXES):
             return super()._align_prefix(keys, expected)
-        self.adapter_key_mapping = VISION_LANGUAGE_NAMES
+        self.adapter_key_mapping = self.vision_language_names
         renamed = {k: text_key(k) for k in keys}
         inner = super()._align_prefix(set(renamed.values()), expected)
         return {k: inner[v] for k, v in renamed.items()}
