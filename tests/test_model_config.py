@@ -30,7 +30,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "distilbert": "DistilBertConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "deepseek_v3": "DeepseekV3Config", "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
-           "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig"}
+           "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
+           "qwen3_next": "Qwen3NextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -52,7 +53,8 @@ def assert_same_fields(ours, theirs):
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
-                            "glm4", "ernie4_5", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5_moe_text"):
+                            "glm4", "ernie4_5", "deepseek_v3", "mistral4", "qwen3_5_text", "qwen3_5_moe_text",
+                            "qwen3_next"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -127,6 +129,8 @@ VARIANTS = [
                                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
                           num_key_value_heads=1, tie_word_embeddings=True)),
     ("qwen3_5_moe_text", dict(layer_types=None, num_hidden_layers=4, router_aux_loss_coef=0.01)),
+    ("qwen3_next", dict(layer_types=None, num_hidden_layers=5, full_attention_interval=2, mlp_only_layers=None)),
+    ("qwen3_next", dict(decoder_sparse_step=2, norm_topk_prob=True, partial_rotary_factor=0.5, num_labels=3)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("distilbert", dict(sinusoidal_pos_embds=True, activation="relu", seq_classif_dropout=0.3, num_labels=2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),

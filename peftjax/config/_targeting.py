@@ -225,9 +225,12 @@ MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
 }
 # transformers sends deepseek_v3 to the same pattern (its dense layers' and shared experts' MLPs, named so, lose LoRA)
 MOE_CONVERTED_TARGETS["deepseek_v3"] = MOE_CONVERTED_TARGETS["qwen3_moe"]
+# and qwen3_next (its shared experts' and dense layers' MLPs, named so, lose LoRA alike)
+MOE_CONVERTED_TARGETS["qwen3_next"] = MOE_CONVERTED_TARGETS["qwen3_moe"]
 _MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")},
                                                      "qwen3_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
 _MOE_FUSED["deepseek_v3"] = _MOE_FUSED["qwen3_moe"]
+_MOE_FUSED["qwen3_next"] = _MOE_FUSED["qwen3_moe"]
 
 
 def convert_moe_lora_targets(
