@@ -113,7 +113,7 @@ def test_lora_all_linear_gives_peft_logits_both_ways(qwen, tmp_path):
                                         "Qwen3NextForQuestionAnswering"])
 def test_task_classes_match_transformers(qwen, class_name, tmp_path):
     """The causal LM's decoder plus a head, saved by transformers (question answering keeps its
-    decoder under ``transformer``)."""
+    decoder under ``transformer``): logits and loss, right-padded rows."""
     torch_model, _, _ = qwen
     task = getattr(tr, class_name)(_tiny.config("qwen3_next", num_labels=3)).eval()
     getattr(task, task.base_model_prefix).load_state_dict(torch_model.model.state_dict())
@@ -122,18 +122,24 @@ def test_task_classes_match_transformers(qwen, class_name, tmp_path):
     assert type(model).__name__ == class_name
     ids, mask = padded_batch(VOCAB, seq=SEQ, left=False)
     valid = mask == 1
-    out = _jitted(model, input_ids=ids, attention_mask=mask)
-    with torch.no_grad():
-        ref = task(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    rng = np.random.RandomState(1)
     if class_name.endswith("QuestionAnswering"):
-        pairs = [(out.start_logits, ref.start_logits), (out.end_logits, ref.end_logits)]
+        names, targets = ("start_logits", "end_logits"), dict(start_positions=rng.randint(0, 60, 3),
+                                                              end_positions=rng.randint(0, 60, 3))
+    elif class_name.endswith("TokenClassification"):
+        names, targets = ("logits",), dict(labels=np.where(valid, rng.randint(0, 3, ids.shape), -100))
     else:
-        pairs = [(out.logits, ref.logits)]
-    for ours, theirs in pairs:
-        ours, theirs = np.asarray(ours), theirs.numpy()
+        names, targets = ("logits",), dict(labels=rng.randint(0, 3, 3))
+    inputs = dict(input_ids=ids, attention_mask=mask, **targets)
+    out = _jitted(model, **inputs)
+    with torch.no_grad():
+        ref = task(**{k: torch.tensor(v) for k, v in inputs.items()})
+    for name in names:
+        ours, theirs = np.asarray(getattr(out, name)), getattr(ref, name).numpy()
         if ours.ndim > 1 and ours.shape[1] == SEQ:  # per token: the real ones
             ours, theirs = ours[valid], theirs[valid]
         np.testing.assert_allclose(ours, theirs, **TOL)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
 
 def test_lora_without_targets_is_refused_as_peft_refuses_it(qwen):
