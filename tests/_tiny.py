@@ -172,6 +172,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
         layer_types=["linear_attention", "full_attention"], moe_intermediate_size=12,
         shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    # Qwen3-Next in small: Qwen3.5-MoE's tiny layout with the fused linear projections, 3 layers
+    # (linear, full, linear), the last dense (mlp_only_layers), top-2 of 4 experts not renormalised
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mlp_only_layers=[2], moe_intermediate_size=12, shared_expert_intermediate_size=20, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, pad_token_id=0)),
     "bert": ("BertConfig", "BertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3)),

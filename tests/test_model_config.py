@@ -32,7 +32,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
-           "llama4_text": "Llama4TextConfig"}
+           "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -55,7 +55,7 @@ def assert_same_fields(ours, theirs):
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
-                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text"):
+                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -141,6 +141,8 @@ VARIANTS = [
     ("llama4_text", dict(no_rope_layers=None, moe_layers=None, layer_types=None, num_hidden_layers=5,
                          interleave_moe_layer_step=2, no_rope_layer_interval=2, rope_parameters=None)),
     ("llama4_text", dict(no_rope_layers=[], attention_chunk_size=None, layer_types=None, num_labels=3)),
+    ("qwen3_next", dict(layer_types=None, num_hidden_layers=5, full_attention_interval=2, mlp_only_layers=None)),
+    ("qwen3_next", dict(decoder_sparse_step=2, norm_topk_prob=True, partial_rotary_factor=0.5, num_labels=3)),
     ("bert", dict(num_labels=4, classifier_dropout=0.2)),
     ("distilbert", dict(sinusoidal_pos_embds=True, activation="relu", seq_classif_dropout=0.3, num_labels=2)),
     ("gpt2", dict(n_inner=24, num_labels=1, problem_type="regression")),

@@ -50,6 +50,12 @@ from peftjax.models._qwen3_5 import (
     Qwen3_5MoeForCausalLM,
     Qwen3_5TextForSequenceClassification,
 )
+from peftjax.models._qwen3_next import (
+    Qwen3NextForCausalLM,
+    Qwen3NextForQuestionAnswering,
+    Qwen3NextForSequenceClassification,
+    Qwen3NextForTokenClassification,
+)
 from peftjax.models._llama import (
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
@@ -245,6 +251,10 @@ __all__ = [
     "Qwen3_5ForTokenClassification",
     "Qwen3_5MoeForCausalLM",
     "Qwen3_5TextForSequenceClassification",
+    "Qwen3NextForCausalLM",
+    "Qwen3NextForQuestionAnswering",
+    "Qwen3NextForSequenceClassification",
+    "Qwen3NextForTokenClassification",
     "RobertaForMaskedLM",
     "RobertaForQuestionAnswering",
     "RobertaForSequenceClassification",

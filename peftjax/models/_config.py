@@ -189,6 +189,19 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts": 256, "output_router_logits": False, "router_aux_loss_coef": 0.001, "layer_types": None,
         "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     },
+    # Qwen3NextConfig (Qwen3.5's hybrid decoder, layer_types and partial RoPE derived alike, with
+    # Qwen2-MoE's experts, dense where mlp_only_layers or decoder_sparse_step say)
+    "qwen3_next": {
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 48,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "head_dim": 256, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "decoder_sparse_step": 1, "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512, "num_experts_per_tok": 10, "num_experts": 512, "norm_topk_prob": True,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None, "layer_types": None,
+        "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     # GptOssConfig (its default RoPE, YaRN, is set by _derive where the file gives none)
     "gpt_oss": {
         "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
@@ -462,7 +475,7 @@ class ModelConfig:
             self.rope_parameters.setdefault("partial_rotary_factor", self.qk_rope_head_dim / qk)
             self.__dict__.setdefault("qk_head_dim", qk)
             self.__dict__.setdefault("head_dim", qk)
-        if t in ("qwen2_moe", "qwen3_moe") and self.mlp_only_layers is None:
+        if t in ("qwen2_moe", "qwen3_moe", "qwen3_next") and self.mlp_only_layers is None:
             self.mlp_only_layers = []
         if t == "qwen2_moe":  # Qwen2MoeConfig.__post_init__: even layers below max_window_layers slide
             if not self.use_sliding_window:
@@ -482,7 +495,7 @@ class ModelConfig:
                     "sliding_attention" if self.sliding_window is not None and i >= self.max_window_layers
                     else "full_attention" for i in range(self.num_hidden_layers)
                 ]
-        if t in ("qwen3_5_text", "qwen3_5_moe_text"):  # Qwen3_5TextConfig.__post_init__ (the MoE one's too)
+        if t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):  # Qwen3_5TextConfig.__post_init__ (and alike)
             interval = self.__dict__.pop("full_attention_interval", 4)  # an argument, not a field
             if self.layer_types is None:
                 self.layer_types = ["linear_attention" if (i + 1) % interval else "full_attention"

@@ -151,10 +151,7 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
         self.conv_kernel_size = config.linear_conv_kernel_dim
         h = config.hidden_size
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.in_proj_qkv = nnx.Linear(h, 2 * self.key_dim + self.value_dim, **kw)
-        self.in_proj_z = nnx.Linear(h, self.value_dim, **kw)
-        self.in_proj_b = nnx.Linear(h, self.num_v_heads, **kw)
-        self.in_proj_a = nnx.Linear(h, self.num_v_heads, **kw)
+        self.make_projections(h, **kw)
         self.conv1d = Qwen3_5Conv1d(2 * self.key_dim + self.value_dim, self.conv_kernel_size, param_dtype=param_dtype,
                                     init_std=config.initializer_range, rngs=rngs)
         self.dt_bias = nnx.Param(jnp.ones((self.num_v_heads,), param_dtype))
@@ -164,18 +161,32 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
                                         param_dtype=param_dtype, rngs=rngs)
         self.out_proj = nnx.Linear(self.value_dim, h, **kw)
 
+    def make_projections(self, hidden: int, **kw) -> None:
+        """The input projections: ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``."""
+        self.in_proj_qkv = nnx.Linear(hidden, 2 * self.key_dim + self.value_dim, **kw)
+        self.in_proj_z = nnx.Linear(hidden, self.value_dim, **kw)
+        self.in_proj_b = nnx.Linear(hidden, self.num_v_heads, **kw)
+        self.in_proj_a = nnx.Linear(hidden, self.num_v_heads, **kw)
+
+    def project(self, x):
+        """``(qkv, z, b, a)``: the convolution's input ``[batch, seq, 2 * key_dim + value_dim]``
+        (queries, keys, values, each head after head), the gate ``z`` ``[batch, seq, value_heads,
+        value_head_dim]``, and ``b``, ``a`` ``[batch, seq, value_heads]``."""
+        b, s, _ = x.shape
+        z = self.in_proj_z(x).reshape(b, s, self.num_v_heads, self.head_v_dim)
+        return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+
     def __call__(self, x, token_mask=None, cache=None):
         """``token_mask``: ``[batch, seq]``, 0 on padding (``None``: none); ``cache``: ``{"conv",
         "state"}``, the convolution's last inputs and the delta rule's state, or ``None``."""
         if token_mask is not None:
             x = x * token_mask[..., None].astype(x.dtype)
         b, s, _ = x.shape
-        z = self.in_proj_z(x).reshape(b, s, self.num_v_heads, self.head_v_dim)
-        beta = jax.nn.sigmoid(self.in_proj_b(x))
-        a = self.in_proj_a(x).astype(jnp.float32)
+        qkv, z, beta, a = self.project(x)
+        beta, a = jax.nn.sigmoid(beta), a.astype(jnp.float32)
         per_head = lambda p: p.get_value().astype(jnp.float32)[None, None, :]  # noqa: E731
         g = -jnp.exp(per_head(self.A_log)) * jax.nn.softplus(a + per_head(self.dt_bias))
-        mixed, conv_state = self.conv1d(self.in_proj_qkv(x), None if cache is None else cache["conv"])
+        mixed, conv_state = self.conv1d(qkv, None if cache is None else cache["conv"])
         mixed = jax.nn.silu(mixed)
         q = mixed[..., : self.key_dim].reshape(b, s, self.num_k_heads, self.head_k_dim)
         k = mixed[..., self.key_dim: 2 * self.key_dim].reshape(b, s, self.num_k_heads, self.head_k_dim)
@@ -193,18 +204,23 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
 class Qwen3_5DecoderLayer(nnx.Module):
     """Pre-norm token mixer (``linear_attn`` or ``self_attn``, by ``layer_types``) and MLP."""
 
-    sparse: ClassVar[bool] = False  # whether every layer's MLP is a mixture of experts
+    linear_attention_class: ClassVar[type[nnx.Module]] = Qwen3_5GatedDeltaNet
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_type = qwen3_5_layer_types(config)[layer_idx]
         if self.layer_type == "linear_attention":
-            self.linear_attn = Qwen3_5GatedDeltaNet(config, layer_idx, **kw)
+            self.linear_attn = self.linear_attention_class(config, layer_idx, **kw)
         else:
             self.self_attn = Qwen3_5Attention(config, layer_idx, **kw)
         self.mlp = self.make_mlp(config, layer_idx, **kw)
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+    @staticmethod
+    def is_sparse(config, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s MLP is a mixture of experts (none here)."""
+        return False
 
     @staticmethod
     def make_mlp(config, layer_idx: int, **kw) -> nnx.Module:
@@ -235,7 +251,7 @@ class Qwen3_5TextModel(LlamaModel):
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.sparse_layers = config.num_hidden_layers if self.layer_class.sparse else 0
+        self.sparse_layers = sum(self.layer_class.is_sparse(config, i) for i in range(config.num_hidden_layers))
 
     @staticmethod
     def make_norm(config, **kw) -> nnx.Module:
@@ -420,7 +436,9 @@ class Qwen3_5MoeSparseMoeBlock(Qwen2MoeSparseMoeBlock):
 
 
 class Qwen3_5MoeDecoderLayer(Qwen3_5DecoderLayer):
-    sparse: ClassVar[bool] = True
+    @staticmethod
+    def is_sparse(config, layer_idx: int) -> bool:
+        return True
 
     @staticmethod
     def make_mlp(config, layer_idx: int, **kw) -> nnx.Module:
