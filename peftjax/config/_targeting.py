@@ -620,10 +620,11 @@ _NAME_VIEW: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.Co
 
 @contextlib.contextmanager
 def module_names_as(name: Callable[[str], str] | None):
-    """Inside the block, :func:`match_modules` matches each module path as ``name`` renames it (a
-    model read from a vision-language checkpoint: ``model.layers.0.self_attn.q_proj`` as
-    ``model.language_model.layers.0.self_attn.q_proj``, so PEFT's regexes for that class target
-    the same layers) and still returns the paths themselves. ``None`` changes nothing."""
+    """Inside the block, :func:`match_modules` matches each module path both as it is and as
+    ``name`` renames it (a model read from a vision-language checkpoint:
+    ``model.layers.0.self_attn.q_proj`` also as ``model.language_model.layers.0.self_attn.q_proj``,
+    so PEFT's regexes for that class target the same layers; a user model's ``key_mapping``: its own
+    names and its files'), excluded if either is, and returns the paths. ``None`` changes nothing."""
     token = _NAME_VIEW.set(name)
     try:
         yield
@@ -658,10 +659,15 @@ def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type
         ['model.layers.0.self_attn.q_proj']
     """
     view = _NAME_VIEW.get()
-    if view is not None:
-        paths = {view(n): n for n in module_names if n}
+    if view is not None:  # a module is targeted under its own path or the name the view gives it
+        names = [n for n in module_names if n]
+        seen = {n: view(n) for n in names}
         with module_names_as(None):
-            return [paths[n] for n in match_modules(config, list(paths), model_type=model_type)]
+            hit = set(match_modules(config, list(dict.fromkeys([*names, *seen.values()])), model_type=model_type))
+        if getattr(config, "target_modules", None) is None and model_type is not None:
+            config = resolve_target_modules(config, model_type)
+        return [n for n in names if (n in hit or seen[n] in hit)
+                and _EXCLUDED not in (_target_status(config, n), _target_status(config, seen[n]))]
     if getattr(config, "target_modules", None) is None and model_type is not None:
         config = resolve_target_modules(config, model_type)
     _target_modules_of(config)  # fail on None / "all-linear" before looking at any name
