@@ -263,3 +263,17 @@ def assert_long_prompts_generate_as_torch(torch_model, model, vocab: int, new: i
         expected = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                                         max_new_tokens=new, do_sample=False, pad_token_id=0).numpy()
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=new, pad_token_id=0), expected)
+
+
+def assert_close_where(ours, theirs, mask, **tolerance) -> None:
+    """``ours`` equals ``theirs`` on the real tokens (``mask`` 1); padding's values are free."""
+    valid = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(theirs)[valid], **tolerance)
+
+
+def moe_conversion(config) -> tuple:
+    """What PEFT's MoE target conversion made of a LoRA config: its target modules and parameters,
+    rank and alpha patterns (compared between PEFT's and peftjax's)."""
+    return (set(config.target_modules), set(config.target_parameters), dict(config.rank_pattern),
+            dict(config.alpha_pattern))
+

@@ -19,9 +19,11 @@ from flax import nnx
 
 import _tiny
 from _torch_models import (
+    assert_close_where,
     assert_layouts_round_trip,
     assert_long_rows_match_torch,
     lazy,
+    moe_conversion,
     padded_batch,
     randomised,
     save_in_memory_layout,
@@ -185,8 +187,7 @@ def _peft_base(path):
 
 
 def _close(ours, theirs):
-    valid = MASK.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(theirs)[valid], **TOL)
+    assert_close_where(ours, theirs, MASK, **TOL)
 
 
 def _changed(logits, path) -> float:
@@ -195,9 +196,7 @@ def _changed(logits, path) -> float:
                                                                   attention_mask=MASK)[valid]).max())
 
 
-def _converted(config):
-    return (set(config.target_modules), set(config.target_parameters), dict(config.rank_pattern),
-            dict(config.alpha_pattern))
+_converted = moe_conversion
 
 
 def test_all_linear_lora_on_latent_attention_router_and_experts_both_ways(deepseek, tmp_path):

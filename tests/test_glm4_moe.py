@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, torch_logits
+from _torch_models import assert_close_where, lazy, padded_batch, randomised, torch_logits
 
 import peftjax
 from peftjax import models
@@ -47,8 +47,7 @@ def _jitted(model, **inputs):
 
 
 def _close(ours, theirs):
-    valid = MASK.astype(bool)
-    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(theirs)[valid], **TOL)
+    assert_close_where(ours, theirs, MASK, **TOL)
 
 
 @pytest.mark.parametrize("jit", [True, False])
