@@ -71,6 +71,8 @@ def test_a_vision_language_checkpoint_reads_as_its_text_model_and_its_adapters_m
     assert np.abs(expected - base_logits).max() > 1e-3  # the adapter shows
     loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "hub"), tmp_path / "peft")
     np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS).logits), expected, atol=TOL[family], rtol=0)
+    auto = peftjax.AutoPeftModel.from_pretrained(tmp_path / "peft", tmp_path / "hub")  # the Hub checkpoint
+    np.testing.assert_allclose(np.asarray(auto(input_ids=IDS).logits), expected, atol=TOL[family], rtol=0)
 
     mine = peftjax.get_peft_model(models.from_pretrained(tmp_path / "hub"), peftjax.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
