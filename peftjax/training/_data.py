@@ -958,6 +958,21 @@ class Batcher:
             for name, lengths in {"input_ids": self._lengths, **self._target_lengths}.items():
                 _check_fits(name, lengths, buckets[-1])
 
+    def check_token_ids(self, vocab_size: int, name: str) -> None:
+        """Raises ``ValueError`` naming the first row with an ``input_ids`` token (or a target
+        column's, -100 aside) outside ``[0, vocab_size)``: a jitted embedding lookup would clamp it
+        or give NaN, never fail. ``name`` names the data in the message."""
+        for column, (values, offsets) in {"input_ids": self._tokens["input_ids"], **self._targets}.items():
+            bad = (values < 0) | (values >= vocab_size)
+            if column != "input_ids":
+                bad &= values != -100
+            if bad.any():
+                at = int(np.argmax(bad))
+                row = int(np.searchsorted(offsets, at, side="right")) - 1
+                raise ValueError(f"{name}: row {row} has the {column} token {int(values[at])}, outside the model's "
+                                 f"vocabulary [0, {vocab_size}): data tokenized for another model, or a tokenizer "
+                                 "with tokens added that the model's embedding has no rows for")
+
     @property
     def num_batches(self) -> int:
         """Batches per epoch."""

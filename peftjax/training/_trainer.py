@@ -175,23 +175,6 @@ def check_token_labels(cols: dict, num_labels: int, name: str) -> None:
             )
 
 
-def check_token_ids(cols: dict, vocab_size: int, name: str, *, token_labels: bool = False) -> None:
-    """Raises ``ValueError`` naming the first row with an ``input_ids`` token (with
-    ``token_labels``, an encoder-decoder's target ``labels`` too, -100 aside) outside
-    ``[0, vocab_size)``: a jitted embedding lookup would clamp it or give NaN, never fail."""
-    for column in ("input_ids", "labels") if token_labels else ("input_ids",):
-        rows = cols[column]
-        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
-        flat = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
-        bad = ((flat < 0) | (flat >= vocab_size)) & (flat != -100 if column == "labels" else True)
-        if bad.any():
-            at = int(np.argmax(bad))
-            row = int(np.searchsorted(np.cumsum(lengths), at, side="right"))
-            raise ValueError(f"{name}: row {row} has the {column} token {int(flat[at])}, outside the model's "
-                             f"vocabulary [0, {vocab_size}): data tokenized for another model, or a tokenizer with "
-                             "tokens added that the model's embedding has no rows for")
-
-
 def check_span_labels(cols: dict, name: str) -> None:
     """Raises ``ValueError`` naming the first row whose answer span is not two token indices
     ``start <= end`` inside the row (an answer outside it is conventionally ``[0, 0]``, the
@@ -552,7 +535,7 @@ class Trainer:
                          functools.partial(step_fn.lower, *state, abstract(placed), abstract(key))))
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
             columns = self._dataset_columns(self.eval_dataset, "eval_dataset")
-            evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False,
+            evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, "eval_dataset", shuffle=False,
                                        collate=self._eval_collate)
             for batch in first_batch_of_each_shape(evaluation, 0, evaluation.num_batches):
                 placed = self._place(batch)
@@ -611,26 +594,25 @@ class Trainer:
         # replicated outputs: every process can read the logits and sums (several hosts)
         return jax.jit(traced_partitioned(eval_step), static_argnums=0, out_shardings=replicated(self.mesh))
 
-    def _batcher(self, columns: dict, per_device: int, *, shuffle: bool, collate=None) -> Batcher:
-        """Batches of ``columns``; an encoder-decoder's labels are padded to their own length;
-        packed where :meth:`packs`; each passed through ``collate``."""
+    def _batcher(self, columns: dict, per_device: int, name: str, *, shuffle: bool, collate=None) -> Batcher:
+        """Batches of ``columns`` (the dataset ``name``), their tokens checked against the model's
+        vocabulary; an encoder-decoder's labels are padded to their own length; packed where
+        :meth:`packs`; each passed through ``collate``."""
         targets = ("labels",) if self.problem_type == SEQ2SEQ_LM else ()
-        return Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
-                       seed=self.args.seed, target_columns=targets, packing=self.packs(), collate=collate)
+        batcher = Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
+                          seed=self.args.seed, target_columns=targets, packing=self.packs(), collate=collate)
+        vocab_size = getattr(getattr(self.model.base_model, "config", None), "vocab_size", None)
+        if vocab_size:
+            batcher.check_token_ids(int(vocab_size), name)
+        return batcher
 
     def _dataset_columns(self, dataset, name: str) -> dict:
         """A train or eval dataset's columns, without labels where the data collator makes them;
-        the problem type fixed, the labels and tokens checked."""
+        the problem type fixed and the labels checked."""
         collated = bool(getattr(self.data_collator, "makes_labels", False))
         cols = self._check_tasks(_columns(dataset, name, collated_labels=collated), name)
         self._resolve_problem_type(cols, name)
-        self._check_vocabulary(cols, name)
         return cols
-
-    def _check_vocabulary(self, cols: dict, name: str) -> None:
-        vocab_size = getattr(getattr(self.model.base_model, "config", None), "vocab_size", None)
-        if vocab_size:
-            check_token_ids(cols, int(vocab_size), name, token_labels=self.problem_type == SEQ2SEQ_LM)
 
     def _eval_collate(self, batch: dict, rng: np.random.Generator) -> dict:
         """The data collator on an evaluation batch, drawn from a stream of its own (a child of the
@@ -732,7 +714,7 @@ class Trainer:
         columns = self._dataset_columns(self.train_dataset, "train_dataset")
         self._prepare_output_dir(resume_from_checkpoint if resume_from_checkpoint is not None
                                  else args.resume_from_checkpoint)
-        batcher = self._batcher(columns, args.per_device_train_batch_size, shuffle=True,
+        batcher = self._batcher(columns, args.per_device_train_batch_size, "train_dataset", shuffle=True,
                                 collate=self.data_collator)
         total = args.total_steps(batcher.num_batches)
         plan = StepPlan(batcher.num_batches, args.gradient_accumulation_steps)
@@ -881,10 +863,9 @@ class Trainer:
         if "input_ids" not in cols:
             raise TrainingError(f"dataset has no input_ids column (columns: {names}); tokenize it first")
         cols = self._check_tasks(cols, "dataset")
-        self._check_vocabulary(cols, "dataset")
         if "labels" not in cols:
             cols["labels"] = self._stand_in_labels(cols["input_ids"])
-        batcher = self._batcher(cols, self.args.per_device_eval_batch_size, shuffle=False)
+        batcher = self._batcher(cols, self.args.per_device_eval_batch_size, "dataset", shuffle=False)
         out = []
         for batch in batcher.batches(0):
             logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
@@ -944,7 +925,7 @@ class Trainer:
         if dataset is None:
             raise TrainingError("no eval_dataset to evaluate on")
         columns = self._dataset_columns(dataset, "eval_dataset")
-        batcher = self._batcher(columns, self.args.per_device_eval_batch_size, shuffle=False,
+        batcher = self._batcher(columns, self.args.per_device_eval_batch_size, "eval_dataset", shuffle=False,
                                 collate=self._eval_collate)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
