@@ -20,10 +20,14 @@ The HTTP interface (JSON in, JSON out):
 
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "seed": int}`` (``adapter`` null or
-  ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy) returns
+  ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy), or with
+  ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
+  tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
+  returns
   ``{"adapter", "completion", "token_ids", "prompt_tokens", "finish_reason" ("stop" | "length"),
   "batch": {"rows", "adapters"}}``. A bad request gets a 4xx with ``{"error": message}``: 400 for
-  malformed JSON, a missing or empty prompt or a bad value, 404 for an unknown adapter (the message
+  malformed JSON, a missing or empty prompt, a malformed conversation (or one for a tokenizer
+  without a chat template) or a bad value, 404 for an unknown adapter (the message
   lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
 - ``GET /adapters``: the loaded adapters and the limits. ``GET /health``: ``{"status": "ok"}``.
 
@@ -47,7 +51,7 @@ from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
 
 
-FIELDS = ("prompt", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
+FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
 
 
 class RequestError(ValueError):
@@ -133,10 +137,13 @@ class BatchingGenerator:
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_total_tokens = int(limit) if limit else None
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(model.config, "eos_token_id", None)
-        self.eos = {eos} if isinstance(eos, int) else set(eos or ())
-        if tokenizer.eos_token_id is not None:
-            self.eos.add(tokenizer.eos_token_id)
+        self.eos = set()
+        # the model config's stop tokens, the checkpoint's generation_config.json's (a chat model's
+        # end of turn) and the tokenizer's
+        for eos in (getattr(model.config, "eos_token_id", None),
+                    (getattr(model.base_model, "generation_config", None) or {}).get("eos_token_id"),
+                    tokenizer.eos_token_id):
+            self.eos |= {eos} if isinstance(eos, int) else set(eos or ())
         self._tokenizer_lock = threading.Lock()  # the worker decodes while requests are encoded
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -158,7 +165,12 @@ class BatchingGenerator:
         unknown = sorted(set(body) - set(FIELDS))
         if unknown:
             raise RequestError(f"unknown fields {unknown}; accepted: {', '.join(FIELDS)}")
-        prompt = body.get("prompt")
+        prompt, chat = body.get("prompt"), "messages" in body
+        if chat == ("prompt" in body):
+            raise RequestError("give 'prompt' (a text to continue) or 'messages' (a conversation for the chat "
+                               "template), one of them")
+        if chat:
+            prompt = self._chat_prompt(body["messages"])
         if not isinstance(prompt, str):
             raise RequestError(f"'prompt' must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
@@ -175,7 +187,8 @@ class BatchingGenerator:
         top_k = _number(body, "top_k", int, None, low=1)
         seed = _number(body, "seed", int, 0, low=0)
         with self._tokenizer_lock:
-            ids = tuple(int(i) for i in self.tokenizer(prompt)["input_ids"])
+            # a chat template writes its own special tokens
+            ids = tuple(int(i) for i in self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt is {len(ids)} tokens; this server takes at most "
                                f"{self.max_prompt_tokens}", status=413)
@@ -183,6 +196,19 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed)
+
+    def _chat_prompt(self, messages) -> str:
+        """A conversation rendered by the tokenizer's chat template, the assistant's turn opened."""
+        from peftjax.training._chat import chat_template_of, check_messages
+
+        try:
+            check_messages(messages, "the request", "messages")
+            template = chat_template_of(self.tokenizer)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                                      add_generation_prompt=True)
 
     # ------------------------------------------------------------------ generation
 

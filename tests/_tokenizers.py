@@ -7,10 +7,12 @@ ROBERTA_SPECIALS = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>
                     "mask_token": "<mask>"}
 
 
-def byte_level_bpe(directory, cls_name: str, texts: list[str], *, roberta_specials: bool = False):
+def byte_level_bpe(directory, cls_name: str, texts: list[str], *, roberta_specials: bool = False,
+                   extra_specials: tuple[str, ...] = ()):
     """A byte-level BPE trained on ``texts`` (pre-tokenizer without a prefix space, as GPT-2's and
     RoBERTa's are saved), written to ``directory`` as transformers' ``cls_name``. Its special
-    tokens are GPT-2's ``<|endoftext|>``, or RoBERTa's five with ``roberta_specials``."""
+    tokens are GPT-2's ``<|endoftext|>``, or RoBERTa's five with ``roberta_specials``, then
+    ``extra_specials`` (a chat model's turn markers)."""
     import transformers as tr
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -19,8 +21,9 @@ def byte_level_bpe(directory, cls_name: str, texts: list[str], *, roberta_specia
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(dict.fromkeys(specials.values())),
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[*dict.fromkeys(specials.values()), *extra_specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    getattr(tr, cls_name)(tokenizer_object=tok, **specials).save_pretrained(directory)
+    extra = {"extra_special_tokens": list(extra_specials)} if extra_specials else {}
+    getattr(tr, cls_name)(tokenizer_object=tok, **specials, **extra).save_pretrained(directory)
     return directory

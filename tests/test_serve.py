@@ -162,10 +162,44 @@ def test_clients_sampling_settings_compile_nothing_new(files):
     assert compiled.count("_generate") == 1, compiled
 
 
+def test_a_conversation_is_served_in_the_chat_template_and_stops_at_the_generation_config_s_tokens(
+        files, tmp_path):
+    """``"messages"`` in place of ``"prompt"``: the conversation as the tokenizer's chat template
+    renders it with the assistant's turn opened; a completion ends at the stop tokens of the base's
+    ``generation_config.json`` (a chat model's end of turn) with ``finish_reason`` "stop"."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftjax.serving import BatchingGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the film was"}]
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    request = BatchingGenerator(model, tokenizer, max_new_tokens=8).request(
+        {"messages": messages, "adapter": "a", "max_new_tokens": 8})
+    assert request.input_ids == tuple(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    free = BatchingGenerator(model, tokenizer, max_new_tokens=8).generate([request])[0]
+    assert free["finish_reason"] == "length" and len(free["token_ids"]) == 8
+    stop = free["token_ids"][3]
+    chat_base = tmp_path / "base"
+    shutil.copytree(files / "base", chat_base)
+    (chat_base / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop]}))
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", chat_base, adapter_name="a")
+    ended = BatchingGenerator(model, tokenizer, max_new_tokens=8).generate([request])[0]
+    assert ended["finish_reason"] == "stop"
+    assert ended["token_ids"] == free["token_ids"][:free["token_ids"].index(stop)]
+
+
 @pytest.mark.parametrize("body, status, message", [
     ({"prompt": "hello", "adapter": "nope"}, 404, "unknown adapter 'nope'; loaded: ['a', 'b', 'ia3', 'glora']"),
     ({"prompt": "   "}, 400, "'prompt' is empty"),
-    ({"adapter": "a"}, 400, "'prompt' must be a string"),
+    ({"adapter": "a"}, 400, "give 'prompt' (a text to continue) or 'messages'"),
+    ({"prompt": "hi", "messages": []}, 400, "give 'prompt' (a text to continue) or 'messages'"),
+    ({"messages": [{"role": "user"}]}, 400, "the request, message 0: expected a mapping with a string 'role' and"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "has no chat template"),
     ({"prompt": "one two three four five six seven eight nine ten eleven"}, 413, "this server takes at most 12"),
     ({"prompt": "hi", "max_new_tokens": 17}, 400, "'max_new_tokens' must be between 1 and 16"),
     ({"prompt": "hi", "max_new_tokens": "4"}, 400, "'max_new_tokens' must be an integer"),

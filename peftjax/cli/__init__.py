@@ -147,15 +147,39 @@ def _generate(args) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = _texts(args)
-    batch = tokenizer(texts, return_tensors="np", padding=True)
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is the system message of a --chat prompt; add --chat")
+    prompts, specials = prompts_for(tokenizer, texts, chat=args.chat, system=args.system)
+    batch = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=specials)
+    greedy = args.temperature is not None and args.temperature <= 0
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
+                         do_sample=None if args.temperature is None else not greedy,
+                         temperature=None if greedy else args.temperature, top_p=args.top_p,
                          top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed,
                          **task_inputs(model, args.task_id, len(texts)))
     for text, row in zip(texts, out):
         new = tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
         print(json.dumps({"prompt": text, "completion": new}, ensure_ascii=False))
     return 0
+
+
+def prompts_for(tokenizer, texts: list[str], *, chat: bool, system: str | None = None) -> tuple[list[str], bool]:
+    """The prompts a causal LM continues, and whether the tokenizer adds its special tokens: the texts
+    themselves, or with ``chat`` each text as a user turn (after ``system``'s message, if given) in
+    the tokenizer's chat template with the assistant's turn opened, the template writing the special
+    tokens (as ``apply_chat_template(..., add_generation_prompt=True)``).
+
+    Raises:
+      ValueError: ``chat`` and the tokenizer has no chat template.
+    """
+    if not chat:
+        return texts, True
+    from peftjax.training._chat import chat_template_of
+
+    template = chat_template_of(tokenizer)
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [tokenizer.apply_chat_template([*head, {"role": "user", "content": text}], chat_template=template,
+                                          tokenize=False, add_generation_prompt=True) for text in texts], False
 
 
 def _predict(args) -> int:
@@ -591,7 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "of one task; one of several needs it)")
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, default=32)
-            p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+            p.add_argument("--chat", action="store_true",
+                           help="each text is a user turn, put in the tokenizer's chat template with the assistant's "
+                                "turn opened (a chat model, or an adapter trained with --task chat)")
+            p.add_argument("--system", help="--chat: a system message before each user turn")
+            p.add_argument("--temperature", type=float, default=None,
+                           help="0 means greedy (default: the checkpoint's generation_config.json, greedy without "
+                                "one); the stop tokens are that file's too")
             p.add_argument("--top-p", type=float, default=None)
             p.add_argument("--top-k", type=int, default=None)
             p.add_argument("--seed", type=int, default=0)

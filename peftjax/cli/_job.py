@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "label_column": "label",
     "prompt_column": "prompt",
     "response_column": "response",
+    "messages_column": "messages",
     "source_column": "source",
     "target_column": "target",
     "tokens_column": "tokens",
@@ -79,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
 
 # the job's task -> PEFT's task_type (of the model class and the adapter)
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
-              "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
+              "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "chat": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
               "masked_lm": None}  # PEFT has no task type for a masked LM: its adapters have none
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 # --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
@@ -143,7 +144,9 @@ FLAG_HELP = {
     "eval_dataset": "evaluation data (default: the dataset's test/validation split, or the shipped eval set)",
     "task": "seq_cls (classification), token_cls (a label per word: named entities, tags; --tokens-column "
             "and --tags-column), question_answering (SQuAD's question/context/answers rows), causal_lm (language "
-            "modelling), instruction (prompt/response pairs), seq2seq (source/target pairs on an encoder-decoder "
+            "modelling), instruction (prompt/response pairs), chat (conversations, a list of role/content messages "
+            "a row in --messages-column, rendered by the tokenizer's chat template, the loss on the assistant's "
+            "turns; --predict texts are user turns), seq2seq (source/target pairs on an encoder-decoder "
             "such as T5) or masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
             "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT)",
     "stride": "question answering: tokens each window of a long context shares with the one before "
@@ -154,7 +157,7 @@ FLAG_HELP = {
               "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (rows routed by their task: "
               "--task-ids-column), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, "
               "osf, "
-              "lily, tinylora, fourierft, waveft, shadow (causal LMs: causal_lm, instruction), ln_tuning, "
+              "lily, tinylora, fourierft, waveft, shadow (causal LMs: causal_lm, instruction, chat), ln_tuning, "
               "trainable_tokens, prefix (prefix tuning), "
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
               "tuning, a prompt per task: --task-ids-column), p-tuning, adaption_prompt (Llama, "
@@ -375,6 +378,7 @@ def load_raw_data(options: dict):
 def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str | None = None):
     """The job's datasets tokenized for its task; with ``task_column``, each row's task carried as
     ``task_ids`` (a causal LM's documents then one row each, not packed)."""
+    from peftjax.training._chat import tokenize_chat
     from peftjax.training._data import (
         tokenize_causal_lm,
         tokenize_classification,
@@ -416,6 +420,9 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
         if task == "causal_lm":
             return tokenize_causal_lm(ds, tokenizer, text_column=options["text_column"],
                                       max_length=options["max_length"], packing=not keep, keep_columns=keep)
+        if task == "chat":
+            return tokenize_chat(ds, tokenizer, messages_column=options["messages_column"],
+                                 max_length=options["max_length"], keep_columns=keep)
         return tokenize_instructions(ds, tokenizer, prompt_column=options["prompt_column"],
                                      response_column=options["response_column"], max_length=options["max_length"],
                                      keep_columns=keep)
@@ -606,7 +613,11 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         for text, row in zip(texts, out):
             print(f"  {text!r} -> {tokenizer.decode(row, skip_special_tokens=True)!r}")
     elif texts:
-        batch = tokenizer(texts[:2], return_tensors="np", padding=True, padding_side="left")
+        from peftjax.cli import prompts_for
+
+        prompts, specials = prompts_for(tokenizer, texts[:2], chat=task == "chat")
+        batch = tokenizer(prompts, return_tensors="np", padding=True, padding_side="left",
+                          add_special_tokens=specials)
         out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
                                 pad_token_id=tokenizer.pad_token_id, **task_inputs_of(reloaded, rows=len(texts[:2])))
         for text, row in zip(texts, out):

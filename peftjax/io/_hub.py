@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 # What a model or an adapter needs, as snapshot_download's allow_patterns (fnmatch)
-MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*")
+MODEL_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja")
 ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_PATTERN = "adapter_model.bin"
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +15,8 @@ import numpy as np
 from flax import nnx
 
 from peftjax.nn._keys import default_key
+
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
@@ -66,21 +73,90 @@ def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, t
     }
 
 
-def decoding_arguments(config, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
-                       top_p: float | None, eos_token_id, pad_token_id) -> dict:
+class GenerationDefaults:
+    """A checkpoint's ``generation_config.json``: what ``generate`` uses for an argument not given.
+
+    transformers' ``generate`` reads its defaults from the model's generation config, and a chat
+    model's file is where its end-of-turn stop tokens are (Llama 3 Instruct's ``<|eot_id|>``,
+    Gemma's ``<end_of_turn>``) and its sampling settings. ``models.from_pretrained`` keeps the file
+    as the model's ``generation_config`` and ``save_pretrained`` writes it back. Immutable and
+    hashed by its contents (NNX keeps it in the graph definition, a key of jit's cache).
+    """
+
+    __slots__ = ("_text",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_text", json.dumps(dict(values), sort_keys=True))
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> GenerationDefaults | None:
+        """The directory's ``generation_config.json``, or ``None`` where it has none.
+
+        Raises:
+          ValueError: the file is not a JSON object (named).
+        """
+        path = Path(directory) / GENERATION_CONFIG_NAME
+        if not path.is_file():
+            return None
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of generation settings, got {type(values).__name__}")
+        return cls(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self._text)
+
+    def get(self, name: str, default=None):
+        value = self.to_dict().get(name)
+        return default if value is None else value
+
+    def write_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a model's generation_config is read-only")
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GenerationDefaults) and other._text == self._text
+
+    def __repr__(self) -> str:
+        return f"GenerationDefaults({self._text})"
+
+
+def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, temperature: float | None,
+                       top_k: int | None, top_p: float | None, eos_token_id, pad_token_id) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
-    ``max_new_tokens`` is checked, ``eos_token_id`` and ``pad_token_id`` default to ``config``'s
-    (the pad id, failing that, to the first EOS id, else 0), and the sampling settings go through
-    :func:`sampling_arguments`. The EOS ids become a tuple: their number is a shape of the loop.
+    ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
+    value (its ``generation_config.json``) as transformers' ``generate`` does: ``do_sample`` (else
+    greedy), ``temperature`` (else 1), ``top_k`` and ``top_p`` (else off), ``eos_token_id`` and
+    ``pad_token_id``; the EOS and pad ids then fall back to the model config's (the pad id, failing
+    that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
+    The EOS ids become a tuple: their number is a shape of the loop.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = model.config
+    defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
+    if do_sample is None:
+        do_sample = bool(defaults.get("do_sample", False))
+    if temperature is None:
+        temperature = float(defaults.get("temperature", 1.0))
+    if top_k is None:
+        top_k = defaults.get("top_k")
+    if top_p is None:
+        top_p = defaults.get("top_p")
     if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
+        eos_token_id = defaults.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
     if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = defaults.get("pad_token_id", getattr(config, "pad_token_id", None))
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
@@ -193,8 +269,8 @@ class GenerationMixin:
         attention_mask=None,
         *,
         max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -219,6 +295,12 @@ class GenerationMixin:
           temperature, top_k, top_p: sampling filters (ignored when greedy).
           eos_token_id: stop token(s); a finished row is filled with ``pad_token_id``.
           pad_token_id: filler after EOS (defaults to the config's, else the first EOS id).
+
+          An argument left ``None`` takes the checkpoint's ``generation_config.json`` value where
+          it has one (``model.generation_config``: a chat model's end-of-turn stop tokens, its
+          sampling settings), as transformers' ``generate`` does; else greedy, temperature 1, no
+          top-k or top-p filter, the model config's EOS and pad ids. (transformers also applies
+          its own ``top_k=50`` when sampling without one; pass ``top_k=50`` for its draw.)
           seed: the sampling key.
           inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
             ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
@@ -247,7 +329,7 @@ class GenerationMixin:
                 raise ValueError(f"{name} must have the prefill's shape {tuple(prefill)}, got {jnp.shape(value)}")
         if position_ids is not None:
             position_ids = jnp.asarray(position_ids, jnp.int32)
-        decoding = decoding_arguments(self.config, max_new_tokens, do_sample, temperature, top_k, top_p,
+        decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
                                       eos_token_id, pad_token_id)
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         graphdef, state = nnx.split(self)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from peftjax.io import SafetensorsFile, write_safetensors
 from peftjax.io._errors import CheckpointError
+from peftjax.models._generation import GENERATION_CONFIG_NAME, GenerationDefaults
 from peftjax.nn._scan import MODEL_OPTIONS
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -279,6 +280,8 @@ class PreTrainedModel(nnx.Module):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         del rngs
         self.config = ConfigRef(config)
+        # the checkpoint's generation_config.json (GenerationDefaults), set by from_pretrained
+        self.generation_config = None
         self.dtype = resolve_dtype(dtype)
         self.param_dtype = resolve_dtype(param_dtype)
 
@@ -345,8 +348,11 @@ class PreTrainedModel(nnx.Module):
             config._name_or_path = os.fspath(path)
         for name, value in (config_attributes or {}).items():
             setattr(config, name, value)
-        return cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local),
-                                   quantization_config=quantization_config, seed=seed)
+        generation_config = GenerationDefaults.read(local)  # a bad file refused before the weights are read
+        model = cls.from_state_dict(config, read_checkpoint(local), dtype=dtype, source=str(local),
+                                    quantization_config=quantization_config, seed=seed)
+        model.generation_config = generation_config
+        return model
 
     @classmethod
     def from_state_dict(cls, config, state_dict: Mapping[str, np.ndarray], *, dtype=None, source: str = "state dict",
@@ -514,7 +520,8 @@ class PreTrainedModel(nnx.Module):
                                        mean_resizing=mean_resizing, seed=seed)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
+        """Writes ``config.json`` and ``model.safetensors`` that ``transformers`` loads, and the
+        ``generation_config.json`` the model was loaded with, where it had one.
 
         Quantized linears are written in bitsandbytes' layout (the tensors transformers writes for a
         model loaded with ``BitsAndBytesConfig``, see ``peftjax.quantization._checkpoint``) and
@@ -543,6 +550,9 @@ class PreTrainedModel(nnx.Module):
         state = self.checkpoint_layout({**hf_state_dict(self), **quantized_state_dict(self)})
         _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
         _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None:
+            _atomic_write(path / GENERATION_CONFIG_NAME, generation_config.write_file)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The state dict as ``save_pretrained`` writes it (a family whose files use other keys

@@ -66,8 +66,8 @@ class Seq2SeqGenerationMixin:
         attention_mask=None,
         *,
         max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -90,6 +90,8 @@ class Seq2SeqGenerationMixin:
           do_sample, temperature, top_k, top_p, seed: sampling, as the causal models' ``generate``.
           eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
+          The sampling settings, ``eos_token_id`` and ``pad_token_id`` default to the checkpoint's
+          ``generation_config.json`` first, as the causal models' ``generate``.
           decoder_start_token_id: the decoder's first token (default: the config's).
           inputs_embeds: ``[batch, seq, d_model]`` encoder input embeddings in place of ``input_ids``.
           prefix_kv, encoder_prefix_kv: prefixes for the decoder and encoder blocks (see ``__call__``).
@@ -113,7 +115,7 @@ class Seq2SeqGenerationMixin:
         mask = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
-        decoding = decoding_arguments(self.config, max_new_tokens, do_sample, temperature, top_k, top_p,
+        decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
                                       eos_token_id, pad_token_id)
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)

@@ -2,6 +2,7 @@
 
 from peftjax.training._adalora import AdaLoraStep, make_adalora_train_step
 from peftjax.training._args import TrainingArguments, weight_decay_mask
+from peftjax.training._chat import tokenize_chat
 from peftjax.training._data import (
     Batcher,
     load_text_dataset,
@@ -39,6 +40,7 @@ __all__ = [
     "release_host_memory",
     "split",
     "tokenize_causal_lm",
+    "tokenize_chat",
     "tokenize_classification",
     "tokenize_token_classification",
     "tokenize_instructions",

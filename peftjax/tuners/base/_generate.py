@@ -34,7 +34,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     tokens, live = np.zeros((b, total), np.int32), np.zeros((b, total), np.int32)
     tokens[:, :n], live[:, :n] = ids, mask
     # the stop and filler ids default to the config's, as the bundled models' generate does
-    settings = decoding_arguments(model.config, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id)
+    settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id)
     eos, pad = list(settings["eos"]), int(settings["pad"])
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
