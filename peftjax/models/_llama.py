@@ -7,6 +7,7 @@ them. Qwen3 (``_qwen3``) and Phi-3 (``_phi3``) subclass the attention and MLP he
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -187,6 +188,11 @@ class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = LlamaDecoderLayer
+    # whether the decoder can run packed rows (segment_ids: several sequences end to end, each
+    # attending to itself alone, its positions restarting): every layer reads its attention mask
+    # and position ids and nothing else of the row (a family whose RoPE or masks depend on more
+    # turns it off)
+    packs_sequences: ClassVar[bool] = True
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -241,11 +247,26 @@ class LlamaModel(nnx.Module):
         cache_index=None,
         prefix_kv=None,
         dropout_rng=None,
+        segment_ids=None,
     ) -> ModelOutput:
         """Runs the decoder; ``prefix_kv`` follows the prefix attention protocol (``_attention``).
 
         ``dropout_rng``: a ``jax.random`` key to apply the config's dropout (training); ``None``: none.
+        ``segment_ids``: ``[batch, seq]`` packed rows (``Batcher(packing=True)``): a positive id per
+        sequence laid end to end, 0 on padding; each token attends causally within its own
+        sequence, whose positions start at 0 (``position_ids`` default to that), so each
+        sequence's hidden states are those it has alone. Not with a cache or a prefix.
         """
+        if segment_ids is not None:
+            if cache is not None or prefix_kv is not None:
+                raise ValueError("segment_ids (packed rows) is for training and scoring: not with a cache or prefix_kv")
+            if not self.packs_sequences:
+                raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+            segment_ids = jnp.asarray(segment_ids)
+            if position_ids is None:
+                position_ids = attn.segment_positions(segment_ids)
+            if attention_mask is None:
+                attention_mask = segment_ids > 0
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -257,6 +278,9 @@ class LlamaModel(nnx.Module):
         )
         start = pos.start
         masks = self.attention_masks(pos)
+        if segment_ids is not None:  # causal within each packed sequence
+            same = attn.segment_mask(segment_ids)
+            masks = {key: mask & same for key, mask in masks.items()}
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
@@ -304,12 +328,19 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         prefix_kv=None,
         dropout_rng=None,
         logits_to_keep=0,
+        segment_ids=None,
     ) -> ModelOutput:
         """``dropout_rng``: a key to apply the config's dropout, as transformers' ``.train()``;
         ``logits_to_keep``: the positions whose logits are computed, as transformers' (0: all; ``n``:
-        the last ``n``; 1-D indices: those), see :func:`~peftjax.models._outputs.kept_positions`."""
+        the last ``n``; 1-D indices: those), see :func:`~peftjax.models._outputs.kept_positions`;
+        ``segment_ids``: packed rows, where :attr:`packs_sequences` (see ``LlamaModel``); their
+        ``labels`` must not score a sequence's first token from the one before it (``Batcher``
+        sets it to -100)."""
+        if segment_ids is not None and not self.packs_sequences:
+            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng)
+                         dropout_rng, **packed)
         h = out.last_hidden_state
         scaled = self.head_input(h)
         head_in = kept_positions(scaled, logits_to_keep, labels)
@@ -318,6 +349,13 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         if labels is not None:  # fused with lm_head when traced: the full logits are never held
             loss = causal_lm_head_loss(scaled, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values)
+
+    @property
+    def packs_sequences(self) -> bool:
+        """Whether the model runs packed rows (``segment_ids``): its decoder does and takes them."""
+        decoder = type(self.model)
+        return bool(getattr(decoder, "packs_sequences", False)) and (
+            "segment_ids" in inspect.signature(decoder.__call__).parameters)
 
     def head_input(self, h):
         """What the LM head reads: the final hidden states (Granite divides them by its ``logits_scaling``)."""

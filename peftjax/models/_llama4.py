@@ -189,6 +189,9 @@ def layer_kinds(config) -> list[tuple[bool, bool, str]]:
 class Llama4TextModel(LlamaModel):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
+    # chunked attention within the chunks of each row: not within packed sequences
+    packs_sequences = False
+
     layer_class: ClassVar[type[nnx.Module]] = Llama4TextDecoderLayer
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):

@@ -64,7 +64,9 @@ class TrainingArguments:
         (``Batcher(packing=True)``) instead of padding each to the batch's longest, for the
         same loss per sequence with fewer tokens computed. ``None`` (the default): wherever the
         run allows it (:meth:`Trainer.packs`: a classifier that takes packed rows, as peftjax's
-        BERT does); ``True``: required (an error where it cannot be done); ``False``: never.
+        BERT does, or a causal LM whose decoder does, the Llama family's: its training and
+        evaluation batches, not ``predict``'s or ``compute_metrics``' logits); ``True``: required
+        (an error where it cannot be done); ``False``: never.
       compilation_cache: JAX's persistent compilation cache, so that a second run of the same job
         loads its compiled steps instead of compiling them again. ``True`` (the default): the
         directory ``$PEFTJAX_CACHE_DIR/xla`` or ``~/.cache/peftjax/xla`` (``$XDG_CACHE_HOME``

@@ -878,7 +878,13 @@ class Batcher:
       padding_side: ``"right"``, or ``"left"`` for generation prompts.
       target_columns: columns of token lists padded on their own (see above).
       packing: pack each batch's sequences into shared rows (see above); needs the default
-        ``buckets``, right padding, no target columns and no per-token ``labels``.
+        ``buckets``, right padding, no target columns and no per-token ``labels`` unless
+        ``next_token_labels``.
+      next_token_labels: the per-token ``labels`` are a causal LM's next-token targets (the loss
+        scores label ``t + 1`` from position ``t``): packed, each sequence's first label becomes
+        -100, so no sequence is scored on predicting the next one's first token and the scored
+        tokens are the unpacked batch's. With a model that takes ``segment_ids``, the packed
+        batch's loss is the unpacked one's.
       collate: called on each padded batch as ``collate(batch, rng)``, ``rng`` a
         ``numpy.random.Generator`` seeded by ``[seed, epoch, the batch's index in its epoch]``;
         what it returns is the batch (a masked LM's masks drawn anew each epoch:
@@ -906,6 +912,7 @@ class Batcher:
         padding_side: str = "right",
         target_columns: Sequence[str] = (),
         packing: bool = False,
+        next_token_labels: bool = False,
         collate: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None,
     ):
         _check_positive("batch_size", batch_size)
@@ -943,6 +950,7 @@ class Batcher:
         self._lengths = np.diff(self._tokens["input_ids"][1])
         self._target_lengths = {k: np.diff(v[1]) for k, v in self._targets.items()}
         self.packing = bool(packing)
+        self.next_token_labels = bool(next_token_labels)
         self.pack_length: int | None = None
         self.row_buckets: tuple[int, ...] | None = None
         if self.packing:
@@ -1038,8 +1046,8 @@ class Batcher:
             problems.append(f"padding_side={self.padding_side!r}")
         if target_columns:
             problems.append(f"target_columns={list(target_columns)!r}")
-        if "labels" in self._tokens:
-            problems.append("per-token labels (a next-token loss would run across packed sequences)")
+        if "labels" in self._tokens and not self.next_token_labels:
+            problems.append("per-token labels that are not a causal LM's next-token targets (next_token_labels=True)")
         if problems:
             raise ValueError(f"Batcher(packing=True) does not support {'; '.join(problems)}")
         empty = np.flatnonzero(self._lengths == 0)
@@ -1148,6 +1156,11 @@ class Batcher:
             segments[r, c : c + k] = i + 1
             starts[i] = r * length + c
         batch["segment_ids"], batch["segment_starts"] = segments, starts
+        if self.next_token_labels and "labels" in batch:
+            # a sequence's first token is never a target unpacked (nothing comes before it); packed,
+            # the token before it is the last of another sequence, which must not learn to predict it
+            rows, columns = np.divmod(starts[: len(index)], length)
+            batch["labels"][rows, columns] = IGNORE_INDEX
         return self._with_row_columns(batch, index)
 
     def _with_row_columns(self, batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:

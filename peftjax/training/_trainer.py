@@ -536,7 +536,7 @@ class Trainer:
         if self.eval_dataset is not None:  # evaluated during training, or by evaluate() after it
             columns = self._dataset_columns(self.eval_dataset, "eval_dataset")
             evaluation = self._batcher(columns, self.args.per_device_eval_batch_size, "eval_dataset", shuffle=False,
-                                       collate=self._eval_collate)
+                                       collate=self._eval_collate, per_row_logits=self.compute_metrics is not None)
             for batch in first_batch_of_each_shape(evaluation, 0, evaluation.num_batches):
                 placed = self._place(batch)
                 jobs.append((("eval", signature(placed)), functools.partial(
@@ -594,13 +594,18 @@ class Trainer:
         # replicated outputs: every process can read the logits and sums (several hosts)
         return jax.jit(traced_partitioned(eval_step), static_argnums=0, out_shardings=replicated(self.mesh))
 
-    def _batcher(self, columns: dict, per_device: int, name: str, *, shuffle: bool, collate=None) -> Batcher:
+    def _batcher(self, columns: dict, per_device: int, name: str, *, shuffle: bool, collate=None,
+                 per_row_logits: bool = False) -> Batcher:
         """Batches of ``columns`` (the dataset ``name``), their tokens checked against the model's
         vocabulary; an encoder-decoder's labels are padded to their own length; packed where
-        :meth:`packs`; each passed through ``collate``."""
+        :meth:`packs`, unless a causal LM's logits are to be read row by row (``per_row_logits``:
+        ``predict``, ``compute_metrics``); each passed through ``collate``."""
         targets = ("labels",) if self.problem_type == SEQ2SEQ_LM else ()
+        causal = self.problem_type == CAUSAL_LM
         batcher = Batcher(columns, self._batch_size(per_device), pad_token_id=self.pad_token_id, shuffle=shuffle,
-                          seed=self.args.seed, target_columns=targets, packing=self.packs(), collate=collate)
+                          seed=self.args.seed, target_columns=targets,
+                          packing=self.packs() and not (causal and per_row_logits), next_token_labels=causal,
+                          collate=collate)
         vocab_size = getattr(getattr(self.model.base_model, "config", None), "vocab_size", None)
         if vocab_size:
             batcher.check_token_ids(int(vocab_size), name)
@@ -650,9 +655,12 @@ class Trainer:
     def packs(self) -> bool:
         """Whether batches are packed (``TrainingArguments.packing``; by default wherever it can be).
 
-        Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT),
-        one label per sequence (classification or regression, not a language model), an adapter
-        that is not prompt learning (whose virtual tokens go before each row) and no mesh.
+        Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT)
+        with one label per sequence (classification or regression), or a causal LM that runs
+        packed rows (``packs_sequences``: the Llama family's decoders, whose next-token labels
+        the batches unlabel at each sequence's first token, so the loss is the unpacked one's);
+        an adapter that is not prompt learning (whose virtual tokens go before each row), no
+        routing by task, and no mesh.
 
         Raises:
           ValueError: ``packing=True`` where it cannot be done, saying why.
@@ -664,15 +672,21 @@ class Trainer:
 
     def _no_packing(self) -> str | None:
         """Why this run cannot pack its batches, or ``None``."""
-        if not set(PACKED_INPUTS) <= set(self.model_inputs):
-            return f"{type(self.model.base_model).__name__} does not take {' and '.join(PACKED_INPUTS)}"
-        if self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM, TOKEN_CLS):
+        base = self.model.base_model
+        if self.problem_type == CAUSAL_LM:
+            if "segment_ids" not in self.model_inputs or not getattr(base, "packs_sequences", False):
+                return f"{type(base).__name__} does not run packed rows (segment_ids)"
+        elif not set(PACKED_INPUTS) <= set(self.model_inputs):
+            return f"{type(base).__name__} does not take {' and '.join(PACKED_INPUTS)}"
+        if self.problem_type in (SEQ2SEQ_LM, TOKEN_CLS):
             return f"a {self.problem_type} model's labels are per token, not one per sequence"
         if self.problem_type == QUESTION_ANS:
             return "a question-answering model's answer spans are token positions in their own row"
         config = self.model.peft_config.get(getattr(self.model, "active_adapter", None))
         if getattr(config, "is_prompt_learning", False):
             return f"{config.peft_type} puts its virtual tokens before each row"
+        if getattr(config, "peft_type", None) == "SHADOW":
+            return "a Shadow adapter's backbone runs each row whole"
         if self._task_adapters:
             return f"{self._task_adapters[0][1]} routes each row by its task"
         if self.mesh is not None:
@@ -865,7 +879,8 @@ class Trainer:
         cols = self._check_tasks(cols, "dataset")
         if "labels" not in cols:
             cols["labels"] = self._stand_in_labels(cols["input_ids"])
-        batcher = self._batcher(cols, self.args.per_device_eval_batch_size, "dataset", shuffle=False)
+        batcher = self._batcher(cols, self.args.per_device_eval_batch_size, "dataset", shuffle=False,
+                                per_row_logits=True)
         out = []
         for batch in batcher.batches(0):
             logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
@@ -926,7 +941,7 @@ class Trainer:
             raise TrainingError("no eval_dataset to evaluate on")
         columns = self._dataset_columns(dataset, "eval_dataset")
         batcher = self._batcher(columns, self.args.per_device_eval_batch_size, "eval_dataset", shuffle=False,
-                                collate=self._eval_collate)
+                                collate=self._eval_collate, per_row_logits=self.compute_metrics is not None)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
         token_level = False

@@ -1,0 +1,126 @@
+"""Padding-free causal LM batches: several sequences end to end in one row (``segment_ids``), each
+attending to itself alone with its own positions; the Trainer packs a Llama-family causal LM's
+batches by default. Oracles: transformers' model on each sequence alone, and the Trainer's
+unpacked run."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+from _tiny import arch
+from _tiny import save as save_tiny
+
+import peftjax
+from peftjax import models
+from peftjax.training import Batcher, Trainer, TrainingArguments
+
+LENGTHS = (7, 3, 12, 5, 9, 2)
+
+
+def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() for n in LENGTHS]
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 4}), ("qwen3", {})])
+def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
+    """Logits of each sequence in a packed batch equal transformers' model run on it alone (a
+    sliding window counted within the sequence too), and the packed loss, its first tokens
+    unlabelled by the Batcher, is transformers' token mean over the unpacked batch."""
+    spec = arch(family, **overrides)
+    hf = save_tiny(spec, tmp_path)
+    model = models.from_pretrained(tmp_path)
+    assert model.packs_sequences
+    sequences = _sequences(spec.config().vocab_size)
+    columns = {"input_ids": sequences, "labels": sequences}
+    batcher = Batcher(columns, len(sequences), shuffle=False, packing=True, next_token_labels=True)
+    batch = next(batcher.batches(0))
+    assert batch["input_ids"].shape[0] < len(sequences)  # fewer rows than sequences: packed
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                segment_ids=batch["segment_ids"], labels=batch["labels"])
+    logits = np.asarray(out.logits)
+    flat = logits.reshape(-1, logits.shape[-1])
+    for i, sequence in enumerate(sequences):
+        with torch.no_grad():
+            alone = hf(torch.tensor([sequence])).logits[0].numpy()
+        start = int(batch["segment_starts"][i])
+        np.testing.assert_allclose(flat[start:start + len(sequence)], alone, atol=2e-5, rtol=1e-4)
+    width = max(LENGTHS)
+    padded = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    labels = torch.tensor([s + [-100] * (width - len(s)) for s in sequences])
+    mask = (labels != -100).long()
+    with torch.no_grad():
+        expected = hf(padded, attention_mask=mask, labels=labels).loss.item()
+    np.testing.assert_allclose(float(out.loss), expected, rtol=1e-5)
+
+
+def test_batcher_unlabels_each_packed_sequence_s_first_token():
+    sequences = _sequences(50)
+    columns = {"input_ids": sequences, "labels": sequences}
+    batch = next(Batcher(columns, len(sequences), shuffle=False, packing=True, next_token_labels=True).batches(0))
+    flat_labels, flat_ids = batch["labels"].reshape(-1), batch["input_ids"].reshape(-1)
+    for i, sequence in enumerate(sequences):
+        start = int(batch["segment_starts"][i])
+        assert flat_labels[start] == -100
+        assert flat_labels[start + 1:start + len(sequence)].tolist() == sequence[1:]
+        assert flat_ids[start:start + len(sequence)].tolist() == sequence
+    with pytest.raises(ValueError, match=r"per-token labels that are not a causal LM's next-token targets"):
+        Batcher(columns, 4, packing=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    save_tiny("llama", directory)
+    return directory
+
+
+def _rows() -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, 90, int(n)).tolist() for n in rng.integers(2, 20, 24)]
+
+
+def _trainer(directory, out, packing):
+    base = models.from_pretrained(directory)
+    lora = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                              task_type="CAUSAL_LM")
+    model = peftjax.get_peft_model(base, lora, key=jax.random.key(0))
+    data = {"input_ids": _rows(), "labels": _rows()}
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=4, learning_rate=5e-3,
+                             logging_steps=1, save_steps=0, disable_tqdm=True, packing=packing, seed=3,
+                             gradient_accumulation_steps=1)
+    return Trainer(model, args, train_dataset=data, eval_dataset=data)
+
+
+def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_path):
+    """By default a Llama causal LM's batches are packed: the same losses, evaluation and adapter
+    as the unpacked run, and ``predict`` reads each row's own logits."""
+    packed, padded = _trainer(llama_dir, tmp_path / "packed", None), _trainer(llama_dir, tmp_path / "padded", False)
+    assert packed.packs() and not padded.packs()
+    a, b = packed.train(), padded.train()
+    np.testing.assert_allclose([r["loss"] for r in packed.log_history if "loss" in r],
+                               [r["loss"] for r in padded.log_history if "loss" in r], rtol=2e-5)
+    assert a.global_step == b.global_step == 4
+    for key, value in packed.evaluate().items():
+        np.testing.assert_allclose(value, padded.evaluate()[key], rtol=2e-5)
+    mine, theirs = (peftjax.split(t.model.base_model)[1] for t in (packed, padded))
+    for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6)
+    rows = {"input_ids": [[5, 6, 7], [8, 9, 10, 11, 12]]}
+    np.testing.assert_allclose(packed.predict(rows), padded.predict(rows), atol=1e-6)
+    packed.compute_metrics = lambda logits, labels: {"rows": logits.shape[0], "tokens": int((labels != -100).sum())}
+    metrics = packed.evaluate()  # compute_metrics reads each row's logits: unpacked
+    assert (metrics["eval_rows"], metrics["eval_tokens"]) == (24, sum(map(len, _rows())))
+
+
+def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
+    save_tiny("gemma2", tmp_path / "gemma2")
+    base = models.from_pretrained(tmp_path / "gemma2")
+    assert not getattr(base, "packs_sequences", False)
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, packing=True, disable_tqdm=True)
+    trainer = Trainer(model, args, train_dataset={"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
+    with pytest.raises(ValueError, match=r"packing=True: Gemma2ForCausalLM does not run packed rows"):
+        trainer.train()
