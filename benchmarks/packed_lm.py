@@ -2,8 +2,8 @@
 
     python benchmarks/packed_lm.py [--rows 256 --batch 8 --seq 512 --median-length 96 --repeats 3 ...]
 
-The model is speed_vs_peft.py's Llama (built in PyTorch from a fixed seed and saved); LoRA ``r=8``
-on every linear layer; ``--rows`` random rows whose lengths are log-normal around
+The model is a Llama of speed_vs_peft.py's shape, drawn in each child from one seed
+(``models.LlamaForCausalLM.from_config``: no PyTorch here); LoRA ``r=8`` on every linear layer; ``--rows`` random rows whose lengths are log-normal around
 ``--median-length`` tokens (clipped to ``[8, --seq]``), as a conversation dataset's are. Each
 configuration trains one epoch with the public ``Trainer`` in a fresh process, ``--repeats``
 times, alternating:
@@ -42,7 +42,6 @@ def arguments(argv=None) -> argparse.Namespace:
                           ("matmul_size", 2048)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -63,7 +62,12 @@ def child(args) -> dict:
 
     data = rows(args)
     columns = {"input_ids": data, "labels": data}
-    model = peftjax.get_peft_model(models.from_pretrained(args.model_dir),
+    config = models.ModelConfig.from_dict({
+        "model_type": "llama", "vocab_size": args.vocab, "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads, "max_position_embeddings": max(2048, args.seq),
+        "tie_word_embeddings": False})
+    model = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(config, seed=0),
                                    peftjax.LoraConfig(task_type="CAUSAL_LM", r=8, target_modules="all-linear"))
     with tempfile.TemporaryDirectory() as out:
         extra = {} if args.child == "packed" else {"packing": False}
@@ -90,16 +94,13 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     results = {c: [] for c in CONFIGS}
-    with tempfile.TemporaryDirectory() as directory:
-        svp.build_model(args, directory)
-        for _ in range(args.repeats):
-            for config in CONFIGS:
-                argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", config,
-                        "--model-dir", directory]
-                proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{config} child failed:\n{proc.stderr[-4000:]}")
-                results[config].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for _ in range(args.repeats):
+        for config in CONFIGS:
+            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", config]
+            proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if proc.returncode != 0:
+                raise RuntimeError(f"{config} child failed:\n{proc.stderr[-4000:]}")
+            results[config].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     import jax.numpy as jnp
 
     a = jnp.ones((args.matmul_size, args.matmul_size), jnp.float32)

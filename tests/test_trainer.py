@@ -23,7 +23,7 @@ from _tiny import classification_data
 from _compiles import compilations
 import peftjax
 from peftjax.io import read_safetensors
-from peftjax.models import BertForSequenceClassification, LlamaForCausalLM
+from peftjax.models import BertForSequenceClassification, LlamaForCausalLM, LlamaForSequenceClassification
 from peftjax.training._args import TrainingArguments
 from peftjax.training._data import Batcher
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint
@@ -145,18 +145,24 @@ def test_a_classifier_trains_on_packed_rows_as_on_padded_ones(tmp_path):
 
 def test_packing_is_refused_where_it_cannot_be_done(tmp_path):
     args = dict(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none", packing=True)
-    llama = LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64), seed=0)
-    causal = Trainer(peftjax.get_peft_model(llama, peftjax.LoraConfig(r=2)), TrainingArguments(**args))
-    with pytest.raises(ValueError, match="packing=True: LlamaForCausalLM does not take segment_ids and segment_starts"):
-        causal.packs()
+    llama = LlamaForSequenceClassification.from_config(_tiny.config("llama", vocab_size=64, num_labels=2), seed=0)
+    classifier = Trainer(peftjax.get_peft_model(llama, peftjax.LoraConfig(r=2, task_type="SEQ_CLS")),
+                         TrainingArguments(**args))
+    with pytest.raises(ValueError, match="packing=True: LlamaForSequenceClassification does not take segment_ids and "
+                                         "segment_starts"):
+        classifier.packs()
     prompt = peftjax.get_peft_model(_bert(0.0).base_model, peftjax.PromptTuningConfig(task_type="SEQ_CLS",
                                                                                       num_virtual_tokens=2))
     with pytest.raises(ValueError, match="packing=True: PROMPT_TUNING puts its virtual tokens before each row"):
         Trainer(prompt, TrainingArguments(**args)).packs()
     auto = {**args, "packing": None}
     assert not Trainer(prompt, TrainingArguments(**auto)).packs()
-    assert not Trainer(peftjax.get_peft_model(LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64), seed=0),
-                                              peftjax.LoraConfig(r=2)), TrainingArguments(**auto)).packs()
+    # a Llama causal LM packs by default (tests/test_causal_packing.py); not with a task-routing adapter
+    causal = LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64), seed=0)
+    assert Trainer(peftjax.get_peft_model(causal, peftjax.LoraConfig(r=2)), TrainingArguments(**auto)).packs()
+    routed = LlamaForCausalLM.from_config(_tiny.config("llama", vocab_size=64), seed=0)
+    assert not Trainer(peftjax.get_peft_model(routed, peftjax.PolyConfig(r=2, n_tasks=2, task_type="CAUSAL_LM")),
+                       TrainingArguments(**auto)).packs()
     with pytest.raises(ValueError, match="packing must be None, True or False"):
         TrainingArguments(**{**args, "packing": "yes"})
 
