@@ -147,6 +147,24 @@ def test_tokenize_classification_matches_the_tokenizer(tokenizer, sentiment):
     assert max(lengths) == 12 and len(lengths) > 1
 
 
+def test_a_tokenized_file_is_reused_only_for_the_same_tokenizer_and_arguments(tokenizer, sentiment, tmp_path):
+    """The tokenize functions fingerprint their result from the data, their code, arguments and the
+    tokenizer's definition (not by pickling the tokenizer): the same call reuses ``datasets``' cached
+    file, a tokenizer that tokenizes otherwise or another argument gets rows of its own."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sentiment[:20]))
+    ds = load_text_dataset(path, split="train")
+    first = tokenize_classification(ds, tokenizer, max_length=12)
+    again = tokenize_classification(ds, _tokenizer(), max_length=12)  # an equal tokenizer, loaded anew
+    assert again._fingerprint == first._fingerprint and again.cache_files == first.cache_files
+    cased = _tokenizer(do_lower_case=False)
+    for other in (tokenize_classification(ds, cased, max_length=12), tokenize_classification(ds, tokenizer, max_length=10)):
+        assert other._fingerprint != first._fingerprint and other.cache_files != first.cache_files
+    rows = tokenize_classification(ds, cased, max_length=12)
+    assert rows["input_ids"] == [cased(r["text"], truncation=True, max_length=12)["input_ids"] for r in sentiment[:20]]
+    assert rows["input_ids"] != first["input_ids"]  # the case matters to this tokenizer: not the cached rows
+
+
 def test_tokenize_classification_pairs_splits_and_errors(tokenizer):
     pairs = datasets.Dataset.from_dict({"a": ["a cat sat", "rain"], "b": ["on the mat", "sun"], "y": [2, 0]})
     out = tokenize_classification(datasets.DatasetDict({"train": pairs}), tokenizer,

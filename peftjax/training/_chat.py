@@ -30,6 +30,7 @@ from peftjax.training._data import (
     IGNORE_INDEX,
     _check_positive,
     _kept_columns,
+    _mapped,
     _per_split,
     _require_columns,
 )
@@ -165,7 +166,7 @@ def tokenize_chat(
 
     def one(ds):
         _require_columns(ds, [messages_column, *keep])
-        result = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+        result = _mapped(ds, encode, with_indices=True, desc="tokenizing")
         dropped = len(ds) - len(result)
         if dropped:
             warnings.warn(

@@ -212,7 +212,7 @@ def tokenize_classification(
                 out["labels"] = batch[label_column]
             return {**out, **{c: batch[c] for c in keep}}
 
-        return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        return _mapped(ds, encode, desc="tokenizing")
 
     return _per_split(dataset, one)
 
@@ -306,7 +306,7 @@ def tokenize_masked_lm(
                         out[c].append(batch[c][row])
             return out
 
-        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="masking")
+        return _mapped(ds, encode, with_indices=True, desc="masking")
 
     return _per_split(dataset, one)
 
@@ -381,7 +381,7 @@ def tokenize_token_classification(
                 out["labels"].append(labels)
             return {**out, **{c: batch[c] for c in keep}}
 
-        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+        return _mapped(ds, encode, with_indices=True, desc="tokenizing")
 
     return _per_split(dataset, one)
 
@@ -479,7 +479,7 @@ def tokenize_question_answering(
                 out["end_positions"][-1] = next(i for i in reversed(tokens) if offsets[i][0] < last)
             return out
 
-        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+        return _mapped(ds, encode, with_indices=True, desc="tokenizing")
 
     return _per_split(dataset, one)
 
@@ -555,14 +555,8 @@ def tokenize_causal_lm(
     def one(ds):
         _require_columns(ds, [text_column, *keep])
         if not packing:
-            return ds.map(lambda batch: {**encode(batch), **{c: batch[c] for c in keep}}, batched=True,
-                          remove_columns=ds.column_names, desc="tokenizing")
-        tokens = ds.map(
-            lambda batch: {"input_ids": encode(batch)["input_ids"]},
-            batched=True,
-            remove_columns=ds.column_names,
-            desc="tokenizing",
-        )
+            return _mapped(ds, lambda batch: {**encode(batch), **{c: batch[c] for c in keep}}, desc="tokenizing")
+        tokens = _mapped(ds, lambda batch: {"input_ids": encode(batch)["input_ids"]}, desc="tokenizing")
         stream = _flat_values(tokens.with_format("arrow")[:].column("input_ids")).astype(np.int32)
         blocks = len(stream) // max_length
         if blocks == 0:
@@ -642,7 +636,7 @@ def tokenize_instructions(
 
     def one(ds):
         _require_columns(ds, [prompt_column, response_column, *keep])
-        result = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        result = _mapped(ds, encode, desc="tokenizing")
         dropped = len(ds) - len(result)
         if dropped:
             warnings.warn(
@@ -711,9 +705,77 @@ def tokenize_seq2seq(
 
     def one(ds):
         _require_columns(ds, [source_column, target_column, *keep])
-        return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+        return _mapped(ds, encode, desc="tokenizing")
 
     return _per_split(dataset, one)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of what decides how ``tokenizer`` tokenizes: a fast tokenizer's whole definition
+    (``backend_tokenizer.to_str()``: vocabulary, merges, normalizer, pre-tokenizer, post-processor,
+    added tokens), its class, special tokens, chat template and settings, in milliseconds; a slow
+    one's as ``datasets`` hashes it (pickled)."""
+    import hashlib
+
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
+                if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
+    extra = (type(tokenizer).__qualname__, getattr(tokenizer, "special_tokens_map", None),
+             getattr(tokenizer, "chat_template", None), getattr(tokenizer, "add_prefix_space", None),
+             sorted(settings.items(), key=lambda kv: kv[0]))
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(repr(extra).encode())
+    return digest.hexdigest()
+
+
+def _code_digest(fn, digest, seen: set) -> None:
+    """Feeds ``digest`` with a function's code (nested functions and code objects included) and
+    the values it closes over, a tokenizer by :func:`tokenizer_digest`."""
+    from datasets.fingerprint import Hasher
+
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
+    code = fn.__code__
+
+    def feed_code(c) -> None:
+        digest.update(c.co_code)
+        digest.update(repr(c.co_names).encode())
+        for const in c.co_consts:
+            feed_code(const) if hasattr(const, "co_code") else digest.update(repr(const).encode())
+
+    feed_code(code)
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if hasattr(value, "__code__"):
+            _code_digest(value, digest, seen)
+        elif hasattr(value, "backend_tokenizer") or type(value).__name__.endswith("Tokenizer"):
+            digest.update(tokenizer_digest(value).encode())
+        else:
+            digest.update(Hasher.hash(value).encode())
+
+
+def _mapped(ds, fn, **kwargs):
+    """``ds.map(fn, batched=True)``, its columns replaced by ``fn``'s, under a fingerprint made here
+    from the dataset's, ``fn``'s code, the values it closes over (the tokenizer by
+    :func:`tokenizer_digest`), the arguments and peftjax's version. ``datasets`` would hash the
+    same by pickling the tokenizer, which took 0.3 s a call for MiniLM's (seconds for a 128k
+    vocabulary) against a few milliseconds; the fingerprint still changes with anything that
+    changes the rows, so a cached result is reused only where it is the same."""
+    import hashlib
+
+    import peftjax
+
+    digest = hashlib.sha256(f"{ds._fingerprint}\0{peftjax.__version__}\0{sorted(kwargs.items())!r}".encode())
+    _code_digest(fn, digest, set())
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=digest.hexdigest()[:32], **kwargs)
 
 
 def _per_split(dataset, fn):
