@@ -154,6 +154,7 @@ def test_a_tokenized_file_is_reused_only_for_the_same_tokenizer_and_arguments(to
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in sentiment[:20]))
     ds = load_text_dataset(path, split="train")
+    tokenizer(["a call that leaves", "padding and truncation set"], padding=True, truncation=True, max_length=5)
     first = tokenize_classification(ds, tokenizer, max_length=12)
     again = tokenize_classification(ds, _tokenizer(), max_length=12)  # an equal tokenizer, loaded anew
     assert again._fingerprint == first._fingerprint and again.cache_files == first.cache_files

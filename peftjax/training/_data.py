@@ -713,21 +713,25 @@ def tokenize_seq2seq(
 def tokenizer_digest(tokenizer) -> str:
     """A digest of what decides how ``tokenizer`` tokenizes: a fast tokenizer's whole definition
     (``backend_tokenizer.to_str()``: vocabulary, merges, normalizer, pre-tokenizer, post-processor,
-    added tokens), its class, special tokens, chat template and settings, in milliseconds; a slow
-    one's as ``datasets`` hashes it (pickled)."""
+    added tokens; not the truncation and padding the last call left set), its class, special
+    tokens, chat template and settings, in milliseconds; a slow one's as ``datasets`` hashes it
+    (pickled)."""
     import hashlib
+    import json
 
     from datasets.fingerprint import Hasher
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return Hasher.hash(tokenizer)
+    # without the truncation and padding the last call left set: each call sets its own
+    definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
     settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
                 if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
     extra = (type(tokenizer).__qualname__, getattr(tokenizer, "special_tokens_map", None),
              getattr(tokenizer, "chat_template", None), getattr(tokenizer, "add_prefix_space", None),
              sorted(settings.items(), key=lambda kv: kv[0]))
-    digest = hashlib.sha256(backend.to_str().encode())
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode())
     digest.update(repr(extra).encode())
     return digest.hexdigest()
 
@@ -771,9 +775,9 @@ def _mapped(ds, fn, **kwargs):
     changes the rows, so a cached result is reused only where it is the same."""
     import hashlib
 
-    import peftjax
+    from peftjax._version import __version__
 
-    digest = hashlib.sha256(f"{ds._fingerprint}\0{peftjax.__version__}\0{sorted(kwargs.items())!r}".encode())
+    digest = hashlib.sha256(f"{ds._fingerprint}\0{__version__}\0{sorted(kwargs.items())!r}".encode())
     _code_digest(fn, digest, set())
     return ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=digest.hexdigest()[:32], **kwargs)
 
