@@ -27,7 +27,9 @@ torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
 
 VOCAB = _tiny.FAMILIES["glm4_moe"][2]["vocab_size"]
 CLASSES = {"glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
-TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float32 sums
+# random 0.3-std weights: logits of ~10, float32 sums whose rounding depends on the host's kernels
+# (1.7e-5 apart on an Intel AVX-512/AMX host)
+TOL = dict(atol=5e-5, rtol=1e-5)
 IDS, MASK = padded_batch(VOCAB, batch=3, seq=7)
 
 
