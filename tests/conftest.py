@@ -63,6 +63,12 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes' CPU backend wraps its 4-bit dequantization in torch.compile (static shapes), so the
+# oracle's first dequantization of each weight shape ran Inductor: 7.9 s for one 33x17 weight.
+# Without TorchDynamo the same ops run eagerly (a table lookup times the block's absmax: the same
+# values). The quantization files from a cold Inductor cache, as CI's: 68 -> 50 s. Nothing here
+# tests torch.compile.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 # The suite compiles far more than it runs: XLA's CPU backend generates code with LLVM at -O0 and
 # without its expensive passes (the same HLO programs, the same float semantics; slower machine
 # code). Measured on tests/test_lora_peft.py alone: 82 s -> 64 s (-O0) -> 59 s (both). Subprocesses
