@@ -172,15 +172,15 @@ def _kept_by_transformers(logits, temperature, top_k=None, top_p=None) -> set[in
 
 def test_sampling_settings_are_values_of_one_compiled_generate(tmp_path):
     """A new temperature, top-k, top-p or pad token reuses the compiled generate (a server's clients
-    send their own); only turning a filter on or off compiles anew. Every token drawn is one that
-    transformers' warpers keep, from the PyTorch model's logits."""
+    send their own); only turning a filter on or off compiles anew (``top_k=0``: off). Every token
+    drawn is one that transformers' warpers keep, from the PyTorch model's logits."""
     torch_model = save_tiny(tr.LlamaForCausalLM, _tiny.config("llama", **TINY), tmp_path)
     model = models.from_pretrained(tmp_path)
     prompt, _ = padded_batch(TINY["vocab_size"], batch=1, seq=6)
     ids = np.repeat(prompt, 256, axis=0)  # 256 draws of the first new token, one per row
     logits = torch_logits(torch_model, input_ids=prompt, attention_mask=np.ones_like(prompt))[0, -1]
     settings = [dict(temperature=0.7, top_k=5), dict(temperature=2.0, top_k=3),  # top-k alone
-                dict(temperature=1.3, top_p=0.6), dict(temperature=0.5, top_p=0.9),  # top-p alone
+                dict(temperature=1.3, top_p=0.6, top_k=0), dict(temperature=0.5, top_p=0.9, top_k=0),  # top-p alone
                 dict(temperature=0.9, top_k=20, top_p=0.5), dict(temperature=1.1, top_k=4, top_p=0.95)]
     with compilations() as compiled:
         for i, setting in enumerate(settings):

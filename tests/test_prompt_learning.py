@@ -322,6 +322,15 @@ def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
     out = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=eos or [])
     np.testing.assert_array_equal(out, ref)
+    if (arch, method) == ("llama", "prompt"):  # a repetition penalty over the prompt's real tokens, not virtual ones
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            own = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
+                              do_sample=False, pad_token_id=0, use_cache=False, repetition_penalty=1.8)
+        penalized = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=eos,
+                                   repetition_penalty=1.8)
+        np.testing.assert_array_equal(penalized, own.numpy())
+        assert penalized.shape != out.shape or (penalized != out).any()
 
 
 @pytest.mark.parametrize(("arch", "method"), [("llama", "prefix"), ("gemma2", "prefix"), ("llama", "prompt")])

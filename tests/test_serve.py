@@ -62,15 +62,15 @@ def files(tmp_path_factory):
     return root
 
 
-def alone(model, tokenizer, prompt, adapter, max_new_tokens):
+def alone(model, tokenizer, prompt, adapter, max_new_tokens, **settings):
     """The tokens ``adapter`` generates for ``prompt`` by itself, cut at end-of-sequence."""
     ids = np.asarray([tokenizer(prompt)["input_ids"]])
     if adapter is None:
         with model.disable_adapter():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **settings)
     else:
         model.set_adapter(adapter)
-        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **settings)
     tokens = [int(t) for t in out[0, ids.shape[1]:]]
     eos = model.config.eos_token_id
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
@@ -160,6 +160,32 @@ def test_clients_sampling_settings_compile_nothing_new(files):
             for result in generator.generate(requests):
                 assert len(result["token_ids"]) <= 8 and result["batch"]["adapters"] == ["a", "b"]
     assert compiled.count("_generate") == 1, compiled
+
+
+def test_a_request_s_repetition_penalty_is_its_own(files):
+    """A greedy request with a ``repetition_penalty`` gets what its adapter alone generates with it
+    (left padding is not a repetition), batched only with requests of the same penalty."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    asks = [(0, "a", 0.3), (2, "b", 0.3), (1, "a", None)]  # below 1: seen tokens are favoured
+    requests = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8,
+                                   **({} if penalty is None else {"repetition_penalty": penalty})})
+                for i, adapter, penalty in asks]
+    assert requests[0].batch_key == requests[1].batch_key != requests[2].batch_key
+    penalized = generator.generate(requests[:2])
+    for (i, adapter, penalty), result in zip(asks, penalized):
+        expected = alone(model, tokenizer, PROMPTS[i], adapter, 8, repetition_penalty=penalty)
+        assert result["token_ids"] == expected
+        assert expected != alone(model, tokenizer, PROMPTS[i], adapter, 8)  # the penalty counts here
+    for bad in (0, -1.0, "high"):
+        with pytest.raises(serving.RequestError, match="'repetition_penalty' must be"):
+            generator.request({"prompt": PROMPTS[0], "repetition_penalty": bad})
 
 
 def test_a_conversation_is_served_in_the_chat_template_and_stops_at_the_generation_config_s_tokens(

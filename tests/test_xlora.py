@@ -102,7 +102,19 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
         warnings.simplefilter("ignore")
         expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
                                    max_new_tokens=4, do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0), expected)
+    greedy = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0)
+    np.testing.assert_array_equal(greedy, expected)
+    # the repetition penalty (from each row's first real token) and min_new_tokens, in the uncached loop
+    stop = int(greedy[0, 6])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                                   max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=stop,
+                                   repetition_penalty=3.0, min_new_tokens=2).numpy()
+    constrained = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, eos_token_id=stop,
+                                 repetition_penalty=3.0, min_new_tokens=2)
+    np.testing.assert_array_equal(constrained, expected)
+    assert constrained.shape != greedy.shape or (constrained != greedy).any()
 
 
 def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path, capsys):

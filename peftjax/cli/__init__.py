@@ -156,6 +156,7 @@ def _generate(args) -> int:
                          do_sample=None if args.temperature is None else not greedy,
                          temperature=None if greedy else args.temperature, top_p=args.top_p,
                          top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed,
+                         repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                          **task_inputs(model, args.task_id, len(texts)))
     for text, row in zip(texts, out):
         new = tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -623,7 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="0 means greedy (default: the checkpoint's generation_config.json, greedy without "
                                 "one); the stop tokens are that file's too")
             p.add_argument("--top-p", type=float, default=None)
-            p.add_argument("--top-k", type=int, default=None)
+            p.add_argument("--top-k", type=int, default=None,
+                           help="sampling: the likeliest k tokens (0: off; default: the generation config's, else "
+                                "50, as transformers)")
+            p.add_argument("--repetition-penalty", type=float, default=None,
+                           help="divides the logits of tokens already in the text (default: the generation "
+                                "config's, else off)")
+            p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
             p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("--max-length", type=int, default=128)

@@ -1,4 +1,5 @@
-"""Jitted generation with a KV cache for the causal models (greedy, temperature, top-k, top-p)."""
+"""Jitted generation with a KV cache for the causal models: greedy or sampled (temperature, top-k,
+top-p), with transformers' repetition penalty and minimum length."""
 
 from __future__ import annotations
 
@@ -50,6 +51,39 @@ def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> ja
     return logits
 
 
+def _constrain(logits: jax.Array, seen, new_tokens, *, penalty, min_new, eos_ids) -> jax.Array:
+    """The logits processors transformers' ``generate`` runs before choosing a token, greedy or
+    sampled, in its order: the repetition penalty (``RepetitionPenaltyLogitsProcessor``: a token
+    already in the sequence has its logit divided by ``penalty``, or multiplied where negative),
+    then no EOS while fewer than ``min_new`` tokens are new (``MinNewTokensLengthLogitsProcessor``:
+    their logits become -inf). ``seen`` is ``[batch, vocab]``, whether each token is in the row so
+    far; ``penalty`` or ``min_new`` ``None``: that processor is off (a static choice)."""
+    if penalty is not None:
+        logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if min_new is not None:
+        is_eos = jnp.isin(jnp.arange(logits.shape[-1]), eos_ids)
+        logits = jnp.where(is_eos[None] & (new_tokens < min_new), -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p) -> jax.Array:
+    """The next token of each row: the likeliest, or one drawn after the sampling filters."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def _mark_seen(seen, tokens: jax.Array, counted=None):
+    """``seen`` with ``tokens`` (``[batch, n]``, where ``counted``) marked; ``None`` stays ``None``
+    (the repetition penalty is off)."""
+    if seen is None:
+        return None
+    if counted is not None:
+        tokens = jnp.where(counted, tokens, seen.shape[-1])  # an index past the vocabulary: dropped
+    rows = jnp.arange(seen.shape[0])[:, None]
+    return seen.at[rows, tokens].set(True, mode="drop")
+
+
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int) -> dict:
     """``generate``'s sampling settings checked and made the compiled function's arguments.
 
@@ -83,10 +117,11 @@ class GenerationDefaults:
     hashed by its contents (NNX keeps it in the graph definition, a key of jit's cache).
     """
 
-    __slots__ = ("_text",)
+    __slots__ = ("_text", "_values")
 
     def __init__(self, values: Mapping[str, Any]):
         object.__setattr__(self, "_text", json.dumps(dict(values), sort_keys=True))
+        object.__setattr__(self, "_values", json.loads(self._text))  # JSON's values, read once
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> GenerationDefaults | None:
@@ -110,8 +145,15 @@ class GenerationDefaults:
         return json.loads(self._text)
 
     def get(self, name: str, default=None):
-        value = self.to_dict().get(name)
+        value = self._values.get(name)
         return default if value is None else value
+
+    def replace(self, **changes) -> GenerationDefaults:
+        """A copy with ``changes`` made; a setting given ``None`` is removed. For a setting
+        ``generate`` refuses (beam search, say): ``model.generation_config =
+        model.generation_config.replace(num_beams=None)``."""
+        values = {**self._values, **changes}
+        return GenerationDefaults({k: v for k, v in values.items() if v is not None})
 
     def write_file(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -129,16 +171,51 @@ class GenerationDefaults:
         return f"GenerationDefaults({self._text})"
 
 
+# generation_config.json settings that change what transformers' generate picks and that peftjax's
+# does not implement, with the value that turns each off; the second set matters only when sampling
+_UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": 0,
+                "dola_layers": None, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None,
+                "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                "forced_eos_token_id": None, "guidance_scale": 1.0, "exponential_decay_length_penalty": None,
+                "watermarking_config": None}
+_UNSUPPORTED_SAMPLING = {"typical_p": 1.0, "min_p": None, "top_h": None, "epsilon_cutoff": 0.0,
+                         "eta_cutoff": 0.0}
+
+
+def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
+    """Raises where the checkpoint's generation config asks for decoding ``generate`` does not do,
+    rather than decode otherwise than transformers would."""
+    checked = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLING if do_sample else {})}
+    for name, off in checked.items():
+        value = defaults.get(name)
+        if value is not None and value != off and not (off == 0 and value == 0):
+            raise ValueError(
+                f"the checkpoint's generation_config.json sets {name}={value!r}, which peftjax's generate does "
+                "not implement (it decodes greedily or by sampling with temperature, top_k, top_p, "
+                "repetition_penalty and min_new_tokens); to decode without it: model.generation_config = "
+                f"model.generation_config.replace({name}=None)"
+            )
+
+
 def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, temperature: float | None,
-                       top_k: int | None, top_p: float | None, eos_token_id, pad_token_id) -> dict:
+                       top_k: int | None, top_p: float | None, eos_token_id, pad_token_id, *,
+                       repetition_penalty: float | None = None, min_new_tokens: int | None = None,
+                       prompt_length: int = 0) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
-    value (its ``generation_config.json``) as transformers' ``generate`` does: ``do_sample`` (else
-    greedy), ``temperature`` (else 1), ``top_k`` and ``top_p`` (else off), ``eos_token_id`` and
+    value (its ``generation_config.json``) as transformers' ``generate`` does, else transformers' own
+    default: ``do_sample`` (greedy), ``temperature`` (1), ``top_k`` (50; 0 turns it off), ``top_p``
+    (off), ``repetition_penalty`` (off), ``min_new_tokens`` (0; the file's ``min_length``, counted
+    with the ``prompt_length`` tokens before the new ones, raises it), ``eos_token_id`` and
     ``pad_token_id``; the EOS and pad ids then fall back to the model config's (the pad id, failing
     that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
     The EOS ids become a tuple: their number is a shape of the loop.
+
+    Raises:
+      ValueError: a bad setting, or one of the generation config's that changes the decoding and is
+        not implemented (beam search, n-gram blocking, ...: named, with the way to drop it).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -146,12 +223,22 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
     if do_sample is None:
         do_sample = bool(defaults.get("do_sample", False))
+    _refuse_unsupported(defaults, do_sample)
     if temperature is None:
         temperature = float(defaults.get("temperature", 1.0))
     if top_k is None:
-        top_k = defaults.get("top_k")
+        top_k = defaults.get("top_k", 50)
     if top_p is None:
         top_p = defaults.get("top_p")
+    if repetition_penalty is None:
+        repetition_penalty = float(defaults.get("repetition_penalty", 1.0))
+    if isinstance(repetition_penalty, bool) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1: off), got {repetition_penalty!r}")
+    if min_new_tokens is None:
+        min_new_tokens = defaults.get("min_new_tokens", 0)
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+    min_new = max(int(min_new_tokens), int(defaults.get("min_length", 0)) - int(prompt_length))
     if eos_token_id is None:
         eos_token_id = defaults.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
@@ -160,6 +247,8 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
+            "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
+            "min_new": np.int32(min_new) if min_new > 0 and eos else None,
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id))}
 
 
@@ -190,6 +279,8 @@ def _generate(
     top_p,
     eos,
     pad,
+    penalty=None,
+    min_new=None,
     rerun_at=None,
 ):
     model = nnx.merge(graphdef, state)
@@ -209,21 +300,26 @@ def _generate(
     out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
                 logits_to_keep=1)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    seen = None
+    if penalty is not None:
+        # the prompt's tokens from its first real one (transformers skips the left padding); the
+        # mask's last columns are input_ids' where virtual tokens' embeddings come before them
+        n = input_ids.shape[1]
+        ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
+        first = jnp.argmax(ids_mask != 0, axis=1)
+        seen = _mark_seen(jnp.zeros((b, out.logits.shape[-1]), bool), input_ids,
+                          jnp.arange(n)[None] >= first[:, None])
 
-    def pick(logits, key):
-        logits = logits.astype(jnp.float32)
-        if not do_sample:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
-
-    def choose(logits, done, rng):
+    def choose(logits, done, rng, seen, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
-        token = jnp.where(done, pad, pick(logits, key))
-        return token, done | jnp.isin(token, eos_ids), rng
+        logits = _constrain(logits.astype(jnp.float32), seen, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids)
+        token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = jnp.where(done, pad, token)
+        return token, done | jnp.isin(token, eos_ids), rng, _mark_seen(seen, token[:, None])
 
     def step(carry, i):
-        logits, cache, key_mask, pos, done, rng = carry
-        token, done, rng = choose(logits, done, rng)
+        logits, cache, key_mask, pos, done, rng, seen = carry
+        token, done, rng, seen = choose(logits, done, rng, seen, i)
         key_mask = key_mask.at[:, s + i].set(1)
         out = model(
             input_ids=token[:, None],
@@ -232,17 +328,18 @@ def _generate(
             cache=cache,
             cache_index=s + i,
         )
-        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng), (token, done)
+        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, seen), (token, done)
 
-    carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng)
+    carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng,
+             seen)
     if rerun_at is None:
         _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
         return tokens.T, done.T
     # Phi-3's LongRoPE switch: tokens up to `rerun_at` one by one, then the whole sequence so far
     # again from an empty cache (its keys rotated anew), then one by one to the end
     carry, (before, done_before) = jax.lax.scan(step, carry, jnp.arange(rerun_at))
-    logits, cache, key_mask, pos, done, rng = carry
-    token, done, rng = choose(logits, done, rng)
+    logits, cache, key_mask, pos, done, rng, seen = carry
+    token, done, rng, seen = choose(logits, done, rng, seen, rerun_at)
     generated = jnp.concatenate([before.T, token[:, None]], axis=1)
     key_mask = key_mask.at[:, s + rerun_at].set(1)
     whole = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(rerun_at + 1)[None]], axis=1)
@@ -253,7 +350,7 @@ def _generate(
         sequence = {"inputs_embeds": jnp.concatenate([inputs_embeds, embedded], axis=1)}
     out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0,
                 logits_to_keep=1)
-    carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng)
+    carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, seen)
     _, (after, done_after) = jax.lax.scan(step, carry, jnp.arange(rerun_at + 1, max_new_tokens))
     tokens = jnp.concatenate([before, token[None], after])
     done = jnp.concatenate([done_before, done[None], done_after])
@@ -275,6 +372,8 @@ class GenerationMixin:
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -282,25 +381,31 @@ class GenerationMixin:
         """Generates continuations of (left-padded) prompts.
 
         The loop is compiled once per prompt shape, ``max_new_tokens`` and kind of decoding (greedy,
-        or sampling with top-k and top-p each on or off); the sampling values, seed and pad token
-        are its arguments. To reuse it across prompts of other lengths, left-pad them to a common
-        multiple, e.g. ``tokenizer(texts, padding=True, pad_to_multiple_of=32)`` with
-        ``padding_side="left"`` (``peftjax serve`` does so).
+        or sampling with top-k and top-p each on or off; the repetition penalty and minimum length
+        on or off); their values, the seed and the pad token are its arguments. To reuse it
+        across prompts of other lengths, left-pad them to a common multiple, e.g.
+        ``tokenizer(texts, padding=True, pad_to_multiple_of=32)`` with ``padding_side="left"``
+        (``peftjax serve`` does so).
 
         Args:
           input_ids: ``[batch, seq]`` prompt ids, left-padded when lengths differ.
           attention_mask: ``[batch, seq]``, 0 on padding (``[batch, n]`` with ``inputs_embeds``).
           max_new_tokens: tokens to add.
           do_sample: sample instead of greedy decoding.
-          temperature, top_k, top_p: sampling filters (ignored when greedy).
+          temperature, top_k, top_p: sampling filters (ignored when greedy; ``top_k=0``: off).
           eos_token_id: stop token(s); a finished row is filled with ``pad_token_id``.
           pad_token_id: filler after EOS (defaults to the config's, else the first EOS id).
+          repetition_penalty: a token already in the row (its prompt from the first real token,
+            and what was generated) has its logit divided by it, or multiplied where negative,
+            greedy or sampled (transformers' ``RepetitionPenaltyLogitsProcessor``); 1: off.
+          min_new_tokens: no EOS before this many new tokens.
 
           An argument left ``None`` takes the checkpoint's ``generation_config.json`` value where
           it has one (``model.generation_config``: a chat model's end-of-turn stop tokens, its
-          sampling settings), as transformers' ``generate`` does; else greedy, temperature 1, no
-          top-k or top-p filter, the model config's EOS and pad ids. (transformers also applies
-          its own ``top_k=50`` when sampling without one; pass ``top_k=50`` for its draw.)
+          sampling settings, a repetition penalty), else transformers' default: greedy,
+          temperature 1, ``top_k`` 50, no top-p filter or penalty, the model config's EOS and pad
+          ids. A setting of the file that decodes otherwise (beam search, n-gram blocking) is
+          refused, naming it.
           seed: the sampling key.
           inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
             ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
@@ -330,7 +435,8 @@ class GenerationMixin:
         if position_ids is not None:
             position_ids = jnp.asarray(position_ids, jnp.int32)
         decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                      eos_token_id, pad_token_id)
+                                      eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
+                                      min_new_tokens=min_new_tokens, prompt_length=input_ids.shape[1])
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         graphdef, state = nnx.split(self)
         tokens, done = _generate(

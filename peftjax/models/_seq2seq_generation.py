@@ -3,7 +3,7 @@
 The encoder runs once; each decoder block's cross-attention keys and values of its output are
 computed once too; the decoder's self-attention keeps a KV cache (``peftjax.models._attention``).
 Decoding starts from ``decoder_start_token_id`` and picks tokens greedily or by sampling with the
-causal models' filters (temperature, top-k, top-p).
+causal models' filters (temperature, top-k, top-p), repetition penalty and minimum length.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import _filter_logits, decoding_arguments, generated_length
+from peftjax.models._generation import _choose, _constrain, _mark_seen, decoding_arguments, generated_length
 from peftjax.nn._keys import default_key
 
 
@@ -24,7 +24,7 @@ from peftjax.nn._keys import default_key
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
-              max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start):
+              max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None):
     model = nnx.merge(graphdef, state)
     encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
                            encoder_prefix_kv).last_hidden_state
@@ -33,26 +33,25 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     cache = model.init_cache(b, max_new_tokens)
     key_mask = jnp.zeros((b, max_new_tokens), jnp.int32)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-
-    def pick(logits, key):
-        logits = logits.astype(jnp.float32)
-        if not do_sample:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+    first = jnp.full((b,), start, jnp.int32)
+    # the decoder's tokens so far, the start token first (the repetition penalty counts it, as transformers')
+    seen = None if penalty is None else _mark_seen(jnp.zeros((b, model.config.vocab_size), bool), first[:, None])
 
     def step(carry, i):
-        token, cache, key_mask, done, rng = carry
+        token, cache, key_mask, done, rng, seen = carry
         key_mask = key_mask.at[:, i].set(1)
         out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=token[:, None],
                     decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
                     prefix_kv=prefix_kv)
         rng, key = jax.random.split(rng)
-        new = jnp.where(done, pad, pick(out.logits[:, -1], key))
+        logits = out.logits[:, -1].astype(jnp.float32)
+        logits = _constrain(logits, seen, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids)
+        new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        new = jnp.where(done, pad, new)
         done = done | jnp.isin(new, eos_ids)
-        return (new, out.past_key_values, key_mask, done, rng), (new, done)
+        return (new, out.past_key_values, key_mask, done, rng, _mark_seen(seen, new[:, None])), (new, done)
 
-    first = jnp.full((b,), start, jnp.int32)
-    carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng)
+    carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, seen)
     _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
     return tokens.T, done.T
 
@@ -72,6 +71,8 @@ class Seq2SeqGenerationMixin:
         top_p: float | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        repetition_penalty: float | None = None,
+        min_new_tokens: int | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -90,6 +91,8 @@ class Seq2SeqGenerationMixin:
           do_sample, temperature, top_k, top_p, seed: sampling, as the causal models' ``generate``.
           eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
+          repetition_penalty, min_new_tokens: as the causal models' ``generate``, over the decoder's
+            tokens (the start token included, as transformers counts them).
           The sampling settings, ``eos_token_id`` and ``pad_token_id`` default to the checkpoint's
           ``generation_config.json`` first, as the causal models' ``generate``.
           decoder_start_token_id: the decoder's first token (default: the config's).
@@ -116,7 +119,8 @@ class Seq2SeqGenerationMixin:
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
         decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                      eos_token_id, pad_token_id)
+                                      eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
+                                      min_new_tokens=min_new_tokens, prompt_length=1)
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
         if decoder_start_token_id is None:

@@ -12,13 +12,15 @@ from peftjax.models._generation import decoding_arguments
 
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
                          pad_token_id=None, method: str, do_sample: bool = False, temperature: float = 1.0,
-                         top_k=None, top_p=None, seed=None, **kwargs) -> np.ndarray:
+                         top_k=None, top_p=None, seed=None, repetition_penalty=None, min_new_tokens=None,
+                         **kwargs) -> np.ndarray:
     """``[batch, prompt + new]`` token ids: the prompt, then each row's likeliest next token until
     ``eos_token_id`` (then ``pad_token_id``). Positions count the real tokens, as transformers'
     ``generate`` gives them; the forward is compiled once, for the longest length.
 
     The sampling settings the bundled models' ``generate`` takes are accepted (``temperature``,
-    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``).
+    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``); ``repetition_penalty`` and
+    ``min_new_tokens`` (or the generation config's) apply as there.
 
     Raises:
       NotImplementedError: ``do_sample=True``, or other generation options (named, for ``method``).
@@ -34,14 +36,25 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     tokens, live = np.zeros((b, total), np.int32), np.zeros((b, total), np.int32)
     tokens[:, :n], live[:, :n] = ids, mask
     # the stop and filler ids default to the config's, as the bundled models' generate does
-    settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id)
+    settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id,
+                                  repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                                  prompt_length=n)
     eos, pad = list(settings["eos"]), int(settings["pad"])
+    penalty, min_new = settings["penalty"], settings["min_new"]
+    first = (mask != 0).argmax(axis=1)  # the repetition penalty skips the left padding, as transformers
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
     for t in range(n, total):
         positions = np.where(live == 1, np.cumsum(live, axis=1) - 1, 1)
-        logits = np.asarray(step(model, tokens, live, positions))
-        token = np.where(done, pad, logits[:, t - 1].argmax(-1))
+        scores = np.asarray(step(model, tokens, live, positions))[:, t - 1].astype(np.float32)
+        if penalty is not None:
+            for row in range(b):
+                ids = np.unique(tokens[row, first[row]:t])
+                seen = scores[row, ids]
+                scores[row, ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+        if min_new is not None and t - n < min_new:
+            scores[:, [e for e in eos if 0 <= e < scores.shape[1]]] = -np.inf
+        token = np.where(done, pad, scores.argmax(-1))
         tokens[:, t], live[:, t] = token, 1
         done |= np.isin(token, eos)
         if done.all():
