@@ -17,6 +17,7 @@ from peftjax import models
 from peftjax.training import Batcher, Trainer, TrainingArguments
 
 LENGTHS = (7, 3, 12, 5, 9, 2)
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}
 
 
 def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -24,7 +25,15 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, vocab, n).tolist() for n in LENGTHS]
 
 
-@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 4}), ("qwen3", {})])
+@pytest.mark.parametrize("family, overrides", [
+    ("llama", {}), ("mistral", {"sliding_window": 4}), ("qwen3", {}),
+    # decoders of layer kinds (their tiny configs: windows of 4): sliding and global layers (Gemma 2's
+    # soft-capped logits), per-kind RoPE bases (Gemma 3, OLMo 3), layers without RoPE (SmolLM3)
+    ("gemma2", {}), ("gemma3_text", {}), ("olmo3", {}), ("smollm3", {}),
+    ("granite", {}),  # its embedding, attention, residual and logit multipliers
+    # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
+    ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
+])
 def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
     """Logits of each sequence in a packed batch equal transformers' model run on it alone (a
     sliding window counted within the sequence too), and the packed loss, its first tokens
@@ -51,9 +60,16 @@ def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overri
     padded = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
     labels = torch.tensor([s + [-100] * (width - len(s)) for s in sequences])
     mask = (labels != -100).long()
+    moe = {"output_router_logits": False} if family in MOE else {}
     with torch.no_grad():
-        expected = hf(padded, attention_mask=mask, labels=labels).loss.item()
+        expected = hf(padded, attention_mask=mask, labels=labels, **moe).loss.item()
     np.testing.assert_allclose(float(out.loss), expected, rtol=1e-5)
+    if moe:  # the load-balancing loss of the packed batch is the unpacked batch's
+        packed_aux = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           segment_ids=batch["segment_ids"], output_router_logits=True).aux_loss
+        unpacked_aux = model(input_ids=padded.numpy(), attention_mask=mask.numpy(), output_router_logits=True).aux_loss
+        np.testing.assert_allclose(float(packed_aux), float(unpacked_aux), rtol=1e-5)
+        assert float(packed_aux) > 0
 
 
 def test_batcher_unlabels_each_packed_sequence_s_first_token():
@@ -116,11 +132,11 @@ def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_pat
 
 
 def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
-    save_tiny("gemma2", tmp_path / "gemma2")
-    base = models.from_pretrained(tmp_path / "gemma2")
+    save_tiny("llama4_text", tmp_path / "llama4")
+    base = models.from_pretrained(tmp_path / "llama4")
     assert not getattr(base, "packs_sequences", False)
     model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, packing=True, disable_tqdm=True)
     trainer = Trainer(model, args, train_dataset={"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
-    with pytest.raises(ValueError, match=r"packing=True: Gemma2ForCausalLM does not run packed rows"):
+    with pytest.raises(ValueError, match=r"packing=True: Llama4ForCausalLM does not run packed rows"):
         trainer.train()

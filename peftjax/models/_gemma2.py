@@ -241,9 +241,14 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         prefix_kv=None,
         dropout_rng=None,
         logits_to_keep=0,
+        segment_ids=None,
     ) -> ModelOutput:
+        """As ``LlamaForCausalLM``'s (packed rows too), the logits soft-capped."""
+        if segment_ids is not None and not self.packs_sequences:
+            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng)
+                         dropout_rng, **packed)
         return softcapped_lm_output(self, out, labels, logits_to_keep)
 
 

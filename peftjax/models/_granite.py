@@ -50,12 +50,14 @@ class GraniteModel(LlamaModel):
         self.embedding_multiplier = float(config.embedding_multiplier)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel`, the embeddings scaled by ``embedding_multiplier``."""
+                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings scaled by
+        ``embedding_multiplier``."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         scaled = jnp.asarray(inputs_embeds) * self.embedding_multiplier
-        return super().__call__(None, attention_mask, position_ids, scaled, cache, cache_index, prefix_kv, dropout_rng)
+        return super().__call__(None, attention_mask, position_ids, scaled, cache, cache_index, prefix_kv, dropout_rng,
+                                segment_ids=segment_ids)
 
 
 class GraniteForCausalLM(LlamaForCausalLM):

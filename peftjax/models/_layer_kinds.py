@@ -141,10 +141,12 @@ def run_layer_kinds(layers, layer_kinds: Sequence[str], per_kind: dict[str, tupl
 
 def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, prefix_kv, dropout_rng,
                  kinds: Sequence[Kind], layer_kinds: Sequence[str], rope: RotaryEmbedding,
-                 call: Callable | None = None) -> ModelOutput:
+                 call: Callable | None = None, segment_ids=None) -> ModelOutput:
     """The body of a layer-kinds decoder's ``__call__`` after its embedding: positions, each kind's
     inputs, the layers, the final ``model.norm``. ``model`` has ``layers``, ``norm``, ``remat``
-    and ``config``."""
+    and ``config``. ``segment_ids``: packed rows (see ``LlamaModel``), each kind's mask kept
+    within each sequence (a sliding window counts slots, which within a sequence are its
+    positions)."""
     b, s, _ = x.shape
     pos = attn.decoder_positions(
         b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache, cache_index=cache_index,
@@ -152,6 +154,9 @@ def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, pre
         prefix_layout=lambda: kv_layout(model.config),
     )
     per_kind = kind_inputs(kinds, rope, pos, x.dtype)
+    if segment_ids is not None:
+        same = attn.segment_mask(segment_ids)
+        per_kind = {name: (cos, sin, mask & same) for name, (cos, sin, mask) in per_kind.items()}
     x, new_cache = run_layer_kinds(model.layers, layer_kinds, per_kind, x, remat=model.remat, cache=cache,
                                    start=pos.start, prefix_kv=prefix_kv, dropout_rng=dropout_rng, call=call)
     return ModelOutput(last_hidden_state=model.norm(x), past_key_values=new_cache)
@@ -184,13 +189,17 @@ class LayerKindsModel(LlamaModel):
         return next((rope for _, rope, _ in self.kinds if rope is not None), None) or super().make_rotary(config)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel`; each layer attends with its kind's mask and RoPE.
+                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel` (packed rows too); each layer attends with its
+        kind's mask and RoPE.
 
         A sliding window counts prefix entries as positions before the tokens, as transformers'
         sliding cache does with PEFT's prefix.
         """
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, prefix_kv)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         return decoder_call(self, jnp.asarray(inputs_embeds), attention_mask, position_ids, cache, cache_index,
-                            prefix_kv, dropout_rng, self.kinds, self.layer_kinds, self.rotary, call=self.layer_call)
+                            prefix_kv, dropout_rng, self.kinds, self.layer_kinds, self.rotary, call=self.layer_call,
+                            segment_ids=segment_ids)

@@ -237,6 +237,27 @@ class LlamaModel(nnx.Module):
         return {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
                 for w in set(sliding_windows(self.config))}
 
+    def packed_inputs(self, segment_ids, attention_mask, position_ids, cache, prefix_kv) -> tuple:
+        """``(segment_ids, attention_mask, position_ids)`` of a call with packed rows: the positions
+        restart at each sequence and the mask covers its tokens, unless given; unchanged without
+        ``segment_ids``.
+
+        Raises:
+          ValueError: packed rows with a cache or a prefix, or in a decoder that does not pack.
+        """
+        if segment_ids is None:
+            return None, attention_mask, position_ids
+        if cache is not None or prefix_kv is not None:
+            raise ValueError("segment_ids (packed rows) is for training and scoring: not with a cache or prefix_kv")
+        if not self.packs_sequences:
+            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+        segment_ids = jnp.asarray(segment_ids)
+        if position_ids is None:
+            position_ids = attn.segment_positions(segment_ids)
+        if attention_mask is None:
+            attention_mask = segment_ids > 0
+        return segment_ids, attention_mask, position_ids
+
     def __call__(
         self,
         input_ids=None,
@@ -257,16 +278,8 @@ class LlamaModel(nnx.Module):
         sequence, whose positions start at 0 (``position_ids`` default to that), so each
         sequence's hidden states are those it has alone. Not with a cache or a prefix.
         """
-        if segment_ids is not None:
-            if cache is not None or prefix_kv is not None:
-                raise ValueError("segment_ids (packed rows) is for training and scoring: not with a cache or prefix_kv")
-            if not self.packs_sequences:
-                raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
-            segment_ids = jnp.asarray(segment_ids)
-            if position_ids is None:
-                position_ids = attn.segment_positions(segment_ids)
-            if attention_mask is None:
-                attention_mask = segment_ids > 0
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, prefix_kv)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)

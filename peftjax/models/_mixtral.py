@@ -306,12 +306,17 @@ class MixtralModel(LlamaModel):
         prefix_kv=None,
         dropout_rng=None,
         output_router_logits: bool = False,
+        segment_ids=None,
     ) -> ModelOutput:
-        """As :meth:`LlamaModel.__call__`; ``aux_loss`` is ``None`` on the KV-cache path (generation).
+        """As :meth:`LlamaModel.__call__` (packed rows too: each token routed as unpacked, the
+        load-balancing statistics over the same real tokens); ``aux_loss`` is ``None`` on the
+        KV-cache path (generation).
 
         ``output_router_logits``: also return ``router_logits``, one ``[batch * seq, experts]``
         array per layer (padding included), as transformers' ``MoeModelOutputWithPast``.
         """
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, prefix_kv)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -324,6 +329,9 @@ class MixtralModel(LlamaModel):
         windows = sliding_windows(self.config)
         distinct = sorted(set(windows), key=str)
         masks = {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w) for w in distinct}
+        if segment_ids is not None:  # causal within each packed sequence
+            same = attn.segment_mask(segment_ids)
+            masks = {w: mask & same for w, mask in masks.items()}
         if self.mask_per_layer:  # layer i looks up its window's mask by index (static windows would not scan)
             table = jnp.stack([masks[w] for w in distinct])
             which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)
@@ -565,15 +573,19 @@ class MixtralForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
         output_router_logits: bool | None = None,
         dropout_rng=None,
         logits_to_keep=0,
+        segment_ids=None,
     ) -> ModelOutput:
-        """As :meth:`LlamaForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` (one
-        ``[batch * seq, experts]`` array per layer) when ``output_router_logits`` (default: the
-        config's) asks for them; with ``labels`` the loss then includes
-        ``router_aux_loss_coef * aux_loss``."""
+        """As :meth:`LlamaForCausalLM.__call__` (packed rows too), plus ``aux_loss`` and
+        ``router_logits`` (one ``[batch * seq, experts]`` array per layer) when
+        ``output_router_logits`` (default: the config's) asks for them; with ``labels`` the loss
+        then includes ``router_aux_loss_coef * aux_loss``."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        if segment_ids is not None and not self.packs_sequences:
+            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng, output_router_logits=output_router_logits)
+                         dropout_rng, output_router_logits=output_router_logits, **packed)
         h = out.last_hidden_state
         head_in = kept_positions(h, logits_to_keep, labels)
         logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)

@@ -657,7 +657,7 @@ class Trainer:
 
         Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT)
         with one label per sequence (classification or regression), or a causal LM that runs
-        packed rows (``packs_sequences``: the Llama family's decoders, whose next-token labels
+        packed rows (``packs_sequences``: Llama's decoder and those built on it, whose next-token labels
         the batches unlabel at each sequence's first token, so the loss is the unpacked one's);
         an adapter that is not prompt learning (whose virtual tokens go before each row), no
         routing by task, and no mesh.
