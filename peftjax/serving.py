@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from peftjax.models import stop_token_ids
 from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
 
@@ -142,13 +143,9 @@ class BatchingGenerator:
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_total_tokens = int(limit) if limit else None
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos = set()
         # the model config's stop tokens, the checkpoint's generation_config.json's (a chat model's
         # end of turn) and the tokenizer's
-        for eos in (getattr(model.config, "eos_token_id", None),
-                    (getattr(model.base_model, "generation_config", None) or {}).get("eos_token_id"),
-                    tokenizer.eos_token_id):
-            self.eos |= {eos} if isinstance(eos, int) else set(eos or ())
+        self.eos = stop_token_ids(model.base_model, tokenizer.eos_token_id)
         self._tokenizer_lock = threading.Lock()  # the worker decodes while requests are encoded
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None

@@ -25,6 +25,7 @@ from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassificati
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gemma4 import Gemma4ForCausalLM
+from peftjax.models._generation import GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._gpt2 import (
     Conv1D,
@@ -170,6 +171,7 @@ __all__ = [
     "DistilBertForSequenceClassification",
     "DistilBertForTokenClassification",
     "DistilBertModel",
+    "GenerationDefaults",
     "GPT2ForQuestionAnswering",
     "GPT2ForSequenceClassification",
     "GPT2ForTokenClassification",
@@ -284,6 +286,7 @@ __all__ = [
     "T5ForTokenClassification",
     "T5Model",
     "from_pretrained",
+    "stop_token_ids",
     "hf_state_dict",
     "load_config",
     "model_class_for",

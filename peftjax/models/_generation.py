@@ -252,6 +252,18 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id))}
 
 
+def stop_token_ids(model, *more) -> set[int]:
+    """Every token that ends a sequence of ``model``: its config's EOS ids, its
+    ``generation_config.json``'s (a chat model's end of turn) and ``more`` (a tokenizer's EOS id;
+    ``None`` entries are skipped). ``generate`` stops at the ids it is given or, failing those, the
+    generation config's, else the config's; a server reading finished rows stops at any of them."""
+    found = set()
+    defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
+    for ids in (getattr(model.config, "eos_token_id", None), defaults.get("eos_token_id"), *more):
+        found |= {ids} if isinstance(ids, int) else set(ids or ())
+    return found
+
+
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
     """How many of the loop's ``max_new_tokens`` columns to return: up to the step every row had
     finished at (``done`` is ``[batch, max_new_tokens]``), as transformers stops there."""
