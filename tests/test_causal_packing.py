@@ -1,7 +1,7 @@
-"""Padding-free causal LM batches: several sequences end to end in one row (``segment_ids``), each
+"""Padding-free decoder batches: several sequences end to end in one row (``segment_ids``), each
 attending to itself alone with its own positions; the Trainer packs a Llama-family causal LM's
-batches by default. Oracles: transformers' model on each sequence alone, and the Trainer's
-unpacked run."""
+batches by default, and a decoder classifier's (each sequence read at its own last token).
+Oracles: transformers' model on each sequence alone, and the Trainer's unpacked run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from _tiny import arch
+from _tiny import arch, task_arch
 from _tiny import save as save_tiny
 
 import peftjax
@@ -131,6 +131,58 @@ def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_pat
     assert (metrics["eval_rows"], metrics["eval_tokens"]) == (24, sum(map(len, _rows())))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_a_packed_decoder_classifier_reads_each_sequence_at_its_last_token(family, tmp_path):
+    """A decoder's sequence classifier on packed rows gives each sequence the logits transformers'
+    classifier gives it alone (read at its last non-pad token: one sequence ends in pad tokens,
+    as a tokenizer whose pad is its EOS leaves it), and the loss over the right-padded batch."""
+    spec = task_arch(family, "ForSequenceClassification", num_labels=3)
+    hf = save_tiny(spec, tmp_path)
+    model = models.from_pretrained(tmp_path)
+    assert model.packs_sequences
+    sequences = _sequences(spec.config().vocab_size)
+    sequences[2] = sequences[2][:-2] + [0, 0]  # pad_token_id 0 inside the sequence, at its end
+    labels = [i % 3 for i in range(len(sequences))]
+    batcher = Batcher({"input_ids": sequences, "labels": labels}, len(sequences), shuffle=False, packing=True,
+                      pad_token_id=0)
+    batch = next(batcher.batches(0))
+    assert batch["input_ids"].shape[0] < len(sequences)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"],
+                segment_starts=batch["segment_starts"], labels=batch["labels"])
+    with torch.no_grad():
+        alone = np.concatenate([hf(torch.tensor([s])).logits.numpy() for s in sequences])
+        width = max(LENGTHS)
+        padded = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+        expected = hf(padded, attention_mask=(padded != 0).long(), labels=torch.tensor(labels)).loss.item()
+    np.testing.assert_allclose(np.asarray(out.logits), alone, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(float(out.loss), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="segment_ids and segment_starts come together"):
+        model(input_ids=batch["input_ids"], segment_ids=batch["segment_ids"])
+
+
+def test_the_trainer_packs_a_decoder_classifier_and_trains_as_unpacked(tmp_path):
+    """By default a Llama classifier's batches are packed: the same losses and evaluation as the
+    unpacked run's."""
+    save_tiny(task_arch("llama", "ForSequenceClassification", num_labels=3), tmp_path / "base")
+    rows = _rows()
+    data = {"input_ids": rows, "labels": [len(r) % 3 for r in rows]}
+
+    def trainer(out, packing):
+        lora = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+        model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), lora, key=jax.random.key(0))
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=3, learning_rate=5e-3,
+                                 logging_steps=1, save_steps=0, disable_tqdm=True, packing=packing, seed=3)
+        return Trainer(model, args, train_dataset=data, eval_dataset=data)
+
+    packed, padded = trainer(tmp_path / "packed", None), trainer(tmp_path / "padded", False)
+    assert packed.packs() and not padded.packs()
+    packed.train(), padded.train()
+    np.testing.assert_allclose([r["loss"] for r in packed.log_history if "loss" in r],
+                               [r["loss"] for r in padded.log_history if "loss" in r], rtol=2e-5)
+    for key, value in packed.evaluate().items():
+        np.testing.assert_allclose(value, padded.evaluate()[key], rtol=2e-5)
+
+
 def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
     save_tiny("llama4_text", tmp_path / "llama4")
     base = models.from_pretrained(tmp_path / "llama4")
@@ -139,4 +191,17 @@ def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, packing=True, disable_tqdm=True)
     trainer = Trainer(model, args, train_dataset={"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
     with pytest.raises(ValueError, match=r"packing=True: Llama4ForCausalLM does not run packed rows"):
+        trainer.train()
+    # a decoder classifier whose decoder cannot pack (Qwen3-Next's linear attention) is padded by
+    # default and refused under packing=True
+    save_tiny(task_arch("qwen3_next", "ForSequenceClassification", num_labels=2), tmp_path / "qwen3_next")
+    base = models.from_pretrained(tmp_path / "qwen3_next")
+    assert not base.packs_sequences
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    data = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [0, 1]}
+    assert not Trainer(model, TrainingArguments(output_dir=str(tmp_path / "default"), max_steps=1, disable_tqdm=True),
+                       train_dataset=data).packs()
+    trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "packed"), max_steps=1, packing=True,
+                                               disable_tqdm=True), train_dataset=data)
+    with pytest.raises(ValueError, match=r"packing=True: Qwen3NextForSequenceClassification does not run packed rows"):
         trainer.train()

@@ -23,7 +23,8 @@ from _tiny import classification_data
 from _compiles import compilations
 import peftjax
 from peftjax.io import read_safetensors
-from peftjax.models import BertForSequenceClassification, LlamaForCausalLM, LlamaForSequenceClassification
+from peftjax.models import (BertForSequenceClassification, GPT2ForSequenceClassification, LlamaForCausalLM,
+                            LlamaForSequenceClassification)
 from peftjax.training._args import TrainingArguments
 from peftjax.training._data import Batcher
 from peftjax.training._checkpoint import list_checkpoints, load_checkpoint
@@ -145,12 +146,16 @@ def test_a_classifier_trains_on_packed_rows_as_on_padded_ones(tmp_path):
 
 def test_packing_is_refused_where_it_cannot_be_done(tmp_path):
     args = dict(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none", packing=True)
-    llama = LlamaForSequenceClassification.from_config(_tiny.config("llama", vocab_size=64, num_labels=2), seed=0)
-    classifier = Trainer(peftjax.get_peft_model(llama, peftjax.LoraConfig(r=2, task_type="SEQ_CLS")),
+    gpt2 = GPT2ForSequenceClassification.from_config(_tiny.config("gpt2", vocab_size=64, num_labels=2), seed=0)
+    classifier = Trainer(peftjax.get_peft_model(gpt2, peftjax.LoraConfig(r=2, task_type="SEQ_CLS")),
                          TrainingArguments(**args))
-    with pytest.raises(ValueError, match="packing=True: LlamaForSequenceClassification does not take segment_ids and "
+    with pytest.raises(ValueError, match="packing=True: GPT2ForSequenceClassification does not take segment_ids and "
                                          "segment_starts"):
         classifier.packs()
+    # a Llama classifier packs by default (tests/test_causal_packing.py)
+    llama = LlamaForSequenceClassification.from_config(_tiny.config("llama", vocab_size=64, num_labels=2), seed=0)
+    assert Trainer(peftjax.get_peft_model(llama, peftjax.LoraConfig(r=2, task_type="SEQ_CLS")),
+                   TrainingArguments(**{**args, "packing": None})).packs()
     prompt = peftjax.get_peft_model(_bert(0.0).base_model, peftjax.PromptTuningConfig(task_type="SEQ_CLS",
                                                                                       num_virtual_tokens=2))
     with pytest.raises(ValueError, match="packing=True: PROMPT_TUNING puts its virtual tokens before each row"):

@@ -22,6 +22,7 @@ from peftjax.models._generation import GenerationMixin
 from peftjax.models._losses import (
     causal_lm_head_loss,
     pool_last_token,
+    pool_last_token_of_segments,
     sequence_classification_loss,
     span_outputs,
     token_labels_loss,
@@ -394,9 +395,18 @@ class DecoderWithHead(PreTrainedModel):
         setattr(self, self.base_model_prefix, self.model_class(self.config, dtype=dtype, param_dtype=param_dtype,
                                                                rngs=rngs))
 
-    def decoder(self, input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng) -> ModelOutput:
+    def decoder(self, input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng,
+                segment_ids=None) -> ModelOutput:
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         return getattr(self, self.base_model_prefix)(input_ids, attention_mask, position_ids, inputs_embeds,
-                                                     prefix_kv=prefix_kv, dropout_rng=dropout_rng)
+                                                     prefix_kv=prefix_kv, dropout_rng=dropout_rng, **packed)
+
+    @property
+    def packs_sequences(self) -> bool:
+        """Whether the decoder runs packed rows (``segment_ids``), as ``LlamaForCausalLM``'s."""
+        decoder = type(getattr(self, self.base_model_prefix))
+        return bool(getattr(decoder, "packs_sequences", False)) and (
+            "segment_ids" in inspect.signature(decoder.__call__).parameters)
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         # a class keeping its decoder under another name (most question-answering classes:
@@ -426,10 +436,28 @@ class LlamaForSequenceClassification(DecoderWithHead):
         inputs_embeds=None,
         prefix_kv=None,
         dropout_rng=None,
+        segment_ids=None,
+        segment_starts=None,
     ) -> ModelOutput:
-        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng)
+        """Classifies each row at its last non-pad token, as transformers' decoder classifiers do.
+
+        ``segment_ids`` and ``segment_starts``: packed rows (``Batcher(packing=True)``, where
+        :attr:`packs_sequences`): several sequences end to end, each attending to itself alone;
+        one row of logits per sequence, read at its own last non-pad token (``labels`` one per
+        sequence likewise).
+        """
+        if (segment_ids is None) != (segment_starts is None):
+            raise ValueError("segment_ids and segment_starts come together (packed rows: Batcher(packing=True))")
+        if segment_ids is not None and not self.packs_sequences:
+            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
+        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng,
+                           segment_ids=segment_ids)
         logits = self.score(out.last_hidden_state)
-        pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
+        if segment_ids is None:
+            pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
+        else:
+            pooled = pool_last_token_of_segments(logits, input_ids, self.config.pad_token_id, segment_ids,
+                                                 jnp.asarray(segment_starts))
         loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
         return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
 

@@ -229,3 +229,27 @@ def pool_last_token(logits: jax.Array, input_ids, pad_token_id: int | None) -> j
         not_pad = jnp.asarray(input_ids) != pad_token_id
         last = jnp.argmax(jnp.arange(s)[None, :] * not_pad, axis=-1)
     return logits[jnp.arange(b), last]
+
+
+def pool_last_token_of_segments(logits: jax.Array, input_ids, pad_token_id: int | None, segment_ids,
+                                segment_starts) -> jax.Array:
+    """Each packed sequence's logits at its last non-pad token: what :func:`pool_last_token` gives
+    the sequence in a row of its own. ``segment_ids`` (``[batch, seq]``) is ``k + 1`` on the tokens
+    of the batch's ``k``-th sequence, ``segment_starts`` (``[n]``) the flat index of each one's
+    first token; a sequence absent from the batch (its filler rows) reads its start.
+
+    Raises:
+      ValueError: ``pad_token_id`` is unset and the batch has more than one sequence.
+    """
+    n = segment_starts.shape[0]
+    if pad_token_id is None and n != 1:
+        raise ValueError("config.pad_token_id must be set to classify batches of more than one sequence")
+    flat = logits.reshape(-1, logits.shape[-1])
+    segment = jnp.asarray(segment_ids).reshape(-1)
+    keep = segment > 0
+    if pad_token_id is not None and input_ids is not None:
+        keep = keep & (jnp.asarray(input_ids).reshape(-1) != pad_token_id)
+    index = jnp.arange(segment.shape[0])
+    last = jax.ops.segment_max(jnp.where(keep, index, -1), jnp.where(segment > 0, segment - 1, n),
+                               num_segments=n + 1)[:n]
+    return flat[jnp.where(last < 0, jnp.asarray(segment_starts), last)]

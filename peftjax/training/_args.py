@@ -64,8 +64,9 @@ class TrainingArguments:
         (``Batcher(packing=True)``) instead of padding each to the batch's longest, for the
         same loss per sequence with fewer tokens computed. ``None`` (the default): wherever the
         run allows it (:meth:`Trainer.packs`: a classifier that takes packed rows, as peftjax's
-        BERT does, or a causal LM whose decoder does, Llama's and most built on it: its training and
-        evaluation batches, not ``predict``'s or ``compute_metrics``' logits); ``True``: required
+        BERT and the classifiers on Llama's decoder and most built on it do, or a causal LM whose
+        decoder does: its training and evaluation batches, not ``predict``'s or
+        ``compute_metrics``' logits); ``True``: required
         (an error where it cannot be done); ``False``: never.
       compilation_cache: JAX's persistent compilation cache, so that a second run of the same job
         loads its compiled steps instead of compiling them again. ``True`` (the default): the

@@ -655,8 +655,9 @@ class Trainer:
     def packs(self) -> bool:
         """Whether batches are packed (``TrainingArguments.packing``; by default wherever it can be).
 
-        Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT)
-        with one label per sequence (classification or regression), or a causal LM that runs
+        Packing needs a model that takes ``segment_ids`` and ``segment_starts`` (peftjax's BERT,
+        and the decoder classifiers whose decoder packs) with one label per sequence
+        (classification or regression), or a causal LM that runs
         packed rows (``packs_sequences``: Llama's decoder and those built on it, whose next-token labels
         the batches unlabel at each sequence's first token, so the loss is the unpacked one's);
         an adapter that is not prompt learning (whose virtual tokens go before each row), no
@@ -678,6 +679,8 @@ class Trainer:
                 return f"{type(base).__name__} does not run packed rows (segment_ids)"
         elif not set(PACKED_INPUTS) <= set(self.model_inputs):
             return f"{type(base).__name__} does not take {' and '.join(PACKED_INPUTS)}"
+        elif not getattr(base, "packs_sequences", True):  # a decoder classifier whose decoder cannot
+            return f"{type(base).__name__} does not run packed rows (segment_ids)"
         if self.problem_type in (SEQ2SEQ_LM, TOKEN_CLS):
             return f"a {self.problem_type} model's labels are per token, not one per sequence"
         if self.problem_type == QUESTION_ANS:
