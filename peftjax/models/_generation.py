@@ -189,7 +189,7 @@ def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
     checked = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLING if do_sample else {})}
     for name, off in checked.items():
         value = defaults.get(name)
-        if value is not None and value != off and not (off == 0 and value == 0):
+        if value is not None and value != off:
             raise ValueError(
                 f"the checkpoint's generation_config.json sets {name}={value!r}, which peftjax's generate does "
                 "not implement (it decodes greedily or by sampling with temperature, top_k, top_p, "
