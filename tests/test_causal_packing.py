@@ -33,6 +33,9 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("granite", {}),  # its embedding, attention, residual and logit multipliers
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
     ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
+    # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its
+    # position-scaled queries), GLM-4.5 Lite's
+    ("deepseek_v3", {}), ("mistral4", {}), ("glm4_moe_lite", {}),
 ])
 def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
     """Logits of each sequence in a packed batch equal transformers' model run on it alone (a
@@ -131,7 +134,7 @@ def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_pat
     assert (metrics["eval_rows"], metrics["eval_tokens"]) == (24, sum(map(len, _rows())))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "deepseek_v3"])
 def test_a_packed_decoder_classifier_reads_each_sequence_at_its_last_token(family, tmp_path):
     """A decoder's sequence classifier on packed rows gives each sequence the logits transformers'
     classifier gives it alone (read at its last non-pad token: one sequence ends in pad tokens,

@@ -361,11 +361,14 @@ class DeepseekV3Model(LlamaModel):
         return None
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """As :meth:`LlamaModel.__call__`; ``prefix_kv`` must be ``None`` (no prefix attention protocol)."""
+                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """As :meth:`LlamaModel.__call__` (packed rows too); ``prefix_kv`` must be ``None`` (no prefix
+        attention protocol)."""
         if prefix_kv is not None:
             raise ValueError(f"{type(self).__name__} does not take prefix_kv: prefix tuning is not supported on "
                              "multi-head latent attention")
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -373,7 +376,8 @@ class DeepseekV3Model(LlamaModel):
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
-        masks = {None: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)}
+        mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
+        masks = {None: mask if segment_ids is None else mask & attn.segment_mask(segment_ids)}
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         scale = self.query_scale(pos.position_ids, x.dtype)
         if cache is None:  # training and scoring: scanned and/or rematerialised
@@ -402,10 +406,11 @@ class MlaForCausalLM(LlamaForCausalLM):
     model_class: ClassVar[type[nnx.Module]] = DeepseekV3Model
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0) -> ModelOutput:
-        """As :meth:`LlamaForCausalLM.__call__`, without ``prefix_kv`` (prefix tuning is refused)."""
+                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0, segment_ids=None) -> ModelOutput:
+        """As :meth:`LlamaForCausalLM.__call__` (packed rows too), without ``prefix_kv`` (prefix tuning
+        is refused)."""
         return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cache_index,
-                                None, dropout_rng, logits_to_keep)
+                                None, dropout_rng, logits_to_keep, segment_ids=segment_ids)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_latent_attention_cache(self.config, batch, max_len, dtype or self.dtype)
@@ -415,8 +420,9 @@ class MlaForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = DeepseekV3Model
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 dropout_rng=None) -> ModelOutput:
-        return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, None, dropout_rng)
+                 dropout_rng=None, segment_ids=None, segment_starts=None) -> ModelOutput:
+        return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, None, dropout_rng,
+                                segment_ids=segment_ids, segment_starts=segment_starts)
 
 
 class MlaForTokenClassification(LlamaForTokenClassification):
