@@ -36,6 +36,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its
     # position-scaled queries), GLM-4.5 Lite's
     ("deepseek_v3", {}), ("mistral4", {}), ("glm4_moe_lite", {}),
+    ("gemma4_text", {}),  # per-layer inputs, layers sharing keys and values
 ])
 def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
     """Logits of each sequence in a packed batch equal transformers' model run on it alone (a

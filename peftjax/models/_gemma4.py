@@ -44,7 +44,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import GELU_APPROXIMATE, ScaledEmbed, softcapped_lm_output
 from peftjax.models._layer_kinds import LAYER_TYPES
-from peftjax.models._llama import LlamaForCausalLM
+from peftjax.models._llama import LlamaForCausalLM, LlamaModel
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, apply_rotary
@@ -344,6 +344,11 @@ class Gemma4TextDecoderLayer(nnx.Module):
 class Gemma4TextModel(nnx.Module):
     """The decoder stack: ``embed_tokens`` (scaled), the per-layer embeddings, ``layers``, ``norm``."""
 
+    # packed rows (segment_ids) as LlamaModel's: each token's per-layer input is its own, and a
+    # layer sharing another's keys and values shares its mask too
+    packs_sequences: ClassVar[bool] = True
+    packed_inputs = LlamaModel.packed_inputs
+
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_gemma4_config(config)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -378,8 +383,11 @@ class Gemma4TextModel(nnx.Module):
         return (projected + own) * jnp.asarray(2.0**-0.5, x.dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, dropout_rng=None) -> ModelOutput:
-        """Runs the decoder; ``dropout_rng``: a key to apply ``attention_dropout`` (training)."""
+                 cache_index=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """Runs the decoder; ``dropout_rng``: a key to apply ``attention_dropout`` (training);
+        ``segment_ids``: packed rows, as :meth:`LlamaModel.__call__`'s."""
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         elif self.per_layer_size and input_ids is None:
@@ -398,8 +406,8 @@ class Gemma4TextModel(nnx.Module):
         for t, rope in self.ropes:
             window = self.sliding_window if t == "sliding_attention" else None
             cos, sin = rope.cos_sin(pos.position_ids, x.dtype)
-            per_type[t] = (cos, sin, attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True,
-                                                            window=window))
+            mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
+            per_type[t] = (cos, sin, mask if segment_ids is None else mask & attn.segment_mask(segment_ids))
         offset = attn.causal_offset(cache, None, pos.start)
         new_cache = [] if cache is not None else None
         shared, router_logits = {}, []
@@ -435,9 +443,12 @@ class Gemma4ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
     model_class: ClassVar[type[nnx.Module]] = Gemma4TextModel
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaForCausalLM` (no ``prefix_kv``), logits soft-capped."""
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, dropout_rng)
+                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0, segment_ids=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaForCausalLM` (packed rows too; no ``prefix_kv``), logits
+        soft-capped."""
+        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, dropout_rng,
+                         **packed)
         return softcapped_lm_output(self, out, labels, logits_to_keep)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
