@@ -32,6 +32,7 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     head_dim_of,
+    packed_kwargs,
 )
 from peftjax.models._losses import causal_lm_head_loss, causal_lm_loss
 from peftjax.models._outputs import ModelOutput, kept_positions
@@ -244,11 +245,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         segment_ids=None,
     ) -> ModelOutput:
         """As ``LlamaForCausalLM``'s (packed rows too), the logits soft-capped."""
-        if segment_ids is not None and not self.packs_sequences:
-            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng, **packed)
+                         dropout_rng, **packed_kwargs(self, segment_ids))
         return softcapped_lm_output(self, out, labels, logits_to_keep)
 
 

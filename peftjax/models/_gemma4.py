@@ -44,7 +44,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import GELU_APPROXIMATE, ScaledEmbed, softcapped_lm_output
 from peftjax.models._layer_kinds import LAYER_TYPES
-from peftjax.models._llama import LlamaForCausalLM, LlamaModel
+from peftjax.models._llama import LlamaForCausalLM, LlamaModel, packed_kwargs
 from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import RotaryEmbedding, apply_rotary
@@ -402,12 +402,13 @@ class Gemma4TextModel(nnx.Module):
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
+        same = None if segment_ids is None else attn.segment_mask(segment_ids)  # packed: within each sequence
         per_type = {}
         for t, rope in self.ropes:
             window = self.sliding_window if t == "sliding_attention" else None
             cos, sin = rope.cos_sin(pos.position_ids, x.dtype)
             mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
-            per_type[t] = (cos, sin, mask if segment_ids is None else mask & attn.segment_mask(segment_ids))
+            per_type[t] = (cos, sin, mask if same is None else mask & same)
         offset = attn.causal_offset(cache, None, pos.start)
         new_cache = [] if cache is not None else None
         shared, router_logits = {}, []
@@ -446,9 +447,8 @@ class Gemma4ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
                  cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0, segment_ids=None) -> ModelOutput:
         """As :class:`~peftjax.models.LlamaForCausalLM` (packed rows too; no ``prefix_kv``), logits
         soft-capped."""
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, dropout_rng,
-                         **packed)
+                         **packed_kwargs(self, segment_ids))
         return softcapped_lm_output(self, out, labels, logits_to_keep)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):

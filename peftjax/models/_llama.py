@@ -185,6 +185,27 @@ def kv_layout(config) -> tuple[int, int]:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim_of(config)
 
 
+def decoder_packs(decoder: type) -> bool:
+    """Whether a decoder class runs packed rows: it says so (``packs_sequences``) and its call
+    takes ``segment_ids``."""
+    return bool(getattr(decoder, "packs_sequences", False)) and (
+        "segment_ids" in inspect.signature(decoder.__call__).parameters)
+
+
+def packed_kwargs(model, segment_ids) -> dict:
+    """What a task model passes its decoder for packed rows: ``{"segment_ids": ...}``, or nothing
+    without them.
+
+    Raises:
+      ValueError: packed rows for a model whose decoder does not run them (``packs_sequences``).
+    """
+    if segment_ids is None:
+        return {}
+    if not model.packs_sequences:
+        raise ValueError(f"{type(model).__name__} does not run packed rows (segment_ids)")
+    return {"segment_ids": segment_ids}
+
+
 class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
@@ -350,11 +371,8 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         ``segment_ids``: packed rows, where :attr:`packs_sequences` (see ``LlamaModel``); their
         ``labels`` must not score a sequence's first token from the one before it (``Batcher``
         sets it to -100)."""
-        if segment_ids is not None and not self.packs_sequences:
-            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng, **packed)
+                         dropout_rng, **packed_kwargs(self, segment_ids))
         h = out.last_hidden_state
         scaled = self.head_input(h)
         head_in = kept_positions(scaled, logits_to_keep, labels)
@@ -367,9 +385,7 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
     @property
     def packs_sequences(self) -> bool:
         """Whether the model runs packed rows (``segment_ids``): its decoder does and takes them."""
-        decoder = type(self.model)
-        return bool(getattr(decoder, "packs_sequences", False)) and (
-            "segment_ids" in inspect.signature(decoder.__call__).parameters)
+        return decoder_packs(type(self.model))
 
     def head_input(self, h):
         """What the LM head reads: the final hidden states (Granite divides them by its ``logits_scaling``)."""
@@ -397,16 +413,14 @@ class DecoderWithHead(PreTrainedModel):
 
     def decoder(self, input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng,
                 segment_ids=None) -> ModelOutput:
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         return getattr(self, self.base_model_prefix)(input_ids, attention_mask, position_ids, inputs_embeds,
-                                                     prefix_kv=prefix_kv, dropout_rng=dropout_rng, **packed)
+                                                     prefix_kv=prefix_kv, dropout_rng=dropout_rng,
+                                                     **packed_kwargs(self, segment_ids))
 
     @property
     def packs_sequences(self) -> bool:
         """Whether the decoder runs packed rows (``segment_ids``), as ``LlamaForCausalLM``'s."""
-        decoder = type(getattr(self, self.base_model_prefix))
-        return bool(getattr(decoder, "packs_sequences", False)) and (
-            "segment_ids" in inspect.signature(decoder.__call__).parameters)
+        return decoder_packs(type(getattr(self, self.base_model_prefix)))
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:
         # a class keeping its decoder under another name (most question-answering classes:
@@ -448,8 +462,6 @@ class LlamaForSequenceClassification(DecoderWithHead):
         """
         if (segment_ids is None) != (segment_starts is None):
             raise ValueError("segment_ids and segment_starts come together (packed rows: Batcher(packing=True))")
-        if segment_ids is not None and not self.packs_sequences:
-            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
         out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng,
                            segment_ids=segment_ids)
         logits = self.score(out.last_hidden_state)

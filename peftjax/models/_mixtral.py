@@ -66,6 +66,7 @@ from peftjax.models._llama import (
     LlamaForTokenClassification,
     LlamaModel,
     kv_layout,
+    packed_kwargs,
     sliding_windows,
 )
 from peftjax.models._losses import causal_lm_head_loss
@@ -581,11 +582,8 @@ class MixtralForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
         then includes ``router_aux_loss_coef * aux_loss``."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
-        if segment_ids is not None and not self.packs_sequences:
-            raise ValueError(f"{type(self).__name__} does not run packed rows (segment_ids)")
-        packed = {} if segment_ids is None else {"segment_ids": segment_ids}
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
-                         dropout_rng, output_router_logits=output_router_logits, **packed)
+                         dropout_rng, output_router_logits=output_router_logits, **packed_kwargs(self, segment_ids))
         h = out.last_hidden_state
         head_in = kept_positions(h, logits_to_keep, labels)
         logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
