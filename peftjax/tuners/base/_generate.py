@@ -4,10 +4,12 @@ them (``use_cache=False``)."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import decoding_arguments
+from peftjax.models._generation import _constrain, decoding_arguments
 
 
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
@@ -40,21 +42,21 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                                   prompt_length=n)
     eos, pad = list(settings["eos"]), int(settings["pad"])
-    penalty, min_new = settings["penalty"], settings["min_new"]
-    first = (mask != 0).argmax(axis=1)  # the repetition penalty skips the left padding, as transformers
+    # the cached loop's processors: the repetition penalty from each row's first real token (as
+    # transformers skips the left padding), no EOS before min_new new tokens
+    constrain = functools.partial(_constrain, penalty=settings["penalty"], min_new=settings["min_new"],
+                                  eos_ids=np.asarray(eos or [-1], np.int32))
+    counted = np.arange(total)[None] >= (mask != 0).argmax(axis=1)[:, None]
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
     for t in range(n, total):
         positions = np.where(live == 1, np.cumsum(live, axis=1) - 1, 1)
         scores = np.asarray(step(model, tokens, live, positions))[:, t - 1].astype(np.float32)
-        if penalty is not None:
-            for row in range(b):
-                ids = np.unique(tokens[row, first[row]:t])
-                seen = scores[row, ids]
-                scores[row, ids] = np.where(seen < 0, seen * penalty, seen / penalty)
-        if min_new is not None and t - n < min_new:
-            scores[:, [e for e in eos if 0 <= e < scores.shape[1]]] = -np.inf
-        token = np.where(done, pad, scores.argmax(-1))
+        seen = None
+        if settings["penalty"] is not None:
+            seen = np.zeros(scores.shape, bool)
+            seen[np.nonzero(counted[:, :t])[0], tokens[:, :t][counted[:, :t]]] = True
+        token = np.where(done, pad, np.asarray(constrain(scores, seen, t - n)).argmax(-1))
         tokens[:, t], live[:, t] = token, 1
         done |= np.isin(token, eos)
         if done.all():
