@@ -58,6 +58,26 @@ def test_step_profile_puts_each_framework_s_step_in_categories():
     assert fields["ratio_time"] > 0 and fields["jax_f32_gflops"] > 0 and fields["torch_f32_gflops"] > 0
 
 
+def test_matmul_shapes_time_both_frameworks_per_product():
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "matmul_peak.py"), "--shapes", "8x16x32", "4x8x8",
+                          "--repeats", "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    rows = [line.split() for line in lines if line.split()[:1] in (["8x16x32"], ["4x8x8"])]
+    assert [(r[0], r[1]) for r in rows] == [("8x16x32", "x"), ("8x16x32", "dy"), ("4x8x8", "x"), ("4x8x8", "dy")]
+    assert all(float(r[-1]) > 0 for r in rows)
+    fields = dict(f.split("=") for f in lines[-1].split())
+    assert fields["shapes"] == "2" and float(fields["shapes_jax_over_torch"]) > 0
+
+
+def test_matmul_shapes_refuse_a_size_that_is_not_three_numbers():
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "matmul_peak.py"), "--shapes", "320x384"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "'320x384' is not MxKxN" in out.stderr
+
+
 def test_depth_runs_on_a_tiny_model():
     last = _run("depth.py", "--depths", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
                 "--hidden", "32", "--intermediate", "48", "--vocab", "128", "--seq", "16", "--steps", "1")
