@@ -24,6 +24,7 @@ from peftjax.config import PeftConfig, load_config
 from peftjax.config._targeting import module_names_as
 from peftjax.io._adapter import KeyMapping, adapter_dir, map_name, read_adapter_weights, write_adapter
 from peftjax.io._hub import resolve
+from peftjax.models._generation import rows_per_input
 from peftjax.tuners import base as tuner_base
 from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
@@ -46,6 +47,17 @@ def _batch_size(args, kwargs) -> int | None:
         if x is not None and hasattr(x, "shape") and len(x.shape):
             return int(x.shape[0])
     return None
+
+
+def _check_row_names(adapter_names, batch_size: int | None) -> None:
+    """``adapter_names`` is a list of names, one per row of a batch of ``batch_size`` (PEFT's message)."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple):
+        raise TypeError(f"adapter_names: expected a list of str, one per row, got {adapter_names!r}")
+    if batch_size is not None and len(adapter_names) != batch_size:
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(adapter_names)} and {batch_size} respectively."
+        )
 
 
 def _count(state) -> int:
@@ -210,13 +222,7 @@ class PeftModel:
           ValueError: an unknown name, a length other than ``batch_size``, an adapter with DoRA
             (PEFT's messages), or a non-LoRA adapter.
         """
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple):
-            raise TypeError(f"adapter_names: expected a list of str, one per row, got {adapter_names!r}")
-        if batch_size is not None and len(adapter_names) != batch_size:
-            raise ValueError(
-                "Length of `adapter_names` should be the same as the number of inputs, but got "
-                f"{len(adapter_names)} and {batch_size} respectively."
-            )
+        _check_row_names(adapter_names, batch_size)
         tuner_base.adapter_index(adapter_names, tuple(self.peft_config))  # unknown names, before anything runs
         for name in dict.fromkeys(n for n in adapter_names if n in self.peft_config):
             config = self.peft_config[name]
@@ -242,7 +248,10 @@ class PeftModel:
             raise TypeError(f"{type(self.base_model).__name__} has no generate method")
         self._check_live("generate")
         if adapter_names is not None:
-            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            _check_row_names(adapter_names, _batch_size(args, kwargs))
+            # beams and returned sequences repeat each input row: its adapter with it (as PEFT's)
+            times = rows_per_input(self.base_model, kwargs)
+            with self.mixed_batch([name for name in adapter_names for _ in range(times)]):
                 return self.base_model.generate(*args, **kwargs)
         tuner = self._active_tuner()
         if tuner is not None and tuner.generate is not None:

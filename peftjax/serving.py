@@ -236,7 +236,7 @@ class BatchingGenerator:
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
             top_k=first.top_k, seed=first.seed, pad_token_id=self.pad_token_id,
-            repetition_penalty=first.repetition_penalty,
+            repetition_penalty=first.repetition_penalty, num_return_sequences=1,  # one completion a request
         )
         used = sorted({r.adapter for r in requests})
         results = []

@@ -185,6 +185,21 @@ def test_generate_with_an_adapter(tmp_path, capsys):
                  "--max-new-tokens", "5", "--repetition-penalty", "0.3", "--min-new-tokens", "3"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
+    # beam search: --num-beams, --num-return-sequences (each line's completions, the best first) and
+    # --length-penalty, against the adapter's own generate with them
+    batch = tokenizer(["hello there", "a longer prompt than the first"], return_tensors="np", padding=True)
+    beams = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, eos_token_id=eos,
+                           pad_token_id=tokenizer.pad_token_id, num_beams=3, num_return_sequences=2,
+                           length_penalty=0.5)[:, batch["input_ids"].shape[1]:]
+    assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--text", "hello there",
+                 "--text", "a longer prompt than the first", "--max-new-tokens", "5", "--num-beams", "3",
+                 "--num-return-sequences", "2", "--length-penalty", "0.5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["completions"] for line in lines] == [
+        [tokenizer.decode(row, skip_special_tokens=True) for row in beams[i:i + 2]] for i in (0, 2)]
+    assert [line["completion"] for line in lines] == [line["completions"][0] for line in lines]
+    assert main(["generate", str(tmp_path / "base"), "--text", "hi", "--num-beams", "2", "--temperature", "0.7"]) == 1
+    assert "beam sampling" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- every command, every task

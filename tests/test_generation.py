@@ -1,7 +1,8 @@
 """``generate`` decodes as transformers' ``generate`` does with the same settings: the repetition
 penalty and minimum length (as arguments and from ``generation_config.json``), top-k 50 when
-sampling without one, and a refusal, naming the setting, of what the checkpoint's generation config
-asks for and peftjax does not implement."""
+sampling without one, beam search (its length penalty, early stopping and returned sequences),
+several samples per prompt, and a refusal, naming the setting, of what the checkpoint's generation
+config asks for and peftjax does not implement."""
 
 from __future__ import annotations
 
@@ -119,12 +120,12 @@ def test_the_penalty_counts_the_decoder_s_tokens_of_an_encoder_decoder(tmp_path)
 
 
 @pytest.mark.parametrize(("setting", "sampled_only"), [
-    (dict(num_beams=4), False), (dict(no_repeat_ngram_size=3), False),  # any decoding
+    (dict(num_beam_groups=2), False), (dict(no_repeat_ngram_size=3), False),  # any decoding
     (dict(typical_p=0.9), True), (dict(min_p=0.1), True),  # sampling only
 ])
 def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_name(llama, tmp_path, setting,
                                                                                    sampled_only):
-    """Beam search, n-gram blocking and the sampling filters peftjax lacks are refused, naming the
+    """Diverse beam groups, n-gram blocking and the sampling filters peftjax lacks are refused, naming the
     setting and how to drop it, rather than decoding otherwise than transformers; a sampling-only
     setting does not stop greedy decoding; dropping the setting with ``replace`` decodes."""
     base = tmp_path / "base"
@@ -139,3 +140,129 @@ def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_nam
         assert model.generate(IDS, MASK, max_new_tokens=2).shape == (2, 8)
     model.generation_config = model.generation_config.replace(**{name: None})
     assert model.generate(IDS, MASK, max_new_tokens=2, do_sample=True).shape == (2, 8)
+
+
+BEAM_SETTINGS = [dict(num_beams=4), dict(num_beams=4, num_return_sequences=3), dict(num_beams=3, length_penalty=2.0),
+                 dict(num_beams=3, early_stopping=True), dict(num_beams=3, early_stopping="never", length_penalty=0.5),
+                 dict(num_beams=3, early_stopping="never", length_penalty=-1.0),
+                 dict(num_beams=2, repetition_penalty=1.8, min_new_tokens=4)]
+
+
+def _beam_stops(free: np.ndarray, prompt: int) -> list[list[int]]:
+    """EOS choices that end beams at different steps: tokens the free run writes early."""
+    return [[int(free[0, prompt + 1])], [int(free[1, prompt + 2]), int(free[0, prompt + 4])]]
+
+
+def test_beam_search_decodes_as_transformers(llama):
+    """Beam search on left-padded prompts, token for token as transformers' ``generate`` with the
+    same settings: beams ending at EOS at different steps (one EOS id and two), the returned
+    sequences best first, the length penalty (favouring length, and not), early stopping in each
+    of its three modes, the repetition penalty and minimum length over the beams' log
+    probabilities. A pad id of 0 fills a short beam with its first EOS id, as transformers' does."""
+    path, hf, free = llama
+    model = models.from_pretrained(path)
+    greedy = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[])
+    filled = False
+    for eos in _beam_stops(free, IDS.shape[1]):
+        for pad in (0, 2):
+            for extra in BEAM_SETTINGS:
+                settings = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=pad, **extra)
+                ours = model.generate(IDS, MASK, **settings)
+                np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, do_sample=False, **settings),
+                                              err_msg=str(settings))
+                n = extra.get("num_return_sequences", 1)
+                assert ours.shape[0] == IDS.shape[0] * n
+                np.testing.assert_array_equal(ours[::n, :IDS.shape[1]], IDS)
+                fill = pad or eos[0]
+                filled |= bool((ours[:, -1] == fill).any() and (ours[:, -1] != fill).any())
+    assert filled  # some beams ended before others: the EOS path ran
+    beams = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], num_beams=4)
+    assert (beams != greedy).any()  # the search found another sequence than greedy's
+    np.testing.assert_array_equal(beams, hf_generate(hf, IDS, MASK, max_new_tokens=10, eos_token_id=[],
+                                                     pad_token_id=2, num_beams=4, do_sample=False))
+
+
+def test_an_encoder_decoder_searches_beams_as_transformers(tmp_path):
+    """T5: the input encoded once and repeated per beam, the beams decoded from the start token,
+    the scores' lengths counted after it, as transformers' ``generate``."""
+    save_tiny("t5", tmp_path / "tiny")
+    hf = tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "tiny").eval()
+    with torch.no_grad():  # the tiny decoder repeats one token; stronger weights make it write varied ones
+        for name, weight in hf.decoder.named_parameters():
+            if "DenseReluDense" in name or "SelfAttention" in name:
+                weight.mul_(5)
+    hf.save_pretrained(tmp_path / "varied")
+    model = models.from_pretrained(tmp_path / "varied")
+    ids, mask = IDS[:, ::-1].copy(), MASK[:, ::-1].copy()  # T5 pads on the right
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    assert len(set(free[:, 1:].ravel().tolist())) > 6
+    ended = False
+    for eos in ([int(free[0, 2])], [int(free[1, 3]), int(free[0, 5])]):
+        for extra in BEAM_SETTINGS:
+            settings = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, **extra)
+            ours = model.generate(ids, mask, **settings)
+            np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings),
+                                          err_msg=str(settings))
+            ended |= bool(np.isin(ours[:, 1:], eos).any())
+    assert ended
+
+
+def test_a_generation_config_s_beams_apply_unasked(llama, tmp_path):
+    """A checkpoint whose ``generation_config.json`` asks for beams (BART's and Marian's do) searches
+    them when ``generate`` is called with no settings, as transformers'; an argument overrides it."""
+    path, _, free = llama
+    base = tmp_path / "base"
+    save_tiny("llama", base)
+    settings = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps(
+        {**settings, "num_beams": 3, "num_return_sequences": 2, "length_penalty": 1.5, "early_stopping": True,
+         "eos_token_id": int(free[0, 7]), "pad_token_id": 0}))
+    model, hf = models.from_pretrained(base), tr.AutoModelForCausalLM.from_pretrained(base).eval()
+    ours = model.generate(IDS, MASK, max_new_tokens=10)
+    assert ours.shape[0] == 4
+    np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, max_new_tokens=10))
+    greedy = model.generate(IDS, MASK, max_new_tokens=10, num_beams=1, num_return_sequences=1)
+    np.testing.assert_array_equal(greedy, hf_generate(hf, IDS, MASK, max_new_tokens=10, num_beams=1,
+                                                      num_return_sequences=1))
+
+
+def test_samples_per_prompt_are_consecutive_rows(llama):
+    """``num_return_sequences`` with sampling: that many independent samples of each prompt, in
+    consecutive rows, as transformers returns them."""
+    path, _, _ = llama
+    model = models.from_pretrained(path)
+    out = model.generate(IDS, MASK, max_new_tokens=6, do_sample=True, temperature=3.0, num_return_sequences=4,
+                         eos_token_id=[], seed=1)
+    assert out.shape == (8, 12)
+    np.testing.assert_array_equal(out[:, :6], np.repeat(IDS, 4, axis=0))
+    assert len({tuple(row) for row in out[:4, 6:]}) > 1 and len({tuple(row) for row in out[4:, 6:]}) > 1
+    one = model.generate(IDS[1:], MASK[1:], max_new_tokens=6, do_sample=True, temperature=3.0, eos_token_id=[],
+                         seed=1)
+    assert one.shape == (1, 12)
+
+
+@pytest.mark.parametrize(("settings", "error", "message"), [
+    (dict(num_beams=2, num_return_sequences=3), ValueError, r"num_return_sequences \(3\) must be at most num_beams"),
+    (dict(num_return_sequences=2), ValueError, "greedy decoding returns one sequence per input"),
+    (dict(num_beams=2, do_sample=True), NotImplementedError, "beam sampling"),
+    (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
+    (dict(num_beams=2, early_stopping="sometimes"), ValueError, "early_stopping must be True, False or 'never'"),
+])
+def test_bad_beam_settings_are_refused(llama, settings, error, message):
+    path, _, _ = llama
+    with pytest.raises(error, match=message):
+        models.from_pretrained(path).generate(IDS, MASK, max_new_tokens=2, **settings)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma4_text", "qwen3_5_text", "deepseek_v3"])
+def test_beam_search_reorders_every_kind_of_cache(family, tmp_path):
+    """Each beam step reorders the cache's rows: GPT-2's own cache, Gemma 4's (layers sharing
+    another's keys hold none), Qwen3.5's linear-attention state and convolution window, and
+    DeepSeek-V3's latent cache; token for token as transformers' ``generate`` with beams."""
+    save_tiny(family, tmp_path)
+    model, hf = models.from_pretrained(tmp_path), tr.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    free = model.generate(IDS, MASK, max_new_tokens=8, eos_token_id=[])
+    for eos in ([int(free[0, 7])], [int(free[1, 8])]):
+        settings = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, num_beams=3, num_return_sequences=2)
+        np.testing.assert_array_equal(model.generate(IDS, MASK, **settings),
+                                      hf_generate(hf, IDS, MASK, do_sample=False, **settings), err_msg=str(eos))

@@ -383,6 +383,12 @@ def test_longrope_generation_across_the_switch_matches_transformers(longrope):
     ids, mask = padded_batch(VOCAB, batch=2, seq=9)
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4, pad_token_id=0),
                                   _hf_generate(torch_model, ids, mask, 4))
+    # beam search: the long factors throughout, as transformers'; across the switch it is refused
+    np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4, pad_token_id=0, num_beams=3),
+                                  _hf_generate(torch_model, ids, mask, 4, num_beams=3))
+    ids, mask = padded_batch(VOCAB, batch=2, seq=5)
+    with pytest.raises(NotImplementedError, match=r"beam search past Phi3ForCausalLM's cache rerun \(LongRoPE"):
+        model.generate(ids, mask, max_new_tokens=8, num_beams=2)
 
 
 def test_longrope_sampling_across_the_switch_draws_the_same_keys(longrope):

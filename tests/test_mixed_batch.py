@@ -122,6 +122,38 @@ def test_generate_with_a_different_adapter_per_row(files):
     np.testing.assert_array_equal(mixed, theirs.numpy())
 
 
+def test_beam_search_repeats_each_row_s_adapter_as_peft(files):
+    """Beam search repeats each input row once per beam, and its adapter with it (as PEFT repeats
+    ``adapter_names``): each row's beams and returned sequences equal that row searched alone with
+    its adapter, and PEFT's ``generate`` with the same names and beams; an adapter alone searches
+    beams as PEFT's does too."""
+    ours = load_ours(files)
+    prompts = IDS[:3, :4]
+    rows = ["a", "b", "__base__"]
+    settings = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    mixed = ours.generate(prompts, adapter_names=rows, **settings)
+    assert mixed.shape[0] == 6
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with ours.disable_adapter():
+                single = ours.generate(prompts[i:i + 1], **settings)
+        else:
+            ours.set_adapter(name)
+            single = ours.generate(prompts[i:i + 1], **settings)
+        np.testing.assert_array_equal(mixed[2 * i:2 * i + 2, :single.shape[1]], single)
+    theirs = load_peft(files)
+    mask = torch.ones_like(torch.from_numpy(prompts))
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=torch.from_numpy(prompts), attention_mask=mask, adapter_names=rows,
+                                   do_sample=False, **settings)
+    np.testing.assert_array_equal(mixed, expected.numpy())
+    ours.set_adapter("b")
+    theirs.set_adapter("b")
+    with torch.no_grad():
+        expected = theirs.generate(input_ids=torch.from_numpy(prompts), attention_mask=mask, do_sample=False, **settings)
+    np.testing.assert_array_equal(ours.generate(prompts, **settings), expected.numpy())
+
+
 def test_classifier_heads_follow_their_rows(tmp_path):
     """SEQ_CLS: each adapter's ``modules_to_save`` head copy serves its own rows, as in PEFT."""
     _tiny.save("bert", tmp_path / "base")

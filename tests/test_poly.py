@@ -102,6 +102,15 @@ def test_generation_equals_peft_s_and_task_ids_are_data_of_one_compiled_loop(sav
             np.testing.assert_array_equal(out[:, -4:], ref[:, -4:])
     generate_programs = [name for name in compiled if "_generate" in name]
     assert len(generate_programs) == 1, generate_programs
+    # beam search repeats each row's task id with the row, once per beam: each row's beams are its
+    # search alone under its own task (PEFT's hook would give the beams the unrepeated ids)
+    beams = dict(max_new_tokens=4, pad_token_id=0, num_beams=3, num_return_sequences=2)
+    searched = np.asarray(ours.generate(IDS, MASK, task_ids=TASKS, **beams))
+    for i, task in enumerate(TASKS):
+        alone = np.asarray(ours.generate(IDS[i:i + 1], MASK[i:i + 1], task_ids=[task], **beams))
+        np.testing.assert_array_equal(searched[2 * i:2 * i + 2, :alone.shape[1]], alone)
+    other = np.asarray(ours.generate(IDS, MASK, task_ids=TASKS[::-1].copy(), **beams))
+    assert other.shape != searched.shape or (other != searched).any()  # the task ids reached the beams
 
 
 def test_training_samples_the_routing_and_scanned_layers_equal_the_loop(saved, tmp_path):

@@ -322,6 +322,14 @@ def test_greedy_generation_matches_peft(saved, arch, method, tmp_path):
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(saved[arch]), tmp_path)
     out = model.generate(ids, mask, max_new_tokens=6, pad_token_id=0, eos_token_id=eos or [])
     np.testing.assert_array_equal(out, ref)
+    if (arch, method) in {("llama", "prompt"), ("gpt2", "prefix")}:  # beam search, as PEFT's generate runs it
+        beams = dict(num_beams=3, num_return_sequences=2, max_new_tokens=6, pad_token_id=0)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            own = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                              use_cache=False, eos_token_id=eos, **beams)
+        searched = model.generate(ids, mask, eos_token_id=eos or [], **beams)
+        np.testing.assert_array_equal(searched, own.numpy())
     if (arch, method) == ("llama", "prompt"):  # a repetition penalty over the prompt's real tokens, not virtual ones
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -188,6 +188,31 @@ def test_a_request_s_repetition_penalty_is_its_own(files):
             generator.request({"prompt": PROMPTS[0], "repetition_penalty": bad})
 
 
+def test_a_checkpoint_s_beams_serve_each_request_its_best_beam(files):
+    """A base whose generation config asks for beams (and several sequences): each greedy request of
+    a mixed batch gets its adapter's best beam alone, one completion a request."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    model.base_model.generation_config = models.GenerationDefaults({"num_beams": 3, "num_return_sequences": 2})
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    asks = [(0, "a"), (2, "b"), (1, None)]
+    requests = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8})
+                for i, adapter in asks]
+    results = generator.generate(requests)
+    assert len(results) == 3
+    searched = 0
+    for (i, adapter), result in zip(asks, results):
+        expected = alone(model, tokenizer, PROMPTS[i], adapter, 8, num_return_sequences=1)
+        assert result["token_ids"] == expected
+        searched += expected != alone(model, tokenizer, PROMPTS[i], adapter, 8, num_beams=1, num_return_sequences=1)
+    assert searched  # beam search found another sequence than greedy decoding for some request
+
+
 def test_a_conversation_is_served_in_the_chat_template_and_stops_at_the_generation_config_s_tokens(
         files, tmp_path):
     """``"messages"`` in place of ``"prompt"``: the conversation as the tokenizer's chat template

@@ -165,3 +165,10 @@ def test_bad_x_lora_settings_are_named(setup):
     assert model.base_model.active_adapter_names() == ("default",)
     with pytest.raises(NotImplementedError, match=r"decodes greedily; \['do_sample=True'\]"):
         model.generate(np.ones((1, 3), np.int32), do_sample=True)
+    with pytest.raises(NotImplementedError, match=r"decodes greedily; \['num_beams'\]"):
+        model.generate(np.ones((1, 3), np.int32), num_beams=2)
+    # beams the checkpoint's generation config asks for are refused too, not decoded greedily
+    model.base_model.generation_config = models.GenerationDefaults({"num_beams": 4})
+    with pytest.raises(NotImplementedError, match="generation config asks for num_beams=4"):
+        model.generate(np.ones((1, 3), np.int32), max_new_tokens=2)
+    assert model.generate(np.ones((1, 3), np.int32), max_new_tokens=2, num_beams=1).shape == (1, 5)

@@ -157,10 +157,14 @@ def _generate(args) -> int:
                          temperature=None if greedy else args.temperature, top_p=args.top_p,
                          top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
-                         **task_inputs(model, args.task_id, len(texts)))
-    for text, row in zip(texts, out):
-        new = tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        print(json.dumps({"prompt": text, "completion": new}, ensure_ascii=False))
+                         num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
+                         length_penalty=args.length_penalty, **task_inputs(model, args.task_id, len(texts)))
+    per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
+    for i, text in enumerate(texts):
+        new = [tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
+               for row in out[i * per:(i + 1) * per]]
+        line = {"prompt": text, "completion": new[0], **({"completions": new} if per > 1 else {})}
+        print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
@@ -631,6 +635,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="divides the logits of tokens already in the text (default: the generation "
                                 "config's, else off)")
             p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
+            p.add_argument("--num-beams", type=int, default=None,
+                           help="beam search with this many beams (greedy over the beams' summed log "
+                                "probabilities; default: the generation config's, else 1, no search)")
+            p.add_argument("--num-return-sequences", type=int, default=None,
+                           help="sequences per prompt, best beam (or first sample) first: each line's "
+                                "'completions' (default 1)")
+            p.add_argument("--length-penalty", type=float, default=None,
+                           help="beam search: a finished beam's score is divided by its length to this power "
+                                "(default: the generation config's, else 1)")
             p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("--max-length", type=int, default=128)

@@ -1,5 +1,5 @@
-"""Jitted generation with a KV cache for the causal models: greedy or sampled (temperature, top-k,
-top-p), with transformers' repetition penalty and minimum length."""
+"""Jitted generation with a KV cache for the causal models: greedy, sampled (temperature, top-k,
+top-p) or by beam search, with transformers' repetition penalty and minimum length."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.models import _beam_search as beam_search
 from peftjax.nn._keys import default_key
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -150,8 +151,8 @@ class GenerationDefaults:
 
     def replace(self, **changes) -> GenerationDefaults:
         """A copy with ``changes`` made; a setting given ``None`` is removed. For a setting
-        ``generate`` refuses (beam search, say): ``model.generation_config =
-        model.generation_config.replace(num_beams=None)``."""
+        ``generate`` refuses (n-gram blocking, say): ``model.generation_config =
+        model.generation_config.replace(no_repeat_ngram_size=None)``."""
         values = {**self._values, **changes}
         return GenerationDefaults({k: v for k, v in values.items() if v is not None})
 
@@ -173,7 +174,7 @@ class GenerationDefaults:
 
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off; the second set matters only when sampling
-_UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "penalty_alpha": 0,
+_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0,
                 "dola_layers": None, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
                 "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None,
                 "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
@@ -192,8 +193,8 @@ def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
         if value is not None and value != off:
             raise ValueError(
                 f"the checkpoint's generation_config.json sets {name}={value!r}, which peftjax's generate does "
-                "not implement (it decodes greedily or by sampling with temperature, top_k, top_p, "
-                "repetition_penalty and min_new_tokens); to decode without it: model.generation_config = "
+                "not implement (it decodes greedily, by sampling with temperature, top_k and top_p, or by beam "
+                "search, with repetition_penalty and min_new_tokens); to decode without it: model.generation_config = "
                 f"model.generation_config.replace({name}=None)"
             )
 
@@ -201,7 +202,8 @@ def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
 def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, temperature: float | None,
                        top_k: int | None, top_p: float | None, eos_token_id, pad_token_id, *,
                        repetition_penalty: float | None = None, min_new_tokens: int | None = None,
-                       prompt_length: int = 0) -> dict:
+                       prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
+                       length_penalty: float | None = None, early_stopping: bool | str | None = None) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
@@ -211,11 +213,13 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     with the ``prompt_length`` tokens before the new ones, raises it), ``eos_token_id`` and
     ``pad_token_id``; the EOS and pad ids then fall back to the model config's (the pad id, failing
     that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
-    The EOS ids become a tuple: their number is a shape of the loop.
+    The EOS ids become a tuple: their number is a shape of the loop. Beam search's settings are
+    returned apart, under ``"search"`` (:func:`search_arguments`).
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
-        not implemented (beam search, n-gram blocking, ...: named, with the way to drop it).
+        not implemented (diverse beam groups, n-gram blocking, ...: named, with the way to drop it).
+      NotImplementedError: beam sampling (``num_beams > 1`` with ``do_sample``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -224,6 +228,7 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     if do_sample is None:
         do_sample = bool(defaults.get("do_sample", False))
     _refuse_unsupported(defaults, do_sample)
+    search = search_arguments(defaults, do_sample, num_beams, num_return_sequences, length_penalty, early_stopping)
     if temperature is None:
         temperature = float(defaults.get("temperature", 1.0))
     if top_k is None:
@@ -246,10 +251,51 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
         pad_token_id = defaults.get("pad_token_id", getattr(config, "pad_token_id", None))
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    # what beam search writes past a hypothesis's end: transformers' `pad_token_id or eos_token_id[0]`
+    search["fill"] = (int(pad_token_id) or eos[0]) if eos else -1
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
-            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id))}
+            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)), "search": search}
+
+
+def search_arguments(defaults: GenerationDefaults, do_sample: bool, num_beams, num_return_sequences,
+                     length_penalty, early_stopping) -> dict:
+    """Beam search's settings, checked, each the argument's or else the generation config's or else
+    transformers' default: ``num_beams`` 1 (no beam search), ``num_return_sequences`` 1,
+    ``length_penalty`` 1.0, ``early_stopping`` ``False``.
+
+    Raises:
+      ValueError: a bad value; more sequences than beams; several sequences of greedy decoding.
+      NotImplementedError: beams with sampling (transformers' beam sampling).
+    """
+    if num_beams is None:
+        num_beams = defaults.get("num_beams", 1)
+    if num_return_sequences is None:
+        num_return_sequences = defaults.get("num_return_sequences", 1)
+    if length_penalty is None:
+        length_penalty = defaults.get("length_penalty", 1.0)
+    if early_stopping is None:
+        early_stopping = defaults.get("early_stopping", False)
+    for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    early_stopping = early_stopping if early_stopping == "never" else bool(early_stopping)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float, np.floating)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
+    if num_beams > 1 and do_sample:
+        raise NotImplementedError(
+            f"beam sampling (num_beams={num_beams} with do_sample=True) is not implemented; pass num_beams=1 to "
+            "sample, or do_sample=False for beam search")
+    if num_return_sequences > 1 and num_beams == 1 and not do_sample:
+        raise ValueError(f"greedy decoding returns one sequence per input, got num_return_sequences="
+                         f"{num_return_sequences}; sample (do_sample=True) or search beams (num_beams >= it)")
+    if num_return_sequences > num_beams > 1:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
+    return {"num_beams": int(num_beams), "num_return_sequences": int(num_return_sequences),
+            "length_penalty": np.float32(length_penalty), "early_stopping": early_stopping}
 
 
 def stop_token_ids(model, *more) -> set[int]:
@@ -369,6 +415,92 @@ def _generate(
     return tokens.T, done.T
 
 
+def reorder_rows(cache, parents: jax.Array):
+    """The generation cache with its rows reordered: row ``r`` becomes row ``parents[r]``'s (every
+    cache array has the rows first).
+
+    Raises:
+      ValueError: a cache array without the rows first (a model whose cache beam search cannot reorder).
+    """
+    def take(array):
+        if array.ndim == 0 or array.shape[0] != parents.shape[0]:
+            raise ValueError(f"beam search reorders the cache's rows, but a cache array has shape {array.shape}, "
+                             f"not {parents.shape[0]} rows first")
+        return jnp.take(array, parents, axis=0)
+
+    return jax.tree.map(take, cache)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping"),
+)
+def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, *, max_new_tokens, eos,
+                   num_beams, num_return_sequences, early_stopping, length_penalty, fill, penalty=None,
+                   min_new=None):
+    """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
+    times each: ``([batch * num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
+    model = nnx.merge(graphdef, state)
+    rows, s = attention_mask.shape
+    cache = model.init_cache(rows, s + max_new_tokens)
+    key_mask = jnp.zeros((rows, s + max_new_tokens), jnp.int32).at[:, :s].set(attention_mask)
+    positions = position_ids
+    if positions is None:  # counting real tokens, as the sampling loop
+        positions = jnp.where(attention_mask == 0, 1, jnp.cumsum(attention_mask, axis=-1) - 1)
+    prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
+                logits_to_keep=1)
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    seen = None
+    if penalty is not None:  # the prompt from its first real token, as the sampling loop
+        n = input_ids.shape[1]
+        ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
+        first = jnp.argmax(ids_mask != 0, axis=1)
+        seen = _mark_seen(jnp.zeros((rows, out.logits.shape[-1]), bool), input_ids,
+                          jnp.arange(n)[None] >= first[:, None])
+
+    def body(carry):
+        i, logits, cache, key_mask, pos, beams, seen, _ = carry
+        # transformers' beam search runs the processors on log probabilities
+        log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seen, i, penalty=penalty,
+                               min_new=min_new, eos_ids=eos_ids)
+        beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
+                                                         length_penalty=length_penalty, early_stopping=early_stopping)
+        seen = None if seen is None else _mark_seen(seen[parents], tokens[:, None])
+        key_mask = key_mask.at[:, s + i].set(1)  # the rows of one prompt share its mask and positions
+        out = model(input_ids=tokens[:, None], attention_mask=key_mask, position_ids=pos[:, None],
+                    cache=reorder_rows(cache, parents), cache_index=s + i)
+        return i + 1, out.logits[:, -1], out.past_key_values, key_mask, pos + 1, beams, seen, going
+
+    carry = (jnp.int32(0), out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1,
+             beam_search.init(rows // num_beams, num_beams, max_new_tokens, fill), seen, jnp.bool_(True))
+    carry = jax.lax.while_loop(lambda c: c[-1] & (c[0] < max_new_tokens), body, carry)
+    return beam_search.best(carry[5], num_return_sequences)
+
+
+def rows_per_input(model, settings: Mapping[str, Any]) -> int:
+    """How many rows ``model.generate(..., **settings)`` runs for each input row: ``num_beams``
+    with beam search, else ``num_return_sequences`` (each from the settings, else the model's
+    generation config). Row-wise state set beside the inputs (a mixed batch's adapter per row,
+    Poly's task ids) is repeated this many times, as the inputs are. Settings ``generate`` would
+    refuse count as 1: it refuses them itself."""
+    defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
+
+    def setting(name: str) -> int:
+        value = settings.get(name)
+        value = defaults.get(name, 1) if value is None else value
+        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0 else 1
+
+    beams = setting("num_beams")
+    return beams if beams > 1 else setting("num_return_sequences")
+
+
+def repeat_rows(x, times: int):
+    """Each row of ``x`` (``None`` stays ``None``) ``times`` times in a row, as transformers expands
+    a batch for beams and returned sequences."""
+    return x if x is None or times == 1 else jnp.repeat(jnp.asarray(x), times, axis=0)
+
+
 class GenerationMixin:
     """``generate`` for models that implement ``init_cache`` and the cache arguments."""
 
@@ -386,6 +518,10 @@ class GenerationMixin:
         pad_token_id: int | None = None,
         repetition_penalty: float | None = None,
         min_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        num_return_sequences: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -411,13 +547,23 @@ class GenerationMixin:
             and what was generated) has its logit divided by it, or multiplied where negative,
             greedy or sampled (transformers' ``RepetitionPenaltyLogitsProcessor``); 1: off.
           min_new_tokens: no EOS before this many new tokens.
+          num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
+            the summed log probabilities; the repetition penalty and minimum length apply to them);
+            1: greedy or sampled decoding.
+          num_return_sequences: sequences per prompt, consecutive rows of the result: the best
+            beams, best first, or independent samples (at most ``num_beams``; 1 when greedy).
+          length_penalty: a finished beam's score is its summed log probability over its generated
+            length to this power (above 0 favours longer sequences).
+          early_stopping: beam search stops once each prompt has ``num_beams`` finished beams
+            (``True``), when its heuristic says none can improve (``False``), or not before that
+            cannot happen at any length (``"never"``), as transformers'.
 
           An argument left ``None`` takes the checkpoint's ``generation_config.json`` value where
           it has one (``model.generation_config``: a chat model's end-of-turn stop tokens, its
           sampling settings, a repetition penalty), else transformers' default: greedy,
           temperature 1, ``top_k`` 50, no top-p filter or penalty, the model config's EOS and pad
-          ids. A setting of the file that decodes otherwise (beam search, n-gram blocking) is
-          refused, naming it.
+          ids, one beam. A setting of the file that decodes otherwise (n-gram blocking, a beam
+          group) is refused, naming it.
           seed: the sampling key.
           inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
             ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
@@ -426,8 +572,10 @@ class GenerationMixin:
             Default: counting the real tokens of ``attention_mask``, as transformers does.
 
         Returns:
-          ``[batch, seq + n]`` token ids, ``n <= max_new_tokens``; like transformers, generation
-          ends early once every row has produced EOS.
+          ``[batch * num_return_sequences, seq + n]`` token ids, ``n <= max_new_tokens``; like
+          transformers, generation ends early once every row has produced EOS (or, with beams, once
+          no beam can improve), and a beam shorter than the longest returned ends in
+          ``pad_token_id`` (its first EOS id where that is 0).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
@@ -448,9 +596,28 @@ class GenerationMixin:
             position_ids = jnp.asarray(position_ids, jnp.int32)
         decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
                                       eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
-                                      min_new_tokens=min_new_tokens, prompt_length=input_ids.shape[1])
+                                      min_new_tokens=min_new_tokens, prompt_length=input_ids.shape[1],
+                                      num_beams=num_beams, num_return_sequences=num_return_sequences,
+                                      length_penalty=length_penalty, early_stopping=early_stopping)
+        search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
+        beams, returned = search["num_beams"], search["num_return_sequences"]
         graphdef, state = nnx.split(self)
+        if beams > 1:
+            if rerun_at is not None:
+                raise NotImplementedError(f"beam search past {type(self).__name__}'s cache rerun (LongRoPE's switch at "
+                                          f"step {rerun_at}) is not implemented; generate fewer tokens or num_beams=1")
+            rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds, position_ids)]
+            tokens, lengths = _beam_generate(
+                graphdef, state, *rows, max_new_tokens=int(max_new_tokens), eos=decoding["eos"], num_beams=beams,
+                num_return_sequences=returned, early_stopping=search["early_stopping"],
+                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]), penalty=decoding["penalty"],
+                min_new=decoding["min_new"])
+            n = int(np.max(np.asarray(lengths)))
+            return np.concatenate([np.repeat(np.asarray(input_ids), returned, axis=0), np.asarray(tokens)[:, :n]],
+                                  axis=1)
+        input_ids, mask, inputs_embeds, position_ids = (
+            repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds, position_ids))
         tokens, done = _generate(
             graphdef,
             state,

@@ -2,8 +2,9 @@
 
 The encoder runs once; each decoder block's cross-attention keys and values of its output are
 computed once too; the decoder's self-attention keeps a KV cache (``peftjax.models._attention``).
-Decoding starts from ``decoder_start_token_id`` and picks tokens greedily or by sampling with the
-causal models' filters (temperature, top-k, top-p), repetition penalty and minimum length.
+Decoding starts from ``decoder_start_token_id`` and picks tokens greedily, by sampling with the
+causal models' filters (temperature, top-k, top-p) or by beam search, with the repetition
+penalty and minimum length.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import _choose, _constrain, _mark_seen, decoding_arguments, generated_length
+from peftjax.models import _beam_search as beam_search
+from peftjax.models._generation import (
+    _choose,
+    _constrain,
+    _mark_seen,
+    decoding_arguments,
+    generated_length,
+    reorder_rows,
+    repeat_rows,
+)
 from peftjax.nn._keys import default_key
 
 
@@ -56,6 +66,52 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     return tokens.T, done.T
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "eos", "start", "num_beams", "num_return_sequences",
+                     "early_stopping"),
+)
+def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
+                   max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
+                   penalty=None, min_new=None):
+    """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
+    times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
+    covers the encoder as the decoder): ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
+    model = nnx.merge(graphdef, state)
+    encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
+                           encoder_prefix_kv).last_hidden_state
+    cross_kv = model.decoder.cross_kv(encoded)
+    rows = encoded.shape[0]
+    cache = model.init_cache(rows, max_new_tokens + 1)  # the start token, then one slot a step
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def decode(tokens, cache, key_mask, i):
+        key_mask = key_mask.at[:, i].set(1)
+        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=tokens[:, None],
+                    decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
+                    prefix_kv=prefix_kv)
+        return out.logits[:, -1], out.past_key_values, key_mask
+
+    first = jnp.full((rows,), start, jnp.int32)
+    logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
+    seen = None if penalty is None else _mark_seen(jnp.zeros((rows, model.config.vocab_size), bool), first[:, None])
+
+    def body(carry):
+        i, logits, cache, key_mask, beams, seen, _ = carry
+        log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seen, i, penalty=penalty,
+                               min_new=min_new, eos_ids=eos_ids)
+        beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
+                                                         length_penalty=length_penalty, early_stopping=early_stopping)
+        seen = None if seen is None else _mark_seen(seen[parents], tokens[:, None])
+        logits, cache, key_mask = decode(tokens, reorder_rows(cache, parents), key_mask, i + 1)
+        return i + 1, logits, cache, key_mask, beams, seen, going
+
+    beams = beam_search.init(rows // num_beams, num_beams, max_new_tokens, fill)
+    carry = (jnp.int32(0), logits, cache, key_mask, beams, seen, jnp.bool_(True))
+    carry = jax.lax.while_loop(lambda c: c[-1] & (c[0] < max_new_tokens), body, carry)
+    return beam_search.best(carry[4], num_return_sequences)
+
+
 class Seq2SeqGenerationMixin:
     """``generate`` for encoder-decoder models with ``encode``, ``decoder.cross_kv`` and ``init_cache``."""
 
@@ -73,6 +129,10 @@ class Seq2SeqGenerationMixin:
         pad_token_id: int | None = None,
         repetition_penalty: float | None = None,
         min_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        num_return_sequences: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -93,6 +153,9 @@ class Seq2SeqGenerationMixin:
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
           repetition_penalty, min_new_tokens: as the causal models' ``generate``, over the decoder's
             tokens (the start token included, as transformers counts them).
+          num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
+            sequences per input, as the causal models' ``generate`` (the length a beam's score is
+            divided by counts its tokens after the start token).
           The sampling settings, ``eos_token_id`` and ``pad_token_id`` default to the checkpoint's
           ``generation_config.json`` first, as the causal models' ``generate``.
           decoder_start_token_id: the decoder's first token (default: the config's).
@@ -100,8 +163,9 @@ class Seq2SeqGenerationMixin:
           prefix_kv, encoder_prefix_kv: prefixes for the decoder and encoder blocks (see ``__call__``).
 
         Returns:
-          ``[batch, 1 + n]`` token ids starting with ``decoder_start_token_id``, ``n <= max_new_tokens``;
-          generation ends early once every row has produced EOS.
+          ``[batch * num_return_sequences, 1 + n]`` token ids starting with ``decoder_start_token_id``,
+          ``n <= max_new_tokens``; generation ends early once every row has produced EOS (with
+          beams: once no beam can improve).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -120,16 +184,34 @@ class Seq2SeqGenerationMixin:
             raise ValueError(f"attention_mask must have the input's shape {tuple(shape)}, got {tuple(mask.shape)}")
         decoding = decoding_arguments(self, max_new_tokens, do_sample, temperature, top_k, top_p,
                                       eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
-                                      min_new_tokens=min_new_tokens, prompt_length=1)
+                                      min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
+                                      num_return_sequences=num_return_sequences, length_penalty=length_penalty,
+                                      early_stopping=early_stopping)
+        search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
         if decoder_start_token_id is None:
             raise ValueError("decoder_start_token_id is not set (pass it, or set it in the config; T5 uses 0)")
         graphdef, state = nnx.split(self)
-        tokens, done = _generate(
-            graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
-            start=int(decoder_start_token_id), **decoding,
-        )
-        tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
+        beams, returned = search["num_beams"], search["num_return_sequences"]
+        if beams > 1:
+            if prefix_kv is not None or encoder_prefix_kv is not None:
+                raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
+                                          "(a prefix-tuning adapter's generate passes its own)")
+            rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds)]
+            tokens, lengths = _beam_generate(
+                graphdef, state, *rows, None, None, max_new_tokens=int(max_new_tokens),
+                eos=decoding["eos"], start=int(decoder_start_token_id), num_beams=beams,
+                num_return_sequences=returned, early_stopping=search["early_stopping"],
+                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]), penalty=decoding["penalty"],
+                min_new=decoding["min_new"])
+            tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
+        else:
+            input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))
+            tokens, done = _generate(
+                graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
+                start=int(decoder_start_token_id), **decoding,
+            )
+            tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
         start = np.full((tokens.shape[0], 1), decoder_start_token_id, tokens.dtype)
         return np.concatenate([start, tokens[:, :n]], axis=1)

@@ -13,8 +13,10 @@ import contextlib
 import contextvars
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from peftjax.models._generation import rows_per_input
 from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class, with_base_signature
 
 _TASK_IDS: contextvars.ContextVar = contextvars.ContextVar("peftjax_task_ids", default=None)
@@ -57,6 +59,8 @@ class TaskIdsGenerationModel(TaskIdsModel):
         from peftjax.tuners.poly._layer import check_task_ids
 
         ids = check_task_ids(task_ids, self)
+        if ids.ndim == 1 and ids.shape[0] > 1:  # a row's id for each of its beams or returned sequences
+            ids = np.repeat(ids, rows_per_input(self, kwargs))
         self.peft_generate_task_ids = nnx.Variable(jnp.asarray(ids, jnp.int32))
         try:
             return self._peftjax_base.generate(self, *args, **kwargs)
