@@ -46,11 +46,14 @@ against 0.51-0.70 s without.
 
 Garbage collection: each worker freezes what it holds once collection ends (``gc.freeze()``: the
 imported torch, transformers, PEFT and JAX, about 620,000 objects), so that later full collections
-pass over only what the tests create. A step's first call collects (``release_host_memory``, as
-a user's process does), and on that heap one ``gc.collect()`` took 0.36 s; py-spy put 11% of
-tests/test_llama.py + test_prompt_learning.py in it. Measured 2026-12-03 on the 2-core AVX-512
-host, the two files in one process: 186 s (CPU 200 s) without, 156 s (CPU 170 s) with. What is
-frozen is never collected: module-level objects, which live for the whole run anyway.
+pass over only what the tests create. A step's first call collected every generation then
+(``release_host_memory``, as a user's process did), and on that heap one ``gc.collect()`` took
+0.36 s; py-spy put 11% of tests/test_llama.py + test_prompt_learning.py in it. Measured 2026-12-03
+on the 2-core AVX-512 host, the two files in one process: 186 s (CPU 200 s) without, 156 s (CPU
+170 s) with. What is frozen is never collected: module-level objects, which live for the whole run
+anyway. With the freeze, py-spy still put 11.5% of a whole suite's samples in those collections
+(2026-12-05, Intel host); a step's first call now collects the young generations only
+(``release_host_memory(generation=1)``, see ``peftjax.training._step.CompiledFirst``).
 
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _tiny import arch, task_arch
+from flax import nnx
 from _tiny import save as save_tiny
 
 import peftjax
@@ -51,8 +52,9 @@ def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overri
     batcher = Batcher(columns, len(sequences), shuffle=False, packing=True, next_token_labels=True)
     batch = next(batcher.batches(0))
     assert batch["input_ids"].shape[0] < len(sequences)  # fewer rows than sequences: packed
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                segment_ids=batch["segment_ids"], labels=batch["labels"])
+    # jitted: one program per call, where running eagerly compiled every operation of 17 families
+    out = nnx.jit(lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 segment_ids=b["segment_ids"], labels=b["labels"]))(model, batch)
     logits = np.asarray(out.logits)
     flat = logits.reshape(-1, logits.shape[-1])
     for i, sequence in enumerate(sequences):
@@ -69,9 +71,9 @@ def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overri
         expected = hf(padded, attention_mask=mask, labels=labels, **moe).loss.item()
     np.testing.assert_allclose(float(out.loss), expected, rtol=1e-5)
     if moe:  # the load-balancing loss of the packed batch is the unpacked batch's
-        packed_aux = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           segment_ids=batch["segment_ids"], output_router_logits=True).aux_loss
-        unpacked_aux = model(input_ids=padded.numpy(), attention_mask=mask.numpy(), output_router_logits=True).aux_loss
+        aux = nnx.jit(lambda m, kw: m(**kw, output_router_logits=True).aux_loss)
+        packed_aux = aux(model, {k: batch[k] for k in ("input_ids", "attention_mask", "segment_ids")})
+        unpacked_aux = aux(model, {"input_ids": padded.numpy(), "attention_mask": mask.numpy()})
         np.testing.assert_allclose(float(packed_aux), float(unpacked_aux), rtol=1e-5)
         assert float(packed_aux) > 0
 

@@ -30,7 +30,7 @@ def _malloc_trim():
         return None
 
 
-def release_host_memory(*, clear_compiled: bool = False) -> bool:
+def release_host_memory(*, clear_compiled: bool = False, generation: int = 2) -> bool:
     """Returns the host memory the allocator holds free to the operating system.
 
     The recipe for a lean process: once the model is loaded and its adapters added, call it
@@ -43,13 +43,17 @@ def release_host_memory(*, clear_compiled: bool = False) -> bool:
       clear_compiled: also drop every executable JAX has cached (``jax.clear_caches()``):
         loading's and initialisation's one-off operations, but also any function already
         compiled, which then compiles again on its next call.
+      generation: the oldest generation of Python objects collected first (``gc.collect``'s
+        argument): 2, every object; 1, the younger ones, where most of what tracing and lowering
+        a function leaves behind is, in milliseconds where a full collection of a large process
+        (torch, transformers and a test suite's models imported) takes a third of a second.
 
     Returns:
       Whether memory could be trimmed (glibc); elsewhere only ``clear_compiled`` acts.
     """
     if clear_compiled:
         jax.clear_caches()
-    gc.collect()
+    gc.collect(generation)
     trim = _malloc_trim()
     if trim is None:
         return False
