@@ -120,14 +120,15 @@ def test_the_penalty_counts_the_decoder_s_tokens_of_an_encoder_decoder(tmp_path)
 
 
 @pytest.mark.parametrize(("setting", "sampled_only"), [
-    (dict(num_beam_groups=2), False), (dict(no_repeat_ngram_size=3), False),  # any decoding
+    (dict(num_beam_groups=2), False), (dict(encoder_no_repeat_ngram_size=3), False),  # any decoding
     (dict(typical_p=0.9), True), (dict(min_p=0.1), True),  # sampling only
 ])
 def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_name(llama, tmp_path, setting,
                                                                                    sampled_only):
-    """Diverse beam groups, n-gram blocking and the sampling filters peftjax lacks are refused, naming the
-    setting and how to drop it, rather than decoding otherwise than transformers; a sampling-only
-    setting does not stop greedy decoding; dropping the setting with ``replace`` decodes."""
+    """Diverse beam groups, the encoder's n-gram blocking and the sampling filters peftjax lacks are
+    refused, naming the setting and how to drop it, rather than decoding otherwise than transformers;
+    a sampling-only setting does not stop greedy decoding; dropping the setting with ``replace``
+    decodes."""
     base = tmp_path / "base"
     save_tiny("llama", base)
     settings = json.loads((base / "generation_config.json").read_text())
@@ -226,6 +227,25 @@ def test_a_generation_config_s_beams_apply_unasked(llama, tmp_path):
                                                       num_return_sequences=1))
 
 
+def test_a_generation_config_s_renormalized_scores_steer_the_beams(tmp_path):
+    """``renormalize_logits`` (transformers' ``LogitNormalization``): each beam's log probabilities
+    normalised again after the processors; with a penalty below 1 on a sharper tiny model that picks
+    other beams, as transformers' ``generate`` does."""
+    save_tiny("llama", tmp_path / "tiny")
+    hf = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(4)
+    hf.save_pretrained(tmp_path / "sharp")
+    model = models.from_pretrained(tmp_path / "sharp")
+    settings = dict(max_new_tokens=10, num_beams=3, repetition_penalty=0.3, eos_token_id=[], pad_token_id=2)
+    plain = model.generate(IDS, MASK, **settings)
+    model.generation_config = model.generation_config.replace(renormalize_logits=True)
+    renormalized = model.generate(IDS, MASK, **settings)
+    np.testing.assert_array_equal(renormalized, hf_generate(hf, IDS, MASK, do_sample=False, renormalize_logits=True,
+                                                            **settings))
+    assert (renormalized != plain).any()
+
+
 def test_samples_per_prompt_are_consecutive_rows(llama):
     """``num_return_sequences`` with sampling: that many independent samples of each prompt, in
     consecutive rows, as transformers returns them."""
@@ -266,3 +286,50 @@ def test_beam_search_reorders_every_kind_of_cache(family, tmp_path):
         settings = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, num_beams=3, num_return_sequences=2)
         np.testing.assert_array_equal(model.generate(IDS, MASK, **settings),
                                       hf_generate(hf, IDS, MASK, do_sample=False, **settings), err_msg=str(eos))
+
+
+def test_repeated_ngrams_are_blocked_as_transformers_blocks_them(llama, tmp_path):
+    """``no_repeat_ngram_size``: no token that would repeat an n-gram of the row (its prompt, left
+    padding and all, as transformers' ``input_ids``), greedy, with beams (each beam's own sequence)
+    and with the other processors, token for token as transformers' ``generate``; from the
+    generation config too; the tiny model repeats itself without it."""
+    path, hf, free = llama
+    model = models.from_pretrained(path)
+    assert len({tuple(free[0, i:i + 3]) for i in range(free.shape[1] - 2)}) < free.shape[1] - 2  # a repeat
+    stop = int(free[1, 8])
+    for extra in (dict(no_repeat_ngram_size=3), dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1),
+                  dict(no_repeat_ngram_size=2, num_beams=3, num_return_sequences=2),
+                  dict(no_repeat_ngram_size=3, repetition_penalty=1.5, min_new_tokens=3)):
+        settings = dict(max_new_tokens=10, eos_token_id=stop, pad_token_id=0, **extra)
+        ours = model.generate(IDS, MASK, **settings)
+        np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, do_sample=False, **settings),
+                                      err_msg=str(extra))
+        n = extra["no_repeat_ngram_size"]
+        for row in ours:
+            new = row[IDS.shape[1]:]
+            row = row[:IDS.shape[1] + (list(new).index(stop) + 1 if stop in new else len(new))]  # to its EOS
+            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams)) or n == 1, (extra, row)
+    base = tmp_path / "base"
+    save_tiny("llama", base)
+    settings = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**settings, "no_repeat_ngram_size": 2, "pad_token_id": 0}))
+    from_file, hf_file = models.from_pretrained(base), tr.AutoModelForCausalLM.from_pretrained(base).eval()
+    np.testing.assert_array_equal(from_file.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[]),
+                                  hf_generate(hf_file, IDS, MASK, max_new_tokens=10, eos_token_id=[]))
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be an integer >= 0"):
+        model.generate(IDS, MASK, no_repeat_ngram_size=-2)
+
+
+def test_an_encoder_decoder_blocks_the_decoder_s_repeated_ngrams(tmp_path):
+    """T5: n-grams over the decoder's tokens (the start token among them), greedy and with beams,
+    as transformers' ``generate``."""
+    save_tiny("t5", tmp_path)
+    model, hf = models.from_pretrained(tmp_path), tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    ids, mask = IDS[:, ::-1].copy(), MASK[:, ::-1].copy()
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    for extra in (dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=1, num_beams=2)):
+        settings = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=2, **extra)  # transformers' beams need a pad
+        ours = model.generate(ids, mask, **settings)
+        np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings), err_msg=str(extra))
+        assert (ours != free).any()  # the tiny decoder repeats one token; blocked, it writes others

@@ -115,6 +115,15 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
                                  repetition_penalty=3.0, min_new_tokens=2)
     np.testing.assert_array_equal(constrained, expected)
     assert constrained.shape != greedy.shape or (constrained != greedy).any()
+    with torch.no_grad(), warnings.catch_warnings():  # n-gram blocking in the uncached loop too
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                                   max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=stop,
+                                   no_repeat_ngram_size=1).numpy()
+    blocked = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, eos_token_id=stop,
+                             no_repeat_ngram_size=1)
+    np.testing.assert_array_equal(blocked, expected)
+    assert blocked.shape != greedy.shape or (blocked != greedy).any()
 
 
 def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path, capsys):

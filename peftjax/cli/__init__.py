@@ -158,7 +158,8 @@ def _generate(args) -> int:
                          top_k=args.top_k, pad_token_id=tokenizer.pad_token_id, seed=args.seed,
                          repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                          num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
-                         length_penalty=args.length_penalty, **task_inputs(model, args.task_id, len(texts)))
+                         length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                         **task_inputs(model, args.task_id, len(texts)))
     per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
     for i, text in enumerate(texts):
         new = [tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -635,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="divides the logits of tokens already in the text (default: the generation "
                                 "config's, else off)")
             p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
+            p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                           help="no n-gram of this size twice in a text, prompt included (default: the generation "
+                                "config's, else off)")
             p.add_argument("--num-beams", type=int, default=None,
                            help="beam search with this many beams (greedy over the beams' summed log "
                                 "probabilities; default: the generation config's, else 1, no search)")

@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +52,66 @@ def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> ja
     return logits
 
 
-def _constrain(logits: jax.Array, seen, new_tokens, *, penalty, min_new, eos_ids) -> jax.Array:
+class Past(NamedTuple):
+    """What the logits processors read of each row's sequence so far: ``seen`` (``[rows, vocab]``,
+    whether each token occurred; the repetition penalty's) and ``tokens`` (``[rows, prompt +
+    max_new_tokens]``, the prompt's ids then the generated ones; n-gram blocking's). Either is
+    ``None`` where its processor is off."""
+
+    seen: Any = None
+    tokens: Any = None
+
+
+def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, counted=None) -> Past:
+    """The :class:`Past` of prompts ``input_ids`` (``[rows, n]``): the penalty's tokens where
+    ``counted`` (``[rows, n]``; all without it), n-gram blocking's all of them."""
+    rows, n = input_ids.shape
+    seen = None if penalty is None else _mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
+    tokens = None if ngram is None else jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
+    return Past(seen, tokens)
+
+
+def remember(past: Past, token: jax.Array, position, parents=None) -> Past:
+    """``past`` with ``token`` (``[rows]``) at ``position`` of each row's sequence, after taking
+    each row's past from row ``parents[row]`` where given (beam search)."""
+    if parents is not None:
+        past = Past(*(None if x is None else x[parents] for x in past))
+    tokens = None if past.tokens is None else past.tokens.at[:, position].set(token)
+    return Past(_mark_seen(past.seen, token[:, None]), tokens)
+
+
+def _ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length, n: int) -> jax.Array:
+    """transformers' ``NoRepeatNGramLogitsProcessor``: -inf for every token that would complete an
+    ``n``-gram the row already holds (among ``tokens[:, :length]``, ``length`` traced), once the
+    row has ``n - 1`` tokens."""
+    rows, width = tokens.shape
+    windows = width - n + 1
+    if windows < 1:
+        return logits
+    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
+    match = (jnp.arange(windows) + n - 1 < length)[None]  # whole n-grams before the current token
+    for k in range(n - 1):
+        match = match & (tokens[:, k:k + windows] == last[:, k:k + 1])
+    banned = jnp.where(match, tokens[:, n - 1:n - 1 + windows], logits.shape[-1])  # past the vocabulary: none
+    ban = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], banned].set(True, mode="drop")
+    return jnp.where(ban & (length + 1 >= n), -jnp.inf, logits)
+
+
+def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
+               prompt: int = 0) -> jax.Array:
     """The logits processors transformers' ``generate`` runs before choosing a token, greedy or
     sampled, in its order: the repetition penalty (``RepetitionPenaltyLogitsProcessor``: a token
     already in the sequence has its logit divided by ``penalty``, or multiplied where negative),
-    then no EOS while fewer than ``min_new`` tokens are new (``MinNewTokensLengthLogitsProcessor``:
-    their logits become -inf). ``seen`` is ``[batch, vocab]``, whether each token is in the row so
-    far; ``penalty`` or ``min_new`` ``None``: that processor is off (a static choice)."""
+    n-gram blocking (``NoRepeatNGramLogitsProcessor``: no token that would repeat an ``ngram``-gram
+    of the sequence, prompt included), then no EOS while fewer than ``min_new`` tokens are new
+    (``MinNewTokensLengthLogitsProcessor``: their logits become -inf). ``past`` is the rows'
+    :class:`Past`, ``new_tokens`` how many tokens are new, ``prompt`` how many came before them;
+    ``penalty``, ``ngram`` or ``min_new`` ``None``: that processor is off (a static choice)."""
     if penalty is not None:
+        seen = past.seen
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+    if ngram is not None:
+        logits = _ban_repeated_ngrams(logits, jnp.asarray(past.tokens), prompt + new_tokens, ngram)
     if min_new is not None:
         is_eos = jnp.isin(jnp.arange(logits.shape[-1]), eos_ids)
         logits = jnp.where(is_eos[None] & (new_tokens < min_new), -jnp.inf, logits)
@@ -151,8 +202,8 @@ class GenerationDefaults:
 
     def replace(self, **changes) -> GenerationDefaults:
         """A copy with ``changes`` made; a setting given ``None`` is removed. For a setting
-        ``generate`` refuses (n-gram blocking, say): ``model.generation_config =
-        model.generation_config.replace(no_repeat_ngram_size=None)``."""
+        ``generate`` refuses (diverse beam groups, say): ``model.generation_config =
+        model.generation_config.replace(num_beam_groups=None)``."""
         values = {**self._values, **changes}
         return GenerationDefaults({k: v for k, v in values.items() if v is not None})
 
@@ -175,7 +226,7 @@ class GenerationDefaults:
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off; the second set matters only when sampling
 _UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0,
-                "dola_layers": None, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                "dola_layers": None, "encoder_no_repeat_ngram_size": 0,
                 "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None,
                 "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
                 "forced_eos_token_id": None, "guidance_scale": 1.0, "exponential_decay_length_penalty": None,
@@ -194,7 +245,8 @@ def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
             raise ValueError(
                 f"the checkpoint's generation_config.json sets {name}={value!r}, which peftjax's generate does "
                 "not implement (it decodes greedily, by sampling with temperature, top_k and top_p, or by beam "
-                "search, with repetition_penalty and min_new_tokens); to decode without it: model.generation_config = "
+                "search, with repetition_penalty, no_repeat_ngram_size and min_new_tokens); to decode without it: "
+                "model.generation_config = "
                 f"model.generation_config.replace({name}=None)"
             )
 
@@ -203,16 +255,17 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                        top_k: int | None, top_p: float | None, eos_token_id, pad_token_id, *,
                        repetition_penalty: float | None = None, min_new_tokens: int | None = None,
                        prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
-                       length_penalty: float | None = None, early_stopping: bool | str | None = None) -> dict:
+                       length_penalty: float | None = None, early_stopping: bool | str | None = None,
+                       no_repeat_ngram_size: int | None = None) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
     value (its ``generation_config.json``) as transformers' ``generate`` does, else transformers' own
     default: ``do_sample`` (greedy), ``temperature`` (1), ``top_k`` (50; 0 turns it off), ``top_p``
-    (off), ``repetition_penalty`` (off), ``min_new_tokens`` (0; the file's ``min_length``, counted
-    with the ``prompt_length`` tokens before the new ones, raises it), ``eos_token_id`` and
-    ``pad_token_id``; the EOS and pad ids then fall back to the model config's (the pad id, failing
-    that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
+    (off), ``repetition_penalty`` (off), ``no_repeat_ngram_size`` (0, off), ``min_new_tokens`` (0;
+    the file's ``min_length``, counted with the ``prompt_length`` tokens before the new ones, raises
+    it), ``eos_token_id`` and ``pad_token_id``; the EOS and pad ids then fall back to the model
+    config's (the pad id, failing that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
     The EOS ids become a tuple: their number is a shape of the loop. Beam search's settings are
     returned apart, under ``"search"`` (:func:`search_arguments`).
 
@@ -244,6 +297,11 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     min_new = max(int(min_new_tokens), int(defaults.get("min_length", 0)) - int(prompt_length))
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = defaults.get("no_repeat_ngram_size", 0)
+    if (isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, (int, np.integer))
+            or no_repeat_ngram_size < 0):
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {no_repeat_ngram_size!r}")
     if eos_token_id is None:
         eos_token_id = defaults.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = tuple([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or ()))
@@ -253,9 +311,11 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
         pad_token_id = eos[0] if eos else 0
     # what beam search writes past a hypothesis's end: transformers' `pad_token_id or eos_token_id[0]`
     search["fill"] = (int(pad_token_id) or eos[0]) if eos else -1
+    search["renormalize"] = bool(defaults.get("renormalize_logits", False))  # changes beams' scores only
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
+            "ngram": int(no_repeat_ngram_size) or None,
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)), "search": search}
 
 
@@ -310,6 +370,17 @@ def stop_token_ids(model, *more) -> set[int]:
     return found
 
 
+def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, penalty, ngram) -> Past:
+    """A decoder's prompts as :class:`Past`: the repetition penalty counts each prompt from its
+    first real token (transformers skips the left padding; the mask's last columns are
+    ``input_ids``' where virtual tokens' embeddings come before them), n-gram blocking all of it."""
+    n = input_ids.shape[1]
+    ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
+    first = jnp.argmax(ids_mask != 0, axis=1)
+    return start_past(input_ids, vocab, max_new_tokens, penalty=penalty, ngram=ngram,
+                      counted=jnp.arange(n)[None] >= first[:, None])
+
+
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
     """How many of the loop's ``max_new_tokens`` columns to return: up to the step every row had
     finished at (``done`` is ``[batch, max_new_tokens]``), as transformers stops there."""
@@ -319,7 +390,7 @@ def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "rerun_at"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rerun_at"),
 )
 def _generate(
     graphdef,
@@ -339,6 +410,7 @@ def _generate(
     pad,
     penalty=None,
     min_new=None,
+    ngram=None,
     rerun_at=None,
 ):
     model = nnx.merge(graphdef, state)
@@ -358,26 +430,20 @@ def _generate(
     out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
                 logits_to_keep=1)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    seen = None
-    if penalty is not None:
-        # the prompt's tokens from its first real one (transformers skips the left padding); the
-        # mask's last columns are input_ids' where virtual tokens' embeddings come before them
-        n = input_ids.shape[1]
-        ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
-        first = jnp.argmax(ids_mask != 0, axis=1)
-        seen = _mark_seen(jnp.zeros((b, out.logits.shape[-1]), bool), input_ids,
-                          jnp.arange(n)[None] >= first[:, None])
+    n = input_ids.shape[1]
+    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
 
-    def choose(logits, done, rng, seen, i):
+    def choose(logits, done, rng, past, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
-        logits = _constrain(logits.astype(jnp.float32), seen, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids)
+        logits = _constrain(logits.astype(jnp.float32), past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids,
+                            ngram=ngram, prompt=n)
         token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         token = jnp.where(done, pad, token)
-        return token, done | jnp.isin(token, eos_ids), rng, _mark_seen(seen, token[:, None])
+        return token, done | jnp.isin(token, eos_ids), rng, remember(past, token, n + i)
 
     def step(carry, i):
-        logits, cache, key_mask, pos, done, rng, seen = carry
-        token, done, rng, seen = choose(logits, done, rng, seen, i)
+        logits, cache, key_mask, pos, done, rng, past = carry
+        token, done, rng, past = choose(logits, done, rng, past, i)
         key_mask = key_mask.at[:, s + i].set(1)
         out = model(
             input_ids=token[:, None],
@@ -386,18 +452,18 @@ def _generate(
             cache=cache,
             cache_index=s + i,
         )
-        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, seen), (token, done)
+        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past), (token, done)
 
     carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng,
-             seen)
+             past)
     if rerun_at is None:
         _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
         return tokens.T, done.T
     # Phi-3's LongRoPE switch: tokens up to `rerun_at` one by one, then the whole sequence so far
     # again from an empty cache (its keys rotated anew), then one by one to the end
     carry, (before, done_before) = jax.lax.scan(step, carry, jnp.arange(rerun_at))
-    logits, cache, key_mask, pos, done, rng, seen = carry
-    token, done, rng, seen = choose(logits, done, rng, seen, rerun_at)
+    logits, cache, key_mask, pos, done, rng, past = carry
+    token, done, rng, past = choose(logits, done, rng, past, rerun_at)
     generated = jnp.concatenate([before.T, token[:, None]], axis=1)
     key_mask = key_mask.at[:, s + rerun_at].set(1)
     whole = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(rerun_at + 1)[None]], axis=1)
@@ -408,11 +474,19 @@ def _generate(
         sequence = {"inputs_embeds": jnp.concatenate([inputs_embeds, embedded], axis=1)}
     out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0,
                 logits_to_keep=1)
-    carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, seen)
+    carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past)
     _, (after, done_after) = jax.lax.scan(step, carry, jnp.arange(rerun_at + 1, max_new_tokens))
     tokens = jnp.concatenate([before, token[None], after])
     done = jnp.concatenate([done_before, done[None], done_after])
     return tokens.T, done.T
+
+
+def beam_log_probs(logits, past: Past, i, *, renormalize: bool, **processors) -> jax.Array:
+    """Beam search's scores of the next token: log probabilities, then the logits processors (as
+    transformers' beam search runs them), normalised again with ``renormalize`` (the generation
+    config's ``renormalize_logits``, transformers' ``LogitNormalization``)."""
+    log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), past, i, **processors)
+    return jax.nn.log_softmax(log_probs, axis=-1) if renormalize else log_probs
 
 
 def reorder_rows(cache, parents: jax.Array):
@@ -433,11 +507,12 @@ def reorder_rows(cache, parents: jax.Array):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping"),
+    static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping",
+                     "renormalize", "ngram"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, *, max_new_tokens, eos,
-                   num_beams, num_return_sequences, early_stopping, length_penalty, fill, penalty=None,
-                   min_new=None):
+                   num_beams, num_return_sequences, early_stopping, length_penalty, fill, renormalize=False,
+                   penalty=None, min_new=None, ngram=None):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
     times each: ``([batch * num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
     model = nnx.merge(graphdef, state)
@@ -451,29 +526,23 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
                 logits_to_keep=1)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-    seen = None
-    if penalty is not None:  # the prompt from its first real token, as the sampling loop
-        n = input_ids.shape[1]
-        ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
-        first = jnp.argmax(ids_mask != 0, axis=1)
-        seen = _mark_seen(jnp.zeros((rows, out.logits.shape[-1]), bool), input_ids,
-                          jnp.arange(n)[None] >= first[:, None])
+    n = input_ids.shape[1]
+    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
 
     def body(carry):
-        i, logits, cache, key_mask, pos, beams, seen, _ = carry
-        # transformers' beam search runs the processors on log probabilities
-        log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seen, i, penalty=penalty,
-                               min_new=min_new, eos_ids=eos_ids)
+        i, logits, cache, key_mask, pos, beams, past, _ = carry
+        log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
+                                   prompt=n, renormalize=renormalize)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping)
-        seen = None if seen is None else _mark_seen(seen[parents], tokens[:, None])
+        past = remember(past, tokens, n + i, parents)
         key_mask = key_mask.at[:, s + i].set(1)  # the rows of one prompt share its mask and positions
         out = model(input_ids=tokens[:, None], attention_mask=key_mask, position_ids=pos[:, None],
                     cache=reorder_rows(cache, parents), cache_index=s + i)
-        return i + 1, out.logits[:, -1], out.past_key_values, key_mask, pos + 1, beams, seen, going
+        return i + 1, out.logits[:, -1], out.past_key_values, key_mask, pos + 1, beams, past, going
 
     carry = (jnp.int32(0), out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1,
-             beam_search.init(rows // num_beams, num_beams, max_new_tokens, fill), seen, jnp.bool_(True))
+             beam_search.init(rows // num_beams, num_beams, max_new_tokens, fill), past, jnp.bool_(True))
     carry = jax.lax.while_loop(lambda c: c[-1] & (c[0] < max_new_tokens), body, carry)
     return beam_search.best(carry[5], num_return_sequences)
 
@@ -522,6 +591,7 @@ class GenerationMixin:
         num_return_sequences: int | None = None,
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
+        no_repeat_ngram_size: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -547,6 +617,8 @@ class GenerationMixin:
             and what was generated) has its logit divided by it, or multiplied where negative,
             greedy or sampled (transformers' ``RepetitionPenaltyLogitsProcessor``); 1: off.
           min_new_tokens: no EOS before this many new tokens.
+          no_repeat_ngram_size: no token that would repeat an n-gram of this size already in the
+            row, prompt included (transformers' ``NoRepeatNGramLogitsProcessor``); 0: off.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the repetition penalty and minimum length apply to them);
             1: greedy or sampled decoding.
@@ -562,8 +634,8 @@ class GenerationMixin:
           it has one (``model.generation_config``: a chat model's end-of-turn stop tokens, its
           sampling settings, a repetition penalty), else transformers' default: greedy,
           temperature 1, ``top_k`` 50, no top-p filter or penalty, the model config's EOS and pad
-          ids, one beam. A setting of the file that decodes otherwise (n-gram blocking, a beam
-          group) is refused, naming it.
+          ids, one beam. A setting of the file that decodes otherwise (diverse beam groups, the
+          encoder's n-gram blocking) is refused, naming it.
           seed: the sampling key.
           inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
             ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
@@ -598,7 +670,8 @@ class GenerationMixin:
                                       eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
                                       min_new_tokens=min_new_tokens, prompt_length=input_ids.shape[1],
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
-                                      length_penalty=length_penalty, early_stopping=early_stopping)
+                                      length_penalty=length_penalty, early_stopping=early_stopping,
+                                      no_repeat_ngram_size=no_repeat_ngram_size)
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]
@@ -611,8 +684,9 @@ class GenerationMixin:
             tokens, lengths = _beam_generate(
                 graphdef, state, *rows, max_new_tokens=int(max_new_tokens), eos=decoding["eos"], num_beams=beams,
                 num_return_sequences=returned, early_stopping=search["early_stopping"],
-                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]), penalty=decoding["penalty"],
-                min_new=decoding["min_new"])
+                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
+                renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
+                ngram=decoding["ngram"])
             n = int(np.max(np.asarray(lengths)))
             return np.concatenate([np.repeat(np.asarray(input_ids), returned, axis=0), np.asarray(tokens)[:, :n]],
                                   axis=1)

@@ -20,21 +20,24 @@ from peftjax.models import _beam_search as beam_search
 from peftjax.models._generation import (
     _choose,
     _constrain,
-    _mark_seen,
+    beam_log_probs,
     decoding_arguments,
     generated_length,
+    remember,
     reorder_rows,
     repeat_rows,
+    start_past,
 )
 from peftjax.nn._keys import default_key
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
-              max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None):
+              max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
+              ngram=None):
     model = nnx.merge(graphdef, state)
     encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
                            encoder_prefix_kv).last_hidden_state
@@ -44,24 +47,24 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     key_mask = jnp.zeros((b, max_new_tokens), jnp.int32)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     first = jnp.full((b,), start, jnp.int32)
-    # the decoder's tokens so far, the start token first (the repetition penalty counts it, as transformers')
-    seen = None if penalty is None else _mark_seen(jnp.zeros((b, model.config.vocab_size), bool), first[:, None])
+    # the decoder's tokens so far, the start token first (the processors count it, as transformers')
+    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram)
 
     def step(carry, i):
-        token, cache, key_mask, done, rng, seen = carry
+        token, cache, key_mask, done, rng, past = carry
         key_mask = key_mask.at[:, i].set(1)
         out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=token[:, None],
                     decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
                     prefix_kv=prefix_kv)
         rng, key = jax.random.split(rng)
         logits = out.logits[:, -1].astype(jnp.float32)
-        logits = _constrain(logits, seen, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids)
+        logits = _constrain(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1)
         new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         new = jnp.where(done, pad, new)
         done = done | jnp.isin(new, eos_ids)
-        return (new, out.past_key_values, key_mask, done, rng, _mark_seen(seen, new[:, None])), (new, done)
+        return (new, out.past_key_values, key_mask, done, rng, remember(past, new, 1 + i)), (new, done)
 
-    carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, seen)
+    carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
     _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
     return tokens.T, done.T
 
@@ -69,11 +72,11 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "start", "num_beams", "num_return_sequences",
-                     "early_stopping"),
+                     "early_stopping", "renormalize", "ngram"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
-                   penalty=None, min_new=None):
+                   renormalize=False, penalty=None, min_new=None, ngram=None):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder): ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
@@ -94,20 +97,20 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
 
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
-    seen = None if penalty is None else _mark_seen(jnp.zeros((rows, model.config.vocab_size), bool), first[:, None])
+    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram)
 
     def body(carry):
-        i, logits, cache, key_mask, beams, seen, _ = carry
-        log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), seen, i, penalty=penalty,
-                               min_new=min_new, eos_ids=eos_ids)
+        i, logits, cache, key_mask, beams, past, _ = carry
+        log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
+                                   prompt=1, renormalize=renormalize)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping)
-        seen = None if seen is None else _mark_seen(seen[parents], tokens[:, None])
+        past = remember(past, tokens, 1 + i, parents)
         logits, cache, key_mask = decode(tokens, reorder_rows(cache, parents), key_mask, i + 1)
-        return i + 1, logits, cache, key_mask, beams, seen, going
+        return i + 1, logits, cache, key_mask, beams, past, going
 
     beams = beam_search.init(rows // num_beams, num_beams, max_new_tokens, fill)
-    carry = (jnp.int32(0), logits, cache, key_mask, beams, seen, jnp.bool_(True))
+    carry = (jnp.int32(0), logits, cache, key_mask, beams, past, jnp.bool_(True))
     carry = jax.lax.while_loop(lambda c: c[-1] & (c[0] < max_new_tokens), body, carry)
     return beam_search.best(carry[4], num_return_sequences)
 
@@ -133,6 +136,7 @@ class Seq2SeqGenerationMixin:
         num_return_sequences: int | None = None,
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
+        no_repeat_ngram_size: int | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -151,8 +155,9 @@ class Seq2SeqGenerationMixin:
           do_sample, temperature, top_k, top_p, seed: sampling, as the causal models' ``generate``.
           eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
-          repetition_penalty, min_new_tokens: as the causal models' ``generate``, over the decoder's
-            tokens (the start token included, as transformers counts them).
+          repetition_penalty, no_repeat_ngram_size, min_new_tokens: as the causal models'
+            ``generate``, over the decoder's tokens (the start token included, as transformers
+            counts them).
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -186,7 +191,7 @@ class Seq2SeqGenerationMixin:
                                       eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
-                                      early_stopping=early_stopping)
+                                      early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
@@ -203,8 +208,9 @@ class Seq2SeqGenerationMixin:
                 graphdef, state, *rows, None, None, max_new_tokens=int(max_new_tokens),
                 eos=decoding["eos"], start=int(decoder_start_token_id), num_beams=beams,
                 num_return_sequences=returned, early_stopping=search["early_stopping"],
-                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]), penalty=decoding["penalty"],
-                min_new=decoding["min_new"])
+                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
+                renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
+                ngram=decoding["ngram"])
             tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
         else:
             input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))

@@ -9,20 +9,20 @@ import functools
 import numpy as np
 from flax import nnx
 
-from peftjax.models._generation import _constrain, decoding_arguments
+from peftjax.models._generation import Past, _constrain, decoding_arguments
 
 
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
                          pad_token_id=None, method: str, do_sample: bool = False, temperature: float = 1.0,
                          top_k=None, top_p=None, seed=None, repetition_penalty=None, min_new_tokens=None,
-                         **kwargs) -> np.ndarray:
+                         no_repeat_ngram_size=None, **kwargs) -> np.ndarray:
     """``[batch, prompt + new]`` token ids: the prompt, then each row's likeliest next token until
     ``eos_token_id`` (then ``pad_token_id``). Positions count the real tokens, as transformers'
     ``generate`` gives them; the forward is compiled once, for the longest length.
 
     The sampling settings the bundled models' ``generate`` takes are accepted (``temperature``,
-    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``); ``repetition_penalty`` and
-    ``min_new_tokens`` (or the generation config's) apply as there.
+    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``); ``repetition_penalty``,
+    ``no_repeat_ngram_size`` and ``min_new_tokens`` (or the generation config's) apply as there.
 
     Raises:
       NotImplementedError: ``do_sample=True``, or other generation options (named, for ``method``).
@@ -42,7 +42,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     # the stop and filler ids default to the config's, as the bundled models' generate does
     settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id,
                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                                  prompt_length=n, **search)
+                                  prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, **search)
     search = settings["search"]
     if search["num_beams"] > 1 or search["num_return_sequences"] > 1:  # the generation config's
         raise NotImplementedError(f"{method}'s generate decodes greedily, one sequence per input; the model's "
@@ -52,7 +52,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     # the cached loop's processors: the repetition penalty from each row's first real token (as
     # transformers skips the left padding), no EOS before min_new new tokens
     constrain = functools.partial(_constrain, penalty=settings["penalty"], min_new=settings["min_new"],
-                                  eos_ids=np.asarray(eos or [-1], np.int32))
+                                  eos_ids=np.asarray(eos or [-1], np.int32), ngram=settings["ngram"], prompt=n)
     counted = np.arange(total)[None] >= (mask != 0).argmax(axis=1)[:, None]
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
@@ -63,7 +63,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
         if settings["penalty"] is not None:
             seen = np.zeros(scores.shape, bool)
             seen[np.nonzero(counted[:, :t])[0], tokens[:, :t][counted[:, :t]]] = True
-        token = np.where(done, pad, np.asarray(constrain(scores, seen, t - n)).argmax(-1))
+        token = np.where(done, pad, np.asarray(constrain(scores, Past(seen, tokens), t - n)).argmax(-1))
         tokens[:, t], live[:, t] = token, 1
         done |= np.isin(token, eos)
         if done.all():
