@@ -388,6 +388,23 @@ def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
     return int(all_done[0]) + 1 if len(all_done) else max_new_tokens
 
 
+def _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens: int):
+    """The prompts' run that fills a cache for ``max_new_tokens`` more: ``(output, key mask of the
+    whole length, the prompts' positions)``. Only the last position's logits are computed (a long
+    prompt's ``[rows, seq, vocab]`` would be the loop's largest array), the attention in causal
+    blocks (the cache is written from slot 0). Positions default to counting each row's real
+    tokens (left padding), as transformers' ``generate`` gives them."""
+    rows, s = attention_mask.shape  # input_ids', or inputs_embeds' when given
+    key_mask = jnp.zeros((rows, s + max_new_tokens), jnp.int32).at[:, :s].set(attention_mask)
+    positions = position_ids
+    if positions is None:
+        positions = jnp.where(attention_mask == 0, 1, jnp.cumsum(attention_mask, axis=-1) - 1)
+    prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**prefill, attention_mask=key_mask, position_ids=positions,
+                cache=model.init_cache(rows, s + max_new_tokens), cache_index=0, logits_to_keep=1)
+    return out, key_mask, positions
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rerun_at"),
@@ -415,20 +432,7 @@ def _generate(
 ):
     model = nnx.merge(graphdef, state)
     b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
-    total = s + max_new_tokens
-    cache = model.init_cache(b, total)
-    key_mask = jnp.zeros((b, total), jnp.int32).at[:, :s].set(attention_mask)
-    if position_ids is None:
-        # left padding: positions count real tokens, as transformers' generate does
-        positions = jnp.cumsum(attention_mask, axis=-1) - 1
-        positions = jnp.where(attention_mask == 0, 1, positions)
-    else:
-        positions = position_ids
-    prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    # the prefill: only its last position's logits (a long prompt's [b, s, vocab] would be the
-    # largest array of the loop), its attention in causal blocks (the cache is written from slot 0)
-    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
-                logits_to_keep=1)
+    out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
     past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
@@ -517,14 +521,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     times each: ``([batch * num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
     model = nnx.merge(graphdef, state)
     rows, s = attention_mask.shape
-    cache = model.init_cache(rows, s + max_new_tokens)
-    key_mask = jnp.zeros((rows, s + max_new_tokens), jnp.int32).at[:, :s].set(attention_mask)
-    positions = position_ids
-    if positions is None:  # counting real tokens, as the sampling loop
-        positions = jnp.where(attention_mask == 0, 1, jnp.cumsum(attention_mask, axis=-1) - 1)
-    prefill = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    out = model(**prefill, attention_mask=key_mask, position_ids=positions, cache=cache, cache_index=0,
-                logits_to_keep=1)
+    out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
     past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
