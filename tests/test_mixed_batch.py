@@ -150,8 +150,43 @@ def test_beam_search_repeats_each_row_s_adapter_as_peft(files):
     ours.set_adapter("b")
     theirs.set_adapter("b")
     with torch.no_grad():
-        expected = theirs.generate(input_ids=torch.from_numpy(prompts), attention_mask=mask, do_sample=False, **settings)
+        expected = theirs.generate(input_ids=torch.from_numpy(prompts), attention_mask=mask, do_sample=False,
+                                   **settings)
     np.testing.assert_array_equal(ours.generate(prompts, **settings), expected.numpy())
+
+
+def test_an_encoder_decoder_s_beams_follow_their_rows_adapters_as_peft(tmp_path):
+    """T5: each input row's adapter covers its beams in the decoder and its encoding (PEFT keeps
+    the unrepeated names for the encoder, which runs the same rows), as PEFT's ``generate`` with
+    ``adapter_names`` and beams; the base's decoder made to write varied tokens."""
+    _tiny.save("t5", tmp_path / "tiny")
+    hf = quiet(tr.AutoModelForSeq2SeqLM.from_pretrained, tmp_path / "tiny")
+    with torch.no_grad():
+        for name, weight in hf.decoder.named_parameters():
+            if "DenseReluDense" in name or "SelfAttention" in name:
+                weight.mul_(5)
+    hf.save_pretrained(tmp_path / "base")
+    for name, targets in (("a", ["q", "v"]), ("b", ["k", "o", "wi"])):
+        base = quiet(tr.AutoModelForSeq2SeqLM.from_pretrained, tmp_path / "base")
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        quiet(peft.get_peft_model, base, config).save_pretrained(tmp_path / name)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "a",
+                                             adapter_name="a")
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs = quiet(peft.PeftModel.from_pretrained, quiet(tr.AutoModelForSeq2SeqLM.from_pretrained, tmp_path / "base"),
+                   tmp_path / "a", adapter_name="a")
+    quiet(theirs.load_adapter, tmp_path / "b", adapter_name="b")
+    ids = np.array([[5, 9, 11, 4, 0], [7, 8, 2, 4, 6], [12, 13, 14, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    rows = ["a", "b", "__base__"]
+    settings = dict(adapter_names=rows, max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=[],
+                    pad_token_id=2)
+    with torch.no_grad():
+        expected = quiet(theirs.eval().generate, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                         do_sample=False, **settings).numpy()
+    mixed = ours.generate(ids, mask, **settings)
+    np.testing.assert_array_equal(mixed, expected)
+    assert len({tuple(r) for r in mixed[::2]}) == 3  # the three adapters' best beams differ
 
 
 def test_classifier_heads_follow_their_rows(tmp_path):
