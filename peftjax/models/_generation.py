@@ -493,6 +493,16 @@ def beam_log_probs(logits, past: Past, i, *, renormalize: bool, **processors) ->
     return jax.nn.log_softmax(log_probs, axis=-1) if renormalize else log_probs
 
 
+def beam_arguments(decoding: dict, search: dict) -> dict:
+    """A beam loop's keyword arguments from :func:`decoding_arguments`' result (``decoding``, its
+    ``"search"`` popped into ``search``); the sampling settings do not apply to beams."""
+    return dict(max_new_tokens=decoding["max_new_tokens"], eos=decoding["eos"], num_beams=search["num_beams"],
+                num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],
+                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
+                renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
+                ngram=decoding["ngram"])
+
+
 def reorder_rows(cache, parents: jax.Array):
     """The generation cache with its rows reordered: row ``r`` becomes row ``parents[r]``'s (every
     cache array has the rows first).
@@ -678,12 +688,7 @@ class GenerationMixin:
                 raise NotImplementedError(f"beam search past {type(self).__name__}'s cache rerun (LongRoPE's switch at "
                                           f"step {rerun_at}) is not implemented; generate fewer tokens or num_beams=1")
             rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds, position_ids)]
-            tokens, lengths = _beam_generate(
-                graphdef, state, *rows, max_new_tokens=int(max_new_tokens), eos=decoding["eos"], num_beams=beams,
-                num_return_sequences=returned, early_stopping=search["early_stopping"],
-                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
-                renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
-                ngram=decoding["ngram"])
+            tokens, lengths = _beam_generate(graphdef, state, *rows, **beam_arguments(decoding, search))
             n = int(np.max(np.asarray(lengths)))
             return np.concatenate([np.repeat(np.asarray(input_ids), returned, axis=0), np.asarray(tokens)[:, :n]],
                                   axis=1)

@@ -20,6 +20,7 @@ from peftjax.models import _beam_search as beam_search
 from peftjax.models._generation import (
     _choose,
     _constrain,
+    beam_arguments,
     beam_log_probs,
     decoding_arguments,
     generated_length,
@@ -31,6 +32,26 @@ from peftjax.models._generation import (
 from peftjax.nn._keys import default_key
 
 
+def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, slots: int):
+    """The inputs encoded once (their cross-attention keys and values with them) and the decoder's
+    step over them: ``(rows, empty cache of slots, decode)``, where ``decode(tokens, cache,
+    key_mask, i)`` feeds ``tokens`` (``[rows]``) at position ``i`` and returns ``(next-token logits,
+    cache, key_mask)``."""
+    encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
+                           encoder_prefix_kv).last_hidden_state
+    cross_kv = model.decoder.cross_kv(encoded)
+
+    def decode(tokens, cache, key_mask, i):
+        key_mask = key_mask.at[:, i].set(1)
+        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=tokens[:, None],
+                    decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
+                    prefix_kv=prefix_kv)
+        return out.logits[:, -1], out.past_key_values, key_mask
+
+    rows = encoded.shape[0]
+    return rows, model.init_cache(rows, slots), decode
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram"),
@@ -39,11 +60,8 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
               ngram=None):
     model = nnx.merge(graphdef, state)
-    encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
-                           encoder_prefix_kv).last_hidden_state
-    cross_kv = model.decoder.cross_kv(encoded)
-    b = encoded.shape[0]
-    cache = model.init_cache(b, max_new_tokens)
+    b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
+                                max_new_tokens)
     key_mask = jnp.zeros((b, max_new_tokens), jnp.int32)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     first = jnp.full((b,), start, jnp.int32)
@@ -52,17 +70,14 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 
     def step(carry, i):
         token, cache, key_mask, done, rng, past = carry
-        key_mask = key_mask.at[:, i].set(1)
-        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=token[:, None],
-                    decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
-                    prefix_kv=prefix_kv)
+        logits, cache, key_mask = decode(token, cache, key_mask, i)
         rng, key = jax.random.split(rng)
-        logits = out.logits[:, -1].astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
         logits = _constrain(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1)
         new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
         new = jnp.where(done, pad, new)
         done = done | jnp.isin(new, eos_ids)
-        return (new, out.past_key_values, key_mask, done, rng, remember(past, new, 1 + i)), (new, done)
+        return (new, cache, key_mask, done, rng, remember(past, new, 1 + i)), (new, done)
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
     _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
@@ -81,20 +96,10 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder): ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
     model = nnx.merge(graphdef, state)
-    encoded = model.encode(None if inputs_embeds is not None else input_ids, attention_mask, inputs_embeds,
-                           encoder_prefix_kv).last_hidden_state
-    cross_kv = model.decoder.cross_kv(encoded)
-    rows = encoded.shape[0]
-    cache = model.init_cache(rows, max_new_tokens + 1)  # the start token, then one slot a step
+    # the start token, then one slot a step
+    rows, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
+                                   max_new_tokens + 1)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-
-    def decode(tokens, cache, key_mask, i):
-        key_mask = key_mask.at[:, i].set(1)
-        out = model(encoder_outputs=encoded, attention_mask=attention_mask, decoder_input_ids=tokens[:, None],
-                    decoder_attention_mask=key_mask, cache=cache, cache_index=i, cross_kv=cross_kv,
-                    prefix_kv=prefix_kv)
-        return out.logits[:, -1], out.past_key_values, key_mask
-
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram)
@@ -204,13 +209,8 @@ class Seq2SeqGenerationMixin:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
                                           "(a prefix-tuning adapter's generate passes its own)")
             rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds)]
-            tokens, lengths = _beam_generate(
-                graphdef, state, *rows, None, None, max_new_tokens=int(max_new_tokens),
-                eos=decoding["eos"], start=int(decoder_start_token_id), num_beams=beams,
-                num_return_sequences=returned, early_stopping=search["early_stopping"],
-                length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
-                renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
-                ngram=decoding["ngram"])
+            tokens, lengths = _beam_generate(graphdef, state, *rows, None, None, start=int(decoder_start_token_id),
+                                             **beam_arguments(decoding, search))
             tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
         else:
             input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))

@@ -29,7 +29,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     """
     del temperature, top_k, top_p, seed  # settings of sampling, which is refused
     # one beam and one sequence may be asked for (over a generation config's); more is refused below
-    search = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences") if k in kwargs and kwargs[k] in (1, None)}
+    one = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences") if k in kwargs and kwargs[k] in (1, None)}
     if do_sample or kwargs:
         asked = ["do_sample=True"] * bool(do_sample) + sorted(kwargs)
         raise NotImplementedError(f"{method}'s generate decodes greedily; {asked} are not supported")
@@ -42,7 +42,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     # the stop and filler ids default to the config's, as the bundled models' generate does
     settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id,
                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                                  prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, **search)
+                                  prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, **one)
     search = settings["search"]
     if search["num_beams"] > 1 or search["num_return_sequences"] > 1:  # the generation config's
         raise NotImplementedError(f"{method}'s generate decodes greedily, one sequence per input; the model's "
