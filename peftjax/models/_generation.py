@@ -265,9 +265,9 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     (off), ``repetition_penalty`` (off), ``no_repeat_ngram_size`` (0, off), ``min_new_tokens`` (0;
     the file's ``min_length``, counted with the ``prompt_length`` tokens before the new ones, raises
     it), ``eos_token_id`` and ``pad_token_id``; the EOS and pad ids then fall back to the model
-    config's (the pad id, failing that, to the first EOS id, else 0). The sampling settings go through :func:`sampling_arguments`.
-    The EOS ids become a tuple: their number is a shape of the loop. Beam search's settings are
-    returned apart, under ``"search"`` (:func:`search_arguments`).
+    config's (the pad id, failing that, to the first EOS id, else 0). The sampling settings go
+    through :func:`sampling_arguments`. The EOS ids become a tuple: their number is a shape of the
+    loop. Beam search's settings are returned apart, under ``"search"`` (:func:`search_arguments`).
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
