@@ -121,14 +121,14 @@ def test_the_penalty_counts_the_decoder_s_tokens_of_an_encoder_decoder(tmp_path)
 
 @pytest.mark.parametrize(("setting", "sampled_only"), [
     (dict(num_beam_groups=2), False), (dict(encoder_no_repeat_ngram_size=3), False),  # any decoding
-    (dict(typical_p=0.9), True), (dict(min_p=0.1), True),  # sampling only
+    (dict(guidance_scale=1.5), False), (dict(top_h=0.9), True),  # top-H: sampling only
 ])
 def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_name(llama, tmp_path, setting,
                                                                                    sampled_only):
-    """Diverse beam groups, the encoder's n-gram blocking and the sampling filters peftjax lacks are
-    refused, naming the setting and how to drop it, rather than decoding otherwise than transformers;
-    a sampling-only setting does not stop greedy decoding; dropping the setting with ``replace``
-    decodes."""
+    """Diverse beam groups, the encoder's n-gram blocking, classifier-free guidance and the sampling
+    filter peftjax lacks (top-H) are refused, naming the setting and how to drop it, rather than
+    decoding otherwise than transformers; a sampling-only setting does not stop greedy decoding;
+    dropping the setting with ``replace`` decodes."""
     base = tmp_path / "base"
     save_tiny("llama", base)
     settings = json.loads((base / "generation_config.json").read_text())

@@ -124,6 +124,15 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
                              no_repeat_ngram_size=1)
     np.testing.assert_array_equal(blocked, expected)
     assert blocked.shape != greedy.shape or (blocked != greedy).any()
+    rules = dict(suppress_tokens=[int(greedy[1, 6])], bad_words_ids=[[int(greedy[0, 6]), int(greedy[0, 7])]],
+                 forced_eos_token_id=stop)  # the token rules in the uncached loop too
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                                   max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=[], **rules).numpy()
+    ruled = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, eos_token_id=[], **rules)
+    np.testing.assert_array_equal(ruled, expected)
+    assert (ruled[:, -1] == stop).all() and (ruled[:, 6:] != greedy[:, 6:]).any()
 
 
 def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path, capsys):

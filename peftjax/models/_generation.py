@@ -1,5 +1,7 @@
 """Jitted generation with a KV cache for the causal models: greedy, sampled (temperature, top-k,
-top-p) or by beam search, with transformers' repetition penalty and minimum length."""
+top-p, min-p, typical, epsilon, eta) or by beam search, with transformers' logits processors (the
+repetition penalty, n-gram blocking, the minimum length, and :mod:`peftjax.models._logits`' token
+rules)."""
 
 from __future__ import annotations
 
@@ -16,58 +18,42 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models import _beam_search as beam_search
+from peftjax.models._logits import (
+    RULES,
+    WARPERS,
+    Rules,
+    ban_bad_words,
+    bias_sequences,
+    filter_logits,
+    force_and_suppress,
+    rules_arguments,
+    warper_arguments,
+)
 from peftjax.nn._keys import default_key
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 
-def _filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
-    """Temperature, then top-k, then top-p, in the order transformers applies them.
-
-    The settings are values, not shapes: ``temperature``, ``top_k`` and ``top_p`` may be traced
-    scalars, so a compiled ``generate`` serves every setting; ``None`` turns a filter off. The k-th
-    largest logit is read from the sorted row (the value ``lax.top_k`` would give, which needs a
-    static ``k``), and a row keeps every logit equal to it, as transformers' ``TopKLogitsWarper``.
-    """
-    neg = jnp.finfo(logits.dtype).min
-    logits = logits / temperature
-    if top_k is None and top_p is None:
-        return logits
-    # one sort serves both filters: top-k's cut leaves the kept logits in their sorted order and
-    # the cut ones, all equal to ``neg``, in front of them, which is what sorting the cut row gives
-    order = None if top_p is None else jnp.argsort(logits, axis=-1)  # ascending, as TopPLogitsWarper
-    sorted_logits = jnp.sort(logits, axis=-1) if order is None else jnp.take_along_axis(logits, order, axis=-1)
-    if top_k is not None:
-        vocab = logits.shape[-1]
-        k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
-        kth = jax.lax.dynamic_slice_in_dim(sorted_logits, vocab - k, 1, axis=-1)
-        logits = jnp.where(logits < kth, neg, logits)
-        sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)
-    if top_p is not None:
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one token
-        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-        logits = jnp.where(remove, neg, logits)
-    return logits
-
-
 class Past(NamedTuple):
     """What the logits processors read of each row's sequence so far: ``seen`` (``[rows, vocab]``,
     whether each token occurred; the repetition penalty's) and ``tokens`` (``[rows, prompt +
-    max_new_tokens]``, the prompt's ids then the generated ones; n-gram blocking's). Either is
-    ``None`` where its processor is off."""
+    max_new_tokens]``, the prompt's ids then the generated ones; n-gram blocking's and a biased or
+    banned sequence's). Either is ``None`` where no processor reads it."""
 
     seen: Any = None
     tokens: Any = None
 
 
-def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, counted=None) -> Past:
+def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, counted=None,
+               rules: Rules | None = None) -> Past:
     """The :class:`Past` of prompts ``input_ids`` (``[rows, n]``): the penalty's tokens where
-    ``counted`` (``[rows, n]``; all without it), n-gram blocking's all of them."""
+    ``counted`` (``[rows, n]``; all without it), all of them for n-gram blocking and ``rules``
+    that match sequences."""
     rows, n = input_ids.shape
     seen = None if penalty is None else _mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
-    tokens = None if ngram is None else jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
+    tokens = None
+    if ngram is not None or (rules is not None and rules.reads_tokens):
+        tokens = jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
     return Past(seen, tokens)
 
 
@@ -98,31 +84,41 @@ def _ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length, n: int) -
 
 
 def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
-               prompt: int = 0) -> jax.Array:
-    """The logits processors transformers' ``generate`` runs before choosing a token, greedy or
-    sampled, in its order: the repetition penalty (``RepetitionPenaltyLogitsProcessor``: a token
-    already in the sequence has its logit divided by ``penalty``, or multiplied where negative),
-    n-gram blocking (``NoRepeatNGramLogitsProcessor``: no token that would repeat an ``ngram``-gram
-    of the sequence, prompt included), then no EOS while fewer than ``min_new`` tokens are new
-    (``MinNewTokensLengthLogitsProcessor``: their logits become -inf). ``past`` is the rows'
+               prompt: int = 0, rules: Rules | None = None) -> jax.Array:
+    """The logits processors transformers' ``generate`` runs before choosing a token (greedy,
+    sampled or over beams), in its order: a sequence bias (``rules``), the repetition penalty
+    (``RepetitionPenaltyLogitsProcessor``: a token already in the sequence has its logit divided by
+    ``penalty``, or multiplied where negative), n-gram blocking (``NoRepeatNGramLogitsProcessor``:
+    no token that would repeat an ``ngram``-gram of the sequence, prompt included), bad words
+    (``rules``), no EOS while fewer than ``min_new`` tokens are new
+    (``MinNewTokensLengthLogitsProcessor``), then the forced and suppressed tokens and the length
+    penalty (``rules``, :func:`peftjax.models._logits.force_and_suppress`). ``past`` is the rows'
     :class:`Past`, ``new_tokens`` how many tokens are new, ``prompt`` how many came before them;
-    ``penalty``, ``ngram`` or ``min_new`` ``None``: that processor is off (a static choice)."""
+    ``penalty``, ``ngram``, ``min_new`` or ``rules`` ``None``: that processor is off (a static choice)."""
+    length = prompt + new_tokens
+    if rules is not None:
+        logits = bias_sequences(logits, rules, past.tokens, length)
     if penalty is not None:
         seen = past.seen
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     if ngram is not None:
-        logits = _ban_repeated_ngrams(logits, jnp.asarray(past.tokens), prompt + new_tokens, ngram)
+        logits = _ban_repeated_ngrams(logits, jnp.asarray(past.tokens), length, ngram)
+    if rules is not None:
+        logits = ban_bad_words(logits, rules, past.tokens, length)
     if min_new is not None:
         is_eos = jnp.isin(jnp.arange(logits.shape[-1]), eos_ids)
         logits = jnp.where(is_eos[None] & (new_tokens < min_new), -jnp.inf, logits)
+    if rules is not None:
+        logits = force_and_suppress(logits, rules, new_tokens)
     return logits
 
 
-def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p) -> jax.Array:
-    """The next token of each row: the likeliest, or one drawn after the sampling filters."""
+def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **warpers) -> jax.Array:
+    """The next token of each row: the likeliest, or one drawn after the sampling filters
+    (``warpers``: ``min_p``, ``typical_p``, ``epsilon``, ``eta``, as :func:`filter_logits`)."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, **warpers)).astype(jnp.int32)
 
 
 def _mark_seen(seen, tokens: jax.Array, counted=None):
@@ -136,12 +132,15 @@ def _mark_seen(seen, tokens: jax.Array, counted=None):
     return seen.at[rows, tokens].set(True, mode="drop")
 
 
-def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int) -> dict:
+def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int,
+                       warpers: Mapping[str, Any] | None = None) -> dict:
     """``generate``'s sampling settings checked and made the compiled function's arguments.
 
-    Values become arrays (a new temperature, ``top_k``, ``top_p`` or pad token reuses the compiled
-    function); what changes the program stays static: sampling or greedy, and which filters are
-    on (``top_k`` 0 or ``None``, ``top_p`` 1 or ``None``: off). Greedy decoding ignores the filters.
+    Values become arrays (a new temperature, ``top_k``, ``top_p``, ``warpers`` value or pad token
+    reuses the compiled function); what changes the program stays static: sampling or greedy, and
+    which filters are on (``top_k`` 0 or ``None``, ``top_p`` 1 or ``None``: off; ``warpers``, as
+    :func:`peftjax.models._logits.warper_arguments` returns them: ``None``, off). Greedy decoding
+    ignores the filters.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -155,6 +154,7 @@ def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, t
         "temperature": np.float32(temperature),
         "top_k": np.int32(top_k) if sample and top_k else None,
         "top_p": np.float32(top_p) if sample and top_p is not None and top_p < 1.0 else None,
+        **{name: value if sample else None for name, value in (warpers or {}).items()},
         "pad": np.int32(pad),
     }
 
@@ -225,14 +225,9 @@ class GenerationDefaults:
 
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off; the second set matters only when sampling
-_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0,
-                "dola_layers": None, "encoder_no_repeat_ngram_size": 0,
-                "encoder_repetition_penalty": 1.0, "bad_words_ids": None, "sequence_bias": None,
-                "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-                "forced_eos_token_id": None, "guidance_scale": 1.0, "exponential_decay_length_penalty": None,
-                "watermarking_config": None}
-_UNSUPPORTED_SAMPLING = {"typical_p": 1.0, "min_p": None, "top_h": None, "epsilon_cutoff": 0.0,
-                         "eta_cutoff": 0.0}
+_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0, "dola_layers": None, "encoder_no_repeat_ngram_size": 0,
+                "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0, "watermarking_config": None}
+_UNSUPPORTED_SAMPLING = {"top_h": None}
 
 
 def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
@@ -244,8 +239,8 @@ def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
         if value is not None and value != off:
             raise ValueError(
                 f"the checkpoint's generation_config.json sets {name}={value!r}, which peftjax's generate does "
-                "not implement (it decodes greedily, by sampling with temperature, top_k and top_p, or by beam "
-                "search, with repetition_penalty, no_repeat_ngram_size and min_new_tokens); to decode without it: "
+                "not implement (it decodes greedily, by sampling or by beam search, with transformers' other logits "
+                "processors and sampling filters); to decode without it: "
                 "model.generation_config = "
                 f"model.generation_config.replace({name}=None)"
             )
@@ -256,7 +251,7 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                        repetition_penalty: float | None = None, min_new_tokens: int | None = None,
                        prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
                        length_penalty: float | None = None, early_stopping: bool | str | None = None,
-                       no_repeat_ngram_size: int | None = None) -> dict:
+                       no_repeat_ngram_size: int | None = None, processors: Mapping[str, Any] | None = None) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
@@ -268,6 +263,10 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     config's (the pad id, failing that, to the first EOS id, else 0). The sampling settings go
     through :func:`sampling_arguments`. The EOS ids become a tuple: their number is a shape of the
     loop. Beam search's settings are returned apart, under ``"search"`` (:func:`search_arguments`).
+    ``processors`` holds the other sampling filters (``min_p``, ``typical_p``, ``epsilon_cutoff``,
+    ``eta_cutoff``) and token rules (``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``, ...)
+    by transformers' names, each ``None`` or missing for the generation config's
+    (:mod:`peftjax.models._logits`); the rules come back as ``"rules"``.
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
@@ -276,6 +275,11 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    processors = dict(processors or {})
+    unknown = sorted(set(processors) - set(WARPERS) - set(RULES))
+    if unknown:
+        raise TypeError(f"generate got unknown settings {unknown}; the sampling filters and token rules it takes: "
+                        f"{sorted(WARPERS) + sorted(RULES)}")
     config = model.config
     defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
     if do_sample is None:
@@ -312,11 +316,14 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     # what beam search writes past a hypothesis's end: transformers' `pad_token_id or eos_token_id[0]`
     search["fill"] = (int(pad_token_id) or eos[0]) if eos else -1
     search["renormalize"] = bool(defaults.get("renormalize_logits", False))  # changes beams' scores only
+    rules = rules_arguments(processors, defaults, vocab=getattr(config, "vocab_size", None), eos=eos,
+                            prompt_length=int(prompt_length), max_new_tokens=int(max_new_tokens))
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
-            "ngram": int(no_repeat_ngram_size) or None,
-            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id)), "search": search}
+            "ngram": int(no_repeat_ngram_size) or None, "rules": rules,
+            **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id),
+                                 warper_arguments(processors, defaults)), "search": search}
 
 
 def search_arguments(defaults: GenerationDefaults, do_sample: bool, num_beams, num_return_sequences,
@@ -370,7 +377,8 @@ def stop_token_ids(model, *more) -> set[int]:
     return found
 
 
-def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, penalty, ngram) -> Past:
+def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, penalty, ngram,
+                rules: Rules | None = None) -> Past:
     """A decoder's prompts as :class:`Past`: the repetition penalty counts each prompt from its
     first real token (transformers skips the left padding; the mask's last columns are
     ``input_ids``' where virtual tokens' embeddings come before them), n-gram blocking all of it."""
@@ -378,7 +386,7 @@ def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, p
     ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
     first = jnp.argmax(ids_mask != 0, axis=1)
     return start_past(input_ids, vocab, max_new_tokens, penalty=penalty, ngram=ngram,
-                      counted=jnp.arange(n)[None] >= first[:, None])
+                      counted=jnp.arange(n)[None] >= first[:, None], rules=rules)
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -407,7 +415,7 @@ def _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rerun_at"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rules", "rerun_at"),
 )
 def _generate(
     graphdef,
@@ -428,20 +436,24 @@ def _generate(
     penalty=None,
     min_new=None,
     ngram=None,
+    rules=None,
     rerun_at=None,
+    **warpers,
 ):
     model = nnx.merge(graphdef, state)
     b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
     out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
-    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
+    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
+                       rules=rules)
 
     def choose(logits, done, rng, past, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
         logits = _constrain(logits.astype(jnp.float32), past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids,
-                            ngram=ngram, prompt=n)
-        token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+                            ngram=ngram, prompt=n, rules=rules)
+        token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        **warpers)
         token = jnp.where(done, pad, token)
         return token, done | jnp.isin(token, eos_ids), rng, remember(past, token, n + i)
 
@@ -500,7 +512,7 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
                 num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],
                 length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
                 renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
-                ngram=decoding["ngram"])
+                ngram=decoding["ngram"], rules=decoding["rules"])
 
 
 def reorder_rows(cache, parents: jax.Array):
@@ -522,11 +534,11 @@ def reorder_rows(cache, parents: jax.Array):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping",
-                     "renormalize", "ngram"),
+                     "renormalize", "ngram", "rules"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, *, max_new_tokens, eos,
                    num_beams, num_return_sequences, early_stopping, length_penalty, fill, renormalize=False,
-                   penalty=None, min_new=None, ngram=None):
+                   penalty=None, min_new=None, ngram=None, rules=None):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
     times each: ``([batch * num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
     model = nnx.merge(graphdef, state)
@@ -534,12 +546,13 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
-    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram)
+    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
+                       rules=rules)
 
     def body(carry):
         i, logits, cache, key_mask, pos, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
-                                   prompt=n, renormalize=renormalize)
+                                   prompt=n, renormalize=renormalize, rules=rules)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping)
         past = remember(past, tokens, n + i, parents)
@@ -599,6 +612,17 @@ class GenerationMixin:
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
         no_repeat_ngram_size: int | None = None,
+        min_p: float | None = None,
+        typical_p: float | None = None,
+        epsilon_cutoff: float | None = None,
+        eta_cutoff: float | None = None,
+        bad_words_ids: list[list[int]] | None = None,
+        sequence_bias: dict | list | None = None,
+        suppress_tokens: list[int] | None = None,
+        begin_suppress_tokens: list[int] | None = None,
+        forced_bos_token_id: int | None = None,
+        forced_eos_token_id: int | list[int] | None = None,
+        exponential_decay_length_penalty: tuple[int, float] | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -626,6 +650,20 @@ class GenerationMixin:
           min_new_tokens: no EOS before this many new tokens.
           no_repeat_ngram_size: no token that would repeat an n-gram of this size already in the
             row, prompt included (transformers' ``NoRepeatNGramLogitsProcessor``); 0: off.
+          min_p, typical_p, epsilon_cutoff, eta_cutoff: sampling filters after top-k and top-p, as
+            transformers' warpers of those names (min-p: below ``min_p`` times the likeliest
+            token's probability; typical sampling's mass; a fixed, or entropy-scaled, probability
+            floor); values of one compiled loop; ignored when greedy.
+          bad_words_ids: token sequences never completed (``[[id, ...], ...]``; a stop token is
+            not banned, as transformers drops it).
+          sequence_bias: ``{(id, ...): bias}`` (or ``[[[id, ...], bias], ...]``) added to a
+            sequence's last token where the row ends in the rest of it.
+          suppress_tokens, begin_suppress_tokens: token ids banned at every step, or at the first
+            (the second after a forced first token).
+          forced_bos_token_id: the first new token, where the prompt is one token long;
+          forced_eos_token_id: the last of the ``max_new_tokens`` (an id or a list of them).
+          exponential_decay_length_penalty: ``(start, factor)``: after ``start`` new tokens, the
+            EOS logits grow by ``|logit| * (factor ** (new - start) - 1)``.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the repetition penalty and minimum length apply to them);
             1: greedy or sampled decoding.
@@ -678,7 +716,15 @@ class GenerationMixin:
                                       min_new_tokens=min_new_tokens, prompt_length=input_ids.shape[1],
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
                                       length_penalty=length_penalty, early_stopping=early_stopping,
-                                      no_repeat_ngram_size=no_repeat_ngram_size)
+                                      no_repeat_ngram_size=no_repeat_ngram_size,
+                                      processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                                                      eta_cutoff=eta_cutoff, bad_words_ids=bad_words_ids,
+                                                      sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
+                                                      begin_suppress_tokens=begin_suppress_tokens,
+                                                      forced_bos_token_id=forced_bos_token_id,
+                                                      forced_eos_token_id=forced_eos_token_id,
+                                                      exponential_decay_length_penalty=(
+                                                          exponential_decay_length_penalty)))
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]

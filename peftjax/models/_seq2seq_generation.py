@@ -3,8 +3,7 @@
 The encoder runs once; each decoder block's cross-attention keys and values of its output are
 computed once too; the decoder's self-attention keeps a KV cache (``peftjax.models._attention``).
 Decoding starts from ``decoder_start_token_id`` and picks tokens greedily, by sampling with the
-causal models' filters (temperature, top-k, top-p) or by beam search, with the repetition
-penalty and minimum length.
+causal models' filters or by beam search, with the causal models' logits processors.
 """
 
 from __future__ import annotations
@@ -54,11 +53,11 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram", "rules"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None):
+              ngram=None, rules=None, **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -66,15 +65,17 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     first = jnp.full((b,), start, jnp.int32)
     # the decoder's tokens so far, the start token first (the processors count it, as transformers')
-    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram)
+    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
+                      rules=rules)
 
     def step(carry, i):
         token, cache, key_mask, done, rng, past = carry
         logits, cache, key_mask = decode(token, cache, key_mask, i)
         rng, key = jax.random.split(rng)
         logits = logits.astype(jnp.float32)
-        logits = _constrain(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1)
-        new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        logits = _constrain(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1,
+                            rules=rules)
+        new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
         done = done | jnp.isin(new, eos_ids)
         return (new, cache, key_mask, done, rng, remember(past, new, 1 + i)), (new, done)
@@ -87,11 +88,11 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "start", "num_beams", "num_return_sequences",
-                     "early_stopping", "renormalize", "ngram"),
+                     "early_stopping", "renormalize", "ngram", "rules"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
-                   renormalize=False, penalty=None, min_new=None, ngram=None):
+                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder): ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
@@ -102,12 +103,13 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
-    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram)
+    past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
+                      rules=rules)
 
     def body(carry):
         i, logits, cache, key_mask, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
-                                   prompt=1, renormalize=renormalize)
+                                   prompt=1, renormalize=renormalize, rules=rules)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping)
         past = remember(past, tokens, 1 + i, parents)
@@ -142,6 +144,17 @@ class Seq2SeqGenerationMixin:
         length_penalty: float | None = None,
         early_stopping: bool | str | None = None,
         no_repeat_ngram_size: int | None = None,
+        min_p: float | None = None,
+        typical_p: float | None = None,
+        epsilon_cutoff: float | None = None,
+        eta_cutoff: float | None = None,
+        bad_words_ids: list[list[int]] | None = None,
+        sequence_bias: dict | list | None = None,
+        suppress_tokens: list[int] | None = None,
+        begin_suppress_tokens: list[int] | None = None,
+        forced_bos_token_id: int | None = None,
+        forced_eos_token_id: int | list[int] | None = None,
+        exponential_decay_length_penalty: tuple[int, float] | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -160,9 +173,12 @@ class Seq2SeqGenerationMixin:
           do_sample, temperature, top_k, top_p, seed: sampling, as the causal models' ``generate``.
           eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
-          repetition_penalty, no_repeat_ngram_size, min_new_tokens: as the causal models'
-            ``generate``, over the decoder's tokens (the start token included, as transformers
-            counts them).
+          repetition_penalty, no_repeat_ngram_size, min_new_tokens, min_p, typical_p,
+            epsilon_cutoff, eta_cutoff, bad_words_ids, sequence_bias, suppress_tokens,
+            begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+            exponential_decay_length_penalty: as the causal models' ``generate``, over the
+            decoder's tokens (the start token included, as transformers counts them: a forced
+            first token follows it).
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -196,7 +212,15 @@ class Seq2SeqGenerationMixin:
                                       eos_token_id, pad_token_id, repetition_penalty=repetition_penalty,
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
-                                      early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size)
+                                      early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+                                      processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                                                      eta_cutoff=eta_cutoff, bad_words_ids=bad_words_ids,
+                                                      sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
+                                                      begin_suppress_tokens=begin_suppress_tokens,
+                                                      forced_bos_token_id=forced_bos_token_id,
+                                                      forced_eos_token_id=forced_eos_token_id,
+                                                      exponential_decay_length_penalty=(
+                                                          exponential_decay_length_penalty)))
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)

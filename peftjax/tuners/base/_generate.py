@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._generation import Past, _constrain, decoding_arguments
+from peftjax.models._logits import RULES, WARPERS
 
 
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
@@ -21,8 +22,9 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     ``generate`` gives them; the forward is compiled once, for the longest length.
 
     The sampling settings the bundled models' ``generate`` takes are accepted (``temperature``,
-    ``top_k``, ``top_p`` and ``seed`` do nothing without ``do_sample``); ``repetition_penalty``,
-    ``no_repeat_ngram_size`` and ``min_new_tokens`` (or the generation config's) apply as there.
+    ``top_k``, ``top_p``, ``min_p``, ... and ``seed`` do nothing without ``do_sample``);
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens`` and the token rules
+    (``bad_words_ids``, ``suppress_tokens``, ...; or the generation config's) apply as there.
 
     Raises:
       NotImplementedError: ``do_sample=True``, or other generation options (named, for ``method``).
@@ -30,6 +32,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     del temperature, top_k, top_p, seed  # settings of sampling, which is refused
     # one beam and one sequence may be asked for (over a generation config's); more is refused below
     one = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences") if k in kwargs and kwargs[k] in (1, None)}
+    processors = {k: kwargs.pop(k) for k in (*RULES, *WARPERS) if k in kwargs}
     if do_sample or kwargs:
         asked = ["do_sample=True"] * bool(do_sample) + sorted(kwargs)
         raise NotImplementedError(f"{method}'s generate decodes greedily; {asked} are not supported")
@@ -42,7 +45,8 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     # the stop and filler ids default to the config's, as the bundled models' generate does
     settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id,
                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                                  prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, **one)
+                                  prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, processors=processors,
+                                  **one)
     search = settings["search"]
     if search["num_beams"] > 1 or search["num_return_sequences"] > 1:  # the generation config's
         raise NotImplementedError(f"{method}'s generate decodes greedily, one sequence per input; the model's "
@@ -50,9 +54,10 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
                                   f"{search['num_return_sequences']} (pass num_beams=1, num_return_sequences=1)")
     eos, pad = list(settings["eos"]), int(settings["pad"])
     # the cached loop's processors: the repetition penalty from each row's first real token (as
-    # transformers skips the left padding), no EOS before min_new new tokens
+    # transformers skips the left padding), no EOS before min_new new tokens, the token rules
     constrain = functools.partial(_constrain, penalty=settings["penalty"], min_new=settings["min_new"],
-                                  eos_ids=np.asarray(eos or [-1], np.int32), ngram=settings["ngram"], prompt=n)
+                                  eos_ids=np.asarray(eos or [-1], np.int32), ngram=settings["ngram"], prompt=n,
+                                  rules=settings["rules"])
     counted = np.arange(total)[None] >= (mask != 0).argmax(axis=1)[:, None]
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)

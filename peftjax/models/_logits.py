@@ -1,0 +1,309 @@
+"""What ``generate`` does to the next token's logits before choosing it: transformers' sampling
+warpers (temperature, top-k, top-p, min-p, typical, epsilon and eta sampling) and the logits
+processors that ban, bias or force tokens (bad words, sequence biases, suppressed tokens, a forced
+first or last token, the exponentially decaying length penalty), each as transformers computes it.
+
+The warpers' values are arrays (a compiled ``generate`` serves every value; only turning one on
+or off compiles anew). The token rules are static (:class:`Rules`: their token ids fix the
+program), read from ``generate``'s arguments or else the checkpoint's ``generation_config.json``
+by :func:`rules_arguments`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------- sampling warpers
+
+
+def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None, min_p=None, typical_p=None,
+                  epsilon=None, eta=None) -> jax.Array:
+    """Temperature, then top-k, top-p, min-p, typical, epsilon and eta filtering, in the order
+    transformers' ``generate`` applies its warpers; ``None`` turns a filter off.
+
+    The settings are values, not shapes: each may be a traced scalar. The k-th largest logit is
+    read from the sorted row (the value ``lax.top_k`` would give, which needs a static ``k``), and
+    a row keeps every logit equal to it, as transformers' ``TopKLogitsWarper``. Each filter keeps
+    at least the likeliest token (transformers' ``min_tokens_to_keep=1``).
+    """
+    neg = jnp.finfo(logits.dtype).min
+    logits = logits / temperature
+    if top_k is not None or top_p is not None:
+        logits = _top_k_top_p(logits, top_k, top_p, neg)
+    if min_p is not None:  # MinPLogitsWarper: below min_p times the likeliest token's probability
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), neg, logits)
+    if typical_p is not None:
+        logits = _typical(logits, typical_p, neg)
+    if epsilon is not None:  # EpsilonLogitsWarper: below a fixed probability
+        logits = _cut_below(logits, epsilon, neg)
+    if eta is not None:  # EtaLogitsWarper: below min(eta, sqrt(eta) * exp(-entropy))
+        cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits)))
+        logits = _cut_below(logits, cut[:, None], neg)
+    return logits
+
+
+def _top_k_top_p(logits, top_k, top_p, neg):
+    # one sort serves both filters: top-k's cut leaves the kept logits in their sorted order and
+    # the cut ones, all equal to ``neg``, in front of them, which is what sorting the cut row gives
+    order = None if top_p is None else jnp.argsort(logits, axis=-1)  # ascending, as TopPLogitsWarper
+    sorted_logits = jnp.sort(logits, axis=-1) if order is None else jnp.take_along_axis(logits, order, axis=-1)
+    if top_k is not None:
+        vocab = logits.shape[-1]
+        k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
+        kth = jax.lax.dynamic_slice_in_dim(sorted_logits, vocab - k, 1, axis=-1)
+        logits = jnp.where(logits < kth, neg, logits)
+        sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)
+    if top_p is not None:
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    return logits
+
+
+def _entropy(logits):
+    """Each row's entropy in nats; a filtered-out token (probability 0) adds nothing."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    probs = jnp.exp(log_probs)
+    return -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)
+
+
+def _typical(logits, mass, neg):
+    """transformers' ``TypicalLogitsWarper``: tokens ordered by how far their surprisal lies from
+    the entropy, kept until their probabilities add up to ``mass`` (the one that crosses it too)."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    distance = jnp.abs(-log_probs - _entropy(logits)[:, None])
+    order = jnp.argsort(distance, axis=-1)
+    sorted_distance = jnp.take_along_axis(distance, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+    last = jnp.minimum(jnp.sum(cum < mass, axis=-1), logits.shape[-1] - 1)
+    # the token at ``last`` bounds the distance kept; the nearest token is always within it
+    bound = jnp.take_along_axis(sorted_distance, last[:, None], axis=-1)
+    return jnp.where(distance > bound, neg, logits)
+
+
+def _cut_below(logits, cut, neg):
+    """Tokens whose probability is below ``cut``, except the likeliest, filtered out."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    top = logits.max(axis=-1, keepdims=True)
+    return jnp.where((probs < cut) & (logits < top), neg, logits)
+
+
+WARPERS = {  # generate's argument: (generation config's value that turns it off, the valid range)
+    "min_p": (0.0, "in [0, 1]"), "typical_p": (1.0, "in (0, 1]"), "epsilon_cutoff": (0.0, "in [0, 1)"),
+    "eta_cutoff": (0.0, "in [0, 1)"),
+}
+
+
+def warper_arguments(settings: dict, defaults) -> dict:
+    """min-p, typical, epsilon and eta sampling's values (``settings``' where not ``None``, else
+    ``defaults``', the generation config's) as :func:`filter_logits`' keyword arguments: an array
+    each, or ``None`` where off (transformers' defaults: all off).
+
+    Raises:
+      ValueError: a value out of its range (named).
+    """
+    out = {}
+    for name, (off, valid) in WARPERS.items():
+        value = settings.get(name)
+        value = defaults.get(name) if value is None else value
+        if value is None:
+            out[name] = None
+            continue
+        ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
+        ok = ok and {"min_p": 0 <= value <= 1, "typical_p": 0 < value <= 1}.get(name, 0 <= value < 1)
+        if not ok:
+            raise ValueError(f"{name} must be a number {valid} ({off}: off), got {value!r}")
+        out[name] = None if value == off else np.float32(value)
+    return {"min_p": out["min_p"], "typical_p": out["typical_p"], "epsilon": out["epsilon_cutoff"],
+            "eta": out["eta_cutoff"]}
+
+
+# ----------------------------------------------------------------------------- token rules
+
+
+class Rules(NamedTuple):
+    """The logits processors that ban, bias or force tokens, as static settings (hashable: part of
+    the compiled program). Steps count the new tokens (0: the first generated).
+
+    Attributes:
+      bias: ``((token ids, value), ...)``, transformers' ``sequence_bias``: ``value`` is added to
+        the last token's logit where the sequence so far ends in the others.
+      bad: ``(token ids, ...)``, ``bad_words_ids``: that last token is banned instead.
+      suppress: token ids banned at every step (``suppress_tokens``).
+      begin_suppress: token ids banned at step ``begin_at`` (``begin_suppress_tokens``).
+      begin_at: the step ``begin_suppress`` applies to.
+      forced_bos: the token forced at step 0 (``forced_bos_token_id``, where the sequence is then
+        one token long, as transformers forces it), or ``None``.
+      forced_eos: token ids, one of which is forced at step ``forced_eos_at`` (``forced_eos_token_id``).
+      forced_eos_at: the last step (``max_new_tokens - 1``).
+      decay: ``(start, factor, eos ids)``, ``exponential_decay_length_penalty``: after ``start`` new
+        tokens the EOS logits grow by ``|logit| * (factor ** (step - start) - 1)``, or ``None``.
+    """
+
+    bias: tuple = ()
+    bad: tuple = ()
+    suppress: tuple = ()
+    begin_suppress: tuple = ()
+    begin_at: int = 0
+    forced_bos: int | None = None
+    forced_eos: tuple = ()
+    forced_eos_at: int = -1
+    decay: tuple | None = None
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether a rule matches the sequence so far (a biased or banned sequence of several tokens)."""
+        return any(len(ids) > 1 for ids, _ in self.bias) or any(len(ids) > 1 for ids in self.bad)
+
+
+RULES = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+         "forced_eos_token_id", "exponential_decay_length_penalty")
+
+
+def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, prompt_length: int,
+                    max_new_tokens: int) -> Rules | None:
+    """:class:`Rules` from ``generate``'s arguments (``settings``; ``None``: not given) or else the
+    generation config's (``defaults``), checked as transformers checks them: ``None`` where none
+    is set. ``eos`` are the stop ids in use (a bad word that is one is dropped, as transformers'
+    ``NoBadWordsLogitsProcessor`` drops it; the length penalty raises them); ``prompt_length`` is
+    the sequence's length before the first new token (a forced first token needs it to be 1).
+
+    Raises:
+      ValueError: a setting of the wrong form, or a token id outside the vocabulary (named).
+    """
+    values = {}
+    for name in RULES:
+        value = settings.get(name)
+        values[name] = defaults.get(name) if value is None else value
+
+    def ids(name, value, *, single=False) -> tuple[int, ...]:
+        items = [value] if single or isinstance(value, (int, np.integer)) else value
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < (vocab or math.inf)
+                for i in items):
+            raise ValueError(f"{name} must be {'a token id' if single else 'token ids'} in [0, {vocab or 'inf'}) "
+                             f"(the vocabulary), got {value!r}")
+        return tuple(int(i) for i in items)
+
+    def sequences(name, value) -> list:
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(s, (list, tuple)) and s for s in value):
+            raise ValueError(f"{name} must be a non-empty list of non-empty lists of token ids, got {value!r}")
+        return [ids(name, s) for s in value]
+
+    bias = values["sequence_bias"]
+    if bias is not None:
+        pairs = list(bias.items()) if isinstance(bias, dict) else bias
+        if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[1], (int, float))
+                and not isinstance(p[1], bool) for p in pairs):
+            raise ValueError("sequence_bias must map token-id sequences to biases: {(id, ...): bias} or "
+                             f"[[[id, ...], bias], ...], got {bias!r}")
+        keys = sequences("sequence_bias", [list(p[0]) if isinstance(p[0], (list, tuple)) else p[0] for p in pairs])
+        merged: dict[tuple, float] = {}
+        for key, (_, value) in zip(keys, pairs):
+            merged[key] = float(value)  # a repeated sequence: the last bias, as a dict would keep it
+        bias = tuple(merged.items())
+    bad = values["bad_words_ids"]
+    if bad is not None:
+        stops = {(e,) for e in eos}
+        bad = tuple(dict.fromkeys(s for s in sequences("bad_words_ids", bad) if s not in stops))
+    suppress = values["suppress_tokens"]
+    suppress = None if suppress is None else ids("suppress_tokens", suppress)
+    begin = values["begin_suppress_tokens"]
+    begin = None if begin is None else ids("begin_suppress_tokens", begin)
+    bos = values["forced_bos_token_id"]
+    bos = None if bos is None else ids("forced_bos_token_id", bos, single=True)[0]
+    forced_eos = values["forced_eos_token_id"]
+    forced_eos = None if forced_eos is None else ids("forced_eos_token_id", forced_eos)
+    decay = values["exponential_decay_length_penalty"]
+    if decay is not None:
+        if (not isinstance(decay, (list, tuple)) or len(decay) != 2 or isinstance(decay[0], bool)
+                or not isinstance(decay[0], (int, np.integer)) or decay[0] < 0
+                or isinstance(decay[1], bool) or not isinstance(decay[1], (int, float))):
+            raise ValueError("exponential_decay_length_penalty must be (start: an integer >= 0, factor: a number), "
+                             f"got {decay!r}")
+        decay = (int(decay[0]), float(decay[1]), tuple(dict.fromkeys(eos))) if eos else None
+    if all(v is None for v in (bias, bad, suppress, begin, bos, forced_eos, decay)):
+        return None
+    # transformers starts begin_suppress_tokens after a forced first token where it forces one
+    return Rules(bias=bias or (), bad=bad or (), suppress=suppress or (), begin_suppress=begin or (),
+                 begin_at=1 if prompt_length == 1 and bos is not None else 0,
+                 forced_bos=bos if prompt_length == 1 else None, forced_eos=forced_eos or (),
+                 forced_eos_at=max_new_tokens - 1, decay=decay)
+
+
+def _tail_matches(tokens, length, prefix: tuple[int, ...]):
+    """Whether each row's sequence (``tokens[:, :length]``) ends in ``prefix``."""
+    n = len(prefix)
+    if tokens.shape[1] < n:
+        return jnp.zeros((tokens.shape[0],), bool)
+    tail = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - n, 0), n, axis=1)
+    return jnp.all(tail == jnp.asarray(prefix, tokens.dtype)[None], axis=1) & (length >= n)
+
+
+def _add_sequence_bias(logits, pairs, tokens, length):
+    """transformers' ``SequenceBiasLogitsProcessor``: a one-token sequence's bias always, a longer
+    one's to its last token where the sequence so far ends in the rest (summed where several)."""
+    single = np.zeros(logits.shape[-1], np.float32)
+    for ids, value in pairs:
+        if len(ids) == 1:
+            single[ids[0]] += value
+    logits = logits + jnp.asarray(single, logits.dtype)[None]
+    for ids, value in pairs:
+        if len(ids) > 1:
+            hit = _tail_matches(tokens, length, ids[:-1])
+            logits = logits.at[:, ids[-1]].add(jnp.where(hit, jnp.asarray(value, logits.dtype), 0))
+    return logits
+
+
+def _token_mask(vocab: int, ids) -> np.ndarray:
+    mask = np.zeros(vocab, bool)
+    mask[list(ids)] = True
+    return mask
+
+
+def bias_sequences(logits, rules: Rules, tokens, length):
+    """``sequence_bias``, the first of transformers' processors (before the repetition penalty)."""
+    return _add_sequence_bias(logits, rules.bias, tokens, length) if rules.bias else logits
+
+
+def ban_bad_words(logits, rules: Rules, tokens, length):
+    """``bad_words_ids``, after n-gram blocking: transformers' ``NoBadWordsLogitsProcessor``, a
+    sequence bias of -inf."""
+    return _add_sequence_bias(logits, [(ids, -math.inf) for ids in rules.bad], tokens, length) if rules.bad else logits
+
+
+def force_and_suppress(logits, rules: Rules, step):
+    """The processors after the minimum length, in transformers' order: the forced first token, the
+    forced last token, the length penalty's EOS boost, the suppressed tokens, the suppressed first
+    tokens. ``step`` counts the new tokens before this one."""
+    vocab = logits.shape[-1]
+    if rules.forced_bos is not None:
+        forced = jnp.where(jnp.arange(vocab) == rules.forced_bos, 0.0, -jnp.inf).astype(logits.dtype)
+        logits = jnp.where(step == 0, forced[None], logits)
+    if rules.forced_eos:
+        forced = jnp.where(jnp.asarray(_token_mask(vocab, rules.forced_eos)), 0.0, -jnp.inf).astype(logits.dtype)
+        logits = jnp.where(step == rules.forced_eos_at, forced[None], logits)
+    if rules.decay is not None:
+        start, factor, eos = rules.decay
+        eos = jnp.asarray(eos, jnp.int32)
+        eos_logits = logits[:, eos]
+        past = jnp.maximum(step - start, 0).astype(jnp.float32)
+        growth = jnp.abs(eos_logits) * (jnp.power(jnp.float32(factor), past) - 1)
+        growth = jnp.where(jnp.isfinite(eos_logits) & (step > start), growth, 0.0)
+        logits = logits.at[:, eos].add(growth.astype(logits.dtype))
+    if rules.suppress:
+        logits = jnp.where(jnp.asarray(_token_mask(vocab, rules.suppress))[None], -jnp.inf, logits)
+    if rules.begin_suppress:
+        banned = jnp.asarray(_token_mask(vocab, rules.begin_suppress))[None] & (step == rules.begin_at)
+        logits = jnp.where(banned, -jnp.inf, logits)
+    return logits

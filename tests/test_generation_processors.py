@@ -1,0 +1,214 @@
+"""``generate``'s other logits processors and sampling filters, against transformers' ``generate``
+on the same checkpoint: banned, biased, suppressed and forced tokens and the decaying length
+penalty (greedy, over beams, for a decoder and for T5, as arguments and from
+``generation_config.json``), and min-p, typical, epsilon and eta sampling (every token drawn is one
+transformers' warpers keep, from the PyTorch model's logits; a new value reuses the compiled loop)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import transformers as tr
+from _tiny import save as save_tiny
+from _compiles import compilations
+
+from peftjax import models
+
+IDS = np.array([[1, 5, 9, 12, 7, 5], [0, 0, 3, 7, 11, 3]])
+MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+N = IDS.shape[1]
+
+
+def hf_generate(model, ids, mask, **settings) -> np.ndarray:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **settings).numpy()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama checkpoint, both frameworks' models of it, and what it greedily writes unhindered."""
+    path = tmp_path_factory.mktemp("llama")
+    save_tiny("llama", path)
+    model = models.from_pretrained(path)
+    return path, model, tr.AutoModelForCausalLM.from_pretrained(path).eval(), model.generate(
+        IDS, MASK, max_new_tokens=10, eos_token_id=[])
+
+
+def _rules(free: np.ndarray) -> list[dict]:
+    """Token rules that each change what the tiny model writes: built from the tokens it writes."""
+    a, b, c = (int(t) for t in free[0, N:N + 3])
+    d, e = int(free[1, N]), int(free[1, N + 1])
+    return [
+        dict(suppress_tokens=[a, d]),
+        dict(begin_suppress_tokens=[a, d]),
+        dict(bad_words_ids=[[a], [d, e]]),  # one token always, one after another
+        dict(bad_words_ids=[[b, c]], sequence_bias={(d,): -4.0}),
+        dict(bad_words_ids=[[b], [e]], eos_token_id=[e]),  # a stop token is no bad word (transformers drops it)
+        dict(sequence_bias={(a,): -3.0, (a, b): -8.0, (e,): 2.5}),
+        dict(sequence_bias=[[[7], 6.0], [[7, 5, d], 9.0]]),  # the list form; a match against the prompt
+        dict(forced_eos_token_id=[c, 4]),
+        dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=[b, e]),
+        dict(suppress_tokens=[a], bad_words_ids=[[d]], repetition_penalty=1.5, no_repeat_ngram_size=2),
+    ]
+
+
+def test_token_rules_decode_as_transformers(llama):
+    """Each token rule, alone and with the other processors, greedy and over beams, token for token
+    as transformers' ``generate`` with the same settings on left-padded prompts; each changes
+    what the model writes (greedy or over beams)."""
+    _, model, hf, free = llama
+    for rule in _rules(free):
+        changed = []
+        for extra in (dict(), dict(num_beams=3, num_return_sequences=2)):
+            # transformers' beams need a pad id other than 0 where no EOS is given
+            settings = dict(max_new_tokens=10, pad_token_id=2, **{"eos_token_id": [], **rule}, **extra)
+            ours = model.generate(IDS, MASK, **settings)
+            np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, do_sample=False, **settings),
+                                          err_msg=str(settings))
+            plain = model.generate(IDS, MASK, **{**settings, **{k: None for k in rule if k != "eos_token_id"}})
+            changed.append(ours.shape != plain.shape or (ours != plain).any())
+        assert any(changed), rule
+    # a bias just past the gap between the two likeliest first tokens turns the choice, no less
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(IDS[:1])).logits[0, -1].numpy()
+    second, first = np.argsort(logits)[-2:]
+    for scale, chosen in ((1.2, second), (0.8, first)):
+        bias = {(int(second),): float(scale * (logits[first] - logits[second]))}
+        ours = model.generate(IDS, MASK, max_new_tokens=3, eos_token_id=[], sequence_bias=bias)
+        np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, max_new_tokens=3, eos_token_id=[],
+                                                        pad_token_id=2, do_sample=False, sequence_bias=bias))
+        assert ours[0, N] == chosen, scale
+
+
+def test_a_forced_first_token_applies_where_the_sequence_is_one_token_long(llama):
+    """``forced_bos_token_id`` forces the first new token after a one-token prompt (and then
+    ``begin_suppress_tokens`` moves to the second), and does nothing after a longer prompt, as
+    transformers' processors count the sequence's length."""
+    _, model, hf, free = llama
+    first = IDS[:, -1:]
+    suppressed = int(model.generate(first, max_new_tokens=3, eos_token_id=[])[0, 2])
+    for extra in (dict(forced_bos_token_id=17), dict(forced_bos_token_id=17, begin_suppress_tokens=[suppressed]),
+                  dict(forced_bos_token_id=17, num_beams=2)):
+        settings = dict(max_new_tokens=6, eos_token_id=[], pad_token_id=2, **extra)
+        ours = model.generate(first, **settings)
+        np.testing.assert_array_equal(ours, hf_generate(hf, first, np.ones_like(first), do_sample=False, **settings),
+                                      err_msg=str(extra))
+        assert (ours[:, 1] == 17).all()
+    longer = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], forced_bos_token_id=17)
+    np.testing.assert_array_equal(longer, free)
+
+
+def test_an_encoder_decoder_s_token_rules_count_its_start_token(tmp_path):
+    """T5: the forced first token follows the start token (the decoder's sequence is one token
+    long), the suppressed first tokens then apply to the second, a bad word's prefix and a biased
+    sequence match the decoder's tokens, greedy and over beams, as transformers' ``generate``."""
+    save_tiny("t5", tmp_path)
+    model, hf = models.from_pretrained(tmp_path), tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    ids, mask = IDS[:, ::-1].copy(), MASK[:, ::-1].copy()  # T5 pads on the right
+    free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    a = int(free[0, 1])
+    for extra in (dict(forced_bos_token_id=11), dict(forced_bos_token_id=11, begin_suppress_tokens=[a]),
+                  dict(begin_suppress_tokens=[a]), dict(bad_words_ids=[[0, a]], suppress_tokens=[5]),
+                  dict(sequence_bias={(a, a): -6.0}, forced_eos_token_id=3),
+                  dict(forced_bos_token_id=11, suppress_tokens=[a], num_beams=3)):
+        settings = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=2, **extra)
+        ours = model.generate(ids, mask, **settings)
+        np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings), err_msg=str(extra))
+        assert ours.shape != free.shape or (ours != free).any(), extra
+
+
+def test_a_generation_config_s_token_rules_apply_unasked(llama, tmp_path):
+    """A checkpoint whose ``generation_config.json`` suppresses, bans and forces tokens (Whisper's
+    suppresses dozens) generates as transformers' ``generate`` called with no settings; an
+    argument overrides the file's value."""
+    _, _, _, free = llama
+    base = tmp_path / "base"
+    save_tiny("llama", base)
+    settings = json.loads((base / "generation_config.json").read_text())
+    a, d = int(free[0, N]), int(free[1, N])
+    (base / "generation_config.json").write_text(json.dumps(
+        {**settings, "suppress_tokens": [a], "begin_suppress_tokens": [d], "bad_words_ids": [[int(free[0, N + 1])]],
+         "forced_eos_token_id": 4, "eos_token_id": [], "pad_token_id": 0}))
+    model, hf = models.from_pretrained(base), tr.AutoModelForCausalLM.from_pretrained(base).eval()
+    ours = model.generate(IDS, MASK, max_new_tokens=10)
+    np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, max_new_tokens=10))
+    assert a not in ours[:, N:] and (ours[:, -1] == 4).all()
+    overridden = model.generate(IDS, MASK, max_new_tokens=10, suppress_tokens=[d])
+    np.testing.assert_array_equal(overridden, hf_generate(hf, IDS, MASK, max_new_tokens=10, suppress_tokens=[d]))
+    assert (overridden != ours).any()
+
+
+def _kept_by_transformers(logits: np.ndarray, *, temperature=1.0, top_k=0, top_p=None, min_p=None,
+                          typical_p=None, epsilon_cutoff=None, eta_cutoff=None) -> set[int]:
+    """The tokens transformers' sampling warpers leave drawable, in the order its ``generate`` runs them."""
+    from transformers.generation import logits_process as lp
+
+    warpers = [lp.TemperatureLogitsWarper(temperature)]
+    warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [lp.TopPLogitsWarper(top_p)] if top_p is not None else []
+    warpers += [lp.MinPLogitsWarper(min_p)] if min_p is not None else []
+    warpers += [lp.TypicalLogitsWarper(typical_p)] if typical_p is not None else []
+    warpers += [lp.EpsilonLogitsWarper(epsilon_cutoff)] if epsilon_cutoff is not None else []
+    warpers += [lp.EtaLogitsWarper(eta_cutoff)] if eta_cutoff is not None else []
+    scores = torch.tensor(logits)[None]
+    for warper in warpers:
+        scores = warper(None, scores)
+    return set(np.flatnonzero(np.isfinite(scores[0].numpy())).tolist())
+
+
+SAMPLING = [dict(min_p=0.2), dict(min_p=0.1, temperature=1.5), dict(typical_p=0.5), dict(typical_p=0.9, top_k=20),
+            dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.2, temperature=0.8), dict(min_p=0.1, top_p=0.9),
+            dict(typical_p=0.7, epsilon_cutoff=0.01, temperature=1.4)]
+
+
+def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
+    """min-p, typical, epsilon and eta sampling, alone and after temperature, top-k and top-p: each
+    of 256 draws of the first new token is one transformers' warpers keep from the PyTorch model's
+    logits, and the filter cuts while leaving a choice. Their values are arguments of one compiled
+    loop: a new value (or an added warper's value) compiles nothing new."""
+    save_tiny("llama", tmp_path / "tiny")
+    hf = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
+    with torch.no_grad():  # the tiny model's next token is near uniform; the filters need some shape
+        hf.lm_head.weight.mul_(10)
+    hf.save_pretrained(tmp_path / "sharp")
+    model = models.from_pretrained(tmp_path / "sharp")
+    prompt = IDS[:1]
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(prompt)).logits[0, -1].numpy()
+    rows = np.repeat(prompt, 256, axis=0)
+    for i, setting in enumerate(SAMPLING):
+        drawn = set(model.generate(rows, max_new_tokens=1, do_sample=True, seed=i, **{"top_k": 0, **setting})[:, -1]
+                    .tolist())
+        kept = _kept_by_transformers(logits, **{"top_k": 0, **setting})
+        assert 1 < len(kept) < 96, (setting, len(kept))
+        assert drawn <= kept and len(drawn) > 1, (setting, sorted(drawn - kept))
+    with compilations() as compiled:
+        for value in (0.3, 0.15):
+            model.generate(rows[:2], max_new_tokens=2, do_sample=True, min_p=value, top_k=0)
+    assert compiled.count("_generate") == 1, compiled
+    greedy = model.generate(IDS, MASK, max_new_tokens=4)
+    np.testing.assert_array_equal(model.generate(IDS, MASK, max_new_tokens=4, min_p=0.5, typical_p=0.2), greedy)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(suppress_tokens=[3, 96]), r"suppress_tokens must be token ids in \[0, 96\)"),
+    (dict(bad_words_ids=[3, 4]), "bad_words_ids must be a non-empty list of non-empty lists"),
+    (dict(bad_words_ids=[[3], [-1]]), r"bad_words_ids must be token ids in \[0, 96\)"),
+    (dict(sequence_bias={3: 1.0}), "sequence_bias must be a non-empty list of non-empty lists"),
+    (dict(sequence_bias=[[[3], "up"]]), "sequence_bias must map token-id sequences to biases"),
+    (dict(forced_bos_token_id=[3]), r"forced_bos_token_id must be a token id in \[0, 96\)"),
+    (dict(forced_eos_token_id=200), r"forced_eos_token_id must be token ids in \[0, 96\)"),
+    (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty must be"),
+    (dict(min_p=1.5, do_sample=True), r"min_p must be a number in \[0, 1\]"),
+    (dict(typical_p=0.0, do_sample=True), r"typical_p must be a number in \(0, 1\]"),
+    (dict(eta_cutoff=1.0, do_sample=True), r"eta_cutoff must be a number in \[0, 1\)"),
+])
+def test_bad_processor_settings_are_refused_by_name(llama, settings, message):
+    _, model, _, _ = llama
+    with pytest.raises(ValueError, match=message):
+        model.generate(IDS, MASK, max_new_tokens=2, **settings)
