@@ -159,6 +159,8 @@ def _generate(args) -> int:
                          repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
                          num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                         min_p=args.min_p, typical_p=args.typical_p,
+                         bad_words_ids=_bad_words(tokenizer, args.bad_words),
                          **task_inputs(model, args.task_id, len(texts)))
     per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
     for i, text in enumerate(texts):
@@ -167,6 +169,21 @@ def _generate(args) -> int:
         line = {"prompt": text, "completion": new[0], **({"completions": new} if per > 1 else {})}
         print(json.dumps(line, ensure_ascii=False))
     return 0
+
+
+def _bad_words(tokenizer, phrases: list[str] | None) -> list[list[int]] | None:
+    """``--bad-words``' phrases as ``generate``'s ``bad_words_ids``.
+
+    Raises:
+      ValueError: a phrase the tokenizer makes no tokens of (named).
+    """
+    if not phrases:
+        return None
+    ids = tokenizer(list(phrases), add_special_tokens=False)["input_ids"]
+    empty = [phrase for phrase, tokens in zip(phrases, ids) if not tokens]
+    if empty:
+        raise ValueError(f"--bad-words: the tokenizer makes no tokens of {empty}")
+    return [list(tokens) for tokens in ids]
 
 
 def prompts_for(tokenizer, texts: list[str], *, chat: bool, system: str | None = None) -> tuple[list[str], bool]:
@@ -629,6 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="0 means greedy (default: the checkpoint's generation_config.json, greedy without "
                                 "one); the stop tokens are that file's too")
             p.add_argument("--top-p", type=float, default=None)
+            p.add_argument("--min-p", type=float, default=None,
+                           help="sampling: drop tokens less likely than this times the likeliest (default: the "
+                                "generation config's, else off)")
+            p.add_argument("--typical-p", type=float, default=None,
+                           help="sampling: typical sampling's probability mass (default: the generation config's, "
+                                "else off)")
             p.add_argument("--top-k", type=int, default=None,
                            help="sampling: the likeliest k tokens (0: off; default: the generation config's, else "
                                 "50, as transformers)")
@@ -636,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="divides the logits of tokens already in the text (default: the generation "
                                 "config's, else off)")
             p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
+            p.add_argument("--bad-words", nargs="+", metavar="PHRASE",
+                           help="phrases never written: each one's tokens (as the tokenizer splits the phrase alone, "
+                                "without special tokens) are not completed")
             p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                            help="no n-gram of this size twice in a text, prompt included (default: the generation "
                                 "config's, else off)")
