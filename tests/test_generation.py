@@ -120,12 +120,12 @@ def test_the_penalty_counts_the_decoder_s_tokens_of_an_encoder_decoder(tmp_path)
 
 
 @pytest.mark.parametrize(("setting", "sampled_only"), [
-    (dict(num_beam_groups=2), False), (dict(encoder_no_repeat_ngram_size=3), False),  # any decoding
+    (dict(num_beam_groups=2), False), (dict(penalty_alpha=0.6), False),  # any decoding
     (dict(guidance_scale=1.5), False), (dict(top_h=0.9), True),  # top-H: sampling only
 ])
 def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_name(llama, tmp_path, setting,
                                                                                    sampled_only):
-    """Diverse beam groups, the encoder's n-gram blocking, classifier-free guidance and the sampling
+    """Diverse beam groups, contrastive search, classifier-free guidance and the sampling
     filter peftjax lacks (top-H) are refused, naming the setting and how to drop it, rather than
     decoding otherwise than transformers; a sampling-only setting does not stop greedy decoding;
     dropping the setting with ``replace`` decodes."""

@@ -54,6 +54,7 @@ def _rules(free: np.ndarray) -> list[dict]:
         dict(forced_eos_token_id=[c, 4]),
         dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=[b, e]),
         dict(suppress_tokens=[a], bad_words_ids=[[d]], repetition_penalty=1.5, no_repeat_ngram_size=2),
+        dict(encoder_no_repeat_ngram_size=1), dict(encoder_no_repeat_ngram_size=2, no_repeat_ngram_size=3),
     ]
 
 
@@ -85,6 +86,23 @@ def test_token_rules_decode_as_transformers(llama):
         assert ours[0, N] == chosen, scale
 
 
+def test_the_prompt_s_repetition_penalty_decodes_as_transformers(llama):
+    """``encoder_repetition_penalty`` (transformers' "hallucination penalty") on a decoder: the
+    prompt's tokens, padding and all, favoured above 1 and shunned below, as transformers'
+    ``generate``; with several rows per input, where transformers penalises only the
+    batch's first rows, it is refused, naming why."""
+    _, model, hf, free = llama
+    for penalty in (3.0, 0.3):
+        settings = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=0, encoder_repetition_penalty=penalty)
+        ours = model.generate(IDS, MASK, **settings)
+        np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, do_sample=False, **settings))
+    copied = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], encoder_repetition_penalty=3.0)[:, N:]
+    assert np.isin(copied, IDS).mean() > np.isin(free[:, N:], IDS).mean()  # above 1 it copies the prompt
+    for extra in (dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+        with pytest.raises(NotImplementedError, match="encoder_repetition_penalty with 2 rows per input"):
+            model.generate(IDS, MASK, max_new_tokens=2, encoder_repetition_penalty=2.0, **extra)
+
+
 def test_a_forced_first_token_applies_where_the_sequence_is_one_token_long(llama):
     """``forced_bos_token_id`` forces the first new token after a one-token prompt (and then
     ``begin_suppress_tokens`` moves to the second), and does nothing after a longer prompt, as
@@ -106,20 +124,35 @@ def test_a_forced_first_token_applies_where_the_sequence_is_one_token_long(llama
 def test_an_encoder_decoder_s_token_rules_count_its_start_token(tmp_path):
     """T5: the forced first token follows the start token (the decoder's sequence is one token
     long), the suppressed first tokens then apply to the second, a bad word's prefix and a biased
-    sequence match the decoder's tokens, greedy and over beams, as transformers' ``generate``."""
+    sequence match the decoder's tokens, the encoder's n-grams and repetition penalty read its
+    input ids (padding and all), greedy and over beams, as transformers' ``generate``; without
+    input ids those are refused."""
     save_tiny("t5", tmp_path)
     model, hf = models.from_pretrained(tmp_path), tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
     ids, mask = IDS[:, ::-1].copy(), MASK[:, ::-1].copy()  # T5 pads on the right
+    # inputs that hold, after the start token, the token the decoder writes first (which moves with
+    # the input): the encoder's rules then bite at the first step
+    written, start = [], model.config.decoder_start_token_id
+    while (w := int(model.generate(ids, mask, max_new_tokens=1, eos_token_id=[])[0, 1])) not in written:
+        written.append(w)
+        ids[:] = np.resize([t for w in written for t in (start, w)], ids.shape[1])
     free = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
     a = int(free[0, 1])
+    assert a in written
     for extra in (dict(forced_bos_token_id=11), dict(forced_bos_token_id=11, begin_suppress_tokens=[a]),
                   dict(begin_suppress_tokens=[a]), dict(bad_words_ids=[[0, a]], suppress_tokens=[5]),
                   dict(sequence_bias={(a, a): -6.0}, forced_eos_token_id=3),
-                  dict(forced_bos_token_id=11, suppress_tokens=[a], num_beams=3)):
+                  dict(forced_bos_token_id=11, suppress_tokens=[a], num_beams=3),
+                  dict(encoder_no_repeat_ngram_size=1), dict(encoder_no_repeat_ngram_size=2),
+                  dict(encoder_no_repeat_ngram_size=2, num_beams=3),
+                  dict(encoder_repetition_penalty=0.25)):
         settings = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=2, **extra)
         ours = model.generate(ids, mask, **settings)
         np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings), err_msg=str(extra))
         assert ours.shape != free.shape or (ours != free).any(), extra
+    with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds alone"):
+        model.generate(inputs_embeds=np.zeros((1, 3, model.config.d_model), np.float32), max_new_tokens=2,
+                       encoder_no_repeat_ngram_size=2)
 
 
 def test_a_generation_config_s_token_rules_apply_unasked(llama, tmp_path):
@@ -204,6 +237,8 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
     (dict(forced_bos_token_id=[3]), r"forced_bos_token_id must be a token id in \[0, 96\)"),
     (dict(forced_eos_token_id=200), r"forced_eos_token_id must be token ids in \[0, 96\)"),
     (dict(exponential_decay_length_penalty=(2,)), "exponential_decay_length_penalty must be"),
+    (dict(encoder_repetition_penalty=0), r"encoder_repetition_penalty must be > 0"),
+    (dict(encoder_no_repeat_ngram_size=1.5), r"encoder_no_repeat_ngram_size must be an integer >= 0"),
     (dict(min_p=1.5, do_sample=True), r"min_p must be a number in \[0, 1\]"),
     (dict(typical_p=0.0, do_sample=True), r"typical_p must be a number in \(0, 1\]"),
     (dict(eta_cutoff=1.0, do_sample=True), r"eta_cutoff must be a number in \[0, 1\)"),

@@ -23,9 +23,12 @@ from peftjax.models._logits import (
     WARPERS,
     Rules,
     ban_bad_words,
+    ban_source_ngrams,
     bias_sequences,
+    check_source_rules,
     filter_logits,
     force_and_suppress,
+    penalize_source,
     rules_arguments,
     warper_arguments,
 )
@@ -38,32 +41,40 @@ class Past(NamedTuple):
     """What the logits processors read of each row's sequence so far: ``seen`` (``[rows, vocab]``,
     whether each token occurred; the repetition penalty's) and ``tokens`` (``[rows, prompt +
     max_new_tokens]``, the prompt's ids then the generated ones; n-gram blocking's and a biased or
-    banned sequence's). Either is ``None`` where no processor reads it."""
+    banned sequence's) and ``source`` (``[rows, n]``, the row's input ids: the encoder's, or a
+    decoder's prompt; the encoder rules'). Each is ``None`` where no processor reads it."""
 
     seen: Any = None
     tokens: Any = None
+    source: Any = None
 
 
 def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, counted=None,
-               rules: Rules | None = None) -> Past:
+               rules: Rules | None = None, source=None) -> Past:
     """The :class:`Past` of prompts ``input_ids`` (``[rows, n]``): the penalty's tokens where
     ``counted`` (``[rows, n]``; all without it), all of them for n-gram blocking and ``rules``
-    that match sequences."""
+    that match sequences; ``source`` (the encoder's input; default ``input_ids``) for the rules
+    that read it."""
     rows, n = input_ids.shape
     seen = None if penalty is None else _mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
     tokens = None
     if ngram is not None or (rules is not None and rules.reads_tokens):
         tokens = jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
-    return Past(seen, tokens)
+    if rules is None or not rules.reads_source:
+        source = None
+    elif source is None:
+        source = input_ids
+    return Past(seen, tokens, source)
 
 
 def remember(past: Past, token: jax.Array, position, parents=None) -> Past:
     """``past`` with ``token`` (``[rows]``) at ``position`` of each row's sequence, after taking
     each row's past from row ``parents[row]`` where given (beam search)."""
-    if parents is not None:
-        past = Past(*(None if x is None else x[parents] for x in past))
+    if parents is not None:  # the input is a beam's prompt's, the same for all its beams
+        past = past._replace(**{k: None if x is None else x[parents] for k, x in (("seen", past.seen),
+                                                                                   ("tokens", past.tokens))})
     tokens = None if past.tokens is None else past.tokens.at[:, position].set(token)
-    return Past(_mark_seen(past.seen, token[:, None]), tokens)
+    return Past(_mark_seen(past.seen, token[:, None]), tokens, past.source)
 
 
 def _ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length, n: int) -> jax.Array:
@@ -86,11 +97,12 @@ def _ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length, n: int) -
 def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
                prompt: int = 0, rules: Rules | None = None) -> jax.Array:
     """The logits processors transformers' ``generate`` runs before choosing a token (greedy,
-    sampled or over beams), in its order: a sequence bias (``rules``), the repetition penalty
+    sampled or over beams), in its order: a sequence bias and the input's repetition penalty
+    (``rules``), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: a token already in the sequence has its logit divided by
     ``penalty``, or multiplied where negative), n-gram blocking (``NoRepeatNGramLogitsProcessor``:
-    no token that would repeat an ``ngram``-gram of the sequence, prompt included), bad words
-    (``rules``), no EOS while fewer than ``min_new`` tokens are new
+    no token that would repeat an ``ngram``-gram of the sequence, prompt included), the input's
+    n-grams and bad words (``rules``), no EOS while fewer than ``min_new`` tokens are new
     (``MinNewTokensLengthLogitsProcessor``), then the forced and suppressed tokens and the length
     penalty (``rules``, :func:`peftjax.models._logits.force_and_suppress`). ``past`` is the rows'
     :class:`Past`, ``new_tokens`` how many tokens are new, ``prompt`` how many came before them;
@@ -98,12 +110,14 @@ def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, e
     length = prompt + new_tokens
     if rules is not None:
         logits = bias_sequences(logits, rules, past.tokens, length)
+        logits = penalize_source(logits, rules, past.source)
     if penalty is not None:
         seen = past.seen
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     if ngram is not None:
         logits = _ban_repeated_ngrams(logits, jnp.asarray(past.tokens), length, ngram)
     if rules is not None:
+        logits = ban_source_ngrams(logits, rules, past.tokens, length, past.source)
         logits = ban_bad_words(logits, rules, past.tokens, length)
     if min_new is not None:
         is_eos = jnp.isin(jnp.arange(logits.shape[-1]), eos_ids)
@@ -225,8 +239,8 @@ class GenerationDefaults:
 
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off; the second set matters only when sampling
-_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0, "dola_layers": None, "encoder_no_repeat_ngram_size": 0,
-                "encoder_repetition_penalty": 1.0, "guidance_scale": 1.0, "watermarking_config": None}
+_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0, "dola_layers": None, "guidance_scale": 1.0,
+                "watermarking_config": None}
 _UNSUPPORTED_SAMPLING = {"top_h": None}
 
 
@@ -623,6 +637,8 @@ class GenerationMixin:
         forced_bos_token_id: int | None = None,
         forced_eos_token_id: int | list[int] | None = None,
         exponential_decay_length_penalty: tuple[int, float] | None = None,
+        encoder_repetition_penalty: float | None = None,
+        encoder_no_repeat_ngram_size: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -664,6 +680,11 @@ class GenerationMixin:
           forced_eos_token_id: the last of the ``max_new_tokens`` (an id or a list of them).
           exponential_decay_length_penalty: ``(start, factor)``: after ``start`` new tokens, the
             EOS logits grow by ``|logit| * (factor ** (new - start) - 1)``.
+          encoder_repetition_penalty: a token of the row's prompt (``input_ids``, padding and
+            all) has its logit multiplied by it, or divided where negative (transformers'
+            "hallucination penalty"; one row per input); 1: off.
+          encoder_no_repeat_ngram_size: no token that would complete an n-gram of the row's
+            prompt; 0: off.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the repetition penalty and minimum length apply to them);
             1: greedy or sampled decoding.
@@ -679,8 +700,8 @@ class GenerationMixin:
           it has one (``model.generation_config``: a chat model's end-of-turn stop tokens, its
           sampling settings, a repetition penalty), else transformers' default: greedy,
           temperature 1, ``top_k`` 50, no top-p filter or penalty, the model config's EOS and pad
-          ids, one beam. A setting of the file that decodes otherwise (diverse beam groups, the
-          encoder's n-gram blocking) is refused, naming it.
+          ids, one beam. A setting of the file that decodes otherwise (diverse beam groups,
+          contrastive search, guidance) is refused, naming it.
           seed: the sampling key.
           inputs_embeds: ``[batch, n, hidden]`` embeddings to prefill with in place of looking up
             ``input_ids`` (prompt tuning prepends its virtual tokens this way); ``input_ids``
@@ -724,10 +745,13 @@ class GenerationMixin:
                                                       forced_bos_token_id=forced_bos_token_id,
                                                       forced_eos_token_id=forced_eos_token_id,
                                                       exponential_decay_length_penalty=(
-                                                          exponential_decay_length_penalty)))
+                                                          exponential_decay_length_penalty),
+                                                      encoder_repetition_penalty=encoder_repetition_penalty,
+                                                      encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size))
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]
+        check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=True)
         graphdef, state = nnx.split(self)
         if beams > 1:
             if rerun_at is not None:

@@ -146,6 +146,10 @@ class Rules(NamedTuple):
       forced_eos_at: the last step (``max_new_tokens - 1``).
       decay: ``(start, factor, eos ids)``, ``exponential_decay_length_penalty``: after ``start`` new
         tokens the EOS logits grow by ``|logit| * (factor ** (step - start) - 1)``, or ``None``.
+      source_penalty: ``encoder_repetition_penalty``: a token of the row's input (the encoder's, or
+        a decoder's prompt) has its logit multiplied by it, or divided where negative; or ``None``.
+      source_ngram: ``encoder_no_repeat_ngram_size``: no token that would complete an n-gram of the
+        row's input; or ``None``.
     """
 
     bias: tuple = ()
@@ -157,15 +161,25 @@ class Rules(NamedTuple):
     forced_eos: tuple = ()
     forced_eos_at: int = -1
     decay: tuple | None = None
+    source_penalty: float | None = None
+    source_ngram: int | None = None
 
     @property
     def reads_tokens(self) -> bool:
-        """Whether a rule matches the sequence so far (a biased or banned sequence of several tokens)."""
-        return any(len(ids) > 1 for ids, _ in self.bias) or any(len(ids) > 1 for ids in self.bad)
+        """Whether a rule matches the sequence so far (a biased or banned sequence of several
+        tokens, the input's n-grams)."""
+        return (any(len(ids) > 1 for ids, _ in self.bias) or any(len(ids) > 1 for ids in self.bad)
+                or self.source_ngram is not None)
+
+    @property
+    def reads_source(self) -> bool:
+        """Whether a rule reads the rows' input ids (the encoder's, or a decoder's prompt)."""
+        return self.source_penalty is not None or self.source_ngram is not None
 
 
 RULES = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-         "forced_eos_token_id", "exponential_decay_length_penalty")
+         "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty",
+         "encoder_no_repeat_ngram_size")
 
 
 def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, prompt_length: int,
@@ -232,13 +246,44 @@ def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, 
             raise ValueError("exponential_decay_length_penalty must be (start: an integer >= 0, factor: a number), "
                              f"got {decay!r}")
         decay = (int(decay[0]), float(decay[1]), tuple(dict.fromkeys(eos))) if eos else None
-    if all(v is None for v in (bias, bad, suppress, begin, bos, forced_eos, decay)):
+    source_penalty = values["encoder_repetition_penalty"]
+    if source_penalty is not None:
+        if isinstance(source_penalty, bool) or not isinstance(source_penalty, (int, float)) or not source_penalty > 0:
+            raise ValueError(f"encoder_repetition_penalty must be > 0 (1: off), got {source_penalty!r}")
+        source_penalty = None if source_penalty == 1 else float(source_penalty)
+    source_ngram = values["encoder_no_repeat_ngram_size"]
+    if source_ngram is not None:
+        if isinstance(source_ngram, bool) or not isinstance(source_ngram, (int, np.integer)) or source_ngram < 0:
+            raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: off), got {source_ngram!r}")
+        source_ngram = int(source_ngram) or None
+    if all(v is None for v in (bias, bad, suppress, begin, bos, forced_eos, decay, source_penalty, source_ngram)):
         return None
     # transformers starts begin_suppress_tokens after a forced first token where it forces one
     return Rules(bias=bias or (), bad=bad or (), suppress=suppress or (), begin_suppress=begin or (),
                  begin_at=1 if prompt_length == 1 and bos is not None else 0,
                  forced_bos=bos if prompt_length == 1 else None, forced_eos=forced_eos or (),
-                 forced_eos_at=max_new_tokens - 1, decay=decay)
+                 forced_eos_at=max_new_tokens - 1, decay=decay, source_penalty=source_penalty,
+                 source_ngram=source_ngram)
+
+
+def check_source_rules(rules: Rules | None, *, rows_per_input: int, has_input_ids: bool) -> None:
+    """Refuses the input's rules where transformers' ``generate`` would not apply them as asked.
+
+    Raises:
+      ValueError: they are asked for without input ids (transformers skips them with a warning).
+      NotImplementedError: ``encoder_repetition_penalty`` with several rows per input (beams or
+        returned sequences): transformers' processor reads the inputs before they are repeated,
+        and so penalises the first rows of the batch only.
+    """
+    if rules is None or not rules.reads_source:
+        return
+    if not has_input_ids:
+        raise ValueError("encoder_repetition_penalty and encoder_no_repeat_ngram_size read the input's token ids; "
+                         "pass input_ids, not inputs_embeds alone")
+    if rules.source_penalty is not None and rows_per_input > 1:
+        raise NotImplementedError(
+            f"encoder_repetition_penalty with {rows_per_input} rows per input (beams or returned sequences) is not "
+            "implemented: transformers applies it to the batch's first rows only; use one beam and one sequence")
 
 
 def _tail_matches(tokens, length, prefix: tuple[int, ...]):
@@ -274,6 +319,38 @@ def _token_mask(vocab: int, ids) -> np.ndarray:
 def bias_sequences(logits, rules: Rules, tokens, length):
     """``sequence_bias``, the first of transformers' processors (before the repetition penalty)."""
     return _add_sequence_bias(logits, rules.bias, tokens, length) if rules.bias else logits
+
+
+def penalize_source(logits, rules: Rules, source):
+    """``encoder_repetition_penalty``, before the repetition penalty: transformers'
+    ``EncoderRepetitionPenaltyLogitsProcessor``, each token of the row's input (``source``,
+    ``[rows, n]``, padding and all) multiplied by the penalty, or divided where negative."""
+    if rules.source_penalty is None:
+        return logits
+    inverse = np.float32(1 / rules.source_penalty)  # transformers keeps 1 / penalty and divides by it
+    rows = jnp.arange(logits.shape[0])[:, None]
+    seen = jnp.zeros(logits.shape, bool).at[rows, source].set(True, mode="drop")
+    return jnp.where(seen, jnp.where(logits < 0, logits * inverse, logits / inverse), logits)
+
+
+def ban_source_ngrams(logits, rules: Rules, tokens, length, source):
+    """``encoder_no_repeat_ngram_size``, after n-gram blocking: transformers'
+    ``EncoderNoRepeatNGramLogitsProcessor``, -inf for every token that would complete an n-gram of
+    the row's input (``source``), once the sequence (``tokens[:, :length]``) holds ``n - 1`` tokens."""
+    n = rules.source_ngram
+    if n is None:
+        return logits
+    rows, width = source.shape
+    windows = width - n + 1
+    if windows < 1 or tokens.shape[1] < n - 1:
+        return logits
+    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
+    match = jnp.ones((rows, windows), bool)
+    for k in range(n - 1):
+        match = match & (source[:, k:k + windows] == last[:, k:k + 1])
+    banned = jnp.where(match, source[:, n - 1:n - 1 + windows], logits.shape[-1])  # past the vocabulary: none
+    ban = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], banned].set(True, mode="drop")
+    return jnp.where(ban & (length >= n - 1), -jnp.inf, logits)
 
 
 def ban_bad_words(logits, rules: Rules, tokens, length):

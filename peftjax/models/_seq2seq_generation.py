@@ -28,6 +28,7 @@ from peftjax.models._generation import (
     repeat_rows,
     start_past,
 )
+from peftjax.models._logits import check_source_rules
 from peftjax.nn._keys import default_key
 
 
@@ -66,7 +67,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     first = jnp.full((b,), start, jnp.int32)
     # the decoder's tokens so far, the start token first (the processors count it, as transformers')
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules)
+                      rules=rules, source=input_ids)
 
     def step(carry, i):
         token, cache, key_mask, done, rng, past = carry
@@ -104,7 +105,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules)
+                      rules=rules, source=input_ids)
 
     def body(carry):
         i, logits, cache, key_mask, beams, past, _ = carry
@@ -155,6 +156,8 @@ class Seq2SeqGenerationMixin:
         forced_bos_token_id: int | None = None,
         forced_eos_token_id: int | list[int] | None = None,
         exponential_decay_length_penalty: tuple[int, float] | None = None,
+        encoder_repetition_penalty: float | None = None,
+        encoder_no_repeat_ngram_size: int | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -179,6 +182,8 @@ class Seq2SeqGenerationMixin:
             exponential_decay_length_penalty: as the causal models' ``generate``, over the
             decoder's tokens (the start token included, as transformers counts them: a forced
             first token follows it).
+          encoder_repetition_penalty, encoder_no_repeat_ngram_size: as the causal models',
+            over the encoder's input ids (padding and all; they need ``input_ids``).
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -220,7 +225,9 @@ class Seq2SeqGenerationMixin:
                                                       forced_bos_token_id=forced_bos_token_id,
                                                       forced_eos_token_id=forced_eos_token_id,
                                                       exponential_decay_length_penalty=(
-                                                          exponential_decay_length_penalty)))
+                                                          exponential_decay_length_penalty),
+                                                      encoder_repetition_penalty=encoder_repetition_penalty,
+                                                      encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size))
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
@@ -228,6 +235,7 @@ class Seq2SeqGenerationMixin:
             raise ValueError("decoder_start_token_id is not set (pass it, or set it in the config; T5 uses 0)")
         graphdef, state = nnx.split(self)
         beams, returned = search["num_beams"], search["num_return_sequences"]
+        check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=input_ids is not None)
         if beams > 1:
             if prefix_kv is not None or encoder_prefix_kv is not None:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "

@@ -68,7 +68,8 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
         if settings["penalty"] is not None:
             seen = np.zeros(scores.shape, bool)
             seen[np.nonzero(counted[:, :t])[0], tokens[:, :t][counted[:, :t]]] = True
-        token = np.where(done, pad, np.asarray(constrain(scores, Past(seen, tokens), t - n)).argmax(-1))
+        past = Past(seen, tokens, ids if settings["rules"] is not None and settings["rules"].reads_source else None)
+        token = np.where(done, pad, np.asarray(constrain(scores, past, t - n)).argmax(-1))
         tokens[:, t], live[:, t] = token, 1
         done |= np.isin(token, eos)
         if done.all():
