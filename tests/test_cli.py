@@ -198,8 +198,13 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     assert [line["completions"] for line in lines] == [
         [tokenizer.decode(row, skip_special_tokens=True) for row in beams[i:i + 2]] for i in (0, 2)]
     assert [line["completion"] for line in lines] == [line["completions"][0] for line in lines]
-    assert main(["generate", str(tmp_path / "base"), "--text", "hi", "--num-beams", "2", "--temperature", "0.7"]) == 1
-    assert "beam sampling" in capsys.readouterr().err
+    alone = tokenizer(["hello there"], return_tensors="np")["input_ids"]
+    sampled_beams = model.generate(alone, max_new_tokens=5, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                   num_beams=2, do_sample=True, temperature=0.7, seed=3)[0, alone.shape[1]:]
+    assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--text", "hello there",
+                 "--max-new-tokens", "5", "--num-beams", "2", "--temperature", "0.7", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == tokenizer.decode(sampled_beams,
+                                                                                  skip_special_tokens=True)
     single = tokenizer(["hello there"], return_tensors="np")
     blocked = model.generate(single["input_ids"], max_new_tokens=5, eos_token_id=eos,
                              pad_token_id=tokenizer.pad_token_id, no_repeat_ngram_size=1)[0, single["input_ids"].shape[1]:]

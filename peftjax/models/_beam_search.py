@@ -1,10 +1,13 @@
-"""Beam search, as transformers' ``generate`` runs it (``num_beams > 1``, ``do_sample=False``).
+"""Beam search, as transformers' ``generate`` runs it (``num_beams > 1``), and beam sampling
+(with ``do_sample``).
 
 The algorithm is transformers' vectorised one (``GenerationMixin._beam_search``), on static
 shapes so that it compiles into one loop: each batch item keeps ``num_beams`` running hypotheses
 and ``num_beams`` finished ones. A step adds each running hypothesis's next-token log
 probabilities (after the logits processors: repetition penalty, minimum length) to its score and
-keeps the ``K = max(2, 1 + n_eos) * num_beams`` best continuations of the item; those that end
+keeps the ``K = max(2, 1 + n_eos) * num_beams`` best continuations of the item (beam sampling
+draws them instead, without replacement, in proportion to the exponentiated scores, and orders
+them by score); those that end
 (an EOS token, or the last allowed step) may enter the finished set, scored by their sum divided
 by ``length ** length_penalty``, and the best ``num_beams`` that do not end run on. The loop stops
 when no item can improve its finished set (``early_stopping``: ``True`` once an item has
@@ -55,7 +58,7 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new_tokens: int, length_penalty,
-         early_stopping) -> tuple[Beams, jax.Array, jax.Array, jax.Array]:
+         early_stopping, key=None) -> tuple[Beams, jax.Array, jax.Array, jax.Array]:
     """One token of every running hypothesis.
 
     Args:
@@ -67,6 +70,7 @@ def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new
       max_new_tokens: the last step is ``max_new_tokens - 1``: every continuation ends there.
       length_penalty: the exponent of the length a finished score is divided by (a value).
       early_stopping: ``True``, ``False`` or ``"never"`` (static), as transformers'.
+      key: beam sampling's key (``None``: beam search).
 
     Returns:
       ``(beams, parents, tokens, going)``: the state after ``i + 1`` tokens; for each new running
@@ -78,7 +82,15 @@ def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new
     keep = max(2, 1 + len(eos)) * num_beams
     eos_ids = jnp.asarray(eos or (-1,), jnp.int32)
     scores = log_probs.reshape(batch, num_beams, vocab) + beams.running_scores[:, :, None]
-    top_scores, top_index = jax.lax.top_k(scores.reshape(batch, num_beams * vocab), keep)
+    scores = scores.reshape(batch, num_beams * vocab)
+    if key is None:
+        top_scores, top_index = jax.lax.top_k(scores, keep)
+    else:  # transformers' multinomial draw without replacement, as the Gumbel top-k trick draws it
+        drawn = jax.lax.top_k(scores + jax.random.gumbel(key, scores.shape, scores.dtype), keep)[1]
+        top_scores = jnp.take_along_axis(scores, drawn, axis=1)
+        order = jnp.argsort(-top_scores, axis=1)  # then best first, as transformers sorts them
+        top_scores = jnp.take_along_axis(top_scores, order, axis=1)
+        top_index = jnp.take_along_axis(drawn, order, axis=1)
     top_parent, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     top_running = _gather(beams.running, top_parent).at[:, :, i].set(top_token)
     # a continuation ends with an EOS token, or on the last step (transformers' max-length criterion)

@@ -285,7 +285,6 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
         not implemented (diverse beam groups, n-gram blocking, ...: named, with the way to drop it).
-      NotImplementedError: beam sampling (``num_beams > 1`` with ``do_sample``).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -348,7 +347,6 @@ def search_arguments(defaults: GenerationDefaults, do_sample: bool, num_beams, n
 
     Raises:
       ValueError: a bad value; more sequences than beams; several sequences of greedy decoding.
-      NotImplementedError: beams with sampling (transformers' beam sampling).
     """
     if num_beams is None:
         num_beams = defaults.get("num_beams", 1)
@@ -366,10 +364,6 @@ def search_arguments(defaults: GenerationDefaults, do_sample: bool, num_beams, n
     early_stopping = early_stopping if early_stopping == "never" else bool(early_stopping)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float, np.floating)):
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
-    if num_beams > 1 and do_sample:
-        raise NotImplementedError(
-            f"beam sampling (num_beams={num_beams} with do_sample=True) is not implemented; pass num_beams=1 to "
-            "sample, or do_sample=False for beam search")
     if num_return_sequences > 1 and num_beams == 1 and not do_sample:
         raise ValueError(f"greedy decoding returns one sequence per input, got num_return_sequences="
                          f"{num_return_sequences}; sample (do_sample=True) or search beams (num_beams >= it)")
@@ -511,18 +505,33 @@ def _generate(
     return tokens.T, done.T
 
 
-def beam_log_probs(logits, past: Past, i, *, renormalize: bool, **processors) -> jax.Array:
+def beam_log_probs(logits, past: Past, i, *, renormalize: bool, sampling=None, min_keep: int = 1,
+                   **processors) -> jax.Array:
     """Beam search's scores of the next token: log probabilities, then the logits processors (as
-    transformers' beam search runs them), normalised again with ``renormalize`` (the generation
-    config's ``renormalize_logits``, transformers' ``LogitNormalization``)."""
+    transformers' beam search runs them), then, for beam sampling, the sampling filters
+    (``sampling``: :func:`filter_logits`' settings, each keeping ``min_keep`` tokens; the
+    temperature divides the log probabilities, as there), normalised again with ``renormalize``
+    (the generation config's ``renormalize_logits``, transformers' ``LogitNormalization``)."""
     log_probs = _constrain(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), past, i, **processors)
+    if sampling is not None:
+        log_probs = filter_logits(log_probs, **sampling, min_keep=min_keep)
     return jax.nn.log_softmax(log_probs, axis=-1) if renormalize else log_probs
+
+
+def beam_key(rng, i):
+    """Beam sampling's key of step ``i`` (``None``: beam search)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
 
 
 def beam_arguments(decoding: dict, search: dict) -> dict:
     """A beam loop's keyword arguments from :func:`decoding_arguments`' result (``decoding``, its
-    ``"search"`` popped into ``search``); the sampling settings do not apply to beams."""
+    ``"search"`` popped into ``search``): with ``do_sample``, beam sampling's filters, each keeping
+    one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams)."""
+    sampling = None
+    if decoding["do_sample"]:
+        sampling = {k: decoding[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta")}
     return dict(max_new_tokens=decoding["max_new_tokens"], eos=decoding["eos"], num_beams=search["num_beams"],
+                sampling=sampling, min_keep=len(decoding["eos"]) + 1,
                 num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],
                 length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
                 renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
@@ -548,13 +557,14 @@ def reorder_rows(cache, parents: jax.Array):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping",
-                     "renormalize", "ngram", "rules"),
+                     "renormalize", "ngram", "rules", "min_keep"),
 )
-def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, *, max_new_tokens, eos,
-                   num_beams, num_return_sequences, early_stopping, length_penalty, fill, renormalize=False,
-                   penalty=None, min_new=None, ngram=None, rules=None):
+def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, rng=None, *,
+                   max_new_tokens, eos, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
+                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
-    times each: ``([batch * num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
+    times each, or beam sampling (``sampling`` and its key ``rng``): ``([batch *
+    num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
     model = nnx.merge(graphdef, state)
     rows, s = attention_mask.shape
     out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
@@ -566,9 +576,11 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     def body(carry):
         i, logits, cache, key_mask, pos, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
-                                   prompt=n, renormalize=renormalize, rules=rules)
+                                   prompt=n, renormalize=renormalize, rules=rules, sampling=sampling,
+                                   min_keep=min_keep)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
-                                                         length_penalty=length_penalty, early_stopping=early_stopping)
+                                                         length_penalty=length_penalty, early_stopping=early_stopping,
+                                                         key=beam_key(rng, i))
         past = remember(past, tokens, n + i, parents)
         key_mask = key_mask.at[:, s + i].set(1)  # the rows of one prompt share its mask and positions
         out = model(input_ids=tokens[:, None], attention_mask=key_mask, position_ids=pos[:, None],
@@ -686,8 +698,9 @@ class GenerationMixin:
           encoder_no_repeat_ngram_size: no token that would complete an n-gram of the row's
             prompt; 0: off.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
-            the summed log probabilities; the repetition penalty and minimum length apply to them);
-            1: greedy or sampled decoding.
+            the summed log probabilities; the logits processors apply to them), or beam sampling
+            with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
+            sampled decoding.
           num_return_sequences: sequences per prompt, consecutive rows of the result: the best
             beams, best first, or independent samples (at most ``num_beams``; 1 when greedy).
           length_penalty: a finished beam's score is its summed log probability over its generated
@@ -758,7 +771,9 @@ class GenerationMixin:
                 raise NotImplementedError(f"beam search past {type(self).__name__}'s cache rerun (LongRoPE's switch at "
                                           f"step {rerun_at}) is not implemented; generate fewer tokens or num_beams=1")
             rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds, position_ids)]
-            tokens, lengths = _beam_generate(graphdef, state, *rows, **beam_arguments(decoding, search))
+            arguments = beam_arguments(decoding, search)
+            rng = None if arguments["sampling"] is None else default_key(seed)
+            tokens, lengths = _beam_generate(graphdef, state, *rows, rng, **arguments)
             n = int(np.max(np.asarray(lengths)))
             return np.concatenate([np.repeat(np.asarray(input_ids), returned, axis=0), np.asarray(tokens)[:, :n]],
                                   axis=1)

@@ -22,47 +22,54 @@ import numpy as np
 
 
 def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None, min_p=None, typical_p=None,
-                  epsilon=None, eta=None) -> jax.Array:
+                  epsilon=None, eta=None, *, min_keep: int = 1) -> jax.Array:
     """Temperature, then top-k, top-p, min-p, typical, epsilon and eta filtering, in the order
     transformers' ``generate`` applies its warpers; ``None`` turns a filter off.
 
     The settings are values, not shapes: each may be a traced scalar. The k-th largest logit is
     read from the sorted row (the value ``lax.top_k`` would give, which needs a static ``k``), and
     a row keeps every logit equal to it, as transformers' ``TopKLogitsWarper``. Each filter keeps
-    at least the likeliest token (transformers' ``min_tokens_to_keep=1``).
+    at least the ``min_keep`` likeliest tokens (transformers' ``min_tokens_to_keep``: 1, and one
+    more than the EOS ids for beam sampling).
     """
     neg = jnp.finfo(logits.dtype).min
     logits = logits / temperature
     if top_k is not None or top_p is not None:
-        logits = _top_k_top_p(logits, top_k, top_p, neg)
+        logits = _top_k_top_p(logits, top_k, top_p, neg, min_keep)
     if min_p is not None:  # MinPLogitsWarper: below min_p times the likeliest token's probability
         probs = jax.nn.softmax(logits, axis=-1)
-        logits = jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), neg, logits)
+        cut = (probs < min_p * probs.max(axis=-1, keepdims=True)) & (probs < _kth_largest(probs, min_keep))
+        logits = jnp.where(cut, neg, logits)
     if typical_p is not None:
-        logits = _typical(logits, typical_p, neg)
+        logits = _typical(logits, typical_p, neg, min_keep)
     if epsilon is not None:  # EpsilonLogitsWarper: below a fixed probability
-        logits = _cut_below(logits, epsilon, neg)
+        logits = _cut_below(logits, epsilon, neg, min_keep)
     if eta is not None:  # EtaLogitsWarper: below min(eta, sqrt(eta) * exp(-entropy))
         cut = jnp.minimum(eta, jnp.sqrt(eta) * jnp.exp(-_entropy(logits)))
-        logits = _cut_below(logits, cut[:, None], neg)
+        logits = _cut_below(logits, cut[:, None], neg, min_keep)
     return logits
 
 
-def _top_k_top_p(logits, top_k, top_p, neg):
+def _kth_largest(x, k: int):
+    """Each row's ``k``-th largest value, ``[rows, 1]``."""
+    return jax.lax.top_k(x, k)[0][:, k - 1:k]
+
+
+def _top_k_top_p(logits, top_k, top_p, neg, min_keep: int = 1):
     # one sort serves both filters: top-k's cut leaves the kept logits in their sorted order and
     # the cut ones, all equal to ``neg``, in front of them, which is what sorting the cut row gives
     order = None if top_p is None else jnp.argsort(logits, axis=-1)  # ascending, as TopPLogitsWarper
     sorted_logits = jnp.sort(logits, axis=-1) if order is None else jnp.take_along_axis(logits, order, axis=-1)
     if top_k is not None:
         vocab = logits.shape[-1]
-        k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
+        k = jnp.clip(jnp.maximum(jnp.asarray(top_k, jnp.int32), min_keep), 1, vocab)
         kth = jax.lax.dynamic_slice_in_dim(sorted_logits, vocab - k, 1, axis=-1)
         logits = jnp.where(logits < kth, neg, logits)
         sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)
     if top_p is not None:
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         remove_sorted = cum <= (1 - top_p)
-        remove_sorted = remove_sorted.at[..., -1].set(False)  # keep at least one token
+        remove_sorted = remove_sorted.at[..., -min_keep:].set(False)  # keep at least min_keep tokens
         remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, neg, logits)
     return logits
@@ -75,25 +82,26 @@ def _entropy(logits):
     return -jnp.sum(jnp.where(probs > 0, probs * log_probs, 0.0), axis=-1)
 
 
-def _typical(logits, mass, neg):
+def _typical(logits, mass, neg, min_keep: int = 1):
     """transformers' ``TypicalLogitsWarper``: tokens ordered by how far their surprisal lies from
-    the entropy, kept until their probabilities add up to ``mass`` (the one that crosses it too)."""
+    the entropy, kept until their probabilities add up to ``mass`` (the one that crosses it too),
+    the ``min_keep`` nearest at least."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     distance = jnp.abs(-log_probs - _entropy(logits)[:, None])
     order = jnp.argsort(distance, axis=-1)
     sorted_distance = jnp.take_along_axis(distance, order, axis=-1)
     cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
     last = jnp.minimum(jnp.sum(cum < mass, axis=-1), logits.shape[-1] - 1)
-    # the token at ``last`` bounds the distance kept; the nearest token is always within it
+    # the token at ``last`` bounds the distance kept (at least the ``min_keep``-th nearest's)
+    last = jnp.maximum(last, min_keep - 1)
     bound = jnp.take_along_axis(sorted_distance, last[:, None], axis=-1)
     return jnp.where(distance > bound, neg, logits)
 
 
-def _cut_below(logits, cut, neg):
-    """Tokens whose probability is below ``cut``, except the likeliest, filtered out."""
+def _cut_below(logits, cut, neg, min_keep: int = 1):
+    """Tokens whose probability is below ``cut``, except the ``min_keep`` likeliest, filtered out."""
     probs = jax.nn.softmax(logits, axis=-1)
-    top = logits.max(axis=-1, keepdims=True)
-    return jnp.where((probs < cut) & (logits < top), neg, logits)
+    return jnp.where((probs < cut) & (logits < _kth_largest(logits, min_keep)), neg, logits)
 
 
 WARPERS = {  # generate's argument: (generation config's value that turns it off, the valid range)

@@ -20,6 +20,7 @@ from peftjax.models._generation import (
     _choose,
     _constrain,
     beam_arguments,
+    beam_key,
     beam_log_probs,
     decoding_arguments,
     generated_length,
@@ -89,14 +90,15 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "start", "num_beams", "num_return_sequences",
-                     "early_stopping", "renormalize", "ngram", "rules"),
+                     "early_stopping", "renormalize", "ngram", "rules", "min_keep"),
 )
-def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
+def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, rng=None, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
-                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None):
+                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
-    covers the encoder as the decoder): ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
+    covers the encoder as the decoder), or beam sampling (``sampling``, its key ``rng``):
+    ``([batch * num_return_sequences, max_new_tokens] tokens, lengths)``."""
     model = nnx.merge(graphdef, state)
     # the start token, then one slot a step
     rows, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
@@ -110,9 +112,11 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     def body(carry):
         i, logits, cache, key_mask, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
-                                   prompt=1, renormalize=renormalize, rules=rules)
+                                   prompt=1, renormalize=renormalize, rules=rules, sampling=sampling,
+                                   min_keep=min_keep)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
-                                                         length_penalty=length_penalty, early_stopping=early_stopping)
+                                                         length_penalty=length_penalty, early_stopping=early_stopping,
+                                                         key=beam_key(rng, i))
         past = remember(past, tokens, 1 + i, parents)
         logits, cache, key_mask = decode(tokens, reorder_rows(cache, parents), key_mask, i + 1)
         return i + 1, logits, cache, key_mask, beams, past, going
@@ -241,8 +245,10 @@ class Seq2SeqGenerationMixin:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
                                           "(a prefix-tuning adapter's generate passes its own)")
             rows = [repeat_rows(x, beams) for x in (input_ids, mask, inputs_embeds)]
-            tokens, lengths = _beam_generate(graphdef, state, *rows, None, None, start=int(decoder_start_token_id),
-                                             **beam_arguments(decoding, search))
+            arguments = beam_arguments(decoding, search)
+            rng = None if arguments["sampling"] is None else default_key(seed)
+            tokens, lengths = _beam_generate(graphdef, state, *rows, None, None, rng, start=int(decoder_start_token_id),
+                                             **arguments)
             tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
         else:
             input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))
