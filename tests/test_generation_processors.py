@@ -177,11 +177,13 @@ def test_a_generation_config_s_token_rules_apply_unasked(llama, tmp_path):
 
 
 def _kept_by_transformers(logits: np.ndarray, *, temperature=1.0, top_k=0, top_p=None, min_p=None,
-                          typical_p=None, epsilon_cutoff=None, eta_cutoff=None) -> set[int]:
-    """The tokens transformers' sampling warpers leave drawable, in the order its ``generate`` runs them."""
+                          typical_p=None, epsilon_cutoff=None, eta_cutoff=None, top_h=None) -> np.ndarray:
+    """The probability of each token after transformers' sampling warpers, in the order its
+    ``generate`` runs them (0: filtered out)."""
     from transformers.generation import logits_process as lp
 
     warpers = [lp.TemperatureLogitsWarper(temperature)]
+    warpers += [lp.TopHLogitsWarper(top_h)] if top_h is not None else []
     warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
     warpers += [lp.TopPLogitsWarper(top_p)] if top_p is not None else []
     warpers += [lp.MinPLogitsWarper(min_p)] if min_p is not None else []
@@ -191,19 +193,21 @@ def _kept_by_transformers(logits: np.ndarray, *, temperature=1.0, top_k=0, top_p
     scores = torch.tensor(logits)[None]
     for warper in warpers:
         scores = warper(None, scores)
-    return set(np.flatnonzero(np.isfinite(scores[0].numpy())).tolist())
+    return torch.softmax(scores[0], dim=-1).numpy()
 
 
 SAMPLING = [dict(min_p=0.2), dict(min_p=0.1, temperature=1.5), dict(typical_p=0.5), dict(typical_p=0.9, top_k=20),
             dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.2, temperature=0.8), dict(min_p=0.1, top_p=0.9),
-            dict(typical_p=0.7, epsilon_cutoff=0.01, temperature=1.4)]
+            dict(typical_p=0.7, epsilon_cutoff=0.01, temperature=1.4), dict(top_h=0.6), dict(top_h=0.9, top_k=10),
+            dict(top_h=0.8, min_p=0.05, temperature=0.7)]
 
 
 def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
-    """min-p, typical, epsilon and eta sampling, alone and after temperature, top-k and top-p: each
-    of 256 draws of the first new token is one transformers' warpers keep from the PyTorch model's
-    logits, and the filter cuts while leaving a choice. Their values are arguments of one compiled
-    loop: a new value (or an added warper's value) compiles nothing new."""
+    """min-p, typical, epsilon, eta and top-H sampling, alone and with temperature, top-k and top-p:
+    each of 1,024 draws of the first new token is one transformers' warpers keep from the PyTorch
+    model's logits, every token they leave at least 1% likely is drawn (a 1% token goes unseen
+    in 1,024 draws once in 30,000), and the filter cuts while leaving a choice. Their values are
+    arguments of one compiled loop: a new value (or an added warper's value) compiles nothing new."""
     save_tiny("llama", tmp_path / "tiny")
     hf = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
     with torch.no_grad():  # the tiny model's next token is near uniform; the filters need some shape
@@ -213,13 +217,14 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
     prompt = IDS[:1]
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor(prompt)).logits[0, -1].numpy()
-    rows = np.repeat(prompt, 256, axis=0)
+    rows = np.repeat(prompt, 1024, axis=0)
     for i, setting in enumerate(SAMPLING):
         drawn = set(model.generate(rows, max_new_tokens=1, do_sample=True, seed=i, **{"top_k": 0, **setting})[:, -1]
                     .tolist())
-        kept = _kept_by_transformers(logits, **{"top_k": 0, **setting})
+        probs = _kept_by_transformers(logits, **{"top_k": 0, **setting})
+        kept, likely = set(np.flatnonzero(probs).tolist()), set(np.flatnonzero(probs > 0.01).tolist())
         assert 1 < len(kept) < 96, (setting, len(kept))
-        assert drawn <= kept and len(drawn) > 1, (setting, sorted(drawn - kept))
+        assert likely <= drawn <= kept and len(drawn) > 1, (setting, sorted(drawn - kept), sorted(likely - drawn))
     with compilations() as compiled:
         for value in (0.3, 0.15):
             model.generate(rows[:2], max_new_tokens=2, do_sample=True, min_p=value, top_k=0)
@@ -242,6 +247,7 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
     (dict(min_p=1.5, do_sample=True), r"min_p must be a number in \[0, 1\]"),
     (dict(typical_p=0.0, do_sample=True), r"typical_p must be a number in \(0, 1\]"),
     (dict(eta_cutoff=1.0, do_sample=True), r"eta_cutoff must be a number in \[0, 1\)"),
+    (dict(top_h=0.0, do_sample=True), r"top_h must be a number in \(0, 1\]"),
 ])
 def test_bad_processor_settings_are_refused_by_name(llama, settings, message):
     _, model, _, _ = llama

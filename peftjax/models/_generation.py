@@ -238,17 +238,15 @@ class GenerationDefaults:
 
 
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
-# does not implement, with the value that turns each off; the second set matters only when sampling
+# does not implement, with the value that turns each off
 _UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0, "dola_layers": None, "guidance_scale": 1.0,
                 "watermarking_config": None}
-_UNSUPPORTED_SAMPLING = {"top_h": None}
 
 
-def _refuse_unsupported(defaults: GenerationDefaults, do_sample: bool) -> None:
+def _refuse_unsupported(defaults: GenerationDefaults) -> None:
     """Raises where the checkpoint's generation config asks for decoding ``generate`` does not do,
     rather than decode otherwise than transformers would."""
-    checked = {**_UNSUPPORTED, **(_UNSUPPORTED_SAMPLING if do_sample else {})}
-    for name, off in checked.items():
+    for name, off in _UNSUPPORTED.items():
         value = defaults.get(name)
         if value is not None and value != off:
             raise ValueError(
@@ -297,7 +295,7 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
     if do_sample is None:
         do_sample = bool(defaults.get("do_sample", False))
-    _refuse_unsupported(defaults, do_sample)
+    _refuse_unsupported(defaults)
     search = search_arguments(defaults, do_sample, num_beams, num_return_sequences, length_penalty, early_stopping)
     if temperature is None:
         temperature = float(defaults.get("temperature", 1.0))
@@ -529,7 +527,8 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
     one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams)."""
     sampling = None
     if decoding["do_sample"]:
-        sampling = {k: decoding[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta")}
+        sampling = {k: decoding[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta",
+                                             "top_h")}
     return dict(max_new_tokens=decoding["max_new_tokens"], eos=decoding["eos"], num_beams=search["num_beams"],
                 sampling=sampling, min_keep=len(decoding["eos"]) + 1,
                 num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],
@@ -642,6 +641,7 @@ class GenerationMixin:
         typical_p: float | None = None,
         epsilon_cutoff: float | None = None,
         eta_cutoff: float | None = None,
+        top_h: float | None = None,
         bad_words_ids: list[list[int]] | None = None,
         sequence_bias: dict | list | None = None,
         suppress_tokens: list[int] | None = None,
@@ -682,6 +682,8 @@ class GenerationMixin:
             transformers' warpers of those names (min-p: below ``min_p`` times the likeliest
             token's probability; typical sampling's mass; a fixed, or entropy-scaled, probability
             floor); values of one compiled loop; ignored when greedy.
+          top_h: top-H sampling (transformers' ``TopHLogitsWarper``, before top-k): the likeliest
+            tokens until their entropy terms add up to ``top_h`` times the entropy.
           bad_words_ids: token sequences never completed (``[[id, ...], ...]``; a stop token is
             not banned, as transformers drops it).
           sequence_bias: ``{(id, ...): bias}`` (or ``[[[id, ...], bias], ...]``) added to a
@@ -752,7 +754,7 @@ class GenerationMixin:
                                       length_penalty=length_penalty, early_stopping=early_stopping,
                                       no_repeat_ngram_size=no_repeat_ngram_size,
                                       processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                                                      eta_cutoff=eta_cutoff, bad_words_ids=bad_words_ids,
+                                                      eta_cutoff=eta_cutoff, top_h=top_h, bad_words_ids=bad_words_ids,
                                                       sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
                                                       begin_suppress_tokens=begin_suppress_tokens,
                                                       forced_bos_token_id=forced_bos_token_id,

@@ -1,5 +1,5 @@
 """What ``generate`` does to the next token's logits before choosing it: transformers' sampling
-warpers (temperature, top-k, top-p, min-p, typical, epsilon and eta sampling) and the logits
+warpers (temperature, top-H, top-k, top-p, min-p, typical, epsilon and eta sampling) and the logits
 processors that ban, bias or force tokens (bad words, sequence biases, suppressed tokens, a forced
 first or last token, the exponentially decaying length penalty), each as transformers computes it.
 
@@ -22,18 +22,20 @@ import numpy as np
 
 
 def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None, min_p=None, typical_p=None,
-                  epsilon=None, eta=None, *, min_keep: int = 1) -> jax.Array:
-    """Temperature, then top-k, top-p, min-p, typical, epsilon and eta filtering, in the order
-    transformers' ``generate`` applies its warpers; ``None`` turns a filter off.
+                  epsilon=None, eta=None, top_h=None, *, min_keep: int = 1) -> jax.Array:
+    """Temperature, then top-H, top-k, top-p, min-p, typical, epsilon and eta filtering, in the
+    order transformers' ``generate`` applies its warpers; ``None`` turns a filter off.
 
     The settings are values, not shapes: each may be a traced scalar. The k-th largest logit is
     read from the sorted row (the value ``lax.top_k`` would give, which needs a static ``k``), and
     a row keeps every logit equal to it, as transformers' ``TopKLogitsWarper``. Each filter keeps
     at least the ``min_keep`` likeliest tokens (transformers' ``min_tokens_to_keep``: 1, and one
-    more than the EOS ids for beam sampling).
+    more than the EOS ids for beam sampling), top-H the likeliest one, as there.
     """
     neg = jnp.finfo(logits.dtype).min
     logits = logits / temperature
+    if top_h is not None:
+        logits = _top_h(logits, top_h, neg)
     if top_k is not None or top_p is not None:
         logits = _top_k_top_p(logits, top_k, top_p, neg, min_keep)
     if min_p is not None:  # MinPLogitsWarper: below min_p times the likeliest token's probability
@@ -75,6 +77,20 @@ def _top_k_top_p(logits, top_k, top_p, neg, min_keep: int = 1):
     return logits
 
 
+def _top_h(logits, top_h, neg, top_n: int = 100):
+    """transformers' ``TopHLogitsWarper``: of the ``top_n`` likeliest tokens (renormalised among
+    themselves), the likeliest first until their summed entropy terms pass ``top_h`` times the
+    entropy, the first always."""
+    top_n = min(top_n, logits.shape[-1])
+    top_logits, top_index = jax.lax.top_k(logits, top_n)
+    probs = jax.nn.softmax(top_logits, axis=-1)
+    # -p log p as transformers computes it: a token of probability 0 makes the rest NaN, not kept
+    cumulative = jnp.cumsum(-probs * jnp.log(probs), axis=-1)
+    selected = (cumulative <= top_h * _entropy(top_logits)[:, None]).at[:, 0].set(True)
+    keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], top_index].set(selected)
+    return jnp.where(keep, logits, neg)
+
+
 def _entropy(logits):
     """Each row's entropy in nats; a filtered-out token (probability 0) adds nothing."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -106,7 +122,7 @@ def _cut_below(logits, cut, neg, min_keep: int = 1):
 
 WARPERS = {  # generate's argument: (generation config's value that turns it off, the valid range)
     "min_p": (0.0, "in [0, 1]"), "typical_p": (1.0, "in (0, 1]"), "epsilon_cutoff": (0.0, "in [0, 1)"),
-    "eta_cutoff": (0.0, "in [0, 1)"),
+    "eta_cutoff": (0.0, "in [0, 1)"), "top_h": (None, "in (0, 1]"),
 }
 
 
@@ -126,12 +142,13 @@ def warper_arguments(settings: dict, defaults) -> dict:
             out[name] = None
             continue
         ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-        ok = ok and {"min_p": 0 <= value <= 1, "typical_p": 0 < value <= 1}.get(name, 0 <= value < 1)
+        ok = ok and {"min_p": 0 <= value <= 1, "typical_p": 0 < value <= 1, "top_h": 0 < value <= 1}.get(
+            name, 0 <= value < 1)
         if not ok:
             raise ValueError(f"{name} must be a number {valid} ({off}: off), got {value!r}")
         out[name] = None if value == off else np.float32(value)
     return {"min_p": out["min_p"], "typical_p": out["typical_p"], "epsilon": out["epsilon_cutoff"],
-            "eta": out["eta_cutoff"]}
+            "eta": out["eta_cutoff"], "top_h": out["top_h"]}
 
 
 # ----------------------------------------------------------------------------- token rules

@@ -153,6 +153,7 @@ class Seq2SeqGenerationMixin:
         typical_p: float | None = None,
         epsilon_cutoff: float | None = None,
         eta_cutoff: float | None = None,
+        top_h: float | None = None,
         bad_words_ids: list[list[int]] | None = None,
         sequence_bias: dict | list | None = None,
         suppress_tokens: list[int] | None = None,
@@ -181,7 +182,7 @@ class Seq2SeqGenerationMixin:
           eos_token_id: stop token(s) (default: the config's); a finished row is then padded.
           pad_token_id: filler after EOS (default: the config's, else the first EOS id).
           repetition_penalty, no_repeat_ngram_size, min_new_tokens, min_p, typical_p,
-            epsilon_cutoff, eta_cutoff, bad_words_ids, sequence_bias, suppress_tokens,
+            epsilon_cutoff, eta_cutoff, top_h, bad_words_ids, sequence_bias, suppress_tokens,
             begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
             exponential_decay_length_penalty: as the causal models' ``generate``, over the
             decoder's tokens (the start token included, as transformers counts them: a forced
@@ -223,7 +224,7 @@ class Seq2SeqGenerationMixin:
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
                                       processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                                                      eta_cutoff=eta_cutoff, bad_words_ids=bad_words_ids,
+                                                      eta_cutoff=eta_cutoff, top_h=top_h, bad_words_ids=bad_words_ids,
                                                       sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
                                                       begin_suppress_tokens=begin_suppress_tokens,
                                                       forced_bos_token_id=forced_bos_token_id,
