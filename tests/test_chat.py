@@ -154,6 +154,78 @@ def test_chat_rows_are_checked_truncated_and_kept(chat_tokenizer, tmp_path):
         tokenize_chat(data, bare)
 
 
+def tools_template(*, marked: bool) -> str:
+    """A ChatML template with tools, of Qwen2.5's shape: the tools' schemas in a system turn, an
+    assistant's calls as ``<tool_call>`` JSON after its content, the tools' answers in a user turn;
+    ``marked`` puts the assistant's text in ``{% generation %}`` blocks."""
+    turn = ("{%- if message.content %}{{- message.content }}{%- endif %}"
+            "{%- for call in message.tool_calls or [] %}{{- '<tool_call>\\n{\"name\": \"' + call.function.name"
+            " + '\", \"arguments\": ' + call.function.arguments | tojson + '}\\n</tool_call>' }}{%- endfor %}"
+            "{{- '<|im_end|>\\n' }}")
+    if marked:
+        turn = "{% generation %}" + turn + "{% endgeneration %}"
+    return ("{%- if tools %}{{- '<|im_start|>system\\nYou may call these functions:\\n<tools>' }}"
+            "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}{{- '\\n</tools><|im_end|>\\n' }}"
+            "{%- endif %}"
+            "{%- for message in messages %}"
+            "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}" + turn +
+            "{%- elif message.role == 'tool' %}"
+            "{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+            "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "today's weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "weather in Paris?"},
+     {"role": "assistant", "content": None,
+      "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+     {"role": "tool", "content": "sunny, 21 C"}, {"role": "assistant", "content": "It is sunny in Paris."}],
+    [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hello"}],
+]
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["schemas", "json-text"])
+def test_tool_calls_are_the_assistant_s_and_tool_answers_are_not(chat_tokenizer, as_text):
+    """Tool use: an assistant's call (content ``None``) is labelled like any assistant turn, the
+    tool's answer is not, and each row's ``tools`` (schemas, or their JSON text) reach the template,
+    exactly as transformers' ``apply_chat_template(..., tools=, return_assistant_tokens_mask=True)``
+    labels the generation-block version of the same template; ``datasets``' ``None`` for a key
+    other messages have is dropped. Malformed tools and calls are refused by row and message."""
+    import datasets
+
+    tools = [[WEATHER], []]
+    column = [json.dumps(t) for t in tools] if as_text else tools
+    data = datasets.Dataset.from_dict({"messages": TOOL_CONVERSATIONS, "tools": column})
+    assert data[1]["messages"][0].get("tool_calls", "absent") is None  # datasets' filling, which must not reach
+    rows = tokenize_chat(data, chat_tokenizer, chat_template=tools_template(marked=False))
+    blocks = tokenize_chat(data, chat_tokenizer, chat_template=tools_template(marked=True))
+    for row, block, messages, row_tools in zip(rows, blocks, TOOL_CONVERSATIONS, tools):
+        expected = chat_tokenizer.apply_chat_template(messages, tools=row_tools or None,
+                                                      chat_template=tools_template(marked=True), return_dict=True,
+                                                      return_assistant_tokens_mask=True)
+        want = [t if m else -100 for t, m in zip(expected["input_ids"], expected["assistant_masks"])]
+        assert row["input_ids"] == block["input_ids"] == list(expected["input_ids"])
+        assert row["labels"] == block["labels"] == want
+    text = chat_tokenizer.decode(rows[0]["input_ids"])
+    labelled = chat_tokenizer.decode([t for t in rows[0]["labels"] if t != -100])
+    assert '"description": "today\'s weather in a city"' in text  # the schema reached the template
+    assert labelled == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+                        "<|im_end|>\nIt is sunny in Paris.<|im_end|>\n")
+    untooled = tokenize_chat(data, chat_tokenizer, chat_template=tools_template(marked=False), tools_column=None)
+    assert "<tools>" not in chat_tokenizer.decode(untooled[0]["input_ids"])
+    bad_tools = datasets.Dataset.from_dict({"messages": TOOL_CONVERSATIONS, "tools": ["[{broken", "[]"]})
+    with pytest.raises(ValueError, match=r"row 0: 'tools' is not JSON"):
+        tokenize_chat(bad_tools, chat_tokenizer, chat_template=tools_template(marked=False))
+    bad_call = _dataset([[{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"arguments": {}}]}]])
+    with pytest.raises(ValueError, match=r"row 0, message 1: 'tool_calls' must be a list of calls"):
+        tokenize_chat(bad_call, chat_tokenizer, chat_template=tools_template(marked=False))
+
+
 def test_generate_stops_where_the_checkpoint_s_generation_config_says(tmp_path):
     """A chat model's stop tokens are in ``generation_config.json``, not ``config.json``: ``generate``
     reads them as transformers' does (the same tokens, stopping at the same step) and

@@ -17,10 +17,18 @@ Which tokens are the assistant's:
   them labelled (transformers' rule for its generation blocks). This needs a template that renders a
   conversation's start the same whether or not more follows; one that does not (Qwen3's drops the
   thinking of earlier turns) is refused by row and turn rather than mislabelled.
+
+Tool use trains the same way: an assistant message may call tools (``"tool_calls"``: ``[{"type":
+"function", "function": {"name", "arguments"}}]``, its content then ``None`` or empty) and is the
+assistant's turn like any other, so the model learns to write the call; the tools' answers
+(``"role": "tool"``) are input, not labelled; a row's tools (a ``tools`` column: the functions'
+JSON schemas, as a list or a JSON string) are given to the template, as TRL's ``SFTTrainer`` and
+``apply_chat_template(..., tools=...)`` give them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -68,6 +76,7 @@ def tokenize_chat(
     chat_template: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
     keep_columns: Sequence[str] = (),
+    tools_column: str | None = "tools",
 ):
     """Tokenizes conversations with a chat template; the loss is on the assistant's turns.
 
@@ -91,6 +100,8 @@ def tokenize_chat(
         ``{% generation %}`` blocks is read as transformers reads it).
       template_kwargs: extra variables for the template (``{"enable_thinking": False}``).
       keep_columns: columns copied unchanged to each row.
+      tools_column: each row's tools (a list of JSON schemas, or their JSON text), given to the
+        template as ``tools``, where the dataset has this column (``None``: never).
 
     Returns:
       The dataset with ``input_ids``, ``attention_mask``, ``labels`` and ``keep_columns``.
@@ -98,8 +109,8 @@ def tokenize_chat(
     Raises:
       ValueError: a named column is missing or a kept one is made here; no chat template; the
         tokenizer is not a fast one; a message is not a ``role``/``content`` mapping (named by row
-        and message); the template renders a conversation's start differently once more follows
-        (named by row and turn).
+        and message); a row's tools are not a list of schemas (named by row); the template renders
+        a conversation's start differently once more follows (named by row and turn).
     """
     _check_positive("max_length", max_length)
     keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "labels"))
@@ -113,20 +124,20 @@ def tokenize_chat(
     def render(messages, **kwargs) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **extra, **kwargs)
 
-    def encode_marked(messages) -> tuple[list[int], list[int]]:
+    def encode_marked(messages, **kwargs) -> tuple[list[int], list[int]]:
         out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True, **extra)
+                                            return_assistant_tokens_mask=True, **extra, **kwargs)
         ids = list(out["input_ids"])
         return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
 
-    def encode_by_prefixes(messages, row: int) -> tuple[list[int], list[int]]:
-        text = render(messages)
+    def encode_by_prefixes(messages, row: int, **kwargs) -> tuple[list[int], list[int]]:
+        text = render(messages, **kwargs)
         spans = []
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = render(messages[:turn], add_generation_prompt=True) if turn else ""
-            upto = render(messages[: turn + 1])
+            before = render(messages[:turn], add_generation_prompt=True, **kwargs) if turn else ""
+            upto = render(messages[: turn + 1], **kwargs)
             if not (text.startswith(upto) and upto.startswith(before) and len(upto) > len(before)):
                 raise ValueError(
                     f"row {row}, message {turn} (assistant): the chat template renders the conversation up to "
@@ -147,13 +158,15 @@ def tokenize_chat(
         out = {"input_ids": [], "attention_mask": [], "labels": [], **{c: [] for c in keep}}
         for i, (row, messages) in enumerate(zip(indices, batch[messages_column])):
             check_messages(messages, f"row {row}", messages_column)
+            messages = [_plain_message(m) for m in messages]
+            tools = {} if tools_column not in batch else _row_tools(batch[tools_column][i], row, tools_column)
             if not assistant_only_loss:
-                ids = list(tokenizer(render(messages), add_special_tokens=False, verbose=False)["input_ids"])
+                ids = list(tokenizer(render(messages, **tools), add_special_tokens=False, verbose=False)["input_ids"])
                 labels = list(ids)
             elif marked:
-                ids, labels = encode_marked(messages)
+                ids, labels = encode_marked(messages, **tools)
             else:
-                ids, labels = encode_by_prefixes(messages, row)
+                ids, labels = encode_by_prefixes(messages, row, **tools)
             ids, labels = ids[:max_length], labels[:max_length]
             if all(label == IGNORE_INDEX for label in labels):  # nothing left to learn
                 continue
@@ -181,7 +194,8 @@ def tokenize_chat(
 
 def check_messages(messages, where: str, column: str = "messages") -> None:
     """Refuses a conversation that is not a non-empty list of ``{"role": str, "content": str}``
-    mappings, naming ``where`` it is (``"row 3"``) and the message.
+    mappings (an assistant's that calls tools, ``"tool_calls": [...]``, may have ``None`` for its
+    content), naming ``where`` it is (``"row 3"``) and the message.
 
     Raises:
       ValueError: what is wrong, and where.
@@ -189,7 +203,38 @@ def check_messages(messages, where: str, column: str = "messages") -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"{where}: {column!r} must be a non-empty list of messages, got {type(messages).__name__}")
     for turn, message in enumerate(messages):
-        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)):
             raise ValueError(f"{where}, message {turn}: expected a mapping with a string 'role' and 'content', "
                              f"got {message!r}"[:300])
+        calls = message.get("tool_calls")
+        if calls is not None and not (isinstance(calls, (list, tuple)) and all(
+                isinstance(c, Mapping) and isinstance((c.get("function") or c).get("name"), str) for c in calls)):
+            raise ValueError(f"{where}, message {turn}: 'tool_calls' must be a list of calls, each with a function "
+                             f"name ({{'type': 'function', 'function': {{'name', 'arguments'}}}}), got {calls!r}"[:300])
+        if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
+            raise ValueError(f"{where}, message {turn}: expected a mapping with a string 'role' and 'content' (an "
+                             f"assistant's calling tools may have None), got {message!r}"[:300])
+
+
+def _plain_message(message: Mapping) -> dict:
+    """A message as the template should see it: without the keys ``datasets`` fills with ``None``
+    where other rows' messages have them (a ``tool_calls`` of ``None`` on a plain message)."""
+    return {k: v for k, v in message.items() if v is not None or k == "content"}
+
+
+def _row_tools(value, row: int, column: str) -> dict:
+    """A row's tools as the template's ``tools`` argument (``{}`` where the row has none).
+
+    Raises:
+      ValueError: neither a list of schemas nor their JSON text (named by row).
+    """
+    if value is None or value == "" or value == []:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"row {row}: {column!r} is not JSON ({e})") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(tool, Mapping) for tool in value):
+        raise ValueError(f"row {row}: {column!r} must be a list of tool schemas (JSON objects), got {value!r}"[:300])
+    return {"tools": list(value)}
