@@ -11,7 +11,8 @@ request: the batch is padded with base-model rows to a power of two, the prompts
 multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a power of two (each
 row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
 settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p``,
-``repetition_penalty`` or seed compiles nothing (turning one of them on or off does, once each). Greedy
+``min_p``, ``typical_p``, ``repetition_penalty`` or seed compiles nothing (turning one of them on or
+off does, once each; each ``no_repeat_ngram_size`` compiles its own). Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
 settings and seed.
@@ -19,10 +20,12 @@ settings and seed.
 The HTTP interface (JSON in, JSON out):
 
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
-  "temperature": float, "top_p": float, "top_k": int, "repetition_penalty": float, "seed": int}``
-  (``adapter`` null or ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy;
-  ``top_k`` 0 turns the filter off, unset is the checkpoint's ``generation_config.json`` value or
-  transformers' 50; ``repetition_penalty`` unset is the generation config's, else off), or with
+  "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
+  "repetition_penalty": float, "no_repeat_ngram_size": int, "seed": int}`` (``adapter`` null or
+  ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
+  filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
+  ``min_p``, ``typical_p``, ``repetition_penalty`` and ``no_repeat_ngram_size`` unset are the
+  generation config's, else off), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
   tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
   returns
@@ -54,8 +57,8 @@ from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
 
 
-FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-          "seed")
+FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
+          "repetition_penalty", "no_repeat_ngram_size", "seed")
 
 
 class RequestError(ValueError):
@@ -79,14 +82,18 @@ class Request:
     top_k: int | None = None
     seed: int = 0
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    no_repeat_ngram_size: int | None = None
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share a batch: greedy ones of one repetition penalty, sampled
-        ones of one setting."""
+        """Requests with equal keys can share a batch: greedy ones of one repetition penalty and
+        n-gram size, sampled ones of one setting."""
         if self.temperature == 0:
-            return ("greedy", self.repetition_penalty)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
+            return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size)
+        return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p,
+                self.repetition_penalty, self.no_repeat_ngram_size, self.seed)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -188,6 +195,12 @@ class BatchingGenerator:
         top_p = _number(body, "top_p", float, None, low=0.0, high=1.0)
         top_k = _number(body, "top_k", int, None, low=0)
         penalty = _number(body, "repetition_penalty", float, None, low=0.01)
+        min_p = _number(body, "min_p", float, None, low=0.0, high=1.0)
+        typical_p = _number(body, "typical_p", float, None, low=0.01, high=1.0)
+        ngram = _number(body, "no_repeat_ngram_size", int, None, low=0)
+        if ngram == 1 and self.pad_token_id in self.eos:  # the left padding counts, as in transformers
+            raise RequestError("'no_repeat_ngram_size' 1 would ban this server's padding token, which also ends a "
+                               "completion, from every padded request: ask for 2 or more")
         seed = _number(body, "seed", int, 0, low=0)
         with self._tokenizer_lock:
             # a chat template writes its own special tokens
@@ -198,7 +211,7 @@ class BatchingGenerator:
         if self.max_total_tokens and len(ids) + max_new > self.max_total_tokens:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
-        return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty)
+        return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram)
 
     def _chat_prompt(self, messages) -> str:
         """A conversation rendered by the tokenizer's chat template, the assistant's turn opened."""
@@ -236,7 +249,8 @@ class BatchingGenerator:
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
             top_k=first.top_k, seed=first.seed, pad_token_id=self.pad_token_id,
-            repetition_penalty=first.repetition_penalty, num_return_sequences=1,  # one completion a request
+            repetition_penalty=first.repetition_penalty, min_p=first.min_p, typical_p=first.typical_p,
+            no_repeat_ngram_size=first.no_repeat_ngram_size, num_return_sequences=1,  # one completion a request
         )
         used = sorted({r.adapter for r in requests})
         results = []

@@ -141,8 +141,9 @@ def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_g
 
 
 def test_clients_sampling_settings_compile_nothing_new(files):
-    """Each client sends its own temperature, top_p, top_k and seed; after the first request with a
-    filter on, the server's batches of the same shape run the program already compiled."""
+    """Each client sends its own temperature, top_p, top_k, min_p, typical_p and seed; after the first
+    request with those filters on, the server's batches of the same shape run the program already
+    compiled."""
     from transformers import AutoTokenizer
 
     from peftjax.serving import BatchingGenerator
@@ -150,9 +151,9 @@ def test_clients_sampling_settings_compile_nothing_new(files):
     model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
     model.load_adapter(files / "b", adapter_name="b")
     generator = BatchingGenerator(model, AutoTokenizer.from_pretrained(files / "base"), max_new_tokens=8)
-    bodies = [{"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 1},
-              {"temperature": 1.6, "top_p": 0.5, "top_k": 3, "seed": 9},
-              {"temperature": 0.2, "top_p": 0.99, "top_k": 200, "seed": 4}]
+    bodies = [{"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "typical_p": 0.9, "seed": 1},
+              {"temperature": 1.6, "top_p": 0.5, "top_k": 3, "min_p": 0.2, "typical_p": 0.5, "seed": 9},
+              {"temperature": 0.2, "top_p": 0.99, "top_k": 200, "min_p": 0.01, "typical_p": 0.99, "seed": 4}]
     with compilations() as compiled:
         for body in bodies:
             requests = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8, **body})
@@ -164,7 +165,9 @@ def test_clients_sampling_settings_compile_nothing_new(files):
 
 def test_a_request_s_repetition_penalty_is_its_own(files):
     """A greedy request with a ``repetition_penalty`` gets what its adapter alone generates with it
-    (left padding is not a repetition), batched only with requests of the same penalty."""
+    (left padding is not a repetition), batched only with requests of the same penalty; so does one
+    with ``no_repeat_ngram_size``, except 1 where the padding token ends a completion (the padding
+    counts, as in transformers: refused)."""
     from transformers import AutoTokenizer
 
     from peftjax import serving
@@ -186,6 +189,25 @@ def test_a_request_s_repetition_penalty_is_its_own(files):
     for bad in (0, -1.0, "high"):
         with pytest.raises(serving.RequestError, match="'repetition_penalty' must be"):
             generator.request({"prompt": PROMPTS[0], "repetition_penalty": bad})
+    # n-gram blocking: each request its own size, as its adapter alone blocks them
+    blocked = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8,
+                                  "no_repeat_ngram_size": 1}) for i, adapter in ((0, "a"), (2, "b"))]
+    assert blocked[0].batch_key == blocked[1].batch_key != requests[2].batch_key
+    for (i, adapter), result in zip(((0, "a"), (2, "b")), generator.generate(blocked)):
+        expected = alone(model, tokenizer, PROMPTS[i], adapter, 8, no_repeat_ngram_size=1)
+        assert result["token_ids"] == expected and len(set(expected)) == len(expected)
+    assert any(alone(model, tokenizer, PROMPTS[i], adapter, 8) != alone(model, tokenizer, PROMPTS[i], adapter, 8,
+                                                                        no_repeat_ngram_size=1)
+               for i, adapter in ((0, "a"), (2, "b")))
+    padded_by_eos = AutoTokenizer.from_pretrained(files / "base")
+    eos = model.config.eos_token_id
+    padded_by_eos.pad_token = padded_by_eos.convert_ids_to_tokens(eos if isinstance(eos, int) else eos[0])
+    with pytest.raises(serving.RequestError, match="'no_repeat_ngram_size' 1 would ban this server's padding token"):
+        serving.BatchingGenerator(model, padded_by_eos).request({"prompt": PROMPTS[0], "no_repeat_ngram_size": 1})
+    for field, bad, message in (("min_p", 1.5, "between 0.0 and 1.0"), ("typical_p", 0, "between 0.01 and 1.0"),
+                                ("no_repeat_ngram_size", 1.5, "an integer")):
+        with pytest.raises(serving.RequestError, match=f"'{field}' must be {message}"):
+            generator.request({"prompt": PROMPTS[0], field: bad})
 
 
 def test_a_checkpoint_s_beams_serve_each_request_its_best_beam(files):
