@@ -7,24 +7,15 @@ config asks for and peftjax does not implement."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
 import transformers as tr
+from _generate import IDS, MASK, hf_generate
 from _tiny import save as save_tiny
 
 from peftjax import models
-
-IDS = np.array([[1, 5, 9, 12, 7, 5], [0, 0, 3, 7, 11, 3]])
-MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
-
-
-def hf_generate(model, ids, mask, **settings) -> np.ndarray:
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **settings).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from peftjax.models._logits import (
 from peftjax.nn._keys import default_key
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+PROCESSOR_ARGUMENTS = frozenset((*WARPERS, *RULES))  # generate's arguments that go to decoding_arguments' processors
 
 
 class Past(NamedTuple):
@@ -730,6 +731,8 @@ class GenerationMixin:
           no beam can improve), and a beam shorter than the longest returned ends in
           ``pad_token_id`` (its first EOS id where that is 0).
         """
+        # the sampling filters and token rules, by their (transformers') names
+        processors = {name: value for name, value in locals().items() if name in PROCESSOR_ARGUMENTS}
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -753,16 +756,7 @@ class GenerationMixin:
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
                                       length_penalty=length_penalty, early_stopping=early_stopping,
                                       no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                                                      eta_cutoff=eta_cutoff, top_h=top_h, bad_words_ids=bad_words_ids,
-                                                      sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
-                                                      begin_suppress_tokens=begin_suppress_tokens,
-                                                      forced_bos_token_id=forced_bos_token_id,
-                                                      forced_eos_token_id=forced_eos_token_id,
-                                                      exponential_decay_length_penalty=(
-                                                          exponential_decay_length_penalty),
-                                                      encoder_repetition_penalty=encoder_repetition_penalty,
-                                                      encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size))
+                                      processors=processors)
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]

@@ -17,6 +17,7 @@ from flax import nnx
 
 from peftjax.models import _beam_search as beam_search
 from peftjax.models._generation import (
+    PROCESSOR_ARGUMENTS,
     _choose,
     _constrain,
     beam_arguments,
@@ -203,6 +204,8 @@ class Seq2SeqGenerationMixin:
           ``n <= max_new_tokens``; generation ends early once every row has produced EOS (with
           beams: once no beam can improve).
         """
+        # the sampling filters and token rules, by their (transformers') names
+        processors = {name: value for name, value in locals().items() if name in PROCESSOR_ARGUMENTS}
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
@@ -223,16 +226,7 @@ class Seq2SeqGenerationMixin:
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=dict(min_p=min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
-                                                      eta_cutoff=eta_cutoff, top_h=top_h, bad_words_ids=bad_words_ids,
-                                                      sequence_bias=sequence_bias, suppress_tokens=suppress_tokens,
-                                                      begin_suppress_tokens=begin_suppress_tokens,
-                                                      forced_bos_token_id=forced_bos_token_id,
-                                                      forced_eos_token_id=forced_eos_token_id,
-                                                      exponential_decay_length_penalty=(
-                                                          exponential_decay_length_penalty),
-                                                      encoder_repetition_penalty=encoder_repetition_penalty,
-                                                      encoder_no_repeat_ngram_size=encoder_no_repeat_ngram_size))
+                                      processors=processors)
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
