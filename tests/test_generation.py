@@ -110,11 +110,13 @@ def test_the_penalty_counts_the_decoder_s_tokens_of_an_encoder_decoder(tmp_path)
         assert ours.shape != plain.shape or (ours != plain).any(), extra
 
 
-@pytest.mark.parametrize("setting", [dict(num_beam_groups=2), dict(penalty_alpha=0.6), dict(guidance_scale=1.5)])
+@pytest.mark.parametrize("setting", [dict(num_beam_groups=2), dict(penalty_alpha=0.6), dict(guidance_scale=1.5),
+                                     dict(max_time=5.0), dict(token_healing=True)])
 def test_a_generation_config_asking_for_unimplemented_decoding_is_refused_by_name(llama, tmp_path, setting):
-    """Diverse beam groups, contrastive search (both loaded from the Hub by transformers 5) and
-    classifier-free guidance are refused, greedy or sampled, naming the setting and how to drop
-    it, rather than decoding otherwise than transformers; dropping it with ``replace`` decodes."""
+    """Diverse beam groups, contrastive search (both loaded from the Hub by transformers 5),
+    classifier-free guidance, a time limit and token healing are refused, greedy or sampled, naming
+    the setting and how to drop it, rather than decoding otherwise than transformers; dropping it
+    with ``replace`` decodes."""
     base = tmp_path / "base"
     save_tiny("llama", base)
     settings = json.loads((base / "generation_config.json").read_text())

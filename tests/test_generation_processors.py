@@ -47,6 +47,9 @@ def _rules(free: np.ndarray) -> list[dict]:
         dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=[b, e]),
         dict(suppress_tokens=[a], bad_words_ids=[[d]], repetition_penalty=1.5, no_repeat_ngram_size=2),
         dict(encoder_no_repeat_ngram_size=1), dict(encoder_no_repeat_ngram_size=2, no_repeat_ngram_size=3),
+        # a held-off EOS made finite, then boosted by the length penalty: transformers' order, quirk and all
+        dict(remove_invalid_values=True, min_new_tokens=6, exponential_decay_length_penalty=(1, 2.0),
+             eos_token_id=[b]),
     ]
 
 

@@ -240,8 +240,9 @@ class GenerationDefaults:
 
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off
-_UNSUPPORTED = {"num_beam_groups": 1, "penalty_alpha": 0, "dola_layers": None, "guidance_scale": 1.0,
-                "watermarking_config": None}
+_UNSUPPORTED = {"num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0, "dola_layers": None,
+                "guidance_scale": 1.0, "watermarking_config": None, "stop_strings": None, "max_time": None,
+                "force_words_ids": None, "constraints": None, "token_healing": False}
 
 
 def _refuse_unsupported(defaults: GenerationDefaults) -> None:
@@ -652,6 +653,7 @@ class GenerationMixin:
         exponential_decay_length_penalty: tuple[int, float] | None = None,
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
+        remove_invalid_values: bool | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -700,6 +702,8 @@ class GenerationMixin:
             "hallucination penalty"; one row per input); 1: off.
           encoder_no_repeat_ngram_size: no token that would complete an n-gram of the row's
             prompt; 0: off.
+          remove_invalid_values: NaN logits become 0 and infinite ones the largest finite values
+            (transformers' ``InfNanRemoveLogitsProcessor``, after the forced tokens).
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or

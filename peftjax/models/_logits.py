@@ -175,6 +175,8 @@ class Rules(NamedTuple):
         a decoder's prompt) has its logit multiplied by it, or divided where negative; or ``None``.
       source_ngram: ``encoder_no_repeat_ngram_size``: no token that would complete an n-gram of the
         row's input; or ``None``.
+      remove_invalid: ``remove_invalid_values``: NaN logits become 0 and infinite ones the largest
+        finite values (after the forced tokens, before the length penalty, as transformers').
     """
 
     bias: tuple = ()
@@ -188,6 +190,7 @@ class Rules(NamedTuple):
     decay: tuple | None = None
     source_penalty: float | None = None
     source_ngram: int | None = None
+    remove_invalid: bool = False
 
     @property
     def reads_tokens(self) -> bool:
@@ -204,7 +207,7 @@ class Rules(NamedTuple):
 
 RULES = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
          "forced_eos_token_id", "exponential_decay_length_penalty", "encoder_repetition_penalty",
-         "encoder_no_repeat_ngram_size")
+         "encoder_no_repeat_ngram_size", "remove_invalid_values")
 
 
 def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, prompt_length: int,
@@ -281,14 +284,18 @@ def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, 
         if isinstance(source_ngram, bool) or not isinstance(source_ngram, (int, np.integer)) or source_ngram < 0:
             raise ValueError(f"encoder_no_repeat_ngram_size must be an integer >= 0 (0: off), got {source_ngram!r}")
         source_ngram = int(source_ngram) or None
-    if all(v is None for v in (bias, bad, suppress, begin, bos, forced_eos, decay, source_penalty, source_ngram)):
+    remove_invalid = values["remove_invalid_values"]
+    if remove_invalid is not None and not isinstance(remove_invalid, bool):
+        raise ValueError(f"remove_invalid_values must be True or False, got {remove_invalid!r}")
+    if all(v is None for v in (bias, bad, suppress, begin, bos, forced_eos, decay, source_penalty, source_ngram)) \
+            and not remove_invalid:
         return None
     # transformers starts begin_suppress_tokens after a forced first token where it forces one
     return Rules(bias=bias or (), bad=bad or (), suppress=suppress or (), begin_suppress=begin or (),
                  begin_at=1 if prompt_length == 1 and bos is not None else 0,
                  forced_bos=bos if prompt_length == 1 else None, forced_eos=forced_eos or (),
                  forced_eos_at=max_new_tokens - 1, decay=decay, source_penalty=source_penalty,
-                 source_ngram=source_ngram)
+                 source_ngram=source_ngram, remove_invalid=bool(remove_invalid))
 
 
 def check_source_rules(rules: Rules | None, *, rows_per_input: int, has_input_ids: bool) -> None:
@@ -386,8 +393,8 @@ def ban_bad_words(logits, rules: Rules, tokens, length):
 
 def force_and_suppress(logits, rules: Rules, step):
     """The processors after the minimum length, in transformers' order: the forced first token, the
-    forced last token, the length penalty's EOS boost, the suppressed tokens, the suppressed first
-    tokens. ``step`` counts the new tokens before this one."""
+    forced last token, the invalid values' removal, the length penalty's EOS boost, the suppressed
+    tokens, the suppressed first tokens. ``step`` counts the new tokens before this one."""
     vocab = logits.shape[-1]
     if rules.forced_bos is not None:
         forced = jnp.where(jnp.arange(vocab) == rules.forced_bos, 0.0, -jnp.inf).astype(logits.dtype)
@@ -395,6 +402,9 @@ def force_and_suppress(logits, rules: Rules, step):
     if rules.forced_eos:
         forced = jnp.where(jnp.asarray(_token_mask(vocab, rules.forced_eos)), 0.0, -jnp.inf).astype(logits.dtype)
         logits = jnp.where(step == rules.forced_eos_at, forced[None], logits)
+    if rules.remove_invalid:  # InfNanRemoveLogitsProcessor: a banned token becomes merely unlikely
+        finite = jnp.finfo(logits.dtype)
+        logits = jnp.where(jnp.isnan(logits), 0.0, jnp.clip(logits, finite.min, finite.max)).astype(logits.dtype)
     if rules.decay is not None:
         start, factor, eos = rules.decay
         eos = jnp.asarray(eos, jnp.int32)

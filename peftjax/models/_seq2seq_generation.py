@@ -164,6 +164,7 @@ class Seq2SeqGenerationMixin:
         exponential_decay_length_penalty: tuple[int, float] | None = None,
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
+        remove_invalid_values: bool | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -190,6 +191,7 @@ class Seq2SeqGenerationMixin:
             first token follows it).
           encoder_repetition_penalty, encoder_no_repeat_ngram_size: as the causal models',
             over the encoder's input ids (padding and all; they need ``input_ids``).
+          remove_invalid_values: as the causal models'.
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
