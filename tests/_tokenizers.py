@@ -27,3 +27,22 @@ def byte_level_bpe(directory, cls_name: str, texts: list[str], *, roberta_specia
     extra = {"extra_special_tokens": list(extra_specials)} if extra_specials else {}
     getattr(tr, cls_name)(tokenizer_object=tok, **specials, **extra).save_pretrained(directory)
     return directory
+
+
+def byte_fallback_bpe(directory, texts: list[str]):
+    """A SentencePiece-style BPE with byte fallback, as Llama 2's and Mistral's: ``▁`` for spaces,
+    the 256 ``<0xAB>`` byte tokens for what the merges do not cover, written to ``directory`` as a
+    ``PreTrainedTokenizerFast`` with ``<s>``, ``</s>`` and ``<unk>``."""
+    import transformers as tr
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>",
+                                                                                        *byte_tokens]))
+    tr.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                               eos_token="</s>").save_pretrained(directory)
+    return directory

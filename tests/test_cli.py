@@ -211,8 +211,9 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--text", "hello there",
                  "--max-new-tokens", "5", "--no-repeat-ngram-size", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["completion"] == tokenizer.decode(blocked, skip_special_tokens=True)
-    # --bad-words (each phrase's tokens, as generate's bad_words_ids), --min-p and --typical-p
-    # (sampling at the seed given), against the adapter's own generate with them; each changes the text
+    # --stop (generate's stop_strings), --bad-words (each phrase's tokens, as generate's
+    # bad_words_ids), --min-p and --typical-p (sampling at the seed given), against the adapter's own
+    # generate with them; each changes the text
     def new_tokens(**settings):
         return model.generate(single["input_ids"], max_new_tokens=5, eos_token_id=eos, min_new_tokens=3,
                               pad_token_id=tokenizer.pad_token_id, **settings)[0, single["input_ids"].shape[1]:]
@@ -220,7 +221,9 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     written = tokenizer.decode(new_tokens()[:1])  # a phrase of the token written first
     bad = tokenizer([written, "hello world"], add_special_tokens=False)["input_ids"]
     sampled = dict(do_sample=True, temperature=1.5, seed=4)
+    stop = tokenizer.decode(new_tokens()[:2])[-2:]  # across the first two tokens written
     for flags, settings, plain in (
+            (["--stop", stop, "zzz"], dict(stop_strings=[stop, "zzz"], tokenizer=tokenizer), new_tokens()),
             (["--bad-words", written, "hello world"], dict(bad_words_ids=bad), new_tokens()),
             (["--temperature", "1.5", "--seed", "4", "--min-p", "0.3", "--typical-p", "0.5"],
              dict(min_p=0.3, typical_p=0.5, **sampled), new_tokens(**sampled))):

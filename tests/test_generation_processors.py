@@ -248,3 +248,117 @@ def test_bad_processor_settings_are_refused_by_name(llama, settings, message):
     _, model, _, _ = llama
     with pytest.raises(ValueError, match=message):
         model.generate(IDS, MASK, max_new_tokens=2, **settings)
+
+
+STORY = ["the cat sat on the mat, and then the dog sat on the log.", "one two three four five six seven",
+         "Paris is the capital of France; Rome is the capital of Italy."]
+
+
+@pytest.fixture(scope="module")
+def worded(tmp_path_factory):
+    """A tiny Llama and T5 over a byte-level BPE vocabulary (as GPT-2's, Llama 3's and Qwen's), both
+    frameworks' models, and the tokenizer."""
+    from _tiny import arch
+    from _tokenizers import byte_level_bpe
+
+    root = tmp_path_factory.mktemp("worded")
+    byte_level_bpe(root / "tokenizer", "PreTrainedTokenizerFast", STORY * 4)
+    tokenizer = tr.AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    out = {"tokenizer": tokenizer}
+    for family, auto in (("llama", tr.AutoModelForCausalLM), ("t5", tr.AutoModelForSeq2SeqLM)):
+        save_tiny(arch(family, vocab_size=len(tokenizer)), root / family)
+        out[family] = (models.from_pretrained(root / family), auto.from_pretrained(root / family).eval())
+    return out
+
+
+def _stops_from(tokenizer, rows: np.ndarray, start: int) -> list[str]:
+    """Stop strings cut from what the rows write unhindered: in each row's new text, the first three
+    printable ASCII characters in a row past its first two characters (so rows end at different
+    steps, some mid-token)."""
+    stops = set()
+    for row in rows:
+        text = tokenizer.decode(row[start:])
+        for i in range(2, len(text) - 2):
+            if all(c.isascii() and c.isprintable() for c in text[i:i + 3]):
+                stops.add(text[i:i + 3])
+                break
+    return sorted(stops)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_stop_strings_end_rows_as_transformers(worded, family):
+    """``stop_strings`` with the tokenizer: each row ends with the token that completes one of the
+    strings in its text (prompt included for a decoder, the decoder's text for T5), greedy, token
+    for token as transformers' ``generate``; sampled rows end exactly where transformers'
+    ``StopStringCriteria`` first fires on them. With beams, or without the tokenizer: refused."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    tokenizer = worded["tokenizer"]
+    model, hf = worded[family]
+    ids, mask = (IDS, MASK) if family == "llama" else (IDS[:, ::-1].copy(), MASK[:, ::-1].copy())
+    start = ids.shape[1] if family == "llama" else 1
+    settings = dict(max_new_tokens=12, eos_token_id=[], pad_token_id=2)
+    free = model.generate(ids, mask, **settings)
+    stops = _stops_from(tokenizer, free, start)
+    assert stops
+    ours = model.generate(ids, mask, **settings, stop_strings=stops, tokenizer=tokenizer)
+    np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings, stop_strings=stops,
+                                                    tokenizer=tokenizer))
+    assert ours.shape[1] < free.shape[1] or (ours[:, -1] == 2).any()  # rows stopped early
+    criteria = StopStringCriteria(tokenizer, stops)
+
+    def fires(row) -> list[bool]:  # after each new token
+        return [bool(criteria(torch.tensor(row[None, :k]), None)[0]) for k in range(start + 1, len(row) + 1)]
+
+    k = next(i for i, row in enumerate(ours) if any(fires(row)))  # a prompt whose greedy text stops
+    rows = np.repeat(ids[k:k + 1], 16, axis=0)
+    sampled = model.generate(rows, np.repeat(mask[k:k + 1], 16, axis=0), **settings, do_sample=True,
+                             temperature=0.01, stop_strings=stops, tokenizer=tokenizer, seed=1)
+    ended = 0
+    for row in sampled:
+        fired = fires(row)
+        end = fired.index(True) + start + 1 if True in fired else len(row)
+        assert (row[end:] == 2).all(), (row, end)  # the pad after the token that completed a string
+        ended += True in fired
+    assert ended, "no sampled row met a stop string"
+    with pytest.raises(NotImplementedError, match="stop_strings with beam search"):
+        model.generate(ids, mask, **settings, num_beams=2, stop_strings=stops, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        model.generate(ids, mask, **settings, stop_strings=stops)
+
+
+@pytest.mark.parametrize("vocabulary", ["wordpiece", "byte-fallback"])
+def test_stop_strings_match_other_vocabularies_as_transformers(vocabulary, tmp_path):
+    """A WordPiece vocabulary (MiniLM's: ``##`` continuations, matched in characters) and a
+    byte-fallback one (Llama 2's kind: ``▁`` spaces and ``<0xAB>`` byte tokens, matched in UTF-8
+    bytes): rows end where transformers' ``generate`` ends them with the same stop strings."""
+    from _tiny import arch
+    from _tokenizers import byte_fallback_bpe
+
+    from peftjax import data
+
+    if vocabulary == "wordpiece":
+        tokenizer, ids = tr.AutoTokenizer.from_pretrained(str(data.minilm_path())), IDS + 1000
+    else:
+        byte_fallback_bpe(tmp_path / "tokenizer", [*STORY, "héllo wörld, café crème brûlée"] * 4)
+        tokenizer, ids = tr.AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer")), IDS
+    save_tiny(arch("llama", vocab_size=len(tokenizer)), tmp_path / "model")
+    model = models.from_pretrained(tmp_path / "model")
+    hf = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    settings = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=0)
+    free = model.generate(ids, MASK, **settings)
+    stops = _stops_from(tokenizer, free, N) + (["é"] if vocabulary == "byte-fallback" else [])  # bytes of a letter
+    ours = model.generate(ids, MASK, **settings, stop_strings=stops, tokenizer=tokenizer)
+    np.testing.assert_array_equal(ours, hf_generate(hf, ids, MASK, do_sample=False, **settings,
+                                                    stop_strings=stops, tokenizer=tokenizer))
+    assert ours.shape[1] < free.shape[1] or (ours[:, -1] == 0).any()
+    if vocabulary == "byte-fallback":  # biased to write "é" as its two byte tokens, which then stops it
+        c3, a9 = tokenizer.convert_tokens_to_ids(["<0xC3>", "<0xA9>"])
+        biased = dict(settings, sequence_bias={(c3,): 30.0, (c3, a9): 60.0})
+        ours = model.generate(ids, MASK, **biased, stop_strings=["é"], tokenizer=tokenizer)
+        np.testing.assert_array_equal(ours, hf_generate(hf, ids, MASK, do_sample=False, **biased,
+                                                        stop_strings=["é"], tokenizer=tokenizer))
+        np.testing.assert_array_equal(ours[:, N:], [[c3, a9]] * 2)
+    if vocabulary == "wordpiece":  # an uncased WordPiece has no token that ends "é" (its accents are stripped)
+        with pytest.raises(ValueError, match=r"stop_strings \['é'\]: no token of the vocabulary can end them"):
+            model.generate(ids, MASK, **settings, stop_strings=["é", stops[0]], tokenizer=tokenizer)

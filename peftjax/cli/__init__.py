@@ -160,7 +160,8 @@ def _generate(args) -> int:
                          num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_p=args.min_p, typical_p=args.typical_p,
-                         bad_words_ids=_bad_words(tokenizer, args.bad_words),
+                         bad_words_ids=_bad_words(tokenizer, args.bad_words), stop_strings=args.stop,
+                         tokenizer=tokenizer if args.stop else None,
                          **task_inputs(model, args.task_id, len(texts)))
     per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
     for i, text in enumerate(texts):
@@ -659,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="divides the logits of tokens already in the text (default: the generation "
                                 "config's, else off)")
             p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
+            p.add_argument("--stop", nargs="+", metavar="STRING",
+                           help="a text ends once it ends in one of these strings (kept in the completion), as "
+                                "transformers' stop_strings")
             p.add_argument("--bad-words", nargs="+", metavar="PHRASE",
                            help="phrases never written: each one's tokens (as the tokenizer splits the phrase alone, "
                                 "without special tokens) are not completed")

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models import _beam_search as beam_search
+from peftjax.models._stop_strings import StopStrings, stop_string_hits, stop_strings_arguments
 from peftjax.models._logits import (
     RULES,
     WARPERS,
@@ -51,7 +52,7 @@ class Past(NamedTuple):
 
 
 def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, counted=None,
-               rules: Rules | None = None, source=None) -> Past:
+               rules: Rules | None = None, source=None, keep_tokens: bool = False) -> Past:
     """The :class:`Past` of prompts ``input_ids`` (``[rows, n]``): the penalty's tokens where
     ``counted`` (``[rows, n]``; all without it), all of them for n-gram blocking and ``rules``
     that match sequences; ``source`` (the encoder's input; default ``input_ids``) for the rules
@@ -59,7 +60,7 @@ def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, co
     rows, n = input_ids.shape
     seen = None if penalty is None else _mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
     tokens = None
-    if ngram is not None or (rules is not None and rules.reads_tokens):
+    if keep_tokens or ngram is not None or (rules is not None and rules.reads_tokens):
         tokens = jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
     if rules is None or not rules.reads_source:
         source = None
@@ -241,7 +242,7 @@ class GenerationDefaults:
 # generation_config.json settings that change what transformers' generate picks and that peftjax's
 # does not implement, with the value that turns each off
 _UNSUPPORTED = {"num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": 0, "dola_layers": None,
-                "guidance_scale": 1.0, "watermarking_config": None, "stop_strings": None, "max_time": None,
+                "guidance_scale": 1.0, "watermarking_config": None, "max_time": None,
                 "force_words_ids": None, "constraints": None, "token_healing": False}
 
 
@@ -265,7 +266,8 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                        repetition_penalty: float | None = None, min_new_tokens: int | None = None,
                        prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
                        length_penalty: float | None = None, early_stopping: bool | str | None = None,
-                       no_repeat_ngram_size: int | None = None, processors: Mapping[str, Any] | None = None) -> dict:
+                       no_repeat_ngram_size: int | None = None, processors: Mapping[str, Any] | None = None,
+                       stop_strings=None, tokenizer=None) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
@@ -280,7 +282,9 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     ``processors`` holds the other sampling filters (``min_p``, ``typical_p``, ``epsilon_cutoff``,
     ``eta_cutoff``) and token rules (``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``, ...)
     by transformers' names, each ``None`` or missing for the generation config's
-    (:mod:`peftjax.models._logits`); the rules come back as ``"rules"``.
+    (:mod:`peftjax.models._logits`); the rules come back as ``"rules"``. ``stop_strings`` (or the
+    generation config's), read in ``tokenizer``'s vocabulary, come back as ``"stop"`` and
+    ``"stop_table"`` (:mod:`peftjax.models._stop_strings`).
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
@@ -329,12 +333,15 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     # what beam search writes past a hypothesis's end: transformers' `pad_token_id or eos_token_id[0]`
     search["fill"] = (int(pad_token_id) or eos[0]) if eos else -1
     search["renormalize"] = bool(defaults.get("renormalize_logits", False))  # changes beams' scores only
+    if stop_strings is None:
+        stop_strings = defaults.get("stop_strings")
+    stop, stop_table = stop_strings_arguments(tokenizer, stop_strings) if stop_strings else (None, None)
     rules = rules_arguments(processors, defaults, vocab=getattr(config, "vocab_size", None), eos=eos,
                             prompt_length=int(prompt_length), max_new_tokens=int(max_new_tokens))
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
-            "ngram": int(no_repeat_ngram_size) or None, "rules": rules,
+            "ngram": int(no_repeat_ngram_size) or None, "rules": rules, "stop": stop, "stop_table": stop_table,
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id),
                                  warper_arguments(processors, defaults)), "search": search}
 
@@ -386,7 +393,7 @@ def stop_token_ids(model, *more) -> set[int]:
 
 
 def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, penalty, ngram,
-                rules: Rules | None = None) -> Past:
+                rules: Rules | None = None, keep_tokens: bool = False) -> Past:
     """A decoder's prompts as :class:`Past`: the repetition penalty counts each prompt from its
     first real token (transformers skips the left padding; the mask's last columns are
     ``input_ids``' where virtual tokens' embeddings come before them), n-gram blocking all of it."""
@@ -394,7 +401,7 @@ def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, p
     ids_mask = attention_mask[:, -n:] if attention_mask.shape[1] >= n else jnp.ones_like(input_ids)
     first = jnp.argmax(ids_mask != 0, axis=1)
     return start_past(input_ids, vocab, max_new_tokens, penalty=penalty, ngram=ngram,
-                      counted=jnp.arange(n)[None] >= first[:, None], rules=rules)
+                      counted=jnp.arange(n)[None] >= first[:, None], rules=rules, keep_tokens=keep_tokens)
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -423,7 +430,7 @@ def _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rules", "rerun_at"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rules", "rerun_at", "stop"),
 )
 def _generate(
     graphdef,
@@ -446,6 +453,8 @@ def _generate(
     ngram=None,
     rules=None,
     rerun_at=None,
+    stop: StopStrings | None = None,
+    stop_table=None,
     **warpers,
 ):
     model = nnx.merge(graphdef, state)
@@ -454,7 +463,7 @@ def _generate(
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
     past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
-                       rules=rules)
+                       rules=rules, keep_tokens=stop is not None)
 
     def choose(logits, done, rng, past, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
@@ -463,7 +472,11 @@ def _generate(
         token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         **warpers)
         token = jnp.where(done, pad, token)
-        return token, done | jnp.isin(token, eos_ids), rng, remember(past, token, n + i)
+        past = remember(past, token, n + i)
+        return token, done | jnp.isin(token, eos_ids) | stopped(past, n + i + 1), rng, past
+
+    def stopped(past, length):
+        return False if stop is None else stop_string_hits(stop, stop_table, past.tokens, length)
 
     def step(carry, i):
         logits, cache, key_mask, pos, done, rng, past = carry
@@ -526,7 +539,14 @@ def beam_key(rng, i):
 def beam_arguments(decoding: dict, search: dict) -> dict:
     """A beam loop's keyword arguments from :func:`decoding_arguments`' result (``decoding``, its
     ``"search"`` popped into ``search``): with ``do_sample``, beam sampling's filters, each keeping
-    one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams)."""
+    one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams).
+
+    Raises:
+      NotImplementedError: stop strings (a beam's continuations would each need the check).
+    """
+    if decoding["stop"] is not None:
+        raise NotImplementedError(f"stop_strings with beam search (num_beams={search['num_beams']}) are not "
+                                  "implemented; use num_beams=1, or eos_token_id for a stop token")
     sampling = None
     if decoding["do_sample"]:
         sampling = {k: decoding[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta",
@@ -654,6 +674,8 @@ class GenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
+        stop_strings: str | list[str] | None = None,
+        tokenizer=None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -704,6 +726,9 @@ class GenerationMixin:
             prompt; 0: off.
           remove_invalid_values: NaN logits become 0 and infinite ones the largest finite values
             (transformers' ``InfNanRemoveLogitsProcessor``, after the forced tokens).
+          stop_strings, tokenizer: a row ends once its text (prompt included) ends in one of these
+            strings, the token that completes it kept, as transformers' ``StopStringCriteria``
+            finds it in ``tokenizer``'s vocabulary (greedy or sampled; not with beams).
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
@@ -760,7 +785,7 @@ class GenerationMixin:
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
                                       length_penalty=length_penalty, early_stopping=early_stopping,
                                       no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=processors)
+                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer)
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]

@@ -31,6 +31,7 @@ from peftjax.models._generation import (
     start_past,
 )
 from peftjax.models._logits import check_source_rules
+from peftjax.models._stop_strings import stop_string_hits
 from peftjax.nn._keys import default_key
 
 
@@ -56,11 +57,11 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram", "rules"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram", "rules", "stop"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None, rules=None, **warpers):
+              ngram=None, rules=None, stop=None, stop_table=None, **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -69,7 +70,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     first = jnp.full((b,), start, jnp.int32)
     # the decoder's tokens so far, the start token first (the processors count it, as transformers')
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules, source=input_ids)
+                      rules=rules, source=input_ids, keep_tokens=stop is not None)
 
     def step(carry, i):
         token, cache, key_mask, done, rng, past = carry
@@ -80,8 +81,11 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
                             rules=rules)
         new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
+        past = remember(past, new, 1 + i)
         done = done | jnp.isin(new, eos_ids)
-        return (new, cache, key_mask, done, rng, remember(past, new, 1 + i)), (new, done)
+        if stop is not None:
+            done = done | stop_string_hits(stop, stop_table, past.tokens, 2 + i)
+        return (new, cache, key_mask, done, rng, past), (new, done)
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
     _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
@@ -165,6 +169,8 @@ class Seq2SeqGenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
+        stop_strings: str | list[str] | None = None,
+        tokenizer=None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -191,7 +197,8 @@ class Seq2SeqGenerationMixin:
             first token follows it).
           encoder_repetition_penalty, encoder_no_repeat_ngram_size: as the causal models',
             over the encoder's input ids (padding and all; they need ``input_ids``).
-          remove_invalid_values: as the causal models'.
+          remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
+            over the decoder's text).
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -228,7 +235,7 @@ class Seq2SeqGenerationMixin:
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=processors)
+                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer)
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
