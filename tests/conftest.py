@@ -167,7 +167,8 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_benchmarks.py",  # ~95
     "test_llama.py",  # ~95
     "test_research_peft_methods.py",  # ~75
-    "test_generation.py",  # ~50 (2026-12-05, Intel host)
+    "test_generation.py",  # ~55 (2026-12-05, Intel host)
+    "test_generation_processors.py",  # ~45 (2026-12-05, Intel host)
     "test_trainer.py",  # ~60
     "test_lora_peft.py",
     "test_sharding.py",

@@ -223,8 +223,8 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     sampled = dict(do_sample=True, temperature=1.5, seed=4)
     stop = tokenizer.decode(new_tokens()[:2])[-2:]  # across the first two tokens written
     for flags, settings, plain in (
-            (["--stop", stop, "zzz"], dict(stop_strings=[stop, "zzz"], tokenizer=tokenizer), new_tokens()),
-            (["--bad-words", written, "hello world"], dict(bad_words_ids=bad), new_tokens()),
+            (["--stop", stop, "zzz", "--bad-words", written, "hello world"],
+             dict(stop_strings=[stop, "zzz"], tokenizer=tokenizer, bad_words_ids=bad), new_tokens()),
             (["--temperature", "1.5", "--seed", "4", "--min-p", "0.3", "--typical-p", "0.5"],
              dict(min_p=0.3, typical_p=0.5, **sampled), new_tokens(**sampled))):
         expected = new_tokens(**settings)
