@@ -23,12 +23,16 @@ from peftjax.models._logits import (
     RULES,
     WARPERS,
     Rules,
+    SAMPLING_FILTERS,
     ban_bad_words,
+    ban_ngram_completions,
     ban_source_ngrams,
     bias_sequences,
     check_source_rules,
     filter_logits,
     force_and_suppress,
+    mark_seen,
+    penalize,
     penalize_source,
     rules_arguments,
     warper_arguments,
@@ -58,7 +62,7 @@ def start_past(input_ids, vocab: int, max_new_tokens: int, *, penalty, ngram, co
     that match sequences; ``source`` (the encoder's input; default ``input_ids``) for the rules
     that read it."""
     rows, n = input_ids.shape
-    seen = None if penalty is None else _mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
+    seen = None if penalty is None else mark_seen(jnp.zeros((rows, vocab), bool), input_ids, counted)
     tokens = None
     if keep_tokens or ngram is not None or (rules is not None and rules.reads_tokens):
         tokens = jnp.zeros((rows, n + max_new_tokens), jnp.int32).at[:, :n].set(input_ids)
@@ -76,24 +80,7 @@ def remember(past: Past, token: jax.Array, position, parents=None) -> Past:
         past = past._replace(**{k: None if x is None else x[parents] for k, x in (("seen", past.seen),
                                                                                    ("tokens", past.tokens))})
     tokens = None if past.tokens is None else past.tokens.at[:, position].set(token)
-    return Past(_mark_seen(past.seen, token[:, None]), tokens, past.source)
-
-
-def _ban_repeated_ngrams(logits: jax.Array, tokens: jax.Array, length, n: int) -> jax.Array:
-    """transformers' ``NoRepeatNGramLogitsProcessor``: -inf for every token that would complete an
-    ``n``-gram the row already holds (among ``tokens[:, :length]``, ``length`` traced), once the
-    row has ``n - 1`` tokens."""
-    rows, width = tokens.shape
-    windows = width - n + 1
-    if windows < 1:
-        return logits
-    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
-    match = (jnp.arange(windows) + n - 1 < length)[None]  # whole n-grams before the current token
-    for k in range(n - 1):
-        match = match & (tokens[:, k:k + windows] == last[:, k:k + 1])
-    banned = jnp.where(match, tokens[:, n - 1:n - 1 + windows], logits.shape[-1])  # past the vocabulary: none
-    ban = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], banned].set(True, mode="drop")
-    return jnp.where(ban & (length + 1 >= n), -jnp.inf, logits)
+    return Past(mark_seen(past.seen, token[:, None]), tokens, past.source)
 
 
 def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
@@ -114,10 +101,9 @@ def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, e
         logits = bias_sequences(logits, rules, past.tokens, length)
         logits = penalize_source(logits, rules, past.source)
     if penalty is not None:
-        seen = past.seen
-        logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
-    if ngram is not None:
-        logits = _ban_repeated_ngrams(logits, jnp.asarray(past.tokens), length, ngram)
+        logits = penalize(logits, past.seen, penalty)
+    if ngram is not None:  # the n-grams the row holds before the current token
+        logits = ban_ngram_completions(logits, past.tokens, past.tokens, length, ngram, within=length)
     if rules is not None:
         logits = ban_source_ngrams(logits, rules, past.tokens, length, past.source)
         logits = ban_bad_words(logits, rules, past.tokens, length)
@@ -135,17 +121,6 @@ def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **w
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, **warpers)).astype(jnp.int32)
-
-
-def _mark_seen(seen, tokens: jax.Array, counted=None):
-    """``seen`` with ``tokens`` (``[batch, n]``, where ``counted``) marked; ``None`` stays ``None``
-    (the repetition penalty is off)."""
-    if seen is None:
-        return None
-    if counted is not None:
-        tokens = jnp.where(counted, tokens, seen.shape[-1])  # an index past the vocabulary: dropped
-    rows = jnp.arange(seen.shape[0])[:, None]
-    return seen.at[rows, tokens].set(True, mode="drop")
 
 
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int,
@@ -404,6 +379,13 @@ def prompt_past(input_ids, attention_mask, vocab: int, max_new_tokens: int, *, p
                       counted=jnp.arange(n)[None] >= first[:, None], rules=rules, keep_tokens=keep_tokens)
 
 
+def ended(done, token, eos_ids, past: Past, length, stop: StopStrings | None = None, stop_table=None):
+    """Which rows have ended once ``token`` is written (``past`` holds it, ``length`` tokens in all):
+    those that had, those that wrote an EOS id, those whose text now ends in a stop string."""
+    done = done | jnp.isin(token, eos_ids)
+    return done if stop is None else done | stop_string_hits(stop, stop_table, past.tokens, length)
+
+
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
     """How many of the loop's ``max_new_tokens`` columns to return: up to the step every row had
     finished at (``done`` is ``[batch, max_new_tokens]``), as transformers stops there."""
@@ -473,10 +455,7 @@ def _generate(
                         **warpers)
         token = jnp.where(done, pad, token)
         past = remember(past, token, n + i)
-        return token, done | jnp.isin(token, eos_ids) | stopped(past, n + i + 1), rng, past
-
-    def stopped(past, length):
-        return False if stop is None else stop_string_hits(stop, stop_table, past.tokens, length)
+        return token, ended(done, token, eos_ids, past, n + i + 1, stop, stop_table), rng, past
 
     def step(carry, i):
         logits, cache, key_mask, pos, done, rng, past = carry
@@ -549,8 +528,7 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
                                   "implemented; use num_beams=1, or eos_token_id for a stop token")
     sampling = None
     if decoding["do_sample"]:
-        sampling = {k: decoding[k] for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta",
-                                             "top_h")}
+        sampling = {k: decoding[k] for k in SAMPLING_FILTERS}
     return dict(max_new_tokens=decoding["max_new_tokens"], eos=decoding["eos"], num_beams=search["num_beams"],
                 sampling=sampling, min_keep=len(decoding["eos"]) + 1,
                 num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],

@@ -52,6 +52,10 @@ def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None, min_p=
     return logits
 
 
+# filter_logits' settings, as decoding_arguments returns them: what beam sampling passes on
+SAMPLING_FILTERS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon", "eta", "top_h")
+
+
 def _kth_largest(x, k: int):
     """Each row's ``k``-th largest value, ``[rows, 1]``."""
     return jax.lax.top_k(x, k)[0][:, k - 1:k]
@@ -342,6 +346,42 @@ def _add_sequence_bias(logits, pairs, tokens, length):
     return logits
 
 
+def mark_seen(seen, tokens: jax.Array, counted=None):
+    """``seen`` (``[rows, vocab]``) with each row's ``tokens`` (``[rows, n]``, where ``counted``)
+    marked; ``None`` stays ``None`` (no penalty reads it)."""
+    if seen is None:
+        return None
+    if counted is not None:
+        tokens = jnp.where(counted, tokens, seen.shape[-1])  # an index past the vocabulary: dropped
+    rows = jnp.arange(seen.shape[0])[:, None]
+    return seen.at[rows, tokens].set(True, mode="drop")
+
+
+def penalize(logits, seen, penalty):
+    """transformers' repetition penalty: a ``seen`` token's logit divided by ``penalty``, or
+    multiplied where negative."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def ban_ngram_completions(logits, grams, tokens, length, n: int, *, within=None):
+    """-inf for every token that would complete an ``n``-gram of ``grams`` (``[rows, m]``; of its
+    first ``within`` columns where given, traced) after the row's last ``n - 1`` tokens (of
+    ``tokens[:, :length]``), once the row holds that many: transformers' n-gram blocking, of the
+    row itself (``NoRepeatNGramLogitsProcessor``) or of its input (the encoder's)."""
+    grams, tokens = jnp.asarray(grams), jnp.asarray(tokens)
+    rows, width = grams.shape
+    windows = width - n + 1
+    if windows < 1 or tokens.shape[1] < n - 1:
+        return logits
+    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
+    match = jnp.ones((1, windows), bool) if within is None else (jnp.arange(windows) + n - 1 < within)[None]
+    for k in range(n - 1):
+        match = match & (grams[:, k:k + windows] == last[:, k:k + 1])
+    banned = jnp.where(match, grams[:, n - 1:n - 1 + windows], logits.shape[-1])  # past the vocabulary: none
+    ban = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], banned].set(True, mode="drop")
+    return jnp.where(ban & (length >= n - 1), -jnp.inf, logits)
+
+
 def _token_mask(vocab: int, ids) -> np.ndarray:
     mask = np.zeros(vocab, bool)
     mask[list(ids)] = True
@@ -359,30 +399,17 @@ def penalize_source(logits, rules: Rules, source):
     ``[rows, n]``, padding and all) multiplied by the penalty, or divided where negative."""
     if rules.source_penalty is None:
         return logits
-    inverse = np.float32(1 / rules.source_penalty)  # transformers keeps 1 / penalty and divides by it
-    rows = jnp.arange(logits.shape[0])[:, None]
-    seen = jnp.zeros(logits.shape, bool).at[rows, source].set(True, mode="drop")
-    return jnp.where(seen, jnp.where(logits < 0, logits * inverse, logits / inverse), logits)
+    # transformers keeps 1 / penalty: the repetition penalty's arithmetic with that
+    return penalize(logits, mark_seen(jnp.zeros(logits.shape, bool), source), np.float32(1 / rules.source_penalty))
 
 
 def ban_source_ngrams(logits, rules: Rules, tokens, length, source):
     """``encoder_no_repeat_ngram_size``, after n-gram blocking: transformers'
     ``EncoderNoRepeatNGramLogitsProcessor``, -inf for every token that would complete an n-gram of
     the row's input (``source``), once the sequence (``tokens[:, :length]``) holds ``n - 1`` tokens."""
-    n = rules.source_ngram
-    if n is None:
+    if rules.source_ngram is None:
         return logits
-    rows, width = source.shape
-    windows = width - n + 1
-    if windows < 1 or tokens.shape[1] < n - 1:
-        return logits
-    last = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
-    match = jnp.ones((rows, windows), bool)
-    for k in range(n - 1):
-        match = match & (source[:, k:k + windows] == last[:, k:k + 1])
-    banned = jnp.where(match, source[:, n - 1:n - 1 + windows], logits.shape[-1])  # past the vocabulary: none
-    ban = jnp.zeros(logits.shape, bool).at[jnp.arange(rows)[:, None], banned].set(True, mode="drop")
-    return jnp.where(ban & (length >= n - 1), -jnp.inf, logits)
+    return ban_ngram_completions(logits, source, tokens, length, rules.source_ngram)
 
 
 def ban_bad_words(logits, rules: Rules, tokens, length):

@@ -24,6 +24,7 @@ from peftjax.models._generation import (
     beam_key,
     beam_log_probs,
     decoding_arguments,
+    ended,
     generated_length,
     remember,
     reorder_rows,
@@ -31,7 +32,6 @@ from peftjax.models._generation import (
     start_past,
 )
 from peftjax.models._logits import check_source_rules
-from peftjax.models._stop_strings import stop_string_hits
 from peftjax.nn._keys import default_key
 
 
@@ -82,9 +82,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
         past = remember(past, new, 1 + i)
-        done = done | jnp.isin(new, eos_ids)
-        if stop is not None:
-            done = done | stop_string_hits(stop, stop_table, past.tokens, 2 + i)
+        done = ended(done, new, eos_ids, past, 2 + i, stop, stop_table)
         return (new, cache, key_mask, done, rng, past), (new, done)
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
