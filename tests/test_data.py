@@ -161,6 +161,10 @@ def test_a_tokenized_file_is_reused_only_for_the_same_tokenizer_and_arguments(to
     cased = _tokenizer(do_lower_case=False)
     for other in (tokenize_classification(ds, cased, max_length=12), tokenize_classification(ds, tokenizer, max_length=10)):
         assert other._fingerprint != first._fingerprint and other.cache_files != first.cache_files
+    grown = _tokenizer()
+    assert tokenize_classification(ds, grown, max_length=12)._fingerprint == first._fingerprint
+    grown.add_tokens(["sunshine"])  # the same object, its definition changed since its last fingerprint
+    assert tokenize_classification(ds, grown, max_length=12)._fingerprint != first._fingerprint
     rows = tokenize_classification(ds, cased, max_length=12)
     assert rows["input_ids"] == [cased(r["text"], truncation=True, max_length=12)["input_ids"] for r in sentiment[:20]]
     assert rows["input_ids"] != first["input_ids"]  # the case matters to this tokenizer: not the cached rows

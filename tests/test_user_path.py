@@ -46,7 +46,7 @@ def test_donated_adapters_give_an_error_that_says_what_to_call(llama_dir, tmp_pa
     peft_model = peftjax.get_peft_model(models.from_pretrained(llama_dir), peftjax.LoraConfig(r=2))
     adapters, stale, ids = _train(peft_model)
     for action in (lambda: peft_model.save_pretrained(tmp_path), lambda: peft_model(input_ids=ids),
-                   lambda: peft_model.merge_and_unload()):
+                   lambda: peft_model.generate(ids, max_new_tokens=2), lambda: peft_model.merge_and_unload()):
         with pytest.raises(peftjax.DonatedAdapterError, match=r"peft_model\.update\(trainable\)"):
             action()
     assert not (tmp_path / "adapter_config.json").exists()
