@@ -12,7 +12,11 @@ multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a pow
 row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
 settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p``,
 ``min_p``, ``typical_p``, ``repetition_penalty`` or seed compiles nothing (turning one of them on or
-off does, once each; each ``no_repeat_ngram_size`` compiles its own). Greedy
+off does, once each; each ``no_repeat_ngram_size`` compiles its own). Stop strings are found in
+the decoded completion, after the batch: its rows still run to their end of sequence or
+``max_new_tokens`` (the compiled loop's check, transformers' ``StopStringCriteria``, reads the
+tokens' own texts, which differ from the decoded text where WordPiece adds spaces or
+SentencePiece drops its first one, and also sees the prompt's end). Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
 settings and seed.
@@ -25,12 +29,15 @@ The HTTP interface (JSON in, JSON out):
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty`` and ``no_repeat_ngram_size`` unset are the
-  generation config's, else off), or with
+  generation config's, else off; ``"stop"``, a string or a list of up to 8: the completion ends
+  before the first of them to be completed in its text, as OpenAI-style servers cut it: only the
+  new text counts, not the prompt's end), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
   tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
   returns
   ``{"adapter", "completion", "token_ids", "prompt_tokens", "finish_reason" ("stop" | "length"),
-  "batch": {"rows", "adapters"}}``. A bad request gets a 4xx with ``{"error": message}``: 400 for
+  "batch": {"rows", "adapters"}}`` (cut at a stop string, ``token_ids`` end with the token that
+  completed it). A bad request gets a 4xx with ``{"error": message}``: 400 for
   malformed JSON, a missing or empty prompt, a malformed conversation (or one for a tokenizer
   without a chat template) or a bad value, 404 for an unknown adapter (the message
   lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
@@ -58,7 +65,8 @@ from peftjax.tuners.base import BASE
 
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-          "repetition_penalty", "no_repeat_ngram_size", "seed")
+          "repetition_penalty", "no_repeat_ngram_size", "stop", "seed")
+MAX_STOP_STRINGS = 8
 
 
 class RequestError(ValueError):
@@ -85,11 +93,12 @@ class Request:
     min_p: float | None = None
     typical_p: float | None = None
     no_repeat_ngram_size: int | None = None
+    stop: tuple[str, ...] = ()
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a batch: greedy ones of one repetition penalty and
-        n-gram size, sampled ones of one setting."""
+        n-gram size, sampled ones of one setting (stop strings apart: each cuts its own text)."""
         if self.temperature == 0:
             return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size)
         return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p,
@@ -202,6 +211,7 @@ class BatchingGenerator:
             raise RequestError("'no_repeat_ngram_size' 1 would ban this server's padding token, which also ends a "
                                "completion, from every padded request: ask for 2 or more")
         seed = _number(body, "seed", int, 0, low=0)
+        stop = self._stop_strings(body.get("stop"))
         with self._tokenizer_lock:
             # a chat template writes its own special tokens
             ids = tuple(int(i) for i in self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
@@ -211,7 +221,19 @@ class BatchingGenerator:
         if self.max_total_tokens and len(ids) + max_new > self.max_total_tokens:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
-        return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram)
+        return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
+                       stop)
+
+    def _stop_strings(self, value) -> tuple[str, ...]:
+        """A request's ``stop``: a string or a list of them."""
+        if value is None:
+            return ()
+        stop = [value] if isinstance(value, str) else value
+        if (not isinstance(stop, list) or not 1 <= len(stop) <= MAX_STOP_STRINGS
+                or not all(isinstance(x, str) and x for x in stop)):
+            raise RequestError(f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them, "
+                               f"got {value!r}")
+        return tuple(dict.fromkeys(stop))
 
     def _chat_prompt(self, messages) -> str:
         """A conversation rendered by the tokenizer's chat template, the assistant's turn opened."""
@@ -261,10 +283,25 @@ class BatchingGenerator:
             tokens = tokens if stop is None else tokens[:stop]
             with self._tokenizer_lock:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = self._stop_string_cut(tokens, text, r.stop)
+            if cut is not None:
+                tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
                             "prompt_tokens": len(r.input_ids), "finish_reason": finish,
                             "batch": {"rows": n, "adapters": used}})
         return results
+
+    def _stop_string_cut(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> tuple[int, str] | None:
+        """Where the completion ends at its first stop string: ``(tokens kept, text before the
+        string)``, the tokens up to the one that completes it; ``None`` where none occurs."""
+        found = [(text.find(s), s) for s in stop if s in text]
+        if not found:
+            return None
+        at, string = min(found, key=lambda f: (f[0] + len(f[1]), f[0]))  # the first one completed
+        for k in range(1, len(tokens) + 1):  # the first prefix whose text holds the string
+            if len(self.tokenizer.decode(tokens[:k], skip_special_tokens=True)) >= at + len(string):
+                return k, text[:at]
+        return len(tokens), text[:at]
 
     # ------------------------------------------------------------------ the worker
 

@@ -305,3 +305,47 @@ def test_serve_refuses_what_it_cannot_serve(files, capsys):
         assert main(["serve", base, "--port", "0", *extra]) == 1
         err = capsys.readouterr().err
         assert err.startswith("peftjax: error:") and message in err, (extra, err)
+
+
+def test_a_request_s_stop_strings_cut_its_own_completion(files):
+    """``"stop"``: each request's completion ends before the first of its stop strings to appear in
+    the new text, as a client reading the tokens one by one would cut it (``token_ids`` up to the
+    token that completed it, ``finish_reason`` "stop"); a string found only in the prompt cuts
+    nothing; requests with different stop strings share one batch."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    asks = [(0, "a"), (2, "b"), (1, "a")]
+    free = generator.generate([generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8})
+                               for i, a in asks])
+    text = free[0]["completion"]
+    middle = text[len(text) // 3: len(text) // 3 + 3]  # three characters inside the text, likely across tokens
+    stops = [[middle], ["never in any of these", text[-2:], free[1]["completion"][1:3]], [PROMPTS[1][-4:]]]
+    requests = [generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8, "stop": stop})
+                for (i, a), stop in zip(asks, stops)]
+    assert len({r.batch_key for r in requests}) == 1
+    cut = 0
+    for result, plain, stop in zip(generator.generate(requests), free, stops):
+        assert result["batch"]["rows"] == 3
+        tokens = plain["token_ids"]
+        # the oracle: decode one more token at a time until a stop string shows in the new text
+        shown = next((k for k in range(1, len(tokens) + 1)
+                      if any(s in tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in stop)), None)
+        if shown is None:
+            assert result == plain
+            continue
+        seen = tokenizer.decode(tokens[:shown], skip_special_tokens=True)
+        first = min((seen.index(s) for s in stop if s in seen))
+        assert result["token_ids"] == tokens[:shown] and result["completion"] == seen[:first]
+        assert result["finish_reason"] == "stop"
+        cut += 1
+    assert cut == 2
+    assert requests[2].stop == (PROMPTS[1][-4:],) and PROMPTS[1][-4:] not in free[2]["completion"]
+    for bad in ("", [], ["a"] * 9, [1], {"s": 1}):
+        with pytest.raises(serving.RequestError, match="'stop' must be a non-empty string or a list of 1 to 8"):
+            generator.request({"prompt": PROMPTS[0], "stop": bad})
