@@ -38,6 +38,8 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     # position-scaled queries), GLM-4.5 Lite's
     ("deepseek_v3", {}), ("mistral4", {}), ("glm4_moe_lite", {}),
     ("gemma4_text", {}),  # per-layer inputs, layers sharing keys and values
+    # chunks of 4 and the NoPE layer's query scale counted from each sequence's first token
+    ("llama4_text", {}),
 ])
 def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
     """Logits of each sequence in a packed batch equal transformers' model run on it alone (a
@@ -190,13 +192,13 @@ def test_the_trainer_packs_a_decoder_classifier_and_trains_as_unpacked(tmp_path)
 
 
 def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
-    save_tiny("llama4_text", tmp_path / "llama4")
-    base = models.from_pretrained(tmp_path / "llama4")
+    save_tiny("qwen3_next", tmp_path / "qwen3_next_lm")
+    base = models.from_pretrained(tmp_path / "qwen3_next_lm")
     assert not getattr(base, "packs_sequences", False)
     model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, packing=True, disable_tqdm=True)
     trainer = Trainer(model, args, train_dataset={"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
-    with pytest.raises(ValueError, match=r"packing=True: Llama4ForCausalLM does not run packed rows"):
+    with pytest.raises(ValueError, match=r"packing=True: Qwen3NextForCausalLM does not run packed rows"):
         trainer.train()
     # a decoder classifier whose decoder cannot pack (Qwen3-Next's linear attention) is padded by
     # default and refused under packing=True

@@ -253,11 +253,16 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"scan_layers=True needs one attention window for all layers; "
                              f"found {sliding_windows(config)}")
 
-    def attention_masks(self, pos: attn.DecoderPositions) -> dict:
+    def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
         """What every layer's attention may read, by key (Llama: each window's ``[b, 1, q, k]`` mask;
-        a layer reads the one of its :meth:`LlamaAttention.mask_key`)."""
-        return {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
-                for w in set(sliding_windows(self.config))}
+        a layer reads the one of its :meth:`LlamaAttention.mask_key`); with ``segment_ids`` (packed
+        rows), within each token's own sequence only."""
+        masks = {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
+                 for w in set(sliding_windows(self.config))}
+        if segment_ids is None:
+            return masks
+        same = attn.segment_mask(segment_ids)
+        return {key: mask & same for key, mask in masks.items()}
 
     def packed_inputs(self, segment_ids, attention_mask, position_ids, cache, prefix_kv) -> tuple:
         """``(segment_ids, attention_mask, position_ids)`` of a call with packed rows: the positions
@@ -312,10 +317,7 @@ class LlamaModel(nnx.Module):
             prefix_layout=lambda: kv_layout(self.config),
         )
         start = pos.start
-        masks = self.attention_masks(pos)
-        if segment_ids is not None:  # causal within each packed sequence
-            same = attn.segment_mask(segment_ids)
-            masks = {key: mask & same for key, mask in masks.items()}
+        masks = self.attention_masks(pos, segment_ids)  # causal within each packed sequence
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised

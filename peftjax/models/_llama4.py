@@ -11,13 +11,14 @@ Against Llama (``_llama``, whose decoder stack and causal LM this reuses), as tr
   keys of RoPE layers are RMS-normalised over each head without a weight;
 * ``layer_types``: ``chunked_attention`` layers (by default the RoPE layers, when
   ``attention_chunk_size`` is set) attend causally within chunks of ``attention_chunk_size``
-  tokens counted from each row's first real token (:func:`~peftjax.models._attention.chunked_attention_mask_4d`);
+  tokens counted from each row's first real token (:func:`~peftjax.models._attention.chunked_attention_mask_4d`),
+  or in packed rows (``segment_ids``) from each sequence's first token, as each would be alone;
   ``full_attention`` layers causally over everything. The KV cache keeps every token and the mask
   does the chunking, as for sliding windows;
 * with ``attn_temperature_tuning`` the NoPE layers scale their queries by
   ``1 + attn_scale * log(1 + floor((n + 1) / floor_scale))`` at cache slot ``n`` (Mistral 4's
   query scale, :func:`~peftjax.models._mistral4.llama4_query_scale_at`; transformers counts the
-  slots, padding included, not ``position_ids``);
+  slots, padding included, not ``position_ids``; in packed rows each sequence's slots count from 0);
 * the MLP (``feed_forward``) of the ``moe_layers`` (by default every ``interleave_moe_layer_step``-th)
   is a mixture of experts: the router (``feed_forward.router``, a bias-free linear) picks the top
   ``num_experts_per_tok`` logits, each chosen expert takes the token *multiplied by* the sigmoid of
@@ -65,7 +66,7 @@ from peftjax.nn._norm import RMSNorm, rms_norm
 from peftjax.nn._param_reader import ParamReader
 
 LAYER_TYPES = ("full_attention", "chunked_attention")
-TEMPERATURE = "temperature"  # the NoPE layers' query scale [q], beside the masks the layers read
+TEMPERATURE = "temperature"  # the NoPE layers' query scale [1 or b, q], beside the masks the layers read
 
 
 def check_llama4_config(config) -> None:
@@ -112,7 +113,7 @@ class Llama4TextAttention(LlamaAttention):
     def encode_positions(self, q, k, cos, sin, masks):
         q, k = super().encode_positions(q, k, cos, sin, masks)
         if self.temperature:
-            q = (q * masks[TEMPERATURE][None, :, None, None]).astype(q.dtype)
+            q = (q * masks[TEMPERATURE][:, :, None, None]).astype(q.dtype)
         return q, k
 
 
@@ -189,9 +190,6 @@ def layer_kinds(config) -> list[tuple[bool, bool, str]]:
 class Llama4TextModel(LlamaModel):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
-    # chunked attention within the chunks of each row: not within packed sequences
-    packs_sequences = False
-
     layer_class: ClassVar[type[nnx.Module]] = Llama4TextDecoderLayer
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -204,16 +202,26 @@ class Llama4TextModel(LlamaModel):
         if len(set(kinds)) > 1:
             raise ValueError(f"scan_layers=True needs layers alike; found (RoPE, MoE, layer type) {kinds}")
 
-    def attention_masks(self, pos: attn.DecoderPositions) -> dict:
-        """Each layer type's mask, and the NoPE layers' query scale at the slots (``TEMPERATURE``)."""
+    def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
+        """Each layer type's mask, and the NoPE layers' query scale at the slots (``TEMPERATURE``).
+        With ``segment_ids`` (packed rows) each sequence is on its own: attended within, its chunks
+        and its slots counted from its first token."""
         config = self.config
         masks = {"full_attention": attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)}
+        slots = pos.query_positions[None]  # [1, q]
+        if segment_ids is not None:
+            same = attn.segment_mask(segment_ids)
+            masks["full_attention"] = masks["full_attention"] & same
+            slots = attn.segment_positions(segment_ids)  # [b, q]: each sequence's own, from 0
         if "chunked_attention" in config.layer_types:
-            masks["chunked_attention"] = attn.chunked_attention_mask_4d(pos.query_positions, pos.key_mask,
-                                                                        int(config.attention_chunk_size))
+            chunk = int(config.attention_chunk_size)
+            if segment_ids is None:
+                masks["chunked_attention"] = attn.chunked_attention_mask_4d(pos.query_positions, pos.key_mask, chunk)
+            else:  # a query and a key of one sequence (causal), in one of its chunks
+                masks["chunked_attention"] = masks["full_attention"] & (
+                    (slots[:, :, None] // chunk) == (slots[:, None, :] // chunk))[:, None]
         if config.attn_temperature_tuning:
-            masks[TEMPERATURE] = llama4_query_scale_at(pos.query_positions + 1, float(config.attn_scale),
-                                                       float(config.floor_scale))
+            masks[TEMPERATURE] = llama4_query_scale_at(slots + 1, float(config.attn_scale), float(config.floor_scale))
         return masks
 
 
