@@ -18,7 +18,7 @@ from peftjax import models
 from peftjax.training import Batcher, Trainer, TrainingArguments
 
 LENGTHS = (7, 3, 12, 5, 9, 2)
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next"}
 
 
 def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -40,6 +40,8 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("gemma4_text", {}),  # per-layer inputs, layers sharing keys and values
     # chunks of 4 and the NoPE layer's query scale counted from each sequence's first token
     ("llama4_text", {}),
+    # Gated DeltaNet: each sequence's convolution and recurrent state from zeros (Qwen3-Next's MoE)
+    ("qwen3_5_text", {}), ("qwen3_next", {}),
 ])
 def test_each_packed_sequence_is_what_transformers_gives_it_alone(family, overrides, tmp_path):
     """Logits of each sequence in a packed batch equal transformers' model run on it alone (a
@@ -139,7 +141,7 @@ def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_pat
     assert (metrics["eval_rows"], metrics["eval_tokens"]) == (24, sum(map(len, _rows())))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "deepseek_v3", "qwen3_next"])
 def test_a_packed_decoder_classifier_reads_each_sequence_at_its_last_token(family, tmp_path):
     """A decoder's sequence classifier on packed rows gives each sequence the logits transformers'
     classifier gives it alone (read at its last non-pad token: one sequence ends in pad tokens,
@@ -155,8 +157,8 @@ def test_a_packed_decoder_classifier_reads_each_sequence_at_its_last_token(famil
                       pad_token_id=0)
     batch = next(batcher.batches(0))
     assert batch["input_ids"].shape[0] < len(sequences)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"],
-                segment_starts=batch["segment_starts"], labels=batch["labels"])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "segment_ids", "segment_starts", "labels")}
+    out = nnx.jit(lambda m, kw: m(**kw))(model, inputs)  # one program, not one per operation
     with torch.no_grad():
         alone = np.concatenate([hf(torch.tensor([s])).logits.numpy() for s in sequences])
         width = max(LENGTHS)
@@ -192,24 +194,23 @@ def test_the_trainer_packs_a_decoder_classifier_and_trains_as_unpacked(tmp_path)
 
 
 def test_a_family_that_cannot_pack_is_refused_by_name(tmp_path):
-    save_tiny("qwen3_next", tmp_path / "qwen3_next_lm")
-    base = models.from_pretrained(tmp_path / "qwen3_next_lm")
+    save_tiny("gpt2", tmp_path / "gpt2")
+    base = models.from_pretrained(tmp_path / "gpt2")
     assert not getattr(base, "packs_sequences", False)
-    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, packing=True, disable_tqdm=True)
     trainer = Trainer(model, args, train_dataset={"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
-    with pytest.raises(ValueError, match=r"packing=True: Qwen3NextForCausalLM does not run packed rows"):
+    with pytest.raises(ValueError, match=r"packing=True: GPT2LMHeadModel does not run packed rows"):
         trainer.train()
-    # a decoder classifier whose decoder cannot pack (Qwen3-Next's linear attention) is padded by
-    # default and refused under packing=True
-    save_tiny(task_arch("qwen3_next", "ForSequenceClassification", num_labels=2), tmp_path / "qwen3_next")
-    base = models.from_pretrained(tmp_path / "qwen3_next")
-    assert not base.packs_sequences
-    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    # a decoder classifier that does not pack is padded by default and refused under packing=True
+    save_tiny(task_arch("gpt2", "ForSequenceClassification", num_labels=2), tmp_path / "gpt2_classifier")
+    base = models.from_pretrained(tmp_path / "gpt2_classifier")
+    assert not getattr(base, "packs_sequences", False)
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(r=2, target_modules=["c_attn"], task_type="SEQ_CLS"))
     data = {"input_ids": [[1, 2, 3], [4, 5]], "labels": [0, 1]}
     assert not Trainer(model, TrainingArguments(output_dir=str(tmp_path / "default"), max_steps=1, disable_tqdm=True),
                        train_dataset=data).packs()
     trainer = Trainer(model, TrainingArguments(output_dir=str(tmp_path / "packed"), max_steps=1, packing=True,
                                                disable_tqdm=True), train_dataset=data)
-    with pytest.raises(ValueError, match=r"packing=True: Qwen3NextForSequenceClassification does not run packed rows"):
+    with pytest.raises(ValueError, match=r"packing=True: GPT2ForSequenceClassification does not take segment_ids"):
         trainer.train()

@@ -95,6 +95,39 @@ def test_delta_rule_kernels_match_transformers():
     np.testing.assert_allclose(np.asarray(final), ref_state.numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_packed_rows_run_each_sequence_from_zeros_as_transformers_kernels_run_it_alone():
+    """``segment_ids``: the chunked rule (chunks of 8 here: sequences across chunk boundaries and
+    starting on one) and the causal convolution give each packed sequence what transformers'
+    kernels give it alone, from a zero state (the given state reaches a row's first sequence)."""
+    from peftjax.nn._delta_rule import causal_depthwise_conv
+
+    rng = np.random.RandomState(1)
+    b, s, hk, hv, dk, dv = 2, 70, 2, 4, 8, 6
+    q, k = rng.randn(b, s, hk, dk).astype(np.float32), rng.randn(b, s, hk, dk).astype(np.float32)
+    v = rng.randn(b, s, hv, dv).astype(np.float32)
+    g = -np.abs(rng.randn(b, s, hv)).astype(np.float32)
+    beta = (1 / (1 + np.exp(-rng.randn(b, s, hv)))).astype(np.float32)
+    state = rng.randn(b, hv, dk, dv).astype(np.float32)
+    lengths = [[3, 13, 8, 20, 1, 25], [40, 30]]  # boundaries at 16 and 24 start chunks of 8
+    segments = np.stack([np.repeat(np.arange(1, len(n) + 1), n) for n in lengths])
+    out, _ = jax.jit(chunk_gated_delta_rule, static_argnames="chunk_size")(q, k, v, g, beta, state, chunk_size=8,
+                                                                          segment_ids=segments)
+    x = rng.randn(b, s, 12).astype(np.float32)
+    weight = rng.randn(12, 1, 4).astype(np.float32)
+    conv, _ = causal_depthwise_conv(jnp.asarray(x), jnp.asarray(weight), segment_ids=segments)
+    for row, ns in enumerate(lengths):
+        for i, (start, n) in enumerate(zip(np.cumsum([0, *ns[:-1]]), ns)):
+            piece = slice(start, start + n)
+            t = [torch.tensor(a[row:row + 1, piece]) for a in (q, k, v, g, beta)]
+            initial = torch.tensor(state[row:row + 1]) if i == 0 else None
+            alone, _ = qwen3_5.torch_chunk_gated_delta_rule(*t[:3], g=t[3], beta=t[4], initial_state=initial,
+                                                           use_qk_l2norm_in_kernel=True)
+            np.testing.assert_allclose(np.asarray(out)[row, piece], alone[0].numpy(), atol=1e-5, rtol=1e-5)
+            alone = torch.nn.functional.conv1d(torch.tensor(x[row:row + 1, piece]).transpose(1, 2),
+                                               torch.tensor(weight), padding=3, groups=12)[..., :n]
+            np.testing.assert_allclose(np.asarray(conv)[row, piece], alone[0].T.numpy(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("left", [True, False], ids=["left-padded", "right-padded"])
 def test_logits_and_loss_match_transformers_past_one_chunk(qwen, left):
     torch_model, _, model = qwen

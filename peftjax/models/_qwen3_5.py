@@ -19,6 +19,8 @@ Generation keeps, per layer, the keys and values (full attention) or the convolu
 inputs and the delta rule's state (linear attention). The linear layers have no keys and values
 to prepend a prefix to: prefix tuning is refused; LoRA, prompt tuning and the rest work.
 ``scan_layers=True`` is refused where the two kinds mix (their layers differ in structure).
+The causal LMs take packed rows (``segment_ids``, the Trainer's default): each sequence attends
+within itself, and its convolution and delta-rule state start from zeros, as it would alone.
 
 Qwen3.5-MoE (``Qwen3_5MoeForCausalLM``) is the same decoder with Qwen2-MoE's block as every
 layer's MLP (routed experts, top-k renormalised, and a shared expert weighted by
@@ -119,8 +121,8 @@ class Qwen3_5Conv1d(nnx.Module):
         init = nnx.initializers.normal(init_std)
         self.weight = nnx.Param(init(rngs.params(), (channels, 1, kernel), param_dtype))
 
-    def __call__(self, x, state=None):
-        return causal_depthwise_conv(x, self.weight.get_value(), state)
+    def __call__(self, x, state=None, segment_ids=None):
+        return causal_depthwise_conv(x, self.weight.get_value(), state, segment_ids)
 
 
 class Qwen3_5RMSNormGated(nnx.RMSNorm):
@@ -176,9 +178,10 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
         z = self.in_proj_z(x).reshape(b, s, self.num_v_heads, self.head_v_dim)
         return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
-    def __call__(self, x, token_mask=None, cache=None):
+    def __call__(self, x, token_mask=None, cache=None, segment_ids=None):
         """``token_mask``: ``[batch, seq]``, 0 on padding (``None``: none); ``cache``: ``{"conv",
-        "state"}``, the convolution's last inputs and the delta rule's state, or ``None``."""
+        "state"}``, the convolution's last inputs and the delta rule's state, or ``None``;
+        ``segment_ids``: packed rows, each sequence convolved and recurred from zeros."""
         if token_mask is not None:
             x = x * token_mask[..., None].astype(x.dtype)
         b, s, _ = x.shape
@@ -186,7 +189,7 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
         beta, a = jax.nn.sigmoid(beta), a.astype(jnp.float32)
         per_head = lambda p: p.get_value().astype(jnp.float32)[None, None, :]  # noqa: E731
         g = -jnp.exp(per_head(self.A_log)) * jax.nn.softplus(a + per_head(self.dt_bias))
-        mixed, conv_state = self.conv1d(qkv, None if cache is None else cache["conv"])
+        mixed, conv_state = self.conv1d(qkv, None if cache is None else cache["conv"], segment_ids)
         mixed = jax.nn.silu(mixed)
         q = mixed[..., : self.key_dim].reshape(b, s, self.num_k_heads, self.head_k_dim)
         k = mixed[..., self.key_dim: 2 * self.key_dim].reshape(b, s, self.num_k_heads, self.head_k_dim)
@@ -194,7 +197,8 @@ class Qwen3_5GatedDeltaNet(nnx.Module):
         if cache is not None and s == 1:  # one-token decoding, as transformers steps it
             out, state = recurrent_gated_delta_rule(q, k, v, g, beta, cache["state"])
         else:
-            out, state = chunk_gated_delta_rule(q, k, v, g, beta, None if cache is None else cache["state"])
+            out, state = chunk_gated_delta_rule(q, k, v, g, beta, None if cache is None else cache["state"],
+                                                segment_ids=segment_ids)
         out = self.norm(out, z).reshape(b, s, -1)
         new_cache = None if cache is None else {"conv": conv_state.astype(cache["conv"].dtype),
                                                 "state": state.astype(cache["state"].dtype)}
@@ -227,13 +231,15 @@ class Qwen3_5DecoderLayer(nnx.Module):
         """``mlp``: SwiGLU here; the MoE model's sparse block returns ``(out, router logits)``."""
         return LlamaMLP(config, **kw)
 
-    def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None):
+    def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
+                 segment_ids=None):
         """``(x, cache, router logits or None)``. ``mask``: the full attention's ``[batch, 1, q,
         k]``; ``token_mask``: the linear attention's ``[batch, seq]`` padding mask or ``None``;
-        ``dropout_rng``: the attention dropout's key (training) or ``None``."""
+        ``dropout_rng``: the attention dropout's key (training) or ``None``; ``segment_ids``:
+        packed rows (the linear attention's; the full attention's are in ``mask``)."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
-            a, cache = self.linear_attn(h, token_mask, cache)
+            a, cache = self.linear_attn(h, token_mask, cache, segment_ids)
         else:
             (attn_key,) = split_keys(dropout_rng, 1)
             a, cache = self.self_attn(h, cos, sin, mask, cache, cache_index, attn_key)
@@ -270,11 +276,13 @@ class Qwen3_5TextModel(LlamaModel):
                              f"{sorted(set(types))}")
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False
-                 ) -> ModelOutput:
+                 cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
+                 segment_ids=None) -> ModelOutput:
         """Runs the decoder. With ``cache`` (see :meth:`Qwen3_5ForCausalLM.init_cache`),
         ``attention_mask`` covers the cache's slots and the call's tokens sit at ``cache_index``;
         ``dropout_rng``: a key to apply the attention dropout (training); ``None``: none.
+        ``segment_ids``: packed rows (see ``LlamaModel``): each sequence attends to itself, and its
+        linear attention's convolution and state start from zeros, as it would alone.
 
         With experts (the MoE model), ``aux_loss`` is the load-balancing loss over the sparse
         layers (``None`` with a cache), and ``output_router_logits`` adds ``router_logits``, one
@@ -286,6 +294,8 @@ class Qwen3_5TextModel(LlamaModel):
         if prefix_kv is not None:
             raise ValueError(f"{type(self).__name__}: prefix_kv is not supported: the linear attention layers "
                              "have no keys and values to prepend a prefix to")
+        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
+                                                                       cache, None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
         x = jnp.asarray(inputs_embeds)
@@ -297,6 +307,8 @@ class Qwen3_5TextModel(LlamaModel):
             prefix_kv=None, num_layers=len(self.layers), owner=type(self).__name__, prefix_layout=lambda: (0, 0),
         )
         mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
+        if segment_ids is not None:
+            mask = mask & attn.segment_mask(segment_ids)
         token_mask = None
         if attention_mask is not None and s > 1:  # a decoded token is never padding (transformers' rule too)
             token_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), pos.start, s, axis=1)
@@ -312,7 +324,7 @@ class Qwen3_5TextModel(LlamaModel):
 
         def step(layer, carry, layer_cache=None, start=None, key=None):
             h, routing = carry
-            h, layer_cache, logits = layer(h, cos, sin, mask, token_mask, layer_cache, start, key)
+            h, layer_cache, logits = layer(h, cos, sin, mask, token_mask, layer_cache, start, key, segment_ids)
             if logits is not None:
                 counts, probs, n, buffer = routing
                 c, p = routing_statistics(logits, self.config.num_experts_per_tok, routed)
@@ -365,11 +377,11 @@ class Qwen3_5ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
     model_class: ClassVar[type[nnx.Module]] = Qwen3_5TextModel
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0) -> ModelOutput:
+                 cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0, segment_ids=None) -> ModelOutput:
         """As :class:`~peftjax.models.LlamaForCausalLM`, without ``prefix_kv`` (the linear
         attention layers have no keys to prefix)."""
         return super().__call__(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cache_index,
-                                None, dropout_rng, logits_to_keep)
+                                None, dropout_rng, logits_to_keep, segment_ids=segment_ids)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
@@ -460,14 +472,14 @@ class Qwen3_5MoeForCausalLM(_MoeCheckpoints, Qwen3_5ForCausalLM):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  cache=None, cache_index=None, output_router_logits: bool | None = None, dropout_rng=None,
-                 logits_to_keep=0) -> ModelOutput:
+                 logits_to_keep=0, segment_ids=None) -> ModelOutput:
         """As :meth:`Qwen3_5ForCausalLM.__call__`, plus ``aux_loss`` and ``router_logits`` when
         ``output_router_logits`` (default: the config's) asks for them; with ``labels`` the loss
         then includes ``router_aux_loss_coef * aux_loss``."""
         # Mixtral's head on this decoder (the model's call takes the same arguments in that order)
         return MixtralForCausalLM.__call__(self, input_ids, attention_mask, position_ids, labels, inputs_embeds,
                                            cache, cache_index, None, output_router_logits, dropout_rng,
-                                           logits_to_keep)
+                                           logits_to_keep, segment_ids=segment_ids)
 
 
 register(Qwen3_5ForCausalLM, model_types=("qwen3_5_text",), default=True)
