@@ -19,7 +19,8 @@ tokens' own texts, which differ from the decoded text where WordPiece adds space
 SentencePiece drops its first one, and also sees the prompt's end). Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
-settings and seed.
+settings and seed, beam requests (``num_beams`` > 1) with those of the same beams and length, which
+they run at exactly (the best beam of another length is another sequence).
 
 The HTTP interface (JSON in, JSON out):
 
@@ -28,8 +29,9 @@ The HTTP interface (JSON in, JSON out):
   "repetition_penalty": float, "no_repeat_ngram_size": int, "seed": int}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
-  ``min_p``, ``typical_p``, ``repetition_penalty`` and ``no_repeat_ngram_size`` unset are the
-  generation config's, else off; ``"stop"``, a string or a list of up to 8: the completion ends
+  ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
+  to 8: beam search, or beam sampling with a temperature; the best beam is the completion) unset are
+  the generation config's, else off; ``"stop"``, a string or a list of up to 8: the completion ends
   before the first of them to be completed in its text, as OpenAI-style servers cut it: only the
   new text counts, not the prompt's end), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
@@ -65,8 +67,9 @@ from peftjax.tuners.base import BASE
 
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-          "repetition_penalty", "no_repeat_ngram_size", "stop", "seed")
+          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed")
 MAX_STOP_STRINGS = 8
+MAX_BEAMS = 8
 
 
 class RequestError(ValueError):
@@ -94,15 +97,19 @@ class Request:
     typical_p: float | None = None
     no_repeat_ngram_size: int | None = None
     stop: tuple[str, ...] = ()
+    num_beams: int | None = None
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share a batch: greedy ones of one repetition penalty and
-        n-gram size, sampled ones of one setting (stop strings apart: each cuts its own text)."""
+        """Requests with equal keys can share a batch: greedy ones of one repetition penalty,
+        n-gram size and number of beams, sampled ones of one setting (stop strings apart: each
+        cuts its own text)."""
+        # a beam search's best beam depends on its length: beams batch with the same length only
+        length = self.max_new_tokens if (self.num_beams or 1) > 1 else None
         if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size)
+            return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length)
         return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p,
-                self.repetition_penalty, self.no_repeat_ngram_size, self.seed)
+                self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length, self.seed)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -211,6 +218,10 @@ class BatchingGenerator:
             raise RequestError("'no_repeat_ngram_size' 1 would ban this server's padding token, which also ends a "
                                "completion, from every padded request: ask for 2 or more")
         seed = _number(body, "seed", int, 0, low=0)
+        beams = _number(body, "num_beams", int, None, low=1, high=MAX_BEAMS)
+        if beams is None:  # the checkpoint's generation_config.json's, else one
+            defaults = getattr(self.model.base_model, "generation_config", None)
+            beams = int(defaults.get("num_beams", 1) or 1) if defaults is not None else 1
         stop = self._stop_strings(body.get("stop"))
         with self._tokenizer_lock:
             # a chat template writes its own special tokens
@@ -222,7 +233,7 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
-                       stop)
+                       stop, beams)
 
     def _stop_strings(self, value) -> tuple[str, ...]:
         """A request's ``stop``: a string or a list of them."""
@@ -266,13 +277,16 @@ class BatchingGenerator:
             mask[i, width - len(r.input_ids):] = 1
         new = min(_next_power_of_two(max(r.max_new_tokens for r in requests)), self.max_new_tokens)
         new = max(new, max(r.max_new_tokens for r in requests))
+        if requests[0].num_beams > 1:  # the best beam of another length would be another sequence
+            new = requests[0].max_new_tokens
         first = requests[0]
         out = self.model.generate(
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
             top_k=first.top_k, seed=first.seed, pad_token_id=self.pad_token_id,
             repetition_penalty=first.repetition_penalty, min_p=first.min_p, typical_p=first.typical_p,
-            no_repeat_ngram_size=first.no_repeat_ngram_size, num_return_sequences=1,  # one completion a request
+            no_repeat_ngram_size=first.no_repeat_ngram_size, num_beams=first.num_beams,
+            num_return_sequences=1,  # one completion a request: the best beam where there are beams
         )
         used = sorted({r.adapter for r in requests})
         results = []

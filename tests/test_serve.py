@@ -349,3 +349,32 @@ def test_a_request_s_stop_strings_cut_its_own_completion(files):
     for bad in ("", [], ["a"] * 9, [1], {"s": 1}):
         with pytest.raises(serving.RequestError, match="'stop' must be a non-empty string or a list of 1 to 8"):
             generator.request({"prompt": PROMPTS[0], "stop": bad})
+
+
+def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
+    """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
+    (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    asks = [(0, "a", 3, 5), (2, "b", 3, 5), (1, "a", None, 5), (0, "a", 3, 8)]
+    requests = [generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": n,
+                                   **({} if beams is None else {"num_beams": beams})}) for i, a, beams, n in asks]
+    assert requests[0].batch_key == requests[1].batch_key
+    assert len({r.batch_key for r in requests[1:]}) == 3
+    searched = 0
+    for (i, adapter, beams, n), result in zip(asks[:2], generator.generate(requests[:2])):
+        expected = alone(model, tokenizer, PROMPTS[i], adapter, n, num_beams=beams, num_return_sequences=1)
+        assert result["token_ids"] == expected and result["batch"]["rows"] == 2
+        searched += expected != alone(model, tokenizer, PROMPTS[i], adapter, n)
+    assert searched  # the beams found another sequence than greedy decoding for some request
+    assert generator.generate(requests[3:])[0]["token_ids"] == alone(model, tokenizer, PROMPTS[0], "a", 8, num_beams=3,
+                                                                     num_return_sequences=1)
+    for bad in (0, 9, 2.5):
+        with pytest.raises(serving.RequestError, match="'num_beams' must be"):
+            generator.request({"prompt": PROMPTS[0], "num_beams": bad})
