@@ -93,6 +93,12 @@ def segment_mask(segment_ids: jax.Array, key_mask: jax.Array | None = None) -> j
     return (same & valid[:, None, :])[:, None]
 
 
+def within_segments(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """``mask`` (``[batch, 1, q, k]``) cut to each token's own packed sequence; unchanged where
+    ``segment_ids`` is ``None`` (rows not packed)."""
+    return mask if segment_ids is None else mask & segment_mask(segment_ids)
+
+
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """``[batch, seq]`` positions that restart at 0 where each segment of a packed row begins (a
     run of equal ``segment_ids``), as each sequence's own positions would be unpacked."""

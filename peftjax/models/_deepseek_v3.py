@@ -377,7 +377,7 @@ class DeepseekV3Model(LlamaModel):
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
         mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
-        masks = {None: mask if segment_ids is None else mask & attn.segment_mask(segment_ids)}
+        masks = {None: attn.within_segments(mask, segment_ids)}
         cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
         scale = self.query_scale(pos.position_ids, x.dtype)
         if cache is None:  # training and scoring: scanned and/or rematerialised

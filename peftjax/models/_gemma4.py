@@ -402,13 +402,12 @@ class Gemma4TextModel(nnx.Module):
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
-        same = None if segment_ids is None else attn.segment_mask(segment_ids)  # packed: within each sequence
         per_type = {}
         for t, rope in self.ropes:
             window = self.sliding_window if t == "sliding_attention" else None
             cos, sin = rope.cos_sin(pos.position_ids, x.dtype)
             mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
-            per_type[t] = (cos, sin, mask if same is None else mask & same)
+            per_type[t] = (cos, sin, attn.within_segments(mask, segment_ids))  # packed: within each sequence
         offset = attn.causal_offset(cache, None, pos.start)
         new_cache = [] if cache is not None else None
         shared, router_logits = {}, []

@@ -153,10 +153,8 @@ def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, pre
         prefix_kv=prefix_kv, num_layers=len(model.layers), owner=type(model).__name__,
         prefix_layout=lambda: kv_layout(model.config),
     )
-    per_kind = kind_inputs(kinds, rope, pos, x.dtype)
-    if segment_ids is not None:
-        same = attn.segment_mask(segment_ids)
-        per_kind = {name: (cos, sin, mask & same) for name, (cos, sin, mask) in per_kind.items()}
+    per_kind = {name: (cos, sin, attn.within_segments(mask, segment_ids))
+                for name, (cos, sin, mask) in kind_inputs(kinds, rope, pos, x.dtype).items()}
     x, new_cache = run_layer_kinds(model.layers, layer_kinds, per_kind, x, remat=model.remat, cache=cache,
                                    start=pos.start, prefix_kv=prefix_kv, dropout_rng=dropout_rng, call=call)
     return ModelOutput(last_hidden_state=model.norm(x), past_key_values=new_cache)

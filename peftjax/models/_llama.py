@@ -257,12 +257,9 @@ class LlamaModel(nnx.Module):
         """What every layer's attention may read, by key (Llama: each window's ``[b, 1, q, k]`` mask;
         a layer reads the one of its :meth:`LlamaAttention.mask_key`); with ``segment_ids`` (packed
         rows), within each token's own sequence only."""
-        masks = {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w)
-                 for w in set(sliding_windows(self.config))}
-        if segment_ids is None:
-            return masks
-        same = attn.segment_mask(segment_ids)
-        return {key: mask & same for key, mask in masks.items()}
+        return {w: attn.within_segments(attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True,
+                                                               window=w), segment_ids)
+                for w in set(sliding_windows(self.config))}
 
     def packed_inputs(self, segment_ids, attention_mask, position_ids, cache, prefix_kv) -> tuple:
         """``(segment_ids, attention_mask, position_ids)`` of a call with packed rows: the positions

@@ -207,11 +207,10 @@ class Llama4TextModel(LlamaModel):
         With ``segment_ids`` (packed rows) each sequence is on its own: attended within, its chunks
         and its slots counted from its first token."""
         config = self.config
-        masks = {"full_attention": attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)}
+        full = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
+        masks = {"full_attention": attn.within_segments(full, segment_ids)}
         slots = pos.query_positions[None]  # [1, q]
         if segment_ids is not None:
-            same = attn.segment_mask(segment_ids)
-            masks["full_attention"] = masks["full_attention"] & same
             slots = attn.segment_positions(segment_ids)  # [b, q]: each sequence's own, from 0
         if "chunked_attention" in config.layer_types:
             chunk = int(config.attention_chunk_size)

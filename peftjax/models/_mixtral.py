@@ -329,10 +329,7 @@ class MixtralModel(LlamaModel):
         )
         windows = sliding_windows(self.config)
         distinct = sorted(set(windows), key=str)
-        masks = {w: attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=w) for w in distinct}
-        if segment_ids is not None:  # causal within each packed sequence
-            same = attn.segment_mask(segment_ids)
-            masks = {w: mask & same for w, mask in masks.items()}
+        masks = self.attention_masks(pos, segment_ids)  # each window's, within each packed sequence
         if self.mask_per_layer:  # layer i looks up its window's mask by index (static windows would not scan)
             table = jnp.stack([masks[w] for w in distinct])
             which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)

@@ -306,9 +306,7 @@ class Qwen3_5TextModel(LlamaModel):
             b, s, attention_mask=attention_mask, position_ids=position_ids, cache=None, cache_index=cache_index,
             prefix_kv=None, num_layers=len(self.layers), owner=type(self).__name__, prefix_layout=lambda: (0, 0),
         )
-        mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
-        if segment_ids is not None:
-            mask = mask & attn.segment_mask(segment_ids)
+        mask = attn.within_segments(attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True), segment_ids)
         token_mask = None
         if attention_mask is not None and s > 1:  # a decoded token is never padding (transformers' rule too)
             token_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), pos.start, s, axis=1)
