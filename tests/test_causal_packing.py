@@ -141,12 +141,13 @@ def test_the_trainer_packs_a_causal_lm_and_trains_as_unpacked(llama_dir, tmp_pat
     assert (metrics["eval_rows"], metrics["eval_tokens"]) == (24, sum(map(len, _rows())))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "deepseek_v3", "qwen3_5_text", "qwen3_next"])
 def test_a_packed_decoder_classifier_reads_each_sequence_at_its_last_token(family, tmp_path):
     """A decoder's sequence classifier on packed rows gives each sequence the logits transformers'
     classifier gives it alone (read at its last non-pad token: one sequence ends in pad tokens,
     as a tokenizer whose pad is its EOS leaves it), and the loss over the right-padded batch."""
-    spec = task_arch(family, "ForSequenceClassification", num_labels=3)
+    spec = (arch(family, "Qwen3_5TextForSequenceClassification", num_labels=3) if family == "qwen3_5_text"
+            else task_arch(family, "ForSequenceClassification", num_labels=3))
     hf = save_tiny(spec, tmp_path)
     model = models.from_pretrained(tmp_path)
     assert model.packs_sequences

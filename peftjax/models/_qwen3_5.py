@@ -40,7 +40,7 @@ from peftjax.models._auto import register
 from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.models._gemma2 import GemmaRMSNorm
 from peftjax.models._layer_kinds import checked_layer_types
-from peftjax.models._llama import LlamaForCausalLM, LlamaMLP, LlamaModel, head_dim_of
+from peftjax.models._llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP, LlamaModel, head_dim_of
 from peftjax.models._mixtral import (
     ExpertLayout,
     MixtralForCausalLM,
@@ -50,7 +50,7 @@ from peftjax.models._mixtral import (
     load_balancing_loss,
     routing_statistics,
 )
-from peftjax.models._losses import pool_last_token, sequence_classification_loss, token_labels_loss
+from peftjax.models._losses import token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -398,21 +398,12 @@ class _Qwen3_5WithHead(TextOfVisionLanguage, PreTrainedModel):
         self.model = Qwen3_5TextModel(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-class Qwen3_5TextForSequenceClassification(_Qwen3_5WithHead):
-    """Sequence classification: the decoder plus a ``score`` head read at the last real token."""
+class Qwen3_5TextForSequenceClassification(TextOfVisionLanguage, LlamaForSequenceClassification):
+    """Sequence classification: the decoder plus a ``score`` head read at the last real token (of
+    each packed sequence too, as Llama's classifier)."""
 
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = nnx.Linear(self.config.hidden_size, self.config.num_labels, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 dropout_rng=None) -> ModelOutput:
-        out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng=dropout_rng)
-        logits = self.score(out.last_hidden_state)
-        pooled = pool_last_token(logits, input_ids, self.config.pad_token_id)
-        loss = None if labels is None else sequence_classification_loss(pooled, jnp.asarray(labels), self.config)
-        return ModelOutput(logits=pooled, loss=loss, last_hidden_state=out.last_hidden_state)
+    ignored_keys: ClassVar[tuple[str, ...]] = (*TextOfVisionLanguage.ignored_keys, r"lm_head\.weight")
+    model_class: ClassVar[type[nnx.Module]] = Qwen3_5TextModel
 
 
 class Qwen3_5ForTokenClassification(_Qwen3_5WithHead):
