@@ -72,15 +72,20 @@ def _jitted(model, **inputs):
     return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
-def test_delta_rule_kernels_match_transformers():
-    """Chunked (two chunks, a starting state, value heads sharing key heads) and recurrent."""
-    rng = np.random.RandomState(0)
-    b, s, hk, hv, dk, dv = 2, 70, 2, 4, 8, 6
+def _delta_rule_inputs(seed: int, b: int = 2, s: int = 70) -> tuple[np.ndarray, ...]:
+    """``(q, k, v, g, beta, state)``: 2 key heads serving 4 value heads, a decay <= 0, a starting state."""
+    rng = np.random.RandomState(seed)
+    hk, hv, dk, dv = 2, 4, 8, 6
     q, k = rng.randn(b, s, hk, dk).astype(np.float32), rng.randn(b, s, hk, dk).astype(np.float32)
     v = rng.randn(b, s, hv, dv).astype(np.float32)
     g = -np.abs(rng.randn(b, s, hv)).astype(np.float32)
     beta = (1 / (1 + np.exp(-rng.randn(b, s, hv)))).astype(np.float32)
-    state = rng.randn(b, hv, dk, dv).astype(np.float32)
+    return q, k, v, g, beta, rng.randn(b, hv, dk, dv).astype(np.float32)
+
+
+def test_delta_rule_kernels_match_transformers():
+    """Chunked (two chunks, a starting state, value heads sharing key heads) and recurrent."""
+    q, k, v, g, beta, state = _delta_rule_inputs(0)
     t = [torch.tensor(x) for x in (q, k, v, g, beta, state)]
     ref_out, ref_state = qwen3_5.torch_chunk_gated_delta_rule(
         *t[:3], g=t[3], beta=t[4], initial_state=t[5], output_final_state=True, use_qk_l2norm_in_kernel=True)
@@ -101,18 +106,13 @@ def test_packed_rows_run_each_sequence_from_zeros_as_transformers_kernels_run_it
     kernels give it alone, from a zero state (the given state reaches a row's first sequence)."""
     from peftjax.nn._delta_rule import causal_depthwise_conv
 
-    rng = np.random.RandomState(1)
-    b, s, hk, hv, dk, dv = 2, 70, 2, 4, 8, 6
-    q, k = rng.randn(b, s, hk, dk).astype(np.float32), rng.randn(b, s, hk, dk).astype(np.float32)
-    v = rng.randn(b, s, hv, dv).astype(np.float32)
-    g = -np.abs(rng.randn(b, s, hv)).astype(np.float32)
-    beta = (1 / (1 + np.exp(-rng.randn(b, s, hv)))).astype(np.float32)
-    state = rng.randn(b, hv, dk, dv).astype(np.float32)
+    q, k, v, g, beta, state = _delta_rule_inputs(1)
+    rng = np.random.RandomState(2)
     lengths = [[3, 13, 8, 20, 1, 25], [40, 30]]  # boundaries at 16 and 24 start chunks of 8
     segments = np.stack([np.repeat(np.arange(1, len(n) + 1), n) for n in lengths])
     out, _ = jax.jit(chunk_gated_delta_rule, static_argnames="chunk_size")(q, k, v, g, beta, state, chunk_size=8,
                                                                           segment_ids=segments)
-    x = rng.randn(b, s, 12).astype(np.float32)
+    x = rng.randn(2, 70, 12).astype(np.float32)
     weight = rng.randn(12, 1, 4).astype(np.float32)
     conv, _ = causal_depthwise_conv(jnp.asarray(x), jnp.asarray(weight), segment_ids=segments)
     for row, ns in enumerate(lengths):
