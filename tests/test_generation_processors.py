@@ -295,7 +295,8 @@ def test_stop_strings_end_rows_as_transformers(worded, family):
     """``stop_strings`` with the tokenizer: each row ends with the token that completes one of the
     strings in its text (prompt included for a decoder, the decoder's text for T5), greedy, token
     for token as transformers' ``generate``; sampled rows end exactly where transformers'
-    ``StopStringCriteria`` first fires on them. With beams, or without the tokenizer: refused."""
+    ``StopStringCriteria`` first fires on them; over beams, as transformers' beam search ends a
+    continuation. Without the tokenizer: refused."""
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     tokenizer = worded["tokenizer"]
@@ -326,8 +327,13 @@ def test_stop_strings_end_rows_as_transformers(worded, family):
         assert (row[end:] == 2).all(), (row, end)  # the pad after the token that completed a string
         ended += True in fired
     assert ended, "no sampled row met a stop string"
-    with pytest.raises(NotImplementedError, match="stop_strings with beam search"):
-        model.generate(ids, mask, **settings, num_beams=2, stop_strings=stops, tokenizer=tokenizer)
+    # over beams every continuation kept is checked, and one that completes a string ends as at an EOS
+    beams = dict(settings, num_beams=3, num_return_sequences=2)
+    ours = model.generate(ids, mask, **beams, stop_strings=stops, tokenizer=tokenizer)
+    np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **beams, stop_strings=stops,
+                                                    tokenizer=tokenizer))
+    plain = model.generate(ids, mask, **beams)
+    assert ours.shape != plain.shape or (ours != plain).any()
     with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
         model.generate(ids, mask, **settings, stop_strings=stops)
 

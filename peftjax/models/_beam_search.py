@@ -8,7 +8,7 @@ probabilities (after the logits processors: repetition penalty, minimum length) 
 keeps the ``K = max(2, 1 + n_eos) * num_beams`` best continuations of the item (beam sampling
 draws them instead, without replacement, in proportion to the exponentiated scores, and orders
 them by score); those that end
-(an EOS token, or the last allowed step) may enter the finished set, scored by their sum divided
+(an EOS token, a stop string, or the last allowed step) may enter the finished set, scored by their sum divided
 by ``length ** length_penalty``, and the best ``num_beams`` that do not end run on. The loop stops
 when no item can improve its finished set (``early_stopping``: ``True`` once an item has
 ``num_beams`` finished, ``False`` by transformers' heuristic from the current length, ``"never"``
@@ -58,7 +58,7 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new_tokens: int, length_penalty,
-         early_stopping, key=None) -> tuple[Beams, jax.Array, jax.Array, jax.Array]:
+         early_stopping, key=None, stops=None) -> tuple[Beams, jax.Array, jax.Array, jax.Array]:
     """One token of every running hypothesis.
 
     Args:
@@ -71,6 +71,9 @@ def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new
       length_penalty: the exponent of the length a finished score is divided by (a value).
       early_stopping: ``True``, ``False`` or ``"never"`` (static), as transformers'.
       key: beam sampling's key (``None``: beam search).
+      stops: ``None``, or which continuations end in a stop string: a function of their parent
+        beams and tokens (each ``[batch, K]``) giving ``[batch, K]`` (transformers applies its
+        stopping criteria to every continuation kept, as to an EOS token).
 
     Returns:
       ``(beams, parents, tokens, going)``: the state after ``i + 1`` tokens; for each new running
@@ -95,6 +98,8 @@ def step(beams: Beams, log_probs: jax.Array, i, *, eos: tuple[int, ...], max_new
     top_running = _gather(beams.running, top_parent).at[:, :, i].set(top_token)
     # a continuation ends with an EOS token, or on the last step (transformers' max-length criterion)
     ends = jnp.isin(top_token, eos_ids) | (i + 1 >= max_new_tokens)
+    if stops is not None:
+        ends = ends | stops(top_parent, top_token)
 
     # the best `num_beams` continuations that do not end run on
     live_scores = top_scores + ends.astype(jnp.float32) * _NEG

@@ -306,7 +306,8 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     # what beam search writes past a hypothesis's end: transformers' `pad_token_id or eos_token_id[0]`
-    search["fill"] = (int(pad_token_id) or eos[0]) if eos else -1
+    # where it has EOS ids, even none (a stop string ends beams then), else -1
+    search["fill"] = -1 if eos_token_id is None else (int(pad_token_id) or (eos[0] if eos else 0))
     search["renormalize"] = bool(defaults.get("renormalize_logits", False))  # changes beams' scores only
     if stop_strings is None:
         stop_strings = defaults.get("stop_strings")
@@ -384,6 +385,23 @@ def ended(done, token, eos_ids, past: Past, length, stop: StopStrings | None = N
     those that had, those that wrote an EOS id, those whose text now ends in a stop string."""
     done = done | jnp.isin(token, eos_ids)
     return done if stop is None else done | stop_string_hits(stop, stop_table, past.tokens, length)
+
+
+def continuation_stops(stop: StopStrings | None, stop_table, past: Past, length):
+    """Beam search's stop strings: ``None`` without them, else the function
+    :func:`~peftjax.models._beam_search.step` takes, of each continuation's parent beam and token
+    (``[batch, K]``), telling which end in a stop string once the token is written as the
+    ``length``-th of the sequence (``past`` holds the running beams' tokens, rows item-major)."""
+    if stop is None:
+        return None
+
+    def stops(parent, token):
+        batch, keep = parent.shape
+        beams = past.tokens.reshape(batch, -1, past.tokens.shape[-1])
+        sequences = jnp.take_along_axis(beams, parent[..., None], axis=1).at[:, :, length - 1].set(token)
+        return stop_string_hits(stop, stop_table, sequences.reshape(batch * keep, -1), length).reshape(batch, keep)
+
+    return stops
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -520,12 +538,7 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
     ``"search"`` popped into ``search``): with ``do_sample``, beam sampling's filters, each keeping
     one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams).
 
-    Raises:
-      NotImplementedError: stop strings (a beam's continuations would each need the check).
     """
-    if decoding["stop"] is not None:
-        raise NotImplementedError(f"stop_strings with beam search (num_beams={search['num_beams']}) are not "
-                                  "implemented; use num_beams=1, or eos_token_id for a stop token")
     sampling = None
     if decoding["do_sample"]:
         sampling = {k: decoding[k] for k in SAMPLING_FILTERS}
@@ -534,7 +547,8 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
                 num_return_sequences=search["num_return_sequences"], early_stopping=search["early_stopping"],
                 length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
                 renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
-                ngram=decoding["ngram"], rules=decoding["rules"])
+                ngram=decoding["ngram"], rules=decoding["rules"], stop=decoding["stop"],
+                stop_table=decoding["stop_table"])
 
 
 def reorder_rows(cache, parents: jax.Array):
@@ -556,11 +570,12 @@ def reorder_rows(cache, parents: jax.Array):
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "num_beams", "num_return_sequences", "early_stopping",
-                     "renormalize", "ngram", "rules", "min_keep"),
+                     "renormalize", "ngram", "rules", "min_keep", "stop"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, rng=None, *,
                    max_new_tokens, eos, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
-                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1):
+                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
+                   stop=None, stop_table=None):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
     times each, or beam sampling (``sampling`` and its key ``rng``): ``([batch *
     num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
@@ -570,7 +585,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
     past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
-                       rules=rules)
+                       rules=rules, keep_tokens=stop is not None)
 
     def body(carry):
         i, logits, cache, key_mask, pos, beams, past, _ = carry
@@ -579,7 +594,8 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
                                    min_keep=min_keep)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
-                                                         key=beam_key(rng, i))
+                                                         key=beam_key(rng, i),
+                                                         stops=continuation_stops(stop, stop_table, past, n + i + 1))
         past = remember(past, tokens, n + i, parents)
         key_mask = key_mask.at[:, s + i].set(1)  # the rows of one prompt share its mask and positions
         out = model(input_ids=tokens[:, None], attention_mask=key_mask, position_ids=pos[:, None],
@@ -706,7 +722,8 @@ class GenerationMixin:
             (transformers' ``InfNanRemoveLogitsProcessor``, after the forced tokens).
           stop_strings, tokenizer: a row ends once its text (prompt included) ends in one of these
             strings, the token that completes it kept, as transformers' ``StopStringCriteria``
-            finds it in ``tokenizer``'s vocabulary (greedy or sampled; not with beams).
+            finds it in ``tokenizer``'s vocabulary (greedy, sampled, or a beam's continuation, which
+            then ends as at an EOS token).
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or

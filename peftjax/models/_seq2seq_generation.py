@@ -23,6 +23,7 @@ from peftjax.models._generation import (
     beam_arguments,
     beam_key,
     beam_log_probs,
+    continuation_stops,
     decoding_arguments,
     ended,
     generated_length,
@@ -93,11 +94,12 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "eos", "start", "num_beams", "num_return_sequences",
-                     "early_stopping", "renormalize", "ngram", "rules", "min_keep"),
+                     "early_stopping", "renormalize", "ngram", "rules", "min_keep", "stop"),
 )
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, rng=None, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
-                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1):
+                   renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
+                   stop=None, stop_table=None):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder), or beam sampling (``sampling``, its key ``rng``):
@@ -110,7 +112,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules, source=input_ids)
+                      rules=rules, source=input_ids, keep_tokens=stop is not None)
 
     def body(carry):
         i, logits, cache, key_mask, beams, past, _ = carry
@@ -119,7 +121,8 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
                                    min_keep=min_keep)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
-                                                         key=beam_key(rng, i))
+                                                         key=beam_key(rng, i),
+                                                         stops=continuation_stops(stop, stop_table, past, 2 + i))
         past = remember(past, tokens, 1 + i, parents)
         logits, cache, key_mask = decode(tokens, reorder_rows(cache, parents), key_mask, i + 1)
         return i + 1, logits, cache, key_mask, beams, past, going
