@@ -202,14 +202,14 @@ class PeftModel:
         none; rows are computed together, and any assignment of a given batch size reuses one
         compiled function (see :meth:`mixed_batch` for a jitted function of the model).
         """
-        with self._explaining_donation("run the model"):
-            if adapter_names is not None:
-                with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
-                    return self.base_model(*args, **kwargs)
-            tuner = self._active_tuner()
-            if tuner is not None and tuner.forward is not None:
-                return tuner.forward(self, self.active_adapter, args, kwargs)
-            return self.base_model(*args, **kwargs)
+        self._check_live("run the model")
+        if adapter_names is not None:
+            with self.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return self.base_model(*args, **kwargs)
+        tuner = self._active_tuner()
+        if tuner is not None and tuner.forward is not None:
+            return tuner.forward(self, self.active_adapter, args, kwargs)
+        return self.base_model(*args, **kwargs)
 
     @contextlib.contextmanager
     def mixed_batch(self, adapter_names: list[str], batch_size: int | None = None):
@@ -246,17 +246,17 @@ class PeftModel:
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} has no generate method")
-        with self._explaining_donation("generate"):
-            if adapter_names is not None:
-                _check_row_names(adapter_names, _batch_size(args, kwargs))
-                # beams and returned sequences repeat each input row: its adapter with it (as PEFT's)
-                times = rows_per_input(self.base_model, kwargs)
-                with self.mixed_batch([name for name in adapter_names for _ in range(times)]):
-                    return self.base_model.generate(*args, **kwargs)
-            tuner = self._active_tuner()
-            if tuner is not None and tuner.generate is not None:
-                return tuner.generate(self, self.active_adapter, args, kwargs)
-            return self.base_model.generate(*args, **kwargs)
+        self._check_live("generate")
+        if adapter_names is not None:
+            _check_row_names(adapter_names, _batch_size(args, kwargs))
+            # beams and returned sequences repeat each input row: its adapter with it (as PEFT's)
+            times = rows_per_input(self.base_model, kwargs)
+            with self.mixed_batch([name for name in adapter_names for _ in range(times)]):
+                return self.base_model.generate(*args, **kwargs)
+        tuner = self._active_tuner()
+        if tuner is not None and tuner.generate is not None:
+            return tuner.generate(self, self.active_adapter, args, kwargs)
+        return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         # attributes of the wrapped model (config, ...), as PEFT forwards them
@@ -319,18 +319,6 @@ class PeftModel:
                 f"{what} got arrays that were already donated to a train step ({deleted[0]}, ...): "
                 "pass the state the step returned, not the one you gave it"
             )
-
-    @contextlib.contextmanager
-    def _explaining_donation(self, action: str):
-        """Runs the block; where it fails on a deleted array, raises :class:`DonatedAdapterError` if
-        the adapter weights are what was donated (checked then, not on every call: walking the
-        model's state took longer than a small model's forward)."""
-        try:
-            yield
-        except RuntimeError as error:
-            if "deleted" in str(error):
-                self._check_live(action)
-            raise
 
     def _check_live(self, action: str) -> None:
         deleted = _deleted_paths(nnx.state(self.base_model, TRAINABLE))
