@@ -14,6 +14,7 @@ import torch
 import transformers as tr
 from _compiles import compilations
 from _generate import IDS, MASK, hf_generate
+from _tiny import arch
 from _tiny import save as save_tiny
 
 from peftjax import models
@@ -207,8 +208,10 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
     each of 1,024 draws of the first new token is one transformers' warpers keep from the PyTorch
     model's logits, every token they leave at least 1% likely is drawn (a 1% token goes unseen
     in 1,024 draws once in 30,000), and the filter cuts while leaving a choice. Their values are
-    arguments of one compiled loop: a new value (or an added warper's value) compiles nothing new."""
-    save_tiny("llama", tmp_path / "tiny")
+    arguments of one compiled loop: a new value (or an added warper's value) compiles nothing new.
+    The vocabulary (160) is wider than the 100 likeliest tokens top-H reads, as transformers': at a
+    temperature that flattens the logits it keeps dozens of them, none past the 100th."""
+    save_tiny(arch("llama", vocab_size=160), tmp_path / "tiny")
     hf = tr.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny").eval()
     with torch.no_grad():  # the tiny model's next token is near uniform; the filters need some shape
         hf.lm_head.weight.mul_(10)
@@ -223,8 +226,12 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
                     .tolist())
         probs = _kept_by_transformers(logits, **{"top_k": 0, **setting})
         kept, likely = set(np.flatnonzero(probs).tolist()), set(np.flatnonzero(probs > 0.01).tolist())
-        assert 1 < len(kept) < 96, (setting, len(kept))
+        assert 1 < len(kept) < 160, (setting, len(kept))
         assert likely <= drawn <= kept and len(drawn) > 1, (setting, sorted(drawn - kept), sorted(likely - drawn))
+    flat = dict(top_h=0.9, temperature=50.0, top_k=0)
+    drawn = set(model.generate(rows, max_new_tokens=1, do_sample=True, seed=0, **flat)[:, -1].tolist())
+    kept = set(np.flatnonzero(_kept_by_transformers(logits, **flat)).tolist())
+    assert 40 < len(kept) <= 100 and 40 < len(drawn) and drawn <= kept, (len(kept), len(drawn), sorted(drawn - kept))
     with compilations() as compiled:
         for value in (0.3, 0.15):
             model.generate(rows[:2], max_new_tokens=2, do_sample=True, min_p=value, top_k=0)
@@ -263,7 +270,6 @@ STORY = ["the cat sat on the mat, and then the dog sat on the log.", "one two th
 def worded(tmp_path_factory):
     """A tiny Llama and T5 over a byte-level BPE vocabulary (as GPT-2's, Llama 3's and Qwen's), both
     frameworks' models, and the tokenizer."""
-    from _tiny import arch
     from _tokenizers import byte_level_bpe
 
     root = tmp_path_factory.mktemp("worded")
