@@ -26,7 +26,8 @@ The HTTP interface (JSON in, JSON out):
 
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
-  "repetition_penalty": float, "no_repeat_ngram_size": int, "seed": int}`` (``adapter`` null or
+  "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
+  "seed": int}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
@@ -277,7 +278,7 @@ class BatchingGenerator:
             mask[i, width - len(r.input_ids):] = 1
         new = min(_next_power_of_two(max(r.max_new_tokens for r in requests)), self.max_new_tokens)
         new = max(new, max(r.max_new_tokens for r in requests))
-        if requests[0].num_beams > 1:  # the best beam of another length would be another sequence
+        if (requests[0].num_beams or 1) > 1:  # the best beam of another length would be another sequence
             new = requests[0].max_new_tokens
         first = requests[0]
         out = self.model.generate(
