@@ -64,20 +64,26 @@ def attention_mask_4d(
     return mask[:, None, :, :]
 
 
-def chunked_attention_mask_4d(query_slots: jax.Array, key_mask: jax.Array, chunk: int) -> jax.Array:
+def chunked_attention_mask_4d(query_slots: jax.Array, key_mask: jax.Array, chunk: int,
+                              segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal attention within chunks of ``chunk`` slots (Llama 4's local layers): a boolean
     ``[batch, 1, q, k]`` mask, as transformers' ``create_chunked_causal_mask``: the chunks of each
-    row start at its first real key (left padding shifts them).
+    row start at its first real key (left padding shifts them); in packed rows, within each
+    sequence, its chunks counted from its first token.
 
     Args:
       query_slots: ``[q]`` or ``[batch, q]`` indices of each query in the key sequence.
       key_mask: ``[batch, k]``, true where a key is a real token.
       chunk: the chunk size (``attention_chunk_size``).
+      segment_ids: ``[batch, seq]`` packed rows (the queries are the keys), or ``None``.
     """
-    mask = attention_mask_4d(query_slots, key_mask, causal=True)
-    lead = jnp.sum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) == 0, axis=-1)[:, None]  # [b, 1]
-    q = (query_slots[None, :] if query_slots.ndim == 1 else query_slots) - lead
-    k = jnp.arange(key_mask.shape[-1])[None, :] - lead
+    mask = within_segments(attention_mask_4d(query_slots, key_mask, causal=True), segment_ids)
+    if segment_ids is not None:
+        q = k = segment_positions(segment_ids)
+    else:
+        lead = jnp.sum(jnp.cumsum(key_mask.astype(jnp.int32), axis=-1) == 0, axis=-1)[:, None]  # [b, 1]
+        q = (query_slots[None, :] if query_slots.ndim == 1 else query_slots) - lead
+        k = jnp.arange(key_mask.shape[-1])[None, :] - lead
     return mask & ((q[:, :, None] // chunk) == (k[:, None, :] // chunk))[:, None]
 
 

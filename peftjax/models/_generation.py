@@ -536,9 +536,7 @@ def beam_key(rng, i):
 def beam_arguments(decoding: dict, search: dict) -> dict:
     """A beam loop's keyword arguments from :func:`decoding_arguments`' result (``decoding``, its
     ``"search"`` popped into ``search``): with ``do_sample``, beam sampling's filters, each keeping
-    one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams).
-
-    """
+    one token more than the EOS ids (transformers' ``min_tokens_to_keep`` for beams)."""
     sampling = None
     if decoding["do_sample"]:
         sampling = {k: decoding[k] for k in SAMPLING_FILTERS}

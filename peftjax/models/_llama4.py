@@ -209,17 +209,11 @@ class Llama4TextModel(LlamaModel):
         config = self.config
         full = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True)
         masks = {"full_attention": attn.within_segments(full, segment_ids)}
-        slots = pos.query_positions[None]  # [1, q]
-        if segment_ids is not None:
-            slots = attn.segment_positions(segment_ids)  # [b, q]: each sequence's own, from 0
         if "chunked_attention" in config.layer_types:
-            chunk = int(config.attention_chunk_size)
-            if segment_ids is None:
-                masks["chunked_attention"] = attn.chunked_attention_mask_4d(pos.query_positions, pos.key_mask, chunk)
-            else:  # a query and a key of one sequence (causal), in one of its chunks
-                masks["chunked_attention"] = masks["full_attention"] & (
-                    (slots[:, :, None] // chunk) == (slots[:, None, :] // chunk))[:, None]
-        if config.attn_temperature_tuning:
+            masks["chunked_attention"] = attn.chunked_attention_mask_4d(
+                pos.query_positions, pos.key_mask, int(config.attention_chunk_size), segment_ids)
+        if config.attn_temperature_tuning:  # at [1, q] slots, or [b, q]: each packed sequence's own, from 0
+            slots = pos.query_positions[None] if segment_ids is None else attn.segment_positions(segment_ids)
             masks[TEMPERATURE] = llama4_query_scale_at(slots + 1, float(config.attn_scale), float(config.floor_scale))
         return masks
 

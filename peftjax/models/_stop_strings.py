@@ -122,8 +122,8 @@ def _table(texts, ids, strings) -> tuple[np.ndarray, int, int]:
                 positions[string][index] = found
             if overlaps:
                 ends[string][index] = overlaps
-    if not any(ends[s] for s in strings) or not all(ends[s] for s in strings):
-        missing = [s for s in strings if not ends[s]]
+    missing = [s for s in strings if not ends[s]]
+    if missing:
         raise ValueError(f"stop_strings {missing!r}: no token of the vocabulary can end them (characters the "
                          "tokenizer does not have?)")
     width_p = max([len(v) for s in strings for v in positions[s].values()] or [1])
