@@ -76,6 +76,19 @@ def alone(model, tokenizer, prompt, adapter, max_new_tokens, **settings):
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
+def two_lora_adapters(files):
+    """``(tokenizer, model, generator)``: the base with LoRA adapters ``a`` and ``b``, and a
+    :class:`~peftjax.serving.BatchingGenerator` over it of 8 new tokens at most."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(files / "base")
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
+    model.load_adapter(files / "b", adapter_name="b")
+    return tokenizer, model, serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+
+
 @pytest.fixture(scope="module")
 def server(files):
     """``peftjax serve`` in a subprocess on a free port; yields its URL."""
@@ -144,13 +157,7 @@ def test_clients_sampling_settings_compile_nothing_new(files):
     """Each client sends its own temperature, top_p, top_k, min_p, typical_p and seed; after the first
     request with those filters on, the server's batches of the same shape run the program already
     compiled."""
-    from transformers import AutoTokenizer
-
-    from peftjax.serving import BatchingGenerator
-
-    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
-    model.load_adapter(files / "b", adapter_name="b")
-    generator = BatchingGenerator(model, AutoTokenizer.from_pretrained(files / "base"), max_new_tokens=8)
+    _, model, generator = two_lora_adapters(files)
     bodies = [{"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "typical_p": 0.9, "seed": 1},
               {"temperature": 1.6, "top_p": 0.5, "top_k": 3, "min_p": 0.2, "typical_p": 0.5, "seed": 9},
               {"temperature": 0.2, "top_p": 0.99, "top_k": 200, "min_p": 0.01, "typical_p": 0.99, "seed": 4}]
@@ -172,10 +179,7 @@ def test_a_request_s_repetition_penalty_is_its_own(files):
 
     from peftjax import serving
 
-    tokenizer = AutoTokenizer.from_pretrained(files / "base")
-    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
-    model.load_adapter(files / "b", adapter_name="b")
-    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    tokenizer, model, generator = two_lora_adapters(files)
     asks = [(0, "a", 0.3), (2, "b", 0.3), (1, "a", None)]  # below 1: seen tokens are favoured
     requests = [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": 8,
                                    **({} if penalty is None else {"repetition_penalty": penalty})})
@@ -312,14 +316,9 @@ def test_a_request_s_stop_strings_cut_its_own_completion(files):
     the new text, as a client reading the tokens one by one would cut it (``token_ids`` up to the
     token that completed it, ``finish_reason`` "stop"); a string found only in the prompt cuts
     nothing; requests with different stop strings share one batch."""
-    from transformers import AutoTokenizer
-
     from peftjax import serving
 
-    tokenizer = AutoTokenizer.from_pretrained(files / "base")
-    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
-    model.load_adapter(files / "b", adapter_name="b")
-    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    tokenizer, model, generator = two_lora_adapters(files)
     asks = [(0, "a"), (2, "b"), (1, "a")]
     free = generator.generate([generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8})
                                for i, a in asks])
@@ -354,14 +353,9 @@ def test_a_request_s_stop_strings_cut_its_own_completion(files):
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
     """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
     (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""
-    from transformers import AutoTokenizer
-
     from peftjax import serving
 
-    tokenizer = AutoTokenizer.from_pretrained(files / "base")
-    model = peftjax.AutoPeftModel.from_pretrained(files / "a", files / "base", adapter_name="a")
-    model.load_adapter(files / "b", adapter_name="b")
-    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    tokenizer, model, generator = two_lora_adapters(files)
     asks = [(0, "a", 3, 5), (2, "b", 3, 5), (1, "a", None, 5), (0, "a", 3, 8)]
     requests = [generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": n,
                                    **({} if beams is None else {"num_beams": beams})}) for i, a, beams, n in asks]
