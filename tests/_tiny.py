@@ -193,6 +193,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # BERT's encoder under DistilBERT's names; a hidden_dim that is no multiple of dim
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(
         vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=37, pad_token_id=0, num_labels=3)),
+    # DeBERTa-v3's layout (shared keys, a normalised relative table, no absolute positions or token
+    # types) with 4 buckets up to 16: distances past 2 fall in log buckets within 11-token rows
+    "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, relative_attention=True, position_buckets=4, max_relative_positions=16,
+        pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+        num_labels=3)),
     # a global layer, then local ones reaching 2 tokens either side (local_attention 4)
     "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

@@ -27,7 +27,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
-           "distilbert": "DistilBertConfig",
+           "distilbert": "DistilBertConfig", "deberta-v2": "DebertaV2Config",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -130,6 +130,8 @@ VARIANTS = [
     ("smollm3", dict(use_sliding_window=False, tie_word_embeddings=False, num_key_value_heads=None)),
     ("gemma", dict(hidden_act="gelu", num_key_value_heads=1, head_dim=16)),
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
+    ("deberta-v2", dict(pos_att_type="p2c|c2p", relative_attention=True, position_buckets=256, share_att_key=True)),
+    ("deberta-v2", dict(pos_att_type=["c2p"], pooler_hidden_size=32, hidden_size=32, num_attention_heads=4)),
     ("modernbert", dict(layer_types=None, num_hidden_layers=5, global_attn_every_n_layers=2, classifier_pooling="mean")),
     ("modernbert", dict(rope_parameters=None, global_rope_theta=500.0, local_rope_theta=7.0, norm_bias=True)),
     ("qwen3_5_text", dict(layer_types=None, num_hidden_layers=5, full_attention_interval=2)),
@@ -170,6 +172,18 @@ def test_a_transformers_4_gemma3_config_reads_as_transformers_reads_it(tmp_path)
                   rope_scaling={"rope_type": "linear", "factor": 4.0})
     (tmp_path / "config.json").write_text(json.dumps(fields))
     assert_same_fields(models.load_config(tmp_path), tr.AutoConfig.from_pretrained(tmp_path))
+
+
+def test_a_hub_deberta_v3_config_reads_as_transformers_reads_it(tmp_path):
+    """The v3 releases' file: ``pos_att_type`` as a ``"p2c|c2p"`` string, no ``pooler_hidden_size``."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="deberta-v2", hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
+        relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+        pos_att_type="p2c|c2p", layer_norm_eps=1e-7, max_relative_positions=-1, position_biased_input=False,
+        type_vocab_size=0, vocab_size=128100)))
+    ours = models.load_config(tmp_path)
+    assert_same_fields(ours, tr.AutoConfig.from_pretrained(tmp_path))
+    assert ours.pos_att_type == ["p2c", "c2p"] and ours.pooler_hidden_size == 32
 
 
 def test_what_save_pretrained_writes_transformers_reads_back(tmp_path):

@@ -369,6 +369,13 @@ def test_two_processes_train_like_one_device(report):
         ("distilbert.transformer.layer.0.ffn.lin1.kernel", (32, 64), P(None, "model")),
         ("distilbert.transformer.layer.0.ffn.lin2.kernel", (64, 32), P("model", None)),
         ("pre_classifier.kernel", (32, 32), P(None, None)),  # the classifier head: replicated
+        # DeBERTa: its projections (the relative table's too) as BERT's; the shared table replicated
+        ("deberta.encoder.layer.0.attention.self.query_proj.kernel", (32, 32), P(None, "model")),
+        ("deberta.encoder.layer.0.attention.self.value_proj.bias", (32,), P("model")),
+        ("deberta.encoder.layer.0.attention.self.pos_key_proj.kernel", (32, 32), P(None, "model")),
+        ("deberta.encoder.layer.0.attention.output.dense.kernel", (32, 32), P("model", None)),
+        ("deberta.encoder.layer.0.output.dense.kernel", (64, 32), P("model", None)),
+        ("deberta.encoder.rel_embeddings.embedding", (8, 32), P(None, None)),
         ("transformer.h.0.attn.c_attn.kernel", (32, 96), P(None, "model")),
         ("transformer.h.0.attn.c_proj.kernel", (32, 32), P("model", None)),
         ("transformer.h.0.mlp.c_fc.kernel", (32, 128), P(None, "model")),

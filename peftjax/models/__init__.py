@@ -84,6 +84,12 @@ from peftjax.models._olmo import (
     Olmo3ForCausalLM,
     Olmo3ForSequenceClassification,
 )
+from peftjax.models._deberta_v2 import (
+    DebertaV2ForQuestionAnswering,
+    DebertaV2ForSequenceClassification,
+    DebertaV2ForTokenClassification,
+    DebertaV2Model,
+)
 from peftjax.models._modernbert import (
     ModernBertForMaskedLM,
     ModernBertForQuestionAnswering,
@@ -218,6 +224,10 @@ __all__ = [
     "MixtralForSequenceClassification",
     "MixtralForTokenClassification",
     "ModelConfig",
+    "DebertaV2ForQuestionAnswering",
+    "DebertaV2ForSequenceClassification",
+    "DebertaV2ForTokenClassification",
+    "DebertaV2Model",
     "ModernBertForMaskedLM",
     "ModernBertForQuestionAnswering",
     "ModernBertForSequenceClassification",

@@ -19,7 +19,8 @@ Its spec comes from, in order:
      (norm scales, biases) are replicated.
    * ``"tp"``: Megatron tensor parallelism over ``model``: column-parallel
      ``q/k/v/gate/up_proj`` (Phi-3 ``qkv_proj``, ``gate_up_proj``; BERT ``query/key/value``,
-     ``intermediate.dense``; DistilBERT ``q_lin/k_lin/v_lin``, ``ffn.lin1``; GPT-2 ``c_attn``,
+     ``intermediate.dense``; DeBERTa ``query_proj/key_proj/value_proj`` and its position
+     projections; DistilBERT ``q_lin/k_lin/v_lin``, ``ffn.lin1``; GPT-2 ``c_attn``,
      ``c_fc``) split their output dimension (and bias), row-parallel ``o_proj``/``down_proj`` (BERT
      ``attention.output.dense``, ``output.dense``; DistilBERT ``out_lin``, ``ffn.lin2``; GPT-2
      ``c_proj``) their input dimension, the input embedding its hidden dimension (the
@@ -63,9 +64,10 @@ PRESETS = ("dp", "fsdp", "tp")
 # column-parallel (split the output) and row-parallel (split the input) layers of the bundled
 # models: Llama/Mistral/Qwen2/Qwen3, Phi-3 (qkv_proj, gate_up_proj | o_proj, down_proj), BERT
 # (query/key/value, intermediate.dense | attention.output.dense, output.dense), DistilBERT
-# (q_lin/k_lin/v_lin, ffn.lin1 | out_lin, ffn.lin2) and GPT-2 (c_attn, c_fc | c_proj)
+# (q_lin/k_lin/v_lin, ffn.lin1 | out_lin, ffn.lin2), GPT-2 (c_attn, c_fc | c_proj) and DeBERTa (query_proj,
+# key_proj, value_proj, pos_key_proj, pos_query_proj; its output.dense as BERT's)
 _COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|intermediate\.dense|"
-           r"q_lin|k_lin|v_lin|ffn\.lin1|c_attn|c_fc)")
+           r"query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj|q_lin|k_lin|v_lin|ffn\.lin1|c_attn|c_fc)")
 _ROW = r"(o_proj|down_proj|output\.dense|out_lin|ffn\.lin2|c_proj)"
 TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", P(None, MODEL)),

@@ -1,0 +1,492 @@
+"""DeBERTa-v2 and DeBERTa-v3 (``model_type`` ``"deberta-v2"``) in Flax NNX, with transformers' module names.
+
+BERT's post-LayerNorm layers with disentangled attention: besides content-to-content scores, each
+query reads the keys' relative positions (``c2p``) and each key the query's (``p2c``), through
+one table of relative-position embeddings (``encoder.rel_embeddings``) shared by every layer:
+
+- a relative distance ``i - j`` goes to a log bucket (``position_buckets`` of them, distances past
+  half of them compressed up to ``max_relative_positions``), then indexes ``2 * span`` rows of the
+  table (``span``: the buckets, else ``max_relative_positions``, else ``max_position_embeddings``);
+- ``share_att_key`` (DeBERTa-v3) projects the table with the layer's own ``query_proj`` and
+  ``key_proj`` (so an adapter on them sees the table too, as in PEFT); otherwise
+  ``pos_key_proj`` / ``pos_query_proj``; ``norm_rel_ebd="layer_norm"`` normalises the table first;
+- every score is divided by ``sqrt(head_dim * (1 + the number of pos_att_type entries))``;
+- queries and keys are both masked: a padding row attends evenly to every key, as transformers'
+  (its output is padding's, read by nothing);
+- embeddings: ``word_embeddings`` (``embedding_size`` wide, projected by ``embed_proj`` when it
+  is not ``hidden_size``), absolute positions only with ``position_biased_input`` (false in v3),
+  token types only with ``type_vocab_size > 0``; padding zeroed after the LayerNorm;
+- ``conv_kernel_size`` (DeBERTa-v2-xlarge): a grouped 1-D convolution over the embeddings joins
+  the first layer's output (``encoder.conv``);
+- the sequence classifier reads ``[CLS]`` through ``pooler`` (dropout, ``dense``,
+  ``pooler_hidden_act``), then dropout (``cls_dropout``) and ``classifier``. The Hub's checkpoints
+  (masked LMs) carry no pooler: it is new, as in transformers, so train and save it
+  (``modules_to_save=["pooler"]``: PEFT's ``SEQ_CLS`` adds only ``classifier``).
+
+Dropout (embeddings, the relative table, attention probabilities and outputs, pooler, classifier)
+runs only with a ``dropout_rng`` key, as torch's ``.train()``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._dropout import dropout
+from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
+from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._dropout import split_keys
+from peftjax.nn._functional import softmax
+from peftjax.nn._scan import check_remat, make_layers, run_layer, run_layers
+
+POSITION_ATTENTION = ("c2p", "p2c")
+REL_NORMS = ("none", "layer_norm")
+
+
+def position_attention(config) -> tuple[str, ...]:
+    """``pos_att_type`` as a tuple (transformers 4's ``"p2c|c2p"`` strings included)."""
+    kinds = config.pos_att_type or ()
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.lower().split("|")]
+    return tuple(kinds)
+
+
+def check_config(config) -> None:
+    """Refuses, by field, what this implementation does not compute.
+
+    Raises:
+      ValueError: an unknown activation, ``pos_att_type`` or ``norm_rel_ebd`` entry, a hidden
+        size the heads (or the convolution's groups) do not divide.
+    """
+    acts = {"hidden_act": config.hidden_act, "pooler_hidden_act": getattr(config, "pooler_hidden_act", "gelu")}
+    if getattr(config, "conv_kernel_size", 0) > 0:
+        acts["conv_act"] = getattr(config, "conv_act", "tanh")
+    for field, act in acts.items():
+        if act not in ACTIVATIONS:
+            raise ValueError(f"deberta-v2: {field} {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    unknown = sorted(set(position_attention(config)) - set(POSITION_ATTENTION))
+    if unknown:
+        raise ValueError(f"deberta-v2: pos_att_type {unknown} is not supported; supported: {list(POSITION_ATTENTION)}")
+    norms = [x.strip() for x in str(getattr(config, "norm_rel_ebd", "none")).lower().split("|")]
+    if sorted(set(norms) - set(REL_NORMS)):
+        raise ValueError(f"deberta-v2: norm_rel_ebd {getattr(config, 'norm_rel_ebd')!r} is not supported; "
+                         f"supported: {list(REL_NORMS)}")
+    if not getattr(config, "attention_head_size", None) and config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"deberta-v2: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
+    groups = getattr(config, "conv_groups", 1)
+    if getattr(config, "conv_kernel_size", 0) > 0 and config.hidden_size % groups:
+        raise ValueError(f"deberta-v2: hidden_size {config.hidden_size} is not a multiple of conv_groups {groups}")
+
+
+def relative_span(config) -> tuple[int, int, int]:
+    """``(position_buckets, max_relative_positions, span)``: the bucketing and the table's half size."""
+    buckets = getattr(config, "position_buckets", -1)
+    max_relative = getattr(config, "max_relative_positions", -1)
+    if max_relative < 1:
+        max_relative = config.max_position_embeddings
+    return buckets, max_relative, buckets if buckets > 0 else max_relative
+
+
+def log_bucket(distance: np.ndarray, buckets: int, max_position: int) -> np.ndarray:
+    """Relative distances to DeBERTa's log buckets: those within ``buckets // 2`` stay as they
+    are; longer ones shrink logarithmically up to ``max_position``. Float32, as transformers
+    computes them, so the ceilings land where its do."""
+    mid = buckets // 2
+    sign = np.sign(distance)
+    far = np.where((distance < mid) & (distance > -mid), mid - 1, np.abs(distance))
+    ratio = np.log(far.astype(np.float32) / np.float32(mid)) / np.log(np.float32((max_position - 1) / mid))
+    log_pos = np.ceil(ratio * np.float32(mid - 1)) + np.float32(mid)
+    return np.where(far <= mid, distance.astype(np.float32), log_pos * sign).astype(np.int64)
+
+
+def relative_index(length: int, buckets: int, max_position: int, span: int) -> np.ndarray:
+    """``[length, length]`` rows of the ``2 * span`` relative table for query ``i`` and key ``j``:
+    ``clip(bucket(i - j) + span)``. The ``p2c`` scores read the same rows (the buckets are odd in
+    the distance), so one index serves both; a constant of the sequence length."""
+    distance = np.arange(length)[:, None] - np.arange(length)[None, :]
+    if buckets > 0 and max_position > 0:
+        distance = log_bucket(distance, buckets, max_position)
+    return np.clip(distance + span, 0, 2 * span - 1).astype(np.int32)
+
+
+def _kw(config, dtype, param_dtype, rngs) -> dict:
+    # transformers' _init_weights: normal(0, initializer_range) for Linear and Embedding weights
+    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                kernel_init=nnx.initializers.normal(config.initializer_range))
+
+
+def _norm(config, width, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _embed(config, n, width, dtype, param_dtype, rngs) -> nnx.Embed:
+    return nnx.Embed(n, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                     embedding_init=nnx.initializers.normal(config.initializer_range))
+
+
+class DebertaV2Embeddings(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, h = getattr(config, "embedding_size", None) or config.hidden_size, config.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.word_embeddings = _embed(config, config.vocab_size, e, **kw)
+        self.position_embeddings = nnx.data(None)
+        if getattr(config, "position_biased_input", True):
+            self.position_embeddings = _embed(config, config.max_position_embeddings, e, **kw)
+        self.token_type_embeddings = nnx.data(None)
+        if config.type_vocab_size > 0:
+            self.token_type_embeddings = _embed(config, config.type_vocab_size, e, **kw)
+        self.embed_proj = nnx.data(None)
+        if e != h:
+            self.embed_proj = nnx.Linear(e, h, use_bias=False, **_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _norm(config, h, **kw)
+        self.rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, inputs_embeds, token_type_ids, position_ids, mask, rng=None):
+        x = inputs_embeds
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings(token_type_ids)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = self.LayerNorm(x) * mask[..., None].astype(x.dtype)
+        return dropout(x, self.rate, rng)
+
+
+class DisentangledSelfAttention(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "attention_head_size", None) or h // self.num_heads
+        inner = self.num_heads * self.head_dim
+        kw = _kw(config, dtype, param_dtype, rngs)
+        self.query_proj = nnx.Linear(h, inner, **kw)
+        self.key_proj = nnx.Linear(h, inner, **kw)
+        self.value_proj = nnx.Linear(h, inner, **kw)
+        self.kinds = position_attention(config)
+        self.relative = bool(getattr(config, "relative_attention", False))
+        self.share_att_key = bool(getattr(config, "share_att_key", False))
+        self.pos_key_proj = nnx.data(None)
+        self.pos_query_proj = nnx.data(None)
+        if self.relative and not self.share_att_key:
+            if "c2p" in self.kinds:
+                self.pos_key_proj = nnx.Linear(h, inner, **kw)
+            if "p2c" in self.kinds:
+                self.pos_query_proj = nnx.Linear(h, inner, **kw)
+        # transformers counts pos_att_type in the scale even without relative attention
+        self.scale = float(np.sqrt(np.float32(self.head_dim) * (1 + len(self.kinds))))
+        self.rate = float(config.attention_probs_dropout_prob)
+        self.pos_rate = float(config.hidden_dropout_prob)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def __call__(self, x, mask, rel_embeddings=None, rel_index=None, rng=None):
+        q, k, v = (self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
+        probs_rng, pos_rng = split_keys(rng, 2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / self.scale
+        if self.relative:
+            rel = dropout(rel_embeddings, self.pos_rate, pos_rng)
+            index = jnp.asarray(rel_index)
+            b, h, s = scores.shape[0], self.num_heads, index.shape[0]
+            if "c2p" in self.kinds:  # each query against its keys' relative rows
+                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))
+                c2p = jnp.einsum("bqhd,rhd->bhqr", q, pos_k).astype(jnp.float32)
+                scores = scores + jnp.take_along_axis(c2p, jnp.broadcast_to(index, (b, h, s, s)), axis=-1) / self.scale
+            if "p2c" in self.kinds:  # each key against its query's relative row
+                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
+                p2c = jnp.einsum("bkhd,rhd->bhkr", k, pos_q).astype(jnp.float32)
+                p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(index.T, (b, h, s, s)), axis=-1)
+                scores = scores + jnp.swapaxes(p2c, -1, -2) / self.scale
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.rate, probs_rng)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], -1)
+
+
+class DebertaV2SelfOutput(nnx.Module):
+    def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(width, config.hidden_size, **_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _norm(config, config.hidden_size, dtype, param_dtype, rngs)
+        self.rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, x, residual, rng=None):
+        return self.LayerNorm(dropout(self.dense(x), self.rate, rng) + residual)
+
+
+class DebertaV2Attention(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self = DisentangledSelfAttention(config, **kw)
+        self.output = DebertaV2SelfOutput(config, self.self.num_heads * self.self.head_dim, **kw)
+
+    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None):
+        attn_rng, out_rng = split_keys(rng, 2)
+        return self.output(self.self(x, mask, rel_embeddings, rel_index, attn_rng), x, out_rng)
+
+
+class DebertaV2Intermediate(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(config.hidden_size, config.intermediate_size, **_kw(config, dtype, param_dtype, rngs))
+        self.act = config.hidden_act
+
+    def __call__(self, x):
+        return ACTIVATIONS[self.act](self.dense(x))
+
+
+class DebertaV2Layer(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = DebertaV2Attention(config, **kw)
+        self.intermediate = DebertaV2Intermediate(config, **kw)
+        self.output = DebertaV2SelfOutput(config, config.intermediate_size, **kw)  # transformers' DebertaV2Output
+
+    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None):
+        attn_rng, out_rng = split_keys(rng, 2)
+        a = self.attention(x, mask, rel_embeddings, rel_index, attn_rng)
+        return self.output(self.intermediate(a), a, out_rng)
+
+
+class Conv1d(nnx.Module):
+    """``torch.nn.Conv1d`` over ``[batch, seq, channels]`` with its weight layout
+    (``[out, in / groups, kernel]``) and same-length padding."""
+
+    hf_param_map: ClassVar[dict] = {"weight": ("weight", False), "bias": ("bias", False)}
+
+    def __init__(self, channels: int, kernel_size: int, groups: int, *, init_range, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.weight = nnx.Param(nnx.initializers.normal(init_range)(
+            rngs.params(), (channels, channels // groups, kernel_size), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+        self.groups, self.padding, self.dtype = groups, (kernel_size - 1) // 2, dtype
+
+    def __call__(self, x):
+        w = self.weight.get_value().astype(self.dtype)
+        out = jax.lax.conv_general_dilated(x.astype(self.dtype), w, window_strides=(1,),
+                                           padding=[(self.padding, self.padding)],
+                                           dimension_numbers=("NWC", "OIW", "NWC"), feature_group_count=self.groups)
+        return out + self.bias.get_value().astype(self.dtype)[None, None]
+
+
+class ConvLayer(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kernel, groups = getattr(config, "conv_kernel_size", 3), getattr(config, "conv_groups", 1)
+        self.conv = Conv1d(config.hidden_size, kernel, groups, init_range=config.initializer_range, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+        self.LayerNorm = _norm(config, config.hidden_size, dtype, param_dtype, rngs)
+        self.act = getattr(config, "conv_act", "tanh")
+        self.rate = float(config.hidden_dropout_prob)
+
+    def __call__(self, x, residual, input_mask, rng=None):
+        keep = input_mask[..., None]
+        out = jnp.where(keep, self.conv(x), 0.0).astype(x.dtype)
+        out = ACTIVATIONS[self.act](dropout(out, self.rate, rng))
+        return self.LayerNorm(residual + out) * keep.astype(x.dtype)
+
+
+class DebertaV2Encoder(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
+        self.remat = check_remat(getattr(config, "remat", "none"))
+        self.layer = make_layers(config, lambda _, r: DebertaV2Layer(config, dtype=dtype, param_dtype=param_dtype,
+                                                                     rngs=r), rngs=rngs)
+        self.relative = bool(getattr(config, "relative_attention", False))
+        self.buckets, self.max_relative, self.span = relative_span(config)
+        self.rel_embeddings = nnx.data(None)
+        self.LayerNorm = nnx.data(None)
+        if self.relative:
+            self.rel_embeddings = _embed(config, 2 * self.span, config.hidden_size, **kw)
+        if "layer_norm" in str(getattr(config, "norm_rel_ebd", "none")).lower():  # built, as transformers', even
+            self.LayerNorm = _norm(config, config.hidden_size, **kw)              # without relative attention
+        self.conv = nnx.data(None)
+        if getattr(config, "conv_kernel_size", 0) > 0:
+            self.conv = ConvLayer(config, **kw)
+
+    def __call__(self, x, mask, input_mask, rng=None):
+        rel = index = None
+        if self.relative:
+            rel = self.rel_embeddings.embedding.get_value().astype(x.dtype)
+            if self.LayerNorm is not None:
+                rel = self.LayerNorm(rel)
+            index = relative_index(x.shape[1], self.buckets, self.max_relative, self.span)
+        layers_rng, conv_rng = split_keys(rng, 2)
+
+        def fn(layer, h, k):
+            return layer(h, mask, rel, index, k)
+
+        if self.conv is None:
+            return run_layers(self.layer, fn, x, self.remat, layers_rng)
+        # the convolution joins the first layer's output; the others then run one by one
+        h = self.conv(x, run_layer(self.layer, 0, fn, x, self.remat, layers_rng), input_mask, conv_rng)
+        for i in range(1, len(self.layer)):
+            h = run_layer(self.layer, i, fn, h, self.remat, layers_rng)
+        return h
+
+
+class DebertaV2Model(PreTrainedModel):
+    """The encoder: ``embeddings`` and ``encoder`` (layers, relative table, optional convolution).
+
+    >>> from transformers import DebertaV2Config
+    >>> config = DebertaV2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                          intermediate_size=48, relative_attention=True, pos_att_type="p2c|c2p",
+    ...                          position_buckets=8, share_att_key=True, position_biased_input=False)
+    >>> DebertaV2Model.from_config(config)(input_ids=[[1, 5, 7, 2]]).last_hidden_state.shape
+    (1, 4, 32)
+    """
+
+    base_model_prefix: ClassVar[str] = "deberta"
+    # a non-persistent buffer; a v3 checkpoint's unused absolute positions; the masked-LM heads
+    # of the Hub's checkpoints (legacy ``cls``, ``lm_predictions``, ELECTRA's ``mask_predictions``)
+    ignored_keys: ClassVar[tuple[str, ...]] = (
+        r"(deberta\.)?embeddings\.position_ids", r"(deberta\.)?embeddings\.position_embeddings\.weight",
+        r"cls\..*", r"lm_predictions\..*", r"mask_predictions\..*",
+    )
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        check_config(self.config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embeddings = DebertaV2Embeddings(self.config, **kw)
+        self.encoder = DebertaV2Encoder(self.config, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, dropout_rng=None) -> ModelOutput:
+        """``last_hidden_state`` ``[batch, seq, hidden]``.
+
+        Args:
+          input_ids: ``[batch, seq]`` token ids (or pass ``inputs_embeds``, ``embedding_size`` wide).
+          attention_mask: ``[batch, seq]``, 1 on real tokens (default: all 1).
+          token_type_ids: ``[batch, seq]`` (default 0; read only with ``type_vocab_size > 0``).
+          position_ids: ``[batch, seq]`` absolute positions (default ``0 .. seq-1``; read only
+            with ``position_biased_input``). The relative positions always count columns.
+          dropout_rng: a ``jax.random`` key to apply dropout (training); ``None``: no dropout.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings.word_embeddings(jnp.asarray(input_ids))
+        x = jnp.asarray(inputs_embeds)
+        b, s = x.shape[:2]
+        if s > self.config.max_position_embeddings and self.embeddings.position_embeddings is not None:
+            limit = self.config.max_position_embeddings
+            raise ValueError(f"sequence length {s} exceeds max_position_embeddings {limit}")
+        input_mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
+        types = jnp.zeros((b, s), jnp.int32) if token_type_ids is None else jnp.asarray(token_type_ids)
+        emb_rng, enc_rng = split_keys(dropout_rng, 2)
+        x = self.embeddings(x, types, positions, input_mask, emb_rng)
+        # a query sees a key only when both are real tokens (transformers' mask is their product)
+        mask = (input_mask[:, None, :, None] & input_mask[:, None, None, :])
+        return ModelOutput(last_hidden_state=self.encoder(x, mask, input_mask, enc_rng))
+
+
+class ContextPooler(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        width = getattr(config, "pooler_hidden_size", None) or config.hidden_size
+        self.dense = nnx.Linear(width, width, **_kw(config, dtype, param_dtype, rngs))
+        self.act = getattr(config, "pooler_hidden_act", "gelu")
+        self.rate = float(getattr(config, "pooler_dropout", 0.0))
+
+    def __call__(self, first_tokens, rng=None):
+        return ACTIVATIONS[self.act](self.dense(dropout(first_tokens, self.rate, rng)))
+
+
+def deberta_sequence_loss(logits: jax.Array, labels: jax.Array, config) -> jax.Array:
+    """transformers' DeBERTa-v2 loss: with no ``problem_type``, integer labels below 0 are left
+    out (0 when none counts) and float labels of ``num_labels`` columns are soft targets; a
+    set ``problem_type`` (or one label: regression) gives the usual losses."""
+    if getattr(config, "problem_type", None) is not None or config.num_labels == 1:
+        return sequence_classification_loss(logits, labels, config)
+    logits = logits.astype(jnp.float32)
+    if labels.ndim == 1 or labels.shape[-1] == 1:
+        labels = labels.reshape(-1).astype(jnp.int32)
+        counted = labels >= 0
+        per_row = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(counted, labels, 0)[:, None], -1)[:, 0]
+        return jnp.sum(per_row * counted) / jnp.maximum(jnp.sum(counted), 1)
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * labels, axis=-1))
+
+
+class _DebertaV2Task(PreTrainedModel):
+    base_model_prefix: ClassVar[str] = "deberta"
+    ignored_keys: ClassVar[tuple[str, ...]] = DebertaV2Model.ignored_keys
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.deberta = DebertaV2Model(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class DebertaV2ForSequenceClassification(_DebertaV2Task):
+    """``deberta``, ``pooler`` on ``[CLS]``, dropout (``cls_dropout``) and a linear ``classifier``."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)", r"pooler\.dense\.(weight|bias)")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pooler = ContextPooler(config, **kw)
+        rate = getattr(config, "cls_dropout", None)
+        self.rate = float(config.hidden_dropout_prob if rate is None else rate)
+        self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **_kw(config, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
+        """``[batch, num_labels]`` logits; ``labels`` add transformers' DeBERTa loss
+        (:func:`deberta_sequence_loss`)."""
+        base_rng, pool_rng, head_rng = split_keys(dropout_rng, 3)
+        h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         base_rng).last_hidden_state
+        pooled = self.pooler(h[:, 0], pool_rng)
+        logits = self.classifier(dropout(pooled, self.rate, head_rng))
+        loss = None if labels is None else deberta_sequence_loss(logits, jnp.asarray(labels), self.config)
+        return ModelOutput(logits=logits, loss=loss)
+
+
+class DebertaV2ForTokenClassification(_DebertaV2Task):
+    """A label per token after dropout (``hidden_dropout_prob``); ``labels`` -100 where none counts."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.rate = float(self.config.hidden_dropout_prob)
+        self.classifier = nnx.Linear(self.config.hidden_size, self.config.num_labels,
+                                     **_kw(self.config, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         base_rng).last_hidden_state
+        logits = self.classifier(dropout(h, self.rate, head_rng))
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels))
+
+
+class DebertaV2ForQuestionAnswering(_DebertaV2Task):
+    """A start and an end logit per token (``qa_outputs``), transformers' span loss."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"qa_outputs\.(weight|bias)",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        check_span_labels(self, self.config)
+        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, **_kw(self.config, dtype, param_dtype, rngs))
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, start_positions=None, end_positions=None, dropout_rng=None) -> ModelOutput:
+        h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         dropout_rng).last_hidden_state
+        return ModelOutput(**span_outputs(self.qa_outputs(h), start_positions, end_positions))
+
+
+register(DebertaV2Model, model_types=("deberta-v2",), default=True)
+for _cls in (DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification, DebertaV2ForQuestionAnswering):
+    register(_cls)

@@ -1,0 +1,242 @@
+"""DeBERTa-v2/v3 against PyTorch transformers (outputs, losses and gradients of each layout: v3's
+shared keys and normalised bucketed table, v2's own position projections with absolute positions,
+token types and a narrower embedding, c2p or p2c alone, the convolution), a masked-LM checkpoint
+(the Hub's kind) in a classifier, LoRA both ways with HF PEFT, and the Trainer with the model's
+dropout.
+
+Every weight is moved off its initialisation by noise, so a swapped c2p/p2c term, a bucket off by
+one (rows of 11 tokens against 4 buckets up to 16: distances past 2 are log-bucketed) or a
+missing scale shows.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import transformers as tr
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
+
+IDS = np.random.RandomState(0).randint(3, 96, (2, 11))
+MASK = np.ones_like(IDS)
+MASK[1, 8:] = 0  # right padding
+V2 = dict(share_att_key=False, norm_rel_ebd="none", position_biased_input=True, type_vocab_size=2,
+          embedding_size=24, max_relative_positions=-1, position_buckets=-1, hidden_act="gelu_new")
+CASES = {  # name -> (transformers class, config overrides, labels)
+    "v3-encoder": ("DebertaV2Model", {}, {}),
+    # a label below 0 is left out of DeBERTa's loss (transformers' rule for this family)
+    "v3-cls": ("DebertaV2ForSequenceClassification", {}, dict(labels=np.array([2, -1]))),
+    "v2-cls": ("DebertaV2ForSequenceClassification", V2, dict(labels=np.array([0, 1]))),
+    "c2p-soft-labels": ("DebertaV2ForSequenceClassification", dict(pos_att_type="c2p", pooler_hidden_act="tanh"),
+                        dict(labels=np.array([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]], np.float32))),
+    "p2c-conv-tokens": ("DebertaV2ForTokenClassification", dict(pos_att_type="p2c", conv_kernel_size=3, conv_groups=2,
+                                                                num_labels=5),
+                        dict(labels=np.where(MASK == 1, IDS % 5, -100))),
+    "spans": ("DebertaV2ForQuestionAnswering", dict(num_labels=2),
+              dict(start_positions=np.array([1, 3]), end_positions=np.array([4, 6]))),
+}
+
+
+def save_random(class_name, path, **overrides):
+    """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
+    torch.manual_seed(0)
+    model = getattr(tr, class_name)(_tiny.config("deberta-v2", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def real(x):
+    return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_outputs_losses_and_gradients_equal_transformers(case, tmp_path):
+    class_name, overrides, labels = CASES[case]
+    theirs = save_random(class_name, tmp_path, **overrides)
+    ours = models.from_pretrained(tmp_path)
+    assert type(ours).__name__ == class_name
+    ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
+                 **{k: torch.tensor(v) for k, v in labels.items()})
+    out = nnx.jit(lambda m, kw: m(input_ids=IDS, attention_mask=MASK, **kw))(ours, labels)
+    for name in ("last_hidden_state", "logits", "start_logits", "end_logits", "loss"):
+        if getattr(ref, name, None) is not None:
+            np.testing.assert_allclose(real(np.asarray(getattr(out, name))), real(getattr(ref, name).detach().numpy()),
+                                       atol=1e-5, rtol=0, err_msg=name)
+    if not labels:
+        return
+    # the loss's gradient with respect to every weight (the relative table's gathers included)
+    ref.loss.backward()
+    grads = nnx.grad(lambda m: m(input_ids=IDS, attention_mask=MASK, **labels).loss)(ours)
+    theirs_grads = {k: p.grad.numpy() for k, p in theirs.named_parameters() if p.grad is not None}
+    checked = 0
+    for path, value in nnx.to_flat_state(grads):
+        key = ".".join(map(str, path[:-1]))
+        leaf = path[-1]
+        torch_key = f"{key}.{'bias' if leaf == 'bias' else 'weight'}"
+        if torch_key not in theirs_grads:
+            continue
+        g = np.asarray(value.get_value())
+        g = g.T if leaf == "kernel" else g
+        np.testing.assert_allclose(g, theirs_grads[torch_key], atol=2e-5, rtol=1e-4, err_msg=torch_key)
+        checked += 1
+    assert checked >= len(theirs_grads) - 1  # the padding row's word embedding: zero in torch, absent here
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_masked_lm_checkpoint_loads_into_a_classifier_with_a_new_pooler(legacy, tmp_path):
+    """The Hub's DeBERTa checkpoints are masked LMs (transformers' legacy ``cls`` head, or the
+    ``lm_predictions`` the v3 releases hold): the encoder loads, the head is ignored, and the pooler
+    and classifier are new, as in transformers."""
+    mlm = save_random("DebertaV2ForMaskedLM", tmp_path, legacy=legacy)
+    with pytest.warns(models.NewWeightsWarning, match="pooler.dense.weight"):
+        ours = models.from_pretrained(tmp_path, task_type="SEQ_CLS", num_labels=3)
+    assert type(ours).__name__ == "DebertaV2ForSequenceClassification"
+    with torch.no_grad():
+        ref = mlm.deberta(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state.numpy()
+    np.testing.assert_allclose(real(np.asarray(ours.deberta(input_ids=IDS, attention_mask=MASK).last_hidden_state)),
+                               real(ref), atol=1e-5, rtol=0)
+
+
+def test_lora_moves_both_ways_with_peft(tmp_path):
+    """PEFT's default DeBERTa targets (query_proj, value_proj: with shared keys they also project
+    the relative table, here as in PEFT) on a classifier whose pooler is trained and saved beside
+    the head. PEFT's adapter gives PEFT's logits here; trained here, ours in PEFT."""
+    save_random("DebertaV2ForSequenceClassification", tmp_path / "base")
+    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, modules_to_save=["pooler"])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                     peft.LoraConfig(**config))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+        with torch.no_grad():
+            ref = theirs.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
+
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
+    assert set(model.peft_config["default"].target_modules) == {"query_proj", "value_proj"}
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(
+            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
+        with torch.no_grad():
+            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "fields"), [
+    ("IA3Config", {}),  # PEFT's default targets: key_proj, value_proj and the feed-forward output.dense
+    ("PromptTuningConfig", dict(num_virtual_tokens=3)),
+    ("PromptEncoderConfig", dict(num_virtual_tokens=3)),
+])
+def test_peft_s_ia3_prompt_and_p_tuning_adapters_give_peft_s_logits(method, fields, tmp_path):
+    """Virtual tokens before the input shift every relative distance the same way in both
+    frameworks; IA³ scales the keys, values and feed-forward input as PEFT's does."""
+    save_random("DebertaV2ForSequenceClassification", tmp_path / "base")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                     getattr(peft, method)(task_type="SEQ_CLS", **fields))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+        with torch.no_grad():
+            ref = theirs.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
+
+
+def test_scanned_and_rematerialised_layers_equal_transformers_and_save_a_peft_adapter(tmp_path):
+    """``scan_layers`` and ``remat`` (the v2 convolution after the first layer included): the
+    logits of transformers, the dropout masks of the plain loop for one key, and a LoRA adapter
+    on the stacked layers that PEFT reads to the same logits."""
+    theirs = save_random("DebertaV2ForSequenceClassification", tmp_path / "base", conv_kernel_size=3)
+    model = models.from_pretrained(tmp_path / "base", scan_layers=True, remat="full")
+    assert model.deberta.encoder.layer.layer.attention.self.query_proj.kernel.get_value().shape == (2, 32, 32)
+    with torch.no_grad():
+        ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
+    plain, key = models.from_pretrained(tmp_path / "base"), jax.random.key(1)
+    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK, dropout_rng=key).logits),
+                               np.asarray(plain(input_ids=IDS, attention_mask=MASK, dropout_rng=key).logits),
+                               atol=1e-5, rtol=0)
+    peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(
+            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(peft_model(input_ids=IDS, attention_mask=MASK).logits), theirs,
+                               atol=1e-5, rtol=0)
+
+
+def test_the_trainer_fine_tunes_a_deberta_classifier_with_its_dropout(tmp_path):
+    save_random("DebertaV2ForSequenceClassification", tmp_path / "base", hidden_dropout_prob=0.1,
+                attention_probs_dropout_prob=0.1, pooler_dropout=0.1, num_labels=2)
+    base = models.from_pretrained(tmp_path / "base")
+    # the base model's dropout runs with a key (torch's .train()), a mask per key
+    a, b = (np.asarray(base(input_ids=IDS, attention_mask=MASK, dropout_rng=jax.random.key(k)).logits) for k in (0, 1))
+    assert np.abs(a - b).max() > 1e-4
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(task_type="SEQ_CLS", r=4, modules_to_save=["pooler"]))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=16,
+                                     num_train_epochs=4, learning_rate=5e-3, logging_steps=1, report_to="none",
+                                     disable_tqdm=True, plot=False)
+    peftjax.Trainer(model, args, _tiny.classification_data(64)).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (dict(pos_att_type="p2p|c2p"), r"pos_att_type \['p2p'\] is not supported"),
+    (dict(norm_rel_ebd="batch_norm"), "norm_rel_ebd 'batch_norm' is not supported"),
+    (dict(hidden_act="prelu"), "hidden_act 'prelu' is not supported"),
+    (dict(conv_kernel_size=3, conv_act="swishy"), "conv_act 'swishy' is not supported"),
+])
+def test_what_is_not_implemented_is_named(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        models.DebertaV2ForSequenceClassification.from_config(models.ModelConfig(
+            "deberta-v2", **_tiny.fields("deberta-v2", **overrides)))
+
+
+def test_prefix_tuning_is_refused_by_name():
+    """transformers' DeBERTa takes no cache, so PEFT refuses a prefix too."""
+    model = models.DebertaV2ForSequenceClassification.from_config(models.ModelConfig(
+        "deberta-v2", **_tiny.fields("deberta-v2")))
+    with pytest.raises(TypeError, match="DebertaV2ForSequenceClassification does not implement peftjax's prefix"):
+        peftjax.get_peft_model(model, peftjax.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+
+
+def test_a_sequence_past_the_absolute_positions_is_refused():
+    model = models.DebertaV2Model.from_config(models.ModelConfig(
+        "deberta-v2", **_tiny.fields("deberta-v2", position_biased_input=True, max_position_embeddings=8)))
+    with pytest.raises(ValueError, match="sequence length 11 exceeds max_position_embeddings 8"):
+        model(input_ids=IDS)
