@@ -819,7 +819,15 @@ def get_peft_model(
     >>> peft_model = get_peft_model(model, LoraConfig(r=8, task_type="CAUSAL_LM"))  # doctest: +SKIP
     >>> peft_model.print_trainable_parameters()  # doctest: +SKIP
     trainable params: 3,584 || all params: 110,400 || trainable%: 3.2464
+
+    For a task with a head (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``), the head's modules the
+    checkpoint lacked (``model.newly_initialised``: DeBERTa's pooler) join ``modules_to_save``
+    beside PEFT's ``classifier``/``score``, so the adapter file carries them (see
+    ``peftjax.config.add_new_head_modules``).
     """
+    from peftjax.config import add_new_head_modules
+
+    peft_config = add_new_head_modules(peft_config, getattr(model, "newly_initialised", ()))
     return PeftModel(model, peft_config, adapter_name, key=key, key_mapping=key_mapping)
 
 

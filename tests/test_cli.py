@@ -271,6 +271,8 @@ TASK_CASES = [
     # the Hub's DistilBERT checkpoints (masked LMs); its classifier's pre_classifier is saved too (PEFT's
     # modules_to_save matches it as a suffix of "classifier")
     ("distilbert", "SEQ_CLS", "DistilBertForMaskedLM"),
+    # the Hub's DeBERTa-v3 checkpoints (masked LMs): the classifier's pooler is new, and saved with it
+    ("deberta-v2", "SEQ_CLS", "DebertaV2ForMaskedLM"),
 ]
 # the families PEFT has no default LoRA targets for
 TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"]}
@@ -289,6 +291,8 @@ NARROW = {
     "modernbert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_labels=2),
     "distilbert": dict(dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64, num_labels=2),
+    "deberta-v2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_labels=2,
+                       legacy=False),
     # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
     "t5": dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, eos_token_id=102, num_labels=2),
 }
@@ -349,7 +353,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     assert info["task_type"] == info["model_task"] == task
     heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
                                                                   "classifier.out_proj.weight": [3, 16]},
-             "modernbert": {"classifier.weight": [3, 16]}, "distilbert": {"classifier.weight": [3, 16]}}
+             "modernbert": {"classifier.weight": [3, 16]}, "distilbert": {"classifier.weight": [3, 16]},
+             "deberta-v2": {"classifier.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):
@@ -358,6 +363,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
         heads = {family: {"classification_head.dense.weight": [16, 16], "classification_head.out_proj.weight": [3, 16]}}
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
     assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))
+    if family == "deberta-v2":  # its new pooler rides with the head (merged below as the adapter holds it)
+        assert info["modules_to_save"] == ["classifier", "score", "pooler.dense"]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

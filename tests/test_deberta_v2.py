@@ -96,10 +96,10 @@ def test_outputs_losses_and_gradients_equal_transformers(case, tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [True, False])
-def test_a_masked_lm_checkpoint_loads_into_a_classifier_with_a_new_pooler(legacy, tmp_path):
+def test_a_masked_lm_checkpoint_loads_into_a_classifier_whose_new_pooler_is_saved(legacy, tmp_path):
     """The Hub's DeBERTa checkpoints are masked LMs (transformers' legacy ``cls`` head, or the
     ``lm_predictions`` the v3 releases hold): the encoder loads, the head is ignored, and the pooler
-    and classifier are new, as in transformers."""
+    and classifier are new, as in transformers; an adapter saves both."""
     mlm = save_random("DebertaV2ForMaskedLM", tmp_path, legacy=legacy)
     with pytest.warns(models.NewWeightsWarning, match="pooler.dense.weight"):
         ours = models.from_pretrained(tmp_path, task_type="SEQ_CLS", num_labels=3)
@@ -108,6 +108,21 @@ def test_a_masked_lm_checkpoint_loads_into_a_classifier_with_a_new_pooler(legacy
         ref = mlm.deberta(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state.numpy()
     np.testing.assert_allclose(real(np.asarray(ours.deberta(input_ids=IDS, attention_mask=MASK).last_hidden_state)),
                                real(ref), atol=1e-5, rtol=0)
+    if legacy:
+        return
+    # PEFT's SEQ_CLS saves `classifier` alone: the new pooler joins modules_to_save, so the file
+    # carries it and PEFT, whose own pooler is drawn afresh from this checkpoint, gives our logits
+    model = peftjax.get_peft_model(ours, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    assert model.peft_config["default"].modules_to_save == ("classifier", "score", "pooler.dense")
+    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        back = peft.PeftModel.from_pretrained(
+            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path, num_labels=3), tmp_path / "adapter").eval()
+        with torch.no_grad():
+            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), theirs, atol=1e-5, rtol=0)
 
 
 def test_lora_moves_both_ways_with_peft(tmp_path):

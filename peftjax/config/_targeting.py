@@ -568,6 +568,36 @@ def add_task_modules_to_save(config: PeftConfig) -> PeftConfig:
     return config if updated == config.modules_to_save else dataclasses.replace(config, modules_to_save=updated)
 
 
+def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str]) -> PeftConfig:
+    """Adds to ``modules_to_save`` the modules of a task head that the base checkpoint lacked.
+
+    ``new_weights``: the torch keys a model's loading drew afresh (``model.newly_initialised``).
+    For ``SEQ_CLS``, ``TOKEN_CLS`` and ``QUESTION_ANS`` each module holding one, unless a listed
+    module (or one PEFT's suffix match takes) covers it already, is appended by its full name
+    (DeBERTa's ``pooler.dense`` beside ``classifier``). PEFT adds only ``classifier`` and
+    ``score``: an adapter without the new pooler would reload onto another random one there, so
+    the file carries it, and PEFT reads it back through the same ``modules_to_save``.
+
+    >>> from peftjax.config import LoraConfig
+    >>> config = add_new_head_modules(LoraConfig(task_type="SEQ_CLS", modules_to_save=["classifier"]),
+    ...                               ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight"])
+    >>> config.modules_to_save
+    ('classifier', 'score', 'pooler.dense')
+    """
+    new_weights = [k for k in new_weights if "." in k]
+    if config.task_type not in _TASK_MODULES_TO_SAVE or not hasattr(config, "modules_to_save") or not new_weights:
+        return config
+    config = add_task_modules_to_save(config)  # PEFT's heads first, in PEFT's order
+    current = tuple(config.modules_to_save or ())
+
+    def covered(module: str) -> bool:
+        parts = module.split(".")
+        return any(is_module_to_save(".".join(parts[:i]), current) for i in range(1, len(parts) + 1))
+
+    added = tuple(m for m in dict.fromkeys(k.rsplit(".", 1)[0] for k in new_weights) if not covered(m))
+    return dataclasses.replace(config, modules_to_save=current + added) if added else config
+
+
 def is_module_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
     """Whether the module ``name`` is one ``modules_to_save`` lists, as PEFT matches it
     (``utils.other._set_trainable``): the name ends with an entry as a plain string suffix, so

@@ -485,6 +485,8 @@ class PreTrainedModel(nnx.Module):
         ]
         if unexpected:
             warnings.warn(f"{source}: ignored {len(unexpected)} unexpected keys: {sorted(unexpected)[:10]}", stacklevel=3)
+        # the task head's new parts: get_peft_model saves them with the adapter (see add_new_head_modules)
+        self.newly_initialised = tuple(initialised)
         if initialised:
             warnings.warn(NewWeightsWarning(
                 f"{type(self).__name__}: {initialised} not in {source}; newly initialised (train them)",
