@@ -165,6 +165,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     **{f: ("self_attn.o_proj", "mlp.down_proj") for f in ("qwen3", "phi3", "gemma", "gemma2", "olmo2", "smollm3",
                                                           "granite", "seed_oss", "glm4", "ernie4_5")},
     "roberta": ("attention.output.dense", "output.dense"),
+    "deberta-v2": ("attention.output.dense", "output.dense"),
     "distilbert": ("attention.out_lin", "ffn.lin2"),
     "modernbert": ("attn.Wo", "mlp.Wo"),
 }
