@@ -230,6 +230,43 @@ def test_the_trainer_fine_tunes_a_deberta_classifier_with_its_dropout(tmp_path):
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
 
 
+def test_packed_rows_give_each_sequence_its_unpacked_logits(tmp_path):
+    """Three sequences packed in two rows (absolute positions on, so they must restart): each
+    sequence's logits and loss are those of its own unpadded row; the Trainer packs by default,
+    and not with the convolution, which it names."""
+    model = models.DebertaV2ForSequenceClassification.from_config(models.ModelConfig(
+        "deberta-v2", **_tiny.fields("deberta-v2", position_biased_input=True)), seed=3)
+    seqs = [IDS[0, :6], IDS[1, :4], IDS[1, 2:8]]
+    forward = nnx.jit(lambda m, kw: m(**kw))
+    alone = np.stack([np.asarray(forward(model, dict(input_ids=s[None, :6])).logits)[0] for s in seqs])
+    ids = np.zeros((2, 11), np.int64)
+    segments = np.zeros((2, 11), np.int64)
+    ids[0, :6], segments[0, :6] = seqs[0], 1
+    ids[1, :4], segments[1, :4] = seqs[1], 1
+    ids[1, 4:10], segments[1, 4:10] = seqs[2], 2
+    labels = np.array([0, 2, 1])
+    out = forward(model, dict(input_ids=ids, attention_mask=(segments > 0).astype(np.int64), segment_ids=segments,
+                              segment_starts=np.array([0, 11, 15]), labels=labels))
+    np.testing.assert_allclose(np.asarray(out.logits), alone, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(out.loss), float(deberta_loss(alone, labels)), atol=1e-6)
+
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", disable_tqdm=True, plot=False)
+    data = _tiny.classification_data(8)
+    lora = dict(task_type="SEQ_CLS", r=2)
+    assert peftjax.Trainer(peftjax.get_peft_model(model, peftjax.LoraConfig(**lora)), args, data).packs()
+    conv = models.DebertaV2ForSequenceClassification.from_config(models.ModelConfig(
+        "deberta-v2", **_tiny.fields("deberta-v2", conv_kernel_size=3)))
+    trainer = peftjax.Trainer(peftjax.get_peft_model(conv, peftjax.LoraConfig(**lora)), args, data)
+    assert not trainer.packs()
+    with pytest.raises(ValueError, match="with conv_kernel_size is not supported"):
+        conv(input_ids=ids, segment_ids=segments, segment_starts=np.array([0, 11, 15]))
+
+
+def deberta_loss(logits, labels):
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -np.mean(logp[np.arange(len(labels)), labels])
+
+
 @pytest.mark.parametrize(("overrides", "named"), [
     (dict(pos_att_type="p2p|c2p"), r"pos_att_type \['p2p'\] is not supported"),
     (dict(norm_rel_ebd="batch_norm"), "norm_rel_ebd 'batch_norm' is not supported"),

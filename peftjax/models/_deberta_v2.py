@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
@@ -356,9 +357,12 @@ class DebertaV2Model(PreTrainedModel):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = DebertaV2Embeddings(self.config, **kw)
         self.encoder = DebertaV2Encoder(self.config, **kw)
+        # packed rows: every relative distance within a sequence is its unpacked one; the
+        # convolution would reach across the sequences' boundaries
+        self.packs_sequences = self.encoder.conv is None
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None, dropout_rng=None) -> ModelOutput:
+                 inputs_embeds=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
         """``last_hidden_state`` ``[batch, seq, hidden]``.
 
         Args:
@@ -368,7 +372,17 @@ class DebertaV2Model(PreTrainedModel):
           position_ids: ``[batch, seq]`` absolute positions (default ``0 .. seq-1``; read only
             with ``position_biased_input``). The relative positions always count columns.
           dropout_rng: a ``jax.random`` key to apply dropout (training); ``None``: no dropout.
+          segment_ids: ``[batch, seq]`` packed rows (``Batcher(packing=True)``): a positive id per
+            sequence, 0 on padding; each token attends within its own sequence, and absolute
+            positions restart at each.
+
+        Raises:
+          ValueError: ``segment_ids`` with the convolution (``conv_kernel_size``), which would mix
+            neighbouring sequences.
         """
+        if segment_ids is not None and not self.packs_sequences:
+            raise ValueError("deberta-v2: segment_ids (packed rows) with conv_kernel_size is not supported: the "
+                             "convolution would reach across the packed sequences")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -379,12 +393,17 @@ class DebertaV2Model(PreTrainedModel):
             limit = self.config.max_position_embeddings
             raise ValueError(f"sequence length {s} exceeds max_position_embeddings {limit}")
         input_mask = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        positions = jnp.broadcast_to(jnp.arange(s), (b, s)) if position_ids is None else jnp.asarray(position_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s)) if segment_ids is None else \
+                attn.segment_positions(segment_ids)
         types = jnp.zeros((b, s), jnp.int32) if token_type_ids is None else jnp.asarray(token_type_ids)
         emb_rng, enc_rng = split_keys(dropout_rng, 2)
-        x = self.embeddings(x, types, positions, input_mask, emb_rng)
+        if segment_ids is not None:
+            input_mask = input_mask & (jnp.asarray(segment_ids) > 0)
+        x = self.embeddings(x, types, jnp.asarray(position_ids), input_mask, emb_rng)
         # a query sees a key only when both are real tokens (transformers' mask is their product)
         mask = (input_mask[:, None, :, None] & input_mask[:, None, None, :])
+        mask = attn.within_segments(mask, segment_ids)
         return ModelOutput(last_hidden_state=self.encoder(x, mask, input_mask, enc_rng))
 
 
@@ -437,14 +456,22 @@ class DebertaV2ForSequenceClassification(_DebertaV2Task):
         self.rate = float(config.hidden_dropout_prob if rate is None else rate)
         self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **_kw(config, dtype, param_dtype, rngs))
 
+    @property
+    def packs_sequences(self) -> bool:
+        return self.deberta.packs_sequences
+
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                 inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
+                 inputs_embeds=None, labels=None, dropout_rng=None, segment_ids=None,
+                 segment_starts=None) -> ModelOutput:
         """``[batch, num_labels]`` logits; ``labels`` add transformers' DeBERTa loss
-        (:func:`deberta_sequence_loss`)."""
+        (:func:`deberta_sequence_loss`). Packed rows (``segment_ids``, and ``segment_starts``: the
+        flat index ``row * seq + column`` of each sequence's first token) give a row of logits per
+        sequence (``labels`` likewise)."""
         base_rng, pool_rng, head_rng = split_keys(dropout_rng, 3)
         h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                         base_rng).last_hidden_state
-        pooled = self.pooler(h[:, 0], pool_rng)
+                         base_rng, segment_ids).last_hidden_state
+        first = h[:, 0] if segment_starts is None else h.reshape(-1, h.shape[-1])[jnp.asarray(segment_starts)]
+        pooled = self.pooler(first, pool_rng)
         logits = self.classifier(dropout(pooled, self.rate, head_rng))
         loss = None if labels is None else deberta_sequence_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(logits=logits, loss=loss)
