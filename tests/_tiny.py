@@ -193,6 +193,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     # BERT's encoder under DistilBERT's names; a hidden_dim that is no multiple of dim
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(
         vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=37, pad_token_id=0, num_labels=3)),
+    # ELECTRA: embeddings narrower than the layers (embeddings_project between them)
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", dict(
+        vocab_size=96, embedding_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=40, num_labels=3)),
     # DeBERTa-v3's layout (shared keys, a normalised relative table, no absolute positions or token
     # types) with 4 buckets up to 16: distances past 2 fall in log buckets within 11-token rows
     "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", dict(

@@ -273,6 +273,7 @@ TASK_CASES = [
     ("distilbert", "SEQ_CLS", "DistilBertForMaskedLM"),
     # the Hub's DeBERTa-v3 checkpoints (masked LMs): the classifier's pooler is new, and saved with it
     ("deberta-v2", "SEQ_CLS", "DebertaV2ForMaskedLM"),
+    ("electra", "SEQ_CLS", "ElectraForPreTraining"),  # the Hub's ELECTRA checkpoints: the discriminator
 ]
 # the families PEFT has no default LoRA targets for
 TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"]}
@@ -291,6 +292,8 @@ NARROW = {
     "modernbert": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_labels=2),
     "distilbert": dict(dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64, num_labels=2),
+    "electra": dict(embedding_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=64, num_labels=2),
     "deberta-v2": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_labels=2,
                        legacy=False),
     # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
@@ -354,7 +357,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     heads = {"bert": {"classifier.weight": [3, 16]}, "roberta": {"classifier.dense.weight": [16, 16],
                                                                   "classifier.out_proj.weight": [3, 16]},
              "modernbert": {"classifier.weight": [3, 16]}, "distilbert": {"classifier.weight": [3, 16]},
-             "deberta-v2": {"classifier.weight": [3, 16]}}
+             "deberta-v2": {"classifier.weight": [3, 16]},
+             "electra": {"classifier.dense.weight": [16, 16], "classifier.out_proj.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):

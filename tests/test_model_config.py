@@ -28,6 +28,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
            "distilbert": "DistilBertConfig", "deberta-v2": "DebertaV2Config",
+           "electra": "ElectraConfig",
            "seed_oss": "SeedOssConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",

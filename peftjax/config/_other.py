@@ -471,6 +471,10 @@ def prepare_prompt_learning_config(config: PromptLearningConfig, model_config: A
         else:
             num_layers = _first_key(mc, ("num_hidden_layers", "num_layers", "n_layer"), "num_layers")
     token_dim = config.token_dim
+    if token_dim is None and not config.kv_prefix and mc.get("embedding_size"):
+        # virtual tokens join the word embeddings, which ELECTRA-small makes narrower than the layers
+        # (PEFT takes hidden_size here and fails to concatenate; a file with this token_dim loads there)
+        token_dim = mc["embedding_size"]
     if token_dim is None:
         token_dim = _first_key(mc, ("hidden_size", "n_embd", "d_model"), "token_dim")
     num_heads = config.num_attention_heads

@@ -84,6 +84,12 @@ from peftjax.models._olmo import (
     Olmo3ForCausalLM,
     Olmo3ForSequenceClassification,
 )
+from peftjax.models._electra import (
+    ElectraForQuestionAnswering,
+    ElectraForSequenceClassification,
+    ElectraForTokenClassification,
+    ElectraModel,
+)
 from peftjax.models._deberta_v2 import (
     DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
@@ -224,6 +230,10 @@ __all__ = [
     "MixtralForSequenceClassification",
     "MixtralForTokenClassification",
     "ModelConfig",
+    "ElectraForQuestionAnswering",
+    "ElectraForSequenceClassification",
+    "ElectraForTokenClassification",
+    "ElectraModel",
     "DebertaV2ForQuestionAnswering",
     "DebertaV2ForSequenceClassification",
     "DebertaV2ForTokenClassification",

@@ -78,14 +78,15 @@ def _layer_norm(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class BertEmbeddings(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs, width: int | None = None):
         init = nnx.initializers.normal(config.initializer_range)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, embedding_init=init)
-        h = config.hidden_size
+        h = width or config.hidden_size  # ELECTRA's embeddings are narrower (embedding_size)
         self.word_embeddings = nnx.Embed(config.vocab_size, h, **kw)
         self.position_embeddings = nnx.Embed(config.max_position_embeddings, h, **kw)
         self.token_type_embeddings = nnx.Embed(config.type_vocab_size, h, **kw)
-        self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.LayerNorm = nnx.LayerNorm(h, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                       rngs=rngs)
         self.dropout_rate = float(config.hidden_dropout_prob)
 
     def __call__(self, inputs_embeds, token_type_ids, position_ids, rng=None):
@@ -273,7 +274,7 @@ class BertModel(PreTrainedModel):
         if add_pooling_layer is None:
             add_pooling_layer = getattr(config, "add_pooling_layer", True)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embeddings = BertEmbeddings(config, **kw)
+        self.embeddings = BertEmbeddings(config, **kw, width=self.embedding_width(config))
         self.encoder = BertEncoder(config, **kw)
         self.pooler = nnx.data(None)
         if add_pooling_layer:
@@ -350,6 +351,14 @@ class BertModel(PreTrainedModel):
         return self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
                             prefix_kv, segment_ids, segment_starts, first_only=True)[1]
 
+    def embedding_width(self, config) -> int:
+        """The embeddings' width: the hidden size (ELECTRA's narrower ones are projected up)."""
+        return config.hidden_size
+
+    def project_embeddings(self, x: jax.Array) -> jax.Array:
+        """The embeddings as the first layer takes them (ELECTRA's ``embeddings_project``)."""
+        return x
+
     def default_position_ids(self, input_ids, shape: tuple[int, int], n_prefix: int, segment_ids) -> jax.Array:
         """Positions when none are given: ``0 .. seq-1``, from ``V`` after a prefix of ``V``
         entries (as after a cache), restarting at each packed sequence."""
@@ -389,7 +398,7 @@ class BertModel(PreTrainedModel):
             key_mask = attn.prefix_key_mask(jnp.asarray(attention_mask), n_prefix)
             mask = attn.attention_mask_4d(n_prefix + jnp.arange(s), key_mask, causal=False)
         emb_rng, enc_rng = split_keys(dropout_rng, 2)
-        x = self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng)
+        x = self.project_embeddings(self.embeddings(x, jnp.asarray(token_type_ids), jnp.asarray(position_ids), emb_rng))
         firsts = jnp.arange(b) * s if segment_starts is None else jnp.asarray(segment_starts)
         if first_only and not every_position_required():
             # only the first tokens leave the last layer: it computes them alone

@@ -79,6 +79,8 @@ class RobertaModel(BertModel):
 class RobertaClassificationHead(nnx.Module):
     """transformers' ``RobertaClassificationHead``: dropout, ``dense``, tanh, dropout, ``out_proj``."""
 
+    activation: ClassVar[str] = "tanh"  # ELECTRA's head: GELU
+
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         h = config.hidden_size
         kw = linear_kw(config, dtype, param_dtype, rngs)
@@ -90,7 +92,7 @@ class RobertaClassificationHead(nnx.Module):
     def __call__(self, first_tokens, rng=None):
         """``[n, hidden]`` first-token states -> ``[n, num_labels]`` logits."""
         before, after = split_keys(rng, 2)
-        x = jnp.tanh(self.dense(dropout(first_tokens, self.dropout_rate, before)))
+        x = ACTIVATIONS[self.activation](self.dense(dropout(first_tokens, self.dropout_rate, before)))
         return self.out_proj(dropout(x, self.dropout_rate, after))
 
 
@@ -102,13 +104,15 @@ class RobertaForSequenceClassification(PreTrainedModel):
     # a checkpoint saved with a pooler (RobertaModel) loads here without it, as in transformers
     ignored_keys: ClassVar[tuple[str, ...]] = (*IGNORED_KEYS, r"(roberta\.)?pooler\..*")
     backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
+    head_class: ClassVar[type[RobertaClassificationHead]] = RobertaClassificationHead
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.roberta = self.backbone_class(config, add_pooling_layer=False, **kw)
-        self.classifier = RobertaClassificationHead(config, **kw)
+        # the encoder, held under base_model_prefix (``roberta``; ELECTRA's subclass: ``electra``)
+        setattr(self, self.base_model_prefix, self.backbone_class(config, add_pooling_layer=False, **kw))
+        self.classifier = self.head_class(config, **kw)
 
     def __call__(
         self,
@@ -130,8 +134,9 @@ class RobertaForSequenceClassification(PreTrainedModel):
         last layer computes only the ``<s>`` positions the head reads.
         """
         base_rng, head_rng = split_keys(dropout_rng, 2)
-        first = self.roberta.first_token_states(input_ids, attention_mask, token_type_ids, position_ids,
-                                                inputs_embeds, base_rng, prefix_kv, segment_ids, segment_starts)
+        backbone = getattr(self, self.base_model_prefix)
+        first = backbone.first_token_states(input_ids, attention_mask, token_type_ids, position_ids,
+                                            inputs_embeds, base_rng, prefix_kv, segment_ids, segment_starts)
         logits = self.classifier(first, head_rng)
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(logits=logits, loss=loss)

@@ -15,7 +15,7 @@ feedforward block:
 - the decoders with a dense MLP (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text,
   olmo2, olmo3, smollm3, granite, seed_oss, glm4, ernie4_5): ``*.self_attn.o_proj`` /
   ``*.mlp.down_proj``;
-- bert, roberta, xlm-roberta, deberta-v2: ``*.attention.output.dense`` / ``*.layer.<i>.output.dense``;
+- bert, roberta, xlm-roberta, deberta-v2, electra: ``*.attention.output.dense`` / ``*.layer.<i>.output.dense``;
 - distilbert: ``*.attention.out_lin`` / ``*.ffn.lin2``;
 - modernbert: ``*.attn.Wo`` / ``*.mlp.Wo``;
 - gpt2: ``*.attn.c_proj`` / ``*.mlp.c_proj``.
@@ -63,7 +63,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
                  "smollm3", "granite", "seed_oss", "glm4", "ernie4_5")},
     **{t: (r"attention\.output\.dense", r"layer\.\d+\.output\.dense")
-       for t in ("bert", "roberta", "xlm-roberta", "deberta-v2")},
+       for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     "gpt2": (r"attn\.c_proj", r"mlp\.c_proj"),

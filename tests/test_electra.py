@@ -1,0 +1,158 @@
+"""ELECTRA against PyTorch transformers (each task's outputs and losses, embeddings narrower than
+the layers and as wide), the Hub's discriminator checkpoints in a classifier, LoRA both ways with
+HF PEFT, prompt tuning and P-tuning on the narrow embeddings (PEFT reads the files), packed rows,
+and the Trainer with the model's dropout.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import transformers as tr
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy
+import peftjax
+from peftjax import models
+
+torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
+
+IDS = np.random.RandomState(0).randint(3, 96, (2, 11))
+MASK = np.ones_like(IDS)
+MASK[1, 8:] = 0  # right padding
+CASES = {  # name -> (transformers class, config overrides, labels)
+    "encoder": ("ElectraModel", {}, {}),
+    "cls": ("ElectraForSequenceClassification", {}, dict(labels=np.array([2, 0]))),
+    "cls-as-wide": ("ElectraForSequenceClassification", dict(embedding_size=32), dict(labels=np.array([1, 0]))),
+    "tokens": ("ElectraForTokenClassification", dict(num_labels=5), dict(labels=np.where(MASK == 1, IDS % 5, -100))),
+    "spans": ("ElectraForQuestionAnswering", dict(num_labels=2),
+              dict(start_positions=np.array([1, 3]), end_positions=np.array([4, 6]))),
+}
+
+
+def save_random(class_name, path, **overrides):
+    """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
+    torch.manual_seed(0)
+    model = getattr(tr, class_name)(_tiny.config("electra", **overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def real(x):
+    return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
+
+
+def torch_logits(model):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_outputs_and_losses_equal_transformers(case, tmp_path):
+    class_name, overrides, labels = CASES[case]
+    theirs = save_random(class_name, tmp_path, **overrides)
+    ours = models.from_pretrained(tmp_path)
+    assert type(ours).__name__ == class_name
+    encoder = ours if class_name == "ElectraModel" else ours.electra
+    assert (encoder.embeddings_project is None) == ("embedding_size" in overrides)  # 24 wide: projected to 32
+    with torch.no_grad():
+        ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
+                     **{k: torch.tensor(v) for k, v in labels.items()})
+    out = nnx.jit(lambda m, kw: m(input_ids=IDS, attention_mask=MASK, **kw))(ours, labels)
+    for name in ("last_hidden_state", "logits", "start_logits", "end_logits", "loss"):
+        if getattr(ref, name, None) is not None:
+            np.testing.assert_allclose(real(np.asarray(getattr(out, name))), real(getattr(ref, name).numpy()),
+                                       atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_a_discriminator_checkpoint_loads_into_a_classifier(tmp_path):
+    """The Hub's ELECTRA checkpoints are ``ElectraForPreTraining`` (the discriminator): its head is
+    ignored, the classifier new, the encoder the checkpoint's, as in transformers."""
+    disc = save_random("ElectraForPreTraining", tmp_path)
+    with pytest.warns(models.NewWeightsWarning, match="classifier.dense.weight") as caught:
+        ours = models.from_pretrained(tmp_path, task_type="SEQ_CLS", num_labels=3)
+    assert not [w for w in caught if "unexpected" in str(w.message)]  # discriminator_predictions: known, ignored
+    assert type(ours).__name__ == "ElectraForSequenceClassification"
+    with torch.no_grad():
+        ref = disc.electra(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state.numpy()
+    np.testing.assert_allclose(real(np.asarray(ours.electra(input_ids=IDS, attention_mask=MASK).last_hidden_state)),
+                               real(ref), atol=1e-5, rtol=0)
+
+
+def test_lora_moves_both_ways_with_peft(tmp_path):
+    """PEFT's default ELECTRA targets (query, value) on a classifier, the GELU head saved: PEFT's
+    adapter gives PEFT's logits here; trained here, ours in PEFT."""
+    save_random("ElectraForSequenceClassification", tmp_path / "base")
+    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                     peft.LoraConfig(**config))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        theirs.save_pretrained(tmp_path / "theirs")
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), torch_logits(theirs),
+                               atol=1e-5, rtol=0)
+
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
+    assert set(model.peft_config["default"].target_modules) == {"query", "value"}
+    losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                              tmp_path / "ours")
+    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), torch_logits(back),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_virtual_tokens_take_the_narrow_embeddings_width_and_peft_reads_them(method, tmp_path):
+    """ELECTRA-small's word embeddings are narrower than its layers: the virtual tokens are as wide
+    as the embeddings they join (``token_dim`` 24, where PEFT's default, the hidden size, fails to
+    concatenate), and PEFT reads the file to the same logits."""
+    save_random("ElectraForSequenceClassification", tmp_path / "base")
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                   getattr(peftjax, method)(task_type="SEQ_CLS", num_virtual_tokens=3))
+    assert model.peft_config["default"].token_dim == 24
+    _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=2)
+    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                              tmp_path / "adapter")
+    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), torch_logits(back),
+                               atol=1e-5, rtol=0)
+
+
+def test_the_trainer_packs_and_fine_tunes_an_electra_classifier_with_its_dropout(tmp_path):
+    save_random("ElectraForSequenceClassification", tmp_path / "base", hidden_dropout_prob=0.1,
+                attention_probs_dropout_prob=0.1, num_labels=2)
+    base = models.from_pretrained(tmp_path / "base")
+    a, b = (np.asarray(base(input_ids=IDS, attention_mask=MASK, dropout_rng=jax.random.key(k)).logits) for k in (0, 1))
+    assert np.abs(a - b).max() > 1e-4
+    model = peftjax.get_peft_model(base, peftjax.LoraConfig(task_type="SEQ_CLS", r=4))
+    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=16,
+                                     num_train_epochs=4, learning_rate=5e-3, logging_steps=1, report_to="none",
+                                     disable_tqdm=True, plot=False)
+    trainer = peftjax.Trainer(model, args, _tiny.classification_data(64))
+    assert trainer.packs()
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
