@@ -344,8 +344,9 @@ class DebertaV2Model(PreTrainedModel):
     """
 
     base_model_prefix: ClassVar[str] = "deberta"
-    # a non-persistent buffer; a v3 checkpoint's unused absolute positions; the masked-LM heads
-    # of the Hub's checkpoints (legacy ``cls``, ``lm_predictions``, ELECTRA's ``mask_predictions``)
+    # a non-persistent buffer; a v3 checkpoint's unused absolute positions; the pre-training heads
+    # of the Hub's checkpoints (legacy ``cls``, v3's ``lm_predictions`` and its replaced-token
+    # detection ``mask_predictions``)
     ignored_keys: ClassVar[tuple[str, ...]] = (
         r"(deberta\.)?embeddings\.position_ids", r"(deberta\.)?embeddings\.position_embeddings\.weight",
         r"cls\..*", r"lm_predictions\..*", r"mask_predictions\..*",
