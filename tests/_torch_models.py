@@ -66,6 +66,28 @@ def moved_off_start(peft_model, seed: int, scale: float = 0.3):
     return peft_model.eval()
 
 
+def peft_file(torch_class, base, config, out, **inputs) -> np.ndarray:
+    """PEFT's adapter of ``config`` on ``torch_class`` read from ``base``, moved off its start
+    (:func:`moved_off_start`) and saved to ``out``; returns its logits on ``inputs``."""
+    peft = pytest.importorskip("peft")
+
+    theirs = moved_off_start(quiet(peft.get_peft_model, quiet(torch_class.from_pretrained, base), config), 0, 0.1)
+    theirs.save_pretrained(out)
+    return torch_logits(theirs, **inputs)
+
+
+def assert_peft_reads(model, torch_class, base, adapter, *, base_kwargs=None, **inputs) -> None:
+    """``model`` (a peftjax ``PeftModel``) saved to ``adapter`` and loaded by PEFT on
+    ``torch_class`` read from ``base`` (with ``base_kwargs``): the same logits on ``inputs``."""
+    peft = pytest.importorskip("peft")
+
+    model.save_pretrained(adapter)
+    back = quiet(peft.PeftModel.from_pretrained, quiet(torch_class.from_pretrained, base, **(base_kwargs or {})),
+                 adapter)
+    np.testing.assert_allclose(np.asarray(model(**inputs).logits), torch_logits(back.eval(), **inputs),
+                               atol=1e-5, rtol=0)
+
+
 def save_in_memory_layout(torch_model, directory) -> None:
     """``torch_model``'s in-memory state dict (transformers 5's, e.g. a mixture of experts' fused
     weights) and config written as a checkpoint, not the layout ``save_pretrained`` converts to."""

@@ -12,7 +12,6 @@ missing scale shows.
 from __future__ import annotations
 
 import json
-import warnings
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy
+from _torch_models import assert_grads_match_torch, assert_peft_reads, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -30,6 +29,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 IDS = np.random.RandomState(0).randint(3, 96, (2, 11))
 MASK = np.ones_like(IDS)
 MASK[1, 8:] = 0  # right padding
+INPUTS = dict(input_ids=IDS, attention_mask=MASK)
 V2 = dict(share_att_key=False, norm_rel_ebd="none", position_biased_input=True, type_vocab_size=2,
           embedding_size=24, max_relative_positions=-1, position_buckets=-1, hidden_act="gelu_new")
 CASES = {  # name -> (transformers class, config overrides, labels)
@@ -77,20 +77,10 @@ def test_outputs_losses_and_gradients_equal_transformers(case, tmp_path):
                                        atol=1e-5, rtol=0, err_msg=name)
     # the loss's gradient with respect to every weight (the relative table's gathers included)
     ref.loss.backward()
-    grads = nnx.jit(nnx.grad(lambda m, kw: m(input_ids=IDS, attention_mask=MASK, **kw).loss))(ours, labels)
-    theirs_grads = {k: p.grad.numpy() for k, p in theirs.named_parameters() if p.grad is not None}
-    checked = 0
-    for path, value in nnx.to_flat_state(grads):
-        key = ".".join(map(str, path[:-1]))
-        leaf = path[-1]
-        torch_key = f"{key}.{'bias' if leaf == 'bias' else 'weight'}"
-        if torch_key not in theirs_grads:
-            continue
-        g = np.asarray(value.get_value())
-        g = g.T if leaf == "kernel" else g
-        np.testing.assert_allclose(g, theirs_grads[torch_key], atol=2e-5, rtol=1e-4, err_msg=torch_key)
-        checked += 1
-    assert checked >= len(theirs_grads) - 1  # the padding row's word embedding: zero in torch, absent here
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+    loss = lambda p: nnx.merge(graphdef, p, rest)(input_ids=IDS, attention_mask=MASK, **labels).loss  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
+    assert_grads_match_torch(nnx.merge(graphdef, grads, rest), theirs)
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -112,15 +102,9 @@ def test_a_masked_lm_checkpoint_loads_into_a_classifier_whose_new_pooler_is_save
     # carries it and PEFT, whose own pooler is drawn afresh from this checkpoint, gives our logits
     model = peftjax.get_peft_model(ours, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
     assert model.peft_config["default"].modules_to_save == ("classifier", "score", "pooler.dense")
-    model.save_pretrained(tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        back = peft.PeftModel.from_pretrained(
-            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path, num_labels=3), tmp_path / "adapter").eval()
-        with torch.no_grad():
-            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), theirs, atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    assert_peft_reads(model, tr.DebertaV2ForSequenceClassification, tmp_path, tmp_path / "adapter",
+                      base_kwargs=dict(num_labels=3), **INPUTS)
 
 
 def test_lora_moves_both_ways_with_peft(tmp_path):
@@ -129,35 +113,17 @@ def test_lora_moves_both_ways_with_peft(tmp_path):
     the head. PEFT's adapter gives PEFT's logits here; trained here, ours in PEFT."""
     save_random("DebertaV2ForSequenceClassification", tmp_path / "base")
     config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, modules_to_save=["pooler"])
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"),
-                                     peft.LoraConfig(**config))
-        with torch.no_grad():
-            for p in theirs.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        theirs.save_pretrained(tmp_path / "theirs")
-        with torch.no_grad():
-            ref = theirs.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    ref = peft_file(tr.DebertaV2ForSequenceClassification, tmp_path / "base", peft.LoraConfig(**config),
+                    tmp_path / "theirs", **INPUTS)
     loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
-    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(loaded(**INPUTS).logits), ref, atol=1e-5, rtol=0)
 
     model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
                                    peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
     assert set(model.peft_config["default"].target_modules) == {"query_proj", "value_proj"}
     losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
     assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path / "ours")
-    mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(
-            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "ours").eval()
-        with torch.no_grad():
-            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
-    np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
+    assert_peft_reads(model, tr.DebertaV2ForSequenceClassification, tmp_path / "base", tmp_path / "ours", **INPUTS)
 
 
 @pytest.mark.parametrize(("method", "fields"), [
@@ -169,18 +135,8 @@ def test_peft_s_ia3_prompt_and_p_tuning_adapters_give_peft_s_logits(method, fiel
     """Virtual tokens before the input shift every relative distance the same way in both
     frameworks; IA³ scales the keys, values and feed-forward input as PEFT's does."""
     save_random("DebertaV2ForSequenceClassification", tmp_path / "base")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"),
-                                     getattr(peft, method)(task_type="SEQ_CLS", **fields))
-        with torch.no_grad():
-            for p in theirs.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        theirs.save_pretrained(tmp_path / "theirs")
-        with torch.no_grad():
-            ref = theirs.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    ref = peft_file(tr.DebertaV2ForSequenceClassification, tmp_path / "base",
+                    getattr(peft, method)(task_type="SEQ_CLS", **fields), tmp_path / "theirs", **INPUTS)
     loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
     np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), ref, atol=1e-5, rtol=0)
 
@@ -200,15 +156,8 @@ def test_scanned_and_rematerialised_layers_equal_transformers_and_save_a_peft_ad
                                np.asarray(plain(input_ids=IDS, attention_mask=MASK, dropout_rng=key).logits),
                                atol=1e-5, rtol=0)
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(
-            tr.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
-        with torch.no_grad():
-            theirs = back(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(peft_model(input_ids=IDS, attention_mask=MASK).logits), theirs,
-                               atol=1e-5, rtol=0)
+    assert_peft_reads(peft_model, tr.DebertaV2ForSequenceClassification, tmp_path / "base", tmp_path / "adapter",
+                      **INPUTS)
 
 
 def test_the_trainer_fine_tunes_a_deberta_classifier_with_its_dropout(tmp_path):

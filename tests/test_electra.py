@@ -7,7 +7,6 @@ and the Trainer with the model's dropout.
 from __future__ import annotations
 
 import json
-import warnings
 
 import jax
 import numpy as np
@@ -16,7 +15,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy
+from _torch_models import assert_peft_reads, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -25,6 +24,7 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 IDS = np.random.RandomState(0).randint(3, 96, (2, 11))
 MASK = np.ones_like(IDS)
 MASK[1, 8:] = 0  # right padding
+INPUTS = dict(input_ids=IDS, attention_mask=MASK)
 CASES = {  # name -> (transformers class, config overrides, labels)
     # (the bare encoder's states: test_a_discriminator_checkpoint_loads_into_a_classifier)
     "cls": ("ElectraForSequenceClassification", {}, dict(labels=np.array([2, 0]))),
@@ -48,12 +48,6 @@ def save_random(class_name, path, **overrides):
 
 def real(x):
     return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
-
-
-def torch_logits(model):
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return model.eval()(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -92,32 +86,17 @@ def test_lora_moves_both_ways_with_peft(tmp_path):
     adapter gives PEFT's logits here; trained here, ours in PEFT."""
     save_random("ElectraForSequenceClassification", tmp_path / "base")
     config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
-                                     peft.LoraConfig(**config))
-        with torch.no_grad():
-            for p in theirs.parameters():
-                if p.requires_grad:
-                    p.add_(0.1 * torch.randn_like(p))
-        theirs.save_pretrained(tmp_path / "theirs")
+    ref = peft_file(tr.ElectraForSequenceClassification, tmp_path / "base", peft.LoraConfig(**config),
+                    tmp_path / "theirs", **INPUTS)
     loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
-    np.testing.assert_allclose(np.asarray(loaded(input_ids=IDS, attention_mask=MASK).logits), torch_logits(theirs),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(loaded(**INPUTS).logits), ref, atol=1e-5, rtol=0)
 
     model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
                                    peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
     assert set(model.peft_config["default"].target_modules) == {"query", "value"}
     losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
     assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
-                                              tmp_path / "ours")
-    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), torch_logits(back),
-                               atol=1e-5, rtol=0)
+    assert_peft_reads(model, tr.ElectraForSequenceClassification, tmp_path / "base", tmp_path / "ours", **INPUTS)
 
 
 @pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
@@ -130,13 +109,7 @@ def test_virtual_tokens_take_the_narrow_embeddings_width_and_peft_reads_them(met
                                    getattr(peftjax, method)(task_type="SEQ_CLS", num_virtual_tokens=3))
     assert model.peft_config["default"].token_dim == 24
     _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=2)
-    model.save_pretrained(tmp_path / "adapter")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(tr.ElectraForSequenceClassification.from_pretrained(tmp_path / "base"),
-                                              tmp_path / "adapter")
-    np.testing.assert_allclose(np.asarray(model(input_ids=IDS, attention_mask=MASK).logits), torch_logits(back),
-                               atol=1e-5, rtol=0)
+    assert_peft_reads(model, tr.ElectraForSequenceClassification, tmp_path / "base", tmp_path / "adapter", **INPUTS)
 
 
 def test_the_trainer_packs_and_fine_tunes_an_electra_classifier_with_its_dropout(tmp_path):
