@@ -52,6 +52,20 @@ def randomised(model, scale: float = 0.3, seed: int = 0):
     return model
 
 
+def save_perturbed(model_cls, config, directory, scale: float = 0.2):
+    """``model_cls(config)`` with every weight moved off its initialisation by noise (``scale``
+    std, seed 0: norms stay near 1), in eval mode, saved to ``directory``. Returns the model."""
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
 def moved_off_start(peft_model, seed: int, scale: float = 0.3):
     """PEFT's model with every trainable tensor (its adapters, the copies of the modules it saves)
     moved by noise (``scale`` std), in eval mode: what a trained adapter holds, so that a file read

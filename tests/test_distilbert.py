@@ -355,13 +355,7 @@ def test_the_trainer_fine_tunes_a_distilbert_classifier(classifier, tmp_path):
     path, _ = classifier
     model = peftjax.get_peft_model(models.from_pretrained(path),
                                    peftjax.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=TARGETS))
-    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=16,
-                                     num_train_epochs=4, learning_rate=5e-3, logging_steps=1, report_to="none",
-                                     disable_tqdm=True, plot=False)
-    peftjax.Trainer(model, args, _tiny.classification_data(64)).train()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    _tiny.assert_the_trainer_learns(model, tmp_path / "run")
 
 
 # ---------------------------------------------------------------- dropout and scanned layers

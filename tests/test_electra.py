@@ -6,7 +6,6 @@ and the Trainer with the model's dropout.
 
 from __future__ import annotations
 
-import json
 
 import jax
 import numpy as np
@@ -15,7 +14,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import assert_peft_reads, lazy, peft_file
+from _torch_models import assert_peft_reads, lazy, peft_file, save_perturbed
 import peftjax
 from peftjax import models
 
@@ -37,13 +36,7 @@ CASES = {  # name -> (transformers class, config overrides, labels)
 
 def save_random(class_name, path, **overrides):
     """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
-    torch.manual_seed(0)
-    model = getattr(tr, class_name)(_tiny.config("electra", **overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return model
+    return save_perturbed(getattr(tr, class_name), _tiny.config("electra", **overrides), path)
 
 
 def real(x):
@@ -119,12 +112,4 @@ def test_the_trainer_packs_and_fine_tunes_an_electra_classifier_with_its_dropout
     a, b = (np.asarray(base(input_ids=IDS, attention_mask=MASK, dropout_rng=jax.random.key(k)).logits) for k in (0, 1))
     assert np.abs(a - b).max() > 1e-4
     model = peftjax.get_peft_model(base, peftjax.LoraConfig(task_type="SEQ_CLS", r=4))
-    args = peftjax.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=16,
-                                     num_train_epochs=4, learning_rate=5e-3, logging_steps=1, report_to="none",
-                                     disable_tqdm=True, plot=False)
-    trainer = peftjax.Trainer(model, args, _tiny.classification_data(64))
-    assert trainer.packs()
-    trainer.train()
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert _tiny.assert_the_trainer_learns(model, tmp_path / "run").packs()
