@@ -43,8 +43,10 @@ from peftjax.models._losses import check_span_labels, sequence_classification_lo
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
+from peftjax.models._bert import pick_rows
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._functional import softmax
+from peftjax.nn._positions import every_position_required
 from peftjax.nn._scan import check_remat, make_layers, run_layer, run_layers
 
 POSITION_ATTENTION = ("c2p", "p2c")
@@ -190,7 +192,11 @@ class DisentangledSelfAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-    def __call__(self, x, mask, rel_embeddings=None, rel_index=None, rng=None):
+    def __call__(self, x, mask, rel_embeddings=None, rel_index=None, rng=None, rows=None, x_rows=None):
+        """``[batch, seq, inner]``; with ``rows`` (``[n]`` flat indices ``row * seq + column``) and
+        ``x_rows`` (``x`` there, ``[n, hidden]``) the output of those queries only, ``[n, inner]``."""
+        if rows is not None:
+            return self._attend_rows(x, mask, rel_embeddings, rel_index, rng, rows, x_rows)
         q, k, v = (self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
         probs_rng, pos_rng = split_keys(rng, 2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / self.scale
@@ -211,6 +217,34 @@ class DisentangledSelfAttention(nnx.Module):
         probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.rate, probs_rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], -1)
 
+    def _attend_rows(self, x, mask, rel_embeddings, rel_index, rng, rows, x_rows):
+        """The kept queries against their own row's keys: the row's keys and values picked by
+        one-hot products (their gradient a product, not a scatter), each key's relative row of
+        the projected table by the query's column."""
+        b, s = x.shape[:2]
+        probs_rng, pos_rng = split_keys(rng, 2)
+        row, column = rows // s, rows % s
+        own = (row[:, None] == jnp.arange(b)[None, :]).astype(x.dtype)  # [n, batch]
+        q = self._heads(self.query_proj(x_rows))  # [n, heads, d]
+        k = jnp.einsum("nb,bshd->nshd", own, self._heads(self.key_proj(x)))
+        v = jnp.einsum("nb,bshd->nshd", own, self._heads(self.value_proj(x)))
+        scores = jnp.einsum("nhd,nkhd->nhk", q, k).astype(jnp.float32) / self.scale
+        if self.relative:
+            rel = dropout(rel_embeddings, self.pos_rate, pos_rng)
+            index = jnp.asarray(rel_index)[column]  # [n, keys]: each key's relative row for this query
+            if "c2p" in self.kinds:
+                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))
+                c2p = jnp.einsum("nhd,rhd->nhr", q, pos_k).astype(jnp.float32)
+                scores = scores + jnp.take_along_axis(c2p, index[:, None, :], axis=-1) / self.scale
+            if "p2c" in self.kinds:
+                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
+                p2c = jnp.einsum("nkhd,nkhd->nhk", k, pos_q[index]).astype(jnp.float32)
+                scores = scores + p2c / self.scale
+        keep = jnp.broadcast_to(mask, (b, 1, s, s))[row, 0, column]  # [n, keys]: each query's mask row
+        scores = jnp.where(keep[:, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.rate, probs_rng)
+        return jnp.einsum("nhk,nkhd->nhd", probs, v).reshape(rows.shape[0], -1)
+
 
 class DebertaV2SelfOutput(nnx.Module):
     def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -228,9 +262,12 @@ class DebertaV2Attention(nnx.Module):
         self.self = DisentangledSelfAttention(config, **kw)
         self.output = DebertaV2SelfOutput(config, self.self.num_heads * self.self.head_dim, **kw)
 
-    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None):
+    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None, rows=None):
         attn_rng, out_rng = split_keys(rng, 2)
-        return self.output(self.self(x, mask, rel_embeddings, rel_index, attn_rng), x, out_rng)
+        if rows is None:
+            return self.output(self.self(x, mask, rel_embeddings, rel_index, attn_rng), x, out_rng)
+        x_rows = pick_rows(x.reshape(-1, x.shape[-1]), rows)  # the queries' input and the residual
+        return self.output(self.self(x, mask, rel_embeddings, rel_index, attn_rng, rows, x_rows), x_rows, out_rng)
 
 
 class DebertaV2Intermediate(nnx.Module):
@@ -249,9 +286,10 @@ class DebertaV2Layer(nnx.Module):
         self.intermediate = DebertaV2Intermediate(config, **kw)
         self.output = DebertaV2SelfOutput(config, config.intermediate_size, **kw)  # transformers' DebertaV2Output
 
-    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None):
+    def __call__(self, x, mask, rel_embeddings, rel_index, rng=None, rows=None):
+        """``[batch, seq, hidden]``, or with ``rows`` (flat indices) those positions' ``[n, hidden]``."""
         attn_rng, out_rng = split_keys(rng, 2)
-        a = self.attention(x, mask, rel_embeddings, rel_index, attn_rng)
+        a = self.attention(x, mask, rel_embeddings, rel_index, attn_rng, rows)
         return self.output(self.intermediate(a), a, out_rng)
 
 
@@ -311,7 +349,9 @@ class DebertaV2Encoder(nnx.Module):
         if getattr(config, "conv_kernel_size", 0) > 0:
             self.conv = ConvLayer(config, **kw)
 
-    def __call__(self, x, mask, input_mask, rng=None):
+    def __call__(self, x, mask, input_mask, rng=None, rows=None):
+        """The last layer's output ``[batch, seq, hidden]``, or with ``rows`` (``[n]`` flat indices)
+        only those positions', ``[n, hidden]``, which the last layer then computes alone."""
         rel = index = None
         if self.relative:
             rel = self.rel_embeddings.embedding.get_value().astype(x.dtype)
@@ -323,13 +363,20 @@ class DebertaV2Encoder(nnx.Module):
         def fn(layer, h, k):
             return layer(h, mask, rel, index, k)
 
+        last = len(self.layer) - 1
+        if rows is not None and self.conv is not None and last == 0:  # the convolution needs every position
+            return pick_rows(self(x, mask, input_mask, rng).reshape(-1, x.shape[-1]), rows)
+        whole = last if rows is not None else last + 1  # the layers that compute every position
         if self.conv is None:
-            return run_layers(self.layer, fn, x, self.remat, layers_rng)
-        # the convolution joins the first layer's output; the others then run one by one
-        h = self.conv(x, run_layer(self.layer, 0, fn, x, self.remat, layers_rng), input_mask, conv_rng)
-        for i in range(1, len(self.layer)):
-            h = run_layer(self.layer, i, fn, h, self.remat, layers_rng)
-        return h
+            h = run_layers(self.layer, fn, x, self.remat, layers_rng, stop=None if rows is None else last)
+        else:  # the convolution joins the first layer's output; the others then run one by one
+            h = self.conv(x, run_layer(self.layer, 0, fn, x, self.remat, layers_rng), input_mask, conv_rng)
+            for i in range(1, whole):
+                h = run_layer(self.layer, i, fn, h, self.remat, layers_rng)
+        if rows is None:
+            return h
+        return run_layer(self.layer, last, lambda layer, h, k: layer(h, mask, rel, index, k, rows=rows), h,
+                         self.remat, layers_rng)
 
 
 class DebertaV2Model(PreTrainedModel):
@@ -381,6 +428,28 @@ class DebertaV2Model(PreTrainedModel):
           ValueError: ``segment_ids`` with the convolution (``conv_kernel_size``), which would mix
             neighbouring sequences.
         """
+        return ModelOutput(last_hidden_state=self._encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                          inputs_embeds, dropout_rng, segment_ids))
+
+    def first_token_states(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                           inputs_embeds=None, dropout_rng=None, segment_ids=None, segment_starts=None) -> jax.Array:
+        """Each sequence's first token (``[CLS]``) out of the last layer, ``[n, hidden]`` (``n`` =
+        batch, or the packed sequences of ``segment_starts``), which the last layer computes alone
+        (its queries, attention output and feed-forward; keys and values everywhere) unless an
+        adapter needs every position. What the sequence classifier's pooler reads; the arguments
+        are :meth:`__call__`'s."""
+        b, s = (jnp.shape(input_ids) if inputs_embeds is None else jnp.shape(inputs_embeds)[:2])
+        firsts = jnp.arange(b) * s if segment_starts is None else jnp.asarray(segment_starts)
+        if every_position_required():
+            h = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                             segment_ids)
+            return pick_rows(h.reshape(b * s, -1), firsts)
+        return self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                            segment_ids, rows=firsts)
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng,
+                segment_ids, rows=None) -> jax.Array:
+        """The last layer's states, ``[batch, seq, hidden]``, or at ``rows`` only, ``[n, hidden]``."""
         if segment_ids is not None and not self.packs_sequences:
             raise ValueError("deberta-v2: segment_ids (packed rows) with conv_kernel_size is not supported: the "
                              "convolution would reach across the packed sequences")
@@ -405,7 +474,7 @@ class DebertaV2Model(PreTrainedModel):
         # a query sees a key only when both are real tokens (transformers' mask is their product)
         mask = (input_mask[:, None, :, None] & input_mask[:, None, None, :])
         mask = attn.within_segments(mask, segment_ids)
-        return ModelOutput(last_hidden_state=self.encoder(x, mask, input_mask, enc_rng))
+        return self.encoder(x, mask, input_mask, enc_rng, rows)
 
 
 class ContextPooler(nnx.Module):
@@ -469,9 +538,8 @@ class DebertaV2ForSequenceClassification(_DebertaV2Task):
         flat index ``row * seq + column`` of each sequence's first token) give a row of logits per
         sequence (``labels`` likewise)."""
         base_rng, pool_rng, head_rng = split_keys(dropout_rng, 3)
-        h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                         base_rng, segment_ids).last_hidden_state
-        first = h[:, 0] if segment_starts is None else h.reshape(-1, h.shape[-1])[jnp.asarray(segment_starts)]
+        first = self.deberta.first_token_states(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                                base_rng, segment_ids, segment_starts)
         pooled = self.pooler(first, pool_rng)
         logits = self.classifier(dropout(pooled, self.rate, head_rng))
         loss = None if labels is None else deberta_sequence_loss(logits, jnp.asarray(labels), self.config)
