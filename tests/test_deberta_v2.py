@@ -100,6 +100,26 @@ def test_a_masked_lm_checkpoint_loads_into_a_classifier_whose_new_pooler_is_save
                       base_kwargs=dict(num_labels=3), **INPUTS)
 
 
+@pytest.mark.parametrize("overrides", [dict(legacy=False), dict(embedding_size=24)], ids=["v3-head", "narrow-legacy"])
+def test_the_masked_lm_heads_equal_transformers_and_save_what_it_loads(overrides, tmp_path):
+    """``legacy=False``: the v3 releases' ``lm_predictions.lm_head``; the legacy ``cls`` head with
+    embeddings narrower than the layers (its transform ends at their width): transformers' logits
+    and loss, and transformers reads the saved model back (the tied decoder not written)."""
+    theirs = save_random("DebertaV2ForMaskedLM", tmp_path / "base", **overrides)
+    ours = models.from_pretrained(tmp_path / "base")
+    labels = np.where(MASK == 1, IDS % 7 + 3, -100)
+    with torch.no_grad():
+        ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(labels))
+    out = nnx.jit(lambda m: m(input_ids=IDS, attention_mask=MASK, labels=labels))(ours)
+    np.testing.assert_allclose(real(np.asarray(out.logits)), real(ref.logits.numpy()), atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    ours.save_pretrained(tmp_path / "saved")
+    again = tr.DebertaV2ForMaskedLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        back = again(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(real(back), real(ref.logits.numpy()), atol=1e-6, rtol=0)
+
+
 def test_lora_moves_both_ways_with_peft(tmp_path):
     """PEFT's default DeBERTa targets (query_proj, value_proj: with shared keys they also project
     the relative table, here as in PEFT) on a classifier whose pooler is trained and saved beside
@@ -219,6 +239,12 @@ def test_prefix_tuning_is_refused_by_name():
         "deberta-v2", **_tiny.fields("deberta-v2")))
     with pytest.raises(TypeError, match="DebertaV2ForSequenceClassification does not implement peftjax's prefix"):
         peftjax.get_peft_model(model, peftjax.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+
+
+def test_the_v3_head_with_narrow_embeddings_is_refused():
+    with pytest.raises(ValueError, match=r"legacy=False needs embedding_size \(24\) equal to hidden_size \(32\)"):
+        models.DebertaV2ForMaskedLM.from_config(models.ModelConfig(
+            "deberta-v2", **_tiny.fields("deberta-v2", legacy=False, embedding_size=24)))
 
 
 def test_a_sequence_past_the_absolute_positions_is_refused():

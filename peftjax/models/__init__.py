@@ -91,6 +91,7 @@ from peftjax.models._electra import (
     ElectraModel,
 )
 from peftjax.models._deberta_v2 import (
+    DebertaV2ForMaskedLM,
     DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
     DebertaV2ForTokenClassification,
@@ -234,6 +235,7 @@ __all__ = [
     "ElectraForSequenceClassification",
     "ElectraForTokenClassification",
     "ElectraModel",
+    "DebertaV2ForMaskedLM",
     "DebertaV2ForQuestionAnswering",
     "DebertaV2ForSequenceClassification",
     "DebertaV2ForTokenClassification",

@@ -43,7 +43,7 @@ from peftjax.models._losses import check_span_labels, sequence_classification_lo
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
-from peftjax.models._bert import pick_rows
+from peftjax.models._bert import MaskedLMHead, check_tied_decoder, pick_rows
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._functional import softmax
 from peftjax.nn._positions import every_position_required
@@ -583,6 +583,101 @@ class DebertaV2ForQuestionAnswering(_DebertaV2Task):
         return ModelOutput(**span_outputs(self.qa_outputs(h), start_positions, end_positions))
 
 
+class _HeadTransform(nnx.Module):
+    """``dense`` (to ``width``), the hidden activation, ``LayerNorm``."""
+
+    def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(config.hidden_size, width, **_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _norm(config, width, dtype, param_dtype, rngs)
+        self.act = config.hidden_act
+
+    def __call__(self, x):
+        return self.LayerNorm(ACTIVATIONS[self.act](self.dense(x)))
+
+
+class LegacyDebertaV2LMPredictionHead(MaskedLMHead):
+    """``cls.predictions`` (``legacy=True``): ``transform`` (to the embedding width), then the word
+    embeddings' transpose (the tied ``decoder``) plus ``bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        width = getattr(config, "embedding_size", None) or config.hidden_size
+        self.transform = _HeadTransform(config, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(self.transform(x), word_embeddings)
+
+
+class DebertaV2LMPredictionHead(MaskedLMHead):
+    """``lm_predictions.lm_head`` (``legacy=False``, the v3 releases' head): ``dense``, the
+    activation and ``LayerNorm`` in place, then the word embeddings' transpose plus ``bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.hidden_size, **_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = _norm(config, config.hidden_size, dtype, param_dtype, rngs)
+        self.act = config.hidden_act
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(self.LayerNorm(ACTIVATIONS[self.act](self.dense(x))), word_embeddings)
+
+
+class _Predictions(nnx.Module):
+    """The holder transformers names: ``cls.predictions`` or ``lm_predictions.lm_head``."""
+
+    def __init__(self, name: str, head: nnx.Module):
+        setattr(self, name, head)
+        self.name = name
+
+    def __call__(self, x, word_embeddings):
+        return getattr(self, self.name)(x, word_embeddings)
+
+
+class DebertaV2ForMaskedLM(_DebertaV2Task):
+    """Masked language modelling, as transformers': ``deberta`` and, by the config's ``legacy``
+    (transformers' default: true), ``cls.predictions`` (a transform to the embedding width and the
+    decoder tied to the word embeddings) or ``lm_predictions.lm_head`` (the head the v3 releases
+    hold). ``labels`` (-100 where no token is predicted) add the mean cross entropy over the
+    labelled ones. A v3 release read with ``legacy`` true gets a new ``cls`` head, as in
+    transformers (its ``lm_predictions`` are ignored): pass ``legacy=False`` to read them.
+
+    Raises:
+      ValueError: ``legacy=False`` with an ``embedding_size`` other than the hidden size (the head
+        multiplies hidden states by the word embeddings), or untied word embeddings.
+    """
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"cls\.predictions\.(bias|transform\..*)",
+                                                r"lm_predictions\.lm_head\..*")
+    tied_keys: ClassVar[tuple[str, ...]] = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        check_tied_decoder(self, config)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if getattr(config, "legacy", True):
+            self.cls = _Predictions("predictions", LegacyDebertaV2LMPredictionHead(config, **kw))
+        else:
+            width = getattr(config, "embedding_size", None) or config.hidden_size
+            if width != config.hidden_size:
+                raise ValueError(f"deberta-v2: legacy=False needs embedding_size ({width}) equal to hidden_size "
+                                 f"({config.hidden_size}): its head multiplies hidden states by the word embeddings")
+            self.lm_predictions = _Predictions("lm_head", DebertaV2LMPredictionHead(config, **kw))
+
+    def _tied(self, key: str) -> bool:
+        return key in self.tied_keys
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
+        """``[batch, seq, vocab]`` logits; ``labels`` add the loss over the labelled tokens."""
+        h = self.deberta(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         dropout_rng).last_hidden_state
+        head = self.cls if getattr(self.config, "legacy", True) else self.lm_predictions
+        logits = head(h, self.deberta.embeddings.word_embeddings)
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels), last_hidden_state=h)
+
+
 register(DebertaV2Model, model_types=("deberta-v2",), default=True)
-for _cls in (DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification, DebertaV2ForQuestionAnswering):
+for _cls in (DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification, DebertaV2ForQuestionAnswering,
+             DebertaV2ForMaskedLM):
     register(_cls)
