@@ -113,11 +113,30 @@ def log_bucket(distance: np.ndarray, buckets: int, max_position: int) -> np.ndar
 def relative_index(length: int, buckets: int, max_position: int, span: int) -> np.ndarray:
     """``[length, length]`` rows of the ``2 * span`` relative table for query ``i`` and key ``j``:
     ``clip(bucket(i - j) + span)``. The ``p2c`` scores read the same rows (the buckets are odd in
-    the distance), so one index serves both; a constant of the sequence length."""
+    the distance), so one index serves both; a constant of the sequence length, and a function of
+    ``i - j`` alone (:func:`distance_rows`)."""
     distance = np.arange(length)[:, None] - np.arange(length)[None, :]
     if buckets > 0 and max_position > 0:
         distance = log_bucket(distance, buckets, max_position)
     return np.clip(distance + span, 0, 2 * span - 1).astype(np.int32)
+
+
+def distance_rows(index: np.ndarray) -> np.ndarray:
+    """``[2s - 1]``: the table row of each distance ``i - j = k - (s - 1)`` of an ``[s, s]``
+    :func:`relative_index` (which depends on the distance alone)."""
+    s = index.shape[0]
+    return np.concatenate([index[0, ::-1], index[1:, 0]])  # distances -(s-1) .. 0, then 1 .. s-1
+
+
+def shift_to_keys(m: jax.Array) -> jax.Array:
+    """``out[..., i, j] = m[..., i, (s - 1) - i + j]`` of ``m`` ``[..., s, 2s - 1]``: each row's
+    window of ``s`` columns starting ``s - 1 - i`` in, by a flat slice and a reshape (the
+    relative shift of Transformer-XL), so neither direction gathers or scatters."""
+    s = m.shape[-2]
+    if s == 1:
+        return m
+    flat = m.reshape(*m.shape[:-2], s * (2 * s - 1))[..., s - 1 : s - 1 + s * (2 * s - 2)]
+    return flat.reshape(*m.shape[:-2], s, 2 * s - 2)[..., :s]
 
 
 def _kw(config, dtype, param_dtype, rngs) -> dict:
@@ -202,17 +221,17 @@ class DisentangledSelfAttention(nnx.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / self.scale
         if self.relative:
             rel = dropout(rel_embeddings, self.pos_rate, pos_rng)
-            index = jnp.asarray(rel_index)
-            b, h, s = scores.shape[0], self.num_heads, index.shape[0]
+            # a score's relative row depends on i - j alone: the table's row of each distance
+            # -(s-1) .. s-1, then shifted into place (no gather over the scores, none in the backward)
+            by_distance = distance_rows(np.asarray(rel_index))
             if "c2p" in self.kinds:  # each query against its keys' relative rows
-                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))
+                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))[by_distance]
                 c2p = jnp.einsum("bqhd,rhd->bhqr", q, pos_k).astype(jnp.float32)
-                scores = scores + jnp.take_along_axis(c2p, jnp.broadcast_to(index, (b, h, s, s)), axis=-1) / self.scale
+                scores = scores + shift_to_keys(c2p[..., ::-1]) / self.scale
             if "p2c" in self.kinds:  # each key against its query's relative row
-                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
+                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))[by_distance]
                 p2c = jnp.einsum("bkhd,rhd->bhkr", k, pos_q).astype(jnp.float32)
-                p2c = jnp.take_along_axis(p2c, jnp.broadcast_to(index.T, (b, h, s, s)), axis=-1)
-                scores = scores + jnp.swapaxes(p2c, -1, -2) / self.scale
+                scores = scores + jnp.swapaxes(shift_to_keys(p2c), -1, -2) / self.scale
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.rate, probs_rng)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:-1], -1)
@@ -354,10 +373,13 @@ class DebertaV2Encoder(nnx.Module):
         only those positions', ``[n, hidden]``, which the last layer then computes alone."""
         rel = index = None
         if self.relative:
-            rel = self.rel_embeddings.embedding.get_value().astype(x.dtype)
+            index = relative_index(x.shape[1], self.buckets, self.max_relative, self.span)
+            # only the table's rows this length reaches (those of distances up to seq - 1 either
+            # way): the scores against the others would be computed and never read
+            lo, hi = int(index.min()), int(index.max())
+            rel, index = self.rel_embeddings.embedding.get_value()[lo:hi + 1].astype(x.dtype), index - lo
             if self.LayerNorm is not None:
                 rel = self.LayerNorm(rel)
-            index = relative_index(x.shape[1], self.buckets, self.max_relative, self.span)
         layers_rng, conv_rng = split_keys(rng, 2)
 
         def fn(layer, h, k):
