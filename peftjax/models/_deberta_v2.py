@@ -124,7 +124,6 @@ def relative_index(length: int, buckets: int, max_position: int, span: int) -> n
 def distance_rows(index: np.ndarray) -> np.ndarray:
     """``[2s - 1]``: the table row of each distance ``i - j = k - (s - 1)`` of an ``[s, s]``
     :func:`relative_index` (which depends on the distance alone)."""
-    s = index.shape[0]
     return np.concatenate([index[0, ::-1], index[1:, 0]])  # distances -(s-1) .. 0, then 1 .. s-1
 
 
