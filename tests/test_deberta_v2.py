@@ -30,7 +30,7 @@ MASK = np.ones_like(IDS)
 MASK[1, 8:] = 0  # right padding
 INPUTS = dict(input_ids=IDS, attention_mask=MASK)
 V2 = dict(share_att_key=False, norm_rel_ebd="none", position_biased_input=True, type_vocab_size=2,
-          embedding_size=24, max_relative_positions=-1, position_buckets=-1, hidden_act="gelu_new")
+          embedding_size=24, max_relative_positions=4, position_buckets=-1, hidden_act="gelu_new")  # clipped at 4
 CASES = {  # name -> (transformers class, config overrides, labels)
     # (the bare encoder's states: test_a_masked_lm_checkpoint_loads_into_a_classifier_whose_new_pooler_is_saved)
     # a label below 0 is left out of DeBERTa's loss (transformers' rule for this family)
