@@ -790,3 +790,23 @@ def test_add_task_modules_to_save(task_type, given, expected):
     cfg = pc.add_task_modules_to_save(pc.LoraConfig(task_type=task_type, modules_to_save=given))
     assert cfg.modules_to_save == expected
     assert pc.add_task_modules_to_save(cfg) == cfg  # idempotent
+
+
+@pytest.mark.parametrize(
+    "task_type, given, new, expected",
+    [
+        # DeBERTa from a masked-LM checkpoint: the pooler joins PEFT's heads, by its full name
+        ("SEQ_CLS", None, ["classifier.weight", "pooler.dense.weight", "pooler.dense.bias"],
+         ("classifier", "score", "pooler.dense")),
+        # a listed module (PEFT's suffix match) covers what it holds: nothing added
+        ("SEQ_CLS", ["pooler"], ["bert.pooler.dense.weight", "classifier.bias"], ("pooler", "classifier", "score")),
+        ("QUESTION_ANS", None, ["qa_outputs.weight"], ("qa_outputs",)),
+        # no head task, or nothing new: the config as given
+        ("CAUSAL_LM", None, ["lm_head.weight"], None),
+        ("TOKEN_CLS", ["x"], [], ("x",)),
+    ],
+)
+def test_add_new_head_modules(task_type, given, new, expected):
+    cfg = pc.add_new_head_modules(pc.LoraConfig(task_type=task_type, modules_to_save=given), new)
+    assert cfg.modules_to_save == expected
+    assert pc.add_new_head_modules(cfg, new) == cfg  # idempotent
