@@ -106,14 +106,14 @@ def test_inspect_tells_who_wrote_the_adapter(llama, tmp_path, capsys):
     assert "written_by" in text and "peftjax" in text and "[2, 4]" in text
 
 
-def test_merge_writes_a_checkpoint_transformers_loads(llama, tmp_path):
+def test_merge_writes_a_checkpoint_transformers_loads(llama, tmp_path, capsys):
     model = peftjax.get_peft_model(models.from_pretrained(llama),
                                    peftjax.LoraConfig(r=4, init_lora_weights=False, target_modules="all-linear"))
     model.save_pretrained(tmp_path / "adapter")
     ids = np.array([[5, 6, 7, 8]])
     expected = np.asarray(model(input_ids=ids).logits)
-    result = run_cli("merge", str(llama), str(tmp_path / "adapter"), str(tmp_path / "merged"))
-    assert result.returncode == 0, result.stderr
+    code, _, err = run_main(capsys, "merge", str(llama), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert code == 0, err
     merged = tr.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         np.testing.assert_allclose(merged(input_ids=torch.tensor(ids)).logits.numpy(), expected, atol=1e-5)
@@ -170,10 +170,11 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     tokenizer.save_pretrained(tmp_path / "base")
     peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
                            peftjax.LoraConfig(r=2, init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
-    result = run_cli("generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                     "--text", "hello there", "--text", "a longer prompt than the first", "--max-new-tokens", "4")
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    code, out, err = run_main(capsys, "generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                              "--text", "hello there", "--text", "a longer prompt than the first",
+                              "--max-new-tokens", "4")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["hello there", "a longer prompt than the first"]
     assert all(isinstance(r["completion"], str) for r in rows)
     # the decoding settings reach generate: --repetition-penalty (below 1 favours what is already
