@@ -143,16 +143,20 @@ def test_what_is_not_implemented_is_named(overrides, error, named):
             "modernbert", **_tiny.fields("modernbert", **overrides)))
 
 
-def test_a_head_less_checkpoint_s_new_head_trains_and_saves_through_modules_to_save(tmp_path):
+@pytest.mark.parametrize("named", [["head"], None], ids=["named", "added-by-get_peft_model"])
+def test_a_head_less_checkpoint_s_new_head_trains_and_saves_through_modules_to_save(named, tmp_path):
     """From a ``ModernBertModel`` checkpoint the classifier's ``head`` (dense, norm) is new, as in
-    transformers; ``modules_to_save=["head"]`` trains and saves it beside the classifier, and PEFT
-    rebuilds the same classifier from the file."""
+    transformers; ``modules_to_save=["head"]``, or ``get_peft_model`` by itself (``head.dense``,
+    ``head.norm``), trains and saves it beside the classifier, and PEFT rebuilds the same
+    classifier from the file."""
     save_random("ModernBertModel", tmp_path / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base", task_type="SEQ_CLS", num_labels=3),
                                        peftjax.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["Wqkv"],
-                                                          modules_to_save=["head"]))
+                                                          modules_to_save=named))
+    expected = ("head", "classifier", "score") if named else ("classifier", "score", "head.dense", "head.norm")
+    assert model.peft_config["default"].modules_to_save == expected
     _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=3)
     model.save_pretrained(tmp_path / "adapter")
     mine = np.asarray(model(input_ids=IDS, attention_mask=MASK).logits)
