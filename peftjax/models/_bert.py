@@ -143,9 +143,9 @@ class BertSelfAttention(nnx.Module):
 
 
 class BertSelfOutput(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        h = config.hidden_size
-        self.dense = nnx.Linear(h, h, **linear_kw(config, dtype, param_dtype, rngs))
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs, width: int | None = None):
+        h = config.hidden_size  # ``width``: the attention's output, if not the hidden size (DeBERTa's head size)
+        self.dense = nnx.Linear(width or h, h, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dropout_rate = float(config.hidden_dropout_prob)
 

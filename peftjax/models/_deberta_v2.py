@@ -43,7 +43,15 @@ from peftjax.models._losses import check_span_labels, sequence_classification_lo
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
-from peftjax.models._bert import MaskedLMHead, check_tied_decoder, pick_rows
+from peftjax.models._bert import (
+    BertIntermediate,
+    BertOutput,
+    BertSelfOutput,
+    MaskedLMHead,
+    check_tied_decoder,
+    linear_kw,
+    pick_rows,
+)
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._functional import softmax
 from peftjax.nn._positions import every_position_required
@@ -138,12 +146,6 @@ def shift_to_keys(m: jax.Array) -> jax.Array:
     return flat.reshape(*m.shape[:-2], s, 2 * s - 2)[..., :s]
 
 
-def _kw(config, dtype, param_dtype, rngs) -> dict:
-    # transformers' _init_weights: normal(0, initializer_range) for Linear and Embedding weights
-    return dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                kernel_init=nnx.initializers.normal(config.initializer_range))
-
-
 def _norm(config, width, dtype, param_dtype, rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -166,7 +168,7 @@ class DebertaV2Embeddings(nnx.Module):
             self.token_type_embeddings = _embed(config, config.type_vocab_size, e, **kw)
         self.embed_proj = nnx.data(None)
         if e != h:
-            self.embed_proj = nnx.Linear(e, h, use_bias=False, **_kw(config, dtype, param_dtype, rngs))
+            self.embed_proj = nnx.Linear(e, h, use_bias=False, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _norm(config, h, **kw)
         self.rate = float(config.hidden_dropout_prob)
 
@@ -188,7 +190,7 @@ class DisentangledSelfAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = getattr(config, "attention_head_size", None) or h // self.num_heads
         inner = self.num_heads * self.head_dim
-        kw = _kw(config, dtype, param_dtype, rngs)
+        kw = linear_kw(config, dtype, param_dtype, rngs)
         self.query_proj = nnx.Linear(h, inner, **kw)
         self.key_proj = nnx.Linear(h, inner, **kw)
         self.value_proj = nnx.Linear(h, inner, **kw)
@@ -210,6 +212,16 @@ class DisentangledSelfAttention(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
+    def _projected_table(self, rel_embeddings, rng):
+        """The relative table (after its dropout) as position keys for ``c2p`` and position
+        queries for ``p2c``, ``[rows, heads, head_dim]`` each (``None`` where not used): the
+        layer's own key and query projections under ``share_att_key``, else its position ones."""
+        rel = dropout(rel_embeddings, self.pos_rate, rng)
+        keys = self.key_proj if self.share_att_key else self.pos_key_proj
+        queries = self.query_proj if self.share_att_key else self.pos_query_proj
+        return (self._heads(keys(rel)) if "c2p" in self.kinds else None,
+                self._heads(queries(rel)) if "p2c" in self.kinds else None)
+
     def __call__(self, x, mask, rel_embeddings=None, rel_index=None, rng=None, rows=None, x_rows=None):
         """``[batch, seq, inner]``; with ``rows`` (``[n]`` flat indices ``row * seq + column``) and
         ``x_rows`` (``x`` there, ``[n, hidden]``) the output of those queries only, ``[n, inner]``."""
@@ -219,17 +231,15 @@ class DisentangledSelfAttention(nnx.Module):
         probs_rng, pos_rng = split_keys(rng, 2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / self.scale
         if self.relative:
-            rel = dropout(rel_embeddings, self.pos_rate, pos_rng)
+            pos_k, pos_q = self._projected_table(rel_embeddings, pos_rng)
             # a score's relative row depends on i - j alone: the table's row of each distance
             # -(s-1) .. s-1, then shifted into place (no gather over the scores, none in the backward)
             by_distance = distance_rows(np.asarray(rel_index))
-            if "c2p" in self.kinds:  # each query against its keys' relative rows
-                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))[by_distance]
-                c2p = jnp.einsum("bqhd,rhd->bhqr", q, pos_k).astype(jnp.float32)
+            if pos_k is not None:  # c2p: each query against its keys' relative rows
+                c2p = jnp.einsum("bqhd,rhd->bhqr", q, pos_k[by_distance]).astype(jnp.float32)
                 scores = scores + shift_to_keys(c2p[..., ::-1]) / self.scale
-            if "p2c" in self.kinds:  # each key against its query's relative row
-                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))[by_distance]
-                p2c = jnp.einsum("bkhd,rhd->bhkr", k, pos_q).astype(jnp.float32)
+            if pos_q is not None:  # p2c: each key against its query's relative row
+                p2c = jnp.einsum("bkhd,rhd->bhkr", k, pos_q[by_distance]).astype(jnp.float32)
                 scores = scores + jnp.swapaxes(shift_to_keys(p2c), -1, -2) / self.scale
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.rate, probs_rng)
@@ -248,14 +258,12 @@ class DisentangledSelfAttention(nnx.Module):
         v = jnp.einsum("nb,bshd->nshd", own, self._heads(self.value_proj(x)))
         scores = jnp.einsum("nhd,nkhd->nhk", q, k).astype(jnp.float32) / self.scale
         if self.relative:
-            rel = dropout(rel_embeddings, self.pos_rate, pos_rng)
+            pos_k, pos_q = self._projected_table(rel_embeddings, pos_rng)
             index = jnp.asarray(rel_index)[column]  # [n, keys]: each key's relative row for this query
-            if "c2p" in self.kinds:
-                pos_k = self._heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel))
+            if pos_k is not None:
                 c2p = jnp.einsum("nhd,rhd->nhr", q, pos_k).astype(jnp.float32)
                 scores = scores + jnp.take_along_axis(c2p, index[:, None, :], axis=-1) / self.scale
-            if "p2c" in self.kinds:
-                pos_q = self._heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel))
+            if pos_q is not None:
                 p2c = jnp.einsum("nkhd,nkhd->nhk", k, pos_q[index]).astype(jnp.float32)
                 scores = scores + p2c / self.scale
         keep = jnp.broadcast_to(mask, (b, 1, s, s))[row, 0, column]  # [n, keys]: each query's mask row
@@ -264,21 +272,11 @@ class DisentangledSelfAttention(nnx.Module):
         return jnp.einsum("nhk,nkhd->nhd", probs, v).reshape(rows.shape[0], -1)
 
 
-class DebertaV2SelfOutput(nnx.Module):
-    def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = nnx.Linear(width, config.hidden_size, **_kw(config, dtype, param_dtype, rngs))
-        self.LayerNorm = _norm(config, config.hidden_size, dtype, param_dtype, rngs)
-        self.rate = float(config.hidden_dropout_prob)
-
-    def __call__(self, x, residual, rng=None):
-        return self.LayerNorm(dropout(self.dense(x), self.rate, rng) + residual)
-
-
 class DebertaV2Attention(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self = DisentangledSelfAttention(config, **kw)
-        self.output = DebertaV2SelfOutput(config, self.self.num_heads * self.self.head_dim, **kw)
+        self.output = BertSelfOutput(config, **kw, width=self.self.num_heads * self.self.head_dim)
 
     def __call__(self, x, mask, rel_embeddings, rel_index, rng=None, rows=None):
         attn_rng, out_rng = split_keys(rng, 2)
@@ -288,21 +286,13 @@ class DebertaV2Attention(nnx.Module):
         return self.output(self.self(x, mask, rel_embeddings, rel_index, attn_rng, rows, x_rows), x_rows, out_rng)
 
 
-class DebertaV2Intermediate(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = nnx.Linear(config.hidden_size, config.intermediate_size, **_kw(config, dtype, param_dtype, rngs))
-        self.act = config.hidden_act
-
-    def __call__(self, x):
-        return ACTIVATIONS[self.act](self.dense(x))
-
-
 class DebertaV2Layer(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = DebertaV2Attention(config, **kw)
-        self.intermediate = DebertaV2Intermediate(config, **kw)
-        self.output = DebertaV2SelfOutput(config, config.intermediate_size, **kw)  # transformers' DebertaV2Output
+        # BERT's feed-forward block under the same names (dense, LayerNorm, the hidden dropout)
+        self.intermediate = BertIntermediate(config, **kw)
+        self.output = BertOutput(config, **kw)
 
     def __call__(self, x, mask, rel_embeddings, rel_index, rng=None, rows=None):
         """``[batch, seq, hidden]``, or with ``rows`` (flat indices) those positions' ``[n, hidden]``."""
@@ -501,7 +491,7 @@ class DebertaV2Model(PreTrainedModel):
 class ContextPooler(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         width = getattr(config, "pooler_hidden_size", None) or config.hidden_size
-        self.dense = nnx.Linear(width, width, **_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(width, width, **linear_kw(config, dtype, param_dtype, rngs))
         self.act = getattr(config, "pooler_hidden_act", "gelu")
         self.rate = float(getattr(config, "pooler_dropout", 0.0))
 
@@ -545,7 +535,8 @@ class DebertaV2ForSequenceClassification(_DebertaV2Task):
         self.pooler = ContextPooler(config, **kw)
         rate = getattr(config, "cls_dropout", None)
         self.rate = float(config.hidden_dropout_prob if rate is None else rate)
-        self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **_kw(config, dtype, param_dtype, rngs))
+        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.classifier = nnx.Linear(config.hidden_size, config.num_labels, **kw)
 
     @property
     def packs_sequences(self) -> bool:
@@ -576,7 +567,7 @@ class DebertaV2ForTokenClassification(_DebertaV2Task):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.rate = float(self.config.hidden_dropout_prob)
         self.classifier = nnx.Linear(self.config.hidden_size, self.config.num_labels,
-                                     **_kw(self.config, dtype, param_dtype, rngs))
+                                     **linear_kw(self.config, dtype, param_dtype, rngs))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
@@ -595,7 +586,7 @@ class DebertaV2ForQuestionAnswering(_DebertaV2Task):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         check_span_labels(self, self.config)
-        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, **_kw(self.config, dtype, param_dtype, rngs))
+        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, **linear_kw(self.config, dtype, param_dtype, rngs))
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                  inputs_embeds=None, start_positions=None, end_positions=None, dropout_rng=None) -> ModelOutput:
@@ -608,7 +599,7 @@ class _HeadTransform(nnx.Module):
     """``dense`` (to ``width``), the hidden activation, ``LayerNorm``."""
 
     def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.dense = nnx.Linear(config.hidden_size, width, **_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(config.hidden_size, width, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _norm(config, width, dtype, param_dtype, rngs)
         self.act = config.hidden_act
 
@@ -635,7 +626,7 @@ class DebertaV2LMPredictionHead(MaskedLMHead):
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = nnx.Linear(config.hidden_size, config.hidden_size, **_kw(config, dtype, param_dtype, rngs))
+        self.dense = nnx.Linear(config.hidden_size, config.hidden_size, **linear_kw(config, dtype, param_dtype, rngs))
         self.LayerNorm = _norm(config, config.hidden_size, dtype, param_dtype, rngs)
         self.act = config.hidden_act
 
