@@ -19,6 +19,7 @@ and writes it back.
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 import jax
@@ -332,8 +333,6 @@ def assert_the_trainer_learns(model, output_dir, *, data=None) -> peftjax.Traine
     """``peftjax.Trainer`` on ``model`` (4 epochs of :func:`classification_data` (64), batch 16,
     a loss logged each step) writing to ``output_dir``: the last four losses' mean below the first
     four's. Returns the trainer."""
-    import json
-
     args = peftjax.TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=16, num_train_epochs=4,
                                      learning_rate=5e-3, logging_steps=1, report_to="none", disable_tqdm=True,
                                      plot=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
@@ -40,8 +41,8 @@ class ElectraModel(BertModel):
     optional_keys: ClassVar[tuple[str, ...]] = ()
     ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
 
-    def __init__(self, config, *, add_pooling_layer: bool | None = None, dtype=jax.numpy.float32,
-                 param_dtype=jax.numpy.float32, rngs: nnx.Rngs):
+    def __init__(self, config, *, add_pooling_layer: bool | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         """``add_pooling_layer`` is accepted for BERT's signature; ELECTRA has no pooler."""
         super().__init__(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         e = self.embedding_width(self.config)
