@@ -72,6 +72,30 @@ def test_the_readme_s_models_table_names_every_bundled_class():
     assert set(models.MODEL_CLASSES) - listed == set()
 
 
+
+def table_rows_off_their_header(text: str) -> list[tuple[int, int, int]]:
+    """``(line, cells, header's cells)`` of each Markdown table row whose cells are not its header's
+    (``|`` inside code spans and escaped ``\\|`` are not separators; fenced code is skipped)."""
+    wrong, width, fenced = [], 0, False
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        fenced ^= line.startswith("```")
+        if fenced or not line.startswith("|"):
+            continue
+        cells = len(re.split(r"(?<!\\)\|", re.sub(r"`[^`]*`", "``", line))) - 2
+        if number == 1 or not lines[number - 2].startswith("|"):
+            width = cells
+        elif cells != width:
+            wrong.append((number, cells, width))
+    return wrong
+
+
+def test_every_table_row_has_its_header_s_columns():
+    """A row with a cell too many (a pasted tail, a stray ``|``) renders as a broken table."""
+    assert table_rows_off_their_header("| a | b |\n|---|---|\n| `x|y` | z |\n| 1 | 2 | 3 |\n") == [(4, 3, 2)]
+    for path in [*DOCUMENTS, ROOT / "benchmarks" / "README.md"]:
+        assert table_rows_off_their_header(path.read_text()) == [], path.name
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny Llama (vocabulary 128, dims divisible by a 4-way model axis) and a PEFT-made adapter."""
