@@ -23,9 +23,14 @@ CLASSIFIER_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")  # tasks whose adapt
 
 
 def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> str | None:
-    """The PEFT task an adapter was trained for: its ``task_type``, else what its saved head implies."""
+    """The PEFT task an adapter was trained for: its ``task_type``; without one,
+    ``"MULTIPLE_CHOICE"`` where its ``auto_mapping`` names a ``...ForMultipleChoice`` class (PEFT
+    and peftjax record the class of an adapter without a task there), else what its saved head
+    implies."""
     if config.task_type is not None:
         return str(config.task_type)
+    if str((config.auto_mapping or {}).get("base_model_class", "")).endswith("ForMultipleChoice"):
+        return "MULTIPLE_CHOICE"
     return "SEQ_CLS" if head_shapes else None
 
 
@@ -157,7 +162,7 @@ def _bundled_task(task: str | None) -> str | None:
     """Tasks without their own bundled classes load the checkpoint's class; a FEATURE_EXTRACTION
     adapter gets the family's backbone (``BertModel``) whatever head the checkpoint was saved with."""
     return task if task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
-                            "FEATURE_EXTRACTION") else None
+                            "FEATURE_EXTRACTION", "MULTIPLE_CHOICE") else None
 
 
 def _resize_to_file(model, saved: dict) -> None:

@@ -190,6 +190,7 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_modernbert.py",
     "test_deberta_v2.py",
     "test_electra.py",
+    "test_multiple_choice.py",
     "test_gpt_oss.py",
     "test_lora_linen.py",
     "test_user_path.py",

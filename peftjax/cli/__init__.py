@@ -210,8 +210,8 @@ def _predict(args) -> int:
     from peftjax.cli._job import task_tokenizer
 
     model = _load_with_adapter(args)
-    what = ("predict needs a sequence- or token-classification, a question-answering, a masked LM or a "
-            "feature-extraction model")
+    what = ("predict needs a sequence- or token-classification, a question-answering, a multiple-choice, a masked "
+            "LM or a feature-extraction model")
     if _is_seq2seq_lm(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
@@ -219,9 +219,19 @@ def _predict(args) -> int:
     if by_span != (args.context is not None):
         raise ValueError("--context is the text a question-answering model takes its answers from (--text: the "
                          "questions)" + ("" if by_span else f"; {type(_base(model)).__name__} answers no questions"))
+    by_choice = type(_base(model)).__name__.endswith("ForMultipleChoice")
+    if by_choice != bool(args.choices):
+        raise ValueError("--choice gives the texts a multiple-choice model picks from (two or more)" +
+                         ("" if by_choice else f"; {type(_base(model)).__name__} picks no choices"))
+    if by_choice and len(args.choices) < 2:
+        raise ValueError(f"--choice given once ({args.choices[0]!r}): a multiple-choice model picks one of two or more")
     tokenizer = task_tokenizer(args.tokenizer or _base_dir(args), "token_cls" if by_word else "seq_cls")
     texts = _texts(args)
     routed = task_inputs(model, args.task_id, len(texts))  # checked before any tokenizing
+    if by_choice:  # each text paired with every choice, as tokenize_multiple_choice pairs them
+        for row in pick_choices(model, tokenizer, texts, args.choices, args.max_length):
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
     if (by_word or by_span) and not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"predict on a {'token classifier' if by_word else 'question-answering model'} needs a fast "
                          f"tokenizer (its offsets find the words); got {type(tokenizer).__name__}")
@@ -272,6 +282,22 @@ def _predict(args) -> int:
         for row in label_texts(texts, logits, names):
             print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+def pick_choices(model, tokenizer, texts: list[str], choices: list[str], max_length: int) -> list[dict]:
+    """A multiple-choice model's pick for each text among ``choices``: ``{"text", "choice",
+    "index", "scores"}``, the scores the softmax over the choices. One batch, one compiled forward."""
+    import numpy as np
+
+    pairs = tokenizer([t for t in texts for _ in choices], [c for _ in texts for c in choices], padding=True,
+                      truncation=True, max_length=max_length, return_tensors="np")
+    accepted = _accepted(model)
+    inputs = {k: v.reshape(len(texts), len(choices), -1) for k, v in pairs.items() if k in accepted}
+    logits = _logits(model, inputs).astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return [{"text": text, "choice": choices[int(p.argmax())], "index": int(p.argmax()),
+             "scores": [round(float(x), 4) for x in p]} for text, p in zip(texts, probs)]
 
 
 FILL_CANDIDATES = 5  # the tokens predict prints for each mask, likeliest first (transformers' fill-mask top_k)
@@ -622,8 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
                              ("predict", _predict, "classify texts or each of their words (a sequence or token "
-                                                     "classifier), answer questions from a --context, or embed "
-                                                     "texts (a model without a head)")):
+                                                     "classifier), answer questions from a --context, pick one of "
+                                                     "the --choice texts (multiple choice), or embed texts (a model "
+                                                     "without a head)")):
         p = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]} (base + optional adapter).")
         p.add_argument("base", help="base model directory or Hub repo id")
         p.add_argument("--adapter", help="adapter directory or Hub repo id")
@@ -685,6 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "id2label; an adapter file carries no names)")
             p.add_argument("--context", help="question answering: the text the answers are taken from (each --text "
                                              "is a question)")
+            p.add_argument("--choice", action="append", dest="choices",
+                           help="multiple choice: a choice each --text is paired with (repeatable; the model picks "
+                                "one per text)")
             p.add_argument("--max-answer-tokens", type=int, default=30,
                            help="question answering: the longest answer, in tokens")
             p.add_argument("--stride", type=int, default=None,

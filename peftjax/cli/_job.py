@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "question_column": "question",
     "context_column": "context",
     "answers_column": "answers",
+    "choices_column": "choices",
+    "choice_prefix_column": None,
     "stride": None,
     "num_labels": None,
     "max_length": 64,
@@ -81,7 +83,10 @@ DEFAULTS: dict[str, Any] = {
 # the job's task -> PEFT's task_type (of the model class and the adapter)
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS",
               "causal_lm": "CAUSAL_LM", "instruction": "CAUSAL_LM", "chat": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM",
-              "masked_lm": None}  # PEFT has no task type for a masked LM: its adapters have none
+              "masked_lm": None,  # PEFT has no task type for a masked LM: its adapters have none
+              "multiple_choice": None}  # nor for multiple choice (the adapter records its class: auto_mapping)
+# the job's task -> the model class's task where PEFT has no task type for it (models.from_pretrained)
+MODEL_TASKS = {"multiple_choice": "MULTIPLE_CHOICE"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 # --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
 METHODS: dict[str, tuple[str, dict, str]] = {
@@ -147,8 +152,14 @@ FLAG_HELP = {
             "modelling), instruction (prompt/response pairs), chat (conversations, a list of role/content messages "
             "a row in --messages-column, rendered by the tokenizer's chat template, the loss on the assistant's "
             "turns; --predict texts are user turns), seq2seq (source/target pairs on an encoder-decoder "
-            "such as T5) or masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
-            "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT)",
+            "such as T5), masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
+            "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT) or multiple_choice (the "
+            "--text-column context paired with each of a row's --choices-column choices, --label-column the right "
+            "one's index: SWAG, HellaSwag, RACE; on an encoder: BERT, RoBERTa, XLM-R, DeBERTa-v2, ELECTRA, "
+            "DistilBERT, ModernBERT)",
+    "choices_column": "multiple_choice: a column of each row's choices (a list of strings), or comma-separated "
+                      "columns of one choice each (SWAG's ending0,ending1,ending2,ending3)",
+    "choice_prefix_column": "multiple_choice: text put before each choice (SWAG's sent2)",
     "stride": "question answering: tokens each window of a long context shares with the one before "
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
@@ -384,6 +395,7 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
         tokenize_classification,
         tokenize_instructions,
         tokenize_masked_lm,
+        tokenize_multiple_choice,
         tokenize_question_answering,
         tokenize_seq2seq,
         tokenize_token_classification,
@@ -414,6 +426,12 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
             return tokenize_seq2seq(ds, tokenizer, source_column=options["source_column"],
                                     target_column=options["target_column"], max_length=options["max_length"],
                                     max_target_length=options["max_target_length"], keep_columns=keep)
+        if task == "multiple_choice":
+            return tokenize_multiple_choice(ds, tokenizer, text_column=options["text_column"],
+                                            choices_column=choice_columns(options["choices_column"]),
+                                            choice_prefix_column=options["choice_prefix_column"],
+                                            label_column=options["label_column"], max_length=options["max_length"],
+                                            keep_columns=keep)
         if task == "masked_lm":  # unmasked: the Trainer's collator masks each batch anew every epoch
             return tokenize_masked_lm(ds, tokenizer, text_column=options["text_column"],
                                       max_length=options["max_length"], masking="dynamic", keep_columns=keep)
@@ -506,7 +524,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
                                                seed=options["seed"], **named)
             else:
-                model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type)
+                seeded = {"seed": options["seed"]} if task in MODEL_TASKS else {}  # its new head
+                model = models.from_pretrained(model_path, dtype=dtype, task_type=MODEL_TASKS.get(task, task_type),
+                                               **seeded)
             if task == "masked_lm" and not type(model).__name__.endswith("ForMaskedLM"):
                 raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
                                  f"the Hub's BERT, RoBERTa, DistilBERT and ModernBERT are); {model_path} is a "
@@ -590,6 +610,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             for words in label_words(batch, texts, logits, id2label):
                 print("  " + " ".join(f"{w['word']}/{w['label']}" for w in words))
         print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
+    elif task == "multiple_choice":  # the first eval rows' picks (--predict: none; the rows hold the choices)
+        if evaluation is not None:
+            figures["picks"] = _choice_examples(options, reloaded, peft_model, raw_eval, evaluation, figures)
     elif task_type == "QUESTION_ANS":  # the first eval questions, each on its context (--predict: none)
         if raw_eval is not None:
             figures["answers"] = _answer_examples(options, tokenizer, reloaded, peft_model, raw_eval, figures,
@@ -628,6 +651,13 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
+def choice_columns(value) -> str | list[str]:
+    """``--choices-column``: one column of choice lists, or comma-separated columns of a choice each."""
+    if isinstance(value, str) and "," in value:
+        return [c.strip() for c in value.split(",") if c.strip()]
+    return value
+
+
 def adapter_config(options: dict, task_type: str, training_steps: int, tasks: int | None = None):
     """The job's adapter config: ``options["method"]``'s config with the job's defaults, the flags
     given and ``method_options``; AdaLoRA's ``total_step`` is the run's ``training_steps``, and Poly's
@@ -642,7 +672,12 @@ def adapter_config(options: dict, task_type: str, training_steps: int, tasks: in
         fields.setdefault("total_step", training_steps)
     if tasks is not None:
         fields.setdefault(_task_field(method), tasks)
-    return _config_class(method)(**fields, **METHODS[method][1], task_type=task_type)
+    config_class = _config_class(method)
+    if options["task"] == "multiple_choice" and "modules_to_save" in {f.name for f in dataclasses.fields(config_class)}:
+        # the head trains with the adapter and is saved with it, as PEFT users list it for multiple choice
+        # (PEFT has no task type that would); a head part the checkpoint lacks joins it (get_peft_model)
+        fields.setdefault("modules_to_save", ["classifier"])
+    return config_class(**fields, **METHODS[method][1], task_type=task_type)
 
 
 def question_stride(stride: int | None, max_length: int) -> int:
@@ -677,6 +712,34 @@ def count_tasks(column: str, *datasets) -> int:
         raise ValueError(f"task column {column!r}: expected one integer task id from 0 per row, got {ids.dtype} "
                          f"values such as {shown}")
     return int(ids.max()) + 1 if ids.size else 1
+
+
+def _choice_examples(options: dict, reloaded, trained, raw_eval, evaluation, figures: dict) -> list[dict]:
+    """The reloaded adapter's pick for each of the first eval rows, beside the labelled choice;
+    ``figures["reload_max_abs_diff"]``: its logits against the trained model's. One batch."""
+    import numpy as np
+
+    from peftjax.cli import _accepted, _logits
+    from peftjax.training._data import Batcher
+
+    rows = min(3, len(evaluation))
+    batch = next(Batcher(evaluation.select(range(rows)), rows, shuffle=False, buckets=None).batches(0))
+    inputs = {k: v for k, v in batch.items() if k in _accepted(reloaded) and k != "labels"}
+    logits = _logits(reloaded, inputs)
+    figures["reload_max_abs_diff"] = float(np.abs(logits - _logits(trained, inputs)).max())
+    columns = choice_columns(options["choices_column"])
+    picks = []
+    print("the reloaded adapter's choices for the first eval rows:")
+    for i in range(rows):
+        row = raw_eval[i]
+        choices = row[columns] if isinstance(columns, str) else [row[c] for c in columns]
+        pick = int(logits[i].argmax())
+        label = row[options["label_column"]] if options["label_column"] in row else None
+        picks.append({"text": row[options["text_column"]], "choice": choices[pick], "index": pick, "label": label})
+        print(f"  {row[options['text_column']]!r} -> {choices[pick]!r}" + ("" if label is None else
+                                                                         f" (labelled {choices[label]!r})"))
+    print(f"reloaded adapter reproduces the trained logits: max |diff| = {figures['reload_max_abs_diff']:.2e}")
+    return picks
 
 
 def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figures: dict,

@@ -568,7 +568,7 @@ def add_task_modules_to_save(config: PeftConfig) -> PeftConfig:
     return config if updated == config.modules_to_save else dataclasses.replace(config, modules_to_save=updated)
 
 
-def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str]) -> PeftConfig:
+def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str], *, head: bool = False) -> PeftConfig:
     """Adds to ``modules_to_save`` the modules of a task head that the base checkpoint lacked.
 
     ``new_weights``: the torch keys a model's loading drew afresh (``model.newly_initialised``).
@@ -576,7 +576,9 @@ def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str]) -> Peft
     module (or one PEFT's suffix match takes) covers it already, is appended by its full name
     (DeBERTa's ``pooler.dense`` beside ``classifier``). PEFT adds only ``classifier`` and
     ``score``: an adapter without the new pooler would reload onto another random one there, so
-    the file carries it, and PEFT reads it back through the same ``modules_to_save``.
+    the file carries it, and PEFT reads it back through the same ``modules_to_save``. ``head=True``
+    does the same for a model with a head whose adapters have no task type (multiple choice: PEFT
+    has none for it, so its ``classifier`` is saved only when listed).
 
     >>> from peftjax.config import LoraConfig
     >>> config = add_new_head_modules(LoraConfig(task_type="SEQ_CLS", modules_to_save=["classifier"]),
@@ -585,7 +587,8 @@ def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str]) -> Peft
     ('classifier', 'score', 'pooler.dense')
     """
     new_weights = [k for k in new_weights if "." in k]
-    if config.task_type not in _TASK_MODULES_TO_SAVE or not hasattr(config, "modules_to_save") or not new_weights:
+    task_head = config.task_type in _TASK_MODULES_TO_SAVE or (head and config.task_type is None)
+    if not task_head or not hasattr(config, "modules_to_save") or not new_weights:
         return config
     config = add_task_modules_to_save(config)  # PEFT's heads first, in PEFT's order
     current = tuple(config.modules_to_save or ())

@@ -82,6 +82,8 @@ TASK_CLASS_SUFFIXES = {
     "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
     "FEATURE_EXTRACTION": ("Model",),
     "SEQ_2_SEQ_LM": ("ForConditionalGeneration",),
+    # transformers' head for which PEFT has no task type (its adapters have none: task_type=None)
+    "MULTIPLE_CHOICE": ("ForMultipleChoice",),
 }
 
 
@@ -149,8 +151,10 @@ def from_pretrained(
         into the Hub cache (``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` reads only the cache).
       dtype: parameter and compute dtype (``None``: float32).
       task_type: build the family's class for this PEFT task (``"SEQ_CLS"``, ``"TOKEN_CLS"``,
-        ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"``) instead of the checkpoint's
-        own; a head the checkpoint lacks is newly initialised (pass ``num_labels=`` for a classifier).
+        ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"FEATURE_EXTRACTION"``, or ``"MULTIPLE_CHOICE"``:
+        transformers' ``...ForMultipleChoice``, for which PEFT has no task type) instead of the
+        checkpoint's own; a head the checkpoint lacks is newly initialised (pass ``num_labels=``
+        for a classifier).
       **config_overrides: config fields to override, e.g. ``num_labels=2``, and peftjax's model
         options: ``scan_layers=True`` (stack the layers and run them with ``jax.lax.scan``: Llama
         family, Gemma, GPT-2, BERT, RoBERTa, DistilBERT; generation, prefix adapters and base-model dropout loop

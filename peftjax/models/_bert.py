@@ -21,6 +21,7 @@ from peftjax.models._dropout import dropout
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._positions import every_position_required
 from peftjax.nn._scan import check_remat, make_layers, run_layer, run_layers
@@ -534,6 +535,35 @@ class BertForQuestionAnswering(PreTrainedModel):
         return ModelOutput(**span_outputs(logits, start_positions, end_positions))
 
 
+class BertForMultipleChoice(MultipleChoice, PreTrainedModel):
+    """``bert`` (with its pooler), dropout, and a linear ``classifier`` giving each choice's pooled
+    ``[CLS]`` one score: inputs ``[batch, choices, seq]``, logits ``[batch, choices]``
+    (:class:`~peftjax.models._multiple_choice.MultipleChoice`)."""
+
+    base_model_prefix: ClassVar[str] = "bert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",
+                                                r"(bert|roberta)\.pooler\.dense\.(weight|bias)")
+    ignored_keys: ClassVar[tuple[str, ...]] = BertModel.ignored_keys
+    # the encoder, held under base_model_prefix (``bert``; RoBERTa's subclasses: ``roberta``)
+    backbone_class: ClassVar[type[BertModel]] = BertModel
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        backbone = self.backbone_class(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.base_model_prefix, backbone)
+        rate = getattr(config, "classifier_dropout", None)
+        self.dropout_rate = float(config.hidden_dropout_prob if rate is None else rate)
+        self.classifier = nnx.Linear(config.hidden_size, 1, **linear_kw(config, dtype, param_dtype, rngs))
+
+    def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        backbone = getattr(self, self.base_model_prefix)
+        pooled = backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, base_rng,
+                          output_last_hidden_state=False).pooler_output
+        return self.classifier(dropout(pooled, self.dropout_rate, head_rng))[:, 0]
+
+
 class MaskedLMHead(nnx.Module):
     """A masked LM's head: ``transform`` (the model's ``dense``, activation and LayerNorm), then the
     word embeddings' transpose (the decoder is tied to them) plus an output ``bias`` per token."""
@@ -647,3 +677,4 @@ register(BertForSequenceClassification)
 register(BertForTokenClassification)
 register(BertForQuestionAnswering)
 register(BertForMaskedLM)
+register(BertForMultipleChoice)

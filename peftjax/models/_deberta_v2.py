@@ -41,6 +41,7 @@ from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.models._bert import (
@@ -558,6 +559,27 @@ class DebertaV2ForSequenceClassification(_DebertaV2Task):
         return ModelOutput(logits=logits, loss=loss)
 
 
+class DebertaV2ForMultipleChoice(MultipleChoice, _DebertaV2Task):
+    """``deberta``, ``pooler`` on each choice's ``[CLS]``, dropout (``cls_dropout``) and a
+    one-score ``classifier``: inputs ``[batch, choices, seq]``, logits ``[batch, choices]``."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = DebertaV2ForSequenceClassification.optional_keys
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.pooler = ContextPooler(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rate = getattr(config, "cls_dropout", None)
+        self.rate = float(config.hidden_dropout_prob if rate is None else rate)
+        self.classifier = nnx.Linear(config.hidden_size, 1, **linear_kw(config, dtype, param_dtype, rngs))
+
+    def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
+        base_rng, pool_rng, head_rng = split_keys(dropout_rng, 3)
+        first = self.deberta.first_token_states(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                                                base_rng)
+        return self.classifier(dropout(self.pooler(first, pool_rng), self.rate, head_rng))[:, 0]
+
+
 class DebertaV2ForTokenClassification(_DebertaV2Task):
     """A label per token after dropout (``hidden_dropout_prob``); ``labels`` -100 where none counts."""
 
@@ -691,5 +713,5 @@ class DebertaV2ForMaskedLM(_DebertaV2Task):
 
 register(DebertaV2Model, model_types=("deberta-v2",), default=True)
 for _cls in (DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification, DebertaV2ForQuestionAnswering,
-             DebertaV2ForMaskedLM):
+             DebertaV2ForMaskedLM, DebertaV2ForMultipleChoice):
     register(_cls)

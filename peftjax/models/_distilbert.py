@@ -33,6 +33,7 @@ from peftjax.models._bert import MaskedLMHead, absolute_position_ids, check_tied
 from peftjax.models._dropout import dropout
 from peftjax.models._losses import check_span_labels, sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
@@ -218,6 +219,33 @@ class DistilBertForSequenceClassification(PreTrainedModel):
         return ModelOutput(logits=logits, loss=loss)
 
 
+class DistilBertForMultipleChoice(MultipleChoice, PreTrainedModel):
+    """``distilbert``, then on each choice's first token ``pre_classifier``, ReLU, dropout
+    (``seq_classif_dropout``) and a one-score ``classifier``: inputs ``[batch, choices, seq]``,
+    logits ``[batch, choices]``. DistilBERT has no token types (``token_type_ids`` is refused)."""
+
+    base_model_prefix: ClassVar[str] = "distilbert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"(pre_classifier|classifier)\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        self.distilbert = DistilBertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.pre_classifier = nnx.Linear(config.dim, config.dim, **kw)
+        self.classifier = nnx.Linear(config.dim, 1, **kw)
+        self.dropout_rate = float(config.seq_classif_dropout)
+
+    def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
+        if token_type_ids is not None:
+            raise ValueError("DistilBertForMultipleChoice takes no token_type_ids (DistilBERT has no token types); "
+                             "tokenize without them (return_token_type_ids=False)")
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
+        return self.classifier(dropout(jax.nn.relu(self.pre_classifier(h[:, 0])), self.dropout_rate, head_rng))[:, 0]
+
+
 class DistilBertForTokenClassification(PreTrainedModel):
     """``distilbert``, dropout (``dropout``) and a linear ``classifier`` on every token."""
 
@@ -311,5 +339,5 @@ class DistilBertForMaskedLM(PreTrainedModel):
 
 register(DistilBertModel, model_types=("distilbert",), default=True)
 for _cls in (DistilBertForSequenceClassification, DistilBertForTokenClassification, DistilBertForQuestionAnswering,
-             DistilBertForMaskedLM):
+             DistilBertForMaskedLM, DistilBertForMultipleChoice):
     register(_cls)

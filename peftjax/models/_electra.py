@@ -19,7 +19,12 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._bert import BertForQuestionAnswering, BertForTokenClassification, BertModel, linear_kw
+from peftjax.models._dropout import dropout
+from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._roberta import RobertaClassificationHead, RobertaForSequenceClassification
+from peftjax.nn._activations import activation
+from peftjax.nn._dropout import split_keys
 
 # non-persistent buffers, the discriminator's and the generator's pre-training heads
 IGNORED_KEYS = (r"(electra\.)?embeddings\.(position_ids|token_type_ids)", r"discriminator_predictions\..*",
@@ -90,6 +95,70 @@ class ElectraForQuestionAnswering(BertForQuestionAnswering):
     backbone_class: ClassVar[type[BertModel]] = ElectraModel
 
 
+
+class ElectraSequenceSummary(nnx.Module):
+    """transformers' ``ElectraSequenceSummary``: each sequence's ``summary_type`` state (its first
+    token, its last position, or the mean over every position, padding included, as transformers
+    takes it), ``summary_first_dropout``, the ``summary`` projection (``summary_use_proj``: to the
+    hidden size, or to ``num_labels`` with ``summary_proj_to_labels``), ``summary_activation``,
+    ``summary_last_dropout``."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("first", "last", "mean")
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kind = getattr(config, "summary_type", "last")
+        if self.kind not in self.TYPES:
+            raise ValueError(f"summary_type {self.kind!r} is not supported; supported: {list(self.TYPES)}")
+        self.summary = nnx.data(None)
+        if getattr(config, "summary_use_proj", False):
+            to_labels = getattr(config, "summary_proj_to_labels", False) and config.num_labels > 0
+            width = config.num_labels if to_labels else config.hidden_size
+            self.summary = nnx.Linear(config.hidden_size, width, **linear_kw(config, dtype, param_dtype, rngs))
+        self.act = getattr(config, "summary_activation", None)
+        if self.act:
+            activation(self.act, "summary_activation")  # named where it is not supported
+        self.first_rate = float(getattr(config, "summary_first_dropout", 0.0) or 0.0)
+        self.last_rate = float(getattr(config, "summary_last_dropout", 0.0) or 0.0)
+
+    def __call__(self, pooled: jax.Array, rng=None) -> jax.Array:
+        first_rng, last_rng = split_keys(rng, 2)
+        x = dropout(pooled, self.first_rate, first_rng)
+        if self.summary is not None:
+            x = self.summary(x)
+        if self.act:
+            x = activation(self.act, "summary_activation")(x)
+        return dropout(x, self.last_rate, last_rng)
+
+
+class ElectraForMultipleChoice(MultipleChoice, PreTrainedModel):
+    """``electra``, ``sequence_summary`` and a one-score ``classifier`` per choice: inputs
+    ``[batch, choices, seq]``, logits ``[batch, choices]``."""
+
+    base_model_prefix: ClassVar[str] = "electra"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",
+                                                r"sequence_summary\.summary\.(weight|bias)")
+    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        config = self.config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.electra = ElectraModel(config, **kw)
+        self.sequence_summary = ElectraSequenceSummary(config, **kw)
+        self.classifier = nnx.Linear(config.hidden_size, 1, **linear_kw(config, dtype, param_dtype, rngs))
+
+    def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
+        base_rng, summary_rng = split_keys(dropout_rng, 2)
+        if self.sequence_summary.kind == "first":  # the last layer computes the first tokens alone
+            pooled = self.electra.first_token_states(input_ids, attention_mask, token_type_ids, position_ids,
+                                                     inputs_embeds, base_rng)
+        else:
+            h = self.electra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                             base_rng).last_hidden_state
+            pooled = h[:, -1] if self.sequence_summary.kind == "last" else h.mean(axis=1)
+        return self.classifier(self.sequence_summary(pooled, summary_rng))[:, 0]
+
 register(ElectraModel, model_types=("electra",), default=True)
-for _cls in (ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering):
+for _cls in (ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering,
+             ElectraForMultipleChoice):
     register(_cls)

@@ -32,6 +32,7 @@ from peftjax.models._dropout import dropout
 from peftjax.models._layer_kinds import LAYER_TYPES, rope_parameters_by_type, rotary_of
 from peftjax.models._losses import sequence_classification_loss, span_outputs, token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary
 from peftjax.nn._dropout import layer_key, split_keys
@@ -279,6 +280,27 @@ class ModernBertForQuestionAnswering(_ModernBertTask):
         return ModelOutput(**span_outputs(logits, start_positions, end_positions))
 
 
+class ModernBertForMultipleChoice(MultipleChoice, _ModernBertTask):
+    """One score per choice (its first real token's state, or the mean of its real tokens, by
+    ``classifier_pooling``): inputs ``[batch, choices, seq]``, logits ``[batch, choices]``.
+    ModernBERT has no token types (``token_type_ids`` is refused)."""
+
+    out_features: ClassVar[int | None] = 1
+
+    def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
+        if token_type_ids is not None:
+            raise ValueError("ModernBertForMultipleChoice takes no token_type_ids (ModernBERT has no token types); "
+                             "tokenize without them (return_token_type_ids=False)")
+        if self.config.classifier_pooling == "cls" and attention_mask is not None:
+            # transformers' multiple-choice head reads each row's first real token (left padding too)
+            model_rng, head_rng = split_keys(dropout_rng, 2)
+            h = self.model(input_ids, attention_mask, position_ids, inputs_embeds, model_rng).last_hidden_state
+            first = jnp.argmax(jnp.asarray(attention_mask), axis=-1)
+            h = jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
+            return self.classifier(dropout(self.head(h), self.rate, head_rng))[:, 0]
+        return self._logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool=True)[:, 0]
+
+
 class ModernBertDecoder(MaskedLMHead):
     """``decoder``: the token embeddings' transpose (tied) plus a ``bias`` where ``decoder_bias``."""
 
@@ -320,5 +342,5 @@ class ModernBertForMaskedLM(PreTrainedModel):
 
 register(ModernBertModel, model_types=("modernbert",), default=True)
 for _cls in (ModernBertForSequenceClassification, ModernBertForTokenClassification, ModernBertForQuestionAnswering,
-             ModernBertForMaskedLM):
+             ModernBertForMaskedLM, ModernBertForMultipleChoice):
     register(_cls)

@@ -22,6 +22,7 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._bert import (
     BertForMaskedLM,
+    BertForMultipleChoice,
     BertForQuestionAnswering,
     BertForTokenClassification,
     BertModel,
@@ -158,6 +159,15 @@ class RobertaForQuestionAnswering(BertForQuestionAnswering):
     backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
 
 
+class RobertaForMultipleChoice(BertForMultipleChoice):
+    """``roberta`` (with its pooler), dropout, and a linear ``classifier`` scoring each choice's pooled
+    ``<s>``: BERT's multiple-choice head, as transformers' (not RoBERTa's sequence-classification head)."""
+
+    base_model_prefix: ClassVar[str] = "roberta"
+    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+    backbone_class: ClassVar[type[RobertaModel]] = RobertaModel
+
+
 class RobertaLMHead(MaskedLMHead):
     """``lm_head``: ``dense``, GELU, ``layer_norm``, then the tied decoder with its ``bias``."""
 
@@ -218,6 +228,12 @@ class XLMRobertaForMaskedLM(RobertaForMaskedLM):
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
+
+class XLMRobertaForMultipleChoice(RobertaForMultipleChoice):
+    """XLM-RoBERTa's multiple-choice head: RoBERTa's, under transformers' XLM-R class name."""
+
+    backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
+
 register(RobertaModel, model_types=("roberta",), default=True)
 register(RobertaForSequenceClassification)
 register(RobertaForTokenClassification)
@@ -228,3 +244,5 @@ register(XLMRobertaForSequenceClassification)
 register(XLMRobertaForTokenClassification)
 register(XLMRobertaForQuestionAnswering)
 register(XLMRobertaForMaskedLM)
+register(RobertaForMultipleChoice)
+register(XLMRobertaForMultipleChoice)

@@ -11,6 +11,7 @@ from peftjax.training._data import (
     tokenize_token_classification,
     tokenize_instructions,
     tokenize_masked_lm,
+    tokenize_multiple_choice,
     tokenize_question_answering,
     tokenize_seq2seq,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "tokenize_token_classification",
     "tokenize_instructions",
     "tokenize_masked_lm",
+    "tokenize_multiple_choice",
     "tokenize_question_answering",
     "tokenize_seq2seq",
     "weight_decay_mask",

@@ -15,6 +15,7 @@ onto exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -213,6 +214,99 @@ def tokenize_classification(
             return {**out, **{c: batch[c] for c in keep}}
 
         return _mapped(ds, encode, desc="tokenizing")
+
+    return _per_split(dataset, one)
+
+
+def tokenize_multiple_choice(
+    dataset,
+    tokenizer,
+    *,
+    text_column: str = "context",
+    choices_column: str | Sequence[str] = "choices",
+    choice_prefix_column: str | None = None,
+    label_column: str | None = "label",
+    max_length: int = 128,
+    keep_columns: Sequence[str] = (),
+):
+    """Tokenizes multiple-choice rows for a ``...ForMultipleChoice`` model: each row's text paired
+    with each of its choices (``choice_prefix_column``'s text, then a space, before each choice,
+    as transformers' ``run_swag.py`` pairs SWAG's ``sent1`` with ``sent2 + " " + ending``), every
+    pair truncated (the longer side first) to ``max_length`` tokens, never padded.
+
+    >>> ds = tokenize_multiple_choice(swag, tokenizer, text_column="sent1", choice_prefix_column="sent2",
+    ...                               choices_column=["ending0", "ending1", "ending2", "ending3"])  # doctest: +SKIP
+    >>> len(ds[0]["input_ids"])  # doctest: +SKIP
+    4
+
+    Args:
+      dataset: a ``datasets.Dataset`` or ``DatasetDict`` (each split is tokenized).
+      tokenizer: a ``transformers`` tokenizer.
+      text_column: the context every choice is paired with (a question, a passage, a sentence).
+      choices_column: a column holding each row's choices as a list of strings (HellaSwag's
+        ``endings``), or the names of columns holding one choice each (SWAG's ``ending0`` ...).
+        Every row must have the same number of choices.
+      choice_prefix_column: text put before each choice (SWAG's ``sent2``), or ``None``.
+      label_column: the right choice's index (integers from 0); ``None`` for unlabelled data.
+      max_length: each pair is truncated to this many tokens, special tokens included.
+      keep_columns: columns copied unchanged to each row.
+
+    Returns:
+      The dataset with ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the tokenizer
+      makes them), each a token list per choice, ``labels`` and ``keep_columns``: what
+      :class:`~peftjax.training.Batcher` makes ``[batch, choices, length]`` batches of.
+
+    Raises:
+      ValueError: a named column is missing (the message lists the available ones), a row whose
+        choices are not a list of strings or whose number of choices differs from the first
+        row's, or labels that are not integers within the choices.
+    """
+    _check_positive("max_length", max_length)
+    keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
+    listed = isinstance(choices_column, str)
+    choice_columns = [choices_column] if listed else list(choices_column)
+    if not choice_columns:
+        raise ValueError("choices_column names no column")
+
+    def one(ds):
+        _require_columns(ds, [c for c in (text_column, *choice_columns, choice_prefix_column, label_column, *keep)
+                              if c is not None])
+        if label_column is not None:
+            _check_numeric_labels(ds, label_column)
+        expected: list[int] = []
+
+        def encode(batch, indices):
+            rows = (batch[choices_column] if listed else
+                    [list(choices) for choices in zip(*(batch[c] for c in choice_columns))])
+            firsts, seconds = [], []
+            for j, (i, choices) in enumerate(zip(indices, rows)):
+                if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+                    raise ValueError(f"row {i}: column {choices_column!r} must hold a list of choice strings, "
+                                     f"got {choices!r:.80}")
+                if not expected:
+                    expected.append(len(choices))
+                if len(choices) != expected[0] or not choices:
+                    raise ValueError(f"row {i} has {len(choices)} choices, the first row {expected[0]}: every row "
+                                     "needs the same number of choices (filter or pad the rows)")
+                label = batch[label_column][j] if label_column is not None else 0
+                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+                    raise ValueError(f"row {i}: label {label!r} ({label_column!r}) is not a choice's index: "
+                                     f"an integer from 0 to {len(choices) - 1}")
+                prefix = batch[choice_prefix_column][j] if choice_prefix_column else None
+                text = batch[text_column][j]
+                firsts += [text] * len(choices)
+                seconds += [c if prefix is None else f"{prefix} {c}" for c in choices]
+            enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+            out = {}
+            for k in ("input_ids", "attention_mask", "token_type_ids"):
+                if k in enc:
+                    flat = iter(enc[k])
+                    out[k] = [[next(flat) for _ in choices] for choices in rows]
+            if label_column is not None:
+                out["labels"] = batch[label_column]
+            return {**out, **{c: batch[c] for c in keep}}
+
+        return _mapped(ds, encode, with_indices=True, desc="tokenizing")
 
     return _per_split(dataset, one)
 
@@ -926,6 +1020,12 @@ class Batcher:
     ``segment_ids`` (peftjax's BERT) attends within each sequence only and restarts its positions
     at each one, so its per-sequence outputs are those of the unpacked batch.
 
+    Multiple choice: where ``input_ids`` holds a list of token lists per row (each row's choices,
+    as :func:`tokenize_multiple_choice` makes them), every per-token column does too, each row has
+    the same number of choices ``C``, and a batch's per-token columns are ``[batch_size, C,
+    bucket]``, a row's length its longest choice's; per-row columns (``labels``: the right
+    choice's index) stay ``[batch_size]``. Not with packing or target columns.
+
     ``target_columns`` are token lists of their own length: the decoder side of an
     encoder-decoder (``labels`` from :func:`tokenize_seq2seq`). Each batch pads them to the
     smallest bucket that holds their longest row in the batch, independently of ``input_ids``
@@ -1022,11 +1122,18 @@ class Batcher:
 
         columns = _raw_columns(dataset_or_columns)
         self._targets = _target_columns(columns, target_columns)
-        self._tokens, self._rows, self.num_rows = _split_columns(columns)
+        # a multiple-choice row's choices: its nested token lists, flattened to one row per choice
+        self.choices, columns = _choice_columns(columns)
+        if self.choices and (packing or target_columns):
+            raise ValueError("Batcher: multiple-choice rows (input_ids holding a token list per choice) take "
+                             "neither packing nor target_columns")
+        self._tokens, self._rows, self.num_rows = _split_columns(columns, self.choices or 1)
         bad = {k: len(v[1]) - 1 for k, v in self._targets.items() if len(v[1]) - 1 != self.num_rows}
         if bad:
             raise ValueError(f"target columns {bad} do not have input_ids' {self.num_rows} rows")
         self._lengths = np.diff(self._tokens["input_ids"][1])
+        if self.choices:  # a row's length is its longest choice's
+            self._lengths = self._lengths.reshape(self.num_rows, self.choices).max(axis=1, initial=0)
         self._target_lengths = {k: np.diff(v[1]) for k, v in self._targets.items()}
         self.packing = bool(packing)
         self.next_token_labels = bool(next_token_labels)
@@ -1197,17 +1304,20 @@ class Batcher:
         size = self.batch_size
         length = self._length_for(int(self._lengths[index].max(initial=0)))
         left = self.padding_side == "left"
+        choices = self.choices or 1
+        sequences = (index[:, None] * choices + np.arange(choices)).reshape(-1)  # each row's choices in order
+        shape = (size, choices, length) if self.choices else (size, length)
         batch = {}
         for name, (values, offsets) in self._tokens.items():
             pad = self.pad_token_id if name == "input_ids" else _TOKEN_PAD.get(name, 0)
-            out = np.full((size, length), pad, dtype=values.dtype)
-            for i, row in enumerate(index):
+            out = np.full((size * choices, length), pad, dtype=values.dtype)
+            for i, row in enumerate(sequences):
                 tokens = values[offsets[row] : offsets[row + 1]]
                 if left:
                     out[i, length - len(tokens) :] = tokens
                 else:
                     out[i, : len(tokens)] = tokens
-            batch[name] = out
+            batch[name] = out.reshape(shape)
         for name, (values, offsets) in self._targets.items():
             target = self._length_for(int(self._target_lengths[name][index].max(initial=0)))
             out = np.full((size, target), _TOKEN_PAD.get(name, 0), dtype=values.dtype)
@@ -1301,7 +1411,11 @@ def _arrow_column(name: str, column):
     import pyarrow.compute as pc
 
     kind = column.type
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+    if _is_list(kind) and _is_list(kind.value_type):  # a list of token lists per row: its choices
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        counts = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        return _Choices(counts.astype(np.int64), _arrow_column(name, column.flatten()))
+    if _is_list(kind):
         inner = kind.value_type
         if not (pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner)):
             raise TypeError(f"column {name!r} holds {kind}, not numbers; remove it before batching")
@@ -1313,6 +1427,20 @@ def _arrow_column(name: str, column):
     return _numeric(name, column.to_numpy())
 
 
+def _is_list(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choices:
+    """A column holding a list of token lists per row (a multiple-choice row's choices)."""
+
+    counts: np.ndarray  # choices per row
+    sequences: tuple  # (values, offsets) over the choices, row after row
+
+
 def _python_column(name: str, values):
     if isinstance(values, np.ndarray) and values.dtype != object:
         if values.ndim == 1:
@@ -1320,8 +1448,15 @@ def _python_column(name: str, values):
         if values.ndim == 2:
             offsets = np.arange(values.shape[0] + 1, dtype=np.int64) * values.shape[1]
             return _numeric(name, values.reshape(-1)), offsets
-        raise ValueError(f"column {name!r} has {values.ndim} dimensions; expected 1 or 2")
+        if values.ndim == 3:  # [rows, choices, tokens]
+            counts = np.full(values.shape[0], values.shape[1], np.int64)
+            return _Choices(counts, _python_column(name, values.reshape(-1, values.shape[2])))
+        raise ValueError(f"column {name!r} has {values.ndim} dimensions; expected 1, 2 or 3 (rows, choices, tokens)")
     values = list(values)
+    first = values[0] if values else None
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], (list, tuple, np.ndarray)):
+        counts = np.array([len(v) for v in values], np.int64)
+        return _Choices(counts, _python_column(name, [seq for v in values for seq in v]))
     if values and isinstance(values[0], (list, tuple, np.ndarray)):
         rows = [np.asarray(v) for v in values]
         if any(r.ndim != 1 for r in rows):
@@ -1343,11 +1478,40 @@ def _numeric(name: str, array: np.ndarray) -> np.ndarray:
     raise TypeError(f"column {name!r} holds {array.dtype}, not numbers; remove it before batching")
 
 
-def _split_columns(columns: dict[str, Any]):
-    """Per-token columns as ``(values, offsets)``, per-row columns as arrays, and the row count."""
+def _choice_columns(columns: dict[str, Any]) -> tuple[int | None, dict[str, Any]]:
+    """``(C, columns)`` with each column of choices (:class:`_Choices`) flattened to one sequence
+    per choice, ``C`` the choices every row has; ``(None, columns)`` when no column has choices."""
+    nested = {k: v for k, v in columns.items() if isinstance(v, _Choices)}
+    if not nested:
+        return None, columns
+    if "input_ids" not in nested:
+        raise ValueError(f"columns {sorted(nested)} hold a token list per choice but input_ids does not: a "
+                         "multiple-choice row's input_ids are a token list per choice too")
+    counts = nested["input_ids"].counts
+    for name, column in nested.items():
+        if not np.array_equal(column.counts, counts):
+            row = int(np.flatnonzero(column.counts != counts)[0]) if len(column.counts) == len(counts) else 0
+            raise ValueError(f"column {name!r} does not have input_ids' choices in row {row}")
+    odd = np.flatnonzero(counts != counts[0]) if counts.size else counts
+    if odd.size:
+        raise ValueError(f"row {odd[0]} has {counts[odd[0]]} choices and row 0 has {counts[0]}: multiple-choice "
+                         "batches need the same number of choices in every row (filter or pad the rows' choices)")
+    if counts.size and counts[0] == 0:
+        raise ValueError("multiple-choice rows have no choices (input_ids holds an empty list per row)")
+    flat = {k: v.sequences if isinstance(v, _Choices) else v for k, v in columns.items()}
+    unnested = [k for k, v in columns.items() if isinstance(v, tuple)]  # (values, offsets): a list per row
+    if unnested:
+        raise ValueError(f"columns {unnested} hold one token list per row beside input_ids' token list per choice: "
+                         "give every per-token column a list per choice")
+    return (int(counts[0]) if counts.size else 1), flat
+
+
+def _split_columns(columns: dict[str, Any], choices: int = 1):
+    """Per-token columns as ``(values, offsets)``, per-row columns as arrays, and the row count
+    (with ``choices`` sequences per row, the per-token columns hold ``rows * choices``)."""
     if "input_ids" not in columns or not isinstance(columns["input_ids"], tuple):
         raise ValueError(f"Batcher needs an input_ids column of token lists; columns: {list(columns)}")
-    counts = {k: len(v[1]) - 1 if isinstance(v, tuple) else len(v) for k, v in columns.items()}
+    counts = {k: (len(v[1]) - 1) // choices if isinstance(v, tuple) else len(v) for k, v in columns.items()}
     if len(set(counts.values())) > 1:
         raise ValueError(f"columns have different numbers of rows: {counts}")
     num_rows = counts["input_ids"]

@@ -381,6 +381,9 @@ class Trainer:
             self.problem_type = TOKEN_CLS
         elif base_name.endswith(TASK_CLASS_SUFFIXES["QUESTION_ANS"]):
             self.problem_type = QUESTION_ANS
+        elif base_name.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"]):
+            # a row's classes are its choices (how many: its data's), its label the right one's index
+            self.problem_type = "single_label_classification"
         elif encoder_decoder:
             # the decoder input is shift_right(labels), which the model derives itself
             self.problem_type = SEQ2SEQ_LM
@@ -559,6 +562,8 @@ class Trainer:
                 raise ValueError(f"{name}: row {bad} has label {cols['labels'][bad]!r}; a SEQ_2_SEQ_LM model "
                                  "needs labels that are target token lists (peftjax.training.tokenize_seq2seq)")
             return
+        if type(self.model.base_model).__name__.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"]):
+            self.num_labels = len(cols["input_ids"][0]) if len(cols["input_ids"]) else self.num_labels
         if self.problem_type is None:
             lengths = [len(x) for x in cols["input_ids"]]
             per_token = all(np.ndim(y) == 1 and len(y) == n for y, n in zip(cols["labels"], lengths))
