@@ -18,15 +18,16 @@ and a worker takes the next file when it is nearly done. ``LONGEST_FIRST`` hands
 that take longest first (xdist's own order, by number of tests, left them to the end), so both
 workers finish together on short files.
 
-Compilation cache: one run of the suite shares a JAX persistent compilation cache, a fresh temporary
-directory made by the first pytest process (the xdist controller) and removed when it ends. The
-workers and every subprocess a test starts (examples, the CLI, benchmarks) inherit it through
-``JAX_COMPILATION_CACHE_DIR``, so a step that several jobs compile identically (the examples'
-MiniLM, the CLI's train step, a resumed run) is compiled once per run. A cache hit returns the
-executable XLA compiled for the same program and options; it changes no result. Only programs
-that took 0.2 s or more are written: writing every one (a threshold of 0, so that the two workers
-and the subprocesses share each other's thousands of small eager programs too) was measured on a
-2-core AVX2 host at 18:10 for the whole suite against 18:09, no gain.
+Compilation cache: off (``JAX_ENABLE_COMPILATION_CACHE=false``, which the workers and every
+subprocess a test starts inherit), but for the tests of the cache itself, which turn it on. The
+first pytest process (the xdist controller) still points ``JAX_COMPILATION_CACHE_DIR`` at a fresh
+temporary directory, removed when it ends, so that a ``Trainer`` (which turns on a cache of its
+own where JAX has none) never writes to the user's home. The suite used to share one cache per
+run (programs of 0.2 s and more), meant for the steps several jobs compile alike; counted on the
+2-core Intel host (2026-12-06, the whole suite, a JAX event listener and a timer in every process)
+it wrote 925 executables in 35 s and read 137, whose recorded compile times were 5 s *less* than
+reading them took (XLA at -O0 compiles these small programs about as fast as the cache reads
+them), beside the cache keys every compile computed (py-spy: 15 s).
 
 Also measured on that host and not taken: XLA's matmuls on one thread per process
 (``--xla_cpu_multi_thread_eigen=false``, so that the two workers do not contend for two cores),
@@ -212,6 +213,8 @@ def pytest_configure(config):
         config._peftjax_jax_cache = tempfile.mkdtemp(prefix="peftjax-test-jax-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config._peftjax_jax_cache
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+        os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+    jax.config.update("jax_enable_compilation_cache", os.environ.get("JAX_ENABLE_COMPILATION_CACHE") != "false")
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))

@@ -44,9 +44,10 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def user_env(home_cache):
-    """This process's environment as a user's: no JAX cache directory of its own (conftest's is
-    set aside), the Trainer's default cache under ``home_cache``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    """This process's environment as a user's: no JAX cache directory of its own and the cache on
+    (conftest's settings set aside), the Trainer's default cache under ``home_cache``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "JAX_ENABLE_COMPILATION_CACHE"))}
     return {**env, "PEFTJAX_CACHE_DIR": str(home_cache)}
 
 

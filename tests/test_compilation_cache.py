@@ -21,14 +21,18 @@ def _tiny_classifier():
 
 @pytest.fixture
 def no_cache_configured():
-    """This process as a user's: no JAX cache directory (conftest's set aside), every compile cached."""
+    """This process as a user's: the cache on, no JAX cache directory (conftest's settings set
+    aside), every compile cached."""
     suites, minimum = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()
     try:
         yield
     finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
         jax.config.update("jax_compilation_cache_dir", suites)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
         compilation_cache.reset_cache()

@@ -228,6 +228,8 @@ def test_every_command_on_a_multiple_choice_adapter(minilm_tokenizer, tmp_path, 
     np.testing.assert_allclose(row["scores"], probs, atol=1e-4)
     assert main(["predict", str(base), "--adapter", str(out), "--text", context]) == 1
     assert "--choice gives the texts a multiple-choice model picks from" in capsys.readouterr().err
+    assert main(["generate", str(base), "--adapter", str(out), "--text", context]) == 1
+    assert "BertForMultipleChoice has no generate method" in capsys.readouterr().err
 
     assert main(["merge", str(base), str(out), str(tmp_path / "merged")]) == 0
     merged = tr.AutoModelForMultipleChoice.from_pretrained(tmp_path / "merged").eval()
