@@ -190,13 +190,14 @@ class DistilBertModel(PreTrainedModel):
         return ModelOutput(last_hidden_state=self.transformer(x, mask, layers_rng))
 
 
-class DistilBertForSequenceClassification(PreTrainedModel):
+class _DistilBertFirstTokenHead(PreTrainedModel):
     """``distilbert``, then on each row's first token (``[CLS]``) ``pre_classifier``, ReLU, dropout
-    (``seq_classif_dropout``) and ``classifier``."""
+    (``seq_classif_dropout``) and ``classifier`` (``out_features`` wide; ``None``: ``num_labels``)."""
 
     base_model_prefix: ClassVar[str] = "distilbert"
     optional_keys: ClassVar[tuple[str, ...]] = (r"(pre_classifier|classifier)\.(weight|bias)",)
     ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+    out_features: ClassVar[int | None] = None
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -204,46 +205,38 @@ class DistilBertForSequenceClassification(PreTrainedModel):
         self.distilbert = DistilBertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = linear_kw(config, dtype, param_dtype, rngs)
         self.pre_classifier = nnx.Linear(config.dim, config.dim, **kw)
-        self.classifier = nnx.Linear(config.dim, config.num_labels, **kw)
+        self.classifier = nnx.Linear(config.dim, self.out_features or config.num_labels, **kw)
         self.dropout_rate = float(config.seq_classif_dropout)
+
+    def _first_token_logits(self, input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng):
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
+        return self.classifier(dropout(jax.nn.relu(self.pre_classifier(h[:, 0])), self.dropout_rate, head_rng))
+
+
+class DistilBertForSequenceClassification(_DistilBertFirstTokenHead):
+    """The first-token head's ``num_labels`` logits per row."""
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                  dropout_rng=None) -> ModelOutput:
         """Classifies a batch, ``[batch, num_labels]``; ``labels`` (``[batch]`` ints, floats for
         regression or ``[batch, num_labels]`` multi-label targets) add transformers' loss."""
-        base_rng, head_rng = split_keys(dropout_rng, 2)
-        h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
-        pooled = dropout(jax.nn.relu(self.pre_classifier(h[:, 0])), self.dropout_rate, head_rng)
-        logits = self.classifier(pooled)
+        logits = self._first_token_logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng)
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(logits=logits, loss=loss)
 
 
-class DistilBertForMultipleChoice(MultipleChoice, PreTrainedModel):
-    """``distilbert``, then on each choice's first token ``pre_classifier``, ReLU, dropout
-    (``seq_classif_dropout``) and a one-score ``classifier``: inputs ``[batch, choices, seq]``,
-    logits ``[batch, choices]``. DistilBERT has no token types (``token_type_ids`` is refused)."""
+class DistilBertForMultipleChoice(MultipleChoice, _DistilBertFirstTokenHead):
+    """The first-token head's one score per choice: inputs ``[batch, choices, seq]``, logits
+    ``[batch, choices]``. DistilBERT has no token types (``token_type_ids`` is refused)."""
 
-    base_model_prefix: ClassVar[str] = "distilbert"
-    optional_keys: ClassVar[tuple[str, ...]] = (r"(pre_classifier|classifier)\.(weight|bias)",)
-    ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        config = self.config
-        self.distilbert = DistilBertModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        kw = linear_kw(config, dtype, param_dtype, rngs)
-        self.pre_classifier = nnx.Linear(config.dim, config.dim, **kw)
-        self.classifier = nnx.Linear(config.dim, 1, **kw)
-        self.dropout_rate = float(config.seq_classif_dropout)
+    out_features: ClassVar[int | None] = 1
 
     def choice_logits(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, dropout_rng):
         if token_type_ids is not None:
             raise ValueError("DistilBertForMultipleChoice takes no token_type_ids (DistilBERT has no token types); "
                              "tokenize without them (return_token_type_ids=False)")
-        base_rng, head_rng = split_keys(dropout_rng, 2)
-        h = self.distilbert(input_ids, attention_mask, position_ids, inputs_embeds, base_rng).last_hidden_state
-        return self.classifier(dropout(jax.nn.relu(self.pre_classifier(h[:, 0])), self.dropout_rate, head_rng))[:, 0]
+        return self._first_token_logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng)[:, 0]
 
 
 class DistilBertForTokenClassification(PreTrainedModel):
