@@ -137,8 +137,18 @@ def test_tokenized_rows_batch_as_transformers_collates_them(minilm_tokenizer):
         tokenize_multiple_choice(datasets.Dataset.from_list(as_lists), minilm_tokenizer)
     as_lists[3]["choices"].append("x")
     as_lists[1]["label"] = 4
-    with pytest.raises(ValueError, match=r"row 1: label 4 \('label'\) is not a choice's index"):
+    with pytest.raises(ValueError, match=r"row 1: label 4 is not one of its 4 choices"):
         tokenize_multiple_choice(datasets.Dataset.from_list(as_lists), minilm_tokenizer)
+    # string answer keys: RACE's letters, ARC's names among the row's choice names ("1", "2", ...)
+    as_lists[1]["label"] = 1
+    indices = [r["label"] for r in as_lists]
+    letters = [{**r, "label": "ABCD"[r["label"]]} for r in as_lists]
+    named = [{**r, "label": str(r["label"] + 1), "names": ["1", "2", "3", "4"]} for r in as_lists]
+    assert tokenize_multiple_choice(datasets.Dataset.from_list(letters), minilm_tokenizer)["labels"] == indices
+    assert tokenize_multiple_choice(datasets.Dataset.from_list(named), minilm_tokenizer,
+                                    choice_labels_column="names")["labels"] == indices
+    with pytest.raises(ValueError, match="row 0: label '3' is not a choice.*choice_labels_column"):
+        tokenize_multiple_choice(datasets.Dataset.from_list([{**r, "names": None} for r in named]), minilm_tokenizer)
 
 
 def test_lora_moves_both_ways_with_peft_and_the_new_head_is_saved(tmp_path):
@@ -194,18 +204,20 @@ def test_every_command_on_a_multiple_choice_adapter(minilm_tokenizer, tmp_path, 
     base = tmp_path / "base"
     save_perturbed(tr.BertForMaskedLM, _tiny.config("bert", vocab_size=len(minilm_tokenizer), pad_token_id=0), base)
     minilm_tokenizer.save_pretrained(base)
-    rows = swag_rows(96, 1)
+    rows = [{**r, "answer": "ABCD"[r.pop("label")]} for r in swag_rows(96, 1)]  # RACE's letters
     for name, part in (("train.jsonl", rows[:80]), ("eval.jsonl", rows[80:])):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "run"
     assert main(["train", "--task", "multiple_choice", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
                  "--eval-dataset", str(tmp_path / "eval.jsonl"), "--text-column", "sent1", "--choice-prefix-column",
-                 "sent2", "--choices-column", "ending0,ending1,ending2,ending3", "--num-train-epochs", "8",
+                 "sent2", "--choices-column", "ending0,ending1,ending2,ending3", "--label-column", "answer",
+                 "--num-train-epochs", "8",
                  "--learning-rate", "0.01", "--per-device-train-batch-size", "16", "--max-length", "24",
                  "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0", "--compilation-cache", "off"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["eval_accuracy"] > max(0.5, summary["before"]["eval_accuracy"])
     assert summary["reload_max_abs_diff"] < 1e-5 and len(summary["picks"]) == 3
+    assert [p["label"] for p in summary["picks"]] == ["ABCD".index(r["answer"]) for r in rows[80:83]]
     config = json.loads((out / "adapter_config.json").read_text())
     # the job's head, and the pooler a masked-LM checkpoint lacks (get_peft_model's new-head rule)
     assert config["task_type"] is None and config["modules_to_save"] == ["classifier", "bert.pooler.dense"]

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "answers_column": "answers",
     "choices_column": "choices",
     "choice_prefix_column": None,
+    "choice_labels_column": None,
     "stride": None,
     "num_labels": None,
     "max_length": 64,
@@ -160,6 +161,9 @@ FLAG_HELP = {
     "choices_column": "multiple_choice: a column of each row's choices (a list of strings), or comma-separated "
                       "columns of one choice each (SWAG's ending0,ending1,ending2,ending3)",
     "choice_prefix_column": "multiple_choice: text put before each choice (SWAG's sent2)",
+    "choice_labels_column": "multiple_choice: a column of each row's choices' names, in which a string label is "
+                            "looked up (ARC's choices.label); without it a string label is a letter, A for the first "
+                            "choice (RACE's answer)",
     "stride": "question answering: tokens each window of a long context shares with the one before "
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
@@ -430,7 +434,9 @@ def tokenize_data(options: dict, tokenizer, train, evaluation, task_column: str 
             return tokenize_multiple_choice(ds, tokenizer, text_column=options["text_column"],
                                             choices_column=choice_columns(options["choices_column"]),
                                             choice_prefix_column=options["choice_prefix_column"],
-                                            label_column=options["label_column"], max_length=options["max_length"],
+                                            label_column=options["label_column"],
+                                            choice_labels_column=options["choice_labels_column"],
+                                            max_length=options["max_length"],
                                             keep_columns=keep)
         if task == "masked_lm":  # unmasked: the Trainer's collator masks each batch anew every epoch
             return tokenize_masked_lm(ds, tokenizer, text_column=options["text_column"],
@@ -720,7 +726,7 @@ def _choice_examples(options: dict, reloaded, trained, raw_eval, evaluation, fig
     import numpy as np
 
     from peftjax.cli import _accepted, _logits
-    from peftjax.training._data import Batcher
+    from peftjax.training._data import Batcher, choice_index
 
     rows = min(3, len(evaluation))
     batch = next(Batcher(evaluation.select(range(rows)), rows, shuffle=False, buckets=None).batches(0))
@@ -734,7 +740,10 @@ def _choice_examples(options: dict, reloaded, trained, raw_eval, evaluation, fig
         row = raw_eval[i]
         choices = row[columns] if isinstance(columns, str) else [row[c] for c in columns]
         pick = int(logits[i].argmax())
-        label = row[options["label_column"]] if options["label_column"] in row else None
+        label = row.get(options["label_column"])
+        if label is not None:
+            names = row[options["choice_labels_column"]] if options["choice_labels_column"] else None
+            label = choice_index(label, len(choices), names, f"eval row {i}")
         picks.append({"text": row[options["text_column"]], "choice": choices[pick], "index": pick, "label": label})
         print(f"  {row[options['text_column']]!r} -> {choices[pick]!r}" + ("" if label is None else
                                                                          f" (labelled {choices[label]!r})"))

@@ -226,6 +226,7 @@ def tokenize_multiple_choice(
     choices_column: str | Sequence[str] = "choices",
     choice_prefix_column: str | None = None,
     label_column: str | None = "label",
+    choice_labels_column: str | None = None,
     max_length: int = 128,
     keep_columns: Sequence[str] = (),
 ):
@@ -247,7 +248,12 @@ def tokenize_multiple_choice(
         ``endings``), or the names of columns holding one choice each (SWAG's ``ending0`` ...).
         Every row must have the same number of choices.
       choice_prefix_column: text put before each choice (SWAG's ``sent2``), or ``None``.
-      label_column: the right choice's index (integers from 0); ``None`` for unlabelled data.
+      label_column: the right choice: its index (integers from 0), its name among the row's
+        ``choice_labels_column`` names (ARC's and CommonsenseQA's ``answerKey`` among
+        ``choices.label``, after ``dataset.flatten()``), or without that column a letter ``"A"``,
+        ``"B"``, ... (RACE's ``answer``); ``None`` for unlabelled data.
+      choice_labels_column: a column of each row's choices' names, which string labels are
+        looked up in.
       max_length: each pair is truncated to this many tokens, special tokens included.
       keep_columns: columns copied unchanged to each row.
 
@@ -259,7 +265,8 @@ def tokenize_multiple_choice(
     Raises:
       ValueError: a named column is missing (the message lists the available ones), a row whose
         choices are not a list of strings or whose number of choices differs from the first
-        row's, or labels that are not integers within the choices.
+        row's, or a label that names no choice (a string label other than a letter needs
+        ``choice_labels_column``: ARC names some rows' choices "1", "2", ...).
     """
     _check_positive("max_length", max_length)
     keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
@@ -269,16 +276,14 @@ def tokenize_multiple_choice(
         raise ValueError("choices_column names no column")
 
     def one(ds):
-        _require_columns(ds, [c for c in (text_column, *choice_columns, choice_prefix_column, label_column, *keep)
-                              if c is not None])
-        if label_column is not None:
-            _check_numeric_labels(ds, label_column)
+        _require_columns(ds, [c for c in (text_column, *choice_columns, choice_prefix_column, label_column,
+                                          choice_labels_column, *keep) if c is not None])
         expected: list[int] = []
 
         def encode(batch, indices):
             rows = (batch[choices_column] if listed else
                     [list(choices) for choices in zip(*(batch[c] for c in choice_columns))])
-            firsts, seconds = [], []
+            firsts, seconds, labels = [], [], []
             for j, (i, choices) in enumerate(zip(indices, rows)):
                 if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
                     raise ValueError(f"row {i}: column {choices_column!r} must hold a list of choice strings, "
@@ -288,10 +293,9 @@ def tokenize_multiple_choice(
                 if len(choices) != expected[0] or not choices:
                     raise ValueError(f"row {i} has {len(choices)} choices, the first row {expected[0]}: every row "
                                      "needs the same number of choices (filter or pad the rows)")
-                label = batch[label_column][j] if label_column is not None else 0
-                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
-                    raise ValueError(f"row {i}: label {label!r} ({label_column!r}) is not a choice's index: "
-                                     f"an integer from 0 to {len(choices) - 1}")
+                if label_column is not None:
+                    names = batch[choice_labels_column][j] if choice_labels_column else None
+                    labels.append(choice_index(batch[label_column][j], len(choices), names, f"row {i}"))
                 prefix = batch[choice_prefix_column][j] if choice_prefix_column else None
                 text = batch[text_column][j]
                 firsts += [text] * len(choices)
@@ -303,12 +307,41 @@ def tokenize_multiple_choice(
                     flat = iter(enc[k])
                     out[k] = [[next(flat) for _ in choices] for choices in rows]
             if label_column is not None:
-                out["labels"] = batch[label_column]
+                out["labels"] = labels
             return {**out, **{c: batch[c] for c in keep}}
 
         return _mapped(ds, encode, with_indices=True, desc="tokenizing")
 
     return _per_split(dataset, one)
+
+
+def choice_index(label, count: int, names: Sequence[str] | None = None, where: str = "a row") -> int:
+    """The index of the right choice among ``count`` from a multiple-choice label: an integer index,
+    a name among the row's choice ``names``, or without names a letter (``"A"`` is 0).
+
+    >>> choice_index(2, 4), choice_index("C", 4), choice_index("3", 4, ["1", "2", "3", "4"])
+    (2, 2, 2)
+
+    Raises:
+      ValueError: naming ``where``: a label that is not one of the choices.
+    """
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        index = int(label)
+    elif isinstance(label, str) and names is not None:
+        index = list(names).index(label) if label in list(names) else -1
+        if len(names) != count:
+            raise ValueError(f"{where}: {len(names)} choice names {list(names)!r} for {count} choices")
+    elif isinstance(label, str) and len(label) == 1 and "A" <= label <= "Z":
+        index = ord(label) - ord("A")
+    else:
+        hint = " (a string other than a letter needs the choices' names: choice_labels_column)" \
+            if isinstance(label, str) and names is None else ""
+        raise ValueError(f"{where}: label {label!r} is not a choice: an index from 0, a letter A, B, ... or one of "
+                         f"the row's choice names{hint}")
+    if not 0 <= index < count:
+        shown = f" among {list(names)!r}" if names is not None else ""
+        raise ValueError(f"{where}: label {label!r}{shown} is not one of its {count} choices")
+    return index
 
 
 def tokenize_masked_lm(
