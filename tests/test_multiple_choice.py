@@ -216,6 +216,11 @@ def test_every_command_on_a_multiple_choice_adapter(minilm_tokenizer, tmp_path, 
                  "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0", "--compilation-cache", "off"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["eval_accuracy"] > max(0.5, summary["before"]["eval_accuracy"])
+    # the baseline: the choice position most often right in training, on every eval row
+    train_positions = [r["answer"] for r in rows[:80]]
+    majority = max("ABCD", key=train_positions.count)
+    assert summary["baselines"] == {"majority_choice": sum(r["answer"] == majority for r in rows[80:]) / 16}
+    assert summary["beats_baselines"], summary
     assert summary["reload_max_abs_diff"] < 1e-5 and len(summary["picks"]) == 3
     assert [p["label"] for p in summary["picks"]] == ["ABCD".index(r["answer"]) for r in rows[80:83]]
     config = json.loads((out / "adapter_config.json").read_text())

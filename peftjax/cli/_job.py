@@ -568,7 +568,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id,
                       data_collator=collator)
     figures["compilation_cache"] = trainer.compilation_cache_dir
-    if classifier and evaluation is not None:
+    if (classifier or task == "multiple_choice") and evaluation is not None:
         figures["baselines"] = _baselines(options, raw_train, raw_eval, train, evaluation)
         print("baselines on the eval split: " + ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}"
                                                           for k, v in figures["baselines"].items()))
@@ -782,7 +782,8 @@ def _answer_examples(options: dict, tokenizer, reloaded, trained, raw_eval, figu
 
 
 BASELINE_NAMES = {"majority": "majority class", "bag_of_words": "bag-of-words logistic regression",
-                  "majority_tag": "the most frequent tag on every token"}
+                  "majority_tag": "the most frequent tag on every token",
+                  "majority_choice": "the choice most often right in training (by position)"}
 
 
 def task_tokenizer(model_path, task: str):
@@ -856,6 +857,8 @@ def _baselines(options: dict, raw_train, raw_eval, train, evaluation) -> dict[st
     train_labels, eval_labels = [int(x) for x in _labelled(train)], [int(x) for x in _labelled(evaluation)]
     if options["task"] == "token_cls":
         return {"majority_tag": majority_baseline(train_labels, eval_labels)}
+    if options["task"] == "multiple_choice":  # the choice most often right in training, whatever it says
+        return {"majority_choice": majority_baseline(train_labels, eval_labels)}
     text = options["text_column"]
     return {
         "majority": majority_baseline(train_labels, eval_labels),
