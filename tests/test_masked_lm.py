@@ -1,4 +1,5 @@
-"""Masked language models (BERT, RoBERTa, XLM-R, DistilBERT, ModernBERT, DeBERTa: the Hub's checkpoints' classes)
+"""Masked language models (BERT, RoBERTa, XLM-R, DistilBERT, ModernBERT, DeBERTa, ELECTRA's generator: the
+Hub's checkpoints' classes)
 against transformers (logits and loss, the tied decoder, files both ways) and HF PEFT (LoRA with
 ``task_type=None``, both ways), and :func:`peftjax.training.mask_tokens` against the masking rules of
 transformers' ``DataCollatorForLanguageModeling``."""
@@ -24,7 +25,7 @@ torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
 
 CLASSES = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM",
            "distilbert": "DistilBertForMaskedLM", "modernbert": "ModernBertForMaskedLM",
-           "deberta-v2": "DebertaV2ForMaskedLM"}
+           "deberta-v2": "DebertaV2ForMaskedLM", "electra": "ElectraForMaskedLM"}  # ELECTRA's: the generator
 PADS = {"roberta": 1, "xlm-roberta": 1}
 MASK_ID = 4  # the tiny vocabulary's stand-in for [MASK]
 TARGETS = {"distilbert": ["q_lin", "v_lin"], "modernbert": ["Wqkv", "Wo"],  # PEFT has no defaults for them
@@ -84,7 +85,7 @@ def test_a_checkpoint_without_the_head_starts_a_new_one_and_an_untied_decoder_is
         models.from_pretrained(tiny_checkpoint(_spec("bert")), tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert", "deberta-v2"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert", "deberta-v2", "electra"])
 def test_lora_on_a_masked_lm_moves_both_ways_with_peft(tiny_checkpoint, family, tmp_path, capsys):
     """PEFT's LoRA (``task_type=None``: PEFT's ``PeftModel``) on a masked LM read here; trained here
     on masked batches from :func:`mask_tokens`, read by PEFT with the same logits and loss; merged

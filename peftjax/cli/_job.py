@@ -154,7 +154,8 @@ FLAG_HELP = {
             "a row in --messages-column, rendered by the tokenizer's chat template, the loss on the assistant's "
             "turns; --predict texts are user turns), seq2seq (source/target pairs on an encoder-decoder "
             "such as T5), masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
-            "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT) or multiple_choice (the "
+            "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT, DeBERTa, ELECTRA's "
+            "generator) or multiple_choice (the "
             "--text-column context paired with each of a row's --choices-column choices, --label-column the right "
             "one's index: SWAG, HellaSwag, RACE; on an encoder: BERT, RoBERTa, XLM-R, DeBERTa-v2, ELECTRA, "
             "DistilBERT, ModernBERT)",
@@ -535,8 +536,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                                                **seeded)
             if task == "masked_lm" and not type(model).__name__.endswith("ForMaskedLM"):
                 raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
-                                 f"the Hub's BERT, RoBERTa, DistilBERT and ModernBERT are); {model_path} is a "
-                                 f"{type(model).__name__}")
+                                 f"the Hub's BERT, RoBERTa, DistilBERT, ModernBERT and DeBERTa checkpoints and "
+                                 f"ELECTRA's generators are); {model_path} is a {type(model).__name__}")
         if len(tokenizer) > model.config.vocab_size:  # tokens added to the tokenizer: rows for them (run_clm's rule)
             if "resized_vocabulary" not in figures:
                 print(f"the tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}: resized the "

@@ -18,12 +18,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._bert import BertForQuestionAnswering, BertForTokenClassification, BertModel, linear_kw
+from peftjax.models._bert import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForTokenClassification,
+    BertModel,
+    MaskedLMHead,
+    linear_kw,
+)
 from peftjax.models._dropout import dropout
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.models._roberta import RobertaClassificationHead, RobertaForSequenceClassification
-from peftjax.nn._activations import activation
+from peftjax.nn._activations import ACTIVATIONS, activation
 from peftjax.nn._dropout import split_keys
 
 # non-persistent buffers, the discriminator's and the generator's pre-training heads
@@ -96,6 +103,50 @@ class ElectraForQuestionAnswering(BertForQuestionAnswering):
 
 
 
+class ElectraGeneratorPredictions(nnx.Module):
+    """The generator's ``generator_predictions``: ``dense`` down to the embeddings' width, GELU,
+    ``LayerNorm``."""
+
+    def __init__(self, config, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(config.hidden_size, width, **linear_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = nnx.LayerNorm(width, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                       rngs=rngs)
+
+    def __call__(self, x):
+        return self.LayerNorm(ACTIVATIONS["gelu"](self.dense(x)))
+
+
+class ElectraGeneratorLMHead(MaskedLMHead):
+    """``generator_lm_head``: the word embeddings' transpose (tied, as transformers ties it) plus
+    its ``bias``."""
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(x, word_embeddings)
+
+
+class ElectraForMaskedLM(BertForMaskedLM):
+    """ELECTRA's generator (the Hub's ``...-generator`` checkpoints): ``electra``, then
+    ``generator_predictions`` and ``generator_lm_head`` (tied to the word embeddings, with its own
+    bias): ``[batch, seq, vocab]`` logits, ``labels`` as BERT's masked LM."""
+
+    base_model_prefix: ClassVar[str] = "electra"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"generator_predictions\..*", r"generator_lm_head\.bias")
+    # a discriminator checkpoint's head is not this model's
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"(electra\.)?embeddings\.(position_ids|token_type_ids)",
+                                               r"discriminator_predictions\..*")
+    tied_keys: ClassVar[tuple[str, ...]] = ("generator_lm_head.weight",)
+    backbone_class: ClassVar[type[BertModel]] = ElectraModel
+
+    def build_head(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        width = self.electra.embedding_width(self.config)
+        self.generator_predictions = ElectraGeneratorPredictions(self.config, width, dtype=dtype,
+                                                                 param_dtype=param_dtype, rngs=rngs)
+        self.generator_lm_head = ElectraGeneratorLMHead(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        return self.generator_lm_head(self.generator_predictions(h), self.electra.embeddings.word_embeddings)
+
+
 class ElectraSequenceSummary(nnx.Module):
     """transformers' ``ElectraSequenceSummary``: each sequence's ``summary_type`` state (its first
     token, its last position, or the mean over every position, padding included, as transformers
@@ -160,5 +211,5 @@ class ElectraForMultipleChoice(MultipleChoice, PreTrainedModel):
 
 register(ElectraModel, model_types=("electra",), default=True)
 for _cls in (ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering,
-             ElectraForMultipleChoice):
+             ElectraForMultipleChoice, ElectraForMaskedLM):
     register(_cls)
