@@ -825,17 +825,10 @@ def get_peft_model(
     beside PEFT's ``classifier``/``score``, so the adapter file carries them (see
     ``peftjax.config.add_new_head_modules``); so do a multiple-choice model's (``...ForMultipleChoice``,
     whose adapters have no task type, as PEFT has none for it: its ``classifier``).
-
-    Raises:
-      ValueError: a prompt-learning method (prefix, prompt, P-tuning, ...) on a multiple-choice
-        model, whose inputs are ``[batch, choices, seq]``: PEFT's models do not take it either.
     """
     from peftjax.config import add_new_head_modules
 
     choices = type(model).__name__.endswith("ForMultipleChoice")
-    if choices and getattr(peft_config, "is_prompt_learning", False):
-        raise ValueError(f"{type(peft_config).__name__} on {type(model).__name__}: prompt-learning methods do not "
-                         "take multiple-choice inputs ([batch, choices, seq]); use LoRA, IA3, ... (weight adapters)")
     peft_config = add_new_head_modules(peft_config, getattr(model, "newly_initialised", ()), head=choices)
     return PeftModel(model, peft_config, adapter_name, key=key, key_mapping=key_mapping)
 

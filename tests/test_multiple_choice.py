@@ -191,6 +191,8 @@ def test_lora_moves_both_ways_with_peft_and_the_new_head_is_saved(tmp_path):
     with pytest.raises(ValueError, match="prompt-learning methods do not take multiple-choice inputs"):
         peftjax.get_peft_model(models.from_pretrained(tmp_path / "base", task_type="MULTIPLE_CHOICE"),
                                peftjax.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="prompt-learning methods do not take multiple-choice inputs"):
+        model.add_adapter("prompt", peftjax.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
 
 
 def test_every_command_on_a_multiple_choice_adapter(minilm_tokenizer, tmp_path, capsys):

@@ -44,6 +44,7 @@ from flax import nnx
 from peftjax.nn._broadcast import along_last
 from peftjax.nn._init import torch_linear
 from peftjax.config import TaskType
+from peftjax.models._multiple_choice import MultipleChoice
 from peftjax.config._other import (
     CartridgeConfig,
     CPTConfig,
@@ -761,7 +762,9 @@ def inject_prompt_learning(
 
     Raises:
       TypeError: the model lacks the protocol the method needs (names class and argument).
-      ValueError: an unsupported task type, or the adapter exists already.
+      ValueError: an unsupported task type, a multiple-choice model (its inputs are ``[batch,
+        choices, seq]``: PEFT's models take no virtual tokens or prefixes there either), or the
+        adapter exists already.
 
     Example:
       >>> from transformers import LlamaConfig
@@ -778,6 +781,9 @@ def inject_prompt_learning(
     validate_adapter_name(adapter_name)
     if not isinstance(config, PromptLearningConfig):
         raise TypeError(f"expected a prompt-learning config, got {type(config).__name__}")
+    if isinstance(model, MultipleChoice):
+        raise ValueError(f"{type(config).__name__} on {type(model).__name__}: prompt-learning methods do not "
+                         "take multiple-choice inputs ([batch, choices, seq]); use LoRA, IA3, ... (weight adapters)")
     if config.task_type not in SUPPORTED_TASKS:
         raise ValueError(
             f"{type(config).__name__}: task_type {config.task_type!r} is not supported for prompt learning; "
