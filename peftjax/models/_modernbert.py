@@ -239,10 +239,17 @@ class _ModernBertTask(PreTrainedModel):
         self.classifier = nnx.Linear(config.hidden_size, self.out_features or config.num_labels,
                                      **_kw(config, dtype, param_dtype, rngs))
 
-    def _logits(self, input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool: bool):
+    def _logits(self, input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool: bool,
+                first_real: bool = False):
+        """``pool``: one row of logits per sequence (``classifier_pooling``), else per token;
+        ``first_real``: ``"cls"`` pooling reads each row's first real token (transformers'
+        multiple-choice head, left padding too), not its first position."""
         model_rng, head_rng = split_keys(dropout_rng, 2)
         h = self.model(input_ids, attention_mask, position_ids, inputs_embeds, model_rng).last_hidden_state
-        if pool and self.config.classifier_pooling == "cls":
+        if pool and self.config.classifier_pooling == "cls" and first_real and attention_mask is not None:
+            first = jnp.argmax(jnp.asarray(attention_mask), axis=-1)
+            h = jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
+        elif pool and self.config.classifier_pooling == "cls":
             h = h[:, 0]
         elif pool:
             m = (jnp.ones(h.shape[:2]) if attention_mask is None else jnp.asarray(attention_mask)).astype(h.dtype)
@@ -291,14 +298,8 @@ class ModernBertForMultipleChoice(MultipleChoice, _ModernBertTask):
         if token_type_ids is not None:
             raise ValueError("ModernBertForMultipleChoice takes no token_type_ids (ModernBERT has no token types); "
                              "tokenize without them (return_token_type_ids=False)")
-        if self.config.classifier_pooling == "cls" and attention_mask is not None:
-            # transformers' multiple-choice head reads each row's first real token (left padding too)
-            model_rng, head_rng = split_keys(dropout_rng, 2)
-            h = self.model(input_ids, attention_mask, position_ids, inputs_embeds, model_rng).last_hidden_state
-            first = jnp.argmax(jnp.asarray(attention_mask), axis=-1)
-            h = jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
-            return self.classifier(dropout(self.head(h), self.rate, head_rng))[:, 0]
-        return self._logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool=True)[:, 0]
+        return self._logits(input_ids, attention_mask, position_ids, inputs_embeds, dropout_rng, pool=True,
+                            first_real=True)[:, 0]
 
 
 class ModernBertDecoder(MaskedLMHead):
