@@ -293,9 +293,7 @@ def pick_choices(model, tokenizer, texts: list[str], choices: list[str], max_len
                       truncation=True, max_length=max_length, return_tensors="np")
     accepted = _accepted(model)
     inputs = {k: v.reshape(len(texts), len(choices), -1) for k, v in pairs.items() if k in accepted}
-    logits = _logits(model, inputs).astype(np.float64)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = _softmax(_logits(model, inputs).astype(np.float64))
     return [{"text": text, "choice": choices[int(p.argmax())], "index": int(p.argmax()),
              "scores": [round(float(x), 4) for x in p]} for text, p in zip(texts, probs)]
 

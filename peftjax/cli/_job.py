@@ -727,7 +727,7 @@ def _choice_examples(options: dict, reloaded, trained, raw_eval, evaluation, fig
     import numpy as np
 
     from peftjax.cli import _accepted, _logits
-    from peftjax.training._data import Batcher, choice_index
+    from peftjax.training._data import Batcher
 
     rows = min(3, len(evaluation))
     batch = next(Batcher(evaluation.select(range(rows)), rows, shuffle=False, buckets=None).batches(0))
@@ -741,10 +741,7 @@ def _choice_examples(options: dict, reloaded, trained, raw_eval, evaluation, fig
         row = raw_eval[i]
         choices = row[columns] if isinstance(columns, str) else [row[c] for c in columns]
         pick = int(logits[i].argmax())
-        label = row.get(options["label_column"])
-        if label is not None:
-            names = row[options["choice_labels_column"]] if options["choice_labels_column"] else None
-            label = choice_index(label, len(choices), names, f"eval row {i}")
+        label = int(batch["labels"][i]) if "labels" in batch else None  # the index tokenizing read from the row
         picks.append({"text": row[options["text_column"]], "choice": choices[pick], "index": pick, "label": label})
         print(f"  {row[options['text_column']]!r} -> {choices[pick]!r}" + ("" if label is None else
                                                                          f" (labelled {choices[label]!r})"))

@@ -373,6 +373,7 @@ class Trainer:
         self._model_dropout = "dropout_rng" in accepted
         self._precompiler: Precompiler | None = None  # while train() runs: its background compilations
         self.problem_type = getattr(config, "problem_type", None)
+        self._multiple_choice = base_name.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"])
         if base_name.endswith(TASK_CLASS_SUFFIXES["CAUSAL_LM"]):
             self.problem_type = CAUSAL_LM
         elif base_name.endswith((*TASK_CLASS_SUFFIXES["TOKEN_CLS"], "ForMaskedLM")):
@@ -381,7 +382,7 @@ class Trainer:
             self.problem_type = TOKEN_CLS
         elif base_name.endswith(TASK_CLASS_SUFFIXES["QUESTION_ANS"]):
             self.problem_type = QUESTION_ANS
-        elif base_name.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"]):
+        elif self._multiple_choice:
             # a row's classes are its choices (how many: its data's), its label the right one's index
             self.problem_type = "single_label_classification"
         elif encoder_decoder:
@@ -562,7 +563,7 @@ class Trainer:
                 raise ValueError(f"{name}: row {bad} has label {cols['labels'][bad]!r}; a SEQ_2_SEQ_LM model "
                                  "needs labels that are target token lists (peftjax.training.tokenize_seq2seq)")
             return
-        if type(self.model.base_model).__name__.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"]):
+        if self._multiple_choice:
             self.num_labels = len(cols["input_ids"][0]) if len(cols["input_ids"]) else self.num_labels
         if self.problem_type is None:
             lengths = [len(x) for x in cols["input_ids"]]
