@@ -2,7 +2,8 @@
 
     python benchmarks/evaluate_lm.py [--rows 32 --seq 256 --batch 8 --vocab 32000 --hidden 512 ...]
 
-One process: the model built in PyTorch from a fixed seed and saved (speed_vs_peft.py's), loaded
+One process: the model built in PyTorch from a fixed seed and saved (speed_vs_peft.py's; or
+``--model PATH``'s checkpoint, as speed_vs_peft.py takes it), loaded
 with ``models.from_pretrained``, LoRA ``r=8`` on all linear layers, a ``Trainer`` over ``--rows``
 random rows of ``--seq`` tokens evaluated twice (the first call compiles). Prints both calls'
 times, the loss and the process's peak resident memory (``ru_maxrss``), and the float32 matmul
@@ -26,15 +27,18 @@ def main() -> None:
     for name, default in (("hidden", 512), ("layers", 4), ("heads", 8), ("intermediate", 1376), ("vocab", 32000),
                           ("rows", 32), ("seq", 256), ("batch", 8), ("matmul_size", 2048)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    svp.add_model_flag(p)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.model_dir is None:  # build the model in a child (torch), then evaluate in a fresh process
+    if args.model_dir is None:  # build the model in a child (torch) unless --model, then evaluate in a fresh process
         with tempfile.TemporaryDirectory() as directory:
-            svp.build_model(args, directory)
-            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--model-dir", directory]
+            model_dir = svp.model_directory(args, directory)
+            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--model-dir", model_dir]
             subprocess.run(argv, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
         return
 
+    if args.model is not None:
+        svp.model_directory(args, args.model_dir)  # its sizes (--vocab)
     import jax.numpy as jnp
     import numpy as np
 

@@ -2,7 +2,8 @@
 
     python benchmarks/generate_vs_hf.py [--seq 1024 --new 16 --batch 4 --trials 3 --hidden 512 ...]
 
-The model is speed_vs_peft.py's random Llama (built once in PyTorch, saved, loaded by both). Each
+The model is speed_vs_peft.py's random Llama (built once in PyTorch, saved, loaded by both), or
+``--model PATH``'s checkpoint (as speed_vs_peft.py takes it). Each
 framework runs in its own child process, so peak resident memory (``ru_maxrss``) is its run's
 alone. Both: float32, greedy decoding of ``--new`` tokens from ``--batch`` prompts of ``--seq``
 tokens (the first rows left-padded by a few tokens), no EOS. peftjax: ``model.generate``, one
@@ -34,9 +35,13 @@ def parse_args(argv=None):
     for name, default in (("hidden", 512), ("layers", 4), ("heads", 8), ("intermediate", 1376), ("vocab", 32000),
                           ("batch", 4), ("seq", 1024), ("new", 16), ("trials", 3), ("matmul_size", 2048)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    svp.add_model_flag(p)
     p.add_argument("--child", choices=["peftjax", "transformers"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model is not None:  # its sizes replace the flags'
+        svp.model_directory(args, None)
+    return args
 
 
 def prompts(args):
@@ -109,10 +114,11 @@ def main() -> None:
           f"x {args.layers} layers, vocab {args.vocab}; load average {load:.2f}")
     results = {}
     with tempfile.TemporaryDirectory() as directory:
-        svp.build_model(argparse.Namespace(**{**vars(args), "seq": args.seq + args.new}), directory)
+        if args.model is None:
+            svp.build_model(argparse.Namespace(**{**vars(args), "seq": args.seq + args.new}), directory)
         for child in ("peftjax", "transformers"):
             argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", child, "--model-dir",
-                    directory]
+                    args.model or directory]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             proc = subprocess.run(argv, capture_output=True, text=True, env=env)
             if proc.returncode != 0:

@@ -3,9 +3,11 @@
     python benchmarks/speed_vs_peft.py [--trials 3 --warmup 3 --steps 10 --hidden 512 --layers 4 ...]
 
 The model is built once in PyTorch from a fixed seed and saved with ``save_pretrained``; both
-frameworks load that directory. Each configuration runs in its own child process per trial (the
-order rotates between trials), so peak resident memory (``ru_maxrss``) is one run's alone and a
-noisy neighbour hurts every side alike. All sides: float32, LoRA on all seven linear projections
+frameworks load that directory. ``--model PATH`` measures a checkpoint of your own instead (a
+Llama, Mistral, Qwen2 or Qwen3 directory; the size flags are read from its ``config.json``). Each
+configuration runs in its own child process per trial (the order rotates between trials), so
+peak resident memory (``ru_maxrss``) is one run's alone and a noisy neighbour hurts every side
+alike. All sides: float32, LoRA on all seven linear projections
 of every layer, AdamW with the same hyperparameters, next-token loss over all positions,
 ``--warmup`` untimed steps then ``--steps`` timed ones, each waited on. torch is installed and
 importable in every child, as the test extra installs it.
@@ -79,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmul that measures peak")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
                    help=f"what to run (default: {' '.join(DEFAULT_CONFIGS)}); ratios need peftjax and peft")
+    add_model_flag(p)
     # internal: run one framework in this process and print a JSON line
     p.add_argument("--child", choices=list(CONFIGS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -89,14 +92,51 @@ def parse_args(argv=None):
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
+# the families whose checkpoints --model takes: their decoder layers have the seven PROJECTIONS
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def add_model_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a Llama-architecture checkpoint directory (llama, mistral, qwen2 or qwen3) to measure "
+                        "instead of a random one; --hidden, --layers, --heads, --intermediate and --vocab are "
+                        "then read from its config.json")
+
+
+def model_directory(args, directory: str) -> str:
+    """Where the children load the model from: ``--model``'s checkpoint, whose sizes replace the
+    size flags in ``args``; else a random Llama of the flags' sizes, built into ``directory``."""
+    if args.model is None:
+        build_model(args, directory)
+        return directory
+    path = os.path.join(args.model, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--model {args.model}: cannot read {path} ({e})") from None
+    if config.get("model_type") not in LLAMA_LIKE:
+        raise SystemExit(f"--model {args.model}: model_type {config.get('model_type')!r} is not one of "
+                         f"{', '.join(LLAMA_LIKE)} (the benchmark puts LoRA on {', '.join(PROJECTIONS)})")
+    args.hidden, args.layers = config["hidden_size"], config["num_hidden_layers"]
+    args.heads, args.intermediate = config["num_attention_heads"], config["intermediate_size"]
+    args.vocab = config["vocab_size"]
+    args.kv_heads = config.get("num_key_value_heads") or args.heads
+    args.head_dim = config.get("head_dim") or args.hidden // args.heads
+    return args.model
+
+
 def model_flops(args) -> float:
     """Matmul FLOPs of one LoRA step by hand: forward and input-gradient of every linear layer
     (the frozen weights need no weight gradient), attention's two batched matmuls (forward and
-    backward), and the adapters' ``6 T r (in + out)``."""
+    backward), and the adapters' ``6 T r (in + out)``. Grouped key/value heads and a head size of
+    its own (a ``--model`` checkpoint's) shrink the k/v and q/o projections."""
     t, h, i, r = args.batch * args.seq, args.hidden, args.intermediate, args.rank
-    shapes = [(h, h)] * 4 + [(h, i), (h, i), (i, h)]
+    head_dim = getattr(args, "head_dim", None) or h // args.heads
+    q, kv = args.heads * head_dim, (getattr(args, "kv_heads", None) or args.heads) * head_dim
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
     linear = sum(a * b for a, b in shapes) * args.layers + h * args.vocab
-    attention = 3 * 4 * args.batch * args.seq**2 * h * args.layers
+    attention = 3 * 4 * args.batch * args.seq**2 * q * args.layers
     lora = sum(6 * t * r * (a + b) for a, b in shapes) * args.layers
     return 4 * t * linear + attention + lora
 
@@ -356,17 +396,19 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     configs = args.configs
-    print(f"Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate {args.intermediate}, "
+    directory = tempfile.TemporaryDirectory()
+    model_dir = model_directory(args, directory.name)
+    print(f"{args.model or 'random'} Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+          f"intermediate {args.intermediate}, "
           f"vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; LoRA r={args.rank} on "
           f"{', '.join(PROJECTIONS)}; float32 (the -bf16 rows: bfloat16); AdamW; {args.warmup} warmup + {args.steps} timed steps; "
           f"{args.trials} trials; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     results = {c: [] for c in configs}
-    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as cache_dir:
-        build_model(args, directory)
+    with directory, tempfile.TemporaryDirectory() as cache_dir:
         for trial in range(args.trials):
             k = trial % len(configs)
             for config in configs[k:] + configs[:k]:
-                r = run_child(args, config, directory, cache_dir)
+                r = run_child(args, config, model_dir, cache_dir)
                 results[config].append(r)
                 print(f"  trial {trial} {config:15s} step {r['step_s']:.3f} s  first step {r['first_step_s']:.1f} s  "
                       f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB  loss {r['loss']:.4f}", flush=True)

@@ -251,8 +251,8 @@ def main() -> None:
         return
     args = parse_args()
     with tempfile.TemporaryDirectory() as directory:
-        svp.build_model(args, directory)
-        results = {framework: svp.run_child(args, framework, directory, directory, script=__file__)
+        model_dir = svp.model_directory(args, directory)
+        results = {framework: svp.run_child(args, framework, model_dir, directory, script=__file__)
                    for framework in ("peftjax", "peft")}
     jx, pt = results["peftjax"], results["peft"]
     print(f"load average {os.getloadavg()[0]:.2f}; {args.steps} profiled steps after {args.warmup}; "

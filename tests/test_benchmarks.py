@@ -13,14 +13,28 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _run(script: str, *argv: str, timeout: int = 600) -> str:
+def _run(script: str, *argv: str, timeout: int = 600, whole: bool = False) -> str:
+    """The script's last line (its one-line summary), or all it printed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     # the scripts time compilation: never from the suite's compilation cache (conftest)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True,
                           env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return proc.stdout if whole else proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def own_llama(tmp_path_factory) -> str:
+    """A checkpoint of the user's own for ``--model``: a small Llama with grouped key/value heads,
+    written by peftjax (no torch process to build it, unlike the scripts' random one)."""
+    from peftjax import models
+
+    path = tmp_path_factory.mktemp("own-llama")
+    config = models.ModelConfig("llama", vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    models.LlamaForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
 
 
 def test_gpu_script_dry_run_counts_a_1b_model():
@@ -42,13 +56,15 @@ def test_speed_vs_peft_runs_on_a_tiny_model():
     assert all(float(v) > 0 for v in fields.values())
 
 
-def test_step_profile_puts_each_framework_s_step_in_categories():
+def test_step_profile_puts_each_framework_s_step_in_categories(own_llama):
     """Both profiles are read: every peftjax trace event found in the compiled step's HLO, every ATen
-    operator of PEFT's step in a category, and each framework's categories add up to its step."""
+    operator of PEFT's step in a category, and each framework's categories add up to its step; on a
+    checkpoint of the user's own (``--model``)."""
     pytest.importorskip("peft")
-    last = _run("step_profile.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
-                "--vocab", "128", "--batch", "2", "--seq", "16", "--rank", "4", "--warmup", "1", "--steps", "2",
-                "--matmul-size", "256")
+    out = _run("step_profile.py", "--model", own_llama, "--batch", "2", "--seq", "16", "--rank", "4", "--warmup", "1",
+               "--steps", "2", "--matmul-size", "256", whole=True)
+    assert "hidden 32, 2 layers, vocab 128" in out  # --model's sizes, not the flags' defaults
+    last = out.strip().splitlines()[-1]
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     for side in ("peftjax", "peft"):
         parts = [fields[f"{side}_{k}_ms"] for k in ("layers", "head", "loss", "attention", "layout", "other", "idle")]
@@ -123,20 +139,25 @@ def test_finetune_vs_peft_smoke_trains_both_sides():
     assert 0 < fields["acc_peftjax"] <= 1 and 0 < fields["acc_peft"] <= 1
 
 
-def test_generate_vs_hf_runs_on_a_tiny_model():
-    """Both children generate the same greedy tokens from left-padded 300-token prompts (blocks)."""
+def test_generate_vs_hf_runs_on_a_tiny_model(own_llama):
+    """Both children generate the same greedy tokens from left-padded 300-token prompts (blocks), on a
+    checkpoint of the user's own (``--model``)."""
     pytest.importorskip("torch")
-    last = _run("generate_vs_hf.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
-                "--vocab", "128", "--batch", "2", "--seq", "300", "--new", "3", "--trials", "1", "--matmul-size", "256")
+    out = _run("generate_vs_hf.py", "--model", own_llama, "--batch", "2", "--seq", "300", "--new", "3", "--trials", "1",
+               "--matmul-size", "256", whole=True)
+    assert "Llama hidden 32 x 2 layers, vocab 128" in out
+    last = out.strip().splitlines()[-1]
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert fields["same_tokens"] == 1, fields
     assert all(fields[k] > 0 for k in ("ratio_call", "ratio_first", "ratio_mem", "jax_f32_gflops", "torch_f32_gflops"))
 
 
-def test_evaluate_lm_runs_on_a_tiny_model():
+def test_evaluate_lm_runs_on_a_tiny_model(own_llama):
     pytest.importorskip("torch")
-    last = _run("evaluate_lm.py", "--hidden", "32", "--layers", "2", "--heads", "4", "--intermediate", "48",
-                "--vocab", "128", "--rows", "4", "--seq", "16", "--batch", "2", "--matmul-size", "256")
+    out = _run("evaluate_lm.py", "--model", own_llama, "--rows", "4", "--seq", "16", "--batch", "2",
+               "--matmul-size", "256", whole=True)
+    assert "vocab 128" in out
+    last = out.strip().splitlines()[-1]
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert set(fields) == {"first_s", "second_s", "eval_loss", "peak_rss_gib", "jax_f32_gflops"}
     assert all(v > 0 for v in fields.values())
@@ -150,3 +171,15 @@ def test_packed_lm_runs_on_a_tiny_model():
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert fields["same_loss"] == 1 and 0 < fields["ratio_computed"] < 1, fields
     assert all(fields[k] > 0 for k in ("ratio_wall", "ratio_tokens_per_s", "jax_f32_gflops"))
+
+
+def test_model_flag_refuses_what_is_not_a_llama_like_checkpoint(tmp_path):
+    """``--model`` names the directory and what it expected: a family with the seven projections."""
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    for argv in ([str(tmp_path)], [str(tmp_path / "missing")]):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "speed_vs_peft.py"), "--model", *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and f"--model {argv[0]}:" in proc.stderr, proc.stderr
+    assert "model_type 'bert' is not one of llama, mistral, qwen2, qwen3" in subprocess.run(
+        [sys.executable, str(BENCHMARKS / "speed_vs_peft.py"), "--model", str(tmp_path)],
+        capture_output=True, text=True, timeout=120).stderr
