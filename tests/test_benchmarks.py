@@ -183,3 +183,26 @@ def test_model_flag_refuses_what_is_not_a_llama_like_checkpoint(tmp_path):
     assert "model_type 'bert' is not one of llama, mistral, qwen2, qwen3" in subprocess.run(
         [sys.executable, str(BENCHMARKS / "speed_vs_peft.py"), "--model", str(tmp_path)],
         capture_output=True, text=True, timeout=120).stderr
+
+
+def test_the_floor_counts_a_checkpoint_s_own_projection_shapes(own_llama):
+    """The FLOPs by hand behind the floor fractions, for ``--model``'s grouped-query checkpoint, from
+    its weights' shapes: every projection forward and input-gradient, attention over the query
+    heads' width, LoRA's ``6 T r (in + out)``."""
+    from safetensors.numpy import load_file
+
+    spec = importlib.util.spec_from_file_location("speed_vs_peft", BENCHMARKS / "speed_vs_peft.py")
+    svp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(svp)
+    args = svp.parse_args(["--model", own_llama, "--batch", "2", "--seq", "16", "--rank", "4"])
+    assert svp.model_directory(args, None) == own_llama
+    weights = load_file(Path(own_llama) / "model.safetensors")
+    layers = {k.split(".")[2] for k in weights if k.startswith("model.layers.")}
+    shapes = [weights[k].shape for k in weights if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
+    assert len(shapes) == 7 and len(layers) == 2
+    tokens, (vocab, hidden) = 2 * 16, weights["lm_head.weight"].shape
+    q_width = weights["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    linear = sum(o * i for o, i in shapes) * len(layers) + hidden * vocab
+    lora = 6 * tokens * 4 * sum(o + i for o, i in shapes) * len(layers)
+    expected = 4 * tokens * linear + 3 * 4 * 2 * 16**2 * q_width * len(layers) + lora
+    assert svp.model_flops(args) == expected
