@@ -436,9 +436,11 @@ class PeftModel:
             new_targets = "|".join(f"({t})" for t in targets)
         else:
             new_targets = tuple(dict.fromkeys(name for t in targets for name in t))
-        # the factors are overwritten below; a decomposing init would rewrite the base weights
+        # the factors are overwritten below; a decomposing init would rewrite the base weights. MiCA's
+        # stays, as in PEFT (whose config is the first adapter's): the combined adapter's B is frozen too
+        init = "mica" if configs[0].init_lora_weights == "mica" else True
         new_config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
-                                         alpha_pattern={}, rank_pattern={}, init_lora_weights=True)
+                                         alpha_pattern={}, rank_pattern={}, init_lora_weights=init)
         self.add_adapter(adapter_name, new_config)
         key = jax.random.key(0) if key is None else key
         layers = [m for m in tuner_base.named_modules(self.base_model).values()

@@ -327,3 +327,28 @@ def test_a_module_to_save_with_a_weight_no_file_can_name_is_refused():
                                          r"\(Scaled\.scale\)"):
         peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
     assert type(model.fc1) is nnx.Linear and type(model.head) is Scaled  # refused before anything changed
+
+
+def test_layer_status_names_peft_s_layer_classes(tiny_checkpoint):
+    """``get_layer_status``'s ``module_type`` is PEFT's layer class, not the Flax one's name:
+    ``lora.Linear`` on GPT-2's ``Conv1D``, ``lora.Embedding`` on an ``nnx.Embed``, ``lora.Conv2d``."""
+    from peftjax import models
+
+    status = lambda m: {(s.name, s.module_type) for s in m.get_layer_status()}  # noqa: E731
+    path, targets = tiny_checkpoint("gpt2"), ["c_attn", "wte"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("gpt2").torch_class.from_pretrained(path),
+                                     peft.LoraConfig(r=2, target_modules=targets))
+        ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, target_modules=targets))
+    assert status(ours) == status(theirs) and {t for _, t in status(ours)} == {"lora.Linear", "lora.Embedding"}
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+
+    net = torch.nn.Sequential()
+    net.add_module("conv", torch.nn.Conv2d(3, 4, 3))
+    theirs = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["conv"]))
+    ours = peftjax.get_peft_model(Net(), peftjax.LoraConfig(r=2, target_modules=["conv"]))
+    assert status(ours) == status(theirs) == {("model.conv", "lora.Conv2d")}

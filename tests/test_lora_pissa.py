@@ -468,12 +468,6 @@ def test_pissa_is_case_sensitive_as_in_peft(init):
         peft_linear(spectrum(6, 5, 0.5), init)
 
 
-def test_mica_any_case_is_a_peft_init_peftjax_lacks():
-    for init in ("mica", "MiCA"):
-        with pytest.raises(NotImplementedError, match="does not implement"):
-            peftjax.LoraConfig(init_lora_weights=init)
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_dora_magnitude_after_a_decomposing_init_is_peft_s(init, tmp_path):
     """PiSSA/OLoRA + DoRA: PEFT takes the magnitude from the residual base plus the adapter (the

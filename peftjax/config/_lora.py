@@ -24,9 +24,9 @@ from peftjax.config._trainable_tokens import token_indices_by_layer
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 # Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
-_PEFT_ONLY_INITS = ("mica", "lora_ga")
+_PEFT_ONLY_INITS = ("lora_ga",)
 _SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', 'eva', "
-                    "'corda'")
+                    "'corda', 'mica'")
 
 # PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
@@ -87,9 +87,14 @@ class LoraConfig(PeftConfig):
             (A and B from orthogonal halves of a random basis: both non-zero, ``B @ A == 0``;
             needs an even ``r``) or ``"loftq"`` (LoftQ: the base weight becomes its NF4 or int8
             quantization ``Q``, and ``B @ A`` the top-``r`` SVD of ``W - Q``; see
-            ``loftq_config``). PiSSA, OLoRA and LoftQ rewrite the base weight. ``"gaussian"``
-            and ``"olora"`` may have any case, as in PEFT. PEFT's ``"eva"``, ``"corda"``,
-            ``"mica"`` and ``"lora_ga"`` raise ``NotImplementedError``.
+            ``loftq_config``), ``"eva"`` (set from data by ``initialize_lora_eva_weights``),
+            ``"corda"`` (after ``preprocess_corda``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the
+            ``r`` left singular vectors of the base weight with the smallest singular values,
+            frozen: only ``A`` trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA
+            and LoftQ rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may
+            have any case, as in PEFT, which freezes MiCA's ``B`` only for the exact ``"mica"``
+            (another case gets MiCA's factors with both training), and so does peftjax. PEFT's
+            ``"lora_ga"`` raises ``NotImplementedError``.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
             index is the first numbered segment of the name (or the one after
             ``layers_pattern``); a module with no index is then not adapted. Ignored for a module
@@ -245,7 +250,10 @@ class LoraConfig(PeftConfig):
         if not isinstance(init, str):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
-        if init.lower() in ("gaussian", "olora") or init in ("pissa", "orthogonal", "loftq", "eva", "corda"):
+        if init.lower() in ("gaussian", "olora", "mica") or init in ("pissa", "orthogonal", "loftq", "eva", "corda"):
+            if init == "mica" and self.use_dora:  # PEFT's layers refuse the pair (no DoRA variant of MiCA)
+                raise ValueError("Invalid or unsupported variant combination: ('mica', 'use_dora'): "
+                                 "init_lora_weights='mica' freezes lora_B, which DoRA has no variant for.")
             return
         if re.fullmatch(r"pissa_niter_[0-9]+", init):
             return
@@ -254,7 +262,7 @@ class LoraConfig(PeftConfig):
                 f"`init_lora_weights` must be 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a non-negative "
                 f"integer (randomized SVD with N subspace iterations, e.g. 'pissa_niter_16'), got {init!r}."
             )
-        if init in _PEFT_ONLY_INITS or init.lower() == "mica":
+        if init in _PEFT_ONLY_INITS:
             raise NotImplementedError(
                 f"init_lora_weights={init!r} is a PEFT initialization peftjax does not implement; "
                 f"supported: {_SUPPORTED_INITS}."

@@ -64,6 +64,11 @@ class AdapterLayer(abc.ABC):
     def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
         """The ``{adapter name: variable}`` containers of this layer's adapter weights."""
 
+    def frozen_adapter_dicts(self, name: str) -> tuple[nnx.Dict, ...]:
+        """Those of :meth:`adapter_variable_dicts` whose entry for adapter ``name`` never trains
+        (saved with the adapter, frozen even while it trains: MiCA's ``lora_B``)."""
+        return ()
+
     def remove_adapter_state(self) -> None:
         for attr in self.adapter_state_attrs:
             if hasattr(self, attr):

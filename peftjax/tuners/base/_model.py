@@ -164,17 +164,21 @@ def set_adapters_disabled(model: nnx.Module, disabled: bool) -> None:
 def set_adapter_trainable(model: nnx.Module, adapter_name: str, trainable: bool) -> None:
     """Switches an adapter's weights between ``AdapterParam`` (trains) and ``FrozenAdapterParam``.
 
-    A trainable weight gets its layer's own type back (``LoraParam`` on LoRA layers). A weight
-    several layers share (VB-LoRA's vector bank) stays one variable, shared.
+    A trainable weight gets its layer's own type back (``LoraParam`` on LoRA layers), except
+    those its layer keeps frozen (``frozen_adapter_dicts``: MiCA's ``lora_B``). A weight several
+    layers share (VB-LoRA's vector bank) stays one variable, shared.
     """
     converted: dict[int, nnx.Variable] = {}
     for m in named_modules(model).values():
         if isinstance(m, AdapterLayer):
-            new_type = getattr(m, "param_type", AdapterParam) if trainable else FrozenAdapterParam
+            own_type = getattr(m, "param_type", AdapterParam) if trainable else FrozenAdapterParam
+            fixed = {id(d) for d in m.frozen_adapter_dicts(adapter_name)} if adapter_name in m.adapter_names() \
+                else set()
             for d in m.adapter_variable_dicts():
                 if adapter_name in d:
                     old = d[adapter_name]
                     if id(old) not in converted:
+                        new_type = FrozenAdapterParam if id(d) in fixed else own_type
                         converted[id(old)] = new_type(old.get_value())
                     d[adapter_name] = converted[id(old)]
         if isinstance(m, SavedModule) and adapter_name in m.modules_to_save:

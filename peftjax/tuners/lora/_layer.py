@@ -22,7 +22,14 @@ from peftjax.nn._broadcast import along_last
 from peftjax.nn._dropout import apply_dropout
 from peftjax.nn._partitioned import is_partitioned
 from peftjax.quantization import QuantizedLinear
-from peftjax.tuners.base import AdapterDictLayer, AdapterLayer, LoraParam, mixin_subclass
+from peftjax.tuners.base import (
+    AdapterDictLayer,
+    AdapterLayer,
+    FrozenAdapterParam,
+    LoraParam,
+    adding_from_file,
+    mixin_subclass,
+)
 from peftjax.tuners.base._rows import per_row, rows_of
 from peftjax.tuners.lora._scalings import active_lora_scalings
 from peftjax.tuners.lora._math import (
@@ -33,6 +40,7 @@ from peftjax.tuners.lora._math import (
     dora_output,
     init_weights,
     is_loftq,
+    is_mica,
     joint_matmul,
     merged_weight,
     torch_layout,
@@ -76,6 +84,9 @@ class LoraLayer(AdapterDictLayer):
             raise TypeError(f"{path}: init_lora_weights='loftq' quantizes the float base weight itself; load the "
                             "float checkpoint (no quantization_config), initialize LoftQ, save the rewritten base, "
                             "then load that in 4 or 8 bits with the adapter.")
+        if isinstance(self, QuantizedLinear) and is_mica(init):  # PEFT's message: its SVD needs a float weight
+            raise TypeError(f"{path}: Please initialize MiCA under float32, float16, or bfloat16 (init_lora_weights="
+                            f"{init!r} takes the SVD of the base weight, which is quantized here).")
         if isinstance(self, QuantizedLinear) and init == "eva":
             raise NotImplementedError(f"{path}: init_lora_weights='eva' on a quantized layer is not implemented in "
                                       "peftjax; run EVA on the float model")
@@ -116,13 +127,19 @@ class LoraLayer(AdapterDictLayer):
         var = getattr(self, self.weight_attr)
         w = var.get_value()
         kind = "embed" if self.lora_kind == "embed" else "linear"
+        if is_mica(init) and adding_from_file():  # the file holds both factors: no SVD to overwrite
+            init = True
         weights, residual = init_weights(key, kind, init, self._to_2d(w), spec)
         if residual is not None:  # PiSSA/OLoRA leave the residual as the base weight
             var.set_value(self._from_2d(residual).astype(w.dtype))
         weights["lora_A"] = weights["lora_A"].reshape(self._a_shape(*weights["lora_A"].shape))
         for key_name, value in weights.items():
-            getattr(self, key_name)[name] = LoraParam(value)
+            frozen = key_name == "lora_B" and spec.freeze_b
+            getattr(self, key_name)[name] = (FrozenAdapterParam if frozen else LoraParam)(value)
         self._add_spec(name, spec)
+
+    def frozen_adapter_dicts(self, name: str) -> tuple:
+        return (self.lora_B,) if self.spec(name).freeze_b else ()
 
     def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
         layout = torch_layout(self.lora_kind, self._n_spatial())
@@ -266,6 +283,8 @@ class LoraLinear(LoraLayer):
     DoRA, another base call) the layer adds the branch to the base output.
     """
 
+    status_module_type = "lora.Linear"  # PEFT's layer class (GPT-2's Conv1D gets it too)
+
     def __call__(self, inputs, *args, **kwargs):
         live = self._joint_adapters(inputs, args, kwargs)
         if not live:
@@ -323,6 +342,7 @@ class LoraEmbed(LoraLayer):
 
     lora_kind = "embed"
     weight_attr = "embedding"
+    status_module_type = "lora.Embedding"  # PEFT's layer class
 
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         if lora_bias:  # PEFT refuses it too (an embedding has no bias)

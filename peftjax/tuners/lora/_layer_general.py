@@ -199,6 +199,10 @@ class LoraConv(LoraLayer):
 
     lora_kind = "conv"
 
+    @property
+    def status_module_type(self) -> str:  # PEFT's layer class for torch's Conv1d/2d/3d
+        return f"lora.Conv{self._n_spatial()}d"
+
     def check_lora(self, path: str, *, use_dora: bool, lora_bias: bool, init) -> None:
         if self.feature_group_count != 1:
             raise NotImplementedError(

@@ -98,6 +98,7 @@ from peftjax.tuners.lora._math import (
     check_init_rank,
     decomposes,
     dora_factor,
+    is_mica,
     dora_output,
     init_weights,
     kernel_from_torch,
@@ -660,6 +661,9 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if init in ("eva", "corda"):  # calibrated on an NNX model's layer inputs
         raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is supported on NNX models (and the "
                                   "bundled ones), not through peftjax.linen")
+    if is_mica(init):  # split/trainable_labels go by key names; MiCA's lora_B must stay out of the trainable side
+        raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} (MiCA, a frozen lora_B) is supported on "
+                                  "NNX models (and the bundled ones), not through peftjax.linen")
     if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
         raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
                                   "bundled ones), not yet through peftjax.linen")

@@ -40,6 +40,7 @@ class LoraSpec:
       dropout: dropout rate on the adapter input (not applied to embeddings, as in PEFT).
       use_dora: weight-decomposed LoRA: a trainable magnitude per output unit.
       lora_bias: ``lora_B`` has a bias.
+      freeze_b: ``lora_B`` never trains (MiCA, ``init_lora_weights="mica"``).
     """
 
     r: int
@@ -48,13 +49,15 @@ class LoraSpec:
     dropout: float = 0.0
     use_dora: bool = False
     lora_bias: bool = False
+    freeze_b: bool = False
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
         """The settings ``config`` gives the target ``name`` (its rank and alpha patterns applied)."""
         r, alpha, scaling = config.scaling_for(name)
         return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
-                   use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias))
+                   use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
+                   freeze_b=freezes_b(config.init_lora_weights))
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +83,18 @@ def decomposes(init) -> bool:
     return is_loftq(init) or isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
 
 
+def is_mica(init) -> bool:
+    """MiCA's init, in any case: PEFT's layers compare ``init_lora_weights.lower() == "mica"``."""
+    return isinstance(init, str) and init.lower() == "mica"
+
+
+def freezes_b(init) -> bool:
+    """Whether ``init`` freezes ``lora_B``. Only the exact ``"mica"``: PEFT resolves its MiCA
+    variant (the one that freezes ``B``) by ``init_lora_weights == "mica"``, so ``"MiCA"`` gets
+    MiCA's factors with both of them training, and so it does here."""
+    return init == "mica"
+
+
 def is_corda(init) -> bool:
     """CorDA's init reaches each layer as that layer's eigens (``CordaEigens``), not as the string."""
     return hasattr(init, "S_WC")
@@ -94,23 +109,29 @@ def check_init(kind: str, init, where: str) -> None:
     """Raises ``NotImplementedError`` naming ``where`` when layer ``kind`` cannot take ``init``.
 
     PiSSA, OLoRA, LoftQ, EVA, CorDA and the orthogonal init factor a plain 2-D weight (``kind ==
-    "linear"``); embeddings take the default, ``False``, ``"gaussian"`` and ``"orthogonal"``
-    (which PEFT's embedding layer treats as its default init), convolutions and the multi-axis
-    layers (``"general"``) the default, ``False`` or ``"gaussian"``.
+    "linear"``); embeddings take the default, ``False``, ``"gaussian"``, ``"orthogonal"``
+    (which PEFT's embedding layer treats as its default init) and MiCA, convolutions and the
+    multi-axis layers (``"general"``) the default, ``False`` or ``"gaussian"`` (PEFT has no MiCA
+    variant for its convolutions either).
     """
     if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
         return
     init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else canonical_init(init)
-    if init == "gaussian" or (kind == "embed" and init == "orthogonal"):
+    if init == "gaussian" or (kind == "embed" and (init == "orthogonal" or is_mica(init))):
         return
     what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
     raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
 
 
-def check_init_rank(init, r: int, where: str) -> None:
-    """PEFT's refusal of an odd rank for the orthogonal init (it splits a basis into two halves)."""
+def check_init_rank(init, r: int, where: str, shape: tuple[int, ...] | None = None) -> None:
+    """PEFT's refusals of a rank the init cannot build: an odd one for the orthogonal init (it
+    splits a basis into two halves), and for MiCA one above ``min(shape)``, ``shape`` the layer's
+    2-D weight (there are no more singular vectors than that)."""
     if init == "orthogonal" and r % 2:
         raise ValueError(f"{where}: Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+    if is_mica(init) and shape is not None and r > min(shape):
+        raise ValueError(f"{where}: MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer "
+                         f"with weight shape {tuple(shape)} (max usable r is {min(shape)}).")
 
 
 def init_factors(key, kind: str, init, in_features: int, out_features: int, r: int):
@@ -154,6 +175,8 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         a, b, residual = corda_factors(w2, init, spec.scaling)
     elif decomposes(init):
         a, b, residual = decompose(init, w2, spec, jax_key(key))
+    elif is_mica(init):
+        a, b = mica_factors(w2, spec.r)
     else:
         a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
     # host arrays move with device_put: jnp.asarray would compile a program per shape (lax.stage)
@@ -165,6 +188,23 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         base = w2 if residual is None else residual
         weights["lora_magnitude_vector"] = unit_norm(base.astype(jnp.float32) + delta(a, b, spec.scaling))
     return weights, residual
+
+
+def mica_factors(w2: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+    """MiCA (Minor Component Adaptation, PEFT's ``mica_init``): ``A`` zero and ``B`` the ``r``
+    left singular vectors of ``W [out, in]`` with the smallest singular values, so the adapter
+    starts as a no-op and trains only along the weight's minor directions. An embedding's table
+    ``[num, dim]`` reads the same way (PEFT takes the SVD of its transpose).
+
+    The SVD runs in float32; ``B`` is rounded to the weight's dtype, as PEFT stores it before
+    casting adapters to float32. A singular vector's sign is the SVD routine's choice, so a row of
+    ``B`` may have the opposite sign to torch's. Training does not care: that flips the gradient
+    of the matching column of ``A`` too (SGD and Adam updates flip with it), so ``B @ A`` and the
+    model's outputs follow the same path; a file, written by either framework, keeps its signs.
+    """
+    u, _, _ = jnp.linalg.svd(w2.astype(jnp.float32).T, full_matrices=False)  # u: [out, min(in, out)]
+    b = u[:, u.shape[1] - r:].T.astype(w2.dtype).astype(jnp.float32)  # [r, out]
+    return np.zeros((w2.shape[0], r), np.float32), b
 
 
 def orthogonal_factors(key, in_features: int, out_features: int, r: int) -> tuple[jax.Array, jax.Array]:

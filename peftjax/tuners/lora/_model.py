@@ -105,10 +105,12 @@ def inject_lora(
         if init == "corda" and linear:  # CorDA's init is the layer's own eigens
             inits[name] = take_eigens(modules[name], name)
             check_eigens(inits[name], modules[name], LoraSpec.for_target(config, name).r, name)
-        lora_class_for(modules[name]).check_lora(
-            modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias), init=inits[name],
-        )
-        check_init_rank(init, LoraSpec.for_target(config, name).r, name)
+        cls = lora_class_for(modules[name])
+        cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
+                       init=inits[name])
+        weight = getattr(modules[name], cls.weight_attr, None)  # as PEFT names it: [out, in], an embedding's [num, dim]
+        shape = None if weight is None else weight.shape[::-1] if cls.lora_kind == "linear" else weight.shape
+        check_init_rank(init, LoraSpec.for_target(config, name).r, name, shape)
     for i, name in enumerate(targets):
         module = modules[name]
         if isinstance(module, LoraLayer) and adapter_name in module.adapter_names():
