@@ -139,7 +139,7 @@ def report_shapes(args) -> None:
             ratios.append(j / t)
             flop = 2 * m * k * n
             print(f"  {text:14s} {op:9s} {j * 1e6:9.0f} {flop / j / 1e9:8.0f} {t * 1e6:11.0f} {flop / t / 1e9:8.0f} "
-                  f"{j / t:10.2f}")
+                  f"{j / t:10.3g}")  # significant digits: never 0.00 under a stall
     print(f"shapes_jax_over_torch={statistics.median(ratios):.3f} shapes={len(args.shapes)}")
 
 
