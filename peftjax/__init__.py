@@ -17,6 +17,7 @@ from peftjax.config import (
     BottleneckConfig,
     CordaConfig,
     EvaConfig,
+    LoraGAConfig,
     C3AConfig,
     DeloraConfig,
     GraloraConfig,
@@ -108,6 +109,7 @@ from peftjax.tuners.lora import (
     get_eva_state_dict,
     initialize_lora_eva_weights,
     preprocess_corda,
+    preprocess_loraga,
     save_as_lora,
 )
 
@@ -127,6 +129,7 @@ __all__ = [
     "BottleneckConfig",
     "CordaConfig",
     "EvaConfig",
+    "LoraGAConfig",
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",
@@ -187,6 +190,7 @@ __all__ = [
     "get_peft_model",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "preprocess_loraga",
     "save_as_lora",
     "get_peft_model_state_dict",
     "hotswap_adapter",

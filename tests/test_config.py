@@ -515,12 +515,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("init", ["lora_ga"])
-def test_unsupported_init_raises_not_implemented(init):
-    with pytest.raises(NotImplementedError, match=repr(init)):
-        pc.LoraConfig(init_lora_weights=init)
-
-
 @pytest.mark.parametrize(
     "field, value",
     [

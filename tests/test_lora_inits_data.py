@@ -1,5 +1,6 @@
-"""LoRA's data-driven inits, EVA and CorDA, against HF PEFT 0.21.2's own ``initialize_lora_eva_weights``
-and ``preprocess_corda`` run in PyTorch on the same tiny models and the same calibration batches.
+"""LoRA's data-driven inits, EVA, CorDA and LoRA-GA, against HF PEFT 0.21.2's own
+``initialize_lora_eva_weights``, ``preprocess_corda`` and ``preprocess_loraga`` run in PyTorch on
+the same tiny models and the same calibration batches.
 
 PEFT feeds CorDA one row per call (its hook squeezes a batch of one); peftjax takes batches of
 several rows with padding and counts each row as one sample, so the oracle runs the rows one at a
@@ -89,10 +90,13 @@ def llama(tmp_path_factory):
     return path
 
 
+GPT2 = _tiny.arch("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # PEFT's LoRA-GA runs in train mode
+
+
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     path = tmp_path_factory.mktemp("gpt2")
-    _tiny.save(_tiny.arch("gpt2"), path)
+    _tiny.save(GPT2, path)
     return path
 
 
@@ -333,11 +337,13 @@ def test_corda_trained_converts_to_a_lora_peft_applies_to_the_original_model(lla
 
 
 def test_configs_round_trip_as_peft_writes_them(tmp_path):
-    from peft.tuners.lora.config import CordaConfig, EvaConfig
+    from peft.tuners.lora.config import CordaConfig, EvaConfig, LoraGAConfig
 
     for init, field, ours, theirs in (
         ("eva", "eva_config", peftjax.EvaConfig(rho=1.5, whiten=True), EvaConfig(rho=1.5, whiten=True)),
         ("corda", "corda_config", peftjax.CordaConfig(corda_method="kpm"), CordaConfig(corda_method="kpm")),
+        ("lora_ga", "lora_ga_config", peftjax.LoraGAConfig(direction="ArBr", stable_gamma=4),
+         LoraGAConfig(direction="ArBr", stable_gamma=4)),
     ):
         config = peftjax.LoraConfig(r=4, init_lora_weights=init, **{field: ours})
         config.save_pretrained(tmp_path / init)
@@ -354,6 +360,10 @@ def test_configs_round_trip_as_peft_writes_them(tmp_path):
         peftjax.EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="corda_method"):
         peftjax.CordaConfig(corda_method="svd")
+    with pytest.raises(ValueError, match="lora_ga_config.direction"):
+        peftjax.LoraGAConfig(direction="BA")
+    with pytest.raises(ValueError, match=r"`lora_ga_config` has unknown keys \['gamma'\]"):
+        peftjax.LoraConfig(init_lora_weights="lora_ga", lora_ga_config={"gamma": 1})
 
 
 def test_refusals_name_what_is_missing(llama):
@@ -403,3 +413,184 @@ def test_refusals_name_what_is_missing(llama):
     peftjax.preprocess_corda(model, corda, BATCHES)
     with pytest.raises(ValueError, match=r"expected \(32, 2\)"):  # eigens for r=4, injected at r=2
         peftjax.get_peft_model(model, dataclasses.replace(corda, r=2))
+
+
+# -------------------------------------------------------------------------------------- LoRA-GA
+
+
+def peft_loraga(path, family, targets, r=8, **settings):
+    """PEFT's ``preprocess_loraga`` (one backward pass per batch) then ``get_peft_model``:
+    ``(peft model, {module: PEFT's averaged gradient [out, in]})`` (GPT-2's ``Conv1D`` keeps its
+    weight's ``[in, out]``; transposed here)."""
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = _tiny.arch(family).torch_class.from_pretrained(path)
+        config = peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights="lora_ga",
+                                 lora_ga_config=LoraGAConfig(**settings))
+
+        def train_step():
+            for b in torch_batches(BATCHES):
+                torch_model(**b).loss.backward()
+
+        preprocess_loraga(torch_model, config, train_step)
+        from transformers.pytorch_utils import Conv1D
+
+        grads = {n: m._peft_loraga_grad.numpy().T if isinstance(m, Conv1D) else m._peft_loraga_grad.numpy()
+                 for n, m in torch_model.named_modules() if hasattr(m, "_peft_loraga_grad")}  # as [out, in]
+        return peft.get_peft_model(torch_model, config).eval(), grads
+
+
+# r = 8 makes the randomized SVD (4r wide) span every layer's smaller side, so both frameworks'
+# triplets are exact up to sign; "weight_svd" scales by a 4-wide randomized SVD of the weight
+@pytest.mark.parametrize(("family", "direction", "scale", "atol"), [
+    ("llama", "ArB2r", "stable", 1e-4), ("llama", "A2rBr", "gd_scale", 1e-4), ("gpt2", "ArBr", "weight_svd", 2e-2)])
+def test_loraga_gradients_factors_and_residual_equal_peft(family, direction, scale, atol, llama, gpt2):
+    path = llama if family == "llama" else gpt2
+    targets = TARGETS if family == "llama" else ["c_attn", "mlp.c_proj"]
+    theirs, their_grads = peft_loraga(path, family, targets, direction=direction, scale=scale)
+    model = models.from_pretrained(path)
+    original = {n: np.asarray(m.kernel.get_value()).T for n, m in named_modules(model).items()
+                if hasattr(m, "kernel")}
+    config = peftjax.LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights="lora_ga",
+                                lora_ga_config=peftjax.LoraGAConfig(direction=direction, scale=scale))
+    grads = peftjax.preprocess_loraga(model, config, BATCHES)
+    assert grads.keys() == their_grads.keys() and len(grads) == 2 * len(targets)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, their_grads[name], atol=1e-6 * np.abs(g).max(), rtol=0, err_msg=name)
+    ours = peftjax.get_peft_model(model, config)
+    assert not any(hasattr(m, "loraga_grad") for m in named_modules(model).values())  # used up
+    ours_f = lora_factors(ours)
+    theirs_f = torch_factors(theirs, ours_f)
+    for name, (a, b, w) in ours_f.items():
+        ta, tb, tw = theirs_f[name]
+        sign_a = np.sign(np.sum(a * ta, axis=1))  # a triplet's sign is the randomized SVD's draw
+        sign_b = np.sign(np.sum(b * tb, axis=0))
+        np.testing.assert_allclose(a * sign_a[:, None], ta, atol=atol * np.abs(ta).max(), rtol=0, err_msg=name)
+        np.testing.assert_allclose(b * sign_b[None], tb, atol=atol * np.abs(tb).max(), rtol=0, err_msg=name)
+        np.testing.assert_allclose(w + b @ a, original[name], atol=1e-5, err_msg=name)  # s = 8 / 8
+    base = logits(models.from_pretrained(path))
+    np.testing.assert_allclose(logits(ours), base, atol=1e-5)  # the base keeps W - s B A
+
+
+def test_loraga_random_direction_pairs_each_vector_with_its_own_triplet(llama):
+    """``"random"`` draws which ``r`` of the ``2r`` triplets both factors take (from the init key here,
+    torch's RNG in PEFT): with ``scale="unit"``, ``G A^T = B``, each of ``A``'s rows the right
+    singular vector of ``B``'s column, and a different key draws another set."""
+    def factors(key):
+        model = models.from_pretrained(llama)
+        config = peftjax.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="lora_ga",
+                                    lora_ga_config={"direction": "random", "scale": "unit"})
+        grads = peftjax.preprocess_loraga(model, config, BATCHES)
+        return grads, lora_factors(peftjax.get_peft_model(model, config, key=key))
+
+    grads, ours = factors(None)
+    for name, (a, b, _) in ours.items():
+        np.testing.assert_allclose(grads[name] @ a.T, b, atol=1e-3 * np.abs(b).max(), rtol=0, err_msg=name)
+    picked = lambda fs: [sorted(np.round(np.linalg.norm(b, axis=0), 4)) for _, b, _ in fs.values()]  # noqa: E731
+    import jax
+
+    assert any(x != y for x, y in zip(picked(ours), picked(factors(jax.random.key(7))[1])))
+
+
+def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp_path):
+    """PEFT's LoRA-GA adapter, moved as training would and saved by PEFT as a LoRA for the original
+    model, loads here with PEFT's logits; one trained here converts and loads in PEFT likewise. The
+    gradients cached in ``cache_file`` stand in for the data; PEFT's own (torch pickle) is refused."""
+    theirs, _ = peft_loraga(llama, "llama", TARGETS, r=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "init")
+        with torch.no_grad():
+            for name, m in theirs.base_model.model.named_modules():
+                if hasattr(m, "lora_A") and "default" in m.lora_A:
+                    for factor in (m.lora_A["default"], m.lora_B["default"]):
+                        factor.weight.add_(0.05 * torch.randn(factor.weight.shape,
+                                                              generator=torch.Generator().manual_seed(1)))
+        theirs.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = torch_logits(theirs.eval(), input_ids=IDS)
+    here = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama), tmp_path / "as_lora")
+    np.testing.assert_allclose(logits(here), expected, atol=1e-4)
+    assert np.abs(expected - logits(models.from_pretrained(llama))).max() > 1e-3
+
+    cache = tmp_path / "grads.safetensors"
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                                lora_ga_config=peftjax.LoraGAConfig())
+    model = models.from_pretrained(llama)
+    grads = peftjax.preprocess_loraga(model, config, BATCHES, cache_file=str(cache))
+    again = peftjax.preprocess_loraga(models.from_pretrained(llama), config, cache_file=str(cache))  # no data
+    assert all(np.array_equal(again[n], g) for n, g in grads.items())
+    torch.save({f"{n}._peft_loraga_grad": torch.from_numpy(g) for n, g in grads.items()}, tmp_path / "peft.pt")
+    with pytest.raises(ValueError, match=r"cache_file='.*peft.pt' is not a safetensors file"):
+        peftjax.preprocess_loraga(models.from_pretrained(llama), config, cache_file=str(tmp_path / "peft.pt"))
+    ours = peftjax.get_peft_model(model, config)
+    ours.save_pretrained(tmp_path / "ours_init")
+    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
+    trained = logits(ours)
+    ours.save_pretrained(tmp_path / "ours_as_lora", path_initial_model_for_weight_conversion=tmp_path / "ours_init")
+    saved = json.loads((tmp_path / "ours_as_lora" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (8, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama),
+                                                tmp_path / "ours_as_lora").eval()
+    np.testing.assert_allclose(torch_logits(loaded, input_ids=IDS), trained, atol=1e-4)
+
+
+def test_loraga_refusals_and_peft_s_embedding_fallback(llama):
+    """What PEFT refuses (no ``lora_ga_config``, a quantized target) and what peftjax refuses where
+    PEFT would go on wrong: no gradient left by ``preprocess_loraga`` (PEFT silently falls back to
+    a plain LoRA), ``2r`` past a layer's smaller side (PEFT builds factors of the wrong shape), a
+    scanned model, Linen. An embedding among the targets takes PEFT's default embedding init."""
+    model = models.from_pretrained(llama)
+    config = peftjax.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
+                                lora_ga_config={})
+    with pytest.raises(ValueError, match="lora_ga_config=LoraGAConfig"):
+        peftjax.preprocess_loraga(model, peftjax.LoraConfig(init_lora_weights="lora_ga"), BATCHES)
+    with pytest.raises(ValueError, match=r"q_proj: init_lora_weights='lora_ga' needs the layer's gradient; run "
+                                         r"peftjax.preprocess_loraga"):
+        peftjax.get_peft_model(model, config)
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        peftjax.preprocess_loraga(model, config, [])
+    quantized = models.from_pretrained(llama, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
+    with pytest.raises(ValueError, match="LoRA-GA does not support quantized models. Found quantized module: "):
+        peftjax.preprocess_loraga(quantized, config, BATCHES)
+    with pytest.raises(NotImplementedError, match=r"scan_layers=True"):
+        peftjax.preprocess_loraga(models.from_pretrained(llama, scan_layers=True), config, BATCHES)
+    peftjax.preprocess_loraga(model, config, BATCHES)
+    with pytest.raises(ValueError, match=r"v_proj: LoRA-GA splits the top 2r singular vectors .* got r=9 for a layer "
+                                         r"with weight shape \(16, 32\) \(max usable r is 8\)"):
+        peftjax.get_peft_model(model, dataclasses.replace(config, r=9))
+    assert all(hasattr(m, "loraga_grad") and not hasattr(m, "lora_A")  # nothing changed, nothing used up
+               for n, m in named_modules(model).items() if n.endswith(("q_proj", "v_proj")))
+
+    with_embedding = dataclasses.replace(config, target_modules=("embed_tokens", "q_proj", "v_proj"))
+    peft_model = peftjax.get_peft_model(model, with_embedding)
+    embed = peft_model.base_model.model.embed_tokens
+    assert not np.asarray(embed.lora_A["default"].get_value()).any()  # PEFT's embedding default: A zero, B normal
+    assert 0.5 < np.asarray(embed.lora_B["default"].get_value()).std() < 2.0
+    from peft.tuners.lora.config import LoraGAConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(llama), peft.LoraConfig(
+            r=4, target_modules=["embed_tokens"], init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()))
+    assert not theirs.base_model.model.model.embed_tokens.lora_embedding_A["default"].detach().numpy().any()
+
+    import jax
+    from flax import linen as nn
+
+    from peftjax import linen
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(x)
+
+    x = np.ones((2, 4), np.float32)
+    params = Mlp().init(jax.random.key(0), x)["params"]
+    with pytest.raises(NotImplementedError, match="init_lora_weights='lora_ga' is supported on NNX models"):
+        linen.inject(Mlp(), params, dataclasses.replace(config, target_modules=("out",)), sample_args=(x,),
+                     key=jax.random.key(1))

@@ -23,10 +23,8 @@ from peftjax.config._targeting import get_pattern_key
 from peftjax.config._trainable_tokens import token_indices_by_layer
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
-# Inits PEFT has that peftjax does not implement (data-driven, quantization-aware, or variants).
-_PEFT_ONLY_INITS = ("lora_ga",)
 _SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', 'eva', "
-                    "'corda', 'mica'")
+                    "'corda', 'mica', 'lora_ga'")
 
 # PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
@@ -88,13 +86,14 @@ class LoraConfig(PeftConfig):
             needs an even ``r``) or ``"loftq"`` (LoftQ: the base weight becomes its NF4 or int8
             quantization ``Q``, and ``B @ A`` the top-``r`` SVD of ``W - Q``; see
             ``loftq_config``), ``"eva"`` (set from data by ``initialize_lora_eva_weights``),
-            ``"corda"`` (after ``preprocess_corda``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the
+            ``"corda"`` (after ``preprocess_corda``), ``"lora_ga"`` (after ``preprocess_loraga``:
+            the SVD of each layer's gradient over data gives ``A`` and ``B``, the base keeps
+            ``W - s B A``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the
             ``r`` left singular vectors of the base weight with the smallest singular values,
             frozen: only ``A`` trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA
-            and LoftQ rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may
+            LoftQ, CorDA and LoRA-GA rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may
             have any case, as in PEFT, which freezes MiCA's ``B`` only for the exact ``"mica"``
-            (another case gets MiCA's factors with both training), and so does peftjax. PEFT's
-            ``"lora_ga"`` raises ``NotImplementedError``.
+            (another case gets MiCA's factors with both training), and so does peftjax.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
             index is the first numbered segment of the name (or the one after
             ``layers_pattern``); a module with no index is then not adapted. Ignored for a module
@@ -118,7 +117,8 @@ class LoraConfig(PeftConfig):
             another init PEFT warns and ignores it, and so does peftjax.
         corda_config: CorDA settings for ``init_lora_weights="corda"``: a :class:`CordaConfig`
             or its dict, stored as the dict; likewise ignored with another init.
-        lora_ga_config: LoRA-GA settings; only for the unsupported ``"lora_ga"`` init.
+        lora_ga_config: LoRA-GA settings for ``init_lora_weights="lora_ga"`` (required then, as
+            in PEFT): a :class:`LoraGAConfig` or its dict, stored as the dict.
         use_dora: Weight-decomposed LoRA (DoRA): adds a magnitude vector per module.
         velora_config: PEFT's VeLoRA variant. Unsupported: must be ``None``.
         alora_invocation_tokens: PEFT's activated LoRA. Unsupported: must be ``None``.
@@ -191,11 +191,11 @@ class LoraConfig(PeftConfig):
         self._set("rank_pattern", _pattern_dict("rank_pattern", self.rank_pattern, integer=True))
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
-            "megatron_config", "lora_ga_config", "velora_config",
+            "megatron_config", "velora_config",
             "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
-        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig)):
+        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("lora_ga_config", LoraGAConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -250,7 +250,8 @@ class LoraConfig(PeftConfig):
         if not isinstance(init, str):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
-        if init.lower() in ("gaussian", "olora", "mica") or init in ("pissa", "orthogonal", "loftq", "eva", "corda"):
+        if init.lower() in ("gaussian", "olora", "mica") or init in ("pissa", "orthogonal", "loftq", "eva", "corda",
+                                                                        "lora_ga"):
             if init == "mica" and self.use_dora:  # PEFT's layers refuse the pair (no DoRA variant of MiCA)
                 raise ValueError("Invalid or unsupported variant combination: ('mica', 'use_dora'): "
                                  "init_lora_weights='mica' freezes lora_B, which DoRA has no variant for.")
@@ -261,11 +262,6 @@ class LoraConfig(PeftConfig):
             raise ValueError(
                 f"`init_lora_weights` must be 'pissa' (exact SVD) or 'pissa_niter_<N>' with N a non-negative "
                 f"integer (randomized SVD with N subspace iterations, e.g. 'pissa_niter_16'), got {init!r}."
-            )
-        if init in _PEFT_ONLY_INITS:
-            raise NotImplementedError(
-                f"init_lora_weights={init!r} is a PEFT initialization peftjax does not implement; "
-                f"supported: {_SUPPORTED_INITS}."
             )
         raise ValueError(f"`init_lora_weights` must be one of {_SUPPORTED_INITS}, got {init!r}.")
 
@@ -325,6 +321,43 @@ def _sub_config(cls, value: Any, option: str):
     if unknown:
         raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
     return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraGAConfig:
+    """LoRA-GA's settings (PEFT's ``LoraGAConfig``), for ``LoraConfig(init_lora_weights="lora_ga", ...)``.
+
+    LoRA with gradient approximation: from the top ``2r`` singular triplets of a layer's weight
+    gradient over some data (``preprocess_loraga``), ``A`` takes ``r`` right singular vectors and
+    ``B`` ``r`` left ones times their singular values, so that the first step of ``B A`` follows
+    full fine-tuning's; the base keeps ``W - s B A``.
+
+    Attributes:
+      direction: which triplets go where: ``"ArB2r"`` (``A`` the first ``r``, ``B`` the next ``r``),
+        ``"A2rBr"`` (the other way round), ``"ArBr"`` (``A`` the odd ones, ``B`` the even ones) or
+        ``"random"`` (the same ``r`` random ones for both; drawn from the adapter's init key).
+      scale: ``"stable"`` (``B`` times ``out ** 0.25 / sqrt(stable_gamma)``), ``"weight_svd"``
+        (``B`` scaled so its largest singular value is the weight's), ``"gd_scale"`` (both divided
+        by the LoRA scaling) or ``"unit"``.
+      stable_gamma: the ``gamma`` of ``"stable"``.
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
+
+    def __post_init__(self) -> None:
+        check_choice("lora_ga_config.direction", self.direction, ("ArBr", "A2rBr", "ArB2r", "random"))
+        check_choice("lora_ga_config.scale", self.scale, ("stable", "weight_svd", "gd_scale", "unit"))
+        check_int("lora_ga_config.stable_gamma", self.stable_gamma, minimum=1)
+
+    @classmethod
+    def from_value(cls, value: Any) -> LoraGAConfig:
+        """A ``LoraGAConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "lora_ga_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

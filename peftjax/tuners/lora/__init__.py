@@ -14,6 +14,7 @@
 - ``_capture.py``: the inputs of chosen layers during a jitted forward (EVA's and CorDA's data).
 - ``_eva.py``: EVA (``get_eva_state_dict``, ``initialize_lora_eva_weights``).
 - ``_corda.py``: CorDA (``preprocess_corda``, then ``init_lora_weights="corda"`` at injection).
+- ``_loraga.py``: LoRA-GA (``preprocess_loraga``, then ``init_lora_weights="lora_ga"`` at injection).
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
 
 The file layout is each layer's ``peft_layout``, read and written by the base tuner's walk.
@@ -27,6 +28,7 @@ from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
 from peftjax.tuners.lora._model import inject_lora, lora_layers
 from peftjax.tuners.lora._corda import CordaEigens, preprocess_corda
+from peftjax.tuners.lora._loraga import preprocess_loraga
 from peftjax.tuners.lora._eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
     "preprocess_corda",
+    "preprocess_loraga",
     "convert_to_lora",
     "save_as_lora",
     "dare_linear",

@@ -52,7 +52,8 @@ def convert_to_plain_lora(
         # no-op inits; LoftQ's base is a quantization and False starts from a non-zero delta
         raise ValueError(f"path_initial_model_for_weight_conversion: init_lora_weights={init!r} does not leave the "
                          "base at W - s * B0 @ A0, so the rank-2r LoRA would not equal the trained adapter; it "
-                         "converts PiSSA and OLoRA adapters (and no-op inits: True, 'gaussian', 'orthogonal')")
+                         "converts PiSSA, OLoRA, CorDA and LoRA-GA adapters (and no-op inits: True, 'gaussian', "
+                         "'orthogonal')")
     if config.use_dora or config.lora_bias:
         raise ValueError("path_initial_model_for_weight_conversion: DoRA's magnitude and lora_bias are relative to "
                          "the rewritten base and have no rank-2r LoRA equivalent on the original one")

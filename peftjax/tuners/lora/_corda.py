@@ -149,24 +149,29 @@ def eigens_for_layer(w_out_in: np.ndarray, cov: np.ndarray, r: int, method: str)
     return CordaEigens(s[keep].copy(), u[:, keep].copy(), v[:, keep].copy())
 
 
-def _read(path: str, what: str) -> dict[str, np.ndarray]:
+def read_tensors(path: str, option: str) -> dict[str, np.ndarray]:
+    """A safetensors file a data-driven init cached (CorDA's, LoRA-GA's); ``option`` names it in errors.
+
+    Raises:
+      ValueError: the file is not safetensors (PEFT's own caches are torch pickles).
+    """
     from safetensors.numpy import load_file
 
     try:
         return load_file(path)
     except Exception as e:  # noqa: BLE001 - a torch pickle of PEFT's, or anything else
-        raise ValueError(f"corda_config.{what}={path!r} is not a safetensors file ({e}); peftjax writes and reads "
+        raise ValueError(f"{option}={path!r} is not a safetensors file ({e}); peftjax writes and reads "
                          "safetensors here (PEFT's own files are torch pickles: rebuild it with peftjax)") from e
 
 
-def _write(path: str, tensors: dict[str, np.ndarray]) -> None:
+def write_tensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
 
 
-def _exists(path: str | None) -> bool:
+def tensors_exist(path: str | None) -> bool:
     return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
 
 
@@ -217,16 +222,16 @@ def preprocess_corda(
     if not names:
         raise ValueError("preprocess_corda: target_modules matched no linear layer")
     modules = named_modules(model)
-    if _exists(settings.cache_file):
-        cache = _read(settings.cache_file, "cache_file")
+    if tensors_exist(settings.cache_file):
+        cache = read_tensors(settings.cache_file, "corda_config.cache_file")
         try:
             eigens = {n: CordaEigens(*(cache[f"{n}.eigens.{k}"] for k in ("S_WC", "U_WC", "V_WC"))) for n in names}
         except KeyError as e:
             raise ValueError(f"corda_config.cache_file={settings.cache_file!r} lacks {e.args[0]!r}; it was built "
                              "for other target modules") from None
     else:
-        if _exists(settings.covariance_file):
-            stored = _read(settings.covariance_file, "covariance_file")
+        if tensors_exist(settings.covariance_file):
+            stored = read_tensors(settings.covariance_file, "corda_config.covariance_file")
             missing = [n for n in names if n not in stored]
             if missing:
                 raise ValueError(f"corda_config.covariance_file={settings.covariance_file!r} lacks {missing[:5]}")
@@ -240,7 +245,7 @@ def preprocess_corda(
             covs = covariances(model, names, batches, fp16=settings.use_float16_for_covariance,
                                forward_fn=forward_fn)
             if settings.covariance_file is not None:
-                _write(settings.covariance_file, covs)
+                write_tensors(settings.covariance_file, covs)
         eigens = {}
         for n in names:
             if settings.verbose:
@@ -248,7 +253,7 @@ def preprocess_corda(
             w = np.asarray(modules[n].kernel.get_value(), np.float32).T  # [out, in]
             eigens[n] = eigens_for_layer(w, covs[n], config.scaling_for(n)[0], settings.corda_method)
         if settings.cache_file is not None:
-            _write(settings.cache_file, {f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items()
+            write_tensors(settings.cache_file, {f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items()
                                          for k in ("S_WC", "U_WC", "V_WC")})
     for n, e in eigens.items():
         modules[n].corda_eigens = CordaCache(e)

@@ -91,7 +91,7 @@ class LoraLayer(AdapterDictLayer):
             raise NotImplementedError(f"{path}: init_lora_weights='eva' on a quantized layer is not implemented in "
                                       "peftjax; run EVA on the float model")
         if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal"):
-            init = "corda" if hasattr(init, "S_WC") else init
+            init = "corda" if hasattr(init, "S_WC") else "lora_ga" if hasattr(init, "loraga_grad") else init
             raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
                             "Please initialize it under float32, float16, or bfloat16. Subsequently, "
                             "re-quantize the residual model to help minimize quantization errors.")

@@ -658,7 +658,7 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     # a DenseGeneral / Einsum kernel is a plain [n_in, n_out] matrix here, so PiSSA/OLoRA factor it
     check_init(info.kind if info.kind in ("embed", "conv") else "linear", init, info.name)
     check_init_rank(init, lora.r, info.name)
-    if init in ("eva", "corda"):  # calibrated on an NNX model's layer inputs
+    if init in ("eva", "corda", "lora_ga"):  # calibrated on an NNX model's layer inputs or gradients
         raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is supported on NNX models (and the "
                                   "bundled ones), not through peftjax.linen")
     if is_mica(init):  # split/trainable_labels go by key names; MiCA's lora_B must stay out of the trainable side

@@ -100,6 +100,11 @@ def is_corda(init) -> bool:
     return hasattr(init, "S_WC")
 
 
+def is_loraga(init) -> bool:
+    """LoRA-GA's init reaches each layer as that layer's gradient and settings (``LoraGaInit``)."""
+    return hasattr(init, "loraga_grad")
+
+
 def is_loftq(init) -> bool:
     """LoftQ's init reaches the layers as its settings (a ``LoftQConfig``), not as the string."""
     return hasattr(init, "loftq_bits")
@@ -108,16 +113,18 @@ def is_loftq(init) -> bool:
 def check_init(kind: str, init, where: str) -> None:
     """Raises ``NotImplementedError`` naming ``where`` when layer ``kind`` cannot take ``init``.
 
-    PiSSA, OLoRA, LoftQ, EVA, CorDA and the orthogonal init factor a plain 2-D weight (``kind ==
-    "linear"``); embeddings take the default, ``False``, ``"gaussian"``, ``"orthogonal"``
-    (which PEFT's embedding layer treats as its default init) and MiCA, convolutions and the
+    PiSSA, OLoRA, LoftQ, EVA, CorDA, LoRA-GA and the orthogonal init factor a plain 2-D weight
+    (``kind == "linear"``); embeddings take the default, ``False``, ``"gaussian"``,
+    ``"orthogonal"`` and ``"lora_ga"`` (which PEFT's embedding layer treats as its default init)
+    and MiCA, convolutions and the
     multi-axis layers (``"general"``) the default, ``False`` or ``"gaussian"`` (PEFT has no MiCA
     variant for its convolutions either).
     """
     if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
         return
     init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else canonical_init(init)
-    if init == "gaussian" or (kind == "embed" and (init == "orthogonal" or is_mica(init))):
+    # PEFT's embedding layer treats "orthogonal" and "lora_ga" as its default init
+    if init == "gaussian" or (kind == "embed" and (init in ("orthogonal", "lora_ga") or is_mica(init))):
         return
     what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
     raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
@@ -129,6 +136,10 @@ def check_init_rank(init, r: int, where: str, shape: tuple[int, ...] | None = No
     2-D weight (there are no more singular vectors than that)."""
     if init == "orthogonal" and r % 2:
         raise ValueError(f"{where}: Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+    if init == "lora_ga" and shape is not None and 2 * r > min(shape):
+        raise ValueError(f"{where}: LoRA-GA splits the top 2r singular vectors of the gradient between A and B, so it "
+                         f"needs 2 * r <= min(in_features, out_features); got r={r} for a layer with weight shape "
+                         f"{tuple(shape)} (max usable r is {min(shape) // 2}).")
     if is_mica(init) and shape is not None and r > min(shape):
         raise ValueError(f"{where}: MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer "
                          f"with weight shape {tuple(shape)} (max usable r is {min(shape)}).")
@@ -177,6 +188,8 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         a, b, residual = decompose(init, w2, spec, jax_key(key))
     elif is_mica(init):
         a, b = mica_factors(w2, spec.r)
+    elif is_loraga(init):
+        a, b, residual = loraga_factors(w2, init, spec, jax_key(key))
     else:
         a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
     # host arrays move with device_put: jnp.asarray would compile a program per shape (lax.stage)
@@ -205,6 +218,44 @@ def mica_factors(w2: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
     u, _, _ = jnp.linalg.svd(w2.astype(jnp.float32).T, full_matrices=False)  # u: [out, min(in, out)]
     b = u[:, u.shape[1] - r:].T.astype(w2.dtype).astype(jnp.float32)  # [r, out]
     return np.zeros((w2.shape[0], r), np.float32), b
+
+
+def loraga_factors(w2: jax.Array, init, spec: LoraSpec, key: jax.Array):
+    """LoRA-GA (PEFT's ``lora_ga_init``) for ``W = w2.T``: ``(A [in, r], B [r, out], residual [in, out])``.
+
+    ``init`` carries the layer's gradient ``G [out, in]`` and the settings. The top ``2r`` singular
+    triplets of ``G`` come from :func:`svd_lowrank` (``4r`` wide, 4 subspace iterations, as PEFT
+    calls ``torch.svd_lowrank``); ``A`` takes ``r`` of the right singular vectors and ``B`` ``r``
+    left ones times their singular values (``direction``), then ``scale`` applies. Both are rounded
+    to the weight's dtype, and the residual ``W - s B A`` is taken against the rounded factors,
+    as PEFT does. A randomized SVD's signs (and ``"random"``'s draw) come from ``key``; torch's
+    RNG picks PEFT's, so each triplet matches PEFT's up to its sign.
+    """
+    settings = init.settings
+    g = jnp.asarray(init.loraga_grad, jnp.float32)  # [out, in]
+    r, s = spec.r, spec.scaling
+    k_svd, k_pick, k_weight = jax.random.split(key, 3)
+    u, sv, v = svd_lowrank(g, min(4 * r, min(g.shape)), niter=4, key=k_svd)
+    u, sv, vh = u[:, :2 * r], sv[:2 * r], v.T[:2 * r]
+    pick_a, pick_b = {
+        "ArBr": (np.arange(1, 2 * r, 2), np.arange(0, 2 * r, 2)),
+        "A2rBr": (np.arange(r, 2 * r), np.arange(r)),
+        "ArB2r": (np.arange(r), np.arange(r, 2 * r)),
+    }.get(settings.direction, (None, None))
+    if pick_a is None:  # "random": the same r triplets for both
+        pick_a = pick_b = jax.random.permutation(k_pick, 2 * r)[:r]
+    a, s_b = vh[pick_a], sv[pick_b]  # [r, in], [r]
+    b = u[:, pick_b] * s_b[None, :]  # [out, r]
+    if settings.scale == "stable":
+        b = b * (w2.shape[1] ** 0.25 / settings.stable_gamma ** 0.5)
+    elif settings.scale == "weight_svd":
+        _, w_sv, _ = svd_lowrank(w2.astype(jnp.float32).T, r, niter=4, key=k_weight)
+        b = jnp.where(s_b[0] > 0, b * (w_sv[0] / s_b[0]), b)
+    elif settings.scale == "gd_scale":
+        a, b = a / s, b / s
+    a, b = (x.astype(w2.dtype).astype(jnp.float32) for x in (a, b))
+    residual = w2.astype(jnp.float32).T - s * jnp.matmul(b, a, precision=jax.lax.Precision.HIGHEST)
+    return a.T, b.T, residual.T
 
 
 def orthogonal_factors(key, in_features: int, out_features: int, r: int) -> tuple[jax.Array, jax.Array]:

@@ -16,6 +16,7 @@ from peftjax.nn._keys import LayerKey, seed_key
 from peftjax.tuners.base import (
     AdapterLayer,
     add_saved_copy,
+    adding_from_file,
     mark_biases,
     match_modules_to_save,
     model_type,
@@ -31,6 +32,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
+from peftjax.tuners.lora._loraga import take_grad
 from peftjax.tuners.lora._math import check_init_rank
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
@@ -105,6 +107,10 @@ def inject_lora(
         if init == "corda" and linear:  # CorDA's init is the layer's own eigens
             inits[name] = take_eigens(modules[name], name)
             check_eigens(inits[name], modules[name], LoraSpec.for_target(config, name).r, name)
+        if init == "lora_ga" and linear and isinstance(modules[name], nnx.Linear):
+            # its gradient, as preprocess_loraga left it; a file's adapter takes the default init and
+            # keeps the base as it is, as PEFT's does when the layer has no gradient
+            inits[name] = True if adding_from_file() else take_grad(modules[name], name, config.lora_ga_config)
         cls = lora_class_for(modules[name])
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
@@ -122,6 +128,8 @@ def inject_lora(
         module.add_lora(adapter_name, spec, LayerKey(key, i), inits[name])
         if hasattr(module, "corda_eigens"):  # used up, as PEFT's layer uses its own
             del module.corda_eigens
+        if hasattr(module, "loraga_grad") and config.init_lora_weights == "lora_ga":
+            del module.loraga_grad
     if config.target_parameters:
         inject_parameters(modules, matched, config, adapter_name, key)
     mark_biases(modules, targets, config.bias)
