@@ -18,6 +18,7 @@ from peftjax.config import (
     CordaConfig,
     EvaConfig,
     LoraGAConfig,
+    ArrowConfig,
     C3AConfig,
     DeloraConfig,
     GraloraConfig,
@@ -112,6 +113,7 @@ from peftjax.tuners.lora import (
     preprocess_loraga,
     save_as_lora,
 )
+from peftjax.arrow import create_arrow_model
 
 __all__ = [
     "prepare_model_for_kbit_training",
@@ -130,6 +132,7 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "LoraGAConfig",
+    "ArrowConfig",
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",
@@ -191,6 +194,7 @@ __all__ = [
     "initialize_lora_eva_weights",
     "preprocess_corda",
     "preprocess_loraga",
+    "create_arrow_model",
     "save_as_lora",
     "get_peft_model_state_dict",
     "hotswap_adapter",

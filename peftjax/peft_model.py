@@ -30,6 +30,7 @@ from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
 from peftjax.tuners.base._vocabulary import load_vocabulary_weights, vocabulary_state_dict
 from peftjax.tuners.lora import LoraLayer, _combine
+from peftjax.tuners.lora._arrow import refresh_arrow
 
 
 def _to_host(x):
@@ -121,6 +122,8 @@ class PeftModel:
         tuner_base.set_active_adapters(self.base_model, tuple(self.active_adapters))
         if config.inference_mode:
             tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
+        if not tuner_base.adding_from_file():  # a file's weights come first (see _load)
+            refresh_arrow(self)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Makes ``adapter_name`` the active adapter, or a list of names several at once.
@@ -171,6 +174,7 @@ class PeftModel:
             raise ValueError(f"no adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         tuner_base.delete_adapter(self.base_model, adapter_name)
         del self.peft_config[adapter_name]
+        refresh_arrow(self)
         self._active_adapters = [n for n in self._active_adapters if n != adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = self._active_adapters[0] if self._active_adapters else next(iter(self.peft_config), None)
@@ -441,7 +445,8 @@ class PeftModel:
         init = "mica" if configs[0].init_lora_weights == "mica" else True
         new_config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=new_targets,
                                          alpha_pattern={}, rank_pattern={}, init_lora_weights=init)
-        self.add_adapter(adapter_name, new_config)
+        with tuner_base.adapter_from_file():  # its factors are set below; an Arrow router sees them after
+            self.add_adapter(adapter_name, new_config)
         key = jax.random.key(0) if key is None else key
         layers = [m for m in tuner_base.named_modules(self.base_model).values()
                   if isinstance(m, LoraLayer) and adapter_name in m.adapter_names()]
@@ -453,6 +458,7 @@ class PeftModel:
                 current = store[adapter_name].get_value()
                 store[adapter_name].set_value(value.astype(current.dtype).reshape(current.shape))
         tuner_base.set_adapter_trainable(self.base_model, adapter_name, False)
+        refresh_arrow(self)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
@@ -730,6 +736,7 @@ class PeftModel:
             raise
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        refresh_arrow(self)  # a new expert for an Arrow router: its GenKnowSub and the prototypes
         if missing:
             warnings.warn(f"{source}: found missing adapter keys while loading the checkpoint (strict=False): "
                           f"{missing[:10]}", stacklevel=3)

@@ -525,7 +525,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
         ("use_bdlora", {"nblocks": 2}),
         ("velora_config", {}),
         ("monteclora_config", {}),
-        ("arrow_config", {}),
         ("kasa_config", {}),
         ("ensure_weight_tying", True),
     ],

@@ -18,7 +18,7 @@ LAYERS = [
     ("nn", "quantization"),  # pure-JAX pieces models and adapters share (dropout key; quantized weights)
     ("models",),  # the bundled NNX models and their HF checkpoints
     ("tuners",),  # PEFT methods on the base tuner
-    ("peft_model", "auto", "hotswap"),  # the PeftModel API
+    ("peft_model", "auto", "hotswap", "arrow"),  # the PeftModel API
     ("linen", "sharding"),  # Linen front end, device meshes
     ("training",),  # train step, Trainer
     ("data",),  # datasets for the CLI and examples

@@ -33,7 +33,7 @@ from peftjax.config._road import RoadConfig
 from peftjax.config._vblora import VBLoRAConfig
 from peftjax.config._shira import ShiraConfig
 from peftjax.config._ln_tuning import LNTuningConfig
-from peftjax.config._lora import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
+from peftjax.config._lora import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._lily import LilyConfig
@@ -102,6 +102,7 @@ __all__ = [
     "CordaConfig",
     "EvaConfig",
     "LoraGAConfig",
+    "ArrowConfig",
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",

@@ -36,7 +36,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "monteclora_config": None,
     "layer_replication": None,
     "use_bdlora": None,
-    "arrow_config": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
@@ -133,7 +132,9 @@ class LoraConfig(PeftConfig):
             ``"gate.weight"``: a parameter key ``<module path>.<name>`` matches an entry it equals
             or ends with after a dot. Not with dropout, DoRA, ``lora_bias`` or ``fan_in_fan_out``.
         use_bdlora: PEFT's block-diagonal LoRA. Unsupported: must be ``None``.
-        arrow_config: PEFT's Arrow routing. Unsupported: must be ``None``.
+        arrow_config: Arrow routing (an :class:`ArrowConfig` or its dict, stored as the dict): the
+            config of the router adapter ``create_arrow_model`` adds, which routes each token over
+            the model's other LoRA adapters; not with DoRA (as in PEFT).
         kasa_config: PEFT's KaSA variant. Unsupported: must be ``None``.
         ensure_weight_tying: PEFT's tied embedding/lm_head adapters. Unsupported: must be
             ``False``.
@@ -192,10 +193,11 @@ class LoraConfig(PeftConfig):
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
             "megatron_config", "velora_config",
-            "monteclora_config", "use_bdlora", "arrow_config", "kasa_config",
+            "monteclora_config", "use_bdlora", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
-        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("lora_ga_config", LoraGAConfig)):
+        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("lora_ga_config", LoraGAConfig),
+                          ("arrow_config", ArrowConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -234,6 +236,8 @@ class LoraConfig(PeftConfig):
             self._set("corda_config", CordaConfig().to_dict())
         elif self.init_lora_weights != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+        if self.arrow_config is not None and self.use_dora:  # PEFT's layers have no such variant
+            raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -321,6 +325,60 @@ def _sub_config(cls, value: Any, option: str):
     if unknown:
         raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
     return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArrowConfig:
+    """Arrow's settings (PEFT's ``ArrowConfig``): the router ``create_arrow_model`` adds over task LoRAs.
+
+    Arrow routes each token to the ``top_k`` task adapters whose prototype (the top right singular
+    vector of the adapter's ``B A``) it is most aligned with (``|x . p|``), weighted by a softmax
+    over those ``top_k`` at ``router_temperature``; GenKnowSub (``use_gks``) first subtracts the mean
+    of some general adapters' factors from every task adapter's.
+
+    Attributes:
+      top_k: the adapters each token takes (at most the number of task adapters).
+      router_temperature: the softmax temperature (> 0).
+      use_gks: GenKnowSub, with ``create_arrow_model``'s ``general_adapter_paths``.
+      rng_seed: the seed of the power iteration's start vector, drawn as PEFT's
+        ``torch.Generator().manual_seed(rng_seed)`` draws it (so prototypes equal PEFT's); ``None``:
+        peftjax draws it from a fixed key (PEFT from torch's global RNG).
+      task_adapter_names: set by ``create_arrow_model`` (``task_0``, ``task_1``, ...).
+      gks_adapter_names: set by ``create_arrow_model`` (``gks_0``, ...).
+    """
+
+    top_k: int = 3
+    router_temperature: float = 1.0
+    use_gks: bool = False
+    rng_seed: int | None = None
+    task_adapter_names: tuple[str, ...] | None = None
+    gks_adapter_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("arrow_config.top_k", self.top_k)
+        check_number("arrow_config.router_temperature", self.router_temperature)
+        check_bool("arrow_config.use_gks", self.use_gks)
+        if self.rng_seed is not None:
+            check_int("arrow_config.rng_seed", self.rng_seed)
+        if self.top_k <= 0:  # PEFT's messages
+            raise ValueError("top_k cannot be negative.")
+        if self.router_temperature <= 0:
+            raise ValueError("router_temperature must be greater than 0.")
+        for name in ("task_adapter_names", "gks_adapter_names"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, to_str_tuple(f"arrow_config.{name}", value, sort=False))
+
+    @classmethod
+    def from_value(cls, value: Any) -> ArrowConfig:
+        """An ``ArrowConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "arrow_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("task_adapter_names", "gks_adapter_names"):  # lists, as PEFT writes them
+            d[name] = None if d[name] is None else list(d[name])
+        return d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

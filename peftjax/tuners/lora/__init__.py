@@ -14,6 +14,7 @@
 - ``_capture.py``: the inputs of chosen layers during a jitted forward (EVA's and CorDA's data).
 - ``_eva.py``: EVA (``get_eva_state_dict``, ``initialize_lora_eva_weights``).
 - ``_corda.py``: CorDA (``preprocess_corda``, then ``init_lora_weights="corda"`` at injection).
+- ``_arrow.py``: Arrow's router on the layers (prototypes, GenKnowSub; ``peftjax.arrow`` builds the model).
 - ``_loraga.py``: LoRA-GA (``preprocess_loraga``, then ``init_lora_weights="lora_ga"`` at injection).
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
 

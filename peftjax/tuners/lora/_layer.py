@@ -13,6 +13,8 @@ how its weight reads as ``[n_in, n_out]`` and how ``A`` and ``B`` act on an inpu
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -34,6 +36,7 @@ from peftjax.tuners.base._rows import per_row, rows_of
 from peftjax.tuners.lora._scalings import active_lora_scalings
 from peftjax.tuners.lora._math import (
     LoraSpec,
+    arrow_route,
     check_init,
     delta,
     dora_factor,
@@ -66,8 +69,10 @@ class LoraLayer(AdapterDictLayer):
     method_name = "LoRA"
     param_type = LoraParam
     weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
-    cache_dicts = ("lora_cache",)
+    cache_dicts = ("lora_cache", "arrow_prototypes")
     merge_cache_dicts = ("lora_cache",)
+    # an Arrow router's state (``tuners.lora._arrow``): the experts its prototypes were built over
+    adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("arrow_experts", "arrow_gks_done")
     # "linear", "embed", "conv" or "general": what init it takes and its PEFT file layout
     lora_kind: str = "linear"
     weight_attr: str = "kernel"
@@ -159,6 +164,9 @@ class LoraLayer(AdapterDictLayer):
         if mixed is not None:
             return self._mixed_batch(*mixed, inputs, y, *args, **kwargs)
         for name, spec in self._live_adapters():
+            if spec.arrow is not None:
+                y = y + self._arrow(name, spec, inputs).astype(y.dtype)
+                continue
             a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
             if self.lora_kind == "embed":  # PEFT applies no dropout to embeddings
                 h, dropped = inputs, False
@@ -183,6 +191,27 @@ class LoraLayer(AdapterDictLayer):
                 extra = spec.scaling * lora
             y = y + extra.astype(y.dtype)
         return y
+
+    def arrow_expert_names(self) -> tuple[str, ...]:
+        """The adapters an Arrow router on this layer routes over: every other one but the
+        GenKnowSub adapters (``gks_<n>``), in the order they were added (PEFT's)."""
+        return tuple(n for n, s in self.adapter_specs if s.arrow is None and not re.fullmatch(r"gks_\d+", n))
+
+    def _arrow(self, name: str, spec: LoraSpec, inputs):
+        """Router ``name``'s update: each token over the experts' factors (see ``arrow_route``)."""
+        experts = self.arrow_expert_names()
+        if name not in self.arrow_prototypes or experts != getattr(self, "arrow_experts", None):
+            raise ValueError(f"{self.adapter_path}: the Arrow router {name!r} was built over "
+                             f"{list(getattr(self, 'arrow_experts', ()))}, the layer now has {list(experts)}; add, "
+                             "load and delete adapters through the PeftModel, which rebuilds the router")
+        a = jnp.stack([self.lora_A[n].get_value() for n in experts])  # [E, in, r]
+        b = jnp.stack([self.lora_B[n].get_value() for n in experts])  # [E, r, out]
+        scales = jnp.asarray([self.spec(n).scaling for n in experts], a.dtype)
+        x = inputs.astype(a.dtype).reshape(-1, inputs.shape[-1])
+        prototypes = self.arrow_prototypes[name].get_value().astype(a.dtype)
+        delta = arrow_route(x, prototypes, a, b, scales, spec.arrow[0], spec.arrow[1])
+        delta = apply_dropout(delta, spec.dropout, f"{self.adapter_path}/{name}")  # PEFT drops the update out
+        return delta.reshape(*inputs.shape[:-1], delta.shape[-1])
 
     def _weighed(self, weighed, inputs, y, *args, **kwargs):
         """X-LoRA's forward: every adapter of the block this layer holds, its input scaled per token
@@ -220,6 +249,9 @@ class LoraLayer(AdapterDictLayer):
             return y
         if any(specs[n].use_dora for n in present):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        if any(specs[n].arrow is not None for n in present):
+            raise NotImplementedError(f"{self.adapter_path}: `adapter_names` rows with an Arrow router are not "
+                                      "supported; activate the router for the whole batch")
         r = max(specs[n].r for n in present)
         a0, b0 = self.lora_A[present[0]].get_value(), self.lora_B[present[0]].get_value()
         zeros_a, zeros_b = jnp.zeros(a0.shape[:-1] + (r,), a0.dtype), jnp.zeros((r, b0.shape[-1]), b0.dtype)
@@ -243,6 +275,8 @@ class LoraLayer(AdapterDictLayer):
 
     def merge_adapter(self, name: str) -> None:
         spec = self.spec(name)
+        if spec.arrow is not None:  # PEFT's: a per-token mixture has no single merged weight
+            raise RuntimeError("Cannot merge an active Arrow router adapter. Remove it first.")
         var = getattr(self, self.weight_attr)
         w = var.get_value()
         magnitude = self.lora_magnitude_vector[name].get_value() if spec.use_dora else None
@@ -318,8 +352,8 @@ class LoraLinear(LoraLayer):
                 self.bias is not None and self.bias.get_value().dtype != dtype):
             return []
         for name, spec in live:
-            if (spec.use_dora or spec.lora_bias or self.lora_A[name].get_value().dtype != dtype
-                    or self.lora_B[name].get_value().dtype != dtype):
+            if (spec.use_dora or spec.lora_bias or spec.arrow is not None
+                    or self.lora_A[name].get_value().dtype != dtype or self.lora_B[name].get_value().dtype != dtype):
                 return []
         return live
 

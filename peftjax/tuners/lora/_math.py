@@ -41,6 +41,8 @@ class LoraSpec:
       use_dora: weight-decomposed LoRA: a trainable magnitude per output unit.
       lora_bias: ``lora_B`` has a bias.
       freeze_b: ``lora_B`` never trains (MiCA, ``init_lora_weights="mica"``).
+      arrow: ``(top_k, router_temperature)`` of an Arrow router (``create_arrow_model``), which
+        routes each token over the layer's other adapters instead of applying its own factors.
     """
 
     r: int
@@ -50,6 +52,7 @@ class LoraSpec:
     use_dora: bool = False
     lora_bias: bool = False
     freeze_b: bool = False
+    arrow: tuple[int, float] | None = None
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
@@ -57,7 +60,45 @@ class LoraSpec:
         r, alpha, scaling = config.scaling_for(name)
         return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
                    use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
-                   freeze_b=freezes_b(config.init_lora_weights))
+                   freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config))
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow
+
+
+def arrow_prototype(a: jax.Array, b: jax.Array, start: jax.Array, iters: int = 15, eps: float = 1e-8) -> jax.Array:
+    """The top right singular vector of ``(A B)^T`` in Flax layout, i.e. of PEFT's ``ΔW = B A``,
+    without forming it: PEFT's power iteration ``v <- A^T (B^T B) A v`` (normalised, ``eps`` in the
+    norm) from ``start``, ``iters`` times, in float32. ``a [in, r]``, ``b [r, out]``, ``start [in]``."""
+    hi = jax.lax.Precision.HIGHEST
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    c = jnp.matmul(b, b.T, precision=hi)  # [r, r]
+
+    def step(_, v):
+        w = jnp.matmul(a, jnp.matmul(c, jnp.matmul(a.T, v, precision=hi), precision=hi), precision=hi)
+        return w / (jnp.linalg.norm(w) + eps)
+
+    v = start.astype(jnp.float32)
+    return jax.lax.fori_loop(0, iters, step, v / (jnp.linalg.norm(v) + eps))
+
+
+def arrow_route(x: jax.Array, prototypes: jax.Array, a: jax.Array, b: jax.Array, scales: jax.Array, top_k: int,
+                temperature: float) -> jax.Array:
+    """Arrow's routed update (PEFT's ``ArrowLoraLinearLayer.forward``) for tokens ``x [t, in]``.
+
+    Each token scores every expert by ``|x . p_e|`` (``prototypes [E, in]``), keeps its ``top_k``,
+    and weighs them by a softmax of those scores over ``temperature`` (the others get zero); the
+    update is ``sum_e coeff_e * s_e * (x A_e) B_e`` with ``a [E, in, r]``, ``b [E, r, out]`` and
+    ``scales [E]``. The weights are folded into ``x A_e`` before the ``B`` products, so no
+    ``[t, E, out]`` tensor is formed (PEFT forms it; the sum is the same).
+    """
+    sim = jnp.abs(x @ prototypes.T)  # [t, E]
+    top, idx = jax.lax.top_k(sim, top_k)
+    scores = jnp.put_along_axis(jnp.full_like(sim, -jnp.inf), idx, top, axis=1, inplace=False)
+    coeff = jax.nn.softmax(scores / temperature, axis=-1) * scales[None, :]  # [t, E]
+    z = jnp.einsum("tf,efr->ter", x, a) * coeff[..., None]
+    return jnp.einsum("ter,ero->to", z, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +122,12 @@ def canonical_init(init):
 def decomposes(init) -> bool:
     """Whether ``init`` (PiSSA, randomized PiSSA, OLoRA, LoftQ) rewrites the base weight."""
     return is_loftq(init) or isinstance(init, str) and canonical_init(init).startswith(("pissa", "olora"))
+
+
+def arrow_routing(config) -> tuple[int, float] | None:
+    """``(top_k, router_temperature)`` of a router's config, ``None`` for any other adapter."""
+    arrow = getattr(config, "arrow_config", None)
+    return None if arrow is None else (int(arrow["top_k"]), float(arrow["router_temperature"]))
 
 
 def is_mica(init) -> bool:
