@@ -317,20 +317,26 @@ def test_corda_trained_converts_to_a_lora_peft_applies_to_the_original_model(lla
     ours = peftjax.get_peft_model(model, config)
     assert not hasattr(model.model.layers[0].self_attn.q_proj, "corda_eigens")  # used up
     ours.save_pretrained(tmp_path / "init")
-    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
-    trained = logits(ours)
+    trained = train_and_convert_for_peft(ours, llama, tmp_path / "init", tmp_path / "as_lora")
     ours.merge_adapter()  # merged: the same model
     np.testing.assert_allclose(logits(ours), trained, atol=1e-5)
-    ours.unmerge_adapter()
-    ours.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=tmp_path / "init")
-    saved = json.loads((tmp_path / "as_lora" / "adapter_config.json").read_text())
-    assert (saved["r"], saved["init_lora_weights"]) == (8, True)
+    assert np.abs(trained - logits(models.from_pretrained(llama))).max() > 1e-3
+
+
+def train_and_convert_for_peft(ours, llama, initial, out) -> np.ndarray:
+    """Trains ``ours`` (a decomposing init on the tiny Llama) three steps and saves it to ``out`` as a
+    plain LoRA for the original model (``initial``: the adapter saved before training), which PEFT
+    applies to the original Llama with the trained logits; returns them."""
+    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
+    trained = logits(ours)
+    ours.save_pretrained(out, path_initial_model_for_weight_conversion=initial)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (2 * ours.peft_config["default"].r, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama),
-                                                tmp_path / "as_lora").eval()
+        theirs = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama), out).eval()
     np.testing.assert_allclose(torch_logits(theirs, input_ids=IDS), trained, atol=1e-4)
-    assert np.abs(trained - logits(models.from_pretrained(llama))).max() > 1e-3
+    return trained
 
 
 # ------------------------------------------------------------------------------- config, refusals
@@ -527,16 +533,7 @@ def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp
         peftjax.preprocess_loraga(models.from_pretrained(llama), config, cache_file=str(tmp_path / "peft.pt"))
     ours = peftjax.get_peft_model(model, config)
     ours.save_pretrained(tmp_path / "ours_init")
-    _tiny.train(ours, _tiny.batch(IDS), steps=3, dropout=False)
-    trained = logits(ours)
-    ours.save_pretrained(tmp_path / "ours_as_lora", path_initial_model_for_weight_conversion=tmp_path / "ours_init")
-    saved = json.loads((tmp_path / "ours_as_lora" / "adapter_config.json").read_text())
-    assert (saved["r"], saved["init_lora_weights"]) == (8, True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama),
-                                                tmp_path / "ours_as_lora").eval()
-    np.testing.assert_allclose(torch_logits(loaded, input_ids=IDS), trained, atol=1e-4)
+    train_and_convert_for_peft(ours, llama, tmp_path / "ours_init", tmp_path / "ours_as_lora")
 
 
 def test_loraga_refusals_and_peft_s_embedding_fallback(llama):

@@ -23,6 +23,7 @@ random streams are.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import threading
 import zlib
@@ -163,3 +164,15 @@ def layer_key(key: jax.Array | None, index) -> jax.Array | None:
     """Layer ``index``'s key from a stack's ``key`` (``None`` without one): the same whether the
     layers loop or scan, so a stacked and an unstacked model draw the same dropout masks."""
     return None if key is None else fold_key(key, index)
+
+
+def own_loss(model, batch) -> jax.Array:
+    """The model's own loss: ``model(**batch).loss`` (the batch carries ``labels``).
+
+    Under a dropout key (:func:`dropout_key`), a model that takes ``dropout_rng`` (the bundled
+    ones) gets one derived from it, so its own dropout runs as in transformers' ``.train()`` mode.
+    """
+    key = active_dropout_key()
+    if key is not None and "dropout_rng" in inspect.signature(type(model).__call__).parameters:
+        return model(**batch, dropout_rng=fold_key(key, 1)).loss
+    return model(**batch).loss

@@ -12,7 +12,6 @@ jitted with explicit shardings for all five arguments instead (``peftjax.shardin
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import optax
 from flax import nnx
 
-from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key
+from peftjax.nn._dropout import dropout_key, own_loss
 from peftjax.training._memory import release_host_memory
 from peftjax.tuners.base import TRAINABLE, project_adapters
 
@@ -56,16 +55,7 @@ def _is_trainable(variable) -> bool:
     return isinstance(variable, (AdapterParam, TrainableParam))
 
 
-def default_loss(model: nnx.Module, batch: dict) -> jax.Array:
-    """The model's own loss: ``model(**batch).loss`` (the batch carries ``labels``).
-
-    Inside a train step with a key, a model that takes ``dropout_rng`` (the bundled ones) gets one
-    derived from the step's key, so its own dropout runs as in transformers' ``.train()`` mode.
-    """
-    key = active_dropout_key()
-    if key is not None and "dropout_rng" in inspect.signature(type(model).__call__).parameters:
-        return model(**batch, dropout_rng=fold_key(key, 1)).loss
-    return model(**batch).loss
+default_loss = own_loss  # the model's own loss (``model(**batch).loss``), its dropout under the step's key
 
 
 def make_train_step(

@@ -16,7 +16,6 @@ number of backward passes it took; here each batch is one pass, its loss ``loss_
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.config import LoraConfig, LoraGAConfig
-from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key
+from peftjax.nn._dropout import dropout_key, own_loss
 from peftjax.tuners.base import named_modules, resolve_config
 from peftjax.tuners.lora._capture import check_capturable
 from peftjax.tuners.lora._corda import corda_targets, read_tensors, tensors_exist, write_tensors
@@ -44,22 +43,12 @@ class LoraGaInit(NamedTuple):
     settings: LoraGAConfig
 
 
-def model_loss(model: nnx.Module, batch: Any) -> jax.Array:
-    """The model's own loss, ``model(**batch).loss`` (the batch carries ``labels``). Under a dropout
-    key (``preprocess_loraga``'s ``key``), a model that takes ``dropout_rng`` (the bundled ones)
-    gets one, so its own dropout runs as in PEFT's ``model.train()``."""
-    key = active_dropout_key()
-    if key is not None and "dropout_rng" in inspect.signature(type(model).__call__).parameters:
-        return model(**batch, dropout_rng=fold_key(key, 1)).loss
-    return model(**batch).loss
-
-
 def preprocess_loraga(
     model: nnx.Module,
     lora_config: LoraConfig,
     batches: Iterable | None = None,
     *,
-    loss_fn: Callable[[nnx.Module, Any], jax.Array] = model_loss,
+    loss_fn: Callable[[nnx.Module, Any], jax.Array] = own_loss,
     cache_file: str | None = None,
     key: jax.Array | None = None,
 ) -> dict[str, np.ndarray]:
