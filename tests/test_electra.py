@@ -1,5 +1,6 @@
 """ELECTRA against PyTorch transformers (each task's outputs and losses, embeddings narrower than
-the layers and as wide), the Hub's discriminator checkpoints in a classifier, LoRA both ways with
+the layers and as wide), the Hub's discriminator checkpoints as the replaced-token detector and in a
+classifier, LoRA both ways with
 HF PEFT, prompt tuning and P-tuning on the narrow embeddings (PEFT reads the files), packed rows,
 and the Trainer with the model's dropout.
 """
@@ -72,6 +73,36 @@ def test_a_discriminator_checkpoint_loads_into_a_classifier(tmp_path):
         ref = disc.electra(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state.numpy()
     np.testing.assert_allclose(real(np.asarray(ours.electra(input_ids=IDS, attention_mask=MASK).last_hidden_state)),
                                real(ref), atol=1e-5, rtol=0)
+
+
+def test_the_discriminator_checkpoint_is_the_replaced_token_detector(tmp_path):
+    """An ``ElectraForPreTraining`` checkpoint loads as that class, its head included: transformers'
+    per-token logits, and its loss over the unpadded positions (over all of them without a mask);
+    LoRA on it (no task type, as PEFT has none) moves both ways with PEFT."""
+    disc = save_random("ElectraForPreTraining", tmp_path / "base")
+    ours = models.from_pretrained(tmp_path / "base")
+    assert type(ours).__name__ == "ElectraForPreTraining"
+    replaced = (IDS % 3 == 0).astype(np.int64)
+    for mask in (MASK, None):
+        kw = {} if mask is None else dict(attention_mask=mask)
+        with torch.no_grad():
+            ref = disc(input_ids=torch.tensor(IDS), labels=torch.tensor(replaced),
+                       **{k: torch.tensor(v) for k, v in kw.items()})
+        out = nnx.jit(lambda m, labels, kw: m(input_ids=IDS, labels=labels, **kw))(ours, replaced, kw)
+        np.testing.assert_allclose(real(np.asarray(out.logits)), real(ref.logits.numpy()), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(float(out.loss), float(ref.loss), atol=1e-6, rtol=0)
+
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value"])
+    ref = peft_file(tr.ElectraForPreTraining, tmp_path / "base", peft.LoraConfig(**config), tmp_path / "theirs",
+                    **INPUTS)
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
+    np.testing.assert_allclose(real(np.asarray(loaded(**INPUTS).logits)), real(ref), atol=1e-5, rtol=0)
+    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
+                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
+    batch = dict(INPUTS, labels=replaced)
+    losses = _tiny.train(model, batch, steps=4).losses
+    assert losses[-1] < losses[0]
+    assert_peft_reads(model, tr.ElectraForPreTraining, tmp_path / "base", tmp_path / "ours", **INPUTS)
 
 
 def test_lora_moves_both_ways_with_peft(tmp_path):

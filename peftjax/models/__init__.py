@@ -85,6 +85,7 @@ from peftjax.models._olmo import (
     Olmo3ForSequenceClassification,
 )
 from peftjax.models._electra import (
+    ElectraForPreTraining,
     ElectraForQuestionAnswering,
     ElectraForSequenceClassification,
     ElectraForTokenClassification,
@@ -231,6 +232,7 @@ __all__ = [
     "MixtralForSequenceClassification",
     "MixtralForTokenClassification",
     "ModelConfig",
+    "ElectraForPreTraining",
     "ElectraForQuestionAnswering",
     "ElectraForSequenceClassification",
     "ElectraForTokenClassification",

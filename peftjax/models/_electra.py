@@ -5,8 +5,8 @@ wide (their LayerNorm too), projected to the hidden size by ``embeddings_project
 differ, and no pooler. The sequence classifier is RoBERTa's head with GELU in place of tanh
 (dropout, ``dense``, GELU, dropout, ``out_proj`` on the first token); the token classifier and
 question answering are BERT's. The Hub's checkpoints (``ElectraForPreTraining``, the
-discriminator) load into each, their ``discriminator_predictions`` ignored and the head new, as in
-transformers.
+discriminator) load as that class, its replaced-token head included, and into each task's, their
+``discriminator_predictions`` ignored and the head new, as in transformers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from peftjax.models._auto import register
@@ -29,6 +30,7 @@ from peftjax.models._bert import (
 from peftjax.models._dropout import dropout
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._multiple_choice import MultipleChoice
+from peftjax.models._outputs import ModelOutput
 from peftjax.models._roberta import RobertaClassificationHead, RobertaForSequenceClassification
 from peftjax.nn._activations import ACTIVATIONS, activation
 from peftjax.nn._dropout import split_keys
@@ -209,7 +211,55 @@ class ElectraForMultipleChoice(MultipleChoice, PreTrainedModel):
             pooled = h[:, -1] if self.sequence_summary.kind == "last" else h.mean(axis=1)
         return self.classifier(self.sequence_summary(pooled, summary_rng))[:, 0]
 
+
+class ElectraDiscriminatorPredictions(nnx.Module):
+    """The discriminator's ``discriminator_predictions``: ``dense``, ``hidden_act``, then
+    ``dense_prediction`` to one logit per token."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.hidden_size, **kw)
+        self.dense_prediction = nnx.Linear(config.hidden_size, 1, **kw)
+        self.act = config.hidden_act
+        activation(self.act, "hidden_act")  # named where it is not supported
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        return self.dense_prediction(activation(self.act, "hidden_act")(self.dense(h)))[..., 0]
+
+
+class ElectraForPreTraining(PreTrainedModel):
+    """ELECTRA's discriminator as the Hub ships it: ``electra``, then ``discriminator_predictions``,
+    one logit per token that it was replaced (positive: replaced), ``[batch, seq]``. ``labels``
+    (``[batch, seq]``, 1 for a replaced token, 0 for an original) add transformers' loss: the mean
+    binary cross entropy over the positions ``attention_mask`` keeps (over all without one)."""
+
+    base_model_prefix: ClassVar[str] = "electra"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"discriminator_predictions\..*",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"(electra\.)?embeddings\.(position_ids|token_type_ids)",
+                                               r"generator_predictions\..*", r"generator_lm_head\..*")
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.electra = ElectraModel(self.config, **kw)
+        self.discriminator_predictions = ElectraDiscriminatorPredictions(self.config, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                 inputs_embeds=None, labels=None, dropout_rng=None) -> ModelOutput:
+        """``logits`` ``[batch, seq]`` (and ``loss`` with ``labels``); the encoder's states as
+        ``last_hidden_state``."""
+        h = self.electra(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                         dropout_rng).last_hidden_state
+        logits = self.discriminator_predictions(h)
+        loss = None
+        if labels is not None:
+            per_token = optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels).astype(logits.dtype))
+            keep = jnp.ones(logits.shape, bool) if attention_mask is None else jnp.asarray(attention_mask) == 1
+            loss = jnp.sum(jnp.where(keep, per_token, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
+        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h)
+
+
 register(ElectraModel, model_types=("electra",), default=True)
 for _cls in (ElectraForSequenceClassification, ElectraForTokenClassification, ElectraForQuestionAnswering,
-             ElectraForMultipleChoice, ElectraForMaskedLM):
+             ElectraForMultipleChoice, ElectraForMaskedLM, ElectraForPreTraining):
     register(_cls)
