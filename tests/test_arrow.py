@@ -85,15 +85,18 @@ def test_arrow_routes_each_token_as_peft_and_takes_a_new_expert(adapters, gks):
 
 
 def test_arrow_generates_as_peft_and_its_router_config_is_peft_s(adapters, tmp_path):
-    """Greedy generation through the router gives PEFT's tokens; deleting an expert rebuilds the
-    router over the rest (the same logits as a router built over those); the router's file config
-    is the one PEFT writes."""
+    """Greedy generation through the router gives PEFT's tokens, and a ``scan_layers=True`` model
+    its logits; deleting an expert rebuilds the router over the rest (the same logits as a router
+    built over those); the router's file config is the one PEFT writes."""
     config = dict(top_k=2, rng_seed=0)
     theirs, ours = both(adapters, config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = theirs.generate(input_ids=torch.as_tensor(IDS[:1]), max_new_tokens=5, do_sample=False).numpy()
     np.testing.assert_array_equal(np.asarray(ours.generate(input_ids=IDS[:1], max_new_tokens=5)), expected)
+    scanned = peftjax.create_arrow_model(models.from_pretrained(adapters / "base", scan_layers=True),
+                                         [str(adapters / t) for t in ("t0", "t1", "t2")], peftjax.ArrowConfig(**config))
+    np.testing.assert_allclose(np.asarray(scanned(input_ids=IDS).logits), run_torch(theirs), atol=1e-5, rtol=0)
 
     ours.save_pretrained(tmp_path / "ours", selected_adapters=["arrow_router"])
     with warnings.catch_warnings():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import ArrowConfig
+from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.nn._torch_rng import TorchGenerator
 from peftjax.tuners.base import named_modules
 from peftjax.tuners.lora._layer import LoraLayer
@@ -73,7 +74,14 @@ def refresh_arrow(peft_model) -> None:
     routers = {n: c for n, c in peft_model.peft_config.items() if getattr(c, "arrow_config", None) is not None}
     if not routers:
         return
-    for path, layer in named_modules(peft_model.base_model).items():
+    if has_stacked_layers(peft_model.base_model):  # scan_layers=True: layer by layer, stacked again
+        with unstacked(peft_model.base_model, write=True):
+            return _refresh(peft_model.base_model, routers)
+    _refresh(peft_model.base_model, routers)
+
+
+def _refresh(model, routers) -> None:
+    for path, layer in named_modules(model).items():
         if not isinstance(layer, LoraLayer):
             continue
         for router, config in routers.items():
