@@ -114,7 +114,8 @@ def test_arrow_generates_as_peft_and_its_router_config_is_peft_s(adapters, tmp_p
 
 def test_arrow_refusals_are_peft_s_and_name_what_is_wrong(adapters):
     """Adapters of another rank or on an embedding, GenKnowSub without general adapters, ``top_k``
-    above the task adapters, merging the router, DoRA with it, one router per row of a batch."""
+    above the task adapters, merging the router, DoRA with it, one router per row of a batch, a
+    router through Linen (whose interceptor would apply the router's own factors as a LoRA)."""
     paths = lambda *names: [str(adapters / n) for n in names]  # noqa: E731
     base = lambda: models.from_pretrained(adapters / "base")  # noqa: E731
     with pytest.raises(ValueError, match=r"\[task_1\] rank mismatch: 2 != 4"):
@@ -129,6 +130,21 @@ def test_arrow_refusals_are_peft_s_and_name_what_is_wrong(adapters):
         peftjax.ArrowConfig(top_k=0)
     with pytest.raises(ValueError, match=r"\('arrow_config', 'use_dora'\)"):
         peftjax.LoraConfig(arrow_config=peftjax.ArrowConfig(), use_dora=True)
+    import jax
+    from flax import linen as nn
+
+    from peftjax import linen
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(x)
+
+    x = np.ones((2, 4), np.float32)
+    with pytest.raises(NotImplementedError, match="an Arrow router .* not through peftjax.linen"):
+        linen.inject(Mlp(), Mlp().init(jax.random.key(0), x)["params"],
+                     peftjax.LoraConfig(target_modules=["out"], arrow_config=peftjax.ArrowConfig(top_k=1)),
+                     sample_args=(x,), key=jax.random.key(1))
     model = peftjax.create_arrow_model(base(), paths("t0", "t1"), peftjax.ArrowConfig(top_k=1, rng_seed=0))
     with pytest.raises(RuntimeError, match="Cannot merge an active Arrow router adapter"):
         model.merge_adapter()

@@ -661,6 +661,9 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if init in ("eva", "corda", "lora_ga"):  # calibrated on an NNX model's layer inputs or gradients
         raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is supported on NNX models (and the "
                                   "bundled ones), not through peftjax.linen")
+    if lora.arrow is not None:  # its forward routes over the other adapters, which the interceptor does not do
+        raise NotImplementedError(f"{info.name}: an Arrow router (LoraConfig.arrow_config) is supported on NNX "
+                                  "models (peftjax.create_arrow_model), not through peftjax.linen")
     if is_mica(init):  # split/trainable_labels go by key names; MiCA's lora_B must stay out of the trainable side
         raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} (MiCA, a frozen lora_B) is supported on "
                                   "NNX models (and the bundled ones), not through peftjax.linen")
