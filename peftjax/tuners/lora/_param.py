@@ -122,6 +122,12 @@ class LoraParamLayer(LoraLayer):
                 getattr(self, store)[attr][name] = LoraParam(value.astype(dtype))
         self._add_spec(name, specs)
 
+    def frozen_adapter_dicts(self, name: str) -> tuple:
+        return ()  # its specs are per parameter (ParamSpecs), and MiCA is refused here
+
+    def arrow_expert_names(self) -> tuple[str, ...]:
+        return ()  # an Arrow router routes over linear layers only
+
     def adapter_variable_dicts(self) -> tuple[nnx.Dict, ...]:
         return tuple(getattr(self, store)[attr] for store in self.weight_dicts for attr in getattr(self, store))
 
