@@ -205,6 +205,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         max_position_embeddings=64, relative_attention=True, position_buckets=4, max_relative_positions=16,
         pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
         num_labels=3)),
+    # DeBERTa (v1), as deberta-base: c2p and p2c relative attention (a table clipped at 6 within 11-token
+    # rows), no absolute positions
+    "deberta": ("DebertaConfig", "DebertaForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, relative_attention=True, max_relative_positions=6, pos_att_type="c2p|p2c",
+        position_biased_input=False, num_labels=3)),
     # a global layer, then local ones reaching 2 tokens either side (local_attention 4)
     "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

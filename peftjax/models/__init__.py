@@ -92,6 +92,11 @@ from peftjax.models._electra import (
     ElectraModel,
 )
 from peftjax.models._deberta_v2 import (
+    DebertaForMaskedLM,
+    DebertaForQuestionAnswering,
+    DebertaForSequenceClassification,
+    DebertaForTokenClassification,
+    DebertaModel,
     DebertaV2ForMaskedLM,
     DebertaV2ForQuestionAnswering,
     DebertaV2ForSequenceClassification,
@@ -237,6 +242,11 @@ __all__ = [
     "ElectraForSequenceClassification",
     "ElectraForTokenClassification",
     "ElectraModel",
+    "DebertaForMaskedLM",
+    "DebertaForQuestionAnswering",
+    "DebertaForSequenceClassification",
+    "DebertaForTokenClassification",
+    "DebertaModel",
     "DebertaV2ForMaskedLM",
     "DebertaV2ForQuestionAnswering",
     "DebertaV2ForSequenceClassification",

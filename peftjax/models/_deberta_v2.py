@@ -1,4 +1,8 @@
-"""DeBERTa-v2 and DeBERTa-v3 (``model_type`` ``"deberta-v2"``) in Flax NNX, with transformers' module names.
+"""DeBERTa-v2 and DeBERTa-v3 (``model_type`` ``"deberta-v2"``), and DeBERTa (v1, ``"deberta"``), in Flax
+NNX with transformers' module names. v1 is v2 without buckets, convolution or shared keys, its
+attention one fused ``in_proj`` (per head: query, key, value) plus ``q_bias``/``v_bias`` and its
+relative projections ``pos_proj``/``pos_q_proj`` (:class:`DebertaV1SelfAttention`); what follows
+holds for both.
 
 BERT's post-LayerNorm layers with disentangled attention: besides content-to-content scores, each
 query reads the keys' relative positions (``c2p``) and each key the query's (``p2c``), through
@@ -77,15 +81,18 @@ def check_config(config) -> None:
       ValueError: an unknown activation, ``pos_att_type`` or ``norm_rel_ebd`` entry, a hidden
         size the heads (or the convolution's groups) do not divide.
     """
+    family = getattr(config, "model_type", None) or "deberta-v2"
+    if getattr(config, "talking_head", False):  # DeBERTa v1's option, off in its releases
+        raise ValueError(f"{family}: talking_head=True (head_logits_proj, head_weights_proj) is not supported")
     acts = {"hidden_act": config.hidden_act, "pooler_hidden_act": getattr(config, "pooler_hidden_act", "gelu")}
     if getattr(config, "conv_kernel_size", 0) > 0:
         acts["conv_act"] = getattr(config, "conv_act", "tanh")
     for field, act in acts.items():
         if act not in ACTIVATIONS:
-            raise ValueError(f"deberta-v2: {field} {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+            raise ValueError(f"{family}: {field} {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     unknown = sorted(set(position_attention(config)) - set(POSITION_ATTENTION))
     if unknown:
-        raise ValueError(f"deberta-v2: pos_att_type {unknown} is not supported; supported: {list(POSITION_ATTENTION)}")
+        raise ValueError(f"{family}: pos_att_type {unknown} is not supported; supported: {list(POSITION_ATTENTION)}")
     norms = [x.strip() for x in str(getattr(config, "norm_rel_ebd", "none")).lower().split("|")]
     if sorted(set(norms) - set(REL_NORMS)):
         raise ValueError(f"deberta-v2: norm_rel_ebd {getattr(config, 'norm_rel_ebd')!r} is not supported; "
@@ -186,17 +193,27 @@ class DebertaV2Embeddings(nnx.Module):
 
 
 class DisentangledSelfAttention(nnx.Module):
+    """DeBERTa-v2's: ``query_proj``, ``key_proj``, ``value_proj``, and for the relative scores the
+    layer's own key and query projections (``share_att_key``) or ``pos_key_proj`` / ``pos_query_proj``.
+    A subclass changes the projections alone (:meth:`_build`, :meth:`_qkv`, :meth:`_q`, :meth:`_kv`,
+    :meth:`_position_projections`): DeBERTa v1's fused ``in_proj``."""
+
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         h = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = getattr(config, "attention_head_size", None) or h // self.num_heads
-        inner = self.num_heads * self.head_dim
-        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.kinds = position_attention(config)
+        self.relative = bool(getattr(config, "relative_attention", False))
+        self._build(config, h, self.num_heads * self.head_dim, linear_kw(config, dtype, param_dtype, rngs))
+        # transformers counts pos_att_type in the scale even without relative attention
+        self.scale = float(np.sqrt(np.float32(self.head_dim) * (1 + len(self.kinds))))
+        self.rate = float(config.attention_probs_dropout_prob)
+        self.pos_rate = float(config.hidden_dropout_prob)
+
+    def _build(self, config, h: int, inner: int, kw: dict) -> None:
         self.query_proj = nnx.Linear(h, inner, **kw)
         self.key_proj = nnx.Linear(h, inner, **kw)
         self.value_proj = nnx.Linear(h, inner, **kw)
-        self.kinds = position_attention(config)
-        self.relative = bool(getattr(config, "relative_attention", False))
         self.share_att_key = bool(getattr(config, "share_att_key", False))
         self.pos_key_proj = nnx.data(None)
         self.pos_query_proj = nnx.data(None)
@@ -205,21 +222,32 @@ class DisentangledSelfAttention(nnx.Module):
                 self.pos_key_proj = nnx.Linear(h, inner, **kw)
             if "p2c" in self.kinds:
                 self.pos_query_proj = nnx.Linear(h, inner, **kw)
-        # transformers counts pos_att_type in the scale even without relative attention
-        self.scale = float(np.sqrt(np.float32(self.head_dim) * (1 + len(self.kinds))))
-        self.rate = float(config.attention_probs_dropout_prob)
-        self.pos_rate = float(config.hidden_dropout_prob)
+
+    def _qkv(self, x):
+        """Queries, keys and values of ``x``, ``[..., heads, head_dim]`` each."""
+        return tuple(self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
+
+    def _q(self, x):
+        return self._heads(self.query_proj(x))
+
+    def _kv(self, x):
+        return self._heads(self.key_proj(x)), self._heads(self.value_proj(x))
+
+    def _position_projections(self):
+        """The projections of the relative table into position keys (``c2p``) and queries (``p2c``)."""
+        if self.share_att_key:
+            return self.key_proj, self.query_proj
+        return self.pos_key_proj, self.pos_query_proj
 
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
     def _projected_table(self, rel_embeddings, rng):
         """The relative table (after its dropout) as position keys for ``c2p`` and position
-        queries for ``p2c``, ``[rows, heads, head_dim]`` each (``None`` where not used): the
-        layer's own key and query projections under ``share_att_key``, else its position ones."""
+        queries for ``p2c``, ``[rows, heads, head_dim]`` each (``None`` where not used), through
+        :meth:`_position_projections`."""
         rel = dropout(rel_embeddings, self.pos_rate, rng)
-        keys = self.key_proj if self.share_att_key else self.pos_key_proj
-        queries = self.query_proj if self.share_att_key else self.pos_query_proj
+        keys, queries = self._position_projections()
         return (self._heads(keys(rel)) if "c2p" in self.kinds else None,
                 self._heads(queries(rel)) if "p2c" in self.kinds else None)
 
@@ -228,7 +256,7 @@ class DisentangledSelfAttention(nnx.Module):
         ``x_rows`` (``x`` there, ``[n, hidden]``) the output of those queries only, ``[n, inner]``."""
         if rows is not None:
             return self._attend_rows(x, mask, rel_embeddings, rel_index, rng, rows, x_rows)
-        q, k, v = (self._heads(p(x)) for p in (self.query_proj, self.key_proj, self.value_proj))
+        q, k, v = self._qkv(x)
         probs_rng, pos_rng = split_keys(rng, 2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / self.scale
         if self.relative:
@@ -254,9 +282,8 @@ class DisentangledSelfAttention(nnx.Module):
         probs_rng, pos_rng = split_keys(rng, 2)
         row, column = rows // s, rows % s
         own = (row[:, None] == jnp.arange(b)[None, :]).astype(x.dtype)  # [n, batch]
-        q = self._heads(self.query_proj(x_rows))  # [n, heads, d]
-        k = jnp.einsum("nb,bshd->nshd", own, self._heads(self.key_proj(x)))
-        v = jnp.einsum("nb,bshd->nshd", own, self._heads(self.value_proj(x)))
+        q = self._q(x_rows)  # [n, heads, d]
+        k, v = (jnp.einsum("nb,bshd->nshd", own, t) for t in self._kv(x))
         scores = jnp.einsum("nhd,nkhd->nhk", q, k).astype(jnp.float32) / self.scale
         if self.relative:
             pos_k, pos_q = self._projected_table(rel_embeddings, pos_rng)
@@ -273,10 +300,51 @@ class DisentangledSelfAttention(nnx.Module):
         return jnp.einsum("nhk,nkhd->nhd", probs, v).reshape(rows.shape[0], -1)
 
 
+class DebertaV1SelfAttention(DisentangledSelfAttention):
+    """DeBERTa (v1)'s projections: one bias-free ``in_proj`` to ``3 * inner`` whose output splits per
+    head into query, key and value (``[..., heads, 3 * head_dim]``), ``q_bias`` and ``v_bias`` added
+    to the queries and values; the relative table through ``pos_proj`` (keys, no bias) and
+    ``pos_q_proj`` (queries). PEFT's LoRA target for this family is ``in_proj``."""
+
+    hf_param_map: ClassVar[dict] = {"q_bias": ("q_bias", False), "v_bias": ("v_bias", False)}
+
+    def _build(self, config, h: int, inner: int, kw: dict) -> None:
+        self.in_proj = nnx.Linear(h, 3 * inner, **{**kw, "use_bias": False})
+        self.q_bias = nnx.Param(jnp.zeros((inner,), kw["param_dtype"]))
+        self.v_bias = nnx.Param(jnp.zeros((inner,), kw["param_dtype"]))
+        self.pos_proj = nnx.data(None)
+        self.pos_q_proj = nnx.data(None)
+        if self.relative and "c2p" in self.kinds:
+            self.pos_proj = nnx.Linear(h, inner, **{**kw, "use_bias": False})
+        if self.relative and "p2c" in self.kinds:
+            self.pos_q_proj = nnx.Linear(h, inner, **kw)
+
+    def _bias(self, param, like):
+        b = self._heads(param.get_value().astype(like.dtype))  # [heads, head_dim]
+        return b.reshape((1,) * (like.ndim - 2) + b.shape)
+
+    def _qkv(self, x):
+        q, k, v = jnp.split(self._heads3(self.in_proj(x)), 3, axis=-1)
+        return q + self._bias(self.q_bias, q), k, v + self._bias(self.v_bias, v)
+
+    def _q(self, x):
+        return self._qkv(x)[0]
+
+    def _kv(self, x):
+        return self._qkv(x)[1:]
+
+    def _heads3(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, 3 * self.head_dim)
+
+    def _position_projections(self):
+        return self.pos_proj, self.pos_q_proj
+
+
 class DebertaV2Attention(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self = DisentangledSelfAttention(config, **kw)
+        v1 = getattr(config, "model_type", None) == "deberta"
+        self.self = (DebertaV1SelfAttention if v1 else DisentangledSelfAttention)(config, **kw)
         self.output = BertSelfOutput(config, **kw, width=self.self.num_heads * self.self.head_dim)
 
     def __call__(self, x, mask, rel_embeddings, rel_index, rng=None, rows=None):
@@ -714,4 +782,36 @@ class DebertaV2ForMaskedLM(_DebertaV2Task):
 register(DebertaV2Model, model_types=("deberta-v2",), default=True)
 for _cls in (DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification, DebertaV2ForQuestionAnswering,
              DebertaV2ForMaskedLM, DebertaV2ForMultipleChoice):
+    register(_cls)
+
+
+# DeBERTa (v1, ``model_type`` ``"deberta"``): v2's layers, embeddings, heads and relative scores (no
+# buckets, no convolution, no shared keys there), with v1's attention projections; a config's
+# ``model_type`` picks them (DebertaV2Attention). transformers has no v1 multiple-choice head.
+
+
+class DebertaModel(DebertaV2Model):
+    """DeBERTa (v1)'s encoder: ``embeddings`` and ``encoder``, each layer's attention a fused ``in_proj``
+    with ``q_bias``/``v_bias`` and, with relative attention, ``pos_proj``/``pos_q_proj``."""
+
+
+class DebertaForSequenceClassification(DebertaV2ForSequenceClassification):
+    """``deberta``, ``pooler`` on ``[CLS]``, dropout (``cls_dropout``) and ``classifier``, as v2's."""
+
+
+class DebertaForTokenClassification(DebertaV2ForTokenClassification):
+    """A label per token, as v2's."""
+
+
+class DebertaForQuestionAnswering(DebertaV2ForQuestionAnswering):
+    """A start and an end logit per token, as v2's."""
+
+
+class DebertaForMaskedLM(DebertaV2ForMaskedLM):
+    """Masked language modelling with v2's heads (``cls.predictions`` or ``lm_predictions.lm_head`` by ``legacy``)."""
+
+
+register(DebertaModel, model_types=("deberta",), default=True)
+for _cls in (DebertaForSequenceClassification, DebertaForTokenClassification, DebertaForQuestionAnswering,
+             DebertaForMaskedLM):
     register(_cls)
