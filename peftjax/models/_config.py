@@ -535,7 +535,7 @@ class ModelConfig:
                 self.partial_rotary_factor = 0.25
         if t == "gemma" and self.hidden_act == "gelu":  # GemmaConfig: the releases' "gelu" means the tanh one
             self.hidden_act = "gelu_pytorch_tanh"
-        if t in ("deberta-v2", "deberta"):  # DebertaV2Config's (and DebertaConfig's) __post_init__: "p2c|c2p", the pooler
+        if t in ("deberta-v2", "deberta"):  # Deberta(V2)Config.__post_init__: "p2c|c2p" strings, the pooler
             if isinstance(self.pos_att_type, str):
                 self.pos_att_type = [x.strip() for x in self.pos_att_type.lower().split("|")]
             self.__dict__.setdefault("pooler_hidden_size", self.hidden_size)
