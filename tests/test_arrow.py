@@ -145,6 +145,12 @@ def test_arrow_refusals_are_peft_s_and_name_what_is_wrong(adapters):
         linen.inject(Mlp(), Mlp().init(jax.random.key(0), x)["params"],
                      peftjax.LoraConfig(target_modules=["out"], arrow_config=peftjax.ArrowConfig(top_k=1)),
                      sample_args=(x,), key=jax.random.key(1))
+    router = lambda **kw: peftjax.LoraConfig(arrow_config=peftjax.ArrowConfig(top_k=1), **kw)  # noqa: E731
+    with pytest.raises(TypeError, match="embed_tokens: an Arrow router .* routes linear layers only"):
+        peftjax.get_peft_model(base(), router(target_modules=["embed_tokens"]))
+    mixtral = models.MixtralForCausalLM.from_config(models.ModelConfig("mixtral", **_tiny.fields("mixtral")))
+    with pytest.raises(ValueError, match=r"ParamWrapper does not work with an Arrow router \(arrow_config\)"):
+        peftjax.get_peft_model(mixtral, router(target_parameters=["experts.gate_up_proj"]))
     model = peftjax.create_arrow_model(base(), paths("t0", "t1"), peftjax.ArrowConfig(top_k=1, rng_seed=0))
     with pytest.raises(RuntimeError, match="Cannot merge an active Arrow router adapter"):
         model.merge_adapter()

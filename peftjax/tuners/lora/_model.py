@@ -112,6 +112,9 @@ def inject_lora(
             # keeps the base as it is, as PEFT's does when the layer has no gradient
             inits[name] = True if adding_from_file() else take_grad(modules[name], name, config.lora_ga_config)
         cls = lora_class_for(modules[name])
+        if config.arrow_config is not None and cls.lora_kind != "linear":  # PEFT's router is a Linear variant
+            raise TypeError(f"{name}: an Arrow router (arrow_config) routes linear layers only, not "
+                            f"{type(modules[name]).__name__}")
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
         weight = getattr(modules[name], cls.weight_attr, None)  # as PEFT names it: [out, in], an embedding's [num, dim]

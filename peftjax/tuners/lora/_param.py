@@ -59,7 +59,8 @@ def check_param_target(module: nnx.Module, path: str, attr: str, config) -> None
       NotImplementedError: an ``init_lora_weights`` that needs the base weight (PiSSA, OLoRA, ...).
     """
     for flag, what in (("lora_dropout", "lora_dropout != 0"), ("fan_in_fan_out", "fan_in_fan_out"),
-                       ("lora_bias", "lora_bias=True"), ("use_dora", "use_dora=True")):
+                       ("lora_bias", "lora_bias=True"), ("use_dora", "use_dora=True"),
+                       ("arrow_config", "an Arrow router (arrow_config)")):
         if getattr(config, flag):
             raise ValueError(f"lora.ParamWrapper does not work with {what} (target_parameters on {path}.{attr}).")
     if not callable(getattr(type(module), "param_value", None)):
