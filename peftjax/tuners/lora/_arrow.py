@@ -1,9 +1,9 @@
 """Arrow's layer side (PEFT's ``arrow.py``): the router's prototypes and GenKnowSub, kept up to date.
 
-``peftjax.arrow.create_arrow_model`` loads the task adapters (``task_0``, ``task_1``, ...) and, for GenKnowSub,
-general ones (``gks_0``, ...), checks that they share rank, shapes and target modules, and adds
-the router adapter ``arrow_router`` (a LoRA config with ``arrow_config``) on those modules. On
-each layer the router keeps one prototype per task adapter, the top right singular vector of its
+``peftjax.arrow.create_arrow_model`` loads the task adapters (``task_0``, ``task_1``, ...) and,
+for GenKnowSub, general ones (``gks_0``, ...), checks that they share rank, shapes and target
+modules (:func:`check_compatible`), and adds the router adapter ``arrow_router`` (a LoRA config
+with ``arrow_config``) on those modules. On each layer the router keeps one prototype per task adapter, the top right singular vector of its
 ``B A`` (a power iteration, as PEFT's), and routes each token to the ``top_k`` best aligned
 (``tuners.lora._math.arrow_route``). GenKnowSub subtracts the general adapters' mean ``A`` and
 ``B`` from every task adapter's once.
@@ -26,6 +26,7 @@ from peftjax.nn._torch_rng import TorchGenerator
 from peftjax.tuners.base import named_modules
 from peftjax.tuners.lora._layer import LoraLayer
 from peftjax.tuners.lora._math import arrow_prototype
+
 
 class ArrowPrototypes(nnx.Variable):
     """A router's prototypes on one layer, ``[experts, in]`` (not trained, not saved)."""
