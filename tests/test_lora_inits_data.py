@@ -536,11 +536,28 @@ def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp
     train_and_convert_for_peft(ours, llama, tmp_path / "ours_init", tmp_path / "ours_as_lora")
 
 
+def test_loraga_on_scanned_layers_equals_the_unscanned_model(llama):
+    """``scan_layers=True``: the gradients are the unscanned model's, kept stacked with the layers
+    until ``get_peft_model`` uses them up, and the adapted model gives the same logits."""
+    from flax import nnx
+
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+                                lora_ga_config={})
+    plain, scanned = models.from_pretrained(llama), models.from_pretrained(llama, scan_layers=True)
+    grads = peftjax.preprocess_loraga(plain, config, BATCHES)
+    stacked = peftjax.preprocess_loraga(scanned, config, BATCHES)
+    assert stacked.keys() == grads.keys() and all(np.array_equal(stacked[n], g) for n, g in grads.items())
+    ours, theirs = peftjax.get_peft_model(plain, config), peftjax.get_peft_model(scanned, config)
+    assert not any("loraga_grad" in k for k, _ in nnx.to_flat_state(nnx.state(theirs.base_model)))  # used up
+    np.testing.assert_allclose(logits(theirs), logits(ours), atol=1e-5)
+    np.testing.assert_allclose(logits(theirs), logits(models.from_pretrained(llama)), atol=1e-5)
+
+
 def test_loraga_refusals_and_peft_s_embedding_fallback(llama):
     """What PEFT refuses (no ``lora_ga_config``, a quantized target) and what peftjax refuses where
     PEFT would go on wrong: no gradient left by ``preprocess_loraga`` (PEFT silently falls back to
-    a plain LoRA), ``2r`` past a layer's smaller side (PEFT builds factors of the wrong shape), a
-    scanned model, Linen. An embedding among the targets takes PEFT's default embedding init."""
+    a plain LoRA), ``2r`` past a layer's smaller side (PEFT builds factors of the wrong shape),
+    Linen. An embedding among the targets takes PEFT's default embedding init."""
     model = models.from_pretrained(llama)
     config = peftjax.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
                                 lora_ga_config={})
@@ -554,8 +571,6 @@ def test_loraga_refusals_and_peft_s_embedding_fallback(llama):
     quantized = models.from_pretrained(llama, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
     with pytest.raises(ValueError, match="LoRA-GA does not support quantized models. Found quantized module: "):
         peftjax.preprocess_loraga(quantized, config, BATCHES)
-    with pytest.raises(NotImplementedError, match=r"scan_layers=True"):
-        peftjax.preprocess_loraga(models.from_pretrained(llama, scan_layers=True), config, BATCHES)
     peftjax.preprocess_loraga(model, config, BATCHES)
     with pytest.raises(ValueError, match=r"v_proj: LoRA-GA splits the top 2r singular vectors .* got r=9 for a layer "
                                          r"with weight shape \(16, 32\) \(max usable r is 8\)"):

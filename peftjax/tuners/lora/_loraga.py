@@ -26,8 +26,8 @@ from flax import nnx
 
 from peftjax.config import LoraConfig, LoraGAConfig
 from peftjax.nn._dropout import dropout_key, own_loss
+from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.tuners.base import named_modules, resolve_config
-from peftjax.tuners.lora._capture import check_capturable
 from peftjax.tuners.lora._corda import corda_targets, read_tensors, tensors_exist, write_tensors
 
 
@@ -61,7 +61,8 @@ def preprocess_loraga(
     dropout; here dropout runs only with a ``key`` (batch ``i`` under ``fold_in(key, i)``), and
     without one the estimate is deterministic. ``cache_file`` (safetensors, keys
     ``<module>._peft_loraga_grad``, each ``[out, in]``) is read when it exists and written
-    otherwise, so ``batches`` may be ``None`` when it exists.
+    otherwise, so ``batches`` may be ``None`` when it exists. A ``scan_layers=True`` model is
+    differentiated layer by layer (a loop, once) and keeps its gradients stacked with its layers.
 
     Args:
       model: the plain NNX model (no adapters yet).
@@ -82,7 +83,6 @@ def preprocess_loraga(
       ValueError: a config without ``lora_ga_config``; no linear layer targeted; a quantized
         target (named); no ``batches`` and no cache; an empty ``batches``; a non-finite gradient
         (named); a cache that lacks a target.
-      NotImplementedError: a scanned model (``scan_layers=True``).
 
     Example:
       >>> config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
@@ -95,7 +95,9 @@ def preprocess_loraga(
     if not isinstance(lora_config, LoraConfig) or lora_config.lora_ga_config is None:
         raise ValueError("If you want to use LoRA-GA, please initialize the LoraConfig with "
                          "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...).")
-    check_capturable(model, "preprocess_loraga")
+    if has_stacked_layers(model):  # scan_layers=True: per layer (a plain loop), the gradients stacked with them
+        with unstacked(model, write=True):
+            return preprocess_loraga(model, lora_config, batches, loss_fn=loss_fn, cache_file=cache_file, key=key)
     config = resolve_config(model, lora_config)
     modules = named_modules(model)
     quantized = [n for n in _matched(model, config) if isinstance(modules[n], QuantizedLinear)]
