@@ -414,8 +414,6 @@ def test_refusals_name_what_is_missing(llama):
     with pytest.raises(ValueError, match="`batches` must be given"):
         peftjax.preprocess_corda(model, corda)
     assert not any(hasattr(m, "lora_A") or hasattr(m, "corda_eigens") for m in named_modules(model).values())
-    with pytest.raises(NotImplementedError, match=r"scan_layers=True"):
-        peftjax.preprocess_corda(models.from_pretrained(llama, scan_layers=True), corda, BATCHES)
     peftjax.preprocess_corda(model, corda, BATCHES)
     with pytest.raises(ValueError, match=r"expected \(32, 2\)"):  # eigens for r=4, injected at r=2
         peftjax.get_peft_model(model, dataclasses.replace(corda, r=2))
@@ -536,21 +534,38 @@ def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp
     train_and_convert_for_peft(ours, llama, tmp_path / "ours_init", tmp_path / "ours_as_lora")
 
 
-def test_loraga_on_scanned_layers_equals_the_unscanned_model(llama):
-    """``scan_layers=True``: the gradients are the unscanned model's, kept stacked with the layers
-    until ``get_peft_model`` uses them up, and the adapted model gives the same logits."""
+def test_data_driven_inits_on_scanned_layers_equal_the_unscanned_model(llama):
+    """``scan_layers=True``: LoRA-GA's gradients, CorDA's eigens and EVA's components are the
+    unscanned model's (the layers run as a loop for the calibration), kept stacked with the layers
+    until ``get_peft_model`` uses them up, and the adapted models give the same logits. EVA's rank
+    redistribution, which gives the layers different ranks, is refused there by name."""
     from flax import nnx
 
-    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
+    loraga = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
                                 lora_ga_config={})
-    plain, scanned = models.from_pretrained(llama), models.from_pretrained(llama, scan_layers=True)
-    grads = peftjax.preprocess_loraga(plain, config, BATCHES)
-    stacked = peftjax.preprocess_loraga(scanned, config, BATCHES)
-    assert stacked.keys() == grads.keys() and all(np.array_equal(stacked[n], g) for n, g in grads.items())
-    ours, theirs = peftjax.get_peft_model(plain, config), peftjax.get_peft_model(scanned, config)
-    assert not any("loraga_grad" in k for k, _ in nnx.to_flat_state(nnx.state(theirs.base_model)))  # used up
-    np.testing.assert_allclose(logits(theirs), logits(ours), atol=1e-5)
-    np.testing.assert_allclose(logits(theirs), logits(models.from_pretrained(llama)), atol=1e-5)
+    corda = dataclasses.replace(loraga, init_lora_weights="corda", lora_ga_config=None, corda_config={})
+    for config, preprocess in ((loraga, peftjax.preprocess_loraga), (corda, peftjax.preprocess_corda)):
+        plain, scanned = models.from_pretrained(llama), models.from_pretrained(llama, scan_layers=True)
+        ours, stacked = preprocess(plain, config, BATCHES), preprocess(scanned, config, BATCHES)
+        assert stacked.keys() == ours.keys()
+        for n, x in ours.items():
+            for a, b in zip(np.atleast_1d(x) if isinstance(x, np.ndarray) else x, stacked[n]):
+                np.testing.assert_allclose(np.abs(a), np.abs(b), atol=1e-6, err_msg=n)
+        ours, theirs = peftjax.get_peft_model(plain, config), peftjax.get_peft_model(scanned, config)
+        leftovers = [k for k, _ in nnx.to_flat_state(nnx.state(theirs.base_model)) if "loraga" in str(k) or
+                     "corda" in str(k)]
+        assert not leftovers  # used up
+        np.testing.assert_allclose(logits(theirs), logits(ours), atol=1e-5)
+        np.testing.assert_allclose(logits(theirs), logits(models.from_pretrained(llama)), atol=1e-5)
+    eva = peftjax.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=dict(EVA, rho=1.0))
+    plain = peftjax.initialize_lora_eva_weights(peftjax.get_peft_model(models.from_pretrained(llama), eva), BATCHES)
+    scanned = peftjax.initialize_lora_eva_weights(
+        peftjax.get_peft_model(models.from_pretrained(llama, scan_layers=True), eva), BATCHES)
+    np.testing.assert_allclose(logits(scanned), logits(plain), atol=1e-5)
+    uneven = peftjax.get_peft_model(models.from_pretrained(llama, scan_layers=True),
+                                    dataclasses.replace(eva, eva_config=dict(EVA)))
+    with pytest.raises(ValueError, match="EVA gave the layers of a scan_layers=True model different ranks"):
+        peftjax.initialize_lora_eva_weights(uneven, BATCHES)
 
 
 def test_loraga_refusals_and_peft_s_embedding_fallback(llama):

@@ -50,16 +50,6 @@ def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce:
             module.__class__ = cls
 
 
-def check_capturable(model: nnx.Module, what: str) -> None:
-    """Refuses a model whose layers run inside ``lax.scan`` (their inputs never leave the scan)."""
-    from peftjax.nn._scan import has_stacked_layers
-
-    if has_stacked_layers(model):
-        raise NotImplementedError(f"{what} collects each targeted layer's inputs, which a scanned model "
-                                  "(scan_layers=True) computes inside lax.scan; load it with scan_layers=False for "
-                                  "the calibration, then save and reload as you like")
-
-
 @functools.partial(nnx.jit, static_argnums=(2, 3, 4))
 def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Callable):
     """One forward pass recording ``reduce(input, batch)`` per call of each named layer; jitted once

@@ -27,7 +27,8 @@ from flax import nnx
 
 from peftjax.config import CordaConfig, LoraConfig, match_modules
 from peftjax.tuners.base import model_type, named_modules, resolve_config
-from peftjax.tuners.lora._capture import check_capturable, forward_fn_dict, make_capture
+from peftjax.nn._scan import has_stacked_layers, unstacked
+from peftjax.tuners.lora._capture import forward_fn_dict, make_capture
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -189,7 +190,9 @@ def preprocess_corda(
     applies). As in PEFT the result is left on the model's layers, where
     ``get_peft_model(model, lora_config)`` with ``init_lora_weights="corda"`` finds it, and it is
     also returned. ``corda_config.covariance_file`` / ``cache_file`` (safetensors) are read when
-    they exist and written otherwise, so ``batches`` may be ``None`` when one exists.
+    they exist and written otherwise, so ``batches`` may be ``None`` when one exists. A
+    ``scan_layers=True`` model runs its layers as a loop for the calibration and keeps the eigens
+    stacked with its layers.
 
     Args:
       model: the plain NNX model (no adapters yet).
@@ -204,7 +207,6 @@ def preprocess_corda(
     Raises:
       ValueError: no ``batches`` and no file to read; a config without ``corda_config``; a
         non-finite covariance; a file that is not peftjax's.
-      NotImplementedError: a scanned model (``scan_layers=True``).
 
     Example:
       >>> config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights="corda",
@@ -216,7 +218,9 @@ def preprocess_corda(
         raise ValueError("preprocess_corda needs a LoraConfig with init_lora_weights='corda' (and so a "
                          "corda_config)")
     settings = CordaConfig.from_value(lora_config.corda_config)
-    check_capturable(model, "preprocess_corda")
+    if has_stacked_layers(model):  # scan_layers=True: the inputs captured per layer (a loop), eigens stacked
+        with unstacked(model, write=True):
+            return preprocess_corda(model, lora_config, batches, forward_fn=forward_fn)
     config = resolve_config(model, lora_config)
     names = corda_targets(model, config)
     if not names:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -29,8 +30,9 @@ import numpy as np
 from flax import nnx
 
 from peftjax.config import EvaConfig, LoraConfig, get_pattern_key, match_modules
+from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.tuners.base import model_type, named_modules, resolve_config
-from peftjax.tuners.lora._capture import check_capturable, forward_fn_dict, make_capture
+from peftjax.tuners.lora._capture import forward_fn_dict, make_capture
 
 LOWRANK_SEED = 42  # PEFT's IncrementalPCA(lowrank=True, lowrank_seed=42)
 LOWRANK_NITER = 4
@@ -245,15 +247,15 @@ def get_eva_state_dict(
     Raises:
       ValueError: no batches, or no config with ``eva_config``.
       TypeError: ``batches`` is a one-shot iterator.
-      NotImplementedError: a scanned model (``scan_layers=True``).
     """
     if _is_peft_model(model):
         peft_config = peft_config or model.peft_config[adapter_name]
-        with model.disable_adapter():
+        with model.disable_adapter(), unstacked(model.base_model, write=False):  # scan_layers: a loop here
             return _eva_state_dict(model.base_model, batches, peft_config, forward_fn)
     if peft_config is None:
         raise ValueError("peft_config is required if model is not a PeftModel")
-    return _eva_state_dict(model, batches, peft_config, forward_fn)
+    with unstacked(model, write=False):
+        return _eva_state_dict(model, batches, peft_config, forward_fn)
 
 
 def _eva_state_dict(model, batches, config: LoraConfig, forward_fn) -> dict[str, np.ndarray]:
@@ -265,7 +267,6 @@ def _eva_state_dict(model, batches, config: LoraConfig, forward_fn) -> dict[str,
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("dataloader is empty: EVA needs calibration batches")
-    check_capturable(model, "EVA")
     eva = EvaConfig.from_value(config.eva_config)
     rho = eva.rho
     if rho > 1000:  # PEFT's cap for unusually high rho
@@ -379,8 +380,6 @@ def initialize_lora_eva_weights(
       >>> config = peftjax.LoraConfig(r=8, init_lora_weights="eva", eva_config=peftjax.EvaConfig(rho=2.0))  # doctest: +SKIP
       >>> peft_model = peftjax.initialize_lora_eva_weights(peftjax.get_peft_model(model, config), batches)  # doctest: +SKIP
     """
-    from peftjax.tuners.lora._layer import LoraLayer
-
     if not _is_peft_model(peft_model):
         raise ValueError("model must be a PeftModel")
     if len(peft_model.active_adapters) > 1:
@@ -394,6 +393,25 @@ def initialize_lora_eva_weights(
         if batches is None:
             raise ValueError("dataloader is required if eva_state_dict is not provided: pass `batches`")
         eva_state_dict = get_eva_state_dict(peft_model, batches, forward_fn=forward_fn, adapter_name=adapter_name)
+    if has_stacked_layers(peft_model.base_model):  # the layers are stacked again: one rank per target
+        ranks: dict[str, set[int]] = {}
+        for n, w in eva_state_dict.items():
+            ranks.setdefault(re.sub(r"\.\d+\.", ".*.", n, count=1), set()).add(int(np.shape(w)[0]))
+        uneven = {k: sorted(v) for k, v in ranks.items() if len(v) > 1}
+        if uneven:
+            raise ValueError(f"EVA gave the layers of a scan_layers=True model different ranks for one target "
+                             f"({dict(list(uneven.items())[:3])}), which cannot be stacked: use eva_config rho=1 "
+                             "(no redistribution) or load the model with scan_layers=False")
+    with unstacked(peft_model.base_model, write=True):  # scan_layers=True: per layer, stacked again
+        _set_components(peft_model, adapter_name, config, eva_state_dict)
+    return peft_model
+
+
+def _set_components(peft_model, adapter_name: str, config, eva_state_dict) -> None:
+    """Each layer's ``lora_A`` from its components (its rank and alpha changed with their count, the
+    adapter dropped where there are none), and the config's targets and patterns to match."""
+    from peftjax.tuners.lora._layer import LoraLayer
+
     eva = EvaConfig.from_value(config.eva_config)
     modules = named_modules(peft_model.base_model)
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) and adapter_name in m.adapter_names()}
@@ -443,7 +461,6 @@ def initialize_lora_eva_weights(
 
     set_adapter_trainable(peft_model.base_model, adapter_name, adapter_name in peft_model.active_adapters
                           and not config.inference_mode)
-    return peft_model
 
 
 def _key(name: str):
