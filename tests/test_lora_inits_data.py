@@ -501,7 +501,8 @@ def test_loraga_random_direction_pairs_each_vector_with_its_own_triplet(llama):
 
 def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp_path):
     """PEFT's LoRA-GA adapter, moved as training would and saved by PEFT as a LoRA for the original
-    model, loads here with PEFT's logits; one trained here converts and loads in PEFT likewise. The
+    model, loads here with PEFT's logits, and so does its LoRA-GA file on the residual base PEFT's
+    model kept; one trained here converts and loads in PEFT likewise. The
     gradients cached in ``cache_file`` stand in for the data; PEFT's own (torch pickle) is refused."""
     theirs, _ = peft_loraga(llama, "llama", TARGETS, r=4)
     with warnings.catch_warnings():
@@ -513,11 +514,18 @@ def test_loraga_converts_to_a_lora_both_ways_and_caches_its_gradients(llama, tmp
                     for factor in (m.lora_A["default"], m.lora_B["default"]):
                         factor.weight.add_(0.05 * torch.randn(factor.weight.shape,
                                                               generator=torch.Generator().manual_seed(1)))
+        theirs.save_pretrained(tmp_path / "moved")  # a LoRA-GA file, for the residual base
         theirs.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     expected = torch_logits(theirs.eval(), input_ids=IDS)
     here = peftjax.PeftModel.from_pretrained(models.from_pretrained(llama), tmp_path / "as_lora")
     np.testing.assert_allclose(logits(here), expected, atol=1e-4)
     assert np.abs(expected - logits(models.from_pretrained(llama))).max() > 1e-3
+    with warnings.catch_warnings():  # PEFT's file as it is, on the residual base PEFT's model kept
+        warnings.simplefilter("ignore")
+        theirs.unload().save_pretrained(tmp_path / "residual")
+    on_residual = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "residual"), tmp_path / "moved")
+    assert on_residual.peft_config["default"].init_lora_weights == "lora_ga"
+    np.testing.assert_allclose(logits(on_residual), expected, atol=1e-4)
 
     cache = tmp_path / "grads.safetensors"
     config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="lora_ga",
