@@ -66,6 +66,22 @@ def save_perturbed(model_cls, config, directory, scale: float = 0.2):
     return model
 
 
+def save_random(family: str, class_name: str, directory, **overrides):
+    """transformers' ``class_name`` of ``family``'s tiny config (``_tiny``, with ``overrides``), every
+    weight moved by noise (:func:`save_perturbed`), saved to ``directory``. Returns the model."""
+    import _tiny
+    import transformers
+
+    return save_perturbed(getattr(transformers, class_name), _tiny.config(family, **overrides), directory)
+
+
+def at_tokens(x, mask):
+    """``x`` at the real (unmasked) tokens where it has a token axis (``[batch, seq, ...]`` or
+    ``[batch, seq]`` like ``mask``), else ``x`` as it is."""
+    mask = np.asarray(mask)
+    return x[mask.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == mask.shape) else x
+
+
 def moved_off_start(peft_model, seed: int, scale: float = 0.3):
     """PEFT's model with every trainable tensor (its adapters, the copies of the modules it saves)
     moved by noise (``scale`` std), in eval mode: what a trained adapter holds, so that a file read

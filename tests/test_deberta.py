@@ -1,24 +1,22 @@
 """DeBERTa (v1, ``model_type`` ``"deberta"``: deberta-base, deberta-large-mnli) against PyTorch
-transformers: outputs, losses and gradients of each task's class (the fused ``in_proj`` split per
-head, ``q_bias``/``v_bias``, the relative table through ``pos_proj``/``pos_q_proj`` clipped within
-the rows, absolute positions and token types where configured), a masked-LM checkpoint (the Hub's
-kind) read back by transformers, and LoRA on PEFT's default target (``in_proj``) both ways.
-
-v1 shares DeBERTa-v2's layers, heads and relative scores (``test_deberta_v2.py``); every weight is
-moved off its initialisation by noise, so a query and key swapped inside ``in_proj``, a bias on the
-wrong projection or the table's window off by one shows.
+transformers: a masked-LM checkpoint (the Hub's kind) read back by transformers and into a
+classifier, LoRA on PEFT's default target (``in_proj``) both ways, and what is refused. The outputs,
+losses and gradients of each task's class (the fused ``in_proj`` split per head, ``q_bias``/``v_bias``,
+the relative table through ``pos_proj``/``pos_q_proj``, absolute positions and token types) are
+among tests/test_deberta_v2.py's cases: v1 shares v2's layers, heads and relative scores.
 """
 
 from __future__ import annotations
 
-import jax
+from functools import partial
+
 import numpy as np
 import pytest
 import transformers as tr
-from flax import nnx
 
 import _tiny
-from _torch_models import assert_grads_match_torch, assert_peft_reads, lazy, peft_file, save_perturbed
+import _torch_models
+from _torch_models import at_tokens, assert_peft_reads, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -28,46 +26,8 @@ IDS = np.random.RandomState(0).randint(3, 96, (2, 11))
 MASK = np.ones_like(IDS)
 MASK[1, 8:] = 0  # right padding
 INPUTS = dict(input_ids=IDS, attention_mask=MASK)
-CASES = {  # name -> (transformers class, config overrides, labels)
-    "cls": ("DebertaForSequenceClassification", {}, dict(labels=np.array([2, -1]))),
-    "cls-absolute-types-p2c": ("DebertaForSequenceClassification",
-                               dict(position_biased_input=True, type_vocab_size=2, pos_att_type="p2c",
-                                    hidden_act="gelu_new"), dict(labels=np.array([0, 1]))),
-    "tokens-c2p": ("DebertaForTokenClassification", dict(pos_att_type="c2p", num_labels=5),
-                   dict(labels=np.where(MASK == 1, IDS % 5, -100))),
-    "spans": ("DebertaForQuestionAnswering", dict(num_labels=2),
-              dict(start_positions=np.array([1, 3]), end_positions=np.array([4, 6]))),
-}
-
-
-def save_random(class_name, path, **overrides):
-    """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
-    return save_perturbed(getattr(tr, class_name), _tiny.config("deberta", **overrides), path)
-
-
-def real(x):
-    return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_outputs_losses_and_gradients_equal_transformers(case, tmp_path):
-    class_name, overrides, labels = CASES[case]
-    theirs = save_random(class_name, tmp_path, **overrides)
-    ours = models.from_pretrained(tmp_path)
-    assert type(ours).__name__ == class_name
-    types = np.where(np.arange(11) < 5, 0, 1)[None].repeat(2, 0)
-    kw = dict(token_type_ids=types) if overrides.get("type_vocab_size") else {}
-    ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-                 **{k: torch.tensor(v) for k, v in {**labels, **kw}.items()})
-    out = nnx.jit(lambda m, kw: m(input_ids=IDS, attention_mask=MASK, **kw))(ours, {**labels, **kw})
-    for name in ("logits", "start_logits", "end_logits", "loss"):
-        if getattr(ref, name, None) is not None:
-            np.testing.assert_allclose(real(np.asarray(getattr(out, name))), real(getattr(ref, name).detach().numpy()),
-                                       atol=1e-5, rtol=0, err_msg=name)
-    ref.loss.backward()  # the loss's gradient with respect to every weight, q_bias and v_bias included
-    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
-    loss = lambda p: nnx.merge(graphdef, p, rest)(input_ids=IDS, attention_mask=MASK, **labels, **kw).loss  # noqa: E731
-    assert_grads_match_torch(nnx.merge(graphdef, jax.jit(jax.grad(loss))(params), rest), theirs)
+save_random = partial(_torch_models.save_random, "deberta")
+real = partial(at_tokens, mask=MASK)
 
 
 def test_a_masked_lm_checkpoint_gives_transformers_logits_and_saves_what_it_loads(tmp_path):

@@ -1,6 +1,7 @@
 """DeBERTa-v2/v3 against PyTorch transformers (outputs, losses and gradients of each layout: v3's
 shared keys and normalised bucketed table, v2's own position projections with absolute positions,
-token types and a narrower embedding, c2p or p2c alone, the convolution), a masked-LM checkpoint
+token types and a narrower embedding, c2p or p2c alone, the convolution; and DeBERTa v1's, whose
+other tests are tests/test_deberta.py), a masked-LM checkpoint
 (the Hub's kind) in a classifier, LoRA both ways with HF PEFT, and the Trainer with the model's
 dropout.
 
@@ -11,6 +12,8 @@ missing scale shows.
 
 from __future__ import annotations
 
+from functools import partial
+
 
 import jax
 import numpy as np
@@ -19,7 +22,8 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import assert_grads_match_torch, assert_peft_reads, lazy, peft_file, save_perturbed
+import _torch_models
+from _torch_models import at_tokens, assert_grads_match_torch, assert_peft_reads, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -43,24 +47,32 @@ CASES = {  # name -> (transformers class, config overrides, labels)
                         dict(labels=np.where(MASK == 1, IDS % 5, -100))),
     "spans": ("DebertaV2ForQuestionAnswering", dict(num_labels=2),
               dict(start_positions=np.array([1, 3]), end_positions=np.array([4, 6]))),
+    # DeBERTa v1 (tests/test_deberta.py): the fused in_proj, q_bias/v_bias, pos_proj/pos_q_proj
+    "v1-cls": ("DebertaForSequenceClassification", {}, dict(labels=np.array([2, -1]))),
+    "v1-cls-absolute-types-p2c": ("DebertaForSequenceClassification",
+                                  dict(position_biased_input=True, type_vocab_size=2, pos_att_type="p2c",
+                                       hidden_act="gelu_new"), dict(labels=np.array([0, 1]))),
+    "v1-tokens-c2p": ("DebertaForTokenClassification", dict(pos_att_type="c2p", num_labels=5),
+                      dict(labels=np.where(MASK == 1, IDS % 5, -100))),
+    "v1-spans": ("DebertaForQuestionAnswering", dict(num_labels=2),
+                 dict(start_positions=np.array([1, 3]), end_positions=np.array([4, 6]))),
 }
+TYPES = np.where(np.arange(11) < 5, 0, 1)[None].repeat(2, 0)  # where the config has token types
 
 
-def save_random(class_name, path, **overrides):
-    """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
-    return save_perturbed(getattr(tr, class_name), _tiny.config("deberta-v2", **overrides), path)
-
-
-def real(x):
-    return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
+save_random = partial(_torch_models.save_random, "deberta-v2")
+real = partial(at_tokens, mask=MASK)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_losses_and_gradients_equal_transformers(case, tmp_path):
     class_name, overrides, labels = CASES[case]
-    theirs = save_random(class_name, tmp_path, **overrides)
+    family = "deberta-v2" if class_name.startswith("DebertaV2") else "deberta"
+    theirs = _torch_models.save_random(family, class_name, tmp_path, **overrides)
     ours = models.from_pretrained(tmp_path)
     assert type(ours).__name__ == class_name
+    if overrides.get("type_vocab_size"):
+        labels = dict(labels, token_type_ids=TYPES)
     ref = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
                  **{k: torch.tensor(v) for k, v in labels.items()})
     out = nnx.jit(lambda m, kw: m(input_ids=IDS, attention_mask=MASK, **kw))(ours, labels)

@@ -7,6 +7,8 @@ and the Trainer with the model's dropout.
 
 from __future__ import annotations
 
+from functools import partial
+
 
 import jax
 import numpy as np
@@ -15,7 +17,8 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import assert_peft_reads, lazy, peft_file, save_perturbed
+import _torch_models
+from _torch_models import at_tokens, assert_peft_reads, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -35,13 +38,8 @@ CASES = {  # name -> (transformers class, config overrides, labels)
 }
 
 
-def save_random(class_name, path, **overrides):
-    """A transformers model of the tiny config, every weight moved by noise, saved to ``path``."""
-    return save_perturbed(getattr(tr, class_name), _tiny.config("electra", **overrides), path)
-
-
-def real(x):
-    return x[MASK.astype(bool)] if x.ndim == 3 or (x.ndim == 2 and x.shape == MASK.shape) else x
+save_random = partial(_torch_models.save_random, "electra")
+real = partial(at_tokens, mask=MASK)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

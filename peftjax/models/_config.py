@@ -354,16 +354,6 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "position_biased_input": True, "pos_att_type": None, "pooler_dropout": 0.0, "pooler_hidden_act": "gelu",
         "legacy": True, "tie_word_embeddings": True,
     },
-    # DebertaConfig (v1): DeBERTa-v2's fields without buckets, convolution or shared keys
-    "deberta": {
-        "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-        "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 0,
-        "initializer_range": 0.02, "layer_norm_eps": 1e-07, "relative_attention": False,
-        "max_relative_positions": -1, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None,
-        "position_biased_input": True, "pos_att_type": None, "pooler_dropout": 0.0, "pooler_hidden_act": "gelu",
-        "legacy": True, "tie_word_embeddings": True,
-    },
     "gpt2": {
         "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
         "activation_function": "gelu_new", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
@@ -402,6 +392,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 
 # other names for fields (transformers' ``attribute_map``)
+# DebertaConfig (v1): DeBERTa-v2's fields (no buckets, convolution or shared keys), deberta-base's sizes
+FAMILY_DEFAULTS["deberta"] = {**FAMILY_DEFAULTS["deberta-v2"], "vocab_size": 50265, "hidden_size": 768,
+                              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+
 ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
     "qwen3_moe": {"num_experts": "num_local_experts"},
