@@ -576,6 +576,22 @@ def test_data_driven_inits_on_scanned_layers_equal_the_unscanned_model(llama):
         peftjax.initialize_lora_eva_weights(uneven, BATCHES)
 
 
+def test_loraga_estimates_with_the_model_s_dropout_only_under_a_key():
+    """PEFT estimates in train mode; here the model's own dropout runs under ``key`` (the same key,
+    the same gradients), and without one the estimate is deterministic."""
+    import jax
+
+    model = models.GPT2LMHeadModel.from_config(models.ModelConfig("gpt2", **_tiny.fields("gpt2")))
+    assert model.config.resid_pdrop > 0
+    config = peftjax.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="lora_ga", lora_ga_config={})
+    plain = [peftjax.preprocess_loraga(model, config, BATCHES) for _ in range(2)]
+    keyed = [peftjax.preprocess_loraga(model, config, BATCHES, key=jax.random.key(k)) for k in (0, 0, 1)]
+    for n in plain[0]:
+        np.testing.assert_array_equal(plain[0][n], plain[1][n])
+        np.testing.assert_array_equal(keyed[0][n], keyed[1][n])
+        assert np.abs(keyed[0][n] - plain[0][n]).max() > 1e-4 and np.abs(keyed[0][n] - keyed[2][n]).max() > 1e-4
+
+
 def test_loraga_refusals_and_peft_s_embedding_fallback(llama):
     """What PEFT refuses (no ``lora_ga_config``, a quantized target) and what peftjax refuses where
     PEFT would go on wrong: no gradient left by ``preprocess_loraga`` (PEFT silently falls back to
