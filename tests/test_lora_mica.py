@@ -182,8 +182,8 @@ def _llama(**fields):
 
 def test_mica_refusals_name_the_layer_and_change_nothing(checkpoints):
     """PEFT's refusals: a rank above ``min(in, out)`` (named layer, shape, usable rank), DoRA (no
-    variant of MiCA for it), a quantized base (its SVD needs the float weight); and what peftjax
-    does not adapt with MiCA: a convolution (PEFT has no MiCA variant there) and the Linen path."""
+    variant of MiCA for it), a quantized base (its SVD needs the float weight); and a convolution
+    (PEFT has no MiCA variant there)."""
     too_big = r"MiCA requires `r` <= min\(in_features, out_features\) but got r=20 for a layer with weight shape " \
               r"\(16, 32\) \(max usable r is 16\)"
     with pytest.raises(ValueError, match=too_big):
@@ -208,19 +208,6 @@ def test_mica_refusals_name_the_layer_and_change_nothing(checkpoints):
     with pytest.raises(NotImplementedError, match=r"conv: init_lora_weights='mica' is not supported on convolutions"):
         peftjax.get_peft_model(Conv(), peftjax.LoraConfig(target_modules=["conv"], init_lora_weights="mica"))
 
-    import flax.linen as nn
-    from peftjax.linen import inject
-
-    class Mlp(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(6, name="hidden")(x)
-
-    x = jnp.ones((2, 5))
-    params = Mlp().init(jax.random.key(0), x)["params"]
-    with pytest.raises(NotImplementedError, match="MiCA, a frozen lora_B.*not through peftjax.linen"):
-        inject(Mlp(), params, peftjax.LoraConfig(target_modules=["hidden"], init_lora_weights="mica"),
-               sample_args=(x,), key=jax.random.key(0))
 
 
 def test_combining_mica_adapters_keeps_mica_as_peft_does(checkpoints, tmp_path):
@@ -241,3 +228,58 @@ def test_combining_mica_adapters_keeps_mica_as_peft_does(checkpoints, tmp_path):
     assert status(ours) == status(theirs) and {g for _, g in status(ours)} == {"irregular"}
     ours.save_pretrained(tmp_path, selected_adapters=["mix"])
     assert json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+
+
+def test_mica_through_linen_trains_a_only_with_the_nnx_factors():
+    """A Linen model's MiCA adapter has the NNX layer's factors (both PEFT's, tested above); ``split``
+    with the spec keeps ``lora_B`` in the frozen rest and ``trainable_labels`` labels it frozen, so
+    an optax step moves ``A`` alone; ``combine`` puts the split dict back; without the spec ``B``
+    sits on the trainable side but the forward gives it no gradient."""
+    import flax.linen as nn
+    import optax
+
+    from peftjax import linen
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="out")(nn.relu(nn.Dense(12, name="hidden")(x)))
+
+    x = jax.random.normal(jax.random.key(1), (3, 10))
+    params = Mlp().init(jax.random.key(0), x)["params"]
+    config = peftjax.LoraConfig(r=3, target_modules=["hidden", "out"], init_lora_weights="mica")
+    adapted, spec = linen.inject(Mlp(), params, config, sample_args=(x,), key=jax.random.key(2))
+
+    class Twin(nnx.Module):
+        def __init__(self):
+            self.hidden, self.out = nnx.Linear(10, 12, rngs=nnx.Rngs(0)), nnx.Linear(12, 4, rngs=nnx.Rngs(0))
+
+    twin = Twin()
+    for name in ("hidden", "out"):
+        getattr(twin, name).kernel.set_value(params[name]["kernel"])
+    peftjax.tuners.inject_lora(twin, config)
+    for name in ("hidden", "out"):
+        theirs = getattr(twin, name).lora_B["default"].get_value()
+        np.testing.assert_allclose(adapted[name]["lora_B"]["default"], theirs, atol=1e-6, err_msg=name)
+        assert not np.asarray(adapted[name]["lora_A"]["default"]).any()
+
+    trainable, rest = linen.split(adapted, spec)
+    assert {k for layer in trainable.values() for k in layer} == {"lora_A"}
+    assert all("lora_B" in rest[name] for name in ("hidden", "out"))
+    labels = linen.trainable_labels(adapted, spec)
+    assert labels["hidden"]["lora_B"]["default"] == "frozen" and labels["hidden"]["lora_A"]["default"] == "trainable"
+    jax.tree.map(np.testing.assert_array_equal, linen.combine(trainable, rest), adapted)
+
+    def loss(trainable, rest):
+        with linen.intercept(spec):
+            return jnp.sum(Mlp().apply({"params": linen.combine(trainable, rest)}, x) ** 2)
+
+    tx = optax.adam(1e-2)
+    update, _ = tx.update(jax.grad(loss)(trainable, rest), tx.init(trainable), trainable)
+    moved = optax.apply_updates(trainable, update)
+    assert all(np.abs(moved[n]["lora_A"]["default"] - trainable[n]["lora_A"]["default"]).max() > 1e-4
+               for n in ("hidden", "out"))
+    # no spec: B on the trainable side, where the forward gives it no gradient (A moved: B's would be non-zero)
+    everything, base = linen.split(linen.combine(moved, rest))
+    grads = jax.grad(loss)(everything, base)
+    assert all(not np.asarray(grads[n]["lora_B"]["default"]).any() for n in ("hidden", "out"))

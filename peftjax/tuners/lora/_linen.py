@@ -98,7 +98,6 @@ from peftjax.tuners.lora._math import (
     check_init_rank,
     decomposes,
     dora_factor,
-    is_mica,
     dora_output,
     init_weights,
     kernel_from_torch,
@@ -664,9 +663,6 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if lora.arrow is not None:  # its forward routes over the other adapters, which the interceptor does not do
         raise NotImplementedError(f"{info.name}: an Arrow router (LoraConfig.arrow_config) is supported on NNX "
                                   "models (peftjax.create_arrow_model), not through peftjax.linen")
-    if is_mica(init):  # split/trainable_labels go by key names; MiCA's lora_B must stay out of the trainable side
-        raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} (MiCA, a frozen lora_B) is supported on "
-                                  "NNX models (and the bundled ones), not through peftjax.linen")
     if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
         raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
                                   "bundled ones), not yet through peftjax.linen")
@@ -888,6 +884,8 @@ def _add_adapters(layer: LinenLayerSpec, live, module: nn.Module, args, kwargs, 
     x = call.x
     for name, s in live:
         a, b = _adapter_weight(module, layer, "lora_A", name), _adapter_weight(module, layer, "lora_B", name)
+        if s.freeze_b:  # MiCA: B never trains (split keeps it with the frozen rest; this holds without spec too)
+            b = jax.lax.stop_gradient(b)
         if layer.kind == "embed":  # PEFT applies no dropout to embeddings
             lora = jnp.take(a, x, axis=0) @ b
             y = y + (s.scaling * lora).astype(y.dtype)
@@ -1120,7 +1118,9 @@ def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
     The same order as ``peftjax.split``. ``trainable`` holds the ``lora_*`` and
     ``modules_to_save`` subtrees and, when ``spec`` has PEFT's ``bias="all"`` / ``"lora_only"``,
     those base ``bias`` leaves (moved, not copied: they are missing from ``rest``, and
-    :func:`combine` puts them back). Without ``spec`` every bias stays in ``rest``.
+    :func:`combine` puts them back). Without ``spec`` every bias stays in ``rest``. With ``spec``,
+    a MiCA adapter's ``lora_B`` entries (``init_lora_weights="mica"``: frozen) stay in ``rest``
+    too; without it they go to ``trainable``, where the forward still gives them no gradient.
 
     Example:
       >>> trainable, rest = split({"q": {"kernel": 1, "lora_A": {"default": 2}}, "o": {"kernel": 3}})
@@ -1130,11 +1130,19 @@ def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
       {'q': {'kernel': 1}, 'o': {'kernel': 3}}
     """
     trains_bias = _bias_rule(spec)
+    frozen = _frozen_factors(spec)
 
     def go(node, path):
         base, adapters = {}, {}
         for k, v in node.items():
-            if k in TRAINABLE_KEYS:
+            if k in TRAINABLE_KEYS and frozen.get((path, k)) and isinstance(v, Mapping):
+                kept = frozen[(path, k)]  # MiCA's lora_B entries stay with the frozen rest
+                trains = {n: w for n, w in v.items() if n not in kept}
+                if trains:
+                    adapters[k] = _like(v, trains)
+                if len(trains) < len(v):
+                    base[k] = _like(v, {n: w for n, w in v.items() if n in kept})
+            elif k in TRAINABLE_KEYS:
                 adapters[k] = v
             elif isinstance(v, Mapping):
                 b, a = go(v, path + (k,))
@@ -1165,6 +1173,8 @@ def combine(trainable: Mapping, rest: Mapping) -> dict:
                 out[k] = v
             elif isinstance(out[k], Mapping) and isinstance(v, Mapping) and k not in TRAINABLE_KEYS:
                 out[k] = go(out[k], v, path + (k,))
+            elif isinstance(out[k], Mapping) and isinstance(v, Mapping) and not set(out[k]) & set(v):
+                out[k] = _like(out[k], {**out[k], **v})  # one adapter dict split by split (MiCA's lora_B)
             else:
                 raise ValueError(f"both trees hold params/{'/'.join(path + (k,))}")
         return _like(b, out)
@@ -1185,16 +1195,34 @@ def trainable_labels(params: Mapping, spec: LinenLoraSpec | None = None) -> Any:
     """
     trains_bias = _bias_rule(spec)
 
+    frozen = _frozen_factors(spec)
+
     def go(node, label, path):
         if isinstance(node, Mapping):
             out = {}
             for k, v in node.items():
+                if k in TRAINABLE_KEYS and frozen.get((path, k)) and isinstance(v, Mapping):
+                    out[k] = _like(v, {n: go(w, FROZEN if n in frozen[(path, k)] else TRAINABLE, path + (k, n))
+                                       for n, w in v.items()})
+                    continue
                 trains = k in TRAINABLE_KEYS or (k == "bias" and not isinstance(v, Mapping) and trains_bias(path))
                 out[k] = go(v, TRAINABLE if trains else label, path + (k,))
             return _like(node, out)
         return jax.tree.map(lambda _: label, node)
 
     return go(params, FROZEN, ())
+
+
+def _frozen_factors(spec: LinenLoraSpec | None) -> dict[tuple[tuple[str, ...], str], frozenset[str]]:
+    """``{(layer path, key): adapters}`` whose entry under that key never trains: MiCA's ``lora_B``."""
+    if spec is None:
+        return {}
+    out = {}
+    for layer in spec.layers:
+        names = frozenset(n for n, s in layer.adapters if s.freeze_b)
+        if names:
+            out[(layer.path, "lora_B")] = names
+    return out
 
 
 def _bias_rule(spec: LinenLoraSpec | None):
