@@ -1120,7 +1120,8 @@ def split(params: Mapping, spec: LinenLoraSpec | None = None) -> SplitParams:
     those base ``bias`` leaves (moved, not copied: they are missing from ``rest``, and
     :func:`combine` puts them back). Without ``spec`` every bias stays in ``rest``. With ``spec``,
     a MiCA adapter's ``lora_B`` entries (``init_lora_weights="mica"``: frozen) stay in ``rest``
-    too; without it they go to ``trainable``, where the forward still gives them no gradient.
+    too; without it they go to ``trainable``, where the forward gives them no gradient (but an
+    optimizer's weight decay would still move them: pass ``spec``).
 
     Example:
       >>> trainable, rest = split({"q": {"kernel": 1, "lora_A": {"default": 2}}, "o": {"kernel": 3}})
