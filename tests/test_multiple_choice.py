@@ -132,10 +132,13 @@ def test_tokenized_rows_batch_as_transformers_collates_them(minilm_tokenizer):
         np.testing.assert_array_equal(batch[name], theirs[name].numpy(), err_msg=name)
     np.testing.assert_array_equal(batch["labels"], theirs["labels"].numpy())
     as_lists = [dict(context=r["sent1"], choices=[r[f"ending{i}"] for i in range(4)], label=r["label"]) for r in rows]
-    as_lists[3]["choices"] = as_lists[3]["choices"][:3]
-    with pytest.raises(ValueError, match="row 3 has 3 choices, the first row 4"):
+    as_lists[3]["choices"] = as_lists[3]["choices"][:3]  # ARC's rows have 3 to 5 choices: kept as they are
+    fewer = tokenize_multiple_choice(datasets.Dataset.from_list(as_lists), minilm_tokenizer)
+    assert [len(r) for r in fewer["input_ids"]] == [4, 4, 4, 3, 4]
+    as_lists[3]["choices"] = []
+    with pytest.raises(ValueError, match="row 3 has no choices"):
         tokenize_multiple_choice(datasets.Dataset.from_list(as_lists), minilm_tokenizer)
-    as_lists[3]["choices"].append("x")
+    as_lists[3]["choices"] = ["a", "b", "c", "x"]
     as_lists[1]["label"] = 4
     with pytest.raises(ValueError, match=r"row 1: label 4 is not one of its 4 choices"):
         tokenize_multiple_choice(datasets.Dataset.from_list(as_lists), minilm_tokenizer)
@@ -149,6 +152,37 @@ def test_tokenized_rows_batch_as_transformers_collates_them(minilm_tokenizer):
                                     choice_labels_column="names")["labels"] == indices
     with pytest.raises(ValueError, match="row 0: label '3' is not a choice.*choice_labels_column"):
         tokenize_multiple_choice(datasets.Dataset.from_list([{**r, "names": None} for r in named]), minilm_tokenizer)
+
+
+def test_rows_with_fewer_choices_get_padded_choices_that_score_nothing(tmp_path):
+    """Rows of 4 and 2 choices in one batch: the ``Batcher`` gives the short row two empty choices
+    (all padding), which the model scores lowest; the real choices' logits and each row's loss are
+    transformers' on that row's own choices."""
+    from peftjax.training import Batcher
+
+    theirs = save_perturbed(tr.BertForMultipleChoice, _tiny.config("bert"), tmp_path)
+    ours = models.from_pretrained(tmp_path)
+    rng = np.random.default_rng(3)
+    rows = [[list(rng.integers(3, 90, n)) for n in (5, 7, 6, 4)], [list(rng.integers(3, 90, n)) for n in (6, 3)]]
+    labels = [3, 1]
+    batch = next(Batcher({"input_ids": rows, "labels": labels}, 2, shuffle=False, buckets=None).batches(0))
+    assert batch["input_ids"].shape == (2, 4, 7) and not batch["attention_mask"][1, 2:].any()
+    out = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    losses = []
+    for i, row in enumerate(rows):
+        ids = np.zeros((1, len(row), 7), np.int64)
+        mask = np.zeros_like(ids)
+        for j, seq in enumerate(row):
+            ids[0, j, :len(seq)], mask[0, j, :len(seq)] = seq, 1
+        with torch.no_grad():
+            ref = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         labels=torch.tensor([labels[i]]))
+        np.testing.assert_allclose(np.asarray(out.logits)[i, :len(row)], ref.logits.numpy()[0], atol=1e-5, rtol=0)
+        losses.append(ref.loss.item())
+    assert np.asarray(out.logits)[1, 2:].max() < -1e30  # the padded choices
+    np.testing.assert_allclose(float(out.loss), np.mean(losses), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="multiple-choice row 1 has no choices"):
+        Batcher({"input_ids": [rows[0], []], "labels": labels}, 2, shuffle=False, buckets=None)
 
 
 def test_lora_moves_both_ways_with_peft_and_the_new_head_is_saved(tmp_path):

@@ -37,7 +37,9 @@ class MultipleChoice:
         """Scores each row's choices: inputs ``[batch, choices, seq]`` (``inputs_embeds``
         ``[batch, choices, seq, hidden]``), ``logits`` ``[batch, choices]``. ``labels`` (``[batch]``,
         the right choice's index; -100 leaves a row out) add transformers' loss, the mean cross
-        entropy of the rows' choices.
+        entropy of the rows' choices. A choice whose ``attention_mask`` is all zeros (the padding
+        the ``Batcher`` gives a row with fewer choices than the batch) gets the lowest logit,
+        so it takes no probability and no loss.
 
         Raises:
           ValueError: inputs that are not ``[batch, choices, seq]``, naming their shape.
@@ -59,5 +61,8 @@ class MultipleChoice:
         scores = self.choice_logits(flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids),
                                     flat(inputs_embeds), dropout_rng)
         logits = scores.reshape(rows, choices)
+        if attention_mask is not None:  # a row with fewer choices than the batch: its padded ones score -inf
+            present = jnp.any(jnp.asarray(attention_mask).reshape(rows, choices, -1) != 0, axis=-1)
+            logits = jnp.where(present, logits, jnp.finfo(logits.dtype).min)
         loss = None if labels is None else masked_cross_entropy(logits, jnp.asarray(labels))
         return ModelOutput(logits=logits, loss=loss)

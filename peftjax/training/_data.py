@@ -246,7 +246,7 @@ def tokenize_multiple_choice(
       text_column: the context every choice is paired with (a question, a passage, a sentence).
       choices_column: a column holding each row's choices as a list of strings (HellaSwag's
         ``endings``), or the names of columns holding one choice each (SWAG's ``ending0`` ...).
-        Every row must have the same number of choices.
+        Rows may have different numbers of choices (ARC's 3 to 5): the batches pad them.
       choice_prefix_column: text put before each choice (SWAG's ``sent2``), or ``None``.
       label_column: the right choice: its index (integers from 0), its name among the row's
         ``choice_labels_column`` names (ARC's and CommonsenseQA's ``answerKey`` among
@@ -264,9 +264,9 @@ def tokenize_multiple_choice(
 
     Raises:
       ValueError: a named column is missing (the message lists the available ones), a row whose
-        choices are not a list of strings or whose number of choices differs from the first
-        row's, or a label that names no choice (a string label other than a letter needs
-        ``choice_labels_column``: ARC names some rows' choices "1", "2", ...).
+        choices are not a list of strings or that has none, or a label that names no choice (a
+        string label other than a letter needs ``choice_labels_column``: ARC names some rows'
+        choices "1", "2", ...).
     """
     _check_positive("max_length", max_length)
     keep = _kept_columns(keep_columns, ("input_ids", "attention_mask", "token_type_ids", "labels"))
@@ -278,8 +278,6 @@ def tokenize_multiple_choice(
     def one(ds):
         _require_columns(ds, [c for c in (text_column, *choice_columns, choice_prefix_column, label_column,
                                           choice_labels_column, *keep) if c is not None])
-        expected: list[int] = []
-
         def encode(batch, indices):
             rows = (batch[choices_column] if listed else
                     [list(choices) for choices in zip(*(batch[c] for c in choice_columns))])
@@ -288,11 +286,8 @@ def tokenize_multiple_choice(
                 if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
                     raise ValueError(f"row {i}: column {choices_column!r} must hold a list of choice strings, "
                                      f"got {choices!r:.80}")
-                if not expected:
-                    expected.append(len(choices))
-                if len(choices) != expected[0] or not choices:
-                    raise ValueError(f"row {i} has {len(choices)} choices, the first row {expected[0]}: every row "
-                                     "needs the same number of choices (filter or pad the rows)")
+                if not choices:
+                    raise ValueError(f"row {i} has no choices")
                 if label_column is not None:
                     names = batch[choice_labels_column][j] if choice_labels_column else None
                     labels.append(choice_index(batch[label_column][j], len(choices), names, f"row {i}"))
@@ -1054,10 +1049,11 @@ class Batcher:
     at each one, so its per-sequence outputs are those of the unpacked batch.
 
     Multiple choice: where ``input_ids`` holds a list of token lists per row (each row's choices,
-    as :func:`tokenize_multiple_choice` makes them), every per-token column does too, each row has
-    the same number of choices ``C``, and a batch's per-token columns are ``[batch_size, C,
-    bucket]``, a row's length its longest choice's; per-row columns (``labels``: the right
-    choice's index) stay ``[batch_size]``. Not with packing or target columns.
+    as :func:`tokenize_multiple_choice` makes them), every per-token column does too, and a batch's
+    per-token columns are ``[batch_size, C, bucket]``, ``C`` the most choices any row has (a row
+    with fewer gets empty choices, all padding, which the ``...ForMultipleChoice`` models leave
+    out), a row's length its longest choice's; per-row columns (``labels``: the right choice's
+    index) stay ``[batch_size]``. Not with packing or target columns.
 
     ``target_columns`` are token lists of their own length: the decoder side of an
     encoder-decoder (``labels`` from :func:`tokenize_seq2seq`). Each batch pads them to the
@@ -1525,18 +1521,26 @@ def _choice_columns(columns: dict[str, Any]) -> tuple[int | None, dict[str, Any]
         if not np.array_equal(column.counts, counts):
             row = int(np.flatnonzero(column.counts != counts)[0]) if len(column.counts) == len(counts) else 0
             raise ValueError(f"column {name!r} does not have input_ids' choices in row {row}")
-    odd = np.flatnonzero(counts != counts[0]) if counts.size else counts
-    if odd.size:
-        raise ValueError(f"row {odd[0]} has {counts[odd[0]]} choices and row 0 has {counts[0]}: multiple-choice "
-                         "batches need the same number of choices in every row (filter or pad the rows' choices)")
-    if counts.size and counts[0] == 0:
-        raise ValueError("multiple-choice rows have no choices (input_ids holds an empty list per row)")
-    flat = {k: v.sequences if isinstance(v, _Choices) else v for k, v in columns.items()}
+    if counts.size and counts.min() == 0:
+        row = int(np.argmin(counts))
+        raise ValueError(f"multiple-choice row {row} has no choices (input_ids holds an empty list there)")
+    most = int(counts.max()) if counts.size else 1
+    # rows with fewer choices get empty ones (all padding), which the ...ForMultipleChoice models score -inf
+    flat = {k: _padded_choices(v, most) if isinstance(v, _Choices) else v for k, v in columns.items()}
     unnested = [k for k, v in columns.items() if isinstance(v, tuple)]  # (values, offsets): a list per row
     if unnested:
         raise ValueError(f"columns {unnested} hold one token list per row beside input_ids' token list per choice: "
                          "give every per-token column a list per choice")
-    return (int(counts[0]) if counts.size else 1), flat
+    return most, flat
+
+
+def _padded_choices(column: _Choices, most: int) -> tuple:
+    """``column``'s sequences with each row's choices followed by empty ones up to ``most``: the
+    ``(values, offsets)`` of ``rows * most`` sequences (an empty one starts where its row ends)."""
+    values, offsets = column.sequences
+    starts = np.concatenate([[0], np.cumsum(column.counts)])  # each row's first sequence
+    index = starts[:-1, None] + np.minimum(np.arange(most)[None, :], column.counts[:, None])
+    return values, np.concatenate([np.asarray(offsets)[index.reshape(-1)], np.asarray(offsets)[-1:]])
 
 
 def _split_columns(columns: dict[str, Any], choices: int = 1):
