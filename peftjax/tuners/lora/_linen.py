@@ -1220,7 +1220,7 @@ def _frozen_factors(spec: LinenLoraSpec | None) -> dict[tuple[tuple[str, ...], s
         return {}
     out = {}
     for layer in spec.layers:
-        names = frozenset(n for n, s in layer.adapters if s.freeze_b)
+        names = frozenset(n for n, s in layer.adapters if getattr(s, "freeze_b", False))  # other methods: none
         if names:
             out[(layer.path, "lora_B")] = names
     return out
