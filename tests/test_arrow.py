@@ -106,6 +106,8 @@ def test_arrow_generates_as_peft_and_its_router_config_is_peft_s(adapters, tmp_p
     assert read("ours")["arrow_config"] == read("theirs")["arrow_config"]
     assert read("ours")["arrow_config"]["task_adapter_names"] == ["task_0", "task_1", "task_2"]
 
+    with pytest.raises(ValueError, match="routes over the task adapters loaded beside it .* has none"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(adapters / "base"), tmp_path / "ours" / "arrow_router")
     ours.delete_adapter("task_1")
     _, fewer = both(adapters, config, tasks=("t0", "t2"))
     np.testing.assert_allclose(np.asarray(ours(input_ids=IDS).logits), np.asarray(fewer(input_ids=IDS).logits),

@@ -92,6 +92,10 @@ def _refresh(model, routers) -> None:
 
 def _refresh_layer(layer: LoraLayer, path: str, router: str, settings: ArrowConfig) -> None:
     experts = layer.arrow_expert_names()
+    if not experts:
+        raise ValueError(f"{path}: the Arrow router {router!r} routes over the task adapters loaded beside it "
+                         "(peftjax.create_arrow_model), and this model has none; a router's file is not an adapter "
+                         "of its own")
     if len(experts) < settings.top_k:
         raise ValueError(f"{path}: the Arrow router {router!r} takes top_k={settings.top_k} of {len(experts)} "
                          f"adapters ({list(experts)})")
