@@ -169,7 +169,8 @@ def test_mica_under_scanned_layers_keeps_b_frozen(checkpoints):
     layers = plain.base_model.model.layers
     for k, v in stacked_b.items():
         proj = "q_proj" if "q_proj" in k else "v_proj"
-        expect = np.stack([np.asarray(getattr(layer.self_attn, proj).lora_B["default"].get_value()) for layer in layers])
+        expect = np.stack([np.asarray(getattr(layer.self_attn, proj).lora_B["default"].get_value())
+                           for layer in layers])
         np.testing.assert_allclose(v, expect, atol=1e-6, rtol=0, err_msg=str(k))
     _tiny.train(scanned, _tiny.batch(IDS, MASK), steps=1, optimizer=optax.sgd(1.0), dropout=False)
     after = frozen_b()
@@ -231,7 +232,8 @@ def test_combining_mica_adapters_keeps_mica_as_peft_does(checkpoints, tmp_path):
 
 
 def test_mica_through_linen_trains_a_only_with_the_nnx_factors():
-    """A Linen model's MiCA adapter has the NNX layer's factors (both PEFT's, tested above); ``split``
+    """A Linen model's MiCA adapter has the NNX layer's factors (both PEFT's, tested above) and PEFT's
+    rank refusal; ``split``
     with the spec keeps ``lora_B`` in the frozen rest and ``trainable_labels`` labels it frozen, so
     an optax step moves ``A`` alone; ``combine`` puts the split dict back; without the spec ``B``
     sits on the trainable side but the forward gives it no gradient."""
@@ -247,6 +249,9 @@ def test_mica_through_linen_trains_a_only_with_the_nnx_factors():
 
     x = jax.random.normal(jax.random.key(1), (3, 10))
     params = Mlp().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"hidden: MiCA requires .* weight shape \(12, 10\) \(max usable r is 10\)"):
+        linen.inject(Mlp(), params, peftjax.LoraConfig(r=11, target_modules=["hidden"], init_lora_weights="mica"),
+                     sample_args=(x,), key=jax.random.key(2))
     config = peftjax.LoraConfig(r=3, target_modules=["hidden", "out"], init_lora_weights="mica")
     adapted, spec = linen.inject(Mlp(), params, config, sample_args=(x,), key=jax.random.key(2))
 

@@ -87,11 +87,11 @@ class LoraConfig(PeftConfig):
             ``loftq_config``), ``"eva"`` (set from data by ``initialize_lora_eva_weights``),
             ``"corda"`` (after ``preprocess_corda``), ``"lora_ga"`` (after ``preprocess_loraga``:
             the SVD of each layer's gradient over data gives ``A`` and ``B``, the base keeps
-            ``W - s B A``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the
-            ``r`` left singular vectors of the base weight with the smallest singular values,
-            frozen: only ``A`` trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA
-            LoftQ, CorDA and LoRA-GA rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may
-            have any case, as in PEFT, which freezes MiCA's ``B`` only for the exact ``"mica"``
+            ``W - s B A``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the ``r`` left singular
+            vectors of the base weight with the smallest singular values, frozen: only ``A``
+            trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA, LoftQ, CorDA and
+            LoRA-GA rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may have
+            any case, as in PEFT, which freezes MiCA's ``B`` only for the exact ``"mica"``
             (another case gets MiCA's factors with both training), and so does peftjax.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
             index is the first numbered segment of the name (or the one after

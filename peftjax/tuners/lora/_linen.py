@@ -103,6 +103,7 @@ from peftjax.tuners.lora._math import (
     kernel_from_torch,
     kernel_to_torch,
     merged_weight,
+    peft_weight_shape,
     torch_layout,
 )
 from peftjax.tuners.lora._model import FAN_IN_FAN_OUT_LINEAR_WARNING
@@ -656,7 +657,6 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
         raise NotImplementedError(f"{info.name}: DoRA and lora_bias on embeddings are not supported")
     # a DenseGeneral / Einsum kernel is a plain [n_in, n_out] matrix here, so PiSSA/OLoRA factor it
     check_init(info.kind if info.kind in ("embed", "conv") else "linear", init, info.name)
-    check_init_rank(init, lora.r, info.name)
     if init in ("eva", "corda", "lora_ga"):  # calibrated on an NNX model's layer inputs or gradients
         raise NotImplementedError(f"{info.name}: init_lora_weights={init!r} is supported on NNX models (and the "
                                   "bundled ones), not through peftjax.linen")
@@ -666,6 +666,8 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
         raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
                                   "bundled ones), not yet through peftjax.linen")
+    check_init_rank(init, lora.r, info.name,
+                    peft_weight_shape(info.kind, math.prod(info.in_shape), math.prod(info.out_shape)))
     if lora.lora_bias and "bias" not in node:
         raise ValueError(f"{info.name}: lora_bias=True needs a base bias to merge into, and {where} has none")
 
@@ -1195,7 +1197,6 @@ def trainable_labels(params: Mapping, spec: LinenLoraSpec | None = None) -> Any:
       {'q': {'kernel': 'frozen', 'lora_A': {'default': 'trainable'}}}
     """
     trains_bias = _bias_rule(spec)
-
     frozen = _frozen_factors(spec)
 
     def go(node, label, path):

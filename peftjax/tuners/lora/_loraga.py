@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from peftjax.config import LoraConfig, LoraGAConfig
+from peftjax.config import LoraConfig, LoraGAConfig, match_modules
 from peftjax.nn._dropout import dropout_key, own_loss
 from peftjax.nn._scan import has_stacked_layers, unstacked
-from peftjax.tuners.base import named_modules, resolve_config
+from peftjax.tuners.base import model_type, named_modules, resolve_config
 from peftjax.tuners.lora._corda import corda_targets, read_tensors, tensors_exist, write_tensors
 
 
@@ -132,9 +132,6 @@ def preprocess_loraga(
 
 
 def _matched(model, config) -> list[str]:
-    from peftjax.config import match_modules
-    from peftjax.tuners.base import model_type
-
     return match_modules(config, [n for n in named_modules(model) if n], model_type=model_type(model))
 
 

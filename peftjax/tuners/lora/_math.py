@@ -163,9 +163,8 @@ def check_init(kind: str, init, where: str) -> None:
     PiSSA, OLoRA, LoftQ, EVA, CorDA, LoRA-GA and the orthogonal init factor a plain 2-D weight
     (``kind == "linear"``); embeddings take the default, ``False``, ``"gaussian"``,
     ``"orthogonal"`` and ``"lora_ga"`` (which PEFT's embedding layer treats as its default init)
-    and MiCA, convolutions and the
-    multi-axis layers (``"general"``) the default, ``False`` or ``"gaussian"`` (PEFT has no MiCA
-    variant for its convolutions either).
+    and MiCA; convolutions and the multi-axis layers (``"general"``) the default, ``False`` or
+    ``"gaussian"`` (PEFT has no MiCA variant for its convolutions either).
     """
     if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
         return
@@ -177,10 +176,16 @@ def check_init(kind: str, init, where: str) -> None:
     raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
 
 
+def peft_weight_shape(kind: str, n_in: int, n_out: int) -> tuple[int, int]:
+    """A layer's 2-D weight as PEFT's messages name it: ``(out, in)`` (torch's ``nn.Linear``), an
+    embedding's table ``(num, dim)``."""
+    return (n_in, n_out) if kind == "embed" else (n_out, n_in)
+
+
 def check_init_rank(init, r: int, where: str, shape: tuple[int, ...] | None = None) -> None:
     """PEFT's refusals of a rank the init cannot build: an odd one for the orthogonal init (it
     splits a basis into two halves), and for MiCA one above ``min(shape)``, ``shape`` the layer's
-    2-D weight (there are no more singular vectors than that)."""
+    2-D weight as :func:`peft_weight_shape` gives it (there are no more singular vectors than that)."""
     if init == "orthogonal" and r % 2:
         raise ValueError(f"{where}: Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
     if init == "lora_ga" and shape is not None and 2 * r > min(shape):

@@ -33,7 +33,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
-from peftjax.tuners.lora._math import check_init_rank
+from peftjax.tuners.lora._math import check_init_rank, peft_weight_shape
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
 from peftjax.tuners.trainable_tokens._layer import WRAPPED
@@ -104,9 +104,10 @@ def inject_lora(
         if init in ("eva", "corda") and linear and not isinstance(modules[name], nnx.Linear):
             raise NotImplementedError(f"{name}: init_lora_weights={init!r} is implemented for nnx.Linear layers (and "
                                       f"GPT-2's Conv1D as one), not {type(modules[name]).__name__}")
+        r = LoraSpec.for_target(config, name).r
         if init == "corda" and linear:  # CorDA's init is the layer's own eigens
             inits[name] = take_eigens(modules[name], name)
-            check_eigens(inits[name], modules[name], LoraSpec.for_target(config, name).r, name)
+            check_eigens(inits[name], modules[name], r, name)
         if init == "lora_ga" and linear and isinstance(modules[name], nnx.Linear):
             # its gradient, as preprocess_loraga left it; a file's adapter takes the default init and
             # keeps the base as it is, as PEFT's does when the layer has no gradient
@@ -117,9 +118,10 @@ def inject_lora(
                             f"{type(modules[name]).__name__}")
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
-        weight = getattr(modules[name], cls.weight_attr, None)  # as PEFT names it: [out, in], an embedding's [num, dim]
-        shape = None if weight is None else weight.shape[::-1] if cls.lora_kind == "linear" else weight.shape
-        check_init_rank(init, LoraSpec.for_target(config, name).r, name, shape)
+        weight = getattr(modules[name], cls.weight_attr, None)  # a 2-D kernel [in, out] or table [num, dim]
+        two_d = weight is not None and len(weight.shape) == 2
+        shape = peft_weight_shape(cls.lora_kind, *weight.shape) if two_d else None
+        check_init_rank(init, r, name, shape)
     for i, name in enumerate(targets):
         module = modules[name]
         if isinstance(module, LoraLayer) and adapter_name in module.adapter_names():
