@@ -11,6 +11,7 @@ import subprocess
 import sys
 import warnings
 
+import jax
 import numpy as np
 import pytest
 import transformers as tr
@@ -887,6 +888,90 @@ def test_train_a_multitask_prompt_language_model_and_generate_for_a_task(tokeniz
     assert completion == tokenizer.decode(np.asarray(want)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("init,learning_rate", [("eva", 0.0), ("corda", 0.01), ("lora_ga", 0.01)])
+def test_train_computes_a_data_driven_init_from_the_training_data(init, learning_rate, tokenizer_dir, tmp_path,
+                                                                   capsys):
+    """``train --method-option init_lora_weights=eva|corda|lora_ga`` computes the init from the
+    first ``--calibration-batches`` training batches (the first epoch's order) as the Python API
+    does on those batches; CorDA's and LoRA-GA's trained adapter, which trained on the base they
+    rewrote, is saved as a LoRA of the original base that PEFT loads to the same logits."""
+    from transformers import AutoTokenizer
+
+    from peftjax.data import load_reviews
+    from peftjax.training import Batcher, tokenize_classification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"  # no dropout: LoRA-GA's estimate is then the same in train mode
+    save_tiny(tr.BertModel, _tiny_config("bert", len(tokenizer), hidden_dropout_prob=0.0,
+                                         attention_probs_dropout_prob=0.0), base)
+    tokenizer.save_pretrained(base)
+    reviews = load_reviews("train").select(range(32))
+    reviews.to_json(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    job = ["train", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"), "--max-steps", "3",
+           "--per-device-train-batch-size", "8", "--max-length", "32", "--calibration-batches", "2",
+           "--learning-rate", str(learning_rate), "--seed", "0", "--method-option", f"init_lora_weights={init}",
+           "--output-dir", str(out), "--disable-tqdm", "--save-steps", "2", "--predict", "Not bad at all."]
+    assert main(job) == 0
+    if init == "corda":  # a resumed run calibrates again, to the same init: the same adapter
+        first = (out / "adapter_model.safetensors").read_bytes()
+        assert main([*job, "--resume-from-checkpoint", str(out / "checkpoint-2")]) == 0
+        assert (out / "adapter_model.safetensors").read_bytes() == first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["calibration"]["batches"] == 2 and summary["calibration"]["rows"] == 16
+    assert summary["reload_max_abs_diff"] < 1e-5  # the saved adapter on the original base is the trained model
+    saved, _ = read_safetensors(out / "adapter_model.safetensors")
+    config = json.loads((out / "adapter_config.json").read_text())
+
+    # the oracle: the public Python API on the first two batches of the Trainer's first epoch
+    rows = tokenize_classification(reviews, tokenizer, max_length=32)
+    columns = {k: rows[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    if init == "lora_ga":
+        columns["labels"] = rows["labels"]
+    batches = []
+    for batch in Batcher(columns, 8, seed=0).batches(0):
+        batches.append({k: v for k, v in batch.items() if k != "sample_weight"})
+        if len(batches) == 2:
+            break
+    model = models.from_pretrained(base, task_type="SEQ_CLS", num_labels=3, seed=0)
+    settings = {"eva": "eva_config", "corda": "corda_config", "lora_ga": "lora_ga_config"}[init]
+    lora = peftjax.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=32, lora_dropout=0.1, init_lora_weights=init,
+                              **{settings: {}})
+    if init == "corda":
+        peftjax.preprocess_corda(model, lora, batches)
+    elif init == "lora_ga":
+        peftjax.preprocess_loraga(model, lora, batches)
+    expected = peftjax.get_peft_model(model, lora, key=jax.random.key(0))  # --seed 0 (LoRA-GA's randomized SVD)
+    if init == "eva":
+        peftjax.initialize_lora_eva_weights(expected, batches)
+        # untrained (learning rate 0): EVA's components, its ranks, the adapted layers by their full names
+        assert config["rank_pattern"] == expected.peft_config["default"].rank_pattern
+        assert config["target_modules"] == sorted(expected.peft_config["default"].target_modules)
+    initial = peftjax.get_peft_model_state_dict(expected)
+    factors = sorted(k for k in initial if ".lora_" in k)
+    assert factors and sorted(k for k in saved if ".lora_" in k) == factors
+    for k in factors:
+        if init == "eva":
+            np.testing.assert_allclose(saved[k], initial[k], atol=1e-6, err_msg=k)
+        else:  # a LoRA of rank 2r: [trained | initial] (B's second half negated), here trained away from it
+            assert config["r"] == 16 and config["init_lora_weights"] is True
+            r = initial[k].shape[0 if ".lora_A." in k else 1]
+            start = saved[k][r:] if ".lora_A." in k else -saved[k][:, r:]
+            trained = saved[k][:r] if ".lora_A." in k else saved[k][:, :r]
+            np.testing.assert_allclose(start, initial[k], atol=1e-5, err_msg=k)
+            assert not np.allclose(trained, initial[k], atol=1e-4), k
+    if init != "eva":  # PEFT loads it on the original base to the logits of peftjax's reload
+        batch = tokenizer(["Not bad at all.", "A waste of an afternoon."], return_tensors="np", padding=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(tr.AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=3), out).eval()
+            with torch.no_grad():
+                want = theirs(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+        ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(base, task_type="SEQ_CLS", num_labels=3), out)
+        np.testing.assert_allclose(np.asarray(ours(**dict(batch)).logits), want, atol=1e-5)
+
+
 def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys):
     """A field the method's config lacks, a flag given twice and a malformed option are one-line
     errors naming them, before any data or model is read."""
@@ -902,6 +987,9 @@ def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys)
         (["--method", "lokr", "--method-option", "r=[1"], "--method-option 'r=[1': '[1' is not a YAML value"),
         (["--config", str(job)], "method_options must be a mapping of the method's config fields to values"),
         (["--method", "lora_plus"], "method must be one of lora, dora, adalora,"),
+        (["--calibration-batches", "0"], "calibration_batches must be a positive int, got 0"),
+        (["--task", "seq2seq", "--method-option", "init_lora_weights=corda"],
+         "--method-option init_lora_weights=corda reads each layer's inputs at the tokens the attention_mask"),
     ]:
         assert main(["train", *args, "--model", str(tmp_path / "absent")]) == 1
         err = capsys.readouterr().err

@@ -235,6 +235,33 @@ def test_eva_on_a_bert_classifier_sees_every_position_of_the_last_layer(tmp_path
     assert any(".layer.1." in n for n in names)  # the last layer's adapters are compared
 
 
+def test_eva_and_corda_leave_out_a_multiple_choice_batch_s_padding(tmp_path):
+    """A multiple-choice batch (``[rows, choices, tokens]``, a label per row) runs its layers on
+    ``[rows * choices, tokens]``: its attention mask still leaves the padding out, so padding the
+    choices further changes neither EVA's components nor CorDA's eigens."""
+    _tiny.save(_tiny.arch("bert", "BertModel"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new multiple-choice head
+        model = models.from_pretrained(tmp_path, task_type="MULTIPLE_CHOICE")
+    ids = np.random.RandomState(0).randint(1, 96, (2, 3, 8))
+    tight = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.array([0, 2])}
+    padded = {"input_ids": np.concatenate([ids, np.zeros((2, 3, 5), ids.dtype)], axis=-1),
+              "attention_mask": np.concatenate([np.ones_like(ids), np.zeros((2, 3, 5), ids.dtype)], axis=-1),
+              "labels": tight["labels"]}
+    eva = peftjax.LoraConfig(r=2, target_modules=["query", "intermediate.dense"], init_lora_weights="eva",
+                             eva_config=peftjax.EvaConfig(rho=1.0, tau=0.99))
+    want, got = (peftjax.get_eva_state_dict(model, [b], eva) for b in (tight, padded))
+    assert sorted(want) == sorted(got) and len(want) == 4
+    for name in want:  # each component up to its sign
+        np.testing.assert_allclose(np.abs(got[name]), np.abs(want[name]), atol=1e-4, err_msg=name)
+    corda = peftjax.LoraConfig(r=2, target_modules=["query"], init_lora_weights="corda",
+                               corda_config=peftjax.CordaConfig())
+    want, got = (peftjax.preprocess_corda(model, corda, [{k: v for k, v in b.items() if k != "labels"}])
+                 for b in (tight, padded))
+    for name in want:
+        np.testing.assert_allclose(got[name].S_WC, want[name].S_WC, rtol=1e-4, err_msg=name)
+
+
 def test_torch_randn_is_torchs():
     from peftjax.tuners.lora._eva import torch_randn
 

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "max_eval_samples": None,
     "method": "lora",
     "method_options": {},  # more fields of the method's config (--method-option FIELD=VALUE)
+    "calibration_batches": 16,  # eva, corda, lora_ga: the training batches their init is computed from
     "task_ids_column": None,  # poly, multitask_prompt: "task_ids" where the data has it
     "predict_task_id": None,
     "r": None,  # these five: JOB_DEFAULTS, else the method's config's default
@@ -89,6 +90,9 @@ TASK_TYPES = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "question_answerin
 # the job's task -> the model class's task where PEFT has no task type for it (models.from_pretrained)
 MODEL_TASKS = {"multiple_choice": "MULTIPLE_CHOICE"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
+# LoRA inits computed from data before training (init_lora_weights -> its config field, its name)
+DATA_DRIVEN_INITS = {"eva": ("eva_config", "EVA"), "corda": ("corda_config", "CorDA"),
+                     "lora_ga": ("lora_ga_config", "LoRA-GA")}
 # --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
 METHODS: dict[str, tuple[str, dict, str]] = {
     "lora": ("LORA", {}, "LoRA"),
@@ -182,6 +186,9 @@ FLAG_HELP = {
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",
+    "calibration_batches": "lora and dora with a data-driven init (--method-option init_lora_weights=eva, "
+                           "corda or lora_ga): the training batches it is computed from, the first of the "
+                           "first epoch (default: 16; EVA goes round them until its components settle)",
     "task_ids_column": "poly, multitask_prompt: the column of each row's task, an integer from 0 (default: "
                        "task_ids where the data has one, else task 0 for every row); n_tasks (poly) or num_tasks "
                        "(multitask_prompt) defaults to the largest task id + 1; a causal_lm job's documents are "
@@ -217,7 +224,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = type(default) if default is not None and not isinstance(default, str) else str
             if name in ("max_train_samples", "max_eval_samples", "num_labels", "stride", "r", "lora_alpha",
-                        "num_virtual_tokens", "predict_task_id"):
+                        "num_virtual_tokens", "predict_task_id", "calibration_batches"):
                 kind = int
             elif name == "lora_dropout":
                 kind = float
@@ -277,6 +284,15 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if twice:
         raise ValueError(f"{twice[0]} given twice: --{twice[0].replace('_', '-')} and --method-option {twice[0]}=...")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
+    batches = options["calibration_batches"]
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"calibration_batches must be a positive int, got {batches!r}")
+    init = given.get("init_lora_weights")
+    if options["task"] == "seq2seq" and init in ("eva", "corda"):
+        # their masks are the encoder's attention_mask, which the decoder's layers' inputs do not share
+        raise ValueError(f"--method-option init_lora_weights={init} reads each layer's inputs at the tokens the "
+                         "attention_mask keeps, the encoder's: an encoder-decoder's decoder layers have tokens of "
+                         "their own, so --task seq2seq takes lora_ga or an init without data")
     return options
 
 
@@ -489,7 +505,6 @@ def task_column(options: dict, raw_train, raw_eval) -> str | None:
 
 def run(options: dict[str, Any]) -> dict[str, Any]:
     """Runs the job described by ``options``; returns its figures."""
-    import jax
     import numpy as np
     import peftjax
     from peftjax import models
@@ -563,9 +578,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         predict_task = checked_task_id(config, options["predict_task_id"] or 0, "--predict-task-id")
         figures["tasks"] = getattr(config, task_field)
     task_inputs_of = partial(task_inputs, task_id=predict_task, flag="--predict-task-id")
-    peft_model = peftjax.get_peft_model(base_model(), config, key=jax.random.key(options["seed"]))
-    peft_model.print_trainable_parameters()
     collator = DataCollatorForLanguageModeling(tokenizer) if task == "masked_lm" else None
+    peft_model, initial_dir = _adapted(options, config, base_model(), train, tokenizer, collator, figures)
+    peft_model.print_trainable_parameters()
     trainer = Trainer(peft_model, args, train, evaluation, pad_token_id=tokenizer.pad_token_id,
                       data_collator=collator)
     figures["compilation_cache"] = trainer.compilation_cache_dir
@@ -594,6 +609,12 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         print(f"{'token ' if task == 'token_cls' else ''}accuracy on the eval split: {method} "
               f"{after['eval_accuracy']:.4f}, {shown} ({method} {verdict} {which})")
     adapter_dir = Path(args.output_dir)
+    if initial_dir is not None:  # trained on a rewritten base: saved as a LoRA of the original one
+        with initial_dir:
+            peft_model.save_pretrained(adapter_dir, path_initial_model_for_weight_conversion=initial_dir.name)
+        print(f"the {DATA_DRIVEN_INITS[config.init_lora_weights][1]} adapter trained on the base it rewrote "
+              f"(W - s B0 A0) is saved as a LoRA of rank {2 * config.r} on the original base (PEFT's "
+              "path_initial_model_for_weight_conversion), which PEFT and `peftjax merge` load as any LoRA")
     print(f"adapter saved in HF PEFT format: {adapter_dir}/adapter_config.json, adapter_model.safetensors")
 
     reloaded = peftjax.PeftModel.from_pretrained(base_model(), adapter_dir)
@@ -658,6 +679,77 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
+def _adapted(options: dict, config, model, train, tokenizer, collator, figures: dict):
+    """``(peft_model, initial_dir)``: ``model`` with the job's adapter. A data-driven LoRA init is
+    computed from the first ``calibration_batches`` training batches (PEFT's order of calls:
+    ``preprocess_corda`` / ``preprocess_loraga`` before ``get_peft_model``,
+    ``initialize_lora_eva_weights`` after it). CorDA and LoRA-GA rewrite the base to ``W - s B0
+    A0``: ``initial_dir`` (a temporary directory) then holds the adapter as it starts, from which
+    the trained one is saved as a LoRA of the original base; otherwise it is ``None``."""
+    import tempfile
+
+    import jax
+
+    import peftjax
+
+    init = getattr(config, "init_lora_weights", None)
+    key = jax.random.key(options["seed"])
+    if init not in DATA_DRIVEN_INITS:
+        return peftjax.get_peft_model(model, config, key=key), None
+    start = time.perf_counter()
+    # EVA and CorDA read the layers' inputs: unmasked text; LoRA-GA the loss's gradient: the training batches
+    batches = calibration_batches(options, train, model, tokenizer.pad_token_id,
+                                  collator if init == "lora_ga" else None, init)
+    if init == "corda":
+        peftjax.preprocess_corda(model, config, batches)
+    elif init == "lora_ga":  # in train mode, the model's dropout on, as PEFT estimates
+        peftjax.preprocess_loraga(model, config, batches, key=jax.random.fold_in(key, 1))
+    peft_model = peftjax.get_peft_model(model, config, key=key)
+    if init == "eva":
+        peftjax.initialize_lora_eva_weights(peft_model, batches)
+    rows = sum(len(b["input_ids"]) for b in batches)
+    figures["calibration"] = {"init": init, "batches": len(batches), "rows": rows,
+                              "seconds": round(time.perf_counter() - start, 2)}
+    print(f"{DATA_DRIVEN_INITS[init][1]}: the adapter's init computed from the first {len(batches)} training batches "
+          f"({rows} rows) in {figures['calibration']['seconds']:.1f} s")
+    if init == "eva":
+        return peft_model, None
+    initial_dir = tempfile.TemporaryDirectory(prefix="peftjax-initial-adapter-")
+    peft_model.save_pretrained(initial_dir.name)
+    return peft_model, initial_dir
+
+
+def calibration_batches(options: dict, train, model, pad_token_id: int | None, collator, init: str) -> list[dict]:
+    """The first ``options["calibration_batches"]`` batches of the training data in the first
+    epoch's order (the ``Trainer``'s, unpacked), their real rows only, holding what ``model``
+    takes: a data-driven init's calibration data. CorDA's batches carry no labels; EVA's carry
+    per-token labels only (which it reads as PEFT does: ``use_label_mask`` leaves out the tokens
+    labelled ``label_mask_value``), LoRA-GA's all the model's loss needs (``collator``: a masked
+    LM's masks); an encoder-decoder's keep their labels, its decoder's input (for LoRA-GA: the job
+    refuses EVA and CorDA there)."""
+    import inspect
+    import itertools
+
+    from peftjax.training import Batcher
+
+    seq2seq = options["task"] == "seq2seq"
+    accepted = set(inspect.signature(type(model).__call__).parameters)
+    if init != "lora_ga":  # the loss's labels
+        accepted -= {"start_positions", "end_positions"} | (set() if init == "eva" else {"labels"})
+    columns = {name: list(train[name]) for name in train.column_names if name in accepted}
+    targets = ("labels",) if seq2seq and "labels" in columns else ()
+    batcher = Batcher(columns, options["per_device_train_batch_size"], pad_token_id=pad_token_id or 0,
+                      seed=options["seed"], target_columns=targets, collate=collator)
+    out = []
+    for batch in itertools.islice(batcher.batches(0), options["calibration_batches"]):
+        real = batch.pop("sample_weight") > 0
+        batch = {k: v[real] for k, v in batch.items()}
+        if init == "eva" and batch.get("labels", batch["input_ids"]).shape != batch["input_ids"].shape:
+            del batch["labels"]  # a row's label, not its tokens'
+        out.append(batch)
+    return out
+
+
 def choice_columns(value) -> str | list[str]:
     """``--choices-column``: one column of choice lists, or comma-separated columns of a choice each."""
     if isinstance(value, str) and "," in value:
@@ -677,6 +769,8 @@ def adapter_config(options: dict, task_type: str, training_steps: int, tasks: in
     fields.update(options["method_options"])
     if method == "adalora":
         fields.setdefault("total_step", training_steps)
+    if fields.get("init_lora_weights") in DATA_DRIVEN_INITS:  # its settings' defaults unless given
+        fields.setdefault(DATA_DRIVEN_INITS[fields["init_lora_weights"]][0], {})
     if tasks is not None:
         fields.setdefault(_task_field(method), tasks)
     config_class = _config_class(method)

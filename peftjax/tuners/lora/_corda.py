@@ -16,6 +16,7 @@ batch of several rows counts each row as one such sample, with the positions its
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
@@ -86,9 +87,9 @@ def _row_covariance(fp16: bool):
 
 def _mask(batch, shape):
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if mask is None or tuple(mask.shape) != tuple(shape):
+    if mask is None or math.prod(mask.shape) != math.prod(shape):  # a multiple-choice batch's: flattened
         return jnp.ones(shape, bool)
-    return jnp.asarray(mask) != 0
+    return jnp.asarray(mask).reshape(shape) != 0
 
 
 def covariances(model: nnx.Module, names: list[str], batches: Iterable, *, fp16: bool = False,

@@ -169,19 +169,25 @@ class _Layer:
 
 
 def _token_mask(batch, eva: EvaConfig) -> np.ndarray | None:
-    """PEFT's ``prepare_model_inputs_fn_language_modeling``: attention mask, and labels != ignored."""
+    """PEFT's ``prepare_model_inputs_fn_language_modeling``: attention mask, and labels != ignored.
+
+    Only per-token labels mask (a classifier's one label per row has no tokens to leave out; PEFT
+    would broadcast it over the mask)."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return None
     mask = np.asarray(batch.get("attention_mask", np.ones_like(np.asarray(batch["input_ids"])))).astype(bool)
-    if eva.use_label_mask and "labels" in batch:
-        mask = mask & (np.asarray(batch["labels"]) != eva.label_mask_value)
+    labels = np.asarray(batch["labels"]) if eva.use_label_mask and "labels" in batch else None
+    if labels is not None and labels.shape == mask.shape:
+        mask = mask & (labels != eva.label_mask_value)
     return mask
 
 
 def _states(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """The rows of one layer input the PCA sees: masked tokens, flattened to ``[n, d]``."""
-    if mask is not None and x.shape[:-1] == mask.shape:
-        return x[mask]
+    """The rows of one layer input the PCA sees: masked tokens, flattened to ``[n, d]`` (a
+    multiple-choice batch's ``[rows, choices, tokens]`` mask fits its layers' ``[rows * choices,
+    tokens]`` inputs, as PEFT's flattened mask does)."""
+    if mask is not None and mask.size == math.prod(x.shape[:-1]):
+        return x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
     return x.reshape(-1, x.shape[-1])
 
 
@@ -234,8 +240,8 @@ def get_eva_state_dict(
         NNX model with ``peft_config``'s targets.
       batches: a re-iterable (a list, a data loader) of model inputs, e.g. dicts with
         ``input_ids``, ``attention_mask`` and optionally ``labels``; positions the mask (and,
-        with ``use_label_mask``, the labels) leave out are not used. It is cycled until every
-        layer has converged.
+        with ``use_label_mask``, per-token labels) leave out are not used, a multiple-choice
+        batch's ``[rows, choices, tokens]`` too. It is cycled until every layer has converged.
       peft_config: the ``LoraConfig`` (``init_lora_weights="eva"``); a ``PeftModel``'s own by default.
       forward_fn: ``(model, batch) -> anything``; the default is ``model(**batch)``.
       adapter_name: the ``PeftModel``'s adapter whose config to use.
