@@ -972,6 +972,80 @@ def test_train_computes_a_data_driven_init_from_the_training_data(init, learning
         np.testing.assert_allclose(np.asarray(ours(**dict(batch)).logits), want, atol=1e-5)
 
 
+# each task's batches carry what its init reads: per-token labels (EVA's mask), a row's label (left out
+# of EVA's), a question's span, a masked LM's masks and an encoder-decoder's targets (LoRA-GA's loss)
+CALIBRATED_TASKS = [("token_cls", "eva", "bert"), ("question_answering", "lora_ga", "bert"),
+                    ("multiple_choice", "eva", "bert"), ("multiple_choice", "lora_ga", "bert"),
+                    ("masked_lm", "lora_ga", "bert"), ("causal_lm", "corda", "llama"),
+                    ("instruction", "eva", "llama"), ("seq2seq", "lora_ga", "t5")]
+
+
+@pytest.mark.parametrize("task,init,family", CALIBRATED_TASKS, ids=[f"{t}-{i}" for t, i, _ in CALIBRATED_TASKS])
+def test_train_calibrates_a_data_driven_init_for_every_task(task, init, family, tokenizer_dir, tmp_path):
+    """Every task's job runs a data-driven init on its own batches and saves an adapter that loads
+    onto the original base (CorDA's and LoRA-GA's converted to a LoRA of twice the rank)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rng = np.random.default_rng(0)
+    words = "the red car is old a blue house very green tree".split()
+
+    def text():
+        return " ".join(rng.choice(words, int(rng.integers(3, 8))))
+
+    def colours(tokens):
+        return [int(t in ("red", "blue", "green")) for t in tokens]
+
+    def answer(colour):
+        context = f"the car is {colour} today"
+        return {"question": "which colour?", "context": context,
+                "answers": {"text": [colour], "answer_start": [context.index(colour)]}}
+
+    rows = {"token_cls": lambda: {"tokens": (t := [str(w) for w in rng.choice(words, 5)]), "ner_tags": colours(t)},
+            "question_answering": lambda: answer(str(rng.choice(["red", "blue", "green"]))),
+            "multiple_choice": lambda: {"text": text(), "choices": [text() for _ in range(int(rng.integers(2, 4)))],
+                                        "label": 0},
+            "masked_lm": lambda: {"text": text()}, "causal_lm": lambda: {"text": text()},
+            "instruction": lambda: {"prompt": text(), "response": text()},
+            "seq2seq": lambda: {"source": text(), "target": text()}}[task]
+    count = 128 if task == "causal_lm" else 32  # a causal LM's texts packed into 32-token blocks
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(rows()) + "\n" for _ in range(count)))
+    saved_as = {"bert": tr.BertForMaskedLM, "llama": tr.LlamaForCausalLM, "t5": tr.T5ForConditionalGeneration}[family]
+    base = tmp_path / "base"
+    save_tiny(saved_as, _tiny_config(family, len(tokenizer)), base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "run"
+    predict = ["--predict", "the [MASK] car"] if task == "masked_lm" else []
+    assert main(["train", "--task", task, "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
+                 "--max-steps", "2", "--per-device-train-batch-size", "8", "--max-length", "32", "--r", "4",
+                 "--calibration-batches", "2", "--method-option", f"init_lora_weights={init}", *predict,
+                 "--learning-rate", "0" if init == "eva" else "0.01",
+                 "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["calibration"]["init"] == init and summary["calibration"]["batches"] == 2
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["init_lora_weights"]) == ((4, "eva") if init == "eva" else (8, True))
+    model_task = {"token_cls": "TOKEN_CLS", "question_answering": "QUESTION_ANS", "multiple_choice": "MULTIPLE_CHOICE",
+                  "masked_lm": None}.get(task, config["task_type"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a head the adapter file brings
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(base, task_type=model_task), out)  # every key fits
+    if (task, init) == ("instruction", "eva"):  # A (learning rate 0) is EVA's components without the prompts' tokens
+        from peftjax.training import Batcher, load_text_dataset, tokenize_instructions
+
+        rows = tokenize_instructions(load_text_dataset(str(tmp_path / "train.jsonl"), split="train"), tokenizer,
+                                     max_length=32)
+        batcher = Batcher({k: rows[k] for k in ("input_ids", "attention_mask", "labels")}, 8, seed=42)
+        batches = [{k: v for k, v in b.items() if k != "sample_weight"} for _, b in zip(range(2), batcher.batches(0))]
+        lora = peftjax.LoraConfig(r=4, init_lora_weights="eva", eva_config={}, task_type="CAUSAL_LM")
+        want = peftjax.get_eva_state_dict(models.from_pretrained(base), batches, lora)
+        saved, _ = read_safetensors(out / "adapter_model.safetensors")
+        assert want
+        for name, components in want.items():
+            np.testing.assert_allclose(saved[f"base_model.model.{name}.lora_A.weight"], components, atol=1e-5,
+                                       err_msg=name)
+
+
 def test_train_method_options_are_checked_before_anything_runs(tmp_path, capsys):
     """A field the method's config lacks, a flag given twice and a malformed option are one-line
     errors naming them, before any data or model is read."""

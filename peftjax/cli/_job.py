@@ -723,10 +723,10 @@ def calibration_batches(options: dict, train, model, pad_token_id: int | None, c
     """The first ``options["calibration_batches"]`` batches of the training data in the first
     epoch's order (the ``Trainer``'s, unpacked), their real rows only, holding what ``model``
     takes: a data-driven init's calibration data. CorDA's batches carry no labels; EVA's carry
-    per-token labels only (which it reads as PEFT does: ``use_label_mask`` leaves out the tokens
-    labelled ``label_mask_value``), LoRA-GA's all the model's loss needs (``collator``: a masked
-    LM's masks); an encoder-decoder's keep their labels, its decoder's input (for LoRA-GA: the job
-    refuses EVA and CorDA there)."""
+    the labels (per-token labels mask, as PEFT reads them: ``use_label_mask`` leaves out the
+    tokens labelled ``label_mask_value``), LoRA-GA's all the model's loss needs (``collator``: a
+    masked LM's masks); an encoder-decoder's keep their labels, its decoder's input (for LoRA-GA:
+    the job refuses EVA and CorDA there)."""
     import inspect
     import itertools
 
@@ -743,10 +743,7 @@ def calibration_batches(options: dict, train, model, pad_token_id: int | None, c
     out = []
     for batch in itertools.islice(batcher.batches(0), options["calibration_batches"]):
         real = batch.pop("sample_weight") > 0
-        batch = {k: v[real] for k, v in batch.items()}
-        if init == "eva" and batch.get("labels", batch["input_ids"]).shape != batch["input_ids"].shape:
-            del batch["labels"]  # a row's label, not its tokens'
-        out.append(batch)
+        out.append({k: v[real] for k, v in batch.items()})
     return out
 
 
