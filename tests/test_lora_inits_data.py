@@ -262,6 +262,35 @@ def test_eva_and_corda_leave_out_a_multiple_choice_batch_s_padding(tmp_path):
         np.testing.assert_allclose(got[name].S_WC, want[name].S_WC, rtol=1e-4, err_msg=name)
 
 
+def test_eva_and_corda_on_an_encoder_decoder_read_the_encoder_s_layers_only(tmp_path):
+    """An encoder-decoder's batch masks the encoder's tokens: its decoder's layers are refused by
+    name, and its labels (the decoder's tokens) leave no encoder position out, even where they
+    are as long as the inputs."""
+    _tiny.save(_tiny.arch("t5"), tmp_path)
+    model = models.from_pretrained(tmp_path)
+    ids = np.random.RandomState(0).randint(3, 96, (4, 8))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    labels = np.random.RandomState(1).randint(3, 96, (4, 8))
+    cut = labels.copy()
+    cut[:, 4:] = -100  # a shorter target, as long as the source once padded
+    for config in (peftjax.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights="eva", eva_config={}),
+                   peftjax.LoraConfig(r=2, target_modules=["q", "v"], init_lora_weights="corda", corda_config={})):
+        with pytest.raises(ValueError, match=r"decoder\.block\.0\.layer\.0\.SelfAttention\.q \(and 7 more decoder"):
+            if config.init_lora_weights == "eva":
+                peftjax.get_eva_state_dict(model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}],
+                                           config)
+            else:
+                peftjax.preprocess_corda(model, config, [{"input_ids": ids, "attention_mask": mask, "labels": labels}])
+    encoder = peftjax.LoraConfig(r=2, target_modules=r"encoder\..*\.(q|v)", init_lora_weights="eva",
+                                 eva_config=peftjax.EvaConfig(rho=1.0))
+    full, short = (peftjax.get_eva_state_dict(model, [{"input_ids": ids, "attention_mask": mask, "labels": y}], encoder)
+                   for y in (labels, cut))
+    assert sorted(full) == sorted(short) and all(n.startswith("encoder.") for n in full) and len(full) == 4
+    for name in full:
+        np.testing.assert_allclose(short[name], full[name], atol=1e-6, err_msg=name)
+
+
 def test_torch_randn_is_torchs():
     from peftjax.tuners.lora._eva import torch_randn
 

@@ -287,12 +287,6 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     batches = options["calibration_batches"]
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"calibration_batches must be a positive int, got {batches!r}")
-    init = given.get("init_lora_weights")
-    if options["task"] == "seq2seq" and init in ("eva", "corda"):
-        # their masks are the encoder's attention_mask, which the decoder's layers' inputs do not share
-        raise ValueError(f"--method-option init_lora_weights={init} reads each layer's inputs at the tokens the "
-                         "attention_mask keeps, the encoder's: an encoder-decoder's decoder layers have tokens of "
-                         "their own, so --task seq2seq takes lora_ga or an init without data")
     return options
 
 
@@ -725,8 +719,7 @@ def calibration_batches(options: dict, train, model, pad_token_id: int | None, c
     takes: a data-driven init's calibration data. CorDA's batches carry no labels; EVA's carry
     the labels (per-token labels mask, as PEFT reads them: ``use_label_mask`` leaves out the
     tokens labelled ``label_mask_value``), LoRA-GA's all the model's loss needs (``collator``: a
-    masked LM's masks); an encoder-decoder's keep their labels, its decoder's input (for LoRA-GA:
-    the job refuses EVA and CorDA there)."""
+    masked LM's masks); an encoder-decoder's keep their labels, its decoder's input."""
     import inspect
     import itertools
 
@@ -734,8 +727,8 @@ def calibration_batches(options: dict, train, model, pad_token_id: int | None, c
 
     seq2seq = options["task"] == "seq2seq"
     accepted = set(inspect.signature(type(model).__call__).parameters)
-    if init != "lora_ga":  # the loss's labels
-        accepted -= {"start_positions", "end_positions"} | (set() if init == "eva" else {"labels"})
+    if init != "lora_ga":  # the loss's labels; an encoder-decoder's are its decoder's input
+        accepted -= {"start_positions", "end_positions"} | (set() if init == "eva" or seq2seq else {"labels"})
     columns = {name: list(train[name]) for name in train.column_names if name in accepted}
     targets = ("labels",) if seq2seq and "labels" in columns else ()
     batcher = Batcher(columns, options["per_device_train_batch_size"], pad_token_id=pad_token_id or 0,

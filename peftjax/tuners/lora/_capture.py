@@ -21,6 +21,28 @@ from peftjax.nn._positions import every_position
 from peftjax.tuners.base import named_modules
 
 
+def encoder_decoder(model) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5): its batch's ``attention_mask`` and per-token
+    ``labels`` describe different tokens (the encoder's, the decoder's)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def refuse_decoder_layers(model, names: Iterable[str], method: str) -> None:
+    """Calibration reads a layer's inputs at the positions the batch's masks keep: on an
+    encoder-decoder those are the encoder's tokens, while its decoder's layers run on the
+    decoder's (or, for cross-attention keys and values, the encoder's): no mask says which, so
+    they are refused, named, rather than read at the wrong positions (PEFT's hooks index them
+    with the encoder's mask)."""
+    if not encoder_decoder(model):
+        return
+    decoder = [n for n in names if n.split(".")[0] == "decoder"]
+    if decoder:
+        raise ValueError(f"{method} on an encoder-decoder reads each layer's inputs at the tokens the batch's "
+                         f"attention_mask keeps, the encoder's; {decoder[0]} (and {len(decoder) - 1} more decoder "
+                         "layers) run on the decoder's tokens, where no mask of the batch applies: target the "
+                         "encoder's layers (target_modules=r\"encoder\\..*\\.(q|v)\")")
+
+
 def forward_fn_dict(model, batch: Mapping[str, Any]):
     """PEFT's default ``forward_fn``: ``model(**batch)``."""
     return model(**batch)

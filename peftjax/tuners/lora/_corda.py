@@ -29,7 +29,7 @@ from flax import nnx
 from peftjax.config import CordaConfig, LoraConfig, match_modules
 from peftjax.tuners.base import model_type, named_modules, resolve_config
 from peftjax.nn._scan import has_stacked_layers, unstacked
-from peftjax.tuners.lora._capture import forward_fn_dict, make_capture
+from peftjax.tuners.lora._capture import forward_fn_dict, make_capture, refuse_decoder_layers
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -226,6 +226,7 @@ def preprocess_corda(
     names = corda_targets(model, config)
     if not names:
         raise ValueError("preprocess_corda: target_modules matched no linear layer")
+    refuse_decoder_layers(model, names, "CorDA")
     modules = named_modules(model)
     if tensors_exist(settings.cache_file):
         cache = read_tensors(settings.cache_file, "corda_config.cache_file")

@@ -32,7 +32,7 @@ from flax import nnx
 from peftjax.config import EvaConfig, LoraConfig, get_pattern_key, match_modules
 from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.tuners.base import model_type, named_modules, resolve_config
-from peftjax.tuners.lora._capture import forward_fn_dict, make_capture
+from peftjax.tuners.lora._capture import encoder_decoder, forward_fn_dict, make_capture, refuse_decoder_layers
 
 LOWRANK_SEED = 42  # PEFT's IncrementalPCA(lowrank=True, lowrank_seed=42)
 LOWRANK_NITER = 4
@@ -172,7 +172,8 @@ def _token_mask(batch, eva: EvaConfig) -> np.ndarray | None:
     """PEFT's ``prepare_model_inputs_fn_language_modeling``: attention mask, and labels != ignored.
 
     Only per-token labels mask (a classifier's one label per row has no tokens to leave out; PEFT
-    would broadcast it over the mask)."""
+    would broadcast it over the mask), and not an encoder-decoder's (the caller turns
+    ``use_label_mask`` off there)."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return None
     mask = np.asarray(batch.get("attention_mask", np.ones_like(np.asarray(batch["input_ids"])))).astype(bool)
@@ -280,6 +281,9 @@ def _eva_state_dict(model, batches, config: LoraConfig, forward_fn) -> dict[str,
     names = _eva_targets(model, config)
     if not names:
         raise ValueError("EVA: the config targets no nnx.Linear layer")
+    refuse_decoder_layers(model, names, "EVA")
+    if encoder_decoder(model):  # its labels are the decoder's tokens, not the encoder's
+        eva = dataclasses.replace(eva, use_label_mask=False)
 
     # one batch through every target: the call order (torch's module order) and which inputs are equal
     capture = make_capture(model, names, _identity, forward_fn)
