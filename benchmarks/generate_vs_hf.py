@@ -10,10 +10,14 @@ tokens (the first rows left-padded by a few tokens), no EOS. peftjax: ``model.ge
 compiled program (prefill and decoding loop); its first call compiles. transformers:
 ``generate`` with its default cache, eager PyTorch, torch threads = cores.
 
+``--eos-after K`` gives both an EOS set instead: the tokens each row writes at step ``K`` of a
+first greedy run, so every row ends by step ``K`` of ``--new`` (a decoding loop that runs on past
+its rows' ends pays for every step anyway; transformers stops once all rows have ended).
+
 Reported per framework: the first call (compilation included for peftjax), the median of
-``--trials`` further calls, prompt tokens per second of those, peak resident memory, and the
-float32 matmul peak the child measured (``--matmul-size`` cubed). The children's tokens must
-agree; the last line is a one-line summary.
+``--trials`` further calls, prompt tokens per second of those, peak resident memory, the steps
+generated, and the float32 matmul peak the child measured (``--matmul-size`` cubed). The
+children's tokens must agree; the last line is a one-line summary.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ import speed_vs_peft as svp
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("hidden", 512), ("layers", 4), ("heads", 8), ("intermediate", 1376), ("vocab", 32000),
-                          ("batch", 4), ("seq", 1024), ("new", 16), ("trials", 3), ("matmul_size", 2048)):
+                          ("batch", 4), ("seq", 1024), ("new", 16), ("trials", 3), ("matmul_size", 2048),
+                          ("eos_after", 0)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     svp.add_model_flag(p)
     p.add_argument("--child", choices=["peftjax", "transformers"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eos", default="", help=argparse.SUPPRESS)  # the EOS ids, comma-separated
     args = p.parse_args(argv)
     if args.model is not None:  # its sizes replace the flags'
         svp.model_directory(args, None)
@@ -65,8 +71,10 @@ def run_peftjax(args) -> dict:
     model = models.from_pretrained(args.model_dir)
     ids, mask = prompts(args)
 
+    eos = [int(t) for t in args.eos.split(",") if t]
+
     def call():
-        return model.generate(ids, mask, max_new_tokens=args.new, pad_token_id=0)
+        return model.generate(ids, mask, max_new_tokens=args.new, pad_token_id=0, eos_token_id=eos)
 
     a = jnp.ones((args.matmul_size, args.matmul_size), jnp.float32)
     peak = svp.matmul_peak(lambda: (a @ a).block_until_ready(), args.matmul_size)
@@ -81,10 +89,13 @@ def run_transformers(args) -> dict:
     model = tr.LlamaForCausalLM.from_pretrained(args.model_dir).eval()
     ids, mask = prompts(args)
 
+    eos = [int(t) for t in args.eos.split(",") if t]
+    until = {"eos_token_id": eos} if eos else {"min_new_tokens": args.new}
+
     def call():
         with torch.no_grad():
             return model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                  max_new_tokens=args.new, min_new_tokens=args.new, pad_token_id=0)
+                                  max_new_tokens=args.new, pad_token_id=0, **until)
 
     a = torch.ones(args.matmul_size, args.matmul_size)
     peak = svp.matmul_peak(lambda: a @ a, args.matmul_size)
@@ -100,8 +111,8 @@ def timed(args, call, to_numpy, peak: float) -> dict:
         t = time.perf_counter()
         to_numpy(call())
         times.append(time.perf_counter() - t)
-    return {"first_s": first, "call_s": statistics.median(times), "peak_rss": svp.peak_rss_bytes(),
-            "gflops": peak / 1e9, "tokens": tokens[:, -args.new:].tolist()}
+    return {"first_s": first, "call_s": statistics.median(times) if times else first, "peak_rss": svp.peak_rss_bytes(),
+            "gflops": peak / 1e9, "tokens": tokens[:, args.seq:].tolist(), "steps": tokens.shape[1] - args.seq}
 
 
 def main() -> None:
@@ -113,17 +124,26 @@ def main() -> None:
     print(f"# generate: batch {args.batch} x prompt {args.seq} + {args.new} new tokens, Llama hidden {args.hidden} "
           f"x {args.layers} layers, vocab {args.vocab}; load average {load:.2f}")
     results = {}
+
+    def run_child(child: str, directory: str, *extra: str) -> dict:
+        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", child, "--model-dir",
+                args.model or directory, *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{child} child failed:\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     with tempfile.TemporaryDirectory() as directory:
         if args.model is None:
             svp.build_model(argparse.Namespace(**{**vars(args), "seq": args.seq + args.new}), directory)
+        eos = []
+        if args.eos_after:  # the token each row writes at that step ends it
+            first = run_child("peftjax", directory, "--new", str(args.eos_after), "--trials", "0")
+            eos = sorted({row[-1] for row in first["tokens"]})
+            print(f"# EOS ids {eos}: every row ends by step {args.eos_after} of {args.new}")
         for child in ("peftjax", "transformers"):
-            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", child, "--model-dir",
-                    args.model or directory]
-            env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{child} child failed:\n{proc.stderr[-4000:]}")
-            results[child] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[child] = run_child(child, directory, "--eos", ",".join(map(str, eos)))
     ours, theirs = results["peftjax"], results["transformers"]
     same = ours.pop("tokens") == theirs.pop("tokens")
     print(f"{'':28}{'peftjax':>14}{'transformers':>14}")
@@ -133,6 +153,7 @@ def main() -> None:
     prompt_tokens = args.batch * args.seq
     print(f"{'prompt tokens/s (median)':28}{prompt_tokens / ours['call_s']:>14.0f}"
           f"{prompt_tokens / theirs['call_s']:>14.0f}")
+    print(f"{'steps generated':28}{ours['steps']:>14}{theirs['steps']:>14}")
     print(f"same tokens: {same}")
     print(f"ratio_call={ours['call_s'] / theirs['call_s']:.3f} ratio_first={ours['first_s'] / theirs['first_s']:.3f} "
           f"ratio_mem={ours['peak_rss'] / theirs['peak_rss']:.3f} same_tokens={int(same)} "

@@ -6,9 +6,10 @@ rules)."""
 from __future__ import annotations
 
 import functools
+import operator
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -404,6 +405,32 @@ def continuation_stops(stop: StopStrings | None, stop_table, past: Past, length)
     return stops
 
 
+def decode_until_done(step: Callable, carry, first: int, last: int, tokens, dones, done_of: Callable):
+    """``step(carry, i) -> (carry, (token, done))`` for ``i`` from ``first`` to ``last`` while
+    some row has not ended (``done_of(carry)``), each step's tokens and ended flags written into
+    column ``i`` of ``tokens`` and ``dones`` (``[rows, max_new_tokens]``); the columns of steps
+    not run keep their fill (the pad token, ended). transformers' ``generate`` stops at the step
+    every row has ended at too: a batch whose rows all write EOS (or a stop string) early costs
+    those steps, not ``max_new_tokens``. Returns ``(carry, tokens, dones)``."""
+
+    def going(state):
+        i, carry, _, _ = state
+        return (i < last) & ~jnp.all(done_of(carry))
+
+    def body(state):
+        i, carry, tokens, dones = state
+        carry, (token, done) = step(carry, i)
+        return i + 1, carry, tokens.at[:, i].set(token.astype(tokens.dtype)), dones.at[:, i].set(done)
+
+    _, carry, tokens, dones = jax.lax.while_loop(going, body, (jnp.int32(first), carry, tokens, dones))
+    return carry, tokens, dones
+
+
+def unrun_outputs(rows: int, max_new_tokens: int, pad):
+    """The fill of :func:`decode_until_done`'s outputs: pad tokens, every row ended."""
+    return jnp.full((rows, max_new_tokens), pad, jnp.int32), jnp.ones((rows, max_new_tokens), bool)
+
+
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
     """How many of the loop's ``max_new_tokens`` columns to return: up to the step every row had
     finished at (``done`` is ``[batch, max_new_tokens]``), as transformers stops there."""
@@ -490,15 +517,18 @@ def _generate(
 
     carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng,
              past)
+    tokens, dones = unrun_outputs(b, max_new_tokens, pad)
+    done_of = operator.itemgetter(4)
     if rerun_at is None:
-        _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
-        return tokens.T, done.T
+        _, tokens, dones = decode_until_done(step, carry, 0, max_new_tokens, tokens, dones, done_of)
+        return tokens, dones
     # Phi-3's LongRoPE switch: tokens up to `rerun_at` one by one, then the whole sequence so far
     # again from an empty cache (its keys rotated anew), then one by one to the end
-    carry, (before, done_before) = jax.lax.scan(step, carry, jnp.arange(rerun_at))
+    carry, tokens, dones = decode_until_done(step, carry, 0, rerun_at, tokens, dones, done_of)
     logits, cache, key_mask, pos, done, rng, past = carry
     token, done, rng, past = choose(logits, done, rng, past, rerun_at)
-    generated = jnp.concatenate([before.T, token[:, None]], axis=1)
+    tokens, dones = tokens.at[:, rerun_at].set(token.astype(tokens.dtype)), dones.at[:, rerun_at].set(done)
+    generated = tokens[:, :rerun_at + 1]
     key_mask = key_mask.at[:, s + rerun_at].set(1)
     whole = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(rerun_at + 1)[None]], axis=1)
     if inputs_embeds is None:
@@ -509,10 +539,8 @@ def _generate(
     out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0,
                 logits_to_keep=1)
     carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past)
-    _, (after, done_after) = jax.lax.scan(step, carry, jnp.arange(rerun_at + 1, max_new_tokens))
-    tokens = jnp.concatenate([before, token[None], after])
-    done = jnp.concatenate([done_before, done[None], done_after])
-    return tokens.T, done.T
+    _, tokens, dones = decode_until_done(step, carry, rerun_at + 1, max_new_tokens, tokens, dones, done_of)
+    return tokens, dones
 
 
 def beam_log_probs(logits, past: Past, i, *, renormalize: bool, sampling=None, min_keep: int = 1,

@@ -9,6 +9,7 @@ causal models' filters or by beam search, with the causal models' logits process
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from peftjax.models._generation import (
     beam_key,
     beam_log_probs,
     continuation_stops,
+    decode_until_done,
     decoding_arguments,
     ended,
     generated_length,
@@ -31,6 +33,7 @@ from peftjax.models._generation import (
     reorder_rows,
     repeat_rows,
     start_past,
+    unrun_outputs,
 )
 from peftjax.models._logits import check_source_rules
 from peftjax.nn._keys import default_key
@@ -87,8 +90,9 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         return (new, cache, key_mask, done, rng, past), (new, done)
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
-    _, (tokens, done) = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
-    return tokens.T, done.T
+    tokens, dones = unrun_outputs(b, max_new_tokens, pad)
+    _, tokens, dones = decode_until_done(step, carry, 0, max_new_tokens, tokens, dones, operator.itemgetter(3))
+    return tokens, dones
 
 
 @functools.partial(
