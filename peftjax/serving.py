@@ -34,7 +34,8 @@ The HTTP interface (JSON in, JSON out):
   to 8: beam search, or beam sampling with a temperature; the best beam is the completion) unset are
   the generation config's, else off; ``"stop"``, a string or a list of up to 8: the completion ends
   before the first of them to be completed in its text, as OpenAI-style servers cut it: only the
-  new text counts, not the prompt's end), or with
+  new text counts, not the prompt's end; the row stops there inside the batch's loop, which ends
+  once every row has), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
   tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
   returns
@@ -63,6 +64,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from peftjax.models import stop_token_ids
+from peftjax.models._stop_strings import stop_strings_arguments
 from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
 
@@ -111,6 +113,33 @@ class Request:
             return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length)
         return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p,
                 self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length, self.seed)
+
+
+class _LockedTokenizer:
+    """The server's tokenizer with each call under its lock (a fast tokenizer is not to be used
+    from two threads at once): what ``generate`` reads stop strings' vocabulary through."""
+
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self._tokenizer, self._lock = tokenizer, lock
+
+    def __getattr__(self, name: str):
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return locked
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tokenizer)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -171,6 +200,7 @@ class BatchingGenerator:
         # end of turn) and the tokenizer's
         self.eos = stop_token_ids(model.base_model, tokenizer.eos_token_id)
         self._tokenizer_lock = threading.Lock()  # the worker decodes while requests are encoded
+        self._stop_tokenizer = _LockedTokenizer(tokenizer, self._tokenizer_lock)  # generate's stop strings read it
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -245,6 +275,10 @@ class BatchingGenerator:
                 or not all(isinstance(x, str) and x for x in stop)):
             raise RequestError(f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them, "
                                f"got {value!r}")
+        try:  # the vocabulary's table for them, read now (refused here, not in the batch's loop)
+            stop_strings_arguments(self._stop_tokenizer, list(stop))
+        except ValueError as e:
+            raise RequestError(f"'stop': {e}") from None
         return tuple(dict.fromkeys(stop))
 
     def _chat_prompt(self, messages) -> str:
@@ -268,7 +302,9 @@ class BatchingGenerator:
         if not n or len({r.batch_key for r in requests}) != 1:
             raise ValueError("generate takes a non-empty list of requests of one batch_key")
         rows = min(_next_power_of_two(n), max(self.max_batch_size, n))
-        padded = list(requests) + [dataclasses.replace(requests[0], adapter=BASE)] * (rows - n)
+        # filler rows repeat the last request, so they end where it ends (EOS, stop strings): the loop
+        # stops once the real rows have ended
+        padded = list(requests) + [requests[-1]] * (rows - n)
         longest = max(len(r.input_ids) for r in padded)
         width = -(-longest // self.length_bucket) * self.length_bucket
         ids = np.full((rows, width), self.pad_token_id, np.int32)
@@ -288,6 +324,10 @@ class BatchingGenerator:
             repetition_penalty=first.repetition_penalty, min_p=first.min_p, typical_p=first.typical_p,
             no_repeat_ngram_size=first.no_repeat_ngram_size, num_beams=first.num_beams,
             num_return_sequences=1,  # one completion a request: the best beam where there are beams
+            # each row ends at its own stop strings inside the loop (the batch once every row has
+            # ended), matched in the new tokens only; the text is cut before the string below
+            stop_strings=[list(r.stop) for r in padded] if any(r.stop for r in requests) else None,
+            tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False,
         )
         used = sorted({r.adapter for r in requests})
         results = []

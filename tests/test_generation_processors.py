@@ -344,6 +344,57 @@ def test_stop_strings_end_rows_as_transformers(worded, family):
         model.generate(ids, mask, **settings, stop_strings=stops)
 
 
+def test_stop_strings_per_row_end_each_row_at_its_own_as_transformers(worded):
+    """A list of lists gives each row its own stop strings (or none): each row ends as
+    transformers' ``generate`` ends it with those strings alone, in one compiled loop that other
+    strings of the same sizes reuse. ``stop_strings_in_prompt=False``: a string that begins in the
+    prompt ends nothing, where transformers' (the default) stops at the token that completes it."""
+    tokenizer = worded["tokenizer"]
+    model, hf = worded["llama"]
+    ids = np.concatenate([IDS, np.where(IDS == 9, 10, IDS), np.where(IDS == 7, 8, IDS)])
+    mask = np.concatenate([MASK] * 3)
+    start, settings = ids.shape[1], dict(max_new_tokens=12, eos_token_id=[], pad_token_id=2)
+    free = model.generate(ids, mask, **settings)
+    own = [_stops_from(tokenizer, free[i:i + 1], start) for i in range(len(ids))]
+    assert all(own)
+    per_row = [own[0], None, [*own[2], "never here"], [], own[4], own[5][::-1]]
+
+    def theirs(strings) -> np.ndarray:  # a row's tokens after its prompt, to the end of the longest
+        if not strings:
+            return free
+        return hf_generate(hf, ids, mask, do_sample=False, **settings, stop_strings=strings, tokenizer=tokenizer)
+
+    with compilations() as compiled:
+        ours = model.generate(ids, mask, **settings, stop_strings=per_row, tokenizer=tokenizer)
+        # each row's strings reversed: other strings of the same count and sizes, the same loop
+        reversed_rows = [[s[::-1] for s in row] if row else row for row in per_row]
+        model.generate(ids, mask, **settings, stop_strings=reversed_rows, tokenizer=tokenizer)
+    assert compiled.count("_generate") == 1, compiled
+    stopped = 0
+    for i, strings in enumerate(per_row):
+        want = theirs(strings)[i, start:]
+        got = ours[i, start:]
+        n = min(len(want), len(got))
+        np.testing.assert_array_equal(got[:n], want[:n], err_msg=f"row {i}")
+        assert (got[n:] == 2).all() and (want[n:] == 2).all(), i  # past its end: padding
+        stopped += bool(strings) and (want == 2).any()
+    assert stopped >= 3
+
+    # a string across the prompt's end and the first new token's text
+    row = np.concatenate([ids[0][mask[0] == 1], free[0, start:start + 1]])
+    prompt_text, text = tokenizer.decode(ids[0][mask[0] == 1]), tokenizer.decode(row)
+    assert text.startswith(prompt_text) and len(text) > len(prompt_text)
+    across = text[len(prompt_text) - 2:len(prompt_text) + 1]
+    assert across not in tokenizer.decode(free[0, start:])
+    single = dict(settings, stop_strings=[across], tokenizer=tokenizer)
+    with_prompt = model.generate(ids[:1], mask[:1], **single)
+    np.testing.assert_array_equal(with_prompt, hf_generate(hf, ids[:1], mask[:1], do_sample=False, **single))
+    assert with_prompt.shape[1] == start + 1
+    np.testing.assert_array_equal(model.generate(ids[:1], mask[:1], **single, stop_strings_in_prompt=False), free[:1])
+    with pytest.raises(ValueError, match="stop_strings per row: 2 lists for 6 rows"):
+        model.generate(ids, mask, **settings, stop_strings=[["a"], None], tokenizer=tokenizer)
+
+
 @pytest.mark.parametrize("vocabulary", ["wordpiece", "byte-fallback"])
 def test_stop_strings_match_other_vocabularies_as_transformers(vocabulary, tmp_path):
     """A WordPiece vocabulary (MiniLM's: ``##`` continuations, matched in characters) and a

@@ -350,6 +350,36 @@ def test_a_request_s_stop_strings_cut_its_own_completion(files):
             generator.request({"prompt": PROMPTS[0], "stop": bad})
 
 
+def test_a_batch_whose_requests_all_meet_their_stop_strings_ends_there(files, monkeypatch):
+    """Each row ends inside the compiled loop at its own request's stop strings (found in its new
+    text only), so a batch whose requests all meet theirs early generates up to the last of them,
+    not the ``max_new_tokens`` asked for; each completion is cut as ever."""
+    tokenizer, model, generator = two_lora_adapters(files)
+    asks = [(0, "a"), (2, "b"), (3, "a")]
+    free = generator.generate([generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8})
+                               for i, a in asks])
+    stops, ends = [], []
+    for plain in free:  # a string the second new token completes (or the first, where it shows there already)
+        tokens = plain["token_ids"]
+        assert len(tokens) == 8
+        stops.append(tokenizer.decode(tokens[:2], skip_special_tokens=True)[-2:])
+        ends.append(next(k for k in range(1, 3) if stops[-1] in tokenizer.decode(tokens[:k], skip_special_tokens=True)))
+    generated = []
+    run = model.generate
+
+    def counted(input_ids, *args, **kwargs):  # the steps the loop ran
+        out = run(input_ids, *args, **kwargs)
+        generated.append(out.shape[1] - np.shape(input_ids)[1])
+        return out
+
+    monkeypatch.setattr(model, "generate", counted)
+    results = generator.generate([generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8,
+                                                     "stop": stop}) for (i, a), stop in zip(asks, stops)])
+    assert generated == [max(ends)] and max(ends) < 8
+    for result, plain, end in zip(results, free, ends):
+        assert result["token_ids"] == plain["token_ids"][:end] and result["finish_reason"] == "stop"
+
+
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
     """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
     (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""

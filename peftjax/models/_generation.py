@@ -243,7 +243,7 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                        prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
                        length_penalty: float | None = None, early_stopping: bool | str | None = None,
                        no_repeat_ngram_size: int | None = None, processors: Mapping[str, Any] | None = None,
-                       stop_strings=None, tokenizer=None) -> dict:
+                       stop_strings=None, tokenizer=None, batch: int | None = None, stop_first: int = 0) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
@@ -259,8 +259,9 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     ``eta_cutoff``) and token rules (``bad_words_ids``, ``sequence_bias``, ``suppress_tokens``, ...)
     by transformers' names, each ``None`` or missing for the generation config's
     (:mod:`peftjax.models._logits`); the rules come back as ``"rules"``. ``stop_strings`` (or the
-    generation config's), read in ``tokenizer``'s vocabulary, come back as ``"stop"`` and
-    ``"stop_table"`` (:mod:`peftjax.models._stop_strings`).
+    generation config's), read in ``tokenizer``'s vocabulary (per row: a list for each of the
+    ``batch`` rows), come back as ``"stop"`` and ``"stop_table"``, matched from sequence column
+    ``stop_first`` on (:mod:`peftjax.models._stop_strings`).
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
@@ -312,7 +313,8 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     search["renormalize"] = bool(defaults.get("renormalize_logits", False))  # changes beams' scores only
     if stop_strings is None:
         stop_strings = defaults.get("stop_strings")
-    stop, stop_table = stop_strings_arguments(tokenizer, stop_strings) if stop_strings else (None, None)
+    stop, stop_table = (stop_strings_arguments(tokenizer, stop_strings, batch=batch, first=stop_first)
+                        if stop_strings else (None, None))
     rules = rules_arguments(processors, defaults, vocab=getattr(config, "vocab_size", None), eos=eos,
                             prompt_length=int(prompt_length), max_new_tokens=int(max_new_tokens))
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
@@ -694,8 +696,9 @@ class GenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
-        stop_strings: str | list[str] | None = None,
+        stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
+        stop_strings_in_prompt: bool = True,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -749,7 +752,12 @@ class GenerationMixin:
           stop_strings, tokenizer: a row ends once its text (prompt included) ends in one of these
             strings, the token that completes it kept, as transformers' ``StopStringCriteria``
             finds it in ``tokenizer``'s vocabulary (greedy, sampled, or a beam's continuation, which
-            then ends as at an EOS token).
+            then ends as at an EOS token). A list of lists (``None`` or ``[]`` for none) gives each
+            row its own strings, in one compiled loop (transformers has one set for all rows); the
+            loop compiles for the strings' count and sizes rounded up to powers of two, so other
+            strings of like sizes reuse it.
+          stop_strings_in_prompt: ``False``: a stop string must lie wholly in the new tokens (an
+            OpenAI-style completion's rule; ``peftjax serve``'s), not begin in the prompt.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
@@ -806,7 +814,9 @@ class GenerationMixin:
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
                                       length_penalty=length_penalty, early_stopping=early_stopping,
                                       no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer)
+                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer,
+                                      batch=input_ids.shape[0],
+                                      stop_first=0 if stop_strings_in_prompt else input_ids.shape[1])
         search = decoding.pop("search")
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]

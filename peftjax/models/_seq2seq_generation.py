@@ -174,7 +174,7 @@ class Seq2SeqGenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
-        stop_strings: str | list[str] | None = None,
+        stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
@@ -240,7 +240,8 @@ class Seq2SeqGenerationMixin:
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer)
+                                      processors=processors, stop_strings=stop_strings, tokenizer=tokenizer,
+                                      batch=shape[0])
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)

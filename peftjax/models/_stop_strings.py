@@ -22,17 +22,34 @@ import numpy as np
 
 
 class StopStrings(NamedTuple):
-    """What the loop needs to find ``strings`` (static, hashable: ``table`` is passed apart, as an
-    array of the compiled function)."""
+    """The static shape of a stop-string check, each size rounded up to a power of two so that
+    other strings of like sizes reuse a compiled loop (the strings themselves are in
+    :class:`StopTable`, an argument of the compiled function)."""
 
-    strings: tuple
+    slots: int  # strings (a power of two; the unused slots match nothing)
     positions: int  # table columns per string for where a token can sit inside it
     ends: int  # table columns per string for how a token can overlap its end
-    lengths: tuple[int, ...]  # each string's length (characters, or bytes)
-    window: int  # the most tokens a match can span: the longest string's length
+    window: int  # the most tokens a match can span: the longest string's length, rounded up
 
 
-_CACHE: collections.OrderedDict = collections.OrderedDict()  # the tables of recent tokenizers' vocabularies
+class StopTable(NamedTuple):
+    """A stop-string check's arrays: ``table`` (per token row, for each slot its positions
+    inside the string, then its overlaps with the string's end, then the token's length),
+    ``lengths`` (``[slots]``, each string's length; an unused slot's is out of reach), ``rows``
+    (``[1 or batch, slots]``: the strings each input row stops at) and ``first`` (the first
+    sequence column a match may cover: 0, or the prompt's length for strings in the new tokens
+    only)."""
+
+    table: np.ndarray
+    lengths: np.ndarray
+    rows: np.ndarray
+    first: np.ndarray
+
+
+UNREACHED = 2**30  # an unused slot's length: no chain of tokens covers it
+_VOCABULARIES: dict = {}  # id(tokenizer) -> (tokenizer, its size, mode, key, texts, ids): its vocabulary's texts
+_COLUMNS: collections.OrderedDict = collections.OrderedDict()  # (vocabulary, string) -> its table columns
+_TABLES: collections.OrderedDict = collections.OrderedDict()  # (vocabulary, strings, widths) -> assembled table
 
 
 def _matching_mode(tokenizer) -> str | None:
@@ -96,88 +113,147 @@ def _token_texts(tokenizer, mode: str | None) -> tuple[list, list[int]]:
     return texts, ids
 
 
-def _table(texts, ids, strings) -> tuple[np.ndarray, int, int]:
-    """The lookup table: per token row, for each string its positions inside the string (counted
-    from the string's end; ``-1``: unused), then its overlaps with the string's end, then its length."""
-    positions = {s: {} for s in strings}
-    ends = {s: {} for s in strings}
-    for string in strings:
-        backwards = string[::-1]
-        for text, index in zip(texts, ids):
-            token_backwards = text[::-1]
-            found, i = [], backwards.find(token_backwards[:1], 1)
-            while 0 <= i < len(string):  # the token ends at this distance from the string's end
-                if token_backwards.startswith(backwards[i:i + len(text)]):
-                    found.append(i)
-                i = backwards.find(token_backwards[:1], i + 1)
-            overlaps = []
-            if string:
-                i = text.find(string[-1:])
-                while i >= 0:  # the token's text up to here ends the string
-                    overlap = min(i + 1, len(string))
-                    if text[i + 1 - overlap:i + 1] == string[-overlap:]:
-                        overlaps.append(overlap)
-                    i = text.find(string[-1:], i + 1)
-            if found:
-                positions[string][index] = found
-            if overlaps:
-                ends[string][index] = overlaps
-    missing = [s for s in strings if not ends[s]]
-    if missing:
-        raise ValueError(f"stop_strings {missing!r}: no token of the vocabulary can end them (characters the "
-                         "tokenizer does not have?)")
-    width_p = max([len(v) for s in strings for v in positions[s].values()] or [1])
-    width_e = max(len(v) for s in strings for v in ends[s].values())
-    table = np.full((max(ids) + 2, len(strings) * (width_p + width_e) + 1), -1, np.int32)
-    for k, string in enumerate(strings):
-        for index, found in positions[string].items():
-            table[index, width_p * k:width_p * k + len(found)] = found
-        for index, overlaps in ends[string].items():
-            start = width_p * len(strings) + width_e * k
-            table[index, start:start + len(overlaps)] = overlaps
+def _columns(texts, ids, string) -> tuple[dict, dict]:
+    """One string's part of the table: ``({token id: positions inside the string, counted from
+    its end}, {token id: overlaps with its end}``)."""
+    positions, ends = {}, {}
+    backwards = string[::-1]
     for text, index in zip(texts, ids):
-        table[index, -1] = len(text)
-    return table, width_p, width_e
+        token_backwards = text[::-1]
+        found, i = [], backwards.find(token_backwards[:1], 1)
+        while 0 <= i < len(string):  # the token ends at this distance from the string's end
+            if token_backwards.startswith(backwards[i:i + len(text)]):
+                found.append(i)
+            i = backwards.find(token_backwards[:1], i + 1)
+        overlaps = []
+        i = text.find(string[-1:])
+        while i >= 0:  # the token's text up to here ends the string
+            overlap = min(i + 1, len(string))
+            if text[i + 1 - overlap:i + 1] == string[-overlap:]:
+                overlaps.append(overlap)
+            i = text.find(string[-1:], i + 1)
+        if found:
+            positions[index] = found
+        if overlaps:
+            ends[index] = overlaps
+    return positions, ends
 
 
-def stop_strings_arguments(tokenizer, strings) -> tuple[StopStrings, np.ndarray]:
-    """``(StopStrings, table)`` for ``strings`` (one or several) in ``tokenizer``'s vocabulary.
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
-    Raises:
-      ValueError: no tokenizer, an empty or non-string stop string, or one no token can end.
-    """
-    strings = [strings] if isinstance(strings, str) else list(strings)
-    if not strings or not all(isinstance(s, str) and s for s in strings):
-        raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {strings!r}")
+
+def _vocabulary(tokenizer) -> tuple:
+    """``(mode, key, texts, ids)`` of ``tokenizer``'s vocabulary, read once per tokenizer (and
+    again when its size changes)."""
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise ValueError("stop_strings need the tokenizer (generate(..., stop_strings=..., tokenizer=tokenizer)), "
                          "to read the vocabulary's texts, as transformers' generate needs it")
+    size = len(tokenizer)
+    known = _VOCABULARIES.get(id(tokenizer))
+    if known is not None and known[0] is tokenizer and known[1] == size:
+        return known[2:]
     mode = _matching_mode(tokenizer)
-    matched = tuple(s.encode("utf-8") if mode else s for s in strings)
     vocab = tokenizer.get_vocab()
-    key = (tuple(sorted(vocab.items())), matched, mode)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
+    key = (hash(tuple(sorted(vocab.items()))), len(vocab), mode)
+    texts, ids = _token_texts(tokenizer, mode)
+    _VOCABULARIES[id(tokenizer)] = (tokenizer, size, mode, key, texts, ids)
+    while len(_VOCABULARIES) > 8:
+        _VOCABULARIES.pop(next(iter(_VOCABULARIES)))
+    return mode, key, texts, ids
+
+
+def _cached(cache: collections.OrderedDict, key, make, limit: int):
+    if key in cache:
+        cache.move_to_end(key)
     else:
-        _CACHE[key] = _table(*_token_texts(tokenizer, mode), matched)
-        while len(_CACHE) > 8:
-            _CACHE.popitem(last=False)
-    table, width_p, width_e = _CACHE[key]
-    stop = StopStrings(tuple(strings), width_p, width_e, tuple(len(s) for s in matched), max(len(s) for s in matched))
-    return stop, table
+        cache[key] = make()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    return cache[key]
 
 
-def stop_string_hits(stop: StopStrings, table, tokens, length) -> jax.Array:
-    """Whether each row's sequence (``tokens[:, :length]``, ``length`` traced) ends in a stop string:
-    transformers' ``StopStringCriteria`` on its last ``stop.window`` tokens."""
+def stop_strings_arguments(tokenizer, strings, *, batch: int | None = None,
+                           first: int = 0) -> tuple[StopStrings | None, StopTable | None]:
+    """``(StopStrings, StopTable)`` for ``strings`` in ``tokenizer``'s vocabulary, or ``(None,
+    None)`` where no row has any.
+
+    ``strings``: one string or a list of them, for every row (transformers' ``stop_strings``);
+    or, one per row of a ``batch``-row input, a list of such lists (``None`` or ``[]``: none for
+    that row). ``first``: the first sequence column a match may cover.
+
+    Raises:
+      ValueError: no tokenizer, an empty or non-string stop string, per-row strings for another
+        number of rows, or a string no token can end.
+    """
+    per_row = isinstance(strings, (list, tuple)) and any(x is None or isinstance(x, (list, tuple)) for x in strings)
+    if per_row:
+        rows = [[] if x is None else [x] if isinstance(x, str) else list(x) for x in strings]
+        if batch is not None and len(rows) != batch:
+            raise ValueError(f"stop_strings per row: {len(rows)} lists for {batch} rows")
+        every = [s for row in rows for s in row]
+        if not every:
+            return None, None
+    else:
+        every = [strings] if isinstance(strings, str) else list(strings)
+        rows = [every]
+        if not every:
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {strings!r}")
+    if not all(isinstance(s, str) and s for s in every):
+        raise ValueError(f"stop_strings must be non-empty strings (a list of them per row, or one for all), got "
+                         f"{strings!r}")
+    mode, vocabulary, texts, ids = _vocabulary(tokenizer)
+    union = list(dict.fromkeys(every))
+    matched = [s.encode("utf-8") if mode else s for s in union]
+    columns = [_cached(_COLUMNS, (vocabulary, m), lambda m=m: _columns(texts, ids, m), 64) for m in matched]
+    missing = [s for s, (_, ends) in zip(union, columns) if not ends]
+    if missing:
+        raise ValueError(f"stop_strings {missing!r}: no token of the vocabulary can end them (characters the "
+                         "tokenizer does not have?)")
+    stop = StopStrings(
+        slots=_power_of_two(len(union)),
+        positions=_power_of_two(max([len(v) for p, _ in columns for v in p.values()] or [1])),
+        ends=_power_of_two(max(len(v) for _, e in columns for v in e.values())),
+        window=_power_of_two(max(len(m) for m in matched)))
+    table = _cached(_TABLES, (vocabulary, tuple(matched), stop), lambda: _table(texts, ids, columns, stop), 8)
+    lengths = np.full((stop.slots,), UNREACHED, np.int32)
+    lengths[:len(matched)] = [len(m) for m in matched]
+    where = {s: k for k, s in enumerate(union)}
+    chosen = np.zeros((len(rows), stop.slots), bool)
+    for r, row in enumerate(rows):
+        chosen[r, [where[s] for s in row]] = True
+    return stop, StopTable(table, lengths, chosen, np.int32(first))
+
+
+def _table(texts, ids, columns, stop: StopStrings) -> np.ndarray:
+    """The lookup table of :class:`StopTable` for the strings' ``columns`` (unused slots: -1)."""
+    wp, we = stop.positions, stop.ends
+    table = np.full((max(ids) + 2, stop.slots * (wp + we) + 1), -1, np.int32)
+    for k, (positions, ends) in enumerate(columns):
+        for index, found in positions.items():
+            table[index, wp * k:wp * k + len(found)] = found
+        for index, overlaps in ends.items():
+            start = wp * stop.slots + we * k
+            table[index, start:start + len(overlaps)] = overlaps
+    table[ids, -1] = [len(text) for text in texts]
+    return table
+
+
+def stop_string_hits(stop: StopStrings, table: StopTable, tokens, length) -> jax.Array:
+    """Whether each row's sequence (``tokens[:, :length]``, ``length`` traced) ends in one of its
+    stop strings: transformers' ``StopStringCriteria`` on its last ``stop.window`` tokens, those
+    before ``table.first`` read as matching nothing. Rows are the input's, each repeated in place
+    (beams, returned sequences) as often as ``tokens`` has rows per input row."""
     rows = tokens.shape[0]
     window = stop.window
-    none = table.shape[0] - 1  # a row of -1: what precedes the sequence matches nothing
+    none = table.table.shape[0] - 1  # a row of -1: what precedes the sequence matches nothing
     padded = jnp.concatenate([jnp.full((rows, window), none, tokens.dtype), tokens], axis=1)
     last = jax.lax.dynamic_slice_in_dim(padded, length, window, axis=1)  # tokens[length - window:length]
+    columns = length - window + jnp.arange(window)
+    last = jnp.where(columns[None] >= table.first, last, none)
     flipped = jnp.minimum(last[:, ::-1], none)
-    embedded = jnp.asarray(table)[flipped]  # [rows, window, columns]
-    n = len(stop.strings)
+    embedded = jnp.asarray(table.table)[flipped]  # [rows, window, columns]
+    n = stop.slots
     positions = embedded[:, 1:, :stop.positions * n].reshape(rows, window - 1, n, stop.positions)
     ends = embedded[:, :1, stop.positions * n:-1].reshape(rows, 1, n, stop.ends)
     lengths = jnp.broadcast_to(embedded[:, 1:, None, -1:], (rows, window - 1, n, stop.ends))
@@ -186,4 +262,7 @@ def stop_string_hits(stop: StopStrings, table, tokens, length) -> jax.Array:
     match = jnp.concatenate([ends > 0, later], axis=1)
     chained = jnp.cumsum(~match, axis=1) == 0
     reach = jnp.max(jnp.where(chained, cumulative, 0), axis=(1, 3))  # [rows, n]
-    return jnp.any(reach >= jnp.asarray(stop.lengths, jnp.int32)[None], axis=-1)
+    chosen = jnp.asarray(table.rows)
+    if chosen.shape[0] not in (1, rows):  # an input row's strings for each of its copies
+        chosen = jnp.repeat(chosen, rows // chosen.shape[0], axis=0)
+    return jnp.any((reach >= jnp.asarray(table.lengths)[None]) & chosen, axis=-1)
