@@ -129,6 +129,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
+    # Command R in small: parallel blocks, pairwise RoPE, per-head q/k norms, logits scaled
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, use_qk_norm=True, logit_scale=0.5)),
+    # Command R7B in small: a sliding layer with RoPE (a 3-token window), then a global one without
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+        logit_scale=0.5)),
     # GPT-OSS in small: a sliding layer (a 3-token window), then a full one; top 2 of 4 biased experts
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,

@@ -73,12 +73,16 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "glm4-pairs": ("glm4", tr.Glm4ForCausalLM, {}),
     # _tiny's pairwise RoPE over whole heads, biases on every projection, tied embeddings
     "ernie4_5-biases": ("ernie4_5", tr.Ernie4_5ForCausalLM, {}),
+    # _tiny's parallel blocks, per-head q/k norms, scaled logits
+    "cohere-qk-norm": ("cohere", tr.CohereForCausalLM, {}),
+    # _tiny's sliding RoPE layer, then a global NoPE one
+    "cohere2-nope-window": ("cohere2", tr.Cohere2ForCausalLM, {}),
 }
 
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss", "glm4", "ernie4_5")))
+                                                                   "seed_oss", "glm4", "ernie4_5", "cohere")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -710,7 +714,8 @@ def test_logits_to_keep_is_checked(causal):
 
 
 @pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers",
-                                    "seed_oss-biases", "glm4-pairs", "ernie4_5-biases"], indirect=True)
+                                    "seed_oss-biases", "glm4-pairs", "ernie4_5-biases", "cohere-qk-norm",
+                                    "cohere2-nope-window"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

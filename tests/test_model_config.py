@@ -33,7 +33,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
-           "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig"}
+           "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
+           "cohere2": "Cohere2Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -56,7 +57,7 @@ def assert_same_fields(ours, theirs):
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
-                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next"):
+                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -131,6 +132,9 @@ VARIANTS = [
     ("smollm3", dict(use_sliding_window=False, tie_word_embeddings=False, num_key_value_heads=None)),
     ("gemma", dict(hidden_act="gelu", num_key_value_heads=1, head_dim=16)),
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
+    ("cohere", dict(num_key_value_heads=None, use_qk_norm=True, logit_scale=0.25, rope_theta=10000.0)),
+    ("cohere2", dict(layer_types=None, num_hidden_layers=6, sliding_window_pattern=3, head_dim=64)),
+    ("cohere2", dict(num_key_value_heads=None, sliding_window=16, tie_word_embeddings=False)),
     ("deberta-v2", dict(pos_att_type="p2c|c2p", relative_attention=True, position_buckets=256, share_att_key=True)),
     ("deberta-v2", dict(pos_att_type=["c2p"], pooler_hidden_size=32, hidden_size=32, num_attention_heads=4)),
     ("modernbert", dict(layer_types=None, num_hidden_layers=5, global_attn_every_n_layers=2, classifier_pooling="mean")),

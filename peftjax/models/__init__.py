@@ -21,6 +21,7 @@ from peftjax.models._distilbert import (
     DistilBertForTokenClassification,
     DistilBertModel,
 )
+from peftjax.models._cohere import Cohere2ForCausalLM, CohereForCausalLM
 from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
@@ -205,6 +206,8 @@ __all__ = [
     "Gemma4ForCausalLM",
     "GPT2LMHeadModel",
     "GraniteForCausalLM",
+    "CohereForCausalLM",
+    "Cohere2ForCausalLM",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -290,6 +290,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "rms_norm_eps": 1e-05,
         "sliding_window": 4096, "layer_types": None,
     },
+    # CohereConfig (Command R) and Cohere2Config (Command R7B: layer_types, from sliding_window_pattern)
+    "cohere": {
+        "vocab_size": 256000, "hidden_size": 8192, "intermediate_size": 22528, "logit_scale": 0.0625,
+        "num_hidden_layers": 40, "num_attention_heads": 64, "num_key_value_heads": None, "hidden_act": "silu",
+        "max_position_embeddings": 8192, "initializer_range": 0.02, "layer_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 255001, "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "use_qk_norm": False,
+    },
+    "cohere2": {
+        "vocab_size": 256000, "hidden_size": 8192, "intermediate_size": 22528, "logit_scale": 0.0625,
+        "num_hidden_layers": 40, "num_attention_heads": 64, "num_key_value_heads": None, "hidden_act": "silu",
+        "max_position_embeddings": 8192, "initializer_range": 0.02, "layer_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": 0, "bos_token_id": 5, "eos_token_id": 255001, "tie_word_embeddings": True,
+        "attention_bias": False, "attention_dropout": 0.0, "sliding_window": 4096, "layer_types": None,
+        "head_dim": None,
+    },
     "smollm3": {
         "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
         "num_attention_heads": 16, "num_key_value_heads": 4, "hidden_act": "silu", "max_position_embeddings": 32768,
@@ -540,6 +556,15 @@ class ModelConfig:
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
+        if t in ("cohere", "cohere2") and self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if t == "cohere2":  # Cohere2Config.__post_init__: the head size from the sizes; every 4th layer global
+            if self.head_dim is None:
+                self.head_dim = self.hidden_size // self.num_attention_heads
+            pattern = self.__dict__.pop("sliding_window_pattern", 4)  # an argument (old files), not a field
+            if self.layer_types is None:
+                self.layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                    for i in range(self.num_hidden_layers)]
         if t == "smollm3":  # SmolLM3Config: every no_rope_layer_interval-th layer without RoPE (0), sliding if set
             if self.no_rope_layers is None:
                 self.no_rope_layers = [int((i + 1) % self.no_rope_layer_interval != 0)
