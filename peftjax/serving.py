@@ -12,11 +12,12 @@ multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a pow
 row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
 settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p``,
 ``min_p``, ``typical_p``, ``repetition_penalty`` or seed compiles nothing (turning one of them on or
-off does, once each; each ``no_repeat_ngram_size`` compiles its own). Stop strings are found in
-the decoded completion, after the batch: its rows still run to their end of sequence or
-``max_new_tokens`` (the compiled loop's check, transformers' ``StopStringCriteria``, reads the
-tokens' own texts, which differ from the decoded text where WordPiece adds spaces or
-SentencePiece drops its first one, and also sees the prompt's end). Greedy
+off does, once each; each ``no_repeat_ngram_size`` compiles its own). Each row ends inside the
+compiled loop at its request's stop strings (transformers' ``StopStringCriteria`` on its new
+tokens' own texts), and the batch once every row has ended; the completion is cut where the
+string shows in the decoded text. The two can disagree (the decoded text drops SentencePiece's
+first space, or cleans up spaces before punctuation): a row the loop stopped whose decoded text
+lacks the string is generated again, its strings then found in the decoded text only. Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
 settings and seed, beam requests (``num_beams`` > 1) with those of the same beams and length, which
@@ -64,7 +65,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from peftjax.models import stop_token_ids
-from peftjax.models._stop_strings import stop_strings_arguments
+from peftjax.models._stop_strings import ends_in_stop_string, stop_strings_arguments
 from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
 
@@ -297,10 +298,25 @@ class BatchingGenerator:
     # ------------------------------------------------------------------ generation
 
     def generate(self, requests: Sequence[Request]) -> list[dict]:
-        """Generates ``requests`` (of one :attr:`Request.batch_key`) in one mixed batch."""
-        n = len(requests)
-        if not n or len({r.batch_key for r in requests}) != 1:
+        """Generates ``requests`` (of one :attr:`Request.batch_key`) in one mixed batch.
+
+        Each row ends inside the loop at its request's stop strings, found in its tokens' texts
+        (transformers' check); the completion is cut where the string shows in the decoded text.
+        Where the two disagree (a decoder that drops a first space or cleans up spaces before
+        punctuation), a row the loop stopped whose decoded text lacks the string is generated
+        again with the strings found in the decoded text only, so no completion ends short."""
+        if not requests or len({r.batch_key for r in requests}) != 1:
             raise ValueError("generate takes a non-empty list of requests of one batch_key")
+        results, short = self._generate(requests, stop_in_loop=True)
+        if short:
+            again = self._generate([requests[i] for i in short], stop_in_loop=False)[0]
+            for i, result in zip(short, again):
+                results[i] = result
+        return results
+
+    def _generate(self, requests: Sequence[Request], *, stop_in_loop: bool) -> tuple[list[dict], list[int]]:
+        """``(results, the rows the loop stopped at a string their decoded text lacks)``."""
+        n = len(requests)
         rows = min(_next_power_of_two(n), max(self.max_batch_size, n))
         # filler rows repeat the last request, so they end where it ends (EOS, stop strings): the loop
         # stops once the real rows have ended
@@ -326,13 +342,16 @@ class BatchingGenerator:
             num_return_sequences=1,  # one completion a request: the best beam where there are beams
             # each row ends at its own stop strings inside the loop (the batch once every row has
             # ended), matched in the new tokens only; the text is cut before the string below
-            stop_strings=[list(r.stop) for r in padded] if any(r.stop for r in requests) else None,
+            stop_strings=[list(r.stop) for r in padded] if stop_in_loop and any(r.stop for r in requests) else None,
             tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False,
         )
         used = sorted({r.adapter for r in requests})
-        results = []
+        results, short = [], []
         for i, r in enumerate(requests):
             tokens = [int(t) for t in out[i, width:width + r.max_new_tokens]]
+            written = np.nonzero(out[i, width:width + r.max_new_tokens] != self.pad_token_id)[0]
+            ran = tokens[:written[-1] + 1] if len(written) else []  # before the loop's filler
+            stopped = stop_in_loop and ends_in_stop_string(self._stop_tokenizer, r.stop, ran)
             stop = next((k for k, t in enumerate(tokens) if t in self.eos), None)
             finish = "length" if stop is None else "stop"
             tokens = tokens if stop is None else tokens[:stop]
@@ -341,10 +360,12 @@ class BatchingGenerator:
                 cut = self._stop_string_cut(tokens, text, r.stop)
             if cut is not None:
                 tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
+            elif stopped:
+                short.append(i)
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
                             "prompt_tokens": len(r.input_ids), "finish_reason": finish,
                             "batch": {"rows": n, "adapters": used}})
-        return results
+        return results, short
 
     def _stop_string_cut(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> tuple[int, str] | None:
         """Where the completion ends at its first stop string: ``(tokens kept, text before the

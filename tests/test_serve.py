@@ -380,6 +380,29 @@ def test_a_batch_whose_requests_all_meet_their_stop_strings_ends_there(files, mo
         assert result["token_ids"] == plain["token_ids"][:end] and result["finish_reason"] == "stop"
 
 
+def test_a_stop_string_the_loop_finds_but_the_decoded_text_lacks_cuts_nothing(files, monkeypatch):
+    """The loop reads tokens' own texts (a WordPiece word's with its space), the cut the decoded
+    text (whose first word has none): a string the loop finds that the decoded text lacks stops
+    the row, which is then generated again with the string found in the decoded text only; the
+    completion is the whole one, nothing cut or short."""
+    tokenizer, model, generator = two_lora_adapters(files)
+    ask = {"prompt": PROMPTS[0], "adapter": "a", "max_new_tokens": 8}
+    free = generator.generate([generator.request(ask)])[0]
+    word = tokenizer.decode(free["token_ids"][:1])
+    assert word.isalpha() and f" {word}" not in free["completion"] and free["completion"].startswith(word)
+    calls = []
+    run = model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("stop_strings"))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    result = generator.generate([generator.request({**ask, "stop": f" {word}"})])[0]
+    assert calls == [[[f" {word}"]], None]  # stopped in the loop at the first token, then again without
+    assert {k: v for k, v in result.items() if k != "batch"} == {k: v for k, v in free.items() if k != "batch"}
+
+
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
     """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
     (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""

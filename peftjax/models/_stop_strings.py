@@ -50,6 +50,7 @@ UNREACHED = 2**30  # an unused slot's length: no chain of tokens covers it
 _VOCABULARIES: dict = {}  # id(tokenizer) -> (tokenizer, its size, mode, key, texts, ids): its vocabulary's texts
 _COLUMNS: collections.OrderedDict = collections.OrderedDict()  # (vocabulary, string) -> its table columns
 _TABLES: collections.OrderedDict = collections.OrderedDict()  # (vocabulary, strings, widths) -> assembled table
+_TEXTS: collections.OrderedDict = collections.OrderedDict()  # vocabulary -> {token id: its text}
 
 
 def _matching_mode(tokenizer) -> str | None:
@@ -161,6 +162,25 @@ def _vocabulary(tokenizer) -> tuple:
     while len(_VOCABULARIES) > 8:
         _VOCABULARIES.pop(next(iter(_VOCABULARIES)))
     return mode, key, texts, ids
+
+
+def ends_in_stop_string(tokenizer, strings, tokens) -> bool:
+    """Whether the texts of ``tokens``, end to end, end in one of ``strings`` as the loop's check
+    finds it (:func:`stop_string_hits` from column 0: the string ends inside the last token and
+    lies within ``tokens``), read in ``tokenizer``'s vocabulary: the host's view of why a row
+    stopped."""
+    if not tokens or not strings:
+        return False
+    mode, vocabulary, texts, ids = _vocabulary(tokenizer)
+    by_id = _cached(_TEXTS, vocabulary, lambda: dict(zip(ids, texts)), 8)
+    empty = b"" if mode else ""
+    parts = [by_id.get(int(t), empty) for t in tokens]
+    text, last = empty.join(parts), len(parts[-1])
+    for string in strings:
+        at = text.rfind(string.encode("utf-8") if mode else string)  # the last occurrence ends latest
+        if at >= 0 and at + len(string.encode("utf-8") if mode else string) > len(text) - last:
+            return True
+    return False
 
 
 def _cached(cache: collections.OrderedDict, key, make, limit: int):
