@@ -47,6 +47,8 @@ The HTTP interface (JSON in, JSON out):
   without a chat template) or a bad value, 404 for an unknown adapter (the message
   lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
 - ``GET /adapters``: the loaded adapters and the limits. ``GET /health``: ``{"status": "ok"}``.
+- ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI's bodies,
+  answers and errors, ``model`` naming the adapter (:func:`openai_body`, :func:`openai_response`).
 
 Streaming is not offered: a response comes when its batch is done.
 """
@@ -450,6 +452,113 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
     return kind(value)
 
 
+# ---------------------------------------------------------------------- OpenAI-style requests
+
+# what an OpenAI client may send: the fields mapped onto a request, those ignored, and those taken
+# only at the value that changes nothing (anything else is refused by name)
+OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed"}
+OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
+OPENAI_NEUTRAL = {"stream": (False,), "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, None),
+                  "top_logprobs": (0, None), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+                  "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+                  "response_format": ({"type": "text"},)}
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default (chat: the server's limit)
+
+
+def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
+    """An OpenAI-style ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` body as
+    the server's own ``/generate`` body.
+
+    ``model`` names the adapter (``__base__``: the base model); ``prompt`` (a string, or a list of
+    one) or ``messages`` (``content`` a string or text parts; a ``developer`` message is a system
+    one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
+    server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
+    ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
+    server does not do (streaming, several choices, log probabilities, penalties, logit bias,
+    tools, a JSON response format) is refused by name unless at its neutral value.
+
+    Raises:
+      RequestError: a malformed body, an unknown field, or one refused as above.
+    """
+    if not isinstance(body, Mapping):
+        raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
+    own = {"messages", "max_completion_tokens"} if chat else {"prompt"}
+    unknown = sorted(set(body) - OPENAI_MAPPED - OPENAI_IGNORED - set(OPENAI_NEUTRAL) - own)
+    if unknown:
+        raise RequestError(f"unknown fields {unknown} for {'chat ' if chat else ''}completions")
+    for name, neutral in OPENAI_NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            what = "streaming is not offered: ask without 'stream'" if name == "stream" else (
+                f"this server takes only {neutral[0]!r}")
+            raise RequestError(f"{name!r}: {what}, got {body[name]!r}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError(f"'model' must name an adapter (GET /v1/models) or {BASE!r}, got {model!r}")
+    out = {"adapter": model, "temperature": _number(body, "temperature", float, 1.0, low=0.0, high=2.0)}
+    for name in ("top_p", "stop", "seed"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if chat:
+        out["messages"] = _openai_messages(body.get("messages"))
+        given = body.get("max_completion_tokens", body.get("max_tokens"))
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        default = max_new_tokens
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError(f"'prompt' must be a string (or a list of one), got {prompt!r}"[:300])
+        out["prompt"] = prompt
+        given, name, default = body.get("max_tokens"), "max_tokens", OPENAI_DEFAULT_MAX_TOKENS
+    out["max_new_tokens"] = _number({name: given}, name, int, min(default, max_new_tokens), low=1,
+                                    high=max_new_tokens)
+    return out
+
+
+def _openai_messages(messages) -> list[dict]:
+    """OpenAI chat messages as the chat template's: text parts joined, ``developer`` as ``system``."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise RequestError(f"'messages'[{i}] must be an object with a 'role' and 'content'")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = [part.get("text") for part in content if isinstance(part, Mapping) and part.get("type") == "text"]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise RequestError(f"'messages'[{i}]: only text content parts are taken, got {content!r}"[:300])
+            content = "".join(texts)
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": content})
+    return out
+
+
+def openai_response(result: dict, *, chat: bool, model: str) -> dict:
+    """A result of :meth:`BatchingGenerator.generate` as OpenAI's (chat) completion object."""
+    import uuid
+
+    completion = len(result["token_ids"])
+    choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result["completion"]}
+    else:
+        choice["text"] = result["completion"]
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
+                      "total_tokens": result["prompt_tokens"] + completion}}
+
+
+def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error object (what its clients read the message from)."""
+    code = {404: "model_not_found", 413: "context_length_exceeded"}.get(status)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 # ---------------------------------------------------------------------- HTTP
 
 
@@ -472,20 +581,44 @@ def make_app(generator: BatchingGenerator):
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    async def generate(request):
+    async def answer(request, openai: str | None = None):
+        """``/generate``, or (``openai``: ``"completions"`` or ``"chat"``) the OpenAI-style routes,
+        whose bodies and answers and errors are OpenAI's."""
+        def error(message: str, status: int):
+            return JSONResponse(openai_error(message, status) if openai else {"error": message}, status_code=status)
+
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return JSONResponse({"error": f"the body is not JSON: {e}"}, status_code=400)
+            return error(f"the body is not JSON: {e}", 400)
         try:
+            if openai:
+                body = openai_body(body, chat=openai == "chat", max_new_tokens=generator.max_new_tokens)
             req = generator.request(body)
         except RequestError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            return error(str(e), e.status)
         try:
             result = await asyncio.wrap_future(generator.submit(req))
         except Exception as e:  # a failed batch: this request fails, the server stays up
-            return JSONResponse({"error": f"generation failed: {type(e).__name__}: {e}"}, status_code=500)
+            return error(f"generation failed: {type(e).__name__}: {e}", 500)
+        if openai:
+            return JSONResponse(openai_response(result, chat=openai == "chat", model=body["adapter"]))
         return JSONResponse(result)
+
+    async def generate(request):
+        return await answer(request)
+
+    async def completions(request):
+        return await answer(request, "completions")
+
+    async def chat_completions(request):
+        return await answer(request, "chat")
+
+    async def openai_models(request):
+        created = int(time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "peftjax"}
+            for name in [*generator.adapters, BASE]]})
 
     async def adapters(request):
         return JSONResponse({"adapters": generator.adapters, "base": BASE,
@@ -505,7 +638,9 @@ def make_app(generator: BatchingGenerator):
             await asyncio.to_thread(generator.close)
 
     return Starlette(routes=[Route("/generate", generate, methods=["POST"]), Route("/adapters", adapters),
-                             Route("/health", health)], lifespan=lifespan)
+                             Route("/health", health), Route("/v1/completions", completions, methods=["POST"]),
+                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                             Route("/v1/models", openai_models)], lifespan=lifespan)
 
 
 def load_for_serving(base: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import os
 import subprocess
 import sys
@@ -268,6 +269,70 @@ def test_a_conversation_is_served_in_the_chat_template_and_stops_at_the_generati
     ended = BatchingGenerator(model, tokenizer, max_new_tokens=8).generate([request])[0]
     assert ended["finish_reason"] == "stop"
     assert ended["token_ids"] == free["token_ids"][:free["token_ids"].index(stop)]
+
+
+def test_an_openai_client_is_served_completions_chat_and_models(files):
+    """The OpenAI-style routes, read by the ``openai`` package's client as it reads OpenAI's:
+    ``/v1/models`` lists the adapters and the base; ``/v1/completions`` and
+    ``/v1/chat/completions`` (``model`` names the adapter) give the completions ``/generate``
+    gives, with OpenAI's ``finish_reason`` and token counts; what the server does not do
+    (streaming, several choices, penalties) and an unknown model are refused in OpenAI's error
+    form, each naming what."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, _ = two_lora_adapters(files)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8, batch_wait_s=0.0)
+    with TestClient(serving.make_app(generator)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        assert [m.id for m in client.models.list()] == ["a", "b", serving.BASE]
+
+        def ours(**body):
+            response = http.post("/generate", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        free = ours(prompt=PROMPTS[0], adapter="b", max_new_tokens=6)
+        done = client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert done.object == "text_completion" and done.model == "b" and len(done.choices) == 1
+        assert done.choices[0].text == free["completion"]
+        assert done.choices[0].finish_reason == free["finish_reason"] == "length"
+        assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (free["prompt_tokens"], 6)
+        stop = free["completion"][len(free["completion"]) // 2:][:2]
+        cut = ours(prompt=PROMPTS[0], adapter="b", max_new_tokens=6, stop=[stop])
+        done = client.completions.create(model="b", prompt=[PROMPTS[0]], max_tokens=6, temperature=0, stop=stop)
+        assert (done.choices[0].text, done.choices[0].finish_reason) == (cut["completion"], "stop")
+        sampled = ours(prompt=PROMPTS[1], adapter="a", max_new_tokens=4, temperature=1.0, seed=3)
+        done = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=4, seed=3)  # OpenAI's temperature 1
+        assert done.choices[0].text == sampled["completion"]
+
+        parts = [{"type": "text", "text": "the film "}, {"type": "text", "text": "was"}]
+        messages = [{"role": "developer", "content": "be kind"}, {"role": "user", "content": parts}]
+        chat = ours(messages=[{"role": "system", "content": "be kind"}, {"role": "user", "content": "the film was"}],
+                    adapter="a", max_new_tokens=8)
+        done = client.chat.completions.create(model="a", messages=messages, temperature=0)  # the server's 8 tokens
+        assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+        assert done.choices[0].message.content == chat["completion"]
+        assert done.usage.completion_tokens == len(chat["token_ids"]) == 8
+
+        for call, error, message in [
+            (lambda: client.completions.create(model="b", prompt="hi", stream=True), openai.BadRequestError,
+             "'stream': streaming is not offered"),
+            (lambda: client.completions.create(model="b", prompt="hi", n=2), openai.BadRequestError,
+             "'n': this server takes only 1, got 2"),
+            (lambda: client.chat.completions.create(model="a", messages=messages, frequency_penalty=0.5),
+             openai.BadRequestError, "'frequency_penalty': this server takes only 0, got 0.5"),
+            (lambda: client.completions.create(model="b", prompt="hi", max_tokens=9), openai.BadRequestError,
+             "'max_tokens' must be between 1 and 8"),
+            (lambda: client.completions.create(model="nope", prompt="hi"), openai.NotFoundError,
+             "unknown adapter 'nope'; loaded: ['a', 'b']"),
+        ]:
+            with pytest.raises(error, match=re.escape(message)):
+                call()
 
 
 @pytest.mark.parametrize("body, status, message", [
