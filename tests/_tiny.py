@@ -129,6 +129,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4)),
+    # Phi-2 in small: parallel blocks, RoPE on half of each head, q/k LayerNorms, biases, a biased LM head
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
     # Command R in small: parallel blocks, pairwise RoPE, per-head q/k norms, logits scaled
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -170,6 +170,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "electra": ("attention.output.dense", "output.dense"),
     "distilbert": ("attention.out_lin", "ffn.lin2"),
     "modernbert": ("attn.Wo", "mlp.Wo"),
+    "phi": ("self_attn.dense", "mlp.fc2"),
 }
 
 

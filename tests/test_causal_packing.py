@@ -32,7 +32,8 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     # soft-capped logits), per-kind RoPE bases (Gemma 3, OLMo 3), layers without RoPE (SmolLM3)
     ("gemma2", {}), ("gemma3_text", {}), ("olmo3", {}), ("smollm3", {}),
     ("granite", {}),  # its embedding, attention, residual and logit multipliers
-    ("cohere", {}), ("cohere2", {}),  # parallel blocks (q/k norms; a sliding RoPE layer and a global NoPE one)
+    # parallel blocks: q/k norms, a sliding RoPE layer and a global NoPE one, partial RoPE
+    ("cohere", {}), ("cohere2", {}), ("phi", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
     ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its

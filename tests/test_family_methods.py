@@ -37,7 +37,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2")}
+                        "cohere2", "phi")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -98,6 +98,11 @@ CASES = {
     ("smollm3", "prefix"): BOTH,
     ("smollm3", "p-tuning"): ("peft->here",),
     # parallel blocks: LoRA on both branches of each; q/k norms (cohere); NoPE global layers under a prefix (cohere2)
+    # PEFT's default targets for phi (LoRA: q_proj, v_proj, fc1, fc2; IA3: q_proj, v_proj, fc2); a biased LM head
+    ("phi", "lora-default-targets"): BOTH,
+    ("phi", "ia3-default-targets"): BOTH,
+    ("phi", "prefix"): ("here->peft",),
+    ("phi", "prompt"): ("peft->here",),
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

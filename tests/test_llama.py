@@ -75,6 +75,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "ernie4_5-biases": ("ernie4_5", tr.Ernie4_5ForCausalLM, {}),
     # _tiny's parallel blocks, per-head q/k norms, scaled logits
     "cohere-qk-norm": ("cohere", tr.CohereForCausalLM, {}),
+    # _tiny's parallel blocks, partial RoPE, q/k LayerNorms, biases and a biased LM head
+    "phi-partial-qk-norm": ("phi", tr.PhiForCausalLM, {}),
     # _tiny's sliding RoPE layer, then a global NoPE one
     "cohere2-nope-window": ("cohere2", tr.Cohere2ForCausalLM, {}),
 }
@@ -82,7 +84,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss", "glm4", "ernie4_5", "cohere")))
+                                                                   "seed_oss", "glm4", "ernie4_5", "cohere",
+                                                                   "phi-")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -228,13 +231,13 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4"])
+                                  "glm4", "phi"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
            "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
-           "glm4": tr.Glm4ForSequenceClassification}[kind]
+           "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -715,7 +718,7 @@ def test_logits_to_keep_is_checked(causal):
 
 @pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers",
                                     "seed_oss-biases", "glm4-pairs", "ernie4_5-biases", "cohere-qk-norm",
-                                    "cohere2-nope-window"], indirect=True)
+                                    "cohere2-nope-window", "phi-partial-qk-norm"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

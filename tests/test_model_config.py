@@ -34,7 +34,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
-           "cohere2": "Cohere2Config"}
+           "cohere2": "Cohere2Config", "phi": "PhiConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -57,7 +57,8 @@ def assert_same_fields(ours, theirs):
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
-                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2"):
+                            "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
+                            "phi"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -133,6 +134,9 @@ VARIANTS = [
     ("gemma", dict(hidden_act="gelu", num_key_value_heads=1, head_dim=16)),
     ("granite", dict(num_key_value_heads=None, logits_scaling=16.0, rope_theta=10000000.0)),
     ("cohere", dict(num_key_value_heads=None, use_qk_norm=True, logit_scale=0.25, rope_theta=10000.0)),
+    ("phi", dict(partial_rotary_factor=0.4, qk_layernorm=True, resid_pdrop=0.1, num_key_value_heads=None)),
+    ("phi", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
+                                  "partial_rotary_factor": 0.25}, hidden_act="gelu")),
     ("cohere2", dict(layer_types=None, num_hidden_layers=6, sliding_window_pattern=3, head_dim=64)),
     ("cohere2", dict(num_key_value_heads=None, sliding_window=16, tie_word_embeddings=False)),
     ("deberta-v2", dict(pos_att_type="p2c|c2p", relative_attention=True, position_buckets=256, share_att_key=True)),

@@ -28,6 +28,7 @@ from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClass
 from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
+from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._gpt2 import (
     Conv1D,
     GPT2ForQuestionAnswering,
@@ -208,6 +209,9 @@ __all__ = [
     "GraniteForCausalLM",
     "CohereForCausalLM",
     "Cohere2ForCausalLM",
+    "PhiForCausalLM",
+    "PhiForSequenceClassification",
+    "PhiForTokenClassification",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

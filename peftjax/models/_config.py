@@ -290,6 +290,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "rms_norm_eps": 1e-05,
         "sliding_window": 4096, "layer_types": None,
     },
+    "phi": {
+        "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+        "num_attention_heads": 32, "num_key_value_heads": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attention_dropout": 0.0, "hidden_act": "gelu_new", "max_position_embeddings": 2048, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+    },
     # CohereConfig (Command R) and Cohere2Config (Command R7B: layer_types, from sliding_window_pattern)
     "cohere": {
         "vocab_size": 256000, "hidden_size": 8192, "intermediate_size": 22528, "logit_scale": 0.0625,
@@ -556,7 +563,11 @@ class ModelConfig:
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
-        if t in ("cohere", "cohere2") and self.num_key_value_heads is None:
+        if t == "phi":  # PhiConfig: RoPE on half of each head unless the file says otherwise
+            if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
+                    self.__dict__.get("rope_parameters") or {}):
+                self.partial_rotary_factor = 0.5
+        if t in ("cohere", "cohere2", "phi") and self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if t == "cohere2":  # Cohere2Config.__post_init__: the head size from the sizes; every 4th layer global
             if self.head_dim is None:

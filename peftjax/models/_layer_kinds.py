@@ -143,8 +143,8 @@ def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, pre
                  kinds: Sequence[Kind], layer_kinds: Sequence[str], rope: RotaryEmbedding,
                  call: Callable | None = None, segment_ids=None) -> ModelOutput:
     """The body of a layer-kinds decoder's ``__call__`` after its embedding: positions, each kind's
-    inputs, the layers, the final ``model.norm``. ``model`` has ``layers``, ``norm``, ``remat``
-    and ``config``. ``segment_ids``: packed rows (see ``LlamaModel``), each kind's mask kept
+    inputs, the layers, the final norm. ``model`` has ``layers``, ``final_norm``, ``remat`` and
+    ``config``. ``segment_ids``: packed rows (see ``LlamaModel``), each kind's mask kept
     within each sequence (a sliding window counts slots, which within a sequence are its
     positions)."""
     b, s, _ = x.shape
@@ -157,7 +157,7 @@ def decoder_call(model, x, attention_mask, position_ids, cache, cache_index, pre
                 for name, (cos, sin, mask) in kind_inputs(kinds, rope, pos, x.dtype).items()}
     x, new_cache = run_layer_kinds(model.layers, layer_kinds, per_kind, x, remat=model.remat, cache=cache,
                                    start=pos.start, prefix_kv=prefix_kv, dropout_rng=dropout_rng, call=call)
-    return ModelOutput(last_hidden_state=model.norm(x), past_key_values=new_cache)
+    return ModelOutput(last_hidden_state=model.final_norm(x), past_key_values=new_cache)
 
 
 class LayerKindsModel(LlamaModel):

@@ -133,7 +133,11 @@ class LlamaAttention(nnx.Module):
                                          dropout_rng=dropout_rng,
                                          causal_offset=attn.causal_offset(cache, prefix, cache_index),
                                          **self.score_options())
-        return self.o_proj(out.reshape(b, s, -1)), cache
+        return self.project_out(out.reshape(b, s, -1)), cache
+
+    def project_out(self, x):
+        """The output projection of the heads' ``[b, s, heads * head_dim]`` (Phi's is ``dense``)."""
+        return self.o_proj(x)
 
 
 class LlamaMLP(nnx.Module):
@@ -210,6 +214,7 @@ class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = LlamaDecoderLayer
+    norm_name: ClassVar[str] = "norm"  # the final norm's attribute (Phi's: final_layernorm)
     # whether the decoder can run packed rows (segment_ids: several sequences end to end, each
     # attending to itself alone, its positions restarting): every layer reads its attention mask
     # and position ids and nothing else of the row (a family whose RoPE or masks depend on more
@@ -227,9 +232,13 @@ class LlamaModel(nnx.Module):
         self.layers = make_layers(
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
         )
-        self.norm = self.make_norm(config, **kw)
+        setattr(self, self.norm_name, self.make_norm(config, **kw))
         # static data, not state: it never trains and is rebuilt from the config
         self.rotary = self.make_rotary(config)
+
+    def final_norm(self, x):
+        """The final norm of the layers' output."""
+        return getattr(self, self.norm_name)(x)
 
     @staticmethod
     def make_embedding(config, **kw) -> nnx.Embed:
@@ -326,7 +335,7 @@ class LlamaModel(nnx.Module):
                                    layer_key(dropout_rng, i))
             if cache is not None:
                 new_cache.append(layer_cache)
-        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache)
+        return ModelOutput(last_hidden_state=self.final_norm(x), past_key_values=new_cache)
 
 
 class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
@@ -335,6 +344,7 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
     base_model_prefix: ClassVar[str] = "model"
     ignored_keys: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
     model_class: ClassVar[type[nnx.Module]] = LlamaModel
+    lm_head_bias: ClassVar[bool] = False  # Phi's head has one
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -343,9 +353,8 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nnx.data(None)
         if not self.tied:
-            self.lm_head = nnx.Linear(
-                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
+            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=self.lm_head_bias, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
 
     def _tied(self, key: str) -> bool:
         return self.tied and key == "lm_head.weight"

@@ -67,6 +67,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     "gpt2": (r"attn\.c_proj", r"mlp\.c_proj"),
+    "phi": (r"self_attn\.dense", r"mlp\.fc2"),
 }
 
 def default_target_modules(model_type: str, adapter_type: str) -> str:

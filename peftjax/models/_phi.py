@@ -1,0 +1,144 @@
+"""Microsoft Phi-1, Phi-1.5 and Phi-2 (``model_type`` ``"phi"``) in Flax NNX, with transformers'
+module names.
+
+What differs from Llama:
+
+- each layer normalises its input once (``input_layernorm``, a LayerNorm with bias) and adds
+  attention and MLP, both of that input, to the residual, each after ``resid_pdrop``'s dropout;
+- biases on every projection; the attention's output projection is ``dense``; the MLP is
+  ``fc2(act(fc1(x)))`` (``gelu_new`` by default); with ``qk_layernorm``, a LayerNorm over each
+  head's queries and keys (one weight for all heads);
+- RoPE on the first ``partial_rotary_factor`` of each head (0.5 by default, Phi-2's files 0.4);
+- ``embd_pdrop`` drops from the embeddings; the final norm is ``final_layernorm`` (with bias);
+- the LM head has a bias (the loss takes the logits, not the fused projection).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._dropout import dropout
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
+)
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._dropout import split_keys
+
+
+class PhiAttention(LlamaAttention):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        # no super().__init__: Phi's output projection is `dense`, not Llama's `o_proj`
+        self.set_layout(config, layer_idx)
+        h, d = config.hidden_size, self.head_dim
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(h, self.num_heads * d, **kw)
+        self.k_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
+        self.v_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
+        self.dense = nnx.Linear(self.num_heads * d, h, **kw)
+        self.q_layernorm = self.k_layernorm = nnx.data(None)
+        if getattr(config, "qk_layernorm", False):
+            norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.q_layernorm = nnx.LayerNorm(config.hidden_size // config.num_attention_heads, **norm)
+            self.k_layernorm = nnx.LayerNorm(config.hidden_size // config.num_attention_heads, **norm)
+
+    def project(self, x):
+        q, k, v = super().project(x)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        return q, k, v
+
+    def project_out(self, x):
+        return self.dense(x)
+
+
+class PhiMLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
+        self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.activation = config.hidden_act
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"phi: hidden_act {self.activation!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+
+    def __call__(self, x):
+        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class PhiDecoderLayer(LlamaDecoderLayer):
+    """One LayerNorm, then attention and MLP side by side, both added to the residual."""
+
+    attention_class: ClassVar[type[nnx.Module]] = PhiAttention
+    mlp_class: ClassVar[type[nnx.Module]] = PhiMLP
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = self.mlp_class(config, **kw)
+        self.input_layernorm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's dropout key (training): ``attention_dropout`` on the
+        attention probabilities, ``resid_pdrop`` on each branch's output; ``None``: none."""
+        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
+        n = self.input_layernorm(x)
+        a, cache = self.self_attn(n, cos, sin, masks, cache, cache_index, prefix, attn_key)
+        a = dropout(a, self.resid_dropout_rate, attn_out_key)
+        return x + a + dropout(self.mlp(n), self.resid_dropout_rate, mlp_out_key), cache
+
+
+class PhiModel(LlamaModel):
+    """Phi's decoder: ``embed_tokens`` (then ``embd_pdrop``), ``layers``, ``final_layernorm``."""
+
+    layer_class: ClassVar[type[nnx.Module]] = PhiDecoderLayer
+    norm_name: ClassVar[str] = "final_layernorm"
+
+    @staticmethod
+    def make_norm(config, **kw) -> nnx.Module:
+        return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
+                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings (also those
+        passed in place of ids) dropped at ``embd_pdrop`` under a dropout key."""
+        embed_key, layers_key = split_keys(dropout_rng, 2)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+        x = dropout(jnp.asarray(inputs_embeds), float(getattr(self.config, "embd_pdrop", 0.0) or 0.0), embed_key)
+        return super().__call__(None, attention_mask, position_ids, x, cache, cache_index, prefix_kv,
+                                layers_key, segment_ids=segment_ids)
+
+
+class PhiForCausalLM(LlamaForCausalLM):
+    """Phi-1/1.5/2: parallel blocks, partial RoPE, a biased LM head."""
+
+    model_class: ClassVar[type[nnx.Module]] = PhiModel
+    lm_head_bias: ClassVar[bool] = True
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if getattr(config, "tie_word_embeddings", False):  # the bias would be dropped with a tied head
+            raise ValueError("phi: tie_word_embeddings=True is not supported (Phi's LM head has a bias of its own)")
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class PhiForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = PhiModel
+
+
+class PhiForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = PhiModel
+
+
+register(PhiForCausalLM, model_types=("phi",), default=True)
+register(PhiForSequenceClassification)
+register(PhiForTokenClassification)
