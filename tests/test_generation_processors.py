@@ -379,6 +379,16 @@ def test_stop_strings_per_row_end_each_row_at_its_own_as_transformers(worded):
         assert (got[n:] == 2).all() and (want[n:] == 2).all(), i  # past its end: padding
         stopped += bool(strings) and (want == 2).any()
     assert stopped >= 3
+    # over beams too: each prompt's beams end at its own strings, as transformers' with those alone
+    beams = dict(settings, num_beams=3, num_return_sequences=2)
+    ours = model.generate(ids, mask, **beams, stop_strings=per_row, tokenizer=tokenizer)
+    for i, strings in enumerate(per_row):
+        want = hf_generate(hf, ids, mask, do_sample=False, **beams, **(
+            {"stop_strings": strings, "tokenizer": tokenizer} if strings else {}))
+        for got, expected in zip(ours[2 * i:2 * i + 2, start:], want[2 * i:2 * i + 2, start:]):
+            n = min(len(got), len(expected))
+            np.testing.assert_array_equal(got[:n], expected[:n], err_msg=f"row {i}")
+            assert (got[n:] == 2).all() and (expected[n:] == 2).all(), i
 
     # a string across the prompt's end and the first new token's text
     row = np.concatenate([ids[0][mask[0] == 1], free[0, start:start + 1]])
