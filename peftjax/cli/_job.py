@@ -137,6 +137,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "p-tuning": ("P_TUNING", {}, "P-tuning"),
     "adaption_prompt": ("ADAPTION_PROMPT", {}, "adaption prompt"),
     "bottleneck": ("BOTTLENECK", {}, "bottleneck adapters"),
+    "xlora": ("XLORA", {}, "X-LoRA"),
 }
 # the flags that set a field of the method's config (the others: --method-option FIELD=VALUE)
 FIELD_FLAGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens")
@@ -181,8 +182,9 @@ FLAG_HELP = {
               "trainable_tokens, prefix (prefix tuning), "
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
               "tuning, a prompt per task: --task-ids-column), p-tuning, adaption_prompt (Llama, "
-              "Mistral, GPT-2) or bottleneck (peftjax's own; PEFT cannot read it); not CPT, whose loss needs each "
-              "token's type, nor X-LoRA, which mixes LoRA adapters trained before",
+              "Mistral, GPT-2), bottleneck (peftjax's own; PEFT cannot read it) or xlora (X-LoRA: a classifier "
+              "that mixes LoRA adapters trained before, named by position: --method-option "
+              "adapters={0: DIR, 1: DIR}); not CPT, whose loss needs each token's type",
     "method_options": "a field of the method's PEFT config, its value read as YAML, e.g. "
                       "init_weights=false or target_modules=[query,value] (repeatable; a YAML file's "
                       "method_options is a mapping)",
