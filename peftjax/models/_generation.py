@@ -6,8 +6,8 @@ rules)."""
 from __future__ import annotations
 
 import functools
-import operator
 import json
+import operator
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
