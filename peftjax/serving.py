@@ -50,7 +50,8 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI's bodies,
   answers and errors, ``model`` naming the adapter (:func:`openai_body`, :func:`openai_response`).
 
-Streaming is not offered: a response comes when its batch is done.
+A response comes when its batch is done: an OpenAI-style ``"stream": true`` gets its events then,
+the whole text in one chunk.
 """
 
 from __future__ import annotations
@@ -456,9 +457,9 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
 
 # what an OpenAI client may send: the fields mapped onto a request, those ignored, and those taken
 # only at the value that changes nothing (anything else is refused by name)
-OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed"}
-OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
-OPENAI_NEUTRAL = {"stream": (False,), "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, None),
+OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options"}
+OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+OPENAI_NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, None),
                   "top_logprobs": (0, None), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
                   "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                   "response_format": ({"type": "text"},)}
@@ -474,8 +475,9 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
     server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
     ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
-    server does not do (streaming, several choices, log probabilities, penalties, logit bias,
-    tools, a JSON response format) is refused by name unless at its neutral value.
+    server does not do (several choices, log probabilities, penalties, logit bias, tools, a JSON
+    response format) is refused by name unless at its neutral value. ``stream`` is read by the
+    route (:func:`openai_chunks`).
 
     Raises:
       RequestError: a malformed body, an unknown field, or one refused as above.
@@ -488,9 +490,13 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
         raise RequestError(f"unknown fields {unknown} for {'chat ' if chat else ''}completions")
     for name, neutral in OPENAI_NEUTRAL.items():
         if name in body and body[name] not in neutral:
-            what = "streaming is not offered: ask without 'stream'" if name == "stream" else (
-                f"this server takes only {neutral[0]!r}")
-            raise RequestError(f"{name!r}: {what}, got {body[name]!r}")
+            raise RequestError(f"{name!r}: this server takes only {neutral[0]!r}, got {body[name]!r}")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError(f"'stream' must be true or false, got {body['stream']!r}")
+    options = body.get("stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, Mapping)
+                                or set(options) - {"include_usage"}):
+        raise RequestError(f"'stream_options' is for a streamed request and takes 'include_usage', got {options!r}")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(f"'model' must name an adapter (GET /v1/models) or {BASE!r}, got {model!r}")
@@ -552,6 +558,25 @@ def openai_response(result: dict, *, chat: bool, model: str) -> dict:
                       "total_tokens": result["prompt_tokens"] + completion}}
 
 
+def openai_chunks(response: dict, *, chat: bool, include_usage: bool = False) -> list[dict]:
+    """An OpenAI completion object as the server-sent events of a streamed answer: the whole text
+    in one chunk (a batch answers when it is done), then the finish reason, then (``include_usage``)
+    a chunk of token counts without choices, as OpenAI's streams end."""
+    head = {k: response[k] for k in ("id", "created", "model")}
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+    choice = response["choices"][0]
+    if chat:
+        text = {"delta": {"role": "assistant", "content": choice["message"]["content"]}}
+        end = {"delta": {}}
+    else:
+        text, end = {"text": choice["text"], "logprobs": None}, {"text": "", "logprobs": None}
+    chunks = [{**head, "choices": [{"index": 0, **text, "finish_reason": None}]},
+              {**head, "choices": [{"index": 0, **end, "finish_reason": choice["finish_reason"]}]}]
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": response["usage"]})
+    return chunks
+
+
 def openai_error(message: str, status: int) -> dict:
     """OpenAI's error object (what its clients read the message from)."""
     code = {404: "model_not_found", 413: "context_length_exceeded"}.get(status)
@@ -578,7 +603,7 @@ def make_app(generator: BatchingGenerator):
 
     require_server_packages()
     from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
     async def answer(request, openai: str | None = None):
@@ -591,9 +616,11 @@ def make_app(generator: BatchingGenerator):
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(f"the body is not JSON: {e}", 400)
+        raw, stream = body, False
         try:
             if openai:
-                body = openai_body(body, chat=openai == "chat", max_new_tokens=generator.max_new_tokens)
+                body = openai_body(raw, chat=openai == "chat", max_new_tokens=generator.max_new_tokens)
+                stream = bool(raw.get("stream"))
             req = generator.request(body)
         except RequestError as e:
             return error(str(e), e.status)
@@ -601,9 +628,15 @@ def make_app(generator: BatchingGenerator):
             result = await asyncio.wrap_future(generator.submit(req))
         except Exception as e:  # a failed batch: this request fails, the server stays up
             return error(f"generation failed: {type(e).__name__}: {e}", 500)
-        if openai:
-            return JSONResponse(openai_response(result, chat=openai == "chat", model=body["adapter"]))
-        return JSONResponse(result)
+        if not openai:
+            return JSONResponse(result)
+        response = openai_response(result, chat=openai == "chat", model=body["adapter"])
+        if not stream:
+            return JSONResponse(response)
+        usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+        events = [f"data: {json.dumps(chunk)}\n\n" for chunk in openai_chunks(response, chat=openai == "chat",
+                                                                              include_usage=usage)]
+        return StreamingResponse(iter([*events, "data: [DONE]\n\n"]), media_type="text/event-stream")
 
     async def generate(request):
         return await answer(request)

@@ -275,9 +275,9 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
     """The OpenAI-style routes, read by the ``openai`` package's client as it reads OpenAI's:
     ``/v1/models`` lists the adapters and the base; ``/v1/completions`` and
     ``/v1/chat/completions`` (``model`` names the adapter) give the completions ``/generate``
-    gives, with OpenAI's ``finish_reason`` and token counts; what the server does not do
-    (streaming, several choices, penalties) and an unknown model are refused in OpenAI's error
-    form, each naming what."""
+    gives, with OpenAI's ``finish_reason`` and token counts, streamed too (in one chunk, as a batch
+    answers when it is done); what the server does not do (several choices, penalties) and an
+    unknown model are refused in OpenAI's error form, each naming what."""
     openai = pytest.importorskip("openai")
     from starlette.testclient import TestClient
 
@@ -319,9 +319,20 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
         assert done.choices[0].message.content == chat["completion"]
         assert done.usage.completion_tokens == len(chat["token_ids"]) == 8
 
+        # streamed: the whole text in one chunk once the batch is done, then the finish reason (and usage)
+        chunks = list(client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == free["completion"]
+        assert [c.choices[0].finish_reason for c in chunks] == [None, "length"]
+        chunks = list(client.chat.completions.create(model="a", messages=messages, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat["completion"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
         for call, error, message in [
-            (lambda: client.completions.create(model="b", prompt="hi", stream=True), openai.BadRequestError,
-             "'stream': streaming is not offered"),
+            (lambda: client.completions.create(model="b", prompt="hi", stream_options={"include_usage": True}),
+             openai.BadRequestError, "'stream_options' is for a streamed request"),
             (lambda: client.completions.create(model="b", prompt="hi", n=2), openai.BadRequestError,
              "'n': this server takes only 1, got 2"),
             (lambda: client.chat.completions.create(model="a", messages=messages, frequency_penalty=0.5),
