@@ -46,6 +46,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return bool(getattr(config, "qkv_bias", True)), False, False
     if config.model_type == "phi3":  # transformers' Phi-3 has no biases, whatever attention_bias says
         return False, False, False
+    if config.model_type == "phi":  # biases on every projection, always
+        return True, True, True
     if config.model_type == "ernie4_5":  # one flag for every projection
         bias = bool(getattr(config, "use_bias", False))
         return bias, bias, bias
@@ -75,6 +77,8 @@ def sliding_windows(config) -> list[int | None]:
 
 
 class LlamaAttention(nnx.Module):
+    out_name: ClassVar[str] = "o_proj"  # the output projection's attribute (Phi's: dense)
+
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.set_layout(config, layer_idx)
         qkv_bias, o_bias, _ = _biases(config)
@@ -83,7 +87,7 @@ class LlamaAttention(nnx.Module):
         self.q_proj = nnx.Linear(h, self.num_heads * d, use_bias=qkv_bias, **kw)
         self.k_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
         self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=qkv_bias, **kw)
-        self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw)
+        setattr(self, self.out_name, nnx.Linear(self.num_heads * d, h, use_bias=o_bias, **kw))
 
     def set_layout(self, config, layer_idx: int) -> None:
         """Heads, head size, window, dropout and score scale: what every family's attention reads from the config."""
@@ -136,8 +140,8 @@ class LlamaAttention(nnx.Module):
         return self.project_out(out.reshape(b, s, -1)), cache
 
     def project_out(self, x):
-        """The output projection of the heads' ``[b, s, heads * head_dim]`` (Phi's is ``dense``)."""
-        return self.o_proj(x)
+        """The output projection of the heads' ``[b, s, heads * head_dim]``."""
+        return getattr(self, self.out_name)(x)
 
 
 class LlamaMLP(nnx.Module):

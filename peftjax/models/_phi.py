@@ -36,15 +36,10 @@ from peftjax.nn._dropout import split_keys
 
 
 class PhiAttention(LlamaAttention):
+    out_name: ClassVar[str] = "dense"
+
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        # no super().__init__: Phi's output projection is `dense`, not Llama's `o_proj`
-        self.set_layout(config, layer_idx)
-        h, d = config.hidden_size, self.head_dim
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(h, self.num_heads * d, **kw)
-        self.k_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
-        self.v_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
-        self.dense = nnx.Linear(self.num_heads * d, h, **kw)
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_layernorm = self.k_layernorm = nnx.data(None)
         if getattr(config, "qk_layernorm", False):
             norm = dict(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -56,9 +51,6 @@ class PhiAttention(LlamaAttention):
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         return q, k, v
-
-    def project_out(self, x):
-        return self.dense(x)
 
 
 class PhiMLP(nnx.Module):
