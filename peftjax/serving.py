@@ -352,9 +352,6 @@ class BatchingGenerator:
         results, short = [], []
         for i, r in enumerate(requests):
             tokens = [int(t) for t in out[i, width:width + r.max_new_tokens]]
-            written = np.nonzero(out[i, width:width + r.max_new_tokens] != self.pad_token_id)[0]
-            ran = tokens[:written[-1] + 1] if len(written) else []  # before the loop's filler
-            stopped = stop_in_loop and ends_in_stop_string(self._stop_tokenizer, r.stop, ran)
             stop = next((k for k, t in enumerate(tokens) if t in self.eos), None)
             finish = "length" if stop is None else "stop"
             tokens = tokens if stop is None else tokens[:stop]
@@ -363,12 +360,19 @@ class BatchingGenerator:
                 cut = self._stop_string_cut(tokens, text, r.stop)
             if cut is not None:
                 tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
-            elif stopped:
+            elif stop_in_loop and r.stop and self._stopped_in_loop(out[i, width:width + r.max_new_tokens], r.stop):
                 short.append(i)
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
                             "prompt_tokens": len(r.input_ids), "finish_reason": finish,
                             "batch": {"rows": n, "adapters": used}})
         return results, short
+
+    def _stopped_in_loop(self, row: np.ndarray, stop: tuple[str, ...]) -> bool:
+        """Whether the loop ended ``row`` (a request's new tokens) at one of its stop strings: its
+        tokens before the loop's filler end in one as the loop's check reads them."""
+        written = np.nonzero(row != self.pad_token_id)[0]
+        ran = [int(t) for t in row[:written[-1] + 1]] if len(written) else []
+        return ends_in_stop_string(self._stop_tokenizer, stop, ran)
 
     def _stop_string_cut(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> tuple[int, str] | None:
         """Where the completion ends at its first stop string: ``(tokens kept, text before the

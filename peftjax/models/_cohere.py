@@ -27,8 +27,7 @@ from flax import nnx
 from peftjax.models._auto import register
 from peftjax.models._glm4 import Glm4Attention
 from peftjax.models._layer_kinds import LayerKindsModel, checked_layer_types
-from peftjax.models._llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from peftjax.nn._dropout import split_keys
+from peftjax.models._llama import LlamaForCausalLM, LlamaModel, ParallelDecoderLayer
 
 
 def layer_norm(x, weight, epsilon: float):
@@ -86,27 +85,15 @@ class CohereAttention(Glm4Attention):
         return q, k, v
 
 
-class CohereDecoderLayer(LlamaDecoderLayer):
+def _norm(config, **kw) -> nnx.Module:
+    return CohereLayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+
+
+class CohereDecoderLayer(ParallelDecoderLayer):
     """One norm, then attention and MLP side by side, both added to the residual."""
 
     attention_class: ClassVar[type[nnx.Module]] = CohereAttention
-
-    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = self.attention_class(config, layer_idx, **kw)
-        self.mlp = self.mlp_class(config, **kw)
-        self.input_layernorm = CohereLayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
-
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        """``dropout_rng``: the layer's key for ``attention_dropout`` (training); ``None``: none."""
-        (attn_key,) = split_keys(dropout_rng, 1)
-        n = self.input_layernorm(x)
-        a, cache = self.self_attn(n, cos, sin, masks, cache, cache_index, prefix, attn_key)
-        return x + a + self.mlp(n), cache
-
-
-def _norm(config, **kw) -> nnx.Module:
-    return CohereLayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+    make_norm = staticmethod(_norm)
 
 
 class CohereModel(LlamaModel):

@@ -8,6 +8,7 @@ them. Qwen3 (``_qwen3``) and Phi-3 (``_phi3``) subclass the attention and MLP he
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -172,9 +173,7 @@ class LlamaDecoderLayer(nnx.Module):
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        # Phi-3's resid_pdrop, Seed-OSS's residual_dropout: each branch's output, before its residual add
-        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", None) or getattr(config, "residual_dropout", 0.0)
-                                        or 0.0)
+        self.resid_dropout_rate = residual_dropout_rate(config)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         """``dropout_rng``: the layer's dropout key (training); ``None``: no base-model dropout.
@@ -186,6 +185,35 @@ class LlamaDecoderLayer(nnx.Module):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, attn_key)
         x = x + dropout(a, self.resid_dropout_rate, attn_out_key)
         return x + dropout(self.mlp(self.post_attention_layernorm(x)), self.resid_dropout_rate, mlp_out_key), cache
+
+
+def residual_dropout_rate(config) -> float:
+    """Phi's and Phi-3's ``resid_pdrop``, Seed-OSS's ``residual_dropout``: each branch's output,
+    before its residual add (0 elsewhere)."""
+    return float(getattr(config, "resid_pdrop", None) or getattr(config, "residual_dropout", 0.0) or 0.0)
+
+
+class ParallelDecoderLayer(LlamaDecoderLayer):
+    """One norm (``make_norm``), then attention and MLP side by side on its output, both added to
+    the residual, each after the residual dropout (Command R's and Phi's blocks)."""
+
+    make_norm: ClassVar[Callable[..., nnx.Module]]
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = self.mlp_class(config, **kw)
+        self.input_layernorm = self.make_norm(config, **kw)
+        self.resid_dropout_rate = residual_dropout_rate(config)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's dropout key (training): ``attention_dropout`` on the
+        attention probabilities, the residual dropout on each branch's output; ``None``: none."""
+        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
+        n = self.input_layernorm(x)
+        a, cache = self.self_attn(n, cos, sin, masks, cache, cache_index, prefix, attn_key)
+        a = dropout(a, self.resid_dropout_rate, attn_out_key)
+        return x + a + dropout(self.mlp(n), self.resid_dropout_rate, mlp_out_key), cache
 
 
 def kv_layout(config) -> tuple[int, int]:

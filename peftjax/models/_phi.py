@@ -24,11 +24,11 @@ from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._llama import (
     LlamaAttention,
-    LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
+    ParallelDecoderLayer,
 )
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
@@ -66,27 +66,17 @@ class PhiMLP(nnx.Module):
         return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
-class PhiDecoderLayer(LlamaDecoderLayer):
-    """One LayerNorm, then attention and MLP side by side, both added to the residual."""
+def _norm(config, **kw) -> nnx.Module:
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+
+
+class PhiDecoderLayer(ParallelDecoderLayer):
+    """One LayerNorm, then attention and MLP side by side, both added to the residual, each after
+    ``resid_pdrop``'s dropout."""
 
     attention_class: ClassVar[type[nnx.Module]] = PhiAttention
     mlp_class: ClassVar[type[nnx.Module]] = PhiMLP
-
-    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.self_attn = self.attention_class(config, layer_idx, **kw)
-        self.mlp = self.mlp_class(config, **kw)
-        self.input_layernorm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
-        self.resid_dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
-
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        """``dropout_rng``: the layer's dropout key (training): ``attention_dropout`` on the
-        attention probabilities, ``resid_pdrop`` on each branch's output; ``None``: none."""
-        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
-        n = self.input_layernorm(x)
-        a, cache = self.self_attn(n, cos, sin, masks, cache, cache_index, prefix, attn_key)
-        a = dropout(a, self.resid_dropout_rate, attn_out_key)
-        return x + a + dropout(self.mlp(n), self.resid_dropout_rate, mlp_out_key), cache
+    make_norm = staticmethod(_norm)
 
 
 class PhiModel(LlamaModel):
@@ -94,10 +84,7 @@ class PhiModel(LlamaModel):
 
     layer_class: ClassVar[type[nnx.Module]] = PhiDecoderLayer
     norm_name: ClassVar[str] = "final_layernorm"
-
-    @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
+    make_norm = staticmethod(_norm)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:

@@ -177,8 +177,9 @@ def ends_in_stop_string(tokenizer, strings, tokens) -> bool:
     parts = [by_id.get(int(t), empty) for t in tokens]
     text, last = empty.join(parts), len(parts[-1])
     for string in strings:
-        at = text.rfind(string.encode("utf-8") if mode else string)  # the last occurrence ends latest
-        if at >= 0 and at + len(string.encode("utf-8") if mode else string) > len(text) - last:
+        matched = string.encode("utf-8") if mode else string
+        at = text.rfind(matched)  # the last occurrence ends latest
+        if at >= 0 and at + len(matched) > len(text) - last:
             return True
     return False
 

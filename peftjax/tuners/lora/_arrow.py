@@ -5,8 +5,8 @@ for GenKnowSub, general ones (``gks_0``, ...), checks that they share rank, shap
 modules (:func:`check_compatible`), and adds the router adapter ``arrow_router`` (a LoRA config
 with ``arrow_config``) on those modules. On each layer the router keeps one prototype per task
 adapter, the top right singular vector of its ``B A`` (a power iteration, as PEFT's), and routes
-each token to the ``top_k`` best aligned (``tuners.lora._math.arrow_route``). GenKnowSub subtracts the general adapters' mean ``A`` and
-``B`` from every task adapter's once.
+each token to the ``top_k`` best aligned (``tuners.lora._math.arrow_route``). GenKnowSub
+subtracts the general adapters' mean ``A`` and ``B`` from every task adapter's once.
 
 PEFT does both lazily at the router's next forward; peftjax does them when the router is built
 and again whenever the ``PeftModel`` adds, loads or deletes an adapter (:func:`refresh_arrow`),
