@@ -118,6 +118,30 @@ def assert_peft_reads(model, torch_class, base, adapter, *, base_kwargs=None, **
                                atol=1e-5, rtol=0)
 
 
+def assert_lora_moves_both_ways(torch_class, base, work, config: dict, targets: set, batch, *, dropout: bool = True,
+                                **inputs) -> None:
+    """PEFT's LoRA of ``config`` (fields of both frameworks' ``LoraConfig``, default targets
+    ``targets``) both ways on ``torch_class`` read from ``base``: PEFT's adapter (moved off its
+    start) gives PEFT's logits on ``inputs`` here; one trained here from the gaussian init (4 steps
+    on ``batch``, the model's dropout with ``dropout``, its loss falling) gives ours in PEFT.
+    ``work``: a directory for both adapters."""
+    import _tiny
+
+    import peftjax
+    from peftjax import models
+
+    peft = pytest.importorskip("peft")
+    ref = peft_file(torch_class, base, peft.LoraConfig(**config), work / "theirs", **inputs)
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(base), work / "theirs")
+    np.testing.assert_allclose(np.asarray(loaded(**inputs).logits), ref, atol=1e-5, rtol=0)
+    model = peftjax.get_peft_model(models.from_pretrained(base),
+                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
+    assert set(model.peft_config["default"].target_modules) == targets
+    losses = _tiny.train(model, batch, steps=4, dropout=dropout).losses
+    assert losses[-1] < losses[0]
+    assert_peft_reads(model, torch_class, base, work / "ours", **inputs)
+
+
 def save_in_memory_layout(torch_model, directory) -> None:
     """``torch_model``'s in-memory state dict (transformers 5's, e.g. a mixture of experts' fused
     weights) and config written as a checkpoint, not the layout ``save_pretrained`` converts to."""

@@ -23,7 +23,8 @@ from flax import nnx
 
 import _tiny
 import _torch_models
-from _torch_models import at_tokens, assert_grads_match_torch, assert_peft_reads, lazy, peft_file
+from _torch_models import (assert_grads_match_torch, assert_lora_moves_both_ways, assert_peft_reads, at_tokens, lazy,
+                           peft_file)
 import peftjax
 from peftjax import models
 
@@ -137,18 +138,10 @@ def test_lora_moves_both_ways_with_peft(tmp_path):
     the relative table, here as in PEFT) on a classifier whose pooler is trained and saved beside
     the head. PEFT's adapter gives PEFT's logits here; trained here, ours in PEFT."""
     save_random("DebertaV2ForSequenceClassification", tmp_path / "base")
-    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, modules_to_save=["pooler"])
-    ref = peft_file(tr.DebertaV2ForSequenceClassification, tmp_path / "base", peft.LoraConfig(**config),
-                    tmp_path / "theirs", **INPUTS)
-    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
-    np.testing.assert_allclose(np.asarray(loaded(**INPUTS).logits), ref, atol=1e-5, rtol=0)
-
-    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
-                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
-    assert set(model.peft_config["default"].target_modules) == {"query_proj", "value_proj"}
-    losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
-    assert losses[-1] < losses[0]
-    assert_peft_reads(model, tr.DebertaV2ForSequenceClassification, tmp_path / "base", tmp_path / "ours", **INPUTS)
+    assert_lora_moves_both_ways(tr.DebertaV2ForSequenceClassification, tmp_path / "base", tmp_path,
+                                dict(task_type="SEQ_CLS", r=4, lora_alpha=8, modules_to_save=["pooler"]),
+                                {"query_proj", "value_proj"}, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)),
+                                **INPUTS)
 
 
 @pytest.mark.parametrize(("method", "fields"), [

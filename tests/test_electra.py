@@ -18,7 +18,7 @@ from flax import nnx
 
 import _tiny
 import _torch_models
-from _torch_models import at_tokens, assert_peft_reads, lazy, peft_file
+from _torch_models import assert_lora_moves_both_ways, assert_peft_reads, at_tokens, lazy, peft_file
 import peftjax
 from peftjax import models
 
@@ -107,18 +107,9 @@ def test_lora_moves_both_ways_with_peft(tmp_path):
     """PEFT's default ELECTRA targets (query, value) on a classifier, the GELU head saved: PEFT's
     adapter gives PEFT's logits here; trained here, ours in PEFT."""
     save_random("ElectraForSequenceClassification", tmp_path / "base")
-    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8)
-    ref = peft_file(tr.ElectraForSequenceClassification, tmp_path / "base", peft.LoraConfig(**config),
-                    tmp_path / "theirs", **INPUTS)
-    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "theirs")
-    np.testing.assert_allclose(np.asarray(loaded(**INPUTS).logits), ref, atol=1e-5, rtol=0)
-
-    model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"),
-                                   peftjax.LoraConfig(**config, init_lora_weights="gaussian"))
-    assert set(model.peft_config["default"].target_modules) == {"query", "value"}
-    losses = _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=4).losses
-    assert losses[-1] < losses[0]
-    assert_peft_reads(model, tr.ElectraForSequenceClassification, tmp_path / "base", tmp_path / "ours", **INPUTS)
+    assert_lora_moves_both_ways(tr.ElectraForSequenceClassification, tmp_path / "base", tmp_path,
+                                dict(task_type="SEQ_CLS", r=4, lora_alpha=8), {"query", "value"},
+                                _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), **INPUTS)
 
 
 @pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
