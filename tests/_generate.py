@@ -1,4 +1,5 @@
-"""What the generation tests share: two left-padded prompts and transformers' ``generate`` on them."""
+"""What the generation tests share: two left-padded prompts, transformers' ``generate`` on them, and
+a streamer that records what it is given."""
 
 from __future__ import annotations
 
@@ -16,3 +17,25 @@ def hf_generate(model, ids, mask, **settings) -> np.ndarray:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **settings).numpy()
+
+
+class Recorder:
+    """A streamer (transformers' ``put`` / ``end``) that keeps what it is given."""
+
+    def __init__(self):
+        self.puts: list[np.ndarray] = []
+        self.ends = 0
+
+    def put(self, value):
+        assert self.ends == 0, "put after end()"
+        self.puts.append(np.array(value))
+
+    def end(self):
+        self.ends += 1
+
+    def assert_same(self, other: Recorder):
+        """The same puts, in the same shapes, and one ``end()`` each."""
+        assert (self.ends, other.ends) == (1, 1)
+        assert [p.shape for p in self.puts] == [p.shape for p in other.puts]
+        for a, b in zip(self.puts, other.puts):
+            np.testing.assert_array_equal(a, b)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import _tiny
+from _generate import Recorder
 from _torch_models import lazy, padded_batch, torch_logits
 
 import peftjax
@@ -104,6 +105,13 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
                                    max_new_tokens=4, do_sample=False, pad_token_id=0).numpy()
     greedy = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0)
     np.testing.assert_array_equal(greedy, expected)
+    streamed, theirs_streamed = Recorder(), Recorder()  # the uncached loop streams as PEFT's generate
+    model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, streamer=streamed)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                        max_new_tokens=4, do_sample=False, pad_token_id=0, streamer=theirs_streamed)
+    streamed.assert_same(theirs_streamed)
     # the repetition penalty (from each row's first real token) and min_new_tokens, in the uncached loop
     stop = int(greedy[0, 6])
     with torch.no_grad(), warnings.catch_warnings():

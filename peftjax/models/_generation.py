@@ -20,6 +20,7 @@ from flax import nnx
 
 from peftjax.models import _beam_search as beam_search
 from peftjax.models._stop_strings import StopStrings, stop_string_hits, stop_strings_arguments
+from peftjax.models._streaming import check_streamer, put_tokens, streaming
 from peftjax.models._logits import (
     RULES,
     WARPERS,
@@ -484,6 +485,7 @@ def _generate(
     rerun_at=None,
     stop: StopStrings | None = None,
     stop_table=None,
+    stream=None,
     **warpers,
 ):
     model = nnx.merge(graphdef, state)
@@ -501,6 +503,7 @@ def _generate(
         token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         **warpers)
         token = jnp.where(done, pad, token)
+        put_tokens(stream, token)
         past = remember(past, token, n + i)
         return token, ended(done, token, eos_ids, past, n + i + 1, stop, stop_table), rng, past
 
@@ -699,6 +702,7 @@ class GenerationMixin:
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
         stop_strings_in_prompt: bool = True,
+        streamer=None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -758,6 +762,12 @@ class GenerationMixin:
             strings of like sizes reuse it.
           stop_strings_in_prompt: ``False``: a stop string must lie wholly in the new tokens (an
             OpenAI-style completion's rule; ``peftjax serve``'s), not begin in the prompt.
+          streamer: gets the tokens while they are generated, as transformers' ``streamer``
+            (``TextStreamer``, ``TextIteratorStreamer``, or any ``put(ids)`` / ``end()`` object):
+            ``put`` of the prompt rows, then of each step's ``[rows]`` tokens (pad in rows that
+            have ended) as the compiled loop makes them, then ``end()`` (also when generation
+            fails). Not with beam search (refused, as by transformers). The loop compiles once with
+            a streamer and serves every streamer.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
@@ -821,6 +831,7 @@ class GenerationMixin:
         rerun_at = self._generation_rerun_step(int(prefill[1]), int(max_new_tokens))
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=True)
+        check_streamer(streamer, num_beams=beams)
         graphdef, state = nnx.split(self)
         if beams > 1:
             if rerun_at is not None:
@@ -835,18 +846,20 @@ class GenerationMixin:
                                   axis=1)
         input_ids, mask, inputs_embeds, position_ids = (
             repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds, position_ids))
-        tokens, done = _generate(
-            graphdef,
-            state,
-            input_ids,
-            mask,
-            default_key(seed),
-            inputs_embeds,
-            position_ids,
-            **decoding,
-            rerun_at=rerun_at,
-        )
-        n = generated_length(np.asarray(done), max_new_tokens)
+        with streaming(streamer, input_ids) as stream:
+            tokens, done = _generate(
+                graphdef,
+                state,
+                input_ids,
+                mask,
+                default_key(seed),
+                inputs_embeds,
+                position_ids,
+                **decoding,
+                rerun_at=rerun_at,
+                stream=stream,
+            )
+            n = generated_length(np.asarray(done), max_new_tokens)  # the streamer's last tokens are in
         return np.concatenate([np.asarray(input_ids), np.asarray(tokens)[:, :n]], axis=1)
 
     def _generation_rerun_step(self, prefill: int, max_new_tokens: int) -> int | None:

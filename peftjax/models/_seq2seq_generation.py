@@ -36,6 +36,7 @@ from peftjax.models._generation import (
     unrun_outputs,
 )
 from peftjax.models._logits import check_source_rules
+from peftjax.models._streaming import check_streamer, put_tokens, streaming
 from peftjax.nn._keys import default_key
 
 
@@ -65,7 +66,7 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None, rules=None, stop=None, stop_table=None, **warpers):
+              ngram=None, rules=None, stop=None, stop_table=None, stream=None, **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -85,6 +86,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
                             rules=rules)
         new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
+        put_tokens(stream, new)
         past = remember(past, new, 1 + i)
         done = ended(done, new, eos_ids, past, 2 + i, stop, stop_table)
         return (new, cache, key_mask, done, rng, past), (new, done)
@@ -176,6 +178,7 @@ class Seq2SeqGenerationMixin:
         remove_invalid_values: bool | None = None,
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
+        streamer=None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -204,6 +207,7 @@ class Seq2SeqGenerationMixin:
             over the encoder's input ids (padding and all; they need ``input_ids``).
           remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
             over the decoder's text).
+          streamer: as the causal models' (``put`` first gets each row's decoder start token).
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -250,6 +254,7 @@ class Seq2SeqGenerationMixin:
         graphdef, state = nnx.split(self)
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=input_ids is not None)
+        check_streamer(streamer, num_beams=beams)
         if beams > 1:
             if prefix_kv is not None or encoder_prefix_kv is not None:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
@@ -262,10 +267,12 @@ class Seq2SeqGenerationMixin:
             tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
         else:
             input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))
-            tokens, done = _generate(
-                graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
-                start=int(decoder_start_token_id), **decoding,
-            )
-            tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
+            # the streamer's "prompt": each row's decoder start token, as transformers puts it
+            with streaming(streamer, np.full((mask.shape[0], 1), decoder_start_token_id)) as stream:
+                tokens, done = _generate(
+                    graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
+                    start=int(decoder_start_token_id), stream=stream, **decoding,
+                )
+                tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
         start = np.full((tokens.shape[0], 1), decoder_start_token_id, tokens.dtype)
         return np.concatenate([start, tokens[:, :n]], axis=1)
