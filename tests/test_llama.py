@@ -15,6 +15,7 @@ from flax import nnx
 
 import _tiny
 from _compiles import compilations
+from _generate import Recorder
 from _torch_models import (assert_grads_match_torch, assert_long_prompts_generate_as_torch,
                            assert_long_rows_match_torch, lazy, padded_batch, save_tiny, torch_logits)
 
@@ -387,6 +388,10 @@ def test_longrope_generation_across_the_switch_matches_transformers(longrope):
     ref = _hf_generate(torch_model, ids, mask, 8, eos_token_id=eos)
     assert ref.shape == (3, 13) and (ref[1, 7:] == 0).all() and (ref[0, 5:] != eos).all()
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0), ref)
+    ours, theirs = Recorder(), Recorder()  # a streamer gets the rerun step's tokens too, as transformers'
+    model.generate(ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, streamer=ours)
+    _hf_generate(torch_model, ids, mask, 8, eos_token_id=eos, streamer=theirs)
+    ours.assert_same(theirs)
     ids, mask = padded_batch(VOCAB, batch=2, seq=9)
     np.testing.assert_array_equal(model.generate(ids, mask, max_new_tokens=4, pad_token_id=0),
                                   _hf_generate(torch_model, ids, mask, 4))
