@@ -15,9 +15,10 @@ settings are values of the compiled function: a client's new temperature, ``top_
 off does, once each; each ``no_repeat_ngram_size`` compiles its own). Each row ends inside the
 compiled loop at its request's stop strings (transformers' ``StopStringCriteria`` on its new
 tokens' own texts), and the batch once every row has ended; the completion is cut where the
-string shows in the decoded text. The two can disagree (the decoded text drops SentencePiece's
-first space, or cleans up spaces before punctuation): a row the loop stopped whose decoded text
-lacks the string is generated again, its strings then found in the decoded text only. Greedy
+string shows in the decoded text (decoded as written: spaces before punctuation are not cleaned
+up, so a prefix's text is a prefix of the text). The two can disagree (the decoded text drops
+SentencePiece's first space): a row the loop stopped whose decoded text lacks the string is
+generated again, in the same batch, its strings then found in the decoded text only. Greedy
 decoding is causal, so a row's tokens do not depend on the padding or on the other rows: a request
 gets what its adapter alone generates. Sampled requests batch only with requests of the same
 settings and seed, beam requests (``num_beams`` > 1) with those of the same beams and length, which
@@ -50,8 +51,11 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI's bodies,
   answers and errors, ``model`` naming the adapter (:func:`openai_body`, :func:`openai_response`).
 
-A response comes when its batch is done: an OpenAI-style ``"stream": true`` gets its events then,
-the whole text in one chunk.
+An OpenAI-style ``"stream": true`` gets its text as server-sent events while the batch's loop
+makes its tokens (each step's tokens leave the compiled loop through ``generate``'s ``streamer``);
+a piece is held back while it could be the start of a stop string or is an unfinished character,
+and the pieces add up to the completion the request would get unstreamed. Other answers come when
+their batch is done.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -300,25 +304,49 @@ class BatchingGenerator:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, requests: Sequence[Request]) -> list[dict]:
+    def generate(self, requests: Sequence[Request], on_text: Sequence[Callable | None] | None = None) -> list[dict]:
         """Generates ``requests`` (of one :attr:`Request.batch_key`) in one mixed batch.
 
         Each row ends inside the loop at its request's stop strings, found in its tokens' texts
         (transformers' check); the completion is cut where the string shows in the decoded text.
-        Where the two disagree (a decoder that drops a first space or cleans up spaces before
-        punctuation), a row the loop stopped whose decoded text lacks the string is generated
-        again with the strings found in the decoded text only, so no completion ends short."""
+        Where the two disagree (a decoder that drops a first space), a row the loop stopped whose
+        decoded text lacks the string is generated again, in the same batch (so its tokens up to
+        there, sampled or not, are the same) with its strings found in the decoded text only, so
+        no completion ends short.
+
+        Args:
+          requests: of one :attr:`Request.batch_key`.
+          on_text: per request, ``None`` or a callable that gets the completion's text while it is
+            generated: each new piece (``str``) as the loop makes its tokens (a piece that may be
+            the start of a stop string, or an unfinished character, is held back until it is not),
+            then ``None`` once the completion is whole. The pieces add up to the result's
+            ``"completion"``. Called on the thread that runs the loop's callbacks. With beams the
+            text comes whole at the end (the best beam is known only then).
+        """
         if not requests or len({r.batch_key for r in requests}) != 1:
             raise ValueError("generate takes a non-empty list of requests of one batch_key")
-        results, short = self._generate(requests, stop_in_loop=True)
-        if short:
-            again = self._generate([requests[i] for i in short], stop_in_loop=False)[0]
-            for i, result in zip(short, again):
-                results[i] = result
+        if on_text is not None and len(on_text) != len(requests):
+            raise ValueError(f"on_text has {len(on_text)} entries for {len(requests)} requests")
+        on_text = [None] * len(requests) if on_text is None else list(on_text)
+        streams = [None if f is None else _TextStream(r, f, self) for r, f in zip(requests, on_text)]
+        results, short = self._generate(requests, stop_in_loop=set(range(len(requests))), streams=streams)
+        if short:  # the same batch again, the short rows' strings found in their text only
+            for i in short:
+                if streams[i] is not None:
+                    streams[i].restart(loop_stops=False)
+            again = self._generate(requests, stop_in_loop=set(range(len(requests))) - set(short),
+                                   streams=[s if i in short else None for i, s in enumerate(streams)])[0]
+            for i in short:
+                results[i] = again[i]
+        for stream, result in zip(streams, results):
+            if stream is not None:
+                stream.finish(result["completion"])
         return results
 
-    def _generate(self, requests: Sequence[Request], *, stop_in_loop: bool) -> tuple[list[dict], list[int]]:
-        """``(results, the rows the loop stopped at a string their decoded text lacks)``."""
+    def _generate(self, requests: Sequence[Request], *, stop_in_loop: set[int],
+                  streams: Sequence[_TextStream | None]) -> tuple[list[dict], list[int]]:
+        """``(results, the rows the loop stopped at a string their decoded text lacks)``; the rows
+        in ``stop_in_loop`` end at their stop strings inside the loop."""
         n = len(requests)
         rows = min(_next_power_of_two(n), max(self.max_batch_size, n))
         # filler rows repeat the last request, so they end where it ends (EOS, stop strings): the loop
@@ -336,6 +364,11 @@ class BatchingGenerator:
         if (requests[0].num_beams or 1) > 1:  # the best beam of another length would be another sequence
             new = requests[0].max_new_tokens
         first = requests[0]
+        beams = (first.num_beams or 1) > 1
+        live = [s for s in streams if s is not None]
+        streamer = _BatchStreamer(list(streams)) if live and not beams else None
+        stop = [list(r.stop) if i in stop_in_loop else None for i, r in enumerate(requests)]
+        stop = stop + [stop[-1]] * (rows - n)
         out = self.model.generate(
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
@@ -345,8 +378,8 @@ class BatchingGenerator:
             num_return_sequences=1,  # one completion a request: the best beam where there are beams
             # each row ends at its own stop strings inside the loop (the batch once every row has
             # ended), matched in the new tokens only; the text is cut before the string below
-            stop_strings=[list(r.stop) for r in padded] if stop_in_loop and any(r.stop for r in requests) else None,
-            tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False,
+            stop_strings=stop if any(stop) else None,
+            tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False, streamer=streamer,
         )
         used = sorted({r.adapter for r in requests})
         results, short = [], []
@@ -355,12 +388,12 @@ class BatchingGenerator:
             stop = next((k for k, t in enumerate(tokens) if t in self.eos), None)
             finish = "length" if stop is None else "stop"
             tokens = tokens if stop is None else tokens[:stop]
-            with self._tokenizer_lock:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = self._stop_string_cut(tokens, text, r.stop)
+            text = self.decode(tokens)
+            cut = self._stop_string_cut(tokens, text, r.stop)
             if cut is not None:
                 tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
-            elif stop_in_loop and r.stop and self._stopped_in_loop(out[i, width:width + r.max_new_tokens], r.stop):
+            elif i in stop_in_loop and r.stop and self._stopped_in_loop(out[i, width:width + r.max_new_tokens],
+                                                                        r.stop):
                 short.append(i)
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
                             "prompt_tokens": len(r.input_ids), "finish_reason": finish,
@@ -374,26 +407,35 @@ class BatchingGenerator:
         ran = [int(t) for t in row[:written[-1] + 1]] if len(written) else []
         return ends_in_stop_string(self._stop_tokenizer, stop, ran)
 
+    def decode(self, tokens: Sequence[int]) -> str:
+        """A completion's text: its tokens decoded without special tokens and as written (spaces
+        are not cleaned up before punctuation), so that the text of a prefix of the tokens is a
+        prefix of the whole text and the streamed pieces add up to the completion."""
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(tokens), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def _stop_string_cut(self, tokens: list[int], text: str, stop: tuple[str, ...]) -> tuple[int, str] | None:
         """Where the completion ends at its first stop string: ``(tokens kept, text before the
         string)``, the tokens up to the one that completes it; ``None`` where none occurs."""
-        found = [(text.find(s), s) for s in stop if s in text]
-        if not found:
+        found = first_stop_string(text, stop)
+        if found is None:
             return None
-        at, string = min(found, key=lambda f: (f[0] + len(f[1]), f[0]))  # the first one completed
+        at, string = found
         for k in range(1, len(tokens) + 1):  # the first prefix whose text holds the string
-            if len(self.tokenizer.decode(tokens[:k], skip_special_tokens=True)) >= at + len(string):
+            if len(self.decode(tokens[:k])) >= at + len(string):
                 return k, text[:at]
         return len(tokens), text[:at]
 
     # ------------------------------------------------------------------ the worker
 
-    def submit(self, request: Request) -> concurrent.futures.Future:
-        """Queues ``request``; the future resolves to its result dict."""
+    def submit(self, request: Request, on_text: Callable | None = None) -> concurrent.futures.Future:
+        """Queues ``request``; the future resolves to its result dict. ``on_text`` gets its text
+        while it is generated, as :meth:`generate`'s (``None`` at the end, also when the batch
+        fails: the future then holds the error)."""
         if self._worker is None or not self._worker.is_alive():
             raise RuntimeError("the generator is not running; call start() first")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((request, future))
+        self._queue.put((request, future, on_text))
         return future
 
     def start(self) -> BatchingGenerator:
@@ -424,25 +466,133 @@ class BatchingGenerator:
                     break
                 batch.append(item)
             groups: dict[tuple, list] = {}
-            for request, future in batch:
-                groups.setdefault(request.batch_key, []).append((request, future))
+            for item in batch:
+                groups.setdefault(item[0].batch_key, []).append(item)
             for group in groups.values():
                 self._serve(group)
             if stop:
                 return
 
     def _serve(self, group) -> None:
-        live = [(r, f) for r, f in group if f.set_running_or_notify_cancel()]
+        live = [(r, f, t) for r, f, t in group if f.set_running_or_notify_cancel()]
         if not live:
             return
+        hooks = [None if t is None else _Ending(t) for _, _, t in live]
         try:
-            results = self.generate([r for r, _ in live])
+            results = self.generate([r for r, _, _ in live], on_text=hooks)
         except Exception as e:  # the server keeps serving; these requests get the error
-            for _, future in live:
+            for _, future, _ in live:
                 future.set_exception(e)
+            for hook in hooks:
+                if hook is not None:
+                    hook(None)
             return
-        for (_, future), result in zip(live, results):
+        for (_, future, _), result in zip(live, results):
             future.set_result(result)
+
+
+class _Ending:
+    """An ``on_text`` callable that passes ``None`` (the end) on once."""
+
+    def __init__(self, on_text: Callable):
+        self.on_text, self.ended = on_text, False
+
+    def __call__(self, piece: str | None) -> None:
+        if not self.ended:
+            self.ended = piece is None
+            self.on_text(piece)
+
+
+def first_stop_string(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
+    """``(where, string)`` of the first of ``stop`` to be completed in ``text`` (the one that ends
+    first; of two ending together, the longer), or ``None``."""
+    found = [(text.find(s), s) for s in stop if s in text]
+    return min(found, key=lambda f: (f[0] + len(f[1]), f[0])) if found else None
+
+
+class _TextStream:
+    """One request's completion text while its row's tokens arrive: new pieces go to ``emit``.
+
+    It ends the row where the completion ends (an end-of-sequence token, the request's token count,
+    the first stop string completed in the text: the text before it is the last piece). A piece is
+    held back while its end could still become a stop string or is an unfinished character
+    (U+FFFD). A row the loop stopped at a stop string its text lacks waits for the batch's rerun
+    (:meth:`restart`), which writes the same tokens up to there and goes on."""
+
+    def __init__(self, request: Request, emit: Callable, generator: BatchingGenerator):
+        self.request, self.emit, self.generator = request, emit, generator
+        self.sent = ""
+        self.restart()
+
+    def restart(self, *, loop_stops: bool = True) -> None:
+        """From the row's first token again; ``loop_stops=False``: the loop no longer ends it at
+        its stop strings (the rerun), so neither does the tokens' check here."""
+        self.tokens: list[int] = []
+        self.done, self.loop_stops = False, loop_stops
+
+    def put(self, token: int) -> None:
+        if self.done:
+            return
+        if token in self.generator.eos:
+            self.done = True
+            return
+        self.tokens.append(token)
+        self.done = len(self.tokens) >= self.request.max_new_tokens
+        stop = self.request.stop
+        text = self.generator.decode(self.tokens)
+        found = first_stop_string(text, stop)
+        if found is not None:
+            text, self.done = text[:found[0]], True
+            shown = len(text)
+        else:
+            shown = len(text) - _held_back(text, stop)
+            # the loop ended the row at a string its text lacks: the rerun goes on from here
+            self.done = self.done or (self.loop_stops and ends_in_stop_string(self.generator._stop_tokenizer, stop,
+                                                                              self.tokens))
+        if shown > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent):shown])
+            self.sent = text[:shown]
+
+    def finish(self, completion: str) -> None:
+        """The rest of the completion, then ``None``."""
+        if not completion.startswith(self.sent):
+            raise RuntimeError(f"the streamed text {self.sent!r} is not the start of the completion "
+                               f"{completion[:len(self.sent) + 20]!r}: this tokenizer's decoding is not incremental")
+        if len(completion) > len(self.sent):
+            self.emit(completion[len(self.sent):])
+        self.sent = completion
+        self.emit(None)
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` to hold back: an unfinished character's
+    replacement marks, or the longest end that begins a stop string."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for string in stop:
+        for k in range(min(len(string) - 1, len(text)), held, -1):
+            if text.endswith(string[:k]):
+                held = k
+                break
+    return held
+
+
+class _BatchStreamer:
+    """The batch's streamer (``generate``'s ``put`` / ``end``): row ``i``'s tokens to ``streams[i]``
+    (``None``, and rows past them, ignored); the prompt's ``put`` is skipped."""
+
+    def __init__(self, streams: list[_TextStream | None]):
+        self.streams, self.prompt = streams, True
+
+    def put(self, tokens) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        for stream, token in zip(self.streams, np.asarray(tokens).tolist()):
+            if stream is not None:
+                stream.put(int(token))
+
+    def end(self) -> None:
+        pass
 
 
 def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=None):
@@ -481,7 +631,7 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
     server does not do (several choices, log probabilities, penalties, logit bias, tools, a JSON
     response format) is refused by name unless at its neutral value. ``stream`` is read by the
-    route (:func:`openai_chunks`).
+    route (:func:`openai_chunk`).
 
     Raises:
       RequestError: a malformed body, an unknown field, or one refused as above.
@@ -545,40 +695,50 @@ def _openai_messages(messages) -> list[dict]:
     return out
 
 
-def openai_response(result: dict, *, chat: bool, model: str) -> dict:
-    """A result of :meth:`BatchingGenerator.generate` as OpenAI's (chat) completion object."""
+def openai_head(*, chat: bool, model: str) -> dict:
+    """A new answer's ``{"id", "created", "model"}`` (every chunk of a stream repeats them)."""
     import uuid
 
-    completion = len(result["token_ids"])
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+
+
+def openai_response(result: dict, *, chat: bool, model: str) -> dict:
+    """A result of :meth:`BatchingGenerator.generate` as OpenAI's (chat) completion object."""
+    return {**openai_head(chat=chat, model=model), "object": "chat.completion" if chat else "text_completion",
+            "choices": [_openai_choice(result, chat=chat)], "usage": _openai_usage(result)}
+
+
+def _openai_choice(result: dict, *, chat: bool) -> dict:
     choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
     if chat:
-        choice["message"] = {"role": "assistant", "content": result["completion"]}
-    else:
-        choice["text"] = result["completion"]
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
-                      "total_tokens": result["prompt_tokens"] + completion}}
+        return {**choice, "message": {"role": "assistant", "content": result["completion"]}}
+    return {**choice, "text": result["completion"]}
 
 
-def openai_chunks(response: dict, *, chat: bool, include_usage: bool = False) -> list[dict]:
-    """An OpenAI completion object as the server-sent events of a streamed answer: the whole text
-    in one chunk (a batch answers when it is done), then the finish reason, then (``include_usage``)
-    a chunk of token counts without choices, as OpenAI's streams end."""
-    head = {k: response[k] for k in ("id", "created", "model")}
-    head["object"] = "chat.completion.chunk" if chat else "text_completion"
-    choice = response["choices"][0]
+def _openai_usage(result: dict) -> dict:
+    completion = len(result["token_ids"])
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
+            "total_tokens": result["prompt_tokens"] + completion}
+
+
+def openai_chunk(head: dict, *, chat: bool, text: str | None = None, finish: str | None = None,
+                 role: bool = False) -> dict:
+    """One chunk of OpenAI's streamed (chat) completion: a piece of ``text``, the ``finish`` reason
+    (with no text), or (chat, ``role``) the assistant's role that opens the stream. ``head``:
+    ``{"id", "created", "model"}``, the same in every chunk."""
+    chunk = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
-        text = {"delta": {"role": "assistant", "content": choice["message"]["content"]}}
-        end = {"delta": {}}
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        choice = {"index": 0, "delta": delta}
     else:
-        text, end = {"text": choice["text"], "logprobs": None}, {"text": "", "logprobs": None}
-    chunks = [{**head, "choices": [{"index": 0, **text, "finish_reason": None}]},
-              {**head, "choices": [{"index": 0, **end, "finish_reason": choice["finish_reason"]}]}]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": response["usage"]})
-    return chunks
+        choice = {"index": 0, "text": text or "", "logprobs": None}
+    return {**chunk, "choices": [{**choice, "finish_reason": finish}]}
+
+
+def openai_usage_chunk(head: dict, result: dict, *, chat: bool) -> dict:
+    """The last chunk of a stream with ``stream_options.include_usage``: the token counts, no choices."""
+    return {**head, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+            "usage": _openai_usage(result)}
 
 
 def openai_error(message: str, status: int) -> dict:
@@ -628,19 +788,47 @@ def make_app(generator: BatchingGenerator):
             req = generator.request(body)
         except RequestError as e:
             return error(str(e), e.status)
+        if openai and stream:
+            usage = bool((raw.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(streamed(req, chat=openai == "chat", model=body["adapter"], usage=usage),
+                                     media_type="text/event-stream")
         try:
             result = await asyncio.wrap_future(generator.submit(req))
         except Exception as e:  # a failed batch: this request fails, the server stays up
             return error(f"generation failed: {type(e).__name__}: {e}", 500)
         if not openai:
             return JSONResponse(result)
-        response = openai_response(result, chat=openai == "chat", model=body["adapter"])
-        if not stream:
-            return JSONResponse(response)
-        usage = bool((raw.get("stream_options") or {}).get("include_usage"))
-        events = [f"data: {json.dumps(chunk)}\n\n" for chunk in openai_chunks(response, chat=openai == "chat",
-                                                                              include_usage=usage)]
-        return StreamingResponse(iter([*events, "data: [DONE]\n\n"]), media_type="text/event-stream")
+        return JSONResponse(openai_response(result, chat=openai == "chat", model=body["adapter"]))
+
+    async def streamed(req: Request, *, chat: bool, model: str, usage: bool):
+        """OpenAI's server-sent events of one request: each piece of text as the batch's loop makes
+        it, then the finish reason (and the usage), then ``[DONE]``; a failed batch ends the stream
+        with OpenAI's error object."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def on_text(piece: str | None) -> None:  # on the loop's callback thread
+            with contextlib.suppress(RuntimeError):  # the server has shut down
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        def event(data: dict) -> str:
+            return f"data: {json.dumps(data)}\n\n"
+
+        future = generator.submit(req, on_text=on_text)
+        head = openai_head(chat=chat, model=model)
+        if chat:
+            yield event(openai_chunk(head, chat=chat, role=True))
+        while (piece := await pieces.get()) is not None:
+            yield event(openai_chunk(head, chat=chat, text=piece))
+        try:
+            result = await asyncio.wrap_future(future)
+        except Exception as e:
+            yield event(openai_error(f"generation failed: {type(e).__name__}: {e}", 500))
+            return
+        yield event(openai_chunk(head, chat=chat, finish=result["finish_reason"]))
+        if usage:
+            yield event(openai_usage_chunk(head, result, chat=chat))
+        yield "data: [DONE]\n\n"
 
     async def generate(request):
         return await answer(request)

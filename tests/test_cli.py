@@ -245,6 +245,15 @@ def test_generate_with_an_adapter(tmp_path, capsys):
                      "hello there", "--max-new-tokens", "5", "--min-new-tokens", "3", *flags]) == 0
         assert json.loads(capsys.readouterr().out)["completion"] == tokenizer.decode(expected,
                                                                                       skip_special_tokens=True)
+    # --stream: the completion printed while it is generated (transformers' TextStreamer), then a newline
+    command = ["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--text", "hello there",
+               "--max-new-tokens", "5", "--min-new-tokens", "3"]
+    assert main([*command, "--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert main(command) == 0
+    assert streamed == json.loads(capsys.readouterr().out)["completion"] + "\n" and streamed.strip()
+    code, _, err = run_main(capsys, *command, "--text", "another", "--stream")
+    assert code == 1 and "--stream prints one completion as it comes: give one --text" in err
 
 
 # ---------------------------------------------------------------- every command, every task

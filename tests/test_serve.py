@@ -63,6 +63,11 @@ def files(tmp_path_factory):
     return root
 
 
+def as_served(tokenizer, tokens) -> str:
+    """A completion's text as the server decodes it: special tokens left out, spaces as written."""
+    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def alone(model, tokenizer, prompt, adapter, max_new_tokens, **settings):
     """The tokens ``adapter`` generates for ``prompt`` by itself, cut at end-of-sequence."""
     ids = np.asarray([tokenizer(prompt)["input_ids"]])
@@ -142,7 +147,7 @@ def test_concurrent_requests_to_different_adapters_get_what_each_adapter_alone_g
         expected = alone(model, tokenizer, PROMPTS[prompt], adapter, n)
         assert answer["token_ids"] == expected, (adapter, prompt, answer)
         assert answer["adapter"] == (adapter or "__base__")
-        assert answer["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
+        assert answer["completion"] == as_served(tokenizer, expected)
         assert answer["finish_reason"] == ("length" if len(expected) == n else "stop")
         assert answer["prompt_tokens"] == len(tokenizer(PROMPTS[prompt])["input_ids"])
     # the requests were served together: some batch held rows of several adapters
@@ -275,8 +280,8 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
     """The OpenAI-style routes, read by the ``openai`` package's client as it reads OpenAI's:
     ``/v1/models`` lists the adapters and the base; ``/v1/completions`` and
     ``/v1/chat/completions`` (``model`` names the adapter) give the completions ``/generate``
-    gives, with OpenAI's ``finish_reason`` and token counts, streamed too (in one chunk, as a batch
-    answers when it is done); what the server does not do (several choices, penalties) and an
+    gives, with OpenAI's ``finish_reason`` and token counts, streamed too (piece by piece, adding up
+    to the same text); what the server does not do (several choices, penalties) and an
     unknown model are refused in OpenAI's error form, each naming what."""
     openai = pytest.importorskip("openai")
     from starlette.testclient import TestClient
@@ -319,15 +324,24 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
         assert done.choices[0].message.content == chat["completion"]
         assert done.usage.completion_tokens == len(chat["token_ids"]) == 8
 
-        # streamed: the whole text in one chunk once the batch is done, then the finish reason (and usage)
+        # streamed: the text piece by piece as the tokens come, then the finish reason (and usage)
         chunks = list(client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=6, temperature=0,
                                                 stream=True))
         assert "".join(c.choices[0].text for c in chunks) == free["completion"]
-        assert [c.choices[0].finish_reason for c in chunks] == [None, "length"]
+        assert sum(bool(c.choices[0].text) for c in chunks) > 2
+        assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+        assert len({c.id for c in chunks}) == 1
+        chunks = list(client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=6, temperature=0, stop=stop,
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == cut["completion"]
+        assert chunks[-1].choices[0].finish_reason == "stop"
         chunks = list(client.chat.completions.create(model="a", messages=messages, temperature=0, stream=True,
                                                      stream_options={"include_usage": True}))
         assert all(c.object == "chat.completion.chunk" for c in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == chat["completion"]
+        assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 2
+        assert chunks[-2].choices[0].finish_reason == "length"
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
         for call, error, message in [
@@ -410,11 +424,11 @@ def test_a_request_s_stop_strings_cut_its_own_completion(files):
         tokens = plain["token_ids"]
         # the oracle: decode one more token at a time until a stop string shows in the new text
         shown = next((k for k in range(1, len(tokens) + 1)
-                      if any(s in tokenizer.decode(tokens[:k], skip_special_tokens=True) for s in stop)), None)
+                      if any(s in as_served(tokenizer, tokens[:k]) for s in stop)), None)
         if shown is None:
             assert result == plain
             continue
-        seen = tokenizer.decode(tokens[:shown], skip_special_tokens=True)
+        seen = as_served(tokenizer, tokens[:shown])
         first = min((seen.index(s) for s in stop if s in seen))
         assert result["token_ids"] == tokens[:shown] and result["completion"] == seen[:first]
         assert result["finish_reason"] == "stop"
@@ -438,8 +452,8 @@ def test_a_batch_whose_requests_all_meet_their_stop_strings_ends_there(files, mo
     for plain in free:  # a string the second new token completes (or the first, where it shows there already)
         tokens = plain["token_ids"]
         assert len(tokens) == 8
-        stops.append(tokenizer.decode(tokens[:2], skip_special_tokens=True)[-2:])
-        ends.append(next(k for k in range(1, 3) if stops[-1] in tokenizer.decode(tokens[:k], skip_special_tokens=True)))
+        stops.append(as_served(tokenizer, tokens[:2])[-2:])
+        ends.append(next(k for k in range(1, 3) if stops[-1] in as_served(tokenizer, tokens[:k])))
     generated = []
     run = model.generate
 
@@ -474,9 +488,80 @@ def test_a_stop_string_the_loop_finds_but_the_decoded_text_lacks_cuts_nothing(fi
         return run(*args, **kwargs)
 
     monkeypatch.setattr(model, "generate", counted)
-    result = generator.generate([generator.request({**ask, "stop": f" {word}"})])[0]
+    pieces = []
+    result = generator.generate([generator.request({**ask, "stop": f" {word}"})], on_text=[pieces.append])[0]
     assert calls == [[[f" {word}"]], None]  # stopped in the loop at the first token, then again without
     assert {k: v for k, v in result.items() if k != "batch"} == {k: v for k, v in free.items() if k != "batch"}
+    assert "".join(pieces[:-1]) == free["completion"] and len(pieces) > 3  # streamed on through the rerun
+
+
+def test_streamed_requests_get_their_text_piece_by_piece_adding_up_to_their_completions(files):
+    """``on_text``: a streamed request gets its completion's text as the loop makes its tokens, a
+    piece a token (a piece that could begin its stop string held back), then ``None``; the pieces
+    add up to the completion it gets unstreamed, cut at a stop string or not, greedy, sampled or
+    with beams (whose text comes whole at the end); a request beside them unstreamed is unchanged."""
+    tokenizer, model, generator = two_lora_adapters(files)
+    asks = [(0, "a"), (2, "b"), (1, "a"), (3, "b")]
+    free = generator.generate([generator.request({"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8})
+                               for i, a in asks])
+    text = free[1]["completion"]
+    stops = [None, [text[len(text) // 2:len(text) // 2 + 3]], [free[2]["completion"][-2:]], None]
+    bodies = [[{"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 8, **({"stop": s} if s else {})}
+               for (i, a), s in zip(asks, stops)],
+              [{"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 6, "temperature": 0.9, "seed": 2}
+               for i, a in asks],
+              [{"prompt": PROMPTS[i], "adapter": a, "max_new_tokens": 5, "num_beams": 2} for i, a in asks]]
+    for kind, batch in zip(("greedy", "sampled", "beams"), bodies):
+        requests = [generator.request(body) for body in batch]
+        unstreamed = generator.generate(requests)
+        pieces: list[list] = [[], [], [], []]
+        results = generator.generate(requests, on_text=[p.append for p in pieces[:3]] + [None])
+        assert results == unstreamed
+        assert pieces[3] == []
+        for got, result, request in zip(pieces[:3], results, requests):
+            assert got[-1] is None and None not in got[:-1]
+            assert "".join(got[:-1]) == result["completion"]
+            if kind == "beams":
+                assert got[:-1] == [result["completion"]]
+                continue
+            # each piece ends the text of the tokens so far (the rest, if any, came at the end)
+            tokens = result["token_ids"]
+            shown = [as_served(tokenizer, tokens[:k]) for k in range(1, len(tokens) + 1)]
+            sums = ["".join(got[:k]) for k in range(1, len(got))]
+            assert all(s in shown or s.startswith(result["completion"]) for s in sums), (sums, shown)
+            if result["finish_reason"] == "length":  # no stop string held anything back: a piece a few tokens
+                assert len(got) > 3
+        if kind == "greedy":
+            assert [r["finish_reason"] for r in results[:3]] == ["length", "stop", "stop"]
+
+
+def test_a_failed_streamed_batch_ends_its_streams_with_the_error(files, monkeypatch):
+    """A batch that fails ends its requests' streams (``on_text(None)``, the error in the future),
+    and an OpenAI stream with OpenAI's error object, which its client raises."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, generator = two_lora_adapters(files)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(model, "generate", broken)
+    pieces = []
+    generator.start()
+    try:
+        future = generator.submit(generator.request({"prompt": PROMPTS[0], "max_new_tokens": 4}), on_text=pieces.append)
+        with pytest.raises(RuntimeError, match="the device went away"):
+            future.result(timeout=60)
+        assert pieces == [None]
+    finally:
+        generator.close()
+    with TestClient(serving.make_app(generator)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        with pytest.raises(openai.APIError, match="generation failed: RuntimeError: the device went away"):
+            list(client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=4, stream=True))
 
 
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):

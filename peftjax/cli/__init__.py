@@ -152,6 +152,14 @@ def _generate(args) -> int:
     prompts, specials = prompts_for(tokenizer, texts, chat=args.chat, system=args.system)
     batch = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=specials)
     greedy = args.temperature is not None and args.temperature <= 0
+    streamer = None
+    if args.stream:
+        if len(texts) != 1 or (args.num_return_sequences or 1) > 1:
+            raise ValueError(f"--stream prints one completion as it comes: give one --text (got {len(texts)}) and "
+                             f"one sequence (--num-return-sequences {args.num_return_sequences})")
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     out = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                          do_sample=None if args.temperature is None else not greedy,
                          temperature=None if greedy else args.temperature, top_p=args.top_p,
@@ -161,8 +169,10 @@ def _generate(args) -> int:
                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_p=args.min_p, typical_p=args.typical_p,
                          bad_words_ids=_bad_words(tokenizer, args.bad_words), stop_strings=args.stop,
-                         tokenizer=tokenizer if args.stop else None,
+                         tokenizer=tokenizer if args.stop else None, streamer=streamer,
                          **task_inputs(model, args.task_id, len(texts)))
+    if streamer is not None:  # printed
+        return 0
     per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
     for i, text in enumerate(texts):
         new = [tokenizer.decode(row if seq2seq else row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -685,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="divides the logits of tokens already in the text (default: the generation "
                                 "config's, else off)")
             p.add_argument("--min-new-tokens", type=int, default=None, help="no end of sequence before this many")
+            p.add_argument("--stream", action="store_true",
+                           help="print the completion as plain text while it is generated (one --text, one "
+                                "sequence, no beams)")
             p.add_argument("--stop", nargs="+", metavar="STRING",
                            help="a text ends once it ends in one of these strings (kept in the completion), as "
                                 "transformers' stop_strings")
