@@ -14,6 +14,10 @@ compiled program (prefill and decoding loop); its first call compiles. transform
 first greedy run, so every row ends by step ``K`` of ``--new`` (a decoding loop that runs on past
 its rows' ends pays for every step anyway; transformers stops once all rows have ended).
 
+``--streamer`` gives both ``generate`` calls a streamer (``put`` / ``end``, transformers' protocol)
+that notes when the first new tokens arrive: the time to first token (median of the trials) is
+reported too, and the call's time includes handing each step's tokens to the host.
+
 Reported per framework: the first call (compilation included for peftjax), the median of
 ``--trials`` further calls, prompt tokens per second of those, peak resident memory, the steps
 generated, and the float32 matmul peak the child measured (``--matmul-size`` cubed). The
@@ -41,6 +45,7 @@ def parse_args(argv=None):
                           ("eos_after", 0)):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     svp.add_model_flag(p)
+    p.add_argument("--streamer", action="store_true", help="stream the tokens; report the time to first token")
     p.add_argument("--child", choices=["peftjax", "transformers"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--eos", default="", help=argparse.SUPPRESS)  # the EOS ids, comma-separated
@@ -73,8 +78,8 @@ def run_peftjax(args) -> dict:
 
     eos = [int(t) for t in args.eos.split(",") if t]
 
-    def call():
-        return model.generate(ids, mask, max_new_tokens=args.new, pad_token_id=0, eos_token_id=eos)
+    def call(streamer):
+        return model.generate(ids, mask, max_new_tokens=args.new, pad_token_id=0, eos_token_id=eos, streamer=streamer)
 
     a = jnp.ones((args.matmul_size, args.matmul_size), jnp.float32)
     peak = svp.matmul_peak(lambda: (a @ a).block_until_ready(), args.matmul_size)
@@ -92,27 +97,46 @@ def run_transformers(args) -> dict:
     eos = [int(t) for t in args.eos.split(",") if t]
     until = {"eos_token_id": eos} if eos else {"min_new_tokens": args.new}
 
-    def call():
+    def call(streamer):
         with torch.no_grad():
             return model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                  max_new_tokens=args.new, pad_token_id=0, **until)
+                                  max_new_tokens=args.new, pad_token_id=0, streamer=streamer, **until)
 
     a = torch.ones(args.matmul_size, args.matmul_size)
     peak = svp.matmul_peak(lambda: a @ a, args.matmul_size)
     return timed(args, call, lambda t: t.numpy(), peak)
 
 
+class FirstToken:
+    """A streamer that notes when the first new tokens arrive (its second ``put``; the first is the prompt)."""
+
+    def __init__(self):
+        self.start, self.puts, self.first_s = time.perf_counter(), 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.first_s = time.perf_counter() - self.start
+
+    def end(self):
+        pass
+
+
 def timed(args, call, to_numpy, peak: float) -> dict:
     t = time.perf_counter()
-    tokens = to_numpy(call())
+    tokens = to_numpy(call(FirstToken() if args.streamer else None))
     first = time.perf_counter() - t
-    times = []
+    times, first_tokens = [], []
     for _ in range(args.trials):
+        streamer = FirstToken() if args.streamer else None
         t = time.perf_counter()
-        to_numpy(call())
+        to_numpy(call(streamer))
         times.append(time.perf_counter() - t)
+        if streamer is not None:
+            first_tokens.append(streamer.first_s)
     return {"first_s": first, "call_s": statistics.median(times) if times else first, "peak_rss": svp.peak_rss_bytes(),
-            "gflops": peak / 1e9, "tokens": tokens[:, args.seq:].tolist(), "steps": tokens.shape[1] - args.seq}
+            "gflops": peak / 1e9, "tokens": tokens[:, args.seq:].tolist(), "steps": tokens.shape[1] - args.seq,
+            "first_token_s": statistics.median(first_tokens) if first_tokens else 0.0}
 
 
 def main() -> None:
@@ -148,6 +172,7 @@ def main() -> None:
     same = ours.pop("tokens") == theirs.pop("tokens")
     print(f"{'':28}{'peftjax':>14}{'transformers':>14}")
     for key, label, scale in (("first_s", "first call (s)", 1), ("call_s", "call, median (s)", 1),
+                              *([("first_token_s", "first token, median (s)", 1)] if args.streamer else []),
                               ("peak_rss", "peak resident (GiB)", 2**-30), ("gflops", "f32 matmul peak (GFLOP/s)", 1)):
         print(f"{label:28}{ours[key] * scale:>14.3f}{theirs[key] * scale:>14.3f}")
     prompt_tokens = args.batch * args.seq
@@ -155,7 +180,10 @@ def main() -> None:
           f"{prompt_tokens / theirs['call_s']:>14.0f}")
     print(f"{'steps generated':28}{ours['steps']:>14}{theirs['steps']:>14}")
     print(f"same tokens: {same}")
+    streamed = (f"ratio_first_token={ours['first_token_s'] / theirs['first_token_s']:.3f} " if args.streamer
+                else "")
     print(f"ratio_call={ours['call_s'] / theirs['call_s']:.3f} ratio_first={ours['first_s'] / theirs['first_s']:.3f} "
+          f"{streamed}"
           f"ratio_mem={ours['peak_rss'] / theirs['peak_rss']:.3f} same_tokens={int(same)} "
           f"jax_f32_gflops={ours['gflops']:.0f} torch_f32_gflops={theirs['gflops']:.0f}")
 

@@ -141,15 +141,16 @@ def test_finetune_vs_peft_smoke_trains_both_sides():
 
 def test_generate_vs_hf_runs_on_a_tiny_model(own_llama):
     """Both children generate the same greedy tokens from left-padded 300-token prompts (blocks), on a
-    checkpoint of the user's own (``--model``)."""
+    checkpoint of the user's own (``--model``), streaming them (``--streamer``: the time to first token)."""
     pytest.importorskip("torch")
     out = _run("generate_vs_hf.py", "--model", own_llama, "--batch", "2", "--seq", "300", "--new", "3", "--trials", "1",
-               "--matmul-size", "256", whole=True)
-    assert "Llama hidden 32 x 2 layers, vocab 128" in out
+               "--matmul-size", "256", "--streamer", whole=True)
+    assert "Llama hidden 32 x 2 layers, vocab 128" in out and "first token, median (s)" in out
     last = out.strip().splitlines()[-1]
     fields = {k: float(v) for k, v in (f.split("=") for f in last.split())}
     assert fields["same_tokens"] == 1, fields
-    assert all(fields[k] > 0 for k in ("ratio_call", "ratio_first", "ratio_mem", "jax_f32_gflops", "torch_f32_gflops"))
+    assert all(fields[k] > 0 for k in ("ratio_call", "ratio_first", "ratio_first_token", "ratio_mem", "jax_f32_gflops",
+                                       "torch_f32_gflops"))
 
 
 def test_evaluate_lm_runs_on_a_tiny_model(own_llama):
