@@ -80,13 +80,18 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "phi-partial-qk-norm": ("phi", tr.PhiForCausalLM, {}),
     # _tiny's sliding RoPE layer, then a global NoPE one
     "cohere2-nope-window": ("cohere2", tr.Cohere2ForCausalLM, {}),
+    # _tiny's fused per-head q/k/v, two LayerNorms, parallel residual, half-rotary RoPE, biases
+    "gpt_neox-parallel": ("gpt_neox", tr.GPTNeoXForCausalLM, {}),
+    # the same one after the other (use_parallel_residual=False), GPT-2's GELU, no biases in attention
+    "gpt_neox-sequential": ("gpt_neox", tr.GPTNeoXForCausalLM, dict(use_parallel_residual=False,
+                                                                   hidden_act="gelu_new", attention_bias=False)),
 }
 
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
-                                                                   "phi-")))
+                                                                   "phi-", "gpt_neox")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -232,13 +237,14 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi"])
+                                  "glm4", "phi", "gpt_neox"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
            "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
-           "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification}[kind]
+           "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
+           "gpt_neox": tr.GPTNeoXForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -608,6 +614,8 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("llama", dict(attention_dropout=1.0)),
     ("phi3", dict(resid_pdrop=1.0)),
     ("gemma2", dict(attention_dropout=1.0)),
+    ("gpt_neox", dict(attention_dropout=1.0)),
+    ("gpt_neox", dict(hidden_dropout=1.0)),  # the embeddings and both branches' outputs
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
@@ -723,7 +731,8 @@ def test_logits_to_keep_is_checked(causal):
 
 @pytest.mark.parametrize("causal", ["olmo2-bias", "olmo3-window", "smollm3-nope-window", "granite-multipliers",
                                     "seed_oss-biases", "glm4-pairs", "ernie4_5-biases", "cohere-qk-norm",
-                                    "cohere2-nope-window", "phi-partial-qk-norm"], indirect=True)
+                                    "cohere2-nope-window", "phi-partial-qk-norm", "gpt_neox-parallel",
+                                    "gpt_neox-sequential"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

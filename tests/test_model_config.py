@@ -34,7 +34,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
-           "cohere2": "Cohere2Config", "phi": "PhiConfig"}
+           "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -58,7 +58,7 @@ def assert_same_fields(ours, theirs):
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
-                            "phi"):
+                            "phi", "gpt_neox"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -138,6 +138,9 @@ VARIANTS = [
     ("phi", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                   "partial_rotary_factor": 0.25}, hidden_act="gelu")),
     ("cohere2", dict(layer_types=None, num_hidden_layers=6, sliding_window_pattern=3, head_dim=64)),
+    ("gpt_neox", dict(rotary_pct=0.5, rotary_emb_base=500.0, use_parallel_residual=False)),  # old files' names
+    ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
+                                       "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),
     ("cohere2", dict(num_key_value_heads=None, sliding_window=16, tie_word_embeddings=False)),
     ("deberta-v2", dict(pos_att_type="p2c|c2p", relative_attention=True, position_buckets=256, share_att_key=True)),
     ("deberta-v2", dict(pos_att_type=["c2p"], pooler_hidden_size=32, hidden_size=32, num_attention_heads=4)),

@@ -391,6 +391,14 @@ def test_two_processes_train_like_one_device(report):
         ("model.layers.0.mlp.experts.gate_up_proj", (4, 48, 32), P("model", None, None)),
         ("model.layers.layer.mlp.experts.down_proj", (2, 4, 32, 24), P(None, "model", None, None)),
         ("model.layers.0.mlp.gate.weight", (4, 32), P(None, None)),
+        # GPT-NeoX: the fused query_key_value (each head's q, k, v together) and dense_h_to_4h column-parallel,
+        # attention.dense and dense_4h_to_h row-parallel, embed_in over the hidden axis
+        ("gpt_neox.layers.0.attention.query_key_value.kernel", (32, 96), P(None, "model")),
+        ("gpt_neox.layers.0.attention.query_key_value.bias", (96,), P("model")),
+        ("gpt_neox.layers.0.attention.dense.kernel", (32, 32), P("model", None)),
+        ("gpt_neox.layers.0.mlp.dense_h_to_4h.kernel", (32, 128), P(None, "model")),
+        ("gpt_neox.layers.0.mlp.dense_4h_to_h.kernel", (128, 32), P("model", None)),
+        ("gpt_neox.embed_in.embedding", (96, 32), P(None, "model")),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

@@ -29,6 +29,12 @@ from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
+from peftjax.models._gpt_neox import (
+    GPTNeoXForCausalLM,
+    GPTNeoXForQuestionAnswering,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXForTokenClassification,
+)
 from peftjax.models._gpt2 import (
     Conv1D,
     GPT2ForQuestionAnswering,
@@ -212,6 +218,10 @@ __all__ = [
     "PhiForCausalLM",
     "PhiForSequenceClassification",
     "PhiForTokenClassification",
+    "GPTNeoXForCausalLM",
+    "GPTNeoXForSequenceClassification",
+    "GPTNeoXForTokenClassification",
+    "GPTNeoXForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -297,6 +297,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # GPTNeoXConfig (Pythia, GPT-NeoX-20B); old files' rotary_pct and rotary_emb_base are read as
+    # partial_rotary_factor and rope_theta (ATTRIBUTE_MAPS)
+    "gpt_neox": {
+        "vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
+        "intermediate_size": 24576, "hidden_act": "gelu", "attention_dropout": 0.0, "hidden_dropout": 0.0,
+        "classifier_dropout": 0.1, "max_position_embeddings": 2048, "initializer_range": 0.02, "layer_norm_eps": 1e-05,
+        "use_cache": True, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": None, "tie_word_embeddings": False,
+        "use_parallel_residual": True, "attention_bias": True, "is_decoder": False,
+    },
     # CohereConfig (Command R) and Cohere2Config (Command R7B: layer_types, from sliding_window_pattern)
     "cohere": {
         "vocab_size": 256000, "hidden_size": 8192, "intermediate_size": 22528, "logit_scale": 0.0625,
@@ -434,6 +443,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "distilbert": {"hidden_size": "dim", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"},
 }
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
+ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -563,10 +573,10 @@ class ModelConfig:
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
-        if t == "phi":  # PhiConfig: RoPE on half of each head unless the file says otherwise
+        if t in ("phi", "gpt_neox"):  # RoPE on half (Phi) or a quarter (GPT-NeoX) of each head unless the file says
             if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
                     self.__dict__.get("rope_parameters") or {}):
-                self.partial_rotary_factor = 0.5
+                self.partial_rotary_factor = 0.5 if t == "phi" else 0.25
         if t in ("cohere", "cohere2", "phi") and self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if t == "cohere2":  # Cohere2Config.__post_init__: the head size from the sizes; every 4th layer global

@@ -246,6 +246,7 @@ class LlamaModel(nnx.Module):
     """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = LlamaDecoderLayer
+    embed_name: ClassVar[str] = "embed_tokens"  # the input embeddings' attribute (GPT-NeoX's: embed_in)
     norm_name: ClassVar[str] = "norm"  # the final norm's attribute (Phi's: final_layernorm)
     # whether the decoder can run packed rows (segment_ids: several sequences end to end, each
     # attending to itself alone, its positions restarting): every layer reads its attention mask
@@ -256,7 +257,7 @@ class LlamaModel(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.config = ConfigRef(config)
-        self.embed_tokens = self.make_embedding(config, **kw)
+        setattr(self, self.embed_name, self.make_embedding(config, **kw))
         # peftjax options set on the config (see nn._scan): layers stacked and scanned; remat policy
         self.remat = check_remat(getattr(config, "remat", "none"))
         if getattr(config, "scan_layers", False):
@@ -381,7 +382,8 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
-        self.model = self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # the decoder, under base_model_prefix (GPT-NeoX's: gpt_neox, which it also reads as ``model``)
+        setattr(self, self.base_model_prefix, self.model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nnx.data(None)
         if not self.tied:

@@ -22,7 +22,7 @@ from peftjax.models._modeling import iter_hf_params
 # transformers' names of the weights indexed by the vocabulary, as key suffixes: input embeddings
 # (LLMs, BERT's family, GPT-2, T5, ModernBERT), then output ones (untied LM heads, masked-LM biases)
 INPUT_EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight",
-                        "tok_embeddings.weight")
+                        "tok_embeddings.weight", "embed_in.weight")
 OUTPUT_EMBEDDING_KEYS = ("lm_head.weight", "lm_head.bias", "cls.predictions.bias", "cls.predictions.decoder.bias",
                          "lm_head.decoder.bias", "vocab_projector.bias", "decoder.bias", "decoder.weight")
 MEAN_RESIZING_EPSILON = 1e-9  # transformers': new rows drawn around the mean with 1e-9 times the rows' covariance

@@ -85,7 +85,7 @@ SUPPORTED_TASKS = tuple(t.value for t in (TaskType.CAUSAL_LM, TaskType.SEQ_CLS, 
 # the module names PEFT's file format uses for a prompt-learning model's heads: no tuner wrapper
 SAVED_PREFIX = "base_model."
 # the bundled models' input embeddings, preferred over any other vocabulary-sized table
-_WORD_EMBEDDING_NAMES = ("word_embeddings", "embed_tokens", "wte")
+_WORD_EMBEDDING_NAMES = ("word_embeddings", "embed_tokens", "wte", "embed_in")
 
 
 # ---------------------------------------------------------------- the encoders
