@@ -133,6 +133,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # OPT in small: learned positions, pre-norm layers, biases, a tied head
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+        dropout=0.0)),
     # Pythia in small: fused per-head q/k/v, parallel residual under two LayerNorms, RoPE on a quarter of each head
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -172,6 +172,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "modernbert": ("attn.Wo", "mlp.Wo"),
     "phi": ("self_attn.dense", "mlp.fc2"),
     "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+    "opt": ("self_attn.out_proj", "fc2"),
 }
 
 

@@ -34,7 +34,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
-           "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig"}
+           "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -139,6 +139,8 @@ VARIANTS = [
                                   "partial_rotary_factor": 0.25}, hidden_act="gelu")),
     ("cohere2", dict(layer_types=None, num_hidden_layers=6, sliding_window_pattern=3, head_dim=64)),
     ("gpt_neox", dict(rotary_pct=0.5, rotary_emb_base=500.0, use_parallel_residual=False)),  # old files' names
+    ("opt", dict(word_embed_proj_dim=512, do_layer_norm_before=False, hidden_size=1024, num_attention_heads=16)),
+    ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=False, init_std=0.01)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),
     ("cohere2", dict(num_key_value_heads=None, sliding_window=16, tie_word_embeddings=False)),

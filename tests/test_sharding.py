@@ -399,6 +399,11 @@ def test_two_processes_train_like_one_device(report):
         ("gpt_neox.layers.0.mlp.dense_h_to_4h.kernel", (32, 128), P(None, "model")),
         ("gpt_neox.layers.0.mlp.dense_4h_to_h.kernel", (128, 32), P("model", None)),
         ("gpt_neox.embed_in.embedding", (96, 32), P(None, "model")),
+        # OPT: fc1 column-parallel, self_attn.out_proj and fc2 row-parallel
+        ("model.decoder.layers.0.fc1.kernel", (32, 128), P(None, "model")),
+        ("model.decoder.layers.0.fc2.kernel", (128, 32), P("model", None)),
+        ("model.decoder.layers.0.self_attn.out_proj.kernel", (32, 32), P("model", None)),
+        ("model.decoder.embed_tokens.embedding", (96, 32), P(None, "model")),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

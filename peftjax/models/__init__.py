@@ -29,6 +29,7 @@ from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
+from peftjax.models._opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from peftjax.models._gpt_neox import (
     GPTNeoXForCausalLM,
     GPTNeoXForQuestionAnswering,
@@ -222,6 +223,9 @@ __all__ = [
     "GPTNeoXForSequenceClassification",
     "GPTNeoXForTokenClassification",
     "GPTNeoXForQuestionAnswering",
+    "OPTForCausalLM",
+    "OPTForSequenceClassification",
+    "OPTForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -297,6 +297,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # OPTConfig (word_embed_proj_dim defaults to the hidden size)
+    "opt": {
+        "vocab_size": 50272, "hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072,
+        "max_position_embeddings": 2048, "do_layer_norm_before": True, "_remove_final_layer_norm": False,
+        "word_embed_proj_dim": None, "dropout": 0.1, "attention_dropout": 0.0, "num_attention_heads": 12,
+        "activation_function": "relu", "layerdrop": 0.0, "init_std": 0.02, "use_cache": True, "pad_token_id": 1,
+        "bos_token_id": 2, "eos_token_id": 2, "enable_bias": True, "layer_norm_elementwise_affine": True,
+        "tie_word_embeddings": True,
+    },
     # GPTNeoXConfig (Pythia, GPT-NeoX-20B); old files' rotary_pct and rotary_emb_base are read as
     # partial_rotary_factor and rope_theta (ATTRIBUTE_MAPS)
     "gpt_neox": {
@@ -573,6 +582,8 @@ class ModelConfig:
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
+        if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__
+            self.word_embed_proj_dim = self.hidden_size
         if t in ("phi", "gpt_neox"):  # RoPE on half (Phi) or a quarter (GPT-NeoX) of each head unless the file says
             if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
                     self.__dict__.get("rope_parameters") or {}):

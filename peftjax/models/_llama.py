@@ -273,6 +273,11 @@ class LlamaModel(nnx.Module):
         """The final norm of the layers' output."""
         return getattr(self, self.norm_name)(x)
 
+    def add_positions(self, x, position_ids):
+        """The layers' input from the embeddings and positions (OPT adds learned position
+        embeddings; here RoPE carries the positions, inside the attention)."""
+        return x
+
     @staticmethod
     def make_embedding(config, **kw) -> nnx.Embed:
         """``embed_tokens`` (Gemma's scales its lookups)."""
@@ -285,7 +290,8 @@ class LlamaModel(nnx.Module):
 
     @staticmethod
     def make_rotary(config):
-        """The decoder's RoPE (a decoder with a RoPE per layer kind returns the one its kinds' shapes follow)."""
+        """The decoder's RoPE (a decoder with a RoPE per layer kind returns the one its kinds' shapes follow;
+        ``None``: none, the layers get ``cos`` and ``sin`` as ``None``)."""
         return rotary_embedding(config, head_dim_of(config))
 
     @staticmethod
@@ -357,7 +363,8 @@ class LlamaModel(nnx.Module):
         )
         start = pos.start
         masks = self.attention_masks(pos, segment_ids)  # causal within each packed sequence
-        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
+        x = self.add_positions(x, pos.position_ids)
+        cos, sin = (None, None) if self.rotary is None else self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised
             x = run_layers(self.layers, lambda layer, h, k: layer(h, cos, sin, masks, dropout_rng=k)[0], x,

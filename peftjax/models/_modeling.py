@@ -497,13 +497,13 @@ class PreTrainedModel(nnx.Module):
         return False
 
     def _init_missing(self, key: str, var: nnx.Variable, seed: int | None = None) -> jax.Array:
-        # transformers' _init_weights: normal(0, initializer_range) for weights, zeros for biases
+        # transformers' _init_weights: normal(0, initializer_range) (OPT's: init_std) for weights, zeros for biases
         # drawn on the host and put on the device: no XLA program compiles for it (jax.random
         # compiled one per shape, 0.3 s for a new classifier head before the first step)
         shape, dtype = var.get_value().shape, var.get_value().dtype
         if key.endswith(".bias") or len(shape) == 1:
             return jax.device_put(np.zeros(shape, dtype))
-        std = getattr(self.config, "initializer_range", 0.02)
+        std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
         entropy = sum(key.encode()) if seed is None else [seed, zlib.crc32(key.encode())]
         draws = np.random.default_rng(entropy).standard_normal(shape, dtype=np.float32)
         return jax.device_put((np.float32(std) * draws).astype(dtype))

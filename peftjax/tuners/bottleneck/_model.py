@@ -69,6 +69,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "gpt2": (r"attn\.c_proj", r"mlp\.c_proj"),
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
     "gpt_neox": (r"attention\.dense", r"mlp\.dense_4h_to_h"),
+    "opt": (r"self_attn\.out_proj", r"fc2"),
 }
 
 def default_target_modules(model_type: str, adapter_type: str) -> str:
