@@ -406,6 +406,36 @@ def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
     assert here.peft_config["default"].fan_in_fan_out is True
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_s_int8_notebook_model_opt_moves_both_ways(tmp_path, kind):
+    """PEFT's int8 notebook (OPT in 8 bits, LoRA on PEFT's default ``q_proj`` and ``v_proj``), small:
+    PEFT's adapter on transformers' quantized OPT gives PEFT's logits here, and one made here gives
+    its logits in PEFT; every linear of the decoder is quantized, the tied head is not."""
+    _tiny.save(_tiny.arch("opt", hidden_size=64, ffn_dim=128), tmp_path / "opt")
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(bnb_model(tmp_path / "opt", kind), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                                   task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    expected = torch_logits(float32_oracle(theirs.eval()))
+    theirs.save_pretrained(tmp_path / "peft")
+    base = models.from_pretrained(tmp_path / "opt", quantization_config=ours(kind))
+    assert len(quantized_linears(base)) == 2 * 6 and base.lm_head is None
+    plain = jax_logits(base)
+    loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "peft")
+    np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL[kind], rtol=0)
+    assert np.abs(expected - plain).max() > 20 * TOL[kind]
+
+    here = peftjax.get_peft_model(models.from_pretrained(tmp_path / "opt", quantization_config=ours(kind)),
+                                  peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM"))
+    here.save_pretrained(tmp_path / "ours")
+    mine = jax_logits(here)
+    back = float32_oracle(peft.PeftModel.from_pretrained(bnb_model(tmp_path / "opt", kind), tmp_path / "ours").eval())
+    np.testing.assert_allclose(torch_logits(back), mine, atol=TOL[kind], rtol=0)
+
+
 # ---------------------------------------------------------------- PEFT's other methods on bitsandbytes layers
 
 # the methods PEFT 0.21.2 runs on bitsandbytes layers besides LoRA (peft/tuners/*/bnb.py), each made with
