@@ -133,6 +133,9 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # BLOOM in small: ALiBi, fused per-head q/k/v, the embeddings' LayerNorm, a tied head
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(
+        vocab_size=96, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)),
     # OPT in small: learned positions, pre-norm layers, biases, a tied head
     "opt": ("OPTConfig", "OPTForCausalLM", dict(
         vocab_size=96, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,

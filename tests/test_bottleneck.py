@@ -173,6 +173,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "phi": ("self_attn.dense", "mlp.fc2"),
     "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
     "opt": ("self_attn.out_proj", "fc2"),
+    "bloom": ("self_attention.dense", "mlp.dense_4h_to_h"),
 }
 
 

@@ -37,7 +37,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2", "phi", "gpt_neox", "opt")}
+                        "cohere2", "phi", "gpt_neox", "opt", "bloom")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -115,6 +115,12 @@ CASES = {
     ("opt", "ia3-default-targets"): BOTH,
     ("opt", "prefix"): BOTH,
     ("opt", "prompt"): BOTH,
+    # BLOOM: PEFT's default targets (LoRA: query_key_value; IA3: it and mlp.dense_4h_to_h), a prefix's entries
+    # first in ALiBi's key positions, virtual tokens through the embeddings' LayerNorm
+    ("bloom", "lora-default-targets"): BOTH,
+    ("bloom", "ia3-default-targets"): BOTH,
+    ("bloom", "prefix"): BOTH,
+    ("bloom", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

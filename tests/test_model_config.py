@@ -34,7 +34,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
-           "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig"}
+           "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
+           "bloom": "BloomConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -52,6 +53,9 @@ def assert_same_fields(ours, theirs):
     for key in sorted(set(theirs.to_dict()) - SKIP):
         assert getattr(ours, key) == _field(theirs, key), key
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
+        if not hasattr(theirs, key):  # BLOOM has no position limit (ALiBi): neither has ours
+            assert not hasattr(ours, key), key
+            continue
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
@@ -141,6 +145,8 @@ VARIANTS = [
     ("gpt_neox", dict(rotary_pct=0.5, rotary_emb_base=500.0, use_parallel_residual=False)),  # old files' names
     ("opt", dict(word_embed_proj_dim=512, do_layer_norm_before=False, hidden_size=1024, num_attention_heads=16)),
     ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=False, init_std=0.01)),
+    ("bloom", dict(n_layer=4, n_head=16, hidden_size=1024, apply_residual_connection_post_layernorm=True)),
+    ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),
     ("cohere2", dict(num_key_value_heads=None, sliding_window=16, tie_word_embeddings=False)),

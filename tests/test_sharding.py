@@ -404,6 +404,10 @@ def test_two_processes_train_like_one_device(report):
         ("model.decoder.layers.0.fc2.kernel", (128, 32), P("model", None)),
         ("model.decoder.layers.0.self_attn.out_proj.kernel", (32, 32), P("model", None)),
         ("model.decoder.embed_tokens.embedding", (96, 32), P(None, "model")),
+        # BLOOM: GPT-NeoX's fused projection, its output projection under self_attention
+        ("transformer.h.0.self_attention.query_key_value.kernel", (32, 96), P(None, "model")),
+        ("transformer.h.0.self_attention.dense.kernel", (32, 32), P("model", None)),
+        ("transformer.word_embeddings.embedding", (96, 32), P(None, "model")),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

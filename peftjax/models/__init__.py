@@ -29,6 +29,12 @@ from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
+from peftjax.models._bloom import (
+    BloomForCausalLM,
+    BloomForQuestionAnswering,
+    BloomForSequenceClassification,
+    BloomForTokenClassification,
+)
 from peftjax.models._opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from peftjax.models._gpt_neox import (
     GPTNeoXForCausalLM,
@@ -226,6 +232,10 @@ __all__ = [
     "OPTForCausalLM",
     "OPTForSequenceClassification",
     "OPTForQuestionAnswering",
+    "BloomForCausalLM",
+    "BloomForSequenceClassification",
+    "BloomForTokenClassification",
+    "BloomForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -154,6 +154,7 @@ def dot_product_attention(
     softcap: float | None = None,
     causal_offset: int | None = None,
     sinks: jax.Array | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped-query heads; the softmax runs in float32.
 
@@ -173,6 +174,8 @@ def dot_product_attention(
       sinks: ``[heads]`` logits (GPT-OSS's attention sinks): each head's joins every query's
         softmax as one more key without a value, and its share is dropped after it; a query that
         sees no key then gets (almost) nothing instead of the values' mean.
+      bias: ``[batch, heads, k_len]`` added to every query's scaled logits of each key (BLOOM's
+        ALiBi: a slope per head times the key's position).
     """
     # the operations' names in a profile carry "attention" (benchmarks/step_profile.py reads them)
     with jax.named_scope("attention"):
@@ -183,7 +186,7 @@ def dot_product_attention(
         if blocks is None:
             return _tokens_major(_attention_heads_major(qh, kh, vh, mask, scale=scale, softcap=softcap,
                                                         dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                                                        sinks=sinks))
+                                                        sinks=sinks, bias=bias))
         # [b, kv_heads, d]: the answer of a query row that sees no key, as the whole square gives it
         mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(v.dtype)
         if sinks is not None:  # the sink takes the whole softmax of such a row
@@ -192,7 +195,8 @@ def dot_product_attention(
         for start, end, key_end in blocks:
             block_mask = mask[:, :, start:end, :key_end]
             out = _attention_heads_major(qh[:, :, :, start:end], kh[:, :, :key_end], vh[:, :, :key_end], block_mask,
-                                         scale=scale, softcap=softcap, sinks=sinks)
+                                         scale=scale, softcap=softcap, sinks=sinks,
+                                         bias=None if bias is None else bias[..., :key_end])
             seen = jnp.any(block_mask, axis=-1)[:, :, None, :, None]  # [b, 1, 1, block, 1]
             outs.append(jnp.where(seen, out, mean_v[:, :, None, None, :]))
         return _tokens_major(jnp.concatenate(outs, axis=3))
@@ -234,7 +238,8 @@ def _tokens_major(out: jax.Array) -> jax.Array:
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, kvh * g, d)
 
 
-def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0, dropout_rng=None, sinks=None):
+def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0, dropout_rng=None, sinks=None,
+                           bias=None):
     """Attention of heads-major queries ``[b, kv_heads, group, q, d]`` over heads-major keys and values
     ``[b, kv_heads, k, d]``; the result heads-major too (with ``mask`` ``[b, 1, q, k]``, or ``None``)."""
     b, kvh, g, sq, d = qh.shape
@@ -245,6 +250,8 @@ def _attention_heads_major(qh, kh, vh, mask, *, scale, softcap, dropout_rate=0.0
     scores = scores.reshape(b, kvh, g, sq, sk) * scale
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
+    if bias is not None:  # [b, heads, k] -> [b, kv_heads, group, 1, k]
+        scores = scores + bias.astype(jnp.float32).reshape(b, kvh, g, 1, sk)
     if mask is not None:
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     if sinks is not None:  # one more logit per head, dropped after the softmax

@@ -297,6 +297,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # BloomConfig (n_layer, n_head: num_hidden_layers and num_attention_heads by ATTRIBUTE_MAPS)
+    "bloom": {
+        "vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "n_head": 8, "layer_norm_epsilon": 1e-05,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "apply_residual_connection_post_layernorm": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "pretraining_tp": 1, "slow_but_exact": False, "tie_word_embeddings": True,
+    },
     # OPTConfig (word_embed_proj_dim defaults to the hidden size)
     "opt": {
         "vocab_size": 50272, "hidden_size": 768, "num_hidden_layers": 12, "ffn_dim": 3072,
@@ -453,6 +460,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 }
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
+ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",

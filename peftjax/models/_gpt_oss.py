@@ -113,7 +113,7 @@ class GptOssAttention(LlamaAttention):
         init = nnx.initializers.normal(config.initializer_range)
         self.sinks = nnx.Param(init(rngs.params(), (self.num_heads,), param_dtype))
 
-    def score_options(self) -> dict:
+    def score_options(self, masks) -> dict:
         return {"sinks": self.sinks.get_value()}
 
 

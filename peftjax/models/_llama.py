@@ -120,8 +120,9 @@ class LlamaAttention(nnx.Module):
         """Queries and keys with their positions: RoPE on both (Llama 4 also reads ``masks``)."""
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
-    def score_options(self) -> dict:
-        """A family's further arguments of ``dot_product_attention`` (GPT-OSS: its sinks)."""
+    def score_options(self, masks) -> dict:
+        """A family's further arguments of ``dot_product_attention`` (GPT-OSS: its sinks; BLOOM: its
+        ALiBi bias, from the decoder's ``masks``)."""
         return {}
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
@@ -137,7 +138,7 @@ class LlamaAttention(nnx.Module):
         out = attn.dot_product_attention(q, k, v, mask, scale=self.scale, dropout_rate=self.dropout_rate,
                                          dropout_rng=dropout_rng,
                                          causal_offset=attn.causal_offset(cache, prefix, cache_index),
-                                         **self.score_options())
+                                         **self.score_options(masks))
         return self.project_out(out.reshape(b, s, -1)), cache
 
     def project_out(self, x):
@@ -247,6 +248,7 @@ class LlamaModel(nnx.Module):
 
     layer_class: ClassVar[type[nnx.Module]] = LlamaDecoderLayer
     embed_name: ClassVar[str] = "embed_tokens"  # the input embeddings' attribute (GPT-NeoX's: embed_in)
+    layers_name: ClassVar[str] = "layers"  # the layers' attribute (BLOOM's: h)
     norm_name: ClassVar[str] = "norm"  # the final norm's attribute (Phi's: final_layernorm)
     # whether the decoder can run packed rows (segment_ids: several sequences end to end, each
     # attending to itself alone, its positions restarting): every layer reads its attention mask
@@ -262,9 +264,9 @@ class LlamaModel(nnx.Module):
         self.remat = check_remat(getattr(config, "remat", "none"))
         if getattr(config, "scan_layers", False):
             self.check_scan(config)
-        self.layers = make_layers(
+        setattr(self, self.layers_name, make_layers(
             config, lambda i, r: self.layer_class(config, i, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs=rngs
-        )
+        ))
         setattr(self, self.norm_name, self.make_norm(config, **kw))
         # static data, not state: it never trains and is rebuilt from the config
         self.rotary = self.make_rotary(config)

@@ -70,6 +70,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
     "gpt_neox": (r"attention\.dense", r"mlp\.dense_4h_to_h"),
     "opt": (r"self_attn\.out_proj", r"fc2"),
+    "bloom": (r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
 }
 
 def default_target_modules(model_type: str, adapter_type: str) -> str:

@@ -1,0 +1,198 @@
+"""BigScience's BLOOM (``model_type`` ``"bloom"``: bloom-560m to bloom-176b and BLOOMZ, the model of
+PEFT's prompt-tuning guide) in Flax NNX, with transformers' module names.
+
+What differs from Llama:
+
+- the decoder is ``transformer``: ``word_embeddings``, then ``word_embeddings_layernorm`` (a
+  LayerNorm of the embeddings, virtual tokens' too), the blocks ``h``, ``ln_f``; the LM head tied;
+- no RoPE: ALiBi, each head's scores of a key plus ``slope[head] * position`` of the key, its
+  position counting the row's real keys (``(cumsum(mask) - 1) * mask``, a prefix's entries
+  first), the slopes BLOOM's geometric series; translation-invariant, so packed rows need no
+  restart;
+- each block's ``self_attention`` is one ``query_key_value`` (each head's query, key and value in
+  turn) and ``dense``, biased; the MLP ``dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))``, 4x wide;
+  LayerNorms before attention and MLP (``input_layernorm``, ``post_attention_layernorm``), each
+  branch added to its input, or to its normalised input with
+  ``apply_residual_connection_post_layernorm``;
+- ``hidden_dropout`` on each branch's output, ``attention_dropout`` on the probabilities.
+
+``pretraining_tp`` with ``slow_but_exact`` (transformers sums the output projections in slices)
+computes the same projections in one matmul here (float32 rounding apart).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peftjax.models import _attention as attn
+from peftjax.models._auto import register
+from peftjax.models._dropout import dropout, token_classifier_dropout
+from peftjax.models._llama import (
+    DecoderWithHead,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaModel,
+)
+from peftjax.models._gpt_neox import GPTNeoXAttention
+from peftjax.models._losses import token_labels_loss
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._dropout import split_keys
+
+ALIBI = "alibi"  # the key of the layers' ALiBi bias among the decoder's masks
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """BLOOM's ALiBi slopes (transformers' ``_get_alibi_slopes``): a geometric series over the
+    largest power of two of heads, then every other term of the next one's."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
+    slopes = base ** np.arange(1, 1 + closest, dtype=np.float32)
+    if closest != num_heads:
+        extra = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+        more = min(closest, num_heads - closest)
+        slopes = np.concatenate([slopes, extra ** np.arange(1, 1 + 2 * more, 2, dtype=np.float32)])
+    return slopes.astype(np.float32)
+
+
+def _norm(config, **kw) -> nnx.LayerNorm:
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
+
+
+class BloomAttention(GPTNeoXAttention):
+    """GPT-NeoX's fused per-head ``query_key_value`` and ``dense`` (always biased), with ALiBi for RoPE."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.set_layout(config, layer_idx)
+        h = config.hidden_size
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query_key_value = nnx.Linear(h, 3 * h, **kw)
+        self.dense = nnx.Linear(h, h, **kw)
+
+    def encode_positions(self, q, k, cos, sin, masks):
+        return q, k
+
+    def score_options(self, masks) -> dict:
+        return {"bias": masks[ALIBI]}
+
+
+class BloomMLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense_h_to_4h = nnx.Linear(config.hidden_size, 4 * config.hidden_size, **kw)
+        self.dense_4h_to_h = nnx.Linear(4 * config.hidden_size, config.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.dense_4h_to_h(ACTIVATIONS["gelu_pytorch_tanh"](self.dense_h_to_4h(x)))
+
+
+class BloomBlock(nnx.Module):
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = _norm(config, **kw)
+        self.self_attention = BloomAttention(config, layer_idx, **kw)
+        self.post_attention_layernorm = _norm(config, **kw)
+        self.mlp = BloomMLP(config, **kw)
+        self.post_norm_residual = bool(getattr(config, "apply_residual_connection_post_layernorm", False))
+        self.dropout_rate = float(getattr(config, "hidden_dropout", 0.0) or 0.0)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's dropout key (training); ``None``: no dropout."""
+        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
+        h = self.input_layernorm(x)
+        a, cache = self.self_attention(h, cos, sin, masks, cache, cache_index, prefix, attn_key)
+        x = (h if self.post_norm_residual else x) + dropout(a, self.dropout_rate, attn_out_key)
+        h = self.post_attention_layernorm(x)
+        return (h if self.post_norm_residual else x) + dropout(self.mlp(h), self.dropout_rate, mlp_out_key), cache
+
+
+class BloomModel(LlamaModel):
+    """BLOOM's decoder: ``word_embeddings``, ``word_embeddings_layernorm``, ``h``, ``ln_f``."""
+
+    layer_class: ClassVar[type[nnx.Module]] = BloomBlock
+    embed_name: ClassVar[str] = "word_embeddings"
+    layers_name: ClassVar[str] = "h"
+    norm_name: ClassVar[str] = "ln_f"
+    make_norm = staticmethod(_norm)
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.word_embeddings_layernorm = _norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def embed_tokens(self) -> nnx.Embed:
+        return self.word_embeddings
+
+    @property
+    def layers(self):
+        return self.h
+
+    @staticmethod
+    def make_rotary(config):
+        return None
+
+    def add_positions(self, x, position_ids):
+        return self.word_embeddings_layernorm(x)  # the positions are ALiBi's, in the attention
+
+    def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
+        masks = super().attention_masks(pos, segment_ids)
+        key_mask = jnp.asarray(pos.key_mask, jnp.int32)
+        key_positions = ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(jnp.float32)
+        masks[ALIBI] = jnp.asarray(alibi_slopes(self.config.num_attention_heads))[None, :, None] * key_positions[:, None]
+        return masks
+
+
+class _UnderTransformer:
+    base_model_prefix: ClassVar[str] = "transformer"
+    model_class: ClassVar[type[nnx.Module]] = BloomModel
+
+    @property
+    def model(self) -> BloomModel:
+        return self.transformer
+
+
+class BloomForCausalLM(_UnderTransformer, LlamaForCausalLM):
+    """BLOOM: ``transformer`` and the LM head (tied to ``word_embeddings`` by default)."""
+
+
+class BloomForSequenceClassification(_UnderTransformer, LlamaForSequenceClassification):
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.weight",)
+
+
+class BloomForTokenClassification(_UnderTransformer, DecoderWithHead):
+    """Token classification: the decoder, dropout (``classifier_dropout``, else ``hidden_dropout``)
+    and a biased ``classifier`` on every token."""
+
+    optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.weight",)
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dropout_rate = token_classifier_dropout(self.config)
+        self.classifier = nnx.Linear(self.config.hidden_size, self.config.num_labels, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                 prefix_kv=None, dropout_rng=None) -> ModelOutput:
+        """``[batch, seq, num_labels]`` logits; ``labels`` (``-100``: not counted) add the mean cross entropy."""
+        base_rng, head_rng = split_keys(dropout_rng, 2)
+        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
+        logits = self.classifier(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
+        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
+                           last_hidden_state=out.last_hidden_state)
+
+
+class BloomForQuestionAnswering(_UnderTransformer, LlamaForQuestionAnswering):
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.weight",)
+
+
+register(BloomForCausalLM, model_types=("bloom",), default=True)
+register(BloomForSequenceClassification)
+register(BloomForTokenClassification)
+register(BloomForQuestionAnswering)
