@@ -29,7 +29,7 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
   "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
-  "seed": int}`` (``adapter`` null or
+  "seed": int, "stream": bool}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
@@ -43,7 +43,10 @@ The HTTP interface (JSON in, JSON out):
   returns
   ``{"adapter", "completion", "token_ids", "prompt_tokens", "finish_reason" ("stop" | "length"),
   "batch": {"rows", "adapters"}}`` (cut at a stop string, ``token_ids`` end with the token that
-  completed it). A bad request gets a 4xx with ``{"error": message}``: 400 for
+  completed it). With ``"stream": true`` the answer is server-sent events: ``{"text": piece}`` for
+  each piece of the completion as it is generated (the pieces add up to ``"completion"``), then
+  the result above, then ``[DONE]`` (a failed batch: ``{"error": message}``). A bad request gets a
+  4xx with ``{"error": message}``: 400 for
   malformed JSON, a missing or empty prompt, a malformed conversation (or one for a tokenizer
   without a chat template) or a bad value, 404 for an unknown adapter (the message
   lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
@@ -51,11 +54,11 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI's bodies,
   answers and errors, ``model`` naming the adapter (:func:`openai_body`, :func:`openai_response`).
 
-An OpenAI-style ``"stream": true`` gets its text as server-sent events while the batch's loop
-makes its tokens (each step's tokens leave the compiled loop through ``generate``'s ``streamer``);
-a piece is held back while it could be the start of a stop string or is an unfinished character,
-and the pieces add up to the completion the request would get unstreamed. Other answers come when
-their batch is done.
+A ``"stream": true`` request (``/generate``'s or OpenAI's) gets its text as server-sent events
+while the batch's loop makes its tokens (each step's tokens leave the compiled loop through
+``generate``'s ``streamer``); a piece is held back while it could be the start of a stop string or
+is an unfinished character, and the pieces add up to the completion the request would get
+unstreamed. Other answers come when their batch is done.
 """
 
 from __future__ import annotations
@@ -780,18 +783,32 @@ def make_app(generator: BatchingGenerator):
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return error(f"the body is not JSON: {e}", 400)
-        raw, stream = body, False
+        raw = body
+        stream = isinstance(raw, Mapping) and raw.get("stream", False)
         try:
+            if not isinstance(stream, bool):
+                raise RequestError(f"'stream' must be true or false, got {stream!r}")
             if openai:
                 body = openai_body(raw, chat=openai == "chat", max_new_tokens=generator.max_new_tokens)
-                stream = bool(raw.get("stream"))
+            elif isinstance(raw, Mapping) and "stream" in raw:
+                body = {k: v for k, v in raw.items() if k != "stream"}
             req = generator.request(body)
         except RequestError as e:
             return error(str(e), e.status)
-        if openai and stream:
-            usage = bool((raw.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(streamed(req, chat=openai == "chat", model=body["adapter"], usage=usage),
-                                     media_type="text/event-stream")
+        if stream:
+            if not openai:
+                events = streamed(req, opening=[], piece=lambda text: {"text": text}, closing=lambda result: [result],
+                                  failure=lambda message: {"error": message})
+                return StreamingResponse(events, media_type="text/event-stream")
+            chat, usage = openai == "chat", bool((raw.get("stream_options") or {}).get("include_usage"))
+            head = openai_head(chat=chat, model=body["adapter"])
+            events = streamed(
+                req, opening=[openai_chunk(head, chat=chat, role=True)] if chat else [],
+                piece=lambda text: openai_chunk(head, chat=chat, text=text),
+                closing=lambda result: [openai_chunk(head, chat=chat, finish=result["finish_reason"]),
+                                        *([openai_usage_chunk(head, result, chat=chat)] if usage else [])],
+                failure=lambda message: openai_error(message, 500))
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             result = await asyncio.wrap_future(generator.submit(req))
         except Exception as e:  # a failed batch: this request fails, the server stays up
@@ -800,34 +817,32 @@ def make_app(generator: BatchingGenerator):
             return JSONResponse(result)
         return JSONResponse(openai_response(result, chat=openai == "chat", model=body["adapter"]))
 
-    async def streamed(req: Request, *, chat: bool, model: str, usage: bool):
-        """OpenAI's server-sent events of one request: each piece of text as the batch's loop makes
-        it, then the finish reason (and the usage), then ``[DONE]``; a failed batch ends the stream
-        with OpenAI's error object."""
+    async def streamed(req: Request, *, opening: list[dict], piece, closing, failure):
+        """One request's server-sent events: ``opening``, then ``piece(text)`` for each piece of text
+        as the batch's loop makes it, then ``closing(result)``, then ``[DONE]``; a failed batch ends
+        the stream with ``failure(message)``."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
 
-        def on_text(piece: str | None) -> None:  # on the loop's callback thread
+        def on_text(text: str | None) -> None:  # on the loop's callback thread
             with contextlib.suppress(RuntimeError):  # the server has shut down
-                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+                loop.call_soon_threadsafe(pieces.put_nowait, text)
 
         def event(data: dict) -> str:
             return f"data: {json.dumps(data)}\n\n"
 
         future = generator.submit(req, on_text=on_text)
-        head = openai_head(chat=chat, model=model)
-        if chat:
-            yield event(openai_chunk(head, chat=chat, role=True))
-        while (piece := await pieces.get()) is not None:
-            yield event(openai_chunk(head, chat=chat, text=piece))
+        for data in opening:
+            yield event(data)
+        while (text := await pieces.get()) is not None:
+            yield event(piece(text))
         try:
             result = await asyncio.wrap_future(future)
         except Exception as e:
-            yield event(openai_error(f"generation failed: {type(e).__name__}: {e}", 500))
+            yield event(failure(f"generation failed: {type(e).__name__}: {e}"))
             return
-        yield event(openai_chunk(head, chat=chat, finish=result["finish_reason"]))
-        if usage:
-            yield event(openai_usage_chunk(head, result, chat=chat))
+        for data in closing(result):
+            yield event(data)
         yield "data: [DONE]\n\n"
 
     async def generate(request):

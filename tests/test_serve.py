@@ -562,6 +562,39 @@ def test_a_failed_streamed_batch_ends_its_streams_with_the_error(files, monkeypa
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
         with pytest.raises(openai.APIError, match="generation failed: RuntimeError: the device went away"):
             list(client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=4, stream=True))
+        response = http.post("/generate", json={"prompt": PROMPTS[0], "max_new_tokens": 4, "stream": True})
+        assert sse_events(response) == [{"error": "generation failed: RuntimeError: the device went away"}]
+
+
+def sse_events(response) -> list:
+    """The JSON of each server-sent event of ``response`` (``[DONE]`` as the string)."""
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    data = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+def test_generate_streams_its_own_events(files):
+    """``/generate`` with ``"stream": true``: ``{"text": piece}`` events as the tokens come, adding up
+    to the completion, then the result ``/generate`` answers unstreamed, then ``[DONE]``; a bad
+    ``stream`` or request is a 400 as ever, before any event."""
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, _ = two_lora_adapters(files)
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8, batch_wait_s=0.0)
+    with TestClient(serving.make_app(generator)) as http:
+        body = {"prompt": PROMPTS[0], "adapter": "a", "max_new_tokens": 8}
+        whole = http.post("/generate", json=body).json()
+        assert http.post("/generate", json={**body, "stream": False}).json() == whole
+        events = sse_events(http.post("/generate", json={**body, "stream": True}))
+        pieces, result, done = events[:-2], events[-2], events[-1]
+        assert done == "[DONE]" and len(pieces) > 2 and all(set(p) == {"text"} for p in pieces)
+        assert "".join(p["text"] for p in pieces) == whole["completion"] and result == whole
+        response = http.post("/generate", json={**body, "stream": "yes"})
+        assert response.status_code == 400 and "'stream' must be true or false" in response.json()["error"]
+        response = http.post("/generate", json={**body, "adapter": "nope", "stream": True})
+        assert response.status_code == 404
 
 
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
