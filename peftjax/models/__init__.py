@@ -26,7 +26,7 @@ from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassificati
 from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gemma4 import Gemma4ForCausalLM
-from peftjax.models._generation import GenerationDefaults, stop_token_ids
+from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._bloom import (
@@ -205,6 +205,7 @@ __all__ = [
     "DistilBertForSequenceClassification",
     "DistilBertForTokenClassification",
     "DistilBertModel",
+    "GenerateOutput",
     "GenerationDefaults",
     "GPT2ForQuestionAnswering",
     "GPT2ForSequenceClassification",

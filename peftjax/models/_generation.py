@@ -5,6 +5,7 @@ rules)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import operator
@@ -120,9 +121,27 @@ def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, e
 def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **warpers) -> jax.Array:
     """The next token of each row: the likeliest, or one drawn after the sampling filters
     (``warpers``: ``min_p``, ``typical_p``, ``epsilon``, ``eta``, as :func:`filter_logits`)."""
+    return choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         **warpers)[0]
+
+
+def choose_scored(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **warpers):
+    """``(token, scores)``: :func:`_choose`'s tokens and the scores they were chosen from (the
+    processed logits, after the sampling filters when sampling), as transformers' ``scores``."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, **warpers)).astype(jnp.int32)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
+    scores = filter_logits(logits, temperature, top_k, top_p, **warpers)
+    token = jax.random.categorical(key, scores).astype(jnp.int32)
+    # the filters cut to float32's lowest (softmax-safe); transformers' warpers to -inf
+    return token, jnp.where(scores == jnp.finfo(scores.dtype).min, -jnp.inf, scores)
+
+
+RECORDS = ("scores", "logits")  # what generate can return of each step, as transformers' output_scores, output_logits
+
+
+def recorded(record: tuple[str, ...], *, scores, logits) -> tuple:
+    """A step's arrays of ``record`` (each ``[rows, vocab]``), in its order."""
+    return tuple({"scores": scores, "logits": logits}[name] for name in record)
 
 
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int,
@@ -150,6 +169,69 @@ def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, t
         **{name: value if sample else None for name, value in (warpers or {}).items()},
         "pad": np.int32(pad),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """What ``generate(..., return_dict_in_generate=True)`` returns, as transformers'
+    ``GenerateDecoderOnlyOutput`` (``GenerateEncoderDecoderOutput``) holds it: ``sequences``
+    (``generate``'s array), and with ``output_scores`` / ``output_logits`` a tuple of one
+    ``[rows, vocab]`` float32 array per generated token: ``scores`` after the logits processors
+    (and the sampling filters, when sampling), ``logits`` before them. Read by attribute or key
+    (``out["sequences"]``)."""
+
+    sequences: np.ndarray
+    scores: tuple[np.ndarray, ...] | None = None
+    logits: tuple[np.ndarray, ...] | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        """The fields set (``None`` ones left out, as transformers' outputs leave them)."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+
+def generation_records(model, output_scores, output_logits, return_dict_in_generate, *, beams: int):
+    """``(record, return a GenerateOutput)``: what the loop records of each step (:data:`RECORDS`)
+    for ``generate``'s ``output_scores`` and ``output_logits`` (unset: the generation config's,
+    else off), which count only with ``return_dict_in_generate``, as in transformers.
+
+    Raises:
+      NotImplementedError: any of them with beam search.
+    """
+    defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
+    asked = {name: bool(defaults.get(name, False) if value is None else value)
+             for name, value in (("output_scores", output_scores), ("output_logits", output_logits),
+                                 ("return_dict_in_generate", return_dict_in_generate))}
+    if beams > 1 and any(asked.values()):
+        raise NotImplementedError(f"{sorted(k for k, v in asked.items() if v)} with beam search (num_beams={beams}) "
+                                  "is not implemented; with num_beams=1 they are")
+    if not asked["return_dict_in_generate"]:
+        return (), False
+    return tuple(r for r in RECORDS if asked[f"output_{r}"]), True
+
+
+def generate_output(sequences: np.ndarray, record: tuple[str, ...], arrays, steps: int, as_dict: bool):
+    """``sequences``, or with ``as_dict`` a :class:`GenerateOutput` of them and the first ``steps``
+    columns of each recorded array (``[rows, max_new_tokens, vocab]``) as per-step arrays."""
+    if not as_dict:
+        return sequences
+    per_step = {name: tuple(np.asarray(a[:, i]) for i in range(steps)) for name, a in zip(record, arrays)}
+    return GenerateOutput(sequences, **per_step)
+
+
+def compute_transition_scores(sequences, scores, beam_indices=None, normalize_logits: bool = False) -> np.ndarray:
+    """Each generated token's score, ``[rows, steps]``, as transformers' ``compute_transition_scores``:
+    the token's entry of ``scores`` (a ``GenerateOutput``'s ``scores`` or ``logits``) at its step,
+    of their log softmax with ``normalize_logits``. Without beams (``beam_indices`` is refused)."""
+    if beam_indices is not None:
+        raise NotImplementedError("beam_indices: peftjax's generate returns no scores with beam search")
+    stacked = np.stack([np.asarray(x, np.float32) for x in scores], axis=1)  # [rows, steps, vocab]
+    if normalize_logits:
+        stacked = np.asarray(jax.nn.log_softmax(jnp.asarray(stacked), axis=-1))
+    tokens = np.asarray(sequences)[:, -stacked.shape[1]:]
+    return np.take_along_axis(stacked, tokens[..., None].astype(np.int64), axis=-1)[..., 0]
 
 
 class GenerationDefaults:
@@ -408,30 +490,38 @@ def continuation_stops(stop: StopStrings | None, stop_table, past: Past, length)
     return stops
 
 
-def decode_until_done(step: Callable, carry, first: int, last: int, tokens, dones, done_of: Callable):
-    """``step(carry, i) -> (carry, (token, done))`` for ``i`` from ``first`` to ``last`` while
-    some row has not ended (``done_of(carry)``), each step's tokens and ended flags written into
-    column ``i`` of ``tokens`` and ``dones`` (``[rows, max_new_tokens]``); the columns of steps
-    not run keep their fill (the pad token, ended). transformers' ``generate`` stops at the step
-    every row has ended at too: a batch whose rows all write EOS (or a stop string) early costs
-    those steps, not ``max_new_tokens``. Returns ``(carry, tokens, dones)``."""
+def decode_until_done(step: Callable, carry, first: int, last: int, outputs: tuple, done_of: Callable):
+    """``step(carry, i) -> (carry, columns)`` for ``i`` from ``first`` to ``last`` while some row
+    has not ended (``done_of(carry)``), each of the step's columns (its tokens, ended flags, then
+    any recorded scores) written into column ``i`` of the matching array of ``outputs``
+    (``[rows, max_new_tokens, ...]``); the columns of steps not run keep their fill (the pad token,
+    ended). transformers' ``generate`` stops at the step every row has ended at too: a batch whose
+    rows all write EOS (or a stop string) early costs those steps, not ``max_new_tokens``. Returns
+    ``(carry, outputs)``."""
 
     def going(state):
-        i, carry, _, _ = state
+        i, carry, _ = state
         return (i < last) & ~jnp.all(done_of(carry))
 
     def body(state):
-        i, carry, tokens, dones = state
-        carry, (token, done) = step(carry, i)
-        return i + 1, carry, tokens.at[:, i].set(token.astype(tokens.dtype)), dones.at[:, i].set(done)
+        i, carry, outputs = state
+        carry, columns = step(carry, i)
+        return i + 1, carry, write_column(outputs, columns, i)
 
-    _, carry, tokens, dones = jax.lax.while_loop(going, body, (jnp.int32(first), carry, tokens, dones))
-    return carry, tokens, dones
+    _, carry, outputs = jax.lax.while_loop(going, body, (jnp.int32(first), carry, tuple(outputs)))
+    return carry, outputs
 
 
-def unrun_outputs(rows: int, max_new_tokens: int, pad):
-    """The fill of :func:`decode_until_done`'s outputs: pad tokens, every row ended."""
-    return jnp.full((rows, max_new_tokens), pad, jnp.int32), jnp.ones((rows, max_new_tokens), bool)
+def write_column(outputs: tuple, columns: tuple, i) -> tuple:
+    """Each of ``columns`` written as column ``i`` of its array of ``outputs``."""
+    return tuple(o.at[:, i].set(c.astype(o.dtype)) for o, c in zip(outputs, columns))
+
+
+def unrun_outputs(rows: int, max_new_tokens: int, pad, record: tuple[str, ...] = (), vocab: int = 0) -> tuple:
+    """The fill of :func:`decode_until_done`'s outputs: pad tokens, every row ended, and for each
+    of ``record`` a ``[rows, max_new_tokens, vocab]`` float32 array."""
+    return (jnp.full((rows, max_new_tokens), pad, jnp.int32), jnp.ones((rows, max_new_tokens), bool),
+            *(jnp.zeros((rows, max_new_tokens, vocab), jnp.float32) for _ in record))
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -460,7 +550,7 @@ def _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rules", "rerun_at", "stop"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "ngram", "rules", "rerun_at", "stop", "record"),
 )
 def _generate(
     graphdef,
@@ -486,30 +576,37 @@ def _generate(
     stop: StopStrings | None = None,
     stop_table=None,
     stream=None,
+    record: tuple[str, ...] = (),
     **warpers,
 ):
+    """``(tokens, ended flags, *record)``: each ``[rows, max_new_tokens]``, the recorded scores
+    ``[rows, max_new_tokens, vocab]`` (``record``: of :data:`RECORDS`)."""
     model = nnx.merge(graphdef, state)
     b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
     out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
-    past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
+    vocab = out.logits.shape[-1]
+    past = prompt_past(input_ids, attention_mask, vocab, max_new_tokens, penalty=penalty, ngram=ngram,
                        rules=rules, keep_tokens=stop is not None)
 
     def choose(logits, done, rng, past, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
-        logits = _constrain(logits.astype(jnp.float32), past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids,
-                            ngram=ngram, prompt=n, rules=rules)
-        token = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        **warpers)
+        raw = logits.astype(jnp.float32)
+        logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=n,
+                            rules=rules)
+        token, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, **warpers)
         token = jnp.where(done, pad, token)
         put_tokens(stream, token)
         past = remember(past, token, n + i)
-        return token, ended(done, token, eos_ids, past, n + i + 1, stop, stop_table), rng, past
+        done = ended(done, token, eos_ids, past, n + i + 1, stop, stop_table)
+        return (token, done, *recorded(record, scores=scores, logits=raw)), rng, past
 
     def step(carry, i):
         logits, cache, key_mask, pos, done, rng, past = carry
-        token, done, rng, past = choose(logits, done, rng, past, i)
+        columns, rng, past = choose(logits, done, rng, past, i)
+        token, done = columns[:2]
         key_mask = key_mask.at[:, s + i].set(1)
         out = model(
             input_ids=token[:, None],
@@ -518,22 +615,22 @@ def _generate(
             cache=cache,
             cache_index=s + i,
         )
-        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past), (token, done)
+        return (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past), columns
 
     carry = (out.logits[:, -1], out.past_key_values, key_mask, positions[:, -1] + 1, jnp.zeros((b,), bool), rng,
              past)
-    tokens, dones = unrun_outputs(b, max_new_tokens, pad)
+    outputs = unrun_outputs(b, max_new_tokens, pad, record, vocab)
     done_of = operator.itemgetter(4)
     if rerun_at is None:
-        _, tokens, dones = decode_until_done(step, carry, 0, max_new_tokens, tokens, dones, done_of)
-        return tokens, dones
+        return decode_until_done(step, carry, 0, max_new_tokens, outputs, done_of)[1]
     # Phi-3's LongRoPE switch: tokens up to `rerun_at` one by one, then the whole sequence so far
     # again from an empty cache (its keys rotated anew), then one by one to the end
-    carry, tokens, dones = decode_until_done(step, carry, 0, rerun_at, tokens, dones, done_of)
+    carry, outputs = decode_until_done(step, carry, 0, rerun_at, outputs, done_of)
     logits, cache, key_mask, pos, done, rng, past = carry
-    token, done, rng, past = choose(logits, done, rng, past, rerun_at)
-    tokens, dones = tokens.at[:, rerun_at].set(token.astype(tokens.dtype)), dones.at[:, rerun_at].set(done)
-    generated = tokens[:, :rerun_at + 1]
+    columns, rng, past = choose(logits, done, rng, past, rerun_at)
+    outputs = write_column(outputs, columns, rerun_at)
+    done = columns[1]
+    generated = outputs[0][:, :rerun_at + 1]
     key_mask = key_mask.at[:, s + rerun_at].set(1)
     whole = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(rerun_at + 1)[None]], axis=1)
     if inputs_embeds is None:
@@ -544,8 +641,7 @@ def _generate(
     out = model(**sequence, attention_mask=key_mask, position_ids=whole, cache=cache, cache_index=0,
                 logits_to_keep=1)
     carry = (out.logits[:, -1], out.past_key_values, key_mask, pos + 1, done, rng, past)
-    _, tokens, dones = decode_until_done(step, carry, rerun_at + 1, max_new_tokens, tokens, dones, done_of)
-    return tokens, dones
+    return decode_until_done(step, carry, rerun_at + 1, max_new_tokens, outputs, done_of)[1]
 
 
 def beam_log_probs(logits, past: Past, i, *, renormalize: bool, sampling=None, min_keep: int = 1,
@@ -703,10 +799,13 @@ class GenerationMixin:
         tokenizer=None,
         stop_strings_in_prompt: bool = True,
         streamer=None,
+        output_scores: bool | None = None,
+        output_logits: bool | None = None,
+        return_dict_in_generate: bool | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
-    ) -> np.ndarray:
+    ) -> np.ndarray | GenerateOutput:
         """Generates continuations of (left-padded) prompts.
 
         The loop is compiled once per prompt shape, ``max_new_tokens`` and kind of decoding (greedy,
@@ -768,6 +867,12 @@ class GenerationMixin:
             have ended) as the compiled loop makes them, then ``end()`` (also when generation
             fails). Not with beam search (refused, as by transformers). The loop compiles once with
             a streamer and serves every streamer.
+          output_scores, output_logits, return_dict_in_generate: with ``return_dict_in_generate``, a
+            :class:`GenerateOutput` in place of the array: ``sequences`` and, as asked, each step's
+            ``scores`` (the processed logits the token was chosen from: after the logits processors,
+            and the sampling filters when sampling) and ``logits`` (before them), as transformers
+            returns them (``model.compute_transition_scores(out.sequences, out.scores)`` reads
+            them). Recording is a static choice of the compiled loop; not with beam search.
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
@@ -832,6 +937,7 @@ class GenerationMixin:
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=True)
         check_streamer(streamer, num_beams=beams)
+        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams)
         graphdef, state = nnx.split(self)
         if beams > 1:
             if rerun_at is not None:
@@ -847,7 +953,7 @@ class GenerationMixin:
         input_ids, mask, inputs_embeds, position_ids = (
             repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds, position_ids))
         with streaming(streamer, input_ids) as stream:
-            tokens, done = _generate(
+            tokens, done, *records = _generate(
                 graphdef,
                 state,
                 input_ids,
@@ -858,9 +964,16 @@ class GenerationMixin:
                 **decoding,
                 rerun_at=rerun_at,
                 stream=stream,
+                record=record,
             )
             n = generated_length(np.asarray(done), max_new_tokens)  # the streamer's last tokens are in
-        return np.concatenate([np.asarray(input_ids), np.asarray(tokens)[:, :n]], axis=1)
+        sequences = np.concatenate([np.asarray(input_ids), np.asarray(tokens)[:, :n]], axis=1)
+        return generate_output(sequences, record, records, n, as_dict)
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+        """Each generated token's score, ``[rows, steps]``, as transformers'
+        (:func:`~peftjax.models._generation.compute_transition_scores`)."""
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
 
     def _generation_rerun_step(self, prefill: int, max_new_tokens: int) -> int | None:
         """The step whose token is fed with the whole sequence so far, from an empty cache.

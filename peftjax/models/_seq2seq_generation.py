@@ -19,16 +19,20 @@ from flax import nnx
 from peftjax.models import _beam_search as beam_search
 from peftjax.models._generation import (
     PROCESSOR_ARGUMENTS,
-    _choose,
     _constrain,
     beam_arguments,
     beam_key,
     beam_log_probs,
+    choose_scored,
+    compute_transition_scores,
     continuation_stops,
     decode_until_done,
     decoding_arguments,
     ended,
+    generate_output,
     generated_length,
+    generation_records,
+    recorded,
     remember,
     reorder_rows,
     repeat_rows,
@@ -62,11 +66,11 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram", "rules", "stop"),
+    static_argnames=("graphdef", "max_new_tokens", "do_sample", "eos", "start", "ngram", "rules", "stop", "record"),
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None, rules=None, stop=None, stop_table=None, stream=None, **warpers):
+              ngram=None, rules=None, stop=None, stop_table=None, stream=None, record=(), **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -81,20 +85,20 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         token, cache, key_mask, done, rng, past = carry
         logits, cache, key_mask = decode(token, cache, key_mask, i)
         rng, key = jax.random.split(rng)
-        logits = logits.astype(jnp.float32)
-        logits = _constrain(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1,
+        raw = logits.astype(jnp.float32)
+        logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1,
                             rules=rules)
-        new = _choose(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, **warpers)
+        new, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
         put_tokens(stream, new)
         past = remember(past, new, 1 + i)
         done = ended(done, new, eos_ids, past, 2 + i, stop, stop_table)
-        return (new, cache, key_mask, done, rng, past), (new, done)
+        return (new, cache, key_mask, done, rng, past), (new, done, *recorded(record, scores=scores, logits=raw))
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
-    tokens, dones = unrun_outputs(b, max_new_tokens, pad)
-    _, tokens, dones = decode_until_done(step, carry, 0, max_new_tokens, tokens, dones, operator.itemgetter(3))
-    return tokens, dones
+    outputs = unrun_outputs(b, max_new_tokens, pad, record, model.config.vocab_size)
+    return decode_until_done(step, carry, 0, max_new_tokens, outputs, operator.itemgetter(3))[1]
 
 
 @functools.partial(
@@ -179,6 +183,9 @@ class Seq2SeqGenerationMixin:
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
         streamer=None,
+        output_scores: bool | None = None,
+        output_logits: bool | None = None,
+        return_dict_in_generate: bool | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -208,6 +215,7 @@ class Seq2SeqGenerationMixin:
           remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
             over the decoder's text).
           streamer: as the causal models' (``put`` first gets each row's decoder start token).
+          output_scores, output_logits, return_dict_in_generate: as the causal models'.
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -255,6 +263,7 @@ class Seq2SeqGenerationMixin:
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=input_ids is not None)
         check_streamer(streamer, num_beams=beams)
+        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams)
         if beams > 1:
             if prefix_kv is not None or encoder_prefix_kv is not None:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
@@ -264,15 +273,21 @@ class Seq2SeqGenerationMixin:
             rng = None if arguments["sampling"] is None else default_key(seed)
             tokens, lengths = _beam_generate(graphdef, state, *rows, None, None, rng, start=int(decoder_start_token_id),
                                              **arguments)
-            tokens, n = np.asarray(tokens), int(np.max(np.asarray(lengths)))
+            tokens, n, records = np.asarray(tokens), int(np.max(np.asarray(lengths))), ()
         else:
             input_ids, mask, inputs_embeds = (repeat_rows(x, returned) for x in (input_ids, mask, inputs_embeds))
             # the streamer's "prompt": each row's decoder start token, as transformers puts it
             with streaming(streamer, np.full((mask.shape[0], 1), decoder_start_token_id)) as stream:
-                tokens, done = _generate(
+                tokens, done, *records = _generate(
                     graphdef, state, input_ids, mask, default_key(seed), inputs_embeds, prefix_kv, encoder_prefix_kv,
-                    start=int(decoder_start_token_id), stream=stream, **decoding,
+                    start=int(decoder_start_token_id), stream=stream, record=record, **decoding,
                 )
                 tokens, n = np.asarray(tokens), generated_length(np.asarray(done), max_new_tokens)
         start = np.full((tokens.shape[0], 1), decoder_start_token_id, tokens.dtype)
-        return np.concatenate([start, tokens[:, :n]], axis=1)
+        sequences = np.concatenate([start, tokens[:, :n]], axis=1)
+        return generate_output(sequences, record, records, n, as_dict)
+
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+        """Each generated token's score, ``[rows, steps]``, as transformers'
+        (:func:`~peftjax.models._generation.compute_transition_scores`)."""
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
