@@ -29,7 +29,7 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
   "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
-  "seed": int, "stream": bool}`` (``adapter`` null or
+  "seed": int, "stream": bool, "logprobs": int}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
@@ -43,7 +43,9 @@ The HTTP interface (JSON in, JSON out):
   returns
   ``{"adapter", "completion", "token_ids", "prompt_tokens", "finish_reason" ("stop" | "length"),
   "batch": {"rows", "adapters"}}`` (cut at a stop string, ``token_ids`` end with the token that
-  completed it). With ``"stream": true`` the answer is server-sent events: ``{"text": piece}`` for
+  completed it; with ``"logprobs": k`` (0 to 20), ``"logprobs"``: each kept token's ``{"token",
+  "token_id", "logprob", "top_logprobs"}``, the ``k`` likeliest tokens' likewise, log probabilities
+  of the model's raw logits). With ``"stream": true`` the answer is server-sent events: ``{"text": piece}`` for
   each piece of the completion as it is generated (the pieces add up to ``"completion"``), then
   the result above, then ``[DONE]`` (a failed batch: ``{"error": message}``). A bad request gets a
   4xx with ``{"error": message}``: 400 for
@@ -81,9 +83,10 @@ from peftjax.tuners.base import BASE
 
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed")
+          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed", "logprobs")
 MAX_STOP_STRINGS = 8
 MAX_BEAMS = 8
+MAX_LOGPROBS = 20  # the likeliest tokens a request may ask for (OpenAI's chat limit): the loop records this many
 
 
 class RequestError(ValueError):
@@ -112,6 +115,7 @@ class Request:
     no_repeat_ngram_size: int | None = None
     stop: tuple[str, ...] = ()
     num_beams: int | None = None
+    logprobs: int | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -265,6 +269,9 @@ class BatchingGenerator:
             defaults = getattr(self.model.base_model, "generation_config", None)
             beams = int(defaults.get("num_beams", 1) or 1) if defaults is not None else 1
         stop = self._stop_strings(body.get("stop"))
+        logprobs = _number(body, "logprobs", int, None, low=0, high=MAX_LOGPROBS)
+        if logprobs is not None and beams > 1:
+            raise RequestError(f"'logprobs' with beam search (num_beams {beams}) is not implemented")
         with self._tokenizer_lock:
             # a chat template writes its own special tokens
             ids = tuple(int(i) for i in self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
@@ -275,7 +282,7 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
-                       stop, beams)
+                       stop, beams, logprobs)
 
     def _stop_strings(self, value) -> tuple[str, ...]:
         """A request's ``stop``: a string or a list of them."""
@@ -372,6 +379,7 @@ class BatchingGenerator:
         streamer = _BatchStreamer(list(streams)) if live and not beams else None
         stop = [list(r.stop) if i in stop_in_loop else None for i, r in enumerate(requests)]
         stop = stop + [stop[-1]] * (rows - n)
+        scored = any(r.logprobs is not None for r in requests)  # one compiled variant: the most a request takes
         out = self.model.generate(
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
@@ -383,7 +391,9 @@ class BatchingGenerator:
             # ended), matched in the new tokens only; the text is cut before the string below
             stop_strings=stop if any(stop) else None,
             tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False, streamer=streamer,
+            **({"return_dict_in_generate": True, "output_logprobs": MAX_LOGPROBS} if scored else {}),
         )
+        scores, out = (out, out.sequences) if scored else (None, out)
         used = sorted({r.adapter for r in requests})
         results, short = [], []
         for i, r in enumerate(requests):
@@ -401,7 +411,22 @@ class BatchingGenerator:
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,
                             "prompt_tokens": len(r.input_ids), "finish_reason": finish,
                             "batch": {"rows": n, "adapters": used}})
+            if r.logprobs is not None:
+                results[-1]["logprobs"] = self._logprobs(scores, i, tokens, r.logprobs)
         return results, short
+
+    def _logprobs(self, scores, row: int, tokens: list[int], top: int) -> list[dict]:
+        """Each of ``tokens`` (``row``'s kept ones): ``{"token", "token_id", "logprob", "top_logprobs"}``
+        (the ``top`` likeliest, each ``{"token", "token_id", "logprob"}``), log probabilities of the
+        model's distribution (its raw logits)."""
+        return [{"token": self.token_text(t), "token_id": t, "logprob": float(scores.logprobs[row, k]),
+                 "top_logprobs": [{"token": self.token_text(int(i)), "token_id": int(i), "logprob": float(lp)}
+                                  for i, lp in zip(scores.top_ids[row, k, :top], scores.top_logprobs[row, k, :top])]}
+                for k, t in enumerate(tokens)]
+
+    def token_text(self, token: int) -> str:
+        """One token's text as the completion decodes it (an unfinished character: U+FFFD)."""
+        return self.decode([token])
 
     def _stopped_in_loop(self, row: np.ndarray, stop: tuple[str, ...]) -> bool:
         """Whether the loop ended ``row`` (a request's new tokens) at one of its stop strings: its
@@ -614,10 +639,11 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
 
 # what an OpenAI client may send: the fields mapped onto a request, those ignored, and those taken
 # only at the value that changes nothing (anything else is refused by name)
-OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options"}
+OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
+                 "top_logprobs"}
 OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-OPENAI_NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, None),
-                  "top_logprobs": (0, None), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+OPENAI_NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0),
+                  "frequency_penalty": (0, 0.0),
                   "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                   "response_format": ({"type": "text"},)}
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default (chat: the server's limit)
@@ -632,8 +658,10 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
     server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
     ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
-    server does not do (several choices, log probabilities, penalties, logit bias, tools, a JSON
-    response format) is refused by name unless at its neutral value. ``stream`` is read by the
+    server does not do (several choices, penalties, logit bias, tools, a JSON response format) is
+    refused by name unless at its neutral value. Log probabilities: completions' ``logprobs`` (0 to
+    5 likeliest tokens beside each chosen one), chat's ``logprobs`` and ``top_logprobs`` (0 to 20);
+    not with ``stream``. ``stream`` is read by the
     route (:func:`openai_chunk`).
 
     Raises:
@@ -661,6 +689,11 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     for name in ("top_p", "stop", "seed"):
         if body.get(name) is not None:
             out[name] = body[name]
+    logprobs = _openai_logprobs(body, chat=chat)
+    if logprobs is not None:
+        if body.get("stream"):
+            raise RequestError("'logprobs' with 'stream' is not implemented; ask for one or the other")
+        out["logprobs"] = logprobs
     if chat:
         out["messages"] = _openai_messages(body.get("messages"))
         given = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -677,6 +710,23 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     out["max_new_tokens"] = _number({name: given}, name, int, min(default, max_new_tokens), low=1,
                                     high=max_new_tokens)
     return out
+
+
+def _openai_logprobs(body: Mapping, *, chat: bool) -> int | None:
+    """How many likeliest tokens an OpenAI body asks for beside each chosen one (``None``: no
+    log probabilities): completions' ``logprobs`` (0 to 5), chat's ``logprobs: true`` with
+    ``top_logprobs`` (0 to 20)."""
+    if not chat:
+        if body.get("top_logprobs") is not None:
+            raise RequestError("'top_logprobs' is for chat completions; completions take 'logprobs': 0 to 5")
+        return _number(body, "logprobs", int, None, low=0, high=5)
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise RequestError(f"'logprobs' must be true or false, got {wanted!r}")
+    top = _number(body, "top_logprobs", int, None, low=0, high=MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise RequestError("'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if wanted else None
 
 
 def _openai_messages(messages) -> list[dict]:
@@ -712,10 +762,32 @@ def openai_response(result: dict, *, chat: bool, model: str) -> dict:
 
 
 def _openai_choice(result: dict, *, chat: bool) -> dict:
-    choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": None}
+    choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": _openai_choice_logprobs(result, chat)}
     if chat:
         return {**choice, "message": {"role": "assistant", "content": result["completion"]}}
     return {**choice, "text": result["completion"]}
+
+
+def _openai_choice_logprobs(result: dict, chat: bool) -> dict | None:
+    """A result's ``logprobs`` in OpenAI's form: chat's ``{"content": [{"token", "logprob",
+    "bytes", "top_logprobs"}]}``, or completions' ``{"tokens", "token_logprobs", "top_logprobs",
+    "text_offset"}`` (offsets into the completion's text)."""
+    entries = result.get("logprobs")
+    if entries is None:
+        return None
+    if chat:
+        def item(e):
+            return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+
+        return {"content": [{**item(e), "top_logprobs": [item(t) for t in e["top_logprobs"]]} for e in entries],
+                "refusal": None}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(min(at, len(result["completion"])))
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def _openai_usage(result: dict) -> dict:
@@ -793,6 +865,8 @@ def make_app(generator: BatchingGenerator):
             elif isinstance(raw, Mapping) and "stream" in raw:
                 body = {k: v for k, v in raw.items() if k != "stream"}
             req = generator.request(body)
+            if stream and req.logprobs is not None:
+                raise RequestError("'logprobs' with 'stream' is not implemented; ask for one or the other")
         except RequestError as e:
             return error(str(e), e.status)
         if stream:

@@ -109,3 +109,27 @@ def test_the_generation_config_s_settings_apply_and_scores_need_a_dict(llama, tm
     assert configured.generate(IDS, MASK, max_new_tokens=3, return_dict_in_generate=False).shape == plain.shape
     with pytest.raises(NotImplementedError, match=r"\['output_scores', 'return_dict_in_generate'\] with beam search"):
         configured.generate(IDS, MASK, max_new_tokens=3, num_beams=2)
+
+
+def test_logprobs_are_the_raw_logits_log_softmax_at_the_chosen_and_likeliest_tokens(llama):
+    """``output_logprobs=K``: the chosen token's log probability and the K likeliest tokens' (ids and
+    log probabilities), under the raw logits, from transformers' logits of the same steps;
+    ``output_logprobs=0``: the chosen one's only."""
+    ours, theirs = llama
+    settings = dict(max_new_tokens=5, eos_token_id=[], repetition_penalty=1.5)  # the scores differ from logits
+    out = ours.generate(IDS, MASK, return_dict_in_generate=True, output_logprobs=3, **settings)
+    expected = hf_dict(theirs, IDS, MASK, do_sample=False, **{**settings, "eos_token_id": None})
+    np.testing.assert_array_equal(out.sequences, expected.sequences.numpy())
+    log_probs = torch.log_softmax(torch.stack(expected.logits, dim=1).float(), dim=-1).numpy()  # [rows, steps, vocab]
+    chosen = out.sequences[:, IDS.shape[1]:]
+    assert out.logprobs.shape == chosen.shape and out.top_ids.shape == (*chosen.shape, 3)
+    np.testing.assert_allclose(out.logprobs, np.take_along_axis(log_probs, chosen[..., None], -1)[..., 0], atol=1e-5)
+    likeliest = np.argsort(-log_probs, axis=-1)[..., :3]
+    np.testing.assert_array_equal(out.top_ids, likeliest)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(log_probs, likeliest, -1), atol=1e-5)
+    assert out.scores is None and out.logits is None
+    only = ours.generate(IDS, MASK, return_dict_in_generate=True, output_logprobs=0, **settings)
+    np.testing.assert_array_equal(only.logprobs, out.logprobs)
+    assert only.top_ids is None and only.keys() == ["sequences", "logprobs"]
+    with pytest.raises(ValueError, match="output_logprobs must be an integer >= 0"):
+        ours.generate(IDS, MASK, return_dict_in_generate=True, output_logprobs=-1, **settings)

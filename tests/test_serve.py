@@ -597,6 +597,66 @@ def test_generate_streams_its_own_events(files):
         assert response.status_code == 404
 
 
+def test_a_request_s_logprobs_are_its_adapter_s_log_probabilities(files):
+    """``"logprobs": k``: each kept token's log probability under its adapter's raw logits and the
+    k likeliest tokens', equal to the adapter alone's (``generate``'s ``output_logits``); a request
+    beside it without them gets none and the same completion; OpenAI's completions and chat give
+    them in OpenAI's forms; with a stream, or malformed, they are refused."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, generator = two_lora_adapters(files)
+    requests = [generator.request({"prompt": PROMPTS[0], "adapter": "a", "max_new_tokens": 6, "logprobs": 3}),
+                generator.request({"prompt": PROMPTS[2], "adapter": "b", "max_new_tokens": 6})]
+    scored, plain = generator.generate(requests)
+    assert "logprobs" not in plain and plain == generator.generate(requests[1:])[0] | {"batch": plain["batch"]}
+    ids = np.asarray([tokenizer(PROMPTS[0])["input_ids"]])
+    model.set_adapter("a")
+    alone = model.generate(ids, max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                           output_logits=True)
+    log_probs = np.asarray(jax.nn.log_softmax(np.stack(alone.logits, axis=1)[0], axis=-1))
+    assert scored["token_ids"] == [int(t) for t in alone.sequences[0, ids.shape[1]:]][:len(scored["token_ids"])]
+    assert len(scored["logprobs"]) == len(scored["token_ids"]) > 0
+    for k, (entry, token) in enumerate(zip(scored["logprobs"], scored["token_ids"])):
+        assert entry["token_id"] == token and entry["token"] == tokenizer.decode([token])
+        np.testing.assert_allclose(entry["logprob"], log_probs[k, token], atol=1e-5)
+        likeliest = np.argsort(-log_probs[k])[:3]
+        assert [t["token_id"] for t in entry["top_logprobs"]] == likeliest.tolist()
+        np.testing.assert_allclose([t["logprob"] for t in entry["top_logprobs"]], log_probs[k, likeliest], atol=1e-5)
+
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8, batch_wait_s=0.0)
+    with TestClient(serving.make_app(generator)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        done = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2)
+        got = done.choices[0].logprobs
+        assert got.tokens == [e["token"] for e in scored["logprobs"]]
+        np.testing.assert_allclose(got.token_logprobs, [e["logprob"] for e in scored["logprobs"]], atol=1e-6)
+        assert [list(d) for d in got.top_logprobs] == [[t["token"] for t in e["top_logprobs"][:2]]
+                                                       for e in scored["logprobs"]]
+        assert got.text_offset[0] == 0 and got.text_offset == sorted(got.text_offset)
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+        chat = client.chat.completions.create(model="a", messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3).choices[0].logprobs.content
+        assert len(chat) == 6 and all(len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode()) for c in chat)
+        assert chat[0].top_logprobs[0].logprob >= chat[0].logprob
+        for call, message in [
+            (lambda: client.completions.create(model="a", prompt="hi", logprobs=2, stream=True),
+             "'logprobs' with 'stream' is not implemented"),
+            (lambda: client.completions.create(model="a", prompt="hi", logprobs=6), "'logprobs' must be between 0 and 5"),
+            (lambda: client.chat.completions.create(model="a", messages=messages, top_logprobs=2),
+             "'top_logprobs' needs 'logprobs': true"),
+        ]:
+            with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+                call()
+        response = http.post("/generate", json={"prompt": "hi", "logprobs": 2, "stream": True})
+        assert response.status_code == 400 and "not implemented" in response.json()["error"]
+        response = http.post("/generate", json={"prompt": "hi", "logprobs": 21})
+        assert response.status_code == 400 and "'logprobs' must be between 0 and 20" in response.json()["error"]
+
+
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
     """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
     (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""

@@ -136,12 +136,46 @@ def choose_scored(logits: jax.Array, key, *, do_sample, temperature, top_k, top_
     return token, jnp.where(scores == jnp.finfo(scores.dtype).min, -jnp.inf, scores)
 
 
-RECORDS = ("scores", "logits")  # what generate can return of each step, as transformers' output_scores, output_logits
+# what generate can record of each step: transformers' output_scores and output_logits (``[rows,
+# vocab]`` each), and peftjax's output_logprobs: the chosen token's log probability (``[rows]``)
+# and, as ``top_logprobs{K}`` and ``top_ids{K}``, the K likeliest tokens' (``[rows, K]``)
+RECORDS = ("scores", "logits")
 
 
-def recorded(record: tuple[str, ...], *, scores, logits) -> tuple:
-    """A step's arrays of ``record`` (each ``[rows, vocab]``), in its order."""
-    return tuple({"scores": scores, "logits": logits}[name] for name in record)
+def logprob_records(top: int) -> tuple[str, ...]:
+    """The records of ``output_logprobs=top``: the chosen token's, and the ``top`` likeliest."""
+    return ("logprobs",) + ((f"top_logprobs{top}", f"top_ids{top}") if top else ())
+
+
+def recorded(record: tuple[str, ...], *, scores, logits, token) -> tuple:
+    """A step's arrays of ``record``, in its order (log probabilities: of the raw ``logits``)."""
+    out = []
+    for name in record:
+        if name in ("scores", "logits"):
+            out.append(scores if name == "scores" else logits)
+            continue
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        if name == "logprobs":
+            out.append(jnp.take_along_axis(log_probs, token[:, None].astype(jnp.int32), axis=-1)[:, 0])
+        else:
+            values, ids = jax.lax.top_k(log_probs, _top_count(name))
+            out.append(values if name.startswith("top_logprobs") else ids)
+    return tuple(out)
+
+
+def record_fill(name: str, rows: int, max_new_tokens: int, vocab: int) -> jax.Array:
+    """The array a record's columns are written into: ``[rows, max_new_tokens, ...]``."""
+    if name in ("scores", "logits"):
+        return jnp.zeros((rows, max_new_tokens, vocab), jnp.float32)
+    if name == "logprobs":
+        return jnp.zeros((rows, max_new_tokens), jnp.float32)
+    k = _top_count(name)
+    return jnp.zeros((rows, max_new_tokens, k), jnp.int32 if name.startswith("top_ids") else jnp.float32)
+
+
+def _top_count(name: str) -> int:
+    """K of ``top_logprobs{K}`` and ``top_ids{K}``."""
+    return int(name[len("top_logprobs"):] if name.startswith("top_logprobs") else name[len("top_ids"):])
 
 
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int,
@@ -177,12 +211,19 @@ class GenerateOutput:
     ``GenerateDecoderOnlyOutput`` (``GenerateEncoderDecoderOutput``) holds it: ``sequences``
     (``generate``'s array), and with ``output_scores`` / ``output_logits`` a tuple of one
     ``[rows, vocab]`` float32 array per generated token: ``scores`` after the logits processors
-    (and the sampling filters, when sampling), ``logits`` before them. Read by attribute or key
-    (``out["sequences"]``)."""
+    (and the sampling filters, when sampling), ``logits`` before them. With ``output_logprobs=K``
+    (peftjax's; transformers has none), arrays of the generated columns: ``logprobs``
+    ``[rows, steps]`` each chosen token's log probability under the raw logits, and for ``K > 0``
+    ``top_logprobs`` and ``top_ids`` ``[rows, steps, K]``, the K likeliest tokens' (a served
+    completion's OpenAI ``logprobs``, without holding ``[rows, steps, vocab]``). Read by attribute
+    or key (``out["sequences"]``)."""
 
     sequences: np.ndarray
     scores: tuple[np.ndarray, ...] | None = None
     logits: tuple[np.ndarray, ...] | None = None
+    logprobs: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -192,24 +233,34 @@ class GenerateOutput:
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
 
-def generation_records(model, output_scores, output_logits, return_dict_in_generate, *, beams: int):
-    """``(record, return a GenerateOutput)``: what the loop records of each step (:data:`RECORDS`)
-    for ``generate``'s ``output_scores`` and ``output_logits`` (unset: the generation config's,
-    else off), which count only with ``return_dict_in_generate``, as in transformers.
+def generation_records(model, output_scores, output_logits, return_dict_in_generate, *, beams: int,
+                       output_logprobs: int | None = None):
+    """``(record, return a GenerateOutput)``: what the loop records of each step (:data:`RECORDS`,
+    :func:`logprob_records`) for ``generate``'s ``output_scores`` and ``output_logits`` (unset: the
+    generation config's, else off) and ``output_logprobs``, which count only with
+    ``return_dict_in_generate``, as in transformers.
 
     Raises:
+      ValueError: ``output_logprobs`` not a non-negative integer.
       NotImplementedError: any of them with beam search.
     """
     defaults = getattr(model, "generation_config", None) or GenerationDefaults({})
     asked = {name: bool(defaults.get(name, False) if value is None else value)
              for name, value in (("output_scores", output_scores), ("output_logits", output_logits),
                                  ("return_dict_in_generate", return_dict_in_generate))}
+    if output_logprobs is not None and (isinstance(output_logprobs, bool) or not isinstance(output_logprobs, int)
+                                        or output_logprobs < 0):
+        raise ValueError(f"output_logprobs must be an integer >= 0 (the likeliest tokens to return beside the chosen "
+                         f"one), got {output_logprobs!r}")
+    if output_logprobs is not None:
+        asked["output_logprobs"] = True
     if beams > 1 and any(asked.values()):
         raise NotImplementedError(f"{sorted(k for k, v in asked.items() if v)} with beam search (num_beams={beams}) "
                                   "is not implemented; with num_beams=1 they are")
     if not asked["return_dict_in_generate"]:
         return (), False
-    return tuple(r for r in RECORDS if asked[f"output_{r}"]), True
+    record = tuple(r for r in RECORDS if asked[f"output_{r}"])
+    return record + (() if output_logprobs is None else logprob_records(output_logprobs)), True
 
 
 def generate_output(sequences: np.ndarray, record: tuple[str, ...], arrays, steps: int, as_dict: bool):
@@ -217,8 +268,15 @@ def generate_output(sequences: np.ndarray, record: tuple[str, ...], arrays, step
     columns of each recorded array (``[rows, max_new_tokens, vocab]``) as per-step arrays."""
     if not as_dict:
         return sequences
-    per_step = {name: tuple(np.asarray(a[:, i]) for i in range(steps)) for name, a in zip(record, arrays)}
-    return GenerateOutput(sequences, **per_step)
+    fields = {}
+    for name, array in zip(record, arrays):
+        array = np.asarray(array)
+        if name in RECORDS:  # transformers' tuples of per-step arrays
+            fields[name] = tuple(array[:, i] for i in range(steps))
+        else:
+            fields["top_ids" if name.startswith("top_ids") else "top_logprobs" if name.startswith("top_") else name] = (
+                array[:, :steps])
+    return GenerateOutput(sequences, **fields)
 
 
 def compute_transition_scores(sequences, scores, beam_indices=None, normalize_logits: bool = False) -> np.ndarray:
@@ -519,9 +577,9 @@ def write_column(outputs: tuple, columns: tuple, i) -> tuple:
 
 def unrun_outputs(rows: int, max_new_tokens: int, pad, record: tuple[str, ...] = (), vocab: int = 0) -> tuple:
     """The fill of :func:`decode_until_done`'s outputs: pad tokens, every row ended, and for each
-    of ``record`` a ``[rows, max_new_tokens, vocab]`` float32 array."""
+    of ``record`` its array (:func:`record_fill`)."""
     return (jnp.full((rows, max_new_tokens), pad, jnp.int32), jnp.ones((rows, max_new_tokens), bool),
-            *(jnp.zeros((rows, max_new_tokens, vocab), jnp.float32) for _ in record))
+            *(record_fill(name, rows, max_new_tokens, vocab) for name in record))
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -601,7 +659,7 @@ def _generate(
         put_tokens(stream, token)
         past = remember(past, token, n + i)
         done = ended(done, token, eos_ids, past, n + i + 1, stop, stop_table)
-        return (token, done, *recorded(record, scores=scores, logits=raw)), rng, past
+        return (token, done, *recorded(record, scores=scores, logits=raw, token=token)), rng, past
 
     def step(carry, i):
         logits, cache, key_mask, pos, done, rng, past = carry
@@ -802,6 +860,7 @@ class GenerationMixin:
         output_scores: bool | None = None,
         output_logits: bool | None = None,
         return_dict_in_generate: bool | None = None,
+        output_logprobs: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
         position_ids=None,
@@ -873,6 +932,10 @@ class GenerationMixin:
             and the sampling filters when sampling) and ``logits`` (before them), as transformers
             returns them (``model.compute_transition_scores(out.sequences, out.scores)`` reads
             them). Recording is a static choice of the compiled loop; not with beam search.
+          output_logprobs: with ``return_dict_in_generate``, each chosen token's log probability
+            (of the raw logits) and the ``output_logprobs`` likeliest tokens' ids and log
+            probabilities, as :class:`GenerateOutput` describes (peftjax's own, for OpenAI's
+            ``logprobs``).
           num_beams: beam search with this many beams (transformers' ``_beam_search``: greedy over
             the summed log probabilities; the logits processors apply to them), or beam sampling
             with ``do_sample`` (the continuations drawn after the sampling filters); 1: greedy or
@@ -937,7 +1000,8 @@ class GenerationMixin:
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=True)
         check_streamer(streamer, num_beams=beams)
-        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams)
+        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams,
+                                             output_logprobs=output_logprobs)
         graphdef, state = nnx.split(self)
         if beams > 1:
             if rerun_at is not None:

@@ -94,7 +94,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         put_tokens(stream, new)
         past = remember(past, new, 1 + i)
         done = ended(done, new, eos_ids, past, 2 + i, stop, stop_table)
-        return (new, cache, key_mask, done, rng, past), (new, done, *recorded(record, scores=scores, logits=raw))
+        return (new, cache, key_mask, done, rng, past), (new, done, *recorded(record, scores=scores, logits=raw, token=new))
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
     outputs = unrun_outputs(b, max_new_tokens, pad, record, model.config.vocab_size)
@@ -186,6 +186,7 @@ class Seq2SeqGenerationMixin:
         output_scores: bool | None = None,
         output_logits: bool | None = None,
         return_dict_in_generate: bool | None = None,
+        output_logprobs: int | None = None,
         decoder_start_token_id: int | None = None,
         seed: int = 0,
         inputs_embeds=None,
@@ -215,7 +216,7 @@ class Seq2SeqGenerationMixin:
           remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
             over the decoder's text).
           streamer: as the causal models' (``put`` first gets each row's decoder start token).
-          output_scores, output_logits, return_dict_in_generate: as the causal models'.
+          output_scores, output_logits, return_dict_in_generate, output_logprobs: as the causal models'.
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
             sequences per input, as the causal models' ``generate`` (the length a beam's score is
             divided by counts its tokens after the start token).
@@ -263,7 +264,8 @@ class Seq2SeqGenerationMixin:
         beams, returned = search["num_beams"], search["num_return_sequences"]
         check_source_rules(decoding["rules"], rows_per_input=max(beams, returned), has_input_ids=input_ids is not None)
         check_streamer(streamer, num_beams=beams)
-        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams)
+        record, as_dict = generation_records(self, output_scores, output_logits, return_dict_in_generate, beams=beams,
+                                             output_logprobs=output_logprobs)
         if beams > 1:
             if prefix_kv is not None or encoder_prefix_kv is not None:
                 raise NotImplementedError("beam search with prefix_kv or encoder_prefix_kv given is not implemented "
