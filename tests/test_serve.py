@@ -645,7 +645,8 @@ def test_a_request_s_logprobs_are_its_adapter_s_log_probabilities(files):
         for call, message in [
             (lambda: client.completions.create(model="a", prompt="hi", logprobs=2, stream=True),
              "'logprobs' with 'stream' is not implemented"),
-            (lambda: client.completions.create(model="a", prompt="hi", logprobs=6), "'logprobs' must be between 0 and 5"),
+            (lambda: client.completions.create(model="a", prompt="hi", logprobs=6),
+             "'logprobs' must be between 0 and 5"),
             (lambda: client.chat.completions.create(model="a", messages=messages, top_logprobs=2),
              "'top_logprobs' needs 'logprobs': true"),
         ]:

@@ -94,7 +94,8 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         put_tokens(stream, new)
         past = remember(past, new, 1 + i)
         done = ended(done, new, eos_ids, past, 2 + i, stop, stop_table)
-        return (new, cache, key_mask, done, rng, past), (new, done, *recorded(record, scores=scores, logits=raw, token=new))
+        columns = (new, done, *recorded(record, scores=scores, logits=raw, token=new))
+        return (new, cache, key_mask, done, rng, past), columns
 
     carry = (first, cache, key_mask, jnp.zeros((b,), bool), rng, past)
     outputs = unrun_outputs(b, max_new_tokens, pad, record, model.config.vocab_size)
