@@ -144,7 +144,8 @@ class BloomModel(LlamaModel):
         masks = super().attention_masks(pos, segment_ids)
         key_mask = jnp.asarray(pos.key_mask, jnp.int32)
         key_positions = ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(jnp.float32)
-        masks[ALIBI] = jnp.asarray(alibi_slopes(self.config.num_attention_heads))[None, :, None] * key_positions[:, None]
+        slopes = jnp.asarray(alibi_slopes(self.config.num_attention_heads))
+        masks[ALIBI] = slopes[None, :, None] * key_positions[:, None]
         return masks
 
 

@@ -115,7 +115,8 @@ class OPTDecoder(LlamaModel):
         self.embed_positions = nnx.Embed(config.max_position_embeddings + POSITION_OFFSET, h, **kw)
         self.project_in = nnx.Linear(w, h, use_bias=False, **kw) if w != h else nnx.data(None)
         self.project_out = nnx.Linear(h, w, use_bias=False, **kw) if w != h else nnx.data(None)
-        if not (getattr(config, "do_layer_norm_before", True) and not getattr(config, "_remove_final_layer_norm", False)):
+        removed = getattr(config, "_remove_final_layer_norm", False)
+        if not getattr(config, "do_layer_norm_before", True) or removed:
             self.final_layer_norm = nnx.data(None)
 
     @staticmethod
@@ -142,8 +143,9 @@ class OPTDecoder(LlamaModel):
         tokens (after a prefix of V entries, from V), where Llama's count slots (packed rows: from 0
         in each sequence)."""
         if position_ids is None and attention_mask is not None and segment_ids is None:
-            position_ids = opt_positions(attention_mask, (input_ids if inputs_embeds is None else inputs_embeds).shape[1],
-                                         cache_index, 0 if prefix_kv is None else jnp.shape(prefix_kv[0][0])[1])
+            seq = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+            position_ids = opt_positions(attention_mask, seq, cache_index,
+                                         0 if prefix_kv is None else jnp.shape(prefix_kv[0][0])[1])
         return super().__call__(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                                 dropout_rng, segment_ids=segment_ids)
 
