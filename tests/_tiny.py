@@ -133,6 +133,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # StarCoder2 in small: LayerNorms, biases, a gate-less GELU MLP, a window on every layer, grouped keys
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4)),
     # BLOOM in small: ALiBi, fused per-head q/k/v, the embeddings' LayerNorm, a tied head
     "bloom": ("BloomConfig", "BloomForCausalLM", dict(
         vocab_size=96, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)),

@@ -87,6 +87,11 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
                                                                    hidden_act="gelu_new", attention_bias=False)),
     # _tiny's learned positions from each row's real tokens, pre-norm layers, a tied head
     "opt-pre-norm": ("opt", tr.OPTForCausalLM, {}),
+    # _tiny's LayerNorms, biases, a gate-less GELU MLP, a window on every layer, grouped keys and values
+    "starcoder2-window": ("starcoder2", tr.Starcoder2ForCausalLM, {}),
+    # without biases, untied, no window
+    "starcoder2-plain": ("starcoder2", tr.Starcoder2ForCausalLM, dict(use_bias=False, tie_word_embeddings=False,
+                                                                      sliding_window=None)),
     # _tiny's ALiBi over four heads, the embeddings' LayerNorm, fused per-head q/k/v
     "bloom-alibi": ("bloom", tr.BloomForCausalLM, {}),
     # each branch added to its normalised input (six heads, past a power of two: test_bloom.py)
@@ -102,7 +107,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
-                                                                   "phi-", "gpt_neox", "opt", "bloom")))
+                                                                   "phi-", "gpt_neox", "opt", "bloom",
+                                                                   "starcoder2")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -248,7 +254,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi", "gpt_neox", "opt", "bloom"])
+                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -256,7 +262,7 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
            "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
-           "bloom": tr.BloomForSequenceClassification}[kind]
+           "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -636,6 +642,8 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("opt", dict(dropout=1.0)),  # both branches' outputs
     ("bloom", dict(attention_dropout=1.0)),
     ("bloom", dict(hidden_dropout=1.0)),  # both branches' outputs
+    ("starcoder2", dict(residual_dropout=1.0)),  # both branches' outputs
+    ("starcoder2", dict(embedding_dropout=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
@@ -753,7 +761,7 @@ def test_logits_to_keep_is_checked(causal):
                                     "seed_oss-biases", "glm4-pairs", "ernie4_5-biases", "cohere-qk-norm",
                                     "cohere2-nope-window", "phi-partial-qk-norm", "gpt_neox-parallel",
                                     "gpt_neox-sequential", "opt-pre-norm", "opt-350m-layout", "bloom-alibi",
-                                    "bloom-post-norm-residual"], indirect=True)
+                                    "bloom-post-norm-residual", "starcoder2-window"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

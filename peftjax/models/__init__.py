@@ -35,6 +35,11 @@ from peftjax.models._bloom import (
     BloomForSequenceClassification,
     BloomForTokenClassification,
 )
+from peftjax.models._starcoder2 import (
+    Starcoder2ForCausalLM,
+    Starcoder2ForSequenceClassification,
+    Starcoder2ForTokenClassification,
+)
 from peftjax.models._opt import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification
 from peftjax.models._gpt_neox import (
     GPTNeoXForCausalLM,
@@ -237,6 +242,9 @@ __all__ = [
     "BloomForSequenceClassification",
     "BloomForTokenClassification",
     "BloomForQuestionAnswering",
+    "Starcoder2ForCausalLM",
+    "Starcoder2ForSequenceClassification",
+    "Starcoder2ForTokenClassification",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

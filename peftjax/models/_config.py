@@ -297,6 +297,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # Starcoder2Config
+    "starcoder2": {
+        "vocab_size": 49152, "hidden_size": 3072, "intermediate_size": 12288, "num_hidden_layers": 30,
+        "num_attention_heads": 24, "num_key_value_heads": 2, "hidden_act": "gelu_pytorch_tanh",
+        "max_position_embeddings": 4096, "initializer_range": 0.018042, "norm_epsilon": 1e-05, "use_cache": True,
+        "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": None, "sliding_window": None,
+        "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0, "use_bias": True,
+        "tie_word_embeddings": True,
+    },
     # BloomConfig (n_layer, n_head: num_hidden_layers and num_attention_heads by ATTRIBUTE_MAPS)
     "bloom": {
         "vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "n_head": 8, "layer_norm_epsilon": 1e-05,

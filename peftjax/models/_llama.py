@@ -49,8 +49,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return False, False, False
     if config.model_type == "phi":  # biases on every projection, always
         return True, True, True
-    if config.model_type == "ernie4_5":  # one flag for every projection
-        bias = bool(getattr(config, "use_bias", False))
+    if config.model_type in ("ernie4_5", "starcoder2"):  # one flag for every projection
+        bias = bool(getattr(config, "use_bias", config.model_type == "starcoder2"))
         return bias, bias, bias
     if config.model_type in ("glm4", "glm4_moe"):  # q/k/v only
         return bool(config.attention_bias), False, False
@@ -72,7 +72,7 @@ def sliding_windows(config) -> list[int | None]:
             raise ValueError(f"layer_types {unknown} are not supported; supported: ['full_attention', "
                              f"'sliding_attention']")
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if config.model_type in ("mistral", "phi3", "mixtral", "qwen3_moe") and window is not None:
+    if config.model_type in ("mistral", "phi3", "mixtral", "qwen3_moe", "starcoder2") and window is not None:
         return [window] * n
     return [None] * n
 
@@ -171,10 +171,14 @@ class LlamaDecoderLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = self.attention_class(config, layer_idx, **kw)
         self.mlp = self.mlp_class(config, **kw)
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
+        self.input_layernorm = self.make_norm(config, **kw)
+        self.post_attention_layernorm = self.make_norm(config, **kw)
         self.resid_dropout_rate = residual_dropout_rate(config)
+
+    @staticmethod
+    def make_norm(config, **kw) -> nnx.Module:
+        """Each branch's norm (StarCoder2's: a LayerNorm)."""
+        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         """``dropout_rng``: the layer's dropout key (training); ``None``: no base-model dropout.
