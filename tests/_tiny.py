@@ -133,6 +133,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # StableLM 2 in small: LayerNorms, RoPE on half of each head, q/k/v biases, a LayerNorm per head of q and k
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5, use_qkv_bias=True, qk_layernorm=True)),
     # StarCoder2 in small: LayerNorms, biases, a gate-less GELU MLP, a window on every layer, grouped keys
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

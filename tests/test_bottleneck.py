@@ -175,6 +175,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "opt": ("self_attn.out_proj", "fc2"),
     "bloom": ("self_attention.dense", "mlp.dense_4h_to_h"),
     "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
+    "stablelm": ("self_attn.o_proj", "mlp.down_proj"),
 }
 
 

@@ -37,7 +37,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2")}
+                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -126,6 +126,11 @@ CASES = {
     ("starcoder2", "lora-all-linear"): BOTH,
     ("starcoder2", "prefix"): BOTH,
     ("starcoder2", "prompt"): BOTH,
+    # StableLM: PEFT's default LoRA targets (q_proj, v_proj; PEFT has no IA3 defaults for it), prefix keys and
+    # values taken as cached ones (no per-head norm, no RoPE), virtual tokens
+    ("stablelm", "lora-default-targets"): BOTH,
+    ("stablelm", "prefix"): BOTH,
+    ("stablelm", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

@@ -87,6 +87,10 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
                                                                    hidden_act="gelu_new", attention_bias=False)),
     # _tiny's learned positions from each row's real tokens, pre-norm layers, a tied head
     "opt-pre-norm": ("opt", tr.OPTForCausalLM, {}),
+    # _tiny's LayerNorms, half-rotary RoPE, q/k/v biases, a LayerNorm per head of q and k
+    "stablelm-qk-norm": ("stablelm", tr.StableLmForCausalLM, {}),
+    # StableLM 2 12B's layout: one norm, attention and MLP side by side
+    "stablelm-parallel": ("stablelm", tr.StableLmForCausalLM, dict(use_parallel_residual=True)),
     # _tiny's LayerNorms, biases, a gate-less GELU MLP, a window on every layer, grouped keys and values
     "starcoder2-window": ("starcoder2", tr.Starcoder2ForCausalLM, {}),
     # without biases, untied, no window
@@ -108,7 +112,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
-                                                                   "starcoder2")))
+                                                                   "starcoder2", "stablelm")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -254,7 +258,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2"])
+                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -262,7 +266,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
            "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
-           "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification}[kind]
+           "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
+           "stablelm": tr.StableLmForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -302,15 +307,19 @@ def test_llama3_rope_frequencies_match_transformers():
     np.testing.assert_allclose(inv_frequencies(cfg, 16), ref.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3"])
-def test_every_weight_is_read_where_transformers_reads_it(family, tmp_path):
+# LayerNorm families too: their biases (transformers starts them at zero), GPT-NeoX's and BLOOM's fused
+# per-head projections, StableLM's norm per head, OPT's narrow embeddings
+@pytest.mark.parametrize("family, overrides", [
+    ("qwen3", {}), ("phi3", {}), ("gpt_neox", {}), ("opt", dict(word_embed_proj_dim=16)), ("bloom", {}),
+    ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True))])
+def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
     torch.manual_seed(0)
-    torch_model = _tiny.arch(family).torch_class(_tiny.config(family, **TINY)).eval()
+    torch_model = _tiny.arch(family).torch_class(_tiny.config(family, **TINY, **overrides)).eval()
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.3 * torch.randn_like(p))
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
     torch_model.save_pretrained(tmp_path)
     ids, mask = padded_batch(TINY["vocab_size"], seq=9)
     valid = mask.astype(bool)
@@ -644,6 +653,8 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("bloom", dict(hidden_dropout=1.0)),  # both branches' outputs
     ("starcoder2", dict(residual_dropout=1.0)),  # both branches' outputs
     ("starcoder2", dict(embedding_dropout=1.0)),
+    ("stablelm", dict(attention_dropout=1.0)),
+    ("stablelm", dict(hidden_dropout=1.0)),  # the MLP's output only
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
@@ -761,7 +772,8 @@ def test_logits_to_keep_is_checked(causal):
                                     "seed_oss-biases", "glm4-pairs", "ernie4_5-biases", "cohere-qk-norm",
                                     "cohere2-nope-window", "phi-partial-qk-norm", "gpt_neox-parallel",
                                     "gpt_neox-sequential", "opt-pre-norm", "opt-350m-layout", "bloom-alibi",
-                                    "bloom-post-norm-residual", "starcoder2-window"], indirect=True)
+                                    "bloom-post-norm-residual", "starcoder2-window", "stablelm-qk-norm",
+                                    "stablelm-parallel"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

@@ -35,7 +35,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
-           "bloom": "BloomConfig", "starcoder2": "Starcoder2Config"}
+           "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -62,7 +62,7 @@ def assert_same_fields(ours, theirs):
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
-                            "phi", "gpt_neox", "starcoder2"):
+                            "phi", "gpt_neox", "starcoder2", "stablelm"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -147,6 +147,8 @@ VARIANTS = [
     ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False, tie_word_embeddings=False, init_std=0.01)),
     ("bloom", dict(n_layer=4, n_head=16, hidden_size=1024, apply_residual_connection_post_layernorm=True)),
     ("starcoder2", dict(sliding_window=4096, use_bias=False, rope_theta=100000.0, num_key_value_heads=4)),
+    ("stablelm", dict(use_parallel_residual=True, qk_layernorm=True, use_qkv_bias=True, num_key_value_heads=8)),
+    ("stablelm", dict(partial_rotary_factor=0.5, rope_theta=100000.0, hidden_dropout=0.1)),
     ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),

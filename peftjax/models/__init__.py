@@ -35,6 +35,11 @@ from peftjax.models._bloom import (
     BloomForSequenceClassification,
     BloomForTokenClassification,
 )
+from peftjax.models._stablelm import (
+    StableLmForCausalLM,
+    StableLmForSequenceClassification,
+    StableLmForTokenClassification,
+)
 from peftjax.models._starcoder2 import (
     Starcoder2ForCausalLM,
     Starcoder2ForSequenceClassification,
@@ -245,6 +250,9 @@ __all__ = [
     "Starcoder2ForCausalLM",
     "Starcoder2ForSequenceClassification",
     "Starcoder2ForTokenClassification",
+    "StableLmForCausalLM",
+    "StableLmForSequenceClassification",
+    "StableLmForTokenClassification",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

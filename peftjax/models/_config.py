@@ -297,6 +297,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # StableLmConfig (RoPE on a quarter of each head unless the file says otherwise)
+    "stablelm": {
+        "vocab_size": 50304, "intermediate_size": 6912, "hidden_size": 2560, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False,
+        "use_qkv_bias": False, "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": 0.0,
+        "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None,
+    },
     # Starcoder2Config
     "starcoder2": {
         "vocab_size": 49152, "hidden_size": 3072, "intermediate_size": 12288, "num_hidden_layers": 30,
@@ -601,7 +609,7 @@ class ModelConfig:
                                 for i in range(self.num_hidden_layers)]
         if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__
             self.word_embed_proj_dim = self.hidden_size
-        if t in ("phi", "gpt_neox"):  # RoPE on half (Phi) or a quarter (GPT-NeoX) of each head unless the file says
+        if t in ("phi", "gpt_neox", "stablelm"):  # RoPE on half (Phi) or a quarter of each head unless the file says
             if self.__dict__.get("partial_rotary_factor") is None and "partial_rotary_factor" not in (
                     self.__dict__.get("rope_parameters") or {}):
                 self.partial_rotary_factor = 0.5 if t == "phi" else 0.25

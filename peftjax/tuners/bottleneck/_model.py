@@ -72,6 +72,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "opt": (r"self_attn\.out_proj", r"fc2"),
     "bloom": (r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
     "starcoder2": (r"self_attn\.o_proj", r"mlp\.c_proj"),
+    "stablelm": (r"self_attn\.o_proj", r"mlp\.down_proj"),
 }
 
 def default_target_modules(model_type: str, adapter_type: str) -> str:
