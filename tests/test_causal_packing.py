@@ -33,7 +33,9 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("gemma2", {}), ("gemma3_text", {}), ("olmo3", {}), ("smollm3", {}),
     ("granite", {}),  # its embedding, attention, residual and logit multipliers
     # parallel blocks: q/k norms, a sliding RoPE layer and a global NoPE one, partial RoPE
-    ("cohere", {}), ("cohere2", {}), ("phi", {}), ("gpt_neox", {}), ("opt", {}), ("bloom", {}), ("starcoder2", {}), ("stablelm", {}),
+    ("cohere", {}), ("cohere2", {}), ("phi", {}), ("gpt_neox", {}),
+    # learned positions (OPT), ALiBi (BLOOM), LayerNorm decoders
+    ("opt", {}), ("bloom", {}), ("starcoder2", {}), ("stablelm", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
     ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its
