@@ -37,7 +37,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm")}
+                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -131,6 +131,11 @@ CASES = {
     ("stablelm", "lora-default-targets"): BOTH,
     ("stablelm", "prefix"): BOTH,
     ("stablelm", "prompt"): BOTH,
+    # GPT-J: PEFT's default targets (LoRA: q_proj, v_proj; IA3: them and fc_out), a biased LM head, pairwise RoPE
+    ("gptj", "lora-default-targets"): BOTH,
+    ("gptj", "ia3-default-targets"): BOTH,
+    ("gptj", "prefix"): BOTH,
+    ("gptj", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

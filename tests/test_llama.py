@@ -87,6 +87,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
                                                                    hidden_act="gelu_new", attention_bias=False)),
     # _tiny's learned positions from each row's real tokens, pre-norm layers, a tied head
     "opt-pre-norm": ("opt", tr.OPTForCausalLM, {}),
+    # _tiny's one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
+    "gptj-pairs": ("gptj", tr.GPTJForCausalLM, {}),
     # _tiny's LayerNorms, half-rotary RoPE, q/k/v biases, a LayerNorm per head of q and k
     "stablelm-qk-norm": ("stablelm", tr.StableLmForCausalLM, {}),
     # StableLM 2 12B's layout: one norm, attention and MLP side by side
@@ -112,7 +114,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
-                                                                   "starcoder2", "stablelm")))
+                                                                   "starcoder2", "stablelm", "gptj")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -258,7 +260,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm"])
+                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -267,7 +269,7 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
-           "stablelm": tr.StableLmForSequenceClassification}[kind]
+           "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -311,7 +313,7 @@ def test_llama3_rope_frequencies_match_transformers():
 # per-head projections, StableLM's norm per head, OPT's narrow embeddings
 @pytest.mark.parametrize("family, overrides", [
     ("qwen3", {}), ("phi3", {}), ("gpt_neox", {}), ("opt", dict(word_embed_proj_dim=16)), ("bloom", {}),
-    ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True))])
+    ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {})])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
@@ -655,6 +657,9 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("starcoder2", dict(embedding_dropout=1.0)),
     ("stablelm", dict(attention_dropout=1.0)),
     ("stablelm", dict(hidden_dropout=1.0)),  # the MLP's output only
+    ("gptj", dict(attn_pdrop=1.0)),
+    ("gptj", dict(resid_pdrop=1.0)),  # both branches' outputs
+    ("gptj", dict(embd_pdrop=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
@@ -773,7 +778,7 @@ def test_logits_to_keep_is_checked(causal):
                                     "cohere2-nope-window", "phi-partial-qk-norm", "gpt_neox-parallel",
                                     "gpt_neox-sequential", "opt-pre-norm", "opt-350m-layout", "bloom-alibi",
                                     "bloom-post-norm-residual", "starcoder2-window", "stablelm-qk-norm",
-                                    "stablelm-parallel"], indirect=True)
+                                    "stablelm-parallel", "gptj-pairs"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

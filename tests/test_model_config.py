@@ -35,7 +35,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
-           "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig"}
+           "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
+           "gptj": "GPTJConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -149,6 +150,8 @@ VARIANTS = [
     ("starcoder2", dict(sliding_window=4096, use_bias=False, rope_theta=100000.0, num_key_value_heads=4)),
     ("stablelm", dict(use_parallel_residual=True, qk_layernorm=True, use_qkv_bias=True, num_key_value_heads=8)),
     ("stablelm", dict(partial_rotary_factor=0.5, rope_theta=100000.0, hidden_dropout=0.1)),
+    ("gptj", dict(n_embd=1024, n_head=8, rotary_dim=32, n_inner=2048, resid_pdrop=0.1)),
+    ("gptj", dict(hidden_size=512, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=1024)),
     ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),

@@ -408,6 +408,10 @@ def test_two_processes_train_like_one_device(report):
         ("transformer.h.0.self_attention.query_key_value.kernel", (32, 96), P(None, "model")),
         ("transformer.h.0.self_attention.dense.kernel", (32, 32), P("model", None)),
         ("transformer.word_embeddings.embedding", (96, 32), P(None, "model")),
+        # GPT-J: fc_in column-parallel, attn.out_proj and fc_out row-parallel
+        ("transformer.h.0.mlp.fc_in.kernel", (32, 128), P(None, "model")),
+        ("transformer.h.0.mlp.fc_out.kernel", (128, 32), P("model", None)),
+        ("transformer.h.0.attn.out_proj.kernel", (32, 32), P("model", None)),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

@@ -35,6 +35,7 @@ from peftjax.models._bloom import (
     BloomForSequenceClassification,
     BloomForTokenClassification,
 )
+from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
     StableLmForSequenceClassification,
@@ -253,6 +254,9 @@ __all__ = [
     "StableLmForCausalLM",
     "StableLmForSequenceClassification",
     "StableLmForTokenClassification",
+    "GPTJForCausalLM",
+    "GPTJForSequenceClassification",
+    "GPTJForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

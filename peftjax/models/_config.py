@@ -297,6 +297,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # GPTJConfig (n_embd, n_layer, n_head, n_positions by ATTRIBUTE_MAPS; RoPE on rotary_dim dims of each head)
+    "gptj": {
+        "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64,
+        "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "use_cache": True, "bos_token_id": 50256,
+        "eos_token_id": 50256, "pad_token_id": None, "tie_word_embeddings": False,
+    },
     # StableLmConfig (RoPE on a quarter of each head unless the file says otherwise)
     "stablelm": {
         "vocab_size": 50304, "intermediate_size": 6912, "hidden_size": 2560, "num_hidden_layers": 32,
@@ -478,6 +485,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
+ATTRIBUTE_MAPS["gptj"] = {**ATTRIBUTE_MAPS["gpt2"]}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -607,6 +615,8 @@ class ModelConfig:
         if t == "olmo3" and self.layer_types is None:  # Olmo3Config: three sliding layers, then a global one
             self.layer_types = ["sliding_attention" if (i + 1) % 4 else "full_attention"
                                 for i in range(self.num_hidden_layers)]
+        if t == "gptj" and self.rotary_dim:  # GPT-J rotates the first rotary_dim dims of each head
+            self.__dict__.setdefault("partial_rotary_factor", self.rotary_dim / (self.n_embd // self.n_head))
         if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__
             self.word_embed_proj_dim = self.hidden_size
         if t in ("phi", "gpt_neox", "stablelm"):  # RoPE on half (Phi) or a quarter of each head unless the file says

@@ -73,6 +73,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "bloom": (r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
     "starcoder2": (r"self_attn\.o_proj", r"mlp\.c_proj"),
     "stablelm": (r"self_attn\.o_proj", r"mlp\.down_proj"),
+    "gptj": (r"attn\.out_proj", r"mlp\.fc_out"),
 }
 
 def default_target_modules(model_type: str, adapter_type: str) -> str:

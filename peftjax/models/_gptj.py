@@ -1,0 +1,156 @@
+"""EleutherAI's GPT-J (``model_type`` ``"gptj"``: GPT-J-6B and the models built on it) in Flax NNX,
+with transformers' module names.
+
+What differs from Llama:
+
+- the decoder is ``transformer``: ``wte`` (then ``embd_pdrop``), blocks ``h``, ``ln_f``; the LM
+  head has a bias;
+- each block normalises its input once (``ln_1``, a LayerNorm) and adds attention and MLP, both
+  of that input, to the residual, each after ``resid_pdrop``'s dropout;
+- the attention's ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` have no biases; RoPE on the
+  first ``rotary_dim`` dims of each head, turning adjacent pairs (``rotate_every_two``, GLM's);
+- the MLP is ``fc_out(gelu_new(fc_in(x)))``, ``n_inner`` wide (4x the hidden size by default).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+from flax import nnx
+
+from peftjax.models._auto import register
+from peftjax.models._dropout import dropout
+from peftjax.models._glm4 import rotate_pairs
+from peftjax.models._llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaModel,
+)
+from peftjax.models._outputs import ModelOutput
+from peftjax.nn._activations import ACTIVATIONS
+from peftjax.nn._dropout import split_keys
+
+
+def _norm(config, **kw) -> nnx.LayerNorm:
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
+
+
+class GPTJAttention(LlamaAttention):
+    out_name: ClassVar[str] = "out_proj"
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.set_layout(config, layer_idx)
+        self.dropout_rate = float(getattr(config, "attn_pdrop", 0.0) or 0.0)
+        h = config.hidden_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = (nnx.Linear(h, h, **kw) for _ in range(3))
+        self.out_proj = nnx.Linear(h, h, **kw)
+
+    def rotate(self, x, cos, sin):
+        return rotate_pairs(x, cos, sin)
+
+
+class GPTJMLP(nnx.Module):
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
+        self.fc_in = nnx.Linear(config.hidden_size, inner, **kw)
+        self.fc_out = nnx.Linear(inner, config.hidden_size, **kw)
+        self.activation = config.activation_function
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"gptj: activation_function {self.activation!r} is not supported; supported: "
+                             f"{sorted(ACTIVATIONS)}")
+
+    def __call__(self, x):
+        return self.fc_out(ACTIVATIONS[self.activation](self.fc_in(x)))
+
+
+class GPTJBlock(nnx.Module):
+    """``ln_1``, then ``attn`` and ``mlp`` side by side on its output, both added to the residual."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ln_1 = _norm(config, **kw)
+        self.attn = GPTJAttention(config, layer_idx, **kw)
+        self.mlp = GPTJMLP(config, **kw)
+        self.dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
+
+    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        """``dropout_rng``: the layer's dropout key (training): ``attn_pdrop`` on the probabilities,
+        ``resid_pdrop`` on each branch's output; ``None``: none."""
+        attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
+        h = self.ln_1(x)
+        a, cache = self.attn(h, cos, sin, masks, cache, cache_index, prefix, attn_key)
+        a = dropout(a, self.dropout_rate, attn_out_key)
+        return x + a + dropout(self.mlp(h), self.dropout_rate, mlp_out_key), cache
+
+
+class GPTJModel(LlamaModel):
+    """GPT-J's decoder: ``wte`` (then ``embd_pdrop``), ``h``, ``ln_f``."""
+
+    layer_class: ClassVar[type[nnx.Module]] = GPTJBlock
+    embed_name: ClassVar[str] = "wte"
+    layers_name: ClassVar[str] = "h"
+    norm_name: ClassVar[str] = "ln_f"
+    make_norm = staticmethod(_norm)
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if not getattr(config, "rotary_dim", None):
+            raise ValueError("gptj: rotary_dim must be set (transformers' GPT-J rotates the first rotary_dim dims of "
+                             "each head; without it, it fails too)")
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def embed_tokens(self) -> nnx.Embed:
+        return self.wte
+
+    @property
+    def layers(self):
+        return self.h
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
+                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
+        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings (also those
+        passed in place of ids) dropped at ``embd_pdrop`` under a dropout key."""
+        embed_key, layers_key = split_keys(dropout_rng, 2)
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(jnp.asarray(input_ids))
+        x = dropout(jnp.asarray(inputs_embeds), float(getattr(self.config, "embd_pdrop", 0.0) or 0.0), embed_key)
+        return super().__call__(None, attention_mask, position_ids, x, cache, cache_index, prefix_kv,
+                                layers_key, segment_ids=segment_ids)
+
+
+class _UnderTransformer:
+    base_model_prefix: ClassVar[str] = "transformer"
+    model_class: ClassVar[type[nnx.Module]] = GPTJModel
+
+    @property
+    def model(self) -> GPTJModel:
+        return self.transformer
+
+
+class GPTJForCausalLM(_UnderTransformer, LlamaForCausalLM):
+    """GPT-J: ``transformer`` and a biased LM head."""
+
+    lm_head_bias: ClassVar[bool] = True
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if getattr(config, "tie_word_embeddings", False):  # the bias would be dropped with a tied head
+            raise ValueError("gptj: tie_word_embeddings=True is not supported (GPT-J's LM head has a bias of its own)")
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class GPTJForSequenceClassification(_UnderTransformer, LlamaForSequenceClassification):
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.(weight|bias)",)
+
+
+class GPTJForQuestionAnswering(_UnderTransformer, LlamaForQuestionAnswering):
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.(weight|bias)",)
+
+
+register(GPTJForCausalLM, model_types=("gptj",), default=True)
+register(GPTJForSequenceClassification)
+register(GPTJForQuestionAnswering)
