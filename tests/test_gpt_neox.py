@@ -1,8 +1,9 @@
 """GPT-NeoX (Pythia) beyond the decoder suites' cases (``test_llama.py``'s variants,
 ``test_family_methods.py``): the Hub's files as Pythia's are written (``rotary_pct`` and
-``rotary_emb_base`` in ``config.json``, the head as ``embed_out``, the old attention buffers), the
-token classifier and question answering against transformers, and LoRA trained here on the fused
-``query_key_value`` read by PEFT."""
+``rotary_emb_base`` in ``config.json``, the head as ``embed_out``, the old attention buffers), task
+models from a causal LM's file, and LoRA trained here on the fused ``query_key_value`` read by
+PEFT (the token classifier and question answering: ``test_token_classification.py``,
+``test_question_answering.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 import torch
 import transformers as tr
 from _tiny import arch
-from _tiny import config as _tiny_config
 from _torch_models import padded_batch, save_tiny, torch_logits
 from safetensors.numpy import load_file, save_file
 
@@ -57,32 +57,6 @@ def test_a_pythia_file_loads_as_transformers_reads_it_and_saves_as_it_writes(tmp
     back = tr.GPTNeoXForCausalLM.from_pretrained(tmp_path / "ours").eval()
     np.testing.assert_allclose(torch_logits(back, input_ids=ids, attention_mask=mask)[valid],
                                torch_logits(theirs, input_ids=ids, attention_mask=mask)[valid], atol=1e-6)
-
-
-@pytest.mark.parametrize("task", ["token", "question"])
-def test_the_token_classifier_and_question_answering_match_transformers(task, tmp_path):
-    cls = {"token": tr.GPTNeoXForTokenClassification, "question": tr.GPTNeoXForQuestionAnswering}[task]
-    theirs = save_tiny(cls, _tiny_config("gpt_neox", num_labels=3, classifier_dropout=0.0), tmp_path)
-    ours = models.from_pretrained(tmp_path)
-    assert type(ours).__name__ == cls.__name__
-    ids, mask = padded_batch(VOCAB, seq=9, left=False)
-    valid = mask.astype(bool)
-    if task == "token":
-        labels = np.where(valid, ids % 3, -100)
-        with torch.no_grad():
-            ref = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-        out = ours(input_ids=ids, attention_mask=mask, labels=labels)
-        np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.numpy()[valid], atol=1e-5)
-        assert abs(float(out.loss) - float(ref.loss)) < 1e-5
-        return
-    starts, ends = np.array([1, 2, 0]), np.array([3, 4, 2])
-    with torch.no_grad():
-        ref = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     start_positions=torch.tensor(starts), end_positions=torch.tensor(ends))
-    out = ours(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends)
-    np.testing.assert_allclose(np.asarray(out.start_logits)[valid], ref.start_logits.numpy()[valid], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.end_logits)[valid], ref.end_logits.numpy()[valid], atol=1e-5)
-    assert abs(float(out.loss) - float(ref.loss)) < 1e-5
 
 
 def test_a_task_model_starts_from_a_causal_checkpoint(tmp_path):
