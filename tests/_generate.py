@@ -28,7 +28,7 @@ class Recorder:
 
     def put(self, value):
         assert self.ends == 0, "put after end()"
-        self.puts.append(np.array(value))
+        self.puts.append(np.array(value.numpy() if hasattr(value, "numpy") else value))  # torch's or NumPy's
 
     def end(self):
         self.ends += 1

@@ -50,6 +50,15 @@ def bnb_config(kind: str):
     return BitsAndBytesConfig(**KINDS[kind], bnb_4bit_compute_dtype=torch.float32)
 
 
+def lora_b_drawn(peft_model):
+    """PEFT's model with its ``lora_B`` drawn from N(0, 0.1) (it starts at zero): the adapter shows."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return peft_model
+
+
 def float32_oracle(model):
     """Keeps bitsandbytes' 4-bit layers on their float32 path (see the module docstring)."""
     for m in model.modules():
@@ -104,10 +113,7 @@ def test_peft_qlora_adapter_loads_here(ckpt, tmp_path, kind):
     base = bnb_model(ckpt, kind)
     peft_model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR,
                                                            task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    lora_b_drawn(peft_model)
     peft_model = float32_oracle(peft_model.eval())
     expected = torch_logits(peft_model)
     peft_model.save_pretrained(tmp_path)
@@ -387,10 +393,7 @@ def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
         peft_model = peft.get_peft_model(bnb_model(gpt2_ckpt, "nf4"), peft.LoraConfig(**config))
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]  # none on bitsandbytes layers
     assert peft_model.peft_config["default"].fan_in_fan_out is True
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    lora_b_drawn(peft_model)
     expected = torch_logits(float32_oracle(peft_model.eval()))
     peft_model.save_pretrained(tmp_path / "peft")
 
@@ -415,10 +418,7 @@ def test_peft_s_int8_notebook_model_opt_moves_both_ways(tmp_path, kind):
     torch.manual_seed(0)
     theirs = peft.get_peft_model(bnb_model(tmp_path / "opt", kind), peft.LoraConfig(r=4, lora_alpha=8,
                                                                                    task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    lora_b_drawn(theirs)
     expected = torch_logits(float32_oracle(theirs.eval()))
     theirs.save_pretrained(tmp_path / "peft")
     base = models.from_pretrained(tmp_path / "opt", quantization_config=ours(kind))

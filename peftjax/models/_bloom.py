@@ -31,18 +31,17 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, token_classifier_dropout
+from peftjax.models._dropout import dropout
 from peftjax.models._llama import (
-    DecoderWithHead,
+    DecoderUnderPrefix,
+    DenseMLP,
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
 from peftjax.models._gpt_neox import GPTNeoXAttention
-from peftjax.models._losses import token_labels_loss
-from peftjax.models._outputs import ModelOutput
-from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
 
 ALIBI = "alibi"  # the key of the layers' ALiBi bias among the decoder's masks
@@ -82,14 +81,18 @@ class BloomAttention(GPTNeoXAttention):
         return {"bias": masks[ALIBI]}
 
 
-class BloomMLP(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense_h_to_4h = nnx.Linear(config.hidden_size, 4 * config.hidden_size, **kw)
-        self.dense_4h_to_h = nnx.Linear(4 * config.hidden_size, config.hidden_size, **kw)
+class BloomMLP(DenseMLP):
+    """``dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))``, four times as wide as the hidden size."""
 
-    def __call__(self, x):
-        return self.dense_4h_to_h(ACTIVATIONS["gelu_pytorch_tanh"](self.dense_h_to_4h(x)))
+    names: ClassVar[tuple[str, str]] = ("dense_h_to_4h", "dense_4h_to_h")
+
+    @staticmethod
+    def width(config) -> int:
+        return 4 * config.hidden_size
+
+    @classmethod
+    def activation_of(cls, config) -> str:
+        return "gelu_pytorch_tanh"  # BloomGelu: the tanh approximation
 
 
 class BloomBlock(nnx.Module):
@@ -125,14 +128,6 @@ class BloomModel(LlamaModel):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.word_embeddings_layernorm = _norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    @property
-    def embed_tokens(self) -> nnx.Embed:
-        return self.word_embeddings
-
-    @property
-    def layers(self):
-        return self.h
-
     @staticmethod
     def make_rotary(config):
         return None
@@ -149,13 +144,9 @@ class BloomModel(LlamaModel):
         return masks
 
 
-class _UnderTransformer:
+class _UnderTransformer(DecoderUnderPrefix):
     base_model_prefix: ClassVar[str] = "transformer"
     model_class: ClassVar[type[nnx.Module]] = BloomModel
-
-    @property
-    def model(self) -> BloomModel:
-        return self.transformer
 
 
 class BloomForCausalLM(_UnderTransformer, LlamaForCausalLM):
@@ -166,27 +157,13 @@ class BloomForSequenceClassification(_UnderTransformer, LlamaForSequenceClassifi
     ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.weight",)
 
 
-class BloomForTokenClassification(_UnderTransformer, DecoderWithHead):
+class BloomForTokenClassification(_UnderTransformer, LlamaForTokenClassification):
     """Token classification: the decoder, dropout (``classifier_dropout``, else ``hidden_dropout``)
     and a biased ``classifier`` on every token."""
 
+    head_name: ClassVar[str] = "classifier"
     optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
     ignored_keys: ClassVar[tuple[str, ...]] = (r"lm_head\.weight",)
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dropout_rate = token_classifier_dropout(self.config)
-        self.classifier = nnx.Linear(self.config.hidden_size, self.config.num_labels, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """``[batch, seq, num_labels]`` logits; ``labels`` (``-100``: not counted) add the mean cross entropy."""
-        base_rng, head_rng = split_keys(dropout_rng, 2)
-        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
-        logits = self.classifier(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
-        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
-                           last_hidden_state=out.last_hidden_state)
 
 
 class BloomForQuestionAnswering(_UnderTransformer, LlamaForQuestionAnswering):

@@ -27,18 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout, token_classifier_dropout
+from peftjax.models._dropout import dropout
 from peftjax.models._llama import (
-    DecoderWithHead,
+    DecoderUnderPrefix,
+    DenseMLP,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
     LlamaModel,
 )
-from peftjax.models._losses import token_labels_loss
-from peftjax.models._outputs import ModelOutput
-from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
 
 # the old checkpoints' buffers (the causal mask, its fill value, RoPE's frequencies)
@@ -69,18 +68,10 @@ class GPTNeoXAttention(LlamaAttention):
         return tuple(jnp.split(qkv, 3, axis=-1))
 
 
-class GPTNeoXMLP(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense_h_to_4h = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.dense_4h_to_h = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
-        self.activation = config.hidden_act
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"gpt_neox: hidden_act {self.activation!r} is not supported; supported: "
-                             f"{sorted(ACTIVATIONS)}")
+class GPTNeoXMLP(DenseMLP):
+    """``dense_4h_to_h(act(dense_h_to_4h(x)))``."""
 
-    def __call__(self, x):
-        return self.dense_4h_to_h(ACTIVATIONS[self.activation](self.dense_h_to_4h(x)))
+    names: ClassVar[tuple[str, str]] = ("dense_h_to_4h", "dense_4h_to_h")
 
 
 def _norm(config, **kw) -> nnx.Module:
@@ -118,34 +109,13 @@ class GPTNeoXModel(LlamaModel):
     layer_class: ClassVar[type[nnx.Module]] = GPTNeoXLayer
     embed_name: ClassVar[str] = "embed_in"
     norm_name: ClassVar[str] = "final_layer_norm"
+    embedding_dropout: ClassVar[str] = "hidden_dropout"
     make_norm = staticmethod(_norm)
 
-    @property
-    def embed_tokens(self) -> nnx.Embed:
-        """The input embeddings (``embed_in``), by Llama's name."""
-        return self.embed_in
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings (also those
-        passed in place of ids) dropped at ``hidden_dropout`` under a dropout key."""
-        embed_key, layers_key = split_keys(dropout_rng, 2)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_in(jnp.asarray(input_ids))
-        x = dropout(jnp.asarray(inputs_embeds), _hidden_dropout(self.config), embed_key)
-        return super().__call__(None, attention_mask, position_ids, x, cache, cache_index, prefix_kv,
-                                layers_key, segment_ids=segment_ids)
-
-
-class _UnderGPTNeoX:
-    """The decoder held under ``gpt_neox``, and read as ``model`` by Llama's code."""
-
+class _UnderGPTNeoX(DecoderUnderPrefix):
     base_model_prefix: ClassVar[str] = "gpt_neox"
     model_class: ClassVar[type[nnx.Module]] = GPTNeoXModel
-
-    @property
-    def model(self) -> GPTNeoXModel:
-        return self.gpt_neox
 
 
 class GPTNeoXForCausalLM(_UnderGPTNeoX, LlamaForCausalLM):
@@ -165,26 +135,12 @@ class GPTNeoXForSequenceClassification(_UnderGPTNeoX, LlamaForSequenceClassifica
     ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"(embed_out|lm_head)\.weight")
 
 
-class GPTNeoXForTokenClassification(_UnderGPTNeoX, DecoderWithHead):
+class GPTNeoXForTokenClassification(_UnderGPTNeoX, LlamaForTokenClassification):
     """Token classification: the decoder, ``classifier_dropout`` and a biased ``classifier`` on every token."""
 
+    head_name: ClassVar[str] = "classifier"
     optional_keys: ClassVar[tuple[str, ...]] = (r"classifier\.(weight|bias)",)
     ignored_keys: ClassVar[tuple[str, ...]] = (*_BUFFERS, r"(embed_out|lm_head)\.weight")
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dropout_rate = token_classifier_dropout(self.config)
-        self.classifier = nnx.Linear(self.config.hidden_size, self.config.num_labels, dtype=dtype,
-                                     param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
-                 prefix_kv=None, dropout_rng=None) -> ModelOutput:
-        """``[batch, seq, num_labels]`` logits; ``labels`` (``-100``: not counted) add the mean cross entropy."""
-        base_rng, head_rng = split_keys(dropout_rng, 2)
-        out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
-        logits = self.classifier(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
-        return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
-                           last_hidden_state=out.last_hidden_state)
 
 
 class GPTNeoXForQuestionAnswering(_UnderGPTNeoX, LlamaForQuestionAnswering):

@@ -16,21 +16,20 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._glm4 import rotate_pairs
 from peftjax.models._llama import (
+    DecoderUnderPrefix,
+    DenseMLP,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaModel,
 )
-from peftjax.models._outputs import ModelOutput
-from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
 
 
@@ -53,19 +52,15 @@ class GPTJAttention(LlamaAttention):
         return rotate_pairs(x, cos, sin)
 
 
-class GPTJMLP(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.fc_in = nnx.Linear(config.hidden_size, inner, **kw)
-        self.fc_out = nnx.Linear(inner, config.hidden_size, **kw)
-        self.activation = config.activation_function
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"gptj: activation_function {self.activation!r} is not supported; supported: "
-                             f"{sorted(ACTIVATIONS)}")
+class GPTJMLP(DenseMLP):
+    """``fc_out(act(fc_in(x)))``, ``n_inner`` wide (four times the hidden size by default)."""
 
-    def __call__(self, x):
-        return self.fc_out(ACTIVATIONS[self.activation](self.fc_in(x)))
+    names: ClassVar[tuple[str, str]] = ("fc_in", "fc_out")
+    activation_field: ClassVar[str] = "activation_function"
+
+    @staticmethod
+    def width(config) -> int:
+        return getattr(config, "n_inner", None) or 4 * config.hidden_size
 
 
 class GPTJBlock(nnx.Module):
@@ -95,6 +90,7 @@ class GPTJModel(LlamaModel):
     embed_name: ClassVar[str] = "wte"
     layers_name: ClassVar[str] = "h"
     norm_name: ClassVar[str] = "ln_f"
+    embedding_dropout: ClassVar[str] = "embd_pdrop"
     make_norm = staticmethod(_norm)
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -103,44 +99,15 @@ class GPTJModel(LlamaModel):
                              "each head; without it, it fails too)")
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    @property
-    def embed_tokens(self) -> nnx.Embed:
-        return self.wte
-
-    @property
-    def layers(self):
-        return self.h
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings (also those
-        passed in place of ids) dropped at ``embd_pdrop`` under a dropout key."""
-        embed_key, layers_key = split_keys(dropout_rng, 2)
-        if inputs_embeds is None:
-            inputs_embeds = self.wte(jnp.asarray(input_ids))
-        x = dropout(jnp.asarray(inputs_embeds), float(getattr(self.config, "embd_pdrop", 0.0) or 0.0), embed_key)
-        return super().__call__(None, attention_mask, position_ids, x, cache, cache_index, prefix_kv,
-                                layers_key, segment_ids=segment_ids)
-
-
-class _UnderTransformer:
+class _UnderTransformer(DecoderUnderPrefix):
     base_model_prefix: ClassVar[str] = "transformer"
     model_class: ClassVar[type[nnx.Module]] = GPTJModel
-
-    @property
-    def model(self) -> GPTJModel:
-        return self.transformer
 
 
 class GPTJForCausalLM(_UnderTransformer, LlamaForCausalLM):
     """GPT-J: ``transformer`` and a biased LM head."""
 
     lm_head_bias: ClassVar[bool] = True
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if getattr(config, "tie_word_embeddings", False):  # the bias would be dropped with a tied head
-            raise ValueError("gptj: tie_word_embeddings=True is not supported (GPT-J's LM head has a bias of its own)")
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class GPTJForSequenceClassification(_UnderTransformer, LlamaForSequenceClassification):

@@ -31,6 +31,7 @@ from peftjax.models._losses import (
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput, kept_positions
 from peftjax.models._rope import apply_rotary, rotary_embedding
+from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._scan import check_remat, make_layers, run_layers
 from peftjax.nn._norm import RMSNorm
 
@@ -161,6 +162,42 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+class DenseMLP(nnx.Module):
+    """``down(act(up(x)))``, no gate: the MLP of the LayerNorm decoders (Phi, GPT-NeoX, BLOOM, GPT-J,
+    StarCoder2), its two layers under the family's ``names``, its width, activation (the config's
+    ``activation_field``) and biases read from the config by the family's rules."""
+
+    names: ClassVar[tuple[str, str]] = ("fc1", "fc2")
+    activation_field: ClassVar[str] = "hidden_act"
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=self.bias(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        width = self.width(config)
+        up, down = self.names
+        setattr(self, up, nnx.Linear(config.hidden_size, width, **kw))
+        setattr(self, down, nnx.Linear(width, config.hidden_size, **kw))
+        self.activation = self.activation_of(config)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"{config.model_type}: {self.activation_field} {self.activation!r} is not supported; "
+                             f"supported: {sorted(ACTIVATIONS)}")
+
+    @staticmethod
+    def width(config) -> int:
+        return config.intermediate_size
+
+    @classmethod
+    def activation_of(cls, config) -> str:
+        return getattr(config, cls.activation_field)
+
+    @staticmethod
+    def bias(config) -> bool:
+        return True
+
+    def __call__(self, x):
+        up, down = self.names
+        return getattr(self, down)(ACTIVATIONS[self.activation](getattr(self, up)(x)))
+
+
 class LlamaDecoderLayer(nnx.Module):
     """Pre-norm attention and MLP; a family that differs only inside them names its own classes."""
 
@@ -254,11 +291,21 @@ class LlamaModel(nnx.Module):
     embed_name: ClassVar[str] = "embed_tokens"  # the input embeddings' attribute (GPT-NeoX's: embed_in)
     layers_name: ClassVar[str] = "layers"  # the layers' attribute (BLOOM's: h)
     norm_name: ClassVar[str] = "norm"  # the final norm's attribute (Phi's: final_layernorm)
+    # the config's field of the embeddings' dropout rate (Phi's embd_pdrop); None: no such dropout
+    # (and the dropout key goes to the layers whole)
+    embedding_dropout: ClassVar[str | None] = None
     # whether the decoder can run packed rows (segment_ids: several sequences end to end, each
     # attending to itself alone, its positions restarting): every layer reads its attention mask
     # and position ids and nothing else of the row (a family whose RoPE or masks depend on more
     # turns it off)
     packs_sequences: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a family naming its embeddings or layers otherwise is read by Llama's names too
+        for llama_name, own in (("embed_tokens", cls.embed_name), ("layers", cls.layers_name)):
+            if own != llama_name and llama_name not in cls.__dict__:
+                setattr(cls, llama_name, property(lambda self, own=own: getattr(self, own)))
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -354,8 +401,15 @@ class LlamaModel(nnx.Module):
         ``segment_ids``: ``[batch, seq]`` packed rows (``Batcher(packing=True)``): a positive id per
         sequence laid end to end, 0 on padding; each token attends causally within its own
         sequence, whose positions start at 0 (``position_ids`` default to that), so each
-        sequence's hidden states are those it has alone. Not with a cache or a prefix.
+        sequence's hidden states are those it has alone. Not with a cache or a prefix. A family with
+        an ``embedding_dropout`` drops from the embeddings (those passed in place of ids too).
         """
+        if self.embedding_dropout is not None:
+            embed_key, dropout_rng = split_keys(dropout_rng, 2)
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
+            rate = float(getattr(self.config, self.embedding_dropout, 0.0) or 0.0)
+            inputs_embeds = dropout(jnp.asarray(inputs_embeds), rate, embed_key)
         segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
                                                                        cache, prefix_kv)
         if inputs_embeds is None:
@@ -384,6 +438,16 @@ class LlamaModel(nnx.Module):
         return ModelOutput(last_hidden_state=self.final_norm(x), past_key_values=new_cache)
 
 
+class DecoderUnderPrefix:
+    """Mixin of a family whose task models keep the decoder under another name than ``model``
+    (``base_model_prefix``: GPT-NeoX's ``gpt_neox``, BLOOM's and GPT-J's ``transformer``), as
+    transformers names it; Llama's code reads it as ``model`` too."""
+
+    @property
+    def model(self):
+        return getattr(self, self.base_model_prefix)
+
+
 class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
     """Causal LM: ``model`` (the decoder) and ``lm_head`` (absent when embeddings are tied)."""
 
@@ -393,6 +457,9 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
     lm_head_bias: ClassVar[bool] = False  # Phi's head has one
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if self.lm_head_bias and getattr(config, "tie_word_embeddings", False):  # a tied head would drop the bias
+            raise ValueError(f"{config.model_type}: tie_word_embeddings=True is not supported ({type(self).__name__}'s "
+                             "LM head has a bias of its own)")
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
         # the decoder, under base_model_prefix (GPT-NeoX's: gpt_neox, which it also reads as ``model``)
@@ -534,13 +601,15 @@ class LlamaForTokenClassification(DecoderWithHead):
     token, as transformers' decoder token classifiers (``GenericForTokenClassification``). Each
     token sees only the tokens before it (the decoder is causal)."""
 
+    head_name: ClassVar[str] = "score"  # the head's attribute (GPT-NeoX's and BLOOM's: classifier)
+
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
         self.dropout_rate = token_classifier_dropout(config)
-        self.score = nnx.Linear(config.hidden_size, config.num_labels,
-                                use_bias=bool(getattr(config, "token_classification_bias", True)), dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+        setattr(self, self.head_name, nnx.Linear(config.hidden_size, config.num_labels,
+                                                 use_bias=bool(getattr(config, "token_classification_bias", True)),
+                                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
     def __call__(
         self,
@@ -556,7 +625,7 @@ class LlamaForTokenClassification(DecoderWithHead):
         ``-100`` where no label counts) add the mean cross entropy over the labelled tokens."""
         base_rng, head_rng = split_keys(dropout_rng, 2)
         out = self.decoder(input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, base_rng)
-        logits = self.score(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
+        logits = getattr(self, self.head_name)(dropout(out.last_hidden_state, self.dropout_rate, head_rng))
         return ModelOutput(logits=logits, loss=token_labels_loss(logits, labels),
                            last_hidden_state=out.last_hidden_state)
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._dropout import dropout
 from peftjax.models._llama import (
+    DenseMLP,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -30,9 +29,6 @@ from peftjax.models._llama import (
     LlamaModel,
     ParallelDecoderLayer,
 )
-from peftjax.models._outputs import ModelOutput
-from peftjax.nn._activations import ACTIVATIONS
-from peftjax.nn._dropout import split_keys
 
 
 class PhiAttention(LlamaAttention):
@@ -53,18 +49,8 @@ class PhiAttention(LlamaAttention):
         return q, k, v
 
 
-class PhiMLP(nnx.Module):
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(config.hidden_size, config.intermediate_size, **kw)
-        self.fc2 = nnx.Linear(config.intermediate_size, config.hidden_size, **kw)
-        self.activation = config.hidden_act
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"phi: hidden_act {self.activation!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-
-    def __call__(self, x):
-        return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
-
+class PhiMLP(DenseMLP):
+    """``fc2(act(fc1(x)))``."""
 
 def _norm(config, **kw) -> nnx.Module:
     return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, **kw)
@@ -84,18 +70,8 @@ class PhiModel(LlamaModel):
 
     layer_class: ClassVar[type[nnx.Module]] = PhiDecoderLayer
     norm_name: ClassVar[str] = "final_layernorm"
+    embedding_dropout: ClassVar[str] = "embd_pdrop"
     make_norm = staticmethod(_norm)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
-        """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings (also those
-        passed in place of ids) dropped at ``embd_pdrop`` under a dropout key."""
-        embed_key, layers_key = split_keys(dropout_rng, 2)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        x = dropout(jnp.asarray(inputs_embeds), float(getattr(self.config, "embd_pdrop", 0.0) or 0.0), embed_key)
-        return super().__call__(None, attention_mask, position_ids, x, cache, cache_index, prefix_kv,
-                                layers_key, segment_ids=segment_ids)
 
 
 class PhiForCausalLM(LlamaForCausalLM):
@@ -103,11 +79,6 @@ class PhiForCausalLM(LlamaForCausalLM):
 
     model_class: ClassVar[type[nnx.Module]] = PhiModel
     lm_head_bias: ClassVar[bool] = True
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if getattr(config, "tie_word_embeddings", False):  # the bias would be dropped with a tied head
-            raise ValueError("phi: tie_word_embeddings=True is not supported (Phi's LM head has a bias of its own)")
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class PhiForSequenceClassification(LlamaForSequenceClassification):
