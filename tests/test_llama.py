@@ -635,6 +635,9 @@ def test_numpy_and_list_inputs(llama_dir):
     ("gpt_neox", dict(num_key_value_heads=2), "num_key_value_heads must be num_attention_heads"),
     ("gpt_neox", dict(hidden_act="swish_unknown"), "hidden_act 'swish_unknown' is not supported"),
     ("opt", dict(layerdrop=0.1), "layerdrop 0.1"),
+    ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings=True is not supported \(PhiForCausalLM's LM head"),
+    ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings=True is not supported \(GPTJForCausalLM's LM"),
+    ("gptj", dict(rotary_dim=None), "rotary_dim must be set"),
     ("opt", dict(activation_function="relu7"), "activation_function 'relu7' is not supported"),
 ])
 def test_unimplemented_options_are_named(family, overrides, named):
