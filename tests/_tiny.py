@@ -133,6 +133,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         pad_token_id=0, qk_layernorm=True, partial_rotary_factor=0.5)),
+    # Falcon-7B in small: multi-query attention, parallel branches on one norm, RoPE, a tied head
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=96, hidden_size=32, ffn_hidden_size=48, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
     # GPT-J in small: one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(
         vocab_size=96, n_embd=32, n_inner=48, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0, bos_token_id=1,

@@ -212,6 +212,7 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_opt.py",  # ~4
     "test_bloom.py",  # ~8
     "test_generation_scores.py",  # ~6
+    "test_falcon.py",  # ~3
     "test_deberta.py",  # ~4
 ]
 

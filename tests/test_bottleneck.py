@@ -177,6 +177,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "starcoder2": ("self_attn.o_proj", "mlp.c_proj"),
     "stablelm": ("self_attn.o_proj", "mlp.down_proj"),
     "gptj": ("attn.out_proj", "mlp.fc_out"),
+    "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
 }
 
 

@@ -37,7 +37,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj")}
+                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -136,6 +136,12 @@ CASES = {
     ("gptj", "ia3-default-targets"): BOTH,
     ("gptj", "prefix"): BOTH,
     ("gptj", "prompt"): BOTH,
+    # Falcon-7B: PEFT's default targets (LoRA: the fused query_key_value; IA3: it and dense_4h_to_h), a prefix of one
+    # key/value head (multi-query)
+    ("falcon", "lora-default-targets"): BOTH,
+    ("falcon", "ia3-default-targets"): BOTH,
+    ("falcon", "prefix"): BOTH,
+    ("falcon", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

@@ -87,6 +87,13 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
                                                                    hidden_act="gelu_new", attention_bias=False)),
     # _tiny's learned positions from each row's real tokens, pre-norm layers, a tied head
     "opt-pre-norm": ("opt", tr.OPTForCausalLM, {}),
+    # _tiny's Falcon-7B: multi-query attention, parallel branches on one norm
+    "falcon-7b": ("falcon", tr.FalconForCausalLM, {}),
+    # Falcon-40B's layout: grouped queries per key/value head, ln_attn and ln_mlp, biases
+    "falcon-40b": ("falcon", tr.FalconForCausalLM, dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
+    # falcon-rw's: ALiBi (bfloat16 slopes over the head size's root), per-head q/k/v, one branch after the other
+    "falcon-rw-alibi": ("falcon", tr.FalconForCausalLM, dict(alibi=True, multi_query=False, parallel_attn=False,
+                                                             bias=True)),
     # _tiny's one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
     "gptj-pairs": ("gptj", tr.GPTJForCausalLM, {}),
     # _tiny's LayerNorms, half-rotary RoPE, q/k/v biases, a LayerNorm per head of q and k
@@ -114,7 +121,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
-                                                                   "starcoder2", "stablelm", "gptj")))
+                                                                   "starcoder2", "stablelm", "gptj", "falcon")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -260,7 +267,8 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj"])
+                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
+                                  "falcon"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -269,7 +277,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
-           "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification}[kind]
+           "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification,
+           "falcon": tr.FalconForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -313,7 +322,9 @@ def test_llama3_rope_frequencies_match_transformers():
 # per-head projections, StableLM's norm per head, OPT's narrow embeddings
 @pytest.mark.parametrize("family, overrides", [
     ("qwen3", {}), ("phi3", {}), ("gpt_neox", {}), ("opt", dict(word_embed_proj_dim=16)), ("bloom", {}),
-    ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {})])
+    ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {}), ("falcon", {}),
+    ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
+    ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False))])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
@@ -663,6 +674,8 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("gptj", dict(attn_pdrop=1.0)),
     ("gptj", dict(resid_pdrop=1.0)),  # both branches' outputs
     ("gptj", dict(embd_pdrop=1.0)),
+    ("falcon", dict(hidden_dropout=1.0)),  # the two parallel branches' sum
+    ("falcon", dict(attention_dropout=1.0, parallel_attn=False, multi_query=False)),  # the attention's output too
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every
@@ -781,7 +794,7 @@ def test_logits_to_keep_is_checked(causal):
                                     "cohere2-nope-window", "phi-partial-qk-norm", "gpt_neox-parallel",
                                     "gpt_neox-sequential", "opt-pre-norm", "opt-350m-layout", "bloom-alibi",
                                     "bloom-post-norm-residual", "starcoder2-window", "stablelm-qk-norm",
-                                    "stablelm-parallel", "gptj-pairs"], indirect=True)
+                                    "stablelm-parallel", "gptj-pairs", "falcon-40b", "falcon-rw-alibi"], indirect=True)
 def test_layers_of_each_kind_scan_together_and_match_torch(causal):
     """OLMo 3's sliding and global layers (a RoPE base each) and SmolLM3's RoPE and NoPE layers,
     stacked in one scan under remat (OLMo 2's and Granite's layers too): the logits, the loss and

@@ -36,7 +36,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
            "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
-           "gptj": "GPTJConfig"}
+           "gptj": "GPTJConfig", "falcon": "FalconConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -63,7 +63,7 @@ def assert_same_fields(ours, theirs):
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
-                            "phi", "gpt_neox", "starcoder2", "stablelm"):
+                            "phi", "gpt_neox", "starcoder2", "stablelm", "falcon"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -152,6 +152,8 @@ VARIANTS = [
     ("stablelm", dict(partial_rotary_factor=0.5, rope_theta=100000.0, hidden_dropout=0.1)),
     ("gptj", dict(n_embd=1024, n_head=8, rotary_dim=32, n_inner=2048, resid_pdrop=0.1)),
     ("gptj", dict(hidden_size=512, num_attention_heads=4, num_hidden_layers=3, max_position_embeddings=1024)),
+    ("falcon", dict(new_decoder_architecture=True, num_kv_heads=8, num_attention_heads=64, hidden_size=1024)),
+    ("falcon", dict(multi_query=False, parallel_attn=False, alibi=True, ffn_hidden_size=3000)),
     ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),

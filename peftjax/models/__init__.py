@@ -35,6 +35,12 @@ from peftjax.models._bloom import (
     BloomForSequenceClassification,
     BloomForTokenClassification,
 )
+from peftjax.models._falcon import (
+    FalconForCausalLM,
+    FalconForQuestionAnswering,
+    FalconForSequenceClassification,
+    FalconForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -257,6 +263,10 @@ __all__ = [
     "GPTJForCausalLM",
     "GPTJForSequenceClassification",
     "GPTJForQuestionAnswering",
+    "FalconForCausalLM",
+    "FalconForSequenceClassification",
+    "FalconForTokenClassification",
+    "FalconForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

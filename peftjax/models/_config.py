@@ -297,6 +297,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False, "qk_layernorm": False,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
     },
+    # FalconConfig (num_key_value_heads and ffn_hidden_size derived, as FalconConfig.__post_init__ derives them)
+    "falcon": {
+        "vocab_size": 65024, "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
+        "num_ln_in_parallel_attn": None, "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "use_cache": True,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "num_kv_heads": None, "alibi": False,
+        "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "bias": False,
+        "max_position_embeddings": 2048, "bos_token_id": 11, "eos_token_id": 11, "pad_token_id": None,
+        "ffn_hidden_size": None, "activation": "gelu", "tie_word_embeddings": True,
+    },
     # GPTJConfig (n_embd, n_layer, n_head, n_positions by ATTRIBUTE_MAPS; RoPE on rotary_dim dims of each head)
     "gptj": {
         "vocab_size": 50400, "n_positions": 2048, "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64,
@@ -617,6 +626,13 @@ class ModelConfig:
                                 for i in range(self.num_hidden_layers)]
         if t == "gptj" and self.rotary_dim:  # GPT-J rotates the first rotary_dim dims of each head
             self.__dict__.setdefault("partial_rotary_factor", self.rotary_dim / (self.n_embd // self.n_head))
+        if t == "falcon":  # FalconConfig.__post_init__
+            if self.num_kv_heads is None:
+                self.num_kv_heads = self.num_attention_heads
+            self.num_key_value_heads = (self.num_kv_heads if self.new_decoder_architecture or not self.multi_query
+                                        else 1)
+            if self.ffn_hidden_size is None:
+                self.ffn_hidden_size = 4 * self.hidden_size
         if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__
             self.word_embed_proj_dim = self.hidden_size
         if t in ("phi", "gpt_neox", "stablelm"):  # RoPE on half (Phi) or a quarter of each head unless the file says
