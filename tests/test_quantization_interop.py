@@ -409,30 +409,38 @@ def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
     assert here.peft_config["default"].fan_in_fan_out is True
 
 
+# PEFT's int8 notebook (OPT in 8 bits, LoRA on PEFT's default q_proj and v_proj), small: the decoder's linears,
+# the tied head not. (Falcon is not here: transformers 5 converts exact nn.Linear modules only, so its FalconLinear
+# layers stay float under a BitsAndBytesConfig, where peftjax quantizes them as asked.)
+NOTEBOOKS = {"opt": (dict(hidden_size=64, ffn_dim=128), 2 * 6)}
+
+
+@pytest.mark.parametrize("family", sorted(NOTEBOOKS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_peft_s_int8_notebook_model_opt_moves_both_ways(tmp_path, kind):
-    """PEFT's int8 notebook (OPT in 8 bits, LoRA on PEFT's default ``q_proj`` and ``v_proj``), small:
-    PEFT's adapter on transformers' quantized OPT gives PEFT's logits here, and one made here gives
-    its logits in PEFT; every linear of the decoder is quantized, the tied head is not."""
-    _tiny.save(_tiny.arch("opt", hidden_size=64, ffn_dim=128), tmp_path / "opt")
+def test_peft_s_notebook_models_move_both_ways(tmp_path, kind, family):
+    """PEFT's adapter (its default targets) on transformers' quantized model gives PEFT's logits here,
+    and one made here gives its logits in PEFT; every linear of the decoder is quantized, the tied
+    head is not."""
+    overrides, quantized = NOTEBOOKS[family]
+    _tiny.save(_tiny.arch(family, **overrides), tmp_path / family)
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(bnb_model(tmp_path / "opt", kind), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                                   task_type="CAUSAL_LM"))
+    theirs = peft.get_peft_model(bnb_model(tmp_path / family, kind), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                                    task_type="CAUSAL_LM"))
     lora_b_drawn(theirs)
     expected = torch_logits(float32_oracle(theirs.eval()))
     theirs.save_pretrained(tmp_path / "peft")
-    base = models.from_pretrained(tmp_path / "opt", quantization_config=ours(kind))
-    assert len(quantized_linears(base)) == 2 * 6 and base.lm_head is None
+    base = models.from_pretrained(tmp_path / family, quantization_config=ours(kind))
+    assert len(quantized_linears(base)) == quantized and base.lm_head is None
     plain = jax_logits(base)
     loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "peft")
     np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL[kind], rtol=0)
     assert np.abs(expected - plain).max() > 20 * TOL[kind]
 
-    here = peftjax.get_peft_model(models.from_pretrained(tmp_path / "opt", quantization_config=ours(kind)),
+    here = peftjax.get_peft_model(models.from_pretrained(tmp_path / family, quantization_config=ours(kind)),
                                   peftjax.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM"))
     here.save_pretrained(tmp_path / "ours")
     mine = jax_logits(here)
-    back = float32_oracle(peft.PeftModel.from_pretrained(bnb_model(tmp_path / "opt", kind), tmp_path / "ours").eval())
+    back = float32_oracle(peft.PeftModel.from_pretrained(bnb_model(tmp_path / family, kind), tmp_path / "ours").eval())
     np.testing.assert_allclose(torch_logits(back), mine, atol=TOL[kind], rtol=0)
 
 
