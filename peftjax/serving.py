@@ -29,7 +29,7 @@ The HTTP interface (JSON in, JSON out):
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
   "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
-  "seed": int, "stream": bool, "logprobs": int}`` (``adapter`` null or
+  "seed": int, "stream": bool, "logprobs": int, "n": int}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
@@ -45,10 +45,11 @@ The HTTP interface (JSON in, JSON out):
   "batch": {"rows", "adapters"}}`` (cut at a stop string, ``token_ids`` end with the token that
   completed it; with ``"logprobs": k`` (0 to 20), ``"logprobs"``: each kept token's ``{"token",
   "token_id", "logprob", "top_logprobs"}``, the ``k`` likeliest tokens' likewise, log probabilities
-  of the model's raw logits). With ``"stream": true`` the answer is server-sent events: ``{"text": piece}`` for
-  each piece of the completion as it is generated (the pieces add up to ``"completion"``), then
-  the result above, then ``[DONE]`` (a failed batch: ``{"error": message}``). A bad request gets a
-  4xx with ``{"error": message}``: 400 for
+  of the model's raw logits; with ``"n"`` (up to 8), that many completions, each a row of the
+  batch, in ``"choices"``, the first also at the top). With ``"stream": true`` the answer is
+  server-sent events: ``{"text": piece}`` for each piece of the completion as it is generated (the
+  pieces add up to ``"completion"``), then the result above, then ``[DONE]`` (a failed batch:
+  ``{"error": message}``). A bad request gets a 4xx with ``{"error": message}``: 400 for
   malformed JSON, a missing or empty prompt, a malformed conversation (or one for a tokenizer
   without a chat template) or a bad value, 404 for an unknown adapter (the message
   lists the loaded ones), 413 for a prompt longer than ``max_prompt_tokens``.
@@ -83,8 +84,9 @@ from peftjax.tuners.base import BASE
 
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed", "logprobs")
+          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed", "logprobs", "n")
 MAX_STOP_STRINGS = 8
+MAX_CHOICES = 8  # completions a request may ask for (each a row of its batch)
 MAX_BEAMS = 8
 MAX_LOGPROBS = 20  # the likeliest tokens a request may ask for (OpenAI's chat limit): the loop records this many
 
@@ -116,6 +118,7 @@ class Request:
     stop: tuple[str, ...] = ()
     num_beams: int | None = None
     logprobs: int | None = None
+    n: int = 1
 
     @property
     def batch_key(self) -> tuple:
@@ -270,6 +273,10 @@ class BatchingGenerator:
             beams = int(defaults.get("num_beams", 1) or 1) if defaults is not None else 1
         stop = self._stop_strings(body.get("stop"))
         logprobs = _number(body, "logprobs", int, None, low=0, high=MAX_LOGPROBS)
+        choices = _number(body, "n", int, 1, low=1, high=MAX_CHOICES)
+        if choices > 1 and beams > 1:
+            raise RequestError(f"'n' {choices} with beam search (num_beams {beams}) is not implemented: a request "
+                               "gets its best beam")
         if logprobs is not None and beams > 1:
             raise RequestError(f"'logprobs' with beam search (num_beams {beams}) is not implemented")
         with self._tokenizer_lock:
@@ -282,7 +289,7 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
-                       stop, beams, logprobs)
+                       stop, beams, logprobs, choices)
 
     def _stop_strings(self, value) -> tuple[str, ...]:
         """A request's ``stop``: a string or a list of them."""
@@ -331,12 +338,31 @@ class BatchingGenerator:
             the start of a stop string, or an unfinished character, is held back until it is not),
             then ``None`` once the completion is whole. The pieces add up to the result's
             ``"completion"``. Called on the thread that runs the loop's callbacks. With beams the
-            text comes whole at the end (the best beam is known only then).
+            text comes whole at the end (the best beam is known only then). Not for a request of
+            several completions.
+
+        Returns:
+          One result a request; a request of ``n`` > 1 completions (``n`` rows of the batch) has
+          them all in ``"choices"`` (each ``{"completion", "token_ids", "finish_reason"}``, and
+          ``"logprobs"`` where asked), the first also at the top.
         """
         if not requests or len({r.batch_key for r in requests}) != 1:
             raise ValueError("generate takes a non-empty list of requests of one batch_key")
         if on_text is not None and len(on_text) != len(requests):
             raise ValueError(f"on_text has {len(on_text)} entries for {len(requests)} requests")
+        if on_text is not None and any(f is not None and r.n > 1 for r, f in zip(requests, on_text)):
+            raise ValueError("on_text streams one completion a request; a request asks for several (n > 1)")
+        if any(r.n > 1 for r in requests):  # each completion a row
+            rows = [dataclasses.replace(r, n=1) for r in requests for _ in range(r.n)]
+            texts = None if on_text is None else [f for r, f in zip(requests, on_text) for _ in range(r.n)]
+            results, at = self.generate(rows, texts), 0
+            grouped = []
+            for r in requests:
+                mine = results[at:at + r.n]
+                at += r.n
+                choices = [{k: v for k, v in x.items() if k not in ("adapter", "prompt_tokens", "batch")} for x in mine]
+                grouped.append({**mine[0], "choices": choices} if r.n > 1 else mine[0])
+            return grouped
         on_text = [None] * len(requests) if on_text is None else list(on_text)
         streams = [None if f is None else _TextStream(r, f, self) for r, f in zip(requests, on_text)]
         results, short = self._generate(requests, stop_in_loop=set(range(len(requests))), streams=streams)
@@ -462,6 +488,8 @@ class BatchingGenerator:
         fails: the future then holds the error)."""
         if self._worker is None or not self._worker.is_alive():
             raise RuntimeError("the generator is not running; call start() first")
+        if on_text is not None and request.n > 1:
+            raise ValueError("on_text streams one completion; this request asks for several (n > 1)")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((request, future, on_text))
         return future
@@ -640,9 +668,9 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
 # what an OpenAI client may send: the fields mapped onto a request, those ignored, and those taken
 # only at the value that changes nothing (anything else is refused by name)
 OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
-                 "top_logprobs"}
+                 "top_logprobs", "n"}
 OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-OPENAI_NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0),
+OPENAI_NEUTRAL = {"best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0),
                   "frequency_penalty": (0, 0.0),
                   "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                   "response_format": ({"type": "text"},)}
@@ -658,11 +686,11 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
     server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
     ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
-    server does not do (several choices, penalties, logit bias, tools, a JSON response format) is
-    refused by name unless at its neutral value. Log probabilities: completions' ``logprobs`` (0 to
-    5 likeliest tokens beside each chosen one), chat's ``logprobs`` and ``top_logprobs`` (0 to 20);
-    not with ``stream``. ``stream`` is read by the
-    route (:func:`openai_chunk`).
+    server does not do (``best_of``, penalties, logit bias, tools, a JSON response format) is
+    refused by name unless at its neutral value; ``n`` asks for several choices (not with
+    ``stream``). Log probabilities: completions' ``logprobs`` (0 to 5 likeliest tokens beside each
+    chosen one), chat's ``logprobs`` and ``top_logprobs`` (0 to 20); not with ``stream``.
+    ``stream`` is read by the route (:func:`openai_chunk`).
 
     Raises:
       RequestError: a malformed body, an unknown field, or one refused as above.
@@ -686,9 +714,11 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     if not isinstance(model, str) or not model:
         raise RequestError(f"'model' must name an adapter (GET /v1/models) or {BASE!r}, got {model!r}")
     out = {"adapter": model, "temperature": _number(body, "temperature", float, 1.0, low=0.0, high=2.0)}
-    for name in ("top_p", "stop", "seed"):
+    for name in ("top_p", "stop", "seed", "n"):
         if body.get(name) is not None:
             out[name] = body[name]
+    if body.get("stream") and body.get("n", 1) != 1:
+        raise RequestError("'n' above 1 with 'stream' is not implemented; ask for one or the other")
     logprobs = _openai_logprobs(body, chat=chat)
     if logprobs is not None:
         if body.get("stream"):
@@ -756,13 +786,16 @@ def openai_head(*, chat: bool, model: str) -> dict:
 
 
 def openai_response(result: dict, *, chat: bool, model: str) -> dict:
-    """A result of :meth:`BatchingGenerator.generate` as OpenAI's (chat) completion object."""
+    """A result of :meth:`BatchingGenerator.generate` as OpenAI's (chat) completion object (a choice
+    for each of its ``"choices"``)."""
+    choices = [_openai_choice(c, chat=chat, index=i) for i, c in enumerate(result.get("choices", [result]))]
     return {**openai_head(chat=chat, model=model), "object": "chat.completion" if chat else "text_completion",
-            "choices": [_openai_choice(result, chat=chat)], "usage": _openai_usage(result)}
+            "choices": choices, "usage": _openai_usage(result)}
 
 
-def _openai_choice(result: dict, *, chat: bool) -> dict:
-    choice = {"index": 0, "finish_reason": result["finish_reason"], "logprobs": _openai_choice_logprobs(result, chat)}
+def _openai_choice(result: dict, *, chat: bool, index: int = 0) -> dict:
+    choice = {"index": index, "finish_reason": result["finish_reason"],
+              "logprobs": _openai_choice_logprobs(result, chat)}
     if chat:
         return {**choice, "message": {"role": "assistant", "content": result["completion"]}}
     return {**choice, "text": result["completion"]}
@@ -791,7 +824,7 @@ def _openai_choice_logprobs(result: dict, chat: bool) -> dict | None:
 
 
 def _openai_usage(result: dict) -> dict:
-    completion = len(result["token_ids"])
+    completion = sum(len(c["token_ids"]) for c in result.get("choices", [result]))
     return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": completion,
             "total_tokens": result["prompt_tokens"] + completion}
 
@@ -867,6 +900,8 @@ def make_app(generator: BatchingGenerator):
             req = generator.request(body)
             if stream and req.logprobs is not None:
                 raise RequestError("'logprobs' with 'stream' is not implemented; ask for one or the other")
+            if stream and req.n > 1:
+                raise RequestError("'n' above 1 with 'stream' is not implemented; ask for one or the other")
         except RequestError as e:
             return error(str(e), e.status)
         if stream:

@@ -347,8 +347,8 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
         for call, error, message in [
             (lambda: client.completions.create(model="b", prompt="hi", stream_options={"include_usage": True}),
              openai.BadRequestError, "'stream_options' is for a streamed request"),
-            (lambda: client.completions.create(model="b", prompt="hi", n=2), openai.BadRequestError,
-             "'n': this server takes only 1, got 2"),
+            (lambda: client.completions.create(model="b", prompt="hi", best_of=2), openai.BadRequestError,
+             "'best_of': this server takes only 1, got 2"),
             (lambda: client.chat.completions.create(model="a", messages=messages, frequency_penalty=0.5),
              openai.BadRequestError, "'frequency_penalty': this server takes only 0, got 0.5"),
             (lambda: client.completions.create(model="b", prompt="hi", max_tokens=9), openai.BadRequestError,
@@ -656,6 +656,45 @@ def test_a_request_s_logprobs_are_its_adapter_s_log_probabilities(files):
         assert response.status_code == 400 and "not implemented" in response.json()["error"]
         response = http.post("/generate", json={"prompt": "hi", "logprobs": 21})
         assert response.status_code == 400 and "'logprobs' must be between 0 and 20" in response.json()["error"]
+
+
+def test_a_request_of_several_completions_gets_them_from_rows_of_its_batch(files):
+    """``"n"``: that many completions, each a row of the batch beside the other requests' rows: sampled,
+    each one of the draws the whole batch makes (the rows of the same request in a single batch give
+    them); greedy, the same completion n times; OpenAI's ``n`` gives them as choices, their tokens
+    counted in the usage; with a stream or beams, refused."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, generator = two_lora_adapters(files)
+    sampled = dict(adapter="a", max_new_tokens=6, temperature=1.0, seed=5)
+    asked = generator.request({"prompt": PROMPTS[0], "n": 3, **sampled})
+    beside = generator.request({"prompt": PROMPTS[2], **sampled})
+    several, alone = generator.generate([asked, beside])
+    rows = generator.generate([generator.request({"prompt": PROMPTS[0], **sampled})] * 3 + [beside])
+    assert [c["token_ids"] for c in several["choices"]] == [r["token_ids"] for r in rows[:3]]
+    assert len({tuple(c["token_ids"]) for c in several["choices"]}) > 1  # the draws differ
+    assert several["completion"] == several["choices"][0]["completion"] and alone["token_ids"] == rows[3]["token_ids"]
+    assert set(several["choices"][0]) == {"completion", "token_ids", "finish_reason"} and "choices" not in alone
+    greedy = generator.generate([generator.request({"prompt": PROMPTS[1], "adapter": "b", "max_new_tokens": 4,
+                                                    "n": 2})])[0]
+    assert greedy["choices"][0] == greedy["choices"][1]
+
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8, batch_wait_s=0.0)
+    with TestClient(serving.make_app(generator)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        done = client.completions.create(model="a", prompt=PROMPTS[0], max_tokens=6, seed=5, n=3)
+        assert [c.index for c in done.choices] == [0, 1, 2]
+        assert [c.text for c in done.choices] == [c["completion"] for c in several["choices"]]
+        assert done.usage.completion_tokens == sum(len(c["token_ids"]) for c in several["choices"])
+        with pytest.raises(openai.BadRequestError, match="'n' above 1 with 'stream' is not implemented"):
+            list(client.completions.create(model="a", prompt="hi", n=2, stream=True))
+        response = http.post("/generate", json={"prompt": "hi", "n": 2, "num_beams": 2})
+        assert response.status_code == 400 and "with beam search" in response.json()["error"]
+        response = http.post("/generate", json={"prompt": "hi", "n": 9})
+        assert response.status_code == 400 and "'n' must be between 1 and 8" in response.json()["error"]
 
 
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
