@@ -417,7 +417,8 @@ class BatchingGenerator:
             # ended), matched in the new tokens only; the text is cut before the string below
             stop_strings=stop if any(stop) else None,
             tokenizer=self._stop_tokenizer, stop_strings_in_prompt=False, streamer=streamer,
-            **({"return_dict_in_generate": True, "output_logprobs": MAX_LOGPROBS} if scored else {}),
+            # the array, whatever the checkpoint's generation_config.json asks for, unless scored
+            return_dict_in_generate=scored, **({"output_logprobs": MAX_LOGPROBS} if scored else {}),
         )
         scores, out = (out, out.sequences) if scored else (None, out)
         used = sorted({r.adapter for r in requests})

@@ -697,6 +697,34 @@ def test_a_request_of_several_completions_gets_them_from_rows_of_its_batch(files
         assert response.status_code == 400 and "'n' must be between 1 and 8" in response.json()["error"]
 
 
+def test_a_checkpoint_asking_generate_for_a_dict_serves_and_generates_as_ever(files, tmp_path, capsys):
+    """A ``generation_config.json`` with ``return_dict_in_generate`` and ``output_scores`` makes
+    ``generate`` return a ``GenerateOutput`` (as transformers'); the server and ``peftjax generate``
+    ask for the array, so they answer as for any checkpoint."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+    from peftjax.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(files / "base", base)
+    (base / "generation_config.json").write_text(json.dumps({"return_dict_in_generate": True, "output_scores": True}))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = peftjax.AutoPeftModel.from_pretrained(files / "a", base, adapter_name="a")
+    assert hasattr(model.generate(np.asarray([[5, 6, 7]]), max_new_tokens=2), "scores")
+    body = {"prompt": PROMPTS[0], "adapter": "a", "max_new_tokens": 4}
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=8)
+    served = generator.generate([generator.request(body)])[0]
+    plain = two_lora_adapters(files)[2]
+    assert served["token_ids"] == plain.generate([plain.request(body)])[0]["token_ids"]
+    capsys.readouterr()
+    assert main(["generate", str(base), "--adapter", str(files / "a"), "--text", PROMPTS[0],
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["completion"] == served["completion"]
+
+
 def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files):
     """``"num_beams"``: a request gets its adapter's best beam alone, for the length it asked for
     (a beam search's best sequence depends on it); requests of other beams or lengths batch apart."""

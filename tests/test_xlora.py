@@ -112,6 +112,9 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
         theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
                         max_new_tokens=4, do_sample=False, pad_token_id=0, streamer=theirs_streamed)
     streamed.assert_same(theirs_streamed)
+    # settings left off (what peftjax generate passes) are no requests the uncached loop refuses
+    np.testing.assert_array_equal(model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0,
+                                                 stop_strings=None, return_dict_in_generate=False), greedy)
     # the repetition penalty (from each row's first real token) and min_new_tokens, in the uncached loop
     stop = int(greedy[0, 6])
     with torch.no_grad(), warnings.catch_warnings():

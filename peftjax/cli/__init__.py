@@ -169,7 +169,7 @@ def _generate(args) -> int:
                          length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                          min_p=args.min_p, typical_p=args.typical_p,
                          bad_words_ids=_bad_words(tokenizer, args.bad_words), stop_strings=args.stop,
-                         tokenizer=tokenizer if args.stop else None, streamer=streamer,
+                         tokenizer=tokenizer if args.stop else None, streamer=streamer, return_dict_in_generate=False,
                          **task_inputs(model, args.task_id, len(texts)))
     if streamer is not None:  # printed
         return 0

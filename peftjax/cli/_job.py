@@ -656,7 +656,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         batch = tokenizer(texts[:2], return_tensors="np", padding=True, truncation=True,
                           max_length=options["max_length"])
         out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
-                                **task_inputs_of(reloaded, rows=len(texts[:2])))
+                                return_dict_in_generate=False, **task_inputs_of(reloaded, rows=len(texts[:2])))
         for text, row in zip(texts, out):
             print(f"  {text!r} -> {tokenizer.decode(row, skip_special_tokens=True)!r}")
     elif texts:
@@ -666,7 +666,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         batch = tokenizer(prompts, return_tensors="np", padding=True, padding_side="left",
                           add_special_tokens=specials)
         out = reloaded.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
-                                pad_token_id=tokenizer.pad_token_id, **task_inputs_of(reloaded, rows=len(texts[:2])))
+                                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=False,
+                                **task_inputs_of(reloaded, rows=len(texts[:2])))
         for text, row in zip(texts, out):
             print(f"  {text!r} -> {tokenizer.decode(row[batch['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
     figures["seconds"] = time.perf_counter() - start

@@ -35,6 +35,8 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     # one beam and one sequence may be asked for (over a generation config's); more is refused below
     one = {k: kwargs.pop(k) for k in ("num_beams", "num_return_sequences") if k in kwargs and kwargs[k] in (1, None)}
     processors = {k: kwargs.pop(k) for k in (*RULES, *WARPERS) if k in kwargs}
+    # settings left at what turns them off (a caller's stop_strings=None, return_dict_in_generate=False)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None and v is not False}
     if do_sample or kwargs:
         asked = ["do_sample=True"] * bool(do_sample) + sorted(kwargs)
         raise NotImplementedError(f"{method}'s generate decodes greedily; {asked} are not supported")
