@@ -153,6 +153,16 @@ def test_generate_vs_hf_runs_on_a_tiny_model(own_llama):
                                        "torch_f32_gflops"))
 
 
+def test_serve_stream_runs_on_a_tiny_model():
+    """A streamed completion over HTTP gives a text event a token, the first before the last."""
+    pytest.importorskip("uvicorn")
+    out = _run("serve_stream.py", "--hidden", "32", "--layers", "2", "--intermediate", "48", "--new", "8",
+               "--trials", "2", "--matmul-size", "256", whole=True)
+    assert "text events a streamed completion" in out and out.splitlines()[-2].split()[-1] == "8"
+    fields = {k: float(v) for k, v in (f.split("=") for f in out.strip().splitlines()[-1].split())}
+    assert 0 < fields["first_event_s"] <= fields["last_event_s"] and fields["whole_s"] > 0, fields
+
+
 def test_evaluate_lm_runs_on_a_tiny_model(own_llama):
     pytest.importorskip("torch")
     out = _run("evaluate_lm.py", "--model", own_llama, "--rows", "4", "--seq", "16", "--batch", "2",
