@@ -65,14 +65,8 @@ def _norm(config, **kw) -> nnx.LayerNorm:
 
 
 class BloomAttention(GPTNeoXAttention):
-    """GPT-NeoX's fused per-head ``query_key_value`` and ``dense`` (always biased), with ALiBi for RoPE."""
-
-    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.set_layout(config, layer_idx)
-        h = config.hidden_size
-        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query_key_value = nnx.Linear(h, 3 * h, **kw)
-        self.dense = nnx.Linear(h, h, **kw)
+    """GPT-NeoX's fused per-head ``query_key_value`` and ``dense`` (biased: BLOOM's config has no
+    ``attention_bias``, which GPT-NeoX's defaults to true), with ALiBi for RoPE."""
 
     def encode_positions(self, q, k, cos, sin, masks):
         return q, k

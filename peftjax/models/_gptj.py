@@ -41,12 +41,8 @@ class GPTJAttention(LlamaAttention):
     out_name: ClassVar[str] = "out_proj"
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.set_layout(config, layer_idx)
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # no biases: no flag
         self.dropout_rate = float(getattr(config, "attn_pdrop", 0.0) or 0.0)
-        h = config.hidden_size
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj, self.k_proj, self.v_proj = (nnx.Linear(h, h, **kw) for _ in range(3))
-        self.out_proj = nnx.Linear(h, h, **kw)
 
     def rotate(self, x, cos, sin):
         return rotate_pairs(x, cos, sin)

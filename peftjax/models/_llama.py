@@ -53,6 +53,11 @@ def _biases(config) -> tuple[bool, bool, bool]:
     if config.model_type in ("ernie4_5", "starcoder2"):  # one flag for every projection
         bias = bool(getattr(config, "use_bias", config.model_type == "starcoder2"))
         return bias, bias, bias
+    if config.model_type == "opt":  # one flag for every projection, the MLP's too
+        bias = bool(getattr(config, "enable_bias", True))
+        return bias, bias, bias
+    if config.model_type == "stablelm":  # q/k/v only, by their flag
+        return bool(getattr(config, "use_qkv_bias", False)), False, False
     if config.model_type in ("glm4", "glm4_moe"):  # q/k/v only
         return bool(config.attention_bias), False, False
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
@@ -467,8 +472,13 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nnx.data(None)
         if not self.tied:
-            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=self.lm_head_bias, dtype=dtype,
+            self.lm_head = nnx.Linear(self.head_width(config), config.vocab_size, use_bias=self.lm_head_bias, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
+
+    @staticmethod
+    def head_width(config) -> int:
+        """The width of the decoder's output the head reads (OPT's: ``word_embed_proj_dim``)."""
+        return config.hidden_size
 
     def _tied(self, key: str) -> bool:
         return self.tied and key == "lm_head.weight"
@@ -533,6 +543,8 @@ class DecoderWithHead(PreTrainedModel):
         setattr(self, self.base_model_prefix, self.model_class(self.config, dtype=dtype, param_dtype=param_dtype,
                                                                rngs=rngs))
 
+    head_width = staticmethod(LlamaForCausalLM.head_width)  # the task head reads the same width
+
     def decoder(self, input_ids, attention_mask, position_ids, inputs_embeds, prefix_kv, dropout_rng,
                 segment_ids=None) -> ModelOutput:
         return getattr(self, self.base_model_prefix)(input_ids, attention_mask, position_ids, inputs_embeds,
@@ -560,7 +572,7 @@ class LlamaForSequenceClassification(DecoderWithHead):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
         self.score = nnx.Linear(
-            config.hidden_size, config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            self.head_width(config), config.num_labels, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
     def __call__(
@@ -607,7 +619,7 @@ class LlamaForTokenClassification(DecoderWithHead):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         config = self.config
         self.dropout_rate = token_classifier_dropout(config)
-        setattr(self, self.head_name, nnx.Linear(config.hidden_size, config.num_labels,
+        setattr(self, self.head_name, nnx.Linear(self.head_width(config), config.num_labels,
                                                  use_bias=bool(getattr(config, "token_classification_bias", True)),
                                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs))
 
@@ -648,7 +660,8 @@ class LlamaForQuestionAnswering(DecoderWithHead):
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qa_outputs = nnx.Linear(self.config.hidden_size, 2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qa_outputs = nnx.Linear(self.head_width(self.config), 2, dtype=dtype, param_dtype=param_dtype,
+                                     rngs=rngs)
 
     def __call__(
         self,

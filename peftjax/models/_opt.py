@@ -59,13 +59,6 @@ class OPTAttention(LlamaAttention):
 
     out_name: ClassVar[str] = "out_proj"
 
-    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.set_layout(config, layer_idx)
-        h = config.hidden_size
-        kw = dict(use_bias=bool(getattr(config, "enable_bias", True)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj, self.k_proj, self.v_proj = (nnx.Linear(h, h, **kw) for _ in range(3))
-        self.out_proj = nnx.Linear(h, h, **kw)
-
     def encode_positions(self, q, k, cos, sin, masks):
         return q, k  # the positions are in the layers' input
 
@@ -183,35 +176,26 @@ class OPTModel(nnx.Module):
                             dropout_rng, segment_ids=segment_ids)
 
 
-class OPTForCausalLM(LlamaForCausalLM):
+class _OPTHeads:
+    """OPT's heads read ``word_embed_proj_dim`` (the decoder's output after ``project_out``)."""
+
+    model_class: ClassVar[type[nnx.Module]] = OPTModel
+
+    @staticmethod
+    def head_width(config) -> int:
+        return config.word_embed_proj_dim
+
+
+class OPTForCausalLM(_OPTHeads, LlamaForCausalLM):
     """OPT: ``model.decoder`` and the LM head (tied to ``embed_tokens`` by default)."""
 
-    model_class: ClassVar[type[nnx.Module]] = OPTModel
 
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if self.lm_head is not None:  # untied: from the projected width
-            self.lm_head = nnx.Linear(self.config.word_embed_proj_dim, self.config.vocab_size, use_bias=False,
-                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+class OPTForSequenceClassification(_OPTHeads, LlamaForSequenceClassification):
+    pass
 
 
-class OPTForSequenceClassification(LlamaForSequenceClassification):
-    model_class: ClassVar[type[nnx.Module]] = OPTModel
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.score = nnx.Linear(self.config.word_embed_proj_dim, self.config.num_labels, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
-
-
-class OPTForQuestionAnswering(LlamaForQuestionAnswering):
+class OPTForQuestionAnswering(_OPTHeads, LlamaForQuestionAnswering):
     base_model_prefix: ClassVar[str] = "model"
-    model_class: ClassVar[type[nnx.Module]] = OPTModel
-
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.qa_outputs = nnx.Linear(self.config.word_embed_proj_dim, 2, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
 
 
 register(OPTForCausalLM, model_types=("opt",), default=True)

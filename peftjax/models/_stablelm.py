@@ -58,14 +58,8 @@ class LayerNormPerHead(nnx.Module):
 
 class StableLmAttention(LlamaAttention):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.set_layout(config, layer_idx)
-        h, d = config.hidden_size, self.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        bias = bool(getattr(config, "use_qkv_bias", False))
-        self.q_proj = nnx.Linear(h, self.num_heads * d, use_bias=bias, **kw)
-        self.k_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=bias, **kw)
-        self.v_proj = nnx.Linear(h, self.num_kv_heads * d, use_bias=bias, **kw)
-        self.o_proj = nnx.Linear(self.num_heads * d, h, use_bias=False, **kw)
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # q/k/v biases by flag
+        d, kw = self.head_dim, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_layernorm = self.k_layernorm = nnx.data(None)
         if getattr(config, "qk_layernorm", False):
             self.q_layernorm = LayerNormPerHead(d, self.num_heads, eps=config.layer_norm_eps, **kw)
