@@ -118,16 +118,11 @@ def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, e
     return logits
 
 
-def _choose(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **warpers) -> jax.Array:
-    """The next token of each row: the likeliest, or one drawn after the sampling filters
-    (``warpers``: ``min_p``, ``typical_p``, ``epsilon``, ``eta``, as :func:`filter_logits`)."""
-    return choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                         **warpers)[0]
-
-
 def choose_scored(logits: jax.Array, key, *, do_sample, temperature, top_k, top_p, **warpers):
-    """``(token, scores)``: :func:`_choose`'s tokens and the scores they were chosen from (the
-    processed logits, after the sampling filters when sampling), as transformers' ``scores``."""
+    """``(token, scores)``: each row's next token, the likeliest or one drawn after the sampling
+    filters (``warpers``: ``min_p``, ``typical_p``, ``epsilon``, ``eta``, as :func:`filter_logits`),
+    and the scores it was chosen from (the processed logits, after the filters when sampling), as
+    transformers' ``scores``."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits
     scores = filter_logits(logits, temperature, top_k, top_p, **warpers)
@@ -136,46 +131,34 @@ def choose_scored(logits: jax.Array, key, *, do_sample, temperature, top_k, top_
     return token, jnp.where(scores == jnp.finfo(scores.dtype).min, -jnp.inf, scores)
 
 
-# what generate can record of each step: transformers' output_scores and output_logits (``[rows,
-# vocab]`` each), and peftjax's output_logprobs: the chosen token's log probability (``[rows]``)
-# and, as ``top_logprobs{K}`` and ``top_ids{K}``, the K likeliest tokens' (``[rows, K]``)
+# what generate can record of each step, as ``(field, K)`` pairs: transformers' output_scores and
+# output_logits (``[rows, vocab]`` each), and peftjax's output_logprobs: the chosen token's log
+# probability (``[rows]``) and the K likeliest tokens' log probabilities and ids (``[rows, K]``)
 RECORDS = ("scores", "logits")
 
 
-def logprob_records(top: int) -> tuple[str, ...]:
+def logprob_records(top: int) -> tuple[tuple[str, int], ...]:
     """The records of ``output_logprobs=top``: the chosen token's, and the ``top`` likeliest."""
-    return ("logprobs",) + ((f"top_logprobs{top}", f"top_ids{top}") if top else ())
+    return (("logprobs", 0),) + ((("top_logprobs", top), ("top_ids", top)) if top else ())
 
 
-def recorded(record: tuple[str, ...], *, scores, logits, token) -> tuple:
-    """A step's arrays of ``record``, in its order (log probabilities: of the raw ``logits``)."""
-    out = []
-    for name in record:
-        if name in ("scores", "logits"):
-            out.append(scores if name == "scores" else logits)
-            continue
+def recorded(record: tuple[tuple[str, int], ...], *, scores, logits, token) -> tuple:
+    """A step's arrays of ``record``, in its order (log probabilities: of the raw ``logits``, their
+    softmax and top K computed once)."""
+    arrays = {"scores": scores, "logits": logits}
+    if any(name not in arrays for name, _ in record):
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        if name == "logprobs":
-            out.append(jnp.take_along_axis(log_probs, token[:, None].astype(jnp.int32), axis=-1)[:, 0])
-        else:
-            values, ids = jax.lax.top_k(log_probs, _top_count(name))
-            out.append(values if name.startswith("top_logprobs") else ids)
-    return tuple(out)
+        arrays["logprobs"] = jnp.take_along_axis(log_probs, token[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        top = max(k for _, k in record)
+        if top:
+            arrays["top_logprobs"], arrays["top_ids"] = jax.lax.top_k(log_probs, top)
+    return tuple(arrays[name] for name, _ in record)
 
 
-def record_fill(name: str, rows: int, max_new_tokens: int, vocab: int) -> jax.Array:
+def record_fill(name: str, top: int, rows: int, max_new_tokens: int, vocab: int) -> jax.Array:
     """The array a record's columns are written into: ``[rows, max_new_tokens, ...]``."""
-    if name in ("scores", "logits"):
-        return jnp.zeros((rows, max_new_tokens, vocab), jnp.float32)
-    if name == "logprobs":
-        return jnp.zeros((rows, max_new_tokens), jnp.float32)
-    k = _top_count(name)
-    return jnp.zeros((rows, max_new_tokens, k), jnp.int32 if name.startswith("top_ids") else jnp.float32)
-
-
-def _top_count(name: str) -> int:
-    """K of ``top_logprobs{K}`` and ``top_ids{K}``."""
-    return int(name[len("top_logprobs"):] if name.startswith("top_logprobs") else name[len("top_ids"):])
+    tail = (vocab,) if name in RECORDS else (top,) if top else ()
+    return jnp.zeros((rows, max_new_tokens, *tail), jnp.int32 if name == "top_ids" else jnp.float32)
 
 
 def sampling_arguments(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, pad: int,
@@ -259,23 +242,19 @@ def generation_records(model, output_scores, output_logits, return_dict_in_gener
                                   "is not implemented; with num_beams=1 they are")
     if not asked["return_dict_in_generate"]:
         return (), False
-    record = tuple(r for r in RECORDS if asked[f"output_{r}"])
+    record = tuple((r, 0) for r in RECORDS if asked[f"output_{r}"])
     return record + (() if output_logprobs is None else logprob_records(output_logprobs)), True
 
 
-def generate_output(sequences: np.ndarray, record: tuple[str, ...], arrays, steps: int, as_dict: bool):
+def generate_output(sequences: np.ndarray, record: tuple[tuple[str, int], ...], arrays, steps: int, as_dict: bool):
     """``sequences``, or with ``as_dict`` a :class:`GenerateOutput` of them and the first ``steps``
-    columns of each recorded array (``[rows, max_new_tokens, vocab]``) as per-step arrays."""
+    columns of each recorded array."""
     if not as_dict:
         return sequences
     fields = {}
-    for name, array in zip(record, arrays):
-        array = np.asarray(array)
-        if name in RECORDS:  # transformers' tuples of per-step arrays
-            fields[name] = tuple(array[:, i] for i in range(steps))
-        else:
-            fields["top_ids" if name.startswith("top_ids") else "top_logprobs" if name.startswith("top_") else name] = (
-                array[:, :steps])
+    for (name, _), array in zip(record, arrays):
+        array = np.asarray(array)  # transformers' scores and logits: tuples of per-step arrays
+        fields[name] = tuple(array[:, i] for i in range(steps)) if name in RECORDS else array[:, :steps]
     return GenerateOutput(sequences, **fields)
 
 
@@ -575,11 +554,12 @@ def write_column(outputs: tuple, columns: tuple, i) -> tuple:
     return tuple(o.at[:, i].set(c.astype(o.dtype)) for o, c in zip(outputs, columns))
 
 
-def unrun_outputs(rows: int, max_new_tokens: int, pad, record: tuple[str, ...] = (), vocab: int = 0) -> tuple:
+def unrun_outputs(rows: int, max_new_tokens: int, pad, record: tuple[tuple[str, int], ...] = (), vocab: int = 0
+                  ) -> tuple:
     """The fill of :func:`decode_until_done`'s outputs: pad tokens, every row ended, and for each
     of ``record`` its array (:func:`record_fill`)."""
     return (jnp.full((rows, max_new_tokens), pad, jnp.int32), jnp.ones((rows, max_new_tokens), bool),
-            *(record_fill(name, rows, max_new_tokens, vocab) for name in record))
+            *(record_fill(name, top, rows, max_new_tokens, vocab) for name, top in record))
 
 
 def generated_length(done: np.ndarray, max_new_tokens: int) -> int:
@@ -634,11 +614,11 @@ def _generate(
     stop: StopStrings | None = None,
     stop_table=None,
     stream=None,
-    record: tuple[str, ...] = (),
+    record: tuple[tuple[str, int], ...] = (),
     **warpers,
 ):
-    """``(tokens, ended flags, *record)``: each ``[rows, max_new_tokens]``, the recorded scores
-    ``[rows, max_new_tokens, vocab]`` (``record``: of :data:`RECORDS`)."""
+    """``(tokens, ended flags, *record)``: each ``[rows, max_new_tokens]``, then the recorded
+    arrays (``record``: ``(field, K)`` pairs, :data:`RECORDS` and :func:`logprob_records`)."""
     model = nnx.merge(graphdef, state)
     b, s = attention_mask.shape  # the prefill's length: input_ids', or inputs_embeds' when given
     out, key_mask, positions = _prefill(model, input_ids, attention_mask, inputs_embeds, position_ids, max_new_tokens)

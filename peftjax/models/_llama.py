@@ -472,8 +472,8 @@ class LlamaForCausalLM(GenerationMixin, PreTrainedModel):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nnx.data(None)
         if not self.tied:
-            self.lm_head = nnx.Linear(self.head_width(config), config.vocab_size, use_bias=self.lm_head_bias, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+            self.lm_head = nnx.Linear(self.head_width(config), config.vocab_size, use_bias=self.lm_head_bias,
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @staticmethod
     def head_width(config) -> int:
