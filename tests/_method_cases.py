@@ -31,6 +31,19 @@ def torch_base(arch, path):
         return ARCHS[arch].torch_class.from_pretrained(path).eval()
 
 
+def peft_frod_u_from_its_basis(model) -> None:
+    """Each FRoD layer's ``U`` of a PEFT model computed from the basis it holds, by PEFT's own
+    function: PEFT 0.21.2's loader replaces the bases by the file's but keeps the ``U`` of those it
+    computed itself (the same only where its eigenvector signs are the file's; see test_frod.py)."""
+    from peft.tuners.frod.layer import FrodLayer
+
+    for module in model.modules():
+        if isinstance(module, FrodLayer):
+            for name in module.frod_lambda_l:
+                u, _ = module._calculate_frod_u_and_lambda(module.frod_V[name], module.get_base_layer().weight)
+                module.frod_U[name] = u
+
+
 def run_torch(model):
     with torch.no_grad():
         return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()

@@ -18,6 +18,7 @@ import transformers as tr
 
 import _tiny
 from _compiles import compilations
+from _method_cases import peft_frod_u_from_its_basis
 from _torch_models import lazy, peft_prompt_forward, save_tiny
 
 import peftjax
@@ -752,7 +753,8 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
 # RandLoRA and VB-LoRA (model-level tensors in the file, VB-LoRA's trained and shared), SHiRA
 # (integer tensors in the file), GLoRA (frozen zero tensors in the file) and the bottleneck adapter
 # (PEFT cannot read it). The others are tested through the same get_peft_model in their own files.
-RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "glora", "bottleneck")
+RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "glora", "frod",
+               "bottleneck")
 LAYER_METHODS = {
     "adalora": ([], "ADALORA"), "loha": ([], "LOHA"), "lokr": (["--r", "4"], "LOKR"),
     "oft": (["--method-option", "oft_block_size=4"], "OFT"), "boft": ([], "BOFT"), "hra": (["--r", "4"], "HRA"),
@@ -770,6 +772,7 @@ LAYER_METHODS = {
     "unilora": (["--r", "2", "--method-option", "theta_d_length=64"], "UNILORA"),
     "pvera": (["--r", "8"], "PVERA"), "osf": (["--method-option", "effective_rank=8"], "OSF"),
     "lily": (["--r", "4"], "LILY"), "tinylora": (["--method-option", "u=16"], "TINYLORA"),
+    "frod": (["--method-option", "sparse_rate=0.05"], "FROD"),
     "ln_tuning": (["--target-modules", "LayerNorm"], "LN_TUNING"),  # PEFT has no BERT default
     "bottleneck": (["--method-option", "reduction_factor=4"], "BOTTLENECK"),
 }
@@ -837,6 +840,8 @@ def test_train_with_each_kind_of_layer_method(method, tokenizer_dir, tmp_path, c
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         if method == "poly":  # PEFT always asks for the rows' tasks; the job trained task 0 (n_tasks=1)
             batch["task_ids"] = torch.zeros(len(texts), dtype=torch.long)
+        if method == "frod":
+            peft_frod_u_from_its_basis(theirs)
         with torch.no_grad():
             probs = theirs(**batch).logits.softmax(-1).numpy()
     # the job prints 4 decimals: PEFT's probability within half a unit of the last (and float rounding)

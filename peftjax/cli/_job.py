@@ -125,6 +125,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "osf": ("OSF", {}, "OSF"),
     "lily": ("LILY", {}, "LiLy"),
     "tinylora": ("TINYLORA", {}, "TinyLoRA"),
+    "frod": ("FROD", {}, "FRoD"),
     "fourierft": ("FOURIERFT", {}, "FourierFT"),
     "waveft": ("WAVEFT", {}, "WaveFT"),
     "shadow": ("SHADOW", {}, "ShadowPEFT"),
@@ -178,7 +179,7 @@ FLAG_HELP = {
               "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (rows routed by their task: "
               "--task-ids-column), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, "
               "osf, "
-              "lily, tinylora, fourierft, waveft, shadow (causal LMs: causal_lm, instruction, chat), ln_tuning, "
+              "lily, tinylora, frod, fourierft, waveft, shadow (causal LMs: causal_lm, instruction, chat), ln_tuning, "
               "trainable_tokens, prefix (prefix tuning), "
               "cartridge (a trained key/value prefix), prompt (prompt tuning), multitask_prompt (multitask prompt "
               "tuning, a prompt per task: --task-ids-column), p-tuning, adaption_prompt (Llama, "

@@ -42,6 +42,7 @@ from peftjax.config._peanut import PeanutConfig
 from peftjax.config._poly import PolyConfig
 from peftjax.config._supertuning import SupertuningConfig
 from peftjax.config._tinylora import TinyLoraConfig
+from peftjax.config._frod import FrodConfig
 from peftjax.config._unilora import UniLoraConfig
 from peftjax.config._other import (
     BottleneckConfig,
@@ -118,6 +119,7 @@ __all__ = [
     "OSFConfig",
     "LilyConfig",
     "TinyLoraConfig",
+    "FrodConfig",
     "RandLoraConfig",
     "VBLoRAConfig",
     "FourierFTConfig",

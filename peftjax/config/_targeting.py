@@ -130,11 +130,14 @@ TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING: dict[str, list[str]] = {
 }
 # fmt: on
 
-# copied from peft/utils/constants.py (0.21.2): VeRA, PVeRA and FourierFT are LoRA's mapping with small changes
+# copied from peft/utils/constants.py (0.21.2): VeRA, PVeRA, FRoD and FourierFT are LoRA's mapping with small
+# changes
 TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi": ["q_proj", "v_proj"]}
 TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi": ["q_proj", "v_proj"], "dinov2": ["query", "value"]}
+TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
+    **TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "vit": ["query", "value"]}
 TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "gpt_bigcode": ["mlp.c_proj"], "gpt2": ["mlp.c_proj"]}
 # WaveFT's is FourierFT's without three model types
@@ -460,6 +463,7 @@ _SIMPLE_DEFAULTS = {
     "VBLORA": (TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING, "VB-LoRA"),
     "BEFT": (TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING, "BEFT"),
     "PVERA": (TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING, "PVeRA"),
+    "FROD": (TRANSFORMERS_MODELS_TO_FROD_TARGET_MODULES_MAPPING, "FRoD"),
 }
 
 

@@ -13,6 +13,7 @@ from peftjax.tuners.c3a import C3AConfig, C3ALayer, inject_c3a
 from peftjax.tuners.deft import DeftConfig, DeftLayer, inject_deft
 from peftjax.tuners.delora import DeloraConfig, DeloraLayer, inject_delora
 from peftjax.tuners.glora import GloraConfig, GloraLayer, inject_glora
+from peftjax.tuners.frod import FrodConfig, frod_state_dict, inject_frod, load_frod_state_dict
 from peftjax.tuners.fourierft import FourierFTConfig, FourierFTLayer, inject_fourierft
 from peftjax.tuners.waveft import WaveFTConfig, WaveFTLayer, inject_waveft
 from peftjax.tuners.xlora import XLoraConfig, inject_xlora, load_xlora_state_dict, xlora_state_dict
@@ -97,6 +98,7 @@ register_tuner(Tuner.for_layers(OSFConfig, inject=inject_osf, layer_type=OSFLaye
 register_tuner(Tuner.for_layers(PolyConfig, inject=inject_poly, layer_type=PolyLayer))
 register_tuner(Tuner(RandLoraConfig, inject=inject_randlora, state_dict=randlora_state_dict,
                      load_state_dict=load_randlora_state_dict))
+register_tuner(Tuner(FrodConfig, inject=inject_frod, state_dict=frod_state_dict, load_state_dict=load_frod_state_dict))
 register_tuner(Tuner(VBLoRAConfig, inject=inject_vblora, state_dict=vblora_state_dict,
                      load_state_dict=load_vblora_state_dict))
 register_tuner(Tuner(UniLoraConfig, inject=inject_unilora, state_dict=unilora_state_dict,
