@@ -141,6 +141,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(
         vocab_size=96, n_embd=32, n_inner=48, n_layer=2, n_head=4, rotary_dim=4, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)),
+    # StarCoder in small: GPT-2's blocks with multi-query attention, learned positions, a tied head
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
+        vocab_size=96, n_embd=32, n_inner=48, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)),
     # StableLM 2 in small: LayerNorms, RoPE on half of each head, q/k/v biases, a LayerNorm per head of q and k
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -37,7 +37,8 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
-                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon")}
+                        "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
+                        "gpt_bigcode")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -142,6 +143,12 @@ CASES = {
     ("falcon", "ia3-default-targets"): BOTH,
     ("falcon", "prefix"): BOTH,
     ("falcon", "prompt"): BOTH,
+    # StarCoder: PEFT's default targets (LoRA: the fused c_attn; IA3: it and mlp.c_proj), a prefix of one key/value
+    # head (multi-query), learned positions for the virtual tokens' successors
+    ("gpt_bigcode", "lora-default-targets"): BOTH,
+    ("gpt_bigcode", "ia3-default-targets"): BOTH,
+    ("gpt_bigcode", "prefix"): BOTH,
+    ("gpt_bigcode", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

@@ -94,6 +94,11 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # falcon-rw's: ALiBi (bfloat16 slopes over the head size's root), per-head q/k/v, one branch after the other
     "falcon-rw-alibi": ("falcon", tr.FalconForCausalLM, dict(alibi=True, multi_query=False, parallel_attn=False,
                                                              bias=True)),
+    # _tiny's StarCoder: multi-query attention, learned positions, GPT-2's blocks, a tied head
+    "gpt_bigcode-mqa": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, {}),
+    # SantaCoder-like per-head q/k/v, unscaled scores, untied
+    "gpt_bigcode-per-head": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, dict(multi_query=False, scale_attn_weights=False,
+                                                                           tie_word_embeddings=False)),
     # _tiny's one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
     "gptj-pairs": ("gptj", tr.GPTJForCausalLM, {}),
     # _tiny's LayerNorms, half-rotary RoPE, q/k/v biases, a LayerNorm per head of q and k
@@ -121,7 +126,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
-                                                                   "starcoder2", "stablelm", "gptj", "falcon")))
+                                                                   "starcoder2", "stablelm", "gptj", "falcon",
+                                                                   "gpt_bigcode")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -268,7 +274,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon"])
+                                  "falcon", "gpt_bigcode"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -278,7 +284,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
            "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification,
-           "falcon": tr.FalconForSequenceClassification}[kind]
+           "falcon": tr.FalconForSequenceClassification,
+           "gpt_bigcode": tr.GPTBigCodeForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -324,7 +331,8 @@ def test_llama3_rope_frequencies_match_transformers():
     ("qwen3", {}), ("phi3", {}), ("gpt_neox", {}), ("opt", dict(word_embed_proj_dim=16)), ("bloom", {}),
     ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {}), ("falcon", {}),
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
-    ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False))])
+    ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
+    ("gpt_bigcode", dict(multi_query=False))])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
@@ -649,6 +657,7 @@ def test_numpy_and_list_inputs(llama_dir):
     ("phi", dict(tie_word_embeddings=True), r"tie_word_embeddings=True is not supported \(PhiForCausalLM's LM head"),
     ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings=True is not supported \(GPTJForCausalLM's LM"),
     ("gptj", dict(rotary_dim=None), "rotary_dim must be set"),
+    ("gpt_bigcode", dict(add_cross_attention=True, multi_query=False), "add_cross_attention=True .* not implemented"),
     ("opt", dict(activation_function="relu7"), "activation_function 'relu7' is not supported"),
 ])
 def test_unimplemented_options_are_named(family, overrides, named):
@@ -676,6 +685,9 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("gptj", dict(embd_pdrop=1.0)),
     ("falcon", dict(hidden_dropout=1.0)),  # the two parallel branches' sum
     ("falcon", dict(attention_dropout=1.0, parallel_attn=False, multi_query=False)),  # the attention's output too
+    ("gpt_bigcode", dict(attn_pdrop=1.0)),
+    ("gpt_bigcode", dict(resid_pdrop=1.0)),  # both branches' outputs
+    ("gpt_bigcode", dict(embd_pdrop=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every

@@ -412,7 +412,10 @@ def test_peft_lora_on_quantized_gpt2_loads_here(gpt2_ckpt, tmp_path):
 # PEFT's int8 notebook (OPT in 8 bits, LoRA on PEFT's default q_proj and v_proj), small: the decoder's linears,
 # the tied head not. (Falcon is not here: transformers 5 converts exact nn.Linear modules only, so its FalconLinear
 # layers stay float under a BitsAndBytesConfig, where peftjax quantizes them as asked.)
-NOTEBOOKS = {"opt": (dict(hidden_size=64, ffn_dim=128), 2 * 6)}
+# family -> (its tiny config's changes, how many linears transformers quantizes): PEFT's int8 notebook's OPT, and
+# StarCoder as the "personal copilot" QLoRA guides fine-tune it (its fused c_attn, PEFT's default target)
+NOTEBOOKS = {"opt": (dict(hidden_size=64, ffn_dim=128), 2 * 6),
+             "gpt_bigcode": (dict(n_embd=64, n_inner=128, initializer_range=0.05), 2 * 4)}
 
 
 @pytest.mark.parametrize("family", sorted(NOTEBOOKS))

@@ -41,6 +41,11 @@ from peftjax.models._falcon import (
     FalconForSequenceClassification,
     FalconForTokenClassification,
 )
+from peftjax.models._gpt_bigcode import (
+    GPTBigCodeForCausalLM,
+    GPTBigCodeForSequenceClassification,
+    GPTBigCodeForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -267,6 +272,9 @@ __all__ = [
     "FalconForSequenceClassification",
     "FalconForTokenClassification",
     "FalconForQuestionAnswering",
+    "GPTBigCodeForCausalLM",
+    "GPTBigCodeForSequenceClassification",
+    "GPTBigCodeForTokenClassification",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

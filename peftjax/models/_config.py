@@ -313,6 +313,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "use_cache": True, "bos_token_id": 50256,
         "eos_token_id": 50256, "pad_token_id": None, "tie_word_embeddings": False,
     },
+    # GPTBigCodeConfig (n_embd, n_layer, n_head, n_positions by ATTRIBUTE_MAPS; one key/value head with multi_query)
+    "gpt_bigcode": {
+        "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+        "activation_function": "gelu_pytorch_tanh", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-05, "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": None, "attention_softmax_in_fp32": True,
+        "scale_attention_softmax_in_fp32": True, "multi_query": True, "add_cross_attention": False,
+        "tie_word_embeddings": True,
+    },
     # StableLmConfig (RoPE on a quarter of each head unless the file says otherwise)
     "stablelm": {
         "vocab_size": 50304, "intermediate_size": 6912, "hidden_size": 2560, "num_hidden_layers": 32,
@@ -494,7 +503,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
-ATTRIBUTE_MAPS["gptj"] = {**ATTRIBUTE_MAPS["gpt2"]}
+ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -633,6 +642,8 @@ class ModelConfig:
                                         else 1)
             if self.ffn_hidden_size is None:
                 self.ffn_hidden_size = 4 * self.hidden_size
+        if t == "gpt_bigcode":  # GPTBigCodeConfig: one key/value head with multi-query attention
+            self.num_key_value_heads = 1 if self.multi_query else self.n_head
         if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__
             self.word_embed_proj_dim = self.hidden_size
         if t in ("phi", "gpt_neox", "stablelm"):  # RoPE on half (Phi) or a quarter of each head unless the file says

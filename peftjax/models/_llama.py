@@ -407,14 +407,12 @@ class LlamaModel(nnx.Module):
         sequence laid end to end, 0 on padding; each token attends causally within its own
         sequence, whose positions start at 0 (``position_ids`` default to that), so each
         sequence's hidden states are those it has alone. Not with a cache or a prefix. A family with
-        an ``embedding_dropout`` drops from the embeddings (those passed in place of ids too).
+        an ``embedding_dropout`` drops from the embeddings (those passed in place of ids too), their
+        learned positions added.
         """
+        embed_key = None
         if self.embedding_dropout is not None:
             embed_key, dropout_rng = split_keys(dropout_rng, 2)
-            if inputs_embeds is None:
-                inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-            rate = float(getattr(self.config, self.embedding_dropout, 0.0) or 0.0)
-            inputs_embeds = dropout(jnp.asarray(inputs_embeds), rate, embed_key)
         segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
                                                                        cache, prefix_kv)
         if inputs_embeds is None:
@@ -429,6 +427,8 @@ class LlamaModel(nnx.Module):
         start = pos.start
         masks = self.attention_masks(pos, segment_ids)  # causal within each packed sequence
         x = self.add_positions(x, pos.position_ids)
+        if self.embedding_dropout is not None:  # after learned positions are added (GPTBigCode's)
+            x = dropout(x, float(getattr(self.config, self.embedding_dropout, 0.0) or 0.0), embed_key)
         cos, sin = (None, None) if self.rotary is None else self.rotary.cos_sin(pos.position_ids, x.dtype)
         new_cache = [] if cache is not None else None
         if cache is None and prefix_kv is None:  # training and scoring: scanned and/or rematerialised

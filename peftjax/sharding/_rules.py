@@ -68,7 +68,7 @@ PRESETS = ("dp", "fsdp", "tp")
 # key_proj, value_proj, pos_key_proj, pos_query_proj; its output.dense as BERT's), GPT-NeoX (query_key_value,
 # whose heads' q/k/v sit together, dense_h_to_4h | attention.dense, dense_4h_to_h) and OPT (its q/k/v_proj as
 # Llama's, fc1 | self_attn.out_proj, fc2); BLOOM's are GPT-NeoX's names, its output projection self_attention.dense;
-# GPT-J: fc_in | attn.out_proj, fc_out
+# GPT-J: fc_in | attn.out_proj, fc_out; GPTBigCode (StarCoder): GPT-2's names (its c_attn the fused [q | k | v])
 _COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|intermediate\.dense|"
            r"query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj|q_lin|k_lin|v_lin|ffn\.lin1|c_attn|c_fc|"
            r"query_key_value|dense_h_to_4h|fc1|fc_in)")

@@ -66,7 +66,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
        for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
-    "gpt2": (r"attn\.c_proj", r"mlp\.c_proj"),
+    **{t: (r"attn\.c_proj", r"mlp\.c_proj") for t in ("gpt2", "gpt_bigcode")},
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
     "gpt_neox": (r"attention\.dense", r"mlp\.dense_4h_to_h"),
     "opt": (r"self_attn\.out_proj", r"fc2"),
