@@ -145,6 +145,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
         vocab_size=96, n_embd=32, n_inner=48, n_layer=2, n_head=4, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)),
+    # GPT-Neo in small: a global layer, then a local one (a window of 3 tokens), unscaled scores, learned positions
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], window_size=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # StableLM 2 in small: LayerNorms, RoPE on half of each head, q/k/v biases, a LayerNorm per head of q and k
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

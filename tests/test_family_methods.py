@@ -38,7 +38,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
-                        "gpt_bigcode")}
+                        "gpt_bigcode", "gpt_neo")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -149,6 +149,12 @@ CASES = {
     ("gpt_bigcode", "ia3-default-targets"): BOTH,
     ("gpt_bigcode", "prefix"): BOTH,
     ("gpt_bigcode", "prompt"): BOTH,
+    # GPT-Neo: PEFT's default targets (LoRA: q_proj, v_proj under attn.attention; IA3: k_proj, v_proj and c_proj),
+    # a prefix read by a global and a local layer
+    ("gpt_neo", "lora-default-targets"): BOTH,
+    ("gpt_neo", "ia3-default-targets"): BOTH,
+    ("gpt_neo", "prefix"): BOTH,
+    ("gpt_neo", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

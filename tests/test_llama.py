@@ -99,6 +99,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # SantaCoder-like per-head q/k/v, unscaled scores, untied
     "gpt_bigcode-per-head": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, dict(multi_query=False, scale_attn_weights=False,
                                                                            tie_word_embeddings=False)),
+    # _tiny's GPT-Neo: a global layer, then a local one, unscaled scores, learned positions
+    "gpt_neo-local": ("gpt_neo", tr.GPTNeoForCausalLM, {}),
     # _tiny's one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
     "gptj-pairs": ("gptj", tr.GPTJForCausalLM, {}),
     # _tiny's LayerNorms, half-rotary RoPE, q/k/v biases, a LayerNorm per head of q and k
@@ -127,7 +129,7 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
-                                                                   "gpt_bigcode")))
+                                                                   "gpt_bigcode", "gpt_neo")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -274,7 +276,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon", "gpt_bigcode"])
+                                  "falcon", "gpt_bigcode", "gpt_neo"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -285,7 +287,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
            "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification,
            "falcon": tr.FalconForSequenceClassification,
-           "gpt_bigcode": tr.GPTBigCodeForSequenceClassification}[kind]
+           "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
+           "gpt_neo": tr.GPTNeoForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -332,7 +335,7 @@ def test_llama3_rope_frequencies_match_transformers():
     ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {}), ("falcon", {}),
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
-    ("gpt_bigcode", dict(multi_query=False))])
+    ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]]))])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
@@ -658,12 +661,22 @@ def test_numpy_and_list_inputs(llama_dir):
     ("gptj", dict(tie_word_embeddings=True), r"tie_word_embeddings=True is not supported \(GPTJForCausalLM's LM"),
     ("gptj", dict(rotary_dim=None), "rotary_dim must be set"),
     ("gpt_bigcode", dict(add_cross_attention=True, multi_query=False), "add_cross_attention=True .* not implemented"),
+    ("gpt_neo", dict(attention_layers=["global", "sparse"]), r"attention_layers \['sparse'\] are not supported"),
     ("opt", dict(activation_function="relu7"), "activation_function 'relu7' is not supported"),
 ])
 def test_unimplemented_options_are_named(family, overrides, named):
     cls = getattr(models, _tiny.FAMILIES[family][1])
     with pytest.raises(ValueError, match=named):
         cls.from_config(models.ModelConfig(family, **_tiny.fields(family, **overrides)))
+
+
+def test_gpt_neo_s_global_and_local_layers_do_not_scan_together(tmp_path):
+    """GPT-Neo's alternating global and local layers take different masks: ``scan_layers=True`` is
+    refused by name (one window throughout scans: ``test_every_weight_is_read_where_transformers_reads_it``)."""
+    _tiny.save(_tiny.arch("gpt_neo"), tmp_path)
+    with pytest.raises(ValueError, match=r"scan_layers=True needs one attention window for all layers; found "
+                                         r"\[None, 3\]"):
+        models.from_pretrained(tmp_path, scan_layers=True)
 
 
 @pytest.mark.parametrize(("family", "rates"), [
@@ -688,6 +701,9 @@ def test_unimplemented_options_are_named(family, overrides, named):
     ("gpt_bigcode", dict(attn_pdrop=1.0)),
     ("gpt_bigcode", dict(resid_pdrop=1.0)),  # both branches' outputs
     ("gpt_bigcode", dict(embd_pdrop=1.0)),
+    ("gpt_neo", dict(attention_dropout=1.0)),
+    ("gpt_neo", dict(resid_dropout=1.0)),  # both branches' outputs
+    ("gpt_neo", dict(embed_dropout=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every

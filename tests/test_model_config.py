@@ -36,7 +36,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
            "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
-           "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig"}
+           "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
+           "gpt_neo": "GPTNeoConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -156,6 +157,8 @@ VARIANTS = [
     ("falcon", dict(multi_query=False, parallel_attn=False, alibi=True, ffn_hidden_size=3000)),
     ("gpt_bigcode", dict(multi_query=False, n_embd=1024, n_head=16, n_inner=2048, scale_attn_weights=False)),
     ("gpt_bigcode", dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=8192)),
+    ("gpt_neo", dict(num_layers=4, attention_types=[[["global"], 2], [["local"], 2]], window_size=128,
+                     intermediate_size=3000)),
     ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),
     ("gpt_neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
                                        "partial_rotary_factor": 0.5}, hidden_dropout=0.1, classifier_dropout=0.2)),

@@ -114,11 +114,17 @@ def test_lora_question_answering_adapters_move_both_ways_with_peft(checkpoints, 
 # transformers' decoder question answering (GenericForQuestionAnswering, and GPT-2's own); the first
 # seven keep the decoder under ``transformer``, the last three under ``model``
 DECODERS = ["gpt2", "llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "mistral", "mixtral", "qwen2_moe",
-            "gpt_neox", "opt", "bloom", "gptj", "falcon"]
+            "gpt_neox", "opt", "bloom", "gptj", "falcon", "gpt_neo"]
+
+
+# GPT-Neo's local layers: a padding query whose window holds padding only gets the mean of the window's
+# values in transformers' GPT-Neo (peftjax: of all values, as for Mistral below), and the span loss's softmax
+# runs over padding too; a window of 5 keeps a real key in every window of these rows (at most 4 pads)
+QA_OVERRIDES = {"gpt_neo": dict(window_size=5)}
 
 
 def _decoder(tiny_checkpoint, family: str):
-    spec = _tiny.task_arch(family, "ForQuestionAnswering")
+    spec = _tiny.task_arch(family, "ForQuestionAnswering", **QA_OVERRIDES.get(family, {}))
     return spec, tiny_checkpoint(spec)
 
 

@@ -412,6 +412,12 @@ def test_two_processes_train_like_one_device(report):
         ("transformer.h.0.mlp.fc_in.kernel", (32, 128), P(None, "model")),
         ("transformer.h.0.mlp.fc_out.kernel", (128, 32), P("model", None)),
         ("transformer.h.0.attn.out_proj.kernel", (32, 32), P("model", None)),
+        # GPTBigCode: GPT-2's names, its c_attn the fused [q | k | v] of multi-query attention
+        ("transformer.h.0.attn.c_attn.kernel", (32, 48), P(None, "model")),
+        ("transformer.h.0.mlp.c_proj.kernel", (128, 32), P("model", None)),
+        # GPT-Neo: the attention's out_proj one module further down
+        ("transformer.h.0.attn.attention.q_proj.kernel", (32, 32), P(None, "model")),
+        ("transformer.h.0.attn.attention.out_proj.kernel", (32, 32), P("model", None)),
     ],
 )
 def test_tensor_parallel_covers_every_family(path, shape, expected):

@@ -46,6 +46,12 @@ from peftjax.models._gpt_bigcode import (
     GPTBigCodeForSequenceClassification,
     GPTBigCodeForTokenClassification,
 )
+from peftjax.models._gpt_neo import (
+    GPTNeoForCausalLM,
+    GPTNeoForQuestionAnswering,
+    GPTNeoForSequenceClassification,
+    GPTNeoForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -275,6 +281,10 @@ __all__ = [
     "GPTBigCodeForCausalLM",
     "GPTBigCodeForSequenceClassification",
     "GPTBigCodeForTokenClassification",
+    "GPTNeoForCausalLM",
+    "GPTNeoForSequenceClassification",
+    "GPTNeoForTokenClassification",
+    "GPTNeoForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

@@ -322,6 +322,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "scale_attention_softmax_in_fp32": True, "multi_query": True, "add_cross_attention": False,
         "tie_word_embeddings": True,
     },
+    # GPTNeoConfig (num_heads, num_layers by ATTRIBUTE_MAPS; attention_layers derived from attention_types)
+    "gpt_neo": {
+        "vocab_size": 50257, "max_position_embeddings": 2048, "hidden_size": 2048, "num_layers": 24,
+        "attention_types": [[["global", "local"], 12]], "attention_layers": None, "num_heads": 16,
+        "intermediate_size": None, "window_size": 256, "activation_function": "gelu_new", "resid_dropout": 0.0,
+        "embed_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.1, "layer_norm_epsilon": 1e-05,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": 50256, "eos_token_id": 50256,
+        "pad_token_id": None, "tie_word_embeddings": True,
+    },
     # StableLmConfig (RoPE on a quarter of each head unless the file says otherwise)
     "stablelm": {
         "vocab_size": 50304, "intermediate_size": 6912, "hidden_size": 2560, "num_hidden_layers": 32,
@@ -504,6 +513,7 @@ ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
+ATTRIBUTE_MAPS["gpt_neo"] = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -642,6 +652,10 @@ class ModelConfig:
                                         else 1)
             if self.ffn_hidden_size is None:
                 self.ffn_hidden_size = 4 * self.hidden_size
+        if t == "gpt_neo" and self.attention_layers is None:  # GPTNeoConfig: the pattern times its repeats
+            from peftjax.models._gpt_neo import attention_layers
+
+            self.attention_layers = attention_layers(self.attention_types)
         if t == "gpt_bigcode":  # GPTBigCodeConfig: one key/value head with multi-query attention
             self.num_key_value_heads = 1 if self.multi_query else self.n_head
         if t == "opt" and self.word_embed_proj_dim is None:  # OPTConfig.__post_init__

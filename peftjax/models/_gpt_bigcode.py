@@ -78,19 +78,24 @@ class GPTBigCodeMLP(DenseMLP):
 
 
 class GPTBigCodeBlock(nnx.Module):
-    """GPT-2's block: ``ln_1``, ``attn``, ``ln_2``, ``mlp``, each branch dropped before its add."""
+    """GPT-2's block: ``ln_1``, ``attn``, ``ln_2``, ``mlp``, each branch dropped before its add (at
+    the config's ``residual_dropout`` field; GPT-Neo's block is this one with its own parts)."""
+
+    attention_class: ClassVar[type[nnx.Module]] = GPTBigCodeAttention
+    mlp_class: ClassVar[type[nnx.Module]] = GPTBigCodeMLP
+    residual_dropout: ClassVar[str] = "resid_pdrop"
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ln_1 = _norm(config, **kw)
-        self.attn = GPTBigCodeAttention(config, layer_idx, **kw)
+        self.attn = self.attention_class(config, layer_idx, **kw)
         self.ln_2 = _norm(config, **kw)
-        self.mlp = GPTBigCodeMLP(config, **kw)
-        self.dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
+        self.mlp = self.mlp_class(config, **kw)
+        self.dropout_rate = float(getattr(config, self.residual_dropout, 0.0) or 0.0)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        """``dropout_rng``: the layer's dropout key (training): ``attn_pdrop`` on the probabilities,
-        ``resid_pdrop`` on each branch's output; ``None``: none."""
+        """``dropout_rng``: the layer's dropout key (training): the attention's dropout on the
+        probabilities, the residual one on each branch's output; ``None``: none."""
         attn_key, attn_out_key, mlp_out_key = split_keys(dropout_rng, 3)
         a, cache = self.attn(self.ln_1(x), cos, sin, masks, cache, cache_index, prefix, attn_key)
         x = x + dropout(a, self.dropout_rate, attn_out_key)

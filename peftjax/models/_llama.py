@@ -56,6 +56,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
     if config.model_type == "opt":  # one flag for every projection, the MLP's too
         bias = bool(getattr(config, "enable_bias", True))
         return bias, bias, bias
+    if config.model_type == "gpt_neo":  # the output projection's and the MLP's only
+        return False, True, True
     if config.model_type == "stablelm":  # q/k/v only, by their flag
         return bool(getattr(config, "use_qkv_bias", False)), False, False
     if config.model_type in ("glm4", "glm4_moe"):  # q/k/v only
@@ -70,6 +72,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
 def sliding_windows(config) -> list[int | None]:
     """The attention window of each layer (``None``: full causal attention)."""
     n = config.num_hidden_layers
+    if config.model_type == "gpt_neo":  # GPT-Neo's local layers see the last window_size tokens
+        return [config.window_size if kind == "local" else None for kind in config.attention_layers]
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:

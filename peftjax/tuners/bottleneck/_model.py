@@ -74,6 +74,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "starcoder2": (r"self_attn\.o_proj", r"mlp\.c_proj"),
     "stablelm": (r"self_attn\.o_proj", r"mlp\.down_proj"),
     "gptj": (r"attn\.out_proj", r"mlp\.fc_out"),
+    "gpt_neo": (r"attn\.attention\.out_proj", r"mlp\.c_proj"),
     "falcon": (r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
 }
 
