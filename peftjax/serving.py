@@ -567,6 +567,9 @@ def first_stop_string(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
     return min(found, key=lambda f: (f[0] + len(f[1]), f[0])) if found else None
 
 
+_CONTEXT_TOKENS = 4  # tokens a stream decodes before its new ones, for theirs to come out as in the whole text
+
+
 class _TextStream:
     """One request's completion text while its row's tokens arrive: new pieces go to ``emit``.
 
@@ -574,17 +577,29 @@ class _TextStream:
     the first stop string completed in the text: the text before it is the last piece). A piece is
     held back while its end could still become a stop string or is an unfinished character
     (U+FFFD). A row the loop stopped at a stop string its text lacks waits for the batch's rerun
-    (:meth:`restart`), which writes the same tokens up to there and goes on."""
+    (:meth:`restart`), which writes the same tokens up to there and goes on.
+
+    The text is decoded a few tokens at a time, each token's cost the same however many came
+    before: from the last *mark* (where the text was settled: it did not end in an unfinished
+    character), the tokens since are decoded after a few before them, whose own text (the
+    context) is cut off the front, so that a SentencePiece word's space or a character's bytes come
+    out as in the whole text. Where the new tokens change the context's text (byte-fallback bytes
+    that make a character only with earlier ones), an earlier mark is decoded from, twice as far
+    back each time. A stop string completed by a new token ends in the text after the mark."""
 
     def __init__(self, request: Request, emit: Callable, generator: BatchingGenerator):
         self.request, self.emit, self.generator = request, emit, generator
-        self.sent = ""
+        self.reach = max(map(len, request.stop), default=1) - 1  # characters before the new ones a stop string spans
+        self.sent: list[str] = []  # the characters emitted
         self.restart()
 
     def restart(self, *, loop_stops: bool = True) -> None:
         """From the row's first token again; ``loop_stops=False``: the loop no longer ends it at
         its stop strings (the rerun), so neither does the tokens' check here."""
         self.tokens: list[int] = []
+        self.text: list[str] = []  # the characters of the tokens' text
+        self.marks = [(0, 0, "")]  # (characters of the text there, the context's first token, the context's text)
+        self.agreed = 0  # characters known to be the same at the start of self.sent and of self.text
         self.done, self.loop_stops = False, loop_stops
 
     def put(self, token: int) -> None:
@@ -596,41 +611,78 @@ class _TextStream:
         self.tokens.append(token)
         self.done = len(self.tokens) >= self.request.max_new_tokens
         stop = self.request.stop
-        text = self.generator.decode(self.tokens)
-        found = first_stop_string(text, stop)
+        kept = self._decode()
+        start = max(0, kept - self.reach)
+        recent = "".join(self.text[start:])  # where a stop string completed now lies, and the end to hold back
+        found = first_stop_string(recent, stop)
         if found is not None:
-            text, self.done = text[:found[0]], True
-            shown = len(text)
+            shown, self.done = start + found[0], True
         else:
-            shown = len(text) - _held_back(text, stop)
+            shown = len(self.text) - _held_back(recent, stop)
             # the loop ended the row at a string its text lacks: the rerun goes on from here
             self.done = self.done or (self.loop_stops and ends_in_stop_string(self.generator._stop_tokenizer, stop,
                                                                               self.tokens))
-        if shown > len(self.sent) and text.startswith(self.sent):
-            self.emit(text[len(self.sent):shown])
-            self.sent = text[:shown]
+        # whether the text begins with what was sent (not while a rerun catches up with it, or where
+        # new tokens changed text already sent), read from the first character that may have changed
+        text, sent, agreed = self.text, self.sent, min(self.agreed, kept)
+        while agreed < min(len(text), len(sent)) and text[agreed] == sent[agreed]:
+            agreed += 1
+        self.agreed = agreed
+        if shown > len(sent) and agreed == len(sent):
+            piece = text[len(sent):shown]
+            self.emit("".join(piece))
+            sent.extend(piece)
+            self.agreed = shown
+
+    def _decode(self) -> int:
+        """``self.text`` brought up to the tokens so far; returns how many of its characters are
+        as they were (those before the mark decoded from: no stop string is among them)."""
+        tokens, decode = self.tokens, self.generator.decode
+        while True:
+            kept, start, context = self.marks[-1]
+            window = decode(tokens[start:])
+            if window.startswith(context):
+                break
+            far = 2 * start - len(tokens)  # the context's text changed: from an earlier mark, twice as far back
+            while len(self.marks) > 1 and self.marks[-1][1] > far:
+                self.marks.pop()
+        new = window[len(context):]
+        del self.text[kept:]
+        self.text.extend(new)
+        if not new.endswith("\ufffd"):  # settled: a mark here
+            n = len(tokens)
+            if n - start > 2 * _CONTEXT_TOKENS:  # a shorter context where its text is whole on its own: not
+                # empty (the first token's space is cut there) and no U+FFFD (it begins at a character)
+                context = decode(tokens[n - _CONTEXT_TOKENS:])
+                if context and "\ufffd" not in context:
+                    start, window = n - _CONTEXT_TOKENS, context
+            self.marks.append((len(self.text), start, window))
+        return kept
 
     def finish(self, completion: str) -> None:
         """The rest of the completion, then ``None``."""
-        if not completion.startswith(self.sent):
-            raise RuntimeError(f"the streamed text {self.sent!r} is not the start of the completion "
-                               f"{completion[:len(self.sent) + 20]!r}: this tokenizer's decoding is not incremental")
-        if len(completion) > len(self.sent):
-            self.emit(completion[len(self.sent):])
-        self.sent = completion
+        sent = "".join(self.sent)
+        if not completion.startswith(sent):
+            raise RuntimeError(f"the streamed text {sent!r} is not the start of the completion "
+                               f"{completion[:len(sent) + 20]!r}: this tokenizer's decoding is not incremental")
+        if len(completion) > len(sent):
+            self.emit(completion[len(sent):])
         self.emit(None)
 
 
 def _held_back(text: str, stop: Sequence[str]) -> int:
     """How many characters at the end of ``text`` to hold back: an unfinished character's
-    replacement marks, or the longest end that begins a stop string."""
-    held = len(text) - len(text.rstrip("\ufffd"))
+    replacement marks and, before them, the longest end that begins a stop string (the
+    unfinished character may go on with it: ``"t €"`` where the text ends ``t `` and a part of
+    ``€``)."""
+    marks = len(text) - len(text.rstrip("\ufffd"))
+    settled, longest = text[:len(text) - marks], 0
     for string in stop:
-        for k in range(min(len(string) - 1, len(text)), held, -1):
-            if text.endswith(string[:k]):
-                held = k
+        for k in range(min(len(string) - 1, len(settled)), longest, -1):
+            if settled.endswith(string[:k]):
+                longest = k
                 break
-    return held
+    return marks + longest
 
 
 class _BatchStreamer:

@@ -535,6 +535,213 @@ def test_streamed_requests_get_their_text_piece_by_piece_adding_up_to_their_comp
             assert [r["finish_reason"] for r in results[:3]] == ["length", "stop", "stop"]
 
 
+def test_a_streamed_completion_s_text_costs_each_token_the_same(monkeypatch):
+    """A stream decodes each new token after a few before it (from where its text was settled),
+    not the whole completion again: the tokens it hands the tokenizer grow with the completion's
+    length, not with its square (every token decoded again at each put: n * (n + 1) / 2)."""
+    from transformers import AutoTokenizer
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    config = _tiny.config("llama", vocab_size=len(tokenizer), num_hidden_layers=1, tie_word_embeddings=False,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=None, max_position_embeddings=256)
+    model = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(config),
+                                   peftjax.LoraConfig(r=2, target_modules=["q_proj"]))
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=200)
+    decoded, decode = [], generator.decode
+
+    def counted(tokens):
+        decoded.append(len(tokens))
+        return decode(tokens)
+
+    monkeypatch.setattr(generator, "decode", counted)
+    request = generator.request({"prompt": PROMPTS[1], "max_new_tokens": 200, "temperature": 1.0, "seed": 3})
+    pieces: list = []
+    result = generator.generate([request], on_text=[pieces.append])[0]
+    n = len(result["token_ids"])
+    assert n == 200 and pieces[-1] is None and "".join(pieces[:-1]) == result["completion"]
+    assert len(pieces) > n // 2
+    assert sum(decoded) < 10 * n, sum(decoded)  # the stream's and the completion's (n) decodes
+
+
+class _WholeTextStream:
+    """The oracle: :class:`~peftjax.serving._TextStream` as it was, each token decoding all the
+    tokens so far, searching the whole text for stop strings and reading every token's text."""
+
+    def __init__(self, request, emit, generator):
+        self.request, self.emit, self.generator = request, emit, generator
+        self.sent = ""
+        self.restart()
+
+    def restart(self, *, loop_stops=True):
+        self.tokens, self.done, self.loop_stops = [], False, loop_stops
+
+    def put(self, token):
+        from peftjax import serving
+
+        if self.done:
+            return
+        if token in self.generator.eos:
+            self.done = True
+            return
+        self.tokens.append(token)
+        self.done = len(self.tokens) >= self.request.max_new_tokens
+        stop = self.request.stop
+        text = self.generator.decode(self.tokens)
+        found = serving.first_stop_string(text, stop)
+        if found is not None:
+            text, self.done = text[:found[0]], True
+            shown = len(text)
+        else:
+            shown = len(text) - serving._held_back(text, stop)
+            self.done = self.done or (self.loop_stops and _whole_ends_in_stop_string(
+                self.generator._stop_tokenizer, stop, self.tokens))
+        if shown > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent):shown])
+            self.sent = text[:shown]
+
+
+def _whole_ends_in_stop_string(tokenizer, strings, tokens) -> bool:
+    """The oracle: ``ends_in_stop_string`` as it was, reading the texts of all ``tokens``."""
+    from peftjax.models import _stop_strings
+
+    if not tokens or not strings:
+        return False
+    mode, vocabulary, texts, ids = _stop_strings._vocabulary(tokenizer)
+    by_id = _stop_strings._cached(_stop_strings._TEXTS, vocabulary, lambda: dict(zip(ids, texts)), 8)
+    empty = b"" if mode else ""
+    parts = [by_id.get(int(t), empty) for t in tokens]
+    text, last = empty.join(parts), len(parts[-1])
+    matched = [string.encode("utf-8") if mode else string for string in strings]
+    return any(0 <= text.rfind(m) and text.rfind(m) + len(m) > len(text) - last for m in matched)
+
+
+def test_whether_a_row_ends_in_a_stop_string_is_read_from_its_last_tokens():
+    """``ends_in_stop_string`` reads the texts of the last tokens only, as many as can hold a string
+    ending in the last one: what it finds is what reading all of them finds."""
+    from collections.abc import Sequence
+
+    from transformers import AutoTokenizer
+
+    from peftjax.models._stop_strings import ends_in_stop_string
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    row = tokenizer("the cat sat on the mat, and then the dog sat on the log. " * 20, add_special_tokens=False)
+    row = row["input_ids"]
+
+    class Read(Sequence):  # the row, noting which of its tokens are read
+        def __init__(self, tokens):
+            self.tokens, self.read = tokens, set()
+
+        def __len__(self):
+            return len(self.tokens)
+
+        def __getitem__(self, i):
+            self.read.add(i % len(self.tokens))
+            return self.tokens[i]
+
+    for strings in (["the log."], ["log. the"], [" dog", "sat on the log"], ["the mat"], [" cat sat on"], ["."]):
+        for end in range(1, len(row) + 1, 7):
+            tokens = Read(row[:end])
+            assert ends_in_stop_string(tokenizer, strings, tokens) == _whole_ends_in_stop_string(tokenizer, strings,
+                                                                                                row[:end])
+            assert len(tokens.read) <= max(map(len, strings)) + 1, (strings, end)  # each token a character or more
+
+
+def _llama_2_like_tokenizer():
+    """A SentencePiece-style tokenizer as Llama 2's: ``▁`` for spaces, one token a character, and
+    the byte tokens (not special ones) for characters it lacks, decoded a run of bytes at a time
+    (a run that is no whole characters is all U+FFFD)."""
+    import transformers as tr
+    from tokenizers import Tokenizer, decoders, models as token_models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz.,!'é", *(f"▁{c}" for c in "abcdefghijklmnopqrstuvwxyz")]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(token_models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tr.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("vocabulary", ["wordpiece", "byte_level", "byte_fallback"])
+def test_a_stream_s_pieces_and_ends_are_those_of_decoding_the_whole_text(vocabulary, tmp_path):
+    """Streamed a few tokens at a time, a completion's pieces and where it ends are those of
+    decoding all its tokens at every one (the oracle): characters whose bytes span tokens (held
+    back until whole; a byte-fallback run that stops being whole characters), stop strings across
+    tokens (the text before the first one), special tokens between, the rerun (``restart``); the
+    pieces and the rest add up to the whole text cut at its first stop string."""
+    import random
+    import threading
+    import types
+
+    from transformers import AutoTokenizer
+
+    from _tokenizers import byte_level_bpe
+    from peftjax import serving
+
+    texts = ["héllo wörld, the cat sat on the mat € 😀 日本語 and then it sat again.",
+             "one two three, naïve façade — ok! the end 🎉🎉 of it"]
+    if vocabulary == "wordpiece":
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    elif vocabulary == "byte_level":
+        tokenizer = AutoTokenizer.from_pretrained(str(byte_level_bpe(tmp_path, "PreTrainedTokenizerFast",
+                                                                     ["the cat sat on the mat, and then"] * 4)))
+    else:
+        tokenizer = _llama_2_like_tokenizer()
+    generator = types.SimpleNamespace(tokenizer=tokenizer, _tokenizer_lock=threading.Lock(), eos={-1},
+                                      _stop_tokenizer=tokenizer)
+    generator.decode = types.MethodType(serving.BatchingGenerator.decode, generator)
+    rng = random.Random(0)
+    specials = sorted(tokenizer.all_special_ids)
+    cases = []  # (tokens, stop strings, whether to check the pieces add up to the text cut at the first)
+    for text in texts:
+        tokens = tokenizer(text * 3, add_special_tokens=False)["input_ids"]
+        whole = generator.decode(tokens)
+        # strings across tokens: from a word into the next, two of them, one that is not there, the
+        # first word after a space (which the tokens' own texts may have, the text not), one that
+        # begins with a character of several bytes; and one with such a character after its first,
+        # for which the text before the unfinished character is held back too
+        wide = [i for i, c in enumerate(whole) if len(c.encode()) > 1]
+        stops = [((), True), ((" sat o",), True), (("he ma", "t o"), True), (("zzz", whole[-6:]), True),
+                 ((f" {whole[:3]}",), True)]
+        stops += [((whole[i:i + 3],), True) for i in wide[:1] if whole[i + 1:i + 3].isascii()]
+        stops += [((whole[i - 2:i + 1],), True) for i in wide[-1:]]
+        with_specials = list(tokens)
+        for _ in range(6):
+            with_specials.insert(rng.randrange(len(with_specials)), rng.choice(specials))
+        cases += [(t, s, adds_up) for t in (tokens, with_specials) for s, adds_up in stops]
+    cases += [([rng.randrange(len(tokenizer)) for _ in range(rng.randrange(20, 120))], (), False) for _ in range(20)]
+    for tokens, stop, adds_up in cases:
+        rerun = rng.randrange(len(tokens))
+        runs, streams = [], []
+        for kind in (serving._TextStream, _WholeTextStream):
+            request = types.SimpleNamespace(max_new_tokens=len(tokens) + 1, stop=stop)
+            pieces: list = []
+            stream = kind(request, pieces.append, generator)
+            for k, token in enumerate(tokens + [-1]):
+                if k == rerun:  # as if the loop stopped here: the rerun writes the same tokens and goes on
+                    stream.restart(loop_stops=False)
+                    for again in tokens[:k]:
+                        stream.put(again)
+                        pieces.append(("done", stream.done))
+                stream.put(token)
+                pieces.append(("done", stream.done))
+            runs.append(pieces)
+            streams.append(stream)
+        assert runs[0] == runs[1], (tokenizer.convert_ids_to_tokens(tokens), stop, rerun)
+        if adds_up:
+            text = generator.decode(tokens)
+            found = serving.first_stop_string(text, stop)
+            text = text if found is None else text[:found[0]]
+            pieces = []
+            streams[0].emit = pieces.append
+            streams[0].finish(text)
+            assert "".join(p for p in runs[0] + pieces[:-1] if isinstance(p, str)) == text
+
+
 def test_a_failed_streamed_batch_ends_its_streams_with_the_error(files, monkeypatch):
     """A batch that fails ends its requests' streams (``on_text(None)``, the error in the future),
     and an OpenAI stream with OpenAI's error object, which its client raises."""

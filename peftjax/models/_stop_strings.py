@@ -168,18 +168,25 @@ def ends_in_stop_string(tokenizer, strings, tokens) -> bool:
     """Whether the texts of ``tokens``, end to end, end in one of ``strings`` as the loop's check
     finds it (:func:`stop_string_hits` from column 0: the string ends inside the last token and
     lies within ``tokens``), read in ``tokenizer``'s vocabulary: the host's view of why a row
-    stopped."""
+    stopped. Only the last tokens are read, as many as such a string can span."""
     if not tokens or not strings:
         return False
     mode, vocabulary, texts, ids = _vocabulary(tokenizer)
     by_id = _cached(_TEXTS, vocabulary, lambda: dict(zip(ids, texts)), 8)
     empty = b"" if mode else ""
-    parts = [by_id.get(int(t), empty) for t in tokens]
-    text, last = empty.join(parts), len(parts[-1])
-    for string in strings:
-        matched = string.encode("utf-8") if mode else string
-        at = text.rfind(matched)  # the last occurrence ends latest
-        if at >= 0 and at + len(matched) > len(text) - last:
+    matched = [s.encode("utf-8") if mode else s for s in strings]
+    last = len(by_id.get(int(tokens[-1]), empty))
+    reach = last + max(map(len, matched)) - 1  # a string ending in the last token begins within this of the end
+    parts, size = [], 0
+    for t in reversed(tokens):
+        if size >= reach:
+            break
+        parts.append(by_id.get(int(t), empty))
+        size += len(parts[-1])
+    text = empty.join(reversed(parts))
+    for string in matched:
+        at = text.rfind(string)  # the last occurrence ends latest
+        if at >= 0 and at + len(string) > len(text) - last:
             return True
     return False
 
