@@ -40,6 +40,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, sliding_window=4)),
+    # Ministral 8B in small: a sliding layer, then a full one (head_dim given: transformers 5.25 derives none)
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
+    # Ministral 3 in small: YaRN, the queries scaled from position 8 on (original_max_position_embeddings)
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, max_position_embeddings=256,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, pad_token_id=0)),

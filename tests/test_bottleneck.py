@@ -180,6 +180,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "falcon": ("self_attention.dense", "mlp.dense_4h_to_h"),
     "gpt_bigcode": ("attn.c_proj", "mlp.c_proj"),
     "gpt_neo": ("attn.attention.out_proj", "mlp.c_proj"),
+    "ministral3": ("self_attn.o_proj", "mlp.down_proj"),
 }
 
 

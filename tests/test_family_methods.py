@@ -38,7 +38,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
-                        "gpt_bigcode", "gpt_neo")}
+                        "gpt_bigcode", "gpt_neo", "ministral", "ministral3")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -155,6 +155,13 @@ CASES = {
     ("gpt_neo", "ia3-default-targets"): BOTH,
     ("gpt_neo", "prefix"): BOTH,
     ("gpt_neo", "prompt"): BOTH,
+    # Ministral (PEFT has no default targets for either): all-linear; prefix keys read by a sliding and a full
+    # layer (Ministral 8B) and not scaled as the queries are (Ministral 3)
+    ("ministral", "lora-all-linear"): BOTH,
+    ("ministral", "prefix"): BOTH,
+    ("ministral3", "lora-all-linear"): BOTH,
+    ("ministral3", "prefix"): BOTH,
+    ("ministral3", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

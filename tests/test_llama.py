@@ -99,6 +99,11 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # SantaCoder-like per-head q/k/v, unscaled scores, untied
     "gpt_bigcode-per-head": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, dict(multi_query=False, scale_attn_weights=False,
                                                                            tie_word_embeddings=False)),
+    # _tiny's Ministral 8B: a sliding layer, then a full one
+    "ministral-layer-types": ("ministral", tr.MinistralForCausalLM, {}),
+    # _tiny's Ministral 3: YaRN, queries scaled past position 8; and with a window on every layer
+    "ministral3-query-scale": ("ministral3", tr.Ministral3ForCausalLM, {}),
+    "ministral3-window": ("ministral3", tr.Ministral3ForCausalLM, dict(sliding_window=5)),
     # _tiny's GPT-Neo: a global layer, then a local one, unscaled scores, learned positions
     "gpt_neo-local": ("gpt_neo", tr.GPTNeoForCausalLM, {}),
     # _tiny's one LayerNorm, parallel branches, pairwise RoPE on half of each head, a biased LM head
@@ -129,7 +134,7 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
-                                                                   "gpt_bigcode", "gpt_neo")))
+                                                                   "gpt_bigcode", "gpt_neo", "ministral")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -276,7 +281,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon", "gpt_bigcode", "gpt_neo"])
+                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -288,7 +293,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification,
            "falcon": tr.FalconForSequenceClassification,
            "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
-           "gpt_neo": tr.GPTNeoForSequenceClassification}[kind]
+           "gpt_neo": tr.GPTNeoForSequenceClassification, "ministral": tr.MinistralForSequenceClassification,
+           "ministral3": tr.Ministral3ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -662,6 +668,8 @@ def test_numpy_and_list_inputs(llama_dir):
     ("gptj", dict(rotary_dim=None), "rotary_dim must be set"),
     ("gpt_bigcode", dict(add_cross_attention=True, multi_query=False), "add_cross_attention=True .* not implemented"),
     ("gpt_neo", dict(attention_layers=["global", "sparse"]), r"attention_layers \['sparse'\] are not supported"),
+    ("ministral3", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+     r"ministral3: its queries are scaled by rope_parameters' llama_4_scaling_beta .*\['llama_4_scaling_beta', "),
     ("opt", dict(activation_function="relu7"), "activation_function 'relu7' is not supported"),
 ])
 def test_unimplemented_options_are_named(family, overrides, named):

@@ -37,7 +37,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
            "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
            "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
-           "gpt_neo": "GPTNeoConfig"}
+           "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -157,6 +157,11 @@ VARIANTS = [
     ("falcon", dict(multi_query=False, parallel_attn=False, alibi=True, ffn_hidden_size=3000)),
     ("gpt_bigcode", dict(multi_query=False, n_embd=1024, n_head=16, n_inner=2048, scale_attn_weights=False)),
     ("gpt_bigcode", dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=8192)),
+    ("ministral", dict(sliding_window=None, head_dim=64)),
+    ("ministral", dict(layer_types=["sliding_attention", "full_attention"], num_hidden_layers=2, head_dim=64)),
+    ("ministral3", dict(sliding_window=4096, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0,
+                                                               "original_max_position_embeddings": 4096,
+                                                               "llama_4_scaling_beta": 0.2})),
     ("gpt_neo", dict(num_layers=4, attention_types=[[["global"], 2], [["local"], 2]], window_size=128,
                      intermediate_size=3000)),
     ("bloom", dict(num_hidden_layers=3, num_attention_heads=6, hidden_dropout=0.1, pretraining_tp=2)),

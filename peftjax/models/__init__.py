@@ -52,6 +52,16 @@ from peftjax.models._gpt_neo import (
     GPTNeoForSequenceClassification,
     GPTNeoForTokenClassification,
 )
+from peftjax.models._ministral import (
+    Ministral3ForCausalLM,
+    Ministral3ForQuestionAnswering,
+    Ministral3ForSequenceClassification,
+    Ministral3ForTokenClassification,
+    MinistralForCausalLM,
+    MinistralForQuestionAnswering,
+    MinistralForSequenceClassification,
+    MinistralForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -285,6 +295,14 @@ __all__ = [
     "GPTNeoForSequenceClassification",
     "GPTNeoForTokenClassification",
     "GPTNeoForQuestionAnswering",
+    "MinistralForCausalLM",
+    "MinistralForSequenceClassification",
+    "MinistralForTokenClassification",
+    "MinistralForQuestionAnswering",
+    "Ministral3ForCausalLM",
+    "Ministral3ForSequenceClassification",
+    "Ministral3ForTokenClassification",
+    "Ministral3ForQuestionAnswering",
     "GPT2Model",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",

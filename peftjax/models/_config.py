@@ -51,6 +51,22 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
         "sliding_window": 4096, "attention_dropout": 0.0,
     },
+    # MinistralConfig (layer_types derived: every layer sliding when sliding_window is set)
+    "ministral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "sliding_window": 4096, "attention_dropout": 0.0, "layer_types": None,
+    },
+    # Ministral3Config (YaRN and Llama 4's query scale in rope_parameters by default)
+    "ministral3": {
+        "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 34,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 262144, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": 11, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "sliding_window": None, "attention_dropout": 0.0,
+    },
     "qwen2": {
         "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
@@ -555,11 +571,19 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
-                 "granite", "seed_oss", "glm4", "ernie4_5"):
+                 "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5") and self.head_dim is None:
+            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "ministral" and self.layer_types is None:  # MinistralConfig.__post_init__
+            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if t == "ministral3" and self.__dict__.get("rope_parameters") is None:  # Ministral3Config.__post_init__
+            self.rope_parameters = {
+                "type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+                "max_position_embeddings": self.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
+                "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
         if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:
                 self.num_decoder_layers = self.num_layers

@@ -52,7 +52,7 @@ def llama4_query_scale(config) -> tuple[float, int]:
     params = dict(getattr(config, "rope_parameters", None) or {})
     missing = [k for k in ("llama_4_scaling_beta", "original_max_position_embeddings") if params.get(k) is None]
     if missing:
-        raise ValueError(f"Mistral 4 scales its queries by rope_parameters' llama_4_scaling_beta and "
+        raise ValueError(f"{config.model_type}: its queries are scaled by rope_parameters' llama_4_scaling_beta and "
                          f"original_max_position_embeddings; {missing} missing (found {sorted(params)})")
     return float(params["llama_4_scaling_beta"]), int(params["original_max_position_embeddings"])
 
