@@ -40,6 +40,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, sliding_window=4)),
+    # OLMo in small: parameter-free LayerNorms, projections clamped at 0.05 (below the tiny weights' outputs)
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, clip_qkv=0.05)),
     # Ministral 8B in small: a sliding layer, then a full one (head_dim given: transformers 5.25 derives none)
     "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -38,7 +38,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
-                        "gpt_bigcode", "gpt_neo", "ministral", "ministral3")}
+                        "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -162,6 +162,10 @@ CASES = {
     ("ministral3", "lora-all-linear"): BOTH,
     ("ministral3", "prefix"): BOTH,
     ("ministral3", "prompt"): BOTH,
+    # OLMo (PEFT has no default targets for it): all-linear on clamped projections; prefix keys not clamped
+    ("olmo", "lora-all-linear"): BOTH,
+    ("olmo", "prefix"): BOTH,
+    ("olmo", "prompt"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

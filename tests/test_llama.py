@@ -99,6 +99,9 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # SantaCoder-like per-head q/k/v, unscaled scores, untied
     "gpt_bigcode-per-head": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, dict(multi_query=False, scale_attn_weights=False,
                                                                            tie_word_embeddings=False)),
+    # _tiny's OLMo: parameter-free LayerNorms, clamped projections; and unclamped, with biases
+    "olmo-clip": ("olmo", tr.OlmoForCausalLM, {}),
+    "olmo-bias": ("olmo", tr.OlmoForCausalLM, dict(clip_qkv=None, attention_bias=True)),
     # _tiny's Ministral 8B: a sliding layer, then a full one
     "ministral-layer-types": ("ministral", tr.MinistralForCausalLM, {}),
     # _tiny's Ministral 3: YaRN, queries scaled past position 8; and with a window on every layer
@@ -134,7 +137,7 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
-                                                                   "gpt_bigcode", "gpt_neo", "ministral")))
+                                                                   "gpt_bigcode", "gpt_neo", "ministral", "olmo-")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -281,7 +284,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3"])
+                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -294,7 +297,7 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "falcon": tr.FalconForSequenceClassification,
            "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
            "gpt_neo": tr.GPTNeoForSequenceClassification, "ministral": tr.MinistralForSequenceClassification,
-           "ministral3": tr.Ministral3ForSequenceClassification}[kind]
+           "ministral3": tr.Ministral3ForSequenceClassification, "olmo": tr.OlmoForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__

@@ -132,6 +132,8 @@ from peftjax.models._mistral4 import (
     Mistral4ForTokenClassification,
 )
 from peftjax.models._olmo import (
+    OlmoForCausalLM,
+    OlmoForSequenceClassification,
     Olmo2ForCausalLM,
     Olmo2ForSequenceClassification,
     Olmo3ForCausalLM,
@@ -357,6 +359,8 @@ __all__ = [
     "ModernBertModel",
     "ModelOutput",
     "NewWeightsWarning",
+    "OlmoForCausalLM",
+    "OlmoForSequenceClassification",
     "Olmo2ForCausalLM",
     "Olmo2ForSequenceClassification",
     "Olmo3ForCausalLM",

@@ -292,6 +292,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "mlp_bias": False, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
         "attention_multiplier": 1.0,
     },
+    # OlmoConfig (no norm epsilon: OLMo's LayerNorms take 1e-5)
+    "olmo": {
+        "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "use_cache": True, "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 50279,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None,
+    },
     "olmo2": {
         "vocab_size": 50304, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
@@ -570,7 +577,7 @@ class ModelConfig:
     def _derive(self) -> None:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
-        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo2", "olmo3", "smollm3",
+        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "smollm3",
                  "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads

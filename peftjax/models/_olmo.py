@@ -1,6 +1,10 @@
-"""OLMo 2 and OLMo 3 (AI2's open models) in Flax NNX, with transformers' module names.
+"""OLMo, OLMo 2 and OLMo 3 (AI2's open models) in Flax NNX, with transformers' module names.
 
-What differs from Llama:
+OLMo (``olmo``: OLMo-1B, 7B, 7B-0424) is Llama with LayerNorms that have no weight nor bias
+(epsilon 1e-5, in float32), no biases by default, and ``clip_qkv``: the query, key and value
+projections clamped to ``[-clip_qkv, clip_qkv]`` before RoPE.
+
+What OLMo 2 changes from Llama:
 
 - ``q_norm`` and ``k_norm`` are RMSNorms over the whole query and key projections
   (``heads · head_dim`` wide, before the split into heads and RoPE), not per head as in Qwen3;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
@@ -32,6 +37,7 @@ from peftjax.models._layer_kinds import (
 )
 from peftjax.models._llama import (
     LlamaAttention,
+    LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaMLP,
@@ -42,6 +48,46 @@ from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
 
 OLMO3_DEFAULT_THETA = 500000.0
+
+
+def _olmo_norm(config, **kw) -> nnx.LayerNorm:
+    """OLMo's LayerNorm: no weight, no bias, epsilon 1e-5 whatever the config says, in float32."""
+    kw = {**kw, "dtype": jnp.float32}
+    return nnx.LayerNorm(config.hidden_size, epsilon=1e-5, use_bias=False, use_scale=False, **kw)
+
+
+class OlmoAttention(LlamaAttention):
+    """Llama's attention with the projections clamped to ``clip_qkv`` (where set) before RoPE."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.clip = None if config.clip_qkv is None else float(config.clip_qkv)
+
+    def project(self, x):
+        q, k, v = super().project(x)
+        if self.clip is None:
+            return q, k, v
+        return tuple(jnp.clip(t, -self.clip, self.clip) for t in (q, k, v))
+
+
+class OlmoDecoderLayer(LlamaDecoderLayer):
+    attention_class: ClassVar[type[nnx.Module]] = OlmoAttention
+    make_norm = staticmethod(_olmo_norm)
+
+
+class OlmoModel(LlamaModel):
+    layer_class: ClassVar[type[nnx.Module]] = OlmoDecoderLayer
+    make_norm = staticmethod(_olmo_norm)
+
+
+class OlmoForCausalLM(LlamaForCausalLM):
+    """OLMo: Llama with parameter-free LayerNorms and clamped projections."""
+
+    model_class: ClassVar[type[nnx.Module]] = OlmoModel
+
+
+class OlmoForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = OlmoModel
 
 
 class Olmo2Attention(LlamaAttention):
@@ -151,6 +197,8 @@ class Olmo3ForSequenceClassification(LlamaForSequenceClassification):
     model_class: ClassVar[type[nnx.Module]] = Olmo3Model
 
 
+register(OlmoForCausalLM, model_types=("olmo",), default=True)
+register(OlmoForSequenceClassification)
 register(Olmo2ForCausalLM, model_types=("olmo2",), default=True)
 register(Olmo2ForSequenceClassification)
 register(Olmo3ForCausalLM, model_types=("olmo3",), default=True)
