@@ -11,8 +11,9 @@ request: the batch is padded with base-model rows to a power of two, the prompts
 multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a power of two (each
 row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
 settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p``,
-``min_p``, ``typical_p``, ``repetition_penalty`` or seed compiles nothing (turning one of them on or
-off does, once each; each ``no_repeat_ngram_size`` compiles its own). Each row ends inside the
+``min_p``, ``typical_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` or
+seed compiles nothing (turning one of them on or off does, once each; each
+``no_repeat_ngram_size`` and each ``logit_bias`` compiles its own). Each row ends inside the
 compiled loop at its request's stop strings (transformers' ``StopStringCriteria`` on its new
 tokens' own texts), and the batch once every row has ended; the completion is cut where the
 string shows in the decoded text (decoded as written: spaces before punctuation are not cleaned
@@ -28,15 +29,20 @@ The HTTP interface (JSON in, JSON out):
 
 - ``POST /generate`` ``{"prompt": str, "adapter": str | null, "max_new_tokens": int,
   "temperature": float, "top_p": float, "top_k": int, "min_p": float, "typical_p": float,
-  "repetition_penalty": float, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
+  "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+  "logit_bias": {token id: float}, "no_repeat_ngram_size": int, "num_beams": int, "stop": str | [str],
   "seed": int, "stream": bool, "logprobs": int, "n": int}`` (``adapter`` null or
   ``"__base__"``: the base model; ``temperature`` 0, the default, is greedy; ``top_k`` 0 turns the
   filter off, unset is the checkpoint's ``generation_config.json`` value or transformers' 50;
   ``min_p``, ``typical_p``, ``repetition_penalty``, ``no_repeat_ngram_size`` and ``num_beams`` (up
   to 8: beam search, or beam sampling with a temperature; the best beam is the completion) unset are
-  the generation config's, else off; ``"stop"``, a string or a list of up to 8: the completion ends
-  before the first of them to be completed in its text, as OpenAI-style servers cut it: only the
-  new text counts, not the prompt's end; the row stops there inside the batch's loop, which ends
+  the generation config's, else off; ``presence_penalty`` and ``frequency_penalty`` (-2 to 2,
+  OpenAI's: a token's logit less the frequency penalty times its count in the completion so far,
+  and less the presence penalty once it is there) and ``logit_bias`` (OpenAI's: up to 300 token ids,
+  JSON's string keys or integers, each bias from -100 to 100 added to its logit) unset are off;
+  ``"stop"``, a string or a list of up to 8: the completion ends before the first of them to be
+  completed in its text, as OpenAI-style servers cut it: only the new text counts, not the
+  prompt's end; the row stops there inside the batch's loop, which ends
   once every row has), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
   tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
@@ -84,7 +90,9 @@ from peftjax.tuners.base import BASE
 
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-          "repetition_penalty", "no_repeat_ngram_size", "num_beams", "stop", "seed", "logprobs", "n")
+          "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "no_repeat_ngram_size",
+          "num_beams", "stop", "seed", "logprobs", "n")
+MAX_LOGIT_BIAS = 300  # tokens a request may bias (OpenAI's limit)
 MAX_STOP_STRINGS = 8
 MAX_CHOICES = 8  # completions a request may ask for (each a row of its batch)
 MAX_BEAMS = 8
@@ -119,18 +127,22 @@ class Request:
     num_beams: int | None = None
     logprobs: int | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), by token id
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a batch: greedy ones of one repetition penalty,
-        n-gram size and number of beams, sampled ones of one setting (stop strings apart: each
-        cuts its own text)."""
+        presence and frequency penalties, logit bias, n-gram size and number of beams, sampled
+        ones of one setting (stop strings apart: each cuts its own text)."""
         # a beam search's best beam depends on its length: beams batch with the same length only
         length = self.max_new_tokens if (self.num_beams or 1) > 1 else None
+        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
         if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length)
-        return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p,
-                self.repetition_penalty, self.no_repeat_ngram_size, self.num_beams, length, self.seed)
+            return ("greedy", *penalties, self.no_repeat_ngram_size, self.num_beams, length)
+        return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p, *penalties,
+                self.no_repeat_ngram_size, self.num_beams, length, self.seed)
 
 
 class _LockedTokenizer:
@@ -260,6 +272,9 @@ class BatchingGenerator:
         top_p = _number(body, "top_p", float, None, low=0.0, high=1.0)
         top_k = _number(body, "top_k", int, None, low=0)
         penalty = _number(body, "repetition_penalty", float, None, low=0.01)
+        presence = _number(body, "presence_penalty", float, 0.0, low=-2.0, high=2.0)
+        frequency = _number(body, "frequency_penalty", float, 0.0, low=-2.0, high=2.0)
+        logit_bias = self._logit_bias(body.get("logit_bias"))
         min_p = _number(body, "min_p", float, None, low=0.0, high=1.0)
         typical_p = _number(body, "typical_p", float, None, low=0.01, high=1.0)
         ngram = _number(body, "no_repeat_ngram_size", int, None, low=0)
@@ -289,7 +304,24 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
-                       stop, beams, logprobs, choices)
+                       stop, beams, logprobs, choices, presence, frequency, logit_bias)
+
+    def _logit_bias(self, value) -> tuple[tuple[int, float], ...]:
+        """A request's ``logit_bias``: ``{token id (a string, as JSON keys are, or an integer):
+        bias from -100 to 100}``, as OpenAI's, sorted by token id."""
+        if value is None:
+            return ()
+        vocab = len(self.tokenizer)
+        if not isinstance(value, Mapping) or len(value) > MAX_LOGIT_BIAS:
+            raise RequestError(f"'logit_bias' must map token ids to biases (at most {MAX_LOGIT_BIAS}), "
+                               f"got {value!r}"[:300])
+        out = {}
+        for key, bias in value.items():
+            token = int(key) if isinstance(key, str) and key.isdigit() else key
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise RequestError(f"'logit_bias': {key!r} is not a token id of this vocabulary (0 to {vocab - 1})")
+            out[token] = _number({"logit_bias": bias}, "logit_bias", float, None, low=-100.0, high=100.0)
+        return tuple(sorted((t, b) for t, b in out.items() if b))
 
     def _stop_strings(self, value) -> tuple[str, ...]:
         """A request's ``stop``: a string or a list of them."""
@@ -411,6 +443,8 @@ class BatchingGenerator:
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
             top_k=first.top_k, seed=first.seed, pad_token_id=self.pad_token_id,
             repetition_penalty=first.repetition_penalty, min_p=first.min_p, typical_p=first.typical_p,
+            presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty,
+            sequence_bias={(t,): b for t, b in first.logit_bias} or None,
             no_repeat_ngram_size=first.no_repeat_ngram_size, num_beams=first.num_beams,
             num_return_sequences=1,  # one completion a request: the best beam where there are beams
             # each row ends at its own stop strings inside the loop (the batch once every row has
@@ -721,11 +755,9 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
 # what an OpenAI client may send: the fields mapped onto a request, those ignored, and those taken
 # only at the value that changes nothing (anything else is refused by name)
 OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
-                 "top_logprobs", "n"}
+                 "top_logprobs", "n", "presence_penalty", "frequency_penalty", "logit_bias"}
 OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
-OPENAI_NEUTRAL = {"best_of": (1,), "echo": (False,), "presence_penalty": (0, 0.0),
-                  "frequency_penalty": (0, 0.0),
-                  "logit_bias": ({},), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+OPENAI_NEUTRAL = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                   "response_format": ({"type": "text"},)}
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default (chat: the server's limit)
 
@@ -738,11 +770,12 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     one) or ``messages`` (``content`` a string or text parts; a ``developer`` message is a system
     one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
     server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
-    ``top_p``, ``stop`` and ``seed``. A field that would change what is generated and that the
-    server does not do (``best_of``, penalties, logit bias, tools, a JSON response format) is
-    refused by name unless at its neutral value; ``n`` asks for several choices (not with
-    ``stream``). Log probabilities: completions' ``logprobs`` (0 to 5 likeliest tokens beside each
-    chosen one), chat's ``logprobs`` and ``top_logprobs`` (0 to 20); not with ``stream``.
+    ``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``. A
+    field that would change what is generated and that the server does not do (``best_of``,
+    ``echo``, a suffix, tools, a JSON response format) is refused by name unless at its neutral
+    value; ``n`` asks for several choices (not with ``stream``). Log probabilities: completions'
+    ``logprobs`` (0 to 5 likeliest tokens beside each chosen one), chat's ``logprobs`` and
+    ``top_logprobs`` (0 to 20); not with ``stream``.
     ``stream`` is read by the route (:func:`openai_chunk`).
 
     Raises:
@@ -767,7 +800,7 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     if not isinstance(model, str) or not model:
         raise RequestError(f"'model' must name an adapter (GET /v1/models) or {BASE!r}, got {model!r}")
     out = {"adapter": model, "temperature": _number(body, "temperature", float, 1.0, low=0.0, high=2.0)}
-    for name in ("top_p", "stop", "seed", "n"):
+    for name in ("top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "logit_bias"):
         if body.get(name) is not None:
             out[name] = body[name]
     if body.get("stream") and body.get("n", 1) != 1:

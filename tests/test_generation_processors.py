@@ -87,6 +87,47 @@ def test_token_rules_decode_as_transformers(llama):
         assert ours[0, N] == chosen, scale
 
 
+class _OpenAIPenalties:
+    """The test's own oracle, a transformers logits processor in PyTorch: OpenAI's presence and
+    frequency penalties over the tokens after the prompt."""
+
+    def __init__(self, prompt: int, presence: float = 0.0, frequency: float = 0.0):
+        self.prompt, self.presence, self.frequency = prompt, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        new = input_ids[:, self.prompt:]
+        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+@pytest.mark.parametrize("settings", [dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+                                      dict(presence_penalty=-0.5, frequency_penalty=1.2),
+                                      dict(frequency_penalty=0.7, num_beams=3, num_return_sequences=2)])
+def test_presence_and_frequency_penalties_are_openai_s(llama, settings):
+    """``presence_penalty`` and ``frequency_penalty`` (peftjax's, as OpenAI's API and vLLM define them:
+    over the new tokens only), greedy and over beams, token for token as transformers' ``generate``
+    with the rule as a processor of the test's own; each changes what the tiny model writes, and
+    other values reuse the compiled loop."""
+    _, model, hf, free = llama
+    ours = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, **settings)
+    penalties = {k: v for k, v in settings.items() if k.endswith("_penalty")}
+    rest = {k: v for k, v in settings.items() if k not in penalties}
+    processor = _OpenAIPenalties(N, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+    ref = hf_generate(hf, IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, do_sample=False,
+                      logits_processor=tr.LogitsProcessorList([processor]), **rest)
+    np.testing.assert_array_equal(ours, ref)
+    plain = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, **rest)
+    assert (ours != plain).any()
+    if "num_beams" not in settings and penalties.get("frequency_penalty", 0) > 0:  # fewer repeats than unhindered
+        repeats = lambda rows: sum(len(r) - len(set(r)) for r in rows[:, N:].tolist())  # noqa: E731
+        assert repeats(ours) < repeats(free)
+    with compilations() as compiled:  # other values: values of the compiled loop, not a new program
+        for scale in (1.0, 0.5):
+            model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2,
+                           **{**settings, **{k: v * scale for k, v in penalties.items()}})
+    assert compiled.count("_generate") + compiled.count("_beam_generate") == 1, compiled
+
+
 def test_the_prompt_s_repetition_penalty_decodes_as_transformers(llama):
     """``encoder_repetition_penalty`` (transformers' "hallucination penalty") on a decoder: the
     prompt's tokens, padding and all, favoured above 1 and shunned below, as transformers'
@@ -127,7 +168,8 @@ def test_an_encoder_decoder_s_token_rules_count_its_start_token(tmp_path):
     long), the suppressed first tokens then apply to the second, a bad word's prefix and a biased
     sequence match the decoder's tokens, the encoder's n-grams and repetition penalty read its
     input ids (padding and all), greedy and over beams, as transformers' ``generate``; without
-    input ids those are refused."""
+    input ids those are refused. The presence and frequency penalties count the decoder's new
+    tokens, as a processor of the test's own counts them in transformers' ``generate``."""
     save_tiny("t5", tmp_path)
     model, hf = models.from_pretrained(tmp_path), tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
     ids, mask = IDS[:, ::-1].copy(), MASK[:, ::-1].copy()  # T5 pads on the right
@@ -151,6 +193,17 @@ def test_an_encoder_decoder_s_token_rules_count_its_start_token(tmp_path):
         ours = model.generate(ids, mask, **settings)
         np.testing.assert_array_equal(ours, hf_generate(hf, ids, mask, do_sample=False, **settings), err_msg=str(extra))
         assert ours.shape != free.shape or (ours != free).any(), extra
+    for extra in (dict(presence_penalty=40.0, frequency_penalty=0.5), dict(frequency_penalty=30.0, num_beams=3)):
+        # peftjax's penalties count the decoder's tokens after its start token (large: the tiny T5's logits
+        # are far apart), as the test's own processor counts them
+        penalties = {k: extra.pop(k) for k in list(extra) if k.endswith("_penalty")}
+        processor = _OpenAIPenalties(1, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+        settings = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=2, **extra)
+        ours = model.generate(ids, mask, **settings, **penalties)
+        ref = hf_generate(hf, ids, mask, do_sample=False, logits_processor=tr.LogitsProcessorList([processor]),
+                          **settings)
+        np.testing.assert_array_equal(ours, ref, err_msg=str(penalties))
+        assert (ours != model.generate(ids, mask, **settings)).any(), penalties
     with pytest.raises(ValueError, match="pass input_ids, not inputs_embeds alone"):
         model.generate(inputs_embeds=np.zeros((1, 3, model.config.d_model), np.float32), max_new_tokens=2,
                        encoder_no_repeat_ngram_size=2)
@@ -255,6 +308,8 @@ def test_sampling_filters_keep_what_transformers_warpers_keep(tmp_path):
     (dict(typical_p=0.0, do_sample=True), r"typical_p must be a number in \(0, 1\]"),
     (dict(eta_cutoff=1.0, do_sample=True), r"eta_cutoff must be a number in \[0, 1\)"),
     (dict(top_h=0.0, do_sample=True), r"top_h must be a number in \(0, 1\]"),
+    (dict(presence_penalty="high"), "presence_penalty must be a finite number"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be a finite number"),
 ])
 def test_bad_processor_settings_are_refused_by_name(llama, settings, message):
     _, model, _, _ = llama

@@ -220,6 +220,50 @@ def test_a_request_s_repetition_penalty_is_its_own(files):
             generator.request({"prompt": PROMPTS[0], field: bad})
 
 
+def test_a_request_s_presence_and_frequency_penalties_and_logit_bias_are_its_own(files):
+    """OpenAI's presence and frequency penalties and logit bias: a greedy request gets what its
+    adapter alone generates with them (the penalties count its completion's tokens, not its prompt
+    nor the padding), batched only with requests of the same settings; other penalty values
+    compile nothing new; a token biased by 100 is all a completion writes, by -100 never; bad values
+    are named."""
+    from peftjax import serving
+
+    tokenizer, model, generator = two_lora_adapters(files)
+    asks = [(0, "a"), (2, "b")]
+
+    def batch(body, max_new_tokens=8):
+        return [generator.request({"prompt": PROMPTS[i], "adapter": adapter, "max_new_tokens": max_new_tokens,
+                                   **body}) for i, adapter in asks]
+
+    penalties = {"presence_penalty": 1.0, "frequency_penalty": 0.5}
+    requests = batch(penalties)
+    assert requests[0].batch_key == requests[1].batch_key != batch({})[0].batch_key
+    for (i, adapter), result in zip(asks, generator.generate(requests)):
+        assert result["token_ids"] == alone(model, tokenizer, PROMPTS[i], adapter, 8, **penalties)
+    assert any(alone(model, tokenizer, PROMPTS[i], adapter, 8, **penalties) != alone(model, tokenizer, PROMPTS[i],
+                                                                                    adapter, 8) for i, adapter in asks)
+    with compilations() as compiled:
+        for presence, frequency in ((1.0, 0.5), (0.3, -0.2), (-1.5, 2.0)):
+            generator.generate(batch({"presence_penalty": presence, "frequency_penalty": frequency}))
+    assert compiled.count("_generate") == 1, compiled
+
+    free = alone(model, tokenizer, PROMPTS[0], "a", 4)
+    favoured = next(t for t in range(len(tokenizer)) if t not in free and t not in tokenizer.all_special_ids)
+    up = generator.generate(batch({"logit_bias": {str(favoured): 100}}, 4))
+    assert [r["token_ids"] for r in up] == [[favoured] * 4] * 2
+    down = generator.generate(batch({"logit_bias": {free[0]: -100, str(favoured): 0}}, 4))[0]
+    assert down["token_ids"][0] != free[0]
+    assert down["token_ids"] == alone(model, tokenizer, PROMPTS[0], "a", 4, sequence_bias={(free[0],): -100.0})
+    for body, message in (({"presence_penalty": 2.5}, "'presence_penalty' must be between -2.0 and 2.0"),
+                          ({"frequency_penalty": "x"}, "'frequency_penalty' must be a number"),
+                          ({"logit_bias": {"abc": 1}}, "'logit_bias': 'abc' is not a token id of this vocabulary"),
+                          ({"logit_bias": {str(len(tokenizer)): 1}}, "is not a token id of this vocabulary"),
+                          ({"logit_bias": {"5": 101}}, "'logit_bias' must be between -100.0 and 100.0"),
+                          ({"logit_bias": [5]}, "'logit_bias' must map token ids to biases")):
+        with pytest.raises(serving.RequestError, match=re.escape(message)):
+            generator.request({"prompt": PROMPTS[0], **body})
+
+
 def test_a_checkpoint_s_beams_serve_each_request_its_best_beam(files):
     """A base whose generation config asks for beams (and several sequences): each greedy request of
     a mixed batch gets its adapter's best beam alone, one completion a request."""
@@ -314,6 +358,10 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
         sampled = ours(prompt=PROMPTS[1], adapter="a", max_new_tokens=4, temperature=1.0, seed=3)
         done = client.completions.create(model="a", prompt=PROMPTS[1], max_tokens=4, seed=3)  # OpenAI's temperature 1
         assert done.choices[0].text == sampled["completion"]
+        shaped = dict(presence_penalty=1.0, frequency_penalty=0.5, logit_bias={str(free["token_ids"][0]): -100})
+        penalized = ours(prompt=PROMPTS[0], adapter="b", max_new_tokens=6, **shaped)
+        done = client.completions.create(model="b", prompt=PROMPTS[0], max_tokens=6, temperature=0, **shaped)
+        assert done.choices[0].text == penalized["completion"] != free["completion"]
 
         parts = [{"type": "text", "text": "the film "}, {"type": "text", "text": "was"}]
         messages = [{"role": "developer", "content": "be kind"}, {"role": "user", "content": parts}]
@@ -349,8 +397,10 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
              openai.BadRequestError, "'stream_options' is for a streamed request"),
             (lambda: client.completions.create(model="b", prompt="hi", best_of=2), openai.BadRequestError,
              "'best_of': this server takes only 1, got 2"),
-            (lambda: client.chat.completions.create(model="a", messages=messages, frequency_penalty=0.5),
-             openai.BadRequestError, "'frequency_penalty': this server takes only 0, got 0.5"),
+            (lambda: client.completions.create(model="b", prompt="hi", echo=True), openai.BadRequestError,
+             "'echo': this server takes only False, got True"),
+            (lambda: client.chat.completions.create(model="a", messages=messages, frequency_penalty=2.5),
+             openai.BadRequestError, "'frequency_penalty' must be between -2.0 and 2.0"),
             (lambda: client.completions.create(model="b", prompt="hi", max_tokens=9), openai.BadRequestError,
              "'max_tokens' must be between 1 and 8"),
             (lambda: client.completions.create(model="nope", prompt="hi"), openai.NotFoundError,

@@ -35,6 +35,8 @@ from peftjax.models._logits import (
     filter_logits,
     force_and_suppress,
     mark_seen,
+    occurrence_arguments,
+    penalize_occurrences,
     penalize,
     penalize_source,
     rules_arguments,
@@ -87,24 +89,29 @@ def remember(past: Past, token: jax.Array, position, parents=None) -> Past:
 
 
 def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
-               prompt: int = 0, rules: Rules | None = None) -> jax.Array:
+               prompt: int = 0, rules: Rules | None = None, occurrence=None) -> jax.Array:
     """The logits processors transformers' ``generate`` runs before choosing a token (greedy,
     sampled or over beams), in its order: a sequence bias and the input's repetition penalty
     (``rules``), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: a token already in the sequence has its logit divided by
-    ``penalty``, or multiplied where negative), n-gram blocking (``NoRepeatNGramLogitsProcessor``:
-    no token that would repeat an ``ngram``-gram of the sequence, prompt included), the input's
+    ``penalty``, or multiplied where negative), peftjax's presence and frequency penalties
+    (``occurrence``: OpenAI's, :func:`~peftjax.models._logits.penalize_occurrences`), n-gram
+    blocking (``NoRepeatNGramLogitsProcessor``: no token that would repeat an ``ngram``-gram of the
+    sequence, prompt included), the input's
     n-grams and bad words (``rules``), no EOS while fewer than ``min_new`` tokens are new
     (``MinNewTokensLengthLogitsProcessor``), then the forced and suppressed tokens and the length
     penalty (``rules``, :func:`peftjax.models._logits.force_and_suppress`). ``past`` is the rows'
     :class:`Past`, ``new_tokens`` how many tokens are new, ``prompt`` how many came before them;
-    ``penalty``, ``ngram``, ``min_new`` or ``rules`` ``None``: that processor is off (a static choice)."""
+    ``penalty``, ``occurrence``, ``ngram``, ``min_new`` or ``rules`` ``None``: that processor is off (a
+    static choice)."""
     length = prompt + new_tokens
     if rules is not None:
         logits = bias_sequences(logits, rules, past.tokens, length)
         logits = penalize_source(logits, rules, past.source)
     if penalty is not None:
         logits = penalize(logits, past.seen, penalty)
+    if occurrence is not None:
+        logits = penalize_occurrences(logits, occurrence, past.tokens, prompt, length)
     if ngram is not None:  # the n-grams the row holds before the current token
         logits = ban_ngram_completions(logits, past.tokens, past.tokens, length, ngram, within=length)
     if rules is not None:
@@ -363,7 +370,8 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                        prompt_length: int = 0, num_beams: int | None = None, num_return_sequences: int | None = None,
                        length_penalty: float | None = None, early_stopping: bool | str | None = None,
                        no_repeat_ngram_size: int | None = None, processors: Mapping[str, Any] | None = None,
-                       stop_strings=None, tokenizer=None, batch: int | None = None, stop_first: int = 0) -> dict:
+                       stop_strings=None, tokenizer=None, batch: int | None = None, stop_first: int = 0,
+                       presence_penalty: float | None = None, frequency_penalty: float | None = None) -> dict:
     """Every ``generate`` argument the compiled loop takes besides the model and its inputs.
 
     ``max_new_tokens`` is checked. An argument left ``None`` takes the model's ``generation_config``
@@ -381,7 +389,9 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     (:mod:`peftjax.models._logits`); the rules come back as ``"rules"``. ``stop_strings`` (or the
     generation config's), read in ``tokenizer``'s vocabulary (per row: a list for each of the
     ``batch`` rows), come back as ``"stop"`` and ``"stop_table"``, matched from sequence column
-    ``stop_first`` on (:mod:`peftjax.models._stop_strings`).
+    ``stop_first`` on (:mod:`peftjax.models._stop_strings`). ``presence_penalty`` and
+    ``frequency_penalty`` (peftjax's; no generation config field) come back as ``"occurrence"``,
+    values of the compiled loop (:func:`~peftjax.models._logits.occurrence_arguments`).
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
@@ -441,6 +451,7 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
             "ngram": int(no_repeat_ngram_size) or None, "rules": rules, "stop": stop, "stop_table": stop_table,
+            "occurrence": occurrence_arguments(presence_penalty, frequency_penalty),
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id),
                                  warper_arguments(processors, defaults)), "search": search}
 
@@ -610,6 +621,7 @@ def _generate(
     min_new=None,
     ngram=None,
     rules=None,
+    occurrence=None,
     rerun_at=None,
     stop: StopStrings | None = None,
     stop_table=None,
@@ -626,13 +638,13 @@ def _generate(
     n = input_ids.shape[1]
     vocab = out.logits.shape[-1]
     past = prompt_past(input_ids, attention_mask, vocab, max_new_tokens, penalty=penalty, ngram=ngram,
-                       rules=rules, keep_tokens=stop is not None)
+                       rules=rules, keep_tokens=stop is not None or occurrence is not None)
 
     def choose(logits, done, rng, past, i):
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
         raw = logits.astype(jnp.float32)
         logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=n,
-                            rules=rules)
+                            rules=rules, occurrence=occurrence)
         token, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                       top_p=top_p, **warpers)
         token = jnp.where(done, pad, token)
@@ -713,7 +725,7 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
                 length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
                 renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
                 ngram=decoding["ngram"], rules=decoding["rules"], stop=decoding["stop"],
-                stop_table=decoding["stop_table"])
+                stop_table=decoding["stop_table"], occurrence=decoding["occurrence"])
 
 
 def reorder_rows(cache, parents: jax.Array):
@@ -740,7 +752,7 @@ def reorder_rows(cache, parents: jax.Array):
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, rng=None, *,
                    max_new_tokens, eos, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
                    renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
-                   stop=None, stop_table=None):
+                   stop=None, stop_table=None, occurrence=None):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
     times each, or beam sampling (``sampling`` and its key ``rng``): ``([batch *
     num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
@@ -750,13 +762,13 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
     eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
     n = input_ids.shape[1]
     past = prompt_past(input_ids, attention_mask, out.logits.shape[-1], max_new_tokens, penalty=penalty, ngram=ngram,
-                       rules=rules, keep_tokens=stop is not None)
+                       rules=rules, keep_tokens=stop is not None or occurrence is not None)
 
     def body(carry):
         i, logits, cache, key_mask, pos, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
                                    prompt=n, renormalize=renormalize, rules=rules, sampling=sampling,
-                                   min_keep=min_keep)
+                                   min_keep=min_keep, occurrence=occurrence)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
                                                          key=beam_key(rng, i),
@@ -833,6 +845,8 @@ class GenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
         stop_strings_in_prompt: bool = True,
@@ -891,6 +905,10 @@ class GenerationMixin:
             prompt; 0: off.
           remove_invalid_values: NaN logits become 0 and infinite ones the largest finite values
             (transformers' ``InfNanRemoveLogitsProcessor``, after the forced tokens).
+          presence_penalty, frequency_penalty: peftjax's own, as OpenAI's API and vLLM define them
+            (transformers has neither): a token's logit less ``frequency_penalty`` times how often it
+            is among the new tokens so far, and less ``presence_penalty`` once it is (negative values
+            favour repeats), after the repetition penalty; 0: off.
           stop_strings, tokenizer: a row ends once its text (prompt included) ends in one of these
             strings, the token that completes it kept, as transformers' ``StopStringCriteria``
             finds it in ``tokenizer``'s vocabulary (greedy, sampled, or a beam's continuation, which
@@ -972,6 +990,7 @@ class GenerationMixin:
                                       num_beams=num_beams, num_return_sequences=num_return_sequences,
                                       length_penalty=length_penalty, early_stopping=early_stopping,
                                       no_repeat_ngram_size=no_repeat_ngram_size,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                       processors=processors, stop_strings=stop_strings, tokenizer=tokenizer,
                                       batch=input_ids.shape[0],
                                       stop_first=0 if stop_strings_in_prompt else input_ids.shape[1])

@@ -363,6 +363,36 @@ def penalize(logits, seen, penalty):
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def occurrence_arguments(presence_penalty, frequency_penalty):
+    """``(presence, frequency)`` as float32 values of the compiled loop, or ``None`` where both are
+    off (0 or ``None``).
+
+    Raises:
+      ValueError: a value that is not a finite number (named).
+    """
+    values = []
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        value = 0.0 if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number (0: off), got {value!r}")
+        values.append(np.float32(value))
+    return tuple(values) if any(values) else None
+
+
+def penalize_occurrences(logits, occurrence, tokens, prompt: int, length):
+    """peftjax's presence and frequency penalties (OpenAI's and vLLM's, not transformers'): with
+    ``occurrence`` ``(presence, frequency)``, a token's logit less ``frequency`` times its count
+    among each row's new tokens (the columns of ``tokens`` from ``prompt`` up to ``length``), and
+    less ``presence`` once it is among them."""
+    presence, frequency = occurrence
+    columns = jnp.arange(tokens.shape[1])
+    new = jnp.where(((columns >= prompt) & (columns < length))[None], tokens, logits.shape[-1])  # past it: dropped
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    counts = jnp.zeros(logits.shape, jnp.float32).at[rows, new].add(1.0, mode="drop")
+    penalty = frequency * counts + presence * (counts > 0)
+    return (logits.astype(jnp.float32) - penalty).astype(logits.dtype)
+
+
 def ban_ngram_completions(logits, grams, tokens, length, n: int, *, within=None):
     """-inf for every token that would complete an ``n``-gram of ``grams`` (``[rows, m]``; of its
     first ``within`` columns where given, traced) after the row's last ``n - 1`` tokens (of

@@ -70,7 +70,7 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None, rules=None, stop=None, stop_table=None, stream=None, record=(), **warpers):
+              ngram=None, rules=None, occurrence=None, stop=None, stop_table=None, stream=None, record=(), **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -79,7 +79,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
     first = jnp.full((b,), start, jnp.int32)
     # the decoder's tokens so far, the start token first (the processors count it, as transformers')
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules, source=input_ids, keep_tokens=stop is not None)
+                      rules=rules, source=input_ids, keep_tokens=stop is not None or occurrence is not None)
 
     def step(carry, i):
         token, cache, key_mask, done, rng, past = carry
@@ -87,7 +87,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         rng, key = jax.random.split(rng)
         raw = logits.astype(jnp.float32)
         logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1,
-                            rules=rules)
+                            rules=rules, occurrence=occurrence)
         new, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                     top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
@@ -110,7 +110,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, rng=None, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
                    renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
-                   stop=None, stop_table=None):
+                   stop=None, stop_table=None, occurrence=None):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder), or beam sampling (``sampling``, its key ``rng``):
@@ -123,13 +123,13 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     first = jnp.full((rows,), start, jnp.int32)
     logits, cache, key_mask = decode(first, cache, jnp.zeros((rows, max_new_tokens + 1), jnp.int32), 0)
     past = start_past(first[:, None], model.config.vocab_size, max_new_tokens, penalty=penalty, ngram=ngram,
-                      rules=rules, source=input_ids, keep_tokens=stop is not None)
+                      rules=rules, source=input_ids, keep_tokens=stop is not None or occurrence is not None)
 
     def body(carry):
         i, logits, cache, key_mask, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
                                    prompt=1, renormalize=renormalize, rules=rules, sampling=sampling,
-                                   min_keep=min_keep)
+                                   min_keep=min_keep, occurrence=occurrence)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
                                                          key=beam_key(rng, i),
@@ -181,6 +181,8 @@ class Seq2SeqGenerationMixin:
         encoder_repetition_penalty: float | None = None,
         encoder_no_repeat_ngram_size: int | None = None,
         remove_invalid_values: bool | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
         streamer=None,
@@ -216,6 +218,7 @@ class Seq2SeqGenerationMixin:
             over the encoder's input ids (padding and all; they need ``input_ids``).
           remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
             over the decoder's text).
+          presence_penalty, frequency_penalty: as the causal models', over the decoder's new tokens.
           streamer: as the causal models' (``put`` first gets each row's decoder start token).
           output_scores, output_logits, return_dict_in_generate, output_logprobs: as the causal models'.
           num_beams, num_return_sequences, length_penalty, early_stopping: beam search and the
@@ -254,6 +257,7 @@ class Seq2SeqGenerationMixin:
                                       min_new_tokens=min_new_tokens, prompt_length=1, num_beams=num_beams,
                                       num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                       processors=processors, stop_strings=stop_strings, tokenizer=tokenizer,
                                       batch=shape[0])
         search = decoding.pop("search")

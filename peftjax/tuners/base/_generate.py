@@ -17,14 +17,16 @@ from peftjax.models._streaming import check_streamer, streaming
 def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, eos_token_id=None,
                          pad_token_id=None, method: str, do_sample: bool = False, temperature: float = 1.0,
                          top_k=None, top_p=None, seed=None, repetition_penalty=None, min_new_tokens=None,
-                         no_repeat_ngram_size=None, streamer=None, **kwargs) -> np.ndarray:
+                         no_repeat_ngram_size=None, presence_penalty=None, frequency_penalty=None, streamer=None,
+                         **kwargs) -> np.ndarray:
     """``[batch, prompt + new]`` token ids: the prompt, then each row's likeliest next token until
     ``eos_token_id`` (then ``pad_token_id``). Positions count the real tokens, as transformers'
     ``generate`` gives them; the forward is compiled once, for the longest length.
 
     The sampling settings the bundled models' ``generate`` takes are accepted (``temperature``,
     ``top_k``, ``top_p``, ``min_p``, ... and ``seed`` do nothing without ``do_sample``);
-    ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens`` and the token rules
+    ``repetition_penalty``, the presence and frequency penalties, ``no_repeat_ngram_size``,
+    ``min_new_tokens`` and the token rules
     (``bad_words_ids``, ``suppress_tokens``, ...; or the generation config's) apply as there, and a
     ``streamer`` gets the prompt, each step's tokens and ``end()`` as there.
 
@@ -47,7 +49,7 @@ def greedy_without_cache(model, input_ids, attention_mask=None, *, max_new_token
     settings = decoding_arguments(model, max_new_tokens, False, 1.0, None, None, eos_token_id, pad_token_id,
                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                                   prompt_length=n, no_repeat_ngram_size=no_repeat_ngram_size, processors=processors,
-                                  **one)
+                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, **one)
     search = settings["search"]
     if search["num_beams"] > 1 or search["num_return_sequences"] > 1:  # the generation config's
         raise NotImplementedError(f"{method}'s generate decodes greedily, one sequence per input; the model's "
@@ -68,7 +70,7 @@ def _greedy_loop(model, ids, mask, settings, max_new_tokens: int, streamer) -> n
     # transformers skips the left padding), no EOS before min_new new tokens, the token rules
     constrain = functools.partial(_constrain, penalty=settings["penalty"], min_new=settings["min_new"],
                                   eos_ids=np.asarray(eos or [-1], np.int32), ngram=settings["ngram"], prompt=n,
-                                  rules=settings["rules"])
+                                  rules=settings["rules"], occurrence=settings["occurrence"])
     counted = np.arange(total)[None] >= (mask != 0).argmax(axis=1)[:, None]
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
