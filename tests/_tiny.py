@@ -44,6 +44,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, clip_qkv=0.05)),
+    # OLMoE-1B-7B in small: whole-projection q/k norms, clamped projections, top 2 of 4 experts not renormalised
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2, clip_qkv=2.0)),
     # Ministral 8B in small: a sliding layer, then a full one (head_dim given: transformers 5.25 derives none)
     "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -215,6 +215,7 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_falcon.py",  # ~3
     "test_deberta.py",  # ~4
     "test_frod.py",  # ~12
+    "test_olmoe.py",  # ~17
 ]
 
 

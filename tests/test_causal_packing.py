@@ -38,7 +38,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("opt", {}), ("bloom", {}), ("starcoder2", {}), ("stablelm", {}), ("gptj", {}), ("falcon", {}), ("gpt_bigcode", {}),
     ("gpt_neo", {}), ("ministral", {}), ("ministral3", {}), ("olmo", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
-    ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}),
+    ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}), ("olmoe", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its
     # position-scaled queries), GLM-4.5 Lite's
     ("deepseek_v3", {}), ("mistral4", {}), ("glm4_moe_lite", {}),

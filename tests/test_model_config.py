@@ -38,7 +38,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
            "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
            "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
-           "olmo": "OlmoConfig"}
+           "olmo": "OlmoConfig", "olmoe": "OlmoeConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -65,7 +65,8 @@ def assert_same_fields(ours, theirs):
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
-                            "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "ministral", "ministral3"):
+                            "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
+                            "ministral3"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -159,6 +160,7 @@ VARIANTS = [
     ("gpt_bigcode", dict(multi_query=False, n_embd=1024, n_head=16, n_inner=2048, scale_attn_weights=False)),
     ("gpt_bigcode", dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=8192)),
     ("olmo", dict(clip_qkv=8.0, attention_bias=True, num_key_value_heads=8)),
+    ("olmoe", dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=4.0, router_aux_loss_coef=0.1)),
     ("ministral", dict(sliding_window=None, head_dim=64)),
     ("ministral", dict(layer_types=["sliding_attention", "full_attention"], num_hidden_layers=2, head_dim=64)),
     ("ministral3", dict(sliding_window=4096, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 8.0,

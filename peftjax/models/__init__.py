@@ -62,6 +62,7 @@ from peftjax.models._ministral import (
     MinistralForSequenceClassification,
     MinistralForTokenClassification,
 )
+from peftjax.models._olmoe import OlmoeForCausalLM
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -360,6 +361,7 @@ __all__ = [
     "ModelOutput",
     "NewWeightsWarning",
     "OlmoForCausalLM",
+    "OlmoeForCausalLM",
     "OlmoForSequenceClassification",
     "Olmo2ForCausalLM",
     "Olmo2ForSequenceClassification",

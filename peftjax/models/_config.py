@@ -249,6 +249,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
         "mlp_only_layers": None, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
     },
+    # OlmoeConfig (experts in num_experts, alias num_local_experts)
+    "olmoe": {
+        "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 1, "bos_token_id": None,
+        "eos_token_id": 50279, "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+        "clip_qkv": None, "num_experts_per_tok": 8, "num_experts": 64, "output_router_logits": False,
+        "router_aux_loss_coef": 0.01, "norm_topk_prob": False,
+    },
     # DeepseekV3Config: experts in n_routed_experts (alias num_local_experts); head_dim is derived
     "deepseek_v3": {
         "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -522,6 +531,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mixtral": {"num_experts": "num_local_experts"},
     "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt_oss": {"num_experts": "num_local_experts"},
+    "olmoe": {"num_local_experts": "num_experts"},
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts", "head_dim": "qk_rope_head_dim"},
@@ -577,7 +587,7 @@ class ModelConfig:
     def _derive(self) -> None:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
-        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "smollm3",
+        if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads

@@ -1,0 +1,165 @@
+"""OLMoE against PyTorch transformers and HF PEFT: logits (OLMo's whole-projection q/k norms and
+clamp over Mixtral's experts, routing renormalised or not), the load-balancing loss, both
+checkpoint layouts, greedy generation, scanned layers with gradients, and LoRA on the attention,
+the router and the fused experts both ways."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import _tiny
+from _torch_models import (
+    assert_close_where,
+    assert_layouts_round_trip,
+    lazy,
+    padded_batch,
+    randomised,
+    save_in_memory_layout,
+    torch_logits,
+)
+
+import peftjax
+from peftjax import models
+
+torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+safetensors_torch = lazy("safetensors.torch")
+
+VOCAB = _tiny.FAMILIES["olmoe"][2]["vocab_size"]
+TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float32 sums
+
+
+def _build(root, **overrides):
+    """(torch model, its checkpoint as transformers saves it (per-expert), the fused checkpoint)."""
+    torch_model = randomised(tr.OlmoeForCausalLM(_tiny.config("olmoe", **overrides)).eval())
+    torch_model.save_pretrained(root / "hub")
+    save_in_memory_layout(torch_model, root / "fused")
+    return torch_model, root / "hub", root / "fused"
+
+
+@pytest.fixture(scope="module")
+def olmoe(tmp_path_factory):
+    torch_model, hub, fused = _build(tmp_path_factory.mktemp("olmoe"))
+    return torch_model, hub, fused, models.from_pretrained(hub)
+
+
+def _jitted(model, **inputs):
+    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(norm_topk_prob=True, clip_qkv=None)])
+def test_logits_and_the_load_balancing_loss_match_transformers(overrides, olmoe, tmp_path):
+    """A padded batch's logits (the tiny model's clamp at 2 bites on its 0.3-std weights), and the
+    loss with and without the router terms, each routing."""
+    torch_model, _, _, model = olmoe if not overrides else (*_build(tmp_path, **overrides), None)
+    model = model or models.from_pretrained(tmp_path / "hub")
+    assert type(model).__name__ == "OlmoeForCausalLM"
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+                               torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          labels=torch.tensor(labels), output_router_logits=True)
+    inputs = {k: jnp.asarray(v) for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels).items()}
+    out = nnx.jit(lambda m, kw: m(**kw, output_router_logits=True))(model, inputs)
+    assert abs(float(out.aux_loss) - ref.aux_loss.item()) <= 1e-5
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
+def test_the_clamp_is_read_from_the_config(olmoe):
+    """Without ``clip_qkv`` the same weights give other logits: the tiny model's clamp is live."""
+    torch_model, hub, _, model = olmoe
+    unclamped = models.from_pretrained(hub, clip_qkv=None)
+    ids, mask = padded_batch(VOCAB, seq=9)
+    valid = mask.astype(bool)
+    a = np.asarray(model(input_ids=ids, attention_mask=mask).logits)[valid]
+    b = np.asarray(unclamped(input_ids=ids, attention_mask=mask).logits)[valid]
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_both_checkpoint_layouts_load_and_save_writes_what_transformers_writes(olmoe, tmp_path):
+    torch_model, hub, fused, model = olmoe
+    keys = lambda d: set(safetensors_torch.load_file(str(d / "model.safetensors")))  # noqa: E731
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in keys(hub)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys(fused)
+    assert_layouts_round_trip(torch_model, hub, fused, model, tmp_path, VOCAB)
+
+
+def test_greedy_generation_and_scanned_layers_with_gradients_match_transformers(olmoe):
+    torch_model, hub, _, model = olmoe
+    ids, mask = padded_batch(VOCAB, seq=5)
+    with torch.no_grad():
+        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=5,
+                                   do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=5)), ref)
+
+    scanned = models.from_pretrained(hub, scan_layers=True, remat="full", output_router_logits=True)
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    out_ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          labels=torch.tensor(labels), output_router_logits=True)
+    out_ref.loss.backward()
+
+    def loss(m):
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
+        return out.loss, out
+
+    grads, out = nnx.jit(nnx.grad(loss, has_aux=True))(scanned)
+    assert abs(float(out.loss) - out_ref.loss.item()) <= 1e-5
+    mlp, attn = grads.model.layers.layer.mlp, grads.model.layers.layer.self_attn
+    for ours, name in ((mlp.gate.weight, "mlp.gate.weight"), (mlp.experts.gate_up_proj, "mlp.experts.gate_up_proj"),
+                       (attn.k_norm.scale, "self_attn.k_norm.weight"), (attn.q_proj.kernel, "self_attn.q_proj.weight")):
+        for i in range(2):
+            theirs = torch_model.get_parameter(f"model.layers.{i}.{name}").grad.numpy()
+            mine = np.asarray(ours[...])[i]
+            mine = mine.T if name.endswith("q_proj.weight") else mine
+            np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=1e-4, err_msg=f"{i} {name}")
+    torch_model.zero_grad(set_to_none=True)
+
+
+def test_lora_on_attention_router_and_experts_both_ways(olmoe, tmp_path):
+    """LoRA made here on the attention and the experts (PEFT's ``target_parameters`` for the fused
+    ones) trains, loads in PEFT with the same logits and merges for transformers; PEFT's all-linear
+    adapter gives its logits here."""
+    _, hub, _, _ = olmoe
+    ids, mask = padded_batch(VOCAB, batch=2, seq=7)
+
+    def base():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tr.OlmoeForCausalLM.from_pretrained(hub).eval()
+
+    model = peftjax.get_peft_model(models.from_pretrained(hub), peftjax.LoraConfig(
+        r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "o_proj", "gate_proj", "up_proj",
+                                                                   "down_proj"]))
+    losses = _tiny.train(model, _tiny.batch(ids, mask), steps=3).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    ours = model(input_ids=ids, attention_mask=mask).logits
+    plain = torch_logits(base(), input_ids=ids, attention_mask=mask)
+    assert np.abs(np.asarray(ours)[mask.astype(bool)] - plain[mask.astype(bool)]).max() > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    assert_close_where(ours, torch_logits(theirs, input_ids=ids, attention_mask=mask), mask, **TOL)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = tr.OlmoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_close_where(ours, torch_logits(merged, input_ids=ids, attention_mask=mask), mask, **TOL)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    made.save_pretrained(tmp_path / "peft")
+    ref = torch_logits(made, input_ids=ids, attention_mask=mask)
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(hub), tmp_path / "peft")
+    assert_close_where(_jitted(loaded.base_model, input_ids=ids, attention_mask=mask).logits, ref, mask, **TOL)
