@@ -40,6 +40,7 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
+    layer_norm,
 )
 from peftjax.models._gpt_neox import GPTNeoXAttention
 from peftjax.nn._dropout import split_keys
@@ -58,10 +59,6 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
         more = min(closest, num_heads - closest)
         slopes = np.concatenate([slopes, extra ** np.arange(1, 1 + 2 * more, 2, dtype=np.float32)])
     return slopes.astype(np.float32)
-
-
-def _norm(config, **kw) -> nnx.LayerNorm:
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
 
 
 class BloomAttention(GPTNeoXAttention):
@@ -92,9 +89,9 @@ class BloomMLP(DenseMLP):
 class BloomBlock(nnx.Module):
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.input_layernorm = _norm(config, **kw)
+        self.input_layernorm = layer_norm(config, **kw)
         self.self_attention = BloomAttention(config, layer_idx, **kw)
-        self.post_attention_layernorm = _norm(config, **kw)
+        self.post_attention_layernorm = layer_norm(config, **kw)
         self.mlp = BloomMLP(config, **kw)
         self.post_norm_residual = bool(getattr(config, "apply_residual_connection_post_layernorm", False))
         self.dropout_rate = float(getattr(config, "hidden_dropout", 0.0) or 0.0)
@@ -116,11 +113,11 @@ class BloomModel(LlamaModel):
     embed_name: ClassVar[str] = "word_embeddings"
     layers_name: ClassVar[str] = "h"
     norm_name: ClassVar[str] = "ln_f"
-    make_norm = staticmethod(_norm)
+    make_norm = staticmethod(layer_norm)
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.word_embeddings_layernorm = _norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.word_embeddings_layernorm = layer_norm(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     @staticmethod
     def make_rotary(config):

@@ -40,12 +40,9 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
+    layer_norm,
 )
 from peftjax.nn._dropout import split_keys
-
-
-def _norm(config, **kw) -> nnx.LayerNorm:
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
 
 
 class FalconAttention(LlamaAttention):
@@ -111,11 +108,11 @@ class FalconDecoderLayer(nnx.Module):
         self.mlp = FalconMLP(config, **kw)
         self.norms = norms_in_parallel(config)
         if self.norms == 2:
-            self.ln_attn, self.ln_mlp = _norm(config, **kw), _norm(config, **kw)
+            self.ln_attn, self.ln_mlp = layer_norm(config, **kw), layer_norm(config, **kw)
         else:
-            self.input_layernorm = _norm(config, **kw)
+            self.input_layernorm = layer_norm(config, **kw)
             if self.norms is None:
-                self.post_attention_layernorm = _norm(config, **kw)
+                self.post_attention_layernorm = layer_norm(config, **kw)
         self.hidden_rate = float(config.hidden_dropout or 0.0)
         self.attention_rate = float(config.attention_dropout or 0.0)
 
@@ -138,7 +135,7 @@ class FalconModel(LlamaModel):
     embed_name: ClassVar[str] = "word_embeddings"
     layers_name: ClassVar[str] = "h"
     norm_name: ClassVar[str] = "ln_f"
-    make_norm = staticmethod(_norm)
+    make_norm = staticmethod(layer_norm)
 
     @staticmethod
     def make_rotary(config):

@@ -31,12 +31,9 @@ from peftjax.models._llama import (
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
     LlamaModel,
+    layer_norm,
 )
 from peftjax.nn._dropout import split_keys
-
-
-def _norm(config, **kw) -> nnx.LayerNorm:
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
 
 
 class GPTBigCodeAttention(LlamaAttention):
@@ -87,9 +84,9 @@ class GPTBigCodeBlock(nnx.Module):
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_1 = _norm(config, **kw)
+        self.ln_1 = layer_norm(config, **kw)
         self.attn = self.attention_class(config, layer_idx, **kw)
-        self.ln_2 = _norm(config, **kw)
+        self.ln_2 = layer_norm(config, **kw)
         self.mlp = self.mlp_class(config, **kw)
         self.dropout_rate = float(getattr(config, self.residual_dropout, 0.0) or 0.0)
 
@@ -110,7 +107,7 @@ class GPTBigCodeModel(LlamaModel):
     layers_name: ClassVar[str] = "h"
     norm_name: ClassVar[str] = "ln_f"
     embedding_dropout: ClassVar[str] = "embd_pdrop"
-    make_norm = staticmethod(_norm)
+    make_norm = staticmethod(layer_norm)
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         if getattr(config, "add_cross_attention", False):

@@ -29,12 +29,9 @@ from peftjax.models._llama import (
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaModel,
+    layer_norm,
 )
 from peftjax.nn._dropout import split_keys
-
-
-def _norm(config, **kw) -> nnx.LayerNorm:
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
 
 
 class GPTJAttention(LlamaAttention):
@@ -64,7 +61,7 @@ class GPTJBlock(nnx.Module):
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_1 = _norm(config, **kw)
+        self.ln_1 = layer_norm(config, **kw)
         self.attn = GPTJAttention(config, layer_idx, **kw)
         self.mlp = GPTJMLP(config, **kw)
         self.dropout_rate = float(getattr(config, "resid_pdrop", 0.0) or 0.0)
@@ -87,7 +84,7 @@ class GPTJModel(LlamaModel):
     layers_name: ClassVar[str] = "h"
     norm_name: ClassVar[str] = "ln_f"
     embedding_dropout: ClassVar[str] = "embd_pdrop"
-    make_norm = staticmethod(_norm)
+    make_norm = staticmethod(layer_norm)
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         if not getattr(config, "rotary_dim", None):

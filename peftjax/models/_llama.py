@@ -88,6 +88,12 @@ def sliding_windows(config) -> list[int | None]:
     return [None] * n
 
 
+def layer_norm(config, **kw) -> nnx.LayerNorm:
+    """A LayerNorm over the hidden size at ``layer_norm_epsilon`` (BLOOM's, Falcon's, GPT-J's,
+    GPTBigCode's and GPT-Neo's norms)."""
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
+
+
 class LlamaAttention(nnx.Module):
     out_name: ClassVar[str] = "o_proj"  # the output projection's attribute (Phi's: dense)
 
