@@ -48,6 +48,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2, clip_qkv=2.0)),
+    # Arcee AFM in small: a gate-less ReLU² MLP
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Helium in small: RoPE on adjacent pairs
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0)),
+    # InternLM3 in small: Llama's decoder (transformers builds LlamaForCausalLM), biases on
+    "internlm3": ("InternLM3Config", "LlamaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, qkv_bias=True, bias=True)),
     # Ministral 8B in small: a sliding layer, then a full one (head_dim given: transformers 5.25 derives none)
     "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

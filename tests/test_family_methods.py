@@ -38,7 +38,8 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
-                        "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo")}
+                        "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
+                        "helium")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -166,6 +167,12 @@ CASES = {
     ("olmo", "lora-all-linear"): BOTH,
     ("olmo", "prefix"): BOTH,
     ("olmo", "prompt"): BOTH,
+    # Arcee (its gate-less MLP's up_proj and down_proj) and Helium (pairwise RoPE on the prefix's queries' keys):
+    # PEFT has no default targets for either
+    ("arcee", "lora-all-linear"): BOTH,
+    ("arcee", "prefix"): BOTH,
+    ("helium", "lora-all-linear"): BOTH,
+    ("helium", "prefix"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

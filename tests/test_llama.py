@@ -102,6 +102,10 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # _tiny's OLMo: parameter-free LayerNorms, clamped projections; and unclamped, with biases
     "olmo-clip": ("olmo", tr.OlmoForCausalLM, {}),
     "olmo-bias": ("olmo", tr.OlmoForCausalLM, dict(clip_qkv=None, attention_bias=True)),
+    # _tiny's Arcee (a gate-less ReLU² MLP), Helium (pairwise RoPE), InternLM3 (Llama with every bias)
+    "arcee-relu2": ("arcee", tr.ArceeForCausalLM, {}),
+    "helium-pairs": ("helium", tr.HeliumForCausalLM, dict(head_dim=16)),  # o_proj reads hidden_size wide
+    "internlm3-biases": ("internlm3", tr.LlamaForCausalLM, {}),
     # _tiny's Ministral 8B: a sliding layer, then a full one
     "ministral-layer-types": ("ministral", tr.MinistralForCausalLM, {}),
     # _tiny's Ministral 3: YaRN, queries scaled past position 8; and with a window on every layer
@@ -137,7 +141,8 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "seed_oss", "glm4", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
-                                                                   "gpt_bigcode", "gpt_neo", "ministral", "olmo-")))
+                                                                   "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
+                                                                   "arcee", "helium", "internlm3")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -284,7 +289,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo"])
+                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -297,7 +302,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "falcon": tr.FalconForSequenceClassification,
            "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
            "gpt_neo": tr.GPTNeoForSequenceClassification, "ministral": tr.MinistralForSequenceClassification,
-           "ministral3": tr.Ministral3ForSequenceClassification, "olmo": tr.OlmoForSequenceClassification}[kind]
+           "ministral3": tr.Ministral3ForSequenceClassification, "olmo": tr.OlmoForSequenceClassification,
+           "arcee": tr.ArceeForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__

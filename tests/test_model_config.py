@@ -38,7 +38,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "bloom": "BloomConfig", "starcoder2": "Starcoder2Config", "stablelm": "StableLmConfig",
            "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
            "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
-           "olmo": "OlmoConfig", "olmoe": "OlmoeConfig"}
+           "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
+           "internlm3": "InternLM3Config"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -66,7 +67,7 @@ def assert_same_fields(ours, theirs):
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
-                            "ministral3"):
+                            "ministral3", "arcee", "helium", "internlm3"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -160,6 +161,9 @@ VARIANTS = [
     ("gpt_bigcode", dict(multi_query=False, n_embd=1024, n_head=16, n_inner=2048, scale_attn_weights=False)),
     ("gpt_bigcode", dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=8192)),
     ("olmo", dict(clip_qkv=8.0, attention_bias=True, num_key_value_heads=8)),
+    ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
+    ("helium", dict(num_key_value_heads=4, rms_norm_eps=1e-6)),
+    ("internlm3", dict(qkv_bias=True, bias=True, num_key_value_heads=8)),
     ("olmoe", dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, clip_qkv=4.0, router_aux_loss_coef=0.1)),
     ("ministral", dict(sliding_window=None, head_dim=64)),
     ("ministral", dict(layer_types=["sliding_attention", "full_attention"], num_hidden_layers=2, head_dim=64)),

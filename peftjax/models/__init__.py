@@ -63,6 +63,15 @@ from peftjax.models._ministral import (
     MinistralForTokenClassification,
 )
 from peftjax.models._olmoe import OlmoeForCausalLM
+from peftjax.models._llama_variants import (
+    ArceeForCausalLM,
+    ArceeForQuestionAnswering,
+    ArceeForSequenceClassification,
+    ArceeForTokenClassification,
+    HeliumForCausalLM,
+    HeliumForSequenceClassification,
+    HeliumForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -361,6 +370,13 @@ __all__ = [
     "ModelOutput",
     "NewWeightsWarning",
     "OlmoForCausalLM",
+    "ArceeForCausalLM",
+    "ArceeForSequenceClassification",
+    "ArceeForTokenClassification",
+    "ArceeForQuestionAnswering",
+    "HeliumForCausalLM",
+    "HeliumForSequenceClassification",
+    "HeliumForTokenClassification",
     "OlmoeForCausalLM",
     "OlmoForSequenceClassification",
     "Olmo2ForCausalLM",

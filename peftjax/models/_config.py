@@ -51,6 +51,30 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
         "sliding_window": 4096, "attention_dropout": 0.0,
     },
+    # ArceeConfig (a gate-less ReLU² MLP)
+    "arcee": {
+        "vocab_size": 32000, "hidden_size": 2560, "intermediate_size": 18432, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "relu2",
+        "max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+    },
+    # HeliumConfig (pairwise RoPE)
+    "helium": {
+        "vocab_size": 48000, "hidden_size": 2560, "intermediate_size": 7040, "num_hidden_layers": 24,
+        "num_attention_heads": 20, "num_key_value_heads": None, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "initializer_range": 0.02, "rms_norm_eps": 1e-08, "use_cache": True,
+        "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+    },
+    # InternLM3Config (Llama's; qkv_bias and bias by ATTRIBUTE_MAPS)
+    "internlm3": {
+        "vocab_size": 128512, "hidden_size": 4096, "intermediate_size": 10240, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": 2, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+    },
     # MinistralConfig (layer_types derived: every layer sliding when sliding_window is set)
     "ministral": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -546,6 +570,7 @@ ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
+ATTRIBUTE_MAPS["internlm3"] = {"qkv_bias": "attention_bias", "bias": "mlp_bias"}
 ATTRIBUTE_MAPS["gpt_neo"] = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
@@ -588,10 +613,12 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
-                 "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3"):
+                 "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
+                 "internlm3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3") and self.head_dim is None:
+            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
+                     "internlm3") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "ministral" and self.layer_types is None:  # MinistralConfig.__post_init__
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
