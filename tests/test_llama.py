@@ -102,6 +102,10 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # _tiny's OLMo: parameter-free LayerNorms, clamped projections; and unclamped, with biases
     "olmo-clip": ("olmo", tr.OlmoForCausalLM, {}),
     "olmo-bias": ("olmo", tr.OlmoForCausalLM, dict(clip_qkv=None, attention_bias=True)),
+    # _tiny's EXAONE 4.0: a sliding RoPE layer, then a global NoPE one; and without a window (RoPE everywhere)
+    "exaone4-hybrid": ("exaone4", tr.Exaone4ForCausalLM, {}),
+    "exaone4-no-window": ("exaone4", tr.Exaone4ForCausalLM, dict(sliding_window=None,
+                                                                  layer_types=["full_attention"] * 2)),
     # _tiny's Arcee (a gate-less ReLU² MLP), Helium (pairwise RoPE), InternLM3 (Llama with every bias)
     "arcee-relu2": ("arcee", tr.ArceeForCausalLM, {}),
     "helium-pairs": ("helium", tr.HeliumForCausalLM, dict(head_dim=16)),  # o_proj reads hidden_size wide
@@ -142,7 +146,7 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
                                                                    "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
-                                                                   "arcee", "helium", "internlm3")))
+                                                                   "arcee", "helium", "internlm3", "exaone4")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -289,7 +293,8 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
-                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee"])
+                                  "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
+                                  "exaone4"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -303,7 +308,7 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
            "gpt_neo": tr.GPTNeoForSequenceClassification, "ministral": tr.MinistralForSequenceClassification,
            "ministral3": tr.Ministral3ForSequenceClassification, "olmo": tr.OlmoForSequenceClassification,
-           "arcee": tr.ArceeForSequenceClassification}[kind]
+           "arcee": tr.ArceeForSequenceClassification, "exaone4": tr.Exaone4ForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -350,7 +355,8 @@ def test_llama3_rope_frequencies_match_transformers():
     ("starcoder2", {}), ("stablelm", {}), ("stablelm", dict(use_parallel_residual=True)), ("gptj", {}), ("falcon", {}),
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
-    ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]]))])
+    ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]])),
+    ("exaone4", {})])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""

@@ -72,6 +72,12 @@ from peftjax.models._llama_variants import (
     HeliumForSequenceClassification,
     HeliumForTokenClassification,
 )
+from peftjax.models._exaone4 import (
+    Exaone4ForCausalLM,
+    Exaone4ForQuestionAnswering,
+    Exaone4ForSequenceClassification,
+    Exaone4ForTokenClassification,
+)
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -371,6 +377,10 @@ __all__ = [
     "NewWeightsWarning",
     "OlmoForCausalLM",
     "ArceeForCausalLM",
+    "Exaone4ForCausalLM",
+    "Exaone4ForSequenceClassification",
+    "Exaone4ForTokenClassification",
+    "Exaone4ForQuestionAnswering",
     "ArceeForSequenceClassification",
     "ArceeForTokenClassification",
     "ArceeForQuestionAnswering",

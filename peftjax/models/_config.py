@@ -51,6 +51,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
         "sliding_window": 4096, "attention_dropout": 0.0,
     },
+    # Exaone4Config (layer_types derived from sliding_window_pattern; head_dim the hidden size over the heads)
+    "exaone4": {
+        "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "bos_token_id": 0, "eos_token_id": 2,
+        "pad_token_id": None, "tie_word_embeddings": False, "attention_dropout": 0.0, "sliding_window": 4096,
+        "sliding_window_pattern": 4, "layer_types": None,
+    },
     # ArceeConfig (a gate-less ReLU² MLP)
     "arcee": {
         "vocab_size": 32000, "hidden_size": 2560, "intermediate_size": 18432, "num_hidden_layers": 32,
@@ -620,6 +628,13 @@ class ModelConfig:
             if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
                      "internlm3") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "exaone4":  # Exaone4Config.__post_init__
+            if self.sliding_window is None:
+                self.sliding_window_pattern = 0
+            if self.layer_types is None:
+                from peftjax.models._exaone4 import exaone4_layer_types
+
+                self.layer_types = exaone4_layer_types(self)
         if t == "ministral" and self.layer_types is None:  # MinistralConfig.__post_init__
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
