@@ -53,6 +53,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=4,
         sliding_window_pattern=2)),
+    # Apertus in small: per-head q/k norms, a gate-less xIELU MLP, Llama 3's RoPE
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0)),
     # Arcee AFM in small: a gate-less ReLU² MLP
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -181,6 +181,11 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "gpt_bigcode": ("attn.c_proj", "mlp.c_proj"),
     "gpt_neo": ("attn.attention.out_proj", "mlp.c_proj"),
     "ministral3": ("self_attn.o_proj", "mlp.down_proj"),
+    "olmo": ("self_attn.o_proj", "mlp.down_proj"),
+    "arcee": ("self_attn.o_proj", "mlp.down_proj"),
+    "helium": ("self_attn.o_proj", "mlp.down_proj"),
+    "exaone4": ("self_attn.o_proj", "mlp.down_proj"),
+    "apertus": ("self_attn.o_proj", "mlp.down_proj"),
 }
 
 

@@ -37,7 +37,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     # learned positions (OPT), ALiBi (BLOOM), LayerNorm decoders
     ("opt", {}), ("bloom", {}), ("starcoder2", {}), ("stablelm", {}), ("gptj", {}), ("falcon", {}), ("gpt_bigcode", {}),
     ("gpt_neo", {}), ("ministral", {}), ("ministral3", {}), ("olmo", {}), ("arcee", {}), ("helium", {}),
-    ("exaone4", {}),
+    ("exaone4", {}), ("apertus", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
     ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}), ("olmoe", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its

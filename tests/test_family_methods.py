@@ -39,7 +39,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
-                        "helium", "exaone4")}
+                        "helium", "exaone4", "apertus")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -177,6 +177,9 @@ CASES = {
     ("exaone4", "lora-all-linear"): BOTH,
     ("exaone4", "prefix"): BOTH,
     ("exaone4", "prompt"): BOTH,
+    # Apertus (no PEFT defaults): all-linear, its gate-less MLP's up_proj and down_proj; prefix keys not normed
+    ("apertus", "lora-all-linear"): BOTH,
+    ("apertus", "prefix"): BOTH,
     ("cohere", "lora-all-linear"): BOTH,
     ("cohere", "prefix"): ("peft->here",),
     ("cohere2", "dora-all-linear"): BOTH,

@@ -106,6 +106,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "exaone4-hybrid": ("exaone4", tr.Exaone4ForCausalLM, {}),
     "exaone4-no-window": ("exaone4", tr.Exaone4ForCausalLM, dict(sliding_window=None,
                                                                   layer_types=["full_attention"] * 2)),
+    # _tiny's Apertus: per-head q/k norms, a gate-less xIELU MLP, Llama 3's RoPE
+    "apertus-xielu": ("apertus", tr.ApertusForCausalLM, {}),
     # _tiny's Arcee (a gate-less ReLU² MLP), Helium (pairwise RoPE), InternLM3 (Llama with every bias)
     "arcee-relu2": ("arcee", tr.ArceeForCausalLM, {}),
     "helium-pairs": ("helium", tr.HeliumForCausalLM, dict(head_dim=16)),  # o_proj reads hidden_size wide
@@ -146,7 +148,8 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
                                                                    "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
-                                                                   "arcee", "helium", "internlm3", "exaone4")))
+                                                                   "arcee", "helium", "internlm3", "exaone4",
+                                                                   "apertus")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -356,7 +359,7 @@ def test_llama3_rope_frequencies_match_transformers():
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
     ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]])),
-    ("exaone4", {})])
+    ("exaone4", {}), ("apertus", {})])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""

@@ -39,7 +39,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
            "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
            "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
-           "internlm3": "InternLM3Config", "exaone4": "Exaone4Config"}
+           "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -67,7 +67,8 @@ def assert_same_fields(ours, theirs):
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
-                            "ministral3", "arcee", "helium", "internlm3", "exaone4"):
+                            "ministral3", "arcee", "helium", "internlm3", "exaone4",
+                            "apertus"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -163,6 +164,8 @@ VARIANTS = [
     ("olmo", dict(clip_qkv=8.0, attention_bias=True, num_key_value_heads=8)),
     ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
     ("exaone4", dict(sliding_window=1024, sliding_window_pattern=3, num_hidden_layers=7)),
+    ("apertus", dict(hidden_act="relu2", num_key_value_heads=8, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 5e5})),
     ("exaone4", dict(layer_types=["full_attention", "sliding_attention"], num_hidden_layers=2)),
     ("helium", dict(num_key_value_heads=4, rms_norm_eps=1e-6)),
     ("internlm3", dict(qkv_bias=True, bias=True, num_key_value_heads=8)),

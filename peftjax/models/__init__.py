@@ -78,6 +78,7 @@ from peftjax.models._exaone4 import (
     Exaone4ForSequenceClassification,
     Exaone4ForTokenClassification,
 )
+from peftjax.models._apertus import ApertusForCausalLM, ApertusForTokenClassification
 from peftjax.models._gptj import GPTJForCausalLM, GPTJForQuestionAnswering, GPTJForSequenceClassification
 from peftjax.models._stablelm import (
     StableLmForCausalLM,
@@ -376,6 +377,8 @@ __all__ = [
     "ModelOutput",
     "NewWeightsWarning",
     "OlmoForCausalLM",
+    "ApertusForCausalLM",
+    "ApertusForTokenClassification",
     "ArceeForCausalLM",
     "Exaone4ForCausalLM",
     "Exaone4ForSequenceClassification",

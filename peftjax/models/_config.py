@@ -59,6 +59,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "tie_word_embeddings": False, "attention_dropout": 0.0, "sliding_window": 4096,
         "sliding_window_pattern": 4, "layer_types": None,
     },
+    # ApertusConfig (Llama 3's RoPE by default)
+    "apertus": {
+        "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "xielu",
+        "max_position_embeddings": 65536, "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0,
+    },
     # ArceeConfig (a gate-less ReLU² MLP)
     "arcee": {
         "vocab_size": 32000, "hidden_size": 2560, "intermediate_size": 18432, "num_hidden_layers": 32,
@@ -635,6 +643,13 @@ class ModelConfig:
                 from peftjax.models._exaone4 import exaone4_layer_types
 
                 self.layer_types = exaone4_layer_types(self)
+        if t == "apertus":  # ApertusConfig.__post_init__
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
+                self.rope_parameters = {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0,
+                                        "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0}
         if t == "ministral" and self.layer_types is None:  # MinistralConfig.__post_init__
             kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
