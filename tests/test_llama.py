@@ -99,9 +99,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     # SantaCoder-like per-head q/k/v, unscaled scores, untied
     "gpt_bigcode-per-head": ("gpt_bigcode", tr.GPTBigCodeForCausalLM, dict(multi_query=False, scale_attn_weights=False,
                                                                            tie_word_embeddings=False)),
-    # _tiny's OLMo: parameter-free LayerNorms, clamped projections; and unclamped, with biases
+    # _tiny's OLMo: parameter-free LayerNorms, clamped projections
     "olmo-clip": ("olmo", tr.OlmoForCausalLM, {}),
-    "olmo-bias": ("olmo", tr.OlmoForCausalLM, dict(clip_qkv=None, attention_bias=True)),
     # _tiny's EXAONE 4.0: a sliding RoPE layer, then a global NoPE one; and without a window (RoPE everywhere)
     "exaone4-hybrid": ("exaone4", tr.Exaone4ForCausalLM, {}),
     "exaone4-no-window": ("exaone4", tr.Exaone4ForCausalLM, dict(sliding_window=None,
@@ -114,8 +113,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "internlm3-biases": ("internlm3", tr.LlamaForCausalLM, {}),
     # _tiny's Ministral 8B: a sliding layer, then a full one
     "ministral-layer-types": ("ministral", tr.MinistralForCausalLM, {}),
-    # _tiny's Ministral 3: YaRN, queries scaled past position 8; and with a window on every layer
-    "ministral3-query-scale": ("ministral3", tr.Ministral3ForCausalLM, {}),
+    # _tiny's Ministral 3 with a window on every layer: YaRN, queries scaled past position 8
     "ministral3-window": ("ministral3", tr.Ministral3ForCausalLM, dict(sliding_window=5)),
     # _tiny's GPT-Neo: a global layer, then a local one, unscaled scores, learned positions
     "gpt_neo-local": ("gpt_neo", tr.GPTNeoForCausalLM, {}),

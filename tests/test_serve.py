@@ -243,7 +243,7 @@ def test_a_request_s_presence_and_frequency_penalties_and_logit_bias_are_its_own
     assert any(alone(model, tokenizer, PROMPTS[i], adapter, 8, **penalties) != alone(model, tokenizer, PROMPTS[i],
                                                                                     adapter, 8) for i, adapter in asks)
     with compilations() as compiled:
-        for presence, frequency in ((1.0, 0.5), (0.3, -0.2), (-1.5, 2.0)):
+        for presence, frequency in ((1.0, 0.5), (-1.5, 2.0)):
             generator.generate(batch({"presence_penalty": presence, "frequency_penalty": frequency}))
     assert compiled.count("_generate") == 1, compiled
 
