@@ -181,21 +181,26 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     assert [r["prompt"] for r in rows] == ["hello there", "a longer prompt than the first"]
     assert all(isinstance(r["completion"], str) for r in rows)
     # the decoding settings reach generate: --repetition-penalty (below 1 favours what is already
-    # there) and --min-new-tokens, in process, against the adapter's own generate with them
+    # there), --min-new-tokens and the presence and frequency penalties, in process, against the
+    # adapter's own generate with them
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     tokenizer.padding_side = "left"
     batch = tokenizer(["hello there"], return_tensors="np")
     eos = int(model.generate(batch["input_ids"], max_new_tokens=1, pad_token_id=0)[0, -1])  # its first token
     tokenizer.save_pretrained(tmp_path / "base")
-    settings = dict(repetition_penalty=0.3, min_new_tokens=3)
+    settings = dict(repetition_penalty=0.3, min_new_tokens=3, presence_penalty=-2.0, frequency_penalty=30.0)
     expected = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id, **settings)[0, batch["input_ids"].shape[1]:]
     assert eos not in expected[:3]
+    unpenalized = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, eos_token_id=eos,
+                                 pad_token_id=tokenizer.pad_token_id, repetition_penalty=0.3, min_new_tokens=3)
+    assert (unpenalized[0, batch["input_ids"].shape[1]:] != expected).any()  # --presence/frequency-penalty count
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     (tmp_path / "base" / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--text", "hello there",
-                 "--max-new-tokens", "5", "--repetition-penalty", "0.3", "--min-new-tokens", "3"]) == 0
+                 "--max-new-tokens", "5", "--repetition-penalty", "0.3", "--min-new-tokens", "3",
+                 "--presence-penalty", "-2.0", "--frequency-penalty", "30"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["completion"] == tokenizer.decode(expected, skip_special_tokens=True)
     # beam search: --num-beams, --num-return-sequences (each line's completions, the best first) and
