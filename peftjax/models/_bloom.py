@@ -65,9 +65,6 @@ class BloomAttention(GPTNeoXAttention):
     """GPT-NeoX's fused per-head ``query_key_value`` and ``dense`` (biased: BLOOM's config has no
     ``attention_bias``, which GPT-NeoX's defaults to true), with ALiBi for RoPE."""
 
-    def encode_positions(self, q, k, cos, sin, masks):
-        return q, k
-
     def score_options(self, masks) -> dict:
         return {"bias": masks[ALIBI]}
 

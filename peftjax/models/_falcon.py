@@ -71,9 +71,6 @@ class FalconAttention(LlamaAttention):
         fused = qkv.reshape(b, s, heads, 3, d)  # each head's query, key and value
         return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
 
-    def encode_positions(self, q, k, cos, sin, masks):
-        return (q, k) if self.alibi else super().encode_positions(q, k, cos, sin, masks)
-
     def score_options(self, masks) -> dict:
         return {"bias": masks[ALIBI]} if self.alibi else {}
 

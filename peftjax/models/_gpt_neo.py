@@ -45,9 +45,6 @@ class GPTNeoSelfAttention(LlamaAttention):
         super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.scale = 1.0
 
-    def encode_positions(self, q, k, cos, sin, masks):
-        return q, k  # the positions are in the layers' input
-
 
 class GPTNeoAttention(nnx.Module):
     """transformers' wrapper: the layer's attention is ``attn.attention``."""

@@ -134,7 +134,11 @@ class LlamaAttention(nnx.Module):
         return apply_rotary(x, cos, sin)
 
     def encode_positions(self, q, k, cos, sin, masks):
-        """Queries and keys with their positions: RoPE on both (Llama 4 also reads ``masks``)."""
+        """Queries and keys with their positions: RoPE on both (Llama 4 also reads ``masks``); as
+        they are where the decoder has no RoPE (``cos`` ``None``: learned positions in the layers'
+        input, as OPT's, or ALiBi in the scores, as BLOOM's)."""
+        if cos is None:
+            return q, k
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
     def score_options(self, masks) -> dict:

@@ -59,9 +59,6 @@ class OPTAttention(LlamaAttention):
 
     out_name: ClassVar[str] = "out_proj"
 
-    def encode_positions(self, q, k, cos, sin, masks):
-        return q, k  # the positions are in the layers' input
-
 
 class OPTDecoderLayer(nnx.Module):
     """Attention and MLP one after the other, each with its LayerNorm before it (or after its
