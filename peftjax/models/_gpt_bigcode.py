@@ -23,9 +23,9 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
+from peftjax.models._gptj import GPTJMLP
 from peftjax.models._llama import (
     DecoderUnderPrefix,
-    DenseMLP,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -59,19 +59,11 @@ class GPTBigCodeAttention(LlamaAttention):
         fused = qkv.reshape(b, s, heads, 3, d)  # each head's query, key and value
         return fused[..., 0, :], fused[..., 1, :], fused[..., 2, :]
 
-    def encode_positions(self, q, k, cos, sin, masks):
-        return q, k  # the positions are in the layers' input
 
-
-class GPTBigCodeMLP(DenseMLP):
-    """``c_proj(act(c_fc(x)))``, ``n_inner`` wide (four times the hidden size by default)."""
+class GPTBigCodeMLP(GPTJMLP):
+    """GPT-J's MLP (``n_inner`` wide) under GPT-2's names: ``c_proj(act(c_fc(x)))``."""
 
     names: ClassVar[tuple[str, str]] = ("c_fc", "c_proj")
-    activation_field: ClassVar[str] = "activation_function"
-
-    @staticmethod
-    def width(config) -> int:
-        return getattr(config, "n_inner", None) or 4 * config.hidden_size
 
 
 class GPTBigCodeBlock(nnx.Module):
