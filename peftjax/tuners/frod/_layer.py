@@ -74,15 +74,15 @@ class FrodLayer(WeightReadingLayer):
     weight_dicts = ("frod_lambda_l", "frod_lambda_s_values")
     cache_dicts = ("frod_V", "frod_s_indices", "frod_U")
 
-    def add_frod(self, name: str, spec: FrodSpec, basis: FrodShared, positions: FrodShared,
-                 lambda_l: jax.Array, s_values: jax.Array) -> None:
-        """Adds adapter ``name`` in its kind's ``basis`` and ``positions``; ``U`` from the weight."""
+    def add_frod(self, name: str, spec: FrodSpec, basis: FrodShared, positions: FrodShared) -> None:
+        """Adds adapter ``name`` in its kind's ``basis`` and ``positions`` at PEFT's start (the
+        base itself): ``U`` and ``lambda`` (the column norms) from the weight, ``S`` zero."""
         self._check_new(name)
         self.frod_V[name], self.frod_s_indices[name] = basis, positions
         self.frod_U[name] = FrodBasis(jnp.zeros(self.torch_weight().shape, jnp.float32))
-        self.rebase(name)
-        self.frod_lambda_l[name] = AdapterParam(jnp.asarray(lambda_l, jnp.float32))
-        self.frod_lambda_s_values[name] = AdapterParam(jnp.asarray(s_values, jnp.float32))
+        norms = self.rebase(name)
+        self.frod_lambda_l[name] = AdapterParam(jnp.asarray(norms))
+        self.frod_lambda_s_values[name] = AdapterParam(jnp.zeros(positions.get_value().shape[1], jnp.float32))
         self._add_spec(name, spec)
 
     def torch_weight(self) -> np.ndarray:

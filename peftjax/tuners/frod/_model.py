@@ -158,18 +158,12 @@ def inject_frod(
             build_kinds()
         kind = prepared[name][0]
         basis, positions = shared[kind]
-        nnz = positions.get_value().shape[1]
-        spec = FrodSpec(kind=kind, dropout=float(config.frod_dropout))
-        module.add_frod(adapter_name, spec, basis, positions, jnp.zeros(basis.get_value().shape[0]), jnp.zeros(nnz))
-        norms = module.rebase(adapter_name)
-        if config.init_weights:
-            lambda_l, s_values = norms, np.zeros(nnz, np.float32)
-        else:  # PEFT's test start: S drawn, lambda moved
+        module.add_frod(adapter_name, FrodSpec(kind=kind, dropout=float(config.frod_dropout)), basis, positions)
+        if not config.init_weights:  # PEFT's test start: S drawn, lambda moved
             k1, k2 = jax.random.split(layer_key)
-            lambda_l = norms + 0.1 * np.asarray(jax.random.normal(k1, norms.shape))
-            s_values = 0.1 * np.asarray(jax.random.normal(k2, (nnz,)))
-        module.frod_lambda_l[adapter_name].set_value(jnp.asarray(lambda_l, jnp.float32))
-        module.frod_lambda_s_values[adapter_name].set_value(jnp.asarray(s_values, jnp.float32))
+            lambda_l, s_values = module.frod_lambda_l[adapter_name], module.frod_lambda_s_values[adapter_name]
+            lambda_l.set_value(lambda_l.get_value() + 0.1 * jax.random.normal(k1, lambda_l.get_value().shape))
+            s_values.set_value(0.1 * jax.random.normal(k2, s_values.get_value().shape))
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=FrodLayer,
                              method="FRoD", class_for=frod_class_for, prepare=prepare, add=add, conv1d=True)
