@@ -153,6 +153,14 @@ def save_in_memory_layout(torch_model, directory) -> None:
     safetensors_torch.save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def save_both_layouts(torch_model, root) -> tuple:
+    """``(hub, fused)``: ``torch_model`` saved under ``root`` as transformers saves it (a mixture of
+    experts' per-expert files) and in its in-memory layout (:func:`save_in_memory_layout`)."""
+    torch_model.save_pretrained(root / "hub")
+    save_in_memory_layout(torch_model, root / "fused")
+    return root / "hub", root / "fused"
+
+
 def assert_layouts_round_trip(torch_model, hub, fused, model, out, vocab: int) -> None:
     """A mixture of experts saved both ways (``hub``: ``save_pretrained``'s per-expert files;
     ``fused``: transformers 5's in-memory state dict) loads, from either, to transformers' own

@@ -26,7 +26,7 @@ from _torch_models import (
     moe_conversion,
     padded_batch,
     randomised,
-    save_in_memory_layout,
+    save_both_layouts,
     save_tiny,
     torch_logits,
 )
@@ -52,9 +52,7 @@ def _build(root, **overrides):
         for layer in torch_model.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(8))
-    torch_model.save_pretrained(root / "hub")
-    save_in_memory_layout(torch_model, root / "fused")
-    return torch_model, root / "hub", root / "fused"
+    return (torch_model, *save_both_layouts(torch_model, root))
 
 
 @pytest.fixture(scope="module")

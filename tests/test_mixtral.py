@@ -15,7 +15,7 @@ from _torch_models import (
     lazy,
     padded_batch,
     randomised,
-    save_in_memory_layout,
+    save_both_layouts,
     save_tiny,
     torch_logits,
 )
@@ -38,9 +38,8 @@ def mixtral(tmp_path_factory):
     """(torch model, its checkpoint as transformers saves it (per-expert), the fused checkpoint, peftjax model)."""
     root = tmp_path_factory.mktemp("mixtral")
     torch_model = randomised(tr.MixtralForCausalLM(_tiny.config("mixtral", **EXTRA)).eval())
-    torch_model.save_pretrained(root / "hub")
-    save_in_memory_layout(torch_model, root / "fused")
-    return torch_model, root / "hub", root / "fused", models.from_pretrained(root / "hub")
+    hub, fused = save_both_layouts(torch_model, root)
+    return torch_model, hub, fused, models.from_pretrained(hub)
 
 
 def _forward(model, jit, **inputs):

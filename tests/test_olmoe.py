@@ -19,7 +19,7 @@ from _torch_models import (
     lazy,
     padded_batch,
     randomised,
-    save_in_memory_layout,
+    save_both_layouts,
     torch_logits,
 )
 
@@ -36,9 +36,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float
 def _build(root, **overrides):
     """(torch model, its checkpoint as transformers saves it (per-expert), the fused checkpoint)."""
     torch_model = randomised(tr.OlmoeForCausalLM(_tiny.config("olmoe", **overrides)).eval())
-    torch_model.save_pretrained(root / "hub")
-    save_in_memory_layout(torch_model, root / "fused")
-    return torch_model, root / "hub", root / "fused"
+    return (torch_model, *save_both_layouts(torch_model, root))
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +53,11 @@ def _jitted(model, **inputs):
 def test_logits_and_the_load_balancing_loss_match_transformers(overrides, olmoe, tmp_path):
     """A padded batch's logits (the tiny model's clamp at 2 bites on its 0.3-std weights), and the
     loss with and without the router terms, each routing."""
-    torch_model, _, _, model = olmoe if not overrides else (*_build(tmp_path, **overrides), None)
-    model = model or models.from_pretrained(tmp_path / "hub")
+    if overrides:
+        torch_model, hub, _ = _build(tmp_path, **overrides)
+        model = models.from_pretrained(hub)
+    else:
+        torch_model, _, _, model = olmoe
     assert type(model).__name__ == "OlmoeForCausalLM"
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)

@@ -27,7 +27,7 @@ from _torch_models import (
     lazy,
     padded_batch,
     randomised,
-    save_in_memory_layout,
+    save_both_layouts,
     torch_logits,
 )
 
@@ -267,9 +267,8 @@ def moe(tmp_path_factory):
     """(torch MoE causal LM, its checkpoint (per-expert, as transformers saves it), the fused one, ours)."""
     root = tmp_path_factory.mktemp("qwen3_5_moe")
     torch_model = _randomised(tr.Qwen3_5MoeForCausalLM(_tiny.config("qwen3_5_moe_text")))
-    torch_model.save_pretrained(root / "hub")
-    save_in_memory_layout(torch_model, root / "fused")
-    return torch_model, root / "hub", root / "fused", models.from_pretrained(root / "hub")
+    hub, fused = save_both_layouts(torch_model, root)
+    return torch_model, hub, fused, models.from_pretrained(hub)
 
 
 def test_moe_logits_loss_router_and_generation_match_transformers(moe, tmp_path):

@@ -26,7 +26,7 @@ from _torch_models import (
     moe_conversion,
     padded_batch,
     randomised,
-    save_in_memory_layout,
+    save_both_layouts,
     save_tiny,
     torch_logits,
 )
@@ -49,9 +49,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float
 def _build(root, **overrides):
     """(torch model, its checkpoint as transformers saves it (per-expert), the fused checkpoint)."""
     torch_model = randomised(tr.Qwen3MoeForCausalLM(_tiny.config("qwen3_moe", **overrides)).eval())
-    torch_model.save_pretrained(root / "hub")
-    save_in_memory_layout(torch_model, root / "fused")
-    return torch_model, root / "hub", root / "fused"
+    return (torch_model, *save_both_layouts(torch_model, root))
 
 
 @pytest.fixture(scope="module")
