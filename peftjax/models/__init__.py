@@ -2,6 +2,16 @@
 
 from peftjax.models._auto import MODEL_CLASSES, from_pretrained, load_config, model_class_for
 from peftjax.models._config import ModelConfig
+from peftjax.models._bart import (
+    BartForConditionalGeneration,
+    BartForQuestionAnswering,
+    BartForSequenceClassification,
+    BartModel,
+    MBartForConditionalGeneration,
+    MBartForQuestionAnswering,
+    MBartForSequenceClassification,
+    MBartModel,
+)
 from peftjax.models._bert import (
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -452,6 +462,14 @@ __all__ = [
     "T5ForSequenceClassification",
     "T5ForTokenClassification",
     "T5Model",
+    "BartForConditionalGeneration",
+    "BartForQuestionAnswering",
+    "BartForSequenceClassification",
+    "BartModel",
+    "MBartForConditionalGeneration",
+    "MBartForQuestionAnswering",
+    "MBartForSequenceClassification",
+    "MBartModel",
     "from_pretrained",
     "stop_token_ids",
     "hf_state_dict",

@@ -541,6 +541,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "is_encoder_decoder": True, "use_cache": True, "pad_token_id": 0, "eos_token_id": 1,
         "classifier_dropout": 0.0, "is_decoder": False, "tie_word_embeddings": True, "scale_decoder_outputs": None,
     },
+    # BartConfig (three labels unless id2label or num_labels says otherwise)
+    "bart": {
+        "vocab_size": 50265, "max_position_embeddings": 1024, "encoder_layers": 12, "encoder_ffn_dim": 4096,
+        "encoder_attention_heads": 16, "decoder_layers": 12, "decoder_ffn_dim": 4096, "decoder_attention_heads": 16,
+        "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "activation_function": "gelu", "d_model": 1024,
+        "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0, "init_std": 0.02,
+        "classifier_dropout": 0.0, "scale_embedding": False, "use_cache": True, "pad_token_id": 1, "bos_token_id": 0,
+        "eos_token_id": 2, "is_encoder_decoder": True, "decoder_start_token_id": 2, "forced_eos_token_id": 2,
+        "is_decoder": False, "tie_word_embeddings": True,
+    },
     # MT5Config: no scale_decoder_outputs (MT5ForConditionalGeneration never scales)
     "mt5": {
         "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024, "num_layers": 8, "num_decoder_layers": None,
@@ -560,6 +570,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+FAMILY_DEFAULTS["mbart"] = {**FAMILY_DEFAULTS["bart"], "decoder_start_token_id": None}  # MBartConfig
 FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 
 # other names for fields (transformers' ``attribute_map``)
@@ -583,11 +594,16 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "distilbert": {"hidden_size": "dim", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"},
 }
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
+ATTRIBUTE_MAPS["bart"] = ATTRIBUTE_MAPS["mbart"] = {"num_attention_heads": "encoder_attention_heads",
+                                                    "hidden_size": "d_model", "num_hidden_layers": "encoder_layers"}
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
 ATTRIBUTE_MAPS["internlm3"] = {"qkv_bias": "attention_bias", "bias": "mlp_bias"}
 ATTRIBUTE_MAPS["gpt_neo"] = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+
+# the number of labels a config without id2label or num_labels has (transformers' default: 2)
+DEFAULT_NUM_LABELS = {"bart": 3}
 
 # fields a config.json may carry that no default lists: RoPE settings, generation leftovers, ...
 OPEN_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "rope_local_base_freq",
@@ -622,7 +638,7 @@ class ModelConfig:
         if id2label is not None:
             self.id2label = {int(k): v for k, v in id2label.items()}
         if not hasattr(self, "id2label") or num_labels is not None and len(self.id2label) != num_labels:
-            self.num_labels = 2 if num_labels is None else num_labels
+            self.num_labels = DEFAULT_NUM_LABELS.get(model_type, 2) if num_labels is None else num_labels
         self._derive()
 
     def _derive(self) -> None:

@@ -359,9 +359,56 @@ class T5Stack(nnx.Module):
         return dropout(self.final_layer_norm(x), self.dropout_rate, k_final), new_cache
 
 
-def _check_ids(input_ids, inputs_embeds, what: str):
+def check_ids(input_ids, inputs_embeds, what: str):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(f"pass exactly one of {what}input_ids and {what}inputs_embeds")
+
+
+def shift_right(labels, config, *, wrap_last: bool = False) -> jax.Array:
+    """The decoder's input from ``labels`` (``-100`` read as ``pad_token_id``): transformers'
+    ``_shift_right`` / ``shift_tokens_right``, ``decoder_start_token_id`` then ``labels[:, :-1]``;
+    with ``wrap_last`` (mBART's) each row's last real token first instead.
+
+    Raises:
+      ValueError: ``pad_token_id`` (or, without ``wrap_last``, ``decoder_start_token_id``) is not set.
+    """
+    start = getattr(config, "decoder_start_token_id", None)
+    pad = getattr(config, "pad_token_id", None)
+    if start is None and not wrap_last:
+        raise ValueError("config.decoder_start_token_id must be set to derive decoder_input_ids from labels "
+                         "(T5 uses the pad token id, 0)")
+    if pad is None:
+        raise ValueError("config.pad_token_id must be set to derive decoder_input_ids from labels")
+    labels = jnp.asarray(labels)
+    tokens = jnp.where(labels == -100, pad, labels)
+    if wrap_last:
+        last = jnp.sum(tokens != pad, axis=1) - 1
+        first = tokens[jnp.arange(tokens.shape[0]), last][:, None]
+    else:
+        first = jnp.full((labels.shape[0], 1), start, labels.dtype)
+    return jnp.concatenate([first, tokens[:, :-1]], axis=1)
+
+
+def last_eos(input_ids, config, owner: str) -> jax.Array:
+    """Each row's last ``eos_token_id`` position, where transformers' sequence classifiers of
+    encoder-decoders read.
+
+    Raises:
+      ValueError: ``input_ids`` is missing, or (outside ``jit``) a row has no EOS or the rows
+        differ in their number of EOS tokens.
+    """
+    if input_ids is None:
+        raise ValueError(f"{owner} needs input_ids (the EOS tokens mark where it reads); "
+                         "inputs_embeds alone are not supported, as in transformers")
+    ids = jnp.asarray(input_ids)
+    eos = ids == config.eos_token_id
+    if not isinstance(eos, jax.core.Tracer):
+        counts = np.asarray(eos.sum(axis=1))
+        if len(set(counts.tolist())) != 1:
+            raise ValueError(f"All examples must have the same number of <eos> tokens; found {counts.tolist()}")
+        if counts[0] < 1:
+            raise ValueError("Each example must contain at least one <eos> token.")
+    return jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
 
 
 # set by ``from_state_dict`` while it builds the model: the checkpoint's lm_head is its own weight
@@ -386,7 +433,7 @@ class _T5Base(PreTrainedModel):
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None,
                dropout_rng=None) -> ModelOutput:
         """The encoder's ``last_hidden_state`` ``[b, s, d_model]`` (``dropout_rng``: training's dropout)."""
-        _check_ids(input_ids, inputs_embeds, "")
+        check_ids(input_ids, inputs_embeds, "")
         x = self._embed(input_ids, inputs_embeds)
         if attention_mask is None:
             attention_mask = jnp.ones(x.shape[:2], bool)
@@ -428,16 +475,7 @@ class _T5EncoderDecoder(_T5Base):
 
     def shift_right(self, labels) -> jax.Array:
         """transformers' ``_shift_right``: ``decoder_start_token_id`` then ``labels[:, :-1]``, -100 as pad."""
-        start = getattr(self.config, "decoder_start_token_id", None)
-        pad = getattr(self.config, "pad_token_id", None)
-        if start is None:
-            raise ValueError("config.decoder_start_token_id must be set to derive decoder_input_ids from labels "
-                             "(T5 uses the pad token id, 0)")
-        if pad is None:
-            raise ValueError("config.pad_token_id must be set to derive decoder_input_ids from labels")
-        labels = jnp.asarray(labels)
-        shifted = jnp.concatenate([jnp.full((labels.shape[0], 1), start, labels.dtype), labels[:, :-1]], axis=1)
-        return jnp.where(shifted == -100, pad, shifted)
+        return shift_right(labels, self.config)
 
     def decoder_prefix_layout(self) -> tuple[int, int, int]:
         """``(blocks, heads, head_dim)`` of the decoder's attention."""
@@ -455,7 +493,7 @@ class _T5EncoderDecoder(_T5Base):
         enc = jnp.asarray(enc)
         if attention_mask is None:
             attention_mask = jnp.ones(enc.shape[:2], bool)
-        _check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
+        check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
         x = self._embed(decoder_input_ids, decoder_inputs_embeds)
         if prefix_kv is not None:
             self._check_decoder_prefix(prefix_kv, x.shape[0])
@@ -637,17 +675,8 @@ class T5ForSequenceClassification(PreTrainedModel):
           ValueError: ``input_ids`` is missing (it locates the EOS tokens), or (outside ``jit``) a
             row has no EOS or the rows differ in their number of EOS tokens.
         """
-        if input_ids is None:
-            raise ValueError(f"{type(self).__name__} needs input_ids (the EOS tokens mark where it reads); "
-                             "inputs_embeds alone are not supported, as in transformers")
+        last = last_eos(input_ids, self.config, type(self).__name__)
         ids = jnp.asarray(input_ids)
-        eos = ids == self.config.eos_token_id
-        if not isinstance(eos, jax.core.Tracer):
-            counts = np.asarray(eos.sum(axis=1))
-            if len(set(counts.tolist())) != 1:
-                raise ValueError(f"All examples must have the same number of <eos> tokens; found {counts.tolist()}")
-            if counts[0] < 1:
-                raise ValueError("Each example must contain at least one <eos> token.")
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.transformer.shift_right(ids)
         body_key, head_key = split_keys(dropout_rng, 2)
@@ -655,7 +684,6 @@ class T5ForSequenceClassification(PreTrainedModel):
                                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
                                dropout_rng=body_key)
         h = out.last_hidden_state
-        last = jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
         logits = self.classification_head(h[jnp.arange(h.shape[0]), last], head_key)
         loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,

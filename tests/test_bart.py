@@ -1,0 +1,269 @@
+"""BART and mBART against transformers (logits, loss, generation, the task heads, dropout) and HF
+PEFT (LoRA, prefix, prompt tuning both ways).
+
+Two tiny models built and saved once in PyTorch: BART (post-norm, tied head, ``final_logits_bias``)
+and mBART (pre-norm with each stack's final ``layer_norm``, scaled embeddings, the decoder's input
+wrapped from each row's last real token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import _tiny
+from _torch_models import lazy, moved_off_start
+import peftjax
+from peftjax import models
+
+torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
+
+FIELDS = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+              decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64,
+              dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+KINDS = {"bart": ("BartConfig", "BartForConditionalGeneration", {}),
+         "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(scale_embedding=True,
+                                                                         activation_function="relu"))}
+# encoder rows padded at the end (BART's tokenizer pads right); each ends with its EOS (2)
+IDS = np.array([[0, 5, 6, 7, 8, 9, 2, 1], [0, 10, 11, 12, 13, 14, 15, 2], [0, 40, 41, 2, 1, 1, 1, 1]])
+MASK = (IDS != 1).astype(np.int64)
+# mBART's targets end with their language token (90, 91): its decoder's input starts with it
+LABELS = np.array([[20, 21, 22, 2, 90, -100], [23, 24, 25, 26, 2, 91], [27, 2, 90, -100, -100, -100]])
+TOL = 5e-5  # random adapters and prefixes: torch's float32 sums in another order
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+_BUILT: dict = {}
+
+
+def build(kind, tmp_path_factory):
+    """``(kind, checkpoint dir, torch model)``, built once per module; every weight drawn wide (std
+    0.2, LayerNorms around 1, a nonzero ``final_logits_bias``) so that greedy decoding varies."""
+    if kind not in _BUILT:
+        config_name, model_name, extra = KINDS[kind]
+        torch.manual_seed(0)
+        model = getattr(tr, model_name)(getattr(tr, config_name)(**FIELDS, **extra)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
+            model.final_logits_bias.copy_(0.1 * torch.randn_like(model.final_logits_bias))
+        path = tmp_path_factory.mktemp(kind)
+        model.save_pretrained(path)
+        _BUILT[kind] = kind, path, model
+    return _BUILT[kind]
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def bart(request, tmp_path_factory):
+    return build(request.param, tmp_path_factory)
+
+
+def torch_out(model, **kw):
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(v) for k, v in kw.items()})
+
+
+def run_jax(model, **kw):
+    model = getattr(model, "base_model", model)
+    return nnx.jit(lambda m, kw: m(**kw))(model, kw)
+
+
+def close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol, rtol=tol)
+
+
+def real(logits):
+    return np.asarray(logits)[LABELS != -100]
+
+
+def their_base(kind, path, cls="ForConditionalGeneration", **kw):
+    with _quiet():
+        return getattr(tr, f"{'MBart' if kind == 'mbart' else 'Bart'}{cls}").from_pretrained(path, **kw).eval()
+
+
+# ---------------------------------------------------------------- the model
+
+
+def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp_path):
+    kind, path, theirs = bart
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    model = models.from_pretrained(path)
+    assert type(model).__name__ == type(theirs).__name__
+    assert models.model_class_for(model.config, "SEQ_2_SEQ_LM") is type(model)
+    out = run_jax(model, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    close(out.logits, ref.logits.numpy())
+    close(out.loss, ref.loss.numpy())
+    close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state.numpy())
+    eager = model(input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    close(eager.logits, ref.logits.numpy())
+    # the bare encoder-decoder shifts input_ids into its decoder, as transformers' does
+    their_bare = their_base(kind, path, "Model")
+    ours_bare = getattr(models, type(their_bare).__name__).from_pretrained(path)
+    close(run_jax(ours_bare, input_ids=IDS, attention_mask=MASK).last_hidden_state,
+          torch_out(their_bare, input_ids=IDS, attention_mask=MASK).last_hidden_state.numpy())
+    # saved here, transformers reloads the same model (the bias and all)
+    model.save_pretrained(tmp_path)
+    back = their_base(kind, tmp_path)
+    close(torch_out(back, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy(), ref.logits.numpy())
+    # the config reads as transformers reads it
+    ours, their_config = models.load_config(path), tr.AutoConfig.from_pretrained(path)
+    for key in sorted(set(their_config.to_dict()) - {"transformers_version", "_name_or_path", "architectures",
+                                                     "dtype"}):
+        assert getattr(ours, key) == getattr(their_config, key), key
+    assert (ours.hidden_size, ours.num_attention_heads, ours.num_hidden_layers) == (32, 4, 2)
+
+
+def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
+    """Beam search and greedy decoding from the checkpoint's generation config (BART's ``forced_eos_token_id``
+    among it), and the mBART decoder started from a language token."""
+    kind, path, theirs = bart
+    model = models.from_pretrained(path)
+    # tied tiny models repeat a token: no_repeat_ngram_size makes the greedy sequence vary
+    for kw in (dict(max_new_tokens=6, num_beams=3), dict(max_new_tokens=7, no_repeat_ngram_size=1)):
+        with torch.no_grad():
+            ref = theirs.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
+                                  do_sample=False, **kw).numpy()
+        np.testing.assert_array_equal(model.generate(IDS, MASK, **kw), ref)
+    assert len(np.unique(ref[:, 1:])) > 3  # the weights make a varied sequence
+    if kind == "mbart":  # a translation's target language: the start token and a forced first token
+        with torch.no_grad():
+            ref = theirs.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
+                                  do_sample=False, max_new_tokens=5, decoder_start_token_id=2,
+                                  forced_bos_token_id=50).numpy()
+        np.testing.assert_array_equal(
+            model.generate(IDS, MASK, max_new_tokens=5, decoder_start_token_id=2, forced_bos_token_id=50), ref)
+
+
+def test_sequence_classification_and_question_answering_are_transformers(bart, tmp_path):
+    kind, path, _ = bart
+    torch.manual_seed(0)
+    theirs = their_base(kind, path, "ForSequenceClassification")
+    theirs.save_pretrained(tmp_path / "cls")
+    labels = np.array([0, 1, 1])  # mBART's configs default to 2 labels, BART's to 3
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=labels)
+    model = models.from_pretrained(tmp_path / "cls")
+    assert type(model).__name__ == type(theirs).__name__
+    out = run_jax(model, input_ids=IDS, attention_mask=MASK, labels=labels)
+    close(out.logits, ref.logits.numpy())
+    close(out.loss, ref.loss.numpy())
+    with pytest.raises(ValueError, match=r"same number of <eos> tokens; found \[2, 1, 1\]"):
+        model(input_ids=np.where((np.arange(8) == 1) & (np.arange(3) == 0)[:, None], 2, IDS))
+    with pytest.warns(models.NewWeightsWarning, match="classification_head"):
+        assert type(models.from_pretrained(path, task_type="SEQ_CLS")) is type(model)
+    theirs = their_base(kind, path, "ForQuestionAnswering")
+    theirs.save_pretrained(tmp_path / "qa")
+    spans = dict(start_positions=np.array([1, 3, 8]), end_positions=np.array([2, 6, 9]))  # 8, 9: cut off
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, **spans)
+    out = run_jax(models.from_pretrained(tmp_path / "qa"), input_ids=IDS, attention_mask=MASK, **spans)
+    for name in ("start_logits", "end_logits", "loss"):
+        close(getattr(out, name), getattr(ref, name).numpy())
+
+
+def test_dropout_and_layerdrop_sit_where_transformers_train_mode_puts_them(bart, tmp_path, monkeypatch):
+    """Every dropout on both sides replaced by the same fixed scaling (x * 0.7 while training): the
+    outputs agree only if the dropouts sit at the same places; LayerDrop 1.0 skips every layer on
+    both sides."""
+    kind, _, _ = bart
+    config_name, model_name, extra = KINDS[kind]
+    rates = dict(dropout=0.1, attention_dropout=0.2, activation_dropout=0.3)
+    torch.manual_seed(0)
+    config = getattr(tr, config_name)(**{**FIELDS, **rates}, **extra)
+    config._attn_implementation = "eager"  # its attention calls torch's dropout
+    theirs = getattr(tr, model_name)(config)
+    theirs.save_pretrained(tmp_path)
+    ours = models.from_pretrained(tmp_path)
+    eval_logits = np.asarray(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits)
+    scaled = lambda x, p=0.5, training=True, inplace=False: x * 0.7 if training and p > 0 else x  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "dropout", scaled)
+    monkeypatch.setattr("peftjax.models._bart.dropout", lambda x, rate, key: x * 0.7 if key is not None and rate else x)
+    theirs.train()
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS, dropout_rng=jax.random.key(0))
+    close(out.logits, ref.logits.detach().numpy())
+    assert np.abs(np.asarray(out.logits) - eval_logits).max() > 1e-3
+    monkeypatch.undo()
+    config = getattr(tr, config_name)(**FIELDS, encoder_layerdrop=1.0, decoder_layerdrop=1.0, **extra)
+    theirs = getattr(tr, model_name)(config)
+    theirs.save_pretrained(tmp_path / "layerdrop")
+    ours = models.from_pretrained(tmp_path / "layerdrop")
+    theirs.train()
+    ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    close(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS, dropout_rng=jax.random.key(0)).logits,
+          ref.logits.detach().numpy())
+
+
+def test_bad_configs_and_inputs_are_named():
+    config = models.ModelConfig("bart", **{**FIELDS, "decoder_attention_heads": 5})
+    with pytest.raises(ValueError, match=r"d_model \(32\) must be divisible by decoder_attention_heads \(5\)"):
+        models.BartForConditionalGeneration.from_config(config)
+    config = models.ModelConfig("bart", **FIELDS)
+    config.scan_layers = True
+    with pytest.raises(ValueError, match="scan_layers=True is not implemented for BART"):
+        models.BartForConditionalGeneration.from_config(config)
+    model = models.BartForQuestionAnswering.from_config(models.ModelConfig("bart", **FIELDS))
+    with pytest.raises(ValueError, match="shifts input_ids right"):
+        model(inputs_embeds=np.zeros((1, 3, 32), np.float32))
+    model = models.BartForSequenceClassification.from_config(models.ModelConfig("bart", **FIELDS))
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=np.zeros((1, 3, 32), np.float32))
+
+
+# ---------------------------------------------------------------- HF PEFT both ways
+
+METHODS = {
+    "lora": lambda lib, kind: lib.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                                             # PEFT has default targets for BART, none for mBART
+                                             target_modules=["q_proj", "v_proj"] if kind == "mbart" else None),
+    "all-linear": lambda lib, kind: lib.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules="all-linear",
+                                             init_lora_weights=False),
+    "prefix": lambda lib, kind: lib.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3),
+    "prompt": lambda lib, kind: lib.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_adapters_move_both_ways_with_peft(bart, method, tmp_path):
+    """PEFT's adapter (its default ``q_proj``/``v_proj`` targets, all-linear, a prefix in the decoder's
+    self-attention cache that shifts its positions, virtual tokens before the encoder's input) gives
+    PEFT's logits here; one made and trained here gives ours in PEFT."""
+    kind, path, _ = bart
+    torch.manual_seed(1)
+    with _quiet():
+        their = peft.get_peft_model(their_base(kind, path), METHODS[method](peft, kind)).eval()
+    if method.endswith("lora") or method == "all-linear":
+        moved_off_start(their, seed=1)
+    their.save_pretrained(tmp_path / "peft")
+    ref = torch_out(their, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    if method == "all-linear":
+        assert set(peftjax.tuners.lora.lora_layers(model.base_model)) == set(their.targeted_module_names)
+    out = run_jax(model, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    close(real(out.logits), real(ref.logits.numpy()), TOL)
+    close(out.loss, ref.loss.numpy(), TOL)
+    base = torch_out(their_base(kind, path), input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()
+    assert np.abs(real(ref.logits.numpy()) - real(base)).max() > 1e-3  # the adapter changes the output
+    if method in ("lora", "prompt"):  # generation through the adapter
+        with torch.no_grad():
+            tokens = their.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
+                                    max_new_tokens=5, do_sample=False).numpy()
+        np.testing.assert_array_equal(model.generate(IDS, MASK, max_new_tokens=5), tokens)
+    ours = peftjax.get_peft_model(models.from_pretrained(path), METHODS[method](peftjax, kind))
+    losses = _tiny.train(ours, {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}, steps=3,
+                         dropout=False).losses
+    assert losses[-1] < losses[0]
+    ours.save_pretrained(tmp_path / "ours")
+    with _quiet():
+        loaded = peft.PeftModel.from_pretrained(their_base(kind, path), tmp_path / "ours").eval()
+    close(real(run_jax(ours, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits),
+          real(torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()), TOL)
