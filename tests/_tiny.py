@@ -311,6 +311,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(
         vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0)),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0,
+        scale_embedding=True, decoder_start_token_id=2)),
 }
 
 

@@ -179,6 +179,7 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_trainer_vs_transformers.py",
     "test_quantization.py",
     "test_t5.py",
+    "test_bart.py",  # ~30 (2026-12-06, AVX-512 host)
     "test_ia3.py",
     "test_quantization_interop.py",
     "test_serve.py",

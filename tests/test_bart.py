@@ -211,6 +211,9 @@ def test_bad_configs_and_inputs_are_named():
     config.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not implemented for BART"):
         models.BartForConditionalGeneration.from_config(config)
+    mbart = models.MBartForConditionalGeneration.from_config(models.ModelConfig("mbart", **FIELDS))
+    with pytest.raises(ValueError, match="no default target_modules for model_type 'mbart'"):  # as PEFT
+        peftjax.get_peft_model(mbart, peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM"))
     model = models.BartForQuestionAnswering.from_config(models.ModelConfig("bart", **FIELDS))
     with pytest.raises(ValueError, match="shifts input_ids right"):
         model(inputs_embeds=np.zeros((1, 3, 32), np.float32))
@@ -232,7 +235,12 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# all-linear once: the layers it adds are the same in both
+ADAPTER_CASES = [(kind, method) for kind in sorted(KINDS) for method in sorted(METHODS)
+                 if (kind, method) != ("mbart", "all-linear")]
+
+
+@pytest.mark.parametrize("bart,method", ADAPTER_CASES, indirect=["bart"], ids=[f"{k}-{m}" for k, m in ADAPTER_CASES])
 def test_adapters_move_both_ways_with_peft(bart, method, tmp_path):
     """PEFT's adapter (its default ``q_proj``/``v_proj`` targets, all-linear, a prefix in the decoder's
     self-attention cache that shifts its positions, virtual tokens before the encoder's input) gives

@@ -278,6 +278,9 @@ TASK_CASES = [
     ("t5", "SEQ_CLS", "T5Model"),
     ("t5", "TOKEN_CLS", "T5ForConditionalGeneration"),
     ("t5", "QUESTION_ANS", "T5ForConditionalGeneration"),
+    # BART's: the encoder-decoder read at the last EOS, or fed input_ids shifted right
+    ("bart", "SEQ_CLS", "BartForConditionalGeneration"),
+    ("bart", "QUESTION_ANS", "BartModel"),
     ("llama", "SEQ_CLS", "LlamaForCausalLM"),
     ("llama", "TOKEN_CLS", "LlamaForCausalLM"),  # a decoder's score on every token
     ("llama", "QUESTION_ANS", "LlamaForCausalLM"),  # the decoder under `transformer` in the merged file
@@ -316,6 +319,8 @@ NARROW = {
                        legacy=False),
     # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
     "t5": dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, eos_token_id=102, num_labels=2),
+    "bart": dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, eos_token_id=102, num_labels=2),
 }
 
 
@@ -348,8 +353,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     # trained as a user would: the task's class, LoRA with a classifier head in modules_to_save
     kwargs = {"num_labels": 3} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
     model = models.from_pretrained(base, task_type=task, **kwargs)
-    # PEFT's SEQ_CLS adds `classifier` and `score` to modules_to_save: T5's head is named in full
-    heads_to_train = ["classification_head"] if (family, task) == ("t5", "SEQ_CLS") else None
+    # PEFT's SEQ_CLS adds `classifier` and `score` to modules_to_save: T5's and BART's head is named in full
+    heads_to_train = ["classification_head"] if family in ("t5", "bart") and task == "SEQ_CLS" else None
     peft_model = peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, init_lora_weights=False, task_type=task,
                                                                   target_modules=TARGETS.get(family),
                                                                   modules_to_save=heads_to_train))
@@ -381,7 +386,7 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):
         heads = {family: {"classifier.weight": [3, 16]}}
-    elif family == "t5":
+    elif family in ("t5", "bart"):
         heads = {family: {"classification_head.dense.weight": [16, 16], "classification_head.out_proj.weight": [3, 16]}}
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
     assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))

@@ -39,7 +39,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gptj": "GPTJConfig", "falcon": "FalconConfig", "gpt_bigcode": "GPTBigCodeConfig",
            "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
            "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
-           "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig"}
+           "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig",
+           "bart": "BartConfig", "mbart": "MBartConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -98,6 +99,9 @@ def test_the_defaults_are_transformers(family):
 
 VARIANTS = [
     ("llama", {}),
+    ("bart", dict(num_labels=2, d_model=32, encoder_attention_heads=4, scale_embedding=True)),
+    ("bart", dict(id2label={0: "a", 1: "b", 2: "c", 3: "d"}, tie_word_embeddings=False, decoder_start_token_id=0)),
+    ("mbart", dict(encoder_layers=3, decoder_layers=1, forced_eos_token_id=None)),
     ("llama", dict(num_key_value_heads=None, head_dim=4, rope_scaling={"rope_type": "linear", "factor": 2.0},
                    rope_theta=500000.0, num_labels=3)),
     ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

