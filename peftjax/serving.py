@@ -11,9 +11,9 @@ request: the batch is padded with base-model rows to a power of two, the prompts
 multiple of ``length_bucket`` tokens, and ``max_new_tokens`` rounded up to a power of two (each
 row is cut back to what its request asked for, and at its first end-of-sequence token). Sampling
 settings are values of the compiled function: a client's new temperature, ``top_k``, ``top_p``,
-``min_p``, ``typical_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty`` or
-seed compiles nothing (turning one of them on or off does, once each; each
-``no_repeat_ngram_size`` and each ``logit_bias`` compiles its own). Each row ends inside the
+``min_p``, ``typical_p``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``,
+``logit_bias`` or seed compiles nothing (turning one of them on or off does, once each; each
+``no_repeat_ngram_size`` compiles its own). Each row ends inside the
 compiled loop at its request's stop strings (transformers' ``StopStringCriteria`` on its new
 tokens' own texts), and the batch once every row has ended; the completion is cut where the
 string shows in the decoded text (decoded as written: spaces before punctuation are not cleaned

@@ -79,12 +79,16 @@ def test_token_rules_decode_as_transformers(llama):
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor(IDS[:1])).logits[0, -1].numpy()
     second, first = np.argsort(logits)[-2:]
-    for scale, chosen in ((1.2, second), (0.8, first)):
-        bias = {(int(second),): float(scale * (logits[first] - logits[second]))}
-        ours = model.generate(IDS, MASK, max_new_tokens=3, eos_token_id=[], sequence_bias=bias)
+    outputs = []
+    with compilations() as compiled:  # a one-token bias is a value of the compiled loop: a new one compiles nothing
+        for scale in (1.2, 0.8):
+            bias = {(int(second),): float(scale * (logits[first] - logits[second]))}
+            outputs.append((bias, model.generate(IDS, MASK, max_new_tokens=3, eos_token_id=[], sequence_bias=bias)))
+    assert compiled.count("_generate") == 1, compiled
+    for (bias, ours), chosen in zip(outputs, (second, first)):
         np.testing.assert_array_equal(ours, hf_generate(hf, IDS, MASK, max_new_tokens=3, eos_token_id=[],
                                                         pad_token_id=2, do_sample=False, sequence_bias=bias))
-        assert ours[0, N] == chosen, scale
+        assert ours[0, N] == chosen, bias
 
 
 class _OpenAIPenalties:

@@ -223,7 +223,7 @@ def test_a_request_s_repetition_penalty_is_its_own(files):
 def test_a_request_s_presence_and_frequency_penalties_and_logit_bias_are_its_own(files):
     """OpenAI's presence and frequency penalties and logit bias: a greedy request gets what its
     adapter alone generates with them (the penalties count its completion's tokens, not its prompt
-    nor the padding), batched only with requests of the same settings; other penalty values
+    nor the padding), batched only with requests of the same settings; other penalty and bias values
     compile nothing new; a token biased by 100 is all a completion writes, by -100 never; bad values
     are named."""
     from peftjax import serving
@@ -249,9 +249,11 @@ def test_a_request_s_presence_and_frequency_penalties_and_logit_bias_are_its_own
 
     free = alone(model, tokenizer, PROMPTS[0], "a", 4)
     favoured = next(t for t in range(len(tokenizer)) if t not in free and t not in tokenizer.all_special_ids)
-    up = generator.generate(batch({"logit_bias": {str(favoured): 100}}, 4))
+    with compilations() as compiled:  # a new logit_bias compiles nothing: the biases are values of the loop
+        up = generator.generate(batch({"logit_bias": {str(favoured): 100}}, 4))
+        down = generator.generate(batch({"logit_bias": {free[0]: -100, str(favoured): 0}}, 4))[0]
+    assert compiled.count("_generate") == 1, compiled
     assert [r["token_ids"] for r in up] == [[favoured] * 4] * 2
-    down = generator.generate(batch({"logit_bias": {free[0]: -100, str(favoured): 0}}, 4))[0]
     assert down["token_ids"][0] != free[0]
     assert down["token_ids"] == alone(model, tokenizer, PROMPTS[0], "a", 4, sequence_bias={(free[0],): -100.0})
     for body, message in (({"presence_penalty": 2.5}, "'presence_penalty' must be between -2.0 and 2.0"),

@@ -35,8 +35,10 @@ from peftjax.models._logits import (
     filter_logits,
     force_and_suppress,
     mark_seen,
+    add_token_bias,
     occurrence_arguments,
     penalize_occurrences,
+    split_token_bias,
     penalize,
     penalize_source,
     rules_arguments,
@@ -89,10 +91,10 @@ def remember(past: Past, token: jax.Array, position, parents=None) -> Past:
 
 
 def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, eos_ids, ngram=None,
-               prompt: int = 0, rules: Rules | None = None, occurrence=None) -> jax.Array:
+               prompt: int = 0, rules: Rules | None = None, occurrence=None, token_bias=None) -> jax.Array:
     """The logits processors transformers' ``generate`` runs before choosing a token (greedy,
-    sampled or over beams), in its order: a sequence bias and the input's repetition penalty
-    (``rules``), the repetition penalty
+    sampled or over beams), in its order: a sequence bias (one-token entries: ``token_bias``, a
+    value of the loop) and the input's repetition penalty (``rules``), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: a token already in the sequence has its logit divided by
     ``penalty``, or multiplied where negative), peftjax's presence and frequency penalties
     (``occurrence``: OpenAI's, :func:`~peftjax.models._logits.penalize_occurrences`), n-gram
@@ -105,6 +107,8 @@ def _constrain(logits: jax.Array, past: Past, new_tokens, *, penalty, min_new, e
     ``penalty``, ``occurrence``, ``ngram``, ``min_new`` or ``rules`` ``None``: that processor is off (a
     static choice)."""
     length = prompt + new_tokens
+    if token_bias is not None:
+        logits = add_token_bias(logits, token_bias)
     if rules is not None:
         logits = bias_sequences(logits, rules, past.tokens, length)
         logits = penalize_source(logits, rules, past.source)
@@ -391,7 +395,9 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
     ``batch`` rows), come back as ``"stop"`` and ``"stop_table"``, matched from sequence column
     ``stop_first`` on (:mod:`peftjax.models._stop_strings`). ``presence_penalty`` and
     ``frequency_penalty`` (peftjax's; no generation config field) come back as ``"occurrence"``,
-    values of the compiled loop (:func:`~peftjax.models._logits.occurrence_arguments`).
+    values of the compiled loop (:func:`~peftjax.models._logits.occurrence_arguments`), as do the
+    one-token entries of ``sequence_bias``, as ``"token_bias"`` (a ``[vocab]`` vector,
+    :func:`~peftjax.models._logits.split_token_bias`): a new bias reuses the compiled loop.
 
     Raises:
       ValueError: a bad setting, or one of the generation config's that changes the decoding and is
@@ -447,11 +453,12 @@ def decoding_arguments(model, max_new_tokens: int, do_sample: bool | None, tempe
                         if stop_strings else (None, None))
     rules = rules_arguments(processors, defaults, vocab=getattr(config, "vocab_size", None), eos=eos,
                             prompt_length=int(prompt_length), max_new_tokens=int(max_new_tokens))
+    rules, token_bias = split_token_bias(rules, getattr(config, "vocab_size", None))
     return {"max_new_tokens": int(max_new_tokens), "eos": eos,
             "penalty": None if repetition_penalty == 1.0 else np.float32(repetition_penalty),
             "min_new": np.int32(min_new) if min_new > 0 and eos else None,
             "ngram": int(no_repeat_ngram_size) or None, "rules": rules, "stop": stop, "stop_table": stop_table,
-            "occurrence": occurrence_arguments(presence_penalty, frequency_penalty),
+            "occurrence": occurrence_arguments(presence_penalty, frequency_penalty), "token_bias": token_bias,
             **sampling_arguments(do_sample, temperature, top_k, top_p, int(pad_token_id),
                                  warper_arguments(processors, defaults)), "search": search}
 
@@ -622,6 +629,7 @@ def _generate(
     ngram=None,
     rules=None,
     occurrence=None,
+    token_bias=None,
     rerun_at=None,
     stop: StopStrings | None = None,
     stop_table=None,
@@ -644,7 +652,7 @@ def _generate(
         rng, key = jax.random.split(rng)  # one split a step, rerun or not: a seed samples the same tokens
         raw = logits.astype(jnp.float32)
         logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=n,
-                            rules=rules, occurrence=occurrence)
+                            rules=rules, occurrence=occurrence, token_bias=token_bias)
         token, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                       top_p=top_p, **warpers)
         token = jnp.where(done, pad, token)
@@ -725,7 +733,8 @@ def beam_arguments(decoding: dict, search: dict) -> dict:
                 length_penalty=search["length_penalty"], fill=np.int32(search["fill"]),
                 renormalize=search["renormalize"], penalty=decoding["penalty"], min_new=decoding["min_new"],
                 ngram=decoding["ngram"], rules=decoding["rules"], stop=decoding["stop"],
-                stop_table=decoding["stop_table"], occurrence=decoding["occurrence"])
+                stop_table=decoding["stop_table"], occurrence=decoding["occurrence"],
+                token_bias=decoding["token_bias"])
 
 
 def reorder_rows(cache, parents: jax.Array):
@@ -752,7 +761,7 @@ def reorder_rows(cache, parents: jax.Array):
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, position_ids, rng=None, *,
                    max_new_tokens, eos, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
                    renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
-                   stop=None, stop_table=None, occurrence=None):
+                   stop=None, stop_table=None, occurrence=None, token_bias=None):
     """Beam search (:mod:`peftjax.models._beam_search`) over prompts already repeated ``num_beams``
     times each, or beam sampling (``sampling`` and its key ``rng``): ``([batch *
     num_return_sequences, max_new_tokens] tokens, [...] lengths)``."""
@@ -768,7 +777,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, po
         i, logits, cache, key_mask, pos, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
                                    prompt=n, renormalize=renormalize, rules=rules, sampling=sampling,
-                                   min_keep=min_keep, occurrence=occurrence)
+                                   min_keep=min_keep, occurrence=occurrence, token_bias=token_bias)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
                                                          key=beam_key(rng, i),
@@ -891,7 +900,8 @@ class GenerationMixin:
           bad_words_ids: token sequences never completed (``[[id, ...], ...]``; a stop token is
             not banned, as transformers drops it).
           sequence_bias: ``{(id, ...): bias}`` (or ``[[[id, ...], bias], ...]``) added to a
-            sequence's last token where the row ends in the rest of it.
+            sequence's last token where the row ends in the rest of it; one-token entries are
+            values of the compiled loop (a new bias compiles nothing), longer ones part of it.
           suppress_tokens, begin_suppress_tokens: token ids banned at every step, or at the first
             (the second after a forced first token).
           forced_bos_token_id: the first new token, where the prompt is one token long;

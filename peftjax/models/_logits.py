@@ -302,6 +302,36 @@ def rules_arguments(settings: dict, defaults, *, vocab: int | None, eos: tuple, 
                  source_ngram=source_ngram, remove_invalid=bool(remove_invalid))
 
 
+def split_token_bias(rules: Rules | None, vocab: int | None) -> tuple[Rules | None, np.ndarray | None]:
+    """``(rules, token_bias)``: ``sequence_bias``'s one-token entries taken out of ``rules`` as a
+    float32 ``[vocab]`` vector, a value of the compiled loop (a new bias reuses the compiled
+    ``generate``), and the rules left (``None`` where none is). A model whose vocabulary size is
+    unknown keeps them in ``rules``."""
+    if rules is None or vocab is None or not any(len(ids) == 1 for ids, _ in rules.bias):
+        return rules, None
+    vector = np.zeros(int(vocab), np.float32)
+    for ids, value in rules.bias:
+        if len(ids) == 1:
+            vector[ids[0]] += np.float32(value)
+    rest = rules._replace(bias=tuple((ids, value) for ids, value in rules.bias if len(ids) > 1))
+    active = (rest.bias, rest.bad, rest.suppress, rest.begin_suppress, rest.forced_bos is not None, rest.forced_eos,
+              rest.decay is not None, rest.source_penalty is not None, rest.source_ngram is not None,
+              rest.remove_invalid)
+    return (rest if any(active) else None), vector
+
+
+def add_token_bias(logits, token_bias):
+    """``logits`` plus the one-token ``sequence_bias`` vector (:func:`split_token_bias`) in every row.
+
+    Raises:
+      ValueError: (while tracing) the vector's length is not the logits' vocabulary.
+    """
+    if token_bias.shape[-1] != logits.shape[-1]:
+        raise ValueError(f"sequence_bias: the model's logits have {logits.shape[-1]} entries, its config's vocab_size "
+                         f"{token_bias.shape[-1]}; they must agree")
+    return logits + token_bias[None].astype(logits.dtype)
+
+
 def check_source_rules(rules: Rules | None, *, rows_per_input: int, has_input_ids: bool) -> None:
     """Refuses the input's rules where transformers' ``generate`` would not apply them as asked.
 

@@ -70,7 +70,8 @@ def _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder
 )
 def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, prefix_kv, encoder_prefix_kv, *,
               max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, start, penalty=None, min_new=None,
-              ngram=None, rules=None, occurrence=None, stop=None, stop_table=None, stream=None, record=(), **warpers):
+              ngram=None, rules=None, occurrence=None, token_bias=None, stop=None, stop_table=None, stream=None,
+              record=(), **warpers):
     model = nnx.merge(graphdef, state)
     b, cache, decode = _decoder(model, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv,
                                 max_new_tokens)
@@ -87,7 +88,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
         rng, key = jax.random.split(rng)
         raw = logits.astype(jnp.float32)
         logits = _constrain(raw, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram, prompt=1,
-                            rules=rules, occurrence=occurrence)
+                            rules=rules, occurrence=occurrence, token_bias=token_bias)
         new, scores = choose_scored(logits, key, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                     top_p=top_p, **warpers)
         new = jnp.where(done, pad, new)
@@ -110,7 +111,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, inputs_embeds, pr
 def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, prefix_kv, encoder_prefix_kv, rng=None, *,
                    max_new_tokens, eos, start, num_beams, num_return_sequences, early_stopping, length_penalty, fill,
                    renormalize=False, penalty=None, min_new=None, ngram=None, rules=None, sampling=None, min_keep=1,
-                   stop=None, stop_table=None, occurrence=None):
+                   stop=None, stop_table=None, occurrence=None, token_bias=None):
     """Beam search (:mod:`peftjax.models._beam_search`) of inputs already repeated ``num_beams``
     times each (each beam's row encoded, so that row-wise state, a mixed batch's adapter per row,
     covers the encoder as the decoder), or beam sampling (``sampling``, its key ``rng``):
@@ -129,7 +130,7 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
         i, logits, cache, key_mask, beams, past, _ = carry
         log_probs = beam_log_probs(logits, past, i, penalty=penalty, min_new=min_new, eos_ids=eos_ids, ngram=ngram,
                                    prompt=1, renormalize=renormalize, rules=rules, sampling=sampling,
-                                   min_keep=min_keep, occurrence=occurrence)
+                                   min_keep=min_keep, occurrence=occurrence, token_bias=token_bias)
         beams, parents, tokens, going = beam_search.step(beams, log_probs, i, eos=eos, max_new_tokens=max_new_tokens,
                                                          length_penalty=length_penalty, early_stopping=early_stopping,
                                                          key=beam_key(rng, i),

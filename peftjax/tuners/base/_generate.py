@@ -70,7 +70,8 @@ def _greedy_loop(model, ids, mask, settings, max_new_tokens: int, streamer) -> n
     # transformers skips the left padding), no EOS before min_new new tokens, the token rules
     constrain = functools.partial(_constrain, penalty=settings["penalty"], min_new=settings["min_new"],
                                   eos_ids=np.asarray(eos or [-1], np.int32), ngram=settings["ngram"], prompt=n,
-                                  rules=settings["rules"], occurrence=settings["occurrence"])
+                                  rules=settings["rules"], occurrence=settings["occurrence"],
+                                  token_bias=settings["token_bias"])
     counted = np.arange(total)[None] >= (mask != 0).argmax(axis=1)[:, None]
     step = nnx.jit(lambda m, t, a, p: m(input_ids=t, attention_mask=a, position_ids=p).logits)
     done = np.zeros(b, bool)
