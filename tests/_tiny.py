@@ -287,6 +287,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "electra": ("ElectraConfig", "ElectraForSequenceClassification", dict(
         vocab_size=96, embedding_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=37, max_position_embeddings=40, num_labels=3)),
+    # 40-token rows reach the relative bias's log buckets (distances past 8 of 32 buckets, up to 128)
+    "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, num_labels=3)),
     # DeBERTa-v3's layout (shared keys, a normalised relative table, no absolute positions or token
     # types) with 4 buckets up to 16: distances past 2 fall in log buckets within 11-token rows
     "deberta-v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", dict(

@@ -295,9 +295,12 @@ TASK_CASES = [
     # the Hub's DeBERTa-v3 checkpoints (masked LMs): the classifier's pooler is new, and saved with it
     ("deberta-v2", "SEQ_CLS", "DebertaV2ForMaskedLM"),
     ("electra", "SEQ_CLS", "ElectraForPreTraining"),  # the Hub's ELECTRA checkpoints: the discriminator
+    # the Hub's MPNet checkpoints (masked LMs); all-mpnet-base-v2's embeddings (a bare MPNetModel)
+    ("mpnet", "SEQ_CLS", "MPNetForMaskedLM"),
+    ("mpnet", "FEATURE_EXTRACTION", "MPNetModel"),
 ]
 # the families PEFT has no default LoRA targets for
-TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"]}
+TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"], "mpnet": ["q", "v"]}
 
 
 # narrower than _tiny's models (hidden 16): most of these carry MiniLM's 30522-token vocabulary
@@ -319,6 +322,8 @@ NARROW = {
                        legacy=False),
     # MiniLM's [SEP] as T5's EOS: the sequence classifier reads each row's last one
     "t5": dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, eos_token_id=102, num_labels=2),
+    "mpnet": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=66, num_labels=2),
     "bart": dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                  encoder_ffn_dim=32, decoder_ffn_dim=32, eos_token_id=102, num_labels=2),
 }
@@ -381,7 +386,8 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
                                                                   "classifier.out_proj.weight": [3, 16]},
              "modernbert": {"classifier.weight": [3, 16]}, "distilbert": {"classifier.weight": [3, 16]},
              "deberta-v2": {"classifier.weight": [3, 16]},
-             "electra": {"classifier.dense.weight": [16, 16], "classifier.out_proj.weight": [3, 16]}}
+             "electra": {"classifier.dense.weight": [16, 16], "classifier.out_proj.weight": [3, 16]},
+             "mpnet": {"classifier.dense.weight": [16, 16], "classifier.out_proj.weight": [3, 16]}}
     if qa:
         heads = {family: {"qa_outputs.weight": [2, 16]}}
     elif task == "TOKEN_CLS" and family in ("gpt2", "t5"):

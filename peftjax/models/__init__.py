@@ -235,6 +235,14 @@ from peftjax.models._roberta import (
     XLMRobertaForTokenClassification,
     XLMRobertaModel,
 )
+from peftjax.models._mpnet import (
+    MPNetForMaskedLM,
+    MPNetForMultipleChoice,
+    MPNetForQuestionAnswering,
+    MPNetForSequenceClassification,
+    MPNetForTokenClassification,
+    MPNetModel,
+)
 from peftjax.models._t5 import (
     MT5ForConditionalGeneration,
     MT5ForQuestionAnswering,
@@ -462,6 +470,12 @@ __all__ = [
     "T5ForSequenceClassification",
     "T5ForTokenClassification",
     "T5Model",
+    "MPNetForMaskedLM",
+    "MPNetForMultipleChoice",
+    "MPNetForQuestionAnswering",
+    "MPNetForSequenceClassification",
+    "MPNetForTokenClassification",
+    "MPNetModel",
     "BartForConditionalGeneration",
     "BartForQuestionAnswering",
     "BartForSequenceClassification",

@@ -254,6 +254,9 @@ class BertModel(PreTrainedModel):
 
     base_model_prefix: ClassVar[str] = "bert"
     optional_keys: ClassVar[tuple[str, ...]] = (r"pooler\.dense\.(weight|bias)",)
+    # the embeddings' and the encoder's modules (MPNet's differ)
+    embeddings_class: ClassVar[type[nnx.Module]] = BertEmbeddings
+    encoder_class: ClassVar[type[nnx.Module]] = BertEncoder
     # non-persistent buffers some checkpoints still carry, and the pre-training heads (MLM, NSP)
     ignored_keys: ClassVar[tuple[str, ...]] = (
         r"(bert\.)?embeddings\.(position_ids|token_type_ids)",
@@ -275,8 +278,8 @@ class BertModel(PreTrainedModel):
         if add_pooling_layer is None:
             add_pooling_layer = getattr(config, "add_pooling_layer", True)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embeddings = BertEmbeddings(config, **kw, width=self.embedding_width(config))
-        self.encoder = BertEncoder(config, **kw)
+        self.embeddings = self.embeddings_class(config, **kw, width=self.embedding_width(config))
+        self.encoder = self.encoder_class(config, **kw)
         self.pooler = nnx.data(None)
         if add_pooling_layer:
             self.pooler = BertPooler(config, **kw)

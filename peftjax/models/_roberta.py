@@ -54,13 +54,14 @@ class RobertaModel(BertModel):
 
     base_model_prefix: ClassVar[str] = "roberta"
     ignored_keys: ClassVar[tuple[str, ...]] = IGNORED_KEYS
+    padding_idx: ClassVar[int | None] = None  # positions start after it; None: the config's pad_token_id
 
     def default_position_ids(self, input_ids, shape: tuple[int, int], n_prefix: int, segment_ids) -> jax.Array:
         """fairseq's positions (see the module docstring); after a prefix of ``V`` entries the
         count starts at ``V``, as after transformers' cache; in packed rows it restarts at each
         sequence."""
         b, s = shape
-        pad = self.config.pad_token_id
+        pad = self.config.pad_token_id if self.padding_idx is None else self.padding_idx
         limit = self.config.max_position_embeddings
         if input_ids is None:  # embeddings: numbered in order, padding or not (and no prefix offset)
             if pad + s >= limit:
