@@ -69,6 +69,10 @@ FSDP_TP = AbstractMesh((2, 4), ("fsdp", "model"))
         ("model.embed_tokens.embedding", (128, 64), TP, "tp", P(None, "model")),
         ("lm_head.kernel", (64, 128), TP, "tp", P(None, "model")),
         ("model.norm.scale", (64,), TP, "tp", P(None)),
+        # BART's cross-attention output and MPNet's attention (column q/k/v, row o)
+        ("model.decoder.layers.0.encoder_attn.out_proj.kernel", (64, 64), TP, "tp", P("model", None)),
+        ("mpnet.encoder.layer.0.attention.attn.q.kernel", (64, 64), TP, "tp", P(None, "model")),
+        ("mpnet.encoder.layer.0.attention.attn.o.kernel", (64, 64), TP, "tp", P("model", None)),
         # a dimension the axis does not divide stays whole: 6 outputs on a 4-way axis
         ("model.layers.0.self_attn.k_proj.kernel", (64, 6), TP, "tp", P(None, None)),
         # dp replicates everything

@@ -69,12 +69,13 @@ PRESETS = ("dp", "fsdp", "tp")
 # whose heads' q/k/v sit together, dense_h_to_4h | attention.dense, dense_4h_to_h) and OPT (its q/k/v_proj as
 # Llama's, fc1 | self_attn.out_proj, fc2); BLOOM's are GPT-NeoX's names, its output projection self_attention.dense;
 # GPT-J: fc_in | attn.out_proj, fc_out; GPTBigCode (StarCoder): GPT-2's names (its c_attn the fused [q | k | v]);
-# GPT-Neo: Llama's q/k/v_proj, GPT-2's c_fc | attn.attention.out_proj, c_proj
+# GPT-Neo: Llama's q/k/v_proj, GPT-2's c_fc | attn.attention.out_proj, c_proj; BART: OPT's, and encoder_attn.out_proj;
+# MPNet: attention.attn.q/k/v, BERT's intermediate.dense | attention.attn.o, BERT's output.dense
 _COLUMN = (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|query|key|value|intermediate\.dense|"
            r"query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj|q_lin|k_lin|v_lin|ffn\.lin1|c_attn|c_fc|"
-           r"query_key_value|dense_h_to_4h|fc1|fc_in)")
+           r"query_key_value|dense_h_to_4h|fc1|fc_in|attention\.attn\.(q|k|v))")
 _ROW = (r"(o_proj|down_proj|output\.dense|out_lin|ffn\.lin2|c_proj|attention\.dense|dense_4h_to_h|self_attn\.out_proj|"
-        r"fc2|self_attention\.dense|attn\.out_proj|attention\.out_proj|fc_out)")
+        r"fc2|self_attention\.dense|attn\.out_proj|attention\.out_proj|fc_out|encoder_attn\.out_proj|attention\.attn\.o)")
 TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.kernel$", P(None, MODEL)),
     (rf"(^|\.){_COLUMN}\.bias$", P(MODEL)),
