@@ -61,7 +61,8 @@ def peft_model(path, **overrides):
 
 
 def args(out, **kw):
-    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=3,
+    kw = {"per_device_eval_batch_size": 3, **kw}
+    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=4,
                              learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, disable_tqdm=True,
                              report_to="none", plot=False, **kw)
 
@@ -156,10 +157,64 @@ def test_seq2seq_data_is_checked_and_unsupported_uses_are_named(checkpoint, tmp_
     model = peft_model(checkpoint)
     with pytest.raises(ValueError, match=r"row 0 .*target token lists.*tokenize_seq2seq"):
         Trainer(model, args(tmp_path, max_steps=1), {"input_ids": [[5, 1]], "labels": [3]}).train()
-    with pytest.raises(NotImplementedError, match="generate"):
+    with pytest.raises(NotImplementedError, match=r"predict_with_generate=True\), or call model.generate"):
         Trainer(model, args(tmp_path)).predict(pairs(2, 0))
-    with pytest.raises(NotImplementedError, match="compute_metrics"):
+    with pytest.raises(ValueError, match=r"compute_metrics .* set TrainingArguments\(predict_with_generate=True\)"):
         Trainer(model, args(tmp_path), compute_metrics=lambda logits, labels: {})
+    with pytest.raises(ValueError, match="generation_max_length must be None or an integer >= 2"):
+        args(tmp_path, generation_max_length=1)
+
+
+def test_predict_with_generate_scores_and_returns_what_peft_generates(checkpoint, tmp_path):
+    """``predict_with_generate``: ``compute_metrics`` gets each evaluation row's generated ids (the
+    start token first, padded to ``generation_max_length``) with its labels, as Seq2SeqTrainer
+    gives them, and ``predict`` returns them; the oracle is HF PEFT's generate on the saved adapter,
+    row by row. Also with beams."""
+    model = peft_model(checkpoint)
+    _, adapters, _ = peftjax.split(model.base_model)  # a trained adapter's size: sequences that vary
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    model.update(jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+    model.save_pretrained(tmp_path / "adapter")
+    rows = pairs(5, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tr.T5ForConditionalGeneration.from_pretrained(checkpoint),
+                                                tmp_path / "adapter").eval()
+    width = max(len(r) for r in rows["input_ids"])
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows["input_ids"]])
+    for beams in (None, 2):
+        # the five rows in one batch, as the Trainer's evaluation batch holds them (beam search fills a
+        # row that ended early with the EOS id, as transformers' pad_token_id 0 is falsy), then padded
+        # with 0 to max_length, as Seq2SeqTrainer pads
+        want = np.zeros((5, 7), np.int64)
+        with torch.no_grad():
+            out = theirs.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_length=7, do_sample=False,
+                                  num_beams=beams or 1).numpy()
+        want[:, :out.shape[1]] = out
+        seen = []
+
+        def exact(predictions, labels):  # a metric of the generated texts' kind
+            seen.append((predictions, labels))
+            return {"exact": float(np.mean([list(p[1:][p[1:] != 0]) == list(t[t != -100])
+                                            for p, t in zip(predictions, labels)]))}
+
+        trainer = Trainer(model, args(tmp_path / f"run{beams}", predict_with_generate=True, generation_max_length=7,
+                                      generation_num_beams=beams, per_device_eval_batch_size=8),
+                          eval_dataset=rows, compute_metrics=exact)
+        metrics = trainer.evaluate()
+        (predictions, labels), = seen
+        np.testing.assert_array_equal(predictions, want)
+        assert labels.tolist() == [r + [-100] * (labels.shape[1] - len(r)) for r in rows["labels"]]
+        assert metrics["eval_exact"] == exact(want, labels)["exact"] and np.isfinite(metrics["eval_loss"])
+        np.testing.assert_array_equal(trainer.predict(rows), want)
+    assert len(np.unique(want[:, 1:])) > 3  # varied sequences, not one token
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new classification head
+        classifier = peftjax.get_peft_model(models.from_pretrained(checkpoint, task_type="SEQ_CLS", num_labels=2),
+                                            peftjax.LoraConfig(task_type="SEQ_CLS", r=2))
+    with pytest.raises(ValueError, match="predict_with_generate is for encoder-decoder .* T5ForSequenceClassification"):
+        Trainer(classifier, args(tmp_path / "cls", predict_with_generate=True))
 
 
 def test_batcher_pads_targets_to_their_own_bucket():

@@ -75,6 +75,15 @@ class TrainingArguments:
         directory; ``False``: none from peftjax. JAX caches programs that took at least
         ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile.
       resume_from_checkpoint: a checkpoint directory, or ``True`` for the newest in ``output_dir``.
+      predict_with_generate: an encoder-decoder's (``SEQ_2_SEQ_LM``) evaluation also generates each
+        row's output, and ``compute_metrics`` gets those token ids (``[rows,
+        generation_max_length]``: the decoder's start token first, ``pad_token_id`` after the end)
+        with the labels, as transformers' ``Seq2SeqTrainer`` gives them; ``predict`` returns them
+        (``Seq2SeqTrainingArguments``' field).
+      generation_max_length: the generated sequences' length, the start token counted
+        (transformers' ``max_length``); ``None``: the model's generation config's ``max_length``,
+        else 20.
+      generation_num_beams: beams of that generation; ``None``: the generation config's.
     """
 
     output_dir: str
@@ -107,6 +116,9 @@ class TrainingArguments:
     packing: bool | None = None
     compilation_cache: bool | str = True
     resume_from_checkpoint: str | bool | None = None
+    predict_with_generate: bool = False
+    generation_max_length: int | None = None
+    generation_num_beams: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -127,6 +139,10 @@ class TrainingArguments:
             raise ValueError(f"packing must be None, True or False, got {self.packing!r}")
         if not isinstance(self.compilation_cache, (bool, str, os.PathLike)) or self.compilation_cache == "":
             raise ValueError(f"compilation_cache must be True, False or a directory, got {self.compilation_cache!r}")
+        for name, least in (("generation_max_length", 2), ("generation_num_beams", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ValueError(f"TrainingArguments.{name} must be None or an integer >= {least}, got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if (isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, (int, float))

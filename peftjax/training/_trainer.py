@@ -298,7 +298,8 @@ class Trainer:
         ``data_collator`` that masks them.
       eval_dataset: the same, for evaluation.
       pad_token_id: the padding id (default: the model config's, else 0).
-      compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics.
+      compute_metrics: optional ``f(logits, labels) -> dict`` added to evaluation metrics; for an
+        encoder-decoder, ``f(generated ids, labels)`` (``TrainingArguments.predict_with_generate``).
       data_collator: called on each padded batch of the train and eval datasets as
         ``data_collator(batch, rng)`` (see :class:`~peftjax.training.Batcher`'s ``collate``), such
         as :class:`~peftjax.training.DataCollatorForLanguageModeling`, which masks each training
@@ -335,9 +336,14 @@ class Trainer:
         # answering take the rows' labels as the encoders do: the model derives its decoder's input)
         encoder_decoder = (bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
                            and base_name.endswith("ForConditionalGeneration"))
-        if encoder_decoder and compute_metrics is not None:
-            raise NotImplementedError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model is not "
-                                      "implemented: its logits come in several target lengths")
+        if encoder_decoder and compute_metrics is not None and not args.predict_with_generate:
+            raise ValueError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model reads the sequences it "
+                             "generates: set TrainingArguments(predict_with_generate=True), as for transformers' "
+                             "Seq2SeqTrainer")
+        if args.predict_with_generate and not encoder_decoder:
+            raise ValueError(f"predict_with_generate is for encoder-decoder (SEQ_2_SEQ_LM) models; {base_name} is not "
+                             "one (a causal LM's completions: model.generate)")
+        self._generates = bool(args.predict_with_generate)
         # adapters routing each row by its task: (name, peft_type, task count); their rows need a task_ids column
         self._task_adapters = [(name, config.peft_type, getattr(config, TASK_METHODS[config.peft_type]))
                                for name, config in model.peft_config.items()
@@ -579,7 +585,8 @@ class Trainer:
     def _eval_step(self):
         """The evaluation's compiled step: the loss terms, and the logits only where
         ``compute_metrics`` reads them."""
-        return self._predict_step if self.compute_metrics is not None else self._loss_step
+        logits = self.compute_metrics is not None and not self._generates  # generated ids are read instead
+        return self._predict_step if logits else self._loss_step
 
     @functools.cached_property
     def _predict_step(self):
@@ -867,14 +874,17 @@ class Trainer:
         """Logits for every row of a tokenized dataset, in order: ``[rows, labels]`` for a sequence
         classifier, ``[rows, length, labels]`` for a token classifier or a language model (rows of
         several bucket lengths padded on the right with 0), ``[rows, length, 2]`` for question
-        answering (start and end logits). Labels, where the dataset has them, are not needed.
+        answering (start and end logits); for an encoder-decoder (SEQ_2_SEQ_LM) with
+        ``predict_with_generate``, the generated token ids ``[rows, generation_max_length]``.
+        Labels, where the dataset has them, are not needed.
 
         Raises:
-          NotImplementedError: an encoder-decoder (SEQ_2_SEQ_LM) model: use ``model.generate``.
+          NotImplementedError: an encoder-decoder without ``predict_with_generate``.
         """
-        if self.problem_type == SEQ2SEQ_LM:
-            raise NotImplementedError("Trainer.predict for an encoder-decoder (SEQ_2_SEQ_LM) model is not "
-                                      "implemented; use model.generate(input_ids, attention_mask)")
+        if self.problem_type == SEQ2SEQ_LM and not self._generates:
+            raise NotImplementedError("Trainer.predict for an encoder-decoder (SEQ_2_SEQ_LM) model gives the "
+                                      "sequences it generates: set TrainingArguments(predict_with_generate=True), "
+                                      "or call model.generate(input_ids, attention_mask)")
         graphdef, trainable, rest = split(self.model.base_model)
         self._graphdef = graphdef
         dataset = _as_columns(dataset, "dataset")
@@ -892,10 +902,28 @@ class Trainer:
                                 per_row_logits=True)
         out = []
         for batch in batcher.batches(0):
+            if self._generates:
+                out.append(self._generated(nnx.merge(graphdef, trainable, rest), batch))
+                continue
             logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
             logits = np.asarray(logits)[batch["sample_weight"] > 0]
             out.append(logits)
         return _concatenate_rows(out, 0.0)  # per-token logits: batches of several bucket lengths
+
+    def _generated(self, model, batch) -> np.ndarray:
+        """The batch's real rows generated by ``model`` (the base model with its adapters), as
+        ``Seq2SeqTrainer`` generates them: ``[rows, length]`` token ids, the decoder's start token
+        first, padded with ``pad_token_id`` to ``length``, the ``generation_max_length`` (else the
+        generation config's ``max_length``, else 20)."""
+        keep = batch["sample_weight"] > 0
+        defaults = getattr(model, "generation_config", None)
+        length = self.args.generation_max_length or int((defaults.get("max_length", 20) if defaults else None) or 20)
+        ids = model.generate(batch["input_ids"][keep], batch["attention_mask"][keep], max_new_tokens=length - 1,
+                             num_beams=self.args.generation_num_beams, pad_token_id=self.pad_token_id)
+        ids = np.asarray(ids)
+        out = np.full((ids.shape[0], length), self.pad_token_id, ids.dtype)
+        out[:, :ids.shape[1]] = ids
+        return out
 
     def _stand_in_labels(self, input_ids: list) -> list:
         """Labels of the problem's shape for rows that have none, so that ``predict`` can run the
@@ -963,7 +991,10 @@ class Trainer:
             token_level = self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
             if self.compute_metrics is not None:
                 keep = batch["sample_weight"] > 0
-                all_logits.append(np.asarray(logits)[keep])
+                if self._generates:  # the sequences generated, not the logits, as Seq2SeqTrainer's
+                    all_logits.append(self._generated(nnx.merge(self._graphdef, trainable, rest), batch))
+                else:
+                    all_logits.append(np.asarray(logits)[keep])
                 all_labels.append(batch["labels"][keep])
         loss = sums[0] / max(sums[1], 1.0)
         metrics = {"eval_loss": float(loss)}
