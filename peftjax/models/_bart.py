@@ -41,7 +41,8 @@ from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequ
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
-from peftjax.models._t5 import T5ClassificationHead, check_ids, last_eos, shift_right
+from peftjax.models._encoder_decoder import EncoderDecoder, check_ids, last_eos, shift_right
+from peftjax.models._t5 import T5ClassificationHead
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import keep_mask, layer_key, split_keys
 from peftjax.nn._functional import softmax
@@ -254,13 +255,14 @@ class _Stack(nnx.Module):
         return x, new_cache
 
 
-class BartModel(PreTrainedModel):
+class BartModel(EncoderDecoder, PreTrainedModel):
     """The bare encoder-decoder: ``shared``, ``encoder``, ``decoder``; returns the decoder's output.
 
     As transformers: the decoder's input defaults to ``input_ids`` shifted right.
     """
 
     base_model_prefix: ClassVar[str] = "model"  # a task model's checkpoint loads into the bare one
+    shifts_input_ids: ClassVar[bool] = True
     ignored_keys: ClassVar[tuple[str, ...]] = (*_IGNORED, r"lm_head\.weight", r"final_logits_bias")
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -296,50 +298,6 @@ class BartModel(PreTrainedModel):
         """``(layers, heads, head_dim)`` of the decoder's attention."""
         a = self.decoder.layers[0].self_attn
         return len(self.decoder.layers), a.num_heads, a.head_dim
-
-    def decode(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
-               inputs_embeds, decoder_inputs_embeds, cache=None, cache_index=None, cross_kv=None, prefix_kv=None,
-               encoder_prefix_kv=None, dropout_rng=None):
-        """``(decoder output, new cache, encoder output)``: encodes unless ``encoder_outputs`` is
-        given, and decodes ``decoder_input_ids`` (default: ``input_ids`` shifted right)."""
-        enc_key, dec_key = split_keys(dropout_rng, 2)
-        if decoder_input_ids is None and decoder_inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError(f"{type(self).__name__} shifts input_ids right into the decoder's input: pass "
-                                 "input_ids, or decoder_input_ids / decoder_inputs_embeds")
-            decoder_input_ids = self.shift_right(input_ids)
-        if encoder_outputs is None:
-            encoder_outputs = self.encode(input_ids, attention_mask, inputs_embeds, encoder_prefix_kv, enc_key)
-        enc = encoder_outputs.last_hidden_state if isinstance(encoder_outputs, ModelOutput) else encoder_outputs
-        enc = jnp.asarray(enc)
-        if attention_mask is None:
-            attention_mask = jnp.ones(enc.shape[:2], bool)
-        check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
-        x = (self.shared(jnp.asarray(decoder_input_ids)) if decoder_inputs_embeds is None
-             else jnp.asarray(decoder_inputs_embeds))
-        if prefix_kv is not None:
-            self._check_decoder_prefix(prefix_kv, x.shape[0])
-        if decoder_attention_mask is None:
-            decoder_attention_mask = jnp.ones((x.shape[0], x.shape[1] if cache is None else cache[0]["k"].shape[1]),
-                                              bool)
-        if cross_kv is None:
-            cross_kv = self.decoder.cross_kv(enc)
-        h, new_cache = self.decoder(x, decoder_attention_mask, cross_kv=cross_kv, cross_mask=attention_mask,
-                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv, dropout_rng=dec_key)
-        return h, new_cache, enc
-
-    def _check_decoder_prefix(self, prefix_kv, batch: int) -> None:
-        n, heads, head_dim = self.decoder_prefix_layout()
-        pairs = list(prefix_kv)
-        if len(pairs) != n or any(len(p) != 2 for p in pairs):
-            raise ValueError(f"{type(self).__name__}: prefix_kv must hold one (self-attention, cross-attention) "
-                             f"pair of (key, value) per decoder layer ({n}), got {len(pairs)} entries")
-        owner = f"{type(self).__name__}.decoder"
-        attn.check_prefix_kv([p[0] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim, batch=batch,
-                             owner=owner)
-        if pairs[0][1] is not None:
-            attn.check_prefix_kv([p[1] for p in pairs], num_layers=n, kv_heads=heads, head_dim=head_dim,
-                                 batch=batch, owner=owner + " (cross-attention)")
 
     def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                  encoder_outputs=None, inputs_embeds=None, decoder_inputs_embeds=None, prefix_kv=None,
