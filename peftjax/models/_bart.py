@@ -41,7 +41,7 @@ from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequ
 from peftjax.models._modeling import ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
-from peftjax.models._encoder_decoder import EncoderDecoder, check_ids, last_eos, shift_right
+from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask, check_ids, last_eos, shift_right
 from peftjax.models._t5 import T5ClassificationHead
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import keep_mask, layer_key, split_keys
@@ -220,12 +220,7 @@ class _Stack(nnx.Module):
         x = dropout(self.layernorm_embedding(x), self.dropout_rate, k_embed)
         key_mask = attn.prefix_key_mask(jnp.asarray(key_mask).astype(bool), num_prefix)
         mask = attn.attention_mask_4d(num_prefix + start + jnp.arange(s), key_mask, causal=self.is_decoder)
-        cross = None
-        if self.is_decoder:
-            cross_key_mask = jnp.asarray(cross_mask).astype(bool)
-            if prefix_kv is not None and prefix_kv[0][1] is not None:
-                cross_key_mask = attn.prefix_key_mask(cross_key_mask, prefix_kv[0][1][0].shape[1])
-            cross = cross_key_mask[:, None, None, :]
+        cross = cross_attention_mask(cross_mask, prefix_kv) if self.is_decoder else None
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else prefix_kv[i]

@@ -67,6 +67,16 @@ def last_eos(input_ids, config, owner: str) -> jax.Array:
     return jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
 
 
+def cross_attention_mask(cross_mask, prefix_kv) -> jax.Array:
+    """``[batch, 1, 1, keys]``: the decoder's cross-attention mask over the encoder's real tokens
+    (``cross_mask``), after the entries of a cross-attention prefix (the first decoder layer's
+    ``prefix_kv[0][1]``, where given), which every query sees."""
+    keys = jnp.asarray(cross_mask).astype(bool)
+    if prefix_kv is not None and prefix_kv[0][1] is not None:
+        keys = attn.prefix_key_mask(keys, prefix_kv[0][1][0].shape[1])
+    return keys[:, None, None, :]
+
+
 class EncoderDecoder:
     """What the bundled encoder-decoders (T5's, BART's) share: a model with ``shared`` token
     embeddings, an ``encode`` method, a ``decoder`` stack (taking the embeddings, its key mask,

@@ -40,7 +40,7 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
-from peftjax.models._encoder_decoder import EncoderDecoder, check_ids, last_eos
+from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask, check_ids, last_eos
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import (
     check_span_labels,
@@ -331,12 +331,7 @@ class T5Stack(nnx.Module):
                                                               bidirectional=not self.is_decoder)
 
         bias = position_bias(self.block[0])
-        cross = None
-        if self.is_decoder:
-            cross_key_mask = jnp.asarray(cross_mask).astype(bool)
-            if prefix_kv is not None and prefix_kv[0][1] is not None:
-                cross_key_mask = attn.prefix_key_mask(cross_key_mask, prefix_kv[0][1][0].shape[1])
-            cross = cross_key_mask[:, None, None, :]
+        cross = cross_attention_mask(cross_mask, prefix_kv) if self.is_decoder else None
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.block):
             prefix = None if prefix_kv is None else prefix_kv[i]
