@@ -255,15 +255,18 @@ def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys):
     torch.manual_seed(0)
     getattr(tr, "T5Model" if family == "t5" else "BartModel")(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    rows = [{"source": f"{a} plus {b}", "target": str(a + b)} for a, b in np.random.default_rng(0).integers(0, 9, (24, 2))]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs_ = np.random.default_rng(0).integers(0, 9, (30, 2))
+    rows = [{"source": f"{a} plus {b}", "target": str(a + b)} for a, b in pairs_]
+    for name, part in (("train.jsonl", rows[:24]), ("eval.jsonl", rows[24:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "run"
     assert main(["train", "--task", "seq2seq", "--model", str(base), "--dataset", str(tmp_path / "train.jsonl"),
-                 "--max-steps", "3", "--learning-rate", "0.01", "--per-device-train-batch-size", "8",
-                 "--max-length", "16", "--max-target-length", "8", "--output-dir", str(out), "--disable-tqdm",
-                 "--save-steps", "0", "--predict", "3 plus 4"]) == 0
+                 "--eval-dataset", str(tmp_path / "eval.jsonl"), "--max-steps", "3", "--learning-rate", "0.01",
+                 "--per-device-train-batch-size", "8", "--max-length", "16", "--max-target-length", "8",
+                 "--output-dir", str(out), "--disable-tqdm", "--save-steps", "0", "--predict", "3 plus 4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and np.isfinite(summary["training_loss"])
+    assert {"eval_loss", "eval_exact_match", "eval_f1"} <= set(summary["before"]) & set(summary["after"])
     capsys.readouterr()
 
     assert main(["inspect", str(out), "--json"]) == 0
@@ -284,6 +287,15 @@ def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys):
                                    theirs(**batch, labels=labels).logits.numpy(), atol=2e-5)
         want = theirs.generate(**tokenizer(["3 plus 4"], return_tensors="pt", return_token_type_ids=False),
                                max_new_tokens=4, do_sample=False)
+        # the eval rows' outputs the job scored: HF PEFT's generation, up to --max-target-length tokens
+        sources = tokenizer([r["source"] for r in rows[24:]], return_tensors="pt", padding=True,
+                            return_token_type_ids=False)
+        outputs = tokenizer.batch_decode(theirs.generate(**sources, max_new_tokens=8, do_sample=False),
+                                         skip_special_tokens=True)
+    assert summary["eval_generations"] == outputs
+    scores = peftjax.training.squad_metrics(outputs, [[r["target"]] for r in rows[24:]])
+    assert (summary["after"]["eval_exact_match"], summary["after"]["eval_f1"]) == (scores["exact_match"],
+                                                                                 scores["f1"])
     capsys.readouterr()
     assert main(["generate", str(base), "--adapter", str(out), "--text", "3 plus 4", "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out)

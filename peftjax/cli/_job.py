@@ -159,7 +159,7 @@ FLAG_HELP = {
             "modelling), instruction (prompt/response pairs), chat (conversations, a list of role/content messages "
             "a row in --messages-column, rendered by the tokenizer's chat template, the loss on the assistant's "
             "turns; --predict texts are user turns), seq2seq (source/target pairs on an encoder-decoder "
-            "such as T5), masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
+            "such as T5 or BART; the eval rows' generated outputs scored by exact match and F1), masked_lm (a text column masked anew each epoch as BERT's pre-training masks it, "
             "on a masked LM checkpoint: the Hub's BERT, RoBERTa, DistilBERT, ModernBERT, DeBERTa, ELECTRA's "
             "generator) or multiple_choice (the "
             "--text-column context paired with each of a row's --choices-column choices, --label-column the right "
@@ -565,6 +565,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                              compilation_cache=compilation_cache_setting(options["compilation_cache"]))
     if evaluation is None:
         args = dataclasses.replace(args, eval_strategy="no")
+    elif task == "seq2seq":  # the eval rows' outputs generated and scored, as Seq2SeqTrainer's predict_with_generate
+        args = dataclasses.replace(args, predict_with_generate=True,
+                                   generation_max_length=options["max_target_length"] + 1)
     config = adapter_config(options, task_type, args.num_training_steps(len(train)),
                             count_tasks(tasks_in, raw_train, raw_eval) if tasks_in else None)
     from peftjax.cli import checked_task_id, task_inputs
@@ -586,14 +589,20 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         print("baselines on the eval split: " + ", ".join(f"{BASELINE_NAMES[k]} {v:.4f}"
                                                           for k, v in figures["baselines"].items()))
     squad = task_type == "QUESTION_ANS" and evaluation is not None
+    generated = task == "seq2seq" and evaluation is not None
     before = trainer.evaluate() if evaluation is not None else {}
     if squad:
         before.update(_squad_scores(trainer, evaluation, raw_eval, options)[0])
+    if generated:
+        before.update(_generation_scores(trainer, evaluation, raw_eval, tokenizer, options)[0])
     _report("before training", before)
     result = trainer.train()
     after = trainer.evaluate() if evaluation is not None else {}
     if squad:
         scores, figures["eval_answers"] = _squad_scores(trainer, evaluation, raw_eval, options)
+        after.update(scores)
+    if generated:
+        scores, figures["eval_generations"] = _generation_scores(trainer, evaluation, raw_eval, tokenizer, options)
         after.update(scores)
     _report("after training", after)
     if figures.get("baselines") and "eval_accuracy" in after:
@@ -791,6 +800,17 @@ def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, 
     predicted = answer_questions(windows, trainer.predict(windows), list(raw_eval[options["context_column"]]),
                                  null_answers=any(not a["text"] for a in answers))
     return {f"eval_{k}": v for k, v in squad_metrics(predicted, answers).items()}, predicted
+
+
+def _generation_scores(trainer, rows, raw_eval, tokenizer, options: dict) -> tuple[dict[str, float], list[str]]:
+    """An encoder-decoder's outputs for every eval row (greedy, up to ``max_target_length`` tokens:
+    ``Trainer.predict`` with ``predict_with_generate``) scored against the targets by SQuAD's exact
+    match and word F1 (percent, after its normalisation), and the outputs' texts."""
+    from peftjax.training import squad_metrics
+
+    texts = tokenizer.batch_decode(trainer.predict(rows), skip_special_tokens=True)
+    targets = [[str(t)] for t in raw_eval[options["target_column"]]]
+    return {f"eval_{k}": v for k, v in squad_metrics(texts, targets).items()}, texts
 
 
 def count_tasks(column: str, *datasets) -> int:
