@@ -61,6 +61,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Nemotron in small: ReLU² MLP, RoPE on half of each head, (1 + weight) LayerNorms, biases
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_bias=True)),
     # Helium in small: RoPE on adjacent pairs
     "helium": ("HeliumConfig", "HeliumForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -183,6 +183,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "ministral3": ("self_attn.o_proj", "mlp.down_proj"),
     "olmo": ("self_attn.o_proj", "mlp.down_proj"),
     "arcee": ("self_attn.o_proj", "mlp.down_proj"),
+    "nemotron": ("self_attn.o_proj", "mlp.down_proj"),
     "helium": ("self_attn.o_proj", "mlp.down_proj"),
     "exaone4": ("self_attn.o_proj", "mlp.down_proj"),
     "apertus": ("self_attn.o_proj", "mlp.down_proj"),

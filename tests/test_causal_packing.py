@@ -36,8 +36,8 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("cohere", {}), ("cohere2", {}), ("phi", {}), ("gpt_neox", {}),
     # learned positions (OPT), ALiBi (BLOOM), LayerNorm decoders
     ("opt", {}), ("bloom", {}), ("starcoder2", {}), ("stablelm", {}), ("gptj", {}), ("falcon", {}), ("gpt_bigcode", {}),
-    ("gpt_neo", {}), ("ministral", {}), ("ministral3", {}), ("olmo", {}), ("arcee", {}), ("helium", {}),
-    ("exaone4", {}), ("apertus", {}),
+    ("gpt_neo", {}), ("ministral", {}), ("ministral3", {}), ("olmo", {}), ("arcee", {}), ("nemotron", {}),
+    ("helium", {}), ("exaone4", {}), ("apertus", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
     ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}), ("olmoe", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its

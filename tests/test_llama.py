@@ -109,6 +109,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "apertus-xielu": ("apertus", tr.ApertusForCausalLM, {}),
     # _tiny's Arcee (a gate-less ReLU² MLP), Helium (pairwise RoPE), InternLM3 (Llama with every bias)
     "arcee-relu2": ("arcee", tr.ArceeForCausalLM, {}),
+    # _tiny's Nemotron: Arcee's MLP, RoPE on half of each head, (1 + weight) LayerNorms, every bias
+    "nemotron-partial-biases": ("nemotron", tr.NemotronForCausalLM, {}),
     "helium-pairs": ("helium", tr.HeliumForCausalLM, dict(head_dim=16)),  # o_proj reads hidden_size wide
     "internlm3-biases": ("internlm3", tr.LlamaForCausalLM, {}),
     # _tiny's Ministral 8B: a sliding layer, then a full one
@@ -147,7 +149,7 @@ GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
                                                                    "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
                                                                    "arcee", "helium", "internlm3", "exaone4",
-                                                                   "apertus")))
+                                                                   "apertus", "nemotron")))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -295,7 +297,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
                                   "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
                                   "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
-                                  "exaone4"])
+                                  "exaone4", "nemotron"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
     cls = {"llama": tr.LlamaForSequenceClassification, "qwen2": tr.Qwen2ForSequenceClassification,
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
@@ -309,7 +311,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "gpt_bigcode": tr.GPTBigCodeForSequenceClassification,
            "gpt_neo": tr.GPTNeoForSequenceClassification, "ministral": tr.MinistralForSequenceClassification,
            "ministral3": tr.Ministral3ForSequenceClassification, "olmo": tr.OlmoForSequenceClassification,
-           "arcee": tr.ArceeForSequenceClassification, "exaone4": tr.Exaone4ForSequenceClassification}[kind]
+           "arcee": tr.ArceeForSequenceClassification, "exaone4": tr.Exaone4ForSequenceClassification,
+           "nemotron": tr.NemotronForSequenceClassification}[kind]
     torch_model = save_tiny(cls, _tiny.config(kind, **TINY, num_labels=3), tmp_path)
     model = models.from_pretrained(tmp_path)
     assert type(model).__name__ == cls.__name__
@@ -357,7 +360,7 @@ def test_llama3_rope_frequencies_match_transformers():
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
     ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]])),
-    ("exaone4", {}), ("apertus", {})])
+    ("exaone4", {}), ("apertus", {}), ("nemotron", {})])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
     """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
     or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
@@ -728,6 +731,7 @@ def test_gpt_neo_s_global_and_local_layers_do_not_scan_together(tmp_path):
     ("gpt_neo", dict(attention_dropout=1.0)),
     ("gpt_neo", dict(resid_dropout=1.0)),  # both branches' outputs
     ("gpt_neo", dict(embed_dropout=1.0)),
+    ("nemotron", dict(attention_dropout=1.0)),
 ])
 def test_base_model_dropout_equals_transformers_train_mode(family, rates, tmp_path):
     """At rate 1 transformers' ``.train()`` forward is deterministic (every probability, or every

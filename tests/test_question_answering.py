@@ -114,7 +114,8 @@ def test_lora_question_answering_adapters_move_both_ways_with_peft(checkpoints, 
 # transformers' decoder question answering (GenericForQuestionAnswering, and GPT-2's own); the first
 # seven keep the decoder under ``transformer``, the last three under ``model``
 DECODERS = ["gpt2", "llama", "qwen2", "qwen3", "qwen3_moe", "seed_oss", "smollm3", "mistral", "mixtral", "qwen2_moe",
-            "gpt_neox", "opt", "bloom", "gptj", "falcon", "gpt_neo", "ministral", "ministral3", "arcee", "exaone4"]
+            "gpt_neox", "opt", "bloom", "gptj", "falcon", "gpt_neo", "ministral", "ministral3", "arcee", "exaone4",
+            "nemotron"]
 
 
 # GPT-Neo's local layers: a padding query whose window holds padding only gets the mean of the window's

@@ -81,6 +81,10 @@ from peftjax.models._llama_variants import (
     HeliumForCausalLM,
     HeliumForSequenceClassification,
     HeliumForTokenClassification,
+    NemotronForCausalLM,
+    NemotronForQuestionAnswering,
+    NemotronForSequenceClassification,
+    NemotronForTokenClassification,
 )
 from peftjax.models._exaone4 import (
     Exaone4ForCausalLM,
@@ -408,6 +412,10 @@ __all__ = [
     "HeliumForCausalLM",
     "HeliumForSequenceClassification",
     "HeliumForTokenClassification",
+    "NemotronForCausalLM",
+    "NemotronForQuestionAnswering",
+    "NemotronForSequenceClassification",
+    "NemotronForTokenClassification",
     "OlmoeForCausalLM",
     "OlmoForSequenceClassification",
     "Olmo2ForCausalLM",

@@ -75,6 +75,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
     },
+    # NemotronConfig (RoPE on half of each head unless partial_rotary_factor says otherwise)
+    "nemotron": {
+        "vocab_size": 256000, "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 32,
+        "num_attention_heads": 48, "head_dim": None, "num_key_value_heads": None, "hidden_act": "relu2",
+        "max_position_embeddings": 4096, "initializer_range": 0.0134, "norm_eps": 1e-05, "use_cache": True,
+        "pad_token_id": None, "bos_token_id": 2, "eos_token_id": 3, "tie_word_embeddings": False,
+        "partial_rotary_factor": 0.5, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+    },
     # HeliumConfig (pairwise RoPE)
     "helium": {
         "vocab_size": 48000, "hidden_size": 2560, "intermediate_size": 7040, "num_hidden_layers": 24,
@@ -660,6 +668,8 @@ class ModelConfig:
             if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
                      "internlm3") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "nemotron" and self.head_dim is None:  # NemotronConfig.__post_init__ (no key/value heads derived)
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "exaone4":  # Exaone4Config.__post_init__
             if self.sliding_window is None:
                 self.sliding_window_pattern = 0
