@@ -122,6 +122,23 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
                                                      "dtype"}):
         assert getattr(ours, key) == getattr(their_config, key), key
     assert (ours.hidden_size, ours.num_attention_heads, ours.num_hidden_layers) == (32, 4, 2)
+    # PEFT's parameter count (final_logits_bias is a buffer: not counted, not trained)
+    config = {"bart": dict(r=4), "mbart": dict(r=4, target_modules=["q_proj", "v_proj"])}[kind]
+    with _quiet():
+        their_peft = peft.get_peft_model(their_base(kind, path), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
+    assert (peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
+            .get_nb_trainable_parameters() == their_peft.get_nb_trainable_parameters())
+    # a vocabulary grown as transformers grows it: the old tokens' logits kept, the new ones' bias 0
+    resized = their_base(kind, path)  # a copy: the module's model stays as built
+    resized.resize_token_embeddings(100)
+    grown = models.from_pretrained(path)
+    grown.resize_token_embeddings(100)
+    assert grown.final_logits_bias.get_value().shape == (1, 100)
+    np.testing.assert_array_equal(np.asarray(grown.final_logits_bias.get_value())[0, 96:], 0)
+    np.testing.assert_array_equal(resized.final_logits_bias[0, 96:].numpy(), 0)
+    out = run_jax(grown, input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    assert out.logits.shape[-1] == 100
+    close(np.asarray(out.logits)[..., :96], ref.logits.numpy())
 
 
 def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):

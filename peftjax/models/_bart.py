@@ -9,7 +9,8 @@ adding learned positions (``embed_positions``, rows offset by 2) and normalising
 with a final ``layer_norm`` per stack (mBART); ``fc1``/``fc2`` around ``activation_function``. The
 decoder's positions count its cache, so a prefix (PEFT's prefix tuning fills the self-attention
 cache with it) shifts them, as in transformers. ``lm_head`` is ``model.shared`` (tied) unless
-``tie_word_embeddings`` is false, plus the checkpoint's ``final_logits_bias`` (a frozen weight here).
+``tie_word_embeddings`` is false, plus the checkpoint's ``final_logits_bias`` (a ``Buffer``: never trained, not
+counted among the parameters, as transformers keeps it).
 
 Classes: ``BartForConditionalGeneration`` (``SEQ_2_SEQ_LM``, with ``generate``), ``BartModel``,
 ``BartForSequenceClassification`` (read at each row's last EOS) and ``BartForQuestionAnswering``,
@@ -38,7 +39,7 @@ from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._gemma2 import ScaledEmbed
 from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_outputs
-from peftjax.models._modeling import ConfigRef, PreTrainedModel
+from peftjax.models._modeling import Buffer, ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask, check_ids, last_eos, shift_right
@@ -358,8 +359,8 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
         if getattr(c, "tie_word_embeddings", True) is False:
             self.lm_head = nnx.Linear(c.d_model, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
-        # a buffer in transformers; a weight here that LoRA and the other methods leave frozen
-        self.final_logits_bias = nnx.Param(jnp.zeros((1, c.vocab_size), param_dtype))
+        # a buffer in transformers: read and written with the checkpoint, never trained nor counted
+        self.final_logits_bias = Buffer(jnp.zeros((1, c.vocab_size), param_dtype))
 
     def _tied(self, key: str) -> bool:
         return self.lm_head is None and key == "lm_head.weight"

@@ -41,6 +41,12 @@ _EMBED = {"embedding": ("weight", False)}
 _NORM = {"scale": ("weight", False), "bias": ("bias", False)}
 
 
+class Buffer(nnx.Variable):
+    """A checkpoint tensor that is not a parameter (transformers' persistent buffer, such as BART's
+    ``final_logits_bias``): read from and written to checkpoints like a weight, never trained, and
+    not counted among the parameters, as PEFT does not count it."""
+
+
 class NewWeightsWarning(UserWarning):
     """Weights the checkpoint lacks were initialised afresh; ``keys`` names them (torch keys)."""
 
@@ -134,7 +140,7 @@ def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]
         stack = next((s for s in stacks if path[: len(s) + 1] == (*s, "layer")), None)
         for attr, (name, transpose) in hf_param_map(node).items():
             var = getattr(node, attr, None)
-            if not isinstance(var, nnx.Param):
+            if not isinstance(var, (nnx.Param, Buffer)):
                 continue
             if stack is None:
                 prefix = ".".join(str(p) for p in path)

@@ -3,7 +3,8 @@
 A tokenizer given new tokens (a chat template's markers, a pad token) needs an embedding row for
 each, and an output row where the model predicts tokens. :func:`resize_token_embeddings` changes
 every weight indexed by the vocabulary: the input embedding, an untied LM head's weight and bias,
-a masked LM's decoder bias (a tied head follows its embedding), and ``config.vocab_size``.
+a masked LM's decoder bias (a tied head follows its embedding), BART's ``final_logits_bias``
+(zeros for the new tokens, as transformers pads it), and ``config.vocab_size``.
 :func:`vocabulary_weights` names them by their transformers keys, which PEFT's adapter files use
 when they carry a resized model's embeddings.
 """
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peftjax.models._modeling import iter_hf_params
+from peftjax.models._modeling import Buffer, iter_hf_params
 
 # transformers' names of the weights indexed by the vocabulary, as key suffixes: input embeddings
 # (LLMs, BERT's family, GPT-2, T5, ModernBERT), then output ones (untied LM heads, masked-LM biases)
@@ -25,6 +26,8 @@ INPUT_EMBEDDING_KEYS = ("embed_tokens.weight", "word_embeddings.weight", "wte.we
                         "tok_embeddings.weight", "embed_in.weight")
 OUTPUT_EMBEDDING_KEYS = ("lm_head.weight", "lm_head.bias", "cls.predictions.bias", "cls.predictions.decoder.bias",
                          "lm_head.decoder.bias", "vocab_projector.bias", "decoder.bias", "decoder.weight")
+# vocabulary-indexed buffers ([1, vocab]) whose new entries are zeros, as transformers fills them
+ZERO_FILLED_KEYS = ("final_logits_bias",)
 MEAN_RESIZING_EPSILON = 1e-9  # transformers': new rows drawn around the mean with 1e-9 times the rows' covariance
 
 
@@ -32,17 +35,22 @@ def _ends_with(key: str, names: tuple[str, ...]) -> bool:
     return any(key == n or key.endswith("." + n) for n in names)
 
 
-def vocabulary_weights(model: nnx.Module) -> dict[str, tuple[nnx.Variable, int, bool]]:
+def vocabulary_weights(model: nnx.Module, *, buffers: bool = False) -> dict[str, tuple[nnx.Variable, int, bool]]:
     """``{transformers key: (variable, vocabulary axis, is an input embedding)}`` for every weight
-    of ``model`` indexed by its ``config.vocab_size`` tokens (a tied head has no weight of its own)."""
+    of ``model`` indexed by its ``config.vocab_size`` tokens (a tied head has no weight of its own);
+    with ``buffers``, the vocabulary-indexed buffers too (BART's ``final_logits_bias``, which
+    adapter files do not carry)."""
     vocab = int(model.config.vocab_size)
     out = {}
     for key, var, transpose in iter_hf_params(model):
         inputs = _ends_with(key, INPUT_EMBEDDING_KEYS)
-        if not (inputs or _ends_with(key, OUTPUT_EMBEDDING_KEYS)) or not isinstance(var, nnx.Param):
+        if not (inputs or _ends_with(key, OUTPUT_EMBEDDING_KEYS + ZERO_FILLED_KEYS)) or not isinstance(
+                var, (nnx.Param, Buffer) if buffers else nnx.Param):
             continue
         shape = var.get_value().shape
         axis = 0 if len(shape) == 1 or not transpose else len(shape) - 1  # torch's first axis
+        if _ends_with(key, ZERO_FILLED_KEYS):
+            axis = len(shape) - 1
         if shape[axis] == vocab:
             out[key] = (var, axis, inputs)
     return out
@@ -80,7 +88,7 @@ def resize_token_embeddings(model: nnx.Module, new_num_tokens: int, *, pad_to_mu
         if not isinstance(pad_to_multiple_of, (int, np.integer)) or pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         new_num_tokens = math.ceil(new_num_tokens / pad_to_multiple_of) * pad_to_multiple_of
-    weights = vocabulary_weights(model)
+    weights = vocabulary_weights(model, buffers=True)
     if not any(inputs for _, _, inputs in weights.values()):
         raise ValueError(f"{type(model).__name__}: no input embedding of {config.vocab_size} rows found "
                          f"(known names: {', '.join(INPUT_EMBEDDING_KEYS)})")
@@ -100,7 +108,9 @@ def resize_token_embeddings(model: nnx.Module, new_num_tokens: int, *, pad_to_mu
         kept = rows[:new_num_tokens]
         added = new_num_tokens - len(kept)
         if added > 0:
-            kept = np.concatenate([kept, _new_rows(rows, added, key, mean_resizing, config, rng)])
+            new = (np.zeros((added, *rows.shape[1:]), np.float32) if _ends_with(key, ZERO_FILLED_KEYS)
+                   else _new_rows(rows, added, key, mean_resizing, config, rng))
+            kept = np.concatenate([kept, new])
         var.set_value(jax.device_put(np.moveaxis(kept, 0, axis).astype(value.dtype)))
         owner = owners.get(id(var))
         if isinstance(owner, nnx.Embed):
