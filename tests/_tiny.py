@@ -61,6 +61,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Granite MoE in small: every multiplier away from 1, 4 experts, top 2
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
+        attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=4.0, pad_token_id=0)),
     # Nemotron in small: ReLU² MLP, RoPE on half of each head, (1 + weight) LayerNorms, biases
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

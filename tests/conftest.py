@@ -181,6 +181,7 @@ LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host
     "test_t5.py",
     "test_bart.py",  # ~30 (2026-12-06, AVX-512 host)
     "test_mpnet.py",  # ~12
+    "test_granitemoe.py",  # ~10
     "test_ia3.py",
     "test_quantization_interop.py",
     "test_serve.py",

@@ -18,7 +18,7 @@ from peftjax import models
 from peftjax.training import Batcher, Trainer, TrainingArguments
 
 LENGTHS = (7, 3, 12, 5, 9, 2)
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "qwen3_next", "granitemoe"}
 
 
 def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -39,7 +39,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     ("gpt_neo", {}), ("ministral", {}), ("ministral3", {}), ("olmo", {}), ("arcee", {}), ("nemotron", {}),
     ("helium", {}), ("exaone4", {}), ("apertus", {}),
     # mixtures of experts: each token routed as unpacked, the load-balancing loss over the same tokens
-    ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}), ("olmoe", {}),
+    ("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("gpt_oss", {}), ("olmoe", {}), ("granitemoe", {}),
     # multi-head latent attention: DeepSeek-V3's (dense then sparse layers), Mistral 4's (its
     # position-scaled queries), GLM-4.5 Lite's
     ("deepseek_v3", {}), ("mistral4", {}), ("glm4_moe_lite", {}),

@@ -39,7 +39,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
-                        "nemotron", "helium", "exaone4", "apertus")}
+                        "nemotron", "helium", "granitemoe", "exaone4", "apertus")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -174,6 +174,8 @@ CASES = {
     # Nemotron (PEFT has no default targets): its partial RoPE on the prefix's keys' queries, biased projections
     ("nemotron", "lora-all-linear"): BOTH,
     ("nemotron", "prefix"): BOTH,
+    # Granite MoE (no PEFT defaults; LoRA on its experts: test_granitemoe.py): a prefix under its multipliers
+    ("granitemoe", "prefix"): BOTH,
     ("helium", "lora-all-linear"): BOTH,
     ("helium", "prefix"): BOTH,
     # EXAONE 4.0 (no PEFT defaults): all-linear; a prefix read by a sliding RoPE layer and a global NoPE one

@@ -41,7 +41,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
            "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig",
            "bart": "BartConfig", "mbart": "MBartConfig", "mpnet": "MPNetConfig",
-           "nemotron": "NemotronConfig"}
+           "nemotron": "NemotronConfig", "granitemoe": "GraniteMoeConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
 SKIP = {"transformers_version", "rope_parameters", "_name_or_path", "architectures", "per_layer_config"}
@@ -69,7 +69,7 @@ def assert_same_fields(ours, theirs):
                             "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
-                            "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron",
+                            "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
                             "apertus"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
@@ -169,6 +169,7 @@ VARIANTS = [
     ("gpt_bigcode", dict(hidden_size=512, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=8192)),
     ("olmo", dict(clip_qkv=8.0, attention_bias=True, num_key_value_heads=8)),
     ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
+    ("granitemoe", dict(num_local_experts=4, embedding_multiplier=12.0, logits_scaling=8.0)),
     ("nemotron", dict(num_key_value_heads=2, head_dim=None, partial_rotary_factor=0.25, attention_bias=True)),
     ("exaone4", dict(sliding_window=1024, sliding_window_pattern=3, num_hidden_layers=7)),
     ("apertus", dict(hidden_act="relu2", num_key_value_heads=8, rope_parameters={"rope_type": "default",

@@ -38,6 +38,7 @@ from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClass
 from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
+from peftjax.models._granitemoe import GraniteMoeForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._bloom import (
     BloomForCausalLM,
@@ -300,6 +301,7 @@ __all__ = [
     "Gemma4ForCausalLM",
     "GPT2LMHeadModel",
     "GraniteForCausalLM",
+    "GraniteMoeForCausalLM",
     "CohereForCausalLM",
     "Cohere2ForCausalLM",
     "PhiForCausalLM",

@@ -75,6 +75,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "pad_token_id": None, "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False,
         "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
     },
+    # GraniteMoeConfig (Granite's multipliers, Mixtral's experts)
+    "granitemoe": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": None,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "attention_multiplier": 1.0, "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+    },
     # NemotronConfig (RoPE on half of each head unless partial_rotary_factor says otherwise)
     "nemotron": {
         "vocab_size": 256000, "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 32,

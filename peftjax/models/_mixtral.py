@@ -202,7 +202,10 @@ class MixtralExperts(ParamReader, nnx.Module):
 
 class MixtralSparseMoeBlock(nnx.Module):
     """The router and the experts. A family whose block differs only in its sizes or in how it
-    weighs the top k overrides :meth:`expert_size` and :meth:`renormalises`."""
+    weighs the top k overrides :meth:`expert_size` and :meth:`renormalises`; ``router_name`` is the
+    router's attribute (Mixtral's ``gate``, Granite MoE's ``router``)."""
+
+    router_name: ClassVar[str] = "gate"
 
     def __init__(self, config, layer_idx: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
         check_mixtral_config(config)
@@ -212,7 +215,7 @@ class MixtralSparseMoeBlock(nnx.Module):
         self.dispatch = expert_dispatch(config)
         self.jitter_noise = float(getattr(config, "router_jitter_noise", 0.0) or 0.0)
         self.layer_idx = layer_idx
-        self.gate = MixtralTopKRouter(config, **kw)
+        setattr(self, self.router_name, MixtralTopKRouter(config, **kw))
         self.experts = MixtralExperts(config, self.expert_size(config), **kw)
 
     @staticmethod
@@ -233,7 +236,7 @@ class MixtralSparseMoeBlock(nnx.Module):
             key = fold_key(key, zlib.crc32(f"mlp.jitter.{self.layer_idx}".encode()))
             x = x * jax.random.uniform(key, x.shape, x.dtype, 1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         flat = x.reshape(b * s, h)
-        logits = self.gate(flat)
+        logits = getattr(self, self.router_name)(flat)
         if self.dispatch == "grouped":
             out = self.experts.grouped(flat, *top_k_routing(logits, self.top_k, self.renormalise))
         else:
@@ -246,12 +249,13 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     dense ``mlp_class``); also returns the router logits (``None`` from a dense layer)."""
 
     moe_class: ClassVar[type[nnx.Module]] = MixtralSparseMoeBlock
+    mlp_name: ClassVar[str] = "mlp"  # the MLP's attribute (Granite MoE's: block_sparse_moe)
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = self.attention_class(config, layer_idx, **kw)
-        self.mlp = self.moe_class(config, layer_idx, **kw) if self.is_sparse(config, layer_idx) else \
-            self.mlp_class(config, **kw)
+        setattr(self, self.mlp_name, self.moe_class(config, layer_idx, **kw) if self.is_sparse(config, layer_idx)
+                else self.mlp_class(config, **kw))
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, epsilon=eps, **kw)
@@ -582,12 +586,13 @@ class MixtralForCausalLM(_MoeCheckpoints, LlamaForCausalLM):
         out = self.model(input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
                          dropout_rng, output_router_logits=output_router_logits, **packed_kwargs(self, segment_ids))
         h = out.last_hidden_state
-        head_in = kept_positions(h, logits_to_keep, labels)
+        scaled = self.head_input(h)
+        head_in = kept_positions(scaled, logits_to_keep, labels)
         logits = self.model.embed_tokens.attend(head_in) if self.lm_head is None else self.lm_head(head_in)
         aux = out.aux_loss if output_router_logits else None
         loss = None
         if labels is not None:
-            loss = causal_lm_head_loss(h, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
+            loss = causal_lm_head_loss(scaled, logits, jnp.asarray(labels), self.lm_head, self.model.embed_tokens)
             if aux is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=out.past_key_values,
