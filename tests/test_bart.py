@@ -239,6 +239,29 @@ def test_bad_configs_and_inputs_are_named():
         model(inputs_embeds=np.zeros((1, 3, 32), np.float32))
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+    """Each layer under ``jax.checkpoint`` (both stacks): the loss and the adapters' gradients of the
+    plain run, and the layers really rematerialised."""
+    batch = {"input_ids": IDS, "attention_mask": MASK, "labels": LABELS}
+    results = []
+    for remat in ("none", "full"):
+        config = models.ModelConfig("bart", **{**FIELDS, "encoder_layers": 1, "decoder_layers": 1})
+        config.remat = remat
+        model = peftjax.get_peft_model(models.BartForConditionalGeneration.from_config(config),
+                                       peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM", r=2, init_lora_weights=False))
+        graphdef, adapters, base = peftjax.split(model.base_model)
+
+        def loss(adapters, base, graphdef=graphdef):
+            return nnx.merge(graphdef, adapters, base)(**batch).loss
+
+        fn = jax.value_and_grad(loss)
+        results.append(jax.jit(fn)(adapters, base))
+        assert ("remat" in str(jax.make_jaxpr(fn)(adapters, base))) == (remat == "full")
+    (loss0, grads0), (loss1, grads1) = results
+    close(loss1, loss0)
+    jax.tree.map(close, grads1, grads0)
+
+
 # ---------------------------------------------------------------- HF PEFT both ways
 
 METHODS = {
