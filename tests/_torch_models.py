@@ -355,6 +355,82 @@ def assert_close_where(ours, theirs, mask, **tolerance) -> None:
     np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(theirs)[valid], **tolerance)
 
 
+def assert_moe_generates_and_scans_as_torch(torch_model, hub, model, vocab: int) -> None:
+    """A mixture of experts (``model``, loaded from ``hub``, transformers' ``torch_model``): greedy
+    generation token for token, then the model loaded with its layers stacked and rematerialised
+    gives the loss (the router terms in) and every weight's gradient of torch's backward pass."""
+    torch = pytest.importorskip("torch")
+    import jax
+    from flax import nnx
+
+    from peftjax import models
+
+    ids, mask = padded_batch(vocab, seq=5)
+    with torch.no_grad():
+        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=5,
+                                   do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=5)), ref)
+    scanned = models.from_pretrained(hub, scan_layers=True, remat="full", output_router_logits=True)
+    ids, mask = padded_batch(vocab, seq=9, left=False)
+    labels = np.where(mask == 1, ids, -100)
+    torch_model.zero_grad()
+    out_ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          labels=torch.tensor(labels), output_router_logits=True)
+    out_ref.loss.backward()
+    graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+    value, grads = jax.jit(jax.value_and_grad(
+        lambda p: nnx.merge(graphdef, p, rest)(input_ids=ids, attention_mask=mask, labels=labels).loss))(params)
+    assert abs(float(value) - out_ref.loss.item()) <= 1e-5
+    assert_grads_match_torch(nnx.merge(graphdef, grads, rest), torch_model)
+    torch_model.zero_grad(set_to_none=True)
+
+
+def assert_moe_lora_both_ways(torch_class, hub, tmp_path, config: dict, vocab: int, tolerance: dict) -> None:
+    """LoRA made here (``config``: peftjax's ``LoraConfig`` fields) on a mixture of experts' ``hub``
+    checkpoint trains, loads in PEFT with the same logits and merges for transformers'
+    ``torch_class``; PEFT's all-linear adapter gives its logits here."""
+    import warnings
+
+    from flax import nnx
+
+    import _tiny
+    import peftjax
+    from peftjax import models
+
+    peft = pytest.importorskip("peft")
+    ids, mask = padded_batch(vocab, batch=2, seq=7)
+
+    def base():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch_class.from_pretrained(hub).eval()
+
+    model = peftjax.get_peft_model(models.from_pretrained(hub), peftjax.LoraConfig(**config))
+    losses = _tiny.train(model, _tiny.batch(ids, mask), steps=3).losses
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "ours")
+    ours = model(input_ids=ids, attention_mask=mask).logits
+    plain = torch_logits(base(), input_ids=ids, attention_mask=mask)
+    assert np.abs(np.asarray(ours)[mask.astype(bool)] - plain[mask.astype(bool)]).max() > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    assert_close_where(ours, torch_logits(theirs, input_ids=ids, attention_mask=mask), mask, **tolerance)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = torch_class.from_pretrained(tmp_path / "merged").eval()
+    assert_close_where(ours, torch_logits(merged, input_ids=ids, attention_mask=mask), mask, **tolerance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    made.save_pretrained(tmp_path / "peft")
+    ref = torch_logits(made, input_ids=ids, attention_mask=mask)
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(hub), tmp_path / "peft")
+    jitted = nnx.jit(lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    assert_close_where(jitted(loaded.base_model, ids, mask), ref, mask, **tolerance)
+
+
 def moe_conversion(config) -> tuple:
     """What PEFT's MoE target conversion made of a LoRA config: its target modules and parameters,
     rank and alpha patterns (compared between PEFT's and peftjax's)."""

@@ -5,8 +5,6 @@ the router and the fused experts both ways."""
 
 from __future__ import annotations
 
-import warnings
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +12,9 @@ from flax import nnx
 
 import _tiny
 from _torch_models import (
-    assert_close_where,
     assert_layouts_round_trip,
+    assert_moe_generates_and_scans_as_torch,
+    assert_moe_lora_both_ways,
     lazy,
     padded_batch,
     randomised,
@@ -23,7 +22,6 @@ from _torch_models import (
     torch_logits,
 )
 
-import peftjax
 from peftjax import models
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
@@ -95,72 +93,14 @@ def test_both_checkpoint_layouts_load_and_save_writes_what_transformers_writes(o
 
 def test_greedy_generation_and_scanned_layers_with_gradients_match_transformers(olmoe):
     torch_model, hub, _, model = olmoe
-    ids, mask = padded_batch(VOCAB, seq=5)
-    with torch.no_grad():
-        ref = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=5,
-                                   do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=5)), ref)
-
-    scanned = models.from_pretrained(hub, scan_layers=True, remat="full", output_router_logits=True)
-    ids, mask = padded_batch(VOCAB, seq=9, left=False)
-    labels = np.where(mask == 1, ids, -100)
-    torch_model.zero_grad()
-    out_ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          labels=torch.tensor(labels), output_router_logits=True)
-    out_ref.loss.backward()
-
-    def loss(m):
-        out = m(input_ids=ids, attention_mask=mask, labels=labels)
-        return out.loss, out
-
-    grads, out = nnx.jit(nnx.grad(loss, has_aux=True))(scanned)
-    assert abs(float(out.loss) - out_ref.loss.item()) <= 1e-5
-    mlp, attn = grads.model.layers.layer.mlp, grads.model.layers.layer.self_attn
-    for ours, name in ((mlp.gate.weight, "mlp.gate.weight"), (mlp.experts.gate_up_proj, "mlp.experts.gate_up_proj"),
-                       (attn.k_norm.scale, "self_attn.k_norm.weight"), (attn.q_proj.kernel, "self_attn.q_proj.weight")):
-        for i in range(2):
-            theirs = torch_model.get_parameter(f"model.layers.{i}.{name}").grad.numpy()
-            mine = np.asarray(ours[...])[i]
-            mine = mine.T if name.endswith("q_proj.weight") else mine
-            np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=1e-4, err_msg=f"{i} {name}")
-    torch_model.zero_grad(set_to_none=True)
+    assert_moe_generates_and_scans_as_torch(torch_model, hub, model, VOCAB)
 
 
 def test_lora_on_attention_router_and_experts_both_ways(olmoe, tmp_path):
     """LoRA made here on the attention and the experts (PEFT's ``target_parameters`` for the fused
     ones) trains, loads in PEFT with the same logits and merges for transformers; PEFT's all-linear
     adapter gives its logits here."""
-    _, hub, _, _ = olmoe
-    ids, mask = padded_batch(VOCAB, batch=2, seq=7)
-
-    def base():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return tr.OlmoeForCausalLM.from_pretrained(hub).eval()
-
-    model = peftjax.get_peft_model(models.from_pretrained(hub), peftjax.LoraConfig(
-        r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "o_proj", "gate_proj", "up_proj",
-                                                                   "down_proj"]))
-    losses = _tiny.train(model, _tiny.batch(ids, mask), steps=3).losses
-    assert losses[-1] < losses[0]
-    model.save_pretrained(tmp_path / "ours")
-    ours = model(input_ids=ids, attention_mask=mask).logits
-    plain = torch_logits(base(), input_ids=ids, attention_mask=mask)
-    assert np.abs(np.asarray(ours)[mask.astype(bool)] - plain[mask.astype(bool)]).max() > 1e-3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
-    assert_close_where(ours, torch_logits(theirs, input_ids=ids, attention_mask=mask), mask, **TOL)
-    model.merge_and_unload().save_pretrained(tmp_path / "merged")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = tr.OlmoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert_close_where(ours, torch_logits(merged, input_ids=ids, attention_mask=mask), mask, **TOL)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        made = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
-    made.save_pretrained(tmp_path / "peft")
-    ref = torch_logits(made, input_ids=ids, attention_mask=mask)
-    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(hub), tmp_path / "peft")
-    assert_close_where(_jitted(loaded.base_model, input_ids=ids, attention_mask=mask).logits, ref, mask, **TOL)
+    assert_moe_lora_both_ways(
+        tr.OlmoeForCausalLM, olmoe[1], tmp_path,
+        dict(r=2, lora_alpha=4, task_type="CAUSAL_LM",
+             target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), VOCAB, TOL)
