@@ -42,22 +42,23 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier, cache
 
 
+def scaled_embeddings(model, input_ids, inputs_embeds):
+    """A Granite decoder's layers' input: the embeddings (of ``input_ids``, or ``inputs_embeds`` as
+    given) times the config's ``embedding_multiplier``, as transformers scales whatever enters."""
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(jnp.asarray(input_ids))
+    return jnp.asarray(inputs_embeds) * float(model.config.embedding_multiplier)
+
+
 class GraniteModel(LlamaModel):
     layer_class: ClassVar[type[nnx.Module]] = GraniteDecoderLayer
-
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embedding_multiplier = float(config.embedding_multiplier)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
         """As :class:`~peftjax.models.LlamaModel` (packed rows too), the embeddings scaled by
         ``embedding_multiplier``."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        scaled = jnp.asarray(inputs_embeds) * self.embedding_multiplier
-        return super().__call__(None, attention_mask, position_ids, scaled, cache, cache_index, prefix_kv, dropout_rng,
-                                segment_ids=segment_ids)
+        return super().__call__(None, attention_mask, position_ids, scaled_embeddings(self, input_ids, inputs_embeds),
+                                cache, cache_index, prefix_kv, dropout_rng, segment_ids=segment_ids)
 
 
 class GraniteForCausalLM(LlamaForCausalLM):

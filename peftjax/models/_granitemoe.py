@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._granite import GraniteAttention
+from peftjax.models._granite import GraniteAttention, scaled_embeddings
 from peftjax.models._mixtral import (
     MixtralDecoderLayer,
     MixtralForCausalLM,
@@ -72,20 +72,14 @@ class GraniteMoeDecoderLayer(MixtralDecoderLayer):
 class GraniteMoeModel(MixtralModel):
     layer_class: ClassVar[type[nnx.Module]] = GraniteMoeDecoderLayer
 
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embedding_multiplier = float(config.embedding_multiplier)
-
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
                  segment_ids=None) -> ModelOutput:
         """As :meth:`~peftjax.models.MixtralModel.__call__`, the embeddings (given ones too)
         scaled by ``embedding_multiplier``."""
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        scaled = jnp.asarray(inputs_embeds) * self.embedding_multiplier
-        return super().__call__(None, attention_mask, position_ids, scaled, cache, cache_index, prefix_kv, dropout_rng,
-                                output_router_logits=output_router_logits, segment_ids=segment_ids)
+        return super().__call__(None, attention_mask, position_ids, scaled_embeddings(self, input_ids, inputs_embeds),
+                                cache, cache_index, prefix_kv, dropout_rng, output_router_logits=output_router_logits,
+                                segment_ids=segment_ids)
 
 
 class GraniteMoeForCausalLM(MixtralForCausalLM):
