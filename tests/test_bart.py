@@ -8,16 +8,13 @@ wrapped from each row's last real token).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, moved_off_start
+from _torch_models import lazy, moved_off_start, quiet
 import peftjax
 from peftjax import models
 
@@ -35,13 +32,6 @@ MASK = (IDS != 1).astype(np.int64)
 # mBART's targets end with their language token (90, 91): its decoder's input starts with it
 LABELS = np.array([[20, 21, 22, 2, 90, -100], [23, 24, 25, 26, 2, 91], [27, 2, 90, -100, -100, -100]])
 TOL = 5e-5  # random adapters and prefixes: torch's float32 sums in another order
-
-
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 _BUILT: dict = {}
@@ -88,8 +78,7 @@ def real(logits):
 
 
 def their_base(kind, path, cls="ForConditionalGeneration", **kw):
-    with _quiet():
-        return getattr(tr, f"{'MBart' if kind == 'mbart' else 'Bart'}{cls}").from_pretrained(path, **kw).eval()
+    return quiet(getattr(tr, f"{'MBart' if kind == 'mbart' else 'Bart'}{cls}").from_pretrained, path, **kw).eval()
 
 
 # ---------------------------------------------------------------- the model
@@ -124,8 +113,7 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
     assert (ours.hidden_size, ours.num_attention_heads, ours.num_hidden_layers) == (32, 4, 2)
     # PEFT's parameter count (final_logits_bias is a buffer: not counted, not trained)
     config = {"bart": dict(r=4), "mbart": dict(r=4, target_modules=["q_proj", "v_proj"])}[kind]
-    with _quiet():
-        their_peft = peft.get_peft_model(their_base(kind, path), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
+    their_peft = quiet(peft.get_peft_model, their_base(kind, path), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
     assert (peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
             .get_nb_trainable_parameters() == their_peft.get_nb_trainable_parameters())
     # a vocabulary grown as transformers grows it: the old tokens' logits kept, the new ones' bias 0
@@ -287,8 +275,7 @@ def test_adapters_move_both_ways_with_peft(bart, method, tmp_path):
     PEFT's logits here; one made and trained here gives ours in PEFT."""
     kind, path, _ = bart
     torch.manual_seed(1)
-    with _quiet():
-        their = peft.get_peft_model(their_base(kind, path), METHODS[method](peft, kind)).eval()
+    their = quiet(peft.get_peft_model, their_base(kind, path), METHODS[method](peft, kind)).eval()
     if method.endswith("lora") or method == "all-linear":
         moved_off_start(their, seed=1)
     their.save_pretrained(tmp_path / "peft")
@@ -311,7 +298,6 @@ def test_adapters_move_both_ways_with_peft(bart, method, tmp_path):
                          dropout=False).losses
     assert losses[-1] < losses[0]
     ours.save_pretrained(tmp_path / "ours")
-    with _quiet():
-        loaded = peft.PeftModel.from_pretrained(their_base(kind, path), tmp_path / "ours").eval()
+    loaded = quiet(peft.PeftModel.from_pretrained, their_base(kind, path), tmp_path / "ours").eval()
     close(real(run_jax(ours, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits),
           real(torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()), TOL)
