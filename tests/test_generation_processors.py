@@ -105,19 +105,22 @@ class _OpenAIPenalties:
 
 
 @pytest.mark.parametrize("settings", [dict(presence_penalty=-0.5, frequency_penalty=1.2),
-                                      dict(presence_penalty=1.5, num_beams=3, num_return_sequences=2)])
+                                      dict(presence_penalty=1.5, num_beams=3, num_return_sequences=2),
+                                      dict(presence_penalty=0.8, frequency_penalty=0.6, do_sample=True, top_k=1)])
 def test_presence_and_frequency_penalties_are_openai_s(llama, settings):
     """``presence_penalty`` and ``frequency_penalty`` (peftjax's, as OpenAI's API and vLLM define them:
-    over the new tokens only), greedy and over beams, token for token as transformers' ``generate``
-    with the rule as a processor of the test's own; each changes what the tiny model writes, and
-    other values reuse the compiled loop."""
+    over the new tokens only), greedy, over beams and sampled (top-k 1: the sampled path, whose only
+    draw is the greedy token), token for token as transformers' greedy ``generate`` with the rule
+    as a processor of the test's own; each changes what the tiny model writes, and other values
+    reuse the compiled loop."""
     _, model, hf, free = llama
     ours = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, **settings)
     penalties = {k: v for k, v in settings.items() if k.endswith("_penalty")}
     rest = {k: v for k, v in settings.items() if k not in penalties}
     processor = _OpenAIPenalties(N, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+    greedy = {k: v for k, v in rest.items() if k not in ("do_sample", "top_k")}
     ref = hf_generate(hf, IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, do_sample=False,
-                      logits_processor=tr.LogitsProcessorList([processor]), **rest)
+                      logits_processor=tr.LogitsProcessorList([processor]), **greedy)
     np.testing.assert_array_equal(ours, ref)
     plain = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, **rest)
     assert (ours != plain).any()
