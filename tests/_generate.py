@@ -1,5 +1,5 @@
-"""What the generation tests share: two left-padded prompts, transformers' ``generate`` on them, and
-a streamer that records what it is given."""
+"""What the generation tests share: two left-padded prompts, transformers' ``generate`` on them, an
+oracle of the presence and frequency penalties, and a streamer that records what it is given."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ def hf_generate(model, ids, mask, **settings) -> np.ndarray:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), **settings).numpy()
+
+
+class OpenAIPenalties:
+    """The test's own oracle, a transformers logits processor in PyTorch: OpenAI's presence and
+    frequency penalties over the tokens after the prompt."""
+
+    def __init__(self, prompt: int, presence: float = 0.0, frequency: float = 0.0):
+        self.prompt, self.presence, self.frequency = prompt, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        new = input_ids[:, self.prompt:]
+        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class Recorder:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tr
 from _compiles import compilations
-from _generate import IDS, MASK, hf_generate
+from _generate import IDS, MASK, OpenAIPenalties, hf_generate
 from _tiny import arch
 from _tiny import save as save_tiny
 
@@ -91,19 +91,6 @@ def test_token_rules_decode_as_transformers(llama):
         assert ours[0, N] == chosen, bias
 
 
-class _OpenAIPenalties:
-    """The test's own oracle, a transformers logits processor in PyTorch: OpenAI's presence and
-    frequency penalties over the tokens after the prompt."""
-
-    def __init__(self, prompt: int, presence: float = 0.0, frequency: float = 0.0):
-        self.prompt, self.presence, self.frequency = prompt, presence, frequency
-
-    def __call__(self, input_ids, scores):
-        new = input_ids[:, self.prompt:]
-        counts = torch.zeros_like(scores).scatter_add_(1, new, torch.ones(new.shape, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
 @pytest.mark.parametrize("settings", [dict(presence_penalty=-0.5, frequency_penalty=1.2),
                                       dict(presence_penalty=1.5, num_beams=3, num_return_sequences=2),
                                       dict(presence_penalty=0.8, frequency_penalty=0.6, do_sample=True, top_k=1)])
@@ -117,7 +104,7 @@ def test_presence_and_frequency_penalties_are_openai_s(llama, settings):
     ours = model.generate(IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, **settings)
     penalties = {k: v for k, v in settings.items() if k.endswith("_penalty")}
     rest = {k: v for k, v in settings.items() if k not in penalties}
-    processor = _OpenAIPenalties(N, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+    processor = OpenAIPenalties(N, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
     greedy = {k: v for k, v in rest.items() if k not in ("do_sample", "top_k")}
     ref = hf_generate(hf, IDS, MASK, max_new_tokens=10, eos_token_id=[], pad_token_id=2, do_sample=False,
                       logits_processor=tr.LogitsProcessorList([processor]), **greedy)
@@ -203,7 +190,7 @@ def test_an_encoder_decoder_s_token_rules_count_its_start_token(tmp_path):
         # peftjax's penalties count the decoder's tokens after its start token (large: the tiny T5's logits
         # are far apart), as the test's own processor counts them
         penalties = {k: extra.pop(k) for k in list(extra) if k.endswith("_penalty")}
-        processor = _OpenAIPenalties(1, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
+        processor = OpenAIPenalties(1, penalties.get("presence_penalty", 0.0), penalties.get("frequency_penalty", 0.0))
         settings = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=2, **extra)
         ours = model.generate(ids, mask, **settings, **penalties)
         ref = hf_generate(hf, ids, mask, do_sample=False, logits_processor=tr.LogitsProcessorList([processor]),

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _generate import Recorder
+from _generate import OpenAIPenalties, Recorder
 from _torch_models import lazy, padded_batch, torch_logits
 
 import peftjax
@@ -136,7 +136,7 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
     np.testing.assert_array_equal(blocked, expected)
     assert blocked.shape != greedy.shape or (blocked != greedy).any()
     rules = dict(suppress_tokens=[int(greedy[1, 6])], bad_words_ids=[[int(greedy[0, 6]), int(greedy[0, 7])]],
-                 forced_eos_token_id=stop)  # the token rules in the uncached loop too
+                 forced_eos_token_id=stop, sequence_bias={(int(greedy[1, 7]),): 4.0})  # the token rules, uncached
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
@@ -144,6 +144,17 @@ def test_peft_s_xlora_gives_its_logits_here_and_its_own_file_is_refused_by_name(
     ruled = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, eos_token_id=[], **rules)
     np.testing.assert_array_equal(ruled, expected)
     assert (ruled[:, -1] == stop).all() and (ruled[:, 6:] != greedy[:, 6:]).any()
+    # OpenAI's presence and frequency penalties in the uncached loop, against the tests' own processor
+    penalties = dict(presence_penalty=2.0, frequency_penalty=1.5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = theirs.generate(input_ids=torch.tensor(ids[:, :6]), attention_mask=torch.tensor(mask[:, :6]),
+                                   max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=[],
+                                   logits_processor=tr.LogitsProcessorList([OpenAIPenalties(6, 2.0, 1.5)])).numpy()
+    penalised = model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0, eos_token_id=[], **penalties)
+    np.testing.assert_array_equal(penalised, expected)
+    assert (penalised != model.generate(ids[:, :6], mask[:, :6], max_new_tokens=4, pad_token_id=0,
+                                        eos_token_id=[])).any()
 
 
 def test_a_classifier_trained_here_loads_in_peft(setup, tmp_path, capsys):
