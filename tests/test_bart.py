@@ -191,7 +191,9 @@ def test_dropout_and_layerdrop_sit_where_transformers_train_mode_puts_them(bart,
     eval_logits = np.asarray(ours(input_ids=IDS, attention_mask=MASK, labels=LABELS).logits)
     scaled = lambda x, p=0.5, training=True, inplace=False: x * 0.7 if training and p > 0 else x  # noqa: E731
     monkeypatch.setattr(torch.nn.functional, "dropout", scaled)
-    monkeypatch.setattr("peftjax.models._bart.dropout", lambda x, rate, key: x * 0.7 if key is not None and rate else x)
+    fixed = lambda x, rate, key: x * 0.7 if key is not None and rate else x  # noqa: E731
+    for module in ("_bart", "_attention"):  # BART's modules and the attention probabilities' shared helper
+        monkeypatch.setattr(f"peftjax.models.{module}.dropout", fixed)
     theirs.train()
     ref = torch_out(theirs, input_ids=IDS, attention_mask=MASK, labels=LABELS)
     out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS, dropout_rng=jax.random.key(0))

@@ -102,7 +102,7 @@ def test_the_trainer_packs_and_fine_tunes_an_mpnet_classifier_with_its_dropout(t
     with monkeypatch.context() as patch:
         patch.setattr(torch.nn.functional, "dropout", scaled)
         fixed = lambda x, rate, key: x * 0.7 if key is not None and rate else x  # noqa: E731
-        for module in ("_mpnet", "_bert", "_roberta"):  # MPNet's modules and the BERT/RoBERTa ones it reuses
+        for module in ("_mpnet", "_bert", "_roberta", "_attention"):  # MPNet's, the ones it reuses, the attention's
             patch.setattr(f"peftjax.models.{module}.dropout", fixed)
         theirs.config._attn_implementation = "eager"
         theirs.train()

@@ -36,6 +36,21 @@ from peftjax.models._dropout import dropout
 from peftjax.nn._functional import softmax
 
 
+def dropped_attention(q, k, v, mask, *, scale: float | None = None, bias=None, rate: float = 0.0, rng=None):
+    """``[batch, q, heads, head_dim]``: softmax attention of ``q`` over ``k``/``v`` (``[batch, len,
+    heads, head_dim]``), the scores in float32 times ``scale`` plus ``bias`` (each where given) and
+    ``mask``ed, the probabilities dropped at ``rate`` with ``rng`` as torch's ``.train()`` drops
+    them (the encoders' and encoder-decoders' attention: BERT's, T5's, BART's, MPNet's)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if scale is not None:
+        scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(softmax(scores, axis=-1).astype(v.dtype), rate, rng)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 def attention_mask_4d(
     query_slots: jax.Array,
     key_mask: jax.Array,

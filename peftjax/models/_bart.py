@@ -46,7 +46,6 @@ from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask
 from peftjax.models._t5 import T5ClassificationHead
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import keep_mask, layer_key, split_keys
-from peftjax.nn._functional import softmax
 from peftjax.nn._scan import check_remat, checkpointed
 
 # torch-only keys: the stacks' copies of ``shared`` (tied in transformers)
@@ -112,11 +111,9 @@ class BartAttention(nnx.Module):
             k, v = cache["k"], cache["v"]
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, dropout_rng)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
-        return self.out_proj(out), cache
+        out = attn.dropped_attention(q, k, v, mask, scale=self.head_dim**-0.5, rate=self.dropout_rate,
+                                     rng=dropout_rng)
+        return self.out_proj(out.reshape(b, s, -1)), cache
 
 
 class _Layer(nnx.Module):

@@ -119,10 +119,8 @@ class BertSelfAttention(nnx.Module):
         if rows is not None:
             return self._attend_rows(x_rows, k, v, mask, rng, rows, s)
         q = self.query(x).reshape(b, s, self.num_heads, self.head_dim)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
+        return attn.dropped_attention(q, k, v, mask, scale=self.head_dim**-0.5, rate=self.dropout_rate,
+                                      rng=rng).reshape(b, s, -1)
 
     def _attend_rows(self, x_rows, k, v, mask, rng, rows, s):
         """The kept queries' attention, ``[n, hidden]``: each against every key of the batch, the

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._bert import BertIntermediate, BertOutput, _layer_norm, linear_kw, pick_rows
 from peftjax.models._dropout import dropout
@@ -83,11 +84,9 @@ class MPNetSelfAttention(nnx.Module):
         k, v = self._heads(self.k, x), self._heads(self.v, x)
         if rows is not None:
             return self._attend_rows(x_rows, k, v, mask, bias, rng, rows, s)
-        q = self._heads(self.q, x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5 + bias
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, rng)
-        return self.o(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1))
+        out = attn.dropped_attention(self._heads(self.q, x), k, v, mask, scale=self.head_dim**-0.5, bias=bias,
+                                     rate=self.dropout_rate, rng=rng)
+        return self.o(out.reshape(b, s, -1))
 
     def _attend_rows(self, x_rows, k, v, mask, bias, rng, rows, s):
         """The kept queries against every key of the batch, other rows' masked (``BertSelfAttention``'s way)."""

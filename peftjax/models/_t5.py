@@ -55,7 +55,6 @@ from peftjax.nn._scan import check_remat, checkpointed
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._activations import ACTIVATIONS
-from peftjax.nn._functional import softmax
 
 # torch-only keys: the stacks' copies of ``shared`` and a never-used bias transformers skips too
 _IGNORED = (
@@ -171,13 +170,8 @@ class T5Attention(nnx.Module):
             k, v = cache["k"], cache["v"]
         if prefix is not None:
             k, v = attn.prepend_prefix(k, prefix[0]), attn.prepend_prefix(v, prefix[1])
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(softmax(scores, axis=-1).astype(v.dtype), self.dropout_rate, dropout_rng)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1)
-        return self.o(out), cache
+        out = attn.dropped_attention(q, k, v, mask, bias=bias, rate=self.dropout_rate, rng=dropout_rng)
+        return self.o(out.reshape(b, s, -1)), cache
 
 
 def _norm(config, kw) -> nnx.RMSNorm:
