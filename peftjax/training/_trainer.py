@@ -901,9 +901,10 @@ class Trainer:
         batcher = self._batcher(cols, self.args.per_device_eval_batch_size, "dataset", shuffle=False,
                                 per_row_logits=True)
         out = []
+        generating = nnx.merge(graphdef, trainable, rest) if self._generates else None
         for batch in batcher.batches(0):
-            if self._generates:
-                out.append(self._generated(nnx.merge(graphdef, trainable, rest), batch))
+            if generating is not None:
+                out.append(self._generated(generating, batch))
                 continue
             logits, _ = self._predict_step(graphdef, (trainable, rest), self._place(batch))
             logits = np.asarray(logits)[batch["sample_weight"] > 0]
@@ -916,8 +917,10 @@ class Trainer:
         first, padded with ``pad_token_id`` to ``length``, the ``generation_max_length`` (else the
         generation config's ``max_length``, else 20)."""
         keep = batch["sample_weight"] > 0
-        defaults = getattr(model, "generation_config", None)
-        length = self.args.generation_max_length or int((defaults.get("max_length", 20) if defaults else None) or 20)
+        length = self.args.generation_max_length
+        if length is None:
+            defaults = getattr(model, "generation_config", None)
+            length = int((defaults.get("max_length") if defaults is not None else None) or 20)
         ids = model.generate(batch["input_ids"][keep], batch["attention_mask"][keep], max_new_tokens=length - 1,
                              num_beams=self.args.generation_num_beams, pad_token_id=self.pad_token_id)
         ids = np.asarray(ids)
@@ -981,6 +984,9 @@ class Trainer:
                                 collate=self._eval_collate, per_row_logits=self.compute_metrics is not None)
         sums = np.zeros(3)
         all_logits, all_labels = [], []
+        # the model that generates (predict_with_generate): merged once, as every batch reads it
+        generating = (nnx.merge(self._graphdef, trainable, rest) if self._generates and self.compute_metrics is not None
+                      else None)
         token_level = False
         for batch in batcher.batches(0):
             placed = self._place(batch)
@@ -991,8 +997,8 @@ class Trainer:
             token_level = self.problem_type in (CAUSAL_LM, SEQ2SEQ_LM)
             if self.compute_metrics is not None:
                 keep = batch["sample_weight"] > 0
-                if self._generates:  # the sequences generated, not the logits, as Seq2SeqTrainer's
-                    all_logits.append(self._generated(nnx.merge(self._graphdef, trainable, rest), batch))
+                if generating is not None:  # the sequences generated, not the logits, as Seq2SeqTrainer's
+                    all_logits.append(self._generated(generating, batch))
                 else:
                     all_logits.append(np.asarray(logits)[keep])
                 all_labels.append(batch["labels"][keep])
