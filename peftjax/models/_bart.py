@@ -38,11 +38,18 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
 from peftjax.models._gemma2 import ScaledEmbed
-from peftjax.models._losses import check_span_labels, masked_cross_entropy, sequence_classification_loss, span_outputs
+from peftjax.models._losses import check_span_labels, masked_cross_entropy, span_outputs
 from peftjax.models._modeling import Buffer, ConfigRef, PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
-from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask, check_ids, last_eos, shift_right
+from peftjax.models._encoder_decoder import (
+    EncoderDecoder,
+    check_ids,
+    classified_at_last_eos,
+    cross_attention_mask,
+    last_eos,
+    shift_right,
+)
 from peftjax.models._t5 import T5ClassificationHead
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import keep_mask, layer_key, split_keys
@@ -408,11 +415,7 @@ class BartForSequenceClassification(_WithModel):
         body_key, head_key = split_keys(dropout_rng, 2)
         out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                          inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, dropout_rng=body_key)
-        h = out.last_hidden_state
-        logits = self.classification_head(h[jnp.arange(h.shape[0]), last], head_key)
-        loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,
-                           encoder_last_hidden_state=out.encoder_last_hidden_state)
+        return classified_at_last_eos(self.classification_head, out, last, labels, self.config, head_key)
 
 
 class BartForQuestionAnswering(_WithModel):

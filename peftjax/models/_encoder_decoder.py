@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.models import _attention as attn
+from peftjax.models._losses import sequence_classification_loss
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import split_keys
 
@@ -65,6 +66,17 @@ def last_eos(input_ids, config, owner: str) -> jax.Array:
         if counts[0] < 1:
             raise ValueError("Each example must contain at least one <eos> token.")
     return jnp.argmax(jnp.arange(ids.shape[1])[None, :] * eos, axis=-1)
+
+
+def classified_at_last_eos(head, out: ModelOutput, last, labels, config, key) -> ModelOutput:
+    """A sequence classifier's output, as transformers' encoder-decoders give it: ``head`` (called
+    with ``key``, training's dropout) on the decoder's state ``out.last_hidden_state`` at each row's
+    last EOS (``last``, :func:`last_eos`), and the loss with ``labels``."""
+    h = out.last_hidden_state
+    logits = head(h[jnp.arange(h.shape[0]), last], key)
+    loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), config)
+    return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,
+                       encoder_last_hidden_state=out.encoder_last_hidden_state)
 
 
 def cross_attention_mask(cross_mask, prefix_kv) -> jax.Array:

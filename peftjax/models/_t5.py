@@ -40,12 +40,17 @@ from flax import nnx
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout
-from peftjax.models._encoder_decoder import EncoderDecoder, cross_attention_mask, check_ids, last_eos
+from peftjax.models._encoder_decoder import (
+    EncoderDecoder,
+    check_ids,
+    classified_at_last_eos,
+    cross_attention_mask,
+    last_eos,
+)
 from peftjax.nn._dropout import layer_key, split_keys
 from peftjax.models._losses import (
     check_span_labels,
     masked_cross_entropy,
-    sequence_classification_loss,
     span_outputs,
     token_labels_loss,
 )
@@ -581,11 +586,7 @@ class T5ForSequenceClassification(PreTrainedModel):
         out = self.transformer(ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                                inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
                                dropout_rng=body_key)
-        h = out.last_hidden_state
-        logits = self.classification_head(h[jnp.arange(h.shape[0]), last], head_key)
-        loss = None if labels is None else sequence_classification_loss(logits, jnp.asarray(labels), self.config)
-        return ModelOutput(logits=logits, loss=loss, last_hidden_state=h,
-                           encoder_last_hidden_state=out.encoder_last_hidden_state)
+        return classified_at_last_eos(self.classification_head, out, last, labels, self.config, head_key)
 
 
 class T5ForTokenClassification(PreTrainedModel):
