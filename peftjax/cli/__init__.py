@@ -224,7 +224,8 @@ def _predict(args) -> int:
     what = ("predict needs a sequence- or token-classification, a question-answering, a multiple-choice, a masked "
             "LM or a feature-extraction model")
     if _is_seq2seq_lm(model):
-        raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate")
+        raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate "
+                         "or serve")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
     by_span = type(_base(model)).__name__.endswith("ForQuestionAnswering")
     if by_span != (args.context is not None):

@@ -186,6 +186,7 @@ class Seq2SeqGenerationMixin:
         frequency_penalty: float | None = None,
         stop_strings: str | list[str] | list[list[str] | None] | None = None,
         tokenizer=None,
+        stop_strings_in_prompt: bool = True,
         streamer=None,
         output_scores: bool | None = None,
         output_logits: bool | None = None,
@@ -219,6 +220,8 @@ class Seq2SeqGenerationMixin:
             over the encoder's input ids (padding and all; they need ``input_ids``).
           remove_invalid_values, stop_strings, tokenizer: as the causal models' (the stop strings
             over the decoder's text).
+          stop_strings_in_prompt: ``False``: a stop string must lie wholly in the new tokens, not
+            begin in the decoder's start token (``peftjax serve``'s rule).
           presence_penalty, frequency_penalty: as the causal models', over the decoder's new tokens.
           streamer: as the causal models' (``put`` first gets each row's decoder start token).
           output_scores, output_logits, return_dict_in_generate, output_logprobs: as the causal models'.
@@ -260,7 +263,7 @@ class Seq2SeqGenerationMixin:
                                       early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                       processors=processors, stop_strings=stop_strings, tokenizer=tokenizer,
-                                      batch=shape[0])
+                                      batch=shape[0], stop_first=0 if stop_strings_in_prompt else 1)
         search = decoding.pop("search")
         if decoder_start_token_id is None:
             decoder_start_token_id = getattr(self.config, "decoder_start_token_id", None)
