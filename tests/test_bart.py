@@ -1,9 +1,11 @@
-"""BART and mBART against transformers (logits, loss, generation, the task heads, dropout) and HF
-PEFT (LoRA, prefix, prompt tuning both ways).
+"""BART, mBART, Marian and Pegasus against transformers (logits, loss, generation, the task heads,
+dropout) and HF PEFT (LoRA, prefix, prompt tuning both ways).
 
-Two tiny models built and saved once in PyTorch: BART (post-norm, tied head, ``final_logits_bias``)
-and mBART (pre-norm with each stack's final ``layer_norm``, scaled embeddings, the decoder's input
-wrapped from each row's last real token).
+Tiny models built and saved once in PyTorch: BART (post-norm, tied head, ``final_logits_bias``),
+mBART (pre-norm with each stack's final ``layer_norm``, scaled embeddings, the decoder's input
+wrapped from each row's last real token), Marian (BART's post-norm layers with sinusoidal positions,
+no ``layernorm_embedding``, swish; transformers saves no position table) and Pegasus (mBART's
+pre-norm layers with sinusoidal positions, which its checkpoints hold).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ FIELDS = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, enc
               dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 KINDS = {"bart": ("BartConfig", "BartForConditionalGeneration", {}),
          "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(scale_embedding=True,
-                                                                         activation_function="relu"))}
+                                                                         activation_function="relu")),
+         "marian": ("MarianConfig", "MarianMTModel", dict(scale_embedding=True, activation_function="swish")),
+         "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", dict(scale_embedding=True))}
+SINUSOIDAL = ("marian", "pegasus")
+PREFIX = {"bart": "Bart", "mbart": "MBart", "marian": "Marian", "pegasus": "Pegasus"}
 # encoder rows padded at the end (BART's tokenizer pads right); each ends with its EOS (2)
 IDS = np.array([[0, 5, 6, 7, 8, 9, 2, 1], [0, 10, 11, 12, 13, 14, 15, 2], [0, 40, 41, 2, 1, 1, 1, 1]])
 MASK = (IDS != 1).astype(np.int64)
@@ -46,6 +52,8 @@ def build(kind, tmp_path_factory):
         model = getattr(tr, model_name)(getattr(tr, config_name)(**FIELDS, **extra)).eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if "embed_positions" in name and kind in SINUSOIDAL:  # a fixed table, not a weight to draw
+                    continue
                 p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
             model.final_logits_bias.copy_(0.1 * torch.randn_like(model.final_logits_bias))
         path = tmp_path_factory.mktemp(kind)
@@ -78,7 +86,8 @@ def real(logits):
 
 
 def their_base(kind, path, cls="ForConditionalGeneration", **kw):
-    return quiet(getattr(tr, f"{'MBart' if kind == 'mbart' else 'Bart'}{cls}").from_pretrained, path, **kw).eval()
+    name = "MarianMTModel" if (kind, cls) == ("marian", "ForConditionalGeneration") else PREFIX[kind] + cls
+    return quiet(getattr(tr, name).from_pretrained, path, **kw).eval()
 
 
 # ---------------------------------------------------------------- the model
@@ -96,11 +105,21 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
     close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state.numpy())
     eager = model(input_ids=IDS, attention_mask=MASK, labels=LABELS)
     close(eager.logits, ref.logits.numpy())
-    # the bare encoder-decoder shifts input_ids into its decoder, as transformers' does
+    # BART's bare encoder-decoder shifts input_ids into its decoder, as transformers' does (Marian's
+    # and Pegasus's take decoder_input_ids, as transformers')
     their_bare = their_base(kind, path, "Model")
     ours_bare = getattr(models, type(their_bare).__name__).from_pretrained(path)
-    close(run_jax(ours_bare, input_ids=IDS, attention_mask=MASK).last_hidden_state,
-          torch_out(their_bare, input_ids=IDS, attention_mask=MASK).last_hidden_state.numpy())
+    bare = dict(input_ids=IDS, attention_mask=MASK, **({"decoder_input_ids": IDS[:, :5]} if kind in SINUSOIDAL else {}))
+    close(run_jax(ours_bare, **bare).last_hidden_state, torch_out(their_bare, **bare).last_hidden_state.numpy())
+    if kind in SINUSOIDAL:
+        with pytest.raises(ValueError, match="pass exactly one of decoder_input_ids and decoder_inputs_embeds"):
+            ours_bare(input_ids=IDS, attention_mask=MASK)
+        # given embeddings (the table's rows): the encoder takes them as they are, the decoder scales them
+        with torch.no_grad():
+            given = {"inputs_embeds": theirs.get_input_embeddings()(torch.as_tensor(IDS)).numpy(),
+                     "decoder_inputs_embeds": theirs.get_input_embeddings()(torch.as_tensor(IDS[:, :5])).numpy()}
+        close(run_jax(model, attention_mask=MASK, **given).logits,
+              torch_out(theirs, attention_mask=MASK, **given).logits.numpy())
     # saved here, transformers reloads the same model (the bias and all)
     model.save_pretrained(tmp_path)
     back = their_base(kind, tmp_path)
@@ -112,7 +131,7 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
         assert getattr(ours, key) == getattr(their_config, key), key
     assert (ours.hidden_size, ours.num_attention_heads, ours.num_hidden_layers) == (32, 4, 2)
     # PEFT's parameter count (final_logits_bias is a buffer: not counted, not trained)
-    config = {"bart": dict(r=4), "mbart": dict(r=4, target_modules=["q_proj", "v_proj"])}[kind]
+    config = dict(r=4) if kind == "bart" else dict(r=4, target_modules=["q_proj", "v_proj"])  # PEFT: BART's only
     their_peft = quiet(peft.get_peft_model, their_base(kind, path), peft.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
     assert (peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
             .get_nb_trainable_parameters() == their_peft.get_nb_trainable_parameters())
@@ -150,6 +169,7 @@ def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
             model.generate(IDS, MASK, max_new_tokens=5, decoder_start_token_id=2, forced_bos_token_id=50), ref)
 
 
+@pytest.mark.parametrize("bart", ["bart", "mbart"], indirect=True)  # transformers has no Marian, Pegasus heads
 def test_sequence_classification_and_question_answering_are_transformers(bart, tmp_path):
     kind, path, _ = bart
     torch.manual_seed(0)
@@ -218,9 +238,16 @@ def test_bad_configs_and_inputs_are_named():
     config.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not implemented for BART"):
         models.BartForConditionalGeneration.from_config(config)
-    mbart = models.MBartForConditionalGeneration.from_config(models.ModelConfig("mbart", **FIELDS))
-    with pytest.raises(ValueError, match="no default target_modules for model_type 'mbart'"):  # as PEFT
-        peftjax.get_peft_model(mbart, peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM"))
+    for kind in ("mbart", "marian", "pegasus"):
+        model = models.model_class_for(models.ModelConfig(kind, **FIELDS), "SEQ_2_SEQ_LM").from_config(
+            models.ModelConfig(kind, **FIELDS))
+        with pytest.raises(ValueError, match=f"no default target_modules for model_type '{kind}'"):  # as PEFT
+            peftjax.get_peft_model(model, peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM"))
+    for field, value, message in (
+            ("share_encoder_decoder_embeddings", False, "share_encoder_decoder_embeddings=False"),
+            ("decoder_vocab_size", 80, r"decoder_vocab_size \(80\) other than vocab_size \(96\)")):
+        with pytest.raises(ValueError, match=f"Marian: {message}"):
+            models.MarianMTModel.from_config(models.ModelConfig("marian", **FIELDS, **{field: value}))
     model = models.BartForQuestionAnswering.from_config(models.ModelConfig("bart", **FIELDS))
     with pytest.raises(ValueError, match="shifts input_ids right"):
         model(inputs_embeds=np.zeros((1, 3, 32), np.float32))
@@ -256,8 +283,8 @@ def test_remat_gives_the_same_loss_and_gradients():
 
 METHODS = {
     "lora": lambda lib, kind: lib.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
-                                             # PEFT has default targets for BART, none for mBART
-                                             target_modules=["q_proj", "v_proj"] if kind == "mbart" else None),
+                                             # PEFT has default targets for BART, none for the others
+                                             target_modules=None if kind == "bart" else ["q_proj", "v_proj"]),
     "all-linear": lambda lib, kind: lib.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules="all-linear",
                                              init_lora_weights=False),
     "prefix": lambda lib, kind: lib.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3),
@@ -265,9 +292,11 @@ METHODS = {
 }
 
 
-# all-linear once: the layers it adds are the same in both
-ADAPTER_CASES = [(kind, method) for kind in sorted(KINDS) for method in sorted(METHODS)
-                 if (kind, method) != ("mbart", "all-linear")]
+# all-linear once: the layers it adds are the same in every kind; Marian and Pegasus: LoRA and one
+# prompt method each (a prefix shifts Marian's decoder positions, as BART's)
+ADAPTER_CASES = [(kind, method) for kind in ("bart", "mbart") for method in sorted(METHODS)
+                 if (kind, method) != ("mbart", "all-linear")] + [
+    ("marian", "lora"), ("marian", "prefix"), ("pegasus", "lora"), ("pegasus", "prompt")]
 
 
 @pytest.mark.parametrize("bart,method", ADAPTER_CASES, indirect=["bart"], ids=[f"{k}-{m}" for k, m in ADAPTER_CASES])

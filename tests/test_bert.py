@@ -482,8 +482,8 @@ def test_missing_config_and_unsupported_type(tiny, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
     with pytest.raises(FileNotFoundError, match=rf"config\.json.*{re.escape(str(tmp_path))}"):
         models.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pegasus"}))
-    with pytest.raises(ValueError, match=r"'pegasus'.*supported.*'bert'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blenderbot"}))
+    with pytest.raises(ValueError, match=r"'blenderbot'.*supported.*'bert'"):
         models.from_pretrained(tmp_path)
 
 

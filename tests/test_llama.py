@@ -613,8 +613,8 @@ def test_missing_directory_config_and_weights(tmp_path, llama_dir):
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "pegasus"}))
-    with pytest.raises(ValueError, match=r"'pegasus'.*supported.*llama"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blenderbot"}))
+    with pytest.raises(ValueError, match=r"'blenderbot'.*supported.*llama"):
         models.from_pretrained(tmp_path)
 
 

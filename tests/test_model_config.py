@@ -40,7 +40,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gpt_neo": "GPTNeoConfig", "ministral": "MinistralConfig", "ministral3": "Ministral3Config",
            "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
            "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig",
-           "bart": "BartConfig", "mbart": "MBartConfig", "mpnet": "MPNetConfig",
+           "bart": "BartConfig", "mbart": "MBartConfig", "marian": "MarianConfig", "pegasus": "PegasusConfig",
+           "mpnet": "MPNetConfig",
            "nemotron": "NemotronConfig", "granitemoe": "GraniteMoeConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
 # Gemma 4's per-layer table through each layer's head layout)
@@ -103,6 +104,9 @@ VARIANTS = [
     ("bart", dict(num_labels=2, d_model=32, encoder_attention_heads=4, scale_embedding=True)),
     ("bart", dict(id2label={0: "a", 1: "b", 2: "c", 3: "d"}, tie_word_embeddings=False, decoder_start_token_id=0)),
     ("mbart", dict(encoder_layers=3, decoder_layers=1, forced_eos_token_id=None)),
+    ("marian", dict(vocab_size=500, pad_token_id=499, decoder_start_token_id=499, scale_embedding=True)),
+    ("marian", dict(decoder_vocab_size=500, vocab_size=500)),
+    ("pegasus", dict(scale_embedding=True, activation_function="relu", max_position_embeddings=512)),
     ("mpnet", dict(relative_attention_num_buckets=16, pad_token_id=0, num_labels=4)),
     ("llama", dict(num_key_value_heads=None, head_dim=4, rope_scaling={"rope_type": "linear", "factor": 2.0},
                    rope_theta=500000.0, num_labels=3)),
@@ -257,8 +261,8 @@ def test_an_unknown_override_is_named(tmp_path):
     _tiny.config("llama").save_pretrained(tmp_path)
     with pytest.raises(TypeError, match=r"\['hiden_size'\] are not fields of the llama config"):
         models.load_config(tmp_path, hiden_size=8)
-    with pytest.raises(ValueError, match="model_type 'pegasus' is not supported; supported: .*'llama'"):
-        ModelConfig("pegasus")
+    with pytest.raises(ValueError, match="model_type 'blenderbot' is not supported; supported: .*'llama'"):
+        ModelConfig("blenderbot")
 
 
 def test_loading_a_model_imports_neither_torch_nor_transformers(tmp_path):

@@ -523,11 +523,11 @@ def checked_task_id(config, task_id: int | None, flag: str = "--task-id") -> int
 
 
 def _is_seq2seq_lm(model) -> bool:
-    """An encoder-decoder LM (``...ForConditionalGeneration``); T5's classifiers and question
-    answering are read as the encoders' are."""
-    base = _base(model)
-    return (bool(getattr(getattr(base, "config", None), "is_encoder_decoder", False))
-            and type(base).__name__.endswith("ForConditionalGeneration"))
+    """An encoder-decoder LM (``...ForConditionalGeneration``, ``MarianMTModel``); T5's classifiers
+    and question answering are read as the encoders' are."""
+    from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
+
+    return isinstance(_base(model), Seq2SeqGenerationMixin)
 
 
 def _logits(model, inputs: dict):

@@ -11,6 +11,10 @@ from peftjax.models._bart import (
     MBartForQuestionAnswering,
     MBartForSequenceClassification,
     MBartModel,
+    MarianModel,
+    MarianMTModel,
+    PegasusForConditionalGeneration,
+    PegasusModel,
 )
 from peftjax.models._bert import (
     BertForMaskedLM,
@@ -494,6 +498,10 @@ __all__ = [
     "MBartForQuestionAnswering",
     "MBartForSequenceClassification",
     "MBartModel",
+    "MarianModel",
+    "MarianMTModel",
+    "PegasusForConditionalGeneration",
+    "PegasusModel",
     "from_pretrained",
     "stop_token_ids",
     "hf_state_dict",

@@ -81,7 +81,7 @@ TASK_CLASS_SUFFIXES = {
     "QUESTION_ANS": ("ForQuestionAnswering",),
     "CAUSAL_LM": ("ForCausalLM", "LMHeadModel"),
     "FEATURE_EXTRACTION": ("Model",),
-    "SEQ_2_SEQ_LM": ("ForConditionalGeneration",),
+    "SEQ_2_SEQ_LM": ("ForConditionalGeneration", "MTModel"),  # MarianMTModel
     # transformers' head for which PEFT has no task type (its adapters have none: task_type=None)
     "MULTIPLE_CHOICE": ("ForMultipleChoice",),
 }

@@ -1,4 +1,4 @@
-"""BART and mBART (encoder-decoder) in Flax NNX, with transformers' module names.
+"""BART, mBART, Marian and Pegasus (encoder-decoders) in Flax NNX, with transformers' module names.
 
 As transformers 5's ``modeling_bart``: a shared token embedding (``model.shared``, times
 ``sqrt(d_model)`` when ``scale_embedding``) feeding an encoder and a decoder
@@ -18,6 +18,13 @@ and the same four for mBART, whose decoder input is the labels shifted right wit
 real token (its language id) first. ``remat`` wraps each layer in ``jax.checkpoint`` when there
 is no cache and no prefix.
 
+Marian (``MarianMTModel``, ``MarianModel``) and Pegasus (``PegasusForConditionalGeneration``,
+``PegasusModel``) are BART's model with a fixed sinusoidal position table per stack (no offset, no
+``layernorm_embedding``; computed where a checkpoint lacks it), normalised after each sublayer
+(Marian) or before it with a final ``layer_norm`` (Pegasus); with ``scale_embedding`` their stacks
+scale what they embed rather than the table its lookups (the encoder its ids' embeddings, the
+decoder its input embeddings, given ones too), and their bare models take ``decoder_input_ids``.
+
 A call given ``dropout_rng`` applies the config's dropouts where transformers' ``.train()`` does
 (``dropout`` on the embeddings and each sublayer's output, ``attention_dropout`` on attention
 probabilities, ``activation_dropout`` on the feed-forward's hidden units, ``classifier_dropout`` in
@@ -32,6 +39,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from peftjax.models import _attention as attn
@@ -60,14 +68,41 @@ _IGNORED = (r"(model\.)?(encoder|decoder)\.embed_tokens\.weight",)
 POSITION_OFFSET = 2  # transformers' BartLearnedPositionalEmbedding: position p reads row p + 2
 
 
-def _mbart(config) -> bool:
-    """mBART normalises before each sublayer and after each stack (BART after each sublayer), and
-    its decoder's input starts with each row's last real token."""
-    return getattr(config, "model_type", "bart") == "mbart"
+# what sets the BART-like families apart: mBART and Pegasus normalise before each sublayer and after
+# each stack (BART and Marian after each sublayer); Marian and Pegasus add a fixed sinusoidal table
+# (no offset, no layernorm_embedding); mBART's decoder input starts with each row's last real token
+_PRE_NORM = ("mbart", "pegasus")
+_SINUSOIDAL = ("marian", "pegasus")
+_NAMES = {"bart": "BART", "mbart": "mBART", "marian": "Marian", "pegasus": "Pegasus"}
+_POSITION_KEYS = (r"(model\.)?(encoder|decoder)\.embed_positions\.weight",)
+
+
+def _family(config) -> str:
+    return getattr(config, "model_type", "bart")
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> np.ndarray:
+    """transformers' Marian and Pegasus position table ``[num_positions, dim]``: position ``p``'s
+    angles ``p / 10000 ** (2 * (j // 2) / dim)``, the sines of the even ones in the first half of
+    the features (rounded up) and the cosines of the odd ones after them, computed in float64."""
+    j = np.arange(dim)
+    angles = np.arange(num_positions)[:, None] / np.power(10000, 2 * (j // 2) / dim)[None]
+    half = dim // 2 + dim % 2
+    out = np.empty((num_positions, dim), np.float32)
+    out[:, :half] = np.sin(angles[:, 0::2])
+    out[:, half:] = np.cos(angles[:, 1::2])
+    return out
 
 
 def _check_config(config) -> None:
-    name = "mBART" if _mbart(config) else "BART"
+    name = _NAMES.get(_family(config), "BART")
+    if _family(config) == "marian":
+        if getattr(config, "share_encoder_decoder_embeddings", True) is False:
+            raise ValueError("Marian: share_encoder_decoder_embeddings=False (separate encoder and decoder "
+                             "vocabularies) is not implemented")
+        if getattr(config, "decoder_vocab_size", None) not in (None, config.vocab_size):
+            raise ValueError(f"Marian: decoder_vocab_size ({config.decoder_vocab_size}) other than vocab_size "
+                             f"({config.vocab_size}) is not implemented")
     if getattr(config, "scan_layers", False):
         raise ValueError(f"scan_layers=True is not implemented for {name} (use scan_layers=False)")
     if config.activation_function not in ACTIVATIONS:
@@ -128,7 +163,7 @@ class _Layer(nnx.Module):
     (BART) or before (mBART), and the feed-forward ``fc1``/``fc2``."""
 
     def _init_common(self, config, ffn_dim: int, kw) -> None:
-        self.pre_norm = _mbart(config)
+        self.pre_norm = _family(config) in _PRE_NORM
         self.dropout_rate = _rate(config, "dropout")
         self.activation_dropout = _rate(config, "activation_dropout")
         self.act = config.activation_function
@@ -189,17 +224,26 @@ class BartDecoderLayer(_Layer):
 
 
 class _Stack(nnx.Module):
-    """The encoder or the decoder: ``embed_positions``, ``layers``, ``layernorm_embedding`` and
-    (mBART) ``layer_norm``; the token embedding is the model's ``shared``."""
+    """The encoder or the decoder: ``embed_positions``, ``layers``, ``layernorm_embedding`` (BART,
+    mBART) and ``layer_norm`` (mBART, Pegasus); the token embedding is the model's ``shared``."""
 
     def __init__(self, config, *, is_decoder: bool, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed_positions = nnx.Embed(config.max_position_embeddings + POSITION_OFFSET, config.d_model, **kw)
+        family = _family(config)
+        if family in _SINUSOIDAL:  # a frozen weight in transformers too, computed where a checkpoint lacks it
+            self.position_offset = 0
+            self.embed_positions = nnx.Embed(config.max_position_embeddings, config.d_model, **kw)
+            self.embed_positions.embedding.set_value(
+                jnp.asarray(sinusoidal_positions(config.max_position_embeddings, config.d_model), param_dtype))
+            self.layernorm_embedding = nnx.data(None)
+        else:
+            self.position_offset = POSITION_OFFSET
+            self.embed_positions = nnx.Embed(config.max_position_embeddings + POSITION_OFFSET, config.d_model, **kw)
+            self.layernorm_embedding = _layer_norm(config, kw)
         layer, n = (BartDecoderLayer, config.decoder_layers) if is_decoder else (BartEncoderLayer,
                                                                                  config.encoder_layers)
         self.layers = nnx.List([layer(config, **kw) for _ in range(n)])
-        self.layernorm_embedding = _layer_norm(config, kw)
-        self.layer_norm = _layer_norm(config, kw) if _mbart(config) else nnx.data(None)
+        self.layer_norm = _layer_norm(config, kw) if family in _PRE_NORM else nnx.data(None)
         self.is_decoder = is_decoder
         self.dropout_rate = _rate(config, "dropout")
         self.layerdrop = _rate(config, "decoder_layerdrop" if is_decoder else "encoder_layerdrop")
@@ -221,8 +265,10 @@ class _Stack(nnx.Module):
         start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         # transformers counts a decoder's positions from its cache's length: a prefix shifts them
         positions = (num_prefix if self.is_decoder else 0) + start + jnp.arange(s)
-        x = x + self.embed_positions(positions + POSITION_OFFSET)[None].astype(x.dtype)
-        x = dropout(self.layernorm_embedding(x), self.dropout_rate, k_embed)
+        x = x + self.embed_positions(positions + self.position_offset)[None].astype(x.dtype)
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        x = dropout(x, self.dropout_rate, k_embed)
         key_mask = attn.prefix_key_mask(jnp.asarray(key_mask).astype(bool), num_prefix)
         mask = attn.attention_mask_4d(num_prefix + start + jnp.arange(s), key_mask, causal=self.is_decoder)
         cross = cross_attention_mask(cross_mask, prefix_kv) if self.is_decoder else None
@@ -270,21 +316,24 @@ class BartModel(EncoderDecoder, PreTrainedModel):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c = self.config
-        self.shared = (ScaledEmbed(c.vocab_size, c.d_model, embed_scale=c.d_model**0.5, **kw) if c.scale_embedding
-                       else nnx.Embed(c.vocab_size, c.d_model, **kw))
+        # BART's table scales its lookups; Marian's and Pegasus's stacks scale what they embed (the
+        # encoder its ids' embeddings, the decoder its input embeddings, given ones too), as transformers'
+        self.stack_scale = c.d_model**0.5 if c.scale_embedding and _family(c) in _SINUSOIDAL else None
+        self.shared = (ScaledEmbed(c.vocab_size, c.d_model, embed_scale=c.d_model**0.5, **kw)
+                       if c.scale_embedding and self.stack_scale is None else nnx.Embed(c.vocab_size, c.d_model, **kw))
         self.encoder = _Stack(c, is_decoder=False, **kw)
         self.decoder = _Stack(c, is_decoder=True, **kw)
 
     def shift_right(self, labels) -> jax.Array:
         """The decoder's input from ``labels`` (-100 as padding): transformers' ``shift_tokens_right``
         (``decoder_start_token_id`` first) or, for mBART, each row's last real token first."""
-        return shift_right(labels, self.config, wrap_last=_mbart(self.config))
+        return shift_right(labels, self.config, wrap_last=_family(self.config) == "mbart")
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, prefix_kv=None,
                dropout_rng=None) -> ModelOutput:
         """The encoder's ``last_hidden_state`` ``[b, s, d_model]`` (``dropout_rng``: training's dropout)."""
         check_ids(input_ids, inputs_embeds, "")
-        x = self.shared(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
+        x = self._scaled(self.shared(jnp.asarray(input_ids))) if inputs_embeds is None else jnp.asarray(inputs_embeds)
         if attention_mask is None:
             attention_mask = jnp.ones(x.shape[:2], bool)
         if prefix_kv is not None:
@@ -293,6 +342,15 @@ class BartModel(EncoderDecoder, PreTrainedModel):
                                  head_dim=a.head_dim, batch=x.shape[0], owner=f"{type(self).__name__}.encoder")
         h, _ = self.encoder(x, attention_mask, prefix_kv=prefix_kv, dropout_rng=dropout_rng)
         return ModelOutput(last_hidden_state=h)
+
+    def _scaled(self, x: jax.Array) -> jax.Array:
+        if self.stack_scale is None:
+            return x
+        return x * jnp.asarray(self.stack_scale, self.shared.embedding.get_value().dtype).astype(x.dtype)
+
+    def decoder_embeddings(self, decoder_input_ids, decoder_inputs_embeds) -> jax.Array:
+        """The decoder's input embeddings (Marian's and Pegasus's scaled, given ones too)."""
+        return self._scaled(super().decoder_embeddings(decoder_input_ids, decoder_inputs_embeds))
 
     def decoder_prefix_layout(self) -> tuple[int, int, int]:
         """``(layers, heads, head_dim)`` of the decoder's attention."""
@@ -467,8 +525,52 @@ class MBartForQuestionAnswering(_MBart, BartForQuestionAnswering):
     """mBART's question answering (see :class:`MBartModel`)."""
 
 
+class _SinusoidalPositions:
+    """Marian's and Pegasus's position tables: read where a checkpoint holds them (Pegasus's do),
+    computed where it does not (transformers never saves Marian's)."""
+
+    computed_keys: ClassVar[tuple[str, ...]] = _POSITION_KEYS
+
+    def computed_value(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        return sinusoidal_positions(*shape)
+
+
+class MarianModel(_SinusoidalPositions, BartModel):
+    """Marian's bare encoder-decoder (Helsinki-NLP's opus-mt): BART's, normalised after each
+    sublayer, with sinusoidal positions and no ``layernorm_embedding``; as transformers', it takes
+    ``decoder_input_ids`` (it does not shift ``input_ids`` into its decoder)."""
+
+    shifts_input_ids: ClassVar[bool] = False
+
+
+class _Marian(_SinusoidalPositions):
+    body_class: ClassVar[type[BartModel]] = MarianModel
+
+
+class MarianMTModel(_Marian, BartForConditionalGeneration):
+    """Marian's translation model (see :class:`MarianModel`): the tied head plus ``final_logits_bias``."""
+
+
+class PegasusModel(_SinusoidalPositions, BartModel):
+    """Pegasus's bare encoder-decoder: mBART's pre-norm layers and final ``layer_norm`` per stack,
+    with sinusoidal positions and no ``layernorm_embedding``; it takes ``decoder_input_ids``, as
+    Marian's."""
+
+    shifts_input_ids: ClassVar[bool] = False
+
+
+class _Pegasus(_SinusoidalPositions):
+    body_class: ClassVar[type[BartModel]] = PegasusModel
+
+
+class PegasusForConditionalGeneration(_Pegasus, BartForConditionalGeneration):
+    """Pegasus's summarisation model (see :class:`PegasusModel`)."""
+
+
 register(BartForConditionalGeneration, model_types=("bart",), default=True)
+register(MarianMTModel, model_types=("marian",), default=True)
+register(PegasusForConditionalGeneration, model_types=("pegasus",), default=True)
 register(MBartForConditionalGeneration, model_types=("mbart",), default=True)
 for _cls in (BartModel, BartForSequenceClassification, BartForQuestionAnswering, MBartModel,
-             MBartForSequenceClassification, MBartForQuestionAnswering):
+             MBartForSequenceClassification, MBartForQuestionAnswering, MarianModel, PegasusModel):
     register(_cls)

@@ -589,6 +589,13 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 FAMILY_DEFAULTS["mbart"] = {**FAMILY_DEFAULTS["bart"], "decoder_start_token_id": None}  # MBartConfig
+# MarianConfig (Helsinki-NLP's opus-mt) and PegasusConfig: BART's fields without bos, classifier_dropout
+_BART_LIKE = {k: v for k, v in FAMILY_DEFAULTS["bart"].items() if k not in ("bos_token_id", "classifier_dropout")}
+FAMILY_DEFAULTS["marian"] = {**_BART_LIKE, "vocab_size": 58101, "decoder_vocab_size": None, "bos_token_id": None,
+                             "decoder_start_token_id": 58100, "pad_token_id": 58100, "eos_token_id": 0,
+                             "forced_eos_token_id": 0, "share_encoder_decoder_embeddings": True}
+FAMILY_DEFAULTS["pegasus"] = {**_BART_LIKE, "vocab_size": 50265, "decoder_start_token_id": 0, "pad_token_id": 0,
+                              "eos_token_id": 1, "forced_eos_token_id": 1}
 # MPNetConfig
 FAMILY_DEFAULTS["mpnet"] = {
     "vocab_size": 30527, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -622,6 +629,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["bart"] = ATTRIBUTE_MAPS["mbart"] = {"num_attention_heads": "encoder_attention_heads",
                                                     "hidden_size": "d_model", "num_hidden_layers": "encoder_layers"}
+ATTRIBUTE_MAPS["marian"] = ATTRIBUTE_MAPS["pegasus"] = ATTRIBUTE_MAPS["bart"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
@@ -702,6 +710,8 @@ class ModelConfig:
                 "type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
                 "max_position_embeddings": self.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
                 "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+        if t == "marian" and self.decoder_vocab_size is None:  # MarianConfig.__post_init__
+            self.decoder_vocab_size = self.vocab_size
         if t in ("t5", "mt5", "umt5"):  # T5Config.__post_init__ (MT5Config's, UMT5Config's)
             if self.num_decoder_layers is None:
                 self.num_decoder_layers = self.num_layers

@@ -102,6 +102,12 @@ class EncoderDecoder:
         """transformers' ``_shift_right``: ``decoder_start_token_id`` then ``labels[:, :-1]``, -100 as pad."""
         return shift_right(labels, self.config)
 
+    def decoder_embeddings(self, decoder_input_ids, decoder_inputs_embeds) -> jax.Array:
+        """The decoder's input embeddings: ``shared``'s lookup of the ids, or the embeddings given."""
+        if decoder_inputs_embeds is not None:
+            return jnp.asarray(decoder_inputs_embeds)
+        return self.shared(jnp.asarray(decoder_input_ids))
+
     def decode(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                inputs_embeds, decoder_inputs_embeds, cache=None, cache_index=None, cross_kv=None, prefix_kv=None,
                encoder_prefix_kv=None, dropout_rng=None):
@@ -125,8 +131,7 @@ class EncoderDecoder:
         if attention_mask is None:
             attention_mask = jnp.ones(enc.shape[:2], bool)
         check_ids(decoder_input_ids, decoder_inputs_embeds, "decoder_")
-        x = (self.shared(jnp.asarray(decoder_input_ids)) if decoder_inputs_embeds is None
-             else jnp.asarray(decoder_inputs_embeds))
+        x = self.decoder_embeddings(decoder_input_ids, decoder_inputs_embeds)
         if prefix_kv is not None:
             self._check_decoder_prefix(prefix_kv, x.shape[0])
         if decoder_attention_mask is None:

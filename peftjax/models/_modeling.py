@@ -285,6 +285,9 @@ class PreTrainedModel(nnx.Module):
     # keys transformers starts at zeros, unreported, when a checkpoint lacks them (buffers such as
     # BART's final_logits_bias): not new weights to train, nor saved with an adapter
     zeroed_keys: ClassVar[tuple[str, ...]] = ()
+    # keys whose value the model computes, unreported, when a checkpoint lacks them (Marian's
+    # sinusoidal position tables, which transformers never saves): ``computed_value`` gives it
+    computed_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         del rngs
@@ -450,6 +453,10 @@ class PreTrainedModel(nnx.Module):
                 if any(re.fullmatch(p, key) for p in self.zeroed_keys):
                     var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
                     continue
+                if any(re.fullmatch(p, key) for p in self.computed_keys):
+                    shape, dtype = var.get_value().shape, var.get_value().dtype
+                    var.set_value(jnp.asarray(self.computed_value(key, tuple(shape)), dtype))
+                    continue
                 if any(re.fullmatch(p, key) for p in self.optional_keys):
                     var.set_value(self._init_missing(key, var, seed))
                     initialised.append(key)
@@ -507,6 +514,10 @@ class PreTrainedModel(nnx.Module):
     def _tied(self, key: str) -> bool:
         """Whether ``key`` is an output embedding tied to the input embedding."""
         return False
+
+    def computed_value(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The value of ``key`` (one of ``computed_keys``) where a checkpoint lacks it."""
+        raise NotImplementedError(f"{type(self).__name__} computes no value for {key}")
 
     def _init_missing(self, key: str, var: nnx.Variable, seed: int | None = None) -> jax.Array:
         # transformers' _init_weights: normal(0, initializer_range) (OPT's: init_std) for weights, zeros for biases

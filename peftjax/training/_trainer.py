@@ -33,6 +33,7 @@ from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.models._auto import TASK_CLASS_SUFFIXES
+from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
 from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
@@ -284,12 +285,12 @@ class Trainer:
       args: a :class:`TrainingArguments`.
       train_dataset: tokenized rows with ``input_ids`` (and ``attention_mask``,
         ``token_type_ids``) and ``labels``/``label``; an HF ``Dataset``, a dict of lists or a list
-        of rows (dicts with those keys). For an
-        encoder-decoder (``...ForConditionalGeneration``, SEQ_2_SEQ_LM), ``labels`` are the target
-        token lists (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with
-        -100; the model feeds its decoder ``shift_right(labels)`` and trains on its own loss. For a
-        token classifier (``...ForTokenClassification``, TOKEN_CLS), a label per token, -100 where
-        none counts (:func:`peftjax.training.tokenize_token_classification`). For a question-answering
+        of rows (dicts with those keys). For an encoder-decoder (``...ForConditionalGeneration``,
+        ``MarianMTModel``: SEQ_2_SEQ_LM), ``labels`` are the target token lists
+        (:func:`peftjax.training.tokenize_seq2seq`), padded to their own length with -100; the model
+        feeds its decoder ``shift_right(labels)`` and trains on its own loss. For a token classifier
+        (``...ForTokenClassification``, TOKEN_CLS), a label per token, -100 where none counts
+        (:func:`peftjax.training.tokenize_token_classification`). For a question-answering
         model (``...ForQuestionAnswering``, QUESTION_ANS), ``start_positions`` and ``end_positions``
         instead of labels (:func:`peftjax.training.tokenize_question_answering`); its logits, for
         ``compute_metrics`` and ``predict``, are ``[rows, seq, 2]``: the start and end logits. For
@@ -334,8 +335,7 @@ class Trainer:
         base_name = type(model.base_model).__name__
         # an encoder-decoder LM, whose labels are a second sequence (T5's classifiers and question
         # answering take the rows' labels as the encoders do: the model derives its decoder's input)
-        encoder_decoder = (bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
-                           and base_name.endswith("ForConditionalGeneration"))
+        encoder_decoder = isinstance(model.base_model, Seq2SeqGenerationMixin)
         if encoder_decoder and compute_metrics is not None and not args.predict_with_generate:
             raise ValueError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model reads the sequences it "
                              "generates: set TrainingArguments(predict_with_generate=True), as for transformers' "
