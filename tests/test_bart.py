@@ -148,6 +148,8 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
     close(np.asarray(out.logits)[..., :96], ref.logits.numpy())
 
 
+# Pegasus's greedy decoding through its adapters: test_adapters_move_both_ways_with_peft
+@pytest.mark.parametrize("bart", ["bart", "mbart", "marian"], indirect=True)
 def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
     """Beam search and greedy decoding from the checkpoint's generation config (BART's ``forced_eos_token_id``
     among it), and the mBART decoder started from a language token."""
@@ -195,6 +197,8 @@ def test_sequence_classification_and_question_answering_are_transformers(bart, t
         close(getattr(out, name), getattr(ref, name).numpy())
 
 
+# Marian's layers are BART's; Pegasus has the sinusoidal stacks' dropout (no layernorm_embedding before it)
+@pytest.mark.parametrize("bart", ["bart", "mbart", "pegasus"], indirect=True)
 def test_dropout_and_layerdrop_sit_where_transformers_train_mode_puts_them(bart, tmp_path, monkeypatch):
     """Every dropout on both sides replaced by the same fixed scaling (x * 0.7 while training): the
     outputs agree only if the dropouts sit at the same places; LayerDrop 1.0 skips every layer on
