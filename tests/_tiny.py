@@ -335,6 +335,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0,
         scale_embedding=True, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
+    "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", dict(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0)),
     "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", dict(
         vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0,

@@ -1,11 +1,12 @@
-"""BART, mBART, Marian and Pegasus against transformers (logits, loss, generation, the task heads,
-dropout) and HF PEFT (LoRA, prefix, prompt tuning both ways).
+"""BART, mBART, Marian, Pegasus and M2M100 (NLLB-200) against transformers (logits, loss,
+generation, the task heads, dropout) and HF PEFT (LoRA, prefix, prompt tuning both ways).
 
 Tiny models built and saved once in PyTorch: BART (post-norm, tied head, ``final_logits_bias``),
 mBART (pre-norm with each stack's final ``layer_norm``, scaled embeddings, the decoder's input
 wrapped from each row's last real token), Marian (BART's post-norm layers with sinusoidal positions,
-no ``layernorm_embedding``, swish; transformers saves no position table) and Pegasus (mBART's
-pre-norm layers with sinusoidal positions, which its checkpoints hold).
+no ``layernorm_embedding``, swish; transformers saves no position table), Pegasus (mBART's pre-norm
+layers with sinusoidal positions, which its checkpoints hold) and M2M100 (mBART's layers, fairseq's
+weightless positions counting each row's real tokens, no ``final_logits_bias``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ KINDS = {"bart": ("BartConfig", "BartForConditionalGeneration", {}),
          "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(scale_embedding=True,
                                                                          activation_function="relu")),
          "marian": ("MarianConfig", "MarianMTModel", dict(scale_embedding=True, activation_function="swish")),
-         "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", dict(scale_embedding=True))}
-SINUSOIDAL = ("marian", "pegasus")
-PREFIX = {"bart": "Bart", "mbart": "MBart", "marian": "Marian", "pegasus": "Pegasus"}
+         "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", dict(scale_embedding=True)),
+         "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", dict(activation_function="gelu"))}
+SINUSOIDAL = ("marian", "pegasus")  # a table in the checkpoint's weights
+OWN_POSITIONS = (*SINUSOIDAL, "m2m_100")  # the bare model takes decoder_input_ids; given embeddings differ
+PREFIX = {"bart": "Bart", "mbart": "MBart", "marian": "Marian", "pegasus": "Pegasus", "m2m_100": "M2M100"}
 # encoder rows padded at the end (BART's tokenizer pads right); each ends with its EOS (2)
 IDS = np.array([[0, 5, 6, 7, 8, 9, 2, 1], [0, 10, 11, 12, 13, 14, 15, 2], [0, 40, 41, 2, 1, 1, 1, 1]])
 MASK = (IDS != 1).astype(np.int64)
@@ -55,7 +58,8 @@ def build(kind, tmp_path_factory):
                 if "embed_positions" in name and kind in SINUSOIDAL:  # a fixed table, not a weight to draw
                     continue
                 p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
-            model.final_logits_bias.copy_(0.1 * torch.randn_like(model.final_logits_bias))
+            if hasattr(model, "final_logits_bias"):  # M2M100's head has none
+                model.final_logits_bias.copy_(0.1 * torch.randn_like(model.final_logits_bias))
         path = tmp_path_factory.mktemp(kind)
         model.save_pretrained(path)
         _BUILT[kind] = kind, path, model
@@ -109,9 +113,14 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
     # and Pegasus's take decoder_input_ids, as transformers')
     their_bare = their_base(kind, path, "Model")
     ours_bare = getattr(models, type(their_bare).__name__).from_pretrained(path)
-    bare = dict(input_ids=IDS, attention_mask=MASK, **({"decoder_input_ids": IDS[:, :5]} if kind in SINUSOIDAL else {}))
+    bare = dict(input_ids=IDS, attention_mask=MASK, **({"decoder_input_ids": IDS[:, :5]} if kind in OWN_POSITIONS
+                                                        else {}))
     close(run_jax(ours_bare, **bare).last_hidden_state, torch_out(their_bare, **bare).last_hidden_state.numpy())
-    if kind in SINUSOIDAL:
+    if kind == "m2m_100":  # each token's position counts the real tokens before it: padded on the left too
+        left = np.array([[1, 1, 0, 40, 41, 2], [0, 5, 6, 7, 8, 2]])
+        padded = dict(input_ids=left, attention_mask=(left != 1).astype(np.int64), decoder_input_ids=IDS[:2, :5])
+        close(run_jax(model, **padded).logits, torch_out(theirs, **padded).logits.numpy())
+    if kind in OWN_POSITIONS:
         with pytest.raises(ValueError, match="pass exactly one of decoder_input_ids and decoder_inputs_embeds"):
             ours_bare(input_ids=IDS, attention_mask=MASK)
         # given embeddings (the table's rows): the encoder takes them as they are, the decoder scales them
@@ -136,6 +145,8 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
     assert (peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="SEQ_2_SEQ_LM", **config))
             .get_nb_trainable_parameters() == their_peft.get_nb_trainable_parameters())
     # a vocabulary grown as transformers grows it: the old tokens' logits kept, the new ones' bias 0
+    if kind == "m2m_100":  # no final_logits_bias
+        return
     resized = their_base(kind, path)  # a copy: the module's model stays as built
     resized.resize_token_embeddings(100)
     grown = models.from_pretrained(path)
@@ -149,7 +160,7 @@ def test_logits_loss_encoder_and_the_saved_checkpoint_are_transformers(bart, tmp
 
 
 # Pegasus's greedy decoding through its adapters: test_adapters_move_both_ways_with_peft
-@pytest.mark.parametrize("bart", ["bart", "mbart", "marian"], indirect=True)
+@pytest.mark.parametrize("bart", ["bart", "mbart", "marian", "m2m_100"], indirect=True)
 def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
     """Beam search and greedy decoding from the checkpoint's generation config (BART's ``forced_eos_token_id``
     among it), and the mBART decoder started from a language token."""
@@ -162,7 +173,7 @@ def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
                                   do_sample=False, **kw).numpy()
         np.testing.assert_array_equal(model.generate(IDS, MASK, **kw), ref)
     assert len(np.unique(ref[:, 1:])) > 3  # the weights make a varied sequence
-    if kind == "mbart":  # a translation's target language: the start token and a forced first token
+    if kind in ("mbart", "m2m_100"):  # a translation's target language: the start token and a forced first token
         with torch.no_grad():
             ref = theirs.generate(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK),
                                   do_sample=False, max_new_tokens=5, decoder_start_token_id=2,
@@ -242,7 +253,7 @@ def test_bad_configs_and_inputs_are_named():
     config.scan_layers = True
     with pytest.raises(ValueError, match="scan_layers=True is not implemented for BART"):
         models.BartForConditionalGeneration.from_config(config)
-    for kind in ("mbart", "marian", "pegasus"):
+    for kind in ("mbart", "marian", "pegasus", "m2m_100"):
         model = models.model_class_for(models.ModelConfig(kind, **FIELDS), "SEQ_2_SEQ_LM").from_config(
             models.ModelConfig(kind, **FIELDS))
         with pytest.raises(ValueError, match=f"no default target_modules for model_type '{kind}'"):  # as PEFT
@@ -296,11 +307,12 @@ METHODS = {
 }
 
 
-# all-linear once: the layers it adds are the same in every kind; Marian and Pegasus: LoRA and one
-# prompt method each (a prefix shifts Marian's decoder positions, as BART's)
+# all-linear once: the layers it adds are the same in every kind; Marian, Pegasus and M2M100: LoRA and
+# one prompt method each (a prefix shifts Marian's and M2M100's decoder positions, as BART's)
 ADAPTER_CASES = [(kind, method) for kind in ("bart", "mbart") for method in sorted(METHODS)
                  if (kind, method) != ("mbart", "all-linear")] + [
-    ("marian", "lora"), ("marian", "prefix"), ("pegasus", "lora"), ("pegasus", "prompt")]
+    ("marian", "lora"), ("marian", "prefix"), ("pegasus", "lora"), ("pegasus", "prompt"), ("m2m_100", "lora"),
+    ("m2m_100", "prefix")]
 
 
 @pytest.mark.parametrize("bart,method", ADAPTER_CASES, indirect=["bart"], ids=[f"{k}-{m}" for k, m in ADAPTER_CASES])

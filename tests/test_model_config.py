@@ -41,6 +41,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "olmo": "OlmoConfig", "olmoe": "OlmoeConfig", "arcee": "ArceeConfig", "helium": "HeliumConfig",
            "internlm3": "InternLM3Config", "exaone4": "Exaone4Config", "apertus": "ApertusConfig",
            "bart": "BartConfig", "mbart": "MBartConfig", "marian": "MarianConfig", "pegasus": "PegasusConfig",
+           "m2m_100": "M2M100Config",
            "mpnet": "MPNetConfig",
            "nemotron": "NemotronConfig", "granitemoe": "GraniteMoeConfig"}
 # transformers' bookkeeping: not model fields (rope settings are compared through rope_parameters(),
@@ -107,6 +108,7 @@ VARIANTS = [
     ("marian", dict(vocab_size=500, pad_token_id=499, decoder_start_token_id=499, scale_embedding=True)),
     ("marian", dict(decoder_vocab_size=500, vocab_size=500)),
     ("pegasus", dict(scale_embedding=True, activation_function="relu", max_position_embeddings=512)),
+    ("m2m_100", dict(encoder_layerdrop=0.0, scale_embedding=False, pad_token_id=0)),
     ("mpnet", dict(relative_attention_num_buckets=16, pad_token_id=0, num_labels=4)),
     ("llama", dict(num_key_value_heads=None, head_dim=4, rope_scaling={"rope_type": "linear", "factor": 2.0},
                    rope_theta=500000.0, num_labels=3)),

@@ -1,4 +1,4 @@
-"""BART, mBART, Marian and Pegasus (encoder-decoders) in Flax NNX, with transformers' module names.
+"""BART, mBART, Marian, Pegasus and M2M100 (encoder-decoders) in Flax NNX, with transformers' names.
 
 As transformers 5's ``modeling_bart``: a shared token embedding (``model.shared``, times
 ``sqrt(d_model)`` when ``scale_embedding``) feeding an encoder and a decoder
@@ -24,6 +24,9 @@ Marian (``MarianMTModel``, ``MarianModel``) and Pegasus (``PegasusForConditional
 (Marian) or before it with a final ``layer_norm`` (Pegasus); with ``scale_embedding`` their stacks
 scale what they embed rather than the table its lookups (the encoder its ids' embeddings, the
 decoder its input embeddings, given ones too), and their bare models take ``decoder_input_ids``.
+M2M100 (``M2M100ForConditionalGeneration``, ``M2M100Model``; NLLB-200's architecture) has mBART's
+layers and fairseq's weightless sinusoidal positions, read at each token's count of real tokens, and
+a head without ``final_logits_bias``.
 
 A call given ``dropout_rng`` applies the config's dropouts where transformers' ``.train()`` does
 (``dropout`` on the embeddings and each sublayer's output, ``attention_dropout`` on attention
@@ -35,6 +38,8 @@ without one the model is in eval mode. Not implemented (named in an error): ``sc
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from typing import ClassVar
 
 import jax
@@ -71,9 +76,9 @@ POSITION_OFFSET = 2  # transformers' BartLearnedPositionalEmbedding: position p 
 # what sets the BART-like families apart: mBART and Pegasus normalise before each sublayer and after
 # each stack (BART and Marian after each sublayer); Marian and Pegasus add a fixed sinusoidal table
 # (no offset, no layernorm_embedding); mBART's decoder input starts with each row's last real token
-_PRE_NORM = ("mbart", "pegasus")
+_PRE_NORM = ("mbart", "pegasus", "m2m_100")
 _SINUSOIDAL = ("marian", "pegasus")
-_NAMES = {"bart": "BART", "mbart": "mBART", "marian": "Marian", "pegasus": "Pegasus"}
+_NAMES = {"bart": "BART", "mbart": "mBART", "marian": "Marian", "pegasus": "Pegasus", "m2m_100": "M2M100"}
 _POSITION_KEYS = (r"(model\.)?(encoder|decoder)\.embed_positions\.weight",)
 
 
@@ -92,6 +97,19 @@ def sinusoidal_positions(num_positions: int, dim: int) -> np.ndarray:
     out[:, :half] = np.sin(angles[:, 0::2])
     out[:, half:] = np.cos(angles[:, 1::2])
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def fairseq_positions(num_positions: int, dim: int, padding_idx: int) -> np.ndarray:
+    """transformers' M2M100 (fairseq's) position table, computed in float32 as torch computes it:
+    row ``p`` is ``sin(p * f)`` then ``cos(p * f)`` for ``f = exp(-i * log(10000) / (dim // 2 - 1))``
+    (a zero column where ``dim`` is odd); the padding index's row is zeros."""
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1)))
+    angles = np.arange(num_positions, dtype=np.float32)[:, None] * freqs[None]
+    table = np.concatenate([np.sin(angles), np.cos(angles), np.zeros((num_positions, dim % 2), np.float32)], axis=1)
+    table[padding_idx] = 0
+    return table.astype(np.float32)
 
 
 def _check_config(config) -> None:
@@ -230,7 +248,13 @@ class _Stack(nnx.Module):
     def __init__(self, config, *, is_decoder: bool, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         family = _family(config)
-        if family in _SINUSOIDAL:  # a frozen weight in transformers too, computed where a checkpoint lacks it
+        self.padding_idx = None
+        if family == "m2m_100":  # no weight: a table computed at each call, read at each token's count of real tokens
+            self.position_offset, self.padding_idx = 0, int(config.pad_token_id)
+            self.max_positions = int(config.max_position_embeddings)
+            self.embed_positions = nnx.data(None)
+            self.layernorm_embedding = nnx.data(None)
+        elif family in _SINUSOIDAL:  # a frozen weight in transformers too, computed where a checkpoint lacks it
             self.position_offset = 0
             self.embed_positions = nnx.Embed(config.max_position_embeddings, config.d_model, **kw)
             self.embed_positions.embedding.set_value(
@@ -253,9 +277,24 @@ class _Stack(nnx.Module):
         """Each decoder layer's cross-attention ``(key, value)`` of the encoder output."""
         return [layer.encoder_attn.kv(encoder_hidden) for layer in self.layers]
 
+    def _fairseq_positions(self, input_ids, shape, past, total: int) -> jax.Array:
+        """M2M100's position embeddings ``[b, s, d]``: a token's position is ``padding_idx`` plus its
+        count of real tokens (``past`` cached ones before them), a padding token's the zero row;
+        given embeddings count from ``padding_idx + 1``; ``total`` bounds the sequence's length."""
+        b, s, d = shape
+        table = jnp.asarray(fairseq_positions(max(self.max_positions, total) + self.padding_idx + 2, d,
+                                              self.padding_idx))
+        if input_ids is None:
+            ids = jnp.broadcast_to(self.padding_idx + 1 + past + jnp.arange(s), (b, s))
+        else:
+            real = (jnp.asarray(input_ids) != self.padding_idx).astype(jnp.int32)
+            ids = (jnp.cumsum(real, axis=1) + past) * real + self.padding_idx
+        return table[ids]
+
     def __call__(self, x, key_mask, *, cross_kv=None, cross_mask=None, cache=None, cache_index=None,
-                 prefix_kv=None, dropout_rng=None):
-        """Runs the stack on token embeddings ``x`` ``[b, s, d]``; arguments as ``T5Stack``'s."""
+                 prefix_kv=None, dropout_rng=None, input_ids=None):
+        """Runs the stack on token embeddings ``x`` ``[b, s, d]``; arguments as ``T5Stack``'s
+        (``input_ids``: the tokens of ``x``, which place M2M100's positions)."""
         s = x.shape[1]
         k_embed, k_blocks, k_drop = split_keys(dropout_rng, 3)
         num_prefix = 0
@@ -264,8 +303,12 @@ class _Stack(nnx.Module):
             num_prefix = first[0].shape[1]
         start = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
         # transformers counts a decoder's positions from its cache's length: a prefix shifts them
-        positions = (num_prefix if self.is_decoder else 0) + start + jnp.arange(s)
-        x = x + self.embed_positions(positions + self.position_offset)[None].astype(x.dtype)
+        past = (num_prefix if self.is_decoder else 0) + start
+        if self.embed_positions is None:
+            total = num_prefix + (s if cache is None else cache[0]["k"].shape[1])
+            x = x + self._fairseq_positions(input_ids, x.shape, past, total).astype(x.dtype)
+        else:
+            x = x + self.embed_positions(past + jnp.arange(s) + self.position_offset)[None].astype(x.dtype)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = dropout(x, self.dropout_rate, k_embed)
@@ -340,7 +383,7 @@ class BartModel(EncoderDecoder, PreTrainedModel):
             a = self.encoder.layers[0].self_attn
             attn.check_prefix_kv(prefix_kv, num_layers=len(self.encoder.layers), kv_heads=a.num_heads,
                                  head_dim=a.head_dim, batch=x.shape[0], owner=f"{type(self).__name__}.encoder")
-        h, _ = self.encoder(x, attention_mask, prefix_kv=prefix_kv, dropout_rng=dropout_rng)
+        h, _ = self.encoder(x, attention_mask, prefix_kv=prefix_kv, dropout_rng=dropout_rng, input_ids=input_ids)
         return ModelOutput(last_hidden_state=h)
 
     def _scaled(self, x: jax.Array) -> jax.Array:
@@ -412,6 +455,7 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"final_logits_bias": ("final_logits_bias", False)}
     zeroed_keys: ClassVar[tuple[str, ...]] = (r"final_logits_bias",)  # a bare BartModel's checkpoint lacks it
+    has_logits_bias: ClassVar[bool] = True  # M2M100's head has none
     ignored_keys: ClassVar[tuple[str, ...]] = _IGNORED
 
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -422,7 +466,8 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
             self.lm_head = nnx.Linear(c.d_model, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs)
         # a buffer in transformers: read and written with the checkpoint, never trained nor counted
-        self.final_logits_bias = Buffer(jnp.zeros((1, c.vocab_size), param_dtype))
+        self.final_logits_bias = (Buffer(jnp.zeros((1, c.vocab_size), param_dtype)) if self.has_logits_bias
+                                  else nnx.data(None))
 
     def _tied(self, key: str) -> bool:
         return self.lm_head is None and key == "lm_head.weight"
@@ -444,7 +489,8 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
             input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, inputs_embeds,
             decoder_inputs_embeds, cache, cache_index, cross_kv, prefix_kv, encoder_prefix_kv, dropout_rng)
         logits = self.model.shared.attend(h) if self.lm_head is None else self.lm_head(h)
-        logits = logits + self.final_logits_bias.get_value().astype(logits.dtype)[None]
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias.get_value().astype(logits.dtype)[None]
         loss = None if labels is None else masked_cross_entropy(logits, jnp.asarray(labels))
         return ModelOutput(logits=logits, loss=loss, last_hidden_state=h, past_key_values=new_cache,
                            encoder_last_hidden_state=enc)
@@ -567,10 +613,30 @@ class PegasusForConditionalGeneration(_Pegasus, BartForConditionalGeneration):
     """Pegasus's summarisation model (see :class:`PegasusModel`)."""
 
 
+class M2M100Model(BartModel):
+    """M2M100's bare encoder-decoder (NLLB-200's too): mBART's pre-norm layers and final
+    ``layer_norm`` per stack with fairseq's sinusoidal positions, which have no weight: each token
+    is placed at ``pad_token_id`` plus its count of real tokens (padding at the zero row), wherever
+    the padding is; no ``layernorm_embedding``; it takes ``decoder_input_ids``, as transformers'."""
+
+    shifts_input_ids: ClassVar[bool] = False
+
+
+class M2M100ForConditionalGeneration(BartForConditionalGeneration):
+    """M2M100's and NLLB-200's translation model (see :class:`M2M100Model`): the tied head, without
+    a ``final_logits_bias``; a target language is the decoder's forced first token
+    (``forced_bos_token_id``), as transformers' ``generate`` takes it."""
+
+    body_class: ClassVar[type[BartModel]] = M2M100Model
+    has_logits_bias: ClassVar[bool] = False
+    ignored_keys: ClassVar[tuple[str, ...]] = (*_IGNORED, r"(model\.)?(encoder|decoder)\.embed_positions\.weights")
+
+
 register(BartForConditionalGeneration, model_types=("bart",), default=True)
+register(M2M100ForConditionalGeneration, model_types=("m2m_100",), default=True)
 register(MarianMTModel, model_types=("marian",), default=True)
 register(PegasusForConditionalGeneration, model_types=("pegasus",), default=True)
 register(MBartForConditionalGeneration, model_types=("mbart",), default=True)
 for _cls in (BartModel, BartForSequenceClassification, BartForQuestionAnswering, MBartModel,
-             MBartForSequenceClassification, MBartForQuestionAnswering, MarianModel, PegasusModel):
+             MBartForSequenceClassification, MBartForQuestionAnswering, MarianModel, PegasusModel, M2M100Model):
     register(_cls)

@@ -594,6 +594,11 @@ _BART_LIKE = {k: v for k, v in FAMILY_DEFAULTS["bart"].items() if k not in ("bos
 FAMILY_DEFAULTS["marian"] = {**_BART_LIKE, "vocab_size": 58101, "decoder_vocab_size": None, "bos_token_id": None,
                              "decoder_start_token_id": 58100, "pad_token_id": 58100, "eos_token_id": 0,
                              "forced_eos_token_id": 0, "share_encoder_decoder_embeddings": True}
+# M2M100Config (NLLB-200's too): no forced_eos_token_id
+FAMILY_DEFAULTS["m2m_100"] = {**{k: v for k, v in _BART_LIKE.items() if k != "forced_eos_token_id"},
+                              "vocab_size": 128112, "encoder_layerdrop": 0.05, "decoder_layerdrop": 0.05,
+                              "activation_function": "relu", "attention_dropout": 0.1, "scale_embedding": True,
+                              "bos_token_id": 0, "decoder_start_token_id": 2}
 FAMILY_DEFAULTS["pegasus"] = {**_BART_LIKE, "vocab_size": 50265, "decoder_start_token_id": 0, "pad_token_id": 0,
                               "eos_token_id": 1, "forced_eos_token_id": 1}
 # MPNetConfig
@@ -629,7 +634,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
 ATTRIBUTE_MAPS["mt5"] = ATTRIBUTE_MAPS["umt5"] = ATTRIBUTE_MAPS["t5"]
 ATTRIBUTE_MAPS["bart"] = ATTRIBUTE_MAPS["mbart"] = {"num_attention_heads": "encoder_attention_heads",
                                                     "hidden_size": "d_model", "num_hidden_layers": "encoder_layers"}
-ATTRIBUTE_MAPS["marian"] = ATTRIBUTE_MAPS["pegasus"] = ATTRIBUTE_MAPS["bart"]
+ATTRIBUTE_MAPS["marian"] = ATTRIBUTE_MAPS["pegasus"] = ATTRIBUTE_MAPS["m2m_100"] = ATTRIBUTE_MAPS["bart"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}

@@ -140,7 +140,8 @@ class EncoderDecoder:
         if cross_kv is None:
             cross_kv = self.decoder.cross_kv(enc)
         h, new_cache = self.decoder(x, decoder_attention_mask, cross_kv=cross_kv, cross_mask=attention_mask,
-                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv, dropout_rng=dec_key)
+                                    cache=cache, cache_index=cache_index, prefix_kv=prefix_kv, dropout_rng=dec_key,
+                                    input_ids=decoder_input_ids)
         return h, new_cache, enc
 
     def _check_decoder_prefix(self, prefix_kv, batch: int) -> None:

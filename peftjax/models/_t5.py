@@ -299,8 +299,9 @@ class T5Stack(nnx.Module):
         return [block.layer[1].kv(encoder_hidden) for block in self.block]
 
     def __call__(self, x, key_mask, *, cross_kv=None, cross_mask=None, cache=None, cache_index=None,
-                 prefix_kv=None, dropout_rng=None):
-        """Runs the blocks on embeddings ``x`` ``[b, s, d]``.
+                 prefix_kv=None, dropout_rng=None, input_ids=None):
+        """Runs the blocks on embeddings ``x`` ``[b, s, d]`` (``input_ids`` unread: T5's positions
+        are relative).
 
         Args:
           key_mask: ``[b, keys]`` real-key mask of the self-attention (all cache slots with a cache).
