@@ -521,7 +521,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
         ("megatron_config", {"tensor_model_parallel_size": 2}),
         ("alora_invocation_tokens", [5]),
         ("use_qalora", True),
-        ("layer_replication", [[0, 2]]),
         ("use_bdlora", {"nblocks": 2}),
         ("velora_config", {}),
         ("monteclora_config", {}),

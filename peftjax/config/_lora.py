@@ -34,7 +34,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "layer_replication": None,
     "use_bdlora": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
@@ -124,7 +123,11 @@ class LoraConfig(PeftConfig):
         use_qalora: PEFT's QA-LoRA. Unsupported: must be ``False``.
         qalora_group_size: The QA-LoRA group size; inert without ``use_qalora``.
         monteclora_config: PEFT's MonteCLoRA variant. Unsupported: must be ``None``.
-        layer_replication: PEFT's layer stacking. Unsupported: must be ``None``.
+        layer_replication: PEFT's layer stacking: ``[start, end)`` ranges of the base's layers
+            stacked in order (``[[0, 4], [2, 5]]`` turns layers ``0..4`` into ``0 1 2 3 2 3 4``),
+            the copies sharing the frozen weights and each carrying its own LoRA
+            (:func:`peftjax.tuners.lora.replicate_layers`; Llama, Mistral, Qwen2, Qwen3, BERT and
+            RoBERTa models). Merging such an adapter is refused, as PEFT refuses it.
         lora_bias: Adds a trainable bias to ``B`` (``lora_B.bias``); not with DoRA, and only with
             ``init_lora_weights`` ``True``/``False``.
         target_parameters: LoRA on bare parameters (PEFT's ``ParamWrapper``), e.g. Mixtral's fused
@@ -210,6 +213,7 @@ class LoraConfig(PeftConfig):
                             f"got the str {self.target_parameters!r}.")
         self._set("target_parameters", to_str_tuple("target_parameters", self.target_parameters, sort=True))
         reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
+        self._set("layer_replication", _layer_map(self.layer_replication))
 
         # PEFT's own checks, in PEFT's order and with PEFT's conditions.
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -510,6 +514,22 @@ class CordaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _layer_map(value) -> tuple[tuple[int, int], ...] | None:
+    """``layer_replication`` as ``((start, end), ...)``: each a non-empty ``[start, end)`` range."""
+    if value is None:
+        return None
+    pairs = list(value) if isinstance(value, (list, tuple)) else None
+    if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in p) for p in pairs):
+        raise ValueError(f"layer_replication must be a non-empty list of [start, end) pairs of layer indices (such "
+                         f"as [[0, 4], [2, 5]]), got {value!r}")
+    for start, end in pairs:
+        if not 0 <= start < end:
+            raise ValueError(f"layer_replication: [{start}, {end}) is not a range of layers (expected 0 <= start "
+                             f"< end)")
+    return tuple((int(a), int(b)) for a, b in pairs)
 
 
 def _layer_indices(value: Any) -> int | tuple[int, ...] | None:

@@ -94,9 +94,12 @@ def _checked(inject: Callable) -> Callable:
 
     @functools.wraps(inject)
     def run(model, config, **kwargs):
+        from peftjax.nn._scan import has_stacked_layers
         from peftjax.tuners.base import check_modules_to_save
 
         check_modules_to_save(model, config)
+        if getattr(config, "layer_replication", None) and has_stacked_layers(model):  # before the layers unstack
+            raise ValueError("layer_replication needs the layers as a list: load the model with scan_layers=False")
         return inject(model, config, **kwargs)
 
     return run

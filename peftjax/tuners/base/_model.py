@@ -197,6 +197,9 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     """
     from peftjax.nn._scan import has_stacked_layers, unstacked
 
+    if getattr(model, "replicated_layers", None) is not None:  # PEFT's refusal, for the same reason
+        raise ValueError(f"cannot merge LoRA layers when the base model's layers are replicated (layer_replication "
+                         f"{[list(p) for p in model.replicated_layers]}): the copies share one weight each")
     if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
         with unstacked(model, write=True):
             return merge(model, adapter_names, safe_merge=safe_merge)

@@ -11,6 +11,7 @@
 - ``_convert.py``: PiSSA/OLoRA saved as a plain LoRA, and any additive method's adapter as a LoRA
   (``convert_to_lora``, truncated SVD).
 - ``_model.py``: ``inject_lora`` and PEFT's ``fan_in_fan_out`` rule.
+- ``_replication.py``: PEFT's ``layer_replication`` (the base's layers stacked, copies sharing weights).
 - ``_capture.py``: the inputs of chosen layers during a jitted forward (EVA's and CorDA's data).
 - ``_eva.py``: EVA (``get_eva_state_dict``, ``initialize_lora_eva_weights``).
 - ``_corda.py``: CorDA (``preprocess_corda``, then ``init_lora_weights="corda"`` at injection).
@@ -28,6 +29,7 @@ from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraEmbed, LoraLayer, L
 from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
 from peftjax.tuners.lora._model import inject_lora, lora_layers
+from peftjax.tuners.lora._replication import replicate_layers
 from peftjax.tuners.lora._corda import CordaEigens, preprocess_corda
 from peftjax.tuners.lora._loraga import preprocess_loraga
 from peftjax.tuners.lora._eva import get_eva_state_dict, initialize_lora_eva_weights
@@ -57,5 +59,6 @@ __all__ = [
     "LoraSpec",
     "inject_lora",
     "lora_layers",
+    "replicate_layers",
     "svd_lowrank",
 ]

@@ -6,6 +6,7 @@ tuner's (``peftjax.tuners.base``); this file holds what only LoRA does when it i
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -35,6 +36,7 @@ from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
 from peftjax.tuners.lora._math import check_init_rank, peft_weight_shape
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
+from peftjax.tuners.lora._replication import _layer_list, replicate_layers, set_config
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
 from peftjax.tuners.trainable_tokens._layer import WRAPPED
 
@@ -64,6 +66,8 @@ def inject_lora(
     validate_adapter_name(adapter_name)
     from peftjax.nn._scan import has_stacked_layers, unstacked
 
+    if config.layer_replication:  # the deeper model first, its copies then adapted like any layer
+        return _inject_replicated(model, config, adapter_name=adapter_name, key=key)
     if has_stacked_layers(model):  # scan_layers=True: inject per layer, then stack the adapters too
         with unstacked(model, write=True):
             return inject_lora(model, config, adapter_name=adapter_name, key=key)
@@ -144,6 +148,25 @@ def inject_lora(
         add_token_adapters(model, token_targets, adapter_name, file_suffix=WRAPPED, key=jax.random.fold_in(key, len(targets)),
                            option="LoraConfig.trainable_token_indices")
     return config
+
+
+def _inject_replicated(model: nnx.Module, config: LoraConfig, *, adapter_name: str, key) -> LoraConfig:
+    """``inject_lora`` after PEFT's ``replicate_layers``; a refusal puts the layers back as they were."""
+    if lora_layers(model) or any(isinstance(m, AdapterLayer) for m in named_modules(model).values()):
+        raise ValueError(f"adapter {adapter_name!r}: layer_replication changes the base's layers, so it comes with "
+                         "the first adapter (this model has adapters already)")
+    owner, attribute = _layer_list(model)
+    layers, config_before = getattr(owner, attribute), model.config.hf_config
+    replicate_layers(model, config.layer_replication)
+    try:
+        resolved = inject_lora(model, dataclasses.replace(config, layer_replication=None), adapter_name=adapter_name,
+                               key=key)
+        return dataclasses.replace(resolved, layer_replication=config.layer_replication)
+    except Exception:
+        setattr(owner, attribute, layers)
+        set_config(model, config_before)
+        del model.replicated_layers
+        raise
 
 
 def _token_targets(model, config: LoraConfig, modules, lora_targets) -> dict[str, tuple[int, ...]]:
