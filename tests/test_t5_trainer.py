@@ -309,6 +309,8 @@ def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys, monkeypatch):
     scores = peftjax.training.squad_metrics(outputs, [[r["target"]] for r in rows[24:]])
     assert (summary["after"]["eval_exact_match"], summary["after"]["eval_f1"]) == (scores["exact_match"],
                                                                                  scores["f1"])
+    scores = peftjax.training.rouge_metrics(outputs, [r["target"] for r in rows[24:]])  # tested on rouge_score's
+    assert {k: summary["after"][f"eval_{k}"] for k in scores} == scores
     capsys.readouterr()
     assert main(["generate", str(base), "--adapter", str(out), "--text", "3 plus 4", "--max-new-tokens", "4"]) == 0
     row = json.loads(capsys.readouterr().out)

@@ -806,12 +806,14 @@ def _squad_scores(trainer, windows, raw_eval, options: dict) -> tuple[dict[str, 
 def _generation_scores(trainer, rows, raw_eval, tokenizer, options: dict) -> tuple[dict[str, float], list[str]]:
     """An encoder-decoder's outputs for every eval row (greedy, up to ``max_target_length`` tokens:
     ``Trainer.predict`` with ``predict_with_generate``) scored against the targets by SQuAD's exact
-    match and word F1 (percent, after its normalisation), and the outputs' texts."""
-    from peftjax.training import squad_metrics
+    match and word F1 (percent, after its normalisation) and by ROUGE-1, -2, -L and -Lsum (mean
+    F-measures in percent, ``rouge_score``'s without stemming), and the outputs' texts."""
+    from peftjax.training import rouge_metrics, squad_metrics
 
     texts = tokenizer.batch_decode(trainer.predict(rows), skip_special_tokens=True)
     targets = [[str(t)] for t in raw_eval[options["target_column"]]]
-    return {f"eval_{k}": v for k, v in squad_metrics(texts, targets).items()}, texts
+    scores = {**squad_metrics(texts, targets), **rouge_metrics(texts, targets)}
+    return {f"eval_{k}": v for k, v in scores.items()}, texts
 
 
 def count_tasks(column: str, *datasets) -> int:

@@ -17,6 +17,7 @@ from peftjax.training._data import (
 )
 from peftjax.training._masking import DataCollatorForLanguageModeling, mask_tokens
 from peftjax.training._memory import release_host_memory
+from peftjax.training._rouge import rouge_metrics, rouge_scores
 from peftjax.training._squad import answer_questions, normalize_answer, squad_metrics
 from peftjax.training._step import combine, make_train_step, optax_labels, split
 from peftjax.training._trainer import Trainer, TrainingError, TrainOutput
@@ -26,6 +27,8 @@ __all__ = [
     "answer_questions",
     "normalize_answer",
     "squad_metrics",
+    "rouge_metrics",
+    "rouge_scores",
     "make_adalora_train_step",
     "Batcher",
     "DataCollatorForLanguageModeling",
