@@ -549,7 +549,7 @@ class PeftModel:
             *original* base model, here and in PEFT (``tuners.lora._convert``).
 
         >>> peft_model.save_pretrained("pissa_init")                       # doctest: +SKIP
-        >>> ...  # train
+        >>> ...  # train                                                   # doctest: +SKIP
         >>> peft_model.save_pretrained("pissa_as_lora", path_initial_model_for_weight_conversion="pissa_init")  # doctest: +SKIP
         """
         self._check_live("save the adapters")

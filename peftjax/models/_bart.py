@@ -449,8 +449,9 @@ class BartForConditionalGeneration(Seq2SeqGenerationMixin, _WithModel):
     >>> out = model(input_ids=[[0, 5, 6, 7, 2]], labels=[[8, 9, 2]])
     >>> out.logits.shape, out.loss.shape
     ((1, 3, 96), ())
-    >>> model.generate([[0, 5, 6, 7, 2]], max_new_tokens=4).shape  # decoder_start_token_id first
-    (1, 5)
+    >>> tokens = model.generate([[0, 5, 6, 7, 2]], max_new_tokens=4)  # up to 4 tokens, or fewer at EOS
+    >>> int(tokens[0, 0]), tokens.shape[1] <= 5  # decoder_start_token_id first
+    (2, True)
     """
 
     hf_param_map: ClassVar[dict[str, tuple[str, bool]]] = {"final_logits_bias": ("final_logits_bias", False)}

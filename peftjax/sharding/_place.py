@@ -91,7 +91,8 @@ def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
     anything else are replicated. Works on arrays and on ``jax.eval_shape(optimizer.init, params)``.
 
     >>> abstract = jax.eval_shape(optimizer.init, trainable)  # doctest: +SKIP
-    >>> sh = opt_state_shardings(abstract, trainable, state_shardings(trainable, mesh, "tp", weights=rest), mesh)
+    >>> sh = opt_state_shardings(abstract, trainable, state_shardings(trainable, mesh, "tp", weights=rest),
+    ...                          mesh)  # doctest: +SKIP
     >>> opt_state = jax.jit(optimizer.init, out_shardings=sh)(trainable)  # doctest: +SKIP
     """
     flat_params = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -104,7 +104,8 @@ def initialize_kv_prefix_from_text(
         cache (an encoder, a classifier); the text is shorter than the adapter.
 
     >>> import peftjax  # doctest: +SKIP
-    >>> model = peftjax.get_peft_model(base, peftjax.CartridgeConfig(num_virtual_tokens=64, task_type="CAUSAL_LM"))
+    >>> model = peftjax.get_peft_model(base, peftjax.CartridgeConfig(num_virtual_tokens=64,  # doctest: +SKIP
+    ...                                                               task_type="CAUSAL_LM"))
     >>> peftjax.initialize_kv_prefix_from_text(model, tokenizer, text=document)  # doctest: +SKIP
     """
     adapter_name, config = _kv_prefix_config(model, adapter_name)
