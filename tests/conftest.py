@@ -160,65 +160,58 @@ except ImportError:  # the oracle tests skip themselves without torch
 
 # The files that take longest (subprocess runs of whole jobs, examples and benchmarks), longest
 # first; every other file follows in collection order.
-LONGEST_FIRST = [  # by the seconds their tests took on 2026-12-04 (AVX-512 host), the largest first
-    "test_cli.py",  # ~200
-    "test_examples.py",  # ~130
-    "test_newer_peft_methods.py",  # ~105
-    "test_prompt_learning.py",  # ~100
-    "test_benchmarks.py",  # ~95
-    "test_llama.py",  # ~95
-    "test_research_peft_methods.py",  # ~75
-    "test_generation.py",  # ~55 (2026-12-05, Intel host)
-    "test_generation_processors.py",  # ~45 (2026-12-05, Intel host)
-    "test_trainer.py",  # ~60
-    "test_lora_peft.py",
-    "test_sharding.py",
-    "test_family_methods.py",
-    "test_readme.py",
-    "test_scan.py",
-    "test_trainer_vs_transformers.py",
-    "test_quantization.py",
-    "test_t5.py",
-    "test_bart.py",  # ~30 (2026-12-06, AVX-512 host)
-    "test_mpnet.py",  # ~12
-    "test_granitemoe.py",  # ~10
-    "test_ia3.py",
-    "test_quantization_interop.py",
-    "test_serve.py",
-    "test_mixed_batch.py",
-    "test_question_answering.py",
-    "test_bert.py",
-    "test_qwen_moe.py",
-    "test_poly.py",
-    "test_token_classification.py",
-    "test_modernbert.py",
-    "test_deberta_v2.py",
-    "test_electra.py",
-    "test_multiple_choice.py",
-    "test_gpt_oss.py",
-    "test_lora_linen.py",
-    "test_user_path.py",
-    "test_lora_pissa.py",
-    "test_xlora.py",
-    "test_oft.py",
-    "test_lycoris.py",
-    "test_vera_fourierft_ln_tuning.py",
-    "test_shadow.py",
-    "test_gemma.py",
-    "test_mixtral.py",
-    "test_lora_inits.py",
-    "test_convert_to_lora.py",
-    "test_lora_mica.py",  # ~15
-    "test_arrow.py",  # ~8
-    "test_streaming.py",  # ~6
-    "test_gpt_neox.py",  # ~5
-    "test_opt.py",  # ~4
-    "test_bloom.py",  # ~8
-    "test_generation_scores.py",  # ~6
-    "test_falcon.py",  # ~3
-    "test_deberta.py",  # ~4
-    "test_frod.py",  # ~12
-    "test_olmoe.py",  # ~17
+LONGEST_FIRST = [  # by the seconds their tests took (a whole run's test durations, 2026-12-06, AMD EPYC host;
+    # this session's new tests estimated), the largest first; the rest follow in collection order
+    "test_cli.py",  # 176
+    "test_llama.py",  # 147
+    "test_benchmarks.py",  # 93
+    "test_examples.py",  # 87
+    "test_family_methods.py",  # 71
+    "test_serve.py",  # 71
+    "test_trainer.py",  # 66
+    "test_newer_peft_methods.py",  # 59
+    "test_prompt_learning.py",  # 55
+    "test_bart.py",  # 52
+    "test_generation.py",  # 45
+    "test_generation_processors.py",  # 45
+    "test_research_peft_methods.py",  # 43
+    "test_sharding.py",  # 35
+    "test_lora_peft.py",  # 34
+    "test_readme.py",  # 29
+    "test_t5.py",  # 27
+    "test_token_classification.py",  # 23
+    "test_docstrings.py",  # 22
+    "test_question_answering.py",  # 21
+    "test_lora_inits_data.py",  # 20
+    "test_causal_packing.py",  # 20
+    "test_scan.py",  # 20
+    "test_t5_trainer.py",  # 18
+    "test_masked_lm.py",  # 18
+    "test_quantization.py",  # 18
+    "test_mixed_batch.py",  # 18
+    "test_quantization_interop.py",  # 17
+    "test_deberta_v2.py",  # 16
+    "test_multiple_choice.py",  # 15
+    "test_ia3.py",  # 15
+    "test_distilbert.py",  # 14
+    "test_gemma4.py",  # 13
+    "test_lora_linen.py",  # 12
+    "test_gemma.py",  # 12
+    "test_bottleneck.py",  # 12
+    "test_bert.py",  # 12
+    "test_xlora.py",  # 11
+    "test_layer_replication.py",  # 11
+    "test_poly.py",  # 10
+    "test_lora_pissa.py",  # 10
+    "test_qwen_moe.py",  # 10
+    "test_oft.py",  # 9
+    "test_lycoris.py",  # 9
+    "test_deepseek_v3.py",  # 9
+    "test_modernbert.py",  # 9
+    "test_qwen3_5.py",  # 9
+    "test_electra.py",  # 8
+    "test_vera_fourierft_ln_tuning.py",  # 8
+    "test_adalora.py",  # 8
 ]
 
 
