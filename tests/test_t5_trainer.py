@@ -209,6 +209,19 @@ def test_predict_with_generate_scores_and_returns_what_peft_generates(checkpoint
         assert metrics["eval_exact"] == exact(want, labels)["exact"] and np.isfinite(metrics["eval_loss"])
         np.testing.assert_array_equal(trainer.predict(rows), want)
     assert len(np.unique(want[:, 1:])) > 3  # varied sequences, not one token
+    # a translation's target language (NLLB's recipe): the base's generation config forces the first token,
+    # which the evaluation's and predict's generation read as PEFT's generate reads it
+    model.base_model.generation_config = models.GenerationDefaults({"forced_bos_token_id": 42})
+    with torch.no_grad():
+        out = theirs.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_length=7, do_sample=False,
+                              forced_bos_token_id=42).numpy()
+    want = np.zeros((5, 7), np.int64)
+    want[:, :out.shape[1]] = out
+    trainer = Trainer(model, args(tmp_path / "forced", predict_with_generate=True, generation_max_length=7,
+                                  per_device_eval_batch_size=8))
+    predicted = trainer.predict(rows)
+    assert (predicted[:, 1] == 42).all()
+    np.testing.assert_array_equal(predicted, want)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the new classification head
         classifier = peftjax.get_peft_model(models.from_pretrained(checkpoint, task_type="SEQ_CLS", num_labels=2),
