@@ -20,6 +20,7 @@ import _tiny
 from _torch_models import lazy, moved_off_start, padded_batch, quiet, save_random, torch_logits
 import peftjax
 from peftjax import models
+from peftjax.cli import main
 
 torch, peft, tr = lazy("torch"), lazy("peft"), lazy("transformers")
 
@@ -65,7 +66,7 @@ def test_peft_s_replicated_adapter_gives_its_logits_and_generation_here(llama, t
     assert made.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-def test_a_replicated_adapter_trained_here_loads_in_peft(llama, tmp_path):
+def test_a_replicated_adapter_trained_here_loads_in_peft(llama, tmp_path, capsys):
     ours = peftjax.get_peft_model(models.from_pretrained(llama), peftjax.LoraConfig(r=4, layer_replication=MAP))
     ids, mask = padded_batch(VOCAB, left=False)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
@@ -73,6 +74,8 @@ def test_a_replicated_adapter_trained_here_loads_in_peft(llama, tmp_path):
     assert losses[-1] < losses[0]
     ours.save_pretrained(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["layer_replication"] == MAP
+    assert main(["inspect", str(tmp_path / "ours"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layer_replication"] == MAP
     keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert {k.split(".layers.")[1].split(".")[0] for k in keys} == {"0", "1", "2", "3"}
     # every copy trained its own adapter: layer 2 (the copy of 1) differs from layer 1

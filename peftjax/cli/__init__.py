@@ -49,6 +49,7 @@ def _inspect(args) -> int:
         "adapter_len": d.get("adapter_len"),  # adaption prompt: prompt tokens per layer, layers from the top
         "adapter_layers": d.get("adapter_layers"),
         "modules_to_save": d.get("modules_to_save"),
+        "layer_replication": d.get("layer_replication"),  # LoRA on a base stacked deeper (its layers' ranges)
         "saved_head": {k.removeprefix("base_model.model."): shape for k, shape in heads.items()} or None,
         "model_task": task_for_adapter(config, heads),
         "tensors": len(entries),
