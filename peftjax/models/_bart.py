@@ -73,9 +73,10 @@ _IGNORED = (r"(model\.)?(encoder|decoder)\.embed_tokens\.weight",)
 POSITION_OFFSET = 2  # transformers' BartLearnedPositionalEmbedding: position p reads row p + 2
 
 
-# what sets the BART-like families apart: mBART and Pegasus normalise before each sublayer and after
-# each stack (BART and Marian after each sublayer); Marian and Pegasus add a fixed sinusoidal table
-# (no offset, no layernorm_embedding); mBART's decoder input starts with each row's last real token
+# what sets the BART-like families apart: mBART, Pegasus and M2M100 normalise before each sublayer and
+# after each stack (BART and Marian after each sublayer); Marian and Pegasus add a fixed sinusoidal
+# table (no offset, no layernorm_embedding), M2M100 fairseq's weightless one at each token's count of
+# real tokens; mBART's decoder input starts with each row's last real token
 _PRE_NORM = ("mbart", "pegasus", "m2m_100")
 _SINUSOIDAL = ("marian", "pegasus")
 _NAMES = {"bart": "BART", "mbart": "mBART", "marian": "Marian", "pegasus": "Pegasus", "m2m_100": "M2M100"}

@@ -26,8 +26,8 @@ def replicate_layers(model: nnx.Module, layer_map) -> int:
     """Replaces ``model``'s layer list by the ranges ``layer_map`` names, in place; returns the new count.
 
     The model's config becomes a copy whose ``num_hidden_layers`` is the new count (a cache is made
-    for every layer), as PEFT sets it, and the model remembers the map (``replicated_layers``) so that merging an adapter
-    into the shared weights is refused.
+    for every layer), as PEFT sets it, and the model remembers the map (``replicated_layers``), so
+    that merging an adapter into the shared weights is refused.
 
     Raises:
       ValueError: no layer list where PEFT looks; a range past the last layer; a family whose layers
@@ -35,6 +35,8 @@ def replicate_layers(model: nnx.Module, layer_map) -> int:
     """
     from peftjax.nn._scan import has_stacked_layers
 
+    if has_stacked_layers(model):
+        raise ValueError("layer_replication needs the layers as a list: load the model with scan_layers=False")
     owner, attribute = _layer_list(model)
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
@@ -44,8 +46,6 @@ def replicate_layers(model: nnx.Module, layer_map) -> int:
     if getattr(config, "use_sliding_window", False):
         raise ValueError("layer_replication on a model with use_sliding_window (its layers' windows differ by "
                          "index) is not implemented")
-    if has_stacked_layers(model):
-        raise ValueError("layer_replication needs the layers as a list: load the model with scan_layers=False")
     if getattr(model, "replicated_layers", None) is not None:
         raise ValueError(f"the model's layers are replicated already ({list(model.replicated_layers)}); "
                          "layer_replication applies once, with the first adapter")
