@@ -307,12 +307,11 @@ METHODS = {
 }
 
 
-# all-linear once: the layers it adds are the same in every kind; Marian, Pegasus and M2M100: LoRA and
-# one prompt method each (a prefix shifts Marian's and M2M100's decoder positions, as BART's)
+# all-linear once: the layers it adds are the same in every kind; Marian: LoRA; Pegasus and M2M100: LoRA and
+# one prompt method each (a prefix shifts M2M100's weightless positions, as BART's learned ones)
 ADAPTER_CASES = [(kind, method) for kind in ("bart", "mbart") for method in sorted(METHODS)
                  if (kind, method) != ("mbart", "all-linear")] + [
-    ("marian", "lora"), ("marian", "prefix"), ("pegasus", "lora"), ("pegasus", "prompt"), ("m2m_100", "lora"),
-    ("m2m_100", "prefix")]
+    ("marian", "lora"), ("pegasus", "lora"), ("pegasus", "prompt"), ("m2m_100", "lora"), ("m2m_100", "prefix")]
 
 
 @pytest.mark.parametrize("bart,method", ADAPTER_CASES, indirect=["bart"], ids=[f"{k}-{m}" for k, m in ADAPTER_CASES])
@@ -345,6 +344,10 @@ def test_adapters_move_both_ways_with_peft(bart, method, tmp_path):
                          dropout=False).losses
     assert losses[-1] < losses[0]
     ours.save_pretrained(tmp_path / "ours")
+    if kind == "marian":  # the commands' class: MarianMTModel, not ...ForConditionalGeneration, from a bare base
+        their_base(kind, path, "Model").save_pretrained(tmp_path / "bare")
+        assert type(peftjax.AutoPeftModel.from_pretrained(tmp_path / "ours", tmp_path / "bare").base_model) is \
+            models.MarianMTModel
     loaded = quiet(peft.PeftModel.from_pretrained, their_base(kind, path), tmp_path / "ours").eval()
     close(real(run_jax(ours, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits),
           real(torch_out(loaded, input_ids=IDS, attention_mask=MASK, labels=LABELS).logits.numpy()), TOL)

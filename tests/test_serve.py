@@ -1011,37 +1011,31 @@ def test_a_request_s_beams_are_its_own_and_its_best_beam_is_of_its_length(files)
 SEQ2SEQ_PROMPTS = ["3 plus 4", "a long and rather slow story about a film", "great"]
 
 
-@pytest.fixture(scope="module", params=["t5", "bart"])
-def seq2seq(request, tmp_path_factory):
-    """``(tokenizer, model, generator)``: a tiny T5 or BART on MiniLM's tokenizer with a LoRA adapter
-    ``a`` (PEFT's default targets for the family) and an IA³ adapter ``b``, served by a
-    :class:`~peftjax.serving.BatchingGenerator` of 8 new tokens at most."""
-    from transformers import AutoTokenizer, BartConfig, T5Config
+@pytest.fixture(scope="module")
+def seq2seq(tmp_path_factory):
+    """``(tokenizer, model, generator)``: a tiny BART on MiniLM's tokenizer with a LoRA adapter ``a``
+    (PEFT's default targets) and an IA³ adapter ``b``, served by a
+    :class:`~peftjax.serving.BatchingGenerator` of 8 new tokens at most. BART: its learned positions
+    make the encoder's padding side matter (T5's relative ones do not); T5 is served through the
+    command against PEFT's generation in test_t5_trainer."""
+    from transformers import AutoTokenizer, BartConfig
 
     from peftjax import serving
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    if request.param == "t5":
-        config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                          decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.sep_token_id)
-        base = models.T5ForConditionalGeneration.from_config(config)
-    else:  # MiniLM's [CLS] starts the decoder, as BART's <s>
-        config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
-                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                            decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                            decoder_start_token_id=tokenizer.cls_token_id, forced_eos_token_id=None)
-        base = models.BartForConditionalGeneration.from_config(config)
-    root = tmp_path_factory.mktemp(f"serve-{request.param}")
-    base.save_pretrained(root / "base")
+    # MiniLM's [CLS] starts the decoder, as BART's <s>
+    config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                        decoder_start_token_id=tokenizer.cls_token_id, forced_eos_token_id=None)
+    root = tmp_path_factory.mktemp("serve-bart")
+    models.BartForConditionalGeneration.from_config(config).save_pretrained(root / "base")
     for i, (name, config) in enumerate({
         "a": peftjax.LoraConfig(r=2, init_lora_weights=False, task_type="SEQ_2_SEQ_LM"),
         # one method per layer: IA³ on the keys and the second feed-forward layer, which LoRA leaves alone
-        "b": peftjax.IA3Config(init_ia3_weights=False, task_type="SEQ_2_SEQ_LM",
-                               **dict(zip(("target_modules", "feedforward_modules"),
-                                          (["k", "wo"], ["wo"]) if request.param == "t5" else
-                                          (["k_proj", "fc2"], ["fc2"])))),
+        "b": peftjax.IA3Config(init_ia3_weights=False, task_type="SEQ_2_SEQ_LM", target_modules=["k_proj", "fc2"],
+                               feedforward_modules=["fc2"]),
     }.items()):
         peftjax.get_peft_model(models.from_pretrained(root / "base"), config, key=jax.random.key(i)).save_pretrained(
             root / name)
@@ -1065,9 +1059,6 @@ def decoded_alone(model, tokenizer, prompt, adapter, max_new_tokens, **settings)
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
 
-# BART: its learned positions make the encoder's padding side matter (T5's relative ones do not); T5 is
-# served through the command against PEFT's generation in test_t5_trainer
-@pytest.mark.parametrize("seq2seq", ["bart"], indirect=True)
 def test_an_encoder_decoder_s_requests_get_what_each_adapter_alone_generates(seq2seq):
     """A BART adapter served: the prompt is the encoder's input (padded on the right beside the
     batch's other prompts: BART's learned positions would move on the left), the completion the
@@ -1137,7 +1128,7 @@ def test_an_encoder_decoder_s_requests_get_what_each_adapter_alone_generates(seq
 
 def test_an_encoder_decoder_s_positions_limit_its_prompt_and_its_new_tokens_apart(seq2seq):
     """BART's learned positions (64 here) bound the encoder's prompt and the decoder's start token plus
-    new tokens each on its own (a causal LM's bound their sum); T5's relative positions bound neither."""
+    new tokens each on its own (a causal LM's bound their sum)."""
     from peftjax import serving
 
     tokenizer, model, _ = seq2seq
@@ -1147,9 +1138,6 @@ def test_an_encoder_decoder_s_positions_limit_its_prompt_and_its_new_tokens_apar
                                                     "max_position_embeddings 64"),
             ({"prompt": "great", "max_new_tokens": 64}, "the decoder's start token + max_new_tokens 64 exceed")]
     for body, message in asks:
-        if model.config.model_type == "t5":
-            assert generator.request(body).max_new_tokens == body["max_new_tokens"]
-            continue
         with pytest.raises(serving.RequestError, match=re.escape(message)) as raised:
             generator.request(body)
         assert raised.value.status == 413
