@@ -30,6 +30,14 @@ class lazy:  # noqa: N801 - stands in for a module
         return f"<lazy module {self._name!r}>"
 
 
+def jitted(model, **inputs):
+    """``model(**inputs)`` as one compiled call (``nnx.jit``), the inputs as JAX arrays."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
+
+
 def save_tiny(model_cls, config, directory, seed: int = 0, **save_kwargs):
     """Builds ``model_cls(config)`` with a fixed seed in eval mode and saves it to ``directory``."""
     torch = pytest.importorskip("torch")

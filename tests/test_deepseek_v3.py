@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import _tiny
 from _torch_models import (
     assert_close_where,
     assert_layouts_round_trip,
     assert_long_rows_match_torch,
+    jitted,
     lazy,
     moe_conversion,
     padded_batch,
@@ -61,14 +60,10 @@ def deepseek(tmp_path_factory):
     return torch_model, hub, fused, models.from_pretrained(hub)
 
 
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
-
-
 def _assert_logits_and_loss(torch_model, model, jit=True):
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    out = _jitted(model, input_ids=ids, attention_mask=mask) if jit else model(input_ids=ids, attention_mask=mask)
+    out = jitted(model, input_ids=ids, attention_mask=mask) if jit else model(input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(out.logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
     ids, mask = padded_batch(VOCAB, seq=9, left=False)
@@ -142,7 +137,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
     labels = np.array([0, 2, 1])
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-    out = _jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
+    out = jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
     np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
@@ -211,7 +206,7 @@ def test_all_linear_lora_on_latent_attention_router_and_experts_both_ways(deepse
     ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
     assert _changed(ref, path) > 1e-3
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    _close(_jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
+    _close(jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
 
     ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
         r=2, target_modules="all-linear", init_lora_weights=False))

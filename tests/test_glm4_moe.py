@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import _tiny
-from _torch_models import assert_close_where, lazy, padded_batch, randomised, torch_logits
+from _torch_models import assert_close_where, jitted, lazy, padded_batch, randomised, torch_logits
 
 import peftjax
 from peftjax import models
@@ -44,10 +42,6 @@ def glm(request, tmp_path_factory):
     return torch_model, root, models.from_pretrained(root)
 
 
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
-
-
 def _close(ours, theirs):
     assert_close_where(ours, theirs, MASK, **TOL)
 
@@ -64,7 +58,7 @@ def test_logits_and_loss_match_transformers_on_a_padded_batch(glm, jit):
     else:  # mlp_layer_types: dense, sparse, dense
         assert kinds == ["LlamaMLP", "DeepseekV3MoE", "LlamaMLP"]
     assert np.abs(np.asarray(model.model.layers[1].mlp.gate.e_score_correction_bias[...])).min() > 0
-    out = (_jitted(model, input_ids=IDS, attention_mask=MASK) if jit
+    out = (jitted(model, input_ids=IDS, attention_mask=MASK) if jit
            else model(input_ids=IDS, attention_mask=MASK))
     _close(out.logits, torch_logits(torch_model, input_ids=IDS, attention_mask=MASK))
     ids, mask = padded_batch(VOCAB, batch=3, seq=7, left=False)  # a left pad's logits would predict a first token
@@ -104,7 +98,7 @@ def test_all_linear_lora_on_attention_router_and_experts_both_ways(glm, tmp_path
     ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
     assert np.abs(ref - base)[MASK.astype(bool)].max() > 1e-3
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    _close(_jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
+    _close(jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
 
     ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
         r=2, target_modules="all-linear", init_lora_weights=False))

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, torch_logits
+from _torch_models import jitted, lazy, padded_batch, randomised, torch_logits
 
 import peftjax
 from peftjax import models
@@ -38,10 +37,6 @@ def oss(tmp_path_factory):
     torch_model = randomised(tr.GptOssForCausalLM(_tiny.config("gpt_oss", output_router_logits=True)).eval())
     torch_model.save_pretrained(root)
     return torch_model, root, models.from_pretrained(root)
-
-
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
 def test_logits_loss_and_gradients_match_transformers(oss):
@@ -175,7 +170,7 @@ def test_lora_on_attention_and_experts_both_ways(oss, tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft", is_trainable=True)
-    np.testing.assert_allclose(np.asarray(_jitted(model.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(model.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
                                ref[valid], **TOL)
     assert {(s.name, s.module_type) for s in model.get_layer_status()} == {
         (s.name, s.module_type) for s in theirs.get_layer_status()}

@@ -15,6 +15,7 @@ from _torch_models import (
     assert_layouts_round_trip,
     assert_moe_generates_and_scans_as_torch,
     assert_moe_lora_both_ways,
+    jitted,
     lazy,
     padded_batch,
     randomised,
@@ -38,16 +39,12 @@ def granitemoe(tmp_path_factory):
     return torch_model, hub, fused, models.from_pretrained(hub)
 
 
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
-
-
 def test_logits_the_load_balancing_loss_and_both_layouts_match_transformers(granitemoe, tmp_path):
     torch_model, hub, fused, model = granitemoe
     assert type(model).__name__ == "GraniteMoeForCausalLM"
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
     ids, mask = padded_batch(VOCAB, seq=9, left=False)
     labels = np.where(mask == 1, ids, -100)

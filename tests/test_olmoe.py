@@ -15,6 +15,7 @@ from _torch_models import (
     assert_layouts_round_trip,
     assert_moe_generates_and_scans_as_torch,
     assert_moe_lora_both_ways,
+    jitted,
     lazy,
     padded_batch,
     randomised,
@@ -43,10 +44,6 @@ def olmoe(tmp_path_factory):
     return torch_model, hub, fused, models.from_pretrained(hub)
 
 
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
-
-
 @pytest.mark.parametrize("overrides", [{}, dict(norm_topk_prob=True, clip_qkv=None)])
 def test_logits_and_the_load_balancing_loss_match_transformers(overrides, olmoe, tmp_path):
     """A padded batch's logits (the tiny model's clamp at 2 bites on its 0.3-std weights), and the
@@ -59,7 +56,7 @@ def test_logits_and_the_load_balancing_loss_match_transformers(overrides, olmoe,
     assert type(model).__name__ == "OlmoeForCausalLM"
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
     ids, mask = padded_batch(VOCAB, seq=9, left=False)
     labels = np.where(mask == 1, ids, -100)

@@ -24,6 +24,7 @@ from flax import nnx
 
 import _tiny
 from _torch_models import (
+    jitted,
     lazy,
     padded_batch,
     randomised,
@@ -66,10 +67,6 @@ def qwen(tmp_path_factory):
     torch_model = _randomised(tr.Qwen3_5ForCausalLM(_tiny.config("qwen3_5_text")))
     torch_model.save_pretrained(root)
     return torch_model, root, models.from_pretrained(root)
-
-
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
 def _delta_rule_inputs(seed: int, b: int = 2, s: int = 70) -> tuple[np.ndarray, ...]:
@@ -140,7 +137,7 @@ def test_logits_and_loss_match_transformers_past_one_chunk(qwen, left):
     # that sees no key) no one compares: its label out
     labels[np.arange(len(ids)), mask.argmax(axis=1)] = -100
     valid = mask.astype(bool)
-    out = _jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
+    out = jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
     np.testing.assert_allclose(np.asarray(out.logits)[valid], ref.logits.numpy()[valid], **TOL)
@@ -203,7 +200,7 @@ def test_lora_on_both_attentions_gives_peft_logits_and_gradients_both_ways(qwen,
                                                    .astype(x.dtype)), made))
     here.save_pretrained(tmp_path / "here")
     loaded = peft.PeftModel.from_pretrained(tr.Qwen3_5ForCausalLM.from_pretrained(root), tmp_path / "here").eval()
-    out = np.asarray(_jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
+    out = np.asarray(jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
     np.testing.assert_allclose(out[valid], torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], **TOL)
 
 
@@ -219,7 +216,7 @@ def test_classifiers_match_transformers(qwen, class_name, tmp_path):
     assert type(model).__name__ == class_name
     ids, mask = padded_batch(VOCAB, seq=SEQ, left=False)
     ref = torch_logits(classifier, input_ids=ids, attention_mask=mask)
-    out = np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)
+    out = np.asarray(jitted(model, input_ids=ids, attention_mask=mask).logits)
     if class_name.endswith("TokenClassification"):
         out, ref = out[mask == 1], ref[mask == 1]
     np.testing.assert_allclose(out, ref, **TOL)
@@ -325,7 +322,7 @@ def test_moe_lora_all_linear_gives_peft_logits_both_ways(moe, tmp_path):
     assert {s.name for s in ours.get_layer_status()} == {s.name for s in theirs.get_layer_status()}
     assert any("shared_expert_gate" in s.name for s in ours.get_layer_status())
     ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
-    np.testing.assert_allclose(np.asarray(_jitted(ours.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(ours.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
                                ref[valid], **TOL)
     assert np.abs(ref - torch_logits(torch_model, input_ids=ids, attention_mask=mask)).max() > 1e-2
 
@@ -336,7 +333,7 @@ def test_moe_lora_all_linear_gives_peft_logits_both_ways(moe, tmp_path):
                                                    .astype(x.dtype)), made))
     here.save_pretrained(tmp_path / "here")
     loaded = peft.PeftModel.from_pretrained(tr.Qwen3_5MoeForCausalLM.from_pretrained(hub), tmp_path / "here").eval()
-    out = np.asarray(_jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
+    out = np.asarray(jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
     np.testing.assert_allclose(out[valid], torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], **TOL)
 
 
@@ -362,7 +359,7 @@ def test_a_vision_language_checkpoint_loads_its_text_model_as_transformers_does(
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
     ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
-    np.testing.assert_allclose(np.asarray(_jitted(ours, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(ours, input_ids=ids, attention_mask=mask).logits)[valid],
                                ref[valid], **TOL)
     ours.save_pretrained(tmp_path / "text")
     back = text_class.from_pretrained(tmp_path / "text").eval()

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, randomised, save_in_memory_layout, torch_logits
+from _torch_models import jitted, lazy, padded_batch, randomised, save_in_memory_layout, torch_logits
 
 import peftjax
 from peftjax import models
@@ -52,10 +52,6 @@ def qwen(tmp_path_factory):
                 p.sub_(1.0)
     torch_model.eval().save_pretrained(root)
     return torch_model, root, models.from_pretrained(root)
-
-
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
 
 
 def test_logits_loss_router_logits_and_generation_match_transformers(qwen):
@@ -115,7 +111,7 @@ def test_lora_all_linear_gives_peft_logits_both_ways(qwen, tmp_path):
     assert names == {s.name for s in theirs.get_layer_status()}
     assert any(n.endswith("in_proj_qkvz") for n in names) and any(n.endswith("in_proj_ba") for n in names)
     ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
-    np.testing.assert_allclose(np.asarray(_jitted(ours.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(ours.base_model, input_ids=ids, attention_mask=mask).logits)[valid],
                                ref[valid], **LORA_TOL)
     assert np.abs(ref - torch_logits(torch_model, input_ids=ids, attention_mask=mask)).max() > 1e-2
 
@@ -127,7 +123,7 @@ def test_lora_all_linear_gives_peft_logits_both_ways(qwen, tmp_path):
     here.save_pretrained(tmp_path / "here")
     base = tr.Qwen3NextForCausalLM.from_pretrained(root, **EAGER)
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "here").eval()
-    out = np.asarray(_jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
+    out = np.asarray(jitted(here.base_model, input_ids=ids, attention_mask=mask).logits)
     np.testing.assert_allclose(out[valid], torch_logits(loaded, input_ids=ids, attention_mask=mask)[valid], **LORA_TOL)
 
 
@@ -153,7 +149,7 @@ def test_task_classes_match_transformers(qwen, class_name, tmp_path):
     else:
         names, targets = ("logits",), dict(labels=rng.randint(0, 3, 3))
     inputs = dict(input_ids=ids, attention_mask=mask, **targets)
-    out = _jitted(model, **inputs)
+    out = jitted(model, **inputs)
     with torch.no_grad():
         ref = task(**{k: torch.tensor(v) for k, v in inputs.items()})
     for name in names:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -22,6 +21,7 @@ import _tiny
 from _torch_models import (
     assert_close_where,
     assert_layouts_round_trip,
+    jitted,
     lazy,
     moe_conversion,
     padded_batch,
@@ -64,10 +64,6 @@ def all_sparse(tmp_path_factory):
     return torch_model, hub
 
 
-def _jitted(model, **inputs):
-    return nnx.jit(lambda m, kw: m(**kw))(model, {k: jnp.asarray(v) for k, v in inputs.items()})
-
-
 def test_logits_match_transformers_on_a_padded_batch(qwen):
     """Jitted (the eager forward runs the same code: Mixtral's and Qwen3's files test it eagerly)."""
     torch_model, _, _, model = qwen
@@ -75,7 +71,7 @@ def test_logits_match_transformers_on_a_padded_batch(qwen):
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen3MoeSparseMoeBlock", "LlamaMLP"]
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    out = _jitted(model, input_ids=ids, attention_mask=mask)
+    out = jitted(model, input_ids=ids, attention_mask=mask)
     np.testing.assert_allclose(np.asarray(out.logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
 
@@ -122,7 +118,7 @@ def test_unrenormalised_routing_in_every_layer_matches_transformers(all_sparse):
     assert model.model.sparse_layers == 2
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
     _loss_case(torch_model, model, jit=False)
 
@@ -173,7 +169,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
     labels = np.array([0, 2, 1])
     with torch.no_grad():
         ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-    out = _jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
+    out = jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
     np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
     assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
 
@@ -229,7 +225,7 @@ def test_all_linear_lora_on_router_and_experts_both_ways(qwen, tmp_path):
     ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
     assert _changed(ref, path) > 1e-3
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    _close(_jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
+    _close(jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
     _close(model.merge_and_unload()(input_ids=IDS, attention_mask=MASK).logits, ref)
 
     ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
@@ -337,7 +333,7 @@ def test_qwen2_moe_logits_loss_and_layouts_match_transformers(qwen2, tmp_path):
     assert [type(layer.mlp).__name__ for layer in model.model.layers] == ["Qwen2MoeSparseMoeBlock", "LlamaMLP"]
     ids, mask = padded_batch(VOCAB, seq=9)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(np.asarray(_jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
+    np.testing.assert_allclose(np.asarray(jitted(model, input_ids=ids, attention_mask=mask).logits)[valid],
                                torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid], **TOL)
     _loss_case(torch_model, model, jit=True)
     ref = {k: v.numpy() for k, v in torch_model.state_dict().items()}
@@ -361,7 +357,7 @@ def test_qwen2_moe_lora_on_every_linear_and_the_experts_both_ways(qwen2, tmp_pat
     theirs.save_pretrained(tmp_path / "peft")
     ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    _close(_jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
+    _close(jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref)
 
     ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**kwargs))
     assert _converted(ours.peft_config["default"]) == _converted(theirs.peft_config["default"])
