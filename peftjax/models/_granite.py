@@ -37,9 +37,15 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         """``dropout_rng``: the layer's key for ``attention_dropout`` (training); ``None``: none."""
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
-        x = x + a * self.residual_multiplier
+        x, cache = attention_residual(self, x, cos, sin, masks, cache, cache_index, prefix, dropout_rng)
         return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_multiplier, cache
+
+
+def attention_residual(layer, x, *attention_args):
+    """``x`` plus ``layer``'s attention of its normed input, times Granite's ``residual_multiplier``,
+    and the attention's cache (the dense and the MoE layers' first half)."""
+    a, cache = layer.self_attn(layer.input_layernorm(x), *attention_args)
+    return x + a * layer.residual_multiplier, cache
 
 
 def scaled_embeddings(model, input_ids, inputs_embeds):

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._granite import GraniteAttention, scaled_embeddings
+from peftjax.models._granite import GraniteAttention, attention_residual, scaled_embeddings
 from peftjax.models._mixtral import (
     MixtralDecoderLayer,
     MixtralForCausalLM,
@@ -63,8 +63,7 @@ class GraniteMoeDecoderLayer(MixtralDecoderLayer):
         self.residual_multiplier = float(config.residual_multiplier)
 
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
-        x = x + a * self.residual_multiplier
+        x, cache = attention_residual(self, x, cos, sin, masks, cache, cache_index, prefix, dropout_rng)
         out, logits = self.block_sparse_moe(self.post_attention_layernorm(x))
         return x + out * self.residual_multiplier, cache, logits
 
