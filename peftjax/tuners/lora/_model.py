@@ -152,7 +152,7 @@ def inject_lora(
 
 def _inject_replicated(model: nnx.Module, config: LoraConfig, *, adapter_name: str, key) -> LoraConfig:
     """``inject_lora`` after PEFT's ``replicate_layers``; a refusal puts the layers back as they were."""
-    if lora_layers(model) or any(isinstance(m, AdapterLayer) for m in named_modules(model).values()):
+    if any(isinstance(m, AdapterLayer) for m in named_modules(model).values()):
         raise ValueError(f"adapter {adapter_name!r}: layer_replication changes the base's layers, so it comes with "
                          "the first adapter (this model has adapters already)")
     owner, attribute = _layer_list(model)

@@ -54,8 +54,10 @@ def replicate_layers(model: nnx.Module, layer_map) -> int:
     for start, end in layer_map:
         if end > n:
             raise ValueError(f"layer_replication: [{start}, {end}) reaches past the model's {n} layers")
-    new = [layers[i] if _first_use(layer_map, k, i) else _clone_sharing_variables(layers[i])
-           for k, i in _indices(layer_map)]
+    new, placed = [], set()
+    for i in (i for start, end in layer_map for i in range(start, end)):  # the original first, copies after
+        new.append(_clone_sharing_variables(layers[i]) if i in placed else layers[i])
+        placed.add(i)
     setattr(owner, attribute, nnx.List(new))
     if hasattr(config, "num_hidden_layers"):
         edited = copy.deepcopy(config.hf_config)
@@ -73,17 +75,6 @@ def set_config(model: nnx.Module, config) -> None:
         if isinstance(node, nnx.Module) and isinstance(getattr(node, "config", None), ConfigRef) \
                 and node.config.hf_config is old:
             node.config = ref
-
-
-def _indices(layer_map):
-    """``(position in the new list, original index)`` of every layer the map stacks."""
-    return enumerate(i for start, end in layer_map for i in range(start, end))
-
-
-def _first_use(layer_map, position: int, index: int) -> bool:
-    """Whether ``position`` is the first place the new list holds layer ``index`` (the original
-    object stays there; later places get copies)."""
-    return next(k for k, i in _indices(layer_map) if i == index) == position
 
 
 def _layer_list(model: nnx.Module) -> tuple[nnx.Module, str]:
