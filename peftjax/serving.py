@@ -86,6 +86,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from peftjax.models import stop_token_ids
+from peftjax.models._seq2seq_generation import is_seq2seq_lm
 from peftjax.models._stop_strings import ends_in_stop_string, stop_strings_arguments
 from peftjax.peft_model import MIXED_BATCH_TYPES, PeftModel
 from peftjax.tuners.base import BASE
@@ -218,7 +219,7 @@ class BatchingGenerator:
             raise ValueError(f"{type(model.base_model).__name__} cannot generate; serve a causal LM or "
                              "encoder-decoder (SEQ_2_SEQ_LM) adapter")
         # the prompt is the encoder's input and the completion the decoder's output
-        self.encoder_decoder = bool(getattr(getattr(model.base_model, "config", None), "is_encoder_decoder", False))
+        self.encoder_decoder = is_seq2seq_lm(model)
         for arg, value in (("max_batch_size", max_batch_size), ("max_prompt_tokens", max_prompt_tokens),
                            ("max_new_tokens", max_new_tokens), ("length_bucket", length_bucket)):
             if int(value) < 1:

@@ -139,11 +139,12 @@ def _texts(args) -> list[str]:
 
 def _generate(args) -> int:
     from peftjax.io import load_tokenizer
+    from peftjax.models._seq2seq_generation import is_seq2seq_lm
 
     model = _load_with_adapter(args)
     tokenizer = load_tokenizer(args.tokenizer or _base_dir(args))
     # an encoder-decoder's output is all new tokens (after the decoder start); a decoder continues the prompt
-    seq2seq = _is_seq2seq_lm(model)
+    seq2seq = is_seq2seq_lm(model)
     tokenizer.padding_side = "right" if seq2seq else "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -220,11 +221,12 @@ def prompts_for(tokenizer, texts: list[str], *, chat: bool, system: str | None =
 
 def _predict(args) -> int:
     from peftjax.cli._job import task_tokenizer
+    from peftjax.models._seq2seq_generation import is_seq2seq_lm
 
     model = _load_with_adapter(args)
     what = ("predict needs a sequence- or token-classification, a question-answering, a multiple-choice, a masked "
             "LM or a feature-extraction model")
-    if _is_seq2seq_lm(model):
+    if is_seq2seq_lm(model):
         raise ValueError(f"{what}; {type(_base(model)).__name__} is an encoder-decoder (SEQ_2_SEQ_LM): use generate "
                          "or serve")
     by_word = type(_base(model)).__name__.endswith("ForTokenClassification")
@@ -521,14 +523,6 @@ def checked_task_id(config, task_id: int | None, flag: str = "--task-id") -> int
         raise ValueError(f"{flag} {task_id}: the {config.peft_type} adapter has {field}={tasks}; expected an integer "
                          f"in [0, {tasks})")
     return task_id
-
-
-def _is_seq2seq_lm(model) -> bool:
-    """An encoder-decoder LM (``...ForConditionalGeneration``, ``MarianMTModel``); T5's classifiers
-    and question answering are read as the encoders' are."""
-    from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
-
-    return isinstance(_base(model), Seq2SeqGenerationMixin)
 
 
 def _logits(model, inputs: dict):

@@ -145,6 +145,12 @@ def _beam_generate(graphdef, state, input_ids, attention_mask, inputs_embeds, pr
     return beam_search.best(carry[4], num_return_sequences)
 
 
+def is_seq2seq_lm(model) -> bool:
+    """An encoder-decoder LM that generates (``...ForConditionalGeneration``, ``MarianMTModel``),
+    a ``PeftModel``'s base read through; T5's and BART's classifiers and question answering are not."""
+    return isinstance(getattr(model, "base_model", model), Seq2SeqGenerationMixin)
+
+
 class Seq2SeqGenerationMixin:
     """``generate`` for encoder-decoder models with ``encode``, ``decoder.cross_kv`` and ``init_cache``."""
 

@@ -33,7 +33,7 @@ from peftjax.training._data import Batcher
 from peftjax.training._precompile import Precompiler, abstract, first_batch_of_each_shape, signature
 from peftjax.training._step import CompiledFirst, make_train_step, split
 from peftjax.models._auto import TASK_CLASS_SUFFIXES
-from peftjax.models._seq2seq_generation import Seq2SeqGenerationMixin
+from peftjax.models._seq2seq_generation import is_seq2seq_lm
 from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
@@ -335,7 +335,7 @@ class Trainer:
         base_name = type(model.base_model).__name__
         # an encoder-decoder LM, whose labels are a second sequence (T5's classifiers and question
         # answering take the rows' labels as the encoders do: the model derives its decoder's input)
-        encoder_decoder = isinstance(model.base_model, Seq2SeqGenerationMixin)
+        encoder_decoder = is_seq2seq_lm(model)
         if encoder_decoder and compute_metrics is not None and not args.predict_with_generate:
             raise ValueError("compute_metrics with an encoder-decoder (SEQ_2_SEQ_LM) model reads the sequences it "
                              "generates: set TrainingArguments(predict_with_generate=True), as for transformers' "
