@@ -25,6 +25,7 @@ from peftjax.config._targeting import module_names_as
 from peftjax.io._adapter import KeyMapping, adapter_dir, map_name, read_adapter_weights, write_adapter
 from peftjax.io._hub import resolve
 from peftjax.models._generation import rows_per_input
+from peftjax.nn._graph import iter_modules
 from peftjax.tuners import base as tuner_base
 from peftjax.tuners._registry import default_key, tuner_for
 from peftjax.tuners.base import TRAINABLE
@@ -746,7 +747,7 @@ class PeftModel:
 def _quantized(model) -> bool:
     from peftjax.quantization import QuantizedLinear
 
-    return any(isinstance(m, QuantizedLinear) for _, m in nnx.iter_graph(model))
+    return any(isinstance(m, QuantizedLinear) for _, m in iter_modules(model))
 
 
 def _check_keys(model, source: str, tensors, missing: list[str], unexpected: list[str], *, strict: bool) -> None:

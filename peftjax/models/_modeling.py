@@ -127,14 +127,13 @@ def iter_hf_params(model: nnx.Module) -> Iterator[tuple[str, nnx.Variable, bool]
     in ``adapter_stores`` (a method's model-level modules, such as Shadow's backbone) are not base
     weights and are skipped.
     """
+    from peftjax.nn._graph import iter_modules
     from peftjax.nn._scan import StackedLayers
 
     skipped = set(getattr(model, "adapter_stores", ()))
-    stacks = {tuple(p): n.num_layers for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers)}
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, nnx.Module):
-            continue
-        path = tuple(path)
+    modules = list(iter_modules(model))
+    stacks = {p: n.num_layers for p, n in modules if isinstance(n, StackedLayers)}
+    for path, node in modules:
         if path and path[0] in skipped:
             continue
         stack = next((s for s in stacks if path[: len(s) + 1] == (*s, "layer")), None)

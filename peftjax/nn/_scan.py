@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.nn._dropout import active_dropout_key, dropout_key, fold_key, layer_key
+from peftjax.nn._graph import iter_modules
 
 # model options that are not transformers config fields: set on the config, never saved
 MODEL_OPTIONS = ("scan_layers", "remat", "expert_dispatch")
@@ -157,7 +158,7 @@ def run_layer(layers, i: int, fn: Callable, x: jax.Array, remat: str = "none", k
 
 
 def _find_stacks(model: nnx.Module) -> list[tuple[tuple, StackedLayers]]:
-    return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers) and p]
+    return [(p, n) for p, n in iter_modules(model) if isinstance(n, StackedLayers) and p]
 
 
 def has_stacked_layers(model: nnx.Module) -> bool:

@@ -24,6 +24,7 @@ from peftjax.config import (
     match_modules,
 )
 from peftjax.models._modeling import iter_hf_params
+from peftjax.nn._graph import iter_modules
 from peftjax.tuners.base._layer import AdapterLayer, ModelMixin, check_adaptable, original_class
 from peftjax.tuners.base._modules_to_save import SavedModule, module_params, set_param
 from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, TrainableParam
@@ -31,11 +32,7 @@ from peftjax.tuners.base._variables import AdapterParam, FrozenAdapterParam, Tra
 
 def named_modules(model: nnx.Module) -> dict[str, nnx.Module]:
     """Every sub-module by dotted path, outside adapter containers (the root is ``""``)."""
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Module) and "modules_to_save" not in path:
-            out[".".join(str(p) for p in path)] = node
-    return out
+    return {".".join(str(p) for p in path): m for path, m in iter_modules(model) if "modules_to_save" not in path}
 
 
 def modules_in_definition_order(model: nnx.Module) -> list[str]:

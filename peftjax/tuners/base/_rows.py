@@ -45,15 +45,17 @@ def adapter_index(adapter_names: Sequence[str], names: Sequence[str]) -> np.ndar
 
 def _row_holders(model: nnx.Module):
     """``(module, number of stacked layers or None)`` for every layer a mixed batch reaches."""
+    from peftjax.nn._graph import iter_modules
     from peftjax.nn._scan import StackedLayers
     from peftjax.tuners.base._layer import AdapterLayer
     from peftjax.tuners.base._modules_to_save import SavedModule
 
-    stacks = {tuple(p): n.num_layers for p, n in nnx.iter_graph(model) if isinstance(n, StackedLayers)}
-    for path, node in nnx.iter_graph(model):
+    modules = list(iter_modules(model))
+    stacks = {p: n.num_layers for p, n in modules if isinstance(n, StackedLayers)}
+    for path, node in modules:
         if "modules_to_save" in path or not isinstance(node, AdapterLayer | SavedModule):
             continue
-        stacked = next((n for p, n in stacks.items() if tuple(path[: len(p)]) == p), None)
+        stacked = next((n for p, n in stacks.items() if path[: len(p)] == p), None)
         yield node, stacked
 
 
