@@ -4,12 +4,17 @@ The whole matrix, family x method x direction, and the test of each cell is in t
 both ways with HF PEFT"). This file holds the cells the families' and the methods' own files leave:
 
 - ``peft->here``: HF PEFT makes the adapter (random, as after training), saves it; peftjax loads it
-  onto its own model of the same checkpoint and gives PEFT's logits, under ``jit``.
+  onto its own model of the same checkpoint and gives PEFT's logits, eagerly.
 - ``here->peft``: peftjax makes the adapter from the config, its parameters moved off their
   initial values through the public functional API (``split`` -> change -> ``update``), saves it;
-  PEFT loads it and gives peftjax's logits (under ``jit`` too), which differ from the base
-  model's. The eager forward of these families under each method is held to PEFT in
-  test_lora_peft, test_ia3 and test_prompt_learning; jit alone here keeps this file short.
+  PEFT loads it and gives peftjax's logits under ``jit``, which differ from the base model's.
+
+One direction eager and one jitted: a jitted forward compiles a program per case (no two cases'
+models are one graph), while eager operations reuse their compiled kernels across the file's
+cases; both jitted took 71 s, all eager 54 s (2026-12-06, AMD EPYC host). Most cells have the
+``here->peft`` direction, so most family x method pairs run under ``jit`` here; the eager forward
+of these families under each method is held to PEFT in test_lora_peft, test_ia3 and
+test_prompt_learning too.
 
 A LoRA config without ``target_modules`` checks that peftjax picks PEFT's default targets for the
 family, the same modules PEFT adapts.
@@ -332,7 +337,7 @@ def test_adapter_gives_peft_logits_both_ways(saved, family, method, tmp_path):
         ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
         if lora_like:
             assert targeted(ours) == targeted(theirs)
-        np.testing.assert_allclose(real(run_jax(ours, jit=True)), real(ref), **TOL)
+        np.testing.assert_allclose(real(run_jax(ours, jit=False)), real(ref), **TOL)
         assert changed(ref, base) > 1e-3  # the adapter changes the output
     if "here->peft" in CASES[family, method]:
         ours = make_here(path, method)
