@@ -9,6 +9,7 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import _tiny
 from _torch_models import lazy
@@ -251,7 +252,7 @@ def test_an_untied_lm_head_s_token_rows_move_both_ways_with_peft(method, path, t
     assert_close(run_jax(ours), run_torch(pm.eval()))
 
     mine = peftjax.get_peft_model(models.from_pretrained(p), config(peftjax), key=jax.random.key(1))
-    for module in [m for _, m in mine.base_model.iter_modules() if hasattr(m, "trainable_tokens_delta")]:
+    for module in [m for _, m in nnx.iter_modules(mine.base_model) if hasattr(m, "trainable_tokens_delta")]:
         for name in module.trainable_tokens_delta:
             rows = module.trainable_tokens_delta[name]
             rows.set_value(rows.get_value() + 0.5)
