@@ -192,8 +192,8 @@ def test_gradients_at_the_start_are_peft_s(config_class, checkpoints, tmp_path):
     theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), labels=torch.tensor(labels)).loss.backward()
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path, is_trainable=True)
     graphdef, trainable, rest = peftjax.split(model.base_model)
-    grads = jax.grad(lambda t: nnx.merge(graphdef, t, rest)(input_ids=IDS, attention_mask=MASK, labels=labels).loss)(
-        trainable)
+    grads = jax.jit(jax.grad(lambda t: nnx.merge(graphdef, t, rest)(input_ids=IDS, attention_mask=MASK,
+                                                                     labels=labels).loss))(trainable)
     ours = {jax.tree_util.keystr(path): np.asarray(g) for path, g in jax.tree_util.tree_leaves_with_path(grads)}
     checked = 0
     for name, p in theirs.named_parameters():
