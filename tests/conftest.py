@@ -69,18 +69,18 @@ Where the time goes (2026-12-06, AMD EPYC host, the whole suite 19:09 with a tim
 workers, 860 s of it compiling (1,115 forwards the tests jit, 406 ``generate`` loops, 330 train
 steps, thousands of eager operations); py-spy puts tracing and lowering at about a third of what
 remains. Compile time is spread over the tests (in test_serve, test_generation*, test_trainer and
-test_bart, no test compiled for more than 10 s). Measured
-and not taken: ``jax_include_full_tracebacks_in_locations=false`` (test_family_methods 63.7 s either
-way); a module-level jitted forward shared by the cases of a file (no two cases' models are one
-graph: every case compiled again); building models without ``nnx.eval_shape`` (16 ms a tiny
-Llama, two thirds of it flax's attribute checks, not the initialisers). Taken: one direction of
-test_family_methods eager (see its docstring), test_cli's expected outputs of 25 families and tasks
-of distinct shapes from one jitted forward each (op by op they compiled 1,689 kernels: 37.6 ->
-24.2 s), gradients and per-row forwards of distinct shapes jitted (test_multiple_choice 13.2 -> 8.2 s,
-the research methods' start gradients 6.8 -> 4.2 s, the token classifier's rows 9.2 -> 5.7 s), and
-a module walk that skips the weights (``peftjax.nn._graph.iter_modules``). Eager
-operations are the cheaper where cases share shapes (a kernel compiled once serves them all), one
-jitted forward where each case brings new ones.
+test_bart, no test compiled for more than 10 s). Measured and not taken:
+``jax_include_full_tracebacks_in_locations=false`` (test_family_methods 63.7 s either way); a
+module-level jitted forward shared by the cases of a file (no two cases' models are one graph: every
+case compiled again); building models without ``nnx.eval_shape`` (16 ms a tiny Llama, two thirds of
+it flax's attribute checks, not the initialisers). Taken: one direction of test_family_methods eager
+(see its docstring), test_cli's expected outputs of 25 families and tasks of distinct shapes from
+one jitted forward each (the test compiled 1,689 programs, most single operations: 37.6 -> 24.2 s),
+gradients and per-row forwards of distinct shapes jitted (test_multiple_choice 13.2 -> 8.2 s, the
+research methods' start gradients 6.8 -> 4.2 s, the token classifier's rows 9.2 -> 5.7 s), and a
+module walk that skips the weights (``peftjax.nn._graph.iter_modules``). Eager operations are the
+cheaper where cases share shapes (a kernel compiled once serves them all), one jitted forward where
+each case brings new ones.
 
 Fixtures: ``jit`` (every test that takes it runs eagerly and under ``jit``), ``tiny_checkpoint``
 (the tiny random transformers checkpoints of ``_tiny``, saved once per session).
