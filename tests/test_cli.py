@@ -15,12 +15,11 @@ import jax
 import numpy as np
 import pytest
 import transformers as tr
-from flax import nnx
 
 import _tiny
 from _compiles import compilations
 from _method_cases import peft_frod_u_from_its_basis
-from _torch_models import lazy, peft_prompt_forward, save_tiny
+from _torch_models import jitted, lazy, peft_prompt_forward, save_tiny
 
 import peftjax
 from peftjax import models
@@ -378,7 +377,7 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
             return np.stack([np.asarray(out.start_logits), np.asarray(out.end_logits)], -1)
         return np.asarray(out.last_hidden_state if task == "FEATURE_EXTRACTION" else out.logits)
 
-    expected = logits(nnx.jit(lambda m, kw: m(**kw))(peft_model.base_model, inputs))  # one program, not one per op
+    expected = logits(jitted(peft_model.base_model, **inputs))  # one program, not one per op
 
     assert main(["inspect", str(tmp_path / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -16,6 +16,7 @@ from peftjax.config import LoftQConfig, LoraConfig, match_modules
 from peftjax.nn._keys import LayerKey, seed_key
 from peftjax.tuners.base import (
     AdapterLayer,
+    adapter_layers,
     add_saved_copy,
     adding_from_file,
     mark_biases,
@@ -152,7 +153,7 @@ def inject_lora(
 
 def _inject_replicated(model: nnx.Module, config: LoraConfig, *, adapter_name: str, key) -> LoraConfig:
     """``inject_lora`` after PEFT's ``replicate_layers``; a refusal puts the layers back as they were."""
-    if any(isinstance(m, AdapterLayer) for m in named_modules(model).values()):
+    if adapter_layers(model):
         raise ValueError(f"adapter {adapter_name!r}: layer_replication changes the base's layers, so it comes with "
                          "the first adapter (this model has adapters already)")
     owner, attribute = _layer_list(model)
