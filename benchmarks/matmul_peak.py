@@ -7,7 +7,10 @@ Each framework runs in its own child process with its default threading; the bes
 ``--repeats`` timed runs after one warmup counts (2 n^3 FLOPs per matmul). This is the ceiling a
 training step's matmuls can reach, and why bfloat16 is not the CPU comparison: XLA's CPU
 backend has no fast bfloat16 GEMM path here, PyTorch's oneDNN has one (AVX512-BF16/AMX).
-The last line is a one-line summary in GFLOP/s.
+The last line is a one-line summary in GFLOP/s. Each dtype gets about 20 seconds: the size
+grows from 512 by doubling up to ``--size`` while the next size's runs would fit, so a slow
+kernel (torch's bfloat16 without AVX512-BF16 or AMX: about 1 GFLOP/s, minutes a 4096-cubed call)
+is measured smaller and the report says at which size.
 
 ``--shapes``: float32 products of the sizes a step really runs instead of the square peak, each
 ``MxKxN`` as ``x @ w`` (``[M, K] @ [K, N]``, a forward projection) and as ``dy @ w.T`` (the
@@ -30,39 +33,62 @@ import sys
 import time
 
 
-def measure_jax(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
-    import jax
-    import jax.numpy as jnp
+# seconds one dtype's measurement may take: a slow kernel (torch's bfloat16 on a CPU without
+# AVX512-BF16 or AMX runs at about 1 GFLOP/s, so 4096-cubed takes minutes a call) is measured smaller
+BUDGET_S = 20.0
 
+
+def _best_gflops(make, matmul, n: int, repeats: int, budget: float = BUDGET_S) -> tuple[float, int]:
+    """The best of ``repeats`` timed ``matmul(make(size))`` calls in GFLOP/s, and the size they ran at:
+    ``n``, or the largest of 512, 1024, ... below it whose runs fit ``budget`` seconds, judged from one
+    untimed call (a warmup, compilation included) and one timed call per size on the way up."""
+    size = min(n, 512)
+    while True:
+        a = make(size)
+        matmul(a)
+        t = time.perf_counter()
+        matmul(a)
+        probe = time.perf_counter() - t
+        # the next size up costs 8x a call; stop where its warmup, probe and repeats would not fit
+        if size >= n or 8 * probe * (repeats + 2) > budget:
+            break
+        size = min(2 * size, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        matmul(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9, size
+
+
+def measure_jax(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
+    """GFLOP/s per dtype (and ``"<dtype>_size"`` where a slow kernel was measured below ``n``)."""
+    import jax
+
+    f = jax.jit(lambda x, y: x @ y)
     out = {}
     for name in dtypes:
-        dtype = jnp.dtype(name)
-        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-        f = jax.jit(lambda x, y: x @ y)
-        f(a, a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(a, a).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * n**3 / best / 1e9
+        def make(size, name=name):
+            return jax.random.normal(jax.random.key(0), (size, size), jax.numpy.dtype(name))
+
+        out[name], size = _best_gflops(make, lambda a: f(a, a).block_until_ready(), n, repeats)
+        if size != n:
+            out[f"{name}_size"] = size
     return out
 
 
 def measure_torch(n: int, repeats: int, dtypes=("float32", "bfloat16")) -> dict:
+    """GFLOP/s per dtype (and ``"<dtype>_size"`` where a slow kernel was measured below ``n``)."""
     import torch
 
     out = {}
     for name in dtypes:
-        dtype = getattr(torch, name)
-        a = torch.randn(n, n).to(dtype)
-        a @ a
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * n**3 / best / 1e9
+        def make(size, name=name):
+            return torch.randn(size, size).to(getattr(torch, name))
+
+        out[name], size = _best_gflops(make, lambda a: a @ a, n, repeats)
+        if size != n:
+            out[f"{name}_size"] = size
     out["threads"] = torch.get_num_threads()
     return out
 
@@ -174,7 +200,10 @@ def main(argv=None) -> None:
     print(f"{args.size}x{args.size} matmul, best of {args.repeats}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     for child, r in results.items():
-        print(f"  {child:6s} float32 {r['float32']:8.0f} GFLOP/s   bfloat16 {r['bfloat16']:8.0f} GFLOP/s")
+        cells = [f"{name} {r[name]:8.0f} GFLOP/s" + (f" (at {r[name + '_size']} cubed: a slow kernel)"
+                                                    if name + "_size" in r else "")
+                 for name in ("float32", "bfloat16")]
+        print(f"  {child:6s} " + "   ".join(cells))
     j, t = results["jax"], results["torch"]
     print(f"jax_f32_gflops={j['float32']:.0f} jax_bf16_gflops={j['bfloat16']:.0f} "
           f"torch_f32_gflops={t['float32']:.0f} torch_bf16_gflops={t['bfloat16']:.0f}")

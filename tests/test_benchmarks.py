@@ -94,6 +94,24 @@ def test_matmul_shapes_refuse_a_size_that_is_not_three_numbers():
     assert "'320x384' is not MxKxN" in out.stderr
 
 
+def test_the_square_peak_measures_a_slow_kernel_smaller_within_its_budget():
+    """A kernel whose 4096-cubed call would take minutes (torch's bfloat16 without AVX512-BF16) is
+    measured at the largest size whose runs fit the budget, and the report says which; a fast one at
+    the size asked for."""
+    import time
+
+    spec = importlib.util.spec_from_file_location("matmul_peak", BENCHMARKS / "matmul_peak.py")
+    mp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mp)
+    seconds = {512: 0.005, 1024: 0.04, 2048: 0.32, 4096: 2.56}  # a kernel at about 54 GFLOP/s
+    start = time.perf_counter()
+    gflops, size = mp._best_gflops(lambda n: n, lambda n: time.sleep(seconds[n]), 4096, repeats=1, budget=2.0)
+    assert size == 2048  # 2048's runs fit 2 s; 4096's (8x a call) would not
+    assert time.perf_counter() - start < 2.0
+    assert 0.8 < gflops / (2 * 2048**3 / 0.32 / 1e9) <= 1.0
+    assert mp._best_gflops(lambda n: n, lambda n: time.sleep(seconds[n]), 1024, repeats=1, budget=2.0)[1] == 1024
+
+
 def test_depth_runs_on_a_tiny_model():
     last = _run("depth.py", "--depths", "2", "--ranks", "4", "--seqs", "16", "--fixed-layers", "2",
                 "--hidden", "32", "--intermediate", "48", "--vocab", "128", "--seq", "16", "--steps", "1")
