@@ -31,13 +31,16 @@ safetensors_torch = lazy("safetensors.torch")
 
 VOCAB = _tiny.FAMILIES["qwen3_next"][2]["vocab_size"]
 SEQ = 70  # past one chunk of the delta rule (64)
-# as test_qwen3_5's: weights at 0.2 std, 70 tokens; float32 rounding of logits of ~5
-TOL = dict(atol=1e-4, rtol=1e-5)
+# weights at 0.2 std, 70 tokens; float32 rounding of logits of ~5. Measured on the AMD AVX2 host
+# kind (2026-12-07; XLA's kernels there sum in another order than on AVX-512, where 1e-4 held):
+# ours 1.3e-4 from transformers' float32 logits, 6.9e-5 from its float64 ones (eager experts),
+# transformers' float32 ones 3.3e-5 from its float64 ones; a wrong gate or mask is 1e-2 and more
+TOL = dict(atol=2e-4, rtol=1e-5)
 # the LoRA runs (all-linear, experts and router included, moved 0.3 off their start; measured on
 # here->peft): transformers' float32 logits stand 7.2e-5 from its float64 ones, ours 1.4e-4 (both
 # worst on the same tokens; its float64 run keeps the delta rule in float32), 1.9e-4 from its
-# float32 ones with its default grouped_mm experts: rounding
-LORA_TOL = dict(atol=3e-4, rtol=1e-5)
+# float32 ones with its default grouped_mm experts on the AVX-512 host, 3.9e-4 on the AVX2 one
+LORA_TOL = dict(atol=6e-4, rtol=1e-5)
 EAGER = dict(attn_implementation="eager")
 
 
