@@ -11,6 +11,8 @@ weightless positions counting each row's real tokens, no ``final_logits_bias``).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -180,6 +182,51 @@ def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
                                   forced_bos_token_id=50).numpy()
         np.testing.assert_array_equal(
             model.generate(IDS, MASK, max_new_tokens=5, decoder_start_token_id=2, forced_bos_token_id=50), ref)
+
+
+def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path, capsys):
+    """``peftjax generate --src-lang --tgt-lang`` on an NLLB-200 checkpoint (M2M100 layers, NLLB's
+    tokenizer): the source language's token on each text, the target's forced first, as
+    transformers' recipe generates (``tokenizer.src_lang``, ``forced_bos_token_id``)."""
+    from peftjax.cli import main
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", *(f"\u2581{c}" for c in letters), *letters, "\u2581"]
+    tokenizer = tr.NllbTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], src_lang="eng_Latn")
+    fields = {**FIELDS, "vocab_size": len(tokenizer)}  # 202 language tokens after the 57 pieces
+    torch.manual_seed(1)
+    theirs = tr.M2M100ForConditionalGeneration(tr.M2M100Config(**fields, activation_function="gelu")).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
+        # the tied head writing text, not special tokens: small rows for the end and the languages
+        # this test does not give
+        given = tokenizer.convert_tokens_to_ids(["eng_Latn", "fra_Latn", "deu_Latn"])
+        theirs.model.shared.weight[[2, *(i for i in range(len(pieces), len(tokenizer)) if i not in given)]] *= 0.1
+    theirs.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["hello world", "a longer text to translate"]
+
+    def transformers_translation(source, target=None):
+        tokenizer.src_lang = source
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        forced = {} if target is None else {"forced_bos_token_id": tokenizer.convert_tokens_to_ids(target)}
+        with torch.no_grad():
+            out = theirs.generate(**batch, max_new_tokens=6, no_repeat_ngram_size=1, do_sample=False, **forced)
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+
+    want = transformers_translation("fra_Latn", "deu_Latn")
+    # the languages change the translation (else this test could not see them)
+    assert want != transformers_translation("eng_Latn", "deu_Latn") and want != transformers_translation("fra_Latn")
+    command = ["generate", str(tmp_path), "--max-new-tokens", "6", "--no-repeat-ngram-size", "1",
+               "--text", texts[0], "--text", texts[1]]
+    assert main([*command, "--src-lang", "fra_Latn", "--tgt-lang", "deu_Latn"]) == 0
+    assert [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()] == want
+
+    assert main([*command, "--tgt-lang", "Deutsch"]) == 1
+    assert "--tgt-lang 'Deutsch' is not a language token of NllbTokenizer" in capsys.readouterr().err
+    assert main([*command, "--src-lang", "hello"]) == 1
+    assert "--src-lang 'hello' is not a language token" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bart", ["bart", "mbart"], indirect=True)  # transformers has no Marian, Pegasus heads

@@ -260,6 +260,8 @@ def test_generate_with_an_adapter(tmp_path, capsys):
     assert streamed == json.loads(capsys.readouterr().out)["completion"] + "\n" and streamed.strip()
     code, _, err = run_main(capsys, *command, "--text", "another", "--stream")
     assert code == 1 and "--stream prints one completion as it comes: give one --text" in err
+    code, _, err = run_main(capsys, *command, "--tgt-lang", "fra_Latn")  # languages are a translation model's
+    assert code == 1 and "--tgt-lang is a translation model's language; LlamaForCausalLM is not an encoder" in err
 
 
 # ---------------------------------------------------------------- every command, every task

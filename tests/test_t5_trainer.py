@@ -319,6 +319,8 @@ def test_every_command_on_a_seq2seq_task(family, tmp_path, capsys, monkeypatch):
     row = json.loads(capsys.readouterr().out)
     assert want.shape[1] == 5 and row["completion"]  # four new tokens, not an immediate EOS
     assert row == {"prompt": "3 plus 4", "completion": tokenizer.decode(want[0], skip_special_tokens=True)}
+    assert main(["generate", str(base), "--adapter", str(out), "--text", "3 plus 4", "--src-lang", "en"]) == 1
+    assert "has no source language (a multilingual translation tokenizer has" in capsys.readouterr().err
 
     assert main(["predict", str(base), "--adapter", str(out), "--text", "3 plus 4"]) == 1
     assert "encoder-decoder (SEQ_2_SEQ_LM): use generate" in capsys.readouterr().err

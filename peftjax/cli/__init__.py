@@ -151,6 +151,7 @@ def _generate(args) -> int:
     texts = _texts(args)
     if args.system is not None and not args.chat:
         raise ValueError("--system is the system message of a --chat prompt; add --chat")
+    forced = translation_languages(tokenizer, model, args.src_lang, args.tgt_lang)
     prompts, specials = prompts_for(tokenizer, texts, chat=args.chat, system=args.system)
     batch = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=specials)
     greedy = args.temperature is not None and args.temperature <= 0
@@ -173,7 +174,7 @@ def _generate(args) -> int:
                          min_p=args.min_p, typical_p=args.typical_p,
                          bad_words_ids=_bad_words(tokenizer, args.bad_words), stop_strings=args.stop,
                          tokenizer=tokenizer if args.stop else None, streamer=streamer, return_dict_in_generate=False,
-                         **task_inputs(model, args.task_id, len(texts)))
+                         **forced, **task_inputs(model, args.task_id, len(texts)))
     if streamer is not None:  # printed
         return 0
     per = out.shape[0] // len(texts)  # each prompt's sequences, consecutive rows (the best beam first)
@@ -183,6 +184,48 @@ def _generate(args) -> int:
         line = {"prompt": text, "completion": new[0], **({"completions": new} if per > 1 else {})}
         print(json.dumps(line, ensure_ascii=False))
     return 0
+
+
+def translation_languages(tokenizer, model, source: str | None, target: str | None) -> dict:
+    """A multilingual translation model's languages (NLLB-200, M2M100, mBART-50), as transformers'
+    recipe sets them: ``source`` as the tokenizer's ``src_lang`` (the language token it puts on each
+    text), ``target`` as the decoder's forced first token. Returns ``generate``'s keyword for the
+    target (``{"forced_bos_token_id": id}``), or ``{}`` without one.
+
+    Raises:
+      ValueError: a language on a model that is not an encoder-decoder, a ``source`` on a tokenizer
+        without a source language, or a code that is not a language token of the tokenizer (each
+        names the flag and the value).
+    """
+    from peftjax.models._seq2seq_generation import is_seq2seq_lm
+
+    if source is None and target is None:
+        return {}
+    flag = "--src-lang" if source is not None else "--tgt-lang"
+    if not is_seq2seq_lm(model):
+        raise ValueError(f"{flag} is a translation model's language; {type(_base(model)).__name__} is not an "
+                         "encoder-decoder (SEQ_2_SEQ_LM)")
+    if source is not None:
+        if not hasattr(tokenizer, "src_lang"):
+            raise ValueError(f"--src-lang {source!r}: {type(tokenizer).__name__} has no source language (a "
+                             "multilingual translation tokenizer has: NLLB, M2M100, mBART-50)")
+        _language_token(tokenizer, source, "--src-lang")
+        tokenizer.src_lang = source
+    return {} if target is None else {"forced_bos_token_id": _language_token(tokenizer, target, "--tgt-lang")}
+
+
+def _language_token(tokenizer, code: str, flag: str) -> int:
+    """The token id of language ``code`` (M2M100 writes ``fr`` as its token ``__fr__``)."""
+    if hasattr(tokenizer, "get_lang_id"):
+        try:
+            return tokenizer.get_lang_id(code)
+        except KeyError:
+            pass
+    token = tokenizer.convert_tokens_to_ids(code)
+    if token is None or token == tokenizer.unk_token_id or code not in tokenizer.all_special_tokens:
+        raise ValueError(f"{flag} {code!r} is not a language token of {type(tokenizer).__name__} (codes such as "
+                         "eng_Latn for NLLB-200, en for M2M100, en_XX for mBART-50)")
+    return token
 
 
 def _bad_words(tokenizer, phrases: list[str] | None) -> list[list[int]] | None:
@@ -718,6 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--length-penalty", type=float, default=None,
                            help="beam search: a finished beam's score is divided by its length to this power "
                                 "(default: the generation config's, else 1)")
+            p.add_argument("--src-lang", help="a multilingual translation model's source language, the tokenizer's "
+                                              "code (e.g. eng_Latn for NLLB-200, en for M2M100, en_XX for mBART-50)")
+            p.add_argument("--tgt-lang", help="its target language: the decoder's forced first token (as "
+                                              "forced_bos_token_id in transformers' recipe)")
             p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("--max-length", type=int, default=128)
