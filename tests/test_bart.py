@@ -184,27 +184,34 @@ def test_generation_greedy_and_beams_is_transformers_token_for_token(bart):
             model.generate(IDS, MASK, max_new_tokens=5, decoder_start_token_id=2, forced_bos_token_id=50), ref)
 
 
-def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path, capsys):
-    """``peftjax generate --src-lang --tgt-lang`` on an NLLB-200 checkpoint (M2M100 layers, NLLB's
-    tokenizer): the source language's token on each text, the target's forced first, as
-    transformers' recipe generates (``tokenizer.src_lang``, ``forced_bos_token_id``)."""
-    from peftjax.cli import main
-
+def nllb(path):
+    """``(torch model, tokenizer)``: a tiny NLLB-200 checkpoint saved in ``path`` (M2M100 layers, NLLB's
+    tokenizer over 57 letter pieces and its 202 language tokens)."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     pieces = ["<s>", "<pad>", "</s>", "<unk>", *(f"\u2581{c}" for c in letters), *letters, "\u2581"]
     tokenizer = tr.NllbTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], src_lang="eng_Latn")
-    fields = {**FIELDS, "vocab_size": len(tokenizer)}  # 202 language tokens after the 57 pieces
+    fields = {**FIELDS, "vocab_size": len(tokenizer)}
     torch.manual_seed(1)
     theirs = tr.M2M100ForConditionalGeneration(tr.M2M100Config(**fields, activation_function="gelu")).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
         # the tied head writing text, not special tokens: small rows for the end and the languages
-        # this test does not give
+        # these tests do not give
         given = tokenizer.convert_tokens_to_ids(["eng_Latn", "fra_Latn", "deu_Latn"])
         theirs.model.shared.weight[[2, *(i for i in range(len(pieces), len(tokenizer)) if i not in given)]] *= 0.1
-    theirs.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    theirs.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return theirs, tokenizer
+
+
+def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path, capsys):
+    """``peftjax generate --src-lang --tgt-lang`` on an NLLB-200 checkpoint: the source language's
+    token on each text, the target's forced first, as transformers' recipe generates
+    (``tokenizer.src_lang``, ``forced_bos_token_id``)."""
+    from peftjax.cli import main
+
+    theirs, tokenizer = nllb(tmp_path)
     texts = ["hello world", "a longer text to translate"]
 
     def transformers_translation(source, target=None):
@@ -227,6 +234,61 @@ def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path
     assert "--tgt-lang 'Deutsch' is not a language token of NllbTokenizer" in capsys.readouterr().err
     assert main([*command, "--src-lang", "hello"]) == 1
     assert "--src-lang 'hello' is not a language token" in capsys.readouterr().err
+
+
+def test_train_on_the_command_line_learns_a_translation_between_nllb_languages(tmp_path, capsys):
+    """``peftjax train --task seq2seq --src-lang --tgt-lang``: sources and targets tokenized with their
+    languages' tokens (the loss before training is transformers' on them), the eval rows generated
+    with the target language forced first (PEFT's generation with the trained adapter); another
+    target language over the same data files is tokenized anew, not read from the first run's cache."""
+    from peftjax.cli import main
+
+    theirs, tokenizer = nllb(tmp_path / "base")
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefgh"), 3)) for _ in range(12)]
+    rows = [{"source": f"{a} {b}", "target": f"{b} {a}"} for a, b in rng.choice(words, (12, 2))]
+    for name, part in (("train.jsonl", rows[:8]), ("eval.jsonl", rows[8:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+
+    def job(target, out, steps):
+        assert main(["train", "--task", "seq2seq", "--model", str(tmp_path / "base"), "--dataset",
+                     str(tmp_path / "train.jsonl"), "--eval-dataset", str(tmp_path / "eval.jsonl"), "--src-lang",
+                     "fra_Latn", "--tgt-lang", target, "--target-modules", "q_proj,v_proj", "--max-steps", steps,
+                     "--learning-rate", "0.05", "--per-device-train-batch-size", "4", "--max-length", "16",
+                     "--max-target-length", "6", "--lora-dropout", "0", "--output-dir", str(tmp_path / out),
+                     "--disable-tqdm", "--save-steps", "0", "--predict", rows[8]["source"]]) == 0
+        capsys.readouterr()
+        return json.loads((tmp_path / out / "summary.json").read_text())
+
+    def transformers_loss(target):
+        tokenizer.src_lang, tokenizer.tgt_lang = "fra_Latn", target
+        batch = tokenizer([r["source"] for r in rows[8:]], return_tensors="pt", padding=True)
+        batch["labels"] = tokenizer(text_target=[r["target"] for r in rows[8:]], return_tensors="pt", padding=True,
+                                    truncation=True, max_length=6)["input_ids"]  # --max-target-length
+        assert (batch["labels"][:, 0] == tokenizer.convert_tokens_to_ids(target)).all()
+        batch["labels"][batch["labels"] == tokenizer.pad_token_id] = -100
+        with torch.no_grad():
+            return theirs(**batch).loss.item()
+
+    summary = job("deu_Latn", "deu", "3")
+    assert abs(summary["before"]["eval_loss"] - transformers_loss("deu_Latn")) < 1e-5
+    trained = quiet(peft.PeftModel.from_pretrained, theirs, tmp_path / "deu").eval()
+    tokenizer.src_lang = "fra_Latn"
+    sources = tokenizer([r["source"] for r in rows[8:]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = trained.generate(**sources, max_new_tokens=6, do_sample=False,
+                               forced_bos_token_id=tokenizer.convert_tokens_to_ids("deu_Latn"))
+    assert (out[:, 1] == tokenizer.convert_tokens_to_ids("deu_Latn")).all()
+    assert summary["eval_generations"] == tokenizer.batch_decode(out, skip_special_tokens=True)
+    trained.unload()
+
+    again = job("fra_Latn", "fra", "1")  # the same files, another target language
+    assert abs(again["before"]["eval_loss"] - transformers_loss("fra_Latn")) < 1e-5
+    assert abs(again["before"]["eval_loss"] - summary["before"]["eval_loss"]) > 1e-3
+
+    assert main(["train", "--task", "causal_lm", "--model", str(tmp_path / "base"), "--tgt-lang", "deu_Latn",
+                 "--output-dir", str(tmp_path / "lm")]) == 1
+    assert "--tgt-lang is a translation job's language: --task seq2seq" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bart", ["bart", "mbart"], indirect=True)  # transformers has no Marian, Pegasus heads

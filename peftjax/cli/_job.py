@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "num_labels": None,
     "max_length": 64,
     "max_target_length": 64,
+    "src_lang": None,  # seq2seq on a multilingual translation model (NLLB-200, M2M100, mBART-50)
+    "tgt_lang": None,
     "max_train_samples": None,
     "max_eval_samples": None,
     "method": "lora",
@@ -172,6 +174,10 @@ FLAG_HELP = {
     "choice_labels_column": "multiple_choice: a column of each row's choices' names, in which a string label is "
                             "looked up (ARC's choices.label); without it a string label is a letter, A for the first "
                             "choice (RACE's answer)",
+    "src_lang": "seq2seq on a multilingual translation model (NLLB-200, M2M100, mBART-50): the sources' language, "
+                "the tokenizer's code (eng_Latn for NLLB-200); its language token starts each source",
+    "tgt_lang": "seq2seq on a multilingual translation model: the targets' language; its token starts each "
+                "target and is the decoder's forced first token when the eval rows and --predict texts are generated",
     "stride": "question answering: tokens each window of a long context shares with the one before "
               "(default: a quarter of max_length)",
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
@@ -514,6 +520,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     task = options["task"]
     model_path = resolve_model_path(options["model"])
     tokenizer = task_tokenizer(model_path, task)
+    forced_language = _set_languages(options, tokenizer)
     if task == "masked_lm":  # refused before training: a text the adapter is to fill must hold a mask
         unmasked = [t for t in options["predict"] or [] if not tokenizer.mask_token or tokenizer.mask_token not in t]
         if unmasked:
@@ -551,6 +558,9 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
                                  f"the Hub's BERT, RoBERTa, DistilBERT, ModernBERT and DeBERTa checkpoints and "
                                  f"ELECTRA's generators are); {model_path} is a {type(model).__name__}")
+        if forced_language is not None:  # generated outputs start in the target language, as transformers' recipe
+            defaults = model.generation_config.to_dict() if model.generation_config is not None else {}
+            model.generation_config = models.GenerationDefaults({**defaults, "forced_bos_token_id": forced_language})
         if len(tokenizer) > model.config.vocab_size:  # tokens added to the tokenizer: rows for them (run_clm's rule)
             if "resized_vocabulary" not in figures:
                 print(f"the tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}: resized the "
@@ -685,6 +695,36 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     print(f"done in {figures['seconds']:.0f} s; curves: {adapter_dir / 'training_curves.png'}, "
           f"metrics: {adapter_dir / 'metrics.jsonl'}")
     return figures
+
+
+def _set_languages(options: dict, tokenizer) -> int | None:
+    """``--src-lang`` and ``--tgt-lang`` set on the tokenizer (``src_lang``, ``tgt_lang``: the language
+    tokens it puts on sources and targets); returns the target language's token id, the decoder's
+    forced first token, or ``None`` without one.
+
+    Raises:
+      ValueError: a language for a task other than seq2seq, on a tokenizer without languages, or a code
+        that is not one of its language tokens (each named).
+    """
+    from peftjax.cli import _language_token
+
+    given = {flag: options[name] for flag, name in (("--src-lang", "src_lang"), ("--tgt-lang", "tgt_lang"))
+             if options[name] is not None}
+    if not given:
+        return None
+    flag = next(iter(given))
+    if options["task"] != "seq2seq":
+        raise ValueError(f"{flag} is a translation job's language: --task seq2seq on a multilingual translation "
+                         f"model, not {options['task']}")
+    tokens = {}
+    for flag, code in given.items():
+        attribute = flag[2:].replace("-", "_")
+        if not hasattr(tokenizer, attribute):
+            raise ValueError(f"{flag} {code!r}: {type(tokenizer).__name__} has no {attribute} (a multilingual "
+                             "translation tokenizer has: NLLB, M2M100, mBART-50)")
+        tokens[flag] = _language_token(tokenizer, code, flag)
+        setattr(tokenizer, attribute, code)
+    return tokens.get("--tgt-lang")
 
 
 def _adapted(options: dict, config, model, train, tokenizer, collator, figures: dict):

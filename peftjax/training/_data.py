@@ -836,8 +836,8 @@ def tokenizer_digest(tokenizer) -> str:
     """A digest of what decides how ``tokenizer`` tokenizes: a fast tokenizer's whole definition
     (``backend_tokenizer.to_str()``: vocabulary, merges, normalizer, pre-tokenizer, post-processor,
     added tokens; not the truncation and padding the last call left set), its class, special
-    tokens, chat template and settings, in milliseconds (a definition seen before is not parsed
-    again); a slow one's as ``datasets`` hashes it (pickled)."""
+    tokens, chat template, settings and a translation tokenizer's languages, in milliseconds (a
+    definition seen before is not parsed again); a slow one's as ``datasets`` hashes it (pickled)."""
     import hashlib
     import json
 
@@ -858,9 +858,12 @@ def tokenizer_digest(tokenizer) -> str:
         del _DEFINITION_DIGESTS[next(iter(_DEFINITION_DIGESTS))]
     settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items()
                 if isinstance(v, (str, int, float, bool, type(None), list, tuple))}
+    # a translation tokenizer's languages as set now (its targets' language is in no definition until
+    # it tokenizes a target)
+    languages = getattr(tokenizer, "src_lang", None), getattr(tokenizer, "tgt_lang", None)
     extra = (type(tokenizer).__qualname__, getattr(tokenizer, "special_tokens_map", None),
              getattr(tokenizer, "chat_template", None), getattr(tokenizer, "add_prefix_space", None),
-             sorted(settings.items(), key=lambda kv: kv[0]))
+             sorted(settings.items(), key=lambda kv: kv[0]), *(languages if any(languages) else ()))
     digest = hashlib.sha256(definition.encode())
     digest.update(repr(extra).encode())
     return digest.hexdigest()
