@@ -559,7 +559,8 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                                  f"the Hub's BERT, RoBERTa, DistilBERT, ModernBERT and DeBERTa checkpoints and "
                                  f"ELECTRA's generators are); {model_path} is a {type(model).__name__}")
         if forced_language is not None:  # generated outputs start in the target language, as transformers' recipe
-            defaults = model.generation_config.to_dict() if model.generation_config is not None else {}
+            defaults = getattr(model, "generation_config", None)
+            defaults = defaults.to_dict() if defaults is not None else {}
             model.generation_config = models.GenerationDefaults({**defaults, "forced_bos_token_id": forced_language})
         if len(tokenizer) > model.config.vocab_size:  # tokens added to the tokenizer: rows for them (run_clm's rule)
             if "resized_vocabulary" not in figures:
