@@ -205,13 +205,35 @@ def translation_languages(tokenizer, model, source: str | None, target: str | No
     if not is_seq2seq_lm(model):
         raise ValueError(f"{flag} is a translation model's language; {type(_base(model)).__name__} is not an "
                          "encoder-decoder (SEQ_2_SEQ_LM)")
-    if source is not None:
-        if not hasattr(tokenizer, "src_lang"):
-            raise ValueError(f"--src-lang {source!r}: {type(tokenizer).__name__} has no source language (a "
+    token = set_languages(tokenizer, source, target)
+    return {} if token is None else {"forced_bos_token_id": token}
+
+
+LANGUAGE_NAMES = {"src_lang": "source language", "tgt_lang": "target language"}
+
+
+def set_languages(tokenizer, source: str | None, target: str | None, *, targets: bool = False) -> int | None:
+    """Sets a multilingual translation tokenizer's languages: ``source`` as its ``src_lang`` (the
+    language token it puts on each text) and, where it tokenizes ``targets`` too (a training job),
+    ``target`` as its ``tgt_lang``. Returns ``target``'s token id, the decoder's forced first token
+    (``None`` without a target). Used by ``generate`` and ``train --task seq2seq``.
+
+    Raises:
+      ValueError: a tokenizer without the language asked for, or a code that is not one of its
+        language tokens (the flag and the code named).
+    """
+    tokens = {}
+    for flag, attribute, code in (("--src-lang", "src_lang", source), ("--tgt-lang", "tgt_lang", target)):
+        if code is None:
+            continue
+        on_tokenizer = attribute == "src_lang" or targets  # else the target is the forced token alone
+        if on_tokenizer and not hasattr(tokenizer, attribute):
+            raise ValueError(f"{flag} {code!r}: {type(tokenizer).__name__} has no {LANGUAGE_NAMES[attribute]} (a "
                              "multilingual translation tokenizer has: NLLB, M2M100, mBART-50)")
-        _language_token(tokenizer, source, "--src-lang")
-        tokenizer.src_lang = source
-    return {} if target is None else {"forced_bos_token_id": _language_token(tokenizer, target, "--tgt-lang")}
+        tokens[flag] = _language_token(tokenizer, code, flag)
+        if on_tokenizer:
+            setattr(tokenizer, attribute, code)
+    return tokens.get("--tgt-lang")
 
 
 def _language_token(tokenizer, code: str, flag: str) -> int:

@@ -707,25 +707,15 @@ def _set_languages(options: dict, tokenizer) -> int | None:
       ValueError: a language for a task other than seq2seq, on a tokenizer without languages, or a code
         that is not one of its language tokens (each named).
     """
-    from peftjax.cli import _language_token
+    from peftjax.cli import set_languages
 
-    given = {flag: options[name] for flag, name in (("--src-lang", "src_lang"), ("--tgt-lang", "tgt_lang"))
-             if options[name] is not None}
-    if not given:
+    source, target = options["src_lang"], options["tgt_lang"]
+    if source is None and target is None:
         return None
-    flag = next(iter(given))
     if options["task"] != "seq2seq":
-        raise ValueError(f"{flag} is a translation job's language: --task seq2seq on a multilingual translation "
-                         f"model, not {options['task']}")
-    tokens = {}
-    for flag, code in given.items():
-        attribute = flag[2:].replace("-", "_")
-        if not hasattr(tokenizer, attribute):
-            raise ValueError(f"{flag} {code!r}: {type(tokenizer).__name__} has no {attribute} (a multilingual "
-                             "translation tokenizer has: NLLB, M2M100, mBART-50)")
-        tokens[flag] = _language_token(tokenizer, code, flag)
-        setattr(tokenizer, attribute, code)
-    return tokens.get("--tgt-lang")
+        raise ValueError(f"{'--src-lang' if source is not None else '--tgt-lang'} is a translation job's language: "
+                         f"--task seq2seq on a multilingual translation model, not {options['task']}")
+    return set_languages(tokenizer, source, target, targets=True)
 
 
 def _adapted(options: dict, config, model, train, tokenizer, collator, figures: dict):
