@@ -44,8 +44,12 @@ The HTTP interface (JSON in, JSON out):
   JSON's string keys or integers, each bias from -100 to 100 added to its logit) unset are off;
   ``"stop"``, a string or a list of up to 8: the completion ends before the first of them to be
   completed in its text, as OpenAI-style servers cut it: only the new text counts, not the
-  prompt's end; the row stops there inside the batch's loop, which ends
-  once every row has), or with
+  prompt's end; the row stops there inside the batch's loop, which ends once every row has;
+  ``src_lang`` and ``tgt_lang``, a multilingual translation model's (NLLB-200, M2M100, mBART-50)
+  languages as its tokenizer writes them (``fra_Latn``, ``fr``, ``fr_XX``): the source's token on
+  the prompt, the target's forced as the first new token, as transformers' recipe translates;
+  unset are the server's ``--src-lang`` and ``--tgt-lang``; requests of different target
+  languages batch apart, and each target language compiles its own loop once), or with
   ``"messages"`` (a conversation, ``[{"role", "content"}, ...]``) in place of ``"prompt"``: the
   tokenizer's chat template renders it with the assistant's turn opened, and that is continued. It
   returns
@@ -94,7 +98,7 @@ from peftjax.tuners.base import BASE
 
 FIELDS = ("prompt", "messages", "adapter", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
           "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "no_repeat_ngram_size",
-          "num_beams", "stop", "seed", "logprobs", "n")
+          "num_beams", "stop", "seed", "logprobs", "n", "src_lang", "tgt_lang")
 MAX_LOGIT_BIAS = 300  # tokens a request may bias (OpenAI's limit)
 MAX_STOP_STRINGS = 8
 MAX_CHOICES = 8  # completions a request may ask for (each a row of its batch)
@@ -133,15 +137,18 @@ class Request:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), by token id
+    forced_bos: int | None = None  # a translation's target language token, forced first (tgt_lang)
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share a batch: greedy ones of one repetition penalty,
         presence and frequency penalties, logit bias, n-gram size and number of beams, sampled
-        ones of one setting (stop strings apart: each cuts its own text)."""
+        ones of one setting (stop strings apart: each cuts its own text); each of one target
+        language, if any (the decoder's forced first token is a setting of the compiled loop)."""
         # a beam search's best beam depends on its length: beams batch with the same length only
         length = self.max_new_tokens if (self.num_beams or 1) > 1 else None
-        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias)
+        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.logit_bias,
+                     self.forced_bos)
         if self.temperature == 0:
             return ("greedy", *penalties, self.no_repeat_ngram_size, self.num_beams, length)
         return ("sample", self.temperature, self.top_p, self.top_k, self.min_p, self.typical_p, *penalties,
@@ -192,9 +199,14 @@ class BatchingGenerator:
       max_new_tokens: most new tokens a request may ask for.
       batch_wait_s: how long the worker waits for more requests after the first one of a batch.
       length_bucket: prompts are left-padded to a multiple of this many tokens.
+      src_lang, tgt_lang: a multilingual translation model's (NLLB-200, M2M100, mBART-50) languages
+        for requests that name none (a request's ``src_lang`` and ``tgt_lang`` fields): the
+        source's token on the prompt (the tokenizer's ``src_lang``), the target's forced first
+        (``forced_bos_token_id``), as transformers' recipe translates.
 
     Raises:
-      ValueError: an adapter the mixed-batch path cannot serve (named, with why).
+      ValueError: an adapter the mixed-batch path cannot serve (named, with why), or a language
+        the model or tokenizer does not have.
     """
 
     def __init__(
@@ -207,6 +219,8 @@ class BatchingGenerator:
         max_new_tokens: int = 256,
         batch_wait_s: float = 0.01,
         length_bucket: int = 32,
+        src_lang: str | None = None,
+        tgt_lang: str | None = None,
     ):
         for name, config in model.peft_config.items():
             if config.peft_type not in MIXED_BATCH_TYPES or getattr(config, "is_prompt_learning", False):
@@ -237,6 +251,10 @@ class BatchingGenerator:
         self._stop_tokenizer = _LockedTokenizer(tokenizer, self._tokenizer_lock)  # generate's stop strings read it
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
+        self.src_lang, self.tgt_lang, self.forced_bos = None, None, None
+        self.src_lang, self.forced_bos = self._languages({"src_lang": src_lang, "tgt_lang": tgt_lang},
+                                                         names=("src_lang", "tgt_lang"), chat=False)
+        self.tgt_lang = tgt_lang
 
     @property
     def adapters(self) -> list[str]:
@@ -298,9 +316,19 @@ class BatchingGenerator:
                                "gets its best beam")
         if logprobs is not None and beams > 1:
             raise RequestError(f"'logprobs' with beam search (num_beams {beams}) is not implemented")
+        try:
+            source, forced = self._languages(body, names=("'src_lang'", "'tgt_lang'"), chat=chat)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         with self._tokenizer_lock:
-            # a chat template writes its own special tokens
-            ids = tuple(int(i) for i in self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+            previous = getattr(self.tokenizer, "src_lang", None)
+            if source is not None and source != previous:  # the prompt's language token, this request's
+                self.tokenizer.src_lang = source
+            try:  # a chat template writes its own special tokens
+                ids = tuple(int(i) for i in self.tokenizer(prompt, add_special_tokens=not chat)["input_ids"])
+            finally:
+                if source is not None and source != previous:
+                    self.tokenizer.src_lang = previous
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt is {len(ids)} tokens; this server takes at most "
                                f"{self.max_prompt_tokens}", status=413)
@@ -315,7 +343,33 @@ class BatchingGenerator:
             raise RequestError(f"{len(ids)} prompt tokens + max_new_tokens {max_new} exceed the model's "
                                f"max_position_embeddings {self.max_total_tokens}", status=413)
         return Request(prompt, adapter, ids, max_new, temperature, top_p, top_k, seed, penalty, min_p, typical_p, ngram,
-                       stop, beams, logprobs, choices, presence, frequency, logit_bias)
+                       stop, beams, logprobs, choices, presence, frequency, logit_bias, forced)
+
+    def _languages(self, body: Mapping, *, names: tuple[str, str], chat: bool) -> tuple[str | None, int | None]:
+        """``(source language, target language token)`` of a body's ``src_lang`` and ``tgt_lang``,
+        the server's where it names none.
+
+        Raises:
+          ValueError: a language on a model that is not an encoder-decoder, a source language on a
+            tokenizer without one or with a chat template's prompt, a code that is not a language
+            token of the tokenizer (each names the field and the value).
+        """
+        from peftjax.io._tokenizer import language_tokens
+
+        source, target = body.get("src_lang"), body.get("tgt_lang")
+        if source is None and target is None:
+            return self.src_lang, self.forced_bos
+        name = names[0] if source is not None else names[1]
+        if not self.encoder_decoder:
+            raise ValueError(f"{name} is a translation model's language; this server's "
+                             f"{type(self.model.base_model).__name__} is not an encoder-decoder (SEQ_2_SEQ_LM)")
+        if source is not None and chat:
+            raise ValueError(f"{names[0]} with 'messages': a chat template writes its own special tokens, not a "
+                             "language's; send a 'prompt'")
+        with self._tokenizer_lock:
+            tokens = language_tokens(self.tokenizer, source, target, names=names)
+        return (self.src_lang if source is None else source,
+                self.forced_bos if target is None else tokens["tgt_lang"])
 
     def _logit_bias(self, value) -> tuple[tuple[int, float], ...]:
         """A request's ``logit_bias``: ``{token id (a string, as JSON keys are, or an integer):
@@ -458,6 +512,7 @@ class BatchingGenerator:
             repetition_penalty=first.repetition_penalty, min_p=first.min_p, typical_p=first.typical_p,
             presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty,
             sequence_bias={(t,): b for t, b in first.logit_bias} or None,
+            **({} if first.forced_bos is None else {"forced_bos_token_id": first.forced_bos}),
             no_repeat_ngram_size=first.no_repeat_ngram_size, num_beams=first.num_beams,
             num_return_sequences=1,  # one completion a request: the best beam where there are beams
             # each row ends at its own stop strings inside the loop (the batch once every row has
@@ -769,6 +824,8 @@ def _number(body: Mapping, name: str, kind: type, default, *, low=None, high=Non
 # only at the value that changes nothing (anything else is refused by name)
 OPENAI_MAPPED = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "logprobs",
                  "top_logprobs", "n", "presence_penalty", "frequency_penalty", "logit_bias"}
+# the server's own fields an OpenAI client may send too (the SDK's ``extra_body``): a translation's languages
+OPENAI_EXTENSIONS = {"src_lang", "tgt_lang"}
 OPENAI_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 OPENAI_NEUTRAL = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
                   "response_format": ({"type": "text"},)}
@@ -783,7 +840,8 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     one) or ``messages`` (``content`` a string or text parts; a ``developer`` message is a system
     one); ``max_tokens`` (chat: ``max_completion_tokens`` too; unset: 16 for completions, the
     server's ``max_new_tokens`` for chat), ``temperature`` (unset: OpenAI's 1, which samples),
-    ``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``. A
+    ``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``; and
+    the server's own ``src_lang`` and ``tgt_lang`` (a translation's languages; the SDK's ``extra_body``). A
     field that would change what is generated and that the server does not do (``best_of``,
     ``echo``, a suffix, tools, a JSON response format) is refused by name unless at its neutral
     value; ``n`` asks for several choices (not with ``stream``). Log probabilities: completions'
@@ -797,7 +855,7 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     if not isinstance(body, Mapping):
         raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
     own = {"messages", "max_completion_tokens"} if chat else {"prompt"}
-    unknown = sorted(set(body) - OPENAI_MAPPED - OPENAI_IGNORED - set(OPENAI_NEUTRAL) - own)
+    unknown = sorted(set(body) - OPENAI_MAPPED - OPENAI_EXTENSIONS - OPENAI_IGNORED - set(OPENAI_NEUTRAL) - own)
     if unknown:
         raise RequestError(f"unknown fields {unknown} for {'chat ' if chat else ''}completions")
     for name, neutral in OPENAI_NEUTRAL.items():
@@ -813,7 +871,8 @@ def openai_body(body, *, chat: bool, max_new_tokens: int) -> dict:
     if not isinstance(model, str) or not model:
         raise RequestError(f"'model' must name an adapter (GET /v1/models) or {BASE!r}, got {model!r}")
     out = {"adapter": model, "temperature": _number(body, "temperature", float, 1.0, low=0.0, high=2.0)}
-    for name in ("top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "logit_bias"):
+    for name in ("top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+                 *sorted(OPENAI_EXTENSIONS)):
         if body.get(name) is not None:
             out[name] = body[name]
     if body.get("stream") and body.get("n", 1) != 1:
@@ -1072,7 +1131,9 @@ def make_app(generator: BatchingGenerator):
         return JSONResponse({"adapters": generator.adapters, "base": BASE,
                              "max_batch_size": generator.max_batch_size,
                              "max_prompt_tokens": generator.max_prompt_tokens,
-                             "max_new_tokens": generator.max_new_tokens})
+                             "max_new_tokens": generator.max_new_tokens,
+                             **{k: v for k, v in (("src_lang", generator.src_lang), ("tgt_lang", generator.tgt_lang))
+                                if v is not None}})
 
     async def health(request):
         return JSONResponse({"status": "ok"})

@@ -11,6 +11,7 @@ weightless positions counting each row's real tokens, no ``final_logits_bias``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -289,6 +290,67 @@ def test_train_on_the_command_line_learns_a_translation_between_nllb_languages(t
     assert main(["train", "--task", "causal_lm", "--model", str(tmp_path / "base"), "--tgt-lang", "deu_Latn",
                  "--output-dir", str(tmp_path / "lm")]) == 1
     assert "--tgt-lang is a translation job's language: --task seq2seq" in capsys.readouterr().err
+
+
+def test_serve_translates_each_request_between_its_own_nllb_languages(tmp_path, capsys, monkeypatch):
+    """``peftjax serve --src-lang --tgt-lang`` on NLLB-200 with a LoRA adapter: a request without
+    languages is translated between the server's, one with ``src_lang``/``tgt_lang`` (``/generate``'s
+    fields, or an OpenAI client's ``extra_body``) between its own, each as PEFT's generation with
+    transformers' recipe; the tokenizer's language is the request's alone; a bad code is a 400."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from starlette.testclient import TestClient
+
+    from peftjax import serving
+    from peftjax.cli import main
+
+    theirs, tokenizer = nllb(tmp_path / "base")
+    # a small scale, so that the source language still shows through the adapter
+    config = peftjax.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                task_type="SEQ_2_SEQ_LM")
+    peftjax.get_peft_model(models.from_pretrained(tmp_path / "base"), config, key=jax.random.key(0)).save_pretrained(
+        tmp_path / "a")
+    served = {}
+    monkeypatch.setattr(serving, "serve", lambda generator, *args, **kwargs: served.setdefault("it", generator))
+    command = ["serve", str(tmp_path / "base"), "--adapter", f"a={tmp_path / 'a'}", "--port", "0"]
+    assert main([*command, "--src-lang", "fra_Latn", "--tgt-lang", "deu_Latn"]) == 0
+    generator = served["it"]
+    trained = quiet(peft.PeftModel.from_pretrained, theirs, tmp_path / "a").eval()
+    text = "the quick brown fox"
+
+    def transformers_translation(source, target, adapter=True, ngram=1):
+        tokenizer.src_lang = source
+        batch = tokenizer([text], return_tensors="pt")
+        forced = tokenizer.convert_tokens_to_ids(target)
+        with torch.no_grad(), (trained.disable_adapter() if not adapter else contextlib.nullcontext()):
+            out = trained.generate(**batch, max_new_tokens=6, no_repeat_ngram_size=ngram, do_sample=False,
+                                   forced_bos_token_id=forced)
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
+    asks = [({}, ("fra_Latn", "deu_Latn")),
+            ({"src_lang": "eng_Latn", "tgt_lang": "fra_Latn"}, ("eng_Latn", "fra_Latn")),
+            ({"src_lang": "eng_Latn"}, ("eng_Latn", "deu_Latn")), ({"adapter": None}, ("fra_Latn", "deu_Latn"))]
+    wants = [transformers_translation(*languages, adapter="adapter" not in fields) for fields, languages in asks]
+    assert len(set(wants)) == len(wants), wants  # each language and the adapter change the translation
+    with TestClient(serving.make_app(generator)) as http:
+        assert http.get("/adapters").json()["src_lang"] == "fra_Latn"
+        for (fields, _), want in zip(asks, wants):
+            body = {"prompt": text, "adapter": "a", "max_new_tokens": 6, "no_repeat_ngram_size": 1, **fields}
+            answer = http.post("/generate", json=body)
+            assert answer.status_code == 200 and answer.json()["completion"] == want, (fields, answer.text)
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        done = client.completions.create(model="a", prompt=text, max_tokens=6, temperature=0,
+                                         extra_body={"src_lang": "eng_Latn", "tgt_lang": "fra_Latn"})
+        assert done.choices[0].text == transformers_translation("eng_Latn", "fra_Latn", ngram=None)
+        for body, message in (({"tgt_lang": "Deutsch"}, "'tgt_lang' 'Deutsch' is not a language token of Nllb"),
+                              ({"src_lang": 3}, "'src_lang' must be a language code (a string), got 3")):
+            answer = http.post("/generate", json={"prompt": text, **body})
+            assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+    assert generator.tokenizer.src_lang == "fra_Latn"  # the server's, after requests of another
+    trained.unload()
+
+    assert main([*command, "--tgt-lang", "Deutsch"]) == 1
+    assert "--tgt-lang 'Deutsch' is not a language token of NllbTokenizer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bart", ["bart", "mbart"], indirect=True)  # transformers has no Marian, Pegasus heads

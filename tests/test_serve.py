@@ -424,6 +424,7 @@ def test_an_openai_client_is_served_completions_chat_and_models(files):
     ({"prompt": "hi", "max_new_tokens": "4"}, 400, "'max_new_tokens' must be an integer"),
     ({"prompt": "hi", "temperature": -1}, 400, "'temperature' must be >= 0.0"),
     ({"prompt": "hi", "adapters": "a"}, 400, "unknown fields ['adapters']"),
+    ({"prompt": "hi", "tgt_lang": "fra_Latn"}, 400, "'tgt_lang' is a translation model's language; this server's"),
     ("not json", 400, "the body is not JSON"),
     (["a list"], 400, "the body must be a JSON object"),
 ])
@@ -446,6 +447,7 @@ def test_serve_refuses_what_it_cannot_serve(files, capsys):
         (["--adapter", f"d={files / 'dora'}"], "adapter 'd' uses DoRA"),
         ([], "give at least one adapter"),
         (["--adapter", f"a={files / 'missing'}"], "missing"),
+        (["--adapter", f"a={files / 'a'}", "--tgt-lang", "fra_Latn"], "--tgt-lang is a translation model's language"),
     ]
     for extra, message in cases:
         assert main(["serve", base, "--port", "0", *extra]) == 1

@@ -197,6 +197,7 @@ def translation_languages(tokenizer, model, source: str | None, target: str | No
         without a source language, or a code that is not a language token of the tokenizer (each
         names the flag and the value).
     """
+    from peftjax.io._tokenizer import set_languages
     from peftjax.models._seq2seq_generation import is_seq2seq_lm
 
     if source is None and target is None:
@@ -207,47 +208,6 @@ def translation_languages(tokenizer, model, source: str | None, target: str | No
                          "encoder-decoder (SEQ_2_SEQ_LM)")
     token = set_languages(tokenizer, source, target)
     return {} if token is None else {"forced_bos_token_id": token}
-
-
-LANGUAGE_NAMES = {"src_lang": "source language", "tgt_lang": "target language"}
-
-
-def set_languages(tokenizer, source: str | None, target: str | None, *, targets: bool = False) -> int | None:
-    """Sets a multilingual translation tokenizer's languages: ``source`` as its ``src_lang`` (the
-    language token it puts on each text) and, where it tokenizes ``targets`` too (a training job),
-    ``target`` as its ``tgt_lang``. Returns ``target``'s token id, the decoder's forced first token
-    (``None`` without a target). Used by ``generate`` and ``train --task seq2seq``.
-
-    Raises:
-      ValueError: a tokenizer without the language asked for, or a code that is not one of its
-        language tokens (the flag and the code named).
-    """
-    tokens = {}
-    for flag, attribute, code in (("--src-lang", "src_lang", source), ("--tgt-lang", "tgt_lang", target)):
-        if code is None:
-            continue
-        on_tokenizer = attribute == "src_lang" or targets  # else the target is the forced token alone
-        if on_tokenizer and not hasattr(tokenizer, attribute):
-            raise ValueError(f"{flag} {code!r}: {type(tokenizer).__name__} has no {LANGUAGE_NAMES[attribute]} (a "
-                             "multilingual translation tokenizer has: NLLB, M2M100, mBART-50)")
-        tokens[flag] = _language_token(tokenizer, code, flag)
-        if on_tokenizer:
-            setattr(tokenizer, attribute, code)
-    return tokens.get("--tgt-lang")
-
-
-def _language_token(tokenizer, code: str, flag: str) -> int:
-    """The token id of language ``code`` (M2M100 writes ``fr`` as its token ``__fr__``)."""
-    if hasattr(tokenizer, "get_lang_id"):
-        try:
-            return tokenizer.get_lang_id(code)
-        except KeyError:
-            pass
-    token = tokenizer.convert_tokens_to_ids(code)
-    if token is None or token == tokenizer.unk_token_id or code not in tokenizer.all_special_tokens:
-        raise ValueError(f"{flag} {code!r} is not a language token of {type(tokenizer).__name__} (codes such as "
-                         "eng_Latn for NLLB-200, en for M2M100, en_XX for mBART-50)")
-    return token
 
 
 def _bad_words(tokenizer, phrases: list[str] | None) -> list[list[int]] | None:
@@ -646,9 +606,11 @@ def _serve(args) -> int:
     base = _base_dir(args)
     model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict)
     tokenizer = load_tokenizer(args.tokenizer or base)
+    translation_languages(tokenizer, model, args.src_lang, args.tgt_lang)  # refused here by their flags
     generator = BatchingGenerator(model, tokenizer, max_batch_size=args.max_batch_size,
                                   max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                                  batch_wait_s=args.batch_wait_ms / 1000)
+                                  batch_wait_s=args.batch_wait_ms / 1000, src_lang=args.src_lang,
+                                  tgt_lang=args.tgt_lang)
     serve(generator, args.host, args.port, announce=lambda line: print(line, flush=True))
     return 0
 
@@ -712,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens a request may ask for")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests after its first")
+    p.add_argument("--src-lang", help="a multilingual translation model's source language for requests that name "
+                                      "none (their src_lang field): the tokenizer's code, eng_Latn for NLLB-200")
+    p.add_argument("--tgt-lang", help="its target language for requests that name none (tgt_lang): forced as the "
+                                      "first new token")
     p.add_argument("--base-revision", help=BASE_REVISION_HELP)
     p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
     p.set_defaults(func=_serve)

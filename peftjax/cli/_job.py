@@ -707,7 +707,7 @@ def _set_languages(options: dict, tokenizer) -> int | None:
       ValueError: a language for a task other than seq2seq, on a tokenizer without languages, or a code
         that is not one of its language tokens (each named).
     """
-    from peftjax.cli import set_languages
+    from peftjax.io._tokenizer import set_languages
 
     source, target = options["src_lang"], options["tgt_lang"]
     if source is None and target is None:
