@@ -191,19 +191,67 @@ def nllb(path):
     letters = "abcdefghijklmnopqrstuvwxyz"
     pieces = ["<s>", "<pad>", "</s>", "<unk>", *(f"\u2581{c}" for c in letters), *letters, "\u2581"]
     tokenizer = tr.NllbTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], src_lang="eng_Latn")
-    fields = {**FIELDS, "vocab_size": len(tokenizer)}
-    torch.manual_seed(1)
-    theirs = tr.M2M100ForConditionalGeneration(tr.M2M100Config(**fields, activation_function="gelu")).eval()
+    return translation_checkpoint(path, tokenizer, "m2m_100", len(pieces), len(tokenizer),
+                                  ["eng_Latn", "fra_Latn", "deu_Latn"])
+
+
+def translation_checkpoint(path, tokenizer, kind: str, pieces: int, size: int, languages: list[str], seed: int = 1):
+    """``(torch model, tokenizer)``: a tiny ``kind`` model of ``size`` tokens for ``tokenizer`` (whose
+    tokens from ``pieces`` on are its languages and other special tokens), saved in ``path`` with it.
+    The tied head writes text: the end's and the special tokens' rows are small, but for the
+    ``languages`` given."""
+    config_name, model_name, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    theirs = getattr(tr, model_name)(getattr(tr, config_name)(**{**FIELDS, "vocab_size": size}, **extra)).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * torch.randn_like(p))
-        # the tied head writing text, not special tokens: small rows for the end and the languages
-        # these tests do not give
-        given = tokenizer.convert_tokens_to_ids(["eng_Latn", "fra_Latn", "deu_Latn"])
-        theirs.model.shared.weight[[2, *(i for i in range(len(pieces), len(tokenizer)) if i not in given)]] *= 0.1
+        given = tokenizer.convert_tokens_to_ids(languages)
+        theirs.model.shared.weight[[2, *(i for i in range(pieces, size) if i not in given)]] *= 0.1
     theirs.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return theirs, tokenizer
+
+
+def sentencepiece_pieces(path) -> list[str]:
+    """The pieces of a small SentencePiece model trained on letters and a few phrases, written to
+    ``path`` (its ``<unk>``, ``<s>``, ``</s>`` first)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    corpus = ["hello world", "the quick brown fox", "a longer text to translate", "good morning to you"] * 5
+    corpus += ["abcdefghijklmnopqrstuvwxyz", " ".join("abcdefghijklmnopqrstuvwxyz")]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=60,
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+
+
+def m2m100(path):
+    """``(torch model, tokenizer)``: a tiny M2M100 checkpoint with M2M100's own tokenizer (SentencePiece
+    pieces, fairseq's ``vocab.json``, the language tokens ``__fr__`` for the codes ``fr``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    pieces = sentencepiece_pieces(path / "spm.model")
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for piece in pieces:
+        vocab.setdefault(piece, len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = tr.M2M100Tokenizer(str(path / "vocab.json"), str(path / "spm.model"), src_lang="en")
+    size = max(tokenizer.lang_token_to_id.values()) + 1 + tokenizer.num_madeup_words
+    return translation_checkpoint(path, tokenizer, "m2m_100", len(vocab), size, ["__en__", "__fr__", "__de__"],
+                                  seed=0)  # a seed whose model reads its source
+
+
+def mbart50(path):
+    """``(torch model, tokenizer)``: a tiny mBART checkpoint with mBART-50's tokenizer (SentencePiece
+    pieces, the language tokens ``fr_XX``)."""
+    path.mkdir(parents=True, exist_ok=True)
+    pieces = sentencepiece_pieces(path / "spm.model")[3:]  # its own <s>, <pad>, </s>, <unk> first
+    tokenizer = tr.MBart50Tokenizer(vocab=[(p, 0.0) for p in pieces], src_lang="en_XX")
+    return translation_checkpoint(path, tokenizer, "mbart", 4 + len(pieces), len(tokenizer),
+                                  ["en_XX", "fr_XX", "de_DE"])
 
 
 def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path, capsys):
@@ -235,6 +283,37 @@ def test_generate_on_the_command_line_translates_between_nllb_languages(tmp_path
     assert "--tgt-lang 'Deutsch' is not a language token of NllbTokenizer" in capsys.readouterr().err
     assert main([*command, "--src-lang", "hello"]) == 1
     assert "--src-lang 'hello' is not a language token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, codes", [("m2m100", ("fr", "de", "en")), ("mbart50", ("fr_XX", "de_DE", "en_XX"))])
+def test_generate_on_the_command_line_takes_m2m100_s_and_mbart_50_s_language_codes(kind, codes, tmp_path, capsys):
+    """``peftjax generate --src-lang --tgt-lang`` with M2M100's own tokenizer (SentencePiece; the code
+    ``fr`` is the token ``__fr__``: ``get_lang_id``) and mBART-50's (``fr_XX``), as transformers'
+    recipe translates; NLLB's code is not M2M100's."""
+    from peftjax.cli import main
+
+    theirs, tokenizer = {"m2m100": m2m100, "mbart50": mbart50}[kind](tmp_path)
+    source, target, other = codes
+    texts = ["hello world", "the quick brown fox"]
+
+    def transformers_translation(source, target):
+        tokenizer.src_lang = source
+        batch = tokenizer(texts, return_tensors="pt", padding=True)
+        forced = (tokenizer.get_lang_id if kind == "m2m100" else tokenizer.convert_tokens_to_ids)(target)
+        with torch.no_grad():
+            out = theirs.generate(**batch, max_new_tokens=6, no_repeat_ngram_size=1, do_sample=False,
+                                  forced_bos_token_id=forced)
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+
+    want = transformers_translation(source, target)
+    # the languages change the translation (else this test could not see them)
+    assert want != transformers_translation(other, target) and want != transformers_translation(source, other)
+    command = ["generate", str(tmp_path), "--max-new-tokens", "6", "--no-repeat-ngram-size", "1",
+               "--text", texts[0], "--text", texts[1]]
+    assert main([*command, "--src-lang", source, "--tgt-lang", target]) == 0
+    assert [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()] == want
+    assert main([*command, "--tgt-lang", "deu_Latn"]) == 1
+    assert f"--tgt-lang 'deu_Latn' is not a language token of {type(tokenizer).__name__}" in capsys.readouterr().err
 
 
 def test_train_on_the_command_line_learns_a_translation_between_nllb_languages(tmp_path, capsys):
