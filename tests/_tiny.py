@@ -252,6 +252,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3,
         n_shared_experts=1, mlp_layer_types=["dense", "sparse", "dense"], routed_scaling_factor=2.5,
         pad_token_id=0)),
+    # GLM-4-9B in small: glm4's layers without the norms after each branch
+    "glm": ("GlmConfig", "GlmForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=2)),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=2)),

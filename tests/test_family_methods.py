@@ -40,8 +40,8 @@ torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that use
 # a wider init than transformers' 0.02, so that adapters and prompts move the logits well past 1e-3
 ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
          for family in ("gemma2", "gemma3_text", "qwen3", "mixtral", "qwen3_moe", "qwen2_moe", "olmo2", "olmo3",
-                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm4", "glm4_moe", "ernie4_5",
-                        "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
+                        "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm", "glm4", "glm4_moe",
+                        "ernie4_5", "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus")}
@@ -223,6 +223,9 @@ CASES = {
     ("glm4", "ia3-named"): ("peft->here",),
     ("glm4", "prefix"): BOTH,
     ("glm4", "p-tuning"): ("here->peft",),
+    # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT
+    ("glm", "lora-all-linear"): BOTH,
+    ("glm", "prefix"): ("here->peft",),
     # the key/value prefix through the q/k-normed, half-rotated attention and the MoE (LoRA: test_glm4_moe)
     ("glm4_moe", "prefix"): BOTH,
     ("ernie4_5", "lora-all-linear"): BOTH,

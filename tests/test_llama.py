@@ -72,6 +72,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "seed_oss-biases": ("seed_oss", tr.SeedOssForCausalLM, {}),
     # _tiny's pairwise partial RoPE, biased q/k/v, norms after both branches
     "glm4-pairs": ("glm4", tr.Glm4ForCausalLM, {}),
+    # _tiny's pairwise partial RoPE, biased q/k/v, the fused MLP, Llama's two norms a layer
+    "glm-pairs": ("glm", tr.GlmForCausalLM, {}),
     # _tiny's pairwise RoPE over whole heads, biases on every projection, tied embeddings
     "ernie4_5-biases": ("ernie4_5", tr.Ernie4_5ForCausalLM, {}),
     # _tiny's parallel blocks, per-head q/k norms, scaled logits
@@ -144,7 +146,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss", "glm4", "ernie4_5", "cohere",
+                                                                   "seed_oss", "glm", "ernie4_5", "cohere",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
                                                                    "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
@@ -304,7 +306,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
+                                  "glm4", "glm", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
                                   "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                                   "exaone4", "nemotron"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
@@ -312,7 +314,8 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "qwen3": tr.Qwen3ForSequenceClassification, "phi3": tr.Phi3ForSequenceClassification,
            "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
-           "glm4": tr.Glm4ForSequenceClassification, "phi": tr.PhiForSequenceClassification,
+           "glm4": tr.Glm4ForSequenceClassification, "glm": tr.GlmForSequenceClassification,
+           "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
            "stablelm": tr.StableLmForSequenceClassification, "gptj": tr.GPTJForSequenceClassification,

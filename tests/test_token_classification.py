@@ -123,7 +123,7 @@ def test_lora_token_cls_adapters_move_both_ways_with_peft(checkpoints, tiny_chec
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "glm4", "seed_oss", "smollm3", "mixtral",
             "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "mistral4", "gpt2", "gpt_neox", "bloom", "starcoder2",
             "stablelm", "falcon", "gpt_bigcode", "gpt_neo", "ministral3", "arcee",
-            "helium", "exaone4", "apertus", "nemotron"]
+            "helium", "exaone4", "apertus", "nemotron", "glm"]
 
 
 def _decoder(tiny_checkpoint, family: str):

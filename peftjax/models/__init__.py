@@ -133,7 +133,14 @@ from peftjax.models._seed_oss import (
     SeedOssForSequenceClassification,
     SeedOssForTokenClassification,
 )
-from peftjax.models._glm4 import Glm4ForCausalLM, Glm4ForSequenceClassification, Glm4ForTokenClassification
+from peftjax.models._glm4 import (
+    Glm4ForCausalLM,
+    Glm4ForSequenceClassification,
+    Glm4ForTokenClassification,
+    GlmForCausalLM,
+    GlmForSequenceClassification,
+    GlmForTokenClassification,
+)
 from peftjax.models._glm4_moe import Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM
 from peftjax.models._ernie4_5 import Ernie4_5ForCausalLM
 from peftjax.models._qwen3_5 import (
@@ -373,6 +380,9 @@ __all__ = [
     "SeedOssForQuestionAnswering",
     "SeedOssForSequenceClassification",
     "SeedOssForTokenClassification",
+    "GlmForCausalLM",
+    "GlmForSequenceClassification",
+    "GlmForTokenClassification",
     "Glm4ForCausalLM",
     "Glm4ForSequenceClassification",
     "Glm4ForTokenClassification",

@@ -200,6 +200,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
         "eos_token_id": 2, "tie_word_embeddings": True, "use_bias": False, "head_dim": 128,
     },
+    # GlmConfig (GLM-4-9B; half of each head rotated by default: partial_rotary_factor)
+    "glm": {
+        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
+        "attention_dropout": 0.0, "max_position_embeddings": 131072, "initializer_range": 0.02,
+        "rms_norm_eps": 1.5625e-07, "use_cache": True, "tie_word_embeddings": False, "pad_token_id": 151329,
+        "eos_token_id": [151329, 151336, 151338], "bos_token_id": None, "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+    },
     # Glm4Config (half of each head rotated by default: partial_rotary_factor)
     "glm4": {
         "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
@@ -684,11 +693,11 @@ class ModelConfig:
         """What the family's transformers ``__init__`` computes from the other fields."""
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
-                 "granite", "seed_oss", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
+                 "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
                  "internlm3"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if t in ("llama", "mistral", "seed_oss", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
+            if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
                      "internlm3") and self.head_dim is None:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "nemotron" and self.head_dim is None:  # NemotronConfig.__post_init__ (no key/value heads derived)

@@ -1,6 +1,7 @@
-"""Zhipu GLM-4 (``model_type`` ``"glm4"``, the 0414 releases) in Flax NNX, under transformers' names.
+"""Zhipu GLM-4 (``model_type`` ``"glm4"``, the 0414 releases; and ``"glm"``, the first GLM-4-9B
+releases as transformers converts them) in Flax NNX, under transformers' names.
 
-Against Llama:
+Against Llama (``glm``: the first three; ``glm4`` all four):
 
 - the query, key and value projections carry biases (``attention_bias``), the output projection none;
 - RoPE on the first ``partial_rotary_factor`` (0.5 by default) of each head, rotating *adjacent*
@@ -52,6 +53,29 @@ class Glm4Attention(LlamaAttention):
         return rotate_pairs(x, cos, sin)
 
 
+class GlmDecoderLayer(LlamaDecoderLayer):
+    attention_class: ClassVar[type[nnx.Module]] = Glm4Attention
+    mlp_class: ClassVar[type[nnx.Module]] = Phi3MLP
+
+
+class GlmModel(LlamaModel):
+    layer_class: ClassVar[type[nnx.Module]] = GlmDecoderLayer
+
+
+class GlmForCausalLM(LlamaForCausalLM):
+    """GLM-4-9B (``glm``): biased q/k/v, pairwise partial RoPE, the fused MLP; Llama's two norms a layer."""
+
+    model_class: ClassVar[type[nnx.Module]] = GlmModel
+
+
+class GlmForSequenceClassification(LlamaForSequenceClassification):
+    model_class: ClassVar[type[nnx.Module]] = GlmModel
+
+
+class GlmForTokenClassification(LlamaForTokenClassification):
+    model_class: ClassVar[type[nnx.Module]] = GlmModel
+
+
 class Glm4DecoderLayer(LlamaDecoderLayer):
     attention_class: ClassVar[type[nnx.Module]] = Glm4Attention
     mlp_class: ClassVar[type[nnx.Module]] = Phi3MLP
@@ -87,6 +111,9 @@ class Glm4ForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = Glm4Model
 
 
+register(GlmForCausalLM, model_types=("glm",), default=True)
+register(GlmForSequenceClassification)
+register(GlmForTokenClassification)
 register(Glm4ForCausalLM, model_types=("glm4",), default=True)
 register(Glm4ForSequenceClassification)
 register(Glm4ForTokenClassification)

@@ -60,7 +60,7 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return False, True, True
     if config.model_type == "stablelm":  # q/k/v only, by their flag
         return bool(getattr(config, "use_qkv_bias", False)), False, False
-    if config.model_type in ("glm4", "glm4_moe"):  # q/k/v only
+    if config.model_type in ("glm", "glm4", "glm4_moe"):  # q/k/v only
         return bool(config.attention_bias), False, False
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
         return (bool(config.attention_bias), bool(getattr(config, "attention_out_bias", False)),

@@ -61,7 +61,7 @@ from peftjax.tuners.bottleneck._layer import BottleneckLayer, BottleneckLinear, 
 BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     **{t: (r"self_attn\.o_proj", r"mlp\.down_proj")  # the decoders with a dense MLP
        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
-                 "smollm3", "granite", "seed_oss", "glm4", "ernie4_5", "cohere", "cohere2", "ministral",
+                 "smollm3", "granite", "seed_oss", "glm", "glm4", "ernie4_5", "cohere", "cohere2", "ministral",
                  "ministral3", "olmo", "arcee", "nemotron", "helium", "internlm3", "exaone4", "apertus")},
     **{t: (r"attention\.output\.dense", r"layer\.\d+\.output\.dense")
        for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
