@@ -31,6 +31,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "electra": "ElectraConfig",
            "seed_oss": "SeedOssConfig", "glm": "GlmConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
+           "deepseek_v2": "DeepseekV2Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
@@ -67,8 +68,8 @@ def assert_same_fields(ours, theirs):
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
-                            "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss",
-                            "glm", "glm4", "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v3", "mistral4",
+                            "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm", "glm4",
+                            "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v2", "deepseek_v3", "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
@@ -136,6 +137,11 @@ VARIANTS = [
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen2_moe", dict(qkv_bias=False, norm_topk_prob=True, layer_types=["full_attention", "sliding_attention"])),
     ("deepseek_v3", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3)),
+    # the Hub's DeepSeek-V2-Lite fields (the remote code's among them); head_dim is always derived
+    ("deepseek_v2", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3, q_lora_rank=None,
+                         scoring_func="softmax", moe_layer_freq=1, topk_method="greedy", rope_scaling={
+                             "type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32,
+                             "beta_slow": 1, "original_max_position_embeddings": 4096}, rope_theta=10000)),
     ("deepseek_v3", dict(q_lora_rank=None, rope_interleave=False, num_mtp_layers=0, rope_scaling={
         "type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 8})),
     ("glm4_moe", dict(num_key_value_heads=1, n_routed_experts=16, use_qk_norm=False, num_mtp_layers=0, num_labels=3)),

@@ -25,6 +25,7 @@ from peftjax.models._bert import (
     BertForTokenClassification,
     BertModel,
 )
+from peftjax.models._deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
 from peftjax.models._deepseek_v3 import (
     DeepseekV3ForCausalLM,
     DeepseekV3ForSequenceClassification,
@@ -290,6 +291,8 @@ __all__ = [
     "BertModel",
     "CheckpointError",
     "Conv1D",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV2ForSequenceClassification",
     "DeepseekV3ForCausalLM",
     "DeepseekV3ForSequenceClassification",
     "DeepseekV3ForTokenClassification",

@@ -337,6 +337,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
         "num_nextn_predict_layers": 1,
     },
+    # DeepseekV2Config: experts in n_routed_experts (alias num_experts); head_dim and qk_head_dim are derived
+    "deepseek_v2": {
+        "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None, "n_shared_experts": 2,
+        "n_routed_experts": 64, "output_router_logits": False, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": None,
+        "topk_group": None, "topk_method": "greedy", "num_experts_per_tok": None, "first_k_dense_replace": 0,
+        "norm_topk_prob": False, "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+        "pretraining_tp": 1, "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+        "mlp_bias": False,
+    },
     # Mistral4Config: DeepSeek-V3's fields (no MTP); its default RoPE (YaRN) is set by _derive
     "mistral4": {
         "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 2048,
@@ -634,6 +646,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts", "head_dim": "qk_rope_head_dim"},
     "mistral4": {"num_local_experts": "n_routed_experts"},
+    "deepseek_v2": {"num_experts": "n_routed_experts"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -746,6 +759,11 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
+        if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (and LlamaConfig's): every head its keys
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+            self.head_dim = self.qk_rope_head_dim
         if t == "deepseek_v3":  # DeepseekV3Config.__post_init__; a file's own values (no fields) come after
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads

@@ -342,9 +342,10 @@ class DeepseekV3Model(LlamaModel):
     """The decoder stack (``embed_tokens``, ``layers``, ``norm``) of latent-attention layers."""
 
     layer_class: ClassVar[type[nnx.Module]] = DeepseekV3DecoderLayer
+    check_config = staticmethod(check_deepseek_config)  # what the family refuses by name
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        check_deepseek_config(config)
+        self.check_config(config)
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rope = 2 * len(self.rotary.inv_freq)
         if rope != config.qk_rope_head_dim:  # transformers' RoPE reads head_dim (and partial_rotary_factor)
