@@ -141,6 +141,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4,
         qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, pad_token_id=0)),
+    # LFM2 in small: a convolution layer, an attention layer, another convolution (with biases: conv_bias),
+    # the SwiGLU's width cut to two thirds and rounded up to 8 (40 -> 26 -> 32)
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, full_attn_idxs=[1], conv_bias=True, block_multiple_of=8, pad_token_id=0)),
     # DeepSeek-V2 in small: V3's layers above with V2's router, by groups (top 3 within the best 2 of 4
     # groups by their best softmax score, scaled by 2.5, not renormalised), and two shared experts
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(

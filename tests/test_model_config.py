@@ -31,7 +31,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "electra": "ElectraConfig",
            "seed_oss": "SeedOssConfig", "glm": "GlmConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
-           "deepseek_v2": "DeepseekV2Config",
+           "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
@@ -137,6 +137,8 @@ VARIANTS = [
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen2_moe", dict(qkv_bias=False, norm_topk_prob=True, layer_types=["full_attention", "sliding_attention"])),
     ("deepseek_v3", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3)),
+    # the Hub's LFM2 names (tie_embedding, block_ff_dim) and its attention layers by index
+    ("lfm2", dict(tie_embedding=False, block_ff_dim=64, full_attn_idxs=[0, 2], conv_L_cache=4, num_labels=3)),
     # the Hub's DeepSeek-V2-Lite fields (the remote code's among them); head_dim is always derived
     ("deepseek_v2", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3, q_lora_rank=None,
                          scoring_func="softmax", moe_layer_freq=1, topk_method="greedy", rope_scaling={

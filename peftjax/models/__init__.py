@@ -46,6 +46,7 @@ from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._granitemoe import GraniteMoeForCausalLM
+from peftjax.models._lfm2 import Lfm2ForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._bloom import (
     BloomForCausalLM,
@@ -292,6 +293,7 @@ __all__ = [
     "CheckpointError",
     "Conv1D",
     "DeepseekV2ForCausalLM",
+    "Lfm2ForCausalLM",
     "DeepseekV2ForSequenceClassification",
     "DeepseekV3ForCausalLM",
     "DeepseekV3ForSequenceClassification",

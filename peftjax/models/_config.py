@@ -337,6 +337,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
         "num_nextn_predict_layers": 1,
     },
+    # Lfm2Config: layer_types derived from full_attn_idxs (every layer attends by default); the Hub's
+    # tie_embedding and block_ff_dim are tie_word_embeddings and intermediate_size (ATTRIBUTE_MAPS)
+    "lfm2": {
+        "vocab_size": 65536, "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 128000,
+        "initializer_range": 0.02, "norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "tie_word_embeddings": True, "conv_bias": False, "conv_L_cache": 3,
+        "block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": True,
+        "full_attn_idxs": None, "layer_types": None,
+    },
     # DeepseekV2Config: experts in n_routed_experts (alias num_experts); head_dim and qk_head_dim are derived
     "deepseek_v2": {
         "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "moe_intermediate_size": 1407,
@@ -647,6 +657,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts", "head_dim": "qk_rope_head_dim"},
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "deepseek_v2": {"num_experts": "n_routed_experts"},
+    "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -759,6 +770,11 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
+        if t == "lfm2" and self.layer_types is None:  # Lfm2Config.__post_init__
+            if self.full_attn_idxs is None:
+                self.full_attn_idxs = list(range(self.num_hidden_layers))
+            self.layer_types = ["full_attention" if i in self.full_attn_idxs else "conv"
+                                for i in range(self.num_hidden_layers)]
         if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (and LlamaConfig's): every head its keys
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
