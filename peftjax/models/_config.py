@@ -200,17 +200,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
         "eos_token_id": 2, "tie_word_embeddings": True, "use_bias": False, "head_dim": 128,
     },
-    # GlmConfig (GLM-4-9B; half of each head rotated by default: partial_rotary_factor)
+    # GlmConfig (GLM-4-9B; half of each head rotated by default: partial_rotary_factor); Glm4Config's are the same
     "glm": {
-        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
-        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
-        "attention_dropout": 0.0, "max_position_embeddings": 131072, "initializer_range": 0.02,
-        "rms_norm_eps": 1.5625e-07, "use_cache": True, "tie_word_embeddings": False, "pad_token_id": 151329,
-        "eos_token_id": [151329, 151336, 151338], "bos_token_id": None, "attention_bias": True,
-        "partial_rotary_factor": 0.5,
-    },
-    # Glm4Config (half of each head rotated by default: partial_rotary_factor)
-    "glm4": {
         "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
         "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "hidden_act": "silu",
         "attention_dropout": 0.0, "max_position_embeddings": 131072, "initializer_range": 0.02,
@@ -644,6 +635,7 @@ FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30
 
 # other names for fields (transformers' ``attribute_map``)
 # DebertaConfig (v1): DeBERTa-v2's fields (no buckets, convolution or shared keys), deberta-base's sizes
+FAMILY_DEFAULTS["glm4"] = {**FAMILY_DEFAULTS["glm"]}
 FAMILY_DEFAULTS["deberta"] = {**FAMILY_DEFAULTS["deberta-v2"], "vocab_size": 50265, "hidden_size": 768,
                               "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 

@@ -40,6 +40,7 @@ from peftjax.models._deepseek_v3 import (
     DeepseekV3MoE,
     MlaForCausalLM,
     MlaForSequenceClassification,
+    check_latent_attention,
     sparse_layers,
 )
 from peftjax.models._mixtral import ExpertLayout, _MoeCheckpoints, expert_count
@@ -62,12 +63,7 @@ def check_deepseek_v2_config(config) -> None:
     if frequency not in (None, 1):
         raise ValueError(f"moe_layer_freq={frequency} is not supported: transformers' DeepSeek-V2 puts the experts in "
                          f"every layer from first_k_dense_replace={config.first_k_dense_replace} on")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-    if kv_heads not in (None, heads):
-        raise ValueError(f"num_key_value_heads={kv_heads} is not supported: multi-head latent attention expands "
-                         f"keys and values for every head (num_attention_heads={heads})")
+    check_latent_attention(config)
     if not any(sparse_layers(config)):
         return
     e, k = expert_count(config), config.num_experts_per_tok

@@ -92,13 +92,19 @@ def check_deepseek_config(config) -> None:
     scoring = getattr(config, "scoring_func", None)
     if scoring not in (None, "sigmoid"):
         raise ValueError(f"scoring_func {scoring!r} is not supported; DeepSeek-V3 scores experts with 'sigmoid'")
+    check_latent_attention(config)
+    check_group_routing(config)
+
+
+def check_latent_attention(config) -> None:
+    """Refuses what the latent attention and the experts' MLPs of DeepSeek-V2 and V3 do not compute:
+    another activation, fewer key/value heads than heads."""
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; expected 'silu'")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     if kv_heads not in (None, heads):
         raise ValueError(f"num_key_value_heads={kv_heads} is not supported: multi-head latent attention expands "
                          f"keys and values for every head (num_attention_heads={heads})")
-    check_group_routing(config)
 
 
 def sparse_layers(config) -> list[bool]:

@@ -33,6 +33,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._hybrid import hybrid_inputs
 from peftjax.models._layer_kinds import checked_layer_types
 from peftjax.models._llama import LlamaForCausalLM, LlamaModel, head_dim_of
 from peftjax.models._outputs import ModelOutput
@@ -211,26 +212,9 @@ class Lfm2Model(LlamaModel):
           ValueError: ``prefix_kv`` given (the convolution layers have no keys to prefix).
         """
         del dropout_rng
-        if prefix_kv is not None:
-            raise ValueError(f"{type(self).__name__}: prefix_kv is not supported: the convolution layers have no "
-                             "keys and values to prepend a prefix to")
-        segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
-                                                                       cache, None)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        x = jnp.asarray(inputs_embeds)
-        b, s, _ = x.shape
-        if attention_mask is None and cache is not None:
-            attention_mask = jnp.ones((b, _cache_length(cache, s)), jnp.int32)
-        pos = attn.decoder_positions(
-            b, s, attention_mask=attention_mask, position_ids=position_ids, cache=None, cache_index=cache_index,
-            prefix_kv=None, num_layers=len(self.layers), owner=type(self).__name__, prefix_layout=lambda: (0, 0),
-        )
-        mask = attn.within_segments(attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True), segment_ids)
-        token_mask = None
-        if attention_mask is not None and s > 1:  # a decoded token is never padding (transformers' rule too)
-            token_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), pos.start, s, axis=1)
-        cos, sin = self.rotary.cos_sin(pos.position_ids, x.dtype)
+        x, _, segment_ids, pos, mask, token_mask, cos, sin = hybrid_inputs(
+            self, input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv, segment_ids,
+            recurrent="convolution")
         if cache is None:  # training and scoring: rematerialised where asked
             x = run_layers(self.layers, lambda layer, h, k: layer(h, cos, sin, mask, token_mask,
                                                                   segment_ids=segment_ids)[0], x, self.remat, None)
@@ -240,11 +224,6 @@ class Lfm2Model(LlamaModel):
             x, layer_cache = layer(x, cos, sin, mask, token_mask, cache[i], pos.start, segment_ids)
             new_cache.append(layer_cache)
         return ModelOutput(last_hidden_state=self.final_norm(x), past_key_values=new_cache)
-
-
-def _cache_length(cache, default: int) -> int:
-    """The slots of the attention layers' caches (``default`` where every layer convolves)."""
-    return next((c["k"].shape[1] for c in cache if "k" in c), default)
 
 
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
