@@ -141,6 +141,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4,
         qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, pad_token_id=0)),
+    # ERNIE 4.5 MoE in small: a dense layer, then two sparse ones (8 experts, top 3, a shared expert),
+    # biases everywhere (use_bias: the LM head's too, so untied)
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_k=3, moe_num_shared_experts=1,
+        use_bias=True, tie_word_embeddings=False, pad_token_id=0)),
     # LFM2 in small: a convolution layer, an attention layer, another convolution (with biases: conv_bias),
     # the SwiGLU's width cut to two thirds and rounded up to 8 (40 -> 26 -> 32)
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(

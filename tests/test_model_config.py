@@ -31,7 +31,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "electra": "ElectraConfig",
            "seed_oss": "SeedOssConfig", "glm": "GlmConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
-           "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
+           "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config", "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
@@ -69,7 +69,8 @@ def assert_same_fields(ours, theirs):
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm", "glm4",
-                            "glm4_moe", "glm4_moe_lite", "ernie4_5", "deepseek_v2", "deepseek_v3", "mistral4",
+                            "glm4_moe", "glm4_moe_lite", "ernie4_5", "ernie4_5_moe", "deepseek_v2", "deepseek_v3",
+                            "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
@@ -137,6 +138,9 @@ VARIANTS = [
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     ("qwen2_moe", dict(qkv_bias=False, norm_topk_prob=True, layer_types=["full_attention", "sliding_attention"])),
     ("deepseek_v3", dict(num_key_value_heads=None, num_experts=16, head_dim=10, num_labels=3)),
+    # ERNIE 4.5 MoE's aliases (num_experts, num_experts_per_tok), its last MoE layer by -1, no key/value heads
+    ("ernie4_5_moe", dict(num_experts=16, num_experts_per_tok=4, moe_layer_end_index=-1, num_key_value_heads=None,
+                          num_hidden_layers=6, moe_layer_interval=2, use_bias=True, num_labels=3)),
     # the Hub's LFM2 names (tie_embedding, block_ff_dim) and its attention layers by index
     ("lfm2", dict(tie_embedding=False, block_ff_dim=64, full_attn_idxs=[0, 2], conv_L_cache=4, num_labels=3)),
     # the Hub's DeepSeek-V2-Lite fields (the remote code's among them); head_dim is always derived

@@ -328,6 +328,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
         "num_nextn_predict_layers": 1,
     },
+    # Ernie4_5_MoeConfig: experts in moe_num_experts (alias num_experts), top k in moe_k (alias
+    # num_experts_per_tok); moe_layer_end_index -1 is the last layer
+    "ernie4_5_moe": {
+        "vocab_size": 103424, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "hidden_size": 2560,
+        "intermediate_size": 12288, "num_hidden_layers": 28, "num_attention_heads": 20, "num_key_value_heads": 4,
+        "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02, "rms_norm_eps": 1e-05,
+        "use_cache": True, "tie_word_embeddings": True, "use_bias": False, "moe_intermediate_size": 1536,
+        "moe_k": 6, "moe_num_experts": 64, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+        "moe_layer_end_index": -1, "moe_layer_interval": 1, "moe_norm_min": 1e-12, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "num_nextn_predict_layers": None,
+    },
     # Lfm2Config: layer_types derived from full_attn_idxs (every layer attends by default); the Hub's
     # tie_embedding and block_ff_dim are tie_word_embeddings and intermediate_size (ATTRIBUTE_MAPS)
     "lfm2": {
@@ -650,6 +661,8 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "deepseek_v2": {"num_experts": "n_routed_experts"},
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
+    "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k",
+                     "num_mtp_layers": "num_nextn_predict_layers"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
              "num_hidden_layers": "n_layer"},
     "t5": {"hidden_size": "d_model", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
@@ -762,6 +775,8 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
+        if t == "ernie4_5_moe" and self.moe_layer_end_index == -1:  # Ernie4_5_MoeConfig.__post_init__
+            self.moe_layer_end_index = self.num_hidden_layers - 1
         if t == "lfm2" and self.layer_types is None:  # Lfm2Config.__post_init__
             if self.full_attn_idxs is None:
                 self.full_attn_idxs = list(range(self.num_hidden_layers))

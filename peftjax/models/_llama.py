@@ -50,7 +50,7 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return False, False, False
     if config.model_type == "phi":  # biases on every projection, always
         return True, True, True
-    if config.model_type in ("ernie4_5", "starcoder2"):  # one flag for every projection
+    if config.model_type in ("ernie4_5", "ernie4_5_moe", "starcoder2"):  # one flag for every projection
         bias = bool(getattr(config, "use_bias", config.model_type == "starcoder2"))
         return bias, bias, bias
     if config.model_type == "opt":  # one flag for every projection, the MLP's too
