@@ -163,7 +163,7 @@ def test_explicit_targets_and_errors(tmp_path):
 
 DEFAULT_PLACED = {  # family -> the tails of the two layers per block the default (houlsby) adapts
     **{f: ("self_attn.o_proj", "mlp.down_proj") for f in ("qwen3", "phi3", "gemma", "gemma2", "olmo2", "smollm3",
-                                                          "granite", "seed_oss", "glm4", "ernie4_5", "cohere",
+                                                          "granite", "seed_oss", "glm", "glm4", "ernie4_5", "cohere",
                                                           "cohere2")},
     "roberta": ("attention.output.dense", "output.dense"),
     "deberta-v2": ("attention.output.dense", "output.dense"),
