@@ -141,6 +141,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4,
         qk_nope_head_dim=8, v_head_dim=6, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, pad_token_id=0)),
+    # Hunyuan dense in small: q/k norms after RoPE, the checkpoints' fixed NTK alpha (a base of
+    # 10000 * 1000 ** (16 / 14))
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, pad_token_id=0, rope_parameters={
+            "rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0})),
     # ERNIE 4.5 MoE in small: a dense layer, then two sparse ones (8 experts, top 3, a shared expert),
     # biases everywhere (use_bias: the LM head's too, so untied)
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(

@@ -44,7 +44,8 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "ernie4_5", "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
-                        "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2")}
+                        "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2",
+                        "hunyuan_v1_dense")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -223,6 +224,9 @@ CASES = {
     ("glm4", "ia3-named"): ("peft->here",),
     ("glm4", "prefix"): BOTH,
     ("glm4", "p-tuning"): ("here->peft",),
+    # the q/k norms after RoPE under LoRA and a prefix (a prefix's keys are cached keys: normed, not turned)
+    ("hunyuan_v1_dense", "lora-all-linear"): BOTH,
+    ("hunyuan_v1_dense", "prefix"): BOTH,
     # virtual tokens through LFM2's convolutions and attention (LoRA: test_lfm2; prefix tuning refused there)
     ("lfm2", "prompt"): BOTH,
     # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT

@@ -74,6 +74,8 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
     "glm4-pairs": ("glm4", tr.Glm4ForCausalLM, {}),
     # _tiny's pairwise partial RoPE, biased q/k/v, the fused MLP, Llama's two norms a layer
     "glm-pairs": ("glm", tr.GlmForCausalLM, {}),
+    # _tiny's q/k norms after RoPE and its fixed NTK alpha
+    "hunyuan_v1_dense-alpha": ("hunyuan_v1_dense", tr.HunYuanDenseV1ForCausalLM, {}),
     # _tiny's pairwise RoPE over whole heads, biases on every projection, tied embeddings
     "ernie4_5-biases": ("ernie4_5", tr.Ernie4_5ForCausalLM, {}),
     # _tiny's parallel blocks, per-head q/k norms, scaled logits
@@ -146,7 +148,7 @@ VARIANTS = {  # name -> (_tiny family, transformers class, config overrides)
 
 # generation's own machinery (EOS, sampling) is family-independent: checked on the first five only
 GENERATION_ONLY = sorted(k for k in VARIANTS if not k.startswith(("qwen3", "phi3", "olmo", "smollm3", "granite",
-                                                                   "seed_oss", "glm", "ernie4_5", "cohere",
+                                                                   "seed_oss", "glm", "ernie4_5", "cohere", "hunyuan",
                                                                    "phi-", "gpt_neox", "opt", "bloom",
                                                                    "starcoder2", "stablelm", "gptj", "falcon",
                                                                    "gpt_bigcode", "gpt_neo", "ministral", "olmo-",
@@ -306,7 +308,7 @@ def test_saved_checkpoint_loads_in_transformers(causal, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "phi3", "olmo2", "olmo3", "smollm3", "seed_oss",
-                                  "glm4", "glm", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
+                                  "glm4", "glm", "hunyuan_v1_dense", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj",
                                   "falcon", "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                                   "exaone4", "nemotron"])
 def test_sequence_classification_matches_torch(kind, tmp_path):
@@ -315,6 +317,7 @@ def test_sequence_classification_matches_torch(kind, tmp_path):
            "olmo2": tr.Olmo2ForSequenceClassification, "olmo3": tr.Olmo3ForSequenceClassification,
            "smollm3": tr.SmolLM3ForSequenceClassification, "seed_oss": tr.SeedOssForSequenceClassification,
            "glm4": tr.Glm4ForSequenceClassification, "glm": tr.GlmForSequenceClassification,
+           "hunyuan_v1_dense": tr.HunYuanDenseV1ForSequenceClassification,
            "phi": tr.PhiForSequenceClassification,
            "gpt_neox": tr.GPTNeoXForSequenceClassification, "opt": tr.OPTForSequenceClassification,
            "bloom": tr.BloomForSequenceClassification, "starcoder2": tr.Starcoder2ForSequenceClassification,
@@ -372,10 +375,11 @@ def test_llama3_rope_frequencies_match_transformers():
     ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True)),
     ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False)), ("gpt_bigcode", {}),
     ("gpt_bigcode", dict(multi_query=False)), ("gpt_neo", dict(attention_types=[[["local"], 2]])),
-    ("exaone4", {}), ("apertus", {}), ("nemotron", {})])
+    ("exaone4", {}), ("apertus", {}), ("nemotron", {}), ("hunyuan_v1_dense", {})])
 def test_every_weight_is_read_where_transformers_reads_it(family, overrides, tmp_path):
-    """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm
-    or a fused projection split in the wrong order shows; then scanned and rematerialised, the same."""
+    """All weights random, norms too (transformers starts them at one), so a swapped q_norm/k_norm,
+    a fused projection split in the wrong order or a per-head norm on the wrong side of RoPE (Hunyuan's
+    after it) shows; then scanned and rematerialised, the same."""
     torch.manual_seed(0)
     torch_model = _tiny.arch(family).torch_class(_tiny.config(family, **TINY, **overrides)).eval()
     with torch.no_grad():

@@ -47,6 +47,7 @@ from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._granitemoe import GraniteMoeForCausalLM
 from peftjax.models._lfm2 import Lfm2ForCausalLM
+from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
 from peftjax.models._ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._bloom import (
@@ -295,6 +296,8 @@ __all__ = [
     "Conv1D",
     "DeepseekV2ForCausalLM",
     "Lfm2ForCausalLM",
+    "HunYuanDenseV1ForCausalLM",
+    "HunYuanDenseV1ForSequenceClassification",
     "Ernie4_5_MoeForCausalLM",
     "DeepseekV2ForSequenceClassification",
     "DeepseekV3ForCausalLM",

@@ -328,6 +328,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0,
         "num_nextn_predict_layers": 1,
     },
+    # HunYuanDenseV1Config (the checkpoints' RoPE: "dynamic" with a fixed alpha, see _rope)
+    "hunyuan_v1_dense": {
+        "vocab_size": 290943, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "eod_token_id": 3, "pretraining_tp": 1, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "head_dim": None,
+    },
     # Ernie4_5_MoeConfig: experts in moe_num_experts (alias num_experts), top k in moe_k (alias
     # num_experts_per_tok); moe_layer_end_index -1 is the last layer
     "ernie4_5_moe": {
@@ -775,6 +783,8 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
+        if t == "hunyuan_v1_dense" and self.num_key_value_heads is None:  # HunYuanDenseV1Config.__post_init__
+            self.num_key_value_heads = self.num_attention_heads
         if t == "ernie4_5_moe" and self.moe_layer_end_index == -1:  # Ernie4_5_MoeConfig.__post_init__
             self.moe_layer_end_index = self.num_hidden_layers - 1
         if t == "lfm2" and self.layer_types is None:  # Lfm2Config.__post_init__

@@ -178,6 +178,9 @@ def rotary_embedding(config, head_dim: int) -> RotaryEmbedding:
         _required(p, kind, "factor")
         inv, scaling = _yarn(p, dim, config.max_position_embeddings)
         return RotaryEmbedding(tuple(inv.tolist()), scaling)
+    if kind == "dynamic" and p.get("alpha"):  # Hunyuan's fixed NTK alpha: a larger base, no dynamic update
+        base = p["rope_theta"] * p["alpha"] ** (dim / (dim - 2))
+        return RotaryEmbedding(tuple(_default_inv(base, dim).tolist()))
     if kind == "dynamic":
         (factor,) = _required(p, kind, "factor")
         inv = _default_inv(p["rope_theta"], dim)
