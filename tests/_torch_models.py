@@ -445,3 +445,46 @@ def moe_conversion(config) -> tuple:
     return (set(config.target_modules), set(config.target_parameters), dict(config.rank_pattern),
             dict(config.alpha_pattern))
 
+
+
+def assert_all_linear_lora_both_ways(torch_class, path, tmp_path, vocab: int, tolerance: dict) -> set[str]:
+    """PEFT's all-linear LoRA (random ``B``) on the checkpoint at ``path``: its adapter gives its
+    logits here; the same config made here converts (a mixture of experts' targets), targets and
+    saves as PEFT's, and PEFT loading it gives the logits it gives here. Returns the adapted layers'
+    names."""
+    import warnings
+
+    import peftjax
+    from peftjax import models
+
+    peft = pytest.importorskip("peft")
+    ids, mask = padded_batch(vocab, batch=2, seq=7)
+
+    def base():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch_class.from_pretrained(path).eval()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    ref = torch_logits(theirs, input_ids=ids, attention_mask=mask)
+    assert np.abs(ref - torch_logits(base(), input_ids=ids, attention_mask=mask))[mask.astype(bool)].max() > 1e-3
+    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert_close_where(jitted(loaded.base_model, input_ids=ids, attention_mask=mask).logits, ref, mask, **tolerance)
+
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=2, target_modules="all-linear", init_lora_weights=False))
+    ours_config, theirs_config = ours.peft_config["default"], theirs.peft_config["default"]
+    if theirs_config.target_parameters:  # PEFT's MoE conversion
+        assert moe_conversion(ours_config) == moe_conversion(theirs_config)
+    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}
+    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(base(), tmp_path / "ours").eval()
+    assert_close_where(ours(input_ids=ids, attention_mask=mask).logits,
+                       torch_logits(in_peft, input_ids=ids, attention_mask=mask), mask, **tolerance)
+    return {name for name, _ in layers}

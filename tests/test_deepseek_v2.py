@@ -10,18 +10,16 @@ conversion, and the refusals.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 
 import _tiny
 from _torch_models import (
-    assert_close_where,
+    assert_all_linear_lora_both_ways,
     assert_layouts_round_trip,
     jitted,
     lazy,
-    moe_conversion,
     padded_batch,
     randomised,
     save_both_layouts,
@@ -29,11 +27,10 @@ from _torch_models import (
     torch_logits,
 )
 
-import peftjax
 from peftjax import models
 from peftjax.models import ModelConfig
 
-torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+torch, tr = lazy("torch"), lazy("transformers")
 
 VOCAB = _tiny.FAMILIES["deepseek_v2"][2]["vocab_size"]
 TOL = dict(atol=1e-5, rtol=1e-5)  # random 0.3-std weights: logits of ~10, float32 sums
@@ -131,49 +128,9 @@ def test_unsupported_settings_are_refused_by_name():
             models.DeepseekV2ForCausalLM.from_config(ModelConfig("deepseek_v2", **{**fields, **extra}))
 
 
-# ---------------------------------------------------------------- LoRA with HF PEFT
-
-IDS, MASK = padded_batch(VOCAB, batch=2, seq=7)
-
-
-def _peft_base(path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tr.DeepseekV2ForCausalLM.from_pretrained(path).eval()
-
-
-def _changed(logits, path) -> float:
-    valid = MASK.astype(bool)
-    return float(np.abs(np.asarray(logits)[valid] - torch_logits(_peft_base(path), input_ids=IDS,
-                                                                  attention_mask=MASK)[valid]).max())
-
-
 def test_all_linear_lora_on_latent_attention_router_and_experts_both_ways(deepseek, tmp_path):
     """PEFT turns all-linear into LoRA on the attention projections, the router and the fused experts
-    (the dense layer's and the shared experts' MLPs get none, as for V3): its adapter gives its
-    logits here; the same config made here converts, targets and saves as PEFT's, and PEFT loading
-    it gives the logits it gives here."""
-    path = deepseek[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_peft_base(path), peft.LoraConfig(r=2, target_modules="all-linear",
-                                                                        init_lora_weights=False))
-    theirs.save_pretrained(tmp_path / "peft")
-    ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
-    assert _changed(ref, path) > 1e-3
-    model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    assert_close_where(jitted(model.base_model, input_ids=IDS, attention_mask=MASK).logits, ref, MASK, **TOL)
-
-    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
-        r=2, target_modules="all-linear", init_lora_weights=False))
-    assert moe_conversion(ours.peft_config["default"]) == moe_conversion(theirs.peft_config["default"])
-    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}
-    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers
-    assert {"model.model.layers.1.mlp.gate", "model.model.layers.1.mlp.experts"} <= {name for name, _ in layers}
-    ours.save_pretrained(tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = peft.PeftModel.from_pretrained(_peft_base(path), tmp_path / "ours").eval()
-    out = ours(input_ids=IDS, attention_mask=MASK).logits
-    assert_close_where(out, torch_logits(loaded, input_ids=IDS, attention_mask=MASK), MASK, **TOL)
-    assert _changed(out, path) > 1e-3
+    (the dense layer's and the shared experts' MLPs get none, as for V3), both ways."""
+    names = assert_all_linear_lora_both_ways(tr.DeepseekV2ForCausalLM, deepseek[1], tmp_path, VOCAB, TOL)
+    assert {"model.model.layers.0.self_attn.kv_b_proj", "model.model.layers.1.mlp.gate",
+            "model.model.layers.1.mlp.experts"} <= names

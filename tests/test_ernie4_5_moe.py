@@ -16,22 +16,19 @@ import pytest
 
 import _tiny
 from _torch_models import (
-    assert_close_where,
+    assert_all_linear_lora_both_ways,
     assert_layouts_round_trip,
     jitted,
     lazy,
-    moe_conversion,
     padded_batch,
     randomised,
     save_both_layouts,
-    torch_logits,
 )
 
-import peftjax
 from peftjax import models
 from peftjax.models import ModelConfig
 
-torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+torch, tr = lazy("torch"), lazy("transformers")
 
 VOCAB = _tiny.FAMILIES["ernie4_5_moe"][2]["vocab_size"]
 # random 0.3-std weights through three biased layers gave logits of ~7 whose float32 sums disagreed with
@@ -100,40 +97,9 @@ def test_unsupported_settings_are_refused_by_name():
         models.Ernie4_5_MoeForCausalLM.from_config(ModelConfig("ernie4_5_moe", **{**fields, "tie_word_embeddings": True}))
 
 
-IDS, MASK = padded_batch(VOCAB, batch=2, seq=7)
-
-
-def _peft_base(path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tr.Ernie4_5_MoeForCausalLM.from_pretrained(path).eval()
-
-
 def test_all_linear_lora_on_attention_router_and_experts_both_ways(ernie, tmp_path):
     """PEFT turns all-linear into LoRA on the attention, the router and the fused experts (the dense
-    layer's and the shared experts' MLPs, named as the experts were, get none): its adapter gives
-    its logits here; ours converts, targets and saves as PEFT's, and PEFT loading it gives ours."""
-    path = ernie[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_peft_base(path), peft.LoraConfig(r=2, target_modules="all-linear",
-                                                                        init_lora_weights=False))
-    theirs.save_pretrained(tmp_path / "peft")
-    ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
-    base = torch_logits(_peft_base(path), input_ids=IDS, attention_mask=MASK)
-    assert np.abs(ref - base)[MASK.astype(bool)].max() > 1e-3
-    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    assert_close_where(jitted(loaded.base_model, input_ids=IDS, attention_mask=MASK).logits, ref, MASK, **TOL)
-
-    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
-        r=2, target_modules="all-linear", init_lora_weights=False))
-    assert moe_conversion(ours.peft_config["default"]) == moe_conversion(theirs.peft_config["default"])
-    layers = {(s.name, s.module_type) for s in theirs.get_layer_status()}
-    assert {(s.name, s.module_type) for s in ours.get_layer_status()} == layers
-    assert {"model.model.layers.1.mlp.gate", "model.model.layers.1.mlp.experts"} <= {name for name, _ in layers}
-    ours.save_pretrained(tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        in_peft = peft.PeftModel.from_pretrained(_peft_base(path), tmp_path / "ours").eval()
-    assert_close_where(ours(input_ids=IDS, attention_mask=MASK).logits,
-                       torch_logits(in_peft, input_ids=IDS, attention_mask=MASK), MASK, **TOL)
+    layer's and the shared experts' MLPs, named as the experts were, get none), both ways."""
+    names = assert_all_linear_lora_both_ways(tr.Ernie4_5_MoeForCausalLM, ernie[1], tmp_path, VOCAB, TOL)
+    assert {"model.model.layers.1.mlp.gate", "model.model.layers.1.mlp.experts"} <= names
+    assert not any("shared_experts" in n or ".0.mlp" in n for n in names)  # as in PEFT

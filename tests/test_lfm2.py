@@ -8,19 +8,18 @@ kinds of cache, packed rows, the checkpoint both ways, LoRA both ways, and the r
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 
 import _tiny
-from _torch_models import assert_close_where, jitted, lazy, padded_batch, randomised, torch_logits
+from _torch_models import assert_all_linear_lora_both_ways, jitted, lazy, padded_batch, randomised, torch_logits
 
 import peftjax
 from peftjax import models
 from peftjax.models import ModelConfig
 
-torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
+torch, tr = lazy("torch"), lazy("transformers")
 
 VOCAB = _tiny.FAMILIES["lfm2"][2]["vocab_size"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -99,39 +98,9 @@ def test_the_config_reads_the_hub_s_names_and_refuses_what_it_cannot_run(lfm2):
         peftjax.get_peft_model(lfm2[2], peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
 
 
-IDS, MASK = padded_batch(VOCAB, batch=2, seq=7)
-
-
-def _torch_base(path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tr.Lfm2ForCausalLM.from_pretrained(path).eval()
-
-
 def test_all_linear_lora_gives_peft_logits_both_ways(lfm2, tmp_path):
-    """PEFT's all-linear on LFM2 (the convolutions' and attentions' projections and the SwiGLUs, not
-    the depthwise convolution itself): its adapter gives its logits here, and ours saved gives ours
-    in PEFT."""
-    _, path, _ = lfm2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(_torch_base(path), peft.LoraConfig(r=2, target_modules="all-linear",
-                                                                         init_lora_weights=False))
-    theirs.save_pretrained(tmp_path / "peft")
-    ref = torch_logits(theirs, input_ids=IDS, attention_mask=MASK)
-    base = torch_logits(_torch_base(path), input_ids=IDS, attention_mask=MASK)
-    assert np.abs(ref - base)[MASK.astype(bool)].max() > 1e-3
-    loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
-    assert_close_where(jitted(loaded.base_model, input_ids=IDS, attention_mask=MASK).logits, ref, MASK, **TOL)
-
-    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
-        r=2, target_modules="all-linear", init_lora_weights=False))
-    assert ({s.name for s in ours.get_layer_status()} == {s.name for s in theirs.get_layer_status()}
-            >= {"model.model.layers.0.conv.in_proj", "model.model.layers.1.self_attn.out_proj",
-                "model.model.layers.2.feed_forward.w3"})
-    ours.save_pretrained(tmp_path / "ours")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        in_peft = peft.PeftModel.from_pretrained(_torch_base(path), tmp_path / "ours").eval()
-    assert_close_where(ours(input_ids=IDS, attention_mask=MASK).logits,
-                       torch_logits(in_peft, input_ids=IDS, attention_mask=MASK), MASK, **TOL)
+    """PEFT's all-linear on LFM2: the convolutions' and attentions' projections and the SwiGLUs, not
+    the depthwise convolution itself, both ways."""
+    names = assert_all_linear_lora_both_ways(tr.Lfm2ForCausalLM, lfm2[1], tmp_path, VOCAB, TOL)
+    assert {"model.model.layers.0.conv.in_proj", "model.model.layers.1.self_attn.out_proj",
+            "model.model.layers.2.feed_forward.w3"} <= names and not any(n.endswith("conv.conv") for n in names)

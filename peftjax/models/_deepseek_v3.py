@@ -285,7 +285,6 @@ class DeepseekV3MoE(nnx.Module):
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dispatch = expert_dispatch(config)
-        self.num_experts = expert_count(config)
         self.experts = MixtralExperts(config, config.moe_intermediate_size, **kw)
         self.gate = self.router_class(config, **kw)
         self.shared_experts = LlamaMLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts,
@@ -295,11 +294,7 @@ class DeepseekV3MoE(nnx.Module):
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         _, weights, index = self.gate(flat)
-        if self.dispatch == "grouped":
-            routed = self.experts.grouped(flat, weights, index)
-        else:
-            dense = jnp.sum(jax.nn.one_hot(index, self.num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)
-            routed = self.experts(flat, dense)
+        routed = self.experts.routed(flat, weights, index, self.dispatch)
         return routed.astype(x.dtype).reshape(b, s, h) + self.shared_experts(x)
 
 

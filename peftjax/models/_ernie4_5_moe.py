@@ -102,7 +102,7 @@ class Ernie4_5_MoeSparseMoeBlock(nnx.Module):
     def __init__(self, config, layer_idx: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
         del layer_idx
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dispatch, self.num_experts = expert_dispatch(config), expert_count(config)
+        self.dispatch = expert_dispatch(config)
         self.gate = Ernie4_5_MoeTopKRouter(config, **kw)
         self.experts = MixtralExperts(config, config.moe_intermediate_size, **kw)
         shared = config.moe_num_shared_experts or 0
@@ -114,12 +114,7 @@ class Ernie4_5_MoeSparseMoeBlock(nnx.Module):
         b, s, h = x.shape
         flat = x.reshape(b * s, h)
         logits, weights, index = self.gate(flat)
-        if self.dispatch == "grouped":
-            out = self.experts.grouped(flat, weights, index)
-        else:
-            dense = jnp.sum(jax.nn.one_hot(index, self.num_experts, dtype=jnp.float32) * weights[..., None], axis=-2)
-            out = self.experts(flat, dense)
-        out = out.astype(x.dtype).reshape(b, s, h)
+        out = self.experts.routed(flat, weights, index, self.dispatch).astype(x.dtype).reshape(b, s, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out, logits

@@ -178,6 +178,14 @@ class MixtralExperts(ParamReader, nnx.Module):
         out = jnp.einsum("tei,ehi->teh", swiglu(gate, up), self.param_value("down_proj").astype(self.dtype))
         return jnp.einsum("teh,te->th", out, weights.astype(out.dtype))
 
+    def routed(self, x, top, index, dispatch: str):
+        """``x [tokens, hidden]`` through its experts ``index`` (``[tokens, k]``) weighted by ``top``:
+        :meth:`grouped` (``dispatch="grouped"``) or every expert, the others weighted 0 (``"dense"``)."""
+        if dispatch == "grouped":
+            return self.grouped(x, top, index)
+        experts = self.gate_up_proj.get_value().shape[0]
+        return self(x, jnp.sum(jax.nn.one_hot(index, experts, dtype=jnp.float32) * top[..., None], axis=-2))
+
     def grouped(self, x, top, index):
         """``x [tokens, hidden]`` through its own top-k experts only: the ``tokens * k`` assignments
         sorted by expert, each expert's rows multiplied as one group (``jax.lax.ragged_dot``, a
