@@ -187,6 +187,8 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "helium": ("self_attn.o_proj", "mlp.down_proj"),
     "exaone4": ("self_attn.o_proj", "mlp.down_proj"),
     "apertus": ("self_attn.o_proj", "mlp.down_proj"),
+    "hunyuan_v1_dense": ("self_attn.o_proj", "mlp.down_proj"),
+    "lfm2": ("out_proj", "feed_forward.w2"),  # its convolutions' and its attention's output projections
 }
 
 

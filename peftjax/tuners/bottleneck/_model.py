@@ -62,10 +62,12 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     **{t: (r"self_attn\.o_proj", r"mlp\.down_proj")  # the decoders with a dense MLP
        for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3",
                  "smollm3", "granite", "seed_oss", "glm", "glm4", "ernie4_5", "cohere", "cohere2", "ministral",
-                 "ministral3", "olmo", "arcee", "nemotron", "helium", "internlm3", "exaone4", "apertus")},
+                 "ministral3", "olmo", "arcee", "nemotron", "helium", "internlm3", "exaone4", "apertus",
+                 "hunyuan_v1_dense")},
     **{t: (r"attention\.output\.dense", r"layer\.\d+\.output\.dense")
        for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
+    "lfm2": (r"(self_attn|conv)\.out_proj", r"feed_forward\.w2"),  # each layer's mixer: attention or convolution
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     **{t: (r"attn\.c_proj", r"mlp\.c_proj") for t in ("gpt2", "gpt_bigcode")},
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
