@@ -731,7 +731,7 @@ class ModelConfig:
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
-                 "internlm3"):
+                 "internlm3", "hunyuan_v1_dense", "deepseek_v2"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
@@ -783,8 +783,6 @@ class ModelConfig:
             if self.__dict__.get("rope_parameters") is None and self.__dict__.get("rope_scaling") is None:
                 self.rope_parameters = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                         "truncate": False, "original_max_position_embeddings": 4096}
-        if t == "hunyuan_v1_dense" and self.num_key_value_heads is None:  # HunYuanDenseV1Config.__post_init__
-            self.num_key_value_heads = self.num_attention_heads
         if t == "ernie4_5_moe" and self.moe_layer_end_index == -1:  # Ernie4_5_MoeConfig.__post_init__
             self.moe_layer_end_index = self.num_hidden_layers - 1
         if t == "lfm2" and self.layer_types is None:  # Lfm2Config.__post_init__
@@ -792,9 +790,7 @@ class ModelConfig:
                 self.full_attn_idxs = list(range(self.num_hidden_layers))
             self.layer_types = ["full_attention" if i in self.full_attn_idxs else "conv"
                                 for i in range(self.num_hidden_layers)]
-        if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (and LlamaConfig's): every head its keys
-            if self.num_key_value_heads is None:
-                self.num_key_value_heads = self.num_attention_heads
+        if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (its key/value heads as LlamaConfig's, above)
             self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
             self.head_dim = self.qk_rope_head_dim
         if t == "deepseek_v3":  # DeepseekV3Config.__post_init__; a file's own values (no fields) come after

@@ -128,14 +128,6 @@ class Ernie4_5_MoeDecoderLayer(MixtralDecoderLayer):
     def is_sparse(config, layer_idx: int) -> bool:
         return sparse_layer(config, layer_idx)
 
-    def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
-        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
-        x = x + a
-        if not isinstance(self.mlp, Ernie4_5_MoeSparseMoeBlock):
-            return x + self.mlp(self.post_attention_layernorm(x)), cache, None
-        out, logits = self.mlp(self.post_attention_layernorm(x))
-        return x + out, cache, logits
-
 
 class Ernie4_5_MoeModel(MixtralModel):
     layer_class: ClassVar[type[nnx.Module]] = Ernie4_5_MoeDecoderLayer

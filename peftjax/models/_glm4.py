@@ -76,9 +76,8 @@ class GlmForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = GlmModel
 
 
-class Glm4DecoderLayer(LlamaDecoderLayer):
-    attention_class: ClassVar[type[nnx.Module]] = Glm4Attention
-    mlp_class: ClassVar[type[nnx.Module]] = Phi3MLP
+class Glm4DecoderLayer(GlmDecoderLayer):
+    """GLM-4's layer (``glm``'s) with the attention's and the MLP's outputs normalised again."""
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

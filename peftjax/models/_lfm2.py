@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._hybrid import hybrid_inputs
 from peftjax.models._layer_kinds import checked_layer_types
-from peftjax.models._llama import LlamaForCausalLM, LlamaModel, head_dim_of
+from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaModel, head_dim_of
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._rope import apply_rotary, rotary_embedding
+from peftjax.models._rope import rotary_embedding
 from peftjax.nn._delta_rule import causal_depthwise_conv
 from peftjax.nn._functional import swiglu
 from peftjax.nn._norm import RMSNorm
@@ -82,37 +81,30 @@ class Lfm2MLP(nnx.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
-class Lfm2Attention(nnx.Module):
-    """Grouped-query attention with per-head query and key RMSNorms before RoPE (no dropout, as
+class Lfm2Attention(LlamaAttention):
+    """Llama's grouped-query attention (no biases) with per-head query and key RMSNorms before RoPE,
+    its output projection ``out_proj``, global in every attention layer and without dropout (as
     transformers' has none)."""
 
-    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        del layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
-        self.head_dim = d = head_dim_of(config)
-        self.scale = d**-0.5
-        h = config.hidden_size
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(h, self.num_heads * d, **kw)
-        self.k_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
-        self.v_proj = nnx.Linear(h, self.num_kv_heads * d, **kw)
-        self.out_proj = nnx.Linear(self.num_heads * d, h, **kw)
-        norm = dict(epsilon=config.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_layernorm = RMSNorm(d, **norm)
-        self.k_layernorm = RMSNorm(d, **norm)
+    out_name: ClassVar[str] = "out_proj"
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        b, s, _ = x.shape
-        q = apply_rotary(self.q_layernorm(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(self.k_layernorm(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)), cos, sin)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        if cache is not None:
-            cache = attn.update_kv_cache(cache, k, v, cache_index)
-            k, v = cache["k"], cache["v"]
-        out = attn.dot_product_attention(q, k, v, mask, scale=self.scale,
-                                         causal_offset=attn.causal_offset(cache, None, cache_index))
-        return self.out_proj(out.reshape(b, s, -1)), cache
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(epsilon=config.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_layernorm = RMSNorm(self.head_dim, **norm)
+        self.k_layernorm = RMSNorm(self.head_dim, **norm)
+
+    def set_layout(self, config, layer_idx: int) -> None:
+        super().set_layout(config, layer_idx)
+        self.dropout_rate = 0.0
+
+    @staticmethod
+    def mask_key(config, layer_idx: int):
+        return None  # the decoder's one causal mask (its layer_types name convolutions, not windows)
+
+    def project(self, x):
+        q, k, v = super().project(x)
+        return self.q_layernorm(q), self.k_layernorm(k), v
 
 
 class Lfm2Conv1d(nnx.Module):
@@ -175,7 +167,7 @@ class Lfm2DecoderLayer(nnx.Module):
         if self.layer_type == "conv":
             a, cache = self.conv(h, token_mask, cache, segment_ids)
         else:
-            a, cache = self.self_attn(h, cos, sin, mask, cache, cache_index)
+            a, cache = self.self_attn(h, cos, sin, {None: mask}, cache, cache_index)
         x = x + a
         return x + self.feed_forward(self.ffn_norm(x)), cache
 

@@ -276,7 +276,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     def __call__(self, x, cos, sin, masks, cache=None, cache_index=None, prefix=None, dropout_rng=None):
         a, cache = self.self_attn(self.input_layernorm(x), cos, sin, masks, cache, cache_index, prefix, dropout_rng)
         x = x + a
-        if not isinstance(self.mlp, MixtralSparseMoeBlock):
+        if not isinstance(self.mlp, self.moe_class):  # a dense layer (is_sparse said no)
             return x + self.mlp(self.post_attention_layernorm(x)), cache, None
         out, logits = self.mlp(self.post_attention_layernorm(x))
         return x + out, cache, logits
