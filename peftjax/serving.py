@@ -251,10 +251,12 @@ class BatchingGenerator:
         self._stop_tokenizer = _LockedTokenizer(tokenizer, self._tokenizer_lock)  # generate's stop strings read it
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
-        self.src_lang, self.tgt_lang, self.forced_bos = None, None, None
+        self.src_lang = self.forced_bos = None  # the server's languages: none until checked
         self.src_lang, self.forced_bos = self._languages({"src_lang": src_lang, "tgt_lang": tgt_lang},
                                                          names=("src_lang", "tgt_lang"), chat=False)
         self.tgt_lang = tgt_lang
+        if self.src_lang is not None:  # set once: only a request naming another source switches it
+            self.tokenizer.src_lang = self.src_lang
 
     @property
     def adapters(self) -> list[str]:
