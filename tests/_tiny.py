@@ -66,6 +66,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
         attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=4.0, pad_token_id=0)),
+    # Granite MoE with a shared expert in small: Granite MoE's multipliers and experts, a shared SwiGLU of 20
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=20,
+        embedding_multiplier=2.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=4.0,
+        pad_token_id=0)),
+    # Granite 4.0 in small: Mamba-2, attention, Mamba-2 (the Hub's layer names), 4 experts top 2 and the shared
+    # expert, every multiplier away from 1, no RoPE (as the releases); Mamba-2 of 4 heads of 16 in 2 groups of
+    # state 8, chunks of 4 tokens (so a 9-token batch spans three), biased projections
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=20,
+        embedding_multiplier=2.0, attention_multiplier=0.3, residual_multiplier=0.5, logits_scaling=4.0,
+        layer_types=["mamba", "attention", "mamba"], position_embedding_type="nope", mamba_n_heads=4,
+        mamba_n_groups=2, mamba_d_state=8, mamba_d_head=16, mamba_d_conv=4, mamba_chunk_size=4,
+        mamba_proj_bias=True, pad_token_id=0)),
     # Nemotron in small: ReLU² MLP, RoPE on half of each head, (1 + weight) LayerNorms, biases
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -44,7 +44,8 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "ernie4_5", "deepseek_v3", "mistral4", "gemma4_text", "qwen3_5_text", "llama4_text", "cohere",
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
-                        "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2",
+                        "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
+                        "granitemoehybrid",
                         "hunyuan_v1_dense")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
@@ -229,6 +230,10 @@ CASES = {
     ("hunyuan_v1_dense", "prefix"): BOTH,
     # virtual tokens through LFM2's convolutions and attention (LoRA: test_lfm2; prefix tuning refused there)
     ("lfm2", "prompt"): BOTH,
+    # virtual tokens through Granite 4.0's Mamba-2 and attention layers, with its multipliers (LoRA:
+    # test_granitemoehybrid; prefix tuning refused there); a prefix under Granite MoE's shared expert
+    ("granitemoehybrid", "prompt"): BOTH,
+    ("granitemoeshared", "prefix"): BOTH,
     # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT
     ("glm", "lora-all-linear"): BOTH,
     ("glm", "prefix"): ("here->peft",),

@@ -31,7 +31,9 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "electra": "ElectraConfig",
            "seed_oss": "SeedOssConfig", "glm": "GlmConfig", "glm4": "Glm4Config", "ernie4_5": "Ernie4_5Config",
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
-           "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config", "ernie4_5_moe": "Ernie4_5_MoeConfig",
+           "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
+           "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
+           "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
@@ -76,7 +78,7 @@ def assert_same_fields(ours, theirs):
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
-                            "apertus"):
+                            "apertus", "granitemoeshared", "granitemoehybrid"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -190,6 +192,10 @@ VARIANTS = [
     ("olmo", dict(clip_qkv=8.0, attention_bias=True, num_key_value_heads=8)),
     ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
     ("granitemoe", dict(num_local_experts=4, embedding_multiplier=12.0, logits_scaling=8.0)),
+    ("granitemoeshared", dict(shared_intermediate_size=512, num_key_value_heads=None, num_labels=3)),
+    # Granite 4.0's Hub fields: the legacy layer names, the derived Mamba-2 head size, NoPE
+    ("granitemoehybrid", dict(layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3, mamba_d_head="auto",
+                              mamba_n_heads=64, position_embedding_type="nope", num_local_experts=0)),
     ("nemotron", dict(num_key_value_heads=2, head_dim=None, partial_rotary_factor=0.25, attention_bias=True)),
     ("exaone4", dict(sliding_window=1024, sliding_window_pattern=3, num_hidden_layers=7)),
     ("apertus", dict(hidden_act="relu2", num_key_value_heads=8, rope_parameters={"rope_type": "default",

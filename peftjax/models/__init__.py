@@ -46,6 +46,8 @@ from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
 from peftjax.models._granitemoe import GraniteMoeForCausalLM
+from peftjax.models._granitemoehybrid import GraniteMoeHybridForCausalLM
+from peftjax.models._granitemoeshared import GraniteMoeSharedForCausalLM
 from peftjax.models._lfm2 import Lfm2ForCausalLM
 from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
 from peftjax.models._ernie4_5_moe import Ernie4_5_MoeForCausalLM
@@ -296,6 +298,8 @@ __all__ = [
     "Conv1D",
     "DeepseekV2ForCausalLM",
     "Lfm2ForCausalLM",
+    "GraniteMoeHybridForCausalLM",
+    "GraniteMoeSharedForCausalLM",
     "HunYuanDenseV1ForCausalLM",
     "HunYuanDenseV1ForSequenceClassification",
     "Ernie4_5_MoeForCausalLM",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +85,31 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
         "attention_multiplier": 1.0, "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
         "router_aux_loss_coef": 0.001,
+    },
+    # GraniteMoeSharedConfig: Granite MoE's fields and the shared expert's width (0: none)
+    "granitemoeshared": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": None,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "attention_multiplier": 1.0, "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "shared_intermediate_size": 0,
+    },
+    # GraniteMoeHybridConfig (Granite 4.0): the shared expert always, Mamba-2 layers by layer_types (every
+    # layer by default; the Hub's "mamba"/"attention" read as linear_attention/full_attention), no RoPE
+    # unless position_embedding_type is "rope", mamba_d_head "auto" derived
+    "granitemoehybrid": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": None,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+        "attention_multiplier": 1.0, "num_local_experts": 8, "num_experts_per_tok": 2, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "shared_intermediate_size": 1024, "position_embedding_type": None,
+        "layer_types": None, "mamba_n_heads": 128, "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_head": "auto",
+        "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256, "mamba_conv_bias": True,
+        "mamba_proj_bias": False, "time_step_limit": (0.0, float("inf")),
     },
     # NemotronConfig (RoPE on half of each head unless partial_rotary_factor says otherwise)
     "nemotron": {
@@ -669,6 +695,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "deepseek_v2": {"num_experts": "n_routed_experts"},
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
+    "granitemoehybrid": {"layers_block_type": "layer_types"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k",
                      "num_mtp_layers": "num_nextn_predict_layers"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -731,7 +758,7 @@ class ModelConfig:
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
-                 "internlm3", "hunyuan_v1_dense", "deepseek_v2"):
+                 "internlm3", "hunyuan_v1_dense", "deepseek_v2", "granitemoeshared", "granitemoehybrid"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
@@ -790,6 +817,14 @@ class ModelConfig:
                 self.full_attn_idxs = list(range(self.num_hidden_layers))
             self.layer_types = ["full_attention" if i in self.full_attn_idxs else "conv"
                                 for i in range(self.num_hidden_layers)]
+        if t == "granitemoehybrid":  # GraniteMoeHybridConfig.__post_init__, and transformers' legacy layer names
+            if self.mamba_d_head == "auto":
+                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
+            if self.time_step_limit is not None:
+                self.time_step_limit = tuple(self.time_step_limit)
+            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
+            self.layer_types = ([legacy.get(kind, kind) for kind in self.layer_types] if self.layer_types is not None
+                                else ["linear_attention"] * self.num_hidden_layers)
         if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (its key/value heads as LlamaConfig's, above)
             self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
             self.head_dim = self.qk_rope_head_dim
@@ -980,7 +1015,9 @@ class ModelConfig:
         return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """The fields as JSON, infinities and NaNs tagged as transformers writes them (``{"__float__":
+        "Infinity"}``: plain JSON has no such numbers)."""
+        return json.dumps(_tag_floats(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
@@ -994,6 +1031,30 @@ class ModelConfig:
 
     def __repr__(self) -> str:
         return f"ModelConfig {self.to_json_string()}"
+
+
+# transformers' JSON tags for the floats plain JSON cannot hold (a Mamba-2 config's unbounded time_step_limit)
+_FLOAT_TAGS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _tag_floats(value):
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return {"__float__": "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, Mapping):
+        return {k: _tag_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_floats(v) for v in value]
+    return value
+
+
+def _untag_floats(value):
+    if isinstance(value, Mapping):
+        if set(value) == {"__float__"} and value["__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[value["__float__"]]
+        return {k: _untag_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_floats(v) for v in value]
+    return value
 
 
 # vision-language model types whose text model is bundled: their ``text_config`` is read instead,
@@ -1011,7 +1072,7 @@ def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelCon
     """
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    raw = dict(raw)
+    raw = _untag_floats(dict(raw))
     model_type = raw.pop("model_type", None)
     if model_type in TEXT_OF_VISION_LANGUAGE:
         text = raw.get("text_config")

@@ -17,7 +17,8 @@ class HybridInputs(NamedTuple):
     """A hybrid decoder call's inputs, settled: ``x`` (the embeddings), ``attention_mask`` (the
     cache's slots where a cache is given without one), ``segment_ids``, the positions ``pos``, the
     attention layers' ``mask`` and ``cos``/``sin``, and the recurrent layers' ``token_mask``
-    (``[batch, seq]``, 0 on padding; ``None`` for one decoded token, never padding)."""
+    (``[batch, seq]``, 0 on padding; ``None`` for one decoded token, never padding). ``cos`` and ``sin``
+    are ``None`` in a decoder without RoPE (``model.rotary`` ``None``)."""
 
     x: jax.Array
     attention_mask: jax.Array | None
@@ -25,8 +26,8 @@ class HybridInputs(NamedTuple):
     pos: attn.DecoderPositions
     mask: jax.Array
     token_mask: jax.Array | None
-    cos: jax.Array
-    sin: jax.Array
+    cos: jax.Array | None
+    sin: jax.Array | None
 
 
 def hybrid_inputs(model, input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv,
@@ -55,7 +56,7 @@ def hybrid_inputs(model, input_ids, attention_mask, position_ids, inputs_embeds,
     token_mask = None
     if attention_mask is not None and s > 1:  # a decoded token is never padding (transformers' rule too)
         token_mask = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), pos.start, s, axis=1)
-    cos, sin = model.rotary.cos_sin(pos.position_ids, x.dtype)
+    cos, sin = (None, None) if model.rotary is None else model.rotary.cos_sin(pos.position_ids, x.dtype)
     return HybridInputs(x, attention_mask, segment_ids, pos, mask, token_mask, cos, sin)
 
 
