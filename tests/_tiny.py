@@ -82,6 +82,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         layer_types=["mamba", "attention", "mamba"], position_embedding_type="nope", mamba_n_heads=4,
         mamba_n_groups=2, mamba_d_state=8, mamba_d_head=16, mamba_d_conv=4, mamba_chunk_size=4,
         mamba_proj_bias=True, pad_token_id=0)),
+    # Nemotron-H in small, the Hub's pattern: Mamba-2, MoE, attention, MLP, Mamba-2 (4 heads of 16 in 2 groups
+    # of state 8, chunks of 4 tokens, biased projections); 8 experts in 4 groups (top 3 within the best 2),
+    # latent experts of 24, the shared expert, scaled by 2.5
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        vocab_size=96, hidden_size=32, hybrid_override_pattern="ME*-M", num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4, mamba_head_dim=16,
+        ssm_state_size=8, n_groups=2, conv_kernel=4, chunk_size=4, use_bias=True, n_routed_experts=8,
+        num_experts_per_tok=3, n_group=4, topk_group=2, moe_intermediate_size=16, moe_latent_size=24,
+        moe_shared_expert_intermediate_size=20, routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
     # Nemotron in small: ReLU² MLP, RoPE on half of each head, (1 + weight) LayerNorms, biases
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

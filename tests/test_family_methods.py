@@ -45,7 +45,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
-                        "granitemoehybrid",
+                        "granitemoehybrid", "nemotron_h",
                         "hunyuan_v1_dense")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
@@ -234,6 +234,8 @@ CASES = {
     # test_granitemoehybrid; prefix tuning refused there); a prefix under Granite MoE's shared expert
     ("granitemoehybrid", "prompt"): BOTH,
     ("granitemoeshared", "prefix"): BOTH,
+    # virtual tokens through Nemotron-H's Mamba-2, expert, attention and MLP layers (LoRA: test_nemotron_h)
+    ("nemotron_h", "prompt"): BOTH,
     # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT
     ("glm", "lora-all-linear"): BOTH,
     ("glm", "prefix"): ("here->peft",),

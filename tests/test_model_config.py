@@ -33,6 +33,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
+           "nemotron_h": "NemotronHConfig",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -193,6 +194,9 @@ VARIANTS = [
     ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
     ("granitemoe", dict(num_local_experts=4, embedding_multiplier=12.0, logits_scaling=8.0)),
     ("granitemoeshared", dict(shared_intermediate_size=512, num_key_value_heads=None, num_labels=3)),
+    # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
+    ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,
+                        mamba_expand=2, mamba_chunk_size=256, mamba_conv_bias=True, num_labels=3)),
     # Granite 4.0's Hub fields: the legacy layer names, the derived Mamba-2 head size, NoPE
     ("granitemoehybrid", dict(layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3, mamba_d_head="auto",
                               mamba_n_heads=64, position_embedding_type="nope", num_local_experts=0)),

@@ -669,6 +669,25 @@ def module_names_as(name: Callable[[str], str] | None):
         _NAME_VIEW.reset(token)
 
 
+# PEFT 0.21.2 refuses LoRA and its like on these modules of these model types: their fused Mamba
+# kernels read the weights of ``out_proj`` and ``conv1d`` directly, past any adapter
+_MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+_MAMBA_INCOMPATIBLE = frozenset({"out_proj", "conv1d"})
+_LORA_LIKE = frozenset({"LORA", "ADALORA", "XLORA", "RANDLORA"})
+
+
+def _check_mamba_targets(config: PeftConfig, targeted: Sequence[str], model_type: str | None) -> None:
+    if model_type not in _MAMBA_MODEL_TYPES or str(getattr(config, "peft_type", "")) not in _LORA_LIKE:
+        return
+    bad = [name for name in targeted if name.rsplit(".", 1)[-1] in _MAMBA_INCOMPATIBLE]
+    if bad:
+        raise ValueError(
+            f"{config.peft_type} on {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}: modules named "
+            f"{sorted(_MAMBA_INCOMPATIBLE)} of a Mamba-based model (model_type={model_type!r}) take no adapter, as "
+            f"PEFT refuses them (its fused kernels read their weights directly); remove them from target_modules "
+            f"(target_modules={_show(config.target_modules)})")
+
+
 def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type: str | None = None) -> list[str]:
     """Returns the module names ``config`` targets, in the given order, failing loudly on none.
 
@@ -729,6 +748,7 @@ def match_modules(config: PeftConfig, module_names: Iterable[str], *, model_type
                 f"excluded and the other {len(unmatched)} did not match."
             )
         raise ValueError(_no_match_message(config, names, excluded, head))
+    _check_mamba_targets(config, targeted, model_type)
     if getattr(config, "exclude_modules", None) and not excluded:
         warnings.warn(
             f"You have passed exclude_modules={_show(config.exclude_modules)} but no modules were excluded. "

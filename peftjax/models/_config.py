@@ -111,6 +111,25 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256, "mamba_conv_bias": True,
         "mamba_proj_bias": False, "time_step_limit": (0.0, float("inf")),
     },
+    # NemotronHConfig (Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano): one mixer a layer by layers_block_type
+    # (num_hidden_layers its length; the Hub's hybrid_override_pattern "M*-E" and the old mamba_* names read)
+    "nemotron_h": {
+        "vocab_size": 131072, "hidden_size": 4096, "layers_block_type": None, "tie_word_embeddings": False,
+        "use_cache": True, "num_logits_to_keep": 1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 4096,
+        "attention_bias": False, "attention_dropout": 0.0, "sliding_window": None, "intermediate_size": 21504,
+        "mlp_hidden_act": "relu2", "mlp_bias": False, "use_mamba_kernels": True, "ssm_state_size": 128,
+        "mamba_num_heads": 128, "mamba_head_dim": 64, "mamba_hidden_act": "silu", "n_groups": 8, "conv_kernel": 4,
+        "expand": 2, "time_step_min": 0.001, "time_step_max": 0.1, "time_step_limit": (0.0, float("inf")),
+        "time_step_floor": 0.0001, "use_conv_bias": True, "chunk_size": 128, "mamba_proj_bias": False,
+        "mamba_ssm_cache_dtype": "float32", "n_routed_experts": 8, "output_router_logits": False,
+        "n_shared_experts": 1, "moe_intermediate_size": 7688, "moe_shared_expert_intermediate_size": 7688,
+        "moe_latent_size": None, "moe_shared_expert_overlap": True, "num_experts_per_tok": 2,
+        "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+        "num_nextn_predict_layers": 0, "mtp_layers_block_type": None, "use_bias": False, "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05, "residual_in_fp32": False, "hidden_dropout": 0.0,
+        "rescale_prenorm_residual": True,
+    },
     # NemotronConfig (RoPE on half of each head unless partial_rotary_factor says otherwise)
     "nemotron": {
         "vocab_size": 256000, "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 32,
@@ -696,6 +715,11 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "deepseek_v2": {"num_experts": "n_routed_experts"},
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
     "granitemoehybrid": {"layers_block_type": "layer_types"},
+    "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
+                   "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
+                   "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
+                   "mamba_dt_limit": "time_step_limit", "mamba_dt_init_floor": "time_step_floor", "mamba_conv_bias": "use_conv_bias",
+                   "mamba_chunk_size": "chunk_size"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k",
                      "num_mtp_layers": "num_nextn_predict_layers"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -825,6 +849,22 @@ class ModelConfig:
             legacy = {"mamba": "linear_attention", "attention": "full_attention"}
             self.layer_types = ([legacy.get(kind, kind) for kind in self.layer_types] if self.layer_types is not None
                                 else ["linear_attention"] * self.num_hidden_layers)
+        if t == "nemotron_h":  # NemotronHConfig.__post_init__: the Hub's pattern, legacy names; the layers' count
+            pattern = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
+            override = self.__dict__.pop("hybrid_override_pattern", None)
+            mtp_override = self.__dict__.pop("mtp_hybrid_override_pattern", None)
+            if self.layers_block_type is None:
+                self.layers_block_type = ([pattern[c] for c in override] if override is not None
+                                          else ["linear_attention", "moe", "full_attention", "mlp"])
+            self.layers_block_type = [legacy.get(kind, kind) for kind in self.layers_block_type]
+            if self.mtp_layers_block_type is None:
+                self.mtp_layers_block_type = ([pattern[c] for c in mtp_override] if mtp_override is not None
+                                              else ["full_attention", "moe"])
+            self.mtp_layers_block_type = [legacy.get(kind, kind) for kind in self.mtp_layers_block_type]
+            self.num_hidden_layers = len(self.layers_block_type)  # a property in transformers: the file's is ignored
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
         if t == "deepseek_v2":  # DeepseekV2Config.__post_init__ (its key/value heads as LlamaConfig's, above)
             self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
             self.head_dim = self.qk_rope_head_dim

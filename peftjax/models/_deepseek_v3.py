@@ -120,10 +120,11 @@ def sparse_layers(config) -> list[bool]:
     return [t == "sparse" for t in types]
 
 
-def check_group_routing(config) -> None:
+def check_group_routing(config, sparse: bool | None = None) -> None:
     """Refuses expert groups that :func:`group_limited_routing` cannot split as the config says
-    (when any layer is sparse): DeepSeek-V3's and GLM-4.5's ``n_group``, ``topk_group``, top k."""
-    if any(sparse_layers(config)):
+    (when any layer is sparse: ``sparse``, or else by :func:`sparse_layers`): DeepSeek-V3's,
+    GLM-4.5's and Nemotron-H's ``n_group``, ``topk_group``, top k."""
+    if any(sparse_layers(config)) if sparse is None else sparse:
         e, groups, chosen, k = expert_count(config), config.n_group, config.topk_group, config.num_experts_per_tok
         if not groups or e % groups or e // groups < 2:
             raise ValueError(f"n_group={groups} must divide n_routed_experts={e} into groups of two or more experts")

@@ -62,6 +62,8 @@ def _biases(config) -> tuple[bool, bool, bool]:
         return bool(getattr(config, "use_qkv_bias", False)), False, False
     if config.model_type in ("glm", "glm4", "glm4_moe"):  # q/k/v only
         return bool(config.attention_bias), False, False
+    if config.model_type == "nemotron_h":  # attention never biased, whatever attention_bias says
+        return False, False, bool(getattr(config, "mlp_bias", False))
     if config.model_type == "seed_oss":  # the output projection's has a flag of its own
         return (bool(config.attention_bias), bool(getattr(config, "attention_out_bias", False)),
                 bool(getattr(config, "mlp_bias", False)))

@@ -1,4 +1,5 @@
-"""Mamba-2's mixer, as transformers' hybrids hold it (``BambaMixer``: Granite 4.0's ``mamba`` layers).
+"""Mamba-2's mixer, as transformers' hybrids hold it (``BambaMixer``: Granite 4.0's ``mamba`` layers;
+``NemotronHMamba2Mixer``: Nemotron-H's, the same computation under other config names).
 
 ``in_proj`` gives the gate ``z``, the convolution's input ``xBC`` and the time steps ``dt`` (in that
 order); ``xBC`` goes through a causal depthwise ``conv1d`` (a bias with ``mamba_conv_bias``) and
@@ -16,7 +17,7 @@ releases keep the default, no limit).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,65 @@ class GatedGroupRMSNorm(nnx.RMSNorm):
         return grouped.reshape(h.shape) * scale.reshape((1,) * (h.ndim - 1) + (-1,))
 
 
+class Mamba2Layout(NamedTuple):
+    """A Mamba-2 mixer's sizes and options, whatever its family's config calls them."""
+
+    heads: int
+    head_dim: int
+    groups: int
+    state_size: int
+    conv_kernel: int
+    conv_bias: bool
+    proj_bias: bool
+    chunk_size: int
+    time_step_limit: tuple[float, float]
+    epsilon: float
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.groups * self.state_size
+
+
+def mamba2_layout(config) -> Mamba2Layout:
+    """The config's Mamba-2 layout: Nemotron-H's fields (``mamba_num_heads``, ``ssm_state_size``,
+    ``n_groups``, ``conv_kernel``, ``use_conv_bias``, its projections biased by ``use_bias``,
+    ``chunk_size``, ``layer_norm_epsilon``) or Bamba's and Granite 4.0's (``mamba_n_heads``,
+    ``mamba_d_state``, ``mamba_n_groups``, ``mamba_d_conv``, ``mamba_conv_bias``,
+    ``mamba_proj_bias``, ``mamba_chunk_size``, ``rms_norm_eps``; ``mamba_expand x hidden_size``
+    wide).
+
+    Raises:
+      ValueError: heads that do not tile the width, groups that do not divide the heads, or an
+        activation other than SiLU.
+    """
+    limit = tuple(float(v) for v in (getattr(config, "time_step_limit", None) or (0.0, float("inf"))))
+    if config.model_type == "nemotron_h":
+        layout = Mamba2Layout(config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size,
+                              config.conv_kernel, bool(config.use_conv_bias), bool(config.use_bias),
+                              int(config.chunk_size), limit, config.layer_norm_epsilon)
+        activation = config.mamba_hidden_act
+    else:
+        layout = Mamba2Layout(config.mamba_n_heads, mamba_head_dim(config), config.mamba_n_groups,
+                              config.mamba_d_state, config.mamba_d_conv, bool(config.mamba_conv_bias),
+                              bool(config.mamba_proj_bias), int(config.mamba_chunk_size), limit, config.rms_norm_eps)
+        activation = config.hidden_act
+        width = int(config.mamba_expand * config.hidden_size)
+        if layout.intermediate_size != width:
+            raise ValueError(f"{config.model_type}: mamba_n_heads ({layout.heads}) x mamba_d_head ({layout.head_dim}) "
+                             f"must be mamba_expand x hidden_size ({width})")
+    if layout.heads % layout.groups:
+        raise ValueError(f"{config.model_type}: the Mamba-2 heads ({layout.heads}) must be a multiple of its groups "
+                         f"({layout.groups})")
+    if activation != "silu":
+        raise ValueError(f"{config.model_type}: the Mamba-2 layers' activation {activation!r} is not supported; "
+                         f"expected 'silu'")
+    return layout
+
+
 class Mamba2Mixer(nnx.Module):
     """The Mamba-2 mixer (see the module's docstring). Its cache: ``{"conv" [batch, kernel - 1,
     conv channels], "ssm" [batch, heads, head_dim, state_size]}`` (the state in float32)."""
@@ -51,26 +111,20 @@ class Mamba2Mixer(nnx.Module):
         "dt_bias": ("dt_bias", False), "A_log": ("A_log", False), "D": ("D", False)}
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.num_heads, self.head_dim = config.mamba_n_heads, mamba_head_dim(config)
-        self.n_groups, self.state_size = config.mamba_n_groups, config.mamba_d_state
-        self.intermediate_size = int(config.mamba_expand * config.hidden_size)
-        if self.num_heads * self.head_dim != self.intermediate_size or self.num_heads % self.n_groups:
-            raise ValueError(f"{config.model_type}: mamba_n_heads ({self.num_heads}) x mamba_d_head ({self.head_dim}) "
-                             f"must be mamba_expand x hidden_size ({self.intermediate_size}), and mamba_n_heads a "
-                             f"multiple of mamba_n_groups ({self.n_groups})")
-        self.chunk_size = int(config.mamba_chunk_size)
-        limit = getattr(config, "time_step_limit", None) or (0.0, float("inf"))
-        self.time_step_limit = (float(limit[0]), float(limit[1]))
-        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.state_size
-        kw = dict(use_bias=bool(config.mamba_proj_bias), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        layout = mamba2_layout(config)
+        self.num_heads, self.head_dim = layout.heads, layout.head_dim
+        self.n_groups, self.state_size = layout.groups, layout.state_size
+        self.intermediate_size, self.conv_dim = layout.intermediate_size, layout.conv_dim
+        self.chunk_size, self.time_step_limit = layout.chunk_size, layout.time_step_limit
+        kw = dict(use_bias=layout.proj_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_proj = nnx.Linear(config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, **kw)
-        self.conv1d = Lfm2Conv1d(self.conv_dim, config.mamba_d_conv, use_bias=bool(config.mamba_conv_bias),
+        self.conv1d = Lfm2Conv1d(self.conv_dim, layout.conv_kernel, use_bias=layout.conv_bias,
                                  param_dtype=param_dtype, init_std=config.initializer_range, rngs=rngs)
         # transformers' initialisation: A = 1..heads, D and dt_bias ones
         self.dt_bias = nnx.Param(jnp.ones((self.num_heads,), param_dtype))
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, self.num_heads + 1, dtype=jnp.float32)).astype(param_dtype))
         self.D = nnx.Param(jnp.ones((self.num_heads,), param_dtype))
-        self.norm = GatedGroupRMSNorm(self.intermediate_size, self.n_groups, epsilon=config.rms_norm_eps, dtype=dtype,
+        self.norm = GatedGroupRMSNorm(self.intermediate_size, self.n_groups, epsilon=layout.epsilon, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
         self.out_proj = nnx.Linear(self.intermediate_size, config.hidden_size, **kw)
 
@@ -115,8 +169,6 @@ def mamba_head_dim(config) -> int:
 
 def mamba_cache(config, batch: int, dtype) -> dict[str, jax.Array]:
     """An empty Mamba-2 layer cache (see :class:`Mamba2Mixer`)."""
-    inner = int(config.mamba_expand * config.hidden_size)
-    conv = inner + 2 * config.mamba_n_groups * config.mamba_d_state
-    return {"conv": jnp.zeros((batch, config.mamba_d_conv - 1, conv), dtype),
-            "ssm": jnp.zeros((batch, config.mamba_n_heads, mamba_head_dim(config), config.mamba_d_state),
-                             np.float32)}
+    layout = mamba2_layout(config)
+    return {"conv": jnp.zeros((batch, layout.conv_kernel - 1, layout.conv_dim), dtype),
+            "ssm": jnp.zeros((batch, layout.heads, layout.head_dim, layout.state_size), np.float32)}

@@ -331,7 +331,7 @@ class Qwen3_5TextModel(LlamaModel):
             if cache is None:
                 aux = load_balancing_loss(counts, probs, jnp.sum(routed) * self.sparse_layers)
             router_logits = None if buffer is None else tuple(buffer)
-        return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache, aux_loss=aux,
+        return ModelOutput(last_hidden_state=self.final_norm(x), past_key_values=new_cache, aux_loss=aux,
                            router_logits=router_logits)
 
 
