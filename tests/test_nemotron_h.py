@@ -195,3 +195,25 @@ def test_the_config_reads_the_hub_s_names_and_refuses_what_peft_and_the_layers_r
                                          r"\['full_attention', 'linear_attention', 'mlp', 'moe'\]"):
         models.NemotronHForCausalLM.from_config(ModelConfig("nemotron_h", **_tiny.fields("nemotron_h"),
                                                             scan_layers=True))
+
+
+def test_peft_s_default_targets_the_attention_both_ways(nemotron, tmp_path):
+    """A LoRA config without targets takes PEFT's defaults for the family (the attention's four
+    projections): the same layers as PEFT's, and an adapter made here gives PEFT's logits there."""
+    torch_model, path, model = nemotron
+    ids, mask = padded_batch(VOCAB, batch=2, seq=7)
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(r=2, init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(r=2))
+    names = {s.name for s in ours.get_layer_status()}
+    assert names == {s.name for s in theirs.get_layer_status()} == {
+        f"model.model.layers.2.mixer.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    ours.save_pretrained(tmp_path)
+    logits = ours(input_ids=ids, attention_mask=mask).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    plain = torch_logits(torch_model, input_ids=ids, attention_mask=mask)
+    assert np.abs(np.asarray(logits) - plain)[mask == 1].max() > 1e-3
+    assert_close_where(logits, torch_logits(loaded, input_ids=ids, attention_mask=mask), mask, **TOL)
