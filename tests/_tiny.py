@@ -92,6 +92,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_experts_per_tok=3, n_group=4, topk_group=2, moe_intermediate_size=16, moe_latent_size=24,
         moe_shared_expert_intermediate_size=20, routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)),
+    # Mamba-2 in small: three Mamba-2 layers (4 heads of 16 in 2 groups of state 8, chunks of 4 tokens), the head tied
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_heads=4, head_dim=16, state_size=8, n_groups=2,
+        chunk_size=4, time_step_rank=8, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Nemotron in small: ReLU² MLP, RoPE on half of each head, (1 + weight) LayerNorms, biases
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

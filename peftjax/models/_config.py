@@ -130,6 +130,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-05, "residual_in_fp32": False, "hidden_dropout": 0.0,
         "rescale_prenorm_residual": True,
     },
+    # Mamba2Config: attention-free, Mamba-2 mixers of num_heads x head_dim (expand x hidden_size)
+    "mamba2": {
+        "num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
+        "num_hidden_layers": 64, "layer_norm_epsilon": 1e-05, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+        "expand": 2, "conv_kernel": 4, "n_groups": 8, "use_bias": False, "use_conv_bias": True, "hidden_act": "silu",
+        "initializer_range": 0.1, "residual_in_fp32": True, "time_step_rank": 256, "time_step_min": 0.001,
+        "time_step_max": 0.1, "time_step_floor": 0.0001, "time_step_limit": (0.0, float("inf")),
+        "rescale_prenorm_residual": False, "use_cache": True, "chunk_size": 256, "tie_word_embeddings": False,
+    },
     # NemotronConfig (RoPE on half of each head unless partial_rotary_factor says otherwise)
     "nemotron": {
         "vocab_size": 256000, "hidden_size": 6144, "intermediate_size": 24576, "num_hidden_layers": 32,

@@ -68,19 +68,30 @@ class Mamba2Layout(NamedTuple):
 
 
 def mamba2_layout(config) -> Mamba2Layout:
-    """The config's Mamba-2 layout: Nemotron-H's fields (``mamba_num_heads``, ``ssm_state_size``,
-    ``n_groups``, ``conv_kernel``, ``use_conv_bias``, its projections biased by ``use_bias``,
-    ``chunk_size``, ``layer_norm_epsilon``) or Bamba's and Granite 4.0's (``mamba_n_heads``,
-    ``mamba_d_state``, ``mamba_n_groups``, ``mamba_d_conv``, ``mamba_conv_bias``,
-    ``mamba_proj_bias``, ``mamba_chunk_size``, ``rms_norm_eps``; ``mamba_expand x hidden_size``
-    wide).
+    """The config's Mamba-2 layout, by family: Mamba-2's own fields (``num_heads``, ``head_dim``,
+    ``state_size``, ``n_groups``, ``conv_kernel``, ``use_conv_bias``, ``use_bias``, ``chunk_size``,
+    ``layer_norm_epsilon``; ``expand x hidden_size`` wide), Nemotron-H's (``mamba_num_heads``,
+    ``mamba_head_dim``, ``ssm_state_size``, ``n_groups``, ``conv_kernel``, ``use_conv_bias``,
+    ``use_bias``, ``chunk_size``, ``layer_norm_epsilon``) or Bamba's and Granite 4.0's
+    (``mamba_n_heads``, ``mamba_d_head``, ``mamba_d_state``, ``mamba_n_groups``, ``mamba_d_conv``,
+    ``mamba_conv_bias``, ``mamba_proj_bias``, ``mamba_chunk_size``, ``rms_norm_eps``;
+    ``mamba_expand x hidden_size`` wide).
 
     Raises:
       ValueError: heads that do not tile the width, groups that do not divide the heads, or an
         activation other than SiLU.
     """
     limit = tuple(float(v) for v in (getattr(config, "time_step_limit", None) or (0.0, float("inf"))))
-    if config.model_type == "nemotron_h":
+    if config.model_type == "mamba2":
+        layout = Mamba2Layout(config.num_heads, config.head_dim, config.n_groups, config.state_size,
+                              config.conv_kernel, bool(config.use_conv_bias), bool(config.use_bias),
+                              int(config.chunk_size), limit, config.layer_norm_epsilon)
+        activation = config.hidden_act
+        width = int(config.expand * config.hidden_size)
+        if layout.intermediate_size != width:
+            raise ValueError(f"mamba2: num_heads ({layout.heads}) x head_dim ({layout.head_dim}) must be expand x "
+                             f"hidden_size ({width})")
+    elif config.model_type == "nemotron_h":
         layout = Mamba2Layout(config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size,
                               config.conv_kernel, bool(config.use_conv_bias), bool(config.use_bias),
                               int(config.chunk_size), limit, config.layer_norm_epsilon)
