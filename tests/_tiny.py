@@ -92,6 +92,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_experts_per_tok=3, n_group=4, topk_group=2, moe_intermediate_size=16, moe_latent_size=24,
         moe_shared_expert_intermediate_size=20, routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)),
+    # Mamba in small: three Mamba layers of 64 channels, state 8, time steps of rank 4 (chunks of 64 steps: the
+    # selective scan's default, so the tests' rows are one chunk unless they ask for more), the head tied
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, state_size=8, time_step_rank=4, use_bias=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, state_size=8, time_step_rank=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
     # Mamba-2 in small: three Mamba-2 layers (4 heads of 16 in 2 groups of state 8, chunks of 4 tokens), the head tied
     "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=3, num_heads=4, head_dim=16, state_size=8, n_groups=2,

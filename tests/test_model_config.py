@@ -33,7 +33,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "glm4_moe": "Glm4MoeConfig", "glm4_moe_lite": "Glm4MoeLiteConfig", "deepseek_v3": "DeepseekV3Config",
            "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
-           "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config",
+           "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config", "mamba": "MambaConfig",
+           "falcon_mamba": "FalconMambaConfig",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -194,6 +195,9 @@ VARIANTS = [
     ("arcee", dict(hidden_act="relu2", mlp_bias=True, head_dim=64)),
     ("granitemoe", dict(num_local_experts=4, embedding_multiplier=12.0, logits_scaling=8.0)),
     ("granitemoeshared", dict(shared_intermediate_size=512, num_key_value_heads=None, num_labels=3)),
+    # the released Mamba and Falcon-Mamba files: time_step_rank derived ("auto") or given
+    ("mamba", dict(hidden_size=2560, time_step_rank="auto", expand=2, num_hidden_layers=4, tie_word_embeddings=True)),
+    ("falcon_mamba", dict(hidden_size=4096, time_step_rank=256, mixer_rms_eps=1e-6, use_conv_bias=True)),
     ("mamba2", dict(num_heads=64, head_dim=32, hidden_size=1024, tie_word_embeddings=True, residual_in_fp32=False)),
     # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
     ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,

@@ -183,7 +183,7 @@ def test_the_config_reads_the_hub_s_names_and_refuses_what_peft_and_the_layers_r
     model = nemotron[2]
     for targets in (["in_proj", "out_proj"], "all-linear"):
         with pytest.raises(ValueError, match=r"model.layers.0.mixer.out_proj, model.layers.4.mixer.out_proj: modules "
-                                             r"named \['conv1d', 'out_proj'\] of a Mamba-based model "
+                                             r"named \['out_proj'\] of a Mamba-based model "
                                              r"\(model_type='nemotron_h'\) take no adapter, as PEFT refuses them"):
             peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules=targets))
         with pytest.raises(ValueError, match="incompatible with Mamba-based models"), warnings.catch_warnings():

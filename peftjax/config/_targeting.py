@@ -669,22 +669,30 @@ def module_names_as(name: Callable[[str], str] | None):
         _NAME_VIEW.reset(token)
 
 
-# PEFT 0.21.2 refuses LoRA and its like on these modules of these model types: their fused Mamba
-# kernels read the weights of ``out_proj`` and ``conv1d`` directly, past any adapter
-_MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
-_MAMBA_INCOMPATIBLE = frozenset({"out_proj", "conv1d"})
+# LoRA and its like take no adapter on these modules of these model types. PEFT 0.21.2 refuses
+# ``out_proj`` and ``conv1d`` of its Mamba-based types: their fused kernels read those weights
+# directly. transformers' Mamba and Falcon-Mamba multiply by ``dt_proj.weight`` itself, so PEFT's
+# LoRA on ``dt_proj`` changes nothing there: refused here rather than computed as PEFT does not.
+_PEFT_REFUSES = "as PEFT refuses them (its fused kernels read their weights directly)"
+_DT_PROJ = "as transformers multiplies by dt_proj.weight past any adapter (PEFT's LoRA there changes nothing)"
+_MAMBA_INCOMPATIBLE = {"out_proj": _PEFT_REFUSES, "conv1d": _PEFT_REFUSES}
+_NO_ADAPTER = {"falcon_h1": _MAMBA_INCOMPATIBLE, "mamba2": _MAMBA_INCOMPATIBLE, "nemotron_h": _MAMBA_INCOMPATIBLE,
+               "mamba": {**_MAMBA_INCOMPATIBLE, "dt_proj": _DT_PROJ},
+               "falcon_mamba": {**_MAMBA_INCOMPATIBLE, "dt_proj": _DT_PROJ}}
 _LORA_LIKE = frozenset({"LORA", "ADALORA", "XLORA", "RANDLORA"})
 
 
 def _check_mamba_targets(config: PeftConfig, targeted: Sequence[str], model_type: str | None) -> None:
-    if model_type not in _MAMBA_MODEL_TYPES or str(getattr(config, "peft_type", "")) not in _LORA_LIKE:
+    refused = _NO_ADAPTER.get(model_type)
+    if refused is None or str(getattr(config, "peft_type", "")) not in _LORA_LIKE:
         return
-    bad = [name for name in targeted if name.rsplit(".", 1)[-1] in _MAMBA_INCOMPATIBLE]
+    bad = [name for name in targeted if name.rsplit(".", 1)[-1] in refused]
     if bad:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in bad})
         raise ValueError(
-            f"{config.peft_type} on {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}: modules named "
-            f"{sorted(_MAMBA_INCOMPATIBLE)} of a Mamba-based model (model_type={model_type!r}) take no adapter, as "
-            f"PEFT refuses them (its fused kernels read their weights directly); remove them from target_modules "
+            f"{config.peft_type} on {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}: modules named {leaves} of a "
+            f"Mamba-based model (model_type={model_type!r}) take no adapter, "
+            f"{'; '.join(dict.fromkeys(refused[leaf] for leaf in leaves))}; remove them from target_modules "
             f"(target_modules={_show(config.target_modules)})")
 
 

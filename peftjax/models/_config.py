@@ -130,6 +130,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-05, "residual_in_fp32": False, "hidden_dropout": 0.0,
         "rescale_prenorm_residual": True,
     },
+    # MambaConfig: attention-free Mamba-1 mixers; intermediate_size (expand x hidden_size) and time_step_rank
+    # ("auto": ceil(hidden_size / 16)) derived; FalconMambaConfig adds the mixers' RMS epsilon
+    "mamba": {
+        "vocab_size": 50280, "hidden_size": 768, "state_size": 16, "num_hidden_layers": 32, "layer_norm_epsilon": 1e-05,
+        "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, "expand": 2, "conv_kernel": 4, "use_bias": False,
+        "use_conv_bias": True, "hidden_act": "silu", "initializer_range": 0.1, "residual_in_fp32": True,
+        "time_step_rank": "auto", "time_step_scale": 1.0, "time_step_min": 0.001, "time_step_max": 0.1,
+        "time_step_init_scheme": "random", "time_step_floor": 0.0001, "rescale_prenorm_residual": False,
+        "use_cache": True, "use_mambapy": False, "use_associative_scan": True, "tie_word_embeddings": True,
+    },
     # Mamba2Config: attention-free, Mamba-2 mixers of num_heads x head_dim (expand x hidden_size)
     "mamba2": {
         "num_heads": 128, "head_dim": 64, "vocab_size": 32768, "hidden_size": 4096, "state_size": 128,
@@ -706,6 +716,8 @@ FAMILY_DEFAULTS["mpnet"] = {
 }
 FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 
+FAMILY_DEFAULTS["falcon_mamba"] = {**FAMILY_DEFAULTS["mamba"], "mixer_rms_eps": 1e-06}
+
 # other names for fields (transformers' ``attribute_map``)
 # DebertaConfig (v1): DeBERTa-v2's fields (no buckets, convolution or shared keys), deberta-base's sizes
 FAMILY_DEFAULTS["glm4"] = {**FAMILY_DEFAULTS["glm"]}
@@ -727,8 +739,8 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
                    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
                    "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
-                   "mamba_dt_limit": "time_step_limit", "mamba_dt_init_floor": "time_step_floor", "mamba_conv_bias": "use_conv_bias",
-                   "mamba_chunk_size": "chunk_size"},
+                   "mamba_dt_limit": "time_step_limit", "mamba_dt_init_floor": "time_step_floor",
+                   "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"},
     "ernie4_5_moe": {"num_experts": "moe_num_experts", "num_experts_per_tok": "moe_k",
                      "num_mtp_layers": "num_nextn_predict_layers"},
     "gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -858,6 +870,10 @@ class ModelConfig:
             legacy = {"mamba": "linear_attention", "attention": "full_attention"}
             self.layer_types = ([legacy.get(kind, kind) for kind in self.layer_types] if self.layer_types is not None
                                 else ["linear_attention"] * self.num_hidden_layers)
+        if t in ("mamba", "falcon_mamba"):  # MambaConfig.__post_init__
+            self.intermediate_size = int(self.expand * self.hidden_size)
+            if self.time_step_rank == "auto":
+                self.time_step_rank = -(-self.hidden_size // 16)
         if t == "nemotron_h":  # NemotronHConfig.__post_init__: the Hub's pattern, legacy names; the layers' count
             pattern = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
             legacy = {"mamba": "linear_attention", "attention": "full_attention"}

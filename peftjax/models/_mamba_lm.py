@@ -1,14 +1,18 @@
-"""Mamba-2 language models (``model_type`` ``"mamba2"``: state-spaces' mamba2-130m to 2.7b, Mistral's
-Mamba-Codestral-7B) in Flax NNX, under transformers' names.
+"""The attention-free Mamba language models in Flax NNX, under transformers' names: Mamba
+(``model_type`` ``"mamba"``: state-spaces' mamba-130m-hf to 2.8b-hf), Falcon-Mamba (``"falcon_mamba"``:
+Falcon-Mamba-7B, its instruct and 4-bit releases) and Mamba-2 (``"mamba2"``: mamba2-130m to 2.7b,
+Mistral's Mamba-Codestral-7B).
 
-Attention-free: ``backbone`` holds ``embeddings``, ``layers`` (each a ``norm`` and a Mamba-2
-``mixer``, see ``_mamba2``, added to the residual, which ``residual_in_fp32`` keeps in float32) and
+``backbone`` holds ``embeddings``, ``layers`` (each a ``norm`` and a ``mixer``: Mamba's, see
+``_mamba``, or Mamba-2's, see ``_mamba2``, added to the residual, which ``residual_in_fp32`` keeps
+in float32) and
 ``norm_f``; ``lm_head`` after it, tied to the embeddings with ``tie_word_embeddings``. Old
 checkpoints' ``backbone.embedding`` loads as transformers renames it. Generation keeps each layer's
 convolution inputs and scan state, nothing that grows with the sequence. Every layer is alike, so
 ``scan_layers=True`` stacks them. Prefix tuning is refused (no keys to prefix), so is LoRA on the
-mixers' ``out_proj`` and ``conv1d``, as PEFT refuses them for this family. transformers has only
-the causal LM.
+mixers' ``out_proj`` and ``conv1d``, as PEFT refuses them for these families (and Mamba's
+``dt_proj``, which transformers multiplies by past any adapter). transformers has only the causal
+LMs.
 """
 
 from __future__ import annotations
@@ -23,21 +27,25 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._llama import DecoderUnderPrefix, LlamaForCausalLM
-from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
+from peftjax.models._mamba import MambaMixer, mamba_cache
+from peftjax.models._mamba2 import Mamba2Mixer
+from peftjax.models._mamba2 import mamba_cache as mamba2_cache
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._qwen3_5 import Qwen3_5TextModel
 from peftjax.nn._norm import RMSNorm
 
 
-class Mamba2Block(nnx.Module):
-    """``norm`` (of the residual in the compute dtype) then the Mamba-2 ``mixer``, added to the
-    residual (float32 from the embeddings on with ``residual_in_fp32``: see :class:`Mamba2Model`)."""
+class MambaBlock(nnx.Module):
+    """``norm`` (of the residual in the compute dtype) then the ``mixer``, added to the residual
+    (float32 from the embeddings on with ``residual_in_fp32``: see :class:`MambaModel`)."""
+
+    mixer_class: ClassVar[type[nnx.Module]] = MambaMixer
 
     def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         del layer_idx
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = RMSNorm(config.hidden_size, epsilon=config.layer_norm_epsilon, **kw)
-        self.mixer = Mamba2Mixer(config, **kw)
+        self.mixer = self.mixer_class(config, **kw)
         self.dtype = dtype
 
     @staticmethod
@@ -52,10 +60,14 @@ class Mamba2Block(nnx.Module):
         return x + out.astype(x.dtype), cache, None
 
 
-class Mamba2Model(Qwen3_5TextModel):
+class Mamba2Block(MambaBlock):
+    mixer_class: ClassVar[type[nnx.Module]] = Mamba2Mixer
+
+
+class MambaModel(Qwen3_5TextModel):
     """``backbone``: ``embeddings``, ``layers``, ``norm_f``."""
 
-    layer_class: ClassVar[type[nnx.Module]] = Mamba2Block
+    layer_class: ClassVar[type[nnx.Module]] = MambaBlock
     embed_name: ClassVar[str] = "embeddings"
     norm_name: ClassVar[str] = "norm_f"
 
@@ -84,11 +96,16 @@ class Mamba2Model(Qwen3_5TextModel):
                                 dropout_rng, output_router_logits, segment_ids)
 
 
-class Mamba2ForCausalLM(DecoderUnderPrefix, LlamaForCausalLM):
-    """Mamba-2's causal LM (see the module docstring)."""
+class Mamba2Model(MambaModel):
+    layer_class: ClassVar[type[nnx.Module]] = Mamba2Block
 
-    model_class: ClassVar[type[nnx.Module]] = Mamba2Model
+
+class MambaForCausalLM(DecoderUnderPrefix, LlamaForCausalLM):
+    """Mamba's causal LM (see the module docstring)."""
+
+    model_class: ClassVar[type[nnx.Module]] = MambaModel
     base_model_prefix: ClassVar[str] = "backbone"
+    layer_cache: ClassVar = staticmethod(mamba_cache)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
                  cache=None, cache_index=None, dropout_rng=None, logits_to_keep=0, segment_ids=None) -> ModelOutput:
@@ -97,9 +114,9 @@ class Mamba2ForCausalLM(DecoderUnderPrefix, LlamaForCausalLM):
                                 None, dropout_rng, logits_to_keep, segment_ids=segment_ids)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
-        """An empty generation cache: Mamba-2's ``{"conv", "ssm"}`` per layer (``max_len`` unused:
-        nothing grows with the sequence)."""
-        return [mamba_cache(self.config, batch, dtype or self.dtype) for _ in range(self.config.num_hidden_layers)]
+        """An empty generation cache: the mixer's ``{"conv", "ssm"}`` per layer (``max_len``
+        unused: nothing grows with the sequence)."""
+        return [self.layer_cache(self.config, batch, dtype or self.dtype) for _ in range(self.config.num_hidden_layers)]
 
     def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
                            seed: int | None = None) -> None:
@@ -123,4 +140,17 @@ class _Renamed(Mapping):
         return len(self.names)
 
 
+class FalconMambaForCausalLM(MambaForCausalLM):
+    """Falcon-Mamba's causal LM: Mamba's, its mixers normalising the time step's input, ``B`` and ``C``."""
+
+
+class Mamba2ForCausalLM(MambaForCausalLM):
+    """Mamba-2's causal LM (see the module docstring)."""
+
+    model_class: ClassVar[type[nnx.Module]] = Mamba2Model
+    layer_cache: ClassVar = staticmethod(mamba2_cache)
+
+
+register(MambaForCausalLM, model_types=("mamba",), default=True)
+register(FalconMambaForCausalLM, model_types=("falcon_mamba",), default=True)
 register(Mamba2ForCausalLM, model_types=("mamba2",), default=True)
