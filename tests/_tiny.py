@@ -92,6 +92,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_experts_per_tok=3, n_group=4, topk_group=2, moe_intermediate_size=16, moe_latent_size=24,
         moe_shared_expert_intermediate_size=20, routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1,
         eos_token_id=2)),
+    # Bamba in small: Mamba-2, attention (RoPE on half of each head), Mamba-2; 4 Mamba-2 heads of 16 in 2 groups of
+    # state 8, chunks of 4 tokens; the z-loss on
+    "bamba": ("BambaConfig", "BambaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=8, mamba_chunk_size=4, z_loss_coefficient=0.01, pad_token_id=0)),
     # Mamba in small: three Mamba layers of 64 channels, state 8, time steps of rank 4 (chunks of 64 steps: the
     # selective scan's default, so the tests' rows are one chunk unless they ask for more), the head tied
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(

@@ -34,7 +34,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
            "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config", "mamba": "MambaConfig",
-           "falcon_mamba": "FalconMambaConfig",
+           "falcon_mamba": "FalconMambaConfig", "bamba": "BambaConfig",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -80,7 +80,7 @@ def assert_same_fields(ours, theirs):
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
-                            "apertus", "granitemoeshared", "granitemoehybrid"):
+                            "apertus", "granitemoeshared", "granitemoehybrid", "bamba"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -198,6 +198,8 @@ VARIANTS = [
     # the released Mamba and Falcon-Mamba files: time_step_rank derived ("auto") or given
     ("mamba", dict(hidden_size=2560, time_step_rank="auto", expand=2, num_hidden_layers=4, tie_word_embeddings=True)),
     ("falcon_mamba", dict(hidden_size=4096, time_step_rank=256, mixer_rms_eps=1e-6, use_conv_bias=True)),
+    # Bamba-9B's fields: its attention layers, a derived Mamba-2 head size, RoPE's partial factor fixed
+    ("bamba", dict(attn_layer_indices=[0, 2], mamba_d_head="auto", mamba_n_heads=8, num_key_value_heads=None)),
     ("mamba2", dict(num_heads=64, head_dim=32, hidden_size=1024, tie_word_embeddings=True, residual_in_fp32=False)),
     # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
     ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,

@@ -50,6 +50,7 @@ from peftjax.models._granitemoehybrid import GraniteMoeHybridForCausalLM
 from peftjax.models._granitemoeshared import GraniteMoeSharedForCausalLM
 from peftjax.models._lfm2 import Lfm2ForCausalLM
 from peftjax.models._nemotron_h import NemotronHForCausalLM
+from peftjax.models._bamba import BambaForCausalLM
 from peftjax.models._mamba_lm import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
 from peftjax.models._ernie4_5_moe import Ernie4_5_MoeForCausalLM
@@ -303,6 +304,7 @@ __all__ = [
     "GraniteMoeHybridForCausalLM",
     "GraniteMoeSharedForCausalLM",
     "NemotronHForCausalLM",
+    "BambaForCausalLM",
     "Mamba2ForCausalLM",
     "MambaForCausalLM",
     "FalconMambaForCausalLM",

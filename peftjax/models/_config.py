@@ -130,6 +130,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "layer_norm_epsilon": 1e-05, "residual_in_fp32": False, "hidden_dropout": 0.0,
         "rescale_prenorm_residual": True,
     },
+    # BambaConfig: Mamba-2 layers with attention at attn_layer_indices; RoPE on half of each head, always
+    "bamba": {
+        "vocab_size": 128000, "tie_word_embeddings": False, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "num_logits_to_keep": 1,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 262144,
+        "attention_dropout": 0.0, "attn_layer_indices": None, "mamba_n_heads": 128, "mamba_d_head": "auto",
+        "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256,
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "time_step_limit": (0.0, float("inf")),
+        "z_loss_coefficient": 0.0, "attention_bias": False, "mlp_bias": False,
+    },
     # MambaConfig: attention-free Mamba-1 mixers; intermediate_size (expand x hidden_size) and time_step_rank
     # ("auto": ceil(hidden_size / 16)) derived; FalconMambaConfig adds the mixers' RMS epsilon
     "mamba": {
@@ -862,6 +873,14 @@ class ModelConfig:
                 self.full_attn_idxs = list(range(self.num_hidden_layers))
             self.layer_types = ["full_attention" if i in self.full_attn_idxs else "conv"
                                 for i in range(self.num_hidden_layers)]
+        if t == "bamba":  # BambaConfig.__post_init__: its RoPE's partial factor fixed at 0.5
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.mamba_d_head == "auto":
+                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
+            if self.time_step_limit is not None:
+                self.time_step_limit = tuple(self.time_step_limit)
+            self.partial_rotary_factor = 0.5
         if t == "granitemoehybrid":  # GraniteMoeHybridConfig.__post_init__, and transformers' legacy layer names
             if self.mamba_d_head == "auto":
                 self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
