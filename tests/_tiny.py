@@ -98,6 +98,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2,
         mamba_d_state=8, mamba_chunk_size=4, z_loss_coefficient=0.01, pad_token_id=0)),
+    # Jamba in small: Mamba, attention, Mamba, attention (period 2 from 1); 4 experts top 2 on layers 0 and 2
+    # (period 2 from 0), SwiGLUs on the others; Mamba of 64 channels, state 8, time steps of rank 4
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4,
+        mamba_proj_bias=True, pad_token_id=0)),
     # Mamba in small: three Mamba layers of 64 channels, state 8, time steps of rank 4 (chunks of 64 steps: the
     # selective scan's default, so the tests' rows are one chunk unless they ask for more), the head tied
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(

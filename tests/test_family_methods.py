@@ -45,7 +45,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "cohere2", "phi", "gpt_neox", "opt", "bloom", "starcoder2", "stablelm", "gptj", "falcon",
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
-                        "granitemoehybrid", "nemotron_h", "mamba2", "bamba",
+                        "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
                         "hunyuan_v1_dense")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
@@ -240,6 +240,8 @@ CASES = {
     ("mamba2", "prompt"): BOTH,
     # virtual tokens through Bamba's Mamba-2 and half-RoPE attention layers (LoRA: test_bamba)
     ("bamba", "prompt"): BOTH,
+    # and through Jamba's Mamba, attention and expert layers (LoRA: test_jamba)
+    ("jamba", "prompt"): BOTH,
     # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT
     ("glm", "lora-all-linear"): BOTH,
     ("glm", "prefix"): ("here->peft",),

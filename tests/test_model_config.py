@@ -34,7 +34,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "deepseek_v2": "DeepseekV2Config", "lfm2": "Lfm2Config",
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
            "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config", "mamba": "MambaConfig",
-           "falcon_mamba": "FalconMambaConfig", "bamba": "BambaConfig",
+           "falcon_mamba": "FalconMambaConfig", "bamba": "BambaConfig", "jamba": "JambaConfig",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -200,6 +200,9 @@ VARIANTS = [
     ("falcon_mamba", dict(hidden_size=4096, time_step_rank=256, mixer_rms_eps=1e-6, use_conv_bias=True)),
     # Bamba-9B's fields: its attention layers, a derived Mamba-2 head size, RoPE's partial factor fixed
     ("bamba", dict(attn_layer_indices=[0, 2], mamba_d_head="auto", mamba_n_heads=8, num_key_value_heads=None)),
+    # Jamba 1.5 Mini's layout: attention every 8th from 4, experts every 2nd from 1; the derived time-step rank
+    ("jamba", dict(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4, num_experts=16, mamba_dt_rank="auto",
+                   num_labels=3)),
     ("mamba2", dict(num_heads=64, head_dim=32, hidden_size=1024, tie_word_embeddings=True, residual_in_fp32=False)),
     # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
     ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,

@@ -671,14 +671,14 @@ def module_names_as(name: Callable[[str], str] | None):
 
 # LoRA and its like take no adapter on these modules of these model types. PEFT 0.21.2 refuses
 # ``out_proj`` and ``conv1d`` of its Mamba-based types: their fused kernels read those weights
-# directly. transformers' Mamba and Falcon-Mamba multiply by ``dt_proj.weight`` itself, so PEFT's
+# directly. transformers' Mamba, Falcon-Mamba and Jamba multiply by ``dt_proj.weight`` itself, so PEFT's
 # LoRA on ``dt_proj`` changes nothing there: refused here rather than computed as PEFT does not.
 _PEFT_REFUSES = "as PEFT refuses them (its fused kernels read their weights directly)"
 _DT_PROJ = "as transformers multiplies by dt_proj.weight past any adapter (PEFT's LoRA there changes nothing)"
 _MAMBA_INCOMPATIBLE = {"out_proj": _PEFT_REFUSES, "conv1d": _PEFT_REFUSES}
 _NO_ADAPTER = {"falcon_h1": _MAMBA_INCOMPATIBLE, "mamba2": _MAMBA_INCOMPATIBLE, "nemotron_h": _MAMBA_INCOMPATIBLE,
                "mamba": {**_MAMBA_INCOMPATIBLE, "dt_proj": _DT_PROJ},
-               "falcon_mamba": {**_MAMBA_INCOMPATIBLE, "dt_proj": _DT_PROJ}}
+               "falcon_mamba": {**_MAMBA_INCOMPATIBLE, "dt_proj": _DT_PROJ}, "jamba": {"dt_proj": _DT_PROJ}}
 _LORA_LIKE = frozenset({"LORA", "ADALORA", "XLORA", "RANDLORA"})
 
 

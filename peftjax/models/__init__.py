@@ -51,6 +51,7 @@ from peftjax.models._granitemoeshared import GraniteMoeSharedForCausalLM
 from peftjax.models._lfm2 import Lfm2ForCausalLM
 from peftjax.models._nemotron_h import NemotronHForCausalLM
 from peftjax.models._bamba import BambaForCausalLM
+from peftjax.models._jamba import JambaForCausalLM, JambaForSequenceClassification
 from peftjax.models._mamba_lm import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
 from peftjax.models._ernie4_5_moe import Ernie4_5_MoeForCausalLM
@@ -305,6 +306,8 @@ __all__ = [
     "GraniteMoeSharedForCausalLM",
     "NemotronHForCausalLM",
     "BambaForCausalLM",
+    "JambaForCausalLM",
+    "JambaForSequenceClassification",
     "Mamba2ForCausalLM",
     "MambaForCausalLM",
     "FalconMambaForCausalLM",

@@ -141,6 +141,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "mamba_conv_bias": True, "mamba_proj_bias": False, "time_step_limit": (0.0, float("inf")),
         "z_loss_coefficient": 0.0, "attention_bias": False, "mlp_bias": False,
     },
+    # JambaConfig: Mamba-1 layers, attention every attn_layer_period-th from attn_layer_offset, experts every
+    # expert_layer_period-th from expert_layer_offset; mamba_dt_rank "auto" derived
+    "jamba": {
+        "vocab_size": 65536, "tie_word_embeddings": False, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        "max_position_embeddings": 262144, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_experts": 16,
+        "expert_layer_period": 2, "expert_layer_offset": 1, "attn_layer_period": 8, "attn_layer_offset": 4,
+        "use_mamba_kernels": True, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": "auto",
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "use_mambapy": False, "use_associative_scan": True,
+    },
     # MambaConfig: attention-free Mamba-1 mixers; intermediate_size (expand x hidden_size) and time_step_rank
     # ("auto": ceil(hidden_size / 16)) derived; FalconMambaConfig adds the mixers' RMS epsilon
     "mamba": {
@@ -873,6 +885,11 @@ class ModelConfig:
                 self.full_attn_idxs = list(range(self.num_hidden_layers))
             self.layer_types = ["full_attention" if i in self.full_attn_idxs else "conv"
                                 for i in range(self.num_hidden_layers)]
+        if t == "jamba":  # JambaConfig.__post_init__
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.mamba_dt_rank == "auto":
+                self.mamba_dt_rank = -(-self.hidden_size // 16)
         if t == "bamba":  # BambaConfig.__post_init__: its RoPE's partial factor fixed at 0.5
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
