@@ -105,6 +105,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
         expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4,
         mamba_proj_bias=True, pad_token_id=0)),
+    # Falcon-H1 in small: Mamba-2 (a width of its own, mamba_d_ssm, 4 heads of 16 in 2 groups of state 8, chunks of
+    # 4 tokens, the gated norm before the gate, biased out_proj) beside the attention in each of 2 layers, every
+    # µP multiplier away from 1
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=4, mamba_rms_norm=True, mamba_norm_before_gate=True, projectors_bias=True,
+        lm_head_multiplier=0.7, embedding_multiplier=1.5, mlp_multipliers=[0.8, 1.2], key_multiplier=0.9,
+        attention_out_multiplier=1.1, attention_in_multiplier=0.6, ssm_multipliers=[1.2, 0.7, 0.9, 1.3, 0.5],
+        ssm_in_multiplier=1.4, ssm_out_multiplier=0.8, pad_token_id=0)),
     # Mamba in small: three Mamba layers of 64 channels, state 8, time steps of rank 4 (chunks of 64 steps: the
     # selective scan's default, so the tests' rows are one chunk unless they ask for more), the head tied
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(

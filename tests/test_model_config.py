@@ -35,6 +35,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
            "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config", "mamba": "MambaConfig",
            "falcon_mamba": "FalconMambaConfig", "bamba": "BambaConfig", "jamba": "JambaConfig",
+           "falcon_h1": "FalconH1Config",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -80,7 +81,7 @@ def assert_same_fields(ours, theirs):
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
-                            "apertus", "granitemoeshared", "granitemoehybrid", "bamba"):
+                            "apertus", "granitemoeshared", "granitemoehybrid", "bamba", "falcon_h1"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -203,6 +204,9 @@ VARIANTS = [
     # Jamba 1.5 Mini's layout: attention every 8th from 4, experts every 2nd from 1; the derived time-step rank
     ("jamba", dict(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4, num_experts=16, mamba_dt_rank="auto",
                    num_labels=3)),
+    # Falcon-H1's µP fields and a head size derived from mamba_d_ssm
+    ("falcon_h1", dict(mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head="auto", mlp_multipliers=[0.5, 0.25],
+                       ssm_multipliers=[0.3, 0.2, 0.1, 0.4, 0.5], rope_theta=1e11, num_labels=3)),
     ("mamba2", dict(num_heads=64, head_dim=32, hidden_size=1024, tie_word_embeddings=True, residual_in_fp32=False)),
     # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
     ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,

@@ -51,6 +51,7 @@ from peftjax.models._granitemoeshared import GraniteMoeSharedForCausalLM
 from peftjax.models._lfm2 import Lfm2ForCausalLM
 from peftjax.models._nemotron_h import NemotronHForCausalLM
 from peftjax.models._bamba import BambaForCausalLM
+from peftjax.models._falcon_h1 import FalconH1ForCausalLM
 from peftjax.models._jamba import JambaForCausalLM, JambaForSequenceClassification
 from peftjax.models._mamba_lm import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
 from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
@@ -306,6 +307,7 @@ __all__ = [
     "GraniteMoeSharedForCausalLM",
     "NemotronHForCausalLM",
     "BambaForCausalLM",
+    "FalconH1ForCausalLM",
     "JambaForCausalLM",
     "JambaForSequenceClassification",
     "Mamba2ForCausalLM",

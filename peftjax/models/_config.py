@@ -153,6 +153,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_mamba_kernels": True, "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": "auto",
         "mamba_conv_bias": True, "mamba_proj_bias": False, "use_mambapy": False, "use_associative_scan": True,
     },
+    # FalconH1Config: Mamba-2 and attention in every layer, µP multipliers; mamba_d_head "auto" derived from
+    # mamba_d_ssm (or mamba_expand x hidden_size)
+    "falcon_h1": {
+        "vocab_size": 128000, "tie_word_embeddings": False, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "num_logits_to_keep": 1,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 8192,
+        "attention_dropout": 0.0, "mamba_d_ssm": 1024, "mamba_n_heads": 128, "mamba_d_head": "auto",
+        "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256,
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "mamba_norm_before_gate": True, "mamba_rms_norm": False,
+        "time_step_limit": (0.0, float("inf")), "projectors_bias": False, "lm_head_multiplier": 1.0,
+        "embedding_multiplier": 1.0, "mlp_multipliers": None, "key_multiplier": 1.0,
+        "attention_out_multiplier": 1.0, "attention_in_multiplier": 1.0, "ssm_multipliers": None,
+        "ssm_in_multiplier": 1.0, "ssm_out_multiplier": 1.0, "attention_bias": False, "mlp_bias": False,
+    },
     # MambaConfig: attention-free Mamba-1 mixers; intermediate_size (expand x hidden_size) and time_step_rank
     # ("auto": ceil(hidden_size / 16)) derived; FalconMambaConfig adds the mixers' RMS epsilon
     "mamba": {
@@ -890,6 +905,18 @@ class ModelConfig:
                 self.num_key_value_heads = self.num_attention_heads
             if self.mamba_dt_rank == "auto":
                 self.mamba_dt_rank = -(-self.hidden_size // 16)
+        if t == "falcon_h1":  # FalconH1Config.__post_init__
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            if self.mamba_d_head == "auto":
+                width = self.mamba_expand * self.hidden_size if self.mamba_d_ssm is None else self.mamba_d_ssm
+                self.mamba_d_head = width // self.mamba_n_heads
+            if self.time_step_limit is not None:
+                self.time_step_limit = tuple(self.time_step_limit)
+            if self.mlp_multipliers is None:
+                self.mlp_multipliers = [1.0, 1.0]
+            if self.ssm_multipliers is None:
+                self.ssm_multipliers = [1.0, 1.0, 1.0, 1.0, 1.0]
         if t == "bamba":  # BambaConfig.__post_init__: its RoPE's partial factor fixed at 0.5
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads

@@ -57,6 +57,7 @@ class Mamba2Layout(NamedTuple):
     chunk_size: int
     time_step_limit: tuple[float, float]
     epsilon: float
+    out_bias: bool | None = None  # out_proj's bias where it differs from in_proj's (Falcon-H1's projectors_bias)
 
     @property
     def intermediate_size(self) -> int:
@@ -75,7 +76,8 @@ def mamba2_layout(config) -> Mamba2Layout:
     ``use_bias``, ``chunk_size``, ``layer_norm_epsilon``) or Bamba's and Granite 4.0's
     (``mamba_n_heads``, ``mamba_d_head``, ``mamba_d_state``, ``mamba_n_groups``, ``mamba_d_conv``,
     ``mamba_conv_bias``, ``mamba_proj_bias``, ``mamba_chunk_size``, ``rms_norm_eps``;
-    ``mamba_expand x hidden_size`` wide).
+    ``mamba_expand x hidden_size`` wide; Falcon-H1's ``mamba_d_ssm`` wide where given, ``out_proj``
+    biased by ``projectors_bias``).
 
     Raises:
       ValueError: heads that do not tile the width, groups that do not divide the heads, or an
@@ -97,14 +99,17 @@ def mamba2_layout(config) -> Mamba2Layout:
                               int(config.chunk_size), limit, config.layer_norm_epsilon)
         activation = config.mamba_hidden_act
     else:
+        falcon = config.model_type == "falcon_h1"
         layout = Mamba2Layout(config.mamba_n_heads, mamba_head_dim(config), config.mamba_n_groups,
                               config.mamba_d_state, config.mamba_d_conv, bool(config.mamba_conv_bias),
-                              bool(config.mamba_proj_bias), int(config.mamba_chunk_size), limit, config.rms_norm_eps)
+                              bool(config.mamba_proj_bias), int(config.mamba_chunk_size), limit, config.rms_norm_eps,
+                              bool(config.projectors_bias) if falcon else None)
         activation = config.hidden_act
-        width = int(config.mamba_expand * config.hidden_size)
+        width = mamba_width(config)
         if layout.intermediate_size != width:
+            what = "mamba_d_ssm" if falcon and config.mamba_d_ssm is not None else "mamba_expand x hidden_size"
             raise ValueError(f"{config.model_type}: mamba_n_heads ({layout.heads}) x mamba_d_head ({layout.head_dim}) "
-                             f"must be mamba_expand x hidden_size ({width})")
+                             f"must be {what} ({width})")
     if layout.heads % layout.groups:
         raise ValueError(f"{config.model_type}: the Mamba-2 heads ({layout.heads}) must be a multiple of its groups "
                          f"({layout.groups})")
@@ -137,7 +142,8 @@ class Mamba2Mixer(nnx.Module):
         self.D = nnx.Param(jnp.ones((self.num_heads,), param_dtype))
         self.norm = GatedGroupRMSNorm(self.intermediate_size, self.n_groups, epsilon=layout.epsilon, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
-        self.out_proj = nnx.Linear(self.intermediate_size, config.hidden_size, **kw)
+        bias = layout.proj_bias if layout.out_bias is None else layout.out_bias
+        self.out_proj = nnx.Linear(self.intermediate_size, config.hidden_size, **{**kw, "use_bias": bias})
 
     def __call__(self, x, token_mask=None, cache=None, segment_ids=None):
         """``token_mask``: ``[batch, seq]``, 0 on padding (``None``: none); ``cache``: ``{"conv",
@@ -148,7 +154,7 @@ class Mamba2Mixer(nnx.Module):
         if mask is not None:
             x = x * mask
         b, s, _ = x.shape
-        z, xbc, dt = jnp.split(self.in_proj(x), [self.intermediate_size, self.intermediate_size + self.conv_dim],
+        z, xbc, dt = jnp.split(self.project(x), [self.intermediate_size, self.intermediate_size + self.conv_dim],
                                axis=-1)
         xbc, conv_state = self.conv1d(xbc, None if cache is None else cache["conv"], segment_ids)
         xbc = jax.nn.silu(xbc)
@@ -167,15 +173,30 @@ class Mamba2Mixer(nnx.Module):
                             C.reshape(b, s, self.n_groups, self.state_size), self.chunk_size,
                             None if cache is None else cache["ssm"], segment_ids)
         y = y + per_head(self.D)[None, None, :, None] * hidden.astype(jnp.float32)
-        out = self.out_proj(self.norm(y.reshape(b, s, -1), z).astype(dtype))
+        out = self.out_proj(self.gated(y.reshape(b, s, -1), z).astype(dtype))
         new_cache = None if cache is None else {"conv": conv_state.astype(cache["conv"].dtype), "ssm": state}
         return out, new_cache
 
+    def project(self, x):
+        """``in_proj``'s output: the gate, the convolution's input and the time steps, end to end."""
+        return self.in_proj(x)
+
+    def gated(self, y, z):
+        """The scan's output ``y`` gated by ``z`` and normalised (``norm``), before ``out_proj``."""
+        return self.norm(y, z)
+
+
+def mamba_width(config) -> int:
+    """Bamba's, Granite 4.0's and Falcon-H1's Mamba-2 width: ``mamba_expand x hidden_size``, or
+    Falcon-H1's ``mamba_d_ssm`` where it gives one."""
+    d_ssm = getattr(config, "mamba_d_ssm", None) if config.model_type == "falcon_h1" else None
+    return int(config.mamba_expand * config.hidden_size) if d_ssm is None else int(d_ssm)
+
 
 def mamba_head_dim(config) -> int:
-    """``mamba_d_head``, or ``mamba_expand * hidden_size / mamba_n_heads`` where it says ``"auto"``."""
+    """``mamba_d_head``, or the width (:func:`mamba_width`) over ``mamba_n_heads`` where it says ``"auto"``."""
     d = config.mamba_d_head
-    return int(config.mamba_expand * config.hidden_size) // config.mamba_n_heads if d == "auto" else int(d)
+    return mamba_width(config) // config.mamba_n_heads if d == "auto" else int(d)
 
 
 def mamba_cache(config, batch: int, dtype) -> dict[str, jax.Array]:
