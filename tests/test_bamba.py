@@ -89,7 +89,8 @@ def test_all_linear_lora_both_ways_and_the_refusals(bamba, tmp_path):
     with pytest.raises(TypeError, match="BambaForCausalLM does not implement peftjax's prefix attention protocol"):
         peftjax.get_peft_model(bamba[2], peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     fields = _tiny.fields("bamba")
-    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; bamba's attn_layer_indices \[1\]"):
+    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; bamba's layer_types mix "
+                                         r"\['full_attention', 'linear_attention'\]"):
         models.BambaForCausalLM.from_config(ModelConfig("bamba", **fields, scan_layers=True))
     with pytest.raises(ValueError, match=r"attn_layer_indices \[1, 3\] must lie in 0..2"):
         models.BambaForCausalLM.from_config(ModelConfig("bamba", **{**fields, "attn_layer_indices": [1, 3]}))

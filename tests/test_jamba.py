@@ -131,7 +131,8 @@ def test_the_refusals(jamba):
     with pytest.raises(TypeError, match="JambaForCausalLM does not implement peftjax's prefix attention protocol"):
         peftjax.get_peft_model(jamba[2], peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     fields = _tiny.fields("jamba")
-    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; jamba's mix"):
+    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; jamba's layer_types mix \['full_attention', "
+                                         r"'linear_attention \+ experts'\]"):
         models.JambaForCausalLM.from_config(ModelConfig("jamba", **fields, scan_layers=True))
     with pytest.raises(ValueError, match=r"attn_layer_offset \(2\) must be below attn_layer_period \(2\)"):
         models.JambaForCausalLM.from_config(ModelConfig("jamba", **{**fields, "attn_layer_offset": 2}))

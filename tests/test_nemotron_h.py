@@ -191,7 +191,7 @@ def test_the_config_reads_the_hub_s_names_and_refuses_what_peft_and_the_layers_r
             peft.get_peft_model(copy.deepcopy(nemotron[0]), peft.LoraConfig(r=2, target_modules=targets))
     with pytest.raises(TypeError, match="NemotronHForCausalLM does not implement peftjax's prefix attention protocol"):
         peftjax.get_peft_model(model, peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; nemotron_h's layers_block_type mixes "
+    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; nemotron_h's layer_types mix "
                                          r"\['full_attention', 'linear_attention', 'mlp', 'moe'\]"):
         models.NemotronHForCausalLM.from_config(ModelConfig("nemotron_h", **_tiny.fields("nemotron_h"),
                                                             scan_layers=True))

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
-from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
+from peftjax.models._hybrid import HybridDecoder, hybrid_cache
+from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
-from peftjax.models._rope import rotary_embedding
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
 
@@ -73,7 +72,7 @@ class BambaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s layers take them."""
+        """``(x, cache, None)``; arguments as ``_hybrid.HybridDecoder``'s layers take them."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             a, cache = self.mamba(h, token_mask, cache, segment_ids)
@@ -84,33 +83,21 @@ class BambaDecoderLayer(nnx.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x)), cache, None
 
 
-class BambaModel(Qwen3_5TextModel):
+class BambaModel(HybridDecoder):
     """The decoder stack: ``embed_tokens``, ``layers``, ``final_layernorm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = BambaDecoderLayer
     norm_name: ClassVar[str] = "final_layernorm"
+    recurrent: ClassVar[str] = "Mamba-2"
 
     @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-
-    @staticmethod
-    def make_rotary(config):
-        return rotary_embedding(config, head_dim_of(config))
-
-    @staticmethod
-    def check_scan(config) -> None:
-        """Refuses ``scan_layers=True`` where Mamba-2 and attention layers mix."""
-        if len(set(bamba_layer_types(config))) > 1:
-            raise ValueError(f"scan_layers=True needs alike layers; bamba's attn_layer_indices "
-                             f"{list(config.attn_layer_indices)} mix attention into the Mamba-2 layers")
+    def layer_types(config) -> list[str]:
+        return bamba_layer_types(config)
 
 
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
     """An empty generation cache: per layer, ``{"k", "v"}`` (attention) or Mamba-2's ``{"conv", "ssm"}``."""
-    kv = (batch, max_len, config.num_key_value_heads or config.num_attention_heads, head_dim_of(config))
-    return [{"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)} if t == "full_attention"
-            else mamba_cache(config, batch, dtype) for t in bamba_layer_types(config)]
+    return hybrid_cache(config, bamba_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
 class BambaForCausalLM(LlamaForCausalLM):

@@ -29,11 +29,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._hybrid import HybridDecoder
 from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, head_dim_of
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache, mamba_width
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
-from peftjax.models._rope import rotary_embedding
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._functional import swiglu
 from peftjax.nn._norm import RMSNorm
@@ -121,8 +120,8 @@ class FalconH1DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s layers
-        take them; ``cache`` holds both mixers' (``{"k", "v", "conv", "ssm"}``)."""
+        """``(x, cache, None)``; arguments as ``_hybrid.HybridDecoder``'s layers take them;
+        ``cache`` holds both mixers' (``{"k", "v", "conv", "ssm"}``)."""
         ssm_out, attention_in, attention_out = self.multipliers
         h = self.input_layernorm(x)
         mamba_cache_, kv = (None, None) if cache is None else (
@@ -136,28 +135,21 @@ class FalconH1DecoderLayer(nnx.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x)), cache, None
 
 
-class FalconH1Model(Qwen3_5TextModel):
+class FalconH1Model(HybridDecoder):
     """The decoder stack: ``embed_tokens``, ``layers``, ``final_layernorm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = FalconH1DecoderLayer
     norm_name: ClassVar[str] = "final_layernorm"
+    recurrent: ClassVar[str] = "Mamba-2"
 
     @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
-
-    @staticmethod
-    def make_rotary(config):
-        return rotary_embedding(config, head_dim_of(config))
-
-    @staticmethod
-    def check_scan(config) -> None:
-        """Every layer alike: nothing to refuse."""
+    def layer_types(config) -> list[str]:
+        return ["hybrid"] * config.num_hidden_layers  # every layer alike
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
                  segment_ids=None) -> ModelOutput:
-        """As :meth:`~peftjax.models.Qwen3_5TextModel.__call__`, the embeddings of ``input_ids``
+        """As ``HybridDecoder.__call__``, the embeddings of ``input_ids``
         times ``embedding_multiplier`` (given ``inputs_embeds`` as they are, as transformers)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(jnp.asarray(input_ids)) * float(self.config.embedding_multiplier)

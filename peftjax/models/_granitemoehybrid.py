@@ -23,19 +23,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._granite import GraniteAttention, scaled_embeddings
 from peftjax.models._granitemoe import GraniteMoeForCausalLM, GraniteMoeSparseMoeBlock
 from peftjax.models._granitemoeshared import GraniteMoeSharedMLP
+from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._layer_kinds import checked_layer_types
 from peftjax.models._llama import head_dim_of
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
 from peftjax.models._mixtral import MixtralForCausalLM
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
 from peftjax.models._rope import rotary_embedding
 from peftjax.nn._norm import RMSNorm
 
@@ -84,8 +83,8 @@ class GraniteMoeHybridDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, router logits or None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s
-        layers take them (``token_mask`` and ``segment_ids`` for the Mamba-2 layers)."""
+        """``(x, cache, router logits or None)``; arguments as ``_hybrid.HybridDecoder``'s layers
+        take them (``token_mask`` and ``segment_ids`` for the Mamba-2 layers)."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             a, cache = self.mamba(h, token_mask, cache, segment_ids)
@@ -100,15 +99,15 @@ class GraniteMoeHybridDecoderLayer(nnx.Module):
         return x + out * self.residual_multiplier, cache, logits
 
 
-class GraniteMoeHybridModel(Qwen3_5TextModel):
-    """The decoder stack: ``embed_tokens``, ``layers``, ``norm`` (Qwen3.5's hybrid stack: masks,
-    caches, the experts' routing statistics)."""
+class GraniteMoeHybridModel(HybridDecoder):
+    """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = GraniteMoeHybridDecoderLayer
+    recurrent: ClassVar[str] = "Mamba-2"
 
     @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+    def layer_types(config) -> tuple[str, ...]:
+        return granite_layer_types(config)
 
     @staticmethod
     def make_rotary(config):
@@ -116,19 +115,11 @@ class GraniteMoeHybridModel(Qwen3_5TextModel):
             return rotary_embedding(config, head_dim_of(config))
         return None  # "nope" (the releases), or None
 
-    @staticmethod
-    def check_scan(config) -> None:
-        """Refuses ``scan_layers=True`` where Mamba-2 and attention layers mix."""
-        types = granite_layer_types(config)
-        if len(set(types)) > 1:
-            raise ValueError(f"scan_layers=True needs alike layers; granitemoehybrid's layer_types mix "
-                             f"{sorted(set(types))}")
-
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
                  segment_ids=None) -> ModelOutput:
-        """As :meth:`~peftjax.models.Qwen3_5TextModel.__call__`, the embeddings (given ones too)
-        scaled by ``embedding_multiplier``."""
+        """As ``HybridDecoder.__call__``, the embeddings (given ones too) scaled by
+        ``embedding_multiplier``."""
         return super().__call__(None, attention_mask, position_ids, scaled_embeddings(self, input_ids, inputs_embeds),
                                 cache, cache_index, prefix_kv, dropout_rng, output_router_logits, segment_ids)
 
@@ -136,9 +127,7 @@ class GraniteMoeHybridModel(Qwen3_5TextModel):
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
     """An empty generation cache: per layer, ``{"k", "v"}`` (``[batch, max_len, kv_heads,
     head_dim]``, attention) or Mamba-2's ``{"conv", "ssm"}`` (the state in float32)."""
-    kv = (batch, max_len, config.num_key_value_heads or config.num_attention_heads, head_dim_of(config))
-    return [{"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)} if t == "full_attention"
-            else mamba_cache(config, batch, dtype) for t in granite_layer_types(config)]
+    return hybrid_cache(config, granite_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
 class GraniteMoeHybridForCausalLM(GraniteMoeForCausalLM):

@@ -25,23 +25,21 @@ from collections.abc import Iterator, Mapping
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._llama import (
     LlamaAttention,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaMLP,
-    head_dim_of,
 )
 from peftjax.models._mamba import MambaMixer, mamba_cache
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralSparseMoeBlock
 from peftjax.models._modeling import CheckpointError
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
 
@@ -106,8 +104,8 @@ class JambaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, router logits or None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s
-        layers take them."""
+        """``(x, cache, router logits or None)``; arguments as ``_hybrid.HybridDecoder``'s layers
+        take them."""
         h = self.input_layernorm(x)
         if self.layer_type == "linear_attention":
             a, cache = self.mamba(h, token_mask, cache, segment_ids)
@@ -121,34 +119,26 @@ class JambaDecoderLayer(nnx.Module):
         return x + out, cache, logits
 
 
-class JambaModel(Qwen3_5TextModel):
+class JambaModel(HybridDecoder):
     """The decoder stack: ``embed_tokens``, ``layers``, ``final_layernorm``."""
 
     layer_class: ClassVar[type[nnx.Module]] = JambaDecoderLayer
     norm_name: ClassVar[str] = "final_layernorm"
+    recurrent: ClassVar[str] = "Mamba"
 
     @staticmethod
-    def make_norm(config, **kw) -> nnx.Module:
-        return RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+    def layer_types(config) -> list[str]:
+        """Each layer's mixer, and its experts where it has them (scanning needs both alike)."""
+        return [f"{t} + experts" if jamba_sparse(config, i) else t for i, t in enumerate(jamba_layer_types(config))]
 
     @staticmethod
     def make_rotary(config):
         return None
 
-    @staticmethod
-    def check_scan(config) -> None:
-        """Refuses ``scan_layers=True`` where layers differ in mixer or feed-forward."""
-        kinds = {(t, jamba_sparse(config, i)) for i, t in enumerate(jamba_layer_types(config))}
-        if len(kinds) > 1:
-            raise ValueError(f"scan_layers=True needs alike layers; jamba's mix {sorted(kinds)} "
-                             f"(mixer, experts)")
-
 
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
     """An empty generation cache: per layer, ``{"k", "v"}`` (attention) or Mamba's ``{"conv", "ssm"}``."""
-    kv = (batch, max_len, config.num_key_value_heads or config.num_attention_heads, head_dim_of(config))
-    return [{"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)} if t == "full_attention"
-            else mamba_cache(config, batch, dtype) for t in jamba_layer_types(config)]
+    return hybrid_cache(config, jamba_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
 _EXPERT = re.compile(r"^(?P<pre>.*\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")

@@ -26,12 +26,12 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._hybrid import HybridDecoder
 from peftjax.models._llama import DecoderUnderPrefix, LlamaForCausalLM
 from peftjax.models._mamba import MambaMixer, mamba_cache
 from peftjax.models._mamba2 import Mamba2Mixer
 from peftjax.models._mamba2 import mamba_cache as mamba2_cache
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
 from peftjax.nn._norm import RMSNorm
 
 
@@ -54,8 +54,7 @@ class MambaBlock(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s layers
-        take them (the attention's ``cos``, ``sin`` and ``mask`` unused)."""
+        """``(x, cache, None)``; arguments as ``_hybrid.HybridDecoder``'s layers take them (the attention's ``cos``, ``sin`` and ``mask`` unused)."""
         out, cache = self.mixer(self.norm(x.astype(self.dtype)), token_mask, cache, segment_ids)
         return x + out.astype(x.dtype), cache, None
 
@@ -64,10 +63,11 @@ class Mamba2Block(MambaBlock):
     mixer_class: ClassVar[type[nnx.Module]] = Mamba2Mixer
 
 
-class MambaModel(Qwen3_5TextModel):
+class MambaModel(HybridDecoder):
     """``backbone``: ``embeddings``, ``layers``, ``norm_f``."""
 
     layer_class: ClassVar[type[nnx.Module]] = MambaBlock
+    recurrent: ClassVar[str] = "Mamba"
     embed_name: ClassVar[str] = "embeddings"
     norm_name: ClassVar[str] = "norm_f"
 
@@ -80,13 +80,13 @@ class MambaModel(Qwen3_5TextModel):
         return None
 
     @staticmethod
-    def check_scan(config) -> None:
-        """Every layer alike: nothing to refuse."""
+    def layer_types(config) -> list[str]:
+        return ["linear_attention"] * config.num_hidden_layers  # every layer alike
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
                  segment_ids=None) -> ModelOutput:
-        """As :meth:`~peftjax.models.Qwen3_5TextModel.__call__`; with ``residual_in_fp32`` the
+        """As ``HybridDecoder.__call__``; with ``residual_in_fp32`` the
         residual stream is float32 from the embeddings on, as transformers keeps it."""
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(jnp.asarray(input_ids))

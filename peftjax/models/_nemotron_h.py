@@ -37,12 +37,12 @@ from flax import nnx
 
 from peftjax.models._auto import register
 from peftjax.models._deepseek_v3 import DeepseekV3TopkRouter, check_group_routing
+from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._layer_kinds import checked_layer_types
-from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, head_dim_of
+from peftjax.models._llama import LlamaAttention, LlamaForCausalLM
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
 from peftjax.models._modeling import CheckpointError
 from peftjax.models._outputs import ModelOutput
-from peftjax.models._qwen3_5 import Qwen3_5TextModel
 from peftjax.nn._activations import activation
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._param_reader import ParamReader
@@ -156,8 +156,8 @@ class NemotronHBlock(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, router logits or None)``; arguments as :class:`~peftjax.models.Qwen3_5TextModel`'s
-        layers take them (the MLP and MoE layers cache nothing: their cache passes through)."""
+        """``(x, cache, router logits or None)``; arguments as ``_hybrid.HybridDecoder``'s layers
+        take them (the MLP and MoE layers cache nothing: their cache passes through)."""
         h, logits = self.norm(x), None
         if self.block_type == "linear_attention":
             out, cache = self.mixer(h, token_mask, cache, segment_ids)
@@ -170,11 +170,11 @@ class NemotronHBlock(nnx.Module):
         return x + out, cache, logits
 
 
-class NemotronHModel(Qwen3_5TextModel):
-    """The decoder stack: ``embeddings``, ``layers``, ``norm_f`` (Qwen3.5's hybrid stack: masks,
-    caches, router logits)."""
+class NemotronHModel(HybridDecoder):
+    """The decoder stack: ``embeddings``, ``layers``, ``norm_f``."""
 
     layer_class: ClassVar[type[nnx.Module]] = NemotronHBlock
+    recurrent: ClassVar[str] = "Mamba-2"
     embed_name: ClassVar[str] = "embeddings"
     norm_name: ClassVar[str] = "norm_f"
 
@@ -191,21 +191,14 @@ class NemotronHModel(Qwen3_5TextModel):
         return None  # no RoPE in any layer
 
     @staticmethod
-    def check_scan(config) -> None:
-        """Refuses ``scan_layers=True`` where layer types mix."""
-        types = nemotron_h_layer_types(config)
-        if len(set(types)) > 1:
-            raise ValueError(f"scan_layers=True needs alike layers; nemotron_h's layers_block_type mixes "
-                             f"{sorted(set(types))}")
+    def layer_types(config) -> tuple[str, ...]:
+        return nemotron_h_layer_types(config)
 
 
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
     """An empty generation cache: per layer, ``{"k", "v"}`` (``[batch, max_len, kv_heads,
     head_dim]``, attention), Mamba-2's ``{"conv", "ssm"}``, or ``{}`` (MLP, MoE)."""
-    kv = (batch, max_len, config.num_key_value_heads or config.num_attention_heads, head_dim_of(config))
-    caches = {"full_attention": lambda: {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)},
-              "linear_attention": lambda: mamba_cache(config, batch, dtype)}
-    return [caches.get(t, dict)() for t in nemotron_h_layer_types(config)]
+    return hybrid_cache(config, nemotron_h_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
 _EXPERT = re.compile(r"^(?P<pre>.*\.mixer\.experts)\.(?P<e>\d+)\.(?P<w>up_proj|down_proj)\.weight$")

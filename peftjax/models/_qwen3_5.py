@@ -39,28 +39,23 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._dropout import dropout, token_classifier_dropout
 from peftjax.models._gemma2 import GemmaRMSNorm
-from peftjax.models._hybrid import hybrid_inputs
+from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._layer_kinds import checked_layer_types
-from peftjax.models._llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP, LlamaModel, head_dim_of
+from peftjax.models._llama import LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP, head_dim_of
 from peftjax.models._mixtral import (
     ExpertLayout,
     MixtralForCausalLM,
     _MoeCheckpoints,
-    _token_mask,
-    expert_count,
-    load_balancing_loss,
-    routing_statistics,
 )
 from peftjax.models._losses import token_labels_loss
 from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._qwen2_moe import Qwen2MoeSparseMoeBlock
 from peftjax.models._qwen3_moe import QWEN_MOE_EXPERTS
-from peftjax.models._rope import apply_rotary, rotary_embedding
+from peftjax.models._rope import apply_rotary
 from peftjax.models._vision_language import TextOfVisionLanguage
 from peftjax.nn._delta_rule import causal_depthwise_conv, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from peftjax.nn._dropout import layer_key, split_keys
-from peftjax.nn._scan import run_layers
+from peftjax.nn._dropout import split_keys
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -251,102 +246,34 @@ class Qwen3_5DecoderLayer(nnx.Module):
         return x + out, cache, logits
 
 
-class Qwen3_5TextModel(LlamaModel):
-    """The decoder stack: ``embed_tokens``, ``layers``, ``norm``."""
+class Qwen3_5TextModel(HybridDecoder):
+    """The decoder stack: ``embed_tokens``, ``layers``, ``norm`` (RMSNorm ``1 + weight``)."""
 
     layer_class: ClassVar[type[nnx.Module]] = Qwen3_5DecoderLayer
-
-    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.sparse_layers = sum(self.layer_class.is_sparse(config, i) for i in range(config.num_hidden_layers))
+    recurrent: ClassVar[str] = "linear attention"
 
     @staticmethod
     def make_norm(config, **kw) -> nnx.Module:
         return GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
 
     @staticmethod
-    def make_rotary(config):
-        return rotary_embedding(config, head_dim_of(config))
-
-    @staticmethod
-    def check_scan(config) -> None:
-        """Refuses ``scan_layers=True`` where linear and full attention layers mix."""
-        types = qwen3_5_layer_types(config)
-        if len(set(types)) > 1:
-            raise ValueError(f"scan_layers=True needs alike layers; {config.model_type}'s layer_types mix "
-                             f"{sorted(set(types))}")
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
-                 cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
-                 segment_ids=None) -> ModelOutput:
-        """Runs the decoder. With ``cache`` (see :meth:`Qwen3_5ForCausalLM.init_cache`),
-        ``attention_mask`` covers the cache's slots and the call's tokens sit at ``cache_index``;
-        ``dropout_rng``: a key to apply the attention dropout (training); ``None``: none.
-        ``segment_ids``: packed rows (see ``LlamaModel``): each sequence attends to itself, and its
-        linear attention's convolution and state start from zeros, as it would alone.
-
-        With experts (the MoE model), ``aux_loss`` is the load-balancing loss over the sparse
-        layers (``None`` with a cache), and ``output_router_logits`` adds ``router_logits``, one
-        ``[batch * seq, experts]`` array per sparse layer, as transformers records them.
-
-        Raises:
-          ValueError: ``prefix_kv`` given (the linear attention layers have no keys to prefix).
-        """
-        x, attention_mask, segment_ids, pos, mask, token_mask, cos, sin = hybrid_inputs(
-            self, input_ids, attention_mask, position_ids, inputs_embeds, cache, cache_index, prefix_kv, segment_ids,
-            recurrent="linear attention")
-        b, s, _ = x.shape
-        # a mixture of experts' routing: the load-balancing loss's sums and, if asked, each layer's logits
-        routing = None
-        if self.sparse_layers:
-            experts = expert_count(self.config)
-            zeros = jnp.zeros((experts,), jnp.float32)
-            logits_buffer = jnp.zeros((self.sparse_layers, b * s, experts), x.dtype) if output_router_logits else None
-            routing = (zeros, zeros, jnp.zeros((), jnp.int32), logits_buffer)
-            routed = _token_mask(attention_mask, b, s)
-
-        def step(layer, carry, layer_cache=None, start=None, key=None):
-            h, routing = carry
-            h, layer_cache, logits = layer(h, cos, sin, mask, token_mask, layer_cache, start, key, segment_ids)
-            if logits is not None:
-                counts, probs, n, buffer = routing
-                c, p = routing_statistics(logits, self.config.num_experts_per_tok, routed)
-                if buffer is not None:
-                    buffer = buffer.at[n].set(logits.astype(buffer.dtype))
-                routing = (counts + c, probs + p, n + 1, buffer)
-            return (h, routing), layer_cache
-
-        new_cache = None
-        if cache is None:  # training and scoring: rematerialised where asked
-            x, routing = run_layers(self.layers, lambda layer, c, k: step(layer, c, key=k)[0], (x, routing),
-                                    self.remat, dropout_rng)
-        else:
-            new_cache = []
-            for i, layer in enumerate(self.layers):
-                (x, routing), layer_cache = step(layer, (x, routing), cache[i], pos.start, layer_key(dropout_rng, i))
-                new_cache.append(layer_cache)
-        aux = router_logits = None
-        if routing is not None:
-            counts, probs, _, buffer = routing
-            if cache is None:
-                aux = load_balancing_loss(counts, probs, jnp.sum(routed) * self.sparse_layers)
-            router_logits = None if buffer is None else tuple(buffer)
-        return ModelOutput(last_hidden_state=self.final_norm(x), past_key_values=new_cache, aux_loss=aux,
-                           router_logits=router_logits)
+    def layer_types(config) -> tuple[str, ...]:
+        return qwen3_5_layer_types(config)
 
 
 def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
     """An empty generation cache: per layer, ``{"k", "v"}`` (``[batch, max_len, kv_heads,
     head_dim]``, full attention) or ``{"conv" [batch, kernel - 1, channels], "state" [batch,
     value_heads, key_dim, value_dim]}`` (linear attention; the state in float32, as computed)."""
-    kv = (batch, max_len, config.num_key_value_heads or config.num_attention_heads, head_dim_of(config))
+    return hybrid_cache(config, qwen3_5_layer_types(config), batch, max_len, dtype, _linear_attention_cache)
+
+
+def _linear_attention_cache(config, batch: int, dtype) -> dict[str, jax.Array]:
     conv = (batch, config.linear_conv_kernel_dim - 1,
             2 * config.linear_num_key_heads * config.linear_key_head_dim
             + config.linear_num_value_heads * config.linear_value_head_dim)
     state = (batch, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim)
-    return [{"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype)} if t == "full_attention"
-            else {"conv": jnp.zeros(conv, dtype), "state": jnp.zeros(state, jnp.float32)}
-            for t in qwen3_5_layer_types(config)]
+    return {"conv": jnp.zeros(conv, dtype), "state": jnp.zeros(state, jnp.float32)}
 
 
 class Qwen3_5ForCausalLM(TextOfVisionLanguage, LlamaForCausalLM):
