@@ -301,6 +301,58 @@ def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
     assert_grads_match_torch(nnx.merge(graphdef, grads, rest), torch_model)
 
 
+def assert_matches_float64_torch(torch_model, exact, path, model, vocab: int, tolerance: dict,
+                                 grads_of: set[str]) -> None:
+    """A recurrent decoder (``model``, loaded from ``path``) against transformers' ``torch_model``
+    and its float64 twin ``exact`` (whose logits are the oracle where float32 rounding through a
+    scan exceeds 1e-5): left- and right-padded logits, eager and jitted; the loss and every
+    weight's gradient (those in ``grads_of`` among them) of the model loaded with its layers
+    stacked under ``scan_layers=True`` and rematerialised; greedy generation token for token."""
+    torch = pytest.importorskip("torch")
+    import jax
+    from flax import nnx
+
+    from peftjax import models
+
+    for left in (True, False):
+        ids, mask = padded_batch(vocab, seq=9, left=left)
+        valid = mask.astype(bool)
+        ref = torch_logits(exact, input_ids=ids, attention_mask=mask)
+        for out in (model(input_ids=ids, attention_mask=mask), jitted(model, input_ids=ids, attention_mask=mask)):
+            np.testing.assert_allclose(np.asarray(out.logits)[valid], ref[valid], **tolerance)
+    labels = np.where(mask == 1, ids, -100)
+    exact.zero_grad()
+    loss = exact(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
+    loss.backward()
+    scanned = models.from_pretrained(path, scan_layers=True, remat="full")
+    graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
+    value, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest)(
+        input_ids=ids, attention_mask=mask, labels=labels).loss))(params)
+    assert abs(float(value) - loss.item()) <= 1e-5
+    ours = models.hf_state_dict(nnx.merge(graphdef, grads, rest))
+    theirs = {name: p.grad.numpy() for name, p in exact.named_parameters() if p.grad is not None}
+    assert grads_of <= set(theirs) <= set(ours), (sorted(grads_of - set(theirs)), sorted(set(theirs) - set(ours)))
+    for name, grad in theirs.items():
+        np.testing.assert_allclose(ours[name], grad, atol=5e-5, rtol=1e-4, err_msg=name)
+    exact.zero_grad(set_to_none=True)
+
+    ids, mask = padded_batch(vocab, seq=5)
+    with torch.no_grad():
+        gen = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
+                                   do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=6)), gen)
+
+
+def assert_packed_rows_as_alone(model, exact, tolerance: dict) -> None:
+    """Two sequences packed in one row (``segment_ids``), the second starting mid-chunk: each gets
+    the logits ``exact`` (transformers) gives it alone."""
+    first, second = np.arange(3, 9)[None], np.arange(20, 27)[None]
+    out = np.asarray(jitted(model, input_ids=np.concatenate([first, second], axis=1),
+                            segment_ids=np.array([[1] * 6 + [2] * 7])).logits)
+    np.testing.assert_allclose(out[0, :6], torch_logits(exact, input_ids=first)[0], **tolerance)
+    np.testing.assert_allclose(out[0, 6:], torch_logits(exact, input_ids=second)[0], **tolerance)
+
+
 def assert_grads_match_torch(grads_model, torch_model) -> None:
     """Every weight's gradient in ``torch_model`` (after its ``backward``) equals the one in
     ``grads_model`` (a peftjax model whose parameters hold gradients), matched by checkpoint name."""

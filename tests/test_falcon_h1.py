@@ -12,13 +12,20 @@ from __future__ import annotations
 import copy
 import warnings
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import _tiny
-from _torch_models import assert_close_where, jitted, lazy, padded_batch, randomised, torch_logits
+from _torch_models import (
+    assert_close_where,
+    assert_matches_float64_torch,
+    assert_packed_rows_as_alone,
+    jitted,
+    lazy,
+    padded_batch,
+    randomised,
+    torch_logits,
+)
 
 import peftjax
 from peftjax import models
@@ -48,34 +55,9 @@ def test_logits_loss_generation_and_scanned_gradients_match_transformers(falcon)
     and Mamba-2 state cached together), and the layers stacked under ``scan_layers=True`` with
     rematerialisation: the loss and every weight's gradient of torch's float64 autograd."""
     torch_model, exact, path, model = falcon
-    for left in (True, False):
-        ids, mask = padded_batch(VOCAB, seq=9, left=left)
-        valid = mask.astype(bool)
-        ref = torch_logits(exact, input_ids=ids, attention_mask=mask)
-        for out in (model(input_ids=ids, attention_mask=mask), jitted(model, input_ids=ids, attention_mask=mask)):
-            np.testing.assert_allclose(np.asarray(out.logits)[valid], ref[valid], **TOL)
-    labels = np.where(mask == 1, ids, -100)
-    exact.zero_grad()
-    loss = exact(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
-    loss.backward()
-    scanned = models.from_pretrained(path, scan_layers=True, remat="full")
-    graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
-    value, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest)(
-        input_ids=ids, attention_mask=mask, labels=labels).loss))(params)
-    assert abs(float(value) - loss.item()) <= 1e-5
-    ours = models.hf_state_dict(nnx.merge(graphdef, grads, rest))
-    theirs = {name: p.grad.numpy() for name, p in exact.named_parameters() if p.grad is not None}
-    assert {"model.layers.0.mamba.out_proj.bias", "model.layers.1.mamba.norm.weight",
-            "model.layers.0.self_attn.k_proj.weight"} <= set(theirs) <= set(ours)
-    for name, grad in theirs.items():
-        np.testing.assert_allclose(ours[name], grad, atol=5e-5, rtol=1e-4, err_msg=name)
-    exact.zero_grad(set_to_none=True)
-
-    ids, mask = padded_batch(VOCAB, seq=5)
-    with torch.no_grad():
-        gen = torch_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=6)), gen)
+    assert_matches_float64_torch(torch_model, exact, path, model, VOCAB, TOL, {
+        "model.layers.0.mamba.out_proj.bias", "model.layers.1.mamba.norm.weight",
+        "model.layers.0.self_attn.k_proj.weight"})
     assert sorted(model.init_cache(2, 8)[0]) == ["conv", "k", "ssm", "v"]
 
 
@@ -97,11 +79,7 @@ def test_packed_rows_the_checkpoint_and_lora_both_ways(falcon, tmp_path):
     transformers; LoRA on the mixers' ``in_proj``, the attention and the SwiGLU both ways with PEFT,
     ``out_proj`` refused on both sides, prefix tuning here."""
     torch_model, exact, path, model = falcon
-    first, second = np.arange(3, 9)[None], np.arange(20, 27)[None]
-    out = np.asarray(jitted(model, input_ids=np.concatenate([first, second], axis=1),
-                            segment_ids=np.array([[1] * 6 + [2] * 7])).logits)
-    np.testing.assert_allclose(out[0, :6], torch_logits(exact, input_ids=first)[0], **TOL)
-    np.testing.assert_allclose(out[0, 6:], torch_logits(exact, input_ids=second)[0], **TOL)
+    assert_packed_rows_as_alone(model, exact, TOL)
     model.save_pretrained(tmp_path / "model")
     assert set(safetensors_torch.load_file(str(tmp_path / "model" / "model.safetensors"))) == set(
         safetensors_torch.load_file(str(path / "model.safetensors")))

@@ -20,6 +20,7 @@ from flax import nnx
 
 import _tiny
 from _torch_models import (
+    assert_packed_rows_as_alone,
     assert_all_linear_lora_both_ways,
     jitted,
     lazy,
@@ -89,12 +90,7 @@ def test_generation_packed_rows_and_the_checkpoint_match_transformers(granite4, 
     np.testing.assert_array_equal(np.asarray(model.generate(ids, mask, max_new_tokens=6)), ref)
     assert [sorted(c) for c in model.init_cache(2, 8)] == [["conv", "ssm"], ["k", "v"], ["conv", "ssm"]]
 
-    first, second = np.arange(3, 9)[None], np.arange(20, 27)[None]
-    packed = np.concatenate([first, second], axis=1)
-    segments = np.array([[1] * 6 + [2] * 7])
-    out = np.asarray(jitted(model, input_ids=packed, segment_ids=segments).logits)
-    np.testing.assert_allclose(out[0, :6], torch_logits(torch_model, input_ids=first)[0], **TOL)
-    np.testing.assert_allclose(out[0, 6:], torch_logits(torch_model, input_ids=second)[0], **TOL)
+    assert_packed_rows_as_alone(model, torch_model, TOL)
 
     model.save_pretrained(tmp_path)
     keys = set(safetensors_torch.load_file(str(tmp_path / "model.safetensors")))
