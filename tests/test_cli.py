@@ -300,9 +300,14 @@ TASK_CASES = [
     # the Hub's MPNet checkpoints (masked LMs); all-mpnet-base-v2's embeddings (a bare MPNetModel)
     ("mpnet", "SEQ_CLS", "MPNetForMaskedLM"),
     ("mpnet", "FEATURE_EXTRACTION", "MPNetModel"),
+    # a hybrid of Mamba-2, experts, attention and MLP layers (PEFT's default targets: the attention), and Jamba's
+    # classifier from its causal LM's checkpoint
+    ("nemotron_h", "CAUSAL_LM", "NemotronHForCausalLM"),
+    ("jamba", "SEQ_CLS", "JambaForCausalLM"),
 ]
 # the families PEFT has no default LoRA targets for
-TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"], "mpnet": ["q", "v"]}
+TARGETS = {"modernbert": ["Wqkv", "Wo"], "distilbert": ["q_lin", "v_lin"], "mpnet": ["q", "v"],
+           "jamba": ["q_proj", "v_proj", "in_proj"]}
 
 
 # narrower than _tiny's models (hidden 16): most of these carry MiniLM's 30522-token vocabulary
@@ -328,6 +333,11 @@ NARROW = {
                   max_position_embeddings=66, num_labels=2),
     "bart": dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                  encoder_ffn_dim=32, decoder_ffn_dim=32, eos_token_id=102, num_labels=2),
+    "nemotron_h": dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8, intermediate_size=32,
+                       mamba_num_heads=2, mamba_head_dim=8, n_groups=1, ssm_state_size=4, moe_intermediate_size=8,
+                       moe_latent_size=8, moe_shared_expert_intermediate_size=8, eos_token_id=102),
+    "jamba": dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32, num_experts=4,
+                  mamba_d_state=4, mamba_dt_rank=2, num_labels=2),
 }
 
 
