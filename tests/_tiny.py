@@ -208,6 +208,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, pad_token_id=0, rope_parameters={
             "rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0})),
+    # Hunyuan MoE in small: Hunyuan dense's attention, 4 experts top 2 (renormalised) and a shared SwiGLU per layer
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_experts=4, moe_topk=2, pad_token_id=0, rope_parameters={
+            "rope_type": "dynamic", "factor": 1.0, "alpha": 1000.0, "rope_theta": 10000.0})),
     # ERNIE 4.5 MoE in small: a dense layer, then two sparse ones (8 experts, top 3, a shared expert),
     # biases everywhere (use_bias: the LM head's too, so untied)
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(

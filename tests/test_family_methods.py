@@ -46,7 +46,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "gpt_bigcode", "gpt_neo", "ministral", "ministral3", "olmo", "arcee",
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
                         "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
-                        "falcon_h1",
+                        "falcon_h1", "hunyuan_v1_moe",
                         "hunyuan_v1_dense")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
@@ -245,6 +245,8 @@ CASES = {
     ("jamba", "prompt"): BOTH,
     # and through Falcon-H1's parallel Mamba-2 and attention, the given embeddings not scaled (LoRA: test_falcon_h1)
     ("falcon_h1", "prompt"): BOTH,
+    # a prefix through Hunyuan MoE's post-RoPE q/k norms (LoRA: test_hunyuan_moe)
+    ("hunyuan_v1_moe", "prefix"): BOTH,
     # GLM-4-9B's layers (glm4's without the branch norms): LoRA both ways, the prefix into PEFT
     ("glm", "lora-all-linear"): BOTH,
     ("glm", "prefix"): ("here->peft",),

@@ -35,7 +35,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "granitemoeshared": "GraniteMoeSharedConfig", "granitemoehybrid": "GraniteMoeHybridConfig",
            "nemotron_h": "NemotronHConfig", "mamba2": "Mamba2Config", "mamba": "MambaConfig",
            "falcon_mamba": "FalconMambaConfig", "bamba": "BambaConfig", "jamba": "JambaConfig",
-           "falcon_h1": "FalconH1Config",
+           "falcon_h1": "FalconH1Config", "hunyuan_v1_moe": "HunYuanMoEV1Config",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
            "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
@@ -76,7 +76,7 @@ def assert_same_fields(ours, theirs):
     if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm", "glm4",
                             "glm4_moe", "glm4_moe_lite", "ernie4_5", "ernie4_5_moe", "deepseek_v2", "deepseek_v3",
-                            "hunyuan_v1_dense",
+                            "hunyuan_v1_dense", "hunyuan_v1_moe",
                             "mistral4",
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
@@ -207,6 +207,7 @@ VARIANTS = [
     # Falcon-H1's µP fields and a head size derived from mamba_d_ssm
     ("falcon_h1", dict(mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head="auto", mlp_multipliers=[0.5, 0.25],
                        ssm_multipliers=[0.3, 0.2, 0.1, 0.4, 0.5], rope_theta=1e11, num_labels=3)),
+    ("hunyuan_v1_moe", dict(num_experts=64, moe_topk=8, num_key_value_heads=None, num_labels=3)),
     ("mamba2", dict(num_heads=64, head_dim=32, hidden_size=1024, tie_word_embeddings=True, residual_in_fp32=False)),
     # Nemotron Nano 2's Hub fields: the pattern, the old mamba_* names, a num_hidden_layers the pattern overrides
     ("nemotron_h", dict(hybrid_override_pattern="M-M-M*-E", num_hidden_layers=56, mamba_n_groups=4, mamba_d_conv=3,

@@ -54,7 +54,12 @@ from peftjax.models._bamba import BambaForCausalLM
 from peftjax.models._falcon_h1 import FalconH1ForCausalLM
 from peftjax.models._jamba import JambaForCausalLM, JambaForSequenceClassification
 from peftjax.models._mamba_lm import FalconMambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM
-from peftjax.models._hunyuan_v1_dense import HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification
+from peftjax.models._hunyuan_v1_dense import (
+    HunYuanDenseV1ForCausalLM,
+    HunYuanDenseV1ForSequenceClassification,
+    HunYuanMoEV1ForCausalLM,
+    HunYuanMoEV1ForSequenceClassification,
+)
 from peftjax.models._ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from peftjax.models._phi import PhiForCausalLM, PhiForSequenceClassification, PhiForTokenClassification
 from peftjax.models._bloom import (
@@ -315,6 +320,8 @@ __all__ = [
     "FalconMambaForCausalLM",
     "HunYuanDenseV1ForCausalLM",
     "HunYuanDenseV1ForSequenceClassification",
+    "HunYuanMoEV1ForCausalLM",
+    "HunYuanMoEV1ForSequenceClassification",
     "Ernie4_5_MoeForCausalLM",
     "DeepseekV2ForSequenceClassification",
     "DeepseekV3ForCausalLM",

@@ -438,6 +438,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "eos_token_id": 2, "eod_token_id": 3, "pretraining_tp": 1, "tie_word_embeddings": False,
         "attention_bias": False, "attention_dropout": 0.0, "head_dim": None,
     },
+    # HunYuanMoEV1Config: experts in num_experts (alias num_local_experts), top k in moe_topk (alias
+    # num_experts_per_tok), each expert and the shared MLP intermediate_size wide
+    "hunyuan_v1_moe": {
+        "vocab_size": 290943, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "eod_token_id": 3, "sep_token_id": 4, "pretraining_tp": 1, "tie_word_embeddings": False,
+        "attention_bias": False, "attention_dropout": 0.0, "num_experts": 1, "output_router_logits": False,
+        "moe_topk": 1, "head_dim": None,
+    },
     # Ernie4_5_MoeConfig: experts in moe_num_experts (alias num_experts), top k in moe_k (alias
     # num_experts_per_tok); moe_layer_end_index -1 is the last layer
     "ernie4_5_moe": {
@@ -773,6 +783,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "mistral4": {"num_local_experts": "n_routed_experts"},
     "deepseek_v2": {"num_experts": "n_routed_experts"},
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
+    "hunyuan_v1_moe": {"num_experts_per_tok": "moe_topk", "num_local_experts": "num_experts"},
     "granitemoehybrid": {"layers_block_type": "layer_types"},
     "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
                    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
@@ -841,7 +852,8 @@ class ModelConfig:
         t = self.model_type
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
-                 "internlm3", "hunyuan_v1_dense", "deepseek_v2", "granitemoeshared", "granitemoehybrid"):
+                 "internlm3", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "granitemoeshared",
+                 "granitemoehybrid"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",
