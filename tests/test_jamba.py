@@ -9,6 +9,7 @@ checked against its float64 run (its float32 logits sit up to 2.4e-5 from it, pe
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import jax.numpy as jnp
@@ -122,14 +123,22 @@ def test_lora_on_every_linear_but_dt_proj_and_the_experts_both_ways(jamba, tmp_p
         peftjax.get_peft_model(model, peftjax.LoraConfig(r=2, target_modules="all-linear"))
 
 
-def test_the_refusals(jamba):
-    """Prefix tuning (the Mamba layers have no keys), scanning unlike layers and an offset not
-    below its period."""
+def test_the_refusals(jamba, tmp_path):
+    """Prefix tuning (the Mamba layers have no keys), scanning unlike layers, an offset not below
+    its period, and a per-expert checkpoint that lacks one expert's linear (named, with the file)."""
+    state = safetensors_torch.load_file(str(jamba[1] / "model.safetensors"))
+    del state["model.layers.2.feed_forward.experts.3.up_proj.weight"]
+    (tmp_path / "config.json").write_text((jamba[1] / "config.json").read_text())
+    safetensors_torch.save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(models.CheckpointError, match=re.escape(str(tmp_path)) + (
+            r": model.layers.2.feed_forward.experts: the per-expert layout needs down_proj, gate_proj, up_proj of "
+            r"experts 0..N-1 .*'up_proj': \[0, 1, 2\]")):
+        models.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="JambaForCausalLM does not implement peftjax's prefix attention protocol"):
         peftjax.get_peft_model(jamba[2], peftjax.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     fields = _tiny.fields("jamba")
-    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; jamba's layer_types mix \['full_attention', "
-                                         r"'linear_attention \+ experts'\]"):
+    with pytest.raises(ValueError, match=r"scan_layers=True needs alike layers; jamba's layer_types mix "
+                                         r"\['full_attention', 'linear_attention \+ experts'\]"):
         models.JambaForCausalLM.from_config(ModelConfig("jamba", **fields, scan_layers=True))
     with pytest.raises(ValueError, match=r"attn_layer_offset \(2\) must be below attn_layer_period \(2\)"):
         models.JambaForCausalLM.from_config(ModelConfig("jamba", **{**fields, "attn_layer_offset": 2}))

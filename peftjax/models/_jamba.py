@@ -20,8 +20,7 @@ layers differ. ``JambaForSequenceClassification`` reads each row at its last rea
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import ClassVar
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._expert_files import PerExpertFile, per_expert_layout
 from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._llama import (
     LlamaAttention,
@@ -38,7 +38,6 @@ from peftjax.models._llama import (
 )
 from peftjax.models._mamba import MambaMixer, mamba_cache
 from peftjax.models._mixtral import MixtralForCausalLM, MixtralSparseMoeBlock
-from peftjax.models._modeling import CheckpointError
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._dropout import split_keys
 from peftjax.nn._norm import RMSNorm
@@ -141,49 +140,22 @@ def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Ar
     return hybrid_cache(config, jamba_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
-_EXPERT = re.compile(r"^(?P<pre>.*\.feed_forward\.experts)\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
-_FUSED = re.compile(r"^(?P<pre>.*\.feed_forward\.experts)\.(?P<w>gate_up_proj|down_proj)$")
+EXPERTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
-class _HubExperts(Mapping):
-    """The Hub's per-expert layout read as transformers 5's fused one (a view): each layer's
-    ``experts.N.gate_proj``/``up_proj`` stacked as ``experts.gate_up_proj [E, 2I, H]`` (gate rows
-    first), ``experts.N.down_proj`` as ``experts.down_proj [E, H, I]``."""
+class _JambaCheckpoints:
+    """Reads the Hub's per-expert layout and transformers 5's fused one; writes the Hub's."""
 
-    def __init__(self, tensors: Mapping, source: str):
-        self.tensors = tensors
-        self.names: dict[str, str | tuple[list[str], ...]] = {}
-        found: dict[str, dict[str, dict[int, str]]] = {}
-        for key in tensors:
-            m = _EXPERT.match(key)
-            if m:
-                found.setdefault(m["pre"], {}).setdefault(m["w"], {})[int(m["e"])] = key
-            else:
-                self.names[key] = key
-        for pre, linears in sorted(found.items()):
-            experts = sorted(set().union(*(set(v) for v in linears.values())))
-            if experts != list(range(len(experts))) or any(sorted(linears.get(w, {})) != experts
-                                                          for w in ("gate_proj", "up_proj", "down_proj")):
-                raise CheckpointError(f"{source}: {pre}: the per-expert layout needs gate_proj, up_proj and down_proj "
-                                      f"of experts 0..N-1; found {({w: sorted(v) for w, v in linears.items()})}")
-            keys = lambda w: [linears[w][e] for e in experts]  # noqa: E731
-            self.names[f"{pre}.gate_up_proj"] = (keys("gate_proj"), keys("up_proj"))
-            self.names[f"{pre}.down_proj"] = (keys("down_proj"),)
+    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
+                           seed: int | None = None) -> None:
+        super().load_hf_state_dict(PerExpertFile(state_dict, source, "feed_forward", EXPERTS), source=source,
+                                   seed=seed)
 
-    def __getitem__(self, key: str):
-        source = self.names[key]
-        if isinstance(source, str):
-            return self.tensors[source]
-        return np.stack([np.concatenate([np.asarray(self.tensors[k]) for k in ks], axis=0) for ks in zip(*source)])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
+    def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return per_expert_layout(state, "feed_forward", EXPERTS)
 
 
-class JambaForCausalLM(LlamaForCausalLM):
+class JambaForCausalLM(_JambaCheckpoints, LlamaForCausalLM):
     """Jamba's causal LM (see the module docstring)."""
 
     model_class: ClassVar[type[nnx.Module]] = JambaModel
@@ -200,37 +172,11 @@ class JambaForCausalLM(LlamaForCausalLM):
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype or self.dtype)
 
-    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
-                           seed: int | None = None) -> None:
-        super().load_hf_state_dict(_HubExperts(state_dict, source), source=source, seed=seed)
-
-    def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for key, value in state.items():
-            m = _FUSED.match(key)
-            if not m:
-                out[key] = value
-                continue
-            for e, w in enumerate(np.asarray(value)):
-                if m["w"] == "down_proj":
-                    out[f"{m['pre']}.{e}.down_proj.weight"] = w
-                else:
-                    gate, up = np.split(w, 2, axis=0)
-                    out[f"{m['pre']}.{e}.gate_proj.weight"], out[f"{m['pre']}.{e}.up_proj.weight"] = gate, up
-        return out
-
-
-class JambaForSequenceClassification(LlamaForSequenceClassification):
+class JambaForSequenceClassification(_JambaCheckpoints, LlamaForSequenceClassification):
     """Sequence classification: the decoder plus a ``score`` head read at each row's last real
     token (transformers' generic decoder classifier; no router loss)."""
 
     model_class: ClassVar[type[nnx.Module]] = JambaModel
-
-    def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
-                           seed: int | None = None) -> None:
-        super().load_hf_state_dict(_HubExperts(state_dict, source), source=source, seed=seed)
-
-    checkpoint_layout = JambaForCausalLM.checkpoint_layout
 
 
 register(JambaForCausalLM, model_types=("jamba",), default=True)

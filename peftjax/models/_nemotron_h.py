@@ -26,8 +26,7 @@ mix. transformers has only the causal LM for this family.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import ClassVar
 
 import jax
@@ -36,12 +35,12 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._expert_files import PerExpertFile, per_expert_layout
 from peftjax.models._deepseek_v3 import DeepseekV3TopkRouter, check_group_routing
 from peftjax.models._hybrid import HybridDecoder, hybrid_cache
 from peftjax.models._layer_kinds import checked_layer_types
 from peftjax.models._llama import LlamaAttention, LlamaForCausalLM
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
-from peftjax.models._modeling import CheckpointError
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import activation
 from peftjax.nn._norm import RMSNorm
@@ -201,45 +200,6 @@ def init_cache(config, batch: int, max_len: int, dtype) -> list[dict[str, jax.Ar
     return hybrid_cache(config, nemotron_h_layer_types(config), batch, max_len, dtype, mamba_cache)
 
 
-_EXPERT = re.compile(r"^(?P<pre>.*\.mixer\.experts)\.(?P<e>\d+)\.(?P<w>up_proj|down_proj)\.weight$")
-_FUSED = re.compile(r"^(?P<pre>.*\.mixer\.experts)\.(?P<w>up_proj|down_proj)$")
-
-
-class _HubCheckpoint(Mapping):
-    """The Hub's layout read under transformers 5's names (a view: a stacked expert tensor is
-    assembled when it is looked up): ``backbone.`` as ``model.``, each layer's per-expert
-    ``experts.N.up_proj.weight`` / ``down_proj.weight`` as ``experts.up_proj`` / ``down_proj``."""
-
-    def __init__(self, tensors: Mapping, source: str):
-        self.tensors = tensors
-        self.names: dict[str, str | list[str]] = {}  # our key -> the checkpoint's key(s)
-        experts: dict[str, dict[int, str]] = {}
-        for key in tensors:
-            ours = f"model.{key[len('backbone.'):]}" if key.startswith("backbone.") else key
-            m = _EXPERT.match(ours)
-            if m:
-                experts.setdefault(f"{m['pre']}.{m['w']}", {})[int(m["e"])] = key
-            else:
-                self.names[ours] = key
-        for fused, found in sorted(experts.items()):
-            if sorted(found) != list(range(len(found))) or fused in self.names:
-                raise CheckpointError(f"{source}: {fused}: expected experts 0..N-1 in the per-expert layout alone, "
-                                      f"found experts {sorted(found)}{' and the fused tensor' * (fused in self.names)}")
-            self.names[fused] = [found[e] for e in range(len(found))]
-
-    def __getitem__(self, key: str):
-        source = self.names[key]
-        if isinstance(source, list):
-            return np.stack([np.asarray(self.tensors[k]) for k in source])
-        return self.tensors[source]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
 class NemotronHForCausalLM(LlamaForCausalLM):
     """Nemotron-H's causal LM: ``model`` (the hybrid decoder) and ``lm_head`` (see the module docstring)."""
 
@@ -258,19 +218,22 @@ class NemotronHForCausalLM(LlamaForCausalLM):
 
     def load_hf_state_dict(self, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict",
                            seed: int | None = None) -> None:
-        super().load_hf_state_dict(_HubCheckpoint(state_dict, source), source=source, seed=seed)
+        view = PerExpertFile(state_dict, source, "mixer", EXPERTS, rename=_from_hub)
+        super().load_hf_state_dict(view, source=source, seed=seed)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {}
-        for key, value in state.items():
-            key = f"backbone.{key[len('model.'):]}" if key.startswith("model.") else key
-            m = _FUSED.match(key)
-            if m:
-                for e, w in enumerate(np.asarray(value)):
-                    out[f"{m['pre']}.{e}.{m['w']}.weight"] = w
-            else:
-                out[key] = value
-        return out
+        return per_expert_layout(state, "mixer", EXPERTS, rename=_to_hub)
+
+
+EXPERTS = {"up_proj": ("up_proj",), "down_proj": ("down_proj",)}  # ungated: each fused tensor one linear
+
+
+def _from_hub(key: str) -> str:
+    return f"model.{key[len('backbone.'):]}" if key.startswith("backbone.") else key
+
+
+def _to_hub(key: str) -> str:
+    return f"backbone.{key[len('model.'):]}" if key.startswith("model.") else key
 
 
 register(NemotronHForCausalLM, model_types=("nemotron_h",), default=True)
