@@ -189,6 +189,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "apertus": ("self_attn.o_proj", "mlp.down_proj"),
     "hunyuan_v1_dense": ("self_attn.o_proj", "mlp.down_proj"),
     "lfm2": ("out_proj", "feed_forward.w2"),  # its convolutions' and its attention's output projections
+    "bamba": (("mamba.out_proj", "self_attn.o_proj"), "feed_forward.down_proj"),  # a Mamba-2 layer or attention
 }
 
 

@@ -68,6 +68,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
        for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
     "lfm2": (r"(self_attn|conv)\.out_proj", r"feed_forward\.w2"),  # each layer's mixer: attention or convolution
+    "bamba": (r"(self_attn\.o_proj|mamba\.out_proj)", r"feed_forward\.down_proj"),  # attention or Mamba-2
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     **{t: (r"attn\.c_proj", r"mlp\.c_proj") for t in ("gpt2", "gpt_bigcode")},
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
