@@ -917,31 +917,23 @@ class ModelConfig:
                 self.num_key_value_heads = self.num_attention_heads
             if self.mamba_dt_rank == "auto":
                 self.mamba_dt_rank = -(-self.hidden_size // 16)
-        if t == "falcon_h1":  # FalconH1Config.__post_init__
+        if t in ("granitemoehybrid", "bamba", "falcon_h1"):  # their __post_init__: the Mamba-2 head size, the limit
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
-            if self.mamba_d_head == "auto":
-                width = self.mamba_expand * self.hidden_size if self.mamba_d_ssm is None else self.mamba_d_ssm
+            if self.mamba_d_head == "auto":  # the width (Falcon-H1's own mamba_d_ssm where given) over the heads
+                d_ssm = self.mamba_d_ssm if t == "falcon_h1" else None
+                width = self.mamba_expand * self.hidden_size if d_ssm is None else d_ssm
                 self.mamba_d_head = width // self.mamba_n_heads
             if self.time_step_limit is not None:
                 self.time_step_limit = tuple(self.time_step_limit)
+        if t == "falcon_h1":  # FalconH1Config.__post_init__
             if self.mlp_multipliers is None:
                 self.mlp_multipliers = [1.0, 1.0]
             if self.ssm_multipliers is None:
                 self.ssm_multipliers = [1.0, 1.0, 1.0, 1.0, 1.0]
         if t == "bamba":  # BambaConfig.__post_init__: its RoPE's partial factor fixed at 0.5
-            if self.num_key_value_heads is None:
-                self.num_key_value_heads = self.num_attention_heads
-            if self.mamba_d_head == "auto":
-                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
-            if self.time_step_limit is not None:
-                self.time_step_limit = tuple(self.time_step_limit)
             self.partial_rotary_factor = 0.5
-        if t == "granitemoehybrid":  # GraniteMoeHybridConfig.__post_init__, and transformers' legacy layer names
-            if self.mamba_d_head == "auto":
-                self.mamba_d_head = self.mamba_expand * self.hidden_size // self.mamba_n_heads
-            if self.time_step_limit is not None:
-                self.time_step_limit = tuple(self.time_step_limit)
+        if t == "granitemoehybrid":  # transformers' legacy layer names
             legacy = {"mamba": "linear_attention", "attention": "full_attention"}
             self.layer_types = ([legacy.get(kind, kind) for kind in self.layer_types] if self.layer_types is not None
                                 else ["linear_attention"] * self.num_hidden_layers)

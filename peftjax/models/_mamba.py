@@ -106,16 +106,13 @@ def mamba_layout(config) -> MambaLayout:
     """Mamba's and Falcon-Mamba's fields (``expand``, ``state_size``, ``time_step_rank``,
     ``conv_kernel``, ``use_conv_bias``, ``use_bias``) or Jamba's (``mamba_expand``,
     ``mamba_d_state``, ``mamba_dt_rank``, ``mamba_d_conv``, ``mamba_conv_bias``, ``mamba_proj_bias``);
-    a rank of ``"auto"`` is ``ceil(hidden_size / 16)``."""
+    the rank as the config derives it (``"auto"``: ``ceil(hidden_size / 16)``)."""
     if config.model_type == "jamba":
-        rank = config.mamba_dt_rank
         return MambaLayout(int(config.mamba_expand * config.hidden_size), config.mamba_d_state,
-                           -(-config.hidden_size // 16) if rank == "auto" else int(rank), config.mamba_d_conv,
-                           bool(config.mamba_conv_bias), bool(config.mamba_proj_bias))
-    rank = config.time_step_rank
-    return MambaLayout(int(config.expand * config.hidden_size), config.state_size,
-                       -(-config.hidden_size // 16) if rank == "auto" else int(rank), config.conv_kernel,
-                       bool(config.use_conv_bias), bool(config.use_bias))
+                           int(config.mamba_dt_rank), config.mamba_d_conv, bool(config.mamba_conv_bias),
+                           bool(config.mamba_proj_bias))
+    return MambaLayout(int(config.expand * config.hidden_size), config.state_size, int(config.time_step_rank),
+                       config.conv_kernel, bool(config.use_conv_bias), bool(config.use_bias))
 
 
 def mamba_cache(config, batch: int, dtype) -> dict[str, jax.Array]:

@@ -100,7 +100,7 @@ def mamba2_layout(config) -> Mamba2Layout:
         activation = config.mamba_hidden_act
     else:
         falcon = config.model_type == "falcon_h1"
-        layout = Mamba2Layout(config.mamba_n_heads, mamba_head_dim(config), config.mamba_n_groups,
+        layout = Mamba2Layout(config.mamba_n_heads, int(config.mamba_d_head), config.mamba_n_groups,
                               config.mamba_d_state, config.mamba_d_conv, bool(config.mamba_conv_bias),
                               bool(config.mamba_proj_bias), int(config.mamba_chunk_size), limit, config.rms_norm_eps,
                               bool(config.projectors_bias) if falcon else None)
@@ -191,12 +191,6 @@ def mamba_width(config) -> int:
     Falcon-H1's ``mamba_d_ssm`` where it gives one."""
     d_ssm = getattr(config, "mamba_d_ssm", None) if config.model_type == "falcon_h1" else None
     return int(config.mamba_expand * config.hidden_size) if d_ssm is None else int(d_ssm)
-
-
-def mamba_head_dim(config) -> int:
-    """``mamba_d_head``, or the width (:func:`mamba_width`) over ``mamba_n_heads`` where it says ``"auto"``."""
-    d = config.mamba_d_head
-    return mamba_width(config) // config.mamba_n_heads if d == "auto" else int(d)
 
 
 def mamba_cache(config, batch: int, dtype) -> dict[str, jax.Array]:

@@ -5,8 +5,7 @@ Mistral's Mamba-Codestral-7B).
 
 ``backbone`` holds ``embeddings``, ``layers`` (each a ``norm`` and a ``mixer``: Mamba's, see
 ``_mamba``, or Mamba-2's, see ``_mamba2``, added to the residual, which ``residual_in_fp32`` keeps
-in float32) and
-``norm_f``; ``lm_head`` after it, tied to the embeddings with ``tie_word_embeddings``. Old
+in float32) and ``norm_f``; ``lm_head`` after it, tied to the embeddings with ``tie_word_embeddings``. Old
 checkpoints' ``backbone.embedding`` loads as transformers renames it. Generation keeps each layer's
 convolution inputs and scan state, nothing that grows with the sequence. Every layer is alike, so
 ``scan_layers=True`` stacks them. Prefix tuning is refused (no keys to prefix), so is LoRA on the
@@ -54,7 +53,8 @@ class MambaBlock(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, cache_index=None, dropout_rng=None,
                  segment_ids=None):
-        """``(x, cache, None)``; arguments as ``_hybrid.HybridDecoder``'s layers take them (the attention's ``cos``, ``sin`` and ``mask`` unused)."""
+        """``(x, cache, None)``; arguments as ``_hybrid.HybridDecoder``'s layers take them (the
+        attention's ``cos``, ``sin`` and ``mask`` unused)."""
         out, cache = self.mixer(self.norm(x.astype(self.dtype)), token_mask, cache, segment_ids)
         return x + out.astype(x.dtype), cache, None
 
