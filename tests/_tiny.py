@@ -185,6 +185,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    # Phi-3.5-MoE in small: SparseMixer's top 2 of 4, biases, LayerNorms, LongRoPE whose mscale
+    # changes past 8 positions (the short factors at every length, as transformers 5.24 computes them)
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, attention_bias=True,
+        lm_head_bias=True, max_position_embeddings=64, router_jitter_noise=0.2,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 8,
+                         "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 6.0, 8.0],
+                         "short_mscale": 1.1, "long_mscale": 1.3})),
     # Qwen3-30B-A3B's routing (renormalised top k) in small; layer 1 dense, so sparse and dense layers mix
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=2,

@@ -47,7 +47,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
                         "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
                         "falcon_h1", "hunyuan_v1_moe",
-                        "hunyuan_v1_dense")}
+                        "hunyuan_v1_dense", "phimoe")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -92,6 +92,12 @@ CASES = {
     ("qwen3_moe", "prefix"): BOTH,
     ("qwen3_moe", "prompt"): ("here->peft",),
     ("qwen3_moe", "p-tuning"): ("peft->here",),
+    # PhiMoE (LoRA on attention and the experts both ways, PEFT naming no default targets: test_phimoe): a prefix
+    # through LongRoPE's mscale switch, virtual tokens before SparseMixer's routing
+    ("phimoe", "dora"): ("here->peft",),
+    ("phimoe", "prefix"): BOTH,
+    ("phimoe", "prompt"): ("peft->here",),
+    ("phimoe", "p-tuning"): ("here->peft",),
     # LoRA on every linear and the experts: test_qwen_moe
     ("qwen2_moe", "dora"): BOTH,
     ("qwen2_moe", "ia3-named"): ("here->peft",),

@@ -21,7 +21,8 @@ from peftjax.models import ModelConfig
 tr = pytest.importorskip("transformers")
 
 CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "phi3": "Phi3Config", "mixtral": "MixtralConfig", "bert": "BertConfig", "gpt2": "GPT2Config",
+           "phi3": "Phi3Config", "phimoe": "PhimoeConfig", "mixtral": "MixtralConfig", "bert": "BertConfig",
+           "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
@@ -73,7 +74,8 @@ def assert_same_fields(ours, theirs):
             continue
         assert getattr(ours, key) == getattr(theirs, key), key
     assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
-    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "mixtral", "qwen3_moe", "qwen2_moe",
+    if theirs.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "phimoe", "gemma2", "mixtral", "qwen3_moe",
+                            "qwen2_moe",
                             "olmo2", "smollm3", "granite", "gemma", "gpt_oss", "seed_oss", "glm", "glm4",
                             "glm4_moe", "glm4_moe_lite", "ernie4_5", "ernie4_5_moe", "deepseek_v2", "deepseek_v3",
                             "hunyuan_v1_dense", "hunyuan_v1_moe",
@@ -140,6 +142,11 @@ VARIANTS = [
     ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
                          num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
+    # Phi-3.5-MoE's config.json: the legacy rope_scaling with its mscales, biases, a window
+    ("phimoe", dict(num_key_value_heads=16, sliding_window=131072, attention_bias=True, lm_head_bias=True,
+                    original_max_position_embeddings=4096, rope_scaling={
+                        "type": "longrope", "short_factor": [1.0] * 64, "long_factor": [1.5] * 64,
+                        "short_mscale": 1.243, "long_mscale": 1.243, "original_max_position_embeddings": 4096})),
     ("qwen3_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, norm_topk_prob=False)),
     ("qwen3_moe", dict(decoder_sparse_step=2, rope_theta=1e6, tie_word_embeddings=True, num_labels=3)),
     ("qwen2_moe", dict(mlp_only_layers=None, use_sliding_window=True, sliding_window=3, max_window_layers=1)),

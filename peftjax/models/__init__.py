@@ -233,6 +233,7 @@ from peftjax.models._mixtral import (
     MixtralForTokenClassification,
 )
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification
+from peftjax.models._phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 from peftjax.models._smollm3 import (
     SmolLM3ForCausalLM,
     SmolLM3ForQuestionAnswering,
@@ -477,6 +478,8 @@ __all__ = [
     "Phi3ForCausalLM",
     "Phi3ForSequenceClassification",
     "Phi3ForTokenClassification",
+    "PhimoeForCausalLM",
+    "PhimoeForSequenceClassification",
     "PreTrainedModel",
     "Qwen2ForCausalLM",
     "Qwen2ForQuestionAnswering",

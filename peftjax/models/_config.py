@@ -295,6 +295,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # PhimoeConfig (Phi-3.5-MoE's sizes; its release's config sets the biases, LongRoPE and mscales)
+    "phimoe": {
+        "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 6400, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu", "max_position_embeddings": 131072,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "pad_token_id": None,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "sliding_window": None,
+        "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 16, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.01, "input_jitter_noise": 0.0,
+        "attention_bias": False, "lm_head_bias": False,
+    },
     # Ernie4_5Config
     "ernie4_5": {
         "vocab_size": 103424, "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 18,
@@ -853,7 +863,7 @@ class ModelConfig:
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
                  "internlm3", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "granitemoeshared",
-                 "granitemoehybrid"):
+                 "granitemoehybrid", "phimoe"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",

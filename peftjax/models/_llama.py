@@ -84,7 +84,7 @@ def sliding_windows(config) -> list[int | None]:
             raise ValueError(f"layer_types {unknown} are not supported; supported: ['full_attention', "
                              f"'sliding_attention']")
         return [window if t == "sliding_attention" else None for t in layer_types]
-    if config.model_type in ("mistral", "phi3", "mixtral", "qwen3_moe", "starcoder2",
+    if config.model_type in ("mistral", "phi3", "mixtral", "phimoe", "qwen3_moe", "starcoder2",
                              "ministral3") and window is not None:
         return [window] * n
     return [None] * n

@@ -390,14 +390,15 @@ class MixtralModel(LlamaModel):
 
 class ExpertLayout(NamedTuple):
     """How a family's Hub checkpoints name what transformers 5 fuses: the MoE block (``block``;
-    the router is ``{block}.gate``) and each expert's gate, up and down linears
-    (``{block}.experts.{e}.{gate|up|down}.weight``)."""
+    the router is ``{block}.gate``, ``mlp.{router}`` in memory) and each expert's gate, up and down
+    linears (``{block}.experts.{e}.{gate|up|down}.weight``)."""
 
     family: str
     block: str
     gate: str
     up: str
     down: str
+    router: str = "gate"
 
     def expert_key(self, e: int, linear: str) -> str:
         return f"{self.block}.experts.{e}.{linear}.weight"
@@ -423,7 +424,8 @@ class _FusedExperts(Mapping):
                 layers.setdefault(m["pre"], set()).add(key)
                 hidden.add(key)
             elif layout.block != "mlp" and f".{layout.block}." in key:
-                self.renamed[key.replace(f".{layout.block}.", ".mlp.")] = key
+                ours = key.replace(f".{layout.block}.", ".mlp.")
+                self.renamed[ours.replace(".mlp.gate.", f".mlp.{layout.router}.")] = key
                 hidden.add(key)
         problems = []
         linears = (layout.gate, layout.down, layout.up)
@@ -485,7 +487,7 @@ def hub_layout(state: Mapping[str, np.ndarray], layout: ExpertLayout = MIXTRAL_E
                         out[f"{prefix}.{layout.expert_key(e, layout.up)}"] = up
                 break
         else:
-            out[key.replace(".mlp.gate.weight", f".{layout.block}.gate.weight")] = value
+            out[key.replace(f".mlp.{layout.router}.weight", f".{layout.block}.gate.weight")] = value
     return out
 
 
@@ -514,7 +516,7 @@ def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, sour
         if m:
             groups.setdefault((m["pre"], m["w"], m["kind"]), {})[int(m["e"])] = np.asarray(value, np.float32)
         else:
-            out[key.replace(f".{layout.block}.gate.lora_", ".mlp.gate.lora_")] = value
+            out[key.replace(f".{layout.block}.gate.lora_", f".mlp.{layout.router}.lora_")] = value
     gate_up = f"{layout.gate}/{layout.up}"
     for pre in sorted({g[0] for g in groups}):
         def stacked(w, kind):

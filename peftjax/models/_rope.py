@@ -12,7 +12,7 @@ import numpy as np
 # transformers' ``default_theta`` where a family's differs from 10000
 DEFAULT_THETA = {"mixtral": 1000000.0, "smollm3": 2000000.0, "gpt_oss": 150000.0, "ernie4_5": 500000.0,
                  "llama4_text": 500000.0, "cohere": 500000.0, "helium": 100000.0, "lfm2": 1000000.0,
-                 "ernie4_5_moe": 500000.0}
+                 "ernie4_5_moe": 500000.0, "phimoe": 1000000.0}
 
 
 def rope_parameters(config) -> dict:
@@ -98,9 +98,10 @@ class RotaryEmbedding:
     ``kind`` says how the frequencies depend on the call, as transformers' ``dynamic_rope_update``:
     ``"static"`` not at all; ``"longrope"`` uses ``long_inv_freq`` when the call's largest position
     + 1 exceeds ``threshold`` (``original_max_position_embeddings``), ``inv_freq`` (the short
-    factors) otherwise; ``"dynamic"`` raises the base for a call whose largest position + 1 exceeds
-    ``threshold`` (``max_position_embeddings``). ``scaling`` multiplies cos and sin (YaRN's and
-    LongRoPE's attention factor).
+    factors) otherwise, and multiplies cos and sin by ``long_scaling`` instead of ``scaling`` there
+    when that is set (PhiMoE's ``long_mscale``); ``"dynamic"`` raises the base for a call whose
+    largest position + 1 exceeds ``threshold`` (``max_position_embeddings``). ``scaling``
+    multiplies cos and sin (YaRN's and LongRoPE's attention factor).
 
     Dynamic NTK is stateless here. transformers' rotary module keeps the frequencies of the longest
     call so far (``max_seq_len_cached``): a later call whose length lies between
@@ -119,6 +120,7 @@ class RotaryEmbedding:
     base: float = 0.0  # dynamic: rope_theta, factor, rotary dims
     factor: float = 1.0
     dim: int = 0
+    long_scaling: float | None = None  # longrope: the scaling past ``threshold`` (None: ``scaling``)
 
     def cos_sin(self, position_ids, dtype) -> tuple[jax.Array, jax.Array]:
         """``cos`` and ``sin`` of shape ``[batch, seq, rotary dims]`` for integer ``position_ids``.
@@ -144,8 +146,11 @@ class RotaryEmbedding:
     def _cos_sin(self, position_ids, xp, seq_len):
         """The formula for NumPy or ``jax.numpy`` (``xp``); ``seq_len``: the largest position + 1."""
         inv = xp.asarray(self.inv_freq, xp.float32)
+        scaling = xp.float32(self.scaling)
         if self.kind == "longrope":
             inv = xp.where(seq_len > self.threshold, xp.asarray(self.long_inv_freq, xp.float32), inv)
+            if self.long_scaling is not None:
+                scaling = xp.where(seq_len > self.threshold, xp.float32(self.long_scaling), scaling)
         elif self.kind == "dynamic":  # dynamic NTK
             seq = xp.asarray(xp.maximum(seq_len, self.threshold), xp.float32)
             base = self.base * ((self.factor * seq / self.threshold) - (self.factor - 1)) ** (
@@ -154,7 +159,7 @@ class RotaryEmbedding:
             inv = xp.where(seq_len > self.threshold, grown, inv)
         freqs = position_ids.astype(xp.float32)[..., None] * inv[None, None, :]
         emb = xp.concatenate([freqs, freqs], axis=-1)
-        return xp.cos(emb) * xp.float32(self.scaling), xp.sin(emb) * xp.float32(self.scaling)
+        return xp.cos(emb) * scaling, xp.sin(emb) * scaling
 
 
 # the most positions x frequencies computed on the host: cos and sin then are [seq, 2 x frequencies]
