@@ -393,6 +393,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
+    # CamemBERT: RoBERTa's architecture under its own model type and class names
+    "camembert": ("CamembertConfig", "CamembertForSequenceClassification", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
     # BERT's encoder under DistilBERT's names; a hidden_dim that is no multiple of dim
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(
         vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=37, pad_token_id=0, num_labels=3)),

@@ -166,6 +166,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
                                                           "granite", "seed_oss", "glm", "glm4", "ernie4_5", "cohere",
                                                           "cohere2")},
     "roberta": ("attention.output.dense", "output.dense"),
+    "camembert": ("attention.output.dense", "output.dense"),
     "deberta-v2": ("attention.output.dense", "output.dense"),
     "electra": ("attention.output.dense", "output.dense"),
     "distilbert": ("attention.out_lin", "ffn.lin2"),

@@ -24,7 +24,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "phi3": "Phi3Config", "phimoe": "PhimoeConfig", "mixtral": "MixtralConfig", "bert": "BertConfig",
            "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
-           "xlm-roberta": "XLMRobertaConfig", "qwen3_moe": "Qwen3MoeConfig",
+           "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",

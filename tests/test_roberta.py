@@ -1,4 +1,4 @@
-"""RoBERTa and XLM-RoBERTa against PyTorch transformers and HF PEFT: tiny random checkpoints.
+"""RoBERTa, XLM-RoBERTa and CamemBERT against PyTorch transformers and HF PEFT: tiny random checkpoints.
 
 What differs from BERT is checked where it shows: fairseq's positions (counted over real tokens
 from the padding index on, so left and right padding agree; embeddings numbered in order), the
@@ -25,7 +25,8 @@ from peftjax.io import read_safetensors
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 PAD = 1
-FAMILIES = {"roberta": tr.RobertaForSequenceClassification, "xlm-roberta": tr.XLMRobertaForSequenceClassification}
+FAMILIES = {"roberta": tr.RobertaForSequenceClassification, "xlm-roberta": tr.XLMRobertaForSequenceClassification,
+            "camembert": tr.CamembertForSequenceClassification}
 LABELS = np.array([0, 2, 1])
 
 
@@ -64,8 +65,9 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-# XLM-R differs from RoBERTa in its class names only: one padding side for it
-@pytest.mark.parametrize("family, padding_side", [("roberta", "right"), ("roberta", "left"), ("xlm-roberta", "right")])
+# XLM-R and CamemBERT differ from RoBERTa in their class names only: one padding side each
+@pytest.mark.parametrize("family, padding_side", [("roberta", "right"), ("roberta", "left"), ("xlm-roberta", "right"),
+                                                  ("camembert", "left")])
 def test_classifier_logits_and_loss_match_transformers(checkpoints, family, padding_side, jit):
     torch_model, path = checkpoints[family]
     model = models.from_pretrained(path)
@@ -258,3 +260,31 @@ def test_scanned_layers_give_the_unrolled_logits(checkpoints):
     unrolled = np.asarray(models.from_pretrained(path)(**inputs).logits)
     scanned = np.asarray(models.from_pretrained(path, scan_layers=True)(**inputs).logits)
     np.testing.assert_allclose(scanned, unrolled, atol=1e-6, rtol=0)
+
+
+def test_camembert_lora_moves_between_peft_and_peftjax_and_refuses_default_targets(checkpoints, tmp_path):
+    """PEFT 0.21.2 has no default targets for ``camembert`` (its table names roberta and xlm-roberta):
+    both refuse a bare config; named, a PEFT adapter gives PEFT's logits here and one made here PEFT's."""
+    _, path = checkpoints["camembert"]
+    cls = FAMILIES["camembert"]
+    with pytest.raises(ValueError, match="target_modules"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="no default target_modules for model_type 'camembert'"):
+        peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(task_type="SEQ_CLS"))
+    config = dict(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(cls.from_pretrained(path), peft.LoraConfig(**config)).eval()
+    _perturb(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    inputs = _batch()
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "peft")
+    assert type(ours.base_model).__name__ == "CamembertForSequenceClassification"
+    np.testing.assert_allclose(np.asarray(ours(**inputs).logits), _torch(pm, **inputs).logits.numpy(), atol=1e-5)
+    made = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**config, init_lora_weights=False))
+    made.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(cls.from_pretrained(path), tmp_path / "ours").eval()
+    np.testing.assert_allclose(_torch(theirs, **inputs).logits.numpy(), np.asarray(made(**inputs).logits), atol=1e-5)

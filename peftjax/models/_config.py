@@ -773,6 +773,7 @@ FAMILY_DEFAULTS["mpnet"] = {
     "tie_word_embeddings": True,
 }
 FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
+FAMILY_DEFAULTS["camembert"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 
 FAMILY_DEFAULTS["falcon_mamba"] = {**FAMILY_DEFAULTS["mamba"], "mixer_rms_eps": 1e-06}
 

@@ -235,6 +235,30 @@ class XLMRobertaForMultipleChoice(RobertaForMultipleChoice):
 
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
+class CamembertModel(RobertaModel):
+    """CamemBERT's encoder (``model_type`` ``"camembert"``): RoBERTa's, under transformers' CamemBERT class name."""
+
+
+class CamembertForSequenceClassification(RobertaForSequenceClassification):
+    backbone_class: ClassVar[type[RobertaModel]] = CamembertModel
+
+
+class CamembertForTokenClassification(RobertaForTokenClassification):
+    backbone_class: ClassVar[type[RobertaModel]] = CamembertModel
+
+
+class CamembertForQuestionAnswering(RobertaForQuestionAnswering):
+    backbone_class: ClassVar[type[RobertaModel]] = CamembertModel
+
+
+class CamembertForMaskedLM(RobertaForMaskedLM):
+    backbone_class: ClassVar[type[RobertaModel]] = CamembertModel
+
+
+class CamembertForMultipleChoice(RobertaForMultipleChoice):
+    backbone_class: ClassVar[type[RobertaModel]] = CamembertModel
+
+
 register(RobertaModel, model_types=("roberta",), default=True)
 register(RobertaForSequenceClassification)
 register(RobertaForTokenClassification)
@@ -247,3 +271,9 @@ register(XLMRobertaForQuestionAnswering)
 register(XLMRobertaForMaskedLM)
 register(RobertaForMultipleChoice)
 register(XLMRobertaForMultipleChoice)
+register(CamembertModel, model_types=("camembert",), default=True)
+register(CamembertForSequenceClassification)
+register(CamembertForTokenClassification)
+register(CamembertForQuestionAnswering)
+register(CamembertForMaskedLM)
+register(CamembertForMultipleChoice)

@@ -65,7 +65,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
                  "ministral3", "olmo", "arcee", "nemotron", "helium", "internlm3", "exaone4", "apertus",
                  "hunyuan_v1_dense")},
     **{t: (r"attention\.output\.dense", r"layer\.\d+\.output\.dense")
-       for t in ("bert", "roberta", "xlm-roberta", "deberta-v2", "electra")},
+       for t in ("bert", "roberta", "xlm-roberta", "camembert", "deberta-v2", "electra")},
     "distilbert": (r"attention\.out_lin", r"ffn\.lin2"),
     "lfm2": (r"(self_attn|conv)\.out_proj", r"feed_forward\.w2"),  # each layer's mixer: attention or convolution
     "bamba": (r"(self_attn\.o_proj|mamba\.out_proj)", r"feed_forward\.down_proj"),  # attention or Mamba-2
