@@ -27,7 +27,9 @@ from peftjax.models import ModelConfig
 torch, tr = lazy("torch"), lazy("transformers")
 
 VOCAB = _tiny.FAMILIES["hunyuan_v1_moe"][2]["vocab_size"]
-TOL = dict(atol=1e-5, rtol=1e-5)
+# float32 rounding through the MoE's dense sum and q/k norms depends on the host's vector width: one logit in a thousand
+# reached 1.2e-5 from transformers' on the AVX-512 host kind (within 1e-5 on the AVX2 kind)
+TOL = dict(atol=2e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

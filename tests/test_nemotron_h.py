@@ -38,7 +38,9 @@ torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
 safetensors_torch = lazy("safetensors.torch")
 
 VOCAB = _tiny.FAMILIES["nemotron_h"][2]["vocab_size"]
-TOL = dict(atol=1e-5, rtol=1e-5)
+# float32 rounding through the Mamba-2 scan and the latent experts depends on the host's vector width: one logit in a thousand
+# reached 1.2e-5 from transformers' on the AVX-512 host kind (within 1e-5 on the AVX2 kind)
+TOL = dict(atol=2e-5, rtol=1e-5)
 TARGETS = ["in_proj", "q_proj", "o_proj", "up_proj", "down_proj", "fc1_latent_proj"]
 EXPERTS = ["mixer.experts.up_proj", "mixer.experts.down_proj"]
 
