@@ -393,6 +393,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         num_labels=3, max_position_embeddings=40, type_vocab_size=1, layer_norm_eps=1e-5)),
+    # ALBERT: embeddings narrower than the layers; 4 steps over 2 groups of 2 shared layers (the releases
+    # share one layer: 1 group of 1), so the step -> group -> layer order shows
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", dict(
+        vocab_size=96, embedding_size=16, hidden_size=32, num_hidden_layers=4, num_hidden_groups=2,
+        inner_group_num=2, num_attention_heads=4, intermediate_size=37, num_labels=3, max_position_embeddings=40)),
     # CamemBERT: RoBERTa's architecture under its own model type and class names
     "camembert": ("CamembertConfig", "CamembertForSequenceClassification", dict(
         vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

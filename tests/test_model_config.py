@@ -24,7 +24,8 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "phi3": "Phi3Config", "phimoe": "PhimoeConfig", "mixtral": "MixtralConfig", "bert": "BertConfig",
            "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
-           "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "qwen3_moe": "Qwen3MoeConfig",
+           "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "albert": "AlbertConfig",
+           "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
            "gemma": "GemmaConfig", "modernbert": "ModernBertConfig", "gpt_oss": "GptOssConfig",
@@ -142,6 +143,8 @@ VARIANTS = [
     ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
                          num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
+    ("albert", dict(embedding_size=64, hidden_size=256, num_attention_heads=4, num_hidden_groups=2,
+                    inner_group_num=2, classifier_dropout_prob=0.0, hidden_act="gelu")),
     # Phi-3.5-MoE's config.json: the legacy rope_scaling with its mscales, biases, a window
     ("phimoe", dict(num_key_value_heads=16, sliding_window=131072, attention_bias=True, lm_head_bias=True,
                     original_max_position_embeddings=4096, rope_scaling={

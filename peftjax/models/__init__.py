@@ -258,6 +258,13 @@ from peftjax.models._qwen3_moe import (
     Qwen3MoeForSequenceClassification,
     Qwen3MoeForTokenClassification,
 )
+from peftjax.models._albert import (
+    AlbertForMultipleChoice,
+    AlbertForQuestionAnswering,
+    AlbertForSequenceClassification,
+    AlbertForTokenClassification,
+    AlbertModel,
+)
 from peftjax.models._roberta import (
     CamembertForMaskedLM,
     CamembertForMultipleChoice,
@@ -525,6 +532,11 @@ __all__ = [
     "XLMRobertaForSequenceClassification",
     "XLMRobertaForTokenClassification",
     "XLMRobertaModel",
+    "AlbertModel",
+    "AlbertForSequenceClassification",
+    "AlbertForTokenClassification",
+    "AlbertForQuestionAnswering",
+    "AlbertForMultipleChoice",
     "CamembertModel",
     "CamembertForSequenceClassification",
     "CamembertForTokenClassification",
