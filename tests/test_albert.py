@@ -124,7 +124,7 @@ def test_dropout_runs_only_under_a_key_and_packed_rows_classify_as_alone(classif
     np.testing.assert_allclose(np.asarray(packed.logits), plain[:2], atol=1e-5, rtol=0)
 
 
-def test_saved_checkpoint_loads_in_transformers_and_a_masked_lm_checkpoint_loads_for_a_task(classifier, tmp_path):
+def test_saved_checkpoints_load_in_transformers_the_masked_lm_and_a_task_from_it(classifier, tmp_path):
     torch_model, path = classifier
     model = models.from_pretrained(path)
     model.save_pretrained(tmp_path / "saved")
@@ -132,13 +132,20 @@ def test_saved_checkpoint_loads_in_transformers_and_a_masked_lm_checkpoint_loads
     reloaded = tr.AlbertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
     np.testing.assert_array_equal(torch_logits(reloaded, input_ids=ids, attention_mask=mask),
                                   torch_logits(torch_model, input_ids=ids, attention_mask=mask))
-    # albert-base-v2 ships as AlbertForMaskedLM: its `predictions` head is ignored, the encoder loads
+    # albert-base-v2 ships as AlbertForMaskedLM: the masked LM (its decoder tied to the embeddings, its
+    # bias to predictions.bias), written back as transformers writes it; a task class ignores the head
     mlm = save_perturbed(tr.AlbertForMaskedLM, _tiny.config("albert"), tmp_path / "mlm")
-    encoder = models.from_pretrained(tmp_path / "mlm")
-    assert type(encoder).__name__ == "AlbertModel"
-    np.testing.assert_allclose(np.asarray(encoder(input_ids=ids, attention_mask=mask).last_hidden_state),
-                               _torch(mlm.albert, input_ids=ids, attention_mask=mask).last_hidden_state.numpy(),
-                               atol=1e-5)
+    lm = models.from_pretrained(tmp_path / "mlm")
+    assert type(lm).__name__ == "AlbertForMaskedLM"
+    labels = np.where(mask == 1, ids, -100)
+    ref = _torch(mlm, input_ids=ids, attention_mask=mask, labels=labels)
+    out = lm(input_ids=ids, attention_mask=mask, labels=labels)
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), atol=1e-5, rtol=0)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    lm.save_pretrained(tmp_path / "mlm_saved")
+    np.testing.assert_array_equal(
+        torch_logits(tr.AlbertForMaskedLM.from_pretrained(tmp_path / "mlm_saved").eval(), input_ids=ids,
+                     attention_mask=mask), torch_logits(mlm, input_ids=ids, attention_mask=mask))
     task = models.from_pretrained(tmp_path / "mlm", task_type="SEQ_CLS", num_labels=3)
     assert type(task).__name__ == "AlbertForSequenceClassification" and "classifier.weight" in task.newly_initialised
 
@@ -189,3 +196,22 @@ def test_what_it_does_not_run_is_refused_by_name(classifier):
     prefix = [(jnp.zeros((1, 2, 4, 8)),) * 2] * 4
     with pytest.raises(ValueError, match="prefix tuning .* is not supported"):
         model(input_ids=[[2, 5, 7]], prefix_kv=prefix)
+
+
+def test_prompt_tuning_takes_the_embedding_width_and_loads_in_peft(classifier, tmp_path):
+    """ALBERT's word embeddings are ``embedding_size`` wide: PEFT's default ``token_dim`` (the hidden
+    size) fails to concatenate there, so peftjax's default is the embeddings' width, which the file
+    records and PEFT then uses."""
+    _, path = classifier
+    config = peftjax.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    made = peftjax.get_peft_model(models.from_pretrained(path), config)
+    assert made.peft_config["default"].token_dim == 16
+    made.save_pretrained(tmp_path)
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    plain = np.asarray(models.from_pretrained(path)(input_ids=ids, attention_mask=mask).logits)
+    assert np.abs(np.asarray(made(input_ids=ids, attention_mask=mask).logits) - plain).max() > 1e-3  # random prompt
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tr.AlbertForSequenceClassification.from_pretrained(path), tmp_path)
+    np.testing.assert_allclose(torch_logits(theirs.eval(), input_ids=ids, attention_mask=mask),
+                               np.asarray(made(input_ids=ids, attention_mask=mask).logits), atol=1e-5)

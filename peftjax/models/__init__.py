@@ -259,6 +259,7 @@ from peftjax.models._qwen3_moe import (
     Qwen3MoeForTokenClassification,
 )
 from peftjax.models._albert import (
+    AlbertForMaskedLM,
     AlbertForMultipleChoice,
     AlbertForQuestionAnswering,
     AlbertForSequenceClassification,
@@ -537,6 +538,7 @@ __all__ = [
     "AlbertForTokenClassification",
     "AlbertForQuestionAnswering",
     "AlbertForMultipleChoice",
+    "AlbertForMaskedLM",
     "CamembertModel",
     "CamembertForSequenceClassification",
     "CamembertForTokenClassification",

@@ -17,8 +17,7 @@ after ``dense`` (none after ``ffn_output``, as transformers). The pooler is one 
 ``pooler``, then tanh. The heads drop out ``classifier_dropout_prob`` (the token classifier
 ``hidden_dropout_prob`` when that is unset), as transformers'.
 
-Not here: ``AlbertForMaskedLM`` and ``AlbertForPreTraining`` (a checkpoint's ``predictions`` and
-``sop_classifier`` are ignored), ``scan_layers`` (the steps share their weights: nothing to
+Not here: ``AlbertForPreTraining`` (a checkpoint's ``sop_classifier`` is ignored), ``scan_layers`` (the steps share their weights: nothing to
 stack), prefix tuning (transformers' ALBERT takes no past keys and values).
 """
 
@@ -32,11 +31,13 @@ from flax import nnx
 from peftjax.models._auto import register
 from peftjax.models._bert import (
     BertEmbeddings,
+    BertForMaskedLM,
     BertForMultipleChoice,
     BertForQuestionAnswering,
     BertForTokenClassification,
     BertModel,
     BertSelfAttention,
+    MaskedLMHead,
     _layer_norm,
     linear_kw,
     pick_rows,
@@ -227,8 +228,42 @@ class AlbertForMultipleChoice(BertForMultipleChoice):
         self.dropout_rate = _head_dropout(self.config)
 
 
+class AlbertMLMHead(MaskedLMHead):
+    """``predictions``: ``dense`` (hidden to ``embedding_size``), the activation, ``LayerNorm``, then the
+    word embeddings' transpose (the tied ``decoder``) plus ``bias``."""
+
+    def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.embedding_size, **linear_kw(config, dtype, param_dtype, rngs))
+        self.LayerNorm = nnx.LayerNorm(config.embedding_size, epsilon=config.layer_norm_eps, dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x, word_embeddings):
+        return self.decode(self.LayerNorm(ACTIVATIONS[self.hidden_act](self.dense(x))), word_embeddings)
+
+
+class AlbertForMaskedLM(BertForMaskedLM):
+    """Masked language modelling (the releases' class): ``albert`` without a pooler and ``predictions``
+    (:class:`AlbertMLMHead`); as :class:`~peftjax.models.BertForMaskedLM` otherwise."""
+
+    base_model_prefix: ClassVar[str] = "albert"
+    optional_keys: ClassVar[tuple[str, ...]] = (r"predictions\.(bias|dense\..*|LayerNorm\..*)",)
+    ignored_keys: ClassVar[tuple[str, ...]] = (r"(albert\.)?embeddings\.(position_ids|token_type_ids)",
+                                               r"sop_classifier\..*", r"(albert\.)?pooler\..*")
+    tied_keys: ClassVar[tuple[str, ...]] = ("predictions.decoder.weight", "predictions.decoder.bias")
+    backbone_class: ClassVar[type[BertModel]] = AlbertModel
+
+    def build_head(self, *, dtype, param_dtype, rngs: nnx.Rngs) -> None:
+        self.predictions = AlbertMLMHead(self.config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def head(self, h):
+        return self.predictions(h, self.albert.embeddings.word_embeddings)
+
+
 register(AlbertModel, model_types=("albert",), default=True)
 register(AlbertForSequenceClassification)
 register(AlbertForTokenClassification)
 register(AlbertForQuestionAnswering)
 register(AlbertForMultipleChoice)
+register(AlbertForMaskedLM)
