@@ -17,9 +17,9 @@ after ``dense`` (none after ``ffn_output``, as transformers). The pooler is one 
 ``pooler``, then tanh. The heads drop out ``classifier_dropout_prob`` (the token classifier
 ``hidden_dropout_prob`` when that is unset), as transformers'.
 
-Not here: ``AlbertForPreTraining`` (a checkpoint's ``sop_classifier`` is ignored), ``scan_layers`` (the steps share their weights: nothing to
-stack), prefix tuning (transformers' ALBERT takes no past keys and values).
-"""
+Not here: ``AlbertForPreTraining`` (a checkpoint's ``sop_classifier`` is ignored), ``scan_layers``
+(the steps share their weights: nothing to stack), prefix tuning (transformers' ALBERT takes no
+past keys and values)."""
 
 from __future__ import annotations
 
@@ -234,7 +234,8 @@ class AlbertMLMHead(MaskedLMHead):
 
     def __init__(self, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = nnx.Linear(config.hidden_size, config.embedding_size, **linear_kw(config, dtype, param_dtype, rngs))
+        kw = linear_kw(config, dtype, param_dtype, rngs)
+        self.dense = nnx.Linear(config.hidden_size, config.embedding_size, **kw)
         self.LayerNorm = nnx.LayerNorm(config.embedding_size, epsilon=config.layer_norm_eps, dtype=dtype,
                                        param_dtype=param_dtype, rngs=rngs)
         self.hidden_act = config.hidden_act
