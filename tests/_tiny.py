@@ -185,6 +185,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    # MPT in small: 6 heads (not a power of two: MPT's interleaved ALiBi slopes), clipped q/k/v
+    "mpt": ("MptConfig", "MptForCausalLM", dict(
+        vocab_size=96, d_model=48, n_heads=6, n_layers=2, max_seq_len=64, pad_token_id=0,
+        attn_config={"clip_qkv": 0.6})),
     # Phi-3.5-MoE in small: SparseMixer's top 2 of 4, biases, LayerNorms, LongRoPE whose mscale
     # changes past 8 positions (the short factors at every length, as transformers 5.24 computes them)
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(

@@ -172,6 +172,7 @@ DEFAULT_PLACED = {  # family -> the tails of the two layers per block the defaul
     "distilbert": ("attention.out_lin", "ffn.lin2"),
     "modernbert": ("attn.Wo", "mlp.Wo"),
     "phi": ("self_attn.dense", "mlp.fc2"),
+    "mpt": ("attn.out_proj", "ffn.down_proj"),
     "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
     "opt": ("self_attn.out_proj", "fc2"),
     "bloom": ("self_attention.dense", "mlp.dense_4h_to_h"),

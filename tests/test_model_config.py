@@ -25,6 +25,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "albert": "AlbertConfig",
+           "mpt": "MptConfig",
            "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
@@ -68,7 +69,10 @@ def assert_same_fields(ours, theirs):
     from peftjax.models._rope import rope_parameters
 
     for key in sorted(set(theirs.to_dict()) - SKIP):
-        assert getattr(ours, key) == _field(theirs, key), key
+        value = _field(theirs, key)
+        if key == "attn_config":  # MPT's nested config: its own fields (not its PreTrainedConfig bookkeeping)
+            value = {k: getattr(value, k) for k in type(value).__dataclass_fields__ if k in getattr(ours, key)}
+        assert getattr(ours, key) == value, key
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings", "num_labels"):
         if not hasattr(theirs, key):  # BLOOM has no position limit (ALiBi): neither has ours
             assert not hasattr(ours, key), key
@@ -143,6 +147,8 @@ VARIANTS = [
     ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
                          num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
+    ("mpt", dict(d_model=64, n_heads=8, attn_config={"clip_qkv": 8.0, "softmax_scale": 0.2},
+                 max_seq_len=128)),
     ("albert", dict(embedding_size=64, hidden_size=256, num_attention_heads=4, num_hidden_groups=2,
                     inner_group_num=2, classifier_dropout_prob=0.0, hidden_act="gelu")),
     # Phi-3.5-MoE's config.json: the legacy rope_scaling with its mscales, biases, a window

@@ -478,6 +478,9 @@ def prepare_prompt_learning_config(config: PromptLearningConfig, model_config: A
     if token_dim is None:
         token_dim = _first_key(mc, ("hidden_size", "n_embd", "d_model"), "token_dim")
     num_heads = config.num_attention_heads
+    if num_heads is None and isinstance(getattr(orig, "num_attention_heads", None), int):
+        # an attribute-map alias (MPT's n_heads), which to_dict() does not list and PEFT then asks for
+        num_heads = orig.num_attention_heads
     if num_heads is None:
         num_heads = _first_key(
             mc, ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"), "num_attention_heads"

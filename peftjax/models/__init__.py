@@ -232,6 +232,12 @@ from peftjax.models._mixtral import (
     MixtralForSequenceClassification,
     MixtralForTokenClassification,
 )
+from peftjax.models._mpt import (
+    MptForCausalLM,
+    MptForQuestionAnswering,
+    MptForSequenceClassification,
+    MptForTokenClassification,
+)
 from peftjax.models._phi3 import Phi3ForCausalLM, Phi3ForSequenceClassification, Phi3ForTokenClassification
 from peftjax.models._phimoe import PhimoeForCausalLM, PhimoeForSequenceClassification
 from peftjax.models._smollm3 import (
@@ -493,6 +499,10 @@ __all__ = [
     "Phi3ForSequenceClassification",
     "Phi3ForTokenClassification",
     "PhimoeForCausalLM",
+    "MptForCausalLM",
+    "MptForSequenceClassification",
+    "MptForTokenClassification",
+    "MptForQuestionAnswering",
     "PhimoeForSequenceClassification",
     "PreTrainedModel",
     "Qwen2ForCausalLM",

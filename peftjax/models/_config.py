@@ -295,6 +295,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # MptConfig (MPT-1B's sizes; attn_config a dict of MptAttentionConfig's fields)
+    "mpt": {
+        "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4, "max_seq_len": 2048,
+        "vocab_size": 50368, "resid_pdrop": 0.0, "layer_norm_epsilon": 1e-05, "emb_pdrop": 0.0,
+        "learned_pos_emb": True, "attn_config": {
+            "attn_type": "multihead_attention", "attn_pdrop": 0, "attn_impl": "torch", "clip_qkv": None,
+            "softmax_scale": None, "prefix_lm": False, "qk_ln": False, "attn_uses_sequence_id": False,
+            "alibi": True, "alibi_bias_max": 8},
+        "init_device": "cpu", "logit_scale": None, "no_bias": True, "embedding_fraction": 1.0,
+        "norm_type": "low_precision_layernorm", "use_cache": False, "initializer_range": 0.02,
+        "tie_word_embeddings": True, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+    },
     # PhimoeConfig (Phi-3.5-MoE's sizes; its release's config sets the biases, LongRoPE and mscales)
     "phimoe": {
         "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 6400, "num_hidden_layers": 32,
@@ -825,6 +837,7 @@ ATTRIBUTE_MAPS["marian"] = ATTRIBUTE_MAPS["pegasus"] = ATTRIBUTE_MAPS["m2m_100"]
 ATTRIBUTE_MAPS["gpt_neox"] = {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"}
 ATTRIBUTE_MAPS["bloom"] = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 ATTRIBUTE_MAPS["gptj"] = ATTRIBUTE_MAPS["gpt_bigcode"] = {**ATTRIBUTE_MAPS["gpt2"]}
+ATTRIBUTE_MAPS["mpt"] = {"num_attention_heads": "n_heads", "hidden_size": "d_model", "num_hidden_layers": "n_layers"}
 ATTRIBUTE_MAPS["internlm3"] = {"qkv_bias": "attention_bias", "bias": "mlp_bias"}
 ATTRIBUTE_MAPS["gpt_neo"] = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
 
@@ -881,6 +894,11 @@ class ModelConfig:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "nemotron" and self.head_dim is None:  # NemotronConfig.__post_init__ (no key/value heads derived)
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "mpt":  # MptConfig.__post_init__ makes attn_config an MptAttentionConfig: its fields, defaults filled
+            defaults = FAMILY_DEFAULTS["mpt"]["attn_config"]
+            given = self.attn_config or {}
+            given = given if isinstance(given, dict) else given.to_dict()  # an MptAttentionConfig
+            self.attn_config = {k: given.get(k, v) for k, v in defaults.items()}
         if t == "exaone4":  # Exaone4Config.__post_init__
             if self.sliding_window is None:
                 self.sliding_window_pattern = 0

@@ -72,6 +72,7 @@ BOTTLENECK_TARGET_MODULES: dict[str, tuple[str, str]] = {
     "modernbert": (r"attn\.Wo", r"mlp\.Wo"),
     **{t: (r"attn\.c_proj", r"mlp\.c_proj") for t in ("gpt2", "gpt_bigcode")},
     "phi": (r"self_attn\.dense", r"mlp\.fc2"),
+    "mpt": (r"attn\.out_proj", r"ffn\.down_proj"),
     "gpt_neox": (r"attention\.dense", r"mlp\.dense_4h_to_h"),
     "opt": (r"self_attn\.out_proj", r"fc2"),
     "bloom": (r"self_attention\.dense", r"mlp\.dense_4h_to_h"),
