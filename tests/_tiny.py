@@ -185,6 +185,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    # Zamba2 in small: three hybrid layers over two shared blocks (the third ties to the first), the model's
+    # own attention adapters and RoPE on; chunks of 4 so the Mamba-2 scan crosses chunks
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=6, intermediate_size=40, num_attention_heads=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"], mamba_d_state=8,
+        n_mamba_heads=4, mamba_ngroups=2, num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4,
+        use_mem_rope=True, chunk_size=4, pad_token_id=0)),
     # MPT in small: 6 heads (not a power of two: MPT's interleaved ALiBi slopes), clipped q/k/v
     "mpt": ("MptConfig", "MptForCausalLM", dict(
         vocab_size=96, d_model=48, n_heads=6, n_layers=2, max_seq_len=64, pad_token_id=0,

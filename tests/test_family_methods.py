@@ -47,7 +47,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
                         "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
                         "falcon_h1", "hunyuan_v1_moe",
-                        "hunyuan_v1_dense", "phimoe")}
+                        "hunyuan_v1_dense", "phimoe", "zamba2")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -94,6 +94,10 @@ CASES = {
     ("qwen3_moe", "p-tuning"): ("peft->here",),
     # PhiMoE (LoRA on attention and the experts both ways, PEFT naming no default targets: test_phimoe): a prefix
     # through LongRoPE's mscale switch, virtual tokens before SparseMixer's routing
+    # Zamba2 (LoRA both ways, shared blocks included: test_zamba2): virtual tokens joining the embeddings every
+    # shared block reads
+    ("zamba2", "prompt"): BOTH,
+    ("zamba2", "p-tuning"): ("here->peft",),
     ("phimoe", "dora"): ("here->peft",),
     ("phimoe", "prefix"): BOTH,
     ("phimoe", "prompt"): ("peft->here",),

@@ -25,7 +25,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "albert": "AlbertConfig",
-           "mpt": "MptConfig",
+           "mpt": "MptConfig", "zamba2": "Zamba2Config",
            "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
@@ -88,7 +88,7 @@ def assert_same_fields(ours, theirs):
                             "qwen3_5_text", "qwen3_5_moe_text", "llama4_text", "qwen3_next", "cohere", "cohere2",
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
-                            "apertus", "granitemoeshared", "granitemoehybrid", "bamba", "falcon_h1"):
+                            "apertus", "granitemoeshared", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "mpt"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
@@ -147,6 +147,9 @@ VARIANTS = [
     ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
                          num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
+    ("zamba2", dict(hidden_size=64, num_attention_heads=8, layers_block_type=["mamba", "hybrid", "hybrid"],
+                    num_hidden_layers=3, num_mem_blocks=2, use_mem_rope=True, intermediate_size=None,
+                    use_long_context=True)),
     ("mpt", dict(d_model=64, n_heads=8, attn_config={"clip_qkv": 8.0, "softmax_scale": 0.2},
                  max_seq_len=128)),
     ("albert", dict(embedding_size=64, hidden_size=256, num_attention_heads=4, num_hidden_groups=2,

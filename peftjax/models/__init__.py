@@ -232,6 +232,7 @@ from peftjax.models._mixtral import (
     MixtralForSequenceClassification,
     MixtralForTokenClassification,
 )
+from peftjax.models._zamba2 import Zamba2ForCausalLM, Zamba2ForSequenceClassification
 from peftjax.models._mpt import (
     MptForCausalLM,
     MptForQuestionAnswering,
@@ -500,6 +501,8 @@ __all__ = [
     "Phi3ForTokenClassification",
     "PhimoeForCausalLM",
     "MptForCausalLM",
+    "Zamba2ForCausalLM",
+    "Zamba2ForSequenceClassification",
     "MptForSequenceClassification",
     "MptForTokenClassification",
     "MptForQuestionAnswering",

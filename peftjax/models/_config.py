@@ -295,6 +295,19 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Zamba2Config (Zamba2-2.7B's sizes; the derived fields below as its __post_init__ computes them)
+    "zamba2": {
+        "vocab_size": 32000, "max_position_embeddings": 4096, "hidden_size": 2560, "num_hidden_layers": 54,
+        "layers_block_type": None, "mamba_d_state": 64, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_ngroups": 1,
+        "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 0.0001, "n_mamba_heads": 8,
+        "use_mamba_kernels": True, "use_conv_bias": True, "chunk_size": 256, "use_mem_eff_path": False,
+        "add_bias_linear": False, "intermediate_size": None, "hidden_act": "gelu", "num_attention_heads": 32,
+        "num_key_value_heads": None, "attention_dropout": 0.0, "num_mem_blocks": 1,
+        "use_shared_attention_adapter": False, "adapter_rank": 128, "use_mem_rope": False,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "num_logits_to_keep": 1,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "use_long_context": False,
+        "tie_word_embeddings": True,
+    },
     # MptConfig (MPT-1B's sizes; attn_config a dict of MptAttentionConfig's fields)
     "mpt": {
         "d_model": 2048, "n_heads": 16, "n_layers": 24, "expansion_ratio": 4, "max_seq_len": 2048,
@@ -817,6 +830,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
     "hunyuan_v1_moe": {"num_experts_per_tok": "moe_topk", "num_local_experts": "num_experts"},
     "granitemoehybrid": {"layers_block_type": "layer_types"},
+    "zamba2": {"layer_types": "layers_block_type", "head_dim": "attention_head_dim"},
     "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
                    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
                    "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
@@ -894,6 +908,24 @@ class ModelConfig:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "nemotron" and self.head_dim is None:  # NemotronConfig.__post_init__ (no key/value heads derived)
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "zamba2":  # Zamba2Config.__post_init__: its derived sizes (a file's own values recomputed)
+            h, heads = self.hidden_size, self.num_attention_heads
+            self.intermediate_size = self.intermediate_size or 4 * h
+            self.attention_hidden_size = 2 * h
+            self.attention_head_dim = 2 * h // heads
+            self.mamba_headdim = int(self.mamba_expand * h) // self.n_mamba_heads
+            if self.use_long_context:
+                self.max_position_embeddings = 16384
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = heads
+            self.kv_channels, self.num_query_groups = h // heads, heads
+            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
+            if self.layers_block_type is None:
+                self.layers_block_type = (["linear_attention"] + (["linear_attention"] * 5 + ["hybrid"]) * 7
+                                          + ["linear_attention"] * 4 + ["hybrid"] + ["linear_attention"] * 3
+                                          + ["hybrid"] + ["linear_attention"] * 2)
+            self.layers_block_type = [legacy.get(kind, kind) for kind in self.layers_block_type]
+            self.hybrid_layer_ids = [i for i, kind in enumerate(self.layers_block_type) if kind == "hybrid"]
         if t == "mpt":  # MptConfig.__post_init__ makes attn_config an MptAttentionConfig: its fields, defaults filled
             defaults = FAMILY_DEFAULTS["mpt"]["attn_config"]
             given = self.attn_config or {}

@@ -10,9 +10,9 @@ clamped to ``time_step_limit``, the decay ``A = -exp(A_log)``; the selective sca
 gated RMSNorm (``norm``: times ``silu(z)``, then normed per group) and ``out_proj``. Padded tokens
 are zeroed before ``in_proj`` and after the convolution, as transformers' ``apply_mask_to_padding_states``.
 
-transformers clamps the time steps on its chunked path only; its one-token decoding step does not.
-Both paths clamp here: the same unless a checkpoint sets ``time_step_limit`` (the Granite 4.0
-releases keep the default, no limit).
+The time steps are clamped where transformers clamps them (as mamba_ssm's kernels): on the chunked
+path (training, scoring, a prompt's prefill), not in a one-token decoding step. That differs only
+where a limit is set: Zamba2's ``(time_step_min, inf)``, a Mamba-2 config's ``time_step_limit``.
 """
 
 from __future__ import annotations
@@ -93,6 +93,15 @@ def mamba2_layout(config) -> Mamba2Layout:
         if layout.intermediate_size != width:
             raise ValueError(f"mamba2: num_heads ({layout.heads}) x head_dim ({layout.head_dim}) must be expand x "
                              f"hidden_size ({width})")
+    elif config.model_type == "zamba2":  # its mixer's convolution always biased, its norm's epsilon fixed
+        limit = (float(config.time_step_min), float("inf"))
+        layout = Mamba2Layout(config.n_mamba_heads, config.mamba_headdim, config.mamba_ngroups, config.mamba_d_state,
+                              config.mamba_d_conv, True, bool(config.add_bias_linear), int(config.chunk_size), limit,
+                              1e-5)
+        activation = "silu"
+        width = int(config.mamba_expand * config.hidden_size)
+        if layout.intermediate_size != width:
+            raise ValueError(f"zamba2: n_mamba_heads ({layout.heads}) must divide mamba_expand x hidden_size ({width})")
     elif config.model_type == "nemotron_h":
         layout = Mamba2Layout(config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size,
                               config.conv_kernel, bool(config.use_conv_bias), bool(config.use_bias),
@@ -165,7 +174,7 @@ class Mamba2Mixer(nnx.Module):
         per_head = lambda p: p.get_value().astype(jnp.float32)  # noqa: E731
         dt = jax.nn.softplus(dt.astype(jnp.float32) + per_head(self.dt_bias)[None, None, :])
         low, high = self.time_step_limit
-        if (low, high) != (0.0, float("inf")):
+        if (low, high) != (0.0, float("inf")) and not (cache is not None and s == 1):  # decoding: unclamped
             dt = jnp.clip(dt, low, high)
         hidden = hidden.reshape(b, s, self.num_heads, self.head_dim)
         y, state = ssd_scan(hidden, dt, -jnp.exp(per_head(self.A_log)),

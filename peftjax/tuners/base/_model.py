@@ -200,7 +200,9 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     if has_stacked_layers(model):  # scan_layers=True: merged layer by layer (DoRA's norms), stacked again
         with unstacked(model, write=True):
             return merge(model, adapter_names, safe_merge=safe_merge)
-    layers = [m for m in named_modules(model).values() if isinstance(m, AdapterLayer)]
+    modules = named_modules(model)
+    _refuse_shared_base_weights(modules)
+    layers = [m for m in modules.values() if isinstance(m, AdapterLayer)]
     before = [(m, _param_values(m), m.merged_adapter_names()) for m in layers]
     try:
         for m in layers:
@@ -216,6 +218,31 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     except Exception:
         _restore(before)
         raise
+
+
+def _refuse_shared_base_weights(modules: dict) -> None:
+    """Refuses to merge into a weight another module also holds (a model's tied blocks: Zamba2's
+    shared transformer): the merge would change every module that holds it, each with the other's
+    adapter (PEFT merges there all the same, adding each layer's delta to the one tensor).
+
+    Raises:
+      ValueError: an adapter layer's base weight is held by another module too (both named).
+    """
+    holders: dict[int, list[str]] = {}
+    for path, module in modules.items():
+        for value in vars(module).values():
+            if type(value) is nnx.Param:
+                holders.setdefault(id(value), []).append(path)
+    for path, module in modules.items():
+        if not isinstance(module, AdapterLayer):
+            continue
+        for value in vars(module).values():
+            shared = holders.get(id(value), []) if type(value) is nnx.Param else []
+            if len(shared) > 1:
+                others = [p for p in shared if p != path]
+                raise ValueError(f"cannot merge the adapter at {path}: its base weight is also {others}'s (the model "
+                                 f"shares it between layers), so merging would change those layers too; keep the "
+                                 f"adapter unmerged, or leave the shared layers out of its targets")
 
 
 def _param_values(module: nnx.Module) -> list[tuple[nnx.Variable, jax.Array]]:
