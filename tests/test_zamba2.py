@@ -79,6 +79,14 @@ def test_shared_blocks_are_one_weight_and_the_checkpoint_is_what_transformers_wr
     assert not any(k.startswith("model.layers.5.shared_transformer.") for k in keys(path))
     model.save_pretrained(tmp_path)
     assert keys(tmp_path) == keys(path)
+    # the functional core holds each shared weight once, and LoRA on the shared blocks trains
+    peft_model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
+        r=4, target_modules=["q_proj", "in_proj"], lora_dropout=0.1))
+    _, adapters, base = peftjax.split(peft_model.base_model)
+    assert len(jax.tree.leaves(base)) == len(keys(path)) and len(jax.tree.leaves(adapters)) == 2 * (3 + 6)
+    ids, mask = padded_batch(VOCAB, seq=9, left=False)
+    losses = _tiny.train(peft_model, _tiny.batch(ids, mask) | {"labels": np.where(mask == 1, ids, -100)}).losses
+    assert losses[-1] < losses[0]
     ids, mask = padded_batch(VOCAB, seq=9)
     reloaded = tr.Zamba2ForCausalLM.from_pretrained(tmp_path).eval()
     np.testing.assert_array_equal(torch_logits(reloaded, input_ids=ids, attention_mask=mask),
