@@ -382,6 +382,14 @@ def decoder_positions(
     return DecoderPositions(start, query_positions, position_ids, key_mask, num_prefix)
 
 
+def alibi_key_positions(key_mask, dtype=jnp.float32) -> jax.Array:
+    """Each key's ALiBi position ``[batch, keys]``: its count among the row's real keys (0 on padding).
+    Softmax's translation invariance makes it equivalent to the slot index transformers' BLOOM, Falcon
+    and MPT read where the row's real keys are contiguous, packed rows included."""
+    key_mask = jnp.asarray(key_mask, jnp.int32)
+    return ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(dtype)
+
+
 def prefix_key_mask(key_mask: jax.Array, num_prefix: int) -> jax.Array:
     """``[batch, V + k]``: the prefix entries (always visible) before a ``[batch, k]`` key mask."""
     if not num_prefix:

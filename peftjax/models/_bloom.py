@@ -125,10 +125,8 @@ class BloomModel(LlamaModel):
 
     def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
         masks = super().attention_masks(pos, segment_ids)
-        key_mask = jnp.asarray(pos.key_mask, jnp.int32)
-        key_positions = ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(jnp.float32)
         slopes = jnp.asarray(alibi_slopes(self.config.num_attention_heads))
-        masks[ALIBI] = slopes[None, :, None] * key_positions[:, None]
+        masks[ALIBI] = slopes[None, :, None] * attn.alibi_key_positions(pos.key_mask)[:, None]
         return masks
 
 

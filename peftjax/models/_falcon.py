@@ -141,8 +141,7 @@ class FalconModel(LlamaModel):
     def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
         masks = super().attention_masks(pos, segment_ids)
         if self.config.alibi:  # transformers' Falcon: the slopes and the product in bfloat16
-            key_mask = jnp.asarray(pos.key_mask, jnp.int32)
-            key_positions = ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(jnp.bfloat16)
+            key_positions = attn.alibi_key_positions(pos.key_mask, jnp.bfloat16)
             slopes = jnp.asarray(alibi_slopes(self.config.num_attention_heads)).astype(jnp.bfloat16)
             bias = (slopes[None, :, None] * key_positions[:, None]).astype(jnp.float32)
             masks[ALIBI] = bias / math.sqrt(self.config.hidden_size // self.config.num_attention_heads)

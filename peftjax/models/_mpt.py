@@ -31,6 +31,7 @@ from flax import nnx
 
 from peftjax.models import _attention as attn
 from peftjax.models._auto import register
+from peftjax.models._bloom import ALIBI
 from peftjax.models._dropout import dropout
 from peftjax.models._llama import (
     DecoderUnderPrefix,
@@ -44,7 +45,6 @@ from peftjax.models._llama import (
 )
 from peftjax.nn._dropout import split_keys
 
-ALIBI = "alibi"  # the key of the layers' ALiBi bias among the decoder's masks
 
 # attn_config: what transformers' MPT computes (the defaults) and what it would silently ignore
 _ATTN_DEFAULTS = {"attn_type": "multihead_attention", "attn_pdrop": 0, "clip_qkv": None, "softmax_scale": None,
@@ -169,10 +169,8 @@ class MptModel(LlamaModel):
 
     def attention_masks(self, pos: attn.DecoderPositions, segment_ids=None) -> dict:
         masks = super().attention_masks(pos, segment_ids)
-        key_mask = jnp.asarray(pos.key_mask, jnp.int32)
-        key_positions = ((jnp.cumsum(key_mask, axis=1) - 1) * key_mask).astype(jnp.float32)
         slopes = jnp.asarray(alibi_slopes(self.config.num_attention_heads))
-        masks[ALIBI] = slopes[None, :, None] * key_positions[:, None]
+        masks[ALIBI] = slopes[None, :, None] * attn.alibi_key_positions(pos.key_mask)[:, None]
         return masks
 
 
