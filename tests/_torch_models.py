@@ -302,12 +302,13 @@ def assert_long_rows_match_torch(torch_model, model, vocab: int) -> None:
 
 
 def assert_matches_float64_torch(torch_model, exact, path, model, vocab: int, tolerance: dict,
-                                 grads_of: set[str]) -> None:
+                                 grads_of: set[str], *, stacked: bool = True) -> None:
     """A recurrent decoder (``model``, loaded from ``path``) against transformers' ``torch_model``
     and its float64 twin ``exact`` (whose logits are the oracle where float32 rounding through a
     scan exceeds 1e-5): left- and right-padded logits, eager and jitted; the loss and every
-    weight's gradient (those in ``grads_of`` among them) of the model loaded with its layers
-    stacked under ``scan_layers=True`` and rematerialised; greedy generation token for token."""
+    weight's gradient (those in ``grads_of`` among them) of the model loaded rematerialised, its
+    layers stacked under ``scan_layers=True`` (unless ``stacked=False``: layers that differ);
+    greedy generation token for token."""
     torch = pytest.importorskip("torch")
     import jax
     from flax import nnx
@@ -324,7 +325,7 @@ def assert_matches_float64_torch(torch_model, exact, path, model, vocab: int, to
     exact.zero_grad()
     loss = exact(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
     loss.backward()
-    scanned = models.from_pretrained(path, scan_layers=True, remat="full")
+    scanned = models.from_pretrained(path, scan_layers=stacked, remat="full")
     graphdef, params, rest = nnx.split(scanned, nnx.Param, ...)
     value, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p, rest)(
         input_ids=ids, attention_mask=mask, labels=labels).loss))(params)
