@@ -244,6 +244,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, full_attn_idxs=[1], conv_bias=True, block_multiple_of=8, pad_token_id=0)),
+    # LFM2-MoE in small: a dense first layer, then 4 experts (top 2) by biased sigmoid scores, renormalised and
+    # scaled; convolutions and one attention layer
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermediate_size=24, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention", "conv"],
+        num_dense_layers=1, num_experts=4, num_experts_per_tok=2, routed_scaling_factor=1.5, conv_bias=True,
+        pad_token_id=0, tie_word_embeddings=False)),
     # DeepSeek-V2 in small: V3's layers above with V2's router, by groups (top 3 within the best 2 of 4
     # groups by their best softmax score, scaled by 2.5, not renormalised), and two shared experts
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(

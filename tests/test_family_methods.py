@@ -47,7 +47,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
                         "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
                         "falcon_h1", "hunyuan_v1_moe",
-                        "hunyuan_v1_dense", "phimoe", "zamba2")}
+                        "hunyuan_v1_dense", "phimoe", "zamba2", "lfm2_moe")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -96,6 +96,8 @@ CASES = {
     # through LongRoPE's mscale switch, virtual tokens before SparseMixer's routing
     # Zamba2 (LoRA both ways, shared blocks included: test_zamba2): virtual tokens joining the embeddings every
     # shared block reads
+    ("lfm2_moe", "prompt"): ("peft->here",),
+    ("lfm2_moe", "p-tuning"): ("here->peft",),
     ("zamba2", "prompt"): BOTH,
     ("zamba2", "p-tuning"): ("here->peft",),
     ("phimoe", "dora"): ("here->peft",),

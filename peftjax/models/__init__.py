@@ -232,6 +232,7 @@ from peftjax.models._mixtral import (
     MixtralForSequenceClassification,
     MixtralForTokenClassification,
 )
+from peftjax.models._lfm2_moe import Lfm2MoeForCausalLM
 from peftjax.models._zamba2 import Zamba2ForCausalLM, Zamba2ForSequenceClassification
 from peftjax.models._mpt import (
     MptForCausalLM,
@@ -502,6 +503,7 @@ __all__ = [
     "PhimoeForCausalLM",
     "MptForCausalLM",
     "Zamba2ForCausalLM",
+    "Lfm2MoeForCausalLM",
     "Zamba2ForSequenceClassification",
     "MptForSequenceClassification",
     "MptForTokenClassification",

@@ -295,6 +295,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # Lfm2MoeConfig (LFM2-8B-A1B's sizes; layer_types must be given, as transformers' model needs them)
+    "lfm2_moe": {
+        "vocab_size": 65536, "hidden_size": 2048, "intermediate_size": 7168, "moe_intermediate_size": 1792,
+        "num_hidden_layers": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True,
+        "max_position_embeddings": 128000, "initializer_range": 0.02, "use_cache": True, "norm_eps": 1e-05,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "conv_bias": False, "conv_L_cache": 3,
+        "num_dense_layers": 2, "num_experts_per_tok": 4, "output_router_logits": False, "num_experts": 32,
+        "use_expert_bias": True, "routed_scaling_factor": 1.0, "norm_topk_prob": True, "layer_types": None,
+    },
     # Zamba2Config (Zamba2-2.7B's sizes; the derived fields below as its __post_init__ computes them)
     "zamba2": {
         "vocab_size": 32000, "max_position_embeddings": 4096, "hidden_size": 2560, "num_hidden_layers": 54,
@@ -831,6 +840,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "hunyuan_v1_moe": {"num_experts_per_tok": "moe_topk", "num_local_experts": "num_experts"},
     "granitemoehybrid": {"layers_block_type": "layer_types"},
     "zamba2": {"layer_types": "layers_block_type", "head_dim": "attention_head_dim"},
+    "lfm2_moe": {"tie_embedding": "tie_word_embeddings"},
     "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
                    "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
                    "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",

@@ -399,6 +399,7 @@ class ExpertLayout(NamedTuple):
     up: str
     down: str
     router: str = "gate"
+    memory_block: str = "mlp"  # the block's name in memory (transformers 5's; LFM2-MoE keeps feed_forward)
 
     def expert_key(self, e: int, linear: str) -> str:
         return f"{self.block}.experts.{e}.{linear}.weight"
@@ -423,9 +424,10 @@ class _FusedExperts(Mapping):
             if m:
                 layers.setdefault(m["pre"], set()).add(key)
                 hidden.add(key)
-            elif layout.block != "mlp" and f".{layout.block}." in key:
-                ours = key.replace(f".{layout.block}.", ".mlp.")
-                self.renamed[ours.replace(".mlp.gate.", f".mlp.{layout.router}.")] = key
+            elif layout.block != layout.memory_block and f".{layout.block}." in key:
+                block = f".{layout.memory_block}."
+                ours = key.replace(f".{layout.block}.", block)
+                self.renamed[ours.replace(f"{block}gate.", f"{block}{layout.router}.")] = key
                 hidden.add(key)
         problems = []
         linears = (layout.gate, layout.down, layout.up)
@@ -437,7 +439,7 @@ class _FusedExperts(Mapping):
             if wanted - found:
                 problems.append(f"{prefix}: missing expert keys {sorted(wanted - found)[:6]}")
             for name in ("gate_up_proj", "down_proj"):
-                fused = f"{prefix}.mlp.experts.{name}"
+                fused = f"{prefix}.{layout.memory_block}.experts.{name}"
                 if fused in tensors:
                     problems.append(f"{prefix}: both {fused} and per-expert {layout.block}.experts weights")
                 self.fused[fused] = (prefix, name)
@@ -475,7 +477,7 @@ def hub_layout(state: Mapping[str, np.ndarray], layout: ExpertLayout = MIXTRAL_E
     out = {}
     for key, value in state.items():
         for name in ("gate_up_proj", "down_proj"):
-            suffix = f".mlp.experts.{name}"
+            suffix = f".{layout.memory_block}.experts.{name}"
             if key.endswith(suffix):
                 prefix = key[: -len(suffix)]
                 for e, w in enumerate(np.asarray(value)):
@@ -487,7 +489,7 @@ def hub_layout(state: Mapping[str, np.ndarray], layout: ExpertLayout = MIXTRAL_E
                         out[f"{prefix}.{layout.expert_key(e, layout.up)}"] = up
                 break
         else:
-            out[key.replace(f".mlp.{layout.router}.weight", f".{layout.block}.gate.weight")] = value
+            out[key.replace(f".{layout.memory_block}.{layout.router}.weight", f".{layout.block}.gate.weight")] = value
     return out
 
 
@@ -516,7 +518,7 @@ def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, sour
         if m:
             groups.setdefault((m["pre"], m["w"], m["kind"]), {})[int(m["e"])] = np.asarray(value, np.float32)
         else:
-            out[key.replace(f".{layout.block}.gate.lora_", f".mlp.{layout.router}.lora_")] = value
+            out[key.replace(f".{layout.block}.gate.lora_", f".{layout.memory_block}.{layout.router}.lora_")] = value
     gate_up = f"{layout.gate}/{layout.up}"
     for pre in sorted({g[0] for g in groups}):
         def stacked(w, kind):
@@ -540,12 +542,14 @@ def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, sour
             e, r1, r3 = a1.shape[0], a1.shape[1], a3.shape[1]
             b = np.zeros((e, b1.shape[1] + b3.shape[1], r1 + r3), np.float32)
             b[:, : b1.shape[1], :r1], b[:, b1.shape[1]:, r1:] = b1, b3
-            out[f"{pre}.mlp.experts.{inner}lora_A.weight"] = np.concatenate([a1, a3], axis=1).reshape(-1, a1.shape[-1])
-            out[f"{pre}.mlp.experts.{inner}lora_B.weight"] = b.transpose(1, 2, 0).reshape(b.shape[1], -1)
+            experts = f"{pre}.{layout.memory_block}.experts.{inner}"
+            out[f"{experts}lora_A.weight"] = np.concatenate([a1, a3], axis=1).reshape(-1, a1.shape[-1])
+            out[f"{experts}lora_B.weight"] = b.transpose(1, 2, 0).reshape(b.shape[1], -1)
         if layout.down in present:
             a2, b2 = fused[layout.down]
-            out[f"{pre}.mlp.experts.lora_A.weight"] = a2.reshape(-1, a2.shape[-1])
-            out[f"{pre}.mlp.experts.lora_B.weight"] = b2.transpose(1, 2, 0).reshape(b2.shape[1], -1)
+            experts = f"{pre}.{layout.memory_block}.experts."
+            out[f"{experts}lora_A.weight"] = a2.reshape(-1, a2.shape[-1])
+            out[f"{experts}lora_B.weight"] = b2.transpose(1, 2, 0).reshape(b2.shape[1], -1)
     return out
 
 
