@@ -90,7 +90,7 @@ def test_each_layer_caches_its_kind_and_packed_rows_match_transformers(zamba2):
     assert_packed_rows_as_alone(model, exact, TOL)
 
 
-def test_lora_on_shared_and_mamba_layers_moves_both_ways_and_the_merge_is_refused(zamba2, tmp_path):
+def test_lora_on_shared_and_mamba_layers_moves_both_ways_and_the_merge_is_refused(zamba2, tmp_path, capsys):
     """PEFT wraps each hybrid layer's q_proj (one weight, an adapter per layer): so does peftjax.
     Merging one of those would change the other layers holding that weight: refused by name; an
     adapter on the Mamba-2 layers alone merges."""
@@ -117,6 +117,14 @@ def test_lora_on_shared_and_mamba_layers_moves_both_ways_and_the_merge_is_refuse
         ours.merge_and_unload()
     np.testing.assert_allclose(np.asarray(ours(input_ids=ids, attention_mask=mask).logits)[valid],
                                torch_logits(back, input_ids=ids, attention_mask=mask)[valid], **PEFT_TOL)  # untouched
+    # the command line says so too, and leaves the output directory as it was
+    from peftjax.cli import main
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["merge", str(path), str(tmp_path / "ours"), str(tmp_path / "out")]) == 1
+    assert "its base weight is also" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
     mamba_only = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(
         r=4, target_modules=["in_proj"], init_lora_weights=False))
     before = np.asarray(mamba_only(input_ids=ids, attention_mask=mask).logits)
