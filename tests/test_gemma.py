@@ -31,6 +31,7 @@ EXTRA = {
     # the releases' legacy "gelu", which transformers reads as the tanh GELU
     "gemma": dict(hidden_act="gelu"),
     "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "vaultgemma": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "gemma3_text": dict(hidden_activation="gelu", rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}),
@@ -40,7 +41,7 @@ HEADS = {"gemma": "GemmaForSequenceClassification", "gemma2": "Gemma2ForSequence
 
 # the weights' std: Gemma's pre-norm-only layers grow larger activations than Gemma 2/3's four norms
 # (logits to about 7 at 0.3, where float32's rounding alone reaches 1e-5 on long rows)
-SCALE = {"gemma": 0.2}
+SCALE = {"gemma": 0.2, "vaultgemma": 0.2}  # VaultGemma's layers pre-norm only too
 
 
 def _random_model(class_name: str, family: str, **overrides):

@@ -521,7 +521,8 @@ def test_mixtral_lora_target_conversion_and_refusals_follow_peft(tiny_checkpoint
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("family", ["phi3", "olmo2", "olmo3", "smollm3", "granite", "cohere", "cohere2", "phimoe"])
+@pytest.mark.parametrize("family", ["phi3", "olmo2", "olmo3", "smollm3", "granite", "cohere", "cohere2", "phimoe",
+                                    "vaultgemma"])
 def test_families_without_default_targets_are_refused_as_peft_refuses_them(family, tiny_checkpoint):
     path, cls = tiny_checkpoint(family), _tiny.arch(family).torch_class
     with pytest.raises(ValueError, match="target_modules"), warnings.catch_warnings():

@@ -40,7 +40,12 @@ from peftjax.models._distilbert import (
 )
 from peftjax.models._cohere import Cohere2ForCausalLM, CohereForCausalLM
 from peftjax.models._gemma import GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification
-from peftjax.models._gemma2 import Gemma2ForCausalLM, Gemma2ForSequenceClassification, Gemma2ForTokenClassification
+from peftjax.models._gemma2 import (
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    Gemma2ForTokenClassification,
+    VaultGemmaForCausalLM,
+)
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
 from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
@@ -503,6 +508,7 @@ __all__ = [
     "PhimoeForCausalLM",
     "MptForCausalLM",
     "Zamba2ForCausalLM",
+    "VaultGemmaForCausalLM",
     "Lfm2MoeForCausalLM",
     "Zamba2ForSequenceClassification",
     "MptForSequenceClassification",

@@ -817,6 +817,9 @@ FAMILY_DEFAULTS["mpnet"] = {
 }
 FAMILY_DEFAULTS["xlm-roberta"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
 FAMILY_DEFAULTS["camembert"] = {**FAMILY_DEFAULTS["roberta"], "vocab_size": 30522}
+# VaultGemmaConfig: Gemma2Config's fields but use_bidirectional_attention
+FAMILY_DEFAULTS["vaultgemma"] = {k: v for k, v in FAMILY_DEFAULTS["gemma2"].items()
+                                 if k != "use_bidirectional_attention"}
 
 FAMILY_DEFAULTS["falcon_mamba"] = {**FAMILY_DEFAULTS["mamba"], "mixer_rms_eps": 1e-06}
 
@@ -1144,8 +1147,8 @@ class ModelConfig:
                 ]
         if t == "gemma3_text" and "sliding_window_pattern" in self.__dict__:  # transformers 4's name
             self._sliding_window_pattern = self.__dict__["sliding_window_pattern"]
-        if t in ("gemma2", "gemma3_text") and self.layer_types is None:
-            every = 2 if t == "gemma2" else self._sliding_window_pattern
+        if t in ("gemma2", "vaultgemma", "gemma3_text") and self.layer_types is None:
+            every = 2 if t in ("gemma2", "vaultgemma") else self._sliding_window_pattern
             self.layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
                                 for i in range(self.num_hidden_layers)]
         if t == "gemma4_text":

@@ -12,6 +12,9 @@
 The layers differ only in their mask (and, in Gemma 3, their RoPE), which the decoder picks
 per layer, so ``scan_layers=True`` stacks them all: the scanned step selects layer ``i``'s mask
 and RoPE from the stacked per-type tables.
+
+VaultGemma (``model_type`` ``"vaultgemma"``) is Gemma 2 without the norms after attention and the
+MLP (:class:`VaultGemmaDecoderLayer`); transformers has only its causal LM.
 """
 
 from __future__ import annotations
@@ -258,6 +261,34 @@ class Gemma2ForTokenClassification(LlamaForTokenClassification):
     model_class: ClassVar[type[nnx.Module]] = Gemma2Model
 
 
+class VaultGemmaDecoderLayer(Gemma2DecoderLayer):
+    """Gemma 2's layer without the norms after attention and the MLP (``input_layernorm`` and
+    ``pre_feedforward_layernorm`` only), as transformers' ``VaultGemmaDecoderLayer``."""
+
+    def __init__(self, config, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = self.attention_class(config, layer_idx, **kw)
+        self.mlp = GemmaMLP(config, **kw)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, **kw)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, prefix=None, dropout_rng=None):
+        a, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, prefix, dropout_rng)
+        x = x + a
+        return x + self.mlp(self.pre_feedforward_layernorm(x)), cache
+
+
+class VaultGemmaModel(Gemma2Model):
+    layer_class: ClassVar[type[nnx.Module]] = VaultGemmaDecoderLayer
+
+
+class VaultGemmaForCausalLM(Gemma2ForCausalLM):
+    """VaultGemma (Google's differentially private VaultGemma 1B): Gemma 2 with two norms a layer."""
+
+    model_class: ClassVar[type[nnx.Module]] = VaultGemmaModel
+
+
 register(Gemma2ForCausalLM, model_types=("gemma2",), default=True)
+register(VaultGemmaForCausalLM, model_types=("vaultgemma",), default=True)
 register(Gemma2ForSequenceClassification)
 register(Gemma2ForTokenClassification)
