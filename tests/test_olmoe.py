@@ -5,6 +5,8 @@ the router and the fused experts both ways."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from _torch_models import (
     torch_logits,
 )
 
+import peftjax
 from peftjax import models
 
 torch, tr, peft = lazy("torch"), lazy("transformers"), lazy("peft")
@@ -101,3 +104,19 @@ def test_lora_on_attention_router_and_experts_both_ways(olmoe, tmp_path):
         tr.OlmoeForCausalLM, olmoe[1], tmp_path,
         dict(r=2, lora_alpha=4, task_type="CAUSAL_LM",
              target_modules=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), VOCAB, TOL)
+
+
+def test_expert_targets_named_as_transformers_4_did_become_peft_s_target_parameters(olmoe):
+    """PEFT 0.21.2 turns ``gate_proj``/``up_proj``/``down_proj`` (OLMoE's per-expert linears before
+    transformers 5 fused them) into ``target_parameters`` on the fused experts, rank doubled on
+    ``gate_up_proj``: so does peftjax, so the experts train rather than the names matching nothing."""
+    targets = ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tr.OlmoeForCausalLM.from_pretrained(olmoe[1]),
+                                     peft.LoraConfig(r=2, target_modules=targets)).peft_config["default"]
+    ours = peftjax.get_peft_model(models.from_pretrained(olmoe[1]),
+                                  peftjax.LoraConfig(r=2, target_modules=targets)).peft_config["default"]
+    assert set(ours.target_modules) == set(theirs.target_modules) == {"q_proj"}
+    assert set(ours.target_parameters) == set(theirs.target_parameters) == {"gate_up_proj", "down_proj"}
+    assert dict(ours.rank_pattern) == dict(theirs.rank_pattern)
