@@ -48,6 +48,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2, clip_qkv=2.0)),
+    # FlexOlmo: OLMoE's experts (renormalised top 2 of 4) under OLMo 2's post-norm layers
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(
+        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0,
+        eos_token_id=2)),
     # EXAONE 4.0 in small: a sliding RoPE layer (window 4), then a global NoPE one; post-norm layers
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

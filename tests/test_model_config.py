@@ -26,7 +26,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "albert": "AlbertConfig",
            "mpt": "MptConfig", "zamba2": "Zamba2Config", "lfm2_moe": "Lfm2MoeConfig",
-           "vaultgemma": "VaultGemmaConfig",
+           "vaultgemma": "VaultGemmaConfig", "flex_olmo": "FlexOlmoConfig",
            "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
            "smollm3": "SmolLM3Config", "granite": "GraniteConfig",
@@ -90,7 +90,7 @@ def assert_same_fields(ours, theirs):
                             "phi", "gpt_neox", "starcoder2", "stablelm", "falcon", "olmo", "olmoe", "ministral",
                             "ministral3", "arcee", "helium", "internlm3", "exaone4", "nemotron", "granitemoe",
                             "apertus", "granitemoeshared", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "mpt",
-                            "vaultgemma"):
+                            "vaultgemma", "flex_olmo"):
         assert rope_parameters(ours) == rope_parameters(theirs)
     if theirs.model_type == "gemma3_text":  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters

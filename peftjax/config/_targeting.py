@@ -228,10 +228,10 @@ MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
     "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
-# transformers sends deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, glm4_moe_lite, hunyuan_v1_moe, olmoe and
-# qwen3_next to the same pattern (their dense layers' and shared experts' MLPs, named so, lose LoRA)
+# transformers sends deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, glm4_moe_lite, hunyuan_v1_moe, olmoe,
+# flex_olmo and qwen3_next to the same pattern (their dense layers' and shared experts' MLPs, named so, lose LoRA)
 _QWEN2_MOE_CONVERTED = ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe",
-                        "olmoe", "qwen3_next")
+                        "olmoe", "flex_olmo", "qwen3_next")
 MOE_CONVERTED_TARGETS.update(dict.fromkeys(_QWEN2_MOE_CONVERTED, MOE_CONVERTED_TARGETS["qwen3_moe"]))
 _MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")},
                                                      "qwen3_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}

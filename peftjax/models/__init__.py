@@ -100,7 +100,7 @@ from peftjax.models._ministral import (
     MinistralForSequenceClassification,
     MinistralForTokenClassification,
 )
-from peftjax.models._olmoe import OlmoeForCausalLM
+from peftjax.models._olmoe import FlexOlmoForCausalLM, OlmoeForCausalLM
 from peftjax.models._llama_variants import (
     ArceeForCausalLM,
     ArceeForQuestionAnswering,
@@ -497,6 +497,7 @@ __all__ = [
     "NemotronForSequenceClassification",
     "NemotronForTokenClassification",
     "OlmoeForCausalLM",
+    "FlexOlmoForCausalLM",
     "OlmoForSequenceClassification",
     "Olmo2ForCausalLM",
     "Olmo2ForSequenceClassification",

@@ -295,6 +295,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "sliding_window": None, "attention_dropout": 0.0, "num_experts_per_tok": 2, "num_local_experts": 8,
         "output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0,
     },
+    # FlexOlmoConfig (FlexOlmo-7x7B's sizes)
+    "flex_olmo": {
+        "vocab_size": 100352, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "pad_token_id": 100277,
+        "bos_token_id": None, "eos_token_id": 100257, "tie_word_embeddings": False, "attention_bias": False,
+        "attention_dropout": 0.0, "num_experts_per_tok": 5, "num_experts": 7, "output_router_logits": False,
+        "router_aux_loss_coef": 0.01, "norm_topk_prob": False,
+    },
     # Lfm2MoeConfig (LFM2-8B-A1B's sizes; layer_types must be given, as transformers' model needs them)
     "lfm2_moe": {
         "vocab_size": 65536, "hidden_size": 2048, "intermediate_size": 7168, "moe_intermediate_size": 1792,
@@ -834,6 +843,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "qwen3_moe": {"num_experts": "num_local_experts"},
     "gpt_oss": {"num_experts": "num_local_experts"},
     "olmoe": {"num_local_experts": "num_experts"},
+    "flex_olmo": {"num_local_experts": "num_experts"},
     "deepseek_v3": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "glm4_moe": {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     "glm4_moe_lite": {"num_local_experts": "n_routed_experts", "head_dim": "qk_rope_head_dim"},
@@ -913,7 +923,7 @@ class ModelConfig:
         if t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "olmo", "olmo2", "olmo3", "olmoe", "smollm3",
                  "granite", "seed_oss", "glm", "glm4", "ernie4_5", "ministral", "ministral3", "arcee", "helium",
                  "internlm3", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "granitemoeshared",
-                 "granitemoehybrid", "phimoe"):
+                 "granitemoehybrid", "phimoe", "flex_olmo"):
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             if t in ("llama", "mistral", "seed_oss", "glm", "glm4", "ernie4_5", "ministral3", "arcee", "helium",

@@ -12,7 +12,7 @@ import numpy as np
 # transformers' ``default_theta`` where a family's differs from 10000
 DEFAULT_THETA = {"mixtral": 1000000.0, "smollm3": 2000000.0, "gpt_oss": 150000.0, "ernie4_5": 500000.0,
                  "llama4_text": 500000.0, "cohere": 500000.0, "helium": 100000.0, "lfm2": 1000000.0,
-                 "ernie4_5_moe": 500000.0, "phimoe": 1000000.0}
+                 "ernie4_5_moe": 500000.0, "phimoe": 1000000.0, "flex_olmo": 500000.0}
 
 
 def rope_parameters(config) -> dict:
