@@ -48,7 +48,7 @@ from peftjax.models._modeling import PreTrainedModel
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._activations import ACTIVATIONS
 from peftjax.nn._dropout import split_keys
-from peftjax.nn._scan import check_remat, run_layer
+from peftjax.nn._scan import check_remat, run_layers
 
 
 def _head_dropout(config) -> float:
@@ -114,10 +114,8 @@ class AlbertTransformer(nnx.Module):
     def __call__(self, x, mask, rng=None, prefix_kv=None, rows=None):
         """The last step's output ``[batch, seq, hidden]``, or with ``rows`` (``[n]`` flat indices)
         those positions', ``[n, hidden]``."""
-        h = self.embedding_hidden_mapping_in(x)
-        steps = self.steps()
-        for i in range(len(steps)):
-            h = run_layer(steps, i, lambda layer, h, k: layer(h, mask, k), h, self.remat, rng)
+        h = run_layers(self.steps(), lambda layer, h, k: layer(h, mask, k), self.embedding_hidden_mapping_in(x),
+                       self.remat, rng)
         return h if rows is None else pick_rows(h.reshape(-1, h.shape[-1]), rows)
 
 

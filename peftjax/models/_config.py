@@ -832,6 +832,9 @@ FAMILY_DEFAULTS["vaultgemma"] = {k: v for k, v in FAMILY_DEFAULTS["gemma2"].item
 
 FAMILY_DEFAULTS["falcon_mamba"] = {**FAMILY_DEFAULTS["mamba"], "mixer_rms_eps": 1e-06}
 
+# transformers' older layer-kind names (``remap_legacy_layer_types``), as the hybrid configs read them
+LEGACY_LAYER_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
+
 # other names for fields (transformers' ``attribute_map``)
 # DebertaConfig (v1): DeBERTa-v2's fields (no buckets, convolution or shared keys), deberta-base's sizes
 FAMILY_DEFAULTS["glm4"] = {**FAMILY_DEFAULTS["glm"]}
@@ -942,12 +945,11 @@ class ModelConfig:
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = heads
             self.kv_channels, self.num_query_groups = h // heads, heads
-            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
             if self.layers_block_type is None:
                 self.layers_block_type = (["linear_attention"] + (["linear_attention"] * 5 + ["hybrid"]) * 7
                                           + ["linear_attention"] * 4 + ["hybrid"] + ["linear_attention"] * 3
                                           + ["hybrid"] + ["linear_attention"] * 2)
-            self.layers_block_type = [legacy.get(kind, kind) for kind in self.layers_block_type]
+            self.layers_block_type = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.layers_block_type]
             self.hybrid_layer_ids = [i for i, kind in enumerate(self.layers_block_type) if kind == "hybrid"]
         if t == "mpt":  # MptConfig.__post_init__ makes attn_config an MptAttentionConfig: its fields, defaults filled
             defaults = FAMILY_DEFAULTS["mpt"]["attn_config"]
@@ -1027,26 +1029,24 @@ class ModelConfig:
         if t == "bamba":  # BambaConfig.__post_init__: its RoPE's partial factor fixed at 0.5
             self.partial_rotary_factor = 0.5
         if t == "granitemoehybrid":  # transformers' legacy layer names
-            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
-            self.layer_types = ([legacy.get(kind, kind) for kind in self.layer_types] if self.layer_types is not None
-                                else ["linear_attention"] * self.num_hidden_layers)
+            self.layer_types = ([LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.layer_types]
+                                if self.layer_types is not None else ["linear_attention"] * self.num_hidden_layers)
         if t in ("mamba", "falcon_mamba"):  # MambaConfig.__post_init__
             self.intermediate_size = int(self.expand * self.hidden_size)
             if self.time_step_rank == "auto":
                 self.time_step_rank = -(-self.hidden_size // 16)
         if t == "nemotron_h":  # NemotronHConfig.__post_init__: the Hub's pattern, legacy names; the layers' count
             pattern = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
-            legacy = {"mamba": "linear_attention", "attention": "full_attention"}
             override = self.__dict__.pop("hybrid_override_pattern", None)
             mtp_override = self.__dict__.pop("mtp_hybrid_override_pattern", None)
             if self.layers_block_type is None:
                 self.layers_block_type = ([pattern[c] for c in override] if override is not None
                                           else ["linear_attention", "moe", "full_attention", "mlp"])
-            self.layers_block_type = [legacy.get(kind, kind) for kind in self.layers_block_type]
+            self.layers_block_type = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.layers_block_type]
             if self.mtp_layers_block_type is None:
                 self.mtp_layers_block_type = ([pattern[c] for c in mtp_override] if mtp_override is not None
                                               else ["full_attention", "moe"])
-            self.mtp_layers_block_type = [legacy.get(kind, kind) for kind in self.mtp_layers_block_type]
+            self.mtp_layers_block_type = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.mtp_layers_block_type]
             self.num_hidden_layers = len(self.layers_block_type)  # a property in transformers: the file's is ignored
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads

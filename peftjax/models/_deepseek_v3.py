@@ -72,6 +72,7 @@ from peftjax.models._mixtral import (
     _MoeCheckpoints,
     expert_count,
     expert_dispatch,
+    top_k_by_choice,
 )
 from peftjax.models._outputs import ModelOutput
 from peftjax.models._rope import apply_rotary, rope_parameters
@@ -240,11 +241,7 @@ def group_limited_routing(scores, choice, *, top_k: int, n_group: int, topk_grou
     _, groups = jax.lax.top_k(group_scores, topk_group)
     kept = jnp.any(jax.nn.one_hot(groups, n_group, dtype=bool), axis=-2)  # [tokens, groups]
     choice = jnp.where(jnp.repeat(kept, e // n_group, axis=-1), choice, -jnp.inf)
-    _, index = jax.lax.top_k(choice, top_k)
-    weights = jnp.take_along_axis(scores, index, axis=-1)
-    if renormalise:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return weights * scaling, index
+    return top_k_by_choice(scores, choice, top_k, renormalise, scaling, epsilon=1e-20)
 
 
 def noaux_tc_routing(logits, bias, **kwargs) -> tuple[jax.Array, jax.Array]:

@@ -37,6 +37,7 @@ from peftjax.models._mixtral import (
     check_top_k,
     expert_count,
     expert_dispatch,
+    top_k_by_choice,
 )
 from peftjax.nn._param_reader import ParamReader
 
@@ -49,11 +50,7 @@ def sigmoid_routing(logits, bias, top_k: int, renormalise: bool, scaling: float)
     ``sigmoid(logits) + bias`` (``bias`` ``None``: by the sigmoid alone), weighted by the sigmoid."""
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
-    _, index = jax.lax.top_k(choice, top_k)
-    weights = jnp.take_along_axis(scores, index, axis=-1)
-    if renormalise:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-6)
-    return weights * scaling, index
+    return top_k_by_choice(scores, choice, top_k, renormalise, scaling, epsilon=1e-6)
 
 
 class Lfm2MoeSparseMoeBlock(ParamReader, nnx.Module):

@@ -121,6 +121,18 @@ def top_k_routing(logits: jax.Array, top_k: int, renormalise: bool = True) -> tu
     return top, index
 
 
+def top_k_by_choice(scores: jax.Array, choice: jax.Array, top_k: int, renormalise: bool, scaling: float,
+                    epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Each token's ``(weights, experts)`` (``[tokens, top_k]``): the experts of the highest
+    ``choice``, weighted by their ``scores``, renormalised to sum to one (plus ``epsilon``, the
+    family's) if ``renormalise``, times ``scaling`` (the sigmoid routers: DeepSeek-V3's, LFM2-MoE's)."""
+    _, index = jax.lax.top_k(choice, top_k)
+    weights = jnp.take_along_axis(scores, index, axis=-1)
+    if renormalise:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + epsilon)
+    return weights * scaling, index
+
+
 def route(logits: jax.Array, top_k: int, renormalise: bool = True) -> jax.Array:
     """Dense routing weights ``[tokens, experts]``: :func:`top_k_routing`'s, 0 elsewhere."""
     top, index = top_k_routing(logits, top_k, renormalise)

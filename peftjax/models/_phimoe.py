@@ -52,6 +52,7 @@ from peftjax.models._mixtral import (
     MixtralModel,
     MixtralSparseMoeBlock,
 )
+from peftjax.models._llama import head_dim_of
 from peftjax.models._phi3 import Phi3ForCausalLM
 from peftjax.models._rope import RotaryEmbedding, rope_parameters, rotary_embedding
 from peftjax.nn._dropout import active_dropout_key, fold_key
@@ -193,8 +194,7 @@ class PhimoeModel(MixtralModel):
 
     @staticmethod
     def make_rotary(config):
-        return phimoe_rotary(config, getattr(config, "head_dim", None) or config.hidden_size
-                             // config.num_attention_heads)
+        return phimoe_rotary(config, head_dim_of(config))
 
 
 class PhimoeForCausalLM(MixtralForCausalLM):

@@ -229,11 +229,11 @@ class XLMRobertaForMaskedLM(RobertaForMaskedLM):
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
 
 
-
 class XLMRobertaForMultipleChoice(RobertaForMultipleChoice):
     """XLM-RoBERTa's multiple-choice head: RoBERTa's, under transformers' XLM-R class name."""
 
     backbone_class: ClassVar[type[RobertaModel]] = XLMRobertaModel
+
 
 class CamembertModel(RobertaModel):
     """CamemBERT's encoder (``model_type`` ``"camembert"``): RoBERTa's, under transformers' CamemBERT class name."""

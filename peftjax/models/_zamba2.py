@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.models._auto import register
+from peftjax.models._config import LEGACY_LAYER_TYPES
 from peftjax.models._hybrid import HybridDecoder, hybrid_inputs
 from peftjax.models._llama import LlamaAttention, LlamaForCausalLM, LlamaForSequenceClassification
 from peftjax.models._mamba2 import Mamba2Mixer, mamba_cache
@@ -57,8 +58,8 @@ def zamba2_layer_types(config) -> list[str]:
     Raises:
       ValueError: another kind, or a config whose attention does not tile its width.
     """
-    legacy = {"mamba": "linear_attention"}  # transformers' older name (remapped on load; an override may use it)
-    kinds = [legacy.get(kind, kind) for kind in config.layers_block_type]
+    # transformers' older names, remapped on load; an override (set after it) may still use them
+    kinds = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in config.layers_block_type]
     unknown = sorted(set(kinds) - set(LAYER_TYPES))
     if unknown:
         raise ValueError(f"zamba2: layers_block_type {unknown} are not supported; supported: {list(LAYER_TYPES)}")
@@ -234,14 +235,17 @@ class Zamba2Model(HybridDecoder):
             raise ValueError(f"zamba2: layers_block_type has {len(kinds)} entries for num_hidden_layers="
                              f"{config.num_hidden_layers}")
         super().__init__(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        holders = []
-        for layer in self.layers:
+        holders, tied = [], []
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, Zamba2HybridLayer):
                 block = layer.shared_transformer.self_attn.use % config.num_mem_blocks
                 if len(holders) < config.num_mem_blocks:
                     holders.append(layer.shared_transformer)
                 else:
                     _tie(layer.shared_transformer, holders[block])
+                    tied.append(f"layers.{i}.shared_transformer.")
+        # the checkpoint keys under these are their block's first holder's (static: part of the graph definition)
+        self.tied_prefixes = tuple(tied)
 
     @staticmethod
     def make_rotary(config):
@@ -250,18 +254,6 @@ class Zamba2Model(HybridDecoder):
     @staticmethod
     def layer_types(config) -> list[str]:
         return zamba2_layer_types(config)
-
-    def tied_keys(self) -> set[str]:
-        """The checkpoint keys of the later hybrid layers' shared blocks: the first holders' weights."""
-        kinds = zamba2_layer_types(self.config)
-        seen, keys = 0, set()
-        for i, kind in enumerate(kinds):
-            if kind != "hybrid":
-                continue
-            if seen >= self.config.num_mem_blocks:
-                keys.add(f"layers.{i}.shared_transformer.")
-            seen += 1
-        return keys
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, prefix_kv=None, dropout_rng=None, output_router_logits: bool = False,
@@ -301,7 +293,7 @@ class _SharedBlocks:
     def _tied(self, key: str) -> bool:
         prefix = f"{self.base_model_prefix}."
         inner = key[len(prefix):] if key.startswith(prefix) else key
-        return any(inner.startswith(t) for t in self.model.tied_keys()) or super()._tied(key)
+        return inner.startswith(self.model.tied_prefixes) or super()._tied(key)
 
     def checkpoint_layout(self, state):
         return {k: v for k, v in super().checkpoint_layout(state).items() if not self._tied(k)}
