@@ -720,6 +720,7 @@ class PeftModel:
         if fuse is not None and getattr(config, "peft_type", None) == "LORA":
             tensors = fuse(tensors, source=str(model_id))
         config = dataclasses.replace(config, inference_mode=not is_trainable)
+        config = _saved_by_suffix(self.base_model, config, tensors)
         if getattr(config, "init_lora_weights", None) == "loftq" and _quantized(self.base_model):
             # LoftQ's workflow: its rewritten base was saved and loaded in 4 or 8 bits; that base
             # already is the quantization LoftQ would compute, and the file holds the factors
@@ -742,6 +743,25 @@ class PeftModel:
             warnings.warn(f"{source}: found missing adapter keys while loading the checkpoint (strict=False): "
                           f"{missing[:10]}", stacklevel=3)
         return missing, unexpected
+
+
+_ADAPTER_SEGMENTS = ("base_layer", "modules_to_save", "lora_", "ia3_", "hada_", "lokr_", "adapter_")
+
+
+def _saved_by_suffix(model, config, tensors) -> PeftConfig:
+    """``config`` naming in full the modules an older PEFT's suffix match saved in the file (its
+    ``["norm"]`` took every ``input_layernorm``), so that they load as they were trained."""
+    if not getattr(config, "modules_to_save", None):
+        return config
+    from peftjax.config import with_suffix_matched_modules_to_save
+    from peftjax.io._adapter import PREFIX
+
+    held = set()
+    for key in tensors:
+        parts = key.removeprefix(PREFIX).split(".")[:-1]
+        if not any(p.startswith(_ADAPTER_SEGMENTS) for p in parts):
+            held.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return with_suffix_matched_modules_to_save(config, tuner_base.named_modules(model), held)
 
 
 def _quantized(model) -> bool:
@@ -786,8 +806,7 @@ def _closest(model, key: str) -> str:
     from peftjax.tuners.base import named_modules
 
     wanted = key.removeprefix(PREFIX)
-    adapter_parts = ("base_layer", "modules_to_save", "lora_", "ia3_", "hada_", "lokr_", "adapter_")
-    names = [n for n in named_modules(model) if n and not any(p.startswith(adapter_parts) for p in n.split("."))]
+    names = [n for n in named_modules(model) if n and not any(p.startswith(_ADAPTER_SEGMENTS) for p in n.split("."))]
     close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.3)
     return f"the model's closest module names: {close or names[:3]}"
 

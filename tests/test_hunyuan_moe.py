@@ -63,9 +63,9 @@ def test_logits_loss_generation_and_both_layouts_match_transformers(hunyuan, tmp
 
 def test_the_classifier_and_all_linear_lora_match_transformers_and_peft(hunyuan, tmp_path):
     """``HunYuanMoEV1ForSequenceClassification`` against transformers'; PEFT's all-linear both ways
-    (the attention; the router and experts by ``target_parameters`` as PEFT converts them, which
-    leaves the shared SwiGLU, its layers named as the experts', without LoRA); per-layer expert
-    counts refused."""
+    (the attention; the router and experts by ``target_parameters`` as PEFT converts them, and the
+    shared SwiGLU, its layers named as the experts', with LoRA: PEFT 0.21.2 moved them); per-layer
+    expert counts refused."""
     torch_model = randomised(tr.HunYuanMoEV1ForSequenceClassification(
         _tiny.config("hunyuan_v1_moe", num_labels=3)).eval())
     torch_model.save_pretrained(tmp_path / "cls")
@@ -78,7 +78,7 @@ def test_the_classifier_and_all_linear_lora_match_transformers_and_peft(hunyuan,
 
     names = assert_all_linear_lora_both_ways(tr.HunYuanMoEV1ForCausalLM, hunyuan[1], tmp_path / "lora", VOCAB, TOL)
     assert {"model.model.layers.0.self_attn.q_proj", "model.model.layers.1.mlp.experts"} <= names
-    assert not any("shared_mlp" in n for n in names)
+    assert "model.model.layers.0.mlp.shared_mlp.down_proj" in names
     with pytest.raises(ValueError, match=r"num_experts per layer \(\[4, 4\]\) is not supported"):
         models.HunYuanMoEV1ForCausalLM.from_config(ModelConfig(
             "hunyuan_v1_moe", **{**_tiny.fields("hunyuan_v1_moe"), "num_experts": [4, 4]}))

@@ -105,10 +105,11 @@ def test_peft_made_adapter_gives_same_logits(arch, variant, tmp_path):
 
 
 def test_modules_to_save_names_match_as_peft_matches_them(tmp_path):
-    """PEFT takes a module into ``modules_to_save`` when its name ends with an entry as a plain
-    string suffix: ``["norm"]`` copies ``model.norm`` and every layer's ``input_layernorm`` and
-    ``post_attention_layernorm``. peftjax copies the same modules, so PEFT's adapter loads with
-    PEFT's logits and peftjax's own file holds PEFT's keys."""
+    """PEFT 0.22 takes a module into ``modules_to_save`` when its name is an entry or ends with
+    ``"." + entry``: ``["norm"]`` copies ``model.norm`` and not the layers' ``input_layernorm``.
+    peftjax copies the same modules, so PEFT's adapter loads with PEFT's logits and peftjax's own
+    file holds PEFT's keys. A file of an older PEFT, whose plain suffix match also saved every
+    ``*_layernorm`` under ``["norm"]``, loads with those copies (PEFT 0.22 drops them)."""
     path = tmp_path / "base"
     _tiny.save("llama", path)
     cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"], task_type="CAUSAL_LM")
@@ -119,11 +120,32 @@ def test_modules_to_save_names_match_as_peft_matches_them(tmp_path):
     perturb_saved_modules(torch_model)
     torch_model.save_pretrained(tmp_path / "theirs")
     theirs = read_safetensors(tmp_path / "theirs" / "adapter_model.safetensors")[0]
-    assert any("input_layernorm" in k for k in theirs) and any("post_attention_layernorm" in k for k in theirs)
+    assert "base_model.model.model.norm.weight" in theirs and not any("layernorm" in k for k in theirs)
     model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "theirs")
     assert_close(run_jax(model), run_torch(torch_model))
     peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**cfg)).save_pretrained(tmp_path / "ours")
     assert set(read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")[0]) == set(theirs)
+
+    # the older layout: the norms' copies in the file, the config saying ["norm"] only
+    wide = {**cfg, "modules_to_save": ["norm", "input_layernorm", "post_attention_layernorm"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = peft.get_peft_model(_tiny.arch("llama").torch_class.from_pretrained(path).eval(),
+                                          peft.LoraConfig(**wide))
+    perturb_saved_modules(torch_model)
+    torch_model.save_pretrained(tmp_path / "old")
+    written = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**written, "modules_to_save": ["norm"]}))
+    old = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "old")
+    assert_close(run_jax(old), run_torch(torch_model))
+    assert old.peft_config["default"].modules_to_save == (
+        "norm", *(f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")))
+    old.save_pretrained(tmp_path / "resaved")  # names PEFT 0.22 matches: the same model there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(path).eval(),
+                                               tmp_path / "resaved")
+    assert_close(run_jax(old), run_torch(again))
 
 
 def _first_linear(name):

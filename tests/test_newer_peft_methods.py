@@ -369,6 +369,41 @@ def test_randlora_adapters_share_peft_s_rules(checkpoints):
                                peftjax.RandLoraConfig(r=8, target_modules=LLAMA))
 
 
+def test_randlora_files_with_the_bases_once_or_under_every_layer_load_alike(checkpoints, tmp_path):
+    """PEFT 0.22 writes RandLoRA's shared bases once, as ``base_model.randlora_A``/``_B``, and so
+    does peftjax; PEFT before 0.22 also wrote a copy under every layer. Both files load with PEFT's
+    logits; a layer's copy that differs from the model's is refused."""
+    from safetensors.numpy import load_file, save_file
+
+    path = checkpoints["llama"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path),
+                                     peft.RandLoraConfig(r=8, target_modules=LLAMA, init_weights=False))
+        theirs.save_pretrained(tmp_path / "new")
+    expected = run_torch(theirs)
+    tensors = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    assert sorted(k for k in tensors if k.endswith(("randlora_A", "randlora_B"))) == [
+        "base_model.randlora_A", "base_model.randlora_B"]
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.RandLoraConfig(r=8, target_modules=LLAMA))
+    ours.save_pretrained(tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(tensors)
+    layers = [k.removesuffix(".randlora_lambda") for k in tensors if k.endswith(".randlora_lambda")]
+    old = dict(tensors)
+    for basis in ("randlora_A", "randlora_B"):
+        old.update({f"{layer}.{basis}": tensors[f"base_model.{basis}"] for layer in layers})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "adapter_config.json").write_text((tmp_path / "new" / "adapter_config.json").read_text())
+    for name, content in (("new", tensors), ("old", old)):
+        save_file(content, tmp_path / name / "adapter_model.safetensors")
+        loaded = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / name)
+        assert_close(run_jax(loaded), expected)
+    old[f"{layers[0]}.randlora_A"] = old[f"{layers[0]}.randlora_A"] + 1
+    save_file(old, tmp_path / "old" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="differs from the bases saved under the layers"):
+        peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "old")
+
+
 @pytest.mark.parametrize("kind", ["dense", "sparse", "very_sparse"])
 def test_randlora_bases_are_the_ones_peft_draws(kind):
     """The bases PEFT regenerates from ``projection_prng_key`` (its torch draws: bfloat16 Kaiming with

@@ -33,7 +33,15 @@ from peftjax.config._road import RoadConfig
 from peftjax.config._vblora import VBLoRAConfig
 from peftjax.config._shira import ShiraConfig
 from peftjax.config._ln_tuning import LNTuningConfig
-from peftjax.config._lora import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
+from peftjax.config._lora import (
+    ArrowConfig,
+    AstraConfig,
+    CordaConfig,
+    EvaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+)
 from peftjax.config._lycoris import LoHaConfig, LoKrConfig, LycorisConfig
 from peftjax.config._oft import BOFTConfig, OFTConfig
 from peftjax.config._lily import LilyConfig
@@ -75,6 +83,7 @@ from peftjax.config._targeting import (
     add_new_head_modules,
     add_task_modules_to_save,
     is_module_to_save,
+    with_suffix_matched_modules_to_save,
     check_target_module_exists,
     expand_all_linear,
     get_pattern_key,
@@ -100,6 +109,7 @@ __all__ = [
     "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING",
     "BOFTConfig",
     "BottleneckConfig",
+    "AstraConfig",
     "CordaConfig",
     "EvaConfig",
     "LoraGAConfig",
@@ -156,6 +166,7 @@ __all__ = [
     "add_new_head_modules",
     "add_task_modules_to_save",
     "is_module_to_save",
+    "with_suffix_matched_modules_to_save",
     "check_target_module_exists",
     "config_class",
     "config_from_dict",

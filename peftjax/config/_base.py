@@ -85,7 +85,22 @@ class PeftType(enum.StrEnum):
     SHADOW = "SHADOW"
     SUPERTUNING = "SUPERTUNING"
     DEFT = "DEFT"
+    PACA = "PACA"
     BOTTLENECK = "BOTTLENECK"  # peftjax-only
+
+
+# Dicts written in their own order: the first key matching a module wins (PEFT 0.22's set).
+ORDERED_CONFIG_KEYS = frozenset({"rank_pattern", "alpha_pattern", "paca_indices_pattern"})
+
+
+def _sorted_keys(value: Any) -> Any:
+    """``value`` with every dict's keys sorted, as ``json.dumps(sort_keys=True)`` sorts them, except
+    the dicts under :data:`ORDERED_CONFIG_KEYS`, kept in their order."""
+    if isinstance(value, dict):
+        return {k: v if k in ORDERED_CONFIG_KEYS else _sorted_keys(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 # peft_type -> config class, filled by PeftConfig.__init_subclass__.
@@ -343,8 +358,11 @@ class PeftConfig:
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Writes ``adapter_config.json`` into ``save_directory`` (created if missing).
 
-        The file is ``json.dumps(to_dict(), indent=2, sort_keys=True)`` with ``inference_mode``
-        set to ``true``, byte-for-byte PEFT's layout.
+        The file is ``to_dict()`` as ``json.dumps(..., indent=2)`` writes it with every object's
+        keys sorted except those of ``rank_pattern``, ``alpha_pattern`` and
+        ``paca_indices_pattern``, whose order decides which key wins when several match a module
+        (PEFT 0.22's layout; older PEFT sorted those too, so a reloaded pattern could pick another
+        key), with ``inference_mode`` set to ``true``.
 
         Returns:
             The path of the written file.
@@ -357,7 +375,7 @@ class PeftConfig:
         out["inference_mode"] = True
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(out, indent=2, sort_keys=True))
+            f.write(json.dumps(_sorted_keys(out), indent=2))
         return path
 
     @classmethod

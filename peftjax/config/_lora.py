@@ -1,4 +1,4 @@
-"""``LoraConfig``: HF PEFT 0.21.2's LoRA config, field for field."""
+"""``LoraConfig``: HF PEFT 0.22.0's LoRA config, field for field."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from peftjax.config._trainable_tokens import token_indices_by_layer
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 _SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq', 'eva', "
-                    "'corda', 'mica', 'lora_ga'")
+                    "'corda', 'astra', 'mica', 'lora_ga', 'nora'")
 
 # PEFT fields that switch on a LoRA variant or feature peftjax does not implement: any value but
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
@@ -44,7 +44,7 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 class LoraConfig(PeftConfig):
     """Low-rank adaptation: ``y = W x + (lora_alpha / r) * B A dropout(x)`` on targeted modules.
 
-    Field names and defaults are PEFT 0.21.2's, so ``save_pretrained`` writes an
+    Field names and defaults are PEFT 0.22.0's, so ``save_pretrained`` writes an
     ``adapter_config.json`` that ``peft.PeftConfig.from_pretrained`` reads back unchanged.
 
     Example:
@@ -84,12 +84,16 @@ class LoraConfig(PeftConfig):
             needs an even ``r``) or ``"loftq"`` (LoftQ: the base weight becomes its NF4 or int8
             quantization ``Q``, and ``B @ A`` the top-``r`` SVD of ``W - Q``; see
             ``loftq_config``), ``"eva"`` (set from data by ``initialize_lora_eva_weights``),
-            ``"corda"`` (after ``preprocess_corda``), ``"lora_ga"`` (after ``preprocess_loraga``:
-            the SVD of each layer's gradient over data gives ``A`` and ``B``, the base keeps
-            ``W - s B A``) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the ``r`` left singular
+            ``"corda"`` (after ``preprocess_corda``), ``"astra"`` (after ``preprocess_astra``:
+            ``B`` the ``r`` eigenvectors ``V`` of the layer's output covariance over data with the
+            smallest eigenvalues, ``A = V^T W``, the base keeps ``W - s B A``), ``"lora_ga"``
+            (after ``preprocess_loraga``: the SVD of each layer's gradient over data gives ``A``
+            and ``B``, the base keeps ``W - s B A``), ``"nora"`` (NoRA: the default ``A`` with
+            each input's column of ``r`` values scaled to unit norm, ``B`` zero; embeddings take
+            the default) or ``"mica"`` (MiCA: ``A`` zero and ``B`` the ``r`` left singular
             vectors of the base weight with the smallest singular values, frozen: only ``A``
-            trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA, LoftQ, CorDA and
-            LoRA-GA rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may have
+            trains; linear layers and embeddings, not with DoRA). PiSSA, OLoRA, LoftQ, CorDA, Astra
+            and LoRA-GA rewrite the base weight. ``"gaussian"``, ``"olora"`` and ``"mica"`` may have
             any case, as in PEFT, which freezes MiCA's ``B`` only for the exact ``"mica"``
             (another case gets MiCA's factors with both training), and so does peftjax.
         layers_to_transform: Only adapt modules in these layer indices (an int or a list). The
@@ -114,6 +118,8 @@ class LoraConfig(PeftConfig):
             dict, stored as the dict (PEFT's defaults, with PEFT's warning, when ``None``). With
             another init PEFT warns and ignores it, and so does peftjax.
         corda_config: CorDA settings for ``init_lora_weights="corda"``: a :class:`CordaConfig`
+            or its dict, stored as the dict; likewise ignored with another init.
+        astra_config: Astra settings for ``init_lora_weights="astra"``: an :class:`AstraConfig`
             or its dict, stored as the dict; likewise ignored with another init.
         lora_ga_config: LoRA-GA settings for ``init_lora_weights="lora_ga"`` (required then, as
             in PEFT): a :class:`LoraGAConfig` or its dict, stored as the dict.
@@ -164,6 +170,7 @@ class LoraConfig(PeftConfig):
     loftq_config: dict = dataclasses.field(default_factory=dict)
     eva_config: dict | None = None
     corda_config: dict | None = None
+    astra_config: dict | None = None
     lora_ga_config: dict | None = None
     use_dora: bool = False
     velora_config: dict | None = None
@@ -199,8 +206,8 @@ class LoraConfig(PeftConfig):
             "monteclora_config", "use_bdlora", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
-        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("lora_ga_config", LoraGAConfig),
-                          ("arrow_config", ArrowConfig)):
+        for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("astra_config", AstraConfig),
+                          ("lora_ga_config", LoraGAConfig), ("arrow_config", ArrowConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -212,6 +219,8 @@ class LoraConfig(PeftConfig):
             raise TypeError(f"`target_parameters` must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
                             f"got the str {self.target_parameters!r}.")
         self._set("target_parameters", to_str_tuple("target_parameters", self.target_parameters, sort=True))
+        if self.target_parameters and self.init_lora_weights == "astra":
+            raise ValueError("`target_parameters` is not supported with Astra, please use `target_modules` instead.")
         reject_unsupported(self, _UNSUPPORTED_DEFAULTS)
         self._set("layer_replication", _layer_map(self.layer_replication))
 
@@ -240,6 +249,12 @@ class LoraConfig(PeftConfig):
             self._set("corda_config", CordaConfig().to_dict())
         elif self.init_lora_weights != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.")
+        elif self.init_lora_weights == "astra" and self.astra_config is None:
+            warnings.warn("`init_lora_weights` is 'astra' but `astra_config` is not specified. Using default Astra "
+                          "config.")
+            self._set("astra_config", AstraConfig().to_dict())
+        elif self.init_lora_weights != "astra" and self.astra_config is not None:
+            warnings.warn("`astra_config` specified but will be ignored when `init_lora_weights` is not 'astra'.")
         if self.arrow_config is not None and self.use_dora:  # PEFT's layers have no such variant
             raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
         if self.lora_bias:
@@ -259,7 +274,7 @@ class LoraConfig(PeftConfig):
             raise TypeError(f"`init_lora_weights` must be a bool or a str, got {init!r} ({type(init).__name__}).")
         # PEFT compares "gaussian", "olora" and "mica" case-insensitively, the others exactly.
         if init.lower() in ("gaussian", "olora", "mica") or init in ("pissa", "orthogonal", "loftq", "eva", "corda",
-                                                                        "lora_ga"):
+                                                                        "astra", "lora_ga", "nora"):
             if init == "mica" and self.use_dora:  # PEFT's layers refuse the pair (no DoRA variant of MiCA)
                 raise ValueError("Invalid or unsupported variant combination: ('mica', 'use_dora'): "
                                  "init_lora_weights='mica' freezes lora_B, which DoRA has no variant for.")
@@ -316,6 +331,16 @@ class LoftQConfig:
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+def _path_fields(config, option: str, names: tuple[str, ...]) -> None:
+    """Stores each of ``names`` (a path or ``None``) as a ``str``; ``TypeError`` names ``option.name``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            object.__setattr__(config, name, str(value) if hasattr(value, "__fspath__") else value)
+            if not isinstance(getattr(config, name), str):
+                raise TypeError(f"`{option}.{name}` must be a path (str) or None, got {value!r}.")
 
 
 def _sub_config(cls, value: Any, option: str):
@@ -497,12 +522,7 @@ class CordaConfig:
     prune_temporary_fields: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("cache_file", "covariance_file"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                object.__setattr__(self, name, str(value) if hasattr(value, "__fspath__") else value)
-                if not isinstance(getattr(self, name), str):
-                    raise TypeError(f"`corda_config.{name}` must be a path (str) or None, got {value!r}.")
+        _path_fields(self, "corda_config", ("cache_file", "covariance_file"))
         check_choice("corda_config.corda_method", self.corda_method, ("ipm", "kpm"))
         for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
             check_bool(f"corda_config.{name}", getattr(self, name))
@@ -511,6 +531,46 @@ class CordaConfig:
     def from_value(cls, value: Any) -> CordaConfig:
         """A ``CordaConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
         return _sub_config(cls, value, "corda_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AstraConfig:
+    """Astra's settings (PEFT's ``AstraConfig``), for ``LoraConfig(init_lora_weights="astra", astra_config=...)``.
+
+    Activation-space tail-eigenvector LoRA: the eigenvectors ``V`` of the covariance of a layer's
+    outputs over calibration data with the ``r`` smallest eigenvalues give ``B = V`` and
+    ``A = V^T W``; the base keeps ``W - s B A``.
+
+    Attributes:
+      cache_file: a safetensors file for the cropped eigenvectors (``<module>.eigens.S`` /
+        ``.V``): read when it exists, written otherwise. PEFT writes a torch pickle here; a file
+        of PEFT's is refused with that said.
+      covariance_file: a safetensors file for the output covariances (``{module: C}``), likewise.
+      verbose: print each layer as its eigenvectors are taken.
+      use_float16_for_covariance: keep the outputs in the model's dtype for the covariance instead
+        of float32 (PEFT's meaning: no upcast); the products still accumulate in float32 here.
+      prune_temporary_fields: PEFT drops its per-module scratch attributes; peftjax keeps none,
+        so this only round-trips.
+    """
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        _path_fields(self, "astra_config", ("cache_file", "covariance_file"))
+        for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
+            check_bool(f"astra_config.{name}", getattr(self, name))
+
+    @classmethod
+    def from_value(cls, value: Any) -> AstraConfig:
+        """An ``AstraConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "astra_config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -205,8 +205,8 @@ TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
 
 # task_type -> the head modules PEFT's task wrappers add to modules_to_save, in PEFT's order.
 _TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
+    "SEQ_CLS": ("classifier", "score", "pre_classifier"),
+    "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
     "QUESTION_ANS": ("qa_outputs",),
 }
 
@@ -214,7 +214,7 @@ _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 
 
 # transformers 5 fused these MoE models' per-expert linears into 3-D parameters and made the router a
-# module of its own. PEFT 0.21.2 turns LoRA targets naming them as transformers 4 did (and "all-linear",
+# module of its own. PEFT 0.22 turns LoRA targets naming them as transformers 4 did (and "all-linear",
 # which covered them) into `target_parameters` on the fused weights, with doubled rank and alpha for
 # the fused w1/w3 (peft/utils/transformers_weight_conversion.py, `_convert_peft_config_moe`); a `None`
 # target_modules comes out of that conversion empty, and PEFT then refuses the config unless it has
@@ -222,16 +222,13 @@ _EXCLUDED, _MATCHED, _UNMATCHED = "excluded", "matched", "unmatched"
 MOE_CONVERTED_TARGETS: dict[str, dict[str, str]] = {
     "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
     # PEFT's "qwen2_moe" pattern (transformers' conversion mapping sends qwen3_moe to it); the names are
-    # also a dense layer's MLP's, and PEFT moves them all the same, so a dense layer keeps no LoRA there.
-    # qwen2_moe itself is no key of that mapping, so PEFT 0.21.2 converts nothing there: its targets
-    # stay module names (the shared expert and dense MLPs), and the experts take target_parameters
+    # also a dense layer's or a shared expert's MLP's, which stay targets (PEFT 0.21.2 moved them too)
     "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
-# transformers sends deepseek_v2, deepseek_v3, ernie4_5_moe, glm4_moe, glm4_moe_lite, hunyuan_v1_moe, olmoe,
-# flex_olmo and qwen3_next to the same pattern (their dense layers' and shared experts' MLPs, named so, lose LoRA)
+# transformers sends these to the same pattern; qwen2_moe from PEFT 0.22 on (0.21.2 converted nothing there)
 _QWEN2_MOE_CONVERTED = ("deepseek_v2", "deepseek_v3", "ernie4_5_moe", "glm4_moe", "glm4_moe_lite", "hunyuan_v1_moe",
-                        "olmoe", "flex_olmo", "qwen3_next")
+                        "olmoe", "flex_olmo", "qwen2_moe", "qwen3_next")
 MOE_CONVERTED_TARGETS.update(dict.fromkeys(_QWEN2_MOE_CONVERTED, MOE_CONVERTED_TARGETS["qwen3_moe"]))
 _MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {"mixtral": {"gate_up_proj": ("w1", "w3")},
                                                      "qwen3_moe": {"gate_up_proj": ("gate_proj", "up_proj")}}
@@ -244,8 +241,9 @@ def convert_moe_lora_targets(
     module_names: Iterable[str],
     param_keys: Iterable[str],
     linear_names: Iterable[str],
+    linear_modules: Iterable[str],
 ) -> PeftConfig:
-    """PEFT 0.21.2's conversion of a LoRA config's transformers-4 MoE targets (a no-op elsewhere).
+    """PEFT 0.22's conversion of a LoRA config's transformers-4 MoE targets (a no-op elsewhere).
 
     Args:
         config: The adapter config, before its defaults are filled.
@@ -253,11 +251,15 @@ def convert_moe_lora_targets(
         module_names: The model's dotted module names (to probe a regex ``target_modules``).
         param_keys: The model's parameter keys in torch names (``model.layers.0.mlp.experts.gate_up_proj``).
         linear_names: What ``"all-linear"`` expands to on this model (module names).
+        linear_modules: The modules that are torch ``nn.Linear`` layers there (module names).
 
     Returns:
         The config with router/expert targets moved to ``target_parameters`` (``"gate"`` ->
         ``"gate.weight"``, ``"w1"``/``"w3"`` -> ``"gate_up_proj"`` with ``rank_pattern`` and
-        ``alpha_pattern`` doubled there, ``"w2"`` -> ``"down_proj"``), as PEFT saves it.
+        ``alpha_pattern`` doubled there, ``"w2"`` -> ``"down_proj"``; a prefix stays:
+        ``"mlp.gate"`` -> ``"mlp.gate.weight"``), as PEFT saves it. A target whose modules are
+        all linear layers (a dense layer's or a shared expert's ``down_proj``) stays a target, and
+        becomes a parameter target as well where a fused parameter of that name exists.
 
     Raises:
         ValueError: ``target_modules`` is ``None`` without ``target_parameters`` (PEFT refuses that
@@ -268,14 +270,14 @@ def convert_moe_lora_targets(
         return config
     target = config.target_modules
     if target is None and not config.target_parameters:
-        raise ValueError(f"LoRA on model_type {model_type!r} needs target_modules or target_parameters: PEFT 0.21.2 "
+        raise ValueError(f"LoRA on model_type {model_type!r} needs target_modules or target_parameters: PEFT 0.22 "
                          "(with transformers 5) empties the default while converting its MoE targets and refuses the "
                          "config; e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'] or 'all-linear'")
+    module_names, param_keys, linear = list(module_names), list(param_keys), set(linear_modules)
     if isinstance(target, str):
         if is_all_linear(target):
             resolved = {n.rsplit(".", 1)[-1] for n in linear_names} | set(mapping)
         else:
-            module_names, param_keys = list(module_names), list(param_keys)
             resolved = {k.rsplit(".", 1)[-1] for k in module_names + param_keys if k and re.fullmatch(target, k)}
             containers: dict[str, set[str]] = {}
             for key in param_keys:
@@ -289,13 +291,21 @@ def convert_moe_lora_targets(
         target = resolved
     parameters = set(config.target_parameters or ())
     remaining, present = set(), {new: set() for new in _MOE_FUSED[model_type]}
+    fused_params = [k for k in param_keys if k.rpartition(".")[0] not in linear]  # only target_parameters reach them
     for t in target or ():
         hit = next(((old, new) for old, new in mapping.items() if t == old or t.endswith("." + old)), None)
         if hit is None:
             remaining.add(t)
             continue
-        parameters.add(hit[1])
-        present.setdefault(hit[1], set()).add(hit[0])
+        old, new = hit
+        renamed = new.join(t.rsplit(old, 1))  # the last occurrence: "mlp.gate" -> "mlp.gate.weight"
+        matching = [n for n in module_names if n and (n == t or n.endswith("." + t))]
+        if matching and all(n in linear for n in matching):
+            remaining.add(t)
+            if not any(k == renamed or k.endswith("." + renamed) for k in fused_params):
+                continue
+        parameters.add(renamed)
+        present.setdefault(new, set()).add(old)
     rank, alpha = dict(config.rank_pattern), dict(config.alpha_pattern)
     for new, olds in _MOE_FUSED[model_type].items():
         found = present.get(new, set())
@@ -607,14 +617,39 @@ def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str], *, head
 
 
 def is_module_to_save(name: str, modules_to_save: Iterable[str] | None) -> bool:
-    """Whether the module ``name`` is one ``modules_to_save`` lists, as PEFT matches it
-    (``utils.other._set_trainable``): the name ends with an entry as a plain string suffix, so
-    ``"norm"`` takes ``model.norm`` and every ``...input_layernorm`` too.
+    """Whether the module ``name`` is one ``modules_to_save`` lists, as PEFT 0.22 matches it
+    (``utils.other._set_trainable``): the name equals an entry or ends with ``"." + entry``, so
+    ``"norm"`` takes ``model.norm`` but not ``input_layernorm`` (PEFT before 0.22 took any plain
+    string suffix; see :func:`with_suffix_matched_modules_to_save` for its files).
 
-    >>> is_module_to_save("model.layers.0.input_layernorm", ["norm"]), is_module_to_save("lm_head", ["head"])
-    (True, True)
+    >>> is_module_to_save("model.norm", ["norm"]), is_module_to_save("model.layers.0.input_layernorm", ["norm"])
+    (True, False)
     """
-    return bool(name) and any(name.endswith(m) for m in modules_to_save or ())
+    return bool(name) and any(name == m or name.endswith(f".{m}") for m in modules_to_save or ())
+
+
+def with_suffix_matched_modules_to_save(config: PeftConfig, names: Iterable[str], file_modules: Iterable[str],
+                                        ) -> PeftConfig:
+    """``config`` with the modules an older PEFT's ``modules_to_save`` took added by full name.
+
+    PEFT before 0.22 took every module whose name ended with an entry as a plain string
+    (``["norm"]`` took each layer's ``input_layernorm`` too) and saved their copies. For a file
+    holding such copies (``file_modules``: the module paths its keys name), each module of
+    ``names`` that the old rule took, the new rule does not and the file holds is appended by its
+    full name, so the adapter loads as it was trained; a file without them is left as PEFT 0.22
+    reads it.
+
+    >>> from peftjax.config import LoraConfig
+    >>> config = LoraConfig(modules_to_save=["norm"])
+    >>> with_suffix_matched_modules_to_save(config, ["model.norm", "model.layers.0.input_layernorm"],
+    ...                                     ["model.layers.0.input_layernorm"]).modules_to_save
+    ('norm', 'model.layers.0.input_layernorm')
+    """
+    listed = tuple(getattr(config, "modules_to_save", None) or ())
+    held = set(file_modules)
+    extra = [n for n in names if n in held and not is_module_to_save(n, listed)
+             and any(n.endswith(m) for m in listed)]
+    return dataclasses.replace(config, modules_to_save=listed + tuple(extra)) if extra else config
 
 
 def _closest(query: str, candidates: Sequence[str], n: int = 3) -> list[str]:

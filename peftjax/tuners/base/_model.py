@@ -66,7 +66,8 @@ def resolve_config(model: nnx.Module, config: PeftConfig) -> PeftConfig:
         modules = named_modules(model)
         params = [f"{n}.{torch_name}" for n, m in modules.items() if n
                   for torch_name, _ in hf_param_map(m).values()]
-        config = convert_moe_lora_targets(config, model_type(model), modules, params, all_linear(modules))
+        linear = [n for n, m in modules.items() if isinstance(m, nnx.Linear)]
+        config = convert_moe_lora_targets(config, model_type(model), modules, params, all_linear(modules), linear)
     config = add_task_modules_to_save(config)
     if config.target_modules is None:
         try:

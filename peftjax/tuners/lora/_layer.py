@@ -95,7 +95,7 @@ class LoraLayer(AdapterDictLayer):
         if isinstance(self, QuantizedLinear) and init == "eva":
             raise NotImplementedError(f"{path}: init_lora_weights='eva' on a quantized layer is not implemented in "
                                       "peftjax; run EVA on the float model")
-        if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal"):
+        if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal", "nora"):
             init = "corda" if hasattr(init, "S_WC") else "lora_ga" if hasattr(init, "loraga_grad") else init
             raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
                             "Please initialize it under float32, float16, or bfloat16. Subsequently, "

@@ -162,15 +162,15 @@ def check_init(kind: str, init, where: str) -> None:
 
     PiSSA, OLoRA, LoftQ, EVA, CorDA, LoRA-GA and the orthogonal init factor a plain 2-D weight
     (``kind == "linear"``); embeddings take the default, ``False``, ``"gaussian"``,
-    ``"orthogonal"`` and ``"lora_ga"`` (which PEFT's embedding layer treats as its default init)
-    and MiCA; convolutions and the multi-axis layers (``"general"``) the default, ``False`` or
+    ``"orthogonal"``, ``"lora_ga"`` and ``"nora"`` (which PEFT's embedding layer treats as its
+    default init) and MiCA; convolutions and the multi-axis layers (``"general"``) the default, ``False`` or
     ``"gaussian"`` (PEFT has no MiCA variant for its convolutions either).
     """
     if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
         return
     init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else canonical_init(init)
-    # PEFT's embedding layer treats "orthogonal" and "lora_ga" as its default init
-    if init == "gaussian" or (kind == "embed" and (init in ("orthogonal", "lora_ga") or is_mica(init))):
+    # PEFT's embedding layer treats "orthogonal", "lora_ga" and "nora" as its default init
+    if init == "gaussian" or (kind == "embed" and (init in ("orthogonal", "lora_ga", "nora") or is_mica(init))):
         return
     what = {"embed": "embeddings", "conv": "convolutions"}.get(kind, "this layer type")
     raise NotImplementedError(f"{where}: init_lora_weights={init!r} is not supported on {what}")
@@ -216,7 +216,17 @@ def init_factors(key, kind: str, init, in_features: int, out_features: int, r: i
         return kaiming_uniform(draws, (in_features, r), in_features), kaiming_uniform(draws, (r, out_features), r)
     if init == "gaussian":
         return draws.normal((in_features, r)) / np.float32(r), draws.zeros((r, out_features))
-    return kaiming_uniform(draws, (in_features, r), in_features), draws.zeros((r, out_features))
+    a = kaiming_uniform(draws, (in_features, r), in_features)
+    if init == "nora":
+        a = nora_normalized(a, axis=1)
+    return a, draws.zeros((r, out_features))
+
+
+def nora_normalized(a, axis: int):
+    """NoRA (PEFT's ``nora_init``): ``a`` with each input's ``r`` values (``axis``) scaled to unit
+    L2 norm, the norm clamped below at 1e-6; NumPy in, NumPy out."""
+    xp = np if isinstance(a, np.ndarray) else jnp
+    return a / xp.maximum(xp.linalg.norm(a, axis=axis, keepdims=True), np.float32(1e-6))
 
 
 def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[dict, jax.Array | None]:

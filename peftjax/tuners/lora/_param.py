@@ -33,7 +33,7 @@ from peftjax.models._modeling import hf_param_map
 from peftjax.tuners.base import AdapterLayer, LoraParam, mixin_subclass
 from peftjax.tuners.base._rows import rows_of
 from peftjax.tuners.lora._layer import LoraLayer
-from peftjax.tuners.lora._math import LoraSpec, canonical_init
+from peftjax.tuners.lora._math import LoraSpec, canonical_init, nora_normalized
 
 
 class ParamSpecs(NamedTuple):
@@ -74,9 +74,9 @@ def check_param_target(module: nnx.Module, path: str, attr: str, config) -> None
         raise ValueError(f"lora.ParamWrapper was initialized with {ndim} dimensional Parameter ({path}.{attr}), "
                          "but only 2d and 3d are supported.")
     init = canonical_init(config.init_lora_weights)
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "nora"):
         raise NotImplementedError(f"init_lora_weights={init!r} with target_parameters ({path}.{attr}) is not "
-                                  "implemented; supported there: True, False, 'gaussian'")
+                                  "implemented; supported there: True, False, 'gaussian', 'nora'")
 
 
 class LoraParamLayer(LoraLayer):
@@ -113,6 +113,8 @@ class LoraParamLayer(LoraLayer):
                 a = jax.random.normal(ka, (spec.r * e, n_in), jnp.float32) / spec.r
             else:  # torch's nn.Linear init (kaiming_uniform(a=sqrt(5))) on nn.Linear(in, r * E)
                 a = jax.random.uniform(ka, (spec.r * e, n_in), jnp.float32, -1, 1) / math.sqrt(n_in)
+            if init == "nora":  # each expert's r values of an input scaled to unit norm
+                a = nora_normalized(a.reshape(e, spec.r, n_in), axis=1).reshape(spec.r * e, n_in)
             if init is False:  # PEFT leaves nn.Linear(r * E, out)'s own init on B as well
                 b = jax.random.uniform(kb, (n_out, spec.r * e), jnp.float32, -1, 1) / math.sqrt(spec.r * e)
             else:

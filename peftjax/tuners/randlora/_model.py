@@ -17,6 +17,7 @@ from peftjax.tuners.randlora._layer import RandLoraBasis, RandLoraLayer, RandLor
 
 # the model-level keys of the shared bases (PEFT: ``base_model.randlora_A.<adapter>`` in memory)
 BASIS_KEYS = ("base_model.randlora_A", "base_model.randlora_B")
+_LAYER_BASES = (".randlora_A", ".randlora_B")  # the copies under each layer (PEFT before 0.22 wrote them)
 
 
 def inject_randlora(
@@ -91,10 +92,11 @@ def randlora_state_dict(
     key_mapping: KeyMapping = None,
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, np.ndarray]:
-    """PEFT's on-disk dict: every layer's scales and, with ``save_projection``, the bases under every
-    layer and the model."""
+    """PEFT 0.22's on-disk dict: every layer's scales and, with ``save_projection``, the bases once,
+    under the model (PEFT before 0.22 also wrote them under every layer)."""
     out = layer_state_dict(model, adapter_name, config, layer_type=RandLoraLayer, key_mapping=key_mapping,
                            save_embedding_layers=save_embedding_layers)
+    out = {k: v for k, v in out.items() if not k.endswith(_LAYER_BASES)}
     if config.save_projection:
         layer = next(iter(adapter_layers(model, RandLoraLayer, adapter_name).values()))
         for key, store in zip(BASIS_KEYS, (layer.randlora_A, layer.randlora_B)):
@@ -111,13 +113,23 @@ def load_randlora_state_dict(
     source: str = "adapter",
 ) -> tuple[list[str], list[str]]:
     """Fills an injected RandLoRA adapter from PEFT's keys; with ``save_projection`` the file's bases
-    replace the drawn ones (the model-level copies are checked against the layers' own).
+    replace the drawn ones. PEFT 0.22 writes them once, under the model; an older file also holds
+    them under every layer, and those copies are checked against the model's.
 
     Raises:
       AdapterFileError: a model-level basis has the wrong shape or differs from the layers' copies.
     """
     tensors = dict(tensors)
     found = {k: tensors.pop(k) for k in BASIS_KEYS if k in tensors}
+    for basis, value in found.items():
+        copies = [k for k in tensors if k.endswith(f".{basis.rsplit('.', 1)[1]}")]
+        differing = [k for k in copies if not np.array_equal(np.asarray(tensors[k]), np.asarray(value))]
+        if differing:
+            raise AdapterFileError(f"{source}: {basis} differs from the bases saved under the layers "
+                                   f"({differing[:3]})")
+        if not copies:  # PEFT 0.22's file: every layer reads the model's bases
+            layers = [k.removesuffix(".randlora_lambda") for k in tensors if k.endswith(".randlora_lambda")]
+            tensors.update({f"{layer}.{basis.rsplit('.', 1)[1]}": value for layer in layers})
     missing, unexpected = load_layer_state_dict(model, tensors, adapter_name, layer_type=RandLoraLayer,
                                                 key_mapping=key_mapping, source=source)
     layer = next(iter(adapter_layers(model, RandLoraLayer, adapter_name).values()))

@@ -14,9 +14,9 @@ passes over the whole sequence, compiled once for the longest length).
 
 On disk, as PEFT writes it: ``adapter_config.json`` (the adapters' paths) and the classifier's
 ``base_model.internal_xlora_classifier.layers.<i>.weight``/``.bias`` (``i``: its index in
-PEFT's ``nn.Sequential``, which counts the ReLUs and dropouts). PEFT 0.21.2's own
-``save_pretrained`` drops every key containing ``.0.``, ``.1.``, ... (it takes them for the
-adapters' names), so the first layer of its files is missing; such a file is refused by name.
+PEFT's ``nn.Sequential``, which counts the ReLUs and dropouts), as PEFT 0.22 writes it. PEFT
+0.21.2's ``save_pretrained`` dropped every key containing ``.0.``, ``.1.``, ... (it took them for
+the adapters' names), so the first layer of its files is missing; such a file is refused by name.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def xlora_state_dict(model, adapter_name: str, config, *, key_mapping=None, save
 
 
 def load_xlora_state_dict(model, tensors, adapter_name: str, *, key_mapping=None, source: str = "adapter"):
-    """Fills the classifier; a file without all its layers (PEFT 0.21.2's own saves) is refused.
+    """Fills the classifier; a file without all its layers (PEFT 0.21.2's saves) is refused.
 
     Raises:
       AdapterFileError: a classifier key is missing or has the wrong shape.
@@ -237,9 +237,9 @@ def load_xlora_state_dict(model, tensors, adapter_name: str, *, key_mapping=None
     if missing:
         raise AdapterFileError(
             f"{source}: the X-LoRA classifier's {missing} are not in the file (found {sorted(tensors)[:6]}). PEFT "
-            "0.21.2's save_pretrained drops every key containing '.0.', '.1.', ... (it takes them for the LoRA "
-            "adapters' names), so its files lack the classifier's first layer; save the classifier's state dict "
-            "under these keys")
+            "0.21.2's save_pretrained dropped every key containing '.0.', '.1.', ... (it took them for the LoRA "
+            "adapters' names), so its files lack the classifier's first layer; save it again with PEFT >= 0.22, "
+            "or save the classifier's state dict under these keys")
     for k, var in wanted.items():
         value = np.asarray(tensors[k])
         if value.shape != tuple(var.get_value().shape):
