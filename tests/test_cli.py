@@ -778,10 +778,10 @@ def test_train_with_each_method(method, task, peft_type, tokenizer_dir, tmp_path
 # builds every method's config the same way (its class from PEFT's name, the fields given); the
 # runs below take the methods whose jobs differ: AdaLoRA (the run's total_step), LoHa (a YAML
 # file's method_options), OFT (--method-option), LN tuning (a norm layer by --target-modules),
-# RandLoRA and VB-LoRA (model-level tensors in the file, VB-LoRA's trained and shared), SHiRA
+# RandLoRA and VB-LoRA (model-level tensors in the file, VB-LoRA's trained and shared), SHiRA and PaCA
 # (integer tensors in the file), GLoRA (frozen zero tensors in the file) and the bottleneck adapter
 # (PEFT cannot read it). The others are tested through the same get_peft_model in their own files.
-RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "poly", "glora", "frod",
+RUN_METHODS = ("adalora", "loha", "oft", "ln_tuning", "randlora", "vblora", "shira", "paca", "poly", "glora", "frod",
                "bottleneck")
 LAYER_METHODS = {
     "adalora": ([], "ADALORA"), "loha": ([], "LOHA"), "lokr": (["--r", "4"], "LOKR"),
@@ -789,7 +789,8 @@ LAYER_METHODS = {
     "miss": (["--r", "4"], "MISS"), "road": (["--method-option", "group_size=8"], "ROAD"),
     "delora": ([], "DELORA"), "vera": (["--r", "16"], "VERA"),
     "c3a": (["--method-option", "block_size=8"], "C3A"), "gralora": (["--r", "4"], "GRALORA"),
-    "shira": (["--r", "1"], "SHIRA"), "hira": (["--r", "2"], "HIRA"), "randlora": (["--r", "4"], "RANDLORA"),
+    "shira": (["--r", "1"], "SHIRA"), "paca": (["--r", "4", "--method-option", "random_seed=0"], "PACA"),
+    "hira": (["--r", "2"], "HIRA"), "randlora": (["--r", "4"], "RANDLORA"),
     "poly": (["--r", "2", "--method-option", "n_skills=2"], "POLY"),
     "vblora": (["--method-option", "vector_length=8", "--method-option", "num_vectors=16"], "VBLORA"),
     "fourierft": (["--method-option", "n_frequency=32"], "FOURIERFT"),
@@ -976,12 +977,12 @@ def test_train_a_multitask_prompt_language_model_and_generate_for_a_task(tokeniz
     assert completion == tokenizer.decode(np.asarray(want)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("init,learning_rate", [("eva", 0.0), ("corda", 0.01), ("lora_ga", 0.01)])
+@pytest.mark.parametrize("init,learning_rate", [("eva", 0.0), ("corda", 0.01), ("astra", 0.01), ("lora_ga", 0.01)])
 def test_train_computes_a_data_driven_init_from_the_training_data(init, learning_rate, tokenizer_dir, tmp_path,
                                                                    capsys):
-    """``train --method-option init_lora_weights=eva|corda|lora_ga`` computes the init from the
+    """``train --method-option init_lora_weights=eva|corda|astra|lora_ga`` computes the init from the
     first ``--calibration-batches`` training batches (the first epoch's order) as the Python API
-    does on those batches; CorDA's and LoRA-GA's trained adapter, which trained on the base they
+    does on those batches; CorDA's, Astra's and LoRA-GA's trained adapter, which trained on the base they
     rewrote, is saved as a LoRA of the original base that PEFT loads to the same logits."""
     from transformers import AutoTokenizer
 
@@ -1022,11 +1023,14 @@ def test_train_computes_a_data_driven_init_from_the_training_data(init, learning
         if len(batches) == 2:
             break
     model = models.from_pretrained(base, task_type="SEQ_CLS", num_labels=3, seed=0)
-    settings = {"eva": "eva_config", "corda": "corda_config", "lora_ga": "lora_ga_config"}[init]
+    settings = {"eva": "eva_config", "corda": "corda_config", "astra": "astra_config",
+                "lora_ga": "lora_ga_config"}[init]
     lora = peftjax.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=32, lora_dropout=0.1, init_lora_weights=init,
                               **{settings: {}})
     if init == "corda":
         peftjax.preprocess_corda(model, lora, batches)
+    elif init == "astra":
+        peftjax.preprocess_astra(model, lora, batches)
     elif init == "lora_ga":
         peftjax.preprocess_loraga(model, lora, batches)
     expected = peftjax.get_peft_model(model, lora, key=jax.random.key(0))  # --seed 0 (LoRA-GA's randomized SVD)

@@ -246,6 +246,7 @@ _DEFAULT_PAIRS = [  # (ours, the name of PEFT's class, fields)
     (pc.C3AConfig, "C3AConfig", {}),
     (pc.GraloraConfig, "GraloraConfig", {}),
     (pc.ShiraConfig, "ShiraConfig", {}),
+    (pc.PacaConfig, "PacaConfig", {}),
     (pc.HiraConfig, "HiraConfig", {}),
     (pc.PolyConfig, "PolyConfig", {}),
     (pc.RandLoraConfig, "RandLoraConfig", {}),
@@ -286,7 +287,7 @@ def test_default_target_mappings_equal_peft():
     assert len(tables) == 10
     for name in tables:
         assert getattr(pc, name) == getattr(peft_constants, name), name
-    for method in ("DEFT", "GLORA", "PEANUT", "HIRA", "ROAD", "DELORA", "GRALORA"):
+    for method in ("DEFT", "GLORA", "PEANUT", "HIRA", "ROAD", "DELORA", "GRALORA", "PACA"):
         assert getattr(peft_constants, f"TRANSFORMERS_MODELS_TO_{method}_TARGET_MODULES_MAPPING") == (
             pc.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), method
 
@@ -366,6 +367,8 @@ _ROUND_TRIP = [
     lambda m: m.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=16, gralora_dropout=0.1, fan_in_fan_out=True,
                               layers_to_transform=[1], layers_pattern="layers", target_modules=["c_attn"]),
     lambda m: m.ShiraConfig(r=4, random_seed=3, init_weights=False, target_modules=["q_proj"]),
+    lambda m: m.PacaConfig(r=4, paca_alpha=16, random_seed=3, init_weights=False, target_modules=["q_proj"],
+                           paca_indices_pattern={"v_proj": [3, 1], r"layers\.0\..*": [0]}),
     lambda m: m.HiraConfig(r=4, hira_dropout=0.1, init_weights="gaussian", rank_pattern={"v_proj": 2},
                            exclude_modules=["k_proj"], target_modules=["q_proj", "v_proj", "embed_tokens"]),
     lambda m: m.RandLoraConfig(r=4, projection_prng_key=9, sparse=True, randlora_dropout=0.1, randlora_alpha=32,
@@ -373,6 +376,29 @@ _ROUND_TRIP = [
     lambda m: m.VBLoRAConfig(r=2, num_vectors=32, vector_length=16, topk=3, save_only_topk_weights=True,
                              vblora_dropout=0.1, init_logits_std=0.5, exclude_modules=["k_proj"]),
 ]
+
+
+def test_patterns_are_written_in_their_order_so_the_same_key_wins_after_a_reload(tmp_path):
+    """The first pattern key matching a module wins, so ``rank_pattern``, ``alpha_pattern`` and
+    ``paca_indices_pattern`` are written in their order (PEFT 0.22; older PEFT sorted them, so a
+    reloaded config could give a layer another rank); every other object's keys are sorted."""
+    name = "model.layers.0.self_attn.q_proj"
+    config = pc.LoraConfig(r=8, target_modules=["q_proj"], rank_pattern={r"layers\.0\..*": 2, "q_proj": 4},
+                           alpha_pattern={"q_proj": 3, r"layers\.0\..*": 5}, init_lora_weights="eva",
+                           eva_config={"tau": 0.9, "rho": 1.5})
+    config.save_pretrained(tmp_path)
+    text = (tmp_path / pc.CONFIG_NAME).read_text()
+    assert text.index('"layers') < text.index('"q_proj": 4') and text.index('"q_proj": 3') < text.index('"layers')
+    written = json.loads(text)
+    assert list(written) == sorted(written) and list(written["eva_config"]) == sorted(written["eva_config"])
+    for loaded in (pc.load_config(tmp_path), _peft_quiet(peft.PeftConfig.from_pretrained, str(tmp_path))):
+        assert list(loaded.rank_pattern) == [r"layers\.0\..*", "q_proj"]
+    assert pc.load_config(tmp_path).scaling_for(name) == config.scaling_for(name) == (2, 3, 1.5)
+    theirs = tmp_path / "theirs"
+    _peft_quiet(lambda: peft.LoraConfig(r=8, target_modules=["q_proj"],
+                                        rank_pattern={r"layers\.0\..*": 2, "q_proj": 4}).save_pretrained(str(theirs)))
+    assert (theirs / pc.CONFIG_NAME).read_text().index('"layers') < (theirs / pc.CONFIG_NAME).read_text().index(
+        '"q_proj": 4')
 
 
 @pytest.mark.parametrize("make", _ROUND_TRIP)
@@ -771,9 +797,9 @@ def test_expand_all_linear_equals_peft(make_model, task_type):
 @pytest.mark.parametrize(
     "task_type, given, expected",
     [
-        ("SEQ_CLS", None, ("classifier", "score")),
-        ("SEQ_CLS", ["lm_head"], ("lm_head", "classifier", "score")),
-        ("TOKEN_CLS", None, ("classifier", "score")),
+        ("SEQ_CLS", None, ("classifier", "score", "pre_classifier")),
+        ("SEQ_CLS", ["lm_head"], ("lm_head", "classifier", "score", "pre_classifier")),
+        ("TOKEN_CLS", None, ("classifier", "score", "pre_classifier")),
         ("QUESTION_ANS", ["pooler"], ("pooler", "qa_outputs")),
         ("CAUSAL_LM", None, None),
     ],
@@ -789,9 +815,10 @@ def test_add_task_modules_to_save(task_type, given, expected):
     [
         # DeBERTa from a masked-LM checkpoint: the pooler joins PEFT's heads, by its full name
         ("SEQ_CLS", None, ["classifier.weight", "pooler.dense.weight", "pooler.dense.bias"],
-         ("classifier", "score", "pooler.dense")),
-        # a listed module (PEFT's suffix match) covers what it holds: nothing added
-        ("SEQ_CLS", ["pooler"], ["bert.pooler.dense.weight", "classifier.bias"], ("pooler", "classifier", "score")),
+         ("classifier", "score", "pre_classifier", "pooler.dense")),
+        # a listed module (PEFT's segment match) covers what it holds: nothing added
+        ("SEQ_CLS", ["pooler"], ["bert.pooler.dense.weight", "classifier.bias"],
+         ("pooler", "classifier", "score", "pre_classifier")),
         ("QUESTION_ANS", None, ["qa_outputs.weight"], ("qa_outputs",)),
         # no head task, or nothing new: the config as given
         ("CAUSAL_LM", None, ["lm_head.weight"], None),

@@ -156,12 +156,14 @@ def model_logits_base(ids):
                                                ("GraloraConfig", dict(r=4, gralora_k=2, init_weights=False)),
                                                ("RandLoraConfig", dict(r=8, randlora_alpha=8, init_weights=False)),
                                                ("VBLoRAConfig", dict(r=4, num_vectors=16, vector_length=8)),
-                                               ("WaveFTConfig", dict(n_frequency=40, wavelet_family="db3"))],
-                         ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora", "randlora", "vblora", "waveft"])
+                                               ("WaveFTConfig", dict(n_frequency=40, wavelet_family="db3")),
+                                               ("PacaConfig", dict(r=4, init_weights=False))],
+                         ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora", "randlora", "vblora", "waveft",
+                              "paca"])
 def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
     """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs the others (bat,
     DeLoRA, C3A's block-circulant update, GraLoRA's blocks, RandLoRA's full-rank one, WaveFT's wavelet
-    update); here all go through the SVD: the
+    update, PaCA's columns); here all go through the SVD: the
     products agree (balance, DeLoRA and GraLoRA's rank-8 update exactly, bat and C3A truncated alike)."""
     _tiny.save(ARCH, tmp_path / "base")
     with warnings.catch_warnings():

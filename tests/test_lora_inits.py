@@ -1,5 +1,5 @@
-"""LoRA's orthogonal and LoftQ inits, and PiSSA/OLoRA saved as a plain LoRA
-(``save_pretrained(path_initial_model_for_weight_conversion=...)``), against HF PEFT 0.21.2,
+"""LoRA's orthogonal, NoRA and LoftQ inits, and PiSSA/OLoRA saved as a plain LoRA
+(``save_pretrained(path_initial_model_for_weight_conversion=...)``), against HF PEFT 0.22,
 bitsandbytes 0.50.2 and dense references.
 
 PEFT draws the orthogonal init from torch's RNG and runs LoftQ only on a GPU, so the oracles are
@@ -43,6 +43,14 @@ def lora_pairs(peft_model):
              np.asarray(m.kernel.get_value())) for name, m in lora_layers(peft_model.base_model).items()]
 
 
+def factors(peft_model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{path: (A, B)}`` of every LoRA layer, embeddings included, in Flax layout."""
+    from peftjax.tuners.lora import lora_layers
+
+    return {name: (np.asarray(m.lora_A["default"].get_value()), np.asarray(m.lora_B["default"].get_value()))
+            for name, m in lora_layers(peft_model.base_model).items()}
+
+
 def logits(model, **kw):
     return np.asarray(model(input_ids=IDS, attention_mask=MASK, **kw).logits)
 
@@ -82,6 +90,65 @@ def test_orthogonal_init_starts_as_the_base_with_both_factors_live(checkpoint, t
     np.testing.assert_allclose(torch_logits(loaded, input_ids=IDS, attention_mask=MASK)[valid], ours[valid],
                                atol=1e-5)
     assert np.abs(ours - base)[valid].max() > 1e-3
+
+
+def test_nora_init_is_the_default_draw_with_unit_columns_as_peft_makes_it(checkpoint, tmp_path):
+    """NoRA (PEFT 0.22): ``A`` is the default init's draw with each input's ``r`` values scaled to
+    unit norm, ``B`` zero; an embedding takes the default init; on fused experts each expert's
+    block is normalised. PEFT's layers have the same norms and zeros, its file loads with our
+    logits, and one Adam step moves both factors."""
+    path, _ = checkpoint
+    targets = [*TARGETS, "embed_tokens"]
+    fields = dict(r=4, lora_alpha=4, target_modules=targets)
+    nora = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**fields, init_lora_weights="nora"))
+    plain = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(**fields))  # the same key
+    theirs = peft.get_peft_model(ARCH.torch_class.from_pretrained(path), peft.LoraConfig(
+        **fields, init_lora_weights="nora"))
+    start = factors(plain)
+    for name, (a, b) in factors(nora).items():
+        a0 = start[name][0]
+        layer = theirs.base_model.model.get_submodule(name)
+        if "embed" in name:  # [num, r] zero, B normal: the default, as PEFT's embedding takes it
+            np.testing.assert_array_equal(a, a0)
+            assert not layer.lora_embedding_A["default"].detach().any()
+            continue
+        np.testing.assert_allclose(a, a0 / np.linalg.norm(a0, axis=1, keepdims=True), rtol=1e-6, err_msg=name)
+        peft_a = layer.lora_A["default"].weight.detach().numpy()  # [r, in]
+        np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.linalg.norm(peft_a, axis=0), 1.0, rtol=1e-5, err_msg=name)
+        assert not b.any() and not layer.lora_B["default"].weight.detach().any(), name
+    before = factors(nora)
+    _tiny.train(nora, _tiny.batch(IDS, MASK), steps=2, optimizer=optax.adam(1e-2), dropout=False)
+    for name, (a, b) in factors(nora).items():
+        assert np.abs(b - before[name][1]).max() > 1e-4 and np.abs(a - before[name][0]).max() > 1e-4, name
+    nora.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "nora"
+    loaded = peft.PeftModel.from_pretrained(ARCH.torch_class.from_pretrained(path), tmp_path).eval()
+    valid = MASK.astype(bool)
+    np.testing.assert_allclose(torch_logits(loaded, input_ids=IDS, attention_mask=MASK)[valid],
+                               logits(nora)[valid], atol=1e-5)
+
+    # target_parameters: each expert's [r, in] block of A normalised over r, the router's [r, in] as a
+    # linear layer's (PEFT 0.22 normalises its router the same; on fused experts its nora_init reads the
+    # module's `.weight`, which the experts have not, and fails)
+    experts = _tiny.arch("mixtral")
+    moe = tmp_path / "mixtral"
+    _tiny.save(experts, moe)
+    config = dict(r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "gate.weight"])
+    ours = peftjax.get_peft_model(models.from_pretrained(moe), peftjax.LoraConfig(**config, init_lora_weights="nora"))
+    default = peftjax.get_peft_model(models.from_pretrained(moe), peftjax.LoraConfig(**config))
+    theirs = peft.get_peft_model(experts.torch_class.from_pretrained(moe), peft.LoraConfig(
+        r=2, target_modules=[], target_parameters=["gate.weight"], init_lora_weights="nora"))
+    for attr, holder in (("gate_up_proj", "experts"), ("weight", "gate")):
+        layer, start = (getattr(m.base_model.model.layers[0].mlp, holder) for m in (ours, default))
+        a, a0 = (np.asarray(x.lora_A[attr]["default"].get_value()) for x in (layer, start))  # [E r, in]
+        e = len(np.asarray(layer.gate_up_proj.get_value())) if attr == "gate_up_proj" else 1
+        blocks, blocks0 = a.reshape(e, 2, -1), a0.reshape(e, 2, -1)
+        np.testing.assert_allclose(blocks, blocks0 / np.linalg.norm(blocks0, axis=1, keepdims=True), rtol=1e-6)
+        assert not np.asarray(layer.lora_B[attr]["default"].get_value()).any()
+    peft_router = theirs.base_model.model.model.layers[0].mlp.gate.lora_A["default"].weight.detach().numpy()
+    np.testing.assert_allclose(np.linalg.norm(peft_router, axis=0), 1.0, rtol=1e-5)
+    assert peft_router.shape == a.shape
 
 
 def test_orthogonal_init_refuses_an_odd_rank_before_changing_anything():

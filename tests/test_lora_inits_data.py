@@ -1,6 +1,6 @@
-"""LoRA's data-driven inits, EVA, CorDA and LoRA-GA, against HF PEFT 0.21.2's own
-``initialize_lora_eva_weights``, ``preprocess_corda`` and ``preprocess_loraga`` run in PyTorch on
-the same tiny models and the same calibration batches.
+"""LoRA's data-driven inits, EVA, CorDA, Astra and LoRA-GA, against HF PEFT 0.22's own
+``initialize_lora_eva_weights``, ``preprocess_corda``, ``preprocess_astra`` and ``preprocess_loraga``
+run in PyTorch on the same tiny models and the same calibration batches.
 
 PEFT feeds CorDA one row per call (its hook squeezes a batch of one); peftjax takes batches of
 several rows with padding and counts each row as one sample, so the oracle runs the rows one at a
@@ -393,6 +393,112 @@ def train_and_convert_for_peft(ours, llama, initial, out) -> np.ndarray:
         theirs = peft.PeftModel.from_pretrained(_tiny.arch("llama").torch_class.from_pretrained(llama), out).eval()
     np.testing.assert_allclose(torch_logits(theirs, input_ids=IDS), trained, atol=1e-4)
     return trained
+
+
+# -------------------------------------------------------------------------------------- Astra
+
+
+def run_batches(torch_model, batches):
+    """PEFT's Astra ``run_model``: each batch as one call, padding and all (its hook reads every position)."""
+    def run():
+        for b in batches:
+            torch_model(input_ids=torch.as_tensor(b["input_ids"]), attention_mask=torch.as_tensor(b["attention_mask"]))
+    return run
+
+
+@pytest.mark.parametrize(("family", "targets"), [("llama", TARGETS), ("gpt2", ["c_attn", "mlp.c_proj"])])
+def test_astra_factors_and_residual_equal_peft(family, targets, llama, gpt2, tmp_path):
+    """PEFT 0.22's ``preprocess_astra`` and ``astra_init`` on the same batches: each layer's
+    eigenvectors (up to sign), ``B A`` and the residual base are PEFT's, and the adapted model is the
+    base model; PEFT's Astra adapter, moved and saved by PEFT as a LoRA of the original model, loads
+    here with PEFT's logits."""
+    from peft.tuners.lora.astra import preprocess_astra
+    from peft.tuners.lora.config import AstraConfig
+
+    path = llama if family == "llama" else gpt2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_model = _tiny.arch(family).torch_class.from_pretrained(path).eval()
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="astra",
+                                 astra_config=AstraConfig())
+        preprocess_astra(torch_model, config, run_model=run_batches(torch_model, BATCHES))
+        theirs = peft.get_peft_model(torch_model, config)
+    model = models.from_pretrained(path)
+    original = {n: np.asarray(m.kernel.get_value()).T for n, m in named_modules(model).items()
+                if hasattr(m, "kernel")}
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="astra",
+                                astra_config=peftjax.AstraConfig())
+    eigens = peftjax.preprocess_astra(model, config, BATCHES)
+    ours = peftjax.get_peft_model(model, config)
+    ours_f = lora_factors(ours)
+    assert len(ours_f) == 2 * len(targets) and set(eigens) == set(ours_f)
+    theirs_f = torch_factors(theirs, ours_f)
+    for name, (a, b, w) in ours_f.items():
+        ta, tb, tw = theirs_f[name]
+        sign = np.sign(np.sum(b * tb, axis=0))  # each eigenvector's sign is the LAPACK's choice
+        np.testing.assert_allclose(b * sign[None], tb, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(a * sign[:, None], ta, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(b @ a, tb @ ta, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(w, tw, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(w + 2.0 * b @ a, original[name], atol=1e-5, err_msg=name)  # s = 8 / 4
+        assert np.abs(w - original[name]).max() > 1e-3  # the base was rewritten
+    np.testing.assert_allclose(logits(ours), logits(models.from_pretrained(path)), atol=1e-5)
+    if family != "llama":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "init")
+        with torch.no_grad():
+            for name in ours_f:
+                layer = theirs.base_model.model.get_submodule(name)
+                for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+                    noise = torch.randn(factor.weight.shape, generator=torch.Generator().manual_seed(1))
+                    factor.weight.add_(0.05 * noise)
+        theirs.save_pretrained(tmp_path / "as_lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    expected = torch_logits(theirs.eval(), input_ids=IDS)
+    here = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path / "as_lora")
+    np.testing.assert_allclose(logits(here), expected, atol=1e-4)
+    assert np.abs(expected - logits(models.from_pretrained(path))).max() > 1e-3
+
+
+def test_astra_caches_converts_to_a_lora_peft_applies_and_refuses_by_name(llama, tmp_path):
+    """The covariance and eigen files stand in for the data; the trained adapter saves as a LoRA
+    of the original model that PEFT applies with the trained logits; what Astra cannot take is
+    named before the model changes."""
+    config = peftjax.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="astra",
+                                astra_config={"cache_file": str(tmp_path / "cache.safetensors"),
+                                              "covariance_file": str(tmp_path / "cov.safetensors")})
+    model = models.from_pretrained(llama)
+    eigens = peftjax.preprocess_astra(model, config, BATCHES)
+    again = peftjax.preprocess_astra(models.from_pretrained(llama), config)  # from the cache, without batches
+    for name, e in eigens.items():
+        np.testing.assert_array_equal(again[name].V, e.V)
+    (tmp_path / "cache.safetensors").unlink()
+    from_cov = peftjax.preprocess_astra(models.from_pretrained(llama), config)
+    for name, e in eigens.items():
+        np.testing.assert_allclose(np.abs(from_cov[name].V), np.abs(e.V), atol=1e-6)
+    ours = peftjax.get_peft_model(model, config)
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "astra_eigens")  # used up
+    ours.save_pretrained(tmp_path / "init")
+    trained = train_and_convert_for_peft(ours, llama, tmp_path / "init", tmp_path / "as_lora")
+    ours.merge_adapter()
+    np.testing.assert_allclose(logits(ours), trained, atol=1e-5)
+
+    fresh = models.from_pretrained(llama)
+    plain = peftjax.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="astra", astra_config={})
+    with pytest.raises(ValueError, match=r"down_proj: init_lora_weights='astra' needs the layer's eigens; run "
+                                         r"peftjax.preprocess_astra"):
+        peftjax.get_peft_model(fresh, plain)
+    with pytest.raises(ValueError, match="`batches` must be given"):
+        peftjax.preprocess_astra(fresh, plain)
+    with pytest.raises(ValueError, match=r"v_proj: Astra requires `r` <= out_features but got r=20 for a layer "
+                                         r"with 16 outputs"):
+        peftjax.preprocess_astra(fresh, dataclasses.replace(plain, r=20), BATCHES)
+    with pytest.raises(ValueError, match="`target_parameters` is not supported with Astra"):
+        peftjax.LoraConfig(init_lora_weights="astra", target_parameters=["experts.down_proj"], astra_config={})
+    with pytest.raises(ValueError, match="preprocess_astra needs a LoraConfig with init_lora_weights='astra'"):
+        peftjax.preprocess_astra(fresh, peftjax.LoraConfig(target_modules=TARGETS), BATCHES)
+    assert not any(hasattr(m, "astra_eigens") or hasattr(m, "lora_A") for m in named_modules(fresh).values())
 
 
 # ------------------------------------------------------------------------------- config, refusals

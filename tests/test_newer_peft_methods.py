@@ -76,6 +76,9 @@ CASES = {
     "gralora-gpt2": ("GraloraConfig", "gpt2", dict(r=4, gralora_k=4, alpha=8), False),
     "shira-llama": ("ShiraConfig", "llama", dict(r=2, target_modules=LLAMA), False),
     "shira-bert": ("ShiraConfig", "bert", dict(r=1), False),
+    "paca-llama": ("PacaConfig", "llama", dict(r=4, random_seed=3, target_modules=LLAMA,
+                                               paca_indices_pattern={"layers.1.self_attn.q_proj": [5, 1, 2]}), False),
+    "paca-bert": ("PacaConfig", "bert", dict(r=2, paca_alpha=16), False),
     "hira-llama": ("HiraConfig", "llama", dict(r=2, hira_dropout=0.1, target_modules=LLAMA), False),
     "hira-bert-embedding": ("HiraConfig", "bert", dict(r=2, target_modules=["query", "value", "word_embeddings"]),
                             False),
@@ -329,6 +332,7 @@ SCANNED = {  # every method here on a model whose layers are stacked and scanned
     "RoadConfig": dict(group_size=8, init_weights=False),
     "DeloraConfig": dict(r=2, init_weights=False), "C3AConfig": dict(block_size=8),
     "GraloraConfig": dict(r=4, hybrid_r=2, init_weights=False), "ShiraConfig": dict(r=1, init_weights=False),
+    "PacaConfig": dict(r=4, random_seed=1, init_weights=False),
     "HiraConfig": dict(r=2, init_weights=False), "WaveFTConfig": dict(n_frequency=24, init_weights=False),
 }
 
@@ -367,6 +371,52 @@ def test_randlora_adapters_share_peft_s_rules(checkpoints):
     with pytest.raises(NotImplementedError, match="RandLoRA on a model built with scan_layers=True"):
         peftjax.get_peft_model(models.from_pretrained(path, scan_layers=True),
                                peftjax.RandLoraConfig(r=8, target_modules=LLAMA))
+
+
+def test_paca_selects_peft_s_columns_and_refuses_what_peft_refuses(checkpoints, tmp_path):
+    """With ``random_seed`` each layer's columns are PEFT's (``torch.randperm`` seeded by the seed
+    plus the layer name's CRC-32), a ``paca_indices_pattern`` entry's are its own, sorted, with the
+    config's ``r`` in the scaling; the file holds PEFT's keys and dtypes. Bad settings are refused
+    as PEFT refuses them, by name."""
+    from safetensors.numpy import load_file
+
+    path = checkpoints["llama"]
+    fields = dict(r=4, paca_alpha=8, random_seed=11, target_modules=LLAMA,
+                  paca_indices_pattern={"layers.0.mlp.down_proj": [40, 3, 17]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), peft.PacaConfig(**fields))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = peftjax.get_peft_model(models.from_pretrained(path), peftjax.PacaConfig(**fields))
+    ours.save_pretrained(tmp_path / "ours")
+    mine, peft_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert set(mine) == set(peft_file)
+    for k, v in peft_file.items():
+        assert mine[k].dtype == v.dtype and mine[k].shape == v.shape, k
+        if k.endswith("paca_indices"):
+            np.testing.assert_array_equal(mine[k], v, err_msg=k)
+    assert mine["base_model.model.model.layers.0.mlp.down_proj.paca_indices"].tolist() == [3, 17, 40]
+    assert len({tuple(v) for k, v in mine.items() if k.endswith("paca_indices")}) > 4  # each layer its own
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["paca_indices_pattern"] == {"layers.0.mlp.down_proj": [40, 3, 17]}
+    layer = ours.base_model.model.layers[0].mlp.down_proj
+    assert layer.spec("default").scaling == 2.0 and layer.paca_delta["default"].get_value().shape == (32, 3)
+
+    for bad, match in ((dict(paca_indices_pattern={"q_proj": [1, 1]}), "must be unique"),
+                       (dict(paca_indices_pattern={"q_proj": []}), "must not contain an empty list"),
+                       (dict(paca_indices_pattern={"q_proj": [-1]}), "must not be negative"),
+                       (dict(paca_indices_pattern={"q_proj": [1.0]}), "must be a list of int")):
+        with pytest.raises(ValueError, match=match):
+            peftjax.PacaConfig(target_modules=LLAMA, **bad)
+    model = models.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"layers.0.mlp.down_proj: `r` \(64\) cannot be larger than in_features "
+                                         r"\(48\)"):
+        peftjax.get_peft_model(model, peftjax.PacaConfig(r=64, target_modules=["down_proj"]))
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj: The indices in `paca_indices_pattern` must be "
+                                         r"smaller than in_features \(32\)"):
+        peftjax.get_peft_model(model, peftjax.PacaConfig(target_modules=["q_proj"],
+                                                         paca_indices_pattern={"q_proj": [2, 32]}))
+    assert not adapter_layers(model)  # refused before any change
 
 
 def test_randlora_files_with_the_bases_once_or_under_every_layer_load_alike(checkpoints, tmp_path):

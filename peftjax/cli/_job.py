@@ -94,7 +94,7 @@ MODEL_TASKS = {"multiple_choice": "MULTIPLE_CHOICE"}
 CLASSIFIER_JOBS = ("seq_cls", "token_cls")
 # LoRA inits computed from data before training (init_lora_weights -> its config field, its name)
 DATA_DRIVEN_INITS = {"eva": ("eva_config", "EVA"), "corda": ("corda_config", "CorDA"),
-                     "lora_ga": ("lora_ga_config", "LoRA-GA")}
+                     "astra": ("astra_config", "Astra"), "lora_ga": ("lora_ga_config", "LoRA-GA")}
 # --method -> (PEFT's peft_type, config fields the name fixes, the name printed)
 METHODS: dict[str, tuple[str, dict, str]] = {
     "lora": ("LORA", {}, "LoRA"),
@@ -112,6 +112,7 @@ METHODS: dict[str, tuple[str, dict, str]] = {
     "c3a": ("C3A", {}, "C3A"),
     "gralora": ("GRALORA", {}, "GraLoRA"),
     "shira": ("SHIRA", {}, "SHiRA"),
+    "paca": ("PACA", {}, "PaCA"),
     "hira": ("HIRA", {}, "HiRA"),
     "poly": ("POLY", {}, "Poly"),
     "randlora": ("RANDLORA", {}, "RandLoRA"),
@@ -183,7 +184,7 @@ FLAG_HELP = {
     "num_labels": "the classifier's number of labels (default: the names of a ClassLabel label column, else the "
                   "largest integer label in the data + 1)",
     "method": "the adapter, by PEFT's name: lora, dora (LoRA with weight decomposition), adalora, ia3, loha, lokr, "
-              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, hira, poly (rows routed by their task: "
+              "oft, boft, hra, miss, road, delora, c3a, gralora, shira, paca, hira, poly (rows routed by their task: "
               "--task-ids-column), randlora, vblora, beft, glora, deft, peanut, supertuning, unilora, vera, pvera, "
               "osf, "
               "lily, tinylora, frod, fourierft, waveft, shadow (causal LMs: causal_lm, instruction, chat), ln_tuning, "
@@ -736,11 +737,14 @@ def _adapted(options: dict, config, model, train, tokenizer, collator, figures: 
     if init not in DATA_DRIVEN_INITS:
         return peftjax.get_peft_model(model, config, key=key), None
     start = time.perf_counter()
-    # EVA and CorDA read the layers' inputs: unmasked text; LoRA-GA the loss's gradient: the training batches
+    # EVA and CorDA read the layers' inputs, Astra their outputs: unmasked text; LoRA-GA the loss's gradient: the
+    # training batches
     batches = calibration_batches(options, train, model, tokenizer.pad_token_id,
                                   collator if init == "lora_ga" else None, init)
     if init == "corda":
         peftjax.preprocess_corda(model, config, batches)
+    elif init == "astra":
+        peftjax.preprocess_astra(model, config, batches)
     elif init == "lora_ga":  # in train mode, the model's dropout on, as PEFT estimates
         peftjax.preprocess_loraga(model, config, batches, key=jax.random.fold_in(key, 1))
     peft_model = peftjax.get_peft_model(model, config, key=key)
@@ -761,7 +765,7 @@ def _adapted(options: dict, config, model, train, tokenizer, collator, figures: 
 def calibration_batches(options: dict, train, model, pad_token_id: int | None, collator, init: str) -> list[dict]:
     """The first ``options["calibration_batches"]`` batches of the training data in the first
     epoch's order (the ``Trainer``'s, unpacked), their real rows only, holding what ``model``
-    takes: a data-driven init's calibration data. CorDA's batches carry no labels; EVA's carry
+    takes: a data-driven init's calibration data. CorDA's and Astra's batches carry no labels; EVA's carry
     the labels (per-token labels mask, as PEFT reads them: ``use_label_mask`` leaves out the
     tokens labelled ``label_mask_value``), LoRA-GA's all the model's loss needs (``collator``: a
     masked LM's masks); an encoder-decoder's keep their labels, its decoder's input."""

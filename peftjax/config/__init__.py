@@ -32,6 +32,7 @@ from peftjax.config._randlora import RandLoraConfig
 from peftjax.config._road import RoadConfig
 from peftjax.config._vblora import VBLoRAConfig
 from peftjax.config._shira import ShiraConfig
+from peftjax.config._paca import PacaConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import (
     ArrowConfig,
@@ -119,6 +120,7 @@ __all__ = [
     "GraloraConfig",
     "HiraConfig",
     "ShiraConfig",
+    "PacaConfig",
     "BeftConfig",
     "DeftConfig",
     "GloraConfig",

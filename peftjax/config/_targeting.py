@@ -503,7 +503,7 @@ def resolve_target_modules(config: PeftConfig, model_type: str) -> PeftConfig:
     changes: dict[str, Any] = {}
     if peft_type in ("LORA", "LOHA", "LOKR", "OFT", "BOFT", "HRA", "MISS", "ROAD", "DELORA", "GRALORA", "HIRA",
                      "RANDLORA", "POLY", "GLORA", "DEFT", "PEANUT", "SUPERTUNING", "UNILORA",
-                     "LILY", "TINYLORA"):
+                     "LILY", "TINYLORA", "PACA"):
         if config.target_modules is None:
             changes["target_modules"] = _default(
                 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, model_type, "target_modules",
@@ -568,9 +568,10 @@ def expand_all_linear(
 def add_task_modules_to_save(config: PeftConfig) -> PeftConfig:
     """Adds the task head to ``modules_to_save``, as PEFT's task model wrappers do.
 
-    ``SEQ_CLS`` and ``TOKEN_CLS`` add ``["classifier", "score"]``, ``QUESTION_ANS`` adds
-    ``["qa_outputs"]``, appended after any modules already listed (PEFT's order). Unlike PEFT,
-    which appends again on every load, a name already present is not repeated.
+    ``SEQ_CLS`` and ``TOKEN_CLS`` add ``["classifier", "score", "pre_classifier"]`` (PEFT 0.22:
+    DistilBERT's ``pre_classifier`` is drawn afresh too), ``QUESTION_ANS`` adds
+    ``["qa_outputs"]``, appended after any modules already listed (PEFT's order); a name already
+    present is not repeated (as in PEFT 0.22; older PEFT appended again on every load).
 
     Returns:
         The config, or a new one with the heads added.
@@ -588,7 +589,7 @@ def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str], *, head
 
     ``new_weights``: the torch keys a model's loading drew afresh (``model.newly_initialised``).
     For ``SEQ_CLS``, ``TOKEN_CLS`` and ``QUESTION_ANS`` each module holding one, unless a listed
-    module (or one PEFT's suffix match takes) covers it already, is appended by its full name
+    module (or one PEFT's segment match takes) covers it already, is appended by its full name
     (DeBERTa's ``pooler.dense`` beside ``classifier``). PEFT adds only ``classifier`` and
     ``score``: an adapter without the new pooler would reload onto another random one there, so
     the file carries it, and PEFT reads it back through the same ``modules_to_save``. ``head=True``
@@ -599,7 +600,7 @@ def add_new_head_modules(config: PeftConfig, new_weights: Iterable[str], *, head
     >>> config = add_new_head_modules(LoraConfig(task_type="SEQ_CLS", modules_to_save=["classifier"]),
     ...                               ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight"])
     >>> config.modules_to_save
-    ('classifier', 'score', 'pooler.dense')
+    ('classifier', 'score', 'pre_classifier', 'pooler.dense')
     """
     new_weights = [k for k in new_weights if "." in k]
     task_head = config.task_type in _TASK_MODULES_TO_SAVE or (head and config.task_type is None)

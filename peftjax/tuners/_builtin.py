@@ -25,6 +25,7 @@ from peftjax.tuners.miss import MissConfig, MissLayer, inject_miss
 from peftjax.tuners.randlora import RandLoraConfig, inject_randlora, load_randlora_state_dict, randlora_state_dict
 from peftjax.tuners.road import RoadConfig, RoadLayer, inject_road
 from peftjax.tuners.shira import ShiraConfig, ShiraLayer, inject_shira
+from peftjax.tuners.paca import PacaConfig, PacaLayer, inject_paca
 from peftjax.tuners.ia3 import IA3Config, IA3Layer, inject_ia3
 from peftjax.tuners.ln_tuning import LNTuningConfig, LNTuningLayer, inject_ln_tuning
 from peftjax.tuners.loha import LoHaConfig, LoHaLinear, inject_loha
@@ -87,6 +88,7 @@ register_tuner(Tuner.for_layers(DeloraConfig, inject=inject_delora, layer_type=D
 register_tuner(Tuner.for_layers(C3AConfig, inject=inject_c3a, layer_type=C3ALayer))
 register_tuner(Tuner.for_layers(GraloraConfig, inject=inject_gralora, layer_type=GraloraLayer))
 register_tuner(Tuner.for_layers(ShiraConfig, inject=inject_shira, layer_type=ShiraLayer))
+register_tuner(Tuner.for_layers(PacaConfig, inject=inject_paca, layer_type=PacaLayer))
 register_tuner(Tuner.for_layers(HiraConfig, inject=inject_hira, layer_type=HiraLayer))
 register_tuner(Tuner.for_layers(BeftConfig, inject=inject_beft, layer_type=BeftLayer))
 register_tuner(Tuner.for_layers(GloraConfig, inject=inject_glora, layer_type=GloraLayer))

@@ -23,7 +23,7 @@ from peftjax.tuners.base._modules_to_save import SavedModule
 
 
 # adapter tensors PEFT saves as integers: SHiRA's positions
-INTEGER_TENSORS = ("shira_indices", "supertuning_indices", "unilora_indices_A", "unilora_indices_B")
+INTEGER_TENSORS = ("shira_indices", "paca_indices", "supertuning_indices", "unilora_indices_A", "unilora_indices_B")
 
 
 def saves_embeddings(config: PeftConfig, save_embedding_layers: bool | str = "auto") -> bool:
@@ -114,7 +114,7 @@ def load_layer_state_dict(
       does) and file keys nothing in the model consumed (ignored with a warning).
 
     Raises:
-      AdapterFileError: a tensor is not a float tensor (but SHiRA's integer positions), or has the
+      AdapterFileError: a tensor is not a float tensor (but SHiRA's and PaCA's integer positions), or has the
         wrong shape (names the key).
     """
     for key, value in tensors.items():

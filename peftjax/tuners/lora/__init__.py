@@ -15,6 +15,7 @@
 - ``_capture.py``: the inputs of chosen layers during a jitted forward (EVA's and CorDA's data).
 - ``_eva.py``: EVA (``get_eva_state_dict``, ``initialize_lora_eva_weights``).
 - ``_corda.py``: CorDA (``preprocess_corda``, then ``init_lora_weights="corda"`` at injection).
+- ``_astra.py``: Astra (``preprocess_astra``, then ``init_lora_weights="astra"`` at injection).
 - ``_arrow.py``: Arrow's router on the layers (prototypes, GenKnowSub; ``peftjax.arrow`` builds the model).
 - ``_loraga.py``: LoRA-GA (``preprocess_loraga``, then ``init_lora_weights="lora_ga"`` at injection).
 - ``_linen.py``: LoRA for Flax Linen models as pure functions on ``params`` (``peftjax.linen``).
@@ -30,15 +31,18 @@ from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
 from peftjax.tuners.lora._model import inject_lora, lora_layers
 from peftjax.tuners.lora._replication import replicate_layers
+from peftjax.tuners.lora._astra import AstraEigens, preprocess_astra
 from peftjax.tuners.lora._corda import CordaEigens, preprocess_corda
 from peftjax.tuners.lora._loraga import preprocess_loraga
 from peftjax.tuners.lora._eva import get_eva_state_dict, initialize_lora_eva_weights
 
 __all__ = [
     "SUPPORTED_LAYERS",
+    "AstraEigens",
     "CordaEigens",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "preprocess_astra",
     "preprocess_corda",
     "preprocess_loraga",
     "convert_to_lora",

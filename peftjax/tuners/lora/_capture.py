@@ -1,4 +1,5 @@
-"""The inputs of chosen layers during a jitted forward pass: what EVA and CorDA calibrate on.
+"""The inputs (or outputs) of chosen layers during a jitted forward pass: what EVA, CorDA and Astra
+calibrate on.
 
 PEFT registers torch forward hooks; here each chosen layer's class is swapped, for the length of
 one traced call, to a subclass whose ``__call__`` hands its input to a reducer before running the
@@ -49,9 +50,10 @@ def forward_fn_dict(model, batch: Mapping[str, Any]):
 
 
 @contextlib.contextmanager
-def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce: Callable, batch, order: list):
-    """Swaps each module's class to one that appends ``reduce(input, batch)`` to ``sink[name]``;
-    ``order`` gets each name at its first call (at trace time)."""
+def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce: Callable, batch, order: list,
+               outputs: bool = False):
+    """Swaps each module's class to one that appends ``reduce(input, batch)`` (``outputs``: its
+    output's) to ``sink[name]``; ``order`` gets each name at its first call (at trace time)."""
     swapped = []
     try:
         for name, module in modules.items():
@@ -60,8 +62,12 @@ def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce:
             def call(self, x, *args, _cls=cls, _name=name, **kwargs):
                 if _name not in order:
                     order.append(_name)
-                sink.setdefault(_name, []).append(reduce(x, batch))
-                return _cls.__call__(self, x, *args, **kwargs)
+                if not outputs:
+                    sink.setdefault(_name, []).append(reduce(x, batch))
+                y = _cls.__call__(self, x, *args, **kwargs)
+                if outputs:
+                    sink.setdefault(_name, []).append(reduce(y, batch))
+                return y
 
             module.__class__ = type(f"Recording{cls.__name__}", (cls,), {"__slots__": (), "__call__": call,
                                                                           "__module__": cls.__module__})
@@ -72,13 +78,13 @@ def _recording(modules: Mapping[str, nnx.Module], sink: dict[str, list], reduce:
             module.__class__ = cls
 
 
-@functools.partial(nnx.jit, static_argnums=(2, 3, 4))
-def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Callable):
-    """One forward pass recording ``reduce(input, batch)`` per call of each named layer; jitted once
-    per model structure, batch shape, names, reducer and forward function."""
+@functools.partial(nnx.jit, static_argnums=(2, 3, 4, 5))
+def _run(model, batch, names: tuple[str, ...], reduce: Callable, forward_fn: Callable, outputs: bool):
+    """One forward pass recording ``reduce(input or output, batch)`` per call of each named layer;
+    jitted once per model structure, batch shape, names, reducer, forward function and side."""
     modules = named_modules(model)
     sink: dict[str, list] = {}
-    with (_recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, [])),
+    with (_recording({n: modules[n] for n in names}, sink, reduce, batch, _ORDER.setdefault(names, []), outputs),
           every_position()):  # a classifier's last layer too, as PEFT's hooks see it
         forward_fn(model, batch)
     return sink
@@ -89,8 +95,9 @@ _ORDER: dict[tuple[str, ...], list[str]] = {}
 
 
 def make_capture(model: nnx.Module, names: Iterable[str], reduce: Callable,
-                 forward_fn: Callable = forward_fn_dict) -> Callable:
-    """A jitted ``batch -> {name: [reduce(input, batch) per call]}`` over ``model`` (host arrays).
+                 forward_fn: Callable = forward_fn_dict, *, outputs: bool = False) -> Callable:
+    """A jitted ``batch -> {name: [reduce(input, batch) per call]}`` over ``model`` (host arrays);
+    with ``outputs``, each call's output instead of its input.
 
     The returned function's ``order`` lists the names in the order the forward first calls them,
     once it has run: PEFT's hooks see torch's module order, which for a transformer is the call
@@ -106,7 +113,7 @@ def make_capture(model: nnx.Module, names: Iterable[str], reduce: Callable,
     names = tuple(names)
 
     def capture(batch):
-        sink = _run(model, batch, names, reduce, forward_fn)
+        sink = _run(model, batch, names, reduce, forward_fn, outputs)
         return {n: jax.tree.map(np.asarray, v) for n, v in sink.items()}
 
     capture.order = _ORDER.setdefault(names, [])

@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA / LoftQ to plain LoRA on save: PEFT's ``path_initial_model_for_weight_conversion``.
+"""PiSSA / OLoRA / CorDA / Astra / LoRA-GA to plain LoRA on save: PEFT's ``path_initial_model_for_weight_conversion``.
 
 A decomposing init trains against a rewritten base (``W_res``, or LoftQ's ``Q``) that nobody else
 has. With the adapter's initial factors ``A0, B0`` (saved before training) the trained delta on
@@ -52,7 +52,7 @@ def convert_to_plain_lora(
         # no-op inits; LoftQ's base is a quantization and False starts from a non-zero delta
         raise ValueError(f"path_initial_model_for_weight_conversion: init_lora_weights={init!r} does not leave the "
                          "base at W - s * B0 @ A0, so the rank-2r LoRA would not equal the trained adapter; it "
-                         "converts PiSSA, OLoRA, CorDA and LoRA-GA adapters (and no-op inits: True, 'gaussian', "
+                         "converts PiSSA, OLoRA, CorDA, Astra and LoRA-GA adapters (and no-op inits: True, 'gaussian', "
                          "'orthogonal')")
     if config.use_dora or config.lora_bias:
         raise ValueError("path_initial_model_for_weight_conversion: DoRA's magnitude and lora_bias are relative to "
@@ -60,9 +60,9 @@ def convert_to_plain_lora(
     initial_dir = Path(initial_dir)
     initial = read_adapter_weights(initial_dir)
     # PEFT overwrites the initial adapter's config so that loading it keeps the base as it is
-    # (the eva/corda settings go too: they would only be warned about and ignored with init True)
+    # (the eva/corda/astra settings go too: they would only be warned about and ignored with init True)
     dataclasses.replace(config, init_lora_weights=True, inference_mode=True, eva_config=None,
-                        corda_config=None).save_pretrained(initial_dir)
+                        corda_config=None, astra_config=None).save_pretrained(initial_dir)
     factors = [k for k in tensors if ".lora_A." in k or ".lora_B." in k]
     missing = sorted(k for k in factors if k not in initial)
     if missing:
@@ -79,7 +79,7 @@ def convert_to_plain_lora(
     factor = math.sqrt(2) if config.use_rslora else 2
     converted = dataclasses.replace(
         config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * factor,
-        eva_config=None, corda_config=None,
+        eva_config=None, corda_config=None, astra_config=None,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         loftq_config={},

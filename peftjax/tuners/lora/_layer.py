@@ -42,7 +42,10 @@ from peftjax.tuners.lora._math import (
     dora_factor,
     dora_output,
     init_weights,
+    is_astra,
+    is_corda,
     is_loftq,
+    is_loraga,
     is_mica,
     joint_matmul,
     merged_weight,
@@ -96,7 +99,7 @@ class LoraLayer(AdapterDictLayer):
             raise NotImplementedError(f"{path}: init_lora_weights='eva' on a quantized layer is not implemented in "
                                       "peftjax; run EVA on the float model")
         if isinstance(self, QuantizedLinear) and init not in (True, False, "gaussian", "orthogonal", "nora"):
-            init = "corda" if hasattr(init, "S_WC") else "lora_ga" if hasattr(init, "loraga_grad") else init
+            init = "corda" if is_corda(init) else "astra" if is_astra(init) else "lora_ga" if is_loraga(init) else init
             raise TypeError(f"{path}: init_lora_weights={init!r} rewrites the base weight, which is quantized here. "
                             "Please initialize it under float32, float16, or bfloat16. Subsequently, "
                             "re-quantize the residual model to help minimize quantization errors.")

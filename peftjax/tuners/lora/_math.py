@@ -147,6 +147,13 @@ def is_corda(init) -> bool:
     return hasattr(init, "S_WC")
 
 
+def is_astra(init) -> bool:
+    """Astra's init reaches each layer as that layer's eigens (``AstraEigens``), not as the string."""
+    from peftjax.tuners.lora._astra import AstraEigens
+
+    return isinstance(init, AstraEigens)
+
+
 def is_loraga(init) -> bool:
     """LoRA-GA's init reaches each layer as that layer's gradient and settings (``LoraGaInit``)."""
     return hasattr(init, "loraga_grad")
@@ -166,9 +173,10 @@ def check_init(kind: str, init, where: str) -> None:
     default init) and MiCA; convolutions and the multi-axis layers (``"general"``) the default, ``False`` or
     ``"gaussian"`` (PEFT has no MiCA variant for its convolutions either).
     """
-    if kind == "linear" or not (is_loftq(init) or is_corda(init) or isinstance(init, str)):
+    if kind == "linear" or not (is_loftq(init) or is_corda(init) or is_astra(init) or isinstance(init, str)):
         return
-    init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else canonical_init(init)
+    init = "loftq" if is_loftq(init) else "corda" if is_corda(init) else "astra" if is_astra(init) else \
+        canonical_init(init)
     # PEFT's embedding layer treats "orthogonal", "lora_ga" and "nora" as its default init
     if init == "gaussian" or (kind == "embed" and (init in ("orthogonal", "lora_ga", "nora") or is_mica(init))):
         return
@@ -233,8 +241,8 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
     """One adapter's initial weights for a layer whose weight is ``w2 [n_in, n_out]``.
 
     Returns ``({"lora_A", "lora_B", ["lora_B_bias"], ["lora_magnitude_vector"]}, residual)``,
-    float32, ``A`` as ``[n_in, r]``; ``residual`` is the base weight PiSSA/OLoRA leave behind
-    (``None`` for the other inits; CorDA's too). ``"eva"`` starts as the default init (``B`` zero);
+    float32, ``A`` as ``[n_in, r]``; ``residual`` is the base weight PiSSA, OLoRA, LoftQ, CorDA,
+    Astra and LoRA-GA leave behind (``None`` for the other inits). ``"eva"`` starts as the default init (``B`` zero);
     ``initialize_lora_eva_weights`` then sets ``A``. DoRA's magnitude is ``||W + s A B||`` with ``W`` the base
     weight after that rewrite, as PEFT computes it (for PiSSA/OLoRA that is the original weight).
     """
@@ -246,6 +254,10 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         from peftjax.tuners.lora._corda import corda_factors
 
         a, b, residual = corda_factors(w2, init, spec.scaling)
+    elif is_astra(init):
+        from peftjax.tuners.lora._astra import astra_factors
+
+        a, b, residual = astra_factors(w2, init, spec.scaling)
     elif decomposes(init):
         a, b, residual = decompose(init, w2, spec, jax_key(key))
     elif is_mica(init):

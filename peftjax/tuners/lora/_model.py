@@ -33,6 +33,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
     FAN_IN_FAN_OUT_LINEAR_WARNING,
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
+from peftjax.tuners.lora._astra import check_astra_eigens, take_astra_eigens
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
 from peftjax.tuners.lora._math import check_init_rank, peft_weight_shape
@@ -106,13 +107,16 @@ def inject_lora(
     inits = {name: init for name in targets}
     for name in targets:  # every refusal comes before the first change to the model
         linear = lora_class_for(modules[name]) is not None and lora_class_for(modules[name]).lora_kind == "linear"
-        if init in ("eva", "corda") and linear and not isinstance(modules[name], nnx.Linear):
+        if init in ("eva", "corda", "astra") and linear and not isinstance(modules[name], nnx.Linear):
             raise NotImplementedError(f"{name}: init_lora_weights={init!r} is implemented for nnx.Linear layers (and "
                                       f"GPT-2's Conv1D as one), not {type(modules[name]).__name__}")
         r = LoraSpec.for_target(config, name).r
         if init == "corda" and linear:  # CorDA's init is the layer's own eigens
             inits[name] = take_eigens(modules[name], name)
             check_eigens(inits[name], modules[name], r, name)
+        if init == "astra" and linear:  # Astra's init is the layer's own eigens
+            inits[name] = take_astra_eigens(modules[name], name)
+            check_astra_eigens(inits[name], modules[name], r, name)
         if init == "lora_ga" and linear and isinstance(modules[name], nnx.Linear):
             # its gradient, as preprocess_loraga left it; a file's adapter takes the default init and
             # keeps the base as it is, as PEFT's does when the layer has no gradient
@@ -136,8 +140,9 @@ def inject_lora(
         spec = LoraSpec.for_target(config, name)
         # the first adapter on a layer becomes active, as in PEFT
         module.add_lora(adapter_name, spec, LayerKey(key, i), inits[name])
-        if hasattr(module, "corda_eigens"):  # used up, as PEFT's layer uses its own
-            del module.corda_eigens
+        for cache in ("corda_eigens", "astra_eigens"):  # used up, as PEFT's layer uses its own
+            if hasattr(module, cache):
+                delattr(module, cache)
         if hasattr(module, "loraga_grad") and config.init_lora_weights == "lora_ga":
             del module.loraga_grad
     if config.target_parameters:
