@@ -175,6 +175,38 @@ def test_interop_with_peft_both_ways_and_merge(case, checkpoints, tmp_path, caps
     assert_close(run_torch(torch_base(arch, tmp_path / "merged")), ours)
 
 
+def test_two_active_oft_adapters_rotate_and_merge_as_peft(checkpoints, tmp_path):
+    """Two OFT adapters active at once rotate the input ``x R1 R2``; merged, the kernel becomes
+    ``R1 R2 W`` (PEFT 0.22 merges them last to first; 0.21.2 merged ``R2 R1 W``, another model):
+    PEFT's two adapters give PEFT's logits here, unmerged and merged."""
+    path = checkpoints["llama"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(torch_base("llama", path), configs("OFT", "llama", oft_block_size=8, r=0)[1])
+        theirs.add_adapter("other", configs("OFT", "llama", oft_block_size=4, r=0)[1])
+        with torch.no_grad():
+            for name, p in theirs.named_parameters():
+                if "oft_R" in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        theirs.save_pretrained(tmp_path)
+        theirs.base_model.set_adapter(["default", "other"])
+        both = run_torch(theirs)
+        theirs.merge_adapter()
+        merged = run_torch(theirs)
+    assert_close(merged, both)
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
+    ours.load_adapter(tmp_path / "other", "other")
+    single = run_jax(ours)
+    ours.set_adapter(["default", "other"])
+    assert_close(run_jax(ours), both)
+    assert changed(run_jax(ours), single) > 1e-3  # the second adapter counts
+    assert changed(run_jax(ours), run_torch(torch_base("llama", path))) > 1e-3
+    ours.merge_adapter()
+    assert_close(run_jax(ours), merged)
+    ours.unmerge_adapter()
+    assert_close(run_jax(ours), both)
+
+
 def train_with_trainer(model, output_dir) -> list[float]:
     from peftjax.training import Trainer, TrainingArguments
 

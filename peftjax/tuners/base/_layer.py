@@ -27,6 +27,9 @@ class AdapterLayer(abc.ABC):
 
     # attributes the mixin adds to the layer; ``remove_adapter_state`` deletes them
     adapter_state_attrs: tuple[str, ...] = ()
+    # whether several adapters merge last to first: a rotation of the input folded into the kernel
+    # from the left (OFT's ``R kernel``), whose forward applies the adapters first to last
+    merge_last_first: bool = False
 
     @abc.abstractmethod
     def adapter_names(self) -> tuple[str, ...]:

@@ -208,7 +208,7 @@ def merge(model: nnx.Module, adapter_names: tuple[str, ...] | None = None, *, sa
     try:
         for m in layers:
             names = adapter_names if adapter_names is not None else m.active_adapter_names()
-            for name in names:
+            for name in reversed(names) if m.merge_last_first else names:
                 if name in m.adapter_names() and name not in m.merged_adapter_names():
                     m.merge_adapter(name)
                     if safe_merge and not all(bool(jnp.isfinite(v).all()) for _, v in _param_values(m)):

@@ -149,7 +149,10 @@ class OFTLayer(AdapterDictLayer):
 
 
 class OFTLinear(OFTLayer):
-    """OFT on ``nnx.Linear``: ``base(x R)``."""
+    """OFT on ``nnx.Linear``: ``base(x R)``; several adapters rotate ``x R1 R2``, so they merge
+    last to first into ``R1 R2 kernel`` (PEFT 0.22; 0.21.2 merged ``R2 R1 kernel``)."""
+
+    merge_last_first = True
 
     def __call__(self, x, *args, **kwargs):
         return self._peftjax_base.__call__(self, self._rotate(x), *args, **kwargs)
