@@ -378,6 +378,26 @@ _ROUND_TRIP = [
 ]
 
 
+def test_every_method_refuses_layers_to_transform_with_a_regex_as_peft_0_22_does():
+    """PEFT 0.22 refuses ``layers_to_transform`` with a ``str`` ``target_modules`` for every method
+    (0.21.2 only for some: LoHa, LoKr, OFT, BOFT took it), and so does every peftjax config."""
+    checked = 0
+    for peft_type in pc.PeftType:
+        try:
+            cls = pc.config_class(peft_type)
+        except NotImplementedError:
+            continue
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not {"layers_to_transform", "target_modules"} <= fields:
+            continue
+        extra = {"OFT": dict(oft_block_size=8, r=0)}.get(str(peft_type), {})
+        for make in (cls, getattr(peft, cls.__name__)):
+            with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+                _peft_quiet(make, target_modules=r".*\.q_proj", layers_to_transform=[0], **extra)
+        checked += 1
+    assert checked >= 20
+
+
 def test_patterns_are_written_in_their_order_so_the_same_key_wins_after_a_reload(tmp_path):
     """The first pattern key matching a module wins, so ``rank_pattern``, ``alpha_pattern`` and
     ``paca_indices_pattern`` are written in their order (PEFT 0.22; older PEFT sorted them, so a

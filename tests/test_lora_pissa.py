@@ -284,10 +284,12 @@ def perturb(model):
             store["default"].set_value(value + noise * jnp.abs(value).max())
 
 
-def test_pissa_niter_adapter_loads_in_peft(arch, tmp_path):
-    """PEFT's loader re-runs ``pissa_niter_8`` on the original base (its own draw) and loads our A, B."""
+@pytest.mark.parametrize("init", ["pissa_niter_8", "olora"])
+def test_decomposed_adapter_loads_in_peft(init, arch, tmp_path):
+    """PEFT's loader re-runs ``pissa_niter_8`` (its own draw) or OLoRA's QR on the original base and
+    loads our A, B: the same model. On GPT-2's ``Conv1D`` both factor the weight in the linear layout
+    (PEFT 0.22's OLoRA does; 0.21.2's factored the stored ``[in, out]`` weight)."""
     name, path, _, targets = arch
-    init = "pissa_niter_8"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GPT-2: the Conv1D fan_in_fan_out warning
         model = peftjax.get_peft_model(models.from_pretrained(path), peftjax.LoraConfig(

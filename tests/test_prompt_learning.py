@@ -659,6 +659,24 @@ def test_cpt_trains_and_loads_as_peft_s(saved, weighting, tmp_path):
     np.testing.assert_array_equal(loaded.generate(ids, np.ones_like(ids), max_new_tokens=4, pad_token_id=0), ref)
 
 
+@pytest.mark.parametrize("types", [[1, 2, 3], [1, 2, 3, 4, 5, 6]], ids=["no-answer", "one-and-a-half"])
+def test_cpt_template_of_an_incomplete_example_shifts_the_batch_s_types_by_whole_groups(saved, types):
+    """A template whose largest type is not a multiple of 4 shifts the batch's types up to the next
+    one (PEFT 0.22), so the batch's answers stay answers: the same loss as PEFT's, both weightings
+    (PEFT 0.21.2 shifted by the largest type: the answers of [1, 2, 3] became type 7, the loss nan)."""
+    for weighting in ("decay", "none"):
+        config = dict(task_type="CAUSAL_LM", opt_weighted_loss_type=weighting, opt_loss_decay_factor=0.5,
+                      cpt_token_ids=list(range(11, 11 + len(types))), cpt_tokens_type_mask=types)
+        model = peftjax.get_peft_model(models.from_pretrained(saved["llama"]), peftjax.CPTConfig(**config))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(torch_base(saved, "llama"), peft.CPTConfig(**config))
+        with torch.no_grad():
+            theirs = _torch_cpt_step(pm, _cpt_batch()).loss.item()
+        assert np.isfinite(theirs)
+        np.testing.assert_allclose(float(model(**_cpt_batch()).loss), theirs, atol=2e-5)
+
+
 def test_cpt_bad_settings_are_named(saved):
     with pytest.raises(ValueError, match="CPTConfig only supports task_type = CAUSAL_LM"):
         peftjax.CPTConfig(task_type="SEQ_CLS")

@@ -285,6 +285,10 @@ class PeftConfig:
                 f"`modules_to_save` must be a list of module names, not a str ({self.modules_to_save!r})."
             )
         self._set("modules_to_save", to_str_tuple("modules_to_save", self.modules_to_save, sort=False))
+        # PEFT 0.22 refuses this pair for every method (0.21.2 for some): a regex selects whole names
+        if isinstance(getattr(self, "target_modules", None), str) and getattr(self, "layers_to_transform", None) \
+                is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
 
     def _set(self, name: str, value: Any) -> None:
         """Assigns a normalized value during ``__post_init__`` (the dataclass is frozen)."""

@@ -323,7 +323,8 @@ class CPTConfig(PromptLearningConfig):
     answer (0: none of these). Template and input tokens train, within ``opt_projection_format_epsilon``
     (templates) or ``opt_projection_epsilon`` (inputs) times ``sqrt(token_dim / 2048)`` of their
     start; answer tokens stay frozen and are scored as labels, as are a batch's tokens whose
-    ``input_type_mask`` (offset by the template's largest type) is a multiple of 4.
+    ``input_type_mask`` (offset by the template's largest type rounded up to a multiple of 4) is a
+    multiple of 4.
 
     Attributes:
         cpt_token_ids: The template's token ids (default ``[0]``).

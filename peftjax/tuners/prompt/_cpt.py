@@ -1,4 +1,4 @@
-"""Context-aware prompt tuning (CPT), computed as PEFT 0.21.2 computes it.
+"""Context-aware prompt tuning (CPT), computed as PEFT 0.22 computes it.
 
 The virtual tokens are an in-context template's embeddings plus a trained delta, ``embedding +
 delta``. Three things set CPT apart from prompt tuning, each reproduced here:
@@ -72,8 +72,10 @@ def cpt_labels(labels, input_type_mask, token_ids, type_mask, weighting: str, de
     ``_cpt_forward`` and ``calculate_loss`` make them.
 
     The labels are the template's token ids followed by the batch's, ``-100`` wherever the type
-    (the template's, then ``input_type_mask`` shifted up by the template's largest type where it
-    is positive; all 4 when it is not given) is not a positive multiple of 4. With
+    (the template's, then ``input_type_mask`` shifted up by the template's largest type rounded up
+    to a multiple of 4 where it is positive; all 4 when it is not given) is not a positive multiple
+    of 4: the batch's groups of four start after the template's (PEFT 0.22; 0.21.2 shifted by the
+    largest type itself, which could make the batch's answers something else). With
     ``weighting="decay"``, a position of answer type ``t`` weighs ``decay ** n``, ``n`` the number
     of larger answer types among its row's scored positions; otherwise 1.
 
@@ -85,7 +87,7 @@ def cpt_labels(labels, input_type_mask, token_ids, type_mask, weighting: str, de
     if input_type_mask is None:
         input_type_mask = jnp.full(labels.shape, 4, jnp.int32)
     types = jnp.asarray(input_type_mask).astype(jnp.int32)
-    types = jnp.where(types > 0, types + max(type_mask), types)
+    types = jnp.where(types > 0, types + -(-max(type_mask) // 4) * 4, types)
     types = jnp.concatenate([jnp.broadcast_to(jnp.asarray(type_mask, jnp.int32), (b, len(type_mask))), types], 1)
     full = jnp.concatenate([jnp.broadcast_to(jnp.asarray(token_ids, labels.dtype), (b, len(token_ids))), labels], 1)
     answer = (types > 0) & (types % 4 == 0)
