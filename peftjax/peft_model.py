@@ -778,7 +778,7 @@ def _check_keys(model, source: str, tensors, missing: list[str], unexpected: lis
     if per_expert:  # PEFT fuses these on load (convert_peft_adapter_state_dict_for_transformers)
         raise NotImplementedError(
             f"{source}: an adapter on a mixture of experts saved in transformers 4's per-expert layout "
-            f"({per_expert[:2]}); peftjax fuses only LoRA's lora_A/lora_B (as PEFT 0.21.2 does)")
+            f"({per_expert[:2]}); peftjax fuses only LoRA's lora_A/lora_B (as PEFT 0.22.0 does)")
     if len(unexpected) == len(tensors):
         raise AdapterKeyError(
             f"{source}: none of the adapter's {len(tensors)} keys matches this {type(model).__name__}; "

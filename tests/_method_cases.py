@@ -33,7 +33,7 @@ def torch_base(arch, path):
 
 def peft_frod_u_from_its_basis(model) -> None:
     """Each FRoD layer's ``U`` of a PEFT model computed from the basis it holds, by PEFT's own
-    function: PEFT 0.21.2's loader replaces the bases by the file's but keeps the ``U`` of those it
+    function: PEFT 0.22.0's loader replaces the bases by the file's but keeps the ``U`` of those it
     computed itself (the same only where its eigenvector signs are the file's; see test_frod.py)."""
     from peft.tuners.frod.layer import FrodLayer
 

@@ -203,7 +203,7 @@ def torch_logits(model, **inputs) -> np.ndarray:
 
 def peft_prompt_forward(pm, input_ids, attention_mask, token_type_ids=None):
     """PEFT's forward for a prompt-tuning or P-tuning adapter on a BERT-style head, with the
-    ``token_type_ids`` that ``PeftModelForQuestionAnswering`` (PEFT 0.21.2) drops passed on, as
+    ``token_type_ids`` that ``PeftModelForQuestionAnswering`` (PEFT 0.22.0) drops passed on, as
     its ``PeftModelForTokenClassification`` passes them: the virtual tokens' embeddings before the
     words', ``V`` ones before the mask and ``V`` zeros before the token types (torch tensors)."""
     torch = pytest.importorskip("torch")

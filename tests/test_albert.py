@@ -151,7 +151,7 @@ def test_saved_checkpoints_load_in_transformers_the_masked_lm_and_a_task_from_it
 
 
 def test_lora_moves_between_peft_and_peftjax_and_a_bare_config_is_refused(classifier, tmp_path):
-    """PEFT 0.21.2 has no default targets for ALBERT: both refuse a bare config; named, the shared
+    """PEFT 0.22.0 has no default targets for ALBERT: both refuse a bare config; named, the shared
     layers' LoRA (one adapter for every step) and the trained classifier go both ways."""
     torch_model, path = classifier
     with pytest.raises(ValueError, match="target_modules"), warnings.catch_warnings():

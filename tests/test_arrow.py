@@ -1,5 +1,5 @@
 """Arrow (``create_arrow_model``: per-token routing over task LoRAs, with GenKnowSub) against HF PEFT
-0.21.2's own ``create_arrow_model`` on the same tiny Llama and the same saved adapters.
+0.22.0's own ``create_arrow_model`` on the same tiny Llama and the same saved adapters.
 
 With ``rng_seed`` both frameworks start each prototype's power iteration from the same vector
 (torch's seeded generator, which peftjax draws without torch), so the logits are equal to float

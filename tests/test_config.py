@@ -1,4 +1,4 @@
-"""peftjax.config against HF PEFT 0.21.2 as the oracle: fields, files, targeting, scaling."""
+"""peftjax.config against HF PEFT 0.22.0 as the oracle: fields, files, targeting, scaling."""
 
 from __future__ import annotations
 

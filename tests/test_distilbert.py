@@ -49,7 +49,7 @@ CASES = {  # name -> (transformers class, config overrides, labels)
     # an end position past the row (11): cut off by truncation, counted in neither mean
     "spans": ("DistilBertForQuestionAnswering", dict(num_labels=2), LABELS["DistilBertForQuestionAnswering"]),
 }
-TARGETS = ["q_lin", "v_lin"]  # PEFT 0.21.2 has no default LoRA targets for DistilBERT
+TARGETS = ["q_lin", "v_lin"]  # PEFT 0.22.0 has no default LoRA targets for DistilBERT
 # PEFT has no hidden_size in DistilBERT's config dict to read: the prompt's shape is named
 PROMPT_SHAPE = dict(token_dim=32, num_attention_heads=4)
 
@@ -323,7 +323,7 @@ def test_prompt_tuning_moves_both_ways_with_peft(classifier, tmp_path):
 
 
 def test_what_peft_refuses_on_distilbert_is_refused_here(classifier):
-    """PEFT 0.21.2 has no default LoRA (nor IA³) targets for DistilBERT, cannot read a prompt's
+    """PEFT 0.22.0 has no default LoRA (nor IA³) targets for DistilBERT, cannot read a prompt's
     ``token_dim`` from its config, and refuses prefix tuning (transformers' DistilBERT takes no
     cache): peftjax refuses each as well, with the field or argument named."""
     path, _ = classifier

@@ -109,7 +109,7 @@ CASES = {
     ("qwen2_moe", "ia3-named"): ("here->peft",),
     ("qwen2_moe", "prefix"): ("peft->here",),
     ("qwen2_moe", "p-tuning"): ("here->peft",),
-    # PEFT 0.21.2 has no default targets for these (test_lora_peft: both refuse none)
+    # PEFT 0.22.0 has no default targets for these (test_lora_peft: both refuse none)
     ("olmo2", "lora-all-linear"): BOTH,
     ("olmo2", "ia3-named"): BOTH,
     ("olmo2", "prefix"): ("peft->here",),

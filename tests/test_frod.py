@@ -1,9 +1,9 @@
-"""FRoD against HF PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2: files both ways, the identity
+"""FRoD against HF PEFT 0.22.0 + PyTorch on Llama, BERT and GPT-2: files both ways, the identity
 start, each kind's basis and positions, PEFT's U rule, dropout, merging, refusals.
 
 A kind's basis comes from an eigendecomposition whose eigenvector signs are LAPACK's, so peftjax's
 own basis for a weight need not be PEFT's; the file carries it, and peftjax computes each layer's
-``U`` from the file's basis. PEFT 0.21.2 keeps the ``U`` of the basis it computed itself when it
+``U`` from the file's basis. PEFT 0.22.0 keeps the ``U`` of the basis it computed itself when it
 loads a file, so a file made here means the same to PEFT only after PEFT's ``U`` is computed from the
 loaded basis (what ``test_a_file_made_here_is_peft_s_model_with_u_from_its_basis`` does, by PEFT's
 own function); files PEFT writes load here as PEFT runs them.

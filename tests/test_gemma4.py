@@ -124,7 +124,7 @@ def test_saved_checkpoint_loads_in_transformers(gemma4, tmp_path):
 
 
 def test_lora_has_no_default_targets_as_in_peft(gemma4):
-    """PEFT 0.21.2 maps ``gemma4`` (the vision-language model) to default targets, not ``gemma4_text``."""
+    """PEFT 0.22.0 maps ``gemma4`` (the vision-language model) to default targets, not ``gemma4_text``."""
     _, _, model = gemma4
     with pytest.raises(ValueError, match="target_modules"):
         peftjax.get_peft_model(model, peftjax.LoraConfig(task_type="CAUSAL_LM"))

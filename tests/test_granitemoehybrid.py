@@ -131,7 +131,7 @@ def test_every_weight_s_gradient_matches_torch(granite4):
 def test_all_linear_lora_gives_peft_logits_both_ways(granite4, tmp_path):
     """PEFT's all-linear on Granite 4.0: the Mamba-2 layers' ``in_proj``/``out_proj``, the
     attention's projections and the shared expert, both ways; not the convolution, nor the router
-    and the experts (PEFT 0.21.2 converts no Granite targets to ``target_parameters``: LoRA on the
+    and the experts (PEFT 0.22.0 converts no Granite targets to ``target_parameters``: LoRA on the
     experts is Granite MoE's, ``test_granitemoe.py``)."""
     names = assert_all_linear_lora_both_ways(tr.GraniteMoeHybridForCausalLM, granite4[1], tmp_path, VOCAB, TOL)
     assert {"model.model.layers.0.mamba.in_proj", "model.model.layers.2.mamba.out_proj",

@@ -22,7 +22,7 @@ from peftjax.tuners.base import adapter_layers
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen3", "phi3", "gemma2", "mixtral", "bert", "roberta", "gpt2")}
-# PEFT 0.21.2 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output.
+# PEFT 0.22.0 has IA³ defaults for qwen3 but none for phi3: its fused attention and the MLP's output.
 # Mixtral's defaults (k_proj, v_proj, w2; feedforward w2) name transformers 4's per-expert w2, which
 # transformers 5 no longer has: PEFT and peftjax both adapt k_proj and v_proj only.
 EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "down_proj"], feedforward_modules=["down_proj"])}

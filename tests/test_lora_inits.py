@@ -165,7 +165,7 @@ def test_orthogonal_init_refuses_an_odd_rank_before_changing_anything():
 
 
 def peft_loftq(weight: np.ndarray, bits: int, r: int, iters: int):
-    """PEFT 0.21.2's ``loftq_init`` loop (peft/utils/loftq_utils.py), on the CPU: ``(Q, A, B)``."""
+    """PEFT 0.22.0's ``loftq_init`` loop (peft/utils/loftq_utils.py), on the CPU: ``(Q, A, B)``."""
     F = bnb.functional
     w = torch.from_numpy(np.ascontiguousarray(weight))  # bnb blocks the memory order: [out, in] rows
     res = w.clone()

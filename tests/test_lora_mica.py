@@ -1,4 +1,4 @@
-"""LoRA's MiCA init (Minor Component Adaptation, ``init_lora_weights="mica"``) against HF PEFT 0.21.2.
+"""LoRA's MiCA init (Minor Component Adaptation, ``init_lora_weights="mica"``) against HF PEFT 0.22.0.
 
 MiCA sets ``A`` to zero and ``B`` to the ``r`` left singular vectors of the base weight with the
 smallest singular values, and keeps ``B`` frozen: only ``A`` trains. Both factors are saved. The

@@ -21,7 +21,7 @@ from peftjax.io import read_safetensors
 torch, peft = lazy("torch"), lazy("peft")  # the PyTorch oracle: a test that uses it skips without it
 
 ARCHS = {name: _tiny.arch(name) for name in ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text", "bert", "gpt2")}
-# PEFT 0.21.2 has no default target_modules for phi3 (both PEFT and peftjax refuse the bare config):
+# PEFT 0.22.0 has no default target_modules for phi3 (both PEFT and peftjax refuse the bare config):
 # its tests name the fused projections, the layers that are Phi-3's own
 EXPLICIT_TARGETS = {"phi3": dict(target_modules=["qkv_proj", "gate_up_proj"])}
 IDS = np.random.RandomState(0).randint(1, 96, (2, 7))
@@ -406,7 +406,7 @@ def _converted(config):
 
 
 def test_mixtral_all_linear_lora_on_router_and_experts_from_peft(tiny_checkpoint, tmp_path):
-    """PEFT 0.21.2 turns all-linear on Mixtral into target_parameters on the router and the fused
+    """PEFT 0.22.0 turns all-linear on Mixtral into target_parameters on the router and the fused
     experts (rank and alpha doubled on gate_up_proj): its adapter gives the same logits here,
     jitted or not, and merged; the same config made here converts and saves as PEFT's does, and
     gives PEFT's logits there."""
@@ -469,7 +469,7 @@ def test_mixtral_lora_on_experts_trained_here_loads_in_peft(tiny_checkpoint, tmp
 
 def test_mixtral_lora_in_transformers4_per_expert_layout_is_fused_as_peft_fuses_it(tiny_checkpoint, tmp_path):
     """An adapter of transformers 4's Mixtral (one LoRA per expert's w1/w2/w3, router under
-    block_sparse_moe): PEFT 0.21.2 fuses it on load, and so does peftjax, to the same logits."""
+    block_sparse_moe): PEFT 0.22.0 fuses it on load, and so does peftjax, to the same logits."""
     path, cls, base = _mixtral(tiny_checkpoint)
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", r=2, lora_alpha=8, target_modules=["q_proj", "gate", "w1", "w2", "w3"])))

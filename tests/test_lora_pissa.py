@@ -1,5 +1,5 @@
 """Randomized PiSSA (``init_lora_weights="pissa_niter_<N>"``), ``fan_in_fan_out`` and the case of
-init names, against HF PEFT 0.21.2 + PyTorch on the same base weights.
+init names, against HF PEFT 0.22.0 + PyTorch on the same base weights.
 
 PEFT draws the randomized SVD's test matrix from torch's global RNG, which JAX cannot reproduce, so
 the tests compare what does not depend on it: the adapter on a matrix whose spectrum decays fast

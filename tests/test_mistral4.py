@@ -94,7 +94,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 
 def test_lora_on_every_linear_experts_and_router_both_ways(mistral4, tmp_path):
-    """PEFT 0.21.2 converts no targets for Mistral 4: all-linear reaches the attention, the dense
+    """PEFT 0.22.0 converts no targets for Mistral 4: all-linear reaches the attention, the dense
     layer's MLP and the shared experts, and the experts and router come through target_parameters."""
     path = mistral4[1]
     kwargs = dict(r=2, target_modules="all-linear", target_parameters=["gate_up_proj", "down_proj", "gate.weight"],

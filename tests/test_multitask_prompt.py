@@ -1,9 +1,10 @@
 """Multitask prompt tuning (MPT) against HF PEFT + PyTorch, in both directions.
 
 One shared prompt modulated per task (``prompt * (prefix_task_cols[t] @ prefix_task_rows[t])``),
-each row's task given by ``task_ids``. PEFT 0.21.2's ``generate`` with an MPT adapter does not
+each row's task given by ``task_ids``. PEFT 0.21.2's ``generate`` with an MPT adapter did not
 always equal greedy decoding by its own forward (seen on the tiny Llama below, on rows whose task is
-not the same as the others'); the oracle for generation is greedy decoding with PEFT's forward.
+not the same as the others'; 0.22's does); the oracle for generation is greedy decoding with PEFT's
+forward.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """HRA, MiSS (formerly Bone), RoAd, DeLoRA, C3A, GraLoRA, SHiRA, HiRA, RandLoRA and VB-LoRA against HF
-PEFT 0.21.2 + PyTorch on Llama, BERT and GPT-2, both ways (``test_research_peft_methods.py``: PEFT's
+PEFT 0.22.0 + PyTorch on Llama, BERT and GPT-2, both ways (``test_research_peft_methods.py``: PEFT's
 newer research methods), and the checks all of them share: the identity starts, PEFT's refusals
 and settings checks, scanned layers.
 
-- HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT forms ``H`` and the
-  new weight at every call, peftjax reflects the input, so equal logits check the algebra, the
-  order of the reflections and Gram-Schmidt.
+- HRA: a chain of Householder reflections on a layer's input (``W H``); PEFT 0.22 applies ``H^T``
+  in its compact WY form, peftjax reflects the input one vector at a time, so equal logits check
+  the algebra, the order of the reflections and Gram-Schmidt.
 - MiSS: balance (PEFT's default, and ``init_weights=False``), mini and bat; an ``r`` that does not
   divide the input pads the last shard, as PEFT pads it.
 - RoAd: output pairs rotated and scaled, its three variants; merging folds the rotation into the
@@ -210,7 +210,7 @@ def test_bad_settings_are_named():
         (lambda: peftjax.OSFConfig(effective_rank=-1), "`effective_rank` must be >= 0, got -1"),
         (lambda: peftjax.TinyLoraConfig(weight_tying=1.5), "`weight_tying` should be a float between 0.0 and 1.0"),
         (lambda: peftjax.TinyLoraConfig(init_weights="gaussian"), r"`init_weights` must be one of \[True, False, 'u"),
-        (lambda: peftjax.WaveFTConfig(wavelet_family="coif4"), "'coif4' is not supported: PEFT 0.21.2 accepts the "
+        (lambda: peftjax.WaveFTConfig(wavelet_family="coif4"), "'coif4' is not supported: PEFT 0.22.0 accepts the "
                                                                "name but its filter table for coif4 is not PyWav"),
         (lambda: peftjax.WaveFTConfig(wavelet_family="db12"), "'db12' is not supported: .*no filters for it"),
         (lambda: peftjax.WaveFTConfig(wavelet_family="haar"), r"`wavelet_family` must be one of \['db1', 'db2'"),
@@ -220,7 +220,7 @@ def test_bad_settings_are_named():
             make()
 
 
-MIXED = {  # method -> (arch, the two adapters' configs): PEFT 0.21.2's methods with a mixed-batch forward
+MIXED = {  # method -> (arch, the two adapters' configs): PEFT 0.22.0's methods with a mixed-batch forward
     "RoadConfig": ("llama", dict(group_size=8, init_weights=False, target_modules=LLAMA),
                    dict(variant="road_2", group_size=4, init_weights=False, target_modules=["q_proj"])),
     "GloraConfig": ("bert", dict(r=2, init_weights=False), dict(config_A_B="vector", config_C="vector",
@@ -309,7 +309,7 @@ def test_a_shira_mask_from_a_users_mask_function_moves_with_its_file(checkpoints
 
 
 def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):
-    """PEFT 0.21.2's HiRA makes every layer at ``r`` whatever ``rank_pattern`` says: its files load
+    """PEFT 0.22.0's HiRA makes every layer at ``r`` whatever ``rank_pattern`` says: its files load
     here at those ranks with PEFT's logits; a new adapter with a pattern is refused by name, since
     one made at the pattern's ranks would not load in PEFT."""
     path = checkpoints["llama"]
@@ -320,7 +320,7 @@ def test_hira_s_rank_pattern_is_what_peft_makes_of_it(checkpoints, tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path)
     assert_close(run_jax(ours, jit=True), run_torch(theirs.eval()))
-    with pytest.raises(NotImplementedError, match=r"HiraConfig\(rank_pattern=\{'down_proj': 1\}\): PEFT 0.21.2's HiRA"):
+    with pytest.raises(NotImplementedError, match=r"HiraConfig\(rank_pattern=\{'down_proj': 1\}\): PEFT 0.22.0's HiRA"):
         peftjax.get_peft_model(models.from_pretrained(path), peftjax.HiraConfig(**fields))
 
 

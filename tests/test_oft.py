@@ -1,4 +1,4 @@
-"""OFT and BOFT against HF PEFT 0.21.2 + PyTorch on Llama and BERT, in both directions.
+"""OFT and BOFT against HF PEFT 0.22.0 + PyTorch on Llama and BERT, in both directions.
 
 PEFT's OFT and BOFT adapt ``nn.Linear`` (OFT also ``nn.Embedding``) but not GPT-2's ``Conv1D``,
 so GPT-2 is tested as a refusal. BOFT with more than one butterfly factor needs PEFT's CUDA

@@ -107,7 +107,7 @@ def test_lora_on_attention_router_and_experts_both_ways(olmoe, tmp_path):
 
 
 def test_expert_targets_named_as_transformers_4_did_become_peft_s_target_parameters(olmoe):
-    """PEFT 0.21.2 turns ``gate_proj``/``up_proj``/``down_proj`` (OLMoE's per-expert linears before
+    """PEFT 0.22.0 turns ``gate_proj``/``up_proj``/``down_proj`` (OLMoE's per-expert linears before
     transformers 5 fused them) into ``target_parameters`` on the fused experts, rank doubled on
     ``gate_up_proj``: so does peftjax, so the experts train rather than the names matching nothing."""
     targets = ["q_proj", "gate_proj", "up_proj", "down_proj"]

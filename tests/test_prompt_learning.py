@@ -1,18 +1,18 @@
 """Prefix tuning, prompt tuning and P-tuning against HF PEFT + PyTorch, in both directions.
 
-PEFT 0.21.2 under transformers 5 has two gaps that shape the oracles here:
+The oracles were shaped by PEFT 0.21.2's gaps under transformers 5, and stay valid under 0.22:
 
-- prefix tuning with a ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS`` head raises ("Model does
-  not support past key values"): the models renamed ``past_key_values`` to ``cache``. The oracle
-  is PEFT's own prefix path with the cache passed under its new name (:func:`torch_prefix_head`).
-- ``PeftModelForQuestionAnswering``'s forward drops ``token_type_ids``, so its logits for a BERT
-  question + context pair are not the model's. The oracle for prompt tuning and P-tuning is PEFT's
-  own forward with them passed on (``_torch_models.peft_prompt_forward``).
-- ``PeftModelForCausalLM.generate`` passes the prefix as ``past_key_values``, which transformers 5
-  ignores beside its own ``cache``, and re-injects the virtual tokens at every decoding step. The
-  oracle is greedy decoding with PEFT's forward on the whole sequence (:func:`torch_greedy`), with
-  the positions transformers' ``generate`` gives; where PEFT's ``generate(use_cache=False)`` still
-  works, the test checks that it agrees.
+- prefix tuning with a ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS`` head raised in 0.21.2 (the
+  models renamed ``past_key_values`` to ``cache``; 0.22 passes ``cache``). The oracle is PEFT's own
+  prefix path with the cache passed under its new name (:func:`torch_prefix_head`).
+- ``PeftModelForQuestionAnswering``'s forward drops ``token_type_ids`` (0.22 too), so its logits
+  for a BERT question + context pair are not the model's. The oracle for prompt tuning and
+  P-tuning is PEFT's own forward with them passed on (``_torch_models.peft_prompt_forward``).
+- 0.21.2's ``generate`` passed the prefix as ``past_key_values``, which transformers 5 ignores, and
+  re-injected the virtual tokens at every step (0.22's cached ``generate`` agrees with its forward;
+  its ``generate(use_cache=False)`` with prefix tuning fails). The oracle is greedy decoding with
+  PEFT's forward on the whole sequence (:func:`torch_greedy`), with the positions transformers'
+  ``generate`` gives.
 """
 
 from __future__ import annotations

@@ -449,7 +449,7 @@ def test_peft_s_notebook_models_move_both_ways(tmp_path, kind, family):
 
 # ---------------------------------------------------------------- PEFT's other methods on bitsandbytes layers
 
-# the methods PEFT 0.21.2 runs on bitsandbytes layers besides LoRA (peft/tuners/*/bnb.py), each made with
+# the methods PEFT 0.22.0 runs on bitsandbytes layers besides LoRA (peft/tuners/*/bnb.py), each made with
 # its trained tensors off their start so that it shows in the logits
 BNB_METHODS = {
     "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),

@@ -189,7 +189,7 @@ def test_lora_decoder_question_answering_adapters_move_both_ways_with_peft(tiny_
     file read here, ours read by PEFT, trained here from the causal LM's checkpoint."""
     spec, path = _decoder(tiny_checkpoint, family)
     inputs, spans = _batch(family)
-    # PEFT 0.21.2 rewrites Mixtral's targets for transformers 5's fused experts before it fills in
+    # PEFT 0.22.0 rewrites Mixtral's targets for transformers 5's fused experts before it fills in
     # its default ones, and then finds none (peftjax refuses the same config): they are named here
     targets = ["q_proj", "v_proj"] if family == "mixtral" else None
     with warnings.catch_warnings():
@@ -345,7 +345,7 @@ def test_the_trainer_evaluates_answer_spans_as_transformers(tokenizer, tmp_path,
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(tr.BertForQuestionAnswering.from_pretrained(path),
                                                 tmp_path / "adapter").eval()
-    # PeftModelForQuestionAnswering's forward (PEFT 0.21.2) does not pass token_type_ids on, so its
+    # PeftModelForQuestionAnswering's forward (PEFT 0.22.0) does not pass token_type_ids on, so its
     # logits for a question + context pair are not the model's: call the adapted model itself, or
     # PEFT's prompt forward with them
     rows = [{k: torch.tensor([row[k]]) for k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -2,10 +2,10 @@
 
 Qwen3-MoE: logits with sparse and dense layers mixed, the load-balancing loss over the sparse
 layers only, generation in a sliding window, scanned layers with gradients, classification, both
-checkpoint layouts, and LoRA on the router and the fused experts both ways (PEFT 0.21.2 converts
-the expert targets as it does Mixtral's). Qwen2-MoE, which shares all of that but its attention
-and a gated shared expert: logits, loss and layouts, and LoRA both ways where PEFT converts no
-targets for it.
+checkpoint layouts, and LoRA on the router and the fused experts both ways (PEFT converts the
+expert targets as it does Mixtral's). Qwen2-MoE, which shares all of that but its attention and a
+gated shared expert: logits, loss and layouts, and LoRA both ways, converted as Qwen3-MoE's by PEFT
+0.22 (0.21.2 converted none for it).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ def test_lora_on_experts_trained_here_loads_in_peft_and_merges_for_transformers(
 
 def test_lora_in_transformers4_per_expert_layout_is_fused_as_peft_fuses_it(qwen, tmp_path):
     """An adapter of transformers 4's Qwen3-MoE (a LoRA per expert's gate/up/down_proj, and on the
-    router): PEFT 0.21.2 fuses it on load, and so does peftjax, to the same logits."""
+    router): PEFT 0.22.0 fuses it on load, and so does peftjax, to the same logits."""
     path = qwen[1]
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", r=2, lora_alpha=8, target_modules=["q_proj", "gate", "gate_proj", "up_proj", "down_proj"])))

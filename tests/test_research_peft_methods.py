@@ -1,4 +1,4 @@
-"""BEFT, GLoRA, DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF, LiLy, TinyLoRA and WaveFT (PEFT 0.21.2's
+"""BEFT, GLoRA, DEFT, PEANuT, Super-Tuning, Uni-LoRA, PVeRA, OSF, LiLy, TinyLoRA and WaveFT (PEFT 0.22.0's
 newer research methods) against HF PEFT + PyTorch on Llama, BERT and GPT-2, both ways. Their identity
 starts, refusals, settings checks and scanned layers are tested with the other methods'
 (``test_newer_peft_methods.py``).

@@ -263,7 +263,7 @@ def test_scanned_layers_give_the_unrolled_logits(checkpoints):
 
 
 def test_camembert_lora_moves_between_peft_and_peftjax_and_refuses_default_targets(checkpoints, tmp_path):
-    """PEFT 0.21.2 has no default targets for ``camembert`` (its table names roberta and xlm-roberta):
+    """PEFT 0.22.0 has no default targets for ``camembert`` (its table names roberta and xlm-roberta):
     both refuse a bare config; named, a PEFT adapter gives PEFT's logits here and one made here PEFT's."""
     _, path = checkpoints["camembert"]
     cls = FAMILIES["camembert"]

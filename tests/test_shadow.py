@@ -1,4 +1,4 @@
-"""ShadowPEFT against HF PEFT 0.21.2 + PyTorch on a tiny Llama, both ways.
+"""ShadowPEFT against HF PEFT 0.22.0 + PyTorch on a tiny Llama, both ways.
 
 A shadow backbone (one Llama layer, the base's embeddings shared, or a narrower one with its own
 table and a projection) gives the initial state; every decoder block (or a consecutive run of
@@ -72,9 +72,9 @@ def test_peft_s_shadow_gives_its_logits_loss_and_generation_here(tiny_checkpoint
 
 def _peft_greedy(pm, ids, mask, steps: int, eos: int):
     """Greedy decoding by PEFT's forward on the whole sequence, positions as transformers' generate
-    gives them. (PEFT 0.21.2's cached generate looks for its ShadowCache under ``past_key_values``,
-    which transformers 5 renamed ``cache``: its shadow state for each new token then sees that
-    token alone, and its tokens differ from its own forward's.)"""
+    gives them. (PEFT 0.21.2's cached generate looked for its ShadowCache under ``past_key_values``,
+    which transformers 5 renamed ``cache``, so its tokens differed from its own forward's; 0.22's
+    agree with its forward, so either oracle works.)"""
     ids, mask = torch.tensor(ids), torch.tensor(mask)
     done = torch.zeros(len(ids), dtype=torch.bool)
     with torch.no_grad():

@@ -154,8 +154,8 @@ def test_decoder_token_classifiers_match_transformers(tiny_checkpoint, family):
                          ids=["prompt", "p-tuning"])
 def test_prompt_learning_on_a_decoder_token_classifier_gives_peft_s_logits(tiny_checkpoint, config, tmp_path):
     """PEFT's prompt tuning and P-tuning files on a Llama token classifier: its logits on each row's
-    own tokens, after the virtual ones. (PEFT 0.21.2 cannot run prefix tuning on one: it looks for
-    a ``past_key_values`` argument that transformers 5's decoders no longer have.)"""
+    own tokens, after the virtual ones. (PEFT 0.21.2 could not run prefix tuning on one: it looked for
+    a ``past_key_values`` argument that transformers 5's decoders no longer have; 0.22 can.)"""
     spec, path = _decoder(tiny_checkpoint, "llama")
     inputs, _ = _batch("llama")
     real = inputs["attention_mask"] == 1

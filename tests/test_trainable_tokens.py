@@ -1,5 +1,5 @@
 """Trainable tokens (standalone and LoRA's ``trainable_token_indices``) and DoRA on embeddings,
-against HF PEFT 0.21.2 + PyTorch on tiny Llamas (tied and untied embeddings) and GPT-2, both ways."""
+against HF PEFT 0.22.0 + PyTorch on tiny Llamas (tied and untied embeddings) and GPT-2, both ways."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VeRA, FourierFT and LN tuning against HF PEFT 0.21.2 + PyTorch on tiny Llama and GPT-2, both ways.
+"""VeRA, FourierFT and LN tuning against HF PEFT 0.22.0 + PyTorch on tiny Llama and GPT-2, both ways.
 
 One table of methods drives the interop tests: a PEFT-made adapter with randomised weights gives
 the same logits here; an adapter trained here loads in PEFT with the same logits, merges to the

@@ -1,10 +1,9 @@
-"""X-LoRA against HF PEFT 0.21.2 + PyTorch on a tiny Llama: two LoRA adapters (different targets,
+"""X-LoRA against HF PEFT 0.22.0 + PyTorch on a tiny Llama: two LoRA adapters (different targets,
 ranks and dropout) mixed per token and layer by PEFT's classifier, both ways.
 
-PEFT 0.21.2's ``save_pretrained`` drops the classifier's first layer from the file (its adapter-name
-filter removes keys containing ``.0.``), so PEFT's model is moved here through its complete state
-dict under the file's keys, and PEFT's own file is refused by name. A classifier trained here is
-written whole, and PEFT reads it back.
+PEFT 0.22 writes the whole classifier and its file loads here; PEFT 0.21.2's files (its
+adapter-name filter dropped the keys containing ``.0.``: the classifier's first layer) are refused
+by name. A classifier trained here is written whole, and PEFT reads it back.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Adapter configs (HF PEFT 0.21.2 field for field) and module targeting.
+"""Adapter configs (HF PEFT 0.22.0 field for field) and module targeting.
 
 Pure Python: nothing here needs JAX. ``adapter_config.json`` files written here load in HF PEFT,
 and files PEFT writes load here.

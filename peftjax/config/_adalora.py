@@ -1,4 +1,4 @@
-"""``AdaLoraConfig``: HF PEFT 0.21.2's AdaLoRA config, field for field (LoRA's fields and its own)."""
+"""``AdaLoraConfig``: HF PEFT 0.22.0's AdaLoRA config, field for field (LoRA's fields and its own)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``AdaptionPromptConfig``: HF PEFT 0.21.2's adaption-prompt (LLaMA-Adapter) config, field for field."""
+"""``AdaptionPromptConfig``: HF PEFT 0.22.0's adaption-prompt (LLaMA-Adapter) config, field for field."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from peftjax.config._base import PeftConfig, check_int, check_optional_str
 
-# model_type -> the attention submodule PEFT 0.21.2 wraps (its TRANSFORMERS_MODEL_CONFIG); PEFT
+# model_type -> the attention submodule PEFT 0.22.0 wraps (its TRANSFORMERS_MODEL_CONFIG); PEFT
 # supports no other model type, and neither does peftjax
 ADAPTION_PROMPT_TARGET_MODULES: dict[str, str] = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 
@@ -52,7 +52,7 @@ class AdaptionPromptConfig(PeftConfig):
                              "prompts and gates train.")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields PEFT 0.21.2 writes for the method (``modules_to_save`` is not one of them)."""
+        """The fields PEFT 0.22.0 writes for the method (``modules_to_save`` is not one of them)."""
         out = super().to_dict()
         del out["modules_to_save"]
         return out

@@ -1,6 +1,6 @@
 """The shared base of every peftjax adapter config, and reading/writing ``adapter_config.json``.
 
-Configs are frozen, keyword-only dataclasses whose field names and defaults are HF PEFT 0.21.2's,
+Configs are frozen, keyword-only dataclasses whose field names and defaults are HF PEFT 0.22.0's,
 so ``to_dict`` writes the same field set PEFT writes and ``from_dict`` reads what PEFT writes.
 The JSON file format is described in ``shared/reference/peft-format.md`` section 2.
 """
@@ -34,7 +34,7 @@ class TaskType(enum.StrEnum):
 
 
 class PeftType(enum.StrEnum):
-    """HF PEFT 0.21.2's method names (the ``peft_type`` of ``adapter_config.json``).
+    """HF PEFT 0.22.0's method names (the ``peft_type`` of ``adapter_config.json``).
 
     peftjax implements only some of them; :func:`config_from_dict` says which. ``BOTTLENECK`` is
     peftjax-only: HF PEFT cannot load it.
@@ -308,7 +308,7 @@ class PeftConfig:
     def to_dict(self) -> dict[str, Any]:
         """Returns every field as plain JSON types, plus ``peft_type``.
 
-        The field set is exactly what PEFT 0.21.2 writes for the method (``runtime_config`` is
+        The field set is exactly what PEFT 0.22.0 writes for the method (``runtime_config`` is
         never written, as in PEFT). Tuples and sets become lists.
         """
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -1,4 +1,4 @@
-"""``BeftConfig``: HF PEFT 0.21.2's BEFT (bias-efficient fine-tuning) config, field for field."""
+"""``BeftConfig``: HF PEFT 0.22.0's BEFT (bias-efficient fine-tuning) config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``C3AConfig``: HF PEFT 0.21.2's circular-convolution adaptation config, field for field."""
+"""``C3AConfig``: HF PEFT 0.22.0's circular-convolution adaptation config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``DeftConfig``: HF PEFT 0.21.2's DEFT (decompositional efficient fine-tuning) config, field for field."""
+"""``DeftConfig``: HF PEFT 0.22.0's DEFT (decompositional efficient fine-tuning) config, field for field."""
 
 from __future__ import annotations
 

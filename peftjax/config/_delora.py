@@ -1,4 +1,4 @@
-"""``DeloraConfig``: HF PEFT 0.21.2's DeLoRA config, field for field."""
+"""``DeloraConfig``: HF PEFT 0.22.0's DeLoRA config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``FourierFTConfig``: HF PEFT 0.21.2's FourierFT config, field for field."""
+"""``FourierFTConfig``: HF PEFT 0.22.0's FourierFT config, field for field."""
 
 from __future__ import annotations
 

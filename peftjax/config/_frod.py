@@ -1,4 +1,4 @@
-"""``FrodConfig``: HF PEFT 0.21.2's FRoD config, field for field."""
+"""``FrodConfig``: HF PEFT 0.22.0's FRoD config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``GloraConfig``: HF PEFT 0.21.2's GLoRA (generalised LoRA) config, field for field."""
+"""``GloraConfig``: HF PEFT 0.22.0's GLoRA (generalised LoRA) config, field for field."""
 
 from __future__ import annotations
 

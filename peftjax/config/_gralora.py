@@ -1,4 +1,4 @@
-"""``GraloraConfig``: HF PEFT 0.21.2's granular low-rank adaptation config, field for field."""
+"""``GraloraConfig``: HF PEFT 0.22.0's granular low-rank adaptation config, field for field."""
 
 from __future__ import annotations
 

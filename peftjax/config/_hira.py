@@ -1,4 +1,4 @@
-"""``HiraConfig``: HF PEFT 0.21.2's Hadamard high-rank adaptation config, field for field."""
+"""``HiraConfig``: HF PEFT 0.22.0's Hadamard high-rank adaptation config, field for field."""
 
 from __future__ import annotations
 

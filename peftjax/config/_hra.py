@@ -1,4 +1,4 @@
-"""``HRAConfig``: HF PEFT 0.21.2's Householder reflection adaptation config, field for field."""
+"""``HRAConfig``: HF PEFT 0.22.0's Householder reflection adaptation config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``LilyConfig``: HF PEFT 0.21.2's LiLy (low-rank interconnected adaptation across layers) config, field for field."""
+"""``LilyConfig``: HF PEFT 0.22.0's LiLy (low-rank interconnected adaptation across layers) config, field for field."""
 
 from __future__ import annotations
 

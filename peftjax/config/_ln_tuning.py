@@ -1,4 +1,4 @@
-"""``LNTuningConfig``: HF PEFT 0.21.2's LayerNorm-tuning config, field for field."""
+"""``LNTuningConfig``: HF PEFT 0.22.0's LayerNorm-tuning config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LyCORIS configs, ``LoHaConfig`` and ``LoKrConfig``: HF PEFT 0.21.2's, field for field.
+"""The LyCORIS configs, ``LoHaConfig`` and ``LoKrConfig``: HF PEFT 0.22.0's, field for field.
 
 Both derive from PEFT's ``LycorisConfig`` (``rank_pattern``, ``alpha_pattern``), which
 :class:`LycorisConfig` mirrors; the layers are in ``peftjax.tuners.loha`` / ``peftjax.tuners.lokr``.

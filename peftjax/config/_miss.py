@@ -1,4 +1,4 @@
-"""``MissConfig``: HF PEFT 0.21.2's MiSS (formerly Bone) config, field for field."""
+"""``MissConfig``: HF PEFT 0.22.0's MiSS (formerly Bone) config, field for field."""
 
 from __future__ import annotations
 

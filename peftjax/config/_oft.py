@@ -1,4 +1,4 @@
-"""``OFTConfig`` and ``BOFTConfig``: HF PEFT 0.21.2's orthogonal fine-tuning configs, field for field."""
+"""``OFTConfig`` and ``BOFTConfig``: HF PEFT 0.22.0's orthogonal fine-tuning configs, field for field."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from peftjax.config._base import (
 _NEUMANN_SINCE = (0, 18, 0)
 # PEFT fills peft_version with its own; OFT's loader needs one (it parses it when
 # use_cayley_neumann is set), so an OFT config states the PEFT release whose math it follows.
-OFT_PEFT_VERSION = "0.21.2"
+OFT_PEFT_VERSION = "0.22.0"
 
 
 def _layer_indices(value: Any) -> int | tuple[int, ...] | None:
@@ -59,7 +59,7 @@ class OFTConfig(PeftConfig):
 
     Each block is the Cayley transform of a skew-symmetric matrix whose upper triangle is the
     trained vector (PEFT's ``oft_R``, ``[blocks, b (b - 1) / 2]``). Field names and defaults are
-    PEFT 0.21.2's.
+    PEFT 0.22.0's.
 
     Example:
         >>> cfg = OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"])
@@ -73,7 +73,7 @@ class OFTConfig(PeftConfig):
         oft_block_size: The block size ``b``.
         module_dropout: Multiplicative dropout while training: ``int(p * blocks)`` random blocks
             of ``R`` become the identity (PEFT's ``MultiplicativeDropoutLayer``; see
-            ``peftjax.tuners.oft``). PEFT 0.21.2 builds this layer but never calls it.
+            ``peftjax.tuners.oft``). PEFT 0.22.0 builds this layer but never calls it.
         target_modules: Which modules get OFT; ``LoraConfig``'s syntax and matching. ``None``
             means PEFT's default for the model type (LoRA's). PEFT adapts ``nn.Linear`` and
             ``nn.Embedding`` (the embedding output is rotated), not GPT-2's ``Conv1D``.
@@ -177,7 +177,7 @@ class BOFTConfig(PeftConfig):
     block-diagonal orthogonal factors and ``s`` a learned per-output scale.
 
     PEFT stores ``boft_R`` ``[factors, blocks, b, b]`` (made skew-symmetric, then exact Cayley)
-    and ``boft_s`` ``[out, 1]``. Field names and defaults are PEFT 0.21.2's.
+    and ``boft_s`` ``[out, 1]``. Field names and defaults are PEFT 0.22.0's.
 
     Example:
         >>> cfg = BOFTConfig(boft_block_size=4, target_modules=["q_proj"])
@@ -189,7 +189,7 @@ class BOFTConfig(PeftConfig):
             non-zero, and it must divide the layer's input size.
         boft_block_num: The number of blocks per factor.
         boft_n_butterfly_factor: The number of butterfly factors (1 is OFT with a scale).
-            Note: PEFT 0.21.2 without its CUDA extension (any CPU) silently trains with 1
+            Note: PEFT 0.22.0 without its CUDA extension (any CPU) silently trains with 1
             whatever this says, so its CPU-made files have ``boft_R`` ``[1, ...]``; peftjax
             always follows the config (PEFT's CUDA semantics) and names that case on load.
         target_modules: Which modules get BOFT (``LoraConfig``'s matching; ``None``: PEFT's

@@ -1,4 +1,4 @@
-"""``OSFConfig``: HF PEFT 0.21.2's OSF (orthogonal subspace fine-tuning) config, field for field."""
+"""``OSFConfig``: HF PEFT 0.22.0's OSF (orthogonal subspace fine-tuning) config, field for field."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The configs besides LoRA: IA3, the prompt-learning methods, and peftjax's bottleneck adapters.
 
-Field names and defaults are HF PEFT 0.21.2's (``BottleneckConfig`` is peftjax-only).
+Field names and defaults are HF PEFT 0.22.0's (``BottleneckConfig`` is peftjax-only).
 """
 
 from __future__ import annotations

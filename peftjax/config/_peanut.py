@@ -1,4 +1,4 @@
-"""``PeanutConfig``: HF PEFT 0.21.2's PEANuT config, field for field."""
+"""``PeanutConfig``: HF PEFT 0.22.0's PEANuT config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``PolyConfig``: HF PEFT 0.21.2's Polytropon (Poly) / multi-head routing config, field for field."""
+"""``PolyConfig``: HF PEFT 0.22.0's Polytropon (Poly) / multi-head routing config, field for field."""
 
 from __future__ import annotations
 

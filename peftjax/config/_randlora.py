@@ -1,4 +1,4 @@
-"""``RandLoraConfig``: HF PEFT 0.21.2's RandLoRA config, field for field."""
+"""``RandLoraConfig``: HF PEFT 0.22.0's RandLoRA config, field for field."""
 
 from __future__ import annotations
 

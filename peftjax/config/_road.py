@@ -1,4 +1,4 @@
-"""``RoadConfig``: HF PEFT 0.21.2's RoAd (2D rotary adaptation) config, field for field."""
+"""``RoadConfig``: HF PEFT 0.22.0's RoAd (2D rotary adaptation) config, field for field."""
 
 from __future__ import annotations
 

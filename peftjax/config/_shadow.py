@@ -1,4 +1,4 @@
-"""``ShadowConfig``: HF PEFT 0.21.2's ShadowPEFT config, field for field."""
+"""``ShadowConfig``: HF PEFT 0.22.0's ShadowPEFT config, field for field."""
 
 from __future__ import annotations
 

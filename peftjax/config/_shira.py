@@ -1,4 +1,4 @@
-"""``ShiraConfig``: HF PEFT 0.21.2's sparse high-rank adapter config, field for field."""
+"""``ShiraConfig``: HF PEFT 0.22.0's sparse high-rank adapter config, field for field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``SupertuningConfig``: HF PEFT 0.21.2's Super-Tuning config, field for field."""
+"""``SupertuningConfig``: HF PEFT 0.22.0's Super-Tuning config, field for field."""
 
 from __future__ import annotations
 

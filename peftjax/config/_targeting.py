@@ -1,11 +1,11 @@
-"""Which modules an adapter targets: HF PEFT 0.21.2's name matching, as pure functions on names.
+"""Which modules an adapter targets: HF PEFT 0.22.0's name matching, as pure functions on names.
 
 Module names are the dotted names of the **torch transformers** model (``named_modules()``), e.g.
 ``model.layers.0.self_attn.q_proj``, with no ``base_model.model.`` prefix; they are what PEFT
 matches and what its adapter files are keyed by. The rules are in
 ``shared/reference/peft-format.md`` section 3.1; the tests check them against PEFT itself.
 
-The default target mappings are copied, as data, from ``peft/utils/constants.py`` (0.21.2).
+The default target mappings are copied, as data, from ``peft/utils/constants.py`` (0.22.0).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING: dict[str, list[str]] = {
 }
 # fmt: on
 
-# copied from peft/utils/constants.py (0.21.2): VeRA, PVeRA, FRoD and FourierFT are LoRA's mapping with small
+# copied from peft/utils/constants.py (0.22.0): VeRA, PVeRA, FRoD and FourierFT are LoRA's mapping with small
 # changes
 TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "phi": ["q_proj", "v_proj"]}
@@ -144,7 +144,7 @@ TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING: dict[str, list[str] | s
 TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     k: v for k, v in TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING.items()
     if k not in ("rwkv", "rwkv7", "btlm")}
-# copied from peft/utils/constants.py (0.21.2): AdaLoRA's own table
+# copied from peft/utils/constants.py (0.22.0): AdaLoRA's own table
 TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
@@ -158,7 +158,7 @@ TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
-# copied from peft/utils/constants.py (0.21.2): VB-LoRA's own table
+# copied from peft/utils/constants.py (0.22.0): VB-LoRA's own table
 TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str] = {
     "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt2": ["c_attn"],
@@ -172,7 +172,7 @@ TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING: dict[str, list[str] | str]
     "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
-# copied from peft/utils/constants.py (0.21.2): BEFT's own table (the value projections)
+# copied from peft/utils/constants.py (0.22.0): BEFT's own table (the value projections)
 TRANSFORMERS_MODELS_TO_BEFT_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
     "t5": ["v"], "mt5": ["v"], "roberta": ["value"], "opt": ["v_proj"], "gptj": ["v_proj"], "gpt_neo": ["v_proj"],
     "bart": ["v_proj"], "llama": ["v_proj"], "llama4": ["v_proj"], "mistral": ["v_proj"], "mixtral": ["v_proj"],
@@ -403,7 +403,7 @@ def _target_status(config: PeftConfig, key: str) -> str:
 
 
 def check_target_module_exists(config: PeftConfig, key: str) -> bool:
-    """Whether the module named ``key`` gets an adapter: HF PEFT 0.21.2's rule, exactly.
+    """Whether the module named ``key`` gets an adapter: HF PEFT 0.22.0's rule, exactly.
 
     In order: ``exclude_modules`` (a str is ``re.fullmatch``-ed; a list matches a full name or a
     dotted suffix) and ``modules_to_save`` exclude first; a str ``target_modules`` must
@@ -468,7 +468,7 @@ _SIMPLE_DEFAULTS = {
     "WAVEFT": (TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING, "WaveFT"),
     "LN_TUNING": (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, "LN tuning"),
     "ADALORA": (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, "AdaLoRA"),
-    # PEFT 0.21.2's C3A table is FourierFT's, SHiRA's VeRA's (LoRA's with the same small changes)
+    # PEFT 0.22.0's C3A table is FourierFT's, SHiRA's VeRA's (LoRA's with the same small changes)
     "C3A": (TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING, "C3A"),
     "SHIRA": (TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, "SHiRA"),
     "VBLORA": (TRANSFORMERS_MODELS_TO_VBLORA_TARGET_MODULES_MAPPING, "VB-LoRA"),
@@ -706,7 +706,7 @@ def module_names_as(name: Callable[[str], str] | None):
         _NAME_VIEW.reset(token)
 
 
-# LoRA and its like take no adapter on these modules of these model types. PEFT 0.21.2 refuses
+# LoRA and its like take no adapter on these modules of these model types. PEFT 0.22.0 refuses
 # ``out_proj`` and ``conv1d`` of its Mamba-based types: their fused kernels read those weights
 # directly. transformers' Mamba, Falcon-Mamba and Jamba multiply by ``dt_proj.weight`` itself, so PEFT's
 # LoRA on ``dt_proj`` changes nothing there: refused here rather than computed as PEFT does not.

@@ -1,4 +1,4 @@
-"""``TinyLoraConfig``: HF PEFT 0.21.2's TinyLoRA config, field for field."""
+"""``TinyLoraConfig``: HF PEFT 0.22.0's TinyLoRA config, field for field."""
 
 from __future__ import annotations
 

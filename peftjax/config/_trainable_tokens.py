@@ -1,4 +1,4 @@
-"""``TrainableTokensConfig``: HF PEFT 0.21.2's trainable-tokens config, field for field."""
+"""``TrainableTokensConfig``: HF PEFT 0.22.0's trainable-tokens config, field for field."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class TrainableTokensConfig(PeftConfig):
                              "with a LoraConfig(trainable_token_indices=..., modules_to_save=...) instead.")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields PEFT 0.21.2 writes for the method (``modules_to_save`` is not one of them)."""
+        """The fields PEFT 0.22.0 writes for the method (``modules_to_save`` is not one of them)."""
         out = super().to_dict()
         del out["modules_to_save"]
         return out

@@ -1,4 +1,4 @@
-"""``UniLoraConfig``: HF PEFT 0.21.2's Uni-LoRA config, field for field."""
+"""``UniLoraConfig``: HF PEFT 0.22.0's Uni-LoRA config, field for field."""
 
 from __future__ import annotations
 

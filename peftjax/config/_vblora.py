@@ -1,4 +1,4 @@
-"""``VBLoRAConfig``: HF PEFT 0.21.2's VB-LoRA config, field for field."""
+"""``VBLoRAConfig``: HF PEFT 0.22.0's VB-LoRA config, field for field."""
 
 from __future__ import annotations
 

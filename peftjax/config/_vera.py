@@ -1,4 +1,4 @@
-"""``VeraConfig``: HF PEFT 0.21.2's VeRA config, field for field."""
+"""``VeraConfig``: HF PEFT 0.22.0's VeRA config, field for field."""
 
 from __future__ import annotations
 

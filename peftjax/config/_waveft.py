@@ -1,4 +1,4 @@
-"""``WaveFTConfig``: HF PEFT 0.21.2's WaveFT config, field for field."""
+"""``WaveFTConfig``: HF PEFT 0.22.0's WaveFT config, field for field."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from peftjax.config._targeting import get_pattern_key
 from peftjax.config._fourierft import check_count_pattern
 from peftjax.config._vera import check_layer_selection
 
-# the wavelets PEFT 0.21.2 reconstructs correctly: its filter table holds them as PyWavelets does
+# the wavelets PEFT 0.22.0 reconstructs correctly: its filter table holds them as PyWavelets does
 WAVELETS = tuple([f"db{i}" for i in range(1, 11)] + [f"sym{i}" for i in range(2, 11)]
                  + [f"coif{i}" for i in range(1, 4)])
 # names PEFT's config accepts but whose reconstruction is wrong or fails there
@@ -85,7 +85,7 @@ class WaveFTConfig(PeftConfig):
         check_number("scaling", self.scaling)
         if self.wavelet_family in _BROKEN_IN_PEFT or self.wavelet_family in _UNKNOWN_IN_PEFT:
             why = _BROKEN_IN_PEFT.get(self.wavelet_family, "it has no filters for it and fails at the first forward")
-            raise ValueError(f"`wavelet_family` {self.wavelet_family!r} is not supported: PEFT 0.21.2 accepts the "
+            raise ValueError(f"`wavelet_family` {self.wavelet_family!r} is not supported: PEFT 0.22.0 accepts the "
                              f"name but {why}. Use one of {list(WAVELETS)}.")
         check_choice("wavelet_family", self.wavelet_family, WAVELETS)
         check_bool("use_idwt", self.use_idwt)

@@ -1,4 +1,4 @@
-"""``XLoraConfig``: HF PEFT 0.21.2's X-LoRA config, field for field."""
+"""``XLoraConfig``: HF PEFT 0.22.0's X-LoRA config, field for field."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class XLoraConfig(PeftConfig):
             raise ValueError("X-LoRA has no `modules_to_save` (PEFT's XLoraConfig has no such field)")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields PEFT 0.21.2 writes for the method (``modules_to_save`` is not one of them)."""
+        """The fields PEFT 0.22.0 writes for the method (``modules_to_save`` is not one of them)."""
         out = super().to_dict()
         del out["modules_to_save"]
         return out

@@ -15,7 +15,7 @@ shared experts) with V2's router:
 
 Checkpoints: the Hub's per-expert layout (``mlp.experts.N.gate_proj/up_proj/down_proj``) and
 transformers 5's fused one both load; ``save_pretrained`` writes the per-expert one. LoRA: PEFT
-0.21.2 converts V2's MoE targets with its ``qwen2_moe`` pattern, as V3's (see ``_deepseek_v3``);
+0.22.0 converts V2's MoE targets with its ``qwen2_moe`` pattern, as V3's (see ``_deepseek_v3``);
 prefix tuning is refused (latent attention takes no prefix); transformers has no token classifier
 for V2.
 

@@ -33,10 +33,10 @@ this reuses):
 
 Checkpoints: the Hub's per-expert layout (``mlp.experts.N.gate_proj/up_proj/down_proj``) and
 transformers 5's fused one both load; ``save_pretrained`` writes the per-expert one, as
-transformers does. LoRA: PEFT 0.21.2 converts DeepSeek-V3's targets with its ``qwen2_moe`` pattern
-(``gate_proj``/``up_proj``/``down_proj`` and ``gate`` become ``target_parameters`` on the experts
-and router, so the dense layers' and shared experts' MLPs keep no LoRA when named so), and so does
-peftjax; PEFT has no default targets for it. Prefix tuning is refused (the models take no
+transformers does. LoRA: PEFT 0.22 converts DeepSeek-V3's targets with its ``qwen2_moe`` pattern
+(``gate_proj``/``up_proj``/``down_proj`` and ``gate`` add ``target_parameters`` on the experts and
+router, and stay LoRA targets on the dense layers' and shared experts' MLPs: 0.21.2 moved them to
+the experts), and so does peftjax; PEFT has no default targets for it. Prefix tuning is refused (the models take no
 ``prefix_kv``): PEFT cannot run it on transformers 5's latent cache either.
 
 Refused by name: ``topk_method`` other than ``"noaux_tc"``, ``scoring_func`` other than

@@ -20,9 +20,9 @@ the last) on every ``moe_layer_interval``-th layer (``mlp``), and a bias on the 
 Checkpoints: the Hub's layout (``mlp.experts.N.gate_proj/up_proj/down_proj``, the bias at
 ``mlp.moe_statics.e_score_correction_bias``) and transformers 5's in-memory one both load;
 ``save_pretrained`` writes the Hub's, as transformers does; the multi-token-prediction block
-(``mtp_*``) is skipped, as transformers skips it. LoRA: PEFT 0.21.2 converts the MoE targets with its
-``qwen2_moe`` pattern (experts and router by ``target_parameters``, the shared experts' and dense
-layers' MLPs named so get none); prefix tuning works on the attention.
+(``mtp_*``) is skipped, as transformers skips it. LoRA: PEFT 0.22 converts the MoE targets with its
+``qwen2_moe`` pattern (experts and router by ``target_parameters``; the shared experts' and dense
+layer's MLPs named so keep their LoRA, which 0.21.2 dropped); prefix tuning works on the attention.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ of ``n_group`` groups, weighted by their scores (renormalised with ``norm_topk_p
 Checkpoints: the Hub's per-expert layout (``mlp.experts.N.gate_proj/up_proj/down_proj``) and
 transformers 5's fused one both load; ``save_pretrained`` writes the per-expert one. The Hub's
 multi-token-prediction layer (``model.layers.{num_hidden_layers}``) is not part of the model: its
-keys are ignored with a warning. LoRA: PEFT 0.21.2 converts GLM-4.5's targets with its
+keys are ignored with a warning. LoRA: PEFT 0.22.0 converts GLM-4.5's targets with its
 ``qwen2_moe`` pattern, as for DeepSeek-V3, and so does peftjax; PEFT has no default targets for it.
 
 GLM-4.5 Lite (``"glm4_moe_lite"``, ``Glm4MoeLiteForCausalLM``) is DeepSeek-V3

@@ -20,7 +20,7 @@ reuses), as transformers 5's ``GptOssForCausalLM`` computes it:
 
 LoRA reaches the attention and the experts as PEFT's does: ``target_modules`` for the linears,
 ``target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`` for the experts
-(transformers declares them ``is_transposed``: ``[experts, in, out]``). PEFT 0.21.2 has no default
+(transformers declares them ``is_transposed``: ``[experts, in, out]``). PEFT 0.22.0 has no default
 targets for the family.
 """
 

@@ -15,7 +15,7 @@ feed-forward, past the first ``num_dense_layers`` layers (SwiGLU ``w1``/``w3``/`
 
 The Hub's per-expert checkpoints (``feed_forward.experts.N.w1/w3/w2``) and the fused layout both
 load; ``save_pretrained`` writes the per-expert one, as transformers does. transformers computes no
-load-balancing loss for it, nor does this. PEFT 0.21.2 converts no LFM2-MoE targets: the experts
+load-balancing loss for it, nor does this. PEFT 0.22.0 converts no LFM2-MoE targets: the experts
 and the router take LoRA through ``target_parameters``.
 """
 

@@ -34,7 +34,7 @@ checkpoint (``model_type`` ``"llama4"``) loads its text model: ``language_model.
 ``language_model.lm_head.*`` read as ``model.*`` and ``lm_head.*``, the vision model and the
 projector skipped, as transformers' ``Llama4ForCausalLM.from_pretrained`` reads it.
 
-LoRA: PEFT 0.21.2 keys its default targets by ``model_type``, and has none for ``llama4_text``
+LoRA: PEFT 0.22.0 keys its default targets by ``model_type``, and has none for ``llama4_text``
 (only for the vision-language ``llama4``); the router is an ``nn.Linear`` subclass returning a
 pair in transformers, which PEFT's LoRA cannot wrap, so name the linears to adapt
 (``q_proj``, ..., ``down_proj`` reach the attention, the shared expert and the dense MLPs). The

@@ -13,7 +13,7 @@ Against DeepSeek-V3 (``_deepseek_v3``, whose latent attention, experts and decod
   (factor 128 over 8192 positions, ``mscale_all_dim`` 1: the score scale grows by ``mscale ** 2``);
 * by default every layer is sparse (``first_k_dense_replace`` 0);
 * checkpoints keep the experts fused (transformers converts no per-expert layout for Mistral 4), and
-  PEFT 0.21.2 converts no LoRA targets for it: module names and ``all-linear`` reach the attention,
+  PEFT 0.22.0 converts no LoRA targets for it: module names and ``all-linear`` reach the attention,
   the dense and shared MLPs; the experts and the router take ``target_parameters``
   (``["gate_up_proj", "down_proj", "gate.weight"]``). PEFT has no default targets for it.
 

@@ -24,7 +24,7 @@ Checkpoints: the Hub's layout (``block_sparse_moe.gate.weight`` and one ``w1``/`
 linear per expert, ``w1``: gate, ``w3``: up, ``w2``: down) and transformers 5's fused in-memory
 layout (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) both load;
 ``save_pretrained`` writes the Hub layout, as transformers 5.24's ``save_pretrained`` does. A LoRA
-adapter file of the per-expert layout is fused on load (:func:`fused_lora_tensors`), as PEFT 0.21.2 does.
+adapter file of the per-expert layout is fused on load (:func:`fused_lora_tensors`), as PEFT 0.22.0 does.
 
 The pieces are the shared base of the bundled mixtures of experts (``_qwen3_moe`` and
 ``_qwen2_moe`` too; with many small experts the dense run costs more: Qwen3-30B-A3B's 128 experts,
@@ -508,7 +508,7 @@ def hub_layout(state: Mapping[str, np.ndarray], layout: ExpertLayout = MIXTRAL_E
 def fused_lora_tensors(tensors: Mapping[str, np.ndarray], num_experts: int, source: str,
                        layout: ExpertLayout = MIXTRAL_EXPERTS) -> dict[str, np.ndarray]:
     """A LoRA adapter file of transformers 4's per-expert MoE in transformers 5's fused layout, as
-    PEFT 0.21.2 converts it on load (what ``target_parameters`` reads: see ``tuners.lora._param``).
+    PEFT 0.22.0 converts it on load (what ``target_parameters`` reads: see ``tuners.lora._param``).
 
     Per layer, the gate and up linears (Mixtral's ``w1``/``w3``, rank ``r`` each) become
     ``gate_up_proj`` at rank ``2r``: expert ``e``'s ``A`` rows are ``[A_gate_e; A_up_e]`` and its

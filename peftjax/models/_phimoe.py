@@ -28,7 +28,7 @@ is JAX's, drawn from the dropout key; the computation given the same noise is tr
 (``tests/test_phimoe.py`` feeds torch the same draws).
 
 Checkpoints: the Hub's per-expert layout (``block_sparse_moe.gate``, ``experts.{e}.w1/w2/w3``) and
-transformers 5's fused one both load; ``save_pretrained`` writes the Hub's. PEFT 0.21.2 converts no
+transformers 5's fused one both load; ``save_pretrained`` writes the Hub's. PEFT 0.22.0 converts no
 PhiMoE target (transformers maps no conversion pattern to it): LoRA on the experts and the router
 goes through ``target_parameters`` (``gate_up_proj``, ``down_proj``, ``router.weight``).
 """

@@ -12,10 +12,10 @@ reuses):
 * the config counts its experts in ``num_experts`` (transformers keeps no ``num_local_experts``
   alias here).
 
-LoRA: PEFT 0.21.2 converts no targets for ``qwen2_moe`` (transformers' conversion table maps other
-families to its pattern, not itself), so module names and ``all-linear`` reach the attention, the
-shared expert, its gate and the dense layers' MLPs, and the routed experts and the router only
-through ``target_parameters`` (``["gate_up_proj", "down_proj", "gate.weight"]``), as in PEFT.
+LoRA: PEFT 0.22 converts this family's targets with its ``qwen2_moe`` pattern (0.21.2 converted
+none): module names and ``all-linear`` keep the attention, the shared expert, its gate and the dense
+layers' MLPs, and add ``target_parameters`` on the router (``gate.weight``) and the experts
+(``gate_up_proj`` at doubled rank and alpha, ``down_proj``), as in PEFT.
 """
 
 from __future__ import annotations

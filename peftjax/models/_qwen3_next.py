@@ -15,8 +15,9 @@ this reuses:
 * question answering too; its decoder under ``transformer``, as transformers keeps it.
 
 LoRA: transformers' conversion table sends ``qwen3_next`` to PEFT's ``qwen2_moe`` pattern, so PEFT
-0.21.2 moves targets named ``gate``, ``gate_proj``, ``up_proj``, ``down_proj`` (and ``all-linear``'s)
-to the router's and experts' parameters, as for Qwen3-MoE; peftjax does the same.
+0.22 turns targets named ``gate``, ``gate_proj``, ``up_proj``, ``down_proj`` (and ``all-linear``'s)
+into ``target_parameters`` on the router and experts and keeps them on the shared expert's and
+dense MLPs' linears (0.21.2 moved them), as for Qwen3-MoE; peftjax does the same.
 """
 
 from __future__ import annotations

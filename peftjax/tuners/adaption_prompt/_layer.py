@@ -2,7 +2,7 @@
 
 An adapted attention module keeps its weights and gains, per adapter name, ``adaption_prompt``
 ``[1, L, hidden]`` and ``adaption_gate`` ``[1]`` (``self_attn/adaption_prompt/default``), as HF
-PEFT 0.21.2's ``AdaptedAttention`` / ``AdaptedAttentionGPT`` (``peft/tuners/adaption_prompt/layer.py``)
+PEFT 0.22.0's ``AdaptedAttention`` / ``AdaptedAttentionGPT`` (``peft/tuners/adaption_prompt/layer.py``)
 define them. With ``x`` the attention's input and ``P`` the prompt:
 
 - Llama / Mistral: ``K = k_proj(P)``, ``V = v_proj(P)`` (the key/value heads repeated for grouped

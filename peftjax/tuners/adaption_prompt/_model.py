@@ -1,6 +1,6 @@
 """Putting adaption prompts into an NNX model: the top ``adapter_layers`` attention modules, as PEFT picks them.
 
-PEFT 0.21.2 (``AdaptionPromptModel.add_adapter``) wraps every module whose name ends with
+PEFT 0.22.0 (``AdaptionPromptModel.add_adapter``) wraps every module whose name ends with
 ``.<target_modules>``, in model order, and keeps the last ``adapter_layers`` of them; it supports
 the model types of ``ADAPTION_PROMPT_TARGET_MODULES`` (Llama, Mistral, GPT-2) and refuses the
 others. peftjax does the same on its bundled models.
@@ -51,7 +51,7 @@ def resolve_adaption_prompt_config(model: nnx.Module, config: AdaptionPromptConf
     type_name = model_type(model)
     if type_name not in ADAPTION_PROMPT_TARGET_MODULES:
         raise ValueError(f"Unsupported model type for adaption prompt: '{type_name}'. Supported model types: "
-                         f"{sorted(ADAPTION_PROMPT_TARGET_MODULES)} (as in PEFT 0.21.2).")
+                         f"{sorted(ADAPTION_PROMPT_TARGET_MODULES)} (as in PEFT 0.22.0).")
     for field in ("adapter_len", "adapter_layers"):
         if getattr(config, field) is None:
             raise ValueError(f"AdaptionPromptConfig.{field} is None; set it to an int >= 1.")
@@ -119,7 +119,7 @@ def inject_adaption_prompt(
         if module.num_heads * module.head_dim != hidden:
             raise ValueError(
                 f"{name}: num_attention_heads * head_dim = {module.num_heads * module.head_dim} differs from "
-                f"hidden_size {hidden}; PEFT 0.21.2's adapted attention assumes they are equal"
+                f"hidden_size {hidden}; PEFT 0.22.0's adapted attention assumes they are equal"
             )
     for i, name in enumerate(targets):
         module = modules[name]

@@ -27,11 +27,11 @@ def check_linear_targets(
 
     Raises:
       TypeError: a target carries another method's adapter, is GPT-2's ``Conv1D`` (these methods
-        of PEFT 0.21.2 accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
+        of PEFT 0.22.0 accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
         ``nnx.Embed`` where ``embed`` is false, or another layer type. ``conv1d``: the method
         adapts ``Conv1D`` too (GraLoRA).
       NotImplementedError: a target is quantized and ``quantized`` is false (the methods PEFT
-        0.21.2 runs on bitsandbytes layers pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
+        0.22.0 runs on bitsandbytes layers pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
     """
     from peftjax.quantization import QuantizedLinear
 
@@ -41,7 +41,7 @@ def check_linear_targets(
         if isinstance(m, AdapterLayer) and not isinstance(m, layer_type):
             problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
         elif isinstance(m, QuantizedLinear) and not quantized:
-            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (PEFT 0.21.2 runs "
+            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (PEFT 0.22.0 runs "
                                       f"LoRA, AdaLoRA, IA3, HiRA, RoAd, RandLoRA and BEFT on bitsandbytes layers)")
         elif isinstance(m, nnx.Embed) and embed:
             continue

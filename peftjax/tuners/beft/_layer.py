@@ -1,6 +1,6 @@
 """BEFT for Flax NNX: a trained bias added to a layer's output.
 
-As in HF PEFT 0.21.2 (``peft/tuners/beft/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/beft/layer.py``), a targeted ``nnx.Linear`` computes
 ``y = base(x) + b'`` with ``beft_bias [1, out]`` (active adapters' biases summed). ``merge`` adds
 ``b'`` to the layer's bias and ``unmerge`` subtracts it; a layer without a bias cannot merge
 (PEFT's error, naming the adapter and here the layer too).

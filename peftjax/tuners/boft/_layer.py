@@ -1,6 +1,6 @@
 """BOFT for Flax NNX: a butterfly product of permuted block-diagonal rotations, and an output scale.
 
-As in HF PEFT 0.21.2 (``peft/tuners/boft/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/boft/layer.py``), a targeted ``nnx.Linear`` computes
 ``(base(x M) - bias) * s + bias``. ``boft_R`` is ``[m, d, b, b]`` (``m`` butterfly factors of
 ``d`` blocks): each block is made skew-symmetric (``(A - A^T) / 2``) and mapped through the
 exact Cayley transform ``(I - Q)(I + Q)^-1``; factor ``i`` is ``M_i = P_i block_diag(...) P_i^T``

@@ -1,6 +1,6 @@
 """C3A for Flax NNX: a block-circulant update, run as circular convolutions.
 
-As in HF PEFT 0.21.2 (``peft/tuners/c3a/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/c3a/layer.py``), a targeted ``nnx.Linear`` computes
 
     y = base(x) + C(x) / in
 

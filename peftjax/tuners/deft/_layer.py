@@ -1,6 +1,6 @@
 """DEFT for Flax NNX: ``W' = (I - P_proj) W + Q_P (s R)`` on a linear layer, never formed.
 
-As in HF PEFT 0.21.2 (``peft/tuners/deft/layer.py``), with the trained ``deft_P [out, r]`` and
+As in HF PEFT 0.22.0 (``peft/tuners/deft/layer.py``), with the trained ``deft_P [out, r]`` and
 (unless PaRa) ``deft_R [r, in]``, :func:`deft_projection` gives ``Q_P`` and ``right`` with
 ``P_proj = Q_P right^T``. A targeted layer computes, in float32,
 

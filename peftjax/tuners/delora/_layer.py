@@ -1,6 +1,6 @@
 """DeLoRA for Flax NNX: a low-rank update whose norm is bounded by a trained ``lambda``.
 
-As in HF PEFT 0.21.2 (``peft/tuners/delora/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/delora/layer.py``), a targeted ``nnx.Linear`` computes
 
     y = base(x) + ((dropout(x) * w_norm) A^T * lambda / (r |a_i| |b_i|)) B^T
 

@@ -1,6 +1,6 @@
 """FRoD for Flax NNX: the weight rewritten in a basis shared by its kind of layer, trained there.
 
-As in HF PEFT 0.21.2 (``peft/tuners/frod/layer.py``), a targeted linear layer of kind ``k`` (PEFT's
+As in HF PEFT 0.22.0 (``peft/tuners/frod/layer.py``), a targeted linear layer of kind ``k`` (PEFT's
 category: ``self_attn_q_proj``, ``mlp_down_proj``, ...) holds a reference to its kind's frozen
 basis ``V [in, in]`` and sparse positions ``P [2, nnz]``, its own frozen ``U [out, in]`` (unit
 columns, ``W = U diag(norms) V^T``), and the trained ``lambda [in]`` and ``s [nnz]``:

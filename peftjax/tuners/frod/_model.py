@@ -194,7 +194,7 @@ def frod_state_dict(model, adapter_name: str, config: FrodConfig, *, key_mapping
 def load_frod_state_dict(model, tensors: Mapping[str, np.ndarray], adapter_name: str, *,
                          key_mapping: KeyMapping = None, source: str = "adapter") -> tuple[list[str], list[str]]:
     """Fills an injected FRoD adapter from PEFT's keys: each kind's basis and positions, then every
-    layer's ``U`` computed again from its weight and the file's basis (PEFT 0.21.2 keeps the ``U``
+    layer's ``U`` computed again from its weight and the file's basis (PEFT 0.22.0 keeps the ``U``
     of the basis it computed itself, which equals the file's only where its decomposition gave the
     same eigenvector signs), then the layers' trained tensors.
 

@@ -1,6 +1,6 @@
 """GLoRA for Flax NNX: ``W' = W + W * A + B`` and ``b' = b + b * D + E + W C`` on a linear layer.
 
-As in HF PEFT 0.21.2 (``peft/tuners/glora/layer.py``), each of the five terms is a rank-``r``
+As in HF PEFT 0.22.0 (``peft/tuners/glora/layer.py``), each of the five terms is a rank-``r``
 product ``Xd Xu`` (``"lora"``), a trained vector ``X`` (``"vector"``: a column over the outputs for
 ``A``, ``B``; over the inputs for ``C``; a row for ``D``, ``E``), a trained scalar ``X``
 (``"constant"``) or a frozen zero tensor (``"none"``; PEFT saves it, and its forward reads it, so

@@ -1,6 +1,6 @@
 """GraLoRA for Flax NNX: a LoRA cut into ``k x k`` blocks, each with its own low-rank pair.
 
-As in HF PEFT 0.21.2 (``peft/tuners/gralora/layer.py``), a targeted linear layer computes
+As in HF PEFT 0.22.0 (``peft/tuners/gralora/layer.py``), a targeted linear layer computes
 
     y = base(x) + s * G(dropout(x)) [+ s * (dropout(x) A_g) B_g]
 

@@ -1,6 +1,6 @@
 """HiRA for Flax NNX: the frozen weight modulated entry by entry by a low-rank matrix.
 
-As in HF PEFT 0.21.2 (``peft/tuners/hira/layer.py``), a targeted linear layer computes
+As in HF PEFT 0.22.0 (``peft/tuners/hira/layer.py``), a targeted linear layer computes
 
     y = base(x) + dropout(x) (W ⊙ (B A))^T
 

@@ -49,7 +49,7 @@ def inject_hira(
 
     Raises:
       ValueError: nothing matches ``target_modules``; the adapter already exists on a layer.
-      NotImplementedError: ``rank_pattern`` on a new adapter (PEFT 0.21.2 makes every layer at
+      NotImplementedError: ``rank_pattern`` on a new adapter (PEFT 0.22.0 makes every layer at
         ``r`` whatever it says, so the file would not load there); a file's config may carry one,
         and its layers are at ``r``, as PEFT made them.
       TypeError: a target is not a supported layer (convolutions: not implemented here).
@@ -61,7 +61,7 @@ def inject_hira(
     """
     if config.rank_pattern and not adding_from_file():
         raise NotImplementedError(
-            f"HiraConfig(rank_pattern={config.rank_pattern!r}): PEFT 0.21.2's HiRA makes every layer at r="
+            f"HiraConfig(rank_pattern={config.rank_pattern!r}): PEFT 0.22.0's HiRA makes every layer at r="
             f"{config.r} whatever rank_pattern says, so an adapter made here with other ranks would not load in "
             "PEFT; give the layers one r (or add adapters of other ranks separately)")
 

@@ -1,13 +1,14 @@
 """HRA for Flax NNX: a chain of Householder reflections on a layer's input features.
 
-As in HF PEFT 0.21.2 (``peft/tuners/hra/layer.py``), a targeted ``nnx.Linear`` with torch weight
+As in HF PEFT 0.22.0 (``peft/tuners/hra/layer.py``), a targeted ``nnx.Linear`` with torch weight
 ``W [out, in]`` computes ``x (W H)^T + b``, where the trained ``hra_u [in, r]`` gives
 
     H = (I - 2 u_0 u_0^T) (I - 2 u_1 u_1^T) ... (I - 2 u_{r-1} u_{r-1}^T),  u_i = hra_u[:, i] / |hra_u[:, i]|
 
 or, with ``apply_GS``, ``H = I - 2 Q Q^T`` for ``Q`` the (modified) Gram-Schmidt orthonormal
-columns of ``hra_u``. PEFT forms ``H`` (``[in, in]``) and the new weight at every call; here the
-forward reflects the input instead, ``x H^T = x R_{r-1} ... R_0`` with ``x R = x - 2 (x u) u^T``:
+columns of ``hra_u``. PEFT 0.22 applies ``H^T`` to the input too, in the compact WY form (0.21.2
+formed ``H`` and the new weight at every call); here the forward reflects the input,
+``x H^T = x R_{r-1} ... R_0`` with ``x R = x - 2 (x u) u^T``:
 ``O(r * in)`` per token, no ``[in, in]`` matrix. Several active adapters multiply in order
 (``W H_1 H_2``), so the input meets the last adapter's reflections first.
 

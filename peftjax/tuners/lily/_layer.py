@@ -1,7 +1,7 @@
 """LiLy for Flax NNX: a layer's low-rank input projection shared with its neighbours, its
 up-projections shared with every layer of its kind, mixed by its own router.
 
-As in HF PEFT 0.21.2 (``peft/tuners/lily/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/lily/layer.py``), a targeted ``nnx.Linear`` computes
 
     h = x A^T,   p = mean over every position of softmax(h R^T),   y = base(x) + s * h (sum_e p_e B_e)
 

@@ -5,7 +5,7 @@ batches, until the top components stop moving (cosine similarity ``>= tau`` betw
 batches), then gives each layer ``lora_A`` = its top right-singular vectors, redistributing the
 total rank by explained variance (a layer gets at most ``round(r * rho)``), with ``lora_B`` zero.
 
-The algorithm is PEFT 0.21.2's step for step, so the ranks and components match it: the
+The algorithm is PEFT 0.22.0's step for step, so the ranks and components match it: the
 incremental PCA (scikit-learn's, as PEFT ports it: float64 statistics, the first batch's SVD in
 float32 and the later ones in float64), its randomized SVD (``torch.svd_lowrank`` with ``q = 2k``,
 4 subspace iterations, the test matrix drawn as torch draws it after ``manual_seed(42)``), the

@@ -18,7 +18,7 @@ from flax import nnx
 from peftjax.models._modeling import ConfigRef
 
 # the families whose layers are all alike (no layer reads its index, a window or a kind by it);
-# PEFT 0.21.2 documents Llama-, BERT- and Falcon-like models
+# PEFT 0.22.0 documents Llama-, BERT- and Falcon-like models
 REPLICABLE = ("llama", "mistral", "qwen2", "qwen3", "bert", "roberta", "xlm-roberta")
 
 

@@ -1,6 +1,6 @@
 """MiSS for Flax NNX: one small block shared by every input shard of a layer's weight.
 
-As in HF PEFT 0.21.2 (``peft/tuners/miss/layer.py``), with the torch weight ``W [out, in]`` cut
+As in HF PEFT 0.22.0 (``peft/tuners/miss/layer.py``), with the torch weight ``W [out, in]`` cut
 into column shards of width ``r`` (the last one padded with zeros):
 
 - balance (``init_weights`` ``True``/``False``) and mini: ``W'[o, i] = W[o, i] + B[i % r, o]`` with

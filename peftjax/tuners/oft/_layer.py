@@ -1,6 +1,6 @@
 """OFT for Flax NNX: an orthogonal block-diagonal rotation of a layer's input (or embedding output).
 
-As in HF PEFT 0.21.2 (``peft/tuners/oft/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/oft/layer.py``), a targeted ``nnx.Linear`` computes
 ``base(x R)`` with ``R = block_diag(R_0, ..., R_{k-1})``; each ``b x b`` block is the Cayley
 transform (:mod:`peftjax.tuners.oft._math`) of the skew-symmetric matrix whose strict upper
 triangle is one row of the trained ``oft_R`` (``[k, b (b - 1) / 2]``; ``[1, ...]`` with
@@ -10,7 +10,7 @@ triangle is one row of the trained ``oft_R`` (``[k, b (b - 1) / 2]``; ``[1, ...]
 Training-only options, driven by the step's key (``peftjax.dropout_key``):
 
 - ``module_dropout = p``: ``int(p * k)`` random blocks of ``R`` become the identity (PEFT's
-  ``MultiplicativeDropoutLayer``; skipped with ``block_share``). PEFT 0.21.2 constructs that layer
+  ``MultiplicativeDropoutLayer``; skipped with ``block_share``). PEFT 0.22.0 constructs that layer
   but its forward never calls it, so its training ignores ``module_dropout``; peftjax applies
   the option's definition. Evaluation (no key) is unaffected either way.
 - ``coft``: PEFT projects ``oft_R`` in place, under ``no_grad``, before each use. Here the

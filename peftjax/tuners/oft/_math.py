@@ -1,4 +1,4 @@
-"""The orthogonal-matrix math OFT and BOFT share, as pure functions (PEFT 0.21.2's formulas).
+"""The orthogonal-matrix math OFT and BOFT share, as pure functions (PEFT 0.22.0's formulas).
 
 - :func:`skew_from_vector`: PEFT's ``oft_R`` row (the strict upper triangle, row-major) to the
   skew-symmetric block ``Q = U - U^T``.

@@ -1,6 +1,6 @@
 """OSF for Flax NNX: the trailing singular subspace of a linear layer's weight, trained orthogonally.
 
-As in HF PEFT 0.21.2 (``peft/tuners/osf/layer.py``), a targeted layer's weight ``W [out, in]`` is
+As in HF PEFT 0.22.0 (``peft/tuners/osf/layer.py``), a targeted layer's weight ``W [out, in]`` is
 split by its SVD when the adapter is made: the ``k`` leading directions (``U_high``, ``V_high``)
 stay frozen; the rest start the trained ``U_low [out, m]``, ``S_low [m]``, ``V_low [m, in]``
 (``m = min(out, in) - k``), whose frozen copies (the ``_init`` factors) are subtracted again:

@@ -1,6 +1,6 @@
 """PEANuT for Flax NNX: ``delta_W^T = s * B(g(W^T A^T))``, a network applied to the frozen weight.
 
-As in HF PEFT 0.21.2 (``peft/tuners/peanut/layer.py``), with the trained ``A [r, out]``, ``depth``
+As in HF PEFT 0.22.0 (``peft/tuners/peanut/layer.py``), with the trained ``A [r, out]``, ``depth``
 encoders and decoders ``[r, r]`` and ``B [out, r]`` (torch ``nn.Linear`` weights, no biases) and the
 activation ``f``, the update starts from the kernel (``W^T``, ``[in, out]``):
 

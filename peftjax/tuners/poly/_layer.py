@@ -1,4 +1,4 @@
-"""Poly (Polytropon) and multi-head routing for Flax NNX, as HF PEFT 0.21.2 computes them.
+"""Poly (Polytropon) and multi-head routing for Flax NNX, as HF PEFT 0.22.0 computes them.
 
 A targeted ``nnx.Linear`` holds ``n_skills`` LoRA pairs, each cut into ``n_splits`` heads:
 ``poly_lora_A [splits, skills, in / splits, r]``, ``poly_lora_B [splits, skills, r, out / splits]``,

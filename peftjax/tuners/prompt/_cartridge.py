@@ -1,4 +1,4 @@
-"""Cartridge's helpers, as PEFT 0.21.2 has them (``peft/tuners/cartridge/utils.py``): start a
+"""Cartridge's helpers, as PEFT 0.22.0 has them (``peft/tuners/cartridge/utils.py``): start a
 key/value prefix from the cache of a prefill, and join Cartridge adapters into one.
 
 A Cartridge (``CartridgeConfig``) is trained key/value cache rows; the paper starts them from the

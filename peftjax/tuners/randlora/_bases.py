@@ -1,4 +1,4 @@
-"""RandLoRA's shared random bases, drawn exactly as PEFT 0.21.2 draws them (``randlora/model.py``).
+"""RandLoRA's shared random bases, drawn exactly as PEFT 0.22.0 draws them (``randlora/model.py``).
 
 The generator is ``torch.Generator().manual_seed(projection_prng_key)``, reproduced by
 ``peftjax.nn._torch_rng``. Dense bases: torch's ``kaiming_uniform_(a=sqrt(5))`` on bfloat16

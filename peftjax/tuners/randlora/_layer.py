@@ -1,6 +1,6 @@
 """RandLoRA for Flax NNX: a full-rank update from shared frozen random bases, scaled per layer.
 
-As in HF PEFT 0.21.2 (``peft/tuners/randlora/layer.py``), a targeted linear layer with
+As in HF PEFT 0.22.0 (``peft/tuners/randlora/layer.py``), a targeted linear layer with
 ``n = ceil(min(in, out) / r)`` bases takes the model's frozen bases sliced to its size,
 ``A = randlora_A[:, :n, :min] [r, 1, min]`` and ``B = randlora_B[:max, :n, :] [max, n, r]``, and
 its trained ``lambda [r, n]`` and ``gamma [n, min]``:
@@ -12,9 +12,10 @@ its trained ``lambda [r, n]`` and ``gamma [n, min]``:
 with ``s = randlora_alpha / r``; when ``in > out`` the roles of the sides swap (``B_f A_s`` is
 ``[in, out]``). The forward never forms ``B_f A_s``: ``x`` goes through ``A_s`` and ``B_f`` in turn.
 
-On disk (PEFT's keys): ``<path>.randlora_lambda``, ``.randlora_gamma`` and, with
-``save_projection``, the shared bases under every layer (``<path>.randlora_A``, ``.randlora_B``)
-and the model (``base_model.randlora_A``, ``base_model.randlora_B``).
+On disk (PEFT 0.22's keys): ``<path>.randlora_lambda``, ``.randlora_gamma`` and, with
+``save_projection``, the shared bases once (``base_model.randlora_A``, ``base_model.randlora_B``);
+PEFT 0.21.2's files also hold a copy under every layer (``<path>.randlora_A``, ``.randlora_B``),
+and those load.
 """
 
 from __future__ import annotations

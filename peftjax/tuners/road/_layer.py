@@ -1,6 +1,6 @@
 """RoAd for Flax NNX: each pair of a layer's outputs rotated and scaled.
 
-As in HF PEFT 0.21.2 (``peft/tuners/road/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/road/layer.py``), a targeted ``nnx.Linear`` computes
 ``y' = R y`` on its output ``y = base(x)`` (bias included): in each group of ``group_size``
 outputs, element ``i`` of the first half pairs with element ``i`` of the second, and
 

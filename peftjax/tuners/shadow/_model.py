@@ -1,4 +1,4 @@
-"""ShadowPEFT for Flax NNX: a small trainable shadow network riding a frozen decoder, as HF PEFT 0.21.2 runs it.
+"""ShadowPEFT for Flax NNX: a small trainable shadow network riding a frozen decoder, as HF PEFT 0.22.0 runs it.
 
 * :class:`ShadowBlock` (each targeted decoder block): before the block, ``h + alpha *
   up(down(dropout(h - s)))``; after it, ``s <- (1 - g) * s + g * t`` with ``t = T(h_out)`` and

@@ -1,6 +1,6 @@
 """SHiRA for Flax NNX: a sparse update at fixed positions of each targeted weight.
 
-As in HF PEFT 0.21.2 (``peft/tuners/shira/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/shira/layer.py``), a targeted ``nnx.Linear`` computes
 
     y = x (W + delta_W)^T + bias,   delta_W[rows, cols] = shira_weight
 

@@ -1,6 +1,6 @@
 """Super-Tuning for Flax NNX: trained values at the frozen weight's largest-magnitude positions.
 
-As in HF PEFT 0.21.2 (``peft/tuners/supertuning/layer.py``), a targeted ``nnx.Linear`` computes
+As in HF PEFT 0.22.0 (``peft/tuners/supertuning/layer.py``), a targeted ``nnx.Linear`` computes
 
     y = x (W + S)^T + bias (+ dropout(x) A^T B^T * lora_alpha / r, "Supra")
 

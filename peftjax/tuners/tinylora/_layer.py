@@ -1,6 +1,6 @@
 """TinyLoRA for Flax NNX: a frozen truncated SVD of the weight around a tiny trained middle.
 
-As in HF PEFT 0.21.2 (``peft/tuners/tinylora/layer.py``), a targeted linear layer holds frozen
+As in HF PEFT 0.22.0 (``peft/tuners/tinylora/layer.py``), a targeted linear layer holds frozen
 ``tinylora_A [r, in]`` and ``tinylora_B [out, r]`` (the weight's truncated SVD, the singular values
 split between them) and ``tinylora_P [u, r, r]`` (random), and reads the trained ``v [u]`` of its
 group (one variable the group's layers share):

@@ -2,7 +2,7 @@
 
 A targeted ``nnx.Embed`` keeps its ``embedding`` and gains, per adapter name, the values of the
 selected rows (``embed_tokens/trainable_tokens_delta/default: [n_tokens, dim]``; PEFT's name,
-although it holds the new rows, not a difference), as in HF PEFT 0.21.2
+although it holds the new rows, not a difference), as in HF PEFT 0.22.0
 (``peft/tuners/trainable_tokens/layer.py``). Only those rows are trainable parameters, so the
 gradient of the frozen table is never formed.
 

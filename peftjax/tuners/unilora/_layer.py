@@ -1,6 +1,6 @@
 """Uni-LoRA for Flax NNX: LoRA factors whose entries are read from the model's one trained vector.
 
-As in HF PEFT 0.21.2 (``peft/tuners/unilora/layer.py``), a targeted linear layer holds frozen
+As in HF PEFT 0.22.0 (``peft/tuners/unilora/layer.py``), a targeted linear layer holds frozen
 positions ``unilora_indices_A [r, in]``, ``unilora_indices_B [out, r]`` into the model's
 ``unilora_theta_d [d]`` (one variable every layer references, so its gradient sums theirs) and
 frozen scales of the same shapes:

@@ -1,6 +1,6 @@
 """VB-LoRA for Flax NNX: LoRA factors assembled from one trained vector bank the model shares.
 
-As in HF PEFT 0.21.2 (``peft/tuners/vblora/layer.py``), a targeted linear layer holds trained
+As in HF PEFT 0.22.0 (``peft/tuners/vblora/layer.py``), a targeted linear layer holds trained
 logits ``vblora_logits_A [r, in/L, N]`` and ``vblora_logits_B [out/L, r, N]`` over the model's
 bank ``vblora_vector_bank [N, L]`` (one variable, referenced by every layer, so its gradient
 sums theirs). Each sub-vector is ``sum_k softmax(top-k logits)_k * bank[index_k]``:

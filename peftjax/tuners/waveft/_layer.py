@@ -3,7 +3,7 @@
 A targeted ``nnx.Linear`` (GPT-2's ``Conv1D`` included) keeps its ``kernel`` and ``bias`` and gains,
 per adapter name, ``waveft_spectrum: [n]`` (trained) and ``waveft_indices: [2, n]`` (the fixed
 positions ``(row, column)`` in the torch ``[out, in]`` weight, never trained nor saved), as in HF
-PEFT 0.21.2 (``peft/tuners/waveft/layer.py``):
+PEFT 0.22.0 (``peft/tuners/waveft/layer.py``):
 
     C[P, Q] = 0 except C[rows + (P - out) // 2, cols + (Q - in) // 2] = spectrum
     delta_W = scaling * center_crop(idwt2(C's four quadrants), [out, in])

@@ -1,4 +1,4 @@
-"""X-LoRA for Flax NNX: a mixture of LoRA experts weighed per token and layer, as HF PEFT 0.21.2 computes it.
+"""X-LoRA for Flax NNX: a mixture of LoRA experts weighed per token and layer, as HF PEFT 0.22.0 computes it.
 
 ``inject_xlora`` loads the config's LoRA adapters (``"0"``, ``"1"``, ... from their directories),
 numbers the LoRA linear layers in the model's definition order (torch's ``modules()``), and gives
