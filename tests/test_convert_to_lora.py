@@ -108,11 +108,9 @@ def test_what_is_not_a_weight_delta_is_refused():
     with pytest.raises(TypeError, match=r"model.layers.0.self_attn.q_proj \(Supertuning"):  # nor Super-Tuning
         peftjax.convert_to_lora(sparse, rank=2)
     for config in (peftjax.BeftConfig(target_modules=["v_proj"]), peftjax.PeanutConfig(r=2, target_modules=["q_proj"]),
-                   peftjax.GloraConfig(r=2, target_modules=["q_proj"]),
-                   peftjax.DeftConfig(r=2, target_modules=["q_proj"])):
+                   peftjax.GloraConfig(r=2, target_modules=["q_proj"])):  # PEFT 0.22 converts none of them
         other = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
             "llama", **_tiny.fields("llama"))), config)
-        # PEFT 0.22 converts DEFT (from its merged weight); peftjax does not yet
         with pytest.raises(TypeError, match="not a weight delta a LoRA can carry"):
             peftjax.convert_to_lora(other, rank=2)
     lora = peftjax.get_peft_model(models.LlamaForCausalLM.from_config(models.ModelConfig(
@@ -150,6 +148,9 @@ def model_logits_base(ids):
     return models.LlamaForCausalLM.from_config(models.ModelConfig("llama", **_tiny.fields("llama")))(input_ids=ids).logits
 
 
+FULL_RANK = ("RandLoraConfig", "OFTConfig", "BOFTConfig", "DeftConfig")
+
+
 @pytest.mark.parametrize(("method", "fields"), [("MissConfig", dict(r=4, init_weights=False)),
                                                ("MissConfig", dict(r=8, init_weights="bat")),
                                                ("DeloraConfig", dict(r=4, init_weights=False)),
@@ -158,13 +159,17 @@ def model_logits_base(ids):
                                                ("RandLoraConfig", dict(r=8, randlora_alpha=8, init_weights=False)),
                                                ("VBLoRAConfig", dict(r=4, num_vectors=16, vector_length=8)),
                                                ("WaveFTConfig", dict(n_frequency=40, wavelet_family="db3")),
-                                               ("PacaConfig", dict(r=4, init_weights=False))],
+                                               ("PacaConfig", dict(r=4, init_weights=False)),
+                                               ("OFTConfig", dict(oft_block_size=8, r=0, init_weights=False)),
+                                               ("BOFTConfig", dict(boft_block_size=8, init_weights=False)),
+                                               ("DeftConfig", dict(r=4, init_weights=False))],
                          ids=["miss-balance", "miss-bat", "delora", "c3a", "gralora", "randlora", "vblora", "waveft",
-                              "paca"])
+                              "paca", "oft", "boft", "deft"])
 def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tmp_path):
     """PEFT writes MiSS's balance update as its exact rank-r factors and SVDs the others (bat,
     DeLoRA, C3A's block-circulant update, GraLoRA's blocks, RandLoRA's full-rank one, WaveFT's wavelet
-    update, PaCA's columns); here all go through the SVD: the
+    update, PaCA's columns, and PEFT 0.22's OFT, BOFT and DEFT from the merged weight, ``W' - W``);
+    here all go through the SVD: the
     products agree (balance, DeLoRA and GraLoRA's rank-8 update exactly, bat and C3A truncated alike)."""
     _tiny.save(ARCH, tmp_path / "base")
     with warnings.catch_warnings():
@@ -185,9 +190,16 @@ def test_newer_methods_convert_to_the_update_peft_converts_to(method, fields, tm
         b = key.replace(".lora_A.", ".lora_B.")
         np.testing.assert_allclose(tensors[b] @ tensors[key], (their_tensors[b] @ their_tensors[key]).numpy(),
                                    atol=1e-5)
-    if fields.get("init_weights") is False and method != "RandLoraConfig":  # rank 8 >= the update's rank
-        # (RandLoRA's update is full-rank: truncated, not exact)
+    if fields.get("init_weights") is False and method not in FULL_RANK:  # rank 8 >= the update's rank
+        # (RandLoRA's, OFT's, BOFT's and DEFT's updates are full-rank: truncated, not exact)
         assert max(errors.values()) < 1e-5
         peftjax.save_as_lora(tmp_path / "lora", ours, rank=8)
         converted = peftjax.PeftModel.from_pretrained(models.from_pretrained(tmp_path / "base"), tmp_path / "lora")
         np.testing.assert_allclose(logits(converted)[VALID], logits(ours)[VALID], atol=1e-5)
+    if method in ("OFTConfig", "BOFTConfig", "DeftConfig"):  # read from the merged weight: the layers put back
+        unmerged = logits(ours)
+        peftjax.convert_to_lora(ours, 8)
+        np.testing.assert_array_equal(logits(ours), unmerged)
+        ours.merge_adapter()
+        with pytest.raises(ValueError, match="has merged adapters .'default'.; unmerge them first"):
+            peftjax.convert_to_lora(ours, 8)

@@ -113,7 +113,41 @@ def _delta_out_in(layer, name: str) -> np.ndarray:
         return np.asarray(layer.kernel_delta(name), np.float32).T
     if isinstance(layer, (LycorisLayer, FourierFTLayer, MissLayer)):
         return np.asarray(layer.delta_weight(name), np.float32)  # already [out, in]
+    if _merges_to_a_delta(layer):  # OFT, BOFT, DEFT: W' - W from the merged weight, as PEFT 0.22 takes it
+        return _merged_minus_base(layer, name)
     return None
+
+
+def _merges_to_a_delta(layer) -> bool:
+    """Whether ``layer``'s adapter merges into its linear kernel alone (OFT's, BOFT's, DEFT's
+    multiplicative updates), so that ``W' - W`` is the update a LoRA carries."""
+    from peftjax.tuners.boft import BOFTLayer
+    from peftjax.tuners.deft import DeftLayer
+    from peftjax.tuners.oft import OFTLayer
+
+    return isinstance(layer, BOFTLayer | DeftLayer) or (isinstance(layer, OFTLayer) and layer.oft_kind != "embed")
+
+
+def _merged_minus_base(layer, name: str) -> np.ndarray:
+    """``W' - W`` of adapter ``name`` in ``[out, in]``, float32: the layer merged, read and put back
+    as it was (its weights restored, nothing marked merged).
+
+    Raises:
+      ValueError: an adapter is merged into the layer (the delta would depend on it), as PEFT 0.22.
+    """
+    from peftjax.tuners.base._model import _param_values, _restore
+
+    if layer.merged_adapter_names():
+        raise ValueError(f"convert_to_lora: {layer.adapter_path} has merged adapters "
+                         f"{list(layer.merged_adapter_names())}; unmerge them first")
+    before = [(layer, _param_values(layer), layer.merged_adapter_names())]
+    base = np.asarray(layer.kernel.get_value(), np.float32)
+    try:
+        layer.merge_adapter(name)
+        merged = np.asarray(layer.kernel.get_value(), np.float32)
+    finally:
+        _restore(before)
+    return (merged - base).T
 
 
 def _rank_for(singular: np.ndarray, rank: int | float) -> int:
