@@ -37,8 +37,7 @@ def task_for_adapter(config: PeftConfig, head_shapes: dict[str, list[int]]) -> s
 def saved_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
     """``{key: shape}`` of every tensor in an adapter file (its header alone is read): its adapters'
     and the whole modules it saves (``modules_to_save``: ``base_model.model.classifier.weight``, and
-    every other module PEFT's suffix match takes, such as DistilBERT's ``pre_classifier`` for
-    ``"classifier"``); ``{}`` without a file."""
+    every other module listed, such as DistilBERT's ``pre_classifier``); ``{}`` without a file."""
     path = Path(adapter_dir) / WEIGHTS_NAME
     if not path.is_file():
         return {}

@@ -291,8 +291,8 @@ TASK_CASES = [
     # the Hub's ModernBERT checkpoints (masked LMs: their `head` is what the classifiers read)
     ("modernbert", "SEQ_CLS", "ModernBertForMaskedLM"),
     ("modernbert", "TOKEN_CLS", "ModernBertForMaskedLM"),
-    # the Hub's DistilBERT checkpoints (masked LMs); its classifier's pre_classifier is saved too (PEFT's
-    # modules_to_save matches it as a suffix of "classifier")
+    # the Hub's DistilBERT checkpoints (masked LMs); its classifier's pre_classifier is saved too (PEFT 0.22
+    # lists it among the heads; 0.21.2 matched it as a suffix of "classifier")
     ("distilbert", "SEQ_CLS", "DistilBertForMaskedLM"),
     # the Hub's DeBERTa-v3 checkpoints (masked LMs): the classifier's pooler is new, and saved with it
     ("deberta-v2", "SEQ_CLS", "DebertaV2ForMaskedLM"),
@@ -409,7 +409,7 @@ def test_every_command_builds_the_class_the_adapter_was_trained_on(family, task,
     headless = task in ("CAUSAL_LM", "FEATURE_EXTRACTION")
     assert info["saved_head"] == (None if headless else heads.get(family, {"score.weight": [3, 16]}))
     if family == "deberta-v2":  # its new pooler rides with the head (merged below as the adapter holds it)
-        assert info["modules_to_save"] == ["classifier", "score", "pooler.dense"]
+        assert info["modules_to_save"] == ["classifier", "score", "pre_classifier", "pooler.dense"]
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

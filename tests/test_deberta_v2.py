@@ -107,7 +107,7 @@ def test_a_masked_lm_checkpoint_loads_into_a_classifier_whose_new_pooler_is_save
     # PEFT's SEQ_CLS saves `classifier` alone: the new pooler joins modules_to_save, so the file
     # carries it and PEFT, whose own pooler is drawn afresh from this checkpoint, gives our logits
     model = peftjax.get_peft_model(ours, peftjax.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
-    assert model.peft_config["default"].modules_to_save == ("classifier", "score", "pooler.dense")
+    assert model.peft_config["default"].modules_to_save == ("classifier", "score", "pre_classifier", "pooler.dense")
     torch.manual_seed(1)
     assert_peft_reads(model, tr.DebertaV2ForSequenceClassification, tmp_path, tmp_path / "adapter",
                       base_kwargs=dict(num_labels=3), **INPUTS)

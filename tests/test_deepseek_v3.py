@@ -234,7 +234,8 @@ def test_lora_trained_here_loads_in_peft_and_merges_for_transformers(deepseek, t
         target_modules=["q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     config = model.peft_config["default"]
     assert (set(config.target_modules), set(config.target_parameters), config.rank_pattern) == (
-        {"q_b_proj", "kv_a_proj_with_mqa", "o_proj"}, {"gate_up_proj", "down_proj"}, {r".*\.gate_up_proj": 4})
+        {"q_b_proj", "kv_a_proj_with_mqa", "o_proj", "gate_proj", "up_proj", "down_proj"},
+        {"gate_up_proj", "down_proj"}, {r".*\.gate_up_proj": 4})  # the dense and shared MLPs keep theirs
     losses = _tiny.train(model, _tiny.batch(IDS, MASK), steps=3).losses
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)

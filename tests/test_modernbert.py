@@ -155,7 +155,8 @@ def test_a_head_less_checkpoint_s_new_head_trains_and_saves_through_modules_to_s
         model = peftjax.get_peft_model(models.from_pretrained(tmp_path / "base", task_type="SEQ_CLS", num_labels=3),
                                        peftjax.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["Wqkv"],
                                                           modules_to_save=named))
-    expected = ("head", "classifier", "score") if named else ("classifier", "score", "head.dense", "head.norm")
+    expected = ("head", "classifier", "score", "pre_classifier") if named else (
+        "classifier", "score", "pre_classifier", "head.dense", "head.norm")
     assert model.peft_config["default"].modules_to_save == expected
     _tiny.train(model, _tiny.batch(IDS, MASK, "SEQ_CLS", labels=(0, 2)), steps=3)
     model.save_pretrained(tmp_path / "adapter")

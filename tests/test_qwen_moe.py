@@ -250,7 +250,12 @@ def test_lora_on_experts_trained_here_loads_in_peft_and_merges_for_transformers(
         r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
     config = model.peft_config["default"]
     assert (set(config.target_modules), set(config.target_parameters), config.rank_pattern) == (
-        {"q_proj"}, {"gate_up_proj", "down_proj"}, {r".*\.gate_up_proj": 4})
+        {"q_proj", "gate_proj", "up_proj", "down_proj"}, {"gate_up_proj", "down_proj"}, {r".*\.gate_up_proj": 4})
+    with warnings.catch_warnings():  # the dense layer's MLP keeps its targets, as PEFT 0.22 converts them
+        warnings.simplefilter("ignore")
+        converted = peft.get_peft_model(_peft_base(path), peft.LoraConfig(
+            r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert _converted(config) == _converted(converted.peft_config["default"])
     losses = _tiny.train(model, _tiny.batch(IDS, MASK), steps=3).losses
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path)
@@ -265,14 +270,16 @@ def test_lora_on_experts_trained_here_loads_in_peft_and_merges_for_transformers(
 
 
 def test_lora_in_transformers4_per_expert_layout_is_fused_as_peft_fuses_it(qwen, tmp_path):
-    """An adapter of transformers 4's Qwen3-MoE (a LoRA per expert's gate/up/down_proj, and on the
-    router): PEFT 0.22.0 fuses it on load, and so does peftjax, to the same logits."""
+    """An adapter of transformers 4's Qwen3-MoE (a LoRA per expert's gate/up/down_proj, on the
+    router and on the dense layer's MLP, all linears there): PEFT 0.22.0 fuses it on load, and so
+    does peftjax, to the same logits."""
     path = qwen[1]
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
         peft_type="LORA", r=2, lora_alpha=8, target_modules=["q_proj", "gate", "gate_proj", "up_proj", "down_proj"])))
     rs = np.random.RandomState(0)
     tensors, pre = {}, "base_model.model.model.layers"
-    shapes = {"1.self_attn.q_proj": (32, 32), "0.self_attn.q_proj": (32, 32), "0.mlp.gate": (4, 32)}
+    shapes = {"1.self_attn.q_proj": (32, 32), "0.self_attn.q_proj": (32, 32), "0.mlp.gate": (4, 32),
+              "1.mlp.gate_proj": (40, 32), "1.mlp.up_proj": (40, 32), "1.mlp.down_proj": (32, 40)}
     shapes.update({f"0.mlp.experts.{e}.{w}": (o, i) for e in range(4)
                    for w, (o, i) in (("gate_proj", (24, 32)), ("up_proj", (24, 32)), ("down_proj", (32, 24)))})
     for name, (o, i) in shapes.items():

@@ -106,7 +106,7 @@ def check_modules_to_save(model: nnx.Module, config: PeftConfig) -> None:
 
 
 def match_modules_to_save(config: PeftConfig, modules: dict[str, nnx.Module]) -> list[str]:
-    """The modules ``config.modules_to_save`` names (PEFT's suffix match), outermost only: a module
+    """The modules ``config.modules_to_save`` names (PEFT 0.22's segment match), outermost only: a module
     inside another one to save trains as part of that one's copy.
 
     Raises:
