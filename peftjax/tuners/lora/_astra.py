@@ -26,7 +26,7 @@ from peftjax.config import AstraConfig, LoraConfig
 from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.tuners.base import named_modules, resolve_config
 from peftjax.tuners.lora._capture import forward_fn_dict, make_capture, refuse_decoder_layers
-from peftjax.tuners.lora._corda import corda_targets, read_tensors, tensors_exist, write_tensors
+from peftjax.tuners.lora._corda import calibrated, corda_targets
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -149,39 +149,12 @@ def preprocess_astra(
         raise ValueError("preprocess_astra: target_modules matched no linear layer")
     refuse_decoder_layers(model, names, "Astra")
     modules = named_modules(model)
-    if tensors_exist(settings.cache_file):
-        cache = read_tensors(settings.cache_file, "astra_config.cache_file")
-        try:
-            eigens = {n: AstraEigens(cache[f"{n}.eigens.S"], cache[f"{n}.eigens.V"]) for n in names}
-        except KeyError as e:
-            raise ValueError(f"astra_config.cache_file={settings.cache_file!r} lacks {e.args[0]!r}; it was built "
-                             "for other target modules") from None
-    else:
-        if tensors_exist(settings.covariance_file):
-            stored = read_tensors(settings.covariance_file, "astra_config.covariance_file")
-            missing = [n for n in names if n not in stored]
-            if missing:
-                raise ValueError(f"astra_config.covariance_file={settings.covariance_file!r} lacks {missing[:5]}")
-            covs = {n: stored[n] for n in names}
-        else:
-            if batches is None:
-                raise ValueError("preprocess_astra: `batches` must be given when the covariance file and cache file "
-                                 "aren't built.")
-            if iter(batches) is batches:
-                batches = list(batches)
-            covs = output_covariances(model, names, batches, fp16=settings.use_float16_for_covariance,
-                                      forward_fn=forward_fn)
-            if settings.covariance_file is not None:
-                write_tensors(settings.covariance_file, covs)
-        eigens = {}
-        for n in names:
-            if settings.verbose:
-                print(f"Astra: collecting eigens of {n}")
-            out_features = modules[n].kernel.get_value().shape[1]
-            eigens[n] = eigens_for_layer(covs[n], config.scaling_for(n)[0], out_features, n)
-        if settings.cache_file is not None:
-            write_tensors(settings.cache_file, {f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items()
-                                                for k in ("S", "V")})
+
+    def eigens_for(n, cov):
+        return eigens_for_layer(cov, config.scaling_for(n)[0], modules[n].kernel.get_value().shape[1], n)
+
+    eigens = calibrated(names, settings, "astra_config", AstraEigens, batches, eigens_for, "Astra", lambda b: (
+        output_covariances(model, names, b, fp16=settings.use_float16_for_covariance, forward_fn=forward_fn)))
     for n, e in eigens.items():
         modules[n].astra_eigens = AstraCache(e)
     return eigens

@@ -177,6 +177,49 @@ def tensors_exist(path: str | None) -> bool:
     return path is not None and os.path.exists(path) and os.path.getsize(path) > 0
 
 
+def calibrated(names: list[str], settings, option: str, eigens_type: type, batches: Iterable | None,
+               eigens_for: Callable[[str, np.ndarray], tuple], method: str,
+               covariances_of: Callable[[list], dict[str, np.ndarray]]) -> dict[str, tuple]:
+    """Each layer's eigens for a covariance-based init (CorDA's, Astra's), with PEFT's two files:
+    read from ``settings.cache_file`` when it exists; else from the covariances, read from
+    ``settings.covariance_file`` when it exists or computed from ``batches`` (and written there),
+    turned into eigens by ``eigens_for(name, covariance)`` and written to the cache file.
+
+    Raises:
+      ValueError: a file lacks a layer, or ``batches`` is ``None`` with neither file built.
+    """
+    fields = eigens_type._fields
+    if tensors_exist(settings.cache_file):
+        cache = read_tensors(settings.cache_file, f"{option}.cache_file")
+        try:
+            return {n: eigens_type(*(cache[f"{n}.eigens.{k}"] for k in fields)) for n in names}
+        except KeyError as e:
+            raise ValueError(f"{option}.cache_file={settings.cache_file!r} lacks {e.args[0]!r}; it was built "
+                             "for other target modules") from None
+    if tensors_exist(settings.covariance_file):
+        stored = read_tensors(settings.covariance_file, f"{option}.covariance_file")
+        missing = [n for n in names if n not in stored]
+        if missing:
+            raise ValueError(f"{option}.covariance_file={settings.covariance_file!r} lacks {missing[:5]}")
+        covs = {n: stored[n] for n in names}
+    else:
+        if batches is None:
+            raise ValueError(f"preprocess_{method.lower()}: `batches` must be given when the covariance file and "
+                             "cache file aren't built.")
+        covs = covariances_of(list(batches) if iter(batches) is batches else batches)
+        if settings.covariance_file is not None:
+            write_tensors(settings.covariance_file, covs)
+    eigens = {}
+    for n in names:
+        if settings.verbose:
+            print(f"{method}: collecting eigens of {n}")
+        eigens[n] = eigens_for(n, covs[n])
+    if settings.cache_file is not None:
+        write_tensors(settings.cache_file,
+                      {f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items() for k in fields})
+    return eigens
+
+
 def preprocess_corda(
     model: nnx.Module,
     lora_config: LoraConfig,
@@ -228,39 +271,13 @@ def preprocess_corda(
         raise ValueError("preprocess_corda: target_modules matched no linear layer")
     refuse_decoder_layers(model, names, "CorDA")
     modules = named_modules(model)
-    if tensors_exist(settings.cache_file):
-        cache = read_tensors(settings.cache_file, "corda_config.cache_file")
-        try:
-            eigens = {n: CordaEigens(*(cache[f"{n}.eigens.{k}"] for k in ("S_WC", "U_WC", "V_WC"))) for n in names}
-        except KeyError as e:
-            raise ValueError(f"corda_config.cache_file={settings.cache_file!r} lacks {e.args[0]!r}; it was built "
-                             "for other target modules") from None
-    else:
-        if tensors_exist(settings.covariance_file):
-            stored = read_tensors(settings.covariance_file, "corda_config.covariance_file")
-            missing = [n for n in names if n not in stored]
-            if missing:
-                raise ValueError(f"corda_config.covariance_file={settings.covariance_file!r} lacks {missing[:5]}")
-            covs = {n: stored[n] for n in names}
-        else:
-            if batches is None:
-                raise ValueError("preprocess_corda: `batches` must be given when the covariance file and cache file "
-                                 "aren't built.")
-            if iter(batches) is batches:
-                batches = list(batches)
-            covs = covariances(model, names, batches, fp16=settings.use_float16_for_covariance,
-                               forward_fn=forward_fn)
-            if settings.covariance_file is not None:
-                write_tensors(settings.covariance_file, covs)
-        eigens = {}
-        for n in names:
-            if settings.verbose:
-                print(f"CorDA: collecting eigens of {n}")
-            w = np.asarray(modules[n].kernel.get_value(), np.float32).T  # [out, in]
-            eigens[n] = eigens_for_layer(w, covs[n], config.scaling_for(n)[0], settings.corda_method)
-        if settings.cache_file is not None:
-            write_tensors(settings.cache_file, {f"{n}.eigens.{k}": getattr(e, k) for n, e in eigens.items()
-                                         for k in ("S_WC", "U_WC", "V_WC")})
+
+    def eigens_for(n, cov):
+        w = np.asarray(modules[n].kernel.get_value(), np.float32).T  # [out, in]
+        return eigens_for_layer(w, cov, config.scaling_for(n)[0], settings.corda_method)
+
+    eigens = calibrated(names, settings, "corda_config", CordaEigens, batches, eigens_for, "CorDA", lambda b: (
+        covariances(model, names, b, fp16=settings.use_float16_for_covariance, forward_fn=forward_fn)))
     for n, e in eigens.items():
         modules[n].corda_eigens = CordaCache(e)
     return eigens
