@@ -502,6 +502,6 @@ def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
 def test_methods_peft_does_not_run_on_bitsandbytes_are_refused_by_name(ckpt):
     base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
     with pytest.raises(NotImplementedError, match=r"C3A on the quantized layer model\.layers\.0\.self_attn\.q_proj "
-                                                  r"is not implemented \(PEFT 0\.21\.2 runs LoRA, AdaLoRA, IA3, HiRA"):
+                                                  r"is not implemented \(peftjax runs LoRA, AdaLoRA, IA3, HiRA"):
         peftjax.get_peft_model(base, peftjax.C3AConfig(block_size=8, target_modules=["q_proj"]))
     assert not isinstance(base.model.layers[0].self_attn.q_proj, peftjax.tuners.base.AdapterLayer)  # untouched

@@ -30,8 +30,8 @@ def check_linear_targets(
         of PEFT 0.22.0 accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
         ``nnx.Embed`` where ``embed`` is false, or another layer type. ``conv1d``: the method
         adapts ``Conv1D`` too (GraLoRA).
-      NotImplementedError: a target is quantized and ``quantized`` is false (the methods PEFT
-        0.22.0 runs on bitsandbytes layers pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
+      NotImplementedError: a target is quantized and ``quantized`` is false (the methods that run on
+        quantized layers here pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
     """
     from peftjax.quantization import QuantizedLinear
 
@@ -41,8 +41,8 @@ def check_linear_targets(
         if isinstance(m, AdapterLayer) and not isinstance(m, layer_type):
             problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
         elif isinstance(m, QuantizedLinear) and not quantized:
-            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (PEFT 0.22.0 runs "
-                                      f"LoRA, AdaLoRA, IA3, HiRA, RoAd, RandLoRA and BEFT on bitsandbytes layers)")
+            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (peftjax runs "
+                                      f"LoRA, AdaLoRA, IA3, HiRA, RoAd, RandLoRA and BEFT on quantized layers)")
         elif isinstance(m, nnx.Embed) and embed:
             continue
         elif not isinstance(m, nnx.Linear):
