@@ -26,7 +26,7 @@ from peftjax.config import AstraConfig, LoraConfig
 from peftjax.nn._scan import has_stacked_layers, unstacked
 from peftjax.tuners.base import named_modules, resolve_config
 from peftjax.tuners.lora._capture import forward_fn_dict, make_capture, refuse_decoder_layers
-from peftjax.tuners.lora._corda import calibrated, corda_targets
+from peftjax.tuners.lora._corda import calibrated, corda_targets, mean_covariances
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -49,7 +49,8 @@ class AstraCache(nnx.Variable):
 
 @functools.lru_cache(maxsize=None)  # one reducer per setting, so that the jitted capture is reused
 def _call_covariance(fp16: bool):
-    """The traced reducer: ``y^T y`` of one call's output ``y [tokens, out]`` over ``|max y|``."""
+    """The traced reducer: ``(y^T y, 1)`` of one call's output ``y [tokens, out]`` over ``|max y|``
+    (PEFT counts calls)."""
 
     def reduce(y, batch):
         del batch  # PEFT's hook reads every position of the call
@@ -57,7 +58,7 @@ def _call_covariance(fp16: bool):
             y = y.astype(jnp.float32)
         y = y.reshape(-1, y.shape[-1])
         y = y / jnp.abs(jnp.max(y)).astype(y.dtype)
-        return jnp.einsum("td,te->de", y, y, precision=_HI, preferred_element_type=jnp.float32)
+        return jnp.einsum("td,te->de", y, y, precision=_HI, preferred_element_type=jnp.float32), 1  # one sample
 
     return reduce
 
@@ -70,23 +71,7 @@ def output_covariances(model: nnx.Module, names: list[str], batches: Iterable, *
       ValueError: ``batches`` is empty, or a layer's covariance is not finite (named).
     """
     capture = make_capture(model, names, _call_covariance(fp16), forward_fn, outputs=True)
-    total = {n: 0.0 for n in names}
-    count = {n: 0 for n in names}
-    for batch in batches:
-        for name, calls in capture(batch).items():
-            for cov in calls:
-                total[name] = total[name] + cov
-                count[name] += 1
-    out = {}
-    for name in names:
-        if count[name] == 0:
-            raise ValueError(f"preprocess_astra: {name} was never called on `batches` (is it empty?)")
-        cov = np.asarray(total[name], np.float32) / count[name]
-        if not np.isfinite(cov).all():
-            raise ValueError(f"preprocess_astra: invalid value (nan or inf) in the output covariance of {name}, "
-                             "please check your output data.")
-        out[name] = cov
-    return out
+    return mean_covariances(capture, names, batches, "Astra", "output", "call")
 
 
 def eigens_for_layer(cov: np.ndarray, r: int, out_features: int, path: str) -> AstraEigens:

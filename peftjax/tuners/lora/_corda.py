@@ -100,25 +100,38 @@ def covariances(model: nnx.Module, names: list[str], batches: Iterable, *, fp16:
       ValueError: ``batches`` is empty, or a layer's inputs or covariance are not finite (named).
     """
     capture = make_capture(model, names, _row_covariance(fp16), forward_fn)
+    return mean_covariances(capture, names, batches, "CorDA", "input", "non-padded position")
+
+
+def mean_covariances(capture: Callable, names: list[str], batches: Iterable, method: str, side: str,
+                     unit: str) -> dict[str, np.ndarray]:
+    """Each layer's summed covariance over ``batches`` divided by its samples: ``capture`` (a
+    :func:`make_capture` whose reducer returns ``(covariance, samples)`` per call) run on each batch.
+    ``method``, ``side`` (``"input"``/``"output"``) and ``unit`` (what a sample is) name the errors.
+
+    Raises:
+      ValueError: ``batches`` is empty, a layer saw no sample, or its covariance is not finite (named).
+    """
+    prefix = f"preprocess_{method.lower()}"
     total = {n: 0.0 for n in names}
     count = {n: 0 for n in names}
     seen = False
     for batch in batches:
         seen = True
         for name, calls in capture(batch).items():
-            for cov, rows in calls:
+            for cov, samples in calls:
                 total[name] = total[name] + cov
-                count[name] += int(rows)
+                count[name] += int(samples)
     if not seen:
-        raise ValueError("preprocess_corda: `batches` is empty; CorDA needs calibration data")
+        raise ValueError(f"{prefix}: `batches` is empty; {method} needs calibration data")
     out = {}
     for name in names:
         if count[name] == 0:
-            raise ValueError(f"preprocess_corda: {name} was never called on a non-padded position of `batches`")
+            raise ValueError(f"{prefix}: {name} was never called on a {unit} of `batches`")
         cov = np.asarray(total[name], np.float32) / count[name]
         if not np.isfinite(cov).all():
-            raise ValueError(f"preprocess_corda: invalid value (nan or inf) in the input covariance of {name}, "
-                             "please check your input data.")
+            raise ValueError(f"{prefix}: invalid value (nan or inf) in the {side} covariance of {name}, "
+                             f"please check your {side} data.")
         out[name] = cov
     return out
 

@@ -57,6 +57,7 @@ def inject_paca(
     (4,)
     """
     from_file = adding_from_file()
+    key_or_default = jax.random.key(0) if key is None else key
 
     def prepare(config, name, module):
         n_in = module.kernel.get_value().shape[0]
@@ -82,6 +83,5 @@ def inject_paca(
         delta = jnp.zeros(shape, jnp.float32) if config.init_weights else 0.1 * jax.random.normal(key, shape)
         module.add_paca(adapter_name, PacaSpec(r=len(indices), scaling=config.paca_alpha / config.r), delta, indices)
 
-    key_or_default = jax.random.key(0) if key is None else key
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key_or_default, layer_type=PacaLayer,
                              method="PaCA", class_for=paca_class_for, prepare=prepare, add=add)
