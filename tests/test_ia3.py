@@ -93,6 +93,8 @@ def test_peft_made_adapter_gives_same_logits(arch, tmp_path):
     for jit in (False, True):
         assert_close(run_jax(model, jit=jit), ref)
     assert changed(ref, run_torch(torch_base(arch))) > 1e-3
+    status = lambda m: sorted((s.name, s.module_type) for s in m.get_layer_status())  # noqa: E731
+    assert status(model) == status(torch_model)  # "Linear" (PEFT's IA3 layer keeps torch's repr), heads too
 
 
 # ---------------------------------------------------------------- peftjax trains -> PEFT, merge, export

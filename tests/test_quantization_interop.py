@@ -23,7 +23,7 @@ import _tiny
 import peftjax
 from _torch_models import lazy
 from peftjax import models
-from peftjax.quantization import Linear4bit, Linear8bitLt, QuantizationConfig, quantized_linears
+from peftjax.quantization import Linear4bit, Linear8bitLt, QuantizationConfig, dequantize_model, quantized_linears
 
 torch = lazy("torch")
 peft = lazy("peft")
@@ -57,6 +57,11 @@ def lora_b_drawn(peft_model):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     return peft_model
+
+
+def layer_status(model) -> list[tuple]:
+    """Each adapter layer's name, PEFT's class name and quantization backend, PEFT's model or ours."""
+    return sorted((s.name, s.module_type, s.quantization_backend) for s in model.get_layer_status())
 
 
 def float32_oracle(model):
@@ -124,6 +129,7 @@ def test_peft_qlora_adapter_loads_here(ckpt, tmp_path, kind):
                                      for m in layers.values())
     got = jax_logits(loaded)
     np.testing.assert_allclose(got, expected, atol=TOL[kind], rtol=0)
+    assert layer_status(loaded) == layer_status(peft_model)  # lora.Linear4bit / lora.Linear8bitLt
     # the adapter changed the output by far more than the tolerance
     assert np.abs(expected - torch_logits(bnb_model(ckpt, kind))).max() > 20 * TOL[kind]
 
@@ -449,23 +455,40 @@ def test_peft_s_notebook_models_move_both_ways(tmp_path, kind, family):
 
 # ---------------------------------------------------------------- PEFT's other methods on bitsandbytes layers
 
-# the methods PEFT 0.22.0 runs on bitsandbytes layers besides LoRA (peft/tuners/*/bnb.py), each made with
-# its trained tensors off their start so that it shows in the logits
+# the methods PEFT 0.22.0 runs on bitsandbytes layers besides LoRA, each made with its trained tensors off
+# their start so that it shows in the logits
 BNB_METHODS = {
+    # with their own bitsandbytes layers (peft/tuners/*/bnb.py)
     "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "adalora": ("AdaLoraConfig", dict(r=4, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hira": ("HiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
     "road": ("RoadConfig", dict(group_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "randlora": ("RandLoraConfig", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "beft": ("BeftConfig", dict(target_modules=["v_proj", "down_proj"])),  # bnb's layers are torch.nn.Linear
+    "pvera": ("PveraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # through its generic backends (peft/utils/quantization_utils.py): the dequantized weight, "bnb 4bit" in
+    # the layer status
+    "oft": ("OFTConfig", dict(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "boft": ("BOFTConfig", dict(boft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "miss": ("MissConfig", dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "miss_bat": ("MissConfig", dict(r=8, init_weights="bat", target_modules=["q_proj", "v_proj", "o_proj"])),
+    "shira": ("ShiraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "paca": ("PacaConfig", dict(r=4, paca_alpha=8, random_seed=0, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "vera": ("VeraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # with no quantized path, their forward never reading the weight: bitsandbytes' layers are torch.nn.Linear
+    "beft": ("BeftConfig", dict(target_modules=["v_proj", "down_proj"])),
+    "fourierft": ("FourierFTConfig", dict(n_frequency=100, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "waveft": ("WaveFTConfig", dict(n_frequency=100, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "c3a": ("C3AConfig", dict(block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gralora": ("GraloraConfig", dict(r=8, gralora_k=2, hybrid_r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "vblora": ("VBLoRAConfig", dict(r=4, num_vectors=16, vector_length=8,
+                                    target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lily": ("LilyConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
 }
 
 
-@pytest.mark.parametrize("method", sorted(BNB_METHODS))
-def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
-    """An IA3, AdaLoRA, HiRA, RoAd, RandLoRA or BEFT adapter PEFT made on transformers' NF4 model gives
-    PEFT's logits on the NF4 base here; trained here (the public functional core), it gives ours in
-    PEFT on the bitsandbytes model."""
+def peft_adapter_on_nf4(ckpt, path, method: str):
+    """PEFT's ``method`` adapter on transformers' NF4 model, its trained tensors moved off their start
+    and saved to ``path``; returns the PEFT model (eval, float32 oracle)."""
     name, fields = BNB_METHODS[method]
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -475,14 +498,28 @@ def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
             for p in theirs.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn_like(p))
-        theirs.save_pretrained(tmp_path / "theirs")
-    expected = torch_logits(float32_oracle(theirs.eval()))
+        theirs.save_pretrained(path)
+    return float32_oracle(theirs.eval())
+
+
+@pytest.mark.parametrize("method", sorted(BNB_METHODS))
+def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
+    """An adapter of each method PEFT runs on bitsandbytes layers, made by PEFT on transformers' NF4
+    model, gives PEFT's logits (and its layer status) on the NF4 base here; trained here (the public
+    functional core), it gives ours in PEFT on the bitsandbytes model."""
+    theirs = peft_adapter_on_nf4(ckpt, tmp_path / "theirs", method)
+    expected = torch_logits(theirs)
     assert np.abs(expected - torch_logits(bnb_model(ckpt, "nf4"))).max() > 20 * TOL["nf4"]
 
     base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
     loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "theirs", is_trainable=True)
     assert all(isinstance(m, Linear4bit) for m in quantized_linears(loaded.base_model).values())
     np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL["nf4"], rtol=0)
+    theirs_status = layer_status(theirs)
+    if method == "road":  # PEFT 0.22.0's road.bnb.Linear4bit.__repr__ says "oft."
+        theirs_status = [(n, t.replace("oft.", "road."), b) for n, t, b in theirs_status]
+    assert layer_status(loaded) == theirs_status
+    assert loaded.get_model_status().quantization_backend == theirs.get_model_status().quantization_backend
 
     if method == "adalora":  # its rank allocator trains in make_adalora_train_step / the Trainer: moved instead
         _, trainable, _ = peftjax.split(loaded.base_model)
@@ -499,9 +536,72 @@ def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
     np.testing.assert_allclose(mine, torch_logits(float32_oracle(back.eval())), atol=TOL["nf4"], rtol=0)
 
 
-def test_methods_peft_does_not_run_on_bitsandbytes_are_refused_by_name(ckpt):
-    base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
-    with pytest.raises(NotImplementedError, match=r"C3A on the quantized layer model\.layers\.0\.self_attn\.q_proj "
-                                                  r"is not implemented \(peftjax runs LoRA, AdaLoRA, IA3, HiRA"):
-        peftjax.get_peft_model(base, peftjax.C3AConfig(block_size=8, target_modules=["q_proj"]))
-    assert not isinstance(base.model.layers[0].self_attn.q_proj, peftjax.tuners.base.AdapterLayer)  # untouched
+@pytest.mark.parametrize("method", ["oft", "boft", "miss", "miss_bat", "shira", "paca", "vera"])
+def test_merging_the_weight_reading_methods_into_a_quantized_base(ckpt, tmp_path, method):
+    """Merged into the NF4 weights, requantized: PEFT's ``merge_and_unload`` on bitsandbytes gives the
+    same logits. Merged into the dequantized weights: the unmerged adapter's logits."""
+    theirs = peft_adapter_on_nf4(ckpt, tmp_path, method)
+    unmerged = torch_logits(theirs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = float32_oracle(theirs.merge_and_unload())
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    peft_merged = torch_logits(merged)
+
+    def loaded():
+        return peftjax.PeftModel.from_pretrained(models.from_pretrained(ckpt, quantization_config=ours("nf4")),
+                                                 tmp_path)
+
+    with pytest.warns(UserWarning, match="Merge lora module to 4-bit linear"):
+        requantized = loaded().merge_and_unload()
+    assert isinstance(requantized.model.layers[0].self_attn.q_proj, Linear4bit)
+    np.testing.assert_allclose(jax_logits(requantized), peft_merged, atol=TOL["nf4"], rtol=0)
+    dequantized = loaded().merge_and_unload(dequantize=True)
+    assert not quantized_linears(dequantized)
+    np.testing.assert_allclose(jax_logits(dequantized), unmerged, atol=TOL["nf4"], rtol=0)
+
+
+# the layer methods PEFT 0.22.0 cannot run on bitsandbytes layers: its layers read the packed weight as a float
+# one (LoHa, LoKr, DeLoRA, HRA, DEFT, PEANuT, Super-Tuning, TinyLoRA, FRoD fail), refuse it (GLoRA), or leave
+# the logits unchanged (Uni-LoRA); OSF; and peftjax's bottleneck adapters
+DEQUANTIZED_ONLY = {
+    "loha": ("LoHaConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lokr": ("LoKrConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "delora": ("DeloraConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "hra": ("HRAConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "glora": ("GloraConfig", dict(r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "deft": ("DeftConfig", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "peanut": ("PeanutConfig", dict(r=4, depth=2, act_fn="gelu", target_modules=["q_proj", "v_proj", "down_proj"])),
+    "supertuning": ("SupertuningConfig", dict(sparsity=0.9, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "tinylora": ("TinyLoraConfig", dict(r=2, u=16, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "frod": ("FrodConfig", dict(sparse_rate=0.05, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "osf": ("OSFConfig", dict(effective_rank=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "unilora": ("UniLoraConfig", dict(r=2, theta_d_length=64, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "bottleneck": ("BottleneckConfig", dict(target_modules=["down_proj"])),
+}
+
+
+@pytest.mark.parametrize("method", sorted(DEQUANTIZED_ONLY))
+def test_every_layer_method_runs_on_a_quantized_base_as_on_its_dequantized_weights(ckpt, tmp_path, method):
+    """Every layer method adapts a quantized linear through its dequantized kernel, those PEFT cannot
+    run on bitsandbytes layers too. Oracle, the dense reference: the adapter trained on the NF4 base
+    gives, loaded on the dequantized float base, the same logits; merged into the dequantized
+    weights, the unmerged ones."""
+    name, fields = DEQUANTIZED_ONLY[method]
+    adapted = peftjax.get_peft_model(models.from_pretrained(ckpt, quantization_config=ours("nf4")),
+                                     getattr(peftjax, name)(task_type="CAUSAL_LM", **fields))
+    _, trainable, _ = peftjax.split(adapted.base_model)
+    adapted.update(jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+                                if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable))
+    trained = _tiny.train(adapted, _tiny.batch(IDS), steps=3, dropout=False)
+    assert trained.losses[-1] < trained.losses[0]
+    adapted.save_pretrained(tmp_path)
+    logits = jax_logits(adapted)
+
+    dense = dequantize_model(models.from_pretrained(ckpt, quantization_config=ours("nf4")))
+    assert not quantized_linears(dense)
+    assert np.abs(logits - jax_logits(dense)).max() > 20 * TOL["nf4"]
+    on_dense = peftjax.PeftModel.from_pretrained(dense, tmp_path)
+    np.testing.assert_allclose(jax_logits(on_dense), logits, atol=1e-6, rtol=0)
+    if method != "bottleneck":  # non-linear: not mergeable anywhere
+        np.testing.assert_allclose(jax_logits(adapted.merge_and_unload(dequantize=True)), logits, atol=1e-5, rtol=0)

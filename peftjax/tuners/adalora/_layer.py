@@ -72,6 +72,7 @@ class AdaLoraLayer(AdditiveLayer):
 
     method_name = "AdaLoRA"
     status_module_type = "adalora.SVDLinear"  # PEFT's repr, for nn.Linear and Conv1D alike
+    bnb_status_prefix = "adalora.SVD"  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
     weight_dicts = ("lora_A", "lora_E", "lora_B")
     # not a cache dict: a failed merge's rollback drops those entries, and ranknum must stay
     adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("ranknum",)

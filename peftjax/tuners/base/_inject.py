@@ -21,7 +21,7 @@ from peftjax.tuners.base._modules_to_save import add_saved_copy
 
 def check_linear_targets(
     modules: dict[str, nnx.Module], targets: list[str], layer_type: type, method: str, *, embed: bool = False,
-    conv1d: bool = False, quantized: bool = False,
+    conv1d: bool = False,
 ) -> None:
     """Fails, before anything changes, on targets PEFT's ``method`` does not adapt.
 
@@ -30,19 +30,15 @@ def check_linear_targets(
         of PEFT 0.22.0 accept ``torch.nn.Linear`` but not transformers' ``Conv1D``), an
         ``nnx.Embed`` where ``embed`` is false, or another layer type. ``conv1d``: the method
         adapts ``Conv1D`` too (GraLoRA).
-      NotImplementedError: a target is quantized and ``quantized`` is false (the methods that run on
-        quantized layers here pass ``quantized=True``: HiRA, RoAd, RandLoRA, BEFT).
-    """
-    from peftjax.quantization import QuantizedLinear
 
+    A bitsandbytes-quantized linear (``peftjax.quantization``) is an ``nnx.Linear`` whose ``kernel``
+    reads dequantized and writes requantized, so every method adapts it as it adapts a float one.
+    """
     problems = []
     for name in targets:
         m = modules[name]
         if isinstance(m, AdapterLayer) and not isinstance(m, layer_type):
             problems.append(f"{name} ({type(m).__name__}) already carries another method's adapter")
-        elif isinstance(m, QuantizedLinear) and not quantized:
-            raise NotImplementedError(f"{method} on the quantized layer {name} is not implemented (peftjax runs "
-                                      f"LoRA, AdaLoRA, IA3, HiRA, RoAd, RandLoRA and BEFT on quantized layers)")
         elif isinstance(m, nnx.Embed) and embed:
             continue
         elif not isinstance(m, nnx.Linear):
@@ -70,7 +66,6 @@ def inject_each_layer(
     add: Callable[[nnx.Module, Any, jax.Array], None],
     embed: bool = False,
     conv1d: bool = False,
-    quantized: bool = False,
 ) -> PeftConfig:
     """Adds one method's adapter ``adapter_name`` to every layer ``config`` targets, in place.
 
@@ -78,8 +73,8 @@ def inject_each_layer(
     leave the model untouched) and returns what ``add(module, prepared, key)`` needs; ``add`` gets
     the target with its class already swapped by ``class_for`` and its adapter state set up, and a
     key folded from ``key`` (default ``jax.random.key(0)``) with the target's index. ``embed``: the
-    method adapts ``nnx.Embed`` layers too (OFT); ``conv1d``: GPT-2's ``Conv1D`` too (GraLoRA);
-    ``quantized``: bitsandbytes-quantized linears too (their ``kernel`` reads dequantized).
+    method adapts ``nnx.Embed`` layers too (OFT); ``conv1d``: GPT-2's ``Conv1D`` too (GraLoRA).
+    Bitsandbytes-quantized linears are adapted like float ones (their ``kernel`` reads dequantized).
 
     Returns:
       The resolved config (targets filled in, ``all-linear`` expanded, task heads added, a
@@ -95,7 +90,7 @@ def inject_each_layer(
     key = jax.random.key(0) if key is None else key
     modules = named_modules(model)
     targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
-    check_linear_targets(modules, targets, layer_type, method, embed=embed, conv1d=conv1d, quantized=quantized)
+    check_linear_targets(modules, targets, layer_type, method, embed=embed, conv1d=conv1d)
     if hasattr(config, "fan_in_fan_out"):
         config = settle_fan_in_fan_out(config, [modules[n] for n in targets])
     for name in targets:

@@ -67,6 +67,40 @@ def _by_adapter(variables: dict[str, list[nnx.Variable]]):
     return requires_grad, devices
 
 
+def _module_type(layer: nnx.Module) -> str:
+    """PEFT's repr of the layer: ``"<method>.<class>"``, or a method's own (``status_module_type``).
+
+    On a bitsandbytes-quantized linear, a method with its own bitsandbytes layers in PEFT names them
+    (``bnb_status_prefix``: ``"lora."`` gives ``"lora.Linear4bit"``); the others wrap it in their
+    float layer, whose name they keep (``"oft.Linear"``).
+    """
+    from peftjax.quantization import QuantizedLinear
+
+    quantized = isinstance(layer, QuantizedLinear)
+    if quantized and getattr(layer, "bnb_status_prefix", None):
+        return layer.bnb_status_prefix + original_class(layer).__name__
+    if getattr(layer, "status_module_type", None):
+        return layer.status_module_type
+    base = "Linear" if quantized else original_class(layer).__name__
+    return f"{getattr(layer, 'method_name', 'adapter').lower()}.{base}"
+
+
+def _quantization_backend(layer: nnx.Module) -> str | None:
+    """PEFT's name of the quantization backend a layer goes through (``"bnb 4bit"``, ``"bnb 8bit"``).
+
+    PEFT 0.22.0 names it only for the methods that reach bitsandbytes' weights through its generic
+    backends (``reports_quantization_backend``: OFT, BOFT, MiSS, SHiRA, PaCA, VeRA); its LoRA, IA3,
+    AdaLoRA and the others with their own bitsandbytes layers report ``None``, and so does peftjax.
+    """
+    from peftjax.quantization import Linear4bit, Linear8bitLt
+
+    if not getattr(layer, "reports_quantization_backend", False):
+        return None
+    if isinstance(layer, Linear4bit):
+        return "bnb 4bit"
+    return "bnb 8bit" if isinstance(layer, Linear8bitLt) else None
+
+
 def get_layer_status(model: nnx.Module) -> list[TunerLayerStatus]:
     """The status of each adapter layer and ``modules_to_save`` wrapper, named as PEFT names them
     (``model.`` + the module path, PEFT's ``LoraModel.model`` prefix).
@@ -91,9 +125,7 @@ def get_layer_status(model: nnx.Module) -> list[TunerLayerStatus]:
             kind, enabled = "ModulesToSaveWrapper", not m.saved_disabled
             active, merged, available = list(m.saved_active), [], sorted(m.modules_to_save)
         else:
-            # PEFT's repr of the layer: "<method>.<class>", or a method's own (``status_module_type``)
-            kind = getattr(m, "status_module_type", None) or \
-                f"{getattr(m, 'method_name', 'adapter').lower()}.{original_class(m).__name__}"
+            kind = _module_type(m)
             enabled = not getattr(m, "adapter_disabled", False)
             active, merged = list(m.active_adapter_names()), list(m.merged_adapter_names())
             available = sorted(m.adapter_names())
@@ -101,7 +133,8 @@ def get_layer_status(model: nnx.Module) -> list[TunerLayerStatus]:
         for suffix in getattr(m, "status_suffixes", lambda: ("",))():
             out.append(TunerLayerStatus(name=f"model.{path}{suffix}", module_type=kind, enabled=enabled,
                                         active_adapters=active, merged_adapters=merged, requires_grad=requires_grad,
-                                        available_adapters=available, devices=devices))
+                                        available_adapters=available, devices=devices,
+                                        quantization_backend=_quantization_backend(m)))
     if not out:
         raise ValueError("No adapter layers found in the model, please ensure that it's a PEFT model or that you "
                          "have PEFT adapters injected in the model.")
@@ -119,6 +152,7 @@ def get_model_status(model: nnx.Module, *, base_model_type: str, adapter_model_t
     merged: list[str] | Irregular = sorted(merged_somewhere)
     if any((set(s.available_adapters) - set(s.merged_adapters)) & merged_somewhere for s in layers):
         merged = "irregular"
+    backends = {s.quantization_backend for s in layers}
     grads, devices = collections.defaultdict(list), collections.defaultdict(set)
     for s in layers:
         for name, value in s.requires_grad.items():
@@ -138,4 +172,5 @@ def get_model_status(model: nnx.Module, *, base_model_type: str, adapter_model_t
         requires_grad={n: _agree(v) for n, v in grads.items()},
         available_adapters=sorted(set().union(*(s.available_adapters for s in layers))),
         devices={n: sorted(v) for n, v in devices.items()},
+        quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
     )

@@ -46,4 +46,4 @@ def inject_beft(
         module.add_beft(adapter_name, bias)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=BeftLayer, method="BEFT",
-                             class_for=beft_class_for, prepare=prepare, add=add, quantized=True)
+                             class_for=beft_class_for, prepare=prepare, add=add)

@@ -108,6 +108,7 @@ class BOFTLayer(AdapterDictLayer):
 
     method_name = "BOFT"
     weight_dicts = ("boft_R", "boft_s")
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
     def add_boft(self, name: str, spec: BOFTSpec, key: jax.Array, init: bool = True) -> None:
         self._check_new(name)

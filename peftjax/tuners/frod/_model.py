@@ -110,7 +110,7 @@ def inject_frod(
     Raises:
       ValueError: nothing matches ``target_modules``; layers of one kind differ in input width; the
         adapter already exists.
-      TypeError: a target is not a supported layer (quantized layers, embeddings: not implemented).
+      TypeError: a target is not a supported layer (embeddings: not implemented).
       NotImplementedError: the model stacks its layers (``scan_layers=True``: a kind's basis is
         shared across layers).
 

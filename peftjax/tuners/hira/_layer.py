@@ -71,6 +71,7 @@ class HiraLinear(HiraLayer):
     """HiRA on ``nnx.Linear`` (GPT-2's ``Conv1D`` too): ``x (W ⊙ (B A))^T`` added."""
 
     status_module_type = "hira.Linear"
+    bnb_status_prefix = "hira."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
 
     def _update(self, x: jax.Array, name: str, spec: HiraSpec) -> jax.Array:
         h = apply_dropout(x, spec.dropout, f"{self.adapter_path}/{name}").astype(jnp.float32)

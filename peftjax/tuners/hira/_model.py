@@ -76,6 +76,6 @@ def inject_hira(
 
     resolved = inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=HiraLayer,
                                  method="HiRA", class_for=hira_class_for, prepare=prepare, add=add, embed=True,
-                                 conv1d=True, quantized=True)
+                                 conv1d=True)
     # PEFT's HiRA warns about fan_in_fan_out but hands each layer its own value, leaving the config's
     return dataclasses.replace(resolved, fan_in_fan_out=config.fan_in_fan_out)

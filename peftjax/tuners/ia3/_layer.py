@@ -49,6 +49,8 @@ class IA3Layer(AdapterDictLayer):
     """Mixin marking an IA³ layer (``isinstance(m, IA3Layer)`` finds them)."""
 
     method_name = "IA³"
+    status_module_type = "Linear"  # PEFT's IA3 layer keeps torch's repr (GPT-2's Conv1D too)
+    bnb_status_prefix = "ia3."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
     weight_dicts = ("ia3_l",)
     supports_adapter_rows = True  # a different adapter per batch row (PEFT has this for LoRA only)
 

@@ -48,7 +48,7 @@ def inject_lily(
       ValueError: nothing matches ``target_modules``; the adapter already exists on a layer.
       TypeError: a target is not a supported layer.
       NotImplementedError: the model stacks its layers (``scan_layers=True``: the sharing runs
-        across layers); a target is quantized.
+        across layers).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_lily(model, peftjax.LilyConfig(r=4, stride_A=2, target_modules=["q_proj"]))  # doctest: +SKIP

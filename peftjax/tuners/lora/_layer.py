@@ -321,6 +321,7 @@ class LoraLinear(LoraLayer):
     """
 
     status_module_type = "lora.Linear"  # PEFT's layer class (GPT-2's Conv1D gets it too)
+    bnb_status_prefix = "lora."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
 
     def __call__(self, inputs, *args, **kwargs):
         live = self._joint_adapters(inputs, args, kwargs)

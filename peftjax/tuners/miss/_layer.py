@@ -78,6 +78,7 @@ class MissLayer(AdapterDictLayer):
     method_name = "MiSS"
     status_module_type = "miss.MissLinear"
     weight_dicts = ("miss_block",)
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
     def add_miss(self, name: str, spec: MissSpec, value: jax.Array) -> None:
         self._check_new(name)

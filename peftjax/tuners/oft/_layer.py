@@ -87,6 +87,7 @@ class OFTLayer(AdapterDictLayer):
     method_name = "OFT"
     weight_dicts = ("oft_R", "oft_embedding_R")
     oft_kind: str = "linear"
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
     @property
     def _store(self) -> nnx.Dict:

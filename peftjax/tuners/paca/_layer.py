@@ -44,6 +44,7 @@ class PacaLayer(AdditiveLayer):
     status_module_type = "paca.Linear"
     weight_dicts = ("paca_delta",)
     cache_dicts = ("paca_indices",)
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
     def add_paca(self, name: str, spec: PacaSpec, delta, indices) -> None:
         self._check_new(name)

@@ -53,6 +53,7 @@ class RandLoraLayer(AdditiveLayer):
 
     method_name = "RandLoRA"
     status_module_type = "randlora.Linear"
+    bnb_status_prefix = "randlora."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
     weight_dicts = ("randlora_lambda", "randlora_gamma")
     cache_dicts = ("randlora_A", "randlora_B")  # the model's shared bases, frozen
 

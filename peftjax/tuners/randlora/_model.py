@@ -39,7 +39,6 @@ def inject_randlora(
       ValueError: nothing matches ``target_modules``; another RandLoRA adapter on the model has a
         different ``projection_prng_key`` or ``save_projection`` (PEFT's rule); the adapter exists.
       TypeError: a target is not a linear layer, or carries another method's adapter.
-      NotImplementedError: a target is quantized.
       NotImplementedError: the model stacks its layers (``scan_layers=True``): the bases are shared
         by all layers, not stacked per layer.
 
@@ -80,7 +79,7 @@ def inject_randlora(
         module.add_randlora(adapter_name, spec, bases[0], key, init_weights=config.init_weights)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=RandLoraLayer,
-                             method="RandLoRA", class_for=randlora_class_for, conv1d=True, quantized=True, add=add,
+                             method="RandLoRA", class_for=randlora_class_for, conv1d=True, add=add,
                              prepare=lambda _, __, module: shapes.append(module.kernel.get_value().shape))
 
 

@@ -68,6 +68,7 @@ class RoadLayer(AdapterDictLayer):
 
     method_name = "RoAd"
     status_module_type = "road.Linear"
+    bnb_status_prefix = "road."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
     weight_dicts = ("road_theta", "road_alpha")
     supports_adapter_rows = True  # a different adapter per batch row, as PEFT's _mixed_batch_forward
 

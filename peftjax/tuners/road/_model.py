@@ -55,4 +55,4 @@ def inject_road(
         module.add_road(adapter_name, spec, theta, alpha)
 
     return inject_each_layer(model, config, adapter_name=adapter_name, key=key, layer_type=RoadLayer, method="RoAd",
-                             class_for=road_class_for, prepare=prepare, add=add, quantized=True)
+                             class_for=road_class_for, prepare=prepare, add=add)

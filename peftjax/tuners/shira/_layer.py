@@ -47,6 +47,7 @@ class ShiraLayer(AdditiveLayer):
     status_module_type = "shira.Linear"
     weight_dicts = ("shira_weight",)
     cache_dicts = ("shira_indices",)
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
     def add_shira(self, name: str, spec: ShiraSpec, values, indices) -> None:
         self._check_new(name)

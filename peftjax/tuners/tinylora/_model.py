@@ -54,9 +54,9 @@ def inject_tinylora(
         ``save_projection=False`` (torch's draw of so few values is not reproduced); another
         TinyLoRA adapter on the model differs in ``save_projection`` (PEFT's rule); the adapter
         already exists.
-      TypeError: a target is not a supported layer.
+      TypeError: a target is not a supported layer (embeddings included).
       NotImplementedError: the model stacks its layers (``scan_layers=True``: the vectors are
-        shared across layers); a target is quantized or an embedding.
+        shared across layers).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_tinylora(model, peftjax.TinyLoraConfig(r=2, u=16, target_modules=["q_proj"]))  # doctest: +SKIP

@@ -65,7 +65,7 @@ def inject_unilora(
       ValueError: nothing matches ``target_modules``; the adapter already exists.
       TypeError: a target is not a linear layer, or carries another method's adapter.
       NotImplementedError: the model stacks its layers (``scan_layers=True``: the positions run
-        across layers, which a stacked layer shares); a target is quantized.
+        across layers, which a stacked layer shares).
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_unilora(model, peftjax.UniLoraConfig(r=4, theta_d_length=64, target_modules=["q_proj"]))  # doctest: +SKIP

@@ -39,7 +39,7 @@ def inject_vblora(
         input or output size (PEFT's message, naming the layer); the adapter already exists.
       TypeError: a target is not a linear layer, or carries another method's adapter.
       NotImplementedError: the model stacks its layers (``scan_layers=True``): the bank is shared
-        by all layers, not stacked per layer; a target is quantized.
+        by all layers, not stacked per layer.
 
     >>> import peftjax  # doctest: +SKIP
     >>> inject_vblora(model, peftjax.VBLoRAConfig(r=4, vector_length=16, target_modules=["q_proj"]))  # doctest: +SKIP

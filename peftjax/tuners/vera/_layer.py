@@ -72,6 +72,7 @@ class VeraLayer(AdditiveLayer):
     method_name = "VeRA"
     weight_dicts = ("vera_lambda_b", "vera_lambda_d")
     adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("vera_A", "vera_B")
+    reports_quantization_backend = True  # PEFT's status names bitsandbytes' backend for it
 
 
 class VeraLinear(VeraLayer):
@@ -172,6 +173,8 @@ class PveraLinear(VeraLinear):
 
     method_name = "PVeRA"
     status_module_type = "pvera.Linear"
+    bnb_status_prefix = "pvera."  # PEFT's own bitsandbytes layer: <prefix>Linear4bit
+    reports_quantization_backend = False  # its own bitsandbytes layers, not PEFT's generic backend (as VeRA)
     key_prefix = "pvera_"
     probabilistic = True
 
