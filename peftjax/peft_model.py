@@ -274,9 +274,16 @@ class PeftModel:
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, all)`` parameter counts, adapters included in ``all`` as PEFT counts them.
 
-        PEFT swaps inactive adaption prompts out of the model, so they count in neither number.
+        PEFT swaps inactive adaption prompts out of the model, so they count in neither number. A
+        quantized linear's weight counts its ``in x out`` entries, as PEFT counts bitsandbytes' packed
+        weights (the codes are not parameters here).
         """
+        from peftjax.quantization import Linear4bit, quantized_linears
+
         total = _count(nnx.state(self.base_model, nnx.Param))
+        for m in quantized_linears(self.base_model).values():  # 4-bit codes packed two to a byte (stacked too)
+            if m.float_kernel is None:
+                total += int(m.weight.get_value().size) * (2 if isinstance(m, Linear4bit) else 1)
         for layer in tuner_base.adapter_layers(self.base_model).values():
             for name in set(layer.adapter_names()) - set(self.active_adapters):
                 if getattr(self.peft_config.get(name), "peft_type", None) == "ADAPTION_PROMPT":

@@ -1155,15 +1155,17 @@ def make_app(generator: BatchingGenerator):
 
 
 def load_for_serving(base: str | os.PathLike, adapters: Mapping[str, str | os.PathLike], *,
-                     dtype=None, strict: bool = True) -> PeftModel:
-    """The base model with every adapter of ``adapters`` (``{name: directory or Hub id}``) loaded."""
+                     dtype=None, strict: bool = True, quantization_config=None) -> PeftModel:
+    """The base model with every adapter of ``adapters`` (``{name: directory or Hub id}``) loaded;
+    ``quantization_config``: the base quantized (``peftjax.quantization.QuantizationConfig``)."""
     from peftjax.auto import AutoPeftModel
 
     items = list(adapters.items())
     if not items:
         raise ValueError("give at least one adapter (--adapter NAME=DIR); `peftjax generate` runs the base alone")
     (name, path), rest = items[0], items[1:]
-    model = AutoPeftModel.from_pretrained(path, base, adapter_name=name, dtype=dtype, strict=strict)
+    quantized = {} if quantization_config is None else {"quantization_config": quantization_config}
+    model = AutoPeftModel.from_pretrained(path, base, adapter_name=name, dtype=dtype, strict=strict, **quantized)
     for name, path in rest:
         model.load_adapter(path, adapter_name=name, strict=strict)
     return model

@@ -130,6 +130,8 @@ def test_peft_qlora_adapter_loads_here(ckpt, tmp_path, kind):
     got = jax_logits(loaded)
     np.testing.assert_allclose(got, expected, atol=TOL[kind], rtol=0)
     assert layer_status(loaded) == layer_status(peft_model)  # lora.Linear4bit / lora.Linear8bitLt
+    # every weight counted, a quantized one by its entries: the float model's count plus the adapter's
+    assert loaded.get_nb_trainable_parameters()[1] == peft_model.get_nb_trainable_parameters()[1]
     # the adapter changed the output by far more than the tolerance
     assert np.abs(expected - torch_logits(bnb_model(ckpt, kind))).max() > 20 * TOL[kind]
 

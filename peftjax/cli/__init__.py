@@ -109,10 +109,35 @@ def _load_with_adapter(args):
     from peftjax import models
     from peftjax.auto import AutoPeftModel
 
+    quantized = _quantization_kwargs(args)
     if not args.adapter:
-        return models.from_pretrained(args.base, dtype=args.dtype, revision=args.base_revision)
+        return models.from_pretrained(args.base, dtype=args.dtype, revision=args.base_revision, **quantized)
     return AutoPeftModel.from_pretrained(_adapter_dir(args), _base_dir(args), dtype=args.dtype,
-                                         strict=not args.no_strict)
+                                         strict=not args.no_strict, **quantized)
+
+
+def _quantization_kwargs(args) -> dict:
+    """``{"quantization_config": ...}`` where the command's flags ask for a quantized base, else ``{}``."""
+    from peftjax.cli._job import quantization_config
+
+    if not hasattr(args, "load_in_4bit"):  # merge: the base as it is saved
+        return {}
+    config = quantization_config({"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
+                                  "bnb_4bit_quant_type": args.bnb_4bit_quant_type,
+                                  "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
+                                  "bf16": args.dtype == "bfloat16"})
+    return {} if config is None else {"quantization_config": config}
+
+
+def _add_quantization_arguments(p) -> None:
+    """The train job's QLoRA flags, for the commands that run an adapter on its base."""
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="run on a 4-bit base, quantized as `peftjax train --load-in-4bit` (and bitsandbytes) "
+                        "quantizes it: an adapter trained on one gives its training's outputs")
+    p.add_argument("--load-in-8bit", action="store_true", help="run on an 8-bit base (LLM.int8())")
+    p.add_argument("--bnb-4bit-quant-type", default="nf4", help="--load-in-4bit: nf4 (default) or fp4")
+    p.add_argument("--bnb-4bit-use-double-quant", action="store_true",
+                   help="--load-in-4bit: the blocks' scales quantized too (QLoRA's double quantization)")
 
 
 def _base_dir(args) -> Path:
@@ -604,7 +629,8 @@ def _serve(args) -> int:
             raise ValueError(f"--adapter {name!r} is given twice")
         adapters[name] = str(_adapter_dir(argparse.Namespace(adapter=path, revision=None)))
     base = _base_dir(args)
-    model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict)
+    model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict,
+                             **_quantization_kwargs(args))
     tokenizer = load_tokenizer(args.tokenizer or base)
     translation_languages(tokenizer, model, args.src_lang, args.tgt_lang)  # refused here by their flags
     generator = BatchingGenerator(model, tokenizer, max_batch_size=args.max_batch_size,
@@ -680,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "first new token")
     p.add_argument("--base-revision", help=BASE_REVISION_HELP)
     p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
+    _add_quantization_arguments(p)
     p.set_defaults(func=_serve)
 
     for name, func, what in (("generate", _generate, "continue prompts with a causal LM"),
@@ -697,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--file", help="a file with one input per line")
         p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
         p.add_argument("--no-strict", action="store_true", help=NO_STRICT_HELP)
+        _add_quantization_arguments(p)
         p.add_argument("--task-id", type=int, default=None,
                        help="Poly and multitask prompt tuning adapters: the texts' task (default: 0 for an adapter "
                             "of one task; one of several needs it)")

@@ -72,6 +72,10 @@ DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "seed": 42,
     "bf16": False,
+    "load_in_4bit": False,  # QLoRA: the base's linears quantized as bitsandbytes quantizes them
+    "load_in_8bit": False,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": False,
     "overwrite_output_dir": False,
     "resume_from_checkpoint": None,
     "disable_tqdm": False,
@@ -210,6 +214,13 @@ FLAG_HELP = {
     "lora_alpha": "lora, dora, adalora: the scale's numerator (default: 32 for lora and dora)",
     "lora_dropout": "lora, dora, adalora: dropout on the adapter's input (default: 0.1 for lora and dora)",
     "num_virtual_tokens": "prefix, prompt, p-tuning: virtual tokens (default: 20)",
+    "load_in_4bit": "train on a 4-bit base (QLoRA): every linear layer but the heads (lm_head, score, "
+                    "classifier) stored in bitsandbytes' 4-bit format and dequantized as it runs, in float32 "
+                    "(bfloat16 with --bf16); the adapter is saved as on a float base",
+    "load_in_8bit": "train on an 8-bit base: the linear layers in LLM.int8()'s format (bitsandbytes')",
+    "bnb_4bit_quant_type": "--load-in-4bit: nf4 (default, QLoRA's) or fp4",
+    "bnb_4bit_use_double_quant": "--load-in-4bit: quantize the 4-bit blocks' scales too (QLoRA's double "
+                                 "quantization; about 0.4 bits a weight less)",
     "predict": "texts to predict after training (repeatable)",
     "resume_from_checkpoint": "a checkpoint directory, or 'latest'",
     "overwrite_output_dir": "start afresh in an output directory an earlier run used (default: refuse it)",
@@ -218,6 +229,48 @@ FLAG_HELP = {
                          "($PEFTJAX_CACHE_DIR/xla or ~/.cache/peftjax/xla, unless JAX has a directory of its own), "
                          "a directory, or 'off'",
 }
+
+
+def quantization_config(options: dict[str, Any]):
+    """The :class:`~peftjax.quantization.QuantizationConfig` the options ask for (``None``: a float base).
+
+    ``options``: ``load_in_4bit``, ``load_in_8bit``, ``bnb_4bit_quant_type``,
+    ``bnb_4bit_use_double_quant`` and ``bf16`` (the compute dtype), as the train job and the
+    ``predict``/``generate``/``serve`` commands hold them.
+
+    Raises:
+      ValueError: both sizes asked for, an unknown 4-bit type, or a 4-bit option without
+        ``--load-in-4bit`` (it would be ignored).
+    """
+    from peftjax.quantization import QuantizationConfig
+
+    four, eight = bool(options.get("load_in_4bit")), bool(options.get("load_in_8bit"))
+    kind, double = options.get("bnb_4bit_quant_type") or "nf4", bool(options.get("bnb_4bit_use_double_quant"))
+    if four and eight:
+        raise ValueError("--load-in-4bit and --load-in-8bit: choose one")
+    if kind not in ("nf4", "fp4"):
+        raise ValueError(f"--bnb-4bit-quant-type must be nf4 or fp4, got {kind!r}")
+    if not four and (kind != "nf4" or double):
+        flag = "--bnb-4bit-quant-type" if kind != "nf4" else "--bnb-4bit-use-double-quant"
+        raise ValueError(f"{flag} is for a 4-bit base: add --load-in-4bit")
+    if not (four or eight):
+        return None
+    compute = "bfloat16" if options.get("bf16") else "float32"
+    if eight:
+        return QuantizationConfig(load_in_8bit=True)
+    return QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def describe_quantized(model) -> dict[str, Any] | None:
+    """What a quantized base holds: its quantized linears, their bytes, and the float bytes they replace."""
+    from peftjax.quantization import quantized_bytes, quantized_linears
+
+    layers = quantized_linears(model)
+    if not layers:
+        return None
+    floats = sum(m.in_features * m.out_features for m in layers.values()) * 4
+    return {"linears": len(layers), "bytes": quantized_bytes(model), "float32_bytes": floats}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -295,6 +348,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if twice:
         raise ValueError(f"{twice[0]} given twice: --{twice[0].replace('_', '-')} and --method-option {twice[0]}=...")
     compilation_cache_setting(options["compilation_cache"])  # refused before anything runs
+    quantization_config(options)  # the same
     batches = options["calibration_batches"]
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
         raise ValueError(f"calibration_batches must be a positive int, got {batches!r}")
@@ -542,6 +596,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
         print(f"data: {figures['train_rows']} train rows ({what} {figures['train_label_counts']}), "
               f"{figures['eval_rows']} eval rows")
     dtype = "bfloat16" if options["bf16"] else None
+    quantization = quantization_config(options)
 
     def base_model():
         with warnings.catch_warnings():
@@ -550,15 +605,20 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 named = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} \
                     if names else {}
                 model = models.from_pretrained(model_path, dtype=dtype, task_type=task_type, num_labels=num_labels,
-                                               seed=options["seed"], **named)
+                                               seed=options["seed"], quantization_config=quantization, **named)
             else:
                 seeded = {"seed": options["seed"]} if task in MODEL_TASKS else {}  # its new head
                 model = models.from_pretrained(model_path, dtype=dtype, task_type=MODEL_TASKS.get(task, task_type),
-                                               **seeded)
+                                               quantization_config=quantization, **seeded)
             if task == "masked_lm" and not type(model).__name__.endswith("ForMaskedLM"):
                 raise ValueError(f"--task masked_lm needs a masked LM checkpoint (one with its masked-LM head, as "
                                  f"the Hub's BERT, RoBERTa, DistilBERT, ModernBERT and DeBERTa checkpoints and "
                                  f"ELECTRA's generators are); {model_path} is a {type(model).__name__}")
+        if quantization is not None and "quantized" not in figures:
+            figures["quantized"] = held = describe_quantized(model)
+            kind = "int8" if quantization.load_in_8bit else quantization.bnb_4bit_quant_type.upper()
+            print(f"base quantized as bitsandbytes does: {held['linears']} linear layers in {kind}, "
+                  f"{held['bytes'] / 2**20:.1f} MiB instead of {held['float32_bytes'] / 2**20:.1f} MiB in float32")
         if forced_language is not None:  # generated outputs start in the target language, as transformers' recipe
             defaults = getattr(model, "generation_config", None)
             defaults = defaults.to_dict() if defaults is not None else {}

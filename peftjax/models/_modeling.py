@@ -408,7 +408,10 @@ class PreTrainedModel(nnx.Module):
             consumed = load_quantized_linears(model, state_dict, quantization_config,
                                               checkpoint_prefix=checkpoint_prefix, source=source)
             model.load_hf_state_dict(_Without(state_dict, consumed), source=source, seed=seed)
-            quantize_model(model, quantization_config)  # any linear the checkpoint lacks (initialised)
+            # the linears the checkpoint held in float; those it lacks (a new head: a pooler) stay in float,
+            # since the adapter trains them and saves them with it (add_new_head_modules), as the classifier
+            new = tuple(dict.fromkeys(k.rsplit(".", 1)[0] for k in model.newly_initialised))
+            quantize_model(model, quantization_config, keep_float=new)
         return model
 
     def _align_prefix(self, keys: set[str], expected: set[str]) -> dict[str, str]:

@@ -50,9 +50,10 @@ def _quantizable(module: nnx.Module) -> bool:
     return type(module) is nnx.Linear or (isinstance(module, nnx.Linear) and not _torch_weight_transposed(module))
 
 
-def _targets(model: nnx.Module, config: QuantizationConfig) -> list[tuple[tuple, str, nnx.Linear]]:
+def _targets(model: nnx.Module, config: QuantizationConfig,
+             keep_float: tuple[str, ...] = ()) -> list[tuple[tuple, str, nnx.Linear]]:
     """``(path, dotted name, layer)`` of every float ``nnx.Linear`` that ``config`` quantizes."""
-    skip = config.skip_modules()
+    skip = tuple(config.skip_modules()) + keep_float
     targets = []
     for path, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Linear) or isinstance(module, QuantizedLinear):
@@ -92,12 +93,15 @@ def _record(model, config: QuantizationConfig) -> None:
         hf.quantization_config = config.to_dict()
 
 
-def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
+def quantize_model(model: nnx.Module, quantization_config, *, keep_float=()) -> nnx.Module:
     """Replaces every ``nnx.Linear`` of ``model`` (but the skipped ones) by a quantized layer, in place.
 
     Args:
       model: a bundled model (Llama family, BERT, GPT-2), with its weights loaded.
       quantization_config: a :class:`QuantizationConfig`, its dict, or transformers' ``BitsAndBytesConfig``.
+      keep_float: more module names kept in float, beside ``llm_int8_skip_modules`` (or its default,
+        the heads): ``from_pretrained`` keeps the linears the checkpoint lacked (a new pooler), which
+        the adapter trains and saves as it saves a new classifier.
 
     Returns:
       ``model``, whose linears are now :class:`Linear4bit` or :class:`Linear8bitLt`; their float
@@ -111,9 +115,9 @@ def quantize_model(model: nnx.Module, quantization_config) -> nnx.Module:
     config = QuantizationConfig.from_any(quantization_config)
     if _stacked(model):  # scan_layers=True: each layer quantized, then stacked again (arrays [L, ...])
         with _unstacked(model, write=True):
-            return quantize_model(model, config)
+            return quantize_model(model, config, keep_float=keep_float)
     compute = _compute_dtype(model, config)
-    for path, name, module in _targets(model, config):
+    for path, name, module in _targets(model, config, tuple(keep_float)):
         kernel = module.kernel.get_value()
         bias = module.bias.get_value() if module.bias is not None else None
         _replace(model, path, _quantized_layer(np.asarray(kernel).T, bias, config, compute, name))
