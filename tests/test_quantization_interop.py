@@ -488,14 +488,14 @@ BNB_METHODS = {
 }
 
 
-def peft_adapter_on_nf4(ckpt, path, method: str):
-    """PEFT's ``method`` adapter on transformers' NF4 model, its trained tensors moved off their start
-    and saved to ``path``; returns the PEFT model (eval, float32 oracle)."""
+def peft_adapter_on_bnb(ckpt, path, method: str, kind: str = "nf4"):
+    """PEFT's ``method`` adapter on transformers' ``kind`` (nf4, int8) model, its trained tensors moved
+    off their start and saved to ``path``; returns the PEFT model (eval, float32 oracle)."""
     name, fields = BNB_METHODS[method]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(bnb_model(ckpt, "nf4"), getattr(peft, name)(task_type="CAUSAL_LM", **fields))
+        theirs = peft.get_peft_model(bnb_model(ckpt, kind), getattr(peft, name)(task_type="CAUSAL_LM", **fields))
         with torch.no_grad():
             for p in theirs.parameters():
                 if p.requires_grad:
@@ -504,19 +504,24 @@ def peft_adapter_on_nf4(ckpt, path, method: str):
     return float32_oracle(theirs.eval())
 
 
-@pytest.mark.parametrize("method", sorted(BNB_METHODS))
-def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
-    """An adapter of each method PEFT runs on bitsandbytes layers, made by PEFT on transformers' NF4
-    model, gives PEFT's logits (and its layer status) on the NF4 base here; trained here (the public
-    functional core), it gives ours in PEFT on the bitsandbytes model."""
-    theirs = peft_adapter_on_nf4(ckpt, tmp_path / "theirs", method)
-    expected = torch_logits(theirs)
-    assert np.abs(expected - torch_logits(bnb_model(ckpt, "nf4"))).max() > 20 * TOL["nf4"]
+# every method on NF4; on int8, one with its own bitsandbytes layers in PEFT and three through its backends
+OTHER_CASES = [(m, "nf4") for m in sorted(BNB_METHODS)] + [(m, "int8") for m in ("hira", "oft", "paca", "vera")]
 
-    base = models.from_pretrained(ckpt, quantization_config=ours("nf4"))
+
+@pytest.mark.parametrize("method,kind", OTHER_CASES, ids=[f"{m}-{k}" for m, k in OTHER_CASES])
+def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method, kind):
+    """An adapter of each method PEFT runs on bitsandbytes layers, made by PEFT on transformers' NF4
+    (or int8) model, gives PEFT's logits (and its layer status) on that base here; trained here (the
+    public functional core), it gives ours in PEFT on the bitsandbytes model."""
+    theirs = peft_adapter_on_bnb(ckpt, tmp_path / "theirs", method, kind)
+    expected = torch_logits(theirs)
+    assert np.abs(expected - torch_logits(bnb_model(ckpt, kind))).max() > 20 * TOL["nf4"]  # the adapter shows
+
+    base = models.from_pretrained(ckpt, quantization_config=ours(kind))
     loaded = peftjax.PeftModel.from_pretrained(base, tmp_path / "theirs", is_trainable=True)
-    assert all(isinstance(m, Linear4bit) for m in quantized_linears(loaded.base_model).values())
-    np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL["nf4"], rtol=0)
+    layer = Linear4bit if kind == "nf4" else Linear8bitLt
+    assert all(isinstance(m, layer) for m in quantized_linears(loaded.base_model).values())
+    np.testing.assert_allclose(jax_logits(loaded), expected, atol=TOL[kind], rtol=0)
     theirs_status = layer_status(theirs)
     if method == "road":  # PEFT 0.22.0's road.bnb.Linear4bit.__repr__ says "oft."
         theirs_status = [(n, t.replace("oft.", "road."), b) for n, t, b in theirs_status]
@@ -531,18 +536,18 @@ def test_peft_s_other_quantized_methods_move_both_ways(ckpt, tmp_path, method):
         assert trained.losses[-1] < trained.losses[0]
     loaded.save_pretrained(tmp_path / "ours")
     mine = jax_logits(loaded)
-    assert np.abs(mine - expected).max() > 20 * TOL["nf4"]
+    assert np.abs(mine - expected).max() > 20 * TOL["nf4"]  # trained
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(bnb_model(ckpt, "nf4"), tmp_path / "ours")
-    np.testing.assert_allclose(mine, torch_logits(float32_oracle(back.eval())), atol=TOL["nf4"], rtol=0)
+        back = peft.PeftModel.from_pretrained(bnb_model(ckpt, kind), tmp_path / "ours")
+    np.testing.assert_allclose(mine, torch_logits(float32_oracle(back.eval())), atol=TOL[kind], rtol=0)
 
 
 @pytest.mark.parametrize("method", ["oft", "boft", "miss", "miss_bat", "shira", "paca", "vera"])
 def test_merging_the_weight_reading_methods_into_a_quantized_base(ckpt, tmp_path, method):
     """Merged into the NF4 weights, requantized: PEFT's ``merge_and_unload`` on bitsandbytes gives the
     same logits. Merged into the dequantized weights: the unmerged adapter's logits."""
-    theirs = peft_adapter_on_nf4(ckpt, tmp_path, method)
+    theirs = peft_adapter_on_bnb(ckpt, tmp_path, method)
     unmerged = torch_logits(theirs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
