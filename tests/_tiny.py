@@ -194,6 +194,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    # Zamba (v1) in small: three hybrid layers sharing one block, Mamba heads of 16 channels, padded rows
+    "zamba": ("ZambaConfig", "ZambaForCausalLM", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=6, intermediate_size=40, num_attention_heads=4,
+        num_key_value_heads=2, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
+        mamba_d_state=8, n_mamba_heads=4, mamba_dt_rank=4, pad_token_id=0)),
     # Zamba2 in small: three hybrid layers over two shared blocks (the third ties to the first), the model's
     # own attention adapters and RoPE on; chunks of 4 so the Mamba-2 scan crosses chunks
     "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(

@@ -47,7 +47,7 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "nemotron", "helium", "granitemoe", "exaone4", "apertus", "lfm2", "granitemoeshared",
                         "granitemoehybrid", "nemotron_h", "mamba2", "bamba", "jamba",
                         "falcon_h1", "hunyuan_v1_moe",
-                        "hunyuan_v1_dense", "phimoe", "zamba2", "lfm2_moe")}
+                        "hunyuan_v1_dense", "phimoe", "zamba", "zamba2", "lfm2_moe")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
 V = 4  # virtual tokens
@@ -98,6 +98,9 @@ CASES = {
     # shared block reads
     ("lfm2_moe", "prompt"): ("peft->here",),
     ("lfm2_moe", "p-tuning"): ("here->peft",),
+    # Zamba (LoRA both ways on the shared block and the Mamba heads' projections: test_zamba): likewise
+    ("zamba", "prompt"): ("peft->here",),
+    ("zamba", "p-tuning"): ("here->peft",),
     ("zamba2", "prompt"): BOTH,
     ("zamba2", "p-tuning"): ("here->peft",),
     ("phimoe", "dora"): ("here->peft",),

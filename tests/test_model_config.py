@@ -25,7 +25,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "gpt2": "GPT2Config",
            "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "roberta": "RobertaConfig",
            "xlm-roberta": "XLMRobertaConfig", "camembert": "CamembertConfig", "albert": "AlbertConfig",
-           "mpt": "MptConfig", "zamba2": "Zamba2Config", "lfm2_moe": "Lfm2MoeConfig",
+           "mpt": "MptConfig", "zamba": "ZambaConfig", "zamba2": "Zamba2Config", "lfm2_moe": "Lfm2MoeConfig",
            "vaultgemma": "VaultGemmaConfig", "flex_olmo": "FlexOlmoConfig",
            "qwen3_moe": "Qwen3MoeConfig",
            "qwen2_moe": "Qwen2MoeConfig", "olmo2": "Olmo2Config", "olmo3": "Olmo3Config",
@@ -151,6 +151,9 @@ VARIANTS = [
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
     ("lfm2_moe", dict(layer_types=["conv", "full_attention"], num_hidden_layers=2, num_dense_layers=1,
                       use_expert_bias=False, tie_embedding=False, routed_scaling_factor=2.5)),
+    # Zamba (v1): the layer kinds from attn_layer_period/offset, the dt rank "auto", the attention widths derived
+    ("zamba", dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=11, layers_block_type=None,
+                   attn_layer_period=3, attn_layer_offset=1, mamba_dt_rank="auto")),
     ("zamba2", dict(hidden_size=64, num_attention_heads=8, layers_block_type=["mamba", "hybrid", "hybrid"],
                     num_hidden_layers=3, num_mem_blocks=2, use_mem_rope=True, intermediate_size=None,
                     use_long_context=True)),

@@ -238,6 +238,7 @@ from peftjax.models._mixtral import (
     MixtralForTokenClassification,
 )
 from peftjax.models._lfm2_moe import Lfm2MoeForCausalLM
+from peftjax.models._zamba import ZambaForCausalLM, ZambaForSequenceClassification
 from peftjax.models._zamba2 import Zamba2ForCausalLM, Zamba2ForSequenceClassification
 from peftjax.models._mpt import (
     MptForCausalLM,
@@ -508,6 +509,8 @@ __all__ = [
     "Phi3ForTokenClassification",
     "PhimoeForCausalLM",
     "MptForCausalLM",
+    "ZambaForCausalLM",
+    "ZambaForSequenceClassification",
     "Zamba2ForCausalLM",
     "VaultGemmaForCausalLM",
     "Lfm2MoeForCausalLM",

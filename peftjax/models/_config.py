@@ -313,6 +313,18 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_dense_layers": 2, "num_experts_per_tok": 4, "output_router_logits": False, "num_experts": 32,
         "use_expert_bias": True, "routed_scaling_factor": 1.0, "norm_topk_prob": True, "layer_types": None,
     },
+    # ZambaConfig (Zamba-7B-v1's sizes; the derived fields below as its __post_init__ computes them)
+    "zamba": {
+        "vocab_size": 32000, "tie_word_embeddings": True, "hidden_size": 3712, "attention_hidden_size": None,
+        "intermediate_size": 14848, "num_hidden_layers": 76, "num_attention_heads": 16, "attention_head_dim": None,
+        "num_key_value_heads": 16, "n_mamba_heads": 2, "hidden_act": "gelu", "hidden_mamba_act": "silu",
+        "initializer_range": 0.02, "rms_norm_eps": 1e-05, "use_cache": True, "num_logits_to_keep": 1,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "max_position_embeddings": 4096,
+        "attention_dropout": 0.0, "attn_layer_period": 6, "attn_layer_offset": 4, "use_mamba_kernels": True,
+        "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": "auto",
+        "use_associative_scan": True, "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 0.0001,
+        "mamba_conv_bias": True, "mamba_proj_bias": False, "layers_block_type": None,
+    },
     # Zamba2Config (Zamba2-2.7B's sizes; the derived fields below as its __post_init__ computes them)
     "zamba2": {
         "vocab_size": 32000, "max_position_embeddings": 4096, "hidden_size": 2560, "num_hidden_layers": 54,
@@ -855,6 +867,7 @@ ATTRIBUTE_MAPS: dict[str, dict[str, str]] = {
     "lfm2": {"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
     "hunyuan_v1_moe": {"num_experts_per_tok": "moe_topk", "num_local_experts": "num_experts"},
     "granitemoehybrid": {"layers_block_type": "layer_types"},
+    "zamba": {"layer_types": "layers_block_type", "head_dim": "attention_head_dim"},
     "zamba2": {"layer_types": "layers_block_type", "head_dim": "attention_head_dim"},
     "lfm2_moe": {"tie_embedding": "tie_word_embeddings"},
     "nemotron_h": {"layer_types": "layers_block_type", "num_local_experts": "n_routed_experts",
@@ -934,6 +947,17 @@ class ModelConfig:
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if t == "nemotron" and self.head_dim is None:  # NemotronConfig.__post_init__ (no key/value heads derived)
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if t == "zamba":  # ZambaConfig.__post_init__: its derived sizes where the file leaves them out
+            h = self.hidden_size
+            self.attention_hidden_size = self.attention_hidden_size or 2 * h
+            self.attention_head_dim = self.attention_head_dim or 2 * h // self.num_attention_heads
+            if self.mamba_dt_rank == "auto":
+                self.mamba_dt_rank = math.ceil(h / 16)
+            if self.layers_block_type is None:
+                self.layers_block_type = ["linear_attention", "linear_attention", "hybrid"] + [
+                    "hybrid" if i % self.attn_layer_period == self.attn_layer_offset else "linear_attention"
+                    for i in range(self.num_hidden_layers - 3)]
+            self.layers_block_type = [LEGACY_LAYER_TYPES.get(kind, kind) for kind in self.layers_block_type]
         if t == "zamba2":  # Zamba2Config.__post_init__: its derived sizes (a file's own values recomputed)
             h, heads = self.hidden_size, self.num_attention_heads
             self.intermediate_size = self.intermediate_size or 4 * h

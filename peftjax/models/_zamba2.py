@@ -23,7 +23,7 @@ gradient summing every use, and an adapter per layer on them, as PEFT wraps each
 ``gate_up_proj_adapter_list.k`` always; ``.0`` down to ``adapter_rank``, ``.1`` up), held in its
 block's lists at that use's index.
 
-Not here: Zamba (v1); merging an adapter into a shared block's weight (``merge_and_unload``), which
+Zamba (v1) is ``_zamba``. Not here: merging an adapter into a shared block's weight (``merge_and_unload``), which
 would change every layer that shares it (refused by name); prefix tuning (the Mamba-2 layers have
 no keys); ``scan_layers`` (the layers differ).
 """
