@@ -354,6 +354,26 @@ def assert_packed_rows_as_alone(model, exact, tolerance: dict) -> None:
     np.testing.assert_allclose(out[0, 6:], torch_logits(exact, input_ids=second)[0], **tolerance)
 
 
+def assert_classifier_matches_torch(torch_class, config, directory, vocab: int, tolerance: dict) -> None:
+    """A sequence classifier of ``torch_class`` (weights drawn at 0.15) saved by transformers loads here
+    as the same class and gives its logits and loss on a padded batch."""
+    import torch
+
+    from peftjax import models
+
+    torch_model = randomised(torch_class(config).eval(), scale=0.15)
+    torch_model.save_pretrained(directory)
+    model = models.from_pretrained(directory)
+    assert type(model).__name__ == torch_class.__name__
+    ids, mask = padded_batch(vocab, seq=7)
+    labels = np.array([0, 2, 1])
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    out = jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), **tolerance)
+    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+
+
 def assert_grads_match_torch(grads_model, torch_model, atol: float = 1e-6) -> None:
     """Every weight's gradient in ``torch_model`` (after its ``backward``) equals the one in
     ``grads_model`` (a peftjax model whose parameters hold gradients), matched by checkpoint name,

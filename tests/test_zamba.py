@@ -14,9 +14,9 @@ import pytest
 
 import _tiny
 from _torch_models import (
+    assert_classifier_matches_torch,
     assert_matches_float64_torch,
     assert_packed_rows_as_alone,
-    jitted,
     lazy,
     padded_batch,
     randomised,
@@ -117,18 +117,8 @@ def test_lora_on_shared_and_mamba_layers_moves_both_ways_and_the_merge_is_refuse
 
 
 def test_the_classifier_matches_transformers(tmp_path):
-    torch_model = randomised(tr.ZambaForSequenceClassification(_tiny.config("zamba", num_labels=3)).eval(),
-                             scale=0.15)
-    torch_model.save_pretrained(tmp_path)
-    model = models.from_pretrained(tmp_path)
-    assert type(model).__name__ == "ZambaForSequenceClassification"
-    ids, mask = padded_batch(VOCAB, seq=7)
-    labels = np.array([0, 2, 1])
-    with torch.no_grad():
-        ref = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
-    out = jitted(model, input_ids=ids, attention_mask=mask, labels=labels)
-    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy(), **TOL)
-    assert abs(float(out.loss) - ref.loss.item()) <= 1e-5
+    assert_classifier_matches_torch(tr.ZambaForSequenceClassification, _tiny.config("zamba", num_labels=3), tmp_path,
+                                    VOCAB, TOL)
 
 
 def test_what_it_does_not_run_is_refused_by_name(zamba):
