@@ -12,6 +12,7 @@ test_quantization_codes) loaded by transformers with ``BitsAndBytesConfig``, wit
   logits agree only within that activation rounding: a few 1e-3 on logits of magnitude ~0.5.
 """
 
+import json
 import warnings
 
 import jax
@@ -612,3 +613,38 @@ def test_every_layer_method_runs_on_a_quantized_base_as_on_its_dequantized_weigh
     np.testing.assert_allclose(jax_logits(on_dense), logits, atol=1e-6, rtol=0)
     if method != "bottleneck":  # non-linear: not mergeable anywhere
         np.testing.assert_allclose(jax_logits(adapted.merge_and_unload(dequantize=True)), logits, atol=1e-5, rtol=0)
+
+
+def test_a_new_head_stays_float_through_save_and_transformers(tmp_path):
+    """A classifier built on a masked LM's checkpoint: its new pooler and classifier stay in float on
+    the NF4 base (the adapter trains and saves them), and ``save_pretrained`` names them in
+    ``llm_int8_skip_modules``, so that a reload, here or in transformers, keeps them so."""
+    from transformers import AutoModelForSequenceClassification, BertForMaskedLM
+
+    from _torch_models import save_tiny
+
+    save_tiny(BertForMaskedLM, _tiny.config("bert", hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                                            vocab_size=96), tmp_path / "mlm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new head's notice
+        model = models.from_pretrained(tmp_path / "mlm", task_type="SEQ_CLS", num_labels=3,
+                                       quantization_config=ours("nf4"))
+    layers = quantized_linears(model)
+    assert layers and not any(n.startswith(("bert.pooler", "classifier")) for n in layers)
+    logits = np.asarray(model(input_ids=jnp.asarray(IDS)).logits)
+    model.save_pretrained(tmp_path / "saved")
+    skipped = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"][
+        "llm_int8_skip_modules"]
+    assert set(skipped) == {"bert.pooler.dense", "classifier"}
+
+    again = models.from_pretrained(tmp_path / "saved")
+    assert set(quantized_linears(again)) == set(layers)
+    np.testing.assert_array_equal(np.asarray(again(input_ids=jnp.asarray(IDS)).logits), logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved", device_map="cpu",
+                                                                    dtype=torch.float32)
+    theirs = float32_oracle(theirs.eval())
+    assert not isinstance(theirs.bert.pooler.dense, bnb.nn.Linear4bit)
+    assert isinstance(theirs.bert.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    np.testing.assert_allclose(torch_logits(theirs), logits, atol=TOL["nf4"], rtol=0)

@@ -268,8 +268,11 @@ def saved_quantization_config(model: nnx.Module) -> dict | None:
     (key,) = formats
     recorded = getattr(getattr(getattr(model, "config", None), "hf_config", None), "quantization_config", None)
     base = QuantizationConfig.from_any(recorded) if recorded is not None else None
+    # the float linears by name where the recorded config does not name them (a new pooler kept in float: see
+    # from_pretrained), so that a reload keeps them in float as they were saved
+    skipped = base.llm_int8_skip_modules if base is not None and base.llm_int8_skip_modules is not None else None
     fields = dict(llm_int8_threshold=base.llm_int8_threshold if base else 6.0,
-                  llm_int8_skip_modules=base.llm_int8_skip_modules if base else _float_linears(model),
+                  llm_int8_skip_modules=skipped if skipped is not None else _float_linears(model),
                   bnb_4bit_compute_dtype=key[-1])
     if key[0] == "4bit":
         config = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type=key[1], bnb_4bit_use_double_quant=key[2],
