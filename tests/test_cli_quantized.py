@@ -110,16 +110,23 @@ def test_quantization_flags_are_checked_before_anything_runs(tmp_path, capsys):
 # a command and a task of each kind the commands run: hidden 64, so that bitsandbytes' 64-entry blocks
 # hold whole rows
 COMMANDS = [("bert", "SEQ_CLS", "predict"), ("bert", "TOKEN_CLS", "predict"), ("bert", "QUESTION_ANS", "predict"),
-            ("bert", "FEATURE_EXTRACTION", "predict"), ("llama", "CAUSAL_LM", "generate"),
-            ("llama", "CAUSAL_LM", "serve")]
+            ("bert", "FEATURE_EXTRACTION", "predict"), ("bert", None, "predict"), ("llama", "CAUSAL_LM", "generate"),
+            ("llama", "CAUSAL_LM", "serve"), ("t5", "SEQ_2_SEQ_LM", "generate")]
 WIDE = {"bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=64, num_labels=2),
         "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1)}
-SAVED_AS = {"bert": tr.BertForMaskedLM, "llama": tr.LlamaForCausalLM}
+SAVED_AS = {"bert": tr.BertForMaskedLM, "llama": tr.LlamaForCausalLM, "t5": tr.T5ForConditionalGeneration}
 
 
-@pytest.mark.parametrize("family,task,command", COMMANDS, ids=[f"{c}-{t}" for _, t, c in COMMANDS])
+def tiny_config(family: str, vocab: int):
+    if family == "t5":  # MiniLM's [SEP] as T5's EOS
+        return tr.T5Config(vocab_size=vocab, d_model=64, d_kv=32, d_ff=128, num_layers=1, num_heads=2,
+                           decoder_start_token_id=0, eos_token_id=102, dropout_rate=0.0)
+    return _tiny.config(family, **WIDE[family], vocab_size=vocab, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family,task,command", COMMANDS, ids=[f"{c}-{t or 'MASKED_LM'}" for _, t, c in COMMANDS])
 def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp_path, capsys, monkeypatch):
     """``predict``/``generate``/``serve --load-in-4bit --bnb-4bit-quant-type fp4``: the outputs of the
     adapter on the base quantized so through the public API, for each task."""
@@ -127,11 +134,12 @@ def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp
 
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm()))
     base = tmp_path / "base"
-    save_tiny(SAVED_AS[family], _tiny.config(family, **WIDE[family], vocab_size=len(tokenizer), pad_token_id=0), base)
+    save_tiny(SAVED_AS[family], tiny_config(family, len(tokenizer)), base)
     tokenizer.save_pretrained(base)
     labels = {"num_labels": 3} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
     float_model = models.from_pretrained(base, task_type=task, **labels)
-    config = peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=task)
+    targets = ["query", "value"] if task is None else None  # a masked LM: no task, PEFT's targets named
+    config = peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=task, target_modules=targets)
     peftjax.get_peft_model(float_model, config).save_pretrained(tmp_path / "adapter")
     fp4 = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype="float32")
     oracle = AutoPeftModel.from_pretrained(tmp_path / "adapter", base, quantization_config=fp4)
@@ -140,7 +148,17 @@ def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp
     adapter = ["--adapter", str(tmp_path / "adapter")]
     batch = tokenizer([TEXT], return_tensors="np")
 
-    if command == "predict" and task != "QUESTION_ANS":
+    if task is None:  # a masked LM: each mask's five likeliest tokens, printed to 6 digits
+        text = "the [MASK] car ."
+        assert main(["predict", str(base), *adapter, "--text", text, *flags]) == 0
+        (candidates,) = json.loads(capsys.readouterr().out)["masks"]
+        masked = tokenizer([text], return_tensors="np")
+        probs = softmax(np.asarray(oracle.base_model(**{k: jnp.asarray(v) for k, v in masked.items()}).logits))[0]
+        probs = probs[int(np.flatnonzero(masked["input_ids"][0] == tokenizer.mask_token_id)[0])]
+        best = np.argsort(-probs)[:5]
+        assert [c["token"] for c in candidates] == best.tolist()
+        np.testing.assert_allclose([c["score"] for c in candidates], probs[best], atol=1e-5)
+    elif command == "predict" and task != "QUESTION_ANS":
         assert main(["predict", str(base), *adapter, "--text", TEXT, *flags]) == 0
         row = json.loads(capsys.readouterr().out)
         out = oracle.base_model(**{k: jnp.asarray(v) for k, v in batch.items()})
@@ -168,6 +186,12 @@ def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp
         start, end = (softmax(np.asarray(x)[0][inside]) for x in (out.start_logits, out.end_logits))
         best = max(start[a] * end[b] for a in range(len(inside)) for b in range(a, min(a + 3, len(inside))))
         assert abs(row["score"] - best) < 6e-5
+    elif task == "SEQ_2_SEQ_LM":  # the decoder's whole output
+        ids = jnp.asarray(batch["input_ids"])
+        want = tokenizer.decode(np.asarray(oracle.generate(ids, jnp.ones_like(ids), max_new_tokens=4))[0],
+                                skip_special_tokens=True)
+        assert main(["generate", str(base), *adapter, "--text", TEXT, "--max-new-tokens", "4", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["completion"] == want
     else:
         ids = jnp.asarray(batch["input_ids"])
         want = tokenizer.decode(np.asarray(oracle.generate(ids, jnp.ones_like(ids), max_new_tokens=4,
