@@ -110,7 +110,8 @@ def test_quantization_flags_are_checked_before_anything_runs(tmp_path, capsys):
 # a command and a task of each kind the commands run: hidden 64, so that bitsandbytes' 64-entry blocks
 # hold whole rows
 COMMANDS = [("bert", "SEQ_CLS", "predict"), ("bert", "TOKEN_CLS", "predict"), ("bert", "QUESTION_ANS", "predict"),
-            ("bert", "FEATURE_EXTRACTION", "predict"), ("bert", None, "predict"), ("llama", "CAUSAL_LM", "generate"),
+            ("bert", "FEATURE_EXTRACTION", "predict"), ("bert", None, "predict"),
+            ("bert", "MULTIPLE_CHOICE", "predict"), ("llama", "CAUSAL_LM", "generate"),
             ("llama", "CAUSAL_LM", "serve"), ("t5", "SEQ_2_SEQ_LM", "generate")]
 WIDE = {"bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=64, num_labels=2),
@@ -138,8 +139,11 @@ def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp
     tokenizer.save_pretrained(base)
     labels = {"num_labels": 3} if task in ("SEQ_CLS", "TOKEN_CLS") else {}
     float_model = models.from_pretrained(base, task_type=task, **labels)
-    targets = ["query", "value"] if task is None else None  # a masked LM: no task, PEFT's targets named
-    config = peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=task, target_modules=targets)
+    # a masked LM and a multiple-choice model: no PEFT task type (the file's auto_mapping names the class)
+    untyped = task in (None, "MULTIPLE_CHOICE")
+    config = peftjax.LoraConfig(r=4, init_lora_weights=False, task_type=None if untyped else task,
+                                target_modules=["query", "value"] if untyped else None,
+                                modules_to_save=["classifier"] if task == "MULTIPLE_CHOICE" else None)
     peftjax.get_peft_model(float_model, config).save_pretrained(tmp_path / "adapter")
     fp4 = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype="float32")
     oracle = AutoPeftModel.from_pretrained(tmp_path / "adapter", base, quantization_config=fp4)
@@ -158,6 +162,14 @@ def test_every_command_runs_an_adapter_on_a_4bit_base(family, task, command, tmp
         best = np.argsort(-probs)[:5]
         assert [c["token"] for c in candidates] == best.tolist()
         np.testing.assert_allclose([c["score"] for c in candidates], probs[best], atol=1e-5)
+    elif task == "MULTIPLE_CHOICE":  # each choice's probability, printed to 4 digits
+        context, choices = "the green car stopped.", ["then the red car left", "then the green car left happily"]
+        assert main(["predict", str(base), *adapter, "--text", context, *[a for c in choices for a in ("--choice", c)],
+                     *flags]) == 0
+        row = json.loads(capsys.readouterr().out)
+        pairs = tokenizer([context] * 2, choices, padding=True, return_tensors="np")
+        logits = np.asarray(oracle.base_model(**{k: jnp.asarray(v)[None] for k, v in pairs.items()}).logits)
+        np.testing.assert_allclose(row["scores"], softmax(logits)[0], atol=6e-5)
     elif command == "predict" and task != "QUESTION_ANS":
         assert main(["predict", str(base), *adapter, "--text", TEXT, *flags]) == 0
         row = json.loads(capsys.readouterr().out)
