@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -256,6 +257,44 @@ def test_killed_and_resumed_run_ends_with_the_same_adapter(tmp_path):
     first = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     again = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in first][-4:] == [r["loss"] for r in again][-4:]
+
+
+def test_a_checkpoint_cut_off_while_its_state_file_is_written_is_not_resumed_from(tiny_bert, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A run killed while a checkpoint's ``trainer_state.json`` is written (here: before its rename)
+    leaves no file under that name, so that checkpoint does not count and the resumed run starts
+    from the one before. The file used to be written in place: a kill mid-write left it empty, it
+    counted, and resuming failed on it (caught once by the kill test above)."""
+    import types
+
+    from peftjax.training import _checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    renames = []
+
+    def replace(source, target):
+        renames.append(Path(target).parent.name)
+        if len(renames) == 2:
+            raise Killed
+        os.replace(source, target)
+
+    monkeypatch.setattr(_checkpoint, "os", types.SimpleNamespace(replace=replace, fsync=os.fsync))
+    # checkpoints at steps 2 and 4 (not at the last step: the run's end saves the adapter)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=6, save_steps=2,
+                             learning_rate=1e-2, disable_tqdm=True, report_to="none", plot=False)
+    with pytest.raises(Killed):
+        Trainer(tiny_bert, args, classification_data()).train()
+    assert renames == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+    monkeypatch.undo()
+    resumed = Trainer(tiny_bert, dataclasses.replace(args, resume_from_checkpoint=True), classification_data())
+    capsys.readouterr()
+    assert resumed.train().global_step == 6
+    assert f"resumed from {tmp_path / 'checkpoint-2'} at step 2" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
 
 
 _PYPLOT_PROBE = """

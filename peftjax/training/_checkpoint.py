@@ -2,8 +2,9 @@
 
 A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding ``state/`` (orbax: the trainable
 weights and the optimizer state) and ``trainer_state.json`` (step, epoch, batch position, seed,
-RNG key data). A checkpoint counts only once ``trainer_state.json`` exists, which is written last,
-so a run killed mid-save never resumes from a half-written one.
+RNG key data). A checkpoint counts only once ``trainer_state.json`` exists, which is written last
+and whole (to a temporary name, then renamed), so a run killed mid-save never resumes from a
+half-written one.
 
 Sharded arrays are saved as they lie (each process writes its own shards) and restored onto the
 shardings of the ``like`` tree. On several hosts every process calls both functions with the same
@@ -13,6 +14,7 @@ path on shared storage; only process 0 clears the directory and writes ``trainer
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -38,9 +40,20 @@ def save_checkpoint(directory: Path, state: dict[str, Any], info: dict[str, Any]
     checkpointer.save((directory / "state").absolute(), state)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        (directory / STATE_FILE).write_text(json.dumps(info, indent=2))
+        _write_whole(directory / STATE_FILE, json.dumps(info, indent=2))
     _sync("peftjax:checkpoint-done")
     return directory
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` so that ``path`` never exists half-written: a temporary file,
+    flushed to disk, then renamed over it (atomic on POSIX and Windows)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def _sync(name: str) -> None:
