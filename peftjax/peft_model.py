@@ -278,12 +278,10 @@ class PeftModel:
         quantized linear's weight counts its ``in x out`` entries, as PEFT counts bitsandbytes' packed
         weights (the codes are not parameters here).
         """
-        from peftjax.quantization import Linear4bit, quantized_linears
+        from peftjax.quantization import quantized_linears
 
         total = _count(nnx.state(self.base_model, nnx.Param))
-        for m in quantized_linears(self.base_model).values():  # 4-bit codes packed two to a byte (stacked too)
-            if m.float_kernel is None:
-                total += int(m.weight.get_value().size) * (2 if isinstance(m, Linear4bit) else 1)
+        total += sum(m.weight_entries() for m in quantized_linears(self.base_model).values() if m.float_kernel is None)
         for layer in tuner_base.adapter_layers(self.base_model).values():
             for name in set(layer.adapter_names()) - set(self.active_adapters):
                 if getattr(self.peft_config.get(name), "peft_type", None) == "ADAPTION_PROMPT":

@@ -1164,8 +1164,8 @@ def load_for_serving(base: str | os.PathLike, adapters: Mapping[str, str | os.Pa
     if not items:
         raise ValueError("give at least one adapter (--adapter NAME=DIR); `peftjax generate` runs the base alone")
     (name, path), rest = items[0], items[1:]
-    quantized = {} if quantization_config is None else {"quantization_config": quantization_config}
-    model = AutoPeftModel.from_pretrained(path, base, adapter_name=name, dtype=dtype, strict=strict, **quantized)
+    model = AutoPeftModel.from_pretrained(path, base, adapter_name=name, dtype=dtype, strict=strict,
+                                          quantization_config=quantization_config)
     for name, path in rest:
         model.load_adapter(path, adapter_name=name, strict=strict)
     return model

@@ -267,7 +267,7 @@ def test_a_checkpoint_cut_off_while_its_state_file_is_written_is_not_resumed_fro
     counted, and resuming failed on it (caught once by the kill test above)."""
     import types
 
-    from peftjax.training import _checkpoint
+    from peftjax.io import _files
 
     class Killed(BaseException):
         pass
@@ -280,7 +280,7 @@ def test_a_checkpoint_cut_off_while_its_state_file_is_written_is_not_resumed_fro
             raise Killed
         os.replace(source, target)
 
-    monkeypatch.setattr(_checkpoint, "os", types.SimpleNamespace(replace=replace, fsync=os.fsync))
+    monkeypatch.setattr(_files, "os", types.SimpleNamespace(replace=replace, close=os.close))
     # checkpoints at steps 2 and 4 (not at the last step: the run's end saves the adapter)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=6, save_steps=2,
                              learning_rate=1e-2, disable_tqdm=True, report_to="none", plot=False)

@@ -109,24 +109,24 @@ def _load_with_adapter(args):
     from peftjax import models
     from peftjax.auto import AutoPeftModel
 
-    quantized = _quantization_kwargs(args)
+    quantized = _quantization(args)
     if not args.adapter:
-        return models.from_pretrained(args.base, dtype=args.dtype, revision=args.base_revision, **quantized)
+        return models.from_pretrained(args.base, dtype=args.dtype, revision=args.base_revision,
+                                      quantization_config=quantized)
     return AutoPeftModel.from_pretrained(_adapter_dir(args), _base_dir(args), dtype=args.dtype,
-                                         strict=not args.no_strict, **quantized)
+                                         strict=not args.no_strict, quantization_config=quantized)
 
 
-def _quantization_kwargs(args) -> dict:
-    """``{"quantization_config": ...}`` where the command's flags ask for a quantized base, else ``{}``."""
+def _quantization(args):
+    """The base's ``QuantizationConfig`` the command's flags ask for; ``None``: as the base is saved."""
     from peftjax.cli._job import quantization_config
 
     if not hasattr(args, "load_in_4bit"):  # merge: the base as it is saved
-        return {}
-    config = quantization_config({"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
-                                  "bnb_4bit_quant_type": args.bnb_4bit_quant_type,
-                                  "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
-                                  "bf16": args.dtype == "bfloat16"})
-    return {} if config is None else {"quantization_config": config}
+        return None
+    return quantization_config({"load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
+                                "bnb_4bit_quant_type": args.bnb_4bit_quant_type,
+                                "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
+                                "bf16": args.dtype == "bfloat16"})
 
 
 def _add_quantization_arguments(p) -> None:
@@ -630,7 +630,7 @@ def _serve(args) -> int:
         adapters[name] = str(_adapter_dir(argparse.Namespace(adapter=path, revision=None)))
     base = _base_dir(args)
     model = load_for_serving(base, adapters, dtype=args.dtype, strict=not args.no_strict,
-                             **_quantization_kwargs(args))
+                             quantization_config=_quantization(args))
     tokenizer = load_tokenizer(args.tokenizer or base)
     translation_languages(tokenizer, model, args.src_lang, args.tgt_lang)  # refused here by their flags
     generator = BatchingGenerator(model, tokenizer, max_batch_size=args.max_batch_size,

@@ -269,7 +269,7 @@ def describe_quantized(model) -> dict[str, Any] | None:
     layers = quantized_linears(model)
     if not layers:
         return None
-    floats = sum(m.in_features * m.out_features for m in layers.values()) * 4
+    floats = 4 * sum(m.weight_entries() for m in layers.values())
     return {"linears": len(layers), "bytes": quantized_bytes(model), "float32_bytes": floats}
 
 

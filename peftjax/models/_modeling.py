@@ -14,7 +14,6 @@ import contextvars
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +27,7 @@ from flax import nnx
 
 from peftjax.io import SafetensorsFile, write_safetensors
 from peftjax.io._errors import CheckpointError
+from peftjax.io._files import write_atomically
 from peftjax.models._generation import GENERATION_CONFIG_NAME, GenerationDefaults
 from peftjax.nn._scan import MODEL_OPTIONS
 
@@ -233,17 +233,6 @@ def read_checkpoint(path: str | os.PathLike) -> SafetensorsFile:
     raise FileNotFoundError(
         f"no weights in {path}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}; found {found}"
     )
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class _Without(Mapping):
@@ -575,11 +564,11 @@ class PreTrainedModel(nnx.Module):
         if quantization_config is not None:
             config.quantization_config = quantization_config
         state = self.checkpoint_layout({**hf_state_dict(self), **quantized_state_dict(self)})
-        _atomic_write(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
+        write_atomically(path / SAFE_WEIGHTS_NAME, lambda f: write_safetensors(f, state, {"format": "pt"}))
+        write_atomically(path / CONFIG_NAME, lambda f: Path(f).write_text(config.to_json_string()))
         generation_config = getattr(self, "generation_config", None)
         if generation_config is not None:
-            _atomic_write(path / GENERATION_CONFIG_NAME, generation_config.write_file)
+            write_atomically(path / GENERATION_CONFIG_NAME, generation_config.write_file)
 
     def checkpoint_layout(self, state: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The state dict as ``save_pretrained`` writes it (a family whose files use other keys

@@ -89,6 +89,10 @@ class QuantizedLinear(nnx.Linear):
     def requantize(self, kernel) -> None:
         raise NotImplementedError
 
+    def weight_entries(self) -> int:
+        """Entries of the float weight the codes stand for (every layer's, where stacked)."""
+        raise NotImplementedError
+
     def quantized_bytes(self) -> int:
         """Bytes of the quantized storage (what stays resident for this weight)."""
         return sum(int(v.get_value().nbytes) for v in vars(self).values() if isinstance(v, QuantizedWeight))
@@ -131,6 +135,9 @@ class Linear4bit(QuantizedLinear):
         else:
             self.nested_absmax = self.nested_quant_map = self.offset = nnx.data(None)
 
+    def weight_entries(self) -> int:
+        return 2 * int(self.weight.get_value().size)  # two 4-bit codes to a byte
+
     def quant_state(self, xp=jnp) -> _bnb.Quant4:
         get = (lambda v: v.get_value()) if xp is jnp else (lambda v: np.asarray(v.get_value()))
         nested = self.nested
@@ -161,6 +168,9 @@ class Linear8bitLt(QuantizedLinear):
                          compute_dtype=compute_dtype, path=path)
         self.weight = QuantizedWeight(jnp.asarray(cb, jnp.int8))
         self.SCB = QuantizedWeight(jnp.asarray(scb, jnp.float32))
+
+    def weight_entries(self) -> int:
+        return int(self.weight.get_value().size)
 
     def dequantize(self) -> jax.Array:
         return _bnb.int8_dequantize(self.weight.get_value(), self.SCB.get_value(), xp=jnp).T

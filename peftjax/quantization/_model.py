@@ -270,7 +270,7 @@ def saved_quantization_config(model: nnx.Module) -> dict | None:
     base = QuantizationConfig.from_any(recorded) if recorded is not None else None
     # the float linears by name where the recorded config does not name them (a new pooler kept in float: see
     # from_pretrained), so that a reload keeps them in float as they were saved
-    skipped = base.llm_int8_skip_modules if base is not None and base.llm_int8_skip_modules is not None else None
+    skipped = base.llm_int8_skip_modules if base is not None else None
     fields = dict(llm_int8_threshold=base.llm_int8_threshold if base else 6.0,
                   llm_int8_skip_modules=skipped if skipped is not None else _float_linears(model),
                   bnb_4bit_compute_dtype=key[-1])

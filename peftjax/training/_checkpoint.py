@@ -14,13 +14,14 @@ path on shared storage; only process 0 clears the directory and writes ``trainer
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from peftjax.io._files import write_atomically
 
 STATE_FILE = "trainer_state.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -40,20 +41,10 @@ def save_checkpoint(directory: Path, state: dict[str, Any], info: dict[str, Any]
     checkpointer.save((directory / "state").absolute(), state)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        _write_whole(directory / STATE_FILE, json.dumps(info, indent=2))
+        text = json.dumps(info, indent=2)
+        write_atomically(directory / STATE_FILE, lambda tmp: Path(tmp).write_text(text))
     _sync("peftjax:checkpoint-done")
     return directory
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` so that ``path`` never exists half-written: a temporary file,
-    flushed to disk, then renamed over it (atomic on POSIX and Windows)."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def _sync(name: str) -> None:
