@@ -191,6 +191,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
                                             "rope_theta": 10000.0}})),
+    # Gemma 3n's text model in small, every branch: three AltUp streams (the second active), LAuReL of
+    # rank 4, sliding layers (window 4) and global ones, the last two layers reading earlier layers' keys,
+    # MLPs of two widths, the first two sparse (at 0.95 and 0.6), per-layer embeddings over a table that
+    # leaves the vocabulary's last 8 ids out, capped logits
+    "gemma3n_text": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
+        vocab_size=96, vocab_size_per_layer_input=88, hidden_size=32, intermediate_size=[48, 40, 48, 40],
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+        hidden_size_per_layer_input=16, altup_num_inputs=3, altup_active_idx=1, laurel_rank=4,
+        activation_sparsity_pattern=[0.95, 0.6, 0.0, 0.0], final_logit_softcapping=3.0, pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),

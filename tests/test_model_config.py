@@ -42,7 +42,7 @@ CLASSES = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Co
            "falcon_h1": "FalconH1Config", "hunyuan_v1_moe": "HunYuanMoEV1Config",
            "ernie4_5_moe": "Ernie4_5_MoeConfig",
            "hunyuan_v1_dense": "HunYuanDenseV1Config",
-           "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig",
+           "mistral4": "Mistral4Config", "gemma4_text": "Gemma4TextConfig", "gemma3n_text": "Gemma3nTextConfig",
            "qwen3_5_text": "Qwen3_5TextConfig", "qwen3_5_moe_text": "Qwen3_5MoeTextConfig",
            "llama4_text": "Llama4TextConfig", "qwen3_next": "Qwen3NextConfig", "cohere": "CohereConfig",
            "cohere2": "Cohere2Config", "phi": "PhiConfig", "gpt_neox": "GPTNeoXConfig", "opt": "OPTConfig",
@@ -92,7 +92,7 @@ def assert_same_fields(ours, theirs):
                             "apertus", "granitemoeshared", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "mpt",
                             "vaultgemma", "flex_olmo"):
         assert rope_parameters(ours) == rope_parameters(theirs)
-    if theirs.model_type == "gemma3_text":  # a RoPE per layer type
+    if theirs.model_type in ("gemma3_text", "gemma3n_text"):  # a RoPE per layer type
         from peftjax.models._gemma3 import gemma3_rope_parameters
 
         assert gemma3_rope_parameters(ours) == theirs.rope_parameters
@@ -146,6 +146,9 @@ VARIANTS = [
     ("gemma3_text", dict(layer_types=None, num_hidden_layers=7, rope_parameters={
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 500.0}})),
     ("gemma4_text", {}),
+    # Gemma 3n: one MLP width, the layer types and sparse layers derived
+    ("gemma3n_text", dict(intermediate_size=64, num_hidden_layers=12, layer_types=None,
+                          activation_sparsity_pattern=None)),
     ("gemma4_text", dict(layer_types=None, num_hidden_layers=7, attention_k_eq_v=False, rope_parameters=None,
                          num_kv_shared_layers=1, global_head_dim=32, hidden_size_per_layer_input=0)),
     ("mixtral", dict(num_experts=4, num_experts_per_tok=1, sliding_window=3, output_router_logits=True)),
@@ -302,6 +305,19 @@ def test_a_transformers_4_gemma3_config_reads_as_transformers_reads_it(tmp_path)
                   rope_scaling={"rope_type": "linear", "factor": 4.0})
     (tmp_path / "config.json").write_text(json.dumps(fields))
     assert_same_fields(models.load_config(tmp_path), tr.AutoConfig.from_pretrained(tmp_path))
+
+
+def test_the_hub_s_gemma3n_text_config_reads_as_transformers_reads_it(tmp_path):
+    """The Hub's Gemma 3n files (transformers 4.53): ``rope_theta`` (global), ``rope_local_base_freq``
+    (sliding) and ``rope_scaling``, one MLP width per layer in a list, the text config inside the
+    vision-language model's."""
+    text = dict(_tiny.fields("gemma3n_text", num_hidden_layers=12, layer_types=None, rope_parameters=None,
+                             intermediate_size=[64] * 12, activation_sparsity_pattern=[0.95] * 10 + [0.0] * 2),
+                model_type="gemma3n_text", rope_theta=2000.0, rope_local_base_freq=30.0, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(text))
+    assert_same_fields(models.load_config(tmp_path), tr.AutoConfig.from_pretrained(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3n", "text_config": text}))
+    assert_same_fields(models.load_config(tmp_path), tr.AutoConfig.from_pretrained(tmp_path).text_config)
 
 
 def test_a_hub_deberta_v3_config_reads_as_transformers_reads_it(tmp_path):

@@ -47,6 +47,7 @@ from peftjax.models._gemma2 import (
     VaultGemmaForCausalLM,
 )
 from peftjax.models._gemma3 import Gemma3ForCausalLM, Gemma3TextForSequenceClassification
+from peftjax.models._gemma3n import Gemma3nForCausalLM
 from peftjax.models._gemma4 import Gemma4ForCausalLM
 from peftjax.models._generation import GenerateOutput, GenerationDefaults, stop_token_ids
 from peftjax.models._granite import GraniteForCausalLM
@@ -374,6 +375,7 @@ __all__ = [
     "Gemma2ForTokenClassification",
     "Gemma3ForCausalLM",
     "Gemma3TextForSequenceClassification",
+    "Gemma3nForCausalLM",
     "Gemma4ForCausalLM",
     "GPT2LMHeadModel",
     "GraniteForCausalLM",

@@ -287,6 +287,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "enable_moe_block": False, "use_double_wide_mlp": False, "num_experts": None, "top_k_experts": None,
         "moe_intermediate_size": None,
     },
+    # Gemma3nTextConfig (E4B's sizes; the per-layer lists and layer types set by _derive_gemma3n)
+    "gemma3n_text": {
+        "vocab_size": 262400, "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 35,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 32768, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
+        "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+        "attention_dropout": 0.0, "sliding_window": 512, "layer_types": None, "final_logit_softcapping": 30.0,
+        "vocab_size_per_layer_input": 262144, "hidden_size_per_layer_input": 256, "altup_active_idx": 0,
+        "altup_coef_clip": 120.0, "altup_correct_scale": True, "altup_num_inputs": 4, "num_kv_shared_layers": 15,
+        "laurel_rank": 64, "activation_sparsity_pattern": None,
+    },
     "mixtral": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
@@ -1187,6 +1198,15 @@ class ModelConfig:
                                 for i in range(self.num_hidden_layers)]
         if t == "gemma4_text":
             self._derive_gemma4()
+        if t == "gemma3n_text":  # Gemma3nTextConfig.__post_init__
+            n = self.num_hidden_layers
+            if not isinstance(self.intermediate_size, (list, tuple)):
+                self.intermediate_size = [self.intermediate_size] * n
+            if self.layer_types is None:
+                self.layer_types = ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)]
+            if self.activation_sparsity_pattern is None:
+                sparse = 10 if n > 10 else 0
+                self.activation_sparsity_pattern = [0.95] * sparse + [0.0] * (n - sparse)
         if t == "llama4_text":  # Llama4TextConfig.__post_init__
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
@@ -1309,7 +1329,8 @@ def _untag_floats(value):
 # vision-language model types whose text model is bundled: their ``text_config`` is read instead,
 # as transformers' text classes read it (``base_config_key``)
 TEXT_OF_VISION_LANGUAGE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "gemma3": "gemma3_text",
-                          "gemma4": "gemma4_text", "llama4": "llama4_text"}
+                          "gemma4": "gemma4_text", "llama4": "llama4_text",
+                          "gemma3n": "gemma3n_text"}
 
 
 def read_config(raw: Mapping[str, Any], source: str = "config.json") -> ModelConfig:

@@ -192,7 +192,8 @@ class Gemma4TextAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads, self.head_dim = layer_layouts(config)[layer_idx]
         self.shares_kv = kv_sharing_modes(config)[layer_idx] == "reuse"
-        self.values_are_keys = bool(config.attention_k_eq_v) and self.layer_type != "sliding_attention"
+        k_eq_v = bool(getattr(config, "attention_k_eq_v", False))  # Gemma 3n's config has no such field
+        self.values_are_keys = k_eq_v and self.layer_type != "sliding_attention"
         self.epsilon = float(config.rms_norm_eps)
         self.dropout_rate = float(getattr(config, "attention_dropout", 0.0) or 0.0)
         h, d, bias = config.hidden_size, self.head_dim, bool(config.attention_bias)
