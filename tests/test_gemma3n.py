@@ -130,6 +130,30 @@ def test_a_stream_projected_to_zero_stays_zero_as_in_transformers(tmp_path):
                                **TOLERANCE)
 
 
+def test_a_row_of_padding_alone_leaves_the_gradients_finite_and_unchanged(tmp_path):
+    """With transformers' initialisation the padding token's embedding is zero, so a row of padding
+    alone (a batch filled out, a packed row's tail) carries zero streams and a constant MLP gate,
+    where ``sqrt``'s derivative is infinite: transformers' training gets NaN gradients there. The
+    adapters here (on the sparse MLPs' gates, LAuReL, the values) get the gradients of the batch
+    without that row."""
+    torch_model = _tiny.save("gemma3n_text", tmp_path)
+    assert float(torch_model.model.embed_tokens.weight[0].abs().max()) == 0.0
+    peft_model = peftjax.get_peft_model(models.from_pretrained(tmp_path), peftjax.LoraConfig(
+        r=2, target_modules=["v_proj", "laurel.linear_left", "gate_proj"], init_lora_weights=False))
+    graphdef, adapters, base = peftjax.split(peft_model.base_model)
+
+    def gradients(ids, mask):
+        labels = np.where(mask == 1, ids, -100)
+        return jax.jit(jax.grad(lambda a: peftjax.combine(graphdef, a, base)(
+            input_ids=ids, attention_mask=mask, labels=labels).loss))(adapters)
+
+    ids, mask = padded_batch(PER_LAYER_VOCAB, seq=9, left=False)
+    padded = gradients(np.concatenate([ids, np.zeros_like(ids[:1])]), np.concatenate([mask, np.zeros_like(mask[:1])]))
+    for with_row, without in zip(jax.tree.leaves(padded), jax.tree.leaves(gradients(ids, mask))):
+        assert np.isfinite(np.asarray(with_row)).all()
+        np.testing.assert_allclose(np.asarray(with_row), np.asarray(without), atol=1e-6, rtol=1e-5)
+
+
 def test_greedy_generation_matches_transformers(gemma3n):
     """The KV cache: sliding layers, global ones, and the layers reading the keys of earlier ones."""
     torch_model, _, model = gemma3n

@@ -98,8 +98,17 @@ def rms_rescaled(x: jax.Array, target: jax.Array) -> jax.Array:
     return x * target / own
 
 
+def sqrt_zero_safe(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` whose gradient is zero (not NaN) where ``x`` is zero. A padded token whose
+    embedding is the zero row keeps zero streams and a constant MLP gate (whose standard deviation is
+    zero): ``sqrt``'s infinite derivative there times a zero cotangent would make every adapter's
+    gradient NaN, as it does in transformers' training."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
 def root_mean_square(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True))
+    return sqrt_zero_safe(jnp.mean(x * x, axis=-1, keepdims=True))
 
 
 class Gemma3nTextAltUp(ParamReader, nnx.Module):
@@ -171,8 +180,9 @@ class Gemma3nTextMLP(nnx.Module):
     def __call__(self, x):
         gate = self.gate_proj(x)
         if self.std_multiplier is not None:
-            cutoff = jnp.mean(gate, axis=-1, keepdims=True) + jnp.std(gate, axis=-1, keepdims=True) * jnp.asarray(
-                self.std_multiplier, gate.dtype)
+            mean = jnp.mean(gate, axis=-1, keepdims=True)
+            std = sqrt_zero_safe(jnp.mean(jnp.square(gate - mean), axis=-1, keepdims=True))  # unbiased=False
+            cutoff = mean + std * jnp.asarray(self.std_multiplier, gate.dtype)
             gate = jax.nn.relu(gate - cutoff)
         return self.down_proj(_gelu(gate, self.approximate) * self.up_proj(x))
 
