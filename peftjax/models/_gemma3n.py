@@ -50,7 +50,14 @@ from peftjax.models import _attention as attn
 from peftjax.models._auto import register
 from peftjax.models._gemma2 import GELU_APPROXIMATE, ScaledEmbed
 from peftjax.models._gemma3 import gemma3_rope_parameters
-from peftjax.models._gemma4 import Gemma4ForCausalLM, Gemma4TextAttention, _gelu, kv_sharing_modes
+from peftjax.models._gemma4 import (
+    Gemma4ForCausalLM,
+    Gemma4TextAttention,
+    _gelu,
+    inputs_by_layer_type,
+    kv_sharing_modes,
+    per_layer_inputs,
+)
 from peftjax.models._layer_kinds import LAYER_TYPES, rotary_of
 from peftjax.models._llama import LlamaModel
 from peftjax.models._modeling import ConfigRef
@@ -255,17 +262,6 @@ class Gemma3nTextModel(nnx.Module):
         self.ropes = tuple((t, rotary_of(config, rope[t], config.head_dim)) for t in sorted(set(self.layer_types)))
         self.sliding_window = config.sliding_window
 
-    def per_layer_inputs(self, input_ids, x):
-        """``[b, s, layers, hidden_size_per_layer_input]``: the projected embeddings (normed) plus the
-        per-layer table's rows (row 0 for ids beyond it), over ``sqrt(2)``."""
-        b, s, _ = x.shape
-        n, p = len(self.layers), self.per_layer_size
-        projected = self.per_layer_model_projection(x) * jnp.asarray(x.shape[-1] ** -0.5, x.dtype)
-        projected = self.per_layer_projection_norm(projected.reshape(b, s, n, p))
-        ids = jnp.where((input_ids >= 0) & (input_ids < self.per_layer_vocab), input_ids, 0)
-        own = self.embed_tokens_per_layer(ids).reshape(b, s, n, p)
-        return (projected + own) * jnp.asarray(2.0**-0.5, x.dtype)
-
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
         """Runs the decoder; ``dropout_rng``: a key to apply ``attention_dropout`` (training);
@@ -280,18 +276,13 @@ class Gemma3nTextModel(nnx.Module):
         if tuple(input_ids.shape) != (b, s):
             raise ValueError(f"Gemma3nTextModel: input_ids {tuple(input_ids.shape)} must match inputs_embeds "
                              f"{(b, s)} (the per-layer embeddings look the ids up)")
-        per_layer = self.per_layer_inputs(input_ids, x)
+        per_layer = per_layer_inputs(self, input_ids, x, table_rows=self.per_layer_vocab)
         target = root_mean_square(x)
         streams = jnp.stack([x, *(rms_rescaled(proj(x), target) for proj in self.altup_projections)])
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
-        per_type = {}
-        for t, rope in self.ropes:
-            window = self.sliding_window if t == "sliding_attention" else None
-            cos, sin = rope.cos_sin(pos.position_ids, x.dtype)
-            mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
-            per_type[t] = (cos, sin, attn.within_segments(mask, segment_ids))
+        per_type = inputs_by_layer_type(self.ropes, self.sliding_window, pos, x.dtype, segment_ids)
         offset = attn.causal_offset(cache, None, pos.start)
         new_cache = [] if cache is not None else None
         shared = {}

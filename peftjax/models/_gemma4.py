@@ -179,6 +179,32 @@ def unit_rms(x: jax.Array, epsilon: float) -> jax.Array:
     return (h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + epsilon)).astype(x.dtype)
 
 
+def per_layer_inputs(model, input_ids, x, table_rows: int | None = None) -> jax.Array:
+    """``[b, s, layers, hidden_size_per_layer_input]`` of ``model`` (Gemma 4's decoder or Gemma 3n's):
+    the projected embeddings ``x`` (normed) plus the per-layer table's rows, over ``sqrt(2)``; with
+    ``table_rows``, ids beyond the table read its row 0 (Gemma 3n's)."""
+    b, s, _ = x.shape
+    n, p = len(model.layers), model.per_layer_size
+    projected = model.per_layer_model_projection(x) * jnp.asarray(x.shape[-1] ** -0.5, x.dtype)
+    projected = model.per_layer_projection_norm(projected.reshape(b, s, n, p))
+    if table_rows is not None:
+        input_ids = jnp.where((input_ids >= 0) & (input_ids < table_rows), input_ids, 0)
+    own = model.embed_tokens_per_layer(input_ids).reshape(b, s, n, p)
+    return (projected + own) * jnp.asarray(2.0**-0.5, x.dtype)
+
+
+def inputs_by_layer_type(ropes, sliding_window, pos, dtype, segment_ids) -> dict[str, tuple]:
+    """``{layer type: (cos, sin, mask)}`` for one call: each type's RoPE at ``pos``'s positions, the
+    sliding type's mask windowed; packed rows (``segment_ids``) attend within each sequence."""
+    out = {}
+    for t, rope in ropes:
+        window = sliding_window if t == "sliding_attention" else None
+        cos, sin = rope.cos_sin(pos.position_ids, dtype)
+        mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
+        out[t] = (cos, sin, attn.within_segments(mask, segment_ids))
+    return out
+
+
 def _gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=True) if approximate else gelu(x)
 
@@ -373,16 +399,6 @@ class Gemma4TextModel(nnx.Module):
                            for t in sorted(set(self.layer_types)))
         self.sliding_window = config.sliding_window
 
-    def per_layer_inputs(self, input_ids, x):
-        """``[b, s, layers, hidden_size_per_layer_input]``: the projected embeddings (normed) plus
-        the per-layer table's rows, over ``sqrt(2)``."""
-        b, s, _ = x.shape
-        n, p = len(self.layers), self.per_layer_size
-        projected = self.per_layer_model_projection(x) * jnp.asarray(x.shape[-1] ** -0.5, x.dtype)
-        projected = self.per_layer_projection_norm(projected.reshape(b, s, n, p))
-        own = self.embed_tokens_per_layer(input_ids).reshape(b, s, n, p)
-        return (projected + own) * jnp.asarray(2.0**-0.5, x.dtype)
-
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, cache=None,
                  cache_index=None, dropout_rng=None, segment_ids=None) -> ModelOutput:
         """Runs the decoder; ``dropout_rng``: a key to apply ``attention_dropout`` (training);
@@ -399,16 +415,11 @@ class Gemma4TextModel(nnx.Module):
         if self.per_layer_size and tuple(jnp.shape(input_ids)) != (b, s):
             raise ValueError(f"Gemma4TextModel: input_ids {tuple(jnp.shape(input_ids))} must match inputs_embeds "
                              f"{(b, s)} (the per-layer embeddings look the ids up)")
-        per_layer = self.per_layer_inputs(jnp.asarray(input_ids), x) if self.per_layer_size else None
+        per_layer = per_layer_inputs(self, jnp.asarray(input_ids), x) if self.per_layer_size else None
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
-        per_type = {}
-        for t, rope in self.ropes:
-            window = self.sliding_window if t == "sliding_attention" else None
-            cos, sin = rope.cos_sin(pos.position_ids, x.dtype)
-            mask = attn.attention_mask_4d(pos.query_positions, pos.key_mask, causal=True, window=window)
-            per_type[t] = (cos, sin, attn.within_segments(mask, segment_ids))  # packed: within each sequence
+        per_type = inputs_by_layer_type(self.ropes, self.sliding_window, pos, x.dtype, segment_ids)
         offset = attn.causal_offset(cache, None, pos.start)
         new_cache = [] if cache is not None else None
         shared, router_logits = {}, []
