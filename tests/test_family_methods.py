@@ -50,6 +50,9 @@ ARCHS = {family: _tiny.arch(family, initializer_range=0.2)
                         "hunyuan_v1_dense", "phimoe", "zamba", "zamba2", "lfm2_moe")}
 # Seed-OSS's four biased projections at 0.2 give logits whose float32 rounding reaches 1e-5
 ARCHS["seed_oss"] = _tiny.arch("seed_oss", initializer_range=0.1)
+# Gemma 3n at 0.2: AltUp's mixed streams under unscaled attention scores carry IA³'s moved vectors' float32
+# rounding to 1.2e-4 in one logit of 1,440
+ARCHS["gemma3n_text"] = _tiny.arch("gemma3n_text", initializer_range=0.1)
 V = 4  # virtual tokens
 
 # method -> (config class name, fields); the class is looked up in peft and in peftjax alike
@@ -280,6 +283,8 @@ CASES = {
     ("mistral4", "prompt"): ("here->peft",),
     # LoRA (all-linear, moved less: unscaled attention scores magnify rounding): test_gemma4
     ("gemma4_text", "ia3-named"): BOTH,
+    # IA³ on the values and the MLPs' outputs under AltUp's streams (LoRA all-linear: test_gemma3n)
+    ("gemma3n_text", "ia3-named"): BOTH,
     # all-linear reaches the linear attention's in_proj_qkv/z/b/a and out_proj; the virtual tokens
     # run through its convolution and delta rule (PEFT has no default targets; prefix: refused)
     ("qwen3_5_text", "lora-all-linear"): BOTH,
