@@ -29,10 +29,10 @@ alone, so PEFT's LoRA on ``correction_coefs`` acts only in evaluation); peftjax 
 as transformers' evaluation does, which is the same while the coefficients are inside the clip (a
 checkpoint's are; peftjax trains adapters, not them). ``scan_layers=True`` is refused (the layers'
 widths and roles differ), as are prefix adapters and virtual tokens (no ids for the per-layer
-embeddings), as for Gemma 4. transformers' embedding tables take no gradient in their padding row (row 0),
-which the ids beyond the per-layer table read; peftjax's do, as for its other families (it shows
-only when a table itself trains, on such tokens). ``Gemma3nForConditionalGeneration`` checkpoints (the Hub's, with
-vision and audio towers) are read for their text model.
+embeddings), as for Gemma 4. transformers' embedding tables take no gradient in their padding row
+(row 0, which the ids beyond the per-layer table read); peftjax's do, as for its other families (it
+shows only when a table itself trains, on such tokens). ``Gemma3nForConditionalGeneration``
+checkpoints (the Hub's, with vision and audio towers) are read for their text model.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from peftjax.nn._norm import RMSNorm
 from peftjax.nn._param_reader import ParamReader
 from peftjax.nn._scan import check_remat, run_layer
 
+
 def check_gemma3n_config(config) -> None:
     """Refuses what this implementation does not do, naming the option.
 
@@ -88,7 +89,7 @@ def check_gemma3n_config(config) -> None:
     if not 0 <= config.altup_active_idx < config.altup_num_inputs:
         raise ValueError(f"{name}: altup_active_idx={config.altup_active_idx} must index one of the "
                          f"altup_num_inputs={config.altup_num_inputs} streams")
-    for t, params in gemma3_rope_parameters(config).items():
+    for params in gemma3_rope_parameters(config).values():
         rotary_of(config, params, config.head_dim)  # refuses a RoPE type it does not compute
     shared = int(config.num_kv_shared_layers or 0)
     if not 0 <= shared < n:
