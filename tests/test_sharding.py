@@ -279,14 +279,15 @@ def test_sharded_steps_equal_one_device(report):
     assert runs[((("fsdp", 2), ("model", 4)), "fsdp+tp")]["lora_A_spec"] == "P('fsdp', None)"
 
 
-def test_qwen3_phi3_gemma3_olmo2_and_mixtral_train_sharded_as_on_one_device(report):
+def test_qwen3_phi3_gemma3_gemma3n_olmo2_and_mixtral_train_sharded_as_on_one_device(report):
     """Phi-3's fused qkv_proj [64, 128] and gate_up_proj [64, 256] split 4 ways on their outputs (and 2
     ways on their inputs under fsdp); Qwen3's head norms and Gemma 3's post-norms whole; OLMo 2's norm
     over the whole q_proj output whole while q_proj splits; Mixtral's 4 experts one per device on the
     model axis (fsdp halves each expert's larger dimension), its router split by fsdp only; 3 LoRA
-    steps as on one device (Mixtral's loss with its load-balancing term)."""
+    steps as on one device (Mixtral's loss with its load-balancing term; Gemma 3n's AltUp streams, LAuReL
+    and per-layer embeddings)."""
     runs = {r["family"]: r for r in report["families"]}
-    assert sorted(runs) == ["gemma3_text", "mixtral", "olmo2", "phi3", "qwen3"]
+    assert sorted(runs) == ["gemma3_text", "gemma3n_text", "mixtral", "olmo2", "phi3", "qwen3"]
     for name, r in runs.items():
         assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, name
     assert runs["phi3"]["shards"] == {"self_attn.qkv_proj.kernel": [[32, 32]], "mlp.gate_up_proj.kernel": [[32, 64]]}
@@ -294,6 +295,12 @@ def test_qwen3_phi3_gemma3_olmo2_and_mixtral_train_sharded_as_on_one_device(repo
     assert runs["gemma3_text"]["shards"] == {"post_feedforward_layernorm.scale": [[64]],
                                              "mlp.gate_proj.kernel": [[32, 32]]}
     assert runs["olmo2"]["shards"] == {"self_attn.q_norm.scale": [[64]], "self_attn.q_proj.kernel": [[32, 16]]}
+    # Gemma 3n: LAuReL's and AltUp's small weights split by fsdp only; the per-layer embeddings' table
+    # [128, 2 x 16] and projection [64, 2 x 16] split 4 ways on their features (fsdp halves the other side)
+    assert runs["gemma3n_text"]["shards"] == {
+        "mlp.gate_proj.kernel": [[32, 32]], "laurel.linear_left.kernel": [[32, 8]],
+        "altup.prediction_coefs.kernel": [[2, 2]], "model.embed_tokens_per_layer.embedding": [[64, 8]],
+        "model.per_layer_model_projection.kernel": [[32, 8]]}
     assert runs["mixtral"]["shards"] == {"mlp.experts.gate_up_proj": [[1, 128, 64]],
                                          "mlp.experts.down_proj": [[1, 64, 64]], "mlp.gate.weight": [[4, 32]]}
 
@@ -395,6 +402,12 @@ def test_two_processes_train_like_one_device(report):
         ("model.layers.0.mlp.experts.gate_up_proj", (4, 48, 32), P("model", None, None)),
         ("model.layers.layer.mlp.experts.down_proj", (2, 4, 32, 24), P(None, "model", None, None)),
         ("model.layers.0.mlp.gate.weight", (4, 32), P(None, None)),
+        # Gemma 3n's and Gemma 4's per-layer embeddings: the table and the projection added to it split on
+        # the layers' features (E4B's table holds 262,144 x 35 x 256 entries); LAuReL's and AltUp's replicated
+        ("model.embed_tokens_per_layer.embedding", (96, 64), P(None, "model")),
+        ("model.per_layer_model_projection.kernel", (32, 64), P(None, "model")),
+        ("model.layers.0.laurel.linear_left.kernel", (32, 8), P(None, None)),
+        ("model.layers.0.altup.prediction_coefs.kernel", (4, 16), P(None, None)),
         # GPT-NeoX: the fused query_key_value (each head's q, k, v together) and dense_h_to_4h column-parallel,
         # attention.dense and dense_4h_to_h row-parallel, embed_in over the hidden axis
         ("gpt_neox.layers.0.attention.query_key_value.kernel", (32, 96), P(None, "model")),

@@ -81,6 +81,9 @@ TP_RULES: tuple[tuple[str, P], ...] = (
     (rf"(^|\.){_COLUMN}\.bias$", P(MODEL)),
     (rf"(^|\.){_ROW}\.kernel$", P(MODEL, None)),
     (r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in)\.embedding$", P(None, MODEL)),
+    # Gemma 3n's and Gemma 4's per-layer embeddings (E4B's table: 262,144 x 35 x 256) and the projection
+    # added to them: both split on the layers' features, as the word embeddings on the hidden axis
+    (r"(^|\.)(embed_tokens_per_layer\.embedding|per_layer_model_projection\.kernel)$", P(None, MODEL)),
     (r"(^|\.)lm_head\.kernel$", P(None, MODEL)),
     (r"(^|\.)experts\.(gate_up_proj|down_proj)$", P(MODEL, None, None)),  # Mixtral: experts over `model`
 )

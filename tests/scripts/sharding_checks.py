@@ -38,6 +38,7 @@ import peftjax  # noqa: E402
 from peftjax import sharding as shd  # noqa: E402
 from peftjax.models import (  # noqa: E402
     Gemma3ForCausalLM,
+    Gemma3nForCausalLM,
     LlamaForCausalLM,
     MixtralForCausalLM,
     ModelConfig,
@@ -274,6 +275,13 @@ FAMILIES = {
     # OLMo 2: q/k norms over the whole (column-split) projections, norms after each branch
     "olmo2": (Olmo2ForCausalLM, ModelConfig("olmo2", vocab_size=128, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)),
+    # Gemma 3n: two AltUp streams, LAuReL, a sparse MLP, and the per-layer embeddings' table and projection split
+    # on their features over the 4-way axis
+    "gemma3n_text": (Gemma3nForCausalLM, ModelConfig(
+        "gemma3n_text", vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0, hidden_size_per_layer_input=16,
+        altup_num_inputs=2, laurel_rank=8, activation_sparsity_pattern=[0.95, 0.0])),
     "mixtral": (MixtralForCausalLM, ModelConfig("mixtral", vocab_size=128, hidden_size=64, intermediate_size=128,
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                 num_local_experts=4, num_experts_per_tok=2,
@@ -283,9 +291,12 @@ FUSED = {"qwen3": ("self_attn.q_norm.scale", "mlp.up_proj.kernel"),
          "phi3": ("self_attn.qkv_proj.kernel", "mlp.gate_up_proj.kernel"),
          "gemma3_text": ("post_feedforward_layernorm.scale", "mlp.gate_proj.kernel"),
          "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
-         "olmo2": ("self_attn.q_norm.scale", "self_attn.q_proj.kernel")}
+         "olmo2": ("self_attn.q_norm.scale", "self_attn.q_proj.kernel"),
+         "gemma3n_text": ("mlp.gate_proj.kernel", "laurel.linear_left.kernel", "altup.prediction_coefs.kernel",
+                          "model.embed_tokens_per_layer.embedding", "model.per_layer_model_projection.kernel")}
 # attention only here: LoRA on Mixtral's router and experts (target_parameters) is tested in test_lora_peft
-TARGETS = {"mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])}
+TARGETS = {"mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+           "gemma3n_text": dict(target_modules=["q_proj", "v_proj", "laurel.linear_left"])}
 
 
 def check_families(out: dict, tmp: Path) -> None:
@@ -302,7 +313,8 @@ def check_families(out: dict, tmp: Path) -> None:
                 "family": name, "mesh": shape, "rules": rules,
                 "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                 "adapter_diff": max_diff(adapters, ref_adapters),
-                "shards": {w: shard_shapes(v[f"model.layers.0.{w}"]) for w in FUSED[name]},
+                "shards": {w: shard_shapes(v[w if w.startswith("model.") else f"model.layers.0.{w}"])
+                           for w in FUSED[name]},
             })
 
 
