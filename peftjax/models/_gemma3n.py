@@ -54,9 +54,11 @@ from peftjax.models._gemma4 import (
     Gemma4ForCausalLM,
     Gemma4TextAttention,
     _gelu,
+    embeddings_with_ids,
     inputs_by_layer_type,
     kv_sharing_modes,
     per_layer_inputs,
+    run_sharing_layers,
 )
 from peftjax.models._layer_kinds import LAYER_TYPES, rotary_of
 from peftjax.models._llama import LlamaModel
@@ -64,7 +66,7 @@ from peftjax.models._modeling import ConfigRef
 from peftjax.models._outputs import ModelOutput
 from peftjax.nn._norm import RMSNorm
 from peftjax.nn._param_reader import ParamReader
-from peftjax.nn._scan import check_remat, run_layer
+from peftjax.nn._scan import check_remat
 
 
 def check_gemma3n_config(config) -> None:
@@ -269,15 +271,9 @@ class Gemma3nTextModel(nnx.Module):
         ``segment_ids``: packed rows, as :meth:`LlamaModel.__call__`'s."""
         segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
                                                                        cache, None)
-        if input_ids is None:
-            raise ValueError("Gemma3nTextModel: the per-layer embeddings need input_ids (beside inputs_embeds)")
-        input_ids = jnp.asarray(input_ids)
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else jnp.asarray(inputs_embeds)
+        x = embeddings_with_ids(self, input_ids, inputs_embeds)
         b, s, _ = x.shape
-        if tuple(input_ids.shape) != (b, s):
-            raise ValueError(f"Gemma3nTextModel: input_ids {tuple(input_ids.shape)} must match inputs_embeds "
-                             f"{(b, s)} (the per-layer embeddings look the ids up)")
-        per_layer = per_layer_inputs(self, input_ids, x, table_rows=self.per_layer_vocab)
+        per_layer = per_layer_inputs(self, jnp.asarray(input_ids), x, table_rows=self.per_layer_vocab)
         target = root_mean_square(x)
         streams = jnp.stack([x, *(rms_rescaled(proj(x), target) for proj in self.altup_projections)])
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -285,21 +281,8 @@ class Gemma3nTextModel(nnx.Module):
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
         per_type = inputs_by_layer_type(self.ropes, self.sliding_window, pos, x.dtype, segment_ids)
         offset = attn.causal_offset(cache, None, pos.start)
-        new_cache = [] if cache is not None else None
-        shared = {}
-        for i, t in enumerate(self.layer_types):
-            layer_cache = None if cache is None or self.modes[i] == "reuse" else cache[i]
-            shared_kv = shared.get(t) if self.modes[i] == "reuse" else None
-
-            def run(layer, h, key, t=t, layer_input=per_layer[:, :, i], shared_kv=shared_kv, layer_cache=layer_cache):
-                return layer(h, *per_type[t], layer_input, shared_kv, layer_cache, pos.start, offset, key)
-
-            remat = self.remat if cache is None else "none"  # remat in training and scoring only
-            streams, layer_cache, kv = run_layer(self.layers, i, run, streams, remat, dropout_rng)
-            if self.modes[i] == "store":
-                shared[t] = kv
-            if new_cache is not None:
-                new_cache.append(layer_cache if layer_cache is not None else {})
+        streams, new_cache, _ = run_sharing_layers(self, streams, per_type, per_layer, cache, pos.start, offset,
+                                                   dropout_rng)
         target = root_mean_square(streams[0])
         out = [streams[0], *(rms_rescaled(proj(h), target) for proj, h in zip(self.altup_unembed_projections,
                                                                                streams[1:]))]

@@ -205,6 +205,55 @@ def inputs_by_layer_type(ropes, sliding_window, pos, dtype, segment_ids) -> dict
     return out
 
 
+def embeddings_with_ids(model, input_ids, inputs_embeds) -> jax.Array:
+    """``inputs_embeds``, or the lookup of ``input_ids``; a decoder with per-layer embeddings
+    (``model.per_layer_size``) needs the ids beside given embeddings, in their shape.
+
+    Raises:
+      ValueError: per-layer embeddings without ``input_ids``, or ids of another shape than the
+        embeddings' ``[batch, seq]``.
+    """
+    owner = type(model).__name__
+    if model.per_layer_size and input_ids is None:
+        raise ValueError(f"{owner}: the per-layer embeddings (hidden_size_per_layer_input) need input_ids beside "
+                         f"inputs_embeds")
+    x = model.embed_tokens(jnp.asarray(input_ids)) if inputs_embeds is None else jnp.asarray(inputs_embeds)
+    b, s, _ = x.shape
+    if model.per_layer_size and tuple(jnp.shape(input_ids)) != (b, s):
+        raise ValueError(f"{owner}: input_ids {tuple(jnp.shape(input_ids))} must match inputs_embeds {(b, s)} (the "
+                         f"per-layer embeddings look the ids up)")
+    return x
+
+
+def run_sharing_layers(model, h, per_type, per_layer, cache, start, offset, dropout_rng):
+    """Runs ``model.layers`` in order (Gemma 4's and Gemma 3n's): a layer of type ``t`` gets that
+    type's ``(cos, sin, mask)``, its per-layer input (``per_layer[:, :, i]``), its cache, and where
+    it reuses keys (``model.modes``) those of the last layer of its type that stored them. Each
+    layer returns ``(h, cache, (keys, values), *extras)``.
+
+    Returns ``(h, the new cache or None, each layer's extras)``.
+    """
+    new_cache = [] if cache is not None else None
+    shared, extras = {}, []
+    remat = model.remat if cache is None else "none"  # remat in training and scoring only
+    for i, t in enumerate(model.layer_types):
+        reuse = model.modes[i] == "reuse"
+        layer_input = None if per_layer is None else per_layer[:, :, i]
+        layer_cache = None if cache is None or reuse else cache[i]
+        shared_kv = shared.get(t) if reuse else None
+
+        def run(layer, x, key, t=t, layer_input=layer_input, shared_kv=shared_kv, layer_cache=layer_cache):
+            return layer(x, *per_type[t], layer_input, shared_kv, layer_cache, start, offset, key)
+
+        h, layer_cache, kv, *rest = run_layer(model.layers, i, run, h, remat, dropout_rng)
+        if model.modes[i] == "store":
+            shared[t] = kv
+        if new_cache is not None:
+            new_cache.append(layer_cache if layer_cache is not None else {})
+        extras.append(rest)
+    return h, new_cache, extras
+
+
 def _gelu(x: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(x, approximate=True) if approximate else gelu(x)
 
@@ -405,41 +454,17 @@ class Gemma4TextModel(nnx.Module):
         ``segment_ids``: packed rows, as :meth:`LlamaModel.__call__`'s."""
         segment_ids, attention_mask, position_ids = self.packed_inputs(segment_ids, attention_mask, position_ids,
                                                                        cache, None)
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(jnp.asarray(input_ids))
-        elif self.per_layer_size and input_ids is None:
-            raise ValueError("Gemma4TextModel: the per-layer embeddings (hidden_size_per_layer_input) need "
-                             "input_ids beside inputs_embeds")
-        x = jnp.asarray(inputs_embeds)
+        x = embeddings_with_ids(self, input_ids, inputs_embeds)
         b, s, _ = x.shape
-        if self.per_layer_size and tuple(jnp.shape(input_ids)) != (b, s):
-            raise ValueError(f"Gemma4TextModel: input_ids {tuple(jnp.shape(input_ids))} must match inputs_embeds "
-                             f"{(b, s)} (the per-layer embeddings look the ids up)")
         per_layer = per_layer_inputs(self, jnp.asarray(input_ids), x) if self.per_layer_size else None
         pos = attn.decoder_positions(b, s, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                      cache_index=cache_index, prefix_kv=None, num_layers=len(self.layers),
                                      owner=type(self).__name__, prefix_layout=lambda: (0, 0))
         per_type = inputs_by_layer_type(self.ropes, self.sliding_window, pos, x.dtype, segment_ids)
         offset = attn.causal_offset(cache, None, pos.start)
-        new_cache = [] if cache is not None else None
-        shared, router_logits = {}, []
-        for i, t in enumerate(self.layer_types):
-            layer_input = None if per_layer is None else per_layer[:, :, i]
-            layer_cache = None if cache is None or self.modes[i] == "reuse" else cache[i]
-            shared_kv = shared.get(t) if self.modes[i] == "reuse" else None
-
-            def run(layer, h, key, t=t, layer_input=layer_input, shared_kv=shared_kv, layer_cache=layer_cache):
-                return layer(h, *per_type[t], layer_input, shared_kv, layer_cache, pos.start, offset, key)
-
-            # remat in training and scoring only, as the other decoders
-            remat = self.remat if cache is None else "none"
-            x, layer_cache, kv, logits = run_layer(self.layers, i, run, x, remat, dropout_rng)
-            if self.modes[i] == "store":
-                shared[t] = kv
-            if new_cache is not None:
-                new_cache.append(layer_cache if layer_cache is not None else {})
-            if logits is not None:
-                router_logits.append(logits)
+        x, new_cache, extras = run_sharing_layers(self, x, per_type, per_layer, cache, pos.start, offset,
+                                                  dropout_rng)
+        router_logits = [logits for (logits,) in extras if logits is not None]
         return ModelOutput(last_hidden_state=self.norm(x), past_key_values=new_cache,
                            router_logits=tuple(router_logits) or None)
 
