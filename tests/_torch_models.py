@@ -193,6 +193,19 @@ def assert_layouts_round_trip(torch_model, hub, fused, model, out, vocab: int) -
                                   torch_logits(torch_model, input_ids=ids, attention_mask=mask)[valid])
 
 
+def assert_transformers_reloads(torch_model, model, directory) -> None:
+    """``model`` (peftjax's, loaded from ``torch_model``'s checkpoint) saved to ``directory`` loads in
+    transformers as ``torch_model``'s class with exactly ``torch_model``'s state dict."""
+    import torch
+
+    model.save_pretrained(directory)
+    reloaded = type(torch_model).from_pretrained(directory).eval()
+    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
 def torch_logits(model, **inputs) -> np.ndarray:
     torch = pytest.importorskip("torch")
 

@@ -26,6 +26,7 @@ from _torch_models import (
     assert_all_linear_lora_both_ways,
     assert_grads_match_torch,
     assert_packed_rows_as_alone,
+    assert_transformers_reloads,
     lazy,
     padded_batch,
     torch_logits,
@@ -171,12 +172,7 @@ def test_packed_rows_get_what_each_sequence_gets_alone(gemma3n):
 
 def test_saved_checkpoint_loads_in_transformers(gemma3n, tmp_path):
     torch_model, _, model = gemma3n
-    model.save_pretrained(tmp_path)
-    reloaded = tr.Gemma3nForCausalLM.from_pretrained(tmp_path).eval()
-    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
-    assert sorted(ours) == sorted(theirs)
-    for key, value in theirs.items():
-        assert torch.equal(ours[key], value), key
+    assert_transformers_reloads(torch_model, model, tmp_path)
 
 
 def test_the_hub_s_vision_language_checkpoint_reads_as_its_text_model(gemma3n, tmp_path):

@@ -20,7 +20,7 @@ import transformers as tr
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy, padded_batch, torch_logits
+from _torch_models import assert_transformers_reloads, lazy, padded_batch, torch_logits
 
 import peftjax
 from peftjax import models
@@ -115,12 +115,7 @@ def test_greedy_generation_matches_transformers(gemma4):
 
 def test_saved_checkpoint_loads_in_transformers(gemma4, tmp_path):
     torch_model, _, model = gemma4
-    model.save_pretrained(tmp_path)
-    reloaded = tr.Gemma4ForCausalLM.from_pretrained(tmp_path).eval()
-    theirs, ours = torch_model.state_dict(), reloaded.state_dict()
-    assert sorted(ours) == sorted(theirs)
-    for key, value in theirs.items():
-        assert torch.equal(ours[key], value), key
+    assert_transformers_reloads(torch_model, model, tmp_path)
 
 
 def test_lora_has_no_default_targets_as_in_peft(gemma4):
