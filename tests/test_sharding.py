@@ -251,7 +251,7 @@ def report(tmp_path_factory) -> dict:
     # two processes at a time (this machine may have two cores, and other tests run beside these)
     with ThreadPoolExecutor(2) as pool:
         # halves of about equal time (each section is 10-25 s standalone; "families" is the longest)
-        steps, rest = pool.map(run, [[str(SCRIPT), "steps", "load", "orbax", "save", "--tmp", str(tmp / "a")],
+        steps, rest = pool.map(run, [[str(SCRIPT), "steps", "load", "orbax", "save", "bdlora", "--tmp", str(tmp / "a")],
                                      [str(SCRIPT), "families", "trainer", "--tmp", str(tmp / "b")]])
         processes = list(pool.map(run, [[str(MULTIHOST), str(i), str(port), str(tmp / "multihost")] for i in (0, 1)]))
     return {**steps, **rest, "processes": processes, "tmp": tmp}
@@ -303,6 +303,19 @@ def test_qwen3_phi3_gemma3_gemma3n_olmo2_and_mixtral_train_sharded_as_on_one_dev
         "model.per_layer_model_projection.kernel": [[32, 8]]}
     assert runs["mixtral"]["shards"] == {"mlp.experts.gate_up_proj": [[1, 128, 64]],
                                          "mlp.experts.down_proj": [[1, 64, 64]], "mlp.gate.weight": [[4, 32]]}
+
+
+def test_bdlora_blocks_sit_one_per_device_and_train_as_on_one_device(report):
+    """BD-LoRA with ``nblocks`` = the model axis (4): q_proj's block-diagonal ``B [4, 2, 16]`` and
+    o_proj's block-diagonal ``A [4, 16, 2]`` hold one block per device, beside the layer's own shard
+    of the same features; the other factor follows the layer as plain LoRA's does; 3 steps as on one
+    device, no base weight gathered."""
+    r = report["bdlora"]
+    assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 3e-5, r
+    assert r["shards"] == {"self_attn.q_proj.lora_B.default": [[1, 2, 16]],
+                           "self_attn.o_proj.lora_A.default": [[1, 16, 2]],
+                           "self_attn.q_proj.lora_A.default": [[64, 8]]}
+    assert r["base_weight_all_gathers"] == []
 
 
 def test_tensor_parallel_never_gathers_a_base_weight(report):

@@ -36,6 +36,7 @@ from peftjax.config._paca import PacaConfig
 from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import (
     ArrowConfig,
+    BdLoraConfig,
     AstraConfig,
     CordaConfig,
     EvaConfig,
@@ -115,6 +116,7 @@ __all__ = [
     "EvaConfig",
     "LoraGAConfig",
     "ArrowConfig",
+    "BdLoraConfig",
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",

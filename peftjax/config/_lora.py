@@ -34,7 +34,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "use_bdlora": None,
     "kasa_config": None,
     "ensure_weight_tying": False,
 }
@@ -140,7 +139,9 @@ class LoraConfig(PeftConfig):
             experts ``["experts.gate_up_proj", "experts.down_proj"]`` or its router
             ``"gate.weight"``: a parameter key ``<module path>.<name>`` matches an entry it equals
             or ends with after a dot. Not with dropout, DoRA, ``lora_bias`` or ``fan_in_fan_out``.
-        use_bdlora: PEFT's block-diagonal LoRA. Unsupported: must be ``None``.
+        use_bdlora: BD-LoRA (a :class:`BdLoraConfig` or its dict, stored as the dict): on the linear
+          layers its patterns name, ``lora_A`` or ``lora_B`` is block-diagonal, so that under tensor
+          parallelism each device's block of the factor meets only its own shard of the layer.
         arrow_config: Arrow routing (an :class:`ArrowConfig` or its dict, stored as the dict): the
             config of the router adapter ``create_arrow_model`` adds, which routes each token over
             the model's other LoRA adapters; not with DoRA (as in PEFT).
@@ -203,11 +204,12 @@ class LoraConfig(PeftConfig):
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
             "megatron_config", "velora_config",
-            "monteclora_config", "use_bdlora", "kasa_config",
+            "monteclora_config", "kasa_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
         for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("astra_config", AstraConfig),
-                          ("lora_ga_config", LoraGAConfig), ("arrow_config", ArrowConfig)):
+                          ("lora_ga_config", LoraGAConfig), ("arrow_config", ArrowConfig),
+                          ("use_bdlora", BdLoraConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -257,6 +259,8 @@ class LoraConfig(PeftConfig):
             warnings.warn("`astra_config` specified but will be ignored when `init_lora_weights` is not 'astra'.")
         if self.arrow_config is not None and self.use_dora:  # PEFT's layers have no such variant
             raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
+        if self.use_bdlora is not None:
+            self._check_bdlora()
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -265,6 +269,43 @@ class LoraConfig(PeftConfig):
                 )
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
+
+    def _check_bdlora(self) -> None:
+        """BD-LoRA is a variant of its own in PEFT's linear layers: no other variant goes with it,
+        and an init that computes both factors (or rewrites the base) would have one of them
+        replaced by the block-diagonal draw afterwards, as PEFT replaces it."""
+        others = [name for name, on in (("arrow_config", self.arrow_config is not None), ("use_dora", self.use_dora),
+                                        ("mica", self.init_lora_weights == "mica")) if on]
+        if others:
+            raise ValueError(f"Invalid or unsupported variant combination: {tuple(sorted(['use_bdlora', *others]))}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"use_bdlora (BD-LoRA) draws its block-diagonal factor after the layer's init, so "
+                             f"init_lora_weights={self.init_lora_weights!r}, which computes both factors from the "
+                             "weight or data, would be overwritten half; use True, False or 'gaussian'")
+
+    def bdlora_factor(self, module_name: str) -> tuple[str, int] | None:
+        """``("A" or "B", nblocks)``: which factor of module ``module_name``'s adapter is
+        block-diagonal under ``use_bdlora`` (a pattern matches where it occurs in the name, as in
+        PEFT), or ``None``.
+
+        Raises:
+          ValueError: the name matches both lists, or neither with ``match_strict`` (PEFT's rules).
+        """
+        if self.use_bdlora is None:
+            return None
+        bd = BdLoraConfig.from_value(self.use_bdlora)
+        on_a = any(p in module_name for p in bd.target_modules_bd_a or ())
+        on_b = any(p in module_name for p in bd.target_modules_bd_b or ())
+        if on_a and on_b:
+            raise ValueError(f"Target {module_name} matches both A and B block-diagonal patterns")
+        if not (on_a or on_b):
+            if bd.match_strict:
+                raise ValueError(f"Target {module_name} matches neither A nor B block-diagonal patterns "
+                                 f"(use_bdlora: target_modules_bd_a={list(bd.target_modules_bd_a or ())}, "
+                                 f"target_modules_bd_b={list(bd.target_modules_bd_b or ())}). If this is intentional, "
+                                 "set match_strict=False in BdLoraConfig.")
+            return None
+        return ("A" if on_a else "B", bd.nblocks)
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
@@ -354,6 +395,58 @@ def _sub_config(cls, value: Any, option: str):
     if unknown:
         raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
     return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BdLoraConfig:
+    """BD-LoRA's settings (PEFT's ``BdLoraConfig``), for ``LoraConfig(use_bdlora=...)``.
+
+    Block-diagonal LoRA: on the targets ``target_modules_bd_a`` names, ``lora_A`` is ``nblocks``
+    blocks on its diagonal (block ``i`` maps the ``i``-th slice of the input to the ``i``-th slice
+    of the rank); on those ``target_modules_bd_b`` names, ``lora_B`` is (the ``i``-th slice of the
+    rank to the ``i``-th slice of the output). With ``nblocks`` equal to the tensor-parallel
+    degree, a row-parallel layer (input split across devices: ``o_proj``, ``down_proj``) with a
+    block-diagonal ``A`` and a column-parallel one (output split: ``q_proj``, ``up_proj``) with a
+    block-diagonal ``B`` need no communication for the adapter beyond the base layer's own.
+
+    Attributes:
+      target_modules_bd_a: patterns; a target whose name contains one has a block-diagonal ``A``.
+      target_modules_bd_b: patterns; a target whose name contains one has a block-diagonal ``B``.
+      nblocks: the blocks of each block-diagonal factor (dividing its sizes: the layer's input or
+        output features and the rank).
+      match_strict: every target must match one of the lists (``False``: the others take plain LoRA).
+    """
+
+    target_modules_bd_a: tuple[str, ...] | None = None
+    target_modules_bd_b: tuple[str, ...] | None = None
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):  # PEFT matches each pattern of a list; a str would match per letter
+                    raise TypeError(f"`use_bdlora.{name}` must be a list of module name patterns, got the str "
+                                    f"{value!r}.")
+                object.__setattr__(self, name, to_str_tuple(f"use_bdlora.{name}", value, sort=False))
+        check_int("use_bdlora.nblocks", self.nblocks, minimum=1)
+        check_bool("use_bdlora.match_strict", self.match_strict)
+        overlap = set(self.target_modules_bd_a or ()) & set(self.target_modules_bd_b or ())
+        if overlap:  # PEFT's message
+            raise ValueError("Found overlapping modules in target_modules_bd lists:"
+                             f"{list(self.target_modules_bd_a)} (A) and {list(self.target_modules_bd_b)} (B).")
+
+    @classmethod
+    def from_value(cls, value: Any) -> BdLoraConfig:
+        """A ``BdLoraConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "use_bdlora")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):  # lists, as PEFT writes them
+            d[name] = None if d[name] is None else list(d[name])
+        return d
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

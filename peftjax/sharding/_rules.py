@@ -229,9 +229,18 @@ def _follow(kind: str, shape: tuple[int, ...], w_shape: tuple[int, ...], w_spec:
 
     ``A [*lead, in..., r]`` shares W's leading dimensions; ``B [*lead, r, out...]`` shares W's
     leading ``lead`` (stacked layers) and trailing ``out`` dimensions; a per-output vector
-    ``[*lead, out]`` shares W's leading and last dimensions. ``r`` is never split.
+    ``[*lead, out]`` shares W's leading and last dimensions. ``r`` is never split. A BD-LoRA
+    factor held in blocks, ``[*lead, nblocks, p, q]`` beside a 2-D ``W [*lead, in, out]``, splits its
+    blocks as W splits the features they cover (``in`` for ``A``, ``out`` for ``B``).
     """
     k, m = len(shape), len(w_shape)
+    if kind in ("lora_A", "lora_B") and m >= 2 and k == m + 1 and shape[:m - 2] == w_shape[:m - 2]:
+        # BD-LoRA's block-diagonal factor [*lead, nblocks, p, q]: block i takes the i-th slice of W's
+        # input (A) or output (B) features, so the blocks split as that axis of W does
+        nb, p, q = shape[-3:]
+        axis = m - 2 if kind == "lora_A" else m - 1
+        if nb * (p if kind == "lora_A" else q) == w_shape[axis]:
+            return P(*w_spec[: m - 2], w_spec[axis], None, None)
     if kind == "lora_A" and 2 <= k <= m + 1 and shape[:-1] == w_shape[: k - 1]:
         return P(*w_spec[: k - 1], None)
     if kind == "lora_B":

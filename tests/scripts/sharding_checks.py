@@ -318,8 +318,31 @@ def check_families(out: dict, tmp: Path) -> None:
             })
 
 
+BDLORA = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              use_bdlora=dict(target_modules_bd_a=["o_proj", "down_proj"],
+                              target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], nblocks=4))
+
+
+def check_bdlora(out: dict, tmp: Path) -> None:
+    """BD-LoRA with one block per device of the 4-way model axis, against one device."""
+    ref_losses, ref_adapters, _, ref_model, _ = train(lora=BDLORA)
+    forbidden = base_weight_shapes(ref_model.base_model)
+    losses, adapters, _, pm, hlo = train(shd.make_mesh({"data": 2, "model": 4}), "tp", lower=True, lora=BDLORA)
+    v = variables(pm.base_model)
+    layer = "model.layers.0."
+    out["bdlora"] = {
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "adapter_diff": max_diff(adapters, ref_adapters),
+        "shards": {k: shard_shapes(v[layer + k]) for k in ("self_attn.q_proj.lora_B.default",
+                                                           "self_attn.o_proj.lora_A.default",
+                                                           "self_attn.q_proj.lora_A.default")},
+        "base_weight_all_gathers": sorted({tuple(g) for g in all_gathers(hlo) if tuple(g) in forbidden}),
+    }
+
+
 # "save" moves the shared tp run's adapters to one device, so it runs after "orbax"
-CHECKS = {"steps": check_steps, "families": check_families, "load": check_load, "orbax": check_orbax, "save": check_save, "trainer": check_trainer}
+CHECKS = {"steps": check_steps, "families": check_families, "load": check_load, "orbax": check_orbax,
+          "save": check_save, "trainer": check_trainer, "bdlora": check_bdlora}
 SECTIONS = list(CHECKS)
 
 

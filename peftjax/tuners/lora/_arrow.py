@@ -92,6 +92,10 @@ def _refresh(model, routers) -> None:
 
 def _refresh_layer(layer: LoraLayer, path: str, router: str, settings: ArrowConfig) -> None:
     experts = layer.arrow_expert_names()
+    blocks = [n for n in experts if layer.spec(n).block_diagonal is not None]
+    if blocks:
+        raise NotImplementedError(f"{path}: an Arrow router over BD-LoRA adapters {blocks} (use_bdlora) is not "
+                                  "implemented")
     if not experts:
         raise ValueError(f"{path}: the Arrow router {router!r} routes over the task adapters loaded beside it "
                          "(peftjax.create_arrow_model), and this model has none; a router's file is not an adapter "

@@ -140,6 +140,10 @@ def combined_factors(
     if not valid:
         raise ValueError(f"{layer.adapter_path}: none of {list(adapters)} adapts this layer")
     specs = dict(layer.adapter_specs)
+    blocks = [n for n, _ in valid if specs[n].block_diagonal is not None]
+    if blocks:  # PEFT's combinations read the factors as [r, in] / [out, r] matrices
+        raise NotImplementedError(f"{layer.adapter_path}: add_weighted_adapter over BD-LoRA adapters {blocks} "
+                                  "(use_bdlora) is not implemented")
     a_of = {n: layer.lora_A[n].get_value().astype(jnp.float32) for n, _ in valid}
     b_of = {n: layer.lora_B[n].get_value().astype(jnp.float32) for n, _ in valid}
     a_shape = a_of[valid[0][0]].shape[:-1]

@@ -37,6 +37,9 @@ from peftjax.tuners.lora._scalings import active_lora_scalings
 from peftjax.tuners.lora._math import (
     LoraSpec,
     arrow_route,
+    block_diagonal,
+    block_diagonal_branch,
+    block_diagonal_layout,
     check_init,
     delta,
     dora_factor,
@@ -140,7 +143,8 @@ class LoraLayer(AdapterDictLayer):
         weights, residual = init_weights(key, kind, init, self._to_2d(w), spec)
         if residual is not None:  # PiSSA/OLoRA leave the residual as the base weight
             var.set_value(self._from_2d(residual).astype(w.dtype))
-        weights["lora_A"] = weights["lora_A"].reshape(self._a_shape(*weights["lora_A"].shape))
+        if spec.block_diagonal is None or spec.block_diagonal[0] != "A":  # blocks: [nblocks, n_in / nblocks, ...]
+            weights["lora_A"] = weights["lora_A"].reshape(self._a_shape(*weights["lora_A"].shape))
         for key_name, value in weights.items():
             frozen = key_name == "lora_B" and spec.freeze_b
             getattr(self, key_name)[name] = (FrozenAdapterParam if frozen else LoraParam)(value)
@@ -149,14 +153,26 @@ class LoraLayer(AdapterDictLayer):
     def frozen_adapter_dicts(self, name: str) -> tuple:
         return (self.lora_B,) if self.spec(name).freeze_b else ()
 
-    def peft_layout(self, name: str | None = None):  # LoRA's layout is the same for every adapter
+    def peft_layout(self, name: str | None = None):
         layout = torch_layout(self.lora_kind, self._n_spatial())
+        bd = None if name is None or name not in self.lora_A else self.spec(name).block_diagonal
+        if bd is not None:  # a BD-LoRA adapter's block-diagonal factor: PEFT's BlockDiagonalLinear weight
+            layout.update(block_diagonal_layout(*bd))
         return {suffix: (getattr(self, key), to, back) for key, (suffix, to, back) in layout.items()}
+
+    def dense_factors(self, name: str) -> tuple[jax.Array, jax.Array]:
+        """Adapter ``name``'s ``(A [n_in, r], B [r, n_out])`` as dense matrices (a BD-LoRA factor
+        held in blocks is laid out on its diagonal)."""
+        a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+        bd = self.spec(name).block_diagonal
+        if bd is None:
+            return a, b
+        return (block_diagonal(a), b) if bd[0] == "A" else (a, block_diagonal(b))
 
     def delta_weight(self, name: str, spec: LoraSpec | None = None) -> jax.Array:
         """``s * A @ B`` in the base weight's shape (float32)."""
         spec = spec or self.spec(name)
-        return self._from_2d(delta(self.lora_A[name].get_value(), self.lora_B[name].get_value(), spec.scaling))
+        return self._from_2d(delta(*self.dense_factors(name), spec.scaling))
 
     def __call__(self, inputs, *args, **kwargs):
         y = self._peftjax_base.__call__(self, inputs, *args, **kwargs)
@@ -177,7 +193,10 @@ class LoraLayer(AdapterDictLayer):
                 h = self._dropped(inputs, name, spec)
                 dropped = h is not inputs
                 h = h.astype(a.dtype)
-            lora = self._branch(h, a, b, *args, **kwargs)
+            if spec.block_diagonal is not None:
+                lora = block_diagonal_branch(h, a, b, spec.block_diagonal[0])
+            else:
+                lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
                 lora = lora + along_last(self.lora_B_bias[name].get_value(), lora.ndim)
             if spec.use_dora:
@@ -207,8 +226,8 @@ class LoraLayer(AdapterDictLayer):
             raise ValueError(f"{self.adapter_path}: the Arrow router {name!r} was built over "
                              f"{list(getattr(self, 'arrow_experts', ()))}, the layer now has {list(experts)}; add, "
                              "load and delete adapters through the PeftModel, which rebuilds the router")
-        a = jnp.stack([self.lora_A[n].get_value() for n in experts])  # [E, in, r]
-        b = jnp.stack([self.lora_B[n].get_value() for n in experts])  # [E, r, out]
+        a = jnp.stack([self.dense_factors(n)[0] for n in experts])  # [E, in, r]
+        b = jnp.stack([self.dense_factors(n)[1] for n in experts])  # [E, r, out]
         scales = jnp.asarray([self.spec(n).scaling for n in experts], a.dtype)
         x = inputs.astype(a.dtype).reshape(-1, inputs.shape[-1])
         prototypes = self.arrow_prototypes[name].get_value().astype(a.dtype)
@@ -228,7 +247,7 @@ class LoraLayer(AdapterDictLayer):
             if name in self.adapter_merged:
                 raise ValueError(f"{self.adapter_path}: X-LoRA cannot weigh merged adapter {name!r}; unmerge it first")
             spec = self.spec(name)
-            a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
+            a, b = self.dense_factors(name)
             h = inputs.astype(a.dtype) * s[..., j:j + 1].astype(a.dtype)
             lora = self._branch(self._dropped(h, name, spec), a, b, *args, **kwargs)
             y = y + (lora * (spec.scaling * weighed.weight)).astype(y.dtype)
@@ -256,16 +275,15 @@ class LoraLayer(AdapterDictLayer):
             raise NotImplementedError(f"{self.adapter_path}: `adapter_names` rows with an Arrow router are not "
                                       "supported; activate the router for the whole batch")
         r = max(specs[n].r for n in present)
-        a0, b0 = self.lora_A[present[0]].get_value(), self.lora_B[present[0]].get_value()
+        dense = {n: self.dense_factors(n) for n in present}  # BD-LoRA's blocks on their diagonal
+        a0, b0 = dense[present[0]]
         zeros_a, zeros_b = jnp.zeros(a0.shape[:-1] + (r,), a0.dtype), jnp.zeros((r, b0.shape[-1]), b0.dtype)
 
         def pad(v, axis):
             return jnp.pad(v, [(0, r - v.shape[axis]) if i == axis % v.ndim else (0, 0) for i in range(v.ndim)])
 
-        a_rows = jnp.stack([pad(self.lora_A[n].get_value(), -1) if n in specs else zeros_a for n in names]
-                           + [zeros_a])[rows]
-        b_rows = jnp.stack([pad(self.lora_B[n].get_value(), 0) if n in specs else zeros_b for n in names]
-                           + [zeros_b])[rows]
+        a_rows = jnp.stack([pad(dense[n][0], -1) if n in specs else zeros_a for n in names] + [zeros_a])[rows]
+        b_rows = jnp.stack([pad(dense[n][1], 0) if n in specs else zeros_b for n in names] + [zeros_b])[rows]
         scaling = jnp.asarray([specs[n].scaling if n in specs else 0.0 for n in names] + [0.0], jnp.float32)[rows]
         h = inputs if self.lora_kind == "embed" else inputs.astype(a0.dtype)
         lora = jax.vmap(lambda h1, a1, b1: self._branch(h1[None], a1, b1, *args, **kwargs)[0])(h, a_rows, b_rows)
@@ -283,8 +301,7 @@ class LoraLayer(AdapterDictLayer):
         var = getattr(self, self.weight_attr)
         w = var.get_value()
         magnitude = self.lora_magnitude_vector[name].get_value() if spec.use_dora else None
-        merged, norm = merged_weight(self._to_2d(w), self.lora_A[name].get_value(), self.lora_B[name].get_value(),
-                                     spec.scaling, magnitude)
+        merged, norm = merged_weight(self._to_2d(w), *self.dense_factors(name), spec.scaling, magnitude)
         if norm is not None:
             self.lora_cache[name] = LoraCache(norm)
         var.set_value(self._from_2d(merged).astype(w.dtype))
@@ -299,8 +316,7 @@ class LoraLayer(AdapterDictLayer):
         if spec.use_dora:
             magnitude, norm = self.lora_magnitude_vector[name].get_value(), self.lora_cache[name].get_value()
             del self.lora_cache[name]
-        restored = unmerged_weight(self._to_2d(w), self.lora_A[name].get_value(), self.lora_B[name].get_value(),
-                                   spec.scaling, magnitude, norm)
+        restored = unmerged_weight(self._to_2d(w), *self.dense_factors(name), spec.scaling, magnitude, norm)
         var.set_value(self._from_2d(restored).astype(w.dtype))
         self._shift_bias(name, spec, -1)
         self._mark_merged(name, False)
@@ -356,7 +372,7 @@ class LoraLinear(LoraLayer):
                 self.bias is not None and self.bias.get_value().dtype != dtype):
             return []
         for name, spec in live:
-            if (spec.use_dora or spec.lora_bias or spec.arrow is not None
+            if (spec.use_dora or spec.lora_bias or spec.arrow is not None or spec.block_diagonal is not None
                     or self.lora_A[name].get_value().dtype != dtype or self.lora_B[name].get_value().dtype != dtype):
                 return []
         return live

@@ -43,6 +43,9 @@ class LoraSpec:
       freeze_b: ``lora_B`` never trains (MiCA, ``init_lora_weights="mica"``).
       arrow: ``(top_k, router_temperature)`` of an Arrow router (``create_arrow_model``), which
         routes each token over the layer's other adapters instead of applying its own factors.
+      block_diagonal: ``("A" or "B", nblocks)`` under BD-LoRA (``use_bdlora``): that factor is held
+        as its ``nblocks`` diagonal blocks, ``[nblocks, n_in / nblocks, r / nblocks]`` for ``A``,
+        ``[nblocks, r / nblocks, n_out / nblocks]`` for ``B`` (:func:`block_diagonal`).
     """
 
     r: int
@@ -53,6 +56,7 @@ class LoraSpec:
     lora_bias: bool = False
     freeze_b: bool = False
     arrow: tuple[int, float] | None = None
+    block_diagonal: tuple[str, int] | None = None
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
@@ -60,7 +64,72 @@ class LoraSpec:
         r, alpha, scaling = config.scaling_for(name)
         return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
                    use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
-                   freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config))
+                   freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config),
+                   block_diagonal=config.bdlora_factor(name) if hasattr(config, "bdlora_factor") else None)
+
+
+# --------------------------------------------------------------------------------------------
+# BD-LoRA: one factor block-diagonal
+
+
+def check_block_diagonal(spec: LoraSpec, n_in: int, n_out: int, where: str) -> None:
+    """Raises ``ValueError`` (PEFT's condition, naming the layer) where ``nblocks`` does not divide
+    the block-diagonal factor's two sizes, and ``NotImplementedError`` for ``lora_bias`` on a
+    block-diagonal ``B`` (PEFT's has no bias)."""
+    side, nb = spec.block_diagonal
+    if spec.lora_bias and side == "B":
+        raise NotImplementedError(f"{where}: lora_bias with a block-diagonal lora_B (BD-LoRA's target_modules_bd_b) "
+                                  "is not supported; PEFT's block-diagonal B has no bias")
+    rows, cols = (n_in, spec.r) if side == "A" else (spec.r, n_out)
+    if rows % nb or cols % nb:
+        raise ValueError(f"{where}: BD-LoRA's block-diagonal lora_{side} maps {rows} to {cols} features, which "
+                         f"use_bdlora.nblocks={nb} does not divide")
+
+
+def block_diagonal(blocks):
+    """The dense matrix of a factor held as its diagonal blocks: ``[..., nb, p, q]`` ->
+    ``[..., nb * p, nb * q]`` with zeros off the diagonal (NumPy or JAX, as given)."""
+    xp = np if isinstance(blocks, np.ndarray) else jnp
+    *lead, nb, p, q = blocks.shape
+    dense = xp.einsum("...ipq,ij->...ipjq", blocks, xp.eye(nb, dtype=blocks.dtype))
+    return dense.reshape(*lead, nb * p, nb * q)
+
+
+def block_diagonal_init(key, side: str, nb: int, n_in: int, n_out: int, r: int):
+    """PEFT's ``BlockDiagonalLinear`` init of the block-diagonal factor, in blocks: ``A``
+    ``kaiming_uniform_`` with its default ``a=0`` (bound ``sqrt(6 / fan_in)``, fan-in ``n_in / nb``),
+    ``B`` zeros, whatever ``init_lora_weights`` gave the other factor."""
+    if side == "B":
+        return np.zeros((nb, r // nb, n_out // nb), np.float32)
+    m = n_in // nb
+    bound = math.sqrt(6.0 / m)
+    return sampler(key).uniform((nb, m, r // nb), -bound, bound)
+
+
+def block_diagonal_branch(h: jax.Array, a: jax.Array, b: jax.Array, side: str) -> jax.Array:
+    """``(h @ A) @ B`` with ``A`` (``side == "A"``) or ``B`` held as diagonal blocks: block ``i``
+    reads the ``i``-th slice of its input and writes the ``i``-th slice of its output."""
+    x = h.reshape(-1, h.shape[-1])
+    if side == "A":
+        nb, m, n = a.shape
+        u = jnp.einsum("tbm,bmn->tbn", x.reshape(-1, nb, m), a).reshape(x.shape[0], nb * n)
+        y = u @ b
+    else:
+        nb, n, o = b.shape
+        y = jnp.einsum("tbn,bno->tbo", (x @ a).reshape(-1, nb, n), b).reshape(x.shape[0], nb * o)
+    return y.reshape(*h.shape[:-1], y.shape[-1])
+
+
+def block_diagonal_layout(side: str, nb: int) -> dict:
+    """``torch_layout``'s entry for the block-diagonal factor: PEFT's ``BlockDiagonalLinear`` weight
+    ``[nb * q, p]`` (block ``i`` its rows ``i q .. (i + 1) q``, ``[out, in]``) <-> ``[nb, p, q]``."""
+    def to_torch(blocks):
+        return blocks.transpose(0, 2, 1).reshape(-1, blocks.shape[1])
+
+    def from_torch(t):
+        return t.reshape(nb, -1, t.shape[1]).transpose(0, 2, 1)
+
+    return {f"lora_{side}": (f"lora_{side}.weight", to_torch, from_torch)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +335,10 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         a, b, residual = loraga_factors(w2, init, spec, jax_key(key))
     else:
         a, b = init_factors(key, kind, init, n_in, n_out, spec.r)
+    if spec.block_diagonal is not None:  # PEFT's variant replaces that factor after the layer's init
+        side, nb = spec.block_diagonal
+        blocks = block_diagonal_init(key, side, nb, n_in, n_out, spec.r)
+        a, b = (blocks, b) if side == "A" else (a, blocks)
     # host arrays move with device_put: jnp.asarray would compile a program per shape (lax.stage)
     a, b = (jax.device_put(x) if isinstance(x, np.ndarray) else x.astype(jnp.float32) for x in (a, b))
     weights = {"lora_A": a, "lora_B": b}

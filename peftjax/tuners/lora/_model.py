@@ -14,6 +14,7 @@ from flax import nnx
 
 from peftjax.config import LoftQConfig, LoraConfig, match_modules
 from peftjax.nn._keys import LayerKey, seed_key
+from peftjax.quantization import QuantizedLinear
 from peftjax.tuners.base import (
     AdapterLayer,
     adapter_layers,
@@ -36,7 +37,7 @@ from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lo
 from peftjax.tuners.lora._astra import check_astra_eigens, take_astra_eigens
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
-from peftjax.tuners.lora._math import check_init_rank, peft_weight_shape
+from peftjax.tuners.lora._math import check_block_diagonal, check_init_rank, peft_weight_shape
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.lora._replication import _layer_list, replicate_layers, set_config
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
@@ -80,6 +81,9 @@ def inject_lora(
         targets = []
     else:
         targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    if config.target_parameters and config.use_bdlora is not None:  # PEFT's ParamWrapper has no BD-LoRA variant
+        raise ValueError(f"Invalid or unsupported variant combination: ('use_bdlora',) on target_parameters="
+                         f"{list(config.target_parameters)}: BD-LoRA adapts linear layers (target_modules)")
     if config.target_parameters:  # checked before the first change to the model
         matched = match_parameters(config, modules)
         if not matched and not targets:
@@ -110,7 +114,8 @@ def inject_lora(
         if init in ("eva", "corda", "astra") and linear and not isinstance(modules[name], nnx.Linear):
             raise NotImplementedError(f"{name}: init_lora_weights={init!r} is implemented for nnx.Linear layers (and "
                                       f"GPT-2's Conv1D as one), not {type(modules[name]).__name__}")
-        r = LoraSpec.for_target(config, name).r
+        spec = LoraSpec.for_target(config, name)
+        r = spec.r
         if init == "corda" and linear:  # CorDA's init is the layer's own eigens
             inits[name] = take_eigens(modules[name], name)
             check_eigens(inits[name], modules[name], r, name)
@@ -125,12 +130,16 @@ def inject_lora(
         if config.arrow_config is not None and cls.lora_kind != "linear":  # PEFT's router is a Linear variant
             raise TypeError(f"{name}: an Arrow router (arrow_config) routes linear layers only, not "
                             f"{type(modules[name]).__name__}")
+        if config.use_bdlora is not None:
+            _check_bdlora_target(modules[name], cls, name)
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
         weight = getattr(modules[name], cls.weight_attr, None)  # a 2-D kernel [in, out] or table [num, dim]
         two_d = weight is not None and len(weight.shape) == 2
         shape = peft_weight_shape(cls.lora_kind, *weight.shape) if two_d else None
         check_init_rank(init, r, name, shape)
+        if spec.block_diagonal is not None:  # a linear layer's [in, out] kernel (checked above)
+            check_block_diagonal(spec, *weight.shape, name)
     for i, name in enumerate(targets):
         module = modules[name]
         if isinstance(module, LoraLayer) and adapter_name in module.adapter_names():
@@ -154,6 +163,18 @@ def inject_lora(
         add_token_adapters(model, token_targets, adapter_name, file_suffix=WRAPPED, key=jax.random.fold_in(key, len(targets)),
                            option="LoraConfig.trainable_token_indices")
     return config
+
+
+def _check_bdlora_target(module: nnx.Module, cls: type, name: str) -> None:
+    """BD-LoRA is a variant of PEFT's ``Linear`` LoRA layer alone: its embeddings, convolutions and
+    quantized layers refuse it (PEFT's bitsandbytes layers build plain LoRA there instead, which a
+    config asking for block-diagonal factors would not say)."""
+    if cls.lora_kind != "linear":
+        raise ValueError(f"{name}: Invalid or unsupported variant combination: ('use_bdlora',): BD-LoRA adapts "
+                         f"linear layers, not {type(module).__name__}; leave this layer out of target_modules")
+    if isinstance(module, QuantizedLinear):
+        raise NotImplementedError(f"{name}: BD-LoRA (use_bdlora) on a quantized layer is not supported (PEFT's "
+                                  "bitsandbytes layers give it plain LoRA factors); load the base in floating point")
 
 
 def _inject_replicated(model: nnx.Module, config: LoraConfig, *, adapter_name: str, key) -> LoraConfig:
