@@ -49,10 +49,12 @@ def _refuse_parameters(layers) -> None:
     if params:
         raise NotImplementedError(f"hot-swapping LoRA on parameters (target_parameters: {params[:3]}) is not "
                                   "implemented")
-    blocks = [f"{m.adapter_path} ({n})" for m in layers if not isinstance(m, LoraParamLayer)
-              for n, s in m.adapter_specs if s.block_diagonal is not None]
-    if blocks:  # padding the rank would break the blocks apart
-        raise NotImplementedError(f"hot-swapping BD-LoRA adapters (use_bdlora: {blocks[:3]}) is not implemented")
+    for variant, option, held in (("BD-LoRA", "use_bdlora", lambda s: s.block_diagonal is not None),
+                                  ("KaSA", "kasa_config", lambda s: s.kasa is not None)):
+        found = [f"{m.adapter_path} ({n})" for m in layers if not isinstance(m, LoraParamLayer)
+                 for n, s in m.adapter_specs if held(s)]
+        if found:  # padding the rank would break BD-LoRA's blocks apart; KaSA's diagonal is not padded
+            raise NotImplementedError(f"hot-swapping {variant} adapters ({option}: {found[:3]}) is not implemented")
 
 
 def prepare_model_for_compiled_hotswap(model: PeftModel, *, target_rank: int | None = None) -> None:

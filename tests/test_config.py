@@ -569,7 +569,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
         ("use_qalora", True),
         ("velora_config", {}),
         ("monteclora_config", {}),
-        ("kasa_config", {}),
         ("ensure_weight_tying", True),
     ],
 )

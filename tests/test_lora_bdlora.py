@@ -167,7 +167,8 @@ REFUSED = {
                     ValueError, r"v_proj: BD-LoRA's block-diagonal lora_B maps 4 to 16 features, which "
                                 r"use_bdlora.nblocks=3 does not divide", True),
     # refused here where PEFT would overwrite half of an init or drop a bias
-    "pissa": (dict(target_modules=["q_proj"], init_lora_weights="pissa", use_bdlora=dict(target_modules_bd_b=["q_proj"])),
+    "pissa": (dict(target_modules=["q_proj"], init_lora_weights="pissa",
+                   use_bdlora=dict(target_modules_bd_b=["q_proj"])),
               ValueError, r"init_lora_weights='pissa'", False),
     "bias": (dict(target_modules=["q_proj"], lora_bias=True, use_bdlora=dict(target_modules_bd_b=["q_proj"])),
              NotImplementedError, r"q_proj: lora_bias with a block-diagonal lora_B", False),
@@ -201,7 +202,7 @@ def test_combining_hot_swapping_quantized_layers_and_linen_refuse_the_blocks(che
     model.add_adapter("other", config)
     with pytest.raises(NotImplementedError, match=r"q_proj: add_weighted_adapter over BD-LoRA adapters"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "sum", combination_type="linear")
-    with pytest.raises(NotImplementedError, match=r"hot-swapping BD-LoRA adapters \(use_bdlora: \[.*q_proj \(default\)"):
+    with pytest.raises(NotImplementedError, match=r"hot-swapping BD-LoRA adapters \(use_bdlora: \[.*q_proj \(default"):
         peftjax.prepare_model_for_compiled_hotswap(model, target_rank=8)
     quantized = models.from_pretrained(path, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
     with pytest.raises(NotImplementedError, match=r"q_proj: BD-LoRA \(use_bdlora\) on a quantized layer"):

@@ -37,6 +37,7 @@ from peftjax.config._ln_tuning import LNTuningConfig
 from peftjax.config._lora import (
     ArrowConfig,
     BdLoraConfig,
+    KasaConfig,
     AstraConfig,
     CordaConfig,
     EvaConfig,
@@ -117,6 +118,7 @@ __all__ = [
     "LoraGAConfig",
     "ArrowConfig",
     "BdLoraConfig",
+    "KasaConfig",
     "C3AConfig",
     "DeloraConfig",
     "GraloraConfig",

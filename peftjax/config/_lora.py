@@ -34,7 +34,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
-    "kasa_config": None,
     "ensure_weight_tying": False,
 }
 
@@ -145,7 +144,9 @@ class LoraConfig(PeftConfig):
         arrow_config: Arrow routing (an :class:`ArrowConfig` or its dict, stored as the dict): the
             config of the router adapter ``create_arrow_model`` adds, which routes each token over
             the model's other LoRA adapters; not with DoRA (as in PEFT).
-        kasa_config: PEFT's KaSA variant. Unsupported: must be ``None``.
+        kasa_config: KaSA (a :class:`KasaConfig` or its dict, stored as the dict): each targeted
+          linear layer's weight loses its ``r`` smallest singular components when the adapter is
+          added, and the update is ``s * B diag(lora_diag) A`` with a trained ``lora_diag [r]``.
         ensure_weight_tying: PEFT's tied embedding/lm_head adapters. Unsupported: must be
             ``False``.
     """
@@ -204,12 +205,12 @@ class LoraConfig(PeftConfig):
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
             "megatron_config", "velora_config",
-            "monteclora_config", "kasa_config",
+            "monteclora_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
         for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("astra_config", AstraConfig),
                           ("lora_ga_config", LoraGAConfig), ("arrow_config", ArrowConfig),
-                          ("use_bdlora", BdLoraConfig)):
+                          ("use_bdlora", BdLoraConfig), ("kasa_config", KasaConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -261,6 +262,8 @@ class LoraConfig(PeftConfig):
             raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
         if self.use_bdlora is not None:
             self._check_bdlora()
+        if self.kasa_config is not None:
+            self._check_kasa()
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -275,13 +278,26 @@ class LoraConfig(PeftConfig):
         and an init that computes both factors (or rewrites the base) would have one of them
         replaced by the block-diagonal draw afterwards, as PEFT replaces it."""
         others = [name for name, on in (("arrow_config", self.arrow_config is not None), ("use_dora", self.use_dora),
-                                        ("mica", self.init_lora_weights == "mica")) if on]
+                                        ("mica", self.init_lora_weights == "mica"),
+                                        ("kasa_config", self.kasa_config is not None)) if on]
         if others:
             raise ValueError(f"Invalid or unsupported variant combination: {tuple(sorted(['use_bdlora', *others]))}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"use_bdlora (BD-LoRA) draws its block-diagonal factor after the layer's init, so "
                              f"init_lora_weights={self.init_lora_weights!r}, which computes both factors from the "
                              "weight or data, would be overwritten half; use True, False or 'gaussian'")
+
+    def _check_kasa(self) -> None:
+        """KaSA is a variant of its own in PEFT's linear layers; an init that computes both factors
+        from the weight (or rewrites it) would meet KaSA's truncation of the same weight."""
+        others = [name for name, on in (("arrow_config", self.arrow_config is not None), ("use_dora", self.use_dora),
+                                        ("mica", self.init_lora_weights == "mica")) if on]
+        if others:
+            raise ValueError(f"Invalid or unsupported variant combination: {tuple(sorted(['kasa_config', *others]))}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"kasa_config (KaSA) truncates the base weight after the layer's init, so "
+                             f"init_lora_weights={self.init_lora_weights!r}, which computes the factors from that "
+                             "weight or data, is not supported with it; use True, False or 'gaussian'")
 
     def bdlora_factor(self, module_name: str) -> tuple[str, int] | None:
         """``("A" or "B", nblocks)``: which factor of module ``module_name``'s adapter is
@@ -395,6 +411,37 @@ def _sub_config(cls, value: Any, option: str):
     if unknown:
         raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
     return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KasaConfig:
+    """KaSA's settings (PEFT's ``KasaConfig``), for ``LoraConfig(kasa_config=...)``: the weights of the
+    paper's two regularisers, which :func:`peftjax.kasa_loss` adds up (as PEFT's
+    ``LoraModel._get_kasa_loss``) for a loss function to add to the task's.
+
+    Attributes:
+      beta: the weight of ``sum(lora_diag ** 2)`` (>= 0).
+      gamma: the weight of ``||B^T B - I||_F + ||A A^T - I||_F`` (PEFT's layouts; >= 0).
+    """
+
+    beta: float = 1e-4
+    gamma: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_number("kasa_config.beta", self.beta)
+        check_number("kasa_config.gamma", self.gamma)
+        if self.beta < 0:  # PEFT's messages
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
+
+    @classmethod
+    def from_value(cls, value: Any) -> KasaConfig:
+        """A ``KasaConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "kasa_config")
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,7 @@ from peftjax.nn._dropout import active_dropout_key, fold_key
 from peftjax.nn._keys import default_key, fold_in
 from peftjax.nn._partitioned import traced_partitioned
 from peftjax.tuners.base._variables import fresh_copy
+from peftjax.tuners.lora import kasa_loss
 from peftjax.tuners.prompt import cpt_scored_labels, virtual_positions
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -280,6 +281,9 @@ def _import_pyplot_in_background() -> None:
 class Trainer:
     """Trains a ``PeftModel``'s adapters, like ``transformers.Trainer`` in the PEFT tutorial.
 
+    The training loss is the task's; with a KaSA adapter (``LoraConfig(kasa_config=...)``) it adds
+    KaSA's regularisers (:func:`peftjax.kasa_loss`), which PEFT leaves to the loop to add.
+
     Args:
       model: a ``peftjax.PeftModel`` (its adapters train; the base stays frozen).
       args: a :class:`TrainingArguments`.
@@ -377,6 +381,7 @@ class Trainer:
         self._model_loss = "labels" in accepted
         # the base model's own dropout (transformers' .train()) runs when it takes a key
         self._model_dropout = "dropout_rng" in accepted
+        self._kasa = any(getattr(c, "kasa_config", None) is not None for c in model.peft_config.values())
         self._precompiler: Precompiler | None = None  # while train() runs: its background compilations
         self.problem_type = getattr(config, "problem_type", None)
         self._multiple_choice = base_name.endswith(TASK_CLASS_SUFFIXES["MULTIPLE_CHOICE"])
@@ -450,6 +455,8 @@ class Trainer:
             loss = total / jnp.maximum(count, 1.0)
         if LOSS_SCALE in batch:  # accumulation over token-scored micro-batches (see _loss_scales)
             loss = loss * jnp.mean(batch[LOSS_SCALE])
+        if self._kasa:  # KaSA's regularisers, as PEFT asks a loop to add them (its _get_kasa_loss)
+            loss = loss + kasa_loss(model)
         return loss
 
     def _logits(self, out) -> jax.Array:

@@ -29,7 +29,7 @@ from peftjax.tuners.lora._combine import dare_linear, dare_ties, magnitude_prune
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraEmbed, LoraLayer, LoraLinear
 from peftjax.tuners.lora._math import LoraSpec, svd_lowrank
 from peftjax.tuners.lora._layer_general import LoraConv, LoraEinsum, LoraLinearGeneral
-from peftjax.tuners.lora._model import inject_lora, lora_layers
+from peftjax.tuners.lora._model import inject_lora, kasa_loss, lora_layers
 from peftjax.tuners.lora._replication import replicate_layers
 from peftjax.tuners.lora._astra import AstraEigens, preprocess_astra
 from peftjax.tuners.lora._corda import CordaEigens, preprocess_corda
@@ -62,6 +62,7 @@ __all__ = [
     "LoraLinearGeneral",
     "LoraSpec",
     "inject_lora",
+    "kasa_loss",
     "lora_layers",
     "replicate_layers",
     "svd_lowrank",

@@ -92,10 +92,10 @@ def _refresh(model, routers) -> None:
 
 def _refresh_layer(layer: LoraLayer, path: str, router: str, settings: ArrowConfig) -> None:
     experts = layer.arrow_expert_names()
-    blocks = [n for n in experts if layer.spec(n).block_diagonal is not None]
-    if blocks:
-        raise NotImplementedError(f"{path}: an Arrow router over BD-LoRA adapters {blocks} (use_bdlora) is not "
-                                  "implemented")
+    variants = [n for n in experts if layer.spec(n).block_diagonal is not None or layer.spec(n).kasa is not None]
+    if variants:
+        raise NotImplementedError(f"{path}: an Arrow router over BD-LoRA or KaSA adapters {variants} (use_bdlora, "
+                                  "kasa_config) is not implemented")
     if not experts:
         raise ValueError(f"{path}: the Arrow router {router!r} routes over the task adapters loaded beside it "
                          "(peftjax.create_arrow_model), and this model has none; a router's file is not an adapter "

@@ -140,6 +140,9 @@ def combined_factors(
     if not valid:
         raise ValueError(f"{layer.adapter_path}: none of {list(adapters)} adapts this layer")
     specs = dict(layer.adapter_specs)
+    kasa = [n for n, _ in valid if specs[n].kasa is not None]
+    if kasa:  # PEFT's message
+        raise ValueError(f"add_weighted_adapter does not support KaSA (problematic adapter '{kasa[0]}')")
     blocks = [n for n, _ in valid if specs[n].block_diagonal is not None]
     if blocks:  # PEFT's combinations read the factors as [r, in] / [out, r] matrices
         raise NotImplementedError(f"{layer.adapter_path}: add_weighted_adapter over BD-LoRA adapters {blocks} "

@@ -74,7 +74,7 @@ class LoraLayer(AdapterDictLayer):
 
     method_name = "LoRA"
     param_type = LoraParam
-    weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_diag")
     cache_dicts = ("lora_cache", "arrow_prototypes")
     merge_cache_dicts = ("lora_cache",)
     # an Arrow router's state (``tuners.lora._arrow``): the experts its prototypes were built over
@@ -164,7 +164,10 @@ class LoraLayer(AdapterDictLayer):
         """Adapter ``name``'s ``(A [n_in, r], B [r, n_out])`` as dense matrices (a BD-LoRA factor
         held in blocks is laid out on its diagonal)."""
         a, b = self.lora_A[name].get_value(), self.lora_B[name].get_value()
-        bd = self.spec(name).block_diagonal
+        spec = self.spec(name)
+        if spec.kasa is not None:  # KaSA's diagonal folded into A's columns
+            return a * self.lora_diag[name].get_value().astype(a.dtype)[None, :], b
+        bd = spec.block_diagonal
         if bd is None:
             return a, b
         return (block_diagonal(a), b) if bd[0] == "A" else (a, block_diagonal(b))
@@ -195,6 +198,8 @@ class LoraLayer(AdapterDictLayer):
                 h = h.astype(a.dtype)
             if spec.block_diagonal is not None:
                 lora = block_diagonal_branch(h, a, b, spec.block_diagonal[0])
+            elif spec.kasa is not None:  # ((h A) * diag) B
+                lora = self._branch(h, *self.dense_factors(name), *args, **kwargs)
             else:
                 lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
@@ -373,6 +378,7 @@ class LoraLinear(LoraLayer):
             return []
         for name, spec in live:
             if (spec.use_dora or spec.lora_bias or spec.arrow is not None or spec.block_diagonal is not None
+                    or spec.kasa is not None
                     or self.lora_A[name].get_value().dtype != dtype or self.lora_B[name].get_value().dtype != dtype):
                 return []
         return live

@@ -663,6 +663,9 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if lora.arrow is not None:  # its forward routes over the other adapters, which the interceptor does not do
         raise NotImplementedError(f"{info.name}: an Arrow router (LoraConfig.arrow_config) is supported on NNX "
                                   "models (peftjax.create_arrow_model), not through peftjax.linen")
+    if lora.kasa is not None:
+        raise NotImplementedError(f"{info.name}: KaSA (LoraConfig.kasa_config) is supported on NNX models (and the "
+                                  "bundled ones), not through peftjax.linen")
     if lora.block_diagonal is not None:
         raise NotImplementedError(f"{info.name}: BD-LoRA (LoraConfig.use_bdlora) is supported on NNX models (and "
                                   "the bundled ones), not through peftjax.linen")

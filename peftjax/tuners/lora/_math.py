@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.nn._keys import jax_key, sampler
+from peftjax.nn._keys import LayerKey, fold_in, jax_key, sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ class LoraSpec:
       block_diagonal: ``("A" or "B", nblocks)`` under BD-LoRA (``use_bdlora``): that factor is held
         as its ``nblocks`` diagonal blocks, ``[nblocks, n_in / nblocks, r / nblocks]`` for ``A``,
         ``[nblocks, r / nblocks, n_out / nblocks]`` for ``B`` (:func:`block_diagonal`).
+      kasa: ``(beta, gamma)`` under KaSA (``kasa_config``): the update is ``s * A diag(lora_diag) B``
+        and the base weight lost its ``r`` smallest singular components (:func:`kasa_truncated`).
     """
 
     r: int
@@ -57,6 +59,7 @@ class LoraSpec:
     freeze_b: bool = False
     arrow: tuple[int, float] | None = None
     block_diagonal: tuple[str, int] | None = None
+    kasa: tuple[float, float] | None = None
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
@@ -65,7 +68,51 @@ class LoraSpec:
         return cls(r=r, alpha=alpha, scaling=scaling, dropout=float(config.lora_dropout),
                    use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                    freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config),
-                   block_diagonal=config.bdlora_factor(name) if hasattr(config, "bdlora_factor") else None)
+                   block_diagonal=config.bdlora_factor(name) if hasattr(config, "bdlora_factor") else None,
+                   kasa=kasa_weights(config))
+
+
+# --------------------------------------------------------------------------------------------
+# KaSA: the base truncated, a trained diagonal between the factors
+
+
+def kasa_weights(config) -> tuple[float, float] | None:
+    """``(beta, gamma)`` of a KaSA config's regularisers, ``None`` for any other adapter."""
+    kasa = getattr(config, "kasa_config", None)
+    return None if kasa is None else (float(kasa["beta"]), float(kasa["gamma"]))
+
+
+def check_kasa_rank(r: int, shape: tuple[int, int], where: str) -> None:
+    """KaSA keeps ``min(shape) - r`` singular components of the weight: at least one (PEFT's rule)."""
+    if r >= min(shape):
+        raise ValueError(f"{where}: KaSA requires `r` ({r}) to be smaller than min(in_features, out_features) "
+                         f"({min(shape)}) so that at least one singular component of the base weight is preserved "
+                         "after truncation.")
+
+
+def kasa_truncated(w2: jax.Array, r: int) -> jax.Array:
+    """``w2`` without its ``r`` smallest singular components (PEFT's ``_truncate_base_weight``:
+    float32, the rank ``min(shape) - r`` approximation; unique, whatever signs the SVD picks)."""
+    u, s, vt = jnp.linalg.svd(w2.astype(jnp.float32), full_matrices=False)
+    keep = min(w2.shape) - r
+    return (u[:, :keep] * s[None, :keep]) @ vt[:keep]
+
+
+def _sub_key(key, data: int):
+    """A key of its own beside ``key``'s draws (a :class:`LayerKey` or a JAX key), formed on the host."""
+    if isinstance(key, LayerKey):
+        return LayerKey(fold_in(key.key, data), key.index)
+    return fold_in(key, data)
+
+
+def kasa_regularizer(a: jax.Array, b: jax.Array, diag: jax.Array, beta: float, gamma: float) -> jax.Array:
+    """PEFT's ``_kasa_layer_regularization_loss`` on Flax-layout factors ``a [in, r]``, ``b [r, out]``:
+    ``beta * sum(diag^2) + gamma * (||B^T B - I||_F + ||A A^T - I||_F)`` in PEFT's layouts
+    (``B^T B`` is ``b b^T`` here, ``A A^T`` is ``a^T a``), float32."""
+    a, b, diag = (x.astype(jnp.float32) for x in (a, b, diag))
+    eye = jnp.eye(diag.shape[0], dtype=jnp.float32)
+    orthogonality = jnp.linalg.norm(b @ b.T - eye) + jnp.linalg.norm(a.T @ a - eye)
+    return beta * jnp.sum(diag**2) + gamma * orthogonality
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +386,15 @@ def init_weights(key, kind: str, init, w2: jax.Array, spec: LoraSpec) -> tuple[d
         side, nb = spec.block_diagonal
         blocks = block_diagonal_init(key, side, nb, n_in, n_out, spec.r)
         a, b = (blocks, b) if side == "A" else (a, blocks)
+    diag = None
+    if spec.kasa is not None:  # PEFT's variant, after the init: torch.randn(r) and the truncated base
+        diag = sampler(_sub_key(key, 1)).normal((spec.r,))
+        residual = kasa_truncated(w2, spec.r)
     # host arrays move with device_put: jnp.asarray would compile a program per shape (lax.stage)
     a, b = (jax.device_put(x) if isinstance(x, np.ndarray) else x.astype(jnp.float32) for x in (a, b))
     weights = {"lora_A": a, "lora_B": b}
+    if diag is not None:
+        weights["lora_diag"] = jax.device_put(diag) if isinstance(diag, np.ndarray) else diag
     if spec.lora_bias:
         weights["lora_B_bias"] = jax.device_put(np.zeros((n_out,), np.float32))
     if spec.use_dora:
@@ -725,4 +778,5 @@ def torch_layout(kind: str, n_spatial: int = 0) -> dict:
         "lora_B": ("lora_B.weight", _t, _t),
         "lora_B_bias": ("lora_B.bias", _same, _same),
         "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same),
+        "lora_diag": ("lora_diag", _same, _same),  # KaSA's
     }

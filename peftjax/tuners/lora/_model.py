@@ -10,6 +10,7 @@ import dataclasses
 import warnings
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from peftjax.config import LoftQConfig, LoraConfig, match_modules
@@ -27,6 +28,7 @@ from peftjax.tuners.base import (
     original_class,
     resolve_config,
     settle_fan_in_fan_out,
+    stores_in_out,
     validate_adapter_name,
 )
 from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported for the Linen front end)
@@ -37,7 +39,7 @@ from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lo
 from peftjax.tuners.lora._astra import check_astra_eigens, take_astra_eigens
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
-from peftjax.tuners.lora._math import check_block_diagonal, check_init_rank, peft_weight_shape
+from peftjax.tuners.lora._math import check_block_diagonal, check_init_rank, check_kasa_rank, peft_weight_shape
 from peftjax.tuners.lora._param import check_parameters, inject_parameters, match_parameters
 from peftjax.tuners.lora._replication import _layer_list, replicate_layers, set_config
 from peftjax.tuners.trainable_tokens import add_token_adapters, input_embedding_name
@@ -81,6 +83,10 @@ def inject_lora(
         targets = []
     else:
         targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
+    _check_kasa_mixing(modules, config, adapter_name)
+    if config.target_parameters and config.kasa_config is not None:  # PEFT's ParamWrapper refuses it
+        raise ValueError("lora.ParamWrapper does not work when `kasa_config` is set (target_parameters="
+                         f"{list(config.target_parameters)})")
     if config.target_parameters and config.use_bdlora is not None:  # PEFT's ParamWrapper has no BD-LoRA variant
         raise ValueError(f"Invalid or unsupported variant combination: ('use_bdlora',) on target_parameters="
                          f"{list(config.target_parameters)}: BD-LoRA adapts linear layers (target_modules)")
@@ -132,6 +138,8 @@ def inject_lora(
                             f"{type(modules[name]).__name__}")
         if config.use_bdlora is not None:
             _check_bdlora_target(modules[name], cls, name)
+        if config.kasa_config is not None:
+            _check_kasa_target(modules[name], cls, name)
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
         weight = getattr(modules[name], cls.weight_attr, None)  # a 2-D kernel [in, out] or table [num, dim]
@@ -140,6 +148,8 @@ def inject_lora(
         check_init_rank(init, r, name, shape)
         if spec.block_diagonal is not None:  # a linear layer's [in, out] kernel (checked above)
             check_block_diagonal(spec, *weight.shape, name)
+        if spec.kasa is not None:
+            check_kasa_rank(r, weight.shape, name)
     for i, name in enumerate(targets):
         module = modules[name]
         if isinstance(module, LoraLayer) and adapter_name in module.adapter_names():
@@ -175,6 +185,67 @@ def _check_bdlora_target(module: nnx.Module, cls: type, name: str) -> None:
     if isinstance(module, QuantizedLinear):
         raise NotImplementedError(f"{name}: BD-LoRA (use_bdlora) on a quantized layer is not supported (PEFT's "
                                   "bitsandbytes layers give it plain LoRA factors); load the base in floating point")
+
+
+def kasa_loss(model: nnx.Module, adapter_names: str | list[str] | None = None) -> jax.Array:
+    """KaSA's two regularisers over every layer of its adapters, for a loss function to add to the
+    task's (PEFT's ``LoraModel._get_kasa_loss``, which PEFT leaves to the user's loop too)::
+
+        def loss_fn(model, batch):
+            return model(**batch).loss + peftjax.kasa_loss(model)
+
+        step = peftjax.make_train_step(graphdef, optimizer, loss_fn=loss_fn)
+
+    Each layer adds ``beta * sum(lora_diag^2) + gamma * (||B^T B - I||_F + ||A A^T - I||_F)`` with its
+    adapter's ``kasa_config`` weights; a pure function of the adapters' arrays, so it traces under
+    ``jit`` and differentiates.
+
+    Args:
+      model: a :class:`~peftjax.PeftModel` or the module a ``loss_fn`` gets (its ``base_model``).
+      adapter_names: the adapters to count (default: each layer's active ones, as PEFT's).
+
+    Returns:
+      A float32 scalar; zero where no adapter uses KaSA.
+    """
+    from peftjax.tuners.lora._math import kasa_regularizer
+
+    module = getattr(model, "base_model", model)
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    total = jnp.zeros((), jnp.float32)
+    for layer in lora_layers(module).values():
+        chosen = layer.active_adapter_names() if names is None else names
+        for name, spec in layer.adapter_specs:
+            if spec.kasa is not None and name in chosen:
+                total = total + kasa_regularizer(layer.lora_A[name].get_value(), layer.lora_B[name].get_value(),
+                                                 layer.lora_diag[name].get_value(), *spec.kasa)
+    return total
+
+
+def _check_kasa_target(module: nnx.Module, cls: type, name: str) -> None:
+    """KaSA is a variant of PEFT's ``Linear`` LoRA layer alone, and not for GPT-2's ``Conv1D``."""
+    if cls.lora_kind != "linear":
+        raise ValueError(f"{name}: Invalid or unsupported variant combination: ('kasa_config',): KaSA adapts linear "
+                         f"layers, not {type(module).__name__}; leave this layer out of target_modules")
+    if stores_in_out(module):  # PEFT's message
+        raise ValueError(f"{name}: KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
+                         "nn.Linear layers.")
+    if isinstance(module, QuantizedLinear):
+        raise NotImplementedError(f"{name}: KaSA (kasa_config) on a quantized layer is not supported (it truncates "
+                                  "the weight by its SVD; PEFT's bitsandbytes layers give it plain LoRA); load the "
+                                  "base in floating point")
+
+
+def _check_kasa_mixing(modules, config: LoraConfig, adapter_name: str) -> None:
+    """PEFT's rule: KaSA truncates the base weights, so a model's LoRA adapters all use it or none does."""
+    new = config.kasa_config is not None
+    for module in modules.values():
+        if isinstance(module, LoraLayer) and module.lora_kind != "param":
+            for other, spec in module.adapter_specs:
+                if other != adapter_name and (spec.kasa is not None) is not new:
+                    raise ValueError(
+                        "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base "
+                        f"weights: the new adapter {'uses' if new else 'does not use'} KaSA but adapter '{other}' "
+                        f"{'does not' if new else 'does'}.")
 
 
 def _inject_replicated(model: nnx.Module, config: LoraConfig, *, adapter_name: str, key) -> LoraConfig:
