@@ -567,7 +567,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
         ("megatron_config", {"tensor_model_parallel_size": 2}),
         ("alora_invocation_tokens", [5]),
         ("use_qalora", True),
-        ("velora_config", {}),
         ("monteclora_config", {}),
         ("ensure_weight_tying", True),
     ],

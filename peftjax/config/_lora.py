@@ -30,7 +30,6 @@ _SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
-    "velora_config": None,
     "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
@@ -122,7 +121,9 @@ class LoraConfig(PeftConfig):
         lora_ga_config: LoRA-GA settings for ``init_lora_weights="lora_ga"`` (required then, as
             in PEFT): a :class:`LoraGAConfig` or its dict, stored as the dict.
         use_dora: Weight-decomposed LoRA (DoRA): adds a magnitude vector per module.
-        velora_config: PEFT's VeLoRA variant. Unsupported: must be ``None``.
+        velora_config: VeLoRA (a :class:`VeloraConfig` or its dict, stored as the dict): ``lora_A``'s
+            gradient from each input compressed to one value per group of features, which is all
+            the backward pass keeps of it.
         alora_invocation_tokens: PEFT's activated LoRA. Unsupported: must be ``None``.
         use_qalora: PEFT's QA-LoRA. Unsupported: must be ``False``.
         qalora_group_size: The QA-LoRA group size; inert without ``use_qalora``.
@@ -139,14 +140,14 @@ class LoraConfig(PeftConfig):
             ``"gate.weight"``: a parameter key ``<module path>.<name>`` matches an entry it equals
             or ends with after a dot. Not with dropout, DoRA, ``lora_bias`` or ``fan_in_fan_out``.
         use_bdlora: BD-LoRA (a :class:`BdLoraConfig` or its dict, stored as the dict): on the linear
-          layers its patterns name, ``lora_A`` or ``lora_B`` is block-diagonal, so that under tensor
-          parallelism each device's block of the factor meets only its own shard of the layer.
+            layers its patterns name, ``lora_A`` or ``lora_B`` is block-diagonal, so that under
+            tensor parallelism each device's block of the factor meets only its own shard of the layer.
         arrow_config: Arrow routing (an :class:`ArrowConfig` or its dict, stored as the dict): the
             config of the router adapter ``create_arrow_model`` adds, which routes each token over
             the model's other LoRA adapters; not with DoRA (as in PEFT).
         kasa_config: KaSA (a :class:`KasaConfig` or its dict, stored as the dict): each targeted
-          linear layer's weight loses its ``r`` smallest singular components when the adapter is
-          added, and the update is ``s * B diag(lora_diag) A`` with a trained ``lora_diag [r]``.
+            linear layer's weight loses its ``r`` smallest singular components when the adapter is
+            added, and the update is ``s * B diag(lora_diag) A`` with a trained ``lora_diag [r]``.
         ensure_weight_tying: PEFT's tied embedding/lm_head adapters. Unsupported: must be
             ``False``.
     """
@@ -204,13 +205,14 @@ class LoraConfig(PeftConfig):
         self._set("rank_pattern", _pattern_dict("rank_pattern", self.rank_pattern, integer=True))
         self._set("alpha_pattern", _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False))
         for name in (
-            "megatron_config", "velora_config",
+            "megatron_config",
             "monteclora_config",
         ):  # fmt: skip
             self._set(name, check_optional_dict(name, getattr(self, name)))
         for name, sub in (("eva_config", EvaConfig), ("corda_config", CordaConfig), ("astra_config", AstraConfig),
                           ("lora_ga_config", LoraGAConfig), ("arrow_config", ArrowConfig),
-                          ("use_bdlora", BdLoraConfig), ("kasa_config", KasaConfig)):
+                          ("use_bdlora", BdLoraConfig), ("kasa_config", KasaConfig),
+                          ("velora_config", VeloraConfig)):
             if getattr(self, name) is not None:
                 self._set(name, sub.from_value(getattr(self, name)).to_dict())
         if isinstance(self.loftq_config, LoftQConfig):
@@ -260,10 +262,7 @@ class LoraConfig(PeftConfig):
             warnings.warn("`astra_config` specified but will be ignored when `init_lora_weights` is not 'astra'.")
         if self.arrow_config is not None and self.use_dora:  # PEFT's layers have no such variant
             raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
-        if self.use_bdlora is not None:
-            self._check_bdlora()
-        if self.kasa_config is not None:
-            self._check_kasa()
+        self._check_variants()
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -273,31 +272,23 @@ class LoraConfig(PeftConfig):
             if self.use_dora:
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
 
-    def _check_bdlora(self) -> None:
-        """BD-LoRA is a variant of its own in PEFT's linear layers: no other variant goes with it,
-        and an init that computes both factors (or rewrites the base) would have one of them
-        replaced by the block-diagonal draw afterwards, as PEFT replaces it."""
-        others = [name for name, on in (("arrow_config", self.arrow_config is not None), ("use_dora", self.use_dora),
-                                        ("mica", self.init_lora_weights == "mica"),
-                                        ("kasa_config", self.kasa_config is not None)) if on]
-        if others:
-            raise ValueError(f"Invalid or unsupported variant combination: {tuple(sorted(['use_bdlora', *others]))}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"use_bdlora (BD-LoRA) draws its block-diagonal factor after the layer's init, so "
-                             f"init_lora_weights={self.init_lora_weights!r}, which computes both factors from the "
-                             "weight or data, would be overwritten half; use True, False or 'gaussian'")
-
-    def _check_kasa(self) -> None:
-        """KaSA is a variant of its own in PEFT's linear layers; an init that computes both factors
-        from the weight (or rewrites it) would meet KaSA's truncation of the same weight."""
-        others = [name for name, on in (("arrow_config", self.arrow_config is not None), ("use_dora", self.use_dora),
-                                        ("mica", self.init_lora_weights == "mica")) if on]
-        if others:
-            raise ValueError(f"Invalid or unsupported variant combination: {tuple(sorted(['kasa_config', *others]))}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"kasa_config (KaSA) truncates the base weight after the layer's init, so "
-                             f"init_lora_weights={self.init_lora_weights!r}, which computes the factors from that "
-                             "weight or data, is not supported with it; use True, False or 'gaussian'")
+    def _check_variants(self) -> None:
+        """BD-LoRA, KaSA and VeLoRA are each a variant of its own in PEFT's linear layers: no other
+        variant goes with one (PEFT's message). BD-LoRA replaces one factor after the layer's init,
+        and KaSA truncates the weight after it, so neither takes an init that computes the factors
+        from the weight or data (half of it would be overwritten, or meet the truncation)."""
+        variants = {"arrow_config": self.arrow_config is not None, "use_dora": self.use_dora,
+                    "mica": self.init_lora_weights == "mica", "use_bdlora": self.use_bdlora is not None,
+                    "kasa_config": self.kasa_config is not None, "velora_config": self.velora_config is not None}
+        on = sorted(name for name, used in variants.items() if used)
+        if len(on) > 1:
+            raise ValueError(f"Invalid or unsupported variant combination: {tuple(on)}")
+        for option, what, after in (("use_bdlora", "BD-LoRA", "draws its block-diagonal factor after"),
+                                    ("kasa_config", "KaSA", "truncates the base weight after")):
+            if variants[option] and self.init_lora_weights not in (True, False, "gaussian"):
+                raise ValueError(f"{option} ({what}) {after} the layer's init, so init_lora_weights="
+                                 f"{self.init_lora_weights!r}, which computes the factors from the weight or data, is "
+                                 "not supported with it; use True, False or 'gaussian'")
 
     def bdlora_factor(self, module_name: str) -> tuple[str, int] | None:
         """``("A" or "B", nblocks)``: which factor of module ``module_name``'s adapter is
@@ -411,6 +402,54 @@ def _sub_config(cls, value: Any, option: str):
     if unknown:
         raise ValueError(f"`{option}` has unknown keys {unknown}; expected some of {names}.")
     return cls(**value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VeloraConfig:
+    """VeLoRA's settings (PEFT's ``VeloraConfig``), for ``LoraConfig(velora_config=...)``.
+
+    VeLoRA saves memory in training: what the backward pass keeps of a layer's input for ``lora_A``'s
+    gradient is each token's ``num_groups`` slices projected onto one unit vector (``[tokens,
+    num_groups]`` instead of ``[tokens, in]``), and the gradient takes the input rebuilt from them
+    (times ``scale``). The forward pass, the input's gradient and everything after training are
+    plain LoRA's.
+
+    Attributes:
+      num_groups: the slices of each input (more: a closer gradient, more memory).
+      scale: multiplies the rebuilt input (> 0).
+      init_type: the projection vector: ``"batch_average"`` (the normalised mean slice of each
+        step's own input, as PEFT computes it) or ``"random"`` (a fixed draw, saved with the
+        adapter). PEFT's ``"batch_average_once"`` (the first step's, kept) is refused: a jitted
+        step does not write the frozen state back.
+    """
+
+    num_groups: int = 64
+    scale: float = 1.0
+    init_type: str = "batch_average"
+
+    def __post_init__(self) -> None:
+        check_int("velora_config.num_groups", self.num_groups)
+        check_number("velora_config.scale", self.scale)
+        if self.num_groups <= 0:  # PEFT's messages
+            raise ValueError(f"`num_groups` should be positive, got {self.num_groups}.")
+        if self.scale <= 0:
+            raise ValueError(f"`scale` should be positive, got {self.scale}.")
+        if self.init_type not in {"batch_average_once", "batch_average", "random"}:
+            raise ValueError(f"Unsupported `init_type` {self.init_type!r}. Supported values are 'batch_average_once', "
+                             "'batch_average', and 'random'.")
+        if self.init_type == "batch_average_once":
+            raise NotImplementedError(
+                "velora_config.init_type='batch_average_once' (the first training step's projection, kept) is not "
+                "implemented in peftjax: a jitted step returns the adapters, not the frozen state it would write; "
+                "use 'batch_average' (each step's own, PEFT's default) or 'random'")
+
+    @classmethod
+    def from_value(cls, value: Any) -> VeloraConfig:
+        """A ``VeloraConfig`` from itself or its dict (``ValueError`` names an unknown key)."""
+        return _sub_config(cls, value, "velora_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

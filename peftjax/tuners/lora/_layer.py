@@ -54,11 +54,17 @@ from peftjax.tuners.lora._math import (
     merged_weight,
     torch_layout,
     unmerged_weight,
+    velora_branch,
+    velora_projection,
 )
 
 
 class LoraCache(nnx.Variable):
     """Non-trainable state kept by a merge (DoRA's weight norm), needed to unmerge."""
+
+
+class VeloraProjection(nnx.Variable):
+    """VeLoRA's projection vector: frozen, saved with the adapter (a buffer in PEFT)."""
 
 
 class LoraLayer(AdapterDictLayer):
@@ -75,7 +81,7 @@ class LoraLayer(AdapterDictLayer):
     method_name = "LoRA"
     param_type = LoraParam
     weight_dicts = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector", "lora_diag")
-    cache_dicts = ("lora_cache", "arrow_prototypes")
+    cache_dicts = ("lora_cache", "arrow_prototypes", "lora_velora_embed")
     merge_cache_dicts = ("lora_cache",)
     # an Arrow router's state (``tuners.lora._arrow``): the experts its prototypes were built over
     adapter_state_attrs = AdapterDictLayer.adapter_state_attrs + ("arrow_experts", "arrow_gks_done")
@@ -148,6 +154,9 @@ class LoraLayer(AdapterDictLayer):
         for key_name, value in weights.items():
             frozen = key_name == "lora_B" and spec.freeze_b
             getattr(self, key_name)[name] = (FrozenAdapterParam if frozen else LoraParam)(value)
+        if spec.velora is not None:
+            self.lora_velora_embed[name] = VeloraProjection(velora_projection(key, self._to_2d(w).shape[0],
+                                                                             spec.velora))
         self._add_spec(name, spec)
 
     def frozen_adapter_dicts(self, name: str) -> tuple:
@@ -200,6 +209,8 @@ class LoraLayer(AdapterDictLayer):
                 lora = block_diagonal_branch(h, a, b, spec.block_diagonal[0])
             elif spec.kasa is not None:  # ((h A) * diag) B
                 lora = self._branch(h, *self.dense_factors(name), *args, **kwargs)
+            elif spec.velora is not None:
+                lora = velora_branch(h, a, b, self.lora_velora_embed[name].get_value(), spec.velora)
             else:
                 lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
@@ -378,7 +389,7 @@ class LoraLinear(LoraLayer):
             return []
         for name, spec in live:
             if (spec.use_dora or spec.lora_bias or spec.arrow is not None or spec.block_diagonal is not None
-                    or spec.kasa is not None
+                    or spec.kasa is not None or spec.velora is not None
                     or self.lora_A[name].get_value().dtype != dtype or self.lora_B[name].get_value().dtype != dtype):
                 return []
         return live

@@ -663,12 +663,11 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
     if lora.arrow is not None:  # its forward routes over the other adapters, which the interceptor does not do
         raise NotImplementedError(f"{info.name}: an Arrow router (LoraConfig.arrow_config) is supported on NNX "
                                   "models (peftjax.create_arrow_model), not through peftjax.linen")
-    if lora.kasa is not None:
-        raise NotImplementedError(f"{info.name}: KaSA (LoraConfig.kasa_config) is supported on NNX models (and the "
-                                  "bundled ones), not through peftjax.linen")
-    if lora.block_diagonal is not None:
-        raise NotImplementedError(f"{info.name}: BD-LoRA (LoraConfig.use_bdlora) is supported on NNX models (and "
-                                  "the bundled ones), not through peftjax.linen")
+    for what, option, used in (("KaSA", "kasa_config", lora.kasa), ("BD-LoRA", "use_bdlora", lora.block_diagonal),
+                               ("VeLoRA", "velora_config", lora.velora)):
+        if used is not None:
+            raise NotImplementedError(f"{info.name}: {what} (LoraConfig.{option}) is supported on NNX models (and the "
+                                      "bundled ones), not through peftjax.linen")
     if init == "loftq":  # its quantizer runs on the host, outside this path's jitted init
         raise NotImplementedError(f"{info.name}: init_lora_weights='loftq' is supported on NNX models (and the "
                                   "bundled ones), not yet through peftjax.linen")

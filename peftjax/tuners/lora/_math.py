@@ -48,6 +48,8 @@ class LoraSpec:
         ``[nblocks, r / nblocks, n_out / nblocks]`` for ``B`` (:func:`block_diagonal`).
       kasa: ``(beta, gamma)`` under KaSA (``kasa_config``): the update is ``s * A diag(lora_diag) B``
         and the base weight lost its ``r`` smallest singular components (:func:`kasa_truncated`).
+      velora: ``(num_groups, scale, init_type)`` under VeLoRA (``velora_config``): ``A``'s gradient
+        from the compressed input (:func:`velora_matmul`).
     """
 
     r: int
@@ -60,6 +62,7 @@ class LoraSpec:
     arrow: tuple[int, float] | None = None
     block_diagonal: tuple[str, int] | None = None
     kasa: tuple[float, float] | None = None
+    velora: tuple[int, float, str] | None = None
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
@@ -69,7 +72,88 @@ class LoraSpec:
                    use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                    freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config),
                    block_diagonal=config.bdlora_factor(name) if hasattr(config, "bdlora_factor") else None,
-                   kasa=kasa_weights(config))
+                   kasa=kasa_weights(config), velora=velora_settings(config))
+
+
+# --------------------------------------------------------------------------------------------
+# VeLoRA: A's gradient from the input compressed to one value per group of features
+
+
+def velora_settings(config) -> tuple[int, float, str] | None:
+    """``(num_groups, scale, init_type)`` of a VeLoRA config, ``None`` for any other adapter."""
+    velora = getattr(config, "velora_config", None)
+    if velora is None:
+        return None
+    return int(velora["num_groups"]), float(velora["scale"]), str(velora["init_type"])
+
+
+def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
+    """``x [t, in]`` as ``[t, num_groups, ceil(in / num_groups)]``, zero-padded (PEFT's sub-tokens)."""
+    size = -(-x.shape[-1] // num_groups)
+    x = jnp.pad(x, ((0, 0), (0, num_groups * size - x.shape[-1])))
+    return x.reshape(x.shape[0], num_groups, size)
+
+
+def velora_projection(key, n_in: int, settings) -> jax.Array:
+    """An adapter's stored projection ``[ceil(n_in / num_groups)]``: ``"random"`` a normalised
+    normal draw (PEFT's ``torch.randn``, not reproduced), ``"batch_average"`` zeros (each step
+    computes its own)."""
+    num_groups, _, init_type = settings
+    size = -(-n_in // num_groups)
+    if init_type == "random":
+        return jax.device_put(velora_unit(np.asarray(sampler(_sub_key(key, 2)).normal((size,)))))
+    return jax.device_put(np.zeros((size,), np.float32))
+
+
+def velora_unit(v):
+    """PEFT's ``_normalize_projection``: float32, unit norm (all ones, normalised, for a zero vector);
+    NumPy in, NumPy out."""
+    xp = np if isinstance(v, np.ndarray) else jnp
+    v = v.astype(np.float32)
+    norm = xp.linalg.norm(v)
+    ones = xp.ones_like(v) / np.float32(math.sqrt(v.shape[0]))
+    return xp.where(norm == 0, ones, v / xp.where(norm == 0, np.float32(1), norm))
+
+
+def velora_batch_projection(x: jax.Array, num_groups: int) -> jax.Array:
+    """``"batch_average"``: the normalised mean sub-token of this input ``x [t, in]`` (no gradient)."""
+    grouped = jax.lax.stop_gradient(_grouped(x, num_groups))
+    return velora_unit(jnp.mean(grouped.reshape(-1, grouped.shape[-1]), axis=0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def velora_matmul(x: jax.Array, a: jax.Array, projection: jax.Array, num_groups: int, scale: float) -> jax.Array:
+    """``x @ a`` (``x [t, in]``, ``a [in, r]``) whose backward pass keeps of ``x`` only its sub-tokens'
+    coordinates on ``projection`` (``[t, num_groups]``): ``a``'s gradient takes ``x`` rebuilt from them
+    times ``scale`` (PEFT's ``VeloraFunction``); ``x``'s gradient is exact."""
+    return x @ a
+
+
+def _velora_fwd(x, a, projection, num_groups, scale):
+    compressed = jnp.einsum("tgd,d->tg", _grouped(x, num_groups), projection.astype(x.dtype))
+    return x @ a, (compressed, a, projection, x.shape[-1])
+
+
+def _velora_bwd(num_groups, scale, residuals, g):
+    compressed, a, projection, n_in = residuals
+    g = g.astype(a.dtype)
+    rebuilt = (compressed.astype(g.dtype)[:, :, None] * projection.astype(g.dtype)[None, None, :])
+    rebuilt = rebuilt.reshape(compressed.shape[0], -1)[:, :n_in] * np.asarray(scale, g.dtype)
+    return g @ a.T, rebuilt.T @ g, jnp.zeros_like(projection)
+
+
+velora_matmul.defvjp(_velora_fwd, _velora_bwd)
+
+
+def velora_branch(h: jax.Array, a: jax.Array, b: jax.Array, projection: jax.Array, settings) -> jax.Array:
+    """LoRA's ``(h @ A) @ B`` with VeLoRA's backward pass for ``A`` (see :func:`velora_matmul`);
+    ``projection`` is the adapter's stored vector, or this input's own under ``"batch_average"``."""
+    num_groups, scale, init_type = settings
+    x = h.reshape(-1, h.shape[-1])
+    if init_type == "batch_average":
+        projection = velora_batch_projection(x, num_groups)
+    u = velora_matmul(x, a, projection.astype(x.dtype), num_groups, scale)
+    return (u @ b).reshape(*h.shape[:-1], b.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,4 +863,5 @@ def torch_layout(kind: str, n_spatial: int = 0) -> dict:
         "lora_B_bias": ("lora_B.bias", _same, _same),
         "lora_magnitude_vector": ("lora_magnitude_vector", _same, _same),
         "lora_diag": ("lora_diag", _same, _same),  # KaSA's
+        "lora_velora_embed": ("lora_velora_embed", _same, _same),  # VeLoRA's projection
     }

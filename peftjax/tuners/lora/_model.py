@@ -84,9 +84,10 @@ def inject_lora(
     else:
         targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
     _check_kasa_mixing(modules, config, adapter_name)
-    if config.target_parameters and config.kasa_config is not None:  # PEFT's ParamWrapper refuses it
-        raise ValueError("lora.ParamWrapper does not work when `kasa_config` is set (target_parameters="
-                         f"{list(config.target_parameters)})")
+    for option in ("kasa_config", "velora_config"):  # PEFT's ParamWrapper refuses them
+        if config.target_parameters and getattr(config, option) is not None:
+            raise ValueError(f"lora.ParamWrapper does not work when `{option}` is set (target_parameters="
+                             f"{list(config.target_parameters)})")
     if config.target_parameters and config.use_bdlora is not None:  # PEFT's ParamWrapper has no BD-LoRA variant
         raise ValueError(f"Invalid or unsupported variant combination: ('use_bdlora',) on target_parameters="
                          f"{list(config.target_parameters)}: BD-LoRA adapts linear layers (target_modules)")
@@ -136,10 +137,7 @@ def inject_lora(
         if config.arrow_config is not None and cls.lora_kind != "linear":  # PEFT's router is a Linear variant
             raise TypeError(f"{name}: an Arrow router (arrow_config) routes linear layers only, not "
                             f"{type(modules[name]).__name__}")
-        if config.use_bdlora is not None:
-            _check_bdlora_target(modules[name], cls, name)
-        if config.kasa_config is not None:
-            _check_kasa_target(modules[name], cls, name)
+        _check_variant_target(modules[name], cls, name, config)
         cls.check_lora(modules[name], name, use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                        init=inits[name])
         weight = getattr(modules[name], cls.weight_attr, None)  # a 2-D kernel [in, out] or table [num, dim]
@@ -173,18 +171,6 @@ def inject_lora(
         add_token_adapters(model, token_targets, adapter_name, file_suffix=WRAPPED, key=jax.random.fold_in(key, len(targets)),
                            option="LoraConfig.trainable_token_indices")
     return config
-
-
-def _check_bdlora_target(module: nnx.Module, cls: type, name: str) -> None:
-    """BD-LoRA is a variant of PEFT's ``Linear`` LoRA layer alone: its embeddings, convolutions and
-    quantized layers refuse it (PEFT's bitsandbytes layers build plain LoRA there instead, which a
-    config asking for block-diagonal factors would not say)."""
-    if cls.lora_kind != "linear":
-        raise ValueError(f"{name}: Invalid or unsupported variant combination: ('use_bdlora',): BD-LoRA adapts "
-                         f"linear layers, not {type(module).__name__}; leave this layer out of target_modules")
-    if isinstance(module, QuantizedLinear):
-        raise NotImplementedError(f"{name}: BD-LoRA (use_bdlora) on a quantized layer is not supported (PEFT's "
-                                  "bitsandbytes layers give it plain LoRA factors); load the base in floating point")
 
 
 def kasa_loss(model: nnx.Module, adapter_names: str | list[str] | None = None) -> jax.Array:
@@ -221,18 +207,27 @@ def kasa_loss(model: nnx.Module, adapter_names: str | list[str] | None = None) -
     return total
 
 
-def _check_kasa_target(module: nnx.Module, cls: type, name: str) -> None:
-    """KaSA is a variant of PEFT's ``Linear`` LoRA layer alone, and not for GPT-2's ``Conv1D``."""
-    if cls.lora_kind != "linear":
-        raise ValueError(f"{name}: Invalid or unsupported variant combination: ('kasa_config',): KaSA adapts linear "
-                         f"layers, not {type(module).__name__}; leave this layer out of target_modules")
-    if stores_in_out(module):  # PEFT's message
+# LoRA variants PEFT defines for its Linear layer alone: (option, name, what its bitsandbytes layers do)
+_LINEAR_VARIANTS = (("use_bdlora", "BD-LoRA", "give it plain LoRA factors"),
+                    ("kasa_config", "KaSA", "give it plain LoRA factors"),
+                    ("velora_config", "VeLoRA", "refuse it"))
+
+
+def _check_variant_target(module: nnx.Module, cls: type, name: str, config: LoraConfig) -> None:
+    """BD-LoRA, KaSA and VeLoRA are variants of PEFT's ``Linear`` LoRA layer: its embeddings and
+    convolutions refuse them, and so do quantized layers here; KaSA refuses GPT-2's ``Conv1D``."""
+    for option, what, quantized in _LINEAR_VARIANTS:
+        if getattr(config, option) is None:
+            continue
+        if cls.lora_kind != "linear":
+            raise ValueError(f"{name}: Invalid or unsupported variant combination: ('{option}',): {what} adapts "
+                             f"linear layers, not {type(module).__name__}; leave this layer out of target_modules")
+        if isinstance(module, QuantizedLinear):
+            raise NotImplementedError(f"{name}: {what} ({option}) on a quantized layer is not supported (PEFT's "
+                                      f"bitsandbytes layers {quantized}); load the base in floating point")
+    if config.kasa_config is not None and stores_in_out(module):  # PEFT's message
         raise ValueError(f"{name}: KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
                          "nn.Linear layers.")
-    if isinstance(module, QuantizedLinear):
-        raise NotImplementedError(f"{name}: KaSA (kasa_config) on a quantized layer is not supported (it truncates "
-                                  "the weight by its SVD; PEFT's bitsandbytes layers give it plain LoRA); load the "
-                                  "base in floating point")
 
 
 def _check_kasa_mixing(modules, config: LoraConfig, adapter_name: str) -> None:
