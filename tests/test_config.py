@@ -565,7 +565,6 @@ def test_peftjax_validation(cls, kwargs, exc, pattern):
     "field, value",
     [
         ("megatron_config", {"tensor_model_parallel_size": 2}),
-        ("alora_invocation_tokens", [5]),
         ("use_qalora", True),
         ("monteclora_config", {}),
         ("ensure_weight_tying", True),

@@ -8,6 +8,8 @@ import re
 import warnings
 from typing import Any, ClassVar
 
+import numpy as np
+
 from peftjax.config._base import (
     PeftConfig,
     check_bool,
@@ -30,7 +32,6 @@ _SUPPORTED_INITS = ("True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora
 # PEFT's default raises. They are fields at all so that a PEFT config round-trips unchanged.
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
-    "alora_invocation_tokens": None,
     "use_qalora": False,
     "monteclora_config": None,
     "ensure_weight_tying": False,
@@ -124,7 +125,10 @@ class LoraConfig(PeftConfig):
         velora_config: VeLoRA (a :class:`VeloraConfig` or its dict, stored as the dict): ``lora_A``'s
             gradient from each input compressed to one value per group of features, which is all
             the backward pass keeps of it.
-        alora_invocation_tokens: PEFT's activated LoRA. Unsupported: must be ``None``.
+        alora_invocation_tokens: Activated LoRA (aLoRA; ``CAUSAL_LM``): the token ids that switch the
+            adapter on. In each row the adapter applies from the start of their last occurrence to
+            the end (and to every token generated after it), the positions before it run the base
+            alone, so their cached keys and values are the base's. A row without them runs the base.
         use_qalora: PEFT's QA-LoRA. Unsupported: must be ``False``.
         qalora_group_size: The QA-LoRA group size; inert without ``use_qalora``.
         monteclora_config: PEFT's MonteCLoRA variant. Unsupported: must be ``None``.
@@ -263,6 +267,17 @@ class LoraConfig(PeftConfig):
         if self.arrow_config is not None and self.use_dora:  # PEFT's layers have no such variant
             raise ValueError("Invalid or unsupported variant combination: ('arrow_config', 'use_dora')")
         self._check_variants()
+        if self.alora_invocation_tokens is not None:
+            tokens = self.alora_invocation_tokens
+            if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__") or not list(tokens) or any(
+                    isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in tokens):
+                raise ValueError(f"`alora_invocation_tokens` must be a non-empty list of token ids (ints >= 0), got "
+                                 f"{tokens!r}.")
+            self._set("alora_invocation_tokens", tuple(int(t) for t in tokens))
+            if self.task_type != "CAUSAL_LM":  # PEFT warns, and its other task models never switch it on
+                raise ValueError(f"aLoRA (alora_invocation_tokens) is supported for task_type='CAUSAL_LM' only, got "
+                                 f"task_type={self.task_type!r} (PEFT's model of another task would never switch the "
+                                 "adapter on)")
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
                 raise ValueError(
@@ -279,7 +294,8 @@ class LoraConfig(PeftConfig):
         from the weight or data (half of it would be overwritten, or meet the truncation)."""
         variants = {"arrow_config": self.arrow_config is not None, "use_dora": self.use_dora,
                     "mica": self.init_lora_weights == "mica", "use_bdlora": self.use_bdlora is not None,
-                    "kasa_config": self.kasa_config is not None, "velora_config": self.velora_config is not None}
+                    "kasa_config": self.kasa_config is not None, "velora_config": self.velora_config is not None,
+                    "alora_invocation_tokens": self.alora_invocation_tokens is not None}
         on = sorted(name for name, used in variants.items() if used)
         if len(on) > 1:
             raise ValueError(f"Invalid or unsupported variant combination: {tuple(on)}")

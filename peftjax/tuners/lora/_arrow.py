@@ -92,10 +92,11 @@ def _refresh(model, routers) -> None:
 
 def _refresh_layer(layer: LoraLayer, path: str, router: str, settings: ArrowConfig) -> None:
     experts = layer.arrow_expert_names()
-    variants = [n for n in experts if layer.spec(n).block_diagonal is not None or layer.spec(n).kasa is not None]
+    variants = [n for n in experts if any(getattr(layer.spec(n), v) is not None
+                                          for v in ("block_diagonal", "kasa", "alora"))]
     if variants:
-        raise NotImplementedError(f"{path}: an Arrow router over BD-LoRA or KaSA adapters {variants} (use_bdlora, "
-                                  "kasa_config) is not implemented")
+        raise NotImplementedError(f"{path}: an Arrow router over BD-LoRA, KaSA or aLoRA adapters {variants} "
+                                  "(use_bdlora, kasa_config, alora_invocation_tokens) is not implemented")
     if not experts:
         raise ValueError(f"{path}: the Arrow router {router!r} routes over the task adapters loaded beside it "
                          "(peftjax.create_arrow_model), and this model has none; a router's file is not an adapter "

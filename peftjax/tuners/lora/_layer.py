@@ -33,6 +33,7 @@ from peftjax.tuners.base import (
     mixin_subclass,
 )
 from peftjax.tuners.base._rows import per_row, rows_of
+from peftjax.tuners.lora._alora import activation_mask, current_offsets
 from peftjax.tuners.lora._scalings import active_lora_scalings
 from peftjax.tuners.lora._math import (
     LoraSpec,
@@ -211,6 +212,12 @@ class LoraLayer(AdapterDictLayer):
                 lora = self._branch(h, *self.dense_factors(name), *args, **kwargs)
             elif spec.velora is not None:
                 lora = velora_branch(h, a, b, self.lora_velora_embed[name].get_value(), spec.velora)
+            elif spec.alora is not None:  # from the invocation tokens on, nowhere outside an aLoRA model's call
+                offsets = (current_offsets() or {}).get(spec.alora)
+                if offsets is None:
+                    continue
+                lora = self._branch(h, a, b, *args, **kwargs)
+                lora = lora * activation_mask(offsets, inputs.shape)[..., None].astype(lora.dtype)
             else:
                 lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
@@ -263,6 +270,9 @@ class LoraLayer(AdapterDictLayer):
             if name in self.adapter_merged:
                 raise ValueError(f"{self.adapter_path}: X-LoRA cannot weigh merged adapter {name!r}; unmerge it first")
             spec = self.spec(name)
+            if spec.alora is not None:
+                raise NotImplementedError(f"{self.adapter_path}: X-LoRA over an aLoRA adapter ({name!r}) is not "
+                                          "supported")
             a, b = self.dense_factors(name)
             h = inputs.astype(a.dtype) * s[..., j:j + 1].astype(a.dtype)
             lora = self._branch(self._dropped(h, name, spec), a, b, *args, **kwargs)
@@ -287,6 +297,9 @@ class LoraLayer(AdapterDictLayer):
             return y
         if any(specs[n].use_dora for n in present):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        if any(specs[n].alora is not None for n in present):
+            raise NotImplementedError(f"{self.adapter_path}: `adapter_names` rows with an aLoRA adapter are not "
+                                      "supported; activate it for the whole batch")
         if any(specs[n].arrow is not None for n in present):
             raise NotImplementedError(f"{self.adapter_path}: `adapter_names` rows with an Arrow router are not "
                                       "supported; activate the router for the whole batch")
@@ -314,6 +327,8 @@ class LoraLayer(AdapterDictLayer):
         spec = self.spec(name)
         if spec.arrow is not None:  # PEFT's: a per-token mixture has no single merged weight
             raise RuntimeError("Cannot merge an active Arrow router adapter. Remove it first.")
+        if spec.alora is not None:  # PEFT's: the update depends on where the invocation tokens are
+            raise NotImplementedError(f"{self.adapter_path}: aLoRA does not support merging.")
         var = getattr(self, self.weight_attr)
         w = var.get_value()
         magnitude = self.lora_magnitude_vector[name].get_value() if spec.use_dora else None
@@ -389,7 +404,7 @@ class LoraLinear(LoraLayer):
             return []
         for name, spec in live:
             if (spec.use_dora or spec.lora_bias or spec.arrow is not None or spec.block_diagonal is not None
-                    or spec.kasa is not None or spec.velora is not None
+                    or spec.kasa is not None or spec.velora is not None or spec.alora is not None
                     or self.lora_A[name].get_value().dtype != dtype or self.lora_B[name].get_value().dtype != dtype):
                 return []
         return live

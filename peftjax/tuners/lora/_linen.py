@@ -664,7 +664,8 @@ def _check_layer(info: LayerInfo, lora: LoraSpec, node: Any, init, adapter_name:
         raise NotImplementedError(f"{info.name}: an Arrow router (LoraConfig.arrow_config) is supported on NNX "
                                   "models (peftjax.create_arrow_model), not through peftjax.linen")
     for what, option, used in (("KaSA", "kasa_config", lora.kasa), ("BD-LoRA", "use_bdlora", lora.block_diagonal),
-                               ("VeLoRA", "velora_config", lora.velora)):
+                               ("VeLoRA", "velora_config", lora.velora),
+                               ("aLoRA", "alora_invocation_tokens", lora.alora)):
         if used is not None:
             raise NotImplementedError(f"{info.name}: {what} (LoraConfig.{option}) is supported on NNX models (and the "
                                       "bundled ones), not through peftjax.linen")

@@ -50,6 +50,8 @@ class LoraSpec:
         and the base weight lost its ``r`` smallest singular components (:func:`kasa_truncated`).
       velora: ``(num_groups, scale, init_type)`` under VeLoRA (``velora_config``): ``A``'s gradient
         from the compressed input (:func:`velora_matmul`).
+      alora: aLoRA's invocation tokens (``alora_invocation_tokens``): the update only from their
+        last occurrence on (``peftjax.tuners.lora._alora``).
     """
 
     r: int
@@ -63,6 +65,7 @@ class LoraSpec:
     block_diagonal: tuple[str, int] | None = None
     kasa: tuple[float, float] | None = None
     velora: tuple[int, float, str] | None = None
+    alora: tuple[int, ...] | None = None
 
     @classmethod
     def for_target(cls, config, name: str) -> "LoraSpec":
@@ -72,7 +75,8 @@ class LoraSpec:
                    use_dora=bool(config.use_dora), lora_bias=bool(config.lora_bias),
                    freeze_b=freezes_b(config.init_lora_weights), arrow=arrow_routing(config),
                    block_diagonal=config.bdlora_factor(name) if hasattr(config, "bdlora_factor") else None,
-                   kasa=kasa_weights(config), velora=velora_settings(config))
+                   kasa=kasa_weights(config), velora=velora_settings(config),
+                   alora=getattr(config, "alora_invocation_tokens", None))
 
 
 # --------------------------------------------------------------------------------------------

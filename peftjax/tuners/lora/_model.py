@@ -36,6 +36,7 @@ from peftjax.tuners.base._linear_options import (  # noqa: F401  (re-exported fo
     FAN_IN_FAN_OUT_LINEAR_WARNING,
 )
 from peftjax.tuners.lora._layer import SUPPORTED_LAYERS, LoraLayer, LoraSpec, lora_class_for
+from peftjax.tuners.lora._alora import check_alora_model, take_alora
 from peftjax.tuners.lora._astra import check_astra_eigens, take_astra_eigens
 from peftjax.tuners.lora._corda import check_eigens, take_eigens
 from peftjax.tuners.lora._loraga import take_grad
@@ -84,10 +85,12 @@ def inject_lora(
     else:
         targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
     _check_kasa_mixing(modules, config, adapter_name)
-    for option in ("kasa_config", "velora_config"):  # PEFT's ParamWrapper refuses them
+    for option in ("kasa_config", "velora_config", "alora_invocation_tokens"):  # PEFT's ParamWrapper refuses them
         if config.target_parameters and getattr(config, option) is not None:
             raise ValueError(f"lora.ParamWrapper does not work when `{option}` is set (target_parameters="
                              f"{list(config.target_parameters)})")
+    if config.alora_invocation_tokens is not None:
+        check_alora_model(model)
     if config.target_parameters and config.use_bdlora is not None:  # PEFT's ParamWrapper has no BD-LoRA variant
         raise ValueError(f"Invalid or unsupported variant combination: ('use_bdlora',) on target_parameters="
                          f"{list(config.target_parameters)}: BD-LoRA adapts linear layers (target_modules)")
@@ -164,6 +167,8 @@ def inject_lora(
             del module.loraga_grad
     if config.target_parameters:
         inject_parameters(modules, matched, config, adapter_name, key)
+    if config.alora_invocation_tokens is not None:
+        take_alora(model, config.alora_invocation_tokens)
     mark_biases(modules, targets, config.bias)
     for name in match_modules_to_save(config, modules):
         add_saved_copy(modules[name], adapter_name)
@@ -210,19 +215,21 @@ def kasa_loss(model: nnx.Module, adapter_names: str | list[str] | None = None) -
 # LoRA variants PEFT defines for its Linear layer alone: (option, name, what its bitsandbytes layers do)
 _LINEAR_VARIANTS = (("use_bdlora", "BD-LoRA", "give it plain LoRA factors"),
                     ("kasa_config", "KaSA", "give it plain LoRA factors"),
-                    ("velora_config", "VeLoRA", "refuse it"))
+                    ("velora_config", "VeLoRA", "refuse it"),
+                    ("alora_invocation_tokens", "aLoRA", None))  # PEFT's bitsandbytes layers run aLoRA
 
 
 def _check_variant_target(module: nnx.Module, cls: type, name: str, config: LoraConfig) -> None:
-    """BD-LoRA, KaSA and VeLoRA are variants of PEFT's ``Linear`` LoRA layer: its embeddings and
-    convolutions refuse them, and so do quantized layers here; KaSA refuses GPT-2's ``Conv1D``."""
+    """BD-LoRA, KaSA, VeLoRA and aLoRA are variants of PEFT's ``Linear`` LoRA layer: its embeddings
+    and convolutions refuse them, and so do quantized layers here (but for aLoRA, which PEFT's
+    bitsandbytes layers run); KaSA refuses GPT-2's ``Conv1D``."""
     for option, what, quantized in _LINEAR_VARIANTS:
         if getattr(config, option) is None:
             continue
         if cls.lora_kind != "linear":
             raise ValueError(f"{name}: Invalid or unsupported variant combination: ('{option}',): {what} adapts "
                              f"linear layers, not {type(module).__name__}; leave this layer out of target_modules")
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, QuantizedLinear) and quantized is not None:
             raise NotImplementedError(f"{name}: {what} ({option}) on a quantized layer is not supported (PEFT's "
                                       f"bitsandbytes layers {quantized}); load the base in floating point")
     if config.kasa_config is not None and stores_in_out(module):  # PEFT's message
