@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 import _tiny
-from _torch_models import lazy
+from _torch_models import lazy, quiet  # noqa: F401  (quiet: for the method files)
 import peftjax
 from peftjax import models
 from peftjax.cli import main
@@ -156,3 +156,82 @@ def check_interop(spec, checkpoints, tmp_path, capsys, *, eager: bool = False) -
     assert_close(run_torch(torch_base(arch, tmp_path / "merged")), ours)
 
 
+
+
+def peft_steps(model, batch: dict, optimizer, steps: int = 3, extra_loss=None):
+    """``steps`` of PEFT's own training loop (train mode) on ``batch`` (its ``input_ids``,
+    ``attention_mask`` where given and ``labels``), ``extra_loss(model)`` added to the loss where
+    given; returns the model in eval mode."""
+    model.train()
+    inputs = {k: torch.tensor(np.asarray(batch[k])) for k in ("input_ids", "attention_mask", "labels") if k in batch}
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**inputs).loss
+        (loss if extra_loss is None else loss + extra_loss(model)).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def assert_refused_before_any_change(path, fields: dict, error, message: str, peft_refuses: bool) -> None:
+    """``get_peft_model`` on the tiny Llama at ``path`` with ``LoraConfig(**fields)`` raises ``error``
+    matching ``message`` and leaves the base as it was (no adapter layer, its class, its logits);
+    where ``peft_refuses``, PEFT's ``get_peft_model`` raises too."""
+    import pytest
+
+    base = models.from_pretrained(path)
+    cls, before = type(base), run_jax(base)
+    with pytest.raises(error, match=message):
+        peftjax.get_peft_model(base, peftjax.LoraConfig(**fields))
+    assert not adapter_layers(base) and type(base) is cls
+    np.testing.assert_array_equal(run_jax(base), before)
+    if peft_refuses:
+        with pytest.raises((ValueError, TypeError)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.get_peft_model(torch_base("llama", path), peft.LoraConfig(**fields))
+
+
+def assert_linen_refuses(fields: dict, message: str) -> None:
+    """``peftjax.linen.inject`` of ``LoraConfig(**fields, target_modules=["proj"])`` into a one-layer
+    Linen model raises ``NotImplementedError`` matching ``message``."""
+    import flax.linen as nn
+    import pytest
+
+    from peftjax import linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="proj")(x)
+
+    x = np.ones((1, 8), np.float32)
+    params = Net().init(jax.random.key(0), x)["params"]
+    with pytest.raises(NotImplementedError, match=message):
+        linen.inject(Net(), params, peftjax.LoraConfig(**fields, target_modules=["proj"]), sample_args=(x,),
+                     key=jax.random.key(0))
+
+
+def tiny_bert_with_tokenizer(directory):
+    """A tiny BERT checkpoint (16 wide) with the packaged MiniLM's tokenizer saved beside it, what
+    ``peftjax train`` needs; returns the tokenizer."""
+    from transformers import AutoTokenizer, BertModel
+
+    from _torch_models import save_tiny
+    from peftjax.data import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    save_tiny(BertModel, _tiny.config("bert", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_attention_heads=2, pad_token_id=0), directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def assert_scanned_equals_loop(path, config, directory) -> None:
+    """An adapter made on the tiny Llama at ``path`` (``config``), saved to ``directory``, gives the
+    same logits on the ``scan_layers=True`` model (jitted), merged there too."""
+    loop = peftjax.get_peft_model(models.from_pretrained(path), config)
+    loop.save_pretrained(directory)
+    expected = run_jax(loop)
+    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), directory)
+    assert_close(run_jax(scanned, jit=True), expected)
+    scanned.merge_adapter()
+    assert_close(run_jax(scanned), expected)

@@ -11,13 +11,13 @@ here, the base model's logits before the invocation, and PEFT's refusals.
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import optax
 import pytest
 
-from _method_cases import ARCHS, peft, torch, torch_base
+from _method_cases import quiet
+from _method_cases import ARCHS, assert_linen_refuses, peft, peft_steps, torch, torch_base
 import _tiny
 import peftjax
 from peftjax import models
@@ -40,12 +40,6 @@ def assert_close(a, b, atol=1e-5):
 
 def changed(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +121,9 @@ def test_training_from_a_peft_file_follows_peft_s_loop_and_goes_back(files, tmp_
     batch = _tiny.batch(IDS)
     theirs = peft_model(files, trainable=True)
     optimizer = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
-    theirs.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        theirs(input_ids=torch.tensor(IDS), labels=torch.tensor(batch["labels"])).loss.backward()
-        optimizer.step()
+    peft_steps(theirs, batch, optimizer)
     with torch.no_grad():
-        expected = theirs.eval()(input_ids=torch.tensor(IDS)).logits.numpy()
+        expected = theirs(input_ids=torch.tensor(IDS)).logits.numpy()
     ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(files[0]), files[1], is_trainable=True)
     start = logits(ours)
     _tiny.train(ours, batch, steps=3, optimizer=optax.adam(2e-2), dropout=False)
@@ -207,17 +197,5 @@ def test_a_model_that_does_not_generate_is_refused(tiny_checkpoint):
 
 
 def test_linen_refuses_alora():
-    import flax.linen as nn
-    import jax
-    from peftjax import linen
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(8, name="proj")(x)
-
-    x = np.ones((1, 8), np.float32)
-    params = Net().init(jax.random.key(0), x)["params"]
-    with pytest.raises(NotImplementedError, match=r"proj: aLoRA \(LoraConfig.alora_invocation_tokens\) is supported"):
-        linen.inject(Net(), params, peftjax.LoraConfig(**{**FIELDS, "target_modules": ["proj"]}), sample_args=(x,),
-                     key=jax.random.key(0))
+    fields = {k: v for k, v in FIELDS.items() if k != "target_modules"}
+    assert_linen_refuses(fields, r"proj: aLoRA \(LoraConfig.alora_invocation_tokens\) is supported")

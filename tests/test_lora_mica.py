@@ -21,7 +21,7 @@ from flax import nnx
 
 import _tiny
 from _method_cases import ARCHS, IDS, LLAMA, MASK, assert_close, changed, check_interop, peft, run_jax, run_torch
-from _method_cases import torch, torch_base
+from _method_cases import peft_steps, torch, torch_base
 import peftjax
 from peftjax import models
 
@@ -87,15 +87,10 @@ def test_mica_starts_as_peft_s_and_trains_to_peft_s_logits(checkpoints, tmp_path
     batch = _tiny.batch(IDS, MASK)
     losses = _tiny.train(model, batch, steps=3, optimizer=optax.adam(2e-2), dropout=False).losses
     optimizer = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=2e-2)
-    theirs.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-               labels=torch.tensor(batch["labels"])).loss.backward()
-        optimizer.step()
+    peft_steps(theirs, batch, optimizer)
     trained = run_jax(model, jit=True)
     assert losses[-1] < losses[0] and changed(trained, base) > 1e-3
-    assert_close(trained, run_torch(theirs.eval()), atol=2e-5)
+    assert_close(trained, run_torch(theirs), atol=2e-5)
     after = factors(model)
     for name, (a, b, _) in ours.items():
         np.testing.assert_array_equal(after[name][1], b, err_msg=name)  # B frozen

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -21,8 +19,9 @@ import pytest
 from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
+from _method_cases import quiet
 from _method_cases import ARCHS, IDS, MASK, assert_close, changed, check_interop, peft, run_jax, run_torch
-from _method_cases import torch, torch_base
+from _method_cases import assert_linen_refuses, assert_refused_before_any_change, peft_steps, torch, torch_base
 import _tiny
 import peftjax
 from peftjax import models
@@ -38,12 +37,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoint):
     return {arch: tiny_checkpoint(ARCHS[arch]) for arch in CASES}
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 @pytest.mark.parametrize("arch", sorted(CASES))
@@ -65,13 +58,7 @@ def test_training_follows_peft_s_compressed_gradients(velora, checkpoints, tmp_p
     batch = _tiny.batch(IDS, MASK)
     # plain SGD: a gradient's size shows (Adam's steps would not see VeLoRA's scale)
     optimizer = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.5)
-    theirs.train()
-    for _ in range(3):
-        optimizer.zero_grad()
-        theirs(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-               labels=torch.tensor(batch["labels"])).loss.backward()
-        optimizer.step()
-    reference = run_torch(theirs.eval())
+    reference = run_torch(peft_steps(theirs, batch, optimizer))
 
     def trained(compressed: bool):
         model = peftjax.PeftModel.from_pretrained(models.from_pretrained(path), tmp_path, is_trainable=True)
@@ -132,15 +119,8 @@ REFUSED = {  # (fields, error, message, PEFT refuses it too)
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_velora_cannot_adapt_is_refused_by_name_before_any_change(case, checkpoints):
     fields, error, message, peft_refuses = REFUSED[case]
-    fields = {"r": 4, "velora_config": {}, **fields}
-    path = checkpoints["llama"]
-    base = models.from_pretrained(path)
-    with pytest.raises(error, match=message):
-        peftjax.get_peft_model(base, peftjax.LoraConfig(**fields))
-    assert not peftjax.tuners.base.adapter_layers(base)
-    if peft_refuses:
-        with pytest.raises((ValueError, TypeError)):
-            quiet(peft.get_peft_model, torch_base("llama", path), peft.LoraConfig(**fields))
+    assert_refused_before_any_change(checkpoints["llama"], {"r": 4, "velora_config": {}, **fields}, error, message,
+                                     peft_refuses)
 
 
 def test_quantized_layers_and_linen_refuse_velora(checkpoints):
@@ -149,16 +129,4 @@ def test_quantized_layers_and_linen_refuse_velora(checkpoints):
     quantized = models.from_pretrained(path, quantization_config=peftjax.QuantizationConfig(load_in_8bit=True))
     with pytest.raises(NotImplementedError, match=r"q_proj: VeLoRA \(velora_config\) on a quantized layer"):
         peftjax.get_peft_model(quantized, config)
-    import flax.linen as nn
-    from peftjax import linen
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(8, name="proj")(x)
-
-    x = np.ones((1, 8), np.float32)
-    params = Net().init(jax.random.key(0), x)["params"]
-    with pytest.raises(NotImplementedError, match=r"proj: VeLoRA \(LoraConfig.velora_config\) is supported on NNX"):
-        linen.inject(Net(), params, peftjax.LoraConfig(r=4, target_modules=["proj"], velora_config={}),
-                     sample_args=(x,), key=jax.random.key(0))
+    assert_linen_refuses(dict(r=4, velora_config={}), r"proj: VeLoRA \(LoraConfig.velora_config\) is supported on NNX")

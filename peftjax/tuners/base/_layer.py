@@ -11,6 +11,8 @@ layouts that the one state-dict walk (``tuners.base._state_dict``) reads and wri
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Mapping
 
@@ -433,6 +435,26 @@ def check_adaptable(modules: Mapping[str, nnx.Module], targets: list[str], layer
 class ModelMixin(abc.ABC):
     """Marks a mixin swapped onto a whole model (not a layer) by a method whose layers need
     something from the model's call (Poly's ``task_ids``); ``unload`` restores the class."""
+
+
+class CallValue:
+    """A value a :class:`ModelMixin`'s call makes current for the layers it runs (Poly's task ids,
+    aLoRA's offsets): ``with value.during(x):`` sets it, ``value.get()`` reads it (``None``
+    outside such a call). Under ``jit`` the value is a traced array of the same call."""
+
+    def __init__(self, name: str):
+        self._var: contextvars.ContextVar = contextvars.ContextVar(name, default=None)
+
+    def get(self):
+        return self._var.get()
+
+    @contextlib.contextmanager
+    def during(self, value):
+        token = self._var.set(value)
+        try:
+            yield
+        finally:
+            self._var.reset(token)
 
 
 _SWAPPED: dict[tuple[type, type], type] = {}

@@ -12,8 +12,6 @@ keeps them for its decoding steps, as PEFT does. ``unload`` restores the class.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import inspect
 from collections.abc import Sequence
 
@@ -23,23 +21,14 @@ import numpy as np
 from flax import nnx
 
 from peftjax.models._generation import rows_per_input
-from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class, with_base_signature
+from peftjax.tuners.base import CallValue, ModelMixin, mixin_subclass, original_class, with_base_signature
 
-_OFFSETS: contextvars.ContextVar = contextvars.ContextVar("peftjax_alora_offsets", default=None)
+_OFFSETS = CallValue("peftjax_alora_offsets")
 
 
 def current_offsets() -> dict | None:
     """The running call's ``{invocation tokens: offsets [batch]}`` (``None`` outside a call)."""
     return _OFFSETS.get()
-
-
-@contextlib.contextmanager
-def _offsets(offsets):
-    token = _OFFSETS.set(offsets)
-    try:
-        yield
-    finally:
-        _OFFSETS.reset(token)
 
 
 def invocation_offsets(input_ids, tokens: Sequence[int]):
@@ -81,7 +70,7 @@ class AloraModel(ModelMixin):
                                  "this call has none (inputs_embeds alone): pass input_ids")
             ids = ids if isinstance(ids, jax.Array) else np.asarray(ids)
             offsets = {tokens: invocation_offsets(ids, tokens) for tokens in self.alora_invocations}
-        with _offsets(offsets):
+        with _OFFSETS.during(offsets):
             return self._peftjax_base.__call__(self, *args, **kwargs)
 
     def generate(self, *args, **kwargs):

@@ -9,31 +9,19 @@ name and shows its signature (the ``Trainer`` reads it), and ``unload`` restores
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from peftjax.models._generation import rows_per_input
-from peftjax.tuners.base import ModelMixin, mixin_subclass, original_class, with_base_signature
+from peftjax.tuners.base import CallValue, ModelMixin, mixin_subclass, original_class, with_base_signature
 
-_TASK_IDS: contextvars.ContextVar = contextvars.ContextVar("peftjax_task_ids", default=None)
+_TASK_IDS = CallValue("peftjax_task_ids")
 
 
 def current_task_ids():
     """The running call's ``task_ids`` (``None`` outside a call that passed some)."""
     return _TASK_IDS.get()
-
-
-@contextlib.contextmanager
-def _task_ids(task_ids):
-    token = _TASK_IDS.set(task_ids)
-    try:
-        yield
-    finally:
-        _TASK_IDS.reset(token)
 
 
 class TaskIdsModel(ModelMixin):
@@ -42,7 +30,7 @@ class TaskIdsModel(ModelMixin):
     def __call__(self, *args, task_ids=None, **kwargs):
         if task_ids is None and hasattr(self, "peft_generate_task_ids"):  # inside generate's compiled loop
             task_ids = self.peft_generate_task_ids.get_value()
-        with _task_ids(task_ids):
+        with _TASK_IDS.during(task_ids):
             return self._peftjax_base.__call__(self, *args, **kwargs)
 
 
