@@ -199,3 +199,20 @@ def test_a_model_that_does_not_generate_is_refused(tiny_checkpoint):
 def test_linen_refuses_alora():
     fields = {k: v for k, v in FIELDS.items() if k != "target_modules"}
     assert_linen_refuses(fields, r"proj: aLoRA \(LoraConfig.alora_invocation_tokens\) is supported")
+
+
+def test_the_trainer_does_not_pack_aloras_rows_and_a_packed_call_is_refused(files, tmp_path):
+    """A packed row would hold several sequences, each with its own invocation: the ``Trainer``
+    leaves the rows whole (``packing=True`` is refused naming aLoRA), and a call with ``segment_ids``
+    is refused; a scanned model finds the invocation as the layer loop does."""
+    ours = peftjax.PeftModel.from_pretrained(models.from_pretrained(files[0]), files[1], is_trainable=True)
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
+                disable_tqdm=True, plot=False)
+    data = {"input_ids": IDS.tolist(), "labels": IDS.tolist()}
+    assert not peftjax.Trainer(ours, peftjax.TrainingArguments(**args), data).packs()
+    with pytest.raises(ValueError, match="packing=True: an aLoRA adapter switches on at its invocation tokens"):
+        peftjax.Trainer(ours, peftjax.TrainingArguments(**args, packing=True), data).packs()
+    with pytest.raises(ValueError, match=r"packed rows \(segment_ids\) hold several sequences"):
+        ours(input_ids=IDS, segment_ids=np.ones_like(IDS))
+    scanned = peftjax.PeftModel.from_pretrained(models.from_pretrained(files[0], scan_layers=True), files[1])
+    assert_close(logits(scanned, jit=True), logits(ours))

@@ -710,6 +710,8 @@ class Trainer:
             return f"{config.peft_type} puts its virtual tokens before each row"
         if getattr(config, "peft_type", None) == "SHADOW":
             return "a Shadow adapter's backbone runs each row whole"
+        if getattr(config, "alora_invocation_tokens", None) is not None:
+            return "an aLoRA adapter switches on at its invocation tokens in each row, and a packed row holds several"
         if self._task_adapters:
             return f"{self._task_adapters[0][1]} routes each row by its task"
         if self.mesh is not None:

@@ -64,6 +64,9 @@ class AloraModel(ModelMixin):
         if stored is not None:  # inside generate: the prompts' offsets, for the prefill and every step
             offsets = dict(zip(self.alora_invocations, stored.get_value()))
         else:
+            if kwargs.get("segment_ids") is not None:  # the offsets count from each row's end
+                raise ValueError(f"{type(self).__name__}: an aLoRA adapter switches on at its invocation tokens in "
+                                 "each row; packed rows (segment_ids) hold several sequences: pass them unpacked")
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:  # PEFT warns and runs the base; a training run would then learn nothing
                 raise ValueError(f"{type(self).__name__}: an aLoRA adapter finds its invocation tokens in input_ids; "
