@@ -30,8 +30,9 @@ IDS = np.array([[3, 4, 7, 8, 9, 10, 11, 12],
                 [1, 2, 3, 4, 5, 6, 9, 10],
                 [1, 2, 3, 4, 5, 6, 7, 8]])
 STARTS = [2, 4, None, 6]
+# lora_bias: B's bias too counts from the invocation on, as PEFT's masked lora_B output
 FIELDS = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-              alora_invocation_tokens=INVOKE)
+              alora_invocation_tokens=INVOKE, lora_bias=True)
 
 
 def assert_close(a, b, atol=1e-5):

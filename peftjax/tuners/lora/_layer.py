@@ -212,16 +212,15 @@ class LoraLayer(AdapterDictLayer):
                 lora = self._branch(h, *self.dense_factors(name), *args, **kwargs)
             elif spec.velora is not None:
                 lora = velora_branch(h, a, b, self.lora_velora_embed[name].get_value(), spec.velora)
-            elif spec.alora is not None:  # from the invocation tokens on, nowhere outside an aLoRA model's call
-                offsets = (current_offsets() or {}).get(spec.alora)
-                if offsets is None:
-                    continue
-                lora = self._branch(h, a, b, *args, **kwargs)
-                lora = lora * activation_mask(offsets, inputs.shape)[..., None].astype(lora.dtype)
             else:
                 lora = self._branch(h, a, b, *args, **kwargs)
             if spec.lora_bias:
                 lora = lora + along_last(self.lora_B_bias[name].get_value(), lora.ndim)
+            if spec.alora is not None:  # from the invocation tokens on, nowhere outside an aLoRA model's call
+                offsets = (current_offsets() or {}).get(spec.alora)
+                if offsets is None:
+                    continue
+                lora = lora * activation_mask(offsets, inputs.shape)[..., None].astype(lora.dtype)
             if spec.use_dora:
                 w = getattr(self, self.weight_attr).get_value()
                 factor = dora_factor(self.lora_magnitude_vector[name].get_value(), self._to_2d(w), a, b, spec.scaling)
