@@ -288,8 +288,8 @@ class LoraConfig(PeftConfig):
                 raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False.")
 
     def _check_variants(self) -> None:
-        """BD-LoRA, KaSA and VeLoRA are each a variant of its own in PEFT's linear layers: no other
-        variant goes with one (PEFT's message). BD-LoRA replaces one factor after the layer's init,
+        """BD-LoRA, KaSA, VeLoRA and aLoRA are each a variant of its own in PEFT's linear layers: no
+        other variant goes with one (PEFT's message). BD-LoRA replaces one factor after the layer's init,
         and KaSA truncates the weight after it, so neither takes an init that computes the factors
         from the weight or data (half of it would be overwritten, or meet the truncation)."""
         variants = {"arrow_config": self.arrow_config is not None, "use_dora": self.use_dora,

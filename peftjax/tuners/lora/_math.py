@@ -91,9 +91,14 @@ def velora_settings(config) -> tuple[int, float, str] | None:
     return int(velora["num_groups"]), float(velora["scale"]), str(velora["init_type"])
 
 
+def _group_size(n_in: int, num_groups: int) -> int:
+    """A sub-token's length: ``ceil(n_in / num_groups)`` (PEFT's ``_get_group_dim``)."""
+    return -(-n_in // num_groups)
+
+
 def _grouped(x: jax.Array, num_groups: int) -> jax.Array:
     """``x [t, in]`` as ``[t, num_groups, ceil(in / num_groups)]``, zero-padded (PEFT's sub-tokens)."""
-    size = -(-x.shape[-1] // num_groups)
+    size = _group_size(x.shape[-1], num_groups)
     x = jnp.pad(x, ((0, 0), (0, num_groups * size - x.shape[-1])))
     return x.reshape(x.shape[0], num_groups, size)
 
@@ -103,7 +108,7 @@ def velora_projection(key, n_in: int, settings) -> jax.Array:
     normal draw (PEFT's ``torch.randn``, not reproduced), ``"batch_average"`` zeros (each step
     computes its own)."""
     num_groups, _, init_type = settings
-    size = -(-n_in // num_groups)
+    size = _group_size(n_in, num_groups)
     if init_type == "random":
         return jax.device_put(velora_unit(np.asarray(sampler(_sub_key(key, 2)).normal((size,)))))
     return jax.device_put(np.zeros((size,), np.float32))

@@ -85,15 +85,13 @@ def inject_lora(
     else:
         targets = match_modules(config, [n for n in modules if n], model_type=model_type(model))
     _check_kasa_mixing(modules, config, adapter_name)
-    for option in ("kasa_config", "velora_config", "alora_invocation_tokens"):  # PEFT's ParamWrapper refuses them
+    for option, what, _ in _LINEAR_VARIANTS:  # PEFT's ParamWrapper has none of them
         if config.target_parameters and getattr(config, option) is not None:
-            raise ValueError(f"lora.ParamWrapper does not work when `{option}` is set (target_parameters="
-                             f"{list(config.target_parameters)})")
+            raise ValueError(f"Invalid or unsupported variant combination: ('{option}',) on target_parameters="
+                             f"{list(config.target_parameters)}: lora.ParamWrapper does not work when `{option}` is "
+                             f"set ({what} adapts linear layers: target_modules)")
     if config.alora_invocation_tokens is not None:
         check_alora_model(model)
-    if config.target_parameters and config.use_bdlora is not None:  # PEFT's ParamWrapper has no BD-LoRA variant
-        raise ValueError(f"Invalid or unsupported variant combination: ('use_bdlora',) on target_parameters="
-                         f"{list(config.target_parameters)}: BD-LoRA adapts linear layers (target_modules)")
     if config.target_parameters:  # checked before the first change to the model
         matched = match_parameters(config, modules)
         if not matched and not targets:
